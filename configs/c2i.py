@@ -1,0 +1,40 @@
+"""Class-conditional PixelFlow on ImageNet.
+
+    --config=configs/c2i.py          PixelFlow-XL/4 as released: 16 heads x 72, depth 28, patch 4,
+                                     1000 classes, 4 stages, 256 px (677M parameters)
+    --config=configs/c2i.py:tiny     2 heads x 16, depth 2, 64 px: tests and smoke runs on a CPU
+
+Any value can be overridden on the command line, e.g. `--config.model.depth=12`.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Field names follow the release's config.yaml (model.params); see pixelflow_jax/config.py.
+    config.model = ml_collections.ConfigDict(dict(
+        num_attention_heads=16,
+        attention_head_dim=72,
+        depth=28,
+        patch_size=4,
+        in_channels=3,
+        out_channels=3,
+        num_classes=1000,
+        attention_bias=True,
+        cross_attention_dim=0,  # no text cross-attention
+        dtype="bfloat16",  # compute dtype (the release trains and samples under bf16 autocast)
+        param_dtype="float32",
+        attention="xla",
+    ))
+    config.scheduler = ml_collections.ConfigDict(dict(num_train_timesteps=1000, num_stages=4))
+    config.data = ml_collections.ConfigDict(dict(resolution=256))
+
+    if arg == "tiny":
+        config.model.update(num_attention_heads=2, attention_head_dim=16, depth=2, dtype="float32")
+        config.data.resolution = 64
+    elif arg:
+        raise ValueError(f"unknown c2i config variant {arg!r}; choose '' (XL/4) or 'tiny'")
+    return config

@@ -1,0 +1,114 @@
+r"""Converts PixelFlow checkpoints between the PyTorch release and pixelflow-jax.
+
+PyTorch -> JAX (a release folder, a bare state dict, or a train.py checkpoint):
+  python convert_torch_ckpt.py --torch_checkpoint=PixelFlow-XL-c2i/ --output=ckpt/pixelflow_xl_c2i
+  python convert_torch_ckpt.py --torch_checkpoint=model.pt --torch_config=config.yaml --output=DIR
+  python convert_torch_ckpt.py --torch_checkpoint=model_100000.pt --weights=ema --attention_head_dim=72 \
+      --output=DIR
+
+JAX -> PyTorch (config.yaml + model.pt that the release loads with strict=True):
+  python convert_torch_ckpt.py --to_torch --jax_checkpoint=DIR --output=torch_folder
+
+The output is written to a temporary folder and renamed when complete; an existing output is
+refused unless --overwrite. Any mismatch between weights and architecture stops the conversion
+and names every missing, unexpected and mis-shaped key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt), state-dict .pt, "
+                    "or train.py checkpoint to convert to JAX.")
+flags.DEFINE_string("output", None, "Folder to create.")
+flags.DEFINE_string("torch_config", None, "Release config.yaml describing a bare state dict "
+                    "(default: the folder's config.yaml, else inferred from tensor shapes).")
+flags.DEFINE_enum("weights", "ema", ["ema", "model"], "Which weights of a train.py checkpoint to convert.")
+flags.DEFINE_integer("attention_head_dim", None, "Head width, needed when the architecture is inferred from "
+                     "shapes (72 in the released models).")
+flags.DEFINE_integer("resolution", None, "Final image resolution, where no config.yaml gives it (default 256).")
+flags.DEFINE_integer("num_stages", None, "Number of cascade stages, where no config.yaml gives it (default 4).")
+flags.DEFINE_integer("num_train_timesteps", None, "Scheduler timesteps, where no config.yaml gives it "
+                     "(default 1000).")
+flags.DEFINE_bool("to_torch", False, "Convert a JAX checkpoint (--jax_checkpoint) back to a release folder.")
+flags.DEFINE_string("jax_checkpoint", None, "Converted pixelflow-jax folder to export with --to_torch.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder (only once the new one is complete).")
+
+FLAGS = flags.FLAGS
+
+
+class Progress:
+    """Progress of a multi-GB conversion on stderr: one updating line on a terminal, else a line
+    per 10%."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.last_tenth = -1
+        self.interactive = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth == self.last_tenth:
+            return
+        self.last_tenth = tenth
+        line = f"{self.label}: {done}/{total} tensors ({100 * done // max(total, 1)}%)"
+        if self.interactive:
+            print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def torch_to_jax() -> str:
+    from pixelflow_jax.checkpoint import save_checkpoint
+    from pixelflow_jax.convert import torch_to_params
+    from pixelflow_jax.torch_io import read_release_checkpoint
+
+    overrides = {"resolution": FLAGS.resolution, "num_stages": FLAGS.num_stages,
+                 "num_train_timesteps": FLAGS.num_train_timesteps}
+    config, state_dict = read_release_checkpoint(FLAGS.torch_checkpoint, torch_config=FLAGS.torch_config,
+                                                 weights=FLAGS.weights, attention_head_dim=FLAGS.attention_head_dim,
+                                                 overrides=overrides)
+    params = torch_to_params(state_dict, config.model, progress=Progress("converting"))
+    save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite)
+    count = sum(v.size for v in state_dict.values())
+    return (f"wrote {FLAGS.output}: {len(state_dict)} tensors, {count / 1e6:.1f}M parameters, "
+            f"architecture {config.model.architecture()}, resolution {config.resolution}, {config.num_stages} stages")
+
+
+def jax_to_torch() -> str:
+    from pixelflow_jax.checkpoint import read_config, restore_params
+    from pixelflow_jax.convert import params_to_torch
+    from pixelflow_jax.torch_io import write_release_checkpoint
+
+    config = read_config(FLAGS.jax_checkpoint)
+    state_dict = params_to_torch(restore_params(FLAGS.jax_checkpoint, config), config.model)
+    write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
+    return f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS.output:
+        raise app.UsageError("--output is required")
+    if FLAGS.to_torch == bool(FLAGS.torch_checkpoint) or (FLAGS.to_torch and not FLAGS.jax_checkpoint):
+        raise app.UsageError("give either --torch_checkpoint (PyTorch -> JAX) or --to_torch --jax_checkpoint "
+                             "(JAX -> PyTorch)")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
+    if os.path.exists(FLAGS.output) and not FLAGS.overwrite:
+        sys.exit(f"error: output {FLAGS.output} already exists; choose another path or pass --overwrite")
+    from pixelflow_jax.checkpoint import CheckpointError
+    from pixelflow_jax.convert import ConversionError
+
+    try:
+        message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
+    except (CheckpointError, ConversionError) as e:
+        sys.exit(f"error: {e}")
+    print(message)
+
+
+if __name__ == "__main__":
+    app.run(main)

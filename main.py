@@ -1,0 +1,32 @@
+"""pixelflow-jax entry point (flax/examples style).
+
+    python main.py --config=configs/c2i.py:tiny --workdir=runs/tiny --mode=inspect
+
+Settings live in the config file and can be overridden with --config.<field>=<value>.
+Modes available in this version: inspect. (train, sample and eval arrive with their issues.)
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
+flags.DEFINE_enum("mode", "inspect", ["inspect"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    if FLAGS.mode == "inspect":
+        from pixelflow_jax import inspect_model
+
+        inspect_model.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,149 @@
+"""Converted checkpoints on disk: an orbax parameter tree plus a JSON config, written atomically.
+
+Layout of a converted folder:
+    DIR/pixelflow_config.json   model architecture, scheduler and resolution (CheckpointConfig)
+    DIR/params/                 orbax checkpoint of the nested NNX parameter dict
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.convert import Params, param_shapes
+from pixelflow_jax.model import PixelFlow
+
+CONFIG_FILE = "pixelflow_config.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or written; the message says which file and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Everything needed to rebuild and sample a model besides its weights."""
+
+    model: ModelConfig
+    num_train_timesteps: int = 1000
+    num_stages: int = 4
+    resolution: int = 256
+
+    def __post_init__(self):
+        factor = self.model.patch_size * 2 ** (self.num_stages - 1)
+        if self.resolution % factor:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of patch_size x 2^(num_stages-1) "
+                             f"= {factor} so that every stage has a whole patch grid")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "model": self.model.to_dict(),
+                "scheduler": {"num_train_timesteps": self.num_train_timesteps, "num_stages": self.num_stages},
+                "resolution": self.resolution}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "CheckpointConfig":
+        return cls(model=ModelConfig.from_mapping(values["model"]),
+                   num_train_timesteps=int(values["scheduler"]["num_train_timesteps"]),
+                   num_stages=int(values["scheduler"]["num_stages"]),
+                   resolution=int(values["resolution"]))
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary folder beside `path`; on success it becomes `path`, on failure it is
+    deleted. An existing `path` is refused unless `overwrite`, and is only removed once the new
+    folder is complete, so no failure loses the old one."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rename(path, os.path.join(old, "previous"))
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(path: str, params: Params, config: CheckpointConfig, overwrite: bool = False) -> None:
+    """Writes a converted folder atomically (see atomic_output_dir)."""
+    import orbax.checkpoint as ocp
+
+    with atomic_output_dir(path, overwrite) as tmp:
+        arrays = jax.tree.map(lambda a: jax.device_put(np.asarray(a)), params)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), arrays)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config.to_json(), f, indent=2)
+
+
+def read_config(path: str) -> CheckpointConfig:
+    config_path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(config_path) as f:
+            values = json.load(f)
+        return CheckpointConfig.from_json(values)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a converted pixelflow-jax checkpoint (no {CONFIG_FILE}); "
+                              "convert a release checkpoint with convert_torch_ckpt.py first") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path} is not a valid pixelflow-jax config: {e}") from None
+
+
+def restore_params(path: str, config: CheckpointConfig) -> Params:
+    """Reads the parameter tree of a converted folder, checked against the config's architecture."""
+    import orbax.checkpoint as ocp
+
+    params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    if not os.path.isdir(params_path):
+        raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder; the conversion did not finish, convert again")
+    device = jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    dtype = config.model.parameter_dtype
+    target = {}
+    for keys, shape in param_shapes(config.model).items():
+        node = target
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(params_path, target)
+    except Exception as e:  # orbax raises many types; all mean the same thing to the user
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot restore parameters from {params_path} for architecture "
+                              f"{config.model.architecture()}: {first_line}") from None
+
+
+def build_model(config: CheckpointConfig, params: Params) -> PixelFlow:
+    """An NNX model of the config's architecture holding the given parameters (no random init)."""
+    model = nnx.eval_shape(lambda: PixelFlow(config.model, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.numpy.asarray(a, config.model.parameter_dtype), params))
+    nnx.update(model, state)
+    return model

@@ -1,0 +1,83 @@
+"""The model's architecture and numerics settings, as one frozen (hashable) dataclass.
+
+Field names follow the release's `config.yaml` (`model.params`) so a release config maps over
+one to one; `dtype`, `param_dtype` and `attention` are this implementation's runtime choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+# Fields of the release's `model.params` that describe the architecture.
+ARCHITECTURE_FIELDS = (
+    "num_attention_heads",
+    "attention_head_dim",
+    "depth",
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_classes",
+    "attention_bias",
+    "cross_attention_dim",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    depth: int = 28
+    patch_size: int = 4
+    in_channels: int = 3
+    out_channels: int = 3
+    num_classes: int = 1000  # 0: no class embedding (text-conditional); id num_classes is the null class
+    attention_bias: bool = True
+    cross_attention_dim: int = 0  # 0: no cross-attention; else the text encoder's width (t2i)
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"
+    attention: str = "xla"  # backend of pixelflow_jax.attention
+
+    def __post_init__(self):
+        for name in ("num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels", "out_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0 or self.cross_attention_dim < 0:
+            raise ValueError("model.num_classes and model.cross_attention_dim must be >= 0 (0 = unused)")
+        if self.attention_head_dim % 4:
+            raise ValueError(f"model.attention_head_dim must be a multiple of 4 for 2D RoPE, got {self.attention_head_dim}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def parameter_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from a dict (or ConfigDict); unknown keys are an error, not ignored."""
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        if values.get("cross_attention_dim") is None:
+            values["cross_attention_dim"] = 0
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def architecture(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}

@@ -1,0 +1,277 @@
+"""PixelFlow's transformer in Flax NNX (eval-mode forward on dense NHWC batches, one stage at a time).
+
+Module and attribute names mirror the release's state-dict keys (`transformer_blocks.attn1.q_proj`
+...), so the converter is a mechanical renaming. The blocks are created stacked (a leading depth
+axis on every block parameter) and run with `lax.scan`: one compiled block instead of `depth`.
+
+Numerics follow the release under bf16 autocast: matmuls and the residual stream in the compute
+dtype; adaLN modulation, LayerNorm, RMSNorm, RoPE, softmax and the conditioning vector in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixelflow_jax.attention import dot_product_attention
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.rope import apply_rope, rope_tables
+
+NORM_EPS = 1e-6
+SINUSOID_DIM = 256
+
+xavier_uniform = jax.nn.initializers.xavier_uniform()
+zeros = jax.nn.initializers.zeros
+normal_002 = jax.nn.initializers.normal(stddev=0.02)
+
+
+def sinusoidal_embedding(values: jax.Array, dim: int = SINUSOID_DIM) -> jax.Array:
+    """diffusers Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=1): [cos, sin] of
+    values * exp(-ln(10000) i / (dim/2 - 1)), in float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = values.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm without affine parameters (eps 1e-6), in float32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + NORM_EPS)
+
+
+def modulate(normed: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return normed * (1.0 + scale) + shift
+
+
+def _linear(cfg: ModelConfig, in_features: int, out_features: int, rngs: nnx.Rngs, *,
+            use_bias: bool = True, kernel_init=xavier_uniform) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.parameter_dtype, kernel_init=kernel_init, bias_init=zeros, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight, computed in float32, returned in x's dtype (eps 1e-6)."""
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), cfg.parameter_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + NORM_EPS)
+        return (self.weight[...].astype(jnp.float32) * normed).astype(x.dtype)
+
+
+class TimestepEmbedding(nnx.Module):
+    """Linear(256, C) -> SiLU -> Linear(C, C) on a sinusoidal embedding."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.linear_1 = _linear(cfg, SINUSOID_DIM, cfg.hidden_size, rngs, kernel_init=normal_002)
+        self.linear_2 = _linear(cfg, cfg.hidden_size, cfg.hidden_size, rngs, kernel_init=normal_002)
+
+    def __call__(self, values: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(sinusoidal_embedding(values))))
+
+
+class LabelEmbedding(nnx.Module):
+    """Class table with one extra row: id num_classes is the null (unconditional) class."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embedding_table = nnx.Embed(cfg.num_classes + 1, cfg.hidden_size, param_dtype=cfg.parameter_dtype,
+                                         embedding_init=normal_002, rngs=rngs)
+
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nnx.Module):
+    """The release's Conv2d(in, C, p, stride p) as a matmul on (ph, pw, c)-ordered patch vectors."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.patch_size = cfg.patch_size
+        self.proj = _linear(cfg, cfg.patch_size**2 * cfg.in_channels, cfg.hidden_size, rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.proj(patchify(images, self.patch_size))
+
+
+def patchify(images: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, c) -> (B, (H/p)(W/p), p*p*c), tokens row-major, each patch in (ph, pw, c) order."""
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: jax.Array, grid: int, p: int) -> jax.Array:
+    """(B, grid*grid, p*p*c) with (ph, pw, c) patches -> (B, grid*p, grid*p, c)."""
+    b, _, d = tokens.shape
+    c = d // (p * p)
+    x = tokens.reshape(b, grid, grid, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid * p, grid * p, c)
+
+
+class AdaLayerNorm(nnx.Module):
+    """adaLN-Zero modulation of a block: Linear(SiLU(c)) -> 6 x (B, 1, C) float32 vectors, in the
+    release's order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.linear = _linear(cfg, cfg.hidden_size, 6 * cfg.hidden_size, rngs, kernel_init=zeros)
+
+    def __call__(self, conditioning: jax.Array) -> tuple[jax.Array, ...]:
+        emb = self.linear(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :]
+        return tuple(jnp.split(emb, 6, axis=-1))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with RMSNorm over the full q and k projections, then 2D RoPE.
+
+    Self-attention rotates q and k; cross-attention (`context` given) rotates q only, since its
+    keys are text tokens, and takes an optional 0/1 key mask for padded text.
+    """
+
+    def __init__(self, cfg: ModelConfig, kv_dim: int, rngs: nnx.Rngs):
+        inner = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.attention_head_dim
+        self.backend = cfg.attention
+        self.q_proj = _linear(cfg, cfg.hidden_size, inner, rngs, use_bias=cfg.attention_bias)
+        self.k_proj = _linear(cfg, kv_dim, inner, rngs, use_bias=cfg.attention_bias)
+        self.v_proj = _linear(cfg, kv_dim, inner, rngs, use_bias=cfg.attention_bias)
+        self.o_proj = _linear(cfg, inner, cfg.hidden_size, rngs, use_bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(inner, cfg)
+        self.k_norm = RMSNorm(inner, cfg)
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], context: jax.Array | None = None,
+                 key_mask: jax.Array | None = None) -> jax.Array:
+        kv_input = x if context is None else context
+        q = self.q_norm(self.q_proj(x))
+        k = self.k_norm(self.k_proj(kv_input))
+        v = self.v_proj(kv_input)
+        split_heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+        q = apply_rope(q, *rope)
+        if context is None:
+            k = apply_rope(k, *rope)
+        out = dot_product_attention(q, k, v, key_mask=key_mask, backend=self.backend)
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+
+class FeedForward(nnx.Module):
+    """Linear(C, 4C) -> GELU (tanh approximation) -> Linear(4C, C)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.fc1 = _linear(cfg, cfg.hidden_size, 4 * cfg.hidden_size, rngs)
+        self.fc2 = _linear(cfg, 4 * cfg.hidden_size, cfg.hidden_size, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.norm1 = AdaLayerNorm(cfg, rngs)
+        self.attn1 = Attention(cfg, cfg.hidden_size, rngs)
+        if cfg.cross_attention_dim:
+            self.norm2 = RMSNorm(cfg.hidden_size, cfg)
+            self.attn2 = Attention(cfg, cfg.cross_attention_dim, rngs)
+        self.norm3 = RMSNorm(cfg.hidden_size, cfg)
+        self.mlp = FeedForward(cfg, rngs)
+
+    def __call__(self, x: jax.Array, conditioning: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 text: jax.Array | None = None, text_mask: jax.Array | None = None) -> jax.Array:
+        dtype = x.dtype
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(conditioning)
+
+        h = modulate(layer_norm(x), shift_msa, scale_msa).astype(dtype)
+        x = x + (gate_msa * self.attn1(h, rope).astype(jnp.float32)).astype(dtype)
+
+        if text is not None:  # cross-attention: no gate, no modulation
+            x = x + self.attn2(self.norm2(x), rope, context=text, key_mask=text_mask)
+
+        h = modulate(self.norm3(x).astype(jnp.float32), shift_mlp, scale_mlp).astype(dtype)
+        return x + (gate_mlp * self.mlp(h).astype(jnp.float32)).astype(dtype)
+
+
+class PixelFlow(nnx.Module):
+    """The cascade transformer. One call predicts the velocity for a batch at one stage:
+
+        v = model(images, timesteps, class_labels=...)             # class-conditional
+        v = model(images, timesteps, encoder_hidden_states=..., encoder_attention_mask=...)  # text
+
+    images (B, H, W, in_channels) with H == W a multiple of patch_size; the stage's latent size
+    (H / patch_size) and its RoPE grid follow from the shape. timesteps (B,) in the release's
+    [0, num_train_timesteps) units. Returns float32 (B, H, W, out_channels).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg, rngs)
+        self.timestep_embedder = TimestepEmbedding(cfg, rngs)
+        self.latent_size_embedder = TimestepEmbedding(cfg, rngs)
+        if cfg.num_classes > 0:
+            self.class_embedder = LabelEmbedding(cfg, rngs)
+
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(layer_rngs: nnx.Rngs) -> TransformerBlock:
+            return TransformerBlock(cfg, layer_rngs)
+
+        self.transformer_blocks = stacked_blocks(rngs)
+        self.proj_out_1 = _linear(cfg, cfg.hidden_size, 2 * cfg.hidden_size, rngs, kernel_init=zeros)
+        self.proj_out_2 = _linear(cfg, cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, rngs, kernel_init=zeros)
+
+    def __call__(self, images: jax.Array, timesteps: jax.Array, *, class_labels: jax.Array | None = None,
+                 encoder_hidden_states: jax.Array | None = None,
+                 encoder_attention_mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        batch, height, width, channels = images.shape
+        p = cfg.patch_size
+        if height != width or height % p or channels != cfg.in_channels:
+            raise ValueError(f"images must be (B, H, H, {cfg.in_channels}) with H a multiple of patch size {p}, "
+                             f"got {images.shape}")
+        grid = height // p
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
+
+        x = self.patch_embed(images.astype(jnp.float32))
+        conditioning = self._conditioning(timesteps, grid, class_labels)
+        cos, sin = rope_tables(grid, cfg.attention_head_dim)
+        rope = (jnp.asarray(cos), jnp.asarray(sin))
+
+        if cfg.cross_attention_dim:
+            if encoder_hidden_states is None:
+                raise ValueError("this model has cross-attention: pass encoder_hidden_states (B, L_text, "
+                                 f"{cfg.cross_attention_dim})")
+            encoder_hidden_states = encoder_hidden_states.astype(cfg.compute_dtype)
+        elif encoder_hidden_states is not None:
+            raise ValueError("this model has no cross-attention (model.cross_attention_dim = 0); "
+                             "do not pass encoder_hidden_states")
+
+        block_graph, block_params = nnx.split(self.transformer_blocks)
+
+        def one_block(h, layer_params):
+            block = nnx.merge(block_graph, layer_params)
+            return block(h, conditioning, rope, encoder_hidden_states, encoder_attention_mask), None
+
+        x, _ = jax.lax.scan(one_block, x, block_params)
+
+        shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :], 2, axis=-1)
+        x = modulate(layer_norm(x), shift, scale).astype(x.dtype)
+        out = self.proj_out_2(x).astype(jnp.float32)
+        return unpatchify(out, grid, p)
+
+    def _conditioning(self, timesteps: jax.Array, grid: int, class_labels: jax.Array | None) -> jax.Array:
+        """c = timestep embedding + class embedding + latent-size embedding, (B, C) float32."""
+        cfg = self.config
+        c = self.timestep_embedder(timesteps).astype(jnp.float32)
+        if cfg.num_classes > 0:
+            if class_labels is None:
+                raise ValueError(f"this model is class-conditional: pass class_labels (B,) in [0, {cfg.num_classes}] "
+                                 f"({cfg.num_classes} = unconditional)")
+            c = c + self.class_embedder(jnp.asarray(class_labels, jnp.int32)).astype(jnp.float32)
+        size = self.latent_size_embedder(jnp.full((1,), grid, jnp.float32)).astype(jnp.float32)
+        return c + size

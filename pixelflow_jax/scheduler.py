@@ -1,0 +1,102 @@
+"""PixelFlow's stage and time tables, ported from the release's PixelFlowScheduler (float64 numpy).
+
+Stage 0 is the smallest resolution and the noisiest, stage S-1 is full resolution. For every stage
+the tables give, per training index k in [0, num_train_timesteps):
+  - `timesteps_per_stage[s][k]`: the timestep value fed to the model (in [0, num_train_timesteps)),
+  - `t_window_per_stage[s][k]`:  the interpolation time within the stage (in [0, 1)),
+and per stage the noise levels `start_t`, `end_t` and `original_start_t` (before rectification).
+
+The arithmetic follows the release step by step, including where it runs in float32 (the
+`Timesteps` grid and its normalised copy, whose values pick the stage boundaries). numpy's
+linspace rounds the last bit differently from torch's, so the tables agree to ~1e-16 relative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_GAMMA = -1.0 / 3.0
+
+
+def rectify_ratio(start_t: float, gamma: float = DEFAULT_GAMMA) -> float:
+    """alpha of the stage transition: 1 / (sqrt(1 - 1/gamma) (1 - t0) + t0)."""
+    return 1.0 / (math.sqrt(1.0 - 1.0 / gamma) * (1.0 - start_t) + start_t)
+
+
+def renoise_coefficients(original_start_t: float, gamma: float = DEFAULT_GAMMA) -> tuple[float, float]:
+    """(alpha, beta) for x <- alpha * upsample(x) + beta * block_noise when a stage starts."""
+    alpha = rectify_ratio(original_start_t, gamma)
+    beta = alpha * (1.0 - original_start_t) / math.sqrt(-gamma)
+    return alpha, beta
+
+
+class PixelFlowScheduler:
+    """Tables of the release's scheduler; `set_timesteps` returns the grids instead of storing them."""
+
+    def __init__(self, num_train_timesteps: int = 1000, num_stages: int = 4, gamma: float = DEFAULT_GAMMA):
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be positive, got {num_stages}")
+        if num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
+        self.num_train_timesteps = n = num_train_timesteps
+        self.num_stages = num_stages
+        self.gamma = gamma
+
+        # The release keeps this grid and its normalised copy in float32.
+        train_timesteps = np.linspace(0, n - 1, n, dtype=np.float32)
+        train_t = train_timesteps / np.float32(n)
+        stage_range = [x / num_stages for x in range(num_stages + 1)]
+
+        self.start_t: list[float] = []
+        self.end_t: list[float] = []
+        self.original_start_t: list[float] = []
+        stage_distance = []
+        for s in range(num_stages):
+            start_idx = max(int(n * stage_range[s]), 0)
+            end_idx = min(int(n * stage_range[s + 1]), n)
+            start_t = float(train_t[start_idx])
+            end_t = float(train_t[end_idx]) if end_idx < n else 1.0
+            self.original_start_t.append(start_t)
+            if s > 0:
+                start_t *= rectify_ratio(start_t, gamma)
+            self.start_t.append(start_t)
+            self.end_t.append(end_t)
+            stage_distance.append(end_t - start_t)
+
+        total_distance = sum(stage_distance)
+        t_within_stage = np.linspace(0.0, 1.0, n + 1)[:-1]
+        self.t_window_per_stage: list[np.ndarray] = []
+        self.timesteps_per_stage: list[np.ndarray] = []
+        for s in range(num_stages):
+            start_ratio = 0.0 if s == 0 else sum(stage_distance[:s]) / total_distance
+            end_ratio = 1.0 if s == num_stages - 1 else sum(stage_distance[: s + 1]) / total_distance
+            first = float(train_timesteps[int(n * start_ratio)])
+            last = float(train_timesteps[min(int(n * end_ratio), n - 1)])
+            self.t_window_per_stage.append(t_within_stage)
+            if s == num_stages - 1:
+                self.timesteps_per_stage.append(np.linspace(first, last, n))
+            else:
+                self.timesteps_per_stage.append(np.linspace(first, last, n + 1)[:-1])
+
+    def stage_timestep_range(self, stage: int) -> tuple[float, float]:
+        """First and last model timestep of a stage (the dopri5 sampler maps t in [0, 1] onto it)."""
+        table = self.timesteps_per_stage[stage]
+        return float(table[0]), float(table[-1])
+
+    def set_timesteps(self, num_inference_steps: int, stage: int, shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Sampling grid of one stage: (model timesteps (n,), times t (n+1,) ending at 1.0), float64."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage must be in [0, {self.num_stages}), got {stage}")
+        T_start, T_end = self.stage_timestep_range(stage)
+        t_start = float(self.t_window_per_stage[stage][0])
+        t_end = float(self.t_window_per_stage[stage][-1])
+
+        t = np.linspace(t_start, t_end, num_inference_steps, dtype=np.float64)
+        t = t / (shift + (1 - shift) * t)
+        slope = (T_end - T_start) / (t_end - t_start)
+        timesteps = slope * t + (T_start - t_start * slope)
+        return timesteps, np.append(t, 1.0)

@@ -1,0 +1,154 @@
+"""Reading and writing the PyTorch release's checkpoint formats (needs torch, imported lazily).
+
+Accepted inputs:
+  - a release folder: `config.yaml` + `model.pt` (a plain state dict), as sample_ddp.py loads it;
+  - a bare state-dict `.pt` (architecture from a config.yaml given separately, or from shapes);
+  - a train.py checkpoint: a dict with "model", "ema", "opt" and "args" (EMA weights by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import zipfile
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+from pixelflow_jax.checkpoint import CheckpointConfig, CheckpointError, atomic_output_dir
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.convert import infer_architecture
+
+RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
+WEIGHT_CHOICES = ("ema", "model")
+
+# What the release ships for ImageNet 256 (configs/pixelflow_xl_c2i.yaml), used only where neither
+# a config.yaml nor a flag says otherwise; none of these changes the network's outputs.
+RELEASE_DEFAULTS = {"resolution": 256, "num_stages": 4, "num_train_timesteps": 1000}
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError("reading or writing PyTorch checkpoints needs torch: "
+                              "pip install torch==2.13.0 (the CPU build is enough)") from None
+    return torch
+
+
+def load_torch_file(path: str) -> Any:
+    """torch.load with weights_only (no code execution); one clear error for anything unreadable."""
+    torch = _import_torch()
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist or is not a file")
+    try:
+        # train.py pickles its argparse.Namespace next to the weights; allow exactly that class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (truncated or not a checkpoint?): "
+                              f"{reason}") from None
+
+
+def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str, np.ndarray]:
+    """The float32 numpy state dict inside whatever torch.load returned."""
+    torch = _import_torch()
+    if weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    if isinstance(loaded, Mapping) and "model" in loaded and isinstance(loaded["model"], Mapping):
+        if weights not in loaded:
+            raise CheckpointError(f"{path} is a training checkpoint without {weights!r} weights; "
+                                  f"it has {sorted(loaded)}: pass --weights=model")
+        loaded = loaded[weights]
+    if not isinstance(loaded, Mapping) or not loaded or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise CheckpointError(f"{path} holds no PixelFlow state dict (expected a dict of tensors, "
+                              f"or a train.py checkpoint with 'model'/'ema')")
+    return {k: v.detach().to(torch.float32).numpy() for k, v in loaded.items()}
+
+
+def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """(model.params, {resolution, num_stages, num_train_timesteps} found) of a release config.yaml."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+        model = values["model"]
+        params = dict(model["params"])
+    except FileNotFoundError:
+        raise CheckpointError(f"config file {path} does not exist") from None
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a release config.yaml (needs model.params): {e}") from None
+    target = model.get("target", RELEASE_MODEL_TARGET)
+    if target != RELEASE_MODEL_TARGET:
+        raise CheckpointError(f"{path} describes {target}, not {RELEASE_MODEL_TARGET}")
+    if params.pop("dropout", 0.0):
+        raise CheckpointError(f"{path} sets model dropout; pixelflow-jax implements dropout 0 only (as released)")
+    extras = {}
+    scheduler = values.get("scheduler") or {}
+    for key in ("num_stages", "num_train_timesteps"):
+        if key in scheduler:
+            extras[key] = int(scheduler[key])
+    if "resolution" in (values.get("data") or {}):
+        extras["resolution"] = int(values["data"]["resolution"])
+    return params, extras
+
+
+def read_release_checkpoint(path: str, *, torch_config: str | None = None, weights: str = "ema",
+                            attention_head_dim: int | None = None,
+                            overrides: Mapping[str, int] | None = None) -> tuple[CheckpointConfig, dict[str, np.ndarray]]:
+    """(config, numpy state dict) of a release folder, bare state dict or train.py checkpoint.
+
+    The architecture comes from `torch_config` (or the folder's config.yaml), else from tensor
+    shapes plus `attention_head_dim`. `overrides` sets resolution / num_stages /
+    num_train_timesteps where the config has none (the release's values otherwise).
+    """
+    if os.path.isdir(path):
+        weights_path = os.path.join(path, "model.pt")
+        if not os.path.isfile(weights_path):
+            raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + model.pt")
+        folder_config = os.path.join(path, "config.yaml")
+        torch_config = torch_config or (folder_config if os.path.isfile(folder_config) else None)
+    else:
+        weights_path = path
+    state_dict = extract_state_dict(load_torch_file(weights_path), weights_path, weights)
+
+    extras: dict[str, int] = {}
+    if torch_config:
+        params, extras = config_from_release_yaml(torch_config)
+        if attention_head_dim is not None and attention_head_dim != params.get("attention_head_dim"):
+            raise CheckpointError(f"--attention_head_dim={attention_head_dim} disagrees with {torch_config} "
+                                  f"(attention_head_dim: {params.get('attention_head_dim')})")
+    else:
+        params = infer_architecture(state_dict, attention_head_dim)
+    settings = {**RELEASE_DEFAULTS, **{k: v for k, v in (overrides or {}).items() if v is not None}, **extras}
+    try:
+        config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"invalid architecture for {path}: {e}") from None
+    return config, state_dict
+
+
+def release_yaml(config: CheckpointConfig) -> dict[str, Any]:
+    """The release's config.yaml content for a model: what sample_ddp.py and train.py read."""
+    params = config.model.architecture()
+    if not params["cross_attention_dim"]:
+        params.pop("cross_attention_dim")  # the release's default, None, means no cross-attention
+    return {
+        "model": {"target": RELEASE_MODEL_TARGET, "params": params},
+        "scheduler": {"num_train_timesteps": config.num_train_timesteps, "num_stages": config.num_stages,
+                      "pyramid_shift": False},
+        "data": {"resolution": config.resolution},
+    }
+
+
+def write_release_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], config: CheckpointConfig,
+                             overwrite: bool = False) -> None:
+    """A release folder (config.yaml + model.pt) that the release loads with strict=True."""
+    torch = _import_torch()
+    with atomic_output_dir(path, overwrite) as tmp:
+        tensors = {k: torch.from_numpy(np.array(v, dtype=v.dtype, copy=True)) for k, v in state_dict.items()}
+        torch.save(tensors, os.path.join(tmp, "model.pt"))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(release_yaml(config), f, sort_keys=False)

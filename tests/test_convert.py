@@ -1,0 +1,155 @@
+"""convert_torch_ckpt.py end to end: round trips, the accepted input formats, and every error path."""
+
+import argparse
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import fixture_dir, run_converter
+from pixelflow_jax import load_model
+from test_model_parity import PARITY_RTOL, forward, relative_error
+
+
+def release_state_dict(name="c2i_tiny"):
+    return torch.load(os.path.join(fixture_dir(name), "model.pt"), weights_only=True)
+
+
+def assert_failed_cleanly(result, output, *phrases):
+    """Non-zero exit, a one-line 'error:' message naming the problem, no traceback, nothing written."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "error:" in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    assert not os.path.exists(output)
+    leftovers = [f for f in os.listdir(os.path.dirname(output)) if f.startswith(f".{os.path.basename(output)}.")]
+    assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("name", ["c2i_tiny", "t2i_tiny"])
+def test_round_trip_reproduces_every_tensor(converted, tmp_path, name):
+    back = tmp_path / "back"
+    result = run_converter("--to_torch", f"--jax_checkpoint={converted[name]}", f"--output={back}")
+    assert result.returncode == 0, result.stderr
+    original = release_state_dict(name)
+    exported = torch.load(back / "model.pt", weights_only=True)
+    assert list(exported) == list(original)  # same keys, in the release's order
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    release_config = yaml.safe_load(open(os.path.join(fixture_dir(name), "config.yaml")))
+    exported_config = yaml.safe_load(open(back / "config.yaml"))
+    assert exported_config["model"] == release_config["model"]
+    assert exported_config["data"]["resolution"] == release_config["data"]["resolution"]
+    for key in ("num_train_timesteps", "num_stages"):
+        assert exported_config["scheduler"][key] == release_config["scheduler"][key]
+
+
+def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
+    output = tmp_path / "out"
+    weights = os.path.join(fixture_dir("c2i_tiny"), "model.pt")
+    result = run_converter(f"--torch_checkpoint={weights}", f"--output={output}")
+    assert_failed_cleanly(result, str(output), "--attention_head_dim")
+    result = run_converter(f"--torch_checkpoint={weights}", "--attention_head_dim=16", "--resolution=64",
+                           f"--output={output}")
+    assert result.returncode == 0, result.stderr
+    model, config = load_model(str(output))
+    assert config.model.num_attention_heads == 2 and config.model.depth == 2 and config.resolution == 64
+    assert relative_error(forward(model, golden["c2i_tiny"], 3), golden["c2i_tiny"]["fwd_3_out"]) <= PARITY_RTOL
+
+
+def test_train_checkpoint_takes_ema_by_default(tmp_path, golden):
+    model_weights = release_state_dict()
+    ema_weights = {k: v.clone() for k, v in model_weights.items()}
+    model_weights = {k: v * 0.5 for k, v in model_weights.items()}
+    checkpoint = tmp_path / "model_1000.pt"
+    torch.save({"model": model_weights, "ema": ema_weights, "opt": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(config="c.yaml", output_dir="exp")}, checkpoint)
+    config = os.path.join(fixture_dir("c2i_tiny"), "config.yaml")
+    outputs = {}
+    for weights in ("ema", "model"):
+        outputs[weights] = tmp_path / weights
+        result = run_converter(f"--torch_checkpoint={checkpoint}", f"--torch_config={config}",
+                               f"--weights={weights}", f"--output={outputs[weights]}")
+        assert result.returncode == 0, result.stderr
+    g = golden["c2i_tiny"]
+    assert relative_error(forward(load_model(str(outputs["ema"]))[0], g, 1), g["fwd_1_out"]) <= PARITY_RTOL
+    assert relative_error(forward(load_model(str(outputs["model"]))[0], g, 1), g["fwd_1_out"]) > 1e-2
+
+
+def _save_variant(tmp_path, state_dict):
+    path = tmp_path / "variant.pt"
+    torch.save(state_dict, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing_key", "extra_key", "wrong_shape"])
+def test_state_dict_problems_are_named(tmp_path, case):
+    state_dict = release_state_dict()
+    if case == "missing_key":
+        del state_dict["transformer_blocks.1.attn1.k_norm.weight"]
+        phrases = ["missing keys", "transformer_blocks.1.attn1.k_norm.weight"]
+    elif case == "extra_key":
+        state_dict["pos_embed.freqs"] = torch.zeros(3)
+        phrases = ["unexpected keys", "pos_embed.freqs"]
+    else:
+        state_dict["transformer_blocks.0.mlp.fc1.weight"] = torch.zeros(100, 32)
+        phrases = ["shape mismatches", "transformer_blocks.0.mlp.fc1.weight: (100, 32) vs (128, 32)"]
+    output = str(tmp_path / "out")
+    config = os.path.join(fixture_dir("c2i_tiny"), "config.yaml")
+    result = run_converter(f"--torch_checkpoint={_save_variant(tmp_path, state_dict)}", f"--torch_config={config}",
+                           f"--output={output}")
+    assert_failed_cleanly(result, output, *phrases)
+
+
+@pytest.mark.parametrize("change,phrases", [
+    ({"depth": 3}, ["missing keys", "transformer_blocks.2.norm1.linear.weight"]),
+    ({"num_attention_heads": 4}, ["shape mismatches", "patch_embed.proj.weight: (32, 3, 4, 4) vs (64, 3, 4, 4)"]),
+    ({"num_classes": 10}, ["class_embedder.embedding_table.weight: (1001, 32) vs (11, 32)"]),
+])
+def test_config_that_disagrees_with_weights(tmp_path, change, phrases):
+    folder = tmp_path / "release"
+    shutil.copytree(fixture_dir("c2i_tiny"), folder)
+    config = yaml.safe_load(open(folder / "config.yaml"))
+    config["model"]["params"].update(change)
+    yaml.safe_dump(config, open(folder / "config.yaml", "w"))
+    output = str(tmp_path / "out")
+    assert_failed_cleanly(run_converter(f"--torch_checkpoint={folder}", f"--output={output}"), output, *phrases)
+
+
+@pytest.mark.parametrize("content", ["truncated", "text"])
+def test_unreadable_file_gets_one_line_error(tmp_path, content):
+    path = tmp_path / "model.pt"
+    data = open(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), "rb").read()
+    path.write_bytes(data[: len(data) // 2] if content == "truncated" else b"not a checkpoint\n")
+    output = str(tmp_path / "out")
+    result = run_converter(f"--torch_checkpoint={path}", "--attention_head_dim=16", f"--output={output}")
+    assert_failed_cleanly(result, output, "cannot read", "truncated or not a checkpoint")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_existing_output_is_refused_and_kept(tmp_path, converted):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={output}")
+    assert result.returncode != 0 and "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert (output / "keep.txt").read_text() == "precious"
+    result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={output}")
+    assert result.returncode != 0 and (output / "keep.txt").read_text() == "precious"
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={output}", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(output)) == ["params", "pixelflow_config.json"]
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".out.")] == []
+
+
+def test_load_model_names_a_non_checkpoint_folder(tmp_path):
+    from pixelflow_jax import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="without model.pt"):
+        load_model(str(tmp_path))

@@ -1,0 +1,20 @@
+"""The README's main-job command on the tiny config."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_inspect_mode_runs_every_stage(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                             "--mode=inspect", "--config.model.depth=3"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.load(open(os.path.join(workdir, "inspect.json")))
+    assert report["model"]["depth"] == 3  # the command-line override reached the model
+    assert [s["tokens"] for s in report["stages"]] == [4, 16, 64, 256]
+    assert report["parameters"]["total"] == sum(v for k, v in report["parameters"].items() if k != "total")

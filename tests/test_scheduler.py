@@ -1,0 +1,49 @@
+"""The scheduler port against the release's tables (float64, <= 1e-12 relative)."""
+
+import numpy as np
+import pytest
+
+from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients
+
+
+def assert_close(actual, expected, rtol=1e-12):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("stage", range(4))
+def test_tables_match_release(golden, stage):
+    g = golden["c2i_tiny"]
+    scheduler = PixelFlowScheduler(1000, num_stages=4)
+    assert_close(scheduler.timesteps_per_stage[stage], g[f"sched_Timesteps_per_stage_{stage}"])
+    assert_close(scheduler.t_window_per_stage[stage], g[f"sched_t_window_{stage}"])
+    assert_close(scheduler.start_t[stage], g[f"sched_start_t_{stage}"])
+    assert_close(scheduler.end_t[stage], g[f"sched_end_t_{stage}"])
+    assert_close(scheduler.original_start_t[stage], g[f"sched_original_start_t_{stage}"])
+
+
+@pytest.mark.parametrize("stage", range(4))
+@pytest.mark.parametrize("steps,shift", [(3, 1.0), (7, 3.0)])
+def test_set_timesteps_matches_release(golden, stage, steps, shift):
+    for name in ("c2i_tiny", "t2i_tiny"):
+        g = golden[name]
+        timesteps, t = PixelFlowScheduler(1000, 4).set_timesteps(steps, stage, shift=shift)
+        assert_close(timesteps, g[f"sched_set_{steps}_{shift}_{stage}_Timesteps"])
+        assert_close(t, g[f"sched_set_{steps}_{shift}_{stage}_t"])
+
+
+def test_rectified_start_matches_renoise_alpha():
+    # start_t of a stage is its original start time scaled by the renoise alpha (gamma = -1/3).
+    scheduler = PixelFlowScheduler()
+    for stage in range(1, 4):
+        alpha, beta = renoise_coefficients(scheduler.original_start_t[stage])
+        assert scheduler.start_t[stage] == pytest.approx(scheduler.original_start_t[stage] * alpha, rel=1e-15)
+        assert beta == pytest.approx(alpha * (1 - scheduler.original_start_t[stage]) * 3 ** 0.5, rel=1e-15)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="num_stages"):
+        PixelFlowScheduler(1000, 0)
+    with pytest.raises(ValueError, match="stage must be in"):
+        PixelFlowScheduler(1000, 4).set_timesteps(3, 4)
