@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping
 
-import jax
 import numpy as np
 from flax import nnx, traverse_util
 
@@ -181,8 +180,3 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray], attention_head_dim:
         cross_attention_dim=0 if cross is None else cross.shape[1],
     )
 
-
-def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
-    """Fresh parameters with the release's initialisation (for tests and training from scratch)."""
-    model = PixelFlow(cfg, rngs=nnx.Rngs(seed))
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
