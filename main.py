@@ -1,10 +1,14 @@
 """pixelflow-jax entry point (flax/examples style).
 
     python main.py --config=configs/c2i.py:tiny --workdir=runs/tiny --mode=inspect
+    python main.py --config=configs/c2i.py --workdir=runs/fid --mode=sample \
+        --config.sample.checkpoint=checkpoints/pixelflow_xl_c2i
 
 Settings live in the config file and can be overridden with --config.<field>=<value>.
-Modes available in this version: inspect. (train, sample and eval arrive with their issues.)
+Modes available in this version: inspect, sample. (train and eval arrive with their issues.)
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -12,7 +16,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
-flags.DEFINE_enum("mode", "inspect", ["inspect"], "What to run.")
+flags.DEFINE_enum("mode", "inspect", ["inspect", "sample"], "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 FLAGS = flags.FLAGS
@@ -26,6 +30,14 @@ def main(argv):
         from pixelflow_jax import inspect_model
 
         inspect_model.run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+        from pixelflow_jax import sample_run
+        from pixelflow_jax.checkpoint import CheckpointError
+
+        try:
+            sample_run.run(FLAGS.config, FLAGS.workdir)
+        except (CheckpointError, ValueError) as e:
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

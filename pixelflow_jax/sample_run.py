@@ -1,0 +1,175 @@
+"""`main.py --mode=sample`: sample a converted checkpoint to PNGs, an ADM-format .npz and a grid.
+
+    WORKDIR/samples/000000.png ...   one PNG per image, named by image id
+    WORKDIR/samples/settings.json    what the images were sampled with (a rerun must match)
+    WORKDIR/samples.npz              arr_0 = uint8 (N, H, W, 3), written once every image exists
+    WORKDIR/grid.png                 the first (up to 64) images, to look at
+
+The batch is sharded over every device of a 1-D 'data' mesh; in a multi-host run each process
+writes the images its devices hold. A rerun skips every image already on disk: an image depends
+only on (seed, id, label), so resumed images are exactly those an uninterrupted run would write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from pixelflow_jax.api import load_model
+from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.sampling import CascadeSampler, SamplingOptions, class_conditioning, draw_noise_jit, to_uint8
+
+GRID_IMAGES = 64
+
+
+def default_labels(num_images: int, num_classes: int) -> np.ndarray:
+    """Class-balanced labels, image i -> class i mod num_classes. Equal to the release's
+    sample_ddp.py when num_images is a multiple of num_classes (it pads the rest with class 0)."""
+    return np.arange(num_images) % num_classes
+
+
+def image_path(folder: str, image_id: int) -> str:
+    return os.path.join(folder, f"{image_id:06d}.png")
+
+
+def save_png_atomically(path: str, image: np.ndarray) -> None:
+    """A PNG appears complete or not at all, so an interrupted run never leaves a truncated image."""
+    tmp = path + ".tmp"
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_npz_atomically(path: str, images: np.ndarray) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, arr_0=images)
+    os.replace(tmp, path)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid
+
+
+def check_settings(folder: str, settings: dict) -> None:
+    """Records the settings on the first run; a rerun with different settings would mix images."""
+    path = os.path.join(folder, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
+                             "use a new --workdir, or rerun with the settings in settings.json")
+    elif jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A batch-sharded array built from the full host copy every process holds (multi-host safe)."""
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
+def write_local_images(folder: str, images: jax.Array, ids: np.ndarray, num_valid: int) -> None:
+    """Writes the rows this process holds (one replica of each), skipping padding rows."""
+    for shard in images.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        rows = range(*shard.index[0].indices(images.shape[0]))
+        for row, image in zip(rows, np.asarray(shard.data)):
+            if row < num_valid:
+                save_png_atomically(image_path(folder, int(ids[row])), image)
+
+
+def run(config, workdir: str) -> None:
+    s = config.sample
+    if not s.checkpoint:
+        raise CheckpointError("set --config.sample.checkpoint to a folder written by convert_torch_ckpt.py")
+    model, ckpt = load_model(s.checkpoint, dtype=config.model.dtype, attention=config.model.attention)
+    if model.config.num_classes == 0:
+        raise ValueError("--mode=sample samples class-conditional models; this checkpoint is text-conditional")
+    num_devices = jax.device_count()
+    if s.batch_size % num_devices:
+        raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
+                         f"({num_devices}); try {max(num_devices, s.batch_size // num_devices * num_devices)}")
+    if s.num_images < 1:
+        raise ValueError(f"sample.num_images must be positive, got {s.num_images}")
+    options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
+                                     solver=s.solver)
+    labels = np.asarray(s.labels, np.int64) if len(s.labels) else default_labels(s.num_images, model.config.num_classes)
+    if len(labels) != s.num_images:
+        raise ValueError(f"sample.labels has {len(labels)} entries but sample.num_images is {s.num_images}")
+    class_conditioning(labels, model.config.num_classes)  # validates the range before any work
+
+    folder = os.path.join(workdir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    settings = dict(checkpoint=os.path.abspath(s.checkpoint), architecture=model.config.architecture(),
+                    dtype=model.config.dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
+                    num_images=int(s.num_images), steps_per_stage=list(options.steps_per_stage),
+                    cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
+                    labels=labels.tolist())
+    check_settings(folder, settings)
+    multihost_utils.sync_global_devices("sample settings checked")
+
+    missing = np.array([i for i in range(s.num_images) if not os.path.exists(image_path(folder, i))], np.int64)
+    logging.info("%d of %d images to sample (%d already on disk), batch %d over %d devices", len(missing),
+                 s.num_images, s.num_images - len(missing), s.batch_size, num_devices)
+    if len(missing):
+        sample_batches(model, ckpt, options, labels, missing, folder, int(s.batch_size), int(s.seed))
+    multihost_utils.sync_global_devices("all images written")
+    if jax.process_index() == 0:
+        finish(folder, workdir, s.num_images)
+
+
+def sample_batches(model, ckpt, options, labels, missing, folder, batch_size, seed) -> None:
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch_sharding = NamedSharding(mesh, P("data"))
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    sampler = CascadeSampler(model, ckpt)
+    key = jax.random.key(seed)
+    start, done = time.perf_counter(), 0
+    for first in range(0, len(missing), batch_size):
+        ids = missing[first:first + batch_size]
+        num_valid = len(ids)
+        ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
+        cond, uncond = class_conditioning(labels[ids], model.config.num_classes)
+        cond, uncond = (jax.tree.map(lambda a: global_array(np.asarray(a), batch_sharding), c) for c in (cond, uncond))
+        initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution, ckpt.num_stages,
+                                         model.config.in_channels, sampler.scheduler.gamma)
+        images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))
+        write_local_images(folder, images, ids, num_valid)
+        done += num_valid
+        rate = done / (time.perf_counter() - start)
+        logging.info("sampled %d/%d missing images, %.2f img/s, about %.0f s left", done, len(missing), rate,
+                     (len(missing) - done) / rate)
+
+
+def finish(folder: str, workdir: str, num_images: int) -> None:
+    """The ADM .npz and the grid, once every image exists (process 0 only)."""
+    absent = [i for i in range(num_images) if not os.path.exists(image_path(folder, i))]
+    if absent:
+        raise RuntimeError(f"{len(absent)} images are still missing (e.g. {image_path(folder, absent[0])}); rerun")
+    images = np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(num_images)])
+    npz_path = os.path.join(workdir, "samples.npz")
+    save_npz_atomically(npz_path, images)
+    Image.fromarray(image_grid(images[:GRID_IMAGES])).save(os.path.join(workdir, "grid.png"))
+    logging.info("wrote %s (arr_0: %s %s) and %s", npz_path, images.shape, images.dtype,
+                 os.path.join(workdir, "grid.png"))

@@ -1,0 +1,236 @@
+"""The release's cascade sampler (PixelFlowPipeline): Euler or dopri5 per stage, guidance, renoising.
+
+Stage 0 starts from N(0, I) at resolution R / 2^(S-1). Every later stage first nearest-upsamples
+x2 and renoises, x <- alpha * x + beta * block_noise, then integrates the flow from its start to its
+end time. Each stage (transition and whole solve) is one jit-compiled program with static shapes.
+
+Guidance: class-conditional models use the release's stage-wise scale
+g_s = 1 + (cfg - 1) * [0, 1/6, 2/3, 1][s]; text-conditional ones use g_s = cfg. Where g_s is
+exactly 1 the unconditional half is skipped: v_u + 1 * (v_c - v_u) = v_c, so only float rounding
+(~1e-7) separates this from the release, which always runs both halves.
+
+Randomness: every image draws its noise from fold_in(key, image_id), so an image depends only on
+the seed, its id and its conditioning, not on the batch it was sampled in, the batch size or the
+number of devices. Callers may pass their own noise instead (to replay the release's draws).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients
+
+SOLVERS = ("euler", "dopri5")
+# The release's stage-wise guidance weights, defined for its 4 stages.
+CLASS_GUIDANCE_STAGE_WEIGHTS = (0.0, 1.0 / 6.0, 2.0 / 3.0, 1.0)
+BLOCK_NOISE_EPS = 1e-6
+DOPRI5_RTOL, DOPRI5_ATOL = 1e-3, 1e-6  # the release's torchdiffeq settings
+DOPRI5_MAX_STEPS = 4096
+
+Conditioning = dict[str, Any]  # model keyword arguments, e.g. {"class_labels": (B,) int}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    steps_per_stage: tuple[int, ...]  # Euler steps per stage (dopri5 ignores them)
+    cfg_scale: float = 2.4
+    shift: float = 1.0
+    solver: str = "euler"
+    rtol: float = DOPRI5_RTOL
+    atol: float = DOPRI5_ATOL
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if any(int(n) < 1 for n in self.steps_per_stage):
+            raise ValueError(f"steps_per_stage must be positive, got {self.steps_per_stage}")
+        if self.cfg_scale < 1.0:
+            raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be positive, got {self.shift}")
+
+    @classmethod
+    def create(cls, num_stages: int, steps_per_stage: int | Sequence[int] = 30, **kwargs) -> "SamplingOptions":
+        """Options with `steps_per_stage` given as one int for all stages or one per stage."""
+        steps = [steps_per_stage] * num_stages if np.ndim(steps_per_stage) == 0 else list(steps_per_stage)
+        if len(steps) != num_stages:
+            raise ValueError(f"steps_per_stage needs one value per stage ({num_stages}), got {steps_per_stage}")
+        return cls(steps_per_stage=tuple(int(n) for n in steps), **kwargs)
+
+
+def stage_guidance(cfg_scale: float, num_stages: int, class_conditional: bool) -> list[float]:
+    if not class_conditional:
+        return [float(cfg_scale)] * num_stages
+    if num_stages != len(CLASS_GUIDANCE_STAGE_WEIGHTS):
+        raise ValueError(f"the release's stage-wise guidance is defined for {len(CLASS_GUIDANCE_STAGE_WEIGHTS)} "
+                         f"stages, this model has {num_stages}")
+    return [1.0 + (cfg_scale - 1.0) * w for w in CLASS_GUIDANCE_STAGE_WEIGHTS]
+
+
+def stage_resolutions(resolution: int, num_stages: int) -> list[int]:
+    return [resolution // 2 ** (num_stages - 1 - s) for s in range(num_stages)]
+
+
+def block_noise_factor(gamma: float) -> np.ndarray:
+    """Cholesky factor L of Sigma = (1 - gamma) I + gamma 11^T + 1e-6 I (4 x 4), so L z ~ N(0, Sigma)."""
+    sigma = (1.0 - gamma) * np.eye(4) + gamma * np.ones((4, 4)) + BLOCK_NOISE_EPS * np.eye(4)
+    return np.linalg.cholesky(sigma).astype(np.float32)
+
+
+def block_noise(key: jax.Array, shape: tuple[int, int, int], gamma: float) -> jax.Array:
+    """Correlated noise (H, W, C): one N(0, Sigma) 4-vector per channel and 2x2 pixel block, entry
+    (p, q) of the block at pixel (2h + p, 2w + q), all blocks drawn in one op."""
+    h, w, c = shape
+    z = jax.random.normal(key, (h // 2, w // 2, c, 4), jnp.float32)
+    blocks = z @ jnp.asarray(block_noise_factor(gamma)).T
+    return blocks.reshape(h // 2, w // 2, c, 2, 2).transpose(0, 3, 1, 4, 2).reshape(h, w, c)
+
+
+def draw_noise(key: jax.Array, image_ids: jax.Array, resolution: int, num_stages: int, channels: int,
+               gamma: float) -> tuple[jax.Array, list[jax.Array]]:
+    """Per-image noise from fold_in(key, id): (initial noise (B, r0, r0, C), [block noise of stage s, s >= 1])."""
+    sizes = stage_resolutions(resolution, num_stages)
+
+    def for_one_image(image_id):
+        keys = jax.random.split(jax.random.fold_in(key, image_id), num_stages)
+        initial = jax.random.normal(keys[0], (sizes[0], sizes[0], channels), jnp.float32)
+        return initial, [block_noise(keys[s], (sizes[s], sizes[s], channels), gamma) for s in range(1, num_stages)]
+
+    return jax.vmap(for_one_image)(image_ids)
+
+
+draw_noise_jit = jax.jit(draw_noise, static_argnums=(2, 3, 4, 5))
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def to_uint8(latents: jax.Array) -> jax.Array:
+    """The release's output mapping: round(255 * clip(x / 2 + 0.5, 0, 1))."""
+    return jnp.round(255.0 * jnp.clip(latents / 2.0 + 0.5, 0.0, 1.0)).astype(jnp.uint8)
+
+
+def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: Conditioning,
+                    uncond: Conditioning, guidance: float) -> jax.Array:
+    """v_u + g (v_c - v_u), with the two halves in one batch; only v_c when g == 1."""
+    timesteps = jnp.full((x.shape[0],), timestep, jnp.float32)
+    if guidance == 1.0:
+        return model(x, timesteps, **cond)
+    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+    v = model(jnp.concatenate([x, x]), jnp.concatenate([timesteps, timesteps]), **both)
+    v_uncond, v_cond = jnp.split(v, 2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+class CascadeSampler:
+    """Runs the cascade for one model. Each stage compiles once per batch shape, solver and
+    guidance scale; later batches reuse the compiled programs."""
+
+    def __init__(self, model: PixelFlow, config):
+        """config: the CheckpointConfig that load_model returns (resolution, stages, timesteps)."""
+        self.graphdef, self.state = nnx.split(model)
+        self.model_config = model.config
+        self.resolution = config.resolution
+        self.scheduler = PixelFlowScheduler(config.num_train_timesteps, config.num_stages)
+        self.class_conditional = model.config.num_classes > 0
+
+    def generate(self, labels, *, steps_per_stage: int | Sequence[int] = 30, cfg_scale: float = 2.4,
+                 solver: str = "euler", shift: float = 1.0, seed: int = 0, image_ids=None) -> np.ndarray:
+        """uint8 images (N, R, R, 3) of a class-conditional model for the given labels.
+
+        image_ids (default 0..N-1) select each image's noise: the same (seed, id, label) always
+        gives the same image, whatever else is in the batch.
+        """
+        num_stages = self.scheduler.num_stages
+        options = SamplingOptions.create(num_stages, steps_per_stage, cfg_scale=cfg_scale, shift=shift, solver=solver)
+        cond, uncond = class_conditioning(labels, self.model_config.num_classes)
+        ids = jnp.arange(len(cond["class_labels"])) if image_ids is None else jnp.asarray(image_ids)
+        initial, blocks = draw_noise_jit(jax.random.key(seed), ids, self.resolution, num_stages,
+                                         self.model_config.in_channels, self.scheduler.gamma)
+        return np.asarray(to_uint8(self.sample(initial, blocks, cond, uncond, options)))
+
+    def sample(self, initial_noise: jax.Array, block_noises: Sequence[jax.Array], cond: Conditioning,
+               uncond: Conditioning, options: SamplingOptions) -> jax.Array:
+        """Final latents (B, R, R, C) float32 from the stage-0 noise and each later stage's block noise."""
+        num_stages = self.scheduler.num_stages
+        if len(block_noises) != num_stages - 1 or len(options.steps_per_stage) != num_stages:
+            raise ValueError(f"need block noise for stages 1..{num_stages - 1} and steps for {num_stages} stages")
+        guidance = stage_guidance(options.cfg_scale, num_stages, self.class_conditional)
+        x = jnp.asarray(initial_noise, jnp.float32)
+        for stage in range(num_stages):
+            noise = None if stage == 0 else jnp.asarray(block_noises[stage - 1], jnp.float32)
+            x = self._run_stage(stage, x, noise, cond, uncond, guidance[stage], options)
+        return x
+
+    def _run_stage(self, stage, x, noise, cond, uncond, guidance, options):
+        alpha, beta = renoise_coefficients(self.scheduler.original_start_t[stage], self.scheduler.gamma)
+        if options.solver == "euler":
+            timesteps, t = self.scheduler.set_timesteps(options.steps_per_stage[stage], stage, shift=options.shift)
+            # The release steps with the float64 grid cast to float32 before the difference.
+            t32 = t.astype(np.float32)
+            schedule = (timesteps.astype(np.float32), t32[1:] - t32[:-1])
+        else:
+            first, last = self.scheduler.stage_timestep_range(stage)
+            schedule = (np.float32(first), np.float32(last), np.float32(options.rtol), np.float32(options.atol))
+        program = _stage_program(self.graphdef, stage > 0, alpha, beta, guidance, options.solver)
+        return program(self.state, x, noise, cond, uncond, schedule)
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, guidance: float, solver: str):
+    """One stage (renoise + whole solve) as a jitted function. Cached on the model's graph, so
+    every sampler of the same architecture shares the compiled programs."""
+
+    def program(state, x, noise, cond, uncond, schedule):
+        model = nnx.merge(graphdef, state)
+        if renoise:
+            x = alpha * upsample_nearest(x) + beta * noise
+        velocity = lambda x, timestep: guided_velocity(model, x, timestep, cond, uncond, guidance)
+        if solver == "euler":
+            return _euler(velocity, x, *schedule)
+        return _dopri5(velocity, x, *schedule)
+
+    return jax.jit(program)
+
+
+def _euler(velocity, x, timesteps, dts):
+    def step(i, x):
+        return x + dts[i] * velocity(x, timesteps[i])
+
+    return jax.lax.fori_loop(0, timesteps.shape[0], step, x)
+
+
+def _dopri5(velocity, x, first_timestep, last_timestep, rtol, atol):
+    """dx/dt = v(x, T(t)) for t in [0, 1], T(t) = T_first + t (T_last - T_first), adaptive Dopri5."""
+    import diffrax
+
+    term = diffrax.ODETerm(lambda t, x, args: velocity(x, first_timestep + t * (last_timestep - first_timestep)))
+    solution = diffrax.diffeqsolve(term, diffrax.Dopri5(), t0=0.0, t1=1.0, dt0=None, y0=x,
+                                   stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                                   saveat=diffrax.SaveAt(t1=True), max_steps=DOPRI5_MAX_STEPS)
+    return solution.ys[0]
+
+
+def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) model kwargs for class labels; the unconditional id is num_classes."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (labels < 0).any() or (labels >= num_classes).any():
+        raise ValueError(f"labels must be a 1-D list of class ids in [0, {num_classes}), got {labels}")
+    labels = jnp.asarray(labels, jnp.int32)
+    return {"class_labels": labels}, {"class_labels": jnp.full_like(labels, num_classes)}
+
+
+
+def generate(model: PixelFlow, config, labels, **options) -> np.ndarray:
+    """One-off CascadeSampler(model, config).generate(labels, **options); keep a CascadeSampler
+    to reuse its compiled stages across calls."""
+    return CascadeSampler(model, config).generate(labels, **options)
