@@ -1,0 +1,117 @@
+"""Sampling speed of the cascade sampler: seconds per image, and per-stage forward time of the
+CFG batch, for PixelFlow-XL/4 with random (non-zero) weights.
+
+    python bench/sample_speed.py                       # XL/4, batch 16, 4 x 30 Euler steps, bf16
+    python bench/sample_speed.py --preset=tiny         # a CPU dry run of the script itself
+
+Compare with ANCHORS.md (the release on an H200): 6.35 s/image end to end, 2.32 s of it on the GPU;
+per-stage forward of the CFG batch (32) 35 / 64 / 204 / 936 ms. Needs only jax, flax, numpy (no
+ml_collections, grain or TFDS), so it runs on the bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from pixelflow_jax import CheckpointConfig, ModelConfig, PixelFlow  # noqa: E402
+from pixelflow_jax.sampling import CascadeSampler, stage_resolutions  # noqa: E402
+
+PRESETS = {
+    "xl": (ModelConfig(), 256),  # PixelFlow-XL/4 as released
+    "tiny": (ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=2), 64),
+}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> PixelFlow:
+    """The release's init perturbed everywhere: its zero adaLN/output layers would make the
+    network's output (and so the timing) trivial."""
+    model = PixelFlow(cfg, rngs=nnx.Rngs(seed))
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    noisy = [leaf + 0.02 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="xl")
+    parser.add_argument("--batch", type=int, default=16, help="images per batch (the CFG batch is twice this)")
+    parser.add_argument("--steps", type=int, default=30, help="Euler steps per stage")
+    parser.add_argument("--cfg", type=float, default=2.4)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--attention", default="xla")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    base, resolution = PRESETS[args.preset]
+    cfg = dataclasses.replace(base, dtype=args.dtype, attention=args.attention)
+    ckpt = CheckpointConfig(model=cfg, resolution=resolution)
+    model = random_model(cfg)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, class_labels=y))
+
+    # Sanity before timing: the compute dtype's forward agrees with float32 on the smallest stage.
+    reference = nnx.merge(*nnx.split(random_model(dataclasses.replace(cfg, dtype="float32"))))
+    rng = np.random.default_rng(0)
+    small = stage_resolutions(resolution, ckpt.num_stages)[0]
+    x0 = jnp.asarray(rng.standard_normal((2, small, small, 3)), jnp.float32)
+    t0, y0 = jnp.array([100.0, 700.0]), jnp.array([1, 2])
+    want, got = reference(x0, t0, class_labels=y0), forward(state, x0, t0, y0)
+    check = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert check < 5e-2, f"{args.dtype} forward is {check:.2e} from float32: not timing a broken model"
+
+    stages = []
+    cfg_batch = 2 * args.batch
+    for stage, size in enumerate(stage_resolutions(resolution, ckpt.num_stages)):
+        x = jnp.asarray(rng.standard_normal((cfg_batch, size, size, 3)), jnp.float32)
+        t = jnp.full((cfg_batch,), 500.0)
+        y = jnp.asarray(rng.integers(0, cfg.num_classes, cfg_batch))
+        jax.block_until_ready(forward(state, x, t, y))
+        seconds = median_seconds(lambda: forward(state, x, t, y), args.repeats)
+        tokens = (size // cfg.patch_size) ** 2
+        stages.append(dict(stage=stage, pixels=size, tokens=tokens, cfg_batch=cfg_batch, forward_ms=seconds * 1e3))
+
+    sampler = CascadeSampler(model, ckpt)
+    labels = np.arange(args.batch) % cfg.num_classes
+    run = lambda: sampler.generate(labels, steps_per_stage=args.steps, cfg_scale=args.cfg, seed=1)
+    start = time.perf_counter()
+    images = run()
+    first_call = time.perf_counter() - start
+    assert images.shape == (args.batch, resolution, resolution, 3) and images.std() > 0
+    seconds = median_seconds(run, args.repeats)
+
+    print(json.dumps(dict(
+        preset=args.preset, dtype=args.dtype, attention=args.attention, batch=args.batch, steps_per_stage=args.steps,
+        cfg=args.cfg, bf16_vs_f32_check=check, stages=stages, first_call_s=first_call,
+        seconds_per_batch=seconds, seconds_per_image=seconds / args.batch,
+        device=str(jax.devices()[0].device_kind), jax=jax.__version__, flax=flax.__version__,
+    ), indent=2))
+
+
+if __name__ == "__main__":
+    main()
