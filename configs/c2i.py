@@ -30,7 +30,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         attention="xla",
     ))
     config.scheduler = ml_collections.ConfigDict(dict(num_train_timesteps=1000, num_stages=4))
-    config.data = ml_collections.ConfigDict(dict(resolution=256))
+    # Training data (pixelflow_jax/data.py): full-resolution uint8 images; stages are built on device.
+    config.data = ml_collections.ConfigDict(dict(
+        source="tfds",  # 'tfds' (ImageNet as ArrayRecord) | 'folder' (root/<class>/<image>) | 'demo'
+        resolution=256,
+        tfds_name="imagenet2012",
+        tfds_data_dir="",  # '' = TFDS's default (~/tensorflow_datasets)
+        split="train",
+        root="",  # for source='folder'
+        center_crop=False,  # False: the release's Lanczos resize to round(1.125 R) + random crop
+        expand_ratio=1.125,
+        num_workers=8,  # grain worker processes per host (0 = decode in the main process)
+        prefetch_batches=2,  # per worker
+        demo_num_images=20_000,
+        demo_num_classes=10,
+        demo_seed=0,
+    ))
 
     # --mode=sample. The architecture, stages and resolution come from the checkpoint; model.dtype
     # and model.attention above still apply. Defaults reproduce the release's FID run settings
@@ -49,7 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if arg == "tiny":
         config.model.update(num_attention_heads=2, attention_head_dim=16, depth=2, dtype="float32")
-        config.data.resolution = 64
+        config.data.update(resolution=64, source="demo", num_workers=0)
         config.sample.update(num_images=16, batch_size=8, steps_per_stage=3)
     elif arg:
         raise ValueError(f"unknown c2i config variant {arg!r}; choose '' (XL/4) or 'tiny'")

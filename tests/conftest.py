@@ -1,6 +1,10 @@
 """Shared fixtures: the release's golden outputs and their checkpoints, converted once per session."""
 
 import os
+
+# Eight fake CPU devices for the sharding tests; must be set before jax is first imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
 import subprocess
 import sys
 

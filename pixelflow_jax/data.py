@@ -1,0 +1,313 @@
+"""Training input pipelines (grain): full-resolution uint8 images and int32 labels.
+
+Every stage's inputs are built later, on the device, from these full-resolution images, so the
+loader only decodes and augments. The data path, top to bottom:
+
+  source (tfds | folder | demo)  random access: record i -> encoded bytes or pixels + label
+  -> DecodedSource               decode to RGB, resize the shorter side to round(R * 1.125) with
+                                 Lanczos (or the ADM centre crop); an unreadable image is replaced
+                                 by the next readable one and counted
+  -> [process_index::process_count] shard, shuffle (reshuffled every epoch), repeat forever
+  -> random crop R + random horizontal flip (seeded per element)
+  -> batch (per-process) -> worker processes + prefetch
+  -> ImageLoader: numpy batches, skip count, iterator state for checkpoints
+  -> to_global_batch: one jax.Array sharded over the mesh's batch axes
+
+grain and TFDS are imported lazily: the model, sampler and train step do not need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MAX_CONSECUTIVE_UNREADABLE = 64
+CLASS_INDEX_FILE = "class_index.json"
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be used as configured; the message names the path and the fix."""
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+class ImageFolderSource:
+    """root/<class name>/<image>, like torchvision's ImageFolder: class ids from sorted folder names."""
+
+    def __init__(self, root: str, classes: list[str] | None = None):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root} does not exist; set config.data.root to a folder of "
+                            "class subfolders (root/<class>/<image>)")
+        found = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.classes = classes if classes is not None else found
+        missing = sorted(set(found) - set(self.classes))
+        if missing:
+            raise DataError(f"{root} has class folders {missing} that the run's class index does not list")
+        self.records: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            folder = os.path.join(root, name)
+            if not os.path.isdir(folder):
+                continue
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    self.records.append((entry.path, label))
+        if not self.records:
+            raise DataError(f"no images found in {root} (expected {root}/<class>/<image> with one of "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.records[index]
+        with open(path, "rb") as f:
+            return {"image": f.read(), "label": label, "name": path}
+
+
+class TfdsSource:
+    """A TFDS dataset read through `tfds.data_source` (ArrayRecord; no TensorFlow needed)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        import tensorflow_datasets as tfds
+
+        try:
+            self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        except Exception as e:  # TFDS raises several types for "not built" and "no such split"
+            where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+            raise DataError(f"cannot open TFDS dataset {name!r} split {split!r} in {where}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
+                            f"Build it once with `tfds build {name} --manual_dir=DIR "
+                            "--file_format=array_record` (see README)") from None
+        if len(self.source) == 0:
+            raise DataError(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.source[index]
+        return {"image": record["image"], "label": int(record["label"]), "name": f"{self.name}:{index}"}
+
+
+def make_source(data_config, class_index_dir: str | None = None):
+    """The configured source. For folders, the class list is written to (or read back from)
+    class_index_dir/class_index.json so ids stay stable when classes are added later."""
+    kind = data_config.source
+    if kind == "tfds":
+        return TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
+    if kind == "folder":
+        classes = None
+        index_path = os.path.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
+        if index_path and os.path.exists(index_path):
+            with open(index_path) as f:
+                classes = json.load(f)["classes"]
+        source = ImageFolderSource(data_config.root, classes)
+        if index_path and classes is None:
+            os.makedirs(class_index_dir, exist_ok=True)
+            with open(index_path + ".tmp", "w") as f:
+                json.dump({"root": os.path.abspath(data_config.root), "classes": source.classes}, f, indent=1)
+            os.replace(index_path + ".tmp", index_path)
+        return source
+    if kind == "demo":
+        from pixelflow_jax.demo_data import DemoSource
+
+        return DemoSource(data_config.demo_num_images, seed=data_config.demo_seed,
+                          num_classes=data_config.demo_num_classes, resolution=data_config.resolution)
+    raise DataError(f"unknown config.data.source {kind!r}; choose 'tfds', 'folder' or 'demo'")
+
+
+# ------------------------------------------------------------------------- decoding and augmenting
+
+
+def to_rgb(image: Any) -> Image.Image:
+    """Encoded bytes or a pixel array -> an RGB PIL image (grey, CMYK, palette, RGBA all converted)."""
+    if isinstance(image, (bytes, bytearray)):
+        pil = Image.open(io.BytesIO(image))
+        pil.load()  # decode now, so a truncated file fails here
+    else:
+        array = np.asarray(image)
+        pil = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+    if pil.mode == "P" and "transparency" in pil.info:
+        pil = pil.convert("RGBA")  # a transparent palette goes through RGBA, as PIL recommends
+    return pil.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision Resize(size, LANCZOS): shorter side -> size, the other scaled and truncated to int."""
+    w, h = image.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return image if new == (w, h) else image.resize(new, resample=Image.LANCZOS)
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The ADM / DiT centre crop: box-halve while >= 2x, bicubic to the shorter side, centre crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+class DecodedSource:
+    """Decodes and resizes records of a source; an unreadable record is replaced by the next
+    readable one (in source order) and reported in the element's `skipped` count."""
+
+    def __init__(self, source, resolution: int, expand_ratio: float = 1.125, center_crop: bool = False):
+        self.source, self.resolution, self.center_crop = source, resolution, center_crop
+        self.resize_to = round(resolution * expand_ratio)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+            record_index = (index + attempt) % len(self.source)
+            try:
+                record = self.source[record_index]
+                image = to_rgb(record["image"])
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+                logging.warning("skipping unreadable image %s: %s", self._name(record_index), e)
+                continue
+            if self.center_crop:
+                pixels = adm_center_crop(image, self.resolution)
+            else:
+                pixels = np.asarray(resize_shorter_side(image, self.resize_to))
+            return {"image": pixels, "label": np.int32(record["label"]), "skipped": np.int32(attempt)}
+        raise DataError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
+                        f"{self._name(index)} on; is the dataset corrupt?")
+
+    def _name(self, index: int) -> str:
+        records = getattr(self.source, "records", None)
+        return records[index][0] if records else f"record {index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCropFlip:
+    """Random R x R crop (after the resize; a no-op after the centre crop) and horizontal flip."""
+
+    resolution: int
+
+    def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+        image = element["image"]
+        h, w = image.shape[:2]
+        top = int(rng.integers(0, h - self.resolution + 1))
+        left = int(rng.integers(0, w - self.resolution + 1))
+        image = image[top:top + self.resolution, left:left + self.resolution]
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {**element, "image": np.ascontiguousarray(image)}
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand_ratio: float = 1.125,
+                  center_crop: bool = False, shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
+                  prefetch_batches: int = 2):
+    """The grain IterDataset of per-process batches {'image': uint8 (B, R, R, 3), 'label': int32 (B,),
+    'skipped': int32 (B,)}; infinite, reshuffled every epoch, deterministic for a seed."""
+    import grain
+
+    if len(source) < shard_count:
+        raise DataError(f"the dataset has {len(source)} images, fewer than the {shard_count} processes reading it")
+    decoded = DecodedSource(source, resolution, expand_ratio, center_crop)
+    dataset = (grain.MapDataset.source(decoded)[shard_index::shard_count]
+               .seed(seed * 1_000_003 + shard_index)
+               .shuffle()
+               .repeat()
+               .random_map(RandomCropFlip(resolution))
+               .batch(batch_size, drop_remainder=True)
+               .to_iter_dataset())
+    if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside main.py use defaults
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                                   per_worker_buffer_size=prefetch_batches))
+    return dataset
+
+
+class ImageLoader:
+    """Iterates per-process numpy batches (images uint8 (B, R, R, 3), labels int32 (B,)), logs the
+    running count of skipped unreadable images, and exposes grain's iterator state."""
+
+    def __init__(self, dataset):
+        self.iterator = iter(dataset)
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        batch = next(self.iterator)
+        skipped = int(batch["skipped"].sum())
+        if skipped:
+            self.skipped += skipped
+            logging.warning("%d unreadable images skipped so far (replaced by the next readable ones)", self.skipped)
+        return batch["image"], batch["label"].astype(np.int32)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+
+def make_loader(config, batch_size: int, class_index_dir: str | None = None) -> ImageLoader:
+    """The loader of this process for config.data, reading its share of a global batch."""
+    import jax
+
+    data = config.data
+    count = jax.process_count()
+    if batch_size % count:
+        raise DataError(f"global batch {batch_size} is not divisible by the {count} processes")
+    source = make_source(data, class_index_dir)
+    dataset = build_dataset(source, batch_size=batch_size // count, resolution=data.resolution, seed=config.seed,
+                            expand_ratio=data.expand_ratio, center_crop=data.center_crop,
+                            shard_index=jax.process_index(), shard_count=count, num_workers=data.num_workers,
+                            prefetch_batches=data.prefetch_batches)
+    return ImageLoader(dataset)
+
+
+def save_loader_state(loader: ImageLoader, directory: str) -> None:
+    """Writes the iterator state with orbax's grain handler (one file per process)."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
+        checkpointer.save(os.path.abspath(directory), args=grain.checkpoint.CheckpointSave(loader.iterator))
+
+
+def restore_loader_state(loader: ImageLoader, directory: str) -> None:
+    import grain
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(directory):
+        raise DataError(f"no data-iterator checkpoint at {directory}")
+    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
+        checkpointer.restore(os.path.abspath(directory), args=grain.checkpoint.CheckpointRestore(loader.iterator))
+
+
+def to_global_batch(images: np.ndarray, labels: np.ndarray, sharding) -> tuple[Any, Any]:
+    """Per-process batches -> global jax.Arrays sharded along the batch dimension by `sharding`
+    (a NamedSharding whose spec's first entry names the mesh's batch axes)."""
+    import jax
+
+    return (jax.make_array_from_process_local_data(sharding, images),
+            jax.make_array_from_process_local_data(sharding, labels))

@@ -1,0 +1,187 @@
+"""Input pipelines: image folders with awkward files, a real (tiny) TFDS dataset, the demo set,
+determinism, iterator checkpoints, per-process shards and global batches."""
+
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from pixelflow_jax.data import (DataError, ImageFolderSource, ImageLoader, TfdsSource, build_dataset, make_source,
+                                restore_loader_state, save_loader_state, to_global_batch)
+from pixelflow_jax.demo_data import DemoSource, classify, demo_image
+
+R = 32
+
+
+def batches(source, n, **kwargs):
+    loader = ImageLoader(build_dataset(source, **{"batch_size": 4, "resolution": R, "seed": 0, **kwargs}))
+    return [next(loader) for _ in range(n)], loader
+
+
+@pytest.fixture(scope="module")
+def awkward_folder(tmp_path_factory):
+    """Two classes; class 'b' holds one image of every awkward kind."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "a")
+    os.makedirs(root / "b")
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(root / "a" / f"{i}.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), np.uint8), "RGBA").save(root / "b" / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (50, 45), np.uint8), "L").save(root / "b" / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), np.uint8), "CMYK").save(root / "b" / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).convert("P").save(root / "b" / "palette.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(root / "b" / "small.png")
+    good = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(good, format="JPEG")
+    (root / "b" / "corrupt.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 3])  # truncated
+    (root / "b" / "notes.txt").write_text("not an image, not listed")
+    return str(root)
+
+
+def test_folder_with_awkward_images(awkward_folder):
+    source = ImageFolderSource(awkward_folder)
+    assert source.classes == ["a", "b"] and len(source) == 9
+    seen, loader = batches(source, 9)  # 36 elements: every image several times
+    for images, labels in seen:
+        assert images.shape == (4, R, R, 3) and images.dtype == np.uint8
+        assert labels.dtype == np.int32 and set(labels) <= {0, 1}
+    assert 1 <= loader.skipped <= 36  # the truncated JPEG was met, skipped and counted each time
+
+
+def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
+    config = type("C", (), {"source": "folder", "root": awkward_folder})
+    make_source(config, class_index_dir=str(tmp_path))
+    written = (tmp_path / "class_index.json").read_text()
+    assert '"b"' in written
+    os.makedirs(os.path.join(awkward_folder, "0_new_class"), exist_ok=True)
+    try:
+        with pytest.raises(DataError, match="0_new_class"):
+            make_source(config, class_index_dir=str(tmp_path))  # ids stay stable: a new class is an error
+    finally:
+        os.rmdir(os.path.join(awkward_folder, "0_new_class"))
+
+
+def test_missing_or_empty_folder_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
+        ImageFolderSource(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty" / "cls")
+    with pytest.raises(DataError, match="no images found in"):
+        ImageFolderSource(str(tmp_path / "empty"))
+
+
+def test_tiny_tfds_dataset_through_the_imagenet_path(tmp_path):
+    import tensorflow_datasets as tfds
+
+    class TinyImagenet(tfds.core.GeneratorBasedBuilder):
+        """A few JPEGs in ImageNet's feature layout, written as ArrayRecord without TensorFlow."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=3)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            rng = np.random.default_rng(1)
+            for i in range(10):
+                encoded = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (40 + i, 36, 3), np.uint8)).save(encoded, format="JPEG")
+                encoded.seek(0)
+                yield i, {"image": encoded, "label": i % 3}
+
+    TinyImagenet(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = type("C", (), {"source": "tfds", "tfds_name": "tiny_imagenet", "split": "train",
+                            "tfds_data_dir": str(tmp_path)})
+    source = make_source(config)
+    assert isinstance(source, TfdsSource) and len(source) == 10
+    (images, labels), = batches(source, 1)[0]
+    assert images.shape == (4, R, R, 3) and set(labels) <= {0, 1, 2}
+    with pytest.raises(DataError, match="tfds build"):
+        TfdsSource("tiny_imagenet", "validation", str(tmp_path))
+
+
+def test_same_seed_same_batches_and_workers_agree():
+    source = DemoSource(24, seed=3)
+    first, _ = batches(source, 8)
+    again, _ = batches(source, 8)
+    with_workers, _ = batches(source, 8, num_workers=2)
+    for (a, la), (b, lb), (c, lc) in zip(first, again, with_workers):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(la, lc)
+    other, _ = batches(source, 1, seed=1)
+    assert not np.array_equal(other[0][0], first[0][0])
+
+
+def test_epochs_reshuffle_and_cover_the_data():
+    source = DemoSource(12, seed=0)
+    seen, _ = batches(source, 6)  # two epochs of 12
+    labels = np.concatenate([l for _, l in seen])
+    assert sorted(labels[:12]) == sorted(np.arange(12) % 10)  # each epoch sees every image once
+    assert sorted(labels[12:]) == sorted(np.arange(12) % 10)
+    assert not np.array_equal(labels[:12], labels[12:])  # in a new order
+
+
+def test_iterator_state_restores_the_exact_next_batches(tmp_path):
+    source = DemoSource(20, seed=0)
+    loader = ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0))
+    for _ in range(3):
+        next(loader)
+    save_loader_state(loader, str(tmp_path / "iterator"))
+    expected = [next(loader) for _ in range(4)]
+    resumed = ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0))
+    restore_loader_state(resumed, str(tmp_path / "iterator"))
+    for (a, la), (b, lb) in zip(expected, [next(resumed) for _ in range(4)]):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+
+
+class IndexSource:
+    """Image i is a flat grey picture labelled i, so a batch's labels say which records it read."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        return {"image": np.full((R, R, 3), index, np.uint8), "label": index}
+
+
+def test_process_shards_are_disjoint_and_cover_the_data():
+    read = []
+    for shard in range(2):
+        seen, _ = batches(IndexSource(), 2, shard_index=shard, shard_count=2)  # one epoch of its 8 records
+        read.append(sorted(int(label) for _, labels in seen for label in labels))
+    assert read[0] == list(range(0, 16, 2)) and read[1] == list(range(1, 16, 2))
+
+
+def test_demo_set_is_deterministic_and_classifiable():
+    a, label_a = demo_image(7, seed=5)
+    b, _ = demo_image(7, seed=5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, demo_image(7, seed=6)[0])
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    labels = [demo_image(i, seed=1)[1] for i in range(300)]
+    predictions = [classify(demo_image(i, seed=1)[0]) for i in range(300)]
+    assert predictions == labels  # the check reads every class back
+    assert classify(np.full((64, 64, 3), 128, np.uint8)) == -1  # no foreground, no class
+
+
+def test_global_batch_is_sharded_over_the_mesh():
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    images = np.arange(len(devices) * 2 * R * R * 3, dtype=np.uint8).reshape(len(devices) * 2, R, R, 3)
+    labels = np.arange(len(devices) * 2, dtype=np.int32)
+    g_images, g_labels = to_global_batch(images, labels, NamedSharding(mesh, P("data")))
+    assert len(devices) == 8  # conftest fakes eight CPU devices
+    assert g_images.shape == images.shape and len(g_images.addressable_shards) == len(devices)
+    np.testing.assert_array_equal(np.asarray(g_images), images)
+    np.testing.assert_array_equal(np.asarray(g_labels), labels)
