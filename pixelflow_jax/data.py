@@ -265,6 +265,12 @@ class ImageLoader:
     def get_state(self) -> dict:
         return self.iterator.get_state()
 
+    def close(self) -> None:
+        """Stops the worker processes (they prefetch until closed)."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
     def set_state(self, state: dict) -> None:
         self.iterator.set_state(state)
 

@@ -185,3 +185,18 @@ def test_global_batch_is_sharded_over_the_mesh():
     assert g_images.shape == images.shape and len(g_images.addressable_shards) == len(devices)
     np.testing.assert_array_equal(np.asarray(g_images), images)
     np.testing.assert_array_equal(np.asarray(g_labels), labels)
+
+
+def test_make_loader_reads_the_configured_demo_set(tmp_path):
+    import configs.c2i as c2i
+    from pixelflow_jax.data import make_loader
+
+    config = c2i.get_config("tiny")
+    config.data.demo_num_images = 40
+    loader = make_loader(config, batch_size=8)
+    images, labels = next(loader)
+    assert images.shape == (8, 64, 64, 3) and labels.dtype == np.int32
+    assert [classify(image) for image in images] == labels.tolist()  # crop+flip keep the class
+    config.data.source = "nonsense"
+    with pytest.raises(DataError, match="unknown config.data.source 'nonsense'"):
+        make_loader(config, batch_size=8)
