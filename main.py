@@ -1,11 +1,12 @@
 """pixelflow-jax entry point (flax/examples style).
 
-    python main.py --config=configs/c2i.py:tiny --workdir=runs/tiny --mode=inspect
+    python main.py --config=configs/c2i.py:demo --workdir=runs/demo          # train (the default mode)
     python main.py --config=configs/c2i.py --workdir=runs/fid --mode=sample \
         --config.sample.checkpoint=checkpoints/pixelflow_xl_c2i
+    python main.py --config=configs/c2i.py:tiny --workdir=runs/tiny --mode=inspect
 
 Settings live in the config file and can be overridden with --config.<field>=<value>.
-Modes available in this version: inspect, sample. (train and eval arrive with their issues.)
+Modes: train, sample, inspect. (eval arrives with its issue.)
 """
 
 import sys
@@ -16,7 +17,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
-flags.DEFINE_enum("mode", "inspect", ["inspect", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect"], "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 FLAGS = flags.FLAGS
@@ -26,7 +27,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    if FLAGS.mode == "inspect":
+    if FLAGS.mode == "train":
+        from pixelflow_jax import train
+        from pixelflow_jax.checkpoint import CheckpointError
+        from pixelflow_jax.data import DataError
+
+        try:
+            train.train(FLAGS.config, FLAGS.workdir)
+        except (CheckpointError, DataError, ValueError, train.TrainingStopped) as e:
+            sys.exit(f"error: {e}")
+    elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
 
         inspect_model.run(FLAGS.config, FLAGS.workdir)

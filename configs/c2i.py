@@ -3,6 +3,7 @@
     --config=configs/c2i.py          PixelFlow-XL/4 as released: 16 heads x 72, depth 28, patch 4,
                                      1000 classes, 4 stages, 256 px (677M parameters)
     --config=configs/c2i.py:tiny     2 heads x 16, depth 2, 64 px: tests and smoke runs on a CPU
+    --config=configs/c2i.py:demo     a small model trained on the built-in demo set on a CPU
 
 Any value can be overridden on the command line, e.g. `--config.model.depth=12`.
 """
@@ -28,6 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         dtype="bfloat16",  # compute dtype (the release trains and samples under bf16 autocast)
         param_dtype="float32",
         attention="xla",
+        remat="none",  # 'full' or 'dots' trade compute for activation memory in training
     ))
     config.scheduler = ml_collections.ConfigDict(dict(num_train_timesteps=1000, num_stages=4))
     # Training data (pixelflow_jax/data.py): full-resolution uint8 images; stages are built on device.
@@ -47,6 +49,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         demo_seed=0,
     ))
 
+    # --mode=train (the default). Optimiser defaults are the release's train.py.
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=256,  # global; divisible by num_stages x devices x grad_accum_steps
+        num_steps=1_600_000,
+        lr=1e-4,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        ema_decay=0.9999,
+        label_dropout=0.1,
+        grad_accum_steps=1,
+        log_every=100,
+        checkpoint_every=5_000,
+        keep_checkpoints=3,
+        preview_every=20_000,  # 0 = no previews
+        preview_num_images=16,
+        preview_steps_per_stage=30,
+        max_bad_steps=20,  # non-finite steps in a row before the run stops
+        init_from="",  # a converted checkpoint to fine-tune from
+    ))
+    config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # batch over data x fsdp; parameters over fsdp
+
     # --mode=sample. The architecture, stages and resolution come from the checkpoint; model.dtype
     # and model.attention above still apply. Defaults reproduce the release's FID run settings
     # (sample_ddp.py: 50k class-balanced images, cfg 2.4); its FID 1.98 used solver='dopri5'.
@@ -65,7 +88,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "tiny":
         config.model.update(num_attention_heads=2, attention_head_dim=16, depth=2, dtype="float32")
         config.data.update(resolution=64, source="demo", num_workers=0)
+        config.train.update(batch_size=8, num_steps=4, log_every=1, checkpoint_every=2, preview_every=0,
+                            preview_steps_per_stage=3)
         config.sample.update(num_images=16, batch_size=8, steps_per_stage=3)
+    elif arg == "demo":
+        # Trains on the built-in demo set on a CPU; see README for time and class agreement.
+        config.model.update(num_attention_heads=3, attention_head_dim=32, depth=4, dtype="float32")
+        config.data.update(resolution=64, source="demo", num_workers=1, demo_num_images=20_000)
+        config.train.update(batch_size=32, num_steps=2_400, lr=5e-4, ema_decay=0.995, log_every=50,
+                            checkpoint_every=400, preview_every=800, preview_num_images=20,
+                            preview_steps_per_stage=10)
+        config.sample.update(num_images=100, batch_size=20, steps_per_stage=10)
     elif arg:
-        raise ValueError(f"unknown c2i config variant {arg!r}; choose '' (XL/4) or 'tiny'")
+        raise ValueError(f"unknown c2i config variant {arg!r}; choose '' (XL/4), 'tiny' or 'demo'")
     return config

@@ -24,6 +24,8 @@ ARCHITECTURE_FIELDS = (
     "cross_attention_dim",
 )
 
+REMAT_POLICIES = ("none", "full", "dots")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -39,6 +41,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"
     attention: str = "xla"  # backend of pixelflow_jax.attention
+    remat: str = "none"  # rematerialise blocks in the backward pass: 'none' | 'full' | 'dots' (keep matmul outputs)
 
     def __post_init__(self):
         for name in ("num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels", "out_channels"):
@@ -48,6 +51,8 @@ class ModelConfig:
             raise ValueError("model.num_classes and model.cross_attention_dim must be >= 0 (0 = unused)")
         if self.attention_head_dim % 4:
             raise ValueError(f"model.attention_head_dim must be a multiple of 4 for 2D RoPE, got {self.attention_head_dim}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")

@@ -257,6 +257,9 @@ class PixelFlow(nnx.Module):
             block = nnx.merge(block_graph, layer_params)
             return block(h, conditioning, rope, encoder_hidden_states, encoder_attention_mask), None
 
+        if cfg.remat != "none":
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+            one_block = jax.checkpoint(one_block, policy=policy)
         x, _ = jax.lax.scan(one_block, x, block_params)
 
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :], 2, axis=-1)

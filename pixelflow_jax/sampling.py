@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients
+from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
 
 SOLVERS = ("euler", "dopri5")
 # The release's stage-wise guidance weights, defined for its 4 stages.
@@ -73,10 +73,6 @@ def stage_guidance(cfg_scale: float, num_stages: int, class_conditional: bool) -
         raise ValueError(f"the release's stage-wise guidance is defined for {len(CLASS_GUIDANCE_STAGE_WEIGHTS)} "
                          f"stages, this model has {num_stages}")
     return [1.0 + (cfg_scale - 1.0) * w for w in CLASS_GUIDANCE_STAGE_WEIGHTS]
-
-
-def stage_resolutions(resolution: int, num_stages: int) -> list[int]:
-    return [resolution // 2 ** (num_stages - 1 - s) for s in range(num_stages)]
 
 
 def block_noise_factor(gamma: float) -> np.ndarray:

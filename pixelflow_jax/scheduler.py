@@ -32,6 +32,11 @@ def renoise_coefficients(original_start_t: float, gamma: float = DEFAULT_GAMMA) 
     return alpha, beta
 
 
+def stage_resolutions(resolution: int, num_stages: int) -> list[int]:
+    """Image side of each stage, smallest first: R / 2^(S-1-s)."""
+    return [resolution // 2 ** (num_stages - 1 - s) for s in range(num_stages)]
+
+
 class PixelFlowScheduler:
     """Tables of the release's scheduler; `set_timesteps` returns the grids instead of storing them."""
 

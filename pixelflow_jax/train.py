@@ -1,0 +1,244 @@
+"""`main.py --mode=train`: the training loop around train_step.py.
+
+    WORKDIR/run_config.json        the architecture this workdir trains (a mismatch is refused)
+    WORKDIR/checkpoints/<step>/    orbax: the train state ('state') and the data iterator ('data')
+    WORKDIR/metrics.jsonl          one JSON object per logged step ({"step", "loss", ...})
+    WORKDIR/previews/step_*.png    EMA samples every preview_every steps
+    WORKDIR/class_index.json       class names -> ids (image-folder data)
+
+A restart resumes from the latest checkpoint (model, EMA, optimiser, step, RNG, data position),
+so the resumed run computes exactly the losses an uninterrupted one would. SIGTERM saves a
+checkpoint before exiting. After train.max_bad_steps non-finite steps in a row the run stops
+without saving: the last good checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from PIL import Image
+
+from pixelflow_jax import flow
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.scheduler import PixelFlowScheduler
+from pixelflow_jax.sharding import batch_sharding, make_mesh
+from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
+                                      train_flops_per_image)
+
+RUN_CONFIG = "run_config.json"
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5": 459e12, "TPU v6 lite": 918e12}
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite losses); the message says what is intact."""
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    matches = [v for k, v in PEAK_FLOPS.items() if kind.startswith(k) or k in kind]
+    return matches[0] if matches else None
+
+
+def check_run_config(workdir: str, model_cfg: ModelConfig, config) -> None:
+    """A workdir trains one architecture; resuming with another would load mismatched weights."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    current = {"architecture": model_cfg.architecture(), "num_stages": config.scheduler.num_stages,
+               "resolution": config.data.resolution}
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != current:
+            raise ValueError(f"{workdir} holds a run of a different model ({previous}); this config asks for "
+                             f"{current}. Use a new --workdir")
+    elif jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2)
+
+
+def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
+    t = config.train
+    stages, devices, accum = config.scheduler.num_stages, mesh.size, t.grad_accum_steps
+    if accum < 1 or t.batch_size % (stages * devices * accum):
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
+                         f"grad_accum_steps = {stages} x {devices} x {accum}")
+    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if not 0 <= t.label_dropout < 1 or not 0 <= t.ema_decay <= 1 or t.lr <= 0:
+        raise ValueError("train.label_dropout must be in [0, 1), train.ema_decay in [0, 1], train.lr > 0")
+    if model_cfg.num_classes < 1:
+        raise ValueError("--mode=train trains class-conditional models (model.num_classes >= 1)")
+    return StepConfig(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
+                      label_dropout=t.label_dropout, grad_accum_steps=accum)
+
+
+def initial_model(config, model_cfg: ModelConfig) -> PixelFlow:
+    if not config.train.init_from:
+        return PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed))
+    from pixelflow_jax.api import load_model
+
+    model, ckpt = load_model(config.train.init_from, dtype=model_cfg.dtype, attention=model_cfg.attention)
+    if ckpt.model.architecture() != model_cfg.architecture():
+        raise ValueError(f"train.init_from {config.train.init_from} has architecture {ckpt.model.architecture()}, "
+                         f"the config asks for {model_cfg.architecture()}")
+    return model
+
+
+def checkpoint_manager(workdir: str, keep: int):
+    import grain
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "data": grain.checkpoint.CheckpointHandler()})
+
+
+def save(manager, step: int, state, loader) -> None:
+    import grain
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=grain.checkpoint.CheckpointSave(loader.iterator)))
+
+
+def restore(manager, step: int, state, shardings, loader):
+    import grain
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             data=grain.checkpoint.CheckpointRestore(loader.iterator)))
+    return restored["state"]
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) plus a readable line on stdout."""
+
+    def __init__(self, workdir: str, resumed_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        if self.enabled and os.path.exists(self.path):  # drop what a crashed run logged past its checkpoint
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
+        mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+        print(f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
+              f"{record['images_per_s']:.1f} img/s{mfu} skipped {record['skipped_steps']}", flush=True)
+
+
+def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int) -> dict:
+    """A grid of EMA samples (class i mod num_classes); on the demo set also its class agreement."""
+    from pixelflow_jax.checkpoint import CheckpointConfig
+    from pixelflow_jax.sample_run import image_grid
+    from pixelflow_jax.sampling import CascadeSampler
+
+    ckpt = CheckpointConfig(model=model_cfg, num_train_timesteps=config.scheduler.num_train_timesteps,
+                            num_stages=config.scheduler.num_stages, resolution=config.data.resolution)
+    sampler = CascadeSampler(nnx.merge(graphdef, ema), ckpt)
+    labels = np.arange(config.train.preview_num_images) % model_cfg.num_classes
+    images = sampler.generate(labels, steps_per_stage=config.train.preview_steps_per_stage,
+                              cfg_scale=config.sample.cfg_scale, seed=config.seed)
+    result = {}
+    if jax.process_index() == 0:
+        folder = os.path.join(workdir, "previews")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(image_grid(images)).save(os.path.join(folder, f"step_{step:07d}.png"))
+    if config.data.source == "demo":
+        from pixelflow_jax.demo_data import classify
+
+        predicted = np.array([classify(image, config.data.demo_num_classes) for image in images])
+        result["preview_class_agreement"] = float((predicted == labels).mean())
+    return result
+
+
+def train(config, workdir: str) -> dict:
+    """Trains to config.train.num_steps (resuming if the workdir has checkpoints); returns the last metrics."""
+    from pixelflow_jax.data import make_loader, to_global_batch
+
+    model_cfg = ModelConfig.from_mapping(config.model)
+    mesh = make_mesh(config.mesh.fsdp)
+    step_cfg = validate(config, model_cfg, mesh)
+    check_run_config(workdir, model_cfg, config)
+    scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
+    tables = flow.StageTables.from_scheduler(scheduler)
+
+    model = initial_model(config, model_cfg)
+    graphdef = nnx.graphdef(model)
+    tx = make_optimizer(step_cfg)
+    state = init_state(model, tx, config.seed)
+    del model  # its arrays now live in `state`
+    shardings = state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
+                                 config.scheduler.num_train_timesteps, mesh, shardings)
+
+    t = config.train
+    loader = make_loader(config, t.batch_size, class_index_dir=workdir)
+    manager = checkpoint_manager(workdir, t.keep_checkpoints)
+    start = manager.latest_step() or 0
+    if start:
+        state = restore(manager, start, state, shardings, loader)
+        logging.info("resumed from %s at step %d", manager.directory, start)
+    log = MetricsLog(workdir, start)
+
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    flops = train_flops_per_image(model_cfg, config.data.resolution, config.scheduler.num_stages)
+    peak = peak_flops(jax.devices()[0])
+    data_sharding = batch_sharding(mesh)
+    record, last_time, last_step = {}, time.perf_counter(), start
+    try:
+        for step in range(start + 1, t.num_steps + 1):
+            images, labels = to_global_batch(*next(loader), data_sharding)
+            state, metrics = train_step(state, images, labels)
+            if step % t.log_every == 0 or step == t.num_steps or stop_requested:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                images_per_s = (step - last_step) * t.batch_size / (now - last_time)
+                last_time, last_step = now, step
+                record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
+                          "lr": t.lr, "images_per_s": images_per_s, "step_time_s": t.batch_size / images_per_s,
+                          "skipped_steps": int(state["skipped_steps"])}
+                if peak:
+                    record["mfu"] = images_per_s * flops / (peak * jax.device_count())
+            # One scalar read per step (it waits for the step): the price of stopping on time.
+            if not bool(metrics["finite"]) and int(state["bad_steps_in_a_row"]) >= t.max_bad_steps:
+                manager.wait_until_finished()
+                raise TrainingStopped(f"{t.max_bad_steps} non-finite steps in a row (train.max_bad_steps); stopped "
+                                      f"at step {step} without saving: the last good checkpoint is step "
+                                      f"{manager.latest_step()}")
+            if t.preview_every and step % t.preview_every == 0:
+                record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step))
+            if record.get("step") == step:
+                log.write(record)
+            if step % t.checkpoint_every == 0 or step == t.num_steps or stop_requested:
+                save(manager, step, state, loader)
+            if stop_requested:
+                logging.warning("SIGTERM: saved step %d, exiting", step)
+                break
+    finally:
+        manager.wait_until_finished()
+        loader.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return record

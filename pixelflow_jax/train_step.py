@@ -1,0 +1,143 @@
+"""The training state and the jit-compiled flow-matching step (the release's train.py, on a mesh).
+
+One step: uint8 images -> [-1, 1]; label dropout; stage-mixed flow-matching inputs (flow.py); the
+model once per stage on dense arrays; per-sample-mean loss; gradients (optionally accumulated over
+micro-batches); global-norm clipping; AdamW; EMA. A step whose loss or gradient norm is not finite
+changes nothing but the counters: the parameters, optimiser state and EMA stay as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pixelflow_jax import flow
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.sharding import batch_sharding, param_shardings, replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Hyper-parameters of the step (defaults: the release's train.py)."""
+
+    lr: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1
+    grad_accum_steps: int = 1
+
+
+def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW, with torch's AdamW arithmetic (eps outside the sqrt)."""
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+
+
+def init_state(model: PixelFlow, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+    """The whole training state as one pytree of arrays (what checkpoints hold)."""
+    # Copies: the step donates its state, which must not free the model's own arrays.
+    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema": jax.tree.map(jnp.copy, params),  # the release starts the EMA as a copy of the model
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+        "bad_steps_in_a_row": jnp.zeros((), jnp.int32),
+        "skipped_steps": jnp.zeros((), jnp.int32),
+    }
+
+
+def state_shardings(state, mesh):
+    """Parameters, EMA and the optimiser's moments split by the FSDP rule (by shape, so the moments
+    follow their parameters); scalars and the RNG key replicated."""
+    shardings = param_shardings(state, mesh)
+    shardings["rng"] = replicated(mesh)
+    return shardings
+
+
+def _loss_and_stage_losses(graphdef, params, stages: list[flow.StageBatch]):
+    model = nnx.merge(graphdef, params)
+    per_sample = [flow.per_sample_losses(model(sb.x_t, sb.timesteps, class_labels=sb.labels), sb.target)
+                  for sb in stages]
+    return jnp.concatenate(per_sample).mean(), jnp.stack([l.mean() for l in per_sample])
+
+
+def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, tx, step_cfg: StepConfig,
+                    resolution: int, num_train_timesteps: int, mesh, state_sharding):
+    """The jitted step: (state, images uint8 (B, R, R, C), labels (B,)) -> (state, metrics)."""
+    num_stages = tables.num_stages
+    accum = step_cfg.grad_accum_steps
+
+    def micro_batch_grads(params, images, labels, key):
+        draws_key, drop_key = jax.random.split(key)
+        batch = images.shape[0]
+        draws = flow.draw(draws_key, batch, resolution, model_cfg.in_channels, num_stages, num_train_timesteps)
+        dropped = jax.random.bernoulli(drop_key, step_cfg.label_dropout, labels.shape)
+        labels = jnp.where(dropped, model_cfg.num_classes, labels)
+        stages = flow.stage_batches(flow.images_to_unit_range(images), labels, draws, tables)
+        grad_fn = jax.value_and_grad(lambda p: _loss_and_stage_losses(graphdef, p, stages), has_aux=True)
+        return grad_fn(params)
+
+    def step(state, images, labels):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        params = state["params"]
+        if accum == 1:
+            (loss, stage_losses), grads = micro_batch_grads(params, images, labels, key)
+        else:
+            shape = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+
+            def accumulate(carry, micro):
+                (loss, stage_losses), grads = micro_batch_grads(params, *micro)
+                return jax.tree.map(jnp.add, carry, (loss, stage_losses, grads)), None
+
+            zero = (jnp.zeros(()), jnp.zeros((num_stages,)), jax.tree.map(jnp.zeros_like, params))
+            micro = (shape(images), shape(labels), jax.random.split(key, accum))
+            (loss, stage_losses, grads), _ = jax.lax.scan(accumulate, zero, micro)
+            loss, stage_losses, grads = jax.tree.map(lambda x: x / accum, (loss, stage_losses, grads))
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        decay = step_cfg.ema_decay
+        new_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], new_params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep_if_bad(new_params, params),
+            "ema": keep_if_bad(new_ema, state["ema"]),
+            "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+            "rng": state["rng"],
+            "bad_steps_in_a_row": jnp.where(finite, 0, state["bad_steps_in_a_row"] + 1),
+            "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   **{f"loss_stage{s}": stage_losses[s] for s in range(num_stages)}}
+        return new_state, metrics
+
+    data = batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(state_sharding, data, data),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+
+
+def train_flops_per_image(model_cfg: ModelConfig, resolution: int, num_stages: int) -> float:
+    """Model FLOPs of one training image (3x forward), averaged over the equally mixed stages."""
+    c, depth = model_cfg.hidden_size, model_cfg.depth
+    total = 0.0
+    for s in range(num_stages):
+        tokens = (resolution // 2 ** (num_stages - 1 - s) // model_cfg.patch_size) ** 2
+        per_layer = 2 * tokens * (4 * c * c + 8 * c * c) + 4 * tokens * tokens * c  # matmuls + attention
+        total += depth * per_layer + 2 * tokens * c * (model_cfg.patch_size**2 * (model_cfg.in_channels
+                                                                                  + model_cfg.out_channels))
+    return 3.0 * total / num_stages

@@ -1,0 +1,184 @@
+"""Training: the release's batch construction and loss, the sharded step, NaN handling, a falling
+loss on the demo set, and resuming after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO
+from pixelflow_jax import PixelFlowScheduler, load_model
+from pixelflow_jax.demo_data import demo_image
+from pixelflow_jax.flow import Draws, StageTables, per_sample_losses, stage_batches
+from pixelflow_jax.train_step import StepConfig, init_state, make_optimizer, make_train_step, state_shardings
+from test_model_parity import relative_error
+
+NUM_STAGES, PATCH = 4, 4
+
+
+def pack(x):
+    """(b, r, r, c) NHWC -> the release's packed (b h w, c ph pw) tokens."""
+    b, r, _, c = x.shape
+    h = r // PATCH
+    return np.asarray(x).reshape(b, h, PATCH, h, PATCH, c).transpose(0, 1, 3, 5, 2, 4).reshape(b * h * h, -1)
+
+
+def packed(per_stage):
+    """The release packs the full-resolution stage first."""
+    return np.concatenate([pack(x) for x in reversed(per_stage)])
+
+
+@pytest.fixture(scope="module")
+def collate(golden):
+    g = golden["c2i_tiny"]
+    noise = tuple(g[f"collate_noise_loop{NUM_STAGES - 1 - s}"].transpose(0, 2, 3, 1) for s in range(NUM_STAGES))
+    draws = Draws(g["collate_stage_indices"], g["collate_timestep_idx"], noise)
+    stages = stage_batches(g["collate_images"].transpose(0, 2, 3, 1), g["collate_labels"], draws,
+                           StageTables.from_scheduler(PixelFlowScheduler()))
+    return g, stages
+
+
+def test_batch_construction_replays_the_release(collate):
+    g, stages = collate
+    assert relative_error(packed([s.x_t for s in stages]), g["collate_out_pixel_values"]) <= 1e-5
+    assert relative_error(packed([s.target for s in stages]), g["collate_out_target_values"]) <= 1e-5
+    order = lambda key: np.concatenate([np.asarray(getattr(s, key)) for s in reversed(stages)])
+    np.testing.assert_allclose(order("timesteps"), g["collate_out_timesteps"], rtol=1e-6)
+    np.testing.assert_array_equal(order("labels"), g["collate_out_input_ids"])
+
+
+def test_training_forward_and_loss_replay_the_release(collate, converted):
+    g, stages = collate
+    model, _ = load_model(converted["c2i_tiny"])
+    outputs = [model(s.x_t, s.timesteps, class_labels=s.labels) for s in stages]
+    assert relative_error(packed(outputs), g["train_fwd_out"]) <= 1e-4
+    loss = float(np.concatenate([per_sample_losses(o, s.target) for o, s in zip(outputs, stages)]).mean())
+    assert abs(loss - float(g["train_loss"])) <= 1e-4 * float(g["train_loss"])
+
+
+def demo_batch(start, size=8):
+    pairs = [demo_image(i, resolution=64) for i in range(start, start + size)]
+    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
+
+
+def build(converted, mesh, **step_options):
+    model, config = load_model(converted["c2i_tiny"])
+    step_cfg = StepConfig(**step_options)
+    tx = make_optimizer(step_cfg)
+    state = init_state(model, tx, seed=0)
+    shardings = state_shardings(state, mesh)
+    step = make_train_step(config.model, nnx.graphdef(model), StageTables.from_scheduler(PixelFlowScheduler()), tx,
+                           step_cfg, 64, 1000, mesh, shardings)
+    return jax.device_put(state, shardings), step
+
+
+def mesh_of(devices, fsdp):
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((len(devices) // fsdp, fsdp), ("data", "fsdp"), devices=devices, axis_types=(auto, auto))
+
+
+@pytest.fixture(scope="module")
+def single_device(converted):
+    return build(converted, mesh_of(jax.devices()[:1], 1), lr=1e-3)
+
+
+def test_eight_device_step_equals_single_device(converted, single_device):
+    assert jax.device_count() == 8
+    state_one, step_one = single_device
+    state_one = jax.tree.map(lambda x: x.copy(), state_one)  # the fixture's state stays usable
+    state_eight, step_eight = build(converted, mesh_of(jax.devices(), 2), lr=1e-3)
+    assert state_eight["params"]["transformer_blocks"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, None, "fsdp")
+    images, labels = demo_batch(0)
+    state_one, m_one = step_one(state_one, images, labels)
+    state_eight, m_eight = step_eight(state_eight, images, labels)
+    assert abs(float(m_one["loss"]) - float(m_eight["loss"])) <= 1e-5 * float(m_one["loss"])
+    assert abs(float(m_one["grad_norm"]) - float(m_eight["grad_norm"])) <= 1e-5 * float(m_one["grad_norm"])
+    one = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state_one["params"])])
+    eight = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state_eight["params"])])
+    assert relative_error(eight, one) <= 1e-5
+
+
+def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
+    state, step = single_device
+    state = jax.tree.map(lambda x: x.copy(), state)
+    losses = []
+    for i in range(30):
+        images, labels = demo_batch(8 * (i % 6))
+        if i == 10:
+            before = jax.tree.map(np.asarray, state["params"])
+            poisoned = images.astype(np.float32) / 127.5 - 1
+            poisoned[3, 5, 5, 1] = np.nan
+            state, metrics = step(state, poisoned, labels)
+            assert not bool(metrics["finite"])
+            assert int(state["skipped_steps"]) == 1 and int(state["bad_steps_in_a_row"]) == 1
+            for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
+                np.testing.assert_array_equal(a, np.asarray(b))  # the update was skipped
+            continue
+        state, metrics = step(state, images, labels)
+        assert bool(metrics["finite"])
+        losses.append(float(metrics["loss"]))
+    assert int(state["bad_steps_in_a_row"]) == 0 and int(state["skipped_steps"]) == 1
+    assert int(state["step"]) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def run_training(workdir, *overrides, wait=True):
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+               "--config.train.num_steps=40", "--config.train.checkpoint_every=10", *overrides]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    return process
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_kill_9_and_resume_gives_the_uninterrupted_losses(tmp_path):
+    reference = str(tmp_path / "reference")
+    run_training(reference)
+    interrupted = str(tmp_path / "interrupted")
+    process = run_training(interrupted, wait=False)
+    first_checkpoint = os.path.join(interrupted, "checkpoints", "10")
+    deadline = time.time() + 300
+    while not os.path.isdir(first_checkpoint) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert max(losses(interrupted)) < 40, "the run finished before it could be killed"
+    run_training(interrupted)
+    expected, resumed = losses(reference), losses(interrupted)
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(1, 41):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.batch_size=6", "must be divisible by num_stages x devices"),
+    ("--config.train.lr=-1", "train.lr > 0"),
+])
+def test_bad_training_config_fails_clearly(tmp_path, override, message):
+    process = run_training(str(tmp_path / "run"), override, wait=False)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0 and message in err and "Traceback" not in err, err
+
+
+def test_workdir_of_another_architecture_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "run_config.json").write_text(json.dumps({"architecture": {"depth": 28}}))
+    process = run_training(str(workdir), wait=False)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0 and "different model" in err and "new --workdir" in err, err
