@@ -18,6 +18,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.p
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect"], "What to run.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: for runs on several hosts "
+                  "(auto-detected on Cloud TPU pods and SLURM/Open MPI clusters).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 FLAGS = flags.FLAGS
@@ -27,6 +29,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    if FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
     if FLAGS.mode == "train":
         from pixelflow_jax import train
         from pixelflow_jax.checkpoint import CheckpointError

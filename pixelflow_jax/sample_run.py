@@ -18,7 +18,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx

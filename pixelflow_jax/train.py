@@ -20,7 +20,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -80,6 +79,9 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
         raise ValueError("train.label_dropout must be in [0, 1), train.ema_decay in [0, 1], train.lr > 0")
     if model_cfg.num_classes < 1:
         raise ValueError("--mode=train trains class-conditional models (model.num_classes >= 1)")
+    if config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
+        raise ValueError(f"model.num_classes ({model_cfg.num_classes}) must equal data.demo_num_classes "
+                         f"({config.data.demo_num_classes}): previews sample every class of the model")
     return StepConfig(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
                       label_dropout=t.label_dropout, grad_accum_steps=accum)
 
@@ -125,29 +127,47 @@ def restore(manager, step: int, state, shardings, loader):
 
 
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) plus a readable line on stdout."""
+    """metrics.jsonl (one object per logged step), TensorBoard events (WORKDIR/tensorboard) and a
+    readable line on stdout; process 0 only."""
 
     def __init__(self, workdir: str, resumed_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
-        if self.enabled and os.path.exists(self.path):  # drop what a crashed run logged past its checkpoint
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):  # drop what a crashed run logged past its checkpoint
             with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
+
+    def image(self, name: str, image: np.ndarray, step: int) -> None:
+        if self.enabled:
+            self.tensorboard.add_image(name, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name != "step":
+                self.tensorboard.add_scalar(name, value, record["step"])
+        self.tensorboard.flush()
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
         mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
         print(f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
               f"{record['images_per_s']:.1f} img/s{mfu} skipped {record['skipped_steps']}", flush=True)
 
 
-def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int) -> dict:
+def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog) -> dict:
     """A grid of EMA samples (class i mod num_classes); on the demo set also its class agreement."""
     from pixelflow_jax.checkpoint import CheckpointConfig
     from pixelflow_jax.sample_run import image_grid
@@ -163,7 +183,9 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int) -> 
     if jax.process_index() == 0:
         folder = os.path.join(workdir, "previews")
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(image_grid(images)).save(os.path.join(folder, f"step_{step:07d}.png"))
+        grid = image_grid(images)
+        Image.fromarray(grid).save(os.path.join(folder, f"step_{step:07d}.png"))
+        log.image("preview", grid, step)
     if config.data.source == "demo":
         from pixelflow_jax.demo_data import classify
 
@@ -229,7 +251,9 @@ def train(config, workdir: str) -> dict:
                                       f"at step {step} without saving: the last good checkpoint is step "
                                       f"{manager.latest_step()}")
             if t.preview_every and step % t.preview_every == 0:
-                record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step))
+                preview_start = time.perf_counter()
+                record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log))
+                last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 log.write(record)
             if step % t.checkpoint_every == 0 or step == t.num_steps or stop_requested:
@@ -240,5 +264,6 @@ def train(config, workdir: str) -> dict:
     finally:
         manager.wait_until_finished()
         loader.close()
+        log.close()
         signal.signal(signal.SIGTERM, previous_handler)
     return record

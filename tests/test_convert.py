@@ -4,7 +4,6 @@ import argparse
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import yaml

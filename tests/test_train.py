@@ -168,6 +168,7 @@ def test_kill_9_and_resume_gives_the_uninterrupted_losses(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("--config.train.batch_size=6", "must be divisible by num_stages x devices"),
     ("--config.train.lr=-1", "train.lr > 0"),
+    ("--config.model.num_classes=1000", "must equal data.demo_num_classes"),
 ])
 def test_bad_training_config_fails_clearly(tmp_path, override, message):
     process = run_training(str(tmp_path / "run"), override, wait=False)

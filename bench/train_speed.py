@@ -1,0 +1,96 @@
+"""Training throughput of the jitted step: images/s, peak device memory and MFU, on synthetic
+uint8 batches (no data loader), for PixelFlow-XL/4 with random (non-zero) weights.
+
+    python bench/train_speed.py --batch=32 --remat=dots     # XL/4, bf16, all devices
+    python bench/train_speed.py --preset=tiny --batch=8      # a CPU dry run of the script itself
+
+Compare with ANCHORS.md (H200): the release trains at 31.0 img/s (batch 24, 128 GB); a plain JAX
+block stack reached ~55 img/s. Target: >= 70 img/s on one H200 within 80 GB. Needs only jax,
+flax, optax, numpy (no grain, TFDS or ml_collections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from pixelflow_jax import PixelFlowScheduler  # noqa: E402
+from pixelflow_jax.flow import StageTables  # noqa: E402
+from pixelflow_jax.sharding import make_mesh  # noqa: E402
+from pixelflow_jax.train import peak_flops  # noqa: E402
+from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
+                                      state_shardings, train_flops_per_image)
+from sample_speed import PRESETS, random_model  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="xl")
+    parser.add_argument("--batch", type=int, default=32, help="global batch")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--attention", default="xla")
+    parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+
+    base, resolution = PRESETS[args.preset]
+    cfg = dataclasses.replace(base, dtype=args.dtype, remat=args.remat, attention=args.attention)
+    scheduler = PixelFlowScheduler()
+    model = random_model(cfg)
+    graphdef = nnx.graphdef(model)
+    step_cfg = StepConfig()
+    tx = make_optimizer(step_cfg)
+    mesh = make_mesh(args.fsdp)
+    state = init_state(model, tx, seed=0)
+    del model
+    shardings = state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    step = make_train_step(cfg, graphdef, StageTables.from_scheduler(scheduler), tx, step_cfg, resolution,
+                           scheduler.num_train_timesteps, mesh, shardings)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch, resolution, resolution, 3), dtype=np.uint8)
+    labels = rng.integers(0, cfg.num_classes, args.batch).astype(np.int32)
+    start = time.perf_counter()
+    state, metrics = step(state, images, labels)
+    jax.block_until_ready(state)
+    first_call = time.perf_counter() - start
+    assert bool(metrics["finite"]), "the first step is not finite: not timing a broken step"
+
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, images, labels)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    images_per_s = args.batch / seconds
+    flops = train_flops_per_image(cfg, resolution, scheduler.num_stages)
+    peak = peak_flops(jax.devices()[0])
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+
+    print(json.dumps(dict(
+        preset=args.preset, batch=args.batch, dtype=args.dtype, remat=args.remat, attention=args.attention,
+        fsdp=args.fsdp, devices=jax.device_count(), first_call_s=first_call, step_s=seconds,
+        images_per_s=images_per_s, tflops_per_s=images_per_s * flops / 1e12,
+        mfu=images_per_s * flops / (peak * jax.device_count()) if peak else None,
+        peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9 or None, last_loss=float(metrics["loss"]),
+        device=str(jax.devices()[0].device_kind), jax=jax.__version__, flax=flax.__version__,
+    ), indent=2))
+
+
+if __name__ == "__main__":
+    main()
