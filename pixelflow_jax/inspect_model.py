@@ -15,6 +15,7 @@ from flax import nnx
 
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.scheduler import stage_resolutions
 
 
 def parameter_counts(model: PixelFlow) -> dict[str, int]:
@@ -40,8 +41,7 @@ def run(config, workdir: str) -> dict:
     num_stages, resolution = config.scheduler.num_stages, config.data.resolution
     rng = np.random.default_rng(config.seed)
     stages = []
-    for stage in range(num_stages):
-        size = resolution // 2 ** (num_stages - 1 - stage)
+    for stage, size in enumerate(stage_resolutions(resolution, num_stages)):
         images = jnp.asarray(rng.standard_normal((2, size, size, model_cfg.in_channels)), jnp.float32)
         timesteps = jnp.asarray(rng.uniform(0, config.scheduler.num_train_timesteps, 2), jnp.float32)
         labels = jnp.zeros((2,), jnp.int32) if model_cfg.num_classes else None

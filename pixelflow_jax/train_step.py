@@ -19,6 +19,7 @@ from flax import nnx
 from pixelflow_jax import flow
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.scheduler import stage_resolutions
 from pixelflow_jax.sharding import batch_sharding, param_shardings, replicated
 
 
@@ -135,8 +136,8 @@ def train_flops_per_image(model_cfg: ModelConfig, resolution: int, num_stages: i
     """Model FLOPs of one training image (3x forward), averaged over the equally mixed stages."""
     c, depth = model_cfg.hidden_size, model_cfg.depth
     total = 0.0
-    for s in range(num_stages):
-        tokens = (resolution // 2 ** (num_stages - 1 - s) // model_cfg.patch_size) ** 2
+    for size in stage_resolutions(resolution, num_stages):
+        tokens = (size // model_cfg.patch_size) ** 2
         per_layer = 2 * tokens * (4 * c * c + 8 * c * c) + 4 * tokens * tokens * c  # matmuls + attention
         total += depth * per_layer + 2 * tokens * c * (model_cfg.patch_size**2 * (model_cfg.in_channels
                                                                                   + model_cfg.out_channels))
