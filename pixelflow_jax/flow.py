@@ -62,6 +62,7 @@ def downsample_2x(x: jax.Array) -> jax.Array:
 
 
 def upsample_2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour x2 of (B, H, W, C): each pixel becomes a 2x2 block."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixelflow_jax.flow import upsample_2x
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
 
@@ -106,10 +107,6 @@ def draw_noise(key: jax.Array, image_ids: jax.Array, resolution: int, num_stages
 draw_noise_jit = jax.jit(draw_noise, static_argnums=(2, 3, 4, 5))
 
 
-def upsample_nearest(x: jax.Array) -> jax.Array:
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 def to_uint8(latents: jax.Array) -> jax.Array:
     """The release's output mapping: round(255 * clip(x / 2 + 0.5, 0, 1))."""
     return jnp.round(255.0 * jnp.clip(latents / 2.0 + 0.5, 0.0, 1.0)).astype(jnp.uint8)
@@ -189,7 +186,7 @@ def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, guidance:
     def program(state, x, noise, cond, uncond, schedule):
         model = nnx.merge(graphdef, state)
         if renoise:
-            x = alpha * upsample_nearest(x) + beta * noise
+            x = alpha * upsample_2x(x) + beta * noise
         velocity = lambda x, timestep: guided_velocity(model, x, timestep, cond, uncond, guidance)
         if solver == "euler":
             return _euler(velocity, x, *schedule)
