@@ -20,9 +20,24 @@ flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect"], "What to run.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: for runs on several hosts "
                   "(auto-detected on Cloud TPU pods and SLURM/Open MPI clusters).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed where jax cannot detect the cluster: "
+                    "host:port of process 0 (and --num_processes, --process_id).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 FLAGS = flags.FLAGS
+
+
+def start_distributed():
+    import jax
+
+    # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
+    # ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
@@ -30,9 +45,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     if FLAGS.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        start_distributed()
     if FLAGS.mode == "train":
         from pixelflow_jax import train
         from pixelflow_jax.checkpoint import CheckpointError

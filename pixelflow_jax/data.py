@@ -7,10 +7,12 @@ loader only decodes and augments. The data path, top to bottom:
   -> DecodedSource               decode to RGB, resize the shorter side to round(R * 1.125) with
                                  Lanczos (or the ADM centre crop); an unreadable image is replaced
                                  by the next readable one and counted
-  -> [process_index::process_count] shard, shuffle (reshuffled every epoch), repeat forever
-  -> random crop R + random horizontal flip (seeded per element)
-  -> batch (per-process) -> worker processes + prefetch
-  -> ImageLoader: numpy batches, skip count, iterator state for checkpoints
+  -> shuffle (one global order, the same in every process; reshuffled every epoch), repeat forever
+  -> random crop R + random horizontal flip (seeded by the element's global position)
+  -> chunks of batch/process_count; process i keeps chunk i of every global batch, from global
+     batch `start_batch` on (a resumed run starts at its step)
+  -> worker processes + prefetch
+  -> ImageLoader: numpy batches, skip count
   -> to_global_batch: one jax.Array sharded over the mesh's batch axes
 
 grain and TFDS are imported lazily: the model, sampler and train step do not need them.
@@ -217,21 +219,33 @@ class RandomCropFlip:
 
 
 def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand_ratio: float = 1.125,
-                  center_crop: bool = False, shard_index: int = 0, shard_count: int = 1, num_workers: int = 0,
-                  prefetch_batches: int = 2):
-    """The grain IterDataset of per-process batches {'image': uint8 (B, R, R, 3), 'label': int32 (B,),
-    'skipped': int32 (B,)}; infinite, reshuffled every epoch, deterministic for a seed."""
+                  center_crop: bool = False, process_index: int = 0, process_count: int = 1, start_batch: int = 0,
+                  num_workers: int = 0, prefetch_batches: int = 2):
+    """The grain IterDataset of this process's share of each global batch of `batch_size` images:
+    {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)} with
+    b = batch_size / process_count. Infinite, reshuffled every epoch, deterministic for a seed.
+
+    Every process computes the same global order and takes rows [i*b, (i+1)*b) of each global
+    batch, and the crop/flip randomness is keyed by an image's global position, so the global
+    batches do not depend on how many processes read them (one host with 8 devices trains on what
+    two hosts with 4 each train on). The iterator starts at global batch `start_batch`: a resumed
+    run passes its step, so its position needs no checkpoint of its own and a checkpoint resumes
+    with any number of processes.
+    """
     import grain
 
-    if len(source) < shard_count:
-        raise DataError(f"the dataset has {len(source)} images, fewer than the {shard_count} processes reading it")
+    if batch_size % process_count:
+        raise DataError(f"global batch {batch_size} is not divisible by the {process_count} processes")
     decoded = DecodedSource(source, resolution, expand_ratio, center_crop)
-    dataset = (grain.MapDataset.source(decoded)[shard_index::shard_count]
-               .seed(seed * 1_000_003 + shard_index)
+    per_process = batch_size // process_count
+    dataset = (grain.MapDataset.source(decoded)
+               .seed(seed)
                .shuffle()
                .repeat()
                .random_map(RandomCropFlip(resolution))
-               .batch(batch_size, drop_remainder=True)
+               .batch(per_process, drop_remainder=True)  # chunk k*count + i is process i's part of batch k
+               [process_index::process_count]
+               [start_batch:]
                .to_iter_dataset())
     if num_workers > 0:
         from absl import flags
@@ -244,8 +258,8 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
 
 
 class ImageLoader:
-    """Iterates per-process numpy batches (images uint8 (B, R, R, 3), labels int32 (B,)), logs the
-    running count of skipped unreadable images, and exposes grain's iterator state."""
+    """Iterates per-process numpy batches (images uint8 (B, R, R, 3), labels int32 (B,)) and logs
+    the running count of skipped unreadable images."""
 
     def __init__(self, dataset):
         self.iterator = iter(dataset)
@@ -262,52 +276,25 @@ class ImageLoader:
             logging.warning("%d unreadable images skipped so far (replaced by the next readable ones)", self.skipped)
         return batch["image"], batch["label"].astype(np.int32)
 
-    def get_state(self) -> dict:
-        return self.iterator.get_state()
-
     def close(self) -> None:
         """Stops the worker processes (they prefetch until closed)."""
         close = getattr(self.iterator, "close", None)
         if close is not None:
             close()
 
-    def set_state(self, state: dict) -> None:
-        self.iterator.set_state(state)
 
-
-def make_loader(config, batch_size: int, class_index_dir: str | None = None) -> ImageLoader:
-    """The loader of this process for config.data, reading its share of a global batch."""
+def make_loader(config, batch_size: int, class_index_dir: str | None = None, start_batch: int = 0) -> ImageLoader:
+    """The loader of this process for config.data, reading its share of each global batch from
+    global batch `start_batch` on."""
     import jax
 
     data = config.data
-    count = jax.process_count()
-    if batch_size % count:
-        raise DataError(f"global batch {batch_size} is not divisible by the {count} processes")
     source = make_source(data, class_index_dir)
-    dataset = build_dataset(source, batch_size=batch_size // count, resolution=data.resolution, seed=config.seed,
+    dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
-                            shard_index=jax.process_index(), shard_count=count, num_workers=data.num_workers,
-                            prefetch_batches=data.prefetch_batches)
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches)
     return ImageLoader(dataset)
-
-
-def save_loader_state(loader: ImageLoader, directory: str) -> None:
-    """Writes the iterator state with orbax's grain handler (one file per process)."""
-    import grain
-    import orbax.checkpoint as ocp
-
-    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
-        checkpointer.save(os.path.abspath(directory), args=grain.checkpoint.CheckpointSave(loader.iterator))
-
-
-def restore_loader_state(loader: ImageLoader, directory: str) -> None:
-    import grain
-    import orbax.checkpoint as ocp
-
-    if not os.path.isdir(directory):
-        raise DataError(f"no data-iterator checkpoint at {directory}")
-    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as checkpointer:
-        checkpointer.restore(os.path.abspath(directory), args=grain.checkpoint.CheckpointRestore(loader.iterator))
 
 
 def to_global_batch(images: np.ndarray, labels: np.ndarray, sharding) -> tuple[Any, Any]:

@@ -68,7 +68,7 @@ class SamplingOptions:
 
 
 def stage_guidance(cfg_scale: float, num_stages: int, class_conditional: bool) -> list[float]:
-    if not class_conditional:
+    if not class_conditional or cfg_scale == 1.0:  # cfg 1 = no guidance, for any number of stages
         return [float(cfg_scale)] * num_stages
     if num_stages != len(CLASS_GUIDANCE_STAGE_WEIGHTS):
         raise ValueError(f"the release's stage-wise guidance is defined for {len(CLASS_GUIDANCE_STAGE_WEIGHTS)} "

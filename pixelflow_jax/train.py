@@ -1,14 +1,15 @@
 """`main.py --mode=train`: the training loop around train_step.py.
 
     WORKDIR/run_config.json        the architecture this workdir trains (a mismatch is refused)
-    WORKDIR/checkpoints/<step>/    orbax: the train state ('state') and the data iterator ('data')
+    WORKDIR/checkpoints/<step>/    orbax: the train state (model, EMA, optimiser, step, RNG); the data
+                                   position is the step (one global batch per step)
     WORKDIR/metrics.jsonl          one JSON object per logged step ({"step", "loss", ...})
     WORKDIR/previews/step_*.png    EMA samples every preview_every steps
     WORKDIR/class_index.json       class names -> ids (image-folder data)
 
 A restart resumes from the latest checkpoint (model, EMA, optimiser, step, RNG, data position),
-so the resumed run computes exactly the losses an uninterrupted one would. SIGTERM saves a
-checkpoint before exiting. After train.max_bad_steps non-finite steps in a row the run stops
+with any number of processes, so the resumed run computes exactly the losses an uninterrupted one
+would. SIGTERM saves a checkpoint before exiting. After train.max_bad_steps non-finite steps in a row the run stops
 without saving: the last good checkpoint stays the latest.
 """
 
@@ -28,6 +29,7 @@ from PIL import Image
 from pixelflow_jax import flow
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.sampling import CLASS_GUIDANCE_STAGE_WEIGHTS, CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
@@ -77,6 +79,11 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not 0 <= t.label_dropout < 1 or not 0 <= t.ema_decay <= 1 or t.lr <= 0:
         raise ValueError("train.label_dropout must be in [0, 1), train.ema_decay in [0, 1], train.lr > 0")
+    stage_weights = len(CLASS_GUIDANCE_STAGE_WEIGHTS)
+    if t.preview_every and config.sample.cfg_scale != 1 and config.scheduler.num_stages != stage_weights:
+        raise ValueError(f"previews use the release's stage-wise guidance, defined for {stage_weights} stages "
+                         f"(scheduler.num_stages is {config.scheduler.num_stages}): set sample.cfg_scale=1 or "
+                         "train.preview_every=0")
     if model_cfg.num_classes < 1:
         raise ValueError("--mode=train trains class-conditional models (model.num_classes >= 1)")
     if config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
@@ -86,44 +93,65 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
                       label_dropout=t.label_dropout, grad_accum_steps=accum)
 
 
-def initial_model(config, model_cfg: ModelConfig) -> PixelFlow:
-    if not config.train.init_from:
-        return PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed))
-    from pixelflow_jax.api import load_model
+def initial_state(config, model_cfg: ModelConfig, tx, mesh):
+    """(graphdef, train state placed in its shardings, the shardings). A new model is initialised
+    by one compiled program straight into its shardings: no full copy on one device, and no
+    hundreds of small eager ops (slow with several processes)."""
+    if config.train.init_from:
+        from pixelflow_jax.api import load_model
 
-    model, ckpt = load_model(config.train.init_from, dtype=model_cfg.dtype, attention=model_cfg.attention)
-    if ckpt.model.architecture() != model_cfg.architecture():
-        raise ValueError(f"train.init_from {config.train.init_from} has architecture {ckpt.model.architecture()}, "
-                         f"the config asks for {model_cfg.architecture()}")
-    return model
+        model, ckpt = load_model(config.train.init_from, dtype=model_cfg.dtype, attention=model_cfg.attention)
+        if ckpt.model.architecture() != model_cfg.architecture():
+            raise ValueError(f"train.init_from {config.train.init_from} has architecture "
+                             f"{ckpt.model.architecture()}, the config asks for {model_cfg.architecture()}")
+        state = init_state(model, tx, config.seed)
+        shardings = state_shardings(state, mesh)
+        return nnx.graphdef(model), jax.device_put(state, shardings), shardings
+
+    def create():
+        return init_state(PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed)), tx, config.seed)
+
+    shardings = state_shardings(jax.eval_shape(create), mesh)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed))))
+    return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
 
 
 def checkpoint_manager(workdir: str, keep: int):
-    import grain
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                "data": grain.checkpoint.CheckpointHandler()})
+                                 item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
-def save(manager, step: int, state, loader) -> None:
-    import grain
+def save(manager, step: int, state) -> None:
     import orbax.checkpoint as ocp
 
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=grain.checkpoint.CheckpointSave(loader.iterator)))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
 
-def restore(manager, step: int, state, shardings, loader):
-    import grain
+def restore(manager, step: int, state, shardings):
+    """The state saved at `step`, placed in `shardings` (whatever the process count that saved it)."""
     import orbax.checkpoint as ocp
 
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             data=grain.checkpoint.CheckpointRestore(loader.iterator)))
-    return restored["state"]
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+    is installed, only to accept torch tensors, and that import costs seconds at every start."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsLog:
@@ -140,9 +168,7 @@ class MetricsLog:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
-        from tensorboardX import SummaryWriter
-
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
+        self.tensorboard = summary_writer_class()(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
 
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
@@ -171,7 +197,6 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
     """A grid of EMA samples (class i mod num_classes); on the demo set also its class agreement."""
     from pixelflow_jax.checkpoint import CheckpointConfig
     from pixelflow_jax.sample_run import image_grid
-    from pixelflow_jax.sampling import CascadeSampler
 
     ckpt = CheckpointConfig(model=model_cfg, num_train_timesteps=config.scheduler.num_train_timesteps,
                             num_stages=config.scheduler.num_stages, resolution=config.data.resolution)
@@ -205,23 +230,19 @@ def train(config, workdir: str) -> dict:
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
 
-    model = initial_model(config, model_cfg)
-    graphdef = nnx.graphdef(model)
     tx = make_optimizer(step_cfg)
-    state = init_state(model, tx, config.seed)
-    del model  # its arrays now live in `state`
-    shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
+    graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh)
     train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
                                  config.scheduler.num_train_timesteps, mesh, shardings)
 
     t = config.train
-    loader = make_loader(config, t.batch_size, class_index_dir=workdir)
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
     start = manager.latest_step() or 0
     if start:
-        state = restore(manager, start, state, shardings, loader)
+        state = restore(manager, start, state, shardings)
         logging.info("resumed from %s at step %d", manager.directory, start)
+    # One global batch per step: the data position is the step, whatever the number of processes.
+    loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start)
     log = MetricsLog(workdir, start)
 
     stop_requested = []
@@ -234,7 +255,9 @@ def train(config, workdir: str) -> dict:
         for step in range(start + 1, t.num_steps + 1):
             images, labels = to_global_batch(*next(loader), data_sharding)
             state, metrics = train_step(state, images, labels)
-            if step % t.log_every == 0 or step == t.num_steps or stop_requested:
+            preview_due = bool(t.preview_every) and step % t.preview_every == 0
+            # Preview steps are logged too, so their class agreement has a record to go in.
+            if step % t.log_every == 0 or step == t.num_steps or stop_requested or preview_due:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
                 images_per_s = (step - last_step) * t.batch_size / (now - last_time)
@@ -250,14 +273,14 @@ def train(config, workdir: str) -> dict:
                 raise TrainingStopped(f"{t.max_bad_steps} non-finite steps in a row (train.max_bad_steps); stopped "
                                       f"at step {step} without saving: the last good checkpoint is step "
                                       f"{manager.latest_step()}")
-            if t.preview_every and step % t.preview_every == 0:
+            if preview_due:
                 preview_start = time.perf_counter()
                 record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log))
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 log.write(record)
             if step % t.checkpoint_every == 0 or step == t.num_steps or stop_requested:
-                save(manager, step, state, loader)
+                save(manager, step, state)
             if stop_requested:
                 logging.warning("SIGTERM: saved step %d, exiting", step)
                 break

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from pixelflow_jax.data import (DataError, ImageFolderSource, ImageLoader, TfdsSource, build_dataset, make_source,
-                                restore_loader_state, save_loader_state, to_global_batch)
+                                to_global_batch)
 from pixelflow_jax.demo_data import DemoSource, classify, demo_image
 
 R = 32
@@ -131,36 +131,41 @@ def test_epochs_reshuffle_and_cover_the_data():
     assert not np.array_equal(labels[:12], labels[12:])  # in a new order
 
 
-def test_iterator_state_restores_the_exact_next_batches(tmp_path):
+def test_a_loader_started_at_batch_k_reads_what_batch_k_onwards_were():
     source = DemoSource(20, seed=0)
-    loader = ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0))
-    for _ in range(3):
-        next(loader)
-    save_loader_state(loader, str(tmp_path / "iterator"))
-    expected = [next(loader) for _ in range(4)]
-    resumed = ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0))
-    restore_loader_state(resumed, str(tmp_path / "iterator"))
-    for (a, la), (b, lb) in zip(expected, [next(resumed) for _ in range(4)]):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(la, lb)
+    uninterrupted, _ = batches(source, 7)  # crosses an epoch (5 batches of 4)
+    for process_count in (1, 2):  # a resumed run may have another number of processes
+        resumed = [batches(source, 4, start_batch=3, process_index=i, process_count=process_count)[0]
+                   for i in range(process_count)]
+        for step, (images, labels) in enumerate(uninterrupted[3:]):
+            np.testing.assert_array_equal(np.concatenate([r[step][0] for r in resumed]), images)
+            np.testing.assert_array_equal(np.concatenate([r[step][1] for r in resumed]), labels)
 
 
 class IndexSource:
-    """Image i is a flat grey picture labelled i, so a batch's labels say which records it read."""
+    """Image i is labelled i, so a batch's labels say which records it read; its pixels are a ramp,
+    so crops and flips show."""
 
     def __len__(self):
         return 16
 
     def __getitem__(self, index):
-        return {"image": np.full((R, R, 3), index, np.uint8), "label": index}
+        y, x = np.mgrid[:R + 8, :R + 8]
+        ramp = (7 * index + 3 * x + y) % 256
+        return {"image": np.repeat(ramp[..., None], 3, axis=2).astype(np.uint8), "label": index}
 
 
-def test_process_shards_are_disjoint_and_cover_the_data():
-    read = []
-    for shard in range(2):
-        seen, _ = batches(IndexSource(), 2, shard_index=shard, shard_count=2)  # one epoch of its 8 records
-        read.append(sorted(int(label) for _, labels in seen for label in labels))
-    assert read[0] == list(range(0, 16, 2)) and read[1] == list(range(1, 16, 2))
+def test_processes_read_disjoint_rows_of_the_same_global_batches():
+    one_process, _ = batches(IndexSource(), 6, batch_size=8)  # three epochs of 16
+    parts = [batches(IndexSource(), 6, batch_size=8, process_index=i, process_count=2)[0] for i in range(2)]
+    for step, (images, labels) in enumerate(one_process):
+        # Process i holds rows [4i, 4i+4) of every global batch, crops and flips included.
+        np.testing.assert_array_equal(np.concatenate([p[step][1] for p in parts]), labels)
+        np.testing.assert_array_equal(np.concatenate([p[step][0] for p in parts]), images)
+    read = np.concatenate([labels for _, labels in one_process[:2]])
+    assert sorted(read.tolist()) == list(range(16))  # an epoch covers the data once
+    with pytest.raises(DataError, match="global batch 8 is not divisible by the 3 processes"):
+        batches(IndexSource(), 1, batch_size=8, process_count=3)
 
 
 def test_demo_set_is_deterministic_and_classifiable():

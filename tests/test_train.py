@@ -3,6 +3,7 @@ loss on the demo set, and resuming after kill -9."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,10 +131,12 @@ def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def run_training(workdir, *overrides, wait=True):
+def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=True):
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
                "--config.train.num_steps=40", "--config.train.checkpoint_every=10", *overrides]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    if not compilation_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         out, err = process.communicate(timeout=600)
@@ -165,13 +168,57 @@ def test_kill_9_and_resume_gives_the_uninterrupted_losses(tmp_path):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_continue_a_one_process_run_with_the_same_losses(tmp_path):
+    """One process with 8 CPU devices trains 6 steps; two processes with 4 each (gloo collectives)
+    resume its step-3 checkpoint and must compute the same losses for steps 4..6, with an EMA preview
+    on FSDP-sharded weights on the way. Covers per-process data rows, restoring a checkpoint with
+    another process count, multi-process saving and sampling."""
+    settings = ["--config.train.batch_size=32", "--config.mesh.fsdp=2", "--config.scheduler.num_stages=2",
+                "--config.train.num_steps=6", "--config.train.checkpoint_every=3"]  # 2 stages: compiles faster
+    reference = tmp_path / "one_process"
+    run_training(str(reference), *settings, devices=8)
+
+    two = tmp_path / "two_processes"
+    (two / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference / "run_config.json", two)
+    shutil.copytree(reference / "checkpoints" / "3", two / "checkpoints" / "3")
+    address = f"localhost:{free_port()}"
+    # Without the persistent cache: only process 0 writes it, so process 0 could load a program that
+    # process 1 still compiles, and gloo gives up waiting for a peer after 30 s.
+    processes = [run_training(str(two), *settings, "--config.train.log_every=4", "--config.train.preview_every=5",
+                              "--config.train.preview_num_images=4", "--config.sample.cfg_scale=1", "--distributed",
+                              f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+                              wait=False, devices=4, compilation_cache=False) for i in range(2)]
+    errors = [process.communicate(timeout=600)[1] for process in processes]
+    for process, err in zip(processes, errors):
+        assert process.returncode == 0, err[-5000:]
+
+    expected, got = losses(reference), losses(two)
+    assert sorted(got) == [4, 5, 6]  # log_every 4, the preview step 5 and the last step
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    with open(two / "metrics.jsonl") as f:
+        assert "preview_class_agreement" in {r["step"]: r for r in map(json.loads, f)}[5]
+    assert os.listdir(two / "previews") == ["step_0000005.png"]
+    assert os.path.isdir(two / "checkpoints" / "6")
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.train.batch_size=6", "must be divisible by num_stages x devices"),
     ("--config.train.lr=-1", "train.lr > 0"),
     ("--config.model.num_classes=1000", "must equal data.demo_num_classes"),
+    ("--config.scheduler.num_stages=2 --config.train.preview_every=2", "set sample.cfg_scale=1 or train.preview_every=0"),
 ])
 def test_bad_training_config_fails_clearly(tmp_path, override, message):
-    process = run_training(str(tmp_path / "run"), override, wait=False)
+    process = run_training(str(tmp_path / "run"), *override.split(), wait=False)
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0 and message in err and "Traceback" not in err, err
 
