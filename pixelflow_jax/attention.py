@@ -1,12 +1,22 @@
 """One attention function for the whole model, with interchangeable backends.
 
 Layout is (batch, length, heads, head_dim) in and out; the softmax scale is 1/sqrt(head_dim);
-attention is never causal. Only the 'xla' reference backend exists so far; faster kernels
-(cuDNN, Pallas, TPU splash) register here behind the same signature.
+attention is never causal; an optional key mask (B, Lk) marks real keys with 1.
+
+    xla      the reference: einsums and a float32 softmax; every platform
+    cudnn    jax.nn.dot_product_attention(implementation='cudnn'); NVIDIA GPUs, bf16/fp16 inputs
+    splash   Pallas splash attention (splash_attention.py); TPUs; lengths that are multiples of
+             128 (shorter stages fall back to xla)
+    auto     the fastest measured choice for the platform, dtype and lengths (AUTO below)
+
+Kernels that cannot run on the current platform raise an error naming the platform and the
+alternatives. `interpret_kernels()` runs the Pallas kernels in interpret mode on any platform
+(the CPU tests use it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -28,7 +38,61 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla_attention}
+def _cudnn_attention(q, k, v, key_mask):
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention backend 'cudnn' takes bfloat16 or float16 inputs, got {q.dtype}: set "
+                         "model.dtype='bfloat16' or use attention 'auto' / 'xla'")
+    mask = None if key_mask is None else (key_mask > 0)[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def _splash_attention(q, k, v, key_mask):
+    from pixelflow_jax.splash_attention import splash_attention, supports
+
+    if not supports(q.shape[1], k.shape[1]):  # e.g. the 64-token first stage
+        return _xla_attention(q, k, v, key_mask)
+    return splash_attention(q, k, v, key_mask, interpret=_interpret[0])
+
+
+BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla_attention, "cudnn": _cudnn_attention,
+                                                 "splash": _splash_attention}
+PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu",)}  # kernels that need hardware (or interpret mode)
+
+# 'auto': per platform, from measurements (16 heads x 72, bf16, forward+backward TFLOP/s):
+#   gpu (H200, shared/ANCHORS.md): cuDNN 300 / 223 / 110 at B8x4096 / B32x1024 / B128x256, against
+#       XLA 93 / 80 / 56 and the bundled Pallas mha 75 / 62 / 48 -> cudnn for bf16/fp16 inputs
+#       (cuDNN takes no float32; XLA then).
+#   tpu: splash for lengths that are multiples of 128, XLA below (not yet measured on a TPU).
+#   cpu: XLA.
+AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
+_interpret = [False]
+
+
+@contextlib.contextmanager
+def interpret_kernels():
+    """Runs Pallas kernels in interpret mode (any platform, slow): for tests and debugging."""
+    _interpret[0] = True
+    try:
+        yield
+    finally:
+        _interpret[0] = False
+
+
+def resolve_backend(backend: str, dtype) -> str:
+    """The backend that `backend` means on this platform ('auto' resolved), or a clear error."""
+    platform = jax.default_backend()
+    if backend == "auto":
+        choice = AUTO.get(platform, "xla")
+        if choice == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            choice = "xla"
+        return choice
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; available: {sorted(BACKENDS) + ['auto']}")
+    needs = PLATFORMS.get(backend)
+    if needs and platform not in needs and not (backend == "splash" and _interpret[0]):
+        raise ValueError(f"attention backend {backend!r} runs on {'/'.join(needs)}, and this run's platform is "
+                         f"{platform}: use 'auto' or 'xla'")
+    return backend
 
 
 def dot_product_attention(
@@ -48,8 +112,4 @@ def dot_product_attention(
         raise ValueError(f"attention expects q (B, Lq, H, D) and k, v (B, Lk, H, D); got {q.shape}, {k.shape}, {v.shape}")
     if key_mask is not None and key_mask.shape != k.shape[:2]:
         raise ValueError(f"key_mask must have shape (B, Lk) = {k.shape[:2]}, got {key_mask.shape}")
-    try:
-        kernel = BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {backend!r}; available: {sorted(BACKENDS)}") from None
-    return kernel(q, k, v, key_mask)
+    return BACKENDS[resolve_backend(backend, q.dtype)](q, k, v, key_mask)

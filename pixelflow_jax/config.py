@@ -25,6 +25,7 @@ ARCHITECTURE_FIELDS = (
 )
 
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")  # pixelflow_jax.attention (test_attention checks they agree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class ModelConfig:
     cross_attention_dim: int = 0  # 0: no cross-attention; else the text encoder's width (t2i)
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"
-    attention: str = "xla"  # backend of pixelflow_jax.attention
+    attention: str = "xla"  # backend of pixelflow_jax.attention: xla | cudnn | splash | auto
     remat: str = "none"  # rematerialise blocks in the backward pass: 'none' | 'full' | 'dots' (keep matmul outputs)
 
     def __post_init__(self):
@@ -51,6 +52,8 @@ class ModelConfig:
             raise ValueError("model.num_classes and model.cross_attention_dim must be >= 0 (0 = unused)")
         if self.attention_head_dim % 4:
             raise ValueError(f"model.attention_head_dim must be a multiple of 4 for 2D RoPE, got {self.attention_head_dim}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("dtype", "param_dtype"):

@@ -1,9 +1,11 @@
-"""The attention function against a float64 numpy reference."""
+"""The attention function against a float64 numpy reference, and every kernel against 'xla'."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelflow_jax.attention import dot_product_attention
+from pixelflow_jax.attention import dot_product_attention, interpret_kernels, resolve_backend
 
 
 def reference_attention(q, k, v, key_mask=None):
@@ -42,3 +44,61 @@ def test_bad_arguments():
         dot_product_attention(q, q, q, backend="flash")
     with pytest.raises(ValueError, match="key_mask must have shape"):
         dot_product_attention(q, q, q, key_mask=np.ones((1, 3)))
+
+
+# ---------------------------------------------------------------------------- kernels vs xla
+
+
+def random_qkv(batch, q_len, kv_len, heads=2, head_dim=72, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = lambda length: (batch, length, heads, head_dim)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape(n)), dtype) for n in (q_len, kv_len, kv_len))
+    mask = jnp.asarray(rng.random((batch, kv_len)) < 0.7, jnp.float32).at[:, 0].set(1.0)
+    return q, k, v, mask
+
+
+def value_and_grads(backend, q, k, v, mask):
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, key_mask=mask, backend=backend).astype(jnp.float32)
+        return jnp.sum(out * jnp.cos(out)), out  # a nonlinear loss, so every gradient term matters
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("lengths,with_mask", [((128, 128), False), ((256, 128), True), ((64, 64), False)])
+def test_splash_equals_xla_on_an_eight_device_mesh(dtype, tolerance, lengths, with_mask):
+    """Forward and gradients through the splash kernel (interpret mode), batch sharded over a
+    (4, 2) mesh by shard_map; 64 tokens take the XLA path as on a TPU."""
+    q, k, v, mask = random_qkv(8, *lengths, dtype=dtype)
+    mask = mask if with_mask else None
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    expected, expected_grads = value_and_grads("xla", q, k, v, mask)
+    with interpret_kernels(), jax.set_mesh(mesh):
+        got, grads = value_and_grads("splash", q, k, v, mask)
+    assert relative_error(got, expected) <= tolerance
+    for g, e in zip(grads, expected_grads):
+        assert relative_error(g, e) <= tolerance
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_hardware_kernels_are_refused_on_cpu_with_the_alternatives():
+    q = jnp.zeros((1, 128, 2, 8), jnp.bfloat16)
+    for backend, hardware in (("cudnn", "gpu"), ("splash", "tpu")):
+        with pytest.raises(ValueError, match=f"'{backend}' runs on {hardware}.*platform is cpu: use 'auto' or 'xla'"):
+            dot_product_attention(q, q, q, backend=backend)
+    assert resolve_backend("auto", jnp.bfloat16) == "xla"
+
+
+def test_model_config_accepts_exactly_the_backends():
+    from pixelflow_jax.attention import BACKENDS
+    from pixelflow_jax.config import ATTENTION_BACKENDS, ModelConfig
+
+    assert set(ATTENTION_BACKENDS) == set(BACKENDS) | {"auto"}
+    with pytest.raises(ValueError, match="model.attention must be one of"):
+        ModelConfig(attention="flash")

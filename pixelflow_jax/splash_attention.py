@@ -1,0 +1,70 @@
+"""TPU splash attention (Pallas Mosaic) for PixelFlow's shapes, behind attention.dot_product_attention.
+
+The kernel works per example on (heads, length, head_dim); this wrapper vmaps it over the batch,
+pre-scales q (the kernel does not scale), pads head_dim to a multiple of 128 with zeros (zero
+columns add nothing to q k^T, and the padded output columns are dropped), turns a key mask into
+segment ids (query id 1, real keys 1, padding 0) and, when a mesh is in context (`jax.set_mesh`),
+runs inside `jax.shard_map` with the batch split over every mesh axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+LANES = 128  # TPU vector width: kernel blocks and head_dim are multiples of it
+BLOCK_CHOICES = (512, 256, 128)
+
+
+def supports(q_len: int, kv_len: int) -> bool:
+    """Splash needs both lengths to be multiples of 128; shorter stages (64 tokens) go to XLA."""
+    return q_len % LANES == 0 and kv_len % LANES == 0
+
+
+def _block(length: int) -> int:
+    return next(b for b in BLOCK_CHOICES if length % b == 0)
+
+
+def _per_device(q, k, v, key_mask, *, interpret: bool):
+    """q: (B, H, Lq, Dp), k/v: (B, H, Lk, Dp) already scaled and padded; key_mask: (B, Lk) or None."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    heads, q_len, kv_len = q.shape[1], q.shape[2], k.shape[2]
+    bq, bkv = _block(q_len), _block(kv_len)
+    blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                               block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    mask = splash.MultiHeadMask([splash.FullMask((q_len, kv_len))] * heads)
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    if key_mask is None:
+        return jax.vmap(kernel)(q, k, v)
+
+    def one_example(q, k, v, keys):
+        ids = splash.SegmentIds(q=jnp.ones((q_len,), jnp.int32), kv=(keys > 0).astype(jnp.int32))
+        return kernel(q, k, v, segment_ids=ids)
+
+    return jax.vmap(one_example)(q, k, v, key_mask)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, *,
+                     interpret: bool = False) -> jax.Array:
+    """(B, Lq, H, D) attention like attention._xla_attention, on the splash kernel."""
+    head_dim = q.shape[-1]
+    padded = -(-head_dim // LANES) * LANES
+    pad = [(0, 0)] * 3 + [(0, padded - head_dim)]
+    to_kernel = lambda t: jnp.pad(t, pad).transpose(0, 2, 1, 3)  # (B, H, L, Dp)
+    q = (q * (1.0 / math.sqrt(head_dim))).astype(q.dtype)
+    q, k, v = to_kernel(q), to_kernel(k), to_kernel(v)
+
+    def local(q, k, v, key_mask):
+        return _per_device(q, k, v, key_mask, interpret=interpret)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and q.shape[0] % mesh.size == 0:
+        batch = P(mesh.axis_names)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, None if key_mask is None else batch),
+                              out_specs=batch, check_vma=False)
+    out = local(q, k, v, key_mask)
+    return out.transpose(0, 2, 1, 3)[..., :head_dim]
