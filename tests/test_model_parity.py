@@ -93,3 +93,18 @@ def test_wrong_inputs_get_clear_errors(models, golden):
         models["c2i_tiny"](images[:, :6, :6], g["fwd_0_t"], class_labels=g["fwd_0_y"])
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         models["t2i_tiny"](images, g["fwd_0_t"])
+
+
+@pytest.mark.parametrize("name", ["c2i_tiny", "t2i_tiny"])
+def test_splash_backend_forward_matches_release(converted, golden, name):
+    """The last stage (256 tokens) through the splash kernel (interpret mode, batch split over a
+    2 x 2 mesh); t2i's 6 text keys take the XLA path, as on a TPU."""
+    from pixelflow_jax.attention import interpret_kernels
+
+    g = golden[name]
+    model, _ = load_model(converted[name], attention="splash")
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((2, 2), ("data", "fsdp"), devices=jax.devices()[:4], axis_types=(auto, auto))
+    with interpret_kernels(), jax.set_mesh(mesh):
+        out = forward(model, g, 3)
+    assert relative_error(out, g["fwd_3_out"]) <= PARITY_RTOL
