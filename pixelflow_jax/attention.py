@@ -38,8 +38,11 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's fused attention takes no float32
+
+
 def _cudnn_attention(q, k, v, key_mask):
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
+    if q.dtype not in CUDNN_DTYPES:
         raise ValueError(f"attention backend 'cudnn' takes bfloat16 or float16 inputs, got {q.dtype}: set "
                          "model.dtype='bfloat16' or use attention 'auto' / 'xla'")
     mask = None if key_mask is None else (key_mask > 0)[:, None, None, :]
@@ -60,8 +63,8 @@ PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu",)}  # kernels that need hardwar
 
 # 'auto': per platform, from measurements (16 heads x 72, bf16, forward+backward TFLOP/s):
 #   gpu (H200, shared/ANCHORS.md): cuDNN 300 / 223 / 110 at B8x4096 / B32x1024 / B128x256, against
-#       XLA 93 / 80 / 56 and the bundled Pallas mha 75 / 62 / 48 -> cudnn for bf16/fp16 inputs
-#       (cuDNN takes no float32; XLA then).
+#       XLA 93 / 80 / 56 and the bundled Pallas mha 75 / 62 / 48 -> cudnn for bf16/fp16 inputs,
+#       XLA for float32.
 #   tpu: splash for lengths that are multiples of 128, XLA below (not yet measured on a TPU).
 #   cpu: XLA.
 AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
@@ -83,7 +86,7 @@ def resolve_backend(backend: str, dtype) -> str:
     platform = jax.default_backend()
     if backend == "auto":
         choice = AUTO.get(platform, "xla")
-        if choice == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        if choice == "cudnn" and jnp.dtype(dtype) not in CUDNN_DTYPES:
             choice = "xla"
         return choice
     if backend not in BACKENDS:

@@ -9,8 +9,8 @@
 
 A restart resumes from the latest checkpoint (model, EMA, optimiser, step, RNG, data position),
 with any number of processes, so the resumed run computes exactly the losses an uninterrupted one
-would. SIGTERM saves a checkpoint before exiting. After train.max_bad_steps non-finite steps in a row the run stops
-without saving: the last good checkpoint stays the latest.
+would. SIGTERM saves a checkpoint before exiting. After train.max_bad_steps non-finite steps in a
+row the run stops without saving: the last good checkpoint stays the latest.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image
 from pixelflow_jax import flow
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.sampling import CLASS_GUIDANCE_STAGE_WEIGHTS, CascadeSampler
+from pixelflow_jax.sampling import CascadeSampler, stage_guidance
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
@@ -79,11 +79,11 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not 0 <= t.label_dropout < 1 or not 0 <= t.ema_decay <= 1 or t.lr <= 0:
         raise ValueError("train.label_dropout must be in [0, 1), train.ema_decay in [0, 1], train.lr > 0")
-    stage_weights = len(CLASS_GUIDANCE_STAGE_WEIGHTS)
-    if t.preview_every and config.sample.cfg_scale != 1 and config.scheduler.num_stages != stage_weights:
-        raise ValueError(f"previews use the release's stage-wise guidance, defined for {stage_weights} stages "
-                         f"(scheduler.num_stages is {config.scheduler.num_stages}): set sample.cfg_scale=1 or "
-                         "train.preview_every=0")
+    if t.preview_every:  # fail now rather than at the first preview
+        try:
+            stage_guidance(config.sample.cfg_scale, config.scheduler.num_stages, class_conditional=True)
+        except ValueError as e:
+            raise ValueError(f"previews: {e}: set sample.cfg_scale=1 or train.preview_every=0") from None
     if model_cfg.num_classes < 1:
         raise ValueError("--mode=train trains class-conditional models (model.num_classes >= 1)")
     if config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
