@@ -5,13 +5,16 @@ attention is never causal; an optional key mask (B, Lk) marks real keys with 1.
 
     xla      the reference: einsums and a float32 softmax; every platform
     cudnn    jax.nn.dot_product_attention(implementation='cudnn'); NVIDIA GPUs, bf16/fp16 inputs
+    pallas_gpu  our Pallas (Triton) flash attention (pallas_gpu_attention.py); NVIDIA GPUs;
+             lengths that are multiples of 16 (others fall back to xla)
     splash   Pallas splash attention (splash_attention.py); TPUs; lengths that are multiples of
              128 (shorter stages fall back to xla)
     auto     the fastest measured choice for the platform, dtype and lengths (AUTO below)
 
 Kernels that cannot run on the current platform raise an error naming the platform and the
 alternatives. `interpret_kernels()` runs the Pallas kernels in interpret mode on any platform
-(the CPU tests use it).
+(the CPU tests use it). The Pallas kernels run per device on its share of the batch when a mesh
+is in context (`jax.set_mesh`, as training and sampling do).
 """
 
 from __future__ import annotations
@@ -49,6 +52,16 @@ def _cudnn_attention(q, k, v, key_mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
 
+def _pallas_gpu_attention(q, k, v, key_mask):
+    from pixelflow_jax.pallas_gpu_attention import flash_attention, supports
+    from pixelflow_jax.sharding import map_over_batch_shards
+
+    if not supports(q.shape[1], k.shape[1]):  # e.g. the tiny fixture's 6 text tokens
+        return _xla_attention(q, k, v, key_mask)
+    kernel = lambda q, k, v, key_mask: flash_attention(q, k, v, key_mask, interpret=_interpret[0])
+    return map_over_batch_shards(kernel, q, k, v, key_mask)
+
+
 def _splash_attention(q, k, v, key_mask):
     from pixelflow_jax.splash_attention import splash_attention, supports
 
@@ -58,8 +71,9 @@ def _splash_attention(q, k, v, key_mask):
 
 
 BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla_attention, "cudnn": _cudnn_attention,
-                                                 "splash": _splash_attention}
-PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu",)}  # kernels that need hardware (or interpret mode)
+                                                 "pallas_gpu": _pallas_gpu_attention, "splash": _splash_attention}
+PLATFORMS = {"cudnn": ("gpu",), "pallas_gpu": ("gpu",), "splash": ("tpu",)}  # need hardware (Pallas: or interpret)
+PALLAS_BACKENDS = ("pallas_gpu", "splash")
 
 # 'auto': per platform, from measurements (16 heads x 72, bf16, forward+backward TFLOP/s):
 #   gpu (H200, shared/ANCHORS.md): cuDNN 300 / 223 / 110 at B8x4096 / B32x1024 / B128x256, against
@@ -92,7 +106,7 @@ def resolve_backend(backend: str, dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {sorted(BACKENDS) + ['auto']}")
     needs = PLATFORMS.get(backend)
-    if needs and platform not in needs and not (backend == "splash" and _interpret[0]):
+    if needs and platform not in needs and not (backend in PALLAS_BACKENDS and _interpret[0]):
         raise ValueError(f"attention backend {backend!r} runs on {'/'.join(needs)}, and this run's platform is "
                          f"{platform}: use 'auto' or 'xla'")
     return backend

@@ -25,7 +25,8 @@ ARCHITECTURE_FIELDS = (
 )
 
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")  # pixelflow_jax.attention (test_attention checks they agree)
+# pixelflow_jax.attention's backends (test_attention checks they agree)
+ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)

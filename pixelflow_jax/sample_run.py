@@ -145,20 +145,22 @@ def sample_batches(model, ckpt, options, labels, missing, folder, batch_size, se
     sampler = CascadeSampler(model, ckpt)
     key = jax.random.key(seed)
     start, done = time.perf_counter(), 0
-    for first in range(0, len(missing), batch_size):
-        ids = missing[first:first + batch_size]
-        num_valid = len(ids)
-        ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
-        cond, uncond = class_conditioning(labels[ids], model.config.num_classes)
-        cond, uncond = (jax.tree.map(lambda a: global_array(np.asarray(a), batch_sharding), c) for c in (cond, uncond))
-        initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution, ckpt.num_stages,
-                                         model.config.in_channels, sampler.scheduler.gamma)
-        images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))
-        write_local_images(folder, images, ids, num_valid)
-        done += num_valid
-        rate = done / (time.perf_counter() - start)
-        logging.info("sampled %d/%d missing images, %.2f img/s, about %.0f s left", done, len(missing), rate,
-                     (len(missing) - done) / rate)
+    with jax.set_mesh(mesh):  # Pallas attention kernels split the batch over it (map_over_batch_shards)
+        for first in range(0, len(missing), batch_size):
+            ids = missing[first:first + batch_size]
+            num_valid = len(ids)
+            ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
+            cond, uncond = class_conditioning(labels[ids], model.config.num_classes)
+            cond, uncond = (jax.tree.map(lambda a: global_array(np.asarray(a), batch_sharding), c)
+                            for c in (cond, uncond))
+            initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution,
+                                             ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
+            images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))
+            write_local_images(folder, images, ids, num_valid)
+            done += num_valid
+            rate = done / (time.perf_counter() - start)
+            logging.info("sampled %d/%d missing images, %.2f img/s, about %.0f s left", done, len(missing), rate,
+                         (len(missing) - done) / rate)
 
 
 def finish(folder: str, workdir: str, num_images: int) -> None:

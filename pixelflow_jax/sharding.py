@@ -45,6 +45,21 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> P:
     return P(*spec)
 
 
+def map_over_batch_shards(fn, *arrays):
+    """fn(*arrays) run on each device's share of the batch (axis 0 of every array; None passes
+    through) of the context mesh (`jax.set_mesh`), or once on the whole batch without one.
+
+    Pallas kernels are opaque to XLA's partitioner, which would gather a sharded batch onto every
+    device to call them; inside shard_map each device calls the kernel on its own examples.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or arrays[0].shape[0] % mesh.size:
+        return fn(*arrays)
+    batch = P(mesh.axis_names)
+    specs = tuple(None if a is None else batch for a in arrays)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)(*arrays)
+
+
 def param_shardings(params, mesh: Mesh):
     """NamedShardings for a nested parameter dict (stacked block parameters sit under
     'transformer_blocks' with a leading layer axis)."""

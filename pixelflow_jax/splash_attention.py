@@ -3,17 +3,19 @@
 The kernel works per example on (heads, length, head_dim); this wrapper vmaps it over the batch,
 pre-scales q (the kernel does not scale), pads head_dim to a multiple of 128 with zeros (zero
 columns add nothing to q k^T, and the padded output columns are dropped), turns a key mask into
-segment ids (query id 1, real keys 1, padding 0) and, when a mesh is in context (`jax.set_mesh`),
-runs inside `jax.shard_map` with the batch split over every mesh axis.
+segment ids (query id 1, real keys 1, padding 0) and runs on each device's share of the batch
+(sharding.map_over_batch_shards).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+
+from pixelflow_jax.sharding import map_over_batch_shards
 
 LANES = 128  # TPU vector width: kernel blocks and head_dim are multiples of it
 BLOCK_CHOICES = (512, 256, 128)
@@ -58,13 +60,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     q = (q * (1.0 / math.sqrt(head_dim))).astype(q.dtype)
     q, k, v = to_kernel(q), to_kernel(k), to_kernel(v)
 
-    def local(q, k, v, key_mask):
-        return _per_device(q, k, v, key_mask, interpret=interpret)
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and q.shape[0] % mesh.size == 0:
-        batch = P(mesh.axis_names)
-        local = jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, None if key_mask is None else batch),
-                              out_specs=batch, check_vma=False)
-    out = local(q, k, v, key_mask)
+    local = functools.partial(_per_device, interpret=interpret)
+    out = map_over_batch_shards(local, q, k, v, key_mask)
     return out.transpose(0, 2, 1, 3)[..., :head_dim]

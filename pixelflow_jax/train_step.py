@@ -127,8 +127,13 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
                    **{f"loss_stage{s}": stage_losses[s] for s in range(num_stages)}}
         return new_state, metrics
 
+    def step_on_mesh(state, images, labels):
+        # Pallas attention kernels split the batch over the mesh in context (map_over_batch_shards).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, images, labels)
+
     data = batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(state_sharding, data, data),
+    return jax.jit(step_on_mesh, in_shardings=(state_sharding, data, data),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
 
 

@@ -82,6 +82,71 @@ def test_splash_equals_xla_on_an_eight_device_mesh(dtype, tolerance, lengths, wi
         assert relative_error(g, e) <= tolerance
 
 
+PALLAS_GPU_CASES = [  # (batch, (query, key) lengths, key mask): every XL/4 stage, text cross-attention
+    (2, (64, 64), False), (2, (256, 256), True), (1, (1024, 1024), False), (1, (4096, 4096), True),
+    (2, (256, 512), True), (2, (128, 48), True)]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch,lengths,with_mask", PALLAS_GPU_CASES)
+def test_pallas_gpu_equals_xla(dtype, tolerance, batch, lengths, with_mask):
+    """Our Triton flash attention (interpret mode) at head_dim 72 (64 + 16-column chunks)."""
+    q, k, v, mask = random_qkv(batch, *lengths, dtype=dtype)
+    mask = mask if with_mask else None
+    expected, expected_grads = value_and_grads("xla", q, k, v, mask)
+    with interpret_kernels():
+        got, grads = value_and_grads("pallas_gpu", q, k, v, mask)
+    assert relative_error(got, expected) <= tolerance
+    for g, e in zip(grads, expected_grads):
+        assert relative_error(g, e) <= tolerance
+
+
+def test_pallas_gpu_runs_on_each_devices_share_of_the_batch():
+    """On a mesh the kernel sits inside shard_map (XLA cannot partition a Pallas call), head_dim 40
+    = 32 + 16 columns with 8 masked, and still equals xla."""
+    q, k, v, mask = random_qkv(8, 128, 64, head_dim=40, dtype=jnp.bfloat16)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    expected, expected_grads = value_and_grads("xla", q, k, v, mask)
+    with interpret_kernels(), jax.set_mesh(mesh):
+        got, grads = value_and_grads("pallas_gpu", q, k, v, mask)
+        jaxpr = str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, backend="pallas_gpu"))(q))
+    assert "shard_map" in jaxpr
+    assert relative_error(got, expected) <= 2e-2
+    for g, e in zip(grads, expected_grads):
+        assert relative_error(g, e) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_pallas_gpu_lowers_to_triton_for_cuda(dtype):
+    """Cross-platform lowering (no GPU needed) runs Pallas's Triton lowering, which refuses what
+    interpret mode accepts (non-power-of-two tiles, a load's `other` without a mask, ...): the
+    forward and both backward kernels must come out as Triton calls. The abstract H100 tells the
+    lowering which GPU to target (jax 0.11 asks; 0.10 does not need it)."""
+    from pixelflow_jax.pallas_gpu_attention import flash_attention
+
+    def grads(q, k, v, mask):
+        loss = lambda q, k, v: flash_attention(q, k, v, mask).astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    q = jax.ShapeDtypeStruct((2, 256, 4, 72), dtype)
+    k = jax.ShapeDtypeStruct((2, 512, 4, 72), dtype)
+    mask = jax.ShapeDtypeStruct((2, 512), jnp.float32)
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100)):
+        hlo = jax.jit(grads).trace(q, k, k, mask).lower(lowering_platforms=("cuda",)).as_text()
+    for kernel in ("pixelflow_flash_forward", "pixelflow_flash_backward_dkdv", "pixelflow_flash_backward_dq"):
+        assert kernel in hlo
+
+
+def test_head_dim_chunks_are_powers_of_two_of_at_least_16():
+    from pixelflow_jax.pallas_gpu_attention import head_chunks
+
+    assert head_chunks(72) == ((0, 64, 64), (64, 16, 8))
+    assert head_chunks(64) == ((0, 64, 64),)
+    assert head_chunks(8) == ((0, 16, 8),)
+    assert head_chunks(100) == ((0, 64, 64), (64, 32, 32), (96, 16, 4))
+
+
 def relative_error(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -89,7 +154,7 @@ def relative_error(a, b):
 
 def test_hardware_kernels_are_refused_on_cpu_with_the_alternatives():
     q = jnp.zeros((1, 128, 2, 8), jnp.bfloat16)
-    for backend, hardware in (("cudnn", "gpu"), ("splash", "tpu")):
+    for backend, hardware in (("cudnn", "gpu"), ("pallas_gpu", "gpu"), ("splash", "tpu")):
         with pytest.raises(ValueError, match=f"'{backend}' runs on {hardware}.*platform is cpu: use 'auto' or 'xla'"):
             dot_product_attention(q, q, q, backend=backend)
     assert resolve_backend("auto", jnp.bfloat16) == "xla"
