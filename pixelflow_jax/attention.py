@@ -13,8 +13,8 @@ attention is never causal; an optional key mask (B, Lk) marks real keys with 1.
 
 Kernels that cannot run on the current platform raise an error naming the platform and the
 alternatives. `interpret_kernels()` runs the Pallas kernels in interpret mode on any platform
-(the CPU tests use it). The Pallas kernels run per device on its share of the batch when a mesh
-is in context (`jax.set_mesh`, as training and sampling do).
+(the CPU tests use it). The Pallas kernels run per device on its share of the batch and heads
+when a mesh is in context (`jax.set_mesh`, as training and sampling do).
 """
 
 from __future__ import annotations
@@ -54,20 +54,22 @@ def _cudnn_attention(q, k, v, key_mask):
 
 def _pallas_gpu_attention(q, k, v, key_mask):
     from pixelflow_jax.pallas_gpu_attention import flash_attention, supports
-    from pixelflow_jax.sharding import map_over_batch_shards
+    from pixelflow_jax.sharding import map_attention_over_mesh
 
     if not supports(q.shape[1], k.shape[1]):  # e.g. the tiny fixture's 6 text tokens
         return _xla_attention(q, k, v, key_mask)
     kernel = lambda q, k, v, key_mask: flash_attention(q, k, v, key_mask, interpret=_interpret[0])
-    return map_over_batch_shards(kernel, q, k, v, key_mask)
+    return map_attention_over_mesh(kernel, q, k, v, key_mask)
 
 
 def _splash_attention(q, k, v, key_mask):
+    from pixelflow_jax.sharding import map_attention_over_mesh
     from pixelflow_jax.splash_attention import splash_attention, supports
 
     if not supports(q.shape[1], k.shape[1]):  # e.g. the 64-token first stage
         return _xla_attention(q, k, v, key_mask)
-    return splash_attention(q, k, v, key_mask, interpret=_interpret[0])
+    kernel = lambda q, k, v, key_mask: splash_attention(q, k, v, key_mask, interpret=_interpret[0])
+    return map_attention_over_mesh(kernel, q, k, v, key_mask)
 
 
 BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla_attention, "cudnn": _cudnn_attention,

@@ -289,8 +289,8 @@ _flash.defvjp(_flash_forward, _flash_backward)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, *,
                     interpret: bool = False) -> jax.Array:
-    """(B, Lq, H, D) attention like attention._xla_attention on this module's kernels (one device;
-    attention.py splits the batch over a mesh)."""
+    """(B, Lq, H, D) attention like attention._xla_attention on this module's kernels (one device's
+    arrays: attention.py splits batch and heads over a mesh)."""
     if not supports(q.shape[1], k.shape[1]):
         raise ValueError(f"pallas_gpu attention needs lengths that are multiples of {MIN_TILE}, "
                          f"got {q.shape[1]} queries and {k.shape[1]} keys")

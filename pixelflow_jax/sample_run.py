@@ -145,7 +145,7 @@ def sample_batches(model, ckpt, options, labels, missing, folder, batch_size, se
     sampler = CascadeSampler(model, ckpt)
     key = jax.random.key(seed)
     start, done = time.perf_counter(), 0
-    with jax.set_mesh(mesh):  # Pallas attention kernels split the batch over it (map_over_batch_shards)
+    with jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
         for first in range(0, len(missing), batch_size):
             ids = missing[first:first + batch_size]
             num_valid = len(ids)

@@ -45,19 +45,37 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> P:
     return P(*spec)
 
 
-def map_over_batch_shards(fn, *arrays):
-    """fn(*arrays) run on each device's share of the batch (axis 0 of every array; None passes
-    through) of the context mesh (`jax.set_mesh`), or once on the whole batch without one.
+def attention_split(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(axes splitting the batch, axes splitting the heads): each mesh axis in order goes to the
+    batch if it still divides it, else to the heads if it divides them, else to neither (the
+    devices along it repeat the same work)."""
+    batch_axes, head_axes = [], []
+    for name, size in mesh.shape.items():
+        if batch % size == 0:
+            batch_axes.append(name)
+            batch //= size
+        elif heads % size == 0:
+            head_axes.append(name)
+            heads //= size
+    return tuple(batch_axes), tuple(head_axes)
 
-    Pallas kernels are opaque to XLA's partitioner, which would gather a sharded batch onto every
-    device to call them; inside shard_map each device calls the kernel on its own examples.
+
+def map_attention_over_mesh(kernel, q, k, v, key_mask):
+    """kernel(q, k, v, key_mask) on each device's share of the batch and heads of the context mesh
+    (`jax.set_mesh`), or once on everything without one. q, k, v: (B, L, H, D); key_mask: (B, Lk)
+    or None.
+
+    Pallas kernels are opaque to XLA's partitioner, which would gather the operands onto every
+    device (or refuse, on TPU) to call them; inside shard_map each device runs its own part.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or arrays[0].shape[0] % mesh.size:
-        return fn(*arrays)
-    batch = P(mesh.axis_names)
-    specs = tuple(None if a is None else batch for a in arrays)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)(*arrays)
+    if mesh.empty:
+        return kernel(q, k, v, key_mask)
+    batch_axes, head_axes = attention_split(mesh, q.shape[0], q.shape[2])
+    spec = P(batch_axes or None, None, head_axes or None, None)
+    mask_spec = None if key_mask is None else P(batch_axes or None, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
+                         check_vma=False)(q, k, v, key_mask)
 
 
 def param_shardings(params, mesh: Mesh):

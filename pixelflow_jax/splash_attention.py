@@ -3,19 +3,16 @@
 The kernel works per example on (heads, length, head_dim); this wrapper vmaps it over the batch,
 pre-scales q (the kernel does not scale), pads head_dim to a multiple of 128 with zeros (zero
 columns add nothing to q k^T, and the padded output columns are dropped), turns a key mask into
-segment ids (query id 1, real keys 1, padding 0) and runs on each device's share of the batch
-(sharding.map_over_batch_shards).
+segment ids (query id 1, real keys 1, padding 0). It runs on one device's arrays: attention.py
+splits the batch and heads over the mesh (sharding.map_attention_over_mesh).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-
-from pixelflow_jax.sharding import map_over_batch_shards
 
 LANES = 128  # TPU vector width: kernel blocks and head_dim are multiples of it
 BLOCK_CHOICES = (512, 256, 128)
@@ -59,7 +56,4 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     to_kernel = lambda t: jnp.pad(t, pad).transpose(0, 2, 1, 3)  # (B, H, L, Dp)
     q = (q * (1.0 / math.sqrt(head_dim))).astype(q.dtype)
     q, k, v = to_kernel(q), to_kernel(k), to_kernel(v)
-
-    local = functools.partial(_per_device, interpret=interpret)
-    out = map_over_batch_shards(local, q, k, v, key_mask)
-    return out.transpose(0, 2, 1, 3)[..., :head_dim]
+    return _per_device(q, k, v, key_mask, interpret=interpret).transpose(0, 2, 1, 3)[..., :head_dim]

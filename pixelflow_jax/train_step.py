@@ -128,7 +128,7 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
         return new_state, metrics
 
     def step_on_mesh(state, images, labels):
-        # Pallas attention kernels split the batch over the mesh in context (map_over_batch_shards).
+        # Pallas attention kernels split batch and heads over the mesh in context (attention.py).
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return step(state, images, labels)
 

@@ -101,10 +101,12 @@ def test_pallas_gpu_equals_xla(dtype, tolerance, batch, lengths, with_mask):
         assert relative_error(g, e) <= tolerance
 
 
-def test_pallas_gpu_runs_on_each_devices_share_of_the_batch():
-    """On a mesh the kernel sits inside shard_map (XLA cannot partition a Pallas call), head_dim 40
-    = 32 + 16 columns with 8 masked, and still equals xla."""
-    q, k, v, mask = random_qkv(8, 128, 64, head_dim=40, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("batch", [8, 4])
+def test_pallas_gpu_runs_on_each_devices_share_of_batch_and_heads(batch):
+    """On a (4, 2) mesh the kernel sits inside shard_map (XLA cannot partition a Pallas call): 8
+    examples split over both axes, or 4 examples over 'data' and 2 heads over 'fsdp'. head_dim 40
+    = 32 + 16 columns with 8 masked."""
+    q, k, v, mask = random_qkv(batch, 128, 64, head_dim=40, dtype=jnp.bfloat16)
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     expected, expected_grads = value_and_grads("xla", q, k, v, mask)
     with interpret_kernels(), jax.set_mesh(mesh):
@@ -114,6 +116,16 @@ def test_pallas_gpu_runs_on_each_devices_share_of_the_batch():
     assert relative_error(got, expected) <= 2e-2
     for g, e in zip(grads, expected_grads):
         assert relative_error(g, e) <= 2e-2
+
+
+def test_attention_split_gives_each_mesh_axis_to_batch_heads_or_neither():
+    from pixelflow_jax.sharding import attention_split
+
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    assert attention_split(mesh, 8, 16) == (("data", "fsdp"), ())
+    assert attention_split(mesh, 4, 16) == (("data",), ("fsdp",))
+    assert attention_split(mesh, 2, 16) == (("fsdp",), ("data",))
+    assert attention_split(mesh, 3, 3) == ((), ())
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
