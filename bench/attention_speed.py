@@ -70,12 +70,14 @@ SWEEP = [PallasSettings()] + [
                                                [((64, 64), 8), ((128, 64), 8), ((32, 64), 4)])]
 
 
-def attention_fn(backend: str, interpret: bool):
+def attention_fn(backend: str, interpret: bool, key_mask=None):
     if backend == "mha":
+        if key_mask is not None:
+            raise ValueError("the bundled mha takes segment ids, not a key mask")
         from jax.experimental.pallas.ops.gpu.attention import mha
 
         return lambda q, k, v: mha(q, k, v, None, sm_scale=1.0 / math.sqrt(q.shape[-1]), interpret=interpret)
-    return lambda q, k, v: dot_product_attention(q, k, v, backend=backend)
+    return lambda q, k, v: dot_product_attention(q, k, v, key_mask=key_mask, backend=backend)
 
 
 def programs(fn):
@@ -109,17 +111,20 @@ def measure(backend, batch, length, args, settings: PallasSettings | None = None
     keys = jax.random.split(jax.random.key(0), 4)
     shape = (batch, length, args.heads, args.head_dim)
     q, k, v, cotangent = (jax.random.normal(key, shape, dtype) for key in keys)
+    # A text-like key mask: about 30% padding, the first key always real.
+    key_mask = (jax.random.uniform(keys[0], (batch, length)) < 0.7).at[:, 0].set(True).astype(jnp.float32)
+    key_mask = key_mask if args.key_mask else None
     row = dict(backend=backend, batch=batch, length=length, heads=args.heads, head_dim=args.head_dim,
-               dtype=args.dtype)
+               dtype=args.dtype, key_mask=args.key_mask)
     if settings is not None:
         row["settings"] = dataclasses.asdict(settings)
     with (settings.applied() if settings else contextlib.nullcontext()):
         try:
-            forward, forward_backward = programs(attention_fn(backend, args.interpret))
+            forward, forward_backward = programs(attention_fn(backend, args.interpret, key_mask))
             got = forward_backward(q, k, v, cotangent)
         except Exception as error:  # a backend this machine cannot run is reported, not fatal
             return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-        expected = programs(attention_fn("xla", False))[1](q, k, v, cotangent)
+        expected = programs(attention_fn("xla", False, key_mask))[1](q, k, v, cotangent)
         errors = [relative_error(g, e) for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected))]
         row["max_relative_error_vs_xla"] = max(errors)
         if max(errors) > AGREEMENT[args.dtype]:
@@ -139,6 +144,7 @@ def main():
     parser.add_argument("--head_dim", type=int, default=72)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(AGREEMENT))
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--key_mask", action="store_true", help="with a random key mask (text cross-attention)")
     parser.add_argument("--sweep", action="store_true", help="also time pallas_gpu over bench SWEEP settings")
     parser.add_argument("--interpret", action="store_true", help="Pallas kernels in interpret mode (CPU dry run)")
     args = parser.parse_args()

@@ -22,6 +22,7 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())" >"$OUT/versions.txt" 2>&1
 # 1. Attention kernels (ANCHORS.md's table) and the pallas_gpu settings sweep.
 step attention 200 python bench/attention_speed.py --sweep
+step attention_masked 60 python bench/attention_speed.py --shapes=4x256 --key_mask --iters=3 --backends=cudnn,pallas_gpu
 # 2. The training step with the two fast backends (issue 6: pallas_gpu no slower than cuDNN) and
 #    the throughput target (issue 5: >= 70 img/s on an H200 within 80 GB).
 step train_cudnn 110 python bench/train_speed.py --batch=32 --remat=dots --attention=cudnn --steps=5

@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         cross_attention_dim=0,  # no text cross-attention
         dtype="bfloat16",  # compute dtype (the release trains and samples under bf16 autocast)
         param_dtype="float32",
-        attention="xla",
+        attention="auto",  # the fastest measured kernel for the platform (pixelflow_jax/attention.py)
         remat="none",  # 'full' or 'dots' trade compute for activation memory in training
     ))
     config.scheduler = ml_collections.ConfigDict(dict(num_train_timesteps=1000, num_stages=4))

@@ -9,7 +9,7 @@ attention is never causal; an optional key mask (B, Lk) marks real keys with 1.
              lengths that are multiples of 16 (others fall back to xla)
     splash   Pallas splash attention (splash_attention.py); TPUs; lengths that are multiples of
              128 (shorter stages fall back to xla)
-    auto     the fastest measured choice for the platform, dtype and lengths (AUTO below)
+    auto     the fastest measured choice for the platform and dtype (AUTO below); the default
 
 Kernels that cannot run on the current platform raise an error naming the platform and the
 alternatives. `interpret_kernels()` runs the Pallas kernels in interpret mode on any platform
@@ -48,8 +48,10 @@ def _cudnn_attention(q, k, v, key_mask):
     if q.dtype not in CUDNN_DTYPES:
         raise ValueError(f"attention backend 'cudnn' takes bfloat16 or float16 inputs, got {q.dtype}: set "
                          "model.dtype='bfloat16' or use attention 'auto' / 'xla'")
-    mask = None if key_mask is None else (key_mask > 0)[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    # The release's -10000 bias, not a boolean mask (which cuDNN turns into a far larger negative
+    # bias): the two differ only when every key of a row is padding, where the release is uniform.
+    bias = None if key_mask is None else ((1.0 - key_mask) * MASKED_KEY_BIAS).astype(q.dtype)[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
 
 
 def _pallas_gpu_attention(q, k, v, key_mask):
@@ -77,13 +79,15 @@ BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla_attention, "cudnn":
 PLATFORMS = {"cudnn": ("gpu",), "pallas_gpu": ("gpu",), "splash": ("tpu",)}  # need hardware (Pallas: or interpret)
 PALLAS_BACKENDS = ("pallas_gpu", "splash")
 
-# 'auto': per platform, from measurements (16 heads x 72, bf16, forward+backward TFLOP/s):
-#   gpu (H200, shared/ANCHORS.md): cuDNN 300 / 223 / 110 at B8x4096 / B32x1024 / B128x256, against
-#       XLA 93 / 80 / 56 and the bundled Pallas mha 75 / 62 / 48 -> cudnn for bf16/fp16 inputs,
-#       XLA for float32.
-#   tpu: splash for lengths that are multiples of 128, XLA below (not yet measured on a TPU).
+# 'auto': per platform, the fastest backend measured there (16 heads x 72, bf16, forward+backward
+# TFLOP/s at B8x4096 / B32x1024 / B128x256 tokens):
+#   gpu (H200, shared/ANCHORS.md): cuDNN 300 / 223 / 110 against XLA 93 / 80 / 56 and the bundled
+#       Pallas mha 75 / 62 / 48 -> cudnn for bf16/fp16 inputs at every length (64 tokens not
+#       measured: the same choice), XLA for float32 (cuDNN takes no float32). pallas_gpu is not
+#       measured yet (bench/attention_speed.py; bench/RESULTS.md).
+#   tpu: XLA until splash is timed on a TPU (it is only tested in interpret mode so far).
 #   cpu: XLA.
-AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
+AUTO = {"gpu": "cudnn", "tpu": "xla", "cpu": "xla"}
 _interpret = [False]
 
 
