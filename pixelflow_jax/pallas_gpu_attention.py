@@ -131,7 +131,8 @@ def _forward_kernel(*refs, chunks, block_k, logit_scale, has_bias):
 
 
 def _padded_dim(head_dim: int) -> int:
-    return pl.next_power_of_2(head_dim)
+    """The BlockSpec width of a head: a power of two covering every chunk (16 for heads under 16)."""
+    return max(pl.next_power_of_2(head_dim), MIN_TILE)
 
 
 def _forward(q, k, v, bias, interpret):

@@ -101,6 +101,18 @@ def test_pallas_gpu_equals_xla(dtype, tolerance, batch, lengths, with_mask):
         assert relative_error(g, e) <= tolerance
 
 
+@pytest.mark.parametrize("head_dim", [8, 100])
+def test_pallas_gpu_takes_any_head_dim(head_dim):
+    """8 columns in one 16-wide chunk; 100 = 64 + 32 + 16 (4 real)."""
+    q, k, v, mask = random_qkv(2, 64, 32, head_dim=head_dim)
+    expected, expected_grads = value_and_grads("xla", q, k, v, mask)
+    with interpret_kernels():
+        got, grads = value_and_grads("pallas_gpu", q, k, v, mask)
+    assert relative_error(got, expected) <= 2e-5
+    for g, e in zip(grads, expected_grads):
+        assert relative_error(g, e) <= 2e-5
+
+
 @pytest.mark.parametrize("batch", [8, 4])
 def test_pallas_gpu_runs_on_each_devices_share_of_batch_and_heads(batch):
     """On a (4, 2) mesh the kernel sits inside shard_map (XLA cannot partition a Pallas call): 8
