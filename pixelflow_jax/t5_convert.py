@@ -1,0 +1,144 @@
+"""A Hugging Face T5 model folder -> T5Encoder parameters (strict), for the text-to-image model.
+
+The folder is what `save_pretrained` writes (google/flan-t5-xl as downloaded): config.json and the
+weights as model.safetensors, pytorch_model.bin, or either sharded with an .index.json. A full
+seq2seq checkpoint also holds the decoder (`decoder.*`, `lm_head.*`): those tensors are skipped.
+Every encoder tensor must be used and every parameter filled with the right shape; the tied
+embedding may appear as both `shared.weight` and `encoder.embed_tokens.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.t5 import T5Config, T5Encoder
+
+SKIPPED_PREFIXES = ("decoder.", "lm_head.")
+EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+# NNX path (unstacked for blocks) -> Hugging Face key; '{i}' is the layer.
+_BLOCK_KEYS = {
+    ("attention_norm",): "encoder.block.{i}.layer.0.layer_norm.weight",
+    ("q", "kernel"): "encoder.block.{i}.layer.0.SelfAttention.q.weight",
+    ("k", "kernel"): "encoder.block.{i}.layer.0.SelfAttention.k.weight",
+    ("v", "kernel"): "encoder.block.{i}.layer.0.SelfAttention.v.weight",
+    ("o", "kernel"): "encoder.block.{i}.layer.0.SelfAttention.o.weight",
+    ("ff_norm",): "encoder.block.{i}.layer.1.layer_norm.weight",
+    ("wi_0", "kernel"): "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight",
+    ("wi_1", "kernel"): "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight",
+    ("wo", "kernel"): "encoder.block.{i}.layer.1.DenseReluDense.wo.weight",
+}
+_TOP_KEYS = {
+    ("relative_attention_bias", "embedding"): "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ("final_norm",): "encoder.final_layer_norm.weight",
+}
+
+
+def read_t5_config(folder: str, **runtime) -> T5Config:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} has no config.json: pass a Hugging Face T5 model folder "
+                              "(e.g. a download of google/flan-t5-xl)")
+    with open(path) as f:
+        hf = json.load(f)
+    if hf.get("model_type", "t5") != "t5":
+        raise CheckpointError(f"{path} describes a {hf.get('model_type')!r} model, not T5")
+    try:
+        return T5Config.from_hf(hf, **runtime)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _weight_files(folder: str) -> list[str]:
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            if name.endswith(".index.json"):
+                with open(path) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                return [os.path.join(folder, shard) for shard in shards]
+            return [path]
+    raise CheckpointError(f"{folder} has no T5 weights: expected one of {list(WEIGHT_FILES)}")
+
+
+def read_encoder_state_dict(folder: str) -> dict[str, np.ndarray]:
+    """The encoder's tensors (float32 numpy) from every weight file of the folder."""
+    tensors = {}
+    for path in _weight_files(folder):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="flax") as f:
+                for key in f.keys():
+                    if not key.startswith(SKIPPED_PREFIXES):
+                        tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+        else:
+            from pixelflow_jax.torch_io import load_torch_file
+
+            import torch
+
+            for key, value in load_torch_file(path).items():
+                if not key.startswith(SKIPPED_PREFIXES):
+                    tensors[key] = value.detach().to(torch.float32).numpy()
+    return tensors
+
+
+def encoder_params(state_dict: Mapping[str, np.ndarray], cfg: T5Config) -> dict:
+    """Nested parameter dict for T5Encoder(cfg); a CheckpointError lists every mismatch."""
+    abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
+    shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    problems, used, flat = [], set(), {}
+
+    embeddings = [k for k in EMBEDDING_KEYS if k in state_dict]
+    if len(embeddings) == 2 and not np.array_equal(*(state_dict[k] for k in embeddings)):
+        problems.append(f"{EMBEDDING_KEYS[0]} and {EMBEDDING_KEYS[1]} differ (T5 ties them)")
+    used.update(embeddings)
+
+    def take(key: str, transpose: bool) -> np.ndarray | None:
+        if key not in state_dict:
+            problems.append(f"missing {key}")
+            return None
+        used.add(key)
+        return state_dict[key].T if transpose else state_dict[key]
+
+    for path, leaf in shapes.items():
+        path = tuple(str(p) for p in path)
+        if path == ("embed_tokens", "embedding"):
+            value = state_dict[embeddings[0]] if embeddings else None
+            if value is None:
+                problems.append(f"missing {EMBEDDING_KEYS[0]}")
+        elif path[0] == "blocks":
+            layers = [take(_BLOCK_KEYS[path[1:]].format(i=i), path[-1] == "kernel") for i in range(cfg.num_layers)]
+            value = None if any(layer is None for layer in layers) else np.stack(layers)
+        else:
+            value = take(_TOP_KEYS[path], path[-1] == "kernel")
+        if value is not None and value.shape != leaf.shape:
+            problems.append(f"{'.'.join(path)}: checkpoint shape {value.shape}, config.json says {leaf.shape}")
+        flat[path] = value
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        problems.append(f"{len(unused)} encoder tensors this architecture does not use, e.g. {unused[:3]}")
+    if problems:
+        raise CheckpointError("the T5 weights do not match config.json:\n  " + "\n  ".join(problems))
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_t5_encoder(folder: str, *, dtype: str = "float32", param_dtype: str = "float32") -> T5Encoder:
+    """A ready-to-call T5Encoder from a Hugging Face folder, parameters in param_dtype."""
+    cfg = read_t5_config(folder, dtype=dtype, param_dtype=param_dtype)
+    params = encoder_params(read_encoder_state_dict(folder), cfg)
+    model = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params))
+    nnx.update(model, state)
+    return model

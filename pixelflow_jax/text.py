@@ -1,0 +1,65 @@
+"""Prompts -> T5 embeddings and mask, as the text-to-image release conditions its transformer.
+
+The release tokenizes with the T5 folder's tokenizer (padding to 512, truncation, the end-of-text
+token appended), runs the encoder with the attention mask, and passes the same mask to the
+transformer's cross-attention. Negative prompts (default "") are encoded the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.t5_convert import load_t5_encoder
+
+MAX_LENGTH = 512  # the release's max_token_length
+TOKENIZER_FILE = "spiece.model"
+PAD_ID, EOS_ID = 0, 1  # T5's fixed special ids
+
+
+class T5Tokenizer:
+    """T5's sentencepiece tokenization: pieces of the text, then </s>, then padding to max_length;
+    longer texts are cut to max_length - 1 pieces before </s> (truncation=True)."""
+
+    def __init__(self, folder: str, max_length: int = MAX_LENGTH):
+        path = os.path.join(folder, TOKENIZER_FILE)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (the T5 sentencepiece model): pass the "
+                                  "Hugging Face T5 folder as downloaded, e.g. google/flan-t5-xl")
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.max_length = max_length
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 (N, max_length), mask int32 (N, max_length), 1 = token, 0 = padding)."""
+        ids = np.full((len(texts), self.max_length), PAD_ID, np.int32)
+        mask = np.zeros_like(ids)
+        for row, pieces in enumerate(self.processor.encode(list(texts), out_type=int)):
+            pieces = pieces[:self.max_length - 1] + [EOS_ID]
+            ids[row, :len(pieces)] = pieces
+            mask[row, :len(pieces)] = 1
+        return ids, mask
+
+
+class PromptEncoder:
+    """encode(prompts) -> (embeddings (N, max_length, d_model) in the compute dtype, mask (N, max_length)
+    float32): the text encoder jit-compiled once per batch shape."""
+
+    def __init__(self, folder: str, *, max_length: int = MAX_LENGTH, dtype: str = "float32",
+                 param_dtype: str = "float32"):
+        self.tokenizer = T5Tokenizer(folder, max_length)
+        self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
+        graphdef, params = nnx.split(self.encoder)
+        self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
+        self._params = params
+
+    def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        ids, mask = self.tokenizer(prompts)
+        return self._encode(self._params, ids, mask), jnp.asarray(mask, jnp.float32)

@@ -1,0 +1,117 @@
+"""The T5 encoder and tokenizer against Hugging Face transformers on a tiny random T5 folder."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pixelflow_jax.checkpoint import CheckpointError
+
+SENTENCES = ["a photo of a cat sitting on a red chair", "an astronaut riding a horse on the moon",
+             "a bowl of fruit, oil painting", "sunset over mountains with clouds", "a small dog running in the park"]
+VOCAB = 40
+PROMPTS = ["a cat on the moon", "", "  two   spaces  ", "Zebra!",
+           "an astronaut riding a horse on the moon with a red chair and a dog in the park at sunset"]
+
+
+def write_tiny_t5_folder(folder: str) -> None:
+    """A seq2seq T5 (decoder included, as google/flan-t5-xl ships) saved by transformers, with a
+    sentencepiece model trained here on a few sentences (pad 0, </s> 1, unk 2, as T5's)."""
+    import sentencepiece
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 20), model_writer=model, vocab_size=VOCAB, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=20,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(model.getvalue())
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny_t5"))
+    write_tiny_t5_folder(folder)
+    return folder
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_tokenizer_equals_transformers_autotokenizer(t5_folder):
+    """Padding to max_length, </s> appended, truncation keeping </s>, whitespace runs, unknowns."""
+    from transformers import AutoTokenizer
+
+    from pixelflow_jax.text import T5Tokenizer
+
+    ids, mask = T5Tokenizer(t5_folder, max_length=16)(PROMPTS)
+    reference = AutoTokenizer.from_pretrained(t5_folder, extra_ids=0)(
+        PROMPTS, padding="max_length", max_length=16, truncation=True, add_special_tokens=True, return_tensors="np")
+    np.testing.assert_array_equal(ids, reference["input_ids"])
+    np.testing.assert_array_equal(mask, reference["attention_mask"])
+    assert mask[1].sum() == 1 and ids[1, 0] == 1  # the empty prompt is </s> alone
+    assert mask[4].all() and ids[4, -1] == 1  # truncated, still ending in </s>
+
+
+@pytest.mark.parametrize("param_dtype,tolerance", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_encoder_equals_transformers_t5_encoder_model(t5_folder, param_dtype, tolerance):
+    """Through our converter; 40 tokens exceed relative_attention_max_distance (20), so the
+    logarithmic position buckets are used; the second row is half padding."""
+    import torch
+    from transformers import T5EncoderModel
+
+    from pixelflow_jax.t5_convert import load_t5_encoder
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, VOCAB, (2, 40))
+    mask = np.ones((2, 40), np.int64)
+    mask[1, 22:], ids[1, 22:] = 0, 0
+    reference = T5EncoderModel.from_pretrained(t5_folder).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    dtype = "bfloat16" if param_dtype == "bfloat16" else "float32"
+    encoder = load_t5_encoder(t5_folder, dtype=dtype, param_dtype=param_dtype)
+    got = encoder(ids, mask)
+    real = mask.astype(bool)  # padded positions' outputs are never attended to downstream
+    assert relative_error(np.asarray(got, np.float32)[real], expected.numpy()[real]) <= tolerance
+
+
+def test_prompt_encoder_masks_and_shapes(t5_folder):
+    from pixelflow_jax.text import PromptEncoder
+
+    encoder = PromptEncoder(t5_folder, max_length=24)
+    embeddings, mask = encoder.encode(["a cat", ""])
+    assert embeddings.shape == (2, 24, 32) and mask.shape == (2, 24)
+    assert mask.sum(axis=1).tolist() == [float(len(encoder.tokenizer.processor.encode("a cat")) + 1), 1.0]
+
+
+def test_converter_is_strict_and_names_the_problem(t5_folder, tmp_path):
+    from pixelflow_jax.t5_convert import load_t5_encoder, read_encoder_state_dict
+
+    state = read_encoder_state_dict(t5_folder)
+    assert not any(k.startswith("decoder.") for k in state)  # the decoder is skipped
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(t5_folder):
+        os.link(os.path.join(t5_folder, name), broken / name)
+    with open(broken / "config.json") as f:
+        config = json.load(f)
+    os.remove(broken / "config.json")
+    expected = {"num_layers": r"missing encoder\.block\.2\.layer\.0\.layer_norm\.weight",
+                "d_ff": r"blocks\.wi_0\.kernel: checkpoint shape \(2, 32, 48\), config.json says \(2, 32, 64\)"}
+    for key, value in (("num_layers", 3), ("d_ff", 64)):
+        (broken / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match=expected[key]):
+            load_t5_encoder(str(broken))
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_t5_encoder(str(tmp_path))
