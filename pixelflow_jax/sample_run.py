@@ -7,7 +7,8 @@
 
 The batch is sharded over every device of a 1-D 'data' mesh; in a multi-host run each process
 writes the images its devices hold. A rerun skips every image already on disk: an image depends
-only on (seed, id, label), so resumed images are exactly those an uninterrupted run would write.
+only on (seed, id, its label or prompt), so resumed images are exactly those an uninterrupted run
+would write. Class- and text-conditional checkpoints: see sample_conditioning.py.
 """
 
 from __future__ import annotations
@@ -27,15 +28,10 @@ from PIL import Image
 
 from pixelflow_jax.api import load_model
 from pixelflow_jax.checkpoint import CheckpointError
-from pixelflow_jax.sampling import CascadeSampler, SamplingOptions, class_conditioning, draw_noise_jit, to_uint8
+from pixelflow_jax.sample_conditioning import conditioning_for
+from pixelflow_jax.sampling import CascadeSampler, SamplingOptions, draw_noise_jit, to_uint8
 
 GRID_IMAGES = 64
-
-
-def default_labels(num_images: int, num_classes: int) -> np.ndarray:
-    """Class-balanced labels, image i -> class i mod num_classes. Equal to the release's
-    sample_ddp.py when num_images is a multiple of num_classes (it pads the rest with class 0)."""
-    return np.arange(num_images) % num_classes
 
 
 def image_path(folder: str, image_id: int) -> str:
@@ -103,42 +99,36 @@ def run(config, workdir: str) -> None:
     if not s.checkpoint:
         raise CheckpointError("set --config.sample.checkpoint to a folder written by convert_torch_ckpt.py")
     model, ckpt = load_model(s.checkpoint, dtype=config.model.dtype, attention=config.model.attention)
-    if model.config.num_classes == 0:
-        raise ValueError("--mode=sample samples class-conditional models; this checkpoint is text-conditional")
     num_devices = jax.device_count()
     if s.batch_size % num_devices:
         raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
                          f"({num_devices}); try {max(num_devices, s.batch_size // num_devices * num_devices)}")
-    if s.num_images < 1:
-        raise ValueError(f"sample.num_images must be positive, got {s.num_images}")
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
-    labels = np.asarray(s.labels, np.int64) if len(s.labels) else default_labels(s.num_images, model.config.num_classes)
-    if len(labels) != s.num_images:
-        raise ValueError(f"sample.labels has {len(labels)} entries but sample.num_images is {s.num_images}")
-    class_conditioning(labels, model.config.num_classes)  # validates the range before any work
+    conditioning = conditioning_for(s, model.config)
+    num_images = conditioning.num_images
 
     folder = os.path.join(workdir, "samples")
     os.makedirs(folder, exist_ok=True)
     settings = dict(checkpoint=os.path.abspath(s.checkpoint), architecture=model.config.architecture(),
                     dtype=model.config.dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
-                    num_images=int(s.num_images), steps_per_stage=list(options.steps_per_stage),
+                    steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
-                    labels=labels.tolist())
+                    num_images=num_images, **conditioning.settings())
     check_settings(folder, settings)
     multihost_utils.sync_global_devices("sample settings checked")
 
-    missing = np.array([i for i in range(s.num_images) if not os.path.exists(image_path(folder, i))], np.int64)
+    missing = np.array([i for i in range(num_images) if not os.path.exists(image_path(folder, i))], np.int64)
     logging.info("%d of %d images to sample (%d already on disk), batch %d over %d devices", len(missing),
-                 s.num_images, s.num_images - len(missing), s.batch_size, num_devices)
+                 num_images, num_images - len(missing), s.batch_size, num_devices)
     if len(missing):
-        sample_batches(model, ckpt, options, labels, missing, folder, int(s.batch_size), int(s.seed))
+        sample_batches(model, ckpt, options, conditioning, missing, folder, int(s.batch_size), int(s.seed))
     multihost_utils.sync_global_devices("all images written")
     if jax.process_index() == 0:
-        finish(folder, workdir, s.num_images)
+        finish(folder, workdir, num_images)
 
 
-def sample_batches(model, ckpt, options, labels, missing, folder, batch_size, seed) -> None:
+def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, seed) -> None:
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch_sharding = NamedSharding(mesh, P("data"))
     nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
@@ -150,9 +140,8 @@ def sample_batches(model, ckpt, options, labels, missing, folder, batch_size, se
             ids = missing[first:first + batch_size]
             num_valid = len(ids)
             ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
-            cond, uncond = class_conditioning(labels[ids], model.config.num_classes)
-            cond, uncond = (jax.tree.map(lambda a: global_array(np.asarray(a), batch_sharding), c)
-                            for c in (cond, uncond))
+            cond, uncond = (jax.tree.map(lambda a: global_array(a, batch_sharding), c)
+                            for c in conditioning.batch(ids))
             initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution,
                                              ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
             images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))

@@ -14,8 +14,8 @@ from conftest import REPO
 EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
-def run_sample(workdir, checkpoint, *overrides):
-    return subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+def run_sample(workdir, checkpoint, *overrides, config="configs/c2i.py:tiny"):
+    return subprocess.run([sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}",
                            "--mode=sample", f"--config.sample.checkpoint={checkpoint}", *overrides],
                           capture_output=True, text=True, cwd=REPO, env=EIGHT_DEVICES, timeout=600)
 
@@ -70,3 +70,36 @@ def test_bad_settings_fail_clearly(tmp_path, converted, override, message):
 def test_missing_checkpoint_fails_clearly(tmp_path):
     result = run_sample(str(tmp_path / "run"), str(tmp_path / "nowhere"))
     assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted):
+    """The release's tiny t2i model (20-wide text embeddings) with a tiny random T5 of d_model 20
+    and a tokenizer trained in the test: 2 prompts x 2 images, padded to a batch of 8."""
+    from test_t5 import write_tiny_t5_folder
+
+    encoder = str(tmp_path / "t5")
+    write_tiny_t5_folder(encoder, d_model=20)
+    workdir = str(tmp_path / "run")
+    args = (f"--config.sample.text_encoder={encoder}", "--config.sample.images_per_prompt=2",
+            "--config.sample.max_text_tokens=16")
+    result = run_sample(workdir, converted["t2i_tiny"], *args, "--config.sample.prompts=('a red cat', 'the moon')",
+                        config="configs/t2i.py:tiny")
+    assert result.returncode == 0, result.stderr
+    assert pngs(workdir) == [f"{i:06d}.png" for i in range(4)]
+    images = np.load(os.path.join(workdir, "samples.npz"))["arr_0"]
+    assert images.shape == (4, 64, 64, 3) and len({image.tobytes() for image in images}) == 4
+    settings = json.load(open(os.path.join(workdir, "samples", "settings.json")))
+    assert settings["prompts"] == ["a red cat", "the moon"] and settings["negative_prompt"] == ""
+
+    # The same prompts from a file are the same run: every image is already there.
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red cat\nthe moon\n")
+    result = run_sample(workdir, converted["t2i_tiny"], *args, f"--config.sample.prompts_file={prompts_file}",
+                        config="configs/t2i.py:tiny")
+    assert result.returncode == 0 and "0 of 4 images to sample" in result.stderr, result.stderr
+
+    for overrides, message in [((), "set exactly one of --config.sample.prompts"),
+                               (("--config.sample.prompts=('a cat',)", "--config.sample.text_encoder="),
+                                "set --config.sample.text_encoder")]:
+        result = run_sample(str(tmp_path / "bad"), converted["t2i_tiny"], *args, *overrides, config="configs/t2i.py:tiny")
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -16,7 +16,7 @@ PROMPTS = ["a cat on the moon", "", "  two   spaces  ", "Zebra!",
            "an astronaut riding a horse on the moon with a red chair and a dog in the park at sunset"]
 
 
-def write_tiny_t5_folder(folder: str) -> None:
+def write_tiny_t5_folder(folder: str, d_model: int = 32) -> None:
     """A seq2seq T5 (decoder included, as google/flan-t5-xl ships) saved by transformers, with a
     sentencepiece model trained here on a few sentences (pad 0, </s> 1, unk 2, as T5's)."""
     import sentencepiece
@@ -28,7 +28,7 @@ def write_tiny_t5_folder(folder: str) -> None:
         sentence_iterator=iter(SENTENCES * 20), model_writer=model, vocab_size=VOCAB, model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+    config = T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                       relative_attention_num_buckets=32, relative_attention_max_distance=20,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0)
     T5ForConditionalGeneration(config).save_pretrained(folder)

@@ -1,0 +1,103 @@
+"""What each image of a `--mode=sample` run is conditioned on: a class label or a text prompt.
+
+Both kinds give, for a batch of image ids, the model's conditional and unconditional keyword
+arguments as host arrays, plus the settings that identify the run (settings.json).
+
+    class-conditional: image i gets sample.labels[i], or class i mod num_classes;
+                       unconditional = the null class (id num_classes).
+    text-conditional:  image i gets prompt i // sample.images_per_prompt of sample.prompts (or
+                       sample.prompts_file, one per line); unconditional = sample.negative_prompt
+                       (default "", as the release). Prompts are encoded by the T5 folder in
+                       sample.text_encoder, once per batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pixelflow_jax.sampling import class_conditioning
+
+
+class ClassLabels:
+    def __init__(self, sample_config, num_classes: int):
+        s = sample_config
+        if s.num_images < 1:
+            raise ValueError(f"sample.num_images must be positive, got {s.num_images}")
+        self.labels = (np.asarray(s.labels, np.int64) if len(s.labels)
+                       else np.arange(s.num_images) % num_classes)  # the release's sample_ddp.py order
+        if len(self.labels) != s.num_images:
+            raise ValueError(f"sample.labels has {len(self.labels)} entries but sample.num_images is {s.num_images}")
+        self.num_classes = num_classes
+        class_conditioning(self.labels, num_classes)  # validates the range before any work
+        self.num_images = int(s.num_images)
+
+    def settings(self) -> dict:
+        return dict(labels=self.labels.tolist())
+
+    def batch(self, ids: np.ndarray) -> tuple[dict, dict]:
+        cond, uncond = class_conditioning(self.labels[ids], self.num_classes)
+        return ({k: np.asarray(v) for k, v in cond.items()}, {k: np.asarray(v) for k, v in uncond.items()})
+
+
+def read_prompts(sample_config) -> list[str]:
+    s = sample_config
+    if bool(len(s.prompts)) == bool(s.prompts_file):
+        raise ValueError("a text-conditional checkpoint samples from prompts: set exactly one of "
+                         "--config.sample.prompts (a list) or --config.sample.prompts_file (one prompt per line)")
+    if s.prompts_file:
+        if not os.path.isfile(s.prompts_file):
+            raise ValueError(f"sample.prompts_file {s.prompts_file} does not exist")
+        with open(s.prompts_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        prompts = [s.prompts] if isinstance(s.prompts, str) else list(s.prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"every prompt must be a non-empty string, got {prompts!r}")
+    return prompts
+
+
+class TextPrompts:
+    def __init__(self, sample_config, cross_attention_dim: int, dtype: str):
+        from pixelflow_jax.text import PromptEncoder
+
+        s = sample_config
+        self.prompts = read_prompts(s)
+        if s.images_per_prompt < 1:
+            raise ValueError(f"sample.images_per_prompt must be positive, got {s.images_per_prompt}")
+        if not s.text_encoder:
+            raise ValueError("a text-conditional checkpoint needs its text encoder: set --config.sample.text_encoder "
+                             "to a Hugging Face T5 folder (google/flan-t5-xl for the release's model)")
+        self.images_per_prompt = int(s.images_per_prompt)
+        self.negative_prompt = str(s.negative_prompt)
+        self.encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens), dtype=dtype,
+                                     param_dtype=s.text_encoder_param_dtype)
+        width = self.encoder.encoder.config.d_model
+        if width != cross_attention_dim:
+            raise ValueError(f"the text encoder in {s.text_encoder} gives {width}-wide embeddings but the checkpoint's "
+                             f"cross-attention takes {cross_attention_dim}: use the encoder it was trained with")
+        self.text_encoder = os.path.abspath(s.text_encoder)
+        self.max_text_tokens = int(s.max_text_tokens)
+        self.num_images = len(self.prompts) * self.images_per_prompt
+        self._negative = None
+
+    def settings(self) -> dict:
+        return dict(prompts=self.prompts, images_per_prompt=self.images_per_prompt,
+                    negative_prompt=self.negative_prompt, text_encoder=self.text_encoder,
+                    max_text_tokens=self.max_text_tokens)
+
+    def batch(self, ids: np.ndarray) -> tuple[dict, dict]:
+        embeddings, mask = self.encoder.encode([self.prompts[i // self.images_per_prompt] for i in ids])
+        if self._negative is None:
+            self._negative = tuple(np.asarray(a) for a in self.encoder.encode([self.negative_prompt]))
+        tile = lambda a: np.repeat(a, len(ids), axis=0)
+        cond = dict(encoder_hidden_states=np.asarray(embeddings), encoder_attention_mask=np.asarray(mask))
+        uncond = dict(encoder_hidden_states=tile(self._negative[0]), encoder_attention_mask=tile(self._negative[1]))
+        return cond, uncond
+
+
+def conditioning_for(sample_config, model_config):
+    if model_config.cross_attention_dim:
+        return TextPrompts(sample_config, model_config.cross_attention_dim, model_config.dtype)
+    return ClassLabels(sample_config, model_config.num_classes)
