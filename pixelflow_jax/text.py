@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pixelflow_jax.checkpoint import CheckpointError
 from pixelflow_jax.t5_convert import load_t5_encoder
@@ -50,16 +51,27 @@ class T5Tokenizer:
 
 class PromptEncoder:
     """encode(prompts) -> (embeddings (N, max_length, d_model) in the compute dtype, mask (N, max_length)
-    float32): the text encoder jit-compiled once per batch shape."""
+    float32): the text encoder jit-compiled once per batch shape.
+
+    Like the transformer when sampling, the encoder's parameters are replicated on every device
+    (param_dtype='bfloat16' halves them: flan-t5-xl's encoder is 1.2B parameters) and a batch of
+    prompts is split over this process's devices when its size allows.
+    """
 
     def __init__(self, folder: str, *, max_length: int = MAX_LENGTH, dtype: str = "float32",
                  param_dtype: str = "float32"):
         self.tokenizer = T5Tokenizer(folder, max_length)
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
         graphdef, params = nnx.split(self.encoder)
+        # This process's devices only: every process encodes the whole batch and gets host copies
+        # (the sampler builds its global arrays from them), so no cross-host gather is needed.
+        mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        self._params = jax.device_put(params, NamedSharding(mesh, P()))
+        self._rows = NamedSharding(mesh, P("data"))
         self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
-        self._params = params
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         ids, mask = self.tokenizer(prompts)
+        if len(prompts) % self._rows.mesh.size == 0:
+            ids, mask = jax.device_put((ids, mask), self._rows)
         return self._encode(self._params, ids, mask), jnp.asarray(mask, jnp.float32)

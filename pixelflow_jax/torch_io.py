@@ -26,6 +26,9 @@ WEIGHT_CHOICES = ("ema", "model")
 # What the release ships for ImageNet 256 (configs/pixelflow_xl_c2i.yaml), used only where neither
 # a config.yaml nor a flag says otherwise; none of these changes the network's outputs.
 RELEASE_DEFAULTS = {"resolution": 256, "num_stages": 4, "num_train_timesteps": 1000}
+# The text-to-image checkpoint ships without its config.yaml; the release's app.py samples it at
+# 1024 px (4 stages, 1000 timesteps, as every released config).
+RELEASE_T2I_DEFAULTS = {**RELEASE_DEFAULTS, "resolution": 1024}
 
 
 def _import_torch():
@@ -122,7 +125,8 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
                                   f"(attention_head_dim: {params.get('attention_head_dim')})")
     else:
         params = infer_architecture(state_dict, attention_head_dim)
-    settings = {**RELEASE_DEFAULTS, **{k: v for k, v in (overrides or {}).items() if v is not None}, **extras}
+    defaults = RELEASE_T2I_DEFAULTS if params.get("cross_attention_dim") else RELEASE_DEFAULTS
+    settings = {**defaults, **{k: v for k, v in (overrides or {}).items() if v is not None}, **extras}
     try:
         config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
     except (TypeError, ValueError) as e:

@@ -60,6 +60,20 @@ def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
     assert relative_error(forward(model, golden["c2i_tiny"], 3), golden["c2i_tiny"]["fwd_3_out"]) <= PARITY_RTOL
 
 
+def test_text_to_image_folder_without_config_yaml(tmp_path, golden):
+    """The release's text-to-image folder has model.pt but no config.yaml: shapes give cross-attention
+    (20 wide here) and no class table; resolution defaults to the release's 1024 for text models."""
+    release = tmp_path / "t2i_release"
+    release.mkdir()
+    os.symlink(os.path.join(fixture_dir("t2i_tiny"), "model.pt"), release / "model.pt")
+    output = tmp_path / "out"
+    result = run_converter(f"--torch_checkpoint={release}", "--attention_head_dim=16", f"--output={output}")
+    assert result.returncode == 0, result.stderr
+    model, config = load_model(str(output))
+    assert (config.model.cross_attention_dim, config.model.num_classes, config.resolution) == (20, 0, 1024)
+    assert relative_error(forward(model, golden["t2i_tiny"], 2), golden["t2i_tiny"]["fwd_2_out"]) <= PARITY_RTOL
+
+
 def test_train_checkpoint_takes_ema_by_default(tmp_path, golden):
     model_weights = release_state_dict()
     ema_weights = {k: v.clone() for k, v in model_weights.items()}
