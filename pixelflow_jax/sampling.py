@@ -143,10 +143,27 @@ class CascadeSampler:
         image_ids (default 0..N-1) select each image's noise: the same (seed, id, label) always
         gives the same image, whatever else is in the batch.
         """
+        cond, uncond = class_conditioning(labels, self.model_config.num_classes)
+        return self._generate(cond, uncond, len(labels), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
+
+    def generate_from_prompts(self, prompt_encoder, prompts: Sequence[str], *, negative_prompt: str = "",
+                              steps_per_stage: int | Sequence[int] = 10, cfg_scale: float = 4.0,
+                              solver: str = "euler", shift: float = 1.0, seed: int = 0, image_ids=None) -> np.ndarray:
+        """uint8 images (N, R, R, 3) of a text-conditional model, one per prompt; prompt_encoder is a
+        text.PromptEncoder. Defaults are the release's demo settings (constant CFG 4, 10 steps)."""
+        if not self.model_config.cross_attention_dim:
+            raise ValueError("this model is class-conditional: use generate(labels)")
+        # Host copies: the encoder's outputs live on its devices, the sampler's state maybe elsewhere.
+        embeddings, mask = (np.asarray(a) for a in prompt_encoder.encode(list(prompts)))
+        negative, negative_mask = (np.asarray(a) for a in prompt_encoder.encode([negative_prompt] * len(prompts)))
+        cond = {"encoder_hidden_states": embeddings, "encoder_attention_mask": mask}
+        uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}
+        return self._generate(cond, uncond, len(prompts), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
+
+    def _generate(self, cond, uncond, count, steps_per_stage, cfg_scale, solver, shift, seed, image_ids):
         num_stages = self.scheduler.num_stages
         options = SamplingOptions.create(num_stages, steps_per_stage, cfg_scale=cfg_scale, shift=shift, solver=solver)
-        cond, uncond = class_conditioning(labels, self.model_config.num_classes)
-        ids = jnp.arange(len(cond["class_labels"])) if image_ids is None else jnp.asarray(image_ids)
+        ids = jnp.arange(count) if image_ids is None else jnp.asarray(image_ids)
         initial, blocks = draw_noise_jit(jax.random.key(seed), ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)
         return np.asarray(to_uint8(self.sample(initial, blocks, cond, uncond, options)))
