@@ -1,0 +1,79 @@
+"""pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth) -> InceptionV3.
+
+Strict like the PixelFlow converter: every tensor used, every parameter filled, shapes equal.
+Two tensors are read and dropped on purpose: `fc.bias` (ADM's Inception Score multiplies by the
+softmax weights only) and BatchNorm's `num_batches_tracked` counters (training bookkeeping).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.inception import InceptionV3
+
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+UNUSED = ("fc.bias",)
+# NNX leaf -> (torch suffix, torch -> NNX layout)
+_LEAVES = {
+    "kernel": ("conv.weight", lambda w: w.transpose(2, 3, 1, 0)),  # (out, in, kh, kw) -> (kh, kw, in, out)
+    "bn_scale": ("bn.weight", None),
+    "bn_bias": ("bn.bias", None),
+    "bn_mean": ("bn.running_mean", None),
+    "bn_var": ("bn.running_var", None),
+}
+
+
+def torch_key(path: tuple[str, ...]) -> tuple[str, object]:
+    if path == ("fc_weight",):
+        return "fc.weight", lambda w: w.T
+    suffix, layout = _LEAVES[path[-1]]
+    return ".".join([*path[:-1], suffix]), layout
+
+
+def inception_params(state_dict: Mapping[str, np.ndarray]) -> dict:
+    abstract = nnx.eval_shape(InceptionV3)
+    shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    problems, flat, used = [], {}, set(UNUSED)
+    for path, leaf in shapes.items():
+        path = tuple(str(p) for p in path)
+        key, layout = torch_key(path)
+        if key not in state_dict:
+            problems.append(f"missing {key}")
+            continue
+        used.add(key)
+        value = np.asarray(state_dict[key], np.float32)
+        value = layout(value) if layout else value
+        if value.shape != leaf.shape:
+            problems.append(f"{key}: shape {state_dict[key].shape} does not fit {'.'.join(path)} {leaf.shape}")
+        flat[path] = value
+    unused = sorted(k for k in set(state_dict) - used if not k.endswith("num_batches_tracked"))
+    if unused:
+        problems.append(f"{len(unused)} tensors the FID Inception does not have, e.g. {unused[:3]}")
+    if problems:
+        raise CheckpointError("not the FID Inception weights (pytorch-fid's " + WEIGHTS_NAME + "):\n  "
+                              + "\n  ".join(problems))
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_inception(path: str) -> InceptionV3:
+    """The FID Inception from pytorch-fid's weights file; no download ever happens here."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Inception weights {path} not found: download {WEIGHTS_URL} (pytorch-fid's "
+                              "FID Inception, converted from the 2015-12-05 TensorFlow graph) and pass its path")
+    from pixelflow_jax.torch_io import load_torch_file
+
+    state_dict = {k: v.detach().float().numpy() for k, v in load_torch_file(path).items()}
+    params = inception_params(state_dict)
+    model = nnx.eval_shape(InceptionV3)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+    return model

@@ -1,0 +1,156 @@
+"""The FID Inception (JAX) against a float64 torch-functional reference written here from the
+architecture (torchvision's Inception-v3 with pytorch-fid's TensorFlow patches), through the
+converter, on random weights in pytorch-fid's state-dict layout."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixelflow_jax.checkpoint import CheckpointError
+
+
+# ------------------------------------------------------------------ reference, NCHW float64 torch
+
+
+def conv(sd, name, x, stride=1, padding=0):
+    y = F.conv2d(x, sd[f"{name}.conv.weight"], stride=stride, padding=padding)
+    y = F.batch_norm(y, sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"], sd[f"{name}.bn.weight"],
+                     sd[f"{name}.bn.bias"], training=False, eps=1e-3)
+    return F.relu(y)
+
+
+def tf_average_pool(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def block_a(sd, n, x):
+    return torch.cat([conv(sd, f"{n}.branch1x1", x),
+                      conv(sd, f"{n}.branch5x5_2", conv(sd, f"{n}.branch5x5_1", x), padding=2),
+                      conv(sd, f"{n}.branch3x3dbl_3", conv(sd, f"{n}.branch3x3dbl_2",
+                                                           conv(sd, f"{n}.branch3x3dbl_1", x), padding=1), padding=1),
+                      conv(sd, f"{n}.branch_pool", tf_average_pool(x))], 1)
+
+
+def block_b(sd, n, x):
+    double = conv(sd, f"{n}.branch3x3dbl_2", conv(sd, f"{n}.branch3x3dbl_1", x), padding=1)
+    return torch.cat([conv(sd, f"{n}.branch3x3", x, stride=2), conv(sd, f"{n}.branch3x3dbl_3", double, stride=2),
+                      F.max_pool2d(x, 3, stride=2)], 1)
+
+
+def block_c(sd, n, x):
+    seven = conv(sd, f"{n}.branch7x7_1", x)
+    seven = conv(sd, f"{n}.branch7x7_3", conv(sd, f"{n}.branch7x7_2", seven, padding=(0, 3)), padding=(3, 0))
+    double = conv(sd, f"{n}.branch7x7dbl_1", x)
+    for i, pad in zip(range(2, 6), [(3, 0), (0, 3), (3, 0), (0, 3)]):
+        double = conv(sd, f"{n}.branch7x7dbl_{i}", double, padding=pad)
+    return torch.cat([conv(sd, f"{n}.branch1x1", x), seven, double,
+                      conv(sd, f"{n}.branch_pool", tf_average_pool(x))], 1)
+
+
+def block_d(sd, n, x):
+    three = conv(sd, f"{n}.branch3x3_2", conv(sd, f"{n}.branch3x3_1", x), stride=2)
+    seven = conv(sd, f"{n}.branch7x7x3_1", x)
+    seven = conv(sd, f"{n}.branch7x7x3_3", conv(sd, f"{n}.branch7x7x3_2", seven, padding=(0, 3)), padding=(3, 0))
+    return torch.cat([three, conv(sd, f"{n}.branch7x7x3_4", seven, stride=2), F.max_pool2d(x, 3, stride=2)], 1)
+
+
+def block_e(sd, n, x, max_pool):
+    three = conv(sd, f"{n}.branch3x3_1", x)
+    double = conv(sd, f"{n}.branch3x3dbl_2", conv(sd, f"{n}.branch3x3dbl_1", x), padding=1)
+    pooled = F.max_pool2d(x, 3, stride=1, padding=1) if max_pool else tf_average_pool(x)
+    return torch.cat([conv(sd, f"{n}.branch1x1", x),
+                      conv(sd, f"{n}.branch3x3_2a", three, padding=(0, 1)),
+                      conv(sd, f"{n}.branch3x3_2b", three, padding=(1, 0)),
+                      conv(sd, f"{n}.branch3x3dbl_3a", double, padding=(0, 1)),
+                      conv(sd, f"{n}.branch3x3dbl_3b", double, padding=(1, 0)),
+                      conv(sd, f"{n}.branch_pool", pooled)], 1)
+
+
+def reference_features(sd, images_299):
+    """(pool, spatial, logits without the fc bias) for uint8-valued NHWC 299 x 299 images."""
+    x = (torch.from_numpy(images_299).double().permute(0, 3, 1, 2) - 128) / 128
+    x = conv(sd, "Conv2d_2b_3x3", conv(sd, "Conv2d_2a_3x3", conv(sd, "Conv2d_1a_3x3", x, stride=2)), padding=1)
+    x = F.max_pool2d(x, 3, stride=2)
+    x = F.max_pool2d(conv(sd, "Conv2d_4a_3x3", conv(sd, "Conv2d_3b_1x1", x)), 3, stride=2)
+    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
+        x = block_a(sd, name, x)
+    x = block_b(sd, "Mixed_6a", x)
+    x = block_c(sd, "Mixed_6b", x)
+    x = block_c(sd, "Mixed_6c", x)
+    spatial = conv(sd, "Mixed_6d.branch1x1", x)[:, :7].permute(0, 2, 3, 1).reshape(len(x), -1)  # NHWC order
+    for name in ("Mixed_6d", "Mixed_6e"):
+        x = block_c(sd, name, x)
+    x = block_e(sd, "Mixed_7c", block_e(sd, "Mixed_7b", block_d(sd, "Mixed_7a", x), False), True)
+    pool = x.mean((2, 3))
+    return pool.numpy(), spatial.numpy(), (pool @ sd["fc.weight"].T).numpy()
+
+
+# --------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def random_state_dict():
+    """Random weights in pytorch-fid's layout; He-scaled so activations stay O(1) through 20 layers."""
+    from flax import nnx, traverse_util
+
+    from pixelflow_jax.inception import InceptionV3
+    from pixelflow_jax.inception_convert import torch_key
+
+    rng = np.random.default_rng(0)
+    abstract = nnx.eval_shape(InceptionV3)
+    sd = {"fc.bias": torch.zeros(1008, dtype=torch.float64)}
+    for path, leaf in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items():
+        key, _ = torch_key(tuple(str(p) for p in path))
+        if key.endswith("conv.weight"):
+            kh, kw, cin, cout = leaf.shape
+            value = rng.standard_normal((cout, cin, kh, kw)) * np.sqrt(2.0 / (cin * kh * kw))
+        elif key == "fc.weight":
+            value = rng.standard_normal(leaf.shape[::-1]) / np.sqrt(2048)
+        elif key.endswith("running_var"):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        elif key.endswith("bn.weight"):
+            value = rng.uniform(0.8, 1.2, leaf.shape)
+        else:
+            value = rng.normal(0, 0.1, leaf.shape)
+        sd[key] = torch.from_numpy(value)
+        if key.endswith("running_var"):
+            sd[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+    return sd
+
+
+def test_forward_equals_float64_reference_through_the_converter(random_state_dict, tmp_path):
+    from pixelflow_jax.inception_convert import load_inception
+
+    path = tmp_path / "pt_inception.pth"
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in random_state_dict.items()}, path)
+    model = load_inception(str(path))
+    images = np.random.default_rng(1).integers(0, 256, (2, 299, 299, 3)).astype(np.float32)
+    got = model(images, resize=False)
+    expected = reference_features(random_state_dict, images.astype(np.float64))
+    for name, g, e in zip(("pool", "spatial", "logits"), got, expected):
+        g = np.asarray(g, np.float64)
+        assert g.shape == e.shape, name
+        assert np.linalg.norm(g - e) / np.linalg.norm(e) <= 1e-4, name
+    assert expected[1].shape == (2, 17 * 17 * 7)
+
+
+def test_resize_is_tensorflow_legacy_bilinear():
+    """align_corners=False without half-pixel centres: 2 -> 4 pixels samples 0, 0.5, 1, 1.5 (clamped)."""
+    from pixelflow_jax.inception import legacy_bilinear_matrix
+
+    np.testing.assert_allclose(legacy_bilinear_matrix(2, 4) @ np.array([10.0, 20.0]), [10, 15, 20, 20])
+    np.testing.assert_allclose(legacy_bilinear_matrix(4, 2) @ np.array([1.0, 2, 3, 4]), [1, 3])  # 0 and 2
+    assert np.allclose(legacy_bilinear_matrix(256, 299).sum(axis=1), 1)
+
+
+def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
+    from pixelflow_jax.inception_convert import load_inception
+
+    with pytest.raises(CheckpointError, match="download https://github.com/mseitzer/pytorch-fid"):
+        load_inception(str(tmp_path / "absent.pth"))
+    broken = {k: v for k, v in random_state_dict.items() if not k.startswith("Mixed_7c.branch_pool")}
+    broken["extra.weight"] = torch.zeros(3)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"missing Mixed_7c\.branch_pool\.conv\.weight(.|\n)*extra\.weight"):
+        load_inception(str(tmp_path / "broken.pth"))
