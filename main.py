@@ -4,11 +4,15 @@
     python main.py --config=configs/c2i.py --workdir=runs/fid --mode=sample \
         --config.sample.checkpoint=checkpoints/pixelflow_xl_c2i
     python main.py --config=configs/c2i.py:tiny --workdir=runs/tiny --mode=inspect
+    python main.py --config=configs/c2i.py --workdir=runs/fid --mode=eval \
+        --config.eval.samples=runs/fid/samples.npz --config.eval.reference=VIRTUAL_imagenet256_labeled.npz \
+        --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 Settings live in the config file and can be overridden with --config.<field>=<value>.
-Modes: train, sample, inspect. (eval arrives with its issue.)
+Modes: train, sample, inspect, eval.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -17,7 +21,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect", "eval"], "What to run.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: for runs on several hosts "
                   "(auto-detected on Cloud TPU pods and SLURM/Open MPI clusters).")
 flags.DEFINE_string("coordinator_address", None, "With --distributed where jax cannot detect the cluster: "
@@ -59,12 +63,16 @@ def main(argv):
         from pixelflow_jax import inspect_model
 
         inspect_model.run(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-        from pixelflow_jax import sample_run
+    elif FLAGS.mode in ("sample", "eval"):
+        from pixelflow_jax import evaluate, sample_run
         from pixelflow_jax.checkpoint import CheckpointError
 
         try:
-            sample_run.run(FLAGS.config, FLAGS.workdir)
+            if FLAGS.mode == "sample":
+                sample_run.run(FLAGS.config, FLAGS.workdir)
+            if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
+                samples = os.path.join(FLAGS.workdir, "samples.npz") if FLAGS.mode == "sample" else None
+                evaluate.run(FLAGS.config, FLAGS.workdir, samples)
         except (CheckpointError, ValueError) as e:
             sys.exit(f"error: {e}")
 

@@ -85,6 +85,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         labels=(),  # class ids, one per image; empty: image i gets class i mod num_classes
     ))
 
+    # --mode=eval (and the end of --mode=sample when eval.reference is set): ADM's metrics.
+    config.eval = ml_collections.ConfigDict(dict(
+        samples="",  # .npz with arr_0 uint8 (N, H, W, 3); --mode=sample uses its own samples.npz
+        reference="",  # e.g. ADM's VIRTUAL_imagenet256_labeled.npz
+        inception_weights="",  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+        batch_size=100,  # images per Inception batch (rounded up to a multiple of the device count)
+    ))
+
     if arg == "tiny":
         config.model.update(num_attention_heads=2, attention_head_dim=16, depth=2, num_classes=10, dtype="float32")
         config.data.update(resolution=64, source="demo", num_workers=0)

@@ -126,6 +126,7 @@ def run(config, workdir: str) -> None:
     multihost_utils.sync_global_devices("all images written")
     if jax.process_index() == 0:
         finish(folder, workdir, num_images)
+    multihost_utils.sync_global_devices("samples.npz written")  # an evaluation may read it next
 
 
 def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, seed) -> None:

@@ -2,6 +2,8 @@
 architecture (torchvision's Inception-v3 with pytorch-fid's TensorFlow patches), through the
 converter, on random weights in pytorch-fid's state-dict layout."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,96 @@ def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match=r"missing Mixed_7c\.branch_pool\.conv\.weight(.|\n)*extra\.weight"):
         load_inception(str(tmp_path / "broken.pth"))
+
+
+# ------------------------------------------------------------------------------ --mode=eval
+
+
+@pytest.fixture(scope="module")
+def weights_file(random_state_dict, tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in random_state_dict.items()}, path)
+    return str(path)
+
+
+def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cache(weights_file, tmp_path,
+                                                                                  monkeypatch):
+    from pixelflow_jax import evaluate
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    samples, reference = str(tmp_path / "samples.npz"), str(tmp_path / "reference.npz")
+    np.savez(samples, arr_0=images)
+    np.savez_compressed(reference, arr_0=images)  # compressed: streamed all the same
+    workdir = str(tmp_path / "run")
+    same = evaluate.evaluate(samples, reference, weights_file, workdir, batch_size=4)  # 3 batches, last padded
+    assert abs(same["fid"]) < 1e-4 and abs(same["sfid"]) < 1e-4  # rounding of rank-9 covariances
+    assert same["precision"] == same["recall"] == 1.0 and same["num_samples"] == 10
+
+    # A second evaluation of the same files reads the cached features: no Inception forward.
+    monkeypatch.setattr(evaluate.FeatureExtractor, "__call__", lambda self, path: pytest.fail("not cached"))
+    assert evaluate.evaluate(samples, reference, weights_file, workdir, batch_size=4) == same
+    monkeypatch.undo()
+
+    darker = str(tmp_path / "darker.npz")
+    np.savez(darker, arr_0=(images // 2).astype(np.uint8))
+    shifted = evaluate.evaluate(darker, reference, weights_file, workdir, batch_size=4)
+    assert shifted["fid"] > 1e-2 and shifted["sfid"] > 1e-2
+
+    # Stored statistics in the reference (as ADM's reference batches carry) take precedence.
+    features = evaluate.cached_features(evaluate.FeatureExtractor(weights_file, 4), darker,
+                                        os.path.join(workdir, "eval_features"))
+    from pixelflow_jax import metrics
+
+    mu, sigma = metrics.gaussian_statistics(features["pool"])
+    mu_s, sigma_s = metrics.gaussian_statistics(features["spatial"])
+    with_stats = str(tmp_path / "reference_with_stats.npz")
+    np.savez(with_stats, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    stored = evaluate.evaluate(darker, with_stats, weights_file, workdir, batch_size=4)
+    assert abs(stored["fid"]) < 1e-4 and abs(stored["sfid"]) < 1e-4  # darker vs its own statistics
+
+
+def test_eval_mode_writes_eval_json_and_refuses_missing_files(weights_file, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    # The shapes of the test above (32 px, batches of 8 over 8 devices): its compiled Inception
+    # comes from the test session's persistent compilation cache.
+    images = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", arr_0=images)
+    base = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--mode=eval", "--config.eval.batch_size=8",
+            f"--workdir={tmp_path / 'run'}", f"--config.eval.samples={tmp_path / 'a.npz'}"]
+    result = subprocess.run(base + [f"--config.eval.reference={tmp_path / 'a.npz'}",
+                                    f"--config.eval.inception_weights={weights_file}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.load(open(tmp_path / "run" / "eval.json"))
+    assert set(results) >= {"fid", "sfid", "inception_score", "precision", "recall"} and "fid:" in result.stdout
+    result = subprocess.run(base + [f"--config.eval.reference={tmp_path / 'a.npz'}",
+                                    f"--config.eval.inception_weights={tmp_path / 'none.pth'}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode != 0 and "download https://github.com/mseitzer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sampling_finishes_with_the_evaluation_when_a_reference_is_set(weights_file, converted, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, arr_0=np.random.default_rng(4).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--mode=sample", f"--workdir={tmp_path / 'run'}",
+         f"--config.sample.checkpoint={converted['c2i_tiny']}", "--config.sample.num_images=4",
+         "--config.sample.steps_per_stage=1", f"--config.eval.reference={reference}",
+         f"--config.eval.inception_weights={weights_file}", "--config.eval.batch_size=8"],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.load(open(tmp_path / "run" / "eval.json"))
+    assert results["num_samples"] == 4 and results["samples"] == str(tmp_path / "run" / "samples.npz")

@@ -1,0 +1,154 @@
+"""`main.py --mode=eval`: FID, sFID, Inception Score, precision and recall of a sample batch
+against a reference batch, the numbers ADM's evaluation suite prints, without TensorFlow.
+
+    config.eval.samples            .npz with arr_0 = uint8 (N, H, W, 3) (what --mode=sample writes)
+    config.eval.reference          .npz with arr_0 (e.g. ADM's VIRTUAL_imagenet256_labeled.npz);
+                                   its precomputed mu / sigma (and mu_s / sigma_s) are used when present
+    config.eval.inception_weights  pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+
+Images are streamed from the .npz in batches (a 50k batch is 10 GB), run through the Inception
+with the batch split over the devices, and their features cached next to the run
+(WORKDIR/eval_features/), keyed by the file's path, size and modification time: a second
+evaluation of the same files reads the cache. Results: printed and WORKDIR/eval.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import zipfile
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pixelflow_jax import metrics
+from pixelflow_jax.checkpoint import CheckpointError
+
+FEATURES = ("pool", "spatial", "logits")
+
+
+def npz_batches(path: str, batch_size: int):
+    """Yields arr_0 of an (uncompressed or compressed) .npz in row batches, never all at once."""
+    try:
+        archive = zipfile.ZipFile(path)
+        member = archive.open("arr_0.npy")
+    except (OSError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
+    with archive, member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(member)
+        if len(shape) != 4 or shape[-1] != 3 or fortran:
+            raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            yield np.frombuffer(member.read(count * row_bytes), dtype).reshape(count, *shape[1:])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _inception(graphdef, params, images):
+    """One compiled program per image shape, shared by every FeatureExtractor."""
+    from flax import nnx
+
+    return nnx.merge(graphdef, params)(images)
+
+
+class FeatureExtractor:
+    """Inception features of image batches, the batch split over this process's devices."""
+
+    def __init__(self, weights_path: str, batch_size: int):
+        from flax import nnx
+
+        from pixelflow_jax.inception_convert import load_inception
+
+        self.weights_path = os.path.abspath(weights_path)
+        model = load_inception(weights_path)
+        # This process's devices: every process computes all features (host copies, no cross-host
+        # gather); a multi-host run repeats the work on each host rather than splitting it.
+        mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        self.rows = NamedSharding(mesh, P("data"))
+        self.graphdef, params = nnx.split(model)
+        self.params = jax.device_put(params, NamedSharding(mesh, P()))
+        self.batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
+
+    def __call__(self, path: str) -> dict[str, np.ndarray]:
+        parts = {name: [] for name in FEATURES}
+        for images in npz_batches(path, self.batch_size):
+            count = len(images)
+            padded = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, 0)])
+            outputs = _inception(self.graphdef, self.params, jax.device_put(padded.astype(np.float32), self.rows))
+            for name, value in zip(FEATURES, outputs):
+                parts[name].append(np.asarray(value)[:count])
+        return {name: np.concatenate(value) for name, value in parts.items()}
+
+
+def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
+    stat = os.stat(path)
+    key = hashlib.sha256(json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
+                                     extract.weights_path]).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{key}.npz")
+    if os.path.isfile(cache):
+        logging.info("features of %s from %s", path, cache)
+        with np.load(cache) as f:
+            return {name: f[name] for name in FEATURES}
+    features = extract(path)
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(cache + ".tmp.npz", **features)
+    os.replace(cache + ".tmp.npz", cache)
+    return features
+
+
+def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
+    """((mu, sigma), (mu_s, sigma_s)): the .npz's own where present (ADM's reference batches carry
+    them), else from the features."""
+    with np.load(path) as f:
+        stored = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
+    pool = (stored["mu"], stored["sigma"]) if "mu" in stored else metrics.gaussian_statistics(features["pool"])
+    spatial = ((stored["mu_s"], stored["sigma_s"]) if "mu_s" in stored
+               else metrics.gaussian_statistics(features["spatial"]))
+    return pool, spatial
+
+
+def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
+    for name, path in (("eval.samples", samples), ("eval.reference", reference)):
+        if not path or not os.path.isfile(path):
+            raise ValueError(f"config.{name} must be an .npz file; got {path!r}")
+    if not inception_weights:
+        raise CheckpointError("set --config.eval.inception_weights to pytorch-fid's "
+                              "pt_inception-2015-12-05-6726825d.pth (see the README)")
+    extract = FeatureExtractor(inception_weights, batch_size)
+    cache_dir = os.path.join(workdir, "eval_features")
+    sample_features = cached_features(extract, samples, cache_dir)
+    reference_features = cached_features(extract, reference, cache_dir)
+    (mu, sigma), (mu_s, sigma_s) = reference_statistics(reference, reference_features)
+    precision, recall = metrics.precision_recall(reference_features["pool"], sample_features["pool"])
+    results = dict(
+        fid=metrics.frechet_distance(*metrics.gaussian_statistics(sample_features["pool"]), mu, sigma),
+        sfid=metrics.frechet_distance(*metrics.gaussian_statistics(sample_features["spatial"]), mu_s, sigma_s),
+        inception_score=metrics.inception_score(sample_features["logits"]),
+        precision=precision, recall=recall,
+        num_samples=len(sample_features["pool"]), num_reference=len(reference_features["pool"]),
+        samples=os.path.abspath(samples), reference=os.path.abspath(reference),
+    )
+    return results
+
+
+def run(config, workdir: str, samples: str | None = None) -> dict:
+    """Evaluates config.eval.samples (or `samples`) and writes WORKDIR/eval.json (process 0)."""
+    e = config.eval
+    results = evaluate(samples or e.samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
+    for name in ("fid", "sfid", "inception_score", "precision", "recall"):
+        logging.info("%s: %.4f", name, results[name])
+        print(f"{name}: {results[name]:.4f}")
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "eval.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return results
