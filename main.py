@@ -9,7 +9,10 @@
         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 Settings live in the config file and can be overridden with --config.<field>=<value>.
-Modes: train, sample, inspect, eval.
+    python main.py --config=configs/c2i.py --workdir=runs/demo --mode=demo \
+        --config.sample.checkpoint=checkpoints/pixelflow_xl_c2i            # http://127.0.0.1:7860
+
+Modes: train, sample, inspect, eval, demo.
 """
 
 import os
@@ -21,7 +24,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect", "eval"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "inspect", "eval", "demo"], "What to run.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: for runs on several hosts "
                   "(auto-detected on Cloud TPU pods and SLURM/Open MPI clusters).")
 flags.DEFINE_string("coordinator_address", None, "With --distributed where jax cannot detect the cluster: "
@@ -63,6 +66,14 @@ def main(argv):
         from pixelflow_jax import inspect_model
 
         inspect_model.run(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "demo":
+        from pixelflow_jax import demo_app
+        from pixelflow_jax.checkpoint import CheckpointError
+
+        try:
+            demo_app.run(FLAGS.config)
+        except (CheckpointError, ValueError) as e:
+            sys.exit(f"error: {e}")
     elif FLAGS.mode in ("sample", "eval"):
         from pixelflow_jax import evaluate, sample_run
         from pixelflow_jax.checkpoint import CheckpointError

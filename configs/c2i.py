@@ -93,6 +93,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         batch_size=100,  # images per Inception batch (rounded up to a multiple of the device count)
     ))
 
+    # --mode=demo: the local web page (pixelflow_jax/demo_app.py); it samples config.sample.checkpoint.
+    config.demo = ml_collections.ConfigDict(dict(
+        port=7860,
+        share_on_network=False,  # True: listen on every interface (0.0.0.0), not only this machine
+        max_images=8,
+    ))
+
     if arg == "tiny":
         config.model.update(num_attention_heads=2, attention_head_dim=16, depth=2, num_classes=10, dtype="float32")
         config.data.update(resolution=64, source="demo", num_workers=0)

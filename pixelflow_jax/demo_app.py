@@ -1,0 +1,156 @@
+"""`main.py --mode=demo`: a local web page (Gradio) that samples a converted checkpoint.
+
+Class-conditional checkpoints get a class picker (ImageNet names for 1000-class models), text ones
+a prompt box (with config.sample.text_encoder); both get solver, CFG, noise shift, steps per stage,
+seed and number of images, a gallery and the PNGs to download. Each new combination of batch size,
+steps, solver and guidance compiles once (the page says so); repeats reuse the compiled sampler.
+Bad input is reported on the page; the server keeps running. Binds to 127.0.0.1 unless
+config.demo.share_on_network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from pixelflow_jax.api import load_model
+from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.sampling import CascadeSampler
+
+IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")  # index = class id
+
+
+def class_choices(num_classes: int) -> list[tuple[str, int]]:
+    if num_classes == 1000:
+        with open(IMAGENET_NAMES) as f:
+            names = json.load(f)
+        return [(f"{i}: {name}", i) for i, name in enumerate(names)]
+    return [(f"class {i}", i) for i in range(num_classes)]
+
+
+class DemoSampler:
+    """The model, its compiled sampler, and the request validation the page relies on."""
+
+    def __init__(self, config):
+        s = config.sample
+        if not s.checkpoint:
+            raise CheckpointError("set --config.sample.checkpoint to a converted checkpoint folder")
+        model, self.ckpt = load_model(s.checkpoint, dtype=config.model.dtype, attention=config.model.attention)
+        self.model_config = model.config
+        self.sampler = CascadeSampler(model, self.ckpt)
+        self.text = bool(model.config.cross_attention_dim)
+        self.prompt_encoder = None
+        if self.text:
+            from pixelflow_jax.text import PromptEncoder
+
+            if not s.text_encoder:
+                raise ValueError("a text-conditional checkpoint needs --config.sample.text_encoder (a T5 folder)")
+            self.prompt_encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens),
+                                                dtype=config.model.dtype, param_dtype=s.text_encoder_param_dtype)
+        self.max_images = int(config.demo.max_images)
+        self.compiled: set = set()
+        self.output_dir = tempfile.mkdtemp(prefix="pixelflow_demo_")
+
+    def check(self, condition, num_images, cfg, shift, steps, seed) -> str | None:
+        """The problem with a request, in words for the page, or None."""
+        if self.text and not str(condition or "").strip():
+            return "Type a prompt."
+        if not self.text and condition is None:
+            return "Pick a class."
+        if not 1 <= num_images <= self.max_images or int(num_images) != num_images:
+            return f"Number of images must be a whole number from 1 to {self.max_images}."
+        if not 1.0 <= cfg <= 25.0:
+            return "CFG must be between 1 and 25."
+        if not 1.0 <= shift <= 100.0:
+            return "Noise shift must be between 1 and 100."
+        if any(not 1 <= n <= 100 or int(n) != n for n in steps):
+            return "Steps per stage must be whole numbers from 1 to 100."
+        if seed is None or seed < 0 or int(seed) != seed:
+            return "Seed must be a whole number >= 0."
+        return None
+
+    def compile_key(self, num_images, solver, cfg, steps) -> tuple:
+        return (int(num_images), solver, float(cfg), tuple(int(n) for n in steps))
+
+    def generate(self, condition, num_images, solver, cfg, shift, steps, seed) -> list[str]:
+        """PNG paths of the images; the same request always gives the same images."""
+        options = dict(steps_per_stage=[int(n) for n in steps], cfg_scale=float(cfg), solver=solver,
+                       shift=float(shift), seed=int(seed))
+        n = int(num_images)
+        if self.text:
+            images = self.sampler.generate_from_prompts(self.prompt_encoder, [str(condition)] * n, **options)
+        else:
+            images = self.sampler.generate([int(condition)] * n, **options)
+        self.compiled.add(self.compile_key(num_images, solver, cfg, steps))
+        folder = tempfile.mkdtemp(dir=self.output_dir)
+        paths = []
+        for i, image in enumerate(images):
+            paths.append(os.path.join(folder, f"pixelflow_{int(seed)}_{i}.png"))
+            Image.fromarray(np.asarray(image)).save(paths[-1])
+        return paths
+
+
+def build_page(demo: DemoSampler, config):
+    import gradio as gr
+
+    stages = demo.ckpt.num_stages
+    default_steps = config.sample.steps_per_stage
+    default_steps = list(default_steps) if isinstance(default_steps, (list, tuple)) else [default_steps] * stages
+    kind = "prompt" if demo.text else "class"
+    with gr.Blocks(title="PixelFlow (JAX)") as page:
+        gr.Markdown(f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {stages} stages, "
+                    f"{'text' if demo.text else 'class'}-conditional checkpoint `{config.sample.checkpoint}`")
+        with gr.Row():
+            with gr.Column():
+                if demo.text:
+                    condition = gr.Textbox(label="Prompt", placeholder="a red fox in the snow")
+                else:
+                    choices = class_choices(demo.model_config.num_classes)
+                    condition = gr.Dropdown(choices=choices, value=choices[0][1], label="Class")
+                solver = gr.Radio(["euler", "dopri5"], value="euler", label="Solver")
+                cfg = gr.Slider(1.0, 25.0, value=float(config.sample.cfg_scale), step=0.1, label="CFG")
+                shift = gr.Slider(1.0, 100.0, value=float(config.sample.shift), step=1.0, label="Noise shift")
+                steps = [gr.Slider(1, 100, value=int(default_steps[s]), step=1, label=f"Steps, stage {s}")
+                         for s in range(stages)]
+                seed = gr.Number(value=int(config.sample.seed), precision=0, label="Seed")
+                num_images = gr.Slider(1, demo.max_images, value=min(2, demo.max_images), step=1,
+                                       label="Number of images")
+                button = gr.Button("Generate", variant="primary")
+            with gr.Column():
+                status = gr.Markdown("Ready.", elem_id="status")
+                gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery")
+                files = gr.File(label="PNGs", file_count="multiple")
+
+        def run(condition, solver, cfg, shift, seed, num_images, *steps):
+            problem = demo.check(condition, num_images, cfg, shift, steps, seed)
+            if problem:
+                yield gr.update(value=f"**Not generated:** {problem}"), gr.update(), gr.update()
+                return
+            if demo.compile_key(num_images, solver, cfg, steps) not in demo.compiled:
+                yield (gr.update(value="Compiling the sampler for these settings (the first request for a new "
+                                       "batch size, step count, solver or CFG takes longer; repeats are fast)..."),
+                       gr.update(), gr.update())
+            start = time.perf_counter()
+            try:
+                paths = demo.generate(condition, num_images, solver, cfg, shift, steps, seed)
+            except Exception as error:  # shown on the page; the server keeps serving
+                yield gr.update(value=f"**Failed:** {type(error).__name__}: {error}"), gr.update(), gr.update()
+                return
+            yield (gr.update(value=f"{len(paths)} images for {kind} {condition!r} in "
+                                   f"{time.perf_counter() - start:.1f} s."), paths, paths)
+
+        button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files])
+    return page
+
+
+def run(config) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = DemoSampler(config)
+    page = build_page(demo, config)
+    host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
+    page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False)

@@ -1,0 +1,80 @@
+"""`main.py --mode=demo` driven by headless Chromium: pick a class, generate, see the images."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (.ci/run installs it)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo_server(converted, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "demo.log", "w")
+    server = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
+                               "--mode=demo", f"--config.sample.checkpoint={converted['c2i_tiny']}",
+                               f"--config.demo.port={port}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"the demo server did not start: {open(tmp_path / 'demo.log').read()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def test_pick_a_class_generate_and_see_the_images(demo_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    artifacts = os.environ.get("PIXELFLOW_TEST_ARTIFACTS", str(tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(demo_server)
+        box = page.get_by_label("Class")  # a 1000-class model: ImageNet names, filtered by typing
+        box.click()
+        box.press("Control+a")
+        box.press("Backspace")
+        box.press_sequentially("Golden", delay=30)
+        page.get_by_role("option", name="207: Golden Retriever").click()
+
+        # Bad input gives a message on the page, and the server carries on.
+        seed = page.get_by_label("Seed")
+        seed.fill("-1")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Not generated')",
+                               timeout=30_000)
+        assert "Seed must be a whole number" in page.locator("#status").inner_text()
+
+        seed.fill("7")
+        count = page.get_by_label("number input for Number of images")
+        count.fill("3")
+        count.press("Enter")
+        page.get_by_role("button", name="Generate").click()
+        page.wait_for_function("document.querySelectorAll('#gallery img').length >= 3", timeout=180_000)
+        assert page.locator("#gallery img").count() == 3
+        assert "3 images for class 207" in page.locator("#status").inner_text()
+        page.screenshot(path=os.path.join(artifacts, "demo_page.png"), full_page=True)
+        browser.close()
+    assert os.path.getsize(os.path.join(artifacts, "demo_page.png")) > 10_000
