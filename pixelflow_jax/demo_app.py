@@ -22,7 +22,8 @@ from pixelflow_jax.api import load_model
 from pixelflow_jax.checkpoint import CheckpointError
 from pixelflow_jax.sampling import CascadeSampler
 
-IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")  # index = class id
+# Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
+IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")
 
 
 def class_choices(num_classes: int) -> list[tuple[str, int]]:
