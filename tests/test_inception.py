@@ -173,19 +173,22 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
     from pixelflow_jax import evaluate
 
     rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     samples, reference = str(tmp_path / "samples.npz"), str(tmp_path / "reference.npz")
     np.savez(samples, arr_0=images)
     np.savez_compressed(reference, arr_0=images)  # compressed: streamed all the same
     workdir = str(tmp_path / "run")
-    same = evaluate.evaluate(samples, reference, weights_file, workdir, batch_size=4)  # 3 batches, last padded
-    assert abs(same["fid"]) < 1e-4 and abs(same["sfid"]) < 1e-4  # rounding of rank-9 covariances
-    assert same["precision"] == same["recall"] == 1.0 and same["num_samples"] == 10
+    # batch_size 4 rounds up to the 8 fake devices: one padded batch per file.
+    same = evaluate.evaluate(samples, reference, weights_file, workdir, batch_size=4)
+    assert abs(same["fid"]) < 1e-4 and abs(same["sfid"]) < 1e-4  # rounding of rank-5 covariances
+    assert same["precision"] == same["recall"] == 1.0 and same["num_samples"] == 6
 
     # A second evaluation of the same files reads the cached features: no Inception forward.
+    extractor = evaluate.FeatureExtractor(weights_file, 4)
     monkeypatch.setattr(evaluate.FeatureExtractor, "__call__", lambda self, path: pytest.fail("not cached"))
-    assert evaluate.evaluate(samples, reference, weights_file, workdir, batch_size=4) == same
+    cached = evaluate.cached_features(extractor, samples, os.path.join(workdir, "eval_features"))
     monkeypatch.undo()
+    np.testing.assert_array_equal(cached["pool"], extractor(samples)["pool"])
 
     darker = str(tmp_path / "darker.npz")
     np.savez(darker, arr_0=(images // 2).astype(np.uint8))
@@ -205,33 +208,18 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
     assert abs(stored["fid"]) < 1e-4 and abs(stored["sfid"]) < 1e-4  # darker vs its own statistics
 
 
-def test_eval_mode_writes_eval_json_and_refuses_missing_files(weights_file, tmp_path):
-    import json
-    import subprocess
-    import sys
+def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
+    from pixelflow_jax import evaluate
 
-    from conftest import REPO
-
-    # The shapes of the test above (32 px, batches of 8 over 8 devices): its compiled Inception
-    # comes from the test session's persistent compilation cache.
-    images = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    np.savez(tmp_path / "a.npz", arr_0=images)
-    base = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--mode=eval", "--config.eval.batch_size=8",
-            f"--workdir={tmp_path / 'run'}", f"--config.eval.samples={tmp_path / 'a.npz'}"]
-    result = subprocess.run(base + [f"--config.eval.reference={tmp_path / 'a.npz'}",
-                                    f"--config.eval.inception_weights={weights_file}"],
-                            capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr
-    results = json.load(open(tmp_path / "run" / "eval.json"))
-    assert set(results) >= {"fid", "sfid", "inception_score", "precision", "recall"} and "fid:" in result.stdout
-    result = subprocess.run(base + [f"--config.eval.reference={tmp_path / 'a.npz'}",
-                                    f"--config.eval.inception_weights={tmp_path / 'none.pth'}"],
-                            capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert result.returncode != 0 and "download https://github.com/mseitzer" in result.stderr
-    assert "Traceback" not in result.stderr
+    np.savez(tmp_path / "a.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(CheckpointError, match="download https://github.com/mseitzer/pytorch-fid"):
+        evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), str(tmp_path / "none.pth"), str(tmp_path))
+    with pytest.raises(ValueError, match="config.eval.reference must be an .npz file"):
+        evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "none.npz"), weights_file, str(tmp_path))
 
 
 def test_sampling_finishes_with_the_evaluation_when_a_reference_is_set(weights_file, converted, tmp_path):
+    """main.py --mode=sample, then the evaluation of its samples.npz: eval.json and printed metrics."""
     import json
     import subprocess
     import sys
@@ -249,3 +237,4 @@ def test_sampling_finishes_with_the_evaluation_when_a_reference_is_set(weights_f
     assert result.returncode == 0, result.stderr
     results = json.load(open(tmp_path / "run" / "eval.json"))
     assert results["num_samples"] == 4 and results["samples"] == str(tmp_path / "run" / "samples.npz")
+    assert set(results) >= {"fid", "sfid", "inception_score", "precision", "recall"} and "fid:" in result.stdout
