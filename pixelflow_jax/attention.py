@@ -54,24 +54,26 @@ def _cudnn_attention(q, k, v, key_mask):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
 
 
-def _pallas_gpu_attention(q, k, v, key_mask):
-    from pixelflow_jax.pallas_gpu_attention import flash_attention, supports
+def _pallas_kernel(supports, kernel, q, k, v, key_mask):
+    """kernel on each device's share of the mesh, or xla for lengths `supports` refuses."""
     from pixelflow_jax.sharding import map_attention_over_mesh
 
-    if not supports(q.shape[1], k.shape[1]):  # e.g. the tiny fixture's 6 text tokens
+    if not supports(q.shape[1], k.shape[1]):
         return _xla_attention(q, k, v, key_mask)
-    kernel = lambda q, k, v, key_mask: flash_attention(q, k, v, key_mask, interpret=_interpret[0])
-    return map_attention_over_mesh(kernel, q, k, v, key_mask)
+    local = lambda q, k, v, key_mask: kernel(q, k, v, key_mask, interpret=_interpret[0])
+    return map_attention_over_mesh(local, q, k, v, key_mask)
+
+
+def _pallas_gpu_attention(q, k, v, key_mask):
+    from pixelflow_jax.pallas_gpu_attention import flash_attention, supports
+
+    return _pallas_kernel(supports, flash_attention, q, k, v, key_mask)  # xla for e.g. 6 text keys
 
 
 def _splash_attention(q, k, v, key_mask):
-    from pixelflow_jax.sharding import map_attention_over_mesh
     from pixelflow_jax.splash_attention import splash_attention, supports
 
-    if not supports(q.shape[1], k.shape[1]):  # e.g. the 64-token first stage
-        return _xla_attention(q, k, v, key_mask)
-    kernel = lambda q, k, v, key_mask: splash_attention(q, k, v, key_mask, interpret=_interpret[0])
-    return map_attention_over_mesh(kernel, q, k, v, key_mask)
+    return _pallas_kernel(supports, splash_attention, q, k, v, key_mask)  # xla for e.g. the 64-token stage
 
 
 BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla_attention, "cudnn": _cudnn_attention,
