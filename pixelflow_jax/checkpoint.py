@@ -140,10 +140,17 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
                               f"{config.model.architecture()}: {first_line}") from None
 
 
+def module_with_params(create, params: Params, dtype=None):
+    """The module `create()` builds, holding `params` (a pure dict of its nnx.Param values, cast to
+    dtype if given) instead of a random initialisation, which is never computed."""
+    module = nnx.eval_shape(create)
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.numpy.asarray(a, dtype), params))
+    nnx.update(module, state)
+    return module
+
+
 def build_model(config: CheckpointConfig, params: Params) -> PixelFlow:
     """An NNX model of the config's architecture holding the given parameters (no random init)."""
-    model = nnx.eval_shape(lambda: PixelFlow(config.model, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.numpy.asarray(a, config.model.parameter_dtype), params))
-    nnx.update(model, state)
-    return model
+    return module_with_params(lambda: PixelFlow(config.model, rngs=nnx.Rngs(0)), params,
+                              config.model.parameter_dtype)

@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.checkpoint import CheckpointError, module_with_params
 from pixelflow_jax.inception import InceptionV3
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -68,12 +66,7 @@ def load_inception(path: str) -> InceptionV3:
     if not os.path.isfile(path):
         raise CheckpointError(f"Inception weights {path} not found: download {WEIGHTS_URL} (pytorch-fid's "
                               "FID Inception, converted from the 2015-12-05 TensorFlow graph) and pass its path")
-    from pixelflow_jax.torch_io import load_torch_file
+    from pixelflow_jax.torch_io import float32_numpy, load_tensor_dict
 
-    state_dict = {k: v.detach().float().numpy() for k, v in load_torch_file(path).items()}
-    params = inception_params(state_dict)
-    model = nnx.eval_shape(InceptionV3)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    nnx.update(model, state)
-    return model
+    state_dict = float32_numpy(load_tensor_dict(path))
+    return module_with_params(InceptionV3, inception_params(state_dict))

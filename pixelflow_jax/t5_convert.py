@@ -13,12 +13,10 @@ import json
 import os
 from typing import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.checkpoint import CheckpointError, module_with_params
 from pixelflow_jax.t5 import T5Config, T5Encoder
 
 SKIPPED_PREFIXES = ("decoder.", "lm_head.")
@@ -83,13 +81,10 @@ def read_encoder_state_dict(folder: str) -> dict[str, np.ndarray]:
                     if not key.startswith(SKIPPED_PREFIXES):
                         tensors[key] = np.asarray(f.get_tensor(key), np.float32)
         else:
-            from pixelflow_jax.torch_io import load_torch_file
+            from pixelflow_jax.torch_io import float32_numpy, load_tensor_dict
 
-            import torch
-
-            for key, value in load_torch_file(path).items():
-                if not key.startswith(SKIPPED_PREFIXES):
-                    tensors[key] = value.detach().to(torch.float32).numpy()
+            loaded = load_tensor_dict(path)
+            tensors.update(float32_numpy({k: v for k, v in loaded.items() if not k.startswith(SKIPPED_PREFIXES)}))
     return tensors
 
 
@@ -137,8 +132,4 @@ def load_t5_encoder(folder: str, *, dtype: str = "float32", param_dtype: str = "
     """A ready-to-call T5Encoder from a Hugging Face folder, parameters in param_dtype."""
     cfg = read_t5_config(folder, dtype=dtype, param_dtype=param_dtype)
     params = encoder_params(read_encoder_state_dict(folder), cfg)
-    model = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params))
-    nnx.update(model, state)
-    return model
+    return module_with_params(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)), params, param_dtype)

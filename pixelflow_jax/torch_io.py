@@ -69,7 +69,23 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise CheckpointError(f"{path} holds no PixelFlow state dict (expected a dict of tensors, "
                               f"or a train.py checkpoint with 'model'/'ema')")
-    return {k: v.detach().to(torch.float32).numpy() for k, v in loaded.items()}
+    return float32_numpy(loaded)
+
+
+def float32_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    torch = _import_torch()
+    return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
+
+
+def load_tensor_dict(path: str) -> dict[str, Any]:
+    """The plain {name: tensor} dict in a torch file (Hugging Face pytorch_model.bin, pytorch-fid's
+    weights), or a clear error."""
+    torch = _import_torch()
+    loaded = load_torch_file(path)
+    if not isinstance(loaded, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise CheckpointError(f"{path} holds no dict of tensors (a state dict)")
+    return loaded
 
 
 def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:

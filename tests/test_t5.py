@@ -115,3 +115,23 @@ def test_converter_is_strict_and_names_the_problem(t5_folder, tmp_path):
             load_t5_encoder(str(broken))
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_t5_encoder(str(tmp_path))
+
+
+def test_pytorch_model_bin_folder_loads_the_same_encoder(t5_folder, tmp_path):
+    """The same weights as pytorch_model.bin (the older Hugging Face format) instead of safetensors."""
+    import shutil
+
+    import jax
+    import torch
+    from flax import nnx
+
+    from pixelflow_jax.t5_convert import load_t5_encoder, read_encoder_state_dict
+
+    folder = tmp_path / "bin"
+    shutil.copytree(t5_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save({k: torch.tensor(v) for k, v in read_encoder_state_dict(t5_folder).items()},
+               folder / "pytorch_model.bin")
+    expected = nnx.to_pure_dict(nnx.state(load_t5_encoder(t5_folder), nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(load_t5_encoder(str(folder)), nnx.Param))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
