@@ -47,12 +47,9 @@ class DemoSampler:
         self.text = bool(model.config.cross_attention_dim)
         self.prompt_encoder = None
         if self.text:
-            from pixelflow_jax.text import PromptEncoder
+            from pixelflow_jax.text import prompt_encoder_for
 
-            if not s.text_encoder:
-                raise ValueError("a text-conditional checkpoint needs --config.sample.text_encoder (a T5 folder)")
-            self.prompt_encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens),
-                                                dtype=config.model.dtype, param_dtype=s.text_encoder_param_dtype)
+            self.prompt_encoder = prompt_encoder_for(s, model.config.dtype, model.config.cross_attention_dim)
         self.max_images = int(config.demo.max_images)
         self.compiled: set = set()
         self.output_dir = tempfile.mkdtemp(prefix="pixelflow_demo_")

@@ -23,10 +23,10 @@ import zipfile
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pixelflow_jax import metrics
 from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.sharding import replicate_on_local_devices
 
 FEATURES = ("pool", "spatial", "logits")
 
@@ -68,13 +68,11 @@ class FeatureExtractor:
 
         self.weights_path = os.path.abspath(weights_path)
         model = load_inception(weights_path)
-        # This process's devices: every process computes all features (host copies, no cross-host
-        # gather); a multi-host run repeats the work on each host rather than splitting it.
-        mesh = Mesh(np.array(jax.local_devices()), ("data",))
-        self.rows = NamedSharding(mesh, P("data"))
         self.graphdef, params = nnx.split(model)
-        self.params = jax.device_put(params, NamedSharding(mesh, P()))
-        self.batch_size = -(-batch_size // mesh.size) * mesh.size  # a multiple of the device count
+        # Every process computes all features: a multi-host run repeats the work on each host.
+        self.params, self.rows = replicate_on_local_devices(params)
+        devices = self.rows.mesh.size
+        self.batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
 
     def __call__(self, path: str) -> dict[str, np.ndarray]:
         parts = {name: [] for name in FEATURES}

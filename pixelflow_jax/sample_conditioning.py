@@ -60,23 +60,15 @@ def read_prompts(sample_config) -> list[str]:
 
 class TextPrompts:
     def __init__(self, sample_config, cross_attention_dim: int, dtype: str):
-        from pixelflow_jax.text import PromptEncoder
+        from pixelflow_jax.text import prompt_encoder_for
 
         s = sample_config
         self.prompts = read_prompts(s)
         if s.images_per_prompt < 1:
             raise ValueError(f"sample.images_per_prompt must be positive, got {s.images_per_prompt}")
-        if not s.text_encoder:
-            raise ValueError("a text-conditional checkpoint needs its text encoder: set --config.sample.text_encoder "
-                             "to a Hugging Face T5 folder (google/flan-t5-xl for the release's model)")
         self.images_per_prompt = int(s.images_per_prompt)
         self.negative_prompt = str(s.negative_prompt)
-        self.encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens), dtype=dtype,
-                                     param_dtype=s.text_encoder_param_dtype)
-        width = self.encoder.encoder.config.d_model
-        if width != cross_attention_dim:
-            raise ValueError(f"the text encoder in {s.text_encoder} gives {width}-wide embeddings but the checkpoint's "
-                             f"cross-attention takes {cross_attention_dim}: use the encoder it was trained with")
+        self.encoder = prompt_encoder_for(s, dtype, cross_attention_dim)
         self.text_encoder = os.path.abspath(s.text_encoder)
         self.max_text_tokens = int(s.max_text_tokens)
         self.num_images = len(self.prompts) * self.images_per_prompt

@@ -155,7 +155,9 @@ class CascadeSampler:
             raise ValueError("this model is class-conditional: use generate(labels)")
         # Host copies: the encoder's outputs live on its devices, the sampler's state maybe elsewhere.
         embeddings, mask = (np.asarray(a) for a in prompt_encoder.encode(list(prompts)))
-        negative, negative_mask = (np.asarray(a) for a in prompt_encoder.encode([negative_prompt] * len(prompts)))
+        # The negative prompt is encoded once and repeated for every image.
+        negative, negative_mask = (np.repeat(np.asarray(a), len(prompts), axis=0)
+                                   for a in prompt_encoder.encode([negative_prompt]))
         cond = {"encoder_hidden_states": embeddings, "encoder_attention_mask": mask}
         uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}
         return self._generate(cond, uncond, len(prompts), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)

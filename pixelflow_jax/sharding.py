@@ -78,6 +78,14 @@ def map_attention_over_mesh(kernel, q, k, v, key_mask):
                          check_vma=False)(q, k, v, key_mask)
 
 
+def replicate_on_local_devices(params):
+    """(params replicated on this process's devices, the sharding that splits rows over them).
+    For helpers that every process runs on its whole batch and reads back to the host (the text
+    encoder, the Inception): no cross-host gather is needed."""
+    mesh = Mesh(np.array(jax.local_devices()), ("data",))
+    return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
+
+
 def param_shardings(params, mesh: Mesh):
     """NamedShardings for a nested parameter dict (stacked block parameters sit under
     'transformer_blocks' with a leading layer axis)."""

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.sharding import replicate_on_local_devices
 from pixelflow_jax.t5_convert import load_t5_encoder
 
 MAX_LENGTH = 512  # the release's max_token_length
@@ -63,11 +63,8 @@ class PromptEncoder:
         self.tokenizer = T5Tokenizer(folder, max_length)
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
         graphdef, params = nnx.split(self.encoder)
-        # This process's devices only: every process encodes the whole batch and gets host copies
-        # (the sampler builds its global arrays from them), so no cross-host gather is needed.
-        mesh = Mesh(np.array(jax.local_devices()), ("data",))
-        self._params = jax.device_put(params, NamedSharding(mesh, P()))
-        self._rows = NamedSharding(mesh, P("data"))
+        # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
+        self._params, self._rows = replicate_on_local_devices(params)
         self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
@@ -75,3 +72,19 @@ class PromptEncoder:
         if len(prompts) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
         return self._encode(self._params, ids, mask), jnp.asarray(mask, jnp.float32)
+
+
+def prompt_encoder_for(sample_config, dtype: str, cross_attention_dim: int) -> PromptEncoder:
+    """The PromptEncoder of config.sample (text_encoder folder, max_text_tokens,
+    text_encoder_param_dtype), checked against the checkpoint's cross-attention width."""
+    s = sample_config
+    if not s.text_encoder:
+        raise ValueError("a text-conditional checkpoint needs its text encoder: set --config.sample.text_encoder "
+                         "to a Hugging Face T5 folder (google/flan-t5-xl for the release's model)")
+    encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens), dtype=dtype,
+                            param_dtype=s.text_encoder_param_dtype)
+    width = encoder.encoder.config.d_model
+    if width != cross_attention_dim:
+        raise ValueError(f"the text encoder in {s.text_encoder} gives {width}-wide embeddings but the checkpoint's "
+                         f"cross-attention takes {cross_attention_dim}: use the encoder it was trained with")
+    return encoder
