@@ -2,12 +2,16 @@ r"""Converts PixelFlow checkpoints between the PyTorch release and pixelflow-jax
 
 PyTorch -> JAX (a release folder, a bare state dict, or a train.py checkpoint):
   python convert_torch_ckpt.py --torch_checkpoint=PixelFlow-XL-c2i/ --output=ckpt/pixelflow_xl_c2i
+  python convert_torch_ckpt.py --torch_checkpoint=hf://ShoufaChen/PixelFlow-Class2Image --output=ckpt/xl_c2i
   python convert_torch_ckpt.py --torch_checkpoint=model.pt --torch_config=config.yaml --output=DIR
   python convert_torch_ckpt.py --torch_checkpoint=model_100000.pt --weights=ema --attention_head_dim=72 \
       --output=DIR
 
 JAX -> PyTorch (config.yaml + model.pt that the release loads with strict=True):
   python convert_torch_ckpt.py --to_torch --jax_checkpoint=DIR --output=torch_folder
+  python convert_torch_ckpt.py --to_torch --jax_checkpoint=runs/demo --output=demo_torch   # a run's EMA
+  python convert_torch_ckpt.py --to_torch --jax_checkpoint=runs/demo/checkpoints/800 --weights=model \
+      --output=demo_800_raw
 
 The output is written to a temporary folder and renamed when complete; an existing output is
 refused unless --overwrite. Any mismatch between weights and architecture stops the conversion
@@ -21,12 +25,13 @@ import sys
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt), state-dict .pt, "
-                    "or train.py checkpoint to convert to JAX.")
+flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt; also hf://OWNER/NAME"
+                    "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
 flags.DEFINE_string("output", None, "Folder to create.")
 flags.DEFINE_string("torch_config", None, "Release config.yaml describing a bare state dict "
                     "(default: the folder's config.yaml, else inferred from tensor shapes).")
-flags.DEFINE_enum("weights", "ema", ["ema", "model"], "Which weights of a train.py checkpoint to convert.")
+flags.DEFINE_enum("weights", "ema", ["ema", "model"], "Which weights of a training run (--jax_checkpoint) or "
+                  "of the release's train.py checkpoint to convert: the EMA or the raw model.")
 flags.DEFINE_integer("attention_head_dim", None, "Head width, needed when the architecture is inferred from "
                      "shapes (72 in the released models).")
 flags.DEFINE_integer("resolution", None, "Final image resolution, where no config.yaml gives it (default 256).")
@@ -34,44 +39,49 @@ flags.DEFINE_integer("num_stages", None, "Number of cascade stages, where no con
 flags.DEFINE_integer("num_train_timesteps", None, "Scheduler timesteps, where no config.yaml gives it "
                      "(default 1000).")
 flags.DEFINE_bool("to_torch", False, "Convert a JAX checkpoint (--jax_checkpoint) back to a release folder.")
-flags.DEFINE_string("jax_checkpoint", None, "Converted pixelflow-jax folder to export with --to_torch.")
+flags.DEFINE_string("jax_checkpoint", None, "What to export with --to_torch: a training run (its latest complete "
+                    "step) or RUN/checkpoints/STEP, a converted folder, or an hf:// Hub path.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder (only once the new one is complete).")
 
 FLAGS = flags.FLAGS
 
 
-class Progress:
-    """Progress of a multi-GB conversion on stderr: one updating line on a terminal, else a line
-    per 10%."""
+def tensor_progress(label: str):
+    """A converter progress callback (tensors done, total) shown on stderr."""
+    from pixelflow_jax.progress import Progress
 
-    def __init__(self, label: str):
-        self.label = label
-        self.last_tenth = -1
-        self.interactive = sys.stderr.isatty()
+    bar = None
 
-    def __call__(self, done: int, total: int) -> None:
-        tenth = 10 * done // max(total, 1)
-        if tenth == self.last_tenth:
-            return
-        self.last_tenth = tenth
-        line = f"{self.label}: {done}/{total} tensors ({100 * done // max(total, 1)}%)"
-        if self.interactive:
-            print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, label, "tensors", log_every_s=5,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+        bar.update(done - bar.done)
+        if done >= total:
+            bar.close()
+
+    return report
 
 
 def torch_to_jax() -> str:
-    from pixelflow_jax.checkpoint import save_checkpoint
+    from pixelflow_jax.checkpoint import CheckpointError, save_checkpoint
     from pixelflow_jax.convert import torch_to_params
     from pixelflow_jax.torch_io import read_release_checkpoint
 
     overrides = {"resolution": FLAGS.resolution, "num_stages": FLAGS.num_stages,
                  "num_train_timesteps": FLAGS.num_train_timesteps}
-    config, state_dict = read_release_checkpoint(FLAGS.torch_checkpoint, torch_config=FLAGS.torch_config,
+    from pixelflow_jax import hub
+
+    path = FLAGS.torch_checkpoint
+    if hub.is_hub_path(path):
+        path, _ = hub.checkpoint_folder(path)
+    elif hub.is_url(path):
+        raise CheckpointError(f"{path}: read from local paths and hf:// Hub paths only; copy it to a local folder")
+    config, state_dict = read_release_checkpoint(path, torch_config=FLAGS.torch_config,
                                                  weights=FLAGS.weights, attention_head_dim=FLAGS.attention_head_dim,
                                                  overrides=overrides)
-    params = torch_to_params(state_dict, config.model, progress=Progress("converting"))
+    params = torch_to_params(state_dict, config.model, progress=tensor_progress("converting"))
     save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite)
     count = sum(v.size for v in state_dict.values())
     return (f"wrote {FLAGS.output}: {len(state_dict)} tensors, {count / 1e6:.1f}M parameters, "
@@ -79,14 +89,16 @@ def torch_to_jax() -> str:
 
 
 def jax_to_torch() -> str:
-    from pixelflow_jax.checkpoint import read_config, restore_params
+    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
     from pixelflow_jax.convert import params_to_torch
     from pixelflow_jax.torch_io import write_release_checkpoint
 
-    config = read_config(FLAGS.jax_checkpoint)
-    state_dict = params_to_torch(restore_params(FLAGS.jax_checkpoint, config), config.model)
+    source = resolve_checkpoint(FLAGS.jax_checkpoint)
+    config, params = read_checkpoint(source, FLAGS.weights)
+    state_dict = params_to_torch(params, config.model)
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
-    return f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors"
+    what = f"the {FLAGS.weights} weights of {source.label}" if source.run_step else source.label
+    return f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from {what}"
 
 
 def main(argv):

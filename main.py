@@ -71,7 +71,7 @@ def main(argv):
         from pixelflow_jax.checkpoint import CheckpointError
 
         try:
-            demo_app.run(FLAGS.config)
+            demo_app.run(FLAGS.config, FLAGS.workdir)
         except (CheckpointError, ValueError) as e:
             sys.exit(f"error: {e}")
     elif FLAGS.mode in ("sample", "eval"):

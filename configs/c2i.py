@@ -66,7 +66,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         preview_num_images=16,
         preview_steps_per_stage=30,
         max_bad_steps=20,  # non-finite steps in a row before the run stops
-        init_from="",  # a converted checkpoint to fine-tune from
+        init_from="",  # a checkpoint to fine-tune from: a training run, a converted/release folder, hf://...
+        init_from_weights="ema",  # of a training run (or a train.py checkpoint): 'ema' or 'model' (raw)
     ))
     config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # batch over data x fsdp; parameters over fsdp
 
@@ -74,7 +75,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # and model.attention above still apply. Defaults reproduce the release's FID run settings
     # (sample_ddp.py: 50k class-balanced images, cfg 2.4); its FID 1.98 used solver='dopri5'.
     config.sample = ml_collections.ConfigDict(dict(
-        checkpoint="",  # a folder written by convert_torch_ckpt.py (or a release folder)
+        # A training run (its latest complete step) or RUN/checkpoints/STEP, a folder written by
+        # convert_torch_ckpt.py, a release folder, or hf://OWNER/NAME[@REVISION][/SUBFOLDER].
+        # Empty: the --workdir itself, when it is a training run.
+        checkpoint="",
+        weights="ema",  # of a training run (or a train.py checkpoint): 'ema' or 'model' (the raw weights)
         num_images=50_000,
         batch_size=64,  # global, divisible by the number of devices
         cfg_scale=2.4,

@@ -31,7 +31,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.sample.prompts_file = ""  # or a text file, one prompt per line
     config.sample.images_per_prompt = 1  # image i shows prompt i // images_per_prompt
     config.sample.negative_prompt = ""
-    config.sample.text_encoder = ""  # a Hugging Face T5 folder (config.json, weights, spiece.model)
+    # A Hugging Face T5 folder (config.json, weights, spiece.model) or hf://google/flan-t5-xl.
+    config.sample.text_encoder = ""
     config.sample.text_encoder_param_dtype = "float32"  # 'bfloat16' halves the encoder's memory
     config.sample.max_text_tokens = 512  # the release pads and truncates prompts to 512 tokens
     if arg == "tiny":

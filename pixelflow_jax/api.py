@@ -1,39 +1,112 @@
-"""The public entry point: a converted checkpoint (or a release folder) -> NNX model + config."""
+"""The public entry point: any checkpoint path -> NNX model + config.
+
+A checkpoint path is any of:
+  - a training workdir (RUN: its latest complete step) or one of its steps (RUN/checkpoints/STEP);
+  - a folder written by convert_torch_ckpt.py;
+  - a release folder (config.yaml + model.pt; needs torch), converted in memory;
+  - `hf://OWNER/NAME[@REVISION][/SUBFOLDER]`: a release or converted folder on the Hugging Face Hub.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
-from pixelflow_jax.checkpoint import (CONFIG_FILE, CheckpointConfig, CheckpointError, build_model, read_config,
-                                      restore_params)
+from pixelflow_jax import hub
+from pixelflow_jax.checkpoint import CONFIG_FILE, CheckpointConfig, CheckpointError, build_model, read_config, \
+    restore_params
+from pixelflow_jax.convert import Params
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.run_checkpoint import WEIGHT_CHOICES, RunStep, find_run_step, restore_run_weights, \
+    run_checkpoint_config
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSource:
+    """A checkpoint path resolved to the one local folder it names."""
+
+    folder: str  # a run's step folder, a converted folder or a release folder, on this machine
+    label: str  # what a run records as its source: an absolute path, or a Hub path pinned to a commit
+    run_step: RunStep | None = None  # set for a training run's step
+
+    @property
+    def kind(self) -> str:
+        if self.run_step:
+            return "training run"
+        return "converted" if os.path.isfile(os.path.join(self.folder, CONFIG_FILE)) else "release"
+
+
+def resolve_checkpoint(path: str) -> CheckpointSource:
+    """Downloads a Hub checkpoint (into the Hub cache), picks a run's latest complete step, and
+    checks that the path exists; URLs are never taken for local folders."""
+    path = str(path)
+    if hub.is_hub_path(path):
+        folder, label = hub.checkpoint_folder(path)
+        return CheckpointSource(folder, label)
+    if hub.is_url(path):
+        raise CheckpointError(f"{path}: checkpoints are read from local folders and hf:// Hub paths; copy it to "
+                              "a local folder first (other URL schemes are not supported yet)")
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    run_step = find_run_step(path)
+    if run_step:
+        return CheckpointSource(os.path.abspath(run_step.folder), os.path.abspath(run_step.folder), run_step)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, "model.pt")):
+        raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "
+                              f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "
+                              "folder (config.yaml + model.pt)")
+    return CheckpointSource(path, os.path.abspath(path))
+
+
+def read_checkpoint(source: CheckpointSource, weights: str = "ema",
+                    runtime: dict | None = None) -> tuple[CheckpointConfig, Params]:
+    """(config, parameters) of a resolved checkpoint; `runtime` overrides model settings that are
+    not architecture (dtype, param_dtype, attention)."""
+    if weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    params = None
+    if source.run_step:
+        config = run_checkpoint_config(source.run_step.run)
+    elif source.kind == "converted":
+        config = read_config(source.folder)
+    else:
+        from pixelflow_jax.convert import torch_to_params
+        from pixelflow_jax.torch_io import read_release_checkpoint
+
+        config, state_dict = read_release_checkpoint(source.folder, weights=weights)
+        params = torch_to_params(state_dict, config.model)
+    if runtime:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, **runtime))
+    if source.run_step:
+        params = restore_run_weights(source.run_step, config, weights)
+    elif params is None:
+        params = restore_params(source.folder, config)
+    return config, params
 
 
 def load_model(path: str, *, dtype: str | None = None, attention: str | None = None,
                weights: str = "ema") -> tuple[PixelFlow, CheckpointConfig]:
     """Loads a model ready to call.
 
-    path: a folder written by convert_torch_ckpt.py, or a release folder (config.yaml + model.pt;
-      needs torch) converted in memory.
+    path: a checkpoint path (module docstring): a training run or one of its steps, a converted or
+      release folder, or an hf:// Hub path.
     dtype: compute dtype ('float32', 'bfloat16'); default: the one stored with the checkpoint.
     attention: attention backend (see pixelflow_jax.attention); default: the stored one.
-    weights: for a train.py checkpoint, 'ema' or 'model'.
+    weights: 'ema' (default) or 'model', for training runs and the release's train.py checkpoints.
     """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        config = read_config(path)
-        params = None
-    else:
-        from pixelflow_jax.convert import torch_to_params
-        from pixelflow_jax.torch_io import read_release_checkpoint
-
-        config, state_dict = read_release_checkpoint(path, weights=weights)
-        params = torch_to_params(state_dict, config.model)
     runtime = {k: v for k, v in (("dtype", dtype), ("attention", attention)) if v is not None}
-    if runtime:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, **runtime))
-    if params is None:
-        params = restore_params(path, config)
+    config, params = read_checkpoint(resolve_checkpoint(path), weights, runtime)
     return build_model(config, params), config
+
+
+def sampling_checkpoint(sample_config, workdir: str) -> str:
+    """config.sample.checkpoint, or the workdir itself when it is a training run (so a run is
+    sampled with its training command plus --mode=sample)."""
+    from pixelflow_jax.run_checkpoint import is_run
+
+    if sample_config.checkpoint:
+        return sample_config.checkpoint
+    if workdir and not hub.is_url(workdir) and is_run(workdir):
+        return workdir
+    raise CheckpointError(f"{workdir} is not a training run: set --config.sample.checkpoint to a training run, a "
+                          "converted or release folder, or an hf:// Hub path")

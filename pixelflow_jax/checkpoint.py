@@ -115,6 +115,17 @@ def read_config(path: str) -> CheckpointConfig:
         raise CheckpointError(f"{config_path} is not a valid pixelflow-jax config: {e}") from None
 
 
+def abstract_params(model: ModelConfig, sharding) -> dict:
+    """The nested parameter dict of an architecture as ShapeDtypeStructs (orbax restore targets)."""
+    target = {}
+    for keys, shape in param_shapes(model).items():
+        node = target
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = jax.ShapeDtypeStruct(shape, model.parameter_dtype, sharding=sharding)
+    return target
+
+
 def restore_params(path: str, config: CheckpointConfig) -> Params:
     """Reads the parameter tree of a converted folder, checked against the config's architecture."""
     import orbax.checkpoint as ocp
@@ -122,15 +133,7 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
     params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
     if not os.path.isdir(params_path):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder; the conversion did not finish, convert again")
-    device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    dtype = config.model.parameter_dtype
-    target = {}
-    for keys, shape in param_shapes(config.model).items():
-        node = target
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    target = abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(params_path, target)

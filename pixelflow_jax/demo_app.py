@@ -1,4 +1,4 @@
-"""`main.py --mode=demo`: a local web page (Gradio) that samples a converted checkpoint.
+"""`main.py --mode=demo`: a local web page (Gradio) that samples a checkpoint (see api.py).
 
 Class-conditional checkpoints get a class picker (ImageNet names for 1000-class models), text ones
 a prompt box (with config.sample.text_encoder); both get solver, CFG, noise shift, steps per stage,
@@ -18,8 +18,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from pixelflow_jax.api import load_model
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.api import read_checkpoint, resolve_checkpoint, sampling_checkpoint
+from pixelflow_jax.checkpoint import build_model
 from pixelflow_jax.sampling import CascadeSampler
 
 # Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
@@ -37,11 +37,12 @@ def class_choices(num_classes: int) -> list[tuple[str, int]]:
 class DemoSampler:
     """The model, its compiled sampler, and the request validation the page relies on."""
 
-    def __init__(self, config):
+    def __init__(self, config, workdir: str = ""):
         s = config.sample
-        if not s.checkpoint:
-            raise CheckpointError("set --config.sample.checkpoint to a converted checkpoint folder")
-        model, self.ckpt = load_model(s.checkpoint, dtype=config.model.dtype, attention=config.model.attention)
+        self.source = resolve_checkpoint(sampling_checkpoint(s, workdir))
+        self.ckpt, params = read_checkpoint(self.source, s.weights, dict(dtype=config.model.dtype,
+                                                                         attention=config.model.attention))
+        model = build_model(self.ckpt, params)
         self.model_config = model.config
         self.sampler = CascadeSampler(model, self.ckpt)
         self.text = bool(model.config.cross_attention_dim)
@@ -102,7 +103,7 @@ def build_page(demo: DemoSampler, config):
     kind = "prompt" if demo.text else "class"
     with gr.Blocks(title="PixelFlow (JAX)") as page:
         gr.Markdown(f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {stages} stages, "
-                    f"{'text' if demo.text else 'class'}-conditional checkpoint `{config.sample.checkpoint}`")
+                    f"{'text' if demo.text else 'class'}-conditional checkpoint `{demo.source.label}` ({config.sample.weights} weights)")
         with gr.Row():
             with gr.Column():
                 if demo.text:
@@ -146,9 +147,9 @@ def build_page(demo: DemoSampler, config):
     return page
 
 
-def run(config) -> None:
+def run(config, workdir: str = "") -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = DemoSampler(config)
+    demo = DemoSampler(config, workdir)
     page = build_page(demo, config)
     host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
     page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False)

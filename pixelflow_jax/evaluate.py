@@ -26,24 +26,39 @@ from absl import logging
 
 from pixelflow_jax import metrics
 from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import replicate_on_local_devices
 
 FEATURES = ("pool", "spatial", "logits")
 
 
-def npz_batches(path: str, batch_size: int):
-    """Yields arr_0 of an (uncompressed or compressed) .npz in row batches, never all at once."""
+def _open_images(path: str):
+    """(archive, arr_0 member positioned at its data, shape, dtype) of an .npz of images."""
     try:
         archive = zipfile.ZipFile(path)
         member = archive.open("arr_0.npy")
     except (OSError, zipfile.BadZipFile, KeyError) as e:
         raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(member)
+    if len(shape) != 4 or shape[-1] != 3 or fortran:
+        member.close()
+        archive.close()
+        raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
+    return archive, member, shape, dtype
+
+
+def npz_image_count(path: str) -> int:
+    archive, member, shape, _ = _open_images(path)
     with archive, member:
-        version = np.lib.format.read_magic(member)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(member)
-        if len(shape) != 4 or shape[-1] != 3 or fortran:
-            raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
+        return shape[0]
+
+
+def npz_batches(path: str, batch_size: int):
+    """Yields arr_0 of an (uncompressed or compressed) .npz in row batches, never all at once."""
+    archive, member, shape, dtype = _open_images(path)
+    with archive, member:
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
@@ -76,12 +91,15 @@ class FeatureExtractor:
 
     def __call__(self, path: str) -> dict[str, np.ndarray]:
         parts = {name: [] for name in FEATURES}
-        for images in npz_batches(path, self.batch_size):
-            count = len(images)
-            padded = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, 0)])
-            outputs = _inception(self.graphdef, self.params, jax.device_put(padded.astype(np.float32), self.rows))
-            for name, value in zip(FEATURES, outputs):
-                parts[name].append(np.asarray(value)[:count])
+        with Progress(npz_image_count(path), f"Inception features of {os.path.basename(path)}", "img") as progress:
+            for images in npz_batches(path, self.batch_size):
+                count = len(images)
+                padded = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, 0)])
+                outputs = _inception(self.graphdef, self.params,
+                                     jax.device_put(padded.astype(np.float32), self.rows))
+                for name, value in zip(FEATURES, outputs):
+                    parts[name].append(np.asarray(value)[:count])
+                progress.update(count)
         return {name: np.concatenate(value) for name, value in parts.items()}
 
 

@@ -69,7 +69,7 @@ class TextPrompts:
         self.images_per_prompt = int(s.images_per_prompt)
         self.negative_prompt = str(s.negative_prompt)
         self.encoder = prompt_encoder_for(s, dtype, cross_attention_dim)
-        self.text_encoder = os.path.abspath(s.text_encoder)
+        self.text_encoder = s.text_encoder if "://" in s.text_encoder else os.path.abspath(s.text_encoder)
         self.max_text_tokens = int(s.max_text_tokens)
         self.num_images = len(self.prompts) * self.images_per_prompt
         self._negative = None

@@ -1,4 +1,4 @@
-"""`main.py --mode=sample`: sample a converted checkpoint to PNGs, an ADM-format .npz and a grid.
+"""`main.py --mode=sample`: sample a checkpoint (a training run, converted, release or Hub folder) to PNGs, an ADM-format .npz and a grid.
 
     WORKDIR/samples/000000.png ...   one PNG per image, named by image id
     WORKDIR/samples/settings.json    what the images were sampled with (a rerun must match)
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import jax
 import numpy as np
@@ -26,8 +25,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from pixelflow_jax.api import load_model
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.api import read_checkpoint, resolve_checkpoint, sampling_checkpoint
+from pixelflow_jax.checkpoint import build_model
+from pixelflow_jax.progress import Progress
 from pixelflow_jax.sample_conditioning import conditioning_for
 from pixelflow_jax.sampling import CascadeSampler, SamplingOptions, draw_noise_jit, to_uint8
 
@@ -96,9 +96,10 @@ def write_local_images(folder: str, images: jax.Array, ids: np.ndarray, num_vali
 
 def run(config, workdir: str) -> None:
     s = config.sample
-    if not s.checkpoint:
-        raise CheckpointError("set --config.sample.checkpoint to a folder written by convert_torch_ckpt.py")
-    model, ckpt = load_model(s.checkpoint, dtype=config.model.dtype, attention=config.model.attention)
+    source = resolve_checkpoint(sampling_checkpoint(s, workdir))
+    ckpt, params = read_checkpoint(source, s.weights, dict(dtype=config.model.dtype,
+                                                           attention=config.model.attention))
+    model = build_model(ckpt, params)
     num_devices = jax.device_count()
     if s.batch_size % num_devices:
         raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
@@ -110,7 +111,7 @@ def run(config, workdir: str) -> None:
 
     folder = os.path.join(workdir, "samples")
     os.makedirs(folder, exist_ok=True)
-    settings = dict(checkpoint=os.path.abspath(s.checkpoint), architecture=model.config.architecture(),
+    settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),
                     dtype=model.config.dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
                     steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
@@ -119,8 +120,9 @@ def run(config, workdir: str) -> None:
     multihost_utils.sync_global_devices("sample settings checked")
 
     missing = np.array([i for i in range(num_images) if not os.path.exists(image_path(folder, i))], np.int64)
-    logging.info("%d of %d images to sample (%d already on disk), batch %d over %d devices", len(missing),
-                 num_images, num_images - len(missing), s.batch_size, num_devices)
+    logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d over "
+                 "%d devices", s.weights, source.label, len(missing), num_images, num_images - len(missing),
+                 s.batch_size, num_devices)
     if len(missing):
         sample_batches(model, ckpt, options, conditioning, missing, folder, int(s.batch_size), int(s.seed))
     multihost_utils.sync_global_devices("all images written")
@@ -135,8 +137,9 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
     nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
     sampler = CascadeSampler(model, ckpt)
     key = jax.random.key(seed)
-    start, done = time.perf_counter(), 0
-    with jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
+    total = conditioning.num_images
+    progress = Progress(total, "sampling", "img", initial=total - len(missing))
+    with progress, jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
         for first in range(0, len(missing), batch_size):
             ids = missing[first:first + batch_size]
             num_valid = len(ids)
@@ -147,10 +150,7 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
                                              ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
             images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))
             write_local_images(folder, images, ids, num_valid)
-            done += num_valid
-            rate = done / (time.perf_counter() - start)
-            logging.info("sampled %d/%d missing images, %.2f img/s, about %.0f s left", done, len(missing), rate,
-                         (len(missing) - done) / rate)
+            progress.update(num_valid)
 
 
 def finish(folder: str, workdir: str, num_images: int) -> None:

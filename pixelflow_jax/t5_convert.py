@@ -57,13 +57,22 @@ def read_t5_config(folder: str, **runtime) -> T5Config:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def encoder_shards(index: Mapping) -> list[str]:
+    """The shards of a sharded checkpoint's index.json that hold encoder tensors (decoder-only
+    shards are neither downloaded nor read)."""
+    try:
+        return sorted({shard for key, shard in index["weight_map"].items() if not key.startswith(SKIPPED_PREFIXES)})
+    except (KeyError, AttributeError, TypeError):
+        raise CheckpointError("a T5 weight index (*.index.json) without a weight_map of tensor -> shard") from None
+
+
 def _weight_files(folder: str) -> list[str]:
     for name in WEIGHT_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             if name.endswith(".index.json"):
                 with open(path) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                    shards = encoder_shards(json.load(f))
                 return [os.path.join(folder, shard) for shard in shards]
             return [path]
     raise CheckpointError(f"{folder} has no T5 weights: expected one of {list(WEIGHT_FILES)}")

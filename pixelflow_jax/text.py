@@ -60,6 +60,7 @@ class PromptEncoder:
 
     def __init__(self, folder: str, *, max_length: int = MAX_LENGTH, dtype: str = "float32",
                  param_dtype: str = "float32"):
+        folder = local_t5_folder(folder)
         self.tokenizer = T5Tokenizer(folder, max_length)
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
         graphdef, params = nnx.split(self.encoder)
@@ -74,13 +75,26 @@ class PromptEncoder:
         return self._encode(self._params, ids, mask), jnp.asarray(mask, jnp.float32)
 
 
+def local_t5_folder(path: str) -> str:
+    """A T5 folder on this machine: hf://OWNER/NAME[@REVISION][/SUBFOLDER] is fetched into the Hub
+    cache (encoder weights only); other URLs are refused, never read as local paths."""
+    from pixelflow_jax import hub
+
+    if hub.is_hub_path(path):
+        return hub.t5_folder(path)
+    if hub.is_url(path):
+        raise CheckpointError(f"{path}: T5 folders are read from local folders and hf:// Hub paths "
+                              "(e.g. hf://google/flan-t5-xl); other URL schemes are not supported yet")
+    return path
+
+
 def prompt_encoder_for(sample_config, dtype: str, cross_attention_dim: int) -> PromptEncoder:
     """The PromptEncoder of config.sample (text_encoder folder, max_text_tokens,
     text_encoder_param_dtype), checked against the checkpoint's cross-attention width."""
     s = sample_config
     if not s.text_encoder:
         raise ValueError("a text-conditional checkpoint needs its text encoder: set --config.sample.text_encoder "
-                         "to a Hugging Face T5 folder (google/flan-t5-xl for the release's model)")
+                         "to a Hugging Face T5 folder or hf://google/flan-t5-xl (the release's encoder)")
     encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens), dtype=dtype,
                             param_dtype=s.text_encoder_param_dtype)
     width = encoder.encoder.config.d_model

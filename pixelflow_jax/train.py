@@ -29,13 +29,14 @@ from PIL import Image
 from pixelflow_jax import flow
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.progress import Progress
+from pixelflow_jax.run_checkpoint import RUN_CONFIG, read_run_config
 from pixelflow_jax.sampling import CascadeSampler, stage_guidance
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
                                       train_flops_per_image)
 
-RUN_CONFIG = "run_config.json"
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5": 459e12, "TPU v6 lite": 918e12}
@@ -55,10 +56,9 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config) -> None:
     """A workdir trains one architecture; resuming with another would load mismatched weights."""
     path = os.path.join(workdir, RUN_CONFIG)
     current = {"architecture": model_cfg.architecture(), "num_stages": config.scheduler.num_stages,
-               "resolution": config.data.resolution}
+               "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution}
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+        previous = read_run_config(workdir)
         if previous != current:
             raise ValueError(f"{workdir} holds a run of a different model ({previous}); this config asks for "
                              f"{current}. Use a new --workdir")
@@ -100,7 +100,8 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh):
     if config.train.init_from:
         from pixelflow_jax.api import load_model
 
-        model, ckpt = load_model(config.train.init_from, dtype=model_cfg.dtype, attention=model_cfg.attention)
+        model, ckpt = load_model(config.train.init_from, dtype=model_cfg.dtype, attention=model_cfg.attention,
+                                 weights=config.train.init_from_weights)
         if ckpt.model.architecture() != model_cfg.architecture():
             raise ValueError(f"train.init_from {config.train.init_from} has architecture "
                              f"{ckpt.model.architecture()}, the config asks for {model_cfg.architecture()}")
@@ -178,9 +179,10 @@ class MetricsLog:
         if self.enabled:
             self.tensorboard.close()
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> str:
+        """Logs the record; returns it as a readable line (for stdout)."""
         if not self.enabled:
-            return
+            return ""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in record.items():
@@ -189,8 +191,8 @@ class MetricsLog:
         self.tensorboard.flush()
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
         mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-        print(f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
-              f"{record['images_per_s']:.1f} img/s{mfu} skipped {record['skipped_steps']}", flush=True)
+        return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
+                f"{record['images_per_s']:.1f} img/s{mfu} skipped {record['skipped_steps']}")
 
 
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog) -> dict:
@@ -251,6 +253,7 @@ def train(config, workdir: str) -> dict:
     peak = peak_flops(jax.devices()[0])
     data_sharding = batch_sharding(mesh)
     record, last_time, last_step = {}, time.perf_counter(), start
+    progress = Progress(t.num_steps, "training", "step", initial=start)
     try:
         for step in range(start + 1, t.num_steps + 1):
             images, labels = to_global_batch(*next(loader), data_sharding)
@@ -278,13 +281,15 @@ def train(config, workdir: str) -> dict:
                 record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log))
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
-                log.write(record)
+                progress.write(log.write(record))
+            progress.update()
             if step % t.checkpoint_every == 0 or step == t.num_steps or stop_requested:
                 save(manager, step, state)
             if stop_requested:
                 logging.warning("SIGTERM: saved step %d, exiting", step)
                 break
     finally:
+        progress.close()
         manager.wait_until_finished()
         loader.close()
         log.close()

@@ -164,5 +164,7 @@ def test_load_model_names_a_non_checkpoint_folder(tmp_path):
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(str(tmp_path / "nowhere"))
-    with pytest.raises(CheckpointError, match="without model.pt"):
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: expected a training run .* a release folder"):
         load_model(str(tmp_path))
+    with pytest.raises(CheckpointError, match="URL schemes are not supported"):
+        load_model("gs://bucket/run")

@@ -1,0 +1,129 @@
+"""Checkpoints and T5 folders on the Hugging Face Hub: `hf://OWNER/NAME[@REVISION][/SUBFOLDER]`.
+
+Files go through huggingface_hub's standard cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 reads
+the cache only; HF_TOKEN or `hf auth login` for gated and private repos), and only the files the
+reader needs are fetched: a PixelFlow folder's config and weights, a T5 folder's config, tokenizer
+and the weight shards that hold encoder tensors (never the decoder-only shards, nor the same
+weights in a second format). REVISION is a branch, tag or commit without '/'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+from pixelflow_jax.checkpoint import CheckpointError
+
+PREFIX = "hf://"
+_HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revision>[\w.-]+))?(?:/(?P<subfolder>.+))?")
+
+# A PixelFlow folder: the release's (config.yaml + model.pt) or a converted one.
+CHECKPOINT_PATTERNS = ("config.yaml", "model.pt", "pixelflow_config.json", "params/**")
+# A T5 folder before its weights: which weight files to fetch is read from what these say.
+T5_PATTERNS = ("config.json", "spiece.model", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def is_hub_path(path: str) -> bool:
+    return str(path).startswith(PREFIX)
+
+
+def is_url(path: str) -> bool:
+    """Anything with a scheme (gs://, s3://, hf://, https://) is never read as a local folder."""
+    return "://" in str(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class HubPath:
+    repo_id: str
+    revision: str | None = None
+    subfolder: str = ""
+
+    @classmethod
+    def parse(cls, path: str) -> "HubPath":
+        match = _HUB_PATH.fullmatch(str(path).rstrip("/"))
+        if not match:
+            raise CheckpointError(f"{path} is not a Hub path: write hf://OWNER/NAME, optionally followed by "
+                                  "@REVISION (a branch, tag or commit) and /SUBFOLDER")
+        subfolder = (match["subfolder"] or "").strip("/")
+        if ".." in subfolder.split("/"):
+            raise CheckpointError(f"{path}: '..' is not allowed in a Hub subfolder")
+        return cls(f"{match['owner']}/{match['name']}", match["revision"], subfolder)
+
+    def pinned(self, commit: str) -> str:
+        """This path at an exact commit: what a run records, so a rerun reads the same files."""
+        return f"{PREFIX}{self.repo_id}@{commit}" + (f"/{self.subfolder}" if self.subfolder else "")
+
+    def __str__(self) -> str:
+        return (f"{PREFIX}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+                + (f"/{self.subfolder}" if self.subfolder else ""))
+
+
+def _download(hub: HubPath, patterns) -> str:
+    """The local snapshot folder (of the repo root) holding the files that match `patterns` in the
+    subfolder; every Hub failure becomes one CheckpointError saying what to do."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    prefix = f"{hub.subfolder}/" if hub.subfolder else ""
+    try:
+        return huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision,
+                                                 allow_patterns=[prefix + p for p in patterns])
+    except errors.GatedRepoError:
+        raise CheckpointError(f"{hub} is a gated repository: accept its terms on huggingface.co/{hub.repo_id}, "
+                              "then log in (`hf auth login`) or set HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointError(f"{hub}: repository {hub.repo_id} not found on the Hub (check the name; a private "
+                              "repository needs `hf auth login` or HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(f"{hub}: repository {hub.repo_id} has no revision {hub.revision!r}") from None
+    except (errors.LocalEntryNotFoundError, getattr(errors, "IncompleteSnapshotError", OSError)) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = ("HF_HUB_OFFLINE is set and the files are not in the cache: unset it and run once with network "
+                "access to fill the cache") if offline else ("the Hub cannot be reached and the files are not in "
+                                                             "the cache; check the network")
+        raise CheckpointError(f"{hub}: {hint} ({type(e).__name__})") from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"{hub}: download failed: {str(e).strip().splitlines()[0] if str(e).strip() else e}") \
+            from None
+
+
+def _folder(snapshot: str, hub: HubPath) -> str:
+    folder = os.path.join(snapshot, hub.subfolder) if hub.subfolder else snapshot
+    if not os.path.isdir(folder):
+        where = f"subfolder {hub.subfolder!r} of " if hub.subfolder else ""
+        raise CheckpointError(f"{hub}: none of the needed files are in {where}{hub.repo_id} "
+                              f"(looked for {', '.join(CHECKPOINT_PATTERNS)})")
+    return folder
+
+
+def checkpoint_folder(path: str) -> tuple[str, str]:
+    """(local folder, the Hub path pinned to the commit it holds) of a PixelFlow checkpoint on the Hub."""
+    hub = HubPath.parse(path)
+    snapshot = _download(hub, CHECKPOINT_PATTERNS)
+    folder = _folder(snapshot, hub)
+    if not any(os.path.exists(os.path.join(folder, name)) for name in ("model.pt", "pixelflow_config.json")):
+        raise CheckpointError(f"{hub} holds no PixelFlow checkpoint: expected config.yaml + model.pt (a release "
+                              "folder) or pixelflow_config.json + params/ (a converted one)")
+    return folder, hub.pinned(os.path.basename(os.path.normpath(snapshot)))
+
+
+def t5_folder(path: str) -> str:
+    """A local T5 folder for a Hub T5 repo: config, tokenizer and the weights of the encoder only."""
+    from pixelflow_jax.t5_convert import encoder_shards
+
+    hub = HubPath.parse(path)
+    folder = _folder(_download(hub, T5_PATTERNS), hub)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_path = os.path.join(folder, index_name)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                patterns = encoder_shards(json.load(f))
+        else:
+            patterns = [single]
+        _download(hub, patterns)
+        if all(os.path.isfile(os.path.join(folder, p)) for p in patterns):
+            return folder
+    raise CheckpointError(f"{hub} has no T5 weights (model.safetensors or pytorch_model.bin, sharded or not)")

@@ -1,0 +1,86 @@
+"""Progress of long jobs (sampling, training, evaluation, conversion), from process 0 only.
+
+On a terminal: a tqdm bar on stderr. Otherwise (logs of a batch job, a pod's worker output): one
+log line at most every `log_every_s` seconds and at the end, with the count, the rate and the ETA,
+so a log file is not flooded with carriage returns.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+from absl import logging
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """Counts `total` units of work; `update(n)` after each chunk, `close()` at the end (or use it
+    as a context manager). `initial` units were done before (a resumed job): the rate and the ETA
+    count only this run's work. `log` receives the non-terminal lines (default: absl logging.info)."""
+
+    def __init__(self, total: int, description: str, unit: str = "it", *, initial: int = 0,
+                 interactive: bool | None = None, log_every_s: float = 30.0, stream=None, log=None):
+        self.total, self.description, self.unit = int(total), description, unit
+        self.done, self.initial = int(initial), int(initial)
+        self.enabled = jax.process_index() == 0
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.log_every_s = log_every_s
+        self.log = log or (lambda line: logging.info("%s", line))
+        self.start = self.last_log = time.perf_counter()
+        self.bar = None
+        if self.enabled and self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.initial, desc=description, unit=unit, file=self.stream,
+                            dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last_log >= self.log_every_s or self.done >= self.total:
+            self.last_log = now
+            self.log(self.line(now))
+
+    def write(self, message: str) -> None:
+        """Prints a line (process 0) without breaking the bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, flush=True)
+
+    def line(self, now: float | None = None) -> str:
+        """'<description>: done/total unit (pct), rate unit/s, ETA m:ss, elapsed m:ss'."""
+        elapsed = (now or time.perf_counter()) - self.start
+        rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.done
+        eta = format_duration(left / rate) if rate > 0 else "?"
+        percent = 100 * self.done / self.total if self.total else 100.0
+        return (f"{self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), "
+                f"{rate:.3g} {self.unit}/s, ETA {eta}, elapsed {format_duration(elapsed)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

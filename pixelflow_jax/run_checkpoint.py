@@ -1,0 +1,145 @@
+"""A training workdir read as a checkpoint.
+
+    RUN                      its latest complete step
+    RUN/checkpoints/STEP     that step
+
+The architecture, number of stages, resolution and scheduler come from RUN/run_config.json. Only
+the weights asked for are read from the step's train state (orbax partial restore): 'ema' (the
+default, as for the release's train.py checkpoints) or 'model' (the raw weights), never the
+optimiser moments, which are twice the size of the weights.
+
+A step is complete once orbax has finalised it (renamed its temporary folder, or written its commit
+marker on object stores); a step killed mid-save is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+from absl import logging
+
+from pixelflow_jax.checkpoint import CheckpointConfig, CheckpointError, abstract_params
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.convert import Params
+
+RUN_CONFIG = "run_config.json"
+CHECKPOINTS = "checkpoints"
+STATE_ITEM = "state"  # the item name train.py saves the whole state under
+WEIGHT_KEYS = {"ema": "ema", "model": "params"}  # the user's name -> the train state's key
+WEIGHT_CHOICES = tuple(WEIGHT_KEYS)
+# Runs written before run_config.json recorded the scheduler trained with the release's 1000 steps.
+DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+_IN_PROGRESS = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
+
+
+def is_run(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN_CONFIG))
+
+
+def read_run_config(run: str) -> dict:
+    path = os.path.join(run, RUN_CONFIG)
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        values.setdefault("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
+        return values
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def run_checkpoint_config(run: str) -> CheckpointConfig:
+    values = read_run_config(run)
+    try:
+        return CheckpointConfig(model=ModelConfig.from_mapping(values["architecture"]),
+                                num_train_timesteps=int(values["num_train_timesteps"]),
+                                num_stages=int(values["num_stages"]), resolution=int(values["resolution"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(run, RUN_CONFIG)} does not describe a model: {e}") from None
+
+
+def complete_steps(run: str) -> list[int]:
+    from etils import epath
+    import orbax.checkpoint as ocp
+
+    folder = os.path.join(run, CHECKPOINTS)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(n) for n in names
+                  if n.isdigit() and ocp.step.is_path_finalized(epath.Path(os.path.join(folder, n))))
+
+
+def steps_in_progress(run: str) -> list[int]:
+    """Steps being saved now, or killed mid-save: their folders exist but are not finalised."""
+    folder = os.path.join(run, CHECKPOINTS)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    complete = set(complete_steps(run))
+    partial = {int(m[1]) for m in map(_IN_PROGRESS.fullmatch, names) if m}
+    partial |= {int(n) for n in names if n.isdigit()} - complete
+    return sorted(partial - complete)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStep:
+    run: str
+    step: int
+
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.run, CHECKPOINTS, str(self.step))
+
+
+def latest_step(run: str) -> RunStep:
+    steps, partial = complete_steps(run), steps_in_progress(run)
+    if not steps:
+        being_written = f"; step {partial[-1]} is still being written (or was killed mid-save)" if partial else ""
+        raise CheckpointError(f"training run {run} has no complete checkpoint yet{being_written}. Wait for the "
+                              "first checkpoint (train.checkpoint_every) or pass a run that has one")
+    newer = [s for s in partial if s > steps[-1]]
+    if newer:
+        logging.warning("%s: step %d is incomplete (still being written, or killed mid-save); using step %d, "
+                        "the latest complete one", run, newer[-1], steps[-1])
+    return RunStep(run, steps[-1])
+
+
+def find_run_step(path: str) -> RunStep | None:
+    """The step that `path` names if it is a training run or one of its step folders, else None."""
+    path = os.path.normpath(path)
+    if is_run(path):
+        return latest_step(path)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) != CHECKPOINTS or not is_run(os.path.dirname(parent)):
+        return None
+    run, name = os.path.dirname(parent), os.path.basename(path)
+    steps = complete_steps(run)
+    if name.isdigit() and int(name) in steps:
+        return RunStep(run, int(name))
+    if name.isdigit() and int(name) in steps_in_progress(run):
+        problem = f"step {name} is incomplete (still being written, or killed mid-save)"
+    else:
+        problem = f"step {name!r} does not exist"
+    raise CheckpointError(f"training run {run}: {problem}; its complete steps are {steps or 'none yet'}")
+
+
+def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: str = "ema") -> Params:
+    """The EMA or raw weights of one step, on this process's first device; nothing else is read."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if weights not in WEIGHT_KEYS:
+        raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    key = WEIGHT_KEYS[weights]
+    target = {key: abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))}
+    path = os.path.join(os.path.abspath(run_step.folder), STATE_ITEM)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+    except Exception as e:  # orbax raises many types; all mean the same thing to the user
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} for architecture "
+                              f"{config.model.architecture()}: {first_line}") from None
+    logging.info("restored the %s weights of %s", weights, run_step.folder)
+    return restored[key]
