@@ -46,11 +46,11 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
     if hub.is_url(path):
         raise CheckpointError(f"{path}: checkpoints are read from local folders and hf:// Hub paths; copy it to "
                               "a local folder first (other URL schemes are not supported yet)")
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    run_step = find_run_step(path)
+    run_step = find_run_step(path)  # before the existence check: a missing step lists those that exist
     if run_step:
         return CheckpointSource(os.path.abspath(run_step.folder), os.path.abspath(run_step.folder), run_step)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, "model.pt")):
         raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "

@@ -1,0 +1,122 @@
+"""hf:// checkpoints and T5 folders, read offline from a Hub cache the test fills itself in the
+Hub's cache layout (no test touches the network)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, fixture_dir
+from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.hub import HubPath
+from test_t5 import write_tiny_t5_folder
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_hub_cache(home: str, repo_id: str, files: dict[str, str]) -> None:
+    """What huggingface_hub leaves in HF_HOME after downloading `files` (repo path -> local file)
+    of repo_id at COMMIT from its main branch."""
+    repo = os.path.join(home, "hub", "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(COMMIT)
+    for name, source in files.items():
+        target = os.path.join(repo, "snapshots", COMMIT, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(source, target)
+
+
+def split_t5_into_shards(folder: str, out: str) -> dict[str, str]:
+    """The tiny T5 as two safetensors shards, the second holding only decoder tensors (as a large
+    seq2seq T5 can ship); returns the repo files, the decoder shard left out of the cache."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    decoder = {k for k in tensors if k.startswith(("decoder.", "lm_head."))}
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in decoder},
+              "model-00002-of-00002.safetensors": {k: tensors[k] for k in decoder}}
+    os.makedirs(out)
+    weight_map = {}
+    for name, part in shards.items():
+        save_file(part, os.path.join(out, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    for name in ("config.json", "spiece.model"):
+        shutil.copy(os.path.join(folder, name), out)
+    return {name: os.path.join(out, name) for name in ("config.json", "spiece.model", "model.safetensors.index.json",
+                                                       "model-00001-of-00002.safetensors")}
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("hf://ShoufaChen/PixelFlow-Class2Image", HubPath("ShoufaChen/PixelFlow-Class2Image")),
+    ("hf://google/flan-t5-xl@v1.0/", HubPath("google/flan-t5-xl", "v1.0")),
+    (f"hf://me/runs@{COMMIT}/xl/step_5", HubPath("me/runs", COMMIT, "xl/step_5")),
+    ("hf://me/runs/sub", HubPath("me/runs", None, "sub")),
+])
+def test_hub_paths_parse(path, expected):
+    assert HubPath.parse(path) == expected
+
+
+@pytest.mark.parametrize("path", ["hf://just-a-name", "hf://me/repo/../../etc", "hf://me/re po"])
+def test_bad_hub_paths_are_refused_with_the_format(path):
+    with pytest.raises(CheckpointError, match="hf://OWNER/NAME|not allowed"):
+        HubPath.parse(path)
+
+
+OFFLINE_SCRIPT = r"""
+import json, sys
+import numpy as np
+from pixelflow_jax import CheckpointError, load_model
+from pixelflow_jax.text import PromptEncoder
+
+fixture, t5_local = sys.argv[1:3]
+results = {}
+hub_model, hub_config = load_model("hf://pixelflow-test/checkpoints/c2i_tiny")
+local_model, local_config = load_model(fixture)
+x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+call = lambda m: np.asarray(m(x, np.array([500.0, 20.0], np.float32), class_labels=np.array([1, 7])))
+results["same_forward"] = bool(np.array_equal(call(hub_model), call(local_model))) and hub_config == local_config
+results["pinned_revision"] = load_model("hf://pixelflow-test/checkpoints@%s/c2i_tiny")[1] == local_config
+prompts = ["a cat on the moon", "Zebra!"]
+hub_t5, local_t5 = PromptEncoder("hf://pixelflow-test/t5-tiny"), PromptEncoder(t5_local)
+results["same_embeddings"] = bool(np.array_equal(np.asarray(hub_t5.encode(prompts)[0]),
+                                                 np.asarray(local_t5.encode(prompts)[0])))
+for name, path in (("missing_repo", "hf://pixelflow-test/not-cached"),
+                   ("no_checkpoint_in_root", "hf://pixelflow-test/checkpoints")):
+    try:
+        load_model(path)
+        results[name] = "loaded"
+    except CheckpointError as e:
+        results[name] = str(e)
+print("RESULTS " + json.dumps(results))
+""" % COMMIT
+
+
+def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
+    home = str(tmp_path / "hf_home")
+    release = fixture_dir("c2i_tiny")
+    put_in_hub_cache(home, "pixelflow-test/checkpoints",
+                     {f"c2i_tiny/{name}": os.path.join(release, name) for name in ("config.yaml", "model.pt")})
+    t5 = str(tmp_path / "t5")
+    write_tiny_t5_folder(t5)
+    put_in_hub_cache(home, "pixelflow-test/t5-tiny", split_t5_into_shards(t5, str(tmp_path / "t5_sharded")))
+
+    env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, release, t5], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.split("RESULTS ", 1)[1])
+    assert results["same_forward"] and results["pinned_revision"]
+    assert results["same_embeddings"]  # read without the decoder-only shard, which is not in the cache
+    assert "hf://pixelflow-test/not-cached" in results["missing_repo"]
+    assert "HF_HUB_OFFLINE is set" in results["missing_repo"]
+    assert "holds no PixelFlow checkpoint" in results["no_checkpoint_in_root"]
+    assert not os.path.exists(os.path.join(home, "hub", "models--pixelflow-test--t5-tiny", "snapshots", COMMIT,
+                                           "model-00002-of-00002.safetensors"))

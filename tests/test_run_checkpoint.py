@@ -1,0 +1,199 @@
+"""A training workdir is a checkpoint: its latest complete step or a named one, EMA or raw weights,
+never a step killed mid-save; exported to a release folder with the release's exact keys."""
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import fixture_dir, run_converter
+from pixelflow_jax import CheckpointError, load_model
+from pixelflow_jax.convert import params_to_torch
+from pixelflow_jax.run_checkpoint import find_run_step
+
+STAGE_RESOLUTIONS = (8, 16, 32, 64)  # the c2i_tiny fixture: 64 px, 4 stages
+
+
+def pure_params(model):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def perturbed(params, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: (a + 0.01 * rng.standard_normal(a.shape)).astype(a.dtype), params)
+
+
+@pytest.fixture(scope="module")
+def run(converted, tmp_path_factory):
+    """A training workdir as train.py writes it, with known weights: step 4's EMA is the release
+    fixture's weights and its raw weights a perturbation of them; step 2 holds two other sets."""
+    from configs import c2i
+    from pixelflow_jax import train
+    from pixelflow_jax.train_step import StepConfig, init_state, make_optimizer
+
+    model, ckpt = load_model(converted["c2i_tiny"])
+    config = c2i.get_config("tiny")
+    workdir = str(tmp_path_factory.mktemp("run") / "run")
+    train.check_run_config(workdir, ckpt.model, config)
+    release = pure_params(model)
+    weights = {2: {"params": perturbed(release, 2), "ema": perturbed(release, 3)},
+               4: {"params": perturbed(release, 4), "ema": release}}
+    manager = train.checkpoint_manager(workdir, keep=5)
+    for step, chosen in weights.items():
+        state = init_state(model, make_optimizer(StepConfig()), seed=0)
+        state.update(jax.tree.map(jax.numpy.asarray, chosen))
+        train.save(manager, step, state)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir, weights
+
+
+def assert_params_equal(model, expected):
+    for got, want in zip(jax.tree.leaves(pure_params(model)), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_run_loads_its_latest_step_ema_by_default_raw_weights_on_request(run):
+    workdir, weights = run
+    model, config = load_model(workdir)
+    assert config.resolution == 64 and config.num_stages == 4 and config.model.num_classes == 1000
+    assert_params_equal(model, weights[4]["ema"])
+    assert_params_equal(load_model(workdir, weights="model")[0], weights[4]["params"])
+    assert_params_equal(load_model(os.path.join(workdir, "checkpoints", "2"))[0], weights[2]["ema"])
+    assert_params_equal(load_model(os.path.join(workdir, "checkpoints", "2"), weights="model")[0],
+                        weights[2]["params"])
+    with pytest.raises(CheckpointError, match="weights must be one of"):
+        load_model(workdir, weights="opt_state")
+
+
+def test_ema_restore_reads_only_the_ema(run, monkeypatch):
+    """Partial restore: the optimiser moments and raw weights are never part of the request."""
+    import orbax.checkpoint as ocp
+
+    requested = []
+    original = ocp.PyTreeCheckpointer.restore
+
+    def spy(self, path, *args, **kwargs):
+        requested.append(set(kwargs["args"].item))
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
+    load_model(run[0])
+    assert requested == [{"ema"}]
+
+
+def test_a_step_killed_mid_save_is_never_loaded(run, tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run[0], workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    # What orbax leaves behind when killed mid-save: the step's temporary folder, half written.
+    partial = os.path.join(checkpoints, "6.orbax-checkpoint-tmp-1795755085")
+    shutil.copytree(os.path.join(checkpoints, "4"), partial)
+    shutil.rmtree(os.path.join(partial, "state", "d"), ignore_errors=True)
+    with caplog.at_level(logging.WARNING):
+        model, _ = load_model(workdir)
+    assert_params_equal(model, run[1][4]["ema"])
+    assert "step 6 is incomplete" in caplog.text and "using step 4" in caplog.text
+    with pytest.raises(CheckpointError, match=r"step 6 is incomplete .*complete steps are \[2, 4\]"):
+        find_run_step(os.path.join(checkpoints, "6"))
+
+    for step in ("2", "4"):
+        shutil.rmtree(os.path.join(checkpoints, step))
+    with pytest.raises(CheckpointError, match="no complete checkpoint yet; step 6 is still being written"):
+        load_model(workdir)
+
+
+def test_a_missing_step_lists_the_steps_that_exist(run):
+    with pytest.raises(CheckpointError, match=r"step '3' does not exist; its complete steps are \[2, 4\]"):
+        load_model(os.path.join(run[0], "checkpoints", "3"))
+
+
+def test_fine_tuning_starts_from_the_runs_ema_or_raw_weights(run):
+    from configs import c2i
+    from pixelflow_jax import train
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.train_step import StepConfig, make_optimizer
+
+    config = c2i.get_config("tiny")
+    config.model.num_classes = 1000
+    config.train.init_from = run[0]
+    model_cfg = ModelConfig.from_mapping(config.model)
+    tx = make_optimizer(StepConfig())
+    for weights, key in (("ema", "ema"), ("model", "params")):
+        config.train.init_from_weights = weights
+        _, state, _ = train.initial_state(config, model_cfg, tx, make_mesh(1))
+        for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(run[1][4][key])):
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def forward_at_every_stage(model):
+    rng = np.random.default_rng(0)
+    outputs = []
+    for r in STAGE_RESOLUTIONS:
+        x = rng.standard_normal((2, r, r, 3)).astype(np.float32)
+        outputs.append(np.asarray(model(x, np.array([500.0, 250.0], np.float32),
+                                        class_labels=np.array([3, 1000]))))
+    return outputs
+
+
+def test_export_is_a_release_folder_with_the_release_keys_that_reads_back(run, tmp_path):
+    import torch
+
+    workdir, weights = run
+    export = str(tmp_path / "export")
+    result = run_converter("--to_torch", f"--jax_checkpoint={workdir}", f"--output={export}")
+    assert result.returncode == 0, result.stderr
+    assert "the ema weights of" in result.stdout and "checkpoints/4" in result.stdout
+    assert sorted(os.listdir(export)) == ["config.yaml", "model.pt"]
+    exported = torch.load(os.path.join(export, "model.pt"), weights_only=True)
+    release = torch.load(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), weights_only=True)
+    assert list(exported) == list(release)
+    for key, tensor in release.items():
+        assert exported[key].shape == tensor.shape and exported[key].dtype == tensor.dtype, key
+        torch.testing.assert_close(exported[key], tensor, rtol=0, atol=0)  # step 4's EMA is the release's
+
+    ours = forward_at_every_stage(load_model(workdir)[0])
+    read_back = forward_at_every_stage(load_model(export)[0])  # the converter's reader, in memory
+    for a, b in zip(read_back, ours):
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+
+    raw = str(tmp_path / "raw")
+    result = run_converter("--to_torch", f"--jax_checkpoint={workdir}/checkpoints/2", "--weights=model",
+                           f"--output={raw}")
+    assert result.returncode == 0, result.stderr
+    exported = torch.load(os.path.join(raw, "model.pt"), weights_only=True)
+    for key, value in params_to_torch(weights[2]["params"], load_model(workdir)[1].model).items():
+        np.testing.assert_array_equal(exported[key].numpy(), value)
+    result = run_converter("--to_torch", f"--jax_checkpoint={workdir}", f"--output={raw}")
+    assert result.returncode != 0 and "already exists" in result.stderr
+
+
+def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
+    """The README's loop: train with a command, then run it again with --mode=sample."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run[0], workdir)
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", "--mode=sample",
+               "--config.sample.num_images=8", "--config.sample.batch_size=8", "--config.sample.steps_per_stage=2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "samples", "settings.json")) as f:
+        settings = json.load(f)
+    assert settings["checkpoint"] == os.path.join(workdir, "checkpoints", "4") and settings["weights"] == "ema"
+    assert np.load(os.path.join(workdir, "samples.npz"))["arr_0"].shape == (8, 64, 64, 3)
+    assert "sampling: 8/8 img (100%)" in result.stderr and "ETA" in result.stderr
+
+    empty = str(tmp_path / "not_a_run")
+    result = subprocess.run(command[:3] + [f"--workdir={empty}", "--mode=sample"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "is not a training run: set --config.sample.checkpoint" in result.stderr
