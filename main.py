@@ -1,12 +1,17 @@
 """pixelflow-jax entry point (flax/examples style).
 
     python main.py --config=configs/c2i.py:demo --workdir=runs/demo          # train (the default mode)
+    python main.py --config=configs/c2i.py:demo --workdir=runs/demo --mode=sample   # sample that run
     python main.py --config=configs/c2i.py --workdir=runs/fid --mode=sample \
         --config.sample.checkpoint=checkpoints/pixelflow_xl_c2i
     python main.py --config=configs/c2i.py:tiny --workdir=runs/tiny --mode=inspect
     python main.py --config=configs/c2i.py --workdir=runs/fid --mode=eval \
         --config.eval.samples=runs/fid/samples.npz --config.eval.reference=VIRTUAL_imagenet256_labeled.npz \
         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
+
+A checkpoint (config.sample.checkpoint, config.train.init_from) is a training run or one of its
+steps, a converted or release folder, or hf://OWNER/NAME[@REVISION][/SUBFOLDER]; in sample and demo
+modes an empty config.sample.checkpoint means the workdir's own training run.
 
 Settings live in the config file and can be overridden with --config.<field>=<value>.
     python main.py --config=configs/c2i.py --workdir=runs/demo --mode=demo \

@@ -84,7 +84,9 @@ def build(workdir: str) -> dict:
     train.save(manager, STEP, state)
     manager.wait_until_finished()
     manager.close()
-    return {"built": True, "seconds": time.perf_counter() - start, "params": sum(x.size for x in jax.tree.leaves(state["params"]))}
+    return {"built": True, "seconds": time.perf_counter() - start,
+            "params": sum(x.size for x in jax.tree.leaves(state["params"])),
+            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def measure(what: str, workdir: str) -> dict:
@@ -157,13 +159,15 @@ def main() -> None:
         built = run_child(["--measure=build", f"--workdir={workdir}"], available_bytes() - headroom)
         if "error" in built:
             sys.exit(f"building the run failed: {built['error']}")
-        print(f"run {workdir}: " + (f"built in {built['seconds']:.0f} s, {built['params']:,} parameters"
+        print(f"run {workdir}: " + (f"built in {built['seconds']:.0f} s, {built['params']:,} parameters, "
+                                    f"max RSS {built['max_rss'] / GiB:.2f} GiB"
                                     if built["built"] else "reused"), flush=True)
         rows = {}
         for what in MEASURES:
             rows[what] = run_child([f"--measure={what}", f"--workdir={workdir}"], available_bytes() - headroom)
             print(what, rows[what], flush=True)
-        print("\n| load | restored | parameters | RSS after import jax | RSS before load | max RSS | max RSS - before | time |")
+        print("\n| load | restored | elements | RSS after import jax | RSS before load | max RSS | max RSS - before "
+              "| time |")
         print("|---|---|---|---|---|---|---|---|")
         for what, r in rows.items():
             if "error" in r:

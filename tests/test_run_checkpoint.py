@@ -197,3 +197,13 @@ def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
     result = subprocess.run(command[:3] + [f"--workdir={empty}", "--mode=sample"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0 and "is not a training run: set --config.sample.checkpoint" in result.stderr
+
+
+def test_demo_page_in_a_training_workdir_serves_its_run(run):
+    from configs import c2i
+    from pixelflow_jax.demo_app import DemoSampler
+
+    config = c2i.get_config("tiny")
+    demo = DemoSampler(config, run[0])
+    assert demo.source.run_step.step == 4 and demo.ckpt.model.num_classes == 1000
+    assert_params_equal(nnx.merge(demo.sampler.graphdef, demo.sampler.state), run[1][4]["ema"])

@@ -72,6 +72,7 @@ def test_missing_checkpoint_fails_clearly(tmp_path):
     assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted):
     """The release's tiny t2i model (20-wide text embeddings) with a tiny random T5 of d_model 20
     and a tokenizer trained in the test: 2 prompts x 2 images, padded to a batch of 8."""

@@ -91,6 +91,7 @@ def single_device(converted):
     return build(converted, mesh_of(jax.devices()[:1], 1), lr=1e-3)
 
 
+@pytest.mark.slow
 def test_eight_device_step_equals_single_device(converted, single_device):
     assert jax.device_count() == 8
     state_one, step_one = single_device
@@ -107,6 +108,7 @@ def test_eight_device_step_equals_single_device(converted, single_device):
     assert relative_error(eight, one) <= 1e-5
 
 
+@pytest.mark.slow
 def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     state, step = single_device
     state = jax.tree.map(lambda x: x.copy(), state)
@@ -149,6 +151,7 @@ def losses(workdir):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_gives_the_uninterrupted_losses(tmp_path):
     reference = str(tmp_path / "reference")
     run_training(reference)
@@ -176,6 +179,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_continue_a_one_process_run_with_the_same_losses(tmp_path):
     """One process with 8 CPU devices trains 6 steps; two processes with 4 each (gloo collectives)
     resume its step-3 checkpoint and must compute the same losses for steps 4..6, with an EMA preview

@@ -1,0 +1,31 @@
+"""Progress of long jobs: log lines with rate and ETA off a terminal, a tqdm bar on one."""
+
+import io
+
+from pixelflow_jax.progress import Progress, format_duration
+
+
+def test_log_lines_say_count_rate_and_eta_and_count_only_this_runs_work(monkeypatch):
+    clock = iter([100.0, 110.0, 120.0, 150.0, 150.0])
+    monkeypatch.setattr("pixelflow_jax.progress.time.perf_counter", lambda: next(clock))
+    lines = []
+    progress = Progress(100, "sampling", "img", initial=40, interactive=False, log_every_s=15, log=lines.append)
+    progress.update(10)  # t=110: too soon for a line
+    progress.update(10)  # t=120: 20 images in 20 s -> 1 img/s, 40 left
+    progress.update(40)  # t=150: done, always logged
+    assert lines == ["sampling: 60/100 img (60%), 1 img/s, ETA 0:40, elapsed 0:20",
+                     "sampling: 100/100 img (100%), 1.2 img/s, ETA 0:00, elapsed 0:50"]
+
+
+def test_terminal_gets_a_bar_and_lines_that_do_not_break_it():
+    stream = io.StringIO()
+    with Progress(5, "training", "step", interactive=True, stream=stream) as progress:
+        progress.update(2)
+        progress.write("step 2: loss 0.5")
+        progress.update(3)
+    text = stream.getvalue()
+    assert "training" in text and "5/5" in text and "step 2: loss 0.5" in text
+
+
+def test_durations():
+    assert format_duration(59.6) == "1:00" and format_duration(3725) == "1:02:05"
