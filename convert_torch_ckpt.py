@@ -20,7 +20,6 @@ and names every missing, unexpected and mis-shaped key.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -65,7 +64,7 @@ def tensor_progress(label: str):
 
 
 def torch_to_jax() -> str:
-    from pixelflow_jax.checkpoint import CheckpointError, save_checkpoint
+    from pixelflow_jax.checkpoint import save_checkpoint
     from pixelflow_jax.convert import torch_to_params
     from pixelflow_jax.torch_io import read_release_checkpoint
 
@@ -76,8 +75,6 @@ def torch_to_jax() -> str:
     path = FLAGS.torch_checkpoint
     if hub.is_hub_path(path):
         path, _ = hub.checkpoint_folder(path)
-    elif hub.is_url(path):
-        raise CheckpointError(f"{path}: read from local paths and hf:// Hub paths only; copy it to a local folder")
     config, state_dict = read_release_checkpoint(path, torch_config=FLAGS.torch_config,
                                                  weights=FLAGS.weights, attention_head_dim=FLAGS.attention_head_dim,
                                                  overrides=overrides)
@@ -110,14 +107,18 @@ def main(argv):
         raise app.UsageError("give either --torch_checkpoint (PyTorch -> JAX) or --to_torch --jax_checkpoint "
                              "(JAX -> PyTorch)")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
-    if os.path.exists(FLAGS.output) and not FLAGS.overwrite:
-        sys.exit(f"error: output {FLAGS.output} already exists; choose another path or pass --overwrite")
+    from pixelflow_jax import storage
     from pixelflow_jax.checkpoint import CheckpointError
     from pixelflow_jax.convert import ConversionError
 
     try:
+        for path in (FLAGS.output, FLAGS.torch_checkpoint or FLAGS.jax_checkpoint):
+            if not path.startswith("hf://"):
+                storage.check_supported(path)
+        if storage.exists(FLAGS.output) and not FLAGS.overwrite:
+            sys.exit(f"error: output {FLAGS.output} already exists; choose another path or pass --overwrite")
         message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
-    except (CheckpointError, ConversionError) as e:
+    except (CheckpointError, ConversionError, storage.StorageError) as e:
         sys.exit(f"error: {e}")
     print(message)
 

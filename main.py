@@ -20,7 +20,6 @@ Settings live in the config file and can be overridden with --config.<field>=<va
 Modes: train, sample, inspect, eval, demo.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -56,6 +55,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    from pixelflow_jax import storage
+
+    try:
+        storage.check_supported(FLAGS.workdir)
+    except storage.StorageError as e:
+        sys.exit(f"error: {e}")
     if FLAGS.distributed:
         start_distributed()
     if FLAGS.mode == "train":
@@ -65,7 +70,7 @@ def main(argv):
 
         try:
             train.train(FLAGS.config, FLAGS.workdir)
-        except (CheckpointError, DataError, ValueError, train.TrainingStopped) as e:
+        except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped) as e:
             sys.exit(f"error: {e}")
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
@@ -77,7 +82,7 @@ def main(argv):
 
         try:
             demo_app.run(FLAGS.config, FLAGS.workdir)
-        except (CheckpointError, ValueError) as e:
+        except (CheckpointError, ValueError, storage.StorageError) as e:
             sys.exit(f"error: {e}")
     elif FLAGS.mode in ("sample", "eval"):
         from pixelflow_jax import evaluate, sample_run
@@ -87,9 +92,9 @@ def main(argv):
             if FLAGS.mode == "sample":
                 sample_run.run(FLAGS.config, FLAGS.workdir)
             if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
-                samples = os.path.join(FLAGS.workdir, "samples.npz") if FLAGS.mode == "sample" else None
+                samples = storage.join(FLAGS.workdir, "samples.npz") if FLAGS.mode == "sample" else None
                 evaluate.run(FLAGS.config, FLAGS.workdir, samples)
-        except (CheckpointError, ValueError) as e:
+        except (CheckpointError, ValueError, storage.StorageError) as e:
             sys.exit(f"error: {e}")
 
 

@@ -5,14 +5,14 @@ A checkpoint path is any of:
   - a folder written by convert_torch_ckpt.py;
   - a release folder (config.yaml + model.pt; needs torch), converted in memory;
   - `hf://OWNER/NAME[@REVISION][/SUBFOLDER]`: a release or converted folder on the Hugging Face Hub.
+Any of the first three may be in a bucket (gs://).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
-from pixelflow_jax import hub
+from pixelflow_jax import hub, storage
 from pixelflow_jax.checkpoint import CONFIG_FILE, CheckpointConfig, CheckpointError, build_model, read_config, \
     restore_params
 from pixelflow_jax.convert import Params
@@ -33,29 +33,31 @@ class CheckpointSource:
     def kind(self) -> str:
         if self.run_step:
             return "training run"
-        return "converted" if os.path.isfile(os.path.join(self.folder, CONFIG_FILE)) else "release"
+        return "converted" if storage.isfile(storage.join(self.folder, CONFIG_FILE)) else "release"
 
 
 def resolve_checkpoint(path: str) -> CheckpointSource:
     """Downloads a Hub checkpoint (into the Hub cache), picks a run's latest complete step, and
-    checks that the path exists; URLs are never taken for local folders."""
+    checks that the path exists (local or gs://); URLs are never taken for local folders."""
     path = str(path)
     if hub.is_hub_path(path):
         folder, label = hub.checkpoint_folder(path)
         return CheckpointSource(folder, label)
-    if hub.is_url(path):
-        raise CheckpointError(f"{path}: checkpoints are read from local folders and hf:// Hub paths; copy it to "
-                              "a local folder first (other URL schemes are not supported yet)")
+    try:
+        storage.check_supported(path)
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
     run_step = find_run_step(path)  # before the existence check: a missing step lists those that exist
     if run_step:
-        return CheckpointSource(os.path.abspath(run_step.folder), os.path.abspath(run_step.folder), run_step)
-    if not os.path.exists(path):
+        folder = storage.absolute(run_step.folder)
+        return CheckpointSource(folder, folder, run_step)
+    if not storage.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, "model.pt")):
+    if storage.isdir(path) and not any(storage.isfile(storage.join(path, f)) for f in (CONFIG_FILE, "model.pt")):
         raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "
                               "folder (config.yaml + model.pt)")
-    return CheckpointSource(path, os.path.abspath(path))
+    return CheckpointSource(path, storage.absolute(path))
 
 
 def read_checkpoint(source: CheckpointSource, weights: str = "ema",
@@ -106,7 +108,7 @@ def sampling_checkpoint(sample_config, workdir: str) -> str:
 
     if sample_config.checkpoint:
         return sample_config.checkpoint
-    if workdir and not hub.is_url(workdir) and is_run(workdir):
+    if workdir and not hub.is_hub_path(workdir) and is_run(workdir):
         return workdir
     raise CheckpointError(f"{workdir} is not a training run: set --config.sample.checkpoint to a training run, a "
                           "converted or release folder, or an hf:// Hub path")

@@ -83,13 +83,16 @@ PALLAS_BACKENDS = ("pallas_gpu", "splash")
 
 # 'auto': per platform, the fastest backend measured there (16 heads x 72, bf16, forward+backward
 # TFLOP/s at B8x4096 / B32x1024 / B128x256 tokens):
-#   gpu (H200, shared/ANCHORS.md): cuDNN 300 / 223 / 110 against XLA 93 / 80 / 56 and the bundled
+#   gpu (H200, the release's attention benchmark): cuDNN 300 / 223 / 110 against XLA 93 / 80 / 56 and the bundled
 #       Pallas mha 75 / 62 / 48 -> cudnn for bf16/fp16 inputs at every length (64 tokens not
 #       measured: the same choice), XLA for float32 (cuDNN takes no float32). pallas_gpu is not
 #       measured yet (bench/attention_speed.py; bench/RESULTS.md).
-#   tpu: XLA until splash is timed on a TPU (it is only tested in interpret mode so far).
+#   tpu: splash at lengths that are multiples of 128 (XLA below, e.g. the 64-token stage), as
+#       MaxText defaults to: XLA's einsum keeps the L^2 float32 logits of every head (1 GiB per
+#       image at 4096 tokens, 275 GB at the 65536 tokens of 1024 px text-to-image). Not yet timed on
+#       a TPU: checked in interpret mode and by lowering for TPU on the CPU (tests/test_attention.py).
 #   cpu: XLA.
-AUTO = {"gpu": "cudnn", "tpu": "xla", "cpu": "xla"}
+AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
 _interpret = [False]
 
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pixelflow_jax import storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.convert import Params, param_shapes
 from pixelflow_jax.model import PixelFlow
@@ -64,7 +65,14 @@ class CheckpointConfig:
 def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary folder beside `path`; on success it becomes `path`, on failure it is
     deleted. An existing `path` is refused unless `overwrite`, and is only removed once the new
-    folder is complete, so no failure loses the old one."""
+    folder is complete, so no failure loses the old one.
+
+    In an object store (no rename) the files are written in place, the file that marks the folder
+    complete last (the caller's order), and a failure deletes what was written; replacing an
+    existing folder there is refused, since a failure would lose the old one."""
+    if storage.is_url(path):
+        yield from _object_store_output_dir(path, overwrite)
+        return
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
@@ -88,6 +96,19 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
         raise
 
 
+def _object_store_output_dir(path: str, overwrite: bool) -> Iterator[str]:
+    if storage.exists(path):
+        if not overwrite:
+            raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
+        raise CheckpointError(f"--overwrite cannot replace {path}: an object store has no atomic rename, so a "
+                              "failed conversion would lose the old folder; delete it first or choose another path")
+    try:
+        yield path
+    except BaseException:
+        storage.rmtree(path)
+        raise
+
+
 def save_checkpoint(path: str, params: Params, config: CheckpointConfig, overwrite: bool = False) -> None:
     """Writes a converted folder atomically (see atomic_output_dir)."""
     import orbax.checkpoint as ocp
@@ -95,19 +116,16 @@ def save_checkpoint(path: str, params: Params, config: CheckpointConfig, overwri
     with atomic_output_dir(path, overwrite) as tmp:
         arrays = jax.tree.map(lambda a: jax.device_put(np.asarray(a)), params)
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), arrays)
+        checkpointer.save(storage.join(tmp, PARAMS_DIR), arrays)
         checkpointer.wait_until_finished()
         checkpointer.close()
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config.to_json(), f, indent=2)
+        storage.write_json_atomically(storage.join(tmp, CONFIG_FILE), config.to_json())  # last: marks it complete
 
 
 def read_config(path: str) -> CheckpointConfig:
-    config_path = os.path.join(path, CONFIG_FILE)
+    config_path = storage.join(path, CONFIG_FILE)
     try:
-        with open(config_path) as f:
-            values = json.load(f)
-        return CheckpointConfig.from_json(values)
+        return CheckpointConfig.from_json(storage.read_json(config_path))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a converted pixelflow-jax checkpoint (no {CONFIG_FILE}); "
                               "convert a release checkpoint with convert_torch_ckpt.py first") from None
@@ -130,8 +148,8 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
     """Reads the parameter tree of a converted folder, checked against the config's architecture."""
     import orbax.checkpoint as ocp
 
-    params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    if not os.path.isdir(params_path):
+    params_path = storage.join(storage.absolute(path), PARAMS_DIR)
+    if not storage.isdir(params_path):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder; the conversion did not finish, convert again")
     target = abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     try:

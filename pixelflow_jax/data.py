@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
-import os
 from typing import Any, Iterator
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from pixelflow_jax import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_CONSECUTIVE_UNREADABLE = 64
@@ -46,22 +47,19 @@ class ImageFolderSource:
     """root/<class name>/<image>, like torchvision's ImageFolder: class ids from sorted folder names."""
 
     def __init__(self, root: str, classes: list[str] | None = None):
-        if not os.path.isdir(root):
+        if not storage.isdir(root):
             raise DataError(f"image folder {root} does not exist; set config.data.root to a folder of "
                             "class subfolders (root/<class>/<image>)")
-        found = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        found = storage.list_folders(root)
         self.classes = classes if classes is not None else found
         missing = sorted(set(found) - set(self.classes))
         if missing:
             raise DataError(f"{root} has class folders {missing} that the run's class index does not list")
         self.records: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
-            folder = os.path.join(root, name)
-            if not os.path.isdir(folder):
-                continue
-            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    self.records.append((entry.path, label))
+            folder = storage.join(root, name)
+            self.records += [(storage.join(folder, file), label) for file in storage.list_files(folder)
+                             if file.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.records:
             raise DataError(f"no images found in {root} (expected {root}/<class>/<image> with one of "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
@@ -71,8 +69,7 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.records[index]
-        with open(path, "rb") as f:
-            return {"image": f.read(), "label": label, "name": path}
+        return {"image": storage.read_bytes(path), "label": label, "name": path}
 
 
 class TfdsSource:
@@ -109,16 +106,13 @@ def make_source(data_config, class_index_dir: str | None = None):
         return TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
     if kind == "folder":
         classes = None
-        index_path = os.path.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
-        if index_path and os.path.exists(index_path):
-            with open(index_path) as f:
-                classes = json.load(f)["classes"]
+        index_path = storage.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
+        if index_path and storage.exists(index_path):
+            classes = storage.read_json(index_path)["classes"]
         source = ImageFolderSource(data_config.root, classes)
-        if index_path and classes is None:
-            os.makedirs(class_index_dir, exist_ok=True)
-            with open(index_path + ".tmp", "w") as f:
-                json.dump({"root": os.path.abspath(data_config.root), "classes": source.classes}, f, indent=1)
-            os.replace(index_path + ".tmp", index_path)
+        if index_path and classes is None and jax.process_index() == 0:
+            storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
+                                                       "classes": source.classes})
         return source
     if kind == "demo":
         from pixelflow_jax.demo_data import DemoSource

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
-import os
 import zipfile
 
 import jax
 import numpy as np
 from absl import logging
 
-from pixelflow_jax import metrics
+from pixelflow_jax import metrics, storage
 from pixelflow_jax.checkpoint import CheckpointError
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import replicate_on_local_devices
@@ -35,7 +35,7 @@ FEATURES = ("pool", "spatial", "logits")
 def _open_images(path: str):
     """(archive, arr_0 member positioned at its data, shape, dtype) of an .npz of images."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(storage.open_file(path, "rb") if storage.is_url(path) else path)
         member = archive.open("arr_0.npy")
     except (OSError, zipfile.BadZipFile, KeyError) as e:
         raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
@@ -81,7 +81,7 @@ class FeatureExtractor:
 
         from pixelflow_jax.inception_convert import load_inception
 
-        self.weights_path = os.path.abspath(weights_path)
+        self.weights_path = storage.absolute(weights_path)
         model = load_inception(weights_path)
         self.graphdef, params = nnx.split(model)
         # Every process computes all features: a multi-host run repeats the work on each host.
@@ -91,7 +91,7 @@ class FeatureExtractor:
 
     def __call__(self, path: str) -> dict[str, np.ndarray]:
         parts = {name: [] for name in FEATURES}
-        with Progress(npz_image_count(path), f"Inception features of {os.path.basename(path)}", "img") as progress:
+        with Progress(npz_image_count(path), f"Inception features of {storage.basename(path)}", "img") as progress:
             for images in npz_batches(path, self.batch_size):
                 count = len(images)
                 padded = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, 0)])
@@ -104,25 +104,26 @@ class FeatureExtractor:
 
 
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
-    stat = os.stat(path)
-    key = hashlib.sha256(json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
+    size, mtime = storage.size_and_mtime(path)
+    key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime,
                                      extract.weights_path]).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{key}.npz")
-    if os.path.isfile(cache):
+    cache = storage.join(cache_dir, f"{storage.basename(path)}.{key}.npz")
+    if storage.isfile(cache):
         logging.info("features of %s from %s", path, cache)
-        with np.load(cache) as f:
+        with storage.open_file(cache, "rb") as file, np.load(file) as f:
             return {name: f[name] for name in FEATURES}
     features = extract(path)
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(cache + ".tmp.npz", **features)
-    os.replace(cache + ".tmp.npz", cache)
+    if jax.process_index() == 0:  # every process computed the same features
+        encoded = io.BytesIO()
+        np.savez(encoded, **features)
+        storage.write_atomically(cache, encoded.getvalue())
     return features
 
 
 def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
     """((mu, sigma), (mu_s, sigma_s)): the .npz's own where present (ADM's reference batches carry
     them), else from the features."""
-    with np.load(path) as f:
+    with storage.open_file(path, "rb") as file, np.load(file) as f:
         stored = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
     pool = (stored["mu"], stored["sigma"]) if "mu" in stored else metrics.gaussian_statistics(features["pool"])
     spatial = ((stored["mu_s"], stored["sigma_s"]) if "mu_s" in stored
@@ -132,13 +133,13 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
 
 def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
     for name, path in (("eval.samples", samples), ("eval.reference", reference)):
-        if not path or not os.path.isfile(path):
+        if not path or not storage.isfile(path):
             raise ValueError(f"config.{name} must be an .npz file; got {path!r}")
     if not inception_weights:
         raise CheckpointError("set --config.eval.inception_weights to pytorch-fid's "
                               "pt_inception-2015-12-05-6726825d.pth (see the README)")
     extract = FeatureExtractor(inception_weights, batch_size)
-    cache_dir = os.path.join(workdir, "eval_features")
+    cache_dir = storage.join(workdir, "eval_features")
     sample_features = cached_features(extract, samples, cache_dir)
     reference_features = cached_features(extract, reference, cache_dir)
     (mu, sigma), (mu_s, sigma_s) = reference_statistics(reference, reference_features)
@@ -149,7 +150,7 @@ def evaluate(samples: str, reference: str, inception_weights: str, workdir: str,
         inception_score=metrics.inception_score(sample_features["logits"]),
         precision=precision, recall=recall,
         num_samples=len(sample_features["pool"]), num_reference=len(reference_features["pool"]),
-        samples=os.path.abspath(samples), reference=os.path.abspath(reference),
+        samples=storage.absolute(samples), reference=storage.absolute(reference),
     )
     return results
 
@@ -162,9 +163,5 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
         logging.info("%s: %.4f", name, results[name])
         print(f"{name}: {results[name]:.4f}")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "eval.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
+        storage.write_json_atomically(storage.join(workdir, "eval.json"), results)
     return results

@@ -10,7 +10,6 @@ weights in a second format). REVISION is a branch, tag or commit without '/'.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -21,17 +20,10 @@ _HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revisi
 
 # A PixelFlow folder: the release's (config.yaml + model.pt) or a converted one.
 CHECKPOINT_PATTERNS = ("config.yaml", "model.pt", "pixelflow_config.json", "params/**")
-# A T5 folder before its weights: which weight files to fetch is read from what these say.
-T5_PATTERNS = ("config.json", "spiece.model", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def is_hub_path(path: str) -> bool:
     return str(path).startswith(PREFIX)
-
-
-def is_url(path: str) -> bool:
-    """Anything with a scheme (gs://, s3://, hf://, https://) is never read as a local folder."""
-    return "://" in str(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +103,10 @@ def checkpoint_folder(path: str) -> tuple[str, str]:
 
 def t5_folder(path: str) -> str:
     """A local T5 folder for a Hub T5 repo: config, tokenizer and the weights of the encoder only."""
-    from pixelflow_jax.t5_convert import encoder_shards
+    from pixelflow_jax.t5_convert import fetch_encoder_files
 
     hub = HubPath.parse(path)
-    folder = _folder(_download(hub, T5_PATTERNS), hub)
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index_path = os.path.join(folder, index_name)
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                patterns = encoder_shards(json.load(f))
-        else:
-            patterns = [single]
-        _download(hub, patterns)
-        if all(os.path.isfile(os.path.join(folder, p)) for p in patterns):
-            return folder
-    raise CheckpointError(f"{hub} has no T5 weights (model.safetensors or pytorch_model.bin, sharded or not)")
+    try:
+        return fetch_encoder_files(lambda names: _folder(_download(hub, names), hub))
+    except CheckpointError as e:
+        raise CheckpointError(f"{hub}: {e}") from None

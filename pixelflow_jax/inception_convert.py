@@ -7,12 +7,12 @@ softmax weights only) and BatchNorm's `num_batches_tracked` counters (training b
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import numpy as np
 from flax import nnx, traverse_util
 
+from pixelflow_jax import storage
 from pixelflow_jax.checkpoint import CheckpointError, module_with_params
 from pixelflow_jax.inception import InceptionV3
 
@@ -63,7 +63,7 @@ def inception_params(state_dict: Mapping[str, np.ndarray]) -> dict:
 
 def load_inception(path: str) -> InceptionV3:
     """The FID Inception from pytorch-fid's weights file; no download ever happens here."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise CheckpointError(f"Inception weights {path} not found: download {WEIGHTS_URL} (pytorch-fid's "
                               "FID Inception, converted from the 2015-12-05 TensorFlow graph) and pass its path")
     from pixelflow_jax.torch_io import float32_numpy, load_tensor_dict

@@ -4,7 +4,6 @@ jit-compiled forward per cascade stage. A quick check that a config (or a checkp
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from pixelflow_jax import storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import stage_resolutions
@@ -59,8 +59,6 @@ def run(config, workdir: str) -> dict:
                      stages[-1]["tokens"], compile_and_run, run_time)
 
     report = dict(model=model_cfg.to_dict(), parameters=counts, batch=2, stages=stages, device=str(jax.devices()[0]))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "inspect.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json_atomically(storage.join(workdir, "inspect.json"), report)
     print(json.dumps(report, indent=2))
     return report

@@ -15,12 +15,12 @@ marker on object stores); a step killed mid-save is never read.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
 from absl import logging
 
+from pixelflow_jax import storage
 from pixelflow_jax.checkpoint import CheckpointConfig, CheckpointError, abstract_params
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.convert import Params
@@ -36,17 +36,16 @@ _IN_PROGRESS = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
 
 
 def is_run(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, RUN_CONFIG))
+    return storage.isfile(storage.join(path, RUN_CONFIG))
 
 
 def read_run_config(run: str) -> dict:
-    path = os.path.join(run, RUN_CONFIG)
+    path = storage.join(run, RUN_CONFIG)
     try:
-        with open(path) as f:
-            values = json.load(f)
+        values = storage.read_json(path)
         values.setdefault("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
         return values
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError) as e:  # ValueError: bad JSON
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
@@ -57,23 +56,21 @@ def run_checkpoint_config(run: str) -> CheckpointConfig:
                                 num_train_timesteps=int(values["num_train_timesteps"]),
                                 num_stages=int(values["num_stages"]), resolution=int(values["resolution"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{os.path.join(run, RUN_CONFIG)} does not describe a model: {e}") from None
+        raise CheckpointError(f"{storage.join(run, RUN_CONFIG)} does not describe a model: {e}") from None
 
 
 def complete_steps(run: str) -> list[int]:
     from etils import epath
     import orbax.checkpoint as ocp
 
-    folder = os.path.join(run, CHECKPOINTS)
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return sorted(int(n) for n in names
-                  if n.isdigit() and ocp.step.is_path_finalized(epath.Path(os.path.join(folder, n))))
+    folder = storage.join(run, CHECKPOINTS)
+    return sorted(int(n) for n in storage.listdir(folder)
+                  if n.isdigit() and ocp.step.is_path_finalized(epath.Path(storage.join(folder, n))))
 
 
 def steps_in_progress(run: str) -> list[int]:
     """Steps being saved now, or killed mid-save: their folders exist but are not finalised."""
-    folder = os.path.join(run, CHECKPOINTS)
-    names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = storage.listdir(storage.join(run, CHECKPOINTS))
     complete = set(complete_steps(run))
     partial = {int(m[1]) for m in map(_IN_PROGRESS.fullmatch, names) if m}
     partial |= {int(n) for n in names if n.isdigit()} - complete
@@ -87,7 +84,7 @@ class RunStep:
 
     @property
     def folder(self) -> str:
-        return os.path.join(self.run, CHECKPOINTS, str(self.step))
+        return storage.join(self.run, CHECKPOINTS, str(self.step))
 
 
 def latest_step(run: str) -> RunStep:
@@ -105,13 +102,13 @@ def latest_step(run: str) -> RunStep:
 
 def find_run_step(path: str) -> RunStep | None:
     """The step that `path` names if it is a training run or one of its step folders, else None."""
-    path = os.path.normpath(path)
+    path = str(path).rstrip("/") if storage.is_url(path) else os.path.normpath(path)
     if is_run(path):
         return latest_step(path)
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) != CHECKPOINTS or not is_run(os.path.dirname(parent)):
+    parent = storage.dirname(path)
+    if storage.basename(parent) != CHECKPOINTS or not is_run(storage.dirname(parent)):
         return None
-    run, name = os.path.dirname(parent), os.path.basename(path)
+    run, name = storage.dirname(parent), storage.basename(path)
     steps = complete_steps(run)
     if name.isdigit() and int(name) in steps:
         return RunStep(run, int(name))
@@ -131,7 +128,7 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
         raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     key = WEIGHT_KEYS[weights]
     target = {key: abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))}
-    path = os.path.join(os.path.abspath(run_step.folder), STATE_ITEM)
+    path = storage.join(storage.absolute(run_step.folder), STATE_ITEM)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(

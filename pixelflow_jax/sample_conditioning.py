@@ -13,10 +13,9 @@ arguments as host arrays, plus the settings that identify the run (settings.json
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from pixelflow_jax import storage
 from pixelflow_jax.sampling import class_conditioning
 
 
@@ -47,10 +46,9 @@ def read_prompts(sample_config) -> list[str]:
         raise ValueError("a text-conditional checkpoint samples from prompts: set exactly one of "
                          "--config.sample.prompts (a list) or --config.sample.prompts_file (one prompt per line)")
     if s.prompts_file:
-        if not os.path.isfile(s.prompts_file):
+        if not storage.isfile(s.prompts_file):
             raise ValueError(f"sample.prompts_file {s.prompts_file} does not exist")
-        with open(s.prompts_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        prompts = [line for line in storage.read_text(s.prompts_file).splitlines() if line.strip()]
     else:
         prompts = [s.prompts] if isinstance(s.prompts, str) else list(s.prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -69,7 +67,7 @@ class TextPrompts:
         self.images_per_prompt = int(s.images_per_prompt)
         self.negative_prompt = str(s.negative_prompt)
         self.encoder = prompt_encoder_for(s, dtype, cross_attention_dim)
-        self.text_encoder = s.text_encoder if "://" in s.text_encoder else os.path.abspath(s.text_encoder)
+        self.text_encoder = storage.absolute(s.text_encoder)
         self.max_text_tokens = int(s.max_text_tokens)
         self.num_images = len(self.prompts) * self.images_per_prompt
         self._negative = None

@@ -13,9 +13,10 @@ would write. Class- and text-conditional checkpoints: see sample_conditioning.py
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from pixelflow_jax import storage
 from pixelflow_jax.api import read_checkpoint, resolve_checkpoint, sampling_checkpoint
 from pixelflow_jax.checkpoint import build_model
 from pixelflow_jax.progress import Progress
@@ -34,21 +36,39 @@ from pixelflow_jax.sampling import CascadeSampler, SamplingOptions, draw_noise_j
 GRID_IMAGES = 64
 
 
+def image_name(image_id: int) -> str:
+    return f"{image_id:06d}.png"
+
+
 def image_path(folder: str, image_id: int) -> str:
-    return os.path.join(folder, f"{image_id:06d}.png")
+    return storage.join(folder, image_name(image_id))
 
 
 def save_png_atomically(path: str, image: np.ndarray) -> None:
     """A PNG appears complete or not at all, so an interrupted run never leaves a truncated image."""
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="PNG")
+    storage.write_atomically(path, encoded.getvalue())
 
 
 def save_npz_atomically(path: str, images: np.ndarray) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, arr_0=images)
-    os.replace(tmp, path)
+    """Written to a local temporary file, then renamed (local) or uploaded as one object."""
+    local_folder = os.path.dirname(os.path.abspath(path)) if not storage.is_url(path) else None
+    with tempfile.NamedTemporaryFile(suffix=".npz", dir=local_folder, delete=False) as tmp:
+        np.savez(tmp, arr_0=images)
+    try:
+        if storage.is_url(path):
+            storage.upload_file_atomically(tmp.name, path)
+        else:
+            os.replace(tmp.name, path)
+    finally:
+        if os.path.exists(tmp.name):
+            os.remove(tmp.name)
+
+
+def images_on_disk(folder: str) -> set[str]:
+    """Names of the finished PNGs (one listing, not one request per image on an object store)."""
+    return set(storage.list_files(folder))
 
 
 def image_grid(images: np.ndarray) -> np.ndarray:
@@ -64,18 +84,15 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 def check_settings(folder: str, settings: dict) -> None:
     """Records the settings on the first run; a rerun with different settings would mix images."""
-    path = os.path.join(folder, "settings.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+    path = storage.join(folder, "settings.json")
+    if storage.exists(path):
+        previous = storage.read_json(path)
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
                              "use a new --workdir, or rerun with the settings in settings.json")
     elif jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=2)
-        os.replace(path + ".tmp", path)
+        storage.write_json_atomically(path, settings)
 
 
 def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -109,8 +126,9 @@ def run(config, workdir: str) -> None:
     conditioning = conditioning_for(s, model.config)
     num_images = conditioning.num_images
 
-    folder = os.path.join(workdir, "samples")
-    os.makedirs(folder, exist_ok=True)
+    folder = storage.join(workdir, "samples")
+    storage.check_writable(workdir)
+    storage.makedirs(folder)
     settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),
                     dtype=model.config.dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
                     steps_per_stage=list(options.steps_per_stage),
@@ -119,7 +137,8 @@ def run(config, workdir: str) -> None:
     check_settings(folder, settings)
     multihost_utils.sync_global_devices("sample settings checked")
 
-    missing = np.array([i for i in range(num_images) if not os.path.exists(image_path(folder, i))], np.int64)
+    done = images_on_disk(folder)
+    missing = np.array([i for i in range(num_images) if image_name(i) not in done], np.int64)
     logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d over "
                  "%d devices", s.weights, source.label, len(missing), num_images, num_images - len(missing),
                  s.batch_size, num_devices)
@@ -155,12 +174,14 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
 
 def finish(folder: str, workdir: str, num_images: int) -> None:
     """The ADM .npz and the grid, once every image exists (process 0 only)."""
-    absent = [i for i in range(num_images) if not os.path.exists(image_path(folder, i))]
+    done = images_on_disk(folder)
+    absent = [i for i in range(num_images) if image_name(i) not in done]
     if absent:
         raise RuntimeError(f"{len(absent)} images are still missing (e.g. {image_path(folder, absent[0])}); rerun")
-    images = np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(num_images)])
-    npz_path = os.path.join(workdir, "samples.npz")
+    images = np.stack([np.asarray(Image.open(io.BytesIO(storage.read_bytes(image_path(folder, i)))).convert("RGB"))
+                       for i in range(num_images)])
+    npz_path = storage.join(workdir, "samples.npz")
     save_npz_atomically(npz_path, images)
-    Image.fromarray(image_grid(images[:GRID_IMAGES])).save(os.path.join(workdir, "grid.png"))
+    save_png_atomically(storage.join(workdir, "grid.png"), image_grid(images[:GRID_IMAGES]))
     logging.info("wrote %s (arr_0: %s %s) and %s", npz_path, images.shape, images.dtype,
-                 os.path.join(workdir, "grid.png"))
+                 storage.join(workdir, "grid.png"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 from flax import nnx, traverse_util
@@ -64,6 +64,30 @@ def encoder_shards(index: Mapping) -> list[str]:
         return sorted({shard for key, shard in index["weight_map"].items() if not key.startswith(SKIPPED_PREFIXES)})
     except (KeyError, AttributeError, TypeError):
         raise CheckpointError("a T5 weight index (*.index.json) without a weight_map of tensor -> shard") from None
+
+
+# What a T5 folder needs besides its weights; which weight files it needs is read from these.
+T5_FOLDER_FILES = ("config.json", "spiece.model", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def fetch_encoder_files(fetch: Callable[[list[str]], str]) -> str:
+    """Fetches only what an encoder load reads from a remote T5 folder (the Hub, a bucket): the
+    config and tokenizer, then the weights in one format, and of sharded weights only the shards
+    holding encoder tensors. fetch(names) makes those of the names that exist appear in a local
+    folder and returns it."""
+    folder = fetch(list(T5_FOLDER_FILES))
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_path = os.path.join(folder, index_name)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                names = encoder_shards(json.load(f))
+        else:
+            names = [single]
+        fetch(names)
+        if all(os.path.isfile(os.path.join(folder, name)) for name in names):
+            return folder
+    raise CheckpointError("the T5 folder has no weights (model.safetensors or pytorch_model.bin, sharded or not)")
 
 
 def _weight_files(folder: str) -> list[str]:

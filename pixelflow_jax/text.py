@@ -8,6 +8,8 @@ transformer's cross-attention. Negative prompts (default "") are encoded the sam
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
 import jax
@@ -77,15 +79,30 @@ class PromptEncoder:
 
 def local_t5_folder(path: str) -> str:
     """A T5 folder on this machine: hf://OWNER/NAME[@REVISION][/SUBFOLDER] is fetched into the Hub
-    cache (encoder weights only); other URLs are refused, never read as local paths."""
-    from pixelflow_jax import hub
+    cache, a gs:// folder into a temporary folder (the encoder's files only)."""
+    from pixelflow_jax import hub, storage
 
     if hub.is_hub_path(path):
         return hub.t5_folder(path)
-    if hub.is_url(path):
-        raise CheckpointError(f"{path}: T5 folders are read from local folders and hf:// Hub paths "
-                              "(e.g. hf://google/flan-t5-xl); other URL schemes are not supported yet")
-    return path
+    if not storage.is_url(path):
+        return path
+    storage.check_supported(path)
+    local = tempfile.mkdtemp(prefix="pixelflow_t5_")
+
+    def fetch(names: list[str]) -> str:
+        for name in names:
+            remote = storage.join(path, name)
+            if storage.isfile(remote):
+                with storage.local_file(remote) as downloaded:
+                    shutil.move(downloaded, os.path.join(local, name))
+        return local
+
+    from pixelflow_jax.t5_convert import fetch_encoder_files
+
+    try:
+        return fetch_encoder_files(fetch)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def prompt_encoder_for(sample_config, dtype: str, cross_attention_dim: int) -> PromptEncoder:

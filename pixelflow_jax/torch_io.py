@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 import yaml
 
+from pixelflow_jax import storage
 from pixelflow_jax.checkpoint import CheckpointConfig, CheckpointError, atomic_output_dir
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.convert import infer_architecture
@@ -43,12 +45,12 @@ def _import_torch():
 def load_torch_file(path: str) -> Any:
     """torch.load with weights_only (no code execution); one clear error for anything unreadable."""
     torch = _import_torch()
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise CheckpointError(f"{path} does not exist or is not a file")
     try:
         # train.py pickles its argparse.Namespace next to the weights; allow exactly that class.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals([argparse.Namespace]), storage.local_file(path) as local:
+            return torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (truncated or not a checkpoint?): "
@@ -91,8 +93,7 @@ def load_tensor_dict(path: str) -> dict[str, Any]:
 def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     """(model.params, {resolution, num_stages, num_train_timesteps} found) of a release config.yaml."""
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f)
+        values = yaml.safe_load(storage.read_text(path))
         model = values["model"]
         params = dict(model["params"])
     except FileNotFoundError:
@@ -123,12 +124,12 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     shapes plus `attention_head_dim`. `overrides` sets resolution / num_stages /
     num_train_timesteps where the config has none (the release's values otherwise).
     """
-    if os.path.isdir(path):
-        weights_path = os.path.join(path, "model.pt")
-        if not os.path.isfile(weights_path):
+    if storage.isdir(path):
+        weights_path = storage.join(path, "model.pt")
+        if not storage.isfile(weights_path):
             raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + model.pt")
-        folder_config = os.path.join(path, "config.yaml")
-        torch_config = torch_config or (folder_config if os.path.isfile(folder_config) else None)
+        folder_config = storage.join(path, "config.yaml")
+        torch_config = torch_config or (folder_config if storage.isfile(folder_config) else None)
     else:
         weights_path = path
     state_dict = extract_state_dict(load_torch_file(weights_path), weights_path, weights)
@@ -168,7 +169,12 @@ def write_release_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], co
     """A release folder (config.yaml + model.pt) that the release loads with strict=True."""
     torch = _import_torch()
     with atomic_output_dir(path, overwrite) as tmp:
+        # model.pt last: in an object store, a folder without it is an unfinished export.
+        storage.write_atomically(storage.join(tmp, "config.yaml"), yaml.safe_dump(release_yaml(config), sort_keys=False))
         tensors = {k: torch.from_numpy(np.array(v, dtype=v.dtype, copy=True)) for k, v in state_dict.items()}
-        torch.save(tensors, os.path.join(tmp, "model.pt"))
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            yaml.safe_dump(release_yaml(config), f, sort_keys=False)
+        if storage.is_url(tmp):
+            with tempfile.TemporaryDirectory(prefix="pixelflow_export_") as local:
+                torch.save(tensors, os.path.join(local, "model.pt"))
+                storage.upload_file_atomically(os.path.join(local, "model.pt"), storage.join(tmp, "model.pt"))
+        else:
+            torch.save(tensors, os.path.join(tmp, "model.pt"))

@@ -9,7 +9,8 @@
 
 A restart resumes from the latest checkpoint (model, EMA, optimiser, step, RNG, data position),
 with any number of processes, so the resumed run computes exactly the losses an uninterrupted one
-would. SIGTERM saves a checkpoint before exiting. After train.max_bad_steps non-finite steps in a
+would. A SIGTERM (preemption) on any process makes every process save the same step and exit
+(preemption.py). After train.max_bad_steps non-finite steps in a
 row the run stops without saving: the last good checkpoint stays the latest.
 """
 
@@ -17,18 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
+import tempfile
 import time
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
-from PIL import Image
 
-from pixelflow_jax import flow
+from pixelflow_jax import flow, storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.preemption import PreemptionWatch
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.run_checkpoint import RUN_CONFIG, read_run_config
 from pixelflow_jax.sampling import CascadeSampler, stage_guidance
@@ -54,18 +56,16 @@ def peak_flops(device) -> float | None:
 
 def check_run_config(workdir: str, model_cfg: ModelConfig, config) -> None:
     """A workdir trains one architecture; resuming with another would load mismatched weights."""
-    path = os.path.join(workdir, RUN_CONFIG)
+    path = storage.join(workdir, RUN_CONFIG)
     current = {"architecture": model_cfg.architecture(), "num_stages": config.scheduler.num_stages,
                "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution}
-    if os.path.exists(path):
+    if storage.exists(path):
         previous = read_run_config(workdir)
         if previous != current:
             raise ValueError(f"{workdir} holds a run of a different model ({previous}); this config asks for "
                              f"{current}. Use a new --workdir")
     elif jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2)
+        storage.write_json_atomically(path, current)
 
 
 def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
@@ -121,7 +121,7 @@ def checkpoint_manager(workdir: str, keep: int):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+    return ocp.CheckpointManager(storage.join(storage.absolute(workdir), "checkpoints"), options=options,
                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
 
 
@@ -157,38 +157,62 @@ def summary_writer_class():
 
 class MetricsLog:
     """metrics.jsonl (one object per logged step), TensorBoard events (WORKDIR/tensorboard) and a
-    readable line on stdout; process 0 only."""
+    readable line on stdout; process 0 only.
+
+    In an object store (no append), metrics.jsonl is rewritten whole at each record and the event
+    files are written locally and uploaded whole after each flush: a reader always sees complete
+    files."""
 
     def __init__(self, workdir: str, resumed_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        if os.path.exists(self.path):  # drop what a crashed run logged past its checkpoint
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        self.tensorboard = summary_writer_class()(os.path.join(workdir, "tensorboard"), purge_step=resumed_step + 1)
+        self.lines = []
+        if storage.exists(self.path):  # drop what a crashed run logged past its checkpoint
+            self.lines = [line + "\n" for line in storage.read_text(self.path).splitlines()
+                          if line.strip() and json.loads(line)["step"] <= resumed_step]
+            storage.write_atomically(self.path, "".join(self.lines))
+        events = storage.join(workdir, "tensorboard")
+        self.remote_events = events if storage.is_url(events) else None
+        self.local_events = tempfile.mkdtemp(prefix="pixelflow_events_") if self.remote_events else events
+        self.tensorboard = summary_writer_class()(self.local_events, purge_step=resumed_step + 1)
 
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
             self.tensorboard.add_image(name, image, step, dataformats="HWC")
+            self.tensorboard.flush()
+            self._publish_events()
 
     def close(self) -> None:
         if self.enabled:
             self.tensorboard.close()
+            self._publish_events()
+            if self.remote_events:
+                shutil.rmtree(self.local_events, ignore_errors=True)
+
+    def _publish_events(self) -> None:
+        if self.remote_events:
+            for name in os.listdir(self.local_events):
+                storage.upload_file_atomically(os.path.join(self.local_events, name),
+                                               storage.join(self.remote_events, name))
 
     def write(self, record: dict) -> str:
         """Logs the record; returns it as a readable line (for stdout)."""
         if not self.enabled:
             return ""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        self.lines.append(line)
+        if storage.is_url(self.path):
+            storage.write_atomically(self.path, "".join(self.lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         for name, value in record.items():
             if name != "step":
                 self.tensorboard.add_scalar(name, value, record["step"])
         self.tensorboard.flush()
+        self._publish_events()
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
         mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
         return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
@@ -198,7 +222,7 @@ class MetricsLog:
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog) -> dict:
     """A grid of EMA samples (class i mod num_classes); on the demo set also its class agreement."""
     from pixelflow_jax.checkpoint import CheckpointConfig
-    from pixelflow_jax.sample_run import image_grid
+    from pixelflow_jax.sample_run import image_grid, save_png_atomically
 
     ckpt = CheckpointConfig(model=model_cfg, num_train_timesteps=config.scheduler.num_train_timesteps,
                             num_stages=config.scheduler.num_stages, resolution=config.data.resolution)
@@ -208,10 +232,8 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
                               cfg_scale=config.sample.cfg_scale, seed=config.seed)
     result = {}
     if jax.process_index() == 0:
-        folder = os.path.join(workdir, "previews")
-        os.makedirs(folder, exist_ok=True)
         grid = image_grid(images)
-        Image.fromarray(grid).save(os.path.join(folder, f"step_{step:07d}.png"))
+        save_png_atomically(storage.join(workdir, "previews", f"step_{step:07d}.png"), grid)
         log.image("preview", grid, step)
     if config.data.source == "demo":
         from pixelflow_jax.demo_data import classify
@@ -228,6 +250,7 @@ def train(config, workdir: str) -> dict:
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
+    storage.check_writable(workdir)  # a bucket without access fails here, not at the first checkpoint
     check_run_config(workdir, model_cfg, config)
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
@@ -247,8 +270,7 @@ def train(config, workdir: str) -> dict:
     loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start)
     log = MetricsLog(workdir, start)
 
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    preemption = PreemptionWatch()
     flops = train_flops_per_image(model_cfg, config.data.resolution, config.scheduler.num_stages)
     peak = peak_flops(jax.devices()[0])
     data_sharding = batch_sharding(mesh)
@@ -258,9 +280,10 @@ def train(config, workdir: str) -> dict:
         for step in range(start + 1, t.num_steps + 1):
             images, labels = to_global_batch(*next(loader), data_sharding)
             state, metrics = train_step(state, images, labels)
+            preempted = preemption.reached(step)
             preview_due = bool(t.preview_every) and step % t.preview_every == 0
             # Preview steps are logged too, so their class agreement has a record to go in.
-            if step % t.log_every == 0 or step == t.num_steps or stop_requested or preview_due:
+            if step % t.log_every == 0 or step == t.num_steps or preempted or preview_due:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
                 images_per_s = (step - last_step) * t.batch_size / (now - last_time)
@@ -283,15 +306,15 @@ def train(config, workdir: str) -> dict:
             if record.get("step") == step:
                 progress.write(log.write(record))
             progress.update()
-            if step % t.checkpoint_every == 0 or step == t.num_steps or stop_requested:
+            if step % t.checkpoint_every == 0 or step == t.num_steps or preempted:
                 save(manager, step, state)
-            if stop_requested:
-                logging.warning("SIGTERM: saved step %d, exiting", step)
+            if preempted:
+                logging.warning("preemption (SIGTERM): saved step %d on every process, exiting", step)
                 break
     finally:
         progress.close()
         manager.wait_until_finished()
         loader.close()
         log.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        preemption.close()
     return record

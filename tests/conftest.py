@@ -15,6 +15,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pixe
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# gcsfs probes a TLS control service at every call unless told not to; against the plain-HTTP
+# storage emulator that stalls each call for 60 s. Must be set before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+import socket
+import uuid
+
 import numpy as np
 import pytest
 
@@ -48,3 +56,82 @@ def converted(tmp_path_factory):
         assert result.returncode == 0, result.stderr
         out[name] = path
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GCS_TEST_BUCKET = "pixelflow-test"
+
+
+def make_emulator_behave_like_gcs():
+    """Two differences from real GCS that break orbax's array writes (tensorstore) at random,
+    about 4 runs in 10: media downloads carry no x-goog-generation header ('Malformed
+    StorageGeneration'), and requests are served concurrently over an unsynchronised store. Fixed
+    here: the headers are added, and requests are served one at a time."""
+    import threading
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(server, "_pixelflow_patched", False):
+        return
+    lock, handle = threading.Lock(), server.Router.handle
+
+    def handle_one_at_a_time(self, method):
+        with lock:
+            return handle(self, method)
+
+    def with_generation(handler):
+        def respond(request, response, storage, *args, **kwargs):
+            handler(request, response, storage, *args, **kwargs)
+            if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT) and "object_id" in request.params:
+                try:
+                    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+                except Exception:  # not an object (a listing, a bucket): no generation to give
+                    return
+                response["x-goog-generation"] = str(obj["generation"])
+                response["x-goog-metageneration"] = str(obj["metageneration"])
+        return respond
+
+    server.Router.handle = handle_one_at_a_time
+    for _, methods in server.HANDLERS:
+        for method, handler in list(methods.items()):
+            if handler in (objects.download, objects.get):
+                methods[method] = with_generation(handler)
+    server._pixelflow_patched = True
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A Google Cloud Storage emulator on 127.0.0.1, in this process, for the whole session; the
+    variables that point gcsfs, tensorstore (orbax) and google-auth at it are set for this process
+    and the runs it starts."""
+    from gcp_storage_emulator.server import create_server
+
+    make_emulator_behave_like_gcs()
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_TEST_BUCKET)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    settings = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "FSSPEC_GCS_TOKEN": "anon"}
+    previous = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    yield url
+    server.stop()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(gcs_emulator):
+    """A fresh gs:// prefix in the emulator's bucket."""
+    return f"gs://{GCS_TEST_BUCKET}/{uuid.uuid4().hex[:12]}"

@@ -165,6 +165,31 @@ def test_pallas_gpu_lowers_to_triton_for_cuda(dtype):
         assert kernel in hlo
 
 
+def test_splash_lowers_to_mosaic_for_tpu():
+    """Cross-platform lowering (no TPU needed) runs Pallas's Mosaic lowering of the splash forward
+    and both backward kernels, with a key mask, at the head width 72 (padded to 128)."""
+    from pixelflow_jax.splash_attention import splash_attention
+
+    def grads(q, k, v, mask):
+        loss = lambda q, k, v: splash_attention(q, k, v, mask).astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    q = jax.ShapeDtypeStruct((2, 256, 4, 72), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 512, 4, 72), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((2, 512), jnp.float32)
+    hlo = jax.jit(grads).trace(q, k, k, mask).lower(lowering_platforms=("tpu",)).as_text()
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert kernel in hlo
+
+
+def test_auto_is_splash_on_tpu_cudnn_for_bf16_on_gpu(monkeypatch):
+    for platform, dtype, expected in (("tpu", jnp.bfloat16, "splash"), ("tpu", jnp.float32, "splash"),
+                                      ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float32, "xla"),
+                                      ("cpu", jnp.bfloat16, "xla")):
+        monkeypatch.setattr(jax, "default_backend", lambda: platform)
+        assert resolve_backend("auto", dtype) == expected, (platform, dtype)
+
+
 def test_head_dim_chunks_are_powers_of_two_of_at_least_16():
     from pixelflow_jax.pallas_gpu_attention import head_chunks
 

@@ -166,5 +166,5 @@ def test_load_model_names_a_non_checkpoint_folder(tmp_path):
         load_model(str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match=r"is not a checkpoint: expected a training run .* a release folder"):
         load_model(str(tmp_path))
-    with pytest.raises(CheckpointError, match="URL schemes are not supported"):
-        load_model("gs://bucket/run")
+    with pytest.raises(CheckpointError, match=r"unsupported URL scheme s3://; paths are local or gs://"):
+        load_model("s3://bucket/run")

@@ -1,7 +1,6 @@
 """`main.py --mode=demo` driven by headless Chromium: pick a class, generate, see the images."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,15 +8,9 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (.ci/run installs it)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

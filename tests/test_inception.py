@@ -2,6 +2,7 @@
 architecture (torchvision's Inception-v3 with pytorch-fid's TensorFlow patches), through the
 converter, on random weights in pytorch-fid's state-dict layout."""
 
+import io
 import os
 
 import numpy as np
@@ -218,23 +219,41 @@ def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "none.npz"), weights_file, str(tmp_path))
 
 
-def test_sampling_finishes_with_the_evaluation_when_a_reference_is_set(weights_file, converted, tmp_path):
-    """main.py --mode=sample, then the evaluation of its samples.npz: eval.json and printed metrics."""
+def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file, bucket, tmp_path):
+    """Everything in a bucket (a local GCS emulator): the release checkpoint converted into it,
+    sampled from there into a workdir there with the evaluation of its samples.npz (inputs read from
+    the bucket too), and a rerun after losing an image samples only that image."""
     import json
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, fixture_dir, run_converter
+    from pixelflow_jax import storage
 
+    checkpoint, workdir = f"{bucket}/checkpoints/c2i_tiny", f"{bucket}/run"
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={checkpoint}")
+    assert result.returncode == 0, result.stderr[-3000:]
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=np.random.default_rng(4).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
-    result = subprocess.run(
-        [sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--mode=sample", f"--workdir={tmp_path / 'run'}",
-         f"--config.sample.checkpoint={converted['c2i_tiny']}", "--config.sample.num_images=4",
-         "--config.sample.steps_per_stage=1", f"--config.eval.reference={reference}",
-         f"--config.eval.inception_weights={weights_file}", "--config.eval.batch_size=8"],
-        capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr
-    results = json.load(open(tmp_path / "run" / "eval.json"))
-    assert results["num_samples"] == 4 and results["samples"] == str(tmp_path / "run" / "samples.npz")
+    storage.upload_file_atomically(str(reference), f"{bucket}/inputs/reference.npz")
+    storage.upload_file_atomically(weights_file, f"{bucket}/inputs/inception.pth")
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--mode=sample", f"--workdir={workdir}",
+               f"--config.sample.checkpoint={checkpoint}", "--config.sample.num_images=4",
+               "--config.sample.steps_per_stage=1", f"--config.eval.reference={bucket}/inputs/reference.npz",
+               f"--config.eval.inception_weights={bucket}/inputs/inception.pth", "--config.eval.batch_size=8"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not os.path.exists(os.path.join(REPO, "gs:")), "a URL was taken for a local folder"
+    results = storage.read_json(f"{workdir}/eval.json")
+    assert results["num_samples"] == 4 and results["samples"] == f"{workdir}/samples.npz"
     assert set(results) >= {"fid", "sfid", "inception_score", "precision", "recall"} and "fid:" in result.stdout
+    assert storage.list_files(f"{workdir}/samples") == ["000000.png", "000001.png", "000002.png", "000003.png",
+                                                        "settings.json"]
+    first = np.load(io.BytesIO(storage.read_bytes(f"{workdir}/samples.npz")))["arr_0"]
+
+    storage.remove(f"{workdir}/samples/000002.png")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 of 4 images to sample (3 already on disk)" in result.stderr
+    again = np.load(io.BytesIO(storage.read_bytes(f"{workdir}/samples.npz")))["arr_0"]
+    assert np.abs(again.astype(int) - first.astype(int)).max() <= 1

@@ -3,6 +3,7 @@ loss on the demo set, and resuming after kill -9."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
+from conftest import REPO, free_port
 from pixelflow_jax import PixelFlowScheduler, load_model
 from pixelflow_jax.demo_data import demo_image
 from pixelflow_jax.flow import Draws, StageTables, per_sample_losses, stage_batches
@@ -146,49 +147,56 @@ def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=Tr
     return process
 
 
+def metrics_steps(workdir):
+    from pixelflow_jax import storage
+
+    return [json.loads(line) for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+
+
 def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    return {r["step"]: r["loss"] for r in metrics_steps(workdir)}
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_gives_the_uninterrupted_losses(tmp_path):
+def test_kill_9_in_a_bucket_and_resume_gives_the_uninterrupted_local_losses(tmp_path, bucket):
+    """The workdir in a bucket (a local GCS emulator): a run killed with kill -9 after its first
+    checkpoint resumes to exactly the losses of an uninterrupted run on the local disk, and
+    metrics.jsonl, rewritten whole in the store, holds each step once."""
+    from pixelflow_jax.run_checkpoint import complete_steps
+
     reference = str(tmp_path / "reference")
     run_training(reference)
-    interrupted = str(tmp_path / "interrupted")
+    interrupted = f"{bucket}/run"
     process = run_training(interrupted, wait=False)
-    first_checkpoint = os.path.join(interrupted, "checkpoints", "10")
     deadline = time.time() + 300
-    while not os.path.isdir(first_checkpoint) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    while 10 not in complete_steps(interrupted) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert max(losses(interrupted)) < 40, "the run finished before it could be killed"
     run_training(interrupted)
     expected, resumed = losses(reference), losses(interrupted)
-    assert sorted(resumed) == list(range(1, 41))
+    assert [r["step"] for r in metrics_steps(interrupted)] == list(range(1, 41))
     for step in range(1, 41):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    assert not os.path.exists(os.path.join(REPO, "gs:")), "a URL was taken for a local folder"
 
 
 @pytest.mark.slow
-def test_two_processes_continue_a_one_process_run_with_the_same_losses(tmp_path):
-    """One process with 8 CPU devices trains 6 steps; two processes with 4 each (gloo collectives)
-    resume its step-3 checkpoint and must compute the same losses for steps 4..6, with an EMA preview
-    on FSDP-sharded weights on the way. Covers per-process data rows, restoring a checkpoint with
-    another process count, multi-process saving and sampling."""
+def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm(tmp_path):
+    """One process with 8 CPU devices trains 16 steps. Two processes with 4 each (gloo collectives)
+    resume its step-3 checkpoint, with an EMA preview on FSDP-sharded weights at step 5; after step 6
+    only process 1 gets SIGTERM, as a preemption may reach one host first: both must save the same
+    step and exit. One process resumes that step to step 16, and every loss of the two segments
+    equals the uninterrupted run's. Covers per-process data rows, restoring with another process
+    count, multi-process saving and sampling, and the preemption sync point."""
+    from pixelflow_jax.run_checkpoint import complete_steps
+
     settings = ["--config.train.batch_size=32", "--config.mesh.fsdp=2", "--config.scheduler.num_stages=2",
-                "--config.train.num_steps=6", "--config.train.checkpoint_every=3"]  # 2 stages: compiles faster
+                "--config.train.num_steps=16", "--config.train.checkpoint_every=100"]  # 2 stages: compiles faster
     reference = tmp_path / "one_process"
-    run_training(str(reference), *settings, devices=8)
+    run_training(str(reference), *settings, "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=9",
+                 devices=8)
 
     two = tmp_path / "two_processes"
     (two / "checkpoints").mkdir(parents=True)
@@ -197,22 +205,33 @@ def test_two_processes_continue_a_one_process_run_with_the_same_losses(tmp_path)
     address = f"localhost:{free_port()}"
     # Without the persistent cache: only process 0 writes it, so process 0 could load a program that
     # process 1 still compiles, and gloo gives up waiting for a peer after 30 s.
-    processes = [run_training(str(two), *settings, "--config.train.log_every=4", "--config.train.preview_every=5",
+    processes = [run_training(str(two), *settings, "--config.train.preview_every=5",
                               "--config.train.preview_num_images=4", "--config.sample.cfg_scale=1", "--distributed",
                               f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
                               wait=False, devices=4, compilation_cache=False) for i in range(2)]
+    deadline = time.time() + 500
+    while time.time() < deadline and all(p.poll() is None for p in processes):
+        if os.path.exists(two / "metrics.jsonl") and max(losses(two), default=0) >= 6:
+            break
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
     errors = [process.communicate(timeout=600)[1] for process in processes]
     for process, err in zip(processes, errors):
         assert process.returncode == 0, err[-5000:]
-
-    expected, got = losses(reference), losses(two)
-    assert sorted(got) == [4, 5, 6]  # log_every 4, the preview step 5 and the last step
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    saved = [re.findall(r"saved step (\d+) on every process", err) for err in errors]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+    stop = int(saved[0][0])
+    assert 6 <= stop < 16, "the run finished before the SIGTERM"
+    assert max(complete_steps(str(two))) == stop and sorted(losses(two)) == list(range(4, stop + 1))
     with open(two / "metrics.jsonl") as f:
         assert "preview_class_agreement" in {r["step"]: r for r in map(json.loads, f)}[5]
     assert os.listdir(two / "previews") == ["step_0000005.png"]
-    assert os.path.isdir(two / "checkpoints" / "6")
+
+    run_training(str(two), *settings, devices=8)
+    expected, got = losses(reference), losses(two)
+    assert sorted(got) == list(range(4, 17))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
 @pytest.mark.parametrize("override,message", [

@@ -1,0 +1,275 @@
+"""The one path layer: every file the project reads or writes goes through here, so a path may be
+local or an object-store URL (gs://; etils.epath with gcsfs).
+
+Object stores have no atomic rename and no append. What keeps the project's promises there:
+  - `write_atomically` uploads one complete object; a store publishes an object only when its
+    upload completes, so a reader sees the whole file or none (locally: a temporary file renamed);
+  - checkpoints are orbax's, finalised by a commit marker on object stores (a rename locally);
+  - a file that grows (metrics.jsonl) is rewritten whole, not appended to;
+  - folders do not exist on a store: `makedirs` does nothing there, and a "folder" exists once an
+    object under it does.
+A URL is never passed to os.path.abspath or open(): `absolute` leaves it as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from typing import Any, Iterator
+
+# Schemes this project writes and reads (hf:// is read-only, for checkpoints: see hub.py).
+SUPPORTED_SCHEMES = ("gs",)
+
+
+class StorageError(OSError):
+    """A path cannot be reached or written; the message names the path, the cause and the fix."""
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def scheme(path: str) -> str:
+    return str(path).split("://", 1)[0] if is_url(path) else ""
+
+
+def check_supported(path: str) -> None:
+    if is_url(path) and scheme(path) not in SUPPORTED_SCHEMES:
+        schemes = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+        raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://; paths are local or {schemes} "
+                           "(hf:// reads checkpoints and T5 folders only)")
+
+
+def _no_listings_cache() -> None:
+    """gcsfs caches folder listings per process by default, so files that other hosts (or other
+    processes of this host) wrote stay invisible; every listing here must see the store as it is."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+def _epath(path: str):
+    check_supported(path)
+    _no_listings_cache()
+    try:
+        from etils import epath
+
+        return epath.Path(path)
+    except ImportError as e:
+        raise StorageError(f"{path}: reading {scheme(path)}:// needs gcsfs: pip install gcsfs ({e})") from None
+
+
+def _remote(path: str, action):
+    """action(epath.Path) for a URL; any failure other than a missing file becomes one StorageError
+    naming the path, the cause and what to check."""
+    p = _epath(path)
+    try:
+        return action(p)
+    except (FileNotFoundError, StorageError):
+        raise
+    except Exception as e:  # gcsfs, google-auth and aiohttp raise many types for the same few causes
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise StorageError(f"{path}: {type(e).__name__}: {cause} (check the network, that the bucket exists, and "
+                           "the credentials: `gcloud auth application-default login` or a service account)") \
+            from None
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute; URLs unchanged."""
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def basename(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_url(path) else os.path.basename(path)
+
+
+def dirname(path: str) -> str:
+    if is_url(path):
+        head = str(path).rstrip("/").rsplit("/", 1)[0]
+        return head if "://" in head and not head.endswith(":/") else str(path)
+    return os.path.dirname(path)
+
+
+def exists(path: str) -> bool:
+    return _remote(path, lambda p: p.exists()) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _remote(path, lambda p: p.is_dir()) if is_url(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+    if is_url(path):
+        return _remote(path, lambda p: p.exists() and not p.is_dir())
+    return os.path.isfile(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Names under a folder (one level); [] when it does not exist."""
+    if is_url(path):
+        return _remote(path, lambda p: sorted(child.name for child in p.iterdir()) if p.is_dir() else [])
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def list_files(path: str) -> list[str]:
+    """Names of the files (not sub-folders) directly in a folder, in one listing."""
+    if is_url(path):
+        return _list_by_type(path, "file")
+    return sorted(e.name for e in os.scandir(path) if e.is_file()) if os.path.isdir(path) else []
+
+
+def list_folders(path: str) -> list[str]:
+    """Names of the sub-folders directly in a folder."""
+    if is_url(path):
+        return _list_by_type(path, "directory")
+    return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+
+
+def _list_by_type(path: str, kind: str) -> list[str]:
+    def listing(_):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        fs.invalidate_cache(root)
+        if not fs.isdir(root):
+            return []
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=True)
+                      if entry["type"] == kind)
+
+    return _remote(path, listing)
+
+
+def makedirs(path: str) -> None:
+    if not is_url(path):  # a store has no folders: writing an object makes its "folder"
+        os.makedirs(path, exist_ok=True)
+
+
+def open_file(path: str, mode: str = "rb"):
+    if is_url(path):
+        return _remote(path, lambda p: p.open(mode))
+    return open(path, mode)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_atomically(path: str, data: bytes | str) -> None:
+    """The whole file appears at once or not at all (see the module docstring)."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if is_url(path):
+        def upload(p):
+            with p.open("wb") as f:
+                f.write(data)
+
+        _remote(path, upload)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+    write_atomically(path, json.dumps(value, indent=2))
+
+
+def upload_file_atomically(local_file: str, path: str) -> None:
+    """Publishes a finished local file at `path` (a URL: one upload; local: a rename or copy)."""
+    if is_url(path):
+        def upload(p):
+            with open(local_file, "rb") as source, p.open("wb") as target:
+                shutil.copyfileobj(source, target, 16 << 20)
+
+        _remote(path, upload)
+    else:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.copyfile(local_file, tmp)
+        os.replace(tmp, path)
+
+
+def remove(path: str) -> None:
+    if is_url(path):
+        _remote(path, lambda p: p.unlink(missing_ok=True))
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def rmtree(path: str) -> None:
+    if is_url(path):
+        _remote(path, lambda p: p.rmtree() if p.exists() else None)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def size_and_mtime(path: str) -> tuple[int, float]:
+    if is_url(path):
+        stat = _remote(path, lambda p: p.stat())
+        return int(stat.length), float(stat.mtime or 0)
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+    """A local path with the file's content: the file itself, or a temporary download of a URL
+    (for readers that need a real file: torch's mmap, safetensors, sentencepiece)."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="pixelflow_download_") as folder:
+        local = os.path.join(folder, basename(path))
+        with open_file(path, "rb") as source, open(local, "wb") as target:
+            shutil.copyfileobj(source, target, 16 << 20)
+        yield local
+
+
+def check_writable(folder: str) -> None:
+    """Writes and deletes a probe file in `folder`, so that a missing bucket, missing credentials
+    or no write access stop a job before its first step, with the cause."""
+    probe = join(folder, f".write_check-{socket.gethostname()}-{os.getpid()}")
+    try:
+        makedirs(folder)
+        write_atomically(probe, b"")
+        remove(probe)
+    except StorageError:
+        raise
+    except Exception as e:  # gcsfs / google-auth / OS errors: one message with the cause
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (" (check that the bucket exists, that credentials are set up: `gcloud auth application-default "
+                "login` or a service account, and that they may write there)") if is_url(folder) else ""
+        raise StorageError(f"cannot write to {folder}: {type(e).__name__}: {cause}{hint}") from None
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

@@ -1,0 +1,59 @@
+"""The path layer: URLs are never local paths; files in a bucket (a local GCS emulator) appear
+whole; a bucket that cannot be written stops a run before its first step, with the cause."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from pixelflow_jax import storage
+
+
+def test_urls_are_never_made_local():
+    assert storage.absolute("gs://b/run") == "gs://b/run"
+    assert storage.absolute("run") == os.path.join(os.getcwd(), "run")
+    assert storage.join("gs://b/run/", "samples", "000001.png") == "gs://b/run/samples/000001.png"
+    assert storage.dirname("gs://b/run/checkpoints/4") == "gs://b/run/checkpoints"
+    assert storage.basename("gs://b/run/checkpoints/4/") == "4"
+    with pytest.raises(storage.StorageError, match=r"unsupported URL scheme s3://; paths are local or gs://"):
+        storage.exists("s3://b/run")
+
+
+def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
+    storage.write_json_atomically(f"{bucket}/run/settings.json", {"seed": 1})
+    storage.write_atomically(f"{bucket}/run/samples/000000.png", b"png")
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(3 << 20))
+    storage.upload_file_atomically(str(local), f"{bucket}/run/samples.npz")
+    assert storage.read_json(f"{bucket}/run/settings.json") == {"seed": 1}
+    assert storage.list_files(f"{bucket}/run") == ["samples.npz", "settings.json"]
+    assert storage.list_folders(f"{bucket}/run") == ["samples"]
+    assert storage.isdir(f"{bucket}/run/samples") and storage.isfile(f"{bucket}/run/samples/000000.png")
+    assert storage.size_and_mtime(f"{bucket}/run/samples.npz")[0] == 3 << 20
+    with storage.local_file(f"{bucket}/run/samples.npz") as path:
+        assert open(path, "rb").read() == local.read_bytes()
+    storage.rmtree(f"{bucket}/run")
+    assert not storage.exists(f"{bucket}/run/settings.json") and storage.list_files(f"{bucket}/run") == []
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{bucket}/run/settings.json")
+
+
+def run_main(workdir, *overrides):
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", *overrides]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_unsupported_workdir_scheme_names_the_schemes_that_work(tmp_path):
+    result = run_main("s3://bucket/run")
+    assert result.returncode != 0 and "unsupported URL scheme s3://; paths are local or gs://" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(os.path.join(REPO, "s3:"))
+
+
+def test_a_bucket_that_cannot_be_written_stops_training_before_its_first_step(gcs_emulator):
+    result = run_main("gs://no-such-bucket/run")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "cannot write to gs://no-such-bucket/run" in result.stderr and "bucket exists" in result.stderr
+    assert "step 1" not in result.stdout and not os.path.exists(os.path.join(REPO, "gs:"))
