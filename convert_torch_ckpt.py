@@ -14,7 +14,8 @@ JAX -> PyTorch (config.yaml + model.pt that the release loads with strict=True):
       --output=demo_800_raw
 
 The output is written to a temporary folder and renamed when complete; an existing output is
-refused unless --overwrite. Any mismatch between weights and architecture stops the conversion
+refused unless --overwrite, which replaces only an earlier output of this tool, and never the
+input (an output that overlaps the input is refused). Any mismatch between weights and architecture stops the conversion
 and names every missing, unexpected and mis-shaped key.
 """
 
@@ -40,7 +41,8 @@ flags.DEFINE_integer("num_train_timesteps", None, "Scheduler timesteps, where no
 flags.DEFINE_bool("to_torch", False, "Convert a JAX checkpoint (--jax_checkpoint) back to a release folder.")
 flags.DEFINE_string("jax_checkpoint", None, "What to export with --to_torch: a training run (its latest complete "
                     "step) or RUN/checkpoints/STEP, a converted folder, or an hf:// Hub path.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder (only once the new one is complete).")
+flags.DEFINE_bool("overwrite", False, "Replace an earlier conversion or export at --output (only once the new one "
+                  "is complete); any other folder, and the input, are never replaced.")
 
 FLAGS = flags.FLAGS
 
@@ -61,6 +63,28 @@ def tensor_progress(label: str):
             bar.close()
 
     return report
+
+
+def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> None:
+    """The output never touches the input, and --overwrite replaces only an earlier output of
+    this tool: a converted folder (pixelflow_config.json) or an export (config.yaml + model.pt)."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoint import CONFIG_FILE, CheckpointError
+
+    out, src = storage.absolute(output).rstrip("/"), storage.absolute(source).rstrip("/")
+    if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
+        raise CheckpointError(f"--output {output} overlaps the input {source}: writing there would replace what "
+                              "is being converted; choose another folder")
+    if not storage.exists(output):
+        return
+    if not overwrite:
+        raise CheckpointError(f"output {output} already exists; choose another path or pass --overwrite")
+    names = set(storage.listdir(output)) if storage.isdir(output) else None
+    earlier = names is not None and (names <= {"config.yaml", "model.pt"} and "model.pt" in names if to_torch
+                                     else CONFIG_FILE in names)
+    if not earlier:
+        kind = "an earlier export (config.yaml + model.pt)" if to_torch else f"an earlier conversion ({CONFIG_FILE})"
+        raise CheckpointError(f"--overwrite replaces only {kind}, and {output} is not one: choose another path")
 
 
 def torch_to_jax() -> str:
@@ -112,11 +136,11 @@ def main(argv):
     from pixelflow_jax.convert import ConversionError
 
     try:
-        for path in (FLAGS.output, FLAGS.torch_checkpoint or FLAGS.jax_checkpoint):
+        source = FLAGS.torch_checkpoint or FLAGS.jax_checkpoint
+        for path in (FLAGS.output, source):
             if not path.startswith("hf://"):
                 storage.check_supported(path)
-        if storage.exists(FLAGS.output) and not FLAGS.overwrite:
-            sys.exit(f"error: output {FLAGS.output} already exists; choose another path or pass --overwrite")
+        check_output(FLAGS.output, source, FLAGS.to_torch, FLAGS.overwrite)
         message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
     except (CheckpointError, ConversionError, storage.StorageError) as e:
         sys.exit(f"error: {e}")

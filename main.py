@@ -55,11 +55,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    from pixelflow_jax import storage
+    from pixelflow_jax import storage, validation
 
     try:
         storage.check_supported(FLAGS.workdir)
-    except storage.StorageError as e:
+        validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
+    except (storage.StorageError, validation.ConfigError) as e:
         sys.exit(f"error: {e}")
     if FLAGS.distributed:
         start_distributed()
@@ -67,10 +68,15 @@ def main(argv):
         from pixelflow_jax import train
         from pixelflow_jax.checkpoint import CheckpointError
         from pixelflow_jax.data import DataError
+        from pixelflow_jax.workdir_lock import WorkdirBusy
 
         try:
             train.train(FLAGS.config, FLAGS.workdir)
-        except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped) as e:
+        except train.TrainingPreempted as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(train.EXIT_PREEMPTED)
+        except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
+                WorkdirBusy) as e:
             sys.exit(f"error: {e}")
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model

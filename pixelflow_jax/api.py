@@ -53,6 +53,13 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         return CheckpointSource(folder, folder, run_step)
     if not storage.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if storage.isfile(path):
+        folder = storage.dirname(path)
+        if storage.basename(path) == "model.pt" and storage.isfile(storage.join(folder, "config.yaml")):
+            path = folder  # the file of a release folder: read the folder, with its config.yaml
+        else:
+            raise CheckpointError(f"{path} is a file; checkpoints are folders: pass the folder that holds it, or "
+                                  "convert a bare state dict with convert_torch_ckpt.py --torch_checkpoint=FILE")
     if storage.isdir(path) and not any(storage.isfile(storage.join(path, f)) for f in (CONFIG_FILE, "model.pt")):
         raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "

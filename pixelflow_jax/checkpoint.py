@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Iterator
@@ -74,18 +75,19 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
         yield from _object_store_output_dir(path, overwrite)
         return
     path = os.path.abspath(path)
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    os.makedirs(parent, exist_ok=True)
+    _clean_up_after_killed_runs(parent, base, path)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
     try:
         yield tmp
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{base}.old-{os.getpid()}-", dir=parent)
             os.rename(path, os.path.join(old, "previous"))
             os.rename(tmp, path)
             shutil.rmtree(old)
@@ -94,6 +96,20 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _clean_up_after_killed_runs(parent: str, base: str, path: str) -> None:
+    """What a killed earlier run (its pid gone) left beside `path`: its unfinished temporary folder
+    is deleted; an old output it had moved aside before the swap is put back if `path` is missing."""
+    for name in os.listdir(parent):
+        match = re.fullmatch(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-.*", name)
+        if not match or storage.process_alive(int(match[2])):
+            continue
+        folder = os.path.join(parent, name)
+        previous = os.path.join(folder, "previous")
+        if match[1] == "old" and os.path.exists(previous) and not os.path.exists(path):
+            os.rename(previous, path)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _object_store_output_dir(path: str, overwrite: bool) -> Iterator[str]:

@@ -56,13 +56,19 @@ class ImageFolderSource:
         if missing:
             raise DataError(f"{root} has class folders {missing} that the run's class index does not list")
         self.records: list[tuple[str, int]] = []
+        empty = []
         for label, name in enumerate(self.classes):
             folder = storage.join(root, name)
-            self.records += [(storage.join(folder, file), label) for file in storage.list_files(folder)
-                             if file.lower().endswith(IMAGE_EXTENSIONS)]
+            images = [(storage.join(folder, file), label) for file in storage.list_files(folder)
+                      if file.lower().endswith(IMAGE_EXTENSIONS)]
+            empty += [] if images else [name]
+            self.records += images
         if not self.records:
             raise DataError(f"no images found in {root} (expected {root}/<class>/<image> with one of "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
+        if empty:
+            raise DataError(f"{root}: classes without images: {empty[:10]}{' ...' if len(empty) > 10 else ''} "
+                            f"(no file ending in {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folders")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -98,9 +104,10 @@ class TfdsSource:
         return {"image": record["image"], "label": int(record["label"]), "name": f"{self.name}:{index}"}
 
 
-def make_source(data_config, class_index_dir: str | None = None):
+def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None):
     """The configured source. For folders, the class list is written to (or read back from)
-    class_index_dir/class_index.json so ids stay stable when classes are added later."""
+    class_index_dir/class_index.json so ids stay stable when classes are added later, and must fit
+    the model's num_classes (id num_classes is the null class, and higher ids have no embedding)."""
     kind = data_config.source
     if kind == "tfds":
         return TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
@@ -110,6 +117,11 @@ def make_source(data_config, class_index_dir: str | None = None):
         if index_path and storage.exists(index_path):
             classes = storage.read_json(index_path)["classes"]
         source = ImageFolderSource(data_config.root, classes)
+        if num_classes is not None and len(source.classes) > num_classes:
+            raise DataError(f"{data_config.root} has {len(source.classes)} classes but the model has "
+                            f"model.num_classes = {num_classes}: ids from {num_classes} on would train as the null "
+                            f"class or past the class table. Set --config.model.num_classes={len(source.classes)} "
+                            "(a new --workdir) or remove class folders")
         if index_path and classes is None and jax.process_index() == 0:
             storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
                                                        "classes": source.classes})
@@ -283,7 +295,7 @@ def make_loader(config, batch_size: int, class_index_dir: str | None = None, sta
     import jax
 
     data = config.data
-    source = make_source(data, class_index_dir)
+    source = make_source(data, class_index_dir, num_classes=config.model.num_classes)
     dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
                             process_index=jax.process_index(), process_count=jax.process_count(),

@@ -10,14 +10,17 @@ config.demo.share_on_network.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
+from pixelflow_jax import storage
 from pixelflow_jax.api import read_checkpoint, resolve_checkpoint, sampling_checkpoint
 from pixelflow_jax.checkpoint import build_model
 from pixelflow_jax.sampling import CascadeSampler
@@ -32,6 +35,19 @@ def class_choices(num_classes: int) -> list[tuple[str, int]]:
             names = json.load(f)
         return [(f"{i}: {name}", i) for i, name in enumerate(names)]
     return [(f"class {i}", i) for i in range(num_classes)]
+
+
+def demo_output_dir(workdir: str) -> str:
+    """WORKDIR/demo_outputs, emptied at each start (the page serves files from a local folder; a
+    bucket workdir gets a temporary folder removed at exit)."""
+    if not workdir or storage.is_url(workdir):
+        folder = tempfile.mkdtemp(prefix="pixelflow_demo_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return folder
+    folder = os.path.join(workdir, "demo_outputs")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    return folder
 
 
 class DemoSampler:
@@ -53,7 +69,7 @@ class DemoSampler:
             self.prompt_encoder = prompt_encoder_for(s, model.config.dtype, model.config.cross_attention_dim)
         self.max_images = int(config.demo.max_images)
         self.compiled: set = set()
-        self.output_dir = tempfile.mkdtemp(prefix="pixelflow_demo_")
+        self.output_dir = demo_output_dir(workdir)
 
     def check(self, condition, num_images, cfg, shift, steps, seed) -> str | None:
         """The problem with a request, in words for the page, or None."""
@@ -147,9 +163,22 @@ def build_page(demo: DemoSampler, config):
     return page
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Before the model loads: a port in use is one clear error naming the flag that changes it."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"port {port} on {host} is in use ({e.strerror}): choose another with "
+                             "--config.demo.port=PORT") from None
+
+
 def run(config, workdir: str = "") -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
+    check_port_free(host, int(config.demo.port))
     demo = DemoSampler(config, workdir)
     page = build_page(demo, config)
-    host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
     page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False)

@@ -42,10 +42,18 @@ def _open_images(path: str):
     version = np.lib.format.read_magic(member)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read_header(member)
+    problem = None
     if len(shape) != 4 or shape[-1] != 3 or fortran:
+        problem = f"arr_0 must be images (N, H, W, 3), got shape {shape}"
+    elif dtype != np.uint8:
+        problem = (f"arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got {dtype}; "
+                   "convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)")
+    elif shape[0] < 2:
+        problem = f"needs at least 2 images for the statistics, got {shape[0]}"
+    if problem:
         member.close()
         archive.close()
-        raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
+        raise ValueError(f"{path}: {problem}")
     return archive, member, shape, dtype
 
 

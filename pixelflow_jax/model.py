@@ -19,6 +19,7 @@ from flax import nnx
 from pixelflow_jax.attention import dot_product_attention
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.rope import apply_rope, rope_tables
+from pixelflow_jax.validation import class_ids
 
 NORM_EPS = 1e-6
 SINUSOID_DIM = 256
@@ -229,6 +230,9 @@ class PixelFlow(nnx.Module):
                  encoder_hidden_states: jax.Array | None = None,
                  encoder_attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
+        if images.ndim != 4:
+            raise ValueError(f"images must be a batch (B, H, H, {cfg.in_channels}) in NHWC, got shape {images.shape}; "
+                             "add a batch axis for one image (images[None])")
         batch, height, width, channels = images.shape
         p = cfg.patch_size
         if height != width or height % p or channels != cfg.in_channels:
@@ -246,6 +250,10 @@ class PixelFlow(nnx.Module):
             if encoder_hidden_states is None:
                 raise ValueError("this model has cross-attention: pass encoder_hidden_states (B, L_text, "
                                  f"{cfg.cross_attention_dim})")
+            if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
+                raise ValueError(f"encoder_hidden_states must be (B, L_text, {cfg.cross_attention_dim}) for this "
+                                 f"model, got shape {encoder_hidden_states.shape}: use the text encoder the model "
+                                 "was trained with")
             encoder_hidden_states = encoder_hidden_states.astype(cfg.compute_dtype)
         elif encoder_hidden_states is not None:
             raise ValueError("this model has no cross-attention (model.cross_attention_dim = 0); "
@@ -275,6 +283,8 @@ class PixelFlow(nnx.Module):
             if class_labels is None:
                 raise ValueError(f"this model is class-conditional: pass class_labels (B,) in [0, {cfg.num_classes}] "
                                  f"({cfg.num_classes} = unconditional)")
+            if not isinstance(class_labels, jax.core.Tracer):  # concrete input: check it here, outside jit
+                class_ids("class_labels", class_labels, cfg.num_classes, allow_null=True)
             c = c + self.class_embedder(jnp.asarray(class_labels, jnp.int32)).astype(jnp.float32)
         size = self.latent_size_embedder(jnp.full((1,), grid, jnp.float32)).astype(jnp.float32)
         return c + size

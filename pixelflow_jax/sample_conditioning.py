@@ -17,6 +17,7 @@ import numpy as np
 
 from pixelflow_jax import storage
 from pixelflow_jax.sampling import class_conditioning
+from pixelflow_jax.validation import class_ids
 
 
 class ClassLabels:
@@ -24,12 +25,11 @@ class ClassLabels:
         s = sample_config
         if s.num_images < 1:
             raise ValueError(f"sample.num_images must be positive, got {s.num_images}")
-        self.labels = (np.asarray(s.labels, np.int64) if len(s.labels)
+        self.labels = (class_ids("--config.sample.labels", list(s.labels), num_classes) if len(s.labels)
                        else np.arange(s.num_images) % num_classes)  # the release's sample_ddp.py order
         if len(self.labels) != s.num_images:
             raise ValueError(f"sample.labels has {len(self.labels)} entries but sample.num_images is {s.num_images}")
         self.num_classes = num_classes
-        class_conditioning(self.labels, num_classes)  # validates the range before any work
         self.num_images = int(s.num_images)
 
     def settings(self) -> dict:
@@ -88,6 +88,13 @@ class TextPrompts:
 
 
 def conditioning_for(sample_config, model_config):
+    text_config = "prompts" in sample_config
     if model_config.cross_attention_dim:
+        if not text_config:
+            raise ValueError("this checkpoint is text-conditional: sample it with --config=configs/t2i.py "
+                             "(prompts and a T5 text encoder)")
         return TextPrompts(sample_config, model_config.cross_attention_dim, model_config.dtype)
+    if text_config:
+        raise ValueError(f"this checkpoint is class-conditional ({model_config.num_classes} classes): sample it with "
+                         "--config=configs/c2i.py")
     return ClassLabels(sample_config, model_config.num_classes)

@@ -34,6 +34,7 @@ from pixelflow_jax.sample_conditioning import conditioning_for
 from pixelflow_jax.sampling import CascadeSampler, SamplingOptions, draw_noise_jit, to_uint8
 
 GRID_IMAGES = 64
+MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
 
 
 def image_name(image_id: int) -> str:
@@ -54,7 +55,8 @@ def save_png_atomically(path: str, image: np.ndarray) -> None:
 def save_npz_atomically(path: str, images: np.ndarray) -> None:
     """Written to a local temporary file, then renamed (local) or uploaded as one object."""
     local_folder = os.path.dirname(os.path.abspath(path)) if not storage.is_url(path) else None
-    with tempfile.NamedTemporaryFile(suffix=".npz", dir=local_folder, delete=False) as tmp:
+    prefix = f".{os.path.basename(path)}.tmp-{os.getpid()}-"  # storage.remove_temporaries knows the name
+    with tempfile.NamedTemporaryFile(prefix=prefix, suffix=".npz", dir=local_folder, delete=False) as tmp:
         np.savez(tmp, arr_0=images)
     try:
         if storage.is_url(path):
@@ -135,19 +137,27 @@ def run(config, workdir: str) -> None:
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
                     num_images=num_images, **conditioning.settings())
     check_settings(folder, settings)
+    if jax.process_index() == 0:  # before any process writes here
+        for place in (folder, workdir):
+            if storage.remove_temporaries(place):
+                logging.info("removed the temporary files of an interrupted run from %s", place)
     multihost_utils.sync_global_devices("sample settings checked")
 
-    done = images_on_disk(folder)
-    missing = np.array([i for i in range(num_images) if image_name(i) not in done], np.int64)
-    logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d over "
-                 "%d devices", s.weights, source.label, len(missing), num_images, num_images - len(missing),
-                 s.batch_size, num_devices)
-    if len(missing):
-        sample_batches(model, ckpt, options, conditioning, missing, folder, int(s.batch_size), int(s.seed))
-    multihost_utils.sync_global_devices("all images written")
-    if jax.process_index() == 0:
-        finish(folder, workdir, num_images)
-    multihost_utils.sync_global_devices("samples.npz written")  # an evaluation may read it next
+    for _ in range(MAX_PASSES):
+        done = images_on_disk(folder)
+        missing = np.array([i for i in range(num_images) if image_name(i) not in done], np.int64)
+        logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d over "
+                     "%d devices", s.weights, source.label, len(missing), num_images, num_images - len(missing),
+                     s.batch_size, num_devices)
+        if len(missing):
+            sample_batches(model, ckpt, options, conditioning, missing, folder, int(s.batch_size), int(s.seed))
+        multihost_utils.sync_global_devices("all images written")
+        removed = finish(folder, workdir, num_images) if jax.process_index() == 0 else 0
+        # Every process learns whether process 0 removed unreadable images, to sample them again.
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(removed))):
+            return  # samples.npz is written: an evaluation may read it next
+    raise RuntimeError(f"images in {folder} were unreadable after {MAX_PASSES} passes (see the warnings): is the "
+                       "storage failing?")
 
 
 def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, seed) -> None:
@@ -172,16 +182,37 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
             progress.update(num_valid)
 
 
-def finish(folder: str, workdir: str, num_images: int) -> None:
-    """The ADM .npz and the grid, once every image exists (process 0 only)."""
+def read_png(path: str) -> np.ndarray | None:
+    """The image, or None when the file does not decode (truncated, empty, not a PNG)."""
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for damaged files
+        return None
+
+
+def finish(folder: str, workdir: str, num_images: int) -> int:
+    """The ADM .npz and the grid, once every image exists and decodes (process 0 only). An image
+    that does not decode (damaged after it was written) is removed, named in a warning, and
+    counted: the caller samples it again. Returns how many were removed (0: the .npz is written)."""
     done = images_on_disk(folder)
     absent = [i for i in range(num_images) if image_name(i) not in done]
     if absent:
         raise RuntimeError(f"{len(absent)} images are still missing (e.g. {image_path(folder, absent[0])}); rerun")
-    images = np.stack([np.asarray(Image.open(io.BytesIO(storage.read_bytes(image_path(folder, i)))).convert("RGB"))
-                       for i in range(num_images)])
+    images, unreadable = [], []
+    for i in range(num_images):
+        image = read_png(image_path(folder, i))
+        if image is None:
+            unreadable.append(i)
+            logging.warning("%s does not decode (damaged?): removed, sampling it again", image_path(folder, i))
+            storage.remove(image_path(folder, i))
+        images.append(image)
+    if unreadable:
+        return len(unreadable)
+    images = np.stack(images)
     npz_path = storage.join(workdir, "samples.npz")
     save_npz_atomically(npz_path, images)
     save_png_atomically(storage.join(workdir, "grid.png"), image_grid(images[:GRID_IMAGES]))
     logging.info("wrote %s (arr_0: %s %s) and %s", npz_path, images.shape, images.dtype,
                  storage.join(workdir, "grid.png"))
+    return 0

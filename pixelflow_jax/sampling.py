@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -28,6 +29,7 @@ from flax import nnx
 from pixelflow_jax.flow import upsample_2x
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
+from pixelflow_jax.validation import class_ids
 
 SOLVERS = ("euler", "dopri5")
 # The release's stage-wise guidance weights, defined for its 4 stages.
@@ -53,10 +55,10 @@ class SamplingOptions:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if any(int(n) < 1 for n in self.steps_per_stage):
             raise ValueError(f"steps_per_stage must be positive, got {self.steps_per_stage}")
-        if self.cfg_scale < 1.0:
-            raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be positive, got {self.shift}")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
+            raise ValueError(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got {self.cfg_scale}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be a finite positive number, got {self.shift}")
 
     @classmethod
     def create(cls, num_stages: int, steps_per_stage: int | Sequence[int] = 30, **kwargs) -> "SamplingOptions":
@@ -163,9 +165,13 @@ class CascadeSampler:
         return self._generate(cond, uncond, len(prompts), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
 
     def _generate(self, cond, uncond, count, steps_per_stage, cfg_scale, solver, shift, seed, image_ids):
+        if count == 0:
+            raise ValueError("nothing to generate: pass at least one label or prompt")
         num_stages = self.scheduler.num_stages
         options = SamplingOptions.create(num_stages, steps_per_stage, cfg_scale=cfg_scale, shift=shift, solver=solver)
         ids = jnp.arange(count) if image_ids is None else jnp.asarray(image_ids)
+        if ids.shape != (count,):
+            raise ValueError(f"image_ids must give one id per image ({count}), got shape {ids.shape}")
         initial, blocks = draw_noise_jit(jax.random.key(seed), ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)
         return np.asarray(to_uint8(self.sample(initial, blocks, cond, uncond, options)))
@@ -234,10 +240,9 @@ def _dopri5(velocity, x, first_timestep, last_timestep, rtol, atol):
 
 def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) model kwargs for class labels; the unconditional id is num_classes."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or (labels < 0).any() or (labels >= num_classes).any():
-        raise ValueError(f"labels must be a 1-D list of class ids in [0, {num_classes}), got {labels}")
-    labels = jnp.asarray(labels, jnp.int32)
+    if not num_classes:
+        raise ValueError("this model is text-conditional: use generate_from_prompts(prompt_encoder, prompts)")
+    labels = jnp.asarray(class_ids("labels", labels, num_classes), jnp.int32)
     return {"class_labels": labels}, {"class_labels": jnp.full_like(labels, num_classes)}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -186,7 +187,7 @@ def write_atomically(path: str, data: bytes | str) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -196,6 +197,23 @@ def write_atomically(path: str, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def remove_temporaries(folder: str) -> int:
+    """Deletes the temporary files that killed writers left in a local folder (write_atomically's
+    `.NAME.tmp-PID-*`, and `*.tmp` of earlier versions); call it before anyone writes there.
+    Object stores have none (an unfinished upload is never an object). Returns how many."""
+    if is_url(folder) or not os.path.isdir(folder):
+        return 0
+    stale = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"\..+\.tmp-(\d+)-.*|.+\.tmp(\.npz)?", name)
+        if match and not (match[1] and process_alive(int(match[1]))):
+            stale.append(name)
+    for name in stale:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+    return len(stale)
 
 
 def write_json_atomically(path: str, value: Any) -> None:
@@ -267,6 +285,17 @@ def check_writable(folder: str) -> None:
         hint = (" (check that the bucket exists, that credentials are set up: `gcloud auth application-default "
                 "login` or a service account, and that they may write there)") if is_url(folder) else ""
         raise StorageError(f"cannot write to {folder}: {type(e).__name__}: {cause}{hint}") from None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with that id runs (a writer that may still finish)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _umask() -> int:

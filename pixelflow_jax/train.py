@@ -6,12 +6,14 @@
     WORKDIR/metrics.jsonl          one JSON object per logged step ({"step", "loss", ...})
     WORKDIR/previews/step_*.png    EMA samples every preview_every steps
     WORKDIR/class_index.json       class names -> ids (image-folder data)
+    WORKDIR/train.lock             the run that owns the workdir (workdir_lock.py)
+    WORKDIR/train_settings.json    what a resume may not change silently (resume_settings.py)
 
-A restart resumes from the latest checkpoint (model, EMA, optimiser, step, RNG, data position),
-with any number of processes, so the resumed run computes exactly the losses an uninterrupted one
-would. A SIGTERM (preemption) on any process makes every process save the same step and exit
-(preemption.py). After train.max_bad_steps non-finite steps in a
-row the run stops without saving: the last good checkpoint stays the latest.
+A restart resumes from the latest checkpoint that restores (model, EMA, optimiser, step, RNG, data
+position), with any number of processes, so the resumed run computes exactly the losses an
+uninterrupted one would. A SIGTERM (preemption) on any process makes every process save the same
+step and stop (preemption.py; main.py exits with EXIT_PREEMPTED). After train.max_bad_steps
+non-finite steps in a row the run stops without saving: the last good checkpoint stays the latest.
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from pixelflow_jax import flow, storage
+from pixelflow_jax import flow, storage, validation
+from pixelflow_jax.checkpoint import CheckpointError
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.preemption import PreemptionWatch
 from pixelflow_jax.progress import Progress
+from pixelflow_jax.resume_settings import check_resume
 from pixelflow_jax.run_checkpoint import RUN_CONFIG, read_run_config
 from pixelflow_jax.sampling import CascadeSampler, stage_guidance
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
                                       train_flops_per_image)
+from pixelflow_jax.workdir_lock import WorkdirLock
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -46,6 +51,15 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite losses); the message says what is intact."""
+
+
+class TrainingPreempted(RuntimeError):
+    """SIGTERM: every process saved the same step and stopped; rerunning the command resumes."""
+
+
+# main.py's exit status for a preempted run (its state saved): 128 + SIGTERM, as a shell reports a
+# process that SIGTERM ended, so a scheduler sees an interrupted run, not a finished one.
+EXIT_PREEMPTED = 143
 
 
 def peak_flops(device) -> float | None:
@@ -69,16 +83,12 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config) -> None:
 
 
 def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
+    validation.check_train(config)
     t = config.train
     stages, devices, accum = config.scheduler.num_stages, mesh.size, t.grad_accum_steps
-    if accum < 1 or t.batch_size % (stages * devices * accum):
+    if t.batch_size % (stages * devices * accum):
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
                          f"grad_accum_steps = {stages} x {devices} x {accum}")
-    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if not 0 <= t.label_dropout < 1 or not 0 <= t.ema_decay <= 1 or t.lr <= 0:
-        raise ValueError("train.label_dropout must be in [0, 1), train.ema_decay in [0, 1], train.lr > 0")
     if t.preview_every:  # fail now rather than at the first preview
         try:
             stage_guidance(config.sample.cfg_scale, config.scheduler.num_stages, class_conditional=True)
@@ -139,6 +149,25 @@ def restore(manager, step: int, state, shardings):
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
+def resume_point(manager, state, shardings):
+    """(step, state) of the latest checkpoint that restores; a corrupt one (damaged files, a disk
+    that filled up) is skipped with a warning for the one before it. (0, state) without any."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = restore(manager, step, state, shardings)
+        except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+            cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            logging.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the one before it",
+                            manager.directory, step, type(e).__name__, cause)
+            continue
+        logging.info("resumed from %s at step %d", manager.directory, step)
+        return step, restored
+    if manager.all_steps():
+        raise CheckpointError(f"no checkpoint in {manager.directory} can be restored (steps {manager.all_steps()}); "
+                              "see the warnings above, or start a new --workdir")
+    return 0, state
+
+
 def summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
     is installed, only to accept torch tensors, and that import costs seconds at every start."""
@@ -170,13 +199,23 @@ class MetricsLog:
             return
         self.lines = []
         if storage.exists(self.path):  # drop what a crashed run logged past its checkpoint
-            self.lines = [line + "\n" for line in storage.read_text(self.path).splitlines()
-                          if line.strip() and json.loads(line)["step"] <= resumed_step]
+            steps = [(line, self._step_of(line)) for line in storage.read_text(self.path).splitlines()]
+            self.lines = [line + "\n" for line, step in steps if step is not None and step <= resumed_step]
             storage.write_atomically(self.path, "".join(self.lines))
         events = storage.join(workdir, "tensorboard")
         self.remote_events = events if storage.is_url(events) else None
         self.local_events = tempfile.mkdtemp(prefix="pixelflow_events_") if self.remote_events else events
         self.tensorboard = summary_writer_class()(self.local_events, purge_step=resumed_step + 1)
+
+    def _step_of(self, line: str) -> int | None:
+        """The step of a metrics line; None for a line a killed run left half-written (dropped)."""
+        if not line.strip():
+            return None
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            logging.warning("%s: dropping an unreadable line (half-written by a killed run?): %.80s", self.path, line)
+            return None
 
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
@@ -245,12 +284,22 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
 
 def train(config, workdir: str) -> dict:
     """Trains to config.train.num_steps (resuming if the workdir has checkpoints); returns the last metrics."""
-    from pixelflow_jax.data import make_loader, to_global_batch
-
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
     storage.check_writable(workdir)  # a bucket without access fails here, not at the first checkpoint
+    lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
+    lock.acquire()  # a second run on this workdir stops here, naming the first
+    try:
+        return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock)
+    finally:
+        lock.release()
+
+
+def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
+                           lock: WorkdirLock) -> dict:
+    from pixelflow_jax.data import make_loader, to_global_batch
+
     check_run_config(workdir, model_cfg, config)
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
@@ -262,10 +311,14 @@ def train(config, workdir: str) -> dict:
 
     t = config.train
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
-    start = manager.latest_step() or 0
-    if start:
-        state = restore(manager, start, state, shardings)
-        logging.info("resumed from %s at step %d", manager.directory, start)
+    latest = manager.latest_step() or 0
+    if latest >= t.num_steps:
+        print(f"{workdir} is already trained to step {latest} (train.num_steps = {t.num_steps}): nothing to do; "
+              "raise --config.train.num_steps to train further", flush=True)
+        manager.close()
+        return {}
+    start, state = resume_point(manager, state, shardings)
+    check_resume(workdir, config, start)
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start)
     log = MetricsLog(workdir, start)
@@ -305,16 +358,22 @@ def train(config, workdir: str) -> dict:
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 progress.write(log.write(record))
+                lock.heartbeat()
             progress.update()
             if step % t.checkpoint_every == 0 or step == t.num_steps or preempted:
                 save(manager, step, state)
             if preempted:
                 logging.warning("preemption (SIGTERM): saved step %d on every process, exiting", step)
                 break
+        else:
+            preempted = False
     finally:
         progress.close()
         manager.wait_until_finished()
         loader.close()
         log.close()
         preemption.close()
+    if preempted:
+        raise TrainingPreempted(f"preempted (SIGTERM): saved step {step} on every process; rerun the same command "
+                                "to resume")
     return record

@@ -2,8 +2,9 @@
 
 One step: uint8 images -> [-1, 1]; label dropout; stage-mixed flow-matching inputs (flow.py); the
 model once per stage on dense arrays; per-sample-mean loss; gradients (optionally accumulated over
-micro-batches); global-norm clipping; AdamW; EMA. A step whose loss or gradient norm is not finite
-changes nothing but the counters: the parameters, optimiser state and EMA stay as they were.
+micro-batches); global-norm clipping; AdamW; EMA. A step whose loss, gradient norm, new weights or
+new EMA are not all finite changes nothing but the counters: the parameters, optimiser state and
+EMA stay as they were.
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
         new_params = optax.apply_updates(params, updates)
         decay = step_cfg.ema_decay
         new_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], new_params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A huge or NaN learning rate can turn finite gradients into non-finite weights: such a step is
+        # skipped too, so no checkpoint ever holds a non-finite parameter or EMA.
+        all_finite = lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params) & all_finite(new_ema)
         keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
             "step": state["step"] + 1,

@@ -66,6 +66,19 @@ def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
         os.rmdir(os.path.join(awkward_folder, "0_new_class"))
 
 
+def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder):
+    config = type("C", (), {"source": "folder", "root": awkward_folder})
+    with pytest.raises(DataError, match="has 2 classes but the model has model.num_classes = 1"):
+        make_source(config, num_classes=1)
+    assert make_source(config, num_classes=2).classes == ["a", "b"]
+    os.makedirs(os.path.join(awkward_folder, "c_empty"))
+    try:
+        with pytest.raises(DataError, match=r"classes without images: \['c_empty'\]"):
+            make_source(config, num_classes=10)
+    finally:
+        os.rmdir(os.path.join(awkward_folder, "c_empty"))
+
+
 def test_missing_or_empty_folder_names_the_path(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
         ImageFolderSource(str(tmp_path / "nope"))

@@ -36,18 +36,23 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
     assert Image.open(os.path.join(workdir, "grid.png")).size == (4 * 64, 3 * 64)
     assert json.load(open(os.path.join(workdir, "samples", "settings.json")))["steps_per_stage"] == [1, 2, 1, 2]
 
-    # Interrupt: images 3 and 10 never written (one left as a half-written temp file), no .npz yet.
+    # Interrupt: images 3 and 10 never written (left as half-written temp files of a killed writer),
+    # no .npz yet; and image 7 damaged after it was written (emptied).
     samples = os.path.join(workdir, "samples")
     for i in (3, 10):
         os.remove(os.path.join(samples, f"{i:06d}.png"))
-    open(os.path.join(samples, "000003.png.tmp"), "wb").write(b"\x89PNG partial")
+    open(os.path.join(samples, "000003.png.tmp"), "wb").write(b"\x89PNG partial")  # an earlier version's name
+    open(os.path.join(samples, ".000010.png.tmp-999999999-x"), "wb").write(b"\x89PNG partial")
+    open(os.path.join(samples, "000007.png"), "wb").close()
     os.remove(os.path.join(workdir, "samples.npz"))
-    kept = {f: os.stat(os.path.join(samples, f)).st_mtime_ns for f in pngs(workdir)}
+    kept = {f: os.stat(os.path.join(samples, f)).st_mtime_ns for f in pngs(workdir) if f != "000007.png"}
 
     result = run_sample(workdir, converted["c2i_tiny"], *args)
     assert result.returncode == 0, result.stderr
     assert "2 of 12 images to sample (10 already on disk)" in result.stderr
-    assert pngs(workdir) == [f"{i:06d}.png" for i in range(12)]
+    assert "000007.png does not decode (damaged?): removed, sampling it again" in result.stderr
+    assert "1 of 12 images to sample (11 already on disk)" in result.stderr
+    assert sorted(os.listdir(samples)) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]  # no leftovers
     assert all(os.stat(os.path.join(samples, f)).st_mtime_ns == t for f, t in kept.items())  # not redone
     resumed = np.load(os.path.join(workdir, "samples.npz"))["arr_0"]
     assert np.abs(resumed.astype(int) - arr.astype(int)).max() <= 1  # the same images (up to float rounding)

@@ -57,3 +57,17 @@ def test_a_bucket_that_cannot_be_written_stops_training_before_its_first_step(gc
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "cannot write to gs://no-such-bucket/run" in result.stderr and "bucket exists" in result.stderr
     assert "step 1" not in result.stdout and not os.path.exists(os.path.join(REPO, "gs:"))
+
+
+def test_the_workdir_lock_works_in_a_bucket(bucket):
+    """Sequential contention only: the emulator ignores the create-only precondition that closes
+    the race on real GCS."""
+    from pixelflow_jax.workdir_lock import WorkdirBusy, WorkdirLock
+
+    owner = WorkdirLock(f"{bucket}/run", stale_after_s=60)
+    owner.acquire()
+    with pytest.raises(WorkdirBusy, match=f"{bucket}/run is in use by another training run"):
+        WorkdirLock(f"{bucket}/run", stale_after_s=60).acquire()
+    owner.heartbeat()
+    owner.release()
+    assert not storage.exists(f"{bucket}/run/train.lock")

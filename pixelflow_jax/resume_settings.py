@@ -1,0 +1,55 @@
+"""What a resumed run keeps: the settings that decide its data order and its optimisation.
+
+    WORKDIR/train_settings.json     those settings, as the run started (or was last changed)
+    WORKDIR/settings_changes.jsonl  every change accepted with train.allow_resume_changes, by step
+
+A resume with another batch size, seed or data silently loses exact resume (the data position
+counts in steps of the new batch); another learning rate silently changes the run. So a change is
+refused, naming each setting, unless train.allow_resume_changes is set; then it is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+from absl import logging
+
+from pixelflow_jax import storage
+
+SETTINGS_FILE = "train_settings.json"
+CHANGES_FILE = "settings_changes.jsonl"
+TRAIN_FIELDS = ("batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "label_dropout", "grad_accum_steps")
+DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed")
+
+
+def resume_settings(config) -> dict:
+    values = {"seed": config.seed}
+    values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS})
+    values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS})
+    return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
+
+
+def check_resume(workdir: str, config, step: int) -> None:
+    """Records the settings of a new run; refuses or records a change when resuming at `step`."""
+    path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config)
+    if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
+        if jax.process_index() == 0:
+            storage.write_json_atomically(path, current)
+        return
+    previous = storage.read_json(path)
+    changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items() if previous.get(k) != v}
+    if not changed:
+        return
+    listed = ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
+    if not config.train.allow_resume_changes:
+        raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}); resuming with them "
+                         "would change the run (a batch size, seed or data change also loses exact resume). Rerun "
+                         f"with the values in {path}, or pass --config.train.allow_resume_changes=True to accept the "
+                         f"change (recorded in {CHANGES_FILE})")
+    logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
+    if jax.process_index() == 0:
+        changes = storage.join(workdir, CHANGES_FILE)
+        earlier = storage.read_text(changes) if storage.exists(changes) else ""
+        storage.write_atomically(changes, earlier + json.dumps({"step": step, "changes": changed}) + "\n")
+        storage.write_json_atomically(path, current)

@@ -1,0 +1,124 @@
+"""One validation layer for config values, run by main.py for every mode before any work: numbers
+finite and in range, integers integral, class ids whole numbers. Each message names the field as
+the command line writes it and what it accepts, so a bad value never becomes NaN weights, black
+images or a settings.json left behind."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A config value is unusable; the message names the field and the accepted values."""
+
+
+def number(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
+           above: float | None = None, below: float | None = None) -> float:
+    """A finite real number in the given bounds (minimum/maximum inclusive, above/below strict)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"--config.{name} must be a finite number, got {value!r}")
+    bounds = [(minimum, value >= minimum if minimum is not None else True, ">="),
+              (maximum, value <= maximum if maximum is not None else True, "<="),
+              (above, value > above if above is not None else True, ">"),
+              (below, value < below if below is not None else True, "<")]
+    for bound, ok, relation in bounds:
+        if not ok:
+            raise ConfigError(f"--config.{name} must be {relation} {bound}, got {value!r}")
+    return float(value)
+
+
+def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """A whole number (an int, or a float without a fraction), in the given inclusive bounds."""
+    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        and float(value).is_integer())
+    if not whole:
+        raise ConfigError(f"--config.{name} must be a whole number, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"--config.{name} must be {allowed}, got {value}")
+    return value
+
+
+def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) -> np.ndarray:
+    """Whole class ids in [0, num_classes) ([0, num_classes] with the null class), as int64;
+    for config values and for concrete arrays at the Python API (labels, class_labels)."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ConfigError(f"{name} must be a 1-D list of class ids, got shape {array.shape}")
+    if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.isfinite(array))):
+        raise ConfigError(f"{name} must be whole class ids, got {list(values)!r}")
+    if array.dtype.kind == "f" and not np.all(array == np.round(array)):
+        raise ConfigError(f"{name} must be whole class ids, got {array.tolist()} (fractions are not truncated)")
+    array = array.astype(np.int64)
+    top = num_classes if allow_null else num_classes - 1
+    bad = array[(array < 0) | (array > top)]
+    if len(bad):
+        null = f" ({num_classes} = the null class)" if allow_null else ""
+        raise ConfigError(f"{name} must be class ids in [0, {top}]{null}, got {bad[:5].tolist()}")
+    return array
+
+
+def steps_per_stage(name: str, value) -> None:
+    values = [value] if np.ndim(value) == 0 else list(value)
+    for v in values:
+        integer(name, v, minimum=1)
+
+
+def check_train(config) -> None:
+    t = config.train
+    for field in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+                  "grad_accum_steps", "preview_num_images", "preview_steps_per_stage"):
+        integer(f"train.{field}", t[field], minimum=1)
+    integer("train.preview_every", t.preview_every, minimum=0)
+    number("train.lr", t.lr, above=0)
+    number("train.weight_decay", t.weight_decay, minimum=0)
+    number("train.grad_clip", t.grad_clip, above=0)
+    number("train.ema_decay", t.ema_decay, minimum=0, maximum=1)
+    number("train.label_dropout", t.label_dropout, minimum=0, below=1)
+    integer("seed", config.seed)
+    if t.preview_every:
+        check_guidance(config)
+
+
+def check_guidance(config) -> None:
+    s = config.sample
+    number("sample.cfg_scale", s.cfg_scale, minimum=1)
+    number("sample.shift", s.shift, above=0)
+
+
+def check_sample(config) -> None:
+    s = config.sample
+    integer("sample.batch_size", s.batch_size, minimum=1)
+    integer("sample.seed", s.seed)
+    check_guidance(config)
+    steps_per_stage("sample.steps_per_stage", s.steps_per_stage)
+    if "prompts" not in s:  # text configs count images by prompts (sample_conditioning.py)
+        integer("sample.num_images", s.num_images, minimum=1)
+    for label in s.labels:  # the range needs the checkpoint's class count: sample_conditioning.py
+        integer("sample.labels", label, minimum=0)
+
+
+def check_eval(config) -> None:
+    integer("eval.batch_size", config.eval.batch_size, minimum=1)
+
+
+def check_demo(config) -> None:
+    integer("demo.port", config.demo.port, minimum=1, maximum=65535)
+    integer("demo.max_images", config.demo.max_images, minimum=1)
+    check_guidance(config)
+
+
+CHECKS = {"train": (check_train,), "sample": (check_sample,), "eval": (check_eval,),
+          "demo": (check_sample, check_demo), "inspect": ()}
+
+
+def check(config, mode: str) -> None:
+    for checker in CHECKS[mode]:
+        checker(config)
+    if mode == "sample" and config.eval.reference:
+        check_eval(config)

@@ -1,0 +1,292 @@
+"""What a hostile new user broke (issue 16): bad values, misuse of the API and of the converter,
+damaged files and leftovers each get a clear error or are repaired, and lose nothing."""
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, fixture_dir, run_converter
+from pixelflow_jax import CheckpointError, load_model, storage
+from pixelflow_jax.validation import ConfigError, check
+
+
+def c2i_config(**changes):
+    from configs import c2i
+
+    config = c2i.get_config("tiny")
+    for dotted, value in changes.items():
+        section, field = dotted.split(".") if "." in dotted else (None, dotted)
+        (config[section] if section else config)[field] = value
+    return config
+
+
+@pytest.mark.parametrize("mode,field,value,message", [
+    ("train", "train.lr", float("nan"), "--config.train.lr must be a finite number, got nan"),
+    ("train", "train.lr", float("inf"), "--config.train.lr must be a finite number"),
+    ("train", "train.ema_decay", 1.5, "--config.train.ema_decay must be <= 1"),
+    ("sample", "sample.cfg_scale", float("nan"), "--config.sample.cfg_scale must be a finite number"),
+    ("sample", "sample.labels", (1.7, 2.2), "--config.sample.labels must be a whole number, got 1.7"),
+    ("sample", "sample.batch_size", -2, "--config.sample.batch_size must be >= 1, got -2"),
+    ("sample", "sample.batch_size", 0, "--config.sample.batch_size must be >= 1, got 0"),
+    ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be >= 1"),
+    ("demo", "demo.port", 70000, "--config.demo.port must be in [1, 65535]"),
+    ("eval", "eval.batch_size", 0, "--config.eval.batch_size must be >= 1"),
+])
+def test_every_config_value_is_checked_before_any_work(mode, field, value, message):
+    with pytest.raises(ConfigError) as error:
+        check(c2i_config(**{field: value}), mode)
+    assert message in str(error.value)
+    check(c2i_config(), mode)  # the defaults pass
+
+
+def test_the_command_line_refuses_a_bad_value_before_writing_anything(tmp_path):
+    workdir = tmp_path / "run"
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", "--mode=sample",
+               "--config.sample.checkpoint=whatever", "--config.sample.cfg_scale=nan"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "--config.sample.cfg_scale must be a finite number" in result.stderr
+    assert "Traceback" not in result.stderr and not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def models(converted):
+    return {name: load_model(path) for name, path in converted.items()}
+
+
+def test_the_model_checks_concrete_inputs_outside_jit(models):
+    model, _ = models["c2i_tiny"]
+    x, t = np.zeros((2, 16, 16, 3), np.float32), np.array([500.0, 500.0], np.float32)
+    for labels in ([1001, 5], [-1, 5], [-2, 5], [1.5, 2]):
+        with pytest.raises(ValueError, match=r"class_labels must be (class ids in \[0, 1000\] \(1000 = the null "
+                                             r"class\)|whole class ids)"):
+            model(x, t, class_labels=np.array(labels))
+    assert model(x, t, class_labels=np.array([1000, 999])).shape == x.shape  # the null class is an id
+    with pytest.raises(ValueError, match=r"images must be a batch \(B, H, H, 3\).*images\[None\]"):
+        model(x[0], t[:1], class_labels=np.array([1]))
+    text_model, _ = models["t2i_tiny"]
+    wrong_width = np.zeros((2, 6, text_model.config.cross_attention_dim + 1), np.float32)
+    with pytest.raises(ValueError, match="encoder_hidden_states must be .* the text encoder the model was trained"):
+        text_model(x, t, encoder_hidden_states=wrong_width, encoder_attention_mask=np.ones((2, 6), np.float32))
+
+
+def test_the_sampler_names_the_misuse(models):
+    from pixelflow_jax.sampling import CascadeSampler
+
+    sampler = CascadeSampler(*models["c2i_tiny"])
+    for labels, message in (([], "nothing to generate"), (["goldfish"], "labels must be whole class ids"),
+                            ([3, 1000], r"labels must be class ids in \[0, 999\]")):
+        with pytest.raises(ValueError, match=message):
+            sampler.generate(labels, steps_per_stage=1)
+    with pytest.raises(ValueError, match=r"image_ids must give one id per image \(2\)"):
+        sampler.generate([1, 2], steps_per_stage=1, image_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        sampler.generate([1], steps_per_stage=1, cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
+        CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
+
+
+def test_a_config_of_the_other_kind_is_named(models):
+    from configs import t2i
+    from pixelflow_jax.sample_conditioning import conditioning_for
+
+    with pytest.raises(ValueError, match="text-conditional: sample it with --config=configs/t2i.py"):
+        conditioning_for(c2i_config().sample, models["t2i_tiny"][0].config)
+    with pytest.raises(ValueError, match="class-conditional .*--config=configs/c2i.py"):
+        conditioning_for(t2i.get_config("tiny").sample, models["c2i_tiny"][0].config)
+
+
+def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
+    _, config = load_model(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
+    assert config.resolution == 64
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file; checkpoints are folders"):
+        load_model(str(tmp_path / "weights.pt"))
+
+
+def test_eval_refuses_what_is_not_uint8_images(tmp_path):
+    from pixelflow_jax.evaluate import npz_image_count
+
+    for name, array, message in (("float", np.random.rand(4, 8, 8, 3).astype(np.float32), "must be uint8 images"),
+                                 ("one", np.zeros((1, 8, 8, 3), np.uint8), "needs at least 2 images"),
+                                 ("none", np.zeros((0, 8, 8, 3), np.uint8), "needs at least 2 images")):
+        np.savez(tmp_path / f"{name}.npz", arr_0=array)
+        with pytest.raises(ValueError, match=message):
+            npz_image_count(str(tmp_path / f"{name}.npz"))
+
+
+def test_a_step_that_would_make_weights_non_finite_is_skipped(converted):
+    import jax
+
+    from test_train import build, demo_batch, mesh_of
+
+    state, step = build(converted, mesh_of(jax.devices()[:1], 1), lr=float("inf"))
+    before = jax.tree.map(np.asarray, state["params"])
+    state, metrics = step(state, *demo_batch(0))
+    assert np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])  # finite loss, inf update
+    assert int(state["skipped_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["ema"]))
+
+
+def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from pixelflow_jax.train import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING):
+        log = MetricsLog(str(tmp_path), resumed_step=2)
+        log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert "metrics.jsonl: dropping an unreadable line" in caplog.text
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    import jax
+
+    from pixelflow_jax import train
+
+    state = {"w": jax.numpy.arange(4.0)}
+    shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    manager = train.checkpoint_manager(str(tmp_path), keep=5)
+    for step in (2, 4):
+        train.save(manager, step, {"w": state["w"] * step})
+    manager.wait_until_finished()
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
+        for name in files:
+            open(os.path.join(root, name), "wb").close()  # damaged: every file emptied
+    with caplog.at_level(logging.WARNING):
+        step, restored = train.resume_point(manager, state, shardings)
+    assert step == 2 and np.asarray(restored["w"]).tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert "checkpoints/4 cannot be restored" in caplog.text and "trying the one before it" in caplog.text
+
+
+def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
+    import jax
+
+    from pixelflow_jax import train
+
+    manager = train.checkpoint_manager(str(tmp_path), keep=2)
+    train.save(manager, 4, {"w": jax.numpy.zeros(2)})
+    manager.wait_until_finished()
+    config = c2i_config()
+    config.train.update(num_steps=4, batch_size=32)  # 4 stages x the 8 test devices
+    assert train.train(config, str(tmp_path)) == {}
+    assert "already trained to step 4 (train.num_steps = 4): nothing to do" in capsys.readouterr().out
+
+
+def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, converted):
+    release = tmp_path / "release"
+    shutil.copytree(fixture_dir("c2i_tiny"), release)
+    result = run_converter(f"--torch_checkpoint={release}", f"--output={release}", "--overwrite")
+    assert result.returncode != 0 and "overlaps the input" in result.stderr
+    assert sorted(os.listdir(release)) == ["config.yaml", "golden.npz", "model.pt"]
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"cat")
+    result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={foreign}",
+                           "--overwrite")
+    assert result.returncode != 0 and "replaces only an earlier export" in result.stderr
+    assert os.listdir(foreign) == ["cat.jpg"]
+
+
+def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
+    from pixelflow_jax.checkpoint import atomic_output_dir
+    from pixelflow_jax.demo_app import demo_output_dir
+
+    dead = 999999999  # no such process
+    (tmp_path / f".out.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".out.old-{dead}-def" / "previous").mkdir(parents=True)  # killed mid-swap: the only copy
+    (tmp_path / f".out.old-{dead}-def" / "previous" / "model.pt").write_bytes(b"old")
+    with pytest.raises(CheckpointError, match="already exists"):  # the old output is put back, not replaced
+        with atomic_output_dir(str(tmp_path / "out")):
+            pass
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "model.pt").read_bytes() == b"old"
+
+    (tmp_path / "samples").mkdir()
+    for name in (f".000001.png.tmp-{dead}-x", "000002.png.tmp", f".000003.png.tmp-{os.getpid()}-y", "000004.png"):
+        (tmp_path / "samples" / name).write_bytes(b"")
+    assert storage.remove_temporaries(str(tmp_path / "samples")) == 2
+    assert sorted(os.listdir(tmp_path / "samples")) == [f".000003.png.tmp-{os.getpid()}-y", "000004.png"]
+
+    (tmp_path / "demo_outputs").mkdir()
+    (tmp_path / "demo_outputs" / "old.png").write_bytes(b"")
+    assert demo_output_dir(str(tmp_path)) == str(tmp_path / "demo_outputs")
+    assert os.listdir(tmp_path / "demo_outputs") == []
+
+
+def test_a_demo_port_in_use_names_the_flag():
+    from pixelflow_jax.demo_app import check_port_free
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ValueError, match="is in use .*--config.demo.port=PORT"):
+            check_port_free("127.0.0.1", busy.getsockname()[1])
+
+
+def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    from pixelflow_jax.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    workdir = str(tmp_path)
+    check_resume(workdir, c2i_config(), step=0)  # a new run records its settings
+    check_resume(workdir, c2i_config(), step=40)  # the same settings resume
+    changed = c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16})
+    with pytest.raises(ValueError) as error:
+        check_resume(workdir, changed, step=40)
+    assert "train.batch_size: 8 -> 16" in str(error.value) and "train.lr: 0.0001 -> 0.001" in str(error.value)
+    assert "--config.train.allow_resume_changes=True" in str(error.value)
+    changed.train.allow_resume_changes = True
+    check_resume(workdir, changed, step=40)
+    record = json.loads((tmp_path / CHANGES_FILE).read_text())
+    assert record == {"step": 40, "changes": {"train.batch_size": {"from": 8, "to": 16},
+                                              "train.lr": {"from": 0.0001, "to": 0.001}}}
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 0.001
+
+
+def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    import time
+
+    from pixelflow_jax.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    first = WorkdirLock(str(tmp_path), stale_after_s=60)
+    first.acquire()
+    with pytest.raises(WorkdirBusy, match=rf"is in use by another training run: host {socket.gethostname()}, "
+                                          rf"pid {os.getpid()}, started .*delete {tmp_path / LOCK_FILE}"):
+        WorkdirLock(str(tmp_path), stale_after_s=60).acquire()
+    first.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+    lock_file = tmp_path / LOCK_FILE
+    for holder, taken in (({"host": socket.gethostname(), "pid": 999999999}, True),  # its process is gone
+                          ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600}, True),  # silent
+                          ({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}, False)):  # alive
+        lock_file.write_text(json.dumps(holder))
+        lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+        if taken:
+            lock.acquire()
+            assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+            lock.release()
+        else:
+            with pytest.raises(WorkdirBusy, match="host elsewhere, pid 1"):
+                lock.acquire()
+
+
+def test_a_second_training_on_a_busy_workdir_stops_at_once(tmp_path):
+    from pixelflow_jax.workdir_lock import LOCK_FILE
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                  "started": "2026-11-27T05:00:00+00:00"}))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "is in use by another training run" in result.stderr
+    assert f"pid {os.getpid()}, started 2026-11-27T05:00:00+00:00" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == [LOCK_FILE]  # nothing written
