@@ -114,9 +114,10 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
         decay = step_cfg.ema_decay
         new_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], new_params)
         # A huge or NaN learning rate can turn finite gradients into non-finite weights: such a step is
-        # skipped too, so no checkpoint ever holds a non-finite parameter or EMA.
-        all_finite = lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params) & all_finite(new_ema)
+        # skipped too, so no checkpoint ever holds a non-finite parameter or EMA. One global norm per
+        # tree (as for the gradients) tells: it is finite iff every value is (and none is beyond ~1e18).
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
+                  & jnp.isfinite(optax.tree.norm(new_ema)))
         keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
             "step": state["step"] + 1,

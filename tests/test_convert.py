@@ -154,9 +154,14 @@ def test_existing_output_is_refused_and_kept(tmp_path, converted):
     result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={output}")
     assert result.returncode != 0 and (output / "keep.txt").read_text() == "precious"
     result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={output}", "--overwrite")
+    assert result.returncode != 0 and "replaces only an earlier conversion" in result.stderr
+    assert os.listdir(output) == ["keep.txt"]  # --overwrite never replaces a folder this tool did not write
+    earlier = tmp_path / "earlier"
+    shutil.copytree(converted["c2i_tiny"], earlier)
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={earlier}", "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(output)) == ["params", "pixelflow_config.json"]
-    assert [f for f in os.listdir(tmp_path) if f.startswith(".out.")] == []
+    assert sorted(os.listdir(earlier)) == ["params", "pixelflow_config.json"]
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".earlier.")] == []
 
 
 def test_load_model_names_a_non_checkpoint_folder(tmp_path):

@@ -184,10 +184,10 @@ def test_kill_9_in_a_bucket_and_resume_gives_the_uninterrupted_local_losses(tmp_
 
 @pytest.mark.slow
 def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm(tmp_path):
-    """One process with 8 CPU devices trains 16 steps. Two processes with 4 each (gloo collectives)
+    """One process with 2 CPU devices trains 16 steps. Two processes with 4 each (gloo collectives)
     resume its step-3 checkpoint, with an EMA preview on FSDP-sharded weights at step 5; after step 6
     only process 1 gets SIGTERM, as a preemption may reach one host first: both must save the same
-    step and exit. One process resumes that step to step 16, and every loss of the two segments
+    step and exit. One process with 2 devices resumes that step to step 16, and every loss of the two segments
     equals the uninterrupted run's. Covers per-process data rows, restoring with another process
     count, multi-process saving and sampling, and the preemption sync point."""
     from pixelflow_jax.run_checkpoint import complete_steps
@@ -196,7 +196,7 @@ def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm
                 "--config.train.num_steps=16", "--config.train.checkpoint_every=100"]  # 2 stages: compiles faster
     reference = tmp_path / "one_process"
     run_training(str(reference), *settings, "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=9",
-                 devices=8)
+                 devices=2)
 
     two = tmp_path / "two_processes"
     (two / "checkpoints").mkdir(parents=True)
@@ -219,16 +219,19 @@ def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm
     for process, err in zip(processes, errors):
         assert process.returncode == 143, err[-5000:]  # preempted, state saved (train.EXIT_PREEMPTED)
         assert "rerun the same command to resume" in err
-    saved = [re.findall(r"saved step (\d+) on every process", err) for err in errors]
-    assert saved[0] == saved[1] and len(saved[0]) == 1, saved
-    stop = int(saved[0][0])
+    saved = [set(re.findall(r"saved step (\d+) on every process", err)) for err in errors]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # both processes saved the same one step
+    stop = int(saved[0].pop())
     assert 6 <= stop < 16, "the run finished before the SIGTERM"
     assert max(complete_steps(str(two))) == stop and sorted(losses(two)) == list(range(4, stop + 1))
     with open(two / "metrics.jsonl") as f:
         assert "preview_class_agreement" in {r["step"]: r for r in map(json.loads, f)}[5]
     assert os.listdir(two / "previews") == ["step_0000005.png"]
 
-    run_training(str(two), *settings, devices=8)
+    # On 2 devices (data 1 x fsdp 2): a third process count, and a quick compile. Without the
+    # persistent cache: an 8-device program loaded from it after a restore has hung in XLA:CPU's
+    # collectives (seen twice on 2 cores), while the same program compiled afresh runs.
+    run_training(str(two), *settings, devices=2, compilation_cache=False)
     expected, got = losses(reference), losses(two)
     assert sorted(got) == list(range(4, 17))
     for step in got:
