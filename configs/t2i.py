@@ -1,9 +1,15 @@
-"""Text-to-image PixelFlow: sampling a converted text-conditional checkpoint from prompts.
+"""Text-to-image PixelFlow: training on captioned images, and sampling from prompts.
 
     --config=configs/t2i.py          the release's text-to-image setting: T5 (flan-t5-xl) prompts
                                      padded to 512 tokens, negative prompt "", constant CFG 4,
                                      10 Euler steps per stage (the release's demo defaults)
     --config=configs/t2i.py:tiny     a 2-head, depth-2 model with 20-wide text embeddings: tests
+    --config=configs/t2i.py:demo     a small model trained on the captioned demo set on a CPU, with
+                                     a small T5 encoder the run builds itself (nothing downloaded)
+
+    python main.py --config=configs/t2i.py:demo --workdir=runs/t2i_demo                 # train
+    python main.py --config=configs/t2i.py:demo --workdir=runs/t2i_demo --mode=sample \
+        --config.sample.prompts='("a red disk", "a blue triangle")'                     # sample it
 
     python main.py --config=configs/t2i.py --workdir=runs/t2i --mode=sample \\
         --config.sample.checkpoint=checkpoints/pixelflow_t2i \\
@@ -34,10 +40,31 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # A Hugging Face T5 folder (config.json, weights, spiece.model) or hf://google/flan-t5-xl.
     config.sample.text_encoder = ""
     config.sample.text_encoder_param_dtype = "float32"  # 'bfloat16' halves the encoder's memory
-    config.sample.max_text_tokens = 512  # the release pads and truncates prompts to 512 tokens
+    # 0: the run's own setting when sampling a training run, else 512 (the release pads and
+    # truncates prompts to 512 tokens).
+    config.sample.max_text_tokens = 0
+
+    # Training (pixelflow_jax/train_text.py): captioned data and a frozen T5 encoder in the step.
+    config.data.source = "folder"  # 'folder' (NAME.jpg + NAME.txt) | 'array_record' | 'demo' (captioned)
+    config.data.missing_captions = "error"  # or 'skip': images without NAME.txt are left out and counted
+    config.data.shard_cache_dir = ""  # where gs:// ArrayRecord shards are copied ('' = a temporary folder)
+    config.train.text_encoder = ""  # T5 folder or hf://google/flan-t5-xl; '' on the demo set: built by the run
+    config.train.max_text_tokens = 512  # the release's; 77-128 cover most captions at a fraction of the cost
+    config.train.text_encoder_dtype = "float32"  # the frozen encoder's parameters; 'bfloat16' halves them
+    config.train.caption_dropout = 0.1  # captions replaced by "" (the release's negative prompt)
     if arg == "tiny":
         config.model.update(num_classes=0, cross_attention_dim=20)
+        config.data.update(source="demo", demo_num_classes=10)
+        config.train.update(max_text_tokens=16)
         config.sample.update(batch_size=8, steps_per_stage=3)
+    elif arg == "demo":
+        demo = c2i.get_config("demo")
+        config.model.update(demo.model.to_dict())
+        config.model.update(num_classes=0, cross_attention_dim=64)
+        config.data.update(demo.data.to_dict())
+        config.train.update(demo.train.to_dict())
+        config.train.update(max_text_tokens=16, preview_num_images=50)  # captions are <= 12 tokens
+        config.sample.update(batch_size=20, steps_per_stage=demo.sample.steps_per_stage, cfg_scale=demo.sample.cfg_scale)
     elif arg:
-        raise ValueError(f"unknown t2i config variant {arg!r}; choose '' or 'tiny'")
+        raise ValueError(f"unknown t2i config variant {arg!r}; choose '', 'tiny' or 'demo'")
     return config

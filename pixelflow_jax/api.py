@@ -119,3 +119,21 @@ def sampling_checkpoint(sample_config, workdir: str) -> str:
         return workdir
     raise CheckpointError(f"{workdir} is not a training run: set --config.sample.checkpoint to a training run, a "
                           "converted or release folder, or an hf:// Hub path")
+
+
+def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
+    """For text configs: a training run's recorded text encoder fills an empty
+    sample.text_encoder, and its token length sample.max_text_tokens = 0, so a text run samples
+    with the encoder it trained with and no flag; otherwise 0 means the release's 512."""
+    from pixelflow_jax.run_checkpoint import read_run_config
+    from pixelflow_jax.text import MAX_LENGTH
+    from pixelflow_jax.train_text import folder_of
+
+    s = sample_config
+    if "max_text_tokens" not in s:
+        return
+    recorded = read_run_config(source.run_step.run).get("text_encoder") if source.run_step else None
+    if recorded and not s.text_encoder:
+        s.text_encoder = folder_of(source.run_step.run, recorded["path"])
+    if not s.max_text_tokens:
+        s.max_text_tokens = int(recorded["max_text_tokens"]) if recorded else MAX_LENGTH

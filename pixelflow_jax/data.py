@@ -1,19 +1,23 @@
-"""Training input pipelines (grain): full-resolution uint8 images and int32 labels.
+"""Training input pipelines (grain): full-resolution uint8 images and their conditioning (int32
+class labels, or the T5 tokens of a caption for text-conditional models).
 
 Every stage's inputs are built later, on the device, from these full-resolution images, so the
 loader only decodes and augments. The data path, top to bottom:
 
   source (tfds | folder | demo)  random access: record i -> encoded bytes or pixels + label
+   (captioned: folder |          or + caption (caption_data.py)
+    array_record | demo)
   -> DecodedSource               decode to RGB, resize the shorter side to round(R * 1.125) with
-                                 Lanczos (or the ADM centre crop); an unreadable image is replaced
-                                 by the next readable one and counted
+                                 Lanczos (or the ADM centre crop); tokenize the caption (too long:
+                                 truncated and counted); an unreadable image or an unusable caption
+                                 is replaced by the next usable record and counted
   -> shuffle (one global order, the same in every process; reshuffled every epoch), repeat forever
   -> random crop R + random horizontal flip (seeded by the element's global position)
   -> chunks of batch/process_count; process i keeps chunk i of every global batch, from global
      batch `start_batch` on (a resumed run starts at its step)
   -> worker processes + prefetch
-  -> ImageLoader: numpy batches, skip count
-  -> to_global_batch: one jax.Array sharded over the mesh's batch axes
+  -> ImageLoader: numpy batches (images, labels | (tokens, mask)), skip and truncation counts
+  -> to_global_batch: jax.Arrays sharded over the mesh's batch axes
 
 grain and TFDS are imported lazily: the model, sampler and train step do not need them.
 """
@@ -131,7 +135,11 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
 
         return DemoSource(data_config.demo_num_images, seed=data_config.demo_seed,
                           num_classes=data_config.demo_num_classes, resolution=data_config.resolution)
-    raise DataError(f"unknown config.data.source {kind!r}; choose 'tfds', 'folder' or 'demo'")
+    if kind == "array_record":
+        raise DataError("data.source='array_record' holds captioned records for text-conditional models; a "
+                        "class-conditional model trains on 'tfds', 'folder' or 'demo'")
+    raise DataError(f"unknown config.data.source {kind!r}; choose 'tfds', 'folder' or 'demo' ('array_record' for "
+                    "text-conditional models)")
 
 
 # ------------------------------------------------------------------------- decoding and augmenting
@@ -172,12 +180,15 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 class DecodedSource:
-    """Decodes and resizes records of a source; an unreadable record is replaced by the next
-    readable one (in source order) and reported in the element's `skipped` count."""
+    """Decodes and resizes records of a source (and tokenizes their captions when given a
+    tokenizer); an unreadable record is replaced by the next readable one (in source order) and
+    reported in the element's `skipped` count."""
 
-    def __init__(self, source, resolution: int, expand_ratio: float = 1.125, center_crop: bool = False):
+    def __init__(self, source, resolution: int, expand_ratio: float = 1.125, center_crop: bool = False,
+                 tokenizer=None):
         self.source, self.resolution, self.center_crop = source, resolution, center_crop
         self.resize_to = round(resolution * expand_ratio)
+        self.tokenizer = tokenizer  # text.T5Tokenizer for captioned sources
 
     def __len__(self) -> int:
         return len(self.source)
@@ -187,17 +198,26 @@ class DecodedSource:
             record_index = (index + attempt) % len(self.source)
             try:
                 record = self.source[record_index]
+                conditioning = self._conditioning(record)
                 image = to_rgb(record["image"])
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-                logging.warning("skipping unreadable image %s: %s", self._name(record_index), e)
+                logging.warning("skipping unreadable record %s: %s", self._name(record_index), e)
                 continue
             if self.center_crop:
                 pixels = adm_center_crop(image, self.resolution)
             else:
                 pixels = np.asarray(resize_shorter_side(image, self.resize_to))
-            return {"image": pixels, "label": np.int32(record["label"]), "skipped": np.int32(attempt)}
+            return {"image": pixels, **conditioning, "skipped": np.int32(attempt)}
         raise DataError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
                         f"{self._name(index)} on; is the dataset corrupt?")
+
+    def _conditioning(self, record: dict) -> dict:
+        if self.tokenizer is None:
+            return {"label": np.int32(record["label"])}
+        from pixelflow_jax.caption_data import decode_caption
+
+        tokens, mask, truncated = self.tokenizer.tokenize([decode_caption(record["caption"])])
+        return {"tokens": tokens[0], "token_mask": mask[0], "truncated": np.int32(truncated[0])}
 
     def _name(self, index: int) -> str:
         records = getattr(self.source, "records", None)
@@ -226,10 +246,11 @@ class RandomCropFlip:
 
 def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand_ratio: float = 1.125,
                   center_crop: bool = False, process_index: int = 0, process_count: int = 1, start_batch: int = 0,
-                  num_workers: int = 0, prefetch_batches: int = 2):
+                  num_workers: int = 0, prefetch_batches: int = 2, tokenizer=None):
     """The grain IterDataset of this process's share of each global batch of `batch_size` images:
     {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)} with
-    b = batch_size / process_count. Infinite, reshuffled every epoch, deterministic for a seed.
+    b = batch_size / process_count; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L) and
+    'truncated' int32 (b,) replace 'label'. Infinite, reshuffled every epoch, deterministic for a seed.
 
     Every process computes the same global order and takes rows [i*b, (i+1)*b) of each global
     batch, and the crop/flip randomness is keyed by an image's global position, so the global
@@ -242,7 +263,7 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
 
     if batch_size % process_count:
         raise DataError(f"global batch {batch_size} is not divisible by the {process_count} processes")
-    decoded = DecodedSource(source, resolution, expand_ratio, center_crop)
+    decoded = DecodedSource(source, resolution, expand_ratio, center_crop, tokenizer)
     per_process = batch_size // process_count
     dataset = (grain.MapDataset.source(decoded)
                .seed(seed)
@@ -264,23 +285,31 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
 
 
 class ImageLoader:
-    """Iterates per-process numpy batches (images uint8 (B, R, R, 3), labels int32 (B,)) and logs
-    the running count of skipped unreadable images."""
+    """Iterates per-process numpy batches (images uint8 (B, R, R, 3), conditioning: labels int32
+    (B,), or (tokens, mask) int32 (B, L) for captions) and logs the running counts of skipped
+    records and truncated captions."""
 
     def __init__(self, dataset):
         self.iterator = iter(dataset)
-        self.skipped = 0
+        self.skipped = self.truncated = 0
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
         return self
 
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    def __next__(self) -> tuple[np.ndarray, Any]:
         batch = next(self.iterator)
         skipped = int(batch["skipped"].sum())
         if skipped:
             self.skipped += skipped
-            logging.warning("%d unreadable images skipped so far (replaced by the next readable ones)", self.skipped)
-        return batch["image"], batch["label"].astype(np.int32)
+            logging.warning("%d unusable records skipped so far (replaced by the next usable ones)", self.skipped)
+        if "tokens" not in batch:
+            return batch["image"], batch["label"].astype(np.int32)
+        truncated = int(batch["truncated"].sum())
+        if truncated:
+            self.truncated += truncated
+            logging.warning("%d captions so far were longer than train.max_text_tokens and were truncated",
+                            self.truncated)
+        return batch["image"], (batch["tokens"], batch["token_mask"])
 
     def close(self) -> None:
         """Stops the worker processes (they prefetch until closed)."""
@@ -289,24 +318,33 @@ class ImageLoader:
             close()
 
 
-def make_loader(config, batch_size: int, class_index_dir: str | None = None, start_batch: int = 0) -> ImageLoader:
+def make_loader(config, batch_size: int, class_index_dir: str | None = None, start_batch: int = 0,
+                tokenizer=None) -> ImageLoader:
     """The loader of this process for config.data, reading its share of each global batch from
-    global batch `start_batch` on."""
+    global batch `start_batch` on. With a tokenizer (text-conditional models) it reads captioned
+    data and gives token batches instead of labels."""
     import jax
 
     data = config.data
-    source = make_source(data, class_index_dir, num_classes=config.model.num_classes)
+    if tokenizer is not None:
+        from pixelflow_jax.caption_data import make_captioned_source
+
+        source = make_captioned_source(data)
+    else:
+        source = make_source(data, class_index_dir, num_classes=config.model.num_classes)
     dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
                             process_index=jax.process_index(), process_count=jax.process_count(),
-                            start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches)
+                            start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches,
+                            tokenizer=tokenizer)
     return ImageLoader(dataset)
 
 
-def to_global_batch(images: np.ndarray, labels: np.ndarray, sharding) -> tuple[Any, Any]:
+def to_global_batch(images: np.ndarray, conditioning: Any, sharding) -> tuple[Any, Any]:
     """Per-process batches -> global jax.Arrays sharded along the batch dimension by `sharding`
-    (a NamedSharding whose spec's first entry names the mesh's batch axes)."""
+    (a NamedSharding whose spec's first entry names the mesh's batch axes); `conditioning` is an
+    array or a tuple of arrays (tokens, mask)."""
     import jax
 
-    return (jax.make_array_from_process_local_data(sharding, images),
-            jax.make_array_from_process_local_data(sharding, labels))
+    to_global = lambda a: jax.make_array_from_process_local_data(sharding, a)
+    return to_global(images), jax.tree.map(to_global, conditioning)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import read_checkpoint, resolve_checkpoint, sampling_checkpoint
+from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
 from pixelflow_jax.checkpoint import build_model
 from pixelflow_jax.sampling import CascadeSampler
 
@@ -56,6 +56,7 @@ class DemoSampler:
     def __init__(self, config, workdir: str = ""):
         s = config.sample
         self.source = resolve_checkpoint(sampling_checkpoint(s, workdir))
+        fill_text_encoder(s, self.source)
         self.ckpt, params = read_checkpoint(self.source, s.weights, dict(dtype=config.model.dtype,
                                                                          attention=config.model.attention))
         model = build_model(self.ckpt, params)

@@ -49,10 +49,11 @@ class StageBatch:
     x_t: jax.Array  # (B/S, r, r, C) noisy input
     target: jax.Array  # (B/S, r, r, C) velocity target
     timesteps: jax.Array  # (B/S,) model timesteps
-    labels: jax.Array  # (B/S,)
+    conditioning: dict  # the model's keyword arguments, each (B/S, ...): class_labels, or text embeddings + mask
 
 
-jax.tree_util.register_dataclass(StageBatch, data_fields=["x_t", "target", "timesteps", "labels"], meta_fields=[])
+jax.tree_util.register_dataclass(StageBatch, data_fields=["x_t", "target", "timesteps", "conditioning"],
+                                 meta_fields=[])
 
 
 def downsample_2x(x: jax.Array) -> jax.Array:
@@ -90,9 +91,10 @@ def draw(key: jax.Array, batch: int, resolution: int, channels: int, num_stages:
     return Draws(stage_of_image, timestep_index, noise)
 
 
-def stage_batches(images: jax.Array, labels: jax.Array, draws: Draws, tables: StageTables) -> list[StageBatch]:
-    """Splits a batch of full-resolution images in [-1, 1] (B, R, R, C) into its S stage batches,
-    stage 0 (smallest) first; within a stage, images keep their batch order."""
+def stage_batches(images: jax.Array, conditioning: dict, draws: Draws, tables: StageTables) -> list[StageBatch]:
+    """Splits a batch of full-resolution images in [-1, 1] (B, R, R, C) and their conditioning (the
+    model's keyword arguments, each with batch-leading arrays) into its S stage batches, stage 0
+    (smallest) first; within a stage, images keep their batch order."""
     num_stages = tables.num_stages
     batch = images.shape[0]
     if batch % num_stages:
@@ -112,7 +114,8 @@ def stage_batches(images: jax.Array, labels: jax.Array, draws: Draws, tables: St
         k = draws.timestep_index[members]
         t = tables.t_window[s, k][:, None, None, None]
         out.append(StageBatch(x_t=t * x_end + (1.0 - t) * x_start, target=x_end - x_start,
-                              timesteps=tables.timesteps[s, k], labels=labels[members]))
+                              timesteps=tables.timesteps[s, k],
+                              conditioning=jax.tree.map(lambda a: a[members], conditioning)))
     return out
 
 

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import read_checkpoint, resolve_checkpoint, sampling_checkpoint
+from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
 from pixelflow_jax.checkpoint import build_model
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sample_conditioning import conditioning_for
@@ -116,6 +116,7 @@ def write_local_images(folder: str, images: jax.Array, ids: np.ndarray, num_vali
 def run(config, workdir: str) -> None:
     s = config.sample
     source = resolve_checkpoint(sampling_checkpoint(s, workdir))
+    fill_text_encoder(s, source)
     ckpt, params = read_checkpoint(source, s.weights, dict(dtype=config.model.dtype,
                                                            attention=config.model.attention))
     model = build_model(ckpt, params)

@@ -86,13 +86,17 @@ def replicate_on_local_devices(params):
     return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
 
 
+# Where a parameter dict keeps its blocks stacked with a leading layer axis: PixelFlow, T5.
+STACKED_BLOCKS = ("transformer_blocks", "blocks")
+
+
 def param_shardings(params, mesh: Mesh):
     """NamedShardings for a nested parameter dict (stacked block parameters sit under
-    'transformer_blocks' with a leading layer axis)."""
+    STACKED_BLOCKS with a leading layer axis)."""
     fsdp = mesh.shape["fsdp"]
 
     def rule(path, leaf):
-        stacked = any(getattr(k, "key", None) == "transformer_blocks" for k in path)
+        stacked = any(getattr(k, "key", None) in STACKED_BLOCKS for k in path)
         return NamedSharding(mesh, fsdp_spec(tuple(np.shape(leaf)), fsdp, stacked))
 
     return jax.tree_util.tree_map_with_path(rule, params)

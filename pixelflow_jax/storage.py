@@ -228,10 +228,17 @@ def upload_file_atomically(local_file: str, path: str) -> None:
                 shutil.copyfileobj(source, target, 16 << 20)
 
         _remote(path, upload)
-    else:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        shutil.copyfile(local_file, tmp)
-        os.replace(tmp, path)
+    else:  # the temporary follows write_atomically's pattern, so remove_temporaries clears a killed copy
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        os.close(fd)
+        try:
+            shutil.copyfile(local_file, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def remove(path: str) -> None:

@@ -166,3 +166,41 @@ def load_t5_encoder(folder: str, *, dtype: str = "float32", param_dtype: str = "
     cfg = read_t5_config(folder, dtype=dtype, param_dtype=param_dtype)
     params = encoder_params(read_encoder_state_dict(folder), cfg)
     return module_with_params(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)), params, param_dtype)
+
+
+def encoder_state_dict(encoder: T5Encoder) -> dict[str, np.ndarray]:
+    """The Hugging Face state dict of an encoder (the inverse of encoder_params): what
+    save_t5_folder writes, so that any T5 reader (this module, transformers) loads it."""
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
+    tensors = {}
+    for path, value in flat.items():
+        path = tuple(str(p) for p in path)
+        value = np.asarray(value, np.float32)
+        if path == ("embed_tokens", "embedding"):
+            tensors[EMBEDDING_KEYS[0]] = value
+        elif path[0] == "blocks":
+            for i, layer in enumerate(value):
+                tensors[_BLOCK_KEYS[path[1:]].format(i=i)] = layer.T if path[-1] == "kernel" else layer
+        else:
+            tensors[_TOP_KEYS[path]] = value.T if path[-1] == "kernel" else value
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+
+
+def save_t5_folder(folder: str, encoder: T5Encoder, tokenizer_model: bytes) -> None:
+    """A Hugging Face-layout T5 encoder folder (local or gs://): spiece.model, model.safetensors,
+    then config.json, written last, so a folder with config.json is complete."""
+    from safetensors.numpy import save as safetensors_bytes
+
+    from pixelflow_jax import storage
+
+    cfg = encoder.config
+    hf_config = {"model_type": "t5", "architectures": ["T5EncoderModel"], "vocab_size": cfg.vocab_size,
+                 "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_layers": cfg.num_layers,
+                 "num_heads": cfg.num_heads, "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+                 "relative_attention_max_distance": cfg.relative_attention_max_distance,
+                 "layer_norm_epsilon": cfg.layer_norm_epsilon, "feed_forward_proj": cfg.feed_forward_proj,
+                 "is_encoder_decoder": False, "pad_token_id": 0, "eos_token_id": 1, "dropout_rate": 0.0}
+    storage.write_atomically(storage.join(folder, "spiece.model"), tokenizer_model)
+    storage.write_atomically(storage.join(folder, "model.safetensors"),
+                             safetensors_bytes(encoder_state_dict(encoder), metadata={"format": "pt"}))
+    storage.write_json_atomically(storage.join(folder, "config.json"), hf_config)

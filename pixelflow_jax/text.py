@@ -28,27 +28,47 @@ PAD_ID, EOS_ID = 0, 1  # T5's fixed special ids
 
 class T5Tokenizer:
     """T5's sentencepiece tokenization: pieces of the text, then </s>, then padding to max_length;
-    longer texts are cut to max_length - 1 pieces before </s> (truncation=True)."""
+    longer texts are cut to max_length - 1 pieces before </s> (truncation=True). Picklable (as its
+    model's bytes), so grain's worker processes tokenize captions."""
 
     def __init__(self, folder: str, max_length: int = MAX_LENGTH):
         path = os.path.join(folder, TOKENIZER_FILE)
         if not os.path.isfile(path):
             raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (the T5 sentencepiece model): pass the "
                                   "Hugging Face T5 folder as downloaded, e.g. google/flan-t5-xl")
+        with open(path, "rb") as f:
+            self._model = f.read()
+        self.max_length = max_length
+        self._load()
+
+    def _load(self) -> None:
         import sentencepiece
 
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
-        self.max_length = max_length
+        self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._model)
 
-    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int32 (N, max_length), mask int32 (N, max_length), 1 = token, 0 = padding)."""
+    def __getstate__(self) -> dict:
+        return {"_model": self._model, "max_length": self.max_length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._load()
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int32 (N, max_length), mask int32 (N, max_length) 1 = token / 0 = padding,
+        truncated bool (N,): the text had more than max_length - 1 pieces and was cut)."""
         ids = np.full((len(texts), self.max_length), PAD_ID, np.int32)
         mask = np.zeros_like(ids)
+        truncated = np.zeros(len(texts), bool)
         for row, pieces in enumerate(self.processor.encode(list(texts), out_type=int)):
+            truncated[row] = len(pieces) > self.max_length - 1
             pieces = pieces[:self.max_length - 1] + [EOS_ID]
             ids[row, :len(pieces)] = pieces
             mask[row, :len(pieces)] = 1
-        return ids, mask
+        return ids, mask, truncated
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of tokenize()."""
+        return self.tokenize(texts)[:2]
 
 
 class PromptEncoder:

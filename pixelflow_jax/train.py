@@ -68,11 +68,13 @@ def peak_flops(device) -> float | None:
     return matches[0] if matches else None
 
 
-def check_run_config(workdir: str, model_cfg: ModelConfig, config) -> None:
-    """A workdir trains one architecture; resuming with another would load mismatched weights."""
+def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder: dict | None = None) -> None:
+    """A workdir trains one architecture (and, for text, one text encoder); resuming with another
+    would load mismatched weights."""
     path = storage.join(workdir, RUN_CONFIG)
     current = {"architecture": model_cfg.architecture(), "num_stages": config.scheduler.num_stages,
-               "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution}
+               "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution,
+               **({"text_encoder": text_encoder} if text_encoder else {})}
     if storage.exists(path):
         previous = read_run_config(workdir)
         if previous != current:
@@ -91,16 +93,29 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
                          f"grad_accum_steps = {stages} x {devices} x {accum}")
     if t.preview_every:  # fail now rather than at the first preview
         try:
-            stage_guidance(config.sample.cfg_scale, config.scheduler.num_stages, class_conditional=True)
+            try:
+                stage_guidance(config.sample.cfg_scale, config.scheduler.num_stages,
+                               class_conditional=not model_cfg.cross_attention_dim)
+            except ValueError as e:
+                raise ValueError(f"{e}: set sample.cfg_scale=1") from None
+            if model_cfg.cross_attention_dim and config.data.source != "demo":
+                from pixelflow_jax.sample_conditioning import read_prompts
+
+                read_prompts(config.sample)  # previews of a text run draw sample.prompts
         except ValueError as e:
-            raise ValueError(f"previews: {e}: set sample.cfg_scale=1 or train.preview_every=0") from None
-    if model_cfg.num_classes < 1:
-        raise ValueError("--mode=train trains class-conditional models (model.num_classes >= 1)")
-    if config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
+            raise ValueError(f"previews: {e}; or set train.preview_every=0") from None
+    if model_cfg.cross_attention_dim:
+        if model_cfg.num_classes:
+            raise ValueError("a text-conditional model (model.cross_attention_dim > 0) trains with model.num_classes=0")
+        validation.check_text_training(config)
+    elif model_cfg.num_classes < 1:
+        raise ValueError("--mode=train trains class-conditional (model.num_classes >= 1) or text-conditional "
+                         "(model.cross_attention_dim > 0, configs/t2i.py) models")
+    elif config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
         raise ValueError(f"model.num_classes ({model_cfg.num_classes}) must equal data.demo_num_classes "
                          f"({config.data.demo_num_classes}): previews sample every class of the model")
     return StepConfig(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
-                      label_dropout=t.label_dropout, grad_accum_steps=accum)
+                      label_dropout=t.label_dropout, caption_dropout=t.get("caption_dropout", 0.0), grad_accum_steps=accum)
 
 
 def initial_state(config, model_cfg: ModelConfig, tx, mesh):
@@ -258,28 +273,40 @@ class MetricsLog:
                 f"{record['images_per_s']:.1f} img/s{mfu} skipped {record['skipped_steps']}")
 
 
-def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog) -> dict:
-    """A grid of EMA samples (class i mod num_classes); on the demo set also its class agreement."""
+def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog,
+                  text_encoder=None) -> dict:
+    """A grid of EMA samples (class i mod num_classes, or prompts); on the demo sets also how many
+    samples show the asked hue and shape."""
     from pixelflow_jax.checkpoint import CheckpointConfig
+    from pixelflow_jax.demo_data import SHAPES, agreement
     from pixelflow_jax.sample_run import image_grid, save_png_atomically
 
     ckpt = CheckpointConfig(model=model_cfg, num_train_timesteps=config.scheduler.num_train_timesteps,
                             num_stages=config.scheduler.num_stages, resolution=config.data.resolution)
     sampler = CascadeSampler(nnx.merge(graphdef, ema), ckpt)
-    labels = np.arange(config.train.preview_num_images) % model_cfg.num_classes
-    images = sampler.generate(labels, steps_per_stage=config.train.preview_steps_per_stage,
-                              cfg_scale=config.sample.cfg_scale, seed=config.seed)
-    result = {}
+    t, s, demo = config.train, config.sample, config.data.source == "demo"
+    options = dict(steps_per_stage=t.preview_steps_per_stage, cfg_scale=s.cfg_scale, seed=config.seed)
+    if text_encoder is None:  # class c is drawn in colour c and shape c mod 5 on the demo set
+        colours = np.arange(t.preview_num_images) % model_cfg.num_classes
+        shapes = colours % len(SHAPES)
+        images = sampler.generate(colours, **options)
+    else:
+        from pixelflow_jax.sample_conditioning import read_prompts
+        from pixelflow_jax.train_text import demo_preview_prompts
+
+        if demo:
+            prompts, colours, shapes = demo_preview_prompts(t.preview_num_images, config.data.demo_num_classes,
+                                                            config.seed)
+        else:
+            prompts = read_prompts(s)
+        images = sampler.generate_from_prompts(text_encoder, prompts, negative_prompt=s.negative_prompt, **options)
     if jax.process_index() == 0:
         grid = image_grid(images)
         save_png_atomically(storage.join(workdir, "previews", f"step_{step:07d}.png"), grid)
         log.image("preview", grid, step)
-    if config.data.source == "demo":
-        from pixelflow_jax.demo_data import classify
-
-        predicted = np.array([classify(image, config.data.demo_num_classes) for image in images])
-        result["preview_class_agreement"] = float((predicted == labels).mean())
-    return result
+    if not demo:
+        return {}
+    return {f"preview_{k}": v for k, v in agreement(images, colours, shapes, config.data.demo_num_classes).items()}
 
 
 def train(config, workdir: str) -> dict:
@@ -300,14 +327,23 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                            lock: WorkdirLock) -> dict:
     from pixelflow_jax.data import make_loader, to_global_batch
 
-    check_run_config(workdir, model_cfg, config)
+    text_encoder, frozen = None, ()
+    if model_cfg.cross_attention_dim:
+        from pixelflow_jax import train_text
+
+        text_encoder = train_text.load(config, workdir, model_cfg, mesh)
+        frozen = (text_encoder.params,)
+    check_run_config(workdir, model_cfg, config, text_encoder and {"path": text_encoder.recorded_path,
+                                                                   "max_text_tokens": text_encoder.max_tokens})
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
 
     tx = make_optimizer(step_cfg)
     graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh)
     train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
-                                 config.scheduler.num_train_timesteps, mesh, shardings)
+                                 config.scheduler.num_train_timesteps, mesh, shardings,
+                                 text=text_encoder and text_encoder.conditioning,
+                                 encoder_sharding=text_encoder and text_encoder.sharding)
 
     t = config.train
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
@@ -320,7 +356,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     start, state = resume_point(manager, state, shardings)
     check_resume(workdir, config, start)
     # One global batch per step: the data position is the step, whatever the number of processes.
-    loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start)
+    loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start,
+                         tokenizer=text_encoder and text_encoder.tokenizer)
     log = MetricsLog(workdir, start)
 
     preemption = PreemptionWatch()
@@ -331,8 +368,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     progress = Progress(t.num_steps, "training", "step", initial=start)
     try:
         for step in range(start + 1, t.num_steps + 1):
-            images, labels = to_global_batch(*next(loader), data_sharding)
-            state, metrics = train_step(state, images, labels)
+            images, conditioning = to_global_batch(*next(loader), data_sharding)
+            state, metrics = train_step(state, images, conditioning, *frozen)
             preempted = preemption.reached(step)
             preview_due = bool(t.preview_every) and step % t.preview_every == 0
             # Preview steps are logged too, so their class agreement has a record to go in.
@@ -354,7 +391,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                                       f"{manager.latest_step()}")
             if preview_due:
                 preview_start = time.perf_counter()
-                record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log))
+                record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log, text_encoder))
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 progress.write(log.write(record))

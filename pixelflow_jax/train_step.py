@@ -1,7 +1,8 @@
 """The training state and the jit-compiled flow-matching step (the release's train.py, on a mesh).
 
-One step: uint8 images -> [-1, 1]; label dropout; stage-mixed flow-matching inputs (flow.py); the
-model once per stage on dense arrays; per-sample-mean loss; gradients (optionally accumulated over
+One step: uint8 images -> [-1, 1]; label dropout (class-conditional), or, for text-conditional
+models, caption dropout to the empty prompt and the frozen T5 encoder on the batch's tokens;
+stage-mixed flow-matching inputs (flow.py); the model once per stage on dense arrays; per-sample-mean loss; gradients (optionally accumulated over
 micro-batches); global-norm clipping; AdamW; EMA. A step whose loss, gradient norm, new weights or
 new EMA are not all finite changes nothing but the counters: the parameters, optimiser state and
 EMA stay as they were.
@@ -14,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -35,8 +37,25 @@ class StepConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    label_dropout: float = 0.1
+    label_dropout: float = 0.1  # class-conditional: the null class
+    caption_dropout: float = 0.1  # text-conditional: the empty prompt "", the release's negative prompt
     grad_accum_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+    """What a text-conditional step needs besides its batch: the frozen encoder's graph (its
+    parameters are an argument of the step, sharded like the model's and never updated or saved)
+    and the tokens of the empty prompt that caption dropout substitutes."""
+
+    encoder_graphdef: Any
+    empty_tokens: np.ndarray  # (L,) int32: </s> then padding
+    empty_mask: np.ndarray  # (L,) int32
+
+    def encode(self, encoder_params, tokens: jax.Array, mask: jax.Array) -> dict:
+        """The model's keyword arguments for a batch of tokens (no gradient reaches the encoder)."""
+        encoder = nnx.merge(self.encoder_graphdef, jax.lax.stop_gradient(encoder_params))
+        return {"encoder_hidden_states": encoder(tokens, mask), "encoder_attention_mask": mask.astype(jnp.float32)}
 
 
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
@@ -70,41 +89,58 @@ def state_shardings(state, mesh):
 
 def _loss_and_stage_losses(graphdef, params, stages: list[flow.StageBatch]):
     model = nnx.merge(graphdef, params)
-    per_sample = [flow.per_sample_losses(model(sb.x_t, sb.timesteps, class_labels=sb.labels), sb.target)
+    per_sample = [flow.per_sample_losses(model(sb.x_t, sb.timesteps, **sb.conditioning), sb.target)
                   for sb in stages]
     return jnp.concatenate(per_sample).mean(), jnp.stack([l.mean() for l in per_sample])
 
 
+def dropped_conditioning(key, conditioning, model_cfg: ModelConfig, step_cfg: StepConfig,
+                         text: TextConditioning | None, encoder_params) -> dict:
+    """The model's keyword arguments after dropout: labels (B,) -> class_labels with the null class
+    at rate label_dropout; (tokens, mask) (B, L) -> T5 embeddings, the empty prompt at rate
+    caption_dropout (as the release's negative prompt, so guidance has its unconditional)."""
+    if text is None:
+        dropped = jax.random.bernoulli(key, step_cfg.label_dropout, conditioning.shape)
+        return {"class_labels": jnp.where(dropped, model_cfg.num_classes, conditioning)}
+    tokens, mask = conditioning
+    dropped = jax.random.bernoulli(key, step_cfg.caption_dropout, tokens.shape[:1])[:, None]
+    tokens = jnp.where(dropped, jnp.asarray(text.empty_tokens), tokens)
+    mask = jnp.where(dropped, jnp.asarray(text.empty_mask), mask)
+    return text.encode(encoder_params, tokens, mask)
+
+
 def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, tx, step_cfg: StepConfig,
-                    resolution: int, num_train_timesteps: int, mesh, state_sharding):
-    """The jitted step: (state, images uint8 (B, R, R, C), labels (B,)) -> (state, metrics)."""
+                    resolution: int, num_train_timesteps: int, mesh, state_sharding,
+                    text: TextConditioning | None = None, encoder_sharding=None):
+    """The jitted step: (state, images uint8 (B, R, R, C), conditioning) -> (state, metrics), with
+    conditioning = labels (B,) for class-conditional models; text-conditional models (`text` given)
+    take (state, images, (tokens, mask) int32 (B, L), encoder_params) and need encoder_sharding."""
     num_stages = tables.num_stages
     accum = step_cfg.grad_accum_steps
 
-    def micro_batch_grads(params, images, labels, key):
+    def micro_batch_grads(params, images, conditioning, key, encoder_params):
         draws_key, drop_key = jax.random.split(key)
         batch = images.shape[0]
         draws = flow.draw(draws_key, batch, resolution, model_cfg.in_channels, num_stages, num_train_timesteps)
-        dropped = jax.random.bernoulli(drop_key, step_cfg.label_dropout, labels.shape)
-        labels = jnp.where(dropped, model_cfg.num_classes, labels)
-        stages = flow.stage_batches(flow.images_to_unit_range(images), labels, draws, tables)
+        model_inputs = dropped_conditioning(drop_key, conditioning, model_cfg, step_cfg, text, encoder_params)
+        stages = flow.stage_batches(flow.images_to_unit_range(images), model_inputs, draws, tables)
         grad_fn = jax.value_and_grad(lambda p: _loss_and_stage_losses(graphdef, p, stages), has_aux=True)
         return grad_fn(params)
 
-    def step(state, images, labels):
+    def step(state, images, conditioning, encoder_params=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params = state["params"]
         if accum == 1:
-            (loss, stage_losses), grads = micro_batch_grads(params, images, labels, key)
+            (loss, stage_losses), grads = micro_batch_grads(params, images, conditioning, key, encoder_params)
         else:
             shape = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
 
             def accumulate(carry, micro):
-                (loss, stage_losses), grads = micro_batch_grads(params, *micro)
+                (loss, stage_losses), grads = micro_batch_grads(params, *micro, encoder_params)
                 return jax.tree.map(jnp.add, carry, (loss, stage_losses, grads)), None
 
             zero = (jnp.zeros(()), jnp.zeros((num_stages,)), jax.tree.map(jnp.zeros_like, params))
-            micro = (shape(images), shape(labels), jax.random.split(key, accum))
+            micro = (shape(images), jax.tree.map(shape, conditioning), jax.random.split(key, accum))
             (loss, stage_losses, grads), _ = jax.lax.scan(accumulate, zero, micro)
             loss, stage_losses, grads = jax.tree.map(lambda x: x / accum, (loss, stage_losses, grads))
 
@@ -132,14 +168,15 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
                    **{f"loss_stage{s}": stage_losses[s] for s in range(num_stages)}}
         return new_state, metrics
 
-    def step_on_mesh(state, images, labels):
+    def step_on_mesh(state, images, conditioning, *encoder_params):
         # Pallas attention kernels split batch and heads over the mesh in context (attention.py).
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, images, labels)
+            return step(state, images, conditioning, *encoder_params)
 
     data = batch_sharding(mesh)
-    return jax.jit(step_on_mesh, in_shardings=(state_sharding, data, data),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+    in_shardings = (state_sharding, data, data) + ((encoder_sharding,) if text else ())
+    return jax.jit(step_on_mesh, in_shardings=in_shardings, out_shardings=(state_sharding, replicated(mesh)),
+                   donate_argnums=(0,))
 
 
 def train_flops_per_image(model_cfg: ModelConfig, resolution: int, num_stages: int) -> float:

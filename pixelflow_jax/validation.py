@@ -85,6 +85,19 @@ def check_train(config) -> None:
         check_guidance(config)
 
 
+def check_text_training(config) -> None:
+    t, d = config.train, config.data
+    number("train.caption_dropout", t.caption_dropout, minimum=0, below=1)
+    integer("train.max_text_tokens", t.max_text_tokens, minimum=2)
+    choice("train.text_encoder_dtype", t.text_encoder_dtype, ("float32", "bfloat16"))
+    choice("data.missing_captions", d.missing_captions, ("error", "skip"))
+
+
+def choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"--config.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 def check_guidance(config) -> None:
     s = config.sample
     number("sample.cfg_scale", s.cfg_scale, minimum=1)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pixelflow_jax.data import (DataError, ImageFolderSource, ImageLoader, TfdsSource, build_dataset, make_source,
                                 to_global_batch)
-from pixelflow_jax.demo_data import DemoSource, classify, demo_image
+from pixelflow_jax.demo_data import SHAPES, DemoSource, classify, demo_image
 
 R = 32
 
@@ -187,10 +187,12 @@ def test_demo_set_is_deterministic_and_classifiable():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, demo_image(7, seed=6)[0])
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8
-    labels = [demo_image(i, seed=1)[1] for i in range(300)]
-    predictions = [classify(demo_image(i, seed=1)[0]) for i in range(300)]
-    assert predictions == labels  # the check reads every class back
-    assert classify(np.full((64, 64, 3), 128, np.uint8)) == -1  # no foreground, no class
+    for resolution in (64, 32):
+        drawn = [demo_image(i, seed=1, resolution=resolution) for i in range(150)]
+        readings = [classify(image) for image, _ in drawn]
+        assert [r.hue for r in readings] == [label for _, label in drawn]  # every hue read back
+        assert [r.shape for r in readings] == [label % len(SHAPES) for _, label in drawn]  # and every outline
+    assert classify(np.full((64, 64, 3), 128, np.uint8)) == (-1, -1)  # no foreground, no class
 
 
 def test_global_batch_is_sharded_over_the_mesh():
@@ -214,7 +216,8 @@ def test_make_loader_reads_the_configured_demo_set(tmp_path):
     loader = make_loader(config, batch_size=8)
     images, labels = next(loader)
     assert images.shape == (8, 64, 64, 3) and labels.dtype == np.int32
-    assert [classify(image) for image in images] == labels.tolist()  # crop+flip keep the class
+    assert [classify(image).hue for image in images] == labels.tolist()  # crop+flip keep the class
+    assert [classify(image).shape for image in images] == (labels % len(SHAPES)).tolist()  # and the outline
     config.data.source = "nonsense"
     with pytest.raises(DataError, match="unknown config.data.source 'nonsense'"):
         make_loader(config, batch_size=8)

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from conftest import REPO, free_port
 from pixelflow_jax import PixelFlowScheduler, load_model
@@ -43,7 +42,7 @@ def collate(golden):
     g = golden["c2i_tiny"]
     noise = tuple(g[f"collate_noise_loop{NUM_STAGES - 1 - s}"].transpose(0, 2, 3, 1) for s in range(NUM_STAGES))
     draws = Draws(g["collate_stage_indices"], g["collate_timestep_idx"], noise)
-    stages = stage_batches(g["collate_images"].transpose(0, 2, 3, 1), g["collate_labels"], draws,
+    stages = stage_batches(g["collate_images"].transpose(0, 2, 3, 1), {"class_labels": g["collate_labels"]}, draws,
                            StageTables.from_scheduler(PixelFlowScheduler()))
     return g, stages
 
@@ -52,15 +51,15 @@ def test_batch_construction_replays_the_release(collate):
     g, stages = collate
     assert relative_error(packed([s.x_t for s in stages]), g["collate_out_pixel_values"]) <= 1e-5
     assert relative_error(packed([s.target for s in stages]), g["collate_out_target_values"]) <= 1e-5
-    order = lambda key: np.concatenate([np.asarray(getattr(s, key)) for s in reversed(stages)])
-    np.testing.assert_allclose(order("timesteps"), g["collate_out_timesteps"], rtol=1e-6)
-    np.testing.assert_array_equal(order("labels"), g["collate_out_input_ids"])
+    order = lambda values: np.concatenate([np.asarray(v) for v in reversed(values)])
+    np.testing.assert_allclose(order([s.timesteps for s in stages]), g["collate_out_timesteps"], rtol=1e-6)
+    np.testing.assert_array_equal(order([s.conditioning["class_labels"] for s in stages]), g["collate_out_input_ids"])
 
 
 def test_training_forward_and_loss_replay_the_release(collate, converted):
     g, stages = collate
     model, _ = load_model(converted["c2i_tiny"])
-    outputs = [model(s.x_t, s.timesteps, class_labels=s.labels) for s in stages]
+    outputs = [model(s.x_t, s.timesteps, **s.conditioning) for s in stages]
     assert relative_error(packed(outputs), g["train_fwd_out"]) <= 1e-4
     loss = float(np.concatenate([per_sample_losses(o, s.target) for o, s in zip(outputs, stages)]).mean())
     assert abs(loss - float(g["train_loss"])) <= 1e-4 * float(g["train_loss"])
@@ -93,23 +92,6 @@ def single_device(converted):
 
 
 @pytest.mark.slow
-def test_eight_device_step_equals_single_device(converted, single_device):
-    assert jax.device_count() == 8
-    state_one, step_one = single_device
-    state_one = jax.tree.map(lambda x: x.copy(), state_one)  # the fixture's state stays usable
-    state_eight, step_eight = build(converted, mesh_of(jax.devices(), 2), lr=1e-3)
-    assert state_eight["params"]["transformer_blocks"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, None, "fsdp")
-    images, labels = demo_batch(0)
-    state_one, m_one = step_one(state_one, images, labels)
-    state_eight, m_eight = step_eight(state_eight, images, labels)
-    assert abs(float(m_one["loss"]) - float(m_eight["loss"])) <= 1e-5 * float(m_one["loss"])
-    assert abs(float(m_one["grad_norm"]) - float(m_eight["grad_norm"])) <= 1e-5 * float(m_one["grad_norm"])
-    one = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state_one["params"])])
-    eight = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state_eight["params"])])
-    assert relative_error(eight, one) <= 1e-5
-
-
-@pytest.mark.slow
 def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     state, step = single_device
     state = jax.tree.map(lambda x: x.copy(), state)
@@ -134,8 +116,8 @@ def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=True):
-    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=True, config="configs/c2i.py:tiny"):
+    command = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}",
                "--config.train.num_steps=40", "--config.train.checkpoint_every=10", *overrides]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if not compilation_cache:
@@ -158,27 +140,38 @@ def losses(workdir):
 
 
 @pytest.mark.slow
-def test_kill_9_in_a_bucket_and_resume_gives_the_uninterrupted_local_losses(tmp_path, bucket):
-    """The workdir in a bucket (a local GCS emulator): a run killed with kill -9 after its first
-    checkpoint resumes to exactly the losses of an uninterrupted run on the local disk, and
-    metrics.jsonl, rewritten whole in the store, holds each step once."""
+def test_text_run_killed_9_in_a_bucket_resumes_to_the_uninterrupted_losses_and_samples_without_flags(tmp_path, bucket):
+    """A text-to-image run on the captioned demo set (its T5 built by the run) with the workdir in a
+    bucket (a local GCS emulator): killed with kill -9 after its first checkpoint, it resumes to
+    exactly the losses of an uninterrupted run on the local disk; metrics.jsonl, rewritten whole in
+    the store, holds each step once; --mode=sample on the run finds its text encoder by itself."""
+    from pixelflow_jax import storage
     from pixelflow_jax.run_checkpoint import complete_steps
 
+    text = dict(config="configs/t2i.py:tiny")
     reference = str(tmp_path / "reference")
-    run_training(reference)
+    run_training(reference, "--config.train.num_steps=20", **text)
     interrupted = f"{bucket}/run"
-    process = run_training(interrupted, wait=False)
+    process = run_training(interrupted, "--config.train.num_steps=20", wait=False, **text)
     deadline = time.time() + 300
     while 10 not in complete_steps(interrupted) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert max(losses(interrupted)) < 40, "the run finished before it could be killed"
-    run_training(interrupted)
+    assert max(losses(interrupted)) < 20, "the run finished before it could be killed"
+    run_training(interrupted, "--config.train.num_steps=20", **text)
     expected, resumed = losses(reference), losses(interrupted)
-    assert [r["step"] for r in metrics_steps(interrupted)] == list(range(1, 41))
-    for step in range(1, 41):
+    assert [r["step"] for r in metrics_steps(interrupted)] == list(range(1, 21))
+    for step in range(1, 21):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+
+    sample = subprocess.run([sys.executable, "main.py", "--config=configs/t2i.py:tiny", f"--workdir={interrupted}",
+                             "--mode=sample", "--config.sample.prompts=('a red disk', 'a blue ring')"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    settings = storage.read_json(f"{interrupted}/samples/settings.json")
+    assert settings["text_encoder"] == f"{interrupted}/text_encoder" and settings["max_text_tokens"] == 16
+    assert {"000000.png", "000001.png"} <= set(storage.list_files(f"{interrupted}/samples"))
     assert not os.path.exists(os.path.join(REPO, "gs:")), "a URL was taken for a local folder"
 
 
@@ -188,7 +181,8 @@ def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm
     resume its step-3 checkpoint, with an EMA preview on FSDP-sharded weights at step 5; after step 6
     only process 1 gets SIGTERM, as a preemption may reach one host first: both must save the same
     step and exit. One process with 2 devices resumes that step to step 16, and every loss of the two segments
-    equals the uninterrupted run's. Covers per-process data rows, restoring with another process
+    equals the uninterrupted run's. Covers per-process data rows, meshes of 2 and 8 devices giving
+the same losses (the text step's test compares 8 devices with 1 directly), restoring with another process
     count, multi-process saving and sampling, and the preemption sync point."""
     from pixelflow_jax.run_checkpoint import complete_steps
 
@@ -225,7 +219,7 @@ def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm
     assert 6 <= stop < 16, "the run finished before the SIGTERM"
     assert max(complete_steps(str(two))) == stop and sorted(losses(two)) == list(range(4, stop + 1))
     with open(two / "metrics.jsonl") as f:
-        assert "preview_class_agreement" in {r["step"]: r for r in map(json.loads, f)}[5]
+        assert {"preview_hue_agreement", "preview_shape_agreement"} <= {r["step"]: r for r in map(json.loads, f)}[5]
     assert os.listdir(two / "previews") == ["step_0000005.png"]
 
     # On 2 devices (data 1 x fsdp 2): a third process count, and a quick compile. Without the
@@ -243,7 +237,7 @@ def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm
     ("--config.train.lr=-1", "--config.train.lr must be > 0, got -1"),
     ("--config.train.lr=nan", "--config.train.lr must be a finite number, got nan"),
     ("--config.model.num_classes=1000", "must equal data.demo_num_classes"),
-    ("--config.scheduler.num_stages=2 --config.train.preview_every=2", "set sample.cfg_scale=1 or train.preview_every=0"),
+    ("--config.scheduler.num_stages=2 --config.train.preview_every=2", "set sample.cfg_scale=1; or set train.preview_every=0"),
 ])
 def test_bad_training_config_fails_clearly(tmp_path, override, message):
     process = run_training(str(tmp_path / "run"), *override.split(), wait=False)

@@ -1,0 +1,75 @@
+"""Packs a captioned image folder (NAME.jpg + NAME.txt, as img2dataset writes) into ArrayRecord
+shards for text-to-image training (config.data.source='array_record'):
+
+    python -m pixelflow_jax.pack_captions --folder=DIR --output=gs://BUCKET/shards [--records_per_shard=5000]
+
+Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text}. Images are
+not re-encoded, so packing is I/O bound. Shards are named captions-00003-of-00012.array_record and
+each appears whole (written locally, then renamed or uploaded); an output folder that already
+holds shards is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from pixelflow_jax import storage
+from pixelflow_jax.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
+                                        encode_record)
+from pixelflow_jax.progress import Progress
+
+
+def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captions: str = "error") -> dict:
+    """Writes the shards; returns counts {"records", "shards", "skipped_captions"}."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if records_per_shard < 1:
+        raise ValueError(f"--records_per_shard must be positive, got {records_per_shard}")
+    storage.check_supported(output)
+    existing = [name for name in storage.list_files(output) if name.endswith(RECORD_EXTENSION)]
+    if existing:
+        raise ValueError(f"{output} already holds {len(existing)} shards (e.g. {existing[0]}); pack into an empty "
+                         "folder, or delete the old shards first")
+    source = CaptionedFolderSource(folder, missing_captions)
+    records, skipped = [], 0
+    for image_path, caption_path in source.records:  # captions first: a bad one is known before any shard
+        try:
+            records.append((image_path, decode_caption(storage.read_bytes(caption_path))))
+        except CaptionError as e:
+            print(f"skipping {image_path}: {e}", flush=True)
+            skipped += 1
+    num_shards = max(1, -(-len(records) // records_per_shard))
+    storage.makedirs(output)
+    progress = Progress(len(records), "packing", "image")
+    with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
+        for shard in range(num_shards):
+            name = f"captions-{shard:05d}-of-{num_shards:05d}{RECORD_EXTENSION}"
+            local = os.path.join(scratch, name)
+            writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
+            for image_path, caption in records[shard * records_per_shard:(shard + 1) * records_per_shard]:
+                writer.write(encode_record(storage.read_bytes(image_path), caption))
+                progress.update()
+            writer.close()
+            storage.upload_file_atomically(local, storage.join(output, name))
+            os.remove(local)
+    progress.close()
+    return {"records": len(records), "shards": num_shards, "skipped_captions": skipped,
+            "missing_captions": source.missing_captions}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", required=True, help="captioned image folder (local or gs://)")
+    parser.add_argument("--output", required=True, help="folder for the shards (local or gs://)")
+    parser.add_argument("--records_per_shard", type=int, default=5000)
+    parser.add_argument("--missing_captions", choices=("error", "skip"), default="error")
+    args = parser.parse_args()
+    counts = pack(args.folder, args.output, args.records_per_shard, args.missing_captions)
+    print(f"wrote {counts['records']} records in {counts['shards']} shards to {args.output}; skipped "
+          f"{counts['skipped_captions']} unusable captions and {counts['missing_captions']} images without one")
+
+
+if __name__ == "__main__":
+    main()

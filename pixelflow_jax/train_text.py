@@ -1,0 +1,119 @@
+"""The frozen text encoder of a text-to-image training run.
+
+    train.text_encoder     a Hugging Face T5 folder (local, gs://) or hf://google/flan-t5-xl; empty
+                           on the captioned demo set: the run builds its own small encoder into
+                           WORKDIR/text_encoder (demo_text_encoder.py)
+    train.max_text_tokens  captions are padded / truncated to this many tokens (the release: 512).
+                           The encoder and every cross-attention cost grow with it: 77 or 128 cover
+                           most captions at a fraction of the cost; truncations are counted.
+    train.text_encoder_dtype  the encoder's parameter dtype ('bfloat16' halves flan-t5-xl's 4.8 GB)
+
+The encoder's parameters are sharded over the mesh like the model's (FSDP) and passed to the
+jitted step, which runs the encoder on the batch's tokens; they are never updated nor saved in
+checkpoints. run_config.json records the encoder (relative to the run when it lives inside it),
+so --mode=sample and --mode=demo on the run find it without a flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelflow_jax import demo_text_encoder, storage
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.sharding import param_shardings
+from pixelflow_jax.train_step import TextConditioning
+
+
+@dataclasses.dataclass
+class TrainingTextEncoder:
+    recorded_path: str  # what run_config.json says (relative to the run for its own encoder)
+    max_tokens: int
+    tokenizer: object  # text.T5Tokenizer (picklable for the loader's workers)
+    conditioning: TextConditioning
+    params: dict  # sharded like the model's parameters
+    sharding: dict
+
+    def encode(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
+        """(embeddings, mask float32) of prompts: text.PromptEncoder's interface, for previews."""
+        tokens, mask = self.tokenizer(prompts)
+        kwargs = self.conditioning.encode(self.params, jnp.asarray(tokens), jnp.asarray(mask))
+        return kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"]
+
+
+def encoder_path(config, workdir: str) -> str:
+    """The text encoder a run trains with, as run_config.json records it."""
+    if config.train.text_encoder:
+        path = str(config.train.text_encoder)
+        from pixelflow_jax import hub
+
+        return path if hub.is_hub_path(path) else storage.absolute(path)
+    if config.data.source != "demo":
+        raise ValueError("a text-conditional model trains with a frozen T5 encoder: set --config.train.text_encoder "
+                         "to a Hugging Face T5 folder (local or gs://) or hf://google/flan-t5-xl")
+    return demo_text_encoder.FOLDER_NAME
+
+
+def folder_of(run: str, recorded_path: str) -> str:
+    """The encoder folder a run's record names (a relative record lives inside the run)."""
+    from pixelflow_jax import hub
+
+    if hub.is_hub_path(recorded_path) or storage.is_url(recorded_path) or recorded_path.startswith("/"):
+        return recorded_path
+    return storage.join(storage.absolute(run), recorded_path)
+
+
+def build_demo_encoder(config, model_cfg: ModelConfig, folder: str) -> None:
+    """Process 0 builds the demo's encoder (once per run); every process waits for it."""
+    from jax.experimental import multihost_utils
+
+    from pixelflow_jax.demo_data import CaptionedDemoSource
+
+    if jax.process_index() == 0 and not demo_text_encoder.is_built(folder):
+        d = config.data
+        captions = CaptionedDemoSource(d.demo_num_images, seed=d.demo_seed, num_classes=d.demo_num_classes,
+                                       resolution=d.resolution).captions(demo_text_encoder.CAPTIONS_FOR_TOKENIZER)
+        demo_text_encoder.build(folder, captions, d_model=model_cfg.cross_attention_dim, seed=config.seed)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("pixelflow demo text encoder built")
+
+
+def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEncoder:
+    """The run's encoder, checked against the model's cross-attention width before any step."""
+    from pixelflow_jax.t5_convert import load_t5_encoder, read_t5_config
+    from pixelflow_jax.text import T5Tokenizer, local_t5_folder
+
+    t = config.train
+    recorded = encoder_path(config, workdir)
+    folder = folder_of(workdir, recorded)
+    if recorded == demo_text_encoder.FOLDER_NAME:
+        build_demo_encoder(config, model_cfg, folder)
+    local = local_t5_folder(folder)
+    width = read_t5_config(local).d_model
+    if width != model_cfg.cross_attention_dim:
+        raise ValueError(f"the text encoder {recorded} gives {width}-wide embeddings but model.cross_attention_dim "
+                         f"is {model_cfg.cross_attention_dim}: set --config.model.cross_attention_dim={width} "
+                         "(a new --workdir) or use another encoder")
+    tokenizer = T5Tokenizer(local, int(t.max_text_tokens))
+    encoder = load_t5_encoder(local, dtype=model_cfg.dtype, param_dtype=t.text_encoder_dtype)
+    graphdef = nnx.graphdef(encoder)
+    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    sharding = param_shardings(params, mesh)
+    empty_tokens, empty_mask = (np.asarray(a[0]) for a in tokenizer([""]))
+    return TrainingTextEncoder(recorded, int(t.max_text_tokens), tokenizer,
+                               TextConditioning(graphdef, empty_tokens, empty_mask),
+                               jax.device_put(params, sharding), sharding)
+
+
+def demo_preview_prompts(count: int, num_colours: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(prompts, colours, shapes) for previews of the captioned demo: every (colour, shape) pair
+    once, in a seeded order, before any repeats; in the training set's first wording."""
+    from pixelflow_jax.demo_data import SHAPES, caption_of
+
+    pairs = np.random.default_rng([seed, 7]).permutation(num_colours * len(SHAPES))[np.arange(count) % (num_colours * len(SHAPES))]
+    colours, shapes = pairs // len(SHAPES), pairs % len(SHAPES)
+    return [caption_of(c, s, num_colours) for c, s in zip(colours, shapes)], colours, shapes

@@ -1,0 +1,313 @@
+"""Text-to-image training: captioned sources and their bad input, ArrayRecord packing, the demo
+captions, and the text-conditional step (frozen T5, caption dropout) against float64 and across
+meshes."""
+
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from pixelflow_jax import PixelFlowScheduler, load_model
+from pixelflow_jax import demo_text_encoder
+from pixelflow_jax.caption_data import CaptionedFolderSource, CaptionRecordSource
+from pixelflow_jax.data import DataError, ImageLoader, build_dataset
+from pixelflow_jax.demo_data import SHAPES, CaptionedDemoSource, captioned_demo_image, classify, colour_name
+from pixelflow_jax.flow import Draws, StageTables, draw, stage_batches
+from pixelflow_jax.t5_convert import load_t5_encoder
+from pixelflow_jax.text import T5Tokenizer
+from pixelflow_jax.train_step import (StepConfig, TextConditioning, _loss_and_stage_losses, dropped_conditioning,
+                                      init_state, make_optimizer, make_train_step, state_shardings)
+from test_model_parity import relative_error
+from test_train import mesh_of
+
+R, TOKENS = 32, 16
+
+
+@pytest.fixture(scope="module")
+def encoder_folder(tmp_path_factory):
+    """A demo-built T5 (random weights, tokenizer trained on demo captions) as wide as the t2i
+    fixture's cross-attention (20)."""
+    folder = str(tmp_path_factory.mktemp("demo_t5"))
+    demo_text_encoder.build(folder, CaptionedDemoSource(500).captions(500), d_model=20)
+    return folder
+
+
+def write_image(path, index):
+    Image.fromarray(captioned_demo_image(index, resolution=40).image).save(path)
+
+
+@pytest.fixture
+def captioned_folder(tmp_path):
+    """img2dataset's layout (shard folders of NAME.jpg + NAME.txt): 8 good records, a caption that
+    is not UTF-8, an empty one, one far over 16 tokens, and an image without a caption."""
+    root = tmp_path / "captioned"
+    captions = {}
+    for i in range(12):
+        folder = root / f"{i // 6:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_image(folder / f"{i:09d}.png", i)
+        caption = captioned_demo_image(i).caption.encode()
+        if i == 2:
+            caption = b"\xff\xfe a red disk"  # not UTF-8
+        elif i == 5:
+            caption = b"  \n"  # empty
+        elif i == 8:
+            caption = b"a red disk " * 20  # 60 words: truncated to 16 tokens
+        if i != 10:  # no caption file
+            (folder / f"{i:09d}.txt").write_bytes(caption)
+            captions[str(folder / f"{i:09d}.png")] = caption
+    return str(root), captions
+
+
+def test_captioned_folder_names_missing_captions_or_skips_and_counts_them(captioned_folder):
+    root, _ = captioned_folder
+    with pytest.raises(DataError, match=r"1 of 12 images .* no caption file .*000000010.png.*missing_captions=skip"):
+        CaptionedFolderSource(root)
+    source = CaptionedFolderSource(root, missing_captions="skip")
+    assert len(source) == 11 and source.missing_captions == 1
+    with pytest.raises(DataError, match="does not exist"):
+        CaptionedFolderSource(root + "/nothing")
+
+
+def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(captioned_folder, encoder_folder):
+    root, captions = captioned_folder
+    tokenizer = T5Tokenizer(encoder_folder, TOKENS)
+    source = CaptionedFolderSource(root, missing_captions="skip")
+    # One epoch in one batch of 11: records 2 (not UTF-8) and 5 (empty) are replaced by the next ones.
+    loader = ImageLoader(build_dataset(source, batch_size=11, resolution=R, seed=0, tokenizer=tokenizer, num_workers=2))
+    images, (tokens, mask) = next(loader)
+    loader.close()
+    assert images.shape == (11, R, R, 3) and tokens.shape == mask.shape == (11, TOKENS)
+    assert loader.skipped == 2 and loader.truncated == 1
+    usable = [c.decode() for c in captions.values() if c.strip() and not c.startswith(b"\xff")]
+    expected = {tuple(row) for row in tokenizer(usable)[0]}
+    assert {tuple(row) for row in tokens} == expected  # every usable caption, and only those
+    assert (mask.sum(axis=1) == TOKENS).sum() >= 1  # the long caption fills every position
+
+
+def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(captioned_folder, tmp_path, bucket):
+    from pixelflow_jax import storage
+    from pixelflow_jax.pack_captions import pack
+
+    root, captions = captioned_folder
+    expected = sorted((open(path, "rb").read(), caption.decode().strip()) for path, caption in captions.items()
+                      if caption.strip() and not caption.startswith(b"\xff"))
+    for output in (str(tmp_path / "shards"), f"{bucket}/shards"):
+        counts = pack(root, output, records_per_shard=3, missing_captions="skip")
+        assert counts == {"records": 9, "shards": 3, "skipped_captions": 2, "missing_captions": 1}
+        assert len([n for n in storage.list_files(output) if n.endswith(".array_record")]) == 3
+        source = CaptionRecordSource(output, cache_dir=str(tmp_path / "cache"))
+        assert sorted((bytes(source[i]["image"]), source[i]["caption"]) for i in range(len(source))) == expected
+        with pytest.raises(ValueError, match="already holds 3 shards"):
+            pack(root, output)  # nothing is overwritten
+
+
+def test_demo_captions_name_what_the_image_shows_with_independent_colour_and_shape():
+    drawn = [captioned_demo_image(i, seed=2) for i in range(500)]
+    assert len({(d.colour, d.shape) for d in drawn}) == 50  # every combination occurs
+    assert len({d.caption.split()[0] for d in drawn}) >= 3  # several wordings
+    for d in drawn[:100]:
+        assert colour_name(d.colour, 10) in d.caption and SHAPES[d.shape] in d.caption
+        assert tuple(classify(d.image)) == (d.colour, d.shape)
+    counts = np.bincount([d.colour * 5 + d.shape for d in drawn], minlength=50)
+    assert counts.min() >= 3  # not tied to each other (a class set would give 10 pairs)
+
+
+# ----------------------------------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def text_setup(converted, encoder_folder):
+    """The t2i fixture's model with a text step's pieces: tokenizer, encoder, captions of a batch."""
+    model, config = load_model(converted["t2i_tiny"])
+    tokenizer = T5Tokenizer(encoder_folder, TOKENS)
+    encoder = load_t5_encoder(encoder_folder)
+    empty = [np.asarray(a[0]) for a in tokenizer([""])]
+    text = TextConditioning(nnx.graphdef(encoder), *empty)
+    drawn = [captioned_demo_image(i, resolution=64) for i in range(8)]
+    images = np.stack([d.image for d in drawn])
+    tokens, mask = tokenizer([d.caption for d in drawn])
+    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    return model, config, text, params, images, (tokens, mask), tokenizer
+
+
+def test_caption_dropout_substitutes_the_empty_prompt_at_its_rate(text_setup):
+    model, config, text, params, _, _, tokenizer = text_setup
+    captions = [captioned_demo_image(i).caption for i in range(400)]
+    tokens, mask = tokenizer(captions)
+    kwargs = dropped_conditioning(jax.random.key(1), (tokens, mask), config.model, StepConfig(caption_dropout=0.3),
+                                  text, params)
+    kept = text.encode(params, tokens, mask)
+    empty = text.encode(params, *tokenizer([""]))
+    hidden = np.asarray(kwargs["encoder_hidden_states"])
+    is_empty = np.all(np.isclose(hidden, np.asarray(empty["encoder_hidden_states"])), axis=(1, 2))
+    is_kept = np.all(np.isclose(hidden, np.asarray(kept["encoder_hidden_states"])), axis=(1, 2))
+    assert np.all(is_empty ^ is_kept)
+    assert 0.24 <= is_empty.mean() <= 0.36  # 0.3 of 400, within 2.6 sigma
+    np.testing.assert_array_equal(np.asarray(kwargs["encoder_attention_mask"])[is_empty].sum(axis=1), 1)  # "</s>"
+
+
+def reference_stage_inputs(images, draws, scheduler):
+    """The stage-mixed inputs written again in float64 numpy: box means down to each stage, the
+    half-resolution start upsampled by repetition, and the scheduler's end/start mixing."""
+    x = np.asarray(images, np.float64) / 127.5 - 1.0
+    stage_of = np.asarray(draws.stage_of_image)
+    k = np.asarray(draws.timestep_index)
+    s_count = scheduler.num_stages
+    out = []
+    for s in range(s_count):
+        members = np.flatnonzero(stage_of == s)
+        size = x.shape[1] >> (s_count - 1 - s)
+        box = lambda a, n: a.reshape(a.shape[0], n, a.shape[1] // n, n, a.shape[2] // n, 3).mean(axis=(2, 4))
+        x_end = box(x[members], size)
+        x_start = box(x_end, size // 2).repeat(2, axis=1).repeat(2, axis=2)
+        noise = np.asarray(draws.noise[s], np.float64)
+        x_end = scheduler.end_t[s] * x_end + (1 - scheduler.end_t[s]) * noise
+        x_start = scheduler.start_t[s] * x_start + (1 - scheduler.start_t[s]) * noise
+        t = np.asarray(scheduler.t_window_per_stage[s], np.float64)[k[members]][:, None, None, None]
+        out.append((members, t * x_end + (1 - t) * x_start, x_end - x_start,
+                    np.asarray(scheduler.timesteps_per_stage[s], np.float64)[k[members]]))
+    return out
+
+
+def reference_velocity(p, x, t, text, text_mask, heads, patch):
+    """The text-conditional PixelFlow forward written again, functionally and in float64, from the
+    parameter dict: patch tokens, timestep + latent-size embeddings, adaLN blocks (q/k RMSNorm, 2D
+    RoPE; cross-attention on the RMS-normed stream with the text mask), final modulation."""
+    lin = lambda q, a: a @ q["kernel"] + q.get("bias", 0.0)
+    silu = lambda a: a / (1 + jnp.exp(-a))
+    rms = lambda a, w: a / jnp.sqrt(jnp.mean(a**2, -1, keepdims=True) + 1e-6) * w
+    ln = lambda a: (a - a.mean(-1, keepdims=True)) / jnp.sqrt(a.var(-1, keepdims=True) + 1e-6)
+    gelu = lambda a: 0.5 * a * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3)))
+    b, r, _, c = x.shape
+    g = r // patch
+    h = lin(p["patch_embed"]["proj"], x.reshape(b, g, patch, g, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1))
+
+    def embed(q, values):
+        freqs = jnp.exp(-np.log(10000.0) * jnp.arange(128) / 127.0)
+        angles = values[:, None] * freqs[None]
+        return lin(q["linear_2"], silu(lin(q["linear_1"], jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1))))
+
+    cond = embed(p["timestep_embedder"], t) + embed(p["latent_size_embedder"], jnp.full((1,), float(g)))
+    head_dim = h.shape[-1] // heads
+    freqs = 1.0 / 10000.0 ** (np.arange(0, head_dim // 2, 2) / (head_dim // 2))
+    rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+    angle = np.concatenate([np.repeat(np.outer(a.ravel(), freqs), 2, axis=1) for a in (cols, rows)], axis=1)
+
+    def rope(a):
+        pairs = a.reshape(*a.shape[:-1], -1, 2)
+        turned = jnp.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(a.shape)
+        return a * np.cos(angle)[None, :, None] + turned * np.sin(angle)[None, :, None]
+
+    def attend(q, queries, keys, mask, rotate_keys):
+        split = lambda a: a.reshape(*a.shape[:2], heads, head_dim)
+        qs = rope(split(rms(lin(q["q_proj"], queries), q["q_norm"]["weight"])))
+        ks = split(rms(lin(q["k_proj"], keys), q["k_norm"]["weight"]))
+        ks = rope(ks) if rotate_keys else ks
+        logits = jnp.einsum("bqhd,bkhd->bhqk", qs, ks) / np.sqrt(head_dim)
+        if mask is not None:
+            logits = jnp.where(mask[:, None, None, :] > 0, logits, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, split(lin(q["v_proj"], keys)))
+        return lin(q["o_proj"], out.reshape(*out.shape[:2], -1))
+
+    depth = p["transformer_blocks"]["norm3"]["weight"].shape[0]
+    for layer in range(depth):
+        blk = jax.tree.map(lambda a: a[layer], p["transformer_blocks"])
+        mods = jnp.split(lin(blk["norm1"]["linear"], silu(cond))[:, None], 6, axis=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        modulated = ln(h) * (1 + scale_msa) + shift_msa
+        h = h + gate_msa * attend(blk["attn1"], modulated, modulated, None, True)
+        h = h + attend(blk["attn2"], rms(h, blk["norm2"]["weight"]), text, text_mask, False)
+        mlp_in = rms(h, blk["norm3"]["weight"]) * (1 + scale_mlp) + shift_mlp
+        h = h + gate_mlp * lin(blk["mlp"]["fc2"], gelu(lin(blk["mlp"]["fc1"], mlp_in)))
+    shift, scale = jnp.split(lin(p["proj_out_1"], silu(cond))[:, None], 2, axis=-1)
+    out = lin(p["proj_out_2"], ln(h) * (1 + scale) + shift)
+    return out.reshape(b, g, g, patch, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, r, r, c)
+
+
+@pytest.mark.slow
+def test_text_loss_and_gradient_equal_a_float64_computation(text_setup):
+    """The step's float32 loss and gradient (stage inputs from flow.py, the NNX model, T5 embeddings
+    of the captions) vs everything written again in float64: stage inputs in numpy, the forward
+    functionally (reference_velocity), the gradient by float64 autodiff of that."""
+    model, config, text, encoder_params, images, (tokens, mask), _ = text_setup
+    scheduler = PixelFlowScheduler(1000, 4)
+    draws = draw(jax.random.key(3), 8, 64, 3, 4, 1000)
+    kwargs = text.encode(encoder_params, tokens, mask)
+    graphdef = nnx.graphdef(model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    @jax.jit
+    def loss_and_grads32(p):
+        stages = stage_batches(jnp.asarray(images, jnp.float32) / 127.5 - 1, kwargs, draws,
+                               StageTables.from_scheduler(scheduler))
+        return jax.value_and_grad(lambda p: _loss_and_stage_losses(graphdef, p, stages), has_aux=True)(p)
+
+    (loss32, _), grads32 = loss_and_grads32(params)
+    hidden = np.asarray(kwargs["encoder_hidden_states"], np.float64)
+    heads = config.model.num_attention_heads
+    with jax.enable_x64(True):
+        def loss64(p):
+            per_sample = [jnp.mean((reference_velocity(p, x_t, t, hidden[idx], mask[idx], heads, 4) - target) ** 2,
+                                   axis=(1, 2, 3))
+                          for idx, x_t, target, t in reference_stage_inputs(images, draws, scheduler)]
+            return jnp.concatenate(per_sample).mean()
+
+        loss_ref, grads_ref = jax.jit(jax.value_and_grad(loss64))(jax.tree.map(lambda a: np.asarray(a, np.float64), params))
+        assert abs(float(loss32) - float(loss_ref)) <= 1e-5 * float(loss_ref)
+        flat = lambda tree: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
+        assert relative_error(flat(grads32), flat(grads_ref)) <= 1e-4
+        for name in ("attn2", "norm2"):  # the text path gets its share of the gradient
+            assert np.abs(flat(grads_ref["transformer_blocks"][name])).max() > 0
+
+
+def build_text_step(model, config, text, encoder_params, mesh):
+    step_cfg = StepConfig(lr=1e-3, caption_dropout=0.25)
+    tx = make_optimizer(step_cfg)
+    state = init_state(model, tx, seed=0)
+    shardings = state_shardings(state, mesh)
+    from pixelflow_jax.sharding import param_shardings
+
+    encoder_sharding = param_shardings(encoder_params, mesh)
+    step = make_train_step(config.model, nnx.graphdef(model), StageTables.from_scheduler(PixelFlowScheduler()), tx,
+                           step_cfg, 64, 1000, mesh, shardings, text=text, encoder_sharding=encoder_sharding)
+    return jax.device_put(state, shardings), jax.device_put(encoder_params, encoder_sharding), step
+
+
+@pytest.mark.slow
+def test_text_step_on_eight_devices_equals_one_device_and_leaves_the_encoder_frozen(text_setup):
+    model, config, text, encoder_params, images, conditioning, _ = text_setup
+    results = []
+    for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 2)):
+        state, encoder, step = build_text_step(model, config, text, encoder_params, mesh_of(devices, fsdp))
+        before = jax.tree.map(np.asarray, encoder)
+        for _ in range(2):
+            state, metrics = step(state, images, conditioning, encoder)
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(encoder)):
+            np.testing.assert_array_equal(a, np.asarray(b))  # frozen, and not donated
+        if fsdp == 2:
+            assert encoder["blocks"]["wi_0"]["kernel"].sharding.spec == P(None, None, "fsdp")
+        results.append((float(metrics["loss"]), np.concatenate([np.ravel(a) for a in jax.tree.leaves(state["params"])])))
+    (loss_one, params_one), (loss_eight, params_eight) = results
+    assert abs(loss_one - loss_eight) <= 1e-5 * loss_one
+    assert relative_error(params_eight, params_one) <= 1e-5
+
+
+def test_encoder_of_another_width_is_refused_before_training(tmp_path, encoder_folder):
+    import configs.t2i as t2i
+    from pixelflow_jax.train import train
+
+    config = t2i.get_config("tiny")
+    config.model.cross_attention_dim = 24
+    config.train.batch_size = 32  # 4 stages x 8 devices
+    config.train.text_encoder = encoder_folder
+    with pytest.raises(ValueError, match=r"gives 20-wide embeddings but model.cross_attention_dim is 24"):
+        train(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
