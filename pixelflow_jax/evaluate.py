@@ -14,6 +14,7 @@ evaluation of the same files reads the cache. Results: printed and WORKDIR/eval.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -32,41 +33,38 @@ from pixelflow_jax.sharding import replicate_on_local_devices
 FEATURES = ("pool", "spatial", "logits")
 
 
+@contextlib.contextmanager
 def _open_images(path: str):
-    """(archive, arr_0 member positioned at its data, shape, dtype) of an .npz of images."""
-    try:
-        archive = zipfile.ZipFile(storage.open_file(path, "rb") if storage.is_url(path) else path)
-        member = archive.open("arr_0.npy")
-    except (OSError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
-    version = np.lib.format.read_magic(member)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(member)
-    problem = None
-    if len(shape) != 4 or shape[-1] != 3 or fortran:
-        problem = f"arr_0 must be images (N, H, W, 3), got shape {shape}"
-    elif dtype != np.uint8:
-        problem = (f"arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got {dtype}; "
-                   "convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)")
-    elif shape[0] < 2:
-        problem = f"needs at least 2 images for the statistics, got {shape[0]}"
-    if problem:
-        member.close()
-        archive.close()
-        raise ValueError(f"{path}: {problem}")
-    return archive, member, shape, dtype
+    """(arr_0 member positioned at its data, shape, dtype) of an .npz of images; closes the
+    member, the archive and, for a URL, the downloaded stream when done."""
+    with contextlib.ExitStack() as opened:
+        try:
+            source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
+            archive = opened.enter_context(zipfile.ZipFile(source))
+            member = opened.enter_context(archive.open("arr_0.npy"))
+        except (OSError, zipfile.BadZipFile, KeyError) as e:
+            raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(member)
+        if len(shape) != 4 or shape[-1] != 3 or fortran:
+            raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
+        if dtype != np.uint8:
+            raise ValueError(f"{path}: arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got "
+                             f"{dtype}; convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)")
+        if shape[0] < 2:
+            raise ValueError(f"{path}: needs at least 2 images for the statistics, got {shape[0]}")
+        yield member, shape, dtype
 
 
 def npz_image_count(path: str) -> int:
-    archive, member, shape, _ = _open_images(path)
-    with archive, member:
+    with _open_images(path) as (_, shape, _):
         return shape[0]
 
 
 def npz_batches(path: str, batch_size: int):
     """Yields arr_0 of an (uncompressed or compressed) .npz in row batches, never all at once."""
-    archive, member, shape, dtype = _open_images(path)
-    with archive, member:
+    with _open_images(path) as (member, shape, dtype):
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)

@@ -19,14 +19,16 @@ from pixelflow_jax import storage
 
 SETTINGS_FILE = "train_settings.json"
 CHANGES_FILE = "settings_changes.jsonl"
-TRAIN_FIELDS = ("batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "label_dropout", "grad_accum_steps")
-DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed")
+TRAIN_FIELDS = ("batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "label_dropout", "grad_accum_steps",
+                "caption_dropout", "max_text_tokens")  # the last two: text configs only
+DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
+               "missing_captions")
 
 
 def resume_settings(config) -> dict:
     values = {"seed": config.seed}
-    values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS})
-    values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS})
+    values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
+    values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS if name in config.data})
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
 
 

@@ -65,6 +65,10 @@ def _epath(path: str):
         raise StorageError(f"{path}: reading {scheme(path)}:// needs gcsfs: pip install gcsfs ({e})") from None
 
 
+CHECK_ACCESS = ("check the network, that the bucket exists, and the credentials: `gcloud auth application-default "
+                "login` or a service account")
+
+
 def _remote(path: str, action):
     """action(epath.Path) for a URL; any failure other than a missing file becomes one StorageError
     naming the path, the cause and what to check."""
@@ -75,9 +79,7 @@ def _remote(path: str, action):
         raise
     except Exception as e:  # gcsfs, google-auth and aiohttp raise many types for the same few causes
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise StorageError(f"{path}: {type(e).__name__}: {cause} (check the network, that the bucket exists, and "
-                           "the credentials: `gcloud auth application-default login` or a service account)") \
-            from None
+        raise StorageError(f"{path}: {type(e).__name__}: {cause} ({CHECK_ACCESS})") from None
 
 
 def absolute(path: str) -> str:
@@ -289,8 +291,7 @@ def check_writable(folder: str) -> None:
         raise
     except Exception as e:  # gcsfs / google-auth / OS errors: one message with the cause
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (" (check that the bucket exists, that credentials are set up: `gcloud auth application-default "
-                "login` or a service account, and that they may write there)") if is_url(folder) else ""
+        hint = f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else ""
         raise StorageError(f"cannot write to {folder}: {type(e).__name__}: {cause}{hint}") from None
 
 

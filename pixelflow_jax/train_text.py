@@ -19,13 +19,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pixelflow_jax import demo_text_encoder, storage
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.sharding import param_shardings
+from pixelflow_jax.sharding import param_shardings, replicated
 from pixelflow_jax.train_step import TextConditioning
 
 
@@ -37,11 +36,17 @@ class TrainingTextEncoder:
     conditioning: TextConditioning
     params: dict  # sharded like the model's parameters
     sharding: dict
+    _encode: object = dataclasses.field(default=None, repr=False)
 
     def encode(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
         """(embeddings, mask float32) of prompts: text.PromptEncoder's interface, for previews."""
-        tokens, mask = self.tokenizer(prompts)
-        kwargs = self.conditioning.encode(self.params, jnp.asarray(tokens), jnp.asarray(mask))
+        mesh = jax.tree.leaves(self.sharding)[0].mesh
+        # Every process tokenizes the same prompts: global arrays replicated over the encoder's mesh.
+        to_global = lambda a: jax.make_array_from_callback(a.shape, replicated(mesh), lambda index: a[index])
+        tokens, mask = (to_global(a) for a in self.tokenizer(prompts))
+        if self._encode is None:  # compiled once; outputs replicated, so every process can read them
+            self._encode = jax.jit(self.conditioning.encode, out_shardings=replicated(mesh))
+        kwargs = self._encode(self.params, tokens, mask)
         return kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"]
 
 

@@ -112,6 +112,8 @@ def check_sample(config) -> None:
     steps_per_stage("sample.steps_per_stage", s.steps_per_stage)
     if "prompts" not in s:  # text configs count images by prompts (sample_conditioning.py)
         integer("sample.num_images", s.num_images, minimum=1)
+    else:  # 0: the training run's length, or the release's 512 (api.fill_text_encoder)
+        integer("sample.max_text_tokens", s.max_text_tokens, minimum=0)
     for label in s.labels:  # the range needs the checkpoint's class count: sample_conditioning.py
         integer("sample.labels", label, minimum=0)
 
