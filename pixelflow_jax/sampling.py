@@ -5,9 +5,9 @@ x2 and renoises, x <- alpha * x + beta * block_noise, then integrates the flow f
 end time. Each stage (transition and whole solve) is one jit-compiled program with static shapes.
 
 Guidance: class-conditional models use the release's stage-wise scale
-g_s = 1 + (cfg - 1) * [0, 1/6, 2/3, 1][s]; text-conditional ones use g_s = cfg. Where g_s is
-exactly 1 the unconditional half is skipped: v_u + 1 * (v_c - v_u) = v_c, so only float rounding
-(~1e-7) separates this from the release, which always runs both halves.
+g_s = 1 + (cfg - 1) * [0, 1/6, 2/3, 1][s] (other stage counts: `stage_guidance`); text-conditional
+ones use g_s = cfg. Where g_s is exactly 1 the unconditional half is skipped: v_u + 1 (v_c - v_u)
+= v_c, so only float rounding (~1e-7) separates this from the release, which always runs both halves.
 
 Randomness: every image draws its noise from fold_in(key, image_id), so an image depends only on
 the seed, its id and its conditioning, not on the batch it was sampled in, the batch size or the
@@ -32,7 +32,7 @@ from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, st
 from pixelflow_jax.validation import class_ids
 
 SOLVERS = ("euler", "dopri5")
-# The release's stage-wise guidance weights, defined for its 4 stages.
+# The release's stage-wise guidance weights, defined for its 4 stages (at s / 3 = 0, 1/3, 2/3, 1).
 CLASS_GUIDANCE_STAGE_WEIGHTS = (0.0, 1.0 / 6.0, 2.0 / 3.0, 1.0)
 BLOCK_NOISE_EPS = 1e-6
 DOPRI5_RTOL, DOPRI5_ATOL = 1e-3, 1e-6  # the release's torchdiffeq settings
@@ -70,12 +70,16 @@ class SamplingOptions:
 
 
 def stage_guidance(cfg_scale: float, num_stages: int, class_conditional: bool) -> list[float]:
-    if not class_conditional or cfg_scale == 1.0:  # cfg 1 = no guidance, for any number of stages
+    """Guidance scale of each stage. Class-conditional: g_s = 1 + (cfg - 1) w(s / (S - 1)), with w the
+    release's four weights joined by straight lines, so 4 stages get exactly the release's scales and
+    other counts (which the release does not support) the same curve; one stage gets cfg."""
+    if not class_conditional or cfg_scale == 1.0 or num_stages == 1:
         return [float(cfg_scale)] * num_stages
-    if num_stages != len(CLASS_GUIDANCE_STAGE_WEIGHTS):
-        raise ValueError(f"the release's stage-wise guidance is defined for {len(CLASS_GUIDANCE_STAGE_WEIGHTS)} "
-                         f"stages, this model has {num_stages}")
-    return [1.0 + (cfg_scale - 1.0) * w for w in CLASS_GUIDANCE_STAGE_WEIGHTS]
+    knots = np.linspace(0.0, 1.0, len(CLASS_GUIDANCE_STAGE_WEIGHTS))
+    weights = np.interp(np.arange(num_stages) / (num_stages - 1), knots, CLASS_GUIDANCE_STAGE_WEIGHTS)
+    if num_stages == len(CLASS_GUIDANCE_STAGE_WEIGHTS):
+        weights = CLASS_GUIDANCE_STAGE_WEIGHTS  # the release's values themselves, not their interpolation
+    return [1.0 + (cfg_scale - 1.0) * float(w) for w in weights]
 
 
 def block_noise_factor(gamma: float) -> np.ndarray:

@@ -37,7 +37,7 @@ from pixelflow_jax.preemption import PreemptionWatch
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.resume_settings import check_resume
 from pixelflow_jax.run_checkpoint import RUN_CONFIG, read_run_config
-from pixelflow_jax.sampling import CascadeSampler, stage_guidance
+from pixelflow_jax.sampling import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
@@ -91,17 +91,11 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     if t.batch_size % (stages * devices * accum):
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
                          f"grad_accum_steps = {stages} x {devices} x {accum}")
-    if t.preview_every:  # fail now rather than at the first preview
-        try:
-            try:
-                stage_guidance(config.sample.cfg_scale, config.scheduler.num_stages,
-                               class_conditional=not model_cfg.cross_attention_dim)
-            except ValueError as e:
-                raise ValueError(f"{e}: set sample.cfg_scale=1") from None
-            if model_cfg.cross_attention_dim and config.data.source != "demo":
-                from pixelflow_jax.sample_conditioning import read_prompts
+    if t.preview_every and model_cfg.cross_attention_dim and config.data.source != "demo":
+        from pixelflow_jax.sample_conditioning import read_prompts
 
-                read_prompts(config.sample)  # previews of a text run draw sample.prompts
+        try:  # fail now rather than at the first preview: previews of a text run draw sample.prompts
+            read_prompts(config.sample)
         except ValueError as e:
             raise ValueError(f"previews: {e}; or set train.preview_every=0") from None
     if model_cfg.cross_attention_dim:

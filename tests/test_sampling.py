@@ -68,6 +68,10 @@ def test_block_noise_covariance_and_layout():
 def test_stage_guidance_follows_the_release():
     assert stage_guidance(2.4, 4, True) == pytest.approx([1.0, 1 + 1.4 / 6, 1 + 1.4 * 2 / 3, 2.4])
     assert stage_guidance(4.0, 4, False) == [4.0] * 4
+    # Other stage counts follow the same curve (the release's four weights joined by straight lines).
+    assert stage_guidance(6.0, 2, True) == pytest.approx([1.0, 6.0])
+    assert stage_guidance(6.0, 3, True) == pytest.approx([1.0, 1 + 5 * (1 / 6 + 0.5 * (2 / 3 - 1 / 6)), 6.0])
+    assert stage_guidance(6.0, 1, True) == [6.0]
 
 
 def test_generate_is_deterministic_per_image(tiny):
