@@ -69,7 +69,7 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     """The output never touches the input, and --overwrite replaces only an earlier output of
     this tool: a converted folder (pixelflow_config.json) or an export (config.yaml + model.pt)."""
     from pixelflow_jax import storage
-    from pixelflow_jax.checkpoint import CONFIG_FILE, CheckpointError
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, CheckpointError
 
     out, src = storage.absolute(output).rstrip("/"), storage.absolute(source).rstrip("/")
     if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
@@ -88,13 +88,13 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
 
 
 def torch_to_jax() -> str:
-    from pixelflow_jax.checkpoint import save_checkpoint
-    from pixelflow_jax.convert import torch_to_params
-    from pixelflow_jax.torch_io import read_release_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import save_checkpoint
+    from pixelflow_jax.checkpoints.convert import torch_to_params
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
 
     overrides = {"resolution": FLAGS.resolution, "num_stages": FLAGS.num_stages,
                  "num_train_timesteps": FLAGS.num_train_timesteps}
-    from pixelflow_jax import hub
+    from pixelflow_jax.checkpoints import hub
 
     path = FLAGS.torch_checkpoint
     if hub.is_hub_path(path):
@@ -111,8 +111,8 @@ def torch_to_jax() -> str:
 
 def jax_to_torch() -> str:
     from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
-    from pixelflow_jax.convert import params_to_torch
-    from pixelflow_jax.torch_io import write_release_checkpoint
+    from pixelflow_jax.checkpoints.convert import params_to_torch
+    from pixelflow_jax.checkpoints.torch_io import write_release_checkpoint
 
     source = resolve_checkpoint(FLAGS.jax_checkpoint)
     config, params = read_checkpoint(source, FLAGS.weights)
@@ -132,8 +132,8 @@ def main(argv):
                              "(JAX -> PyTorch)")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     from pixelflow_jax import storage
-    from pixelflow_jax.checkpoint import CheckpointError
-    from pixelflow_jax.convert import ConversionError
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.convert import ConversionError
 
     try:
         source = FLAGS.torch_checkpoint or FLAGS.jax_checkpoint

@@ -65,10 +65,10 @@ def main(argv):
     if FLAGS.distributed:
         start_distributed()
     if FLAGS.mode == "train":
-        from pixelflow_jax import train
-        from pixelflow_jax.checkpoint import CheckpointError
-        from pixelflow_jax.data import DataError
-        from pixelflow_jax.workdir_lock import WorkdirBusy
+        from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+        from pixelflow_jax.data.loader import DataError
+        from pixelflow_jax.training import train
+        from pixelflow_jax.training.workdir_lock import WorkdirBusy
 
         try:
             train.train(FLAGS.config, FLAGS.workdir)
@@ -84,15 +84,16 @@ def main(argv):
         inspect_model.run(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "demo":
         from pixelflow_jax import demo_app
-        from pixelflow_jax.checkpoint import CheckpointError
+        from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 
         try:
             demo_app.run(FLAGS.config, FLAGS.workdir)
         except (CheckpointError, ValueError, storage.StorageError) as e:
             sys.exit(f"error: {e}")
     elif FLAGS.mode in ("sample", "eval"):
-        from pixelflow_jax import evaluate, sample_run
-        from pixelflow_jax.checkpoint import CheckpointError
+        from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+        from pixelflow_jax.evaluation import evaluate
+        from pixelflow_jax.sampling import sample_run
 
         try:
             if FLAGS.mode == "sample":

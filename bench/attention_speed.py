@@ -34,8 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pixelflow_jax import pallas_gpu_attention  # noqa: E402
-from pixelflow_jax.attention import dot_product_attention, interpret_kernels  # noqa: E402
+from pixelflow_jax.kernels import pallas_gpu_attention  # noqa: E402
+from pixelflow_jax.kernels.attention import dot_product_attention, interpret_kernels  # noqa: E402
 
 AGREEMENT = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 2e-4}  # relative error vs xla to be timed
 

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pixelflow_jax.data import (DecodedSource, ImageFolderSource, ImageLoader, RandomCropFlip,  # noqa: E402
-                                build_dataset)
+from pixelflow_jax.data.loader import (DecodedSource, ImageFolderSource, ImageLoader, RandomCropFlip,  # noqa: E402
+                                       build_dataset)
 
 
 def write_jpegs(root: str, count: int, seed: int = 0) -> float:

@@ -59,7 +59,7 @@ def create_state(model_cfg):
     from flax import nnx
 
     from pixelflow_jax.model import PixelFlow
-    from pixelflow_jax.train_step import StepConfig, init_state, make_optimizer
+    from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
 
     tx = make_optimizer(StepConfig())
     return lambda: init_state(PixelFlow(model_cfg, rngs=nnx.Rngs(0)), tx, 0)
@@ -69,9 +69,9 @@ def build(workdir: str) -> dict:
     """The run's config and one checkpoint, as train.py writes them (skipped if a complete step exists)."""
     import jax
 
-    from pixelflow_jax import train
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run
     from pixelflow_jax.config import ModelConfig
-    from pixelflow_jax.run_checkpoint import complete_steps, is_run
+    from pixelflow_jax.training import train
 
     if is_run(workdir) and complete_steps(workdir):
         return {"built": False}
@@ -95,8 +95,9 @@ def measure(what: str, workdir: str) -> dict:
     after_import = rss_bytes()
     from flax import nnx
 
-    from pixelflow_jax import api, load_model, train
-    from pixelflow_jax.run_checkpoint import latest_step, run_checkpoint_config
+    from pixelflow_jax import api, load_model
+    from pixelflow_jax.checkpoints.run_checkpoint import latest_step, run_checkpoint_config
+    from pixelflow_jax.training import train
 
     jax.devices()
     before = rss_bytes()

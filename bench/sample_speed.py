@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pixelflow_jax import CheckpointConfig, ModelConfig, PixelFlow  # noqa: E402
-from pixelflow_jax.sampling import CascadeSampler  # noqa: E402
+from pixelflow_jax.sampling.cascade import CascadeSampler  # noqa: E402
 from pixelflow_jax.scheduler import stage_resolutions  # noqa: E402
 
 PRESETS = {

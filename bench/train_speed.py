@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pixelflow_jax import PixelFlowScheduler  # noqa: E402
-from pixelflow_jax.flow import StageTables  # noqa: E402
 from pixelflow_jax.sharding import make_mesh  # noqa: E402
-from pixelflow_jax.train import peak_flops  # noqa: E402
-from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
-                                      state_shardings, train_flops_per_image)
+from pixelflow_jax.training.flow import StageTables  # noqa: E402
+from pixelflow_jax.training.train import peak_flops  # noqa: E402
+from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
+                                               state_shardings, train_flops_per_image)
 from sample_speed import PRESETS, random_model  # noqa: E402
 
 

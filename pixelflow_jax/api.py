@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from pixelflow_jax import hub, storage
-from pixelflow_jax.checkpoint import CONFIG_FILE, CheckpointConfig, CheckpointError, build_model, read_config, \
-    restore_params
-from pixelflow_jax.convert import Params
+from pixelflow_jax import storage
+from pixelflow_jax.checkpoints import hub
+from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, CheckpointConfig, CheckpointError, build_model,
+                                                 read_config, restore_params)
+from pixelflow_jax.checkpoints.convert import Params
+from pixelflow_jax.checkpoints.run_checkpoint import (WEIGHT_CHOICES, RunStep, find_run_step, restore_run_weights,
+                                                     run_checkpoint_config)
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.run_checkpoint import WEIGHT_CHOICES, RunStep, find_run_step, restore_run_weights, \
-    run_checkpoint_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +80,8 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     elif source.kind == "converted":
         config = read_config(source.folder)
     else:
-        from pixelflow_jax.convert import torch_to_params
-        from pixelflow_jax.torch_io import read_release_checkpoint
+        from pixelflow_jax.checkpoints.convert import torch_to_params
+        from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
 
         config, state_dict = read_release_checkpoint(source.folder, weights=weights)
         params = torch_to_params(state_dict, config.model)
@@ -100,7 +101,7 @@ def load_model(path: str, *, dtype: str | None = None, attention: str | None = N
     path: a checkpoint path (module docstring): a training run or one of its steps, a converted or
       release folder, or an hf:// Hub path.
     dtype: compute dtype ('float32', 'bfloat16'); default: the one stored with the checkpoint.
-    attention: attention backend (see pixelflow_jax.attention); default: the stored one.
+    attention: attention backend (see pixelflow_jax.kernels.attention); default: the stored one.
     weights: 'ema' (default) or 'model', for training runs and the release's train.py checkpoints.
     """
     runtime = {k: v for k, v in (("dtype", dtype), ("attention", attention)) if v is not None}
@@ -111,7 +112,7 @@ def load_model(path: str, *, dtype: str | None = None, attention: str | None = N
 def sampling_checkpoint(sample_config, workdir: str) -> str:
     """config.sample.checkpoint, or the workdir itself when it is a training run (so a run is
     sampled with its training command plus --mode=sample)."""
-    from pixelflow_jax.run_checkpoint import is_run
+    from pixelflow_jax.checkpoints.run_checkpoint import is_run
 
     if sample_config.checkpoint:
         return sample_config.checkpoint
@@ -125,9 +126,9 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     """For text configs: a training run's recorded text encoder fills an empty
     sample.text_encoder, and its token length sample.max_text_tokens = 0, so a text run samples
     with the encoder it trained with and no flag; otherwise 0 means the release's 512."""
-    from pixelflow_jax.run_checkpoint import read_run_config
-    from pixelflow_jax.text import MAX_LENGTH
-    from pixelflow_jax.train_text import folder_of
+    from pixelflow_jax.checkpoints.run_checkpoint import read_run_config
+    from pixelflow_jax.text.prompts import MAX_LENGTH
+    from pixelflow_jax.text.train_text import folder_of
 
     s = sample_config
     if "max_text_tokens" not in s:

@@ -25,7 +25,7 @@ ARCHITECTURE_FIELDS = (
 )
 
 REMAT_POLICIES = ("none", "full", "dots")
-# pixelflow_jax.attention's backends (test_attention checks they agree)
+# pixelflow_jax.kernels.attention's backends (test_attention checks they agree)
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
 
 
@@ -42,7 +42,7 @@ class ModelConfig:
     cross_attention_dim: int = 0  # 0: no cross-attention; else the text encoder's width (t2i)
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"
-    attention: str = "auto"  # backend of pixelflow_jax.attention: auto | xla | cudnn | pallas_gpu | splash
+    attention: str = "auto"  # backend of pixelflow_jax.kernels.attention: auto | xla | cudnn | pallas_gpu | splash
     remat: str = "none"  # rematerialise blocks in the backward pass: 'none' | 'full' | 'dots' (keep matmul outputs)
 
     def __post_init__(self):

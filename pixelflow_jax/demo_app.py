@@ -22,8 +22,8 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
-from pixelflow_jax.checkpoint import build_model
-from pixelflow_jax.sampling import CascadeSampler
+from pixelflow_jax.checkpoints.checkpoint import build_model
+from pixelflow_jax.sampling.cascade import CascadeSampler
 
 # Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
 IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")
@@ -65,7 +65,7 @@ class DemoSampler:
         self.text = bool(model.config.cross_attention_dim)
         self.prompt_encoder = None
         if self.text:
-            from pixelflow_jax.text import prompt_encoder_for
+            from pixelflow_jax.text.prompts import prompt_encoder_for
 
             self.prompt_encoder = prompt_encoder_for(s, model.config.dtype, model.config.cross_attention_dim)
         self.max_images = int(config.demo.max_images)

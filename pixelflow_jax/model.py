@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelflow_jax.attention import dot_product_attention
 from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.kernels.attention import dot_product_attention
 from pixelflow_jax.rope import apply_rope, rope_tables
 from pixelflow_jax.validation import class_ids
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelflow_jax.attention import dot_product_attention, interpret_kernels, resolve_backend
+from pixelflow_jax.kernels.attention import dot_product_attention, interpret_kernels, resolve_backend
 
 
 def reference_attention(q, k, v, key_mask=None):
@@ -149,7 +149,7 @@ def test_pallas_gpu_lowers_to_triton_for_cuda(dtype):
     interpret mode accepts (non-power-of-two tiles, a load's `other` without a mask, ...): the
     forward and both backward kernels must come out as Triton calls. The abstract H100 tells the
     lowering which GPU to target (jax 0.11 asks; 0.10 does not need it)."""
-    from pixelflow_jax.pallas_gpu_attention import flash_attention
+    from pixelflow_jax.kernels.pallas_gpu_attention import flash_attention
 
     def grads(q, k, v, mask):
         loss = lambda q, k, v: flash_attention(q, k, v, mask).astype(jnp.float32).sum()
@@ -168,7 +168,7 @@ def test_pallas_gpu_lowers_to_triton_for_cuda(dtype):
 def test_splash_lowers_to_mosaic_for_tpu():
     """Cross-platform lowering (no TPU needed) runs Pallas's Mosaic lowering of the splash forward
     and both backward kernels, with a key mask, at the head width 72 (padded to 128)."""
-    from pixelflow_jax.splash_attention import splash_attention
+    from pixelflow_jax.kernels.splash_attention import splash_attention
 
     def grads(q, k, v, mask):
         loss = lambda q, k, v: splash_attention(q, k, v, mask).astype(jnp.float32).sum()
@@ -191,7 +191,7 @@ def test_auto_is_splash_on_tpu_cudnn_for_bf16_on_gpu(monkeypatch):
 
 
 def test_head_dim_chunks_are_powers_of_two_of_at_least_16():
-    from pixelflow_jax.pallas_gpu_attention import head_chunks
+    from pixelflow_jax.kernels.pallas_gpu_attention import head_chunks
 
     assert head_chunks(72) == ((0, 64, 64), (64, 16, 8))
     assert head_chunks(64) == ((0, 64, 64),)
@@ -213,8 +213,8 @@ def test_hardware_kernels_are_refused_on_cpu_with_the_alternatives():
 
 
 def test_model_config_accepts_exactly_the_backends():
-    from pixelflow_jax.attention import BACKENDS
     from pixelflow_jax.config import ATTENTION_BACKENDS, ModelConfig
+    from pixelflow_jax.kernels.attention import BACKENDS
 
     assert set(ATTENTION_BACKENDS) == set(BACKENDS) | {"auto"}
     with pytest.raises(ValueError, match="model.attention must be one of"):

@@ -10,9 +10,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from pixelflow_jax.data import (DataError, ImageFolderSource, ImageLoader, TfdsSource, build_dataset, make_source,
-                                to_global_batch)
-from pixelflow_jax.demo_data import SHAPES, DemoSource, classify, demo_image
+from pixelflow_jax.data.demo_data import SHAPES, DemoSource, classify, demo_image
+from pixelflow_jax.data.loader import (DataError, ImageFolderSource, ImageLoader, TfdsSource, build_dataset, make_source,
+                                       to_global_batch)
 
 R = 32
 
@@ -209,7 +209,7 @@ def test_global_batch_is_sharded_over_the_mesh():
 
 def test_make_loader_reads_the_configured_demo_set(tmp_path):
     import configs.c2i as c2i
-    from pixelflow_jax.data import make_loader
+    from pixelflow_jax.data.loader import make_loader
 
     config = c2i.get_config("tiny")
     config.data.demo_num_images = 40

@@ -77,7 +77,7 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
 
 
 def test_the_sampler_names_the_misuse(models):
-    from pixelflow_jax.sampling import CascadeSampler
+    from pixelflow_jax.sampling.cascade import CascadeSampler
 
     sampler = CascadeSampler(*models["c2i_tiny"])
     for labels, message in (([], "nothing to generate"), (["goldfish"], "labels must be whole class ids"),
@@ -94,7 +94,7 @@ def test_the_sampler_names_the_misuse(models):
 
 def test_a_config_of_the_other_kind_is_named(models):
     from configs import t2i
-    from pixelflow_jax.sample_conditioning import conditioning_for
+    from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 
     with pytest.raises(ValueError, match="text-conditional: sample it with --config=configs/t2i.py"):
         conditioning_for(c2i_config().sample, models["t2i_tiny"][0].config)
@@ -111,7 +111,7 @@ def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
 
 
 def test_eval_refuses_what_is_not_uint8_images(tmp_path):
-    from pixelflow_jax.evaluate import npz_image_count
+    from pixelflow_jax.evaluation.evaluate import npz_image_count
 
     for name, array, message in (("float", np.random.rand(4, 8, 8, 3).astype(np.float32), "must be uint8 images"),
                                  ("one", np.zeros((1, 8, 8, 3), np.uint8), "needs at least 2 images"),
@@ -137,7 +137,7 @@ def test_a_step_that_would_make_weights_non_finite_is_skipped(converted):
 
 
 def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
-    from pixelflow_jax.train import MetricsLog
+    from pixelflow_jax.training.train import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
@@ -151,7 +151,7 @@ def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog)
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     import jax
 
-    from pixelflow_jax import train
+    from pixelflow_jax.training import train
 
     state = {"w": jax.numpy.arange(4.0)}
     shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
@@ -171,7 +171,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
 def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     import jax
 
-    from pixelflow_jax import train
+    from pixelflow_jax.training import train
 
     manager = train.checkpoint_manager(str(tmp_path), keep=2)
     train.save(manager, 4, {"w": jax.numpy.zeros(2)})
@@ -198,7 +198,7 @@ def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, co
 
 
 def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
-    from pixelflow_jax.checkpoint import atomic_output_dir
+    from pixelflow_jax.checkpoints.checkpoint import atomic_output_dir
     from pixelflow_jax.demo_app import demo_output_dir
 
     dead = 999999999  # no such process
@@ -233,7 +233,7 @@ def test_a_demo_port_in_use_names_the_flag():
 
 
 def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):
-    from pixelflow_jax.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
 
     workdir = str(tmp_path)
     check_resume(workdir, c2i_config(), step=0)  # a new run records its settings
@@ -254,7 +254,7 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
 def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
     import time
 
-    from pixelflow_jax.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 
     first = WorkdirLock(str(tmp_path), stale_after_s=60)
     first.acquire()
@@ -280,7 +280,7 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
 
 
 def test_a_second_training_on_a_busy_workdir_stops_at_once(tmp_path):
-    from pixelflow_jax.workdir_lock import LOCK_FILE
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE
 
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                   "started": "2026-11-27T05:00:00+00:00"}))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, fixture_dir
-from pixelflow_jax.checkpoint import CheckpointError
-from pixelflow_jax.hub import HubPath
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.checkpoints.hub import HubPath
 from test_t5 import write_tiny_t5_folder
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -73,7 +73,7 @@ OFFLINE_SCRIPT = r"""
 import json, sys
 import numpy as np
 from pixelflow_jax import CheckpointError, load_model
-from pixelflow_jax.text import PromptEncoder
+from pixelflow_jax.text.prompts import PromptEncoder
 
 fixture, t5_local = sys.argv[1:3]
 results = {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 
 
 # ------------------------------------------------------------------ reference, NCHW float64 torch
@@ -97,8 +97,8 @@ def random_state_dict():
     """Random weights in pytorch-fid's layout; He-scaled so activations stay O(1) through 20 layers."""
     from flax import nnx, traverse_util
 
-    from pixelflow_jax.inception import InceptionV3
-    from pixelflow_jax.inception_convert import torch_key
+    from pixelflow_jax.evaluation.inception import InceptionV3
+    from pixelflow_jax.evaluation.inception_convert import torch_key
 
     rng = np.random.default_rng(0)
     abstract = nnx.eval_shape(InceptionV3)
@@ -123,7 +123,7 @@ def random_state_dict():
 
 
 def test_forward_equals_float64_reference_through_the_converter(random_state_dict, tmp_path):
-    from pixelflow_jax.inception_convert import load_inception
+    from pixelflow_jax.evaluation.inception_convert import load_inception
 
     path = tmp_path / "pt_inception.pth"
     torch.save({k: v.float() if v.is_floating_point() else v for k, v in random_state_dict.items()}, path)
@@ -140,7 +140,7 @@ def test_forward_equals_float64_reference_through_the_converter(random_state_dic
 
 def test_resize_is_tensorflow_legacy_bilinear():
     """align_corners=False without half-pixel centres: 2 -> 4 pixels samples 0, 0.5, 1, 1.5 (clamped)."""
-    from pixelflow_jax.inception import legacy_bilinear_matrix
+    from pixelflow_jax.evaluation.inception import legacy_bilinear_matrix
 
     np.testing.assert_allclose(legacy_bilinear_matrix(2, 4) @ np.array([10.0, 20.0]), [10, 15, 20, 20])
     np.testing.assert_allclose(legacy_bilinear_matrix(4, 2) @ np.array([1.0, 2, 3, 4]), [1, 3])  # 0 and 2
@@ -148,7 +148,7 @@ def test_resize_is_tensorflow_legacy_bilinear():
 
 
 def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
-    from pixelflow_jax.inception_convert import load_inception
+    from pixelflow_jax.evaluation.inception_convert import load_inception
 
     with pytest.raises(CheckpointError, match="download https://github.com/mseitzer/pytorch-fid"):
         load_inception(str(tmp_path / "absent.pth"))
@@ -171,7 +171,7 @@ def weights_file(random_state_dict, tmp_path_factory):
 
 def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cache(weights_file, tmp_path,
                                                                                   monkeypatch):
-    from pixelflow_jax import evaluate
+    from pixelflow_jax.evaluation import evaluate
 
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
@@ -199,7 +199,7 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
     # Stored statistics in the reference (as ADM's reference batches carry) take precedence.
     features = evaluate.cached_features(evaluate.FeatureExtractor(weights_file, 4), darker,
                                         os.path.join(workdir, "eval_features"))
-    from pixelflow_jax import metrics
+    from pixelflow_jax.evaluation import metrics
 
     mu, sigma = metrics.gaussian_statistics(features["pool"])
     mu_s, sigma_s = metrics.gaussian_statistics(features["spatial"])
@@ -210,7 +210,7 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
 
 
 def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
-    from pixelflow_jax import evaluate
+    from pixelflow_jax.evaluation import evaluate
 
     np.savez(tmp_path / "a.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(CheckpointError, match="download https://github.com/mseitzer/pytorch-fid"):

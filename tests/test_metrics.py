@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from pixelflow_jax import metrics
+from pixelflow_jax.evaluation import metrics
 
 
 def adm_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):

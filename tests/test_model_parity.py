@@ -99,7 +99,7 @@ def test_wrong_inputs_get_clear_errors(models, golden):
 def test_splash_backend_forward_matches_release(converted, golden, name):
     """The last stage (256 tokens) through the splash kernel (interpret mode, batch split over a
     2 x 2 mesh); t2i's 6 text keys take the XLA path, as on a TPU."""
-    from pixelflow_jax.attention import interpret_kernels
+    from pixelflow_jax.kernels.attention import interpret_kernels
 
     g = golden[name]
     model, _ = load_model(converted[name], attention="splash")
@@ -115,7 +115,7 @@ def test_pallas_gpu_backend_forward_matches_release(converted, golden, name):
     """Every stage through our Triton flash attention (interpret mode, batch split over a 2 x 2
     mesh): 16, 64 and 256 tokens run the kernel at head_dim 16; the 4-token stage and t2i's 6
     text keys take the XLA path, as on a GPU."""
-    from pixelflow_jax.attention import interpret_kernels
+    from pixelflow_jax.kernels.attention import interpret_kernels
 
     g = golden[name]
     model, _ = load_model(converted[name], attention="pallas_gpu")
@@ -135,7 +135,7 @@ def test_t2i_config_path_builds_the_fixture_model(converted, golden):
     from flax import nnx
 
     from configs import t2i
-    from pixelflow_jax.checkpoint import build_model
+    from pixelflow_jax.checkpoints.checkpoint import build_model
     from pixelflow_jax.config import ModelConfig
 
     model_cfg = ModelConfig.from_mapping(t2i.get_config("tiny").model)

@@ -29,7 +29,9 @@ def test_wheel_holds_the_package_and_declares_requirements_txt(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    modules = {f"pixelflow_jax/{os.path.basename(p)}" for p in glob.glob(os.path.join(REPO, "pixelflow_jax", "*.py"))}
+    modules = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "pixelflow_jax", "**", "*.py"),
+                                                               recursive=True)}
+    assert "pixelflow_jax/sampling/cascade.py" in modules  # the subpackages are in the wheel too
     assert modules | {"pixelflow_jax/imagenet_class_names.json"} <= names
     declared = [line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
     assert [d for d in declared if "extra ==" not in d] == requirement_lines("requirements.txt")

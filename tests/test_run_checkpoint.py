@@ -13,8 +13,8 @@ from flax import nnx
 
 from conftest import fixture_dir, run_converter
 from pixelflow_jax import CheckpointError, load_model
-from pixelflow_jax.convert import params_to_torch
-from pixelflow_jax.run_checkpoint import find_run_step
+from pixelflow_jax.checkpoints.convert import params_to_torch
+from pixelflow_jax.checkpoints.run_checkpoint import find_run_step
 
 STAGE_RESOLUTIONS = (8, 16, 32, 64)  # the c2i_tiny fixture: 64 px, 4 stages
 
@@ -33,8 +33,8 @@ def run(converted, tmp_path_factory):
     """A training workdir as train.py writes it, with known weights: step 4's EMA is the release
     fixture's weights and its raw weights a perturbation of them; step 2 holds two other sets."""
     from configs import c2i
-    from pixelflow_jax import train
-    from pixelflow_jax.train_step import StepConfig, init_state, make_optimizer
+    from pixelflow_jax.training import train
+    from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
 
     model, ckpt = load_model(converted["c2i_tiny"])
     config = c2i.get_config("tiny")
@@ -115,10 +115,10 @@ def test_a_missing_step_lists_the_steps_that_exist(run):
 
 def test_fine_tuning_starts_from_the_runs_ema_or_raw_weights(run):
     from configs import c2i
-    from pixelflow_jax import train
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.sharding import make_mesh
-    from pixelflow_jax.train_step import StepConfig, make_optimizer
+    from pixelflow_jax.training import train
+    from pixelflow_jax.training.train_step import StepConfig, make_optimizer
 
     config = c2i.get_config("tiny")
     config.model.num_classes = 1000

@@ -99,8 +99,8 @@ def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted)
 
     # The Python API draws the same images (up to float rounding: one uint8 level).
     from pixelflow_jax import load_model
-    from pixelflow_jax.sampling import CascadeSampler
-    from pixelflow_jax.text import PromptEncoder
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+    from pixelflow_jax.text.prompts import PromptEncoder
 
     sampler = CascadeSampler(*load_model(converted["t2i_tiny"]))
     same = sampler.generate_from_prompts(PromptEncoder(encoder, max_length=16), ["a red cat"] * 2 + ["the moon"] * 2,

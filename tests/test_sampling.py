@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pixelflow_jax import load_model
-from pixelflow_jax.sampling import (CascadeSampler, SamplingOptions, block_noise, block_noise_factor,
-                                    class_conditioning, generate, stage_guidance)
+from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, block_noise, block_noise_factor,
+                                            class_conditioning, generate, stage_guidance)
 from test_model_parity import relative_error
 
 

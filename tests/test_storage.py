@@ -62,7 +62,7 @@ def test_a_bucket_that_cannot_be_written_stops_training_before_its_first_step(gc
 def test_the_workdir_lock_works_in_a_bucket(bucket):
     """Sequential contention only: the emulator ignores the create-only precondition that closes
     the race on real GCS."""
-    from pixelflow_jax.workdir_lock import WorkdirBusy, WorkdirLock
+    from pixelflow_jax.training.workdir_lock import WorkdirBusy, WorkdirLock
 
     owner = WorkdirLock(f"{bucket}/run", stale_after_s=60)
     owner.acquire()

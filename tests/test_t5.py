@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 
 SENTENCES = ["a photo of a cat sitting on a red chair", "an astronaut riding a horse on the moon",
              "a bowl of fruit, oil painting", "sunset over mountains with clouds", "a small dog running in the park"]
@@ -52,7 +52,7 @@ def test_tokenizer_equals_transformers_autotokenizer(t5_folder):
     """Padding to max_length, </s> appended, truncation keeping </s>, whitespace runs, unknowns."""
     from transformers import AutoTokenizer
 
-    from pixelflow_jax.text import T5Tokenizer
+    from pixelflow_jax.text.prompts import T5Tokenizer
 
     ids, mask = T5Tokenizer(t5_folder, max_length=16)(PROMPTS)
     reference = AutoTokenizer.from_pretrained(t5_folder, extra_ids=0)(
@@ -70,7 +70,7 @@ def test_encoder_equals_transformers_t5_encoder_model(t5_folder, param_dtype, to
     import torch
     from transformers import T5EncoderModel
 
-    from pixelflow_jax.t5_convert import load_t5_encoder
+    from pixelflow_jax.text.t5_convert import load_t5_encoder
 
     rng = np.random.default_rng(0)
     ids = rng.integers(3, VOCAB, (2, 40))
@@ -87,7 +87,7 @@ def test_encoder_equals_transformers_t5_encoder_model(t5_folder, param_dtype, to
 
 
 def test_prompt_encoder_masks_and_shapes(t5_folder):
-    from pixelflow_jax.text import PromptEncoder
+    from pixelflow_jax.text.prompts import PromptEncoder
 
     encoder = PromptEncoder(t5_folder, max_length=24)
     embeddings, mask = encoder.encode(["a cat", ""])
@@ -96,7 +96,7 @@ def test_prompt_encoder_masks_and_shapes(t5_folder):
 
 
 def test_converter_is_strict_and_names_the_problem(t5_folder, tmp_path):
-    from pixelflow_jax.t5_convert import load_t5_encoder, read_encoder_state_dict
+    from pixelflow_jax.text.t5_convert import load_t5_encoder, read_encoder_state_dict
 
     state = read_encoder_state_dict(t5_folder)
     assert not any(k.startswith("decoder.") for k in state)  # the decoder is skipped
@@ -125,7 +125,7 @@ def test_pytorch_model_bin_folder_loads_the_same_encoder(t5_folder, tmp_path):
     import torch
     from flax import nnx
 
-    from pixelflow_jax.t5_convert import load_t5_encoder, read_encoder_state_dict
+    from pixelflow_jax.text.t5_convert import load_t5_encoder, read_encoder_state_dict
 
     folder = tmp_path / "bin"
     shutil.copytree(t5_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))

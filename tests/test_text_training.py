@@ -14,15 +14,15 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from pixelflow_jax import PixelFlowScheduler, load_model
-from pixelflow_jax import demo_text_encoder
-from pixelflow_jax.caption_data import CaptionedFolderSource, CaptionRecordSource
-from pixelflow_jax.data import DataError, ImageLoader, build_dataset
-from pixelflow_jax.demo_data import SHAPES, CaptionedDemoSource, captioned_demo_image, classify, colour_name
-from pixelflow_jax.flow import Draws, StageTables, draw, stage_batches
-from pixelflow_jax.t5_convert import load_t5_encoder
-from pixelflow_jax.text import T5Tokenizer
-from pixelflow_jax.train_step import (StepConfig, TextConditioning, _loss_and_stage_losses, dropped_conditioning,
-                                      init_state, make_optimizer, make_train_step, state_shardings)
+from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionRecordSource
+from pixelflow_jax.data.demo_data import SHAPES, CaptionedDemoSource, captioned_demo_image, classify, colour_name
+from pixelflow_jax.data.loader import DataError, ImageLoader, build_dataset
+from pixelflow_jax.text import demo_text_encoder
+from pixelflow_jax.text.prompts import T5Tokenizer
+from pixelflow_jax.text.t5_convert import load_t5_encoder
+from pixelflow_jax.training.flow import Draws, StageTables, draw, stage_batches
+from pixelflow_jax.training.train_step import (StepConfig, TextConditioning, _loss_and_stage_losses, dropped_conditioning,
+                                               init_state, make_optimizer, make_train_step, state_shardings)
 from test_model_parity import relative_error
 from test_train import mesh_of
 
@@ -93,7 +93,7 @@ def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(caption
 
 def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(captioned_folder, tmp_path, bucket):
     from pixelflow_jax import storage
-    from pixelflow_jax.pack_captions import pack
+    from pixelflow_jax.data.pack_captions import pack
 
     root, captions = captioned_folder
     expected = sorted((open(path, "rb").read(), caption.decode().strip()) for path, caption in captions.items()
@@ -117,6 +117,19 @@ def test_demo_captions_name_what_the_image_shows_with_independent_colour_and_sha
         assert tuple(classify(d.image)) == (d.colour, d.shape)
     counts = np.bincount([d.colour * 5 + d.shape for d in drawn], minlength=50)
     assert counts.min() >= 3  # not tied to each other (a class set would give 10 pairs)
+
+
+def test_demo_encoder_keeps_each_word_its_own_embedding(encoder_folder):
+    """The demo T5's outputs: a word's token barely depends on the rest of the caption, while two
+    words differ as much as random vectors (see demo_text_encoder: otherwise shape goes unlearned)."""
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    embeddings, _ = PromptEncoder(encoder_folder, max_length=TOKENS).encode(
+        ["a red disk", "a disk in blue", "a red square"])
+    embeddings = np.asarray(embeddings)
+    disk, disk_elsewhere, square = embeddings[0, 2], embeddings[1, 1], embeddings[2, 2]
+    same_word, other_word = np.linalg.norm(disk - disk_elsewhere), np.linalg.norm(disk - square)
+    assert same_word < 0.3 * other_word, (same_word, other_word)
 
 
 # ----------------------------------------------------------------------------------------- the step
@@ -302,7 +315,7 @@ def test_text_step_on_eight_devices_equals_one_device_and_leaves_the_encoder_fro
 
 def test_encoder_of_another_width_is_refused_before_training(tmp_path, encoder_folder):
     import configs.t2i as t2i
-    from pixelflow_jax.train import train
+    from pixelflow_jax.training.train import train
 
     config = t2i.get_config("tiny")
     config.model.cross_attention_dim = 24

@@ -17,9 +17,9 @@ from flax import nnx
 
 from conftest import REPO, free_port
 from pixelflow_jax import PixelFlowScheduler, load_model
-from pixelflow_jax.demo_data import demo_image
-from pixelflow_jax.flow import Draws, StageTables, per_sample_losses, stage_batches
-from pixelflow_jax.train_step import StepConfig, init_state, make_optimizer, make_train_step, state_shardings
+from pixelflow_jax.data.demo_data import demo_image
+from pixelflow_jax.training.flow import Draws, StageTables, per_sample_losses, stage_batches
+from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer, make_train_step, state_shardings
 from test_model_parity import relative_error
 
 NUM_STAGES, PATCH = 4, 4
@@ -146,7 +146,7 @@ def test_text_run_killed_9_in_a_bucket_resumes_to_the_uninterrupted_losses_and_s
     exactly the losses of an uninterrupted run on the local disk; metrics.jsonl, rewritten whole in
     the store, holds each step once; --mode=sample on the run finds its text encoder by itself."""
     from pixelflow_jax import storage
-    from pixelflow_jax.run_checkpoint import complete_steps
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
 
     text = dict(config="configs/t2i.py:tiny")
     reference = str(tmp_path / "reference")
@@ -184,7 +184,7 @@ def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm
     equals the uninterrupted run's. Covers per-process data rows, meshes of 2 and 8 devices giving
 the same losses (the text step's test compares 8 devices with 1 directly), restoring with another process
     count, multi-process saving and sampling, and the preemption sync point."""
-    from pixelflow_jax.run_checkpoint import complete_steps
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
 
     settings = ["--config.train.batch_size=32", "--config.mesh.fsdp=2", "--config.scheduler.num_stages=2",
                 "--config.train.num_steps=16", "--config.train.checkpoint_every=100"]  # 2 stages: compiles faster

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pixelflow_jax.attention import MASKED_KEY_BIAS
+from pixelflow_jax.kernels.attention import MASKED_KEY_BIAS
 
 LOG2_E = math.log2(math.e)
 MIN_TILE = 16  # the smallest matmul dimension Triton's tensor-core dot takes

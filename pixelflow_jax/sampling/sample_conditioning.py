@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pixelflow_jax import storage
-from pixelflow_jax.sampling import class_conditioning
+from pixelflow_jax.sampling.cascade import class_conditioning
 from pixelflow_jax.validation import class_ids
 
 
@@ -58,7 +58,7 @@ def read_prompts(sample_config) -> list[str]:
 
 class TextPrompts:
     def __init__(self, sample_config, cross_attention_dim: int, dtype: str):
-        from pixelflow_jax.text import prompt_encoder_for
+        from pixelflow_jax.text.prompts import prompt_encoder_for
 
         s = sample_config
         self.prompts = read_prompts(s)

@@ -22,10 +22,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pixelflow_jax import demo_text_encoder, storage
+from pixelflow_jax import storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.sharding import param_shardings, replicated
-from pixelflow_jax.train_step import TextConditioning
+from pixelflow_jax.text import demo_text_encoder
+from pixelflow_jax.training.train_step import TextConditioning
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ def encoder_path(config, workdir: str) -> str:
     """The text encoder a run trains with, as run_config.json records it."""
     if config.train.text_encoder:
         path = str(config.train.text_encoder)
-        from pixelflow_jax import hub
+        from pixelflow_jax.checkpoints import hub
 
         return path if hub.is_hub_path(path) else storage.absolute(path)
     if config.data.source != "demo":
@@ -65,7 +66,7 @@ def encoder_path(config, workdir: str) -> str:
 
 def folder_of(run: str, recorded_path: str) -> str:
     """The encoder folder a run's record names (a relative record lives inside the run)."""
-    from pixelflow_jax import hub
+    from pixelflow_jax.checkpoints import hub
 
     if hub.is_hub_path(recorded_path) or storage.is_url(recorded_path) or recorded_path.startswith("/"):
         return recorded_path
@@ -76,7 +77,7 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str) -> None:
     """Process 0 builds the demo's encoder (once per run); every process waits for it."""
     from jax.experimental import multihost_utils
 
-    from pixelflow_jax.demo_data import CaptionedDemoSource
+    from pixelflow_jax.data.demo_data import CaptionedDemoSource
 
     if jax.process_index() == 0 and not demo_text_encoder.is_built(folder):
         d = config.data
@@ -89,8 +90,8 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str) -> None:
 
 def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEncoder:
     """The run's encoder, checked against the model's cross-attention width before any step."""
-    from pixelflow_jax.t5_convert import load_t5_encoder, read_t5_config
-    from pixelflow_jax.text import T5Tokenizer, local_t5_folder
+    from pixelflow_jax.text.prompts import T5Tokenizer, local_t5_folder
+    from pixelflow_jax.text.t5_convert import load_t5_encoder, read_t5_config
 
     t = config.train
     recorded = encoder_path(config, workdir)
@@ -117,7 +118,7 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEnco
 def demo_preview_prompts(count: int, num_colours: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(prompts, colours, shapes) for previews of the captioned demo: every (colour, shape) pair
     once, in a seeded order, before any repeats; in the training set's first wording."""
-    from pixelflow_jax.demo_data import SHAPES, caption_of
+    from pixelflow_jax.data.demo_data import SHAPES, caption_of
 
     pairs = np.random.default_rng([seed, 7]).permutation(num_colours * len(SHAPES))[np.arange(count) % (num_colours * len(SHAPES))]
     colours, shapes = pairs // len(SHAPES), pairs % len(SHAPES)

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 
 PREFIX = "hf://"
 _HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revision>[\w.-]+))?(?:/(?P<subfolder>.+))?")
@@ -103,7 +103,7 @@ def checkpoint_folder(path: str) -> tuple[str, str]:
 
 def t5_folder(path: str) -> str:
     """A local T5 folder for a Hub T5 repo: config, tokenizer and the weights of the encoder only."""
-    from pixelflow_jax.t5_convert import fetch_encoder_files
+    from pixelflow_jax.text.t5_convert import fetch_encoder_files
 
     hub = HubPath.parse(path)
     try:

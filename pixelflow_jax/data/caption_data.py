@@ -5,7 +5,7 @@
                   a caption file is an error that names it, or (data.missing_captions='skip') is left
                   out and counted.
     array_record  ROOT/*.array_record shards of msgpack records {"image": bytes, "caption": str},
-                  written from a captioned folder by `python -m pixelflow_jax.pack_captions`: the
+                  written from a captioned folder by `python -m pixelflow_jax.data.pack_captions`: the
                   format for pods (a few large files instead of millions of small ones).
     demo          demo_data.CaptionedDemoSource ("a red disk", ...), built in.
 
@@ -23,7 +23,7 @@ import tempfile
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.data import IMAGE_EXTENSIONS, DataError
+from pixelflow_jax.data.loader import IMAGE_EXTENSIONS, DataError
 
 CAPTION_EXTENSION = ".txt"
 RECORD_EXTENSION = ".array_record"
@@ -102,14 +102,14 @@ def decode_record(record: bytes) -> dict:
     value = msgpack.unpackb(record, raw=False)
     if not isinstance(value, dict) or "image" not in value or "caption" not in value:
         raise DataError("an ArrayRecord record is not a msgpack map with 'image' and 'caption' (write shards with "
-                        "python -m pixelflow_jax.pack_captions)")
+                        "python -m pixelflow_jax.data.pack_captions)")
     return value
 
 
 def record_shards(root: str) -> list[str]:
     if not storage.isdir(root):
         raise DataError(f"ArrayRecord folder {root} does not exist; set config.data.root to the folder that "
-                        f"python -m pixelflow_jax.pack_captions wrote")
+                        f"python -m pixelflow_jax.data.pack_captions wrote")
     shards = [storage.join(root, name) for name in storage.list_files(root) if name.endswith(RECORD_EXTENSION)]
     if not shards:
         raise DataError(f"{root} has no *{RECORD_EXTENSION} shards")
@@ -153,7 +153,7 @@ def make_captioned_source(data_config):
     if kind == "array_record":
         return CaptionRecordSource(data_config.root, data_config.shard_cache_dir)
     if kind == "demo":
-        from pixelflow_jax.demo_data import CaptionedDemoSource
+        from pixelflow_jax.data.demo_data import CaptionedDemoSource
 
         return CaptionedDemoSource(data_config.demo_num_images, seed=data_config.demo_seed,
                                    num_classes=data_config.demo_num_classes, resolution=data_config.resolution)

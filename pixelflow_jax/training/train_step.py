@@ -19,11 +19,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelflow_jax import flow
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import stage_resolutions
 from pixelflow_jax.sharding import batch_sharding, param_shardings, replicated
+from pixelflow_jax.training import flow
 
 
 @dataclasses.dataclass(frozen=True)

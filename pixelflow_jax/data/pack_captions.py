@@ -1,7 +1,7 @@
 """Packs a captioned image folder (NAME.jpg + NAME.txt, as img2dataset writes) into ArrayRecord
 shards for text-to-image training (config.data.source='array_record'):
 
-    python -m pixelflow_jax.pack_captions --folder=DIR --output=gs://BUCKET/shards [--records_per_shard=5000]
+    python -m pixelflow_jax.data.pack_captions --folder=DIR --output=gs://BUCKET/shards [--records_per_shard=5000]
 
 Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text}. Images are
 not re-encoded, so packing is I/O bound. Shards are named captions-00003-of-00012.array_record and
@@ -16,8 +16,8 @@ import os
 import tempfile
 
 from pixelflow_jax import storage
-from pixelflow_jax.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
-                                        encode_record)
+from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
+                                             encode_record)
 from pixelflow_jax.progress import Progress
 
 

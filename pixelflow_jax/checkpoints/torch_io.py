@@ -18,9 +18,9 @@ import numpy as np
 import yaml
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoint import CheckpointConfig, CheckpointError, atomic_output_dir
+from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig, CheckpointError, atomic_output_dir
+from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.convert import infer_architecture
 
 RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
 WEIGHT_CHOICES = ("ema", "model")

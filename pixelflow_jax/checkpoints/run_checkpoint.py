@@ -21,9 +21,9 @@ import re
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoint import CheckpointConfig, CheckpointError, abstract_params
+from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig, CheckpointError, abstract_params
+from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.convert import Params
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"

@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 import numpy as np
 from flax import nnx, traverse_util
 
-from pixelflow_jax.checkpoint import CheckpointError, module_with_params
-from pixelflow_jax.t5 import T5Config, T5Encoder
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError, module_with_params
+from pixelflow_jax.text.t5 import T5Config, T5Encoder
 
 SKIPPED_PREFIXES = ("decoder.", "lm_head.")
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
@@ -114,7 +114,7 @@ def read_encoder_state_dict(folder: str) -> dict[str, np.ndarray]:
                     if not key.startswith(SKIPPED_PREFIXES):
                         tensors[key] = np.asarray(f.get_tensor(key), np.float32)
         else:
-            from pixelflow_jax.torch_io import float32_numpy, load_tensor_dict
+            from pixelflow_jax.checkpoints.torch_io import float32_numpy, load_tensor_dict
 
             loaded = load_tensor_dict(path)
             tensors.update(float32_numpy({k: v for k, v in loaded.items() if not k.startswith(SKIPPED_PREFIXES)}))

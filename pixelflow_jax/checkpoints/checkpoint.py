@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 from pixelflow_jax import storage
+from pixelflow_jax.checkpoints.convert import Params, param_shapes
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.convert import Params, param_shapes
 from pixelflow_jax.model import PixelFlow
 
 CONFIG_FILE = "pixelflow_config.json"

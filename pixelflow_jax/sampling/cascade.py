@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelflow_jax.flow import upsample_2x
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
+from pixelflow_jax.training.flow import upsample_2x
 from pixelflow_jax.validation import class_ids
 
 SOLVERS = ("euler", "dopri5")

@@ -28,10 +28,10 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
-from pixelflow_jax.checkpoint import build_model
+from pixelflow_jax.checkpoints.checkpoint import build_model
 from pixelflow_jax.progress import Progress
-from pixelflow_jax.sample_conditioning import conditioning_for
-from pixelflow_jax.sampling import CascadeSampler, SamplingOptions, draw_noise_jit, to_uint8
+from pixelflow_jax.sampling.cascade import CascadeSampler, SamplingOptions, draw_noise_jit, to_uint8
+from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 
 GRID_IMAGES = 64
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged

@@ -25,8 +25,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from pixelflow_jax import metrics, storage
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax import storage
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import replicate_on_local_devices
 
@@ -85,7 +86,7 @@ class FeatureExtractor:
     def __init__(self, weights_path: str, batch_size: int):
         from flax import nnx
 
-        from pixelflow_jax.inception_convert import load_inception
+        from pixelflow_jax.evaluation.inception_convert import load_inception
 
         self.weights_path = storage.absolute(weights_path)
         model = load_inception(weights_path)

@@ -65,13 +65,13 @@ def _pallas_kernel(supports, kernel, q, k, v, key_mask):
 
 
 def _pallas_gpu_attention(q, k, v, key_mask):
-    from pixelflow_jax.pallas_gpu_attention import flash_attention, supports
+    from pixelflow_jax.kernels.pallas_gpu_attention import flash_attention, supports
 
     return _pallas_kernel(supports, flash_attention, q, k, v, key_mask)  # xla for e.g. 6 text keys
 
 
 def _splash_attention(q, k, v, key_mask):
-    from pixelflow_jax.splash_attention import splash_attention, supports
+    from pixelflow_jax.kernels.splash_attention import splash_attention, supports
 
     return _pallas_kernel(supports, splash_attention, q, k, v, key_mask)  # xla for e.g. the 64-token stage
 

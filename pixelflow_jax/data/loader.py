@@ -131,7 +131,7 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
                                                        "classes": source.classes})
         return source
     if kind == "demo":
-        from pixelflow_jax.demo_data import DemoSource
+        from pixelflow_jax.data.demo_data import DemoSource
 
         return DemoSource(data_config.demo_num_images, seed=data_config.demo_seed,
                           num_classes=data_config.demo_num_classes, resolution=data_config.resolution)
@@ -214,7 +214,7 @@ class DecodedSource:
     def _conditioning(self, record: dict) -> dict:
         if self.tokenizer is None:
             return {"label": np.int32(record["label"])}
-        from pixelflow_jax.caption_data import decode_caption
+        from pixelflow_jax.data.caption_data import decode_caption
 
         tokens, mask, truncated = self.tokenizer.tokenize([decode_caption(record["caption"])])
         return {"tokens": tokens[0], "token_mask": mask[0], "truncated": np.int32(truncated[0])}
@@ -327,7 +327,7 @@ def make_loader(config, batch_size: int, class_index_dir: str | None = None, sta
 
     data = config.data
     if tokenizer is not None:
-        from pixelflow_jax.caption_data import make_captioned_source
+        from pixelflow_jax.data.caption_data import make_captioned_source
 
         source = make_captioned_source(data)
     else:

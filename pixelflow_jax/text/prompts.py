@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.sharding import replicate_on_local_devices
-from pixelflow_jax.t5_convert import load_t5_encoder
+from pixelflow_jax.text.t5_convert import load_t5_encoder
 
 MAX_LENGTH = 512  # the release's max_token_length
 TOKENIZER_FILE = "spiece.model"
@@ -100,7 +100,8 @@ class PromptEncoder:
 def local_t5_folder(path: str) -> str:
     """A T5 folder on this machine: hf://OWNER/NAME[@REVISION][/SUBFOLDER] is fetched into the Hub
     cache, a gs:// folder into a temporary folder (the encoder's files only)."""
-    from pixelflow_jax import hub, storage
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints import hub
 
     if hub.is_hub_path(path):
         return hub.t5_folder(path)
@@ -117,7 +118,7 @@ def local_t5_folder(path: str) -> str:
                     shutil.move(downloaded, os.path.join(local, name))
         return local
 
-    from pixelflow_jax.t5_convert import fetch_encoder_files
+    from pixelflow_jax.text.t5_convert import fetch_encoder_files
 
     try:
         return fetch_encoder_files(fetch)

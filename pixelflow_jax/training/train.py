@@ -29,20 +29,21 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from pixelflow_jax import flow, storage, validation
-from pixelflow_jax.checkpoint import CheckpointError
+from pixelflow_jax import storage, validation
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.preemption import PreemptionWatch
 from pixelflow_jax.progress import Progress
-from pixelflow_jax.resume_settings import check_resume
-from pixelflow_jax.run_checkpoint import RUN_CONFIG, read_run_config
-from pixelflow_jax.sampling import CascadeSampler
+from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
-from pixelflow_jax.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
-                                      train_flops_per_image)
-from pixelflow_jax.workdir_lock import WorkdirLock
+from pixelflow_jax.training import flow
+from pixelflow_jax.training.preemption import PreemptionWatch
+from pixelflow_jax.training.resume_settings import check_resume
+from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
+                                               train_flops_per_image)
+from pixelflow_jax.training.workdir_lock import WorkdirLock
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -92,7 +93,7 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
                          f"grad_accum_steps = {stages} x {devices} x {accum}")
     if t.preview_every and model_cfg.cross_attention_dim and config.data.source != "demo":
-        from pixelflow_jax.sample_conditioning import read_prompts
+        from pixelflow_jax.sampling.sample_conditioning import read_prompts
 
         try:  # fail now rather than at the first preview: previews of a text run draw sample.prompts
             read_prompts(config.sample)
@@ -271,9 +272,9 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
                   text_encoder=None) -> dict:
     """A grid of EMA samples (class i mod num_classes, or prompts); on the demo sets also how many
     samples show the asked hue and shape."""
-    from pixelflow_jax.checkpoint import CheckpointConfig
-    from pixelflow_jax.demo_data import SHAPES, agreement
-    from pixelflow_jax.sample_run import image_grid, save_png_atomically
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
+    from pixelflow_jax.data.demo_data import SHAPES, agreement
+    from pixelflow_jax.sampling.sample_run import image_grid, save_png_atomically
 
     ckpt = CheckpointConfig(model=model_cfg, num_train_timesteps=config.scheduler.num_train_timesteps,
                             num_stages=config.scheduler.num_stages, resolution=config.data.resolution)
@@ -285,8 +286,8 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
         shapes = colours % len(SHAPES)
         images = sampler.generate(colours, **options)
     else:
-        from pixelflow_jax.sample_conditioning import read_prompts
-        from pixelflow_jax.train_text import demo_preview_prompts
+        from pixelflow_jax.sampling.sample_conditioning import read_prompts
+        from pixelflow_jax.text.train_text import demo_preview_prompts
 
         if demo:
             prompts, colours, shapes = demo_preview_prompts(t.preview_num_images, config.data.demo_num_classes,
@@ -319,11 +320,11 @@ def train(config, workdir: str) -> dict:
 
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
                            lock: WorkdirLock) -> dict:
-    from pixelflow_jax.data import make_loader, to_global_batch
+    from pixelflow_jax.data.loader import make_loader, to_global_batch
 
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
-        from pixelflow_jax import train_text
+        from pixelflow_jax.text import train_text
 
         text_encoder = train_text.load(config, workdir, model_cfg, mesh)
         frozen = (text_encoder.params,)

@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoint import CheckpointError, module_with_params
-from pixelflow_jax.inception import InceptionV3
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError, module_with_params
+from pixelflow_jax.evaluation.inception import InceptionV3
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -66,7 +66,7 @@ def load_inception(path: str) -> InceptionV3:
     if not storage.isfile(path):
         raise CheckpointError(f"Inception weights {path} not found: download {WEIGHTS_URL} (pytorch-fid's "
                               "FID Inception, converted from the 2015-12-05 TensorFlow graph) and pass its path")
-    from pixelflow_jax.torch_io import float32_numpy, load_tensor_dict
+    from pixelflow_jax.checkpoints.torch_io import float32_numpy, load_tensor_dict
 
     state_dict = float32_numpy(load_tensor_dict(path))
     return module_with_params(InceptionV3, inception_params(state_dict))

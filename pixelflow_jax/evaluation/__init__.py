@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: the FID Inception network and ADM's metrics."""

@@ -1,0 +1,1 @@
+"""Attention kernels: the dispatching function, Pallas flash attention for GPUs, splash for TPUs."""

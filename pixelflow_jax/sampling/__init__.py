@@ -1,0 +1,1 @@
+"""Sampling: the cascade sampler and the `--mode=sample` job around it."""
