@@ -75,10 +75,11 @@ def stage_guidance(cfg_scale: float, num_stages: int, class_conditional: bool) -
     other counts (which the release does not support) the same curve; one stage gets cfg."""
     if not class_conditional or cfg_scale == 1.0 or num_stages == 1:
         return [float(cfg_scale)] * num_stages
-    knots = np.linspace(0.0, 1.0, len(CLASS_GUIDANCE_STAGE_WEIGHTS))
-    weights = np.interp(np.arange(num_stages) / (num_stages - 1), knots, CLASS_GUIDANCE_STAGE_WEIGHTS)
     if num_stages == len(CLASS_GUIDANCE_STAGE_WEIGHTS):
         weights = CLASS_GUIDANCE_STAGE_WEIGHTS  # the release's values themselves, not their interpolation
+    else:
+        knots = np.linspace(0.0, 1.0, len(CLASS_GUIDANCE_STAGE_WEIGHTS))
+        weights = np.interp(np.arange(num_stages) / (num_stages - 1), knots, CLASS_GUIDANCE_STAGE_WEIGHTS)
     return [1.0 + (cfg_scale - 1.0) * float(w) for w in weights]
 
 
