@@ -76,6 +76,13 @@ def check_train(config) -> None:
         integer(f"train.{field}", t[field], minimum=1)
     integer("train.preview_every", t.preview_every, minimum=0)
     number("train.lr", t.lr, above=0)
+    from pixelflow_jax.training.train_step import LR_SCHEDULES
+
+    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    integer("train.warmup_steps", t.warmup_steps, minimum=0)
+    if t.lr_schedule == "cosine" and t.warmup_steps >= t.num_steps:
+        raise ConfigError(f"--config.train.warmup_steps ({t.warmup_steps}) must be below train.num_steps "
+                          f"({t.num_steps}): the cosine schedule decays from the end of the warmup to num_steps")
     number("train.weight_decay", t.weight_decay, minimum=0)
     number("train.grad_clip", t.grad_clip, above=0)
     number("train.ema_decay", t.ema_decay, minimum=0, maximum=1)

@@ -31,6 +31,8 @@ def c2i_config(**changes):
     ("train", "train.lr", float("nan"), "--config.train.lr must be a finite number, got nan"),
     ("train", "train.lr", float("inf"), "--config.train.lr must be a finite number"),
     ("train", "train.ema_decay", 1.5, "--config.train.ema_decay must be <= 1"),
+    ("train", "train.lr_schedule", "linear", "--config.train.lr_schedule must be one of 'constant', 'cosine'"),
+    ("train", "train.warmup_steps", 4, "--config.train.warmup_steps (4) must be below train.num_steps (4)"),
     ("sample", "sample.cfg_scale", float("nan"), "--config.sample.cfg_scale must be a finite number"),
     ("sample", "sample.labels", (1.7, 2.2), "--config.sample.labels must be a whole number, got 1.7"),
     ("sample", "sample.batch_size", -2, "--config.sample.batch_size must be >= 1, got -2"),
@@ -41,7 +43,8 @@ def c2i_config(**changes):
 ])
 def test_every_config_value_is_checked_before_any_work(mode, field, value, message):
     with pytest.raises(ConfigError) as error:
-        check(c2i_config(**{field: value}), mode)
+        changes = {field: value, **({"train.lr_schedule": "cosine"} if field == "train.warmup_steps" else {})}
+        check(c2i_config(**changes), mode)
     assert message in str(error.value)
     check(c2i_config(), mode)  # the defaults pass
 
@@ -249,6 +252,24 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     assert record == {"step": 40, "changes": {"train.batch_size": {"from": 8, "to": 16},
                                               "train.lr": {"from": 0.0001, "to": 0.001}}}
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 0.001
+
+
+def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constant(tmp_path):
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_resume
+
+    cosine = c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 100})
+    check_resume(str(tmp_path / "cosine"), cosine, step=0)
+    with pytest.raises(ValueError, match="train.lr_decay_steps: 100 -> 200"):  # the rate would jump
+        check_resume(str(tmp_path / "cosine"), c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 200}),
+                     step=40)
+    older = tmp_path / "older"  # recorded before schedules existed: it resumes with the release's constant rate
+    check_resume(str(older), c2i_config(), step=0)
+    settings = json.loads((older / SETTINGS_FILE).read_text())
+    (older / SETTINGS_FILE).write_text(json.dumps({k: v for k, v in settings.items()
+                                                   if k not in ("train.lr_schedule", "train.warmup_steps")}))
+    check_resume(str(older), c2i_config(), step=40)
+    with pytest.raises(ValueError, match="train.lr_schedule: 'constant' -> 'cosine'"):
+        check_resume(str(older), cosine, step=40)
 
 
 def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):

@@ -19,7 +19,8 @@ from conftest import REPO, free_port
 from pixelflow_jax import PixelFlowScheduler, load_model
 from pixelflow_jax.data.demo_data import demo_image
 from pixelflow_jax.training.flow import Draws, StageTables, per_sample_losses, stage_batches
-from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer, make_train_step, state_shardings
+from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
+                                               state_shardings)
 from test_model_parity import relative_error
 
 NUM_STAGES, PATCH = 4, 4
@@ -92,6 +93,16 @@ def single_device(converted):
 
 
 @pytest.mark.slow
+def test_learning_rate_schedules():
+    assert learning_rate(StepConfig(lr=3e-4)) == 3e-4  # the release's constant rate: no step count in the state
+    cosine = learning_rate(StepConfig(lr=2.0, lr_schedule="cosine", warmup_steps=10, decay_steps=110))
+    assert [float(cosine(k)) for k in (0, 5, 10, 60, 110, 200)] == pytest.approx([0, 1, 2, 1, 0, 0], abs=1e-6)
+    warmup = learning_rate(StepConfig(lr=2.0, warmup_steps=4))
+    assert [float(warmup(k)) for k in (0, 2, 4, 100)] == pytest.approx([0, 1, 2, 2])
+    with pytest.raises(ValueError, match="decay_steps .* > warmup_steps"):
+        learning_rate(StepConfig(lr_schedule="cosine", warmup_steps=10, decay_steps=10))
+
+
 def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     state, step = single_device
     state = jax.tree.map(lambda x: x.copy(), state)

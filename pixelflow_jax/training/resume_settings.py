@@ -19,8 +19,10 @@ from pixelflow_jax import storage
 
 SETTINGS_FILE = "train_settings.json"
 CHANGES_FILE = "settings_changes.jsonl"
-TRAIN_FIELDS = ("batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "label_dropout", "grad_accum_steps",
-                "caption_dropout", "max_text_tokens")  # the last two: text configs only
+TRAIN_FIELDS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
+                "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens")  # the last two: text configs only
+# What a run recorded before a setting existed meant: its default.
+DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
                "missing_captions")
 
@@ -29,6 +31,8 @@ def resume_settings(config) -> dict:
     values = {"seed": config.seed}
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
     values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS if name in config.data})
+    if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
+        values["train.lr_decay_steps"] = config.train.num_steps
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
 
 
@@ -39,7 +43,7 @@ def check_resume(workdir: str, config, step: int) -> None:
         if jax.process_index() == 0:
             storage.write_json_atomically(path, current)
         return
-    previous = storage.read_json(path)
+    previous = {**DEFAULTS, **storage.read_json(path)}
     changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items() if previous.get(k) != v}
     if not changed:
         return

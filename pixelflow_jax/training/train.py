@@ -41,8 +41,8 @@ from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_resume
-from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step, state_shardings,
-                                               train_flops_per_image)
+from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
+                                               state_shardings, train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
@@ -109,8 +109,10 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     elif config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
         raise ValueError(f"model.num_classes ({model_cfg.num_classes}) must equal data.demo_num_classes "
                          f"({config.data.demo_num_classes}): previews sample every class of the model")
-    return StepConfig(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
-                      label_dropout=t.label_dropout, caption_dropout=t.get("caption_dropout", 0.0), grad_accum_steps=accum)
+    return StepConfig(lr=t.lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, decay_steps=t.num_steps,
+                      weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
+                      label_dropout=t.label_dropout, caption_dropout=t.get("caption_dropout", 0.0),
+                      grad_accum_steps=accum)
 
 
 def initial_state(config, model_cfg: ModelConfig, tx, mesh):
@@ -333,7 +335,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
 
-    tx = make_optimizer(step_cfg)
+    tx, lr = make_optimizer(step_cfg), learning_rate(step_cfg)
     graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh)
     train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
                                  config.scheduler.num_train_timesteps, mesh, shardings,
@@ -373,9 +375,12 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 now = time.perf_counter()
                 images_per_s = (step - last_step) * t.batch_size / (now - last_time)
                 last_time, last_step = now, step
+                skipped = int(state["skipped_steps"])
+                # The rate of this step's update (a schedule counts applied updates, not skipped steps).
+                lr_now = float(lr(step - 1 - skipped)) if callable(lr) else lr
                 record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
-                          "lr": t.lr, "images_per_s": images_per_s, "step_time_s": t.batch_size / images_per_s,
-                          "skipped_steps": int(state["skipped_steps"])}
+                          "lr": lr_now, "images_per_s": images_per_s, "step_time_s": t.batch_size / images_per_s,
+                          "skipped_steps": skipped}
                 if peak:
                     record["mfu"] = images_per_s * flops / (peak * jax.device_count())
             # One scalar read per step (it waits for the step): the price of stopping on time.

@@ -31,6 +31,11 @@ class StepConfig:
     """Hyper-parameters of the step (defaults: the release's train.py)."""
 
     lr: float = 1e-4
+    # 'constant' (the release) or 'cosine': down to 0 at decay_steps. Both ramp up linearly over
+    # warmup_steps first (0: none).
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -58,10 +63,29 @@ class TextConditioning:
         return {"encoder_hidden_states": encoder(tokens, mask), "encoder_attention_mask": jnp.asarray(mask, jnp.float32)}
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(cfg: StepConfig) -> optax.ScalarOrSchedule:
+    """The learning rate: a float for the release's constant rate (the optimiser state then has no
+    step count, as before schedules existed), else a schedule of the update count."""
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule == "constant" and not cfg.warmup_steps:
+        return cfg.lr
+    if cfg.lr_schedule == "constant":
+        return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    if cfg.decay_steps <= cfg.warmup_steps:
+        raise ValueError(f"a cosine learning rate needs decay_steps ({cfg.decay_steps}, the run's num_steps) > "
+                         f"warmup_steps ({cfg.warmup_steps})")
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.decay_steps, end_value=0.0)
+
+
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW, with torch's AdamW arithmetic (eps outside the sqrt)."""
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+                       optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay))
 
 
 def init_state(model: PixelFlow, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
