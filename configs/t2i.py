@@ -64,9 +64,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.data.update(demo.data.to_dict())
         config.train.update(demo.train.to_dict())
         config.train.update(max_text_tokens=16, preview_num_images=50)  # captions are <= 12 tokens
-        # Half the class demo's steps: a text step costs ~1.5 class steps here, and outlines from text
-        # were still at chance after 4,000 steps (README), so the extra minutes bought nothing.
-        config.train.update(num_steps=2_000, preview_every=1_000)
+        # Fewer steps than the class demo: a text step costs ~1.2 class steps here, and outlines from
+        # text are still at chance after 5,000 steps (README), so more minutes buy nothing yet.
+        config.train.update(num_steps=5_000, preview_every=2_500)
         config.sample.update(batch_size=20, steps_per_stage=demo.sample.steps_per_stage, cfg_scale=demo.sample.cfg_scale)
     elif arg:
         raise ValueError(f"unknown t2i config variant {arg!r}; choose '', 'tiny' or 'demo'")
