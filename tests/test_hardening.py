@@ -270,6 +270,9 @@ def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constan
     check_resume(str(older), c2i_config(), step=40)
     with pytest.raises(ValueError, match="train.lr_schedule: 'constant' -> 'cosine'"):
         check_resume(str(older), cosine, step=40)
+    allowed = c2i_config(**{"train.warmup_steps": 10, "train.allow_resume_changes": True})
+    with pytest.raises(ValueError, match="keeps a step count in its optimiser state .*init_from"):
+        check_resume(str(older), allowed, step=40)  # the optimiser states differ: no flag can allow it
 
 
 def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):

@@ -19,8 +19,9 @@ from pixelflow_jax import storage
 
 SETTINGS_FILE = "train_settings.json"
 CHANGES_FILE = "settings_changes.jsonl"
+# The last two: text configs only.
 TRAIN_FIELDS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
-                "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens")  # the last two: text configs only
+                "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens")
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
@@ -36,6 +37,10 @@ def resume_settings(config) -> dict:
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
 
 
+def _has_schedule(settings: dict) -> bool:
+    return settings.get("train.lr_schedule", "constant") != "constant" or bool(settings.get("train.warmup_steps", 0))
+
+
 def check_resume(workdir: str, config, step: int) -> None:
     """Records the settings of a new run; refuses or records a change when resuming at `step`."""
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config)
@@ -48,6 +53,11 @@ def check_resume(workdir: str, config, step: int) -> None:
     if not changed:
         return
     listed = ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
+    if _has_schedule(previous) != _has_schedule(current):  # not even allow_resume_changes can mend this
+        raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}): a run with a learning "
+                         "rate schedule (lr_schedule 'cosine' or warmup_steps > 0) keeps a step count in its optimiser "
+                         "state and one without does not, so its checkpoints cannot resume the other way; train a new "
+                         f"--workdir with --config.train.init_from={workdir} instead")
     if not config.train.allow_resume_changes:
         raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}); resuming with them "
                          "would change the run (a batch size, seed or data change also loses exact resume). Rerun "
