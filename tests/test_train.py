@@ -92,7 +92,6 @@ def single_device(converted):
     return build(converted, mesh_of(jax.devices()[:1], 1), lr=1e-3)
 
 
-@pytest.mark.slow
 def test_learning_rate_schedules():
     assert learning_rate(StepConfig(lr=3e-4)) == 3e-4  # the release's constant rate: no step count in the state
     cosine = learning_rate(StepConfig(lr=2.0, lr_schedule="cosine", warmup_steps=10, decay_steps=110))
@@ -103,6 +102,7 @@ def test_learning_rate_schedules():
         learning_rate(StepConfig(lr_schedule="cosine", warmup_steps=10, decay_steps=10))
 
 
+@pytest.mark.slow
 def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     state, step = single_device
     state = jax.tree.map(lambda x: x.copy(), state)
