@@ -16,6 +16,7 @@ import jax
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.training.train_step import counts_updates
 
 SETTINGS_FILE = "train_settings.json"
 CHANGES_FILE = "settings_changes.jsonl"
@@ -37,10 +38,6 @@ def resume_settings(config) -> dict:
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
 
 
-def _has_schedule(settings: dict) -> bool:
-    return settings.get("train.lr_schedule", "constant") != "constant" or bool(settings.get("train.warmup_steps", 0))
-
-
 def check_resume(workdir: str, config, step: int) -> None:
     """Records the settings of a new run; refuses or records a change when resuming at `step`."""
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config)
@@ -53,7 +50,9 @@ def check_resume(workdir: str, config, step: int) -> None:
     if not changed:
         return
     listed = ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
-    if _has_schedule(previous) != _has_schedule(current):  # not even allow_resume_changes can mend this
+    counts = [counts_updates(s.get("train.lr_schedule", "constant"), s.get("train.warmup_steps", 0))
+              for s in (previous, current)]
+    if counts[0] != counts[1]:  # not even allow_resume_changes can mend this
         raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}): a run with a learning "
                          "rate schedule (lr_schedule 'cosine' or warmup_steps > 0) keeps a step count in its optimiser "
                          "state and one without does not, so its checkpoints cannot resume the other way; train a new "

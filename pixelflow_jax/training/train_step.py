@@ -66,12 +66,17 @@ class TextConditioning:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def counts_updates(lr_schedule: str, warmup_steps: int) -> bool:
+    """Whether the rate is a schedule, whose optimiser state holds an update count: only the
+    release's constant rate without warmup is a plain float (its state as before schedules existed)."""
+    return lr_schedule != "constant" or warmup_steps > 0
+
+
 def learning_rate(cfg: StepConfig) -> optax.ScalarOrSchedule:
-    """The learning rate: a float for the release's constant rate (the optimiser state then has no
-    step count, as before schedules existed), else a schedule of the update count."""
+    """The learning rate: a float for the release's constant rate, else a schedule of the update count."""
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
-    if cfg.lr_schedule == "constant" and not cfg.warmup_steps:
+    if not counts_updates(cfg.lr_schedule, cfg.warmup_steps):
         return cfg.lr
     if cfg.lr_schedule == "constant":
         return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
