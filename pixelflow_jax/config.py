@@ -44,6 +44,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention: str = "auto"  # backend of pixelflow_jax.kernels.attention: auto | xla | cudnn | pallas_gpu | splash
     remat: str = "none"  # rematerialise blocks in the backward pass: 'none' | 'full' | 'dots' (keep matmul outputs)
+    # Text models only, not the release's architecture: also add Linear(mean of the caption's token
+    # states) to the adaLN conditioning. The release cannot load such weights (export refuses them).
+    pooled_text: bool = False
 
     def __post_init__(self):
         for name in ("num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels", "out_channels"):
@@ -57,6 +60,9 @@ class ModelConfig:
             raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.pooled_text and not self.cross_attention_dim:
+            raise ValueError("model.pooled_text pools the caption's text states: it needs a text model "
+                             "(model.cross_attention_dim > 0); set model.pooled_text=False for a class model")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -89,4 +95,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        if self.pooled_text:  # named only when on, so the release's architectures read as before
+            arch["pooled_text"] = True
+        return arch

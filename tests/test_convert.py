@@ -173,3 +173,18 @@ def test_load_model_names_a_non_checkpoint_folder(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(CheckpointError, match=r"unsupported URL scheme s3://; paths are local or gs://"):
         load_model("s3://bucket/run")
+
+
+def test_pooled_text_is_this_projects_addition_named_only_when_on_and_never_exported():
+    from pixelflow_jax.checkpoints.convert import ConversionError, params_to_torch
+    from pixelflow_jax.config import ModelConfig
+
+    release = ModelConfig(num_classes=0, cross_attention_dim=20)
+    assert "pooled_text" not in release.architecture()  # the release's architectures read as before
+    pooled = ModelConfig(num_classes=0, cross_attention_dim=20, pooled_text=True)
+    assert pooled.architecture()["pooled_text"] is True
+    assert ModelConfig.from_mapping(pooled.architecture()) == pooled  # as run_config.json records it
+    with pytest.raises(ConversionError, match=r"model.pooled_text=True.*the release cannot load"):
+        params_to_torch({}, pooled)
+    with pytest.raises(ValueError, match=r"needs a text model \(model.cross_attention_dim > 0\)"):
+        ModelConfig(pooled_text=True)

@@ -191,7 +191,7 @@ def reference_stage_inputs(images, draws, scheduler):
 
 def reference_velocity(p, x, t, text, text_mask, heads, patch):
     """The text-conditional PixelFlow forward written again, functionally and in float64, from the
-    parameter dict: patch tokens, timestep + latent-size embeddings, adaLN blocks (q/k RMSNorm, 2D
+    parameter dict: patch tokens, timestep + latent-size (+ pooled text) embeddings, adaLN blocks (q/k RMSNorm, 2D
     RoPE; cross-attention on the RMS-normed stream with the text mask), final modulation."""
     lin = lambda q, a: a @ q["kernel"] + q.get("bias", 0.0)
     silu = lambda a: a / (1 + jnp.exp(-a))
@@ -208,6 +208,9 @@ def reference_velocity(p, x, t, text, text_mask, heads, patch):
         return lin(q["linear_2"], silu(lin(q["linear_1"], jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1))))
 
     cond = embed(p["timestep_embedder"], t) + embed(p["latent_size_embedder"], jnp.full((1,), float(g)))
+    if "text_pool_proj" in p:  # model.pooled_text: the mean of the unmasked text states, projected
+        keep = text_mask[..., None]
+        cond = cond + lin(p["text_pool_proj"], (text * keep).sum(1) / keep.sum(1))
     head_dim = h.shape[-1] // heads
     freqs = 1.0 / 10000.0 ** (np.arange(0, head_dim // 2, 2) / (head_dim // 2))
     rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
@@ -279,6 +282,37 @@ def test_text_loss_and_gradient_equal_a_float64_computation(text_setup):
         assert relative_error(flat(grads32), flat(grads_ref)) <= 1e-4
         for name in ("attn2", "norm2"):  # the text path gets its share of the gradient
             assert np.abs(flat(grads_ref["transformer_blocks"][name])).max() > 0
+
+
+def test_pooled_text_model_equals_a_float64_forward_and_ignores_padding(text_setup):
+    """model.pooled_text adds Linear(mean of the caption's unmasked T5 states) to the conditioning:
+    the float32 model equals reference_velocity in float64 with that term, padded token states
+    change nothing, and the term does change the output."""
+    import dataclasses
+
+    from pixelflow_jax.checkpoints.checkpoint import build_model
+
+    model, config, text, encoder_params, _, (tokens, mask), _ = text_setup
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    rng = np.random.default_rng(0)
+    width, hidden = config.model.cross_attention_dim, config.model.hidden_size
+    params["text_pool_proj"] = {"kernel": rng.normal(0, 0.3, (width, hidden)).astype(np.float32),
+                                "bias": rng.normal(0, 0.3, hidden).astype(np.float32)}
+    pooled = build_model(dataclasses.replace(config, model=dataclasses.replace(config.model, pooled_text=True)), params)
+    states = np.asarray(text.encode(encoder_params, tokens, mask)["encoder_hidden_states"])
+    x = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
+    t = rng.uniform(0, 1000, 8).astype(np.float32)
+    forward = jax.jit(lambda m, states: m(x, t, encoder_hidden_states=states, encoder_attention_mask=mask))
+    out = np.asarray(forward(pooled, states))
+    with jax.enable_x64(True):
+        reference = reference_velocity(jax.tree.map(lambda a: np.asarray(a, np.float64), params), x.astype(np.float64),
+                                       t.astype(np.float64), states.astype(np.float64), mask.astype(np.float64),
+                                       config.model.num_attention_heads, config.model.patch_size)
+    assert relative_error(out, np.asarray(reference)) <= 1e-5
+    assert (mask == 0).any()
+    garbage = np.where(mask[..., None] > 0, states, 1e3).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(forward(pooled, garbage)), out, rtol=0, atol=1e-5)
+    assert relative_error(np.asarray(forward(model, states)), out) > 1e-2
 
 
 def build_text_step(model, config, text, encoder_params, mesh):

@@ -155,22 +155,26 @@ def test_text_run_killed_9_in_a_bucket_resumes_to_the_uninterrupted_losses_and_s
     """A text-to-image run on the captioned demo set (its T5 built by the run) with the workdir in a
     bucket (a local GCS emulator): killed with kill -9 after its first checkpoint, it resumes to
     exactly the losses of an uninterrupted run on the local disk; metrics.jsonl, rewritten whole in
-    the store, holds each step once; --mode=sample on the run finds its text encoder by itself."""
+    the store, holds each step once; --mode=sample on the run finds its text encoder by itself. The
+    model has the pooled-text path (as the text demo does), so run_config.json must carry it to
+    resume and sampling; the release's text architecture is trained by the step tests."""
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
 
     text = dict(config="configs/t2i.py:tiny")
+    pooled = "--config.model.pooled_text=True"
     reference = str(tmp_path / "reference")
-    run_training(reference, "--config.train.num_steps=40", **text)
+    run_training(reference, pooled, **text)
     interrupted = f"{bucket}/run"
-    process = run_training(interrupted, "--config.train.num_steps=40", wait=False, **text)
+    process = run_training(interrupted, pooled, wait=False, **text)
     deadline = time.time() + 300
     while 10 not in complete_steps(interrupted) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert max(losses(interrupted)) < 40, "the run finished before it could be killed"
-    run_training(interrupted, "--config.train.num_steps=40", **text)
+    run_training(interrupted, pooled, **text)
+    assert storage.read_json(f"{interrupted}/run_config.json")["architecture"]["pooled_text"] is True
     expected, resumed = losses(reference), losses(interrupted)
     assert [r["step"] for r in metrics_steps(interrupted)] == list(range(1, 41))
     for step in range(1, 41):
