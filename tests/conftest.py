@@ -41,6 +41,14 @@ def run_converter(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_memory_as_main_sets_it():
+    """In-process steps run as main.py runs them: freed host buffers kept for reuse (host_memory.py)."""
+    from pixelflow_jax import host_memory
+
+    host_memory.reuse_freed_buffers_on_cpu()
+
+
 @pytest.fixture(scope="session")
 def golden():
     return {name: dict(np.load(os.path.join(fixture_dir(name), "golden.npz"))) for name in FIXTURE_NAMES}
