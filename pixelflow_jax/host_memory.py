@@ -2,9 +2,9 @@
 
 XLA:CPU allocates each execution's temporary buffers with malloc and frees them afterwards. glibc
 serves large requests with fresh mmap'd pages and hands freed memory back to the kernel, so every
-step pays for zero-filling the same megabytes again: on the text demo's step (many small buffers of
-~1 MB: the scans' gradient accumulators) that was ~30% of the step time on a 2-core machine
-(0.107 -> 0.075 s per step, README). Raising glibc's mmap and trim thresholds keeps freed buffers
+step pays for zero-filling the same megabytes again: on the demos' steps (many buffers of ~1 MB,
+such as the block scans' gradient accumulators) keeping them made a step 20-30% faster on a 2-core
+machine (README, Training). Raising glibc's mmap and trim thresholds keeps freed buffers
 in the process for the next step. The cost is memory: up to TRIM_THRESHOLD bytes of freed heap stay
 with the process instead of going back to the system. Accelerator runs keep their buffers on the
 device and are left alone.
@@ -22,7 +22,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 1 << 30  # requests below 1 GiB come from the heap, so their pages are reused
-TRIM_THRESHOLD = 2 << 30  # up to 2 GiB of freed heap is kept for reuse
+TRIM_THRESHOLD = 2**31 - 1  # up to ~2 GiB of freed heap is kept for reuse (mallopt takes a C int)
 
 
 def _glibc_mallopt():
