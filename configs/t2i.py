@@ -47,7 +47,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Training (pixelflow_jax/text/train_text.py): captioned data and a frozen T5 encoder in the step.
     config.data.source = "folder"  # 'folder' (NAME.jpg + NAME.txt) | 'array_record' | 'demo' (captioned)
     config.data.missing_captions = "error"  # or 'skip': images without NAME.txt are left out and counted
-    config.data.shard_cache_dir = ""  # where gs:// ArrayRecord shards are copied ('' = a temporary folder)
     config.train.text_encoder = ""  # T5 folder or hf://google/flan-t5-xl; '' on the demo set: built by the run
     config.train.max_text_tokens = 512  # the release's; 77-128 cover most captions at a fraction of the cost
     config.train.text_encoder_dtype = "float32"  # the frozen encoder's parameters; 'bfloat16' halves them

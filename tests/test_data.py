@@ -10,6 +10,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from pixelflow_jax import storage
+from pixelflow_jax.data import loader as loader_module
+from pixelflow_jax.data.caption_data import CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, DemoSource, classify, demo_image
 from pixelflow_jax.data.loader import (DataError, ImageFolderSource, ImageLoader, TfdsSource, build_dataset, make_source,
                                        to_global_batch)
@@ -87,7 +90,7 @@ def test_missing_or_empty_folder_names_the_path(tmp_path):
         ImageFolderSource(str(tmp_path / "empty"))
 
 
-def test_tiny_tfds_dataset_through_the_imagenet_path(tmp_path):
+def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp_path, bucket):
     import tensorflow_datasets as tfds
 
     class TinyImagenet(tfds.core.GeneratorBasedBuilder):
@@ -120,6 +123,29 @@ def test_tiny_tfds_dataset_through_the_imagenet_path(tmp_path):
     assert images.shape == (4, R, R, 3) and set(labels) <= {0, 1, 2}
     with pytest.raises(DataError, match="tfds build"):
         TfdsSource("tiny_imagenet", "validation", str(tmp_path))
+
+    # The same files in a bucket, read in place (`data.tfds_data_dir=gs://...`).
+    for folder, _, names in os.walk(tmp_path / "tiny_imagenet"):
+        for name in names:
+            storage.upload_file_atomically(os.path.join(folder, name),
+                                           f"{bucket}/{os.path.relpath(os.path.join(folder, name), tmp_path)}")
+    remote = TfdsSource("tiny_imagenet", "train", bucket)
+    assert len(remote) == 10
+    for i in range(10):
+        np.testing.assert_array_equal(remote[i]["image"], source.source[i]["image"])
+        assert remote[i]["label"] == source[i]["label"]
+
+
+def test_array_record_too_old_for_a_bucket_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setattr(loader_module, "installed_array_record_version", lambda: "0.8.2")
+    for open_source in (lambda: CaptionRecordSource("gs://bucket/shards"),
+                        lambda: TfdsSource("imagenet2012", "train", "gs://bucket/tfds")):
+        with pytest.raises(DataError, match=r"gs://bucket/\S+ is in a bucket, but array-record 0.8.2 reads only "
+                                            r"local files; install array-record>=0.8.3"):
+            open_source()
+    loader_module.check_array_record_reads("/local/shards")  # local files: any version reads them
+
+
 
 
 def test_same_seed_same_batches_and_workers_agree():

@@ -91,21 +91,38 @@ def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(caption
     assert (mask.sum(axis=1) == TOKENS).sum() >= 1  # the long caption fills every position
 
 
-def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(captioned_folder, tmp_path, bucket):
+def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(captioned_folder, encoder_folder,
+                                                                            tmp_path, bucket):
+    """Shards in a bucket are read in place (no local copy), also by a loader worker process,
+    and give the batches the same shards give on a local disk."""
     from pixelflow_jax import storage
     from pixelflow_jax.data.pack_captions import pack
 
     root, captions = captioned_folder
     expected = sorted((open(path, "rb").read(), caption.decode().strip()) for path, caption in captions.items()
                       if caption.strip() and not caption.startswith(b"\xff"))
+    sources = []
     for output in (str(tmp_path / "shards"), f"{bucket}/shards"):
         counts = pack(root, output, records_per_shard=3, missing_captions="skip")
         assert counts == {"records": 9, "shards": 3, "skipped_captions": 2, "missing_captions": 1}
         assert len([n for n in storage.list_files(output) if n.endswith(".array_record")]) == 3
-        source = CaptionRecordSource(output, cache_dir=str(tmp_path / "cache"))
+        source = CaptionRecordSource(output)
+        assert all(shard.startswith(output) for shard in source.shards)
         assert sorted((bytes(source[i]["image"]), source[i]["caption"]) for i in range(len(source))) == expected
         with pytest.raises(ValueError, match="already holds 3 shards"):
             pack(root, output)  # nothing is overwritten
+        sources.append(source)
+
+    tokenizer = T5Tokenizer(encoder_folder, TOKENS)
+    local, in_bucket = (ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0, tokenizer=tokenizer,
+                                                  num_workers=workers))
+                        for source, workers in zip(sources, (0, 1)))
+    for _ in range(3):
+        (a, (ta, ma)), (b, (tb, mb)) = next(local), next(in_bucket)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ta, tb)
+        np.testing.assert_array_equal(ma, mb)
+    in_bucket.close()
 
 
 def test_demo_captions_name_what_the_image_shows_with_independent_colour_and_shape():

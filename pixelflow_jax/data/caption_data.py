@@ -17,13 +17,11 @@ tokenizes the caption for the frozen text encoder.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.data.loader import IMAGE_EXTENSIONS, DataError
+from pixelflow_jax.data.loader import IMAGE_EXTENSIONS, DataError, check_array_record_reads
 
 CAPTION_EXTENSION = ".txt"
 RECORD_EXTENSION = ".array_record"
@@ -117,25 +115,15 @@ def record_shards(root: str) -> list[str]:
 
 
 class CaptionRecordSource:
-    """ArrayRecord shards of (image, caption) records. Shards in a bucket are copied to local disk
-    first (ArrayRecord reads local files): size the disk for the dataset."""
+    """ArrayRecord shards of (image, caption) records, local or in a bucket (read in place: each
+    record is one ranged read, so nothing is copied to local disk first)."""
 
-    def __init__(self, root: str, cache_dir: str = ""):
+    def __init__(self, root: str):
         from grain.sources import ArrayRecordDataSource
 
-        shards = record_shards(root)
-        if storage.is_url(root):
-            local = cache_dir or tempfile.mkdtemp(prefix="pixelflow_shards_")
-            os.makedirs(local, exist_ok=True)
-            copies = []
-            for shard in shards:
-                copy = os.path.join(local, storage.basename(shard))
-                if not (os.path.isfile(copy) and os.path.getsize(copy) == storage.size_and_mtime(shard)[0]):
-                    with storage.local_file(shard) as downloaded:
-                        shutil.move(downloaded, copy)
-                copies.append(copy)
-            shards = copies
-        self.root, self.source = root, ArrayRecordDataSource(shards)
+        check_array_record_reads(root)
+        self.root, self.shards = root, record_shards(root)
+        self.source = ArrayRecordDataSource(self.shards)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -151,7 +139,7 @@ def make_captioned_source(data_config):
     if kind == "folder":
         return CaptionedFolderSource(data_config.root, data_config.missing_captions)
     if kind == "array_record":
-        return CaptionRecordSource(data_config.root, data_config.shard_cache_dir)
+        return CaptionRecordSource(data_config.root)
     if kind == "demo":
         from pixelflow_jax.data.demo_data import CaptionedDemoSource
 

@@ -25,7 +25,9 @@ grain and TFDS are imported lazily: the model, sampler and train step do not nee
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import io
+import re
 from typing import Any, Iterator
 
 import jax
@@ -42,6 +44,26 @@ CLASS_INDEX_FILE = "class_index.json"
 
 class DataError(RuntimeError):
     """The dataset cannot be used as configured; the message names the path and the fix."""
+
+
+# ArrayRecord's reader opens gs:// objects itself (ranged reads with the machine's Google
+# credentials) from array-record 0.8.3 on; older versions take the URL for a local file name.
+ARRAY_RECORD_READS_GCS_FROM = (0, 8, 3)
+
+
+def installed_array_record_version() -> str:
+    return importlib.metadata.version("array-record")
+
+
+def check_array_record_reads(path: str) -> None:
+    """Stops a run whose ArrayRecord files are in a bucket when the installed reader cannot open them."""
+    if not storage.is_url(path):
+        return
+    version = installed_array_record_version()
+    if tuple(int(n) for n in re.findall(r"\d+", version)[:3]) < ARRAY_RECORD_READS_GCS_FROM:
+        raise DataError(f"{path} is in a bucket, but array-record {version} reads only local files; "
+                        f"install array-record>={'.'.join(map(str, ARRAY_RECORD_READS_GCS_FROM))} "
+                        "(pip install -r requirements.txt), or copy the files to a local disk")
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -88,6 +110,7 @@ class TfdsSource:
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds
 
+        check_array_record_reads(data_dir or "")
         try:
             self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
         except Exception as e:  # TFDS raises several types for "not built" and "no such split"
