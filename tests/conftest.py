@@ -79,7 +79,9 @@ def make_emulator_behave_like_gcs():
     """Two differences from real GCS that break orbax's array writes (tensorstore) at random,
     about 4 runs in 10: media downloads carry no x-goog-generation header ('Malformed
     StorageGeneration'), and requests are served concurrently over an unsynchronised store. Fixed
-    here: the headers are added, and requests are served one at a time."""
+    here: the headers are added, and requests are served one at a time. A third: the emulator
+    ignores ifGenerationMatch=0 (create only), which the workdir lock relies on; such an upload of
+    an object that exists now gets GCS's 412."""
     import threading
     from http import HTTPStatus
 
@@ -106,11 +108,31 @@ def make_emulator_behave_like_gcs():
                 response["x-goog-metageneration"] = str(obj["metageneration"])
         return respond
 
+    def create_only_if_asked(handler):
+        def respond(request, response, storage, *args, **kwargs):
+            name = (request.query.get("name") or [None])[0]
+            if name is None and isinstance(request.data, dict):  # a multipart upload names it in its metadata
+                name = (request.data.get("meta") or {}).get("name")
+            if request.query.get("ifGenerationMatch") == ["0"] and name is not None:
+                try:
+                    storage.get_file_obj(request.params["bucket_name"], name)
+                except Exception:  # no such object: the upload may create it
+                    pass
+                else:
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you "
+                                                                     "specified did not hold."}})
+                    return
+            handler(request, response, storage, *args, **kwargs)
+        return respond
+
     server.Router.handle = handle_one_at_a_time
     for _, methods in server.HANDLERS:
         for method, handler in list(methods.items()):
             if handler in (objects.download, objects.get):
                 methods[method] = with_generation(handler)
+            elif handler is objects.insert:
+                methods[method] = create_only_if_asked(handler)
     server._pixelflow_patched = True
 
 
