@@ -265,6 +265,49 @@ def size_and_mtime(path: str) -> tuple[int, float]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def cache_dir(*parts: str) -> str:
+    """This project's local cache of remote files: $PIXELFLOW_CACHE_DIR, else
+    $XDG_CACHE_HOME/pixelflow_jax, else ~/.cache/pixelflow_jax."""
+    root = os.environ.get("PIXELFLOW_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pixelflow_jax")
+    return os.path.join(root, *parts)
+
+
+def cached_copy(url: str, folder: str) -> str:
+    """folder/NAME, a local copy of the file at `url`: downloaded again only when the remote's size
+    or modification time differs from what NAME.source.json recorded. The copy appears whole
+    (downloaded beside it, then renamed), so a killed download is never read as the file; its
+    leftovers are deleted by the next download on the same host (the folder may be on a file
+    system that other hosts share, where their downloads are theirs to clear)."""
+    local = os.path.join(folder, basename(url))
+    record_path = local + ".source.json"
+    size, mtime = size_and_mtime(url)
+    record = {"url": url, "size": size, "mtime": mtime}
+    with contextlib.suppress(OSError, ValueError):
+        with open(record_path) as f:
+            if json.load(f) == record and os.path.getsize(local) == size:
+                return local
+    os.makedirs(folder, exist_ok=True)
+    partial = f".{basename(url)}.download-{socket.gethostname()}-"
+    for name in os.listdir(folder):
+        pid = name[len(partial):].split("-", 1)[0]
+        if name.startswith(partial) and pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+    fd, tmp = tempfile.mkstemp(prefix=f"{partial}{os.getpid()}-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as target, open_file(url, "rb") as source:
+            shutil.copyfileobj(source, target, 16 << 20)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, local)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    write_json_atomically(record_path, record)
+    return local
+
+
 @contextlib.contextmanager
 def local_file(path: str) -> Iterator[str]:
     """A local path with the file's content: the file itself, or a temporary download of a URL

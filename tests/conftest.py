@@ -14,6 +14,8 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pixelflow_jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Local copies of remote files (T5 folders in a bucket) go to a fresh folder, not the user's ~/.cache.
+os.environ.setdefault("PIXELFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="pixelflow_jax_files_"))
 
 # gcsfs probes a TLS control service at every call unless told not to; against the plain-HTTP
 # storage emulator that stalls each call for 60 s. Must be set before gcsfs is imported.

@@ -3,7 +3,9 @@ captions, and the text-conditional step (frozen T5, caption dropout) against flo
 meshes."""
 
 import io
+import json
 import os
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +125,42 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
         np.testing.assert_array_equal(ta, tb)
         np.testing.assert_array_equal(ma, mb)
     in_bucket.close()
+
+
+def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(encoder_folder, bucket,
+                                                                                monkeypatch):
+    from pixelflow_jax import storage
+    from pixelflow_jax.text.prompts import local_t5_folder
+
+    remote = f"{bucket}/t5"
+    names = sorted(os.listdir(encoder_folder))
+    for name in names:
+        storage.upload_file_atomically(os.path.join(encoder_folder, name), f"{remote}/{name}")
+    local = local_t5_folder(remote)
+    assert local.startswith(storage.cache_dir())
+    for name in names:
+        assert open(os.path.join(local, name), "rb").read() == open(os.path.join(encoder_folder, name), "rb").read()
+
+    downloads, open_file = [], storage.open_file
+    monkeypatch.setattr(storage, "open_file", lambda path, mode="rb": downloads.append(path) or open_file(path, mode))
+    assert local_t5_folder(remote) == local and downloads == []  # a second run reads the copy
+
+    with open(os.path.join(encoder_folder, "config.json")) as f:
+        config = json.load(f)
+    storage.write_atomically(f"{remote}/config.json", json.dumps(config, indent=4))  # changed in the bucket
+    stale = os.path.join(local, "model.safetensors.index.json")  # a copy the bucket no longer holds
+    with open(stale, "w") as f:
+        json.dump({"weight_map": {"encoder.block.0.layer.0.SelfAttention.q.weight": "gone.safetensors"}}, f)
+    killed, elsewhere = (os.path.join(local, f".config.json.download-{host}-{pid}-x")  # leftovers of downloads
+                         for host, pid in ((socket.gethostname(), 999999999), ("another-host", 1)))
+    for leftover in (killed, elsewhere):
+        open(leftover, "wb").close()
+    assert local_t5_folder(remote) == local and downloads == [f"{remote}/config.json"]
+    assert not os.path.exists(stale)
+    assert not os.path.exists(killed) and os.path.exists(elsewhere)  # this host's dead download only
+    with open(os.path.join(local, "config.json")) as f:
+        assert f.read() == json.dumps(config, indent=4)
+    assert load_t5_encoder(local).config.d_model == 20
 
 
 def test_demo_captions_name_what_the_image_shows_with_independent_colour_and_shape():

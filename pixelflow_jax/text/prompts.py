@@ -7,9 +7,8 @@ transformer's cross-attention. Negative prompts (default "") are encoded the sam
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
-import tempfile
 from typing import Sequence
 
 import jax
@@ -99,7 +98,8 @@ class PromptEncoder:
 
 def local_t5_folder(path: str) -> str:
     """A T5 folder on this machine: hf://OWNER/NAME[@REVISION][/SUBFOLDER] is fetched into the Hub
-    cache, a gs:// folder into a temporary folder (the encoder's files only)."""
+    cache, a gs:// folder (the encoder's files only) into this project's cache, storage.cache_dir:
+    once, and again only for files that changed in the bucket."""
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints import hub
 
@@ -108,14 +108,16 @@ def local_t5_folder(path: str) -> str:
     if not storage.is_url(path):
         return path
     storage.check_supported(path)
-    local = tempfile.mkdtemp(prefix="pixelflow_t5_")
+    local = storage.cache_dir("t5", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
 
     def fetch(names: list[str]) -> str:
         for name in names:
             remote = storage.join(path, name)
             if storage.isfile(remote):
-                with storage.local_file(remote) as downloaded:
-                    shutil.move(downloaded, os.path.join(local, name))
+                storage.cached_copy(remote, local)
+            else:  # not in the folder (any more): an earlier copy must not be read in its place
+                for stale in (name, f"{name}.source.json"):
+                    storage.remove(os.path.join(local, stale))
         return local
 
     from pixelflow_jax.text.t5_convert import fetch_encoder_files
