@@ -71,6 +71,13 @@ def demo_batch(start, size=8):
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
 
 
+def float_demo_batch(start):
+    """demo_batch's images as the step's float input in [-1, 1] (which can hold a NaN); the tests
+    that share `single_device` all feed this dtype, so its step compiles once."""
+    images, labels = demo_batch(start)
+    return images.astype(np.float32) / 127.5 - 1, labels
+
+
 def build(converted, mesh, **step_options):
     model, config = load_model(converted["c2i_tiny"])
     step_cfg = StepConfig(**step_options)
@@ -108,12 +115,11 @@ def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     state = jax.tree.map(lambda x: x.copy(), state)
     losses = []
     for i in range(30):
-        images, labels = demo_batch(8 * (i % 6))
+        images, labels = float_demo_batch(8 * (i % 6))
         if i == 10:
             before = jax.tree.map(np.asarray, state["params"])
-            poisoned = images.astype(np.float32) / 127.5 - 1
-            poisoned[3, 5, 5, 1] = np.nan
-            state, metrics = step(state, poisoned, labels)
+            images[3, 5, 5, 1] = np.nan
+            state, metrics = step(state, images, labels)
             assert not bool(metrics["finite"])
             assert int(state["skipped_steps"]) == 1 and int(state["bad_steps_in_a_row"]) == 1
             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
@@ -125,6 +131,24 @@ def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     assert int(state["bad_steps_in_a_row"]) == 0 and int(state["skipped_steps"]) == 1
     assert int(state["step"]) == 30
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_a_step_that_would_make_weights_non_finite_is_skipped(single_device):
+    """Finite loss and gradients but a non-finite update (what a huge learning rate or a corrupt
+    moment gives; here Adam's first moment is inf): the step changes nothing but the counters."""
+    import optax
+
+    state, step = single_device
+    state = jax.tree.map(lambda x: x.copy(), state)
+    mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
+    state["opt_state"] = optax.tree_utils.tree_set(state["opt_state"], mu=jax.tree.map(lambda m: m + np.inf, mu))
+    before = jax.tree.map(np.asarray, state["params"])
+    state, metrics = step(state, *float_demo_batch(0))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"]) and int(state["skipped_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["ema"]))
 
 
 def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=True, config="configs/c2i.py:tiny"):
