@@ -20,6 +20,7 @@ Settings live in the config file and can be overridden with --config.<field>=<va
 Modes: train, sample, inspect, eval, demo.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -49,6 +50,30 @@ def start_distributed():
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+def unknown_field_message(argv: list[str], error: Exception) -> str:
+    """What a --config.PATH=VALUE override naming a field the config lacks (a typo, or a setting
+    this version removed) gets instead of ml_collections' traceback: the override, the missing
+    field and, for a near miss, the field meant."""
+    while error.args and isinstance(error.args[0], Exception):  # ml_collections wraps its KeyError
+        error = error.args[0]
+    first_line, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    missing, hint = first_line.strip("'\""), hint.strip()
+    config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    for override in overrides:
+        if missing in override.removeprefix("--config.").split("."):
+            return (f"{override}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
+                    f"{config_file.split(':')[0]} lists the settings that exist")
+    return f"the overrides {', '.join(overrides)} do not all name fields of {config_file} ({first_line})"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError, TypeError) as e:  # ml_collections' errors for an override of a missing field
+        sys.exit(f"error: {unknown_field_message(argv, e)}")
 
 
 def main(argv):
@@ -109,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -58,6 +58,19 @@ def test_the_command_line_refuses_a_bad_value_before_writing_anything(tmp_path):
     assert "Traceback" not in result.stderr and not workdir.exists()
 
 
+@pytest.mark.parametrize("override,message", [
+    ("--config.data.shard_cache_dir=/tmp",  # a setting an earlier version had
+     "--config.data.shard_cache_dir: configs/c2i.py:tiny has no field 'shard_cache_dir'; configs/c2i.py lists"),
+    ("--config.trian.lr=1", "--config.trian.lr: configs/c2i.py:tiny has no field 'trian' (Did you mean \"train\""),
+])
+def test_an_override_of_a_field_the_config_lacks_is_named_without_a_traceback(tmp_path, override, message):
+    workdir = tmp_path / "run"
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", override]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not workdir.exists()
+
+
 @pytest.fixture(scope="module")
 def models(converted):
     return {name: load_model(path) for name, path in converted.items()}
