@@ -136,13 +136,16 @@ def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp
         assert remote[i]["label"] == source[i]["label"]
 
 
-def test_array_record_too_old_for_a_bucket_is_named_with_the_fix(monkeypatch):
+def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeypatch):
     monkeypatch.setattr(loader_module, "installed_array_record_version", lambda: "0.8.2")
     for open_source in (lambda: CaptionRecordSource("gs://bucket/shards"),
                         lambda: TfdsSource("imagenet2012", "train", "gs://bucket/tfds")):
         with pytest.raises(DataError, match=r"gs://bucket/\S+ is in a bucket, but array-record 0.8.2 reads only "
                                             r"local files; install array-record>=0.8.3"):
             open_source()
+    monkeypatch.setattr(loader_module, "installed_array_record_version", lambda: None)
+    with pytest.raises(DataError, match="but array-record is not installed; install array-record>=0.8.3"):
+        CaptionRecordSource("gs://bucket/shards")
     loader_module.check_array_record_reads("/local/shards")  # local files: any version reads them
 
 

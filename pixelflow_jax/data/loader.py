@@ -51,8 +51,11 @@ class DataError(RuntimeError):
 ARRAY_RECORD_READS_GCS_FROM = (0, 8, 3)
 
 
-def installed_array_record_version() -> str:
-    return importlib.metadata.version("array-record")
+def installed_array_record_version() -> str | None:
+    try:
+        return importlib.metadata.version("array-record")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def check_array_record_reads(path: str) -> None:
@@ -60,10 +63,11 @@ def check_array_record_reads(path: str) -> None:
     if not storage.is_url(path):
         return
     version = installed_array_record_version()
-    if tuple(int(n) for n in re.findall(r"\d+", version)[:3]) < ARRAY_RECORD_READS_GCS_FROM:
-        raise DataError(f"{path} is in a bucket, but array-record {version} reads only local files; "
-                        f"install array-record>={'.'.join(map(str, ARRAY_RECORD_READS_GCS_FROM))} "
-                        "(pip install -r requirements.txt), or copy the files to a local disk")
+    if version is None or tuple(int(n) for n in re.findall(r"\d+", version)[:3]) < ARRAY_RECORD_READS_GCS_FROM:
+        installed = f"array-record {version} reads only local files" if version else "array-record is not installed"
+        raise DataError(f"{path} is in a bucket, but {installed}; install array-record>="
+                        f"{'.'.join(map(str, ARRAY_RECORD_READS_GCS_FROM))} (pip install -r requirements.txt), "
+                        "or copy the files to a local disk")
 
 
 # ----------------------------------------------------------------------------------------- sources
