@@ -96,7 +96,10 @@ def make_emulator_behave_like_gcs():
 
     def handle_one_at_a_time(self, method):
         with lock:
-            return handle(self, method)
+            try:
+                return handle(self, method)
+            except (BrokenPipeError, ConnectionResetError):  # the client hung up (a reader closing early)
+                return None
 
     def with_generation(handler):
         def respond(request, response, storage, *args, **kwargs):

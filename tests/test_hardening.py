@@ -304,7 +304,7 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
 def test_a_lock_in_a_bucket_is_created_only_if_absent_even_when_a_rival_slips_in(bucket, monkeypatch):
     """In a bucket the lock is one create-only upload (ifGenerationMatch=0): a rival run whose lock
     lands between this run's existence check and its upload keeps it, and this run backs off."""
-    import gcsfs
+    import fsspec
 
     from pixelflow_jax import storage
     from pixelflow_jax.training.workdir_lock import LOCK_FILE, _create_exclusively
@@ -313,15 +313,15 @@ def test_a_lock_in_a_bucket_is_created_only_if_absent_even_when_a_rival_slips_in
     assert _create_exclusively(path, b"first") and not _create_exclusively(path, b"second")
     assert storage.read_bytes(path) == b"first"
 
-    checks = []
-    real_exists = gcsfs.GCSFileSystem.exists
-
-    def absent_at_the_first_check(self, key, **kwargs):
-        checks.append(key)
-        return len(checks) > 1 and real_exists(self, key, **kwargs)
-
-    monkeypatch.setattr(gcsfs.GCSFileSystem, "exists", absent_at_the_first_check)
     contested = f"{bucket}/contested/{LOCK_FILE}"
+    fs, _ = fsspec.core.url_to_fs(contested)  # fsspec's cached instance: the one the lock will use
+    checks, real_exists = [], fs.exists
+
+    def absent_at_the_first_check(key, **kwargs):
+        checks.append(key)
+        return len(checks) > 1 and real_exists(key, **kwargs)
+
+    monkeypatch.setattr(fs, "exists", absent_at_the_first_check)
     storage.write_atomically(contested, b"rival")  # lands after this run's check (which will say "absent")
     assert not _create_exclusively(contested, b"mine")
     assert len(checks) == 2 and storage.read_bytes(contested) == b"rival"
