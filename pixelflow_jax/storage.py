@@ -20,7 +20,7 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 # Schemes this project writes and reads (hf:// is read-only, for checkpoints: see hub.py).
 SUPPORTED_SCHEMES = ("gs",)
@@ -187,12 +187,20 @@ def write_atomically(path: str, data: bytes | str) -> None:
 
         _remote(path, upload)
         return
+    _write_local_atomically(path, lambda f: f.write(data))
+
+
+def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporary_prefix: str = "") -> None:
+    """Writes a local file through write(f) into a temporary beside it, then renames it into place
+    (readable as umask allows). The temporary is `.NAME.tmp-PID-*`, which remove_temporaries clears
+    after a kill, unless `temporary_prefix` names another."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=folder)
+    prefix = temporary_prefix or f".{os.path.basename(path)}.tmp-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -230,17 +238,12 @@ def upload_file_atomically(local_file: str, path: str) -> None:
                 shutil.copyfileobj(source, target, 16 << 20)
 
         _remote(path, upload)
-    else:  # the temporary follows write_atomically's pattern, so remove_temporaries clears a killed copy
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-",
-                                   dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        try:
-            shutil.copyfile(local_file, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+    else:
+        def copy(target):
+            with open(local_file, "rb") as source:
+                shutil.copyfileobj(source, target, 16 << 20)
+
+        _write_local_atomically(path, copy)
 
 
 def remove(path: str) -> None:
@@ -294,16 +297,12 @@ def cached_copy(url: str, folder: str) -> str:
         if name.startswith(partial) and pid.isdigit() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
-    fd, tmp = tempfile.mkstemp(prefix=f"{partial}{os.getpid()}-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as target, open_file(url, "rb") as source:
+
+    def download(target):
+        with open_file(url, "rb") as source:
             shutil.copyfileobj(source, target, 16 << 20)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, local)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+
+    _write_local_atomically(local, download, temporary_prefix=f"{partial}{os.getpid()}-")
     write_json_atomically(record_path, record)
     return local
 
