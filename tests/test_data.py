@@ -149,8 +149,6 @@ def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeyp
     loader_module.check_array_record_reads("/local/shards")  # local files: any version reads them
 
 
-
-
 def test_same_seed_same_batches_and_workers_agree():
     source = DemoSource(24, seed=3)
     first, _ = batches(source, 8)
