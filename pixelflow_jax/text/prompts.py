@@ -112,10 +112,9 @@ def local_t5_folder(path: str) -> str:
 
     def fetch(names: list[str]) -> str:
         for name in names:
-            remote = storage.join(path, name)
-            if storage.isfile(remote):
-                storage.cached_copy(remote, local)
-            else:  # not in the folder (any more): an earlier copy must not be read in its place
+            try:
+                storage.cached_copy(storage.join(path, name), local)
+            except FileNotFoundError:  # not in the folder (any more): an earlier copy must not be read in its place
                 for stale in (name, f"{name}.source.json"):
                     storage.remove(os.path.join(local, stale))
         return local
