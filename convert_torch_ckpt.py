@@ -136,6 +136,9 @@ def main(argv):
     from pixelflow_jax.checkpoints.convert import ConversionError
 
     try:
+        for flag in ("output", "torch_checkpoint", "torch_config", "jax_checkpoint"):
+            if FLAGS[flag].value:
+                FLAGS[flag].value = storage.user_path(FLAGS[flag].value)
         source = FLAGS.torch_checkpoint or FLAGS.jax_checkpoint
         for path in (FLAGS.output, source):
             if not path.startswith("hf://"):

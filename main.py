@@ -81,11 +81,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     from pixelflow_jax import storage, validation
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
 
     try:
+        FLAGS.workdir = storage.user_path(FLAGS.workdir)
         storage.check_supported(FLAGS.workdir)
+        check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
-    except (storage.StorageError, validation.ConfigError) as e:
+    except (storage.StorageError, validation.ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     if FLAGS.distributed:
         start_distributed()
@@ -93,7 +97,6 @@ def main(argv):
 
     host_memory.reuse_freed_buffers_on_cpu()  # 20-30% faster CPU steps (host_memory.py)
     if FLAGS.mode == "train":
-        from pixelflow_jax.checkpoints.checkpoint import CheckpointError
         from pixelflow_jax.data.loader import DataError
         from pixelflow_jax.training import train
         from pixelflow_jax.training.workdir_lock import WorkdirBusy
@@ -112,14 +115,12 @@ def main(argv):
         inspect_model.run(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "demo":
         from pixelflow_jax import demo_app
-        from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 
         try:
             demo_app.run(FLAGS.config, FLAGS.workdir)
         except (CheckpointError, ValueError, storage.StorageError) as e:
             sys.exit(f"error: {e}")
     elif FLAGS.mode in ("sample", "eval"):
-        from pixelflow_jax.checkpoints.checkpoint import CheckpointError
         from pixelflow_jax.evaluation import evaluate
         from pixelflow_jax.sampling import sample_run
 

@@ -14,8 +14,8 @@ import dataclasses
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints import hub
-from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, CheckpointConfig, CheckpointError, build_model,
-                                                 read_config, restore_params)
+from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, CheckpointConfig, CheckpointError,
+                                                 build_model, read_config, restore_params)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.checkpoints.run_checkpoint import (WEIGHT_CHOICES, RunStep, find_run_step, restore_run_weights,
                                                      run_checkpoint_config)
@@ -36,15 +36,23 @@ class CheckpointSource:
             return "training run"
         return "converted" if storage.isfile(storage.join(self.folder, CONFIG_FILE)) else "release"
 
+    def fingerprint(self) -> str:
+        """storage.fingerprint of the files the weights are read from: a path written again with
+        other weights (a re-conversion, a retrained run) is not the checkpoint it was."""
+        if self.run_step:
+            return storage.fingerprint(self.folder)
+        entries = (CONFIG_FILE, PARAMS_DIR) if self.kind == "converted" else ("config.yaml", "model.pt")
+        return storage.fingerprint(self.folder, entries)
+
 
 def resolve_checkpoint(path: str) -> CheckpointSource:
     """Downloads a Hub checkpoint (into the Hub cache), picks a run's latest complete step, and
     checks that the path exists (local or gs://); URLs are never taken for local folders."""
-    path = str(path)
-    if hub.is_hub_path(path):
-        folder, label = hub.checkpoint_folder(path)
-        return CheckpointSource(folder, label)
     try:
+        path = storage.user_path(path)
+        if hub.is_hub_path(path):
+            folder, label = hub.checkpoint_folder(path)
+            return CheckpointSource(folder, label)
         storage.check_supported(path)
     except storage.StorageError as e:
         raise CheckpointError(str(e)) from None

@@ -14,6 +14,7 @@ A URL is never passed to os.path.abspath or open(): `absolute` leaves it as it i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -36,6 +37,24 @@ def is_url(path: str) -> bool:
 
 def scheme(path: str) -> str:
     return str(path).split("://", 1)[0] if is_url(path) else ""
+
+
+# A URL that lost a slash ("gs:/bucket", "gs:bucket"): taken as it is, it would be a local folder
+# named "gs:" that quietly fills the disk instead of the bucket.
+_BROKEN_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)|(?:gs|gcs|hf|s3|http|https|file):(?!//)")
+
+
+def user_path(path: str) -> str:
+    """A path as a user wrote it (a flag, a config value, an API argument), ready for this layer:
+    `~` expanded (the shell leaves `--flag=~/x` as it is), URLs unchanged, and a URL without its
+    "//" refused rather than taken for a local folder."""
+    path = str(path)
+    if _BROKEN_URL.match(path):
+        scheme_name = path.split(":", 1)[0]
+        fixed = f"{scheme_name}://{path.split(':', 1)[1].lstrip('/')}"
+        raise StorageError(f'{path} looks like a URL without its "//": write {fixed} (or ./{path} for a local '
+                           "folder of that name)")
+    return path if is_url(path) else os.path.expanduser(path)
 
 
 def check_supported(path: str) -> None:
@@ -153,6 +172,46 @@ def _list_by_type(path: str, kind: str) -> list[str]:
     return _remote(path, listing)
 
 
+def file_sizes(folder: str) -> dict[str, int]:
+    """{path relative to the folder: size} of every file below it (one listing on a store)."""
+    if is_url(folder):
+        def listing(_):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(folder)
+            fs.invalidate_cache(root)
+            root = root.rstrip("/") + "/"
+            return {name[len(root):]: int(info["size"]) for name, info in fs.find(root, detail=True).items()}
+
+        return _remote(folder, listing)
+    return {os.path.relpath(os.path.join(parent, name), folder): os.path.getsize(os.path.join(parent, name))
+            for parent, _, names in os.walk(folder) for name in names}
+
+
+FINGERPRINT_SLICE = 64 << 10
+
+
+def fingerprint(folder: str, entries: tuple[str, ...] = ()) -> str:
+    """A short hash of what a folder holds (only its `entries`, files or sub-folders, if given):
+    every file's name and size, the whole of each small file, and three slices (start, middle,
+    end) of each large one. It changes when the folder is written again with other weights (orbax
+    names its data files afresh; a zip's central directory at the end holds each entry's CRC) and
+    survives a copy; it reads a few MB at most."""
+    digest = hashlib.sha256()
+    for name, size in sorted(file_sizes(folder).items()):
+        if entries and name.split("/", 1)[0] not in entries:
+            continue
+        digest.update(f"{name}\0{size}\0".encode())
+        with open_file(join(folder, name), "rb") as f:
+            if size <= 3 * FINGERPRINT_SLICE:
+                digest.update(f.read())
+                continue
+            for offset in (0, size // 2, size - FINGERPRINT_SLICE):
+                f.seek(offset)
+                digest.update(f.read(FINGERPRINT_SLICE))
+    return digest.hexdigest()[:16]
+
+
 def makedirs(path: str) -> None:
     if not is_url(path):  # a store has no folders: writing an object makes its "folder"
         os.makedirs(path, exist_ok=True)
@@ -190,6 +249,18 @@ def write_atomically(path: str, data: bytes | str) -> None:
     _write_local_atomically(path, lambda f: f.write(data))
 
 
+def write_streamed_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """write_atomically for a writer that streams into a file (np.savez): locally through a
+    temporary beside `path`, to a URL through a local temporary file uploaded whole."""
+    if not is_url(path):
+        _write_local_atomically(path, write)
+        return
+    with tempfile.NamedTemporaryFile(prefix="pixelflow_upload_") as local:
+        write(local)
+        local.flush()
+        upload_file_atomically(local.name, path)
+
+
 def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporary_prefix: str = "") -> None:
     """Writes a local file through write(f) into a temporary beside it, then renames it into place
     (readable as umask allows). The temporary is `.NAME.tmp-PID-*`, which remove_temporaries clears
@@ -209,15 +280,20 @@ def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], tempora
         raise
 
 
+# The temporaries of this project's writers: `.NAME.tmp-PID-*` (group 1: the writer's process id),
+# and the `NAME.tmp` of sampling jobs of earlier versions. A user's own `draft.tmp` is not one.
+_TEMPORARY = re.compile(r"\..+\.tmp-(\d+)-.*|(?:\d+\.png|grid\.png|samples\.npz|settings\.json)\.tmp(?:\.npz)?")
+
+
 def remove_temporaries(folder: str) -> int:
-    """Deletes the temporary files that killed writers left in a local folder (write_atomically's
-    `.NAME.tmp-PID-*`, and `*.tmp` of earlier versions); call it before anyone writes there.
-    Object stores have none (an unfinished upload is never an object). Returns how many."""
+    """Deletes the temporary files that killed writers of this project left in a local folder;
+    call it before anyone writes there. Object stores have none (an unfinished upload is never an
+    object). Returns how many."""
     if is_url(folder) or not os.path.isdir(folder):
         return 0
     stale = []
     for name in os.listdir(folder):
-        match = re.fullmatch(r"\..+\.tmp-(\d+)-.*|.+\.tmp(\.npz)?", name)
+        match = _TEMPORARY.fullmatch(name)
         if match and not (match[1] and process_alive(int(match[1]))):
             stale.append(name)
     for name in stale:

@@ -10,6 +10,8 @@ import numbers
 
 import numpy as np
 
+from pixelflow_jax import storage
+
 
 class ConfigError(ValueError):
     """A config value is unusable; the message names the field and the accepted values."""
@@ -135,11 +137,29 @@ def check_demo(config) -> None:
     check_guidance(config)
 
 
+# Config fields that hold a path: local, gs://, or (checkpoints and T5 folders) hf://.
+PATH_FIELDS = ("data.root", "data.tfds_data_dir", "train.init_from", "train.text_encoder", "sample.checkpoint",
+               "sample.text_encoder", "sample.prompts_file", "eval.samples", "eval.reference", "eval.inception_weights")
+
+
+def expand_paths(config) -> None:
+    """Each path field of the config through storage.user_path: `~` expanded, a URL without its
+    "//" refused."""
+    for field in PATH_FIELDS:
+        section, name = field.split(".")
+        if section in config and name in config[section] and config[section][name]:
+            try:
+                config[section][name] = storage.user_path(config[section][name])
+            except storage.StorageError as e:
+                raise ConfigError(f"--config.{field}: {e}") from None
+
+
 CHECKS = {"train": (check_train,), "sample": (check_sample,), "eval": (check_eval,),
           "demo": (check_sample, check_demo), "inspect": ()}
 
 
 def check(config, mode: str) -> None:
+    expand_paths(config)
     for checker in CHECKS[mode]:
         checker(config)
     if mode == "sample" and config.eval.reference:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -212,10 +213,12 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "model.pt").read_bytes() == b"old"
 
     (tmp_path / "samples").mkdir()
-    for name in (f".000001.png.tmp-{dead}-x", "000002.png.tmp", f".000003.png.tmp-{os.getpid()}-y", "000004.png"):
+    ours = [f".000001.png.tmp-{dead}-x", "000002.png.tmp", "samples.npz.tmp.npz"]
+    kept = [f".000003.png.tmp-{os.getpid()}-y", "000004.png", "cache.tmp.npz", "draft.tmp"]  # a live writer's; the user's
+    for name in ours + kept:
         (tmp_path / "samples" / name).write_bytes(b"")
-    assert storage.remove_temporaries(str(tmp_path / "samples")) == 2
-    assert sorted(os.listdir(tmp_path / "samples")) == [f".000003.png.tmp-{os.getpid()}-y", "000004.png"]
+    assert storage.remove_temporaries(str(tmp_path / "samples")) == len(ours)
+    assert sorted(os.listdir(tmp_path / "samples")) == sorted(kept)
 
     (tmp_path / "demo_outputs").mkdir()
     (tmp_path / "demo_outputs" / "old.png").write_bytes(b"")
@@ -338,3 +341,70 @@ def test_a_second_training_on_a_busy_workdir_stops_at_once(tmp_path):
     assert result.returncode == 1 and "is in use by another training run" in result.stderr
     assert f"pid {os.getpid()}, started 2026-11-27T05:00:00+00:00" in result.stderr
     assert sorted(os.listdir(tmp_path)) == [LOCK_FILE]  # nothing written
+
+
+def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
+    for broken, fixed in (("gs:/bucket/run", "gs://bucket/run"), ("gs:bucket", "gs://bucket"),
+                          ("hf:/owner/name", "hf://owner/name")):
+        with pytest.raises(storage.StorageError, match=f'looks like a URL without its "//": write {fixed}'):
+            storage.user_path(broken)
+    assert storage.user_path("~/runs/x") == os.path.join(os.path.expanduser("~"), "runs", "x")
+    assert storage.user_path("./gs:/x") == "./gs:/x" and storage.user_path("gs://b/x") == "gs://b/x"
+
+    config = c2i_config(**{"sample.checkpoint": "~/ckpt"})
+    check(config, "sample")
+    assert config.sample.checkpoint == os.path.join(os.path.expanduser("~"), "ckpt")
+    with pytest.raises(ConfigError, match="--config.eval.reference: gs:/b/ref.npz looks like a URL"):
+        check(c2i_config(**{"eval.reference": "gs:/b/ref.npz"}), "eval")
+    with pytest.raises(CheckpointError, match="looks like a URL"):
+        load_model("gs:/bucket/ckpt")
+
+
+def test_a_workdir_that_would_be_lost_or_misread_is_refused_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    for workdir, message in ((run / "checkpoints" / "4", "inside the checkpoints of the training run"),
+                             ("gs:/bucket/samples", "looks like a URL without its")):
+        command = [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/c2i.py:tiny",
+                   f"--workdir={workdir}", "--mode=sample", f"--config.sample.checkpoint={run}"]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(run / "checkpoints" / "4") == []
+
+
+def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
+    """A checkpoint path written again with other weights, or images no settings.json describes,
+    would mix into samples.npz: both are refused."""
+    from pixelflow_jax.api import resolve_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import read_config, restore_params, save_checkpoint
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(converted["c2i_tiny"], copy)
+    before = resolve_checkpoint(copy).fingerprint()
+    assert before == resolve_checkpoint(converted["c2i_tiny"]).fingerprint()  # a copy is the same checkpoint
+    assert before != resolve_checkpoint(converted["t2i_tiny"]).fingerprint()
+    samples = str(tmp_path / "samples")
+    os.makedirs(samples)
+    check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": before})
+
+    config = read_config(copy)
+    params = restore_params(copy, config)
+    save_checkpoint(copy, jax.tree.map(lambda p: p + 1e-3, params), config, overwrite=True)
+    after = resolve_checkpoint(copy).fingerprint()
+    assert after != before
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\)"):
+        check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": after})
+    check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": before})
+
+    os.remove(os.path.join(samples, "settings.json"))  # a job of an earlier version did not record the fingerprint
+    storage.write_json_atomically(os.path.join(samples, "settings.json"), {"checkpoint": copy})
+    check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": after})
+
+    orphans = str(tmp_path / "orphans")
+    os.makedirs(orphans)
+    open(os.path.join(orphans, "000000.png"), "wb").close()
+    with pytest.raises(ValueError, match="holds 1 images .* but no settings.json"):
+        check_settings(orphans, {"checkpoint": copy, "checkpoint_fingerprint": after})
+    assert not os.path.exists(os.path.join(orphans, "settings.json"))

@@ -44,15 +44,22 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
     open(os.path.join(samples, "000003.png.tmp"), "wb").write(b"\x89PNG partial")  # an earlier version's name
     open(os.path.join(samples, ".000010.png.tmp-999999999-x"), "wb").write(b"\x89PNG partial")
     open(os.path.join(samples, "000007.png"), "wb").close()
+    Image.new("RGB", (32, 32)).save(os.path.join(samples, "000005.png"))  # not an image of this job
+    open(os.path.join(workdir, "draft.tmp"), "wb").close()  # the user's own file
     os.remove(os.path.join(workdir, "samples.npz"))
-    kept = {f: os.stat(os.path.join(samples, f)).st_mtime_ns for f in pngs(workdir) if f != "000007.png"}
+    kept = {f: os.stat(os.path.join(samples, f)).st_mtime_ns for f in pngs(workdir) if f not in ("000005.png",
+                                                                                                   "000007.png")}
 
     result = run_sample(workdir, converted["c2i_tiny"], *args)
     assert result.returncode == 0, result.stderr
-    assert "2 of 12 images to sample (10 already on disk)" in result.stderr
+    assert result.stderr.count("2 of 12 images to sample (10 already on disk)") == 2
     assert "000007.png does not decode (damaged?): removed, sampling it again" in result.stderr
-    assert "1 of 12 images to sample (11 already on disk)" in result.stderr
+    assert "000005.png is a RGB 32x32 image, not RGB 64px: removed, sampling it again" in result.stderr
     assert sorted(os.listdir(samples)) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]  # no leftovers
+    assert "draft.tmp" in os.listdir(workdir)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(workdir, "samples.npz")).st_mode & 0o777 == 0o666 & ~umask  # others may read it
     assert all(os.stat(os.path.join(samples, f)).st_mtime_ns == t for f, t in kept.items())  # not redone
     resumed = np.load(os.path.join(workdir, "samples.npz"))["arr_0"]
     assert np.abs(resumed.astype(int) - arr.astype(int)).max() <= 1  # the same images (up to float rounding)

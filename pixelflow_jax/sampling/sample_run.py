@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
+import re
 
 import jax
 import numpy as np
@@ -37,6 +36,9 @@ GRID_IMAGES = 64
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
 
 
+IMAGE_NAME = re.compile(r"\d{6,}\.png")
+
+
 def image_name(image_id: int) -> str:
     return f"{image_id:06d}.png"
 
@@ -50,22 +52,6 @@ def save_png_atomically(path: str, image: np.ndarray) -> None:
     encoded = io.BytesIO()
     Image.fromarray(image).save(encoded, format="PNG")
     storage.write_atomically(path, encoded.getvalue())
-
-
-def save_npz_atomically(path: str, images: np.ndarray) -> None:
-    """Written to a local temporary file, then renamed (local) or uploaded as one object."""
-    local_folder = os.path.dirname(os.path.abspath(path)) if not storage.is_url(path) else None
-    prefix = f".{os.path.basename(path)}.tmp-{os.getpid()}-"  # storage.remove_temporaries knows the name
-    with tempfile.NamedTemporaryFile(prefix=prefix, suffix=".npz", dir=local_folder, delete=False) as tmp:
-        np.savez(tmp, arr_0=images)
-    try:
-        if storage.is_url(path):
-            storage.upload_file_atomically(tmp.name, path)
-        else:
-            os.replace(tmp.name, path)
-    finally:
-        if os.path.exists(tmp.name):
-            os.remove(tmp.name)
 
 
 def images_on_disk(folder: str) -> set[str]:
@@ -84,16 +70,27 @@ def image_grid(images: np.ndarray) -> np.ndarray:
     return grid
 
 
+# Settings that jobs started by earlier versions did not record: their absence is no change.
+SETTINGS_ADDED_LATER = ("checkpoint_fingerprint",)
+
+
 def check_settings(folder: str, settings: dict) -> None:
-    """Records the settings on the first run; a rerun with different settings would mix images."""
+    """Records the settings on the first run; a rerun with different settings would mix images,
+    and so would images already there that no settings describe."""
     path = storage.join(folder, "settings.json")
     if storage.exists(path):
         previous = storage.read_json(path)
+        settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
                              "use a new --workdir, or rerun with the settings in settings.json")
-    elif jax.process_index() == 0:
+        return
+    images = sorted(name for name in images_on_disk(folder) if IMAGE_NAME.fullmatch(name))
+    if images:
+        raise ValueError(f"{folder} holds {len(images)} images (e.g. {images[0]}) but no settings.json saying what "
+                         "they were sampled with, so they cannot join this job: use a new --workdir, or move them away")
+    if jax.process_index() == 0:
         storage.write_json_atomically(path, settings)
 
 
@@ -136,7 +133,7 @@ def run(config, workdir: str) -> None:
                     dtype=model.config.dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
                     steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
-                    num_images=num_images, **conditioning.settings())
+                    num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
     check_settings(folder, settings)
     if jax.process_index() == 0:  # before any process writes here
         for place in (folder, workdir):
@@ -153,7 +150,7 @@ def run(config, workdir: str) -> None:
         if len(missing):
             sample_batches(model, ckpt, options, conditioning, missing, folder, int(s.batch_size), int(s.seed))
         multihost_utils.sync_global_devices("all images written")
-        removed = finish(folder, workdir, num_images) if jax.process_index() == 0 else 0
+        removed = finish(folder, workdir, num_images, ckpt.resolution) if jax.process_index() == 0 else 0
         # Every process learns whether process 0 removed unreadable images, to sample them again.
         if not int(multihost_utils.broadcast_one_to_all(np.int32(removed))):
             return  # samples.npz is written: an evaluation may read it next
@@ -183,36 +180,41 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
             progress.update(num_valid)
 
 
-def read_png(path: str) -> np.ndarray | None:
-    """The image, or None when the file does not decode (truncated, empty, not a PNG)."""
+def read_sample(path: str, resolution: int) -> tuple[np.ndarray | None, str]:
+    """(the image, "") or (None, what is wrong with it): a file that does not decode (truncated,
+    empty, not a PNG), or not an RGB image of the job's size (not written by this job)."""
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-            return np.asarray(image.convert("RGB"))
+            if image.mode != "RGB" or image.size != (resolution, resolution):
+                return None, f"is a {image.mode} {image.size[0]}x{image.size[1]} image, not RGB {resolution}px"
+            return np.asarray(image), ""
     except (OSError, SyntaxError, ValueError):  # PIL's errors for damaged files
-        return None
+        return None, "does not decode (damaged?)"
 
 
-def finish(folder: str, workdir: str, num_images: int) -> int:
-    """The ADM .npz and the grid, once every image exists and decodes (process 0 only). An image
-    that does not decode (damaged after it was written) is removed, named in a warning, and
-    counted: the caller samples it again. Returns how many were removed (0: the .npz is written)."""
+def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
+    """The ADM .npz and the grid, once every image exists and is one this job wrote (process 0
+    only). An image that is not (damaged after it was written, or another size) is removed,
+    named in a warning, and counted: the caller samples it again. Returns how many were removed
+    (0: the .npz is written)."""
     done = images_on_disk(folder)
     absent = [i for i in range(num_images) if image_name(i) not in done]
     if absent:
         raise RuntimeError(f"{len(absent)} images are still missing (e.g. {image_path(folder, absent[0])}); rerun")
-    images, unreadable = [], []
+    images = np.empty((num_images, resolution, resolution, 3), np.uint8)  # filled in place: one copy in memory
+    unreadable = 0
     for i in range(num_images):
-        image = read_png(image_path(folder, i))
+        image, problem = read_sample(image_path(folder, i), resolution)
         if image is None:
-            unreadable.append(i)
-            logging.warning("%s does not decode (damaged?): removed, sampling it again", image_path(folder, i))
+            unreadable += 1
+            logging.warning("%s %s: removed, sampling it again", image_path(folder, i), problem)
             storage.remove(image_path(folder, i))
-        images.append(image)
+        else:
+            images[i] = image
     if unreadable:
-        return len(unreadable)
-    images = np.stack(images)
+        return unreadable
     npz_path = storage.join(workdir, "samples.npz")
-    save_npz_atomically(npz_path, images)
+    storage.write_streamed_atomically(npz_path, lambda f: np.savez(f, arr_0=images))
     save_png_atomically(storage.join(workdir, "grid.png"), image_grid(images[:GRID_IMAGES]))
     logging.info("wrote %s (arr_0: %s %s) and %s", npz_path, images.shape, images.dtype,
                  storage.join(workdir, "grid.png"))
