@@ -18,32 +18,41 @@ class ConfigError(ValueError):
 
 
 def number(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
-           above: float | None = None, below: float | None = None) -> float:
-    """A finite real number in the given bounds (minimum/maximum inclusive, above/below strict)."""
+           above: float | None = None, below: float | None = None, where: str = "--config.") -> float:
+    """A finite real number in the given bounds (minimum/maximum inclusive, above/below strict).
+    `where` + `name` is how the message names it: a config field, or (where="") an argument."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"--config.{name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{where}{name} must be a finite number, got {value!r}")
     bounds = [(minimum, value >= minimum if minimum is not None else True, ">="),
               (maximum, value <= maximum if maximum is not None else True, "<="),
               (above, value > above if above is not None else True, ">"),
               (below, value < below if below is not None else True, "<")]
     for bound, ok, relation in bounds:
         if not ok:
-            raise ConfigError(f"--config.{name} must be {relation} {bound}, got {value!r}")
+            raise ConfigError(f"{where}{name} must be {relation} {bound}, got {value!r}")
     return float(value)
 
 
-def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None,
+            where: str = "--config.") -> int:
     """A whole number (an int, or a float without a fraction), in the given inclusive bounds."""
     whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
         isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         and float(value).is_integer())
     if not whole:
-        raise ConfigError(f"--config.{name} must be a whole number, got {value!r}")
+        raise ConfigError(f"{where}{name} must be a whole number, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ConfigError(f"--config.{name} must be {allowed}, got {value}")
+        raise ConfigError(f"{where}{name} must be {allowed}, got {value}")
     return value
+
+
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: seed 2**32 would draw seed 0's noise
+
+
+def seed(name: str, value, where: str = "--config.") -> int:
+    return integer(name, value, minimum=0, maximum=MAX_SEED, where=where)
 
 
 def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) -> np.ndarray:
@@ -65,10 +74,23 @@ def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) 
     return array
 
 
-def steps_per_stage(name: str, value) -> None:
+def image_ids(values, count: int) -> np.ndarray:
+    """The Python API's image_ids: one whole, non-negative id per image (an id picks the image's
+    noise, so a truncated 0.5 would silently repeat image 0)."""
+    array = np.asarray(values)
+    if array.shape != (count,):
+        raise ConfigError(f"image_ids must give one id per image ({count}), got shape {array.shape}")
+    whole = array.dtype.kind in "iu" or (array.dtype.kind == "f" and bool(np.all(np.isfinite(array)))
+                                         and bool(np.all(array == np.round(array))))
+    if not whole or np.any(array < 0) or np.any(array > np.iinfo(np.int32).max):
+        raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {array[:5].tolist()}")
+    return array.astype(np.int32)
+
+
+def steps_per_stage(name: str, value, where: str = "--config.") -> None:
     values = [value] if np.ndim(value) == 0 else list(value)
     for v in values:
-        integer(name, v, minimum=1)
+        integer(name, v, minimum=1, where=where)
 
 
 def check_train(config) -> None:
@@ -89,7 +111,7 @@ def check_train(config) -> None:
     number("train.grad_clip", t.grad_clip, above=0)
     number("train.ema_decay", t.ema_decay, minimum=0, maximum=1)
     number("train.label_dropout", t.label_dropout, minimum=0, below=1)
-    integer("seed", config.seed)
+    seed("seed", config.seed)
     if t.preview_every:
         check_guidance(config)
 
@@ -116,7 +138,7 @@ def check_guidance(config) -> None:
 def check_sample(config) -> None:
     s = config.sample
     integer("sample.batch_size", s.batch_size, minimum=1)
-    integer("sample.seed", s.seed)
+    seed("sample.seed", s.seed)
     check_guidance(config)
     steps_per_stage("sample.steps_per_stage", s.steps_per_stage)
     if "prompts" not in s:  # text configs count images by prompts (sample_conditioning.py)

@@ -37,6 +37,8 @@ def c2i_config(**changes):
     ("sample", "sample.cfg_scale", float("nan"), "--config.sample.cfg_scale must be a finite number"),
     ("sample", "sample.labels", (1.7, 2.2), "--config.sample.labels must be a whole number, got 1.7"),
     ("sample", "sample.batch_size", -2, "--config.sample.batch_size must be >= 1, got -2"),
+    ("sample", "sample.seed", 2**32, "--config.sample.seed must be in [0, 4294967295], got 4294967296"),
+    ("train", "seed", -1, "--config.seed must be in [0, 4294967295], got -1"),
     ("sample", "sample.batch_size", 0, "--config.sample.batch_size must be >= 1, got 0"),
     ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be >= 1"),
     ("demo", "demo.port", 70000, "--config.demo.port must be in [1, 65535]"),
@@ -105,6 +107,19 @@ def test_the_sampler_names_the_misuse(models):
         sampler.generate([1, 2], steps_per_stage=1, image_ids=[0, 1, 2])
     with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
         sampler.generate([1], steps_per_stage=1, cfg_scale=float("nan"))
+    for arguments, message in (({"steps_per_stage": 2.5}, "steps_per_stage must be a whole number, got 2.5"),
+                               ({"steps_per_stage": True}, "steps_per_stage must be a whole number, got True"),
+                               ({"image_ids": [0.5]}, r"image_ids must be whole numbers in \[0, 2\*\*31\)"),
+                               ({"image_ids": [-1]}, "image_ids must be whole numbers"),
+                               ({"seed": 2**32}, r"seed must be in \[0, 4294967295\], got 4294967296"),
+                               ({"seed": -1}, r"seed must be in \[0, 4294967295\], got -1"),
+                               ({"seed": 1.5}, "seed must be a whole number, got 1.5")):
+        with pytest.raises(ValueError, match=message):
+            sampler.generate([1], **{"steps_per_stage": 1, **arguments})
+    # numpy and jax scalars are numbers like any other
+    np.testing.assert_array_equal(sampler.generate([1], steps_per_stage=1, cfg_scale=jax.numpy.float32(2.0),
+                                                   seed=np.int64(3)),
+                                  sampler.generate([1], steps_per_stage=1, cfg_scale=2.0, seed=3))
     with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
         CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
 

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixelflow_jax import validation
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
 from pixelflow_jax.training.flow import upsample_2x
-from pixelflow_jax.validation import class_ids
 
 SOLVERS = ("euler", "dopri5")
 # The release's stage-wise guidance weights, defined for its 4 stages (at s / 3 = 0, 1/3, 2/3, 1).
@@ -62,7 +62,12 @@ class SamplingOptions:
 
     @classmethod
     def create(cls, num_stages: int, steps_per_stage: int | Sequence[int] = 30, **kwargs) -> "SamplingOptions":
-        """Options with `steps_per_stage` given as one int for all stages or one per stage."""
+        """Options with `steps_per_stage` given as one int for all stages or one per stage; numbers
+        may be numpy or jax scalars."""
+        validation.steps_per_stage("steps_per_stage", steps_per_stage, where="")  # 2.5 is not 2 steps
+        for name in ("cfg_scale", "shift"):
+            if name in kwargs:
+                kwargs[name] = validation.number(name, np.asarray(kwargs[name]).item(), where="")
         steps = [steps_per_stage] * num_stages if np.ndim(steps_per_stage) == 0 else list(steps_per_stage)
         if len(steps) != num_stages:
             raise ValueError(f"steps_per_stage needs one value per stage ({num_stages}), got {steps_per_stage}")
@@ -174,10 +179,9 @@ class CascadeSampler:
             raise ValueError("nothing to generate: pass at least one label or prompt")
         num_stages = self.scheduler.num_stages
         options = SamplingOptions.create(num_stages, steps_per_stage, cfg_scale=cfg_scale, shift=shift, solver=solver)
-        ids = jnp.arange(count) if image_ids is None else jnp.asarray(image_ids)
-        if ids.shape != (count,):
-            raise ValueError(f"image_ids must give one id per image ({count}), got shape {ids.shape}")
-        initial, blocks = draw_noise_jit(jax.random.key(seed), ids, self.resolution, num_stages,
+        ids = jnp.arange(count) if image_ids is None else jnp.asarray(validation.image_ids(image_ids, count))
+        key = jax.random.key(validation.seed("seed", np.asarray(seed).item(), where=""))
+        initial, blocks = draw_noise_jit(key, ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)
         return np.asarray(to_uint8(self.sample(initial, blocks, cond, uncond, options)))
 
@@ -247,7 +251,7 @@ def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditio
     """(cond, uncond) model kwargs for class labels; the unconditional id is num_classes."""
     if not num_classes:
         raise ValueError("this model is text-conditional: use generate_from_prompts(prompt_encoder, prompts)")
-    labels = jnp.asarray(class_ids("labels", labels, num_classes), jnp.int32)
+    labels = jnp.asarray(validation.class_ids("labels", labels, num_classes), jnp.int32)
     return {"class_labels": labels}, {"class_labels": jnp.full_like(labels, num_classes)}
 
 
