@@ -67,9 +67,11 @@ def tensor_progress(label: str):
 
 def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> None:
     """The output never touches the input, and --overwrite replaces only an earlier output of
-    this tool: a converted folder (pixelflow_config.json) or an export (config.yaml + model.pt)."""
+    this tool holding nothing else: a converted folder (pixelflow_config.json + params/) or an
+    export (config.yaml marked as ours + model.pt)."""
     from pixelflow_jax import storage
-    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, CheckpointError
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import is_export
 
     out, src = storage.absolute(output).rstrip("/"), storage.absolute(source).rstrip("/")
     if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
@@ -79,12 +81,16 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
         return
     if not overwrite:
         raise CheckpointError(f"output {output} already exists; choose another path or pass --overwrite")
-    names = set(storage.listdir(output)) if storage.isdir(output) else None
-    earlier = names is not None and (names <= {"config.yaml", "model.pt"} and "model.pt" in names if to_torch
-                                     else CONFIG_FILE in names)
+    names = set(storage.listdir(output)) if storage.isdir(output) else set()
+    if to_torch:
+        earlier = names == {"config.yaml", "model.pt"} and is_export(output)
+        kind = "an earlier export (config.yaml + model.pt, the config.yaml written by this tool)"
+    else:
+        earlier = names == {CONFIG_FILE, PARAMS_DIR}
+        kind = f"an earlier conversion ({CONFIG_FILE} + {PARAMS_DIR}/)"
     if not earlier:
-        kind = "an earlier export (config.yaml + model.pt)" if to_torch else f"an earlier conversion ({CONFIG_FILE})"
-        raise CheckpointError(f"--overwrite replaces only {kind}, and {output} is not one: choose another path")
+        raise CheckpointError(f"--overwrite replaces only {kind} holding nothing else, and {output} is not one: "
+                              "choose another path")
 
 
 def torch_to_jax() -> str:

@@ -213,6 +213,27 @@ def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, co
     assert result.returncode != 0 and "replaces only an earlier export" in result.stderr
     assert os.listdir(foreign) == ["cat.jpg"]
 
+    # A release folder the user downloaded looks like an export (config.yaml + model.pt), and a
+    # conversion may hold the user's notes: neither is replaced.
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    for name in ("config.yaml", "model.pt"):
+        shutil.copy(release / name, downloaded / name)
+    with_notes = tmp_path / "with_notes"
+    shutil.copytree(converted["c2i_tiny"], with_notes)
+    (with_notes / "notes.txt").write_text("mine")
+    for args, output in ((("--to_torch", f"--jax_checkpoint={converted['t2i_tiny']}"), downloaded),
+                         ((f"--torch_checkpoint={release}",), with_notes)):
+        before = {name: (output / name).stat().st_mtime_ns for name in os.listdir(output)}
+        result = run_converter(*args, f"--output={output}", "--overwrite")
+        assert result.returncode != 0 and "holding nothing else" in result.stderr, result.stderr
+        assert {name: (output / name).stat().st_mtime_ns for name in os.listdir(output)} == before
+    export = tmp_path / "export"
+    for _ in range(2):  # an export of this tool is marked as one, so --overwrite may replace it
+        result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={export}",
+                               "--overwrite")
+        assert result.returncode == 0, result.stderr
+
 
 def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
     from pixelflow_jax.checkpoints.checkpoint import atomic_output_dir

@@ -151,6 +151,17 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     return config, state_dict
 
 
+# config.yaml's first line in an export: what tells it from a release folder downloaded by the
+# user, which convert_torch_ckpt.py --overwrite must never replace (a YAML comment: the release
+# reads the file as before).
+EXPORT_MARK = "# written by pixelflow-jax: convert_torch_ckpt.py --to_torch"
+
+
+def is_export(folder: str) -> bool:
+    path = storage.join(folder, "config.yaml")
+    return storage.isfile(path) and storage.read_text(path).startswith(EXPORT_MARK + "\n")
+
+
 def release_yaml(config: CheckpointConfig) -> dict[str, Any]:
     """The release's config.yaml content for a model: what sample_ddp.py and train.py read."""
     params = config.model.architecture()
@@ -170,7 +181,8 @@ def write_release_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], co
     torch = _import_torch()
     with atomic_output_dir(path, overwrite) as tmp:
         # model.pt last: in an object store, a folder without it is an unfinished export.
-        storage.write_atomically(storage.join(tmp, "config.yaml"), yaml.safe_dump(release_yaml(config), sort_keys=False))
+        storage.write_atomically(storage.join(tmp, "config.yaml"),
+                                 f"{EXPORT_MARK}\n{yaml.safe_dump(release_yaml(config), sort_keys=False)}")
         tensors = {k: torch.from_numpy(np.array(v, dtype=v.dtype, copy=True)) for k, v in state_dict.items()}
         if storage.is_url(tmp):
             with tempfile.TemporaryDirectory(prefix="pixelflow_export_") as local:
