@@ -112,7 +112,10 @@ def main(argv):
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
 
-        inspect_model.run(FLAGS.config, FLAGS.workdir)
+        try:
+            inspect_model.run(FLAGS.config, FLAGS.workdir)
+        except (CheckpointError, ValueError, FloatingPointError, storage.StorageError) as e:
+            sys.exit(f"error: {e}")
     elif FLAGS.mode == "demo":
         from pixelflow_jax import demo_app
 
@@ -126,6 +129,9 @@ def main(argv):
 
         try:
             if FLAGS.mode == "sample":
+                e = FLAGS.config.eval
+                if e.reference:  # a typo found now, not after hours of sampling
+                    evaluate.check_inputs(None, e.reference, e.inception_weights, FLAGS.workdir)
                 sample_run.run(FLAGS.config, FLAGS.workdir)
             if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
                 samples = storage.join(FLAGS.workdir, "samples.npz") if FLAGS.mode == "sample" else None

@@ -1,5 +1,13 @@
-"""`main.py --mode=inspect`: build the configured model, count its parameters, and time one
-jit-compiled forward per cascade stage. A quick check that a config (or a checkpoint) runs."""
+"""`main.py --mode=inspect`: build the model, count its parameters, and time one jit-compiled
+forward per cascade stage (batch 2; a text model gets random text states of its
+cross_attention_dim, sample.max_text_tokens long, 512 when that is 0 or unset). A quick check
+that a config or a checkpoint runs.
+
+The model is the config's (config.model, scheduler, data.resolution) with random weights; or,
+when config.sample.checkpoint is set, that checkpoint's architecture, stages and resolution with
+its own weights (sample.weights of a training run), run in the config's model.dtype and
+model.attention as --mode=sample runs it. Writes WORKDIR/inspect.json.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +21,12 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage
+from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
+from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig, build_model
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import stage_resolutions
+from pixelflow_jax.text.prompts import MAX_LENGTH
 
 
 def parameter_counts(model: PixelFlow) -> dict[str, int]:
@@ -26,30 +37,49 @@ def parameter_counts(model: PixelFlow) -> dict[str, int]:
     return counts
 
 
+def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, str | None]:
+    """(model, its stages and resolution, the checkpoint's label or None): see the module docstring."""
+    if config.sample.checkpoint:
+        source = resolve_checkpoint(config.sample.checkpoint)
+        ckpt, params = read_checkpoint(source, config.sample.weights, dict(dtype=config.model.dtype,
+                                                                           attention=config.model.attention))
+        return build_model(ckpt, params), ckpt, source.label
+    ckpt = CheckpointConfig(ModelConfig.from_mapping(config.model), config.scheduler.num_train_timesteps,
+                            config.scheduler.num_stages, config.data.resolution)
+    return PixelFlow(ckpt.model, rngs=nnx.Rngs(config.seed)), ckpt, None
+
+
 def run(config, workdir: str) -> dict:
-    model_cfg = ModelConfig.from_mapping(config.model)
-    model = PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed))
+    storage.check_writable(workdir)  # fail now, not after the timing work
+    model, ckpt, checkpoint = model_to_inspect(config)
+    model_cfg = model.config
     counts = parameter_counts(model)
     logging.info("parameters: %s", counts)
 
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def forward(params, images, timesteps, labels):
-        return nnx.merge(graphdef, params)(images, timesteps, class_labels=labels)
+    def forward(params, images, timesteps, conditioning):
+        return nnx.merge(graphdef, params)(images, timesteps, **conditioning)
 
-    num_stages, resolution = config.scheduler.num_stages, config.data.resolution
     rng = np.random.default_rng(config.seed)
+    conditioning = {}
+    if model_cfg.num_classes:
+        conditioning["class_labels"] = jnp.zeros((2,), jnp.int32)
+    text_tokens = (config.sample.get("max_text_tokens") or MAX_LENGTH) if model_cfg.cross_attention_dim else 0
+    if text_tokens:
+        conditioning["encoder_hidden_states"] = jnp.asarray(
+            rng.standard_normal((2, text_tokens, model_cfg.cross_attention_dim)), jnp.float32)
+        conditioning["encoder_attention_mask"] = jnp.ones((2, text_tokens), jnp.int32)
     stages = []
-    for stage, size in enumerate(stage_resolutions(resolution, num_stages)):
+    for stage, size in enumerate(stage_resolutions(ckpt.resolution, ckpt.num_stages)):
         images = jnp.asarray(rng.standard_normal((2, size, size, model_cfg.in_channels)), jnp.float32)
-        timesteps = jnp.asarray(rng.uniform(0, config.scheduler.num_train_timesteps, 2), jnp.float32)
-        labels = jnp.zeros((2,), jnp.int32) if model_cfg.num_classes else None
+        timesteps = jnp.asarray(rng.uniform(0, ckpt.num_train_timesteps, 2), jnp.float32)
         start = time.perf_counter()
-        out = jax.block_until_ready(forward(params, images, timesteps, labels))
+        out = jax.block_until_ready(forward(params, images, timesteps, conditioning))
         compile_and_run = time.perf_counter() - start
         start = time.perf_counter()
-        out = jax.block_until_ready(forward(params, images, timesteps, labels))
+        out = jax.block_until_ready(forward(params, images, timesteps, conditioning))
         run_time = time.perf_counter() - start
         if not bool(jnp.isfinite(out).all()):
             raise FloatingPointError(f"stage {stage}: the forward pass produced non-finite values")
@@ -58,7 +88,8 @@ def run(config, workdir: str) -> dict:
         logging.info("stage %d: %dpx, %d tokens, first call %.2fs, forward %.4fs", stage, size,
                      stages[-1]["tokens"], compile_and_run, run_time)
 
-    report = dict(model=model_cfg.to_dict(), parameters=counts, batch=2, stages=stages, device=str(jax.devices()[0]))
+    report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, parameters=counts, batch=2,
+                  text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
     storage.write_json_atomically(storage.join(workdir, "inspect.json"), report)
     print(json.dumps(report, indent=2))
     return report

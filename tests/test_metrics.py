@@ -1,11 +1,16 @@
 """FID, Inception Score and precision/recall against float64 references written as ADM's
-evaluator computes them (scipy sqrtm, softmax KL, brute-force k-NN)."""
+evaluator computes them (scipy sqrtm, softmax KL, brute-force k-NN); and --mode=eval's checks of
+its inputs and outputs, on a stand-in Inception that compiles in a moment."""
 
+import os
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import linalg
 
-from pixelflow_jax.evaluation import metrics
+from pixelflow_jax.evaluation import evaluate, metrics
 
 
 def adm_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -82,3 +87,108 @@ def test_precision_recall_equals_brute_force_knn():
     assert got == pytest.approx(expected, abs=1e-12)
     assert 0 < got[0] < 1 and 0 < got[1] < 1
     assert metrics.precision_recall(reference, reference, block=64) == (1.0, 1.0)
+
+
+# ------------------------------------------------------------------ --mode=eval on a stand-in Inception
+
+
+class TinyInception(nnx.Module):
+    """(pool, spatial, logits) from a linear map of each image's mean colours and their squares;
+    its weights are a (6, 8) .npy file, so other weights give other features."""
+
+    def __init__(self, weights):
+        self.weights = nnx.Param(jnp.asarray(weights, jnp.float32))
+
+    def __call__(self, images):
+        x = images / 255.0
+        pool = jnp.concatenate([x.mean((1, 2)), (x * x).mean((1, 2))], -1) @ self.weights[...]
+        return pool, pool[:, :4], pool
+
+
+@pytest.fixture
+def tiny_inception(tmp_path, monkeypatch):
+    """The path of the stand-in's weights file, which FeatureExtractor now loads."""
+    from pixelflow_jax.evaluation import inception_convert
+
+    monkeypatch.setattr(inception_convert, "load_inception", lambda path: TinyInception(np.load(path)))
+    path = str(tmp_path / "inception.npy")
+    np.save(path, np.random.default_rng(0).standard_normal((6, 8)))
+    return path
+
+
+def images_npz(path, seed, size=8, count=6, **arrays):
+    np.savez(path, arr_0=np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8),
+             **arrays)
+    return str(path)
+
+
+def test_inception_weights_overwritten_in_place_are_not_served_from_the_feature_cache(tiny_inception, tmp_path):
+    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    workdir = str(tmp_path / "run")
+    first = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
+    mtime = os.stat(tiny_inception).st_mtime_ns
+    np.save(tiny_inception, np.random.default_rng(1).standard_normal((6, 8)))  # same size, other weights
+    os.utime(tiny_inception, ns=(mtime, mtime + 10**9))  # a distinct time even on a coarse clock
+    again = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
+    fresh = evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "fresh"), batch_size=8)
+    assert again["fid"] == fresh["fid"] != first["fid"]
+
+
+@pytest.mark.parametrize("stored,message", [
+    (dict(mu=np.array([0.0, np.nan]), sigma=np.eye(2)), "its stored mu holds NaN or inf"),
+    (dict(mu_s=np.zeros(2), sigma_s=np.array([[1.0, np.inf], [0.0, 1.0]])), "its stored sigma_s holds NaN or inf"),
+    (dict(sigma=np.eye(2)), "holds the statistic sigma without mu"),
+])
+def test_reference_statistics_that_are_not_finite_or_half_there_are_refused(tmp_path, stored, message):
+    reference = images_npz(tmp_path / "reference.npz", 0, **stored)
+    with pytest.raises(ValueError, match=f"{reference}.*{message}"):
+        evaluate.reference_statistics(reference, dict(pool=np.eye(3, 2), spatial=np.eye(3, 2)))
+
+
+def test_non_finite_features_or_metrics_are_errors_and_never_reach_eval_json(tiny_inception, tmp_path, monkeypatch):
+    import ml_collections
+
+    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    workdir = str(tmp_path / "run")
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=samples, reference=reference,
+                                                      inception_weights=tiny_inception, batch_size=8)))
+    with monkeypatch.context() as patch:  # a NaN from anywhere: the last check before eval.json
+        patch.setattr(metrics, "inception_score", lambda logits: float("nan"))
+        with pytest.raises(ValueError, match="inception_score came out NaN or inf"):
+            evaluate.run(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "eval.json"))
+
+    np.save(tiny_inception, np.full((6, 8), np.nan))  # broken weights: features refused, not cached
+    with pytest.raises(ValueError, match=f"features of {samples} hold NaN or inf: check the Inception weights"):
+        evaluate.run(config, str(tmp_path / "broken"))
+    assert not (tmp_path / "broken" / "eval_features").exists()
+
+
+def test_samples_and_reference_at_different_resolutions_get_a_warning(tiny_inception, tmp_path, caplog):
+    reference = images_npz(tmp_path / "reference.npz", 2, size=8)
+    for size in (8, 16):
+        caplog.clear()
+        samples = images_npz(tmp_path / f"samples_{size}.npz", 1, size=size)
+        evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "run"), batch_size=8)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warnings == ([] if size == 8 else [
+            f"the samples {samples} are 16x16 px but the reference {reference} holds 8x8 px images: the metrics "
+            "compare different resolutions (both are resized to 299 px for the Inception)"])
+
+
+def test_a_workdir_that_cannot_be_written_fails_before_any_work(tiny_inception, tmp_path, monkeypatch):
+    from pixelflow_jax import storage
+    from pixelflow_jax.evaluation import inception_convert
+
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(inception_convert, "load_inception", lambda path: pytest.fail("work before the check"))
+    with pytest.raises(storage.StorageError, match=f"cannot write to {tmp_path / 'file'}: FileExistsError"):
+        evaluate.evaluate(samples, samples, tiny_inception, str(tmp_path / "file"), batch_size=8)
+
+
+def test_an_npz_without_arr_0_names_the_arrays_it_has(tmp_path):
+    np.savez(tmp_path / "images.npz", images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.zeros(2))
+    with pytest.raises(ValueError, match=r"has no arr_0 array of images \(its arrays: images, labels\); write "
+                                         r"the images as arr_0"):
+        evaluate.npz_image_count(str(tmp_path / "images.npz"))

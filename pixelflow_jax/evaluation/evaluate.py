@@ -8,8 +8,10 @@ against a reference batch, the numbers ADM's evaluation suite prints, without Te
 
 Images are streamed from the .npz in batches (a 50k batch is 10 GB), run through the Inception
 with the batch split over the devices, and their features cached next to the run
-(WORKDIR/eval_features/), keyed by the file's path, size and modification time: a second
-evaluation of the same files reads the cache. Results: printed and WORKDIR/eval.json.
+(WORKDIR/eval_features/), keyed by the path, size and modification time of the file and of the
+Inception weights: a second evaluation of the same files reads the cache. Results: printed and
+WORKDIR/eval.json; NaN or inf anywhere (features, stored statistics, a metric) is an error, so
+eval.json holds finite numbers only.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import replicate_on_local_devices
 
 FEATURES = ("pool", "spatial", "logits")
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 @contextlib.contextmanager
@@ -42,9 +45,13 @@ def _open_images(path: str):
         try:
             source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
             archive = opened.enter_context(zipfile.ZipFile(source))
-            member = opened.enter_context(archive.open("arr_0.npy"))
-        except (OSError, zipfile.BadZipFile, KeyError) as e:
+        except (OSError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
+        if "arr_0.npy" not in archive.namelist():
+            keys = ", ".join(name.removesuffix(".npy") for name in archive.namelist()) or "none"
+            raise ValueError(f"{path} has no arr_0 array of images (its arrays: {keys}); write the images as "
+                             "arr_0, e.g. np.savez(path, images)")
+        member = opened.enter_context(archive.open("arr_0.npy"))
         version = np.lib.format.read_magic(member)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(member)
@@ -88,8 +95,9 @@ class FeatureExtractor:
 
         from pixelflow_jax.evaluation.inception_convert import load_inception
 
-        self.weights_path = storage.absolute(weights_path)
         model = load_inception(weights_path)
+        # Part of the feature cache's key: weights overwritten in place get features of their own.
+        self.weights_id = [storage.absolute(weights_path), *storage.size_and_mtime(weights_path)]
         self.graphdef, params = nnx.split(model)
         # Every process computes all features: a multi-host run repeats the work on each host.
         self.params, self.rows = replicate_on_local_devices(params)
@@ -113,13 +121,16 @@ class FeatureExtractor:
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
     size, mtime = storage.size_and_mtime(path)
     key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime,
-                                     extract.weights_path]).encode()).hexdigest()[:16]
+                                     *extract.weights_id]).encode()).hexdigest()[:16]
     cache = storage.join(cache_dir, f"{storage.basename(path)}.{key}.npz")
     if storage.isfile(cache):
         logging.info("features of %s from %s", path, cache)
         with storage.open_file(cache, "rb") as file, np.load(file) as f:
             return {name: f[name] for name in FEATURES}
     features = extract(path)
+    if not all(np.isfinite(value).all() for value in features.values()):  # never cached
+        raise ValueError(f"the Inception features of {path} hold NaN or inf: check the Inception weights "
+                         f"{extract.weights_id[0]} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, intact?)")
     if jax.process_index() == 0:  # every process computed the same features
         encoded = io.BytesIO()
         np.savez(encoded, **features)
@@ -132,20 +143,45 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
     them), else from the features."""
     with storage.open_file(path, "rb") as file, np.load(file) as f:
         stored = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
+    for mean, covariance in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (mean in stored) != (covariance in stored):
+            present, absent = (mean, covariance) if mean in stored else (covariance, mean)
+            raise ValueError(f"{path} holds the statistic {present} without {absent}: store both or neither")
+    for key, value in stored.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{path}: its stored {key} holds NaN or inf; recompute the statistics, or leave "
+                             "them out of the file to have them computed from its arr_0 images")
     pool = (stored["mu"], stored["sigma"]) if "mu" in stored else metrics.gaussian_statistics(features["pool"])
     spatial = ((stored["mu_s"], stored["sigma_s"]) if "mu_s" in stored
                else metrics.gaussian_statistics(features["spatial"]))
     return pool, spatial
 
 
-def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
+def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
+    """What an evaluation needs, checked before any work (for --mode=sample before sampling, when
+    the samples do not exist yet: samples=None)."""
     for name, path in (("eval.samples", samples), ("eval.reference", reference)):
+        if name == "eval.samples" and samples is None:
+            continue
         if not path or not storage.isfile(path):
             raise ValueError(f"config.{name} must be an .npz file; got {path!r}")
     if not inception_weights:
         raise CheckpointError("set --config.eval.inception_weights to pytorch-fid's "
                               "pt_inception-2015-12-05-6726825d.pth (see the README)")
+    if not storage.isfile(inception_weights):
+        raise CheckpointError(f"--config.eval.inception_weights {inception_weights} is not a file: pytorch-fid's "
+                              "pt_inception-2015-12-05-6726825d.pth (see the README)")
+    storage.check_writable(workdir)  # not only once the features are to be cached
+
+
+def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
+    check_inputs(samples, reference, inception_weights, workdir)
     extract = FeatureExtractor(inception_weights, batch_size)
+    with _open_images(samples) as (_, sample_shape, _), _open_images(reference) as (_, reference_shape, _):
+        if sample_shape[1:3] != reference_shape[1:3]:
+            logging.warning("the samples %s are %dx%d px but the reference %s holds %dx%d px images: the metrics "
+                            "compare different resolutions (both are resized to 299 px for the Inception)",
+                            samples, *sample_shape[1:3], reference, *reference_shape[1:3])
     cache_dir = storage.join(workdir, "eval_features")
     sample_features = cached_features(extract, samples, cache_dir)
     reference_features = cached_features(extract, reference, cache_dir)
@@ -159,6 +195,9 @@ def evaluate(samples: str, reference: str, inception_weights: str, workdir: str,
         num_samples=len(sample_features["pool"]), num_reference=len(reference_features["pool"]),
         samples=storage.absolute(samples), reference=storage.absolute(reference),
     )
+    not_finite = [name for name in METRICS if not np.isfinite(results[name])]
+    if not_finite:  # the checks above should make this impossible; eval.json must never hold NaN
+        raise ValueError(f"{', '.join(not_finite)} came out NaN or inf for {samples} against {reference}")
     return results
 
 
@@ -166,7 +205,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`) and writes WORKDIR/eval.json (process 0)."""
     e = config.eval
     results = evaluate(samples or e.samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
-    for name in ("fid", "sfid", "inception_score", "precision", "recall"):
+    for name in METRICS:
         logging.info("%s: %.4f", name, results[name])
         print(f"{name}: {results[name]:.4f}")
     if jax.process_index() == 0:

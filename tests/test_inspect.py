@@ -1,0 +1,58 @@
+"""--mode=inspect on text models, on a checkpoint, and into a workdir it cannot write."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from conftest import REPO, fixture_dir
+
+
+def tiny_config(variant):
+    from configs import c2i, t2i
+
+    return (t2i if variant == "t2i" else c2i).get_config("tiny")
+
+
+def test_a_text_model_gets_text_states_of_its_width_and_the_configured_length(tmp_path):
+    from pixelflow_jax import inspect_model
+
+    config = tiny_config("t2i")
+    config.sample.max_text_tokens = 8
+    config.scheduler.num_stages, config.data.resolution = 2, 16  # two quick compiles
+    report = inspect_model.run(config, str(tmp_path))
+    assert report["model"]["cross_attention_dim"] == 20 and report["text_tokens"] == 8
+    assert [s["tokens"] for s in report["stages"]] == [4, 16]
+
+
+def test_sample_checkpoint_is_inspected_with_its_architecture_and_weights(tmp_path):
+    """A class-conditional config pointed at the text release: the report is the release's."""
+    from flax import nnx
+
+    from pixelflow_jax import inspect_model
+    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
+
+    config = tiny_config("c2i")
+    config.sample.checkpoint = fixture_dir("t2i_tiny")
+    model, ckpt, label = inspect_model.model_to_inspect(config)
+    _, params = read_checkpoint(resolve_checkpoint(fixture_dir("t2i_tiny")))
+    inspected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), inspected, params))
+
+    report = inspect_model.run(config, str(tmp_path))
+    assert report["checkpoint"] == label == fixture_dir("t2i_tiny")
+    assert (report["model"]["num_classes"], report["model"]["cross_attention_dim"]) == (0, 20)  # config: 10, 0
+    assert report["parameters"]["total"] == sum(np.size(leaf) for leaf in jax.tree.leaves(params))
+    assert report["text_tokens"] == 512  # a class config has no sample.max_text_tokens: the release's length
+
+
+def test_a_workdir_that_is_a_file_fails_at_once_in_one_line(tmp_path):
+    workdir = tmp_path / "file"
+    workdir.write_text("")
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                             "--mode=inspect"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write to {workdir}: FileExistsError: " \
+        f"[Errno 17] File exists: '{workdir}'"
+    assert "parameters:" not in result.stderr  # nothing built, nothing timed
