@@ -86,6 +86,11 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     if source.run_step:
         config = run_checkpoint_config(source.run_step.run)
     elif source.kind == "converted":
+        if weights == "model":  # a conversion kept one set of weights; 'model' asks for what is not there
+            from pixelflow_jax.checkpoints.torch_io import ONE_SET_OF_WEIGHTS
+
+            raise CheckpointError(f"{source.folder} is a converted folder with one set of weights: "
+                                  f"{ONE_SET_OF_WEIGHTS}")
         config = read_config(source.folder)
     else:
         from pixelflow_jax.checkpoints.convert import torch_to_params

@@ -48,6 +48,7 @@ def integer(name: str, value, *, minimum: int | None = None, maximum: int | None
     return value
 
 
+MAX_SAMPLE_IMAGES = 10**8  # ids are int32; 10**8 images at 256 px fill 20 TB: more is a typo
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: seed 2**32 would draw seed 0's noise
 
 
@@ -142,9 +143,15 @@ def check_sample(config) -> None:
     check_guidance(config)
     steps_per_stage("sample.steps_per_stage", s.steps_per_stage)
     if "prompts" not in s:  # text configs count images by prompts (sample_conditioning.py)
-        integer("sample.num_images", s.num_images, minimum=1)
+        integer("sample.num_images", s.num_images, minimum=1, maximum=MAX_SAMPLE_IMAGES)
     else:  # 0: the training run's length, or the release's 512 (api.fill_text_encoder)
         integer("sample.max_text_tokens", s.max_text_tokens, minimum=0)
+        integer("sample.images_per_prompt", s.images_per_prompt, minimum=1)
+        for field in ("num_images", "labels"):  # set by a user who thinks them used: say they are not
+            if s[field]:
+                raise ConfigError(f"--config.sample.{field} does not apply to text-to-image sampling: it makes "
+                                  "len(prompts) x --config.sample.images_per_prompt images, image i from prompt "
+                                  "i // images_per_prompt")
     for label in s.labels:  # the range needs the checkpoint's class count: sample_conditioning.py
         integer("sample.labels", label, minimum=0)
 

@@ -250,7 +250,7 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
 
     (tmp_path / "samples").mkdir()
     ours = [f".000001.png.tmp-{dead}-x", "000002.png.tmp", "samples.npz.tmp.npz"]
-    kept = [f".000003.png.tmp-{os.getpid()}-y", "000004.png", "cache.tmp.npz", "draft.tmp"]  # a live writer's; the user's
+    kept = [f".000003.png.tmp-{os.getpid()}-y", "000004.png", "cache.tmp.npz", "draft.tmp"]  # a live writer's, users
     for name in ours + kept:
         (tmp_path / "samples" / name).write_bytes(b"")
     assert storage.remove_temporaries(str(tmp_path / "samples")) == len(ours)
@@ -444,3 +444,42 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     with pytest.raises(ValueError, match="holds 1 images .* but no settings.json"):
         check_settings(orphans, {"checkpoint": copy, "checkpoint_fingerprint": after})
     assert not os.path.exists(os.path.join(orphans, "settings.json"))
+
+
+def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp_path):
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa red disk\r\n\r\na blue ring\n".encode("utf-8"))  # a Windows editor's file
+    assert read_prompts_file(str(path)) == ["a red disk", "a blue ring"]
+    for content, message in ((" \n\n", "holds no prompts"), ("caf\xe9\n".encode("latin-1"), "is not UTF-8 text")):
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        with pytest.raises(ValueError, match=f"prompts_file {path} {message}"):
+            read_prompts_file(str(path))
+    with pytest.raises(ValueError, match="is a folder: give a text file"):
+        read_prompts_file(str(tmp_path))
+
+
+def test_sample_settings_a_text_job_does_not_use_are_refused():
+    from configs import t2i
+
+    for field, value in (("num_images", 10), ("labels", (1, 2))):
+        config = t2i.get_config("tiny")
+        config.sample[field] = value
+        with pytest.raises(ConfigError, match=f"--config.sample.{field} does not apply to text-to-image sampling"):
+            check(config, "sample")
+    check(t2i.get_config("tiny"), "sample")
+    with pytest.raises(ConfigError, match=r"--config.sample.num_images must be in \[1, 100000000\]"):
+        check(c2i_config(**{"sample.num_images": 3_000_000_000}), "sample")
+
+
+def test_a_setting_a_checkpoint_cannot_honour_is_refused(converted):
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    for path in (converted["c2i_tiny"], fixture_dir("c2i_tiny")):  # one set of weights each
+        with pytest.raises(CheckpointError, match="holds one set of weights|with one set of weights"):
+            load_model(path, weights="model")
+    with pytest.raises(CheckpointError, match=r"--resolution=128 \(64 in .*config.yaml\): the config.yaml decides"):
+        read_release_checkpoint(fixture_dir("c2i_tiny"), overrides={"resolution": 128, "num_stages": None})
+    config, _ = read_release_checkpoint(fixture_dir("c2i_tiny"), overrides={"resolution": 64})  # agrees: fine
+    assert config.resolution == 64

@@ -24,6 +24,8 @@ from pixelflow_jax.config import ModelConfig
 
 RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
 WEIGHT_CHOICES = ("ema", "model")
+ONE_SET_OF_WEIGHTS = ("the choice of weights ('model' for the raw ones) applies to training runs and the release's "
+                      "train.py checkpoints: leave it at 'ema'")
 
 # What the release ships for ImageNet 256 (configs/pixelflow_xl_c2i.yaml), used only where neither
 # a config.yaml nor a flag says otherwise; none of these changes the network's outputs.
@@ -67,6 +69,9 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
             raise CheckpointError(f"{path} is a training checkpoint without {weights!r} weights; "
                                   f"it has {sorted(loaded)}: pass --weights=model")
         loaded = loaded[weights]
+    elif weights == "model":  # the default 'ema' reads a file's one set of weights; asking for 'model' means a mix-up
+        raise CheckpointError(f"{path} holds one set of weights, not a train.py checkpoint's 'model' and 'ema': "
+                              f"{ONE_SET_OF_WEIGHTS}")
     if not isinstance(loaded, Mapping) or not loaded or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise CheckpointError(f"{path} holds no PixelFlow state dict (expected a dict of tensors, "
@@ -142,8 +147,13 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
                                   f"(attention_head_dim: {params.get('attention_head_dim')})")
     else:
         params = infer_architecture(state_dict, attention_head_dim)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    conflicts = [f"--{k}={v} ({extras[k]} in {torch_config})" for k, v in given.items()
+                 if k in extras and extras[k] != v]
+    if conflicts:  # the config describes the weights: a flag that disagrees is a mistake, not an override
+        raise CheckpointError(f"{', '.join(conflicts)}: the config.yaml decides these; drop the flags")
     defaults = RELEASE_T2I_DEFAULTS if params.get("cross_attention_dim") else RELEASE_DEFAULTS
-    settings = {**defaults, **{k: v for k, v in (overrides or {}).items() if v is not None}, **extras}
+    settings = {**defaults, **given, **extras}
     try:
         config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
     except (TypeError, ValueError) as e:

@@ -40,15 +40,30 @@ class ClassLabels:
         return ({k: np.asarray(v) for k, v in cond.items()}, {k: np.asarray(v) for k, v in uncond.items()})
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (a byte-order mark, as Windows editors write, is
+    not part of the first prompt)."""
+    name = f"--config.sample.prompts_file {path}"
+    if not storage.isfile(path):
+        raise ValueError(f"{name} is a folder: give a text file, one prompt per line" if storage.isdir(path)
+                         else f"{name} does not exist")
+    try:
+        text = storage.read_bytes(path).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{name} holds no prompts (every line is blank): write one prompt per line")
+    return prompts
+
+
 def read_prompts(sample_config) -> list[str]:
     s = sample_config
     if bool(len(s.prompts)) == bool(s.prompts_file):
         raise ValueError("a text-conditional checkpoint samples from prompts: set exactly one of "
                          "--config.sample.prompts (a list) or --config.sample.prompts_file (one prompt per line)")
     if s.prompts_file:
-        if not storage.isfile(s.prompts_file):
-            raise ValueError(f"sample.prompts_file {s.prompts_file} does not exist")
-        prompts = [line for line in storage.read_text(s.prompts_file).splitlines() if line.strip()]
+        prompts = read_prompts_file(s.prompts_file)
     else:
         prompts = [s.prompts] if isinstance(s.prompts, str) else list(s.prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
