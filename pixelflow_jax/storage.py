@@ -54,6 +54,8 @@ def user_path(path: str) -> str:
         fixed = f"{scheme_name}://{path.split(':', 1)[1].lstrip('/')}"
         raise StorageError(f'{path} looks like a URL without its "//": write {fixed} (or ./{path} for a local '
                            "folder of that name)")
+    if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
+        raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
     return path if is_url(path) else os.path.expanduser(path)
 
 

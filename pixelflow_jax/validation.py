@@ -117,6 +117,41 @@ def check_train(config) -> None:
         check_guidance(config)
 
 
+def check_architecture(config) -> None:
+    """The model, stages and resolution a run builds (training, inspect): ModelConfig's own checks,
+    and a whole patch grid at every stage, before a workdir records them."""
+    from pixelflow_jax.config import ModelConfig
+
+    num_stages = integer("scheduler.num_stages", config.scheduler.num_stages, minimum=1)
+    integer("scheduler.num_train_timesteps", config.scheduler.num_train_timesteps, minimum=num_stages)
+    resolution = integer("data.resolution", config.data.resolution, minimum=1)
+    m = config.model
+    for field in ("num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels", "out_channels"):
+        integer(f"model.{field}", m[field], minimum=1)
+    for field in ("num_classes", "cross_attention_dim"):
+        integer(f"model.{field}", m[field], minimum=0)
+    try:
+        model = ModelConfig.from_mapping(config.model)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--config.{e}" if str(e).startswith("model.") else f"--config.model: {e}") from None
+    factor = model.patch_size * 2 ** (num_stages - 1)
+    if resolution % factor:
+        below, above = resolution // factor * factor, (resolution // factor + 1) * factor
+        raise ConfigError(f"--config.data.resolution ({resolution}) must be a multiple of model.patch_size x "
+                          f"2^(scheduler.num_stages - 1) = {factor}, so that every stage has a whole patch grid: "
+                          f"try {below or above}" + (f" or {above}" if below else ""))
+
+
+def check_data(config) -> None:
+    d = config.data
+    number("data.expand_ratio", d.expand_ratio, minimum=1)
+    integer("data.num_workers", d.num_workers, minimum=0)
+    integer("data.prefetch_batches", d.prefetch_batches, minimum=1)
+    if d.source == "demo":
+        integer("data.demo_num_images", d.demo_num_images, minimum=1)
+        integer("data.demo_num_classes", d.demo_num_classes, minimum=1)
+
+
 def check_text_training(config) -> None:
     t, d = config.train, config.data
     number("train.caption_dropout", t.caption_dropout, minimum=0, below=1)
@@ -183,8 +218,8 @@ def expand_paths(config) -> None:
                 raise ConfigError(f"--config.{field}: {e}") from None
 
 
-CHECKS = {"train": (check_train,), "sample": (check_sample,), "eval": (check_eval,),
-          "demo": (check_sample, check_demo), "inspect": ()}
+CHECKS = {"train": (check_architecture, check_data, check_train), "sample": (check_sample,), "eval": (check_eval,),
+          "demo": (check_sample, check_demo), "inspect": (check_architecture,)}
 
 
 def check(config, mode: str) -> None:

@@ -39,6 +39,14 @@ def c2i_config(**changes):
     ("sample", "sample.batch_size", -2, "--config.sample.batch_size must be >= 1, got -2"),
     ("sample", "sample.seed", 2**32, "--config.sample.seed must be in [0, 4294967295], got 4294967296"),
     ("train", "seed", -1, "--config.seed must be in [0, 4294967295], got -1"),
+    ("train", "scheduler.num_stages", 0, "--config.scheduler.num_stages must be >= 1, got 0"),
+    ("inspect", "model.patch_size", 3, "--config.data.resolution (64) must be a multiple of model.patch_size x 2^("
+                                       "scheduler.num_stages - 1) = 24, so that every stage has a whole patch grid: "
+                                       "try 48 or 72"),
+    ("train", "model.attention", "fast", "--config.model.attention must be one of"),
+    ("train", "data.expand_ratio", 0.9, "--config.data.expand_ratio must be >= 1, got 0.9"),
+    ("train", "data.num_workers", -1, "--config.data.num_workers must be >= 0, got -1"),
+    ("train", "data.prefetch_batches", 0, "--config.data.prefetch_batches must be >= 1, got 0"),
     ("sample", "sample.batch_size", 0, "--config.sample.batch_size must be >= 1, got 0"),
     ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be >= 1"),
     ("demo", "demo.port", 70000, "--config.demo.port must be in [1, 65535]"),
@@ -384,6 +392,9 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
                           ("hf:/owner/name", "hf://owner/name")):
         with pytest.raises(storage.StorageError, match=f'looks like a URL without its "//": write {fixed}'):
             storage.user_path(broken)
+    for no_bucket in ("gs://", "gs:///run"):
+        with pytest.raises(storage.StorageError, match="names no bucket: write gs://BUCKET/"):
+            storage.user_path(no_bucket)
     assert storage.user_path("~/runs/x") == os.path.join(os.path.expanduser("~"), "runs", "x")
     assert storage.user_path("./gs:/x") == "./gs:/x" and storage.user_path("gs://b/x") == "gs://b/x"
 

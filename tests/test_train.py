@@ -276,11 +276,13 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     ("--config.train.lr=-1", "--config.train.lr must be > 0, got -1"),
     ("--config.train.lr=nan", "--config.train.lr must be a finite number, got nan"),
     ("--config.model.num_classes=1000", "must equal data.demo_num_classes"),
+    ("--config.data.resolution=60", "--config.data.resolution (60) must be a multiple of model.patch_size x 2^"),
 ])
 def test_bad_training_config_fails_clearly(tmp_path, override, message):
     process = run_training(str(tmp_path / "run"), *override.split(), wait=False)
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "run_config.json").exists()  # the workdir records nothing it would hold to
 
 
 def test_workdir_of_another_architecture_is_refused(tmp_path):
@@ -289,4 +291,6 @@ def test_workdir_of_another_architecture_is_refused(tmp_path):
     (workdir / "run_config.json").write_text(json.dumps({"architecture": {"depth": 28}}))
     process = run_training(str(workdir), wait=False)
     _, err = process.communicate(timeout=300)
-    assert process.returncode != 0 and "different model" in err and "new --workdir" in err, err
+    assert process.returncode != 0 and "different model (no step of it was saved" in err, err
+    assert "new --workdir" in err
+    assert "architecture.depth 28 there, 2 in this config" in err, err  # the difference, not two dumps

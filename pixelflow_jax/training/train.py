@@ -31,7 +31,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG, complete_steps, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -69,6 +69,18 @@ def peak_flops(device) -> float | None:
     return matches[0] if matches else None
 
 
+def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
+    """'key: value there, value here' for every entry that differs, nested dicts entry by entry."""
+    lines = []
+    for key in sorted(set(there) | set(here)):
+        a, b = there.get(key), here.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key} {a!r} there, {b!r} in this config")
+    return lines
+
+
 def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder: dict | None = None) -> None:
     """A workdir trains one architecture (and, for text, one text encoder); resuming with another
     would load mismatched weights."""
@@ -79,8 +91,9 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
     if storage.exists(path):
         previous = read_run_config(workdir)
         if previous != current:
-            raise ValueError(f"{workdir} holds a run of a different model ({previous}); this config asks for "
-                             f"{current}. Use a new --workdir")
+            trained = "" if complete_steps(workdir) else " (no step of it was saved: deleting the workdir loses nothing)"
+            raise ValueError(f"{workdir} holds a run of a different model{trained}: "
+                             f"{'; '.join(differences(previous, current))}. Use a new --workdir")
     elif jax.process_index() == 0:
         storage.write_json_atomically(path, current)
 
