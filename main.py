@@ -105,7 +105,7 @@ def main(argv):
             train.train(FLAGS.config, FLAGS.workdir)
         except train.TrainingPreempted as e:
             print(f"stopped: {e}", file=sys.stderr)
-            sys.exit(train.EXIT_PREEMPTED)
+            sys.exit(e.exit_status)
         except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
                 WorkdirBusy) as e:
             sys.exit(f"error: {e}")

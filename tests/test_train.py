@@ -294,3 +294,19 @@ def test_workdir_of_another_architecture_is_refused(tmp_path):
     assert process.returncode != 0 and "different model (no step of it was saved" in err, err
     assert "new --workdir" in err
     assert "architecture.depth 28 there, 2 in this config" in err, err  # the difference, not two dumps
+
+
+def test_ctrl_c_saves_the_step_like_a_preemption_and_a_second_one_stops_at_once():
+    from pixelflow_jax.training.preemption import PreemptionWatch
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    watch = PreemptionWatch()
+    try:
+        assert not watch.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)  # turned into a SIGTERM to this process: the preemption path
+        assert watch.reached(2) and watch.cause == "interrupted (Ctrl-C)"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        watch.close()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -5,11 +5,17 @@ some of them). Each process checks at every step whether the job has reached its
 point: jax's preemption service (started by jax.distributed.initialize) catches SIGTERM on any
 process and makes every process answer True at the same step, so all of them save that step and
 stop together. A single process catches SIGTERM itself.
+
+Ctrl-C (SIGINT) stops the same way, saving the step: it is turned into a SIGTERM to this process,
+so every process of a job agrees on the step as for a preemption. A second Ctrl-C stops at once,
+without saving.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import jax
 
@@ -18,12 +24,25 @@ class PreemptionWatch:
     def __init__(self):
         self.distributed = jax.process_count() > 1
         self.requested = False
-        self.previous_handler = None
+        self.interrupted = False  # by Ctrl-C rather than a preemption
+        self.previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
         if not self.distributed:  # with several processes, jax's own SIGTERM handler must stay
-            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self.previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    @property
+    def cause(self) -> str:
+        return "interrupted (Ctrl-C)" if self.interrupted else "preempted (SIGTERM)"
 
     def _on_sigterm(self, *_) -> None:
         self.requested = True
+
+    def _on_sigint(self, *_) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\nCtrl-C: saving this step on every process, then stopping (Ctrl-C again: stop now, without saving)",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         """Whether to save `step` and stop; call at every step, on every process."""
@@ -34,6 +53,6 @@ class PreemptionWatch:
         return self.requested
 
     def close(self) -> None:
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
-            self.previous_handler = None
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}

@@ -55,12 +55,16 @@ class TrainingStopped(RuntimeError):
 
 
 class TrainingPreempted(RuntimeError):
-    """SIGTERM: every process saved the same step and stopped; rerunning the command resumes."""
+    """SIGTERM or Ctrl-C: every process saved the same step and stopped; rerunning the command
+    resumes. `exit_status` is what main.py exits with: 128 + the signal, as a shell reports a
+    process that signal ended, so a scheduler sees an interrupted run, not a finished one."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
-# main.py's exit status for a preempted run (its state saved): 128 + SIGTERM, as a shell reports a
-# process that SIGTERM ended, so a scheduler sees an interrupted run, not a finished one.
-EXIT_PREEMPTED = 143
+EXIT_PREEMPTED, EXIT_INTERRUPTED = 143, 130  # SIGTERM, SIGINT
 
 
 def peak_flops(device) -> float | None:
@@ -413,7 +417,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             if step % t.checkpoint_every == 0 or step == t.num_steps or preempted:
                 save(manager, step, state)
             if preempted:
-                logging.warning("preemption (SIGTERM): saved step %d on every process, exiting", step)
+                logging.warning("%s: saved step %d on every process, exiting", preemption.cause, step)
                 break
         else:
             preempted = False
@@ -424,6 +428,6 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         log.close()
         preemption.close()
     if preempted:
-        raise TrainingPreempted(f"preempted (SIGTERM): saved step {step} on every process; rerun the same command "
-                                "to resume")
+        raise TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; rerun the same command "
+                                "to resume", EXIT_INTERRUPTED if preemption.interrupted else EXIT_PREEMPTED)
     return record
