@@ -169,8 +169,10 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
         raise CheckpointError("set --config.eval.inception_weights to pytorch-fid's "
                               "pt_inception-2015-12-05-6726825d.pth (see the README)")
     if not storage.isfile(inception_weights):
-        raise CheckpointError(f"--config.eval.inception_weights {inception_weights} is not a file: pytorch-fid's "
-                              "pt_inception-2015-12-05-6726825d.pth (see the README)")
+        from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
+
+        raise CheckpointError(f"Inception weights {inception_weights} not found: download {WEIGHTS_URL} and pass its "
+                              "path as --config.eval.inception_weights")
     storage.check_writable(workdir)  # not only once the features are to be cached
 
 
