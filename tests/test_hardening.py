@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO, fixture_dir, run_converter
 from pixelflow_jax import CheckpointError, load_model, storage
+from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.validation import ConfigError, check
 
 
@@ -198,11 +199,12 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
 
     from pixelflow_jax.training import train
 
+    config = c2i_config()
+    config.train.update(num_steps=4, batch_size=32)  # 4 stages x the 8 test devices
+    train.check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
     manager = train.checkpoint_manager(str(tmp_path), keep=2)
     train.save(manager, 4, {"w": jax.numpy.zeros(2)})
     manager.wait_until_finished()
-    config = c2i_config()
-    config.train.update(num_steps=4, batch_size=32)  # 4 stages x the 8 test devices
     assert train.train(config, str(tmp_path)) == {}
     assert "already trained to step 4 (train.num_steps = 4): nothing to do" in capsys.readouterr().out
 
@@ -494,3 +496,23 @@ def test_a_setting_a_checkpoint_cannot_honour_is_refused(converted):
         read_release_checkpoint(fixture_dir("c2i_tiny"), overrides={"resolution": 128, "num_stages": None})
     config, _ = read_release_checkpoint(fixture_dir("c2i_tiny"), overrides={"resolution": 64})  # agrees: fine
     assert config.resolution == 64
+
+
+def test_a_foreign_or_other_model_workdir_is_refused_before_anything_is_written_there(tmp_path):
+    from configs import t2i
+    from pixelflow_jax.training.train import check_run_config
+
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "5").mkdir(parents=True)
+    (foreign / "checkpoints" / "5" / "model.pt").write_bytes(b"")
+    config = c2i_config()
+    with pytest.raises(ValueError, match="holds checkpoints/ but no run_config.json: not a training run"):
+        check_run_config(str(foreign), ModelConfig.from_mapping(config.model), config)
+    assert sorted(os.listdir(foreign)) == ["checkpoints"]
+
+    class_run = str(tmp_path / "class_run")
+    check_run_config(class_run, ModelConfig.from_mapping(config.model), config)
+    text = t2i.get_config("tiny")  # checked before its text encoder would be built in the workdir
+    with pytest.raises(ValueError, match="architecture.cross_attention_dim 0 there, 20 in this config"):
+        check_run_config(class_run, ModelConfig.from_mapping(text.model), text, record=False)
+    assert os.listdir(class_run) == ["run_config.json"]

@@ -31,7 +31,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG, complete_steps, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -85,20 +85,27 @@ def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder: dict | None = None) -> None:
+def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder: dict | None = None, *,
+                     record: bool = True) -> None:
     """A workdir trains one architecture (and, for text, one text encoder); resuming with another
-    would load mismatched weights."""
+    would load mismatched weights. With record=False (before the text encoder is known and built
+    in the workdir) the rest is checked and nothing is written."""
     path = storage.join(workdir, RUN_CONFIG)
     current = {"architecture": model_cfg.architecture(), "num_stages": config.scheduler.num_stages,
                "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution,
                **({"text_encoder": text_encoder} if text_encoder else {})}
     if storage.exists(path):
         previous = read_run_config(workdir)
+        if not record:
+            previous = {k: v for k, v in previous.items() if k != "text_encoder"}
         if previous != current:
             trained = "" if complete_steps(workdir) else " (no step of it was saved: deleting the workdir loses nothing)"
             raise ValueError(f"{workdir} holds a run of a different model{trained}: "
                              f"{'; '.join(differences(previous, current))}. Use a new --workdir")
-    elif jax.process_index() == 0:
+    elif storage.listdir(storage.join(workdir, CHECKPOINTS)):
+        raise ValueError(f"{workdir} holds {CHECKPOINTS}/ but no {RUN_CONFIG}: not a training run of pixelflow-jax "
+                         "(or one that lost that file), so its checkpoints cannot be trusted; use a new --workdir")
+    elif record and jax.process_index() == 0:
         storage.write_json_atomically(path, current)
 
 
@@ -341,6 +348,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                            lock: WorkdirLock) -> dict:
     from pixelflow_jax.data.loader import make_loader, to_global_batch
 
+    check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
