@@ -86,6 +86,8 @@ def main(argv):
 
     try:
         FLAGS.workdir = storage.user_path(FLAGS.workdir)
+        if not FLAGS.workdir.strip():
+            raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
         storage.check_supported(FLAGS.workdir)
         check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work

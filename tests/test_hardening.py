@@ -414,7 +414,8 @@ def test_a_workdir_that_would_be_lost_or_misread_is_refused_before_any_work(tmp_
     (run / "checkpoints" / "4").mkdir(parents=True)
     (run / "run_config.json").write_text("{}")
     for workdir, message in ((run / "checkpoints" / "4", "inside the checkpoints of the training run"),
-                             ("gs:/bucket/samples", "looks like a URL without its")):
+                             ("gs:/bucket/samples", "looks like a URL without its"),
+                             ("", "--workdir is empty")):
         command = [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/c2i.py:tiny",
                    f"--workdir={workdir}", "--mode=sample", f"--config.sample.checkpoint={run}"]
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)

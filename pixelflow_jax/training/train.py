@@ -291,7 +291,7 @@ class MetricsLog:
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
         mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
         return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
-                f"{record['images_per_s']:.1f} img/s{mfu} skipped {record['skipped_steps']}")
+                f"{record['images_per_s']:.1f} img/s{mfu} non-finite steps skipped {record['skipped_steps']}")
 
 
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog,
