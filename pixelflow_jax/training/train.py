@@ -18,6 +18,7 @@ non-finite steps in a row the run stops without saving: the last good checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -172,9 +173,32 @@ def checkpoint_manager(workdir: str, keep: int):
 
 
 def save(manager, step: int, state) -> None:
+    """Starts saving `step` in the background (after the previous save has finished)."""
     import orbax.checkpoint as ocp
 
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    with save_errors(manager):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+
+
+def wait_for_saves(manager) -> None:
+    with save_errors(manager):
+        manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def save_errors(manager):
+    """A failed save (orbax reports a background save's failure at the next save or wait) as one
+    CheckpointError: the cause, the step a rerun resumes from, and the fix."""
+    try:
+        yield
+    except Exception as e:  # orbax and tensorstore raise many types for the same few causes
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = "no space left on the device" if "No space left on device" in cause else cause[:300]
+        complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
+        resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
+        raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: {cause}. Fix the cause (free "
+                              "space, or lower --config.train.keep_checkpoints) and rerun the same command: it "
+                              f"{resume}") from None
 
 
 def restore(manager, step: int, state, shardings):
@@ -410,7 +434,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                     record["mfu"] = images_per_s * flops / (peak * jax.device_count())
             # One scalar read per step (it waits for the step): the price of stopping on time.
             if not bool(metrics["finite"]) and int(state["bad_steps_in_a_row"]) >= t.max_bad_steps:
-                manager.wait_until_finished()
+                wait_for_saves(manager)
                 raise TrainingStopped(f"{t.max_bad_steps} non-finite steps in a row (train.max_bad_steps); stopped "
                                       f"at step {step} without saving: the last good checkpoint is step "
                                       f"{manager.latest_step()}")
@@ -431,7 +455,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             preempted = False
     finally:
         progress.close()
-        manager.wait_until_finished()
+        wait_for_saves(manager)
         loader.close()
         log.close()
         preemption.close()
