@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from conftest import REPO, free_port
 from pixelflow_jax import storage
 from pixelflow_jax.data import loader as loader_module
 from pixelflow_jax.data.caption_data import CaptionRecordSource
@@ -248,3 +249,214 @@ def test_make_loader_reads_the_configured_demo_set(tmp_path):
     config.data.source = "nonsense"
     with pytest.raises(DataError, match="unknown config.data.source 'nonsense'"):
         make_loader(config, batch_size=8)
+
+
+# ------------------------------------------------------------------- bad input a hostile user brings
+
+
+def encoded(array, mode=None, format="PNG"):
+    out = io.BytesIO()
+    Image.fromarray(array, mode).save(out, format=format)
+    return out.getvalue()
+
+
+def test_high_bit_depth_grey_images_are_scaled_to_8_bits_not_clipped():
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = lambda image: np.asarray(loader_module.to_rgb(image))
+    for image in (encoded(grey.astype(np.uint16) * 257),  # a 16-bit PNG (mode I;16)
+                  encoded(grey.astype(np.int32) * 257, "I", "TIFF"),  # 16-bit data in a 32-bit TIFF
+                  encoded(grey.astype(np.float32) / 255, "F", "TIFF")):  # floats in [0, 1]
+        np.testing.assert_array_equal(rgb(image), np.repeat(grey[..., None], 3, axis=2))
+    for beyond in (encoded(np.full((4, 4), 70000, np.int32), "I", "TIFF"),
+                   encoded(np.full((4, 4), 2.0, np.float32), "F", "TIFF"),
+                   encoded(np.full((4, 4), np.nan, np.float32), "F", "TIFF")):
+        with pytest.raises(ValueError, match="values outside"):  # no known scale: skipped and counted
+            rgb(beyond)
+    # The 8-bit modes still convert as before.
+    la = np.stack([grey, 255 - grey], axis=-1)
+    np.testing.assert_array_equal(rgb(encoded(la, "LA")), np.repeat(grey[..., None], 3, axis=2))
+    black_white = (grey > 127).astype(np.uint8) * 255
+    palette = Image.fromarray(grey % 2, "L").convert("P")
+    palette.putpalette([10, 20, 30, 200, 100, 0])
+    for image, expected in ((Image.fromarray(black_white).convert("1"), np.repeat(black_white[..., None], 3, axis=2)),
+                            (palette, [[10, 20, 30], [200, 100, 0]] * 128)):
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        np.testing.assert_array_equal(rgb(out.getvalue()).reshape(16, 16, 3), np.reshape(expected, (16, 16, 3)))
+    cyan = np.zeros((4, 4, 4), np.uint8)
+    cyan[..., 0] = 255
+    np.testing.assert_array_equal(rgb(encoded(cyan, "CMYK", "TIFF"))[0, 0], [0, 255, 255])
+
+
+def test_image_folder_reads_class_folders_at_any_depth_and_leaves_out_hidden_names(tmp_path):
+    image = encoded(np.zeros((8, 8, 3), np.uint8))
+    for path in ("b/2.jpg", "b/sub/deeper/4.png", "b/sub/3.jpg", "b/1.jpg", "a/1.JPG",
+                 ".ipynb_checkpoints/x.jpg", "a/.ipynb_checkpoints/1-checkpoint.jpg"):
+        os.makedirs(tmp_path / os.path.dirname(path), exist_ok=True)
+        (tmp_path / path).write_bytes(image)
+    (tmp_path / "a" / "._1.JPG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not an image
+    (tmp_path / ".DS_Store").write_bytes(b"Bud1")
+    os.makedirs(tmp_path / "lost+found")
+    source = ImageFolderSource(str(tmp_path))
+    assert source.classes == ["a", "b"]
+    assert [(os.path.relpath(path, tmp_path), label) for path, label in source.records] == [
+        ("a/1.JPG", 0), ("b/1.jpg", 1), ("b/2.jpg", 1), ("b/sub/3.jpg", 1), ("b/sub/deeper/4.png", 1)]
+
+
+def write_shards(folder, tmp_path, count=3):
+    """The packer's shards of `count` one-record shards."""
+    from pixelflow_jax.data.pack_captions import pack
+
+    images = tmp_path / "captioned"
+    os.makedirs(images, exist_ok=True)
+    for i in range(count):
+        (images / f"{i}.png").write_bytes(encoded(np.full((8, 8, 3), i, np.uint8)))
+        (images / f"{i}.txt").write_text(f"caption {i}")
+    assert pack(str(images), str(folder), records_per_shard=1)["shards"] == count
+    return [str(folder / f"captions-{i:05d}-of-{count:05d}.array_record") for i in range(count)]
+
+
+def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
+    shards = write_shards(tmp_path / "shards", tmp_path)
+    (tmp_path / "shards" / "._captions-00000-of-00003.array_record").write_bytes(b"AppleDouble")  # left out
+    assert len(CaptionRecordSource(str(tmp_path / "shards"))) == 3
+    whole = open(shards[1], "rb").read()
+    with open(shards[1], "wb") as f:
+        f.write(whole[:4000])
+    with pytest.raises(DataError, match=r"cannot read ArrayRecord shard \S+captions-00001-of-00003.array_record "
+                                        r"\(.*64KB.*\); if it is truncated or damaged, copy the shards again, or pack"):
+        CaptionRecordSource(str(tmp_path / "shards"))
+    os.remove(shards[1])
+    with pytest.raises(DataError, match=r"lacks 1 of the 3 shards of captions: "
+                                        r"\['captions-00001-of-00003.array_record'\]"):
+        CaptionRecordSource(str(tmp_path / "shards"))
+    os.rename(shards[2], tmp_path / "shards" / "captions-00001-of-00002.array_record")  # another pack's shard
+    with pytest.raises(DataError, match=r"mixes the shard sets captions-\*-of-00002, captions-\*-of-00003"):
+        CaptionRecordSource(str(tmp_path / "shards"))
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    ArrayRecordWriter(str(tmp_path / "empty.array_record"), "group_size:1").close()
+    with pytest.raises(DataError, match=r"ArrayRecord shard \S+empty.array_record holds no records; copy the"):
+        CaptionRecordSource(str(tmp_path))
+
+
+def pack_command(monkeypatch, capsys, *args):
+    """Runs the packer's command line; returns (exit code, stdout, stderr)."""
+    from pixelflow_jax.data import pack_captions
+
+    monkeypatch.setattr("sys.argv", ["pack_captions", *args])
+    try:
+        pack_captions.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(tmp_path, monkeypatch, capsys):
+    images = tmp_path / "captioned"
+    os.makedirs(images)
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
+        (images / f"{i}.txt").write_bytes(b"\xef\xbb\xbf \n")  # a BOM and blanks: no caption
+    (tmp_path / "a_file").write_text("")
+    os.makedirs(tmp_path / "empty")
+    for args, message in (
+            ([f"--folder={images}", f"--output={tmp_path / 'out'}"],
+             f"none of the 2 captioned images under {images} has a usable caption (see the lines above); "
+             "nothing written"),
+            ([f"--folder={tmp_path / 'nope'}", f"--output={tmp_path / 'out'}"],
+             f"captioned image folder {tmp_path / 'nope'} does not exist; set --folder to a folder"),
+            ([f"--folder={tmp_path / 'empty'}", f"--output={tmp_path / 'out'}"], "no captioned images under"),
+            ([f"--folder={images}", f"--output={tmp_path / 'out'}", "--records_per_shard=0"],
+             "--records_per_shard must be positive, got 0"),
+            ([f"--folder={images}", f"--output={tmp_path / 'a_file'}"],
+             f"--output {tmp_path / 'a_file'} is a file; name a folder for the shards"),
+            ([f"--folder={images}", "--output=gs:///shards"], "gs:///shards names no bucket: write gs://BUCKET/"),
+            ([f"--folder={images}", "--output=gs:/bucket/shards"],
+             'gs:/bucket/shards looks like a URL without its "//"')):
+        code, _, err = pack_command(monkeypatch, capsys, *args)
+        assert code == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, (args, err)
+    assert not os.path.exists(tmp_path / "out")  # nothing written
+    (images / "0.txt").write_text("a grey square")
+    os.remove(images / "1.txt")
+    code, _, err = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out'}")
+    assert code == 1 and "set --missing_captions=skip to leave those images out" in err and "config.data" not in err
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded in both flags
+    code, out, _ = pack_command(monkeypatch, capsys, "--folder=~/captioned", "--output=~/out",
+                                "--missing_captions=skip")
+    assert code == 0 and f"wrote 1 records in 1 shards to {tmp_path / 'out'}" in out
+    assert os.listdir(tmp_path / "out") == ["captions-00000-of-00001.array_record"]
+
+
+def test_a_bucket_that_cannot_be_reached_is_not_reported_as_a_missing_folder(bucket):
+    """gcsfs's isdir answers False when it cannot connect; the sources must show the connection error."""
+    import subprocess
+    import sys
+
+    from pixelflow_jax.data.caption_data import CaptionedFolderSource
+
+    for missing in (lambda: ImageFolderSource(f"{bucket}/nothing"), lambda: CaptionRecordSource(f"{bucket}/nothing"),
+                    lambda: CaptionedFolderSource(f"{bucket}/nothing"),
+                    lambda: TfdsSource("imagenet2012", "train", f"{bucket}/nothing")):
+        with pytest.raises(DataError, match=f"{bucket}/nothing does not exist"):  # reachable but missing
+            missing()
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: connections are refused at once
+    script = f"""
+import os
+os.environ.update(STORAGE_EMULATOR_HOST="{closed}", CLOUD_STORAGE_EMULATOR_ENDPOINT="{closed}", FSSPEC_GCS_TOKEN="anon")
+import gcsfs.retry
+gcsfs.retry.is_retriable = lambda e: False  # fail at the first try, not after ~30 s of retries
+from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionRecordSource
+from pixelflow_jax.data.loader import ImageFolderSource, TfdsSource
+for source in (ImageFolderSource, CaptionedFolderSource, CaptionRecordSource,
+               lambda data_dir: TfdsSource("imagenet2012", "train", data_dir)):
+    try:
+        source("gs://some-bucket/data")
+    except Exception as e:
+        print(type(e).__name__, e)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("StorageError gs://some-bucket/data: ClientConnectorError: Cannot "
+                                                   "connect to host 127.0.0.1") for line in lines), result
+
+
+def test_an_unbuilt_tfds_dataset_is_named_with_the_build_command_and_nothing_is_downloaded(tmp_path):
+    with pytest.raises(DataError, match=rf"TFDS dataset 'imagenet2012' is not built under {tmp_path}: run `tfds "
+                                        rf"build imagenet2012 --manual_dir=DIR --data_dir={tmp_path} "
+                                        r"--file_format=array_record`"):
+        TfdsSource("imagenet2012", "train", str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path):
+    from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionError, decode_caption
+
+    assert decode_caption(b"\xef\xbb\xbfa red disk\n") == "a red disk"
+    with pytest.raises(CaptionError, match="caption is empty"):
+        decode_caption(b"\xef\xbb\xbf\r\n")
+    for name in ("A.jpg", "A.TXT", "b.PNG", "b.txt", "c.png", "c.TXT", "c.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [tuple(os.path.basename(p) for p in record) for record in CaptionedFolderSource(str(tmp_path)).records] == [
+        ("A.jpg", "A.TXT"), ("b.PNG", "b.txt"), ("c.png", "c.txt")]
+
+
+def test_records_that_fail_for_their_captions_say_so():
+    class Blank:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return {"image": encoded(np.zeros((8, 8, 3), np.uint8)), "caption": b" \n"}
+
+    class Tokenizer:
+        def tokenize(self, captions):
+            raise AssertionError("an empty caption is never tokenized")
+
+    with pytest.raises(DataError, match=r"64 consecutive unusable records from record 1 on \(the last, record 1: "
+                                        r"caption is empty"):
+        loader_module.DecodedSource(Blank(), R, tokenizer=Tokenizer())[1]

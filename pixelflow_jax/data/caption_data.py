@@ -1,27 +1,33 @@
 """Captioned training data for text-to-image runs: random-access sources of (encoded image, caption).
 
-    folder        ROOT/**/NAME.jpg + ROOT/**/NAME.txt (UTF-8 caption), the layout img2dataset's
-                  `files` output writes (ROOT/00000/000000012.jpg + .txt + .json). An image without
-                  a caption file is an error that names it, or (data.missing_captions='skip') is left
-                  out and counted.
+    folder        ROOT/**/NAME.jpg + ROOT/**/NAME.txt (UTF-8 caption; NAME.TXT too), the layout
+                  img2dataset's `files` output writes (ROOT/00000/000000012.jpg + .txt + .json);
+                  hidden files and folders are left out. An image without a caption file is an
+                  error that names it, or (data.missing_captions='skip') is left out and counted.
     array_record  ROOT/*.array_record shards of msgpack records {"image": bytes, "caption": str},
                   written from a captioned folder by `python -m pixelflow_jax.data.pack_captions`: the
-                  format for pods (a few large files instead of millions of small ones).
+                  format for pods (a few large files instead of millions of small ones). A numbered
+                  set with a shard missing (NAME-00001-of-00003), or a shard that cannot be opened
+                  or holds no records, is an error naming it.
     demo          demo_data.CaptionedDemoSource ("a red disk", ...), built in.
 
-Each record gives {"image": bytes or pixels, "caption": bytes or str, "name"}; data.py decodes
-both (a caption that is not UTF-8, or empty, is skipped and counted like an unreadable image) and
-tokenizes the caption for the frozen text encoder.
+Each record gives {"image": bytes or pixels, "caption": bytes or str, "name"}; loader.py decodes
+both (a caption that is not UTF-8, or empty once a BOM and blanks are stripped, is skipped and
+counted like an unreadable image) and tokenizes the caption for the frozen text encoder.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from concurrent import futures
+from typing import NamedTuple
 
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.data.loader import IMAGE_EXTENSIONS, DataError, check_array_record_reads
+from pixelflow_jax.data.loader import (IMAGE_EXTENSIONS, DataError, check_array_record_reads, ignored_name,
+                                       require_folder, walk_files)
 
 CAPTION_EXTENSION = ".txt"
 RECORD_EXTENSION = ".array_record"
@@ -38,43 +44,41 @@ def decode_caption(caption: bytes | str) -> str:
             caption = bytes(caption).decode("utf-8")
         except UnicodeDecodeError as e:
             raise CaptionError(f"caption is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
-    caption = caption.strip()
+    caption = caption.removeprefix("\ufeff").strip()  # a BOM (Windows editors write one) is no caption
     if not caption:
         raise CaptionError("caption is empty (caption dropout already trains the empty prompt); write a caption "
                            "or remove the image")
     return caption
 
 
-def _walk_files(root: str) -> list[str]:
-    """Every file under root (any depth), as full paths, in sorted order."""
-    paths = [storage.join(root, name) for name in storage.list_files(root)]
-    for folder in storage.list_folders(root):
-        paths += _walk_files(storage.join(root, folder))
-    return paths
-
-
 class CaptionedFolderSource:
-    """Images with sidecar captions (NAME.ext + NAME.txt) anywhere under root."""
+    """Images with sidecar captions (NAME.ext + NAME.txt, the extensions in any case) anywhere
+    under root; hidden files and folders and lost+found are left out. Messages name the settings
+    as `root_flag` and `missing_flag` (the packer's flags are not the trainer's)."""
 
-    def __init__(self, root: str, missing_captions: str = "error"):
+    def __init__(self, root: str, missing_captions: str = "error", root_flag: str = "--config.data.root",
+                 missing_flag: str = "--config.data.missing_captions"):
         if missing_captions not in MISSING_CAPTION_CHOICES:
-            raise DataError(f"data.missing_captions must be one of {MISSING_CAPTION_CHOICES}, got {missing_captions!r}")
-        if not storage.isdir(root):
-            raise DataError(f"captioned image folder {root} does not exist; set config.data.root to a folder of "
-                            "images with a caption file each (NAME.jpg + NAME.txt, as img2dataset writes)")
-        files = _walk_files(root)
-        captions = {path[:-len(CAPTION_EXTENSION)] for path in files if path.endswith(CAPTION_EXTENSION)}
+            raise DataError(f"{missing_flag} must be one of {MISSING_CAPTION_CHOICES}, got {missing_captions!r}")
+        require_folder(root, f"captioned image folder {root} does not exist; set {root_flag} to a folder of images "
+                             "with a caption file each (NAME.jpg + NAME.txt, as img2dataset writes)")
+        files = walk_files(root)
+        captions = {}  # NAME -> its caption file; NAME.txt rather than NAME.TXT where both exist
+        for path in files:
+            name, extension = os.path.splitext(path)
+            if extension.lower() == CAPTION_EXTENSION and (name not in captions or extension == CAPTION_EXTENSION):
+                captions[name] = path
         images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
-        self.records = [(path, os.path.splitext(path)[0] + CAPTION_EXTENSION) for path in images
+        self.records = [(path, captions[os.path.splitext(path)[0]]) for path in images
                         if os.path.splitext(path)[0] in captions]
         missing = [path for path in images if os.path.splitext(path)[0] not in captions]
         self.missing_captions = len(missing)
         if missing and missing_captions == "error":
             raise DataError(f"{len(missing)} of {len(images)} images under {root} have no caption file "
                             f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}; add the captions or set "
-                            "--config.data.missing_captions=skip to leave those images out")
+                            f"{missing_flag}=skip to leave those images out")
         if missing:
-            logging.warning("%s: %d images without a caption file left out (data.missing_captions=skip), e.g. %s",
+            logging.warning("%s: %d images without a caption file left out (missing_captions=skip), e.g. %s",
                             root, len(missing), missing[:3])
         if not self.records:
             raise DataError(f"no captioned images under {root} (expected NAME.ext + NAME{CAPTION_EXTENSION} with ext "
@@ -104,14 +108,58 @@ def decode_record(record: bytes) -> dict:
     return value
 
 
+# pack_captions names its shards captions-00001-of-00003.array_record: such a set must be whole.
+SHARD_NAME = re.compile(r"(.+)-\d{5}-of-(\d{5})" + re.escape(RECORD_EXTENSION))
+REPACK = "copy the shards again, or pack the folder again with python -m pixelflow_jax.data.pack_captions"
+
+
 def record_shards(root: str) -> list[str]:
-    if not storage.isdir(root):
-        raise DataError(f"ArrayRecord folder {root} does not exist; set config.data.root to the folder that "
-                        f"python -m pixelflow_jax.data.pack_captions wrote")
-    shards = [storage.join(root, name) for name in storage.list_files(root) if name.endswith(RECORD_EXTENSION)]
-    if not shards:
+    """The shards in root, refused when a numbered set (NAME-NNNNN-of-NNNNN) lacks one or mixes two packs."""
+    require_folder(root, f"ArrayRecord folder {root} does not exist; set --config.data.root to the folder that "
+                         "python -m pixelflow_jax.data.pack_captions wrote")
+    names = [name for name in storage.list_files(root) if name.endswith(RECORD_EXTENSION) and not ignored_name(name)]
+    if not names:
         raise DataError(f"{root} has no *{RECORD_EXTENSION} shards")
-    return shards
+    sizes: dict[str, set[str]] = {}  # NAME -> the set sizes (-of-NNNNN) its shards give
+    for match in filter(None, map(SHARD_NAME.fullmatch, names)):
+        sizes.setdefault(match[1], set()).add(match[2])
+    for prefix, totals in sizes.items():
+        if len(totals) > 1:
+            raise DataError(f"{root} mixes the shard sets {', '.join(f'{prefix}-*-of-{n}' for n in sorted(totals))} "
+                            "(two packs of the data); keep one set")
+        (total,) = totals
+        missing = [name for name in (f"{prefix}-{i:05d}-of-{total}{RECORD_EXTENSION}" for i in range(int(total)))
+                   if name not in names]
+        if missing:
+            raise DataError(f"{root} lacks {len(missing)} of the {int(total)} shards of {prefix}: "
+                            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; {REPACK}")
+    return [storage.join(root, name) for name in names]
+
+
+def count_records(shard: str) -> int:
+    """The records in a shard; a shard that cannot be opened or holds none is an error naming it."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(shard)
+        count = reader.num_records()
+        reader.close()
+    except Exception as e:  # a truncated file: RuntimeError "should be at least 64KB big", ...
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read ArrayRecord shard {shard} ({cause}); if it is truncated or damaged, "
+                        f"{REPACK}") from None
+    if count == 0:
+        raise DataError(f"ArrayRecord shard {shard} holds no records; {REPACK}")
+    return count
+
+
+class WholeShard(NamedTuple):
+    """array_record's FileInstruction for a whole shard, so the data source need not count it again."""
+
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
 
 
 class CaptionRecordSource:
@@ -123,7 +171,9 @@ class CaptionRecordSource:
 
         check_array_record_reads(root)
         self.root, self.shards = root, record_shards(root)
-        self.source = ArrayRecordDataSource(self.shards)
+        with futures.ThreadPoolExecutor(min(64, len(self.shards))) as pool:  # one read each: in parallel on a bucket
+            counts = list(pool.map(count_records, self.shards))
+        self.source = ArrayRecordDataSource([WholeShard(shard, 0, n, n) for shard, n in zip(self.shards, counts)])
 
     def __len__(self) -> int:
         return len(self.source)

@@ -7,8 +7,9 @@ loader only decodes and augments. The data path, top to bottom:
   source (tfds | folder | demo)  random access: record i -> encoded bytes or pixels + label
    (captioned: folder |          or + caption (caption_data.py)
     array_record | demo)
-  -> DecodedSource               decode to RGB, resize the shorter side to round(R * 1.125) with
-                                 Lanczos (or the ADM centre crop); tokenize the caption (too long:
+  -> DecodedSource               decode to RGB (16-bit and float grey scaled to 8 bits), resize the
+                                 shorter side to round(R * 1.125) with Lanczos (or the ADM centre
+                                 crop); tokenize the caption (too long:
                                  truncated and counted); an unreadable image or an unusable caption
                                  is replaced by the next usable record and counted
   -> shuffle (one global order, the same in every process; reshuffled every epoch), repeat forever
@@ -28,6 +29,7 @@ import dataclasses
 import importlib.metadata
 import io
 import re
+import signal
 from typing import Any, Iterator
 
 import jax
@@ -73,14 +75,37 @@ def check_array_record_reads(path: str) -> None:
 # ----------------------------------------------------------------------------------------- sources
 
 
+def ignored_name(name: str) -> bool:
+    """Hidden files and folders (macOS's ._x.jpg and .DS_Store, .ipynb_checkpoints, .Trash) and a
+    file system's lost+found hold no training data."""
+    return name.startswith(".") or name == "lost+found"
+
+
+def walk_files(root: str) -> list[str]:
+    """Every file under root (any depth) as a full path, in a fixed order (a folder's files sorted,
+    then its sub-folders' in sorted order), leaving out ignored names."""
+    paths = [storage.join(root, name) for name in storage.list_files(root) if not ignored_name(name)]
+    for folder in storage.list_folders(root):
+        if not ignored_name(folder):
+            paths += walk_files(storage.join(root, folder))
+    return paths
+
+
+def require_folder(root: str, message: str) -> None:
+    """Raises DataError(message) unless root is a folder. storage.isdir answers False for a bucket
+    it cannot reach (gcsfs swallows the error), so exists() asks first: it raises that StorageError."""
+    if not (storage.exists(root) and storage.isdir(root)):
+        raise DataError(message)
+
+
 class ImageFolderSource:
-    """root/<class name>/<image>, like torchvision's ImageFolder: class ids from sorted folder names."""
+    """root/<class name>/**/<image>, like torchvision's ImageFolder: class ids from sorted folder
+    names, each class folder read at any depth; hidden names and lost+found are left out."""
 
     def __init__(self, root: str, classes: list[str] | None = None):
-        if not storage.isdir(root):
-            raise DataError(f"image folder {root} does not exist; set config.data.root to a folder of "
-                            "class subfolders (root/<class>/<image>)")
-        found = storage.list_folders(root)
+        require_folder(root, f"image folder {root} does not exist; set --config.data.root to a folder of class "
+                             "subfolders (root/<class>/<image>)")
+        found = [name for name in storage.list_folders(root) if not ignored_name(name)]
         self.classes = classes if classes is not None else found
         missing = sorted(set(found) - set(self.classes))
         if missing:
@@ -88,9 +113,8 @@ class ImageFolderSource:
         self.records: list[tuple[str, int]] = []
         empty = []
         for label, name in enumerate(self.classes):
-            folder = storage.join(root, name)
-            images = [(storage.join(folder, file), label) for file in storage.list_files(folder)
-                      if file.lower().endswith(IMAGE_EXTENSIONS)]
+            images = [(path, label) for path in walk_files(storage.join(root, name))
+                      if path.lower().endswith(IMAGE_EXTENSIONS)]
             empty += [] if images else [name]
             self.records += images
         if not self.records:
@@ -109,20 +133,28 @@ class ImageFolderSource:
 
 
 class TfdsSource:
-    """A TFDS dataset read through `tfds.data_source` (ArrayRecord; no TensorFlow needed)."""
+    """A built TFDS dataset read as a data source (ArrayRecord; no TensorFlow needed)."""
 
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds
 
         check_array_record_reads(data_dir or "")
+        where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+        build = (f"`tfds build {name} --manual_dir=DIR --data_dir={data_dir or '~/tensorflow_datasets'} "
+                 "--file_format=array_record` (see README, Training data)")
+        if data_dir and not storage.exists(data_dir):  # (a bucket it cannot reach raises the cause)
+            raise DataError(f"TFDS data dir {data_dir} does not exist; build the dataset there with {build}")
         try:
-            self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-        except Exception as e:  # TFDS raises several types for "not built" and "no such split"
-            where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+            builder = tfds.builder(name, data_dir=data_dir or None)
+            if not builder.is_prepared():  # tfds.data_source would download and build it into data_dir
+                raise DataError(f"TFDS dataset {name!r} is not built under {where}: run {build}")
+            self.source = builder.as_data_source(split=split)
+        except DataError:
+            raise
+        except Exception as e:  # TFDS raises several types for "unknown dataset" and "no such split"
             raise DataError(f"cannot open TFDS dataset {name!r} split {split!r} in {where}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
-                            f"Build it once with `tfds build {name} --manual_dir=DIR "
-                            "--file_format=array_record` (see README)") from None
+                            f"Build it once with {build}") from None
         if len(self.source) == 0:
             raise DataError(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")
         self.name = name
@@ -182,7 +214,23 @@ def to_rgb(image: Any) -> Image.Image:
         pil = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
     if pil.mode == "P" and "transparency" in pil.info:
         pil = pil.convert("RGBA")  # a transparent palette goes through RGBA, as PIL recommends
-    return pil.convert("RGB")
+    return grey_to_8_bit(pil).convert("RGB")
+
+
+def grey_to_8_bit(pil: Image.Image) -> Image.Image:
+    """16- and 32-bit integer and float grey images (modes I;16*, I, F) as 8-bit grey; others as
+    they are. PIL's convert() clips these values to 0..255 instead of scaling them (a 16-bit PNG
+    comes out nearly white, a float TIFF black), so they are scaled here: integers as 16-bit data
+    (PNG and TIFF store 16-bit grey in these modes), floats as [0, 1]. An image outside that range
+    has no known scale and is refused (skipped and counted) rather than guessed at."""
+    if not (pil.mode.startswith("I") or pil.mode == "F"):
+        return pil
+    values = np.asarray(pil, dtype=np.float64)
+    top = 1.0 if pil.mode == "F" else 65535.0
+    if not np.all((values >= 0) & (values <= top)):  # NaN fails too
+        raise ValueError(f"a mode {pil.mode} image with values outside [0, {top:g}] (found "
+                         f"{values.min():g}..{values.max():g}); save it as 8- or 16-bit")
+    return Image.fromarray(np.round(values * (255 / top)).astype(np.uint8), "L")
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -229,14 +277,15 @@ class DecodedSource:
                 image = to_rgb(record["image"])
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
                 logging.warning("skipping unreadable record %s: %s", self._name(record_index), e)
+                last_error = f"{self._name(record_index)}: {e}"  # names the caption when it is the cause
                 continue
             if self.center_crop:
                 pixels = adm_center_crop(image, self.resolution)
             else:
                 pixels = np.asarray(resize_shorter_side(image, self.resize_to))
             return {"image": pixels, **conditioning, "skipped": np.int32(attempt)}
-        raise DataError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
-                        f"{self._name(index)} on; is the dataset corrupt?")
+        raise DataError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unusable records from {self._name(index)} on "
+                        f"(the last, {last_error}); is the dataset corrupt?")
 
     def _conditioning(self, record: dict) -> dict:
         if self.tokenizer is None:
@@ -307,8 +356,15 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
         if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside main.py use defaults
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                                   per_worker_buffer_size=prefetch_batches))
+                                                                   per_worker_buffer_size=prefetch_batches),
+                                      worker_init_fn=leave_ctrl_c_to_the_trainer)
     return dataset
+
+
+def leave_ctrl_c_to_the_trainer(*_) -> None:
+    """In each loader worker: a terminal's Ctrl-C reaches every process of the group, and the
+    trainer saves a step on it (preemption.py) with batches the workers still have to make."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ImageLoader:

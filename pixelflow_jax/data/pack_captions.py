@@ -6,18 +6,20 @@ shards for text-to-image training (config.data.source='array_record'):
 Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text}. Images are
 not re-encoded, so packing is I/O bound. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); an output folder that already
-holds shards is refused.
+holds shards is refused, and so is a folder without one usable caption (nothing is written).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 from pixelflow_jax import storage
 from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
                                              encode_record)
+from pixelflow_jax.data.loader import DataError
 from pixelflow_jax.progress import Progress
 
 
@@ -28,11 +30,13 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     if records_per_shard < 1:
         raise ValueError(f"--records_per_shard must be positive, got {records_per_shard}")
     storage.check_supported(output)
+    if storage.isfile(output):
+        raise ValueError(f"--output {output} is a file; name a folder for the shards")
     existing = [name for name in storage.list_files(output) if name.endswith(RECORD_EXTENSION)]
     if existing:
         raise ValueError(f"{output} already holds {len(existing)} shards (e.g. {existing[0]}); pack into an empty "
                          "folder, or delete the old shards first")
-    source = CaptionedFolderSource(folder, missing_captions)
+    source = CaptionedFolderSource(folder, missing_captions, root_flag="--folder", missing_flag="--missing_captions")
     records, skipped = [], 0
     for image_path, caption_path in source.records:  # captions first: a bad one is known before any shard
         try:
@@ -40,7 +44,10 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
         except CaptionError as e:
             print(f"skipping {image_path}: {e}", flush=True)
             skipped += 1
-    num_shards = max(1, -(-len(records) // records_per_shard))
+    if not records:
+        raise ValueError(f"none of the {len(source.records)} captioned images under {folder} has a usable caption "
+                         "(see the lines above); nothing written")
+    num_shards = -(-len(records) // records_per_shard)
     storage.makedirs(output)
     progress = Progress(len(records), "packing", "image")
     with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
@@ -66,8 +73,13 @@ def main() -> None:
     parser.add_argument("--records_per_shard", type=int, default=5000)
     parser.add_argument("--missing_captions", choices=("error", "skip"), default="error")
     args = parser.parse_args()
-    counts = pack(args.folder, args.output, args.records_per_shard, args.missing_captions)
-    print(f"wrote {counts['records']} records in {counts['shards']} shards to {args.output}; skipped "
+    try:
+        output = storage.user_path(args.output)
+        counts = pack(storage.user_path(args.folder), output, args.records_per_shard, args.missing_captions)
+    except (DataError, ValueError, OSError) as e:  # OSError: storage.StorageError, and local disks' own errors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {counts['records']} records in {counts['shards']} shards to {output}; skipped "
           f"{counts['skipped_captions']} unusable captions and {counts['missing_captions']} images without one")
 
 
