@@ -22,7 +22,7 @@ R = 32
 
 
 def batches(source, n, **kwargs):
-    loader = ImageLoader(build_dataset(source, **{"batch_size": 4, "resolution": R, "seed": 0, **kwargs}))
+    loader = ImageLoader(build_dataset(source, **{"batch_size": 4, "resolution": R, "seed": 0, **kwargs}), len(source))
     return [next(loader) for _ in range(n)], loader
 
 

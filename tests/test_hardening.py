@@ -286,40 +286,43 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
 
     workdir = str(tmp_path)
-    check_resume(workdir, c2i_config(), step=0)  # a new run records its settings
-    check_resume(workdir, c2i_config(), step=40)  # the same settings resume
+    check_resume(workdir, c2i_config(), step=0, num_records=100)  # a new run records its settings
+    check_resume(workdir, c2i_config(), step=40, num_records=100)  # the same settings resume
     changed = c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16})
     with pytest.raises(ValueError) as error:
-        check_resume(workdir, changed, step=40)
+        check_resume(workdir, changed, step=40, num_records=100)
     assert "train.batch_size: 8 -> 16" in str(error.value) and "train.lr: 0.0001 -> 0.001" in str(error.value)
     assert "--config.train.allow_resume_changes=True" in str(error.value)
     changed.train.allow_resume_changes = True
-    check_resume(workdir, changed, step=40)
+    check_resume(workdir, changed, step=40, num_records=100)
     record = json.loads((tmp_path / CHANGES_FILE).read_text())
     assert record == {"step": 40, "changes": {"train.batch_size": {"from": 8, "to": 16},
                                               "train.lr": {"from": 0.0001, "to": 0.001}}}
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 0.001
+    with pytest.raises(ValueError, match="data.num_records: 100 -> 99"):  # an image deleted: another data order
+        check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=40, num_records=99)
 
 
 def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constant(tmp_path):
     from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_resume
 
     cosine = c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 100})
-    check_resume(str(tmp_path / "cosine"), cosine, step=0)
+    check_resume(str(tmp_path / "cosine"), cosine, step=0, num_records=100)
     with pytest.raises(ValueError, match="train.lr_decay_steps: 100 -> 200"):  # the rate would jump
         check_resume(str(tmp_path / "cosine"), c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 200}),
-                     step=40)
+                     step=40, num_records=100)
     older = tmp_path / "older"  # recorded before schedules existed: it resumes with the release's constant rate
-    check_resume(str(older), c2i_config(), step=0)
+    check_resume(str(older), c2i_config(), step=0, num_records=100)
     settings = json.loads((older / SETTINGS_FILE).read_text())
     (older / SETTINGS_FILE).write_text(json.dumps({k: v for k, v in settings.items()
-                                                   if k not in ("train.lr_schedule", "train.warmup_steps")}))
-    check_resume(str(older), c2i_config(), step=40)
+                                                   if k not in ("train.lr_schedule", "train.warmup_steps",
+                                                                "data.num_records")}))
+    check_resume(str(older), c2i_config(), step=40, num_records=100)
     with pytest.raises(ValueError, match="train.lr_schedule: 'constant' -> 'cosine'"):
-        check_resume(str(older), cosine, step=40)
+        check_resume(str(older), cosine, step=40, num_records=100)
     allowed = c2i_config(**{"train.warmup_steps": 10, "train.allow_resume_changes": True})
     with pytest.raises(ValueError, match="keeps a step count in its optimiser state .*init_from"):
-        check_resume(str(older), allowed, step=40)  # the optimiser states differ: no flag can allow it
+        check_resume(str(older), allowed, step=40, num_records=100)  # the optimiser states differ: no flag can allow it
 
 
 def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):

@@ -372,8 +372,9 @@ class ImageLoader:
     (B,), or (tokens, mask) int32 (B, L) for captions) and logs the running counts of skipped
     records and truncated captions."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, num_records: int):
         self.iterator = iter(dataset)
+        self.num_records = num_records  # of the source, before any is skipped
         self.skipped = self.truncated = 0
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
@@ -420,7 +421,7 @@ def make_loader(config, batch_size: int, class_index_dir: str | None = None, sta
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches,
                             tokenizer=tokenizer)
-    return ImageLoader(dataset)
+    return ImageLoader(dataset, len(source))
 
 
 def to_global_batch(images: np.ndarray, conditioning: Any, sharding) -> tuple[Any, Any]:

@@ -3,7 +3,8 @@
     WORKDIR/train_settings.json     those settings, as the run started (or was last changed)
     WORKDIR/settings_changes.jsonl  every change accepted with train.allow_resume_changes, by step
 
-A resume with another batch size, seed or data silently loses exact resume (the data position
+A resume with another batch size, seed or data (another root, or the same root with records added
+or removed: the shuffle is a permutation of the record count) silently loses exact resume (the data position
 counts in steps of the new batch); another learning rate silently changes the run. So a change is
 refused, naming each setting, unless train.allow_resume_changes is set; then it is recorded.
 """
@@ -25,12 +26,14 @@ TRAIN_FIELDS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay
                 "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens")
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
+# Recorded by this version, not by runs before it: their absence is no change.
+ADDED_LATER = ("data.num_records",)
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
                "missing_captions")
 
 
-def resume_settings(config) -> dict:
-    values = {"seed": config.seed}
+def resume_settings(config, num_records: int) -> dict:
+    values = {"seed": config.seed, "data.num_records": num_records}
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
     values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS if name in config.data})
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
@@ -38,15 +41,17 @@ def resume_settings(config) -> dict:
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
 
 
-def check_resume(workdir: str, config, step: int) -> None:
-    """Records the settings of a new run; refuses or records a change when resuming at `step`."""
-    path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config)
+def check_resume(workdir: str, config, step: int, num_records: int) -> None:
+    """Records the settings of a new run (and the number of records its data has); refuses or
+    records a change when resuming at `step`."""
+    path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if jax.process_index() == 0:
             storage.write_json_atomically(path, current)
         return
     previous = {**DEFAULTS, **storage.read_json(path)}
-    changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items() if previous.get(k) != v}
+    changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
+               if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
     if not changed:
         return
     listed = ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())

@@ -400,10 +400,15 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         manager.close()
         return {}
     start, state = resume_point(manager, state, shardings)
-    check_resume(workdir, config, start)
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start,
                          tokenizer=text_encoder and text_encoder.tokenizer)
+    try:
+        check_resume(workdir, config, start, loader.num_records)
+    except ValueError:
+        loader.close()
+        manager.close()
+        raise
     log = MetricsLog(workdir, start)
 
     preemption = PreemptionWatch()
