@@ -148,28 +148,34 @@ def listdir(path: str) -> list[str]:
 
 def list_files(path: str) -> list[str]:
     """Names of the files (not sub-folders) directly in a folder, in one listing."""
-    if is_url(path):
-        return _list_by_type(path, "file")
-    return sorted(e.name for e in os.scandir(path) if e.is_file()) if os.path.isdir(path) else []
+    return list_entries(path)[0]
 
 
 def list_folders(path: str) -> list[str]:
     """Names of the sub-folders directly in a folder."""
-    if is_url(path):
-        return _list_by_type(path, "directory")
-    return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+    return list_entries(path)[1]
 
 
-def _list_by_type(path: str, kind: str) -> list[str]:
+def list_entries(path: str) -> tuple[list[str], list[str]]:
+    """(files, sub-folders) directly in a folder, sorted, from one listing (a walk through a
+    bucket makes one request per folder, not two); ([], []) when it does not exist."""
+    if not is_url(path):
+        if not os.path.isdir(path):
+            return [], []
+        entries = list(os.scandir(path))
+        return sorted(e.name for e in entries if e.is_file()), sorted(e.name for e in entries if e.is_dir())
+
     def listing(_):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(path)
         fs.invalidate_cache(root)
         if not fs.isdir(root):
-            return []
-        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=True)
-                      if entry["type"] == kind)
+            return [], []
+        entries = fs.ls(root, detail=True)
+        name = lambda entry: entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        return (sorted(name(e) for e in entries if e["type"] == "file"),
+                sorted(name(e) for e in entries if e["type"] == "directory"))
 
     return _remote(path, listing)
 

@@ -84,8 +84,9 @@ def ignored_name(name: str) -> bool:
 def walk_files(root: str) -> list[str]:
     """Every file under root (any depth) as a full path, in a fixed order (a folder's files sorted,
     then its sub-folders' in sorted order), leaving out ignored names."""
-    paths = [storage.join(root, name) for name in storage.list_files(root) if not ignored_name(name)]
-    for folder in storage.list_folders(root):
+    files, folders = storage.list_entries(root)
+    paths = [storage.join(root, name) for name in files if not ignored_name(name)]
+    for folder in folders:
         if not ignored_name(folder):
             paths += walk_files(storage.join(root, folder))
     return paths
