@@ -414,3 +414,31 @@ def test_encoder_of_another_width_is_refused_before_training(tmp_path, encoder_f
     with pytest.raises(ValueError, match=r"gives 20-wide embeddings but model.cross_attention_dim is 24"):
         train(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path):
+    from types import SimpleNamespace
+
+    from configs import t2i
+    from pixelflow_jax.text.train_text import fill_encoder_of_runs
+
+    init_run, resumed = tmp_path / "init", tmp_path / "resumed"
+    for run, path in ((init_run, "text_encoder"), (resumed, "/encoders/t5")):  # the demo's own; another folder
+        run.mkdir()
+        (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": path, "max_text_tokens": 8}}))
+    source = SimpleNamespace(run_step=SimpleNamespace(run=str(init_run)))
+
+    config = t2i.get_config("tiny")
+    fill_encoder_of_runs(config, str(tmp_path / "new"), source)
+    assert config.train.text_encoder == str(init_run / "text_encoder")
+    config = t2i.get_config("tiny")
+    config.train.text_encoder = str(tmp_path / "other_t5")
+    with pytest.raises(ValueError, match="trained with the text encoder .*init/text_encoder.* drop "
+                                         "--config.train.text_encoder"):
+        fill_encoder_of_runs(config, str(tmp_path / "new"), source)
+    config = t2i.get_config("tiny")
+    fill_encoder_of_runs(config, str(resumed))
+    assert config.train.text_encoder == "/encoders/t5"
+    config = t2i.get_config("tiny")
+    fill_encoder_of_runs(config, str(init_run))  # the demo's encoder inside its run: found as before
+    assert config.train.text_encoder == ""

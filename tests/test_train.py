@@ -213,6 +213,17 @@ def test_text_run_killed_9_in_a_bucket_resumes_to_the_uninterrupted_losses_and_s
     assert {"000000.png", "000001.png"} <= set(storage.list_files(f"{interrupted}/samples"))
     assert not os.path.exists(os.path.join(REPO, "gs:")), "a URL was taken for a local folder"
 
+    # A fine-tune of the run trains with the run's encoder (another seed would build another one);
+    # rerun after a stop, it resumes from its own checkpoint without reading init_from again.
+    tune = str(tmp_path / "tune")
+    run_training(tune, pooled, f"--config.train.init_from={reference}", "--config.seed=1",
+                 "--config.train.num_steps=1", **text)
+    assert storage.read_json(f"{tune}/run_config.json")["text_encoder"]["path"] == f"{reference}/text_encoder"
+    resumed = run_training(tune, pooled, f"--config.train.init_from={tmp_path}/moved_away", "--config.seed=1",
+                           "--config.train.num_steps=2", wait=False, **text)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resumes from its step 1; train.init_from starts new runs only" in err, err
+
 
 @pytest.mark.slow
 def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm(tmp_path):

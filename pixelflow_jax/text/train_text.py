@@ -64,6 +64,30 @@ def encoder_path(config, workdir: str) -> str:
     return demo_text_encoder.FOLDER_NAME
 
 
+def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
+    """An empty train.text_encoder means the encoder a run already trains with: this workdir's
+    (resuming a run that trains with an encoder outside it), or that of the run train.init_from
+    names (a fine-tune must feed its cross-attention the embeddings it learned). Another encoder
+    than the init run's is refused."""
+    from pixelflow_jax.checkpoints.run_checkpoint import is_run, read_run_config
+
+    recorded = (read_run_config(workdir).get("text_encoder") or {}) if is_run(workdir) else {}
+    if not config.train.text_encoder and recorded.get("path", demo_text_encoder.FOLDER_NAME) != \
+            demo_text_encoder.FOLDER_NAME:
+        config.train.text_encoder = recorded["path"]
+    run = init_source.run_step.run if init_source is not None and init_source.run_step else None
+    initial = (read_run_config(run).get("text_encoder") or {}) if run else {}
+    if not initial:
+        return
+    inherited = folder_of(run, initial["path"])
+    if not config.train.text_encoder:
+        config.train.text_encoder = inherited
+    elif encoder_path(config, workdir) != inherited:
+        raise ValueError(f"--config.train.init_from {run} trained with the text encoder {inherited}, and "
+                         f"--config.train.text_encoder {config.train.text_encoder} would feed its cross-attention "
+                         "other embeddings: drop --config.train.text_encoder (the run's encoder is used)")
+
+
 def folder_of(run: str, recorded_path: str) -> str:
     """The encoder folder a run's record names (a relative record lives inside the run)."""
     from pixelflow_jax.checkpoints import hub

@@ -140,21 +140,36 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
                       grad_accum_steps=accum)
 
 
-def initial_state(config, model_cfg: ModelConfig, tx, mesh):
-    """(graphdef, train state placed in its shardings, the shardings). A new model is initialised
-    by one compiled program straight into its shardings: no full copy on one device, and no
-    hundreds of small eager ops (slow with several processes)."""
-    if config.train.init_from:
-        from pixelflow_jax.api import load_model
+def load_init_from(config, model_cfg: ModelConfig):
+    """(the model train.init_from names, its CheckpointSource), checked to be this config's
+    architecture: for a new run only (a resumed run starts from its own checkpoint)."""
+    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import build_model
 
-        model, ckpt = load_model(config.train.init_from, dtype=model_cfg.dtype, attention=model_cfg.attention,
-                                 weights=config.train.init_from_weights)
-        if ckpt.model.architecture() != model_cfg.architecture():
-            raise ValueError(f"train.init_from {config.train.init_from} has architecture "
-                             f"{ckpt.model.architecture()}, the config asks for {model_cfg.architecture()}")
-        state = init_state(model, tx, config.seed)
+    t = config.train
+    source = resolve_checkpoint(t.init_from)
+    ckpt, params = read_checkpoint(source, t.init_from_weights, dict(dtype=model_cfg.dtype,
+                                                                     attention=model_cfg.attention))
+    if ckpt.model.architecture() != model_cfg.architecture():
+        raise ValueError(f"--config.train.init_from {t.init_from} is another model: "
+                         f"{'; '.join(differences(ckpt.model.architecture(), model_cfg.architecture()))}; set "
+                         "--config.model.* to the checkpoint's values")
+    if (ckpt.resolution, ckpt.num_stages) != (config.data.resolution, config.scheduler.num_stages):
+        logging.info("train.init_from %s was trained at %d px with %d stages; this run trains at %d px with %d",
+                     source.label, ckpt.resolution, ckpt.num_stages, config.data.resolution,
+                     config.scheduler.num_stages)
+    logging.info("a new run initialised from the %s weights of %s", t.init_from_weights, source.label)
+    return build_model(ckpt, params), source
+
+
+def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None):
+    """(graphdef, train state placed in its shardings, the shardings): from `init_model` (train.init_from)
+    or new. A new model is initialised by one compiled program straight into its shardings: no
+    full copy on one device, and no hundreds of small eager ops (slow with several processes)."""
+    if init_model is not None:
+        state = init_state(init_model, tx, config.seed)
         shardings = state_shardings(state, mesh)
-        return nnx.graphdef(model), jax.device_put(state, shardings), shardings
+        return nnx.graphdef(init_model), jax.device_put(state, shardings), shardings
 
     def create():
         return init_state(PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed)), tx, config.seed)
@@ -373,10 +388,19 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     from pixelflow_jax.data.loader import make_loader, to_global_batch
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
+    init_model = init_source = None
+    if config.train.init_from:
+        done = complete_steps(workdir)
+        if done:  # the same command reruns after a preemption: its init_from is no longer read
+            logging.info("%s resumes from its step %d; train.init_from starts new runs only and is not read",
+                         workdir, max(done))
+        else:
+            init_model, init_source = load_init_from(config, model_cfg)
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
 
+        train_text.fill_encoder_of_runs(config, workdir, init_source)
         text_encoder = train_text.load(config, workdir, model_cfg, mesh)
         frozen = (text_encoder.params,)
     check_run_config(workdir, model_cfg, config, text_encoder and {"path": text_encoder.recorded_path,
@@ -385,7 +409,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     tables = flow.StageTables.from_scheduler(scheduler)
 
     tx, lr = make_optimizer(step_cfg), learning_rate(step_cfg)
-    graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh)
+    graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh, init_model)
     train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
                                  config.scheduler.num_train_timesteps, mesh, shardings,
                                  text=text_encoder and text_encoder.conditioning,
