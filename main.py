@@ -98,6 +98,13 @@ def main(argv):
     from pixelflow_jax import host_memory
 
     host_memory.reuse_freed_buffers_on_cpu()  # 20-30% faster CPU steps (host_memory.py)
+    if FLAGS.mode != "eval":  # an attention kernel this platform cannot run: known before any file is written
+        from pixelflow_jax.kernels.attention import resolve_backend
+
+        try:
+            resolve_backend(FLAGS.config.model.attention, FLAGS.config.model.dtype)
+        except ValueError as e:
+            sys.exit(f"error: --config.model.attention: {e}")
     if FLAGS.mode == "train":
         from pixelflow_jax.data.loader import DataError
         from pixelflow_jax.training import train

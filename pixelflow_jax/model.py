@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pixelflow_jax.config import ModelConfig
@@ -241,6 +242,18 @@ class PixelFlow(nnx.Module):
             raise ValueError(f"images must be (B, H, H, {cfg.in_channels}) with H a multiple of patch size {p}, "
                              f"got {images.shape}")
         grid = height // p
+        if batch == 0:
+            raise ValueError("images is an empty batch (B = 0): pass at least one image")
+        if np.ndim(timesteps) > 1 or np.size(timesteps) not in (1, batch):
+            raise ValueError(f"timesteps must be one value or one per image ({batch}), got shape "
+                             f"{np.shape(timesteps)}")
+        if class_labels is not None and np.shape(class_labels) != (batch,):
+            raise ValueError(f"class_labels must be one per image, shape ({batch},), got shape "
+                             f"{np.shape(class_labels)}")
+        if class_labels is not None and not cfg.num_classes:
+            raise ValueError("this model is text-conditional (model.num_classes = 0): do not pass class_labels")
+        if encoder_attention_mask is not None and not cfg.cross_attention_dim:
+            raise ValueError("this model has no cross-attention: do not pass encoder_attention_mask")
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
 
         if cfg.cross_attention_dim:

@@ -520,3 +520,42 @@ def test_a_foreign_or_other_model_workdir_is_refused_before_anything_is_written_
     with pytest.raises(ValueError, match="architecture.cross_attention_dim 0 there, 20 in this config"):
         check_run_config(class_run, ModelConfig.from_mapping(text.model), text, record=False)
     assert os.listdir(class_run) == ["run_config.json"]
+
+
+def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
+    import jax.numpy as jnp
+
+    from pixelflow_jax.sampling.cascade import CascadeSampler, SamplingOptions
+    from pixelflow_jax.text.prompts import prompt_list
+
+    with pytest.raises(ValueError, match=r"the single string 'a cat': pass \[prompt\]"):  # was 5 prompts: a, " ", c...
+        prompt_list("a cat")
+    with pytest.raises(ValueError, match="no prompts"):
+        prompt_list([])
+    with pytest.raises(ValueError, match="rtol must be a finite positive number"):
+        SamplingOptions.create(4, 2, solver="dopri5", rtol=-1.0)
+    model, _ = models["c2i_tiny"]
+    images = np.zeros((2, 16, 16, 3), np.float32)
+    for arguments, message in (({"class_labels": [1, 2, 3]}, r"class_labels must be one per image, shape \(2,\)"),
+                               ({"class_labels": [1, 2], "encoder_attention_mask": np.ones((2, 4))},
+                                "no cross-attention: do not pass encoder_attention_mask")):
+        with pytest.raises(ValueError, match=message):
+            model(images, 1.0, **arguments)
+    with pytest.raises(ValueError, match=r"timesteps must be one value or one per image \(2\)"):
+        model(images, np.array([1.0, 2.0, 3.0]), class_labels=[1, 2])
+    with pytest.raises(ValueError, match="empty batch"):
+        model(images[:0], 1.0, class_labels=[])
+    sampler = CascadeSampler(model, models["c2i_tiny"][1])
+    shapes = [(2, r, r, 3) for r in (8, 16, 32, 64)]
+    with pytest.raises(ValueError, match=r"uncond\['class_labels'\] must be class ids in \[0, 1000\]"):  # was NaN
+        sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], {"class_labels": np.array([1, 2])},
+                       {"class_labels": np.array([5000, 5000])}, SamplingOptions.create(4, 1, cfg_scale=3.0))
+
+
+def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                             "--config.model.attention=cudnn"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "error: --config.model.attention: attention backend 'cudnn' runs on" in \
+        result.stderr, result.stderr
+    assert not workdir.exists()

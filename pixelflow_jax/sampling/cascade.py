@@ -59,6 +59,9 @@ class SamplingOptions:
             raise ValueError(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got {self.cfg_scale}")
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"shift must be a finite positive number, got {self.shift}")
+        for name in ("rtol", "atol"):  # dopri5's step control: <= 0 or NaN never meets (or always meets) it
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {getattr(self, name)}")
 
     @classmethod
     def create(cls, num_stages: int, steps_per_stage: int | Sequence[int] = 30, **kwargs) -> "SamplingOptions":
@@ -163,8 +166,13 @@ class CascadeSampler:
                               solver: str = "euler", shift: float = 1.0, seed: int = 0, image_ids=None) -> np.ndarray:
         """uint8 images (N, R, R, 3) of a text-conditional model, one per prompt; prompt_encoder is a
         text.PromptEncoder. Defaults are the release's demo settings (constant CFG 4, 10 steps)."""
+        from pixelflow_jax.text.prompts import prompt_list
+
         if not self.model_config.cross_attention_dim:
             raise ValueError("this model is class-conditional: use generate(labels)")
+        prompts = prompt_list(prompts)
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
         # Host copies: the encoder's outputs live on its devices, the sampler's state maybe elsewhere.
         embeddings, mask = (np.asarray(a) for a in prompt_encoder.encode(list(prompts)))
         # The negative prompt is encoded once and repeated for every image.
@@ -191,6 +199,10 @@ class CascadeSampler:
         num_stages = self.scheduler.num_stages
         if len(block_noises) != num_stages - 1 or len(options.steps_per_stage) != num_stages:
             raise ValueError(f"need block noise for stages 1..{num_stages - 1} and steps for {num_stages} stages")
+        for name, conditioning in (("cond", cond), ("uncond", uncond)):  # the stages run under jit: check here
+            if "class_labels" in conditioning and not isinstance(conditioning["class_labels"], jax.core.Tracer):
+                validation.class_ids(f"{name}['class_labels']", conditioning["class_labels"],
+                                     self.model_config.num_classes, allow_null=True)
         guidance = stage_guidance(options.cfg_scale, num_stages, self.class_conditional)
         x = jnp.asarray(initial_noise, jnp.float32)
         for stage in range(num_stages):

@@ -14,6 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
@@ -55,6 +56,7 @@ class T5Tokenizer:
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids int32 (N, max_length), mask int32 (N, max_length) 1 = token / 0 = padding,
         truncated bool (N,): the text had more than max_length - 1 pieces and was cut)."""
+        texts = prompt_list(texts)
         ids = np.full((len(texts), self.max_length), PAD_ID, np.int32)
         mask = np.zeros_like(ids)
         truncated = np.zeros(len(texts), bool)
@@ -68,6 +70,20 @@ class T5Tokenizer:
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) of tokenize()."""
         return self.tokenize(texts)[:2]
+
+
+def prompt_list(prompts: Sequence[str]) -> list[str]:
+    """Prompts as a list of strings; one string alone is refused (iterated, it would be one prompt
+    per character), and so is an empty list."""
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError(f"prompts must be a list of strings, got the single string {prompts!r}: pass [prompt]")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts: pass at least one")
+    others = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if others:
+        raise ValueError(f"prompts must be strings, got {', '.join(others[:3])}")
+    return prompts
 
 
 class PromptEncoder:
@@ -90,7 +106,11 @@ class PromptEncoder:
         self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        ids, mask = self.tokenizer(prompts)
+        prompts = prompt_list(prompts)
+        ids, mask, truncated = self.tokenizer.tokenize(prompts)
+        for prompt in sorted({p for p, cut in zip(prompts, truncated) if cut}):  # its end is not seen by the model
+            logging.warning("prompt %r is longer than %d tokens and was cut there (the text length: "
+                            "max_text_tokens / max_length)", prompt[:200], self.tokenizer.max_length)
         if len(prompts) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
         return self._encode(self._params, ids, mask), jnp.asarray(mask, jnp.float32)
