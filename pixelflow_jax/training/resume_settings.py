@@ -41,6 +41,25 @@ def resume_settings(config, num_records: int) -> dict:
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
 
 
+def check_optimiser_state(workdir: str, config, step: int) -> None:
+    """Before a checkpoint is restored: a run with a learning-rate schedule keeps an update count
+    in its optimiser state and one without does not, so neither restores as the other (orbax
+    would call every checkpoint unreadable). Not even allow_resume_changes can mend this."""
+    path = storage.join(workdir, SETTINGS_FILE)
+    if not step or not storage.exists(path):
+        return
+    previous = {**DEFAULTS, **storage.read_json(path)}
+    t = config.train
+    if counts_updates(previous["train.lr_schedule"], previous["train.warmup_steps"]) != counts_updates(
+            t.lr_schedule, t.warmup_steps):
+        raise ValueError(f"{workdir} was trained to step {step} with lr_schedule {previous['train.lr_schedule']!r} and "
+                         f"warmup_steps {previous['train.warmup_steps']}, this config asks for {t.lr_schedule!r} and "
+                         f"{t.warmup_steps}: a run with a learning rate schedule (lr_schedule 'cosine' or "
+                         "warmup_steps > 0) keeps a step count in its optimiser state and one without does not, so "
+                         "its checkpoints cannot resume the other way; train a new --workdir with "
+                         f"--config.train.init_from={workdir} instead")
+
+
 def check_resume(workdir: str, config, step: int, num_records: int) -> None:
     """Records the settings of a new run (and the number of records its data has); refuses or
     records a change when resuming at `step`."""
@@ -55,13 +74,6 @@ def check_resume(workdir: str, config, step: int, num_records: int) -> None:
     if not changed:
         return
     listed = ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
-    counts = [counts_updates(s.get("train.lr_schedule", "constant"), s.get("train.warmup_steps", 0))
-              for s in (previous, current)]
-    if counts[0] != counts[1]:  # not even allow_resume_changes can mend this
-        raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}): a run with a learning "
-                         "rate schedule (lr_schedule 'cosine' or warmup_steps > 0) keeps a step count in its optimiser "
-                         "state and one without does not, so its checkpoints cannot resume the other way; train a new "
-                         f"--workdir with --config.train.init_from={workdir} instead")
     if not config.train.allow_resume_changes:
         raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}); resuming with them "
                          "would change the run (a batch size, seed or data change also loses exact resume). Rerun "

@@ -41,7 +41,7 @@ from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.preemption import PreemptionWatch
-from pixelflow_jax.training.resume_settings import check_resume
+from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
                                                state_shardings, train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
@@ -423,6 +423,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
               "raise --config.train.num_steps to train further", flush=True)
         manager.close()
         return {}
+    check_optimiser_state(workdir, config, max(complete_steps(workdir), default=0))
     start, state = resume_point(manager, state, shardings)
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start,
