@@ -10,8 +10,8 @@ PyTorch -> JAX (a release folder, a bare state dict, or a train.py checkpoint):
 JAX -> PyTorch (config.yaml + model.pt that the release loads with strict=True):
   python convert_torch_ckpt.py --to_torch --jax_checkpoint=DIR --output=torch_folder
   python convert_torch_ckpt.py --to_torch --jax_checkpoint=runs/demo --output=demo_torch   # a run's EMA
-  python convert_torch_ckpt.py --to_torch --jax_checkpoint=runs/demo/checkpoints/800 --weights=model \
-      --output=demo_800_raw
+  python convert_torch_ckpt.py --to_torch --jax_checkpoint=runs/demo/checkpoints/5000 --weights=model \
+      --output=demo_5000_raw
 
 The output is written to a temporary folder and renamed when complete; an existing output is
 refused unless --overwrite, which replaces only an earlier output of this tool, and never the
@@ -34,7 +34,8 @@ flags.DEFINE_enum("weights", "ema", ["ema", "model"], "Which weights of a traini
                   "of the release's train.py checkpoint to convert: the EMA or the raw model.")
 flags.DEFINE_integer("attention_head_dim", None, "Head width, needed when the architecture is inferred from "
                      "shapes (72 in the released models).")
-flags.DEFINE_integer("resolution", None, "Final image resolution, where no config.yaml gives it (default 256).")
+flags.DEFINE_integer("resolution", None, "Final image resolution, where no config.yaml gives it (default: the release's "
+                     "256, or 1024 for a text model).")
 flags.DEFINE_integer("num_stages", None, "Number of cascade stages, where no config.yaml gives it (default 4).")
 flags.DEFINE_integer("num_train_timesteps", None, "Scheduler timesteps, where no config.yaml gives it "
                      "(default 1000).")

@@ -215,7 +215,7 @@ def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
     np.savez(tmp_path / "a.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(CheckpointError, match="download https://github.com/mseitzer/pytorch-fid"):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), str(tmp_path / "none.pth"), str(tmp_path))
-    with pytest.raises(ValueError, match="config.eval.reference must be an .npz file"):
+    with pytest.raises(ValueError, match="--config.eval.reference .*none.npz is not found"):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "none.npz"), weights_file, str(tmp_path))
 
 

@@ -163,8 +163,11 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
     for name, path in (("eval.samples", samples), ("eval.reference", reference)):
         if name == "eval.samples" and samples is None:
             continue
-        if not path or not storage.isfile(path):
-            raise ValueError(f"config.{name} must be an .npz file; got {path!r}")
+        if not path:
+            raise ValueError(f"set --config.{name} to an .npz file of images (arr_0: uint8 N x H x W x 3)")
+        if not storage.isfile(path):
+            kind = "a folder, not an .npz file" if storage.isdir(path) else "not found"
+            raise ValueError(f"--config.{name} {path} is {kind}")
     if not inception_weights:
         raise CheckpointError("set --config.eval.inception_weights to pytorch-fid's "
                               "pt_inception-2015-12-05-6726825d.pth (see the README)")
