@@ -155,7 +155,7 @@ def check_data(config) -> None:
 def check_text_training(config) -> None:
     t, d = config.train, config.data
     number("train.caption_dropout", t.caption_dropout, minimum=0, below=1)
-    integer("train.max_text_tokens", t.max_text_tokens, minimum=2)
+    integer("train.max_text_tokens", t.max_text_tokens, minimum=2, maximum=4096)
     choice("train.text_encoder_dtype", t.text_encoder_dtype, ("float32", "bfloat16"))
     choice("data.missing_captions", d.missing_captions, ("error", "skip"))
 
@@ -180,7 +180,9 @@ def check_sample(config) -> None:
     if "prompts" not in s:  # text configs count images by prompts (sample_conditioning.py)
         integer("sample.num_images", s.num_images, minimum=1, maximum=MAX_SAMPLE_IMAGES)
     else:  # 0: the training run's length, or the release's 512 (api.fill_text_encoder)
-        integer("sample.max_text_tokens", s.max_text_tokens, minimum=0)
+        if integer("sample.max_text_tokens", s.max_text_tokens, minimum=0, maximum=4096) == 1:
+            raise ConfigError("--config.sample.max_text_tokens must be 0 (the run's or the release's length) or >= 2 "
+                              "(a prompt's pieces and </s>), got 1")
         integer("sample.images_per_prompt", s.images_per_prompt, minimum=1)
         for field in ("num_images", "labels"):  # set by a user who thinks them used: say they are not
             if s[field]:

@@ -534,6 +534,12 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
         prompt_list("a cat")
     with pytest.raises(ValueError, match="no prompts"):
         prompt_list([])
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    for arguments, message in (({"dtype": "bf16"}, "dtype must be one of"),
+                               ({"max_length": 0}, r"max_length must be in \[2, 4096\], got 0")):
+        with pytest.raises(ValueError, match=message):  # before the folder is read
+            PromptEncoder("/nowhere", **arguments)
     with pytest.raises(ValueError, match="rtol must be a finite positive number"):
         SamplingOptions.create(4, 2, solver="dopri5", rtol=-1.0)
     model, _ = models["c2i_tiny"]

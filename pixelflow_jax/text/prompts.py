@@ -72,6 +72,9 @@ class T5Tokenizer:
         return self.tokenize(texts)[:2]
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def prompt_list(prompts: Sequence[str]) -> list[str]:
     """Prompts as a list of strings; one string alone is refused (iterated, it would be one prompt
     per character), and so is an empty list."""
@@ -97,6 +100,13 @@ class PromptEncoder:
 
     def __init__(self, folder: str, *, max_length: int = MAX_LENGTH, dtype: str = "float32",
                  param_dtype: str = "float32"):
+        from pixelflow_jax import validation
+
+        # A prompt is at least one piece and </s>; 4096 tokens already cost the encoder minutes.
+        max_length = validation.integer("max_length", max_length, minimum=2, maximum=4096, where="")
+        for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+            if value not in DTYPES:
+                raise ValueError(f"{name} must be one of {DTYPES}, got {value!r}")
         folder = local_t5_folder(folder)
         self.tokenizer = T5Tokenizer(folder, max_length)
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
