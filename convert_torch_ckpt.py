@@ -34,8 +34,8 @@ flags.DEFINE_enum("weights", "ema", ["ema", "model"], "Which weights of a traini
                   "of the release's train.py checkpoint to convert: the EMA or the raw model.")
 flags.DEFINE_integer("attention_head_dim", None, "Head width, needed when the architecture is inferred from "
                      "shapes (72 in the released models).")
-flags.DEFINE_integer("resolution", None, "Final image resolution, where no config.yaml gives it (default: the release's "
-                     "256, or 1024 for a text model).")
+flags.DEFINE_integer("resolution", None, "Final image resolution, where no config.yaml gives it (default: the "
+                     "release's 256, or 1024 for a text model).")
 flags.DEFINE_integer("num_stages", None, "Number of cascade stages, where no config.yaml gives it (default 4).")
 flags.DEFINE_integer("num_train_timesteps", None, "Scheduler timesteps, where no config.yaml gives it "
                      "(default 1000).")

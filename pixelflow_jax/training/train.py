@@ -75,7 +75,7 @@ def peak_flops(device) -> float | None:
 
 
 def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
-    """'key: value there, value here' for every entry that differs, nested dicts entry by entry."""
+    """'KEY THERE there, HERE in this config' for every entry that differs, nested dicts entry by entry."""
     lines = []
     for key in sorted(set(there) | set(here)):
         a, b = there.get(key), here.get(key)
@@ -100,7 +100,8 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
         if not record:
             previous = {k: v for k, v in previous.items() if k != "text_encoder"}
         if previous != current:
-            trained = "" if complete_steps(workdir) else " (no step of it was saved: deleting the workdir loses nothing)"
+            trained = ("" if complete_steps(workdir)
+                       else " (no step of it was saved: deleting the workdir loses nothing)")
             raise ValueError(f"{workdir} holds a run of a different model{trained}: "
                              f"{'; '.join(differences(previous, current))}. Use a new --workdir")
     elif storage.listdir(storage.join(workdir, CHECKPOINTS)):
