@@ -442,3 +442,24 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
     config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(init_run))  # the demo's encoder inside its run: found as before
     assert config.train.text_encoder == ""
+
+
+def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(tmp_path, caplog):
+    import logging
+
+    from configs import t2i
+    from pixelflow_jax.api import CheckpointSource, fill_text_encoder
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": "text_encoder", "max_text_tokens": 8}}))
+    source = CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4))
+    for text_encoder, tokens, warned in (("", 0, False), (str(tmp_path / "other_t5"), 0, True), ("", 16, True)):
+        sample = t2i.get_config("tiny").sample
+        sample.text_encoder, sample.max_text_tokens = text_encoder, tokens
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            fill_text_encoder(sample, source)
+        assert ("it trained with" in caplog.text) == warned, caplog.text
+    assert sample.text_encoder == str(run / "text_encoder") and sample.max_text_tokens == 16
