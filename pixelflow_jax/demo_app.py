@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pixelflow_jax import storage
+from pixelflow_jax.validation import MAX_SEED
 from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
 from pixelflow_jax.checkpoints.checkpoint import build_model
 from pixelflow_jax.sampling.cascade import CascadeSampler
@@ -86,8 +87,8 @@ class DemoSampler:
             return "Noise shift must be between 1 and 100."
         if any(not 1 <= n <= 100 or int(n) != n for n in steps):
             return "Steps per stage must be whole numbers from 1 to 100."
-        if seed is None or seed < 0 or int(seed) != seed:
-            return "Seed must be a whole number >= 0."
+        if seed is None or not 0 <= seed <= MAX_SEED or int(seed) != seed:
+            return f"Seed must be a whole number from 0 to {MAX_SEED}."
         return None
 
     def compile_key(self, num_images, solver, cfg, steps) -> tuple:
@@ -157,8 +158,9 @@ def build_page(demo: DemoSampler, config):
             except Exception as error:  # shown on the page; the server keeps serving
                 yield gr.update(value=f"**Failed:** {type(error).__name__}: {error}"), gr.update(), gr.update()
                 return
-            yield (gr.update(value=f"{len(paths)} images for {kind} {condition!r} in "
-                                   f"{time.perf_counter() - start:.1f} s."), paths, paths)
+            images = f"{len(paths)} image{'s' if len(paths) > 1 else ''}"
+            yield (gr.update(value=f"{images} for {kind} {condition!r} in {time.perf_counter() - start:.1f} s."),
+                   paths, paths)
 
         button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files])
     return page
