@@ -247,6 +247,8 @@ class PixelFlow(nnx.Module):
         if np.ndim(timesteps) > 1 or np.size(timesteps) not in (1, batch):
             raise ValueError(f"timesteps must be one value or one per image ({batch}), got shape "
                              f"{np.shape(timesteps)}")
+        if not isinstance(timesteps, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(timesteps))):
+            raise ValueError(f"timesteps must be finite, got {np.asarray(timesteps).tolist()}")  # NaN: NaN images
         if class_labels is not None and np.shape(class_labels) != (batch,):
             raise ValueError(f"class_labels must be one per image, shape ({batch},), got shape "
                              f"{np.shape(class_labels)}")

@@ -551,6 +551,8 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
             model(images, 1.0, **arguments)
     with pytest.raises(ValueError, match=r"timesteps must be one value or one per image \(2\)"):
         model(images, np.array([1.0, 2.0, 3.0]), class_labels=[1, 2])
+    with pytest.raises(ValueError, match=r"timesteps must be finite, got \[1.0, nan\]"):
+        model(images, np.array([1.0, np.nan]), class_labels=[1, 2])
     with pytest.raises(ValueError, match="empty batch"):
         model(images[:0], 1.0, class_labels=[])
     sampler = CascadeSampler(model, models["c2i_tiny"][1])
