@@ -155,7 +155,6 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
         s.max_text_tokens = int(recorded["max_text_tokens"]) if recorded else MAX_LENGTH
     if recorded:  # allowed (an encoder moved, a longer prompt), but the embeddings may not be the trained ones
         trained = (folder_of(source.run_step.run, recorded["path"]), int(recorded["max_text_tokens"]))
-        if (storage.absolute(s.text_encoder) if not hub.is_hub_path(s.text_encoder) else s.text_encoder,
-                int(s.max_text_tokens)) != trained:
+        if (storage.absolute(s.text_encoder), int(s.max_text_tokens)) != trained:  # URLs, hf:// too, stay as given
             logging.warning("sampling %s with the text encoder %s and %d tokens; it trained with %s and %d tokens",
                             source.label, s.text_encoder, s.max_text_tokens, *trained)
