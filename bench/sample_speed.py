@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 from pixelflow_jax import CheckpointConfig, ModelConfig, PixelFlow  # noqa: E402
 from pixelflow_jax.sampling.cascade import CascadeSampler  # noqa: E402
 from pixelflow_jax.scheduler import stage_resolutions  # noqa: E402
+from profile_ops import profile_top_ops  # noqa: E402
 
 PRESETS = {
     "xl": (ModelConfig(), 256),  # PixelFlow-XL/4 as released
@@ -67,6 +68,8 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention", default="xla")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="add the top device ops of the last stage's forward and of one whole generate")
     args = parser.parse_args()
 
     base, resolution = PRESETS[args.preset]
@@ -96,6 +99,9 @@ def main():
         seconds = median_seconds(lambda: forward(state, x, t, y), args.repeats)
         tokens = (size // cfg.patch_size) ** 2
         stages.append(dict(stage=stage, pixels=size, tokens=tokens, cfg_batch=cfg_batch, forward_ms=seconds * 1e3))
+    profile = {}
+    if args.profile:
+        profile["last_stage_forward"] = profile_top_ops(lambda: forward(state, x, t, y))
 
     sampler = CascadeSampler(model, ckpt)
     labels = np.arange(args.batch) % cfg.num_classes
@@ -105,12 +111,15 @@ def main():
     first_call = time.perf_counter() - start
     assert images.shape == (args.batch, resolution, resolution, 3) and images.std() > 0
     seconds = median_seconds(run, args.repeats)
+    if args.profile:  # idle_share here is the sampler's per-step host overhead
+        profile["generate"] = profile_top_ops(run, calls=1)
 
     print(json.dumps(dict(
         preset=args.preset, dtype=args.dtype, attention=args.attention, batch=args.batch, steps_per_stage=args.steps,
         cfg=args.cfg, bf16_vs_f32_check=check, stages=stages, first_call_s=first_call,
         seconds_per_batch=seconds, seconds_per_image=seconds / args.batch,
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, flax=flax.__version__,
+        **({"profile": profile} if profile else {}),
     ), indent=2))
 
 

@@ -1,0 +1,50 @@
+"""The GPU benchmarks' own plumbing, checked on the CPU: a GPU session is rare and short (15
+minutes, one call), so a script that breaks there costs the whole measurement."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from profile_ops import profile_top_ops  # noqa: E402
+
+
+def test_profile_top_ops_totals_the_traced_ops():
+    matmul_then_tanh = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
+    a = jnp.ones((256, 256))
+    matmul_then_tanh(a).block_until_ready()
+    report = profile_top_ops(lambda: matmul_then_tanh(a), calls=3, top=5)
+    assert report["ops_from"] == "host" and report["calls"] == 3
+    ops = report["top_ops"]
+    assert 1 <= len(ops) <= 5 and report["distinct_ops"] >= len(ops)
+    assert all(op["launches_per_call"] >= 1 and op["ms_per_call"] > 0 for op in ops)
+    assert ops == sorted(ops, key=lambda op: -op["ms_per_call"])
+    assert 0 < sum(op["share_of_op_time"] for op in ops) <= 1 + 1e-9
+    assert 0 < report["busy_ms_per_call"] <= report["wall_ms_per_call"]
+    json.dumps(report)  # it travels back from the GPU machine as JSON
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, DRY_RUN="1", OUT=str(out), JAX_PLATFORMS="cpu")
+    subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env, check=True, timeout=600,
+                   capture_output=True)
+    summary = (out / "summary.txt").read_text().splitlines()
+    steps = {line.split()[0]: line for line in summary}
+    assert set(steps) == {"env", "attention", "train_fast", "sample", "release", "train_pallas",
+                          "attention_masked", "sweep"}, summary
+    failed = [line for name, line in steps.items() if name != "release" and " rc=0 " not in line]
+    assert not failed, (out / "log.txt").read_text()[-5000:]
+    assert sorted(os.listdir(out)) == ["log.txt", "summary.txt"]  # the tool returns at most 8 files
+    log = (out / "log.txt").read_text()
+    for result in ('"images_per_s"', '"seconds_per_image"', '"forward_backward_tflops"', '"top_ops"',
+                   '"last_stage_forward"', '"settings"', '"key_mask": true'):
+        assert result in log, result
