@@ -3,7 +3,8 @@
 Class-conditional checkpoints get a class picker (ImageNet names for 1000-class models), text ones
 a prompt box (with config.sample.text_encoder); both get solver, CFG, noise shift, steps per stage,
 seed and number of images, a gallery and the PNGs to download. Each new combination of batch size,
-steps, solver and guidance compiles once (the page says so); repeats reuse the compiled sampler.
+steps and solver compiles once (the page says so), as does CFG 1 (unguided); other CFG values, shifts
+and seeds reuse the compiled sampler.
 Bad input is reported on the page; the server keeps running. Binds to 127.0.0.1 unless
 config.demo.share_on_network.
 """
@@ -92,7 +93,8 @@ class DemoSampler:
         return None
 
     def compile_key(self, num_images, solver, cfg, steps) -> tuple:
-        return (int(num_images), solver, float(cfg), tuple(int(n) for n in steps))
+        # The sampler compiles per batch, solver, step counts and guided or not (CFG 1 is unguided).
+        return (int(num_images), solver, float(cfg) == 1.0, tuple(int(n) for n in steps))
 
     def generate(self, condition, num_images, solver, cfg, shift, steps, seed) -> list[str]:
         """PNG paths of the images; the same request always gives the same images."""
@@ -150,7 +152,7 @@ def build_page(demo: DemoSampler, config):
                 return
             if demo.compile_key(num_images, solver, cfg, steps) not in demo.compiled:
                 yield (gr.update(value="Compiling the sampler for these settings (the first request for a new "
-                                       "batch size, step count, solver or CFG takes longer; repeats are fast)..."),
+                                       "batch size, step count or solver, or CFG 1, takes longer; repeats are fast)..."),
                        gr.update(), gr.update())
             start = time.perf_counter()
             try:

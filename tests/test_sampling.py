@@ -1,5 +1,7 @@
 """The cascade sampler against the release's recorded sampling runs, and its noise."""
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -85,6 +87,38 @@ def test_generate_is_deterministic_per_image(tiny):
     assert np.abs(alone[0].astype(int) - both[1].astype(int)).max() <= 1
     other_seed = sampler.generate([3, 4], steps_per_stage=2, cfg_scale=2.0, seed=6)
     assert np.abs(other_seed.astype(int) - both.astype(int)).mean() > 5
+
+
+@contextlib.contextmanager
+def counting_lowerings():
+    """Counts jit lowerings (one per new compilation, whatever the persistent cache holds)."""
+    events = []
+    listener = lambda event, seconds, **kwargs: events.append(event) if event == LOWERING_EVENT else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def test_a_new_cfg_scale_reuses_the_compiled_stages(tiny):
+    """The demo's CFG slider and a CFG sweep must not compile the model again per value."""
+    model, config, sampler = tiny
+    kwargs = dict(steps_per_stage=2, seed=7)  # a batch of 3: no other test compiled it
+    with counting_lowerings() as first:
+        at_2 = sampler.generate([3, 4, 5], cfg_scale=2.0, **kwargs)
+    with counting_lowerings() as again:
+        at_3 = sampler.generate([3, 4, 5], cfg_scale=3.0, **kwargs)
+    assert len(first) >= 2 and again == [], (first, again)  # the test can see a compilation
+    assert np.abs(at_3.astype(int) - at_2.astype(int)).mean() > 1  # the scale still takes effect
+    # CFG 1 is unguided: programs of its own (half the batch).
+    with counting_lowerings() as unguided_compiles:
+        unguided = sampler.generate([3, 4, 5], cfg_scale=1.0, **kwargs)
+    assert len(unguided_compiles) >= 1
+    assert np.abs(unguided.astype(int) - at_2.astype(int)).mean() > 1
 
 
 def test_bad_options_are_rejected(tiny):

@@ -128,10 +128,11 @@ def to_uint8(latents: jax.Array) -> jax.Array:
 
 
 def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: Conditioning,
-                    uncond: Conditioning, guidance: float) -> jax.Array:
-    """v_u + g (v_c - v_u), with the two halves in one batch; only v_c when g == 1."""
+                    uncond: Conditioning, guidance) -> jax.Array:
+    """v_u + g (v_c - v_u), with the two halves in one batch; only v_c when guidance is None (no
+    guidance: half the batch). guidance may be traced, so one program serves every scale."""
     timesteps = jnp.full((x.shape[0],), timestep, jnp.float32)
-    if guidance == 1.0:
+    if guidance is None:
         return model(x, timesteps, **cond)
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
     v = model(jnp.concatenate([x, x]), jnp.concatenate([timesteps, timesteps]), **both)
@@ -140,8 +141,8 @@ def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: C
 
 
 class CascadeSampler:
-    """Runs the cascade for one model. Each stage compiles once per batch shape, solver and
-    guidance scale; later batches reuse the compiled programs."""
+    """Runs the cascade for one model. Each stage compiles once per batch shape, step count, solver
+    and whether it is guided (a CFG scale of 1 is not); other scales and shifts reuse the program."""
 
     def __init__(self, model: PixelFlow, config):
         """config: the CheckpointConfig that load_model returns (resolution, stages, timesteps)."""
@@ -220,20 +221,23 @@ class CascadeSampler:
         else:
             first, last = self.scheduler.stage_timestep_range(stage)
             schedule = (np.float32(first), np.float32(last), np.float32(options.rtol), np.float32(options.atol))
-        program = _stage_program(self.graphdef, stage > 0, alpha, beta, guidance, options.solver)
-        return program(self.state, x, noise, cond, uncond, schedule)
+        guided = guidance != 1.0
+        program = _stage_program(self.graphdef, stage > 0, alpha, beta, guided, options.solver)
+        return program(self.state, x, noise, cond, uncond, schedule, np.float32(guidance) if guided else None)
 
 
 @functools.lru_cache(maxsize=64)
-def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, guidance: float, solver: str):
+def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, guided: bool, solver: str):
     """One stage (renoise + whole solve) as a jitted function. Cached on the model's graph, so
-    every sampler of the same architecture shares the compiled programs."""
+    every sampler of the same architecture shares the compiled programs; the guidance scale is an
+    argument, so a new CFG value does not compile again."""
 
-    def program(state, x, noise, cond, uncond, schedule):
+    def program(state, x, noise, cond, uncond, schedule, guidance):
         model = nnx.merge(graphdef, state)
         if renoise:
             x = alpha * upsample_2x(x) + beta * noise
-        velocity = lambda x, timestep: guided_velocity(model, x, timestep, cond, uncond, guidance)
+        velocity = lambda x, timestep: guided_velocity(model, x, timestep, cond, uncond,
+                                                       guidance if guided else None)
         if solver == "euler":
             return _euler(velocity, x, *schedule)
         return _dopri5(velocity, x, *schedule)
