@@ -52,6 +52,19 @@ def demo_output_dir(workdir: str) -> str:
     return folder
 
 
+# Requests whose PNGs stay on disk: a page open for days must not fill the disk (1024 px images
+# are ~2 MB each). The browser's gallery links to the newest ones.
+KEPT_REQUESTS = 64
+
+
+def remove_old_requests(output_dir: str, keep: int = KEPT_REQUESTS) -> None:
+    """Deletes all but the `keep` newest request folders of the page's output folder."""
+    folders = [entry for entry in os.scandir(output_dir) if entry.is_dir()]
+    folders.sort(key=lambda entry: entry.stat().st_mtime_ns)
+    for entry in folders[:max(0, len(folders) - keep)]:
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
 class DemoSampler:
     """The model, its compiled sampler, and the request validation the page relies on."""
 
@@ -111,6 +124,7 @@ class DemoSampler:
         for i, image in enumerate(images):
             paths.append(os.path.join(folder, f"pixelflow_{int(seed)}_{i}.png"))
             Image.fromarray(np.asarray(image)).save(paths[-1])
+        remove_old_requests(self.output_dir)
         return paths
 
 
@@ -121,7 +135,8 @@ def build_page(demo: DemoSampler, config):
     default_steps = config.sample.steps_per_stage
     default_steps = list(default_steps) if isinstance(default_steps, (list, tuple)) else [default_steps] * stages
     kind = "prompt" if demo.text else "class"
-    with gr.Blocks(title="PixelFlow (JAX)") as page:
+    # Gradio copies every served image into its own cache: clear copies older than a day, hourly.
+    with gr.Blocks(title="PixelFlow (JAX)", delete_cache=(3600, 86400)) as page:
         gr.Markdown(f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {stages} stages, "
                     f"{'text' if demo.text else 'class'}-conditional checkpoint `{demo.source.label}` ({config.sample.weights} weights)")
         with gr.Row():

@@ -272,6 +272,19 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
     assert os.listdir(tmp_path / "demo_outputs") == []
 
 
+def test_the_demo_page_keeps_only_its_newest_requests_on_disk(tmp_path):
+    from pixelflow_jax.demo_app import remove_old_requests
+
+    for i in range(5):
+        (tmp_path / f"request{i}").mkdir()
+        (tmp_path / f"request{i}" / "pixelflow_0_0.png").write_bytes(b"png")
+        os.utime(tmp_path / f"request{i}", ns=(i * 10**9, i * 10**9))  # request4 is the newest
+    remove_old_requests(str(tmp_path), keep=3)
+    assert sorted(os.listdir(tmp_path)) == ["request2", "request3", "request4"]
+    remove_old_requests(str(tmp_path), keep=3)
+    assert len(os.listdir(tmp_path)) == 3
+
+
 def test_a_demo_port_in_use_names_the_flag():
     from pixelflow_jax.demo_app import check_port_free
 
