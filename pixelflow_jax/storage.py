@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -66,18 +67,31 @@ def check_supported(path: str) -> None:
                            "(hf:// reads checkpoints and T5 folders only)")
 
 
-def _no_listings_cache() -> None:
+class _RetriesGivenUpInOneLine(logging.Filter):
+    """gcsfs logs a 40-line traceback when it gives up retrying a request; the StorageError raised
+    next names the path, the cause and what to check, so the log keeps gcsfs's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "out of retries" in record.getMessage():
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _configure_gcsfs() -> None:
     """gcsfs caches folder listings per process by default, so files that other hosts (or other
     processes of this host) wrote stay invisible; every listing here must see the store as it is."""
     import fsspec.config
 
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+    gcsfs_log = logging.getLogger("gcsfs")
+    if not any(isinstance(f, _RetriesGivenUpInOneLine) for f in gcsfs_log.filters):
+        gcsfs_log.addFilter(_RetriesGivenUpInOneLine())
 
 
 def _epath(path: str):
     check_supported(path)
-    _no_listings_cache()
+    _configure_gcsfs()
     try:
         from etils import epath
 

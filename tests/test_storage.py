@@ -71,3 +71,17 @@ def test_the_workdir_lock_works_in_a_bucket(bucket):
     owner.heartbeat()
     owner.release()
     assert not storage.exists(f"{bucket}/run/train.lock")
+
+
+def test_gcsfs_giving_up_logs_one_line_not_its_traceback(caplog):
+    import logging
+
+    storage._epath("gs://some-bucket/run")  # configures gcsfs's logging as any bucket access does
+    try:
+        raise ConnectionError("Cannot connect to host storage.googleapis.com:443")
+    except ConnectionError as error:
+        logging.getLogger("gcsfs").exception(f"_request out of retries on exception: {error}")
+        logging.getLogger("gcsfs").exception("an error gcsfs does not raise again")
+    given_up, other = caplog.records[-2:]
+    assert "out of retries" in given_up.getMessage() and given_up.exc_info is None
+    assert other.exc_info is not None  # other tracebacks are left alone
