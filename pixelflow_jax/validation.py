@@ -113,6 +113,13 @@ def check_train(config) -> None:
     number("train.ema_decay", t.ema_decay, minimum=0, maximum=1)
     number("train.label_dropout", t.label_dropout, minimum=0, below=1)
     seed("seed", config.seed)
+    if config.model.get("param_dtype", "float32") != "float32":
+        # A 1e-4 AdamW step and the 0.9999 EMA decay are below a bfloat16 weight's rounding step:
+        # the weights and the EMA would stay where they started while the loss looks normal.
+        raise ConfigError(f"--config.model.param_dtype={config.model.param_dtype} cannot train: optimiser steps and "
+                          "the EMA update round away in a 16-bit weight, so the run would not learn. Train with "
+                          "float32 weights, as the release does; the compute is already bfloat16 "
+                          "(--config.model.dtype). param_dtype=bfloat16 is for sampling.")
     if t.preview_every:
         check_guidance(config)
 

@@ -30,6 +30,7 @@ def c2i_config(**changes):
 
 
 @pytest.mark.parametrize("mode,field,value,message", [
+    ("train", "model.param_dtype", "bfloat16", "param_dtype=bfloat16 cannot train: optimiser steps and the EMA"),
     ("train", "train.lr", float("nan"), "--config.train.lr must be a finite number, got nan"),
     ("train", "train.lr", float("inf"), "--config.train.lr must be a finite number"),
     ("train", "train.ema_decay", 1.5, "--config.train.ema_decay must be <= 1"),
@@ -314,6 +315,9 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 0.001
     with pytest.raises(ValueError, match="data.num_records: 100 -> 99"):  # an image deleted: another data order
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=40, num_records=99)
+    with pytest.raises(ValueError, match="model.dtype: 'float32' -> 'bfloat16'"):  # other arithmetic every step
+        check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "model.dtype": "bfloat16"}),
+                     step=40, num_records=100)
 
 
 def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constant(tmp_path):
@@ -329,7 +333,7 @@ def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constan
     settings = json.loads((older / SETTINGS_FILE).read_text())
     (older / SETTINGS_FILE).write_text(json.dumps({k: v for k, v in settings.items()
                                                    if k not in ("train.lr_schedule", "train.warmup_steps",
-                                                                "data.num_records")}))
+                                                                "data.num_records", "model.dtype")}))
     check_resume(str(older), c2i_config(), step=40, num_records=100)
     with pytest.raises(ValueError, match="train.lr_schedule: 'constant' -> 'cosine'"):
         check_resume(str(older), cosine, step=40, num_records=100)

@@ -21,13 +21,14 @@ from pixelflow_jax.training.train_step import counts_updates
 
 SETTINGS_FILE = "train_settings.json"
 CHANGES_FILE = "settings_changes.jsonl"
-# The last two: text configs only.
+# The last three: text configs only.
 TRAIN_FIELDS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
-                "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens")
+                "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens", "text_encoder_dtype")
+MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
 # Recorded by this version, not by runs before it: their absence is no change.
-ADDED_LATER = ("data.num_records",)
+ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype")
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
                "missing_captions")
 
@@ -36,6 +37,7 @@ def resume_settings(config, num_records: int) -> dict:
     values = {"seed": config.seed, "data.num_records": num_records}
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
     values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS if name in config.data})
+    values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
         values["train.lr_decay_steps"] = config.train.num_steps
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
