@@ -43,7 +43,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 if [ "$DRY_RUN" = 1 ]; then  # the same steps at sizes a 2-core CPU runs in a few minutes
-  ATTENTION=(--interpret --heads=2 --iters=2) SHAPES=2x256
+  ATTENTION=(--interpret --heads=2 --iters=1) SHAPES=2x256
   BACKENDS=xla,pallas_gpu FAST=xla PALLAS=xla  # cudnn and compiled Pallas need a GPU
   TRAIN=(--preset=tiny --batch=8 --steps=2)
   SAMPLE=(--preset=tiny --batch=4 --steps=3 --repeats=1)
