@@ -281,6 +281,22 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
+    # Sampling the run with two processes (one device each) writes every image once, as one process does.
+    sampling = ["--mode=sample", "--config.sample.num_images=6", "--config.sample.batch_size=2",
+                "--config.sample.steps_per_stage=2"]
+    run_training(str(tmp_path / "one_sampler"), *sampling, f"--config.sample.checkpoint={two}", devices=2)
+    address = f"localhost:{free_port()}"
+    samplers = [run_training(str(two), *sampling, "--distributed", f"--coordinator_address={address}",
+                             "--num_processes=2", f"--process_id={i}", wait=False, compilation_cache=False)
+                for i in range(2)]
+    for process in samplers:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-5000:]
+    with np.load(two / "samples.npz") as two_processes, \
+            np.load(tmp_path / "one_sampler" / "samples.npz") as one_process:
+        assert two_processes["arr_0"].shape == one_process["arr_0"].shape and len(one_process["arr_0"]) == 6
+        assert np.abs(two_processes["arr_0"].astype(int) - one_process["arr_0"]).max() <= 1
+
 
 @pytest.mark.parametrize("override,message", [
     ("--config.train.batch_size=6", "must be divisible by num_stages x devices"),

@@ -201,7 +201,11 @@ class CascadeSampler:
         if len(block_noises) != num_stages - 1 or len(options.steps_per_stage) != num_stages:
             raise ValueError(f"need block noise for stages 1..{num_stages - 1} and steps for {num_stages} stages")
         for name, conditioning in (("cond", cond), ("uncond", uncond)):  # the stages run under jit: check here
-            if "class_labels" in conditioning and not isinstance(conditioning["class_labels"], jax.core.Tracer):
+            labels = conditioning.get("class_labels")
+            # Traced labels, or labels spread over several processes (checked by the sampling job), are not
+            # readable here.
+            if labels is not None and not isinstance(labels, jax.core.Tracer) and getattr(
+                    labels, "is_fully_addressable", True):
                 validation.class_ids(f"{name}['class_labels']", conditioning["class_labels"],
                                      self.model_config.num_classes, allow_null=True)
         guidance = stage_guidance(options.cfg_scale, num_stages, self.class_conditional)

@@ -95,7 +95,7 @@ def check_settings(folder: str, settings: dict) -> None:
 
 
 def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A batch-sharded array built from the full host copy every process holds (multi-host safe)."""
+    """An array of `sharding` built from the full host copy every process holds (multi-host safe)."""
     return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
@@ -161,7 +161,10 @@ def run(config, workdir: str) -> None:
 def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, seed) -> None:
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch_sharding = NamedSharding(mesh, P("data"))
-    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    # Replicated from the host copy: the weights sit on one device of this process, and a direct
+    # device_put onto every process's devices is a cross-host transfer most backends refuse.
+    replicated = NamedSharding(mesh, P())
+    nnx.update(model, jax.tree.map(lambda a: global_array(np.asarray(a), replicated), nnx.state(model)))
     sampler = CascadeSampler(model, ckpt)
     key = jax.random.key(seed)
     total = conditioning.num_images
