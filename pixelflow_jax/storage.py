@@ -57,6 +57,12 @@ def user_path(path: str) -> str:
                            "folder of that name)")
     if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
         raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
+    if is_url(path) and "//" in path.split("://", 1)[1].rstrip("/"):
+        # An empty folder name (an empty $PREFIX): epath drops it on writes, fsspec keeps it in listings
+        # and locks, so a run would not find its own files.
+        fixed = f"{scheme(path)}://{re.sub('/+', '/', path.split('://', 1)[1])}"
+        raise StorageError(f'{path} has an empty folder name ("//"), which object-store tools read in two ways: '
+                           f"write {fixed}")
     return path if is_url(path) else os.path.expanduser(path)
 
 

@@ -19,6 +19,9 @@ def test_urls_are_never_made_local():
     assert storage.basename("gs://b/run/checkpoints/4/") == "4"
     with pytest.raises(storage.StorageError, match=r"unsupported URL scheme s3://; paths are local or gs://"):
         storage.exists("s3://b/run")
+    assert storage.user_path("gs://b/run/") == "gs://b/run/"  # a trailing slash is fine
+    with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write gs://b/run/x'):
+        storage.user_path("gs://b//run/x")  # gs://b/$PREFIX/run/x with an empty PREFIX
 
 
 def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
