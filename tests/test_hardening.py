@@ -459,7 +459,7 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     assert before != resolve_checkpoint(converted["t2i_tiny"]).fingerprint()
     samples = str(tmp_path / "samples")
     os.makedirs(samples)
-    check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": before})
+    check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
 
     config = read_config(copy)
     params = restore_params(copy, config)
@@ -467,19 +467,29 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     after = resolve_checkpoint(copy).fingerprint()
     assert after != before
     with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\)"):
-        check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": after})
-    check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": before})
+        check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
+    check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
 
     os.remove(os.path.join(samples, "settings.json"))  # a job of an earlier version did not record the fingerprint
     storage.write_json_atomically(os.path.join(samples, "settings.json"), {"checkpoint": copy})
-    check_settings(samples, {"checkpoint": copy, "checkpoint_fingerprint": after})
+    check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
 
     orphans = str(tmp_path / "orphans")
     os.makedirs(orphans)
     open(os.path.join(orphans, "000000.png"), "wb").close()
     with pytest.raises(ValueError, match="holds 1 images .* but no settings.json"):
-        check_settings(orphans, {"checkpoint": copy, "checkpoint_fingerprint": after})
+        check_settings(orphans, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     assert not os.path.exists(os.path.join(orphans, "settings.json"))
+
+    # The PNGs and settings.json deleted to save space, samples.npz and eval.json kept: not overwritten.
+    kept = tmp_path / "kept"
+    (kept / "samples").mkdir(parents=True)
+    (kept / "samples.npz").write_bytes(b"50k images")
+    (kept / "eval.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds samples.npz and eval.json of an earlier sampling job whose "
+                                         ".*settings.json is gone"):
+        check_settings(str(kept / "samples"), str(kept), {"checkpoint": copy, "checkpoint_fingerprint": after})
+    assert not (kept / "samples" / "settings.json").exists()
 
 
 def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp_path):

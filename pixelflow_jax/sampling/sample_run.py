@@ -74,9 +74,10 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 SETTINGS_ADDED_LATER = ("checkpoint_fingerprint",)
 
 
-def check_settings(folder: str, settings: dict) -> None:
+def check_settings(folder: str, workdir: str, settings: dict) -> None:
     """Records the settings on the first run; a rerun with different settings would mix images,
-    and so would images already there that no settings describe."""
+    and so would images already there that no settings describe. A samples.npz that no settings
+    describe (its PNGs and settings.json deleted to save space) is not overwritten either."""
     path = storage.join(folder, "settings.json")
     if storage.exists(path):
         previous = storage.read_json(path)
@@ -90,6 +91,10 @@ def check_settings(folder: str, settings: dict) -> None:
     if images:
         raise ValueError(f"{folder} holds {len(images)} images (e.g. {images[0]}) but no settings.json saying what "
                          "they were sampled with, so they cannot join this job: use a new --workdir, or move them away")
+    earlier = [name for name in ("samples.npz", "eval.json") if storage.exists(storage.join(workdir, name))]
+    if earlier:
+        raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
+                         "so this job would overwrite them with other images: use a new --workdir, or move them away")
     if jax.process_index() == 0:
         storage.write_json_atomically(path, settings)
 
@@ -134,7 +139,7 @@ def run(config, workdir: str) -> None:
                     steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
                     num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
-    check_settings(folder, settings)
+    check_settings(folder, workdir, settings)
     if jax.process_index() == 0:  # before any process writes here
         for place in (folder, workdir):
             if storage.remove_temporaries(place):
