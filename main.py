@@ -20,8 +20,10 @@ Settings live in the config file and can be overridden with --config.<field>=<va
 Modes: train, sample, inspect, eval, demo.
 """
 
+import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,6 +41,20 @@ flags.DEFINE_integer("process_id", None, "With --distributed: this process's ind
 flags.mark_flags_as_required(["config", "workdir"])
 
 FLAGS = flags.FLAGS
+
+
+def fail(error: Exception):
+    """Exits with one line for an error this project raised (its message names the problem and the
+    fix). An error raised inside a library (jax, orbax, gcsfs) is unexpected, so its traceback is
+    printed first: its message alone often lacks the context to act on."""
+    import pixelflow_jax
+
+    package = os.path.dirname(os.path.abspath(pixelflow_jax.__file__)) + os.sep
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_in = os.path.abspath(frames[-1].filename) if frames else __file__
+    if raised_in != os.path.abspath(__file__) and not raised_in.startswith(package):
+        traceback.print_exception(error)
+    sys.exit(f"error: {error}")
 
 
 def start_distributed():
@@ -117,21 +133,21 @@ def main(argv):
             sys.exit(e.exit_status)
         except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
                 WorkdirBusy) as e:
-            sys.exit(f"error: {e}")
+            fail(e)
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
 
         try:
             inspect_model.run(FLAGS.config, FLAGS.workdir)
         except (CheckpointError, ValueError, FloatingPointError, storage.StorageError) as e:
-            sys.exit(f"error: {e}")
+            fail(e)
     elif FLAGS.mode == "demo":
         from pixelflow_jax import demo_app
 
         try:
             demo_app.run(FLAGS.config, FLAGS.workdir)
         except (CheckpointError, ValueError, storage.StorageError) as e:
-            sys.exit(f"error: {e}")
+            fail(e)
     elif FLAGS.mode in ("sample", "eval"):
         from pixelflow_jax.evaluation import evaluate
         from pixelflow_jax.sampling import sample_run
@@ -146,7 +162,7 @@ def main(argv):
                 samples = storage.join(FLAGS.workdir, "samples.npz") if FLAGS.mode == "sample" else None
                 evaluate.run(FLAGS.config, FLAGS.workdir, samples)
         except (CheckpointError, ValueError, storage.StorageError) as e:
-            sys.exit(f"error: {e}")
+            fail(e)
 
 
 if __name__ == "__main__":

@@ -18,3 +18,25 @@ def test_inspect_mode_runs_every_stage(tmp_path):
     assert report["model"]["depth"] == 3  # the command-line override reached the model
     assert [s["tokens"] for s in report["stages"]] == [4, 16, 64, 256]
     assert report["parameters"]["total"] == sum(v for k, v in report["parameters"].items() if k != "total")
+
+
+def test_a_library_error_gets_its_traceback_and_ours_stay_one_line(capsys):
+    import numpy as np
+    import pytest
+
+    sys.path.insert(0, REPO)
+    import main
+    from pixelflow_jax import validation
+
+    try:
+        validation.seed("seed", -1, where="")  # raised by this project: its message says what to do
+    except validation.ConfigError as error:
+        with pytest.raises(SystemExit, match="error: .*seed"):
+            main.fail(error)
+    assert "Traceback" not in capsys.readouterr().err
+    try:
+        np.zeros(2).reshape(3)  # raised inside a library: unexpected, its context matters
+    except ValueError as error:
+        with pytest.raises(SystemExit, match="error: cannot reshape"):
+            main.fail(error)
+    assert "Traceback" in capsys.readouterr().err
