@@ -344,7 +344,7 @@ def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constan
     check_optimiser_state(str(older), c2i_config(**{"train.lr": 1.0}), step=40)
 
 
-def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
+def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, caplog):
     import time
 
     from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
@@ -366,6 +366,7 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path):
         if taken:
             lock.acquire()
             assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+            assert f"taking over {lock_file} from a run that is gone: host {holder['host']}" in caplog.text
             lock.release()
         else:
             with pytest.raises(WorkdirBusy, match="host elsewhere, pid 1"):

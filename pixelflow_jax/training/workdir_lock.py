@@ -19,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from pixelflow_jax import storage
 
@@ -82,6 +83,9 @@ class WorkdirLock:
             if holder is None or not self._stale(holder):
                 return self._busy_message(holder)
             if self._read() == holder:  # still the stale one (a run taking it over at this instant: keep theirs)
+                logging.warning("taking over %s from a run that is gone: host %s, pid %s, heartbeat %.0f s ago",
+                                self.path, holder.get("host"), holder.get("pid"),
+                                time.time() - float(holder.get("heartbeat", 0)))
                 storage.remove(self.path)
         return self._busy_message(self._read())
 
