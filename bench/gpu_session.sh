@@ -24,6 +24,7 @@ mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 : >"$OUT/log.txt"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+PY=${PYTHON:-python3}  # the GPU machine has python3 only
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
@@ -54,14 +55,14 @@ else
   SAMPLE=(--repeats=2)
 fi
 
-step env 20 bash -c 'nvidia-smi; python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"'
+step env 20 bash -c "nvidia-smi; $PY -c 'import jax, flax; print(jax.__version__, flax.__version__, jax.devices())'"
 # 1. Does our kernel compile and agree, and how fast is it beside cuDNN and the bundled mha
 #    (target: pallas_gpu fwd+bwd >= 250 TFLOP/s at B8x4096)?
-step attention 75 python bench/attention_speed.py --backends=$BACKENDS --shapes=$SHAPES "${ATTENTION[@]}"
+step attention 75 $PY bench/attention_speed.py --backends=$BACKENDS --shapes=$SHAPES "${ATTENTION[@]}"
 # 2. Training throughput (target >= 70 img/s on an H200 within 80 GB) with the top ops of one step.
-step train_fast 100 python bench/train_speed.py --attention=$FAST --profile "${TRAIN[@]}"
+step train_fast 100 $PY bench/train_speed.py --attention=$FAST --profile "${TRAIN[@]}"
 # 3. Sampling (target <= 0.8 s/image), with the top ops of the last stage and of a whole generate.
-step sample 110 python bench/sample_speed.py --attention=$FAST --profile "${SAMPLE[@]}"
+step sample 110 $PY bench/sample_speed.py --attention=$FAST --profile "${SAMPLE[@]}"
 # 4. The release on this card, in this call: the numbers ours stand beside.
 if [ -f .release_bench/release_speed.py ] && [ "$DRY_RUN" != 1 ]; then
   step release 150 bash -c 'python3 -m pip install -q --no-index --no-deps --target /tmp/release_site .release_bench/wheels/*.whl && PYTHONPATH=/tmp/release_site RELEASE_TRAIN_BS=24 python3 .release_bench/release_speed.py'
@@ -69,8 +70,8 @@ else
   echo "release skipped: .release_bench/ was not carried (or a dry run)" >>"$OUT/summary.txt"
 fi
 # 5. Our kernel in the training step (target: no slower than cuDNN).
-step train_pallas 90 python bench/train_speed.py --attention=$PALLAS "${TRAIN[@]}"
+step train_pallas 90 $PY bench/train_speed.py --attention=$PALLAS "${TRAIN[@]}"
 # 6. The text path's key-masked attention, then the tile sweep with whatever time is left.
-step attention_masked 30 python bench/attention_speed.py --key_mask --backends=${BACKENDS%,mha} --shapes=4x256 "${ATTENTION[@]}"
-step sweep 300 python bench/attention_speed.py --backends=pallas_gpu --sweep --shapes=$SHAPES "${ATTENTION[@]}"
+step attention_masked 30 $PY bench/attention_speed.py --key_mask --backends=${BACKENDS%,mha} --shapes=4x256 "${ATTENTION[@]}"
+step sweep 300 $PY bench/attention_speed.py --backends=pallas_gpu --sweep --shapes=$SHAPES "${ATTENTION[@]}"
 cat "$OUT/summary.txt"

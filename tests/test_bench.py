@@ -34,9 +34,11 @@ def test_profile_top_ops_totals_the_traced_ops():
 @pytest.mark.slow
 def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     out = tmp_path / "out"
-    # One device, as on the GPU machine; the persistent compilation cache of the test session (if any) is kept.
+    # As on the GPU machine: one device, and no grain, ml_collections, TFDS, tensorboardX, gradio,
+    # diffusers or gcsfs (tests/gpu_machine_site). The test session's compilation cache is kept.
     env = dict(os.environ, DRY_RUN="1", OUT=str(out), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.path.join(ROOT, "tests", "gpu_machine_site"))
     subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env, check=True, timeout=600,
                    capture_output=True)
     summary = (out / "summary.txt").read_text().splitlines()
