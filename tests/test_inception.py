@@ -145,6 +145,12 @@ def test_resize_is_tensorflow_legacy_bilinear():
     np.testing.assert_allclose(legacy_bilinear_matrix(2, 4) @ np.array([10.0, 20.0]), [10, 15, 20, 20])
     np.testing.assert_allclose(legacy_bilinear_matrix(4, 2) @ np.array([1.0, 2, 3, 4]), [1, 3])  # 0 and 2
     assert np.allclose(legacy_bilinear_matrix(256, 299).sum(axis=1), 1)
+    # TensorFlow computes the source coordinate in float32: i * float32(in / out).
+    weights = legacy_bilinear_matrix(256, 299)
+    for i in (1, 150, 297):
+        source = np.float32(i) * np.float32(256 / 299)
+        low = int(np.floor(source))
+        assert weights[i, low + 1] == np.float32(source - np.float32(low)), i
 
 
 def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):

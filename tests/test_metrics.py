@@ -87,6 +87,9 @@ def test_precision_recall_equals_brute_force_knn():
     assert got == pytest.approx(expected, abs=1e-12)
     assert 0 < got[0] < 1 and 0 < got[1] < 1
     assert metrics.precision_recall(reference, reference, block=64) == (1.0, 1.0)
+    # With k or fewer images a set's balls never close (ADM's np.partition raises): an error, not 0 and 1.
+    with pytest.raises(ValueError, match="need more than 3 images in each set .* got 3"):
+        metrics.precision_recall(reference, samples[:3], block=64)
 
 
 # ------------------------------------------------------------------ --mode=eval on a stand-in Inception

@@ -118,10 +118,15 @@ class FeatureExtractor:
         return {name: np.concatenate(value) for name, value in parts.items()}
 
 
+# Part of the feature cache's key: raise it when the features' computation changes (inception.py),
+# so that features cached by an earlier version are computed again.
+FEATURES_VERSION = 2  # 2: float32 resize coordinates, as TensorFlow
+
+
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
     size, mtime = storage.size_and_mtime(path)
-    key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime,
-                                     *extract.weights_id]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime, *extract.weights_id,
+                                     FEATURES_VERSION]).encode()).hexdigest()[:16]
     cache = storage.join(cache_dir, f"{storage.basename(path)}.{key}.npz")
     if storage.isfile(cache):
         logging.info("features of %s from %s", path, cache)

@@ -75,6 +75,9 @@ def _smallest(distances: jax.Array, running: jax.Array, count: int) -> jax.Array
 def manifold_radii(features: np.ndarray, k: int = NEIGHBOURHOOD, block: int = BLOCK) -> np.ndarray:
     """(N,) squared distance of each feature to its k-th nearest other feature (the point itself
     is its own nearest, at distance 0)."""
+    if len(features) <= k:  # every radius would stay infinite: all points inside every ball
+        raise ValueError(f"precision and recall need more than {k} images in each set (a ball reaches an image's "
+                         f"{k}th nearest neighbour), got {len(features)}")
     features = jnp.asarray(features, jnp.float32)
     radii = []
     for start in range(0, len(features), block):
