@@ -82,7 +82,7 @@ class DemoSampler:
         if self.text:
             from pixelflow_jax.text.prompts import prompt_encoder_for
 
-            self.prompt_encoder = prompt_encoder_for(s, model.config.dtype, model.config.cross_attention_dim)
+            self.prompt_encoder = prompt_encoder_for(s, model.config.cross_attention_dim)
         self.max_images = int(config.demo.max_images)
         self.compiled: set = set()
         self.output_dir = demo_output_dir(workdir)

@@ -95,6 +95,23 @@ def test_prompt_encoder_masks_and_shapes(t5_folder):
     assert mask.sum(axis=1).tolist() == [float(len(encoder.tokenizer.processor.encode("a cat")) + 1), 1.0]
 
 
+def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
+    """The release encodes with autocast off; bfloat16 compute would move flan-t5-xl's embeddings by 2e-2."""
+    import ml_collections
+
+    from pixelflow_jax.text.prompts import PromptEncoder, prompt_encoder_for
+
+    sample = ml_collections.ConfigDict(dict(text_encoder=t5_folder, max_text_tokens=24,
+                                            text_encoder_param_dtype="bfloat16"))
+    encoder = prompt_encoder_for(sample, cross_attention_dim=32)  # for a bfloat16 model, as sampling and the demo
+    embeddings, _ = encoder.encode(["a cat"])
+    assert embeddings.dtype == np.float32
+    reference, _ = PromptEncoder(t5_folder, max_length=24, param_dtype="bfloat16", dtype="bfloat16").encode(["a cat"])
+    assert reference.dtype != np.float32  # the test can tell the two apart
+    with pytest.raises(ValueError, match="dtype must be one of"):  # T5 v1.1 overflows in float16
+        PromptEncoder(t5_folder, dtype="float16")
+
+
 def test_converter_is_strict_and_names_the_problem(t5_folder, tmp_path):
     from pixelflow_jax.text.t5_convert import load_t5_encoder, read_encoder_state_dict
 

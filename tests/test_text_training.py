@@ -416,6 +416,24 @@ def test_encoder_of_another_width_is_refused_before_training(tmp_path, encoder_f
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path, encoder_folder):
+    """As the release encodes prompts and as sampling does: a run's model sees the embeddings it
+    will be sampled with."""
+    import dataclasses
+
+    import configs.t2i as t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.text import train_text
+
+    config = t2i.get_config("tiny")
+    config.train.text_encoder = encoder_folder
+    model_cfg = dataclasses.replace(ModelConfig(**config.model.to_dict()), cross_attention_dim=20, dtype="bfloat16")
+    encoder = train_text.load(config, str(tmp_path / "run"), model_cfg, make_mesh(1))
+    embeddings, _ = encoder.encode(["a red disk"])
+    assert embeddings.dtype == jnp.float32
+
+
 def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path):
     from types import SimpleNamespace
 

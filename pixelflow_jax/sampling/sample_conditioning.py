@@ -72,7 +72,7 @@ def read_prompts(sample_config) -> list[str]:
 
 
 class TextPrompts:
-    def __init__(self, sample_config, cross_attention_dim: int, dtype: str):
+    def __init__(self, sample_config, cross_attention_dim: int):
         from pixelflow_jax.text.prompts import prompt_encoder_for
 
         s = sample_config
@@ -81,7 +81,7 @@ class TextPrompts:
             raise ValueError(f"sample.images_per_prompt must be positive, got {s.images_per_prompt}")
         self.images_per_prompt = int(s.images_per_prompt)
         self.negative_prompt = str(s.negative_prompt)
-        self.encoder = prompt_encoder_for(s, dtype, cross_attention_dim)
+        self.encoder = prompt_encoder_for(s, cross_attention_dim)
         self.text_encoder = storage.absolute(s.text_encoder)
         self.max_text_tokens = int(s.max_text_tokens)
         self.num_images = len(self.prompts) * self.images_per_prompt
@@ -108,7 +108,7 @@ def conditioning_for(sample_config, model_config):
         if not text_config:
             raise ValueError("this checkpoint is text-conditional: sample it with --config=configs/t2i.py "
                              "(prompts and a T5 text encoder)")
-        return TextPrompts(sample_config, model_config.cross_attention_dim, model_config.dtype)
+        return TextPrompts(sample_config, model_config.cross_attention_dim)
     if text_config:
         raise ValueError(f"this checkpoint is class-conditional ({model_config.num_classes} classes): sample it with "
                          "--config=configs/c2i.py")

@@ -72,7 +72,10 @@ class T5Tokenizer:
         return self.tokenize(texts)[:2]
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 overflows in T5 v1.1 / flan-t5 (transformers keeps parts in float32)
+# The compute dtype of the jobs' T5 (sampling, the demo page, training): the release encodes prompts
+# in float32 (autocast off), and bfloat16 moves flan-t5-xl's 24-layer embeddings by ~2e-2.
+JOB_ENCODER_DTYPE = "float32"
 
 
 def prompt_list(prompts: Sequence[str]) -> list[str]:
@@ -157,14 +160,14 @@ def local_t5_folder(path: str) -> str:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def prompt_encoder_for(sample_config, dtype: str, cross_attention_dim: int) -> PromptEncoder:
+def prompt_encoder_for(sample_config, cross_attention_dim: int) -> PromptEncoder:
     """The PromptEncoder of config.sample (text_encoder folder, max_text_tokens,
-    text_encoder_param_dtype), checked against the checkpoint's cross-attention width."""
+    text_encoder_param_dtype; float32 compute), checked against the checkpoint's cross-attention width."""
     s = sample_config
     if not s.text_encoder:
         raise ValueError("a text-conditional checkpoint needs its text encoder: set --config.sample.text_encoder "
                          "to a Hugging Face T5 folder or hf://google/flan-t5-xl (the release's encoder)")
-    encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens), dtype=dtype,
+    encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens), dtype=JOB_ENCODER_DTYPE,
                             param_dtype=s.text_encoder_param_dtype)
     width = encoder.encoder.config.d_model
     if width != cross_attention_dim:

@@ -114,7 +114,7 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str) -> None:
 
 def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEncoder:
     """The run's encoder, checked against the model's cross-attention width before any step."""
-    from pixelflow_jax.text.prompts import T5Tokenizer, local_t5_folder
+    from pixelflow_jax.text.prompts import JOB_ENCODER_DTYPE, T5Tokenizer, local_t5_folder
     from pixelflow_jax.text.t5_convert import load_t5_encoder, read_t5_config
 
     t = config.train
@@ -129,7 +129,8 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEnco
                          f"is {model_cfg.cross_attention_dim}: set --config.model.cross_attention_dim={width} "
                          "(a new --workdir) or use another encoder")
     tokenizer = T5Tokenizer(local, int(t.max_text_tokens))
-    encoder = load_t5_encoder(local, dtype=model_cfg.dtype, param_dtype=t.text_encoder_dtype)
+    # float32 compute whatever model.dtype is, as the release's encoder and our sampling jobs run it
+    encoder = load_t5_encoder(local, dtype=JOB_ENCODER_DTYPE, param_dtype=t.text_encoder_dtype)
     graphdef = nnx.graphdef(encoder)
     params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
     sharding = param_shardings(params, mesh)
