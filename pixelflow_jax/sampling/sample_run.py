@@ -174,6 +174,12 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
     key = jax.random.key(seed)
     total = conditioning.num_images
     progress = Progress(total, "sampling", "img", initial=total - len(missing))
+    written = None  # the batch dispatched last: its PNGs are written while the next one computes
+
+    def write(images, ids, num_valid):
+        write_local_images(folder, images, ids, num_valid)
+        progress.update(num_valid)
+
     with progress, jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
         for first in range(0, len(missing), batch_size):
             ids = missing[first:first + batch_size]
@@ -183,9 +189,12 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
                             for c in conditioning.batch(ids))
             initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution,
                                              ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
-            images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))
-            write_local_images(folder, images, ids, num_valid)
-            progress.update(num_valid)
+            images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))  # dispatched, not awaited
+            if written:
+                write(*written)  # PNG encoding and uploads overlap this batch's sampling
+            written = images, ids, num_valid
+        if written:
+            write(*written)
 
 
 def read_sample(path: str, resolution: int) -> tuple[np.ndarray | None, str]:
