@@ -17,7 +17,7 @@
 #   release_speed.json   the release's numbers, when .release_bench was carried
 # Copy the numbers into bench/RESULTS.md beside the release's.
 set -u
-OUT=${OUT:-bench/out}
+export OUT=${OUT:-bench/out}  # exported: the release's script writes release_speed.json there
 BUDGET=${BUDGET:-520}
 DRY_RUN=${DRY_RUN:-0}
 mkdir -p "$OUT"
