@@ -516,6 +516,10 @@ def test_sample_settings_a_text_job_does_not_use_are_refused():
         with pytest.raises(ConfigError, match=f"--config.sample.{field} does not apply to text-to-image sampling"):
             check(config, "sample")
     check(t2i.get_config("tiny"), "sample")
+    config = t2i.get_config("tiny")
+    config.sample.text_encoder_param_dtype = "fp16"  # named before the checkpoint loads
+    with pytest.raises(ConfigError, match="--config.sample.text_encoder_param_dtype must be one of"):
+        check(config, "sample")
     with pytest.raises(ConfigError, match=r"--config.sample.num_images must be in \[1, 100000000\]"):
         check(c2i_config(**{"sample.num_images": 3_000_000_000}), "sample")
 

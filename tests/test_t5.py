@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -106,6 +107,10 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
     encoder = prompt_encoder_for(sample, cross_attention_dim=32)  # for a bfloat16 model, as sampling and the demo
     embeddings, _ = encoder.encode(["a cat"])
     assert embeddings.dtype == np.float32
+    # ... with float32 matmuls (GPUs default to TF32, TPUs to bfloat16 passes; a CPU shows it in the HLO)
+    ids, mask = encoder.tokenizer(["a cat"])
+    with jax.default_matmul_precision(encoder._precision):
+        assert "HIGHEST" in encoder._encode.lower(encoder._params, ids, mask).as_text()
     reference, _ = PromptEncoder(t5_folder, max_length=24, param_dtype="bfloat16", dtype="bfloat16").encode(["a cat"])
     assert reference.dtype != np.float32  # the test can tell the two apart
     with pytest.raises(ValueError, match="dtype must be one of"):  # T5 v1.1 overflows in float16

@@ -72,7 +72,9 @@ class T5Tokenizer:
         return self.tokenize(texts)[:2]
 
 
-DTYPES = ("float32", "bfloat16")  # float16 overflows in T5 v1.1 / flan-t5 (transformers keeps parts in float32)
+# Compute dtypes: float16 activations overflow in T5 v1.1 / flan-t5 (transformers keeps parts in float32).
+DTYPES = ("float32", "bfloat16")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
 # The compute dtype of the jobs' T5 (sampling, the demo page, training): the release encodes prompts
 # in float32 (autocast off), and bfloat16 moves flan-t5-xl's 24-layer embeddings by ~2e-2.
 JOB_ENCODER_DTYPE = "float32"
@@ -107,9 +109,9 @@ class PromptEncoder:
 
         # A prompt is at least one piece and </s>; 4096 tokens already cost the encoder minutes.
         max_length = validation.integer("max_length", max_length, minimum=2, maximum=4096, where="")
-        for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
-            if value not in DTYPES:
-                raise ValueError(f"{name} must be one of {DTYPES}, got {value!r}")
+        for name, value, allowed in (("dtype", dtype, DTYPES), ("param_dtype", param_dtype, PARAM_DTYPES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         folder = local_t5_folder(folder)
         self.tokenizer = T5Tokenizer(folder, max_length)
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
@@ -117,6 +119,8 @@ class PromptEncoder:
         # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
         self._params, self._rows = replicate_on_local_devices(params)
         self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
+        # float32 means float32 matmuls: by default GPUs take TF32 and TPUs bfloat16 passes for them.
+        self._precision = "highest" if dtype == "float32" else None
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         prompts = prompt_list(prompts)
@@ -126,7 +130,9 @@ class PromptEncoder:
                             "max_text_tokens / max_length)", prompt[:200], self.tokenizer.max_length)
         if len(prompts) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
-        return self._encode(self._params, ids, mask), jnp.asarray(mask, jnp.float32)
+        with jax.default_matmul_precision(self._precision):
+            embeddings = self._encode(self._params, ids, mask)
+        return embeddings, jnp.asarray(mask, jnp.float32)
 
 
 def local_t5_folder(path: str) -> str:
