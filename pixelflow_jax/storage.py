@@ -74,11 +74,13 @@ def check_supported(path: str) -> None:
 
 
 class _RetriesGivenUpInOneLine(logging.Filter):
-    """gcsfs logs a 40-line traceback when it gives up retrying a request; the StorageError raised
-    next names the path, the cause and what to check, so the log keeps gcsfs's one line."""
+    """gcsfs logs a 40-line traceback when it gives up on a request (out of retries, or an error it
+    does not retry, such as a 403); the StorageError raised next names the path, the cause and what
+    to check, so the log keeps gcsfs's one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and "out of retries" in record.getMessage():
+        message = record.getMessage()
+        if record.exc_info and ("out of retries" in message or "non-retriable exception" in message):
             record.exc_info = record.exc_text = None
         return True
 
