@@ -161,7 +161,7 @@ def main():
     args = parser.parse_args()
 
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
-    runs = [(backend, None) for backend in args.backends.split(",")]
+    runs = [(backend, None) for backend in args.backends.split(",") if backend]  # --backends= with --sweep: only it
     if args.sweep:
         runs += [("pallas_gpu", settings) for settings in SWEEP[1:]]
     context = interpret_kernels() if args.interpret else contextlib.nullcontext()

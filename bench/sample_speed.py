@@ -30,7 +30,7 @@ from flax import nnx  # noqa: E402
 from pixelflow_jax import CheckpointConfig, ModelConfig, PixelFlow  # noqa: E402
 from pixelflow_jax.sampling.cascade import CascadeSampler  # noqa: E402
 from pixelflow_jax.scheduler import stage_resolutions  # noqa: E402
-from profile_ops import profile_top_ops  # noqa: E402
+from profile_ops import print_profiles  # noqa: E402
 
 PRESETS = {
     "xl": (ModelConfig(), 256),  # PixelFlow-XL/4 as released
@@ -80,7 +80,8 @@ def main():
     forward = jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, class_labels=y))
 
     # Sanity before timing: the compute dtype's forward agrees with float32 on the smallest stage.
-    reference = nnx.merge(*nnx.split(random_model(dataclasses.replace(cfg, dtype="float32"))))
+    # (xla attention: cudnn takes only bf16/fp16 inputs)
+    reference = nnx.merge(*nnx.split(random_model(dataclasses.replace(cfg, dtype="float32", attention="xla"))))
     rng = np.random.default_rng(0)
     small = stage_resolutions(resolution, ckpt.num_stages)[0]
     x0 = jnp.asarray(rng.standard_normal((2, small, small, 3)), jnp.float32)
@@ -99,9 +100,6 @@ def main():
         seconds = median_seconds(lambda: forward(state, x, t, y), args.repeats)
         tokens = (size // cfg.patch_size) ** 2
         stages.append(dict(stage=stage, pixels=size, tokens=tokens, cfg_batch=cfg_batch, forward_ms=seconds * 1e3))
-    profile = {}
-    if args.profile:
-        profile["last_stage_forward"] = profile_top_ops(lambda: forward(state, x, t, y))
 
     sampler = CascadeSampler(model, ckpt)
     labels = np.arange(args.batch) % cfg.num_classes
@@ -111,16 +109,15 @@ def main():
     first_call = time.perf_counter() - start
     assert images.shape == (args.batch, resolution, resolution, 3) and images.std() > 0
     seconds = median_seconds(run, args.repeats)
-    if args.profile:  # idle_share here is the sampler's per-step host overhead
-        profile["generate"] = profile_top_ops(run, calls=1)
 
     print(json.dumps(dict(
         preset=args.preset, dtype=args.dtype, attention=args.attention, batch=args.batch, steps_per_stage=args.steps,
         cfg=args.cfg, bf16_vs_f32_check=check, stages=stages, first_call_s=first_call,
         seconds_per_batch=seconds, seconds_per_image=seconds / args.batch,
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, flax=flax.__version__,
-        **({"profile": profile} if profile else {}),
-    ), indent=2))
+    )), flush=True)
+    if args.profile:  # in generate, idle_share is the sampler's host overhead between device ops
+        print_profiles(last_stage_forward=(lambda: forward(state, x, t, y), 2), generate=(run, 1))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pixelflow_jax.training.flow import StageTables  # noqa: E402
 from pixelflow_jax.training.train import peak_flops  # noqa: E402
 from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
                                                state_shardings, train_flops_per_image)
-from profile_ops import profile_top_ops  # noqa: E402
+from profile_ops import print_profiles  # noqa: E402
 from sample_speed import PRESETS, random_model  # noqa: E402
 
 
@@ -83,13 +83,6 @@ def main():
     flops = train_flops_per_image(cfg, resolution, scheduler.num_stages)
     peak = peak_flops(jax.devices()[0])
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
-    profile = None
-    if args.profile:
-        def one_step():
-            nonlocal state
-            state, _ = step(state, images, labels)
-            return state
-        profile = profile_top_ops(one_step, calls=1)
 
     print(json.dumps(dict(
         preset=args.preset, batch=args.batch, dtype=args.dtype, remat=args.remat, attention=args.attention,
@@ -98,8 +91,14 @@ def main():
         mfu=images_per_s * flops / (peak * jax.device_count()) if peak else None,
         peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9 or None, last_loss=float(metrics["loss"]),
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, flax=flax.__version__,
-        **({"profile": profile} if profile else {}),
-    ), indent=2))
+    )), flush=True)
+    if args.profile:
+        def one_step():
+            nonlocal state
+            state, _ = step(state, images, labels)
+            return state
+
+        print_profiles(train_step=(one_step, 1))
 
 
 if __name__ == "__main__":
