@@ -181,20 +181,23 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
         progress.update(num_valid)
 
     with progress, jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
-        for first in range(0, len(missing), batch_size):
-            ids = missing[first:first + batch_size]
-            num_valid = len(ids)
-            ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
-            cond, uncond = (jax.tree.map(lambda a: global_array(a, batch_sharding), c)
-                            for c in conditioning.batch(ids))
-            initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution,
-                                             ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
-            images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))  # dispatched, not awaited
+        try:
+            for first in range(0, len(missing), batch_size):
+                ids = missing[first:first + batch_size]
+                num_valid = len(ids)
+                ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
+                cond, uncond = (jax.tree.map(lambda a: global_array(a, batch_sharding), c)
+                                for c in conditioning.batch(ids))
+                initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution,
+                                                 ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
+                images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))  # dispatched, not awaited
+                if written:
+                    previous, written = written, None
+                    write(*previous)  # PNG encoding and uploads overlap this batch's sampling
+                written = images, ids, num_valid
+        finally:  # also when the next batch failed or Ctrl-C came: the finished one is kept
             if written:
-                write(*written)  # PNG encoding and uploads overlap this batch's sampling
-            written = images, ids, num_valid
-        if written:
-            write(*written)
+                write(*written)
 
 
 def read_sample(path: str, resolution: int) -> tuple[np.ndarray | None, str]:
