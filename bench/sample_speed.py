@@ -4,7 +4,7 @@ CFG batch, for PixelFlow-XL/4 with random (non-zero) weights.
     python bench/sample_speed.py                       # XL/4, batch 16, 4 x 30 Euler steps, bf16
     python bench/sample_speed.py --preset=tiny         # a CPU dry run of the script itself
 
-Compare with ANCHORS.md (the release on an H200): 6.35 s/image end to end, 2.32 s of it on the GPU;
+Compare (the release on an H200, 2026-11-26): 6.35 s/image end to end, 2.32 s of it on the GPU;
 per-stage forward of the CFG batch (32) 35 / 64 / 204 / 936 ms. Needs only jax, flax, numpy (no
 ml_collections, grain or TFDS), so it runs on the bare GPU machine.
 """

@@ -4,7 +4,7 @@ uint8 batches (no data loader), for PixelFlow-XL/4 with random (non-zero) weight
     python bench/train_speed.py --batch=32 --remat=dots     # XL/4, bf16, all devices
     python bench/train_speed.py --preset=tiny --batch=8      # a CPU dry run of the script itself
 
-Compare with ANCHORS.md (H200): the release trains at 31.0 img/s (batch 24, 128 GB); a plain JAX
+Compare (an H200, 2026-11-26): the release trains at 31.0 img/s (batch 24, 128 GB); a plain JAX
 block stack reached ~55 img/s. Target: >= 70 img/s on one H200 within 80 GB. Needs only jax,
 flax, optax, numpy (no grain, TFDS or ml_collections).
 """
