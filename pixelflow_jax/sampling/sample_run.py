@@ -13,6 +13,7 @@ would write. Class- and text-conditional checkpoints: see sample_conditioning.py
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import math
 import re
@@ -212,6 +213,9 @@ def read_sample(path: str, resolution: int) -> tuple[np.ndarray | None, str]:
         return None, "does not decode (damaged?)"
 
 
+READ_THREADS = 16
+
+
 def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
     """The ADM .npz and the grid, once every image exists and is one this job wrote (process 0
     only). An image that is not (damaged after it was written, or another size) is removed,
@@ -223,14 +227,17 @@ def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
         raise RuntimeError(f"{len(absent)} images are still missing (e.g. {image_path(folder, absent[0])}); rerun")
     images = np.empty((num_images, resolution, resolution, 3), np.uint8)  # filled in place: one copy in memory
     unreadable = 0
-    for i in range(num_images):
-        image, problem = read_sample(image_path(folder, i), resolution)
-        if image is None:
-            unreadable += 1
-            logging.warning("%s %s: removed, sampling it again", image_path(folder, i), problem)
-            storage.remove(image_path(folder, i))
-        else:
-            images[i] = image
+    # Reads in threads: from a bucket each PNG is its own request, and one after another the job
+    # waits out every request's latency; PNG decoding releases the GIL too.
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        read = pool.map(lambda i: read_sample(image_path(folder, i), resolution), range(num_images))
+        for i, (image, problem) in enumerate(read):
+            if image is None:
+                unreadable += 1
+                logging.warning("%s %s: removed, sampling it again", image_path(folder, i), problem)
+                storage.remove(image_path(folder, i))
+            else:
+                images[i] = image
     if unreadable:
         return unreadable
     npz_path = storage.join(workdir, "samples.npz")
