@@ -52,7 +52,9 @@ def fail(error: Exception):
     package = os.path.dirname(os.path.abspath(pixelflow_jax.__file__)) + os.sep
     frames = traceback.extract_tb(error.__traceback__)
     raised_in = os.path.abspath(frames[-1].filename) if frames else __file__
-    if raised_in != os.path.abspath(__file__) and not raised_in.startswith(package):
+    # jax removes its own frames from tracebacks (and says so in a note): its errors can seem ours.
+    jax_frames_removed = any("JAX has removed its internal frames" in note for note in getattr(error, "__notes__", ()))
+    if jax_frames_removed or (raised_in != os.path.abspath(__file__) and not raised_in.startswith(package)):
         traceback.print_exception(error)
     sys.exit(f"error: {error}")
 

@@ -40,3 +40,15 @@ def test_a_library_error_gets_its_traceback_and_ours_stay_one_line(capsys):
         with pytest.raises(SystemExit, match="error: cannot reshape"):
             main.fail(error)
     assert "Traceback" in capsys.readouterr().err
+    # jax removes its own frames, so this error's last frame is in the package: its note tells.
+    import jax
+    import jax.numpy as jnp
+
+    from pixelflow_jax.sampling import cascade
+
+    try:
+        cascade.draw_noise_jit(jax.random.key(0), jnp.arange(2), 8, 2, 3, "not a number")
+    except TypeError as error:
+        with pytest.raises(SystemExit):
+            main.fail(error)
+    assert "Traceback" in capsys.readouterr().err

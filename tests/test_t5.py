@@ -117,6 +117,19 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
         PromptEncoder(t5_folder, dtype="float16")
 
 
+def test_prompts_encode_under_another_mesh_in_context(t5_folder):
+    """The sampling job encodes prompts inside its own mesh, which on several processes spans
+    devices the encoder's parameters are not on (here: a 4-device mesh against the encoder's 8)."""
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    encoder = PromptEncoder(t5_folder, max_length=24)
+    expected, _ = encoder.encode(["a cat", "the moon"])
+    with jax.set_mesh(jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])):
+        embeddings, mask = encoder.encode(["a cat", "the moon"])
+    np.testing.assert_array_equal(np.asarray(embeddings), np.asarray(expected))
+    assert np.asarray(mask).shape == (2, 24)
+
+
 def test_converter_is_strict_and_names_the_problem(t5_folder, tmp_path):
     from pixelflow_jax.text.t5_convert import load_t5_encoder, read_encoder_state_dict
 

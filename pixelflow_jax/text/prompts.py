@@ -130,9 +130,11 @@ class PromptEncoder:
                             "max_text_tokens / max_length)", prompt[:200], self.tokenizer.max_length)
         if len(prompts) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
-        with jax.default_matmul_precision(self._precision):
+        # Under the encoder's own mesh (this process's devices): a caller's mesh in context, such as
+        # the sampling job's over every process's devices, would conflict with its parameters.
+        with jax.default_matmul_precision(self._precision), jax.set_mesh(self._rows.mesh):
             embeddings = self._encode(self._params, ids, mask)
-        return embeddings, jnp.asarray(mask, jnp.float32)
+            return embeddings, jnp.asarray(mask, jnp.float32)
 
 
 def local_t5_folder(path: str) -> str:
