@@ -191,7 +191,9 @@ def check_sample(config) -> None:
             raise ConfigError("--config.sample.max_text_tokens must be 0 (the run's or the release's length) or >= 2 "
                               "(a prompt's pieces and </s>), got 1")
         integer("sample.images_per_prompt", s.images_per_prompt, minimum=1)
-        choice("sample.text_encoder_param_dtype", s.text_encoder_param_dtype, ("float32", "bfloat16", "float16"))
+        from pixelflow_jax.text.prompts import PARAM_DTYPES
+
+        choice("sample.text_encoder_param_dtype", s.text_encoder_param_dtype, PARAM_DTYPES)
         for field in ("num_images", "labels"):  # set by a user who thinks them used: say they are not
             if s[field]:
                 raise ConfigError(f"--config.sample.{field} does not apply to text-to-image sampling: it makes "

@@ -225,13 +225,13 @@ class CascadeSampler:
         else:
             first, last = self.scheduler.stage_timestep_range(stage)
             schedule = (np.float32(first), np.float32(last), np.float32(options.rtol), np.float32(options.atol))
-        guided = guidance != 1.0
-        program = _stage_program(self.graphdef, stage > 0, alpha, beta, guided, options.solver)
-        return program(self.state, x, noise, cond, uncond, schedule, np.float32(guidance) if guided else None)
+        program = _stage_program(self.graphdef, stage > 0, alpha, beta, options.solver)
+        # None (scale 1: no guidance) traces the half-batch program; any other scale shares one.
+        return program(self.state, x, noise, cond, uncond, schedule, None if guidance == 1.0 else np.float32(guidance))
 
 
 @functools.lru_cache(maxsize=64)
-def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, guided: bool, solver: str):
+def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, solver: str):
     """One stage (renoise + whole solve) as a jitted function. Cached on the model's graph, so
     every sampler of the same architecture shares the compiled programs; the guidance scale is an
     argument, so a new CFG value does not compile again."""
@@ -240,8 +240,7 @@ def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, guided: b
         model = nnx.merge(graphdef, state)
         if renoise:
             x = alpha * upsample_2x(x) + beta * noise
-        velocity = lambda x, timestep: guided_velocity(model, x, timestep, cond, uncond,
-                                                       guidance if guided else None)
+        velocity = lambda x, timestep: guided_velocity(model, x, timestep, cond, uncond, guidance)
         if solver == "euler":
             return _euler(velocity, x, *schedule)
         return _dopri5(velocity, x, *schedule)
