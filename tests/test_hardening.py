@@ -210,6 +210,32 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     assert "already trained to step 4 (train.num_steps = 4): nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_run_stops_after_max_bad_steps_without_logging_or_saving_a_step_past_them(tmp_path):
+    """lr 1e30 makes every update overflow, so every step is skipped. The loop reads a step's
+    non-finite count after queueing the next step, except on steps it logs or saves."""
+    from pixelflow_jax.training import train
+
+    def stopped_run(workdir, max_bad_steps):
+        config = c2i_config()
+        config.train.update(num_steps=8, batch_size=32, lr=1e30, max_bad_steps=max_bad_steps, log_every=2,
+                            checkpoint_every=2, preview_every=0)
+        with pytest.raises(train.TrainingStopped) as stop:
+            train.train(config, str(workdir))
+        log = workdir / "metrics.jsonl"
+        logged = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return str(stop.value), train.complete_steps(str(workdir)), [(r["step"], r["skipped_steps"]) for r in logged]
+
+    # Step 3 is read while step 4 is queued, before step 4's save: step 2 (the initial weights) stays.
+    assert stopped_run(tmp_path / "three", 3) == (
+        "3 non-finite steps in a row (train.max_bad_steps); stopped at step 3 without saving: the last good "
+        "checkpoint is step 2", [2], [(2, 2)])
+    # Step 2 is due to be logged and saved: it is read first, and nothing of it is written.
+    assert stopped_run(tmp_path / "two", 2) == (
+        "2 non-finite steps in a row (train.max_bad_steps); stopped at step 2 without saving: no checkpoint of "
+        "this run was saved", [], [])
+
+
 def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, converted):
     release = tmp_path / "release"
     shutil.copytree(fixture_dir("c2i_tiny"), release)

@@ -443,14 +443,34 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     data_sharding = batch_sharding(mesh)
     record, last_time, last_step = {}, time.perf_counter(), start
     progress = Progress(t.num_steps, "training", "step", initial=start)
+
+    def stop_if_too_many_bad_steps(step, bad_steps_in_a_row):
+        if int(bad_steps_in_a_row) >= t.max_bad_steps:  # waits for that step
+            wait_for_saves(manager)
+            latest = manager.latest_step()
+            kept = f"the last good checkpoint is step {latest}" if latest else "no checkpoint of this run was saved"
+            raise TrainingStopped(f"{t.max_bad_steps} non-finite steps in a row (train.max_bad_steps); stopped "
+                                  f"at step {step} without saving: {kept}")
+
+    unchecked = None  # (step, its bad_steps_in_a_row), read once the next step is queued
     try:
         for step in range(start + 1, t.num_steps + 1):
             images, conditioning = to_global_batch(*next(loader), data_sharding)
             state, metrics = train_step(state, images, conditioning, *frozen)
+            # Reading a step's counter waits for it; reading the previous step's, with this one queued
+            # behind it, keeps the device busy while the host fetches and places the next batch.
+            if unchecked:
+                stop_if_too_many_bad_steps(*unchecked)
             preempted = preemption.reached(step)
             preview_due = bool(t.preview_every) and step % t.preview_every == 0
+            log_due = step % t.log_every == 0 or step == t.num_steps or preempted or preview_due
+            save_due = step % t.checkpoint_every == 0 or step == t.num_steps or preempted
+            unchecked = (step, metrics["bad_steps_in_a_row"])
+            if log_due or save_due:  # nothing is logged, previewed or saved of a step past max_bad_steps
+                stop_if_too_many_bad_steps(*unchecked)
+                unchecked = None
             # Preview steps are logged too, so their class agreement has a record to go in.
-            if step % t.log_every == 0 or step == t.num_steps or preempted or preview_due:
+            if log_due:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
                 images_per_s = (step - last_step) * t.batch_size / (now - last_time)
@@ -458,17 +478,11 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 skipped = int(state["skipped_steps"])
                 # The rate of this step's update (a schedule counts applied updates, not skipped steps).
                 lr_now = float(lr(step - 1 - skipped)) if callable(lr) else lr
-                record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
+                record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "bad_steps_in_a_row"},
                           "lr": lr_now, "images_per_s": images_per_s, "step_time_s": t.batch_size / images_per_s,
                           "skipped_steps": skipped}
                 if peak:
                     record["mfu"] = images_per_s * flops / (peak * jax.device_count())
-            # One scalar read per step (it waits for the step): the price of stopping on time.
-            if not bool(metrics["finite"]) and int(state["bad_steps_in_a_row"]) >= t.max_bad_steps:
-                wait_for_saves(manager)
-                raise TrainingStopped(f"{t.max_bad_steps} non-finite steps in a row (train.max_bad_steps); stopped "
-                                      f"at step {step} without saving: the last good checkpoint is step "
-                                      f"{manager.latest_step()}")
             if preview_due:
                 preview_start = time.perf_counter()
                 record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log, text_encoder))
@@ -477,7 +491,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 progress.write(log.write(record))
                 lock.heartbeat()
             progress.update()
-            if step % t.checkpoint_every == 0 or step == t.num_steps or preempted:
+            if save_due:
                 save(manager, step, state)
             if preempted:
                 logging.warning("%s: saved step %d on every process, exiting", preemption.cause, step)

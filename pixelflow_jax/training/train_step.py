@@ -184,16 +184,18 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
                   & jnp.isfinite(optax.tree.norm(new_ema)))
         keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        bad_steps_in_a_row = jnp.where(finite, 0, state["bad_steps_in_a_row"] + 1)
         new_state = {
             "step": state["step"] + 1,
             "params": keep_if_bad(new_params, params),
             "ema": keep_if_bad(new_ema, state["ema"]),
             "opt_state": keep_if_bad(opt_state, state["opt_state"]),
             "rng": state["rng"],
-            "bad_steps_in_a_row": jnp.where(finite, 0, state["bad_steps_in_a_row"] + 1),
+            "bad_steps_in_a_row": bad_steps_in_a_row,
             "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32),
         }
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+        # The counter is also a metric: the state is donated to the next step before the loop reads it.
+        metrics = {"loss": loss, "grad_norm": grad_norm, "bad_steps_in_a_row": bad_steps_in_a_row,
                    **{f"loss_stage{s}": stage_losses[s] for s in range(num_stages)}}
         return new_state, metrics
 
