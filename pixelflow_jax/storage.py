@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from typing import Any, BinaryIO, Callable, Iterator
 
 # Schemes this project writes and reads (hf:// is read-only, for checkpoints: see hub.py).
@@ -293,11 +294,11 @@ def write_streamed_atomically(path: str, write: Callable[[BinaryIO], Any]) -> No
 
 def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporary_prefix: str = "") -> None:
     """Writes a local file through write(f) into a temporary beside it, then renames it into place
-    (readable as umask allows). The temporary is `.NAME.tmp-PID-*`, which remove_temporaries clears
-    after a kill, unless `temporary_prefix` names another."""
+    (readable as umask allows). The temporary is `.NAME.tmp-HOST-PID-*`, which remove_temporaries
+    clears after a kill, unless `temporary_prefix` names another."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    prefix = temporary_prefix or f".{os.path.basename(path)}.tmp-{os.getpid()}-"
+    prefix = temporary_prefix or f".{os.path.basename(path)}.tmp-{writer_tag()}-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -310,9 +311,29 @@ def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], tempora
         raise
 
 
-# The temporaries of this project's writers: `.NAME.tmp-PID-*` (group 1: the writer's process id),
-# and the `NAME.tmp` of sampling jobs of earlier versions. A user's own `draft.tmp` is not one.
-_TEMPORARY = re.compile(r"\..+\.tmp-(\d+)-.*|(?:\d+\.png|grid\.png|samples\.npz|settings\.json)\.tmp(?:\.npz)?")
+# A local temporary names its writer, `HOST-PID` (earlier versions: `PID`), then a random part
+# without dashes. On a disk that several hosts share a cleaner can only ask its own host whether a
+# writer still runs, so another host's temporary counts as abandoned once it is a day old.
+WRITER = r"(?:(?P<host>.+)-)?(?P<pid>\d+)-[^-]*"
+OTHER_HOSTS_TEMPORARIES_EXPIRE_S = 24 * 3600
+
+
+def writer_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def writer_gone(match: re.Match, path: str) -> bool:
+    """Whether the writer named in `match` (of a pattern holding WRITER) can no longer finish `path`."""
+    if match["host"] in (None, socket.gethostname()):
+        return not process_alive(int(match["pid"]))
+    with contextlib.suppress(OSError):
+        return time.time() - os.path.getmtime(path) > OTHER_HOSTS_TEMPORARIES_EXPIRE_S
+    return False
+
+
+# The temporaries of this project's writers, `.NAME.tmp-WRITER`, and the `NAME.tmp` of sampling jobs
+# of earlier versions. A user's own `draft.tmp` is not one.
+_TEMPORARY = re.compile(rf"\..+\.tmp-{WRITER}|(?:\d+\.png|grid\.png|samples\.npz|settings\.json)\.tmp(?:\.npz)?")
 
 
 def remove_temporaries(folder: str) -> int:
@@ -324,7 +345,7 @@ def remove_temporaries(folder: str) -> int:
     stale = []
     for name in os.listdir(folder):
         match = _TEMPORARY.fullmatch(name)
-        if match and not (match[1] and process_alive(int(match[1]))):
+        if match and (match["pid"] is None or writer_gone(match, os.path.join(folder, name))):
             stale.append(name)
     for name in stale:
         with contextlib.suppress(OSError):

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -285,11 +286,21 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
             pass
     assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "model.pt").read_bytes() == b"old"
 
+    # On a disk shared by hosts: another host's writer may be alive, so its temporary is kept for a day.
+    (tmp_path / ".out.tmp-other-host.example-7-abc").mkdir()
+    with atomic_output_dir(str(tmp_path / "out"), overwrite=True):
+        pass
+    assert sorted(os.listdir(tmp_path)) == [".out.tmp-other-host.example-7-abc", "out"]
+
     (tmp_path / "samples").mkdir()
-    ours = [f".000001.png.tmp-{dead}-x", "000002.png.tmp", "samples.npz.tmp.npz"]
-    kept = [f".000003.png.tmp-{os.getpid()}-y", "000004.png", "cache.tmp.npz", "draft.tmp"]  # a live writer's, users
+    here, day_old = socket.gethostname(), time.time() - 25 * 3600
+    ours = [f".000001.png.tmp-{dead}-x", "000002.png.tmp", "samples.npz.tmp.npz", f".000005.png.tmp-{here}-{dead}-z",
+            ".000006.png.tmp-other-host.example-7-w"]  # the last one a day old
+    kept = [f".000003.png.tmp-{os.getpid()}-y", f".000007.png.tmp-{here}-{os.getpid()}-v",  # live writers'
+            ".000008.png.tmp-other-host.example-7-u", "000004.png", "cache.tmp.npz", "draft.tmp"]  # a user's
     for name in ours + kept:
         (tmp_path / "samples" / name).write_bytes(b"")
+    os.utime(tmp_path / "samples" / ours[-1], (day_old, day_old))
     assert storage.remove_temporaries(str(tmp_path / "samples")) == len(ours)
     assert sorted(os.listdir(tmp_path / "samples")) == sorted(kept)
 

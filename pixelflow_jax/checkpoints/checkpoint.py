@@ -80,14 +80,14 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     _clean_up_after_killed_runs(parent, base, path)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{storage.writer_tag()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
     try:
         yield tmp
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-{os.getpid()}-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{base}.old-{storage.writer_tag()}-", dir=parent)
             os.rename(path, os.path.join(old, "previous"))
             os.rename(tmp, path)
             shutil.rmtree(old)
@@ -99,13 +99,14 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def _clean_up_after_killed_runs(parent: str, base: str, path: str) -> None:
-    """What a killed earlier run (its pid gone) left beside `path`: its unfinished temporary folder
-    is deleted; an old output it had moved aside before the swap is put back if `path` is missing."""
+    """What a killed earlier run (storage.writer_gone) left beside `path`: its unfinished temporary
+    folder is deleted; an old output it had moved aside before the swap is put back if `path` is
+    missing."""
     for name in os.listdir(parent):
-        match = re.fullmatch(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-.*", name)
-        if not match or storage.process_alive(int(match[2])):
-            continue
+        match = re.fullmatch(rf"\.{re.escape(base)}\.(tmp|old)-{storage.WRITER}", name)
         folder = os.path.join(parent, name)
+        if not match or not storage.writer_gone(match, folder):
+            continue
         previous = os.path.join(folder, "previous")
         if match[1] == "old" and os.path.exists(previous) and not os.path.exists(path):
             os.rename(previous, path)
