@@ -72,13 +72,16 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     export (config.yaml marked as ours + model.pt)."""
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError
+    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
     from pixelflow_jax.checkpoints.torch_io import is_export
 
     out, src = storage.absolute(output).rstrip("/"), storage.absolute(source).rstrip("/")
     if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
         raise CheckpointError(f"--output {output} overlaps the input {source}: writing there would replace what "
                               "is being converted; choose another folder")
+    check_outside_checkpoints(output, "--output")
     if not storage.exists(output):
+        storage.check_writable(storage.dirname(out))  # before the conversion, not after it
         return
     if not overwrite:
         raise CheckpointError(f"output {output} already exists; choose another path or pass --overwrite")

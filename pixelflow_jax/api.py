@@ -98,6 +98,11 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
         from pixelflow_jax.checkpoints.convert import torch_to_params
         from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
 
+        if not storage.isfile(storage.join(source.folder, "config.yaml")):
+            raise CheckpointError(f"{source.label} holds model.pt without the config.yaml that gives its architecture "
+                                  "(as the release's text-to-image folder): convert it once with convert_torch_ckpt.py "
+                                  f"--torch_checkpoint={source.label} --attention_head_dim=72 --output=DIR (72: the "
+                                  "released models' head width) and load DIR")
         config, state_dict = read_release_checkpoint(source.folder, weights=weights)
         params = torch_to_params(state_dict, config.model)
     if runtime:

@@ -50,6 +50,8 @@ def user_path(path: str) -> str:
     """A path as a user wrote it (a flag, a config value, an API argument), ready for this layer:
     `~` expanded (the shell leaves `--flag=~/x` as it is), URLs unchanged, and a URL without its
     "//" refused rather than taken for a local folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise StorageError(f"expected a path (a string or os.PathLike), got {path!r}")
     path = str(path)
     if _BROKEN_URL.match(path):
         scheme_name = path.split(":", 1)[0]

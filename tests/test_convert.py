@@ -144,6 +144,61 @@ def test_unreadable_file_gets_one_line_error(tmp_path, content):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags,phrase", [
+    (["--attention_head_dim=0"], "attention_head_dim 0 does not divide the model width 32"),
+    (["--attention_head_dim=16", "--num_stages=0"], "num_stages must be positive, got 0"),
+    (["--attention_head_dim=16", "--resolution=-64"], "resolution must be positive, got -64"),
+])
+def test_a_flag_out_of_range_gets_one_line_error(tmp_path, flags, phrase):
+    output = str(tmp_path / "out")
+    bare = os.path.join(fixture_dir("c2i_tiny"), "model.pt")
+    assert_failed_cleanly(run_converter(f"--torch_checkpoint={bare}", *flags, f"--output={output}"), output, phrase)
+
+
+def test_an_output_that_must_not_or_cannot_be_written_is_refused_before_converting(tmp_path, converted):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "5").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    (tmp_path / "a_file").write_text("")
+    for args, output, phrase in [
+        ([f"--torch_checkpoint={fixture_dir('c2i_tiny')}"], run / "checkpoints" / "10000",
+         "is inside the checkpoints of the training run"),  # the run's latest step, and rotated away
+        (["--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}"], run / "checkpoints" / "9",
+         "is inside the checkpoints of the training run"),
+        ([f"--torch_checkpoint={fixture_dir('c2i_tiny')}"], tmp_path / "a_file" / "out", "cannot write to"),
+    ]:
+        result = run_converter(*args, f"--output={output}")
+        assert result.returncode != 0 and phrase in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not os.path.exists(output) and "converting" not in result.stderr  # refused before any work
+    assert os.listdir(run / "checkpoints") == ["5"]
+
+
+def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(tmp_path, caplog):
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml, extract_state_dict
+
+    config = yaml.safe_load(open(os.path.join(fixture_dir("t2i_tiny"), "config.yaml")))
+    del config["model"]["params"]["num_classes"]  # the release's default: 0, no class table
+    yaml.safe_dump(config, open(tmp_path / "config.yaml", "w"))
+    assert config_from_release_yaml(str(tmp_path / "config.yaml"))[0]["num_classes"] == 0
+    del config["model"]["params"]["depth"]  # no default in the release either
+    yaml.safe_dump(config, open(tmp_path / "config.yaml", "w"))
+    with pytest.raises(CheckpointError, match="lacks model.params depth, which the release's PixelFlowModel"):
+        config_from_release_yaml(str(tmp_path / "config.yaml"))
+
+    weights = release_state_dict()
+    wrapped = {f"module.{k}": v.double() for k, v in weights.items()}  # DistributedDataParallel's, in float64
+    with caplog.at_level("WARNING"):
+        unwrapped = extract_state_dict(wrapped, "w.pt")
+    assert sorted(unwrapped) == sorted(weights) and "are float64, rounded to the float32" in caplog.text
+    assert all((unwrapped[k] == v.numpy()).all() for k, v in weights.items())
+    key = "transformer_blocks.1.attn1.q_proj.weight"
+    for change, message in [(lambda v: v.int(), f"w.pt: {key} hold torch.int32 values, not weights"),
+                            (lambda v: v * float("nan"), f"w.pt: {key} hold NaN or inf values")]:
+        with pytest.raises(CheckpointError, match=message):
+            extract_state_dict({**weights, key: change(weights[key])}, "w.pt")
+
+
 def test_existing_output_is_refused_and_kept(tmp_path, converted):
     output = tmp_path / "out"
     output.mkdir()

@@ -44,6 +44,9 @@ class CheckpointConfig:
     resolution: int = 256
 
     def __post_init__(self):
+        for name in ("num_train_timesteps", "num_stages", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         factor = self.model.patch_size * 2 ** (self.num_stages - 1)
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} must be a multiple of patch_size x 2^(num_stages-1) "

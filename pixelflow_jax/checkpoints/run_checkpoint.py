@@ -39,17 +39,18 @@ def is_run(path: str) -> bool:
     return storage.isfile(storage.join(path, RUN_CONFIG))
 
 
-def check_outside_checkpoints(workdir: str) -> None:
-    """Refuses a workdir inside a training run's checkpoints/ folder (a sample job's workdir and
-    its checkpoint swapped, say): the run's checkpoint rotation would delete it with the step."""
-    path = storage.absolute(workdir).rstrip("/")
-    for match in re.finditer(f"/{CHECKPOINTS}(?=/|$)", path):
-        run = path[:match.start()]
+def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
+    """Refuses an output inside a training run's checkpoints/ folder (a sample job's workdir and
+    its checkpoint swapped, say): the run would take it for a step, and its checkpoint rotation
+    would delete it."""
+    absolute = storage.absolute(path).rstrip("/")
+    for match in re.finditer(f"/{CHECKPOINTS}(?=/|$)", absolute):
+        run = absolute[:match.start()]
         if run and not run.endswith(":/") and is_run(run):
-            raise CheckpointError(f"--workdir {workdir} is inside the checkpoints of the training run {run}, whose "
-                                  "checkpoint rotation would delete it: choose a workdir outside "
-                                  f"{storage.join(run, CHECKPOINTS)} (to use a step as the checkpoint, pass it as "
-                                  "--config.sample.checkpoint)")
+            hint = " (to use a step as the checkpoint, pass it as --config.sample.checkpoint)" if flag == "--workdir" else ""
+            raise CheckpointError(f"{flag} {path} is inside the checkpoints of the training run {run}, which would "
+                                  "take it for a step of its own and delete it in its checkpoint rotation: choose a "
+                                  f"folder outside {storage.join(run, CHECKPOINTS)}{hint}")
 
 
 def read_run_config(run: str) -> dict:

@@ -9,6 +9,7 @@ Accepted inputs:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tempfile
 import zipfile
@@ -23,7 +24,13 @@ from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ModelConfig
 
 RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
+# The PixelFlowModel arguments without a default; the others default to attention_bias True,
+# cross_attention_dim None (no text) and num_classes 0 (unconditional).
+RELEASE_REQUIRED_PARAMS = ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "depth",
+                           "patch_size")
 WEIGHT_CHOICES = ("ema", "model")
+# What torch wrappers put before every key of a state dict: DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ONE_SET_OF_WEIGHTS = ("the choice of weights ('model' for the raw ones) applies to training runs and the release's "
                       "train.py checkpoints: leave it at 'ema'")
 
@@ -76,7 +83,28 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise CheckpointError(f"{path} holds no PixelFlow state dict (expected a dict of tensors, "
                               f"or a train.py checkpoint with 'model'/'ema')")
-    return float32_numpy(loaded)
+    for wrapper in WRAPPER_PREFIXES:
+        if all(k.startswith(wrapper) for k in loaded):
+            logging.info("%s: the keys carry %r (a wrapped model's state dict); reading them without it", path, wrapper)
+            loaded = {k[len(wrapper):]: v for k, v in loaded.items()}
+    not_float = sorted(k for k, v in loaded.items() if not v.is_floating_point())
+    if not_float:
+        raise CheckpointError(f"{path}: {listed(not_float)} hold {loaded[not_float[0]].dtype} values, not weights "
+                              "(every PixelFlow tensor is floating point)")
+    wider = sorted(k for k, v in loaded.items() if v.dtype == torch.float64)
+    if wider:  # float16 / bfloat16 widen exactly; float64 rounds
+        logging.warning("%s: %s are float64, rounded to the float32 the model holds", path, listed(wider))
+    state_dict = float32_numpy(loaded)
+    not_finite = sorted(k for k, v in state_dict.items() if not np.isfinite(v).all())
+    if not_finite:
+        raise CheckpointError(f"{path}: {listed(not_finite)} hold NaN or inf values (a diverged run?); "
+                              "the model would sample NaN images from them")
+    return state_dict
+
+
+def listed(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def float32_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -110,6 +138,11 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
         raise CheckpointError(f"{path} describes {target}, not {RELEASE_MODEL_TARGET}")
     if params.pop("dropout", 0.0):
         raise CheckpointError(f"{path} sets model dropout; pixelflow-jax implements dropout 0 only (as released)")
+    missing = [name for name in RELEASE_REQUIRED_PARAMS if name not in params]
+    if missing:
+        raise CheckpointError(f"{path} lacks model.params {', '.join(missing)}, which the release's PixelFlowModel "
+                              "requires too")
+    params.setdefault("num_classes", 0)  # the release's default (ours, for configs, is ImageNet's 1000)
     extras = {}
     scheduler = values.get("scheduler") or {}
     for key in ("num_stages", "num_train_timesteps"):
