@@ -389,6 +389,22 @@ def rmtree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def move_folder(source: str, target: str) -> None:
+    """Moves a folder to a path that does not exist yet (in an object store: copies every object,
+    then deletes the originals)."""
+    if is_url(source):
+        def move(_):
+            import fsspec
+
+            fs, key = fsspec.core.url_to_fs(source)
+            fs.mv(key, fsspec.core.url_to_fs(target)[1], recursive=True)
+
+        _remote(source, move)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(source, target)
+
+
 def size_and_mtime(path: str) -> tuple[int, float]:
     if is_url(path):
         stat = _remote(path, lambda p: p.stat())

@@ -194,6 +194,13 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
         step, restored = train.resume_point(manager, state, shardings)
     assert step == 2 and np.asarray(restored["w"]).tolist() == [0.0, 2.0, 4.0, 6.0]
     assert "checkpoints/4 cannot be restored" in caplog.text and "trying the one before it" in caplog.text
+    # Set aside, so that saves go on from step 2 (orbax saves only steps after its latest one).
+    assert manager.all_steps() == [2] and [p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir()] == ["4"]
+    train.save(manager, 3, restored)
+    train.wait_for_saves(manager)
+    assert manager.all_steps() == [2, 3]
+    with pytest.raises(CheckpointError, match="orbax did not save step 1 in .* it already holds step 3"):
+        train.save(manager, 1, restored)
 
 
 def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
@@ -362,7 +369,7 @@ def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constan
 
     cosine = c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 100})
     check_resume(str(tmp_path / "cosine"), cosine, step=0, num_records=100)
-    with pytest.raises(ValueError, match="train.lr_decay_steps: 100 -> 200"):  # the rate would jump
+    with pytest.raises(ValueError, match=r"train.num_steps \(where the learning-rate schedule ends\): 100 -> 200"):  # the rate would jump
         check_resume(str(tmp_path / "cosine"), c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 200}),
                      step=40, num_records=100)
     older = tmp_path / "older"  # recorded before schedules existed: it resumes with the release's constant rate
@@ -384,7 +391,7 @@ def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constan
 def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, caplog):
     import time
 
-    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock, process_start
 
     first = WorkdirLock(str(tmp_path), stale_after_s=60)
     first.acquire()
@@ -395,7 +402,10 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, 
     assert not (tmp_path / LOCK_FILE).exists()
 
     lock_file = tmp_path / LOCK_FILE
-    for holder, taken in (({"host": socket.gethostname(), "pid": 999999999}, True),  # its process is gone
+    here, this_process_started = socket.gethostname(), process_start(os.getpid())
+    for holder, taken in (({"host": here, "pid": 999999999}, True),  # its process is gone
+                          # a restarted container: the holder's pid is now this process, started later
+                          ({"host": here, "pid": os.getpid(), "pid_start": this_process_started - 1}, True),
                           ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600}, True),  # silent
                           ({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}, False)):  # alive
         lock_file.write_text(json.dumps(holder))

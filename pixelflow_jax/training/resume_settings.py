@@ -29,6 +29,8 @@ MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
 # Recorded by this version, not by runs before it: their absence is no change.
 ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype")
+# Recorded names that are not config fields, as a message names them.
+LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)"}
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
                "missing_captions")
 
@@ -75,7 +77,7 @@ def check_resume(workdir: str, config, step: int, num_records: int) -> None:
                if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
     if not changed:
         return
-    listed = ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
+    listed = ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
     if not config.train.allow_resume_changes:
         raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}); resuming with them "
                          "would change the run (a batch size, seed or data change also loses exact resume). Rerun "

@@ -46,6 +46,7 @@ from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_
                                                state_shardings, train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
+UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5": 459e12, "TPU v6 lite": 918e12}
@@ -193,7 +194,10 @@ def save(manager, step: int, state) -> None:
     import orbax.checkpoint as ocp
 
     with save_errors(manager):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        started = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    if not started:  # orbax saves only steps after its latest one, and says so by returning False
+        raise CheckpointError(f"orbax did not save step {step} in {manager.directory}: it already holds step "
+                              f"{manager.latest_step()}")
 
 
 def wait_for_saves(manager) -> None:
@@ -227,7 +231,9 @@ def restore(manager, step: int, state, shardings):
 
 def resume_point(manager, state, shardings):
     """(step, state) of the latest checkpoint that restores; a corrupt one (damaged files, a disk
-    that filled up) is skipped with a warning for the one before it. (0, state) without any."""
+    that filled up) is skipped with a warning for the one before it, and set aside. (0, state)
+    without any."""
+    unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = restore(manager, step, state, shardings)
@@ -235,13 +241,33 @@ def resume_point(manager, state, shardings):
             cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             logging.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the one before it",
                             manager.directory, step, type(e).__name__, cause)
+            unreadable.append(step)
             continue
+        set_aside(manager, unreadable)
         logging.info("resumed from %s at step %d", manager.directory, step)
         return step, restored
     if manager.all_steps():
         raise CheckpointError(f"no checkpoint in {manager.directory} can be restored (steps {manager.all_steps()}); "
                               "see the warnings above, or start a new --workdir")
     return 0, state
+
+
+def set_aside(manager, steps: list[int]) -> None:
+    """Moves checkpoints that do not restore to WORKDIR/unreadable_checkpoints/STEP-TIME: orbax
+    saves only steps after its latest one, so left in place they would stop every save until the
+    run passed them (and a read error that was only transient leaves the files to recover)."""
+    from jax.experimental import multihost_utils
+
+    if not steps:
+        return
+    run = storage.dirname(str(manager.directory))
+    if jax.process_index() == 0:
+        for step in steps:
+            target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{step}-{int(time.time())}")
+            storage.move_folder(storage.join(str(manager.directory), str(step)), target)
+            logging.warning("moved checkpoint %d, which does not restore, to %s", step, target)
+    multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+    manager.reload()
 
 
 def summary_writer_class():

@@ -2,8 +2,9 @@
 
 It names its holder (host, pid, start time) and carries a heartbeat that the holder refreshes at
 every logged step. A second run sees it at once and stops, naming the holder. A lock is stale,
-and is taken over, when its holder is gone: on this host, its process no longer exists; from
-another host, its heartbeat is older than train.lock_stale_after_s.
+and is taken over, when its holder is gone: on this host, no process with its pid and start time
+exists (a restarted container reuses pids, its own included); from another host, its heartbeat is
+older than train.lock_stale_after_s.
 
 Creating the lock is atomic: O_EXCL on a local disk, an `ifGenerationMatch=0` upload (create only)
 in a bucket. Process 0 of a job holds it for the job; every process learns the outcome.
@@ -24,6 +25,15 @@ from absl import logging
 from pixelflow_jax import storage
 
 LOCK_FILE = "train.lock"
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class WorkdirBusy(RuntimeError):
@@ -59,7 +69,7 @@ class WorkdirLock:
     def __init__(self, workdir: str, stale_after_s: float):
         self.path = storage.join(workdir, LOCK_FILE)
         self.stale_after_s = stale_after_s
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(),
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "heartbeat": time.time()}
         self.held = False
@@ -97,7 +107,11 @@ class WorkdirLock:
 
     def _stale(self, holder: dict) -> bool:
         if holder.get("host") == socket.gethostname():
-            return not storage.process_alive(int(holder.get("pid", -1)))
+            # A restarted container reuses its pids: the holder's pid may now be this very process,
+            # or another one, started after the holder.
+            pid, recorded_start = int(holder.get("pid", -1)), holder.get("pid_start")
+            return not storage.process_alive(pid) or (
+                recorded_start is not None and process_start(pid) not in (None, recorded_start))
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
 
     def _busy_message(self, holder: dict | None) -> str:
