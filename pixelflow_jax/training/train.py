@@ -233,6 +233,8 @@ def resume_point(manager, state, shardings):
     """(step, state) of the latest checkpoint that restores; a corrupt one (damaged files, a disk
     that filled up) is skipped with a warning for the one before it, and set aside. (0, state)
     without any."""
+    from jax.experimental import multihost_utils
+
     unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
@@ -241,6 +243,12 @@ def resume_point(manager, state, shardings):
             cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             logging.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the one before it",
                             manager.directory, step, type(e).__name__, cause)
+            restored = None
+        # Every process resumes from the same step: one that failed anywhere is skipped everywhere.
+        if not multihost_utils.process_allgather(np.int32(restored is not None)).all():
+            if restored is not None:
+                logging.warning("checkpoint %s/%d did not restore on every process; trying the one before it",
+                                manager.directory, step)
             unreadable.append(step)
             continue
         set_aside(manager, unreadable)
