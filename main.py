@@ -87,9 +87,34 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
     return f"the overrides {', '.join(overrides)} do not all name fields of {config_file} ({first_line})"
 
 
+def check_config_file(argv: list[str]) -> None:
+    """A --config file that does not exist, named in one line (ml_collections reports it only when
+    the config is first read, in a traceback)."""
+    for i, arg in enumerate(argv[1:], 1):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and i + 1 < len(
+            argv) else None
+        path = value and value.split(":", 1)[0]
+        if path and not os.path.isfile(path):
+            here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+            known = ", ".join(f"configs/{n}" for n in sorted(os.listdir(here)) if re.fullmatch(r"[a-z]\w*\.py", n))
+            sys.exit(f"error: --config file {path} does not exist (this project's configs: {known})")
+
+
+def flag_error_message(error: Exception) -> str:
+    """absl's message for a bad flag value, without the traceback of a config file's get_config
+    that ml_collections puts inside it: the flag and the exception's last line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return f"{lines[0].split(': Error whilst parsing config file')[0]}: {lines[-1]}"
+    return str(error)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
+    check_config_file(argv)
     try:
-        return app.parse_flags_with_usage(argv)
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {flag_error_message(e)}\nPass --helpshort or --helpfull to see help on flags.")
     except (KeyError, AttributeError, TypeError) as e:  # ml_collections' errors for an override of a missing field
         sys.exit(f"error: {unknown_field_message(argv, e)}")
 

@@ -49,6 +49,7 @@ def integer(name: str, value, *, minimum: int | None = None, maximum: int | None
 
 
 MAX_SAMPLE_IMAGES = 10**8  # ids are int32; 10**8 images at 256 px fill 20 TB: more is a typo
+DATA_SOURCES = ("tfds", "folder", "demo", "array_record")  # array_record: captioned shards (text models)
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: seed 2**32 would draw seed 0's noise
 
 
@@ -151,6 +152,7 @@ def check_architecture(config) -> None:
 
 def check_data(config) -> None:
     d = config.data
+    choice("data.source", d.source, DATA_SOURCES)
     number("data.expand_ratio", d.expand_ratio, minimum=1)
     integer("data.num_workers", d.num_workers, minimum=0)
     integer("data.prefetch_batches", d.prefetch_batches, minimum=1)

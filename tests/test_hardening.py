@@ -33,6 +33,7 @@ def c2i_config(**changes):
 @pytest.mark.parametrize("mode,field,value,message", [
     ("train", "model.param_dtype", "bfloat16", "param_dtype=bfloat16 cannot train: optimiser steps and the EMA"),
     ("train", "train.lr", float("nan"), "--config.train.lr must be a finite number, got nan"),
+    ("train", "data.source", "imagefolder", "--config.data.source must be one of 'tfds', 'folder', 'demo', "),
     ("train", "train.lr", float("inf"), "--config.train.lr must be a finite number"),
     ("train", "train.ema_decay", 1.5, "--config.train.ema_decay must be <= 1"),
     ("train", "train.lr_schedule", "linear", "--config.train.lr_schedule must be one of 'constant', 'cosine'"),
@@ -70,6 +71,28 @@ def test_the_command_line_refuses_a_bad_value_before_writing_anything(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "--config.sample.cfg_scale must be a finite number" in result.stderr
     assert "Traceback" not in result.stderr and not workdir.exists()
+
+
+@pytest.mark.parametrize("config,message", [
+    ("configs/c2.py:demo", "error: --config file configs/c2.py does not exist (this project's configs: configs/c2i.py, "
+                           "configs/t2i.py)"),
+    ("configs/c2i.py:dmeo", "error: flag --config=configs/c2i.py:dmeo: ValueError: unknown c2i config variant 'dmeo'"),
+])
+def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, config, message):
+    command = [sys.executable, "main.py", f"--config={config}", f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anything(tmp_path):
+    from pixelflow_jax.data.loader import DataError
+    from pixelflow_jax.training import train
+
+    config = c2i_config(**{"data.source": "folder", "data.root": str(tmp_path / "nowhere"), "train.batch_size": 32})
+    with pytest.raises(DataError, match="image folder .*nowhere does not exist"):
+        train.train(config, str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run") == []  # no run_config.json, checkpoints/ or lock: the workdir is still free
 
 
 @pytest.mark.parametrize("override,message", [

@@ -403,20 +403,26 @@ class ImageLoader:
             close()
 
 
+def open_source(config, class_index_dir: str | None = None, captioned: bool = False):
+    """The records of config.data: captioned ones for a text-conditional model. Opening them finds
+    a missing or unreadable dataset, so a run does it before it writes anything."""
+    if captioned:
+        from pixelflow_jax.data.caption_data import make_captioned_source
+
+        return make_captioned_source(config.data)
+    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes)
+
+
 def make_loader(config, batch_size: int, class_index_dir: str | None = None, start_batch: int = 0,
-                tokenizer=None) -> ImageLoader:
-    """The loader of this process for config.data, reading its share of each global batch from
-    global batch `start_batch` on. With a tokenizer (text-conditional models) it reads captioned
-    data and gives token batches instead of labels."""
+                tokenizer=None, source=None) -> ImageLoader:
+    """The loader of this process for config.data (or the `source` open_source gave), reading its
+    share of each global batch from global batch `start_batch` on. With a tokenizer
+    (text-conditional models) it reads captioned data and gives token batches instead of labels."""
     import jax
 
     data = config.data
-    if tokenizer is not None:
-        from pixelflow_jax.data.caption_data import make_captioned_source
-
-        source = make_captioned_source(data)
-    else:
-        source = make_source(data, class_index_dir, num_classes=config.model.num_classes)
+    if source is None:
+        source = open_source(config, class_index_dir, captioned=tokenizer is not None)
     dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
                             process_index=jax.process_index(), process_count=jax.process_count(),

@@ -420,9 +420,12 @@ def train(config, workdir: str) -> dict:
 
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
                            lock: WorkdirLock) -> dict:
-    from pixelflow_jax.data.loader import make_loader, to_global_batch
+    from pixelflow_jax.data.loader import make_loader, open_source, to_global_batch
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
+    # A missing dataset stops the run before it records anything in the workdir (class_index.json
+    # of an image folder aside).
+    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim))
     init_model = init_source = None
     if config.train.init_from:
         done = complete_steps(workdir)
@@ -461,8 +464,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     check_optimiser_state(workdir, config, max(complete_steps(workdir), default=0))
     start, state = resume_point(manager, state, shardings)
     # One global batch per step: the data position is the step, whatever the number of processes.
-    loader = make_loader(config, t.batch_size, class_index_dir=workdir, start_batch=start,
-                         tokenizer=text_encoder and text_encoder.tokenizer)
+    loader = make_loader(config, t.batch_size, start_batch=start, tokenizer=text_encoder and text_encoder.tokenizer,
+                         source=source)
     try:
         check_resume(workdir, config, start, loader.num_records)
     except ValueError:
