@@ -24,7 +24,7 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Counts `total` units of work; `update(n)` after each chunk, `close()` at the end (or use it
     as a context manager). `initial` units were done before (a resumed job): the rate and the ETA
-    count only this run's work. `log` receives the non-terminal lines (default: absl logging.info)."""
+    count only this run's work, from the end of its first chunk (which also compiles). `log` receives the non-terminal lines (default: absl logging.info)."""
 
     def __init__(self, total: int, description: str, unit: str = "it", *, initial: int = 0,
                  interactive: bool | None = None, log_every_s: float = 30.0, stream=None, log=None):
@@ -36,6 +36,7 @@ class Progress:
         self.log_every_s = log_every_s
         self.log = log or (lambda line: logging.info("%s", line))
         self.start = self.last_log = time.perf_counter()
+        self.first_chunk_end: tuple[float, int] | None = None  # (time, done)
         self.bar = None
         if self.enabled and self.interactive:
             from tqdm import tqdm
@@ -51,6 +52,8 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
+        if self.first_chunk_end is None:
+            self.first_chunk_end = (now, self.done)
         if now - self.last_log >= self.log_every_s or self.done >= self.total:
             self.last_log = now
             self.log(self.line(now))
@@ -66,8 +69,12 @@ class Progress:
 
     def line(self, now: float | None = None) -> str:
         """'<description>: done/total unit (pct), rate unit/s, ETA m:ss, elapsed m:ss'."""
-        elapsed = (now or time.perf_counter()) - self.start
+        now = now or time.perf_counter()
+        elapsed = now - self.start
         rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
+        if self.first_chunk_end and self.done > self.first_chunk_end[1] and now > self.first_chunk_end[0]:
+            # The first chunk also compiles (minutes for a large model): the rate starts after it.
+            rate = (self.done - self.first_chunk_end[1]) / (now - self.first_chunk_end[0])
         left = self.total - self.done
         eta = format_duration(left / rate) if rate > 0 else "?"
         percent = 100 * self.done / self.total if self.total else 100.0

@@ -119,8 +119,9 @@ def check_train(config) -> None:
         # the weights and the EMA would stay where they started while the loss looks normal.
         raise ConfigError(f"--config.model.param_dtype={config.model.param_dtype} cannot train: optimiser steps and "
                           "the EMA update round away in a 16-bit weight, so the run would not learn. Train with "
-                          "float32 weights, as the release does; the compute is already bfloat16 "
-                          "(--config.model.dtype). param_dtype=bfloat16 is for sampling.")
+                          "float32 weights, as the release does; for speed, compute in bfloat16 "
+                          "(--config.model.dtype=bfloat16, the c2i and t2i default). param_dtype=bfloat16 is for "
+                          "sampling.")
     if t.preview_every:
         check_guidance(config)
 
@@ -186,6 +187,11 @@ def check_sample(config) -> None:
     seed("sample.seed", s.seed)
     check_guidance(config)
     steps_per_stage("sample.steps_per_stage", s.steps_per_stage)
+    from pixelflow_jax.checkpoints.torch_io import WEIGHT_CHOICES
+    from pixelflow_jax.sampling.cascade import SOLVERS
+
+    choice("sample.solver", s.solver, SOLVERS)
+    choice("sample.weights", s.weights, WEIGHT_CHOICES)
     if "prompts" not in s:  # text configs count images by prompts (sample_conditioning.py)
         integer("sample.num_images", s.num_images, minimum=1, maximum=MAX_SAMPLE_IMAGES)
     else:  # 0: the training run's length, or the release's 512 (api.fill_text_encoder)

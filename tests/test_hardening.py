@@ -537,7 +537,8 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     save_checkpoint(copy, jax.tree.map(lambda p: p + 1e-3, params), config, overwrite=True)
     after = resolve_checkpoint(copy).fingerprint()
     assert after != before
-    with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\)"):
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\); they are of "
+                                         rf"other weights .* new --workdir with --config.sample.checkpoint={copy}; "):
         check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
 

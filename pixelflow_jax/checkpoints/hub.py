@@ -108,5 +108,5 @@ def t5_folder(path: str) -> str:
     hub = HubPath.parse(path)
     try:
         return fetch_encoder_files(lambda names: _folder(_download(hub, names), hub))
-    except CheckpointError as e:
-        raise CheckpointError(f"{hub}: {e}") from None
+    except CheckpointError as e:  # a download error names the Hub path already
+        raise CheckpointError(str(e) if str(e).startswith(str(hub)) else f"{hub}: {e}") from None

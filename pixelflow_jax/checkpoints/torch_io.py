@@ -47,7 +47,7 @@ def _import_torch():
         import torch
     except ImportError:
         raise CheckpointError("reading or writing PyTorch checkpoints needs torch: "
-                              "pip install torch==2.13.0 (the CPU build is enough)") from None
+                              "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu (the CPU build)") from None
     return torch
 
 
@@ -55,7 +55,7 @@ def load_torch_file(path: str) -> Any:
     """torch.load with weights_only (no code execution); one clear error for anything unreadable."""
     torch = _import_torch()
     if not storage.isfile(path):
-        raise CheckpointError(f"{path} does not exist or is not a file")
+        raise CheckpointError(f"{path} is not a file" if storage.exists(path) else f"{path} does not exist")
     try:
         # train.py pickles its argparse.Namespace next to the weights; allow exactly that class.
         with torch.serialization.safe_globals([argparse.Namespace]), storage.local_file(path) as local:

@@ -85,7 +85,10 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
         settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
+            weights = "; they are of other weights (a run that trained on since?): sample those into a new " \
+                      f"--workdir with --config.sample.checkpoint={settings['checkpoint']}" if (
+                          {"checkpoint", "checkpoint_fingerprint"} & set(changed)) else ""
+            raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}){weights}; "
                              "use a new --workdir, or rerun with the settings in settings.json")
         return
     images = sorted(name for name in images_on_disk(folder) if IMAGE_NAME.fullmatch(name))

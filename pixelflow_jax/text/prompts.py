@@ -147,6 +147,9 @@ def local_t5_folder(path: str) -> str:
     if hub.is_hub_path(path):
         return hub.t5_folder(path)
     if not storage.is_url(path):
+        if not os.path.isdir(path):
+            raise CheckpointError(f"T5 folder {path} does not exist: pass a Hugging Face T5 folder (config.json, "
+                                  "spiece.model, the weights), a gs:// copy of one, or hf://google/flan-t5-xl")
         return path
     storage.check_supported(path)
     local = storage.cache_dir("t5", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])

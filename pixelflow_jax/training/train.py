@@ -117,7 +117,7 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     t = config.train
     stages, devices, accum = config.scheduler.num_stages, mesh.size, t.grad_accum_steps
     if t.batch_size % (stages * devices * accum):
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
+        raise ValueError(f"--config.train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
                          f"grad_accum_steps = {stages} x {devices} x {accum}")
     if t.preview_every and model_cfg.cross_attention_dim and config.data.source != "demo":
         from pixelflow_jax.sampling.sample_conditioning import read_prompts
