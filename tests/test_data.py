@@ -163,6 +163,65 @@ def test_same_seed_same_batches_and_workers_agree():
     assert not np.array_equal(other[0][0], first[0][0])
 
 
+def test_loader_workers_die_with_a_trainer_killed_9():
+    """kill -9 gives the trainer no chance to stop its workers: they must not live on, holding
+    memory (a container's restart loop would pile them up)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = """
+import os, sys, time
+from pixelflow_jax.data.demo_data import DemoSource
+from pixelflow_jax.data.loader import ImageLoader, build_dataset
+if __name__ == "__main__":
+    loader = ImageLoader(build_dataset(DemoSource(24, seed=3), batch_size=4, resolution=32, seed=0, num_workers=2), 24)
+    next(loader)
+    print("ready", flush=True)
+    time.sleep(300)
+"""
+    path = os.path.join(REPO, ".loader_kill_test.py")  # spawned workers re-import the main script by path
+    with open(path, "w") as f:
+        f.write(script)
+    workers = []
+    try:
+        trainer = subprocess.Popen([sys.executable, path], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert trainer.stdout.readline().strip() == "ready"
+        children = lambda: [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(int(p)) == trainer.pid]
+        workers = children()
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), [open(f"/proc/{p}/cmdline").read() for p in workers if alive(p)]
+    finally:
+        os.remove(path)
+        for pid in workers:  # a failed test leaves no orphans behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
 def test_epochs_reshuffle_and_cover_the_data():
     source = DemoSource(12, seed=0)
     seen, _ = batches(source, 6)  # two epochs of 12

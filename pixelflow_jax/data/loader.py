@@ -26,10 +26,14 @@ grain and TFDS are imported lazily: the model, sampler and train step do not nee
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import importlib.metadata
 import io
+import os
 import re
 import signal
+import sys
 from typing import Any, Iterator
 
 import jax
@@ -358,14 +362,24 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                    per_worker_buffer_size=prefetch_batches),
-                                      worker_init_fn=leave_ctrl_c_to_the_trainer)
+                                      worker_init_fn=functools.partial(init_worker, os.getpid()))
     return dataset
 
 
-def leave_ctrl_c_to_the_trainer(*_) -> None:
-    """In each loader worker: a terminal's Ctrl-C reaches every process of the group, and the
-    trainer saves a step on it (preemption.py) with batches the workers still have to make."""
+def init_worker(trainer_pid: int, *_) -> None:
+    """In each loader worker:
+    - Ctrl-C is ignored: a terminal's Ctrl-C reaches every process of the group, and the trainer
+      saves a step on it (preemption.py) with batches the workers still have to make;
+    - the worker dies with the trainer (Linux): after a kill -9 of the trainer it would otherwise
+      go on holding its memory."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != trainer_pid:  # the trainer died before the call above
+            os._exit(1)
 
 
 class ImageLoader:
@@ -397,10 +411,14 @@ class ImageLoader:
         return batch["image"], (batch["tokens"], batch["token_mask"])
 
     def close(self) -> None:
-        """Stops the worker processes (they prefetch until closed)."""
+        """Stops the worker processes (they prefetch until closed) and frees the shared memory of
+        the batches they made (freed at interpreter exit instead, grain's cleanup fails and
+        multiprocessing warns of leaked shared_memory objects)."""
         close = getattr(self.iterator, "close", None)
         if close is not None:
             close()
+        self.iterator = None
+        gc.collect()
 
 
 def open_source(config, class_index_dir: str | None = None, captioned: bool = False):
