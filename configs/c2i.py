@@ -44,7 +44,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         center_crop=False,  # False: the release's Lanczos resize to round(1.125 R) + random crop
         expand_ratio=1.125,
         num_workers=8,  # grain worker processes per host (0 = decode in the main process)
-        prefetch_batches=2,  # per worker
+        prefetch_batches=2,  # batches read ahead (and decoded at once) per worker, or by the main process
         demo_num_images=20_000,
         demo_num_classes=10,
         demo_seed=0,

@@ -163,6 +163,30 @@ def test_same_seed_same_batches_and_workers_agree():
     assert not np.array_equal(other[0][0], first[0][0])
 
 
+def test_the_loader_reads_only_prefetch_batches_ahead():
+    """grain's default read-ahead is 500 elements (batches, here) on 16 threads: gigabytes at
+    ImageNet sizes. Idle after its first batch, the loader must stop after a few."""
+    import time
+
+    class CountingSource:
+        def __init__(self, source):
+            self.source, self.reads = source, 0
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, index):
+            self.reads += 1
+            return self.source[index]
+
+    source = CountingSource(DemoSource(2000, seed=0))
+    loader = ImageLoader(build_dataset(source, batch_size=8, resolution=R, seed=0, prefetch_batches=2), len(source))
+    next(loader)
+    time.sleep(2)
+    assert source.reads <= 8 * (1 + 2 + 2)  # the batch taken, 2 buffered, 2 on their threads
+    loader.close()
+
+
 def test_loader_workers_die_with_a_trainer_killed_9():
     """kill -9 gives the trainer no chance to stop its workers: they must not live on, holding
     memory (a container's restart loop would pile them up)."""

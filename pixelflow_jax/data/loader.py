@@ -354,7 +354,9 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
                .batch(per_process, drop_remainder=True)  # chunk k*count + i is process i's part of batch k
                [process_index::process_count]
                [start_batch:]
-               .to_iter_dataset())
+               # grain's default reads up to 500 elements (here: batches) ahead on 16 threads: tens
+               # of GB at ImageNet sizes. prefetch_batches bounds both, in each worker.
+               .to_iter_dataset(grain.ReadOptions(num_threads=prefetch_batches, prefetch_buffer_size=prefetch_batches)))
     if num_workers > 0:
         from absl import flags
 
