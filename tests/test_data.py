@@ -3,6 +3,7 @@ determinism, iterator checkpoints, per-process shards and global batches."""
 
 import io
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -63,11 +64,31 @@ def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
     written = (tmp_path / "class_index.json").read_text()
     assert '"b"' in written
     os.makedirs(os.path.join(awkward_folder, "0_new_class"), exist_ok=True)
+    Image.new("RGB", (8, 8)).save(os.path.join(awkward_folder, "0_new_class", "x.png"))
     try:
-        with pytest.raises(DataError, match="0_new_class"):
+        with pytest.raises(DataError, match=rf"has class folders \['0_new_class'\] that {tmp_path}/class_index.json "
+                                            r"does not list: the run's checkpoints learned its class ids"):
             make_source(config, class_index_dir=str(tmp_path))  # ids stay stable: a new class is an error
+        # Before a checkpoint has learned the ids (a run killed before its first save), they follow the folders.
+        (tmp_path / "class_index.json").write_text(written.replace('"b"', '"gone"'))
+        assert make_source(config, class_index_dir=str(tmp_path), trained=False).classes == ["0_new_class", "a", "b"]
+        assert '"0_new_class"' in (tmp_path / "class_index.json").read_text()
     finally:
-        os.rmdir(os.path.join(awkward_folder, "0_new_class"))
+        shutil.rmtree(os.path.join(awkward_folder, "0_new_class"))
+    (tmp_path / "class_index.json").write_text(written.replace('"b"', '"gone"'))  # a class folder moved away
+    with pytest.raises(DataError, match=r"lacks class folders \['gone'\] that .*class_index.json lists"):
+        make_source(config, class_index_dir=str(tmp_path))
+
+
+def test_a_symbolic_link_loop_in_an_image_folder_is_named(tmp_path):
+    os.makedirs(tmp_path / "root" / "c")
+    Image.new("RGB", (8, 8)).save(tmp_path / "root" / "c" / "a.png")
+    os.symlink(tmp_path / "root" / "c", tmp_path / "root" / "c" / "loop")
+    with pytest.raises(DataError, match=r"root/c/loop is a symbolic link to .*root/c, a folder that holds it"):
+        ImageFolderSource(str(tmp_path / "root"))
+    os.remove(tmp_path / "root" / "c" / "loop")
+    os.symlink(tmp_path / "root" / "c", tmp_path / "root" / "alias")  # a second name for a folder: no loop
+    assert len(ImageFolderSource(str(tmp_path / "root")).records) == 2
 
 
 def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder):

@@ -386,6 +386,20 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "model.dtype": "bfloat16"}),
                      step=40, num_records=100)
 
+    # One image folder spelled three ways is one folder; an earlier version recorded it as typed.
+    folder = c2i_config(**{"data.source": "folder", "data.root": "data/images"})
+    settings = tmp_path / "folder" / SETTINGS_FILE
+    check_resume(str(tmp_path / "folder"), folder, step=0, num_records=100)
+    assert json.loads(settings.read_text())["data.root"] == os.path.abspath("data/images")
+    for spelling in ("./data/images/", os.path.abspath("data/images")):
+        folder.data.root = spelling
+        check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "data.root": "data/images/"}))
+    check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
+    folder.data.root = "data/other"
+    with pytest.raises(ValueError, match=r"data.root: '/.*/data/images' -> '/.*/data/other'"):
+        check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
+
 
 def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constant(tmp_path):
     from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_optimiser_state, check_resume

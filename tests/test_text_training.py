@@ -112,6 +112,8 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
         source = CaptionRecordSource(output)
         assert all(shard.startswith(output) for shard in source.shards)
         assert sorted((bytes(source[i]["image"]), source[i]["caption"]) for i in range(len(source))) == expected
+        packed_from = {source[i]["name"].split(" (", 1)[1].rstrip(")") for i in range(len(source))}
+        assert packed_from <= {str(path) for path in captions} and len(packed_from) == 9  # named in skip warnings
         with pytest.raises(ValueError, match="already holds 3 shards"):
             pack(root, output)  # nothing is overwritten
         sources.append(source)

@@ -92,10 +92,11 @@ class CaptionedFolderSource:
         return {"image": storage.read_bytes(image), "caption": storage.read_bytes(caption), "name": image}
 
 
-def encode_record(image: bytes, caption: str) -> bytes:
+def encode_record(image: bytes, caption: str, name: str = "") -> bytes:
+    """A shard record: the image file's bytes, its caption and (for messages) the file's path."""
     import msgpack
 
-    return msgpack.packb({"image": bytes(image), "caption": caption}, use_bin_type=True)
+    return msgpack.packb({"image": bytes(image), "caption": caption, "name": name}, use_bin_type=True)
 
 
 def decode_record(record: bytes) -> dict:
@@ -180,7 +181,8 @@ class CaptionRecordSource:
 
     def __getitem__(self, index: int) -> dict:
         record = decode_record(self.source[index])
-        return {"image": record["image"], "caption": record["caption"], "name": f"{self.root}:{index}"}
+        packed_from = f" ({record['name']})" if record.get("name") else ""  # shards of earlier versions: no name
+        return {"image": record["image"], "caption": record["caption"], "name": f"{self.root}:{index}{packed_from}"}
 
 
 def make_captioned_source(data_config):

@@ -85,14 +85,21 @@ def ignored_name(name: str) -> bool:
     return name.startswith(".") or name == "lost+found"
 
 
-def walk_files(root: str) -> list[str]:
+def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
     """Every file under root (any depth) as a full path, in a fixed order (a folder's files sorted,
-    then its sub-folders' in sorted order), leaving out ignored names."""
+    then its sub-folders' in sorted order), leaving out ignored names. Symbolic links are followed;
+    one back to a folder above it (`above`: their real paths) is refused."""
+    if not storage.is_url(root):
+        real = os.path.realpath(root)
+        if real in above:
+            raise DataError(f"{root} is a symbolic link to {real}, a folder that holds it: reading it would never "
+                            "end; remove the link")
+        above += (real,)
     files, folders = storage.list_entries(root)
     paths = [storage.join(root, name) for name in files if not ignored_name(name)]
     for folder in folders:
         if not ignored_name(folder):
-            paths += walk_files(storage.join(root, folder))
+            paths += walk_files(storage.join(root, folder), above)
     return paths
 
 
@@ -107,14 +114,18 @@ class ImageFolderSource:
     """root/<class name>/**/<image>, like torchvision's ImageFolder: class ids from sorted folder
     names, each class folder read at any depth; hidden names and lost+found are left out."""
 
-    def __init__(self, root: str, classes: list[str] | None = None):
+    def __init__(self, root: str, classes: list[str] | None = None, class_index: str = "the run's class index"):
+        """`classes`: the ids a run fixed (in `class_index`, named in messages); None: the folders found."""
         require_folder(root, f"image folder {root} does not exist; set --config.data.root to a folder of class "
                              "subfolders (root/<class>/<image>)")
         found = [name for name in storage.list_folders(root) if not ignored_name(name)]
         self.classes = classes if classes is not None else found
-        missing = sorted(set(found) - set(self.classes))
-        if missing:
-            raise DataError(f"{root} has class folders {missing} that the run's class index does not list")
+        added, gone = sorted(set(found) - set(self.classes)), sorted(set(self.classes) - set(found))
+        if added or gone:
+            change = " and ".join(([f"has class folders {added} that {class_index} does not list"] if added else [])
+                                  + ([f"lacks class folders {gone} that {class_index} lists"] if gone else []))
+            raise DataError(f"{root} {change}: the run's checkpoints learned its class ids. Train on the class "
+                            "folders it started with, or start a new --workdir")
         self.records: list[tuple[str, int]] = []
         empty = []
         for label, name in enumerate(self.classes):
@@ -172,25 +183,27 @@ class TfdsSource:
         return {"image": record["image"], "label": int(record["label"]), "name": f"{self.name}:{index}"}
 
 
-def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None):
-    """The configured source. For folders, the class list is written to (or read back from)
-    class_index_dir/class_index.json so ids stay stable when classes are added later, and must fit
-    the model's num_classes (id num_classes is the null class, and higher ids have no embedding)."""
+def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None,
+                trained: bool = True):
+    """The configured source. For folders, the class list is written to (or, once the run has
+    `trained` a checkpoint with those ids, read back from) class_index_dir/class_index.json, so the
+    ids of a run stay as they were; it must fit the model's num_classes (id num_classes is the null
+    class, and higher ids have no embedding)."""
     kind = data_config.source
     if kind == "tfds":
         return TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
     if kind == "folder":
         classes = None
         index_path = storage.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
-        if index_path and storage.exists(index_path):
+        if index_path and trained and storage.exists(index_path):
             classes = storage.read_json(index_path)["classes"]
-        source = ImageFolderSource(data_config.root, classes)
+        source = ImageFolderSource(data_config.root, classes, index_path or "the run's class index")
         if num_classes is not None and len(source.classes) > num_classes:
             raise DataError(f"{data_config.root} has {len(source.classes)} classes but the model has "
                             f"model.num_classes = {num_classes}: ids from {num_classes} on would train as the null "
                             f"class or past the class table. Set --config.model.num_classes={len(source.classes)} "
                             "(a new --workdir) or remove class folders")
-        if index_path and classes is None and jax.process_index() == 0:
+        if index_path and classes is None and jax.process_index() == 0:  # (re)written until a checkpoint uses it
             storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
                                                        "classes": source.classes})
         return source
@@ -276,13 +289,15 @@ class DecodedSource:
     def __getitem__(self, index: int) -> dict:
         for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
             record_index = (index + attempt) % len(self.source)
+            record = None
             try:
                 record = self.source[record_index]
                 conditioning = self._conditioning(record)
                 image = to_rgb(record["image"])
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-                logging.warning("skipping unreadable record %s: %s", self._name(record_index), e)
-                last_error = f"{self._name(record_index)}: {e}"  # names the caption when it is the cause
+                name = (record or {}).get("name") or self._name(record_index)
+                logging.warning("skipping unreadable record %s: %s", name, e)
+                last_error = f"{name}: {e}"  # names the caption when it is the cause
                 continue
             if self.center_crop:
                 pixels = adm_center_crop(image, self.resolution)
@@ -423,14 +438,14 @@ class ImageLoader:
         gc.collect()
 
 
-def open_source(config, class_index_dir: str | None = None, captioned: bool = False):
+def open_source(config, class_index_dir: str | None = None, captioned: bool = False, trained: bool = True):
     """The records of config.data: captioned ones for a text-conditional model. Opening them finds
     a missing or unreadable dataset, so a run does it before it writes anything."""
     if captioned:
         from pixelflow_jax.data.caption_data import make_captioned_source
 
         return make_captioned_source(config.data)
-    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes)
+    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, trained=trained)
 
 
 def make_loader(config, batch_size: int, class_index_dir: str | None = None, start_batch: int = 0,

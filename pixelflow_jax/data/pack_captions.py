@@ -56,7 +56,7 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
             local = os.path.join(scratch, name)
             writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
             for image_path, caption in records[shard * records_per_shard:(shard + 1) * records_per_shard]:
-                writer.write(encode_record(storage.read_bytes(image_path), caption))
+                writer.write(encode_record(storage.read_bytes(image_path), caption, image_path))
                 progress.update()
             writer.close()
             storage.upload_file_atomically(local, storage.join(output, name))

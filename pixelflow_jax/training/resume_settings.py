@@ -40,9 +40,16 @@ def resume_settings(config, num_records: int) -> dict:
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
     values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS if name in config.data})
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
+    values = {key: same_folder_spelled_once(key, value) for key, value in values.items()}
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
         values["train.lr_decay_steps"] = config.train.num_steps
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
+
+
+def same_folder_spelled_once(key: str, value):
+    """data.root as an absolute path without a trailing slash: `data/x`, `./data/x/` and
+    `/home/me/data/x` name one folder (a relative path as seen from where the run starts)."""
+    return storage.absolute(value).rstrip("/") if key == "data.root" and value else value
 
 
 def check_optimiser_state(workdir: str, config, step: int) -> None:
@@ -72,7 +79,7 @@ def check_resume(workdir: str, config, step: int, num_records: int) -> None:
         if jax.process_index() == 0:
             storage.write_json_atomically(path, current)
         return
-    previous = {**DEFAULTS, **storage.read_json(path)}
+    previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **storage.read_json(path)}.items()}
     changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
                if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
     if not changed:

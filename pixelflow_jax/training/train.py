@@ -425,7 +425,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
     # A missing dataset stops the run before it records anything in the workdir (class_index.json
     # of an image folder aside).
-    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim))
+    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim),
+                         trained=bool(complete_steps(workdir)))
     init_model = init_source = None
     if config.train.init_from:
         done = complete_steps(workdir)
