@@ -201,4 +201,8 @@ def run(config, workdir: str = "") -> None:
     check_port_free(host, int(config.demo.port))
     demo = DemoSampler(config, workdir)
     page = build_page(demo, config)
-    page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False)
+    where = ("on every network interface of this machine" if config.demo.share_on_network else
+             "on this machine only (--config.demo.share_on_network=True serves it to the network)")
+    print(f"demo page: http://{host}:{int(config.demo.port)}/ {where}; Ctrl-C stops it", flush=True)
+    # quiet: Gradio's own banner suggests share=True (a public gradio.live tunnel), which this demo never opens.
+    page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False, quiet=True)

@@ -199,6 +199,17 @@ def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(
             extract_state_dict({**weights, key: change(weights[key])}, "w.pt")
 
 
+def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import load_torch_file
+
+    torch.save({**release_state_dict(), "step": argparse.ArgumentParser}, tmp_path / "model.pt")  # not data
+    with pytest.raises(CheckpointError, match=r"holds Python objects besides tensors, which are not read \(loading "
+                                              r"them could run code\)") as error:
+        load_torch_file(str(tmp_path / "model.pt"))
+    assert "\x1b" not in str(error.value)
+
+
 def test_existing_output_is_refused_and_kept(tmp_path, converted):
     output = tmp_path / "out"
     output.mkdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from typing import Any, Mapping
@@ -61,7 +62,12 @@ def load_torch_file(path: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]), storage.local_file(path) as local:
             return torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its messages
+        if reason.startswith("Weights only load failed"):
+            raise CheckpointError(f"{path} holds Python objects besides tensors, which are not read (loading them "
+                                  "could run code): save the state dict alone (torch.save(model.state_dict(), "
+                                  "path))") from None
+        reason = reason.splitlines()[0] if reason else type(e).__name__
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (truncated or not a checkpoint?): "
                               f"{reason}") from None
 
