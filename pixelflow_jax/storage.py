@@ -58,6 +58,8 @@ def user_path(path: str) -> str:
         fixed = f"{scheme_name}://{path.split(':', 1)[1].lstrip('/')}"
         raise StorageError(f'{path} looks like a URL without its "//": write {fixed} (or ./{path} for a local '
                            "folder of that name)")
+    if is_url(path) and scheme(path) == "file":
+        raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
     if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
         raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
     if is_url(path) and "//" in path.split("://", 1)[1].rstrip("/"):

@@ -504,6 +504,8 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
     for no_bucket in ("gs://", "gs:///run"):
         with pytest.raises(storage.StorageError, match="names no bucket: write gs://BUCKET/"):
             storage.user_path(no_bucket)
+    with pytest.raises(storage.StorageError, match=r"write the local path itself \(/data/run\), not a file:// URL"):
+        storage.user_path("file:///data/run")
     assert storage.user_path("~/runs/x") == os.path.join(os.path.expanduser("~"), "runs", "x")
     assert storage.user_path("./gs:/x") == "./gs:/x" and storage.user_path("gs://b/x") == "gs://b/x"
 
