@@ -228,6 +228,14 @@ def test_existing_output_is_refused_and_kept(tmp_path, converted):
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(earlier)) == ["params", "pixelflow_config.json"]
     assert [f for f in os.listdir(tmp_path) if f.startswith(".earlier.")] == []
+    link = tmp_path / "link"  # e.g. to a larger disk: the folder it names is replaced, the link kept
+    os.symlink(earlier, link)
+    before = os.stat(earlier / "pixelflow_config.json").st_mtime_ns
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={link}", "--overwrite")
+    assert result.returncode == 0 and os.path.islink(link), result.stderr
+    assert os.stat(earlier / "pixelflow_config.json").st_mtime_ns != before
+    result = run_converter(f"--torch_checkpoint={link}", f"--output={earlier / 'inside'}")
+    assert result.returncode != 0 and "overlaps the input" in result.stderr, result.stderr
 
 
 def test_load_model_names_a_non_checkpoint_folder(tmp_path):

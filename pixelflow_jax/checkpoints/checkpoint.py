@@ -77,7 +77,7 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     if storage.is_url(path):
         yield from _object_store_output_dir(path, overwrite)
         return
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # a link to the output: the folder it names is replaced, the link kept
     parent, base = os.path.dirname(path), os.path.basename(path)
     os.makedirs(parent, exist_ok=True)
     _clean_up_after_killed_runs(parent, base, path)
