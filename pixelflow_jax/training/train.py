@@ -462,17 +462,17 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
               "raise --config.train.num_steps to train further", flush=True)
         manager.close()
         return {}
-    check_optimiser_state(workdir, config, max(complete_steps(workdir), default=0))
+    done = max(complete_steps(workdir), default=0)
+    try:  # before the restore, which takes minutes for a large model
+        check_optimiser_state(workdir, config, done)
+        check_resume(workdir, config, done, len(source))
+    except ValueError:
+        manager.close()
+        raise
     start, state = resume_point(manager, state, shardings)
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, start_batch=start, tokenizer=text_encoder and text_encoder.tokenizer,
                          source=source)
-    try:
-        check_resume(workdir, config, start, loader.num_records)
-    except ValueError:
-        loader.close()
-        manager.close()
-        raise
     log = MetricsLog(workdir, start)
 
     preemption = PreemptionWatch()
