@@ -241,6 +241,25 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     assert "already trained to step 4 (train.num_steps = 4): nothing to do" in capsys.readouterr().out
 
 
+def test_a_resume_with_changed_settings_is_refused_before_the_checkpoint_is_restored(tmp_path):
+    """The stand-in checkpoint below cannot restore into a train state: only a check made before
+    the restore gives the settings error."""
+    import jax
+
+    from pixelflow_jax.training import train
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE
+
+    config = c2i_config()
+    config.train.update(num_steps=4, batch_size=32)
+    train.check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
+    manager = train.checkpoint_manager(str(tmp_path), keep=2)
+    train.save(manager, 2, {"w": jax.numpy.zeros(2)})
+    manager.wait_until_finished()
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"train.lr": 0.5}))
+    with pytest.raises(ValueError, match=r"trained to step 2 with other settings \(train.lr: 0.5 -> 0.0001"):
+        train.train(config, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_a_run_stops_after_max_bad_steps_without_logging_or_saving_a_step_past_them(tmp_path):
     """lr 1e30 makes every update overflow, so every step is skipped. The loop reads a step's
