@@ -404,7 +404,7 @@ def move_folder(source: str, target: str) -> None:
         _remote(source, move)
     else:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(source, target)
+        shutil.move(source, target)  # a rename, or a copy where the target is on another disk
 
 
 def size_and_mtime(path: str) -> tuple[int, float]:

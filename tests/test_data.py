@@ -71,7 +71,7 @@ def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
             make_source(config, class_index_dir=str(tmp_path))  # ids stay stable: a new class is an error
         # Before a checkpoint has learned the ids (a run killed before its first save), they follow the folders.
         (tmp_path / "class_index.json").write_text(written.replace('"b"', '"gone"'))
-        assert make_source(config, class_index_dir=str(tmp_path), trained=False).classes == ["0_new_class", "a", "b"]
+        assert make_source(config, class_index_dir=str(tmp_path), ids_learned=False).classes == ["0_new_class", "a", "b"]
         assert '"0_new_class"' in (tmp_path / "class_index.json").read_text()
     finally:
         shutil.rmtree(os.path.join(awkward_folder, "0_new_class"))

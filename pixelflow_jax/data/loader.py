@@ -184,18 +184,18 @@ class TfdsSource:
 
 
 def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None,
-                trained: bool = True):
-    """The configured source. For folders, the class list is written to (or, once the run has
-    `trained` a checkpoint with those ids, read back from) class_index_dir/class_index.json, so the
-    ids of a run stay as they were; it must fit the model's num_classes (id num_classes is the null
-    class, and higher ids have no embedding)."""
+                ids_learned: bool = True):
+    """The configured source. For folders, the class list is written to class_index_dir/
+    class_index.json, or read back from it once a checkpoint of the run has learned those ids
+    (`ids_learned`), so the ids of a run stay as they were; it must fit the model's num_classes
+    (id num_classes is the null class, and higher ids have no embedding)."""
     kind = data_config.source
     if kind == "tfds":
         return TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
     if kind == "folder":
         classes = None
         index_path = storage.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
-        if index_path and trained and storage.exists(index_path):
+        if index_path and ids_learned and storage.exists(index_path):
             classes = storage.read_json(index_path)["classes"]
         source = ImageFolderSource(data_config.root, classes, index_path or "the run's class index")
         if num_classes is not None and len(source.classes) > num_classes:
@@ -438,14 +438,14 @@ class ImageLoader:
         gc.collect()
 
 
-def open_source(config, class_index_dir: str | None = None, captioned: bool = False, trained: bool = True):
+def open_source(config, class_index_dir: str | None = None, captioned: bool = False, ids_learned: bool = True):
     """The records of config.data: captioned ones for a text-conditional model. Opening them finds
     a missing or unreadable dataset, so a run does it before it writes anything."""
     if captioned:
         from pixelflow_jax.data.caption_data import make_captioned_source
 
         return make_captioned_source(config.data)
-    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, trained=trained)
+    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned)
 
 
 def make_loader(config, batch_size: int, class_index_dir: str | None = None, start_batch: int = 0,

@@ -71,12 +71,12 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
                          f"--config.train.init_from={workdir} instead")
 
 
-def check_resume(workdir: str, config, step: int, num_records: int) -> None:
+def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True) -> None:
     """Records the settings of a new run (and the number of records its data has); refuses or
-    records a change when resuming at `step`."""
+    records a change when resuming at `step`. `record=False` only refuses (and writes nothing)."""
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
-        if jax.process_index() == 0:
+        if record and jax.process_index() == 0:
             storage.write_json_atomically(path, current)
         return
     previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **storage.read_json(path)}.items()}
@@ -90,6 +90,8 @@ def check_resume(workdir: str, config, step: int, num_records: int) -> None:
                          "would change the run (a batch size, seed or data change also loses exact resume). Rerun "
                          f"with the values in {path}, or pass --config.train.allow_resume_changes=True to accept the "
                          f"change (recorded in {CHANGES_FILE})")
+    if not record:
+        return
     logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
     if jax.process_index() == 0:
         changes = storage.join(workdir, CHANGES_FILE)

@@ -230,25 +230,25 @@ def restore(manager, step: int, state, shardings):
 
 
 def resume_point(manager, state, shardings):
-    """(step, state) of the latest checkpoint that restores; a corrupt one (damaged files, a disk
-    that filled up) is skipped with a warning for the one before it, and set aside. (0, state)
-    without any."""
-    from jax.experimental import multihost_utils
+    """(step, state) of the latest checkpoint that restores; (0, state) without any.
 
+    A corrupt one (damaged files, a disk that filled up) is skipped with a warning for the one
+    before it, and set aside. With several processes there is no fallback: orbax ends a restore
+    with a barrier of every process, which a process whose restore failed never reaches, so the
+    processes could not agree on another step; the error says which folder to move away."""
     unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = restore(manager, step, state, shardings)
         except Exception as e:  # orbax and tensorstore raise many types for unreadable files
             cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            logging.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the one before it",
-                            manager.directory, step, type(e).__name__, cause)
-            restored = None
-        # Every process resumes from the same step: one that failed anywhere is skipped everywhere.
-        if not multihost_utils.process_allgather(np.int32(restored is not None)).all():
-            if restored is not None:
-                logging.warning("checkpoint %s/%d did not restore on every process; trying the one before it",
-                                manager.directory, step)
+            folder = storage.join(str(manager.directory), str(step))
+            if jax.process_count() > 1:
+                raise CheckpointError(f"{folder} cannot be restored on process {jax.process_index()} "
+                                      f"({type(e).__name__}: {cause}); move it out of {manager.directory} and rerun "
+                                      "the same command to resume from the step before it") from None
+            logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
+                            folder, type(e).__name__, cause)
             unreadable.append(step)
             continue
         set_aside(manager, unreadable)
@@ -261,21 +261,21 @@ def resume_point(manager, state, shardings):
 
 
 def set_aside(manager, steps: list[int]) -> None:
-    """Moves checkpoints that do not restore to WORKDIR/unreadable_checkpoints/STEP-TIME: orbax
-    saves only steps after its latest one, so left in place they would stop every save until the
-    run passed them (and a read error that was only transient leaves the files to recover)."""
-    from jax.experimental import multihost_utils
-
-    if not steps:
-        return
+    """Moves checkpoints that do not restore (one process) to WORKDIR/unreadable_checkpoints/
+    STEP-TIME: orbax saves only steps after its latest one, so left in place they would stop every
+    save until the run passed them (and a read error that was only passing leaves the files)."""
     run = storage.dirname(str(manager.directory))
-    if jax.process_index() == 0:
-        for step in steps:
-            target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{step}-{int(time.time())}")
-            storage.move_folder(storage.join(str(manager.directory), str(step)), target)
-            logging.warning("moved checkpoint %d, which does not restore, to %s", step, target)
-    multihost_utils.sync_global_devices("unreadable checkpoints set aside")
-    manager.reload()
+    for step in steps:
+        folder = storage.join(str(manager.directory), str(step))
+        target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{step}-{int(time.time())}")
+        try:
+            storage.move_folder(folder, target)
+        except OSError as e:
+            raise CheckpointError(f"cannot move {folder}, which does not restore, to {target} ({e}): move or delete "
+                                  "it yourself and rerun the same command") from None
+        logging.warning("moved checkpoint %d, which does not restore, to %s", step, target)
+    if steps:
+        manager.reload()
 
 
 def summary_writer_class():
@@ -423,10 +423,17 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     from pixelflow_jax.data.loader import make_loader, open_source, to_global_batch
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
+    t = config.train
+    done = max(complete_steps(workdir), default=0)
+    if done >= t.num_steps:
+        print(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
+              "raise --config.train.num_steps to train further", flush=True)
+        return {}
     # A missing dataset stops the run before it records anything in the workdir (class_index.json
     # of an image folder aside).
-    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim),
-                         trained=bool(complete_steps(workdir)))
+    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
+    check_optimiser_state(workdir, config, done)
+    check_resume(workdir, config, done, len(source), record=False)  # refused now, not after a restore
     init_model = init_source = None
     if config.train.init_from:
         done = complete_steps(workdir)
@@ -454,22 +461,9 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                                  text=text_encoder and text_encoder.conditioning,
                                  encoder_sharding=text_encoder and text_encoder.sharding)
 
-    t = config.train
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
-    latest = manager.latest_step() or 0
-    if latest >= t.num_steps:
-        print(f"{workdir} is already trained to step {latest} (train.num_steps = {t.num_steps}): nothing to do; "
-              "raise --config.train.num_steps to train further", flush=True)
-        manager.close()
-        return {}
-    done = max(complete_steps(workdir), default=0)
-    try:  # before the restore, which takes minutes for a large model
-        check_optimiser_state(workdir, config, done)
-        check_resume(workdir, config, done, len(source))
-    except ValueError:
-        manager.close()
-        raise
     start, state = resume_point(manager, state, shardings)
+    check_resume(workdir, config, start, len(source))  # compared above already: records a new run or an allowed change
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, start_batch=start, tokenizer=text_encoder and text_encoder.tokenizer,
                          source=source)
