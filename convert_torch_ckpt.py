@@ -81,7 +81,7 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
         raise CheckpointError(f"--output {output} overlaps the input {source}: writing there would replace what "
                               "is being converted; choose another folder")
-    check_outside_checkpoints(output, "--output")
+    check_outside_checkpoints(out, "--output")
     if not storage.exists(output):
         storage.check_writable(storage.dirname(out))  # before the conversion, not after it
         return

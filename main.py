@@ -91,8 +91,9 @@ def check_config_file(argv: list[str]) -> None:
     """A --config file that does not exist, named in one line (ml_collections reports it only when
     the config is first read, in a traceback)."""
     for i, arg in enumerate(argv[1:], 1):
-        value = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and i + 1 < len(
-            argv) else None
+        flag = arg.lstrip("-")  # absl takes -config as --config
+        value = flag.split("=", 1)[1] if flag.startswith("config=") else argv[i + 1] if (
+            flag == "config" and arg.startswith("-") and i + 1 < len(argv)) else None
         path = value and value.split(":", 1)[0]
         if path and not os.path.isfile(path):
             here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

@@ -322,6 +322,9 @@ WRITER = r"(?:(?P<host>.+)-)?(?P<pid>\d+)-[^-]*"
 OTHER_HOSTS_TEMPORARIES_EXPIRE_S = 24 * 3600
 
 
+_THIS_PROCESS_STARTED = time.time()  # (at import: before this process writes anything)
+
+
 def writer_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -329,7 +332,12 @@ def writer_tag() -> str:
 def writer_gone(match: re.Match, path: str) -> bool:
     """Whether the writer named in `match` (of a pattern holding WRITER) can no longer finish `path`."""
     if match["host"] in (None, socket.gethostname()):
-        return not process_alive(int(match["pid"]))
+        pid = int(match["pid"])
+        if pid == os.getpid():  # a restarted container reuses pids: this process's own, or a predecessor's
+            with contextlib.suppress(OSError):
+                return os.path.getmtime(path) < _THIS_PROCESS_STARTED
+            return False
+        return not process_alive(pid)
     with contextlib.suppress(OSError):
         return time.time() - os.path.getmtime(path) > OTHER_HOSTS_TEMPORARIES_EXPIRE_S
     return False

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 import shutil
 
 import pytest
@@ -144,15 +145,20 @@ def test_unreadable_file_gets_one_line_error(tmp_path, content):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("flags,phrase", [
-    (["--attention_head_dim=0"], "attention_head_dim 0 does not divide the model width 32"),
-    (["--attention_head_dim=16", "--num_stages=0"], "num_stages must be positive, got 0"),
-    (["--attention_head_dim=16", "--resolution=-64"], "resolution must be positive, got -64"),
+@pytest.mark.parametrize("head_dim,overrides,phrase", [
+    (0, {}, "attention_head_dim 0 does not divide the model width 32"),  # was a ZeroDivisionError
+    (16, {"num_stages": 0}, "num_stages must be positive, got 0"),
+    (16, {"resolution": -64}, "resolution must be positive, got -64"),
 ])
-def test_a_flag_out_of_range_gets_one_line_error(tmp_path, flags, phrase):
-    output = str(tmp_path / "out")
+def test_a_flag_out_of_range_is_the_converters_own_error(head_dim, overrides, phrase):
+    """convert_torch_ckpt.py prints these errors (CheckpointError, ConversionError) as one line."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.convert import ConversionError
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
     bare = os.path.join(fixture_dir("c2i_tiny"), "model.pt")
-    assert_failed_cleanly(run_converter(f"--torch_checkpoint={bare}", *flags, f"--output={output}"), output, phrase)
+    with pytest.raises((CheckpointError, ConversionError), match=re.escape(phrase)):
+        read_release_checkpoint(bare, attention_head_dim=head_dim, overrides=overrides)
 
 
 def test_an_output_that_must_not_or_cannot_be_written_is_refused_before_converting(tmp_path, converted):

@@ -189,15 +189,18 @@ def test_the_loader_reads_only_prefetch_batches_ahead():
     ImageNet sizes. Idle after its first batch, the loader must stop after a few."""
     import time
 
-    class CountingSource:
+    import threading
+
+    class CountingSource:  # read from grain's threads
         def __init__(self, source):
-            self.source, self.reads = source, 0
+            self.source, self.reads, self.lock = source, 0, threading.Lock()
 
         def __len__(self):
             return len(self.source)
 
         def __getitem__(self, index):
-            self.reads += 1
+            with self.lock:
+                self.reads += 1
             return self.source[index]
 
     source = CountingSource(DemoSource(2000, seed=0))
@@ -208,7 +211,7 @@ def test_the_loader_reads_only_prefetch_batches_ahead():
     loader.close()
 
 
-def test_loader_workers_die_with_a_trainer_killed_9():
+def test_loader_workers_die_with_a_trainer_killed_9(tmp_path):
     """kill -9 gives the trainer no chance to stop its workers: they must not live on, holding
     memory (a container's restart loop would pile them up)."""
     import signal
@@ -226,12 +229,12 @@ if __name__ == "__main__":
     print("ready", flush=True)
     time.sleep(300)
 """
-    path = os.path.join(REPO, ".loader_kill_test.py")  # spawned workers re-import the main script by path
-    with open(path, "w") as f:
-        f.write(script)
-    workers = []
+    path = tmp_path / "trainer.py"  # spawned workers re-import the main script by its path
+    path.write_text(script)
+    workers, trainer = [], None
     try:
-        trainer = subprocess.Popen([sys.executable, path], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        trainer = subprocess.Popen([sys.executable, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                   env={**os.environ, "PYTHONPATH": REPO})
         assert trainer.stdout.readline().strip() == "ready"
         children = lambda: [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(int(p)) == trainer.pid]
         workers = children()
@@ -243,7 +246,8 @@ if __name__ == "__main__":
             time.sleep(0.2)
         assert not any(alive(pid) for pid in workers), [open(f"/proc/{p}/cmdline").read() for p in workers if alive(p)]
     finally:
-        os.remove(path)
+        if trainer and trainer.poll() is None:
+            trainer.kill()
         for pid in workers:  # a failed test leaves no orphans behind
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -344,12 +344,14 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
     (tmp_path / "samples").mkdir()
     here, day_old = socket.gethostname(), time.time() - 25 * 3600
     ours = [f".000001.png.tmp-{dead}-x", "000002.png.tmp", "samples.npz.tmp.npz", f".000005.png.tmp-{here}-{dead}-z",
-            ".000006.png.tmp-other-host.example-7-w"]  # the last one a day old
+            f".000009.png.tmp-{here}-{os.getpid()}-t",  # a predecessor's with this pid (a restarted container)
+            ".000006.png.tmp-other-host.example-7-w"]  # the last two a day old
     kept = [f".000003.png.tmp-{os.getpid()}-y", f".000007.png.tmp-{here}-{os.getpid()}-v",  # live writers'
             ".000008.png.tmp-other-host.example-7-u", "000004.png", "cache.tmp.npz", "draft.tmp"]  # a user's
     for name in ours + kept:
         (tmp_path / "samples" / name).write_bytes(b"")
-    os.utime(tmp_path / "samples" / ours[-1], (day_old, day_old))
+    for name in ours[-2:]:
+        os.utime(tmp_path / "samples" / name, (day_old, day_old))
     assert storage.remove_temporaries(str(tmp_path / "samples")) == len(ours)
     assert sorted(os.listdir(tmp_path / "samples")) == sorted(kept)
 

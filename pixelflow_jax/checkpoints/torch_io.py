@@ -63,7 +63,7 @@ def load_torch_file(path: str) -> Any:
             return torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
     except Exception as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its messages
-        if reason.startswith("Weights only load failed"):
+        if reason.startswith("Weights only load failed") and "Unsupported global" in reason:  # not damage
             raise CheckpointError(f"{path} holds Python objects besides tensors, which are not read (loading them "
                                   "could run code): save the state dict alone (torch.save(model.state_dict(), "
                                   "path))") from None
@@ -89,10 +89,12 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise CheckpointError(f"{path} holds no PixelFlow state dict (expected a dict of tensors, "
                               f"or a train.py checkpoint with 'model'/'ema')")
-    for wrapper in WRAPPER_PREFIXES:
-        if all(k.startswith(wrapper) for k in loaded):
-            logging.info("%s: the keys carry %r (a wrapped model's state dict); reading them without it", path, wrapper)
-            loaded = {k[len(wrapper):]: v for k, v in loaded.items()}
+    wrapped = True
+    while wrapped:  # wrappers nest: torch.compile of a DistributedDataParallel model, say
+        wrapped = next((w for w in WRAPPER_PREFIXES if all(k.startswith(w) for k in loaded)), None)
+        if wrapped:
+            logging.info("%s: the keys carry %r (a wrapped model's state dict); reading them without it", path, wrapped)
+            loaded = {k[len(wrapped):]: v for k, v in loaded.items()}
     not_float = sorted(k for k, v in loaded.items() if not v.is_floating_point())
     if not_float:
         raise CheckpointError(f"{path}: {listed(not_float)} hold {loaded[not_float[0]].dtype} values, not weights "

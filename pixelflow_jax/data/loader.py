@@ -388,7 +388,8 @@ def init_worker(trainer_pid: int, *_) -> None:
     - Ctrl-C is ignored: a terminal's Ctrl-C reaches every process of the group, and the trainer
       saves a step on it (preemption.py) with batches the workers still have to make;
     - the worker dies with the trainer (Linux): after a kill -9 of the trainer it would otherwise
-      go on holding its memory."""
+      go on holding its memory. Strictly, the kernel signals it when the trainer's thread that
+      started it ends: grain's prefetch thread, which lives until the loader is closed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
