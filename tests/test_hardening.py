@@ -261,12 +261,22 @@ def test_a_resume_with_changed_settings_is_refused_before_the_checkpoint_is_rest
 
 
 @pytest.mark.slow
-def test_a_run_stops_after_max_bad_steps_without_logging_or_saving_a_step_past_them(tmp_path):
+def test_a_run_stops_after_max_bad_steps_without_logging_or_saving_a_step_past_them(tmp_path, monkeypatch):
     """lr 1e30 makes every update overflow, so every step is skipped. The loop reads a step's
     non-finite count after queueing the next step, except on steps it logs or saves."""
     from pixelflow_jax.training import train
 
+    dispatched = []
+    make_train_step = train.make_train_step
+
+    def counted(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+        return lambda *inputs: dispatched.append(1) or step(*inputs)
+
+    monkeypatch.setattr(train, "make_train_step", counted)
+
     def stopped_run(workdir, max_bad_steps):
+        dispatched.clear()
         config = c2i_config()
         config.train.update(num_steps=8, batch_size=32, lr=1e30, max_bad_steps=max_bad_steps, log_every=2,
                             checkpoint_every=2, preview_every=0)
@@ -274,16 +284,17 @@ def test_a_run_stops_after_max_bad_steps_without_logging_or_saving_a_step_past_t
             train.train(config, str(workdir))
         log = workdir / "metrics.jsonl"
         logged = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        return str(stop.value), train.complete_steps(str(workdir)), [(r["step"], r["skipped_steps"]) for r in logged]
+        return (str(stop.value), train.complete_steps(str(workdir)), [(r["step"], r["skipped_steps"]) for r in logged],
+                len(dispatched))
 
     # Step 3 is read while step 4 is queued, before step 4's save: step 2 (the initial weights) stays.
     assert stopped_run(tmp_path / "three", 3) == (
         "3 non-finite steps in a row (train.max_bad_steps); stopped at step 3 without saving: the last good "
-        "checkpoint is step 2", [2], [(2, 2)])
+        "checkpoint is step 2", [2], [(2, 2)], 4)
     # Step 2 is due to be logged and saved: it is read first, and nothing of it is written.
     assert stopped_run(tmp_path / "two", 2) == (
         "2 non-finite steps in a row (train.max_bad_steps); stopped at step 2 without saving: no checkpoint of "
-        "this run was saved", [], [])
+        "this run was saved", [], [], 2)
 
 
 def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, converted):
