@@ -185,12 +185,17 @@ def main(argv):
                 e = FLAGS.config.eval
                 if e.reference:  # a typo found now, not after hours of sampling
                     evaluate.check_inputs(None, e.reference, e.inception_weights, FLAGS.workdir)
+                    evaluate.check_sample_count(FLAGS.config.sample)
                 sample_run.run(FLAGS.config, FLAGS.workdir)
             if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
                 samples = storage.join(FLAGS.workdir, "samples.npz") if FLAGS.mode == "sample" else None
                 evaluate.run(FLAGS.config, FLAGS.workdir, samples)
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)
+        except KeyboardInterrupt:  # finished batches are on disk (sample_run writes each batch whole)
+            print("stopped: interrupted (Ctrl-C); rerun the same command to go on from the images written",
+                  file=sys.stderr)
+            sys.exit(130)  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

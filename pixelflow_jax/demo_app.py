@@ -199,6 +199,8 @@ def run(config, workdir: str = "") -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
     check_port_free(host, int(config.demo.port))
+    if workdir and not storage.is_url(workdir):  # its demo_outputs/: known before the model loads
+        storage.check_writable(workdir)
     demo = DemoSampler(config, workdir)
     page = build_page(demo, config)
     where = ("on every network interface of this machine" if config.demo.share_on_network else

@@ -562,6 +562,11 @@ def test_a_workdir_that_would_be_lost_or_misread_is_refused_before_any_work(tmp_
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(run / "checkpoints" / "4") == []
+    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
+
+    os.symlink(run / "checkpoints", tmp_path / "link")  # the same folder by another name
+    with pytest.raises(CheckpointError, match="inside the checkpoints of the training run"):
+        check_outside_checkpoints(str(tmp_path / "link" / "6"))
 
 
 def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
@@ -589,6 +594,8 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
                                          rf"other weights .* new --workdir with --config.sample.checkpoint={copy}; "):
         check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
+    # The same weights at another path (moved, copied, linked) are the same checkpoint.
+    check_settings(samples, str(tmp_path), {"checkpoint": converted["c2i_tiny"], "checkpoint_fingerprint": before})
 
     os.remove(os.path.join(samples, "settings.json"))  # a job of an earlier version did not record the fingerprint
     storage.write_json_atomically(os.path.join(samples, "settings.json"), {"checkpoint": copy})
@@ -610,6 +617,37 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
                                          ".*settings.json is gone"):
         check_settings(str(kept / "samples"), str(kept), {"checkpoint": copy, "checkpoint_fingerprint": after})
     assert not (kept / "samples" / "settings.json").exists()
+
+
+def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, converted):
+    (tmp_path / "samples").write_text("my notes")
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}", "--mode=sample",
+               f"--config.sample.checkpoint={converted['c2i_tiny']}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "samples is a file, where this job keeps its images" in result.stderr
+    assert "Traceback" not in result.stderr and (tmp_path / "samples").read_text() == "my notes"
+
+
+def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path):
+    from configs import c2i
+    from pixelflow_jax.evaluation.evaluate import check_sample_count
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    dopri5 = {"solver": "dopri5", "shift": 1.0, "steps_per_stage": [10, 10, 10, 10], "seed": 0}
+    check_settings(str(samples), str(tmp_path), dopri5)
+    check_settings(str(samples), str(tmp_path), {**dopri5, "shift": 3.0, "steps_per_stage": [2, 2, 2, 2]})  # unused
+    with pytest.raises(ValueError, match=r"differing: \['seed'\]"):
+        check_settings(str(samples), str(tmp_path), {**dopri5, "seed": 1})
+    (samples / "settings.json").write_text('{"solver": "dopri5", ')  # a disk that filled up
+    with pytest.raises(ValueError, match=r"samples/settings.json is damaged \(JSONDecodeError: .*use a new --workdir"):
+        check_settings(str(samples), str(tmp_path), dopri5)
+
+    config = c2i.get_config("tiny")
+    config.sample.num_images = 3
+    with pytest.raises(ValueError, match=r"num_images=3 is too few to evaluate: precision and recall need more than 3"):
+        check_sample_count(config.sample)
 
 
 def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp_path):

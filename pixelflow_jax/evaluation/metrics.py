@@ -77,7 +77,7 @@ def manifold_radii(features: np.ndarray, k: int = NEIGHBOURHOOD, block: int = BL
     is its own nearest, at distance 0)."""
     if len(features) <= k:  # every radius would stay infinite: all points inside every ball
         raise ValueError(f"precision and recall need more than {k} images in each set (a ball reaches an image's "
-                         f"{k}th nearest neighbour), got {len(features)}")
+                         f"neighbour number {k}), got {len(features)}")
     features = jnp.asarray(features, jnp.float32)
     radii = []
     for start in range(0, len(features), block):

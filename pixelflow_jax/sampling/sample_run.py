@@ -81,13 +81,23 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
     describe (its PNGs and settings.json deleted to save space) is not overwritten either."""
     path = storage.join(folder, "settings.json")
     if storage.exists(path):
-        previous = storage.read_json(path)
+        try:
+            previous = storage.read_json(path)
+            previous.get("checkpoint")
+        except (ValueError, AttributeError) as e:  # AttributeError: valid JSON that is not an object
+            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}), so the images beside it cannot be "
+                             "trusted to be this job's: use a new --workdir, or move the samples folder away") from None
         settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if previous.get("checkpoint_fingerprint") and previous.get("checkpoint_fingerprint") == settings.get(
+                "checkpoint_fingerprint"):  # the same weights at another path: a copy, a link, a moved folder
+            changed = [k for k in changed if k != "checkpoint"]
+        if settings.get("solver") == "dopri5":  # its adaptive steps use neither
+            changed = [k for k in changed if k not in ("shift", "steps_per_stage")]
+        if changed:
             weights = "; they are of other weights (a run that trained on since?): sample those into a new " \
                       f"--workdir with --config.sample.checkpoint={settings['checkpoint']}" if (
-                          {"checkpoint", "checkpoint_fingerprint"} & set(changed)) else ""
+                          "checkpoint_fingerprint" in changed) else ""
             raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}){weights}; "
                              "use a new --workdir, or rerun with the settings in settings.json")
         return
@@ -137,6 +147,8 @@ def run(config, workdir: str) -> None:
 
     folder = storage.join(workdir, "samples")
     storage.check_writable(workdir)
+    if storage.isfile(folder):
+        raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
     storage.makedirs(folder)
     settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),
                     dtype=model.config.dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
