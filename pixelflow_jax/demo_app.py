@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -93,6 +94,11 @@ class DemoSampler:
             return "Type a prompt."
         if not self.text and condition is None:
             return "Pick a class."
+        given = {"Number of images": num_images, "CFG": cfg, "Noise shift": shift, "Seed": seed,
+                 **{f"Steps of stage {stage}": n for stage, n in enumerate(steps)}}
+        for label, value in given.items():  # the page sends numbers; its API accepts anything
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+                return f"{label} must be a number, got {value!r}."
         if not 1 <= num_images <= self.max_images or int(num_images) != num_images:
             return f"Number of images must be a whole number from 1 to {self.max_images}."
         if not 1.0 <= cfg <= 25.0:
@@ -101,7 +107,7 @@ class DemoSampler:
             return "Noise shift must be between 1 and 100."
         if any(not 1 <= n <= 100 or int(n) != n for n in steps):
             return "Steps per stage must be whole numbers from 1 to 100."
-        if seed is None or not 0 <= seed <= MAX_SEED or int(seed) != seed:
+        if not 0 <= seed <= MAX_SEED or int(seed) != seed:
             return f"Seed must be a whole number from 0 to {MAX_SEED}."
         return None
 

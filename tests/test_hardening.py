@@ -385,6 +385,20 @@ def test_the_demo_page_keeps_only_its_newest_requests_on_disk(tmp_path):
     assert len(os.listdir(tmp_path)) == 3
 
 
+def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page():
+    from pixelflow_jax.demo_app import DemoSampler
+
+    demo = DemoSampler.__new__(DemoSampler)  # check() needs no model
+    demo.text, demo.max_images = False, 8
+    good = dict(condition=3, num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
+    assert demo.check(**good) is None
+    for change, message in [({"cfg": None}, "CFG must be a number, got None."),
+                            ({"cfg": "4"}, "CFG must be a number, got '4'."),
+                            ({"steps": [2, None, 2, 2]}, "Steps of stage 1 must be a number, got None."),
+                            ({"seed": float("nan")}, "Seed must be a number, got nan.")]:
+        assert demo.check(**{**good, **change}) == message
+
+
 def test_a_demo_port_in_use_names_the_flag():
     from pixelflow_jax.demo_app import check_port_free
 
