@@ -255,6 +255,26 @@ if __name__ == "__main__":
                 pass
 
 
+def test_a_run_with_loader_workers_ends_without_a_leak_warning(tmp_path):
+    """The batches prefetched when a run stops are removed by multiprocessing's resource tracker;
+    its "leaked shared_memory objects" warning would end every run."""
+    import subprocess
+    import sys
+
+    script = """
+from pixelflow_jax.data.demo_data import DemoSource
+from pixelflow_jax.data.loader import ImageLoader, build_dataset
+if __name__ == "__main__":
+    loader = ImageLoader(build_dataset(DemoSource(64, seed=3), batch_size=4, resolution=32, seed=0, num_workers=2), 64)
+    next(loader)
+    loader.close()
+"""
+    (tmp_path / "run.py").write_text(script)
+    result = subprocess.run([sys.executable, str(tmp_path / "run.py")], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0 and "leaked shared_memory" not in result.stderr, result.stderr[-3000:]
+
+
 def parent_of(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:

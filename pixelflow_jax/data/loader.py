@@ -377,10 +377,22 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
 
         if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside main.py use defaults
             flags.FLAGS.mark_as_parsed()
+        quiet_shared_memory_cleanup()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                    per_worker_buffer_size=prefetch_batches),
                                       worker_init_fn=functools.partial(init_worker, os.getpid()))
     return dataset
+
+
+def quiet_shared_memory_cleanup() -> None:
+    """Batches the workers made but the trainer never took (those prefetched when it stops) stay in
+    shared memory until multiprocessing's resource tracker removes them at exit, with a warning of
+    "leaked shared_memory objects" that every run would end with. The tracker is a process of its
+    own, started with this process's -W options: this one, added before it starts, silences that
+    warning there (the cleanup itself still happens)."""
+    option = "ignore:resource_tracker:UserWarning"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
 
 
 def init_worker(trainer_pid: int, *_) -> None:
