@@ -21,7 +21,6 @@ and names every missing, unexpected and mis-shaped key.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -76,8 +75,7 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
     from pixelflow_jax.checkpoints.torch_io import is_export
 
-    real = lambda path: path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)  # links resolved
-    out, src = real(output), real(source)
+    out, src = storage.resolved(output), storage.resolved(source)
     if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
         raise CheckpointError(f"--output {output} overlaps the input {source}: writing there would replace what "
                               "is being converted; choose another folder")

@@ -24,7 +24,8 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Counts `total` units of work; `update(n)` after each chunk, `close()` at the end (or use it
     as a context manager). `initial` units were done before (a resumed job): the rate and the ETA
-    count only this run's work, from the end of its first chunk (which also compiles). `log` receives the non-terminal lines (default: absl logging.info)."""
+    count only this run's work, from the end of its first chunk (which also compiles). `log`
+    receives the non-terminal lines (default: absl logging.info)."""
 
     def __init__(self, total: int, description: str, unit: str = "it", *, initial: int = 0,
                  interactive: bool | None = None, log_every_s: float = 30.0, stream=None, log=None):

@@ -135,6 +135,12 @@ def absolute(path: str) -> str:
     return str(path) if is_url(path) else os.path.abspath(path)
 
 
+def resolved(path: str) -> str:
+    """A local path made absolute with its symbolic links resolved (so two names of one folder
+    compare equal); a URL without its trailing slash."""
+    return str(path).rstrip("/") if is_url(path) else os.path.realpath(path)
+
+
 def join(base: str, *parts: str) -> str:
     if is_url(base):
         return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])

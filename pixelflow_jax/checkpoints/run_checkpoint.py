@@ -43,7 +43,7 @@ def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
     """Refuses an output inside a training run's checkpoints/ folder (a sample job's workdir and
     its checkpoint swapped, say): the run would take it for a step, and its checkpoint rotation
     would delete it."""
-    absolute = str(path).rstrip("/") if storage.is_url(path) else os.path.realpath(path)  # links resolved
+    absolute = storage.resolved(path)
     for match in re.finditer(f"/{CHECKPOINTS}(?=/|$)", absolute):
         run = absolute[:match.start()]
         if run and not run.endswith(":/") and is_run(run):

@@ -442,8 +442,7 @@ class ImageLoader:
 
     def close(self) -> None:
         """Stops the worker processes (they prefetch until closed) and frees the shared memory of
-        the batches they made (freed at interpreter exit instead, grain's cleanup fails and
-        multiprocessing warns of leaked shared_memory objects)."""
+        the batches they made now: at interpreter exit grain's cleanup of it raises in __del__."""
         close = getattr(self.iterator, "close", None)
         if close is not None:
             close()

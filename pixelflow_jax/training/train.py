@@ -436,10 +436,9 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     check_resume(workdir, config, done, len(source), record=False)  # refused now, not after a restore
     init_model = init_source = None
     if config.train.init_from:
-        done = complete_steps(workdir)
         if done:  # the same command reruns after a preemption: its init_from is no longer read
             logging.info("%s resumes from its step %d; train.init_from starts new runs only and is not read",
-                         workdir, max(done))
+                         workdir, done)
         else:
             init_model, init_source = load_init_from(config, model_cfg)
     text_encoder, frozen = None, ()
