@@ -20,7 +20,7 @@ from pixelflow_jax import PixelFlowScheduler, load_model
 from pixelflow_jax.data.demo_data import demo_image
 from pixelflow_jax.training.flow import Draws, StageTables, per_sample_losses, stage_batches
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
-                                               state_shardings)
+                                               state_shardings, training_root_key)
 from test_model_parity import relative_error
 
 NUM_STAGES, PATCH = 4, 4
@@ -97,6 +97,15 @@ def mesh_of(devices, fsdp):
 @pytest.fixture(scope="module")
 def single_device(converted):
     return build(converted, mesh_of(jax.devices()[:1], 1), lr=1e-3)
+
+
+def test_no_training_step_reuses_a_key_that_initialised_the_parameters():
+    seed, draws = 3, 200  # an XL model draws a few hundred initialiser keys
+    init_keys = nnx.Rngs(seed)
+    used = {tuple(np.asarray(jax.random.key_data(init_keys.params()))) for _ in range(draws)}
+    root = training_root_key(seed)
+    step_keys = {tuple(np.asarray(jax.random.key_data(jax.random.fold_in(root, step)))) for step in range(draws)}
+    assert not used & step_keys
 
 
 def test_learning_rate_schedules():

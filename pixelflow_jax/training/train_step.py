@@ -102,10 +102,17 @@ def init_state(model: PixelFlow, tx: optax.GradientTransformation, seed: int) ->
         "params": params,
         "ema": jax.tree.map(jnp.copy, params),  # the release starts the EMA as a copy of the model
         "opt_state": tx.init(params),
-        "rng": jax.random.key_data(jax.random.key(seed)),
+        "rng": jax.random.key_data(training_root_key(seed)),
         "bad_steps_in_a_row": jnp.zeros((), jnp.int32),
         "skipped_steps": jnp.zeros((), jnp.int32),
     }
+
+
+def training_root_key(seed: int) -> jax.Array:
+    """The key that step k folds k into for its noise. nnx.Rngs(seed) initialised the parameters
+    with fold_in(key(seed), i), so step i folding into key(seed) itself would reuse the key of the
+    i-th initialiser; a split of key(seed) is a separate stream."""
+    return jax.random.split(jax.random.key(seed))[1]
 
 
 def state_shardings(state, mesh):
