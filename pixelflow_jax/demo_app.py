@@ -79,7 +79,7 @@ class DemoSampler:
         self.model_config = model.config
         self.sampler = CascadeSampler(model, self.ckpt)
         self.text = bool(model.config.cross_attention_dim)
-        self.prompt_encoder = None
+        self.prompt_encoder, self.negative_prompt = None, str(s.get("negative_prompt", ""))
         if self.text:
             from pixelflow_jax.text.prompts import prompt_encoder_for
 
@@ -121,7 +121,8 @@ class DemoSampler:
                        shift=float(shift), seed=int(seed))
         n = int(num_images)
         if self.text:
-            images = self.sampler.generate_from_prompts(self.prompt_encoder, [str(condition)] * n, **options)
+            images = self.sampler.generate_from_prompts(self.prompt_encoder, [str(condition)] * n,
+                                                        negative_prompt=self.negative_prompt, **options)
         else:
             images = self.sampler.generate([int(condition)] * n, **options)
         self.compiled.add(self.compile_key(num_images, solver, cfg, steps))

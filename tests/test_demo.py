@@ -71,3 +71,27 @@ def test_pick_a_class_generate_and_see_the_images(demo_server, tmp_path):
         page.screenshot(path=os.path.join(artifacts, "demo_page.png"), full_page=True)
         browser.close()
     assert os.path.getsize(os.path.join(artifacts, "demo_page.png")) > 10_000
+
+
+def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tmp_path):
+    """The page ignored sample.negative_prompt (always ""), unlike the sampling job."""
+    import numpy as np
+    from PIL import Image
+
+    from configs import t2i
+    from pixelflow_jax.demo_app import DemoSampler
+    from test_t5 import write_tiny_t5_folder
+
+    encoder = str(tmp_path / "t5")
+    write_tiny_t5_folder(encoder, d_model=20)
+    config = t2i.get_config("tiny")
+    config.sample.checkpoint, config.sample.text_encoder = converted["t2i_tiny"], encoder
+    config.sample.max_text_tokens, config.sample.negative_prompt = 16, "the moon"
+    demo = DemoSampler(config, str(tmp_path / "page"))
+    request = dict(num_images=1, solver="euler", cfg=4.0, shift=1.0, steps=[1, 1, 1, 1], seed=0)
+    page = np.asarray(Image.open(demo.generate("a red cat", **request)[0]))
+    options = dict(steps_per_stage=[1, 1, 1, 1], cfg_scale=4.0, solver="euler", shift=1.0, seed=0)
+    job = [demo.sampler.generate_from_prompts(demo.prompt_encoder, ["a red cat"], negative_prompt=negative, **options)[0]
+           for negative in ("the moon", "")]
+    np.testing.assert_array_equal(page, job[0])
+    assert not np.array_equal(job[0], job[1])  # the negative prompt matters at this CFG

@@ -104,6 +104,7 @@ def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted)
     assert images.shape == (4, 64, 64, 3) and len({image.tobytes() for image in images}) == 4
     settings = json.load(open(os.path.join(workdir, "samples", "settings.json")))
     assert settings["prompts"] == ["a red cat", "the moon"] and settings["negative_prompt"] == ""
+    assert settings["text_encoder_param_dtype"] == "float32"  # bfloat16 weights give other embeddings: no rerun mixes them
 
     # The Python API draws the same images (up to float rounding: one uint8 level).
     from pixelflow_jax import load_model

@@ -170,3 +170,60 @@ def test_pytorch_model_bin_folder_loads_the_same_encoder(t5_folder, tmp_path):
     got = nnx.to_pure_dict(nnx.state(load_t5_encoder(str(folder)), nnx.Param))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def linked_copy(source: str, folder) -> str:
+    """A copy of a T5 folder whose files are hard links, to damage one file at a time."""
+    os.makedirs(folder)
+    for name in os.listdir(source):
+        os.link(os.path.join(source, name), os.path.join(folder, name))
+    return str(folder)
+
+
+def replaced(folder: str, name: str, content: bytes) -> None:
+    if os.path.exists(os.path.join(folder, name)):
+        os.remove(os.path.join(folder, name))  # a hard link: the shared fixture stays whole
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(content)
+
+
+def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder, tmp_path):
+    """Each damage used to be a traceback of json, safetensors or sentencepiece (or, for a tokenizer
+    of another model, NaN embeddings: black images and no error)."""
+    import sentencepiece
+
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    config = open(os.path.join(t5_folder, "config.json"), "rb").read()
+    weights = open(os.path.join(t5_folder, "model.safetensors"), "rb").read()
+    bigger_vocabulary = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 20), model_writer=bigger_vocabulary, vocab_size=VOCAB + 4,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    damages = {
+        "config.json": (config[:40], r"config\.json is not valid JSON .*download the T5 folder again"),
+        "spiece.model": (b"not a model", r"spiece\.model is not a sentencepiece model"),
+        "model.safetensors": (weights[:len(weights) // 2], r"model\.safetensors is not a readable safetensors file"),
+    }
+    configs = {"[1, 2]": "holds a JSON list, not a model config",
+               json.dumps({**json.loads(config), "num_layers": "2"}): "num_layers must be a positive integer, got '2'"}
+    cases = [(name, content, message) for name, (content, message) in damages.items()]
+    cases += [("config.json", content.encode(), message) for content, message in configs.items()]
+    cases += [("spiece.model", bigger_vocabulary.getvalue(),
+               f"spiece.model has {VOCAB + 4} pieces but config.json's vocab_size is {VOCAB}: the tokenizer and "
+               "the weights are of different models")]
+    for number, (name, content, message) in enumerate(cases):
+        folder = linked_copy(t5_folder, tmp_path / str(number))
+        replaced(folder, name, content)
+        with pytest.raises(CheckpointError, match=message):
+            PromptEncoder(folder, max_length=8)
+
+    sharded = linked_copy(t5_folder, tmp_path / "sharded")
+    os.remove(os.path.join(sharded, "model.safetensors"))
+    index = {"weight_map": {"shared.weight": "model-00001-of-00002.safetensors"}}
+    replaced(sharded, "model.safetensors.index.json", json.dumps(index).encode())
+    with pytest.raises(CheckpointError, match=r"index\.json lists .*model-00001-of-00002\.safetensors, which does "
+                                              "not exist"):
+        PromptEncoder(sharded, max_length=8)
+    with pytest.raises(CheckpointError, match="config.json is a file: pass the folder that holds"):
+        PromptEncoder(os.path.join(t5_folder, "config.json"), max_length=8)

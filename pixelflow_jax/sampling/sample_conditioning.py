@@ -84,13 +84,14 @@ class TextPrompts:
         self.encoder = prompt_encoder_for(s, cross_attention_dim)
         self.text_encoder = storage.absolute(s.text_encoder)
         self.max_text_tokens = int(s.max_text_tokens)
+        self.text_encoder_param_dtype = str(s.text_encoder_param_dtype)  # rounds the weights: other embeddings
         self.num_images = len(self.prompts) * self.images_per_prompt
         self._negative = None
 
     def settings(self) -> dict:
         return dict(prompts=self.prompts, images_per_prompt=self.images_per_prompt,
                     negative_prompt=self.negative_prompt, text_encoder=self.text_encoder,
-                    max_text_tokens=self.max_text_tokens)
+                    max_text_tokens=self.max_text_tokens, text_encoder_param_dtype=self.text_encoder_param_dtype)
 
     def batch(self, ids: np.ndarray) -> tuple[dict, dict]:
         embeddings, mask = self.encoder.encode([self.prompts[i // self.images_per_prompt] for i in ids])

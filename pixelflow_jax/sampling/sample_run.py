@@ -72,7 +72,7 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 
 # Settings that jobs started by earlier versions did not record: their absence is no change.
-SETTINGS_ADDED_LATER = ("checkpoint_fingerprint",)
+SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype")
 
 
 def check_settings(folder: str, workdir: str, settings: dict) -> None:

@@ -44,7 +44,19 @@ class T5Tokenizer:
     def _load(self) -> None:
         import sentencepiece
 
-        self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._model)
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._model)
+        except RuntimeError as e:  # sentencepiece's "INTERNAL: ... ParseFromArray"
+            raise CheckpointError(f"{TOKENIZER_FILE} is not a sentencepiece model ({str(e).strip()[:200]}): "
+                                  "download the T5 folder again") from None
+
+    def check_vocabulary(self, vocab_size: int, folder: str) -> None:
+        """Refuses a tokenizer with ids past the encoder's embedding table: an id out of range
+        reads NaN embeddings, which come out as black images, not as an error."""
+        pieces = self.processor.get_piece_size()
+        if pieces > vocab_size:
+            raise CheckpointError(f"{folder}: {TOKENIZER_FILE} has {pieces} pieces but config.json's vocab_size is "
+                                  f"{vocab_size}: the tokenizer and the weights are of different models")
 
     def __getstate__(self) -> dict:
         return {"_model": self._model, "max_length": self.max_length}
@@ -115,6 +127,7 @@ class PromptEncoder:
         folder = local_t5_folder(folder)
         self.tokenizer = T5Tokenizer(folder, max_length)
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
+        self.tokenizer.check_vocabulary(self.encoder.config.vocab_size, folder)
         graphdef, params = nnx.split(self.encoder)
         # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
         self._params, self._rows = replicate_on_local_devices(params)
@@ -147,6 +160,9 @@ def local_t5_folder(path: str) -> str:
     if hub.is_hub_path(path):
         return hub.t5_folder(path)
     if not storage.is_url(path):
+        if os.path.isfile(path):
+            raise CheckpointError(f"T5 folder {path} is a file: pass the folder that holds config.json, "
+                                  "spiece.model and the weights")
         if not os.path.isdir(path):
             raise CheckpointError(f"T5 folder {path} does not exist: pass a Hugging Face T5 folder (config.json, "
                                   "spiece.model, the weights), a gs:// copy of one, or hf://google/flan-t5-xl")

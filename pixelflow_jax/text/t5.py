@@ -43,6 +43,14 @@ class T5Config:
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (type(value) is not int or value < 1):
+                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
+        if type(self.layer_norm_epsilon) not in (int, float) or not self.layer_norm_epsilon > 0:
+            raise ValueError(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
+        if not isinstance(self.feed_forward_proj, str):
+            raise ValueError(f"feed_forward_proj must be a string, got {self.feed_forward_proj!r}")
         if self.activation not in ACTIVATIONS or not self.feed_forward_proj.startswith("gated-"):
             raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not supported: the T5 v1.1 encoder "
                              f"has a gated feed-forward ('gated-gelu'); supported: "

@@ -47,14 +47,23 @@ def read_t5_config(folder: str, **runtime) -> T5Config:
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no config.json: pass a Hugging Face T5 model folder "
                               "(e.g. a download of google/flan-t5-xl)")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a model config: download the T5 folder again")
     if hf.get("model_type", "t5") != "t5":
         raise CheckpointError(f"{path} describes a {hf.get('model_type')!r} model, not T5")
     try:
         return T5Config.from_hf(hf, **runtime)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): download the T5 folder again") from None
 
 
 def encoder_shards(index: Mapping) -> list[str]:
@@ -80,8 +89,7 @@ def fetch_encoder_files(fetch: Callable[[list[str]], str]) -> str:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index_path = os.path.join(folder, index_name)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                names = encoder_shards(json.load(f))
+            names = encoder_shards(_read_json(index_path))
         else:
             names = [single]
         fetch(names)
@@ -95,9 +103,12 @@ def _weight_files(folder: str) -> list[str]:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             if name.endswith(".index.json"):
-                with open(path) as f:
-                    shards = encoder_shards(json.load(f))
-                return [os.path.join(folder, shard) for shard in shards]
+                shards = [os.path.join(folder, shard) for shard in encoder_shards(_read_json(path))]
+                missing = [shard for shard in shards if not os.path.isfile(shard)]
+                if missing:
+                    raise CheckpointError(f"{path} lists {missing[0]}, which does not exist: download the T5 "
+                                          "folder again (all of its shards)")
+                return shards
             return [path]
     raise CheckpointError(f"{folder} has no T5 weights: expected one of {list(WEIGHT_FILES)}")
 
@@ -107,12 +118,16 @@ def read_encoder_state_dict(folder: str) -> dict[str, np.ndarray]:
     tensors = {}
     for path in _weight_files(folder):
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(path, framework="flax") as f:
-                for key in f.keys():
-                    if not key.startswith(SKIPPED_PREFIXES):
-                        tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+            try:
+                with safe_open(path, framework="flax") as f:
+                    for key in f.keys():
+                        if not key.startswith(SKIPPED_PREFIXES):
+                            tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+            except SafetensorError as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}; truncated?): "
+                                      "download it again") from None
         else:
             from pixelflow_jax.checkpoints.torch_io import float32_numpy, load_tensor_dict
 

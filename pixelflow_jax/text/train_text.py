@@ -123,12 +123,14 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEnco
     if recorded == demo_text_encoder.FOLDER_NAME:
         build_demo_encoder(config, model_cfg, folder)
     local = local_t5_folder(folder)
-    width = read_t5_config(local).d_model
+    t5_config = read_t5_config(local)
+    width = t5_config.d_model
     if width != model_cfg.cross_attention_dim:
         raise ValueError(f"the text encoder {recorded} gives {width}-wide embeddings but model.cross_attention_dim "
                          f"is {model_cfg.cross_attention_dim}: set --config.model.cross_attention_dim={width} "
                          "(a new --workdir) or use another encoder")
     tokenizer = T5Tokenizer(local, int(t.max_text_tokens))
+    tokenizer.check_vocabulary(t5_config.vocab_size, local)
     # float32 compute whatever model.dtype is, as the release's encoder and our sampling jobs run it
     encoder = load_t5_encoder(local, dtype=JOB_ENCODER_DTYPE, param_dtype=t.text_encoder_dtype)
     graphdef = nnx.graphdef(encoder)
