@@ -457,6 +457,11 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
                                          "--config.train.text_encoder"):
         fill_encoder_of_runs(config, str(tmp_path / "new"), source)
     config = t2i.get_config("tiny")
+    release_format = SimpleNamespace(run_step=None, label="pixelflow_t2i")  # no record of its encoder
+    with pytest.raises(ValueError, match="pixelflow_t2i is a text-to-image checkpoint that does not record its text "
+                                         "encoder: set --config.train.text_encoder"):
+        fill_encoder_of_runs(config, str(tmp_path / "new"), release_format)
+    config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(resumed))
     assert config.train.text_encoder == "/encoders/t5"
     config = t2i.get_config("tiny")
@@ -483,3 +488,64 @@ def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(
             fill_text_encoder(sample, source)
         assert ("it trained with" in caplog.text) == warned, caplog.text
     assert sample.text_encoder == str(run / "text_encoder") and sample.max_text_tokens == 16
+
+
+def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_token_length(tmp_path, encoder_folder):
+    """A run recorded its encoder by path only: a folder moved (another machine's download), or the
+    run's own folder spelled absolute, was 'a different model', and an allowed max_text_tokens
+    change was offered then refused. The folder's fingerprint names the encoder now."""
+    import shutil
+
+    from configs import t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+    from pixelflow_jax.training.train import check_run_config
+
+    config = t2i.get_config("tiny")
+    model_cfg = ModelConfig(**config.model.to_dict())
+    workdir = str(tmp_path / "run")
+    moved = str(tmp_path / "moved_t5")
+    shutil.copytree(encoder_folder, moved)
+    fingerprint = folder_fingerprint(encoder_folder)
+    assert folder_fingerprint(moved) == fingerprint
+    first = {"path": encoder_folder, "max_text_tokens": 8, "fingerprint": fingerprint}
+    check_run_config(workdir, model_cfg, config, first)  # records the run
+
+    def recorded():
+        return json.load(open(os.path.join(workdir, "run_config.json")))["text_encoder"]
+
+    for current in ({**first, "path": moved}, {**first, "path": moved, "max_text_tokens": 16}):
+        check_run_config(workdir, model_cfg, config, record=False)
+        check_run_config(workdir, model_cfg, config, current)
+        assert recorded() == current
+    with open(os.path.join(moved, "model.safetensors"), "r+b") as f:  # other weights, the same size
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\x7f" * 64)
+    other = {**first, "path": moved, "fingerprint": folder_fingerprint(moved)}
+    assert other["fingerprint"] != fingerprint
+    with pytest.raises(ValueError, match="holds a run of a different model"):
+        check_run_config(workdir, model_cfg, config, other)
+
+    # A run recorded before fingerprints: compared by path, and its record gains the fingerprint.
+    old = {"path": encoder_folder, "max_text_tokens": 8}
+    with open(os.path.join(workdir, "run_config.json")) as f:
+        run_config = json.load(f)
+    with open(os.path.join(workdir, "run_config.json"), "w") as f:
+        json.dump({**run_config, "text_encoder": old}, f)
+    check_run_config(workdir, model_cfg, config, first)
+    assert recorded() == first
+
+
+def test_init_from_across_class_and_text_models_names_the_kinds(converted):
+    from configs import c2i, t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training.train import load_init_from
+
+    for config_module, checkpoint, kinds in ((c2i, "t2i_tiny", "a text-to-image checkpoint and this config trains a "
+                                                               "class-conditional model"),
+                                             (t2i, "c2i_tiny", "a class-conditional checkpoint and this config trains "
+                                                               "a text-to-image model")):
+        config = config_module.get_config("tiny")
+        config.train.init_from = converted[checkpoint]
+        with pytest.raises(ValueError, match=kinds):
+            load_init_from(config, ModelConfig(**config.model.to_dict()))

@@ -313,6 +313,8 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     ("--config.train.lr=nan", "--config.train.lr must be a finite number, got nan"),
     ("--config.model.num_classes=1000", "must equal data.demo_num_classes"),
     ("--config.data.resolution=60", "--config.data.resolution (60) must be a multiple of model.patch_size x 2^"),
+    ("--config.model.cross_attention_dim=64 --config.model.num_classes=0",
+     "a text-conditional model (model.cross_attention_dim > 0) trains with --config=configs/t2i.py"),
 ])
 def test_bad_training_config_fails_clearly(tmp_path, override, message):
     process = run_training(str(tmp_path / "run"), *override.split(), wait=False)

@@ -33,11 +33,16 @@ from pixelflow_jax.training.train_step import TextConditioning
 class TrainingTextEncoder:
     recorded_path: str  # what run_config.json says (relative to the run for its own encoder)
     max_tokens: int
+    fingerprint: str  # t5_convert.folder_fingerprint: the same encoder at another path
     tokenizer: object  # text.T5Tokenizer (picklable for the loader's workers)
     conditioning: TextConditioning
     params: dict  # sharded like the model's parameters
     sharding: dict
     _encode: object = dataclasses.field(default=None, repr=False)
+
+    def record(self) -> dict:
+        """What run_config.json says of the encoder."""
+        return {"path": self.recorded_path, "max_text_tokens": self.max_tokens, "fingerprint": self.fingerprint}
 
     def encode(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
         """(embeddings, mask float32) of prompts: text.PromptEncoder's interface, for previews."""
@@ -64,6 +69,18 @@ def encoder_path(config, workdir: str) -> str:
     return demo_text_encoder.FOLDER_NAME
 
 
+def same_encoder(recorded: dict | None, current: dict) -> bool:
+    """Whether the encoder a run recorded is `current` (a record): the same path, or the same
+    folder fingerprint at another path (moved, another machine's download, or the run's own folder
+    spelled absolute). Runs recorded before fingerprints compare by path. The token length is a
+    training setting (resume_settings), not part of the encoder."""
+    if not recorded:
+        return False
+    if recorded.get("fingerprint") and current.get("fingerprint"):
+        return recorded["fingerprint"] == current["fingerprint"]
+    return recorded["path"] == current["path"]
+
+
 def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     """An empty train.text_encoder means the encoder a run already trains with: this workdir's
     (resuming a run that trains with an encoder outside it), or that of the run train.init_from
@@ -75,17 +92,33 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     if not config.train.text_encoder and recorded.get("path", demo_text_encoder.FOLDER_NAME) != \
             demo_text_encoder.FOLDER_NAME:
         config.train.text_encoder = recorded["path"]
-    run = init_source.run_step.run if init_source is not None and init_source.run_step else None
-    initial = (read_run_config(run).get("text_encoder") or {}) if run else {}
+    if init_source is None:
+        return
+    if not init_source.run_step:
+        if not config.train.text_encoder:  # the demo's random encoder would replace the one it learned
+            raise ValueError(f"--config.train.init_from {init_source.label} is a text-to-image checkpoint that does "
+                             "not record its text encoder: set --config.train.text_encoder to the one it was "
+                             "trained with (the release's: hf://google/flan-t5-xl)")
+        return
+    run = init_source.run_step.run
+    initial = read_run_config(run).get("text_encoder") or {}
     if not initial:
         return
     inherited = folder_of(run, initial["path"])
     if not config.train.text_encoder:
         config.train.text_encoder = inherited
-    elif encoder_path(config, workdir) != inherited:
+    elif encoder_path(config, workdir) != inherited and not (  # the same folder elsewhere is the same encoder
+            initial.get("fingerprint") and initial["fingerprint"] == fingerprint_of(config.train.text_encoder)):
         raise ValueError(f"--config.train.init_from {run} trained with the text encoder {inherited}, and "
                          f"--config.train.text_encoder {config.train.text_encoder} would feed its cross-attention "
                          "other embeddings: drop --config.train.text_encoder (the run's encoder is used)")
+
+
+def fingerprint_of(path: str) -> str:
+    from pixelflow_jax.text.prompts import local_t5_folder
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+
+    return folder_fingerprint(local_t5_folder(path))
 
 
 def folder_of(run: str, recorded_path: str) -> str:
@@ -115,7 +148,7 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str) -> None:
 def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEncoder:
     """The run's encoder, checked against the model's cross-attention width before any step."""
     from pixelflow_jax.text.prompts import JOB_ENCODER_DTYPE, T5Tokenizer, local_t5_folder
-    from pixelflow_jax.text.t5_convert import load_t5_encoder, read_t5_config
+    from pixelflow_jax.text.t5_convert import folder_fingerprint, load_t5_encoder, read_t5_config
 
     t = config.train
     recorded = encoder_path(config, workdir)
@@ -137,7 +170,7 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEnco
     params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
     sharding = param_shardings(params, mesh)
     empty_tokens, empty_mask = (np.asarray(a[0]) for a in tokenizer([""]))
-    return TrainingTextEncoder(recorded, int(t.max_text_tokens), tokenizer,
+    return TrainingTextEncoder(recorded, int(t.max_text_tokens), folder_fingerprint(local), tokenizer,
                                TextConditioning(graphdef, empty_tokens, empty_mask),
                                jax.device_put(params, sharding), sharding)
 

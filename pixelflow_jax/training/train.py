@@ -42,6 +42,7 @@ from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
+from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
                                                state_shardings, train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
@@ -97,14 +98,21 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
                "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution,
                **({"text_encoder": text_encoder} if text_encoder else {})}
     if storage.exists(path):
-        previous = read_run_config(workdir)
-        if not record:
-            previous = {k: v for k, v in previous.items() if k != "text_encoder"}
+        recorded = read_run_config(workdir)
+        previous = {k: v for k, v in recorded.items() if k != "text_encoder"}
+        if record and text_encoder and same_encoder(recorded.get("text_encoder"), text_encoder):
+            # Found at another path, or a token length changed by an allowed resume change: recorded anew.
+            previous["text_encoder"] = text_encoder
+        elif record:
+            previous["text_encoder"] = recorded.get("text_encoder")
         if previous != current:
             trained = ("" if complete_steps(workdir)
                        else " (no step of it was saved: deleting the workdir loses nothing)")
             raise ValueError(f"{workdir} holds a run of a different model{trained}: "
                              f"{'; '.join(differences(previous, current))}. Use a new --workdir")
+        if record and recorded != current and jax.process_index() == 0:
+            logging.info("%s: the text encoder recorded anew as %s", path, text_encoder)
+            storage.write_json_atomically(path, current)
     elif storage.listdir(storage.join(workdir, CHECKPOINTS)):
         raise ValueError(f"{workdir} holds {CHECKPOINTS}/ but no {RUN_CONFIG}: not a training run of pixelflow-jax "
                          "(or one that lost that file), so its checkpoints cannot be trusted; use a new --workdir")
@@ -127,6 +135,9 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
         except ValueError as e:
             raise ValueError(f"previews: {e}; or set train.preview_every=0") from None
     if model_cfg.cross_attention_dim:
+        if "caption_dropout" not in t:
+            raise ValueError("a text-conditional model (model.cross_attention_dim > 0) trains with "
+                             "--config=configs/t2i.py (captions, a T5 encoder, caption dropout)")
         if model_cfg.num_classes:
             raise ValueError("a text-conditional model (model.cross_attention_dim > 0) trains with model.num_classes=0")
         validation.check_text_training(config)
@@ -152,6 +163,11 @@ def load_init_from(config, model_cfg: ModelConfig):
     source = resolve_checkpoint(t.init_from)
     ckpt, params = read_checkpoint(source, t.init_from_weights, dict(dtype=model_cfg.dtype,
                                                                      attention=model_cfg.attention))
+    kind = lambda model: "text-to-image" if model.cross_attention_dim else "class-conditional"
+    if kind(ckpt.model) != kind(model_cfg):
+        raise ValueError(f"--config.train.init_from {t.init_from} is a {kind(ckpt.model)} checkpoint and this config "
+                         f"trains a {kind(model_cfg)} model: start from a {kind(model_cfg)} checkpoint, or train "
+                         f"with --config=configs/{'t2i' if ckpt.model.cross_attention_dim else 'c2i'}.py")
     if ckpt.model.architecture() != model_cfg.architecture():
         raise ValueError(f"--config.train.init_from {t.init_from} is another model: "
                          f"{'; '.join(differences(ckpt.model.architecture(), model_cfg.architecture()))}; set "
@@ -448,8 +464,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         train_text.fill_encoder_of_runs(config, workdir, init_source)
         text_encoder = train_text.load(config, workdir, model_cfg, mesh)
         frozen = (text_encoder.params,)
-    check_run_config(workdir, model_cfg, config, text_encoder and {"path": text_encoder.recorded_path,
-                                                                   "max_text_tokens": text_encoder.max_tokens})
+    check_run_config(workdir, model_cfg, config, text_encoder and text_encoder.record())
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
 
