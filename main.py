@@ -65,7 +65,11 @@ def start_distributed():
     # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:  # no cluster detected, and the flags that replace detection missing
+        sys.exit(f"error: --distributed: {e}. Where jax cannot detect the cluster (Cloud TPU, SLURM, Open MPI), "
+                 "pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process")
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
 

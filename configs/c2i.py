@@ -72,7 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         init_from="",  # a checkpoint to fine-tune from: a training run, a converted/release folder, hf://...
         init_from_weights="ema",  # of a training run (or a train.py checkpoint): 'ema' or 'model' (raw)
         allow_resume_changes=False,  # True: resume with another batch size, seed, lr or data (recorded)
-        lock_stale_after_s=1800.0,  # a workdir lock from another host without a heartbeat this long is stale
+        lock_stale_after_s=600.0,  # a workdir lock from another host without a heartbeat this long is stale
     ))
     config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # batch over data x fsdp; parameters over fsdp
 

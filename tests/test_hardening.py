@@ -73,6 +73,16 @@ def test_the_command_line_refuses_a_bad_value_before_writing_anything(tmp_path):
     assert "Traceback" not in result.stderr and not workdir.exists()
 
 
+def test_distributed_without_a_cluster_or_its_flags_names_the_flags(tmp_path):
+    workdir = tmp_path / "run"
+    command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", "--distributed"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "error: --distributed: " in result.stderr and "--coordinator_address=HOST:PORT" in result.stderr
+    assert not workdir.exists()
+
+
 @pytest.mark.parametrize("config,message", [
     ("configs/c2.py:demo", "error: --config file configs/c2.py does not exist (this project's configs: configs/c2i.py, "
                            "configs/t2i.py)"),
@@ -501,6 +511,58 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, 
         else:
             with pytest.raises(WorkdirBusy, match="host elsewhere, pid 1"):
                 lock.acquire()
+
+
+def test_an_unreadable_lock_is_stale_after_a_minute_and_a_lock_is_never_written_empty(tmp_path, monkeypatch):
+    """A start killed between creating its lock and writing it left an empty train.lock, which
+    blocked the workdir for ever ("another run is starting right now")."""
+    import time
+
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, UNREADABLE_STALE_S, WorkdirBusy, WorkdirLock
+
+    lock_file = tmp_path / LOCK_FILE
+    lock_file.write_bytes(b"")
+    with pytest.raises(WorkdirBusy, match="starting in this workdir right now"):
+        WorkdirLock(str(tmp_path), stale_after_s=600).acquire()  # fresh: maybe a start writing it
+    old = time.time() - UNREADABLE_STALE_S - 5
+    os.utime(lock_file, (old, old))
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()
+
+    def killed_while_writing(fd, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workdir_lock.os, "fdopen", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
+    assert not lock_file.exists()  # only a temporary, named as storage.remove_temporaries clears them
+
+
+def test_the_lock_is_refreshed_by_a_thread_and_a_run_whose_lock_was_taken_over_stops(tmp_path):
+    import time
+
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    lock_file = tmp_path / LOCK_FILE
+    lock = WorkdirLock(str(tmp_path), stale_after_s=10)  # refreshed every second
+    lock.acquire()
+    first = json.loads(lock_file.read_text())["heartbeat"]
+    deadline = time.time() + 30
+    while json.loads(lock_file.read_text())["heartbeat"] == first and time.time() < deadline:
+        time.sleep(0.2)
+    assert json.loads(lock_file.read_text())["heartbeat"] > first  # no training step needed
+    lock.check_held()
+    rival = {"host": "elsewhere", "pid": 7, "heartbeat": time.time()}
+    lock_file.write_text(json.dumps(rival))  # it judged this run gone and took over
+    lock.heartbeat()
+    assert json.loads(lock_file.read_text()) == rival  # not overwritten
+    with pytest.raises(WorkdirBusy, match="taken over by another run \\(host elsewhere, pid 7\\).*without saving"):
+        lock.check_held()
+    lock.release()
+    assert json.loads(lock_file.read_text()) == rival  # not removed either
 
 
 def test_a_lock_in_a_bucket_is_created_only_if_absent_even_when_a_rival_slips_in(bucket, monkeypatch):

@@ -242,7 +242,7 @@ def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm
     step and exit. One process with 2 devices resumes that step to step 16, and every loss of the two segments
     equals the uninterrupted run's. Covers per-process data rows, meshes of 2 and 8 devices giving
 the same losses (the text step's test compares 8 devices with 1 directly), restoring with another process
-    count, multi-process saving and sampling, and the preemption sync point."""
+    count, multi-process saving, sampling and fine-tuning, and the preemption sync point."""
     from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
 
     settings = ["--config.train.batch_size=32", "--config.mesh.fsdp=2", "--config.scheduler.num_stages=2",
@@ -305,6 +305,17 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
             np.load(tmp_path / "one_sampler" / "samples.npz") as one_process:
         assert two_processes["arr_0"].shape == one_process["arr_0"].shape and len(one_process["arr_0"]) == 6
         assert np.abs(two_processes["arr_0"].astype(int) - one_process["arr_0"]).max() <= 1
+
+    # A fine-tune on two processes: every process reads train.init_from, then the state is sharded
+    # over both (placing one process's arrays on the other's devices was refused).
+    tuned, address = tmp_path / "fine_tune", f"localhost:{free_port()}"
+    tuners = [run_training(str(tuned), *settings, "--config.train.num_steps=1", f"--config.train.init_from={two}",
+                           "--distributed", f"--coordinator_address={address}", "--num_processes=2",
+                           f"--process_id={i}", wait=False, compilation_cache=False) for i in range(2)]
+    for process in tuners:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-5000:]
+    assert list(losses(tuned)) == [1]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -103,8 +103,8 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
         if record and text_encoder and same_encoder(recorded.get("text_encoder"), text_encoder):
             # Found at another path, or a token length changed by an allowed resume change: recorded anew.
             previous["text_encoder"] = text_encoder
-        elif record:
-            previous["text_encoder"] = recorded.get("text_encoder")
+        elif record and "text_encoder" in recorded:
+            previous["text_encoder"] = recorded["text_encoder"]
         if previous != current:
             trained = ("" if complete_steps(workdir)
                        else " (no step of it was saved: deleting the workdir loses nothing)")
@@ -187,7 +187,10 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None):
     if init_model is not None:
         state = init_state(init_model, tx, config.seed)
         shardings = state_shardings(state, mesh)
-        return nnx.graphdef(init_model), jax.device_put(state, shardings), shardings
+        # From host copies: every process holds the whole state on one of its devices, and jax
+        # places such arrays on this process's devices only, not on a mesh spanning processes.
+        state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+        return nnx.graphdef(init_model), state, shardings
 
     def create():
         return init_state(PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed)), tx, config.seed)
@@ -535,7 +538,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 progress.write(log.write(record))
-                lock.heartbeat()
+                lock.check_held()
             progress.update()
             if save_due:
                 save(manager, step, state)

@@ -1,13 +1,18 @@
 """One training run per workdir: an owner lock, WORKDIR/train.lock.
 
-It names its holder (host, pid, start time) and carries a heartbeat that the holder refreshes at
-every logged step. A second run sees it at once and stops, naming the holder. A lock is stale,
-and is taken over, when its holder is gone: on this host, no process with its pid and start time
-exists (a restarted container reuses pids, its own included); from another host, its heartbeat is
-older than train.lock_stale_after_s.
+It names its holder (host, pid, start time) and carries a heartbeat that a thread of the holder
+refreshes every heartbeat_period(stale_after_s) seconds, whatever the run is doing (compiling,
+restoring, a long step). A second run sees it at once and stops, naming the holder. A lock is
+stale, and is taken over, when its holder is gone: on this host, no process with its pid and start
+time exists (a restarted container reuses pids, its own included); from another host, its
+heartbeat is older than train.lock_stale_after_s. A lock that cannot be read (a start killed
+while writing it) is stale after UNREADABLE_STALE_S.
 
-Creating the lock is atomic: O_EXCL on a local disk, an `ifGenerationMatch=0` upload (create only)
-in a bucket. Process 0 of a job holds it for the job; every process learns the outcome.
+Creating the lock is atomic: a complete temporary file hard-linked into place on a local disk, an
+`ifGenerationMatch=0` upload (create only) in a bucket. Process 0 of a job holds it for the job;
+every process learns the outcome. Before each refresh the holder checks that the lock is still
+its own: one taken over (this host stalled past stale_after_s) stops the run at its next logged
+step, on every process, without saving.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import datetime
 import json
 import os
 import socket
+import tempfile
+import threading
 import time
 
 import jax
@@ -25,6 +32,12 @@ from absl import logging
 from pixelflow_jax import storage
 
 LOCK_FILE = "train.lock"
+UNREADABLE_STALE_S = 60.0  # a live run writes its lock whole within this
+
+
+def heartbeat_period(stale_after_s: float) -> float:
+    """Refreshes often enough that a live run is never stale: ten chances per stale_after_s."""
+    return max(1.0, min(60.0, stale_after_s / 10))
 
 
 def process_start(pid: int) -> int | None:
@@ -56,12 +69,18 @@ def _create_exclusively(path: str, data: bytes) -> bool:
             raise
         return True
     storage.makedirs(os.path.dirname(path))
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
+    # Written whole first, named as storage.remove_temporaries clears them: a kill leaves no empty lock.
+    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{storage.writer_tag()}-",
+                                     dir=os.path.dirname(path))
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(temporary, 0o644)
+    try:
+        os.link(temporary, path)  # fails if the lock exists, like O_EXCL
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(temporary)
     return True
 
 
@@ -73,6 +92,10 @@ class WorkdirLock:
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "heartbeat": time.time()}
         self.held = False
+        self.lost_to: dict | None = None  # the run that took the lock over, once one has
+        self._guard = threading.Lock()  # the heartbeat thread and release() both rewrite the lock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
         """Takes the lock (process 0) and tells every process; raises WorkdirBusy everywhere if held."""
@@ -83,6 +106,9 @@ class WorkdirLock:
 
         if int(multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))):
             raise WorkdirBusy(problem or f"{self.path}: the workdir is in use by another run (see process 0's error)")
+        if self.held:
+            self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
+            self._thread.start()
 
     def _try_acquire(self) -> str:
         for _ in range(2):  # a second try after clearing a stale lock
@@ -90,7 +116,16 @@ class WorkdirLock:
                 self.held = True
                 return ""
             holder = self._read()
-            if holder is None or not self._stale(holder):
+            if holder is None:
+                age = self._age_s()
+                if age is not None and age <= UNREADABLE_STALE_S:
+                    return self._busy_message(None)
+                if age is not None:
+                    logging.warning("removing %s: unreadable for %.0f s (a start killed while writing it)",
+                                    self.path, age)
+                    storage.remove(self.path)
+                continue
+            if not self._stale(holder):
                 return self._busy_message(holder)
             if self._read() == holder:  # still the stale one (a run taking it over at this instant: keep theirs)
                 logging.warning("taking over %s from a run that is gone: host %s, pid %s, heartbeat %.0f s ago",
@@ -101,9 +136,18 @@ class WorkdirLock:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(storage.read_text(self.path))
-        except (FileNotFoundError, ValueError):  # removed meanwhile, or being written
+            holder = json.loads(storage.read_text(self.path))
+        except (FileNotFoundError, ValueError):  # removed meanwhile, being written, or damaged
             return None
+        return holder if isinstance(holder, dict) else None
+
+    def _age_s(self) -> float | None:
+        """Seconds since the lock file was written; None if it is gone."""
+        try:
+            written = storage.size_and_mtime(self.path)[1] if storage.is_url(self.path) else os.path.getmtime(self.path)
+        except FileNotFoundError:
+            return None
+        return time.time() - written
 
     def _stale(self, holder: dict) -> bool:
         if holder.get("host") == socket.gethostname():
@@ -116,19 +160,55 @@ class WorkdirLock:
 
     def _busy_message(self, holder: dict | None) -> str:
         if holder is None:
-            return f"{self.path}: another run is starting in this workdir right now; use another --workdir"
+            return (f"{self.path}: another run is starting in this workdir right now; use another --workdir (a lock "
+                    f"that stays unreadable is removed after {UNREADABLE_STALE_S:.0f} s)")
         age = time.time() - float(holder.get("heartbeat", 0))
         return (f"{storage.dirname(self.path)} is in use by another training run: host {holder.get('host')}, pid "
                 f"{holder.get('pid')}, started {holder.get('started')} (heartbeat {age:.0f} s ago). Wait for it or "
                 f"stop it, or use another --workdir; if that run is gone for good, delete {self.path}")
 
     def heartbeat(self) -> None:
-        if self.held:
+        """Refreshes the lock if it is still this run's; else records who took it over."""
+        with self._guard:
+            if not self.held:
+                return
+            holder = self._read()
+            if holder is not None and holder != self.record:
+                self.lost_to, self.held = holder, False
+                logging.error("%s was taken over by host %s, pid %s: this run stops at its next logged step",
+                              self.path, holder.get("host"), holder.get("pid"))
+                return
             self.record["heartbeat"] = time.time()
             storage.write_json_atomically(self.path, self.record)
 
+    def _beat(self) -> None:
+        while not self._stop.wait(heartbeat_period(self.stale_after_s)):
+            try:
+                self.heartbeat()
+            except Exception as e:  # a storage hiccup: the next beat tries again
+                logging.warning("could not refresh %s: %s", self.path, e)
+
+    def check_held(self) -> None:
+        """At a logged step, on every process: raises WorkdirBusy everywhere if another run took the
+        lock over (it resumed from this run's checkpoints; saving more would mix the two runs)."""
+        from jax.experimental import multihost_utils
+
+        lost = self.lost_to is not None
+        if jax.process_count() > 1:
+            lost = bool(int(multihost_utils.broadcast_one_to_all(np.int32(lost))))
+        if lost:
+            holder = self.lost_to or {}
+            raise WorkdirBusy(f"{self.path} was taken over by another run (host {holder.get('host', '?')}, pid "
+                              f"{holder.get('pid', '?')}) while this one ran: this host stalled past "
+                              f"train.lock_stale_after_s ({self.stale_after_s:.0f} s). Stopped without saving; "
+                              "the other run owns the workdir now")
+
     def release(self) -> None:
-        if self.held and self._read() == self.record:
-            storage.remove(self.path)
-        self.held = False
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._guard:
+            if self.held and self._read() == self.record:
+                storage.remove(self.path)
+            self.held = False
 
