@@ -197,8 +197,9 @@ def main(argv):
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)
         except KeyboardInterrupt:  # finished batches are on disk (sample_run writes each batch whole)
-            print("stopped: interrupted (Ctrl-C); rerun the same command to go on from the images written",
-                  file=sys.stderr)
+            kept = ("the features of files already through the Inception are cached" if FLAGS.mode == "eval"
+                    else "the images written are kept")
+            print(f"stopped: interrupted (Ctrl-C); {kept}: rerun the same command to go on", file=sys.stderr)
             sys.exit(130)  # 128 + SIGINT, as a shell reports it
 
 

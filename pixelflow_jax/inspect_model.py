@@ -4,9 +4,10 @@ cross_attention_dim, sample.max_text_tokens long, 512 when that is 0 or unset). 
 that a config or a checkpoint runs.
 
 The model is the config's (config.model, scheduler, data.resolution) with random weights; or,
-when config.sample.checkpoint is set, that checkpoint's architecture, stages and resolution with
-its own weights (sample.weights of a training run), run in the config's model.dtype and
-model.attention as --mode=sample runs it. Writes WORKDIR/inspect.json.
+when config.sample.checkpoint is set (or empty in the workdir of a training run with a saved step,
+as sampling reads it), that checkpoint's architecture, stages and resolution with its own weights
+(sample.weights of a training run), run in the config's model.dtype and model.attention as
+--mode=sample runs it. Writes WORKDIR/inspect.json.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flax import nnx
 from pixelflow_jax import storage
 from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig, build_model
+from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import stage_resolutions
@@ -35,6 +37,15 @@ def parameter_counts(model: PixelFlow) -> dict[str, int]:
     counts = {name: int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(sub))) for name, sub in state.items()}
     counts["total"] = sum(counts.values())
     return counts
+
+
+def fill_checkpoint_of_run(config, workdir: str) -> None:
+    """An empty sample.checkpoint in the workdir of a run with a saved step means that run, as
+    --mode=sample and --mode=demo read it."""
+    if not config.sample.checkpoint and is_run(workdir) and complete_steps(workdir):
+        logging.info("%s is a training run: inspecting its latest checkpoint (set --config.sample.checkpoint to "
+                     "inspect another, or use another --workdir for the config's own model)", workdir)
+        config.sample.checkpoint = workdir
 
 
 def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, str | None]:
@@ -51,6 +62,7 @@ def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, str | None]:
 
 def run(config, workdir: str) -> dict:
     storage.check_writable(workdir)  # fail now, not after the timing work
+    fill_checkpoint_of_run(config, workdir)
     model, ckpt, checkpoint = model_to_inspect(config)
     model_cfg = model.config
     counts = parameter_counts(model)

@@ -211,6 +211,12 @@ def check_sample(config) -> None:
         integer("sample.labels", label, minimum=0)
 
 
+def check_inspect(config) -> None:
+    from pixelflow_jax.checkpoints.torch_io import WEIGHT_CHOICES
+
+    choice("sample.weights", config.sample.weights, WEIGHT_CHOICES)  # read when sample.checkpoint is set
+
+
 def check_eval(config) -> None:
     integer("eval.batch_size", config.eval.batch_size, minimum=1)
 
@@ -224,22 +230,27 @@ def check_demo(config) -> None:
 # Config fields that hold a path: local, gs://, or (checkpoints and T5 folders) hf://.
 PATH_FIELDS = ("data.root", "data.tfds_data_dir", "train.init_from", "train.text_encoder", "sample.checkpoint",
                "sample.text_encoder", "sample.prompts_file", "eval.samples", "eval.reference", "eval.inception_weights")
+HUB_FIELDS = ("train.init_from", "train.text_encoder", "sample.checkpoint", "sample.text_encoder")
 
 
 def expand_paths(config) -> None:
-    """Each path field of the config through storage.user_path: `~` expanded, a URL without its
-    "//" refused."""
+    """Each path field of the config through storage.user_path (`~` expanded, a URL without its
+    "//" refused), and a URL scheme this project cannot read refused before any work."""
+    from pixelflow_jax.checkpoints import hub
+
     for field in PATH_FIELDS:
         section, name = field.split(".")
         if section in config and name in config[section] and config[section][name]:
             try:
-                config[section][name] = storage.user_path(config[section][name])
+                path = config[section][name] = storage.user_path(config[section][name])
+                if not (field in HUB_FIELDS and hub.is_hub_path(path)):
+                    storage.check_supported(path)
             except storage.StorageError as e:
                 raise ConfigError(f"--config.{field}: {e}") from None
 
 
 CHECKS = {"train": (check_architecture, check_data, check_train), "sample": (check_sample,), "eval": (check_eval,),
-          "demo": (check_sample, check_demo), "inspect": (check_architecture,)}
+          "demo": (check_sample, check_demo), "inspect": (check_architecture, check_inspect)}
 
 
 def check(config, mode: str) -> None:

@@ -55,6 +55,10 @@ def c2i_config(**changes):
     ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be >= 1"),
     ("demo", "demo.port", 70000, "--config.demo.port must be in [1, 65535]"),
     ("eval", "eval.batch_size", 0, "--config.eval.batch_size must be >= 1"),
+    ("inspect", "sample.weights", "foo", "--config.sample.weights must be one of"),
+    ("train", "data.root", "s3://bucket/images", "--config.data.root: s3://bucket/images: unsupported URL scheme s3://"),
+    ("train", "train.init_from", "http://host/ckpt", "--config.train.init_from: http://host/ckpt: unsupported URL"),
+    ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: unsupported URL"),
 ])
 def test_every_config_value_is_checked_before_any_work(mode, field, value, message):
     with pytest.raises(ConfigError) as error:
@@ -190,8 +194,14 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
     from pixelflow_jax.evaluation.evaluate import npz_image_count
 
     for name, array, message in (("float", np.random.rand(4, 8, 8, 3).astype(np.float32), "must be uint8 images"),
-                                 ("one", np.zeros((1, 8, 8, 3), np.uint8), "needs at least 2 images"),
-                                 ("none", np.zeros((0, 8, 8, 3), np.uint8), "needs at least 2 images")):
+                                 ("integers", np.zeros((4, 8, 8, 3), np.int64), "x.clip\\(0, 255\\).astype"),
+                                 ("rgba", np.zeros((4, 8, 8, 4), np.uint8), "got RGBA .*images\\[..., :3\\]"),
+                                 ("grey", np.zeros((4, 8, 8), np.uint8), "got grey ones .*np.repeat"),
+                                 ("fortran", np.asfortranarray(np.zeros((4, 8, 8, 3), np.uint8)),
+                                  "Fortran .*np.ascontiguousarray"),
+                                 ("three", np.zeros((3, 8, 8, 3), np.uint8), "holds 3 images: precision and recall "
+                                                                             "need more than 3"),
+                                 ("none", np.zeros((0, 8, 8, 3), np.uint8), "holds 0 images")):
         np.savez(tmp_path / f"{name}.npz", arr_0=array)
         with pytest.raises(ValueError, match=message):
             npz_image_count(str(tmp_path / f"{name}.npz"))

@@ -2,7 +2,9 @@
 evaluator computes them (scipy sqrtm, softmax KL, brute-force k-NN); and --mode=eval's checks of
 its inputs and outputs, on a stand-in Inception that compiles in a moment."""
 
+import json
 import os
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +143,7 @@ def test_inception_weights_overwritten_in_place_are_not_served_from_the_feature_
     (dict(mu=np.array([0.0, np.nan]), sigma=np.eye(2)), "its stored mu holds NaN or inf"),
     (dict(mu_s=np.zeros(2), sigma_s=np.array([[1.0, np.inf], [0.0, 1.0]])), "its stored sigma_s holds NaN or inf"),
     (dict(sigma=np.eye(2)), "holds the statistic sigma without mu"),
+    (dict(mu=np.zeros(10), sigma=np.eye(10)), r"its stored mu has shape \(10,\), not \(2048,\)"),
 ])
 def test_reference_statistics_that_are_not_finite_or_half_there_are_refused(tmp_path, stored, message):
     reference = images_npz(tmp_path / "reference.npz", 0, **stored)
@@ -195,3 +198,70 @@ def test_an_npz_without_arr_0_names_the_arrays_it_has(tmp_path):
     with pytest.raises(ValueError, match=r"has no arr_0 array of images \(its arrays: images, labels\); write "
                                          r"the images as arr_0"):
         evaluate.npz_image_count(str(tmp_path / "images.npz"))
+
+
+def test_damaged_images_or_cache_files_are_named_or_computed_again(tiny_inception, tmp_path, caplog):
+    """A CRC error or a cut-off arr_0 was a zipfile traceback or a reshape error naming no file; a
+    damaged feature cache a numpy traceback."""
+    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    data = bytearray(open(samples, "rb").read())
+    data[300] ^= 0xFF  # inside arr_0's data: the zip's CRC no longer matches
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{damaged} is damaged .*CRC"):
+        list(evaluate.npz_batches(str(damaged), 4))
+    with zipfile.ZipFile(samples) as archive:
+        header_and_half = archive.read("arr_0.npy")[:128 + 3 * 8 * 8 * 3]
+    short = tmp_path / "short.npz"
+    with zipfile.ZipFile(short, "w") as archive:
+        archive.writestr("arr_0.npy", header_and_half)
+    with pytest.raises(ValueError, match=f"{short} is truncated: arr_0 ends after 3 of its 6 images"):
+        list(evaluate.npz_batches(str(short), 4))
+
+    workdir = tmp_path / "run"
+    first = evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
+    for cache in (workdir / "eval_features").iterdir():
+        cache.write_bytes(b"garbage")
+    again = evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
+    assert again["fid"] == first["fid"] and "cannot be read" in caplog.text
+
+
+def test_every_evaluation_is_kept_in_the_history_and_other_images_of_the_same_size_are_not_served_from_cache(
+        tiny_inception, tmp_path):
+    import ml_collections
+
+    workdir = str(tmp_path / "run")
+    reference = images_npz(tmp_path / "reference.npz", 2)
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=samples, reference=reference,
+                                                      inception_weights=tiny_inception, batch_size=8)))
+    first = evaluate.run(config, workdir)
+    stat = os.stat(samples)
+    images_npz(samples, 3)  # other images, the same size, and (a copy keeping times) the same mtime
+    os.utime(samples, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = evaluate.run(config, workdir)
+    assert second["fid"] != first["fid"]
+    history = [json.loads(line) for line in open(os.path.join(workdir, "eval_history.jsonl"))]
+    assert [h["fid"] for h in history] == [first["fid"], second["fid"]]
+    assert json.load(open(os.path.join(workdir, "eval.json")))["fid"] == second["fid"]
+
+
+def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sampling(tmp_path):
+    """Only the files' existence was checked: a damaged reference or weights file stopped the job
+    after hours of sampling."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not a torch file")
+    good = images_npz(tmp_path / "reference.npz", 2)
+    statistics = images_npz(tmp_path / "statistics.npz", 2, mu=np.zeros(10), sigma=np.eye(10))
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, arr_0=np.zeros((6, 8, 8, 3), np.float32))
+    for reference, error, message in ((str(floats), ValueError, "must be uint8 images"),
+                                      (statistics, ValueError, "stored mu has shape"),
+                                      (good, CheckpointError, "inception.pth")):
+        with pytest.raises(error, match=message):
+            evaluate.check_inputs(None, reference, str(weights), str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="set --config.eval.reference, --config.eval.samples, "
+                                         "--config.eval.inception_weights"):
+        evaluate.check_inputs("", "", "", str(tmp_path / "run"))

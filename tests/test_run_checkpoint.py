@@ -214,3 +214,17 @@ def test_demo_page_in_a_training_workdir_serves_its_run(run):
     demo = DemoSampler(config, run[0])
     assert demo.source.run_step.step == 4 and demo.ckpt.model.num_classes == 1000
     assert_params_equal(nnx.merge(demo.sampler.graphdef, demo.sampler.state), run[1][4]["ema"])
+
+
+def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_path):
+    from configs import c2i
+    from pixelflow_jax.inspect_model import fill_checkpoint_of_run, model_to_inspect
+
+    config = c2i.get_config("tiny")
+    fill_checkpoint_of_run(config, run[0])
+    model, _, label = model_to_inspect(config)
+    assert label.endswith("checkpoints/4")
+    assert_params_equal(model, run[1][4]["ema"])
+    elsewhere = c2i.get_config("tiny")
+    fill_checkpoint_of_run(elsewhere, str(tmp_path))  # not a run: the config's own model
+    assert elsewhere.sample.checkpoint == ""

@@ -8,15 +8,17 @@ against a reference batch, the numbers ADM's evaluation suite prints, without Te
 
 Images are streamed from the .npz in batches (a 50k batch is 10 GB), run through the Inception
 with the batch split over the devices, and their features cached next to the run
-(WORKDIR/eval_features/), keyed by the path, size and modification time of the file and of the
-Inception weights: a second evaluation of the same files reads the cache. Results: printed and
-WORKDIR/eval.json; NaN or inf anywhere (features, stored statistics, a metric) is an error, so
-eval.json holds finite numbers only.
+(WORKDIR/eval_features/), keyed by the path, size, modification time and CRC of the images and by
+the Inception weights: a second evaluation of the same files reads the cache (a damaged cache file
+is computed again). Results: printed, WORKDIR/eval.json (the latest) and a line of
+WORKDIR/eval_history.jsonl (every evaluation); NaN or inf anywhere (features, stored statistics,
+a metric) is an error, so they hold finite numbers only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import hashlib
 import io
@@ -35,6 +37,8 @@ from pixelflow_jax.sharding import replicate_on_local_devices
 
 FEATURES = ("pool", "spatial", "logits")
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+# The shapes of ADM's stored reference statistics: pool_3 (2048) and mixed_6/conv's first 7 channels (7 x 17 x 17).
+STATISTICS_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
 
 @contextlib.contextmanager
@@ -51,32 +55,59 @@ def _open_images(path: str):
             keys = ", ".join(name.removesuffix(".npy") for name in archive.namelist()) or "none"
             raise ValueError(f"{path} has no arr_0 array of images (its arrays: {keys}); write the images as "
                              "arr_0, e.g. np.savez(path, images)")
-        member = opened.enter_context(archive.open("arr_0.npy"))
-        version = np.lib.format.read_magic(member)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(member)
-        if len(shape) != 4 or shape[-1] != 3 or fortran:
-            raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
-        if dtype != np.uint8:
-            raise ValueError(f"{path}: arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got "
-                             f"{dtype}; convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)")
-        if shape[0] < 2:
-            raise ValueError(f"{path}: needs at least 2 images for the statistics, got {shape[0]}")
-        yield member, shape, dtype
+        try:
+            member = opened.enter_context(archive.open("arr_0.npy"))
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(member)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
+        check_images(path, shape, fortran, dtype)
+        yield member, shape, dtype, archive.getinfo("arr_0.npy").CRC
+
+
+def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> None:
+    """arr_0 as ADM's evaluation reads it, or an error that says how to write it so."""
+    channels = shape[-1] if len(shape) == 4 else None
+    if len(shape) == 3 or channels == 1:
+        raise ValueError(f"{path}: arr_0 must be RGB images (N, H, W, 3), got grey ones {shape}; write "
+                         "np.repeat(images.reshape(*images.shape[:3], 1), 3, axis=-1)")
+    if channels == 4:
+        raise ValueError(f"{path}: arr_0 must be RGB images (N, H, W, 3), got RGBA {shape}; write images[..., :3]")
+    if len(shape) != 4 or channels != 3:
+        raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
+    if fortran:  # read in row batches, which Fortran order does not store together
+        raise ValueError(f"{path}: arr_0 is stored in Fortran (column-major) order; write np.ascontiguousarray(images)")
+    if dtype != np.uint8:
+        fix = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)"
+               if np.issubdtype(dtype, np.floating) else "convert 0-255 values with x.clip(0, 255).astype(np.uint8)")
+        raise ValueError(f"{path}: arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got "
+                         f"{dtype}; {fix}")
+    if shape[0] <= metrics.NEIGHBOURHOOD:
+        raise ValueError(f"{path} holds {shape[0]} images: precision and recall need more than "
+                         f"{metrics.NEIGHBOURHOOD} (FID wants thousands)")
 
 
 def npz_image_count(path: str) -> int:
-    with _open_images(path) as (_, shape, _):
+    with _open_images(path) as (_, shape, _, _):
         return shape[0]
 
 
 def npz_batches(path: str, batch_size: int):
     """Yields arr_0 of an (uncompressed or compressed) .npz in row batches, never all at once."""
-    with _open_images(path) as (member, shape, dtype):
+    with _open_images(path) as (member, shape, dtype, _):
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
-            yield np.frombuffer(member.read(count * row_bytes), dtype).reshape(count, *shape[1:])
+            try:
+                data = member.read(count * row_bytes)
+            except (OSError, EOFError, zipfile.BadZipFile) as e:  # a CRC mismatch, a cut-off download
+                raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
+            if len(data) != count * row_bytes:
+                raise ValueError(f"{path} is truncated: arr_0 ends after {start + len(data) // row_bytes} of its "
+                                 f"{shape[0]} images; write or download it again")
+            yield np.frombuffer(data, dtype).reshape(count, *shape[1:])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -125,13 +156,20 @@ FEATURES_VERSION = 2  # 2: float32 resize coordinates, as TensorFlow
 
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
     size, mtime = storage.size_and_mtime(path)
-    key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime, *extract.weights_id,
+    with _open_images(path) as (_, _, _, crc):  # files of one image count have one size; a copy may keep the mtime
+        pass
+    key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime, crc, *extract.weights_id,
                                      FEATURES_VERSION]).encode()).hexdigest()[:16]
     cache = storage.join(cache_dir, f"{storage.basename(path)}.{key}.npz")
     if storage.isfile(cache):
-        logging.info("features of %s from %s", path, cache)
-        with storage.open_file(cache, "rb") as file, np.load(file) as f:
-            return {name: f[name] for name in FEATURES}
+        try:
+            with storage.open_file(cache, "rb") as file, np.load(file) as f:
+                features = {name: f[name] for name in FEATURES}
+            logging.info("features of %s from %s", path, cache)
+            return features
+        except Exception as e:  # only a cache: computed again
+            logging.warning("the cached features %s cannot be read (%s: %s): computing them again", cache,
+                            type(e).__name__, str(e)[:200])
     features = extract(path)
     if not all(np.isfinite(value).all() for value in features.values()):  # never cached
         raise ValueError(f"the Inception features of {path} hold NaN or inf: check the Inception weights "
@@ -143,11 +181,11 @@ def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dic
     return features
 
 
-def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
-    """((mu, sigma), (mu_s, sigma_s)): the .npz's own where present (ADM's reference batches carry
-    them), else from the features."""
+def stored_statistics(path: str) -> dict[str, np.ndarray]:
+    """The reference .npz's precomputed mu / sigma / mu_s / sigma_s (ADM's reference batches carry
+    them), checked: pairs complete, ADM's shapes, finite."""
     with storage.open_file(path, "rb") as file, np.load(file) as f:
-        stored = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
+        stored = {k: f[k] for k in STATISTICS_SHAPES if k in f.files}
     for mean, covariance in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean in stored) != (covariance in stored):
             present, absent = (mean, covariance) if mean in stored else (covariance, mean)
@@ -156,6 +194,17 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
         if not np.isfinite(value).all():
             raise ValueError(f"{path}: its stored {key} holds NaN or inf; recompute the statistics, or leave "
                              "them out of the file to have them computed from its arr_0 images")
+    for key, value in stored.items():
+        if value.shape != STATISTICS_SHAPES[key]:
+            raise ValueError(f"{path}: its stored {key} has shape {value.shape}, not {STATISTICS_SHAPES[key]} (the "
+                             "FID Inception's); leave the statistics out of the file to have them computed from "
+                             "its arr_0 images")
+    return stored
+
+
+def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
+    """((mu, sigma), (mu_s, sigma_s)): the .npz's own where present, else from the features."""
+    stored = stored_statistics(path)
     pool = (stored["mu"], stored["sigma"]) if "mu" in stored else metrics.gaussian_statistics(features["pool"])
     spatial = ((stored["mu_s"], stored["sigma_s"]) if "mu_s" in stored
                else metrics.gaussian_statistics(features["spatial"]))
@@ -163,24 +212,32 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
 
 
 def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
-    """What an evaluation needs, checked before any work (for --mode=sample before sampling, when
-    the samples do not exist yet: samples=None)."""
-    for name, path in (("eval.samples", samples), ("eval.reference", reference)):
-        if name == "eval.samples" and samples is None:
-            continue
-        if not path:
-            raise ValueError(f"set --config.{name} to an .npz file of images (arr_0: uint8 N x H x W x 3)")
+    """What an evaluation needs, checked before any work: the files' headers and stored statistics
+    are read (for --mode=sample before sampling, when the samples do not exist yet: samples=None;
+    then the Inception weights are loaded too, which an evaluation does next anyway)."""
+    files = {"eval.reference": reference, **({} if samples is None else {"eval.samples": samples})}
+    unset = [f"--config.{name}" for name, path in {**files, "eval.inception_weights": inception_weights}.items()
+             if not path]
+    if unset:
+        raise ValueError(f"set {', '.join(unset)}: the samples and the reference are .npz files of images (arr_0: "
+                         "uint8 N x H x W x 3), the weights pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                         "(see the README)")
+    for name, path in files.items():
         if not storage.isfile(path):
             kind = "a folder, not an .npz file" if storage.isdir(path) else "not found"
             raise ValueError(f"--config.{name} {path} is {kind}")
-    if not inception_weights:
-        raise CheckpointError("set --config.eval.inception_weights to pytorch-fid's "
-                              "pt_inception-2015-12-05-6726825d.pth (see the README)")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
 
         raise CheckpointError(f"Inception weights {inception_weights} not found: download {WEIGHTS_URL} and pass its "
                               "path as --config.eval.inception_weights")
+    for path in files.values():
+        npz_image_count(path)  # the format, read from the header
+    stored_statistics(reference)
+    if samples is None:
+        from pixelflow_jax.evaluation.inception_convert import load_inception
+
+        load_inception(inception_weights)
     storage.check_writable(workdir)  # not only once the features are to be cached
 
 
@@ -197,7 +254,7 @@ def check_sample_count(sample_config) -> None:
 def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
     check_inputs(samples, reference, inception_weights, workdir)
     extract = FeatureExtractor(inception_weights, batch_size)
-    with _open_images(samples) as (_, sample_shape, _), _open_images(reference) as (_, reference_shape, _):
+    with _open_images(samples) as (_, sample_shape, _, _), _open_images(reference) as (_, reference_shape, _, _):
         if sample_shape[1:3] != reference_shape[1:3]:
             logging.warning("the samples %s are %dx%d px but the reference %s holds %dx%d px images: the metrics "
                             "compare different resolutions (both are resized to 299 px for the Inception)",
@@ -214,6 +271,7 @@ def evaluate(samples: str, reference: str, inception_weights: str, workdir: str,
         precision=precision, recall=recall,
         num_samples=len(sample_features["pool"]), num_reference=len(reference_features["pool"]),
         samples=storage.absolute(samples), reference=storage.absolute(reference),
+        inception_weights=extract.weights_id[0], features_version=FEATURES_VERSION,
     )
     not_finite = [name for name in METRICS if not np.isfinite(results[name])]
     if not_finite:  # the checks above should make this impossible; eval.json must never hold NaN
@@ -228,6 +286,10 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     for name in METRICS:
         logging.info("%s: %.4f", name, results[name])
         print(f"{name}: {results[name]:.4f}")
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # the history first: an evaluation replaced in eval.json stays there
+        history = storage.join(workdir, "eval_history.jsonl")
+        earlier = storage.read_text(history) if storage.exists(history) else ""
+        stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **results}
+        storage.write_atomically(history, earlier + json.dumps(stamped) + "\n")
         storage.write_json_atomically(storage.join(workdir, "eval.json"), results)
     return results
