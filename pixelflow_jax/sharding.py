@@ -18,7 +18,8 @@ def make_mesh(fsdp: int = 1) -> Mesh:
     """A ('data', 'fsdp') mesh over every device; 'data' takes what 'fsdp' leaves."""
     count = jax.device_count()
     if fsdp < 1 or count % fsdp:
-        raise ValueError(f"mesh.fsdp ({fsdp}) must be a positive divisor of the device count ({count})")
+        divisors = ", ".join(str(d) for d in range(1, count + 1) if count % d == 0)
+        raise ValueError(f"--config.mesh.fsdp ({fsdp}) must divide the device count ({count}): one of {divisors}")
     auto = jax.sharding.AxisType.Auto
     return jax.make_mesh((count // fsdp, fsdp), BATCH_AXES, axis_types=(auto, auto))
 

@@ -318,8 +318,30 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     assert list(losses(tuned)) == [1]
 
 
+def test_a_process_that_cannot_write_the_workdir_stops_every_process_naming_itself(tmp_path):
+    """Each process expands `~` in --workdir with its own HOME: process 1's workdir is a file. It
+    stopped with its error while process 0 waited in the next collective, then died in gloo."""
+    homes = [tmp_path / "home0", tmp_path / "home1"]
+    for home in homes:
+        home.mkdir()
+    (homes[1] / "run").write_text("not a folder")
+    address = f"localhost:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--workdir=~/run",
+                                   "--distributed", f"--coordinator_address={address}", "--num_processes=2",
+                                   f"--process_id={i}"], cwd=REPO, env={**os.environ, "HOME": str(homes[i]),
+                                                                      "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [1, 1], errors
+    assert f"error: process 1: cannot write to {homes[1] / 'run'}" in errors[1], errors[1]
+    assert "error: process 1 of 2 cannot write to" in errors[0] and "Traceback" not in errors[0], errors[0]
+    assert not (homes[0] / "run" / "train.lock").exists()
+
+
 @pytest.mark.parametrize("override,message", [
-    ("--config.train.batch_size=6", "must be divisible by num_stages x devices"),
+    ("--config.train.batch_size=6", "must be divisible by num_stages x devices x grad_accum_steps = 4 x 1 x 1: try 4 "
+                                    "or 8"),
+    ("--config.mesh.fsdp=3", "--config.mesh.fsdp (3) must divide the device count (1): one of 1"),
     ("--config.train.lr=-1", "--config.train.lr must be > 0, got -1"),
     ("--config.train.lr=nan", "--config.train.lr must be a finite number, got nan"),
     ("--config.model.num_classes=1000", "must equal data.demo_num_classes"),

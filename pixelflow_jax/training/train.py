@@ -124,9 +124,12 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     validation.check_train(config)
     t = config.train
     stages, devices, accum = config.scheduler.num_stages, mesh.size, t.grad_accum_steps
-    if t.batch_size % (stages * devices * accum):
+    unit = stages * devices * accum
+    if t.batch_size % unit:
+        nearest = sorted({max(unit, t.batch_size // unit * unit), -(-t.batch_size // unit) * unit})
         raise ValueError(f"--config.train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
-                         f"grad_accum_steps = {stages} x {devices} x {accum}")
+                         f"grad_accum_steps = {stages} x {devices} x {accum}: try "
+                         f"{' or '.join(map(str, nearest))}")
     if t.preview_every and model_cfg.cross_attention_dim and config.data.source != "demo":
         from pixelflow_jax.sampling.sample_conditioning import read_prompts
 
@@ -423,12 +426,35 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
     return {f"preview_{k}": v for k, v in agreement(images, colours, shapes, config.data.demo_num_classes).items()}
 
 
+def check_writable_on_every_process(workdir: str) -> None:
+    """storage.check_writable on each process, the outcome shared: a host without access (its
+    credentials, its mount) stops every process with its name, rather than leaving the others
+    waiting in the next collective."""
+    try:
+        storage.check_writable(workdir)
+        problem = None
+    except storage.StorageError as e:
+        problem = e
+    if jax.process_count() == 1:
+        if problem:
+            raise problem
+        return
+    from jax.experimental import multihost_utils
+
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(problem is not None)))
+    if problem:
+        raise storage.StorageError(f"process {jax.process_index()}: {problem}")
+    if len(failed):
+        raise storage.StorageError(f"process {', '.join(map(str, failed))} of {jax.process_count()} cannot write to "
+                                   f"{workdir} (its log says why); every process of the job needs access")
+
+
 def train(config, workdir: str) -> dict:
     """Trains to config.train.num_steps (resuming if the workdir has checkpoints); returns the last metrics."""
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
-    storage.check_writable(workdir)  # a bucket without access fails here, not at the first checkpoint
+    check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
     lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
     lock.acquire()  # a second run on this workdir stops here, naming the first
     try:
