@@ -575,8 +575,11 @@ def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path):
 
 def test_records_that_fail_for_their_captions_say_so():
     class Blank:
+        def __init__(self, size):
+            self.size = size
+
         def __len__(self):
-            return 3
+            return self.size
 
         def __getitem__(self, index):
             return {"image": encoded(np.zeros((8, 8, 3), np.uint8)), "caption": b" \n"}
@@ -585,6 +588,8 @@ def test_records_that_fail_for_their_captions_say_so():
         def tokenize(self, captions):
             raise AssertionError("an empty caption is never tokenized")
 
-    with pytest.raises(DataError, match=r"64 consecutive unusable records from record 1 on \(the last, record 1: "
+    with pytest.raises(DataError, match=r"64 consecutive records from record 1 on are unusable \(the last, record 64: "
                                         r"caption is empty"):
-        loader_module.DecodedSource(Blank(), R, tokenizer=Tokenizer())[1]
+        loader_module.DecodedSource(Blank(100), R, tokenizer=Tokenizer())[1]
+    with pytest.raises(DataError, match=r"all 3 records are unusable \(the last, record 0: caption is empty"):
+        loader_module.DecodedSource(Blank(3), R, tokenizer=Tokenizer())[1]  # each tried once, not 64 times

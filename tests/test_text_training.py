@@ -5,6 +5,7 @@ meshes."""
 import io
 import json
 import os
+import pathlib
 import socket
 
 import jax
@@ -75,6 +76,18 @@ def test_captioned_folder_names_missing_captions_or_skips_and_counts_them(captio
     assert len(source) == 11 and source.missing_captions == 1
     with pytest.raises(DataError, match="does not exist"):
         CaptionedFolderSource(root + "/nothing")
+    with pytest.raises(DataError, match="--config.data.root is not set"):
+        CaptionedFolderSource("")
+
+
+def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
+    root, _ = captioned_folder
+    for name in ("lost_a", "lost_b"):
+        (pathlib.Path(root) / "00000" / f"{name}.txt").write_text("a red disk")
+    (pathlib.Path(root) / "00000" / "other_format.avif").write_bytes(b"")
+    (pathlib.Path(root) / "00000" / "other_format.txt").write_text("a red disk")
+    CaptionedFolderSource(root, missing_captions="skip")
+    assert "3 caption files have no image beside them" in caplog.text and "lost_a.txt" in caplog.text
 
 
 def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(captioned_folder, encoder_folder):
@@ -95,7 +108,7 @@ def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(caption
 
 
 def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(captioned_folder, encoder_folder,
-                                                                            tmp_path, bucket):
+                                                                            tmp_path, bucket, monkeypatch):
     """Shards in a bucket are read in place (no local copy), also by a loader worker process,
     and give the batches the same shards give on a local disk."""
     from pixelflow_jax import storage
@@ -117,6 +130,24 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
         with pytest.raises(ValueError, match="already holds 3 shards"):
             pack(root, output)  # nothing is overwritten
         sources.append(source)
+
+    # An image that cannot be read after two shards were written: the folder is left as it was.
+    from pixelflow_jax.data import pack_captions
+
+    reads, real_read = [], storage.read_bytes
+
+    def failing_on_the_seventh_image(path):
+        reads.append(path)
+        if len(reads) == 7 + 11:  # the 11 caption reads come first
+            raise OSError("disk error")
+        return real_read(path)
+
+    failed = tmp_path / "failed"
+    with monkeypatch.context() as patch:
+        patch.setattr(pack_captions.storage, "read_bytes", failing_on_the_seventh_image)
+        with pytest.raises(DataError, match="OSError: disk error \\(packing stopped; the 2 shards it had written are removed"):
+            pack(root, str(failed), records_per_shard=3, missing_captions="skip")
+    assert not [name for name in os.listdir(failed) if name.endswith(".array_record")]
 
     tokenizer = T5Tokenizer(encoder_folder, TOKENS)
     local, in_bucket = (ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0, tokenizer=tokenizer,

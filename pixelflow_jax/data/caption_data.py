@@ -60,6 +60,9 @@ class CaptionedFolderSource:
                  missing_flag: str = "--config.data.missing_captions"):
         if missing_captions not in MISSING_CAPTION_CHOICES:
             raise DataError(f"{missing_flag} must be one of {MISSING_CAPTION_CHOICES}, got {missing_captions!r}")
+        if not root:
+            raise DataError(f"{root_flag} is not set: set it to a folder of images with a caption file each "
+                            "(NAME.jpg + NAME.txt, as img2dataset writes)")
         require_folder(root, f"captioned image folder {root} does not exist; set {root_flag} to a folder of images "
                              "with a caption file each (NAME.jpg + NAME.txt, as img2dataset writes)")
         files = walk_files(root)
@@ -80,6 +83,11 @@ class CaptionedFolderSource:
         if missing:
             logging.warning("%s: %d images without a caption file left out (missing_captions=skip), e.g. %s",
                             root, len(missing), missing[:3])
+        image_names = {os.path.splitext(path)[0] for path in images}
+        orphans = sorted(path for name, path in captions.items() if name not in image_names)
+        if orphans:  # often images lost in a copy, or in a format not read here
+            logging.warning("%s: %d caption files have no image beside them (read: %s), e.g. %s", root, len(orphans),
+                            ", ".join(IMAGE_EXTENSIONS), orphans[:3])
         if not self.records:
             raise DataError(f"no captioned images under {root} (expected NAME.ext + NAME{CAPTION_EXTENSION} with ext "
                             f"one of {', '.join(IMAGE_EXTENSIONS)})")

@@ -287,7 +287,8 @@ class DecodedSource:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+        attempts = min(MAX_CONSECUTIVE_UNREADABLE, len(self.source))  # a small set: each record once
+        for attempt in range(attempts):
             record_index = (index + attempt) % len(self.source)
             record = None
             try:
@@ -304,8 +305,9 @@ class DecodedSource:
             else:
                 pixels = np.asarray(resize_shorter_side(image, self.resize_to))
             return {"image": pixels, **conditioning, "skipped": np.int32(attempt)}
-        raise DataError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unusable records from {self._name(index)} on "
-                        f"(the last, {last_error}); is the dataset corrupt?")
+        which = (f"all {attempts} records" if attempts == len(self.source)
+                 else f"{attempts} consecutive records from {self._name(index)} on")
+        raise DataError(f"{which} are unusable (the last, {last_error}); is the dataset corrupt?")
 
     def _conditioning(self, record: dict) -> dict:
         if self.tokenizer is None:

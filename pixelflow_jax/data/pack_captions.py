@@ -5,8 +5,9 @@ shards for text-to-image training (config.data.source='array_record'):
 
 Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text}. Images are
 not re-encoded, so packing is I/O bound. Shards are named captions-00003-of-00012.array_record and
-each appears whole (written locally, then renamed or uploaded); an output folder that already
-holds shards is refused, and so is a folder without one usable caption (nothing is written).
+each appears whole (written locally, then renamed or uploaded); a pack that fails part-way removes
+the shards it wrote; an output folder that already holds shards is refused, and so is a folder
+without one usable caption (nothing is written).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
         raise ValueError(f"--output {output} is a file; name a folder for the shards")
     existing = [name for name in storage.list_files(output) if name.endswith(RECORD_EXTENSION)]
     if existing:
-        raise ValueError(f"{output} already holds {len(existing)} shards (e.g. {existing[0]}); pack into an empty "
-                         "folder, or delete the old shards first")
+        raise ValueError(f"{output} already holds {len(existing)} shards (e.g. {existing[0]}; a pack killed "
+                         "part-way leaves the shards it finished); pack into an empty folder, or delete the old "
+                         "shards first")
     source = CaptionedFolderSource(folder, missing_captions, root_flag="--folder", missing_flag="--missing_captions")
     records, skipped = [], 0
     for image_path, caption_path in source.records:  # captions first: a bad one is known before any shard
@@ -50,18 +52,27 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     num_shards = -(-len(records) // records_per_shard)
     storage.makedirs(output)
     progress = Progress(len(records), "packing", "image")
-    with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
-        for shard in range(num_shards):
-            name = f"captions-{shard:05d}-of-{num_shards:05d}{RECORD_EXTENSION}"
-            local = os.path.join(scratch, name)
-            writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
-            for image_path, caption in records[shard * records_per_shard:(shard + 1) * records_per_shard]:
-                writer.write(encode_record(storage.read_bytes(image_path), caption, image_path))
-                progress.update()
-            writer.close()
-            storage.upload_file_atomically(local, storage.join(output, name))
-            os.remove(local)
-    progress.close()
+    written = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
+            for shard in range(num_shards):
+                name = f"captions-{shard:05d}-of-{num_shards:05d}{RECORD_EXTENSION}"
+                local = os.path.join(scratch, name)
+                writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
+                for image_path, caption in records[shard * records_per_shard:(shard + 1) * records_per_shard]:
+                    writer.write(encode_record(storage.read_bytes(image_path), caption, image_path))
+                    progress.update()
+                writer.close()
+                storage.upload_file_atomically(local, storage.join(output, name))
+                written.append(storage.join(output, name))
+                os.remove(local)
+    except Exception as e:  # a part of a pack is no dataset: leave the folder as it was
+        for path in written:
+            storage.remove(path)
+        raise DataError(f"{type(e).__name__}: {e} (packing stopped; the {len(written)} shards it had written are "
+                        "removed)") from e
+    finally:
+        progress.close()
     return {"records": len(records), "shards": num_shards, "skipped_captions": skipped,
             "missing_captions": source.missing_captions}
 
