@@ -62,6 +62,11 @@ def user_path(path: str) -> str:
         raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
     if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
         raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
+    if is_url(path) and path != path.strip():
+        raise StorageError(f"{path!r} starts or ends with a space, which an object name keeps: write {path.strip()!r}")
+    if is_url(path) and {".", ".."} & set(path.split("://", 1)[1].split("/")[1:]):
+        raise StorageError(f"{path}: object stores do not resolve '.' and '..' (they would be part of the names): "
+                           "write the folder itself")
     if is_url(path) and "//" in path.split("://", 1)[1].rstrip("/"):
         # An empty folder name (an empty $PREFIX): epath drops it on writes, fsspec keeps it in listings
         # and locks, so a run would not find its own files.

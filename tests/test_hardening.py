@@ -624,6 +624,11 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
             storage.user_path(no_bucket)
     with pytest.raises(storage.StorageError, match=r"write the local path itself \(/data/run\), not a file:// URL"):
         storage.user_path("file:///data/run")
+    with pytest.raises(storage.StorageError, match="ends with a space, which an object name keeps: write 'gs://b/x'"):
+        storage.user_path("gs://b/x ")
+    for dotted in ("gs://b/x/../y", "gs://b/./x"):
+        with pytest.raises(storage.StorageError, match="do not resolve '.' and '..'"):
+            storage.user_path(dotted)
     assert storage.user_path("~/runs/x") == os.path.join(os.path.expanduser("~"), "runs", "x")
     assert storage.user_path("./gs:/x") == "./gs:/x" and storage.user_path("gs://b/x") == "gs://b/x"
 
