@@ -130,8 +130,11 @@ def test_fine_tuning_starts_from_the_runs_ema_or_raw_weights(run):
         init_model, source = train.load_init_from(config, model_cfg)
         assert source.run_step.run == run[0]
         _, state, _ = train.initial_state(config, model_cfg, tx, make_mesh(1), init_model)
-        for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(run[1][4][key])):
+        for got, ema, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state["ema"]),
+                                  jax.tree.leaves(run[1][4][key])):
             np.testing.assert_array_equal(np.asarray(got), want)
+            np.testing.assert_array_equal(np.asarray(ema), want)  # the EMA starts as the weights
+        assert not any(np.asarray(m).any() for m in jax.tree.leaves(state["opt_state"]))  # fresh moments
     config.model.num_classes = 10
     with pytest.raises(ValueError, match=r"init_from .* is another model: num_classes 1000 there, 10 in this config"):
         train.load_init_from(config, ModelConfig.from_mapping(config.model))

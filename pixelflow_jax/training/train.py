@@ -19,6 +19,7 @@ non-finite steps in a row the run stops without saving: the last good checkpoint
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -39,12 +40,12 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
+from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
-from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
-                                               state_shardings, train_flops_per_image)
+                                               state_from_params, state_shardings, train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
 UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
@@ -188,12 +189,14 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None):
     or new. A new model is initialised by one compiled program straight into its shardings: no
     full copy on one device, and no hundreds of small eager ops (slow with several processes)."""
     if init_model is not None:
-        state = init_state(init_model, tx, config.seed)
-        shardings = state_shardings(state, mesh)
-        # From host copies: every process holds the whole state on one of its devices, and jax
-        # places such arrays on this process's devices only, not on a mesh spanning processes.
-        state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
-        return nnx.graphdef(init_model), state, shardings
+        # The parameters from a host copy: every process holds them whole on one of its devices, and
+        # jax places such arrays on this process's devices only, not on a mesh spanning processes.
+        # EMA and optimiser state are then built in their shardings (no host copy of those).
+        host_params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init_model, nnx.Param)))
+        create_from = functools.partial(state_from_params, tx=tx, seed=config.seed)
+        shardings = state_shardings(jax.eval_shape(create_from, host_params), mesh)
+        params = jax.device_put(host_params, shardings["params"])
+        return nnx.graphdef(init_model), jax.jit(create_from, out_shardings=shardings)(params), shardings
 
     def create():
         return init_state(PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed)), tx, config.seed)

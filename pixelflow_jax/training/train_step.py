@@ -95,8 +95,13 @@ def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
 
 def init_state(model: PixelFlow, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
     """The whole training state as one pytree of arrays (what checkpoints hold)."""
+    return state_from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), tx, seed)
+
+
+def state_from_params(params, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+    """init_state from a parameter dict (jit-able, so that the state is built in its shardings)."""
     # Copies: the step donates its state, which must not free the model's own arrays.
-    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = jax.tree.map(jnp.copy, params)
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
