@@ -15,7 +15,10 @@ import atexit
 import json
 import numbers
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
 import time
 
@@ -40,11 +43,19 @@ def class_choices(num_classes: int) -> list[tuple[str, int]]:
     return [(f"class {i}", i) for i in range(num_classes)]
 
 
+TEMPORARY_OUTPUTS = re.compile(r"pixelflow_demo_(\d+)_.*")
+
+
 def demo_output_dir(workdir: str) -> str:
     """WORKDIR/demo_outputs, emptied at each start (the page serves files from a local folder; a
-    bucket workdir gets a temporary folder removed at exit)."""
+    bucket workdir gets a temporary folder removed at exit, and those of pages that were killed
+    are removed at the next start)."""
     if not workdir or storage.is_url(workdir):
-        folder = tempfile.mkdtemp(prefix="pixelflow_demo_")
+        for entry in os.scandir(tempfile.gettempdir()):
+            match = TEMPORARY_OUTPUTS.fullmatch(entry.name)
+            if match and entry.is_dir() and not storage.process_alive(int(match[1])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        folder = tempfile.mkdtemp(prefix=f"pixelflow_demo_{os.getpid()}_")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
     folder = os.path.join(workdir, "demo_outputs")
@@ -213,5 +224,6 @@ def run(config, workdir: str = "") -> None:
     where = ("on every network interface of this machine" if config.demo.share_on_network else
              "on this machine only (--config.demo.share_on_network=True serves it to the network)")
     print(f"demo page: http://{host}:{int(config.demo.port)}/ {where}; Ctrl-C stops it", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop runs the atexit cleanup, as Ctrl-C does
     # quiet: Gradio's own banner suggests share=True (a public gradio.live tunnel), which this demo never opens.
     page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False, quiet=True)

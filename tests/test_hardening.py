@@ -405,6 +405,20 @@ def test_the_demo_page_keeps_only_its_newest_requests_on_disk(tmp_path):
     assert len(os.listdir(tmp_path)) == 3
 
 
+def test_a_bucket_workdir_demo_removes_the_output_folders_of_killed_pages(tmp_path, monkeypatch):
+    import tempfile
+
+    from pixelflow_jax.demo_app import demo_output_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead, alive = tmp_path / "pixelflow_demo_999999999_x", tmp_path / f"pixelflow_demo_{os.getppid()}_y"
+    for folder in (dead, alive, tmp_path / "pixelflow_demo_other"):
+        folder.mkdir()
+    mine = demo_output_dir("gs://bucket/page")
+    assert os.path.isdir(mine) and os.path.basename(mine).startswith(f"pixelflow_demo_{os.getpid()}_")
+    assert not dead.exists() and alive.exists() and (tmp_path / "pixelflow_demo_other").exists()
+
+
 def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page():
     from pixelflow_jax.demo_app import DemoSampler
 
