@@ -29,7 +29,7 @@ def test_xla_matches_float64_reference(with_mask):
     np.testing.assert_allclose(out, reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
 
-def test_all_padding_row_attends_uniformly_like_the_release():
+def test_all_padding_row_attends_to_all_keys_like_the_release():
     # A -10000 bias (not -inf) cancels in the softmax when every key is padding: no NaN. In float32
     # the logits near -10000 keep only ~1e-3 of precision, as in the release.
     rng = np.random.default_rng(1)
@@ -188,6 +188,60 @@ def test_auto_is_splash_on_tpu_cudnn_for_bf16_on_gpu(monkeypatch):
                                       ("cpu", jnp.bfloat16, "xla")):
         monkeypatch.setattr(jax, "default_backend", lambda: platform)
         assert resolve_backend("auto", dtype) == expected, (platform, dtype)
+
+
+def test_splash_treats_an_all_padding_row_as_the_release_does():
+    """Segment ids left such a row no key: a uniform mean of v, and gradients ~80x off."""
+    q, k, v, _ = random_qkv(2, 128, 128, head_dim=16)
+    mask = jnp.ones((2, 128)).at[1].set(0.0)  # example 1: every key is padding
+    expected, expected_grads = value_and_grads("xla", q, k, v, mask)
+    with interpret_kernels():
+        got, grads = value_and_grads("splash", q, k, v, mask)
+    assert relative_error(got, expected) <= 1e-3  # xla's own float32 error near -10000 is ~3e-4
+    for g, e in zip(grads, expected_grads):
+        assert relative_error(g, e) <= 1e-3
+    from pixelflow_jax.kernels.splash_attention import splash_attention
+
+    with pytest.raises(ValueError, match="multiples of 128, got 100 queries and 77 keys"):
+        splash_attention(q[:, :100], k[:, :77], v[:, :77], None, interpret=True)
+
+
+def test_cudnn_takes_what_jax_checks_let_through_and_auto_runs_xla_for_the_rest(monkeypatch):
+    """jax's own cuDNN checks, run on the CPU with the GPU queries answered: a key mask's bias
+    must be (B, 1, Lq, Lk), and `auto` must not hand cuDNN a mask, odd lengths or a head_dim it
+    refuses (each was a crash of every text-to-image run on a GPU)."""
+    import jax._src.cudnn.fused_attention_stablehlo as fused
+
+    from pixelflow_jax.kernels import attention
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
+    shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.bfloat16)
+    q, k = shape(2, 256, 4, 72), shape(2, 512, 4, 72)
+    mask = jax.ShapeDtypeStruct((2, 512), jnp.float32)
+    masked = lambda q, k, v, mask: attention._cudnn_attention(q, k, v, mask).astype(jnp.float32).sum()
+    assert jax.eval_shape(attention._cudnn_attention, q, k, k, mask).shape == (2, 256, 4, 72)
+    jax.eval_shape(jax.grad(masked, argnums=(0, 1, 2)), q, k, k, mask)
+
+    assert attention.cudnn_refuses(q, k) is None
+    assert "multiple of 8" in attention.cudnn_refuses(shape(2, 256, 4, 36), shape(2, 256, 4, 36))
+    assert "even lengths, got 256 queries and 77 keys" in attention.cudnn_refuses(q, shape(2, 77, 4, 72))
+    with pytest.raises(ValueError, match="'cudnn' cannot run this attention: it needs even lengths"):
+        attention._cudnn_attention(jnp.zeros((1, 4, 2, 8), jnp.bfloat16), jnp.zeros((1, 77, 2, 8), jnp.bfloat16),
+                                   jnp.zeros((1, 77, 2, 8), jnp.bfloat16), None)
+
+    calls = []
+    monkeypatch.setattr(attention, "_cudnn_attention", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, v, text_mask = random_qkv(1, 16, 8, head_dim=8, dtype=jnp.bfloat16)
+    dot_product_attention(q, q, q, backend="auto")
+    assert len(calls) == 1  # unmasked self-attention: cuDNN
+    for keys, key_mask in ((k, text_mask), (k[:, :7], None)):  # masked text; an odd length
+        got = dot_product_attention(q, keys, keys, key_mask=key_mask, backend="auto")
+        expected = dot_product_attention(q, keys, keys, key_mask=key_mask, backend="xla")
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+    assert len(calls) == 1
 
 
 def test_head_dim_chunks_are_powers_of_two_of_at_least_16():

@@ -4,7 +4,8 @@ Layout is (batch, length, heads, head_dim) in and out; the softmax scale is 1/sq
 attention is never causal; an optional key mask (B, Lk) marks real keys with 1.
 
     xla      the reference: einsums and a float32 softmax; every platform
-    cudnn    jax.nn.dot_product_attention(implementation='cudnn'); NVIDIA GPUs, bf16/fp16 inputs
+    cudnn    jax.nn.dot_product_attention(implementation='cudnn'); NVIDIA GPUs, bf16/fp16 inputs,
+             head_dim a multiple of 8 (<= 128 before Hopper, 256 from it), even lengths
     pallas_gpu  our Pallas (Triton) flash attention (pallas_gpu_attention.py); NVIDIA GPUs;
              lengths that are multiples of 16 (others fall back to xla)
     splash   Pallas splash attention (splash_attention.py); TPUs; lengths that are multiples of
@@ -26,8 +27,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-# The release turns a 0/1 text mask into an additive bias of -10000 on the padded keys (not -inf),
-# so a row whose keys are all padding still attends uniformly instead of producing NaNs.
+# The release turns a 0/1 text mask into an additive bias of -10000 on the padded keys (not -inf):
+# a row whose keys are all padding gets -10000 on every key, which cancels in the softmax, so it
+# attends to all keys as if unmasked (no NaNs).
 MASKED_KEY_BIAS = -10000.0
 
 
@@ -44,14 +46,43 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's fused attention takes no float32
 
 
-def _cudnn_attention(q, k, v, key_mask):
+def cudnn_refuses(q, k) -> str | None:
+    """Why jax's cuDNN attention would refuse these shapes (its check_is_flash_attention), or None:
+    head_dim a multiple of 8 up to 128 (256 from Hopper on), and even lengths (jax passes a bias
+    even without a mask, and cuDNN's backward with a bias needs them)."""
+    head_dim, limit = q.shape[-1], 128
+    with contextlib.suppress(Exception):  # CPU (tests, tracing for a GPU): assume the older limit
+        limit = 256 if float(jax.devices()[0].compute_capability) >= 9.0 else 128
     if q.dtype not in CUDNN_DTYPES:
-        raise ValueError(f"attention backend 'cudnn' takes bfloat16 or float16 inputs, got {q.dtype}: set "
-                         "model.dtype='bfloat16' or use attention 'auto' / 'xla'")
+        return f"it takes bfloat16 or float16 inputs, got {q.dtype}"
+    if head_dim % 8 or head_dim > limit:
+        return f"it needs a head_dim that is a multiple of 8 up to {limit}, got {head_dim}"
+    if q.shape[1] % 2 or k.shape[1] % 2:
+        return f"it needs even lengths, got {q.shape[1]} queries and {k.shape[1]} keys"
+    return None
+
+
+def _cudnn_attention(q, k, v, key_mask):
+    problem = cudnn_refuses(q, k)
+    if problem:
+        raise ValueError(f"attention backend 'cudnn' cannot run this attention: {problem}; use attention 'auto' "
+                         "(which runs XLA there) or 'xla'")
     # The release's -10000 bias, not a boolean mask (which cuDNN turns into a far larger negative
-    # bias): the two differ only when every key of a row is padding, where the release is uniform.
-    bias = None if key_mask is None else ((1.0 - key_mask) * MASKED_KEY_BIAS).astype(q.dtype)[:, None, None, :]
+    # bias): the two differ only when every key of a row is padding. cuDNN takes a bias of shape
+    # (B, 1, Lq, Lk) only, so the mask's is spelled out per query.
+    bias = None
+    if key_mask is not None:
+        bias = ((1.0 - key_mask) * MASKED_KEY_BIAS).astype(q.dtype)[:, None, None, :]
+        bias = jnp.broadcast_to(bias, (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+
+
+def _auto_gpu_attention(q, k, v, key_mask):
+    """cuDNN where it runs and wins (unmasked self-attention); XLA for what it refuses, and for
+    masked text attention, whose (B, 1, Lq, Lk) bias cuDNN would need spelled out in memory."""
+    if key_mask is None and cudnn_refuses(q, k) is None:
+        return _cudnn_attention(q, k, v, key_mask)
+    return _xla_attention(q, k, v, key_mask)
 
 
 def _pallas_kernel(supports, kernel, q, k, v, key_mask):
@@ -92,6 +123,8 @@ PALLAS_BACKENDS = ("pallas_gpu", "splash")
 #       image at 4096 tokens, 275 GB at the 65536 tokens of 1024 px text-to-image). Not yet timed on
 #       a TPU: checked in interpret mode and by lowering for TPU on the CPU (tests/test_attention.py).
 #   cpu: XLA.
+#   On a GPU, attention that cuDNN refuses (head_dim, odd lengths) and masked text attention run
+#   XLA (_auto_gpu_attention).
 AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
 _interpret = [False]
 
@@ -140,4 +173,7 @@ def dot_product_attention(
         raise ValueError(f"attention expects q (B, Lq, H, D) and k, v (B, Lk, H, D); got {q.shape}, {k.shape}, {v.shape}")
     if key_mask is not None and key_mask.shape != k.shape[:2]:
         raise ValueError(f"key_mask must have shape (B, Lk) = {k.shape[:2]}, got {key_mask.shape}")
-    return BACKENDS[resolve_backend(backend, q.dtype)](q, k, v, key_mask)
+    choice = resolve_backend(backend, q.dtype)
+    if backend == "auto" and choice == "cudnn":  # per call: the shapes and mask decide
+        return _auto_gpu_attention(q, k, v, key_mask)
+    return BACKENDS[choice](q, k, v, key_mask)

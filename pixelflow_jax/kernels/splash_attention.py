@@ -41,7 +41,11 @@ def _per_device(q, k, v, key_mask, *, interpret: bool):
         return jax.vmap(kernel)(q, k, v)
 
     def one_example(q, k, v, keys):
-        ids = splash.SegmentIds(q=jnp.ones((q_len,), jnp.int32), kv=(keys > 0).astype(jnp.int32))
+        real = keys > 0
+        # All padding: the release's -10000 on every key cancels in the softmax (the row attends to
+        # all keys), where segment ids would leave the row no key at all.
+        real = jnp.where(real.any(), real, True)
+        ids = splash.SegmentIds(q=jnp.ones((q_len,), jnp.int32), kv=real.astype(jnp.int32))
         return kernel(q, k, v, segment_ids=ids)
 
     return jax.vmap(one_example)(q, k, v, key_mask)
@@ -50,6 +54,9 @@ def _per_device(q, k, v, key_mask, *, interpret: bool):
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, *,
                      interpret: bool = False) -> jax.Array:
     """(B, Lq, H, D) attention like attention._xla_attention, on the splash kernel."""
+    if not supports(q.shape[1], k.shape[1]):
+        raise ValueError(f"splash attention needs lengths that are multiples of {LANES}, got {q.shape[1]} queries and "
+                         f"{k.shape[1]} keys: use attention.dot_product_attention, which runs XLA for those")
     head_dim = q.shape[-1]
     padded = -(-head_dim // LANES) * LANES
     pad = [(0, 0)] * 3 + [(0, padded - head_dim)]
