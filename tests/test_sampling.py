@@ -129,3 +129,26 @@ def test_bad_options_are_rejected(tiny):
         sampler.generate([1], steps_per_stage=[3, 3])
     with pytest.raises(ValueError, match="solver"):
         sampler.generate([1], solver="heun")
+
+
+def test_a_non_finite_sample_is_an_error_not_a_black_image(tiny, tmp_path):
+    """NaN latents became black PNGs that joined samples.npz and the FID; dopri5 ended in diffrax's
+    'increase max_steps' from inside a callback after 4,096 rejected steps."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pixelflow_jax.sampling.sample_run import write_local_images
+
+    model, config, _ = tiny
+    broken = nnx.clone(model)
+    state = nnx.state(broken, nnx.Param)
+    nnx.update(broken, jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state))
+    sampler = CascadeSampler(broken, config)
+    for solver in ("euler", "dopri5"):
+        with pytest.raises(ValueError, match=r"sampling gave NaN or inf for image ids \[0, 1\]"):
+            sampler.generate([3, 4], steps_per_stage=1, cfg_scale=2.0, solver=solver)
+
+    images = jnp.zeros((3, 8, 8, 3), jnp.uint8)
+    with pytest.raises(ValueError, match=r"NaN or inf for image ids \[11\]"):
+        write_local_images(str(tmp_path), images, jnp.array([True, False, False]), np.array([10, 11, 11]), 2)
+    assert not list(tmp_path.iterdir())  # not even the finite image of that batch

@@ -80,7 +80,8 @@ class SamplingOptions:
 def stage_guidance(cfg_scale: float, num_stages: int, class_conditional: bool) -> list[float]:
     """Guidance scale of each stage. Class-conditional: g_s = 1 + (cfg - 1) w(s / (S - 1)), with w the
     release's four weights joined by straight lines, so 4 stages get exactly the release's scales and
-    other counts (which the release does not support) the same curve; one stage gets cfg."""
+    other counts the same curve; one stage gets cfg. (The release indexes its four weights by stage
+    number: fewer stages get only the first ones there, e.g. 0 and 1/6 for two; ours on purpose.)"""
     if not class_conditional or cfg_scale == 1.0 or num_stages == 1:
         return [float(cfg_scale)] * num_stages
     if num_stages == len(CLASS_GUIDANCE_STAGE_WEIGHTS):
@@ -125,6 +126,19 @@ draw_noise_jit = jax.jit(draw_noise, static_argnums=(2, 3, 4, 5))
 def to_uint8(latents: jax.Array) -> jax.Array:
     """The release's output mapping: round(255 * clip(x / 2 + 0.5, 0, 1))."""
     return jnp.round(255.0 * jnp.clip(latents / 2.0 + 0.5, 0.0, 1.0)).astype(jnp.uint8)
+
+
+def finite_images(latents: jax.Array) -> jax.Array:
+    """(B,) bool: which images came out finite (NaN would become a black image without a word)."""
+    return jnp.isfinite(latents).all(axis=tuple(range(1, latents.ndim)))
+
+
+def check_finite(finite: np.ndarray, image_ids) -> None:
+    bad = [int(i) for i, ok in zip(image_ids, np.asarray(finite)) if not ok]
+    if bad:
+        raise ValueError(f"sampling gave NaN or inf for image ids {bad[:10]}{' ...' if len(bad) > 10 else ''}: the "
+                         "model's velocity is not finite there (damaged weights?), or dopri5 did not reach the end "
+                         f"of a stage within {DOPRI5_MAX_STEPS} steps; nothing was written for them")
 
 
 def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: Conditioning,
@@ -192,7 +206,9 @@ class CascadeSampler:
         key = jax.random.key(validation.seed("seed", np.asarray(seed).item(), where=""))
         initial, blocks = draw_noise_jit(key, ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)
-        return np.asarray(to_uint8(self.sample(initial, blocks, cond, uncond, options)))
+        latents = self.sample(initial, blocks, cond, uncond, options)
+        check_finite(finite_images(latents), np.asarray(ids))
+        return np.asarray(to_uint8(latents))
 
     def sample(self, initial_noise: jax.Array, block_noises: Sequence[jax.Array], cond: Conditioning,
                uncond: Conditioning, options: SamplingOptions) -> jax.Array:
@@ -260,10 +276,17 @@ def _dopri5(velocity, x, first_timestep, last_timestep, rtol, atol):
     import diffrax
 
     term = diffrax.ODETerm(lambda t, x, args: velocity(x, first_timestep + t * (last_timestep - first_timestep)))
-    solution = diffrax.diffeqsolve(term, diffrax.Dopri5(), t0=0.0, t1=1.0, dt0=None, y0=x,
-                                   stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                                   saveat=diffrax.SaveAt(t1=True), max_steps=DOPRI5_MAX_STEPS)
-    return solution.ys[0]
+
+    def solve(x):
+        solution = diffrax.diffeqsolve(term, diffrax.Dopri5(), t0=0.0, t1=1.0, dt0=None, y0=x,
+                                       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                                       saveat=diffrax.SaveAt(t1=True), max_steps=DOPRI5_MAX_STEPS, throw=False)
+        # A solve that did not reach t = 1 (a NaN or inf velocity rejects every step) comes out NaN,
+        # which check_finite names, rather than as diffrax's "increase max_steps" from a callback.
+        return jnp.where(solution.result == diffrax.RESULTS.successful, solution.ys[0], jnp.nan)
+
+    # A stage that starts from NaN (an earlier stage failed) would reject its steps up to the limit.
+    return jax.lax.cond(jnp.isfinite(x).all(), solve, lambda x: jnp.full_like(x, jnp.nan), x)
 
 
 def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditioning]:

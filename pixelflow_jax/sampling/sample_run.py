@@ -7,8 +7,9 @@
 
 The batch is sharded over every device of a 1-D 'data' mesh; in a multi-host run each process
 writes the images its devices hold. A rerun skips every image already on disk: an image depends
-only on (seed, id, its label or prompt), so resumed images are exactly those an uninterrupted run
-would write. Class- and text-conditional checkpoints: see sample_conditioning.py.
+only on (seed, id, its label or prompt), so resumed images are those an uninterrupted run would
+write (Euler: up to float rounding; dopri5: within its tolerance, since its step sizes are the
+batch's). Class- and text-conditional checkpoints: see sample_conditioning.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pixelflow_jax import storage
 from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
 from pixelflow_jax.checkpoints.checkpoint import build_model
 from pixelflow_jax.progress import Progress
-from pixelflow_jax.sampling.cascade import CascadeSampler, SamplingOptions, draw_noise_jit, to_uint8
+from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
+                                            finite_images, to_uint8)
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 
 GRID_IMAGES = 64
@@ -118,15 +120,19 @@ def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
-def write_local_images(folder: str, images: jax.Array, ids: np.ndarray, num_valid: int) -> None:
-    """Writes the rows this process holds (one replica of each), skipping padding rows."""
+def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:
+    """Writes the rows this process holds (one replica of each), skipping padding rows; a row that
+    came out NaN or inf (cascade.finite_images) is an error, not a black PNG."""
+    local = {}
+    for shard in finite.addressable_shards:
+        local.update(zip(range(*shard.index[0].indices(finite.shape[0])), np.asarray(shard.data)))
     for shard in images.addressable_shards:
         if shard.replica_id != 0:
             continue
-        rows = range(*shard.index[0].indices(images.shape[0]))
+        rows = [row for row in range(*shard.index[0].indices(images.shape[0])) if row < num_valid]
+        check_finite([local[row] for row in rows], [ids[row] for row in rows])
         for row, image in zip(rows, np.asarray(shard.data)):
-            if row < num_valid:
-                save_png_atomically(image_path(folder, int(ids[row])), image)
+            save_png_atomically(image_path(folder, int(ids[row])), image)
 
 
 def run(config, workdir: str) -> None:
@@ -192,8 +198,8 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
     progress = Progress(total, "sampling", "img", initial=total - len(missing))
     written = None  # the batch dispatched last: its PNGs are written while the next one computes
 
-    def write(images, ids, num_valid):
-        write_local_images(folder, images, ids, num_valid)
+    def write(images, finite, ids, num_valid):
+        write_local_images(folder, images, finite, ids, num_valid)
         progress.update(num_valid)
 
     with progress, jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
@@ -206,11 +212,11 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
                                 for c in conditioning.batch(ids))
                 initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution,
                                                  ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
-                images = to_uint8(sampler.sample(initial, blocks, cond, uncond, options))  # dispatched, not awaited
+                latents = sampler.sample(initial, blocks, cond, uncond, options)  # dispatched, not awaited
                 if written:
                     previous, written = written, None
                     write(*previous)  # PNG encoding and uploads overlap this batch's sampling
-                written = images, ids, num_valid
+                written = to_uint8(latents), finite_images(latents), ids, num_valid
         finally:  # also when the next batch failed or Ctrl-C came: the finished one is kept
             if written:
                 write(*written)
