@@ -72,10 +72,13 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
 @pytest.mark.parametrize("override,message", [
     ("--config.sample.batch_size=6", "must be divisible by the number of devices (8)"),
     ("--config.sample.labels=(1,2000)", "labels must be"),
-    ("--config.eval.reference=/nowhere/ref.npz", "--config.eval.reference /nowhere/ref.npz is not found"),  # early
+    ("--config.eval.reference=/nowhere/ref.npz", "set --config.eval.inception_weights"),  # early
+    ("--config.eval.reference=/nowhere/ref.npz --config.eval.inception_weights=/nowhere/w.pth",
+     "--config.eval.reference /nowhere/ref.npz is not found"),
 ])
 def test_bad_settings_fail_clearly(tmp_path, converted, override, message):
-    result = run_sample(str(tmp_path / "run"), converted["c2i_tiny"], "--config.sample.num_images=2", override)
+    result = run_sample(str(tmp_path / "run"), converted["c2i_tiny"], "--config.sample.num_images=2",
+                        *override.split())
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "samples").exists()
 
