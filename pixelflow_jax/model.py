@@ -5,7 +5,8 @@ Module and attribute names mirror the release's state-dict keys (`transformer_bl
 axis on every block parameter) and run with `lax.scan`: one compiled block instead of `depth`.
 
 Numerics follow the release under bf16 autocast: matmuls and the residual stream in the compute
-dtype; adaLN modulation, LayerNorm, RMSNorm, RoPE, softmax and the conditioning vector in float32.
+dtype; adaLN modulation, LayerNorm, RMSNorm, RoPE and softmax in float32. The conditioning vector
+is float32 too, where the release's in-place add rounds it to bf16 (README, Numerics).
 """
 
 from __future__ import annotations

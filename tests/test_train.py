@@ -108,6 +108,28 @@ def test_no_training_step_reuses_a_key_that_initialised_the_parameters():
     assert not used & step_keys
 
 
+def test_gradient_clipping_and_pixel_scaling_use_torchs_float_steps():
+    """torch's clip_grad_norm_ divides by norm + 1e-6 (optax by the norm), and torchvision's
+    ToTensor + Normalize differs under jit from x / 127.5 - 1 for 205 of 256 values."""
+    import torch
+
+    from pixelflow_jax.training.flow import images_to_unit_range
+    from pixelflow_jax.training.train_step import clip_by_global_norm_as_torch
+
+    grads = {"a": np.array([3e-4, -4e-4], np.float32), "b": np.array([[1.2e-3]], np.float32)}  # norm 1.3e-3
+    tensors = [torch.tensor(g, requires_grad=True) for g in grads.values()]
+    for t, g in zip(tensors, grads.values()):
+        t.grad = torch.tensor(g)
+    torch.nn.utils.clip_grad_norm_(tensors, 1e-3)
+    clipped, _ = jax.jit(clip_by_global_norm_as_torch(1e-3).update)(grads, None)
+    for got, t in zip(clipped.values(), tensors):
+        np.testing.assert_allclose(np.asarray(got), t.grad.numpy(), rtol=1e-6)  # optax's: 7.7e-4 apart
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    expected = ((torch.tensor(pixels, dtype=torch.float32) / 255) - 0.5) / 0.5
+    np.testing.assert_array_equal(np.asarray(jax.jit(images_to_unit_range)(pixels)), expected.numpy())
+
+
 def test_learning_rate_schedules():
     assert learning_rate(StepConfig(lr=3e-4)) == 3e-4  # the release's constant rate: no step count in the state
     cosine = learning_rate(StepConfig(lr=2.0, lr_schedule="cosine", warmup_steps=10, decay_steps=110))

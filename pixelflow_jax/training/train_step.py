@@ -86,9 +86,22 @@ def learning_rate(cfg: StepConfig) -> optax.ScalarOrSchedule:
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.decay_steps, end_value=0.0)
 
 
+def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_'s scaling, min(1, max_norm / (norm + 1e-6)); optax's
+    clip_by_global_norm divides by the norm alone. The state is optax's (empty), so checkpoints
+    of either restore as the other."""
+
+    def update(updates, state, params=None):
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.ClipByGlobalNormState(), update)
+
+
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW, with torch's AdamW arithmetic (eps outside the sqrt)."""
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+    """Global-norm clipping then AdamW, with torch's arithmetic (clip_grad_norm_'s 1e-6, AdamW's eps
+    outside the sqrt)."""
+    return optax.chain(clip_by_global_norm_as_torch(cfg.grad_clip),
                        optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                                    weight_decay=cfg.weight_decay))
 
