@@ -163,6 +163,15 @@ def dropped_conditioning(key, conditioning, model_cfg: ModelConfig, step_cfg: St
     return text.encode(encoder_params, tokens, mask)
 
 
+def apply_gradients(params, opt_state, ema, grads, tx: optax.GradientTransformation, ema_decay: float):
+    """(params, opt_state, ema) after one update: clipping and AdamW (tx), then the EMA of the new
+    weights, in the release's order."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, new_params)
+    return new_params, opt_state, new_ema
+
+
 def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, tx, step_cfg: StepConfig,
                     resolution: int, num_train_timesteps: int, mesh, state_sharding,
                     text: TextConditioning | None = None, encoder_sharding=None):
@@ -199,10 +208,8 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
             loss, stage_losses, grads = jax.tree.map(lambda x: x / accum, (loss, stage_losses, grads))
 
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        decay = step_cfg.ema_decay
-        new_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], new_params)
+        new_params, opt_state, new_ema = apply_gradients(params, state["opt_state"], state["ema"], grads, tx,
+                                                         step_cfg.ema_decay)
         # A huge or NaN learning rate can turn finite gradients into non-finite weights: such a step is
         # skipped too, so no checkpoint ever holds a non-finite parameter or EMA. One global norm per
         # tree (as for the gradients) tells: it is finite iff every value is (and none is beyond ~1e18).
