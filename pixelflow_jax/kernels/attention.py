@@ -131,7 +131,9 @@ _interpret = [False]
 
 @contextlib.contextmanager
 def interpret_kernels():
-    """Runs Pallas kernels in interpret mode (any platform, slow): for tests and debugging."""
+    """Runs Pallas kernels in interpret mode (any platform, slow): for tests and debugging. The
+    mode is read when a function is traced: a function jitted inside keeps it outside, and the
+    other way round (jax.clear_caches() between the two if one function serves both)."""
     _interpret[0] = True
     try:
         yield
