@@ -322,7 +322,7 @@ def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, co
     shutil.copytree(fixture_dir("c2i_tiny"), release)
     result = run_converter(f"--torch_checkpoint={release}", f"--output={release}", "--overwrite")
     assert result.returncode != 0 and "overlaps the input" in result.stderr
-    assert sorted(os.listdir(release)) == ["config.yaml", "golden.npz", "model.pt"]
+    assert sorted(os.listdir(release)) == ["config.yaml", "golden.npz", "golden_train_step.npz", "model.pt"]
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"cat")
@@ -559,6 +559,18 @@ def test_an_unreadable_lock_is_stale_after_a_minute_and_a_lock_is_never_written_
     def killed_while_writing(fd, data):
         raise KeyboardInterrupt
 
+    def no_hard_links(source, target):  # gcsfuse, s3fs, blobfuse
+        raise OSError(38, "Function not implemented")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workdir_lock.os, "link", no_hard_links)
+        lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+        lock.acquire()
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        with pytest.raises(WorkdirBusy):
+            WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
+        lock.release()
+
     monkeypatch.setattr(workdir_lock.os, "fdopen", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
         WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
@@ -579,8 +591,27 @@ def test_the_lock_is_refreshed_by_a_thread_and_a_run_whose_lock_was_taken_over_s
         time.sleep(0.2)
     assert json.loads(lock_file.read_text())["heartbeat"] > first  # no training step needed
     lock.check_held()
+    from pixelflow_jax.training import workdir_lock
+
+    lock.release()  # its thread stopped, the beats below are this test's
+    lock = WorkdirLock(str(tmp_path), stale_after_s=10)
+    lock.acquire()
+    lock._stop.set()
+    real_write = workdir_lock.storage.write_json_atomically
+
+    def unavailable(path, value):
+        raise OSError("503 Service Unavailable")
+
+    workdir_lock.storage.write_json_atomically = unavailable
+    try:
+        with pytest.raises(OSError, match="503"):
+            lock.heartbeat()  # the thread logs it and beats again
+    finally:
+        workdir_lock.storage.write_json_atomically = real_write
+    lock.heartbeat()
+    lock.check_held()  # a missed beat is no takeover
     rival = {"host": "elsewhere", "pid": 7, "heartbeat": time.time()}
-    lock_file.write_text(json.dumps(rival))  # it judged this run gone and took over
+    real_write(str(lock_file), rival)  # it judged this run gone and took over
     lock.heartbeat()
     assert json.loads(lock_file.read_text()) == rival  # not overwritten
     with pytest.raises(WorkdirBusy, match="taken over by another run \\(host elsewhere, pid 7\\).*without saving"):

@@ -555,7 +555,18 @@ def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_to
     other = {**first, "path": moved, "fingerprint": folder_fingerprint(moved)}
     assert other["fingerprint"] != fingerprint
     with pytest.raises(ValueError, match="holds a run of a different model"):
-        check_run_config(workdir, model_cfg, config, other)
+        check_run_config(workdir, model_cfg, config, {**other, "path": str(tmp_path / "elsewhere")})
+    with pytest.raises(ValueError, match="moved_t5 changed since the run recorded it .*allow_resume_changes=True"):
+        check_run_config(workdir, model_cfg, config, other)  # the same folder, other contents
+    config.train.allow_resume_changes = True  # "the weights are the same"
+    check_run_config(workdir, model_cfg, config, other)
+    assert recorded() == other
+    config.train.allow_resume_changes = False
+    with open(os.path.join(moved, "config.json")) as f:  # transformers re-saving it: the same encoder
+        hf_config = json.load(f)
+    with open(os.path.join(moved, "config.json"), "w") as f:
+        json.dump({**hf_config, "transformers_version": "9.9.9"}, f, indent=4)
+    assert folder_fingerprint(moved) == other["fingerprint"]
 
     # A run recorded before fingerprints: compared by path, and its record gains the fingerprint.
     old = {"path": encoder_folder, "max_text_tokens": 8}

@@ -68,7 +68,9 @@ def test_training_forward_and_loss_replay_the_release(collate, converted):
 
 def test_one_training_step_replays_the_release(collate, converted):
     """Gradients (clipped), one AdamW step and the EMA update against the release's own training
-    step on the same packed batch (tests/fixtures/c2i_tiny/golden_train_step.npz)."""
+    step on the same packed batch (tests/fixtures/c2i_tiny/golden_train_step.npz): the loss, its
+    gradients, apply_gradients and the EMA, not the jitted step's random draws. (torch's clipping
+    epsilon is below these tolerances here: test_gradient_clipping_and_pixel_scaling_... pins it.)"""
     from pixelflow_jax.checkpoints.convert import params_to_torch
     from pixelflow_jax.training.train_step import _loss_and_stage_losses, apply_gradients, clip_by_global_norm_as_torch
 

@@ -121,18 +121,17 @@ def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:
-    """Writes the rows this process holds (one replica of each), skipping padding rows; a row that
-    came out NaN or inf (cascade.finite_images) is an error, not a black PNG."""
-    local = {}
-    for shard in finite.addressable_shards:
-        local.update(zip(range(*shard.index[0].indices(finite.shape[0])), np.asarray(shard.data)))
+    """Writes the rows this process holds (one replica of each), skipping padding rows. A batch
+    with a row that came out NaN or inf (`finite`: cascade.finite_images, replicated, so that every
+    process stops alike) is an error before anything is written, not black PNGs."""
+    check_finite(np.asarray(finite)[:num_valid], ids[:num_valid])
     for shard in images.addressable_shards:
         if shard.replica_id != 0:
             continue
-        rows = [row for row in range(*shard.index[0].indices(images.shape[0])) if row < num_valid]
-        check_finite([local[row] for row in rows], [ids[row] for row in rows])
+        rows = range(*shard.index[0].indices(images.shape[0]))
         for row, image in zip(rows, np.asarray(shard.data)):
-            save_png_atomically(image_path(folder, int(ids[row])), image)
+            if row < num_valid:
+                save_png_atomically(image_path(folder, int(ids[row])), image)
 
 
 def run(config, workdir: str) -> None:
@@ -193,6 +192,7 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
     replicated = NamedSharding(mesh, P())
     nnx.update(model, jax.tree.map(lambda a: global_array(np.asarray(a), replicated), nnx.state(model)))
     sampler = CascadeSampler(model, ckpt)
+    finite_on_every_process = jax.jit(finite_images, out_shardings=replicated)
     key = jax.random.key(seed)
     total = conditioning.num_images
     progress = Progress(total, "sampling", "img", initial=total - len(missing))
@@ -216,7 +216,7 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
                 if written:
                     previous, written = written, None
                     write(*previous)  # PNG encoding and uploads overlap this batch's sampling
-                written = to_uint8(latents), finite_images(latents), ids, num_valid
+                written = to_uint8(latents), finite_on_every_process(latents), ids, num_valid
         finally:  # also when the next batch failed or Ctrl-C came: the finished one is kept
             if written:
                 write(*written)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.sharding import replicate_on_local_devices
-from pixelflow_jax.text.t5_convert import load_t5_encoder
+from pixelflow_jax.text.t5_convert import load_t5_encoder, read_t5_config
 
 MAX_LENGTH = 512  # the release's max_token_length
 TOKENIZER_FILE = "spiece.model"
@@ -126,8 +126,8 @@ class PromptEncoder:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         folder = local_t5_folder(folder)
         self.tokenizer = T5Tokenizer(folder, max_length)
+        self.tokenizer.check_vocabulary(read_t5_config(folder).vocab_size, folder)  # before gigabytes of weights
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
-        self.tokenizer.check_vocabulary(self.encoder.config.vocab_size, folder)
         graphdef, params = nnx.split(self.encoder)
         # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
         self._params, self._rows = replicate_on_local_devices(params)

@@ -9,6 +9,7 @@ embedding may appear as both `shared.weight` and `encoder.embed_tokens.weight`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,7 +51,8 @@ def read_t5_config(folder: str, **runtime) -> T5Config:
                               "(e.g. a download of google/flan-t5-xl)")
     hf = _read_json(path)
     if not isinstance(hf, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a model config: download the T5 folder again")
+        raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a model config: download the T5 "
+                              "folder again")
     if hf.get("model_type", "t5") != "t5":
         raise CheckpointError(f"{path} describes a {hf.get('model_type')!r} model, not T5")
     try:
@@ -115,11 +117,13 @@ def _weight_files(folder: str) -> list[str]:
 
 
 def folder_fingerprint(folder: str, samples: int = 32, sample_bytes: int = 1 << 16) -> str:
-    """Names one encoder wherever its folder lies: a hash of config.json, spiece.model, and each
-    weight file's size and `samples` evenly spaced slices of its bytes (a fine-tune of the same
-    shapes differs there; hashing all of flan-t5-xl's 4.8 GB would cost a minute at every start)."""
-    digest = hashlib.sha256()
-    for path in [os.path.join(folder, "config.json"), os.path.join(folder, "spiece.model")] + _weight_files(folder):
+    """Names one encoder wherever its folder lies: a hash of the architecture config.json gives
+    (not its bytes: transformers rewrites its version there), spiece.model, and each weight file's
+    size and `samples` evenly spaced slices of its bytes (a fine-tune of the same shapes differs
+    there; hashing all of flan-t5-xl's 4.8 GB would cost a minute at every start)."""
+    architecture = dataclasses.asdict(read_t5_config(folder))
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
+    for path in [os.path.join(folder, "spiece.model")] + _weight_files(folder):
         size = os.path.getsize(path)
         digest.update(f"{os.path.basename(path)}\0{size}\0".encode())
         with open(path, "rb") as f:

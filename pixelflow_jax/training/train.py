@@ -101,7 +101,11 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
     if storage.exists(path):
         recorded = read_run_config(workdir)
         previous = {k: v for k, v in recorded.items() if k != "text_encoder"}
-        if record and text_encoder and same_encoder(recorded.get("text_encoder"), text_encoder):
+        if record and text_encoder and changed_in_place(recorded.get("text_encoder"), text_encoder, config):
+            logging.warning("the text encoder folder %s changed since %s recorded it; recorded anew "
+                            "(train.allow_resume_changes)", text_encoder["path"], workdir)
+            previous["text_encoder"] = text_encoder
+        elif record and text_encoder and same_encoder(recorded.get("text_encoder"), text_encoder):
             # Found at another path, or a token length changed by an allowed resume change: recorded anew.
             previous["text_encoder"] = text_encoder
         elif record and "text_encoder" in recorded:
@@ -119,6 +123,21 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
                          "(or one that lost that file), so its checkpoints cannot be trusted; use a new --workdir")
     elif record and jax.process_index() == 0:
         storage.write_json_atomically(path, current)
+
+
+def changed_in_place(recorded: dict | None, current: dict, config) -> bool:
+    """Whether the run's encoder folder is where it was but its fingerprint changed. Refused, unless
+    train.allow_resume_changes says the weights are the same (a re-saved config.json, another
+    weight format added beside the first)."""
+    if not recorded or recorded["path"] != current["path"] or not recorded.get("fingerprint") or \
+            recorded["fingerprint"] == current["fingerprint"]:
+        return False
+    if not config.train.get("allow_resume_changes"):
+        raise ValueError(f"the text encoder folder {current['path']} changed since the run recorded it (other "
+                         "weights, a new download, a re-saved config): its cross-attention learned the old "
+                         "embeddings. Restore the folder, or use a new --workdir; if the weights are the same, set "
+                         "--config.train.allow_resume_changes=True to record the folder as it is now")
+    return True
 
 
 def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
@@ -570,6 +589,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 lock.check_held()
             progress.update()
             if save_due:
+                lock.check_held()  # on every process: a run whose lock was taken over saves nothing more
                 save(manager, step, state)
             if preempted:
                 logging.warning("%s: saved step %d on every process, exiting", preemption.cause, step)

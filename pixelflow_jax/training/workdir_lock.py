@@ -79,6 +79,13 @@ def _create_exclusively(path: str, data: bytes) -> bool:
         os.link(temporary, path)  # fails if the lock exists, like O_EXCL
     except FileExistsError:
         return False
+    except OSError:  # no hard links (gcsfuse, s3fs, blobfuse mounts): create exclusively, then write
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
     finally:
         os.remove(temporary)
     return True
@@ -101,7 +108,10 @@ class WorkdirLock:
         """Takes the lock (process 0) and tells every process; raises WorkdirBusy everywhere if held."""
         problem = ""
         if jax.process_index() == 0:
-            problem = self._try_acquire()
+            try:
+                problem = self._try_acquire()
+            except Exception as e:  # storage errors: every process stops with them, none waits
+                problem = f"{self.path}: cannot take the workdir lock: {type(e).__name__}: {e}"
         from jax.experimental import multihost_utils
 
         if int(multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))):
@@ -120,7 +130,8 @@ class WorkdirLock:
                 age = self._age_s()
                 if age is not None and age <= UNREADABLE_STALE_S:
                     return self._busy_message(None)
-                if age is not None:
+                if age is not None and self._read() is None and (self._age_s() or 0) > UNREADABLE_STALE_S:
+                    # (read again: a run that took it over meanwhile has written a readable lock)
                     logging.warning("removing %s: unreadable for %.0f s (a start killed while writing it)",
                                     self.path, age)
                     storage.remove(self.path)
@@ -167,19 +178,21 @@ class WorkdirLock:
                 f"{holder.get('pid')}, started {holder.get('started')} (heartbeat {age:.0f} s ago). Wait for it or "
                 f"stop it, or use another --workdir; if that run is gone for good, delete {self.path}")
 
+    IDENTITY = ("host", "pid", "pid_start", "started")
+
     def heartbeat(self) -> None:
         """Refreshes the lock if it is still this run's; else records who took it over."""
         with self._guard:
             if not self.held:
                 return
             holder = self._read()
-            if holder is not None and holder != self.record:
+            if holder is not None and any(holder.get(k) != self.record[k] for k in self.IDENTITY):
                 self.lost_to, self.held = holder, False
                 logging.error("%s was taken over by host %s, pid %s: this run stops at its next logged step",
                               self.path, holder.get("host"), holder.get("pid"))
                 return
-            self.record["heartbeat"] = time.time()
-            storage.write_json_atomically(self.path, self.record)
+            # A failed write (a storage hiccup) leaves the last beat; ownership is judged by identity.
+            storage.write_json_atomically(self.path, {**self.record, "heartbeat": time.time()})
 
     def _beat(self) -> None:
         while not self._stop.wait(heartbeat_period(self.stale_after_s)):
@@ -206,9 +219,10 @@ class WorkdirLock:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=30)  # a write stuck in retries must not outlast a preemption's grace
         with self._guard:
-            if self.held and self._read() == self.record:
+            holder = self._read()
+            if self.held and holder is not None and all(holder.get(k) == self.record[k] for k in self.IDENTITY):
                 storage.remove(self.path)
             self.held = False
 
