@@ -41,11 +41,14 @@ flags.DEFINE_integer("num_train_timesteps", None, "Scheduler timesteps, where no
                      "(default 1000).")
 flags.DEFINE_bool("to_torch", False, "Convert a JAX checkpoint (--jax_checkpoint) back to a release folder.")
 flags.DEFINE_string("jax_checkpoint", None, "What to export with --to_torch: a training run (its latest complete "
-                    "step) or RUN/checkpoints/STEP, a converted folder, or an hf:// Hub path.")
+                    "step) or RUN/checkpoints/STEP, a converted folder, a release folder, or an hf:// Hub path. "
+                    "A text model's T5 encoder is not part of the export: the release loads its own.")
 flags.DEFINE_bool("overwrite", False, "Replace an earlier conversion or export at --output (only once the new one "
                   "is complete); any other folder, and the input, are never replaced.")
 
 FLAGS = flags.FLAGS
+# What only the PyTorch -> JAX direction reads (an export takes its architecture from the checkpoint).
+TORCH_TO_JAX_FLAGS = ("torch_config", "attention_head_dim", "resolution", "num_stages", "num_train_timesteps")
 
 
 def tensor_progress(label: str):
@@ -121,10 +124,15 @@ def torch_to_jax() -> str:
 
 def jax_to_torch() -> str:
     from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
-    from pixelflow_jax.checkpoints.convert import params_to_torch
+    from pixelflow_jax.checkpoints.checkpoint import read_config
+    from pixelflow_jax.checkpoints.convert import check_exportable, params_to_torch
+    from pixelflow_jax.checkpoints.run_checkpoint import run_checkpoint_config
     from pixelflow_jax.checkpoints.torch_io import write_release_checkpoint
 
     source = resolve_checkpoint(FLAGS.jax_checkpoint)
+    if source.run_step or source.kind == "converted":  # refused before gigabytes of weights are read
+        check_exportable((run_checkpoint_config(source.run_step.run) if source.run_step
+                          else read_config(source.folder)).model)
     config, params = read_checkpoint(source, FLAGS.weights)
     state_dict = params_to_torch(params, config.model)
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
@@ -140,6 +148,13 @@ def main(argv):
     if FLAGS.to_torch == bool(FLAGS.torch_checkpoint) or (FLAGS.to_torch and not FLAGS.jax_checkpoint):
         raise app.UsageError("give either --torch_checkpoint (PyTorch -> JAX) or --to_torch --jax_checkpoint "
                              "(JAX -> PyTorch)")
+    # A flag of the other direction would be silently ignored: the output would not be what was asked.
+    other_direction = TORCH_TO_JAX_FLAGS if FLAGS.to_torch else ("jax_checkpoint",)
+    ignored = [f"--{name}" for name in other_direction if FLAGS[name].present]
+    if ignored:
+        direction = "--to_torch exports a JAX checkpoint as it is" if FLAGS.to_torch else \
+            "--torch_checkpoint converts PyTorch to JAX"
+        raise app.UsageError(f"{', '.join(ignored)} has no effect here: {direction}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 from absl import logging
 
 from pixelflow_jax import storage
@@ -114,17 +115,37 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     return config, params
 
 
+def check_load_arguments(runtime: dict, weights: str) -> None:
+    """load_model's arguments, named as a caller wrote them; a dtype object (jnp.bfloat16) becomes its name."""
+    from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES
+
+    if "dtype" in runtime:
+        try:
+            runtime["dtype"] = jnp.dtype(runtime["dtype"]).name
+        except TypeError:
+            pass  # named below
+        if runtime["dtype"] not in COMPUTE_DTYPES:
+            raise CheckpointError(f"dtype must be one of {COMPUTE_DTYPES} (or the jnp dtype), got {runtime['dtype']!r}")
+    if "attention" in runtime and runtime["attention"] not in ATTENTION_BACKENDS:
+        raise CheckpointError(f"attention must be one of {ATTENTION_BACKENDS}, got {runtime['attention']!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+
+
 def load_model(path: str, *, dtype: str | None = None, attention: str | None = None,
                weights: str = "ema") -> tuple[PixelFlow, CheckpointConfig]:
     """Loads a model ready to call.
 
     path: a checkpoint path (module docstring): a training run or one of its steps, a converted or
       release folder, or an hf:// Hub path.
-    dtype: compute dtype ('float32', 'bfloat16'); default: the one stored with the checkpoint.
-    attention: attention backend (see pixelflow_jax.kernels.attention); default: the stored one.
+    dtype: compute dtype ('float32', 'bfloat16', 'float16' or the jnp dtype); default: the one a
+      converted folder stores, float32 for release folders and training runs (a run records its
+      architecture, not the dtype it trained in).
+    attention: attention backend (see pixelflow_jax.kernels.attention); default: as dtype, 'auto'.
     weights: 'ema' (default) or 'model', for training runs and the release's train.py checkpoints.
     """
     runtime = {k: v for k, v in (("dtype", dtype), ("attention", attention)) if v is not None}
+    check_load_arguments(runtime, weights)  # before a download or a conversion
     config, params = read_checkpoint(resolve_checkpoint(path), weights, runtime)
     return build_model(config, params), config
 

@@ -27,6 +27,7 @@ ARCHITECTURE_FIELDS = (
 REMAT_POLICIES = ("none", "full", "dots")
 # pixelflow_jax.kernels.attention's backends (test_attention checks they agree)
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ModelConfig:
             raise ValueError("model.pooled_text pools the caption's text states: it needs a text model "
                              "(model.cross_attention_dim > 0); set model.pooled_text=False for a class model")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+            if getattr(self, name) not in COMPUTE_DTYPES:
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
 
     @property

@@ -268,3 +268,11 @@ def test_pooled_text_is_this_projects_addition_named_only_when_on_and_never_expo
         params_to_torch({}, pooled)
     with pytest.raises(ValueError, match=r"needs a text model \(model.cross_attention_dim > 0\)"):
         ModelConfig(pooled_text=True)
+
+
+def test_a_flag_of_the_other_direction_is_refused_not_ignored(tmp_path, converted):
+    """--to_torch with --resolution=128 exited 0 and wrote the checkpoint's 64."""
+    result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", "--resolution=128",
+                           f"--output={tmp_path / 'out'}")
+    assert result.returncode != 0 and "--resolution has no effect here: --to_torch exports" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -69,6 +69,36 @@ def test_run_loads_its_latest_step_ema_by_default_raw_weights_on_request(run):
                         weights[2]["params"])
     with pytest.raises(CheckpointError, match="weights must be one of"):
         load_model(workdir, weights="opt_state")
+    model, _ = load_model(workdir, dtype=jax.numpy.bfloat16)  # a dtype object, as JAX users pass it
+    assert model.config.dtype == "bfloat16"
+    for argument, message in (({"dtype": "int8"}, "dtype must be one of"), ({"attention": "flash"},
+                                                                            "attention must be one of")):
+        with pytest.raises(CheckpointError, match=message):  # before the path is even looked at
+            load_model("hf://nobody/nothing", **argument)
+    here = os.getcwd()
+    try:  # a step named relative to its run: the run's name is its absolute path, not ""
+        os.chdir(workdir)
+        with pytest.raises(CheckpointError, match=f"training run {workdir}: step '9' does not exist"):
+            load_model("checkpoints/9")
+    finally:
+        os.chdir(here)
+
+
+def test_a_damaged_step_is_named_briefly_with_the_steps_that_load(run, tmp_path):
+    """The message held 2 KB of tensorstore's JSON spec and named no other step."""
+    damaged = tmp_path / "run"
+    shutil.copytree(run[0], damaged)
+    for root, _, files in os.walk(damaged / "checkpoints" / "4"):
+        for name in files:
+            if "d" == os.path.basename(root):  # the array data files
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(10)
+    with pytest.raises(CheckpointError) as error:
+        load_model(str(damaged))
+    message = str(error.value)
+    assert "(damaged, or not this run's architecture" in message and "tensorstore_spec" not in message
+    assert message.endswith(f"the run's other complete steps: [2] (load {damaged}/checkpoints/2)")
+    assert len(message) < 1500
 
 
 def test_ema_restore_reads_only_the_ema(run, monkeypatch):

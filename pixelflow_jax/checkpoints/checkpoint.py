@@ -176,9 +176,10 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(params_path, target)
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot restore parameters from {params_path} for architecture "
-                              f"{config.model.architecture()}: {first_line}") from None
+        from pixelflow_jax.checkpoints.run_checkpoint import restore_error
+
+        raise CheckpointError(f"cannot restore parameters from {params_path} (damaged, or not the architecture "
+                              f"{config.model.architecture()}): {restore_error(e)}; convert again") from None
 
 
 def module_with_params(create, params: Params, dtype=None):

@@ -113,13 +113,18 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig,
     return traverse_util.unflatten_dict(flat)
 
 
-def params_to_torch(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Nested NNX parameter dict -> the release's state dict (name -> numpy array), in the release's
-    key order (embeddings, blocks by layer, output layers)."""
+def check_exportable(cfg: ModelConfig) -> None:
+    """Architectures the release's PixelFlow can load."""
     if cfg.pooled_text:
         raise ConversionError("this model has a pooled-text conditioning path (model.pooled_text=True) that the "
                               "release's PixelFlow lacks, so the release cannot load its weights; sample it with "
                               "this project (main.py --mode=sample), or train with model.pooled_text=False to export")
+
+
+def params_to_torch(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Nested NNX parameter dict -> the release's state dict (name -> numpy array), in the release's
+    key order (embeddings, blocks by layer, output layers)."""
+    check_exportable(cfg)
     shapes = param_shapes(cfg)
     flat = {tuple(str(k) for k in path): np.asarray(v) for path, v in traverse_util.flatten_dict(params).items()}
     missing = sorted(".".join(p) for p in set(shapes) - set(flat))

@@ -116,7 +116,7 @@ def latest_step(run: str) -> RunStep:
 
 def find_run_step(path: str) -> RunStep | None:
     """The step that `path` names if it is a training run or one of its step folders, else None."""
-    path = str(path).rstrip("/") if storage.is_url(path) else os.path.normpath(path)
+    path = str(path).rstrip("/") if storage.is_url(path) else os.path.abspath(path)  # "checkpoints/9": its run
     if is_run(path):
         return latest_step(path)
     parent = storage.dirname(path)
@@ -131,6 +131,13 @@ def find_run_step(path: str) -> RunStep | None:
     else:
         problem = f"step {name!r} does not exist"
     raise CheckpointError(f"training run {run}: {problem}; its complete steps are {steps or 'none yet'}")
+
+
+def restore_error(error: Exception) -> str:
+    """The first line of an orbax / tensorstore error, without the JSON spec tensorstore appends."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first.split(" [tensorstore_spec", 1)[0][:500]
 
 
 def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: str = "ema") -> Params:
@@ -149,8 +156,11 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} for architecture "
-                              f"{config.model.architecture()}: {first_line}") from None
+        others = [s for s in complete_steps(run_step.run) if s != run_step.step]
+        elsewhere = (f"; the run's other complete steps: {others} (load {storage.join(run_step.run, CHECKPOINTS)}/"
+                     f"{others[-1]})" if others else "")
+        raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} (damaged, or not this "
+                              f"run's architecture {config.model.architecture()}): {restore_error(e)}"
+                              f"{elsewhere}") from None
     logging.info("restored the %s weights of %s", weights, run_step.folder)
     return restored[key]
