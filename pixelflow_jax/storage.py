@@ -427,11 +427,12 @@ def move_folder(source: str, target: str) -> None:
 
 
 def size_and_mtime(path: str) -> tuple[int, float]:
+    """(bytes, modification time in seconds since the epoch), local or in a bucket."""
     if is_url(path):
         stat = _remote(path, lambda p: p.stat())
         return int(stat.length), float(stat.mtime or 0)
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime
 
 
 def cache_dir(*parts: str) -> str:

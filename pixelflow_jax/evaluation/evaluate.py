@@ -94,6 +94,12 @@ def npz_image_count(path: str) -> int:
         return shape[0]
 
 
+def npz_images_crc(path: str) -> int:
+    """arr_0's CRC from the zip's directory (no image is read)."""
+    with _open_images(path) as (_, _, _, crc):
+        return crc
+
+
 def npz_batches(path: str, batch_size: int):
     """Yields arr_0 of an (uncompressed or compressed) .npz in row batches, never all at once."""
     with _open_images(path) as (member, shape, dtype, _):
@@ -156,8 +162,7 @@ FEATURES_VERSION = 2  # 2: float32 resize coordinates, as TensorFlow
 
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
     size, mtime = storage.size_and_mtime(path)
-    with _open_images(path) as (_, _, _, crc):  # files of one image count have one size; a copy may keep the mtime
-        pass
+    crc = npz_images_crc(path)  # files of one image count have one size, and a copy may keep the mtime
     key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime, crc, *extract.weights_id,
                                      FEATURES_VERSION]).encode()).hexdigest()[:16]
     cache = storage.join(cache_dir, f"{storage.basename(path)}.{key}.npz")

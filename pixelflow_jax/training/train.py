@@ -101,15 +101,13 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
     if storage.exists(path):
         recorded = read_run_config(workdir)
         previous = {k: v for k, v in recorded.items() if k != "text_encoder"}
-        if record and text_encoder and changed_in_place(recorded.get("text_encoder"), text_encoder, config):
-            logging.warning("the text encoder folder %s changed since %s recorded it; recorded anew "
-                            "(train.allow_resume_changes)", text_encoder["path"], workdir)
-            previous["text_encoder"] = text_encoder
-        elif record and text_encoder and same_encoder(recorded.get("text_encoder"), text_encoder):
-            # Found at another path, or a token length changed by an allowed resume change: recorded anew.
-            previous["text_encoder"] = text_encoder
-        elif record and "text_encoder" in recorded:
-            previous["text_encoder"] = recorded["text_encoder"]
+        if record and "text_encoder" in recorded:
+            earlier = recorded["text_encoder"]
+            # Found at another path, changed in place (allowed), or another token length (an allowed
+            # resume change): the same encoder, recorded anew below.
+            accepted = text_encoder and (changed_in_place(earlier, text_encoder, config)
+                                         or same_encoder(earlier, text_encoder))
+            previous["text_encoder"] = text_encoder if accepted else earlier
         if previous != current:
             trained = ("" if complete_steps(workdir)
                        else " (no step of it was saved: deleting the workdir loses nothing)")
@@ -137,6 +135,8 @@ def changed_in_place(recorded: dict | None, current: dict, config) -> bool:
                          "weights, a new download, a re-saved config): its cross-attention learned the old "
                          "embeddings. Restore the folder, or use a new --workdir; if the weights are the same, set "
                          "--config.train.allow_resume_changes=True to record the folder as it is now")
+    logging.warning("the text encoder folder %s changed since the run recorded it; recorded anew "
+                    "(train.allow_resume_changes)", current["path"])
     return True
 
 

@@ -155,10 +155,9 @@ class WorkdirLock:
     def _age_s(self) -> float | None:
         """Seconds since the lock file was written; None if it is gone."""
         try:
-            written = storage.size_and_mtime(self.path)[1] if storage.is_url(self.path) else os.path.getmtime(self.path)
+            return time.time() - storage.size_and_mtime(self.path)[1]
         except FileNotFoundError:
             return None
-        return time.time() - written
 
     def _stale(self, holder: dict) -> bool:
         if holder.get("host") == socket.gethostname():
@@ -178,7 +177,9 @@ class WorkdirLock:
                 f"{holder.get('pid')}, started {holder.get('started')} (heartbeat {age:.0f} s ago). Wait for it or "
                 f"stop it, or use another --workdir; if that run is gone for good, delete {self.path}")
 
-    IDENTITY = ("host", "pid", "pid_start", "started")
+    def _is_mine(self, holder: dict) -> bool:
+        """By the holder's identity, not its heartbeat (a beat whose write failed is still ours)."""
+        return all(holder.get(k) == self.record[k] for k in ("host", "pid", "pid_start", "started"))
 
     def heartbeat(self) -> None:
         """Refreshes the lock if it is still this run's; else records who took it over."""
@@ -186,7 +187,7 @@ class WorkdirLock:
             if not self.held:
                 return
             holder = self._read()
-            if holder is not None and any(holder.get(k) != self.record[k] for k in self.IDENTITY):
+            if holder is not None and not self._is_mine(holder):
                 self.lost_to, self.held = holder, False
                 logging.error("%s was taken over by host %s, pid %s: this run stops at its next logged step",
                               self.path, holder.get("host"), holder.get("pid"))
@@ -222,7 +223,7 @@ class WorkdirLock:
             self._thread.join(timeout=30)  # a write stuck in retries must not outlast a preemption's grace
         with self._guard:
             holder = self._read()
-            if self.held and holder is not None and all(holder.get(k) == self.record[k] for k in self.IDENTITY):
+            if self.held and holder is not None and self._is_mine(holder):
                 storage.remove(self.path)
             self.held = False
 
