@@ -83,6 +83,7 @@ x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
 call = lambda m: np.asarray(m(x, np.array([500.0, 20.0], np.float32), class_labels=np.array([1, 7])))
 results["same_forward"] = bool(np.array_equal(call(hub_model), call(local_model))) and hub_config == local_config
 results["pinned_revision"] = load_model("hf://pixelflow-test/checkpoints@%s/c2i_tiny")[1] == local_config
+results["file_means_folder"] = load_model("hf://pixelflow-test/checkpoints/c2i_tiny/model.pt")[1] == local_config
 prompts = ["a cat on the moon", "Zebra!"]
 hub_t5, local_t5 = PromptEncoder("hf://pixelflow-test/t5-tiny"), PromptEncoder(t5_local)
 results["same_embeddings"] = bool(np.array_equal(np.asarray(hub_t5.encode(prompts)[0]),
@@ -113,7 +114,7 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.split("RESULTS ", 1)[1])
-    assert results["same_forward"] and results["pinned_revision"]
+    assert results["same_forward"] and results["pinned_revision"] and results["file_means_folder"]
     assert results["same_embeddings"]  # read without the decoder-only shard, which is not in the cache
     assert "hf://pixelflow-test/not-cached" in results["missing_repo"]
     assert "HF_HUB_OFFLINE is set" in results["missing_repo"]

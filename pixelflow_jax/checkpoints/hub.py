@@ -20,6 +20,8 @@ _HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revisi
 
 # A PixelFlow folder: the release's (config.yaml + model.pt) or a converted one.
 CHECKPOINT_PATTERNS = ("config.yaml", "model.pt", "pixelflow_config.json", "params/**")
+# Files a path copied from the Hub's web page may end in; the checkpoint is the folder holding them.
+CHECKPOINT_FILES = ("config.yaml", "model.pt", "pixelflow_config.json")
 
 
 def is_hub_path(path: str) -> bool:
@@ -91,8 +93,12 @@ def _folder(snapshot: str, hub: HubPath) -> str:
 
 
 def checkpoint_folder(path: str) -> tuple[str, str]:
-    """(local folder, the Hub path pinned to the commit it holds) of a PixelFlow checkpoint on the Hub."""
+    """(local folder, the Hub path pinned to the commit it holds) of a PixelFlow checkpoint on the Hub.
+    A path to one of its files (.../model.pt) means the folder, as a local path does."""
     hub = HubPath.parse(path)
+    parent, _, name = hub.subfolder.rpartition("/")
+    if name in CHECKPOINT_FILES:
+        hub = dataclasses.replace(hub, subfolder=parent)
     snapshot = _download(hub, CHECKPOINT_PATTERNS)
     folder = _folder(snapshot, hub)
     if not any(os.path.exists(os.path.join(folder, name)) for name in ("model.pt", "pixelflow_config.json")):
