@@ -50,6 +50,7 @@ def integer(name: str, value, *, minimum: int | None = None, maximum: int | None
 
 MAX_SAMPLE_IMAGES = 10**8  # ids are int32; 10**8 images at 256 px fill 20 TB: more is a typo
 DATA_SOURCES = ("tfds", "folder", "demo", "array_record")  # array_record: captioned shards (text models)
+MIN_LOCK_STALE_S = 30.0
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: seed 2**32 would draw seed 0's noise
 
 
@@ -114,6 +115,13 @@ def check_train(config) -> None:
     number("train.ema_decay", t.ema_decay, minimum=0, maximum=1)
     number("train.label_dropout", t.label_dropout, minimum=0, below=1)
     seed("seed", config.seed)
+    from pixelflow_jax.checkpoints.torch_io import WEIGHT_CHOICES
+
+    choice("train.init_from_weights", t.init_from_weights, WEIGHT_CHOICES)
+    # Heartbeats come at most once a second and hosts' clocks differ: a shorter limit would let
+    # another host take a live run's workdir.
+    number("train.lock_stale_after_s", t.lock_stale_after_s, minimum=MIN_LOCK_STALE_S)
+    integer("mesh.fsdp", config.mesh.fsdp, minimum=1)
     if config.model.get("param_dtype", "float32") != "float32":
         # A 1e-4 AdamW step and the 0.9999 EMA decay are below a bfloat16 weight's rounding step:
         # the weights and the EMA would stay where they started while the loss looks normal.

@@ -53,6 +53,10 @@ def c2i_config(**changes):
     ("train", "data.prefetch_batches", 0, "--config.data.prefetch_batches must be >= 1, got 0"),
     ("sample", "sample.batch_size", 0, "--config.sample.batch_size must be >= 1, got 0"),
     ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be >= 1"),
+    ("train", "train.lock_stale_after_s", 0.0, "--config.train.lock_stale_after_s must be >= 30.0"),
+    ("train", "train.lock_stale_after_s", float("nan"), "--config.train.lock_stale_after_s must be a finite number"),
+    ("train", "train.init_from_weights", "bogus", "--config.train.init_from_weights must be one of"),
+    ("train", "mesh.fsdp", 0, "--config.mesh.fsdp must be >= 1"),
     ("demo", "demo.port", 70000, "--config.demo.port must be in [1, 65535]"),
     ("eval", "eval.batch_size", 0, "--config.eval.batch_size must be >= 1"),
     ("inspect", "sample.weights", "foo", "--config.sample.weights must be one of"),
@@ -464,6 +468,9 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=40, num_records=99)
     with pytest.raises(ValueError, match="model.dtype: 'float32' -> 'bfloat16'"):  # other arithmetic every step
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "model.dtype": "bfloat16"}),
+                     step=40, num_records=100)
+    with pytest.raises(ValueError, match="data.demo_num_classes: 10 -> 12"):  # every demo image drawn anew
+        check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.demo_num_classes": 12}),
                      step=40, num_records=100)
 
     # One image folder spelled three ways is one folder; an earlier version recorded it as typed.

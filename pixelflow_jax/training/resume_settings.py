@@ -28,11 +28,12 @@ MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
 # Recorded by this version, not by runs before it: their absence is no change.
-ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype")
+ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes")
 # Recorded names that are not config fields, as a message names them.
 LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)"}
+# demo_num_classes: the captioned demo's colour count, which redraws every caption and image.
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
-               "missing_captions")
+               "demo_num_classes", "missing_captions")
 
 
 def resume_settings(config, num_records: int) -> dict:
