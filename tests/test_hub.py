@@ -95,6 +95,11 @@ for name, path in (("missing_repo", "hf://pixelflow-test/not-cached"),
         results[name] = "loaded"
     except CheckpointError as e:
         results[name] = str(e)
+try:
+    PromptEncoder("hf://pixelflow-test/t5-tiny/no-such-subfolder")
+    results["t5_subfolder"] = "loaded"
+except CheckpointError as e:
+    results["t5_subfolder"] = str(e)
 print("RESULTS " + json.dumps(results))
 """ % COMMIT
 
@@ -119,5 +124,6 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
     assert "hf://pixelflow-test/not-cached" in results["missing_repo"]
     assert "HF_HUB_OFFLINE is set" in results["missing_repo"]
     assert "holds no PixelFlow checkpoint" in results["no_checkpoint_in_root"]
+    assert "looked for config.json" in results["t5_subfolder"] and "model.pt" not in results["t5_subfolder"]
     assert not os.path.exists(os.path.join(home, "hub", "models--pixelflow-test--t5-tiny", "snapshots", COMMIT,
                                            "model-00002-of-00002.safetensors"))

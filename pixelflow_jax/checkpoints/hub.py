@@ -83,12 +83,12 @@ def _download(hub: HubPath, patterns) -> str:
             from None
 
 
-def _folder(snapshot: str, hub: HubPath) -> str:
+def _folder(snapshot: str, hub: HubPath, patterns) -> str:
     folder = os.path.join(snapshot, hub.subfolder) if hub.subfolder else snapshot
     if not os.path.isdir(folder):
         where = f"subfolder {hub.subfolder!r} of " if hub.subfolder else ""
         raise CheckpointError(f"{hub}: none of the needed files are in {where}{hub.repo_id} "
-                              f"(looked for {', '.join(CHECKPOINT_PATTERNS)})")
+                              f"(looked for {', '.join(patterns)})")
     return folder
 
 
@@ -100,7 +100,7 @@ def checkpoint_folder(path: str) -> tuple[str, str]:
     if name in CHECKPOINT_FILES:
         hub = dataclasses.replace(hub, subfolder=parent)
     snapshot = _download(hub, CHECKPOINT_PATTERNS)
-    folder = _folder(snapshot, hub)
+    folder = _folder(snapshot, hub, CHECKPOINT_PATTERNS)
     if not any(os.path.exists(os.path.join(folder, name)) for name in ("model.pt", "pixelflow_config.json")):
         raise CheckpointError(f"{hub} holds no PixelFlow checkpoint: expected config.yaml + model.pt (a release "
                               "folder) or pixelflow_config.json + params/ (a converted one)")
@@ -113,6 +113,6 @@ def t5_folder(path: str) -> str:
 
     hub = HubPath.parse(path)
     try:
-        return fetch_encoder_files(lambda names: _folder(_download(hub, names), hub))
+        return fetch_encoder_files(lambda names: _folder(_download(hub, names), hub, names))
     except CheckpointError as e:  # a download error names the Hub path already
         raise CheckpointError(str(e) if str(e).startswith(str(hub)) else f"{hub}: {e}") from None
