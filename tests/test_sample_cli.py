@@ -131,3 +131,21 @@ def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted)
                                 "set --config.sample.text_encoder")]:
         result = run_sample(str(tmp_path / "bad"), converted["t2i_tiny"], *args, *overrides, config="configs/t2i.py:tiny")
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_images_gone_after_sampling_are_sampled_again_not_an_error_on_one_process(tmp_path, caplog):
+    """finish() runs on process 0 only: an error there left the other processes waiting for it
+    forever. A gone image is now counted like a damaged one, and every process samples it again."""
+    from pixelflow_jax.sampling import sample_run
+
+    folder, workdir = tmp_path / "samples", tmp_path
+    folder.mkdir()
+    for i in (0, 2):
+        sample_run.save_png_atomically(sample_run.image_path(str(folder), i), np.zeros((8, 8, 3), np.uint8))
+    with caplog.at_level("WARNING"):
+        assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 1
+    assert "1 images are missing after sampling (e.g. " in caplog.text and "000001.png" in caplog.text
+    assert not (workdir / "samples.npz").exists()
+    sample_run.save_png_atomically(sample_run.image_path(str(folder), 1), np.zeros((8, 8, 3), np.uint8))
+    assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
+    assert np.load(workdir / "samples.npz")["arr_0"].shape == (3, 8, 8, 3)

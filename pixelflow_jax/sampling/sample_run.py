@@ -180,8 +180,9 @@ def run(config, workdir: str) -> None:
         # Every process learns whether process 0 removed unreadable images, to sample them again.
         if not int(multihost_utils.broadcast_one_to_all(np.int32(removed))):
             return  # samples.npz is written: an evaluation may read it next
-    raise RuntimeError(f"images in {folder} were unreadable after {MAX_PASSES} passes (see the warnings): is the "
-                       "storage failing?")
+    # Every process gets here together (the count above is broadcast), so none waits for the others.
+    raise storage.StorageError(f"images in {folder} were missing or unreadable after {MAX_PASSES} passes (see the "
+                               "warnings): is the storage failing, or is another job deleting them?")
 
 
 def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, seed) -> None:
@@ -239,13 +240,15 @@ READ_THREADS = 16
 
 def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
     """The ADM .npz and the grid, once every image exists and is one this job wrote (process 0
-    only). An image that is not (damaged after it was written, or another size) is removed,
-    named in a warning, and counted: the caller samples it again. Returns how many were removed
-    (0: the .npz is written)."""
+    only). An image that is not (gone, damaged after it was written, or another size) is named in
+    a warning, removed, and counted: the caller samples it again. Returns how many (0: the .npz
+    is written)."""
     done = images_on_disk(folder)
     absent = [i for i in range(num_images) if image_name(i) not in done]
-    if absent:
-        raise RuntimeError(f"{len(absent)} images are still missing (e.g. {image_path(folder, absent[0])}); rerun")
+    if absent:  # written, then gone: a failing store or another job; process 0 alone must not raise
+        logging.warning("%d images are missing after sampling (e.g. %s): sampling them again", len(absent),
+                        image_path(folder, absent[0]))
+        return len(absent)
     images = np.empty((num_images, resolution, resolution, 3), np.uint8)  # filled in place: one copy in memory
     unreadable = 0
     # Reads in threads: from a bucket each PNG is its own request, and one after another the job
