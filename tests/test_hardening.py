@@ -261,8 +261,15 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     manager = train.checkpoint_manager(str(tmp_path), keep=2)
     train.save(manager, 4, {"w": jax.numpy.zeros(2)})
     manager.wait_until_finished()
+    dead, here = 999999999, socket.gethostname()  # what killed writers of the run left: removed once it is ours
+    (tmp_path / "previews").mkdir()
+    left = [tmp_path / f".run_config.json.tmp-{here}-{dead}-a", tmp_path / "previews" / f".step_0000002.png.tmp-{here}-{dead}-b"]
+    live = tmp_path / f".metrics.jsonl.tmp-{here}-{os.getpid()}-c"  # a live writer's (this process): kept
+    for path in left + [live]:
+        path.write_bytes(b"")
     assert train.train(config, str(tmp_path)) == {}
     assert "already trained to step 4 (train.num_steps = 4): nothing to do" in capsys.readouterr().out
+    assert not any(path.exists() for path in left) and live.exists()
 
 
 def test_a_resume_with_changed_settings_is_refused_before_the_checkpoint_is_restored(tmp_path):

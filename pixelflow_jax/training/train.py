@@ -8,6 +8,10 @@
     WORKDIR/class_index.json       class names -> ids (image-folder data)
     WORKDIR/train.lock             the run that owns the workdir (workdir_lock.py)
     WORKDIR/train_settings.json    what a resume may not change silently (resume_settings.py)
+    WORKDIR/settings_changes.jsonl the changes a resume was allowed to make, by step
+    WORKDIR/tensorboard/           the metrics as TensorBoard events
+    WORKDIR/unreadable_checkpoints/ steps that did not restore, set aside at a resume
+    WORKDIR/text_encoder/          the captioned demo's own small T5 (demo_text_encoder.py)
 
 A restart resumes from the latest checkpoint that restores (model, EMA, optimiser, step, RNG, data
 position), with any number of processes, so the resumed run computes exactly the losses an
@@ -49,6 +53,7 @@ from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
 UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
+PREVIEWS = "previews"
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5": 459e12, "TPU v6 lite": 918e12}
@@ -441,7 +446,7 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
         images = sampler.generate_from_prompts(text_encoder, prompts, negative_prompt=s.negative_prompt, **options)
     if jax.process_index() == 0:
         grid = image_grid(images)
-        save_png_atomically(storage.join(workdir, "previews", f"step_{step:07d}.png"), grid)
+        save_png_atomically(storage.join(workdir, PREVIEWS, f"step_{step:07d}.png"), grid)
         log.image("preview", grid, step)
     if not demo:
         return {}
@@ -490,6 +495,10 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     from pixelflow_jax.data.loader import make_loader, open_source, to_global_batch
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
+    if jax.process_index() == 0:  # the workdir is ours now: what killed writers of a run left goes
+        for place in (workdir, storage.join(workdir, PREVIEWS)):
+            if storage.remove_temporaries(place):
+                logging.info("removed the temporary files of an interrupted run from %s", place)
     t = config.train
     done = max(complete_steps(workdir), default=0)
     if done >= t.num_steps:
