@@ -66,7 +66,7 @@ def main():
         loader_rates = {}
         for workers in args.workers:
             loader = ImageLoader(build_dataset(source, batch_size=args.batch, resolution=args.resolution, seed=0,
-                                               num_workers=workers), len(source))
+                                               num_workers=workers))
             next(loader)  # start-up (worker processes) is not throughput
             batches = max(10, 3 * args.images // args.batch)  # well past the prefetch buffers
             start = time.perf_counter()

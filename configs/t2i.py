@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.update(num_classes=0, cross_attention_dim=2048)  # flan-t5-xl's d_model
     config.sample.update(dict(
         num_images=0,  # unused: a text run makes len(prompts) * images_per_prompt images
-        cfg_scale=4.0,  # constant over stages for text (PARITY.md)
+        cfg_scale=4.0,  # constant over stages for text, as the release's text-to-image sampler
         steps_per_stage=10,
     ))
     config.sample.prompts = ml_collections.FieldReference((), field_type=object)  # a list of prompts

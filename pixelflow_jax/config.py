@@ -1,7 +1,8 @@
 """The model's architecture and numerics settings, as one frozen (hashable) dataclass.
 
 Field names follow the release's `config.yaml` (`model.params`) so a release config maps over
-one to one; `dtype`, `param_dtype` and `attention` are this implementation's runtime choices.
+one to one; `dtype`, `param_dtype`, `attention` and `remat` are this implementation's runtime
+choices, and `pooled_text` an architecture option the release does not have.
 """
 
 from __future__ import annotations

@@ -276,3 +276,16 @@ def test_a_flag_of_the_other_direction_is_refused_not_ignored(tmp_path, converte
                            f"--output={tmp_path / 'out'}")
     assert result.returncode != 0 and "--resolution has no effect here: --to_torch exports" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_converted_folder_of_a_newer_format_asks_for_an_upgrade(converted, tmp_path):
+    import json
+
+    from pixelflow_jax import CheckpointError
+
+    folder = tmp_path / "newer"
+    shutil.copytree(converted["c2i_tiny"], folder)
+    config = json.loads((folder / "pixelflow_config.json").read_text())
+    (folder / "pixelflow_config.json").write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.raises(CheckpointError, match="format_version 2 is from a newer pixelflow-jax .*upgrade"):
+        load_model(str(folder))

@@ -23,7 +23,7 @@ R = 32
 
 
 def batches(source, n, **kwargs):
-    loader = ImageLoader(build_dataset(source, **{"batch_size": 4, "resolution": R, "seed": 0, **kwargs}), len(source))
+    loader = ImageLoader(build_dataset(source, **{"batch_size": 4, "resolution": R, "seed": 0, **kwargs}))
     return [next(loader) for _ in range(n)], loader
 
 
@@ -204,7 +204,7 @@ def test_the_loader_reads_only_prefetch_batches_ahead():
             return self.source[index]
 
     source = CountingSource(DemoSource(2000, seed=0))
-    loader = ImageLoader(build_dataset(source, batch_size=8, resolution=R, seed=0, prefetch_batches=2), len(source))
+    loader = ImageLoader(build_dataset(source, batch_size=8, resolution=R, seed=0, prefetch_batches=2))
     next(loader)
     time.sleep(2)
     assert source.reads <= 8 * (1 + 2 + 2)  # the batch taken, 2 buffered, 2 on their threads
@@ -224,7 +224,7 @@ import os, sys, time
 from pixelflow_jax.data.demo_data import DemoSource
 from pixelflow_jax.data.loader import ImageLoader, build_dataset
 if __name__ == "__main__":
-    loader = ImageLoader(build_dataset(DemoSource(24, seed=3), batch_size=4, resolution=32, seed=0, num_workers=2), 24)
+    loader = ImageLoader(build_dataset(DemoSource(24, seed=3), batch_size=4, resolution=32, seed=0, num_workers=2))
     next(loader)
     print("ready", flush=True)
     time.sleep(300)
@@ -265,7 +265,7 @@ def test_a_run_with_loader_workers_ends_without_a_leak_warning(tmp_path):
 from pixelflow_jax.data.demo_data import DemoSource
 from pixelflow_jax.data.loader import ImageLoader, build_dataset
 if __name__ == "__main__":
-    loader = ImageLoader(build_dataset(DemoSource(64, seed=3), batch_size=4, resolution=32, seed=0, num_workers=2), 64)
+    loader = ImageLoader(build_dataset(DemoSource(64, seed=3), batch_size=4, resolution=32, seed=0, num_workers=2))
     next(loader)
     loader.close()
 """

@@ -793,6 +793,9 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
     (samples / "settings.json").write_text('{"solver": "dopri5", ')  # a disk that filled up
     with pytest.raises(ValueError, match=r"samples/settings.json is damaged \(JSONDecodeError: .*use a new --workdir"):
         check_settings(str(samples), str(tmp_path), dopri5)
+    (samples / "settings.json").write_text('["solver", "dopri5"]')  # JSON, but not the object written
+    with pytest.raises(ValueError, match=r"settings.json is damaged \(ValueError: a JSON list, not an object\)"):
+        check_settings(str(samples), str(tmp_path), dopri5)
 
     config = c2i.get_config("tiny")
     config.sample.num_images = 3

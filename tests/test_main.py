@@ -1,4 +1,5 @@
-"""The README's main-job command on the tiny config."""
+"""main.py itself: --mode=inspect end to end on the tiny config, and how errors are printed (the
+training tests run its default mode, train, through main.py)."""
 
 import json
 import os

@@ -95,8 +95,7 @@ def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(caption
     tokenizer = T5Tokenizer(encoder_folder, TOKENS)
     source = CaptionedFolderSource(root, missing_captions="skip")
     # One epoch in one batch of 11: records 2 (not UTF-8) and 5 (empty) are replaced by the next ones.
-    loader = ImageLoader(build_dataset(source, batch_size=11, resolution=R, seed=0, tokenizer=tokenizer, num_workers=2),
-                         len(source))
+    loader = ImageLoader(build_dataset(source, batch_size=11, resolution=R, seed=0, tokenizer=tokenizer, num_workers=2))
     images, (tokens, mask) = next(loader)
     loader.close()
     assert images.shape == (11, R, R, 3) and tokens.shape == mask.shape == (11, TOKENS)
@@ -151,7 +150,7 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
 
     tokenizer = T5Tokenizer(encoder_folder, TOKENS)
     local, in_bucket = (ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0, tokenizer=tokenizer,
-                                                  num_workers=workers), len(source))
+                                                  num_workers=workers))
                         for source, workers in zip(sources, (0, 1)))
     for _ in range(3):
         (a, (ta, ma)), (b, (tb, mb)) = next(local), next(in_bucket)

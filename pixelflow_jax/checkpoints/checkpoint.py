@@ -59,6 +59,10 @@ class CheckpointConfig:
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "CheckpointConfig":
+        version = values.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r} is from a newer pixelflow-jax (this one reads "
+                             f"{FORMAT_VERSION}): upgrade pixelflow-jax to load it")
         return cls(model=ModelConfig.from_mapping(values["model"]),
                    num_train_timesteps=int(values["scheduler"]["num_train_timesteps"]),
                    num_stages=int(values["scheduler"]["num_stages"]),

@@ -419,9 +419,8 @@ class ImageLoader:
     (B,), or (tokens, mask) int32 (B, L) for captions) and logs the running counts of skipped
     records and truncated captions."""
 
-    def __init__(self, dataset, num_records: int):
+    def __init__(self, dataset):
         self.iterator = iter(dataset)
-        self.num_records = num_records  # of the source, before any is skipped
         self.skipped = self.truncated = 0
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
@@ -462,29 +461,24 @@ def open_source(config, class_index_dir: str | None = None, captioned: bool = Fa
     return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned)
 
 
-def make_loader(config, batch_size: int, class_index_dir: str | None = None, start_batch: int = 0,
-                tokenizer=None, source=None) -> ImageLoader:
+def make_loader(config, batch_size: int, start_batch: int = 0, tokenizer=None, source=None) -> ImageLoader:
     """The loader of this process for config.data (or the `source` open_source gave), reading its
     share of each global batch from global batch `start_batch` on. With a tokenizer
     (text-conditional models) it reads captioned data and gives token batches instead of labels."""
-    import jax
-
     data = config.data
     if source is None:
-        source = open_source(config, class_index_dir, captioned=tokenizer is not None)
+        source = open_source(config, captioned=tokenizer is not None)
     dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches,
                             tokenizer=tokenizer)
-    return ImageLoader(dataset, len(source))
+    return ImageLoader(dataset)
 
 
 def to_global_batch(images: np.ndarray, conditioning: Any, sharding) -> tuple[Any, Any]:
     """Per-process batches -> global jax.Arrays sharded along the batch dimension by `sharding`
     (a NamedSharding whose spec's first entry names the mesh's batch axes); `conditioning` is an
     array or a tuple of arrays (tokens, mask)."""
-    import jax
-
     to_global = lambda a: jax.make_array_from_process_local_data(sharding, a)
     return to_global(images), jax.tree.map(to_global, conditioning)

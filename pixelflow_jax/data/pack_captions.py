@@ -3,7 +3,8 @@ shards for text-to-image training (config.data.source='array_record'):
 
     python -m pixelflow_jax.data.pack_captions --folder=DIR --output=gs://BUCKET/shards [--records_per_shard=5000]
 
-Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text}. Images are
+Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text, "name": the
+image's path in the folder, for messages}. Images are
 not re-encoded, so packing is I/O bound. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way removes
 the shards it wrote; an output folder that already holds shards is refused, and so is a folder
@@ -25,7 +26,8 @@ from pixelflow_jax.progress import Progress
 
 
 def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captions: str = "error") -> dict:
-    """Writes the shards; returns counts {"records", "shards", "skipped_captions"}."""
+    """Writes the shards; returns {"records", "shards", "skipped_captions"} (counts) and the
+    "missing_captions" policy used."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if records_per_shard < 1:

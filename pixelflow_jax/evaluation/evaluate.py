@@ -249,11 +249,9 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
 def check_sample_count(sample_config) -> None:
     """Before a class-conditional sampling job that ends with an evaluation: precision and recall
     need more images than the neighbourhood they count (a text job's count is known later)."""
-    from pixelflow_jax.evaluation.metrics import NEIGHBOURHOOD
-
-    if "prompts" not in sample_config and sample_config.num_images <= NEIGHBOURHOOD:
+    if "prompts" not in sample_config and sample_config.num_images <= metrics.NEIGHBOURHOOD:
         raise ValueError(f"--config.sample.num_images={sample_config.num_images} is too few to evaluate: precision "
-                         f"and recall need more than {NEIGHBOURHOOD} images (FID wants thousands)")
+                         f"and recall need more than {metrics.NEIGHBOURHOOD} images (FID wants thousands)")
 
 
 def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:

@@ -1,7 +1,7 @@
 """The FID Inception-v3 (the 2015-12-05 TensorFlow graph used by the ADM evaluation suite and by
 pytorch-fid) in Flax NNX, for FID / sFID / IS features.
 
-    pool, spatial, logits = InceptionV3(rngs=...)(images)   # images uint8-valued (B, H, W, 3)
+    pool, spatial, logits = InceptionV3()(images)   # images uint8-valued (B, H, W, 3)
 
   - input: resized to 299 x 299 by TensorFlow's legacy bilinear resize (align_corners=False,
     no half-pixel offset: source = destination * in / out), then (x - 128) / 128, as the graph

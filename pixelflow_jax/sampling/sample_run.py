@@ -85,8 +85,9 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
     if storage.exists(path):
         try:
             previous = storage.read_json(path)
-            previous.get("checkpoint")
-        except (ValueError, AttributeError) as e:  # AttributeError: valid JSON that is not an object
+            if not isinstance(previous, dict):
+                raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+        except ValueError as e:
             raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}), so the images beside it cannot be "
                              "trusted to be this job's: use a new --workdir, or move the samples folder away") from None
         settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}

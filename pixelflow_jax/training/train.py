@@ -78,7 +78,7 @@ EXIT_PREEMPTED, EXIT_INTERRUPTED = 143, 130  # SIGTERM, SIGINT
 
 def peak_flops(device) -> float | None:
     kind = getattr(device, "device_kind", "")
-    matches = [v for k, v in PEAK_FLOPS.items() if kind.startswith(k) or k in kind]
+    matches = [v for k, v in PEAK_FLOPS.items() if k in kind]
     return matches[0] if matches else None
 
 
