@@ -192,7 +192,7 @@ def main(argv):
                     evaluate.check_sample_count(FLAGS.config.sample)
                 sample_run.run(FLAGS.config, FLAGS.workdir)
             if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
-                samples = storage.join(FLAGS.workdir, "samples.npz") if FLAGS.mode == "sample" else None
+                samples = storage.join(FLAGS.workdir, sample_run.SAMPLES_NPZ) if FLAGS.mode == "sample" else None
                 evaluate.run(FLAGS.config, FLAGS.workdir, samples)
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)

@@ -115,7 +115,7 @@ def check_train(config) -> None:
     number("train.ema_decay", t.ema_decay, minimum=0, maximum=1)
     number("train.label_dropout", t.label_dropout, minimum=0, below=1)
     seed("seed", config.seed)
-    from pixelflow_jax.checkpoints.torch_io import WEIGHT_CHOICES
+    from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
 
     choice("train.init_from_weights", t.init_from_weights, WEIGHT_CHOICES)
     # Heartbeats come at most once a second and hosts' clocks differ: a shorter limit would let
@@ -195,7 +195,7 @@ def check_sample(config) -> None:
     seed("sample.seed", s.seed)
     check_guidance(config)
     steps_per_stage("sample.steps_per_stage", s.steps_per_stage)
-    from pixelflow_jax.checkpoints.torch_io import WEIGHT_CHOICES
+    from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
     from pixelflow_jax.sampling.cascade import SOLVERS
 
     choice("sample.solver", s.solver, SOLVERS)
@@ -220,7 +220,7 @@ def check_sample(config) -> None:
 
 
 def check_inspect(config) -> None:
-    from pixelflow_jax.checkpoints.torch_io import WEIGHT_CHOICES
+    from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
 
     choice("sample.weights", config.sample.weights, WEIGHT_CHOICES)  # read when sample.checkpoint is set
 

@@ -28,6 +28,7 @@ from pixelflow_jax.model import PixelFlow
 CONFIG_FILE = "pixelflow_config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+WEIGHT_CHOICES = ("ema", "model")  # of a training run or a release train.py checkpoint: the EMA or the raw weights
 
 
 class CheckpointError(RuntimeError):

@@ -21,15 +21,14 @@ import re
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig, CheckpointError, abstract_params
+from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES, CheckpointConfig, CheckpointError, abstract_params
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 STATE_ITEM = "state"  # the item name train.py saves the whole state under
-WEIGHT_KEYS = {"ema": "ema", "model": "params"}  # the user's name -> the train state's key
-WEIGHT_CHOICES = tuple(WEIGHT_KEYS)
+WEIGHT_KEYS = dict(zip(WEIGHT_CHOICES, ("ema", "params")))  # the user's name -> the train state's key
 # Runs written before run_config.json recorded the scheduler trained with the release's 1000 steps.
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 _IN_PROGRESS = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig, CheckpointError, atomic_output_dir
+from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES, CheckpointConfig, CheckpointError, atomic_output_dir
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ModelConfig
 
@@ -29,7 +29,6 @@ RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
 # cross_attention_dim None (no text) and num_classes 0 (unconditional).
 RELEASE_REQUIRED_PARAMS = ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "depth",
                            "patch_size")
-WEIGHT_CHOICES = ("ema", "model")
 # What torch wrappers put before every key of a state dict: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ONE_SET_OF_WEIGHTS = ("the choice of weights ('model' for the raw ones) applies to training runs and the release's "

@@ -36,6 +36,7 @@ from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, che
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 
 GRID_IMAGES = 64
+SAMPLES_NPZ = "samples.npz"  # in the workdir: every image of the job, for evaluation
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
 
 
@@ -108,7 +109,7 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
     if images:
         raise ValueError(f"{folder} holds {len(images)} images (e.g. {images[0]}) but no settings.json saying what "
                          "they were sampled with, so they cannot join this job: use a new --workdir, or move them away")
-    earlier = [name for name in ("samples.npz", "eval.json") if storage.exists(storage.join(workdir, name))]
+    earlier = [name for name in (SAMPLES_NPZ, "eval.json") if storage.exists(storage.join(workdir, name))]
     if earlier:
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
@@ -265,7 +266,7 @@ def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
                 images[i] = image
     if unreadable:
         return unreadable
-    npz_path = storage.join(workdir, "samples.npz")
+    npz_path = storage.join(workdir, SAMPLES_NPZ)
     storage.write_streamed_atomically(npz_path, lambda f: np.savez(f, arr_0=images))
     save_png_atomically(storage.join(workdir, "grid.png"), image_grid(images[:GRID_IMAGES]))
     logging.info("wrote %s (arr_0: %s %s) and %s", npz_path, images.shape, images.dtype,

@@ -37,7 +37,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, STATE_ITEM, complete_steps, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -234,8 +234,8 @@ def checkpoint_manager(workdir: str, keep: int):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(storage.join(storage.absolute(workdir), "checkpoints"), options=options,
-                                 item_handlers={"state": ocp.StandardCheckpointHandler()})
+    return ocp.CheckpointManager(storage.join(storage.absolute(workdir), CHECKPOINTS), options=options,
+                                 item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
 
 
 def save(manager, step: int, state) -> None:
@@ -243,7 +243,7 @@ def save(manager, step: int, state) -> None:
     import orbax.checkpoint as ocp
 
     with save_errors(manager):
-        started = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        started = manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}))
     if not started:  # orbax saves only steps after its latest one, and says so by returning False
         raise CheckpointError(f"orbax did not save step {step} in {manager.directory}: it already holds step "
                               f"{manager.latest_step()}")
@@ -275,7 +275,7 @@ def restore(manager, step: int, state, shardings):
     import orbax.checkpoint as ocp
 
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
 
 
 def resume_point(manager, state, shardings):
