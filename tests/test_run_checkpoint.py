@@ -261,3 +261,14 @@ def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_p
     elsewhere = c2i.get_config("tiny")
     fill_checkpoint_of_run(elsewhere, str(tmp_path))  # not a run: the config's own model
     assert elsewhere.sample.checkpoint == ""
+
+
+def test_a_restore_error_keeps_tensorstores_first_line_without_the_spec_it_appends():
+    from pixelflow_jax.checkpoints.run_checkpoint import restore_error
+
+    read = "Encountered error while reading array index: (slice(0, 2, 1),)."
+    assert restore_error(ValueError(f"{read} See full TensorStore details: <bound method spec of TensorStore({{")) \
+        == read
+    assert restore_error(ValueError('FAILED_PRECONDITION: bad [tensorstore_spec=\'{"driver": "zarr"}\']\nmore')) \
+        == "FAILED_PRECONDITION: bad"
+    assert restore_error(ValueError("")) == "ValueError"

@@ -133,10 +133,13 @@ def find_run_step(path: str) -> RunStep | None:
 
 
 def restore_error(error: Exception) -> str:
-    """The first line of an orbax / tensorstore error, without the JSON spec tensorstore appends."""
+    """The first line of an orbax / tensorstore error, without the spec tensorstore appends (as
+    JSON, or as a pointer to it)."""
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
-    return first.split(" [tensorstore_spec", 1)[0][:500]
+    for appended in (" [tensorstore_spec", " See full TensorStore details"):
+        first = first.split(appended, 1)[0]
+    return first[:500]
 
 
 def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: str = "ema") -> Params:

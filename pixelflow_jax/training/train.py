@@ -37,7 +37,8 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, STATE_ITEM, complete_steps, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RUN_CONFIG, STATE_ITEM, complete_steps, read_run_config,
+                                                      restore_error)
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -290,7 +291,7 @@ def resume_point(manager, state, shardings):
         try:
             restored = restore(manager, step, state, shardings)
         except Exception as e:  # orbax and tensorstore raise many types for unreadable files
-            cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            cause = restore_error(e)
             folder = storage.join(str(manager.directory), str(step))
             if jax.process_count() > 1:
                 raise CheckpointError(f"{folder} cannot be restored on process {jax.process_index()} "
