@@ -4,11 +4,11 @@
     python bench/load_memory.py --workdir=/tmp/xl --keep    # keep the run to measure again (reused if present)
 
 Writes a training run of configs/c2i.py's default model (677M parameters, random init) the way
-train.py does (run_config.json by train.check_run_config; checkpoints/1/ by train.checkpoint_manager +
-train.save), then measures each load in a fresh process, on one CPU device:
+train.py does (run_config.json by train.check_run_config; checkpoints/1/ by checkpointing.checkpoint_manager +
+checkpointing.save), then measures each load in a fresh process, on one CPU device:
   ema         api.read_checkpoint(api.resolve_checkpoint(RUN), 'ema'): orbax partial restore of the EMA only
   load_model  pixelflow_jax.load_model(RUN): the same plus the NNX model around it
-  state       train.restore: the whole train state (params, EMA, AdamW moments, scalars), as a resume does
+  state       checkpointing.restore: the whole train state (params, EMA, AdamW moments, scalars), as a resume does
 and reports max RSS (getrusage), the RSS after `import jax` and just before the load, and the bytes restored.
 A watchdog kills any process whose RSS nears the machine's available memory (and says so) instead of
 letting it take the machine down. The checkpoint files are in the page cache after the build, so the
@@ -71,7 +71,7 @@ def build(workdir: str) -> dict:
 
     from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run
     from pixelflow_jax.config import ModelConfig
-    from pixelflow_jax.training import train
+    from pixelflow_jax.training import checkpointing, train
 
     if is_run(workdir) and complete_steps(workdir):
         return {"built": False}
@@ -80,8 +80,8 @@ def build(workdir: str) -> dict:
     train.check_run_config(workdir, model_cfg, config)
     start = time.perf_counter()
     state = jax.jit(create_state(model_cfg))()
-    manager = train.checkpoint_manager(workdir, keep=1)
-    train.save(manager, STEP, state)
+    manager = checkpointing.checkpoint_manager(workdir, keep=1)
+    checkpointing.save(manager, STEP, state)
     manager.wait_until_finished()
     manager.close()
     return {"built": True, "seconds": time.perf_counter() - start,
@@ -97,7 +97,7 @@ def measure(what: str, workdir: str) -> dict:
 
     from pixelflow_jax import api, load_model
     from pixelflow_jax.checkpoints.run_checkpoint import latest_step, run_checkpoint_config
-    from pixelflow_jax.training import train
+    from pixelflow_jax.training import checkpointing
 
     jax.devices()
     before = rss_bytes()
@@ -109,8 +109,8 @@ def measure(what: str, workdir: str) -> dict:
     elif what == "state":
         abstract = jax.eval_shape(create_state(run_checkpoint_config(workdir).model))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        manager = train.checkpoint_manager(workdir, keep=1)
-        tree = train.restore(manager, latest_step(workdir).step, abstract, jax.tree.map(lambda _: device, abstract))
+        manager = checkpointing.checkpoint_manager(workdir, keep=1)
+        tree = checkpointing.restore(manager, latest_step(workdir).step, abstract, jax.tree.map(lambda _: device, abstract))
         manager.close()
     else:
         raise ValueError(what)

@@ -226,40 +226,40 @@ def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog)
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     import jax
 
-    from pixelflow_jax.training import train
+    from pixelflow_jax.training import checkpointing
 
     state = {"w": jax.numpy.arange(4.0)}
     shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
-    manager = train.checkpoint_manager(str(tmp_path), keep=5)
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=5)
     for step in (2, 4):
-        train.save(manager, step, {"w": state["w"] * step})
+        checkpointing.save(manager, step, {"w": state["w"] * step})
     manager.wait_until_finished()
     for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
         for name in files:
             open(os.path.join(root, name), "wb").close()  # damaged: every file emptied
     with caplog.at_level(logging.WARNING):
-        step, restored = train.resume_point(manager, state, shardings)
+        step, restored = checkpointing.resume_point(manager, state, shardings)
     assert step == 2 and np.asarray(restored["w"]).tolist() == [0.0, 2.0, 4.0, 6.0]
     assert "checkpoints/4 cannot be restored" in caplog.text and "trying the one before it" in caplog.text
     # Set aside, so that saves go on from step 2 (orbax saves only steps after its latest one).
     assert manager.all_steps() == [2] and [p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir()] == ["4"]
-    train.save(manager, 3, restored)
-    train.wait_for_saves(manager)
+    checkpointing.save(manager, 3, restored)
+    checkpointing.wait_for_saves(manager)
     assert manager.all_steps() == [2, 3]
     with pytest.raises(CheckpointError, match="orbax did not save step 1 in .* it already holds step 3"):
-        train.save(manager, 1, restored)
+        checkpointing.save(manager, 1, restored)
 
 
 def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     import jax
 
-    from pixelflow_jax.training import train
+    from pixelflow_jax.training import checkpointing, train
 
     config = c2i_config()
     config.train.update(num_steps=4, batch_size=32)  # 4 stages x the 8 test devices
     train.check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
-    manager = train.checkpoint_manager(str(tmp_path), keep=2)
-    train.save(manager, 4, {"w": jax.numpy.zeros(2)})
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=2)
+    checkpointing.save(manager, 4, {"w": jax.numpy.zeros(2)})
     manager.wait_until_finished()
     dead, here = 999999999, socket.gethostname()  # what killed writers of the run left: removed once it is ours
     (tmp_path / "previews").mkdir()
@@ -277,14 +277,14 @@ def test_a_resume_with_changed_settings_is_refused_before_the_checkpoint_is_rest
     the restore gives the settings error."""
     import jax
 
-    from pixelflow_jax.training import train
+    from pixelflow_jax.training import checkpointing, train
     from pixelflow_jax.training.resume_settings import SETTINGS_FILE
 
     config = c2i_config()
     config.train.update(num_steps=4, batch_size=32)
     train.check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
-    manager = train.checkpoint_manager(str(tmp_path), keep=2)
-    train.save(manager, 2, {"w": jax.numpy.zeros(2)})
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=2)
+    checkpointing.save(manager, 2, {"w": jax.numpy.zeros(2)})
     manager.wait_until_finished()
     (tmp_path / SETTINGS_FILE).write_text(json.dumps({"train.lr": 0.5}))
     with pytest.raises(ValueError, match=r"trained to step 2 with other settings \(.*train.lr: 0.5 -> 0.0001"):

@@ -33,7 +33,7 @@ def run(converted, tmp_path_factory):
     """A training workdir as train.py writes it, with known weights: step 4's EMA is the release
     fixture's weights and its raw weights a perturbation of them; step 2 holds two other sets."""
     from configs import c2i
-    from pixelflow_jax.training import train
+    from pixelflow_jax.training import checkpointing, train
     from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
 
     model, ckpt = load_model(converted["c2i_tiny"])
@@ -43,11 +43,11 @@ def run(converted, tmp_path_factory):
     release = pure_params(model)
     weights = {2: {"params": perturbed(release, 2), "ema": perturbed(release, 3)},
                4: {"params": perturbed(release, 4), "ema": release}}
-    manager = train.checkpoint_manager(workdir, keep=5)
+    manager = checkpointing.checkpoint_manager(workdir, keep=5)
     for step, chosen in weights.items():
         state = init_state(model, make_optimizer(StepConfig()), seed=0)
         state.update(jax.tree.map(jax.numpy.asarray, chosen))
-        train.save(manager, step, state)
+        checkpointing.save(manager, step, state)
     manager.wait_until_finished()
     manager.close()
     return workdir, weights

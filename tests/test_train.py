@@ -442,14 +442,14 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
     from types import SimpleNamespace
 
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-    from pixelflow_jax.training import train
+    from pixelflow_jax.training import checkpointing
 
-    manager = train.checkpoint_manager(str(tmp_path), keep=3)
-    train.save(manager, 2, {"w": jax.numpy.zeros(2)})
-    train.wait_for_saves(manager)
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=3)
+    checkpointing.save(manager, 2, {"w": jax.numpy.zeros(2)})
+    checkpointing.wait_for_saves(manager)
     (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp").mkdir()  # the save that failed
     stand_in = SimpleNamespace(directory=manager.directory)
     with pytest.raises(CheckpointError, match=r"checkpoints failed: no space left on the device\. Fix the cause .* "
                                               r"rerun the same command: it resumes from step 2$"):
-        with train.save_errors(stand_in):
+        with checkpointing.save_errors(stand_in):
             raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")

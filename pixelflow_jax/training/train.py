@@ -2,8 +2,8 @@
 
     WORKDIR/run_config.json        the architecture this workdir trains (a mismatch is refused)
     WORKDIR/checkpoints/<step>/    orbax: the train state (model, EMA, optimiser, step, RNG); the data
-                                   position is the step (one global batch per step)
-    WORKDIR/metrics.jsonl          one JSON object per logged step ({"step", "loss", ...})
+                                   position is the step (one global batch per step) (checkpointing.py)
+    WORKDIR/metrics.jsonl          one JSON object per logged step ({"step", "loss", ...}) (metrics_log.py)
     WORKDIR/previews/step_*.png    EMA samples every preview_every steps
     WORKDIR/class_index.json       class names -> ids (image-folder data)
     WORKDIR/train.lock             the run that owns the workdir (workdir_lock.py)
@@ -22,12 +22,7 @@ non-finite steps in a row the run stops without saving: the last good checkpoint
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import os
-import shutil
-import tempfile
 import time
 
 import jax
@@ -36,9 +31,7 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RUN_CONFIG, STATE_ITEM, complete_steps, read_run_config,
-                                                      restore_error)
+from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -47,19 +40,15 @@ from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training import flow
+from pixelflow_jax.training.checkpointing import checkpoint_manager, resume_point, save, wait_for_saves
+from pixelflow_jax.training.metrics_log import MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
                                                state_from_params, state_shardings, train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
-UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 PREVIEWS = "previews"
-# Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5": 459e12, "TPU v6 lite": 918e12}
-
-
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite losses); the message says what is intact."""
 
@@ -75,12 +64,6 @@ class TrainingPreempted(RuntimeError):
 
 
 EXIT_PREEMPTED, EXIT_INTERRUPTED = 143, 130  # SIGTERM, SIGINT
-
-
-def peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    matches = [v for k, v in PEAK_FLOPS.items() if k in kind]
-    return matches[0] if matches else None
 
 
 def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
@@ -229,193 +212,6 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None):
     shardings = state_shardings(jax.eval_shape(create), mesh)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed))))
     return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
-
-
-def checkpoint_manager(workdir: str, keep: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(storage.join(storage.absolute(workdir), CHECKPOINTS), options=options,
-                                 item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
-
-
-def save(manager, step: int, state) -> None:
-    """Starts saving `step` in the background (after the previous save has finished)."""
-    import orbax.checkpoint as ocp
-
-    with save_errors(manager):
-        started = manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}))
-    if not started:  # orbax saves only steps after its latest one, and says so by returning False
-        raise CheckpointError(f"orbax did not save step {step} in {manager.directory}: it already holds step "
-                              f"{manager.latest_step()}")
-
-
-def wait_for_saves(manager) -> None:
-    with save_errors(manager):
-        manager.wait_until_finished()
-
-
-@contextlib.contextmanager
-def save_errors(manager):
-    """A failed save (orbax reports a background save's failure at the next save or wait) as one
-    CheckpointError: the cause, the step a rerun resumes from, and the fix."""
-    try:
-        yield
-    except Exception as e:  # orbax and tensorstore raise many types for the same few causes
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        cause = "no space left on the device" if "No space left on device" in cause else cause[:300]
-        complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
-        resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
-        raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: {cause}. Fix the cause (free "
-                              "space, or lower --config.train.keep_checkpoints) and rerun the same command: it "
-                              f"{resume}") from None
-
-
-def restore(manager, step: int, state, shardings):
-    """The state saved at `step`, placed in `shardings` (whatever the process count that saved it)."""
-    import orbax.checkpoint as ocp
-
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
-
-
-def resume_point(manager, state, shardings):
-    """(step, state) of the latest checkpoint that restores; (0, state) without any.
-
-    A corrupt one (damaged files, a disk that filled up) is skipped with a warning for the one
-    before it, and set aside. With several processes there is no fallback: orbax ends a restore
-    with a barrier of every process, which a process whose restore failed never reaches, so the
-    processes could not agree on another step; the error says which folder to move away."""
-    unreadable = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = restore(manager, step, state, shardings)
-        except Exception as e:  # orbax and tensorstore raise many types for unreadable files
-            cause = restore_error(e)
-            folder = storage.join(str(manager.directory), str(step))
-            if jax.process_count() > 1:
-                raise CheckpointError(f"{folder} cannot be restored on process {jax.process_index()} "
-                                      f"({type(e).__name__}: {cause}); move it out of {manager.directory} and rerun "
-                                      "the same command to resume from the step before it") from None
-            logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
-                            folder, type(e).__name__, cause)
-            unreadable.append(step)
-            continue
-        set_aside(manager, unreadable)
-        logging.info("resumed from %s at step %d", manager.directory, step)
-        return step, restored
-    if manager.all_steps():
-        raise CheckpointError(f"no checkpoint in {manager.directory} can be restored (steps {manager.all_steps()}); "
-                              "see the warnings above, or start a new --workdir")
-    return 0, state
-
-
-def set_aside(manager, steps: list[int]) -> None:
-    """Moves checkpoints that do not restore (one process) to WORKDIR/unreadable_checkpoints/
-    STEP-TIME: orbax saves only steps after its latest one, so left in place they would stop every
-    save until the run passed them (and a read error that was only passing leaves the files)."""
-    run = storage.dirname(str(manager.directory))
-    for step in steps:
-        folder = storage.join(str(manager.directory), str(step))
-        target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{step}-{int(time.time())}")
-        try:
-            storage.move_folder(folder, target)
-        except OSError as e:
-            raise CheckpointError(f"cannot move {folder}, which does not restore, to {target} ({e}): move or delete "
-                                  "it yourself and rerun the same command") from None
-        logging.warning("moved checkpoint %d, which does not restore, to %s", step, target)
-    if steps:
-        manager.reload()
-
-
-def summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
-    is installed, only to accept torch tensors, and that import costs seconds at every start."""
-    import sys
-
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
-
-
-class MetricsLog:
-    """metrics.jsonl (one object per logged step), TensorBoard events (WORKDIR/tensorboard) and a
-    readable line on stdout; process 0 only.
-
-    In an object store (no append), metrics.jsonl is rewritten whole at each record and the event
-    files are written locally and uploaded whole after each flush: a reader always sees complete
-    files."""
-
-    def __init__(self, workdir: str, resumed_step: int):
-        self.path = storage.join(workdir, "metrics.jsonl")
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        self.lines = []
-        if storage.exists(self.path):  # drop what a crashed run logged past its checkpoint
-            steps = [(line, self._step_of(line)) for line in storage.read_text(self.path).splitlines()]
-            self.lines = [line + "\n" for line, step in steps if step is not None and step <= resumed_step]
-            storage.write_atomically(self.path, "".join(self.lines))
-        events = storage.join(workdir, "tensorboard")
-        self.remote_events = events if storage.is_url(events) else None
-        self.local_events = tempfile.mkdtemp(prefix="pixelflow_events_") if self.remote_events else events
-        self.tensorboard = summary_writer_class()(self.local_events, purge_step=resumed_step + 1)
-
-    def _step_of(self, line: str) -> int | None:
-        """The step of a metrics line; None for a line a killed run left half-written (dropped)."""
-        if not line.strip():
-            return None
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            logging.warning("%s: dropping an unreadable line (half-written by a killed run?): %.80s", self.path, line)
-            return None
-
-    def image(self, name: str, image: np.ndarray, step: int) -> None:
-        if self.enabled:
-            self.tensorboard.add_image(name, image, step, dataformats="HWC")
-            self.tensorboard.flush()
-            self._publish_events()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tensorboard.close()
-            self._publish_events()
-            if self.remote_events:
-                shutil.rmtree(self.local_events, ignore_errors=True)
-
-    def _publish_events(self) -> None:
-        if self.remote_events:
-            for name in os.listdir(self.local_events):
-                storage.upload_file_atomically(os.path.join(self.local_events, name),
-                                               storage.join(self.remote_events, name))
-
-    def write(self, record: dict) -> str:
-        """Logs the record; returns it as a readable line (for stdout)."""
-        if not self.enabled:
-            return ""
-        line = json.dumps(record) + "\n"
-        self.lines.append(line)
-        if storage.is_url(self.path):
-            storage.write_atomically(self.path, "".join(self.lines))
-        else:
-            with open(self.path, "a") as f:
-                f.write(line)
-        for name, value in record.items():
-            if name != "step":
-                self.tensorboard.add_scalar(name, value, record["step"])
-        self.tensorboard.flush()
-        self._publish_events()
-        extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
-        mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-        return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
-                f"{record['images_per_s']:.1f} img/s{mfu} non-finite steps skipped {record['skipped_steps']}")
 
 
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog,

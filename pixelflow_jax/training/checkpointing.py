@@ -1,0 +1,117 @@
+"""The run's orbax checkpoints: asynchronous saves whose failures become one clear error, and
+the resume point, the latest step that restores (damaged ones set aside).
+
+    WORKDIR/checkpoints/<step>/state     the train state (model, EMA, optimiser, step, RNG)
+    WORKDIR/unreadable_checkpoints/      steps that did not restore, moved aside at a resume
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import jax
+from absl import logging
+
+from pixelflow_jax import storage
+from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, STATE_ITEM, complete_steps, restore_error
+
+UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
+
+
+def checkpoint_manager(workdir: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(storage.join(storage.absolute(workdir), CHECKPOINTS), options=options,
+                                 item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
+
+
+def save(manager, step: int, state) -> None:
+    """Starts saving `step` in the background (after the previous save has finished)."""
+    import orbax.checkpoint as ocp
+
+    with save_errors(manager):
+        started = manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}))
+    if not started:  # orbax saves only steps after its latest one, and says so by returning False
+        raise CheckpointError(f"orbax did not save step {step} in {manager.directory}: it already holds step "
+                              f"{manager.latest_step()}")
+
+
+def wait_for_saves(manager) -> None:
+    with save_errors(manager):
+        manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def save_errors(manager):
+    """A failed save (orbax reports a background save's failure at the next save or wait) as one
+    CheckpointError: the cause, the step a rerun resumes from, and the fix."""
+    try:
+        yield
+    except Exception as e:  # orbax and tensorstore raise many types for the same few causes
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = "no space left on the device" if "No space left on device" in cause else cause[:300]
+        complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
+        resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
+        raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: {cause}. Fix the cause (free "
+                              "space, or lower --config.train.keep_checkpoints) and rerun the same command: it "
+                              f"{resume}") from None
+
+
+def restore(manager, step: int, state, shardings):
+    """The state saved at `step`, placed in `shardings` (whatever the process count that saved it)."""
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
+
+
+def resume_point(manager, state, shardings):
+    """(step, state) of the latest checkpoint that restores; (0, state) without any.
+
+    A corrupt one (damaged files, a disk that filled up) is skipped with a warning for the one
+    before it, and set aside. With several processes there is no fallback: orbax ends a restore
+    with a barrier of every process, which a process whose restore failed never reaches, so the
+    processes could not agree on another step; the error says which folder to move away."""
+    unreadable = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = restore(manager, step, state, shardings)
+        except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+            cause = restore_error(e)
+            folder = storage.join(str(manager.directory), str(step))
+            if jax.process_count() > 1:
+                raise CheckpointError(f"{folder} cannot be restored on process {jax.process_index()} "
+                                      f"({type(e).__name__}: {cause}); move it out of {manager.directory} and rerun "
+                                      "the same command to resume from the step before it") from None
+            logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one before it",
+                            folder, type(e).__name__, cause)
+            unreadable.append(step)
+            continue
+        set_aside(manager, unreadable)
+        logging.info("resumed from %s at step %d", manager.directory, step)
+        return step, restored
+    if manager.all_steps():
+        raise CheckpointError(f"no checkpoint in {manager.directory} can be restored (steps {manager.all_steps()}); "
+                              "see the warnings above, or start a new --workdir")
+    return 0, state
+
+
+def set_aside(manager, steps: list[int]) -> None:
+    """Moves checkpoints that do not restore (one process) to WORKDIR/unreadable_checkpoints/
+    STEP-TIME: orbax saves only steps after its latest one, so left in place they would stop every
+    save until the run passed them (and a read error that was only passing leaves the files)."""
+    run = storage.dirname(str(manager.directory))
+    for step in steps:
+        folder = storage.join(str(manager.directory), str(step))
+        target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{step}-{int(time.time())}")
+        try:
+            storage.move_folder(folder, target)
+        except OSError as e:
+            raise CheckpointError(f"cannot move {folder}, which does not restore, to {target} ({e}): move or delete "
+                                  "it yourself and rerun the same command") from None
+        logging.warning("moved checkpoint %d, which does not restore, to %s", step, target)
+    if steps:
+        manager.reload()

@@ -1,0 +1,115 @@
+"""What a training run logs (process 0): metrics.jsonl, TensorBoard events and a readable line
+per logged step, with the model FLOP utilisation where the device's peak is known."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from absl import logging
+
+from pixelflow_jax import storage
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    matches = [v for k, v in PEAK_FLOPS.items() if k in kind]
+    return matches[0] if matches else None
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+    is installed, only to accept torch tensors, and that import costs seconds at every start."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step), TensorBoard events (WORKDIR/tensorboard) and a
+    readable line on stdout; process 0 only.
+
+    In an object store (no append), metrics.jsonl is rewritten whole at each record and the event
+    files are written locally and uploaded whole after each flush: a reader always sees complete
+    files."""
+
+    def __init__(self, workdir: str, resumed_step: int):
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.lines = []
+        if storage.exists(self.path):  # drop what a crashed run logged past its checkpoint
+            steps = [(line, self._step_of(line)) for line in storage.read_text(self.path).splitlines()]
+            self.lines = [line + "\n" for line, step in steps if step is not None and step <= resumed_step]
+            storage.write_atomically(self.path, "".join(self.lines))
+        events = storage.join(workdir, "tensorboard")
+        self.remote_events = events if storage.is_url(events) else None
+        self.local_events = tempfile.mkdtemp(prefix="pixelflow_events_") if self.remote_events else events
+        self.tensorboard = summary_writer_class()(self.local_events, purge_step=resumed_step + 1)
+
+    def _step_of(self, line: str) -> int | None:
+        """The step of a metrics line; None for a line a killed run left half-written (dropped)."""
+        if not line.strip():
+            return None
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            logging.warning("%s: dropping an unreadable line (half-written by a killed run?): %.80s", self.path, line)
+            return None
+
+    def image(self, name: str, image: np.ndarray, step: int) -> None:
+        if self.enabled:
+            self.tensorboard.add_image(name, image, step, dataformats="HWC")
+            self.tensorboard.flush()
+            self._publish_events()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+            self._publish_events()
+            if self.remote_events:
+                shutil.rmtree(self.local_events, ignore_errors=True)
+
+    def _publish_events(self) -> None:
+        if self.remote_events:
+            for name in os.listdir(self.local_events):
+                storage.upload_file_atomically(os.path.join(self.local_events, name),
+                                               storage.join(self.remote_events, name))
+
+    def write(self, record: dict) -> str:
+        """Logs the record; returns it as a readable line (for stdout)."""
+        if not self.enabled:
+            return ""
+        line = json.dumps(record) + "\n"
+        self.lines.append(line)
+        if storage.is_url(self.path):
+            storage.write_atomically(self.path, "".join(self.lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
+        for name, value in record.items():
+            if name != "step":
+                self.tensorboard.add_scalar(name, value, record["step"])
+        self.tensorboard.flush()
+        self._publish_events()
+        extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
+        mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+        return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
+                f"{record['images_per_s']:.1f} img/s{mfu} non-finite steps skipped {record['skipped_steps']}")
