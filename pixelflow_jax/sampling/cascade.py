@@ -28,8 +28,8 @@ from flax import nnx
 
 from pixelflow_jax import validation
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.pyramid import upsample_2x
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
-from pixelflow_jax.training.flow import upsample_2x
 
 SOLVERS = ("euler", "dopri5")
 # The release's stage-wise guidance weights, defined for its 4 stages (at s / 3 = 0, 1/3, 2/3, 1).

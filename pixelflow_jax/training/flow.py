@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelflow_jax.pyramid import downsample_2x, upsample_2x
 from pixelflow_jax.scheduler import PixelFlowScheduler, stage_resolutions
 
 
@@ -54,17 +55,6 @@ class StageBatch:
 
 jax.tree_util.register_dataclass(StageBatch, data_fields=["x_t", "target", "timesteps", "conditioning"],
                                  meta_fields=[])
-
-
-def downsample_2x(x: jax.Array) -> jax.Array:
-    """Mean of each 2x2 block of (B, H, W, C)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
-def upsample_2x(x: jax.Array) -> jax.Array:
-    """Nearest-neighbour x2 of (B, H, W, C): each pixel becomes a 2x2 block."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 @dataclasses.dataclass(frozen=True)
