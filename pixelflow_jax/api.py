@@ -186,3 +186,16 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
         if (storage.absolute(s.text_encoder), int(s.max_text_tokens)) != trained:  # URLs, hf:// too, stay as given
             logging.warning("sampling %s with the text encoder %s and %d tokens; it trained with %s and %d tokens",
                             source.label, s.text_encoder, s.max_text_tokens, *trained)
+
+
+def load_for_sampling(config, workdir: str):
+    """(model, config, source) of the checkpoint a sampling job (sample, demo, inspect) reads:
+    sample.checkpoint or the training run in `workdir`, its text encoder filled in, computing in
+    config.model's dtype with its attention backend."""
+    from pixelflow_jax.checkpoints.checkpoint import build_model
+
+    s = config.sample
+    source = resolve_checkpoint(sampling_checkpoint(s, workdir))
+    fill_text_encoder(s, source)
+    ckpt, params = read_checkpoint(source, s.weights, dict(dtype=config.model.dtype, attention=config.model.attention))
+    return build_model(ckpt, params), ckpt, source

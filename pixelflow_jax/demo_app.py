@@ -27,8 +27,7 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.validation import MAX_SEED
-from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
-from pixelflow_jax.checkpoints.checkpoint import build_model
+from pixelflow_jax.api import load_for_sampling
 from pixelflow_jax.sampling.cascade import CascadeSampler
 
 # Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
@@ -82,11 +81,7 @@ class DemoSampler:
 
     def __init__(self, config, workdir: str = ""):
         s = config.sample
-        self.source = resolve_checkpoint(sampling_checkpoint(s, workdir))
-        fill_text_encoder(s, self.source)
-        self.ckpt, params = read_checkpoint(self.source, s.weights, dict(dtype=config.model.dtype,
-                                                                         attention=config.model.attention))
-        model = build_model(self.ckpt, params)
+        model, self.ckpt, self.source = load_for_sampling(config, workdir)
         self.model_config = model.config
         self.sampler = CascadeSampler(model, self.ckpt)
         self.text = bool(model.config.cross_attention_dim)

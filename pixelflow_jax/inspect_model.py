@@ -22,8 +22,8 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
-from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig, build_model
+from pixelflow_jax.api import load_for_sampling
+from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
@@ -51,10 +51,8 @@ def fill_checkpoint_of_run(config, workdir: str) -> None:
 def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, str | None]:
     """(model, its stages and resolution, the checkpoint's label or None): see the module docstring."""
     if config.sample.checkpoint:
-        source = resolve_checkpoint(config.sample.checkpoint)
-        ckpt, params = read_checkpoint(source, config.sample.weights, dict(dtype=config.model.dtype,
-                                                                           attention=config.model.attention))
-        return build_model(ckpt, params), ckpt, source.label
+        model, ckpt, source = load_for_sampling(config, "")
+        return model, ckpt, source.label
     ckpt = CheckpointConfig(ModelConfig.from_mapping(config.model), config.scheduler.num_train_timesteps,
                             config.scheduler.num_stages, config.data.resolution)
     return PixelFlow(ckpt.model, rngs=nnx.Rngs(config.seed)), ckpt, None

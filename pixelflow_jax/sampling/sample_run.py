@@ -28,8 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import fill_text_encoder, read_checkpoint, resolve_checkpoint, sampling_checkpoint
-from pixelflow_jax.checkpoints.checkpoint import build_model
+from pixelflow_jax.api import load_for_sampling
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finite_images, to_uint8)
@@ -138,11 +137,7 @@ def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: n
 
 def run(config, workdir: str) -> None:
     s = config.sample
-    source = resolve_checkpoint(sampling_checkpoint(s, workdir))
-    fill_text_encoder(s, source)
-    ckpt, params = read_checkpoint(source, s.weights, dict(dtype=config.model.dtype,
-                                                           attention=config.model.attention))
-    model = build_model(ckpt, params)
+    model, ckpt, source = load_for_sampling(config, workdir)
     num_devices = jax.device_count()
     if s.batch_size % num_devices:
         raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
