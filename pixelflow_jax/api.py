@@ -115,21 +115,27 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     return config, params
 
 
-def check_load_arguments(runtime: dict, weights: str) -> None:
-    """load_model's arguments, named as a caller wrote them; a dtype object (jnp.bfloat16) becomes its name."""
+def load_arguments(dtype, attention, weights: str) -> dict:
+    """load_model's runtime overrides {dtype, attention} (those given), checked and named as a
+    caller wrote them; a dtype object (jnp.bfloat16) becomes its name."""
     from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES
 
-    if "dtype" in runtime:
+    runtime = {}
+    if dtype is not None:
         try:
-            runtime["dtype"] = jnp.dtype(runtime["dtype"]).name
+            dtype = jnp.dtype(dtype).name
         except TypeError:
             pass  # named below
-        if runtime["dtype"] not in COMPUTE_DTYPES:
-            raise CheckpointError(f"dtype must be one of {COMPUTE_DTYPES} (or the jnp dtype), got {runtime['dtype']!r}")
-    if "attention" in runtime and runtime["attention"] not in ATTENTION_BACKENDS:
-        raise CheckpointError(f"attention must be one of {ATTENTION_BACKENDS}, got {runtime['attention']!r}")
+        if dtype not in COMPUTE_DTYPES:
+            raise CheckpointError(f"dtype must be one of {COMPUTE_DTYPES} (or the jnp dtype), got {dtype!r}")
+        runtime["dtype"] = dtype
+    if attention is not None:
+        if attention not in ATTENTION_BACKENDS:
+            raise CheckpointError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        runtime["attention"] = attention
     if weights not in WEIGHT_CHOICES:
         raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    return runtime
 
 
 def load_model(path: str, *, dtype: str | None = None, attention: str | None = None,
@@ -144,8 +150,7 @@ def load_model(path: str, *, dtype: str | None = None, attention: str | None = N
     attention: attention backend (see pixelflow_jax.kernels.attention); default: as dtype, 'auto'.
     weights: 'ema' (default) or 'model', for training runs and the release's train.py checkpoints.
     """
-    runtime = {k: v for k, v in (("dtype", dtype), ("attention", attention)) if v is not None}
-    check_load_arguments(runtime, weights)  # before a download or a conversion
+    runtime = load_arguments(dtype, attention, weights)  # checked before a download or a conversion
     config, params = read_checkpoint(resolve_checkpoint(path), weights, runtime)
     return build_model(config, params), config
 
