@@ -211,3 +211,11 @@ class CaptionedDemoSource(DemoSource):
         """The first `count` captions (what the demo's tokenizer is trained on)."""
         return [captioned_demo_image(i, seed=self.seed, num_colours=self.num_classes, resolution=8).caption
                 for i in range(min(count, len(self)))]
+
+
+def demo_preview_prompts(count: int, num_colours: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(prompts, colours, shapes) for previews of the captioned demo: every (colour, shape) pair
+    once, in a seeded order, before any repeats; in the training set's first wording."""
+    pairs = np.random.default_rng([seed, 7]).permutation(num_colours * len(SHAPES))[np.arange(count) % (num_colours * len(SHAPES))]
+    colours, shapes = pairs // len(SHAPES), pairs % len(SHAPES)
+    return [caption_of(c, s, num_colours) for c, s in zip(colours, shapes)], colours, shapes

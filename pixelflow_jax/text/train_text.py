@@ -173,13 +173,3 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEnco
     return TrainingTextEncoder(recorded, int(t.max_text_tokens), folder_fingerprint(local), tokenizer,
                                TextConditioning(graphdef, empty_tokens, empty_mask),
                                jax.device_put(params, sharding), sharding)
-
-
-def demo_preview_prompts(count: int, num_colours: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(prompts, colours, shapes) for previews of the captioned demo: every (colour, shape) pair
-    once, in a seeded order, before any repeats; in the training set's first wording."""
-    from pixelflow_jax.data.demo_data import SHAPES, caption_of
-
-    pairs = np.random.default_rng([seed, 7]).permutation(num_colours * len(SHAPES))[np.arange(count) % (num_colours * len(SHAPES))]
-    colours, shapes = pairs // len(SHAPES), pairs % len(SHAPES)
-    return [caption_of(c, s, num_colours) for c, s in zip(colours, shapes)], colours, shapes

@@ -219,7 +219,7 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
     """A grid of EMA samples (class i mod num_classes, or prompts); on the demo sets also how many
     samples show the asked hue and shape."""
     from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
-    from pixelflow_jax.data.demo_data import SHAPES, agreement
+    from pixelflow_jax.data.demo_data import SHAPES, agreement, demo_preview_prompts
     from pixelflow_jax.sampling.sample_run import image_grid, save_png_atomically
 
     ckpt = CheckpointConfig(model=model_cfg, num_train_timesteps=config.scheduler.num_train_timesteps,
@@ -233,7 +233,6 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
         images = sampler.generate(colours, **options)
     else:
         from pixelflow_jax.sampling.sample_conditioning import read_prompts
-        from pixelflow_jax.text.train_text import demo_preview_prompts
 
         if demo:
             prompts, colours, shapes = demo_preview_prompts(t.preview_num_images, config.data.demo_num_classes,
