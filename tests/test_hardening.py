@@ -911,3 +911,33 @@ def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_wr
     assert result.returncode == 1 and "error: --config.model.attention: attention backend 'cudnn' runs on" in \
         result.stderr, result.stderr
     assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(tmp_path, monkeypatch):
+    """With the default cadences every preview step is a save step, and the first preview compiles
+    the sampler (minutes on XL): saved after it, a preemption's grace period could run out first
+    and lose a checkpoint interval."""
+    from pixelflow_jax.training import train
+
+    events = []
+    save = train.save
+    monkeypatch.setattr(train, "save", lambda manager, step, state: events.append(("save", step)) or save(manager, step, state))
+    monkeypatch.setattr(train, "write_preview", lambda *args, **kwargs: events.append(("preview", args[5])) or {})
+
+    class PreemptedAtStep2:
+        cause, interrupted = "preempted (SIGTERM)", False
+
+        def reached(self, step):
+            return step == 2
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train, "PreemptionWatch", PreemptedAtStep2)
+    config = c2i_config()
+    config.train.update(num_steps=4, batch_size=32, log_every=1, checkpoint_every=1, preview_every=1)
+    with pytest.raises(train.TrainingPreempted, match="saved step 2"):
+        train.train(config, str(tmp_path))
+    assert events == [("save", 1), ("preview", 1), ("save", 2)]  # no preview at the preempted step
+    assert train.complete_steps(str(tmp_path)) == [1, 2]

@@ -453,3 +453,10 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
                                               r"rerun the same command: it resumes from step 2$"):
         with checkpointing.save_errors(stand_in):
             raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
+
+    def background_save_failed():  # orbax keeps a background save's error until asked
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
+
+    stand_in.check_for_errors = background_save_failed  # asked at every logged step, not only at the next save
+    with pytest.raises(CheckpointError, match=r"no space left on the device\. .* it resumes from step 2$"):
+        checkpointing.check_saves(stand_in)

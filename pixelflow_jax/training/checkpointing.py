@@ -44,6 +44,12 @@ def wait_for_saves(manager) -> None:
         manager.wait_until_finished()
 
 
+def check_saves(manager) -> None:
+    """Raises the error of a background save that has failed (orbax keeps it until asked)."""
+    with save_errors(manager):
+        manager.check_for_errors()
+
+
 @contextlib.contextmanager
 def save_errors(manager):
     """A failed save (orbax reports a background save's failure at the next save or wait) as one

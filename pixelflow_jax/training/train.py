@@ -40,7 +40,7 @@ from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training import flow
-from pixelflow_jax.training.checkpointing import checkpoint_manager, resume_point, save, wait_for_saves
+from pixelflow_jax.training.checkpointing import check_saves, checkpoint_manager, resume_point, save, wait_for_saves
 from pixelflow_jax.training.metrics_log import MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
@@ -385,7 +385,11 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                           "skipped_steps": skipped}
                 if peak:
                     record["mfu"] = images_per_s * flops / (peak * jax.device_count())
-            if preview_due:
+                check_saves(manager)  # a background save that failed stops the run now, not a save later
+            if save_due:  # before the preview: a preview can outlast a preemption's grace period
+                lock.check_held()  # on every process: a run whose lock was taken over saves nothing more
+                save(manager, step, state)
+            if preview_due and not preempted:
                 preview_start = time.perf_counter()
                 record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log, text_encoder))
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
@@ -393,9 +397,6 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 progress.write(log.write(record))
                 lock.check_held()
             progress.update()
-            if save_due:
-                lock.check_held()  # on every process: a run whose lock was taken over saves nothing more
-                save(manager, step, state)
             if preempted:
                 logging.warning("%s: saved step %d on every process, exiting", preemption.cause, step)
                 break
