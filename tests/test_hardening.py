@@ -233,6 +233,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     manager = checkpointing.checkpoint_manager(str(tmp_path), keep=5)
     for step in (2, 4):
         checkpointing.save(manager, step, {"w": state["w"] * step})
+    checkpointing.save(manager, 5, {"w": state["w"] * np.nan})  # as damaged bytes can read back: no error, NaN
     manager.wait_until_finished()
     for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
         for name in files:
@@ -240,9 +241,10 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         step, restored = checkpointing.resume_point(manager, state, shardings)
     assert step == 2 and np.asarray(restored["w"]).tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert "checkpoints/5 cannot be restored (ValueError: it holds non-finite values" in caplog.text
     assert "checkpoints/4 cannot be restored" in caplog.text and "trying the one before it" in caplog.text
     # Set aside, so that saves go on from step 2 (orbax saves only steps after its latest one).
-    assert manager.all_steps() == [2] and [p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir()] == ["4"]
+    assert manager.all_steps() == [2] and sorted(p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir()) == ["4", "5"]
     checkpointing.save(manager, 3, restored)
     checkpointing.wait_for_saves(manager)
     assert manager.all_steps() == [2, 3]

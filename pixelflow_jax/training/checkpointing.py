@@ -11,6 +11,7 @@ import contextlib
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from pixelflow_jax import storage
@@ -74,6 +75,14 @@ def restore(manager, step: int, state, shardings):
     return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
 
 
+def all_finite(tree) -> bool:
+    """Whether every float in a (possibly multi-process) pytree of jax arrays is finite; every
+    process gets the same answer."""
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(floats)
+    return bool(finite.addressable_data(0))  # replicated: this process's copy
+
+
 def resume_point(manager, state, shardings):
     """(step, state) of the latest checkpoint that restores; (0, state) without any.
 
@@ -85,6 +94,8 @@ def resume_point(manager, state, shardings):
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = restore(manager, step, state, shardings)
+            if not all_finite(restored):  # no step saves a non-finite weight: the files changed after
+                raise ValueError("it holds non-finite values: its files were damaged in a way that still reads")
         except Exception as e:  # orbax and tensorstore raise many types for unreadable files
             cause = restore_error(e)
             folder = storage.join(str(manager.directory), str(step))
