@@ -203,5 +203,24 @@ def main(argv):
             sys.exit(130)  # 128 + SIGINT, as a shell reports it
 
 
+def exit_now_after_an_error(stop: SystemExit):
+    """Ends a single-process run that failed without the interpreter's teardown, which could wait
+    minutes (orbax's threads of a failed save wait out their own timeouts) and print tracebacks
+    after the error line (tensorstore callbacks of reads still in flight). Several processes exit
+    normally: jax's shutdown there is a barrier the others rely on."""
+    jax = sys.modules.get("jax")
+    if stop.code in (None, 0) or (jax is not None and jax.process_count() > 1):
+        raise stop
+    if isinstance(stop.code, str):
+        print(stop.code, file=sys.stderr)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(stop.code if isinstance(stop.code, int) else 1)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except SystemExit as stop:
+        exit_now_after_an_error(stop)

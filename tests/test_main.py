@@ -53,3 +53,18 @@ def test_a_library_error_gets_its_traceback_and_ours_stay_one_line(capsys):
         with pytest.raises(SystemExit):
             main.fail(error)
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_failed_run_exits_at_once_with_its_error_last(tmp_path):
+    """A failed save leaves orbax threads that wait out their own timeouts (5 min) before the
+    interpreter may exit, and tensorstore callbacks print tracebacks after the error line. Here a
+    thread of that kind is started at interpreter start-up, and the run fails on a checkpoint that
+    does not exist."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=False).start()\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}",
+                             "--mode=sample", f"--config.sample.checkpoint={tmp_path / 'nowhere'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.rstrip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nowhere'} does not exist"
