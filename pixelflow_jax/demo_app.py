@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.validation import MAX_SEED
+from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED
 from pixelflow_jax.api import load_for_sampling
-from pixelflow_jax.sampling.cascade import CascadeSampler
+from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
 
 # Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
 IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")
@@ -82,6 +82,9 @@ class DemoSampler:
     def __init__(self, config, workdir: str = ""):
         s = config.sample
         model, self.ckpt, self.source = load_for_sampling(config, workdir)
+        if np.ndim(s.steps_per_stage) and len(s.steps_per_stage) != self.ckpt.num_stages:
+            raise ValueError(f"--config.sample.steps_per_stage gives {len(s.steps_per_stage)} values; "
+                             f"{self.source.label} has {self.ckpt.num_stages} stages (or give one number for all)")
         self.model_config = model.config
         self.sampler = CascadeSampler(model, self.ckpt)
         self.text = bool(model.config.cross_attention_dim)
@@ -107,12 +110,12 @@ class DemoSampler:
                 return f"{label} must be a number, got {value!r}."
         if not 1 <= num_images <= self.max_images or int(num_images) != num_images:
             return f"Number of images must be a whole number from 1 to {self.max_images}."
-        if not 1.0 <= cfg <= 25.0:
-            return "CFG must be between 1 and 25."
-        if not 1.0 <= shift <= 100.0:
-            return "Noise shift must be between 1 and 100."
-        if any(not 1 <= n <= 100 or int(n) != n for n in steps):
-            return "Steps per stage must be whole numbers from 1 to 100."
+        if not DEMO_CFG_RANGE[0] <= cfg <= DEMO_CFG_RANGE[1]:
+            return "CFG must be between {:g} and {:g}.".format(*DEMO_CFG_RANGE)
+        if not DEMO_SHIFT_RANGE[0] <= shift <= DEMO_SHIFT_RANGE[1]:
+            return "Noise shift must be between {:g} and {:g}.".format(*DEMO_SHIFT_RANGE)
+        if any(not 1 <= n <= DEMO_MAX_STEPS or int(n) != n for n in steps):
+            return f"Steps per stage must be whole numbers from 1 to {DEMO_MAX_STEPS}."
         if not 0 <= seed <= MAX_SEED or int(seed) != seed:
             return f"Seed must be a whole number from 0 to {MAX_SEED}."
         return None
@@ -159,10 +162,10 @@ def build_page(demo: DemoSampler, config):
                 else:
                     choices = class_choices(demo.model_config.num_classes)
                     condition = gr.Dropdown(choices=choices, value=choices[0][1], label="Class")
-                solver = gr.Radio(["euler", "dopri5"], value="euler", label="Solver")
-                cfg = gr.Slider(1.0, 25.0, value=float(config.sample.cfg_scale), step=0.1, label="CFG")
-                shift = gr.Slider(1.0, 100.0, value=float(config.sample.shift), step=1.0, label="Noise shift")
-                steps = [gr.Slider(1, 100, value=int(default_steps[s]), step=1, label=f"Steps, stage {s}")
+                solver = gr.Radio(list(SOLVERS), value=config.sample.solver, label="Solver")
+                cfg = gr.Slider(*DEMO_CFG_RANGE, value=float(config.sample.cfg_scale), step=0.1, label="CFG")
+                shift = gr.Slider(*DEMO_SHIFT_RANGE, value=float(config.sample.shift), step=1.0, label="Noise shift")
+                steps = [gr.Slider(1, DEMO_MAX_STEPS, value=int(default_steps[s]), step=1, label=f"Steps, stage {s}")
                          for s in range(stages)]
                 seed = gr.Number(value=int(config.sample.seed), precision=0, label="Seed")
                 num_images = gr.Slider(1, demo.max_images, value=min(2, demo.max_images), step=1,

@@ -229,10 +229,24 @@ def check_eval(config) -> None:
     integer("eval.batch_size", config.eval.batch_size, minimum=1)
 
 
+# The demo page's sliders: its defaults come from config.sample, so they must lie within.
+DEMO_CFG_RANGE, DEMO_SHIFT_RANGE, DEMO_MAX_STEPS = (1.0, 25.0), (1.0, 100.0), 100
+
+
 def check_demo(config) -> None:
     integer("demo.port", config.demo.port, minimum=1, maximum=65535)
     integer("demo.max_images", config.demo.max_images, minimum=1)
     check_guidance(config)
+    s = config.sample
+    number("sample.cfg_scale", s.cfg_scale, minimum=DEMO_CFG_RANGE[0], maximum=DEMO_CFG_RANGE[1],
+           where="the demo page's --config.")
+    number("sample.shift", s.shift, minimum=DEMO_SHIFT_RANGE[0], maximum=DEMO_SHIFT_RANGE[1],
+           where="the demo page's --config.")
+    for steps in ([s.steps_per_stage] if np.ndim(s.steps_per_stage) == 0 else list(s.steps_per_stage)):
+        integer("sample.steps_per_stage", steps, minimum=1, maximum=DEMO_MAX_STEPS, where="the demo page's --config.")
+    from pixelflow_jax.sampling.cascade import SOLVERS
+
+    choice("sample.solver", s.solver, SOLVERS)
 
 
 # Config fields that hold a path: local, gs://, or (checkpoints and T5 folders) hf://.

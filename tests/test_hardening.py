@@ -58,6 +58,10 @@ def c2i_config(**changes):
     ("train", "train.init_from_weights", "bogus", "--config.train.init_from_weights must be one of"),
     ("train", "mesh.fsdp", 0, "--config.mesh.fsdp must be >= 1"),
     ("demo", "demo.port", 70000, "--config.demo.port must be in [1, 65535]"),
+    # The page's sliders hold the config's sampling defaults: outside them its own first request failed.
+    ("demo", "sample.cfg_scale", 30.0, "the demo page's --config.sample.cfg_scale must be <= 25.0, got 30.0"),
+    ("demo", "sample.shift", 0.5, "the demo page's --config.sample.shift must be >= 1.0, got 0.5"),
+    ("demo", "sample.steps_per_stage", 150, "the demo page's --config.sample.steps_per_stage must be in [1, 100]"),
     ("eval", "eval.batch_size", 0, "--config.eval.batch_size must be >= 1"),
     ("inspect", "sample.weights", "foo", "--config.sample.weights must be one of"),
     ("train", "data.root", "s3://bucket/images", "--config.data.root: s3://bucket/images: unsupported URL scheme s3://"),
@@ -444,6 +448,16 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
                             ({"steps": [2, None, 2, 2]}, "Steps of stage 1 must be a number, got None."),
                             ({"seed": float("nan")}, "Seed must be a number, got nan.")]:
         assert demo.check(**{**good, **change}) == message
+
+
+def test_a_demo_with_steps_for_another_number_of_stages_is_one_line(converted):
+    from configs import c2i
+    from pixelflow_jax.demo_app import DemoSampler
+
+    config = c2i.get_config("tiny")
+    config.sample.update(checkpoint=converted["c2i_tiny"], steps_per_stage=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"steps_per_stage gives 3 values; .*c2i_tiny has 4 stages"):
+        DemoSampler(config)
 
 
 def test_a_demo_port_in_use_names_the_flag():
