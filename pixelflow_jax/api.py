@@ -195,12 +195,14 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
 
 def load_for_sampling(config, workdir: str):
     """(model, config, source) of the checkpoint a sampling job (sample, demo, inspect) reads:
-    sample.checkpoint or the training run in `workdir`, its text encoder filled in, computing in
-    config.model's dtype with its attention backend."""
+    sample.checkpoint or the training run in `workdir`, its text encoder filled in, with
+    config.model's dtype, param_dtype (bfloat16 halves the weights' memory) and attention backend."""
     from pixelflow_jax.checkpoints.checkpoint import build_model
 
     s = config.sample
     source = resolve_checkpoint(sampling_checkpoint(s, workdir))
     fill_text_encoder(s, source)
-    ckpt, params = read_checkpoint(source, s.weights, dict(dtype=config.model.dtype, attention=config.model.attention))
+    runtime = dict(dtype=config.model.dtype, param_dtype=config.model.get("param_dtype", "float32"),
+                   attention=config.model.attention)
+    ckpt, params = read_checkpoint(source, s.weights, runtime)
     return build_model(ckpt, params), ckpt, source

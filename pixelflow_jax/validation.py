@@ -112,7 +112,7 @@ def check_train(config) -> None:
                           f"({t.num_steps}): the cosine schedule decays from the end of the warmup to num_steps")
     number("train.weight_decay", t.weight_decay, minimum=0)
     number("train.grad_clip", t.grad_clip, above=0)
-    number("train.ema_decay", t.ema_decay, minimum=0, maximum=1)
+    number("train.ema_decay", t.ema_decay, minimum=0, below=1)  # 1: the EMA would stay the initial weights
     number("train.label_dropout", t.label_dropout, minimum=0, below=1)
     seed("seed", config.seed)
     from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
@@ -132,6 +132,8 @@ def check_train(config) -> None:
                           "sampling.")
     if t.preview_every:
         check_guidance(config)
+        if "prompts" in config.sample:  # text previews draw sample.prompts
+            prompts("sample.prompts", config.sample.prompts)
 
 
 def check_architecture(config) -> None:
@@ -189,8 +191,30 @@ def check_guidance(config) -> None:
     number("sample.shift", s.shift, above=0)
 
 
+def check_model_numerics(config) -> None:
+    """The dtypes a sampling job (sample, demo, inspect) builds the checkpoint's model with."""
+    from pixelflow_jax.config import COMPUTE_DTYPES
+
+    choice("model.dtype", config.model.dtype, COMPUTE_DTYPES)
+    choice("model.param_dtype", config.model.get("param_dtype", "float32"), COMPUTE_DTYPES)
+
+
+def text_tokens(sample_config) -> None:
+    s = sample_config
+    if integer("sample.max_text_tokens", s.max_text_tokens, minimum=0, maximum=4096) == 1:
+        raise ConfigError("--config.sample.max_text_tokens must be 0 (the run's or the release's length) or >= 2 "
+                          "(a prompt's pieces and </s>), got 1")
+
+
+def prompts(name: str, value) -> None:
+    """A prompt, or a list of prompts (strings); empty where a prompts file gives them."""
+    if not (isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value))):
+        raise ConfigError(f"--config.{name} must be a prompt or a list of prompts (strings), got {value!r}")
+
+
 def check_sample(config) -> None:
     s = config.sample
+    check_model_numerics(config)
     integer("sample.batch_size", s.batch_size, minimum=1)
     seed("sample.seed", s.seed)
     check_guidance(config)
@@ -203,9 +227,8 @@ def check_sample(config) -> None:
     if "prompts" not in s:  # text configs count images by prompts (sample_conditioning.py)
         integer("sample.num_images", s.num_images, minimum=1, maximum=MAX_SAMPLE_IMAGES)
     else:  # 0: the training run's length, or the release's 512 (api.fill_text_encoder)
-        if integer("sample.max_text_tokens", s.max_text_tokens, minimum=0, maximum=4096) == 1:
-            raise ConfigError("--config.sample.max_text_tokens must be 0 (the run's or the release's length) or >= 2 "
-                              "(a prompt's pieces and </s>), got 1")
+        text_tokens(s)
+        prompts("sample.prompts", s.prompts)
         integer("sample.images_per_prompt", s.images_per_prompt, minimum=1)
         from pixelflow_jax.text.prompts import PARAM_DTYPES
 
@@ -223,6 +246,9 @@ def check_inspect(config) -> None:
     from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
 
     choice("sample.weights", config.sample.weights, WEIGHT_CHOICES)  # read when sample.checkpoint is set
+    check_model_numerics(config)
+    if "max_text_tokens" in config.sample:  # a text model is inspected with prompts of this length
+        text_tokens(config.sample)
 
 
 def check_eval(config) -> None:

@@ -4,6 +4,7 @@ damaged files and leftovers each get a clear error or are repaired, and lose not
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,7 +36,7 @@ def c2i_config(**changes):
     ("train", "train.lr", float("nan"), "--config.train.lr must be a finite number, got nan"),
     ("train", "data.source", "imagefolder", "--config.data.source must be one of 'tfds', 'folder', 'demo', "),
     ("train", "train.lr", float("inf"), "--config.train.lr must be a finite number"),
-    ("train", "train.ema_decay", 1.5, "--config.train.ema_decay must be <= 1"),
+    ("train", "train.ema_decay", 1.5, "--config.train.ema_decay must be < 1"),
     ("train", "train.lr_schedule", "linear", "--config.train.lr_schedule must be one of 'constant', 'cosine'"),
     ("train", "train.warmup_steps", 4, "--config.train.warmup_steps (4) must be below train.num_steps (4)"),
     ("sample", "sample.cfg_scale", float("nan"), "--config.sample.cfg_scale must be a finite number"),
@@ -848,6 +849,23 @@ def test_sample_settings_a_text_job_does_not_use_are_refused():
         check(config, "sample")
     with pytest.raises(ConfigError, match=r"--config.sample.num_images must be in \[1, 100000000\]"):
         check(c2i_config(**{"sample.num_images": 3_000_000_000}), "sample")
+    # Prompts of another type, and text settings inspect reads, are named before a checkpoint loads.
+    for mode, field, value, message in (
+            ("sample", "prompts", 5, "--config.sample.prompts must be a prompt or a list of prompts (strings), got 5"),
+            ("sample", "prompts", None, "--config.sample.prompts must be a prompt or a list of prompts"),
+            ("train", "prompts", ("a cat", 3), "--config.sample.prompts must be a prompt or a list of prompts"),
+            ("inspect", "max_text_tokens", -5, "--config.sample.max_text_tokens must be in [0, 4096], got -5")):
+        config = t2i.get_config("tiny")
+        config.sample[field] = value
+        if mode == "train":
+            config.train.preview_every = 1
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check(config, mode)
+    for mode in ("sample", "demo", "inspect"):  # the dtypes a sampling job builds its model with
+        with pytest.raises(ConfigError, match="--config.model.param_dtype must be .*float16.*got 'float64'"):
+            check(c2i_config(**{"model.param_dtype": "float64"}), mode)
+    with pytest.raises(ConfigError, match=r"--config.train.ema_decay must be < 1"):  # the EMA would never move
+        check(c2i_config(**{"train.ema_decay": 1.0}), "train")
 
 
 def test_a_setting_a_checkpoint_cannot_honour_is_refused(converted):

@@ -149,3 +149,19 @@ def test_images_gone_after_sampling_are_sampled_again_not_an_error_on_one_proces
     sample_run.save_png_atomically(sample_run.image_path(str(folder), 1), np.zeros((8, 8, 3), np.uint8))
     assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
     assert np.load(workdir / "samples.npz")["arr_0"].shape == (3, 8, 8, 3)
+
+
+def test_a_sampling_job_builds_its_model_with_the_configs_param_dtype(converted):
+    """param_dtype=bfloat16 is what the training error recommends for sampling: it was ignored."""
+    import jax
+    from flax import nnx
+
+    from configs import c2i
+    from pixelflow_jax.api import load_for_sampling
+
+    config = c2i.get_config("tiny")
+    config.sample.checkpoint = converted["c2i_tiny"]
+    config.model.param_dtype = "bfloat16"
+    model, _, _ = load_for_sampling(config, "")
+    assert model.config.param_dtype == "bfloat16"
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"bfloat16"}

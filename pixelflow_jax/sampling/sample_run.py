@@ -74,7 +74,7 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 
 # Settings that jobs started by earlier versions did not record: their absence is no change.
-SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype")
+SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "param_dtype")
 
 
 def check_settings(folder: str, workdir: str, settings: dict) -> None:
@@ -153,7 +153,7 @@ def run(config, workdir: str) -> None:
         raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
     storage.makedirs(folder)
     settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),
-                    dtype=model.config.dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
+                    dtype=model.config.dtype, param_dtype=model.config.param_dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
                     steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
                     num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
