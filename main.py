@@ -88,7 +88,9 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
         if missing in override.removeprefix("--config.").split("."):
             return (f"{override}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
                     f"{config_file.split(':')[0]} lists the settings that exist")
-    return f"the overrides {', '.join(overrides)} do not all name fields of {config_file} ({first_line})"
+    if overrides:
+        return f"the overrides {', '.join(overrides)} do not all name fields of {config_file} ({first_line})"
+    return f"{config_file} could not be read: its get_config raised {type(error).__name__}: {first_line}"
 
 
 def check_config_file(argv: list[str]) -> None:
@@ -127,6 +129,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS.distributed and any(v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes,
+                                                              FLAGS.process_id)):
+        sys.exit("error: --coordinator_address, --num_processes and --process_id apply with --distributed: add it "
+                 "(without it every process would run the whole job alone)")
     logging.set_verbosity(logging.INFO)
     from pixelflow_jax import storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError

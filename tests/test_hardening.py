@@ -108,6 +108,21 @@ def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, conf
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_mistake_inside_a_users_config_file_and_cluster_flags_without_distributed_are_named(tmp_path):
+    mine = tmp_path / "mine.py"
+    mine.write_text("import ml_collections\n\ndef get_config():\n"
+                    "    config = ml_collections.ConfigDict({'train': {'batch_size': 8}})\n"
+                    "    config.train.lr = config.train.batchsize * 1e-4\n    return config\n")
+    for args, message in (
+            ([f"--config={mine}"], f"error: {mine} could not be read: its get_config raised KeyError: 'batchsize'"),
+            (["--config=configs/c2i.py:tiny", "--num_processes=2", "--process_id=1"],  # each would train alone
+             "error: --coordinator_address, --num_processes and --process_id apply with --distributed")):
+        result = subprocess.run([sys.executable, "main.py", *args, f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anything(tmp_path):
     from pixelflow_jax.data.loader import DataError
     from pixelflow_jax.training import train

@@ -137,11 +137,11 @@ def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: n
 
 def run(config, workdir: str) -> None:
     s = config.sample
-    model, ckpt, source = load_for_sampling(config, workdir)
     num_devices = jax.device_count()
-    if s.batch_size % num_devices:
+    if s.batch_size % num_devices:  # before any download or restore
         raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
                          f"({num_devices}); try {max(num_devices, s.batch_size // num_devices * num_devices)}")
+    model, ckpt, source = load_for_sampling(config, workdir)
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
     conditioning = conditioning_for(s, model.config)
