@@ -289,9 +289,13 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     live = tmp_path / f".metrics.jsonl.tmp-{here}-{os.getpid()}-c"  # a live writer's (this process): kept
     for path in left + [live]:
         path.write_bytes(b"")
+    killed_save = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1732" / "state"  # renamed to 6 when done
+    killed_save.mkdir(parents=True)
+    (killed_save / "data").write_bytes(b"partial")
     assert train.train(config, str(tmp_path)) == {}
     assert "already trained to step 4 (train.num_steps = 4): nothing to do" in capsys.readouterr().out
     assert not any(path.exists() for path in left) and live.exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
 
 def test_a_resume_with_changed_settings_is_refused_before_the_checkpoint_is_restored(tmp_path):

@@ -8,6 +8,7 @@ the resume point, the latest step that restores (damaged ones set aside).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 
 import jax
@@ -16,9 +17,23 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, STATE_ITEM, complete_steps, restore_error
+from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, complete_steps, restore_error,
+                                                      steps_in_progress)
 
 UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
+
+
+def remove_unfinished_saves(workdir: str) -> list[int]:
+    """Deletes the partial step folders of saves killed midway (gigabytes each on XL), which orbax
+    removes only when that same step is saved again; for the run that owns the workdir, before it
+    saves anything. Returns their steps."""
+    steps = steps_in_progress(workdir)
+    folder = storage.join(workdir, CHECKPOINTS)
+    for name in storage.listdir(folder):
+        match = re.fullmatch(r"(\d+)(\.orbax-checkpoint-tmp.*)?", name)
+        if match and int(match[1]) in steps:
+            storage.rmtree(storage.join(folder, name))
+    return steps
 
 
 def checkpoint_manager(workdir: str, keep: int):

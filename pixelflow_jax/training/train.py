@@ -27,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
 from flax import nnx
 
@@ -40,7 +41,8 @@ from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
 from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training import flow
-from pixelflow_jax.training.checkpointing import check_saves, checkpoint_manager, resume_point, save, wait_for_saves
+from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manager, remove_unfinished_saves, resume_point,
+                                                  save, wait_for_saves)
 from pixelflow_jax.training.metrics_log import MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
@@ -262,8 +264,6 @@ def check_writable_on_every_process(workdir: str) -> None:
         if problem:
             raise problem
         return
-    from jax.experimental import multihost_utils
-
     failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(problem is not None)))
     if problem:
         raise storage.StorageError(f"process {jax.process_index()}: {problem}")
@@ -295,6 +295,9 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         for place in (workdir, storage.join(workdir, PREVIEWS)):
             if storage.remove_temporaries(place):
                 logging.info("removed the temporary files of an interrupted run from %s", place)
+        if unfinished := remove_unfinished_saves(workdir):
+            logging.info("removed the partial checkpoints of saves killed midway: steps %s", unfinished)
+    multihost_utils.sync_global_devices("leftovers of killed runs removed")  # before anyone lists checkpoints
     t = config.train
     done = max(complete_steps(workdir), default=0)
     if done >= t.num_steps:
