@@ -376,6 +376,17 @@ def remove_temporaries(folder: str) -> int:
     return len(stale)
 
 
+@contextlib.contextmanager
+def writing(path: str, fix: str) -> Iterator[None]:
+    """An OSError of the writes inside as one StorageError naming `path`, the cause and `fix`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot write {path} ({type(e).__name__}: {e}); {fix}") from None
+
+
 def write_json_atomically(path: str, value: Any) -> None:
     write_atomically(path, json.dumps(value, indent=2))
 

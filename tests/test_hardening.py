@@ -994,3 +994,27 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
         train.train(config, str(tmp_path))
     assert events == [("save", 1), ("preview", 1), ("save", 2)]  # no preview at the preempted step
     assert train.complete_steps(str(tmp_path)) == [1, 2]
+
+
+def test_a_log_write_that_fails_is_one_error_and_the_lock_release_never_hides_it(tmp_path, monkeypatch, caplog):
+    from pixelflow_jax.training.metrics_log import MetricsLog
+    from pixelflow_jax.training.workdir_lock import WorkdirLock
+
+    log = MetricsLog(str(tmp_path), resumed_step=0)
+    (tmp_path / "metrics.jsonl").mkdir()  # not writable as a file, even for root
+    record = {"step": 1, "loss": 0.5, "grad_norm": 1.0, "images_per_s": 10.0, "skipped_steps": 0}
+    with pytest.raises(storage.StorageError, match=r"cannot write .*metrics.jsonl \(IsADirectoryError: .*rerun the "
+                                                   "same command: it resumes from its latest checkpoint"):
+        log.write(record)
+    log.close()
+
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+
+    def cannot_remove(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(storage, "remove", cannot_remove)
+    with caplog.at_level(logging.WARNING):
+        lock.release()  # in a finally block: raising here would replace the run's own error
+    assert "could not remove" in caplog.text and "Permission denied" in caplog.text and not lock.held

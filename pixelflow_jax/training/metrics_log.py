@@ -41,6 +41,10 @@ def summary_writer_class():
     return SummaryWriter
 
 
+# What a failed log write tells the user (the checkpoints are unaffected).
+WRITE_FIX = "make the workdir writable (or free space) and rerun the same command: it resumes from its latest checkpoint"
+
+
 class MetricsLog:
     """metrics.jsonl (one object per logged step), TensorBoard events (WORKDIR/tensorboard) and a
     readable line on stdout; process 0 only.
@@ -59,7 +63,7 @@ class MetricsLog:
             steps = [(line, self._step_of(line)) for line in storage.read_text(self.path).splitlines()]
             self.lines = [line + "\n" for line, step in steps if step is not None and step <= resumed_step]
             storage.write_atomically(self.path, "".join(self.lines))
-        events = storage.join(workdir, "tensorboard")
+        self.events = events = storage.join(workdir, "tensorboard")
         self.remote_events = events if storage.is_url(events) else None
         self.local_events = tempfile.mkdtemp(prefix="pixelflow_events_") if self.remote_events else events
         self.tensorboard = summary_writer_class()(self.local_events, purge_step=resumed_step + 1)
@@ -76,9 +80,10 @@ class MetricsLog:
 
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
-            self.tensorboard.add_image(name, image, step, dataformats="HWC")
-            self.tensorboard.flush()
-            self._publish_events()
+            with storage.writing(self.events, WRITE_FIX):
+                self.tensorboard.add_image(name, image, step, dataformats="HWC")
+                self.tensorboard.flush()
+                self._publish_events()
 
     def close(self) -> None:
         if self.enabled:
@@ -99,16 +104,18 @@ class MetricsLog:
             return ""
         line = json.dumps(record) + "\n"
         self.lines.append(line)
-        if storage.is_url(self.path):
-            storage.write_atomically(self.path, "".join(self.lines))
-        else:
-            with open(self.path, "a") as f:
-                f.write(line)
-        for name, value in record.items():
-            if name != "step":
-                self.tensorboard.add_scalar(name, value, record["step"])
-        self.tensorboard.flush()
-        self._publish_events()
+        with storage.writing(self.path, WRITE_FIX):
+            if storage.is_url(self.path):
+                storage.write_atomically(self.path, "".join(self.lines))
+            else:
+                with open(self.path, "a") as f:
+                    f.write(line)
+        with storage.writing(self.events, WRITE_FIX):
+            for name, value in record.items():
+                if name != "step":
+                    self.tensorboard.add_scalar(name, value, record["step"])
+            self.tensorboard.flush()
+            self._publish_events()
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
         mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
         return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "

@@ -43,7 +43,7 @@ from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manager, remove_unfinished_saves, resume_point,
                                                   save, wait_for_saves)
-from pixelflow_jax.training.metrics_log import MetricsLog, peak_flops
+from pixelflow_jax.training.metrics_log import WRITE_FIX, MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
@@ -244,7 +244,9 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
         images = sampler.generate_from_prompts(text_encoder, prompts, negative_prompt=s.negative_prompt, **options)
     if jax.process_index() == 0:
         grid = image_grid(images)
-        save_png_atomically(storage.join(workdir, PREVIEWS, f"step_{step:07d}.png"), grid)
+        path = storage.join(workdir, PREVIEWS, f"step_{step:07d}.png")
+        with storage.writing(path, WRITE_FIX):
+            save_png_atomically(path, grid)
         log.image("preview", grid, step)
     if not demo:
         return {}

@@ -222,8 +222,12 @@ class WorkdirLock:
         if self._thread is not None:
             self._thread.join(timeout=30)  # a write stuck in retries must not outlast a preemption's grace
         with self._guard:
-            holder = self._read()
-            if self.held and holder is not None and self._is_mine(holder):
-                storage.remove(self.path)
+            try:
+                holder = self._read()
+                if self.held and holder is not None and self._is_mine(holder):
+                    storage.remove(self.path)
+            except OSError as e:  # raised here it would hide the error that ended the run
+                logging.warning("could not remove %s (%s): the next run takes it over as a gone run's lock",
+                                self.path, e)
             self.held = False
 
