@@ -76,11 +76,14 @@ class Progress:
         if self.first_chunk_end and self.done > self.first_chunk_end[1] and now > self.first_chunk_end[0]:
             # The first chunk also compiles (minutes for a large model): the rate starts after it.
             rate = (self.done - self.first_chunk_end[1]) / (now - self.first_chunk_end[0])
+        elif self.first_chunk_end and self.done < self.total:
+            rate = None  # only the first chunk, mostly compilation: no rate to tell yet
         left = self.total - self.done
-        eta = format_duration(left / rate) if rate > 0 else "?"
+        eta = format_duration(left / rate) if rate else "?"
         percent = 100 * self.done / self.total if self.total else 100.0
         return (f"{self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), "
-                f"{rate:.3g} {self.unit}/s, ETA {eta}, elapsed {format_duration(elapsed)}")
+                f"{'?' if rate is None else f'{rate:.3g}'} {self.unit}/s, ETA {eta}, "
+                f"elapsed {format_duration(elapsed)}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,6 +17,17 @@ def test_log_lines_say_count_rate_and_eta_and_count_only_this_runs_work_after_it
                      "sampling: 100/100 img (100%), 1.25 img/s, ETA 0:00, elapsed 1:40"]
 
 
+def test_a_line_after_only_the_first_chunk_gives_no_rate(monkeypatch):
+    """The first chunk is mostly compilation: a rate from it alone gave an ETA of an hour for a
+    minute's work."""
+    clock = iter([100.0, 160.0])
+    monkeypatch.setattr("pixelflow_jax.progress.time.perf_counter", lambda: next(clock))
+    lines = []
+    progress = Progress(60, "training", "step", interactive=False, log_every_s=30, log=lines.append)
+    progress.update(1)  # t=160: compiled and ran step 1, a line is due
+    assert lines == ["training: 1/60 step (2%), ? step/s, ETA ?, elapsed 1:00"]
+
+
 def test_terminal_gets_a_bar_and_lines_that_do_not_break_it():
     stream = io.StringIO()
     with Progress(5, "training", "step", interactive=True, stream=stream) as progress:

@@ -373,6 +373,9 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             log_due = step % t.log_every == 0 or step == t.num_steps or preempted or preview_due
             save_due = step % t.checkpoint_every == 0 or step == t.num_steps or preempted
             unchecked = (step, metrics["bad_steps_in_a_row"])
+            if step == start + 1 and not log_due:  # it compiled the step: its time is not throughput
+                jax.block_until_ready(metrics)
+                last_time, last_step = time.perf_counter(), step
             if log_due or save_due:  # nothing is logged, previewed or saved of a step past max_bad_steps
                 stop_if_too_many_bad_steps(*unchecked)
                 unchecked = None
