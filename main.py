@@ -172,6 +172,10 @@ def main(argv):
         except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
                 WorkdirBusy) as e:
             fail(e)
+        except KeyboardInterrupt:  # Ctrl-C while starting (restore, compile), or a second one in training
+            print("stopped: interrupted (Ctrl-C) without saving; the checkpoints saved before are kept: rerun the "
+                  "same command to resume from the latest", file=sys.stderr)
+            sys.exit(130)
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
 
