@@ -20,6 +20,7 @@ Settings live in the config file and can be overridden with --config.<field>=<va
 Modes: train, sample, inspect, eval, demo.
 """
 
+import logging as std_logging
 import os
 import re
 import sys
@@ -57,6 +58,15 @@ def fail(error: Exception):
     if jax_frames_removed or (raised_in != os.path.abspath(__file__) and not raised_in.startswith(package)):
         traceback.print_exception(error)
     sys.exit(f"error: {error}")
+
+
+LIBRARIES_INFO_HIDDEN = (f"{os.sep}orbax{os.sep}",)
+
+
+def quiet_library_info(record) -> bool:
+    """Keeps orbax's INFO lines (about 35 per checkpoint save) out of the log; its warnings and
+    errors, and everything of this project's, stay."""
+    return record.levelno >= std_logging.WARNING or not any(part in record.pathname for part in LIBRARIES_INFO_HIDDEN)
 
 
 def start_distributed():
@@ -134,6 +144,7 @@ def main(argv):
         sys.exit("error: --coordinator_address, --num_processes and --process_id apply with --distributed: add it "
                  "(without it every process would run the whole job alone)")
     logging.set_verbosity(logging.INFO)
+    std_logging.getLogger("absl").addFilter(quiet_library_info)
     from pixelflow_jax import storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints

@@ -68,3 +68,18 @@ def test_a_failed_run_exits_at_once_with_its_error_last(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.rstrip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nowhere'} does not exist"
+
+
+def test_orbax_info_lines_are_kept_out_of_the_log_and_its_warnings_are_not():
+    import logging
+
+    sys.path.insert(0, REPO)
+    import main
+
+    def record(level, path):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    orbax = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+    assert not main.quiet_library_info(record(logging.INFO, orbax))
+    assert main.quiet_library_info(record(logging.WARNING, orbax))
+    assert main.quiet_library_info(record(logging.INFO, os.path.join("pixelflow_jax", "training", "train.py")))
