@@ -1018,3 +1018,25 @@ def test_a_log_write_that_fails_is_one_error_and_the_lock_release_never_hides_it
     with caplog.at_level(logging.WARNING):
         lock.release()  # in a finally block: raising here would replace the run's own error
     assert "could not remove" in caplog.text and "Permission denied" in caplog.text and not lock.held
+
+
+def test_a_lock_copied_with_its_workdir_is_taken_over_on_the_same_host(tmp_path, caplog):
+    """cp -a of a running run's workdir: the copy's lock names a live run (this process) working in
+    the original folder, so the copy could never be resumed while that run went on."""
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    (tmp_path / "original").mkdir()
+    (tmp_path / "copy").mkdir()
+    original = WorkdirLock(str(tmp_path / "original"), stale_after_s=600)
+    original.acquire()
+    try:
+        shutil.copy(tmp_path / "original" / LOCK_FILE, tmp_path / "copy" / LOCK_FILE)
+        with pytest.raises(WorkdirBusy):  # the original folder stays locked
+            WorkdirLock(str(tmp_path / "original"), stale_after_s=600).acquire()
+        copy = WorkdirLock(str(tmp_path / "copy"), stale_after_s=600)
+        with caplog.at_level(logging.WARNING):
+            copy.acquire()
+        assert copy.held and "a copy of the lock of " + str(tmp_path / "original") in caplog.text
+        copy.release()
+    finally:
+        original.release()

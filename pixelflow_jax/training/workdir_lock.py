@@ -95,7 +95,8 @@ class WorkdirLock:
     def __init__(self, workdir: str, stale_after_s: float):
         self.path = storage.join(workdir, LOCK_FILE)
         self.stale_after_s = stale_after_s
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+        self.record = {"host": socket.gethostname(), "workdir": storage.resolved(workdir), "pid": os.getpid(),
+                       "pid_start": process_start(os.getpid()),
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "heartbeat": time.time()}
         self.held = False
@@ -139,9 +140,13 @@ class WorkdirLock:
             if not self._stale(holder):
                 return self._busy_message(holder)
             if self._read() == holder:  # still the stale one (a run taking it over at this instant: keep theirs)
-                logging.warning("taking over %s from a run that is gone: host %s, pid %s, heartbeat %.0f s ago",
-                                self.path, holder.get("host"), holder.get("pid"),
-                                time.time() - float(holder.get("heartbeat", 0)))
+                if self._copied(holder):
+                    logging.warning("taking over %s: a copy of the lock of %s (host %s, pid %s), copied with the "
+                                    "workdir", self.path, holder["workdir"], holder.get("host"), holder.get("pid"))
+                else:
+                    logging.warning("taking over %s from a run that is gone: host %s, pid %s, heartbeat %.0f s ago",
+                                    self.path, holder.get("host"), holder.get("pid"),
+                                    time.time() - float(holder.get("heartbeat", 0)))
                 storage.remove(self.path)
         return self._busy_message(self._read())
 
@@ -159,7 +164,14 @@ class WorkdirLock:
         except FileNotFoundError:
             return None
 
+    def _copied(self, holder: dict) -> bool:
+        """A lock copied along with its workdir: its run, on this host, works in another folder.
+        (Other hosts may mount a shared folder elsewhere, so their paths prove nothing.)"""
+        return holder.get("host") == socket.gethostname() and holder.get("workdir") not in (None, self.record["workdir"])
+
     def _stale(self, holder: dict) -> bool:
+        if self._copied(holder):
+            return True
         if holder.get("host") == socket.gethostname():
             # A restarted container reuses its pids: the holder's pid may now be this very process,
             # or another one, started after the holder.
