@@ -460,3 +460,19 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
     stand_in.check_for_errors = background_save_failed  # asked at every logged step, not only at the next save
     with pytest.raises(CheckpointError, match=r"no space left on the device\. .* it resumes from step 2$"):
         checkpointing.check_saves(stand_in)
+
+
+def test_a_batch_the_devices_cannot_split_names_the_device_counts_that_keep_it():
+    """A run trained on 1 device and resumed on 8: 'try 32' alone was advice the resume then
+    refused (another batch size loses exact resume)."""
+    from types import SimpleNamespace
+
+    from configs import c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training import train
+
+    config = c2i.get_config("tiny")
+    config.train.batch_size = 16
+    with pytest.raises(ValueError, match=r"= 4 x 8 x 1: try 32; to keep this batch size \(a resumed run needs it for "
+                                         r"exact resume\), run on a number of devices that divides 4"):
+        train.validate(config, ModelConfig.from_mapping(config.model), SimpleNamespace(size=8))

@@ -138,9 +138,12 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     unit = stages * devices * accum
     if t.batch_size % unit:
         nearest = sorted({max(unit, t.batch_size // unit * unit), -(-t.batch_size // unit) * unit})
+        per_device = t.batch_size // (stages * accum) if t.batch_size % (stages * accum) == 0 else 0
+        keep = (f"; to keep this batch size (a resumed run needs it for exact resume), run on a number of devices "
+                f"that divides {per_device}" if per_device else "")
         raise ValueError(f"--config.train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
                          f"grad_accum_steps = {stages} x {devices} x {accum}: try "
-                         f"{' or '.join(map(str, nearest))}")
+                         f"{' or '.join(map(str, nearest))}{keep}")
     if t.preview_every and model_cfg.cross_attention_dim and config.data.source != "demo":
         from pixelflow_jax.sampling.sample_conditioning import read_prompts
 
