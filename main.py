@@ -69,6 +69,22 @@ def quiet_library_info(record) -> bool:
     return record.levelno >= std_logging.WARNING or not any(part in record.pathname for part in LIBRARIES_INFO_HIDDEN)
 
 
+# Overrides a sampling job cannot honour: the checkpoint holds the model, its stages and resolution;
+# each image's noise comes from sample.seed.
+CHECKPOINT_DECIDES = ("model.", "scheduler.", "data.resolution", "seed")
+RUNTIME_MODEL_FIELDS = ("model.dtype", "model.param_dtype", "model.attention")
+
+
+def overrides_without_effect(argv: list[str], mode: str) -> list[str]:
+    """The --config.FIELD overrides that --mode=sample or demo does not read (the rest of a
+    training command, which the README says may be reused with --mode=sample, is not named)."""
+    if mode not in ("sample", "demo"):
+        return []
+    fields = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+    return [f for f in fields if f not in RUNTIME_MODEL_FIELDS
+            and any(f == p or (p.endswith(".") and f.startswith(p)) for p in CHECKPOINT_DECIDES)]
+
+
 def start_distributed():
     import jax
 
@@ -158,6 +174,10 @@ def main(argv):
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
     except (storage.StorageError, validation.ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    if ignored := overrides_without_effect(sys.argv, FLAGS.mode):
+        logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution "
+                        "(the seed of the images is sample.seed)", ", ".join(f"--config.{f}" for f in ignored),
+                        FLAGS.mode, "them" if len(ignored) > 1 else "it")
     if FLAGS.distributed:
         start_distributed()
     from pixelflow_jax import host_memory

@@ -83,3 +83,15 @@ def test_orbax_info_lines_are_kept_out_of_the_log_and_its_warnings_are_not():
     assert not main.quiet_library_info(record(logging.INFO, orbax))
     assert main.quiet_library_info(record(logging.WARNING, orbax))
     assert main.quiet_library_info(record(logging.INFO, os.path.join("pixelflow_jax", "training", "train.py")))
+
+
+def test_overrides_a_sampling_job_cannot_honour_are_named():
+    sys.path.insert(0, REPO)
+    import main
+
+    argv = ["main.py", "--config=configs/c2i.py:demo", "--config.data.resolution=64", "--config.model.depth=12",
+            "--config.model.dtype=float32", "--config.seed=7", "--config.sample.seed=3", "--config.train.num_steps=9",
+            "--config.data.root=/images"]
+    assert main.overrides_without_effect(argv, "sample") == ["data.resolution", "model.depth", "seed"]
+    assert main.overrides_without_effect(argv, "demo") == ["data.resolution", "model.depth", "seed"]
+    assert main.overrides_without_effect(argv, "train") == []
