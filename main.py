@@ -129,7 +129,8 @@ def check_config_file(argv: list[str]) -> None:
         path = value and value.split(":", 1)[0]
         if path and not os.path.isfile(path):
             here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-            known = ", ".join(f"configs/{n}" for n in sorted(os.listdir(here)) if re.fullmatch(r"[a-z]\w*\.py", n))
+            shown = os.path.relpath(here) if not os.path.relpath(here).startswith("..") else here  # as it would work
+            known = ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(here)) if re.fullmatch(r"[a-z]\w*\.py", n))
             sys.exit(f"error: --config file {path} does not exist (this project's configs: {known})")
 
 
@@ -154,7 +155,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        modes = [a for a in argv[1:] if a in flags.FLAGS["mode"].parser.enum_values]
+        raise app.UsageError(f"unexpected arguments {argv[1:]}" + (f" (a mode is a flag: --mode={modes[0]})" if modes else ""))
     if not FLAGS.distributed and any(v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes,
                                                               FLAGS.process_id)):
         sys.exit("error: --coordinator_address, --num_processes and --process_id apply with --distributed: add it "

@@ -27,7 +27,7 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED
-from pixelflow_jax.api import load_for_sampling
+from pixelflow_jax.api import load_for_sampling, sampling_checkpoint
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
 
 # Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
@@ -215,6 +215,8 @@ def run(config, workdir: str = "") -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
     check_port_free(host, int(config.demo.port))
+    if not config.sample.checkpoint:  # a typo'd workdir is named as one, before it is made below
+        sampling_checkpoint(config.sample, workdir)
     if workdir and not storage.is_url(workdir):  # its demo_outputs/: known before the model loads
         storage.check_writable(workdir)
     demo = DemoSampler(config, workdir)

@@ -503,6 +503,8 @@ def check_writable(folder: str) -> None:
     """Writes and deletes a probe file in `folder`, so that a missing bucket, missing credentials
     or no write access stop a job before its first step, with the cause."""
     probe = join(folder, f".write_check-{socket.gethostname()}-{os.getpid()}")
+    if not is_url(folder) and os.path.isfile(folder):
+        raise StorageError(f"{folder} is a file, not a folder: name a folder (new or existing) for the outputs")
     try:
         makedirs(folder)
         write_atomically(probe, b"")

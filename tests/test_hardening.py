@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, fixture_dir, run_converter
+from conftest import REPO, fixture_dir, free_port, run_converter
 from pixelflow_jax import CheckpointError, load_model, storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.validation import ConfigError, check
@@ -1040,3 +1040,23 @@ def test_a_lock_copied_with_its_workdir_is_taken_over_on_the_same_host(tmp_path,
         copy.release()
     finally:
         original.release()
+
+
+def test_a_file_where_a_folder_goes_a_positional_mode_and_a_mistyped_demo_workdir_are_named(tmp_path):
+    from pixelflow_jax.data.loader import DataError, make_source
+    from pixelflow_jax.demo_app import run as run_demo
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(storage.StorageError, match="a_file is a file, not a folder: name a folder"):
+        storage.check_writable(str(a_file))
+    data = c2i_config(**{"data.source": "folder", "data.root": str(a_file)}).data
+    with pytest.raises(DataError, match="a_file is a file, not a folder: set --config.data.root to a folder"):
+        make_source(data)
+    config = c2i_config(**{"demo.port": free_port()})
+    with pytest.raises(CheckpointError, match="typo_run does not exist \\(a typo\\?\\)"):
+        run_demo(config, str(tmp_path / "typo_run"))
+    assert not (tmp_path / "typo_run").exists()  # not made by the write check
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}",
+                             "sample"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "(a mode is a flag: --mode=sample)" in result.stderr

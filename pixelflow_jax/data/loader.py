@@ -106,8 +106,10 @@ def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
 def require_folder(root: str, message: str) -> None:
     """Raises DataError(message) unless root is a folder. storage.isdir answers False for a bucket
     it cannot reach (gcsfs swallows the error), so exists() asks first: it raises that StorageError."""
-    if not (storage.exists(root) and storage.isdir(root)):
+    if not storage.exists(root):
         raise DataError(message)
+    if not storage.isdir(root):
+        raise DataError(f"{root} is a file, not a folder: {message.split('; ', 1)[-1]}")
 
 
 class ImageFolderSource:
