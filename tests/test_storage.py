@@ -1,10 +1,12 @@
 """The path layer: URLs are never local paths; files in a bucket (a local GCS emulator) appear
 whole; a bucket that cannot be written stops a run before its first step, with the cause."""
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -91,3 +93,50 @@ def test_gcsfs_giving_up_logs_one_line_not_its_traceback(caplog):
     given_up, other = caplog.records[-2:]
     assert "out of retries" in given_up.getMessage() and given_up.exc_info is None
     assert other.exc_info is not None  # other tracebacks are left alone
+
+
+def tensorboard_events(folder) -> list:
+    """(tag, step, kind) of every summary value in the event files directly in `folder` (local or
+    gs://), read from their TFRecord framing."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    found = []
+    for name in sorted(storage.list_files(folder)):
+        data, offset = storage.read_bytes(storage.join(folder, name)), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            found += [(v.tag, event.step, v.WhichOneof("value")) for v in event.summary.value]
+    return found
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(where, tmp_path, request, monkeypatch):
+    """In a bucket each event file is uploaded whole after each write: the preview images, which
+    grow by a grid per preview, are kept out of the scalars' file, which is uploaded at every
+    logged step. A killed bucket run's local copies are removed by the next run."""
+    import tempfile
+
+    from pixelflow_jax.training.metrics_log import LOCAL_EVENTS_PREFIX, MetricsLog
+
+    workdir = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    if where == "bucket":
+        (tmp_path / "tmp" / f"{LOCAL_EVENTS_PREFIX}999999999_x").mkdir()  # a killed run's: no such pid
+    record = {"loss": 0.5, "grad_norm": 1.0, "images_per_s": 10.0, "skipped_steps": 0}
+    log = MetricsLog(workdir, resumed_step=0)
+    log.write({"step": 1, **record})
+    log.image("preview", np.zeros((8, 8, 3), np.uint8), 2)
+    log.write({"step": 2, **record})
+    log.close()
+    scalars = tensorboard_events(storage.join(workdir, "tensorboard"))
+    assert ("loss", 1, "simple_value") in scalars and ("loss", 2, "simple_value") in scalars
+    assert not any(kind == "image" for _, _, kind in scalars)
+    assert tensorboard_events(storage.join(workdir, "tensorboard", "previews")) == [("preview", 2, "image")]
+    assert [r["step"] for r in map(json.loads, storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines())] \
+        == [1, 2]
+    assert os.listdir(tmp_path / "tmp") == []  # a killed bucket run's copies, and this run's own, are gone

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -41,6 +42,19 @@ def summary_writer_class():
     return SummaryWriter
 
 
+SCALARS, IMAGES = "", "previews"  # folders of tensorboard/
+LOCAL_EVENTS_PREFIX = "pixelflow_events_"  # + pid: the local copies of a bucket run's event files
+
+
+def remove_event_copies_of_killed_runs() -> None:
+    """A bucket run writes its event files locally first and removes them when it ends; a killed
+    run leaves them in the temporary folder, where the next run removes those of dead processes."""
+    for name in os.listdir(tempfile.gettempdir()):
+        match = re.fullmatch(re.escape(LOCAL_EVENTS_PREFIX) + r"(\d+)_.*", name)
+        if match and int(match[1]) != os.getpid() and not storage.process_alive(int(match[1])):
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
+
+
 # What a failed log write tells the user (the checkpoints are unaffected).
 WRITE_FIX = "make the workdir writable (or free space) and rerun the same command: it resumes from its latest checkpoint"
 
@@ -65,8 +79,16 @@ class MetricsLog:
             storage.write_atomically(self.path, "".join(self.lines))
         self.events = events = storage.join(workdir, "tensorboard")
         self.remote_events = events if storage.is_url(events) else None
-        self.local_events = tempfile.mkdtemp(prefix="pixelflow_events_") if self.remote_events else events
-        self.tensorboard = summary_writer_class()(self.local_events, purge_step=resumed_step + 1)
+        if self.remote_events:
+            remove_event_copies_of_killed_runs()
+        self.local_events = (tempfile.mkdtemp(prefix=f"{LOCAL_EVENTS_PREFIX}{os.getpid()}_") if self.remote_events
+                             else events)
+        self.resumed_step = resumed_step
+        # Scalars in tensorboard/, preview images in tensorboard/previews/ (a run of its own in
+        # TensorBoard): in a bucket each file is uploaded whole after each write, and the scalars'
+        # file stays small while the images' grows by a grid per preview.
+        self.writers = {}
+        self.writer(SCALARS)
 
     def _step_of(self, line: str) -> int | None:
         """The step of a metrics line; None for a line a killed run left half-written (dropped)."""
@@ -78,25 +100,35 @@ class MetricsLog:
             logging.warning("%s: dropping an unreadable line (half-written by a killed run?): %.80s", self.path, line)
             return None
 
+    def writer(self, folder: str):
+        """The SummaryWriter of tensorboard/`folder` ('' for the top)."""
+        if folder not in self.writers:
+            self.writers[folder] = summary_writer_class()(os.path.join(self.local_events, folder),
+                                                          purge_step=self.resumed_step + 1)
+        return self.writers[folder]
+
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
             with storage.writing(self.events, WRITE_FIX):
-                self.tensorboard.add_image(name, image, step, dataformats="HWC")
-                self.tensorboard.flush()
-                self._publish_events()
+                self.writer(IMAGES).add_image(name, image, step, dataformats="HWC")
+                self.writer(IMAGES).flush()
+                self._publish_events(IMAGES)
 
     def close(self) -> None:
         if self.enabled:
-            self.tensorboard.close()
-            self._publish_events()
+            for folder, writer in self.writers.items():
+                writer.close()
+                self._publish_events(folder)
             if self.remote_events:
                 shutil.rmtree(self.local_events, ignore_errors=True)
 
-    def _publish_events(self) -> None:
+    def _publish_events(self, folder: str) -> None:
         if self.remote_events:
-            for name in os.listdir(self.local_events):
-                storage.upload_file_atomically(os.path.join(self.local_events, name),
-                                               storage.join(self.remote_events, name))
+            local = os.path.join(self.local_events, folder)
+            for name in os.listdir(local):
+                if os.path.isfile(os.path.join(local, name)):
+                    storage.upload_file_atomically(os.path.join(local, name),
+                                                   storage.join(self.remote_events, *filter(None, (folder, name))))
 
     def write(self, record: dict) -> str:
         """Logs the record; returns it as a readable line (for stdout)."""
@@ -113,9 +145,9 @@ class MetricsLog:
         with storage.writing(self.events, WRITE_FIX):
             for name, value in record.items():
                 if name != "step":
-                    self.tensorboard.add_scalar(name, value, record["step"])
-            self.tensorboard.flush()
-            self._publish_events()
+                    self.writer(SCALARS).add_scalar(name, value, record["step"])
+            self.writer(SCALARS).flush()
+            self._publish_events(SCALARS)
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
         mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
         return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "
