@@ -231,7 +231,7 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
                             num_stages=config.scheduler.num_stages, resolution=config.data.resolution)
     sampler = CascadeSampler(nnx.merge(graphdef, ema), ckpt)
     t, s, demo = config.train, config.sample, config.data.source == "demo"
-    options = dict(steps_per_stage=t.preview_steps_per_stage, cfg_scale=s.cfg_scale, seed=config.seed)
+    options = dict(steps_per_stage=t.preview_steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift, seed=config.seed)
     if text_encoder is None:  # class c is drawn in colour c and shape c mod 5 on the demo set
         colours = np.arange(t.preview_num_images) % model_cfg.num_classes
         shapes = colours % len(SHAPES)
