@@ -60,13 +60,13 @@ def fail(error: Exception):
     sys.exit(f"error: {error}")
 
 
-LIBRARIES_INFO_HIDDEN = (f"{os.sep}orbax{os.sep}",)
+INFO_HIDDEN_OF = re.compile(r"[/\\](site|dist)-packages[/\\]orbax[/\\]")  # an installed orbax
 
 
 def quiet_library_info(record) -> bool:
     """Keeps orbax's INFO lines (about 35 per checkpoint save) out of the log; its warnings and
     errors, and everything of this project's, stay."""
-    return record.levelno >= std_logging.WARNING or not any(part in record.pathname for part in LIBRARIES_INFO_HIDDEN)
+    return record.levelno >= std_logging.WARNING or not INFO_HIDDEN_OF.search(record.pathname)
 
 
 # Overrides a sampling job cannot honour: the checkpoint holds the model, its stages and resolution;
@@ -114,8 +114,7 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
         if missing in override.removeprefix("--config.").split("."):
             return (f"{override}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
                     f"{config_file.split(':')[0]} lists the settings that exist")
-    if overrides:
-        return f"the overrides {', '.join(overrides)} do not all name fields of {config_file} ({first_line})"
+    # No override names the field: the config file's own code asked for it.
     return f"{config_file} could not be read: its get_config raised {type(error).__name__}: {first_line}"
 
 
@@ -251,8 +250,8 @@ def exit_now_after_an_error(stop: SystemExit):
     minutes (orbax's threads of a failed save wait out their own timeouts) and print tracebacks
     after the error line (tensorstore callbacks of reads still in flight). Several processes exit
     normally: jax's shutdown there is a barrier the others rely on."""
-    jax = sys.modules.get("jax")
-    if stop.code in (None, 0) or (jax is not None and jax.process_count() > 1):
+    # (FLAGS, not jax.process_count(), which would start the accelerator just to print an error)
+    if stop.code in (None, 0) or (FLAGS.is_parsed() and FLAGS.distributed):
         raise stop
     if isinstance(stop.code, str):
         print(stop.code, file=sys.stderr)

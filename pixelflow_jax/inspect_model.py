@@ -1,13 +1,14 @@
 """`main.py --mode=inspect`: build the model, count its parameters, and time one jit-compiled
 forward per cascade stage (batch 2; a text model gets random text states of its
-cross_attention_dim, sample.max_text_tokens long, 512 when that is 0 or unset). A quick check
+cross_attention_dim, sample.max_text_tokens long; when that is 0 or unset, the length a training
+run recorded, else the release's 512). A quick check
 that a config or a checkpoint runs.
 
 The model is the config's (config.model, scheduler, data.resolution) with random weights; or,
 when config.sample.checkpoint is set (or empty in the workdir of a training run with a saved step,
 as sampling reads it), that checkpoint's architecture, stages and resolution with its own weights
-(sample.weights of a training run), run in the config's model.dtype and model.attention as
---mode=sample runs it. Writes WORKDIR/inspect.json.
+(sample.weights of a training run), run in the config's model.dtype, param_dtype and attention
+as --mode=sample runs it. Writes WORKDIR/inspect.json.
 """
 
 from __future__ import annotations

@@ -1038,6 +1038,11 @@ def test_a_lock_copied_with_its_workdir_is_taken_over_on_the_same_host(tmp_path,
             copy.acquire()
         assert copy.held and "a copy of the lock of " + str(tmp_path / "original") in caplog.text
         copy.release()
+        # One folder under two paths (a bind mount, an export mounted twice) is not a copy.
+        lock = tmp_path / "original" / LOCK_FILE
+        lock.write_text(json.dumps({**json.loads(lock.read_text()), "workdir": str(tmp_path / "original" / ".")}))
+        with pytest.raises(WorkdirBusy):
+            WorkdirLock(str(tmp_path / "original"), stale_after_s=600).acquire()
     finally:
         original.release()
 

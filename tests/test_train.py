@@ -454,12 +454,32 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
         with checkpointing.save_errors(stand_in):
             raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
 
-    def background_save_failed():  # orbax keeps a background save's error until asked
-        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
 
-    stand_in.check_for_errors = background_save_failed  # asked at every logged step, not only at the next save
+def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path, monkeypatch):
+    """Asked at every logged step, not only at the next save (checkpoint_every steps of work
+    later). The failure is made inside orbax's background commit, where a full disk shows."""
+    import time
+
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.training import checkpointing
+
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=3)
+    checkpointing.save(manager, 2, {"w": jax.numpy.zeros(2)})
+    checkpointing.wait_for_saves(manager)
+    checkpointing.check_saves(manager)  # nothing failed
+
+    def disk_full(*args, **kwargs):
+        raise OSError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full)
+    checkpointing.save(manager, 4, {"w": jax.numpy.zeros(2)})
+    deadline = time.time() + 60
+    while manager.is_saving_in_progress() and time.time() < deadline:
+        time.sleep(0.05)
     with pytest.raises(CheckpointError, match=r"no space left on the device\. .* it resumes from step 2$"):
-        checkpointing.check_saves(stand_in)
+        checkpointing.check_saves(manager)
 
 
 def test_a_batch_the_devices_cannot_split_names_the_device_counts_that_keep_it():

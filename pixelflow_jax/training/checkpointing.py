@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from pixelflow_jax import storage
@@ -26,14 +27,21 @@ UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 def remove_unfinished_saves(workdir: str) -> list[int]:
     """Deletes the partial step folders of saves killed midway (gigabytes each on XL), which orbax
     removes only when that same step is saved again; for the run that owns the workdir, before it
-    saves anything. Returns their steps."""
-    steps = steps_in_progress(workdir)
-    folder = storage.join(workdir, CHECKPOINTS)
-    for name in storage.listdir(folder):
-        match = re.fullmatch(r"(\d+)(\.orbax-checkpoint-tmp.*)?", name)
-        if match and int(match[1]) in steps:
-            storage.rmtree(storage.join(folder, name))
-    return steps
+    saves anything. Only steps after the latest complete one: orbax saves steps in order, so a
+    killed save is the newest, and a complete step that merely looked partial (a bucket request
+    that failed) is never touched. Best effort: a failure is a warning. Returns the steps removed."""
+    try:
+        latest = max(complete_steps(workdir), default=0)
+        steps = [step for step in steps_in_progress(workdir) if step > latest]
+        folder = storage.join(workdir, CHECKPOINTS)
+        for name in storage.listdir(folder):
+            match = re.fullmatch(r"(\d+)(\.orbax-checkpoint-tmp.*)?", name)
+            if match and int(match[1]) in steps:
+                storage.rmtree(storage.join(folder, name))
+        return steps
+    except OSError as e:
+        logging.warning("could not remove the partial checkpoints of killed saves in %s (%s); they stay", workdir, e)
+        return []
 
 
 def checkpoint_manager(workdir: str, keep: int):
@@ -61,9 +69,24 @@ def wait_for_saves(manager) -> None:
 
 
 def check_saves(manager) -> None:
-    """Raises the error of a background save that has failed (orbax keeps it until asked)."""
-    with save_errors(manager):
-        manager.check_for_errors()
+    """Raises, on every process, the error of a background save that has failed. orbax keeps it
+    for manager.wait_until_finished() alone (its check_for_errors() finds it already taken by
+    orbax's own finalize thread), which returns at once when no save is in progress."""
+    problem = None
+    try:
+        if not manager.is_saving_in_progress():
+            wait_for_saves(manager)
+    except CheckpointError as e:
+        problem = e
+    if jax.process_count() > 1:  # one process raising alone would leave the others in a collective
+        from jax.experimental import multihost_utils
+
+        failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(problem is not None)))
+        if len(failed) and problem is None:
+            problem = CheckpointError(f"a checkpoint save failed on process {failed[0]} (see its error); rerun the "
+                                      "same command once the cause is fixed")
+    if problem is not None:
+        raise problem
 
 
 @contextlib.contextmanager

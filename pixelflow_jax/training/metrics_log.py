@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -43,16 +44,27 @@ def summary_writer_class():
 
 
 SCALARS, IMAGES = "", "previews"  # folders of tensorboard/
-LOCAL_EVENTS_PREFIX = "pixelflow_events_"  # + pid: the local copies of a bucket run's event files
+LOCAL_EVENTS_PREFIX = "pixelflow_events_"  # + HOST-PID-: the local copies of a bucket run's event files
+ABANDONED_AFTER_S = 3600  # untouched this long, with their writer gone (containers may share /tmp)
 
 
 def remove_event_copies_of_killed_runs() -> None:
     """A bucket run writes its event files locally first and removes them when it ends; a killed
-    run leaves them in the temporary folder, where the next run removes those of dead processes."""
+    run leaves them in the temporary folder, where a later run removes them once their writer is
+    gone and nothing in them changed for an hour."""
     for name in os.listdir(tempfile.gettempdir()):
-        match = re.fullmatch(re.escape(LOCAL_EVENTS_PREFIX) + r"(\d+)_.*", name)
-        if match and int(match[1]) != os.getpid() and not storage.process_alive(int(match[1])):
-            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
+        path = os.path.join(tempfile.gettempdir(), name)
+        match = re.fullmatch(re.escape(LOCAL_EVENTS_PREFIX) + storage.WRITER, name)
+        if match and os.path.isdir(path) and storage.writer_gone(match, path) and \
+                time.time() - newest_mtime(path) > ABANDONED_AFTER_S:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def newest_mtime(folder: str) -> float:
+    times = [os.path.getmtime(folder)]
+    for root, _, files in os.walk(folder):
+        times += [os.path.getmtime(os.path.join(root, name)) for name in files]
+    return max(times)
 
 
 # What a failed log write tells the user (the checkpoints are unaffected).
@@ -81,8 +93,8 @@ class MetricsLog:
         self.remote_events = events if storage.is_url(events) else None
         if self.remote_events:
             remove_event_copies_of_killed_runs()
-        self.local_events = (tempfile.mkdtemp(prefix=f"{LOCAL_EVENTS_PREFIX}{os.getpid()}_") if self.remote_events
-                             else events)
+        self.local_events = (tempfile.mkdtemp(prefix=f"{LOCAL_EVENTS_PREFIX}{storage.writer_tag()}-")
+                             if self.remote_events else events)
         self.resumed_step = resumed_step
         # Scalars in tensorboard/, preview images in tensorboard/previews/ (a run of its own in
         # TensorBoard): in a bucket each file is uploaded whole after each write, and the scalars'

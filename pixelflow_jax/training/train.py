@@ -51,6 +51,8 @@ from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
 PREVIEWS = "previews"
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite losses); the message says what is intact."""
 

@@ -166,8 +166,17 @@ class WorkdirLock:
 
     def _copied(self, holder: dict) -> bool:
         """A lock copied along with its workdir: its run, on this host, works in another folder.
-        (Other hosts may mount a shared folder elsewhere, so their paths prove nothing.)"""
-        return holder.get("host") == socket.gethostname() and holder.get("workdir") not in (None, self.record["workdir"])
+        (Other hosts may mount a shared folder elsewhere, so their paths prove nothing; on this
+        host one folder can have two paths, a bind mount or a second mount of one export.)"""
+        recorded, here = holder.get("workdir"), self.record["workdir"]
+        if holder.get("host") != socket.gethostname() or recorded in (None, here):
+            return False
+        if storage.is_url(here):
+            return True
+        try:
+            return not os.path.samefile(recorded, here)
+        except OSError:  # the recorded folder is gone: the lock came with a moved or copied folder
+            return True
 
     def _stale(self, holder: dict) -> bool:
         if self._copied(holder):
