@@ -171,7 +171,7 @@ def test_an_output_that_must_not_or_cannot_be_written_is_refused_before_converti
          "is inside the checkpoints of the training run"),  # the run's latest step, and rotated away
         (["--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}"], run / "checkpoints" / "9",
          "is inside the checkpoints of the training run"),
-        ([f"--torch_checkpoint={fixture_dir('c2i_tiny')}"], tmp_path / "a_file" / "out", "cannot write to"),
+        ([f"--torch_checkpoint={fixture_dir('c2i_tiny')}"], tmp_path / "a_file" / "out", "a_file is a file, not a folder"),
     ]:
         result = run_converter(*args, f"--output={output}")
         assert result.returncode != 0 and phrase in result.stderr and "Traceback" not in result.stderr, result.stderr

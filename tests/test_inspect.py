@@ -53,6 +53,6 @@ def test_a_workdir_that_is_a_file_fails_at_once_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
                              "--mode=inspect"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"error: cannot write to {workdir}: FileExistsError: " \
-        f"[Errno 17] File exists: '{workdir}'"
+    assert result.stderr.strip().splitlines()[-1] == f"error: {workdir} is a file, not a folder: name a folder (new " \
+        "or existing) for the outputs"
     assert "parameters:" not in result.stderr  # nothing built, nothing timed

@@ -189,7 +189,7 @@ def test_a_workdir_that_cannot_be_written_fails_before_any_work(tiny_inception, 
     samples = images_npz(tmp_path / "samples.npz", 1)
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(inception_convert, "load_inception", lambda path: pytest.fail("work before the check"))
-    with pytest.raises(storage.StorageError, match=f"cannot write to {tmp_path / 'file'}: FileExistsError"):
+    with pytest.raises(storage.StorageError, match=f"{tmp_path / 'file'} is a file, not a folder"):
         evaluate.evaluate(samples, samples, tiny_inception, str(tmp_path / "file"), batch_size=8)
 
 

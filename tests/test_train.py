@@ -388,7 +388,7 @@ def test_a_process_that_cannot_write_the_workdir_stops_every_process_naming_itse
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     errors = [process.communicate(timeout=300)[1] for process in processes]
     assert [process.returncode for process in processes] == [1, 1], errors
-    assert f"error: process 1: cannot write to {homes[1] / 'run'}" in errors[1], errors[1]
+    assert f"error: process 1: {homes[1] / 'run'} is a file, not a folder" in errors[1], errors[1]
     assert "error: process 1 of 2 cannot write to" in errors[0] and "Traceback" not in errors[0], errors[0]
     assert not (homes[0] / "run" / "train.lock").exists()
 
