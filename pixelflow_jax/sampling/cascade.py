@@ -188,13 +188,9 @@ class CascadeSampler:
         prompts = prompt_list(prompts)
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
-        # Host copies: the encoder's outputs live on its devices, the sampler's state maybe elsewhere.
-        embeddings, mask = (np.asarray(a) for a in prompt_encoder.encode(list(prompts)))
         # The negative prompt is encoded once and repeated for every image.
-        negative, negative_mask = (np.repeat(np.asarray(a), len(prompts), axis=0)
-                                   for a in prompt_encoder.encode([negative_prompt]))
-        cond = {"encoder_hidden_states": embeddings, "encoder_attention_mask": mask}
-        uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}
+        cond, uncond = text_conditioning(*prompt_encoder.encode(list(prompts)),
+                                         prompt_encoder.encode([negative_prompt]))
         return self._generate(cond, uncond, len(prompts), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
 
     def _generate(self, cond, uncond, count, steps_per_stage, cfg_scale, solver, shift, seed, image_ids):
@@ -296,6 +292,14 @@ def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditio
     labels = jnp.asarray(validation.class_ids("labels", labels, num_classes), jnp.int32)
     return {"class_labels": labels}, {"class_labels": jnp.full_like(labels, num_classes)}
 
+
+def text_conditioning(embeddings, mask, negative) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) model kwargs for encoded prompts, (B, L, D) states and their (B, L) mask,
+    and the encoded negative prompt, a (1, L, D), (1, L) pair repeated for every image. Host
+    copies: the encoder's outputs live on its devices, the sampler's state maybe elsewhere."""
+    tile = lambda a: np.repeat(np.asarray(a), len(embeddings), axis=0)
+    return ({"encoder_hidden_states": np.asarray(embeddings), "encoder_attention_mask": np.asarray(mask)},
+            {"encoder_hidden_states": tile(negative[0]), "encoder_attention_mask": tile(negative[1])})
 
 
 def generate(model: PixelFlow, config, labels, **options) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pixelflow_jax import storage
-from pixelflow_jax.sampling.cascade import class_conditioning
+from pixelflow_jax.sampling.cascade import class_conditioning, text_conditioning
 from pixelflow_jax.validation import class_ids
 
 
@@ -94,13 +94,10 @@ class TextPrompts:
                     max_text_tokens=self.max_text_tokens, text_encoder_param_dtype=self.text_encoder_param_dtype)
 
     def batch(self, ids: np.ndarray) -> tuple[dict, dict]:
-        embeddings, mask = self.encoder.encode([self.prompts[i // self.images_per_prompt] for i in ids])
-        if self._negative is None:
+        if self._negative is None:  # encoded once for the whole job
             self._negative = tuple(np.asarray(a) for a in self.encoder.encode([self.negative_prompt]))
-        tile = lambda a: np.repeat(a, len(ids), axis=0)
-        cond = dict(encoder_hidden_states=np.asarray(embeddings), encoder_attention_mask=np.asarray(mask))
-        uncond = dict(encoder_hidden_states=tile(self._negative[0]), encoder_attention_mask=tile(self._negative[1]))
-        return cond, uncond
+        return text_conditioning(*self.encoder.encode([self.prompts[i // self.images_per_prompt] for i in ids]),
+                                 self._negative)
 
 
 def conditioning_for(sample_config, model_config):
