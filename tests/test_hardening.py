@@ -130,7 +130,7 @@ def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anyt
     config = c2i_config(**{"data.source": "folder", "data.root": str(tmp_path / "nowhere"), "train.batch_size": 32})
     with pytest.raises(DataError, match="image folder .*nowhere does not exist"):
         train.train(config, str(tmp_path / "run"))
-    assert os.listdir(tmp_path / "run") == []  # no run_config.json, checkpoints/ or lock: the workdir is still free
+    assert not (tmp_path / "run").exists()  # no run_config.json, checkpoints/ or lock: not even the folder it made
 
 
 @pytest.mark.parametrize("override,message", [

@@ -22,7 +22,9 @@ non-finite steps in a row the run stops without saving: the last good checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import time
 
 import jax
@@ -284,6 +286,7 @@ def train(config, workdir: str) -> dict:
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
+    made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
     check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
     lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
     lock.acquire()  # a second run on this workdir stops here, naming the first
@@ -291,6 +294,9 @@ def train(config, workdir: str) -> dict:
         return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock)
     finally:
         lock.release()
+        if made_here and jax.process_index() == 0:  # a start that failed before writing anything leaves no folder
+            with contextlib.suppress(OSError):  # (rmdir removes only an empty one)
+                os.rmdir(workdir)
 
 
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
