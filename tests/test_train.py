@@ -478,7 +478,8 @@ def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path
     deadline = time.time() + 60
     while manager.is_saving_in_progress() and time.time() < deadline:
         time.sleep(0.05)
-    with pytest.raises(CheckpointError, match=r"no space left on the device\. .* it resumes from step 2$"):
+    with pytest.raises(CheckpointError, match=r"no space left on the device\. Fix the cause \(free space: a save needs "
+                                              r"room for one checkpoint beside the 3 kept; .* it resumes from step 2$"):
         checkpointing.check_saves(manager)
 
 

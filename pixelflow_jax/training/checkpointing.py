@@ -100,9 +100,12 @@ def save_errors(manager):
         cause = "no space left on the device" if "No space left on device" in cause else cause[:300]
         complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
         resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
+        keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
+        room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
+                f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "
+                "--config.train.keep_checkpoints lowers how many")
         raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: {cause}. Fix the cause (free "
-                              "space, or lower --config.train.keep_checkpoints) and rerun the same command: it "
-                              f"{resume}") from None
+                              f"space: {room}) and rerun the same command: it {resume}") from None
 
 
 def restore(manager, step: int, state, shardings):
