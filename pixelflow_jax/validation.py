@@ -90,10 +90,10 @@ def image_ids(values, count: int) -> np.ndarray:
     return array.astype(np.int32)
 
 
-def steps_per_stage(name: str, value, where: str = "--config.") -> None:
+def steps_per_stage(name: str, value, where: str = "--config.", maximum: int | None = None) -> None:
     values = [value] if np.ndim(value) == 0 else list(value)
     for v in values:
-        integer(name, v, minimum=1, where=where)
+        integer(name, v, minimum=1, maximum=maximum, where=where)
 
 
 def check_train(config) -> None:
@@ -192,7 +192,8 @@ def check_guidance(config) -> None:
 
 
 def check_model_numerics(config) -> None:
-    """The dtypes a sampling job (sample, demo, inspect) builds the checkpoint's model with."""
+    """The dtypes a sampling job (sample, demo) builds the checkpoint's model with (inspect checks
+    them with the whole architecture, check_architecture)."""
     from pixelflow_jax.config import COMPUTE_DTYPES
 
     choice("model.dtype", config.model.dtype, COMPUTE_DTYPES)
@@ -246,7 +247,6 @@ def check_inspect(config) -> None:
     from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
 
     choice("sample.weights", config.sample.weights, WEIGHT_CHOICES)  # read when sample.checkpoint is set
-    check_model_numerics(config)
     if "max_text_tokens" in config.sample:  # a text model is inspected with prompts of this length
         text_tokens(config.sample)
 
@@ -268,11 +268,7 @@ def check_demo(config) -> None:
            where="the demo page's --config.")
     number("sample.shift", s.shift, minimum=DEMO_SHIFT_RANGE[0], maximum=DEMO_SHIFT_RANGE[1],
            where="the demo page's --config.")
-    for steps in ([s.steps_per_stage] if np.ndim(s.steps_per_stage) == 0 else list(s.steps_per_stage)):
-        integer("sample.steps_per_stage", steps, minimum=1, maximum=DEMO_MAX_STEPS, where="the demo page's --config.")
-    from pixelflow_jax.sampling.cascade import SOLVERS
-
-    choice("sample.solver", s.solver, SOLVERS)
+    steps_per_stage("sample.steps_per_stage", s.steps_per_stage, "the demo page's --config.", DEMO_MAX_STEPS)
 
 
 # Config fields that hold a path: local, gs://, or (checkpoints and T5 folders) hf://.

@@ -18,8 +18,7 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, complete_steps, restore_error,
-                                                      steps_in_progress)
+from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, STATE_ITEM, complete_steps, restore_error
 
 UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 
@@ -32,13 +31,13 @@ def remove_unfinished_saves(workdir: str) -> list[int]:
     that failed) is never touched. Best effort: a failure is a warning. Returns the steps removed."""
     try:
         latest = max(complete_steps(workdir), default=0)
-        steps = [step for step in steps_in_progress(workdir) if step > latest]
-        folder = storage.join(workdir, CHECKPOINTS)
-        for name in storage.listdir(folder):
+        folder, steps = storage.join(workdir, CHECKPOINTS), set()
+        for name in storage.listdir(folder):  # a step folder or its temporary, after every complete step
             match = re.fullmatch(r"(\d+)(\.orbax-checkpoint-tmp.*)?", name)
-            if match and int(match[1]) in steps:
+            if match and int(match[1]) > latest:
                 storage.rmtree(storage.join(folder, name))
-        return steps
+                steps.add(int(match[1]))
+        return sorted(steps)
     except OSError as e:
         logging.warning("could not remove the partial checkpoints of killed saves in %s (%s); they stay", workdir, e)
         return []
