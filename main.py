@@ -75,14 +75,25 @@ CHECKPOINT_DECIDES = ("model.", "scheduler.", "data.resolution", "seed")
 RUNTIME_MODEL_FIELDS = ("model.dtype", "model.param_dtype", "model.attention")
 
 
+def override_fields(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+
+
 def overrides_without_effect(argv: list[str], mode: str) -> list[str]:
     """The --config.FIELD overrides that --mode=sample or demo does not read (the rest of a
     training command, which the README says may be reused with --mode=sample, is not named)."""
     if mode not in ("sample", "demo"):
         return []
-    fields = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
-    return [f for f in fields if f not in RUNTIME_MODEL_FIELDS
+    return [f for f in override_fields(argv) if f not in RUNTIME_MODEL_FIELDS
             and any(f == p or (p.endswith(".") and f.startswith(p)) for p in CHECKPOINT_DECIDES)]
+
+
+def step_overrides_dopri5_ignores(argv: list[str], mode: str, solver: str) -> list[str]:
+    """The Euler step settings given with --config.sample.solver=dopri5, whose adaptive steps use
+    neither (a user comparing step counts would otherwise get the same images each time)."""
+    if mode != "sample" or solver != "dopri5":
+        return []
+    return [f for f in override_fields(argv) if f in ("sample.steps_per_stage", "sample.shift")]
 
 
 def start_distributed():
@@ -179,6 +190,10 @@ def main(argv):
         logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution "
                         "(the seed of the images is sample.seed)", ", ".join(f"--config.{f}" for f in ignored),
                         FLAGS.mode, "them" if len(ignored) > 1 else "it")
+    if ignored := step_overrides_dopri5_ignores(sys.argv, FLAGS.mode, FLAGS.config.sample.solver):
+        logging.warning("%s: the dopri5 solver chooses its own steps (tolerance rtol 1e-3, atol 1e-6) and uses %s only "
+                        "with --config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
+                        "these" if len(ignored) > 1 else "this")
     if FLAGS.distributed:
         start_distributed()
     from pixelflow_jax import host_memory

@@ -79,31 +79,38 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
     return CheckpointSource(path, storage.absolute(path))
 
 
+def checkpoint_config(source: CheckpointSource) -> CheckpointConfig:
+    """The architecture and settings of a resolved checkpoint, read without its weights (which
+    for an XL model take minutes to restore): a job checks its inputs against them first."""
+    if source.run_step:
+        return run_checkpoint_config(source.run_step.run)
+    if source.kind == "converted":
+        return read_config(source.folder)
+    from pixelflow_jax.checkpoints.torch_io import release_folder_config
+
+    if not storage.isfile(storage.join(source.folder, "config.yaml")):
+        raise CheckpointError(f"{source.label} holds model.pt without the config.yaml that gives its architecture "
+                              "(as the release's text-to-image folder): convert it once with convert_torch_ckpt.py "
+                              f"--torch_checkpoint={source.label} --attention_head_dim=72 --output=DIR (72: the "
+                              "released models' head width) and load DIR")
+    return release_folder_config(source.folder)
+
+
 def read_checkpoint(source: CheckpointSource, weights: str = "ema",
                     runtime: dict | None = None) -> tuple[CheckpointConfig, Params]:
     """(config, parameters) of a resolved checkpoint; `runtime` overrides model settings that are
     not architecture (dtype, param_dtype, attention)."""
     if weights not in WEIGHT_CHOICES:
         raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
-    params = None
-    if source.run_step:
-        config = run_checkpoint_config(source.run_step.run)
-    elif source.kind == "converted":
-        if weights == "model":  # a conversion kept one set of weights; 'model' asks for what is not there
-            from pixelflow_jax.checkpoints.torch_io import ONE_SET_OF_WEIGHTS
+    if source.kind == "converted" and weights == "model":  # a conversion kept one set of weights
+        from pixelflow_jax.checkpoints.torch_io import ONE_SET_OF_WEIGHTS
 
-            raise CheckpointError(f"{source.folder} is a converted folder with one set of weights: "
-                                  f"{ONE_SET_OF_WEIGHTS}")
-        config = read_config(source.folder)
-    else:
+        raise CheckpointError(f"{source.folder} is a converted folder with one set of weights: {ONE_SET_OF_WEIGHTS}")
+    config, params = checkpoint_config(source), None  # a release folder's config.yaml: checked before model.pt
+    if source.kind == "release":
         from pixelflow_jax.checkpoints.convert import torch_to_params
         from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
 
-        if not storage.isfile(storage.join(source.folder, "config.yaml")):
-            raise CheckpointError(f"{source.label} holds model.pt without the config.yaml that gives its architecture "
-                                  "(as the release's text-to-image folder): convert it once with convert_torch_ckpt.py "
-                                  f"--torch_checkpoint={source.label} --attention_head_dim=72 --output=DIR (72: the "
-                                  "released models' head width) and load DIR")
         config, state_dict = read_release_checkpoint(source.folder, weights=weights)
         params = torch_to_params(state_dict, config.model)
     if runtime:
@@ -193,16 +200,24 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
                             source.label, s.text_encoder, s.max_text_tokens, *trained)
 
 
-def load_for_sampling(config, workdir: str):
-    """(model, config, source) of the checkpoint a sampling job (sample, demo, inspect) reads:
-    sample.checkpoint or the training run in `workdir`, its text encoder filled in, with
-    config.model's dtype, param_dtype (bfloat16 halves the weights' memory) and attention backend."""
-    from pixelflow_jax.checkpoints.checkpoint import build_model
+def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointConfig]:
+    """The checkpoint a sampling job (sample, demo, inspect) reads, and its config (weights
+    unread): sample.checkpoint or the training run in `workdir`, its text encoder filled in."""
+    source = resolve_checkpoint(sampling_checkpoint(config.sample, workdir))
+    fill_text_encoder(config.sample, source)
+    return source, checkpoint_config(source)
 
-    s = config.sample
-    source = resolve_checkpoint(sampling_checkpoint(s, workdir))
-    fill_text_encoder(s, source)
+
+def load_sampling_model(config, source: CheckpointSource) -> tuple[PixelFlow, CheckpointConfig]:
+    """The model of `source` with config.model's dtype, param_dtype (bfloat16 halves the weights'
+    memory) and attention backend, and sample.weights (ema or model)."""
     runtime = dict(dtype=config.model.dtype, param_dtype=config.model.get("param_dtype", "float32"),
                    attention=config.model.attention)
-    ckpt, params = read_checkpoint(source, s.weights, runtime)
-    return build_model(ckpt, params), ckpt, source
+    ckpt, params = read_checkpoint(source, config.sample.weights, runtime)
+    return build_model(ckpt, params), ckpt
+
+
+def load_for_sampling(config, workdir: str):
+    """(model, config, source): sampling_source, then load_sampling_model."""
+    source, _ = sampling_source(config, workdir)
+    return *load_sampling_model(config, source), source

@@ -27,8 +27,9 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED
-from pixelflow_jax.api import load_for_sampling, sampling_checkpoint
+from pixelflow_jax.api import load_sampling_model, sampling_checkpoint, sampling_source
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
+from pixelflow_jax.sampling.sample_conditioning import check_config_kind
 
 # Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
 IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")
@@ -81,18 +82,21 @@ class DemoSampler:
 
     def __init__(self, config, workdir: str = ""):
         s = config.sample
-        model, self.ckpt, self.source = load_for_sampling(config, workdir)
-        if np.ndim(s.steps_per_stage) and len(s.steps_per_stage) != self.ckpt.num_stages:
+        # The config's kind, its steps and the text encoder are checked before the weights are read.
+        self.source, ckpt = sampling_source(config, workdir)
+        check_config_kind(s, ckpt.model)
+        if np.ndim(s.steps_per_stage) and len(s.steps_per_stage) != ckpt.num_stages:
             raise ValueError(f"--config.sample.steps_per_stage gives {len(s.steps_per_stage)} values; "
-                             f"{self.source.label} has {self.ckpt.num_stages} stages (or give one number for all)")
-        self.model_config = model.config
-        self.sampler = CascadeSampler(model, self.ckpt)
-        self.text = bool(model.config.cross_attention_dim)
+                             f"{self.source.label} has {ckpt.num_stages} stages (or give one number for all)")
+        self.text = bool(ckpt.model.cross_attention_dim)
         self.prompt_encoder, self.negative_prompt = None, str(s.get("negative_prompt", ""))
         if self.text:
             from pixelflow_jax.text.prompts import prompt_encoder_for
 
-            self.prompt_encoder = prompt_encoder_for(s, model.config.cross_attention_dim)
+            self.prompt_encoder = prompt_encoder_for(s, ckpt.model.cross_attention_dim)
+        model, self.ckpt = load_sampling_model(config, self.source)
+        self.model_config = model.config
+        self.sampler = CascadeSampler(model, self.ckpt)
         self.max_images = int(config.demo.max_images)
         self.compiled: set = set()
         self.output_dir = demo_output_dir(workdir)

@@ -206,6 +206,31 @@ def test_a_config_of_the_other_kind_is_named(models):
         conditioning_for(t2i.get_config("tiny").sample, models["c2i_tiny"][0].config)
 
 
+def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_its_weights(converted, tmp_path,
+                                                                                          monkeypatch):
+    from configs import t2i
+    from pixelflow_jax import api
+    from pixelflow_jax.demo_app import DemoSampler
+    from pixelflow_jax.sampling import sample_run
+
+    def weights_read(*_, **__):
+        raise AssertionError("the weights were read before the config was checked")
+
+    monkeypatch.setattr(api, "read_checkpoint", weights_read)
+    class_config, text_config = c2i_config(), t2i.get_config("tiny")
+    class_config.sample.checkpoint = converted["t2i_tiny"]
+    text_config.sample.checkpoint = fixture_dir("c2i_tiny")  # a release folder: its config.yaml alone is read
+    for job in (lambda config: sample_run.run(config, str(tmp_path / "samples")), DemoSampler):
+        with pytest.raises(ValueError, match="text-conditional: sample it with --config=configs/t2i.py"):
+            job(class_config)
+        with pytest.raises(ValueError, match="class-conditional .*--config=configs/c2i.py"):
+            job(text_config)
+    text_config.sample.update(checkpoint=converted["t2i_tiny"], prompts=[], prompts_file="")
+    with pytest.raises(ValueError, match="set exactly one of --config.sample.prompts"):
+        sample_run.run(text_config, str(tmp_path / "samples"))
+    assert not os.path.exists(tmp_path / "samples")
+
+
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
     _, config = load_model(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
     assert config.resolution == 64

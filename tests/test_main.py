@@ -95,3 +95,14 @@ def test_overrides_a_sampling_job_cannot_honour_are_named():
     assert main.overrides_without_effect(argv, "sample") == ["data.resolution", "model.depth", "seed"]
     assert main.overrides_without_effect(argv, "demo") == ["data.resolution", "model.depth", "seed"]
     assert main.overrides_without_effect(argv, "train") == []
+
+
+def test_euler_step_overrides_given_with_dopri5_are_named():
+    sys.path.insert(0, REPO)
+    import main
+
+    argv = ["main.py", "--config=configs/c2i.py:demo", "--config.sample.solver=dopri5",
+            "--config.sample.steps_per_stage=30", "--config.sample.shift=3", "--config.sample.cfg_scale=2"]
+    assert main.step_overrides_dopri5_ignores(argv, "sample", "dopri5") == ["sample.steps_per_stage", "sample.shift"]
+    assert main.step_overrides_dopri5_ignores(argv, "sample", "euler") == []
+    assert main.step_overrides_dopri5_ignores(argv, "train", "dopri5") == []

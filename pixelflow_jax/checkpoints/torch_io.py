@@ -187,6 +187,19 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
                                   f"(attention_head_dim: {params.get('attention_head_dim')})")
     else:
         params = infer_architecture(state_dict, attention_head_dim)
+    return release_config(params, extras, overrides, path, torch_config), state_dict
+
+
+def release_folder_config(folder: str) -> CheckpointConfig:
+    """The CheckpointConfig of a release folder, from its config.yaml alone (model.pt unread)."""
+    torch_config = storage.join(folder, "config.yaml")
+    return release_config(*config_from_release_yaml(torch_config), None, folder, torch_config)
+
+
+def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Mapping[str, int] | None,
+                      path: str, torch_config: str | None) -> CheckpointConfig:
+    """The architecture `params`, with resolution / num_stages / num_train_timesteps from the
+    config.yaml (`extras`), else `overrides`, else the release's values."""
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     conflicts = [f"--{k}={v} ({extras[k]} in {torch_config})" for k, v in given.items()
                  if k in extras and extras[k] != v]
@@ -195,10 +208,9 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     defaults = RELEASE_T2I_DEFAULTS if params.get("cross_attention_dim") else RELEASE_DEFAULTS
     settings = {**defaults, **given, **extras}
     try:
-        config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
+        return CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture for {path}: {e}") from None
-    return config, state_dict
 
 
 # config.yaml's first line in an export: what tells it from a release folder downloaded by the

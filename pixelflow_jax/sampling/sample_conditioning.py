@@ -100,14 +100,20 @@ class TextPrompts:
                                  self._negative)
 
 
-def conditioning_for(sample_config, model_config):
+def check_config_kind(sample_config, model_config) -> None:
+    """A text-conditional checkpoint needs a text config (configs/t2i.py), a class-conditional one
+    a class config: the other kind lacks the settings the job reads."""
     text_config = "prompts" in sample_config
-    if model_config.cross_attention_dim:
-        if not text_config:
-            raise ValueError("this checkpoint is text-conditional: sample it with --config=configs/t2i.py "
-                             "(prompts and a T5 text encoder)")
-        return TextPrompts(sample_config, model_config.cross_attention_dim)
-    if text_config:
+    if model_config.cross_attention_dim and not text_config:
+        raise ValueError("this checkpoint is text-conditional: sample it with --config=configs/t2i.py "
+                         "(prompts and a T5 text encoder)")
+    if not model_config.cross_attention_dim and text_config:
         raise ValueError(f"this checkpoint is class-conditional ({model_config.num_classes} classes): sample it with "
                          "--config=configs/c2i.py")
+
+
+def conditioning_for(sample_config, model_config):
+    check_config_kind(sample_config, model_config)
+    if model_config.cross_attention_dim:
+        return TextPrompts(sample_config, model_config.cross_attention_dim)
     return ClassLabels(sample_config, model_config.num_classes)

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import load_for_sampling
+from pixelflow_jax.api import load_sampling_model, sampling_source
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finite_images, to_uint8)
@@ -141,10 +141,12 @@ def run(config, workdir: str) -> None:
     if s.batch_size % num_devices:  # before any download or restore
         raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
                          f"({num_devices}); try {max(num_devices, s.batch_size // num_devices * num_devices)}")
-    model, ckpt, source = load_for_sampling(config, workdir)
+    source, ckpt = sampling_source(config, workdir)
+    # The settings, labels or prompts and text encoder are checked before the weights are read.
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
-    conditioning = conditioning_for(s, model.config)
+    conditioning = conditioning_for(s, ckpt.model)
+    model, ckpt = load_sampling_model(config, source)
     num_images = conditioning.num_images
 
     folder = storage.join(workdir, "samples")
