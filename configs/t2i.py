@@ -71,4 +71,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.sample.update(batch_size=20, steps_per_stage=demo.sample.steps_per_stage, cfg_scale=demo.sample.cfg_scale)
     elif arg:
         raise ValueError(f"unknown t2i config variant {arg!r}; choose '', 'tiny' or 'demo'")
+    # Class-only settings, removed so that giving one is an error rather than silently unused:
+    # captions drop out at train.caption_dropout, and captioned data is a folder or shards, not TFDS.
+    del config.train["label_dropout"]
+    for name in ("tfds_name", "tfds_data_dir", "split"):
+        del config.data[name]
     return config

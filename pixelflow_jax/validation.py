@@ -113,7 +113,8 @@ def check_train(config) -> None:
     number("train.weight_decay", t.weight_decay, minimum=0)
     number("train.grad_clip", t.grad_clip, above=0)
     number("train.ema_decay", t.ema_decay, minimum=0, below=1)  # 1: the EMA would stay the initial weights
-    number("train.label_dropout", t.label_dropout, minimum=0, below=1)
+    if "label_dropout" in t:  # class configs (text configs drop captions at train.caption_dropout)
+        number("train.label_dropout", t.label_dropout, minimum=0, below=1)
     seed("seed", config.seed)
     from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
 

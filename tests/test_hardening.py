@@ -146,6 +146,20 @@ def test_an_override_of_a_field_the_config_lacks_is_named_without_a_traceback(tm
     assert "Traceback" not in result.stderr and not workdir.exists()
 
 
+def test_text_configs_lack_the_class_only_settings_and_do_not_train_class_models(tmp_path):
+    from configs import t2i
+    from pixelflow_jax.training import train
+
+    for variant in ("", "tiny", "demo"):  # an override of one is refused as a field the config lacks
+        config = t2i.get_config(variant)
+        assert "label_dropout" not in config.train and not {"tfds_name", "tfds_data_dir", "split"} & set(config.data)
+    config.model.update(cross_attention_dim=0, num_classes=10, pooled_text=False)  # the demo variant, as a class model
+    config.train.update(batch_size=32)
+    with pytest.raises(ValueError, match=r"a class-conditional model .* trains with --config=configs/c2i.py"):
+        train.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def models(converted):
     return {name: load_model(path) for name, path in converted.items()}

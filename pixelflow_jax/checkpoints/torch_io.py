@@ -225,7 +225,8 @@ def is_export(folder: str) -> bool:
 
 
 def release_yaml(config: CheckpointConfig) -> dict[str, Any]:
-    """The release's config.yaml content for a model: what sample_ddp.py and train.py read."""
+    """The model, scheduler and resolution of the release's config.yaml: what sample_ddp.py and
+    the release's pipeline read to build a model (not train.py's training settings)."""
     params = config.model.architecture()
     if not params["cross_attention_dim"]:
         params.pop("cross_attention_dim")  # the release's default, None, means no cross-attention

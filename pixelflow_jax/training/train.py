@@ -165,12 +165,15 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     elif model_cfg.num_classes < 1:
         raise ValueError("--mode=train trains class-conditional (model.num_classes >= 1) or text-conditional "
                          "(model.cross_attention_dim > 0, configs/t2i.py) models")
+    elif "label_dropout" not in t:
+        raise ValueError("a class-conditional model (model.cross_attention_dim=0) trains with --config=configs/c2i.py "
+                         "(class labels, label dropout)")
     elif config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
         raise ValueError(f"model.num_classes ({model_cfg.num_classes}) must equal data.demo_num_classes "
                          f"({config.data.demo_num_classes}): previews sample every class of the model")
     return StepConfig(lr=t.lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, decay_steps=t.num_steps,
                       weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
-                      label_dropout=t.label_dropout, caption_dropout=t.get("caption_dropout", 0.0),
+                      label_dropout=t.get("label_dropout", 0.0), caption_dropout=t.get("caption_dropout", 0.0),
                       grad_accum_steps=accum)
 
 
