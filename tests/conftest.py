@@ -5,17 +5,29 @@ import os
 # Eight fake CPU devices for the sharding tests; must be set before jax is first imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import atexit
+import shutil
 import subprocess
 import sys
 import tempfile
 
+
+def session_folder(variable: str, prefix: str) -> None:
+    """A fresh temporary folder in `variable` unless it is set, removed when this process exits.
+    pytest-xdist's workers inherit the variable from the process that started them, so they
+    share its folder, and that process removes it after they are done."""
+    if variable not in os.environ:
+        os.environ[variable] = folder = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 # One persistent compilation cache for this test session and the training/sampling runs it starts
 # as subprocesses: a restarted run reuses its first run's executables (halves the CLI tests' time).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pixelflow_jax_cache_"))
+session_folder("JAX_COMPILATION_CACHE_DIR", "pixelflow_jax_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Local copies of remote files (T5 folders in a bucket) go to a fresh folder, not the user's ~/.cache.
-os.environ.setdefault("PIXELFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="pixelflow_jax_files_"))
+session_folder("PIXELFLOW_CACHE_DIR", "pixelflow_jax_files_")
 
 # gcsfs probes a TLS control service at every call unless told not to; against the plain-HTTP
 # storage emulator that stalls each call for 60 s. Must be set before gcsfs is imported.
