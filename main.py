@@ -191,8 +191,8 @@ def main(argv):
                         "(the seed of the images is sample.seed)", ", ".join(f"--config.{f}" for f in ignored),
                         FLAGS.mode, "them" if len(ignored) > 1 else "it")
     if ignored := step_overrides_dopri5_ignores(sys.argv, FLAGS.mode, FLAGS.config.sample.solver):
-        logging.warning("%s: the dopri5 solver chooses its own steps (tolerance rtol 1e-3, atol 1e-6) and uses %s only "
-                        "with --config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
+        logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
+                        "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
                         "these" if len(ignored) > 1 else "this")
     if FLAGS.distributed:
         start_distributed()

@@ -96,16 +96,20 @@ def checkpoint_config(source: CheckpointSource) -> CheckpointConfig:
     return release_folder_config(source.folder)
 
 
-def read_checkpoint(source: CheckpointSource, weights: str = "ema",
-                    runtime: dict | None = None) -> tuple[CheckpointConfig, Params]:
-    """(config, parameters) of a resolved checkpoint; `runtime` overrides model settings that are
-    not architecture (dtype, param_dtype, attention)."""
+def check_weights_choice(source: CheckpointSource, weights: str) -> None:
     if weights not in WEIGHT_CHOICES:
         raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     if source.kind == "converted" and weights == "model":  # a conversion kept one set of weights
         from pixelflow_jax.checkpoints.torch_io import ONE_SET_OF_WEIGHTS
 
         raise CheckpointError(f"{source.folder} is a converted folder with one set of weights: {ONE_SET_OF_WEIGHTS}")
+
+
+def read_checkpoint(source: CheckpointSource, weights: str = "ema",
+                    runtime: dict | None = None) -> tuple[CheckpointConfig, Params]:
+    """(config, parameters) of a resolved checkpoint; `runtime` overrides model settings that are
+    not architecture (dtype, param_dtype, attention)."""
+    check_weights_choice(source, weights)
     config, params = checkpoint_config(source), None  # a release folder's config.yaml: checked before model.pt
     if source.kind == "release":
         from pixelflow_jax.checkpoints.convert import torch_to_params
@@ -202,8 +206,10 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
 
 def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointConfig]:
     """The checkpoint a sampling job (sample, demo, inspect) reads, and its config (weights
-    unread): sample.checkpoint or the training run in `workdir`, its text encoder filled in."""
+    unread; an hf:// checkpoint is downloaded whole, though): sample.checkpoint or the training
+    run in `workdir`, its text encoder filled in, sample.weights checked to be there."""
     source = resolve_checkpoint(sampling_checkpoint(config.sample, workdir))
+    check_weights_choice(source, config.sample.weights)
     fill_text_encoder(config.sample, source)
     return source, checkpoint_config(source)
 

@@ -63,6 +63,17 @@ def host_memory_as_main_sets_it():
     host_memory.reuse_freed_buffers_on_cpu()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """With `-n 2 --dist loadgroup` (the README's command) the slow tests, most of which start
+    several training processes, run one after another in one worker: two of them at once on 2
+    cores could stretch the time windows they check (a SIGTERM after step 6, a kill -9 after a
+    checkpoint) and the GPU dry run's step limits."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("slow"))
+
+
 @pytest.fixture(scope="session")
 def golden():
     return {name: dict(np.load(os.path.join(fixture_dir(name), "golden.npz"))) for name in FIXTURE_NAMES}

@@ -242,6 +242,10 @@ def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_
     text_config.sample.update(checkpoint=converted["t2i_tiny"], prompts=[], prompts_file="")
     with pytest.raises(ValueError, match="set exactly one of --config.sample.prompts"):
         sample_run.run(text_config, str(tmp_path / "samples"))
+    text_config.sample.update(prompts=["a red disk"], weights="model")  # before the text encoder is loaded
+    for job in (lambda config: sample_run.run(config, str(tmp_path / "samples")), DemoSampler):
+        with pytest.raises(CheckpointError, match="is a converted folder with one set of weights"):
+            job(text_config)
     assert not os.path.exists(tmp_path / "samples")
 
 

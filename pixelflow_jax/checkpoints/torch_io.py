@@ -197,7 +197,7 @@ def release_folder_config(folder: str) -> CheckpointConfig:
 
 
 def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Mapping[str, int] | None,
-                      path: str, torch_config: str | None) -> CheckpointConfig:
+                   path: str, torch_config: str | None) -> CheckpointConfig:
     """The architecture `params`, with resolution / num_stages / num_train_timesteps from the
     config.yaml (`extras`), else `overrides`, else the release's values."""
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
