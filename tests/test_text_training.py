@@ -577,10 +577,16 @@ def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_to
     assert recorded() == first
 
 
-def test_init_from_across_class_and_text_models_names_the_kinds(converted):
+def test_init_from_across_class_and_text_models_names_the_kinds(converted, monkeypatch):
     from configs import c2i, t2i
+    from pixelflow_jax import api
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.training.train import load_init_from
+
+    def weights_read(*_, **__):
+        raise AssertionError("the weights were read before the kinds were compared")
+
+    monkeypatch.setattr(api, "read_checkpoint", weights_read)
 
     for config_module, checkpoint, kinds in ((c2i, "t2i_tiny", "a text-to-image checkpoint and this config trains a "
                                                                "class-conditional model"),

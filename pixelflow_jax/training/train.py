@@ -180,13 +180,13 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
 def load_init_from(config, model_cfg: ModelConfig):
     """(the model train.init_from names, its CheckpointSource), checked to be this config's
     architecture: for a new run only (a resumed run starts from its own checkpoint)."""
-    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
+    from pixelflow_jax.api import checkpoint_config, check_weights_choice, read_checkpoint, resolve_checkpoint
     from pixelflow_jax.checkpoints.checkpoint import build_model
 
     t = config.train
     source = resolve_checkpoint(t.init_from)
-    ckpt, params = read_checkpoint(source, t.init_from_weights, dict(dtype=model_cfg.dtype,
-                                                                     attention=model_cfg.attention))
+    check_weights_choice(source, t.init_from_weights)
+    ckpt = checkpoint_config(source)  # checked below before the weights are read (an XL restore takes minutes)
     kind = lambda model: "text-to-image" if model.cross_attention_dim else "class-conditional"
     if kind(ckpt.model) != kind(model_cfg):
         raise ValueError(f"--config.train.init_from {t.init_from} is a {kind(ckpt.model)} checkpoint and this config "
@@ -200,6 +200,8 @@ def load_init_from(config, model_cfg: ModelConfig):
         logging.info("train.init_from %s was trained at %d px with %d stages; this run trains at %d px with %d",
                      source.label, ckpt.resolution, ckpt.num_stages, config.data.resolution,
                      config.scheduler.num_stages)
+    ckpt, params = read_checkpoint(source, t.init_from_weights, dict(dtype=model_cfg.dtype,
+                                                                     attention=model_cfg.attention))
     logging.info("a new run initialised from the %s weights of %s", t.init_from_weights, source.label)
     return build_model(ckpt, params), source
 
