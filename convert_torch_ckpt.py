@@ -111,7 +111,8 @@ def torch_to_jax() -> str:
 
     path = FLAGS.torch_checkpoint
     if hub.is_hub_path(path):
-        path, _ = hub.checkpoint_folder(path)
+        path, pinned = hub.checkpoint_folder(path)
+        hub.download_weights(pinned)
     config, state_dict = read_release_checkpoint(path, torch_config=FLAGS.torch_config,
                                                  weights=FLAGS.weights, attention_head_dim=FLAGS.attention_head_dim,
                                                  overrides=overrides)
@@ -123,16 +124,12 @@ def torch_to_jax() -> str:
 
 
 def jax_to_torch() -> str:
-    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
-    from pixelflow_jax.checkpoints.checkpoint import read_config
+    from pixelflow_jax.api import checkpoint_config, read_checkpoint, resolve_checkpoint
     from pixelflow_jax.checkpoints.convert import check_exportable, params_to_torch
-    from pixelflow_jax.checkpoints.run_checkpoint import run_checkpoint_config
     from pixelflow_jax.checkpoints.torch_io import write_release_checkpoint
 
     source = resolve_checkpoint(FLAGS.jax_checkpoint)
-    if source.run_step or source.kind == "converted":  # refused before gigabytes of weights are read
-        check_exportable((run_checkpoint_config(source.run_step.run) if source.run_step
-                          else read_config(source.folder)).model)
+    check_exportable(checkpoint_config(source).model)  # refused before gigabytes of weights are read
     config, params = read_checkpoint(source, FLAGS.weights)
     state_dict = params_to_torch(params, config.model)
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)

@@ -110,6 +110,8 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     """(config, parameters) of a resolved checkpoint; `runtime` overrides model settings that are
     not architecture (dtype, param_dtype, attention)."""
     check_weights_choice(source, weights)
+    if hub.is_hub_path(source.label):  # resolve_checkpoint fetched its config only
+        hub.download_weights(source.label)
     config, params = checkpoint_config(source), None  # a release folder's config.yaml: checked before model.pt
     if source.kind == "release":
         from pixelflow_jax.checkpoints.convert import torch_to_params
@@ -206,8 +208,8 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
 
 def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointConfig]:
     """The checkpoint a sampling job (sample, demo, inspect) reads, and its config (weights
-    unread; an hf:// checkpoint is downloaded whole, though): sample.checkpoint or the training
-    run in `workdir`, its text encoder filled in, sample.weights checked to be there."""
+    unread; for an hf:// checkpoint not yet downloaded): sample.checkpoint or the training run in
+    `workdir`, its text encoder filled in, sample.weights checked to be there."""
     source = resolve_checkpoint(sampling_checkpoint(config.sample, workdir))
     check_weights_choice(source, config.sample.weights)
     fill_text_encoder(config.sample, source)

@@ -84,6 +84,15 @@ call = lambda m: np.asarray(m(x, np.array([500.0, 20.0], np.float32), class_labe
 results["same_forward"] = bool(np.array_equal(call(hub_model), call(local_model))) and hub_config == local_config
 results["pinned_revision"] = load_model("hf://pixelflow-test/checkpoints@%s/c2i_tiny")[1] == local_config
 results["file_means_folder"] = load_model("hf://pixelflow-test/checkpoints/c2i_tiny/model.pt")[1] == local_config
+# The config comes before the weights: a job checks it first (here the weights are in no cache).
+from pixelflow_jax import api
+config_only = api.resolve_checkpoint("hf://pixelflow-test/checkpoints/c2i_tiny_config_only")
+results["config_before_weights"] = api.checkpoint_config(config_only) == local_config
+try:
+    api.read_checkpoint(config_only)
+    results["weights_missing"] = "loaded"
+except CheckpointError as e:
+    results["weights_missing"] = str(e)
 prompts = ["a cat on the moon", "Zebra!"]
 hub_t5, local_t5 = PromptEncoder("hf://pixelflow-test/t5-tiny"), PromptEncoder(t5_local)
 results["same_embeddings"] = bool(np.array_equal(np.asarray(hub_t5.encode(prompts)[0]),
@@ -109,6 +118,8 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
     release = fixture_dir("c2i_tiny")
     put_in_hub_cache(home, "pixelflow-test/checkpoints",
                      {f"c2i_tiny/{name}": os.path.join(release, name) for name in ("config.yaml", "model.pt")})
+    put_in_hub_cache(home, "pixelflow-test/checkpoints",
+                     {"c2i_tiny_config_only/config.yaml": os.path.join(release, "config.yaml")})
     t5 = str(tmp_path / "t5")
     write_tiny_t5_folder(t5)
     put_in_hub_cache(home, "pixelflow-test/t5-tiny", split_t5_into_shards(t5, str(tmp_path / "t5_sharded")))
@@ -120,6 +131,7 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.split("RESULTS ", 1)[1])
     assert results["same_forward"] and results["pinned_revision"] and results["file_means_folder"]
+    assert results["config_before_weights"] and "without model.pt" in results["weights_missing"]
     assert results["same_embeddings"]  # read without the decoder-only shard, which is not in the cache
     assert "hf://pixelflow-test/not-cached" in results["missing_repo"]
     assert "HF_HUB_OFFLINE is set" in results["missing_repo"]

@@ -18,8 +18,11 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 PREFIX = "hf://"
 _HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revision>[\w.-]+))?(?:/(?P<subfolder>.+))?")
 
-# A PixelFlow folder: the release's (config.yaml + model.pt) or a converted one.
-CHECKPOINT_PATTERNS = ("config.yaml", "model.pt", "pixelflow_config.json", "params/**")
+# A PixelFlow folder: the release's (config.yaml + model.pt) or a converted one. Its config comes
+# first, so that a job can check it before the weights (gigabytes) are downloaded.
+CONFIG_PATTERNS = ("config.yaml", "pixelflow_config.json")
+WEIGHT_PATTERNS = ("model.pt", "params/**")
+CHECKPOINT_PATTERNS = CONFIG_PATTERNS + WEIGHT_PATTERNS
 # Files a path copied from the Hub's web page may end in; the checkpoint is the folder holding them.
 CHECKPOINT_FILES = ("config.yaml", "model.pt", "pixelflow_config.json")
 
@@ -93,18 +96,28 @@ def _folder(snapshot: str, hub: HubPath, patterns) -> str:
 
 
 def checkpoint_folder(path: str) -> tuple[str, str]:
-    """(local folder, the Hub path pinned to the commit it holds) of a PixelFlow checkpoint on the Hub.
-    A path to one of its files (.../model.pt) means the folder, as a local path does."""
+    """(local folder, the Hub path pinned to the commit it holds) of a PixelFlow checkpoint on the
+    Hub, with its config; download_weights(pinned path) adds the weights. A path to one of its
+    files (.../model.pt) means the folder, as a local path does."""
     hub = HubPath.parse(path)
     parent, _, name = hub.subfolder.rpartition("/")
     if name in CHECKPOINT_FILES:
         hub = dataclasses.replace(hub, subfolder=parent)
-    snapshot = _download(hub, CHECKPOINT_PATTERNS)
+    snapshot = _download(hub, CONFIG_PATTERNS)
+    has_config = lambda folder: any(os.path.exists(os.path.join(folder, n)) for n in CONFIG_PATTERNS)
+    if not has_config(os.path.join(snapshot, hub.subfolder)):  # a model.pt alone says what is missing
+        snapshot = _download(hub, CHECKPOINT_PATTERNS)
     folder = _folder(snapshot, hub, CHECKPOINT_PATTERNS)
-    if not any(os.path.exists(os.path.join(folder, name)) for name in ("model.pt", "pixelflow_config.json")):
+    if not has_config(folder) and not os.path.exists(os.path.join(folder, "model.pt")):
         raise CheckpointError(f"{hub} holds no PixelFlow checkpoint: expected config.yaml + model.pt (a release "
                               "folder) or pixelflow_config.json + params/ (a converted one)")
     return folder, hub.pinned(os.path.basename(os.path.normpath(snapshot)))
+
+
+def download_weights(pinned_path: str) -> None:
+    """Adds the weights to the folder checkpoint_folder gave for this pinned path (same commit)."""
+    hub = HubPath.parse(pinned_path)
+    _folder(_download(hub, CHECKPOINT_PATTERNS), hub, CHECKPOINT_PATTERNS)
 
 
 def t5_folder(path: str) -> str:
