@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, fixture_dir
+from pixelflow_jax import load_model
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.hub import HubPath
 from test_t5 import write_tiny_t5_folder
@@ -131,7 +132,10 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.split("RESULTS ", 1)[1])
     assert results["same_forward"] and results["pinned_revision"] and results["file_means_folder"]
-    assert results["config_before_weights"] and "without model.pt" in results["weights_missing"]
+    assert results["config_before_weights"]
+    assert results["weights_missing"].startswith(f"hf://pixelflow-test/checkpoints@{COMMIT}/c2i_tiny_config_only: "
+                                                 "its weights (model.pt or params/) are not in the Hub cache and "
+                                                 "HF_HUB_OFFLINE is set")
     assert results["same_embeddings"]  # read without the decoder-only shard, which is not in the cache
     assert "hf://pixelflow-test/not-cached" in results["missing_repo"]
     assert "HF_HUB_OFFLINE is set" in results["missing_repo"]
@@ -139,3 +143,34 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
     assert "looked for config.json" in results["t5_subfolder"] and "model.pt" not in results["t5_subfolder"]
     assert not os.path.exists(os.path.join(home, "hub", "models--pixelflow-test--t5-tiny", "snapshots", COMMIT,
                                            "model-00002-of-00002.safetensors"))
+
+
+def test_a_hub_checkpoint_is_fetched_config_first_then_weights_at_the_same_commit(tmp_path, monkeypatch):
+    """The config alone comes with resolve_checkpoint (a job checks it before gigabytes of weights
+    arrive); read_checkpoint fetches the weights at the commit the config came from, even if the
+    branch has moved since."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from pixelflow_jax import api
+
+    release, snapshot, requests = fixture_dir("c2i_tiny"), tmp_path / "snapshots" / COMMIT, []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        requests.append((repo_id, revision, tuple(allow_patterns)))
+        for name in os.listdir(release):
+            if any(fnmatch.fnmatch(f"c2i/{name}", pattern) for pattern in allow_patterns):
+                os.makedirs(snapshot / "c2i", exist_ok=True)
+                shutil.copy(os.path.join(release, name), snapshot / "c2i" / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = api.resolve_checkpoint("hf://me/pixelflow@main/c2i")
+    assert requests == [("me/pixelflow", "main", ("c2i/config.yaml", "c2i/pixelflow_config.json"))]
+    assert not (snapshot / "c2i" / "model.pt").exists() and source.label == f"hf://me/pixelflow@{COMMIT}/c2i"
+    assert api.checkpoint_config(source).model.num_classes == 1000
+    config, _ = api.read_checkpoint(source)
+    assert requests[1] == ("me/pixelflow", COMMIT, ("c2i/config.yaml", "c2i/pixelflow_config.json", "c2i/model.pt",
+                                                    "c2i/params/**"))
+    assert config == load_model(release)[1]

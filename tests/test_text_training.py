@@ -596,3 +596,19 @@ def test_init_from_across_class_and_text_models_names_the_kinds(converted, monke
         config.train.init_from = converted[checkpoint]
         with pytest.raises(ValueError, match=kinds):
             load_init_from(config, ModelConfig(**config.model.to_dict()))
+
+
+def test_a_fine_tune_missing_its_text_encoder_is_refused_before_the_weights_are_read(converted, tmp_path,
+                                                                                    monkeypatch):
+    from configs import t2i
+    from pixelflow_jax import api
+    from pixelflow_jax.training import train
+
+    def weights_read(*_, **__):
+        raise AssertionError("the weights were read before the text encoder was checked")
+
+    monkeypatch.setattr(api, "read_checkpoint", weights_read)
+    config = t2i.get_config("tiny")
+    config.train.update(init_from=converted["t2i_tiny"], batch_size=32)
+    with pytest.raises(ValueError, match="does not record its text encoder: set --config.train.text_encoder"):
+        train.train(config, str(tmp_path / "tune"))

@@ -117,7 +117,13 @@ def checkpoint_folder(path: str) -> tuple[str, str]:
 def download_weights(pinned_path: str) -> None:
     """Adds the weights to the folder checkpoint_folder gave for this pinned path (same commit)."""
     hub = HubPath.parse(pinned_path)
-    _folder(_download(hub, CHECKPOINT_PATTERNS), hub, CHECKPOINT_PATTERNS)
+    folder = _folder(_download(hub, CHECKPOINT_PATTERNS), hub, CHECKPOINT_PATTERNS)
+    if not any(os.path.exists(os.path.join(folder, name)) for name in ("model.pt", "params")):
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        raise CheckpointError(f"{hub}: its weights (model.pt or params/) are not " + (
+            "in the Hub cache and HF_HUB_OFFLINE is set: unset it and run once with network access" if offline
+            else "in the repository: a release folder holds config.yaml + model.pt, a converted one "
+                 "pixelflow_config.json + params/"))
 
 
 def t5_folder(path: str) -> str:

@@ -177,16 +177,16 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
                       grad_accum_steps=accum)
 
 
-def load_init_from(config, model_cfg: ModelConfig):
-    """(the model train.init_from names, its CheckpointSource), checked to be this config's
-    architecture: for a new run only (a resumed run starts from its own checkpoint)."""
-    from pixelflow_jax.api import checkpoint_config, check_weights_choice, read_checkpoint, resolve_checkpoint
-    from pixelflow_jax.checkpoints.checkpoint import build_model
+def check_init_from(config, model_cfg: ModelConfig):
+    """The CheckpointSource train.init_from names, checked to be this config's kind and
+    architecture from its config alone (the weights of an XL run take minutes to restore): for a
+    new run only (a resumed run starts from its own checkpoint)."""
+    from pixelflow_jax.api import checkpoint_config, check_weights_choice, resolve_checkpoint
 
     t = config.train
     source = resolve_checkpoint(t.init_from)
     check_weights_choice(source, t.init_from_weights)
-    ckpt = checkpoint_config(source)  # checked below before the weights are read (an XL restore takes minutes)
+    ckpt = checkpoint_config(source)
     kind = lambda model: "text-to-image" if model.cross_attention_dim else "class-conditional"
     if kind(ckpt.model) != kind(model_cfg):
         raise ValueError(f"--config.train.init_from {t.init_from} is a {kind(ckpt.model)} checkpoint and this config "
@@ -200,6 +200,17 @@ def load_init_from(config, model_cfg: ModelConfig):
         logging.info("train.init_from %s was trained at %d px with %d stages; this run trains at %d px with %d",
                      source.label, ckpt.resolution, ckpt.num_stages, config.data.resolution,
                      config.scheduler.num_stages)
+    return source
+
+
+def load_init_from(config, model_cfg: ModelConfig, source=None):
+    """(the model train.init_from names, its CheckpointSource): check_init_from's source (made
+    here if not given), its weights read."""
+    from pixelflow_jax.api import read_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import build_model
+
+    t = config.train
+    source = source or check_init_from(config, model_cfg)
     ckpt, params = read_checkpoint(source, t.init_from_weights, dict(dtype=model_cfg.dtype,
                                                                      attention=model_cfg.attention))
     logging.info("a new run initialised from the %s weights of %s", t.init_from_weights, source.label)
@@ -327,20 +338,21 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
     check_resume(workdir, config, done, len(source), record=False)  # refused now, not after a restore
-    init_model = init_source = None
+    init_source = None
     if config.train.init_from:
         if done:  # the same command reruns after a preemption: its init_from is no longer read
             logging.info("%s resumes from its step %d; train.init_from starts new runs only and is not read",
                          workdir, done)
         else:
-            init_model, init_source = load_init_from(config, model_cfg)
+            init_source = check_init_from(config, model_cfg)
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
 
-        train_text.fill_encoder_of_runs(config, workdir, init_source)
+        train_text.fill_encoder_of_runs(config, workdir, init_source)  # its checks, before the init weights load
         text_encoder = train_text.load(config, workdir, model_cfg, mesh)
         frozen = (text_encoder.params,)
+    init_model = load_init_from(config, model_cfg, init_source)[0] if init_source else None
     check_run_config(workdir, model_cfg, config, text_encoder and text_encoder.record())
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
