@@ -97,7 +97,13 @@ def test_overrides_a_sampling_job_cannot_honour_are_named():
     assert main.overrides_without_effect(argv, "train") == []
 
 
-def test_euler_step_overrides_given_with_dopri5_are_named():
+def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
+                             "--mode=sample", f"--config.sample.checkpoint={tmp_path / 'missing'}",
+                             "--config.sample.solver=dopri5", "--config.sample.shift=2"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1 and "does not exist" in result.stderr  # the warning comes before any work
+    assert "--config.sample.shift: the dopri5 solver chooses its own steps" in result.stderr, result.stderr
     sys.path.insert(0, REPO)
     import main
 
