@@ -17,7 +17,9 @@
         --config.sample.prompts='("a red fox in the snow", "a lighthouse at dusk")'
 
 The architecture, number of stages and resolution come from the checkpoint. Everything in
-configs/c2i.py applies; the text-specific values are under `sample` below.
+configs/c2i.py applies except the class-only `train.label_dropout` and the TFDS fields
+(`data.tfds_name`, `tfds_data_dir`, `split`), which are removed here; the text-specific values are
+under `sample`, `train` and `data` below.
 """
 
 import ml_collections
