@@ -50,7 +50,8 @@ def test_round_trip_reproduces_every_tensor(converted, tmp_path, name):
 
 def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
     output = tmp_path / "out"
-    weights = os.path.join(fixture_dir("c2i_tiny"), "model.pt")
+    weights = tmp_path / "model.pt"  # no config.yaml beside it
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), weights)
     result = run_converter(f"--torch_checkpoint={weights}", f"--output={output}")
     assert_failed_cleanly(result, str(output), "--attention_head_dim")
     result = run_converter(f"--torch_checkpoint={weights}", "--attention_head_dim=16", "--resolution=64",
@@ -59,6 +60,17 @@ def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
     model, config = load_model(str(output))
     assert config.model.num_attention_heads == 2 and config.model.depth == 2 and config.resolution == 64
     assert relative_error(forward(model, golden["c2i_tiny"], 3), golden["c2i_tiny"]["fwd_3_out"]) <= PARITY_RTOL
+
+
+def test_a_release_folders_model_pt_named_alone_is_described_by_the_folders_config_yaml(tmp_path):
+    """main.py reads FOLDER/model.pt as the folder; the converter recorded 256 px instead of the
+    config.yaml's 64 (or asked for --attention_head_dim), silently."""
+    output = tmp_path / "out"
+    result = run_converter(f"--torch_checkpoint={os.path.join(fixture_dir('c2i_tiny'), 'model.pt')}",
+                           f"--output={output}")
+    assert result.returncode == 0, result.stderr
+    _, config = load_model(str(output))
+    assert config.resolution == 64 and config.model.attention_head_dim == 16
 
 
 def test_text_to_image_folder_without_config_yaml(tmp_path, golden):
