@@ -376,6 +376,13 @@ def remove_temporaries(folder: str) -> int:
     return len(stale)
 
 
+def clear_leftovers_of_killed_writers(*folders: str) -> None:
+    """remove_temporaries on each folder a job is about to own, saying where files went."""
+    for folder in folders:
+        if remove_temporaries(folder):
+            logging.info("removed the temporary files of an interrupted run from %s", folder)
+
+
 @contextlib.contextmanager
 def writing(path: str, fix: str) -> Iterator[None]:
     """An OSError of the writes inside as one StorageError naming `path`, the cause and `fix`."""

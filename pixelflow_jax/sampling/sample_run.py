@@ -161,9 +161,7 @@ def run(config, workdir: str) -> None:
                     num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
     check_settings(folder, workdir, settings)
     if jax.process_index() == 0:  # before any process writes here
-        for place in (folder, workdir):
-            if storage.remove_temporaries(place):
-                logging.info("removed the temporary files of an interrupted run from %s", place)
+        storage.clear_leftovers_of_killed_writers(folder, workdir)
     multihost_utils.sync_global_devices("sample settings checked")
 
     for _ in range(MAX_PASSES):

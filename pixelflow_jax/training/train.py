@@ -321,9 +321,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
     if jax.process_index() == 0:  # the workdir is ours now: what killed writers of a run left goes
-        for place in (workdir, storage.join(workdir, PREVIEWS)):
-            if storage.remove_temporaries(place):
-                logging.info("removed the temporary files of an interrupted run from %s", place)
+        storage.clear_leftovers_of_killed_writers(workdir, storage.join(workdir, PREVIEWS))
         if unfinished := remove_unfinished_saves(workdir):
             logging.info("removed the partial checkpoints of saves killed midway: steps %s", unfinished)
     multihost_utils.sync_global_devices("leftovers of killed runs removed")  # before anyone lists checkpoints
