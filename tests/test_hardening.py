@@ -1108,3 +1108,19 @@ def test_a_file_where_a_folder_goes_a_positional_mode_and_a_mistyped_demo_workdi
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}",
                              "sample"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "(a mode is a flag: --mode=sample)" in result.stderr
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_that_appears_while_a_job_writes_is_left_as_it_is(tmp_path, overwrite):
+    """The swap replaced whatever stood at the output by then: a folder a person made during a long
+    export (files lost without --overwrite), or a second conversion's output."""
+    from pixelflow_jax.checkpoints.checkpoint import atomic_output_dir
+
+    output = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="appeared while this job was writing"):
+        with atomic_output_dir(str(output), overwrite=overwrite) as tmp:
+            with open(os.path.join(tmp, "model.pt"), "wb") as f:
+                f.write(b"new")
+            output.mkdir()
+            (output / "notes.txt").write_text("precious")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(output) == ["notes.txt"]

@@ -86,7 +86,8 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     parent, base = os.path.dirname(path), os.path.basename(path)
     os.makedirs(parent, exist_ok=True)
     _clean_up_after_killed_runs(parent, base, path)
-    if os.path.exists(path) and not overwrite:
+    existed = os.path.exists(path)
+    if existed and not overwrite:
         raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{storage.writer_tag()}-", dir=parent)
     umask = os.umask(0)
@@ -94,6 +95,10 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
     try:
         yield tmp
+        if os.path.exists(path) and not existed:  # --overwrite was judged on what was there at the start
+            raise CheckpointError(f"output {path} appeared while this job was writing (another job, or a person, "
+                                  "made it); it is left as it is: choose another path, or rerun with --overwrite "
+                                  "if it may be replaced")
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{base}.old-{storage.writer_tag()}-", dir=parent)
             os.rename(path, os.path.join(old, "previous"))
