@@ -307,10 +307,12 @@ def write_streamed_atomically(path: str, write: Callable[[BinaryIO], Any]) -> No
         upload_file_atomically(local.name, path)
 
 
-def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporary_prefix: str = "") -> None:
+def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporary_prefix: str = "",
+                            publish: Callable[[str, str], None] = os.replace) -> None:
     """Writes a local file through write(f) into a temporary beside it, then renames it into place
-    (readable as umask allows). The temporary is `.NAME.tmp-HOST-PID-*`, which remove_temporaries
-    clears after a kill, unless `temporary_prefix` names another."""
+    (readable as umask allows; `publish=os.link` refuses an existing file instead). The temporary
+    is `.NAME.tmp-HOST-PID-*`, which remove_temporaries clears after a kill, unless
+    `temporary_prefix` names another."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     prefix = temporary_prefix or f".{os.path.basename(path)}.tmp-{writer_tag()}-"
@@ -319,11 +321,10 @@ def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], tempora
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
+        publish(tmp, path)
+    finally:  # gone after os.replace; after os.link (or a failure) a second name to remove
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
 
 
 # A local temporary names its writer, `HOST-PID` (earlier versions: `PID`), then a random part
@@ -396,6 +397,23 @@ def writing(path: str, fix: str) -> Iterator[None]:
 
 def write_json_atomically(path: str, value: Any) -> None:
     write_atomically(path, json.dumps(value, indent=2))
+
+
+def create_json(path: str, value: Any) -> bool:
+    """write_json_atomically where `path` does not exist yet: False, and nothing written, when
+    another writer got there first. Locally the test and the write are one step (a hard link
+    refuses an existing name); on an object store the check comes first, so a race remains."""
+    if is_url(path):
+        if exists(path):
+            return False
+        write_json_atomically(path, value)
+        return True
+    data = json.dumps(value, indent=2).encode("utf-8")
+    try:
+        _write_local_atomically(path, lambda f: f.write(data), publish=os.link)
+    except FileExistsError:
+        return False
+    return True
 
 
 def upload_file_atomically(local_file: str, path: str) -> None:

@@ -813,6 +813,7 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     samples = str(tmp_path / "samples")
     os.makedirs(samples)
     check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
+    open(os.path.join(samples, "000000.png"), "wb").close()  # a first image
 
     config = read_config(copy)
     params = restore_params(copy, config)
@@ -867,7 +868,11 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
     dopri5 = {"solver": "dopri5", "shift": 1.0, "steps_per_stage": [10, 10, 10, 10], "seed": 0}
     check_settings(str(samples), str(tmp_path), dopri5)
     check_settings(str(samples), str(tmp_path), {**dopri5, "shift": 3.0, "steps_per_stage": [2, 2, 2, 2]})  # unused
-    with pytest.raises(ValueError, match=r"differing: \['seed'\]"):
+    with pytest.raises(ValueError, match=r"differing: \['seed'\]\) of a job that has sampled no image yet .*if no "
+                                         r"job samples into .*samples, delete .*settings.json and rerun"):
+        check_settings(str(samples), str(tmp_path), {**dopri5, "seed": 1})  # one killed before its first image
+    (samples / "000000.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['seed'\]"):
         check_settings(str(samples), str(tmp_path), {**dopri5, "seed": 1})
     (samples / "settings.json").write_text('{"solver": "dopri5", ')  # a disk that filled up
     with pytest.raises(ValueError, match=r"samples/settings.json is damaged \(JSONDecodeError: .*use a new --workdir"):
@@ -1124,3 +1129,24 @@ def test_an_output_that_appears_while_a_job_writes_is_left_as_it_is(tmp_path, ov
             output.mkdir()
             (output / "notes.txt").write_text("precious")
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(output) == ["notes.txt"]
+
+
+def test_two_sample_jobs_starting_together_in_one_folder_cannot_both_record_their_settings(tmp_path, monkeypatch):
+    """Both saw no settings.json and both wrote one (the last rename won): two seeds, one folder."""
+    from pixelflow_jax.sampling import sample_run
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    real_exists = storage.exists
+
+    def other_job_writes_first(path):  # the other job records its settings between the check and the write
+        found = real_exists(path)
+        if path.endswith("settings.json") and not found:
+            (samples / "settings.json").write_text(json.dumps({"seed": 0}))
+        return found
+
+    monkeypatch.setattr(storage, "exists", other_job_writes_first)
+    with pytest.raises(ValueError, match=r"differing: \['seed'\]"):
+        sample_run.check_settings(str(samples), str(tmp_path), {"seed": 1})
+    assert json.loads((samples / "settings.json").read_text()) == {"seed": 0}
+    assert os.listdir(samples) == ["settings.json"]  # no temporary left

@@ -80,30 +80,22 @@ SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "p
 def check_settings(folder: str, workdir: str, settings: dict) -> None:
     """Records the settings on the first run; a rerun with different settings would mix images,
     and so would images already there that no settings describe. A samples.npz that no settings
-    describe (its PNGs and settings.json deleted to save space) is not overwritten either."""
+    describe (its PNGs and settings.json deleted to save space) is not overwritten either. Two jobs
+    starting together in one new folder: one records its settings, the other is checked against them."""
     path = storage.join(folder, "settings.json")
     if storage.exists(path):
-        try:
-            previous = storage.read_json(path)
-            if not isinstance(previous, dict):
-                raise ValueError(f"a JSON {type(previous).__name__}, not an object")
-        except ValueError as e:
-            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}), so the images beside it cannot be "
-                             "trusted to be this job's: use a new --workdir, or move the samples folder away") from None
-        settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
-        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-        if previous.get("checkpoint_fingerprint") and previous.get("checkpoint_fingerprint") == settings.get(
-                "checkpoint_fingerprint"):  # the same weights at another path: a copy, a link, a moved folder
-            changed = [k for k in changed if k != "checkpoint"]
-        if settings.get("solver") == "dopri5":  # its adaptive steps use neither
-            changed = [k for k in changed if k not in ("shift", "steps_per_stage")]
-        if changed:
-            weights = "; they are of other weights (a run that trained on since?): sample those into a new " \
-                      f"--workdir with --config.sample.checkpoint={settings['checkpoint']}" if (
-                          "checkpoint_fingerprint" in changed) else ""
-            raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}){weights}; "
-                             "use a new --workdir, or rerun with the settings in settings.json")
-        return
+        changed = changed_settings(path, settings)
+        if not changed:
+            return
+        if nothing_sampled(folder, workdir):  # not replaced here: it may be a job that is still starting
+            raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
+                             "image yet (it stopped before its first, or is still starting): if no job samples "
+                             f"into {folder}, delete {path} and rerun; or use a new --workdir")
+        weights = "; they are of other weights (a run that trained on since?): sample those into a new " \
+                  f"--workdir with --config.sample.checkpoint={settings['checkpoint']}" if (
+                      "checkpoint_fingerprint" in changed) else ""
+        raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}){weights}; "
+                         "use a new --workdir, or rerun with the settings in settings.json")
     images = sorted(name for name in images_on_disk(folder) if IMAGE_NAME.fullmatch(name))
     if images:
         raise ValueError(f"{folder} holds {len(images)} images (e.g. {images[0]}) but no settings.json saying what "
@@ -112,8 +104,33 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
     if earlier:
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
-    if jax.process_index() == 0:
-        storage.write_json_atomically(path, settings)
+    if jax.process_index() == 0 and not storage.create_json(path, settings):  # another job's came first
+        check_settings(folder, workdir, settings)
+
+
+def changed_settings(path: str, settings: dict) -> list[str]:
+    """The names of the settings that differ from those recorded at `path`, ignoring what cannot
+    change the images."""
+    try:
+        previous = storage.read_json(path)
+        if not isinstance(previous, dict):
+            raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}), so the images beside it cannot be "
+                         "trusted to be this job's: use a new --workdir, or move the samples folder away") from None
+    settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
+    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    if previous.get("checkpoint_fingerprint") and previous.get("checkpoint_fingerprint") == settings.get(
+            "checkpoint_fingerprint"):  # the same weights at another path: a copy, a link, a moved folder
+        changed = [k for k in changed if k != "checkpoint"]
+    if settings.get("solver") == "dopri5":  # its adaptive steps use neither
+        changed = [k for k in changed if k not in ("shift", "steps_per_stage")]
+    return changed
+
+
+def nothing_sampled(folder: str, workdir: str) -> bool:
+    return not any(IMAGE_NAME.fullmatch(name) for name in images_on_disk(folder)) and not any(
+        storage.exists(storage.join(workdir, name)) for name in (SAMPLES_NPZ, "eval.json"))
 
 
 def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
