@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from conftest import REPO, fixture_dir, free_port, run_converter
@@ -131,6 +132,20 @@ def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anyt
     with pytest.raises(DataError, match="image folder .*nowhere does not exist"):
         train.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # no run_config.json, checkpoints/ or lock: not even the folder it made
+
+
+@pytest.mark.parametrize("workdir", [".", "run"])
+def test_a_workdir_inside_the_image_folder_is_refused_before_it_becomes_training_data(tmp_path, workdir):
+    """It trained once; its checkpoints/ then read as a class, and every resume was refused."""
+    from pixelflow_jax.training import train
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    config = c2i_config(**{"data.source": "folder", "data.root": str(tmp_path), "train.batch_size": 32})
+    with pytest.raises(ValueError, match=r"--workdir .* is inside the training images \(--config.data.root="):
+        train.train(config, str(tmp_path / workdir))
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -297,11 +297,25 @@ def check_writable_on_every_process(workdir: str) -> None:
                                    f"{workdir} (its log says why); every process of the job needs access")
 
 
+def check_outside_the_image_folder(config, workdir: str) -> None:
+    """An image folder is read whole: a workdir in it would become training data (its checkpoints/
+    and previews/ read as classes, or as images without captions), and the resume would then find
+    the dataset changed and refuse it for good."""
+    root = config.data.root if config.data.source == "folder" else ""
+    if not root:
+        return
+    root, run = storage.resolved(root), storage.resolved(workdir)
+    if run == root or run.startswith(root.rstrip("/") + "/"):
+        raise ValueError(f"--workdir {workdir} is inside the training images (--config.data.root={config.data.root}): "
+                         "the run's own files would be read as images; choose a workdir outside that folder")
+
+
 def train(config, workdir: str) -> dict:
     """Trains to config.train.num_steps (resuming if the workdir has checkpoints); returns the last metrics."""
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
+    check_outside_the_image_folder(config, workdir)
     made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
     check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
     lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
