@@ -1044,8 +1044,15 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
     class PreemptedAtStep2:
         cause, interrupted = "preempted (SIGTERM)", False
 
+        def __init__(self):
+            self.step = 0
+
         def reached(self, step):
-            return step == 2
+            self.step = step
+            return step == 2 and not signal_during_the_step
+
+        def requested_alone(self):  # a signal that came after reached(2) had answered False
+            return self.step == 2 and signal_during_the_step
 
         def close(self):
             pass
@@ -1053,10 +1060,15 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
     monkeypatch.setattr(train, "PreemptionWatch", PreemptedAtStep2)
     config = c2i_config()
     config.train.update(num_steps=4, batch_size=32, log_every=1, checkpoint_every=1, preview_every=1)
-    with pytest.raises(train.TrainingPreempted, match="saved step 2"):
-        train.train(config, str(tmp_path))
-    assert events == [("save", 1), ("preview", 1), ("save", 2)]  # no preview at the preempted step
-    assert train.complete_steps(str(tmp_path)) == [1, 2]
+    for signal_during_the_step in (False, True):
+        events.clear()
+        workdir = tmp_path / str(signal_during_the_step)
+        with pytest.raises(train.TrainingPreempted, match="saved step 2"):
+            train.train(config, str(workdir))
+        saved = [1, 2] if config.train.checkpoint_every == 1 else [2]
+        assert events == [("save", 1), ("preview", 1), ("save", 2)][2 - len(saved):]  # no preview at step 2
+        assert train.complete_steps(str(workdir)) == saved
+        config.train.checkpoint_every = 3  # the signalled step saves although no save was due
 
 
 def test_a_log_write_that_fails_is_one_error_and_the_lock_release_never_hides_it(tmp_path, monkeypatch, caplog):

@@ -52,6 +52,12 @@ class PreemptionWatch:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
+    def requested_alone(self) -> bool:
+        """Whether a single process has been asked to stop, even after reached() answered for this
+        step (the signal came while the step ran): a preview due next would delay the stop. With
+        several processes False: only the sync point may decide, so that all stop at one step."""
+        return not self.distributed and self.requested
+
     def close(self) -> None:
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)

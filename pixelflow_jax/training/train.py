@@ -434,6 +434,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 if peak:
                     record["mfu"] = images_per_s * flops / (peak * jax.device_count())
                 check_saves(manager)  # a background save that failed stops the run now, not a save later
+            if preview_due and not preempted and preemption.requested_alone():  # signalled while the step ran
+                preempted = save_due = True
             if save_due:  # before the preview: a preview can outlast a preemption's grace period
                 lock.check_held()  # on every process: a run whose lock was taken over saves nothing more
                 save(manager, step, state)
