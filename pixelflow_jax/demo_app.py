@@ -12,6 +12,7 @@ config.demo.share_on_network.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import numbers
 import os
@@ -47,9 +48,10 @@ TEMPORARY_OUTPUTS = re.compile(r"pixelflow_demo_(\d+)_.*")
 
 
 def demo_output_dir(workdir: str) -> str:
-    """WORKDIR/demo_outputs, emptied at each start (the page serves files from a local folder; a
-    bucket workdir gets a temporary folder removed at exit, and those of pages that were killed
-    are removed at the next start)."""
+    """This page's folder in WORKDIR/demo_outputs (the page serves files from a local folder); the
+    folders of earlier pages are removed, those of pages still serving are kept. A bucket workdir
+    gets a temporary folder removed at exit, and those of pages that were killed are removed at the
+    next start."""
     if not workdir or storage.is_url(workdir):
         for entry in os.scandir(tempfile.gettempdir()):
             match = TEMPORARY_OUTPUTS.fullmatch(entry.name)
@@ -58,10 +60,31 @@ def demo_output_dir(workdir: str) -> str:
         folder = tempfile.mkdtemp(prefix=f"pixelflow_demo_{os.getpid()}_")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
-    folder = os.path.join(workdir, "demo_outputs")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
+    outputs = check_demo_outputs(workdir)
+    os.makedirs(outputs, exist_ok=True)
+    for entry in os.scandir(outputs):
+        match = PAGE_OUTPUTS.fullmatch(entry.name)
+        if match and not storage.writer_gone(match, entry.path):  # a page that still serves
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
+    folder = tempfile.mkdtemp(prefix=f"page-{storage.writer_tag()}-", dir=outputs)
+    os.chmod(folder, 0o777 & ~storage.umask())  # mkdtemp's 0700 would hide the images from other users
     return folder
+
+
+PAGE_OUTPUTS = re.compile(rf"page-{storage.WRITER}")
+
+
+def check_demo_outputs(workdir: str) -> str:
+    """WORKDIR/demo_outputs, refused when it is a link or a file: a start removes what is there
+    besides the folders of pages still serving."""
+    outputs = os.path.join(workdir, "demo_outputs")
+    if os.path.islink(outputs) or (os.path.exists(outputs) and not os.path.isdir(outputs)):
+        kind = "a link" if os.path.islink(outputs) else "a file"
+        raise ValueError(f"{outputs} is {kind}, where the page keeps its images (and removes those of earlier "
+                         "pages): move it away, or use another --workdir")
+    return outputs
 
 
 # Requests whose PNGs stay on disk: a page open for days must not fill the disk (1024 px images
@@ -223,6 +246,7 @@ def run(config, workdir: str = "") -> None:
         sampling_checkpoint(config.sample, workdir)
     if workdir and not storage.is_url(workdir):  # its demo_outputs/: known before the model loads
         storage.check_writable(workdir)
+        check_demo_outputs(workdir)
     demo = DemoSampler(config, workdir)
     page = build_page(demo, config)
     where = ("on every network interface of this machine" if config.demo.share_on_network else

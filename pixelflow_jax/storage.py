@@ -320,7 +320,7 @@ def _write_local_atomically(path: str, write: Callable[[BinaryIO], Any], tempora
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         publish(tmp, path)
     finally:  # gone after os.replace; after os.link (or a failure) a second name to remove
         with contextlib.suppress(OSError):
@@ -553,7 +553,8 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+def umask() -> int:
+    """This process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

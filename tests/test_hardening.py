@@ -481,10 +481,35 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
     assert storage.remove_temporaries(str(tmp_path / "samples")) == len(ours)
     assert sorted(os.listdir(tmp_path / "samples")) == sorted(kept)
 
-    (tmp_path / "demo_outputs").mkdir()
-    (tmp_path / "demo_outputs" / "old.png").write_bytes(b"")
-    assert demo_output_dir(str(tmp_path)) == str(tmp_path / "demo_outputs")
-    assert os.listdir(tmp_path / "demo_outputs") == []
+    outputs = tmp_path / "demo_outputs"  # a page of an earlier version, a killed page, a page still serving
+    outputs.mkdir()
+    (outputs / "old.png").write_bytes(b"")
+    (outputs / f"page-{here}-{dead}-a" / "request").mkdir(parents=True)
+    serving = outputs / f"page-{here}-{os.getppid()}-b"
+    serving.mkdir()
+    (serving / "0.png").write_bytes(b"")
+    mine = demo_output_dir(str(tmp_path))
+    assert os.path.dirname(mine) == str(outputs) and os.path.basename(mine).startswith(f"page-{here}-{os.getpid()}-")
+    assert sorted(os.listdir(outputs)) == sorted([serving.name, os.path.basename(mine)])
+    assert os.listdir(serving) == ["0.png"]  # a second page on the workdir left the first one's images
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_demo_outputs_link_or_file_is_named_and_left_alone(tmp_path, kind):
+    from pixelflow_jax.demo_app import demo_output_dir
+
+    mine = tmp_path / "my_pictures"
+    mine.mkdir()
+    (mine / "holiday.png").write_bytes(b"png")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if kind == "link":
+        (workdir / "demo_outputs").symlink_to(mine)
+    else:
+        (workdir / "demo_outputs").write_text("notes")
+    with pytest.raises(ValueError, match=f"demo_outputs is a {kind}, where the page keeps its images"):
+        demo_output_dir(str(workdir))
+    assert os.listdir(mine) == ["holiday.png"]
 
 
 def test_the_demo_page_keeps_only_its_newest_requests_on_disk(tmp_path):
