@@ -101,3 +101,10 @@ def param_shardings(params, mesh: Mesh):
         return NamedSharding(mesh, fsdp_spec(tuple(np.shape(leaf)), fsdp, stacked))
 
     return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def batch_for(count: int, batch_size: int, devices: int) -> int:
+    """The batch for `count` items of a job whose batches are padded to one static shape:
+    batch_size, or less for fewer items (4 images padded to a batch of 10**6 ran out of memory),
+    a multiple of the device count."""
+    return max(devices, min(batch_size, -(-count // devices) * devices))

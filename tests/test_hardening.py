@@ -54,7 +54,10 @@ def c2i_config(**changes):
     ("train", "data.num_workers", -1, "--config.data.num_workers must be >= 0, got -1"),
     ("train", "data.prefetch_batches", 0, "--config.data.prefetch_batches must be >= 1, got 0"),
     ("sample", "sample.batch_size", 0, "--config.sample.batch_size must be >= 1, got 0"),
-    ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be >= 1"),
+    ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be in [1, 10000]"),
+    # 10**9 steps filled a 24 GB host with time grids (killed by the kernel, no message)
+    ("sample", "sample.steps_per_stage", 10**9, "--config.sample.steps_per_stage must be in [1, 10000], got 1000000000"),
+    ("train", "train.preview_steps_per_stage", 10**9, "--config.train.preview_steps_per_stage must be in [1, 10000]"),
     ("train", "train.lock_stale_after_s", 0.0, "--config.train.lock_stale_after_s must be >= 30.0"),
     ("train", "train.lock_stale_after_s", float("nan"), "--config.train.lock_stale_after_s must be a finite number"),
     ("train", "train.init_from_weights", "bogus", "--config.train.init_from_weights must be one of"),

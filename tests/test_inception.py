@@ -175,6 +175,23 @@ def weights_file(random_state_dict, tmp_path_factory):
     return str(path)
 
 
+def test_a_batch_larger_than_the_file_is_cut_to_its_images(weights_file, tmp_path, monkeypatch):
+    """12 images padded to --config.eval.batch_size=1000000 ran the host out of memory."""
+    from pixelflow_jax.evaluation import evaluate
+
+    samples = str(tmp_path / "samples.npz")
+    np.savez(samples, arr_0=np.zeros((12, 8, 8, 3), np.uint8))
+    batches = []
+
+    def inception(graphdef, params, images):
+        batches.append(images.shape[0])
+        return [np.zeros((images.shape[0], 2))] * len(evaluate.FEATURES)
+
+    monkeypatch.setattr(evaluate, "_inception", inception)
+    features = evaluate.FeatureExtractor(weights_file, 100_000)(samples)
+    assert batches == [16] and features["pool"].shape == (12, 2)  # a multiple of the 8 devices
+
+
 def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cache(weights_file, tmp_path,
                                                                                   monkeypatch):
     from pixelflow_jax.evaluation import evaluate

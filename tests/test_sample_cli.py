@@ -26,9 +26,10 @@ def pngs(workdir):
 
 def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
     workdir = str(tmp_path / "run")
-    args = ("--config.sample.num_images=12", "--config.sample.batch_size=8", "--config.sample.steps_per_stage=(1,2,1,2)")
+    args = ("--config.sample.num_images=12", "--config.sample.batch_size=64", "--config.sample.steps_per_stage=(1,2,1,2)")
     result = run_sample(workdir, converted["c2i_tiny"], *args)
     assert result.returncode == 0, result.stderr
+    assert "12 of 12 images to sample (0 already on disk), batch 16 over 8 devices" in result.stderr  # not 64
     assert pngs(workdir) == [f"{i:06d}.png" for i in range(12)]
     arr = np.load(os.path.join(workdir, "samples.npz"))["arr_0"]
     assert arr.shape == (12, 64, 64, 3) and arr.dtype == np.uint8
@@ -52,7 +53,7 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
 
     result = run_sample(workdir, converted["c2i_tiny"], *args)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("2 of 12 images to sample (10 already on disk)") == 2
+    assert result.stderr.count("2 of 12 images to sample (10 already on disk), batch 8 over 8 devices") == 2
     assert "000007.png does not decode (damaged?): removed, sampling it again" in result.stderr
     assert "000005.png is a RGB 32x32 image, not RGB 64px: removed, sampling it again" in result.stderr
     assert sorted(os.listdir(samples)) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]  # no leftovers

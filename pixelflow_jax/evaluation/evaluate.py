@@ -33,7 +33,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.progress import Progress
-from pixelflow_jax.sharding import replicate_on_local_devices
+from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 
 FEATURES = ("pool", "spatial", "logits")
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -143,10 +143,12 @@ class FeatureExtractor:
 
     def __call__(self, path: str) -> dict[str, np.ndarray]:
         parts = {name: [] for name in FEATURES}
-        with Progress(npz_image_count(path), f"Inception features of {storage.basename(path)}", "img") as progress:
-            for images in npz_batches(path, self.batch_size):
+        total = npz_image_count(path)
+        batch_size = batch_for(total, self.batch_size, self.rows.mesh.size)  # 12 images padded to 10**6: OOM
+        with Progress(total, f"Inception features of {storage.basename(path)}", "img") as progress:
+            for images in npz_batches(path, batch_size):
                 count = len(images)
-                padded = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, 0)])
+                padded = np.concatenate([images, np.repeat(images[-1:], batch_size - count, 0)])
                 outputs = _inception(self.graphdef, self.params,
                                      jax.device_put(padded.astype(np.float32), self.rows))
                 for name, value in zip(FEATURES, outputs):

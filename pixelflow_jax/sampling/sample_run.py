@@ -33,6 +33,7 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finite_images, to_uint8)
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
+from pixelflow_jax.sharding import batch_for
 
 GRID_IMAGES = 64
 SAMPLES_NPZ = "samples.npz"  # in the workdir: every image of the job, for evaluation
@@ -184,11 +185,12 @@ def run(config, workdir: str) -> None:
     for _ in range(MAX_PASSES):
         done = images_on_disk(folder)
         missing = np.array([i for i in range(num_images) if image_name(i) not in done], np.int64)
+        batch_size = batch_for(len(missing), int(s.batch_size), num_devices)
         logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d over "
                      "%d devices", s.weights, source.label, len(missing), num_images, num_images - len(missing),
-                     s.batch_size, num_devices)
+                     batch_size, num_devices)
         if len(missing):
-            sample_batches(model, ckpt, options, conditioning, missing, folder, int(s.batch_size), int(s.seed))
+            sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, int(s.seed))
         multihost_utils.sync_global_devices("all images written")
         removed = finish(folder, workdir, num_images, ckpt.resolution) if jax.process_index() == 0 else 0
         # Every process learns whether process 0 removed unreadable images, to sample them again.
