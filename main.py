@@ -163,7 +163,30 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {unknown_field_message(argv, e)}")
 
 
+# What a job that ran out of device or host memory can lower (XLA reports it as RESOURCE_EXHAUSTED).
+OUT_OF_MEMORY_FIXES = {
+    "train": "lower --config.train.batch_size, or raise --config.train.grad_accum_steps (the same global batch in "
+             "smaller pieces), --config.model.remat=dots or full, or --config.mesh.fsdp",
+    "sample": "lower --config.sample.batch_size",
+    "eval": "lower --config.eval.batch_size",
+    "inspect": "lower --config.data.resolution",
+    "demo": "lower --config.demo.max_images",
+}
+
+
 def main(argv):
+    try:
+        run_mode(argv)
+    except Exception as e:  # jax's error type for it has moved between versions: matched by its status
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        memory = "RESOURCE_EXHAUSTED" in first_line or "Out of memory" in first_line
+        if not memory or "No space left" in first_line:  # a full disk says RESOURCE_EXHAUSTED too
+            raise
+        sys.exit(f"error: --mode={FLAGS.mode} ran out of memory ({first_line[:200]}): "
+                 f"{OUT_OF_MEMORY_FIXES[FLAGS.mode]}")
+
+
+def run_mode(argv):
     if len(argv) > 1:
         modes = [a for a in argv[1:] if a in flags.FLAGS["mode"].parser.enum_values]
         raise app.UsageError(f"unexpected arguments {argv[1:]}" + (f" (a mode is a flag: --mode={modes[0]})" if modes else ""))

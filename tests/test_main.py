@@ -112,3 +112,31 @@ def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
     assert main.step_overrides_dopri5_ignores(argv, "sample", "dopri5") == ["sample.steps_per_stage", "sample.shift"]
     assert main.step_overrides_dopri5_ignores(argv, "sample", "euler") == []
     assert main.step_overrides_dopri5_ignores(argv, "train", "dopri5") == []
+
+
+def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
+    """A batch or resolution too large for the device ended in jax's traceback."""
+    from types import SimpleNamespace
+
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    sys.path.insert(0, REPO)
+    import main
+
+    def too_large(argv):
+        jax.block_until_ready(jnp.ones((10**13,), jnp.float32))  # 40 TB: refused at once, as a big batch is
+
+    monkeypatch.setattr(main, "run_mode", too_large)
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="sample"))
+    with pytest.raises(SystemExit, match=r"^error: --mode=sample ran out of memory \(RESOURCE_EXHAUSTED: Out of "
+                                         r"memory allocating 40000000000000 bytes.\): lower --config.sample.batch_size$"):
+        main.main(["main.py"])
+
+    def disk_full(argv):
+        raise OSError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+
+    monkeypatch.setattr(main, "run_mode", disk_full)
+    with pytest.raises(OSError, match="No space left"):  # not called a memory problem
+        main.main(["main.py"])
