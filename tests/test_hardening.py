@@ -304,6 +304,20 @@ def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog)
     assert "metrics.jsonl: dropping an unreadable line" in caplog.text
 
 
+def test_a_skipped_steps_non_finite_metrics_are_standard_json(tmp_path):
+    """grad_norm Infinity was written as `Infinity`, which jq and JavaScript refuse."""
+    from pixelflow_jax.training.train import MetricsLog
+
+    log = MetricsLog(str(tmp_path), resumed_step=0)
+    line = log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "images_per_s": 2.0,
+                      "skipped_steps": 1})
+    log.close()
+    assert "loss nan" in line and "grad_norm inf" in line  # the readable line keeps them
+    strict = json.loads((tmp_path / "metrics.jsonl").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert strict == {"step": 1, "loss": None, "grad_norm": None, "images_per_s": 2.0, "skipped_steps": 1}
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
     import jax
 

@@ -4,6 +4,7 @@ per logged step, with the model FLOP utilisation where the device's peak is know
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -69,6 +70,12 @@ def newest_mtime(folder: str) -> float:
 
 # What a failed log write tells the user (the checkpoints are unaffected).
 WRITE_FIX = "make the workdir writable (or free space) and rerun the same command: it resumes from its latest checkpoint"
+
+
+def json_values(record: dict) -> dict:
+    """The record with non-finite floats as None: json.dumps writes NaN and Infinity, which
+    standard JSON readers (jq, JavaScript, strict parsers) refuse."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class MetricsLog:
@@ -146,7 +153,7 @@ class MetricsLog:
         """Logs the record; returns it as a readable line (for stdout)."""
         if not self.enabled:
             return ""
-        line = json.dumps(record) + "\n"
+        line = json.dumps(json_values(record), allow_nan=False) + "\n"
         self.lines.append(line)
         with storage.writing(self.path, WRITE_FIX):
             if storage.is_url(self.path):
