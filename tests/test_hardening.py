@@ -304,6 +304,19 @@ def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog)
     assert "metrics.jsonl: dropping an unreadable line" in caplog.text
 
 
+def test_a_warmup_longer_than_the_run_is_named(caplog):
+    from pixelflow_jax.model import ModelConfig
+    from pixelflow_jax.training import train
+
+    for warmup, warned in ((4, False), (100, True)):
+        config = c2i_config(**{"train.warmup_steps": warmup, "train.num_steps": 6, "train.batch_size": 32})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train.validate(config, ModelConfig.from_mapping(config.model), train.make_mesh(1))
+        assert ("train.warmup_steps (100) is beyond train.num_steps (6): this run ends before its learning rate "
+                "reaches train.lr") in caplog.text if warned else "warmup" not in caplog.text
+
+
 def test_a_skipped_steps_non_finite_metrics_are_standard_json(tmp_path):
     """grad_norm Infinity was written as `Infinity`, which jq and JavaScript refuse."""
     from pixelflow_jax.training.train import MetricsLog

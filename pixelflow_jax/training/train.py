@@ -171,6 +171,9 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     elif config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
         raise ValueError(f"model.num_classes ({model_cfg.num_classes}) must equal data.demo_num_classes "
                          f"({config.data.demo_num_classes}): previews sample every class of the model")
+    if t.warmup_steps > t.num_steps:  # not an error: a later resume may raise num_steps past it
+        logging.warning("train.warmup_steps (%d) is beyond train.num_steps (%d): this run ends before its learning "
+                        "rate reaches train.lr (%g)", t.warmup_steps, t.num_steps, t.lr)
     return StepConfig(lr=t.lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, decay_steps=t.num_steps,
                       weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
                       label_dropout=t.get("label_dropout", 0.0), caption_dropout=t.get("caption_dropout", 0.0),
