@@ -108,8 +108,14 @@ def test_missing_or_empty_folder_names_the_path(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
         ImageFolderSource(str(tmp_path / "nope"))
     os.makedirs(tmp_path / "empty" / "cls")
-    with pytest.raises(DataError, match="no images found in"):
+    with pytest.raises(DataError, match=r"no images found in class folders of .*empty \(expected .*empty/<class>/<image>"):
         ImageFolderSource(str(tmp_path / "empty"))
+    Image.new("RGB", (4, 4)).save(tmp_path / "empty" / "0.png")  # images beside the class folders, not in them
+    with pytest.raises(DataError, match=r"the images in .*empty itself are not read: put each class's images in a "
+                                        r"subfolder .*empty/<class>/"):
+        ImageFolderSource(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"^--config.data.root is not set"):
+        ImageFolderSource("")
 
 
 def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp_path, bucket):

@@ -151,6 +151,16 @@ def test_a_workdir_inside_the_image_folder_is_refused_before_it_becomes_training
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 
 
+def test_init_from_naming_the_new_runs_own_workdir_says_so(tmp_path):
+    """It said 'is not a checkpoint: expected a training run ...' of a folder that was one, being made."""
+    from pixelflow_jax.training import train
+
+    config = c2i_config(**{"train.init_from": str(tmp_path / "run"), "train.batch_size": 32})
+    with pytest.raises(ValueError, match=r"init_from .*run is this run's own workdir, which has no checkpoint yet"):
+        train.train(config, str(tmp_path / "run" / "."))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.data.shard_cache_dir=/tmp",  # a setting an earlier version had
      "--config.data.shard_cache_dir: configs/c2i.py:tiny has no field 'shard_cache_dir'; configs/c2i.py lists"),

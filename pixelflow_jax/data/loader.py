@@ -118,6 +118,8 @@ class ImageFolderSource:
 
     def __init__(self, root: str, classes: list[str] | None = None, class_index: str = "the run's class index"):
         """`classes`: the ids a run fixed (in `class_index`, named in messages); None: the folders found."""
+        if not root:
+            raise DataError("--config.data.root is not set: set it to a folder of class subfolders (root/<class>/<image>)")
         require_folder(root, f"image folder {root} does not exist; set --config.data.root to a folder of class "
                              "subfolders (root/<class>/<image>)")
         found = [name for name in storage.list_folders(root) if not ignored_name(name)]
@@ -136,7 +138,10 @@ class ImageFolderSource:
             empty += [] if images else [name]
             self.records += images
         if not self.records:
-            raise DataError(f"no images found in {root} (expected {root}/<class>/<image> with one of "
+            loose = any(name.lower().endswith(IMAGE_EXTENSIONS) for name in storage.list_files(root))
+            where = (f"the images in {root} itself are not read: put each class's images in a subfolder "
+                     f"{root}/<class>/" if loose else f"expected {root}/<class>/<image>")
+            raise DataError(f"no images found in class folders of {root} ({where}, with one of "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
         if empty:
             raise DataError(f"{root}: classes without images: {empty[:10]}{' ...' if len(empty) > 10 else ''} "

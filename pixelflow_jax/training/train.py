@@ -319,6 +319,11 @@ def train(config, workdir: str) -> dict:
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
     check_outside_the_image_folder(config, workdir)
+    init_from = config.train.init_from
+    if init_from and storage.resolved(init_from) == storage.resolved(workdir) and not complete_steps(workdir):
+        raise ValueError(f"--config.train.init_from {init_from} is this run's own workdir, which has no checkpoint "
+                         "yet: init_from names the checkpoint a new run starts from (another run or one of its steps, "
+                         "a converted or release folder); leave it empty to train from scratch")
     made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
     check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
     lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
