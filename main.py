@@ -163,6 +163,17 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {unknown_field_message(argv, e)}")
 
 
+def quiet_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None:
+    """An unraisablehook. When a restore fails (a damaged checkpoint, a full disk), the tensorstore
+    reads still in flight finish after orbax's event loop has closed, and each one's callback error
+    was printed: dozens of identical tracebacks above the one-line error. Only those are dropped."""
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and frames and frames[-1].name == "_check_closed"):
+        return
+    previous(unraisable)
+
+
 # What a job that ran out of device or host memory can lower (XLA reports it as RESOURCE_EXHAUSTED).
 OUT_OF_MEMORY_FIXES = {
     "train": "lower --config.train.batch_size, or raise --config.train.grad_accum_steps (the same global batch in "
@@ -196,6 +207,7 @@ def run_mode(argv):
                  "(without it every process would run the whole job alone)")
     logging.set_verbosity(logging.INFO)
     std_logging.getLogger("absl").addFilter(quiet_library_info)
+    sys.unraisablehook = quiet_closed_loop_callbacks
     from pixelflow_jax import storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints

@@ -140,3 +140,24 @@ def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
     monkeypatch.setattr(main, "run_mode", disk_full)
     with pytest.raises(OSError, match="No space left"):  # not called a memory problem
         main.main(["main.py"])
+
+
+def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_quiet():
+    """A damaged checkpoint printed 30-130 'Event loop is closed' tracebacks above its error line."""
+    import asyncio
+    from types import SimpleNamespace
+
+    sys.path.insert(0, REPO)
+    import main
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    shown = []
+    for late_callback in (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0):
+        try:
+            late_callback()
+        except Exception as error:
+            main.quiet_closed_loop_callbacks(SimpleNamespace(exc_type=type(error), exc_value=error,
+                                                             exc_traceback=error.__traceback__),
+                                             previous=lambda unraisable: shown.append(unraisable.exc_type))
+    assert shown == [ZeroDivisionError]
