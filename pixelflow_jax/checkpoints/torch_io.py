@@ -66,7 +66,11 @@ def load_torch_file(path: str) -> Any:
             raise CheckpointError(f"{path} holds Python objects besides tensors, which are not read (loading them "
                                   "could run code): save the state dict alone (torch.save(model.state_dict(), "
                                   "path))") from None
-        reason = reason.splitlines()[0] if reason else type(e).__name__
+        if reason.startswith("Weights only load failed"):  # torch's own advice (weights_only=False) runs code
+            detail = [line.strip() for line in reason.splitlines()[1:] if line.strip()]
+            reason = f"not a file of tensors ({detail[1] if len(detail) > 1 else 'the safe unpickler refused it'})"
+        else:
+            reason = f"{type(e).__name__}: {reason.splitlines()[0]}" if reason else type(e).__name__
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (truncated or not a checkpoint?): "
                               f"{reason}") from None
 
