@@ -138,6 +138,23 @@ def test_a_step_killed_mid_save_is_never_loaded(run, tmp_path, caplog):
         load_model(workdir)
 
 
+def test_a_step_a_training_run_rotates_away_while_it_is_read_is_not_called_damaged(run, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run[0], workdir)
+    real_restore = ocp.PyTreeCheckpointer.restore
+
+    def rotated_away_midway(self, path, *args, **kwargs):  # the training run's keep_checkpoints, mid-read
+        shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+        return real_restore(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", rotated_away_midway)
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 was deleted while it was read: its run is still "
+                                              r"training, and its checkpoint rotation .* rerun to read"):
+        load_model(workdir)
+
+
 def test_a_missing_step_lists_the_steps_that_exist(run):
     with pytest.raises(CheckpointError, match=r"step '3' does not exist; its complete steps are \[2, 4\]"):
         load_model(os.path.join(run[0], "checkpoints", "3"))

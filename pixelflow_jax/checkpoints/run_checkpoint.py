@@ -158,6 +158,10 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
+        if not storage.exists(run_step.folder):  # not damage: a run still training rotated it away
+            raise CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and "
+                                  "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read "
+                                  "the run's latest step, or copy a step out of checkpoints/ to read that") from None
         others = [s for s in complete_steps(run_step.run) if s != run_step.step]
         elsewhere = (f"; the run's other complete steps: {others} (load {storage.join(run_step.run, CHECKPOINTS)}/"
                      f"{others[-1]})" if others else "")
