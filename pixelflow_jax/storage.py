@@ -79,7 +79,9 @@ def user_path(path: str) -> str:
 def check_supported(path: str) -> None:
     if is_url(path) and scheme(path) not in SUPPORTED_SCHEMES:
         schemes = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
-        raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://; paths are local or {schemes} "
+        meant = scheme(path).lower()
+        hint = f" (write {meant}://{path.split('://', 1)[1]}: schemes are lower case)" if meant in SUPPORTED_SCHEMES else ""
+        raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; paths are local or {schemes} "
                            "(hf:// reads checkpoints and T5 folders only)")
 
 

@@ -23,6 +23,9 @@ def test_urls_are_never_made_local():
     assert storage.basename("gs://b/run/checkpoints/4/") == "4"
     with pytest.raises(storage.StorageError, match=r"unsupported URL scheme s3://; paths are local or gs://"):
         storage.exists("s3://b/run")
+    with pytest.raises(storage.StorageError, match=r"unsupported URL scheme GS:// \(write gs://b/run: schemes are "
+                                                   r"lower case\)"):
+        storage.check_supported("GS://b/run")
     assert storage.user_path("gs://b/run/") == "gs://b/run/"  # a trailing slash is fine
     with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write gs://b/run/x'):
         storage.user_path("gs://b//run/x")  # gs://b/$PREFIX/run/x with an empty PREFIX
