@@ -174,3 +174,32 @@ def test_a_hub_checkpoint_is_fetched_config_first_then_weights_at_the_same_commi
     assert requests[1] == ("me/pixelflow", COMMIT, ("c2i/config.yaml", "c2i/pixelflow_config.json", "c2i/model.pt",
                                                     "c2i/params/**"))
     assert config == load_model(release)[1]
+
+
+def test_a_hub_release_folder_without_config_yaml_is_refused_before_its_weights_download(tmp_path, monkeypatch):
+    """The release's text-to-image repository holds model.pt alone: sampling it downloaded the
+    gigabytes first, then said to convert it."""
+    import huggingface_hub
+
+    from pixelflow_jax import api
+
+    snapshot, requests = tmp_path / "snapshots" / COMMIT, []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        requests.append(tuple(allow_patterns))
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    class Api:
+        def file_exists(self, repo_id, filename, revision=None):
+            requests.append(("file_exists", repo_id, filename, revision))
+            return filename == "t2i/model.pt"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    source = api.resolve_checkpoint("hf://me/pixelflow/t2i")
+    with pytest.raises(CheckpointError, match=rf"hf://me/pixelflow@{COMMIT}/t2i holds model.pt without the "
+                                              "config.yaml .* convert it once with convert_torch_ckpt.py"):
+        api.checkpoint_config(source)
+    assert requests == [("t2i/config.yaml", "t2i/pixelflow_config.json"),
+                        ("file_exists", "me/pixelflow", "t2i/model.pt", COMMIT)]  # no weights asked for

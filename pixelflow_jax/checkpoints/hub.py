@@ -104,14 +104,30 @@ def checkpoint_folder(path: str) -> tuple[str, str]:
     if name in CHECKPOINT_FILES:
         hub = dataclasses.replace(hub, subfolder=parent)
     snapshot = _download(hub, CONFIG_PATTERNS)
+    commit = os.path.basename(os.path.normpath(snapshot))
     has_config = lambda folder: any(os.path.exists(os.path.join(folder, n)) for n in CONFIG_PATTERNS)
-    if not has_config(os.path.join(snapshot, hub.subfolder)):  # a model.pt alone says what is missing
-        snapshot = _download(hub, CHECKPOINT_PATTERNS)
+    if not has_config(os.path.join(snapshot, hub.subfolder)):
+        if lists_model_pt(dataclasses.replace(hub, revision=commit)):  # the job names what is missing, and
+            return os.path.join(snapshot, hub.subfolder), hub.pinned(commit)  # download_weights fetches it
+        snapshot = _download(hub, CHECKPOINT_PATTERNS)  # whatever is there says what is missing
     folder = _folder(snapshot, hub, CHECKPOINT_PATTERNS)
     if not has_config(folder) and not os.path.exists(os.path.join(folder, "model.pt")):
         raise CheckpointError(f"{hub} holds no PixelFlow checkpoint: expected config.yaml + model.pt (a release "
                               "folder) or pixelflow_config.json + params/ (a converted one)")
-    return folder, hub.pinned(os.path.basename(os.path.normpath(snapshot)))
+    return folder, hub.pinned(commit)
+
+
+def lists_model_pt(hub: HubPath) -> bool:
+    """Whether the Hub lists a model.pt in the folder: a release folder without config.yaml (the
+    text-to-image one) is then refused before gigabytes arrive. False when the listing fails
+    (offline: the cache answers instead)."""
+    import huggingface_hub
+
+    name = f"{hub.subfolder}/model.pt" if hub.subfolder else "model.pt"
+    try:
+        return bool(huggingface_hub.HfApi().file_exists(hub.repo_id, name, revision=hub.revision))
+    except Exception:  # offline, or any Hub error: _download reports those with their fix
+        return False
 
 
 def download_weights(pinned_path: str) -> None:
