@@ -155,6 +155,20 @@ def test_a_step_a_training_run_rotates_away_while_it_is_read_is_not_called_damag
         load_model(workdir)
 
 
+def test_a_folder_named_like_a_step_is_neither_read_nor_removed(run, tmp_path):
+    """'040' was taken for step 40: the run could not be sampled, and a resume deleted the folder
+    as a killed save's leftover."""
+    from pixelflow_jax.training.checkpointing import remove_unfinished_saves
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run[0], workdir)
+    mine = os.path.join(workdir, "checkpoints", "040")
+    shutil.copytree(os.path.join(workdir, "checkpoints", "4"), mine)  # a copy someone kept
+    model, _ = load_model(workdir)
+    assert_params_equal(model, run[1][4]["ema"])
+    assert remove_unfinished_saves(workdir) == [] and os.path.isdir(mine)
+
+
 def test_a_missing_step_lists_the_steps_that_exist(run):
     with pytest.raises(CheckpointError, match=r"step '3' does not exist; its complete steps are \[2, 4\]"):
         load_model(os.path.join(run[0], "checkpoints", "3"))

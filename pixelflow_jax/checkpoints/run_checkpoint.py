@@ -31,7 +31,13 @@ STATE_ITEM = "state"  # the item name train.py saves the whole state under
 WEIGHT_KEYS = dict(zip(WEIGHT_CHOICES, ("ema", "params")))  # the user's name -> the train state's key
 # Runs written before run_config.json recorded the scheduler trained with the release's 1000 steps.
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
-_IN_PROGRESS = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
+# A step folder is named by orbax as str(step): a "040" of someone else's is not step 40.
+STEP_NAME = r"0|[1-9]\d*"
+_IN_PROGRESS = re.compile(rf"({STEP_NAME})\.orbax-checkpoint-tmp.*")
+
+
+def is_step_name(name: str) -> bool:
+    return re.fullmatch(STEP_NAME, name) is not None
 
 
 def is_run(path: str) -> bool:
@@ -78,7 +84,7 @@ def complete_steps(run: str) -> list[int]:
 
     folder = storage.join(run, CHECKPOINTS)
     return sorted(int(n) for n in storage.listdir(folder)
-                  if n.isdigit() and ocp.step.is_path_finalized(epath.Path(storage.join(folder, n))))
+                  if is_step_name(n) and ocp.step.is_path_finalized(epath.Path(storage.join(folder, n))))
 
 
 def steps_in_progress(run: str) -> list[int]:
@@ -86,7 +92,7 @@ def steps_in_progress(run: str) -> list[int]:
     names = storage.listdir(storage.join(run, CHECKPOINTS))
     complete = set(complete_steps(run))
     partial = {int(m[1]) for m in map(_IN_PROGRESS.fullmatch, names) if m}
-    partial |= {int(n) for n in names if n.isdigit()} - complete
+    partial |= {int(n) for n in names if is_step_name(n)} - complete
     return sorted(partial - complete)
 
 
@@ -123,9 +129,9 @@ def find_run_step(path: str) -> RunStep | None:
         return None
     run, name = storage.dirname(parent), storage.basename(path)
     steps = complete_steps(run)
-    if name.isdigit() and int(name) in steps:
+    if is_step_name(name) and int(name) in steps:
         return RunStep(run, int(name))
-    if name.isdigit() and int(name) in steps_in_progress(run):
+    if is_step_name(name) and int(name) in steps_in_progress(run):
         problem = f"step {name} is incomplete (still being written, or killed mid-save)"
     else:
         problem = f"step {name!r} does not exist"

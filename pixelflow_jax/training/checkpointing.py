@@ -18,7 +18,8 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, STATE_ITEM, complete_steps, restore_error
+from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, complete_steps,
+                                                      restore_error)
 
 UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 
@@ -33,7 +34,7 @@ def remove_unfinished_saves(workdir: str) -> list[int]:
         latest = max(complete_steps(workdir), default=0)
         folder, steps = storage.join(workdir, CHECKPOINTS), set()
         for name in storage.listdir(folder):  # a step folder or its temporary, after every complete step
-            match = re.fullmatch(r"(\d+)(\.orbax-checkpoint-tmp.*)?", name)
+            match = re.fullmatch(rf"({STEP_NAME})(\.orbax-checkpoint-tmp.*)?", name)
             if match and int(match[1]) > latest:
                 storage.rmtree(storage.join(folder, name))
                 steps.add(int(match[1]))
