@@ -80,7 +80,8 @@ def check_supported(path: str) -> None:
     if is_url(path) and scheme(path) not in SUPPORTED_SCHEMES:
         schemes = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
         meant = scheme(path).lower()
-        hint = f" (write {meant}://{path.split('://', 1)[1]}: schemes are lower case)" if meant in SUPPORTED_SCHEMES else ""
+        hint = (f" (write {meant}://{path.split('://', 1)[1]}: schemes are lower case)"
+                if meant in SUPPORTED_SCHEMES else "")
         raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; paths are local or {schemes} "
                            "(hf:// reads checkpoints and T5 folders only)")
 
@@ -404,17 +405,20 @@ def write_json_atomically(path: str, value: Any) -> None:
 def create_json(path: str, value: Any) -> bool:
     """write_json_atomically where `path` does not exist yet: False, and nothing written, when
     another writer got there first. Locally the test and the write are one step (a hard link
-    refuses an existing name); on an object store the check comes first, so a race remains."""
-    if is_url(path):
-        if exists(path):
+    refuses an existing name); on an object store, or a file system without hard links, the check
+    comes first, so a race remains."""
+    if not is_url(path):
+        data = json.dumps(value, indent=2).encode("utf-8")
+        try:
+            _write_local_atomically(path, lambda f: f.write(data), publish=os.link)
+            return True
+        except FileExistsError:
             return False
-        write_json_atomically(path, value)
-        return True
-    data = json.dumps(value, indent=2).encode("utf-8")
-    try:
-        _write_local_atomically(path, lambda f: f.write(data), publish=os.link)
-    except FileExistsError:
+        except OSError:  # a file system without hard links (some FUSE mounts): as on an object store
+            pass
+    if exists(path):
         return False
+    write_json_atomically(path, value)
     return True
 
 

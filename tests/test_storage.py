@@ -151,3 +151,14 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     # A killed bucket run's copies (an hour old) and this run's own are gone; a recent one may be a
     # live run's in a container that shares /tmp.
     assert os.listdir(tmp_path / "tmp") == ([recent.name] if where == "bucket" else [])
+
+
+def test_create_json_never_replaces_a_file_with_or_without_hard_links(tmp_path, monkeypatch):
+    path = str(tmp_path / "settings.json")
+    assert storage.create_json(path, {"seed": 0}) and not storage.create_json(path, {"seed": 1})
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    assert not storage.create_json(path, {"seed": 2})
+    assert json.load(open(path)) == {"seed": 0}
+    other = str(tmp_path / "other.json")
+    assert storage.create_json(other, {"seed": 3}) and json.load(open(other)) == {"seed": 3}
+    assert sorted(os.listdir(tmp_path)) == ["other.json", "settings.json"]  # no temporaries left

@@ -119,7 +119,8 @@ class ImageFolderSource:
     def __init__(self, root: str, classes: list[str] | None = None, class_index: str = "the run's class index"):
         """`classes`: the ids a run fixed (in `class_index`, named in messages); None: the folders found."""
         if not root:
-            raise DataError("--config.data.root is not set: set it to a folder of class subfolders (root/<class>/<image>)")
+            raise DataError("--config.data.root is not set: set it to a folder of class subfolders "
+                            "(root/<class>/<image>)")
         require_folder(root, f"image folder {root} does not exist; set --config.data.root to a folder of class "
                              "subfolders (root/<class>/<image>)")
         found = [name for name in storage.list_folders(root) if not ignored_name(name)]
