@@ -168,13 +168,14 @@ def test_unreadable_file_gets_one_line_error(tmp_path, content):
     (16, {"num_stages": 0}, "num_stages must be positive, got 0"),
     (16, {"resolution": -64}, "resolution must be positive, got -64"),
 ])
-def test_a_flag_out_of_range_is_the_converters_own_error(head_dim, overrides, phrase):
+def test_a_flag_out_of_range_is_the_converters_own_error(head_dim, overrides, phrase, tmp_path):
     """convert_torch_ckpt.py prints these errors (CheckpointError, ConversionError) as one line."""
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.convert import ConversionError
     from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
 
-    bare = os.path.join(fixture_dir("c2i_tiny"), "model.pt")
+    bare = str(tmp_path / "model.pt")  # no config.yaml beside it
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), bare)
     with pytest.raises((CheckpointError, ConversionError), match=re.escape(phrase)):
         read_release_checkpoint(bare, attention_head_dim=head_dim, overrides=overrides)
 
