@@ -187,7 +187,7 @@ def replaced(folder: str, name: str, content: bytes) -> None:
         f.write(content)
 
 
-def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder, tmp_path):
+def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder, tmp_path, monkeypatch):
     """Each damage used to be a traceback of json, safetensors or sentencepiece (or, for a tokenizer
     of another model, NaN embeddings: black images and no error)."""
     import sentencepiece
@@ -227,3 +227,12 @@ def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder,
         PromptEncoder(sharded, max_length=8)
     with pytest.raises(CheckpointError, match="config.json is a file: pass the folder that holds"):
         PromptEncoder(os.path.join(t5_folder, "config.json"), max_length=8)
+
+    # The path rules of every other path: a URL-like name is never a local folder, ~ is expanded.
+    os.makedirs(tmp_path / "gs:", exist_ok=True)
+    os.symlink(t5_folder, tmp_path / "gs:" / "b")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r'T5 folder: gs:/b looks like a URL without its "//"'):
+        PromptEncoder("gs:/b", max_length=8)
+    with pytest.raises(CheckpointError, match="^no T5 folder given"):
+        PromptEncoder("", max_length=8)

@@ -157,6 +157,13 @@ def local_t5_folder(path: str) -> str:
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints import hub
 
+    try:  # as every path a user writes: ~ expanded, and a URL is never a local folder
+        path = storage.user_path(path)
+    except storage.StorageError as e:
+        raise CheckpointError(f"T5 folder: {e}") from None
+    if not path.strip():
+        raise CheckpointError("no T5 folder given: pass a Hugging Face T5 folder (config.json, spiece.model, the "
+                              "weights), a gs:// copy of one, or hf://google/flan-t5-xl")
     if hub.is_hub_path(path):
         return hub.t5_folder(path)
     if not storage.is_url(path):
