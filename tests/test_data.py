@@ -510,7 +510,10 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
              f"--output {tmp_path / 'a_file'} is a file; name a folder for the shards"),
             ([f"--folder={images}", "--output=gs:///shards"], "gs:///shards names no bucket: write gs://BUCKET/"),
             ([f"--folder={images}", "--output=gs:/bucket/shards"],
-             'gs:/bucket/shards looks like a URL without its "//"')):
+             'gs:/bucket/shards looks like a URL without its "//"'),
+            ([f"--folder={images}", f"--output={images / 'shards'}"],
+             f"--output {images / 'shards'} is inside the captioned folder {images}"),
+            ([f"--folder={images}", "--output="], "--output is empty")):
         code, _, err = pack_command(monkeypatch, capsys, *args)
         assert code == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, (args, err)
     assert not os.path.exists(tmp_path / "out")  # nothing written
@@ -524,6 +527,18 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
                                 "--missing_captions=skip")
     assert code == 0 and f"wrote 1 records in 1 shards to {tmp_path / 'out'}" in out
     assert os.listdir(tmp_path / "out") == ["captions-00000-of-00001.array_record"]
+
+    # Files that are not images (by their header) are skipped and counted; a shard of none is refused.
+    (images / "2.png").write_bytes(b"not an image")
+    (images / "2.txt").write_text("a caption of no image")
+    code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out2'}",
+                                "--missing_captions=skip")
+    assert code == 0 and "skipping" in out and "2.png: not an image (UnidentifiedImageError)" in out
+    assert "wrote 1 records in 1 shards" in out and "1 files that are not images" in out
+    code, _, err = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out3'}",
+                                "--missing_captions=skip", "--records_per_shard=1")
+    assert code == 1 and "shard 1 would hold no record: none of its 1 captioned files is an image" in err
+    assert not [n for n in os.listdir(tmp_path / "out3") if n.endswith(".array_record")]  # the first one removed
 
 
 def test_a_bucket_that_cannot_be_reached_is_not_reported_as_a_missing_folder(bucket):

@@ -119,7 +119,7 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
     sources = []
     for output in (str(tmp_path / "shards"), f"{bucket}/shards"):
         counts = pack(root, output, records_per_shard=3, missing_captions="skip")
-        assert counts == {"records": 9, "shards": 3, "skipped_captions": 2, "missing_captions": 1}
+        assert counts == {"records": 9, "shards": 3, "skipped_captions": 2, "skipped_images": 0, "missing_captions": 1}
         assert len([n for n in storage.list_files(output) if n.endswith(".array_record")]) == 3
         source = CaptionRecordSource(output)
         assert all(shard.startswith(output) for shard in source.shards)

@@ -8,15 +8,19 @@ image's path in the folder, for messages}. Images are
 not re-encoded, so packing is I/O bound. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way removes
 the shards it wrote; an output folder that already holds shards is refused, and so is a folder
-without one usable caption (nothing is written).
+without one usable caption (nothing is written). Files whose header is no image's are skipped and
+counted (a pack of none is refused).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import tempfile
+
+from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
@@ -26,13 +30,19 @@ from pixelflow_jax.progress import Progress
 
 
 def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captions: str = "error") -> dict:
-    """Writes the shards; returns {"records", "shards", "skipped_captions"} (counts) and the
-    "missing_captions" policy used."""
+    """Writes the shards; returns the counts {"records", "shards", "skipped_captions",
+    "skipped_images", "missing_captions"} (the last: images without a caption file, skipped)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if records_per_shard < 1:
         raise ValueError(f"--records_per_shard must be positive, got {records_per_shard}")
+    if not str(output).strip():
+        raise ValueError("--output is empty: name a folder for the shards")
     storage.check_supported(output)
+    out, source_folder = storage.resolved(output), storage.resolved(folder)
+    if out == source_folder or out.startswith(source_folder.rstrip("/") + "/"):
+        raise ValueError(f"--output {output} is inside the captioned folder {folder}, which the shards would then "
+                         "be part of; choose a folder outside it")
     if storage.isfile(output):
         raise ValueError(f"--output {output} is a file; name a folder for the shards")
     existing = [name for name in storage.list_files(output) if name.endswith(RECORD_EXTENSION)]
@@ -54,17 +64,27 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     num_shards = -(-len(records) // records_per_shard)
     storage.makedirs(output)
     progress = Progress(len(records), "packing", "image")
-    written = []
+    written, skipped_images = [], 0
     try:
         with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
             for shard in range(num_shards):
                 name = f"captions-{shard:05d}-of-{num_shards:05d}{RECORD_EXTENSION}"
                 local = os.path.join(scratch, name)
                 writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
-                for image_path, caption in records[shard * records_per_shard:(shard + 1) * records_per_shard]:
-                    writer.write(encode_record(storage.read_bytes(image_path), caption, image_path))
+                in_shard, packed = records[shard * records_per_shard:(shard + 1) * records_per_shard], 0
+                for image_path, caption in in_shard:
+                    image = storage.read_bytes(image_path)
+                    if problem := not_an_image(image):
+                        print(f"skipping {image_path}: {problem}", flush=True)
+                        skipped_images += 1
+                    else:
+                        writer.write(encode_record(image, caption, image_path))
+                        packed += 1
                     progress.update()
                 writer.close()
+                if not packed:  # an empty shard is refused by the reader
+                    raise ValueError(f"shard {shard} would hold no record: none of its {len(in_shard)} captioned "
+                                     "files is an image (see the lines above); remove them and pack again")
                 storage.upload_file_atomically(local, storage.join(output, name))
                 written.append(storage.join(output, name))
                 os.remove(local)
@@ -75,8 +95,19 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                         "removed)") from e
     finally:
         progress.close()
-    return {"records": len(records), "shards": num_shards, "skipped_captions": skipped,
-            "missing_captions": source.missing_captions}
+    return {"records": len(records) - skipped_images, "shards": num_shards, "skipped_captions": skipped,
+            "skipped_images": skipped_images, "missing_captions": source.missing_captions}
+
+
+def not_an_image(data: bytes) -> str | None:
+    """Why a file is no image by its header (empty, text, an unknown format); None for an image.
+    Only the header is read, to keep packing I/O bound: damage further in is found by the loader,
+    which skips the image and counts it."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            return None
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        return f"not an image ({type(e).__name__})"
 
 
 def main() -> None:
@@ -93,7 +124,8 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {counts['records']} records in {counts['shards']} shards to {output}; skipped "
-          f"{counts['skipped_captions']} unusable captions and {counts['missing_captions']} images without one")
+          f"{counts['skipped_captions']} unusable captions, {counts['skipped_images']} files that are not images and "
+          f"{counts['missing_captions']} images without a caption")
 
 
 if __name__ == "__main__":
