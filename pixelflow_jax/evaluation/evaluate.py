@@ -77,11 +77,14 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
         raise ValueError(f"{path}: arr_0 must be RGB images (N, H, W, 3), got RGBA {shape}; write images[..., :3]")
     if len(shape) != 4 or channels != 3:
         raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
+    if min(shape[1:3]) < 1:
+        raise ValueError(f"{path}: arr_0 holds images of {shape[1]}x{shape[2]} pixels, which have no content")
     if fortran:  # read in row batches, which Fortran order does not store together
         raise ValueError(f"{path}: arr_0 is stored in Fortran (column-major) order; write np.ascontiguousarray(images)")
     if dtype != np.uint8:
-        fix = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)"
-               if np.issubdtype(dtype, np.floating) else "convert 0-255 values with x.clip(0, 255).astype(np.uint8)")
+        fix = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), and 0-255 values "
+               "with x.round().clip(0, 255).astype(np.uint8)" if np.issubdtype(dtype, np.floating)
+               else "convert 0-255 values with x.clip(0, 255).astype(np.uint8)")
         raise ValueError(f"{path}: arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got "
                          f"{dtype}; {fix}")
     if shape[0] <= metrics.NEIGHBOURHOOD:
