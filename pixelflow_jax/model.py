@@ -234,6 +234,14 @@ class PixelFlow(nnx.Module):
                  encoder_hidden_states: jax.Array | None = None,
                  encoder_attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
+        images = images if isinstance(images, (jax.Array, np.ndarray)) else np.asarray(images)
+        if not jnp.issubdtype(images.dtype, jnp.floating):  # uint8 pixels would pass as values 0-255
+            raise ValueError(f"images must be floats in [-1, 1] (the model's pixel scale), got dtype {images.dtype}; "
+                             "scale 0-255 pixels with x / 127.5 - 1")
+        timestep_dtype = timesteps.dtype if isinstance(timesteps, jax.Array) else np.asarray(timesteps).dtype
+        if not (jnp.issubdtype(timestep_dtype, jnp.floating) or jnp.issubdtype(timestep_dtype, jnp.integer)):
+            raise ValueError(f"timesteps must be real numbers (the flow time x num_train_timesteps), got dtype "
+                             f"{timestep_dtype}")
         if images.ndim != 4:
             raise ValueError(f"images must be a batch (B, H, H, {cfg.in_channels}) in NHWC, got shape {images.shape}; "
                              "add a batch axis for one image (images[None])")
@@ -267,6 +275,13 @@ class PixelFlow(nnx.Module):
                 raise ValueError(f"encoder_hidden_states must be (B, L_text, {cfg.cross_attention_dim}) for this "
                                  f"model, got shape {encoder_hidden_states.shape}: use the text encoder the model "
                                  "was trained with")
+            text_shape = encoder_hidden_states.shape[:2]
+            if text_shape[0] != batch:
+                raise ValueError(f"encoder_hidden_states holds {text_shape[0]} captions for {batch} images: pass one "
+                                 "per image")
+            if encoder_attention_mask is not None and np.shape(encoder_attention_mask) != text_shape:
+                raise ValueError(f"encoder_attention_mask must be (B, L_text) = {text_shape}, like "
+                                 f"encoder_hidden_states, got shape {np.shape(encoder_attention_mask)}")
             encoder_hidden_states = encoder_hidden_states.astype(cfg.compute_dtype)
         elif encoder_hidden_states is not None:
             raise ValueError("this model has no cross-attention (model.cross_attention_dim = 0); "

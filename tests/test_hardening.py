@@ -207,6 +207,20 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     wrong_width = np.zeros((2, 6, text_model.config.cross_attention_dim + 1), np.float32)
     with pytest.raises(ValueError, match="encoder_hidden_states must be .* the text encoder the model was trained"):
         text_model(x, t, encoder_hidden_states=wrong_width, encoder_attention_mask=np.ones((2, 6), np.float32))
+    # uint8 pixels ran as values 0-255; a string time failed inside numpy; one caption for two images inside
+    # the attention kernel, naming neither argument.
+    with pytest.raises(ValueError, match=r"images must be floats in \[-1, 1\] .* got dtype uint8; scale 0-255"):
+        model(np.zeros((2, 16, 16, 3), np.uint8), t, class_labels=np.array([1, 2]))
+    for times in ("300", np.array([True, False])):
+        with pytest.raises(ValueError, match="timesteps must be real numbers"):
+            model(x, times, class_labels=np.array([1, 2]))
+    assert model(x.tolist(), 500, class_labels=np.array([1, 2])).shape == x.shape  # a nested list is an array
+    width = text_model.config.cross_attention_dim
+    with pytest.raises(ValueError, match="encoder_hidden_states holds 1 captions for 2 images"):
+        text_model(x, t, encoder_hidden_states=np.zeros((1, 6, width), np.float32))
+    with pytest.raises(ValueError, match=r"encoder_attention_mask must be \(B, L_text\) = \(2, 6\)"):
+        text_model(x, t, encoder_hidden_states=np.zeros((2, 6, width), np.float32),
+                   encoder_attention_mask=np.ones((2, 5), np.float32))
 
 
 def test_the_sampler_names_the_misuse(models):
