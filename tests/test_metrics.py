@@ -144,6 +144,9 @@ def test_inception_weights_overwritten_in_place_are_not_served_from_the_feature_
     (dict(mu_s=np.zeros(2), sigma_s=np.array([[1.0, np.inf], [0.0, 1.0]])), "its stored sigma_s holds NaN or inf"),
     (dict(sigma=np.eye(2)), "holds the statistic sigma without mu"),
     (dict(mu=np.zeros(10), sigma=np.eye(10)), r"its stored mu has shape \(10,\), not \(2048,\)"),
+    # An FID of 2.2e4 came out of these, without a word.
+    (dict(mu=np.zeros(2048), sigma=-np.eye(2048)), "its stored sigma is not a covariance matrix"),
+    (dict(mu=np.zeros(2048), sigma=np.triu(np.ones((2048, 2048)))), "its stored sigma is not a covariance matrix"),
 ])
 def test_reference_statistics_that_are_not_finite_or_half_there_are_refused(tmp_path, stored, message):
     reference = images_npz(tmp_path / "reference.npz", 0, **stored)

@@ -209,6 +209,14 @@ def stored_statistics(path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: its stored {key} has shape {value.shape}, not {STATISTICS_SHAPES[key]} (the "
                              "FID Inception's); leave the statistics out of the file to have them computed from "
                              "its arr_0 images")
+    for key in ("sigma", "sigma_s"):  # a covariance: symmetric, no negative variance along any direction
+        if key in stored:
+            sigma = stored[key].astype(np.float64)
+            scale = max(float(np.abs(sigma).max()), 1e-30)
+            if np.abs(sigma - sigma.T).max() > 1e-6 * scale or np.linalg.eigvalsh(sigma).min() < -1e-6 * scale:
+                raise ValueError(f"{path}: its stored {key} is not a covariance matrix (symmetric, positive "
+                                 "semi-definite); recompute the statistics, or leave them out of the file to have "
+                                 "them computed from its arr_0 images")
     return stored
 
 
