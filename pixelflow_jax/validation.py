@@ -35,7 +35,10 @@ def number(name: str, value, *, minimum: float | None = None, maximum: float | N
 
 def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None,
             where: str = "--config.") -> int:
-    """A whole number (an int, or a float without a fraction), in the given inclusive bounds."""
+    """A whole number (an int, or a float without a fraction; numpy and jax scalars too), in the
+    given inclusive bounds."""
+    if hasattr(value, "__array__") and np.ndim(value) == 0:  # a 0-d numpy or jax array
+        value = np.asarray(value).item()
     whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
         isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         and float(value).is_integer())

@@ -241,15 +241,19 @@ def test_the_sampler_names_the_misuse(models):
                                ({"image_ids": [-1]}, "image_ids must be whole numbers"),
                                ({"seed": 2**32}, r"seed must be in \[0, 4294967295\], got 4294967296"),
                                ({"seed": -1}, r"seed must be in \[0, 4294967295\], got -1"),
-                               ({"seed": 1.5}, "seed must be a whole number, got 1.5")):
+                               ({"seed": 1.5}, "seed must be a whole number, got 1.5"),
+                               ({"cfg_scale": np.array([2.0, 3.0])}, r"cfg_scale must be one number, got shape \(2,\)"),
+                               ({"steps_per_stage": jax.numpy.array(True)}, "must be a whole number, got True")):
         with pytest.raises(ValueError, match=message):
             sampler.generate([1], **{"steps_per_stage": 1, **arguments})
     # numpy and jax scalars are numbers like any other
-    np.testing.assert_array_equal(sampler.generate([1], steps_per_stage=1, cfg_scale=jax.numpy.float32(2.0),
-                                                   seed=np.int64(3)),
+    np.testing.assert_array_equal(sampler.generate([1], steps_per_stage=jax.numpy.array(1),
+                                                   cfg_scale=jax.numpy.float32(2.0), seed=np.int64(3)),
                                   sampler.generate([1], steps_per_stage=1, cfg_scale=2.0, seed=3))
     with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
         CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
+    with pytest.raises(ValueError, match=r"prompt_encoder must be a PromptEncoder, got '/tmp/t5': build one"):
+        CascadeSampler(*models["t2i_tiny"]).generate_from_prompts("/tmp/t5", ["a cat"], steps_per_stage=1)
 
 
 def test_a_config_of_the_other_kind_is_named(models):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -70,6 +71,8 @@ class SamplingOptions:
         validation.steps_per_stage("steps_per_stage", steps_per_stage, where="")  # 2.5 is not 2 steps
         for name in ("cfg_scale", "shift"):
             if name in kwargs:
+                if np.ndim(kwargs[name]) != 0:
+                    raise ValueError(f"{name} must be one number, got shape {np.shape(kwargs[name])}")
                 kwargs[name] = validation.number(name, np.asarray(kwargs[name]).item(), where="")
         steps = [steps_per_stage] * num_stages if np.ndim(steps_per_stage) == 0 else list(steps_per_stage)
         if len(steps) != num_stages:
@@ -185,6 +188,9 @@ class CascadeSampler:
 
         if not self.model_config.cross_attention_dim:
             raise ValueError("this model is class-conditional: use generate(labels)")
+        if isinstance(prompt_encoder, (str, os.PathLike)) or not callable(getattr(prompt_encoder, "encode", None)):
+            raise ValueError(f"prompt_encoder must be a PromptEncoder, got {prompt_encoder!r}: build one from the T5 "
+                             "folder with pixelflow_jax.text.prompts.PromptEncoder(folder)")
         prompts = prompt_list(prompts)
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
