@@ -53,6 +53,9 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
     checks that the path exists (local or gs://); URLs are never taken for local folders."""
     try:
         path = storage.user_path(path)
+        if not path.strip():
+            raise storage.StorageError("no checkpoint given: name a training run, one of its steps, a converted or "
+                                       "release folder, or hf://OWNER/NAME")
         if hub.is_hub_path(path):
             folder, label = hub.checkpoint_folder(path)
             return CheckpointSource(folder, label)

@@ -81,7 +81,7 @@ def check_supported(path: str) -> None:
         schemes = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
         meant = scheme(path).lower()
         hint = (f" (write {meant}://{path.split('://', 1)[1]}: schemes are lower case)"
-                if meant in SUPPORTED_SCHEMES else "")
+                if meant in (*SUPPORTED_SCHEMES, "hf") else "")
         raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; paths are local or {schemes} "
                            "(hf:// reads checkpoints and T5 folders only)")
 

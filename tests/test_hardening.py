@@ -862,6 +862,8 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
             storage.user_path(no_bucket)
     with pytest.raises(storage.StorageError, match=r"write the local path itself \(/data/run\), not a file:// URL"):
         storage.user_path("file:///data/run")
+    with pytest.raises(CheckpointError, match="^no checkpoint given: name a training run"):
+        load_model("")  # was "checkpoint  does not exist"
     with pytest.raises(storage.StorageError, match="ends with a space, which an object name keeps: write 'gs://b/x'"):
         storage.user_path("gs://b/x ")
     for dotted in ("gs://b/x/../y", "gs://b/./x"):

@@ -26,6 +26,8 @@ def test_urls_are_never_made_local():
     with pytest.raises(storage.StorageError, match=r"unsupported URL scheme GS:// \(write gs://b/run: schemes are "
                                                    r"lower case\)"):
         storage.check_supported("GS://b/run")
+    with pytest.raises(storage.StorageError, match=r"\(write hf://org/model: schemes are lower case\)"):
+        storage.check_supported("HF://org/model")
     assert storage.user_path("gs://b/run/") == "gs://b/run/"  # a trailing slash is fine
     with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write gs://b/run/x'):
         storage.user_path("gs://b//run/x")  # gs://b/$PREFIX/run/x with an empty PREFIX
