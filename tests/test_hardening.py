@@ -252,6 +252,11 @@ def test_the_sampler_names_the_misuse(models):
                                   sampler.generate([1], steps_per_stage=1, cfg_scale=2.0, seed=3))
     with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
         CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
+    model, config = models["c2i_tiny"]
+    with pytest.raises(ValueError, match="config must be the checkpoint config load_model returns .* got a ModelConfig"):
+        CascadeSampler(model, model.config)
+    with pytest.raises(ValueError, match="config is another model's"):
+        CascadeSampler(model, models["t2i_tiny"][1])
     with pytest.raises(ValueError, match=r"prompt_encoder must be a PromptEncoder, got '/tmp/t5': build one"):
         CascadeSampler(*models["t2i_tiny"]).generate_from_prompts("/tmp/t5", ["a cat"], steps_per_stage=1)
 

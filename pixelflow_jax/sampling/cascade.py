@@ -163,6 +163,11 @@ class CascadeSampler:
 
     def __init__(self, model: PixelFlow, config):
         """config: the CheckpointConfig that load_model returns (resolution, stages, timesteps)."""
+        if not all(hasattr(config, name) for name in ("model", "resolution", "num_stages", "num_train_timesteps")):
+            raise ValueError(f"config must be the checkpoint config load_model returns with the model (model, config "
+                             f"= load_model(path)), got a {type(config).__name__}")
+        if config.model.architecture() != model.config.architecture():
+            raise ValueError("config is another model's: pass the config load_model returned with this model")
         self.graphdef, self.state = nnx.split(model)
         self.model_config = model.config
         self.resolution = config.resolution
