@@ -174,15 +174,21 @@ def quiet_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None
     previous(unraisable)
 
 
-# What a job that ran out of device or host memory can lower (XLA reports it as RESOURCE_EXHAUSTED).
-OUT_OF_MEMORY_FIXES = {
-    "train": "lower --config.train.batch_size, or raise --config.train.grad_accum_steps (the same global batch in "
-             "smaller pieces), --config.model.remat=dots or full, or --config.mesh.fsdp",
-    "sample": "lower --config.sample.batch_size",
-    "eval": "lower --config.eval.batch_size",
-    "inspect": "lower --config.data.resolution",
-    "demo": "lower --config.demo.max_images",
-}
+def out_of_memory_fix(mode: str, config) -> str:
+    """What a job that ran out of device or host memory (XLA's RESOURCE_EXHAUSTED) can lower."""
+    if mode == "train":
+        return ("lower --config.train.batch_size, or raise --config.train.grad_accum_steps (the same global batch in "
+                "smaller pieces), --config.model.remat=dots or full, or --config.mesh.fsdp (in a preview: "
+                "--config.train.preview_num_images)")
+    if mode in ("sample", "eval"):
+        batches = ["--config.sample.batch_size"] if mode == "sample" else []
+        batches += ["--config.eval.batch_size"] if mode == "eval" or config.eval.reference else []
+        return f"lower {' or '.join(batches)}"
+    text = (" (a text model: --config.sample.text_encoder_param_dtype=bfloat16 halves its T5)"
+            if "text_encoder_param_dtype" in config.sample else "")
+    if mode == "inspect":
+        return f"lower --config.data.resolution (for the config's own model){text}"
+    return f"the model does not fit this machine's memory{text}"
 
 
 def main(argv):
@@ -191,10 +197,10 @@ def main(argv):
     except Exception as e:  # jax's error type for it has moved between versions: matched by its status
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         memory = "RESOURCE_EXHAUSTED" in first_line or "Out of memory" in first_line
-        if not memory or "No space left" in first_line:  # a full disk says RESOURCE_EXHAUSTED too
+        if not memory or "No space left" in first_line or "quota" in first_line.lower():  # disks say it too
             raise
         sys.exit(f"error: --mode={FLAGS.mode} ran out of memory ({first_line[:200]}): "
-                 f"{OUT_OF_MEMORY_FIXES[FLAGS.mode]}")
+                 f"{out_of_memory_fix(FLAGS.mode, FLAGS.config)}")
 
 
 def run_mode(argv):

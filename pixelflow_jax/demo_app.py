@@ -162,6 +162,7 @@ class DemoSampler:
         else:
             images = self.sampler.generate([int(condition)] * n, **options)
         self.compiled.add(self.compile_key(num_images, solver, cfg, steps))
+        os.makedirs(self.output_dir, exist_ok=True)  # a page on another host takes one idle for a day as gone
         folder = tempfile.mkdtemp(dir=self.output_dir)
         paths = []
         for i, image in enumerate(images):

@@ -73,6 +73,15 @@ def test_a_release_folders_model_pt_named_alone_is_described_by_the_folders_conf
     _, config = load_model(str(output))
     assert config.resolution == 64 and config.model.attention_head_dim == 16
 
+    other = tmp_path / "other_project"  # a bare state dict beside another project's config.yaml
+    other.mkdir()
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), other / "model.pt")
+    (other / "config.yaml").write_text("optimizer: adam\n")
+    result = run_converter(f"--torch_checkpoint={other / 'model.pt'}", "--attention_head_dim=16",
+                           f"--output={tmp_path / 'out2'}")
+    assert result.returncode == 0, result.stderr
+    assert "config.yaml is not a release config.yaml (no model.params): not used" in result.stderr
+
 
 def test_text_to_image_folder_without_config_yaml(tmp_path, golden):
     """The release's text-to-image folder has model.pt but no config.yaml: shapes give cross-attention

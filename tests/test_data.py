@@ -538,6 +538,11 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
     code, _, err = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out3'}",
                                 "--missing_captions=skip", "--records_per_shard=1")
     assert code == 1 and "shard 1 would hold no record: none of its 1 captioned files is an image" in err
+    with monkeypatch.context() as patch:  # an image too large to decode (a 20000 px scan) is skipped the same way
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+        code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out4'}",
+                                    "--missing_captions=skip")
+    assert code == 1 and "0.png: too large to decode" in out
     assert not [n for n in os.listdir(tmp_path / "out3") if n.endswith(".array_record")]  # the first one removed
 
 

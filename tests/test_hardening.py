@@ -149,6 +149,10 @@ def test_a_workdir_inside_the_image_folder_is_refused_before_it_becomes_training
     with pytest.raises(ValueError, match=r"--workdir .* is inside the training images \(--config.data.root="):
         train.train(config, str(tmp_path / workdir))
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+    from pixelflow_jax.data.loader import read_with_folder
+
+    assert not read_with_folder(str(tmp_path / ".runs" / "exp1"), str(tmp_path))  # a hidden folder is not read
+    assert not read_with_folder(str(tmp_path) + "_runs", str(tmp_path))
 
 
 def test_init_from_naming_the_new_runs_own_workdir_says_so(tmp_path):
@@ -348,7 +352,7 @@ def test_a_warmup_longer_than_the_run_is_named(caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             train.validate(config, ModelConfig.from_mapping(config.model), train.make_mesh(1))
-        assert ("train.warmup_steps (100) is beyond train.num_steps (6): this run ends before its learning rate "
+        assert ("train.warmup_steps (100) is not below train.num_steps (6): this run ends before its learning rate "
                 "reaches train.lr") in caplog.text if warned else "warmup" not in caplog.text
 
 

@@ -128,18 +128,25 @@ def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
     def too_large(argv):
         jax.block_until_ready(jnp.ones((10**13,), jnp.float32))  # 40 TB: refused at once, as a big batch is
 
+    from configs import c2i
+
+    config = c2i.get_config("tiny")
     monkeypatch.setattr(main, "run_mode", too_large)
-    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="sample"))
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="sample", config=config))
     with pytest.raises(SystemExit, match=r"^error: --mode=sample ran out of memory \(RESOURCE_EXHAUSTED: Out of "
                                          r"memory allocating 40000000000000 bytes.\): lower --config.sample.batch_size$"):
         main.main(["main.py"])
-
-    def disk_full(argv):
-        raise OSError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
-
-    monkeypatch.setattr(main, "run_mode", disk_full)
-    with pytest.raises(OSError, match="No space left"):  # not called a memory problem
+    config.eval.reference = "ref.npz"  # the job ends with an evaluation, whose batch may be the one too large
+    with pytest.raises(SystemExit, match=r"lower --config.sample.batch_size or --config.eval.batch_size$"):
         main.main(["main.py"])
+
+    for disk in ("No space left on device", "Disk quota exceeded"):
+        def disk_full(argv):
+            raise OSError(f"RESOURCE_EXHAUSTED: Error writing local file: {disk}")
+
+        monkeypatch.setattr(main, "run_mode", disk_full)
+        with pytest.raises(OSError, match=disk):  # not called a memory problem
+            main.main(["main.py"])
 
 
 def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_quiet():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -105,7 +106,13 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
             os.rename(tmp, path)
             shutil.rmtree(old)
         else:
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError as e:  # made in the last instant (an empty folder there is replaced: rename's rule)
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                raise CheckpointError(f"output {path} appeared while this job was writing; it is left as it is: "
+                                      "choose another path") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -181,7 +181,9 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     else:  # a release folder's model.pt named alone is described by the folder's config.yaml too
         weights_path = path
         folder_config = storage.join(storage.dirname(path) or ".", "config.yaml")
-        folder_config = folder_config if storage.basename(path) == "model.pt" else None
+        if storage.basename(path) != "model.pt" or not storage.isfile(folder_config) or not is_release_yaml(
+                folder_config):  # another project's config.yaml beside a bare state dict says nothing of it
+            folder_config = None
     torch_config = torch_config or (folder_config if folder_config and storage.isfile(folder_config) else None)
     state_dict = extract_state_dict(load_torch_file(weights_path), weights_path, weights)
 
@@ -194,6 +196,19 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     else:
         params = infer_architecture(state_dict, attention_head_dim)
     return release_config(params, extras, overrides, path, torch_config), state_dict
+
+
+def is_release_yaml(path: str) -> bool:
+    """Whether a YAML file is shaped as the release's configs (model.params); one that is, but wrong,
+    is named by config_from_release_yaml."""
+    try:
+        values = yaml.safe_load(storage.read_text(path))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        values = None
+    shaped = isinstance(values, dict) and isinstance(values.get("model"), dict) and "params" in values["model"]
+    if not shaped:
+        logging.warning("%s is not a release config.yaml (no model.params): not used", path)
+    return shaped
 
 
 def release_folder_config(folder: str) -> CheckpointConfig:

@@ -85,6 +85,17 @@ def ignored_name(name: str) -> bool:
     return name.startswith(".") or name == "lost+found"
 
 
+def read_with_folder(path: str, root: str) -> bool:
+    """Whether `path` is folder `root` or lies where a folder source reads inside it (not below a
+    hidden or ignored folder): a run's or a pack's output there would become data."""
+    root, path = storage.resolved(root).rstrip("/"), storage.resolved(path)
+    if path == root:
+        return True
+    if not path.startswith(root + "/"):
+        return False
+    return not any(ignored_name(part) for part in path[len(root) + 1:].split("/"))
+
+
 def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
     """Every file under root (any depth) as a full path, in a fixed order (a folder's files sorted,
     then its sub-folders' in sorted order), leaving out ignored names. Symbolic links are followed;

@@ -25,7 +25,7 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
                                              encode_record)
-from pixelflow_jax.data.loader import DataError
+from pixelflow_jax.data.loader import DataError, read_with_folder
 from pixelflow_jax.progress import Progress
 
 
@@ -39,8 +39,7 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     if not str(output).strip():
         raise ValueError("--output is empty: name a folder for the shards")
     storage.check_supported(output)
-    out, source_folder = storage.resolved(output), storage.resolved(folder)
-    if out == source_folder or out.startswith(source_folder.rstrip("/") + "/"):
+    if read_with_folder(output, folder):
         raise ValueError(f"--output {output} is inside the captioned folder {folder}, which the shards would then "
                          "be part of; choose a folder outside it")
     if storage.isfile(output):
@@ -106,6 +105,8 @@ def not_an_image(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)):
             return None
+    except Image.DecompressionBombError as e:  # the loader would not decode it either
+        return f"too large to decode ({e})"
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         return f"not an image ({type(e).__name__})"
 

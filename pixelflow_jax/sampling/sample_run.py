@@ -106,7 +106,9 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
     if jax.process_index() == 0 and not storage.create_json(path, settings):  # another job's came first
-        check_settings(folder, workdir, settings)
+        if changed := changed_settings(path, settings):
+            raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
+                             f"(differing: {changed}); use a new --workdir")
 
 
 def changed_settings(path: str, settings: dict) -> list[str]:

@@ -171,8 +171,11 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
     elif config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
         raise ValueError(f"model.num_classes ({model_cfg.num_classes}) must equal data.demo_num_classes "
                          f"({config.data.demo_num_classes}): previews sample every class of the model")
-    if t.warmup_steps > t.num_steps:  # not an error: a later resume may raise num_steps past it
-        logging.warning("train.warmup_steps (%d) is beyond train.num_steps (%d): this run ends before its learning "
+    # (cosine refuses this in learning_rate; a constant rate may be meant to end its warmup in a resume
+    # that raises num_steps.) Step s applies the rate of update s - 1, so warmup_steps = num_steps never
+    # reaches train.lr either.
+    if t.lr_schedule == "constant" and t.warmup_steps >= t.num_steps:
+        logging.warning("train.warmup_steps (%d) is not below train.num_steps (%d): this run ends before its learning "
                         "rate reaches train.lr (%g)", t.warmup_steps, t.num_steps, t.lr)
     return StepConfig(lr=t.lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, decay_steps=t.num_steps,
                       weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
@@ -301,16 +304,16 @@ def check_writable_on_every_process(workdir: str) -> None:
 
 
 def check_outside_the_image_folder(config, workdir: str) -> None:
-    """An image folder is read whole: a workdir in it would become training data (its checkpoints/
-    and previews/ read as classes, or as images without captions), and the resume would then find
-    the dataset changed and refuse it for good."""
+    """An image folder is read whole (hidden folders aside): a workdir in it would become training
+    data (its checkpoints/ and previews/ read as classes, or as images without captions), and the
+    resume would then find the dataset changed and refuse it for good."""
+    from pixelflow_jax.data.loader import read_with_folder
+
     root = config.data.root if config.data.source == "folder" else ""
-    if not root:
-        return
-    root, run = storage.resolved(root), storage.resolved(workdir)
-    if run == root or run.startswith(root.rstrip("/") + "/"):
+    if root and read_with_folder(workdir, root):
         raise ValueError(f"--workdir {workdir} is inside the training images (--config.data.root={config.data.root}): "
-                         "the run's own files would be read as images; choose a workdir outside that folder")
+                         "the run's own files would be read as images; choose a workdir outside that folder (or "
+                         "in a hidden folder of it, such as .runs/, which is not read)")
 
 
 def train(config, workdir: str) -> dict:
