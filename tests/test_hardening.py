@@ -325,7 +325,7 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                                                              "need more than 3"),
                                  ("none", np.zeros((0, 8, 8, 3), np.uint8), "holds 0 images"),
                                  ("empty", np.zeros((5, 0, 0, 3), np.uint8), "images of 0x0 pixels, which have no"),
-                                 ("float255", np.zeros((4, 8, 8, 3)), "and 0-255 values with x.round\(\)")):
+                                 ("float255", np.zeros((4, 8, 8, 3)), r"and 0-255 values with x.round\(\)")):
         np.savez(tmp_path / f"{name}.npz", arr_0=array)
         with pytest.raises(ValueError, match=message):
             npz_image_count(str(tmp_path / f"{name}.npz"))
