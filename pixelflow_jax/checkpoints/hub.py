@@ -57,6 +57,11 @@ class HubPath:
                 + (f"/{self.subfolder}" if self.subfolder else ""))
 
 
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks huggingface_hub to read its cache only (its own truthy values)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _download(hub: HubPath, patterns) -> str:
     """The local snapshot folder (of the repo root) holding the files that match `patterns` in the
     subfolder; every Hub failure becomes one CheckpointError saying what to do."""
@@ -76,9 +81,8 @@ def _download(hub: HubPath, patterns) -> str:
     except errors.RevisionNotFoundError:
         raise CheckpointError(f"{hub}: repository {hub.repo_id} has no revision {hub.revision!r}") from None
     except (errors.LocalEntryNotFoundError, getattr(errors, "IncompleteSnapshotError", OSError)) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         hint = ("HF_HUB_OFFLINE is set and the files are not in the cache: unset it and run once with network "
-                "access to fill the cache") if offline else ("the Hub cannot be reached and the files are not in "
+                "access to fill the cache") if offline() else ("the Hub cannot be reached and the files are not in "
                                                              "the cache; check the network")
         raise CheckpointError(f"{hub}: {hint} ({type(e).__name__})") from None
     except (errors.HfHubHTTPError, OSError) as e:
@@ -135,9 +139,8 @@ def download_weights(pinned_path: str) -> None:
     hub = HubPath.parse(pinned_path)
     folder = _folder(_download(hub, CHECKPOINT_PATTERNS), hub, CHECKPOINT_PATTERNS)
     if not any(os.path.exists(os.path.join(folder, name)) for name in ("model.pt", "params")):
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         raise CheckpointError(f"{hub}: its weights (model.pt or params/) are not " + (
-            "in the Hub cache and HF_HUB_OFFLINE is set: unset it and run once with network access" if offline
+            "in the Hub cache and HF_HUB_OFFLINE is set: unset it and run once with network access" if offline()
             else "in the repository: a release folder holds config.yaml + model.pt, a converted one "
                  "pixelflow_config.json + params/"))
 
