@@ -178,13 +178,13 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
         if not storage.isfile(weights_path):
             raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + model.pt")
         folder_config = storage.join(path, "config.yaml")
+        torch_config = torch_config or (folder_config if storage.isfile(folder_config) else None)
     else:  # a release folder's model.pt named alone is described by the folder's config.yaml too
         weights_path = path
         folder_config = storage.join(storage.dirname(path) or ".", "config.yaml")
-        if storage.basename(path) != "model.pt" or not storage.isfile(folder_config) or not is_release_yaml(
-                folder_config):  # another project's config.yaml beside a bare state dict says nothing of it
-            folder_config = None
-    torch_config = torch_config or (folder_config if folder_config and storage.isfile(folder_config) else None)
+        if not torch_config and storage.basename(path) == "model.pt" and storage.isfile(folder_config) and (
+                is_release_yaml(folder_config)):  # another project's config.yaml beside a state dict says nothing
+            torch_config = folder_config
     state_dict = extract_state_dict(load_torch_file(weights_path), weights_path, weights)
 
     extras: dict[str, int] = {}
