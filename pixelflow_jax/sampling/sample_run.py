@@ -88,7 +88,7 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
         changed = changed_settings(path, settings)
         if not changed:
             return
-        if nothing_sampled(folder, workdir):  # not replaced here: it may be a job that is still starting
+        if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
             raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
                              "image yet (it stopped before its first, or is still starting): if no job samples "
                              f"into {folder}, delete {path} and rerun; or use a new --workdir")
@@ -97,12 +97,10 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
                       "checkpoint_fingerprint" in changed) else ""
         raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}){weights}; "
                          "use a new --workdir, or rerun with the settings in settings.json")
-    images = sorted(name for name in images_on_disk(folder) if IMAGE_NAME.fullmatch(name))
-    if images:
+    if images := sampled_images(folder):
         raise ValueError(f"{folder} holds {len(images)} images (e.g. {images[0]}) but no settings.json saying what "
                          "they were sampled with, so they cannot join this job: use a new --workdir, or move them away")
-    earlier = [name for name in (SAMPLES_NPZ, "eval.json") if storage.exists(storage.join(workdir, name))]
-    if earlier:
+    if earlier := earlier_outputs(workdir):
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
     if jax.process_index() == 0 and not storage.create_json(path, settings):  # another job's came first
@@ -131,9 +129,13 @@ def changed_settings(path: str, settings: dict) -> list[str]:
     return changed
 
 
-def nothing_sampled(folder: str, workdir: str) -> bool:
-    return not any(IMAGE_NAME.fullmatch(name) for name in images_on_disk(folder)) and not any(
-        storage.exists(storage.join(workdir, name)) for name in (SAMPLES_NPZ, "eval.json"))
+def sampled_images(folder: str) -> list[str]:
+    return sorted(name for name in images_on_disk(folder) if IMAGE_NAME.fullmatch(name))
+
+
+def earlier_outputs(workdir: str) -> list[str]:
+    """What a sampling job leaves in its workdir besides samples/: what the next job would overwrite."""
+    return [name for name in (SAMPLES_NPZ, "eval.json") if storage.exists(storage.join(workdir, name))]
 
 
 def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
