@@ -94,12 +94,13 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
+    appeared = CheckpointError(f"output {path} appeared while this job was writing (another job, or a person, "
+                               "made it); it is left as it is: choose another path, or rerun with --overwrite if it "
+                               "may be replaced")
     try:
         yield tmp
         if os.path.exists(path) and not existed:  # --overwrite was judged on what was there at the start
-            raise CheckpointError(f"output {path} appeared while this job was writing (another job, or a person, "
-                                  "made it); it is left as it is: choose another path, or rerun with --overwrite "
-                                  "if it may be replaced")
+            raise appeared
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{base}.old-{storage.writer_tag()}-", dir=parent)
             os.rename(path, os.path.join(old, "previous"))
@@ -111,8 +112,7 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
             except OSError as e:  # made in the last instant (an empty folder there is replaced: rename's rule)
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
-                raise CheckpointError(f"output {path} appeared while this job was writing; it is left as it is: "
-                                      "choose another path") from None
+                raise appeared from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
