@@ -23,6 +23,7 @@ Modes: train, sample, inspect, eval, demo.
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -191,6 +192,20 @@ def out_of_memory_fix(mode: str, config) -> str:
     return f"the model does not fit this machine's memory{text}"
 
 
+class Terminated(BaseException):
+    """SIGTERM (a preemption, `kill`) in sample or eval mode: raised where the job is, as Ctrl-C's
+    KeyboardInterrupt is, so that what the job finished is written before it stops."""
+
+
+def stop_on_sigterm() -> None:
+    """Without it a SIGTERM ends sample and eval at once and silently, losing the batch that had
+    just finished. With several processes jax's preemption service holds SIGTERM: not replaced."""
+    def on_sigterm(*_):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def main(argv):
     try:
         run_mode(argv)
@@ -282,6 +297,8 @@ def run_mode(argv):
         from pixelflow_jax.evaluation import evaluate
         from pixelflow_jax.sampling import sample_run
 
+        if not FLAGS.distributed:
+            stop_on_sigterm()
         try:
             if FLAGS.mode == "sample":
                 e = FLAGS.config.eval
@@ -294,11 +311,13 @@ def run_mode(argv):
                 evaluate.run(FLAGS.config, FLAGS.workdir, samples)
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)
-        except KeyboardInterrupt:  # finished batches are on disk (sample_run writes each batch whole)
+        except (KeyboardInterrupt, Terminated) as stop:  # finished batches are on disk (sample_run writes each whole)
             kept = ("the features of files already through the Inception are cached" if FLAGS.mode == "eval"
                     else "the images written are kept")
-            print(f"stopped: interrupted (Ctrl-C); {kept}: rerun the same command to go on", file=sys.stderr)
-            sys.exit(130)  # 128 + SIGINT, as a shell reports it
+            cause, status = ("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt) else (
+                "terminated (SIGTERM)", 143)  # 128 + the signal's number, as a shell reports it
+            print(f"stopped: {cause}; {kept}: rerun the same command to go on", file=sys.stderr)
+            sys.exit(status)
 
 
 def exit_now_after_an_error(stop: SystemExit):

@@ -166,3 +166,27 @@ def test_a_sampling_job_builds_its_model_with_the_configs_param_dtype(converted)
     model, _, _ = load_for_sampling(config, "")
     assert model.config.param_dtype == "bfloat16"
     assert {leaf.dtype.name for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"bfloat16"}
+
+
+def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, converted):
+    """A SIGTERM (a preemptible VM, `kill`) ended the job at once and silently (exit 143, no line),
+    losing the batch that had just finished; it now stops as Ctrl-C does, saying what was kept."""
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                                "--mode=sample", f"--config.sample.checkpoint={converted['c2i_tiny']}",
+                                "--config.sample.num_images=100000", "--config.sample.batch_size=8",
+                                "--config.sample.steps_per_stage=(1,1,1,1)"],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (workdir / "samples" / "000001.png").exists() and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr
+    assert "stopped: terminated (SIGTERM); the images written are kept: rerun the same command to go on" in stderr
+    assert "Traceback" not in stderr
+    names = os.listdir(workdir / "samples")
+    assert "000001.png" in names and all(n.endswith(".png") or n == "settings.json" for n in names)  # no leftovers
