@@ -998,6 +998,26 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
         check_sample_count(config.sample)
 
 
+@pytest.mark.parametrize("process", [0, 1])
+def test_two_sampling_jobs_starting_together_with_other_settings_stop_on_every_process(tmp_path, monkeypatch, process):
+    """Another job's settings.json recorded while this one checked: every process of this job
+    must raise, not process 0 alone (the others waited for it at their next barrier)."""
+    import json
+
+    from pixelflow_jax.sampling import sample_run
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    other_job = lambda _name: (samples / "settings.json").write_text(json.dumps({"seed": 1}))
+    monkeypatch.setattr(sample_run.jax, "process_index", lambda: process)
+    monkeypatch.setattr(sample_run.multihost_utils, "sync_global_devices", other_job)
+    if process == 0:  # the other job's file appears between this job's checks and its exclusive create
+        monkeypatch.setattr(sample_run.storage, "create_json", lambda path, value: other_job(None) and False)
+    with pytest.raises(ValueError, match=r"another job started sampling into .*samples at the same time, with other "
+                                         r"settings \(differing: \['seed'\]\); use a new --workdir"):
+        sample_run.check_settings(str(samples), str(tmp_path), {"seed": 0})
+
+
 def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp_path):
     from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
 

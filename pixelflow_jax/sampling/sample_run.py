@@ -103,10 +103,14 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
     if earlier := earlier_outputs(workdir):
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
-    if jax.process_index() == 0 and not storage.create_json(path, settings):  # another job's came first
-        if changed := changed_settings(path, settings):
-            raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
-                             f"(differing: {changed}); use a new --workdir")
+    if jax.process_index() == 0:
+        storage.create_json(path, settings)  # not created: another job's came first, checked below
+    # Every process reads what was recorded, so that all of them stop alike (process 0 alone
+    # raising would leave the others waiting for it at their next barrier).
+    multihost_utils.sync_global_devices("sample settings recorded")
+    if changed := changed_settings(path, settings):
+        raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
+                         f"(differing: {changed}); use a new --workdir")
 
 
 def changed_settings(path: str, settings: dict) -> list[str]:
