@@ -9,9 +9,11 @@ g_s = 1 + (cfg - 1) * [0, 1/6, 2/3, 1][s] (other stage counts: `stage_guidance`)
 ones use g_s = cfg. Where g_s is exactly 1 the unconditional half is skipped: v_u + 1 (v_c - v_u)
 = v_c, so only float rounding (~1e-7) separates this from the release, which always runs both halves.
 
-Randomness: every image draws its noise from fold_in(key, image_id), so an image depends only on
-the seed, its id and its conditioning, not on the batch it was sampled in, the batch size or the
-number of devices. Callers may pass their own noise instead (to replay the release's draws).
+Randomness: every image draws its noise from fold_in(key, image_id), so with Euler an image depends
+only on the seed, its id and its conditioning, not on the batch it was sampled in, the batch size or
+the number of devices. dopri5 solves a batch as one ODE with one step size, as the release does, so
+its images move with their batch by a few uint8 levels (5 at most on the tiny fixture). Callers may
+pass their own noise instead (to replay the release's draws).
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ class CascadeSampler:
         """uint8 images (N, R, R, 3) of a class-conditional model for the given labels.
 
         image_ids (default 0..N-1) select each image's noise: the same (seed, id, label) always
-        gives the same image, whatever else is in the batch.
+        gives the same image, whatever else is in the batch (with dopri5: up to its tolerance,
+        since the batch shares its step sizes).
         """
         cond, uncond = class_conditioning(labels, self.model_config.num_classes)
         return self._generate(cond, uncond, len(labels), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
