@@ -101,6 +101,42 @@ def test_a_damaged_step_is_named_briefly_with_the_steps_that_load(run, tmp_path)
     assert len(message) < 1500
 
 
+def test_weights_that_restore_as_nan_are_refused_with_their_names_not_sampled_or_exported(converted, tmp_path):
+    """Files damaged after they were written can restore as NaN: load_model accepted them and the
+    export wrote them into model.pt (which the converter's other direction then refused)."""
+    from configs import c2i
+    from pixelflow_jax.checkpoints.checkpoint import read_config, save_checkpoint
+    from pixelflow_jax.training import checkpointing, train
+    from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
+
+    model, ckpt = load_model(converted["c2i_tiny"])
+    params = jax.tree.map(np.array, pure_params(model))  # writable copies
+    params["transformer_blocks"]["mlp"]["fc2"]["kernel"][1, 0, 0] = np.nan
+    folder = str(tmp_path / "converted")
+    save_checkpoint(folder, params, read_config(converted["c2i_tiny"]))
+    with pytest.raises(CheckpointError, match=r"converted/params: transformer_blocks/mlp/fc2/kernel hold NaN or inf values "
+                                              r"\(files damaged .*: convert again"):
+        load_model(folder)
+
+    workdir = str(tmp_path / "run")
+    train.check_run_config(workdir, ckpt.model, c2i.get_config("tiny"))
+    manager = checkpointing.checkpoint_manager(workdir, keep=5)
+    for step in (2, 4):
+        state = init_state(model, make_optimizer(StepConfig()), seed=0)
+        if step == 4:
+            state["ema"] = jax.tree.map(jax.numpy.asarray, params)
+        checkpointing.save(manager, step, state)
+    manager.wait_until_finished()
+    manager.close()
+    with pytest.raises(CheckpointError, match=r"the ema weights of .*checkpoints/4: transformer_blocks/mlp/fc2/kernel hold NaN"
+                                              r".*: load another step; the run's other complete steps: \[2\]"):
+        load_model(workdir)
+    load_model(workdir, weights="model")  # the raw weights of the same step are whole
+    result = run_converter("--to_torch", f"--jax_checkpoint={workdir}", f"--output={tmp_path / 'export'}")
+    assert result.returncode == 1 and "transformer_blocks/mlp/fc2/kernel hold NaN" in result.stderr, result.stderr
+    assert not (tmp_path / "export").exists()
+
+
 def test_ema_restore_reads_only_the_ema(run, monkeypatch):
     """Partial restore: the optimiser moments and raw weights are never part of the request."""
     import orbax.checkpoint as ocp

@@ -191,12 +191,31 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
     target = abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(params_path, target)
+            params = checkpointer.restore(params_path, target)
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
         from pixelflow_jax.checkpoints.run_checkpoint import restore_error
 
         raise CheckpointError(f"cannot restore parameters from {params_path} (damaged, or not the architecture "
                               f"{config.model.architecture()}): {restore_error(e)}; convert again") from None
+    check_finite(params, params_path, "convert again")
+    return params
+
+
+def non_finite_params(params: Params) -> list[str]:
+    """The names (a/b/kernel) of the parameters holding NaN or inf: files damaged after they were
+    written still restore, and a NaN weight makes every image NaN."""
+    import jax.numpy as jnp
+
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return ["/".join(str(getattr(key, "key", key)) for key in path) for path, leaf in leaves
+            if not bool(jnp.isfinite(leaf).all())]
+
+
+def check_finite(params: Params, what: str, fix: str) -> None:
+    if bad := non_finite_params(params):
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{what}: {shown} hold NaN or inf values (files damaged after they were written, or a "
+                              f"diverged run); every image sampled from them would be NaN: {fix}")
 
 
 def module_with_params(create, params: Params, dtype=None):

@@ -21,7 +21,8 @@ import re
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES, CheckpointConfig, CheckpointError, abstract_params
+from pixelflow_jax.checkpoints.checkpoint import (WEIGHT_CHOICES, CheckpointConfig, CheckpointError, abstract_params,
+                                                 check_finite)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
 
@@ -168,11 +169,17 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
             raise CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and "
                                   "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read "
                                   "the run's latest step, or copy a step out of checkpoints/ to read that") from None
-        others = [s for s in complete_steps(run_step.run) if s != run_step.step]
-        elsewhere = (f"; the run's other complete steps: {others} (load {storage.join(run_step.run, CHECKPOINTS)}/"
-                     f"{others[-1]})" if others else "")
         raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} (damaged, or not this "
                               f"run's architecture {config.model.architecture()}): {restore_error(e)}"
-                              f"{elsewhere}") from None
+                              f"{other_steps(run_step)}") from None
+    check_finite(restored[key], f"the {weights} weights of {run_step.folder}",
+                 f"load another step{other_steps(run_step) or ' (the run has no other complete step)'}")
     logging.info("restored the %s weights of %s", weights, run_step.folder)
     return restored[key]
+
+
+def other_steps(run_step: RunStep) -> str:
+    """Where else the run's weights can be read from, for an error about one step ('' if nowhere)."""
+    others = [s for s in complete_steps(run_step.run) if s != run_step.step]
+    return (f"; the run's other complete steps: {others} (load {storage.join(run_step.run, CHECKPOINTS)}/"
+            f"{others[-1]})" if others else "")
