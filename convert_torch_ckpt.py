@@ -157,7 +157,11 @@ def main(argv):
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.convert import ConversionError
+    from pixelflow_jax.command_line import (Terminated, exit_without_teardown, quiet_closed_loop_callbacks,
+                                            stop_cause, stop_on_sigterm)
 
+    sys.unraisablehook = quiet_closed_loop_callbacks
+    stop_on_sigterm()  # the output's temporary folder is removed, as on Ctrl-C
     try:
         for flag in ("output", "torch_checkpoint", "torch_config", "jax_checkpoint"):
             if FLAGS[flag].value:
@@ -169,7 +173,11 @@ def main(argv):
         check_output(FLAGS.output, source, FLAGS.to_torch, FLAGS.overwrite)
         message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
     except (CheckpointError, ConversionError, storage.StorageError) as e:
-        sys.exit(f"error: {e}")
+        exit_without_teardown(f"error: {e}", 1)
+    except (KeyboardInterrupt, Terminated) as stop:
+        cause, status = stop_cause(stop)
+        exit_without_teardown(f"stopped: {cause}; nothing was written to {FLAGS.output} (its partial copy is "
+                              "removed)", status)
     print(message)
 
 

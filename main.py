@@ -23,7 +23,6 @@ Modes: train, sample, inspect, eval, demo.
 import logging as std_logging
 import os
 import re
-import signal
 import sys
 import traceback
 
@@ -164,17 +163,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {unknown_field_message(argv, e)}")
 
 
-def quiet_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None:
-    """An unraisablehook. When a restore fails (a damaged checkpoint, a full disk), the tensorstore
-    reads still in flight finish after orbax's event loop has closed, and each one's callback error
-    was printed: dozens of identical tracebacks above the one-line error. Only those are dropped."""
-    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-            and frames and frames[-1].name == "_check_closed"):
-        return
-    previous(unraisable)
-
-
 def out_of_memory_fix(mode: str, config) -> str:
     """What a job that ran out of device or host memory (XLA's RESOURCE_EXHAUSTED) can lower."""
     if mode == "train":
@@ -190,20 +178,6 @@ def out_of_memory_fix(mode: str, config) -> str:
     if mode == "inspect":
         return f"lower --config.data.resolution (for the config's own model){text}"
     return f"the model does not fit this machine's memory{text}"
-
-
-class Terminated(BaseException):
-    """SIGTERM (a preemption, `kill`) in sample or eval mode: raised where the job is, as Ctrl-C's
-    KeyboardInterrupt is, so that what the job finished is written before it stops."""
-
-
-def stop_on_sigterm() -> None:
-    """Without it a SIGTERM ends sample and eval at once and silently, losing the batch that had
-    just finished. With several processes jax's preemption service holds SIGTERM: not replaced."""
-    def on_sigterm(*_):
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def main(argv):
@@ -228,8 +202,10 @@ def run_mode(argv):
                  "(without it every process would run the whole job alone)")
     logging.set_verbosity(logging.INFO)
     std_logging.getLogger("absl").addFilter(quiet_library_info)
-    sys.unraisablehook = quiet_closed_loop_callbacks
     from pixelflow_jax import storage, validation
+    from pixelflow_jax.command_line import quiet_closed_loop_callbacks
+
+    sys.unraisablehook = quiet_closed_loop_callbacks
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
 
@@ -297,6 +273,8 @@ def run_mode(argv):
         from pixelflow_jax.evaluation import evaluate
         from pixelflow_jax.sampling import sample_run
 
+        from pixelflow_jax.command_line import Terminated, stop_cause, stop_on_sigterm
+
         if not FLAGS.distributed:
             stop_on_sigterm()
         try:
@@ -314,8 +292,7 @@ def run_mode(argv):
         except (KeyboardInterrupt, Terminated) as stop:  # finished batches are on disk (sample_run writes each whole)
             kept = ("the features of files already through the Inception are cached" if FLAGS.mode == "eval"
                     else "the images written are kept")
-            cause, status = ("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt) else (
-                "terminated (SIGTERM)", 143)  # 128 + the signal's number, as a shell reports it
+            cause, status = stop_cause(stop)
             print(f"stopped: {cause}; {kept}: rerun the same command to go on", file=sys.stderr)
             sys.exit(status)
 

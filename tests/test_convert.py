@@ -4,13 +4,15 @@ import argparse
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import fixture_dir, run_converter
+from conftest import REPO, fixture_dir, run_converter
 from pixelflow_jax import load_model
 from test_model_parity import PARITY_RTOL, forward, relative_error
 
@@ -317,3 +319,27 @@ def test_a_converted_folder_of_a_newer_format_asks_for_an_upgrade(converted, tmp
     (folder / "pixelflow_config.json").write_text(json.dumps({**config, "format_version": 2}))
     with pytest.raises(CheckpointError, match="format_version 2 is from a newer pixelflow-jax .*upgrade"):
         load_model(str(folder))
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_conversion_stopped_by_a_signal_removes_its_partial_output_and_says_so(tmp_path, converted, stop):
+    """A SIGTERM left the hidden temporary folder (gigabytes on XL) and printed nothing; Ctrl-C
+    printed a KeyboardInterrupt traceback. The signal here comes the moment model.pt is written,
+    before the folder is renamed into place."""
+    output = tmp_path / "export"
+    script = f"""
+import os, runpy, signal, sys
+import torch
+write = torch.save
+def write_then_signal(*args, **kwargs):
+    write(*args, **kwargs)
+    os.kill(os.getpid(), signal.{stop})
+torch.save = write_then_signal
+sys.argv = ["convert_torch_ckpt.py", "--to_torch", "--jax_checkpoint={converted['c2i_tiny']}", "--output={output}"]
+runpy.run_path("convert_torch_ckpt.py", run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    cause, status = ("terminated (SIGTERM)", 143) if stop == "SIGTERM" else ("interrupted (Ctrl-C)", 130)
+    assert result.returncode == status, result.stderr
+    assert f"stopped: {cause}; nothing was written to {output} (its partial copy is removed)" in result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []

@@ -154,8 +154,7 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
     import asyncio
     from types import SimpleNamespace
 
-    sys.path.insert(0, REPO)
-    import main
+    from pixelflow_jax.command_line import quiet_closed_loop_callbacks
 
     loop = asyncio.new_event_loop()
     loop.close()
@@ -164,7 +163,7 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
         try:
             late_callback()
         except Exception as error:
-            main.quiet_closed_loop_callbacks(SimpleNamespace(exc_type=type(error), exc_value=error,
-                                                             exc_traceback=error.__traceback__),
-                                             previous=lambda unraisable: shown.append(unraisable.exc_type))
+            quiet_closed_loop_callbacks(SimpleNamespace(exc_type=type(error), exc_value=error,
+                                                        exc_traceback=error.__traceback__),
+                                        previous=lambda unraisable: shown.append(unraisable.exc_type))
     assert shown == [ZeroDivisionError]

@@ -1,0 +1,50 @@
+"""What the two command-line tools (main.py, convert_torch_ckpt.py) share: stopping on SIGTERM as
+on Ctrl-C, and keeping library noise that follows an error out of the terminal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+
+class Terminated(BaseException):
+    """SIGTERM (a preemption, `kill`): raised where the job is, as Ctrl-C's KeyboardInterrupt is, so
+    that what the job finished is kept (and what it half-wrote removed) before it stops."""
+
+
+def stop_on_sigterm() -> None:
+    """Without it a SIGTERM ends the process at once and silently: a sampling job loses the batch
+    that had just finished, a conversion leaves its temporary folder. Not for jobs of several
+    processes, where jax's preemption service holds SIGTERM."""
+    def on_sigterm(*_):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def stop_cause(stop: BaseException) -> tuple[str, int]:
+    """(what stopped the job, its exit status: 128 + the signal's number, as a shell reports it)."""
+    return ("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated (SIGTERM)", 143)
+
+
+def quiet_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None:
+    """An unraisablehook. When a restore fails (a damaged checkpoint, a full disk), the tensorstore
+    reads still in flight finish after orbax's event loop has closed, and each one's callback error
+    was printed: dozens of identical tracebacks above the one-line error. Only those are dropped."""
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and frames and frames[-1].name == "_check_closed"):
+        return
+    previous(unraisable)
+
+
+def exit_without_teardown(message: str, status: int) -> None:
+    """Prints `message` and ends the process without the interpreter's teardown: after a failed
+    restore, the tensorstore reads still in flight are collected there, and each printed its
+    traceback ("Exception ignored in <coroutine ...>") after the error line, hundreds of lines."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
