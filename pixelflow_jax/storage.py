@@ -41,9 +41,15 @@ def scheme(path: str) -> str:
     return str(path).split("://", 1)[0] if is_url(path) else ""
 
 
-# A URL that lost a slash ("gs:/bucket", "gs:bucket"): taken as it is, it would be a local folder
-# named "gs:" that quietly fills the disk instead of the bucket.
-_BROKEN_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)|(?:gs|gcs|hf|s3|http|https|file):(?!//)")
+# A URL that lost a slash or its colon ("gs:/bucket", "gs:bucket", "gs//bucket", "gs;//bucket"):
+# taken as it is, it would be a local folder named "gs:" or "gs" that quietly fills the disk
+# instead of the bucket.
+_KNOWN_SCHEMES = r"(?:gs|gcs|hf|s3|http|https|file)"
+_BROKEN_URL = re.compile(rf"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)|{_KNOWN_SCHEMES}:(?!//)|{_KNOWN_SCHEMES}[;.]?//", re.I)
+# Characters an object path cannot keep: tensorstore (the checkpoints' arrays) reads "?" and "#" as
+# the start of a URL query or fragment, and fsspec (listings, deletes) reads "*?[]" as wildcards,
+# so a run's arrays would land in another folder, or a delete would match other runs' files.
+_NOT_IN_OBJECT_PATHS = "?#*[]"
 
 
 def user_path(path: str) -> str:
@@ -53,17 +59,22 @@ def user_path(path: str) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise StorageError(f"expected a path (a string or os.PathLike), got {path!r}")
     path = str(path)
-    if _BROKEN_URL.match(path):
-        scheme_name = path.split(":", 1)[0]
-        fixed = f"{scheme_name}://{path.split(':', 1)[1].lstrip('/')}"
-        raise StorageError(f'{path} looks like a URL without its "//": write {fixed} (or ./{path} for a local '
-                           "folder of that name)")
+    if broken := _BROKEN_URL.match(path):
+        scheme_name = re.match(r"[A-Za-z][A-Za-z0-9+.-]*?(?=[:;.]|//)", path)[0]
+        rest = path[broken.end():].lstrip("/\\")
+        meant = scheme_name.lower() if scheme_name.lower() in (*SUPPORTED_SCHEMES, "hf") else scheme_name
+        raise StorageError(f'{path} looks like a URL without its "://": write {meant}://{rest} (or ./{path} for a '
+                           "local folder of that name)")
     if is_url(path) and scheme(path) == "file":
         raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
     if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
         raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
     if is_url(path) and path != path.strip():
         raise StorageError(f"{path!r} starts or ends with a space, which an object name keeps: write {path.strip()!r}")
+    if is_url(path) and scheme(path) != "hf" and (odd := sorted(set(_NOT_IN_OBJECT_PATHS) & set(path))):
+        raise StorageError(f"{path}: {' and '.join(repr(c) for c in odd)} cannot be part of an object path here "
+                           "(the checkpoint library reads '?' and '#' as the start of a URL query, the bucket "
+                           "library reads '*', '?' and '[ ]' as wildcards): name the folder without them")
     if is_url(path) and {".", ".."} & set(path.split("://", 1)[1].split("/")[1:]):
         raise StorageError(f"{path}: object stores do not resolve '.' and '..' (they would be part of the names): "
                            "write the folder itself")
@@ -77,11 +88,15 @@ def user_path(path: str) -> str:
 
 
 def check_supported(path: str) -> None:
+    """A path this layer reads and writes: local or gs:// (hf:// paths are read by hub.py alone)."""
     if is_url(path) and scheme(path) not in SUPPORTED_SCHEMES:
         schemes = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
-        meant = scheme(path).lower()
-        hint = (f" (write {meant}://{path.split('://', 1)[1]}: schemes are lower case)"
-                if meant in (*SUPPORTED_SCHEMES, "hf") else "")
+        meant = {"gcs": "gs"}.get(scheme(path).lower(), scheme(path).lower())
+        if scheme(path) == "hf":
+            raise StorageError(f"{path}: hf:// (the Hugging Face Hub) is read here for checkpoints and T5 folders "
+                               f"only: outputs and other files are local or {schemes}")
+        hint = (f" (write {meant}://{path.split('://', 1)[1]}" + (": schemes are lower case)" if meant == scheme(
+            path).lower() else ")") if meant in (*SUPPORTED_SCHEMES, "hf") else "")
         raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; paths are local or {schemes} "
                            "(hf:// reads checkpoints and T5 folders only)")
 

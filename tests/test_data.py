@@ -510,7 +510,7 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
              f"--output {tmp_path / 'a_file'} is a file; name a folder for the shards"),
             ([f"--folder={images}", "--output=gs:///shards"], "gs:///shards names no bucket: write gs://BUCKET/"),
             ([f"--folder={images}", "--output=gs:/bucket/shards"],
-             'gs:/bucket/shards looks like a URL without its "//"'),
+             'gs:/bucket/shards looks like a URL without its "://"'),
             ([f"--folder={images}", f"--output={images / 'shards'}"],
              f"--output {images / 'shards'} is inside the captioned folder {images}"),
             ([f"--folder={images}", "--output="], "--output is empty")):

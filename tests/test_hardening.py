@@ -71,7 +71,7 @@ def c2i_config(**changes):
     ("inspect", "sample.weights", "foo", "--config.sample.weights must be one of"),
     ("train", "data.root", "s3://bucket/images", "--config.data.root: s3://bucket/images: unsupported URL scheme s3://"),
     ("train", "train.init_from", "http://host/ckpt", "--config.train.init_from: http://host/ckpt: unsupported URL"),
-    ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: unsupported URL"),
+    ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: hf:// (the Hugging Face Hub) is read here for checkpoints"),
 ])
 def test_every_config_value_is_checked_before_any_work(mode, field, value, message):
     with pytest.raises(ConfigError) as error:
@@ -863,9 +863,14 @@ def test_a_second_training_on_a_busy_workdir_stops_at_once(tmp_path):
 
 def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
     for broken, fixed in (("gs:/bucket/run", "gs://bucket/run"), ("gs:bucket", "gs://bucket"),
-                          ("hf:/owner/name", "hf://owner/name")):
-        with pytest.raises(storage.StorageError, match=f'looks like a URL without its "//": write {fixed}'):
+                          ("hf:/owner/name", "hf://owner/name"), ("gs//bucket/run", "gs://bucket/run"),
+                          ("gs;//bucket/run", "gs://bucket/run"), ("Gs:/bucket", "gs://bucket")):  # was a local folder
+        with pytest.raises(storage.StorageError, match=f'looks like a URL without its "://": write {fixed} '):
             storage.user_path(broken)
+    for globbed in ("gs://b/x?y", "gs://b/run#1", "gs://b/x*", "gs://b/[x]"):  # query, fragment, wildcards
+        with pytest.raises(storage.StorageError, match="cannot be part of an object path here"):
+            storage.user_path(globbed)
+    assert storage.user_path("gsdata//x") == "gsdata//x" and storage.user_path("runs/x?y") == "runs/x?y"
     for no_bucket in ("gs://", "gs:///run"):
         with pytest.raises(storage.StorageError, match="names no bucket: write gs://BUCKET/"):
             storage.user_path(no_bucket)

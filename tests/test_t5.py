@@ -232,7 +232,7 @@ def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder,
     os.makedirs(tmp_path / "gs:", exist_ok=True)
     os.symlink(t5_folder, tmp_path / "gs:" / "b")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r'T5 folder: gs:/b looks like a URL without its "//"'):
+    with pytest.raises(CheckpointError, match=r'T5 folder: gs:/b looks like a URL without its "://"'):
         PromptEncoder("gs:/b", max_length=8)
     with pytest.raises(CheckpointError, match="^no T5 folder given"):
         PromptEncoder("", max_length=8)
