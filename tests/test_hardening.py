@@ -726,7 +726,13 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, 
                           # a restarted container: the holder's pid is now this process, started later
                           ({"host": here, "pid": os.getpid(), "pid_start": this_process_started - 1}, True),
                           ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600}, True),  # silent
-                          ({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}, False)):  # alive
+                          ({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}, False),  # alive
+                          # another container with this hostname: its pids are not ours (pid 1 here is
+                          # not its pid 1), so its heartbeat decides: one that missed two refreshes is gone
+                          ({"host": here, "pid": 999999999, "pid_namespace": "pid:[1]", "heartbeat": time.time()
+                            - 2 * 60 - 11}, True),
+                          ({"host": here, "pid": 999999999, "pid_namespace": "pid:[1]",
+                            "heartbeat": time.time() - 60}, False)):  # was taken over: two runs in one workdir
         lock_file.write_text(json.dumps(holder))
         lock = WorkdirLock(str(tmp_path), stale_after_s=600)
         if taken:
@@ -735,7 +741,7 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, 
             assert f"taking over {lock_file} from a run that is gone: host {holder['host']}" in caplog.text
             lock.release()
         else:
-            with pytest.raises(WorkdirBusy, match="host elsewhere, pid 1"):
+            with pytest.raises(WorkdirBusy, match=f"host {holder['host']}, pid {holder['pid']}"):
                 lock.acquire()
 
 

@@ -4,8 +4,9 @@ It names its holder (host, pid, start time) and carries a heartbeat that a threa
 refreshes every heartbeat_period(stale_after_s) seconds, whatever the run is doing (compiling,
 restoring, a long step). A second run sees it at once and stops, naming the holder. A lock is
 stale, and is taken over, when its holder is gone: on this host, no process with its pid and start
-time exists (a restarted container reuses pids, its own included); from another host, its
-heartbeat is older than train.lock_stale_after_s. A lock that cannot be read (a start killed
+time exists (a restarted container reuses pids, its own included); from another PID namespace of
+this host (another container, or this one restarted), its heartbeat missed two refreshes; from
+another host, its heartbeat is older than train.lock_stale_after_s. A lock that cannot be read (a start killed
 while writing it) is stale after UNREADABLE_STALE_S.
 
 Creating the lock is atomic: a complete temporary file hard-linked into place on a local disk, an
@@ -38,6 +39,16 @@ UNREADABLE_STALE_S = 60.0  # a live run writes its lock whole within this
 def heartbeat_period(stale_after_s: float) -> float:
     """Refreshes often enough that a live run is never stale: ten chances per stale_after_s."""
     return max(1.0, min(60.0, stale_after_s / 10))
+
+
+def pid_namespace() -> str | None:
+    """This process's PID namespace ('pid:[4026531836]'), None where unknown. Containers of one
+    host may share its hostname (Kubernetes hostNetwork, docker --network host, --hostname)
+    while each sees only its own pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def process_start(pid: int) -> int | None:
@@ -96,7 +107,7 @@ class WorkdirLock:
         self.path = storage.join(workdir, LOCK_FILE)
         self.stale_after_s = stale_after_s
         self.record = {"host": socket.gethostname(), "workdir": storage.resolved(workdir), "pid": os.getpid(),
-                       "pid_start": process_start(os.getpid()),
+                       "pid_start": process_start(os.getpid()), "pid_namespace": pid_namespace(),
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "heartbeat": time.time()}
         self.held = False
@@ -181,6 +192,11 @@ class WorkdirLock:
     def _stale(self, holder: dict) -> bool:
         if self._copied(holder):
             return True
+        namespaces = holder.get("pid_namespace"), self.record["pid_namespace"]
+        if holder.get("host") == socket.gethostname() and None not in namespaces and namespaces[0] != namespaces[1]:
+            # Another container of this host (or this one restarted): its pids are not ours to look
+            # up, but it shares our clock, so a holder that missed two refreshes is gone.
+            return time.time() - float(holder.get("heartbeat", 0)) > 2 * heartbeat_period(self.stale_after_s) + 10
         if holder.get("host") == socket.gethostname():
             # A restarted container reuses its pids: the holder's pid may now be this very process,
             # or another one, started after the holder.
