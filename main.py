@@ -24,6 +24,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import time
 import traceback
 
 from absl import app, flags, logging
@@ -297,19 +298,32 @@ def run_mode(argv):
             sys.exit(status)
 
 
+EXIT_GRACE_S = 3  # process 0 hosts jax's coordination service: its exit stops every other process
+
+
 def exit_now_after_an_error(stop: SystemExit):
-    """Ends a single-process run that failed without the interpreter's teardown, which could wait
-    minutes (orbax's threads of a failed save wait out their own timeouts) and print tracebacks
-    after the error line (tensorstore callbacks of reads still in flight). Several processes exit
-    normally: jax's shutdown there is a barrier the others rely on."""
-    # (FLAGS, not jax.process_count(), which would start the accelerator just to print an error)
-    if stop.code in (None, 0) or (FLAGS.is_parsed() and FLAGS.distributed):
+    """Ends a run that failed without the interpreter's teardown.
+
+    One process: the teardown could wait minutes (orbax's threads of a failed save wait out their
+    own timeouts) and print tracebacks after the error line (tensorstore callbacks of reads still
+    in flight). Several processes: one that failed alone waited forever in jax's shutdown barrier
+    while the others waited for it in their next collective. Exiting at once instead, it makes them
+    stop too: at once where the collective's connection closes (CPU), else when jax's coordination
+    service misses its heartbeats (about 100 s), with jax's "another task died" error; the failed
+    process's error line is the one to read. Process 0 waits a few seconds first, so that processes
+    failing with it print their own errors. A preempted or interrupted run (143, 130) exits
+    normally: every process saved the same step and leaves together."""
+    jax = sys.modules.get("jax")  # not imported for a flag error: nothing to shut down, nothing to start
+    distributed = jax is not None and jax.distributed.is_initialized()
+    if stop.code in (None, 0) or (distributed and stop.code in (130, 143)):
         raise stop
     if isinstance(stop.code, str):
         print(stop.code, file=sys.stderr)
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
+    if distributed and jax.process_index() == 0:
+        time.sleep(EXIT_GRACE_S)
     os._exit(stop.code if isinstance(stop.code, int) else 1)
 
 
@@ -318,3 +332,6 @@ if __name__ == "__main__":
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:
         exit_now_after_an_error(stop)
+    except Exception:  # a bug: its traceback, then the same exit (in a job of several processes, not a hang)
+        traceback.print_exc()
+        exit_now_after_an_error(SystemExit(1))

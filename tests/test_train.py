@@ -393,6 +393,27 @@ def test_a_process_that_cannot_write_the_workdir_stops_every_process_naming_itse
     assert not (homes[0] / "run" / "train.lock").exists()
 
 
+def test_a_process_failing_alone_stops_every_process_instead_of_hanging(tmp_path):
+    """Only process 0 writes metrics.jsonl, here a folder: it failed while process 1 went on into
+    the first step's collective, and each waited for the other forever (process 0 in jax's shutdown
+    barrier). Process 0 now exits without that barrier and process 1 stops with it."""
+    (tmp_path / "metrics.jsonl").mkdir()
+    address = f"localhost:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
+                                   "--config.scheduler.num_stages=2", "--distributed",
+                                   f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                                  cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errors = [process.communicate(timeout=240)[1] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert processes[0].returncode == 1 and f"error: cannot write {tmp_path}/metrics.jsonl (IsADirectoryError" in \
+        errors[0], errors[0][-3000:]
+    assert processes[1].returncode != 0, errors[1][-3000:]
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.train.batch_size=6", "must be divisible by num_stages x devices x grad_accum_steps = 4 x 1 x 1: try 4 "
                                     "or 8"),

@@ -92,10 +92,11 @@ class MetricsLog:
         if not self.enabled:
             return
         self.lines = []
-        if storage.exists(self.path):  # drop what a crashed run logged past its checkpoint
-            steps = [(line, self._step_of(line)) for line in storage.read_text(self.path).splitlines()]
-            self.lines = [line + "\n" for line, step in steps if step is not None and step <= resumed_step]
-            storage.write_atomically(self.path, "".join(self.lines))
+        with storage.writing(self.path, WRITE_FIX):
+            if storage.exists(self.path):  # drop what a crashed run logged past its checkpoint
+                steps = [(line, self._step_of(line)) for line in storage.read_text(self.path).splitlines()]
+                self.lines = [line + "\n" for line, step in steps if step is not None and step <= resumed_step]
+                storage.write_atomically(self.path, "".join(self.lines))
         self.events = events = storage.join(workdir, "tensorboard")
         self.remote_events = events if storage.is_url(events) else None
         if self.remote_events:
