@@ -373,16 +373,19 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     assert list(losses(tuned)) == [1]
 
 
-def test_a_process_that_cannot_write_the_workdir_stops_every_process_naming_itself(tmp_path):
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_a_process_that_cannot_write_the_workdir_stops_every_process_naming_itself(tmp_path, converted, mode):
     """Each process expands `~` in --workdir with its own HOME: process 1's workdir is a file. It
-    stopped with its error while process 0 waited in the next collective, then died in gloo."""
+    stopped with its error while process 0 waited in the next collective, then died in gloo (in
+    sampling: waited at the settings barrier)."""
     homes = [tmp_path / "home0", tmp_path / "home1"]
     for home in homes:
         home.mkdir()
     (homes[1] / "run").write_text("not a folder")
     address = f"localhost:{free_port()}"
+    sampling = ["--mode=sample", f"--config.sample.checkpoint={converted['c2i_tiny']}"] if mode == "sample" else []
     processes = [subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--workdir=~/run",
-                                   "--distributed", f"--coordinator_address={address}", "--num_processes=2",
+                                   *sampling, "--distributed", f"--coordinator_address={address}", "--num_processes=2",
                                    f"--process_id={i}"], cwd=REPO, env={**os.environ, "HOME": str(homes[i]),
                                                                       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

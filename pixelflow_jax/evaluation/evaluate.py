@@ -256,7 +256,7 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
         from pixelflow_jax.evaluation.inception_convert import load_inception
 
         load_inception(inception_weights)
-    storage.check_writable(workdir)  # not only once the features are to be cached
+    storage.check_writable_on_every_process(workdir)  # not only once the features are to be cached
 
 
 def check_sample_count(sample_config) -> None:

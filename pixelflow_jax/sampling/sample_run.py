@@ -176,7 +176,7 @@ def run(config, workdir: str) -> None:
     num_images = conditioning.num_images
 
     folder = storage.join(workdir, "samples")
-    storage.check_writable(workdir)
+    storage.check_writable_on_every_process(workdir)
     if storage.isfile(folder):
         raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
     storage.makedirs(folder)

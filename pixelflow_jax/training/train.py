@@ -282,27 +282,6 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
     return {f"preview_{k}": v for k, v in agreement(images, colours, shapes, config.data.demo_num_classes).items()}
 
 
-def check_writable_on_every_process(workdir: str) -> None:
-    """storage.check_writable on each process, the outcome shared: a host without access (its
-    credentials, its mount) stops every process with its name, rather than leaving the others
-    waiting in the next collective."""
-    try:
-        storage.check_writable(workdir)
-        problem = None
-    except storage.StorageError as e:
-        problem = e
-    if jax.process_count() == 1:
-        if problem:
-            raise problem
-        return
-    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(problem is not None)))
-    if problem:
-        raise storage.StorageError(f"process {jax.process_index()}: {problem}")
-    if len(failed):
-        raise storage.StorageError(f"process {', '.join(map(str, failed))} of {jax.process_count()} cannot write to "
-                                   f"{workdir} (its log says why); every process of the job needs access")
-
-
 def check_outside_the_image_folder(config, workdir: str) -> None:
     """An image folder is read whole (hidden folders aside): a workdir in it would become training
     data (its checkpoints/ and previews/ read as classes, or as images without captions), and the
@@ -328,7 +307,7 @@ def train(config, workdir: str) -> dict:
                          "yet: init_from names the checkpoint a new run starts from (another run or one of its steps, "
                          "a converted or release folder); leave it empty to train from scratch")
     made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
-    check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
+    storage.check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
     lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
     lock.acquire()  # a second run on this workdir stops here, naming the first
     try:
