@@ -417,24 +417,44 @@ def write_json_atomically(path: str, value: Any) -> None:
     write_atomically(path, json.dumps(value, indent=2))
 
 
-def create_json(path: str, value: Any) -> bool:
-    """write_json_atomically where `path` does not exist yet: False, and nothing written, when
-    another writer got there first. Locally the test and the write are one step (a hard link
-    refuses an existing name); on an object store, or a file system without hard links, the check
-    comes first, so a race remains."""
-    if not is_url(path):
-        data = json.dumps(value, indent=2).encode("utf-8")
-        try:
-            _write_local_atomically(path, lambda f: f.write(data), publish=os.link)
-            return True
-        except FileExistsError:
+def create_file(path: str, data: bytes) -> bool:
+    """Writes `path` whole where nothing is there yet: False, and nothing written, when another
+    writer got there first. Locally a complete temporary file is hard-linked into place (a link
+    refuses an existing name; on a file system without hard links, some FUSE mounts, an exclusive
+    create, then the write); in a bucket one create-only upload (ifGenerationMatch=0), which the
+    store refuses if the object appeared since the existence check."""
+    if is_url(path):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(path)
+        if fs.exists(key):
             return False
-        except OSError:  # a file system without hard links (some FUSE mounts): as on an object store
-            pass
-    if exists(path):
+        try:
+            fs.pipe_file(key, data, mode="create")
+        except Exception:  # a precondition failure (412), whatever the client calls it
+            if fs.exists(key):
+                return False
+            raise
+        return True
+    try:
+        _write_local_atomically(path, lambda f: f.write(data), publish=os.link)
+        return True
+    except FileExistsError:
         return False
-    write_json_atomically(path, value)
+    except OSError:  # no hard links here
+        pass
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~umask())
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     return True
+
+
+def create_json(path: str, value: Any) -> bool:
+    """create_file for a JSON value."""
+    return create_file(path, json.dumps(value, indent=2).encode("utf-8"))
 
 
 def upload_file_atomically(local_file: str, path: str) -> None:

@@ -834,10 +834,10 @@ def test_a_lock_in_a_bucket_is_created_only_if_absent_even_when_a_rival_slips_in
     import fsspec
 
     from pixelflow_jax import storage
-    from pixelflow_jax.training.workdir_lock import LOCK_FILE, _create_exclusively
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE
 
     path = f"{bucket}/run/{LOCK_FILE}"
-    assert _create_exclusively(path, b"first") and not _create_exclusively(path, b"second")
+    assert storage.create_file(path, b"first") and not storage.create_file(path, b"second")
     assert storage.read_bytes(path) == b"first"
 
     contested = f"{bucket}/contested/{LOCK_FILE}"
@@ -850,7 +850,7 @@ def test_a_lock_in_a_bucket_is_created_only_if_absent_even_when_a_rival_slips_in
 
     monkeypatch.setattr(fs, "exists", absent_at_the_first_check)
     storage.write_atomically(contested, b"rival")  # lands after this run's check (which will say "absent")
-    assert not _create_exclusively(contested, b"mine")
+    assert not storage.create_file(contested, b"mine")
     assert len(checks) == 2 and storage.read_bytes(contested) == b"rival"
 
 

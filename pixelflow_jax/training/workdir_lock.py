@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 
@@ -64,44 +63,6 @@ class WorkdirBusy(RuntimeError):
     """Another live run owns the workdir; the message names it."""
 
 
-def _create_exclusively(path: str, data: bytes) -> bool:
-    """Writes `path` only if it does not exist; False if it does."""
-    if storage.is_url(path):
-        import fsspec
-
-        fs, key = fsspec.core.url_to_fs(path)
-        if fs.exists(key):
-            return False
-        try:
-            fs.pipe_file(key, data, mode="create")  # the store refuses it if another run created it first
-        except Exception:  # a precondition failure (412), whatever the client calls it
-            if fs.exists(key):
-                return False
-            raise
-        return True
-    storage.makedirs(os.path.dirname(path))
-    # Written whole first, named as storage.remove_temporaries clears them: a kill leaves no empty lock.
-    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-{storage.writer_tag()}-",
-                                     dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(temporary, 0o644)
-    try:
-        os.link(temporary, path)  # fails if the lock exists, like O_EXCL
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links (gcsfuse, s3fs, blobfuse mounts): create exclusively, then write
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    finally:
-        os.remove(temporary)
-    return True
-
-
 class WorkdirLock:
     def __init__(self, workdir: str, stale_after_s: float):
         self.path = storage.join(workdir, LOCK_FILE)
@@ -134,7 +95,7 @@ class WorkdirLock:
 
     def _try_acquire(self) -> str:
         for _ in range(2):  # a second try after clearing a stale lock
-            if _create_exclusively(self.path, json.dumps(self.record).encode()):
+            if storage.create_file(self.path, json.dumps(self.record).encode()):
                 self.held = True
                 return ""
             holder = self._read()
