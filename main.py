@@ -70,6 +70,13 @@ def quiet_library_info(record) -> bool:
     return record.levelno >= std_logging.WARNING or not INFO_HIDDEN_OF.search(record.pathname)
 
 
+def keep_library_info_out_of_the_log() -> None:
+    """orbax's INFO lines (through absl) and those of fsspec's read caches (one per file opened in
+    a bucket: several per logged step); their warnings and errors stay."""
+    std_logging.getLogger("absl").addFilter(quiet_library_info)
+    std_logging.getLogger("fsspec.caching").setLevel(std_logging.WARNING)
+
+
 # Overrides a sampling job cannot honour: the checkpoint holds the model, its stages and resolution;
 # each image's noise comes from sample.seed.
 CHECKPOINT_DECIDES = ("model.", "scheduler.", "data.resolution", "seed")
@@ -202,7 +209,7 @@ def run_mode(argv):
         sys.exit("error: --coordinator_address, --num_processes and --process_id apply with --distributed: add it "
                  "(without it every process would run the whole job alone)")
     logging.set_verbosity(logging.INFO)
-    std_logging.getLogger("absl").addFilter(quiet_library_info)
+    keep_library_info_out_of_the_log()
     from pixelflow_jax import storage, validation
     from pixelflow_jax.command_line import quiet_closed_loop_callbacks
 

@@ -70,7 +70,7 @@ def test_a_failed_run_exits_at_once_with_its_error_last(tmp_path):
     assert result.stderr.rstrip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nowhere'} does not exist"
 
 
-def test_orbax_info_lines_are_kept_out_of_the_log_and_its_warnings_are_not():
+def test_orbax_and_fsspec_info_lines_are_kept_out_of_the_log_and_their_warnings_are_not():
     import logging
 
     sys.path.insert(0, REPO)
@@ -83,6 +83,9 @@ def test_orbax_info_lines_are_kept_out_of_the_log_and_its_warnings_are_not():
     assert not main.quiet_library_info(record(logging.INFO, orbax))
     assert main.quiet_library_info(record(logging.WARNING, orbax))
     assert main.quiet_library_info(record(logging.INFO, "/home/me/orbax/pixelflow-jax/pixelflow_jax/training/train.py"))
+    main.keep_library_info_out_of_the_log()  # fsspec's read caches: an INFO line per file opened in a bucket
+    caches = logging.getLogger("fsspec.caching")
+    assert not caches.isEnabledFor(logging.INFO) and caches.isEnabledFor(logging.WARNING)
 
 
 def test_overrides_a_sampling_job_cannot_honour_are_named():

@@ -465,6 +465,7 @@ def test_ctrl_c_saves_the_step_like_a_preemption_and_a_second_one_stops_at_once(
 def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resumes_from(tmp_path):
     from types import SimpleNamespace
 
+    from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.training import checkpointing
 
@@ -477,6 +478,11 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
                                               r"rerun the same command: it resumes from step 2$"):
         with checkpointing.save_errors(stand_in):
             raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
+    with pytest.raises(CheckpointError, match=r"Permission denied: 'x'\. Fix the cause \(write access to the folder\)"):
+        with checkpointing.save_errors(stand_in):  # a refusal is not a full disk
+            raise PermissionError(13, "Permission denied", "x")
+    assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "Forbidden: b/b/o") == \
+        f"write access: {storage.CHECK_ACCESS}"
 
 
 def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path, monkeypatch):

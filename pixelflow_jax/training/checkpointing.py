@@ -100,12 +100,21 @@ def save_errors(manager):
         cause = "no space left on the device" if "No space left on device" in cause else cause[:300]
         complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
         resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
-        keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
-        room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
-                f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "
-                "--config.train.keep_checkpoints lowers how many")
-        raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: {cause}. Fix the cause (free "
-                              f"space: {room}) and rerun the same command: it {resume}") from None
+        raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: {cause}. Fix the cause "
+                              f"({save_fix(manager, cause)}) and rerun the same command: it {resume}") from None
+
+
+def save_fix(manager, cause: str) -> str:
+    """What to do about a failed save: access for a refusal, else room (the usual cause)."""
+    if any(word in cause for word in ("Forbidden", "403", "Permission denied", "PERMISSION_DENIED", "Unauthorized",
+                                      "401", "Read-only file system")):
+        return f"write access: {storage.CHECK_ACCESS}" if storage.is_url(str(manager.directory)) else \
+            "write access to the folder"
+    keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
+    room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
+            f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "
+            "--config.train.keep_checkpoints lowers how many")
+    return f"free space: {room}"
 
 
 def restore(manager, step: int, state, shardings):
