@@ -87,13 +87,15 @@ def override_fields(argv: list[str]) -> list[str]:
     return [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
 
 
-def overrides_without_effect(argv: list[str], mode: str) -> list[str]:
-    """The --config.FIELD overrides that --mode=sample or demo does not read (the rest of a
-    training command, which the README says may be reused with --mode=sample, is not named)."""
-    if mode not in ("sample", "demo"):
+def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
+    """The --config.FIELD overrides that --mode=sample or demo does not read, nor --mode=inspect
+    of a checkpoint (whose seed still draws the inputs it times); the rest of a training command,
+    which the README says may be reused with --mode=sample, is not named."""
+    if mode not in ("sample", "demo") and not (mode == "inspect" and inspects_checkpoint):
         return []
+    decided = [p for p in CHECKPOINT_DECIDES if mode != "inspect" or p != "seed"]
     return [f for f in override_fields(argv) if f not in RUNTIME_MODEL_FIELDS
-            and any(f == p or (p.endswith(".") and f.startswith(p)) for p in CHECKPOINT_DECIDES)]
+            and any(f == p or (p.endswith(".") and f.startswith(p)) for p in decided)]
 
 
 def step_overrides_dopri5_ignores(argv: list[str], mode: str, solver: str) -> list[str]:
@@ -226,10 +228,17 @@ def run_mode(argv):
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
     except (storage.StorageError, validation.ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    if ignored := overrides_without_effect(sys.argv, FLAGS.mode):
-        logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution "
-                        "(the seed of the images is sample.seed)", ", ".join(f"--config.{f}" for f in ignored),
-                        FLAGS.mode, "them" if len(ignored) > 1 else "it")
+    checkpoint_inspected = False
+    if FLAGS.mode == "inspect":
+        from pixelflow_jax.inspect_model import inspects_checkpoint
+
+        checkpoint_inspected = inspects_checkpoint(FLAGS.config, FLAGS.workdir)
+    if ignored := overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected):
+        logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution%s",
+                        ", ".join(f"--config.{f}" for f in ignored), FLAGS.mode, "them" if len(ignored) > 1 else "it",
+                        " (the seed of the images is sample.seed)" if FLAGS.mode != "inspect" else
+                        " (the config's own model is inspected with an empty --config.sample.checkpoint, in a --workdir that "
+                        "is not a training run)")
     if ignored := step_overrides_dopri5_ignores(sys.argv, FLAGS.mode, FLAGS.config.sample.solver):
         logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
                         "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),

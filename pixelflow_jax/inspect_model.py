@@ -40,10 +40,15 @@ def parameter_counts(model: PixelFlow) -> dict[str, int]:
     return counts
 
 
+def inspects_checkpoint(config, workdir: str) -> bool:
+    """Whether the model inspected is a checkpoint's (see the module docstring), not the config's."""
+    return bool(config.sample.checkpoint) or (is_run(workdir) and bool(complete_steps(workdir)))
+
+
 def fill_checkpoint_of_run(config, workdir: str) -> None:
     """An empty sample.checkpoint in the workdir of a run with a saved step means that run, as
     --mode=sample and --mode=demo read it."""
-    if not config.sample.checkpoint and is_run(workdir) and complete_steps(workdir):
+    if not config.sample.checkpoint and inspects_checkpoint(config, workdir):
         logging.info("%s is a training run: inspecting its latest checkpoint (set --config.sample.checkpoint to "
                      "inspect another, or use another --workdir for the config's own model)", workdir)
         config.sample.checkpoint = workdir

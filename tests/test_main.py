@@ -98,6 +98,8 @@ def test_overrides_a_sampling_job_cannot_honour_are_named():
     assert main.overrides_without_effect(argv, "sample") == ["data.resolution", "model.depth", "seed"]
     assert main.overrides_without_effect(argv, "demo") == ["data.resolution", "model.depth", "seed"]
     assert main.overrides_without_effect(argv, "train") == []
+    assert main.overrides_without_effect(argv, "inspect", inspects_checkpoint=True) == ["data.resolution", "model.depth"]
+    assert main.overrides_without_effect(argv, "inspect", inspects_checkpoint=False) == []  # the config's own model
 
 
 def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
