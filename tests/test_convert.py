@@ -59,10 +59,13 @@ def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
     assert_failed_cleanly(result, str(output), "--attention_head_dim")
     result = run_converter(f"--torch_checkpoint={weights}", "--attention_head_dim=16", "--resolution=64",
                            f"--output={output}")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "no config.yaml gives the resolution" not in result.stderr, result.stderr
     model, config = load_model(str(output))
     assert config.model.num_attention_heads == 2 and config.model.depth == 2 and config.resolution == 64
     assert relative_error(forward(model, golden["c2i_tiny"], 3), golden["c2i_tiny"]["fwd_3_out"]) <= PARITY_RTOL
+    result = run_converter(f"--torch_checkpoint={weights}", "--attention_head_dim=16", f"--output={tmp_path / 'guess'}")
+    assert result.returncode == 0 and "no config.yaml gives the resolution, so 256 px is assumed (the release's); " \
+                                      "pass --resolution" in result.stderr, result.stderr  # was silent
 
 
 def test_a_release_folders_model_pt_named_alone_is_described_by_the_folders_config_yaml(tmp_path):

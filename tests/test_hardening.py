@@ -979,6 +979,14 @@ def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, conver
     assert result.returncode == 1 and "samples is a file, where this job keeps its images" in result.stderr
     assert "Traceback" not in result.stderr and (tmp_path / "samples").read_text() == "my notes"
 
+    kept = tmp_path / "kept"  # an earlier job's samples.npz, its samples/ deleted: refused, and nothing made
+    kept.mkdir()
+    (kept / "samples.npz").write_bytes(b"50k images")
+    result = subprocess.run([*command[:3], f"--workdir={kept}", *command[4:]], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "holds samples.npz of an earlier sampling job" in result.stderr, result.stderr
+    assert os.listdir(kept) == ["samples.npz"]  # samples/ was made, empty, before the refusal
+
 
 def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path):
     from configs import c2i

@@ -276,6 +276,10 @@ def test_export_is_a_release_folder_with_the_release_keys_that_reads_back(run, t
     for key, value in params_to_torch(weights[2]["params"], load_model(workdir)[1].model).items():
         np.testing.assert_array_equal(exported[key].numpy(), value)
 
+    # The other direction named on a run: the error says which direction a run takes.
+    result = run_converter(f"--torch_checkpoint={workdir}", f"--output={tmp_path / 'wrong_way'}")
+    assert result.returncode == 1 and f"export it with --to_torch --jax_checkpoint={workdir}" in result.stderr
+
 
 def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
     """The README's loop: train with a command, then run it again with --mode=sample."""

@@ -176,7 +176,14 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     if storage.isdir(path):
         weights_path = storage.join(path, "model.pt")
         if not storage.isfile(weights_path):
-            raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + model.pt")
+            from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE
+            from pixelflow_jax.checkpoints.run_checkpoint import find_run_step, is_run
+
+            jax_checkpoint = storage.isfile(storage.join(path, CONFIG_FILE)) or is_run(path) or find_run_step(path)
+            hint = (f"; it is a JAX checkpoint (a training run or a converted folder): export it with --to_torch "
+                    f"--jax_checkpoint={path}" if jax_checkpoint else "")
+            raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + "
+                                  f"model.pt{hint}")
         folder_config = storage.join(path, "config.yaml")
         torch_config = torch_config or (folder_config if storage.isfile(folder_config) else None)
     else:  # a release folder's model.pt named alone is described by the folder's config.yaml too
@@ -228,6 +235,9 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
         raise CheckpointError(f"{', '.join(conflicts)}: the config.yaml decides these; drop the flags")
     defaults = RELEASE_T2I_DEFAULTS if params.get("cross_attention_dim") else RELEASE_DEFAULTS
     settings = {**defaults, **given, **extras}
+    if not torch_config and "resolution" not in given:  # the weights fit any resolution: nothing can tell
+        logging.warning("%s: no config.yaml gives the resolution, so %d px is assumed (the release's); pass "
+                        "--resolution for weights trained at another", path, settings["resolution"])
     try:
         return CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
     except (TypeError, ValueError) as e:

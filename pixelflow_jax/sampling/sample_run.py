@@ -179,13 +179,13 @@ def run(config, workdir: str) -> None:
     storage.check_writable_on_every_process(workdir)
     if storage.isfile(folder):
         raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
-    storage.makedirs(folder)
     settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),
                     dtype=model.config.dtype, param_dtype=model.config.param_dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
                     steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
                     num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
-    check_settings(folder, workdir, settings)
+    check_settings(folder, workdir, settings)  # before samples/ is made: a refused job leaves nothing
+    storage.makedirs(folder)
     if jax.process_index() == 0:  # before any process writes here
         storage.clear_leftovers_of_killed_writers(folder, workdir)
     multihost_utils.sync_global_devices("sample settings checked")
