@@ -579,7 +579,9 @@ def check_writable(folder: str) -> None:
         raise
     except Exception as e:  # gcsfs / google-auth / OS errors: one message with the cause
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else ""
+        hint = (f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else
+                ": name a folder this user can write to (a training run in a read-only folder can still be sampled "
+                "or exported into another: --config.sample.checkpoint=RUN, --jax_checkpoint=RUN)")
         raise StorageError(f"cannot write to {folder}: {type(e).__name__}: {cause}{hint}") from None
 
 

@@ -168,3 +168,14 @@ def test_create_json_never_replaces_a_file_with_or_without_hard_links(tmp_path, 
     other = str(tmp_path / "other.json")
     assert storage.create_json(other, {"seed": 3}) and json.load(open(other)) == {"seed": 3}
     assert sorted(os.listdir(tmp_path)) == ["other.json", "settings.json"]  # no temporaries left
+
+
+def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(storage, "write_atomically", refused)  # (tests run as root, whom modes do not stop)
+    with pytest.raises(storage.StorageError, match=r"cannot write to .*run: PermissionError: .*: name a folder this "
+                                                   r"user can write to \(a training run in a read-only folder can "
+                                                   r"still be sampled"):
+        storage.check_writable(str(tmp_path / "run"))
