@@ -201,6 +201,12 @@ def test_an_npz_without_arr_0_names_the_arrays_it_has(tmp_path):
     with pytest.raises(ValueError, match=r"has no arr_0 array of images \(its arrays: images, labels\); write "
                                          r"the images as arr_0"):
         evaluate.npz_image_count(str(tmp_path / "images.npz"))
+    import torch  # a torch file is a zip too: its hundreds of members were listed as arrays
+
+    torch.save({f"w{i}": torch.zeros(1) for i in range(50)}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"model.pt is a zip archive but not an .npz \(it holds model/data.pkl and "
+                                         r"\d+ more files\); pass the .npz of images"):
+        evaluate.npz_image_count(str(tmp_path / "model.pt"))
 
 
 def test_damaged_images_or_cache_files_are_named_or_computed_again(tiny_inception, tmp_path, caplog):

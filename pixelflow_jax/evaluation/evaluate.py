@@ -52,7 +52,11 @@ def _open_images(path: str):
         except (OSError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
         if "arr_0.npy" not in archive.namelist():
-            keys = ", ".join(name.removesuffix(".npy") for name in archive.namelist()) or "none"
+            names = archive.namelist()
+            if names and not all(name.endswith(".npy") for name in names):  # a zip, not an .npz (a torch .pt)
+                raise ValueError(f"{path} is a zip archive but not an .npz (it holds {names[0]} and {len(names) - 1} "
+                                 "more files); pass the .npz of images that --mode=sample writes")
+            keys = ", ".join(name.removesuffix(".npy") for name in names) or "none"
             raise ValueError(f"{path} has no arr_0 array of images (its arrays: {keys}); write the images as "
                              "arr_0, e.g. np.savez(path, images)")
         try:
