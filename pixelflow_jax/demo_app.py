@@ -44,6 +44,9 @@ def class_choices(num_classes: int) -> list[tuple[str, int]]:
     return [(f"class {i}", i) for i in range(num_classes)]
 
 
+SHOWN_PROMPT_CHARS = 80  # of a prompt, in the status line
+
+
 TEMPORARY_OUTPUTS = re.compile(r"pixelflow_demo_(\d+)_.*")
 
 
@@ -147,6 +150,18 @@ class DemoSampler:
             return f"Seed must be a whole number from 0 to {MAX_SEED}."
         return None
 
+    def named(self, condition) -> str:
+        """The class or prompt as the status line names it: a long prompt shortened, and one longer
+        than the text length said to be cut (the model reads only its first tokens)."""
+        if not self.text:
+            return f"class {condition!r}"
+        prompt = str(condition)
+        named = f"prompt {prompt if len(prompt) <= SHOWN_PROMPT_CHARS else prompt[:SHOWN_PROMPT_CHARS] + '...'!r}"
+        tokenizer = self.prompt_encoder.tokenizer
+        if tokenizer.tokenize([prompt])[2][0]:
+            named += f" (cut to its first {tokenizer.max_length} tokens: the model reads no more)"
+        return named
+
     def compile_key(self, num_images, solver, cfg, steps) -> tuple:
         # The sampler compiles per batch, solver, step counts and guided or not (CFG 1 is unguided).
         return (int(num_images), solver, float(cfg) == 1.0, tuple(int(n) for n in steps))
@@ -178,7 +193,6 @@ def build_page(demo: DemoSampler, config):
     stages = demo.ckpt.num_stages
     default_steps = config.sample.steps_per_stage
     default_steps = list(default_steps) if isinstance(default_steps, (list, tuple)) else [default_steps] * stages
-    kind = "prompt" if demo.text else "class"
     # Gradio copies every served image into its own cache: clear copies older than a day, hourly.
     with gr.Blocks(title="PixelFlow (JAX)", delete_cache=(3600, 86400)) as page:
         gr.Markdown(f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {stages} stages, "
@@ -220,7 +234,7 @@ def build_page(demo: DemoSampler, config):
                 yield gr.update(value=f"**Failed:** {type(error).__name__}: {error}"), gr.update(), gr.update()
                 return
             images = f"{len(paths)} image{'s' if len(paths) > 1 else ''}"
-            yield (gr.update(value=f"{images} for {kind} {condition!r} in {time.perf_counter() - start:.1f} s."),
+            yield (gr.update(value=f"{images} for {demo.named(condition)} in {time.perf_counter() - start:.1f} s."),
                    paths, paths)
 
         button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files])

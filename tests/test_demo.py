@@ -95,3 +95,7 @@ def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tm
            for negative in ("the moon", "")]
     np.testing.assert_array_equal(page, job[0])
     assert not np.array_equal(job[0], job[1])  # the negative prompt matters at this CFG
+    # The status line: a 5,000-character prompt was shown whole, and not said to be cut to 16 tokens.
+    assert demo.named("a red cat") == "prompt 'a red cat'"
+    long = " ".join(["a red cat"] * 600)
+    assert demo.named(long) == f"prompt {long[:80] + '...'!r} (cut to its first 16 tokens: the model reads no more)"
