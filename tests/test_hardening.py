@@ -1017,24 +1017,38 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
         check_sample_count(config.sample)
 
 
-@pytest.mark.parametrize("process", [0, 1])
-def test_two_sampling_jobs_starting_together_with_other_settings_stop_on_every_process(tmp_path, monkeypatch, process):
-    """Another job's settings.json recorded while this one checked: every process of this job
-    must raise, not process 0 alone (the others waited for it at their next barrier)."""
+def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_process(tmp_path, monkeypatch):
+    """Another job's settings.json recorded between this job's checks and its exclusive create is
+    named; with several processes, process 0 alone checks, and the others learn its outcome (one
+    raising alone left the others waiting at a barrier; a barrier some processes skipped, when the
+    file already existed for them, was a name mismatch)."""
     import json
+
+    import numpy as np
 
     from pixelflow_jax.sampling import sample_run
 
     samples = tmp_path / "samples"
     samples.mkdir()
-    other_job = lambda _name: (samples / "settings.json").write_text(json.dumps({"seed": 1}))
-    monkeypatch.setattr(sample_run.jax, "process_index", lambda: process)
-    monkeypatch.setattr(sample_run.multihost_utils, "sync_global_devices", other_job)
-    if process == 0:  # the other job's file appears between this job's checks and its exclusive create
-        monkeypatch.setattr(sample_run.storage, "create_json", lambda path, value: other_job(None) and False)
+    other_job = lambda: (samples / "settings.json").write_text(json.dumps({"seed": 1}))
+    monkeypatch.setattr(sample_run.storage, "create_json", lambda path, value: other_job() and False)
     with pytest.raises(ValueError, match=r"another job started sampling into .*samples at the same time, with other "
                                          r"settings \(differing: \['seed'\]\); use a new --workdir"):
         sample_run.check_settings(str(samples), str(tmp_path), {"seed": 0})
+
+    reads = []
+    monkeypatch.setattr(sample_run, "changed_settings", lambda *args: reads.append(args) or [])
+    monkeypatch.setattr(sample_run.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(sample_run.jax, "process_count", lambda: 2)
+    for refused_on_process_0 in (1, 0):
+        monkeypatch.setattr(sample_run.multihost_utils, "broadcast_one_to_all",
+                            lambda value: np.int32(refused_on_process_0))
+        if refused_on_process_0:
+            with pytest.raises(ValueError, match=r"process 0 refused the settings of .*samples \(its error says why\)"):
+                sample_run.check_settings(str(samples), str(tmp_path), {"seed": 0})
+        else:
+            sample_run.check_settings(str(samples), str(tmp_path), {"seed": 0})
+    assert reads == []  # process 1 reads nothing: what it would find depends on when it looks
 
 
 def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp_path):

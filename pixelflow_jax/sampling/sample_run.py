@@ -82,7 +82,23 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
     """Records the settings on the first run; a rerun with different settings would mix images,
     and so would images already there that no settings describe. A samples.npz that no settings
     describe (its PNGs and settings.json deleted to save space) is not overwritten either. Two jobs
-    starting together in one new folder: one records its settings, the other is checked against them."""
+    starting together in one new folder: one records its settings, the other is checked against them.
+
+    Process 0 checks and records for the job, and every process learns the outcome, so that all
+    of them stop together (one raising alone would leave the others waiting for it)."""
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            check_and_record_settings(folder, workdir, settings)
+        except (ValueError, storage.StorageError) as e:
+            problem = e
+    if jax.process_count() > 1 and int(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))):
+        problem = problem or ValueError(f"process 0 refused the settings of {folder} (its error says why)")
+    if problem:
+        raise problem
+
+
+def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None:
     path = storage.join(folder, "settings.json")
     if storage.exists(path):
         changed = changed_settings(path, settings)
@@ -103,12 +119,9 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
     if earlier := earlier_outputs(workdir):
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
-    if jax.process_index() == 0:
-        storage.create_json(path, settings)  # not created: another job's came first, checked below
-    # Every process reads what was recorded, so that all of them stop alike (process 0 alone
-    # raising would leave the others waiting for it at their next barrier).
-    multihost_utils.sync_global_devices("sample settings recorded")
-    if changed := changed_settings(path, settings):
+    if storage.create_json(path, settings):
+        return
+    if changed := changed_settings(path, settings):  # another job's came first
         raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
                          f"(differing: {changed}); use a new --workdir")
 
