@@ -226,13 +226,13 @@ def run_mode(argv):
         storage.check_supported(FLAGS.workdir)
         check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
+        checkpoint_inspected = False
+        if FLAGS.mode == "inspect":
+            from pixelflow_jax.inspect_model import inspects_checkpoint
+
+            checkpoint_inspected = inspects_checkpoint(FLAGS.config, FLAGS.workdir)
     except (storage.StorageError, validation.ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    checkpoint_inspected = False
-    if FLAGS.mode == "inspect":
-        from pixelflow_jax.inspect_model import inspects_checkpoint
-
-        checkpoint_inspected = inspects_checkpoint(FLAGS.config, FLAGS.workdir)
     if ignored := overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected):
         logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution%s",
                         ", ".join(f"--config.{f}" for f in ignored), FLAGS.mode, "them" if len(ignored) > 1 else "it",
@@ -264,7 +264,7 @@ def run_mode(argv):
             train.train(FLAGS.config, FLAGS.workdir)
         except train.TrainingPreempted as e:
             print(f"stopped: {e}", file=sys.stderr)
-            sys.exit(e.exit_status)
+            raise StoppedTogether(e.exit_status) from None
         except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
                 WorkdirBusy) as e:
             fail(e)
@@ -317,6 +317,20 @@ def run_mode(argv):
 EXIT_GRACE_S = 3  # process 0 hosts jax's coordination service: its exit stops every other process
 
 
+class StoppedTogether(SystemExit):
+    """The exit of a preempted or interrupted training run: every process saved the same step and
+    leaves with this status, so jax's shutdown barrier finds them all."""
+
+
+def process_index_or_none(jax) -> int | None:
+    """jax.process_index(), or None where asking fails (the error being handled may be the
+    backend's own failure to start)."""
+    try:
+        return jax.process_index()
+    except Exception:
+        return None
+
+
 def exit_now_after_an_error(stop: SystemExit):
     """Ends a run that failed without the interpreter's teardown.
 
@@ -327,18 +341,19 @@ def exit_now_after_an_error(stop: SystemExit):
     stop too: at once where the collective's connection closes (CPU), else when jax's coordination
     service misses its heartbeats (about 100 s), with jax's "another task died" error; the failed
     process's error line is the one to read. Process 0 waits a few seconds first, so that processes
-    failing with it print their own errors. A preempted or interrupted run (143, 130) exits
-    normally: every process saved the same step and leaves together."""
+    failing with it print their own errors. A training run that stopped on every process at one
+    step (StoppedTogether: preempted, or Ctrl-C turned into the same stop) exits normally; other
+    stops (a Ctrl-C that reached one host) may be one process's alone."""
     jax = sys.modules.get("jax")  # not imported for a flag error: nothing to shut down, nothing to start
     distributed = jax is not None and jax.distributed.is_initialized()
-    if stop.code in (None, 0) or (distributed and stop.code in (130, 143)):
+    if stop.code in (None, 0) or (distributed and isinstance(stop, StoppedTogether)):
         raise stop
     if isinstance(stop.code, str):
         print(stop.code, file=sys.stderr)
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    if distributed and jax.process_index() == 0:
+    if distributed and process_index_or_none(jax) == 0:
         time.sleep(EXIT_GRACE_S)
     os._exit(stop.code if isinstance(stop.code, int) else 1)
 

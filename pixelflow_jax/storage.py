@@ -14,6 +14,7 @@ A URL is never passed to os.path.abspath or open(): `absolute` leaves it as it i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -60,11 +61,10 @@ def user_path(path: str) -> str:
         raise StorageError(f"expected a path (a string or os.PathLike), got {path!r}")
     path = str(path)
     if broken := _BROKEN_URL.match(path):
-        scheme_name = re.match(r"[A-Za-z][A-Za-z0-9+.-]*?(?=[:;.]|//)", path)[0]
+        scheme_name = broken[0].rstrip(":;./")
         rest = path[broken.end():].lstrip("/\\")
-        meant = scheme_name.lower() if scheme_name.lower() in (*SUPPORTED_SCHEMES, "hf") else scheme_name
-        raise StorageError(f'{path} looks like a URL without its "://": write {meant}://{rest} (or ./{path} for a '
-                           "local folder of that name)")
+        raise StorageError(f'{path} looks like a URL without its "://": write {meant_scheme(scheme_name)}://{rest} '
+                           f"(or ./{path} for a local folder of that name)")
     if is_url(path) and scheme(path) == "file":
         raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
     if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
@@ -87,11 +87,17 @@ def user_path(path: str) -> str:
     return path if is_url(path) else os.path.expanduser(path)
 
 
+def meant_scheme(name: str) -> str:
+    """The scheme a user most likely meant: gs for gcs, lower case for a known one."""
+    meant = {"gcs": "gs"}.get(name.lower(), name.lower())
+    return meant if meant in (*SUPPORTED_SCHEMES, "hf") else name
+
+
 def check_supported(path: str) -> None:
     """A path this layer reads and writes: local or gs:// (hf:// paths are read by hub.py alone)."""
     if is_url(path) and scheme(path) not in SUPPORTED_SCHEMES:
         schemes = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
-        meant = {"gcs": "gs"}.get(scheme(path).lower(), scheme(path).lower())
+        meant = meant_scheme(scheme(path))
         if scheme(path) == "hf":
             raise StorageError(f"{path}: hf:// (the Hugging Face Hub) is read here for checkpoints and T5 folders "
                                f"only: outputs and other files are local or {schemes}")
@@ -417,6 +423,10 @@ def write_json_atomically(path: str, value: Any) -> None:
     write_atomically(path, json.dumps(value, indent=2))
 
 
+# What os.link raises on a file system without hard links (gcsfuse, s3fs, blobfuse mounts).
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
 def create_file(path: str, data: bytes) -> bool:
     """Writes `path` whole where nothing is there yet: False, and nothing written, when another
     writer got there first. Locally a complete temporary file is hard-linked into place (a link
@@ -441,14 +451,19 @@ def create_file(path: str, data: bytes) -> bool:
         return True
     except FileExistsError:
         return False
-    except OSError:  # no hard links here
-        pass
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:  # a full disk, an I/O error: not a reason to write unlinked
+            raise
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~umask())
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:  # not left half-written, where it would read as another writer's
+        os.remove(path)
+        raise
     return True
 
 

@@ -1,6 +1,7 @@
 """The path layer: URLs are never local paths; files in a bucket (a local GCS emulator) appear
 whole; a bucket that cannot be written stops a run before its first step, with the cause."""
 
+import errno
 import json
 import os
 import socket
@@ -168,6 +169,10 @@ def test_create_json_never_replaces_a_file_with_or_without_hard_links(tmp_path, 
     other = str(tmp_path / "other.json")
     assert storage.create_json(other, {"seed": 3}) and json.load(open(other)) == {"seed": 3}
     assert sorted(os.listdir(tmp_path)) == ["other.json", "settings.json"]  # no temporaries left
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(OSError, match="No space left"):  # a full disk is an error, not a file system without links
+        storage.create_json(str(tmp_path / "third.json"), {"seed": 4})
+    assert sorted(os.listdir(tmp_path)) == ["other.json", "settings.json"]
 
 
 def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import (WEIGHT_CHOICES, CheckpointConfig, CheckpointError, abstract_params,
-                                                 check_finite)
+                                                 check_weights_finite)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
 
@@ -172,7 +172,7 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
         raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} (damaged, or not this "
                               f"run's architecture {config.model.architecture()}): {restore_error(e)}"
                               f"{other_steps(run_step)}") from None
-    check_finite(restored[key], f"the {weights} weights of {run_step.folder}",
+    check_weights_finite(restored[key], f"the {weights} weights of {run_step.folder}",
                  f"load another step{other_steps(run_step) or ' (the run has no other complete step)'}")
     logging.info("restored the %s weights of %s", weights, run_step.folder)
     return restored[key]

@@ -106,8 +106,8 @@ def save_errors(manager):
 
 def save_fix(manager, cause: str) -> str:
     """What to do about a failed save: access for a refusal, else room (the usual cause)."""
-    if any(word in cause for word in ("Forbidden", "403", "Permission denied", "PERMISSION_DENIED", "Unauthorized",
-                                      "401", "Read-only file system")):
+    if any(word in cause for word in ("Forbidden", "Permission denied", "PERMISSION_DENIED", "Unauthorized",
+                                      "Read-only file system")):  # words, not codes: 403 may be a step
         return f"write access: {storage.CHECK_ACCESS}" if storage.is_url(str(manager.directory)) else \
             "write access to the folder"
     keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only

@@ -5,8 +5,9 @@ refreshes every heartbeat_period(stale_after_s) seconds, whatever the run is doi
 restoring, a long step). A second run sees it at once and stops, naming the holder. A lock is
 stale, and is taken over, when its holder is gone: on this host, no process with its pid and start
 time exists (a restarted container reuses pids, its own included); from another PID namespace of
-this host (another container, or this one restarted), its heartbeat missed two refreshes; from
-another host, its heartbeat is older than train.lock_stale_after_s. A lock that cannot be read (a start killed
+this host (another container, or this one restarted), its heartbeat missed two of the holder's
+refreshes; from another host, its heartbeat is older than train.lock_stale_after_s (and than two
+of the holder's refreshes, whatever this run's setting). A lock that cannot be read (a start killed
 while writing it) is stale after UNREADABLE_STALE_S.
 
 Creating the lock is atomic: a complete temporary file hard-linked into place on a local disk, an
@@ -69,6 +70,7 @@ class WorkdirLock:
         self.stale_after_s = stale_after_s
         self.record = {"host": socket.gethostname(), "workdir": storage.resolved(workdir), "pid": os.getpid(),
                        "pid_start": process_start(os.getpid()), "pid_namespace": pid_namespace(),
+                       "heartbeat_period_s": heartbeat_period(stale_after_s),
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "heartbeat": time.time()}
         self.held = False
@@ -150,30 +152,42 @@ class WorkdirLock:
         except OSError:  # the recorded folder is gone: the lock came with a moved or copied folder
             return True
 
+    def _silence_limit_s(self, holder: dict) -> float | None:
+        """How old the holder's heartbeat may grow before the holder counts as gone; None where its
+        pid decides instead (a process of this host and PID namespace). Never under two of the
+        holder's own refresh periods, whatever this run's lock_stale_after_s."""
+        refreshes = 2 * max(float(holder.get("heartbeat_period_s", 0)), heartbeat_period(self.stale_after_s)) + 10
+        namespaces = holder.get("pid_namespace"), self.record["pid_namespace"]
+        if holder.get("host") != socket.gethostname():
+            return max(self.stale_after_s, refreshes)
+        if None not in namespaces and namespaces[0] != namespaces[1]:
+            # Another container of this host (or this one restarted): its pids are not ours to look
+            # up, but it shares our clock, so a holder that missed two refreshes is gone.
+            return refreshes
+        return None
+
     def _stale(self, holder: dict) -> bool:
         if self._copied(holder):
             return True
-        namespaces = holder.get("pid_namespace"), self.record["pid_namespace"]
-        if holder.get("host") == socket.gethostname() and None not in namespaces and namespaces[0] != namespaces[1]:
-            # Another container of this host (or this one restarted): its pids are not ours to look
-            # up, but it shares our clock, so a holder that missed two refreshes is gone.
-            return time.time() - float(holder.get("heartbeat", 0)) > 2 * heartbeat_period(self.stale_after_s) + 10
-        if holder.get("host") == socket.gethostname():
-            # A restarted container reuses its pids: the holder's pid may now be this very process,
-            # or another one, started after the holder.
-            pid, recorded_start = int(holder.get("pid", -1)), holder.get("pid_start")
-            return not storage.process_alive(pid) or (
-                recorded_start is not None and process_start(pid) not in (None, recorded_start))
-        return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
+        if (limit := self._silence_limit_s(holder)) is not None:
+            return time.time() - float(holder.get("heartbeat", 0)) > limit
+        # The holder is a process of this host and PID namespace. A restarted container reuses its
+        # pids: the holder's pid may now be this very process, or another one, started after it.
+        pid, recorded_start = int(holder.get("pid", -1)), holder.get("pid_start")
+        return not storage.process_alive(pid) or (
+            recorded_start is not None and process_start(pid) not in (None, recorded_start))
 
     def _busy_message(self, holder: dict | None) -> str:
         if holder is None:
             return (f"{self.path}: another run is starting in this workdir right now; use another --workdir (a lock "
                     f"that stays unreadable is removed after {UNREADABLE_STALE_S:.0f} s)")
         age = time.time() - float(holder.get("heartbeat", 0))
+        limit = self._silence_limit_s(holder)
+        gone = (f"if that run is gone, its lock is taken over once its heartbeat is {limit:.0f} s old (rerun then), "
+                f"or delete {self.path}" if limit is not None else f"if that run is gone for good, delete {self.path}")
         return (f"{storage.dirname(self.path)} is in use by another training run: host {holder.get('host')}, pid "
                 f"{holder.get('pid')}, started {holder.get('started')} (heartbeat {age:.0f} s ago). Wait for it or "
-                f"stop it, or use another --workdir; if that run is gone for good, delete {self.path}")
+                f"stop it, or use another --workdir; {gone}")
 
     def _is_mine(self, holder: dict) -> bool:
         """By the holder's identity, not its heartbeat (a beat whose write failed is still ours)."""
