@@ -213,11 +213,11 @@ def run_mode(argv):
     logging.set_verbosity(logging.INFO)
     keep_library_info_out_of_the_log()
     from pixelflow_jax import storage, validation
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
     from pixelflow_jax.command_line import quiet_closed_loop_callbacks
 
     sys.unraisablehook = quiet_closed_loop_callbacks
-    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
 
     try:
         FLAGS.workdir = storage.user_path(FLAGS.workdir)
@@ -287,10 +287,9 @@ def run_mode(argv):
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)
     elif FLAGS.mode in ("sample", "eval"):
+        from pixelflow_jax.command_line import Terminated, stop_cause, stop_on_sigterm
         from pixelflow_jax.evaluation import evaluate
         from pixelflow_jax.sampling import sample_run
-
-        from pixelflow_jax.command_line import Terminated, stop_cause, stop_on_sigterm
 
         if not FLAGS.distributed:
             stop_on_sigterm()
