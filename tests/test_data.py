@@ -91,11 +91,15 @@ def test_a_symbolic_link_loop_in_an_image_folder_is_named(tmp_path):
     assert len(ImageFolderSource(str(tmp_path / "root")).records) == 2
 
 
-def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder):
+def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder, caplog):
     config = type("C", (), {"source": "folder", "root": awkward_folder})
     with pytest.raises(DataError, match="has 2 classes but the model has model.num_classes = 1"):
         make_source(config, num_classes=1)
     assert make_source(config, num_classes=2).classes == ["a", "b"]
+    assert "never train" not in caplog.text
+    make_source(config, num_classes=10)  # previews of classes 2-9 would show what never trained: named
+    assert "has 2 classes but the model has model.num_classes = 10: classes 2 to 9 never train " \
+           "(--config.model.num_classes=2 fits the folder, in a new --workdir)" in caplog.text
     os.makedirs(os.path.join(awkward_folder, "c_empty"))
     try:
         with pytest.raises(DataError, match=r"classes without images: \['c_empty'\]"):

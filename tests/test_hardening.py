@@ -70,6 +70,10 @@ def c2i_config(**changes):
     ("eval", "eval.batch_size", 0, "--config.eval.batch_size must be >= 1"),
     ("inspect", "sample.weights", "foo", "--config.sample.weights must be one of"),
     ("train", "data.root", "s3://bucket/images", "--config.data.root: s3://bucket/images: unsupported URL scheme s3://"),
+    # the demo config pointed at one's own images trained on the demo set, recording the root as if read
+    ("train", "data.root", "/my/images", "--config.data.root is set (/my/images) but data.source='demo' does not read "
+                                         "it: add --config.data.source=folder, or drop data.root"),
+    ("train", "data.demo_seed", -5, "--config.data.demo_seed must be in [0, 4294967295], got -5"),
     ("train", "train.init_from", "http://host/ckpt", "--config.train.init_from: http://host/ckpt: unsupported URL"),
     ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: hf:// (the Hugging Face Hub) is read here for checkpoints"),
 ])

@@ -222,6 +222,10 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
                             f"model.num_classes = {num_classes}: ids from {num_classes} on would train as the null "
                             f"class or past the class table. Set --config.model.num_classes={len(source.classes)} "
                             "(a new --workdir) or remove class folders")
+        if num_classes is not None and len(source.classes) < num_classes:  # previews show classes never trained
+            logging.warning("%s has %d classes but the model has model.num_classes = %d: classes %d to %d never "
+                            "train (--config.model.num_classes=%d fits the folder, in a new --workdir)", data_config.root,
+                            len(source.classes), num_classes, len(source.classes), num_classes - 1, len(source.classes))
         if index_path and classes is None and jax.process_index() == 0:  # (re)written until a checkpoint uses it
             storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
                                                        "classes": source.classes})
