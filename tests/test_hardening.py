@@ -687,6 +687,33 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
         check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
 
 
+def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_not_resume(tmp_path):
+    """Only the record count was compared: a file renamed (another place in the shuffle) or moved
+    to another class (another label) resumed silently."""
+    from PIL import Image
+
+    from pixelflow_jax.data.loader import ImageFolderSource
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    root = tmp_path / "images"
+    for name in ("cat/a.png", "cat/b.png", "dog/c.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / name)
+    listing = ImageFolderSource(str(root)).listing
+    shutil.copytree(root, tmp_path / "moved")
+    assert ImageFolderSource(str(tmp_path / "moved")).listing == listing  # the same files elsewhere
+    config = c2i_config(**{"data.source": "folder", "data.root": str(root)})
+    workdir = str(tmp_path / "run")
+    check_resume(workdir, config, step=0, num_records=3, listing=listing)
+    check_resume(workdir, config, step=40, num_records=3, listing=ImageFolderSource(str(root)).listing)
+    for before, after in (("cat/a.png", "cat/z.png"), ("cat/z.png", "dog/z.png")):
+        os.rename(root / before, root / after)
+        with pytest.raises(ValueError, match=r"data.listing \(a hash of the data's file names and classes: files "
+                                             r"renamed, or moved to another class\): '[0-9a-f]{16}' -> "):
+            check_resume(workdir, config, step=40, num_records=3, listing=ImageFolderSource(str(root)).listing)
+    check_resume(workdir, config, step=40, num_records=3)  # a source without files (tfds, demo): nothing to compare
+
+
 def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constant(tmp_path):
     from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_optimiser_state, check_resume
 

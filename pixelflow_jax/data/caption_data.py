@@ -27,7 +27,7 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.data.loader import (IMAGE_EXTENSIONS, DataError, check_array_record_reads, ignored_name,
-                                       require_folder, walk_files)
+                                       listing_fingerprint, require_folder, walk_files)
 
 CAPTION_EXTENSION = ".txt"
 RECORD_EXTENSION = ".array_record"
@@ -76,6 +76,7 @@ class CaptionedFolderSource:
                         if os.path.splitext(path)[0] in captions]
         missing = [path for path in images if os.path.splitext(path)[0] not in captions]
         self.missing_captions = len(missing)
+        self.listing = listing_fingerprint(root, self.records)
         if missing and missing_captions == "error":
             raise DataError(f"{len(missing)} of {len(images)} images under {root} have no caption file "
                             f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}; add the captions or set "
@@ -183,6 +184,7 @@ class CaptionRecordSource:
         with futures.ThreadPoolExecutor(min(64, len(self.shards))) as pool:  # one read each: in parallel on a bucket
             counts = list(pool.map(count_records, self.shards))
         self.source = ArrayRecordDataSource([WholeShard(shard, 0, n, n) for shard, n in zip(self.shards, counts)])
+        self.listing = listing_fingerprint(root, zip(self.shards, counts))
 
     def __len__(self) -> int:
         return len(self.source)

@@ -30,6 +30,7 @@ import functools
 import gc
 import importlib.metadata
 import io
+import hashlib
 import os
 import re
 import signal
@@ -114,6 +115,15 @@ def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
     return paths
 
 
+def listing_fingerprint(root: str, rows) -> str:
+    """A short hash of a dataset's listing (each row: a file's path, what it trains as): a resume on
+    the same number of records whose files were renamed, or moved to another class, is another
+    data order, and another labelling."""
+    text = "\n".join("\t".join(value.removeprefix(root).lstrip("/") if isinstance(value, str) else str(value)
+                               for value in row) for row in rows)  # paths relative to the root: a moved root is the same
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def require_folder(root: str, message: str) -> None:
     """Raises DataError(message) unless root is a folder. storage.isdir answers False for a bucket
     it cannot reach (gcsfs swallows the error), so exists() asks first: it raises that StorageError."""
@@ -158,6 +168,7 @@ class ImageFolderSource:
         if empty:
             raise DataError(f"{root}: classes without images: {empty[:10]}{' ...' if len(empty) > 10 else ''} "
                             f"(no file ending in {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folders")
+        self.listing = listing_fingerprint(root, self.records)
 
     def __len__(self) -> int:
         return len(self.records)

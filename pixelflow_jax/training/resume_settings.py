@@ -3,8 +3,9 @@
     WORKDIR/train_settings.json     those settings, as the run started (or was last changed)
     WORKDIR/settings_changes.jsonl  every change accepted with train.allow_resume_changes, by step
 
-A resume with another batch size, seed or data (another root, or the same root with records added
-or removed: the shuffle is a permutation of the record count) silently loses exact resume (the data position
+A resume with another batch size, seed or data (another root, or the same root with records added,
+removed, renamed or moved to another class: the shuffle is a permutation of the record count, and
+a record's position is its place in the sorted listing) silently loses exact resume (the data position
 counts in steps of the new batch); another learning rate silently changes the run. So a change is
 refused, naming each setting, unless train.allow_resume_changes is set; then it is recorded.
 """
@@ -28,16 +29,18 @@ MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
 # Recorded by this version, not by runs before it: their absence is no change.
-ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes")
+ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes", "data.listing")
 # Recorded names that are not config fields, as a message names them.
-LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)"}
+LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)",
+          "data.listing": "data.listing (a hash of the data's file names and classes: files renamed, or moved to "
+                          "another class)"}
 # demo_num_classes: the captioned demo's colour count, which redraws every caption and image.
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
                "demo_num_classes", "missing_captions")
 
 
-def resume_settings(config, num_records: int) -> dict:
-    values = {"seed": config.seed, "data.num_records": num_records}
+def resume_settings(config, num_records: int, listing: str | None = None) -> dict:
+    values = {"seed": config.seed, "data.num_records": num_records, **({"data.listing": listing} if listing else {})}
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
     values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS if name in config.data})
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
@@ -72,10 +75,12 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
                          f"--config.train.init_from={workdir} instead")
 
 
-def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True) -> None:
-    """Records the settings of a new run (and the number of records its data has); refuses or
-    records a change when resuming at `step`. `record=False` only refuses (and writes nothing)."""
-    path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records)
+def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True,
+                 listing: str | None = None) -> None:
+    """Records the settings of a new run (and the number of records its data has, and the
+    fingerprint of its file listing where it has files); refuses or records a change when resuming
+    at `step`. `record=False` only refuses (and writes nothing)."""
+    path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if record and jax.process_index() == 0:
             storage.write_json_atomically(path, current)

@@ -339,7 +339,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     # of an image folder aside).
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
-    check_resume(workdir, config, done, len(source), record=False)  # refused now, not after a restore
+    listing = getattr(source, "listing", None)  # of file-based data (folders, shards)
+    check_resume(workdir, config, done, len(source), record=False, listing=listing)  # refused now, not after a restore
     init_source = None
     if config.train.init_from:
         if done:  # the same command reruns after a preemption: its init_from is no longer read
@@ -368,7 +369,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
 
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
     start, state = resume_point(manager, state, shardings)
-    check_resume(workdir, config, start, len(source))  # compared above already: records a new run or an allowed change
+    check_resume(workdir, config, start, len(source), listing=listing)  # compared above: records a new run or a change
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, start_batch=start, tokenizer=text_encoder and text_encoder.tokenizer,
                          source=source)
