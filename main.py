@@ -195,7 +195,7 @@ def main(argv):
         run_mode(argv)
     except Exception as e:  # jax's error type for it has moved between versions: matched by its status
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        memory = "RESOURCE_EXHAUSTED" in first_line or "Out of memory" in first_line
+        memory = isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in first_line or "Out of memory" in first_line
         if not memory or "No space left" in first_line or "quota" in first_line.lower():  # disks say it too
             raise
         sys.exit(f"error: --mode={FLAGS.mode} ran out of memory ({first_line[:200]}): "

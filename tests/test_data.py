@@ -623,3 +623,10 @@ def test_records_that_fail_for_their_captions_say_so():
         loader_module.DecodedSource(Blank(100), R, tokenizer=Tokenizer())[1]
     with pytest.raises(DataError, match=r"all 3 records are unusable \(the last, record 0: caption is empty"):
         loader_module.DecodedSource(Blank(3), R, tokenizer=Tokenizer())[1]  # each tried once, not 64 times
+
+    class TooLarge(Blank):  # a resolution no host holds: the settings' fault, not 64 bad records
+        def __getitem__(self, index):
+            raise MemoryError("Unable to allocate 64.0 GiB for an array")  # numpy's, as the demo set raised it
+
+    with pytest.raises(MemoryError):  # was "64 consecutive records ... are unusable; is the dataset corrupt?"
+        loader_module.DecodedSource(TooLarge(100), R)[1]

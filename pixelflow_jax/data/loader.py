@@ -329,6 +329,8 @@ class DecodedSource:
                 record = self.source[record_index]
                 conditioning = self._conditioning(record)
                 image = to_rgb(record["image"])
+            except MemoryError:  # the settings' fault (a resolution too large), not a bad file's
+                raise
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
                 name = (record or {}).get("name") or self._name(record_index)
                 logging.warning("skipping unreadable record %s: %s", name, e)
