@@ -57,6 +57,9 @@ MAX_SAMPLE_IMAGES = 10**8  # ids are int32; 10**8 images at 256 px fill 20 TB: m
 MAX_STEPS_PER_STAGE = 10_000
 DATA_SOURCES = ("tfds", "folder", "demo", "array_record")  # array_record: captioned shards (text models)
 MIN_LOCK_STALE_S = 30.0
+MAX_BATCH = 2**20  # images in a global batch (the release trains with 1,024)
+MAX_PREVIEW_IMAGES = 1024  # drawn as one batch
+MAX_EXPAND_RATIO = 4.0  # the release resizes to 1.125 x the resolution before its crop
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: seed 2**32 would draw seed 0's noise
 
 
@@ -104,9 +107,12 @@ def steps_per_stage(name: str, value, where: str = "--config.", maximum: int = M
 
 def check_train(config) -> None:
     t = config.train
-    for field in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
-                  "grad_accum_steps", "preview_num_images"):
+    for field in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+                  "grad_accum_steps"):
         integer(f"train.{field}", t[field], minimum=1)
+    # Bounds far past any real use: beyond them a run allocated or compiled for minutes before failing.
+    integer("train.batch_size", t.batch_size, minimum=1, maximum=MAX_BATCH)
+    integer("train.preview_num_images", t.preview_num_images, minimum=1, maximum=MAX_PREVIEW_IMAGES)
     integer("train.preview_steps_per_stage", t.preview_steps_per_stage, minimum=1, maximum=MAX_STEPS_PER_STAGE)
     integer("train.preview_every", t.preview_every, minimum=0)
     number("train.lr", t.lr, above=0)
@@ -172,7 +178,7 @@ def check_architecture(config) -> None:
 def check_data(config) -> None:
     d = config.data
     choice("data.source", d.source, DATA_SOURCES)
-    number("data.expand_ratio", d.expand_ratio, minimum=1)
+    number("data.expand_ratio", d.expand_ratio, minimum=1, maximum=MAX_EXPAND_RATIO)
     integer("data.num_workers", d.num_workers, minimum=0)
     integer("data.prefetch_batches", d.prefetch_batches, minimum=1)
     if d.source == "demo":

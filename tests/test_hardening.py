@@ -74,6 +74,10 @@ def c2i_config(**changes):
     ("train", "data.root", "/my/images", "--config.data.root is set (/my/images) but data.source='demo' does not read "
                                          "it: add --config.data.source=folder, or drop data.root"),
     ("train", "data.demo_seed", -5, "--config.data.demo_seed must be in [0, 4294967295], got -5"),
+    # far past any real use: a run allocated or compiled for minutes, then failed (or hung)
+    ("train", "train.batch_size", 2**40, "--config.train.batch_size must be in [1, 1048576], got 1099511627776"),
+    ("train", "train.preview_num_images", 10**8, "--config.train.preview_num_images must be in [1, 1024]"),
+    ("train", "data.expand_ratio", 1e6, "--config.data.expand_ratio must be <= 4.0, got 1000000.0"),
     ("train", "train.init_from", "http://host/ckpt", "--config.train.init_from: http://host/ckpt: unsupported URL"),
     ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: hf:// (the Hugging Face Hub) is read here for checkpoints"),
 ])
