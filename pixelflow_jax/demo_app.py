@@ -158,8 +158,11 @@ class DemoSampler:
         prompt = str(condition)
         named = f"prompt {prompt if len(prompt) <= SHOWN_PROMPT_CHARS else prompt[:SHOWN_PROMPT_CHARS] + '...'!r}"
         tokenizer = self.prompt_encoder.tokenizer
-        if tokenizer.tokenize([prompt])[2][0]:
+        ids, _, truncated = tokenizer.tokenize([prompt])
+        if truncated[0]:
             named += f" (cut to its first {tokenizer.max_length} tokens: the model reads no more)"
+        if tokenizer.has_unknown_text(ids)[0]:
+            named += " (some of its text is unknown to the tokenizer, read as <unk>: the model learns nothing from it)"
         return named
 
     def compile_key(self, num_images, solver, cfg, steps) -> tuple:

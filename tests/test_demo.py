@@ -99,3 +99,5 @@ def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tm
     assert demo.named("a red cat") == "prompt 'a red cat'"
     long = " ".join(["a red cat"] * 600)
     assert demo.named(long) == f"prompt {long[:80] + '...'!r} (cut to its first 16 tokens: the model reads no more)"
+    assert demo.named("a red cat \U0001f98a").endswith("(some of its text is unknown to the tokenizer, read as <unk>: "
+                                                     "the model learns nothing from it)")  # the fox emoji

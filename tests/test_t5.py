@@ -87,13 +87,16 @@ def test_encoder_equals_transformers_t5_encoder_model(t5_folder, param_dtype, to
     assert relative_error(np.asarray(got, np.float32)[real], expected.numpy()[real]) <= tolerance
 
 
-def test_prompt_encoder_masks_and_shapes(t5_folder):
+def test_prompt_encoder_masks_and_shapes(t5_folder, caplog):
     from pixelflow_jax.text.prompts import PromptEncoder
 
     encoder = PromptEncoder(t5_folder, max_length=24)
     embeddings, mask = encoder.encode(["a cat", ""])
     assert embeddings.shape == (2, 24, 32) and mask.shape == (2, 24)
     assert mask.sum(axis=1).tolist() == [float(len(encoder.tokenizer.processor.encode("a cat")) + 1), 1.0]
+    assert "does not know" not in caplog.text
+    encoder.encode(["a cat \U0001f98a"])  # an emoji: read as <unk>, which says nothing to the model
+    assert "prompt 'a cat \U0001f98a' holds text the tokenizer does not know, read as <unk>" in caplog.text
 
 
 def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):

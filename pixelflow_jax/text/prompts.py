@@ -83,6 +83,12 @@ class T5Tokenizer:
         """(ids, mask) of tokenize()."""
         return self.tokenize(texts)[:2]
 
+    def has_unknown_text(self, ids: np.ndarray) -> np.ndarray:
+        """bool (N,): the row holds <unk>, text the vocabulary lacks (for T5: emoji, many scripts;
+        for the demo's word-level tokenizer: any word its captions never used), which the model
+        reads as one token that says nothing."""
+        return (ids == self.processor.unk_id()).any(axis=1)
+
 
 # Compute dtypes: float16 activations overflow in T5 v1.1 / flan-t5 (transformers keeps parts in float32).
 DTYPES = ("float32", "bfloat16")
@@ -141,6 +147,9 @@ class PromptEncoder:
         for prompt in sorted({p for p, cut in zip(prompts, truncated) if cut}):  # its end is not seen by the model
             logging.warning("prompt %r is longer than %d tokens and was cut there (the text length: "
                             "max_text_tokens / max_length)", prompt[:200], self.tokenizer.max_length)
+        for prompt in sorted({p for p, unknown in zip(prompts, self.tokenizer.has_unknown_text(ids)) if unknown}):
+            logging.warning("prompt %r holds text the tokenizer does not know, read as <unk> (the model learns "
+                            "nothing from it)", prompt[:200])
         if len(prompts) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
         # Under the encoder's own mesh (this process's devices): a caller's mesh in context, such as
