@@ -101,8 +101,10 @@ def check_supported(path: str) -> None:
         if scheme(path) == "hf":
             raise StorageError(f"{path}: hf:// (the Hugging Face Hub) is read here for checkpoints and T5 folders "
                                f"only: outputs and other files are local or {schemes}")
-        hint = (f" (write {meant}://{path.split('://', 1)[1]}" + (": schemes are lower case)" if meant == scheme(
-            path).lower() else ")") if meant in (*SUPPORTED_SCHEMES, "hf") else "")
+        hint = ""
+        if meant in (*SUPPORTED_SCHEMES, "hf"):
+            why = ": schemes are lower case" if meant == scheme(path).lower() else ""
+            hint = f" (write {meant}://{path.split('://', 1)[1]}{why})"
         raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; paths are local or {schemes} "
                            "(hf:// reads checkpoints and T5 folders only)")
 

@@ -184,7 +184,7 @@ def check_data(config) -> None:
     if d.source == "demo":
         integer("data.demo_num_images", d.demo_num_images, minimum=1)
         integer("data.demo_num_classes", d.demo_num_classes, minimum=1)
-        integer("data.demo_seed", d.demo_seed, minimum=0, maximum=MAX_SEED)
+        seed("data.demo_seed", d.demo_seed)
     if d.get("root") and d.source in ("demo", "tfds"):  # starting from the demo config with one's own images
         readers = "folder (or array_record for captioned shards)" if "missing_captions" in d else "folder"
         raise ConfigError(f"--config.data.root is set ({d.root}) but data.source={d.source!r} does not read it: add "

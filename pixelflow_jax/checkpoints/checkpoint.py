@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -91,9 +91,7 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     if existed and not overwrite:
         raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{storage.writer_tag()}-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
+    os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp's 0700 would otherwise become the output's mode
     appeared = CheckpointError(f"output {path} appeared while this job was writing (another job, or a person, "
                                "made it); it is left as it is: choose another path, or rerun with --overwrite if it "
                                "may be replaced")
@@ -197,7 +195,7 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
 
         raise CheckpointError(f"cannot restore parameters from {params_path} (damaged, or not the architecture "
                               f"{config.model.architecture()}): {restore_error(e)}; convert again") from None
-    check_weights_finite(params, params_path, "convert again")
+    check_weights_finite(params, params_path, lambda: "convert again")
     return params
 
 
@@ -212,12 +210,18 @@ def non_finite_params(params: Params) -> list[str]:
             for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
 
 
-def check_weights_finite(params: Params, what: str, fix: str) -> None:
-    """Raises a CheckpointError naming the parameters that hold NaN or inf, `what` held them, and `fix`."""
+def check_weights_finite(params: Params, what: str, fix: Callable[[], str]) -> None:
+    """Raises a CheckpointError naming the parameters that hold NaN or inf, `what` held them, and
+    fix() (asked only then: it may list a run's steps, requests in a bucket)."""
     if bad := non_finite_params(params):
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise CheckpointError(f"{what}: {shown} hold NaN or inf values (files damaged after they were written, or a "
-                              f"diverged run); every image sampled from them would be NaN: {fix}")
+        raise CheckpointError(f"{what}: {listed(bad)} hold NaN or inf values (files damaged after they were written, "
+                              f"or a diverged run); every image sampled from them would be NaN: {fix()}")
+
+
+def listed(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, and how many more, for a message."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def module_with_params(create, params: Params, dtype=None):

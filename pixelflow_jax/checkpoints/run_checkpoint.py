@@ -173,7 +173,7 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                               f"run's architecture {config.model.architecture()}): {restore_error(e)}"
                               f"{other_steps(run_step)}") from None
     check_weights_finite(restored[key], f"the {weights} weights of {run_step.folder}",
-                 f"load another step{other_steps(run_step) or ' (the run has no other complete step)'}")
+                         lambda: f"load another step{other_steps(run_step) or ' (the run has no other complete step)'}")
     logging.info("restored the %s weights of %s", weights, run_step.folder)
     return restored[key]
 

@@ -20,7 +20,8 @@ import numpy as np
 import yaml
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES, CheckpointConfig, CheckpointError, atomic_output_dir
+from pixelflow_jax.checkpoints.checkpoint import (WEIGHT_CHOICES, CheckpointConfig, CheckpointError, atomic_output_dir,
+                                                 listed)
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ModelConfig
 
@@ -111,11 +112,6 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
         raise CheckpointError(f"{path}: {listed(not_finite)} hold NaN or inf values (a diverged run?); "
                               "the model would sample NaN images from them")
     return state_dict
-
-
-def listed(names: list[str], shown: int = 5) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def float32_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import hashlib
 import importlib.metadata
 import io
-import hashlib
 import os
 import re
 import signal
