@@ -2,6 +2,7 @@
 captions, and the text-conditional step (frozen T5, caption dropout) against float64 and across
 meshes."""
 
+import dataclasses
 import io
 import json
 import os
@@ -448,6 +449,27 @@ def test_encoder_of_another_width_is_refused_before_training(tmp_path, encoder_f
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_the_demo_encoder_is_built_anew_for_the_config_while_no_step_is_saved(tmp_path):
+    """A first start that failed (before its first save) built the demo's encoder into the workdir:
+    the corrected command, with another width or colour count, builds it anew; a run with a saved
+    step keeps the encoder its cross-attention learned."""
+    import configs.t2i as t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.text.train_text import build_demo_encoder
+
+    config = t2i.get_config("tiny")
+    folder = str(tmp_path / "run" / demo_text_encoder.FOLDER_NAME)
+    model_cfg = ModelConfig.from_mapping(config.model)
+    width = lambda: json.loads(pathlib.Path(folder, "config.json").read_text())["d_model"]
+    build_demo_encoder(config, model_cfg, folder, rebuild=True)  # nothing there yet
+    assert width() == 20
+    wider = dataclasses.replace(model_cfg, cross_attention_dim=32)
+    build_demo_encoder(config, wider, folder, rebuild=False)  # steps saved: the learned encoder stays
+    assert width() == 20
+    build_demo_encoder(config, wider, folder, rebuild=True)
+    assert width() == 32
+
+
 def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path, encoder_folder):
     """As the release encodes prompts and as sampling does: a run's model sees the embeddings it
     will be sampled with."""
@@ -461,7 +483,7 @@ def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path,
     config = t2i.get_config("tiny")
     config.train.text_encoder = encoder_folder
     model_cfg = dataclasses.replace(ModelConfig(**config.model.to_dict()), cross_attention_dim=20, dtype="bfloat16")
-    encoder = train_text.load(config, str(tmp_path / "run"), model_cfg, make_mesh(1))
+    encoder = train_text.load(config, str(tmp_path / "run"), model_cfg, make_mesh(1), no_step_saved=True)
     embeddings, _ = encoder.encode(["a red disk"])
     assert embeddings.dtype == jnp.float32
 

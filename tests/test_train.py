@@ -435,15 +435,31 @@ def test_bad_training_config_fails_clearly(tmp_path, override, message):
     assert not (tmp_path / "run" / "run_config.json").exists()  # the workdir records nothing it would hold to
 
 
-def test_workdir_of_another_architecture_is_refused(tmp_path):
+def test_a_workdir_holds_to_its_model_once_a_step_of_it_is_saved(tmp_path, caplog):
+    """A first start that failed before its first save (out of memory at step 1, say) leaves its
+    run_config.json: the corrected command records its own model there. Once a step is saved,
+    another model is refused, naming the difference."""
+    import configs.c2i as c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training.train import check_run_config
+
+    config = c2i.get_config("tiny")
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "run_config.json").write_text(json.dumps({"architecture": {"depth": 28}}))
-    process = run_training(str(workdir), wait=False)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode != 0 and "different model (no step of it was saved" in err, err
-    assert "new --workdir" in err
-    assert "architecture.depth 28 there, 2 in this config" in err, err  # the difference, not two dumps
+    model_cfg = ModelConfig.from_mapping(config.model)
+    check_run_config(str(workdir), model_cfg, config, record=False)  # as train() checks before the text encoder
+    check_run_config(str(workdir), model_cfg, config)
+    assert json.loads((workdir / "run_config.json").read_text())["architecture"]["depth"] == 2
+    assert "no step of the run it records was saved; recorded anew" in caplog.text
+    assert "architecture.depth 28 there, 2 in this config" in caplog.text
+
+    (workdir / "checkpoints" / "10").mkdir(parents=True)  # a saved step
+    config.model.depth = 3
+    with pytest.raises(ValueError, match=r"holds a run of a different model: architecture.depth 2 there, 3 in this "
+                                         r"config(; .*)?\. Use a new --workdir"):
+        check_run_config(str(workdir), ModelConfig.from_mapping(config.model), config, record=False)
+    assert json.loads((workdir / "run_config.json").read_text())["architecture"]["depth"] == 2
 
 
 def test_ctrl_c_saves_the_step_like_a_preemption_and_a_second_one_stops_at_once():

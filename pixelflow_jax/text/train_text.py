@@ -130,12 +130,15 @@ def folder_of(run: str, recorded_path: str) -> str:
     return storage.join(storage.absolute(run), recorded_path)
 
 
-def build_demo_encoder(config, model_cfg: ModelConfig, folder: str) -> None:
-    """Process 0 builds the demo's encoder (once per run); every process waits for it."""
+def build_demo_encoder(config, model_cfg: ModelConfig, folder: str, rebuild: bool) -> None:
+    """Process 0 builds the demo's encoder (once per run, or again with `rebuild`: a run with no
+    step saved builds it for its current config); every process waits for it."""
     from jax.experimental import multihost_utils
 
     from pixelflow_jax.data.demo_data import CaptionedDemoSource
 
+    if jax.process_index() == 0 and rebuild and demo_text_encoder.is_built(folder):
+        storage.remove(storage.join(folder, "config.json"))  # written last: until rebuilt, the folder is not built
     if jax.process_index() == 0 and not demo_text_encoder.is_built(folder):
         d = config.data
         captions = CaptionedDemoSource(d.demo_num_images, seed=d.demo_seed, num_classes=d.demo_num_classes,
@@ -145,8 +148,10 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str) -> None:
         multihost_utils.sync_global_devices("pixelflow demo text encoder built")
 
 
-def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEncoder:
-    """The run's encoder, checked against the model's cross-attention width before any step."""
+def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool) -> TrainingTextEncoder:
+    """The run's encoder, checked against the model's cross-attention width before any step. The
+    demo's own encoder is built anew while `no_step_saved`: a first start that failed may have built
+    it for a config the rerun corrected (another width or colour count)."""
     from pixelflow_jax.text.prompts import JOB_ENCODER_DTYPE, T5Tokenizer, local_t5_folder
     from pixelflow_jax.text.t5_convert import folder_fingerprint, load_t5_encoder, read_t5_config
 
@@ -154,7 +159,7 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh) -> TrainingTextEnco
     recorded = encoder_path(config, workdir)
     folder = folder_of(workdir, recorded)
     if recorded == demo_text_encoder.FOLDER_NAME:
-        build_demo_encoder(config, model_cfg, folder)
+        build_demo_encoder(config, model_cfg, folder, rebuild=no_step_saved)
     local = local_t5_folder(folder)
     t5_config = read_t5_config(local)
     width = t5_config.d_model

@@ -93,7 +93,15 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
     current = {"architecture": model_cfg.architecture(), "num_stages": config.scheduler.num_stages,
                "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution,
                **({"text_encoder": text_encoder} if text_encoder else {})}
-    if storage.exists(path):
+    if storage.exists(path) and not complete_steps(workdir):
+        # A start that failed before its first save (out of memory at the first step, say): no
+        # weights to mismatch, so the corrected command records its model in place of that one.
+        recorded = read_run_config(workdir)
+        if record and recorded != current and jax.process_index() == 0:
+            logging.warning("%s: no step of the run it records was saved; recorded anew for this config (%s)",
+                            path, "; ".join(differences(recorded, current)))
+            storage.write_json_atomically(path, current)
+    elif storage.exists(path):
         recorded = read_run_config(workdir)
         previous = {k: v for k, v in recorded.items() if k != "text_encoder"}
         if record and "text_encoder" in recorded:
@@ -104,9 +112,7 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
                                          or same_encoder(earlier, text_encoder))
             previous["text_encoder"] = text_encoder if accepted else earlier
         if previous != current:
-            trained = ("" if complete_steps(workdir)
-                       else " (no step of it was saved: deleting the workdir loses nothing)")
-            raise ValueError(f"{workdir} holds a run of a different model{trained}: "
+            raise ValueError(f"{workdir} holds a run of a different model: "
                              f"{'; '.join(differences(previous, current))}. Use a new --workdir")
         if record and recorded != current and jax.process_index() == 0:
             logging.info("%s: the text encoder recorded anew as %s", path, text_encoder)
@@ -353,7 +359,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         from pixelflow_jax.text import train_text
 
         train_text.fill_encoder_of_runs(config, workdir, init_source)  # its checks, before the init weights load
-        text_encoder = train_text.load(config, workdir, model_cfg, mesh)
+        text_encoder = train_text.load(config, workdir, model_cfg, mesh, no_step_saved=not done)
         frozen = (text_encoder.params,)
     init_model = load_init_from(config, model_cfg, init_source)[0] if init_source else None
     check_run_config(workdir, model_cfg, config, text_encoder and text_encoder.record())
