@@ -562,6 +562,7 @@ def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_to
     assert folder_fingerprint(moved) == fingerprint
     first = {"path": encoder_folder, "max_text_tokens": 8, "fingerprint": fingerprint}
     check_run_config(workdir, model_cfg, config, first)  # records the run
+    os.makedirs(os.path.join(workdir, "checkpoints", "10"))  # a saved step: the run holds to its encoder
 
     def recorded():
         return json.load(open(os.path.join(workdir, "run_config.json")))["text_encoder"]
