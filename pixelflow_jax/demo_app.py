@@ -47,20 +47,17 @@ def class_choices(num_classes: int) -> list[tuple[str, int]]:
 SHOWN_PROMPT_CHARS = 80  # of a prompt, in the status line
 
 
-TEMPORARY_OUTPUTS = re.compile(r"pixelflow_demo_(\d+)_.*")
+TEMPORARY_OUTPUTS = "pixelflow_demo"  # a bucket workdir's page folders (storage.temporary_dir)
 
 
 def demo_output_dir(workdir: str) -> str:
     """This page's folder in WORKDIR/demo_outputs (the page serves files from a local folder); the
     folders of earlier pages are removed, those of pages still serving are kept. A bucket workdir
-    gets a temporary folder removed at exit, and those of pages that were killed are removed at the
-    next start."""
+    gets a temporary folder removed at exit; those of pages that were killed are removed by a later
+    start (storage.remove_abandoned_dirs)."""
     if not workdir or storage.is_url(workdir):
-        for entry in os.scandir(tempfile.gettempdir()):
-            match = TEMPORARY_OUTPUTS.fullmatch(entry.name)
-            if match and entry.is_dir() and not storage.process_alive(int(match[1])):
-                shutil.rmtree(entry.path, ignore_errors=True)
-        folder = tempfile.mkdtemp(prefix=f"pixelflow_demo_{os.getpid()}_")
+        storage.remove_abandoned_dirs(TEMPORARY_OUTPUTS)
+        folder = storage.temporary_dir(TEMPORARY_OUTPUTS)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
     outputs = check_demo_outputs(workdir)

@@ -381,6 +381,33 @@ def writer_gone(match: re.Match, path: str) -> bool:
     return False
 
 
+# A temporary folder of this host's /tmp whose writer is gone is left alone until nothing in it
+# changed for this long: containers that share /tmp and the hostname (docker --network=host) see
+# each other's folders but not each other's processes.
+ABANDONED_AFTER_S = 3600
+
+
+def temporary_dir(prefix: str) -> str:
+    """A new folder in the system's temporary folder, PREFIX-WRITER-RANDOM (remove_abandoned_dirs)."""
+    return tempfile.mkdtemp(prefix=f"{prefix}-{writer_tag()}-")
+
+
+def remove_abandoned_dirs(prefix: str) -> None:
+    """Deletes the temporary_dir(prefix) folders of killed writers (see ABANDONED_AFTER_S)."""
+    for entry in os.scandir(tempfile.gettempdir()):
+        match = re.fullmatch(re.escape(prefix) + "-" + WRITER, entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and writer_gone(match, entry.path) and \
+                time.time() - newest_mtime(entry.path) > ABANDONED_AFTER_S:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def newest_mtime(folder: str) -> float:
+    times = [os.path.getmtime(folder)]
+    for root, _, files in os.walk(folder):
+        times += [os.path.getmtime(os.path.join(root, name)) for name in files]
+    return max(times)
+
+
 # The temporaries of this project's writers, `.NAME.tmp-WRITER`, and the `NAME.tmp` of sampling jobs
 # of earlier versions. A user's own `draft.tmp` is not one.
 _TEMPORARY = re.compile(rf"\..+\.tmp-{WRITER}|(?:\d+\.png|grid\.png|samples\.npz|settings\.json)\.tmp(?:\.npz)?")

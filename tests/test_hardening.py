@@ -603,17 +603,24 @@ def test_the_demo_page_keeps_only_its_newest_requests_on_disk(tmp_path):
 
 
 def test_a_bucket_workdir_demo_removes_the_output_folders_of_killed_pages(tmp_path, monkeypatch):
+    """A page of a bucket workdir keeps its images in /tmp: a later page removes those of killed
+    pages once untouched for an hour, never those of a page still serving, nor a recent one (a page
+    in another container that shares /tmp and the hostname: its process is not visible here)."""
     import tempfile
 
     from pixelflow_jax.demo_app import demo_output_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead, alive = tmp_path / "pixelflow_demo_999999999_x", tmp_path / f"pixelflow_demo_{os.getppid()}_y"
-    for folder in (dead, alive, tmp_path / "pixelflow_demo_other"):
+    here, hour_ago = socket.gethostname(), time.time() - 3700
+    dead, recent, alive = (tmp_path / f"pixelflow_demo-{here}-{pid}-x" for pid in (999999999, 999999998, os.getppid()))
+    for folder in (dead, recent, alive, tmp_path / "pixelflow_demo_other"):
         folder.mkdir()
+    (dead / "request").mkdir()
+    for path in (dead / "request", dead, alive):
+        os.utime(path, (hour_ago, hour_ago))
     mine = demo_output_dir("gs://bucket/page")
-    assert os.path.isdir(mine) and os.path.basename(mine).startswith(f"pixelflow_demo_{os.getpid()}_")
-    assert not dead.exists() and alive.exists() and (tmp_path / "pixelflow_demo_other").exists()
+    assert os.path.isdir(mine) and os.path.basename(mine).startswith(f"pixelflow_demo-{here}-{os.getpid()}-")
+    assert sorted(os.listdir(tmp_path)) == sorted([recent.name, alive.name, "pixelflow_demo_other", os.path.basename(mine)])
 
 
 def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page():

@@ -138,7 +138,7 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     here, hour_ago = socket.gethostname(), time.time() - 3700
-    killed, recent = (tmp_path / "tmp" / f"{LOCAL_EVENTS_PREFIX}{here}-999999999-{s}" for s in ("x", "y"))
+    killed, recent = (tmp_path / "tmp" / f"{LOCAL_EVENTS_PREFIX}-{here}-999999999-{s}" for s in ("x", "y"))
     if where == "bucket":
         for folder in (killed, recent):  # no such pid; only one of them untouched for an hour
             folder.mkdir()

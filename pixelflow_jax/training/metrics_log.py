@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
-import tempfile
-import time
 
 import jax
 import numpy as np
@@ -45,27 +42,7 @@ def summary_writer_class():
 
 
 SCALARS, IMAGES = "", "previews"  # folders of tensorboard/
-LOCAL_EVENTS_PREFIX = "pixelflow_events_"  # + HOST-PID-: the local copies of a bucket run's event files
-ABANDONED_AFTER_S = 3600  # untouched this long, with their writer gone (containers may share /tmp)
-
-
-def remove_event_copies_of_killed_runs() -> None:
-    """A bucket run writes its event files locally first and removes them when it ends; a killed
-    run leaves them in the temporary folder, where a later run removes them once their writer is
-    gone and nothing in them changed for an hour."""
-    for name in os.listdir(tempfile.gettempdir()):
-        path = os.path.join(tempfile.gettempdir(), name)
-        match = re.fullmatch(re.escape(LOCAL_EVENTS_PREFIX) + storage.WRITER, name)
-        if match and os.path.isdir(path) and storage.writer_gone(match, path) and \
-                time.time() - newest_mtime(path) > ABANDONED_AFTER_S:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def newest_mtime(folder: str) -> float:
-    times = [os.path.getmtime(folder)]
-    for root, _, files in os.walk(folder):
-        times += [os.path.getmtime(os.path.join(root, name)) for name in files]
-    return max(times)
+LOCAL_EVENTS_PREFIX = "pixelflow_events"  # the local copies of a bucket run's event files (storage.temporary_dir)
 
 
 # What a failed log write tells the user (the checkpoints are unaffected).
@@ -99,10 +76,9 @@ class MetricsLog:
                 storage.write_atomically(self.path, "".join(self.lines))
         self.events = events = storage.join(workdir, "tensorboard")
         self.remote_events = events if storage.is_url(events) else None
-        if self.remote_events:
-            remove_event_copies_of_killed_runs()
-        self.local_events = (tempfile.mkdtemp(prefix=f"{LOCAL_EVENTS_PREFIX}{storage.writer_tag()}-")
-                             if self.remote_events else events)
+        if self.remote_events:  # a killed bucket run leaves its local copies, removed here
+            storage.remove_abandoned_dirs(LOCAL_EVENTS_PREFIX)
+        self.local_events = storage.temporary_dir(LOCAL_EVENTS_PREFIX) if self.remote_events else events
         self.resumed_step = resumed_step
         # Scalars in tensorboard/, preview images in tensorboard/previews/ (a run of its own in
         # TensorBoard): in a bucket each file is uploaded whole after each write, and the scalars'
