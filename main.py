@@ -194,11 +194,13 @@ def main(argv):
     try:
         run_mode(argv)
     except Exception as e:  # jax's error type for it has moved between versions: matched by its status
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        memory = isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in first_line or "Out of memory" in first_line
-        if not memory or "No space left" in first_line or "quota" in first_line.lower():  # disks say it too
+        from pixelflow_jax.error_text import first_line
+
+        cause = first_line(e)
+        memory = isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in cause or "Out of memory" in cause
+        if not memory or "No space left" in cause or "quota" in cause.lower():  # disks say it too
             raise
-        sys.exit(f"error: --mode={FLAGS.mode} ran out of memory ({first_line[:200]}): "
+        sys.exit(f"error: --mode={FLAGS.mode} ran out of memory ({cause[:200]}): "
                  f"{out_of_memory_fix(FLAGS.mode, FLAGS.config)}")
 
 

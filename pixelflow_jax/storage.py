@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Any, BinaryIO, Callable, Iterator
 
+from pixelflow_jax.error_text import described
+
 # Schemes this project writes and reads (hf:// is read-only, for checkpoints: see hub.py).
 SUPPORTED_SCHEMES = ("gs",)
 
@@ -157,8 +159,7 @@ def _remote(path: str, action):
     except (FileNotFoundError, StorageError):
         raise
     except Exception as e:  # gcsfs, google-auth and aiohttp raise many types for the same few causes
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise StorageError(f"{path}: {type(e).__name__}: {cause} ({CHECK_ACCESS})") from None
+        raise StorageError(f"{path}: {described(e)} ({CHECK_ACCESS})") from None
 
 
 def absolute(path: str) -> str:
@@ -622,11 +623,10 @@ def check_writable(folder: str) -> None:
     except StorageError:
         raise
     except Exception as e:  # gcsfs / google-auth / OS errors: one message with the cause
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = (f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else
                 ": name a folder this user can write to (a training run in a read-only folder can still be sampled "
                 "or exported into another: --config.sample.checkpoint=RUN, --jax_checkpoint=RUN)")
-        raise StorageError(f"cannot write to {folder}: {type(e).__name__}: {cause}{hint}") from None
+        raise StorageError(f"cannot write to {folder}: {described(e)}{hint}") from None
 
 
 def check_writable_on_every_process(folder: str) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.error_text import first_line
 
 PREFIX = "hf://"
 _HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revision>[\w.-]+))?(?:/(?P<subfolder>.+))?")
@@ -86,8 +87,7 @@ def _download(hub: HubPath, patterns) -> str:
                                                              "the cache; check the network")
         raise CheckpointError(f"{hub}: {hint} ({type(e).__name__})") from None
     except (errors.HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"{hub}: download failed: {str(e).strip().splitlines()[0] if str(e).strip() else e}") \
-            from None
+        raise CheckpointError(f"{hub}: download failed: {first_line(e)}") from None
 
 
 def _folder(snapshot: str, hub: HubPath, patterns) -> str:

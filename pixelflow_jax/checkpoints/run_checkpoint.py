@@ -25,6 +25,7 @@ from pixelflow_jax.checkpoints.checkpoint import (WEIGHT_CHOICES, CheckpointConf
                                                  check_weights_finite)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.error_text import first_line
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
@@ -142,8 +143,7 @@ def find_run_step(path: str) -> RunStep | None:
 def restore_error(error: Exception) -> str:
     """The first line of an orbax / tensorstore error, without the spec tensorstore appends (as
     JSON, or as a pointer to it)."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
+    first = first_line(error)
     for appended in (" [tensorstore_spec", " See full TensorStore details"):
         first = first.split(appended, 1)[0]
     return first[:500]

@@ -26,6 +26,7 @@ from typing import NamedTuple
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.error_text import first_line
 from pixelflow_jax.data.loader import (IMAGE_EXTENSIONS, DataError, check_array_record_reads, ignored_name,
                                        listing_fingerprint, require_folder, walk_files)
 
@@ -155,8 +156,7 @@ def count_records(shard: str) -> int:
         count = reader.num_records()
         reader.close()
     except Exception as e:  # a truncated file: RuntimeError "should be at least 64KB big", ...
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot read ArrayRecord shard {shard} ({cause}); if it is truncated or damaged, "
+        raise DataError(f"cannot read ArrayRecord shard {shard} ({first_line(e)}); if it is truncated or damaged, "
                         f"{REPACK}") from None
     if count == 0:
         raise DataError(f"ArrayRecord shard {shard} holds no records; {REPACK}")

@@ -43,6 +43,7 @@ from absl import logging
 from PIL import Image
 
 from pixelflow_jax import storage
+from pixelflow_jax.error_text import first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_CONSECUTIVE_UNREADABLE = 64
@@ -199,7 +200,7 @@ class TfdsSource:
             raise
         except Exception as e:  # TFDS raises several types for "unknown dataset" and "no such split"
             raise DataError(f"cannot open TFDS dataset {name!r} split {split!r} in {where}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
+                            f"{first_line(e)}. "
                             f"Build it once with {build}") from None
         if len(self.source) == 0:
             raise DataError(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")

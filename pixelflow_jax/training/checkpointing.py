@@ -20,6 +20,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, complete_steps,
                                                       restore_error)
+from pixelflow_jax.error_text import first_line
 
 UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 
@@ -96,7 +97,7 @@ def save_errors(manager):
     try:
         yield
     except Exception as e:  # orbax and tensorstore raise many types for the same few causes
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = first_line(e)
         cause = "no space left on the device" if "No space left on device" in cause else cause[:300]
         complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
         resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
