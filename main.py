@@ -217,7 +217,7 @@ def run_mode(argv):
     from pixelflow_jax import storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
-    from pixelflow_jax.command_line import quiet_closed_loop_callbacks
+    from pixelflow_jax.command_line import EXIT_INTERRUPTED, quiet_closed_loop_callbacks
 
     sys.unraisablehook = quiet_closed_loop_callbacks
 
@@ -273,7 +273,7 @@ def run_mode(argv):
         except KeyboardInterrupt:  # Ctrl-C while starting (restore, compile), or a second one in training
             print("stopped: interrupted (Ctrl-C) without saving; the checkpoints saved before are kept: rerun the "
                   "same command to resume from the latest", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
 

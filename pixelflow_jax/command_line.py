@@ -9,6 +9,11 @@ import sys
 import traceback
 
 
+# 128 + the signal's number, as a shell reports a process that SIGINT or SIGTERM ended: a scheduler
+# sees a stopped job, not a finished one.
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
 class Terminated(BaseException):
     """SIGTERM (a preemption, `kill`): raised where the job is, as Ctrl-C's KeyboardInterrupt is, so
     that what the job finished is kept (and what it half-wrote removed) before it stops."""
@@ -25,8 +30,10 @@ def stop_on_sigterm() -> None:
 
 
 def stop_cause(stop: BaseException) -> tuple[str, int]:
-    """(what stopped the job, its exit status: 128 + the signal's number, as a shell reports it)."""
-    return ("interrupted (Ctrl-C)", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated (SIGTERM)", 143)
+    """(what stopped the job, its exit status)."""
+    if isinstance(stop, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+    return "terminated (SIGTERM)", EXIT_TERMINATED
 
 
 def quiet_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pixelflow_jax import storage
+from pixelflow_jax.command_line import EXIT_TERMINATED
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED
 from pixelflow_jax.api import load_sampling_model, sampling_checkpoint, sampling_source
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
@@ -267,6 +268,6 @@ def run(config, workdir: str = "") -> None:
     where = ("on every network interface of this machine" if config.demo.share_on_network else
              "on this machine only (--config.demo.share_on_network=True serves it to the network)")
     print(f"demo page: http://{host}:{int(config.demo.port)}/ {where}; Ctrl-C stops it", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop runs the atexit cleanup, as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_TERMINATED))  # a stop runs the atexit cleanup, as Ctrl-C does
     # quiet: Gradio's own banner suggests share=True (a public gradio.live tunnel), which this demo never opens.
     page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False, quiet=True)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from conftest import REPO, free_port
 from pixelflow_jax import PixelFlowScheduler, load_model
+from pixelflow_jax.command_line import EXIT_TERMINATED
 from pixelflow_jax.data.demo_data import demo_image
 from pixelflow_jax.training.flow import Draws, StageTables, per_sample_losses, stage_batches
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
@@ -325,7 +326,7 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     processes[1].send_signal(signal.SIGTERM)
     errors = [process.communicate(timeout=600)[1] for process in processes]
     for process, err in zip(processes, errors):
-        assert process.returncode == 143, err[-5000:]  # preempted, state saved (train.EXIT_PREEMPTED)
+        assert process.returncode == EXIT_TERMINATED == 143, err[-5000:]  # preempted, state saved
         assert "rerun the same command to resume" in err
     saved = [set(re.findall(r"saved step (\d+) on every process", err)) for err in errors]
     assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # both processes saved the same one step

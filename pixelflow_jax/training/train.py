@@ -16,7 +16,7 @@
 A restart resumes from the latest checkpoint that restores (model, EMA, optimiser, step, RNG, data
 position), with any number of processes, so the resumed run computes exactly the losses an
 uninterrupted one would. A SIGTERM (preemption) on any process makes every process save the same
-step and stop (preemption.py; main.py exits with EXIT_PREEMPTED). After train.max_bad_steps
+step and stop (preemption.py; main.py exits with command_line.EXIT_TERMINATED). After train.max_bad_steps
 non-finite steps in a row the run stops without saving: the last good checkpoint stays the latest.
 """
 
@@ -35,6 +35,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
+from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -61,15 +62,13 @@ class TrainingStopped(RuntimeError):
 
 class TrainingPreempted(RuntimeError):
     """SIGTERM or Ctrl-C: every process saved the same step and stopped; rerunning the command
-    resumes. `exit_status` is what main.py exits with: 128 + the signal, as a shell reports a
-    process that signal ended, so a scheduler sees an interrupted run, not a finished one."""
+    resumes. `exit_status` is what main.py exits with (command_line.EXIT_INTERRUPTED or
+    EXIT_TERMINATED)."""
 
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
         self.exit_status = exit_status
 
-
-EXIT_PREEMPTED, EXIT_INTERRUPTED = 143, 130  # SIGTERM, SIGINT
 
 
 def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
@@ -457,5 +456,5 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         preemption.close()
     if preempted:
         raise TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; rerun the same command "
-                                "to resume", EXIT_INTERRUPTED if preemption.interrupted else EXIT_PREEMPTED)
+                                "to resume", EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED)
     return record
