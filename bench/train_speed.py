@@ -29,7 +29,7 @@ from flax import nnx  # noqa: E402
 from pixelflow_jax import PixelFlowScheduler  # noqa: E402
 from pixelflow_jax.sharding import make_mesh  # noqa: E402
 from pixelflow_jax.training.flow import StageTables  # noqa: E402
-from pixelflow_jax.training.train import peak_flops  # noqa: E402
+from pixelflow_jax.training.metrics_log import peak_flops  # noqa: E402
 from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
                                                state_shardings, train_flops_per_image)
 from profile_ops import print_profiles  # noqa: E402

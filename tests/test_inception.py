@@ -246,7 +246,6 @@ def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file
     """Everything in a bucket (a local GCS emulator): the release checkpoint converted into it,
     sampled from there into a workdir there with the evaluation of its samples.npz (inputs read from
     the bucket too), and a rerun after losing an image samples only that image."""
-    import json
     import subprocess
     import sys
 

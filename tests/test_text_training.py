@@ -3,7 +3,6 @@ captions, and the text-conditional step (frozen T5, caption dropout) against flo
 meshes."""
 
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -24,7 +23,7 @@ from pixelflow_jax.data.loader import DataError, ImageLoader, build_dataset
 from pixelflow_jax.text import demo_text_encoder
 from pixelflow_jax.text.prompts import T5Tokenizer
 from pixelflow_jax.text.t5_convert import load_t5_encoder
-from pixelflow_jax.training.flow import Draws, StageTables, draw, stage_batches
+from pixelflow_jax.training.flow import StageTables, draw, stage_batches
 from pixelflow_jax.training.train_step import (StepConfig, TextConditioning, _loss_and_stage_losses, dropped_conditioning,
                                                init_state, make_optimizer, make_train_step, state_shardings)
 from test_model_parity import relative_error

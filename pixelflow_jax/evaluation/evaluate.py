@@ -43,8 +43,8 @@ STATISTICS_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sig
 
 @contextlib.contextmanager
 def _open_images(path: str):
-    """(arr_0 member positioned at its data, shape, dtype) of an .npz of images; closes the
-    member, the archive and, for a URL, the downloaded stream when done."""
+    """(arr_0 member positioned at its data, shape, dtype, the member's CRC-32) of an .npz of
+    images; closes the member, the archive and, for a URL, the downloaded stream when done."""
     with contextlib.ExitStack() as opened:
         try:
             source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path

@@ -56,7 +56,7 @@ class TrainingTextEncoder:
         return kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"]
 
 
-def encoder_path(config, workdir: str) -> str:
+def encoder_path(config) -> str:
     """The text encoder a run trains with, as run_config.json records it."""
     if config.train.text_encoder:
         path = str(config.train.text_encoder)
@@ -107,7 +107,7 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     inherited = folder_of(run, initial["path"])
     if not config.train.text_encoder:
         config.train.text_encoder = inherited
-    elif encoder_path(config, workdir) != inherited and not (  # the same folder elsewhere is the same encoder
+    elif encoder_path(config) != inherited and not (  # the same folder elsewhere is the same encoder
             initial.get("fingerprint") and initial["fingerprint"] == fingerprint_of(config.train.text_encoder)):
         raise ValueError(f"--config.train.init_from {run} trained with the text encoder {inherited}, and "
                          f"--config.train.text_encoder {config.train.text_encoder} would feed its cross-attention "
@@ -156,7 +156,7 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool
     from pixelflow_jax.text.t5_convert import folder_fingerprint, load_t5_encoder, read_t5_config
 
     t = config.train
-    recorded = encoder_path(config, workdir)
+    recorded = encoder_path(config)
     folder = folder_of(workdir, recorded)
     if recorded == demo_text_encoder.FOLDER_NAME:
         build_demo_encoder(config, model_cfg, folder, rebuild=no_step_saved)
