@@ -18,10 +18,9 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints import hub
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, CheckpointConfig, CheckpointError,
-                                                 build_model, read_config, restore_params)
+                                                 build_model, check_weights_choice, read_config, restore_params)
 from pixelflow_jax.checkpoints.convert import Params
-from pixelflow_jax.checkpoints.run_checkpoint import (WEIGHT_CHOICES, RunStep, find_run_step, restore_run_weights,
-                                                     run_checkpoint_config)
+from pixelflow_jax.checkpoints.run_checkpoint import RunStep, find_run_step, restore_run_weights, run_checkpoint_config
 from pixelflow_jax.model import PixelFlow
 
 
@@ -99,9 +98,8 @@ def checkpoint_config(source: CheckpointSource) -> CheckpointConfig:
     return release_folder_config(source.folder)
 
 
-def check_weights_choice(source: CheckpointSource, weights: str) -> None:
-    if weights not in WEIGHT_CHOICES:
-        raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+def check_weights_of(source: CheckpointSource, weights: str) -> None:
+    check_weights_choice(weights)
     if source.kind == "converted" and weights == "model":  # a conversion kept one set of weights
         from pixelflow_jax.checkpoints.torch_io import ONE_SET_OF_WEIGHTS
 
@@ -112,7 +110,7 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
                     runtime: dict | None = None) -> tuple[CheckpointConfig, Params]:
     """(config, parameters) of a resolved checkpoint; `runtime` overrides model settings that are
     not architecture (dtype, param_dtype, attention)."""
-    check_weights_choice(source, weights)
+    check_weights_of(source, weights)
     if hub.is_hub_path(source.label):  # resolve_checkpoint fetched its config only
         hub.download_weights(source.label)
     config, params = checkpoint_config(source), None  # a release folder's config.yaml: checked before model.pt
@@ -149,8 +147,7 @@ def load_arguments(dtype, attention, weights: str) -> dict:
         if attention not in ATTENTION_BACKENDS:
             raise CheckpointError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         runtime["attention"] = attention
-    if weights not in WEIGHT_CHOICES:
-        raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    check_weights_choice(weights)
     return runtime
 
 
@@ -214,7 +211,7 @@ def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointC
     unread; for an hf:// checkpoint not yet downloaded): sample.checkpoint or the training run in
     `workdir`, its text encoder filled in, sample.weights checked to be there."""
     source = resolve_checkpoint(sampling_checkpoint(config.sample, workdir))
-    check_weights_choice(source, config.sample.weights)
+    check_weights_of(source, config.sample.weights)
     fill_text_encoder(config.sample, source)
     return source, checkpoint_config(source)
 

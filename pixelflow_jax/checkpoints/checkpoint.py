@@ -36,6 +36,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or written; the message says which file and what to do."""
 
 
+def check_weights_choice(weights: str, name: str = "weights") -> None:
+    """`name` (as the caller's user spells the setting) is one of WEIGHT_CHOICES."""
+    if weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"{name} must be one of {WEIGHT_CHOICES}, got {weights!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Everything needed to rebuild and sample a model besides its weights."""

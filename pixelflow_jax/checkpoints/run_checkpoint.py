@@ -22,7 +22,7 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import (WEIGHT_CHOICES, CheckpointConfig, CheckpointError, abstract_params,
-                                                 check_weights_finite)
+                                                 check_weights_choice, check_weights_finite)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.error_text import first_line
@@ -154,8 +154,7 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
     import jax
     import orbax.checkpoint as ocp
 
-    if weights not in WEIGHT_KEYS:
-        raise CheckpointError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    check_weights_choice(weights)
     key = WEIGHT_KEYS[weights]
     target = {key: abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))}
     path = storage.join(storage.absolute(run_step.folder), STATE_ITEM)

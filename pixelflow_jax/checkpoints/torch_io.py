@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import (WEIGHT_CHOICES, CheckpointConfig, CheckpointError, atomic_output_dir,
-                                                 listed)
+from pixelflow_jax.checkpoints.checkpoint import (CheckpointConfig, CheckpointError, atomic_output_dir,
+                                                 check_weights_choice, listed)
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ModelConfig
 
@@ -79,8 +79,7 @@ def load_torch_file(path: str) -> Any:
 def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str, np.ndarray]:
     """The float32 numpy state dict inside whatever torch.load returned."""
     torch = _import_torch()
-    if weights not in WEIGHT_CHOICES:
-        raise CheckpointError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    check_weights_choice(weights, "--weights")
     if isinstance(loaded, Mapping) and "model" in loaded and isinstance(loaded["model"], Mapping):
         if weights not in loaded:
             raise CheckpointError(f"{path} is a training checkpoint without {weights!r} weights; "
