@@ -1175,10 +1175,11 @@ def test_a_foreign_or_other_model_workdir_is_refused_before_anything_is_written_
 
     class_run = str(tmp_path / "class_run")
     check_run_config(class_run, ModelConfig.from_mapping(config.model), config)
+    os.makedirs(os.path.join(class_run, "checkpoints", "10"))  # a saved step
     text = t2i.get_config("tiny")  # checked before its text encoder would be built in the workdir
     with pytest.raises(ValueError, match="architecture.cross_attention_dim 0 there, 20 in this config"):
         check_run_config(class_run, ModelConfig.from_mapping(text.model), text, record=False)
-    assert os.listdir(class_run) == ["run_config.json"]
+    assert sorted(os.listdir(class_run)) == ["checkpoints", "run_config.json"]
 
 
 def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
