@@ -1,7 +1,8 @@
 """One validation layer for config values, run by main.py for every mode before any work: numbers
 finite and in range, integers integral, class ids whole numbers. Each message names the field as
 the command line writes it and what it accepts, so a bad value never becomes NaN weights, black
-images or a settings.json left behind."""
+images or a settings.json left behind. train.train() runs the training checks again, for callers
+of the Python API, with those that need the mesh or the model's kind (text: check_text_training)."""
 
 from __future__ import annotations
 
