@@ -187,20 +187,19 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     """For text configs: a training run's recorded text encoder fills an empty
     sample.text_encoder, and its token length sample.max_text_tokens = 0, so a text run samples
     with the encoder it trained with and no flag; otherwise 0 means the release's 512."""
-    from pixelflow_jax.checkpoints.run_checkpoint import read_run_config
+    from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, read_run_config
     from pixelflow_jax.text.prompts import MAX_LENGTH
-    from pixelflow_jax.text.train_text import folder_of
 
     s = sample_config
     if "max_text_tokens" not in s:
         return
     recorded = read_run_config(source.run_step.run).get("text_encoder") if source.run_step else None
     if recorded and not s.text_encoder:
-        s.text_encoder = folder_of(source.run_step.run, recorded["path"])
+        s.text_encoder = encoder_folder_of(source.run_step.run, recorded["path"])
     if not s.max_text_tokens:
         s.max_text_tokens = int(recorded["max_text_tokens"]) if recorded else MAX_LENGTH
     if recorded:  # allowed (an encoder moved, a longer prompt), but the embeddings may not be the trained ones
-        trained = (folder_of(source.run_step.run, recorded["path"]), int(recorded["max_text_tokens"]))
+        trained = (encoder_folder_of(source.run_step.run, recorded["path"]), int(recorded["max_text_tokens"]))
         if (storage.absolute(s.text_encoder), int(s.max_text_tokens)) != trained:  # URLs, hf:// too, stay as given
             logging.warning("sampling %s with the text encoder %s and %d tokens; it trained with %s and %d tokens",
                             source.label, s.text_encoder, s.max_text_tokens, *trained)

@@ -70,6 +70,16 @@ def read_run_config(run: str) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def encoder_folder_of(run: str, recorded_path: str) -> str:
+    """The text encoder folder run_config.json records (recorded_path: its text_encoder.path; a
+    relative one lives inside the run)."""
+    from pixelflow_jax.checkpoints import hub
+
+    if hub.is_hub_path(recorded_path) or storage.is_url(recorded_path) or recorded_path.startswith("/"):
+        return recorded_path
+    return storage.join(storage.absolute(run), recorded_path)
+
+
 def run_checkpoint_config(run: str) -> CheckpointConfig:
     values = read_run_config(run)
     try:

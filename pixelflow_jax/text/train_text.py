@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from pixelflow_jax import storage
+from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, is_run, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.sharding import param_shardings, replicated
 from pixelflow_jax.text import demo_text_encoder
@@ -86,8 +87,6 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     (resuming a run that trains with an encoder outside it), or that of the run train.init_from
     names (a fine-tune must feed its cross-attention the embeddings it learned). Another encoder
     than the init run's is refused."""
-    from pixelflow_jax.checkpoints.run_checkpoint import is_run, read_run_config
-
     recorded = (read_run_config(workdir).get("text_encoder") or {}) if is_run(workdir) else {}
     if not config.train.text_encoder and recorded.get("path", demo_text_encoder.FOLDER_NAME) != \
             demo_text_encoder.FOLDER_NAME:
@@ -104,7 +103,7 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     initial = read_run_config(run).get("text_encoder") or {}
     if not initial:
         return
-    inherited = folder_of(run, initial["path"])
+    inherited = encoder_folder_of(run, initial["path"])
     if not config.train.text_encoder:
         config.train.text_encoder = inherited
     elif encoder_path(config) != inherited and not (  # the same folder elsewhere is the same encoder
@@ -119,15 +118,6 @@ def fingerprint_of(path: str) -> str:
     from pixelflow_jax.text.t5_convert import folder_fingerprint
 
     return folder_fingerprint(local_t5_folder(path))
-
-
-def folder_of(run: str, recorded_path: str) -> str:
-    """The encoder folder a run's record names (a relative record lives inside the run)."""
-    from pixelflow_jax.checkpoints import hub
-
-    if hub.is_hub_path(recorded_path) or storage.is_url(recorded_path) or recorded_path.startswith("/"):
-        return recorded_path
-    return storage.join(storage.absolute(run), recorded_path)
 
 
 def build_demo_encoder(config, model_cfg: ModelConfig, folder: str, rebuild: bool) -> None:
@@ -157,7 +147,7 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool
 
     t = config.train
     recorded = encoder_path(config)
-    folder = folder_of(workdir, recorded)
+    folder = encoder_folder_of(workdir, recorded)
     if recorded == demo_text_encoder.FOLDER_NAME:
         build_demo_encoder(config, model_cfg, folder, rebuild=no_step_saved)
     local = local_t5_folder(folder)
