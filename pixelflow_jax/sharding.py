@@ -32,6 +32,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """An array of `sharding` built from the full host copy every process holds (multi-host safe)."""
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> P:
     """Split the largest axis divisible by fsdp (skipping a leading layer axis); else replicate."""
     if fsdp == 1 or not shape:

@@ -193,11 +193,13 @@ def check_data(config) -> None:
 
 
 def check_text_training(config) -> None:
+    from pixelflow_jax.data.caption_data import MISSING_CAPTION_CHOICES
+
     t, d = config.train, config.data
     number("train.caption_dropout", t.caption_dropout, minimum=0, below=1)
     integer("train.max_text_tokens", t.max_text_tokens, minimum=2, maximum=4096)
     choice("train.text_encoder_dtype", t.text_encoder_dtype, ("float32", "bfloat16"))
-    choice("data.missing_captions", d.missing_captions, ("error", "skip"))
+    choice("data.missing_captions", d.missing_captions, MISSING_CAPTION_CHOICES)
 
 
 def choice(name: str, value, choices: tuple) -> None:

@@ -23,8 +23,8 @@ import tempfile
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
-                                             encode_record)
+from pixelflow_jax.data.caption_data import (MISSING_CAPTION_CHOICES, RECORD_EXTENSION, CaptionedFolderSource,
+                                             CaptionError, decode_caption, encode_record)
 from pixelflow_jax.data.loader import DataError, read_with_folder
 from pixelflow_jax.progress import Progress
 
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--folder", required=True, help="captioned image folder (local or gs://)")
     parser.add_argument("--output", required=True, help="folder for the shards (local or gs://)")
     parser.add_argument("--records_per_shard", type=int, default=5000)
-    parser.add_argument("--missing_captions", choices=("error", "skip"), default="error")
+    parser.add_argument("--missing_captions", choices=MISSING_CAPTION_CHOICES, default="error")
     args = parser.parse_args()
     try:
         output = storage.user_path(args.output)

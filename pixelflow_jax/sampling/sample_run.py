@@ -24,7 +24,6 @@ import numpy as np
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from pixelflow_jax import storage
@@ -33,7 +32,7 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finite_images, to_uint8)
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
-from pixelflow_jax.sharding import batch_for
+from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
 
 GRID_IMAGES = 64
 SAMPLES_NPZ = "samples.npz"  # in the workdir: every image of the job, for evaluation
@@ -114,7 +113,8 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
         raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}){weights}; "
                          "use a new --workdir, or rerun with the settings in settings.json")
     if images := sampled_images(folder):
-        raise ValueError(f"{folder} holds {len(images)} images (e.g. {images[0]}) but no settings.json saying what "
+        count = f"{len(images)} images (e.g. {images[0]})" if len(images) > 1 else f"the image {images[0]}"
+        raise ValueError(f"{folder} holds {count} but no settings.json saying what "
                          "they were sampled with, so they cannot join this job: use a new --workdir, or move them away")
     if earlier := earlier_outputs(workdir):
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
@@ -153,11 +153,6 @@ def sampled_images(folder: str) -> list[str]:
 def earlier_outputs(workdir: str) -> list[str]:
     """What a sampling job leaves in its workdir besides samples/: what the next job would overwrite."""
     return [name for name in (SAMPLES_NPZ, "eval.json") if storage.exists(storage.join(workdir, name))]
-
-
-def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """An array of `sharding` built from the full host copy every process holds (multi-host safe)."""
-    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
 def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:
@@ -223,14 +218,13 @@ def run(config, workdir: str) -> None:
 
 
 def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, seed) -> None:
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    batch_sharding = NamedSharding(mesh, P("data"))
+    mesh = make_mesh()
+    batch, everywhere = batch_sharding(mesh), replicated(mesh)
     # Replicated from the host copy: the weights sit on one device of this process, and a direct
     # device_put onto every process's devices is a cross-host transfer most backends refuse.
-    replicated = NamedSharding(mesh, P())
-    nnx.update(model, jax.tree.map(lambda a: global_array(np.asarray(a), replicated), nnx.state(model)))
+    nnx.update(model, jax.tree.map(lambda a: global_array(np.asarray(a), everywhere), nnx.state(model)))
     sampler = CascadeSampler(model, ckpt)
-    finite_on_every_process = jax.jit(finite_images, out_shardings=replicated)
+    finite_on_every_process = jax.jit(finite_images, out_shardings=everywhere)
     key = jax.random.key(seed)
     total = conditioning.num_images
     progress = Progress(total, "sampling", "img", initial=total - len(missing))
@@ -246,9 +240,8 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
                 ids = missing[first:first + batch_size]
                 num_valid = len(ids)
                 ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
-                cond, uncond = (jax.tree.map(lambda a: global_array(a, batch_sharding), c)
-                                for c in conditioning.batch(ids))
-                initial, blocks = draw_noise_jit(key, global_array(ids, batch_sharding), ckpt.resolution,
+                cond, uncond = (jax.tree.map(lambda a: global_array(a, batch), c) for c in conditioning.batch(ids))
+                initial, blocks = draw_noise_jit(key, global_array(ids, batch), ckpt.resolution,
                                                  ckpt.num_stages, model.config.in_channels, sampler.scheduler.gamma)
                 latents = sampler.sample(initial, blocks, cond, uncond, options)  # dispatched, not awaited
                 if written:

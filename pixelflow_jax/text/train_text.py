@@ -25,7 +25,7 @@ from flax import nnx
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, is_run, read_run_config
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.sharding import param_shardings, replicated
+from pixelflow_jax.sharding import global_array, param_shardings, replicated
 from pixelflow_jax.text import demo_text_encoder
 from pixelflow_jax.training.train_step import TextConditioning
 
@@ -49,8 +49,7 @@ class TrainingTextEncoder:
         """(embeddings, mask float32) of prompts: text.PromptEncoder's interface, for previews."""
         mesh = jax.tree.leaves(self.sharding)[0].mesh
         # Every process tokenizes the same prompts: global arrays replicated over the encoder's mesh.
-        to_global = lambda a: jax.make_array_from_callback(a.shape, replicated(mesh), lambda index: a[index])
-        tokens, mask = (to_global(a) for a in self.tokenizer(prompts))
+        tokens, mask = (global_array(a, replicated(mesh)) for a in self.tokenizer(prompts))
         if self._encode is None:  # compiled once; outputs replicated, so every process can read them
             self._encode = jax.jit(self.conditioning.encode, out_shardings=replicated(mesh))
         kwargs = self._encode(self.params, tokens, mask)
