@@ -71,10 +71,12 @@ def quiet_library_info(record) -> bool:
 
 
 def keep_library_info_out_of_the_log() -> None:
-    """orbax's INFO lines (through absl) and those of fsspec's read caches (one per file opened in
-    a bucket: several per logged step); their warnings and errors stay."""
+    """orbax's INFO lines (through absl), those of fsspec's read caches (one per file opened in a
+    bucket: several per logged step) and jax's "Unable to initialize backend 'tpu'" on every machine
+    without one (read as a failure); their warnings and errors stay (jax's about a GPU it cannot use)."""
     std_logging.getLogger("absl").addFilter(quiet_library_info)
-    std_logging.getLogger("fsspec.caching").setLevel(std_logging.WARNING)
+    for library in ("fsspec.caching", "jax._src.xla_bridge"):
+        std_logging.getLogger(library).setLevel(std_logging.WARNING)
 
 
 # Overrides a sampling job cannot honour: the checkpoint holds the model, its stages and resolution;
@@ -115,10 +117,31 @@ def start_distributed():
     try:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:  # no cluster detected, and the flags that replace detection missing
-        sys.exit(f"error: --distributed: {e}. Where jax cannot detect the cluster (Cloud TPU, SLURM, Open MPI), "
+        sys.exit(f"error: --distributed: {str(e).rstrip('.')}. Where jax cannot detect the cluster (Cloud TPU, SLURM, Open MPI), "
                  "pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process")
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+# The class and the text config, each with settings the other lacks (prompts, captions, the T5 encoder).
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+SIBLING_CONFIGS = {"c2i.py": "t2i.py", "t2i.py": "c2i.py"}
+
+
+def sibling_config_with(config_file: str, field: str) -> str | None:
+    """configs/t2i.py for an override of configs/c2i.py that names one of its fields (such as
+    sample.prompts), and the other way round; None otherwise."""
+    import importlib
+
+    folder, name = os.path.split(config_file.split(":")[0])
+    if name not in SIBLING_CONFIGS or os.path.abspath(folder or ".") != CONFIGS:
+        return None
+    config = importlib.import_module(f"configs.{SIBLING_CONFIGS[name].removesuffix('.py')}").get_config()
+    for part in field.split("."):
+        if not hasattr(config, "keys") or part not in config:
+            return None
+        config = config[part]
+    return os.path.join(folder, SIBLING_CONFIGS[name])
 
 
 def unknown_field_message(argv: list[str], error: Exception) -> str:
@@ -133,6 +156,8 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
     overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     for override in overrides:
         if missing in override.removeprefix("--config.").split("."):
+            if sibling := sibling_config_with(config_file, override.removeprefix("--config.")):
+                return f"{override}: {config_file} has no field {missing!r}; it is a setting of {sibling}: use that config"
             return (f"{override}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
                     f"{config_file.split(':')[0]} lists the settings that exist")
     # No override names the field: the config file's own code asked for it.

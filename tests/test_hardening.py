@@ -177,6 +177,9 @@ def test_init_from_naming_the_new_runs_own_workdir_says_so(tmp_path):
     ("--config.data.shard_cache_dir=/tmp",  # a setting an earlier version had
      "--config.data.shard_cache_dir: configs/c2i.py:tiny has no field 'shard_cache_dir'; configs/c2i.py lists"),
     ("--config.trian.lr=1", "--config.trian.lr: configs/c2i.py:tiny has no field 'trian' (Did you mean \"train\""),
+    ("--config.sample.prompts=a cat",  # a text-to-image setting given to the class config
+     "--config.sample.prompts: configs/c2i.py:tiny has no field 'prompts'; it is a setting of configs/t2i.py: use "
+     "that config"),
 ])
 def test_an_override_of_a_field_the_config_lacks_is_named_without_a_traceback(tmp_path, override, message):
     workdir = tmp_path / "run"
@@ -1006,7 +1009,7 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     orphans = str(tmp_path / "orphans")
     os.makedirs(orphans)
     open(os.path.join(orphans, "000000.png"), "wb").close()
-    with pytest.raises(ValueError, match="holds 1 images .* but no settings.json"):
+    with pytest.raises(ValueError, match="holds the image 000000.png but no settings.json"):
         check_settings(orphans, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     assert not os.path.exists(os.path.join(orphans, "settings.json"))
 

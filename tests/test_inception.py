@@ -269,6 +269,7 @@ def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file
     results = storage.read_json(f"{workdir}/eval.json")
     assert results["num_samples"] == 4 and results["samples"] == f"{workdir}/samples.npz"
     assert set(results) >= {"fid", "sfid", "inception_score", "precision", "recall"} and "fid:" in result.stdout
+    assert "fid:" not in result.stderr  # printed once, not logged again
     assert storage.list_files(f"{workdir}/samples") == ["000000.png", "000001.png", "000002.png", "000003.png",
                                                         "settings.json"]
     first = np.load(io.BytesIO(storage.read_bytes(f"{workdir}/samples.npz")))["arr_0"]

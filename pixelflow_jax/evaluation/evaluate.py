@@ -303,9 +303,8 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`) and writes WORKDIR/eval.json (process 0)."""
     e = config.eval
     results = evaluate(samples or e.samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
-    for name in METRICS:
-        logging.info("%s: %.4f", name, results[name])
-        print(f"{name}: {results[name]:.4f}")
+    for name in METRICS:  # on stdout, once (eval.json keeps them)
+        print(f"{name}: {results[name]:.4f}", flush=True)
     if jax.process_index() == 0:  # the history first: an evaluation replaced in eval.json stays there
         history = storage.join(workdir, "eval_history.jsonl")
         earlier = storage.read_text(history) if storage.exists(history) else ""

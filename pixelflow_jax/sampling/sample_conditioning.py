@@ -28,7 +28,9 @@ class ClassLabels:
         self.labels = (class_ids("--config.sample.labels", list(s.labels), num_classes) if len(s.labels)
                        else np.arange(s.num_images) % num_classes)  # the release's sample_ddp.py order
         if len(self.labels) != s.num_images:
-            raise ValueError(f"sample.labels has {len(self.labels)} entries but sample.num_images is {s.num_images}")
+            raise ValueError(f"--config.sample.labels has {len(self.labels)} entries but --config.sample.num_images is "
+                             f"{s.num_images}: give one label per image, or set --config.sample.num_images="
+                             f"{len(self.labels)}")
         self.num_classes = num_classes
         self.num_images = int(s.num_images)
 

@@ -72,14 +72,16 @@ class TrainingPreempted(RuntimeError):
 
 
 def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
-    """'KEY THERE there, HERE in this config' for every entry that differs, nested dicts entry by entry."""
+    """'KEY THERE there, HERE in this config' for every entry that differs, nested dicts entry by
+    entry; an entry one side lacks is 'absent' there."""
     lines = []
     for key in sorted(set(there) | set(here)):
         a, b = there.get(key), here.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             lines += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key} {a!r} there, {b!r} in this config")
+        elif key not in there or key not in here or a != b:
+            shown = [repr(side[key]) if key in side else "absent" for side in (there, here)]
+            lines.append(f"{prefix}{key} {shown[0]} there, {shown[1]} in this config")
     return lines
 
 
