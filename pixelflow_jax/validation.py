@@ -200,6 +200,9 @@ def check_text_training(config) -> None:
     integer("train.max_text_tokens", t.max_text_tokens, minimum=2, maximum=4096)
     choice("train.text_encoder_dtype", t.text_encoder_dtype, ("float32", "bfloat16"))
     choice("data.missing_captions", d.missing_captions, MISSING_CAPTION_CHOICES)
+    if d.source == "tfds":
+        raise ConfigError("--config.data.source 'tfds' has no captions: a text-conditional model trains on 'folder' "
+                          "(NAME.jpg + NAME.txt), 'array_record' (pixelflow_jax.data.pack_captions) or 'demo'")
 
 
 def choice(name: str, value, choices: tuple) -> None:

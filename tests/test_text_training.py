@@ -634,3 +634,26 @@ def test_a_fine_tune_missing_its_text_encoder_is_refused_before_the_weights_are_
     config.train.update(init_from=converted["t2i_tiny"], batch_size=32)
     with pytest.raises(ValueError, match="does not record its text encoder: set --config.train.text_encoder"):
         train.train(config, str(tmp_path / "tune"))
+
+
+def test_a_text_run_on_own_data_names_every_missing_setting_at_once(tmp_path):
+    """configs/t2i.py as it stands, on one's own data, needs the data folder, the T5 encoder and
+    the previews' prompts: one error names all three (they came one rerun at a time), before
+    anything is written; captionless TFDS is named first."""
+    import configs.t2i as t2i
+    from pixelflow_jax.training.train import train
+
+    config = t2i.get_config("")
+    config.train.batch_size = 32
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"^this run needs 3 more settings: --config.data.root, the folder of captioned "
+                                         r"images.*; --config.train.text_encoder, .*; --config.sample.prompts or "
+                                         r"--config.sample.prompts_file, the prompts of the previews"):
+        train(config, workdir)
+    config.data.root, config.train.preview_every = str(tmp_path), 0
+    with pytest.raises(ValueError, match=r"^this run needs 1 more setting: --config.train.text_encoder"):
+        train(config, workdir)
+    config.data.source = "tfds"
+    with pytest.raises(ValueError, match=r"^--config.data.source 'tfds' has no captions"):
+        train(config, workdir)
+    assert not os.path.exists(workdir)

@@ -155,13 +155,6 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
         raise ValueError(f"--config.train.batch_size ({t.batch_size}) must be divisible by num_stages x devices x "
                          f"grad_accum_steps = {stages} x {devices} x {accum}: try "
                          f"{' or '.join(map(str, nearest))}{keep}")
-    if t.preview_every and model_cfg.cross_attention_dim and config.data.source != "demo":
-        from pixelflow_jax.sampling.sample_conditioning import read_prompts
-
-        try:  # fail now rather than at the first preview: previews of a text run draw sample.prompts
-            read_prompts(config.sample)
-        except ValueError as e:
-            raise ValueError(f"previews: {e}; or set train.preview_every=0") from None
     if model_cfg.cross_attention_dim:
         if "caption_dropout" not in t:
             raise ValueError("a text-conditional model (model.cross_attention_dim > 0) trains with "
@@ -302,11 +295,43 @@ def check_outside_the_image_folder(config, workdir: str) -> None:
                          "in a hidden folder of it, such as .runs/, which is not read)")
 
 
+def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> None:
+    """What a run on the user's own data must be told, named together (a text run needs three
+    settings the demo does not): the data folder, a text run's T5 encoder (unless its workdir or
+    train.init_from records one) and the prompts its previews draw."""
+    from pixelflow_jax.checkpoints.run_checkpoint import is_run
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts
+
+    d, t, text = config.data, config.train, bool(model_cfg.cross_attention_dim)
+    missing = []
+    if d.source in ("folder", "array_record") and not d.get("root"):
+        kind = ("ArrayRecord shards, as pixelflow_jax.data.pack_captions writes them" if d.source == "array_record"
+                else "captioned images, NAME.jpg + NAME.txt" if text else "class subfolders, root/<class>/<image>")
+        missing.append(f"--config.data.root, the folder of {kind}")
+    if text and d.source != "demo":
+        if not t.text_encoder and not t.init_from and not is_run(workdir):
+            missing.append("--config.train.text_encoder, a Hugging Face T5 folder (local or gs://) or "
+                           "hf://google/flan-t5-xl")
+        if t.preview_every:  # previews of a text run draw sample.prompts: known now, not at the first preview
+            if not len(config.sample.prompts) and not config.sample.prompts_file:
+                missing.append("--config.sample.prompts or --config.sample.prompts_file, the prompts of the previews "
+                               "(or --config.train.preview_every=0 for none)")
+            else:
+                try:
+                    read_prompts(config.sample)
+                except ValueError as e:
+                    raise ValueError(f"previews: {e}; or set --config.train.preview_every=0") from None
+    if missing:
+        raise ValueError(f"this run needs {len(missing)} more setting{'s' if len(missing) > 1 else ''}: "
+                         f"{'; '.join(missing)}")
+
+
 def train(config, workdir: str) -> dict:
     """Trains to config.train.num_steps (resuming if the workdir has checkpoints); returns the last metrics."""
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
+    check_own_data_inputs(config, model_cfg, workdir)
     check_outside_the_image_folder(config, workdir)
     init_from = config.train.init_from
     if init_from and storage.resolved(init_from) == storage.resolved(workdir) and not complete_steps(workdir):
