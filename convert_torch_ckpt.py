@@ -138,13 +138,19 @@ def jax_to_torch() -> str:
     return f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from {what}"
 
 
+def usage_error(message: str):
+    """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
+    the whole help first, pages above the message)."""
+    sys.exit(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.")
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        usage_error(f"unexpected arguments {argv[1:]}")
     if not FLAGS.output:
-        raise app.UsageError("--output is required")
+        usage_error("--output is required")
     if FLAGS.to_torch == bool(FLAGS.torch_checkpoint) or (FLAGS.to_torch and not FLAGS.jax_checkpoint):
-        raise app.UsageError("give either --torch_checkpoint (PyTorch -> JAX) or --to_torch --jax_checkpoint "
+        usage_error("give either --torch_checkpoint (PyTorch -> JAX) or --to_torch --jax_checkpoint "
                              "(JAX -> PyTorch)")
     # A flag of the other direction would be silently ignored: the output would not be what was asked.
     other_direction = TORCH_TO_JAX_FLAGS if FLAGS.to_torch else ("jax_checkpoint",)
@@ -152,7 +158,7 @@ def main(argv):
     if ignored:
         direction = "--to_torch exports a JAX checkpoint as it is" if FLAGS.to_torch else \
             "--torch_checkpoint converts PyTorch to JAX"
-        raise app.UsageError(f"{', '.join(ignored)} has no effect here: {direction}")
+        usage_error(f"{', '.join(ignored)} has no effect here: {direction}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError

@@ -179,6 +179,12 @@ def check_config_file(argv: list[str]) -> None:
             sys.exit(f"error: --config file {path} does not exist (this project's configs: {known})")
 
 
+def usage_error(message: str):
+    """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
+    the whole help first, pages above the message)."""
+    sys.exit(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.")
+
+
 def flag_error_message(error: Exception) -> str:
     """absl's message for a bad flag value, without the traceback of a config file's get_config
     that ml_collections puts inside it: the flag and the exception's last line."""
@@ -193,7 +199,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"error: {flag_error_message(e)}\nPass --helpshort or --helpfull to see help on flags.")
+        usage_error(flag_error_message(e))
     except (KeyError, AttributeError, TypeError) as e:  # ml_collections' errors for an override of a missing field
         sys.exit(f"error: {unknown_field_message(argv, e)}")
 
@@ -232,7 +238,7 @@ def main(argv):
 def run_mode(argv):
     if len(argv) > 1:
         modes = [a for a in argv[1:] if a in flags.FLAGS["mode"].parser.enum_values]
-        raise app.UsageError(f"unexpected arguments {argv[1:]}" + (f" (a mode is a flag: --mode={modes[0]})" if modes else ""))
+        usage_error(f"unexpected arguments {argv[1:]}" + (f" (a mode is a flag: --mode={modes[0]})" if modes else ""))
     if not FLAGS.distributed and any(v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes,
                                                               FLAGS.process_id)):
         sys.exit("error: --coordinator_address, --num_processes and --process_id apply with --distributed: add it "

@@ -309,6 +309,7 @@ def test_a_flag_of_the_other_direction_is_refused_not_ignored(tmp_path, converte
                            f"--output={tmp_path / 'out'}")
     assert result.returncode != 0 and "--resolution has no effect here: --to_torch exports" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    assert len(result.stderr.splitlines()) == 2, result.stderr  # the error and where help is, not the whole help
 
 
 def test_a_converted_folder_of_a_newer_format_asks_for_an_upgrade(converted, tmp_path):

@@ -1343,6 +1343,7 @@ def test_a_file_where_a_folder_goes_a_positional_mode_and_a_mistyped_demo_workdi
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}",
                              "sample"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "(a mode is a flag: --mode=sample)" in result.stderr
+    assert len(result.stderr.splitlines()) == 2, result.stderr  # the error and where help is, not the whole help
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
