@@ -1,8 +1,8 @@
 r"""Converts PixelFlow checkpoints between the PyTorch release and pixelflow-jax.
 
 PyTorch -> JAX (a release folder, a bare state dict, or a train.py checkpoint):
-  python convert_torch_ckpt.py --torch_checkpoint=PixelFlow-XL-c2i/ --output=ckpt/pixelflow_xl_c2i
-  python convert_torch_ckpt.py --torch_checkpoint=hf://ShoufaChen/PixelFlow-Class2Image --output=ckpt/xl_c2i
+  python convert_torch_ckpt.py --torch_checkpoint=PixelFlow-XL-c2i/ --output=checkpoints/pixelflow_xl_c2i
+  python convert_torch_ckpt.py --torch_checkpoint=hf://ShoufaChen/PixelFlow-Class2Image --output=checkpoints/xl_c2i
   python convert_torch_ckpt.py --torch_checkpoint=model.pt --torch_config=config.yaml --output=DIR
   python convert_torch_ckpt.py --torch_checkpoint=model_100000.pt --weights=ema --attention_head_dim=72 \
       --output=DIR

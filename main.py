@@ -1,4 +1,4 @@
-"""pixelflow-jax entry point (flax/examples style).
+r"""pixelflow-jax entry point (flax/examples style).
 
     python main.py --config=configs/c2i.py:demo --workdir=runs/demo          # train (the default mode)
     python main.py --config=configs/c2i.py:demo --workdir=runs/demo --mode=sample   # sample that run
@@ -14,7 +14,7 @@ steps, a converted or release folder, or hf://OWNER/NAME[@REVISION][/SUBFOLDER];
 modes an empty config.sample.checkpoint means the workdir's own training run.
 
 Settings live in the config file and can be overridden with --config.<field>=<value>.
-    python main.py --config=configs/c2i.py --workdir=runs/demo --mode=demo \
+    python main.py --config=configs/c2i.py --workdir=runs/demo_page --mode=demo \
         --config.sample.checkpoint=checkpoints/pixelflow_xl_c2i            # http://127.0.0.1:7860
 
 Modes: train, sample, inspect, eval, demo.
