@@ -290,6 +290,8 @@ def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
 
     workdir = str(tmp_path / "run")
     shutil.copytree(run[0], workdir)
+    with open(os.path.join(workdir, "train_settings.json"), "w") as f:  # as a run on the demo data records it
+        json.dump({"data.source": "demo", "data.demo_num_classes": 10}, f)
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", "--mode=sample",
                "--config.sample.num_images=8", "--config.sample.batch_size=8", "--config.sample.steps_per_stage=2"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -299,6 +301,14 @@ def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
     assert settings["checkpoint"] == os.path.join(workdir, "checkpoints", "4") and settings["weights"] == "ema"
     assert np.load(os.path.join(workdir, "samples.npz"))["arr_0"].shape == (8, 64, 64, 3)
     assert "sampling: 8/8 img (100%)" in result.stderr and "ETA" in result.stderr
+    # A run on the demo data: the job prints the demo's measure of its images, as classify reads them.
+    from pixelflow_jax.data.demo_data import classify
+
+    readings = [classify(image) for image in np.load(os.path.join(workdir, "samples.npz"))["arr_0"]]
+    hue, outline = (sum(getattr(r, what) == asked(i) for i, r in enumerate(readings))
+                    for what, asked in (("hue", lambda i: i), ("shape", lambda i: i % 5)))
+    assert f"demo check (8 images, read by demo_data.classify): hue {hue}/8 ({hue / 8:.0%}), outline {outline}/8 " \
+           in result.stdout, result.stdout
 
     from configs import c2i
     from pixelflow_jax.api import sampling_checkpoint

@@ -154,3 +154,37 @@ def test_a_non_finite_sample_is_an_error_not_a_black_image(tiny, tmp_path):
     assert not list(tmp_path.iterdir())  # not even the finite image of that batch
     write_local_images(str(tmp_path), images, jnp.array([True, True, False]), np.array([10, 11, 11]), 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000010.png", "000011.png"]  # the padding row is no image
+
+
+def test_the_demo_check_reads_what_each_image_asks_for_and_counts_what_it_shows(tmp_path):
+    """--mode=sample on a demo run prints how many images show the asked hue and outline: a class
+    asks for hue c and outline c mod 5, a prompt for the colour and shape it names."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.data.demo_data import captioned_demo_image, demo_image
+    from pixelflow_jax.sampling import demo_check
+
+    assert demo_check.asked_by_prompt("a red disk", 10) == (0, 0)
+    assert demo_check.asked_by_prompt("A ring in Blue", 10) == (7, 4)
+    assert demo_check.asked_by_prompt("an orange square on a grey background", 10) == (1, 1)
+    for unchecked in ("a cat", "a red and blue disk", "a red disk and a ring", "a reddish disk"):
+        assert demo_check.asked_by_prompt(unchecked, 10) is None, unchecked
+    assert demo_check.asked_by_prompt("a hue 60 triangle", 6) == (1, 2)  # other counts name hues by degree
+
+    # The demo's own training images show what they ask for; shifted by one class they do not.
+    images = np.stack([demo_image(i, num_classes=10, resolution=32)[0] for i in range(10)])
+    labels = SimpleNamespace(labels=np.arange(10))
+    line = demo_check.report(images, demo_check.asked_of(labels, 10), 10)
+    assert line.startswith("demo check (10 images, read by demo_data.classify): hue 10/10 (100%), outline 10/10 "
+                           "(100%): disk 2/2, square 2/2, triangle 2/2, diamond 2/2, ring 2/2"), line
+    shifted = demo_check.report(np.roll(images, 1, axis=0), demo_check.asked_of(labels, 10), 10)
+    assert "hue 0/10 (0%), outline 0/10 (0%)" in shifted, shifted
+
+    drawn = [captioned_demo_image(i, num_colours=10, resolution=32) for i in range(3)]
+    prompts = SimpleNamespace(prompts=[d.caption for d in drawn] + ["a cat"], images_per_prompt=2, num_images=8)
+    pictures = np.stack([d.image for d in drawn for _ in range(2)] + [drawn[0].image] * 2)
+    asked = demo_check.asked_of(prompts, 10)
+    assert asked.ids.tolist() == [0, 1, 2, 3, 4, 5]
+    line = demo_check.report(pictures, asked, 10)
+    assert "(6 images, read by demo_data.classify): hue 6/6" in line and line.endswith(
+        "; 2 images from prompts naming no demo colour and shape not checked"), line

@@ -276,6 +276,7 @@ def test_text_run_killed_9_in_a_bucket_resumes_to_the_uninterrupted_losses_and_s
     settings = storage.read_json(f"{interrupted}/samples/settings.json")
     assert settings["text_encoder"] == f"{interrupted}/text_encoder" and settings["max_text_tokens"] == 16
     assert {"000000.png", "000001.png"} <= set(storage.list_files(f"{interrupted}/samples"))
+    assert "demo check (2 images, read by demo_data.classify): hue " in sample.stdout, sample.stdout
     assert not os.path.exists(os.path.join(REPO, "gs:")), "a URL was taken for a local folder"
 
     # A fine-tune of the run trains with the run's encoder (another seed would build another one);

@@ -5,8 +5,9 @@
     WORKDIR/samples.npz              arr_0 = uint8 (N, H, W, 3), written once every image exists
     WORKDIR/grid.png                 the first (up to 64) images, to look at
 
-The batch is sharded over every device of a 1-D 'data' mesh; in a multi-host run each process
-writes the images its devices hold. A rerun skips every image already on disk: an image depends
+The batch is sharded over every device (sharding.make_mesh); in a multi-host run each process
+writes the images its devices hold. A checkpoint of a run on the built-in demo data gets the demo's
+measure of its images, hue and outline agreement, printed (demo_check.py). A rerun skips every image already on disk: an image depends
 only on (seed, id, its label or prompt), so resumed images are those an uninterrupted run would
 write (Euler: up to float rounding; dopri5: within its tolerance, since its step sizes are the
 batch's). Class- and text-conditional checkpoints: see sample_conditioning.py.
@@ -31,6 +32,7 @@ from pixelflow_jax.api import load_sampling_model, sampling_source
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finite_images, to_uint8)
+from pixelflow_jax.sampling import demo_check
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
 
@@ -211,6 +213,9 @@ def run(config, workdir: str) -> None:
         removed = finish(folder, workdir, num_images, ckpt.resolution) if jax.process_index() == 0 else 0
         # Every process learns whether process 0 removed unreadable images, to sample them again.
         if not int(multihost_utils.broadcast_one_to_all(np.int32(removed))):
+            if jax.process_index() == 0:
+                demo_check.print_for(source.run_step and source.run_step.run, conditioning,
+                                     storage.join(workdir, SAMPLES_NPZ))
             return  # samples.npz is written: an evaluation may read it next
     # Every process gets here together (the count above is broadcast), so none waits for the others.
     raise storage.StorageError(f"images in {folder} were missing or unreadable after {MAX_PASSES} passes (see the "
