@@ -238,8 +238,15 @@ def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
     np.savez(tmp_path / "a.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(CheckpointError, match="download https://github.com/mseitzer/pytorch-fid"):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), str(tmp_path / "none.pth"), str(tmp_path))
-    with pytest.raises(ValueError, match="--config.eval.reference .*none.npz is not found"):
+    with pytest.raises(ValueError, match="--config.eval.reference .*none.npz is not found: ADM's ImageNet 256 reference "
+                                         "batch is https://.*VIRTUAL_imagenet256_labeled.npz; any .npz"):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "none.npz"), weights_file, str(tmp_path))
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"not a torch file")
+    np.savez(tmp_path / "four.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(CheckpointError, match="damaged.pth"):  # read after the checks of the file names
+        evaluate.evaluate(str(tmp_path / "four.npz"), str(tmp_path / "four.npz"), str(damaged), str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()  # a failed evaluation leaves no workdir it made
 
 
 def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file, bucket, tmp_path):

@@ -37,6 +37,8 @@ from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 
 FEATURES = ("pool", "spatial", "logits")
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                              "VIRTUAL_imagenet256_labeled.npz")
 # The shapes of ADM's stored reference statistics: pool_3 (2048) and mixed_6/conv's first 7 channels (7 x 17 x 17).
 STATISTICS_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
@@ -236,7 +238,8 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
 def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
     """What an evaluation needs, checked before any work: the files' headers and stored statistics
     are read (for --mode=sample before sampling, when the samples do not exist yet: samples=None;
-    then the Inception weights are loaded too, which an evaluation does next anyway)."""
+    then the Inception weights are loaded too, and the workdir's access checked, as an evaluation
+    does next anyway)."""
     files = {"eval.reference": reference, **({} if samples is None else {"eval.samples": samples})}
     unset = [f"--config.{name}" for name, path in {**files, "eval.inception_weights": inception_weights}.items()
              if not path]
@@ -247,7 +250,9 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
     for name, path in files.items():
         if not storage.isfile(path):
             kind = "a folder, not an .npz file" if storage.isdir(path) else "not found"
-            raise ValueError(f"--config.{name} {path} is {kind}")
+            fix = (f": ADM's ImageNet 256 reference batch is {IMAGENET_256_REFERENCE_URL}; any .npz of uint8 images "
+                   "(arr_0: N x H x W x 3) of the data you trained on serves" if name == "eval.reference" else "")
+            raise ValueError(f"--config.{name} {path} is {kind}{fix}")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
 
@@ -260,7 +265,7 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
         from pixelflow_jax.evaluation.inception_convert import load_inception
 
         load_inception(inception_weights)
-    storage.check_writable_on_every_process(workdir)  # not only once the features are to be cached
+        storage.check_writable_on_every_process(workdir)
 
 
 def check_sample_count(sample_config) -> None:
@@ -274,6 +279,9 @@ def check_sample_count(sample_config) -> None:
 def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
     check_inputs(samples, reference, inception_weights, workdir)
     extract = FeatureExtractor(inception_weights, batch_size)
+    # Once every input reads (the weights too), not only when features are to be cached: a failed
+    # evaluation leaves no workdir it made.
+    storage.check_writable_on_every_process(workdir)
     with _open_images(samples) as (_, sample_shape, _, _), _open_images(reference) as (_, reference_shape, _, _):
         if sample_shape[1:3] != reference_shape[1:3]:
             logging.warning("the samples %s are %dx%d px but the reference %s holds %dx%d px images: the metrics "
