@@ -1,7 +1,8 @@
 """`main.py --mode=inspect`: build the model, count its parameters, and time one jit-compiled
 forward per cascade stage (batch 2; a text model gets random text states of its
 cross_attention_dim, sample.max_text_tokens long; when that is 0 or unset, the length a training
-run recorded, else the release's 512). A quick check
+run recorded, or the config's train.max_text_tokens for the config's own model, else the release's
+512). A quick check
 that a config or a checkpoint runs.
 
 The model is the config's (config.model, scheduler, data.resolution) with random weights; or,
@@ -82,7 +83,10 @@ def run(config, workdir: str) -> dict:
     conditioning = {}
     if model_cfg.num_classes:
         conditioning["class_labels"] = jnp.zeros((2,), jnp.int32)
-    text_tokens = (config.sample.get("max_text_tokens") or MAX_LENGTH) if model_cfg.cross_attention_dim else 0
+    text_tokens = 0
+    if model_cfg.cross_attention_dim:  # a config's own model: the length it trains with
+        trains_with = config.train.get("max_text_tokens") if checkpoint is None else None
+        text_tokens = config.sample.get("max_text_tokens") or trains_with or MAX_LENGTH
     if text_tokens:
         conditioning["encoder_hidden_states"] = jnp.asarray(
             rng.standard_normal((2, text_tokens, model_cfg.cross_attention_dim)), jnp.float32)

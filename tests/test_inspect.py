@@ -19,11 +19,13 @@ def test_a_text_model_gets_text_states_of_its_width_and_the_configured_length(tm
     from pixelflow_jax import inspect_model
 
     config = tiny_config("t2i")
-    config.sample.max_text_tokens = 8
     config.scheduler.num_stages, config.data.resolution = 2, 16  # two quick compiles
-    report = inspect_model.run(config, str(tmp_path))
-    assert report["model"]["cross_attention_dim"] == 20 and report["text_tokens"] == 8
+    assert config.sample.max_text_tokens == 0 and config.train.max_text_tokens == 16
+    report = inspect_model.run(config, str(tmp_path))  # the config's own model: the length it trains with
+    assert report["model"]["cross_attention_dim"] == 20 and report["text_tokens"] == 16
     assert [s["tokens"] for s in report["stages"]] == [4, 16]
+    config.sample.max_text_tokens = 8
+    assert inspect_model.run(config, str(tmp_path))["text_tokens"] == 8
 
 
 def test_sample_checkpoint_is_inspected_with_its_architecture_and_weights(tmp_path):
