@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO, fixture_dir, free_port, run_converter
 from pixelflow_jax import CheckpointError, load_model, storage
 from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.training.run_config import check_run_config
 from pixelflow_jax.validation import ConfigError, check
 
 
@@ -417,7 +418,7 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
 
     config = c2i_config()
     config.train.update(num_steps=4, batch_size=32)  # 4 stages x the 8 test devices
-    train.check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
+    check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
     manager = checkpointing.checkpoint_manager(str(tmp_path), keep=2)
     checkpointing.save(manager, 4, {"w": jax.numpy.zeros(2)})
     manager.wait_until_finished()
@@ -446,7 +447,7 @@ def test_a_resume_with_changed_settings_is_refused_before_the_checkpoint_is_rest
 
     config = c2i_config()
     config.train.update(num_steps=4, batch_size=32)
-    train.check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
+    check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
     manager = checkpointing.checkpoint_manager(str(tmp_path), keep=2)
     checkpointing.save(manager, 2, {"w": jax.numpy.zeros(2)})
     manager.wait_until_finished()
@@ -1166,7 +1167,6 @@ def test_a_setting_a_checkpoint_cannot_honour_is_refused(converted):
 
 def test_a_foreign_or_other_model_workdir_is_refused_before_anything_is_written_there(tmp_path):
     from configs import t2i
-    from pixelflow_jax.training.train import check_run_config
 
     foreign = tmp_path / "foreign"
     (foreign / "checkpoints" / "5").mkdir(parents=True)

@@ -15,6 +15,7 @@ from conftest import fixture_dir, run_converter
 from pixelflow_jax import CheckpointError, load_model
 from pixelflow_jax.checkpoints.convert import params_to_torch
 from pixelflow_jax.checkpoints.run_checkpoint import find_run_step
+from pixelflow_jax.training.run_config import check_run_config
 
 STAGE_RESOLUTIONS = (8, 16, 32, 64)  # the c2i_tiny fixture: 64 px, 4 stages
 
@@ -33,13 +34,13 @@ def run(converted, tmp_path_factory):
     """A training workdir as train.py writes it, with known weights: step 4's EMA is the release
     fixture's weights and its raw weights a perturbation of them; step 2 holds two other sets."""
     from configs import c2i
-    from pixelflow_jax.training import checkpointing, train
+    from pixelflow_jax.training import checkpointing
     from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
 
     model, ckpt = load_model(converted["c2i_tiny"])
     config = c2i.get_config("tiny")
     workdir = str(tmp_path_factory.mktemp("run") / "run")
-    train.check_run_config(workdir, ckpt.model, config)
+    check_run_config(workdir, ckpt.model, config)
     release = pure_params(model)
     weights = {2: {"params": perturbed(release, 2), "ema": perturbed(release, 3)},
                4: {"params": perturbed(release, 4), "ema": release}}
@@ -106,7 +107,7 @@ def test_weights_that_restore_as_nan_are_refused_with_their_names_not_sampled_or
     export wrote them into model.pt (which the converter's other direction then refused)."""
     from configs import c2i
     from pixelflow_jax.checkpoints.checkpoint import read_config, save_checkpoint
-    from pixelflow_jax.training import checkpointing, train
+    from pixelflow_jax.training import checkpointing
     from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
 
     model, ckpt = load_model(converted["c2i_tiny"])
@@ -119,7 +120,7 @@ def test_weights_that_restore_as_nan_are_refused_with_their_names_not_sampled_or
         load_model(folder)
 
     workdir = str(tmp_path / "run")
-    train.check_run_config(workdir, ckpt.model, c2i.get_config("tiny"))
+    check_run_config(workdir, ckpt.model, c2i.get_config("tiny"))
     manager = checkpointing.checkpoint_manager(workdir, keep=5)
     for step in (2, 4):
         state = init_state(model, make_optimizer(StepConfig()), seed=0)

@@ -550,7 +550,7 @@ def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_to
     from configs import t2i
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.text.t5_convert import folder_fingerprint
-    from pixelflow_jax.training.train import check_run_config
+    from pixelflow_jax.training.run_config import check_run_config
 
     config = t2i.get_config("tiny")
     model_cfg = ModelConfig(**config.model.to_dict())

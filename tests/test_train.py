@@ -444,7 +444,7 @@ def test_a_workdir_holds_to_its_model_once_a_step_of_it_is_saved(tmp_path, caplo
     another model is refused, naming the difference."""
     import configs.c2i as c2i
     from pixelflow_jax.config import ModelConfig
-    from pixelflow_jax.training.train import check_run_config
+    from pixelflow_jax.training.run_config import check_run_config
 
     config = c2i.get_config("tiny")
     workdir = tmp_path / "run"

@@ -314,9 +314,3 @@ def text_conditioning(embeddings, mask, negative) -> tuple[Conditioning, Conditi
     tile = lambda a: np.repeat(np.asarray(a), len(embeddings), axis=0)
     return ({"encoder_hidden_states": np.asarray(embeddings), "encoder_attention_mask": np.asarray(mask)},
             {"encoder_hidden_states": tile(negative[0]), "encoder_attention_mask": tile(negative[1])})
-
-
-def generate(model: PixelFlow, config, labels, **options) -> np.ndarray:
-    """One-off CascadeSampler(model, config).generate(labels, **options); keep a CascadeSampler
-    to reuse its compiled stages across calls."""
-    return CascadeSampler(model, config).generate(labels, **options)

@@ -69,18 +69,6 @@ def encoder_path(config) -> str:
     return demo_text_encoder.FOLDER_NAME
 
 
-def same_encoder(recorded: dict | None, current: dict) -> bool:
-    """Whether the encoder a run recorded is `current` (a record): the same path, or the same
-    folder fingerprint at another path (moved, another machine's download, or the run's own folder
-    spelled absolute). Runs recorded before fingerprints compare by path. The token length is a
-    training setting (resume_settings), not part of the encoder."""
-    if not recorded:
-        return False
-    if recorded.get("fingerprint") and current.get("fingerprint"):
-        return recorded["fingerprint"] == current["fingerprint"]
-    return recorded["path"] == current["path"]
-
-
 def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     """An empty train.text_encoder means the encoder a run already trains with: this workdir's
     (resuming a run that trains with an encoder outside it), or that of the run train.init_from

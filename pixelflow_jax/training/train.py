@@ -1,6 +1,6 @@
 """`main.py --mode=train`: the training loop around train_step.py.
 
-    WORKDIR/run_config.json        the architecture this workdir trains (a mismatch is refused)
+    WORKDIR/run_config.json        the model this workdir trains (a mismatch is refused: run_config.py)
     WORKDIR/checkpoints/<step>/    orbax: the train state (model, EMA, optimiser, step, RNG); the data
                                    position is the step (one global batch per step) (checkpointing.py)
     WORKDIR/metrics.jsonl          one JSON object per logged step ({"step", "loss", ...}) (metrics_log.py)
@@ -34,7 +34,7 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
 from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
@@ -42,13 +42,13 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, make_mesh
-from pixelflow_jax.text.train_text import same_encoder
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manager, remove_unfinished_saves, resume_point,
                                                   save, wait_for_saves)
 from pixelflow_jax.training.metrics_log import WRITE_FIX, MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
+from pixelflow_jax.training.run_config import check_run_config, differences
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
                                                state_from_params, state_shardings, train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
@@ -69,77 +69,6 @@ class TrainingPreempted(RuntimeError):
         super().__init__(message)
         self.exit_status = exit_status
 
-
-
-def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
-    """'KEY THERE there, HERE in this config' for every entry that differs, nested dicts entry by
-    entry; an entry one side lacks is 'absent' there."""
-    lines = []
-    for key in sorted(set(there) | set(here)):
-        a, b = there.get(key), here.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += differences(a, b, f"{prefix}{key}.")
-        elif key not in there or key not in here or a != b:
-            shown = [repr(side[key]) if key in side else "absent" for side in (there, here)]
-            lines.append(f"{prefix}{key} {shown[0]} there, {shown[1]} in this config")
-    return lines
-
-
-def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder: dict | None = None, *,
-                     record: bool = True) -> None:
-    """A workdir trains one architecture (and, for text, one text encoder); resuming with another
-    would load mismatched weights. With record=False (before the text encoder is known and built
-    in the workdir) the rest is checked and nothing is written."""
-    path = storage.join(workdir, RUN_CONFIG)
-    current = {"architecture": model_cfg.architecture(), "num_stages": config.scheduler.num_stages,
-               "num_train_timesteps": config.scheduler.num_train_timesteps, "resolution": config.data.resolution,
-               **({"text_encoder": text_encoder} if text_encoder else {})}
-    if storage.exists(path) and not complete_steps(workdir):
-        # A start that failed before its first save (out of memory at the first step, say): no
-        # weights to mismatch, so the corrected command records its model in place of that one.
-        recorded = read_run_config(workdir)
-        if record and recorded != current and jax.process_index() == 0:
-            logging.warning("%s: no step of the run it records was saved; recorded anew for this config (%s)",
-                            path, "; ".join(differences(recorded, current)))
-            storage.write_json_atomically(path, current)
-    elif storage.exists(path):
-        recorded = read_run_config(workdir)
-        previous = {k: v for k, v in recorded.items() if k != "text_encoder"}
-        if record and "text_encoder" in recorded:
-            earlier = recorded["text_encoder"]
-            # Found at another path, changed in place (allowed), or another token length (an allowed
-            # resume change): the same encoder, recorded anew below.
-            accepted = text_encoder and (changed_in_place(earlier, text_encoder, config)
-                                         or same_encoder(earlier, text_encoder))
-            previous["text_encoder"] = text_encoder if accepted else earlier
-        if previous != current:
-            raise ValueError(f"{workdir} holds a run of a different model: "
-                             f"{'; '.join(differences(previous, current))}. Use a new --workdir")
-        if record and recorded != current and jax.process_index() == 0:
-            logging.info("%s: the text encoder recorded anew as %s", path, text_encoder)
-            storage.write_json_atomically(path, current)
-    elif storage.listdir(storage.join(workdir, CHECKPOINTS)):
-        raise ValueError(f"{workdir} holds {CHECKPOINTS}/ but no {RUN_CONFIG}: not a training run of pixelflow-jax "
-                         "(or one that lost that file), so its checkpoints cannot be trusted; use a new --workdir")
-    elif record and jax.process_index() == 0:
-        storage.write_json_atomically(path, current)
-
-
-def changed_in_place(recorded: dict | None, current: dict, config) -> bool:
-    """Whether the run's encoder folder is where it was but its fingerprint changed. Refused, unless
-    train.allow_resume_changes says the weights are the same (a re-saved config.json, another
-    weight format added beside the first)."""
-    if not recorded or recorded["path"] != current["path"] or not recorded.get("fingerprint") or \
-            recorded["fingerprint"] == current["fingerprint"]:
-        return False
-    if not config.train.get("allow_resume_changes"):
-        raise ValueError(f"the text encoder folder {current['path']} changed since the run recorded it (other "
-                         "weights, a new download, a re-saved config): its cross-attention learned the old "
-                         "embeddings. Restore the folder, or use a new --workdir; if the weights are the same, set "
-                         "--config.train.allow_resume_changes=True to record the folder as it is now")
-    logging.warning("the text encoder folder %s changed since the run recorded it; recorded anew "
-                    "(train.allow_resume_changes)", current["path"])
-    return True
 
 
 def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
