@@ -23,6 +23,7 @@ Modes: train, sample, inspect, eval, demo.
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -395,6 +396,10 @@ if __name__ == "__main__":
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:
         exit_now_after_an_error(stop)
+    except KeyboardInterrupt:  # where no mode handles it: while starting, the imports take seconds
+        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+        # 130, command_line.EXIT_INTERRUPTED: not imported here, since importing the package may be what stopped
+        exit_now_after_an_error(SystemExit(128 + signal.SIGINT))
     except Exception:  # a bug: its traceback, then the same exit (in a job of several processes, not a hang)
         traceback.print_exc()
         exit_now_after_an_error(SystemExit(1))

@@ -173,3 +173,18 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
                                                         exc_traceback=error.__traceback__),
                                         previous=lambda unraisable: shown.append(unraisable.exc_type))
     assert shown == [ZeroDivisionError]
+
+
+def test_ctrl_c_while_a_job_starts_stops_it_in_one_line(tmp_path):
+    """The imports take seconds: a Ctrl-C then printed a KeyboardInterrupt traceback (and, caught
+    by a library, sometimes let the job run on)."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
+                                "--mode=inspect"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # importing jax
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == "stopped: interrupted (Ctrl-C)"
