@@ -469,6 +469,24 @@ def test_the_demo_encoder_is_built_anew_for_the_config_while_no_step_is_saved(tm
     assert width() == 32
 
 
+def test_a_resume_with_more_demo_colours_than_its_encoder_knows_is_refused(tmp_path):
+    """With train.allow_resume_changes a resume may change data.demo_num_classes, but the run's
+    demo encoder keeps its word list: the new colours would all read as <unk>."""
+    import configs.t2i as t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.text import train_text
+
+    config = t2i.get_config("tiny")
+    model_cfg, workdir = ModelConfig.from_mapping(config.model), str(tmp_path / "run")
+    train_text.load(config, workdir, model_cfg, make_mesh(1), no_step_saved=True)  # builds it for 10 colours
+    train_text.load(config, workdir, model_cfg, make_mesh(1), no_step_saved=False)  # a resume as it was
+    config.data.demo_num_classes = 12  # "hue 30", "hue 60", ...
+    with pytest.raises(ValueError, match=r"text_encoder was built for other captions: it does not know every word "
+                                         r"of the 12-colour captions \(e.g. 'a hue 0 disk'\)"):
+        train_text.load(config, workdir, model_cfg, make_mesh(1), no_step_saved=False)
+
+
 def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path, encoder_folder):
     """As the release encodes prompts and as sampling does: a run's model sees the embeddings it
     will be sampled with."""

@@ -125,6 +125,21 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str, rebuild: boo
         multihost_utils.sync_global_devices("pixelflow demo text encoder built")
 
 
+def check_knows_the_demo_words(tokenizer, num_colours: int, folder: str) -> None:
+    """The demo's word-level tokenizer reads a word its captions never used as <unk>: an encoder
+    built for fewer colours (a resume with another data.demo_num_classes, allowed by
+    train.allow_resume_changes) would give the new colours one embedding that says nothing."""
+    from pixelflow_jax.data.demo_data import CAPTION_WORDINGS, SHAPES, caption_of
+
+    captions = [caption_of(c, s, num_colours, w) for c in range(num_colours) for s in range(len(SHAPES))
+                for w in range(len(CAPTION_WORDINGS))]
+    unknown = [c for c, bad in zip(captions, tokenizer.has_unknown_text(tokenizer(captions)[0])) if bad]
+    if unknown:
+        raise ValueError(f"the captioned demo's text encoder {folder} was built for other captions: it does not know "
+                         f"every word of the {num_colours}-colour captions (e.g. {unknown[0]!r}); resume with the "
+                         "run's first data.demo_num_classes (train_settings.json), or train a new --workdir")
+
+
 def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool) -> TrainingTextEncoder:
     """The run's encoder, checked against the model's cross-attention width before any step. The
     demo's own encoder is built anew while `no_step_saved`: a first start that failed may have built
@@ -146,6 +161,8 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool
                          "(a new --workdir) or use another encoder")
     tokenizer = T5Tokenizer(local, int(t.max_text_tokens))
     tokenizer.check_vocabulary(t5_config.vocab_size, local)
+    if recorded == demo_text_encoder.FOLDER_NAME and not no_step_saved:  # built by an earlier start
+        check_knows_the_demo_words(tokenizer, config.data.demo_num_classes, folder)
     # float32 compute whatever model.dtype is, as the release's encoder and our sampling jobs run it
     encoder = load_t5_encoder(local, dtype=JOB_ENCODER_DTYPE, param_dtype=t.text_encoder_dtype)
     graphdef = nnx.graphdef(encoder)
