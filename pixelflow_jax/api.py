@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 from absl import logging
 
 from pixelflow_jax import storage
@@ -132,14 +131,11 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
 def load_arguments(dtype, attention, weights: str) -> dict:
     """load_model's runtime overrides {dtype, attention} (those given), checked and named as a
     caller wrote them; a dtype object (jnp.bfloat16) becomes its name."""
-    from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES
+    from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES, dtype_name
 
     runtime = {}
     if dtype is not None:
-        try:
-            dtype = jnp.dtype(dtype).name
-        except TypeError:
-            pass  # named below
+        dtype = dtype_name(dtype)
         if dtype not in COMPUTE_DTYPES:
             raise CheckpointError(f"dtype must be one of {COMPUTE_DTYPES} (or the jnp dtype), got {dtype!r}")
         runtime["dtype"] = dtype

@@ -31,6 +31,15 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def dtype_name(dtype):
+    """'bfloat16' for jnp.bfloat16, np.dtype('bfloat16') or 'bfloat16'; what is no dtype, as given
+    (for the caller's error to name)."""
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     num_attention_heads: int = 16

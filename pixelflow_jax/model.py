@@ -89,7 +89,11 @@ class LabelEmbedding(nnx.Module):
                                          embedding_init=normal_002, rngs=rngs)
 
     def __call__(self, labels: jax.Array) -> jax.Array:
-        return self.embedding_table(labels)
+        """Rows of the table; an id outside [0, num_classes] gives a NaN row, since under jit it
+        cannot raise, and a plain lookup would read -1 as the null class (wrapped around)."""
+        table = self.embedding_table.embedding[...]
+        inside = (labels >= 0) & (labels < table.shape[0])
+        return jnp.where(inside[:, None], jnp.take(table, jnp.where(inside, labels, 0), axis=0), jnp.nan)
 
 
 class PatchEmbed(nnx.Module):
@@ -271,6 +275,8 @@ class PixelFlow(nnx.Module):
             if encoder_hidden_states is None:
                 raise ValueError("this model has cross-attention: pass encoder_hidden_states (B, L_text, "
                                  f"{cfg.cross_attention_dim})")
+            if not isinstance(encoder_hidden_states, (jax.Array, np.ndarray)):  # a list, as images may be
+                encoder_hidden_states = np.asarray(encoder_hidden_states, np.float32)
             if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
                 raise ValueError(f"encoder_hidden_states must be (B, L_text, {cfg.cross_attention_dim}) for this "
                                  f"model, got shape {encoder_hidden_states.shape}: use the text encoder the model "
@@ -320,6 +326,9 @@ class PixelFlow(nnx.Module):
                                  f"({cfg.num_classes} = unconditional)")
             if not isinstance(class_labels, jax.core.Tracer):  # concrete input: check it here, outside jit
                 class_ids("class_labels", class_labels, cfg.num_classes, allow_null=True)
+            elif not jnp.issubdtype(class_labels.dtype, jnp.integer):  # under jit only the dtype is known
+                raise ValueError(f"class_labels must be integer ids, got dtype {class_labels.dtype} under jit, where "
+                                 "a fraction would be cut to an integer unseen: pass int32 ids")
             c = c + self.class_embedder(jnp.asarray(class_labels, jnp.int32)).astype(jnp.float32)
         size = self.latent_size_embedder(jnp.full((1,), grid, jnp.float32)).astype(jnp.float32)
         return c + size

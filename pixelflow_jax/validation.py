@@ -210,9 +210,14 @@ def choice(name: str, value, choices: tuple) -> None:
         raise ConfigError(f"--config.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+# Far past any use (the release samples at 1-25; images saturate long before): a bound that keeps
+# the guided velocity, uncond + cfg (cond - uncond), finite in float32.
+MAX_CFG_SCALE = 1000.0
+
+
 def check_guidance(config) -> None:
     s = config.sample
-    number("sample.cfg_scale", s.cfg_scale, minimum=1)
+    number("sample.cfg_scale", s.cfg_scale, minimum=1, maximum=MAX_CFG_SCALE)
     number("sample.shift", s.shift, above=0)
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -237,6 +238,21 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     with pytest.raises(ValueError, match=r"encoder_attention_mask must be \(B, L_text\) = \(2, 6\)"):
         text_model(x, t, encoder_hidden_states=np.zeros((2, 6, width), np.float32),
                    encoder_attention_mask=np.ones((2, 5), np.float32))
+    states = np.random.default_rng(0).standard_normal((2, 6, width)).astype(np.float32)
+    np.testing.assert_array_equal(text_model(x, t, encoder_hidden_states=states.tolist()),  # a list: an AttributeError
+                                  text_model(x, t, encoder_hidden_states=states))
+
+    # Under jit only the labels' dtype is known: -1 read as the null class and 1.7 as class 1, unseen.
+    from flax import nnx
+
+    jitted = nnx.jit(lambda model, labels: model(x, t, class_labels=labels))
+    out = np.asarray(jitted(model, jnp.array([-1, 5])))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()  # not the null class's velocity
+    assert np.isnan(np.asarray(jitted(model, jnp.array([1001, 5])))[0]).all()
+    np.testing.assert_allclose(np.asarray(jitted(model, jnp.array([1000, 5]))),
+                               np.asarray(model(x, t, class_labels=np.array([1000, 5]))), atol=1e-5)
+    with pytest.raises(ValueError, match="class_labels must be integer ids, got dtype float32 under jit"):
+        jitted(model, jnp.array([1.7, 5.0]))
 
 
 def test_the_sampler_names_the_misuse(models):
@@ -1217,6 +1233,14 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
     with pytest.raises(ValueError, match="empty batch"):
         model(images[:0], 1.0, class_labels=[])
     sampler = CascadeSampler(model, models["c2i_tiny"][1])
+    for seed in (jax.random.key(0), jax.random.PRNGKey(0)):  # a numpy conversion error
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 4294967295\]"):
+            sampler.generate([1], steps_per_stage=1, seed=seed)
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number in \[1, 1000\]"):  # was NaN at 1e40
+        sampler.generate([1], steps_per_stage=1, cfg_scale=1e40)
+    for steps in (2, (2.5,) * 4):  # a TypeError inside the dataclass
+        with pytest.raises(ValueError, match="steps_per_stage must be a tuple of ints, one per stage"):
+            SamplingOptions(steps_per_stage=steps)
     shapes = [(2, r, r, 3) for r in (8, 16, 32, 64)]
     with pytest.raises(ValueError, match=r"uncond\['class_labels'\] must be class ids in \[0, 1000\]"):  # was NaN
         sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], {"class_labels": np.array([1, 2])},

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -116,6 +117,8 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
         assert "HIGHEST" in encoder._encode.lower(encoder._params, ids, mask).as_text()
     reference, _ = PromptEncoder(t5_folder, max_length=24, param_dtype="bfloat16", dtype="bfloat16").encode(["a cat"])
     assert reference.dtype != np.float32  # the test can tell the two apart
+    as_jnp, _ = PromptEncoder(t5_folder, max_length=24, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16).encode(["a cat"])
+    np.testing.assert_array_equal(np.asarray(as_jnp), np.asarray(reference))  # as load_model takes jnp dtypes
     with pytest.raises(ValueError, match="dtype must be one of"):  # T5 v1.1 overflows in float16
         PromptEncoder(t5_folder, dtype="float16")
 

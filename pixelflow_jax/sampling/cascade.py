@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -56,10 +57,15 @@ class SamplingOptions:
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if not isinstance(self.steps_per_stage, tuple) or not all(
+                isinstance(n, numbers.Integral) for n in self.steps_per_stage):
+            raise ValueError(f"steps_per_stage must be a tuple of ints, one per stage, got {self.steps_per_stage!r}; "
+                             "SamplingOptions.create(num_stages, steps_per_stage, ...) also takes one int for all")
         if any(int(n) < 1 for n in self.steps_per_stage):
             raise ValueError(f"steps_per_stage must be positive, got {self.steps_per_stage}")
-        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
-            raise ValueError(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got {self.cfg_scale}")
+        if not (math.isfinite(self.cfg_scale) and 1.0 <= self.cfg_scale <= validation.MAX_CFG_SCALE):
+            raise ValueError(f"cfg_scale must be a finite number in [1, {validation.MAX_CFG_SCALE:g}] (1 = no "
+                             f"guidance), got {self.cfg_scale}")
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"shift must be a finite positive number, got {self.shift}")
         for name in ("rtol", "atol"):  # dopri5's step control: <= 0 or NaN never meets (or always meets) it
@@ -213,6 +219,9 @@ class CascadeSampler:
         num_stages = self.scheduler.num_stages
         options = SamplingOptions.create(num_stages, steps_per_stage, cfg_scale=cfg_scale, shift=shift, solver=solver)
         ids = jnp.arange(count) if image_ids is None else jnp.asarray(validation.image_ids(image_ids, count))
+        if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) or np.size(seed) != 1:
+            raise ValueError(f"seed must be an int in [0, {validation.MAX_SEED}] (each image's noise is drawn from "
+                             f"it and the image's id), got {seed!r}")
         key = jax.random.key(validation.seed("seed", np.asarray(seed).item(), where=""))
         initial, blocks = draw_noise_jit(key, ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)

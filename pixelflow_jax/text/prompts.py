@@ -124,9 +124,11 @@ class PromptEncoder:
     def __init__(self, folder: str, *, max_length: int = MAX_LENGTH, dtype: str = "float32",
                  param_dtype: str = "float32"):
         from pixelflow_jax import validation
+        from pixelflow_jax.config import dtype_name
 
         # A prompt is at least one piece and </s>; 4096 tokens already cost the encoder minutes.
         max_length = validation.integer("max_length", max_length, minimum=2, maximum=4096, where="")
+        dtype, param_dtype = (dtype_name(d) for d in (dtype, param_dtype))  # jnp.bfloat16 too, as load_model takes
         for name, value, allowed in (("dtype", dtype, DTYPES), ("param_dtype", param_dtype, PARAM_DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
