@@ -188,3 +188,22 @@ def test_ctrl_c_while_a_job_starts_stops_it_in_one_line(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert err.rstrip().splitlines()[-1] == "stopped: interrupted (Ctrl-C)"
+
+
+def test_a_job_of_one_process_keeps_its_compiled_programs_for_the_next(tmp_path):
+    """A resume or a sampling job compiled everything again (25 s -> 10 s for a resume of the demo);
+    jax's own JAX_COMPILATION_CACHE_DIR wins, and --nocompilation_cache keeps nothing."""
+    def inspect(*flags, **env):
+        environment = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}, **env}
+        result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--mode=inspect",
+                                 f"--workdir={tmp_path / 'run'}", "--config.scheduler.num_stages=1", *flags],
+                                cwd=REPO, capture_output=True, text=True, timeout=300, env=environment)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    inspect("--nocompilation_cache", PIXELFLOW_CACHE_DIR=str(ours))
+    assert not (ours / "xla").exists()
+    inspect(PIXELFLOW_CACHE_DIR=str(ours))
+    assert os.listdir(ours / "xla")
+    inspect(PIXELFLOW_CACHE_DIR=str(tmp_path / "unused"), JAX_COMPILATION_CACHE_DIR=str(theirs))
+    assert os.listdir(theirs) and not (tmp_path / "unused" / "xla").exists()
