@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import zipfile
 
 import jax
@@ -238,8 +239,7 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
 def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
     """What an evaluation needs, checked before any work: the files' headers and stored statistics
     are read (for --mode=sample before sampling, when the samples do not exist yet: samples=None;
-    then the Inception weights are loaded too, and the workdir's access checked, as an evaluation
-    does next anyway)."""
+    then the Inception weights are loaded too, which an evaluation does next anyway)."""
     files = {"eval.reference": reference, **({} if samples is None else {"eval.samples": samples})}
     unset = [f"--config.{name}" for name, path in {**files, "eval.inception_weights": inception_weights}.items()
              if not path]
@@ -265,7 +265,7 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
         from pixelflow_jax.evaluation.inception_convert import load_inception
 
         load_inception(inception_weights)
-        storage.check_writable_on_every_process(workdir)
+    storage.check_writable_on_every_process(workdir)  # not only once the features are to be cached
 
 
 def check_sample_count(sample_config) -> None:
@@ -277,11 +277,19 @@ def check_sample_count(sample_config) -> None:
 
 
 def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
+    made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
+    try:
+        return _evaluate(samples, reference, inception_weights, workdir, batch_size)
+    except BaseException:
+        if made_here:  # a failed evaluation leaves no empty workdir (rmdir removes only an empty one)
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)
+        raise
+
+
+def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int) -> dict:
     check_inputs(samples, reference, inception_weights, workdir)
     extract = FeatureExtractor(inception_weights, batch_size)
-    # Once every input reads (the weights too), not only when features are to be cached: a failed
-    # evaluation leaves no workdir it made.
-    storage.check_writable_on_every_process(workdir)
     with _open_images(samples) as (_, sample_shape, _, _), _open_images(reference) as (_, reference_shape, _, _):
         if sample_shape[1:3] != reference_shape[1:3]:
             logging.warning("the samples %s are %dx%d px but the reference %s holds %dx%d px images: the metrics "

@@ -135,7 +135,8 @@ def all_finite(tree) -> bool:
 
 
 def resume_point(manager, state, shardings):
-    """(step, state) of the latest checkpoint that restores; (0, state) without any.
+    """(step, state) of the latest checkpoint that restores; (0, state) without any. `state` may be
+    its shapes alone (jax.ShapeDtypeStruct) where the manager holds steps: one restores, or this raises.
 
     A corrupt one (damaged files, a disk that filled up) is skipped with a warning for the one
     before it, and set aside. With several processes there is no fallback: orbax ends a restore

@@ -152,10 +152,12 @@ def load_init_from(config, model_cfg: ModelConfig, source=None):
     return build_model(ckpt, params), source
 
 
-def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None):
+def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None, shapes_only: bool = False):
     """(graphdef, train state placed in its shardings, the shardings): from `init_model` (train.init_from)
     or new. A new model is initialised by one compiled program straight into its shardings: no
-    full copy on one device, and no hundreds of small eager ops (slow with several processes)."""
+    full copy on one device, and no hundreds of small eager ops (slow with several processes).
+    `shapes_only` (a resume): the state's shapes and dtypes, all a restore reads; a state built
+    only to be replaced would double the device memory at the restore."""
     if init_model is not None:
         # The parameters from a host copy: every process holds them whole on one of its devices, and
         # jax places such arrays on this process's devices only, not on a mesh spanning processes.
@@ -169,9 +171,10 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None):
     def create():
         return init_state(PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed)), tx, config.seed)
 
-    shardings = state_shardings(jax.eval_shape(create), mesh)
+    shapes = jax.eval_shape(create)
+    shardings = state_shardings(shapes, mesh)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed))))
-    return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
+    return graphdef, shapes if shapes_only else jax.jit(create, out_shardings=shardings)(), shardings
 
 
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog,
@@ -322,7 +325,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     tables = flow.StageTables.from_scheduler(scheduler)
 
     tx, lr = make_optimizer(step_cfg), learning_rate(step_cfg)
-    graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh, init_model)
+    graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh, init_model, shapes_only=bool(done))
     train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
                                  config.scheduler.num_train_timesteps, mesh, shardings,
                                  text=text_encoder and text_encoder.conditioning,
