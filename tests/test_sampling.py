@@ -188,3 +188,13 @@ def test_the_demo_check_reads_what_each_image_asks_for_and_counts_what_it_shows(
     line = demo_check.report(pictures, asked, 10)
     assert "(6 images, read by demo_data.classify): hue 6/6" in line and line.endswith(
         "; 2 images from prompts naming no demo colour and shape not checked"), line
+
+
+def test_a_job_pads_its_batches_as_little_as_one_static_shape_allows():
+    from pixelflow_jax.sharding import batch_for
+
+    assert batch_for(50, 16, 1) == 13  # 4 batches either way: 52 rows, not 64
+    assert batch_for(17, 16, 1) == 9
+    assert batch_for(50, 16, 8) == 16  # a multiple of the devices
+    assert batch_for(4, 10**6, 8) == 8  # few images: no batch of 10**6 (it ran out of memory)
+    assert batch_for(64, 16, 8) == 16
