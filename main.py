@@ -41,10 +41,11 @@ flags.DEFINE_string("coordinator_address", None, "With --distributed where jax c
                     "host:port of process 0 (and --num_processes, --process_id).")
 flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes take part.")
 flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0..num_processes-1.")
-flags.DEFINE_bool("compilation_cache", True, "Keep the XLA programs a job compiles for the next job of one process "
-                  "(a resume, a sampling job: seconds on the demo, minutes on XL) in $PIXELFLOW_CACHE_DIR/xla "
-                  "(~/.cache/pixelflow_jax/xla); jax's own JAX_COMPILATION_CACHE_DIR wins, and --distributed "
-                  "jobs use only that.")
+flags.DEFINE_enum("compilation_cache", "auto", ["auto", "on", "off"],
+                  "Keep the XLA programs a job of one process compiles for the next (a resume, a sampling job: "
+                  "minutes on XL) in $PIXELFLOW_CACHE_DIR/xla (else $XDG_CACHE_HOME or ~/.cache, "
+                  "pixelflow_jax/xla). auto: on GPUs and TPUs; on: on CPUs too. jax's JAX_COMPILATION_CACHE_DIR "
+                  "wins, and --distributed jobs use only that.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 FLAGS = flags.FLAGS
@@ -118,20 +119,32 @@ def step_overrides_dopri5_ignores(argv: list[str], mode: str, solver: str) -> li
 COMPILATION_CACHE_BYTES, COMPILATION_CACHE_MIN_COMPILE_S = 4 * 2**30, 0.2
 
 
-def keep_compiled_programs() -> None:
+def keep_compiled_programs(on_cpu: bool) -> None:
     """The persistent compilation cache, for jobs of one process: in a job of several, a process
     that loads a program while its peers still compile it waits in its first collective, past
-    gloo's timeout on CPU; those jobs set JAX_COMPILATION_CACHE_DIR themselves."""
+    gloo's timeout on CPU; those jobs set JAX_COMPILATION_CACHE_DIR themselves. On CPUs only when
+    asked: XLA:CPU rejects its cached programs on some processors (an error line per program, jax
+    issue 38445), and a resume on several CPU devices hung in their collectives once loaded."""
     import jax
 
     from pixelflow_jax import storage
 
-    if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR
+    if jax.config.jax_compilation_cache_dir or (jax.default_backend() == "cpu" and not on_cpu):
         return
-    jax.config.update("jax_compilation_cache_dir", storage.cache_dir("xla"))
-    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILATION_CACHE_MIN_COMPILE_S)
+    folder = storage.cache_dir("xla")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # jax would warn at every program; the job runs as well without
+        logging.info("compiled programs are not kept: %s cannot be written", folder)
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    for variable, value in (("JAX_COMPILATION_CACHE_MAX_SIZE", COMPILATION_CACHE_BYTES),
+                            ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", COMPILATION_CACHE_MIN_COMPILE_S)):
+        if variable not in os.environ:  # the user's own settings stay
+            jax.config.update(variable.lower(), value)
 
 
 def start_distributed():
@@ -304,8 +317,8 @@ def run_mode(argv):
                         "these" if len(ignored) > 1 else "this")
     if FLAGS.distributed:
         start_distributed()
-    elif FLAGS.compilation_cache:
-        keep_compiled_programs()
+    elif FLAGS.compilation_cache != "off":
+        keep_compiled_programs(on_cpu=FLAGS.compilation_cache == "on")
     from pixelflow_jax import host_memory
 
     host_memory.reuse_freed_buffers_on_cpu()  # 20-30% faster CPU steps (host_memory.py)

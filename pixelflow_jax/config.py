@@ -32,8 +32,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def dtype_name(dtype):
-    """'bfloat16' for jnp.bfloat16, np.dtype('bfloat16') or 'bfloat16'; what is no dtype, as given
-    (for the caller's error to name)."""
+    """'bfloat16' for jnp.bfloat16, np.dtype('bfloat16') or 'bfloat16'; what is no dtype (None
+    too, which numpy would read as float64), as given, for the caller's error to name."""
+    if dtype is None:
+        return None
     try:
         return jnp.dtype(dtype).name
     except TypeError:

@@ -93,7 +93,7 @@ class LabelEmbedding(nnx.Module):
         cannot raise, and a plain lookup would read -1 as the null class (wrapped around)."""
         table = self.embedding_table.embedding[...]
         inside = (labels >= 0) & (labels < table.shape[0])
-        return jnp.where(inside[:, None], jnp.take(table, jnp.where(inside, labels, 0), axis=0), jnp.nan)
+        return jnp.where(inside[..., None], jnp.take(table, jnp.where(inside, labels, 0), axis=0), jnp.nan)
 
 
 class PatchEmbed(nnx.Module):

@@ -397,9 +397,10 @@ def remove_abandoned_dirs(prefix: str) -> None:
     """Deletes the temporary_dir(prefix) folders of killed writers (see ABANDONED_AFTER_S)."""
     for entry in os.scandir(tempfile.gettempdir()):
         match = re.fullmatch(re.escape(prefix) + "-" + WRITER, entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and writer_gone(match, entry.path) and \
-                time.time() - newest_mtime(entry.path) > ABANDONED_AFTER_S:
-            shutil.rmtree(entry.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another start removing it at the same time
+            if match and entry.is_dir(follow_symlinks=False) and writer_gone(match, entry.path) and \
+                    time.time() - newest_mtime(entry.path) > ABANDONED_AFTER_S:
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def newest_mtime(folder: str) -> float:

@@ -1405,3 +1405,16 @@ def test_two_sample_jobs_starting_together_in_one_folder_cannot_both_record_thei
         sample_run.check_settings(str(samples), str(tmp_path), {"seed": 1})
     assert json.loads((samples / "settings.json").read_text()) == {"seed": 0}
     assert os.listdir(samples) == ["settings.json"]  # no temporary left
+
+
+def test_a_resume_whose_steps_vanish_before_the_restore_is_named(tmp_path):
+    """A resume builds only the state's shapes (the restore fills them): were the steps it found
+    gone by the restore, those shapes must not go on as a train state."""
+    from pixelflow_jax.training import checkpointing
+
+    manager = checkpointing.checkpoint_manager(str(tmp_path), 3)
+    shapes = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    with pytest.raises(CheckpointError, match="lists no step now, though the run found one as it started"):
+        checkpointing.resume_point(manager, shapes, {"w": None})
+    assert checkpointing.resume_point(manager, {"w": jnp.zeros(2)}, {"w": None})[0] == 0  # a new run's state
+    manager.close()

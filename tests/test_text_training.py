@@ -471,20 +471,24 @@ def test_the_demo_encoder_is_built_anew_for_the_config_while_no_step_is_saved(tm
 
 def test_a_resume_with_more_demo_colours_than_its_encoder_knows_is_refused(tmp_path):
     """With train.allow_resume_changes a resume may change data.demo_num_classes, but the run's
-    demo encoder keeps its word list: the new colours would all read as <unk>."""
+    demo encoder keeps its word list: the new colours would all read as <unk>. A resume with the
+    count unchanged passes, even where the tokenizer never met every caption word."""
     import configs.t2i as t2i
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.sharding import make_mesh
     from pixelflow_jax.text import train_text
 
     config = t2i.get_config("tiny")
-    model_cfg, workdir = ModelConfig.from_mapping(config.model), str(tmp_path / "run")
-    train_text.load(config, workdir, model_cfg, make_mesh(1), no_step_saved=True)  # builds it for 10 colours
-    train_text.load(config, workdir, model_cfg, make_mesh(1), no_step_saved=False)  # a resume as it was
+    config.data.demo_num_images = 8  # its tokenizer learns the words of 8 captions only
+    model_cfg, workdir = ModelConfig.from_mapping(config.model), tmp_path / "run"
+    train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=True)  # builds it for 10 colours
+    (workdir / "train_settings.json").write_text(json.dumps({"data.demo_num_classes": 10}))  # as the run recorded
+    train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=False)  # a resume as it was
     config.data.demo_num_classes = 12  # "hue 30", "hue 60", ...
-    with pytest.raises(ValueError, match=r"text_encoder was built for other captions: it does not know every word "
-                                         r"of the 12-colour captions \(e.g. 'a hue 0 disk'\)"):
-        train_text.load(config, workdir, model_cfg, make_mesh(1), no_step_saved=False)
+    with pytest.raises(ValueError, match=r"text_encoder was built for data.demo_num_classes=10: the 12-colour "
+                                         r"captions have words it does not know \(.*hue.*\); resume with "
+                                         r"--config.data.demo_num_classes=10"):
+        train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=False)
 
 
 def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path, encoder_folder):
@@ -511,10 +515,12 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
     from configs import t2i
     from pixelflow_jax.text.train_text import fill_encoder_of_runs
 
-    init_run, resumed = tmp_path / "init", tmp_path / "resumed"
-    for run, path in ((init_run, "text_encoder"), (resumed, "/encoders/t5")):  # the demo's own; another folder
+    init_run, resumed, failed_start = tmp_path / "init", tmp_path / "resumed", tmp_path / "failed_start"
+    for run, path in ((init_run, "text_encoder"), (resumed, "/encoders/t5"),  # the demo's own; another folder
+                      (failed_start, "/encoders/t5")):
         run.mkdir()
         (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": path, "max_text_tokens": 8}}))
+    (resumed / "checkpoints" / "10").mkdir(parents=True)  # a saved step: the encoder it records was trained with
     source = SimpleNamespace(run_step=SimpleNamespace(run=str(init_run)))
 
     config = t2i.get_config("tiny")
@@ -533,6 +539,9 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
     config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(resumed))
     assert config.train.text_encoder == "/encoders/t5"
+    config = t2i.get_config("tiny")
+    fill_encoder_of_runs(config, str(failed_start))  # no step saved: its record steers no corrected command
+    assert config.train.text_encoder == ""
     config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(init_run))  # the demo's encoder inside its run: found as before
     assert config.train.text_encoder == ""

@@ -222,7 +222,7 @@ def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=Tr
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if not compilation_cache:  # neither the session's cache nor main.py's own
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        command.append("--nocompilation_cache")
+        command.append("--compilation_cache=off")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         out, err = process.communicate(timeout=600)

@@ -46,6 +46,12 @@ def is_run(path: str) -> bool:
     return storage.isfile(storage.join(path, RUN_CONFIG))
 
 
+def has_trained(path: str) -> bool:
+    """A run with a saved step: what its run_config.json records was trained (a first start that
+    failed before its first save records a model and encoder that a corrected command replaces)."""
+    return is_run(path) and bool(complete_steps(path))
+
+
 def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
     """Refuses an output inside a training run's checkpoints/ folder (a sample job's workdir and
     its checkpoint swapped, say): the run would take it for a step, and its checkpoint rotation

@@ -13,9 +13,11 @@ import re
 from typing import NamedTuple
 
 import numpy as np
+from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.data.demo_data import SHAPES, classify, colour_name
+from pixelflow_jax.error_text import described
 from pixelflow_jax.training.resume_settings import SETTINGS_FILE
 
 
@@ -76,8 +78,12 @@ def report(images: np.ndarray, asked: Asked, num_colours: int) -> str:
 
 
 def print_for(run: str | None, conditioning, samples_npz: str) -> None:
-    """Prints the check of a job whose checkpoint is a step of a run on the demo data; nothing else."""
-    num_colours = demo_colours_of(run)
-    if num_colours:
-        images = np.load(io.BytesIO(storage.read_bytes(samples_npz)))["arr_0"]
-        print(report(images, asked_of(conditioning, num_colours), num_colours), flush=True)
+    """Prints the check of a job whose checkpoint is a step of a run on the demo data; nothing else.
+    The job's outputs are written by then: a check that fails is a warning, not a failed job."""
+    try:
+        num_colours = demo_colours_of(run)
+        if num_colours:
+            images = np.load(io.BytesIO(storage.read_bytes(samples_npz)))["arr_0"]
+            print(report(images, asked_of(conditioning, num_colours), num_colours), flush=True)
+    except Exception as e:  # a damaged train_settings.json, a store failing now
+        logging.warning("the demo check of %s was not made: %s", samples_npz, described(e))

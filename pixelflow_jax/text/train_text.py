@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, is_run, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, has_trained, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.sharding import global_array, param_shardings, replicated
 from pixelflow_jax.text import demo_text_encoder
@@ -74,7 +74,7 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     (resuming a run that trains with an encoder outside it), or that of the run train.init_from
     names (a fine-tune must feed its cross-attention the embeddings it learned). Another encoder
     than the init run's is refused."""
-    recorded = (read_run_config(workdir).get("text_encoder") or {}) if is_run(workdir) else {}
+    recorded = (read_run_config(workdir).get("text_encoder") or {}) if has_trained(workdir) else {}
     if not config.train.text_encoder and recorded.get("path", demo_text_encoder.FOLDER_NAME) != \
             demo_text_encoder.FOLDER_NAME:
         config.train.text_encoder = recorded["path"]
@@ -125,19 +125,31 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str, rebuild: boo
         multihost_utils.sync_global_devices("pixelflow demo text encoder built")
 
 
-def check_knows_the_demo_words(tokenizer, num_colours: int, folder: str) -> None:
-    """The demo's word-level tokenizer reads a word its captions never used as <unk>: an encoder
-    built for fewer colours (a resume with another data.demo_num_classes, allowed by
-    train.allow_resume_changes) would give the new colours one embedding that says nothing."""
+def unknown_demo_words(tokenizer, num_colours: int) -> set[str]:
+    """The words of the demo's num_colours-colour captions that the word-level tokenizer reads as
+    <unk> (it knows the words of the captions it was trained on, CAPTIONS_FOR_TOKENIZER of them)."""
     from pixelflow_jax.data.demo_data import CAPTION_WORDINGS, SHAPES, caption_of
 
-    captions = [caption_of(c, s, num_colours, w) for c in range(num_colours) for s in range(len(SHAPES))
-                for w in range(len(CAPTION_WORDINGS))]
-    unknown = [c for c, bad in zip(captions, tokenizer.has_unknown_text(tokenizer(captions)[0])) if bad]
-    if unknown:
-        raise ValueError(f"the captioned demo's text encoder {folder} was built for other captions: it does not know "
-                         f"every word of the {num_colours}-colour captions (e.g. {unknown[0]!r}); resume with the "
-                         "run's first data.demo_num_classes (train_settings.json), or train a new --workdir")
+    words = sorted({word for c in range(num_colours) for s in range(len(SHAPES)) for w in range(len(CAPTION_WORDINGS))
+                    for word in caption_of(c, s, num_colours, w).split()})
+    return {word for word, unknown in zip(words, tokenizer.has_unknown_text(tokenizer(words)[0])) if unknown}
+
+
+def check_knows_the_demo_words(tokenizer, workdir: str, num_colours: int, folder: str) -> None:
+    """A resume that changed data.demo_num_classes (allowed by train.allow_resume_changes) keeps
+    the encoder built for the first count, whose tokenizer reads the new colours' words as <unk>,
+    one embedding that says nothing: refused where the change adds such words."""
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE
+
+    path = storage.join(workdir, SETTINGS_FILE)
+    built_for = storage.read_json(path).get("data.demo_num_classes") if storage.exists(path) else None
+    if built_for is None or built_for == num_colours:
+        return
+    added = unknown_demo_words(tokenizer, num_colours) - unknown_demo_words(tokenizer, built_for)
+    if added:
+        raise ValueError(f"the captioned demo's text encoder {folder} was built for data.demo_num_classes={built_for}: "
+                         f"the {num_colours}-colour captions have words it does not know ({', '.join(sorted(added))}); "
+                         f"resume with --config.data.demo_num_classes={built_for}, or train a new --workdir")
 
 
 def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool) -> TrainingTextEncoder:
@@ -162,7 +174,7 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool
     tokenizer = T5Tokenizer(local, int(t.max_text_tokens))
     tokenizer.check_vocabulary(t5_config.vocab_size, local)
     if recorded == demo_text_encoder.FOLDER_NAME and not no_step_saved:  # built by an earlier start
-        check_knows_the_demo_words(tokenizer, config.data.demo_num_classes, folder)
+        check_knows_the_demo_words(tokenizer, workdir, config.data.demo_num_classes, folder)
     # float32 compute whatever model.dtype is, as the release's encoder and our sampling jobs run it
     encoder = load_t5_encoder(local, dtype=JOB_ENCODER_DTYPE, param_dtype=t.text_encoder_dtype)
     graphdef = nnx.graphdef(encoder)

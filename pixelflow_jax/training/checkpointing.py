@@ -165,6 +165,9 @@ def resume_point(manager, state, shardings):
     if manager.all_steps():
         raise CheckpointError(f"no checkpoint in {manager.directory} can be restored (steps {manager.all_steps()}); "
                               "see the warnings above, or start a new --workdir")
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(state)):
+        raise CheckpointError(f"{manager.directory} lists no step now, though the run found one as it started "
+                              "(was it moved away meanwhile?); rerun the same command")
     return 0, state
 
 

@@ -231,7 +231,7 @@ def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> None:
     """What a run on the user's own data must be told, named together (a text run needs three
     settings the demo does not): the data folder, a text run's T5 encoder (unless its workdir or
     train.init_from records one) and the prompts its previews draw."""
-    from pixelflow_jax.checkpoints.run_checkpoint import is_run
+    from pixelflow_jax.checkpoints.run_checkpoint import has_trained
     from pixelflow_jax.sampling.sample_conditioning import read_prompts
 
     d, t, text = config.data, config.train, bool(model_cfg.cross_attention_dim)
@@ -241,7 +241,7 @@ def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> None:
                 else "captioned images, NAME.jpg + NAME.txt" if text else "class subfolders, root/<class>/<image>")
         missing.append(f"--config.data.root, the folder of {kind}")
     if text and d.source != "demo":
-        if not t.text_encoder and not t.init_from and not is_run(workdir):
+        if not t.text_encoder and not t.init_from and not has_trained(workdir):
             missing.append("--config.train.text_encoder, a Hugging Face T5 folder (local or gs://) or "
                            "hf://google/flan-t5-xl")
         if t.preview_every:  # previews of a text run draw sample.prompts: known now, not at the first preview
