@@ -89,11 +89,7 @@ class LabelEmbedding(nnx.Module):
                                          embedding_init=normal_002, rngs=rngs)
 
     def __call__(self, labels: jax.Array) -> jax.Array:
-        """Rows of the table; an id outside [0, num_classes] gives a NaN row, since under jit it
-        cannot raise, and a plain lookup would read -1 as the null class (wrapped around)."""
-        table = self.embedding_table.embedding[...]
-        inside = (labels >= 0) & (labels < table.shape[0])
-        return jnp.where(inside[..., None], jnp.take(table, jnp.where(inside, labels, 0), axis=0), jnp.nan)
+        return self.embedding_table(labels)
 
 
 class PatchEmbed(nnx.Module):

@@ -242,15 +242,10 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     np.testing.assert_array_equal(text_model(x, t, encoder_hidden_states=states.tolist()),  # a list: an AttributeError
                                   text_model(x, t, encoder_hidden_states=states))
 
-    # Under jit only the labels' dtype is known: -1 read as the null class and 1.7 as class 1, unseen.
+    # Under jit only the labels' dtype is known: 1.7 was read as class 1, unseen.
     from flax import nnx
 
     jitted = nnx.jit(lambda model, labels: model(x, t, class_labels=labels))
-    out = np.asarray(jitted(model, jnp.array([-1, 5])))
-    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()  # not the null class's velocity
-    assert np.isnan(np.asarray(jitted(model, jnp.array([1001, 5])))[0]).all()
-    np.testing.assert_allclose(np.asarray(jitted(model, jnp.array([1000, 5]))),
-                               np.asarray(model(x, t, class_labels=np.array([1000, 5]))), atol=1e-5)
     with pytest.raises(ValueError, match="class_labels must be integer ids, got dtype float32 under jit"):
         jitted(model, jnp.array([1.7, 5.0]))
 
