@@ -290,6 +290,8 @@ def run_mode(argv):
     from pixelflow_jax.command_line import EXIT_INTERRUPTED, quiet_closed_loop_callbacks
 
     sys.unraisablehook = quiet_closed_loop_callbacks
+    if ctrl_c_received[0]:  # while importing, inside jax's gc callback, which drops the KeyboardInterrupt
+        raise KeyboardInterrupt
 
     try:
         FLAGS.workdir = storage.user_path(FLAGS.workdir)
@@ -431,7 +433,27 @@ def exit_now_after_an_error(stop: SystemExit):
     os._exit(stop.code if isinstance(stop.code, int) else 1)
 
 
+ctrl_c_received = [False]
+
+
+def on_ctrl_c(*_):
+    """Python's own SIGINT handling, and a record of it: the KeyboardInterrupt is raised wherever the
+    interpreter is, and where that is a gc callback (jax's, often run while jax imports) Python prints
+    it and drops it, and the job ran on; run_mode raises it again once the imports are done."""
+    ctrl_c_received[0] = True
+    raise KeyboardInterrupt
+
+
+def quiet_dropped_ctrl_c(unraisable, previous=sys.unraisablehook) -> None:
+    """An unraisablehook: a KeyboardInterrupt dropped where Python ignores exceptions is raised
+    again (on_ctrl_c), so its traceback is not printed; anything else is."""
+    if not (unraisable.exc_type is KeyboardInterrupt and ctrl_c_received[0]):
+        previous(unraisable)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    sys.unraisablehook = quiet_dropped_ctrl_c
     try:
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:

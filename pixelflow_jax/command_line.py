@@ -19,14 +19,26 @@ class Terminated(BaseException):
     that what the job finished is kept (and what it half-wrote removed) before it stops."""
 
 
+_sigterm_received = [False]
+
+
 def stop_on_sigterm() -> None:
     """Without it a SIGTERM ends the process at once and silently: a sampling job loses the batch
     that had just finished, a conversion leaves its temporary folder. Not for jobs of several
     processes, where jax's preemption service holds SIGTERM."""
     def on_sigterm(*_):
+        _sigterm_received[0] = True
         raise Terminated
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def stop_if_terminated() -> None:
+    """Raises Terminated again for a SIGTERM already received: the handler raises wherever the
+    interpreter is, and where that is a gc callback (jax's) or a __del__, Python prints the
+    exception and drops it, and a sampling job of 100,000 images ran on. Loops call this per batch."""
+    if _sigterm_received[0]:
+        raise Terminated
 
 
 def stop_cause(stop: BaseException) -> tuple[str, int]:

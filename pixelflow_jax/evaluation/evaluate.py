@@ -32,6 +32,7 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
@@ -157,6 +158,7 @@ class FeatureExtractor:
         batch_size = batch_for(total, self.batch_size, self.rows.mesh.size)  # 12 images padded to 10**6: OOM
         with Progress(total, f"Inception features of {storage.basename(path)}", "img") as progress:
             for images in npz_batches(path, batch_size):
+                stop_if_terminated()
                 count = len(images)
                 padded = np.concatenate([images, np.repeat(images[-1:], batch_size - count, 0)])
                 outputs = _inception(self.graphdef, self.params,

@@ -29,6 +29,7 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.api import load_sampling_model, sampling_source
+from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finite_images, to_uint8)
@@ -242,6 +243,7 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
     with progress, jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
         try:
             for first in range(0, len(missing), batch_size):
+                stop_if_terminated()
                 ids = missing[first:first + batch_size]
                 num_valid = len(ids)
                 ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
