@@ -18,7 +18,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.data.demo_data import SHAPES, classify, colour_name
 from pixelflow_jax.error_text import described
-from pixelflow_jax.training.resume_settings import SETTINGS_FILE
+from pixelflow_jax.training.resume_settings import recorded_settings
 
 
 class Asked(NamedTuple):
@@ -29,10 +29,7 @@ class Asked(NamedTuple):
 
 def demo_colours_of(run: str | None) -> int | None:
     """The colour count of the demo data the run trained on; None for a run on other data (or no run)."""
-    path = run and storage.join(run, SETTINGS_FILE)
-    if not path or not storage.exists(path):
-        return None
-    settings = storage.read_json(path)
+    settings = recorded_settings(run) if run else {}
     return int(settings.get("data.demo_num_classes", 10)) if settings.get("data.source") == "demo" else None
 
 

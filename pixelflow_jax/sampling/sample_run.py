@@ -7,10 +7,10 @@
 
 The batch is sharded over every device (sharding.make_mesh); in a multi-host run each process
 writes the images its devices hold. A checkpoint of a run on the built-in demo data gets the demo's
-measure of its images, hue and outline agreement, printed (demo_check.py). A rerun skips every image already on disk: an image depends
-only on (seed, id, its label or prompt), so resumed images are those an uninterrupted run would
-write (Euler: up to float rounding; dopri5: within its tolerance, since its step sizes are the
-batch's). Class- and text-conditional checkpoints: see sample_conditioning.py.
+measure of its images, hue and outline agreement, printed (demo_check.py). A rerun skips every
+image already on disk: an image depends only on (seed, id, its label or prompt), so resumed images
+are those an uninterrupted run would write (Euler: up to float rounding; dopri5: within its
+tolerance, since its step sizes are the batch's). Class- and text-conditional checkpoints: see sample_conditioning.py.
 """
 
 from __future__ import annotations

@@ -139,10 +139,9 @@ def check_knows_the_demo_words(tokenizer, workdir: str, num_colours: int, folder
     """A resume that changed data.demo_num_classes (allowed by train.allow_resume_changes) keeps
     the encoder built for the first count, whose tokenizer reads the new colours' words as <unk>,
     one embedding that says nothing: refused where the change adds such words."""
-    from pixelflow_jax.training.resume_settings import SETTINGS_FILE
+    from pixelflow_jax.training.resume_settings import recorded_settings
 
-    path = storage.join(workdir, SETTINGS_FILE)
-    built_for = storage.read_json(path).get("data.demo_num_classes") if storage.exists(path) else None
+    built_for = recorded_settings(workdir).get("data.demo_num_classes")
     if built_for is None or built_for == num_colours:
         return
     added = unknown_demo_words(tokenizer, num_colours) - unknown_demo_words(tokenizer, built_for)

@@ -56,6 +56,12 @@ def same_folder_spelled_once(key: str, value):
     return storage.absolute(value).rstrip("/") if key == "data.root" and value else value
 
 
+def recorded_settings(workdir: str) -> dict:
+    """The settings a run recorded ({} for a workdir without them), as it recorded them."""
+    path = storage.join(workdir, SETTINGS_FILE)
+    return storage.read_json(path) if storage.exists(path) else {}
+
+
 def check_optimiser_state(workdir: str, config, step: int) -> None:
     """Before a checkpoint is restored: a run with a learning-rate schedule keeps an update count
     in its optimiser state and one without does not, so neither restores as the other (orbax
