@@ -10,10 +10,11 @@ r"""pixelflow-jax entry point (flax/examples style).
         --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 A checkpoint (config.sample.checkpoint, config.train.init_from) is a training run or one of its
-steps, a converted or release folder, or hf://OWNER/NAME[@REVISION][/SUBFOLDER]; in sample and demo
-modes an empty config.sample.checkpoint means the workdir's own training run.
+steps, a converted or release folder, or hf://OWNER/NAME[@REVISION][/SUBFOLDER]; in sample, demo and
+inspect modes an empty config.sample.checkpoint means the workdir's own training run.
 
-Settings live in the config file and can be overridden with --config.<field>=<value>.
+Settings live in the config file and can be overridden with --config.<field>=<value>:
+    python main.py --config=configs/c2i.py:demo --workdir=runs/demo --config.train.num_steps=10000
     python main.py --config=configs/c2i.py --workdir=runs/demo_page --mode=demo \
         --config.sample.checkpoint=checkpoints/pixelflow_xl_c2i            # http://127.0.0.1:7860
 

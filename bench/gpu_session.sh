@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# Every GPU measurement still owed, in one device call that ends within BUDGET seconds (default 520:
-# the call's timeout_s=540 leaves the rest of the 15 device minutes for the machine's start). The steps run most valuable first; each gets the smaller of
-# its own limit and the time left, so a slow or failing step costs only itself and a late step is
-# skipped, not half-run.
+# Every GPU measurement still owed, in one run that ends within BUDGET seconds (default 520, for a
+# GPU lent for a short slot: run it under a limit of ~540 s). The steps run most valuable first;
+# each gets the smaller of its own limit and the time left, so a slow or failing step costs only
+# itself and a late step is skipped, not half-run.
 #
 #   bash bench/gpu_session.sh                    # on the GPU machine, from the repository root
 #   DRY_RUN=1 OUT=/tmp/dry bash bench/gpu_session.sh   # on a CPU: tiny sizes, checks the script
 #
-# The release's own timing script is not part of this repository. To time it in the same call,
-# copy its folder (code, diffusers wheel, release_speed.py) into the checkout as .release_bench/,
-# list it in .git/info/exclude, and name .release_bench in the device call's `carry`.
+# The release's own timing script is not part of this repository. To time it in the same run, put
+# its folder (code, diffusers wheel, release_speed.py) into the checkout as .release_bench/ (listed
+# in .git/info/exclude, and copied to the GPU machine with the checkout).
 #
-# What comes back (the device tool returns at most 8 files from $OUT):
+# What it writes to $OUT (three files, for runners that copy back only a few):
 #   summary.txt          one line per step: rc, seconds, command (rc 124: hit its limit; "skipped")
 #   log.txt              every step's output (their JSON results), in order
-#   release_speed.json   the release's numbers, when .release_bench was carried
+#   release_speed.json   the release's numbers, when .release_bench was there
 # Copy the numbers into bench/RESULTS.md beside the release's.
 set -u
 export OUT=${OUT:-bench/out}  # exported: the release's script writes release_speed.json there
@@ -67,7 +67,7 @@ step sample 110 $PY bench/sample_speed.py --attention=$FAST --profile "${SAMPLE[
 if [ -f .release_bench/release_speed.py ] && [ "$DRY_RUN" != 1 ]; then
   step release 150 bash -c 'python3 -m pip install -q --no-index --no-deps --target /tmp/release_site .release_bench/wheels/*.whl && PYTHONPATH=/tmp/release_site RELEASE_TRAIN_BS=24 python3 .release_bench/release_speed.py'
 else
-  echo "release skipped: .release_bench/ was not carried (or a dry run)" >>"$OUT/summary.txt"
+  echo "release skipped: no .release_bench/ in the checkout (or a dry run)" >>"$OUT/summary.txt"
 fi
 # 5. Our kernel in the training step (target: no slower than cuDNN). A dry run's is step 2 again: skipped.
 if [ "$PALLAS" != "$FAST" ]; then

@@ -79,8 +79,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ))
     config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # batch over data x fsdp; parameters over fsdp
 
-    # --mode=sample. The architecture, stages and resolution come from the checkpoint; model.dtype
-    # and model.attention above still apply. Defaults reproduce the release's FID run settings
+    # --mode=sample. The architecture, stages and resolution come from the checkpoint; model.dtype,
+    # model.param_dtype and model.attention above still apply. Defaults reproduce the release's FID run settings
     # (sample_ddp.py: 50k class-balanced images, cfg 2.4); its FID 1.98 used solver='dopri5'.
     config.sample = ml_collections.ConfigDict(dict(
         # A training run (its latest complete step) or RUN/checkpoints/STEP, a folder written by

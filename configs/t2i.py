@@ -8,7 +8,7 @@
                                      a small T5 encoder the run builds itself (nothing downloaded)
 
     python main.py --config=configs/t2i.py:demo --workdir=runs/t2i_demo                 # train
-    python main.py --config=configs/t2i.py:demo --workdir=runs/t2i_demo --mode=sample \
+    python main.py --config=configs/t2i.py:demo --workdir=runs/t2i_demo --mode=sample \\
         --config.sample.prompts='("a red disk", "a blue triangle")'                     # sample it
 
     python main.py --config=configs/t2i.py --workdir=runs/t2i --mode=sample \\
