@@ -288,7 +288,7 @@ def run_mode(argv):
     from pixelflow_jax import storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
-    from pixelflow_jax.command_line import EXIT_INTERRUPTED, quiet_closed_loop_callbacks
+    from pixelflow_jax.command_line import Terminated, quiet_closed_loop_callbacks, stop_cause, stop_on_sigterm
 
     sys.unraisablehook = quiet_closed_loop_callbacks
     if ctrl_c_received[0]:  # while importing, inside jax's gc callback, which drops the KeyboardInterrupt
@@ -337,6 +337,8 @@ def run_mode(argv):
         from pixelflow_jax.training import train
         from pixelflow_jax.training.workdir_lock import WorkdirBusy
 
+        if not FLAGS.distributed:  # until the training loop takes SIGTERM over (PreemptionWatch): while the
+            stop_on_sigterm()      # run restores and compiles, a SIGTERM stops it cleanly, its lock released
         try:
             train.train(FLAGS.config, FLAGS.workdir)
         except train.TrainingPreempted as e:
@@ -345,10 +347,11 @@ def run_mode(argv):
         except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
                 WorkdirBusy) as e:
             fail(e)
-        except KeyboardInterrupt:  # Ctrl-C while starting (restore, compile), or a second one in training
-            print("stopped: interrupted (Ctrl-C) without saving; the checkpoints saved before are kept: rerun the "
-                  "same command to resume from the latest", file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
+        except (KeyboardInterrupt, Terminated) as stop:  # while starting (restore, compile), or a second Ctrl-C
+            cause, status = stop_cause(stop)
+            print(f"stopped: {cause} without saving; the checkpoints saved before are kept: rerun the same command "
+                  "to resume from the latest", file=sys.stderr)
+            sys.exit(status)
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
 
@@ -364,7 +367,6 @@ def run_mode(argv):
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)
     elif FLAGS.mode in ("sample", "eval"):
-        from pixelflow_jax.command_line import Terminated, stop_cause, stop_on_sigterm
         from pixelflow_jax.evaluation import evaluate
         from pixelflow_jax.sampling import sample_run
 

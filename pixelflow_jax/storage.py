@@ -190,24 +190,39 @@ def dirname(path: str) -> str:
     return os.path.dirname(path)
 
 
+def _remote_kind(path: str) -> str | None:
+    """'file' or 'directory' for what a URL names, None where nothing is there. fsspec's own
+    exists() and isdir() answer False for any error: a refused or failed request (403, 503) read as
+    "no checkpoints here" would start a trained run anew. Here only a missing object is None."""
+    def kind(_):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(path)
+        try:
+            return fs.info(key)["type"]
+        except FileNotFoundError:
+            return None
+
+    return _remote(path, kind)
+
+
 def exists(path: str) -> bool:
-    return _remote(path, lambda p: p.exists()) if is_url(path) else os.path.exists(path)
+    return _remote_kind(path) is not None if is_url(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-    return _remote(path, lambda p: p.is_dir()) if is_url(path) else os.path.isdir(path)
+    return _remote_kind(path) == "directory" if is_url(path) else os.path.isdir(path)
 
 
 def isfile(path: str) -> bool:
-    if is_url(path):
-        return _remote(path, lambda p: p.exists() and not p.is_dir())
-    return os.path.isfile(path)
+    return _remote_kind(path) == "file" if is_url(path) else os.path.isfile(path)
 
 
 def listdir(path: str) -> list[str]:
     """Names under a folder (one level); [] when it does not exist."""
     if is_url(path):
-        return _remote(path, lambda p: sorted(child.name for child in p.iterdir()) if p.is_dir() else [])
+        files, folders = list_entries(path)
+        return sorted(files + folders)
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
@@ -235,7 +250,7 @@ def list_entries(path: str) -> tuple[list[str], list[str]]:
 
         fs, root = fsspec.core.url_to_fs(path)
         fs.invalidate_cache(root)
-        if not fs.isdir(root):
+        if _remote_kind(path) != "directory":
             return [], []
         entries = fs.ls(root, detail=True)
         name = lambda entry: entry["name"].rstrip("/").rsplit("/", 1)[-1]

@@ -892,6 +892,42 @@ def test_the_lock_is_refreshed_by_a_thread_and_a_run_whose_lock_was_taken_over_s
     assert json.loads(lock_file.read_text()) == rival  # not removed either
 
 
+def test_a_lock_whose_create_was_refused_after_it_landed_is_held_and_a_lost_lock_stops_the_next_save(
+        tmp_path, monkeypatch):
+    """A bucket client retries an upload whose response was lost, and the create-only retry is
+    refused because the first attempt landed: the lock is this run's, held and released. And a
+    run whose lock another run replaced since the last heartbeat is stopped before it saves."""
+    import time
+
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    lock_file = tmp_path / LOCK_FILE
+    real_create = workdir_lock.storage.create_file
+
+    def landed_but_refused(path, data):
+        assert real_create(path, data)
+        return False
+
+    monkeypatch.setattr(workdir_lock.storage, "create_file", landed_but_refused)
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+    assert lock.held
+    lock.release()
+    assert not lock_file.exists()
+    monkeypatch.undo()
+
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)  # refreshed every 60 s: no beat in this test
+    lock.acquire()
+    rival = {"host": "elsewhere", "pid": 7, "heartbeat": time.time()}
+    workdir_lock.storage.write_json_atomically(str(lock_file), rival)
+    lock.check_held()  # a logged step trusts the last heartbeat
+    with pytest.raises(WorkdirBusy, match="taken over by another run \\(host elsewhere, pid 7\\)"):
+        lock.check_held(read_now=True)  # a save reads the lock first
+    lock.release()
+    assert json.loads(lock_file.read_text()) == rival
+
+
 def test_a_lock_in_a_bucket_is_created_only_if_absent_even_when_a_rival_slips_in(bucket, monkeypatch):
     """In a bucket the lock is one create-only upload (ifGenerationMatch=0): a rival run whose lock
     lands between this run's existence check and its upload keeps it, and this run backs off."""

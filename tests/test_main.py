@@ -240,3 +240,26 @@ def test_a_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_job()
     finally:
         signal.signal(signal.SIGTERM, before)
         command_line._sigterm_received[0] = False
+
+
+def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases_its_lock(tmp_path):
+    """Until the training loop takes SIGTERM over (restoring and compiling take minutes at XL), a
+    SIGTERM ended the process silently and left train.lock, which refuses a restart on another host
+    for train.lock_stale_after_s."""
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                                "--config.train.num_steps=2", "--config.train.batch_size=32"],  # 8 devices here
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (workdir / "train.lock").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert (workdir / "train.lock").exists(), process.communicate(timeout=60)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM) without saving; the checkpoints saved "
+                                             "before are kept: rerun the same command to resume from the latest")
+    assert not (workdir / "train.lock").exists()

@@ -93,6 +93,33 @@ def test_the_workdir_lock_works_in_a_bucket(bucket):
     assert not storage.exists(f"{bucket}/run/train.lock")
 
 
+def test_a_refused_listing_is_an_error_not_an_empty_folder(bucket, monkeypatch):
+    """fsspec's exists() and isdir() answer False for any error: a 403 on listing checkpoints/
+    read as "no checkpoints", and a trained run would have started anew in its workdir."""
+    import fsspec
+
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
+
+    storage.write_atomically(f"{bucket}/run/checkpoints/4/x", b"1")
+    assert storage.exists(f"{bucket}/run/checkpoints") and storage.isdir(f"{bucket}/run/checkpoints")
+    assert storage.isfile(f"{bucket}/run/checkpoints/4/x") and not storage.isfile(f"{bucket}/run/checkpoints")
+    assert storage.listdir(f"{bucket}/run/checkpoints") == ["4"] and storage.listdir(f"{bucket}/run/none") == []
+    assert not storage.exists(f"{bucket}/run/none") and not storage.isdir(f"{bucket}/run/none")
+    fs, _ = fsspec.core.url_to_fs(bucket)  # fsspec's cached instance: the one storage uses
+    real_info = fs.info
+
+    def forbidden_under_checkpoints(key, **kwargs):
+        if "checkpoints" in key:
+            raise OSError("Forbidden: 403 caller does not have storage.objects.list access")
+        return real_info(key, **kwargs)
+
+    monkeypatch.setattr(fs, "info", forbidden_under_checkpoints)
+    for check in (storage.exists, storage.isdir, storage.isfile, storage.listdir, complete_steps):
+        path = f"{bucket}/run" if check is complete_steps else f"{bucket}/run/checkpoints"
+        with pytest.raises(storage.StorageError, match="Forbidden"):
+            check(path)
+
+
 def test_gcsfs_giving_up_logs_one_line_not_its_traceback(caplog):
     import logging
 

@@ -506,6 +506,8 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
         f"write access: {storage.CHECK_ACCESS}"
     assert checkpointing.save_fix(stand_in, "checkpoints/4030.orbax-checkpoint-tmp: Input/output error").startswith(
         "free space")  # a step number is no HTTP status
+    assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "503 Service Unavailable") \
+        .startswith("the bucket's reachability")  # not "free space": a bucket does not fill up
 
 
 def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path, monkeypatch):

@@ -106,11 +106,15 @@ def save_errors(manager):
 
 
 def save_fix(manager, cause: str) -> str:
-    """What to do about a failed save: access for a refusal, else room (the usual cause)."""
+    """What to do about a failed save: access for a refusal; in a bucket, which does not fill up,
+    its reachability; else room (the usual cause on a disk)."""
+    in_bucket = storage.is_url(str(manager.directory))
     if any(word in cause for word in ("Forbidden", "Permission denied", "PERMISSION_DENIED", "Unauthorized",
                                       "Read-only file system")):  # words, not codes: 403 may be a step
-        return f"write access: {storage.CHECK_ACCESS}" if storage.is_url(str(manager.directory)) else \
-            "write access to the folder"
+        return f"write access: {storage.CHECK_ACCESS}" if in_bucket else "write access to the folder"
+    if in_bucket:
+        return ("the bucket's reachability: a network or storage-service error, or a quota; a bucket does "
+                "not fill up")
     keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
     room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
             f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "

@@ -35,7 +35,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
-from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED
+from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, stop_if_terminated
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -339,6 +339,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                          source=source)
     log = MetricsLog(workdir, start)
 
+    stop_if_terminated()  # a SIGTERM while starting that Python dropped (raised inside a gc callback)
     preemption = PreemptionWatch()
     flops = train_flops_per_image(model_cfg, config.data.resolution, config.scheduler.num_stages)
     peak = peak_flops(jax.devices()[0])
@@ -392,7 +393,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             if preview_due and not preempted and preemption.requested_alone():  # signalled while the step ran
                 preempted = save_due = True
             if save_due:  # before the preview: a preview can outlast a preemption's grace period
-                lock.check_held()  # on every process: a run whose lock was taken over saves nothing more
+                lock.check_held(read_now=True)  # on every process: a run whose lock was taken over saves nothing
                 save(manager, step, state)
             if preview_due and not preempted:
                 preview_start = time.perf_counter()

@@ -14,7 +14,9 @@ Creating the lock is atomic: a complete temporary file hard-linked into place on
 `ifGenerationMatch=0` upload (create only) in a bucket. Process 0 of a job holds it for the job;
 every process learns the outcome. Before each refresh the holder checks that the lock is still
 its own: one taken over (this host stalled past stale_after_s) stops the run at its next logged
-step, on every process, without saving.
+step, on every process, without saving; before each save process 0 reads the lock again, so a run
+that lost it since the last refresh saves nothing. (Two runs that take over one stale lock at the
+same instant may both start: the one whose lock was replaced stops at its first refresh or save.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -72,6 +75,7 @@ class WorkdirLock:
                        "pid_start": process_start(os.getpid()), "pid_namespace": pid_namespace(),
                        "heartbeat_period_s": heartbeat_period(stale_after_s),
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "token": uuid.uuid4().hex,  # this lock's own: two in one process and second differ
                        "heartbeat": time.time()}
         self.held = False
         self.lost_to: dict | None = None  # the run that took the lock over, once one has
@@ -101,6 +105,11 @@ class WorkdirLock:
                 self.held = True
                 return ""
             holder = self._read()
+            if holder is not None and self._is_mine(holder):
+                # A bucket upload whose response was lost is retried by the client, and the retry
+                # is refused because the first attempt landed: the lock is this run's.
+                self.held = True
+                return ""
             if holder is None:
                 age = self._age_s()
                 if age is not None and age <= UNREADABLE_STALE_S:
@@ -191,7 +200,7 @@ class WorkdirLock:
 
     def _is_mine(self, holder: dict) -> bool:
         """By the holder's identity, not its heartbeat (a beat whose write failed is still ours)."""
-        return all(holder.get(k) == self.record[k] for k in ("host", "pid", "pid_start", "started"))
+        return holder.get("token") == self.record["token"]
 
     def heartbeat(self) -> None:
         """Refreshes the lock if it is still this run's; else records who took it over."""
@@ -214,11 +223,19 @@ class WorkdirLock:
             except Exception as e:  # a storage hiccup: the next beat tries again
                 logging.warning("could not refresh %s: %s", self.path, e)
 
-    def check_held(self) -> None:
+    def check_held(self, read_now: bool = False) -> None:
         """At a logged step, on every process: raises WorkdirBusy everywhere if another run took the
-        lock over (it resumed from this run's checkpoints; saving more would mix the two runs)."""
+        lock over (it resumed from this run's checkpoints; saving more would mix the two runs).
+        read_now (before a save): process 0 reads the lock itself instead of trusting the last
+        heartbeat, so a run that lost its lock since then saves nothing (two runs that took over
+        one stale lock at the same instant: the one whose lock was replaced)."""
         from jax.experimental import multihost_utils
 
+        if read_now and jax.process_index() == 0:
+            try:
+                self.heartbeat()
+            except Exception as e:  # a storage hiccup is no takeover: the save's own errors follow
+                logging.warning("could not refresh %s: %s", self.path, e)
         lost = self.lost_to is not None
         if jax.process_count() > 1:
             lost = bool(int(multihost_utils.broadcast_one_to_all(np.int32(lost))))
