@@ -154,9 +154,10 @@ def tensorboard_events(folder) -> list:
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(where, tmp_path, request, monkeypatch):
-    """In a bucket each event file is uploaded whole after each write: the preview images, which
-    grow by a grid per preview, are kept out of the scalars' file, which is uploaded at every
-    logged step. A killed bucket run's local copies are removed by the next run."""
+    """In a bucket each event file is uploaded whole: the preview images, which grow by a grid per
+    preview, are kept out of the scalars' file, which goes with metrics.jsonl at most every
+    BUCKET_UPLOAD_INTERVAL_S, at each save and at the end (GCS takes about one write per second to
+    an object). A killed bucket run's local copies are removed by the next run."""
     import tempfile
 
     from pixelflow_jax.training.metrics_log import LOCAL_EVENTS_PREFIX, MetricsLog
@@ -171,17 +172,28 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
             folder.mkdir()
         os.utime(killed, (hour_ago, hour_ago))
     record = {"loss": 0.5, "grad_norm": 1.0, "images_per_s": 10.0, "skipped_steps": 0}
+    uploads = []
+    real_write = storage.write_atomically
+    monkeypatch.setattr(storage, "write_atomically", lambda path, data: (uploads.append(path), real_write(path, data)))
+    metrics = storage.join(workdir, "metrics.jsonl")
     log = MetricsLog(workdir, resumed_step=0)
     log.write({"step": 1, **record})
     log.image("preview", np.zeros((8, 8, 3), np.uint8), 2)
     log.write({"step": 2, **record})
+    log.write({"step": 3, **record})
+    if where == "bucket":  # the first record at once, the next ones within BUCKET_UPLOAD_INTERVAL_S
+        assert uploads.count(metrics) == 1 and len(storage.read_text(metrics).splitlines()) == 1
+        log.upload()  # at a save
+        assert uploads.count(metrics) == 2 and len(storage.read_text(metrics).splitlines()) == 3
+    log.write({"step": 4, **record})
     log.close()
     scalars = tensorboard_events(storage.join(workdir, "tensorboard"))
     assert ("loss", 1, "simple_value") in scalars and ("loss", 2, "simple_value") in scalars
     assert not any(kind == "image" for _, _, kind in scalars)
     assert tensorboard_events(storage.join(workdir, "tensorboard", "previews")) == [("preview", 2, "image")]
-    assert [r["step"] for r in map(json.loads, storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines())] \
-        == [1, 2]
+    assert ("loss", 4, "simple_value") in scalars
+    assert [r["step"] for r in map(json.loads, storage.read_text(metrics).splitlines())] == [1, 2, 3, 4]
+    assert uploads.count(metrics) == (3 if where == "bucket" else 0)
     # A killed bucket run's copies (an hour old) and this run's own are gone; a recent one may be a
     # live run's in a container that shares /tmp.
     assert os.listdir(tmp_path / "tmp") == ([recent.name] if where == "bucket" else [])

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -45,6 +46,11 @@ SCALARS, IMAGES = "", "previews"  # folders of tensorboard/
 LOCAL_EVENTS_PREFIX = "pixelflow_events"  # the local copies of a bucket run's event files (storage.temporary_dir)
 
 
+# In a bucket, metrics.jsonl and the scalars' event file are uploaded whole, at most this often
+# (and at each save and at the end): GCS takes about one write per second to one object, and each
+# upload of a growing file costs its whole size, so a run logging every step would be throttled.
+BUCKET_UPLOAD_INTERVAL_S = 30.0
+
 # What a failed log write tells the user (the checkpoints are unaffected).
 WRITE_FIX = "make the workdir writable (or free space) and rerun the same command: it resumes from its latest checkpoint"
 
@@ -59,9 +65,10 @@ class MetricsLog:
     """metrics.jsonl (one object per logged step), TensorBoard events (WORKDIR/tensorboard) and a
     readable line on stdout; process 0 only.
 
-    In an object store (no append), metrics.jsonl is rewritten whole at each record and the event
-    files are written locally and uploaded whole after each flush: a reader always sees complete
-    files."""
+    In an object store (no append), metrics.jsonl is rewritten whole and the event files are written
+    locally and uploaded whole, at most every BUCKET_UPLOAD_INTERVAL_S, at each save (upload(),
+    called by the training loop) and at the end: a reader always sees complete files, at most that
+    old. The preview images are uploaded as they come (one a preview)."""
 
     def __init__(self, workdir: str, resumed_step: int):
         self.path = storage.join(workdir, "metrics.jsonl")
@@ -80,6 +87,7 @@ class MetricsLog:
             storage.remove_abandoned_dirs(LOCAL_EVENTS_PREFIX)
         self.local_events = storage.temporary_dir(LOCAL_EVENTS_PREFIX) if self.remote_events else events
         self.resumed_step = resumed_step
+        self.uploaded_at = -math.inf  # when the scalars last went to the bucket; the first goes at once
         # Scalars in tensorboard/, preview images in tensorboard/previews/ (a run of its own in
         # TensorBoard): in a bucket each file is uploaded whole after each write, and the scalars'
         # file stays small while the images' grows by a grid per preview.
@@ -112,11 +120,22 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.enabled:
+            self.upload()
             for folder, writer in self.writers.items():
                 writer.close()
                 self._publish_events(folder)
             if self.remote_events:
                 shutil.rmtree(self.local_events, ignore_errors=True)
+
+    def upload(self) -> None:
+        """In a bucket: metrics.jsonl and the scalars' events as logged so far (a no-op locally,
+        where each record is appended at once)."""
+        if self.enabled and self.remote_events:
+            with storage.writing(self.path, WRITE_FIX):
+                storage.write_atomically(self.path, "".join(self.lines))
+            with storage.writing(self.events, WRITE_FIX):
+                self._publish_events(SCALARS)
+            self.uploaded_at = time.monotonic()
 
     def _publish_events(self, folder: str) -> None:
         if self.remote_events:
@@ -132,10 +151,8 @@ class MetricsLog:
             return ""
         line = json.dumps(json_values(record), allow_nan=False) + "\n"
         self.lines.append(line)
-        with storage.writing(self.path, WRITE_FIX):
-            if storage.is_url(self.path):
-                storage.write_atomically(self.path, "".join(self.lines))
-            else:
+        if not self.remote_events:
+            with storage.writing(self.path, WRITE_FIX):
                 with open(self.path, "a") as f:
                     f.write(line)
         with storage.writing(self.events, WRITE_FIX):
@@ -143,7 +160,8 @@ class MetricsLog:
                 if name != "step":
                     self.writer(SCALARS).add_scalar(name, value, record["step"])
             self.writer(SCALARS).flush()
-            self._publish_events(SCALARS)
+        if self.remote_events and time.monotonic() - self.uploaded_at >= BUCKET_UPLOAD_INTERVAL_S:
+            self.upload()
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))
         mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
         return (f"step {record['step']}: loss {record['loss']:.4f} ({extras}) grad_norm {record['grad_norm']:.3f} "

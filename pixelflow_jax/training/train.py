@@ -402,6 +402,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             if record.get("step") == step:
                 progress.write(log.write(record))
                 lock.check_held()
+            if save_due:  # in a bucket, the metrics logged up to a checkpoint are stored with it
+                log.upload()
             progress.update()
             if preempted:
                 logging.warning("%s: saved step %d on every process, exiting", preemption.cause, step)
