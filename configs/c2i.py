@@ -42,6 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         split="train",
         root="",  # for source='folder'
         center_crop=False,  # False: the release's Lanczos resize to round(1.125 R) + random crop
+        random_flip=True,  # the release's random horizontal flip (False: e.g. captions that say left or right)
         expand_ratio=1.125,
         num_workers=8,  # grain worker processes per host (0 = decode in the main process)
         prefetch_batches=2,  # batches read ahead (and decoded at once) per worker, or by the main process

@@ -41,7 +41,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.sample.negative_prompt = ""
     # A Hugging Face T5 folder (config.json, weights, spiece.model) or hf://google/flan-t5-xl.
     config.sample.text_encoder = ""
-    config.sample.text_encoder_param_dtype = "float32"  # 'bfloat16' halves the encoder's memory
+    # The encoder's weights: '' = those of the training run (its train.text_encoder_dtype), else
+    # float32; 'bfloat16' halves the encoder's memory.
+    config.sample.text_encoder_param_dtype = ""
     # 0: the run's own setting when sampling a training run, else 512 (the release pads and
     # truncates prompts to 512 tokens).
     config.sample.max_text_tokens = 0

@@ -181,10 +181,12 @@ def sampling_checkpoint(sample_config, workdir: str) -> str:
 
 def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     """For text configs: a training run's recorded text encoder fills an empty
-    sample.text_encoder, and its token length sample.max_text_tokens = 0, so a text run samples
-    with the encoder it trained with and no flag; otherwise 0 means the release's 512."""
+    sample.text_encoder, its token length sample.max_text_tokens = 0 and its encoder weights' dtype
+    an empty sample.text_encoder_param_dtype, so a text run samples with the encoder it trained
+    with and no flag; otherwise 0 means the release's 512, and '' float32."""
     from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, read_run_config
     from pixelflow_jax.text.prompts import MAX_LENGTH
+    from pixelflow_jax.training.resume_settings import recorded_settings
 
     s = sample_config
     if "max_text_tokens" not in s:
@@ -194,6 +196,9 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
         s.text_encoder = encoder_folder_of(source.run_step.run, recorded["path"])
     if not s.max_text_tokens:
         s.max_text_tokens = int(recorded["max_text_tokens"]) if recorded else MAX_LENGTH
+    if not s.text_encoder_param_dtype:  # bfloat16 weights give other embeddings than float32 ones
+        trained = recorded_settings(source.run_step.run).get("train.text_encoder_dtype") if recorded else None
+        s.text_encoder_param_dtype = trained or "float32"
     if recorded:  # allowed (an encoder moved, a longer prompt), but the embeddings may not be the trained ones
         trained = (encoder_folder_of(source.run_step.run, recorded["path"]), int(recorded["max_text_tokens"]))
         if (storage.absolute(s.text_encoder), int(s.max_text_tokens)) != trained:  # URLs, hf:// too, stay as given

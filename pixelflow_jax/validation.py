@@ -263,7 +263,7 @@ def check_sample(config) -> None:
         integer("sample.images_per_prompt", s.images_per_prompt, minimum=1)
         from pixelflow_jax.text.prompts import PARAM_DTYPES
 
-        choice("sample.text_encoder_param_dtype", s.text_encoder_param_dtype, PARAM_DTYPES)
+        choice("sample.text_encoder_param_dtype", s.text_encoder_param_dtype, ("",) + PARAM_DTYPES)
         for field in ("num_images", "labels"):  # set by a user who thinks them used: say they are not
             if s[field]:
                 raise ConfigError(f"--config.sample.{field} does not apply to text-to-image sampling: it makes "

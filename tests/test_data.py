@@ -55,7 +55,7 @@ def test_folder_with_awkward_images(awkward_folder):
     for images, labels in seen:
         assert images.shape == (4, R, R, 3) and images.dtype == np.uint8
         assert labels.dtype == np.int32 and set(labels) <= {0, 1}
-    assert 1 <= loader.skipped <= 36  # the truncated JPEG was met, skipped and counted each time
+    assert 1 <= loader.skipped.count <= 36  # the truncated JPEG was met, skipped and counted each time
 
 
 def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
@@ -630,3 +630,17 @@ def test_records_that_fail_for_their_captions_say_so():
 
     with pytest.raises(MemoryError):  # was "64 consecutive records ... are unusable; is the dataset corrupt?"
         loader_module.DecodedSource(TooLarge(100), R)[1]
+
+
+def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crops():
+    """Captions that say "on the left" need images that are never mirrored."""
+    from pixelflow_jax.data.loader import RandomCropFlip
+
+    image = np.zeros((12, 12, 3), np.uint8)
+    image[:, :6] = 255  # left half white
+    flipped = [RandomCropFlip(8)({"image": image}, np.random.default_rng(seed))["image"] for seed in range(20)]
+    kept = [RandomCropFlip(8, flip=False)({"image": image}, np.random.default_rng(seed))["image"] for seed in range(20)]
+    assert any(crop[0, -1, 0] == 255 and crop[0, 0, 0] == 0 for crop in flipped)  # some mirrored
+    assert all(not (crop[0, -1, 0] == 255 and crop[0, 0, 0] == 0) for crop in kept)
+    for a, b in zip(flipped, kept):  # the same crop, mirrored or not
+        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])

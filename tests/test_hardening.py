@@ -697,6 +697,15 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     with pytest.raises(ValueError, match="data.demo_num_classes: 10 -> 12"):  # every demo image drawn anew
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.demo_num_classes": 12}),
                      step=40, num_records=100)
+    with pytest.raises(ValueError, match="data.random_flip: True -> False"):  # other images every step
+        check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.random_flip": False}),
+                     step=40, num_records=100)
+    recorded = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "data.random_flip"}))
+    check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=40, num_records=100)
+    with pytest.raises(ValueError, match="data.random_flip: True -> False"):  # a run before the setting flipped
+        check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.random_flip": False}),
+                     step=40, num_records=100)
 
     # One image folder spelled three ways is one folder; an earlier version recorded it as typed.
     folder = c2i_config(**{"data.source": "folder", "data.root": "data/images"})

@@ -90,6 +90,37 @@ def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
     assert "3 caption files have no image beside them" in caplog.text and "lost_a.txt" in caplog.text
 
 
+def test_images_that_would_share_a_caption_file_are_refused_and_a_doubled_caption_file_named(tmp_path, caplog):
+    for name, colour in (("cat.jpg", "black"), ("cat.png", "white"), ("dog.png", "red")):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / name)
+    (tmp_path / "cat.txt").write_text("a black square")  # right for cat.jpg only
+    (tmp_path / "dog.txt").write_text("a red square")
+    (tmp_path / "dog.TXT").write_text("a pink square")
+    with pytest.raises(DataError, match=r"1 names under .* belong to more than one image, which would share one "
+                                        r"caption file, e\.g\. \[\['.*cat\.jpg', '.*cat\.png'\]\]; give each"):
+        CaptionedFolderSource(str(tmp_path))
+    (tmp_path / "cat.png").rename(tmp_path / "cat_2.png")
+    (tmp_path / "cat_2.txt").write_text("a white square")
+    source = CaptionedFolderSource(str(tmp_path))
+    assert {os.path.basename(source[i]["name"]): source[i]["caption"] for i in range(len(source))} == {
+        "cat.jpg": b"a black square", "cat_2.png": b"a white square", "dog.png": b"a red square"}
+    assert "1 images have two caption files differing only in the extension's case; the one ending in .txt" \
+        in caplog.text
+
+
+def test_the_loaders_counts_are_logged_when_they_start_and_each_time_they_double(caplog):
+    """A long caption is truncated in nearly every batch of a real run: one line per batch buried
+    the log."""
+    from pixelflow_jax.data.loader import RunningCount
+
+    count = RunningCount("captions drawn were truncated")
+    for n in (0, 1, 0, 1, 1, 1, 3, 1, 1):
+        count.add(n)
+    assert count.count == 9
+    assert [r.getMessage() for r in caplog.records] == [
+        f"so far, {n} captions drawn were truncated (logged again at {2 * n})" for n in (1, 2, 4, 8)]
+
+
 def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(captioned_folder, encoder_folder):
     root, captions = captioned_folder
     tokenizer = T5Tokenizer(encoder_folder, TOKENS)
@@ -99,10 +130,11 @@ def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(caption
     images, (tokens, mask) = next(loader)
     loader.close()
     assert images.shape == (11, R, R, 3) and tokens.shape == mask.shape == (11, TOKENS)
-    assert loader.skipped == 2 and loader.truncated == 1
+    assert loader.skipped.count == 2 and loader.truncated.count == 1
     usable = [c.decode() for c in captions.values() if c.strip() and not c.startswith(b"\xff")]
     expected = {tuple(row) for row in tokenizer(usable)[0]}
     assert {tuple(row) for row in tokens} == expected  # every usable caption, and only those
+    assert loader.unknown_text.count == int(tokenizer.has_unknown_text(tokenizer(usable)[0]).sum())
     assert (mask.sum(axis=1) == TOKENS).sum() >= 1  # the long caption fills every position
 
 
@@ -566,6 +598,19 @@ def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(
             fill_text_encoder(sample, source)
         assert ("it trained with" in caplog.text) == warned, caplog.text
     assert sample.text_encoder == str(run / "text_encoder") and sample.max_text_tokens == 16
+    assert sample.text_encoder_param_dtype == "float32"  # the run recorded no encoder dtype
+
+    # A run whose frozen encoder had bfloat16 weights trained on their embeddings: its sampling uses
+    # them too (it used float32 weights, and other embeddings), unless told otherwise.
+    (run / "train_settings.json").write_text(json.dumps({"train.text_encoder_dtype": "bfloat16"}))
+    for asked, used in (("", "bfloat16"), ("float32", "float32")):
+        sample = t2i.get_config("tiny").sample
+        sample.text_encoder_param_dtype = asked
+        fill_text_encoder(sample, source)
+        assert sample.text_encoder_param_dtype == used
+    sample = t2i.get_config("tiny").sample
+    fill_text_encoder(sample, CheckpointSource(str(tmp_path / "release"), "a release folder", None))
+    assert sample.text_encoder_param_dtype == "float32"
 
 
 def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_token_length(tmp_path, encoder_folder):

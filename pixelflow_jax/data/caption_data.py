@@ -18,6 +18,7 @@ counted like an unreadable image) and tokenizes the caption for the frozen text 
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from concurrent import futures
@@ -67,12 +68,26 @@ class CaptionedFolderSource:
         require_folder(root, f"captioned image folder {root} does not exist; set {root_flag} to a folder of images "
                              "with a caption file each (NAME.jpg + NAME.txt, as img2dataset writes)")
         files = walk_files(root)
-        captions = {}  # NAME -> its caption file; NAME.txt rather than NAME.TXT where both exist
+        captions, both_cases = {}, []  # NAME -> its caption file; NAME.txt rather than NAME.TXT where both exist
         for path in files:
             name, extension = os.path.splitext(path)
-            if extension.lower() == CAPTION_EXTENSION and (name not in captions or extension == CAPTION_EXTENSION):
-                captions[name] = path
+            if extension.lower() == CAPTION_EXTENSION:
+                if name in captions:
+                    both_cases.append(name)
+                if name not in captions or extension == CAPTION_EXTENSION:
+                    captions[name] = path
+        if both_cases:
+            logging.warning("%s: %d images have two caption files differing only in the extension's case; the one "
+                            "ending in %s is read, e.g. %s", root, len(both_cases), CAPTION_EXTENSION, both_cases[:3])
         images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
+        by_name = collections.defaultdict(list)
+        for path in images:
+            by_name[os.path.splitext(path)[0]].append(path)
+        if shared := [paths for paths in by_name.values() if len(paths) > 1]:
+            # One NAME.txt would caption both (cat.jpg and cat.png), which is right for at most one.
+            raise DataError(f"{len(shared)} names under {root} belong to more than one image, which would share one "
+                            f"caption file, e.g. {shared[:3]}; give each image its own name and caption file (or "
+                            "remove the copies)")
         self.records = [(path, captions[os.path.splitext(path)[0]]) for path in images
                         if os.path.splitext(path)[0] in captions]
         missing = [path for path in images if os.path.splitext(path)[0] not in captions]

@@ -352,7 +352,8 @@ class DecodedSource:
         from pixelflow_jax.data.caption_data import decode_caption
 
         tokens, mask, truncated = self.tokenizer.tokenize([decode_caption(record["caption"])])
-        return {"tokens": tokens[0], "token_mask": mask[0], "truncated": np.int32(truncated[0])}
+        return {"tokens": tokens[0], "token_mask": mask[0], "truncated": np.int32(truncated[0]),
+                "unknown_text": np.int32(self.tokenizer.has_unknown_text(tokens)[0])}
 
     def _name(self, index: int) -> str:
         records = getattr(self.source, "records", None)
@@ -361,9 +362,11 @@ class DecodedSource:
 
 @dataclasses.dataclass(frozen=True)
 class RandomCropFlip:
-    """Random R x R crop (after the resize; a no-op after the centre crop) and horizontal flip."""
+    """Random R x R crop (after the resize; a no-op after the centre crop) and horizontal flip
+    (unless flip=False; its draw is made either way, so the crops do not depend on it)."""
 
     resolution: int
+    flip: bool = True
 
     def __call__(self, element: dict, rng: np.random.Generator) -> dict:
         image = element["image"]
@@ -371,7 +374,7 @@ class RandomCropFlip:
         top = int(rng.integers(0, h - self.resolution + 1))
         left = int(rng.integers(0, w - self.resolution + 1))
         image = image[top:top + self.resolution, left:left + self.resolution]
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and self.flip:
             image = image[:, ::-1]
         return {**element, "image": np.ascontiguousarray(image)}
 
@@ -380,8 +383,9 @@ class RandomCropFlip:
 
 
 def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand_ratio: float = 1.125,
-                  center_crop: bool = False, process_index: int = 0, process_count: int = 1, start_batch: int = 0,
-                  num_workers: int = 0, prefetch_batches: int = 2, tokenizer=None):
+                  center_crop: bool = False, random_flip: bool = True, process_index: int = 0,
+                  process_count: int = 1, start_batch: int = 0, num_workers: int = 0, prefetch_batches: int = 2,
+                  tokenizer=None):
     """The grain IterDataset of this process's share of each global batch of `batch_size` images:
     {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)} with
     b = batch_size / process_count; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L) and
@@ -404,7 +408,7 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
                .seed(seed)
                .shuffle()
                .repeat()
-               .random_map(RandomCropFlip(resolution))
+               .random_map(RandomCropFlip(resolution, random_flip))
                .batch(per_process, drop_remainder=True)  # chunk k*count + i is process i's part of batch k
                [process_index::process_count]
                [start_batch:]
@@ -451,31 +455,43 @@ def init_worker(trainer_pid: int, *_) -> None:
             os._exit(1)
 
 
+class RunningCount:
+    """A count of something the loader met, logged when it first happens and again each time it
+    doubles: a few lines over a run, not one per batch."""
+
+    def __init__(self, what: str):
+        self.what, self.count, self.next_log = what, 0, 1
+
+    def add(self, n: int) -> None:
+        self.count += n
+        if n and self.count >= self.next_log:
+            logging.warning("so far, %d %s (logged again at %d)", self.count, self.what, 2 * self.count)
+            self.next_log = 2 * self.count
+
+
 class ImageLoader:
     """Iterates per-process numpy batches (images uint8 (B, R, R, 3), conditioning: labels int32
     (B,), or (tokens, mask) int32 (B, L) for captions) and logs the running counts of skipped
-    records and truncated captions."""
+    records, and of captions truncated or holding text the tokenizer does not know (counted each
+    time a batch holds one)."""
 
     def __init__(self, dataset):
         self.iterator = iter(dataset)
-        self.skipped = self.truncated = 0
+        self.skipped = RunningCount("unusable records skipped (replaced by the next usable ones)")
+        self.truncated = RunningCount("captions drawn were longer than train.max_text_tokens and were truncated")
+        self.unknown_text = RunningCount("captions drawn held text the tokenizer does not know (read as <unk>: "
+                                         "emoji, or a script outside its vocabulary)")
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
         return self
 
     def __next__(self) -> tuple[np.ndarray, Any]:
         batch = next(self.iterator)
-        skipped = int(batch["skipped"].sum())
-        if skipped:
-            self.skipped += skipped
-            logging.warning("%d unusable records skipped so far (replaced by the next usable ones)", self.skipped)
+        self.skipped.add(int(batch["skipped"].sum()))
         if "tokens" not in batch:
             return batch["image"], batch["label"].astype(np.int32)
-        truncated = int(batch["truncated"].sum())
-        if truncated:
-            self.truncated += truncated
-            logging.warning("%d captions so far were longer than train.max_text_tokens and were truncated",
-                            self.truncated)
+        self.truncated.add(int(batch["truncated"].sum()))
+        self.unknown_text.add(int(batch["unknown_text"].sum()))
         return batch["image"], (batch["tokens"], batch["token_mask"])
 
     def close(self) -> None:
@@ -507,6 +523,7 @@ def make_loader(config, batch_size: int, start_batch: int = 0, tokenizer=None, s
         source = open_source(config, captioned=tokenizer is not None)
     dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
+                            random_flip=data.random_flip,
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches,
                             tokenizer=tokenizer)

@@ -213,7 +213,7 @@ def prompt_encoder_for(sample_config, cross_attention_dim: int) -> PromptEncoder
         raise ValueError("a text-conditional checkpoint needs its text encoder: set --config.sample.text_encoder "
                          "to a Hugging Face T5 folder or hf://google/flan-t5-xl (the release's encoder)")
     encoder = PromptEncoder(s.text_encoder, max_length=int(s.max_text_tokens), dtype=JOB_ENCODER_DTYPE,
-                            param_dtype=s.text_encoder_param_dtype)
+                            param_dtype=s.text_encoder_param_dtype or "float32")  # '': no training run's
     width = encoder.encoder.config.d_model
     if width != cross_attention_dim:
         raise ValueError(f"the text encoder in {s.text_encoder} gives {width}-wide embeddings but the checkpoint's "

@@ -27,7 +27,8 @@ TRAIN_FIELDS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay
                 "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens", "text_encoder_dtype")
 MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 # What a run recorded before a setting existed meant: its default.
-DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0}
+DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0,
+            "data.random_flip": True}
 # Recorded by this version, not by runs before it: their absence is no change.
 ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes", "data.listing")
 # Recorded names that are not config fields, as a message names them.
@@ -35,8 +36,8 @@ LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate sche
           "data.listing": "data.listing (a hash of the data's file names and classes: files renamed, or moved to "
                           "another class)"}
 # demo_num_classes: the captioned demo's colour count, which redraws every caption and image.
-DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "expand_ratio", "demo_num_images", "demo_seed",
-               "demo_num_classes", "missing_captions")
+DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "random_flip", "expand_ratio", "demo_num_images",
+               "demo_seed", "demo_num_classes", "missing_captions")
 
 
 def resume_settings(config, num_records: int, listing: str | None = None) -> dict:
