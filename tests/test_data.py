@@ -644,3 +644,12 @@ def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crop
     assert all(not (crop[0, -1, 0] == 255 and crop[0, 0, 0] == 0) for crop in kept)
     for a, b in zip(flipped, kept):  # the same crop, mirrored or not
         assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+
+
+def test_a_record_that_is_no_image_is_named_so_not_by_a_memory_address():
+    from PIL import UnidentifiedImageError
+
+    from pixelflow_jax.data.loader import to_rgb
+
+    with pytest.raises(UnidentifiedImageError, match=r"^not an image \(its header is no format PIL reads\)$"):
+        to_rgb(b"<html>a saved error page</html>")

@@ -743,8 +743,9 @@ def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_no
     check_resume(workdir, config, step=40, num_records=3, listing=ImageFolderSource(str(root)).listing)
     for before, after in (("cat/a.png", "cat/z.png"), ("cat/z.png", "dog/z.png")):
         os.rename(root / before, root / after)
-        with pytest.raises(ValueError, match=r"data.listing \(a hash of the data's file names and classes: files "
-                                             r"renamed, or moved to another class\): '[0-9a-f]{16}' -> "):
+        with pytest.raises(ValueError, match=r"data.listing \(a hash of the data's file names, and classes where it "
+                                             r"has them: files added, removed or renamed, or moved to another "
+                                             r"class\): '[0-9a-f]{16}' -> "):
             check_resume(workdir, config, step=40, num_records=3, listing=ImageFolderSource(str(root)).listing)
     check_resume(workdir, config, step=40, num_records=3)  # a source without files (tfds, demo): nothing to compare
 

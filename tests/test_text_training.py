@@ -584,12 +584,18 @@ def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(
 
     from configs import t2i
     from pixelflow_jax.api import CheckpointSource, fill_text_encoder
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import RunStep
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": "text_encoder", "max_text_tokens": 8}}))
     source = CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4))
+    with pytest.raises(CheckpointError, match=r"run_config.json names the text encoder the run trained with, "
+                                              r".*text_encoder, which does not exist \(moved\?\): set "
+                                              r"--config.sample.text_encoder to where"):
+        fill_text_encoder(t2i.get_config("tiny").sample, source)
+    (run / "text_encoder").mkdir()
     for text_encoder, tokens, warned in (("", 0, False), (str(tmp_path / "other_t5"), 0, True), ("", 16, True)):
         sample = t2i.get_config("tiny").sample
         sample.text_encoder, sample.max_text_tokens = text_encoder, tokens

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pixelflow_jax import storage
 from pixelflow_jax.error_text import first_line
@@ -260,7 +260,10 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
 def to_rgb(image: Any) -> Image.Image:
     """Encoded bytes or a pixel array -> an RGB PIL image (grey, CMYK, palette, RGBA all converted)."""
     if isinstance(image, (bytes, bytearray)):
-        pil = Image.open(io.BytesIO(image))
+        try:
+            pil = Image.open(io.BytesIO(image))
+        except UnidentifiedImageError:  # its message names a BytesIO object's address: say what it means
+            raise UnidentifiedImageError("not an image (its header is no format PIL reads)") from None
         pil.load()  # decode now, so a truncated file fails here
     else:
         array = np.asarray(image)

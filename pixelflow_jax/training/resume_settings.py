@@ -33,8 +33,8 @@ DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_
 ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes", "data.listing")
 # Recorded names that are not config fields, as a message names them.
 LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)",
-          "data.listing": "data.listing (a hash of the data's file names and classes: files renamed, or moved to "
-                          "another class)"}
+          "data.listing": "data.listing (a hash of the data's file names, and classes where it has them: files "
+                          "added, removed or renamed, or moved to another class)"}
 # demo_num_classes: the captioned demo's colour count, which redraws every caption and image.
 DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "random_flip", "expand_ratio", "demo_num_images",
                "demo_seed", "demo_num_classes", "missing_captions")
