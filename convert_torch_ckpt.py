@@ -25,6 +25,10 @@ import sys
 
 from absl import app, flags, logging
 
+from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, exit_without_teardown,
+                                        handle_ctrl_c_from_the_start, raise_dropped_ctrl_c, stop_cause, stop_on_sigterm,
+                                        usage_error)
+
 flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt; also hf://OWNER/NAME"
                     "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
 flags.DEFINE_string("output", None, "Folder to create.")
@@ -118,6 +122,7 @@ def torch_to_jax() -> str:
                                                  weights=FLAGS.weights, attention_head_dim=FLAGS.attention_head_dim,
                                                  overrides=overrides)
     params = torch_to_params(state_dict, config.model, progress=tensor_progress("converting"))
+    raise_dropped_ctrl_c()  # a Ctrl-C Python dropped meanwhile stops the job before it writes
     save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite)
     count = sum(v.size for v in state_dict.values())
     return (f"wrote {FLAGS.output}: {len(state_dict)} tensors, {count / 1e6:.1f}M parameters, "
@@ -133,15 +138,10 @@ def jax_to_torch() -> str:
     check_exportable(checkpoint_config(source).model)  # refused before gigabytes of weights are read
     config, params = read_checkpoint(source, FLAGS.weights)
     state_dict = params_to_torch(params, config.model)
+    raise_dropped_ctrl_c()  # a Ctrl-C Python dropped meanwhile stops the job before it writes
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
     what = f"the {FLAGS.weights} weights of {source.label}" if source.run_step else source.label
     return f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from {what}"
-
-
-def usage_error(message: str):
-    """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
-    the whole help first, pages above the message)."""
-    sys.exit(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.")
 
 
 def main(argv):
@@ -163,12 +163,10 @@ def main(argv):
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.convert import ConversionError
-    from pixelflow_jax.command_line import (Terminated, exit_without_teardown, quiet_closed_loop_callbacks,
-                                            stop_cause, stop_on_sigterm)
 
-    sys.unraisablehook = quiet_closed_loop_callbacks
     stop_on_sigterm()  # the output's temporary folder is removed, as on Ctrl-C
     try:
+        raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
         for flag in ("output", "torch_checkpoint", "torch_config", "jax_checkpoint"):
             if FLAGS[flag].value:
                 FLAGS[flag].value = storage.user_path(FLAGS[flag].value)
@@ -188,4 +186,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    handle_ctrl_c_from_the_start()
+    try:
+        app.run(main)
+    except KeyboardInterrupt:  # before main's own handling: the imports take seconds
+        exit_without_teardown("stopped: interrupted (Ctrl-C); nothing was written", EXIT_INTERRUPTED)

@@ -24,13 +24,15 @@ Modes: train, sample, inspect, eval, demo.
 import logging as std_logging
 import os
 import re
-import signal
 import sys
 import time
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
+                                        raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, usage_error)
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
                                 lock_config=True)
@@ -219,12 +221,6 @@ def check_config_file(argv: list[str]) -> None:
             sys.exit(f"error: --config file {path} does not exist (this project's configs: {known})")
 
 
-def usage_error(message: str):
-    """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
-    the whole help first, pages above the message)."""
-    sys.exit(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.")
-
-
 def flag_error_message(error: Exception) -> str:
     """absl's message for a bad flag value, without the traceback of a config file's get_config
     that ml_collections puts inside it: the flag and the exception's last line."""
@@ -288,11 +284,8 @@ def run_mode(argv):
     from pixelflow_jax import storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
-    from pixelflow_jax.command_line import Terminated, quiet_closed_loop_callbacks, stop_cause, stop_on_sigterm
 
-    sys.unraisablehook = quiet_closed_loop_callbacks
-    if ctrl_c_received[0]:  # while importing, inside jax's gc callback, which drops the KeyboardInterrupt
-        raise KeyboardInterrupt
+    raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
 
     try:
         FLAGS.workdir = storage.user_path(FLAGS.workdir)
@@ -436,35 +429,15 @@ def exit_now_after_an_error(stop: SystemExit):
     os._exit(stop.code if isinstance(stop.code, int) else 1)
 
 
-ctrl_c_received = [False]
-
-
-def on_ctrl_c(*_):
-    """Python's own SIGINT handling, and a record of it: the KeyboardInterrupt is raised wherever the
-    interpreter is, and where that is a gc callback (jax's, often run while jax imports) Python prints
-    it and drops it, and the job ran on; run_mode raises it again once the imports are done."""
-    ctrl_c_received[0] = True
-    raise KeyboardInterrupt
-
-
-def quiet_dropped_ctrl_c(unraisable, previous=sys.unraisablehook) -> None:
-    """An unraisablehook: a KeyboardInterrupt dropped where Python ignores exceptions is raised
-    again (on_ctrl_c), so its traceback is not printed; anything else is."""
-    if not (unraisable.exc_type is KeyboardInterrupt and ctrl_c_received[0]):
-        previous(unraisable)
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, on_ctrl_c)
-    sys.unraisablehook = quiet_dropped_ctrl_c
+    handle_ctrl_c_from_the_start()
     try:
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:
         exit_now_after_an_error(stop)
     except KeyboardInterrupt:  # where no mode handles it: while starting, the imports take seconds
         print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
-        # 130, command_line.EXIT_INTERRUPTED: not imported here, since importing the package may be what stopped
-        exit_now_after_an_error(SystemExit(128 + signal.SIGINT))
+        exit_now_after_an_error(SystemExit(EXIT_INTERRUPTED))
     except Exception:  # a bug: its traceback, then the same exit (in a job of several processes, not a hang)
         traceback.print_exc()
         exit_now_after_an_error(SystemExit(1))

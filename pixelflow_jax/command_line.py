@@ -1,5 +1,6 @@
-"""What the two command-line tools (main.py, convert_torch_ckpt.py) share: stopping on SIGTERM as
-on Ctrl-C, and keeping library noise that follows an error out of the terminal."""
+"""What the two command-line tools (main.py, convert_torch_ckpt.py) share: usage errors in one
+line, stopping on SIGTERM as on Ctrl-C (from their first instruction on), and keeping library noise
+that follows an error out of the terminal. Light to import: the tools import it before jax."""
 
 from __future__ import annotations
 
@@ -48,15 +49,49 @@ def stop_cause(stop: BaseException) -> tuple[str, int]:
     return "terminated (SIGTERM)", EXIT_TERMINATED
 
 
-def quiet_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None:
-    """An unraisablehook. When a restore fails (a damaged checkpoint, a full disk), the tensorstore
-    reads still in flight finish after orbax's event loop has closed, and each one's callback error
-    was printed: dozens of identical tracebacks above the one-line error. Only those are dropped."""
+def usage_error(message: str):
+    """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
+    the whole help first, pages above the message)."""
+    sys.exit(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.")
+
+
+_ctrl_c_received = [False]
+
+
+def on_ctrl_c(*_):
+    """Python's own SIGINT handling, and a record of it: the KeyboardInterrupt is raised wherever the
+    interpreter is, and where that is a gc callback (jax's, often run while jax imports) Python prints
+    it and drops it, and the job ran on; raise_dropped_ctrl_c raises it again."""
+    _ctrl_c_received[0] = True
+    raise KeyboardInterrupt
+
+
+def raise_dropped_ctrl_c() -> None:
+    """Raises KeyboardInterrupt for a Ctrl-C already received (a tool calls it once its imports are done)."""
+    if _ctrl_c_received[0]:
+        raise KeyboardInterrupt
+
+
+def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
+    """An unraisablehook that drops two kinds of noise and prints the rest:
+    - a KeyboardInterrupt dropped where Python ignores exceptions (on_ctrl_c records it, and the
+      tool raises it again: its traceback says nothing);
+    - when a restore fails (a damaged checkpoint, a full disk), the tensorstore reads still in
+      flight finish after orbax's event loop has closed, and each one's callback error was printed:
+      dozens of identical tracebacks above the one-line error."""
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]:
+        return
     if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
             and frames and frames[-1].name == "_check_closed"):
         return
     previous(unraisable)
+
+
+def handle_ctrl_c_from_the_start() -> None:
+    """For a tool's first lines: Ctrl-C recorded (on_ctrl_c) and library noise kept quiet."""
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    sys.unraisablehook = quiet_library_noise
 
 
 def exit_without_teardown(message: str, status: int) -> None:

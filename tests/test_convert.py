@@ -347,3 +347,22 @@ runpy.run_path("convert_torch_ckpt.py", run_name="__main__")
     assert result.returncode == status, result.stderr
     assert f"stopped: {cause}; nothing was written to {output} (its partial copy is removed)" in result.stderr
     assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("delay_s", [0.7, 1.5])
+def test_ctrl_c_while_the_converter_starts_stops_it_in_one_line_and_writes_nothing(tmp_path, delay_s):
+    """While jax imports, Python dropped the KeyboardInterrupt inside jax's gc callback: the
+    conversion ran to the end with exit status 0, or a 50-line import traceback was printed."""
+    import signal
+    import time
+
+    output = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "convert_torch_ckpt.py", f"--torch_checkpoint={fixture_dir('c2i_tiny')}",
+                                f"--output={output}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(delay_s)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("stopped: interrupted (Ctrl-C); nothing was written")
+    assert not output.exists() and os.listdir(tmp_path) == []

@@ -161,7 +161,7 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
     import asyncio
     from types import SimpleNamespace
 
-    from pixelflow_jax.command_line import quiet_closed_loop_callbacks
+    from pixelflow_jax.command_line import quiet_library_noise
 
     loop = asyncio.new_event_loop()
     loop.close()
@@ -170,9 +170,9 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
         try:
             late_callback()
         except Exception as error:
-            quiet_closed_loop_callbacks(SimpleNamespace(exc_type=type(error), exc_value=error,
-                                                        exc_traceback=error.__traceback__),
-                                        previous=lambda unraisable: shown.append(unraisable.exc_type))
+            quiet_library_noise(SimpleNamespace(exc_type=type(error), exc_value=error,
+                                                exc_traceback=error.__traceback__),
+                                previous=lambda unraisable: shown.append(unraisable.exc_type))
     assert shown == [ZeroDivisionError]
 
 
