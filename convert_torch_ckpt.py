@@ -85,8 +85,10 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
 
     out, src = storage.resolved(output), storage.resolved(source)
     if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
-        raise CheckpointError(f"--output {output} overlaps the input {source}: writing there would replace what "
-                              "is being converted; choose another folder")
+        where = ("is the input" if out == src else "holds the input" if src.startswith(out + "/") else
+                 "is inside the input")  # a folder added to a release folder or a run changes what it holds
+        raise CheckpointError(f"--output {output} overlaps the input {source} (it {where}): the input is left as it "
+                              "is; choose a folder outside it")
     check_outside_checkpoints(out, "--output")
     if not storage.exists(output):
         storage.check_writable(storage.dirname(out))  # before the conversion, not after it

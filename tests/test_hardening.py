@@ -1053,8 +1053,9 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     save_checkpoint(copy, jax.tree.map(lambda p: p + 1e-3, params), config, overwrite=True)
     after = resolve_checkpoint(copy).fingerprint()
     assert after != before
-    with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\); they are of "
-                                         rf"other weights .* new --workdir with --config.sample.checkpoint={copy}; "):
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\): they are of "
+                                         r"other weights \(a run that trained on since, or a folder converted again\); "
+                                         rf"sample these into a new --workdir with --config.sample.checkpoint={copy}$"):
         check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
     # The same weights at another path (moved, copied, linked) are the same checkpoint.
@@ -1071,7 +1072,7 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
         check_settings(orphans, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     assert not os.path.exists(os.path.join(orphans, "settings.json"))
 
-    # The PNGs and settings.json deleted to save space, samples.npz and eval.json kept: not overwritten.
+    # The PNGs and settings.json deleted to save space, samples.npz, grid.png and eval.json kept: not overwritten.
     kept = tmp_path / "kept"
     (kept / "samples").mkdir(parents=True)
     (kept / "samples.npz").write_bytes(b"50k images")
@@ -1080,6 +1081,11 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
                                          ".*settings.json is gone"):
         check_settings(str(kept / "samples"), str(kept), {"checkpoint": copy, "checkpoint_fingerprint": after})
     assert not (kept / "samples" / "settings.json").exists()
+    for name in ("samples.npz", "eval.json"):
+        (kept / name).unlink()
+    (kept / "grid.png").write_bytes(b"a grid")
+    with pytest.raises(ValueError, match="holds grid.png of an earlier sampling job"):
+        check_settings(str(kept / "samples"), str(kept), {"checkpoint": copy, "checkpoint_fingerprint": after})
 
 
 def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, converted):

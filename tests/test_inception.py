@@ -232,6 +232,22 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
     assert abs(stored["fid"]) < 1e-4 and abs(stored["sfid"]) < 1e-4  # darker vs its own statistics
 
 
+def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights_file, tmp_path):
+    from configs import c2i
+    from pixelflow_jax.evaluation import evaluate
+
+    config = c2i.get_config("tiny")
+    config.eval.reference, config.eval.inception_weights, config.eval.batch_size = "", weights_file, 8
+    with pytest.raises(ValueError, match="set --config.eval.reference, --config.eval.samples"):
+        evaluate.run(config, str(tmp_path))  # no samples.npz here
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    np.savez(tmp_path / "reference.npz", arr_0=images)
+    config.eval.reference = str(tmp_path / "reference.npz")
+    results = evaluate.run(config, str(tmp_path))
+    assert results["num_samples"] == 4 and abs(results["fid"]) < 1e-3  # identical sets (rank-3 covariances)
+
+
 def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
     from pixelflow_jax.evaluation import evaluate
 

@@ -125,7 +125,7 @@ def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted)
     prompts_file.write_text("a red cat\nthe moon\n")
     result = run_sample(workdir, converted["t2i_tiny"], *args, f"--config.sample.prompts_file={prompts_file}",
                         config="configs/t2i.py:tiny")
-    assert result.returncode == 0 and "0 of 4 images to sample" in result.stderr, result.stderr
+    assert result.returncode == 0 and "all 4 images of this job are on disk" in result.stderr, result.stderr
 
     for overrides, message in [((), "set exactly one of --config.sample.prompts"),
                                (("--config.sample.prompts=('a cat',)", "--config.sample.text_encoder="),

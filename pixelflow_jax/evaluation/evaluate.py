@@ -318,9 +318,15 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
 
 
 def run(config, workdir: str, samples: str | None = None) -> dict:
-    """Evaluates config.eval.samples (or `samples`) and writes WORKDIR/eval.json (process 0)."""
+    """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
+    a sampling job there) and writes WORKDIR/eval.json (process 0)."""
     e = config.eval
-    results = evaluate(samples or e.samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
+    samples = samples or e.samples
+    own = storage.join(workdir, "samples.npz")
+    if not samples and storage.isfile(own):
+        logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
+        samples = own
+    results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         print(f"{name}: {results[name]:.4f}", flush=True)
     if jax.process_index() == 0:  # the history first: an evaluation replaced in eval.json stays there

@@ -37,7 +37,7 @@ from pixelflow_jax.sampling import demo_check
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
 
-GRID_IMAGES = 64
+GRID_IMAGES, GRID_PNG = 64, "grid.png"
 SAMPLES_NPZ = "samples.npz"  # in the workdir: every image of the job, for evaluation
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
 
@@ -110,10 +110,11 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
             raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
                              "image yet (it stopped before its first, or is still starting): if no job samples "
                              f"into {folder}, delete {path} and rerun; or use a new --workdir")
-        weights = "; they are of other weights (a run that trained on since?): sample those into a new " \
-                  f"--workdir with --config.sample.checkpoint={settings['checkpoint']}" if (
-                      "checkpoint_fingerprint" in changed) else ""
-        raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}){weights}; "
+        if "checkpoint_fingerprint" in changed:  # the images' weights are gone: no rerun can add to them
+            raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
+                             "other weights (a run that trained on since, or a folder converted again); sample these "
+                             f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
+        raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
                          "use a new --workdir, or rerun with the settings in settings.json")
     if images := sampled_images(folder):
         count = f"{len(images)} images (e.g. {images[0]})" if len(images) > 1 else f"the image {images[0]}"
@@ -155,7 +156,7 @@ def sampled_images(folder: str) -> list[str]:
 
 def earlier_outputs(workdir: str) -> list[str]:
     """What a sampling job leaves in its workdir besides samples/: what the next job would overwrite."""
-    return [name for name in (SAMPLES_NPZ, "eval.json") if storage.exists(storage.join(workdir, name))]
+    return [name for name in (SAMPLES_NPZ, GRID_PNG, "eval.json") if storage.exists(storage.join(workdir, name))]
 
 
 def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:
@@ -205,9 +206,13 @@ def run(config, workdir: str) -> None:
         done = images_on_disk(folder)
         missing = np.array([i for i in range(num_images) if image_name(i) not in done], np.int64)
         batch_size = batch_for(len(missing), int(s.batch_size), num_devices)
-        logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d over "
-                     "%d devices", s.weights, source.label, len(missing), num_images, num_images - len(missing),
-                     batch_size, num_devices)
+        if len(missing):
+            logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d "
+                         "over %d devices", s.weights, source.label, len(missing), num_images,
+                         num_images - len(missing), batch_size, num_devices)
+        else:
+            logging.info("all %d images of this job are on disk (%s weights of %s)", num_images, s.weights,
+                         source.label)
         if len(missing):
             sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, int(s.seed))
         multihost_utils.sync_global_devices("all images written")
@@ -303,7 +308,7 @@ def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
         return unreadable
     npz_path = storage.join(workdir, SAMPLES_NPZ)
     storage.write_streamed_atomically(npz_path, lambda f: np.savez(f, arr_0=images))
-    save_png_atomically(storage.join(workdir, "grid.png"), image_grid(images[:GRID_IMAGES]))
+    save_png_atomically(storage.join(workdir, GRID_PNG), image_grid(images[:GRID_IMAGES]))
     logging.info("wrote %s (arr_0: %s %s) and %s", npz_path, images.shape, images.dtype,
-                 storage.join(workdir, "grid.png"))
+                 storage.join(workdir, GRID_PNG))
     return 0
