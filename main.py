@@ -331,7 +331,8 @@ def run_mode(argv):
         from pixelflow_jax.training.workdir_lock import WorkdirBusy
 
         if not FLAGS.distributed:  # until the training loop takes SIGTERM over (PreemptionWatch): while the
-            stop_on_sigterm()      # run restores and compiles, a SIGTERM stops it cleanly, its lock released
+            stop_on_sigterm()      # run restores its checkpoint and builds its data, a SIGTERM stops it
+                                   # cleanly, its lock released
         try:
             train.train(FLAGS.config, FLAGS.workdir)
         except train.TrainingPreempted as e:

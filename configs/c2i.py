@@ -101,7 +101,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     # --mode=eval (and the end of --mode=sample when eval.reference is set): ADM's metrics.
     config.eval = ml_collections.ConfigDict(dict(
-        samples="",  # .npz with arr_0 uint8 (N, H, W, 3); --mode=sample uses its own samples.npz
+        samples="",  # .npz with arr_0 uint8 (N, H, W, 3); '': the workdir's samples.npz (a sampling job's)
         reference="",  # e.g. ADM's VIRTUAL_imagenet256_labeled.npz
         inception_weights="",  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
         batch_size=100,  # images per Inception batch (rounded up to a multiple of the device count)

@@ -74,13 +74,14 @@ def raise_dropped_ctrl_c() -> None:
 
 def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     """An unraisablehook that drops two kinds of noise and prints the rest:
-    - a KeyboardInterrupt dropped where Python ignores exceptions (on_ctrl_c records it, and the
-      tool raises it again: its traceback says nothing);
+    - a KeyboardInterrupt or Terminated dropped where Python ignores exceptions (on_ctrl_c and
+      stop_on_sigterm record them, and the tool raises them again: their tracebacks say nothing);
     - when a restore fails (a damaged checkpoint, a full disk), the tensorstore reads still in
       flight finish after orbax's event loop has closed, and each one's callback error was printed:
       dozens of identical tracebacks above the one-line error."""
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    if unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]:
+    if (unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]) or (
+            unraisable.exc_type is Terminated and _sigterm_received[0]):  # raised again later (stop_if_terminated)
         return
     if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
             and frames and frames[-1].name == "_check_closed"):

@@ -1087,6 +1087,16 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     with pytest.raises(ValueError, match="holds grid.png of an earlier sampling job"):
         check_settings(str(kept / "samples"), str(kept), {"checkpoint": copy, "checkpoint_fingerprint": after})
 
+    # A job of a text run recorded float32 encoder weights; the same command now takes the run's bfloat16.
+    text = tmp_path / "text"
+    (text / "samples").mkdir(parents=True)
+    recorded = {"checkpoint": copy, "checkpoint_fingerprint": after, "text_encoder_param_dtype": "float32"}
+    check_settings(str(text / "samples"), str(text), recorded)
+    (text / "samples" / "000000.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"rerun with the settings in settings.json \(its text_encoder_param_dtype: "
+                                         r"--config.sample.text_encoder_param_dtype=float32\)$"):
+        check_settings(str(text / "samples"), str(text), {**recorded, "text_encoder_param_dtype": "bfloat16"})
+
 
 def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, converted):
     (tmp_path / "samples").write_text("my notes")

@@ -166,13 +166,21 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
     loop = asyncio.new_event_loop()
     loop.close()
     shown = []
-    for late_callback in (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0):
+    from pixelflow_jax import command_line
+
+    def dropped_sigterm():
+        command_line._sigterm_received[0] = True  # raised again by stop_if_terminated: no traceback
+        raise command_line.Terminated
+
+    late_callbacks = (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0, dropped_sigterm)
+    for late_callback in late_callbacks:
         try:
             late_callback()
-        except Exception as error:
+        except BaseException as error:
             quiet_library_noise(SimpleNamespace(exc_type=type(error), exc_value=error,
                                                 exc_traceback=error.__traceback__),
                                 previous=lambda unraisable: shown.append(unraisable.exc_type))
+    command_line._sigterm_received[0] = False
     assert shown == [ZeroDivisionError]
 
 
@@ -243,7 +251,7 @@ def test_a_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_job()
 
 
 def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases_its_lock(tmp_path):
-    """Until the training loop takes SIGTERM over (restoring and compiling take minutes at XL), a
+    """Until the training loop takes SIGTERM over (restoring a checkpoint takes minutes at XL), a
     SIGTERM ended the process silently and left train.lock, which refuses a restart on another host
     for train.lock_stale_after_s."""
     import signal

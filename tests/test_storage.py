@@ -194,6 +194,12 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     assert ("loss", 4, "simple_value") in scalars
     assert [r["step"] for r in map(json.loads, storage.read_text(metrics).splitlines())] == [1, 2, 3, 4]
     assert uploads.count(metrics) == (3 if where == "bucket" else 0)
+    if where == "bucket":  # a run whose workdir another run took over leaves that run's metrics.jsonl alone
+        log = MetricsLog(workdir, resumed_step=4)
+        log.write({"step": 5, **record})
+        log.write({"step": 6, **record})
+        log.close(upload_metrics=False)
+        assert [r["step"] for r in map(json.loads, storage.read_text(metrics).splitlines())] == [1, 2, 3, 4, 5]
     # A killed bucket run's copies (an hour old) and this run's own are gone; a recent one may be a
     # live run's in a container that shares /tmp.
     assert os.listdir(tmp_path / "tmp") == ([recent.name] if where == "bucket" else [])

@@ -99,6 +99,9 @@ def test_images_that_would_share_a_caption_file_are_refused_and_a_doubled_captio
     with pytest.raises(DataError, match=r"1 names under .* belong to more than one image, which would share one "
                                         r"caption file, e\.g\. \[\['.*cat\.jpg', '.*cat\.png'\]\]; give each"):
         CaptionedFolderSource(str(tmp_path))
+    (tmp_path / "cat.txt").rename(tmp_path / "cat.caption")  # no caption: both left out, none mismatched
+    assert len(CaptionedFolderSource(str(tmp_path), missing_captions="skip")) == 1
+    (tmp_path / "cat.caption").rename(tmp_path / "cat.txt")
     (tmp_path / "cat.png").rename(tmp_path / "cat_2.png")
     (tmp_path / "cat_2.txt").write_text("a white square")
     source = CaptionedFolderSource(str(tmp_path))

@@ -83,7 +83,7 @@ class CaptionedFolderSource:
         by_name = collections.defaultdict(list)
         for path in images:
             by_name[os.path.splitext(path)[0]].append(path)
-        if shared := [paths for paths in by_name.values() if len(paths) > 1]:
+        if shared := [paths for name, paths in by_name.items() if len(paths) > 1 and name in captions]:
             # One NAME.txt would caption both (cat.jpg and cat.png), which is right for at most one.
             raise DataError(f"{len(shared)} names under {root} belong to more than one image, which would share one "
                             f"caption file, e.g. {shared[:3]}; give each image its own name and caption file (or "

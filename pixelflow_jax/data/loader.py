@@ -526,7 +526,7 @@ def make_loader(config, batch_size: int, start_batch: int = 0, tokenizer=None, s
         source = open_source(config, captioned=tokenizer is not None)
     dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
-                            random_flip=data.random_flip,
+                            random_flip=data.get("random_flip", True),  # a config file of an earlier version
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches,
                             tokenizer=tokenizer)

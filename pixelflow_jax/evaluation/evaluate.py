@@ -247,8 +247,9 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
              if not path]
     if unset:
         raise ValueError(f"set {', '.join(unset)}: the samples and the reference are .npz files of images (arr_0: "
-                         "uint8 N x H x W x 3), the weights pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                         "(see the README)")
+                         "uint8 N x H x W x 3; the samples default to the workdir's samples.npz, where a sampling "
+                         "job wrote one), the weights pytorch-fid's pt_inception-2015-12-05-6726825d.pth (see the "
+                         "README)")
     for name, path in files.items():
         if not storage.isfile(path):
             kind = "a folder, not an .npz file" if storage.isdir(path) else "not found"

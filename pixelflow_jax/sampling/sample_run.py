@@ -114,8 +114,12 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
             raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
                              "other weights (a run that trained on since, or a folder converted again); sample these "
                              f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
+        # Until 2026-11-29 a text run's sampling took float32 encoder weights whatever the run trained with.
+        dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
+                 f"{storage.read_json(path).get('text_encoder_param_dtype')})"
+                 if "text_encoder_param_dtype" in changed else "")
         raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
-                         "use a new --workdir, or rerun with the settings in settings.json")
+                         f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
     if images := sampled_images(folder):
         count = f"{len(images)} images (e.g. {images[0]})" if len(images) > 1 else f"the image {images[0]}"
         raise ValueError(f"{folder} holds {count} but no settings.json saying what "

@@ -89,8 +89,9 @@ class MetricsLog:
         self.resumed_step = resumed_step
         self.uploaded_at = -math.inf  # when the scalars last went to the bucket; the first goes at once
         # Scalars in tensorboard/, preview images in tensorboard/previews/ (a run of its own in
-        # TensorBoard): in a bucket each file is uploaded whole after each write, and the scalars'
-        # file stays small while the images' grows by a grid per preview.
+        # TensorBoard): in a bucket each file is uploaded whole (the scalars' with metrics.jsonl,
+        # the images' at each preview), and the scalars' file stays small while the images' grows
+        # by a grid per preview.
         self.writers = {}
         self.writer(SCALARS)
 
@@ -118,13 +119,20 @@ class MetricsLog:
                 self.writer(IMAGES).flush()
                 self._publish_events(IMAGES)
 
-    def close(self) -> None:
+    def close(self, upload_metrics: bool = True) -> None:
+        """Closes the event files and, in a bucket, uploads them and metrics.jsonl once more;
+        upload_metrics=False for a run that lost its workdir to another run, whose metrics.jsonl it
+        would replace (the event files have names of their own)."""
         if self.enabled:
-            self.upload()
-            for folder, writer in self.writers.items():
+            for writer in self.writers.values():
                 writer.close()
-                self._publish_events(folder)
             if self.remote_events:
+                if upload_metrics:
+                    with storage.writing(self.path, WRITE_FIX):
+                        storage.write_atomically(self.path, "".join(self.lines))
+                with storage.writing(self.events, WRITE_FIX):
+                    for folder in self.writers:
+                        self._publish_events(folder)
                 shutil.rmtree(self.local_events, ignore_errors=True)
 
     def upload(self) -> None:

@@ -35,7 +35,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
-from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, stop_if_terminated
+from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_ctrl_c, stop_if_terminated
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -273,11 +273,11 @@ def train(config, workdir: str) -> dict:
     made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
     storage.check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
     lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
-    lock.acquire()  # a second run on this workdir stops here, naming the first
-    try:
+    try:  # acquired inside: a SIGTERM the moment after the lock is written still releases it
+        lock.acquire()  # a second run on this workdir stops here, naming the first
         return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock)
     finally:
-        lock.release()
+        lock.release()  # only a lock of its own
         if made_here and jax.process_index() == 0:  # a start that failed before writing anything leaves no folder
             with contextlib.suppress(OSError):  # (rmdir removes only an empty one)
                 os.rmdir(workdir)
@@ -334,12 +334,13 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
     start, state = resume_point(manager, state, shardings)
     check_resume(workdir, config, start, len(source), listing=listing)  # compared above: records a new run or a change
+    stop_if_terminated()  # a SIGTERM while starting that Python dropped (raised inside a gc callback)
+    raise_dropped_ctrl_c()  # likewise a Ctrl-C
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, start_batch=start, tokenizer=text_encoder and text_encoder.tokenizer,
                          source=source)
     log = MetricsLog(workdir, start)
 
-    stop_if_terminated()  # a SIGTERM while starting that Python dropped (raised inside a gc callback)
     preemption = PreemptionWatch()
     flops = train_flops_per_image(model_cfg, config.data.resolution, config.scheduler.num_stages)
     peak = peak_flops(jax.devices()[0])
@@ -414,7 +415,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         progress.close()
         wait_for_saves(manager)
         loader.close()
-        log.close()
+        log.close(upload_metrics=lock.lost_to is None)
         preemption.close()
     if preempted:
         raise TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; rerun the same command "
