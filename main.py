@@ -291,7 +291,10 @@ def run_mode(argv):
         FLAGS.workdir = storage.user_path(FLAGS.workdir)
         if not FLAGS.workdir.strip():
             raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
-        storage.check_supported(FLAGS.workdir)
+        try:
+            storage.check_supported(FLAGS.workdir)
+        except storage.StorageError as e:
+            raise storage.StorageError(f"--workdir: {e}") from None
         check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
         checkpoint_inspected = False

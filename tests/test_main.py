@@ -271,3 +271,10 @@ def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases
     assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM) without saving; the checkpoints saved "
                                              "before are kept: rerun the same command to resume from the latest")
     assert not (workdir / "train.lock").exists()
+
+
+def test_a_workdir_of_a_scheme_this_project_cannot_write_names_the_flag(tmp_path):
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--workdir=s3://b/w",
+                             "--mode=sample"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --workdir: s3://b/w: unsupported URL scheme s3://")
