@@ -133,6 +133,24 @@ def single_device(converted):
     return build(converted, mesh_of(jax.devices()[:1], 1), lr=1e-3)
 
 
+@pytest.mark.slow  # ~45 s: the step compiled for 8 devices
+def test_on_several_devices_each_runs_the_model_on_its_own_share_of_the_batch(converted):
+    """Grouping the images by stage (a gather by random indices) made XLA copy every stage batch
+    to every device, and each of the 8 ran the model on all 32 images: the same numbers as one
+    device, which the loss tests cannot tell, and no faster. Read from the compiled program: the
+    model's matmuls hold the tokens of 1 image per device and stage (256 at stage 3), not of 8."""
+    mesh = mesh_of(jax.devices(), 1)
+    state, step = build(converted, mesh)
+    assert jax.device_count() == 8
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    images = jax.ShapeDtypeStruct((32, 64, 64, 3), np.uint8, sharding=batch)
+    labels = jax.ShapeDtypeStruct((32,), np.int32, sharding=batch)
+    program = step.lower(state, images, labels).compile().as_text()
+    dot_shapes = re.findall(r"= f32\[([\d,]+)\][^=]*? dot\(", program)
+    rows = {int(shape.split(",")[0]) for shape in dot_shapes}
+    assert 256 in rows and max(rows) < 2048, sorted(rows)  # 2048 = 8 images x 256 tokens: the whole stage 3
+
+
 def test_no_training_step_reuses_a_key_that_initialised_the_parameters():
     seed, draws = 3, 200  # an XL model draws a few hundred initialiser keys
     init_keys = nnx.Rngs(seed)

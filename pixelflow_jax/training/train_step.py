@@ -180,13 +180,19 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
     take (state, images, (tokens, mask) int32 (B, L), encoder_params) and need encoder_sharding."""
     num_stages = tables.num_stages
     accum = step_cfg.grad_accum_steps
+    data = batch_sharding(mesh)
+    # Grouping the images by stage is a gather by random indices, which XLA's partitioner serves by
+    # copying each whole stage batch to every device; without this constraint every device then
+    # ran the model on the whole batch (the same numbers as one device, no faster).
+    split_over_devices = lambda stage: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, data), stage)
 
     def micro_batch_grads(params, images, conditioning, key, encoder_params):
         draws_key, drop_key = jax.random.split(key)
         batch = images.shape[0]
         draws = flow.draw(draws_key, batch, resolution, model_cfg.in_channels, num_stages, num_train_timesteps)
         model_inputs = dropped_conditioning(drop_key, conditioning, model_cfg, step_cfg, text, encoder_params)
-        stages = flow.stage_batches(flow.images_to_unit_range(images), model_inputs, draws, tables)
+        stages = [split_over_devices(stage) for stage in
+                  flow.stage_batches(flow.images_to_unit_range(images), model_inputs, draws, tables)]
         grad_fn = jax.value_and_grad(lambda p: _loss_and_stage_losses(graphdef, p, stages), has_aux=True)
         return grad_fn(params)
 
@@ -236,7 +242,6 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return step(state, images, conditioning, *encoder_params)
 
-    data = batch_sharding(mesh)
     in_shardings = (state_sharding, data, data) + ((encoder_sharding,) if text else ())
     return jax.jit(step_on_mesh, in_shardings=in_shardings, out_shardings=(state_sharding, replicated(mesh)),
                    donate_argnums=(0,))
