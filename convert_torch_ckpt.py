@@ -84,6 +84,10 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     from pixelflow_jax.checkpoints.torch_io import is_export
 
     out, src = storage.resolved(output), storage.resolved(source)
+    folder_of_model_pt = storage.dirname(src)
+    if not source.startswith("hf://") and storage.basename(src) == "model.pt" and storage.isfile(
+            storage.join(folder_of_model_pt, "config.yaml")):
+        src = folder_of_model_pt  # a release folder's model.pt named alone: the folder is the input
     if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
         where = ("is the input" if out == src else "holds the input" if src.startswith(out + "/") else
                  "is inside the input")  # a folder added to a release folder or a run changes what it holds

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -366,3 +368,58 @@ def test_ctrl_c_while_the_converter_starts_stops_it_in_one_line_and_writes_nothi
     assert process.returncode == 130 and "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
     assert err.rstrip().splitlines()[-1].startswith("stopped: interrupted (Ctrl-C); nothing was written")
     assert not output.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_release_config_yaml_that_is_cut_short_or_holds_other_values_is_named(tmp_path, caplog):
+    """A config.yaml without data: silently 256 px; runtime keys (param_dtype, attention) were baked
+    into the converted folder; 2.0 heads a traceback, 64.9 px silently 64."""
+    import logging
+
+    import torch
+
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.convert import params_to_torch, torch_to_params
+    from pixelflow_jax.checkpoints.torch_io import float32_numpy, read_release_checkpoint
+
+    release = yaml.safe_load(open(os.path.join(fixture_dir("c2i_tiny"), "config.yaml")))
+
+    def folder_with(name, edit):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), folder / "model.pt")
+        values = yaml.safe_load(yaml.safe_dump(release))
+        edit(values)
+        (folder / "config.yaml").write_text(yaml.safe_dump(values))
+        return str(folder)
+
+    cut_short = folder_with("cut_short", lambda v: (v.pop("data"), v.pop("scheduler")))
+    with caplog.at_level(logging.WARNING):
+        config, _ = read_release_checkpoint(cut_short)
+    assert config.resolution == 256 and config.num_stages == 4
+    assert "config.yaml gives no data.resolution, so 256 px is assumed (the release's); pass --resolution" in caplog.text
+    assert ("config.yaml gives no scheduler.num_stages / num_train_timesteps: num_stages 4, num_train_timesteps "
+            "1000 assumed (the release's); pass --num_stages / --num_train_timesteps to set them") in caplog.text
+    for name, edit, message in (
+            ("runtime", lambda v: v["model"]["params"].update(param_dtype="float16", attention="splash"),
+             "model.params attention, param_dtype are not an argument of the release's PixelFlowModel"),
+            ("float_heads", lambda v: v["model"]["params"].update(num_attention_heads=2.0),
+             "model.params.num_attention_heads must be a whole number, got 2.0"),
+            ("quoted_bias", lambda v: v["model"]["params"].update(attention_bias="false"),
+             "model.params.attention_bias must be true or false, got 'false'"),
+            ("fraction", lambda v: v["data"].update(resolution=64.9), "data.resolution must be a whole number, got 64.9")):
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            read_release_checkpoint(folder_with(name, edit))
+
+    with pytest.raises(CheckpointError, match=r"tensor x holds no readable values \(meta torch.float32\)"):
+        float32_numpy({"x": torch.empty(2, device="meta")})
+    config, state_dict = read_release_checkpoint(fixture_dir("c2i_tiny"))
+    bf16 = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), torch_to_params(state_dict, config.model))
+    assert {a.dtype for a in params_to_torch(bf16, config.model).values()} == {np.dtype(np.float32)}  # the release's
+
+
+def test_a_release_folders_model_pt_named_alone_is_not_written_beside(tmp_path):
+    release = tmp_path / "release"
+    shutil.copytree(fixture_dir("c2i_tiny"), release)
+    result = run_converter(f"--torch_checkpoint={release / 'model.pt'}", f"--output={release / 'converted'}")
+    assert_failed_cleanly(result, str(release / "converted"), "it is inside the input")
+    assert sorted(os.listdir(release)) == sorted(os.listdir(fixture_dir("c2i_tiny")))

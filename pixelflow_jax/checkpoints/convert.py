@@ -139,7 +139,7 @@ def params_to_torch(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
         keys = _torch_keys(path, leaf_name, cfg)
         layers = flat[path] if path[0] == BLOCKS else [flat[path]]
         for key, value in zip(keys, layers):
-            state_dict[key] = np.ascontiguousarray(to_torch(value))
+            state_dict[key] = np.ascontiguousarray(to_torch(value), dtype=np.float32)  # the release's dtype
     return dict(sorted(state_dict.items(), key=lambda item: _release_order(item[0])))
 
 

@@ -23,7 +23,8 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import (CheckpointConfig, CheckpointError, atomic_output_dir,
                                                  check_weights_choice, listed)
 from pixelflow_jax.checkpoints.convert import infer_architecture
-from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.config import ARCHITECTURE_FIELDS, ModelConfig
+from pixelflow_jax.error_text import first_line
 
 RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
 # The PixelFlowModel arguments without a default; the others default to attention_bias True,
@@ -115,7 +116,14 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
 
 def float32_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
     torch = _import_torch()
-    return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
+    arrays = {}
+    for key, value in tensors.items():
+        try:
+            arrays[key] = value.detach().to(torch.float32).numpy()
+        except (TypeError, RuntimeError, NotImplementedError) as e:  # a meta tensor (saved without its data), ...
+            raise CheckpointError(f"tensor {key} holds no readable values ({value.device} {value.dtype}): "
+                                  f"{first_line(e)}") from None
+    return arrays
 
 
 def load_tensor_dict(path: str) -> dict[str, Any]:
@@ -148,14 +156,29 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
     if missing:
         raise CheckpointError(f"{path} lacks model.params {', '.join(missing)}, which the release's PixelFlowModel "
                               "requires too")
+    # Only the release's arguments: this project's runtime settings (dtype, attention, ...) would be
+    # baked into the converted folder, and the release itself refuses them.
+    if unknown := sorted(set(params) - set(ARCHITECTURE_FIELDS)):
+        raise CheckpointError(f"{path}: model.params {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                              f"an argument of the release's PixelFlowModel (its arguments: dropout, "
+                              f"{', '.join(ARCHITECTURE_FIELDS)})")
     params.setdefault("num_classes", 0)  # the release's default (ours, for configs, is ImageNet's 1000)
+    for name, value in params.items():
+        kind = ("true or false" if name == "attention_bias" else "a whole number or null"
+                if name == "cross_attention_dim" else "a whole number")
+        fits = (isinstance(value, bool) if name == "attention_bias" else
+                (value is None and name == "cross_attention_dim") or (isinstance(value, int)
+                                                                      and not isinstance(value, bool)))
+        if not fits:
+            raise CheckpointError(f"{path}: model.params.{name} must be {kind}, got {value!r}")
     extras = {}
-    scheduler = values.get("scheduler") or {}
-    for key in ("num_stages", "num_train_timesteps"):
-        if key in scheduler:
-            extras[key] = int(scheduler[key])
-    if "resolution" in (values.get("data") or {}):
-        extras["resolution"] = int(values["data"]["resolution"])
+    given = {**{f"scheduler.{k}": v for k, v in (values.get("scheduler") or {}).items()
+                if k in ("num_stages", "num_train_timesteps")},
+             **{f"data.{k}": v for k, v in (values.get("data") or {}).items() if k == "resolution"}}
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int):  # 64.9 px is no resolution to round
+            raise CheckpointError(f"{path}: {name} must be a whole number, got {value!r}")
+        extras[name.split(".")[1]] = value
     return params, extras
 
 
@@ -230,9 +253,15 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
         raise CheckpointError(f"{', '.join(conflicts)}: the config.yaml decides these; drop the flags")
     defaults = RELEASE_T2I_DEFAULTS if params.get("cross_attention_dim") else RELEASE_DEFAULTS
     settings = {**defaults, **given, **extras}
-    if not torch_config and "resolution" not in given:  # the weights fit any resolution: nothing can tell
-        logging.warning("%s: no config.yaml gives the resolution, so %d px is assumed (the release's); pass "
-                        "--resolution for weights trained at another", path, settings["resolution"])
+    if "resolution" not in given and "resolution" not in extras:  # the weights fit any resolution: nothing can tell
+        source = f"{torch_config} gives no data.resolution" if torch_config else "no config.yaml gives the resolution"
+        logging.warning("%s: %s, so %d px is assumed (the release's); pass --resolution for weights trained at "
+                        "another", path, source, settings["resolution"])
+    assumed = [f"{k} {settings[k]}" for k in ("num_stages", "num_train_timesteps") if k not in given and k not in extras]
+    if torch_config and assumed:  # a config.yaml cut short (every released one gives them)
+        logging.warning("%s gives no scheduler.%s: %s assumed (the release's); pass --%s to set %s",
+                        torch_config, " / ".join(a.split()[0] for a in assumed), ", ".join(assumed),
+                        " / --".join(a.split()[0] for a in assumed), "them" if len(assumed) > 1 else "it")
     try:
         return CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
     except (TypeError, ValueError) as e:
