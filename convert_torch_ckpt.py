@@ -26,8 +26,8 @@ import sys
 from absl import app, flags, logging
 
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, exit_without_teardown,
-                                        handle_ctrl_c_from_the_start, raise_dropped_ctrl_c, stop_cause,
-                                        stop_if_terminated, stop_on_sigterm, usage_error)
+                                        handle_ctrl_c_from_the_start, raise_dropped_ctrl_c, raise_dropped_stops,
+                                        stop_cause, stop_on_sigterm, usage_error)
 
 flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt; also hf://OWNER/NAME"
                     "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
@@ -84,15 +84,14 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     from pixelflow_jax.checkpoints.torch_io import is_export
 
     out, src = storage.resolved(output), storage.resolved(source)
-    folder_of_model_pt = storage.dirname(src)
-    if not source.startswith("hf://") and storage.basename(src) == "model.pt" and storage.isfile(
-            storage.join(folder_of_model_pt, "config.yaml")):
-        src = folder_of_model_pt  # a release folder's model.pt named alone: the folder is the input
-    if not source.startswith("hf://") and (out == src or out.startswith(src + "/") or src.startswith(out + "/")):
-        where = ("is the input" if out == src else "holds the input" if src.startswith(out + "/") else
-                 "is inside the input")  # a folder added to a release folder or a run changes what it holds
-        raise CheckpointError(f"--output {output} overlaps the input {source} (it {where}): the input is left as it "
-                              "is; choose a folder that neither holds nor is inside it")
+    if not source.startswith("hf://"):
+        if storage.basename(src) == "model.pt" and storage.isfile(storage.join(storage.dirname(src), "config.yaml")):
+            src = storage.dirname(src)  # a release folder's model.pt named alone: the folder is the input
+        if out == src or out.startswith(src + "/") or src.startswith(out + "/"):
+            where = ("is the input" if out == src else "holds the input" if src.startswith(out + "/") else
+                     "is inside the input")  # a folder added to a release folder or a run changes what it holds
+            raise CheckpointError(f"--output {output} overlaps the input {source} (it {where}): the input is left as "
+                                  "it is; choose a folder that neither holds nor is inside it")
     check_outside_checkpoints(out, "--output")
     if not storage.exists(output):
         storage.check_writable(storage.dirname(out))  # before the conversion, not after it
@@ -109,13 +108,6 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     if not earlier:
         raise CheckpointError(f"--overwrite replaces only {kind} holding nothing else, and {output} is not one: "
                               "choose another path")
-
-
-def raise_dropped_stops() -> None:
-    """A Ctrl-C or SIGTERM that Python dropped meanwhile (inside jax's gc callback) stops the job
-    before it writes."""
-    raise_dropped_ctrl_c()
-    stop_if_terminated()
 
 
 def torch_to_jax() -> str:
@@ -135,7 +127,7 @@ def torch_to_jax() -> str:
                                                  weights=FLAGS.weights, attention_head_dim=FLAGS.attention_head_dim,
                                                  overrides=overrides)
     params = torch_to_params(state_dict, config.model, progress=tensor_progress("converting"))
-    raise_dropped_stops()
+    raise_dropped_stops()  # asked to stop meanwhile: nothing is written
     save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite)
     count = sum(v.size for v in state_dict.values())
     return (f"wrote {FLAGS.output}: {len(state_dict)} tensors, {count / 1e6:.1f}M parameters, "
@@ -151,7 +143,7 @@ def jax_to_torch() -> str:
     check_exportable(checkpoint_config(source).model)  # refused before gigabytes of weights are read
     config, params = read_checkpoint(source, FLAGS.weights)
     state_dict = params_to_torch(params, config.model)
-    raise_dropped_stops()
+    raise_dropped_stops()  # asked to stop meanwhile: nothing is written
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
     what = f"the {FLAGS.weights} weights of {source.label}" if source.run_step else source.label
     return f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from {what}"

@@ -89,6 +89,13 @@ def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     previous(unraisable)
 
 
+def raise_dropped_stops() -> None:
+    """A Ctrl-C or SIGTERM that Python dropped (inside jax's gc callback) raised again: before a
+    job's work that must not start once it was asked to stop (a conversion's write, a training loop)."""
+    raise_dropped_ctrl_c()
+    stop_if_terminated()
+
+
 def handle_ctrl_c_from_the_start() -> None:
     """For a tool's first lines: Ctrl-C recorded (on_ctrl_c) and library noise kept quiet."""
     signal.signal(signal.SIGINT, on_ctrl_c)

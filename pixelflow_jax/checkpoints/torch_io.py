@@ -163,22 +163,23 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
                               f"an argument of the release's PixelFlowModel (its arguments: dropout, "
                               f"{', '.join(ARCHITECTURE_FIELDS)})")
     params.setdefault("num_classes", 0)  # the release's default (ours, for configs, is ImageNet's 1000)
+    whole = lambda value: isinstance(value, int) and not isinstance(value, bool)  # 64.9 px is not rounded
     for name, value in params.items():
-        kind = ("true or false" if name == "attention_bias" else "a whole number or null"
-                if name == "cross_attention_dim" else "a whole number")
-        fits = (isinstance(value, bool) if name == "attention_bias" else
-                (value is None and name == "cross_attention_dim") or (isinstance(value, int)
-                                                                      and not isinstance(value, bool)))
+        if name == "attention_bias":
+            fits, kind = isinstance(value, bool), "true or false"
+        elif name == "cross_attention_dim":
+            fits, kind = value is None or whole(value), "a whole number or null"
+        else:
+            fits, kind = whole(value), "a whole number"
         if not fits:
             raise CheckpointError(f"{path}: model.params.{name} must be {kind}, got {value!r}")
     extras = {}
-    given = {**{f"scheduler.{k}": v for k, v in (values.get("scheduler") or {}).items()
-                if k in ("num_stages", "num_train_timesteps")},
-             **{f"data.{k}": v for k, v in (values.get("data") or {}).items() if k == "resolution"}}
-    for name, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, int):  # 64.9 px is no resolution to round
-            raise CheckpointError(f"{path}: {name} must be a whole number, got {value!r}")
-        extras[name.split(".")[1]] = value
+    for section, key in (("scheduler", "num_stages"), ("scheduler", "num_train_timesteps"), ("data", "resolution")):
+        found = values.get(section) or {}
+        if key in found:
+            if not whole(found[key]):
+                raise CheckpointError(f"{path}: {section}.{key} must be a whole number, got {found[key]!r}")
+            extras[key] = found[key]
     return params, extras
 
 
@@ -257,11 +258,11 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
         source = f"{torch_config} gives no data.resolution" if torch_config else "no config.yaml gives the resolution"
         logging.warning("%s: %s, so %d px is assumed (the release's); pass --resolution for weights trained at "
                         "another", path, source, settings["resolution"])
-    assumed = [f"{k} {settings[k]}" for k in ("num_stages", "num_train_timesteps") if k not in given and k not in extras]
+    assumed = [k for k in ("num_stages", "num_train_timesteps") if k not in given and k not in extras]
     if torch_config and assumed:  # a config.yaml cut short (every released one gives them)
-        logging.warning("%s gives no scheduler.%s: %s assumed (the release's); pass --%s to set %s",
-                        torch_config, " / ".join(a.split()[0] for a in assumed), ", ".join(assumed),
-                        " / --".join(a.split()[0] for a in assumed), "them" if len(assumed) > 1 else "it")
+        logging.warning("%s gives no scheduler.%s: %s assumed (the release's); pass %s to set %s", torch_config,
+                        " / ".join(assumed), ", ".join(f"{k} {settings[k]}" for k in assumed),
+                        " / ".join(f"--{k}" for k in assumed), "them" if len(assumed) > 1 else "it")
     try:
         return CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
     except (TypeError, ValueError) as e:

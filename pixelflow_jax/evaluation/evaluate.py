@@ -322,8 +322,10 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
     a sampling job there) and writes WORKDIR/eval.json (process 0)."""
     e = config.eval
+    from pixelflow_jax.sampling.sample_run import SAMPLES_NPZ
+
     samples = samples or e.samples
-    own = storage.join(workdir, "samples.npz")
+    own = storage.join(workdir, SAMPLES_NPZ)
     if not samples and storage.isfile(own):
         logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
         samples = own

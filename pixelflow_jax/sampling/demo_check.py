@@ -69,7 +69,8 @@ def report(images: np.ndarray, asked: Asked, num_colours: int) -> str:
                           for s, name in enumerate(SHAPES) if (asked.shapes == s).any())
     left_out = len(images) - count
     unchecked = f"; {left_out} images from prompts naming no demo colour and shape not checked" if left_out else ""
-    return (f"demo check ({count} image{'s' if count != 1 else ''}, read by demo_data.classify): hue {hue_right.sum()}/{count} "
+    images_checked = f"{count} image{'s' if count != 1 else ''}"
+    return (f"demo check ({images_checked}, read by demo_data.classify): hue {hue_right.sum()}/{count} "
             f"({hue_right.mean():.0%}), outline {shape_right.sum()}/{count} ({shape_right.mean():.0%}): "
             f"{per_shape}{unchecked}")
 

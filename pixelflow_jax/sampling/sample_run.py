@@ -10,7 +10,8 @@ writes the images its devices hold. A checkpoint of a run on the built-in demo d
 measure of its images, hue and outline agreement, printed (demo_check.py). A rerun skips every
 image already on disk: an image depends only on (seed, id, its label or prompt), so resumed images
 are those an uninterrupted run would write (Euler: up to float rounding; dopri5: within its
-tolerance, since its step sizes are the batch's). Class- and text-conditional checkpoints: see sample_conditioning.py.
+tolerance, since its step sizes are the batch's). Class- and text-conditional checkpoints: see
+sample_conditioning.py.
 """
 
 from __future__ import annotations
@@ -214,11 +215,10 @@ def run(config, workdir: str) -> None:
             logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d "
                          "over %d devices", s.weights, source.label, len(missing), num_images,
                          num_images - len(missing), batch_size, num_devices)
+            sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, int(s.seed))
         else:
             logging.info("all %d images of this job are on disk (%s weights of %s)", num_images, s.weights,
                          source.label)
-        if len(missing):
-            sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, int(s.seed))
         multihost_utils.sync_global_devices("all images written")
         removed = finish(folder, workdir, num_images, ckpt.resolution) if jax.process_index() == 0 else 0
         # Every process learns whether process 0 removed unreadable images, to sample them again.

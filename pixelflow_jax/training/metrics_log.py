@@ -128,8 +128,7 @@ class MetricsLog:
                 writer.close()
             if self.remote_events:
                 if upload_metrics:
-                    with storage.writing(self.path, WRITE_FIX):
-                        storage.write_atomically(self.path, "".join(self.lines))
+                    self._upload_metrics()
                 with storage.writing(self.events, WRITE_FIX):
                     for folder in self.writers:
                         self._publish_events(folder)
@@ -139,11 +138,14 @@ class MetricsLog:
         """In a bucket: metrics.jsonl and the scalars' events as logged so far (a no-op locally,
         where each record is appended at once)."""
         if self.enabled and self.remote_events:
-            with storage.writing(self.path, WRITE_FIX):
-                storage.write_atomically(self.path, "".join(self.lines))
+            self._upload_metrics()
             with storage.writing(self.events, WRITE_FIX):
                 self._publish_events(SCALARS)
             self.uploaded_at = time.monotonic()
+
+    def _upload_metrics(self) -> None:
+        with storage.writing(self.path, WRITE_FIX):
+            storage.write_atomically(self.path, "".join(self.lines))
 
     def _publish_events(self, folder: str) -> None:
         if self.remote_events:

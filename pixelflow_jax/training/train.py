@@ -35,7 +35,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
-from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_ctrl_c, stop_if_terminated
+from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
@@ -334,8 +334,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
     start, state = resume_point(manager, state, shardings)
     check_resume(workdir, config, start, len(source), listing=listing)  # compared above: records a new run or a change
-    stop_if_terminated()  # a SIGTERM while starting that Python dropped (raised inside a gc callback)
-    raise_dropped_ctrl_c()  # likewise a Ctrl-C
+    raise_dropped_stops()  # a SIGTERM or Ctrl-C while starting that Python dropped (inside a gc callback)
     # One global batch per step: the data position is the step, whatever the number of processes.
     loader = make_loader(config, t.batch_size, start_batch=start, tokenizer=text_encoder and text_encoder.tokenizer,
                          source=source)

@@ -218,10 +218,13 @@ class WorkdirLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(heartbeat_period(self.stale_after_s)):
-            try:
-                self.heartbeat()
-            except Exception as e:  # a storage hiccup: the next beat tries again
-                logging.warning("could not refresh %s: %s", self.path, e)
+            self._heartbeat_or_warn()
+
+    def _heartbeat_or_warn(self) -> None:
+        try:
+            self.heartbeat()
+        except Exception as e:  # a storage hiccup is no takeover: the next beat tries again
+            logging.warning("could not refresh %s: %s", self.path, e)
 
     def check_held(self, read_now: bool = False) -> None:
         """At a logged step, on every process: raises WorkdirBusy everywhere if another run took the
@@ -232,10 +235,7 @@ class WorkdirLock:
         from jax.experimental import multihost_utils
 
         if read_now and jax.process_index() == 0:
-            try:
-                self.heartbeat()
-            except Exception as e:  # a storage hiccup is no takeover: the save's own errors follow
-                logging.warning("could not refresh %s: %s", self.path, e)
+            self._heartbeat_or_warn()  # (a storage hiccup here: the save's own errors follow)
         lost = self.lost_to is not None
         if jax.process_count() > 1:
             lost = bool(int(multihost_utils.broadcast_one_to_all(np.int32(lost))))
