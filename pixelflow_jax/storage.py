@@ -53,6 +53,7 @@ _BROKEN_URL = re.compile(rf"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)|{_KNOWN_SCHEMES}:(?!/
 # the start of a URL query or fragment, and fsspec (listings, deletes) reads "*?[]" as wildcards,
 # so a run's arrays would land in another folder, or a delete would match other runs' files.
 _NOT_IN_OBJECT_PATHS = "?#*[]"
+_SCHEME_NAME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 def user_path(path: str) -> str:
@@ -67,6 +68,11 @@ def user_path(path: str) -> str:
         rest = path[broken.end():].lstrip("/\\")
         raise StorageError(f'{path} looks like a URL without its "://": write {meant_scheme(scheme_name)}://{rest} '
                            f"(or ./{path} for a local folder of that name)")
+    if is_url(path) and not _SCHEME_NAME.fullmatch(scheme(path)):
+        # runs/gs://b (a URL pasted after a folder): as a "scheme", runs/gs would be refused in odd words
+        url = re.search(rf"{_KNOWN_SCHEMES}://.*", path, re.I)
+        raise StorageError(f'{path} holds "://" inside a path: a URL starts with its scheme'
+                           + (f" (write {url[0]})" if url else "") + ', and a local folder name cannot hold "://"')
     if is_url(path) and scheme(path) == "file":
         raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
     if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:

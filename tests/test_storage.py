@@ -36,6 +36,9 @@ def test_urls_are_never_made_local():
     assert storage.user_path("gs://b/run/") == "gs://b/run/"  # a trailing slash is fine
     with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write gs://b/run/x'):
         storage.user_path("gs://b//run/x")  # gs://b/$PREFIX/run/x with an empty PREFIX
+    with pytest.raises(storage.StorageError, match=r'runs/gs://b/x holds "://" inside a path: a URL starts with its '
+                                                   r"scheme \(write gs://b/x\)"):
+        storage.user_path("runs/gs://b/x")  # was "unsupported URL scheme runs/gs://"
 
 
 def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
