@@ -619,6 +619,20 @@ def cached_copy(url: str, folder: str) -> str:
 
 
 @contextlib.contextmanager
+def removed_if_left_empty(folder: str, remover: bool = True) -> Iterator[None]:
+    """A local folder that did not exist before the block is removed after it if nothing was
+    written there (a job that failed at its start leaves no empty folder). `remover`: whether this
+    process is the one that removes it (process 0 of a job)."""
+    made_here = remover and not is_url(folder) and not os.path.exists(folder)
+    try:
+        yield
+    finally:
+        if made_here:
+            with contextlib.suppress(OSError):  # rmdir removes only an empty folder
+                os.rmdir(folder)
+
+
+@contextlib.contextmanager
 def local_file(path: str) -> Iterator[str]:
     """A local path with the file's content: the file itself, or a temporary download of a URL
     (for readers that need a real file: torch's mmap, safetensors, sentencepiece)."""

@@ -23,7 +23,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import zipfile
 
 import jax
@@ -280,14 +279,8 @@ def check_sample_count(sample_config) -> None:
 
 
 def evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int = 100) -> dict:
-    made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
-    try:
+    with storage.removed_if_left_empty(workdir, remover=jax.process_index() == 0):
         return _evaluate(samples, reference, inception_weights, workdir, batch_size)
-    except BaseException:
-        if made_here:  # a failed evaluation leaves no empty workdir (rmdir removes only an empty one)
-            with contextlib.suppress(OSError):
-                os.rmdir(workdir)
-        raise
 
 
 def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int) -> dict:

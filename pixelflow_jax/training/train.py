@@ -22,9 +22,7 @@ non-finite steps in a row the run stops without saving: the last good checkpoint
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import time
 
 import jax
@@ -270,17 +268,14 @@ def train(config, workdir: str) -> dict:
         raise ValueError(f"--config.train.init_from {init_from} is this run's own workdir, which has no checkpoint "
                          "yet: init_from names the checkpoint a new run starts from (another run or one of its steps, "
                          "a converted or release folder); leave it empty to train from scratch")
-    made_here = not storage.is_url(workdir) and not os.path.exists(workdir)
-    storage.check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first checkpoint
-    lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
-    try:  # acquired inside: a SIGTERM the moment after the lock is written still releases it
-        lock.acquire()  # a second run on this workdir stops here, naming the first
-        return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock)
-    finally:
-        lock.release()  # only a lock of its own
-        if made_here and jax.process_index() == 0:  # a start that failed before writing anything leaves no folder
-            with contextlib.suppress(OSError):  # (rmdir removes only an empty one)
-                os.rmdir(workdir)
+    with storage.removed_if_left_empty(workdir, remover=jax.process_index() == 0):
+        storage.check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first save
+        lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
+        try:  # acquired inside: a SIGTERM the moment after the lock is written still releases it
+            lock.acquire()  # a second run on this workdir stops here, naming the first
+            return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock)
+        finally:
+            lock.release()  # only a lock of its own
 
 
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
