@@ -80,6 +80,15 @@ def test_captioned_folder_names_missing_captions_or_skips_and_counts_them(captio
         CaptionedFolderSource("")
 
 
+def test_a_caption_named_after_the_whole_file_name_is_pointed_out(captioned_folder):
+    root, _ = captioned_folder
+    (pathlib.Path(root) / "00001" / "000000010.png.txt").write_text("a red disk")  # not read as 000000010.png's
+    with pytest.raises(DataError, match=r"1 of 12 images .* no caption file .*000000010.png'\]; 1 of them have a "
+                                        r"caption file named after the image's whole file name, e.g. .*000000010.png.txt: "
+                                        r"name those NAME.txt; add the captions"):
+        CaptionedFolderSource(root)
+
+
 def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
     root, _ = captioned_folder
     for name in ("lost_a", "lost_b"):

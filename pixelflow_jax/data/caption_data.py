@@ -93,13 +93,17 @@ class CaptionedFolderSource:
         missing = [path for path in images if os.path.splitext(path)[0] not in captions]
         self.missing_captions = len(missing)
         self.listing = listing_fingerprint(root, self.records)
+        # cat.jpg.txt (named after the whole file name, as some tools write) is not read as cat.jpg's caption
+        whole_name = [captions[path] for path in missing if path in captions]
+        whole_name_hint = (f"; {len(whole_name)} of them have a caption file named after the image's whole file "
+                           f"name, e.g. {whole_name[0]}: name those NAME{CAPTION_EXTENSION}" if whole_name else "")
         if missing and missing_captions == "error":
             raise DataError(f"{len(missing)} of {len(images)} images under {root} have no caption file "
-                            f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}; add the captions or set "
-                            f"{missing_flag}=skip to leave those images out")
+                            f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}{whole_name_hint}; add the "
+                            f"captions or set {missing_flag}=skip to leave those images out")
         if missing:
-            logging.warning("%s: %d images without a caption file left out (missing_captions=skip), e.g. %s",
-                            root, len(missing), missing[:3])
+            logging.warning("%s: %d images without a caption file left out (missing_captions=skip), e.g. %s%s",
+                            root, len(missing), missing[:3], whole_name_hint)
         image_names = {os.path.splitext(path)[0] for path in images}
         orphans = sorted(path for name, path in captions.items() if name not in image_names)
         if orphans:  # often images lost in a copy, or in a format not read here
