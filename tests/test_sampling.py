@@ -121,6 +121,15 @@ def test_a_new_cfg_scale_reuses_the_compiled_stages(tiny):
     assert np.abs(unguided.astype(int) - at_2.astype(int)).mean() > 1
 
 
+def test_class_conditioning_stays_on_the_host():
+    """Device labels (eager jnp ops) queued behind the batch being sampled, and the sampling job read
+    them back at once: each batch waited for the one before it before it could be dispatched."""
+    cond, uncond = class_conditioning([3, 4], 10)
+    assert all(type(c["class_labels"]) is np.ndarray for c in (cond, uncond))
+    assert cond["class_labels"].tolist() == [3, 4] and uncond["class_labels"].tolist() == [10, 10]
+    assert cond["class_labels"].dtype == np.int32
+
+
 def test_bad_options_are_rejected(tiny):
     sampler = tiny[2]
     with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 999\], got \[1000\]"):

@@ -235,7 +235,15 @@ def module_with_params(create, params: Params, dtype=None):
     dtype if given) instead of a random initialisation, which is never computed."""
     module = nnx.eval_shape(create)
     state = nnx.state(module, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jax.numpy.asarray(a, dtype), params))
+    # Host arrays are cast on the host and placed in one transfer (an eager cast per array costs a
+    # compile per shape and a dispatch each); arrays already on devices are cast where they are.
+    dtype = None if dtype is None else jax.numpy.dtype(dtype)
+    leaves, tree = jax.tree.flatten(params)
+    on_host = [i for i, leaf in enumerate(leaves) if not isinstance(leaf, jax.Array)]
+    for i, array in zip(on_host, jax.device_put([np.asarray(leaves[i], dtype) for i in on_host])):
+        leaves[i] = array
+    leaves = [leaf if dtype in (None, leaf.dtype) else leaf.astype(dtype) for leaf in leaves]
+    nnx.replace_by_pure_dict(state, jax.tree.unflatten(tree, leaves))
     nnx.update(module, state)
     return module
 

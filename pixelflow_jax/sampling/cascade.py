@@ -144,6 +144,15 @@ def finite_images(latents: jax.Array) -> jax.Array:
     return jnp.isfinite(latents).all(axis=tuple(range(1, latents.ndim)))
 
 
+def finished_images(latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(to_uint8, finite_images) of the final latents: one program, for jax.jit (eagerly, each of
+    their ops is a dispatch that writes a whole batch of intermediates)."""
+    return to_uint8(latents), finite_images(latents)
+
+
+finished_images_jit = jax.jit(finished_images)
+
+
 def check_finite(finite: np.ndarray, image_ids) -> None:
     bad = [int(i) for i, ok in zip(image_ids, np.asarray(finite)) if not ok]
     if bad:
@@ -225,9 +234,9 @@ class CascadeSampler:
         key = jax.random.key(validation.seed("seed", np.asarray(seed).item(), where=""))
         initial, blocks = draw_noise_jit(key, ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)
-        latents = self.sample(initial, blocks, cond, uncond, options)
-        check_finite(finite_images(latents), np.asarray(ids))
-        return np.asarray(to_uint8(latents))
+        images, finite = finished_images_jit(self.sample(initial, blocks, cond, uncond, options))
+        check_finite(finite, np.asarray(ids))
+        return np.asarray(images)
 
     def sample(self, initial_noise: jax.Array, block_noises: Sequence[jax.Array], cond: Conditioning,
                uncond: Conditioning, options: SamplingOptions) -> jax.Array:
@@ -312,8 +321,10 @@ def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditio
     """(cond, uncond) model kwargs for class labels; the unconditional id is num_classes."""
     if not num_classes:
         raise ValueError("this model is text-conditional: use generate_from_prompts(prompt_encoder, prompts)")
-    labels = jnp.asarray(validation.class_ids("labels", labels, num_classes), jnp.int32)
-    return {"class_labels": labels}, {"class_labels": jnp.full_like(labels, num_classes)}
+    # Host arrays: an eager jnp op here would queue behind the batch sampling before it, and reading
+    # it back would stall the sampling job's loop until that batch finished.
+    labels = np.asarray(validation.class_ids("labels", labels, num_classes), np.int32)
+    return {"class_labels": labels}, {"class_labels": np.full_like(labels, num_classes)}
 
 
 def text_conditioning(embeddings, mask, negative) -> tuple[Conditioning, Conditioning]:

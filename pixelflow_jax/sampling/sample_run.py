@@ -33,7 +33,7 @@ from pixelflow_jax.api import load_sampling_model, sampling_source
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
-                                            finite_images, to_uint8)
+                                            finished_images)
 from pixelflow_jax.sampling import demo_check
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
@@ -166,7 +166,7 @@ def earlier_outputs(workdir: str) -> list[str]:
 
 def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:
     """Writes the rows this process holds (one replica of each), skipping padding rows. A batch
-    with a row that came out NaN or inf (`finite`: cascade.finite_images, replicated, so that every
+    with a row that came out NaN or inf (`finite`: cascade.finished_images' flags, replicated, so that every
     process stops alike) is an error before anything is written, not black PNGs."""
     check_finite(np.asarray(finite)[:num_valid], ids[:num_valid])
     for shard in images.addressable_shards:
@@ -239,7 +239,8 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
     # device_put onto every process's devices is a cross-host transfer most backends refuse.
     nnx.update(model, jax.tree.map(lambda a: global_array(np.asarray(a), everywhere), nnx.state(model)))
     sampler = CascadeSampler(model, ckpt)
-    finite_on_every_process = jax.jit(finite_images, out_shardings=everywhere)
+    # The finite flags replicated, so that every process stops alike on a bad image.
+    finish_batch = jax.jit(finished_images, out_shardings=(batch, everywhere))
     key = jax.random.key(seed)
     total = conditioning.num_images
     progress = Progress(total, "sampling", "img", initial=total - len(missing))
@@ -263,7 +264,7 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
                 if written:
                     previous, written = written, None
                     write(*previous)  # PNG encoding and uploads overlap this batch's sampling
-                written = to_uint8(latents), finite_on_every_process(latents), ids, num_valid
+                written = *finish_batch(latents), ids, num_valid
         finally:  # also when the next batch failed or Ctrl-C came: the finished one is kept
             if written:
                 write(*written)
