@@ -65,13 +65,13 @@ def host_memory_as_main_sets_it():
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """With `-n 2 --dist loadgroup` (the README's command) the slow tests, most of which start
-    several training processes, run one after another in one worker: two of them at once on 2
-    cores could stretch the time windows they check (a SIGTERM after step 6, a kill -9 after a
-    checkpoint) and the GPU dry run's step limits."""
+    """With `-n 2 --dist loadgroup` (the README's command) the tests that check time windows (a
+    SIGTERM after step 6, a kill -9 after a checkpoint, the GPU dry run's step limits) run one after
+    another in one worker: two of them at once on 2 cores could stretch those windows. The other
+    slow tests go to whichever worker is free, which keeps both cores busy to the end."""
     for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("slow"))
+        if item.get_closest_marker("timed"):
+            item.add_marker(pytest.mark.xdist_group("timed"))
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ def test_profile_top_ops_totals_the_traced_ops():
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     out = tmp_path / "out"
     # As on the GPU machine: one device, and no grain, ml_collections, TFDS, tensorboardX, gradio,

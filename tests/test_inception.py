@@ -265,6 +265,7 @@ def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
     assert not (tmp_path / "new").exists()  # a failed evaluation leaves no workdir it made
 
 
+@pytest.mark.slow
 def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file, bucket, tmp_path):
     """Everything in a bucket (a local GCS emulator): the release checkpoint converted into it,
     sampled from there into a workdir there with the evaluation of its samples.npz (inputs read from

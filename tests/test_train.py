@@ -259,6 +259,7 @@ def losses(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 def test_text_run_killed_9_in_a_bucket_resumes_to_the_uninterrupted_losses_and_samples_without_flags(tmp_path, bucket):
     """A text-to-image run on the captioned demo set (its T5 built by the run) with the workdir in a
     bucket (a local GCS emulator): killed with kill -9 after its first checkpoint, it resumes to
@@ -311,6 +312,7 @@ def test_text_run_killed_9_in_a_bucket_resumes_to_the_uninterrupted_losses_and_s
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 def test_two_processes_resume_a_one_process_run_and_stop_together_on_one_sigterm(tmp_path):
     """One process with 2 CPU devices trains 16 steps. Two processes with 4 each (gloo collectives)
     resume its step-3 checkpoint, with an EMA preview on FSDP-sharded weights at step 5; after step 6
