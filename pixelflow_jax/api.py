@@ -175,9 +175,10 @@ def sampling_checkpoint(sample_config, workdir: str) -> str:
     if workdir and not hub.is_hub_path(workdir) and is_run(workdir):
         return workdir
     what = "is not a training run" if workdir and storage.exists(workdir) else "does not exist (a typo?)"
-    raise CheckpointError(f"{workdir} {what}: to sample a training run, give its workdir; to sample another "
-                          "checkpoint, set --config.sample.checkpoint to a training run, a converted or release "
-                          "folder, or an hf:// Hub path")
+    # Worded for every mode that reads a checkpoint this way: sample, demo, inspect.
+    raise CheckpointError(f"{workdir} {what}: for a training run, give its workdir; for another checkpoint, set "
+                          "--config.sample.checkpoint to a training run, a converted or release folder, or an hf:// "
+                          "Hub path")
 
 
 def fill_text_encoder(sample_config, source: CheckpointSource) -> None:

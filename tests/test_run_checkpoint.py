@@ -317,7 +317,8 @@ def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
     with pytest.raises(CheckpointError, match="not_a_run does not exist \\(a typo\\?\\): .*--config.sample.checkpoint"):
         sampling_checkpoint(c2i.get_config("tiny").sample, str(tmp_path / "not_a_run"))
     (tmp_path / "not_a_run").mkdir()
-    with pytest.raises(CheckpointError, match="not_a_run is not a training run: .*--config.sample.checkpoint"):
+    with pytest.raises(CheckpointError, match="not_a_run is not a training run: for a training run, give its "
+                                              "workdir; for another checkpoint, set --config.sample.checkpoint"):
         sampling_checkpoint(c2i.get_config("tiny").sample, str(tmp_path / "not_a_run"))
 
 
