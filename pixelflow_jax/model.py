@@ -21,6 +21,7 @@ from flax import nnx
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.kernels.attention import dot_product_attention
 from pixelflow_jax.rope import apply_rope, rope_tables
+from pixelflow_jax.sharding import keep_batch_split
 from pixelflow_jax.validation import class_ids
 
 NORM_EPS = 1e-6
@@ -152,16 +153,17 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], context: jax.Array | None = None,
                  key_mask: jax.Array | None = None) -> jax.Array:
         kv_input = x if context is None else context
-        q = self.q_norm(self.q_proj(x))
-        k = self.k_norm(self.k_proj(kv_input))
-        v = self.v_proj(kv_input)
+        # Each image's projections on its own device (keep_batch_split: FSDP gathers the weights).
+        q = self.q_norm(keep_batch_split(self.q_proj(x)))
+        k = self.k_norm(keep_batch_split(self.k_proj(kv_input)))
+        v = keep_batch_split(self.v_proj(kv_input))
         split_heads = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         q = apply_rope(q, *rope)
         if context is None:
             k = apply_rope(k, *rope)
-        out = dot_product_attention(q, k, v, key_mask=key_mask, backend=self.backend)
-        return self.o_proj(out.reshape(*x.shape[:2], -1))
+        out = keep_batch_split(dot_product_attention(q, k, v, key_mask=key_mask, backend=self.backend))
+        return keep_batch_split(self.o_proj(out.reshape(*x.shape[:2], -1)))
 
 
 class FeedForward(nnx.Module):
@@ -172,7 +174,7 @@ class FeedForward(nnx.Module):
         self.fc2 = _linear(cfg, 4 * cfg.hidden_size, cfg.hidden_size, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        return keep_batch_split(self.fc2(keep_batch_split(jax.nn.gelu(self.fc1(x), approximate=True))))
 
 
 class TransformerBlock(nnx.Module):
@@ -300,7 +302,8 @@ class PixelFlow(nnx.Module):
 
         def one_block(h, layer_params):
             block = nnx.merge(block_graph, layer_params)
-            return block(h, conditioning, rope, encoder_hidden_states, encoder_attention_mask), None
+            h = block(keep_batch_split(h), conditioning, rope, encoder_hidden_states, encoder_attention_mask)
+            return keep_batch_split(h), None
 
         if cfg.remat != "none":
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None

@@ -66,6 +66,21 @@ def attention_split(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tupl
     return tuple(batch_axes), tuple(head_axes)
 
 
+def keep_batch_split(x: jax.Array) -> jax.Array:
+    """x with its leading (batch) axis split over the context mesh as attention_split splits a
+    batch; x itself without a mesh or where no mesh axis divides the batch. Inside the blocks: with fsdp > 1 XLA's partitioner otherwise
+    served an MLP's sharded weights by gathering the whole stage batch's activations onto every
+    device and all-reducing its partial sums (activation traffic, per layer), instead of gathering
+    the weights (FSDP)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    batch_axes, _ = attention_split(mesh, x.shape[0], 1)
+    if not batch_axes:  # a batch no mesh axis divides: left to the partitioner
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_axes)))
+
+
 def map_attention_over_mesh(kernel, q, k, v, key_mask):
     """kernel(q, k, v, key_mask) on each device's share of the batch and heads of the context mesh
     (`jax.set_mesh`), or once on everything without one. q, k, v: (B, L, H, D); key_mask: (B, Lk)

@@ -135,11 +135,16 @@ def single_device(converted):
 
 @pytest.mark.slow  # ~45 s: the step compiled for 8 devices
 def test_on_several_devices_each_runs_the_model_on_its_own_share_of_the_batch(converted):
-    """Grouping the images by stage (a gather by random indices) made XLA copy every stage batch
-    to every device, and each of the 8 ran the model on all 32 images: the same numbers as one
-    device, which the loss tests cannot tell, and no faster. Read from the compiled program: the
-    model's matmuls hold the tokens of 1 image per device and stage (256 at stage 3), not of 8."""
-    mesh = mesh_of(jax.devices(), 1)
+    """Read from the step compiled for 8 devices (2 data x 4 fsdp), three ways XLA's partitioner
+    spread the work badly, none of which a loss test can see (the numbers are the same):
+    - grouping the images by stage (a gather by random indices) copied every stage batch to every
+      device, and each ran the model on all 32 images: the matmuls must hold the tokens of 1 image
+      per device and stage (256 at stage 3), not of 8;
+    - with fsdp > 1, the MLPs served their sharded weights by gathering a stage's activations
+      (B, tokens, width) onto every device and all-reducing their partial sums, per layer: no
+      collective may carry an activation (the weights are gathered instead);
+    - the stage gather moved float32 images: uint8 ones, a quarter of the bytes."""
+    mesh = mesh_of(jax.devices(), 4)
     state, step = build(converted, mesh)
     assert jax.device_count() == 8
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -149,6 +154,14 @@ def test_on_several_devices_each_runs_the_model_on_its_own_share_of_the_batch(co
     dot_shapes = re.findall(r"= f32\[([\d,]+)\][^=]*? dot\(", program)
     rows = {int(shape.split(",")[0]) for shape in dot_shapes}
     assert 256 in rows and max(rows) < 2048, sorted(rows)  # 2048 = 8 images x 256 tokens: the whole stage 3
+    # The result types of each collective: "%x = f32[4,256,32]{2,1,0} all-gather(...)" or a tuple.
+    results = re.findall(r"= (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                         r"(?:-start)?\(", program)
+    shapes = {tuple(map(int, dims.split(","))) for types in results for dims in re.findall(r"f32\[([\d,]+)\]", types)}
+    tokens, widths = {4, 16, 64, 256}, {32, 128}  # the stages' token counts; the model's and its MLP's widths
+    moved_activations = sorted(s for s in shapes if len(s) == 3 and s[1] in tokens and s[2] in widths)
+    assert results and not moved_activations, moved_activations
+    assert not [s for s in shapes if s[-3:] == (64, 64, 3)], "float32 images moved between devices"
 
 
 def test_no_training_step_reuses_a_key_that_initialised_the_parameters():

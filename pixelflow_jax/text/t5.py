@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelflow_jax.sharding import keep_batch_split
+
 ACTIVATIONS = {"gelu_new": lambda x: jax.nn.gelu(x, approximate=True), "gelu_pytorch_tanh":
                lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
 
@@ -110,16 +112,19 @@ class T5Block(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """x (B, L, d_model); bias (B, heads, L, L) float32 = position bias + padding mask."""
         cfg = self.cfg
+        # Each caption's projections on its own device: with FSDP the weights are gathered, not
+        # every caption's activations (keep_batch_split).
+        project = lambda layer, t: keep_batch_split(layer(t))
         h = rms_norm(x, self.attention_norm[...], cfg.layer_norm_epsilon)
         heads = lambda t: t.reshape(*t.shape[:2], cfg.num_heads, cfg.d_kv)
-        q, k, v = heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+        q, k, v = heads(project(self.q, h)), heads(project(self.k, h)), heads(project(self.v, h))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias  # no 1/sqrt(d)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:2], -1)
-        x = x + self.o(attended)
+        x = x + project(self.o, attended)
         h = rms_norm(x, self.ff_norm[...], cfg.layer_norm_epsilon)
-        gated = ACTIVATIONS[cfg.activation](self.wi_0(h)) * self.wi_1(h)
-        return x + self.wo(gated)
+        gated = ACTIVATIONS[cfg.activation](project(self.wi_0, h)) * project(self.wi_1, h)
+        return x + project(self.wo, gated)
 
 
 class T5Encoder(nnx.Module):
@@ -156,7 +161,7 @@ class T5Encoder(nnx.Module):
         block_graph, block_params = nnx.split(self.blocks)
 
         def one_block(h, layer_params):
-            return nnx.merge(block_graph, layer_params)(h, bias), None
+            return keep_batch_split(nnx.merge(block_graph, layer_params)(keep_batch_split(h), bias)), None
 
         x, _ = jax.lax.scan(one_block, x, block_params)
         return rms_norm(x, self.final_norm[...], cfg.layer_norm_epsilon)

@@ -82,9 +82,9 @@ def draw(key: jax.Array, batch: int, resolution: int, channels: int, num_stages:
 
 
 def stage_batches(images: jax.Array, conditioning: dict, draws: Draws, tables: StageTables) -> list[StageBatch]:
-    """Splits a batch of full-resolution images in [-1, 1] (B, R, R, C) and their conditioning (the
-    model's keyword arguments, each with batch-leading arrays) into its S stage batches, stage 0
-    (smallest) first; within a stage, images keep their batch order."""
+    """Splits a batch of full-resolution images (B, R, R, C), uint8 or floats in [-1, 1], and their
+    conditioning (the model's keyword arguments, each with batch-leading arrays) into its S stage
+    batches, stage 0 (smallest) first; within a stage, images keep their batch order."""
     num_stages = tables.num_stages
     batch = images.shape[0]
     if batch % num_stages:
@@ -94,7 +94,9 @@ def stage_batches(images: jax.Array, conditioning: dict, draws: Draws, tables: S
     out = []
     for s in range(num_stages):
         members = order[s * per_stage:(s + 1) * per_stage]
-        x_end = images[members].astype(jnp.float32)
+        # Scaled after the gather: on a mesh the gather moves the images between devices, uint8 a
+        # quarter of float32's bytes (the scaling is a per-value table: the same numbers).
+        x_end = images_to_unit_range(images[members])
         for _ in range(num_stages - 1 - s):
             x_end = downsample_2x(x_end)
         x_start = upsample_2x(downsample_2x(x_end))

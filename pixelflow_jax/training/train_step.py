@@ -192,7 +192,7 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
         draws = flow.draw(draws_key, batch, resolution, model_cfg.in_channels, num_stages, num_train_timesteps)
         model_inputs = dropped_conditioning(drop_key, conditioning, model_cfg, step_cfg, text, encoder_params)
         stages = [split_over_devices(stage) for stage in
-                  flow.stage_batches(flow.images_to_unit_range(images), model_inputs, draws, tables)]
+                  flow.stage_batches(images, model_inputs, draws, tables)]
         grad_fn = jax.value_and_grad(lambda p: _loss_and_stage_losses(graphdef, p, stages), has_aux=True)
         return grad_fn(params)
 
