@@ -68,15 +68,15 @@ def attention_split(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tupl
 
 def keep_batch_split(x: jax.Array) -> jax.Array:
     """x with its leading (batch) axis split over the context mesh as attention_split splits a
-    batch; x itself without a mesh or where no mesh axis divides the batch. Inside the blocks: with fsdp > 1 XLA's partitioner otherwise
-    served an MLP's sharded weights by gathering the whole stage batch's activations onto every
-    device and all-reducing its partial sums (activation traffic, per layer), instead of gathering
-    the weights (FSDP)."""
+    batch; x itself without a mesh, or where no mesh axis of more than one device divides the
+    batch. Inside the blocks: with fsdp > 1 XLA's partitioner otherwise served an MLP's sharded
+    weights by gathering the whole stage batch's activations onto every device and all-reducing
+    their partial sums (activation traffic, per layer), instead of gathering the weights (FSDP)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    batch_axes, _ = attention_split(mesh, x.shape[0], 1)
-    if not batch_axes:  # a batch no mesh axis divides: left to the partitioner
+    batch_axes = tuple(a for a in attention_split(mesh, x.shape[0], 1)[0] if mesh.shape[a] > 1)
+    if not batch_axes:  # no mesh axis splits this batch (the demo's 3 images on 8 devices): as it was
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_axes)))
 
