@@ -130,6 +130,32 @@ def test_class_conditioning_stays_on_the_host():
     assert cond["class_labels"].dtype == np.int32
 
 
+def test_on_8_devices_a_guided_stage_keeps_every_image_on_its_device(tiny):
+    """With the guided batch built as [uncond half; cond half], the mesh's split of it put other
+    images' rows on each device, and every solver step moved latents between devices (all-to-all
+    and permutes). Each image's pair side by side keeps a stage free of collectives."""
+    from pixelflow_jax.sampling import cascade
+    from pixelflow_jax.sharding import batch_sharding, global_array, make_mesh, replicated
+
+    model, config, sampler = tiny
+    mesh = make_mesh()
+    assert mesh.size == 8
+    rows, everywhere = batch_sharding(mesh), replicated(mesh)
+    state = jax.tree.map(lambda a: global_array(np.asarray(a), everywhere), sampler.state)
+    x, noise = (global_array(np.zeros((8, size, size, 3), np.float32), rows) for size in (32, 64))  # stage 3 of 64 px
+    cond, uncond = (jax.tree.map(lambda a: global_array(a, rows), c) for c in class_conditioning(np.arange(8), 1000))
+    timesteps, t = sampler.scheduler.set_timesteps(2, 3)
+    schedule = (timesteps.astype(np.float32), np.diff(t.astype(np.float32)))
+    alpha, beta = cascade.renoise_coefficients(sampler.scheduler.original_start_t[3], sampler.scheduler.gamma)
+    program = cascade._stage_program(sampler.graphdef, True, alpha, beta, "euler")
+    with jax.set_mesh(mesh):
+        hlo = program.lower(state, x, noise, cond, uncond, schedule, np.float32(2.4)).compile().as_text()
+    moves = [line.strip()[:120] for line in hlo.splitlines()
+             if any(f" {op}(" in line or f" {op}-start(" in line
+                    for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"))]
+    assert "while" in hlo and not moves, moves
+
+
 def test_bad_options_are_rejected(tiny):
     sampler = tiny[2]
     with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 999\], got \[1000\]"):

@@ -168,9 +168,13 @@ def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: C
     timesteps = jnp.full((x.shape[0],), timestep, jnp.float32)
     if guidance is None:
         return model(x, timesteps, **cond)
-    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
-    v = model(jnp.concatenate([x, x]), jnp.concatenate([timesteps, timesteps]), **both)
-    v_uncond, v_cond = jnp.split(v, 2)
+    # Each image's two rows side by side (u0, c0, u1, c1, ...), not the halves one after the other:
+    # on a mesh an image's pair then stays on the device that holds the image (the halves moved
+    # every latent between devices at every step).
+    pair = lambda u, c: jnp.stack([u, c], axis=1).reshape(-1, *u.shape[1:])
+    both = jax.tree.map(pair, uncond, cond)
+    v = model(pair(x, x), pair(timesteps, timesteps), **both).reshape(x.shape[0], 2, *x.shape[1:])
+    v_uncond, v_cond = v[:, 0], v[:, 1]
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
