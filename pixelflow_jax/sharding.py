@@ -7,6 +7,8 @@ batch is split over 'data'; with fsdp > 1 each parameter is split along its larg
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -111,16 +113,31 @@ def replicate_on_local_devices(params):
 STACKED_BLOCKS = ("transformer_blocks", "blocks")
 
 
+# Arrays of at least this many values that fsdp cannot split are named in a warning.
+LARGE_REPLICATED = 1 << 20
+
+
 def param_shardings(params, mesh: Mesh):
     """NamedShardings for a nested parameter dict (stacked block parameters sit under
-    STACKED_BLOCKS with a leading layer axis)."""
+    STACKED_BLOCKS with a leading layer axis). Large arrays that no axis of which fsdp divides
+    stay whole on every device: a warning names them."""
     fsdp = mesh.shape["fsdp"]
+    whole = []
 
     def rule(path, leaf):
         stacked = any(getattr(k, "key", None) in STACKED_BLOCKS for k in path)
-        return NamedSharding(mesh, fsdp_spec(tuple(np.shape(leaf)), fsdp, stacked))
+        spec = fsdp_spec(tuple(np.shape(leaf)), fsdp, stacked)
+        if fsdp > 1 and spec == P() and np.size(leaf) >= LARGE_REPLICATED:
+            whole.append((jax.tree_util.keystr(path), np.shape(leaf), np.size(leaf) * np.dtype(leaf.dtype).itemsize))
+        return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(rule, params)
+    shardings = jax.tree_util.tree_map_with_path(rule, params)
+    if whole:
+        name, shape, _ = max(whole, key=lambda entry: entry[2])
+        logging.warning("with mesh.fsdp = %d, %d large arrays (%.2f GB) stay whole on every device: none of their "
+                        "axes divides by %d (e.g. %s %s); an fsdp that divides the model's widths splits them",
+                        fsdp, len(whole), sum(entry[2] for entry in whole) / 1e9, fsdp, name, shape)
+    return shardings
 
 
 def batch_for(count: int, batch_size: int, devices: int) -> int:

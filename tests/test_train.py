@@ -164,6 +164,21 @@ def test_on_several_devices_each_runs_the_model_on_its_own_share_of_the_batch(co
     assert not [s for s in shapes if s[-3:] == (64, 64, 3)], "float32 images moved between devices"
 
 
+def test_fsdp_names_the_large_arrays_it_cannot_split(caplog):
+    """XL's 1152-wide kernels do not divide by fsdp = 256: they stayed whole on every device (2.4 GB
+    of weights, EMA and moments each) without a word."""
+    from pixelflow_jax.sharding import param_shardings
+
+    shapes = {"transformer_blocks": {"q_proj": jax.ShapeDtypeStruct((2, 1155, 1155), np.float32)},
+              "class_embedding": jax.ShapeDtypeStruct((1001, 1152), np.float32),
+              "bias": jax.ShapeDtypeStruct((5,), np.float32)}
+    specs = jax.tree.map(lambda s: s.spec, param_shardings(shapes, mesh_of(jax.devices(), 8)))
+    assert specs["class_embedding"] == jax.sharding.PartitionSpec(None, "fsdp")
+    assert specs["transformer_blocks"]["q_proj"] == specs["bias"] == jax.sharding.PartitionSpec()
+    assert "with mesh.fsdp = 8, 1 large arrays (0.01 GB) stay whole on every device" in caplog.text
+    assert "['transformer_blocks']['q_proj'] (2, 1155, 1155)" in caplog.text
+
+
 def test_no_training_step_reuses_a_key_that_initialised_the_parameters():
     seed, draws = 3, 200  # an XL model draws a few hundred initialiser keys
     init_keys = nnx.Rngs(seed)
