@@ -69,15 +69,18 @@ def attention_split(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tupl
 
 
 def keep_batch_split(x: jax.Array) -> jax.Array:
-    """x with its leading (batch) axis split over the context mesh as attention_split splits a
-    batch; x itself without a mesh, or where no mesh axis of more than one device divides the
-    batch. Inside the blocks: with fsdp > 1 XLA's partitioner otherwise served an MLP's sharded
-    weights by gathering the whole stage batch's activations onto every device and all-reducing
-    their partial sums (activation traffic, per layer), instead of gathering the weights (FSDP)."""
+    """x with its leading axis, the batch (not for use under vmap), split over the context mesh's
+    Auto axes as attention_split splits a batch; x itself without a mesh, or where no Auto axis of
+    more than one device divides the batch (Explicit axes carry their shardings in the types, and
+    inside shard_map the axes are Manual). Inside the blocks: with fsdp > 1 XLA's partitioner
+    otherwise served an MLP's sharded weights by gathering the whole stage batch's activations
+    onto every device and all-reducing their partial sums (activation traffic, per layer), instead
+    of gathering the weights (FSDP)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    batch_axes = tuple(a for a in attention_split(mesh, x.shape[0], 1)[0] if mesh.shape[a] > 1)
+    auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == jax.sharding.AxisType.Auto}
+    batch_axes = tuple(a for a in attention_split(mesh, x.shape[0], 1)[0] if mesh.shape[a] > 1 and a in auto)
     if not batch_axes:  # no mesh axis splits this batch (the demo's 3 images on 8 devices): as it was
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_axes)))
@@ -134,8 +137,10 @@ def param_shardings(params, mesh: Mesh):
     shardings = jax.tree_util.tree_map_with_path(rule, params)
     if whole:
         name, shape, _ = max(whole, key=lambda entry: entry[2])
-        logging.warning("with mesh.fsdp = %d, %d large arrays (%.2f GB) stay whole on every device: none of their "
-                        "axes divides by %d (e.g. %s %s); an fsdp that divides the model's widths splits them",
+        logging.warning("with mesh.fsdp = %d, %d large arrays (%.2f GB; a training state counts parameters, EMA and "
+                        "optimiser moments apart) stay whole on every device: no axis of theirs that may be split "
+                        "(the stacked layer axis never is) divides by %d (e.g. %s %s); an fsdp that divides the "
+                        "model's widths splits them",
                         fsdp, len(whole), sum(entry[2] for entry in whole) / 1e9, fsdp, name, shape)
     return shardings
 

@@ -70,7 +70,7 @@ def user_path(path: str) -> str:
                            f"(or ./{path} for a local folder of that name)")
     if is_url(path) and not _SCHEME_NAME.fullmatch(scheme(path)):
         # runs/gs://b (a URL pasted after a folder): as a "scheme", runs/gs would be refused in odd words
-        url = re.search(rf"{_KNOWN_SCHEMES}://.*", path, re.I)
+        url = re.search(rf"(?<![A-Za-z0-9+.-]){_KNOWN_SCHEMES}://.*", path, re.I)  # not the gs:// of runs/mygs://
         raise StorageError(f'{path} holds "://" inside a path: a URL starts with its scheme'
                            + (f" (write {url[0]})" if url else "") + ', and a local folder name cannot hold "://"')
     if is_url(path) and scheme(path) == "file":

@@ -68,7 +68,9 @@ def pytest_collection_modifyitems(items):
     """With `-n 2 --dist loadgroup` (the README's command) the tests that check time windows (a
     SIGTERM after step 6, a kill -9 after a checkpoint, the GPU dry run's step limits) run one after
     another in one worker: two of them at once on 2 cores could stretch those windows. The other
-    slow tests go to whichever worker is free, which keeps both cores busy to the end."""
+    slow tests go to whichever worker is free, which keeps both cores busy to the end; one of them
+    beside a timed test stretches its windows less than a second timed test would (each timed test
+    has margins for a busy machine: the dry run's limits are 4x the GPU's)."""
     for item in items:
         if item.get_closest_marker("timed"):
             item.add_marker(pytest.mark.xdist_group("timed"))

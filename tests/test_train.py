@@ -164,6 +164,25 @@ def test_on_several_devices_each_runs_the_model_on_its_own_share_of_the_batch(co
     assert not [s for s in shapes if s[-3:] == (64, 64, 3)], "float32 images moved between devices"
 
 
+def test_activations_are_pinned_to_the_batch_split_only_on_auto_mesh_axes():
+    """The model's keep_batch_split raised under an Explicit mesh (jax.make_mesh's default) and
+    inside shard_map, where the model ran before it was added."""
+    from jax.sharding import AxisType, PartitionSpec as P
+
+    from pixelflow_jax.sharding import keep_batch_split
+
+    x = np.arange(32.0).reshape(8, 4)
+    pinned = jax.jit(keep_batch_split)
+    with jax.set_mesh(jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))) as mesh:
+        assert pinned(x).sharding.spec == P("data")
+        local = jax.shard_map(keep_batch_split, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+        many = np.arange(256.0).reshape(64, 4)  # 8 rows per device, which the mesh's 8 would divide
+        np.testing.assert_array_equal(jax.jit(local)(many), many)
+    with jax.set_mesh(jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))):
+        np.testing.assert_array_equal(pinned(x), x)
+    np.testing.assert_array_equal(pinned(x[:3]), x[:3])  # no mesh
+
+
 def test_fsdp_names_the_large_arrays_it_cannot_split(caplog):
     """XL's 1152-wide kernels do not divide by fsdp = 256: they stayed whole on every device (2.4 GB
     of weights, EMA and moments each) without a word."""
@@ -175,7 +194,7 @@ def test_fsdp_names_the_large_arrays_it_cannot_split(caplog):
     specs = jax.tree.map(lambda s: s.spec, param_shardings(shapes, mesh_of(jax.devices(), 8)))
     assert specs["class_embedding"] == jax.sharding.PartitionSpec(None, "fsdp")
     assert specs["transformer_blocks"]["q_proj"] == specs["bias"] == jax.sharding.PartitionSpec()
-    assert "with mesh.fsdp = 8, 1 large arrays (0.01 GB) stay whole on every device" in caplog.text
+    assert "with mesh.fsdp = 8, 1 large arrays (0.01 GB;" in caplog.text and "stay whole on every device" in caplog.text
     assert "['transformer_blocks']['q_proj'] (2, 1155, 1155)" in caplog.text
 
 

@@ -389,6 +389,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 preempted = save_due = True
             if save_due:  # before the preview: a preview can outlast a preemption's grace period
                 lock.check_held(read_now=True)  # on every process: a run whose lock was taken over saves nothing
+                jax.block_until_ready(state)  # the step itself is training time; the save's wait is not
                 save_start = time.perf_counter()
                 save(manager, step, state)
                 last_time += time.perf_counter() - save_start  # img/s counts training time only
