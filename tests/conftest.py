@@ -2,8 +2,18 @@
 
 import os
 
+
+
+def cpu_devices(count: int) -> str:
+    """XLA_FLAGS for `count` fake CPU devices. XLA:CPU's concurrency-optimised schedule now and then
+    let two devices of one program enter different collectives first (an all-to-all on one, an
+    all-gather on the other), and both waited until XLA aborted the process (seen in 4 of 17 runs
+    of a 2-device fsdp training step, 2026-11-29, jax 0.10.2); its sequential schedule ran 8 of 8."""
+    return f"--xla_force_host_platform_device_count={count} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 # Eight fake CPU devices for the sharding tests; must be set before jax is first imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", cpu_devices(8))
 
 import atexit
 import shutil

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, cpu_devices
 
-EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": cpu_devices(8)}
 
 
 def run_sample(workdir, checkpoint, *overrides, config="configs/c2i.py:tiny"):
