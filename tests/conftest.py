@@ -4,12 +4,15 @@ import os
 
 
 
-def cpu_devices(count: int) -> str:
-    """XLA_FLAGS for `count` fake CPU devices. XLA:CPU's concurrency-optimised schedule now and then
-    let two devices of one program enter different collectives first (an all-to-all on one, an
-    all-gather on the other), and both waited until XLA aborted the process (seen in 4 of 17 runs
-    of a 2-device fsdp training step, 2026-11-29, jax 0.10.2); its sequential schedule ran 8 of 8."""
-    return f"--xla_force_host_platform_device_count={count} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+def cpu_devices(count: int, one_process: bool = True) -> str:
+    """XLA_FLAGS for `count` fake CPU devices. In one process, XLA:CPU's concurrency-optimised
+    schedule now and then let two devices of one program enter different collectives first (an
+    all-to-all on one, an all-gather on the other), and both waited until XLA aborted the process
+    (seen in 4 of 17 runs of a 2-device fsdp training step, 2026-11-29, jax 0.10.2); its sequential
+    schedule ran 8 of 8. Not for a job of several processes: there the sequential schedule put
+    the processes' gloo collectives out of step (a size mismatch, seen once)."""
+    serial = " --xla_cpu_enable_concurrency_optimized_scheduler=false" if one_process else ""
+    return f"--xla_force_host_platform_device_count={count}{serial}"
 
 
 # Eight fake CPU devices for the sharding tests; must be set before jax is first imported.

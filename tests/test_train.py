@@ -284,7 +284,7 @@ def test_a_step_that_would_make_weights_non_finite_is_skipped(single_device):
 def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=True, config="configs/c2i.py:tiny"):
     command = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}",
                "--config.train.num_steps=40", "--config.train.checkpoint_every=10", *overrides]
-    env = {**os.environ, "XLA_FLAGS": cpu_devices(devices)}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(devices, one_process="--distributed" not in overrides)}
     if not compilation_cache:  # neither the session's cache nor main.py's own
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
         command.append("--compilation_cache=off")
