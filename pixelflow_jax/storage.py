@@ -47,13 +47,13 @@ def scheme(path: str) -> str:
 # A URL that lost a slash or its colon ("gs:/bucket", "gs:bucket", "gs//bucket", "gs;//bucket"):
 # taken as it is, it would be a local folder named "gs:" or "gs" that quietly fills the disk
 # instead of the bucket.
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*"  # RFC 3986's scheme
 _KNOWN_SCHEMES = r"(?:gs|gcs|hf|s3|http|https|file)"
-_BROKEN_URL = re.compile(rf"[A-Za-z][A-Za-z0-9+.-]*:/(?!/)|{_KNOWN_SCHEMES}:(?!//)|{_KNOWN_SCHEMES}[;.]?//", re.I)
+_BROKEN_URL = re.compile(rf"{_SCHEME}:/(?!/)|{_KNOWN_SCHEMES}:(?!//)|{_KNOWN_SCHEMES}[;.]?//", re.I)
 # Characters an object path cannot keep: tensorstore (the checkpoints' arrays) reads "?" and "#" as
 # the start of a URL query or fragment, and fsspec (listings, deletes) reads "*?[]" as wildcards,
 # so a run's arrays would land in another folder, or a delete would match other runs' files.
 _NOT_IN_OBJECT_PATHS = "?#*[]"
-_SCHEME_NAME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 def user_path(path: str) -> str:
@@ -68,7 +68,7 @@ def user_path(path: str) -> str:
         rest = path[broken.end():].lstrip("/\\")
         raise StorageError(f'{path} looks like a URL without its "://": write {meant_scheme(scheme_name)}://{rest} '
                            f"(or ./{path} for a local folder of that name)")
-    if is_url(path) and not _SCHEME_NAME.fullmatch(scheme(path)):
+    if is_url(path) and not re.fullmatch(_SCHEME, scheme(path)):
         # runs/gs://b (a URL pasted after a folder): as a "scheme", runs/gs would be refused in odd words
         url = re.search(rf"(?<![A-Za-z0-9+.-]){_KNOWN_SCHEMES}://.*", path, re.I)  # not the gs:// of runs/mygs://
         raise StorageError(f'{path} holds "://" inside a path: a URL starts with its scheme'

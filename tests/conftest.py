@@ -3,7 +3,6 @@
 import os
 
 
-
 def cpu_devices(count: int, one_process: bool = True) -> str:
     """XLA_FLAGS for `count` fake CPU devices. In one process, XLA:CPU's concurrency-optimised
     schedule now and then let two devices of one program enter different collectives first (an

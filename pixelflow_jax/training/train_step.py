@@ -22,7 +22,7 @@ from flax import nnx
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import stage_resolutions
-from pixelflow_jax.sharding import batch_sharding, param_shardings, replicated
+from pixelflow_jax.sharding import batch_sharding, keep_batch_split, param_shardings, replicated
 from pixelflow_jax.training import flow
 
 
@@ -184,7 +184,7 @@ def make_train_step(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, 
     # Grouping the images by stage is a gather by random indices, which XLA's partitioner serves by
     # copying each whole stage batch to every device; without this constraint every device then
     # ran the model on the whole batch (the same numbers as one device, no faster).
-    split_over_devices = lambda stage: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, data), stage)
+    split_over_devices = lambda stage: jax.tree.map(keep_batch_split, stage)
 
     def micro_batch_grads(params, images, conditioning, key, encoder_params):
         draws_key, drop_key = jax.random.split(key)
