@@ -50,7 +50,7 @@ class StageBatch:
     x_t: jax.Array  # (B/S, r, r, C) noisy input
     target: jax.Array  # (B/S, r, r, C) velocity target
     timesteps: jax.Array  # (B/S,) model timesteps
-    conditioning: dict  # the model's keyword arguments, each (B/S, ...): class_labels, or text embeddings + mask
+    conditioning: dict  # each (B/S, ...): the model's keyword arguments (class_labels, or text embeddings + mask)
 
 
 jax.tree_util.register_dataclass(StageBatch, data_fields=["x_t", "target", "timesteps", "conditioning"],
@@ -83,8 +83,9 @@ def draw(key: jax.Array, batch: int, resolution: int, channels: int, num_stages:
 
 def stage_batches(images: jax.Array, conditioning: dict, draws: Draws, tables: StageTables) -> list[StageBatch]:
     """Splits a batch of full-resolution images (B, R, R, C), uint8 or floats in [-1, 1], and their
-    conditioning (the model's keyword arguments, each with batch-leading arrays) into its S stage
-    batches, stage 0 (smallest) first; within a stage, images keep their batch order."""
+    conditioning (a dict of batch-leading arrays: the model's keyword arguments, or caption tokens
+    that train_step encodes per stage) into its S stage batches, stage 0 (smallest) first; within
+    a stage, images keep their batch order."""
     num_stages = tables.num_stages
     batch = images.shape[0]
     if batch % num_stages:
