@@ -1144,6 +1144,38 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
         check_sample_count(config.sample)
 
 
+def test_a_sampling_job_may_grow_into_its_folder_but_not_shrink(tmp_path):
+    """A larger num_images (10,000 images for a first FID, then 50,000) keeps the images on disk when
+    each recorded image keeps its label or prompt; a smaller one, or another conditioning of a
+    recorded image, is refused as before."""
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    check = lambda settings: check_settings(str(samples), str(tmp_path), {"seed": 0, **settings})
+    recorded = lambda: json.loads((samples / "settings.json").read_text())
+    check({"num_images": 4, "labels": [0, 1, 2, 0]})
+    (samples / "000000.png").write_bytes(b"")
+    check({"num_images": 6, "labels": [0, 1, 2, 0, 1, 2]})  # the default labels, i mod 3
+    assert recorded() == {"seed": 0, "num_images": 6, "labels": [0, 1, 2, 0, 1, 2]}
+    with pytest.raises(ValueError, match=r"holds a job of 6 images: a job may grow .* but not shrink; use a new "
+                                         r"--workdir, or rerun with --config.sample.num_images=6"):
+        check({"num_images": 4, "labels": [0, 1, 2, 0]})
+    for refused in ({"num_images": 8, "labels": [1, 1, 2, 0, 1, 2, 0, 1]},  # image 0 with another label
+                    {"num_images": 8, "labels": [0, 1, 2, 0, 1, 2, 0, 1], "seed": 1}):
+        with pytest.raises(ValueError, match=r"holds images sampled with other settings"):
+            check(refused)
+    assert recorded()["num_images"] == 6
+
+    text = {"num_images": 4, "prompts": ["a fox", "a cat"], "images_per_prompt": 2, "negative_prompt": ""}
+    for name in ("settings.json", "000000.png"):
+        (samples / name).unlink()
+    check(text)
+    check({**text, "num_images": 6, "prompts": ["a fox", "a cat", "a dog"]})  # a prompt added at the end
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['images_per_prompt', 'num_images'\]"):
+        check({**text, "num_images": 9, "prompts": ["a fox", "a cat", "a dog"], "images_per_prompt": 3})
+
+
 def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_process(tmp_path, monkeypatch):
     """Another job's settings.json recorded between this job's checks and its exclusive create is
     named; with several processes, process 0 alone checks, and the others learn its outcome (one

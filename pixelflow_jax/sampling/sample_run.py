@@ -1,7 +1,7 @@
 """`main.py --mode=sample`: sample a checkpoint (a training run, converted, release or Hub folder) to PNGs, an ADM-format .npz and a grid.
 
     WORKDIR/samples/000000.png ...   one PNG per image, named by image id
-    WORKDIR/samples/settings.json    what the images were sampled with (a rerun must match)
+    WORKDIR/samples/settings.json    what the images were sampled with (a rerun must match, or add images)
     WORKDIR/samples.npz              arr_0 = uint8 (N, H, W, 3), written once every image exists
     WORKDIR/grid.png                 the first (up to 64) images, to look at
 
@@ -107,6 +107,13 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
         changed = changed_settings(path, settings)
         if not changed:
             return
+        recorded = storage.read_json(path)
+        if (count := extended_from(recorded, settings, changed)) is not None:
+            # Each image depends only on the seed, its id and its conditioning: the recorded ones stay valid.
+            logging.info("extending the job in %s from %d to %d images: those on disk are kept", folder, count,
+                         settings["num_images"])
+            storage.write_json_atomically(path, settings)
+            return
         if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
             raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
                              "image yet (it stopped before its first, or is still starting): if no job samples "
@@ -119,6 +126,10 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
         dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
                  f"{storage.read_json(path).get('text_encoder_param_dtype')})"
                  if "text_encoder_param_dtype" in changed else "")
+        if extended_from(settings, recorded, changed) is not None:
+            raise ValueError(f"{folder} holds a job of {recorded['num_images']} images: a job may grow into the "
+                             "folder it sampled (a larger num_images keeps the images on disk), but not shrink; use "
+                             f"a new --workdir, or rerun with --config.sample.num_images={recorded['num_images']}")
         raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
                          f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
     if images := sampled_images(folder):
@@ -133,6 +144,31 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
     if changed := changed_settings(path, settings):  # another job's came first
         raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
                          f"(differing: {changed}); use a new --workdir")
+
+
+# What may differ between a job and the larger one that extends it.
+PER_IMAGE_SETTINGS = ("num_images", "labels", "prompts", "images_per_prompt")
+
+
+def per_image_conditioning(settings: dict) -> list | None:
+    """What each image of a job is sampled for: its label, or its prompt."""
+    if "labels" in settings:
+        return list(settings["labels"])
+    if "prompts" in settings:
+        return [prompt for prompt in settings["prompts"] for _ in range(int(settings["images_per_prompt"]))]
+    return None
+
+
+def extended_from(recorded: dict, settings: dict, changed: list[str]) -> int | None:
+    """The recorded job's image count when `settings` only ask for more images, the recorded ones
+    each with the label or prompt it had (sample.labels's default, i mod num_classes, extends;
+    so do prompts added after the recorded ones); None otherwise."""
+    if not set(changed) <= set(PER_IMAGE_SETTINGS):
+        return None
+    before, after = per_image_conditioning(recorded), per_image_conditioning(settings)
+    if before is None or after is None or len(after) <= len(before) or after[:len(before)] != before:
+        return None
+    return len(before)
 
 
 def changed_settings(path: str, settings: dict) -> list[str]:
