@@ -3,8 +3,8 @@
 Class-conditional checkpoints get a class picker (ImageNet names for 1000-class models), text ones
 a prompt box (with config.sample.text_encoder); both get solver, CFG, noise shift, steps per stage,
 seed and number of images, a gallery and the PNGs to download. Each new combination of batch size,
-steps and solver compiles once (the page says so), as does CFG 1 (unguided); other CFG values, shifts
-and seeds reuse the compiled sampler.
+Euler steps and solver compiles once (the page says so), as does CFG 1 (unguided); other CFG values,
+shifts and seeds reuse the compiled sampler.
 Bad input is reported on the page; the server keeps running. Binds to 127.0.0.1 unless
 config.demo.share_on_network.
 """
@@ -53,7 +53,7 @@ TEMPORARY_OUTPUTS = "pixelflow_demo"  # a bucket workdir's page folders (storage
 
 def demo_output_dir(workdir: str) -> str:
     """This page's folder in WORKDIR/demo_outputs (the page serves files from a local folder); the
-    folders of earlier pages are removed, those of pages still serving are kept. A bucket workdir
+    folders of pages that stopped are removed, those of pages still serving and anything else kept. A bucket workdir
     gets a temporary folder removed at exit; those of pages that were killed are removed by a later
     start (storage.remove_abandoned_dirs)."""
     if not workdir or storage.is_url(workdir):
@@ -65,10 +65,10 @@ def demo_output_dir(workdir: str) -> str:
     os.makedirs(outputs, exist_ok=True)
     for entry in os.scandir(outputs):
         match = PAGE_OUTPUTS.fullmatch(entry.name)
-        if match and not storage.writer_gone(match, entry.path):  # a page that still serves
-            continue
+        if not match or not entry.is_dir(follow_symlinks=False) or not storage.writer_gone(match, entry.path):
+            continue  # the user's own files, or a page that still serves
         with contextlib.suppress(OSError):
-            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
+            shutil.rmtree(entry.path)
     folder = tempfile.mkdtemp(prefix=f"page-{storage.writer_tag()}-", dir=outputs)
     os.chmod(folder, 0o777 & ~storage.umask())  # mkdtemp's 0700 would hide the images from other users
     return folder
@@ -78,8 +78,8 @@ PAGE_OUTPUTS = re.compile(rf"page-{storage.WRITER}")
 
 
 def check_demo_outputs(workdir: str) -> str:
-    """WORKDIR/demo_outputs, refused when it is a link or a file: a start removes what is there
-    besides the folders of pages still serving."""
+    """WORKDIR/demo_outputs, refused when it is a link or a file: a start removes the folders of
+    pages that stopped there."""
     outputs = os.path.join(workdir, "demo_outputs")
     if os.path.islink(outputs) or (os.path.exists(outputs) and not os.path.isdir(outputs)):
         kind = "a link" if os.path.islink(outputs) else "a file"
@@ -99,6 +99,10 @@ def remove_old_requests(output_dir: str, keep: int = KEPT_REQUESTS) -> None:
     folders.sort(key=lambda entry: entry.stat().st_mtime_ns)
     for entry in folders[:max(0, len(folders) - keep)]:
         shutil.rmtree(entry.path, ignore_errors=True)
+
+
+# dopri5 picks its own steps between the stage's ends: the page says what it did not use.
+DOPRI5_NOTE = " dopri5 chooses its own steps: the step sliders and the noise shift were not used."
 
 
 class DemoSampler:
@@ -164,8 +168,9 @@ class DemoSampler:
         return named
 
     def compile_key(self, num_images, solver, cfg, steps) -> tuple:
-        # The sampler compiles per batch, solver, step counts and guided or not (CFG 1 is unguided).
-        return (int(num_images), solver, float(cfg) == 1.0, tuple(int(n) for n in steps))
+        # The sampler compiles per batch, solver, Euler step counts (dopri5 picks its own steps) and
+        # guided or not (CFG 1 is unguided).
+        return (int(num_images), solver, float(cfg) == 1.0, tuple(int(n) for n in steps) if solver == "euler" else ())
 
     def generate(self, condition, num_images, solver, cfg, shift, steps, seed) -> list[str]:
         """PNG paths of the images; the same request always gives the same images."""
@@ -235,8 +240,8 @@ def build_page(demo: DemoSampler, config):
                 yield gr.update(value=f"**Failed:** {type(error).__name__}: {error}"), gr.update(), gr.update()
                 return
             images = f"{len(paths)} image{'s' if len(paths) > 1 else ''}"
-            yield (gr.update(value=f"{images} for {demo.named(condition)} in {time.perf_counter() - start:.1f} s."),
-                   paths, paths)
+            yield (gr.update(value=f"{images} for {demo.named(condition)} in {time.perf_counter() - start:.1f} s."
+                                   + (DOPRI5_NOTE if solver == "dopri5" else "")), paths, paths)
 
         button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files])
     return page

@@ -573,16 +573,17 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
     assert storage.remove_temporaries(str(tmp_path / "samples")) == len(ours)
     assert sorted(os.listdir(tmp_path / "samples")) == sorted(kept)
 
-    outputs = tmp_path / "demo_outputs"  # a page of an earlier version, a killed page, a page still serving
+    outputs = tmp_path / "demo_outputs"  # the user's files, a killed page, a page still serving
     outputs.mkdir()
-    (outputs / "old.png").write_bytes(b"")
+    (outputs / "keep.png").write_bytes(b"")
+    (outputs / "my_favourites").mkdir()
     (outputs / f"page-{here}-{dead}-a" / "request").mkdir(parents=True)
     serving = outputs / f"page-{here}-{os.getppid()}-b"
     serving.mkdir()
     (serving / "0.png").write_bytes(b"")
     mine = demo_output_dir(str(tmp_path))
     assert os.path.dirname(mine) == str(outputs) and os.path.basename(mine).startswith(f"page-{here}-{os.getpid()}-")
-    assert sorted(os.listdir(outputs)) == sorted([serving.name, os.path.basename(mine)])
+    assert sorted(os.listdir(outputs)) == sorted(["keep.png", "my_favourites", serving.name, os.path.basename(mine)])
     assert os.listdir(serving) == ["0.png"]  # a second page on the workdir left the first one's images
 
 
@@ -650,6 +651,16 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
                             ({"steps": [2, None, 2, 2]}, "Steps of stage 1 must be a number, got None."),
                             ({"seed": float("nan")}, "Seed must be a number, got nan.")]:
         assert demo.check(**{**good, **change}) == message
+
+
+def test_the_demo_compiles_per_euler_step_counts_not_dopri5_ones():
+    """The page said "Compiling..." whenever a step slider moved under dopri5, which uses none."""
+    from pixelflow_jax.demo_app import DemoSampler
+
+    key = DemoSampler.compile_key
+    assert key(None, 2, "euler", 4.0, [2, 2, 2, 2]) != key(None, 2, "euler", 4.0, [2, 3, 2, 2])
+    assert key(None, 2, "dopri5", 4.0, [2, 2, 2, 2]) == key(None, 2, "dopri5", 4.0, [2, 3, 2, 2])
+    assert key(None, 2, "dopri5", 4.0, [2, 2, 2, 2]) != key(None, 2, "dopri5", 1.0, [2, 2, 2, 2])  # unguided
 
 
 def test_a_demo_with_steps_for_another_number_of_stages_is_one_line(converted):
