@@ -53,9 +53,9 @@ TEMPORARY_OUTPUTS = "pixelflow_demo"  # a bucket workdir's page folders (storage
 
 def demo_output_dir(workdir: str) -> str:
     """This page's folder in WORKDIR/demo_outputs (the page serves files from a local folder); the
-    folders of pages that stopped are removed, those of pages still serving and anything else kept. A bucket workdir
-    gets a temporary folder removed at exit; those of pages that were killed are removed by a later
-    start (storage.remove_abandoned_dirs)."""
+    folders of pages that stopped are removed, those of pages still serving and anything else kept.
+    A bucket workdir gets a temporary folder removed at exit; those of pages that were killed are
+    removed by a later start (storage.remove_abandoned_dirs)."""
     if not workdir or storage.is_url(workdir):
         storage.remove_abandoned_dirs(TEMPORARY_OUTPUTS)
         folder = storage.temporary_dir(TEMPORARY_OUTPUTS)

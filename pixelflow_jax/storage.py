@@ -72,7 +72,9 @@ def user_path(path: str) -> str:
         # runs/gs://b (a URL pasted after a folder): as a "scheme", runs/gs would be refused in odd words
         url = re.search(rf"(?<![A-Za-z0-9+.-]){_KNOWN_SCHEMES}://.*", path, re.I)  # not the gs:// of runs/mygs://
         raise StorageError(f'{path} holds "://" inside a path: a URL starts with its scheme'
-                           + (f" (write {url[0]})" if url else "") + ', and a local path holding "://" is refused, so that a mistyped URL never becomes a local folder')
+                           + (f" (write {url[0]})" if url else "")
+                           + ', and a local path holding "://" is refused, so that a mistyped URL never becomes a '
+                             'local folder')
     if is_url(path) and scheme(path) == "file":
         raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
     if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:

@@ -476,11 +476,13 @@ def test_text_step_on_eight_devices_equals_one_device_and_leaves_the_encoder_fro
         mesh = mesh_of(devices, fsdp)
         state, encoder, step = build_text_step(model, config, text, encoder_params, mesh)
         if fsdp == 2:
-            images, conditioning = jax.device_put((images, conditioning), jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))
+            batch = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+            images, conditioning = jax.device_put((images, conditioning), batch)
             step = step.lower(state, images, conditioning, encoder).compile()
             types = re.findall(r"= (.*?) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
                                r"(?:-start)?\(", step.as_text())
-            moved = [dims for t in types for dims in re.findall(r"f32\[(\d+),(\d+),(\d+)\]", t) if dims[1:] == (str(TOKENS), "20")]
+            moved = [dims for t in types for dims in re.findall(r"f32\[(\d+),(\d+),(\d+)\]", t)
+                     if dims[1:] == (str(TOKENS), "20")]
             assert types and not moved, moved  # rows of T5 states (n, 16 tokens, 20 wide)
         before = jax.tree.map(np.asarray, encoder)
         for _ in range(2):

@@ -3,9 +3,9 @@
 One step: uint8 images -> [-1, 1]; label dropout (class-conditional), or, for text-conditional
 models, caption dropout to the empty prompt; stage-mixed flow-matching inputs (flow.py), then for
 text the frozen T5 encoder on the stages' tokens; the model once per stage on dense arrays;
-per-sample-mean loss; gradients (optionally accumulated over micro-batches); global-norm clipping; AdamW; EMA. A step whose loss, gradient norm, new weights or
-new EMA are not all finite changes nothing but the counters: the parameters, optimiser state and
-EMA stay as they were.
+per-sample-mean loss; gradients (optionally accumulated over micro-batches); global-norm
+clipping; AdamW; EMA. A step whose loss, gradient norm, new weights or new EMA are not all finite
+changes nothing but the counters: the parameters, optimiser state and EMA stay as they were.
 """
 
 from __future__ import annotations
