@@ -192,6 +192,7 @@ def test_a_batch_larger_than_the_file_is_cut_to_its_images(weights_file, tmp_pat
     assert batches == [16] and features["pool"].shape == (12, 2)  # a multiple of the 8 devices
 
 
+@pytest.mark.slow  # ~75 s on 2 cores: several evaluations, each with its Inception compile
 def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cache(weights_file, tmp_path,
                                                                                   monkeypatch):
     from pixelflow_jax.evaluation import evaluate

@@ -199,6 +199,7 @@ def test_ctrl_c_while_a_job_starts_stops_it_in_one_line(tmp_path):
     assert err.rstrip().splitlines()[-1] == "stopped: interrupted (Ctrl-C)"
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: three jobs, one process each
 def test_a_job_of_one_process_keeps_its_compiled_programs_for_the_next_when_asked_on_a_cpu(tmp_path):
     """A resume or a sampling job compiled everything again (a demo resume: 25 s to its first step,
     10 s with the cache). On CPUs only with --compilation_cache=on (some processors reject XLA:CPU's

@@ -67,6 +67,7 @@ def test_training_forward_and_loss_replay_the_release(collate, converted):
     assert abs(loss - float(g["train_loss"])) <= 1e-4 * float(g["train_loss"])
 
 
+@pytest.mark.slow  # ~55 s on 2 cores
 def test_one_training_step_replays_the_release(collate, converted):
     """Gradients (clipped), one AdamW step and the EMA update against the release's own training
     step on the same packed batch (tests/fixtures/c2i_tiny/golden_train_step.npz): the loss, its
