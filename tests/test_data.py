@@ -1,7 +1,9 @@
 """Input pipelines: image folders with awkward files, a real (tiny) TFDS dataset, the demo set,
 determinism, iterator checkpoints, per-process shards and global batches."""
 
+import collections
 import io
+import logging
 import os
 import shutil
 
@@ -89,6 +91,50 @@ def test_a_symbolic_link_loop_in_an_image_folder_is_named(tmp_path):
     os.remove(tmp_path / "root" / "c" / "loop")
     os.symlink(tmp_path / "root" / "c", tmp_path / "root" / "alias")  # a second name for a folder: no loop
     assert len(ImageFolderSource(str(tmp_path / "root")).records) == 2
+    os.symlink(tmp_path / "root", tmp_path / "root" / "c" / "up")  # to the root, above the class folder
+    with pytest.raises(DataError, match=r"root/(alias|c)/up is a symbolic link to \S*root, a folder that holds"):
+        ImageFolderSource(str(tmp_path / "root"))  # was named as root/alias/up/alias, a link that is no loop
+
+
+def test_file_and_folder_names_that_are_not_utf8_train_and_pack(tmp_path):
+    """Names from a zip archive made on Windows (latin-1 bytes) stopped every run and pack with
+    "'utf-8' codec can't encode character '\\udce9'", naming no file."""
+    from pixelflow_jax.data.pack_captions import pack
+
+    classes, captioned = tmp_path / "classes", tmp_path / "captioned"
+    for folder in (os.path.join(bytes(classes), b"caf\xe9"), os.path.join(bytes(classes), b"b"), bytes(captioned)):
+        os.makedirs(folder)
+    pixels = encoded(np.zeros((8, 8, 3), np.uint8))
+    for path in (b"caf\xe9/\xff.png", b"b/ok.png"):
+        open(os.path.join(bytes(classes), path), "wb").write(pixels)
+    open(os.path.join(bytes(captioned), b"caf\xe9.png"), "wb").write(pixels)
+    open(os.path.join(bytes(captioned), b"caf\xe9.txt"), "wb").write(b"a cup of coffee")
+    source = make_source(type("C", (), {"source": "folder", "root": str(classes)}), class_index_dir=str(tmp_path))
+    assert source.classes == ["b", "caf\udce9"] and len(source.listing) == 16
+    assert make_source(type("C", (), {"source": "folder", "root": str(classes)}),
+                       class_index_dir=str(tmp_path)).classes == source.classes  # the class index reads back
+    assert loader_module.DecodedSource(source, 8)[1]["label"] == 1
+    assert pack(str(captioned), str(tmp_path / "shards"))["records"] == 1
+    assert CaptionRecordSource(str(tmp_path / "shards"))[0]["name"].endswith("(" + str(captioned) + "/caf\\xe9.png)")
+
+
+def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_named(tmp_path, caplog):
+    """Images beside the class folders and files without an image extension were left out without
+    a word; a class folder renamed only from NFC to NFD (a macOS copy) read as two other classes."""
+    root = tmp_path / "root"
+    for name in ("ni\u00f1o", "b"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "x.jfif", format="JPEG")  # a JPEG extension read now
+    (root / "b" / "photo.heic").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(root / "loose.png")
+    with caplog.at_level(logging.WARNING):
+        source = ImageFolderSource(str(root))
+    assert len(source.records) == 2
+    assert "1 files in the class folders of" in caplog.text and "e.g. " + str(root / "b" / "photo.heic") in caplog.text
+    assert f"1 images in {root} itself are not read (e.g. loose.png)" in caplog.text
+    (root / "ni\u00f1o").rename(root / "nin\u0303o")
+    with pytest.raises(DataError, match=r"differ only in how their accented letters are encoded, NFC or NFD"):
+        ImageFolderSource(str(root), classes=source.classes)
 
 
 def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder, caplog):
@@ -618,18 +664,42 @@ def test_records_that_fail_for_their_captions_say_so():
         def tokenize(self, captions):
             raise AssertionError("an empty caption is never tokenized")
 
-    with pytest.raises(DataError, match=r"64 consecutive records from record 1 on are unusable \(the last, record 64: "
-                                        r"caption is empty"):
-        loader_module.DecodedSource(Blank(100), R, tokenizer=Tokenizer())[1]
-    with pytest.raises(DataError, match=r"all 3 records are unusable \(the last, record 0: caption is empty"):
-        loader_module.DecodedSource(Blank(3), R, tokenizer=Tokenizer())[1]  # each tried once, not 64 times
+    for size in (100, 3):
+        with pytest.raises(DataError, match=r"64 records drawn in a row \(from record 1 on, each replacing the last\) "
+                                            r"are unusable \(the last, record \d+: caption is empty"):
+            loader_module.DecodedSource(Blank(size), R, tokenizer=Tokenizer())[1]
 
     class TooLarge(Blank):  # a resolution no host holds: the settings' fault, not 64 bad records
         def __getitem__(self, index):
             raise MemoryError("Unable to allocate 64.0 GiB for an array")  # numpy's, as the demo set raised it
 
-    with pytest.raises(MemoryError):  # was "64 consecutive records ... are unusable; is the dataset corrupt?"
+    with pytest.raises(MemoryError):  # was "64 ... records ... are unusable; is the dataset corrupt?"
         loader_module.DecodedSource(TooLarge(100), R)[1]
+
+
+def test_an_unreadable_record_is_replaced_by_a_random_other_and_named_once(tmp_path, caplog):
+    """Class a: 10 images, then 5 empty files; class b: 10 images. Each draw of an empty file was
+    replaced by the next record in order: a's last image trained 6 times an epoch, class a got 15
+    of 25 draws, every draw of a bad file was logged, and one draw that stepped over 5 bad files
+    counted 5. Now a random other record replaces it, each bad file is named once, and each draw of
+    one counts once."""
+    for name, count in (("a", 10), ("b", 10)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / name / f"img{i}.png")
+    for i in range(5):
+        (tmp_path / "a" / f"zz{i}.png").write_bytes(b"")
+    decoded = loader_module.DecodedSource(ImageFolderSource(str(tmp_path)), 8, center_crop=True)
+    with caplog.at_level(logging.WARNING):
+        drawn = [decoded[i] for i in range(25)] + [decoded[i] for i in range(10, 15)]  # the bad ones twice
+    firsts = drawn[:25]
+    picked = collections.Counter((int(e["label"]), int(e["image"][0, 0, 0])) for e in firsts)
+    assert max(picked.values()) <= 3, picked  # was 6
+    skipped = [int(e["skipped"]) for e in firsts]
+    assert skipped[:10] == skipped[15:] == [0] * 10 and 1 <= min(skipped[10:15]) and max(skipped[10:15]) <= 2, skipped
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable record" in r.getMessage()]
+    assert sorted(m.split()[3].rsplit("/", 1)[-1].rstrip(":") for m in named) == [f"zz{i}.png" for i in range(5)]
+    assert [int(e["skipped"]) for e in drawn[25:]] == [int(e["skipped"]) for e in firsts[10:15]]  # the same picks
 
 
 def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crops():

@@ -137,7 +137,7 @@ def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(caption
     root, captions = captioned_folder
     tokenizer = T5Tokenizer(encoder_folder, TOKENS)
     source = CaptionedFolderSource(root, missing_captions="skip")
-    # One epoch in one batch of 11: records 2 (not UTF-8) and 5 (empty) are replaced by the next ones.
+    # One epoch in one batch of 11: records 2 (not UTF-8) and 5 (empty) are replaced by random usable ones.
     loader = ImageLoader(build_dataset(source, batch_size=11, resolution=R, seed=0, tokenizer=tokenizer, num_workers=2))
     images, (tokens, mask) = next(loader)
     loader.close()

@@ -122,9 +122,11 @@ class CaptionedFolderSource:
 
 
 def encode_record(image: bytes, caption: str, name: str = "") -> bytes:
-    """A shard record: the image file's bytes, its caption and (for messages) the file's path."""
+    """A shard record: the image file's bytes, its caption and (for messages) the file's path (a
+    name that is not UTF-8, as zip archives from Windows hold, with its odd bytes written as \\xe9)."""
     import msgpack
 
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return msgpack.packb({"image": bytes(image), "caption": caption, "name": name}, use_bin_type=True)
 
 

@@ -10,8 +10,9 @@ loader only decodes and augments. The data path, top to bottom:
   -> DecodedSource               decode to RGB (16-bit and float grey scaled to 8 bits), resize the
                                  shorter side to round(R * 1.125) with Lanczos (or the ADM centre
                                  crop); tokenize the caption (too long:
-                                 truncated and counted); an unreadable image or an unusable caption
-                                 is replaced by the next usable record and counted
+                                 truncated and counted); a draw of an unreadable image or an
+                                 unusable caption is replaced by one of a random other record, and
+                                 counted
   -> shuffle (one global order, the same in every process; reshuffled every epoch), repeat forever
   -> random crop R + random horizontal flip (seeded by the element's global position)
   -> chunks of batch/process_count; process i keeps chunk i of every global batch, from global
@@ -35,6 +36,7 @@ import os
 import re
 import signal
 import sys
+import unicodedata
 from typing import Any, Iterator
 
 import jax
@@ -45,8 +47,9 @@ from PIL import Image, UnidentifiedImageError
 from pixelflow_jax import storage
 from pixelflow_jax.error_text import first_line
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-MAX_CONSECUTIVE_UNREADABLE = 64
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                    ".gif")
+MAX_UNREADABLE_IN_A_ROW = 64  # draws, each replacing the last: more says the dataset is corrupt
 CLASS_INDEX_FILE = "class_index.json"
 
 
@@ -105,8 +108,9 @@ def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
     if not storage.is_url(root):
         real = os.path.realpath(root)
         if real in above:
-            raise DataError(f"{root} is a symbolic link to {real}, a folder that holds it: reading it would never "
-                            "end; remove the link")
+            link = next((p for p in parents_and_self(root) if leads_back(p)), root)
+            raise DataError(f"{link} is a symbolic link to {os.path.realpath(link)}, a folder that holds it: reading "
+                            "it would never end; remove the link")
         above += (real,)
     files, folders = storage.list_entries(root)
     paths = [storage.join(root, name) for name in files if not ignored_name(name)]
@@ -116,13 +120,30 @@ def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
     return paths
 
 
+def parents_and_self(path: str) -> list[str]:
+    """path, then each folder above it: a/b/c, a/b, a."""
+    paths = [path]
+    while (parent := os.path.dirname(paths[-1])) not in ("", paths[-1]):
+        paths.append(parent)
+    return paths
+
+
+def leads_back(path: str) -> bool:
+    """Whether path is a symbolic link to a folder that holds it (the link a walk loops through)."""
+    if not os.path.islink(path):
+        return False
+    target, here = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+    return here == target or here.startswith(target.rstrip("/") + "/")
+
+
 def listing_fingerprint(root: str, rows) -> str:
     """A short hash of a dataset's listing (each row: a file's path, what it trains as): a resume on
     the same number of records whose files were renamed, or moved to another class, is another
     data order, and another labelling."""
     text = "\n".join("\t".join(value.removeprefix(root).lstrip("/") if isinstance(value, str) else str(value)
                                for value in row) for row in rows)  # paths relative to the root: a moved root is the same
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    # surrogateescape: file names that are not UTF-8 (zip archives from Windows) hash as their bytes.
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def require_folder(root: str, message: str) -> None:
@@ -151,17 +172,28 @@ class ImageFolderSource:
         if added or gone:
             change = " and ".join(([f"has class folders {added} that {class_index} does not list"] if added else [])
                                   + ([f"lacks class folders {gone} that {class_index} lists"] if gone else []))
-            raise DataError(f"{root} {change}: the run's checkpoints learned its class ids. Train on the class "
-                            "folders it started with, or start a new --workdir")
+            nfc = lambda names: sorted(unicodedata.normalize("NFC", name) for name in names)
+            respelled = (" (the names differ only in how their accented letters are encoded, NFC or NFD, as a "
+                         "copy made on macOS can change them: rename the folders back)"
+                         if added and nfc(added) == nfc(gone) else "")
+            raise DataError(f"{root} {change}{respelled}: the run's checkpoints learned its class ids. Train on the "
+                            "class folders it started with, or start a new --workdir")
         self.records: list[tuple[str, int]] = []
-        empty = []
+        empty, not_images = [], []
         for label, name in enumerate(self.classes):
-            images = [(path, label) for path in walk_files(storage.join(root, name))
-                      if path.lower().endswith(IMAGE_EXTENSIONS)]
+            files = walk_files(storage.join(root, name))
+            images = [(path, label) for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
+            not_images += [path for path in files if not path.lower().endswith(IMAGE_EXTENSIONS)]
             empty += [] if images else [name]
             self.records += images
+        loose = [name for name in storage.list_files(root) if name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not_images:
+            logging.warning("%d files in the class folders of %s are not read (their names do not end in an image "
+                            "extension: %s), e.g. %s", len(not_images), root, " ".join(IMAGE_EXTENSIONS), not_images[0])
+        if loose and self.records:
+            logging.warning("%d images in %s itself are not read (e.g. %s): a class's images go in %s/<class>/",
+                            len(loose), root, loose[0], root)
         if not self.records:
-            loose = any(name.lower().endswith(IMAGE_EXTENSIONS) for name in storage.list_files(root))
             where = (f"the images in {root} itself are not read: put each class's images in a subfolder "
                      f"{root}/<class>/" if loose else f"expected {root}/<class>/<image>")
             raise DataError(f"no images found in class folders of {root} ({where}, with one of "
@@ -312,22 +344,30 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 class DecodedSource:
     """Decodes and resizes records of a source (and tokenizes their captions when given a
-    tokenizer); an unreadable record is replaced by the next readable one (in source order) and
-    reported in the element's `skipped` count."""
+    tokenizer). A draw of an unreadable record is replaced by a draw of another record, picked at
+    random (fixed per index and attempt, so every process and rerun picks the same), and counted in
+    the element's `skipped`. (The next record in source order, as before 2026-11-29, trained the
+    image after a run of bad files once per bad file, and shifted draws from one class to the next.)"""
 
     def __init__(self, source, resolution: int, expand_ratio: float = 1.125, center_crop: bool = False,
                  tokenizer=None):
         self.source, self.resolution, self.center_crop = source, resolution, center_crop
         self.resize_to = round(resolution * expand_ratio)
         self.tokenizer = tokenizer  # text.T5Tokenizer for captioned sources
+        self.reported: set[int] = set()  # unreadable records this process has named (once each)
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def replacement(self, index: int, attempt: int) -> int:
+        """The record drawn at `attempt` for position `index`: itself first, then random others."""
+        if attempt == 0:
+            return index
+        return int(np.random.default_rng([index, attempt]).integers(len(self.source)))
+
     def __getitem__(self, index: int) -> dict:
-        attempts = min(MAX_CONSECUTIVE_UNREADABLE, len(self.source))  # a small set: each record once
-        for attempt in range(attempts):
-            record_index = (index + attempt) % len(self.source)
+        for attempt in range(MAX_UNREADABLE_IN_A_ROW):
+            record_index = self.replacement(index, attempt)
             record = None
             try:
                 record = self.source[record_index]
@@ -337,7 +377,9 @@ class DecodedSource:
                 raise
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
                 name = (record or {}).get("name") or self._name(record_index)
-                logging.warning("skipping unreadable record %s: %s", name, e)
+                if record_index not in self.reported:
+                    self.reported.add(record_index)
+                    logging.warning("skipping unreadable record %s: %s", name, e)
                 last_error = f"{name}: {e}"  # names the caption when it is the cause
                 continue
             if self.center_crop:
@@ -345,9 +387,8 @@ class DecodedSource:
             else:
                 pixels = np.asarray(resize_shorter_side(image, self.resize_to))
             return {"image": pixels, **conditioning, "skipped": np.int32(attempt)}
-        which = (f"all {attempts} records" if attempts == len(self.source)
-                 else f"{attempts} consecutive records from {self._name(index)} on")
-        raise DataError(f"{which} are unusable (the last, {last_error}); is the dataset corrupt?")
+        raise DataError(f"{MAX_UNREADABLE_IN_A_ROW} records drawn in a row (from {self._name(index)} on, each "
+                        f"replacing the last) are unusable (the last, {last_error}); is the dataset corrupt?")
 
     def _conditioning(self, record: dict) -> dict:
         if self.tokenizer is None:
@@ -480,7 +521,7 @@ class ImageLoader:
 
     def __init__(self, dataset):
         self.iterator = iter(dataset)
-        self.skipped = RunningCount("unusable records skipped (replaced by the next usable ones)")
+        self.skipped = RunningCount("draws of unusable records skipped (each replaced by a random other record)")
         self.truncated = RunningCount("captions drawn were longer than train.max_text_tokens and were truncated")
         self.unknown_text = RunningCount("captions drawn held text the tokenizer does not know (read as <unk>: "
                                          "emoji, or a script outside its vocabulary)")
