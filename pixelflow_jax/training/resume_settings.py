@@ -99,10 +99,13 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         return
     listed = ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
     if not config.train.allow_resume_changes:
+        # The data's files are no setting a rerun can give back: only restoring them can.
+        files = (" (and the data's files as they were)" if set(changed) & {"data.num_records", "data.listing"}
+                 else "")
         raise ValueError(f"{workdir} was trained to step {step} with other settings ({listed}); resuming with them "
                          "would change the run (a batch size, seed or data change also loses exact resume). Rerun "
-                         f"with the values in {path}, or pass --config.train.allow_resume_changes=True to accept the "
-                         f"change (recorded in {CHANGES_FILE})")
+                         f"with the values in {path}{files}, or pass --config.train.allow_resume_changes=True to "
+                         f"accept the change (recorded in {CHANGES_FILE})")
     if not record:
         return
     logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
