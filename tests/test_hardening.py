@@ -732,6 +732,8 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     folder.data.root = "data/other"
     with pytest.raises(ValueError, match=r"data.root: '/.*/data/images' -> '/.*/data/other'"):
         check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
+    folder.data.update(root="data/images", tfds_name="imagenet_v2", demo_seed=7)  # fields a folder run never reads
+    check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
 
 
 def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_not_resume(tmp_path):

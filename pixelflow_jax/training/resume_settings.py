@@ -35,15 +35,20 @@ ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "d
 LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)",
           "data.listing": "data.listing (a hash of the data's file names, and classes where it has them: files "
                           "added, removed or renamed, or moved to another class)"}
-# demo_num_classes: the captioned demo's colour count, which redraws every caption and image.
-DATA_FIELDS = ("source", "tfds_name", "split", "root", "center_crop", "random_flip", "expand_ratio", "demo_num_images",
-               "demo_seed", "demo_num_classes", "missing_captions")
+# The data fields every source reads, then those of each source: a field its source does not read
+# is not compared (runs before 2026-11-29 recorded every field, and a resume that changed, say,
+# tfds_name for a folder of images was refused). demo_num_classes: the demo's hue count, which
+# redraws every image (and caption).
+DATA_FIELDS = ("source", "center_crop", "random_flip", "expand_ratio")
+SOURCE_FIELDS = {"tfds": ("tfds_name", "split"), "folder": ("root", "missing_captions"), "array_record": ("root",),
+                 "demo": ("demo_num_images", "demo_seed", "demo_num_classes")}
 
 
 def resume_settings(config, num_records: int, listing: str | None = None) -> dict:
     values = {"seed": config.seed, "data.num_records": num_records, **({"data.listing": listing} if listing else {})}
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
-    values.update({f"data.{name}": config.data[name] for name in DATA_FIELDS if name in config.data})
+    data_fields = DATA_FIELDS + SOURCE_FIELDS.get(config.data.source, ())
+    values.update({f"data.{name}": config.data[name] for name in data_fields if name in config.data})
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
     values = {key: same_folder_spelled_once(key, value) for key, value in values.items()}
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
