@@ -277,6 +277,7 @@ def check_inspect(config) -> None:
     from pixelflow_jax.checkpoints.checkpoint import WEIGHT_CHOICES
 
     choice("sample.weights", config.sample.weights, WEIGHT_CHOICES)  # read when sample.checkpoint is set
+    seed("seed", config.seed)  # the random weights and inputs
     if "max_text_tokens" in config.sample:  # a text model is inspected with prompts of this length
         text_tokens(config.sample)
 

@@ -348,10 +348,52 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                                                              "need more than 3"),
                                  ("none", np.zeros((0, 8, 8, 3), np.uint8), "holds 0 images"),
                                  ("empty", np.zeros((5, 0, 0, 3), np.uint8), "images of 0x0 pixels, which have no"),
-                                 ("float255", np.zeros((4, 8, 8, 3)), r"and 0-255 values with x.round\(\)")):
+                                 ("float255", np.zeros((4, 8, 8, 3)), r"and 0-255 values with x.round\(\)"),
+                                 ("one", np.zeros((1, 8, 8, 3), np.uint8), "holds 1 image: precision"),
+                                 # 16-bit images: x.clip(0, 255) would saturate nearly every pixel
+                                 ("sixteen", np.zeros((4, 8, 8, 3), np.uint16), r"16-bit images \(0-65535\) with "
+                                                                               r"\(x // 257\)"),
+                                 ("float", np.zeros((4, 8, 8, 3), np.float32), r"images in \[-1, 1\] with \(\(x \+ 1\)")):
         np.savez(tmp_path / f"{name}.npz", arr_0=array)
         with pytest.raises(ValueError, match=message):
             npz_image_count(str(tmp_path / f"{name}.npz"))
+    np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"it is a .npy file: save the images with np.savez"):
+        npz_image_count(str(tmp_path / "plain.npy"))
+    np.savez(tmp_path / "whole.npz", arr_0=np.zeros((40, 8, 8, 3), np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])  # a download that stopped
+    with pytest.raises(ValueError, match=r"it is cut off .*: write or download it again"):
+        npz_image_count(str(tmp_path / "cut.npz"))
+    np.savez(tmp_path / "statistics.npz", mu=np.zeros(2048), sigma=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"statistics alone do not do: precision and recall compare images"):
+        npz_image_count(str(tmp_path / "statistics.npz"))
+
+
+def test_eval_and_inspect_refuse_before_any_work_what_would_fail_after_it(tmp_path, converted):
+    """eval_features/ as a file failed after the Inception pass; eval.json as a folder at the last
+    write; inspect's seed -1 in numpy with a traceback; a converted checkpoint given as --workdir
+    was taken for a workdir (inspect timed the config's random model, eval wrote among orbax's files)."""
+    command = lambda *args: subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", *args],
+                                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    for workdir in (converted["c2i_tiny"], os.path.join(converted["c2i_tiny"], "params")):
+        result = command(f"--workdir={workdir}", "--mode=inspect")
+        assert result.returncode == 1 and "a converted checkpoint folder" in result.stderr, result.stderr[-2000:]
+        assert f"pass --config.sample.checkpoint={converted['c2i_tiny']} and choose another --workdir" in result.stderr
+    result = command(f"--workdir={tmp_path / 'inspect'}", "--mode=inspect", "--config.seed=-1")
+    assert result.returncode == 1 and "--config.seed must be in [0, 4294967295], got -1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    from pixelflow_jax.evaluation.evaluate import check_inputs
+
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=np.zeros((8, 8, 8, 3), np.uint8))
+    (tmp_path / "weights.pth").write_bytes(b"")
+    for name, make in (("eval_features", lambda p: p.write_text("")), ("eval.json", lambda p: p.mkdir())):
+        workdir = tmp_path / name.replace(".", "_")
+        workdir.mkdir()
+        make(workdir / name)
+        with pytest.raises(ValueError, match=rf"{name} is a (file|folder), where the evaluation keeps its"):
+            check_inputs(str(images), str(images), str(tmp_path / "weights.pth"), str(workdir))
 
 
 def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):

@@ -48,6 +48,9 @@ def test_identical_sets_give_zero_and_a_shift_gives_more():
     features = random_features(rng, 1000, 32)
     stats = metrics.gaussian_statistics(features)
     assert abs(metrics.frechet_distance(*stats, *stats)) < 1e-9
+    # 8 samples of 2048 dimensions (an evaluation of 8 images): round-off put identical sets below 0.
+    few = [metrics.gaussian_statistics(random_features(np.random.default_rng(seed), 8, 2048)) for seed in range(3)]
+    assert all(metrics.frechet_distance(*stats, *stats) >= 0 for stats in few)
     shifted = [metrics.frechet_distance(*stats, *metrics.gaussian_statistics(features + s)) for s in (0.1, 0.3)]
     assert 0 < shifted[0] < shifted[1]
     assert shifted[0] == pytest.approx(32 * 0.1**2, rel=1e-9)  # a pure shift adds |shift|^2

@@ -21,8 +21,8 @@ import re
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import (WEIGHT_CHOICES, CheckpointConfig, CheckpointError, abstract_params,
-                                                 check_weights_choice, check_weights_finite)
+from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, WEIGHT_CHOICES, CheckpointConfig, CheckpointError,
+                                                 abstract_params, check_weights_choice, check_weights_finite)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.error_text import first_line
@@ -52,10 +52,27 @@ def has_trained(path: str) -> bool:
     return is_run(path) and bool(complete_steps(path))
 
 
+def checkpoint_folder_kind(folder: str) -> str | None:
+    """'converted' or 'release' for a checkpoint folder of that kind, else None."""
+    if storage.isfile(storage.join(folder, CONFIG_FILE)):
+        return "converted"
+    if storage.isfile(storage.join(folder, "model.pt")) and storage.isfile(storage.join(folder, "config.yaml")):
+        return "release"
+    return None
+
+
 def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
     """Refuses an output inside a training run's checkpoints/ folder (a sample job's workdir and
     its checkpoint swapped, say): the run would take it for a step, and its checkpoint rotation
-    would delete it."""
+    would delete it. A --workdir that is a converted or release checkpoint folder, or its params/,
+    is refused too: inspect took it for a workdir and timed the config's own random model, and
+    eval wrote its files among orbax's."""
+    if flag == "--workdir":
+        for folder in (path, storage.dirname(storage.resolved(path).rstrip("/"))):
+            if kind := checkpoint_folder_kind(folder):
+                raise CheckpointError(f"--workdir {path} is {'' if folder == path else 'inside '}a {kind} checkpoint "
+                                      f"folder ({folder}), where a job's outputs would mix with its files: to use "
+                                      f"it, pass --config.sample.checkpoint={folder} and choose another --workdir")
     absolute = storage.resolved(path)
     for match in re.finditer(f"/{CHECKPOINTS}(?=/|$)", absolute):
         run = absolute[:match.start()]

@@ -44,6 +44,20 @@ IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffus
 STATISTICS_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
 
+def not_an_npz_hint(path: str) -> str:
+    """What a file that is no zip archive probably is: a .npy, or an .npz cut off."""
+    try:
+        with storage.open_file(path, "rb") as f:
+            start = f.read(6)
+    except OSError:
+        return ""
+    if start == b"\x93NUMPY":
+        return "; it is a .npy file: save the images with np.savez(path, images) instead"
+    if start.startswith(b"PK"):
+        return "; it is cut off (a download or a write that stopped?): write or download it again"
+    return ""
+
+
 @contextlib.contextmanager
 def _open_images(path: str):
     """(arr_0 member positioned at its data, shape, dtype, the member's CRC-32) of an .npz of
@@ -53,15 +67,18 @@ def _open_images(path: str):
             source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
             archive = opened.enter_context(zipfile.ZipFile(source))
         except (OSError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}") from None
+            hint = not_an_npz_hint(path)
+            raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}{hint}") from None
         if "arr_0.npy" not in archive.namelist():
             names = archive.namelist()
             if names and not all(name.endswith(".npy") for name in names):  # a zip, not an .npz (a torch .pt)
                 raise ValueError(f"{path} is a zip archive but not an .npz (it holds {names[0]} and {len(names) - 1} "
                                  "more files); pass the .npz of images that --mode=sample writes")
-            keys = ", ".join(name.removesuffix(".npy") for name in names) or "none"
-            raise ValueError(f"{path} has no arr_0 array of images (its arrays: {keys}); write the images as "
-                             "arr_0, e.g. np.savez(path, images)")
+            keys = [name.removesuffix(".npy") for name in names]
+            statistics = (" (statistics alone do not do: precision and recall compare images, which ADM's reference "
+                          "batches hold as arr_0 beside mu and sigma)" if {"mu", "sigma"} <= set(keys) else "")
+            raise ValueError(f"{path} has no arr_0 array of images (its arrays: {', '.join(keys) or 'none'})"
+                             f"{statistics}; write the images as arr_0, e.g. np.savez(path, images)")
         try:
             member = opened.enter_context(archive.open("arr_0.npy"))
             version = np.lib.format.read_magic(member)
@@ -89,14 +106,21 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
     if fortran:  # read in row batches, which Fortran order does not store together
         raise ValueError(f"{path}: arr_0 is stored in Fortran (column-major) order; write np.ascontiguousarray(images)")
     if dtype != np.uint8:
-        fix = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), and 0-255 values "
-               "with x.round().clip(0, 255).astype(np.uint8)" if np.issubdtype(dtype, np.floating)
-               else "convert 0-255 values with x.clip(0, 255).astype(np.uint8)")
+        if np.issubdtype(dtype, np.floating):
+            fix = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), images in [-1, 1] "
+                   "with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8), and 0-255 values with "
+                   "x.round().clip(0, 255).astype(np.uint8)")
+        elif dtype == np.uint16:  # 16-bit images: clipping to 255 would saturate nearly every pixel
+            fix = ("convert 16-bit images (0-65535) with (x // 257).astype(np.uint8), and 0-255 values with "
+                   "x.astype(np.uint8)")
+        else:
+            fix = "convert 0-255 values with x.clip(0, 255).astype(np.uint8)"
         raise ValueError(f"{path}: arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got "
                          f"{dtype}; {fix}")
     if shape[0] <= metrics.NEIGHBOURHOOD:
-        raise ValueError(f"{path} holds {shape[0]} images: precision and recall need more than "
-                         f"{metrics.NEIGHBOURHOOD} (FID wants thousands)")
+        images = f"{shape[0]} image{'s' if shape[0] != 1 else ''}"
+        raise ValueError(f"{path} holds {images}: precision and recall need more than {metrics.NEIGHBOURHOOD} (FID "
+                         "wants thousands)")
 
 
 def npz_image_count(path: str) -> int:
@@ -277,6 +301,11 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
 
         load_inception(inception_weights)
     storage.check_writable_on_every_process(workdir)  # not only once the features are to be cached
+    for name, folder in (("eval_features", True), ("eval.json", False), ("eval_history.jsonl", False)):
+        path = storage.join(workdir, name)
+        if storage.isfile(path) if folder else storage.isdir(path):  # found only after the Inception pass
+            raise ValueError(f"{path} is a {'file' if folder else 'folder'}, where the evaluation keeps its "
+                             f"{'feature cache' if folder else 'results'}: move it away, or use another --workdir")
 
 
 def check_sample_count(sample_config) -> None:

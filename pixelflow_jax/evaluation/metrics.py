@@ -42,7 +42,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     inner = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # A squared distance: round-off below 0 (identical sets give ~-1e-5) is 0.
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
 
 
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
