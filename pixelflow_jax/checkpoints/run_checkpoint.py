@@ -68,7 +68,8 @@ def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
     is refused too: inspect took it for a workdir and timed the config's own random model, and
     eval wrote its files among orbax's."""
     if flag == "--workdir":
-        for folder in (path, storage.dirname(storage.resolved(path).rstrip("/"))):
+        parent = storage.dirname(storage.resolved(path).rstrip("/")) or "/"
+        for folder in (path, parent):
             if kind := checkpoint_folder_kind(folder):
                 raise CheckpointError(f"--workdir {path} is {'' if folder == path else 'inside '}a {kind} checkpoint "
                                       f"folder ({folder}), where a job's outputs would mix with its files: to use "
