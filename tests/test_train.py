@@ -420,13 +420,10 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     sampling = ["--mode=sample", "--config.sample.num_images=6", "--config.sample.batch_size=2",
                 "--config.sample.steps_per_stage=2"]
     run_training(str(tmp_path / "one_sampler"), *sampling, f"--config.sample.checkpoint={two}", devices=2)
-    address = f"localhost:{free_port()}"
-    samplers = [run_training(str(two), *sampling, "--distributed", f"--coordinator_address={address}",
-                             "--num_processes=2", f"--process_id={i}", wait=False, compilation_cache=False)
-                for i in range(2)]
-    for process in samplers:
-        _, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err[-5000:]
+    run_two_processes(lambda address: [run_training(str(two), *sampling, "--distributed",
+                                                     f"--coordinator_address={address}", "--num_processes=2",
+                                                     f"--process_id={i}", wait=False, compilation_cache=False)
+                                        for i in range(2)])
     with np.load(two / "samples.npz") as two_processes, \
             np.load(tmp_path / "one_sampler" / "samples.npz") as one_process:
         assert two_processes["arr_0"].shape == one_process["arr_0"].shape and len(one_process["arr_0"]) == 6
@@ -434,14 +431,39 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
 
     # A fine-tune on two processes: every process reads train.init_from, then the state is sharded
     # over both (placing one process's arrays on the other's devices was refused).
-    tuned, address = tmp_path / "fine_tune", f"localhost:{free_port()}"
-    tuners = [run_training(str(tuned), *settings, "--config.train.num_steps=1", f"--config.train.init_from={two}",
-                           "--distributed", f"--coordinator_address={address}", "--num_processes=2",
-                           f"--process_id={i}", wait=False, compilation_cache=False) for i in range(2)]
-    for process in tuners:
-        _, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err[-5000:]
+    tuned = tmp_path / "fine_tune"
+    run_two_processes(lambda address: [run_training(str(tuned), *settings, "--config.train.num_steps=1",
+                                                    f"--config.train.init_from={two}", "--distributed",
+                                                    f"--coordinator_address={address}", "--num_processes=2",
+                                                    f"--process_id={i}", wait=False, compilation_cache=False)
+                                       for i in range(2)], fresh=tuned)
     assert list(losses(tuned)) == [1]
+
+
+# XLA:CPU's gloo collectives failing in a job (a process's peer gone from an all-to-all, "Connection
+# reset by peer"; or a size mismatch between the two processes' collectives): a runtime race of
+# XLA:CPU on a busy 2-core machine, seen once in this fine-tune on 2026-11-29 (the whole suite with
+# both cores busy) and once in session 11, each passing when run again.
+GLOO_FAILED = re.compile(r"Gloo [\w-]+ failed")
+
+
+def run_two_processes(start, fresh=None, attempts=2):
+    """Runs the processes start(coordinator address) returns to the end, each of which must succeed;
+    a job in which a process failed in GLOO_FAILED runs once more (in a fresh `fresh` folder, and
+    every error is printed), so that the test fails on this code's errors, not on that race."""
+    for attempt in range(attempts):
+        if fresh is not None:
+            shutil.rmtree(fresh, ignore_errors=True)
+        processes = start(f"localhost:{free_port()}")
+        errors = [process.communicate(timeout=600)[1] for process in processes]
+        failed = [err for process, err in zip(processes, errors) if process.returncode != 0]
+        if not failed:
+            return
+        if attempt + 1 < attempts and any(GLOO_FAILED.search(err) for err in failed):
+            print("a two-process job failed in XLA:CPU's gloo collectives; running it again:\n"
+                  + "\n\n".join(err[-3000:] for err in failed))
+            continue
+        raise AssertionError("\n\n".join(err[-5000:] for err in failed))
 
 
 @pytest.mark.parametrize("mode", ["train", "sample"])
