@@ -379,6 +379,10 @@ def test_eval_and_inspect_refuse_before_any_work_what_would_fail_after_it(tmp_pa
         result = command(f"--workdir={workdir}", "--mode=inspect")
         assert result.returncode == 1 and "a converted checkpoint folder" in result.stderr, result.stderr[-2000:]
         assert f"pass --config.sample.checkpoint={converted['c2i_tiny']} and choose another --workdir" in result.stderr
+    (tmp_path / "t2i_release").mkdir()  # the released text-to-image folder: model.pt without config.yaml
+    (tmp_path / "t2i_release" / "model.pt").write_bytes(b"")
+    result = command(f"--workdir={tmp_path / 't2i_release'}", "--mode=inspect")
+    assert result.returncode == 1 and "is a release checkpoint folder" in result.stderr, result.stderr[-2000:]
     result = command(f"--workdir={tmp_path / 'inspect'}", "--mode=inspect", "--config.seed=-1")
     assert result.returncode == 1 and "--config.seed must be in [0, 4294967295], got -1" in result.stderr
     assert "Traceback" not in result.stderr

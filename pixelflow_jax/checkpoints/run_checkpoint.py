@@ -53,10 +53,11 @@ def has_trained(path: str) -> bool:
 
 
 def checkpoint_folder_kind(folder: str) -> str | None:
-    """'converted' or 'release' for a checkpoint folder of that kind, else None."""
+    """'converted' or 'release' for a checkpoint folder of that kind (a release folder may lack its
+    config.yaml, as the released text-to-image one does), else None."""
     if storage.isfile(storage.join(folder, CONFIG_FILE)):
         return "converted"
-    if storage.isfile(storage.join(folder, "model.pt")) and storage.isfile(storage.join(folder, "config.yaml")):
+    if storage.isfile(storage.join(folder, "model.pt")):
         return "release"
     return None
 
@@ -67,14 +68,13 @@ def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
     would delete it. A --workdir that is a converted or release checkpoint folder, or its params/,
     is refused too: inspect took it for a workdir and timed the config's own random model, and
     eval wrote its files among orbax's."""
+    absolute = storage.resolved(path)
     if flag == "--workdir":
-        parent = storage.dirname(storage.resolved(path).rstrip("/")) or "/"
-        for folder in (path, parent):
+        for folder in (path, storage.dirname(absolute.rstrip("/")) or "/"):
             if kind := checkpoint_folder_kind(folder):
                 raise CheckpointError(f"--workdir {path} is {'' if folder == path else 'inside '}a {kind} checkpoint "
                                       f"folder ({folder}), where a job's outputs would mix with its files: to use "
                                       f"it, pass --config.sample.checkpoint={folder} and choose another --workdir")
-    absolute = storage.resolved(path)
     for match in re.finditer(f"/{CHECKPOINTS}(?=/|$)", absolute):
         run = absolute[:match.start()]
         if run and not run.endswith(":/") and is_run(run):

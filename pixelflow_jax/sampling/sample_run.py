@@ -124,7 +124,7 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
                              f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
         # Until 2026-11-29 a text run's sampling took float32 encoder weights whatever the run trained with.
         dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
-                 f"{storage.read_json(path).get('text_encoder_param_dtype')})"
+                 f"{recorded.get('text_encoder_param_dtype')})"
                  if "text_encoder_param_dtype" in changed else "")
         if extended_from(settings, recorded, changed) is not None:
             raise ValueError(f"{folder} holds a job of {recorded['num_images']} images: a job may grow into the "
