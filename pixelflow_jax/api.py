@@ -20,8 +20,8 @@ from pixelflow_jax.checkpoints import hub
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, CheckpointConfig, CheckpointError,
                                                  build_model, check_weights_choice, read_config, restore_params)
 from pixelflow_jax.checkpoints.convert import Params
-from pixelflow_jax.checkpoints.run_checkpoint import (RunStep, checkpoint_folder_kind, find_run_step, restore_run_weights,
-                                                     run_checkpoint_config)
+from pixelflow_jax.checkpoints.run_checkpoint import (RunStep, checkpoint_folder_kind, find_run_step,
+                                                     restore_run_weights, run_checkpoint_config)
 from pixelflow_jax.model import PixelFlow
 
 
