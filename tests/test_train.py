@@ -440,17 +440,22 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     assert list(losses(tuned)) == [1]
 
 
-# XLA:CPU's gloo collectives failing in a job (a process's peer gone from an all-to-all, "Connection
-# reset by peer"; or a size mismatch between the two processes' collectives): a runtime race of
-# XLA:CPU on a busy 2-core machine, seen once in this fine-tune on 2026-11-29 (the whole suite with
-# both cores busy) and once in session 11, each passing when run again.
-GLOO_FAILED = re.compile(r"Gloo [\w-]+ failed")
+# XLA:CPU's gloo collectives failing in a job: a process's peer gone from an all-to-all ("Gloo
+# all-to-all failed ... Connection reset by peer"), or the two processes' collectives out of step, which
+# gloo aborts the process for ("gloo::EnforceNotMet ... Received data size doesn't match expected size.
+# Is there a distributed collective mismatch"). A runtime race of XLA:CPU on a busy 2-core machine, seen
+# in this fine-tune in a full suite on 2026-11-29 (both kinds, once each) and in session 11, each job
+# passing when run again. Every collective of our code and of orbax runs on the main thread, in the same
+# order on both processes (checked by logging each multihost_utils call's thread and name: equal
+# sequences), so the race is inside one program's collectives, not in the order of programs.
+GLOO_FAILED = re.compile(r"Gloo [\w-]+ failed|gloo::EnforceNotMet")
 
 
-def run_two_processes(start, fresh=None, attempts=2):
+def run_two_processes(start, fresh=None, attempts=3):
     """Runs the processes start(coordinator address) returns to the end, each of which must succeed;
-    a job in which a process failed in GLOO_FAILED runs once more (in a fresh `fresh` folder, and
-    every error is printed), so that the test fails on this code's errors, not on that race."""
+    a job in which a process failed in GLOO_FAILED runs again, up to `attempts` times in all (in a
+    fresh `fresh` folder each time, and every error is printed), so that the test fails on this
+    code's errors, not on that race."""
     for attempt in range(attempts):
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
