@@ -119,17 +119,20 @@ def test_file_and_folder_names_that_are_not_utf8_train_and_pack(tmp_path):
 
 
 def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_named(tmp_path, caplog):
-    """Images beside the class folders and files without an image extension were left out without
-    a word; a class folder renamed only from NFC to NFD (a macOS copy) read as two other classes."""
+    """Images beside the class folders, files without an image extension and links to nothing were
+    left out without a word; a class folder renamed only from NFC to NFD (a macOS copy) read as two other classes."""
     root = tmp_path / "root"
     for name in ("ni\u00f1o", "b"):
         (root / name).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(root / name / "x.jfif", format="JPEG")  # a JPEG extension read now
     (root / "b" / "photo.heic").write_bytes(b"")
+    (root / "b" / "moved.jpg").symlink_to(tmp_path / "elsewhere.jpg")  # a link to a file moved away
     Image.new("RGB", (8, 8)).save(root / "loose.png")
     with caplog.at_level(logging.WARNING):
         source = ImageFolderSource(str(root))
     assert len(source.records) == 2
+    assert (f"1 entries under {root} are not read: they are neither files nor folders, e.g. {root / 'b' / 'moved.jpg'} "
+            f"(a symbolic link to {tmp_path / 'elsewhere.jpg'}, which does not exist)") in caplog.text
     assert "1 files in the class folders of" in caplog.text and "e.g. " + str(root / "b" / "photo.heic") in caplog.text
     assert f"1 images in {root} itself are not read (e.g. loose.png)" in caplog.text
     (root / "ni\u00f1o").rename(root / "nin\u0303o")
@@ -637,7 +640,8 @@ def test_an_unbuilt_tfds_dataset_is_named_with_the_build_command_and_nothing_is_
     assert os.listdir(tmp_path) == []
 
 
-def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path):
+def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path, caplog):
+    """(and a caption file that is a link to nothing is named, not dropped without a word)"""
     from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionError, decode_caption
 
     assert decode_caption(b"\xef\xbb\xbfa red disk\n") == "a red disk"
@@ -645,8 +649,14 @@ def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path):
         decode_caption(b"\xef\xbb\xbf\r\n")
     for name in ("A.jpg", "A.TXT", "b.PNG", "b.txt", "c.png", "c.TXT", "c.txt"):
         (tmp_path / name).write_bytes(b"x")
-    assert [tuple(os.path.basename(p) for p in record) for record in CaptionedFolderSource(str(tmp_path)).records] == [
+    (tmp_path / "d.png").write_bytes(b"x")
+    (tmp_path / "d.txt").symlink_to(tmp_path / "captions" / "d.txt")
+    with caplog.at_level(logging.WARNING):
+        source = CaptionedFolderSource(str(tmp_path), missing_captions="skip")
+    assert [tuple(os.path.basename(p) for p in record) for record in source.records] == [
         ("A.jpg", "A.TXT"), ("b.PNG", "b.txt"), ("c.png", "c.txt")]
+    assert f"1 entries under {tmp_path} are not read: they are neither files nor folders, e.g. {tmp_path / 'd.txt'}" \
+        in caplog.text
 
 
 def test_records_that_fail_for_their_captions_say_so():

@@ -29,7 +29,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.error_text import first_line
 from pixelflow_jax.data.loader import (IMAGE_EXTENSIONS, DataError, check_array_record_reads, ignored_name,
-                                       listing_fingerprint, require_folder, walk_files)
+                                       listing_fingerprint, require_folder, walk_files, warn_unlisted)
 
 CAPTION_EXTENSION = ".txt"
 RECORD_EXTENSION = ".array_record"
@@ -67,7 +67,9 @@ class CaptionedFolderSource:
                             "(NAME.jpg + NAME.txt, as img2dataset writes)")
         require_folder(root, f"captioned image folder {root} does not exist; set {root_flag} to a folder of images "
                              "with a caption file each (NAME.jpg + NAME.txt, as img2dataset writes)")
-        files = walk_files(root)
+        unlisted: list[str] = []
+        files = walk_files(root, unlisted=unlisted)
+        warn_unlisted(root, unlisted)
         captions, both_cases = {}, []  # NAME -> its caption file; NAME.txt rather than NAME.TXT where both exist
         for path in files:
             name, extension = os.path.splitext(path)

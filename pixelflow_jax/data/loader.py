@@ -101,10 +101,12 @@ def read_with_folder(path: str, root: str) -> bool:
     return not any(ignored_name(part) for part in path[len(root) + 1:].split("/"))
 
 
-def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
+def walk_files(root: str, above: tuple[str, ...] = (), unlisted: list[str] | None = None) -> list[str]:
     """Every file under root (any depth) as a full path, in a fixed order (a folder's files sorted,
     then its sub-folders' in sorted order), leaving out ignored names. Symbolic links are followed;
-    one back to a folder above it (`above`: their real paths) is refused."""
+    one back to a folder above it (`above`: their real paths) is refused. Entries of a local folder
+    that are neither files nor folders (links to nothing, sockets) are left out, and added to
+    `unlisted` when it is given, so the caller can say so once."""
     if not storage.is_url(root):
         real = os.path.realpath(root)
         if real in above:
@@ -113,11 +115,25 @@ def walk_files(root: str, above: tuple[str, ...] = ()) -> list[str]:
                             "it would never end; remove the link")
         above += (real,)
     files, folders = storage.list_entries(root)
+    if unlisted is not None and not storage.is_url(root) and os.path.isdir(root):
+        listed = set(files) | set(folders)
+        unlisted += [os.path.join(root, name) for name in sorted(os.listdir(root))
+                     if name not in listed and not ignored_name(name)]
     paths = [storage.join(root, name) for name in files if not ignored_name(name)]
     for folder in folders:
         if not ignored_name(folder):
-            paths += walk_files(storage.join(root, folder), above)
+            paths += walk_files(storage.join(root, folder), above, unlisted)
     return paths
+
+
+def warn_unlisted(root: str, unlisted: list[str]) -> None:
+    """One warning for the entries under root walk_files left out as neither files nor folders."""
+    if unlisted:
+        example = unlisted[0]
+        what = (f"a symbolic link to {os.readlink(example)}, which does not exist" if os.path.islink(example)
+                else "not a regular file")
+        logging.warning("%d entries under %s are not read: they are neither files nor folders, e.g. %s (%s); "
+                        "mend or remove them", len(unlisted), root, example, what)
 
 
 def parents_and_self(path: str) -> list[str]:
@@ -180,13 +196,15 @@ class ImageFolderSource:
                             "class folders it started with, or start a new --workdir")
         self.records: list[tuple[str, int]] = []
         empty, not_images = [], []
+        unlisted: list[str] = []
         for label, name in enumerate(self.classes):
-            files = walk_files(storage.join(root, name))
+            files = walk_files(storage.join(root, name), unlisted=unlisted)
             images = [(path, label) for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
             not_images += [path for path in files if not path.lower().endswith(IMAGE_EXTENSIONS)]
             empty += [] if images else [name]
             self.records += images
         loose = [name for name in storage.list_files(root) if name.lower().endswith(IMAGE_EXTENSIONS)]
+        warn_unlisted(root, unlisted)
         if not_images:
             logging.warning("%d files in the class folders of %s are not read (their names do not end in an image "
                             "extension: %s), e.g. %s", len(not_images), root, " ".join(IMAGE_EXTENSIONS), not_images[0])
