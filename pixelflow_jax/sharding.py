@@ -39,6 +39,15 @@ def global_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
+def global_arrays(tree, shardings):
+    """Each leaf of `tree` (held whole by every process: on the host or on one of its devices) in
+    its sharding of `shardings`, each process placing only its own devices' parts. Not
+    jax.device_put: onto devices of several processes it first gathers every leaf whole from every
+    process to check that they agree (each host would hold a copy per host: 150 GB for a 2.4 GB
+    text encoder on 64 hosts) and compiles a gather per leaf shape."""
+    return jax.tree.map(lambda values, sharding: global_array(np.asarray(values), sharding), tree, shardings)
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> P:
     """Split the largest axis divisible by fsdp (skipping a leading layer axis); else replicate."""
     if fsdp == 1 or not shape:

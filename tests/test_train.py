@@ -282,10 +282,15 @@ def test_a_step_that_would_make_weights_non_finite_is_skipped(single_device):
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["ema"]))
 
 
+MULTIPROCESS_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_guard")
+
+
 def run_training(workdir, *overrides, wait=True, devices=1, compilation_cache=True, config="configs/c2i.py:tiny"):
     command = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}",
                "--config.train.num_steps=40", "--config.train.checkpoint_every=10", *overrides]
     env = {**os.environ, "XLA_FLAGS": cpu_devices(devices, one_process="--distributed" not in overrides)}
+    if "--distributed" in overrides:  # see its docstring
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [MULTIPROCESS_GUARD, env.get("PYTHONPATH")]))
     if not compilation_cache:  # neither the session's cache nor main.py's own
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
         command.append("--compilation_cache=off")

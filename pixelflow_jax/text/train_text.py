@@ -25,7 +25,7 @@ from flax import nnx
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, has_trained, read_run_config
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.sharding import global_array, param_shardings, replicated
+from pixelflow_jax.sharding import global_array, global_arrays, param_shardings, replicated
 from pixelflow_jax.text import demo_text_encoder
 from pixelflow_jax.training.train_step import TextConditioning
 
@@ -182,4 +182,4 @@ def load(config, workdir: str, model_cfg: ModelConfig, mesh, no_step_saved: bool
     empty_tokens, empty_mask = (np.asarray(a[0]) for a in tokenizer([""]))
     return TrainingTextEncoder(recorded, int(t.max_text_tokens), folder_fingerprint(local), tokenizer,
                                TextConditioning(graphdef, empty_tokens, empty_mask),
-                               jax.device_put(params, sharding), sharding)
+                               global_arrays(params, sharding), sharding)

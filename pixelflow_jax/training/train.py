@@ -39,7 +39,7 @@ from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
-from pixelflow_jax.sharding import batch_sharding, make_mesh
+from pixelflow_jax.sharding import batch_sharding, global_arrays, make_mesh
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manager, remove_unfinished_saves, resume_point,
                                                   save, wait_for_saves)
@@ -163,7 +163,7 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None, sha
         host_params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init_model, nnx.Param)))
         create_from = functools.partial(state_from_params, tx=tx, seed=config.seed)
         shardings = state_shardings(jax.eval_shape(create_from, host_params), mesh)
-        params = jax.device_put(host_params, shardings["params"])
+        params = global_arrays(host_params, shardings["params"])
         return nnx.graphdef(init_model), jax.jit(create_from, out_shardings=shardings)(params), shardings
 
     def create():
