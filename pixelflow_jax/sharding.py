@@ -43,8 +43,8 @@ def global_arrays(tree, shardings):
     """Each leaf of `tree` (held whole by every process: on the host or on one of its devices) in
     its sharding of `shardings`, each process placing only its own devices' parts. Not
     jax.device_put: onto devices of several processes it first gathers every leaf whole from every
-    process to check that they agree (each host would hold a copy per host: 150 GB for a 2.4 GB
-    text encoder on 64 hosts) and compiles a gather per leaf shape."""
+    process to check that they agree (every host receives a copy from each host, a leaf at a time:
+    150 GB per host for a 2.4 GB text encoder on 64 hosts) and compiles a gather per leaf shape."""
     return jax.tree.map(lambda values, sharding: global_array(np.asarray(values), sharding), tree, shardings)
 
 

@@ -1,8 +1,8 @@
 """Imported at start-up by the processes of the tests' multi-process jobs (their PYTHONPATH leads
 here): it stops a job that jax.device_put's a host value onto devices of several processes. jax
 then gathers the value whole from every process to check that they agree (multihost_utils.
-assert_equal): on a pod every host would hold every host's copy of, say, the text encoder, and a
-gather is compiled per shape. pixelflow_jax.sharding.global_arrays places such values without it."""
+assert_equal): on a pod every host would receive every host's copy of, say, the text encoder, and
+a gather is compiled per shape. pixelflow_jax.sharding.global_arrays places such values without it."""
 
 from jax.experimental import multihost_utils
 
