@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 
 
@@ -22,23 +23,57 @@ class Terminated(BaseException):
 
 _sigterm_received = [False]
 
+# A stop's handler raises wherever the interpreter is; where that is a gc callback (jax's) or a
+# __del__, Python drops the exception (to sys.unraisablehook) and the job ran on: Ctrl-C while an
+# inspect job started was ignored, and a sampling job of 100,000 images ran on past a SIGTERM.
+# quiet_library_noise then has the signal delivered again, from another thread a moment later, when
+# the main thread is most likely back in ordinary code (dropped again, it comes round again).
+REDELIVERY_DELAY_S = 0.05
+_dropped = {signal.SIGINT: False, signal.SIGTERM: False}  # dropped, and not raised since
+_redelivering = {signal.SIGINT: False, signal.SIGTERM: False}  # the next handler call is that delivery
+
+
+def deliver_again_later(signum: int) -> None:
+    _dropped[signum] = True
+    timer = threading.Timer(REDELIVERY_DELAY_S, _deliver_again, (signum,))
+    timer.daemon = True
+    timer.start()
+
+
+def _deliver_again(signum: int) -> None:
+    if _dropped[signum] and callable(signal.getsignal(signum)):  # still our handler, not the default's exit
+        _redelivering[signum] = True
+        # A signal, not _thread.interrupt_main: it also ends a sleep or a blocking read of the main thread.
+        signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+def raising_now(signum: int) -> bool:
+    """For a stop's handler: False when this call is a delivery again of a stop that the job has
+    raised meanwhile itself (raise_dropped_ctrl_c, stop_if_terminated), which must not raise twice."""
+    again, _redelivering[signum] = _redelivering[signum], False
+    if again and not _dropped[signum]:
+        return False
+    _dropped[signum] = False
+    return True
+
 
 def stop_on_sigterm() -> None:
     """Without it a SIGTERM ends the process at once and silently: a sampling job loses the batch
     that had just finished, a conversion leaves its temporary folder. Not for jobs of several
     processes, where jax's preemption service holds SIGTERM."""
     def on_sigterm(*_):
-        _sigterm_received[0] = True
-        raise Terminated
+        if raising_now(signal.SIGTERM):
+            _sigterm_received[0] = True
+            raise Terminated
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def stop_if_terminated() -> None:
-    """Raises Terminated again for a SIGTERM already received: the handler raises wherever the
-    interpreter is, and where that is a gc callback (jax's) or a __del__, Python prints the
-    exception and drops it, and a sampling job of 100,000 images ran on. Loops call this per batch."""
+    """Raises Terminated again for a SIGTERM already received (see REDELIVERY_DELAY_S: a dropped one
+    is also delivered again, but a library may catch it too). Loops call this per batch."""
     if _sigterm_received[0]:
+        _dropped[signal.SIGTERM] = False
         raise Terminated
 
 
@@ -60,28 +95,33 @@ _ctrl_c_received = [False]
 
 def on_ctrl_c(*_):
     """Python's own SIGINT handling, and a record of it: the KeyboardInterrupt is raised wherever the
-    interpreter is, and where that is a gc callback (jax's, often run while jax imports) Python prints
-    it and drops it, and the job ran on; raise_dropped_ctrl_c raises it again."""
-    _ctrl_c_received[0] = True
-    raise KeyboardInterrupt
+    interpreter is (see REDELIVERY_DELAY_S for where Python drops it)."""
+    if raising_now(signal.SIGINT):
+        _ctrl_c_received[0] = True
+        raise KeyboardInterrupt
 
 
 def raise_dropped_ctrl_c() -> None:
-    """Raises KeyboardInterrupt for a Ctrl-C already received (a tool calls it once its imports are done)."""
+    """Raises KeyboardInterrupt for a Ctrl-C already received (a tool calls it once its imports are
+    done: a library may have caught it)."""
     if _ctrl_c_received[0]:
+        _dropped[signal.SIGINT] = False
         raise KeyboardInterrupt
 
 
 def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     """An unraisablehook that drops two kinds of noise and prints the rest:
-    - a KeyboardInterrupt or Terminated dropped where Python ignores exceptions (on_ctrl_c and
-      stop_on_sigterm record them, and the tool raises them again: their tracebacks say nothing);
+    - a KeyboardInterrupt or Terminated dropped where Python ignores exceptions (their tracebacks
+      say nothing): its signal is delivered again a moment later;
     - when a restore fails (a damaged checkpoint, a full disk), the tensorstore reads still in
       flight finish after orbax's event loop has closed, and each one's callback error was printed:
       dozens of identical tracebacks above the one-line error."""
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    if (unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]) or (
-            unraisable.exc_type is Terminated and _sigterm_received[0]):  # raised again later (stop_if_terminated)
+    if unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]:
+        deliver_again_later(signal.SIGINT)
+        return
+    if unraisable.exc_type is Terminated and _sigterm_received[0]:
+        deliver_again_later(signal.SIGTERM)
         return
     if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
             and frames and frames[-1].name == "_check_closed"):
