@@ -383,23 +383,31 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
                  devices=2)
 
     two = tmp_path / "two_processes"
-    (two / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference / "run_config.json", two)
-    shutil.copytree(reference / "checkpoints" / "3", two / "checkpoints" / "3")
-    address = f"localhost:{free_port()}"
-    # Without the persistent cache: only process 0 writes it, so process 0 could load a program that
-    # process 1 still compiles, and gloo gives up waiting for a peer after 30 s.
-    processes = [run_training(str(two), *settings, "--config.train.preview_every=5",
-                              "--config.train.preview_num_images=4", "--config.sample.cfg_scale=1", "--distributed",
-                              f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-                              wait=False, devices=4, compilation_cache=False) for i in range(2)]
-    deadline = time.time() + 500
-    while time.time() < deadline and all(p.poll() is None for p in processes):
-        if os.path.exists(two / "metrics.jsonl") and max(losses(two), default=0) >= 6:
+    for attempt in range(3):  # a job failed by XLA:CPU's gloo race runs again (see GLOO_FAILED)
+        shutil.rmtree(two, ignore_errors=True)
+        (two / "checkpoints").mkdir(parents=True)
+        shutil.copy(reference / "run_config.json", two)
+        shutil.copytree(reference / "checkpoints" / "3", two / "checkpoints" / "3")
+        address = f"localhost:{free_port()}"
+        # Without the persistent cache: only process 0 writes it, so process 0 could load a program that
+        # process 1 still compiles, and gloo gives up waiting for a peer after 30 s.
+        processes = [run_training(str(two), *settings, "--config.train.preview_every=5",
+                                  "--config.train.preview_num_images=4", "--config.sample.cfg_scale=1", "--distributed",
+                                  f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+                                  wait=False, devices=4, compilation_cache=False) for i in range(2)]
+        deadline = time.time() + 500
+        while time.time() < deadline and all(p.poll() is None for p in processes):
+            if os.path.exists(two / "metrics.jsonl") and max(losses(two), default=0) >= 6:
+                break
+            time.sleep(0.05)
+        processes[1].send_signal(signal.SIGTERM)
+        errors = [process.communicate(timeout=600)[1] for process in processes]
+        raced = [err for process, err in zip(processes, errors)
+                 if process.returncode != EXIT_TERMINATED and GLOO_FAILED.search(err)]
+        if not raced or attempt == 2:
             break
-        time.sleep(0.05)
-    processes[1].send_signal(signal.SIGTERM)
-    errors = [process.communicate(timeout=600)[1] for process in processes]
+        print("the preempted two-process job failed in XLA:CPU's gloo collectives; running it again:\n"
+              + "\n\n".join(err[-3000:] for err in raced))
     for process, err in zip(processes, errors):
         assert process.returncode == EXIT_TERMINATED == 143, err[-5000:]  # preempted, state saved
         assert "rerun the same command to resume" in err
