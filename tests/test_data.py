@@ -503,6 +503,34 @@ def write_shards(folder, tmp_path, count=3):
     return [str(folder / f"captions-{i:05d}-of-{count:05d}.array_record") for i in range(count)]
 
 
+def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_path, monkeypatch):
+    """From a bucket each file is a request: read one after another, a pack of a million captioned
+    images waited out two million round trips."""
+    import threading
+    import time
+
+    from pixelflow_jax.data import pack_captions
+
+    real_read, lock, reading, most = storage.read_bytes, threading.Lock(), [0], [0]
+
+    def slow_read(path):  # a store's latency
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        time.sleep(0.02)
+        with lock:
+            reading[0] -= 1
+        return real_read(path)
+
+    monkeypatch.setattr(pack_captions.storage, "read_bytes", slow_read)
+    monkeypatch.setattr(pack_captions, "READ_AHEAD", 4)  # at most 4 files held
+    shards = write_shards(tmp_path / "shards", tmp_path, count=12)
+    assert 1 < most[0] <= 4
+    records = [CaptionRecordSource(str(tmp_path / "shards"))[i] for i in range(12)]
+    assert [r["caption"] for r in records] == [f"caption {i}" for i in sorted(range(12), key=str)]  # 0, 1, 10, 11, 2...
+    assert all(r["name"].endswith(f"/{r['caption'].split()[1]}.png)") for r in records) and len(shards) == 12
+
+
 def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
     shards = write_shards(tmp_path / "shards", tmp_path)
     (tmp_path / "shards" / "._captions-00000-of-00003.array_record").write_bytes(b"AppleDouble")  # left out
