@@ -4,8 +4,8 @@ shards for text-to-image training (config.data.source='array_record'):
     python -m pixelflow_jax.data.pack_captions --folder=DIR --output=gs://BUCKET/shards [--records_per_shard=5000]
 
 Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text, "name": the
-image's path in the folder, for messages}. Images are
-not re-encoded, so packing is I/O bound: files are read READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
+image's path in the folder, for messages}. Images are not re-encoded, so packing is I/O bound:
+files are read READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way removes
 the shards it wrote; an output folder that already holds shards is refused, and so is a folder
 without one usable caption (nothing is written). Files whose header is no image's are skipped and
