@@ -460,7 +460,7 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
 # in this fine-tune in a full suite on 2026-11-29 (both kinds, once each) and in session 11, each job
 # passing when run again. Every collective of our code and of orbax runs on the main thread, in the same
 # order on both processes (checked by logging each multihost_utils call's thread and name: equal
-# sequences), so the race is inside one program's collectives, not in the order of programs.
+# sequences), so the race is inside XLA:CPU's execution, not in the order the programs are issued.
 GLOO_FAILED = re.compile(r"Gloo [\w-]+ failed|gloo::EnforceNotMet")
 
 
