@@ -1415,7 +1415,14 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
     events = []
     save = train.save
     monkeypatch.setattr(train, "save", lambda manager, step, state: events.append(("save", step)) or save(manager, step, state))
-    monkeypatch.setattr(train, "write_preview", lambda *args, **kwargs: events.append(("preview", args[5])) or {})
+    previews_under_a_mesh = []
+
+    def preview(*args, **kwargs):  # under the training mesh (splash attention on a TPU of several chips needs it)
+        previews_under_a_mesh.append(not jax.sharding.get_abstract_mesh().empty)
+        events.append(("preview", args[5]))
+        return {}
+
+    monkeypatch.setattr(train, "write_preview", preview)
 
     class PreemptedAtStep2:
         cause, interrupted = "preempted (SIGTERM)", False
@@ -1445,6 +1452,7 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
         assert events == [("save", 1), ("preview", 1), ("save", 2)][2 - len(saved):]  # no preview at step 2
         assert train.complete_steps(str(workdir)) == saved
         config.train.checkpoint_every = 3  # the signalled step saves although no save was due
+    assert previews_under_a_mesh == [True, True]
 
 
 def test_a_log_write_that_fails_is_one_error_and_the_lock_release_never_hides_it(tmp_path, monkeypatch, caplog):

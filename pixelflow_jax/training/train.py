@@ -395,7 +395,12 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 last_time += time.perf_counter() - save_start  # img/s counts training time only
             if preview_due and not preempted:
                 preview_start = time.perf_counter()
-                record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log, text_encoder))
+                # Under the mesh, as sampling jobs run: the Pallas attention kernels split the batch and
+                # heads over it (XLA cannot partition a Mosaic kernel: splash failed to compile on any
+                # TPU of several chips without it).
+                with jax.set_mesh(mesh):
+                    record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log,
+                                                text_encoder))
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 progress.write(log.write(record))
