@@ -23,7 +23,28 @@ def make_mesh(fsdp: int = 1) -> Mesh:
         divisors = ", ".join(str(d) for d in range(1, count + 1) if count % d == 0)
         raise ValueError(f"--config.mesh.fsdp ({fsdp}) must divide the device count ({count}): one of {divisors}")
     auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((count // fsdp, fsdp), BATCH_AXES, axis_types=(auto, auto))
+    devices = jax.devices()
+    if len({getattr(device, "slice_index", 0) for device in devices}) == 1:
+        return jax.make_mesh((count // fsdp, fsdp), BATCH_AXES, axis_types=(auto, auto))
+    return Mesh(multi_slice_grid(count // fsdp, fsdp, devices), BATCH_AXES, axis_types=(auto, auto))
+
+
+def multi_slice_grid(data: int, fsdp: int, devices) -> np.ndarray:
+    """The (data, fsdp) grid of devices that span several slices: a TPU multislice job, or GPUs on
+    several nodes (jax gives each node its own slice_index, and jax.make_mesh refuses them). Each
+    fsdp group stays inside one slice where it fits, so its gathers use the fast links and only
+    'data' (the gradient reduction) crosses the slower network; else the devices in (slice,
+    process, id) order."""
+    from jax.experimental import mesh_utils
+
+    slices = len({device.slice_index for device in devices})
+    if data % slices == 0:
+        try:
+            return mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices)
+        except ValueError:  # slices of unequal sizes
+            pass
+    ordered = sorted(devices, key=lambda device: (device.slice_index, device.process_index, device.id))
+    return np.array(ordered, dtype=object).reshape(data, fsdp)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

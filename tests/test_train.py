@@ -184,6 +184,37 @@ def test_activations_are_pinned_to_the_batch_split_only_on_auto_mesh_axes():
     np.testing.assert_array_equal(pinned(x[:3]), x[:3])  # no mesh
 
 
+def test_a_mesh_over_several_slices_keeps_each_fsdp_group_in_one_slice(monkeypatch):
+    """jax.make_mesh refuses devices of several slices, and jax gives each GPU node its own slice:
+    a --distributed job on two GPU nodes stopped at its mesh."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax import sharding
+    from pixelflow_jax.sharding import multi_slice_grid
+
+    # Two nodes of 4 GPUs, one process each.
+    devices = [SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 4, platform="gpu", device_kind="H200")
+               for i in range(8)]
+
+    def refused(*args, **kwargs):  # as jax does for several slices
+        raise ValueError("`jax.make_mesh` does not support multi-slice topologies")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(jax, "devices", lambda: devices)
+        patch.setattr(jax, "device_count", lambda: len(devices))
+        patch.setattr(jax, "make_mesh", refused)
+        patch.setattr(sharding, "Mesh", lambda grid, names, axis_types: (grid, names))
+        grid, names = sharding.make_mesh(fsdp=2)
+    assert names == ("data", "fsdp") and [[d.id for d in group] for group in grid] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    for data, fsdp in ((8, 1), (4, 2), (2, 4)):
+        grid = multi_slice_grid(data, fsdp, devices)
+        assert grid.shape == (data, fsdp) and sorted(d.id for d in grid.flat) == list(range(8))
+        assert all(len({d.slice_index for d in group}) == 1 for group in grid)  # each fsdp group on one node
+        assert {d.slice_index for d in grid[:, 0]} == {0, 1}  # 'data' spans both
+    grid = multi_slice_grid(1, 8, devices)  # an fsdp group larger than a node: in slice order
+    assert [d.id for d in grid.flat] == list(range(8))
+
+
 def test_fsdp_names_the_large_arrays_it_cannot_split(caplog):
     """XL's 1152-wide kernels do not divide by fsdp = 256: they stayed whole on every device (2.4 GB
     of weights, EMA and moments each) without a word."""
