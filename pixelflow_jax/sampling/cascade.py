@@ -151,6 +151,9 @@ def finished_images(latents: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 finished_images_jit = jax.jit(finished_images)
+# Under a mesh in context (a training preview of a run of several processes): replicated, so that
+# every process can read the images it returns.
+finished_images_everywhere_jit = jax.jit(finished_images, out_shardings=jax.sharding.PartitionSpec())
 
 
 def check_finite(finite: np.ndarray, image_ids) -> None:
@@ -238,7 +241,8 @@ class CascadeSampler:
         key = jax.random.key(validation.seed("seed", np.asarray(seed).item(), where=""))
         initial, blocks = draw_noise_jit(key, ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)
-        images, finite = finished_images_jit(self.sample(initial, blocks, cond, uncond, options))
+        finish = finished_images_jit if jax.sharding.get_abstract_mesh().empty else finished_images_everywhere_jit
+        images, finite = finish(self.sample(initial, blocks, cond, uncond, options))
         check_finite(finite, np.asarray(ids))
         return np.asarray(images)
 
