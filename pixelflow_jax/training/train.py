@@ -321,6 +321,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
 
     tx, lr = make_optimizer(step_cfg), learning_rate(step_cfg)
     graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh, init_model, shapes_only=bool(done))
+    del init_model  # its whole copy on this process's first device, otherwise held for the whole run
     train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
                                  config.scheduler.num_train_timesteps, mesh, shardings,
                                  text=text_encoder and text_encoder.conditioning,
