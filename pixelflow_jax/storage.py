@@ -244,14 +244,18 @@ def list_folders(path: str) -> list[str]:
     return list_entries(path)[1]
 
 
-def list_entries(path: str) -> tuple[list[str], list[str]]:
+def list_entries(path: str, others: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(files, sub-folders) directly in a folder, sorted, from one listing (a walk through a
-    bucket makes one request per folder, not two); ([], []) when it does not exist."""
+    bucket makes one request per folder, not two); ([], []) when it does not exist. `others`, if
+    given, gets the names of a local folder's entries that are neither (links to nothing, sockets)."""
     if not is_url(path):
         if not os.path.isdir(path):
             return [], []
         entries = list(os.scandir(path))
-        return sorted(e.name for e in entries if e.is_file()), sorted(e.name for e in entries if e.is_dir())
+        files, folders = sorted(e.name for e in entries if e.is_file()), sorted(e.name for e in entries if e.is_dir())
+        if others is not None:
+            others += sorted(e.name for e in entries if not e.is_file() and not e.is_dir())
+        return files, folders
 
     def listing(_):
         import fsspec

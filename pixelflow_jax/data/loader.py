@@ -114,11 +114,10 @@ def walk_files(root: str, above: tuple[str, ...] = (), unlisted: list[str] | Non
             raise DataError(f"{link} is a symbolic link to {os.path.realpath(link)}, a folder that holds it: reading "
                             "it would never end; remove the link")
         above += (real,)
-    files, folders = storage.list_entries(root)
-    if unlisted is not None and not storage.is_url(root) and os.path.isdir(root):
-        listed = set(files) | set(folders)
-        unlisted += [os.path.join(root, name) for name in sorted(os.listdir(root))
-                     if name not in listed and not ignored_name(name)]
+    others: list[str] = []
+    files, folders = storage.list_entries(root, others)
+    if unlisted is not None:
+        unlisted += [os.path.join(root, name) for name in others if not ignored_name(name)]
     paths = [storage.join(root, name) for name in files if not ignored_name(name)]
     for folder in folders:
         if not ignored_name(folder):
