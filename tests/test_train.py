@@ -414,33 +414,30 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
                  devices=2)
 
     two = tmp_path / "two_processes"
-    for attempt in range(3):  # a job failed by XLA:CPU's gloo race runs again (see GLOO_FAILED)
-        shutil.rmtree(two, ignore_errors=True)
+
+    def resume_step_3(address):
         (two / "checkpoints").mkdir(parents=True)
         shutil.copy(reference / "run_config.json", two)
         shutil.copytree(reference / "checkpoints" / "3", two / "checkpoints" / "3")
-        address = f"localhost:{free_port()}"
         # Without the persistent cache: only process 0 writes it, so process 0 could load a program that
         # process 1 still compiles, and gloo gives up waiting for a peer after 30 s.
-        processes = [run_training(str(two), *settings, "--config.train.preview_every=5",
-                                  "--config.train.preview_num_images=4", "--config.sample.cfg_scale=1", "--distributed",
-                                  f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-                                  wait=False, devices=4, compilation_cache=False) for i in range(2)]
+        return [run_training(str(two), *settings, "--config.train.preview_every=5",
+                             "--config.train.preview_num_images=4", "--config.sample.cfg_scale=1", "--distributed",
+                             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+                             wait=False, devices=4, compilation_cache=False) for i in range(2)]
+
+    def sigterm_process_1_after_step_6(processes):
         deadline = time.time() + 500
         while time.time() < deadline and all(p.poll() is None for p in processes):
             if os.path.exists(two / "metrics.jsonl") and max(losses(two), default=0) >= 6:
                 break
             time.sleep(0.05)
         processes[1].send_signal(signal.SIGTERM)
-        errors = [process.communicate(timeout=600)[1] for process in processes]
-        raced = [err for process, err in zip(processes, errors)
-                 if process.returncode != EXIT_TERMINATED and GLOO_FAILED.search(err)]
-        if not raced or attempt == 2:
-            break
-        print("the preempted two-process job failed in XLA:CPU's gloo collectives; running it again:\n"
-              + "\n\n".join(err[-3000:] for err in raced))
-    for process, err in zip(processes, errors):
-        assert process.returncode == EXIT_TERMINATED == 143, err[-5000:]  # preempted, state saved
+
+    errors = run_two_processes(resume_step_3, fresh=two, while_running=sigterm_process_1_after_step_6,
+                               exit_code=EXIT_TERMINATED)  # preempted, state saved
+    assert EXIT_TERMINATED == 143
+    for err in errors:
         assert "rerun the same command to resume" in err
     saved = [set(re.findall(r"saved step (\d+) on every process", err)) for err in errors]
     assert saved[0] == saved[1] and len(saved[0]) == 1, saved  # both processes saved the same one step
@@ -495,19 +492,22 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
 GLOO_FAILED = re.compile(r"Gloo [\w-]+ failed|gloo::EnforceNotMet")
 
 
-def run_two_processes(start, fresh=None, attempts=3):
-    """Runs the processes start(coordinator address) returns to the end, each of which must succeed;
-    a job in which a process failed in GLOO_FAILED runs again, up to `attempts` times in all (in a
-    fresh `fresh` folder each time, and every error is printed), so that the test fails on this
-    code's errors, not on that race."""
+def run_two_processes(start, fresh=None, attempts=3, while_running=None, exit_code=0):
+    """Runs the processes start(coordinator address) returns to the end (calling while_running(them)
+    first), each of which must exit with `exit_code`, and returns their stderr; a job in which a
+    process failed in GLOO_FAILED runs again, up to `attempts` times in all (in a fresh `fresh`
+    folder each time, and every error is printed), so that the test fails on this code's errors, not
+    on that race."""
     for attempt in range(attempts):
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
         processes = start(f"localhost:{free_port()}")
+        if while_running is not None:
+            while_running(processes)
         errors = [process.communicate(timeout=600)[1] for process in processes]
-        failed = [err for process, err in zip(processes, errors) if process.returncode != 0]
+        failed = [err for process, err in zip(processes, errors) if process.returncode != exit_code]
         if not failed:
-            return
+            return errors
         if attempt + 1 < attempts and any(GLOO_FAILED.search(err) for err in failed):
             print("a two-process job failed in XLA:CPU's gloo collectives; running it again:\n"
                   + "\n\n".join(err[-3000:] for err in failed))
