@@ -397,8 +397,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             if preview_due and not preempted:
                 preview_start = time.perf_counter()
                 # Under the mesh, as sampling jobs run: the Pallas attention kernels split the batch and
-                # heads over it (XLA cannot partition a Mosaic kernel: splash failed to compile on any
-                # TPU of several chips without it).
+                # heads over it (XLA cannot partition a Mosaic kernel: without it splash does not lower
+                # for a program over several TPU chips).
                 with jax.set_mesh(mesh):
                     record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log,
                                                 text_encoder))
