@@ -671,31 +671,6 @@ def check_writable(folder: str) -> None:
         raise StorageError(f"cannot write to {folder}: {described(e)}{hint}") from None
 
 
-def check_writable_on_every_process(folder: str) -> None:
-    """check_writable on each process of a job, the outcome shared: a host without access (its
-    credentials, its mount) stops every process with its name, rather than leaving the others
-    waiting for it in the next collective."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    try:
-        check_writable(folder)
-        problem = None
-    except StorageError as e:
-        problem = e
-    if jax.process_count() == 1:
-        if problem:
-            raise problem
-        return
-    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(problem is not None)))
-    if problem:
-        raise StorageError(f"process {jax.process_index()}: {problem}")
-    if len(failed):
-        raise StorageError(f"process {', '.join(map(str, failed))} of {jax.process_count()} cannot write to "
-                           f"{folder} (its log says why); every process of the job needs access")
-
-
 def process_alive(pid: int) -> bool:
     """Whether a process of this host with that id runs (a writer that may still finish)."""
     try:

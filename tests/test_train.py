@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from conftest import REPO, cpu_devices, free_port
 from pixelflow_jax import PixelFlowScheduler, load_model
@@ -515,27 +516,75 @@ def run_two_processes(start, fresh=None, attempts=3, while_running=None, exit_co
         raise AssertionError("\n\n".join(err[-5000:] for err in failed))
 
 
-@pytest.mark.parametrize("mode", ["train", "sample"])
-def test_a_process_that_cannot_write_the_workdir_stops_every_process_naming_itself(tmp_path, converted, mode):
-    """Each process expands `~` in --workdir with its own HOME: process 1's workdir is a file. It
-    stopped with its error while process 0 waited in the next collective, then died in gloo (in
-    sampling: waited at the settings barrier)."""
-    homes = [tmp_path / "home0", tmp_path / "home1"]
-    for home in homes:
-        home.mkdir()
-    (homes[1] / "run").write_text("not a folder")
+def start_with_a_home_each(homes, *arguments):
+    """The two processes of a tiny job, each expanding `~` in its paths with its own HOME: a path
+    on each host's own disk."""
     address = f"localhost:{free_port()}"
-    sampling = ["--mode=sample", f"--config.sample.checkpoint={converted['c2i_tiny']}"] if mode == "sample" else []
-    processes = [subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", "--workdir=~/run",
-                                   *sampling, "--distributed", f"--coordinator_address={address}", "--num_processes=2",
+    processes = [subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", *arguments,
+                                   "--distributed", f"--coordinator_address={address}", "--num_processes=2",
                                    f"--process_id={i}"], cwd=REPO, env={**os.environ, "HOME": str(homes[i]),
                                                                       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    errors = [process.communicate(timeout=300)[1] for process in processes]
-    assert [process.returncode for process in processes] == [1, 1], errors
+    try:
+        return [process.communicate(timeout=300)[1] for process in processes], [p.returncode for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def homes_of_two_processes(tmp_path):
+    homes = [tmp_path / "home0", tmp_path / "home1"]
+    for home in homes:
+        home.mkdir()
+    return homes
+
+
+def sampling_if(mode, converted):
+    return ["--mode=sample", f"--config.sample.checkpoint={converted['c2i_tiny']}"] if mode == "sample" else []
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_a_process_that_cannot_write_the_workdir_stops_every_process_naming_itself(tmp_path, converted, mode):
+    """Process 1's workdir is a file. It stopped with its error while process 0 waited in the next
+    collective, then died in gloo (in sampling: waited at the settings barrier)."""
+    homes = homes_of_two_processes(tmp_path)
+    (homes[1] / "run").write_text("not a folder")
+    errors, exit_codes = start_with_a_home_each(homes, "--workdir=~/run", *sampling_if(mode, converted))
+    assert exit_codes == [1, 1], errors
     assert f"error: process 1: {homes[1] / 'run'} is a file, not a folder" in errors[1], errors[1]
     assert "error: process 1 of 2 cannot write to" in errors[0] and "Traceback" not in errors[0], errors[0]
     assert not (homes[0] / "run" / "train.lock").exists()
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_a_workdir_that_is_a_folder_per_host_stops_every_process_before_any_work(tmp_path, converted, mode):
+    """--workdir=/tmp/run on a pod: each host writes its own folder. Training went on with each
+    host's checkpoint shards in its own folder (no restore could find them all); a sampling job's
+    hosts each counted their own images still to sample, and waited for each other for ever."""
+    homes = homes_of_two_processes(tmp_path)
+    errors, exit_codes = start_with_a_home_each(homes, "--workdir=~/run", *sampling_if(mode, converted))
+    assert exit_codes == [1, 1], errors
+    for err in errors:
+        assert "is not one folder shared by the processes of this job: process 1 of 2 does not see the file process 0 " \
+               "wrote there" in err and "Traceback" not in err, err[-3000:]
+    assert [path for home in homes for path in home.rglob("*") if not path.is_dir()] == []  # no lock, no probe left
+
+
+def test_a_host_with_other_data_stops_every_process_before_the_first_step(tmp_path):
+    """An image folder copied to each host's disk, one copy incomplete: that host drew another data
+    order from its count, and took its rows of each batch from it, silently."""
+    homes = homes_of_two_processes(tmp_path)
+    for home, count in zip(homes, (3, 2)):
+        for i in range(count):
+            (home / "data" / "cat").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(home / "data" / "cat" / f"{i}.png")
+    errors, exit_codes = start_with_a_home_each(homes, f"--workdir={tmp_path / 'run'}", "--config.data.source=folder",
+                                                "--config.data.root=~/data", "--config.model.num_classes=1")
+    assert exit_codes == [1, 1], errors
+    for home, err in zip(homes, errors):
+        assert f"the processes of this job see different data in {home / 'data'}: process 1 of 2 sees other records " \
+               "than process 0 (records counted: process 0: 3, process 1: 2)" in err and "Traceback" not in err, \
+            err[-3000:]
 
 
 def test_a_process_failing_alone_stops_every_process_instead_of_hanging(tmp_path):

@@ -32,6 +32,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.command_line import stop_if_terminated
+from pixelflow_jax.multihost import check_shared_workdir
 from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
@@ -300,7 +301,7 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
         from pixelflow_jax.evaluation.inception_convert import load_inception
 
         load_inception(inception_weights)
-    storage.check_writable_on_every_process(workdir)  # not only once the features are to be cached
+    check_shared_workdir(workdir)  # not only once the features are to be cached
     for name, folder in (("eval_features", True), ("eval.json", False), ("eval_history.jsonl", False)):
         path = storage.join(workdir, name)
         if storage.isfile(path) if folder else storage.isdir(path):  # found only after the Inception pass

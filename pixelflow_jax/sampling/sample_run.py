@@ -31,6 +31,7 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.api import load_sampling_model, sampling_source
 from pixelflow_jax.command_line import stop_if_terminated
+from pixelflow_jax.multihost import check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
@@ -229,7 +230,7 @@ def run(config, workdir: str) -> None:
     num_images = conditioning.num_images
 
     folder = storage.join(workdir, "samples")
-    storage.check_writable_on_every_process(workdir)
+    check_shared_workdir(workdir)
     if storage.isfile(folder):
         raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
     settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),
@@ -244,8 +245,7 @@ def run(config, workdir: str) -> None:
     multihost_utils.sync_global_devices("sample settings checked")
 
     for _ in range(MAX_PASSES):
-        done = images_on_disk(folder)
-        missing = np.array([i for i in range(num_images) if image_name(i) not in done], np.int64)
+        missing = images_to_sample(folder, num_images)
         batch_size = batch_for(len(missing), int(s.batch_size), num_devices)
         if len(missing):
             logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d "
@@ -266,6 +266,17 @@ def run(config, workdir: str) -> None:
     # Every process gets here together (the count above is broadcast), so none waits for the others.
     raise storage.StorageError(f"images in {folder} were missing or unreadable after {MAX_PASSES} passes (see the "
                                "warnings): is the storage failing, or is another job deleting them?")
+
+
+def images_to_sample(folder: str, num_images: int) -> np.ndarray:
+    """The ids of the job's images not on disk, as process 0 lists them. Every process samples the
+    same batches: listing for itself, a process whose listing lagged (a file system's cache) would
+    count another number of batches, and the processes would wait for each other for ever."""
+    absent = np.zeros(num_images, np.int32)
+    if jax.process_index() == 0:
+        done = images_on_disk(folder)
+        absent = np.array([image_name(i) not in done for i in range(num_images)], np.int32)
+    return np.flatnonzero(from_process_0(absent)).astype(np.int64)
 
 
 def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, seed) -> None:

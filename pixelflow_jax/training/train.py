@@ -36,6 +36,7 @@ from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
 from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.multihost import check_same_data, check_shared_workdir
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
@@ -269,7 +270,7 @@ def train(config, workdir: str) -> dict:
                          "yet: init_from names the checkpoint a new run starts from (another run or one of its steps, "
                          "a converted or release folder); leave it empty to train from scratch")
     with storage.removed_if_left_empty(workdir, remover=jax.process_index() == 0):
-        storage.check_writable_on_every_process(workdir)  # a bucket without access fails here, not at the first save
+        check_shared_workdir(workdir)  # a bucket without access fails here, not at the first save
         lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
         try:  # acquired inside: a SIGTERM the moment after the lock is written still releases it
             lock.acquire()  # a second run on this workdir stops here, naming the first
@@ -299,6 +300,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
     listing = getattr(source, "listing", None)  # of file-based data (folders, shards)
+    d = config.data
+    check_same_data(len(source), listing, f"{d.tfds_name}:{d.split}" if d.source == "tfds" else d.root or d.source)
     check_resume(workdir, config, done, len(source), record=False, listing=listing)  # refused now, not after a restore
     init_source = None
     if config.train.init_from:

@@ -1,0 +1,114 @@
+"""What the processes of a multi-host job (--distributed) check together before they work together.
+
+Every process of such a job runs the same program and meets the others in each collective. A
+process that raises alone leaves the others waiting in the next collective (for ever, on most
+backends), and processes that see different files silently compute different things: each would
+take other images for "the same" batch, or sample another number of batches. So what each process
+sees for itself (its access to the workdir, the workdir being one folder for all, the data) is
+compared here, and every process stops with the same error, naming the processes at fault.
+
+One process: every check is local and costs nothing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+import jax
+import numpy as np
+
+from pixelflow_jax import storage
+
+SHARED_CHECK_WAIT_S = 3  # a file one host wrote may take a moment to appear on another's NFS mount
+
+
+def processes_where(flag: bool) -> list[int]:
+    """The indexes of the processes on which `flag` is true; every process learns them (one int
+    gathered from each)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    from jax.experimental import multihost_utils
+
+    return [int(i) for i in np.flatnonzero(multihost_utils.process_allgather(np.int32(bool(flag))))]
+
+
+def from_process_0(values: np.ndarray) -> np.ndarray:
+    """Process 0's `values` (int32, the same shape on every process) on every process."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32)))
+
+
+def named(processes: list[int]) -> str:
+    return f"process{'es' if len(processes) > 1 else ''} {', '.join(map(str, processes))} of {jax.process_count()}"
+
+
+def check_shared_workdir(folder: str) -> None:
+    """Each process can write to `folder`, and it is the same folder for all of them.
+
+    A host without access (its credentials, its mount) stops every process with its name. A local
+    path on a job of several hosts (--workdir=/tmp/run on a TPU pod) is a folder per host: each
+    host would hold only its own checkpoint shards and images, a restore would find parts missing,
+    and a sampling job's hosts would count different images still to sample and wait for each
+    other for ever. Process 0 writes a file of a random name there; every other process must see it.
+    """
+    try:
+        storage.check_writable(folder)
+        problem = None
+    except storage.StorageError as e:
+        problem = e
+    failed = processes_where(problem is not None)
+    if problem:
+        raise storage.StorageError(f"process {jax.process_index()}: {problem}" if jax.process_count() > 1 else
+                                   str(problem))
+    if failed:
+        raise storage.StorageError(f"{named(failed)} cannot write to {folder} (its log says why); every process of "
+                                   "the job needs access")
+    if jax.process_count() == 1:
+        return
+    token = np.frombuffer(secrets.token_bytes(16), np.int32)
+    if jax.process_index() == 0:
+        storage.write_atomically(shared_check_file(folder, token), b"")
+    probe = shared_check_file(folder, from_process_0(token))  # the broadcast comes after process 0's write
+    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
+    while not (seen := storage.exists(probe)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    unseen = processes_where(not seen)
+    if jax.process_index() == 0:
+        storage.remove(probe)
+    if unseen:
+        raise storage.StorageError(
+            f"{folder} is not one folder shared by the processes of this job: {named(unseen)} "
+            f"{'do' if len(unseen) > 1 else 'does'} not see the file "
+            f"process 0 wrote there (a local path is a folder per host). Every process reads and writes the same "
+            "workdir: use a bucket (gs://BUCKET/PATH) or a file system mounted on every host (NFS, Filestore)")
+
+
+def shared_check_file(folder: str, token: np.ndarray) -> str:
+    return storage.join(folder, f".shared_check-{np.asarray(token, np.int32).tobytes().hex()}")
+
+
+def check_same_data(num_records: int, listing: str | None, where: str) -> None:
+    """Every process reads the same data: the same number of records, and the same file listing
+    where the data is files. Each process lists the data itself, and the data order is drawn from
+    the count: a host with a partial copy would train on another order than the others, each
+    taking its rows of "the same" batch from its own."""
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256(f"{num_records}\n{listing}".encode()).digest()
+    mine = np.frombuffer(digest[:8], np.int32)
+    from jax.experimental import multihost_utils
+
+    everyone = np.asarray(multihost_utils.process_allgather(np.array([*mine, min(num_records, 2**31 - 1)], np.int32)))
+    differing = [i for i, row in enumerate(everyone) if not np.array_equal(row[:2], everyone[0][:2])]
+    if differing:
+        counts = ", ".join(f"process {i}: {int(row[2])}" for i, row in enumerate(everyone))
+        raise ValueError(f"the processes of this job see different data in {where}: {named(differing)} "
+                         f"{'see' if len(differing) > 1 else 'sees'} other records than process 0 (records counted: "
+                         f"{counts}). Every process must read the same files: "
+                         "a copy on each host's own disk must be complete and identical, or read it from one "
+                         "shared place (a bucket, NFS)")

@@ -1,0 +1,91 @@
+"""The checks the processes of a multi-host job make together (multihost.py), with the other
+process played by fakes of jax's collectives. The two-process runs in test_train run them for real."""
+
+import numpy as np
+import pytest
+from jax.experimental import multihost_utils
+
+from pixelflow_jax import multihost, storage
+
+
+def as_process(monkeypatch, index, count=2):
+    monkeypatch.setattr(multihost.jax, "process_index", lambda: index)
+    monkeypatch.setattr(multihost.jax, "process_count", lambda: count)
+
+
+def other_process_answers(monkeypatch, gathered_from_other, broadcast=None):
+    """process_allgather stacks this process's value with what the other process gave (its index:
+    1 - this one's); broadcast_one_to_all gives `broadcast` (process 0's value) if set."""
+    def allgather(value):
+        mine, other = np.asarray(value), np.asarray(gathered_from_other(value), np.asarray(value).dtype)
+        return np.stack([mine, other] if multihost.jax.process_index() == 0 else [other, mine])
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda value: value if broadcast is None else np.asarray(broadcast, np.int32))
+
+
+def shared_checks_left(folder):
+    return [name for name in storage.listdir(str(folder)) if name.startswith(".shared_check")]
+
+
+def test_a_workdir_shared_by_the_processes_passes_and_is_left_as_it_was(tmp_path, monkeypatch):
+    as_process(monkeypatch, 0)
+    other_process_answers(monkeypatch, lambda flag: 0)  # writable, and sees process 0's file
+    multihost.check_shared_workdir(str(tmp_path / "run"))
+    assert storage.listdir(str(tmp_path / "run")) == []
+
+
+def test_a_folder_per_host_stops_every_process_naming_the_ones_that_do_not_see_it(tmp_path, monkeypatch):
+    """--workdir=/tmp/run on several hosts: process 1 does not see the file process 0 wrote."""
+    monkeypatch.setattr(multihost, "SHARED_CHECK_WAIT_S", 0.2)
+    message = (r"is not one folder shared by the processes of this job: process 1 of 2 does not see the file "
+               r"process 0 wrote there \(a local path is a folder per host\).*use a bucket \(gs://BUCKET/PATH\)")
+    as_process(monkeypatch, 0)
+    answers = iter([0, 1])  # process 1 can write, and does not see the probe
+    other_process_answers(monkeypatch, lambda flag: next(answers))
+    with pytest.raises(storage.StorageError, match=message):
+        multihost.check_shared_workdir(str(tmp_path / "run"))
+    assert shared_checks_left(tmp_path / "run") == []  # process 0 removes its file all the same
+
+    # Process 1, on its own disk: process 0's token names a file that is not there.
+    as_process(monkeypatch, 1)
+    other_process_answers(monkeypatch, lambda flag: 0, broadcast=np.arange(4))
+    with pytest.raises(storage.StorageError, match=message):
+        multihost.check_shared_workdir(str(tmp_path / "host1"))
+
+
+def test_a_process_without_write_access_is_named_on_every_process(tmp_path, monkeypatch):
+    as_process(monkeypatch, 0)
+    other_process_answers(monkeypatch, lambda flag: 1)  # process 1 could not write
+    with pytest.raises(storage.StorageError, match=r"process 1 of 2 cannot write to .*run \(its log says why\)"):
+        multihost.check_shared_workdir(str(tmp_path / "run"))
+
+
+def test_processes_that_see_other_data_stop_with_each_ones_record_count(monkeypatch):
+    as_process(monkeypatch, 1)
+    other_process_answers(monkeypatch, lambda row: row)  # the same count and listing
+    multihost.check_same_data(1000, "ab12", "/data/imagenet")
+    for count in (999, 1000):  # a partial copy; as many files, but others
+        other_process_answers(monkeypatch, lambda row: [123, 456, count])  # another digest
+        with pytest.raises(ValueError, match=r"the processes of this job see different data in /data/imagenet: "
+                                             r"process 1 of 2 sees other records than process 0 \(records counted: "
+                                             rf"process 0: {count}, process 1: 1000\)"):
+            multihost.check_same_data(1000, "ab12", "/data/imagenet")
+
+
+def test_every_process_samples_the_images_process_0_counts_as_missing(tmp_path, monkeypatch):
+    """Each process listed samples/ itself: one whose listing lagged counted another number of
+    batches, and the processes waited for each other for ever."""
+    from pixelflow_jax.sampling import sample_run
+
+    for i in (0, 2, 3):
+        (tmp_path / sample_run.image_name(i)).write_bytes(b"png")
+    assert sample_run.images_to_sample(str(tmp_path), 5).tolist() == [1, 4]
+
+    listings = []
+    monkeypatch.setattr(sample_run, "images_on_disk", lambda folder: listings.append(folder) or set())
+    monkeypatch.setattr(sample_run.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(sample_run, "from_process_0", lambda absent: np.array([0, 1, 0, 0, 1], np.int32))
+    assert sample_run.images_to_sample(str(tmp_path), 5).tolist() == [1, 4]
+    assert listings == []  # process 1 does not list: what it would find depends on when it looks
