@@ -92,6 +92,22 @@ def shared_check_file(folder: str, token: np.ndarray) -> str:
     return storage.join(folder, f".shared_check-{np.asarray(token, np.int32).tobytes().hex()}")
 
 
+def compare_views(view: str, count: int) -> tuple[list[int], list[int]]:
+    """(the processes whose `view` differs from process 0's, each process's `count`): a hash of what
+    each process sees for itself, gathered with a number to name in the error."""
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(view.encode("utf-8", "surrogateescape")).digest()
+    row = np.array([*np.frombuffer(digest[:8], np.int32), min(count, 2**31 - 1)], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(row))
+    return ([i for i, other in enumerate(everyone) if not np.array_equal(other[:2], everyone[0][:2])],
+            [int(other[2]) for other in everyone])
+
+
+def per_process(values: list[int]) -> str:
+    return ", ".join(f"process {i}: {value}" for i, value in enumerate(values))
+
+
 def check_same_data(num_records: int, listing: str | None, where: str) -> None:
     """Every process reads the same data: the same number of records, and the same file listing
     where the data is files. Each process lists the data itself, and the data order is drawn from
@@ -99,16 +115,26 @@ def check_same_data(num_records: int, listing: str | None, where: str) -> None:
     taking its rows of "the same" batch from its own."""
     if jax.process_count() == 1:
         return
-    digest = hashlib.sha256(f"{num_records}\n{listing}".encode()).digest()
-    mine = np.frombuffer(digest[:8], np.int32)
-    from jax.experimental import multihost_utils
-
-    everyone = np.asarray(multihost_utils.process_allgather(np.array([*mine, min(num_records, 2**31 - 1)], np.int32)))
-    differing = [i for i, row in enumerate(everyone) if not np.array_equal(row[:2], everyone[0][:2])]
+    differing, counts = compare_views(f"{num_records}\n{listing}", num_records)
     if differing:
-        counts = ", ".join(f"process {i}: {int(row[2])}" for i, row in enumerate(everyone))
         raise ValueError(f"the processes of this job see different data in {where}: {named(differing)} "
                          f"{'see' if len(differing) > 1 else 'sees'} other records than process 0 (records counted: "
-                         f"{counts}). Every process must read the same files: "
+                         f"{per_process(counts)}). Every process must read the same files: "
                          "a copy on each host's own disk must be complete and identical, or read it from one "
                          "shared place (a bucket, NFS)")
+
+
+def check_same_checkpoints(steps: list[int], folder: str) -> None:
+    """Every process lists the same checkpoints: a process that resumed from another step than the
+    others would wait in another restore than theirs. A shared file system whose listings lag on
+    one host (NFS caches them) is the cause."""
+    if jax.process_count() == 1:
+        return
+    differing, latest = compare_views(",".join(map(str, steps)), max(steps, default=0))
+    if differing:
+        raise storage.StorageError(
+            f"the processes of this job list different checkpoints in {folder}: {named(differing)} "
+            f"{'see' if len(differing) > 1 else 'sees'} other steps than process 0 (latest step seen: "
+            f"{per_process(latest)}). The file system shows the hosts different folders: wait until it shows every "
+            "host the same (NFS caches listings for up to a minute; mount it with actimeo=0 to stop that), then "
+            "rerun the same command")

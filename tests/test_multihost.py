@@ -89,3 +89,15 @@ def test_every_process_samples_the_images_process_0_counts_as_missing(tmp_path, 
     monkeypatch.setattr(sample_run, "from_process_0", lambda absent: np.array([0, 1, 0, 0, 1], np.int32))
     assert sample_run.images_to_sample(str(tmp_path), 5).tolist() == [1, 4]
     assert listings == []  # process 1 does not list: what it would find depends on when it looks
+
+
+def test_processes_that_list_other_checkpoints_stop_before_restoring(monkeypatch):
+    """A host whose file system listing lags: it would resume from another step than the others."""
+    as_process(monkeypatch, 0)
+    other_process_answers(monkeypatch, lambda row: row)
+    multihost.check_same_checkpoints([10, 20], "/runs/xl/checkpoints")
+    other_process_answers(monkeypatch, lambda row: [123, 456, 10])  # another listing, latest 10
+    with pytest.raises(storage.StorageError, match=r"the processes of this job list different checkpoints in "
+                                                   r"/runs/xl/checkpoints: process 1 of 2 sees other steps than "
+                                                   r"process 0 \(latest step seen: process 0: 20, process 1: 10\)"):
+        multihost.check_same_checkpoints([10, 20], "/runs/xl/checkpoints")

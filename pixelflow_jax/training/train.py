@@ -32,11 +32,11 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
+from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps
 from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.multihost import check_same_data, check_shared_workdir
+from pixelflow_jax.multihost import check_same_checkpoints, check_same_data, check_shared_workdir
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
@@ -290,7 +290,9 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             logging.info("removed the partial checkpoints of saves killed midway: steps %s", unfinished)
     multihost_utils.sync_global_devices("leftovers of killed runs removed")  # before anyone lists checkpoints
     t = config.train
-    done = max(complete_steps(workdir), default=0)
+    steps = complete_steps(workdir)
+    check_same_checkpoints(steps, storage.join(workdir, CHECKPOINTS))
+    done = max(steps, default=0)
     if done >= t.num_steps:
         print(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
               "raise --config.train.num_steps to train further", flush=True)
