@@ -18,8 +18,8 @@ from pixelflow_jax import storage
 from pixelflow_jax.data import loader as loader_module
 from pixelflow_jax.data.caption_data import CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, DemoSource, classify, demo_image
-from pixelflow_jax.data.loader import (DataError, ImageFolderSource, ImageLoader, TfdsSource, build_dataset, make_source,
-                                       to_global_batch)
+from pixelflow_jax.data.loader import (DataError, ImageFolderSource, ImageLoader, ProcessRows, TfdsSource, build_dataset,
+                                       make_source, to_global_batch)
 
 R = 32
 
@@ -363,7 +363,7 @@ def test_a_loader_started_at_batch_k_reads_what_batch_k_onwards_were():
     source = DemoSource(20, seed=0)
     uninterrupted, _ = batches(source, 7)  # crosses an epoch (5 batches of 4)
     for process_count in (1, 2):  # a resumed run may have another number of processes
-        resumed = [batches(source, 4, start_batch=3, process_index=i, process_count=process_count)[0]
+        resumed = [batches(source, 4, start_batch=3, rows=ProcessRows.contiguous(4, i, process_count))[0]
                    for i in range(process_count)]
         for step, (images, labels) in enumerate(uninterrupted[3:]):
             np.testing.assert_array_equal(np.concatenate([r[step][0] for r in resumed]), images)
@@ -385,7 +385,7 @@ class IndexSource:
 
 def test_processes_read_disjoint_rows_of_the_same_global_batches():
     one_process, _ = batches(IndexSource(), 6, batch_size=8)  # three epochs of 16
-    parts = [batches(IndexSource(), 6, batch_size=8, process_index=i, process_count=2)[0] for i in range(2)]
+    parts = [batches(IndexSource(), 6, batch_size=8, rows=ProcessRows.contiguous(8, i, 2))[0] for i in range(2)]
     for step, (images, labels) in enumerate(one_process):
         # Process i holds rows [4i, 4i+4) of every global batch, crops and flips included.
         np.testing.assert_array_equal(np.concatenate([p[step][1] for p in parts]), labels)
@@ -393,7 +393,35 @@ def test_processes_read_disjoint_rows_of_the_same_global_batches():
     read = np.concatenate([labels for _, labels in one_process[:2]])
     assert sorted(read.tolist()) == list(range(16))  # an epoch covers the data once
     with pytest.raises(DataError, match="global batch 8 is not divisible by the 3 processes"):
-        batches(IndexSource(), 1, batch_size=8, process_count=3)
+        ProcessRows.contiguous(8, 0, 3)
+
+
+class FakeBatchSharding:
+    """The rows of a batch that each device of this process holds."""
+
+    def __init__(self, spans):
+        self.spans = spans
+
+    def addressable_devices_indices_map(self, shape):
+        return {device: (slice(start, stop),) for device, (start, stop) in enumerate(self.spans)}
+
+
+def test_a_process_reads_the_rows_its_devices_hold_wherever_the_mesh_puts_them():
+    """A TPU mesh orders devices by the chips' topology: one host's devices may hold rows 0-1 and
+    4-5 of a batch of 8. The process read rows 0-3 all the same, and jax put them at its devices'
+    places in order: image 2 of the global batch sat at row 4, with row 4's noise and stage."""
+    assert ProcessRows.of_sharding(FakeBatchSharding([(0, 1), (1, 2), (2, 3), (3, 4)]), 8) == ProcessRows(4, (0,))
+    assert ProcessRows.of_sharding(FakeBatchSharding([(4, 6), (6, 8)]), 8) == ProcessRows(4, (1,))
+    assert ProcessRows.of_sharding(FakeBatchSharding([(4, 6), (0, 2), (0, 2)]), 8) == ProcessRows(2, (0, 2))
+    assert ProcessRows.of_sharding(FakeBatchSharding([(0, 8)]), 8) == ProcessRows(8, (0,))  # fsdp-only: replicated
+
+    one_process, _ = batches(IndexSource(), 3, batch_size=8)
+    interleaved = [batches(IndexSource(), 3, batch_size=8, start_batch=0, rows=ProcessRows(2, blocks))[0]
+                   for blocks in ((0, 2), (1, 3))]
+    for step, (images, labels) in enumerate(one_process):
+        for part, rows in zip(interleaved, ([0, 1, 4, 5], [2, 3, 6, 7])):
+            np.testing.assert_array_equal(part[step][1], labels[rows])
+            np.testing.assert_array_equal(part[step][0], images[rows])
 
 
 def test_demo_set_is_deterministic_and_classifiable():
@@ -425,17 +453,19 @@ def test_global_batch_is_sharded_over_the_mesh():
 def test_make_loader_reads_the_configured_demo_set(tmp_path):
     import configs.c2i as c2i
     from pixelflow_jax.data.loader import make_loader
+    from pixelflow_jax.sharding import batch_sharding, make_mesh
 
     config = c2i.get_config("tiny")
     config.data.demo_num_images = 40
-    loader = make_loader(config, batch_size=8)
+    sharding = batch_sharding(make_mesh())
+    loader = make_loader(config, batch_size=8, sharding=sharding)
     images, labels = next(loader)
     assert images.shape == (8, 64, 64, 3) and labels.dtype == np.int32
     assert [classify(image).hue for image in images] == labels.tolist()  # crop+flip keep the class
     assert [classify(image).shape for image in images] == (labels % len(SHAPES)).tolist()  # and the outline
     config.data.source = "nonsense"
     with pytest.raises(DataError, match="unknown config.data.source 'nonsense'"):
-        make_loader(config, batch_size=8)
+        make_loader(config, batch_size=8, sharding=sharding)
 
 
 # ------------------------------------------------------------------- bad input a hostile user brings

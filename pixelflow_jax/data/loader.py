@@ -15,8 +15,9 @@ loader only decodes and augments. The data path, top to bottom:
                                  counted
   -> shuffle (one global order, the same in every process; reshuffled every epoch), repeat forever
   -> random crop R + random horizontal flip (seeded by the element's global position)
-  -> chunks of batch/process_count; process i keeps chunk i of every global batch, from global
-     batch `start_batch` on (a resumed run starts at its step)
+  -> the rows of every global batch that this process's devices hold (ProcessRows: read from the
+     batch sharding, so row r of the global array is image r of the global batch whatever the
+     device order), from global batch `start_batch` on (a resumed run starts at its step)
   -> worker processes + prefetch
   -> ImageLoader: numpy batches (images, labels | (tokens, mask)), skip and truncation counts
   -> to_global_batch: jax.Arrays sharded over the mesh's batch axes
@@ -32,6 +33,7 @@ import gc
 import hashlib
 import importlib.metadata
 import io
+import math
 import os
 import re
 import signal
@@ -443,35 +445,85 @@ class RandomCropFlip:
 # ----------------------------------------------------------------------------------------- pipeline
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+    """The rows of each global batch that one process reads: blocks of `block` consecutive rows,
+    numbered from the batch's start (block j: rows [j*block, (j+1)*block)), in increasing order."""
+
+    block: int
+    blocks: tuple[int, ...]
+
+    @classmethod
+    def contiguous(cls, batch_size: int, process_index: int = 0, process_count: int = 1) -> "ProcessRows":
+        """Process i of n reads rows [i*b, (i+1)*b) with b = batch_size / n."""
+        if batch_size % process_count:
+            raise DataError(f"global batch {batch_size} is not divisible by the {process_count} processes")
+        return cls(batch_size // process_count, (process_index,))
+
+    @classmethod
+    def of_sharding(cls, sharding, batch_size: int) -> "ProcessRows":
+        """The rows this process's devices hold of a (batch_size, ...) array with `sharding`. A mesh
+        lays devices out by the chips' topology (on TPU pods one host's chips need not be
+        neighbours in it), and jax.make_array_from_process_local_data puts a process's rows at its
+        devices' places in order: reading rows [i*b, (i+1)*b) regardless, image r of the global
+        batch would be at another row than r, so each image's noise and stage would depend on the
+        devices' order, and a resume on another topology would train on other pairings."""
+        runs = []  # the rows as maximal runs of consecutive rows, so that the blocks are as large as can be
+        for start, stop in sorted({index[0].indices(batch_size)[:2]
+                                   for index in sharding.addressable_devices_indices_map((batch_size,)).values()}):
+            if runs and start <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], stop)
+            else:
+                runs.append([start, stop])
+        block = math.gcd(*(end for run in runs for end in run))
+        return cls(block, tuple(j for start, stop in runs for j in range(start // block, stop // block)))
+
+    @property
+    def per_batch(self) -> int:
+        return self.block * len(self.blocks)
+
+
+class RowsOfBatches:
+    """Element k: this process's rows of global batch k, from `blocks` (a dataset of blocks of
+    rows, block k*blocks_per_batch + j being block j of batch k)."""
+
+    def __init__(self, blocks, rows: ProcessRows, batch_size: int):
+        self.blocks, self.rows, self.blocks_per_batch = blocks, rows, batch_size // rows.block
+
+    def __len__(self) -> int:
+        return len(self.blocks) // self.blocks_per_batch
+
+    def __getitem__(self, k: int) -> dict:
+        parts = [self.blocks[k * self.blocks_per_batch + j] for j in self.rows.blocks]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand_ratio: float = 1.125,
-                  center_crop: bool = False, random_flip: bool = True, process_index: int = 0,
-                  process_count: int = 1, start_batch: int = 0, num_workers: int = 0, prefetch_batches: int = 2,
-                  tokenizer=None):
-    """The grain IterDataset of this process's share of each global batch of `batch_size` images:
-    {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)} with
-    b = batch_size / process_count; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L) and
+                  center_crop: bool = False, random_flip: bool = True, rows: ProcessRows | None = None,
+                  start_batch: int = 0, num_workers: int = 0, prefetch_batches: int = 2, tokenizer=None):
+    """The grain IterDataset of this process's rows (`rows`; default: all) of each global batch of
+    `batch_size` images: {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)}
+    with b = rows.per_batch; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L) and
     'truncated' int32 (b,) replace 'label'. Infinite, reshuffled every epoch, deterministic for a seed.
 
-    Every process computes the same global order and takes rows [i*b, (i+1)*b) of each global
-    batch, and the crop/flip randomness is keyed by an image's global position, so the global
-    batches do not depend on how many processes read them (one host with 8 devices trains on what
-    two hosts with 4 each train on). The iterator starts at global batch `start_batch`: a resumed
-    run passes its step, so its position needs no checkpoint of its own and a checkpoint resumes
-    with any number of processes.
+    Every process computes the same global order and takes its rows of each global batch, and the
+    crop/flip randomness is keyed by an image's global position, so the global batches do not
+    depend on how many processes read them (one host with 8 devices trains on what two hosts with 4
+    each train on). The iterator starts at global batch `start_batch`: a resumed run passes its
+    step, so its position needs no checkpoint of its own and a checkpoint resumes with any number
+    of processes.
     """
     import grain
 
-    if batch_size % process_count:
-        raise DataError(f"global batch {batch_size} is not divisible by the {process_count} processes")
+    rows = rows or ProcessRows.contiguous(batch_size)
     decoded = DecodedSource(source, resolution, expand_ratio, center_crop, tokenizer)
-    per_process = batch_size // process_count
-    dataset = (grain.MapDataset.source(decoded)
-               .seed(seed)
-               .shuffle()
-               .repeat()
-               .random_map(RandomCropFlip(resolution, random_flip))
-               .batch(per_process, drop_remainder=True)  # chunk k*count + i is process i's part of batch k
-               [process_index::process_count]
+    blocks = (grain.MapDataset.source(decoded)
+              .seed(seed)
+              .shuffle()
+              .repeat()
+              .random_map(RandomCropFlip(resolution, random_flip))
+              .batch(rows.block, drop_remainder=True))
+    dataset = (grain.MapDataset.source(RowsOfBatches(blocks, rows, batch_size))
                [start_batch:]
                # grain's default reads up to 500 elements (here: batches) ahead on 16 threads: tens
                # of GB at ImageNet sizes. prefetch_batches bounds both, in each worker.
@@ -575,9 +627,10 @@ def open_source(config, class_index_dir: str | None = None, captioned: bool = Fa
     return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned)
 
 
-def make_loader(config, batch_size: int, start_batch: int = 0, tokenizer=None, source=None) -> ImageLoader:
-    """The loader of this process for config.data (or the `source` open_source gave), reading its
-    share of each global batch from global batch `start_batch` on. With a tokenizer
+def make_loader(config, batch_size: int, sharding, start_batch: int = 0, tokenizer=None, source=None) -> ImageLoader:
+    """The loader of this process for config.data (or the `source` open_source gave), reading the
+    rows of each global batch that its devices hold in `sharding` (the batch's), from global batch
+    `start_batch` on. With a tokenizer
     (text-conditional models) it reads captioned data and gives token batches instead of labels."""
     data = config.data
     if source is None:
@@ -585,9 +638,8 @@ def make_loader(config, batch_size: int, start_batch: int = 0, tokenizer=None, s
     dataset = build_dataset(source, batch_size=batch_size, resolution=data.resolution, seed=config.seed,
                             expand_ratio=data.expand_ratio, center_crop=data.center_crop,
                             random_flip=data.get("random_flip", True),  # a config file of an earlier version
-                            process_index=jax.process_index(), process_count=jax.process_count(),
-                            start_batch=start_batch, num_workers=data.num_workers, prefetch_batches=data.prefetch_batches,
-                            tokenizer=tokenizer)
+                            rows=ProcessRows.of_sharding(sharding, batch_size), start_batch=start_batch,
+                            num_workers=data.num_workers, prefetch_batches=data.prefetch_batches, tokenizer=tokenizer)
     return ImageLoader(dataset)
 
 

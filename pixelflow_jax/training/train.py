@@ -337,14 +337,14 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     check_resume(workdir, config, start, len(source), listing=listing)  # compared above: records a new run or a change
     raise_dropped_stops()  # a SIGTERM or Ctrl-C while starting that Python dropped (inside a gc callback)
     # One global batch per step: the data position is the step, whatever the number of processes.
-    loader = make_loader(config, t.batch_size, start_batch=start, tokenizer=text_encoder and text_encoder.tokenizer,
-                         source=source)
+    data_sharding = batch_sharding(mesh)
+    loader = make_loader(config, t.batch_size, data_sharding, start_batch=start,
+                         tokenizer=text_encoder and text_encoder.tokenizer, source=source)
     log = MetricsLog(workdir, start)
 
     preemption = PreemptionWatch()
     flops = train_flops_per_image(model_cfg, config.data.resolution, config.scheduler.num_stages)
     peak = peak_flops(jax.devices()[0])
-    data_sharding = batch_sharding(mesh)
     record, last_time, last_step = {}, time.perf_counter(), start
     progress = Progress(t.num_steps, "training", "step", initial=start)
 
