@@ -1,11 +1,12 @@
 """What the processes of a multi-host job (--distributed) check together before they work together.
 
 Every process of such a job runs the same program and meets the others in each collective. A
-process that raises alone leaves the others waiting in the next collective (for ever, on most
-backends), and processes that see different files silently compute different things: each would
-take other images for "the same" batch, or sample another number of batches. So what each process
-sees for itself (its access to the workdir, the workdir being one folder for all, the data) is
-compared here, and every process stops with the same error, naming the processes at fault.
+process that raises alone leaves the others waiting in the next collective (gloo on CPU still
+waited after 7 minutes, measured), and processes that see different files silently compute
+different things: each would take other images for "the same" batch, or sample another number of
+batches. So what each process sees for itself (its access to the workdir, the workdir being one
+folder for all, the data, the checkpoints) is compared here, and every process stops with the same
+error, naming the processes at fault.
 
 One process: every check is local and costs nothing more.
 """

@@ -32,8 +32,8 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.command_line import stop_if_terminated
-from pixelflow_jax.multihost import check_shared_workdir
 from pixelflow_jax.evaluation import metrics
+from pixelflow_jax.multihost import check_shared_workdir
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 
