@@ -29,11 +29,20 @@ def shared_checks_left(folder):
     return [name for name in storage.listdir(str(folder)) if name.startswith(".shared_check")]
 
 
-def test_a_workdir_shared_by_the_processes_passes_and_is_left_as_it_was(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_workdir_shared_by_the_processes_passes_and_is_left_as_it_was(tmp_path, monkeypatch, request, where):
+    workdir = str(tmp_path / "run") if where == "local" else request.getfixturevalue("bucket") + "/run"
+    as_process(monkeypatch, 1)  # it sees the file "process 0" wrote
+    token = np.arange(4, dtype=np.int32)
+    storage.write_atomically(multihost.shared_check_file(workdir, token), b"")
+    other_process_answers(monkeypatch, lambda flag: 0, broadcast=token)
+    multihost.check_shared_workdir(workdir)
+    storage.remove(multihost.shared_check_file(workdir, token))
+
     as_process(monkeypatch, 0)
     other_process_answers(monkeypatch, lambda flag: 0)  # writable, and sees process 0's file
-    multihost.check_shared_workdir(str(tmp_path / "run"))
-    assert storage.listdir(str(tmp_path / "run")) == []
+    multihost.check_shared_workdir(workdir)
+    assert storage.listdir(workdir) == []
 
 
 def test_a_folder_per_host_stops_every_process_naming_the_ones_that_do_not_see_it(tmp_path, monkeypatch):
