@@ -1091,6 +1091,26 @@ def test_a_workdir_that_would_be_lost_or_misread_is_refused_before_any_work(tmp_
         check_outside_checkpoints(str(tmp_path / "link" / "6"))
 
 
+def test_no_output_goes_inside_a_converted_checkpoint_folder_at_any_depth(tmp_path, converted):
+    """A workdir in params/out was taken: the samples changed the checkpoint's fingerprint (a rerun
+    of the same command was refused as "other weights"), and converting the folder again with
+    --overwrite deleted them without a word."""
+    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
+
+    folder = converted["c2i_tiny"]
+    for inside in ("params/out", "params/a/b", "a/b", "params"):
+        for flag in ("--workdir", "--output"):
+            with pytest.raises(CheckpointError, match=rf"{flag} .*/{inside} is inside a converted checkpoint folder "
+                                                      rf"\({re.escape(folder)}\)"):
+                check_outside_checkpoints(os.path.join(folder, inside), flag)
+    (tmp_path / "downloads" / "deep").mkdir(parents=True)
+    (tmp_path / "downloads" / "model.pt").write_bytes(b"")  # a release file downloaded here
+    check_outside_checkpoints(str(tmp_path / "downloads" / "jax"), "--output")  # converted beside it
+    check_outside_checkpoints(str(tmp_path / "downloads" / "deep" / "run"))  # anybody's model.pt, further up
+    with pytest.raises(CheckpointError, match=r"--workdir .*/downloads/run is inside a release checkpoint folder"):
+        check_outside_checkpoints(str(tmp_path / "downloads" / "run"))
+
+
 def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     """A checkpoint path written again with other weights, or images no settings.json describes,
     would mix into samples.npz: both are refused."""

@@ -52,29 +52,49 @@ def has_trained(path: str) -> bool:
     return is_run(path) and bool(complete_steps(path))
 
 
+def converted_folder_kind(folder: str) -> str | None:
+    return "converted" if storage.isfile(storage.join(folder, CONFIG_FILE)) else None
+
+
 def checkpoint_folder_kind(folder: str) -> str | None:
     """'converted' or 'release' for a checkpoint folder of that kind (a release folder may lack its
     config.yaml, as the released text-to-image one does), else None."""
-    if storage.isfile(storage.join(folder, CONFIG_FILE)):
+    if converted_folder_kind(folder):
         return "converted"
     if storage.isfile(storage.join(folder, "model.pt")):
         return "release"
     return None
 
 
+def folders_above(path: str) -> list[str]:
+    """The folders that hold `path`, nearest first, up to the root (of a bucket: gs://BUCKET)."""
+    folders, folder = [], storage.resolved(path)
+    while (parent := storage.dirname(folder.rstrip("/")) or "/") != folder:
+        folders.append(folder := parent)
+    return folders
+
+
 def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
     """Refuses an output inside a training run's checkpoints/ folder (a sample job's workdir and
     its checkpoint swapped, say): the run would take it for a step, and its checkpoint rotation
-    would delete it. A --workdir that is a converted or release checkpoint folder, or its params/,
-    is refused too: inspect took it for a workdir and timed the config's own random model, and
-    eval wrote its files among orbax's."""
+    would delete it. An output inside a converted checkpoint folder (at any depth: its params/ too)
+    is refused as well, and a --workdir that is a converted or release folder or directly inside
+    one: inspect took it for a workdir and timed the config's own random model, eval wrote its
+    files among orbax's, and samples inside params/ changed the checkpoint's fingerprint, and went
+    with it when the folder was converted again (--overwrite)."""
     absolute = storage.resolved(path)
-    if flag == "--workdir":
-        for folder in (path, storage.dirname(absolute.rstrip("/")) or "/"):
-            if kind := checkpoint_folder_kind(folder):
-                raise CheckpointError(f"--workdir {path} is {'' if folder == path else 'inside '}a {kind} checkpoint "
-                                      f"folder ({folder}), where a job's outputs would mix with its files: to use "
-                                      f"it, pass --config.sample.checkpoint={folder} and choose another --workdir")
+    above = folders_above(path)
+    for folder in ([path] if flag == "--workdir" else []) + above:
+        # A release folder is known by a model.pt alone: further up, or beside a conversion's output
+        # (model.pt downloaded into a folder, converted into a subfolder), one is anybody's file.
+        near = flag == "--workdir" and folder in (path, *above[:1])
+        kind = checkpoint_folder_kind(folder) if near else converted_folder_kind(folder)
+        if kind:
+            inside = "" if folder == path else "inside "
+            fix = (f"to use it, pass --config.sample.checkpoint={folder} and choose another --workdir"
+                   if flag == "--workdir" else "choose an output outside it")
+            raise CheckpointError(f"{flag} {path} is {inside}a {kind} checkpoint folder ({folder}), where the "
+                                  f"{'outputs' if flag == '--workdir' else 'conversion'} would mix with its files: {fix}")
     for match in re.finditer(f"/{CHECKPOINTS}(?=/|$)", absolute):
         run = absolute[:match.start()]
         if run and not run.endswith(":/") and is_run(run):
