@@ -4,6 +4,7 @@ its inputs and outputs, on a stand-in Inception that compiles in a moment."""
 
 import json
 import os
+import re
 import zipfile
 
 import jax.numpy as jnp
@@ -236,6 +237,23 @@ def test_damaged_images_or_cache_files_are_named_or_computed_again(tiny_inceptio
         cache.write_bytes(b"garbage")
     again = evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
     assert again["fid"] == first["fid"] and "cannot be read" in caplog.text
+
+    # Files that read but are not the features of these images: cut, altered, of another width.
+    for alter, problem in ((lambda f: f[:4], r"hold pool of shape \(4, \d+\), not \(6, \d+\)"),
+                           (lambda f: np.where(f > 0, np.nan, f), "hold NaN or inf in pool"),
+                           (lambda f: f[:, :3], r"hold pool of shape \(6, 3\)")):
+        for cache in (workdir / "eval_features").iterdir():
+            with np.load(cache) as f:
+                features = dict(f)
+            np.savez(cache, **{**features, "pool": alter(features["pool"])})
+        caplog.clear()
+        again = evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
+        assert again["fid"] == first["fid"] and re.search(problem, caplog.text), caplog.text
+    cache = next((workdir / "eval_features").iterdir())
+    cache.unlink()
+    cache.mkdir()
+    with pytest.raises(ValueError, match=rf"{re.escape(str(cache))} is a folder, where the evaluation caches"):
+        evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
 
 
 def test_every_evaluation_is_kept_in_the_history_and_other_images_of_the_same_size_are_not_served_from_cache(

@@ -176,6 +176,13 @@ class FeatureExtractor:
         devices = self.rows.mesh.size
         self.batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
 
+    @functools.cached_property
+    def widths(self) -> dict[str, int]:
+        """Each feature's width, from the model's output shapes (traced, not run)."""
+        image = jax.ShapeDtypeStruct((1, 32, 32, 3), np.uint8)
+        shapes = jax.eval_shape(functools.partial(_inception, self.graphdef), self.params, image)
+        return {name: int(shape.shape[-1]) for name, shape in zip(FEATURES, shapes)}
+
     def __call__(self, path: str) -> dict[str, np.ndarray]:
         parts = {name: [] for name in FEATURES}
         total = npz_image_count(path)
@@ -207,21 +214,37 @@ class FeatureExtractor:
 FEATURES_VERSION = 2  # 2: float32 resize coordinates, as TensorFlow
 
 
+def cache_problem(features: dict[str, np.ndarray], count: int, widths: dict[str, int]) -> str | None:
+    """What makes features read from the cache unfit for `count` images, or None. A cache file that
+    reads but was cut or altered gave other metrics without a word (FID from the rows it held)."""
+    for name, value in features.items():
+        if value.shape != (count, widths[name]):
+            return f"hold {name} of shape {value.shape}, not ({count}, {widths[name]})"
+        if not np.isfinite(value).all():
+            return f"hold NaN or inf in {name}"
+    return None
+
+
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
     size, mtime = storage.size_and_mtime(path)
     crc = npz_images_crc(path)  # files of one image count have one size, and a copy may keep the mtime
     key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime, crc, *extract.weights_id,
                                      FEATURES_VERSION]).encode()).hexdigest()[:16]
     cache = storage.join(cache_dir, f"{storage.basename(path)}.{key}.npz")
+    if storage.isdir(cache):  # found only after the Inception pass, when the cache is written
+        raise ValueError(f"{cache} is a folder, where the evaluation caches the features of {path}: move it away")
     if storage.isfile(cache):
         try:
             with storage.open_file(cache, "rb") as file, np.load(file) as f:
                 features = {name: f[name] for name in FEATURES}
-            logging.info("features of %s from %s", path, cache)
-            return features
         except Exception as e:  # only a cache: computed again
             logging.warning("the cached features %s cannot be read (%s: %s): computing them again", cache,
                             type(e).__name__, str(e)[:200])
+        else:
+            if not (problem := cache_problem(features, npz_image_count(path), extract.widths)):
+                logging.info("features of %s from %s", path, cache)
+                return features
+            logging.warning("the cached features %s %s: computing them again", cache, problem)
     features = extract(path)
     if not all(np.isfinite(value).all() for value in features.values()):  # never cached
         raise ValueError(f"the Inception features of {path} hold NaN or inf: check the Inception weights "
