@@ -226,6 +226,12 @@ def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(
     yaml.safe_dump(config, open(tmp_path / "config.yaml", "w"))
     with pytest.raises(CheckpointError, match="lacks model.params depth, which the release's PixelFlowModel"):
         config_from_release_yaml(str(tmp_path / "config.yaml"))
+    # --torch_config given the release folder, or its model.pt: a traceback (IsADirectoryError, UnicodeDecodeError).
+    with pytest.raises(CheckpointError, match=r"config file .* is a folder: pass the release's config.yaml itself"):
+        config_from_release_yaml(str(tmp_path))
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\x02\xff")
+    with pytest.raises(CheckpointError, match=r"model.pt is not a text file, so not a release config.yaml"):
+        config_from_release_yaml(str(tmp_path / "model.pt"))
 
     weights = release_state_dict()
     wrapped = {f"module.{k}": v.double() for k, v in weights.items()}  # DistributedDataParallel's, in float64

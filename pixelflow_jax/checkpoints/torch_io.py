@@ -145,6 +145,11 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
         params = dict(model["params"])
     except FileNotFoundError:
         raise CheckpointError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"config file {path} is a folder: pass the release's config.yaml itself") from None
+    except UnicodeDecodeError:  # model.pt given for its config, say
+        raise CheckpointError(f"{path} is not a text file, so not a release config.yaml (YAML text with "
+                              "model.params); pass the config.yaml that came with the checkpoint") from None
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a release config.yaml (needs model.params): {e}") from None
     target = model.get("target", RELEASE_MODEL_TARGET)
