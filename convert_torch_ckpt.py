@@ -13,8 +13,8 @@ JAX -> PyTorch (config.yaml + model.pt that the release loads with strict=True):
   python convert_torch_ckpt.py --to_torch --jax_checkpoint=runs/demo/checkpoints/5000 --weights=model \
       --output=demo_5000_raw
 
-The output is written to a temporary folder and renamed when complete; an existing output is
-refused unless --overwrite, which replaces only an earlier output of this tool, and never the
+The output is written to a temporary folder and renamed when complete; an existing output (other
+than an empty folder) is refused unless --overwrite, which replaces only an earlier output of this tool, and never the
 input (an output that overlaps the input is refused). Any mismatch between weights and architecture stops the conversion
 and names every missing, unexpected and mis-shaped key.
 """
@@ -93,7 +93,7 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
             raise CheckpointError(f"--output {output} overlaps the input {source} (it {where}): the input is left as "
                                   "it is; choose a folder that neither holds nor is inside it")
     check_outside_checkpoints(out, "--output")
-    if not storage.exists(output):
+    if not storage.exists(output) or (storage.isdir(output) and not storage.listdir(output)):  # an empty folder
         storage.check_writable(storage.dirname(out))  # before the conversion, not after it
         return
     if not overwrite:

@@ -285,6 +285,19 @@ def test_existing_output_is_refused_and_kept(tmp_path, converted):
     assert result.returncode != 0 and "overlaps the input" in result.stderr, result.stderr
 
 
+def test_an_empty_folder_made_for_the_output_is_taken_in_both_directions(tmp_path, converted):
+    """mkdir OUT, then convert into it: "already exists", and with --overwrite "is not an earlier
+    conversion": no way in."""
+    for name, arguments, written in (
+            ("jax", [f"--torch_checkpoint={fixture_dir('c2i_tiny')}"], ["params", "pixelflow_config.json"]),
+            ("torch", ["--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}"], ["config.yaml", "model.pt"])):
+        (tmp_path / name).mkdir()
+        result = run_converter(*arguments, f"--output={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert sorted(os.listdir(tmp_path / name)) == written
+    assert sorted(os.listdir(tmp_path)) == ["jax", "torch"]
+
+
 def test_load_model_names_a_non_checkpoint_folder(tmp_path):
     from pixelflow_jax import CheckpointError
 

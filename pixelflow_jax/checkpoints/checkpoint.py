@@ -93,7 +93,7 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     parent, base = os.path.dirname(path), os.path.basename(path)
     os.makedirs(parent, exist_ok=True)
     _clean_up_after_killed_runs(parent, base, path)
-    existed = os.path.exists(path)
+    existed = holds_something(path)  # an empty folder made for the output is no output to keep
     if existed and not overwrite:
         raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{storage.writer_tag()}-", dir=parent)
@@ -103,9 +103,9 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
                                "may be replaced")
     try:
         yield tmp
-        if os.path.exists(path) and not existed:  # --overwrite was judged on what was there at the start
+        if holds_something(path) and not existed:  # --overwrite was judged on what was there at the start
             raise appeared
-        if os.path.exists(path):
+        if existed and os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{base}.old-{storage.writer_tag()}-", dir=parent)
             os.rename(path, os.path.join(old, "previous"))
             os.rename(tmp, path)
@@ -120,6 +120,11 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def holds_something(path: str) -> bool:
+    """Whether a local path is there, other than as an empty folder."""
+    return os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path))
 
 
 def _clean_up_after_killed_runs(parent: str, base: str, path: str) -> None:
