@@ -162,9 +162,11 @@ def save_checkpoint(path: str, params: Params, config: CheckpointConfig, overwri
     with atomic_output_dir(path, overwrite) as tmp:
         arrays = jax.tree.map(lambda a: jax.device_put(np.asarray(a)), params)
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(storage.join(tmp, PARAMS_DIR), arrays)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        try:
+            checkpointer.save(storage.join(tmp, PARAMS_DIR), arrays)
+            checkpointer.wait_until_finished()
+        finally:  # on Ctrl-C too: orbax's background writes end before the partial folder is removed
+            checkpointer.close()  # (a Ctrl-C ~4 s into a conversion left files they wrote after it, 4 of ~40)
         storage.write_json_atomically(storage.join(tmp, CONFIG_FILE), config.to_json())  # last: marks it complete
 
 
