@@ -353,7 +353,10 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                  # 16-bit images: x.clip(0, 255) would saturate nearly every pixel
                                  ("sixteen", np.zeros((4, 8, 8, 3), np.uint16), r"16-bit images \(0-65535\) with "
                                                                                r"\(x // 257\)"),
-                                 ("float", np.zeros((4, 8, 8, 3), np.float32), r"images in \[-1, 1\] with \(\(x \+ 1\)")):
+                                 ("float", np.zeros((4, 8, 8, 3), np.float32), r"images in \[-1, 1\] with \(\(x \+ 1\)"),
+                                 # clip(0, 255) would make them images of 0 and 1
+                                 ("bools", np.zeros((4, 8, 8, 3), bool), r"got bool; convert them with "
+                                                                        r"x.astype\(np.uint8\) \* 255")):
         np.savez(tmp_path / f"{name}.npz", arr_0=array)
         with pytest.raises(ValueError, match=message):
             npz_image_count(str(tmp_path / f"{name}.npz"))

@@ -292,6 +292,23 @@ def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sam
                                       (good, CheckpointError, "inception.pth")):
         with pytest.raises(error, match=message):
             evaluate.check_inputs(None, reference, str(weights), str(tmp_path / "run"))
+    (tmp_path / "weights_folder").mkdir()
+    with pytest.raises(CheckpointError, match=r"weights_folder is a folder, not the weights file: download"):
+        evaluate.check_inputs(None, good, str(tmp_path / "weights_folder"), str(tmp_path / "run"))
     with pytest.raises(ValueError, match="set --config.eval.reference, --config.eval.samples, "
                                          "--config.eval.inception_weights"):
         evaluate.check_inputs("", "", "", str(tmp_path / "run"))
+
+
+def test_a_reference_holding_the_samples_own_images_is_said_to_measure_nothing(tiny_inception, tmp_path, caplog):
+    """samples.npz given as the reference too printed FID 0, precision and recall 1 without a word."""
+    import shutil
+
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    shutil.copy(samples, tmp_path / "copy.npz")
+    for reference, same in ((samples, True), (str(tmp_path / "copy.npz"), True),
+                            (images_npz(tmp_path / "other.npz", 2), False)):
+        caplog.clear()
+        evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "run"), batch_size=8)
+        assert ("hold the same images (their shapes and CRCs agree): the metrics are those of a perfect match"
+                in caplog.text) == same, caplog.text

@@ -114,6 +114,8 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
         elif dtype == np.uint16:  # 16-bit images: clipping to 255 would saturate nearly every pixel
             fix = ("convert 16-bit images (0-65535) with (x // 257).astype(np.uint8), and 0-255 values with "
                    "x.astype(np.uint8)")
+        elif dtype == np.bool_:  # masks or binarised images: True is white
+            fix = "convert them with x.astype(np.uint8) * 255"
         else:
             fix = "convert 0-255 values with x.clip(0, 255).astype(np.uint8)"
         raise ValueError(f"{path}: arr_0 must be uint8 images (values 0-255, as ADM's evaluation reads them), got "
@@ -315,7 +317,8 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
 
-        raise CheckpointError(f"Inception weights {inception_weights} not found: download {WEIGHTS_URL} and pass its "
+        found = "is a folder, not the weights file" if storage.isdir(inception_weights) else "not found"
+        raise CheckpointError(f"Inception weights {inception_weights} {found}: download {WEIGHTS_URL} and pass its "
                               "path as --config.eval.inception_weights")
     for path in files.values():
         npz_image_count(path)  # the format, read from the header
@@ -348,7 +351,12 @@ def evaluate(samples: str, reference: str, inception_weights: str, workdir: str,
 def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int) -> dict:
     check_inputs(samples, reference, inception_weights, workdir)
     extract = FeatureExtractor(inception_weights, batch_size)
-    with _open_images(samples) as (_, sample_shape, _, _), _open_images(reference) as (_, reference_shape, _, _):
+    with (_open_images(samples) as (_, sample_shape, _, sample_crc),
+          _open_images(reference) as (_, reference_shape, _, reference_crc)):
+        if (sample_shape, sample_crc) == (reference_shape, reference_crc):  # a sanity check, or a mix-up
+            logging.warning("the samples %s and the reference %s hold the same images (their shapes and CRCs agree): "
+                            "the metrics are those of a perfect match (FID 0, precision and recall 1), not a measure "
+                            "of the samples", samples, reference)
         if sample_shape[1:3] != reference_shape[1:3]:
             logging.warning("the samples %s are %dx%d px but the reference %s holds %dx%d px images: the metrics "
                             "compare different resolutions (both are resized to 299 px for the Inception)",
