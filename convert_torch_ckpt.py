@@ -21,6 +21,7 @@ and names every missing, unexpected and mis-shaped key.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -92,6 +93,14 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
                      "is inside the input")  # a folder added to a release folder or a run changes what it holds
             raise CheckpointError(f"--output {output} overlaps the input {source} (it {where}): the input is left as "
                                   "it is; choose a folder that neither holds nor is inside it")
+    if not storage.is_url(output):
+        try:
+            os.path.realpath(output, strict=True)
+        except FileNotFoundError:
+            pass  # not there yet (a link to a missing folder: written at its target)
+        except OSError as e:  # ELOOP: found only at the last rename, after the conversion
+            raise CheckpointError(f"--output {output} cannot be followed ({e.strerror}: symbolic links that lead to "
+                                  "each other); remove them or choose another path") from None
     check_outside_checkpoints(out, "--output")
     if not storage.exists(output) or (storage.isdir(output) and not storage.listdir(output)):  # an empty folder
         storage.check_writable(storage.dirname(out))  # before the conversion, not after it

@@ -285,6 +285,20 @@ def test_existing_output_is_refused_and_kept(tmp_path, converted):
     assert result.returncode != 0 and "overlaps the input" in result.stderr, result.stderr
 
 
+def test_an_output_of_links_that_lead_to_each_other_is_refused_before_the_conversion(tmp_path):
+    """It failed at the last rename, with a traceback, after the whole conversion."""
+    import convert_torch_ckpt
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(CheckpointError, match=r"--output .*/a cannot be followed \(Too many levels of symbolic links: "
+                                              r"symbolic links that lead to each other\)"):
+        convert_torch_ckpt.check_output(str(tmp_path / "a"), fixture_dir("c2i_tiny"), False, False)
+    os.symlink(tmp_path / "missing", tmp_path / "to_missing")  # written at the link's target
+    convert_torch_ckpt.check_output(str(tmp_path / "to_missing"), fixture_dir("c2i_tiny"), False, False)
+
+
 def test_an_empty_folder_made_for_the_output_is_taken_in_both_directions(tmp_path, converted):
     """mkdir OUT, then convert into it: "already exists", and with --overwrite "is not an earlier
     conversion": no way in."""
