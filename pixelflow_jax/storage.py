@@ -13,6 +13,7 @@ A URL is never passed to os.path.abspath or open(): `absolute` leaves it as it i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -24,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
+from concurrent import futures
 from typing import Any, BinaryIO, Callable, Iterator
 
 from pixelflow_jax.error_text import described
@@ -334,6 +336,25 @@ def read_text(path: str) -> str:
 
 def read_json(path: str) -> Any:
     return json.loads(read_text(path))
+
+
+# From a bucket each file is a request: one after another, a job over a million files waits out a
+# million round trips. In threads, in order, with at most READ_AHEAD files held at once.
+READ_THREADS = 16
+READ_AHEAD = 64
+
+
+def read_in_order(read: Callable[[Any], Any], items) -> Iterator:
+    """read(item) for each item, in the items' order, READ_THREADS reads at a time and at most
+    READ_AHEAD results held; an error is raised where its item comes."""
+    with futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(read, item))
+            if len(pending) >= READ_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_atomically(path: str, data: bytes | str) -> None:

@@ -5,7 +5,7 @@ shards for text-to-image training (config.data.source='array_record'):
 
 Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text, "name": the
 image's path in the folder, for messages}. Images are not re-encoded, so packing is I/O bound:
-files are read READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
+files are read storage.READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way removes
 the shards it wrote; an output folder that already holds shards is refused, and so is a folder
 without one usable caption (nothing is written). Files whose header is no image's are skipped and
@@ -15,13 +15,10 @@ counted (a pack of none is refused).
 from __future__ import annotations
 
 import argparse
-import collections
 import io
 import os
 import sys
 import tempfile
-from concurrent import futures
-from typing import Iterator
 
 from PIL import Image
 
@@ -55,7 +52,7 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     source = CaptionedFolderSource(folder, missing_captions, root_flag="--folder", missing_flag="--missing_captions")
     records, skipped = [], 0
     # Captions first: a bad one is known before any shard.
-    captions = read_in_order(storage.read_bytes, [caption_path for _, caption_path in source.records])
+    captions = storage.read_in_order(storage.read_bytes, [caption_path for _, caption_path in source.records])
     for (image_path, _), caption in zip(source.records, captions):
         try:
             records.append((image_path, decode_caption(caption)))
@@ -70,7 +67,7 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     storage.makedirs(output)
     progress = Progress(len(records), "packing", "image")
     written, skipped_images = [], 0
-    images = read_in_order(storage.read_bytes, [image_path for image_path, _ in records])
+    images = storage.read_in_order(storage.read_bytes, [image_path for image_path, _ in records])
     try:
         with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
             for shard in range(num_shards):
@@ -104,25 +101,6 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
         progress.close()
     return {"records": len(records) - skipped_images, "shards": num_shards, "skipped_captions": skipped,
             "skipped_images": skipped_images, "missing_captions": source.missing_captions}
-
-
-# From a bucket each file is a request: one after another, a pack of a million images waits out a
-# million round trips per pass. In threads, in order, with at most READ_AHEAD files held at once.
-READ_THREADS = 16
-READ_AHEAD = 64
-
-
-def read_in_order(read, items: list) -> Iterator:
-    """read(item) for each item, in the items' order, READ_THREADS reads at a time; an error is
-    raised where its item comes."""
-    with futures.ThreadPoolExecutor(READ_THREADS) as pool:
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append(pool.submit(read, item))
-            if len(pending) >= READ_AHEAD:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def not_an_image(data: bytes) -> str | None:
