@@ -1320,8 +1320,9 @@ def test_sample_settings_a_text_job_does_not_use_are_refused():
     config.sample.text_encoder_param_dtype = "fp16"  # named before the checkpoint loads
     with pytest.raises(ConfigError, match="--config.sample.text_encoder_param_dtype must be one of"):
         check(config, "sample")
-    with pytest.raises(ConfigError, match=r"--config.sample.num_images must be in \[1, 100000000\]"):
-        check(c2i_config(**{"sample.num_images": 3_000_000_000}), "sample")
+    for count in (3_000_000_000, 10**8):  # past int32 ids; a typo that took 10 GB before its first log line
+        with pytest.raises(ConfigError, match=r"--config.sample.num_images must be in \[1, 10000000\]"):
+            check(c2i_config(**{"sample.num_images": count}), "sample")
     # Prompts of another type, and text settings inspect reads, are named before a checkpoint loads.
     for mode, field, value, message in (
             ("sample", "prompts", 5, "--config.sample.prompts must be a prompt or a list of prompts (strings), got 5"),
