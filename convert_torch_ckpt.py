@@ -28,7 +28,7 @@ from absl import app, flags, logging
 
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, exit_without_teardown,
                                         handle_ctrl_c_from_the_start, raise_dropped_ctrl_c, raise_dropped_stops,
-                                        stop_cause, stop_on_sigterm, usage_error)
+                                        stop_cause, stop_on_sigterm, stop_received, usage_error)
 
 flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt; also hf://OWNER/NAME"
                     "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
@@ -192,7 +192,9 @@ def main(argv):
         message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
     except (CheckpointError, ConversionError, storage.StorageError) as e:
         exit_without_teardown(f"error: {e}", 1)
-    except (KeyboardInterrupt, Terminated) as stop:
+    except (KeyboardInterrupt, Terminated, Exception) as error:
+        if (stop := error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()) is None:
+            raise  # a bug: its traceback
         cause, status = stop_cause(stop)
         exit_without_teardown(f"stopped: {cause}; nothing was written to {FLAGS.output} (its partial copy is "
                               "removed)", status)

@@ -32,7 +32,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
-                                        raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, usage_error)
+                                        raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, stop_received,
+                                        usage_error)
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
                                 lock_config=True)
@@ -443,5 +444,9 @@ if __name__ == "__main__":
         print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
         exit_now_after_an_error(SystemExit(EXIT_INTERRUPTED))
     except Exception:  # a bug: its traceback, then the same exit (in a job of several processes, not a hang)
+        if (stop := stop_received()) is not None:  # a library's rewording of a Ctrl-C or SIGTERM
+            cause, status = stop_cause(stop)
+            print(f"stopped: {cause}", file=sys.stderr)
+            exit_now_after_an_error(SystemExit(status))
         traceback.print_exc()
         exit_now_after_an_error(SystemExit(1))

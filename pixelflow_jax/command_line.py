@@ -84,6 +84,15 @@ def stop_cause(stop: BaseException) -> tuple[str, int]:
     return "terminated (SIGTERM)", EXIT_TERMINATED
 
 
+def stop_received() -> BaseException | None:
+    """The stop (KeyboardInterrupt, Terminated) of a Ctrl-C or SIGTERM this process received, if
+    any. An error raised after one is most likely a library's rewording of it: a Ctrl-C during
+    tensorstore's import came out as "ImportError: initialization failed", with a traceback."""
+    if _ctrl_c_received[0]:
+        return KeyboardInterrupt()
+    return Terminated() if _sigterm_received[0] else None
+
+
 def usage_error(message: str):
     """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
     the whole help first, pages above the message)."""

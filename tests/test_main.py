@@ -229,6 +229,42 @@ def test_a_ctrl_c_python_dropped_is_delivered_again_and_one_the_job_raised_meanw
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr[-3000:]
 
 
+A_LIBRARY_REWORDS_A_CTRL_C = """
+import os, runpy, signal, sys, time
+import {module} as module
+
+
+def reworded(*args, **kwargs):  # as tensorstore's import: a Ctrl-C inside it became an ImportError
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise ImportError("initialization failed")
+
+
+module.{name} = reworded
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("tool", ["main", "converter"])
+def test_a_ctrl_c_a_library_turned_into_another_error_still_stops_in_one_line(tmp_path, tool):
+    """A Ctrl-C during tensorstore's import came out as "ImportError: initialization failed" and
+    its traceback, exit status 1 (seen once by an audit of the converter)."""
+    module, name, argv = (
+        ("pixelflow_jax.inspect_model", "run", ["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
+                                                "--mode=inspect"]) if tool == "main" else
+        ("pixelflow_jax.checkpoints.convert", "torch_to_params",
+         ["convert_torch_ckpt.py", f"--torch_checkpoint={os.path.join(REPO, 'tests', 'fixtures', 'c2i_tiny')}",
+          f"--output={tmp_path / 'out'}"]))
+    script = A_LIBRARY_REWORDS_A_CTRL_C.format(module=module, name=name, argv=argv)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130 and "stopped: interrupted (Ctrl-C)" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ImportError" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_while_a_job_starts_stops_it_in_one_line(tmp_path):
     """The imports take seconds: a Ctrl-C then printed a KeyboardInterrupt traceback (and, caught
     by a library, sometimes let the job run on)."""
