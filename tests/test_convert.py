@@ -183,6 +183,8 @@ def test_unreadable_file_gets_one_line_error(tmp_path, content):
     (0, {}, "attention_head_dim 0 does not divide the model width 32"),  # was a ZeroDivisionError
     (16, {"num_stages": 0}, "num_stages must be positive, got 0"),
     (16, {"resolution": -64}, "resolution must be positive, got -64"),
+    # stage 0 had no timestep of its own (start_t = end_t = 0), and sampled
+    (16, {"num_train_timesteps": 3}, "num_train_timesteps 3 must be at least num_stages 4"),
 ])
 def test_a_flag_out_of_range_is_the_converters_own_error(head_dim, overrides, phrase, tmp_path):
     """convert_torch_ckpt.py prints these errors (CheckpointError, ConversionError) as one line."""

@@ -55,6 +55,9 @@ class CheckpointConfig:
         for name in ("num_train_timesteps", "num_stages", "resolution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_train_timesteps < self.num_stages:  # a stage without a timestep of its own: degenerate
+            raise ValueError(f"num_train_timesteps {self.num_train_timesteps} must be at least num_stages "
+                             f"{self.num_stages}, as in training (the release's: 1000)")
         factor = self.model.patch_size * 2 ** (self.num_stages - 1)
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} must be a multiple of patch_size x 2^(num_stages-1) "
