@@ -1058,6 +1058,10 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
         storage.user_path("file:///data/run")
     with pytest.raises(CheckpointError, match="^no checkpoint given: name a training run"):
         load_model("")  # was "checkpoint  does not exist"
+    for spaced in (" runs/xl", "runs/xl ", "runs/ xl"):  # a quoting slip: no hint said why it was not found
+        with pytest.raises(CheckpointError, match=rf"checkpoint '{spaced}' does not exist \(a name in it starts or "
+                                                  r"ends with a space: a quoting slip\?\)"):
+            load_model(spaced)
     with pytest.raises(storage.StorageError, match="ends with a space, which an object name keeps: write 'gs://b/x'"):
         storage.user_path("gs://b/x ")
     for dotted in ("gs://b/x/../y", "gs://b/./x"):
