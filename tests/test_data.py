@@ -80,6 +80,12 @@ def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
     (tmp_path / "class_index.json").write_text(written.replace('"b"', '"gone"'))  # a class folder moved away
     with pytest.raises(DataError, match=r"lacks class folders \['gone'\] that .*class_index.json lists"):
         make_source(config, class_index_dir=str(tmp_path))
+    # Damaged or edited by hand: tracebacks (JSONDecodeError, KeyError) that named neither the file nor a fix.
+    for content in ("garbage", "{}", '{"classes": "a"}', "[]"):
+        (tmp_path / "class_index.json").write_text(content)
+        with pytest.raises(DataError, match=r"class_index.json is damaged \(\w+Error: .*\): it holds the class ids "
+                                            r"this run's checkpoints learned. Put back .* or delete it"):
+            make_source(config, class_index_dir=str(tmp_path))
 
 
 def test_a_symbolic_link_loop_in_an_image_folder_is_named(tmp_path):

@@ -758,6 +758,20 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     with pytest.raises(ValueError, match="data.demo_num_classes: 10 -> 12"):  # every demo image drawn anew
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.demo_num_classes": 12}),
                      step=40, num_records=100)
+
+    from pixelflow_jax.training.resume_settings import check_optimiser_state
+
+    # The refusal says "rerun with the values in train_settings.json": edited by hand and broken, it
+    # gave a JSONDecodeError traceback, or (holding a list) a TypeError without an error line.
+    recorded = (tmp_path / SETTINGS_FILE).read_text()
+    for content in ('{"seed": 0, "trunc', "[]"):
+        (tmp_path / SETTINGS_FILE).write_text(content)
+        for call in (lambda: check_optimiser_state(workdir, c2i_config(), 40),
+                      lambda: check_resume(workdir, c2i_config(), step=40, num_records=100)):
+            with pytest.raises(ValueError, match=rf"{SETTINGS_FILE} is damaged \(.+\): it records the settings this "
+                                                 r"run trained with.* or delete it to have it recorded again"):
+                call()
+    (tmp_path / SETTINGS_FILE).write_text(recorded)
     with pytest.raises(ValueError, match="data.random_flip: True -> False"):  # other images every step
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.random_flip": False}),
                      step=40, num_records=100)

@@ -265,6 +265,21 @@ class TfdsSource:
         return {"image": record["image"], "label": int(record["label"]), "name": f"{self.name}:{index}"}
 
 
+def read_class_index(path: str) -> list[str]:
+    """The class folder names a run's checkpoints learned as ids 0, 1, ...; a file that is not what
+    the run wrote (damaged, or edited by hand) is an error naming it and the fix."""
+    try:
+        classes = storage.read_json(path)["classes"]
+        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+            raise TypeError(f"its classes are a {type(classes).__name__}, not a list of folder names")
+        return classes
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, no "classes", not a list of names
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {e}): it holds the class ids this run's checkpoints "
+                        "learned. Put back its earlier content, or delete it to have it written again from the class "
+                        "folders' sorted names (the same ids, unless class folders were added or removed "
+                        "since)") from None
+
+
 def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None,
                 ids_learned: bool = True):
     """The configured source. For folders, the class list is written to class_index_dir/
@@ -278,7 +293,7 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
         classes = None
         index_path = storage.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
         if index_path and ids_learned and storage.exists(index_path):
-            classes = storage.read_json(index_path)["classes"]
+            classes = read_class_index(index_path)
         source = ImageFolderSource(data_config.root, classes, index_path or "the run's class index")
         if num_classes is not None and len(source.classes) > num_classes:
             raise DataError(f"{data_config.root} has {len(source.classes)} classes but the model has "

@@ -63,9 +63,21 @@ def same_folder_spelled_once(key: str, value):
 
 
 def recorded_settings(workdir: str) -> dict:
-    """The settings a run recorded ({} for a workdir without them), as it recorded them."""
+    """The settings a run recorded ({} for a workdir without them), as it recorded them; a file
+    that is no JSON object (damaged, or edited by hand) is an error naming it and the fix."""
     path = storage.join(workdir, SETTINGS_FILE)
-    return storage.read_json(path) if storage.exists(path) else {}
+    if not storage.exists(path):
+        return {}
+    try:
+        settings = storage.read_json(path)
+        problem = None if isinstance(settings, dict) else f"a JSON {type(settings).__name__}, not an object"
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise ValueError(f"{path} is damaged ({problem}): it records the settings this run trained with, for its "
+                         "resumes to be checked against. Put back its earlier content, or delete it to have it "
+                         "recorded again from this command (this resume then goes unchecked)")
+    return settings
 
 
 def check_optimiser_state(workdir: str, config, step: int) -> None:
@@ -75,7 +87,7 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
     path = storage.join(workdir, SETTINGS_FILE)
     if not step or not storage.exists(path):
         return
-    previous = {**DEFAULTS, **storage.read_json(path)}
+    previous = {**DEFAULTS, **recorded_settings(workdir)}
     t = config.train
     if counts_updates(previous["train.lr_schedule"], previous["train.warmup_steps"]) != counts_updates(
             t.lr_schedule, t.warmup_steps):
@@ -97,7 +109,8 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         if record and jax.process_index() == 0:
             storage.write_json_atomically(path, current)
         return
-    previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **storage.read_json(path)}.items()}
+    previous = {key: same_folder_spelled_once(key, value)
+                for key, value in {**DEFAULTS, **recorded_settings(workdir)}.items()}
     changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
                if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
     if not changed:
