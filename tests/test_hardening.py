@@ -767,7 +767,7 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     for content in ('{"seed": 0, "trunc', "[]"):
         (tmp_path / SETTINGS_FILE).write_text(content)
         for call in (lambda: check_optimiser_state(workdir, c2i_config(), 40),
-                      lambda: check_resume(workdir, c2i_config(), step=40, num_records=100)):
+                     lambda: check_resume(workdir, c2i_config(), step=40, num_records=100)):
             with pytest.raises(ValueError, match=rf"{SETTINGS_FILE} is damaged \(.+\): it records the settings this "
                                                  r"run trained with.* or delete it to have it recorded again"):
                 call()
