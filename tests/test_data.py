@@ -6,6 +6,8 @@ import io
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -537,6 +539,46 @@ def write_shards(folder, tmp_path, count=3):
         (images / f"{i}.txt").write_text(f"caption {i}")
     assert pack(str(images), str(folder), records_per_shard=1)["shards"] == count
     return [str(folder / f"captions-{i:05d}-of-{count:05d}.array_record") for i in range(count)]
+
+
+STOPS_A_PACK = """
+import os, signal, sys, time
+from pixelflow_jax import storage
+from pixelflow_jax.data import pack_captions
+
+upload, uploads, stop = storage.upload_file_atomically, [], getattr(signal, sys.argv[3])
+
+
+def upload_then_stop(local, path):  # a signal once two shards are uploaded
+    if len(uploads) == 2:
+        os.kill(os.getpid(), stop)
+        time.sleep(5)
+    uploads.append(path)
+    upload(local, path)
+
+
+storage.upload_file_atomically = upload_then_stop
+sys.argv = ["pack_captions", f"--folder={sys.argv[1]}", f"--output={sys.argv[2]}", "--records_per_shard=1"]
+pack_captions.main()
+"""
+
+
+@pytest.mark.parametrize("signal_name,status,cause", [("SIGINT", 130, "interrupted (Ctrl-C)"),
+                                                      ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_a_pack_stopped_by_a_signal_removes_its_shards_and_says_so(tmp_path, signal_name, status, cause):
+    """Ctrl-C left the shards written (and a KeyboardInterrupt traceback), and a rerun was refused for
+    them; SIGTERM left them without a word."""
+    images = tmp_path / "captioned"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(encoded(np.full((8, 8, 3), i, np.uint8)))
+        (images / f"{i}.txt").write_text(f"caption {i}")
+    result = subprocess.run([sys.executable, "-c", STOPS_A_PACK, str(images), str(tmp_path / "shards"), signal_name],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == status, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (f"stopped: {cause}; nothing was packed into {tmp_path / 'shards'} "
+                                                      "(the shards written are removed)"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path / "shards") == []
 
 
 def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_path, monkeypatch):

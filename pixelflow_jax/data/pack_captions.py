@@ -23,6 +23,7 @@ import tempfile
 from PIL import Image
 
 from pixelflow_jax import storage
+from pixelflow_jax.command_line import Terminated, handle_ctrl_c_from_the_start, stop_cause, stop_on_sigterm
 from pixelflow_jax.data.caption_data import (MISSING_CAPTION_CHOICES, RECORD_EXTENSION, CaptionedFolderSource,
                                              CaptionError, decode_caption, encode_record)
 from pixelflow_jax.data.loader import DataError, read_with_folder
@@ -91,9 +92,11 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                 storage.upload_file_atomically(local, storage.join(output, name))
                 written.append(storage.join(output, name))
                 os.remove(local)
-    except Exception as e:  # a part of a pack is no dataset: leave the folder as it was
+    except BaseException as e:  # a part of a pack is no dataset (Ctrl-C and SIGTERM too): leave the folder as it was
         for path in written:
             storage.remove(path)
+        if not isinstance(e, Exception):
+            raise
         raise DataError(f"{type(e).__name__}: {e} (packing stopped; the {len(written)} shards it had written are "
                         "removed)") from e
     finally:
@@ -117,6 +120,8 @@ def not_an_image(data: bytes) -> str | None:
 
 
 def main() -> None:
+    handle_ctrl_c_from_the_start()
+    stop_on_sigterm()  # the shards written are removed, as on Ctrl-C
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", required=True, help="captioned image folder (local or gs://)")
     parser.add_argument("--output", required=True, help="folder for the shards (local or gs://)")
@@ -129,6 +134,11 @@ def main() -> None:
     except (DataError, ValueError, OSError) as e:  # OSError: storage.StorageError, and local disks' own errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except (KeyboardInterrupt, Terminated) as stop:
+        cause, status = stop_cause(stop)
+        print(f"stopped: {cause}; nothing was packed into {args.output} (the shards written are removed)",
+              file=sys.stderr)
+        sys.exit(status)
     print(f"wrote {counts['records']} records in {counts['shards']} shards to {output}; skipped "
           f"{counts['skipped_captions']} unusable captions, {counts['skipped_images']} files that are not images and "
           f"{counts['missing_captions']} images without a caption")
