@@ -347,8 +347,7 @@ def run_mode(argv):
             fail(e)
         except (KeyboardInterrupt, Terminated) as stop:  # while starting (restore, compile), or a second Ctrl-C
             cause, status = stop_cause(stop)
-            print(f"stopped: {cause} without saving; the checkpoints saved before are kept: rerun the same command "
-                  "to resume from the latest", file=sys.stderr)
+            print(f"stopped: {cause} without saving; {what_a_rerun_resumes(FLAGS.workdir)}", file=sys.stderr)
             sys.exit(status)
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
@@ -405,6 +404,19 @@ def process_index_or_none(jax) -> int | None:
         return jax.process_index()
     except Exception:
         return None
+
+
+def what_a_rerun_resumes(workdir: str) -> str:
+    """For a training run stopped without saving: the step the same command resumes from."""
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
+
+    try:
+        steps = complete_steps(workdir)
+    except Exception:  # the store failing too: say what is sure
+        return "the checkpoints saved before are kept: rerun the same command to resume from the latest"
+    if not steps:  # a second Ctrl-C during the first save: nothing was kept
+        return "no step of this run was saved: rerun the same command to start it again"
+    return f"the checkpoints saved before are kept: rerun the same command to resume from step {max(steps)}"
 
 
 def exit_now_after_an_error(stop: SystemExit):

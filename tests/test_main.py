@@ -90,6 +90,22 @@ def test_orbax_and_fsspec_info_lines_are_kept_out_of_the_log_and_their_warnings_
         assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
 
 
+def test_a_run_stopped_without_saving_says_which_step_a_rerun_resumes_from(tmp_path):
+    """A second Ctrl-C during a run's first save said "the checkpoints saved before are kept" of a
+    run that had none (the rerun started anew)."""
+    sys.path.insert(0, REPO)
+    import main
+
+    assert main.what_a_rerun_resumes(str(tmp_path)) == ("no step of this run was saved: rerun the same command to "
+                                                        "start it again")
+    (tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp").mkdir(parents=True)  # the save the Ctrl-C cut short
+    assert main.what_a_rerun_resumes(str(tmp_path)).startswith("no step of this run was saved")
+    for step in (10, 20):
+        (tmp_path / "checkpoints" / str(step)).mkdir()
+        (tmp_path / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+    assert main.what_a_rerun_resumes(str(tmp_path)).endswith("rerun the same command to resume from step 20")
+
+
 def test_overrides_a_sampling_job_cannot_honour_are_named():
     sys.path.insert(0, REPO)
     import main
