@@ -6,8 +6,8 @@ shards for text-to-image training (config.data.source='array_record'):
 Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text, "name": the
 image's path in the folder, for messages}. Images are not re-encoded, so packing is I/O bound:
 files are read storage.READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
-each appears whole (written locally, then renamed or uploaded); a pack that fails part-way removes
-the shards it wrote; an output folder that already holds shards is refused, and so is a folder
+each appears whole (written locally, then renamed or uploaded); a pack that fails part-way, or is
+stopped (Ctrl-C, SIGTERM), removes the shards it wrote; an output folder that already holds shards is refused, and so is a folder
 without one usable caption (nothing is written). Files whose header is no image's are skipped and
 counted (a pack of none is refused).
 """
@@ -48,7 +48,7 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     existing = [name for name in storage.list_files(output) if name.endswith(RECORD_EXTENSION)]
     if existing:
         raise ValueError(f"{output} already holds {len(existing)} shards (e.g. {existing[0]}; a pack killed "
-                         "part-way leaves the shards it finished); pack into an empty folder, or delete the old "
+                         "with SIGKILL part-way leaves the shards it finished); pack into an empty folder, or delete the old "
                          "shards first")
     source = CaptionedFolderSource(folder, missing_captions, root_flag="--folder", missing_flag="--missing_captions")
     records, skipped = [], 0
