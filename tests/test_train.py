@@ -614,7 +614,9 @@ def test_a_process_failing_alone_stops_every_process_instead_of_hanging(tmp_path
     ("--config.mesh.fsdp=3", "--config.mesh.fsdp (3) must divide the device count (1): one of 1"),
     ("--config.train.lr=-1", "--config.train.lr must be > 0, got -1"),
     ("--config.train.lr=nan", "--config.train.lr must be a finite number, got nan"),
-    ("--config.model.num_classes=1000", "must equal data.demo_num_classes"),
+    ("--config.model.num_classes=1000", "must equal data.demo_num_classes (10) on the demo data, whose classes the "
+                                        "model learns (and previews sample): set both, e.g. --config.model.num_classes="
+                                        "1000 --config.data.demo_num_classes=1000"),
     ("--config.data.resolution=60", "--config.data.resolution (60) must be a multiple of model.patch_size x 2^"),
     ("--config.model.cross_attention_dim=64 --config.model.num_classes=0",
      "a text-conditional model (model.cross_attention_dim > 0) trains with --config=configs/t2i.py"),

@@ -98,7 +98,9 @@ def validate(config, model_cfg: ModelConfig, mesh) -> StepConfig:
                          "(class labels, label dropout)")
     elif config.data.source == "demo" and config.data.demo_num_classes != model_cfg.num_classes:
         raise ValueError(f"model.num_classes ({model_cfg.num_classes}) must equal data.demo_num_classes "
-                         f"({config.data.demo_num_classes}): previews sample every class of the model")
+                         f"({config.data.demo_num_classes}) on the demo data, whose classes the model learns (and "
+                         "previews sample): set both, e.g. --config.model.num_classes="
+                         f"{model_cfg.num_classes} --config.data.demo_num_classes={model_cfg.num_classes}")
     # (cosine refuses this in learning_rate; a constant rate may be meant to end its warmup in a resume
     # that raises num_steps.) Step s applies the rate of update s - 1, so warmup_steps = num_steps never
     # reaches train.lr either.
