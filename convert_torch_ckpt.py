@@ -21,6 +21,7 @@ and names every missing, unexpected and mis-shaped key.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -96,11 +97,10 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     if not storage.is_url(output):
         try:
             os.path.realpath(output, strict=True)
-        except FileNotFoundError:
-            pass  # not there yet (a link to a missing folder: written at its target)
-        except OSError as e:  # ELOOP: found only at the last rename, after the conversion
-            raise CheckpointError(f"--output {output} cannot be followed ({e.strerror}: symbolic links that lead to "
-                                  "each other); remove them or choose another path") from None
+        except OSError as e:  # not there yet, or under a file: the checks below name those
+            if e.errno == errno.ELOOP:  # found only at the last rename, after the conversion
+                raise CheckpointError(f"--output {output} cannot be followed ({e.strerror}: symbolic links that lead "
+                                      "to each other); remove them or choose another path") from None
     check_outside_checkpoints(out, "--output")
     if not storage.exists(output) or (storage.isdir(output) and not storage.listdir(output)):  # an empty folder
         storage.check_writable(storage.dirname(out))  # before the conversion, not after it
