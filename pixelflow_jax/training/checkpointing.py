@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from pixelflow_jax import storage
@@ -21,6 +20,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, complete_steps,
                                                       restore_error)
 from pixelflow_jax.error_text import first_line
+from pixelflow_jax.multihost import processes_where
 
 UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 
@@ -79,13 +79,11 @@ def check_saves(manager) -> None:
             wait_for_saves(manager)
     except CheckpointError as e:
         problem = e
-    if jax.process_count() > 1:  # one process raising alone would leave the others in a collective
-        from jax.experimental import multihost_utils
-
-        failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(problem is not None)))
-        if len(failed) and problem is None:
-            problem = CheckpointError(f"a checkpoint save failed on process {failed[0]} (see its error); rerun the "
-                                      "same command once the cause is fixed")
+    # Every process learns of a failure: one raising alone would leave the others in a collective.
+    failed = processes_where(problem is not None)
+    if failed and problem is None:
+        problem = CheckpointError(f"a checkpoint save failed on process {failed[0]} (see its error); rerun the "
+                                  "same command once the cause is fixed")
     if problem is not None:
         raise problem
 
