@@ -601,7 +601,7 @@ def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_pa
         return real_read(path)
 
     monkeypatch.setattr(pack_captions.storage, "read_bytes", slow_read)
-    monkeypatch.setattr(storage, "READ_AHEAD", 4)  # at most 4 files held
+    monkeypatch.setattr(storage.reads, "READ_AHEAD", 4)  # at most 4 files held
     shards = write_shards(tmp_path / "shards", tmp_path, count=12)
     assert 1 < most[0] <= 4
     records = [CaptionRecordSource(str(tmp_path / "shards"))[i] for i in range(12)]

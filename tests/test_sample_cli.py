@@ -182,7 +182,7 @@ def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tm
 
     monkeypatch.setattr(sample_run, "read_sample", counted_read)
     monkeypatch.setattr(sample_run, "write_images_npz", counted_write)
-    monkeypatch.setattr(storage, "READ_AHEAD", 8)
+    monkeypatch.setattr(storage.reads, "READ_AHEAD", 8)
     assert sample_run.finish(str(folder), str(tmp_path), num_images=70, resolution=8) == 0
     assert most[0] <= 8 + 1  # the read-ahead, and the one being written
     with np.load(tmp_path / "samples.npz") as f:

@@ -126,7 +126,7 @@ def test_a_refused_listing_is_an_error_not_an_empty_folder(bucket, monkeypatch):
 def test_gcsfs_giving_up_logs_one_line_not_its_traceback(caplog):
     import logging
 
-    storage._epath("gs://some-bucket/run")  # configures gcsfs's logging as any bucket access does
+    storage.remote.epath_of("gs://some-bucket/run")  # configures gcsfs's logging as any bucket access does
     try:
         raise ConnectionError("Cannot connect to host storage.googleapis.com:443")
     except ConnectionError as error:
@@ -227,7 +227,7 @@ def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeyp
     def refused(path, data):
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(storage, "write_atomically", refused)  # (tests run as root, whom modes do not stop)
+    monkeypatch.setattr(storage.writes, "write_atomically", refused)  # (tests run as root, whom modes do not stop)
     with pytest.raises(storage.StorageError, match=r"cannot write to .*run: PermissionError: .*: name a folder this "
                                                    r"user can write to \(a training run in a read-only folder can "
                                                    r"still be sampled"):

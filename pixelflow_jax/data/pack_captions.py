@@ -5,7 +5,7 @@ shards for text-to-image training (config.data.source='array_record'):
 
 Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 text, "name": the
 image's path in the folder, for messages}. Images are not re-encoded, so packing is I/O bound:
-files are read storage.READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
+files are read storage.reads.READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way, or is
 stopped (Ctrl-C, SIGTERM), removes the shards it wrote; an output folder that already holds shards is refused, and so is a folder
 without one usable caption (nothing is written). Files whose header is no image's are skipped and

@@ -1,0 +1,41 @@
+"""The one path layer: every file the project reads or writes goes through here, so a path may be
+local or an object-store URL (gs://; etils.epath with gcsfs).
+
+Object stores have no atomic rename and no append. What keeps the project's promises there:
+  - `write_atomically` uploads one complete object; a store publishes an object only when its
+    upload completes, so a reader sees the whole file or none (locally: a temporary file renamed);
+  - checkpoints are orbax's, finalised by a commit marker on object stores (a rename locally);
+  - a file that grows (metrics.jsonl) is rewritten whole, not appended to;
+  - folders do not exist on a store: `makedirs` does nothing there, and a "folder" exists once an
+    object under it does.
+A URL is never passed to os.path.abspath or open(): `absolute` leaves it as it is.
+
+The modules, by job: paths (URLs told from local paths, checked as users write them), remote (the
+bucket client and its errors), reads, writes, temporaries (who writes a temporary, clearing those
+of killed writers) and cache (local copies of remote files). Callers use the names below, as
+`storage.join(...)`.
+"""
+
+from pixelflow_jax.storage.cache import cache_dir, cached_copy
+from pixelflow_jax.storage.paths import (StorageError, absolute, basename, check_supported, dirname, is_url, join,
+                                         resolved, user_path)
+from pixelflow_jax.storage.reads import (exists, file_sizes, fingerprint, isdir, isfile, list_entries, list_files,
+                                           list_folders, listdir, local_file, open_file, read_bytes, read_in_order,
+                                           read_json, read_text, size_and_mtime)
+from pixelflow_jax.storage.remote import CHECK_ACCESS
+from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed_writers, process_alive,
+                                               remove_abandoned_dirs, remove_temporaries, temporary_dir, umask,
+                                               writer_gone, writer_tag)
+from pixelflow_jax.storage.writes import (check_writable, create_file, create_json, makedirs, move_folder, remove,
+                                           removed_if_left_empty, rmtree, upload_file_atomically, write_atomically,
+                                           write_json_atomically, write_streamed_atomically, writing)
+
+__all__ = [
+    "CHECK_ACCESS", "StorageError", "WRITER", "absolute", "basename", "cache_dir", "cached_copy", "check_supported",
+    "check_writable", "clear_leftovers_of_killed_writers", "create_file", "create_json", "dirname", "exists",
+    "file_sizes", "fingerprint", "is_url", "isdir", "isfile", "join", "list_entries", "list_files", "list_folders",
+    "listdir", "local_file", "makedirs", "move_folder", "open_file", "process_alive", "read_bytes", "read_in_order",
+    "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries", "removed_if_left_empty",
+    "resolved", "rmtree", "size_and_mtime", "temporary_dir", "umask", "upload_file_atomically", "user_path",
+    "write_atomically", "write_json_atomically", "write_streamed_atomically", "writer_gone", "writer_tag", "writing",
+]

@@ -1,0 +1,52 @@
+"""Local copies of remote files, fetched again only when the remote one changed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+
+from pixelflow_jax.storage.reads import open_file, size_and_mtime
+from pixelflow_jax.storage.writes import write_json_atomically, write_local_atomically
+from pixelflow_jax.storage.paths import basename
+from pixelflow_jax.storage.temporaries import process_alive
+
+def cache_dir(*parts: str) -> str:
+    """This project's local cache of remote files: $PIXELFLOW_CACHE_DIR, else
+    $XDG_CACHE_HOME/pixelflow_jax, else ~/.cache/pixelflow_jax."""
+    root = os.environ.get("PIXELFLOW_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pixelflow_jax")
+    return os.path.join(root, *parts)
+
+
+def cached_copy(url: str, folder: str) -> str:
+    """folder/NAME, a local copy of the file at `url`: downloaded again only when the remote's size
+    or modification time differs from what NAME.source.json recorded. The copy appears whole
+    (downloaded beside it, then renamed), so a killed download is never read as the file; its
+    leftovers are deleted by the next download on the same host (the folder may be on a file
+    system that other hosts share, where their downloads are theirs to clear)."""
+    local = os.path.join(folder, basename(url))
+    record_path = local + ".source.json"
+    size, mtime = size_and_mtime(url)
+    record = {"url": url, "size": size, "mtime": mtime}
+    with contextlib.suppress(OSError, ValueError):
+        with open(record_path) as f:
+            if json.load(f) == record and os.path.getsize(local) == size:
+                return local
+    os.makedirs(folder, exist_ok=True)
+    partial = f".{basename(url)}.download-{socket.gethostname()}-"
+    for name in os.listdir(folder):
+        pid = name[len(partial):].split("-", 1)[0]
+        if name.startswith(partial) and pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+    def download(target):
+        with open_file(url, "rb") as source:
+            shutil.copyfileobj(source, target, 16 << 20)
+
+    write_local_atomically(local, download, temporary_prefix=f"{partial}{os.getpid()}-")
+    write_json_atomically(record_path, record)
+    return local

@@ -1,0 +1,125 @@
+"""Paths as users write them: local folders and object-store URLs told apart, and a URL that
+lost part of its "://" refused rather than taken for a local folder. No I/O here."""
+
+from __future__ import annotations
+
+import os
+import re
+
+# Schemes this project writes and reads (hf:// is read-only, for checkpoints: see hub.py).
+SUPPORTED_SCHEMES = ("gs",)
+
+
+class StorageError(OSError):
+    """A path cannot be reached or written; the message names the path, the cause and the fix."""
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def scheme(path: str) -> str:
+    return str(path).split("://", 1)[0] if is_url(path) else ""
+
+
+# A URL that lost a slash or its colon ("gs:/bucket", "gs:bucket", "gs//bucket", "gs;//bucket"):
+# taken as it is, it would be a local folder named "gs:" or "gs" that quietly fills the disk
+# instead of the bucket.
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*"  # RFC 3986's scheme
+_KNOWN_SCHEMES = r"(?:gs|gcs|hf|s3|http|https|file)"
+_BROKEN_URL = re.compile(rf"{_SCHEME}:/(?!/)|{_KNOWN_SCHEMES}:(?!//)|{_KNOWN_SCHEMES}[;.]?//", re.I)
+# Characters an object path cannot keep: tensorstore (the checkpoints' arrays) reads "?" and "#" as
+# the start of a URL query or fragment, and fsspec (listings, deletes) reads "*?[]" as wildcards,
+# so a run's arrays would land in another folder, or a delete would match other runs' files.
+_NOT_IN_OBJECT_PATHS = "?#*[]"
+
+
+def user_path(path: str) -> str:
+    """A path as a user wrote it (a flag, a config value, an API argument), ready for this layer:
+    `~` expanded (the shell leaves `--flag=~/x` as it is), URLs unchanged, and a URL without its
+    "//" refused rather than taken for a local folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise StorageError(f"expected a path (a string or os.PathLike), got {path!r}")
+    path = str(path)
+    if broken := _BROKEN_URL.match(path):
+        scheme_name = broken[0].rstrip(":;./")
+        rest = path[broken.end():].lstrip("/\\")
+        raise StorageError(f'{path} looks like a URL without its "://": write {meant_scheme(scheme_name)}://{rest} '
+                           f"(or ./{path} for a local folder of that name)")
+    if is_url(path) and not re.fullmatch(_SCHEME, scheme(path)):
+        # runs/gs://b (a URL pasted after a folder): as a "scheme", runs/gs would be refused in odd words
+        url = re.search(rf"(?<![A-Za-z0-9+.-]){_KNOWN_SCHEMES}://.*", path, re.I)  # not the gs:// of runs/mygs://
+        raise StorageError(f'{path} holds "://" inside a path: a URL starts with its scheme'
+                           + (f" (write {url[0]})" if url else "")
+                           + ', and a local path holding "://" is refused, so that a mistyped URL never becomes a '
+                             'local folder')
+    if is_url(path) and scheme(path) == "file":
+        raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
+    if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
+        raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
+    if is_url(path) and path != path.strip():
+        raise StorageError(f"{path!r} starts or ends with a space, which an object name keeps: write {path.strip()!r}")
+    if is_url(path) and scheme(path) != "hf" and (odd := sorted(set(_NOT_IN_OBJECT_PATHS) & set(path))):
+        raise StorageError(f"{path}: {' and '.join(repr(c) for c in odd)} cannot be part of an object path here "
+                           "(the checkpoint library reads '?' and '#' as the start of a URL query, the bucket "
+                           "library reads '*', '?' and '[ ]' as wildcards): name the folder without them")
+    if is_url(path) and {".", ".."} & set(path.split("://", 1)[1].split("/")[1:]):
+        raise StorageError(f"{path}: object stores do not resolve '.' and '..' (they would be part of the names): "
+                           "write the folder itself")
+    if is_url(path) and "//" in path.split("://", 1)[1].rstrip("/"):
+        # An empty folder name (an empty $PREFIX): epath drops it on writes, fsspec keeps it in listings
+        # and locks, so a run would not find its own files.
+        fixed = f"{scheme(path)}://{re.sub('/+', '/', path.split('://', 1)[1])}"
+        raise StorageError(f'{path} has an empty folder name ("//"), which object-store tools read in two ways: '
+                           f"write {fixed}")
+    return path if is_url(path) else os.path.expanduser(path)
+
+
+def meant_scheme(name: str) -> str:
+    """The scheme a user most likely meant: gs for gcs, lower case for a known one."""
+    meant = {"gcs": "gs"}.get(name.lower(), name.lower())
+    return meant if meant in (*SUPPORTED_SCHEMES, "hf") else name
+
+
+def check_supported(path: str) -> None:
+    """A path this layer reads and writes: local or gs:// (hf:// paths are read by hub.py alone)."""
+    if is_url(path) and scheme(path) not in SUPPORTED_SCHEMES:
+        schemes = ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+        meant = meant_scheme(scheme(path))
+        if scheme(path) == "hf":
+            raise StorageError(f"{path}: hf:// (the Hugging Face Hub) is read here for checkpoints and T5 folders "
+                               f"only: outputs and other files are local or {schemes}")
+        hint = ""
+        if meant in (*SUPPORTED_SCHEMES, "hf"):
+            why = ": schemes are lower case" if meant == scheme(path).lower() else ""
+            hint = f" (write {meant}://{path.split('://', 1)[1]}{why})"
+        raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; paths are local or {schemes} "
+                           "(hf:// reads checkpoints and T5 folders only)")
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute; URLs unchanged."""
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def resolved(path: str) -> str:
+    """A local path made absolute with its symbolic links resolved (so two names of one folder
+    compare equal); a URL without its trailing slash."""
+    return str(path).rstrip("/") if is_url(path) else os.path.realpath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def basename(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_url(path) else os.path.basename(path)
+
+
+def dirname(path: str) -> str:
+    if is_url(path):
+        head = str(path).rstrip("/").rsplit("/", 1)[0]
+        return head if "://" in head and not head.endswith(":/") else str(path)
+    return os.path.dirname(path)

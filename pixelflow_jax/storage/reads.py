@@ -1,0 +1,193 @@
+"""Finding, listing and reading files, local or in a bucket. Where a bucket is asked, only a
+missing object reads as missing: any other failure is a StorageError (remote.py)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent import futures
+from typing import Any, Callable, Iterator
+
+from pixelflow_jax.storage.paths import basename, is_url, join
+from pixelflow_jax.storage.remote import on_remote
+
+
+def _remote_kind(path: str) -> str | None:
+    """'file' or 'directory' for what a URL names, None where nothing is there. fsspec's own
+    exists() and isdir() answer False for any error: a refused or failed request (403, 503) read as
+    "no checkpoints here" would start a trained run anew. Here only a missing object is None."""
+    def kind(_):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(path)
+        try:
+            return fs.info(key)["type"]
+        except FileNotFoundError:
+            return None
+
+    return on_remote(path, kind)
+
+
+def exists(path: str) -> bool:
+    return _remote_kind(path) is not None if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _remote_kind(path) == "directory" if is_url(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+    return _remote_kind(path) == "file" if is_url(path) else os.path.isfile(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Names under a folder (one level); [] when it does not exist."""
+    if is_url(path):
+        files, folders = list_entries(path)
+        return sorted(files + folders)
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def list_files(path: str) -> list[str]:
+    """Names of the files (not sub-folders) directly in a folder, in one listing."""
+    return list_entries(path)[0]
+
+
+def list_folders(path: str) -> list[str]:
+    """Names of the sub-folders directly in a folder."""
+    return list_entries(path)[1]
+
+
+def list_entries(path: str, others: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(files, sub-folders) directly in a folder, sorted, from one listing (a walk through a
+    bucket makes one request per folder, not two); ([], []) when it does not exist. `others`, if
+    given, gets the names of a local folder's entries that are neither (links to nothing, sockets)."""
+    if not is_url(path):
+        if not os.path.isdir(path):
+            return [], []
+        entries = list(os.scandir(path))
+        files, folders = sorted(e.name for e in entries if e.is_file()), sorted(e.name for e in entries if e.is_dir())
+        if others is not None:
+            others += sorted(e.name for e in entries if not e.is_file() and not e.is_dir())
+        return files, folders
+
+    def listing(_):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        fs.invalidate_cache(root)
+        if _remote_kind(path) != "directory":
+            return [], []
+        entries = fs.ls(root, detail=True)
+        name = lambda entry: entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        return (sorted(name(e) for e in entries if e["type"] == "file"),
+                sorted(name(e) for e in entries if e["type"] == "directory"))
+
+    return on_remote(path, listing)
+
+
+def file_sizes(folder: str) -> dict[str, int]:
+    """{path relative to the folder: size} of every file below it (one listing on a store)."""
+    if is_url(folder):
+        def listing(_):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(folder)
+            fs.invalidate_cache(root)
+            root = root.rstrip("/") + "/"
+            return {name[len(root):]: int(info["size"]) for name, info in fs.find(root, detail=True).items()}
+
+        return on_remote(folder, listing)
+    return {os.path.relpath(os.path.join(parent, name), folder): os.path.getsize(os.path.join(parent, name))
+            for parent, _, names in os.walk(folder) for name in names}
+
+
+FINGERPRINT_SLICE = 64 << 10
+
+
+def fingerprint(folder: str, entries: tuple[str, ...] = ()) -> str:
+    """A short hash of what a folder holds (only its `entries`, files or sub-folders, if given):
+    every file's name and size, the whole of each small file, and three slices (start, middle,
+    end) of each large one. It changes when the folder is written again with other weights (orbax
+    names its data files afresh; a zip's central directory at the end holds each entry's CRC) and
+    survives a copy; it reads a few MB at most."""
+    digest = hashlib.sha256()
+    for name, size in sorted(file_sizes(folder).items()):
+        if entries and name.split("/", 1)[0] not in entries:
+            continue
+        digest.update(f"{name}\0{size}\0".encode())
+        with open_file(join(folder, name), "rb") as f:
+            if size <= 3 * FINGERPRINT_SLICE:
+                digest.update(f.read())
+                continue
+            for offset in (0, size // 2, size - FINGERPRINT_SLICE):
+                f.seek(offset)
+                digest.update(f.read(FINGERPRINT_SLICE))
+    return digest.hexdigest()[:16]
+
+
+def open_file(path: str, mode: str = "rb"):
+    if is_url(path):
+        return on_remote(path, lambda p: p.open(mode))
+    return open(path, mode)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+# From a bucket each file is a request: one after another, a job over a million files waits out a
+# million round trips. In threads, in order, with at most READ_AHEAD files held at once.
+READ_THREADS = 16
+
+READ_AHEAD = 64
+
+
+def read_in_order(read: Callable[[Any], Any], items) -> Iterator:
+    """read(item) for each item, in the items' order, READ_THREADS reads at a time and at most
+    READ_AHEAD results held; an error is raised where its item comes."""
+    with futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(read, item))
+            if len(pending) >= READ_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def size_and_mtime(path: str) -> tuple[int, float]:
+    """(bytes, modification time in seconds since the epoch), local or in a bucket."""
+    if is_url(path):
+        stat = on_remote(path, lambda p: p.stat())
+        return int(stat.length), float(stat.mtime or 0)
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+    """A local path with the file's content: the file itself, or a temporary download of a URL
+    (for readers that need a real file: torch's mmap, safetensors, sentencepiece)."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="pixelflow_download_") as folder:
+        local = os.path.join(folder, basename(path))
+        with open_file(path, "rb") as source, open(local, "wb") as target:
+            shutil.copyfileobj(source, target, 16 << 20)
+        yield local

@@ -1,0 +1,116 @@
+"""Who writes a temporary file or folder, and the clearing of those whose writer was killed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+
+from pixelflow_jax.storage.paths import is_url
+
+# A local temporary names its writer, `HOST-PID` (earlier versions: `PID`), then a random part
+# without dashes. On a disk that several hosts share a cleaner can only ask its own host whether a
+# writer still runs, so another host's temporary counts as abandoned once it is a day old.
+WRITER = r"(?:(?P<host>.+)-)?(?P<pid>\d+)-[^-]*"
+OTHER_HOSTS_TEMPORARIES_EXPIRE_S = 24 * 3600
+
+
+_THIS_PROCESS_STARTED = time.time()  # (at import: before this process writes anything)
+
+
+def writer_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def writer_gone(match: re.Match, path: str) -> bool:
+    """Whether the writer named in `match` (of a pattern holding WRITER) can no longer finish `path`."""
+    if match["host"] in (None, socket.gethostname()):
+        pid = int(match["pid"])
+        if pid == os.getpid():  # a restarted container reuses pids: this process's own, or a predecessor's
+            with contextlib.suppress(OSError):
+                return os.path.getmtime(path) < _THIS_PROCESS_STARTED
+            return False
+        return not process_alive(pid)
+    with contextlib.suppress(OSError):
+        return time.time() - os.path.getmtime(path) > OTHER_HOSTS_TEMPORARIES_EXPIRE_S
+    return False
+
+
+# A temporary folder of this host's /tmp whose writer is gone is left alone until nothing in it
+# changed for this long: containers that share /tmp and the hostname (docker --network=host) see
+# each other's folders but not each other's processes.
+ABANDONED_AFTER_S = 3600
+
+
+def temporary_dir(prefix: str) -> str:
+    """A new folder in the system's temporary folder, PREFIX-WRITER-RANDOM (remove_abandoned_dirs)."""
+    return tempfile.mkdtemp(prefix=f"{prefix}-{writer_tag()}-")
+
+
+def remove_abandoned_dirs(prefix: str) -> None:
+    """Deletes the temporary_dir(prefix) folders of killed writers (see ABANDONED_AFTER_S)."""
+    for entry in os.scandir(tempfile.gettempdir()):
+        match = re.fullmatch(re.escape(prefix) + "-" + WRITER, entry.name)
+        with contextlib.suppress(OSError):  # another start removing it at the same time
+            if match and entry.is_dir(follow_symlinks=False) and writer_gone(match, entry.path) and \
+                    time.time() - newest_mtime(entry.path) > ABANDONED_AFTER_S:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def newest_mtime(folder: str) -> float:
+    times = [os.path.getmtime(folder)]
+    for root, _, files in os.walk(folder):
+        times += [os.path.getmtime(os.path.join(root, name)) for name in files]
+    return max(times)
+
+
+# The temporaries of this project's writers, `.NAME.tmp-WRITER`, and the `NAME.tmp` of sampling jobs
+# of earlier versions. A user's own `draft.tmp` is not one.
+_TEMPORARY = re.compile(rf"\..+\.tmp-{WRITER}|(?:\d+\.png|grid\.png|samples\.npz|settings\.json)\.tmp(?:\.npz)?")
+
+
+def remove_temporaries(folder: str) -> int:
+    """Deletes the temporary files that killed writers of this project left in a local folder;
+    call it before anyone writes there. Object stores have none (an unfinished upload is never an
+    object). Returns how many."""
+    if is_url(folder) or not os.path.isdir(folder):
+        return 0
+    stale = []
+    for name in os.listdir(folder):
+        match = _TEMPORARY.fullmatch(name)
+        if match and (match["pid"] is None or writer_gone(match, os.path.join(folder, name))):
+            stale.append(name)
+    for name in stale:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+    return len(stale)
+
+
+def clear_leftovers_of_killed_writers(*folders: str) -> None:
+    """remove_temporaries on each folder a job is about to own, saying where files went."""
+    for folder in folders:
+        if remove_temporaries(folder):
+            logging.info("removed the temporary files of an interrupted run from %s", folder)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with that id runs (a writer that may still finish)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def umask() -> int:
+    """This process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,211 @@
+"""Writing files, local or in a bucket, so that a reader sees a whole file or none (see the
+package docstring), and creating files that only one writer may create."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+from typing import Any, BinaryIO, Callable, Iterator
+
+from pixelflow_jax.error_text import described
+from pixelflow_jax.storage.paths import StorageError, is_url, join
+from pixelflow_jax.storage.remote import CHECK_ACCESS, on_remote
+from pixelflow_jax.storage.temporaries import umask, writer_tag
+
+
+def makedirs(path: str) -> None:
+    if not is_url(path):  # a store has no folders: writing an object makes its "folder"
+        os.makedirs(path, exist_ok=True)
+
+
+def write_atomically(path: str, data: bytes | str) -> None:
+    """The whole file appears at once or not at all (see the package docstring)."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if is_url(path):
+        def upload(p):
+            with p.open("wb") as f:
+                f.write(data)
+
+        on_remote(path, upload)
+        return
+    write_local_atomically(path, lambda f: f.write(data))
+
+
+def write_streamed_atomically(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """write_atomically for a writer that streams into a file (np.savez): locally through a
+    temporary beside `path`, to a URL through a local temporary file uploaded whole."""
+    if not is_url(path):
+        write_local_atomically(path, write)
+        return
+    with tempfile.NamedTemporaryFile(prefix="pixelflow_upload_") as local:
+        write(local)
+        local.flush()
+        upload_file_atomically(local.name, path)
+
+
+def write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporary_prefix: str = "",
+                            publish: Callable[[str, str], None] = os.replace) -> None:
+    """Writes a local file through write(f) into a temporary beside it, then renames it into place
+    (readable as umask allows; `publish=os.link` refuses an existing file instead). The temporary
+    is `.NAME.tmp-HOST-PID-*`, which remove_temporaries clears after a kill, unless
+    `temporary_prefix` names another."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    prefix = temporary_prefix or f".{os.path.basename(path)}.tmp-{writer_tag()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~umask())
+        publish(tmp, path)
+    finally:  # gone after os.replace; after os.link (or a failure) a second name to remove
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def writing(path: str, fix: str) -> Iterator[None]:
+    """An OSError of the writes inside as one StorageError naming `path`, the cause and `fix`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot write {path} ({type(e).__name__}: {e}); {fix}") from None
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+    write_atomically(path, json.dumps(value, indent=2))
+
+
+# What os.link raises on a file system without hard links (gcsfuse, s3fs, blobfuse mounts).
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def create_file(path: str, data: bytes) -> bool:
+    """Writes `path` whole where nothing is there yet: False, and nothing written, when another
+    writer got there first. Locally a complete temporary file is hard-linked into place (a link
+    refuses an existing name; on a file system without hard links, some FUSE mounts, an exclusive
+    create, then the write); in a bucket one create-only upload (ifGenerationMatch=0), which the
+    store refuses if the object appeared since the existence check."""
+    if is_url(path):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(path)
+        if fs.exists(key):
+            return False
+        try:
+            fs.pipe_file(key, data, mode="create")
+        except Exception:  # a precondition failure (412), whatever the client calls it
+            if fs.exists(key):
+                return False
+            raise
+        return True
+    try:
+        write_local_atomically(path, lambda f: f.write(data), publish=os.link)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:  # a full disk, an I/O error: not a reason to write unlinked
+            raise
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~umask())
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:  # not left half-written, where it would read as another writer's
+        os.remove(path)
+        raise
+    return True
+
+
+def create_json(path: str, value: Any) -> bool:
+    """create_file for a JSON value."""
+    return create_file(path, json.dumps(value, indent=2).encode("utf-8"))
+
+
+def upload_file_atomically(local_file: str, path: str) -> None:
+    """Publishes a finished local file at `path` (a URL: one upload; local: a rename or copy)."""
+    if is_url(path):
+        def upload(p):
+            with open(local_file, "rb") as source, p.open("wb") as target:
+                shutil.copyfileobj(source, target, 16 << 20)
+
+        on_remote(path, upload)
+    else:
+        def copy(target):
+            with open(local_file, "rb") as source:
+                shutil.copyfileobj(source, target, 16 << 20)
+
+        write_local_atomically(path, copy)
+
+
+def remove(path: str) -> None:
+    if is_url(path):
+        on_remote(path, lambda p: p.unlink(missing_ok=True))
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def rmtree(path: str) -> None:
+    if is_url(path):
+        on_remote(path, lambda p: p.rmtree() if p.exists() else None)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def move_folder(source: str, target: str) -> None:
+    """Moves a folder to a path that does not exist yet (in an object store: copies every object,
+    then deletes the originals)."""
+    if is_url(source):
+        def move(_):
+            import fsspec
+
+            fs, key = fsspec.core.url_to_fs(source)
+            fs.mv(key, fsspec.core.url_to_fs(target)[1], recursive=True)
+
+        on_remote(source, move)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(source, target)  # a rename, or a copy where the target is on another disk
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str, remover: bool = True) -> Iterator[None]:
+    """A local folder that did not exist before the block is removed after it if nothing was
+    written there (a job that failed at its start leaves no empty folder). `remover`: whether this
+    process is the one that removes it (process 0 of a job)."""
+    made_here = remover and not is_url(folder) and not os.path.exists(folder)
+    try:
+        yield
+    finally:
+        if made_here:
+            with contextlib.suppress(OSError):  # rmdir removes only an empty folder
+                os.rmdir(folder)
+
+
+def check_writable(folder: str) -> None:
+    """Writes and deletes a probe file in `folder`, so that a missing bucket, missing credentials
+    or no write access stop a job before its first step, with the cause."""
+    probe = join(folder, f".write_check-{socket.gethostname()}-{os.getpid()}")
+    if not is_url(folder) and os.path.isfile(folder):
+        raise StorageError(f"{folder} is a file, not a folder: name a folder (new or existing) for the outputs")
+    try:
+        makedirs(folder)
+        write_atomically(probe, b"")
+        remove(probe)
+    except StorageError:
+        raise
+    except Exception as e:  # gcsfs / google-auth / OS errors: one message with the cause
+        hint = (f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else
+                ": name a folder this user can write to (a training run in a read-only folder can still be sampled "
+                "or exported into another: --config.sample.checkpoint=RUN, --jax_checkpoint=RUN)")
+        raise StorageError(f"cannot write to {folder}: {described(e)}{hint}") from None
