@@ -101,6 +101,10 @@ def remove_old_requests(output_dir: str, keep: int = KEPT_REQUESTS) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
+def is_whole(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value and int(value) == value
+
+
 # dopri5 picks its own steps between the stage's ends: the page says what it did not use.
 DOPRI5_NOTE = " dopri5 chooses its own steps: the step sliders and the noise shift were not used."
 
@@ -117,38 +121,47 @@ class DemoSampler:
             raise ValueError(f"--config.sample.steps_per_stage gives {len(s.steps_per_stage)} values; "
                              f"{self.source.label} has {ckpt.num_stages} stages (or give one number for all)")
         self.text = bool(ckpt.model.cross_attention_dim)
+        self.num_classes = None if self.text else int(ckpt.model.num_classes)
         self.prompt_encoder, self.negative_prompt = None, str(s.get("negative_prompt", ""))
         if self.text:
             from pixelflow_jax.text.prompts import prompt_encoder_for
 
             self.prompt_encoder = prompt_encoder_for(s, ckpt.model.cross_attention_dim)
         model, self.ckpt = load_sampling_model(config, self.source)
-        self.model_config = model.config
         self.sampler = CascadeSampler(model, self.ckpt)
         self.max_images = int(config.demo.max_images)
         self.compiled: set = set()
         self.output_dir = demo_output_dir(workdir)
 
-    def check(self, condition, num_images, cfg, shift, steps, seed) -> str | None:
-        """The problem with a request, in words for the page, or None."""
-        if self.text and not str(condition or "").strip():
-            return "Type a prompt."
-        if not self.text and condition is None:
+    def check(self, condition, solver, num_images, cfg, shift, steps, seed) -> str | None:
+        """The problem with a request, in words for the page, or None. The page's event skips
+        Gradio's own checks (see build_page), so this is the only one: it takes anything an API
+        client sends."""
+        if self.text:
+            if not isinstance(condition, str) or not condition.strip():
+                return "Type a prompt." if condition is None or isinstance(condition, str) else \
+                    f"The prompt must be text, got {condition!r}."
+        elif condition is None:
             return "Pick a class."
+        elif not is_whole(condition) or not 0 <= condition < self.num_classes:
+            # (an id past the table would be clamped by the embedding lookup: another class's images)
+            return f"Class must be a whole number from 0 to {self.num_classes - 1}, got {condition!r}."
+        if solver not in SOLVERS:
+            return f"Solver must be one of {', '.join(SOLVERS)}, got {solver!r}."
         given = {"Number of images": num_images, "CFG": cfg, "Noise shift": shift, "Seed": seed,
                  **{f"Steps of stage {stage}": n for stage, n in enumerate(steps)}}
         for label, value in given.items():  # the page sends numbers; its API accepts anything
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
                 return f"{label} must be a number, got {value!r}."
-        if not 1 <= num_images <= self.max_images or int(num_images) != num_images:
+        if not 1 <= num_images <= self.max_images or not is_whole(num_images):
             return f"Number of images must be a whole number from 1 to {self.max_images}."
         if not DEMO_CFG_RANGE[0] <= cfg <= DEMO_CFG_RANGE[1]:
             return "CFG must be between {:g} and {:g}.".format(*DEMO_CFG_RANGE)
         if not DEMO_SHIFT_RANGE[0] <= shift <= DEMO_SHIFT_RANGE[1]:
             return "Noise shift must be between {:g} and {:g}.".format(*DEMO_SHIFT_RANGE)
-        if any(not 1 <= n <= DEMO_MAX_STEPS or int(n) != n for n in steps):
+        if any(not 1 <= n <= DEMO_MAX_STEPS or not is_whole(n) for n in steps):
             return f"Steps per stage must be whole numbers from 1 to {DEMO_MAX_STEPS}."
-        if not 0 <= seed <= MAX_SEED or int(seed) != seed:
+        if not 0 <= seed <= MAX_SEED or not is_whole(seed):
             return f"Seed must be a whole number from 0 to {MAX_SEED}."
         return None
 
@@ -208,14 +221,14 @@ def build_page(demo: DemoSampler, config):
                 if demo.text:
                     condition = gr.Textbox(label="Prompt", placeholder="a red fox in the snow")
                 else:
-                    choices = class_choices(demo.model_config.num_classes)
+                    choices = class_choices(demo.num_classes)
                     condition = gr.Dropdown(choices=choices, value=choices[0][1], label="Class")
                 solver = gr.Radio(list(SOLVERS), value=config.sample.solver, label="Solver")
                 cfg = gr.Slider(*DEMO_CFG_RANGE, value=float(config.sample.cfg_scale), step=0.1, label="CFG")
                 shift = gr.Slider(*DEMO_SHIFT_RANGE, value=float(config.sample.shift), step=1.0, label="Noise shift")
                 steps = [gr.Slider(1, DEMO_MAX_STEPS, value=int(default_steps[s]), step=1, label=f"Steps, stage {s}")
                          for s in range(stages)]
-                seed = gr.Number(value=int(config.sample.seed), precision=0, label="Seed")
+                seed = gr.Number(value=int(config.sample.seed), label="Seed")  # (precision=0 would round 0.5 to 0)
                 num_images = gr.Slider(1, demo.max_images, value=min(2, demo.max_images), step=1,
                                        label="Number of images")
                 button = gr.Button("Generate", variant="primary")
@@ -225,7 +238,7 @@ def build_page(demo: DemoSampler, config):
                 files = gr.File(label="PNGs", file_count="multiple")
 
         def run(condition, solver, cfg, shift, seed, num_images, *steps):
-            problem = demo.check(condition, num_images, cfg, shift, steps, seed)
+            problem = demo.check(condition, solver, num_images, cfg, shift, steps, seed)
             if problem:
                 yield gr.update(value=f"**Not generated:** {problem}"), gr.update(), gr.update()
                 return
@@ -243,7 +256,11 @@ def build_page(demo: DemoSampler, config):
             yield (gr.update(value=f"{images} for {demo.named(condition)} in {time.perf_counter() - start:.1f} s."
                                    + (DOPRI5_NOTE if solver == "dopri5" else "")), paths, paths)
 
-        button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files])
+        # preprocess=False: the values reach run() as sent, and check() answers on the page. Gradio's
+        # own checks answered an API client's string or out-of-range number with its generic error
+        # (a 1000-value list for a class), and a traceback on the server's terminal.
+        button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files],
+                     api_name="generate", preprocess=False)
     return page
 
 

@@ -72,6 +72,19 @@ def test_pick_a_class_generate_and_see_the_images(demo_server, tmp_path):
         browser.close()
     assert os.path.getsize(os.path.join(artifacts, "demo_page.png")) > 10_000
 
+    # Through the page's API, what the page cannot send is answered in our words, and the server's
+    # terminal stays free of tracebacks (Gradio's checks raised on a string for a slider and listed
+    # all 1000 classes for an unknown one). Arguments: class, solver, cfg, shift, seed, images, steps.
+    from gradio_client import Client
+
+    client = Client(demo_server, verbose=False)
+    for request, message in [((207, "euler", "4", 1.0, 7, 1, 1, 1, 1, 1), "CFG must be a number, got '4'."),
+                             ((1000, "euler", 4.0, 1.0, 7, 1, 1, 1, 1, 1), "Class must be a whole number from 0 to 999"),
+                             ((207, "euler", 4.0, 1.0, 0.5, 1, 1, 1, 1, 1), "Seed must be a whole number")]:
+        status = client.predict(*request, api_name="/generate")[0]  # the status line's update
+        assert status["value"].startswith(f"**Not generated:** {message}"), status
+    assert "Traceback" not in open(tmp_path / "demo.log").read()
+
 
 def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tmp_path):
     """The page ignored sample.negative_prompt (always ""), unlike the sampling job."""

@@ -692,14 +692,27 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
     from pixelflow_jax.demo_app import DemoSampler
 
     demo = DemoSampler.__new__(DemoSampler)  # check() needs no model
-    demo.text, demo.max_images = False, 8
-    good = dict(condition=3, num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
+    demo.text, demo.num_classes, demo.max_images = False, 10, 8
+    good = dict(condition=3, solver="euler", num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
     assert demo.check(**good) is None
+    assert demo.check(**{**good, "condition": 9.0, "seed": 7.0}) is None  # JSON numbers may come as floats
     for change, message in [({"cfg": None}, "CFG must be a number, got None."),
                             ({"cfg": "4"}, "CFG must be a number, got '4'."),
                             ({"steps": [2, None, 2, 2]}, "Steps of stage 1 must be a number, got None."),
-                            ({"seed": float("nan")}, "Seed must be a number, got nan.")]:
+                            ({"seed": float("nan")}, "Seed must be a number, got nan."),
+                            # Gradio's own checks no longer run first: these reached the model or were rounded.
+                            ({"seed": 0.5}, "Seed must be a whole number from 0 to 4294967295."),
+                            ({"condition": 10}, "Class must be a whole number from 0 to 9, got 10."),
+                            ({"condition": -1}, "Class must be a whole number from 0 to 9, got -1."),
+                            ({"condition": "3"}, "Class must be a whole number from 0 to 9, got '3'."),
+                            ({"condition": True}, "Class must be a whole number from 0 to 9, got True."),
+                            ({"condition": None}, "Pick a class."),
+                            ({"solver": "heun"}, "Solver must be one of euler, dopri5, got 'heun'.")]:
         assert demo.check(**{**good, **change}) == message
+    demo.text = True
+    assert demo.check(**{**good, "condition": "a red fox"}) is None
+    assert demo.check(**{**good, "condition": " "}) == "Type a prompt."
+    assert demo.check(**{**good, "condition": ["a red fox"]}) == "The prompt must be text, got ['a red fox']."
 
 
 def test_the_demo_compiles_per_euler_step_counts_not_dopri5_ones():
