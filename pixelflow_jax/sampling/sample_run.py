@@ -96,7 +96,7 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
             check_and_record_settings(folder, workdir, settings)
         except (ValueError, storage.StorageError) as e:
             problem = e
-    if jax.process_count() > 1 and int(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))):
+    if int(from_process_0(np.int32(problem is not None))):
         problem = problem or ValueError(f"process 0 refused the settings of {folder} (its error says why)")
     if problem:
         raise problem
@@ -258,7 +258,7 @@ def run(config, workdir: str) -> None:
         multihost_utils.sync_global_devices("all images written")
         removed = finish(folder, workdir, num_images, ckpt.resolution) if jax.process_index() == 0 else 0
         # Every process learns whether process 0 removed unreadable images, to sample them again.
-        if not int(multihost_utils.broadcast_one_to_all(np.int32(removed))):
+        if not int(from_process_0(np.int32(removed))):
             if jax.process_index() == 0:
                 demo_check.print_for(source.run_step and source.run_step.run, conditioning,
                                      storage.join(workdir, SAMPLES_NPZ))

@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.multihost import from_process_0
 
 LOCK_FILE = "train.lock"
 UNREADABLE_STALE_S = 60.0  # a live run writes its lock whole within this
@@ -91,9 +92,7 @@ class WorkdirLock:
                 problem = self._try_acquire()
             except Exception as e:  # storage errors: every process stops with them, none waits
                 problem = f"{self.path}: cannot take the workdir lock: {type(e).__name__}: {e}"
-        from jax.experimental import multihost_utils
-
-        if int(multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))):
+        if int(from_process_0(np.int32(bool(problem)))):
             raise WorkdirBusy(problem or f"{self.path}: the workdir is in use by another run (see process 0's error)")
         if self.held:
             self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
@@ -232,13 +231,9 @@ class WorkdirLock:
         read_now (before a save): process 0 reads the lock itself instead of trusting the last
         heartbeat, so a run that lost its lock since then saves nothing (two runs that took over
         one stale lock at the same instant: the one whose lock was replaced)."""
-        from jax.experimental import multihost_utils
-
         if read_now and jax.process_index() == 0:
             self._heartbeat_or_warn()  # (a storage hiccup here: the save's own errors follow)
-        lost = self.lost_to is not None
-        if jax.process_count() > 1:
-            lost = bool(int(multihost_utils.broadcast_one_to_all(np.int32(lost))))
+        lost = bool(int(from_process_0(np.int32(self.lost_to is not None))))
         if lost:
             holder = self.lost_to or {}
             raise WorkdirBusy(f"{self.path} was taken over by another run (host {holder.get('host', '?')}, pid "
