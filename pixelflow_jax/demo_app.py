@@ -144,7 +144,7 @@ class DemoSampler:
         elif condition is None:
             return "Pick a class."
         elif not is_whole(condition) or not 0 <= condition < self.num_classes:
-            # (an id past the table would be clamped by the embedding lookup: another class's images)
+            # (id num_classes is the null class of guidance: unconditioned images; past it a jitted lookup gives NaN)
             return f"Class must be a whole number from 0 to {self.num_classes - 1}, got {condition!r}."
         if solver not in SOLVERS:
             return f"Solver must be one of {', '.join(SOLVERS)}, got {solver!r}."
