@@ -156,13 +156,15 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--key_mask", action="store_true", help="with a random key mask (text cross-attention)")
     parser.add_argument("--sweep", action="store_true", help="also time pallas_gpu over bench SWEEP settings")
+    parser.add_argument("--sweep_count", type=int, default=len(SWEEP) - 1,
+                        help="how many of SWEEP's other settings to time (a CPU dry run checks two)")
     parser.add_argument("--interpret", action="store_true", help="Pallas kernels in interpret mode (CPU dry run)")
     args = parser.parse_args()
 
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     runs = [(backend, None) for backend in args.backends.split(",") if backend]  # --backends= with --sweep: only it
     if args.sweep:
-        runs += [("pallas_gpu", settings) for settings in SWEEP[1:]]
+        runs += [("pallas_gpu", settings) for settings in SWEEP[1:1 + args.sweep_count]]
     context = interpret_kernels() if args.interpret else contextlib.nullcontext()
     print(json.dumps(dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__)))
     with context:

@@ -47,12 +47,12 @@ step() {  # step NAME SECONDS COMMAND...
 LIMIT_SCALE=1
 if [ "$DRY_RUN" = 1 ]; then  # the same steps at sizes a 2-core CPU runs in a few minutes
   LIMIT_SCALE=4  # the limits are the GPU's; a busy 2-core CPU interprets the kernels far slower
-  ATTENTION=(--interpret --heads=2 --iters=1) SHAPES=2x256 SWEEP_SHAPES=2x256
+  ATTENTION=(--interpret --heads=2 --iters=1) SHAPES=2x256 SWEEP_SHAPES=2x256 SWEEP=(--sweep --sweep_count=2)
   BACKENDS=xla,pallas_gpu FAST=xla PALLAS=xla  # cudnn and compiled Pallas need a GPU
   TRAIN=(--preset=tiny --batch=8 --steps=2)
   SAMPLE=(--preset=tiny --batch=4 --steps=3 --repeats=1)
 else
-  ATTENTION=(--iters=10) SHAPES=8x4096,32x1024,128x256 SWEEP_SHAPES=8x4096,32x1024  # where tiles matter most
+  ATTENTION=(--iters=10) SHAPES=8x4096,32x1024,128x256 SWEEP_SHAPES=8x4096,32x1024 SWEEP=(--sweep)  # where tiles matter most
   BACKENDS=xla,cudnn,pallas_gpu,mha FAST=cudnn PALLAS=pallas_gpu
   TRAIN=(--batch=32 --remat=dots --steps=5)
   SAMPLE=(--repeats=2)
@@ -81,5 +81,5 @@ fi
 # 6. The text path's key-masked attention, then the tile sweep with whatever time is left (its
 #    default settings were timed in step 1).
 step attention_masked 30 $PY bench/attention_speed.py --key_mask --backends=${BACKENDS%,mha} --shapes=4x256 "${ATTENTION[@]}"
-step sweep 300 $PY bench/attention_speed.py --backends= --sweep --shapes=$SWEEP_SHAPES "${ATTENTION[@]}"
+step sweep 300 $PY bench/attention_speed.py --backends= "${SWEEP[@]}" --shapes=$SWEEP_SHAPES "${ATTENTION[@]}"
 cat "$OUT/summary.txt"
