@@ -170,11 +170,18 @@ def check_architecture(config) -> None:
         model = ModelConfig.from_mapping(config.model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--config.{e}" if str(e).startswith("model.") else f"--config.model: {e}") from None
-    factor = model.patch_size * 2 ** (num_stages - 1)
+    if (model.in_channels, model.out_channels) != (3, 3):  # (a 1-channel output broadcast against RGB and trained)
+        raise ConfigError(f"--config.model.in_channels and out_channels must be 3, got {model.in_channels} and "
+                          f"{model.out_channels}: the data, previews and samples are RGB images")
+    grid, halving = model.patch_size * 2 ** (num_stages - 1), 2 ** num_stages
+    factor = math.lcm(grid, halving)  # they differ for odd patch sizes only
     if resolution % factor:
         below, above = resolution // factor * factor, (resolution // factor + 1) * factor
-        raise ConfigError(f"--config.data.resolution ({resolution}) must be a multiple of model.patch_size x "
-                          f"2^(scheduler.num_stages - 1) = {factor}, so that every stage has a whole patch grid: "
+        why = f"model.patch_size x 2^(scheduler.num_stages - 1) = {grid}, so that every stage has a whole patch grid"
+        if factor != grid:
+            why += (f", and of 2^scheduler.num_stages = {halving}, so that the first stage's image halves evenly "
+                    "(training starts that stage from its 2x-downsampled image)")
+        raise ConfigError(f"--config.data.resolution ({resolution}) must be a multiple of {why}: "
                           f"try {below or above}" + (f" or {above}" if below else ""))
 
 

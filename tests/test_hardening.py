@@ -49,8 +49,12 @@ def c2i_config(**changes):
     ("train", "seed", -1, "--config.seed must be in [0, 4294967295], got -1"),
     ("train", "scheduler.num_stages", 0, "--config.scheduler.num_stages must be >= 1, got 0"),
     ("inspect", "model.patch_size", 3, "--config.data.resolution (64) must be a multiple of model.patch_size x 2^("
-                                       "scheduler.num_stages - 1) = 24, so that every stage has a whole patch grid: "
-                                       "try 48 or 72"),
+                                       "scheduler.num_stages - 1) = 24, so that every stage has a whole patch grid, "
+                                       "and of 2^scheduler.num_stages = 16, so that the first stage's image halves "
+                                       "evenly (training starts that stage from its 2x-downsampled image): try 48 or 96"),
+    ("train", "model.out_channels", 1, "--config.model.in_channels and out_channels must be 3, got 3 and 1: the "
+                                       "data, previews and samples are RGB images"),
+    ("inspect", "model.in_channels", 4, "--config.model.in_channels and out_channels must be 3, got 4 and 3"),
     ("train", "model.attention", "fast", "--config.model.attention must be one of"),
     ("train", "data.expand_ratio", 0.9, "--config.data.expand_ratio must be >= 1, got 0.9"),
     ("train", "data.num_workers", -1, "--config.data.num_workers must be >= 0, got -1"),
@@ -108,6 +112,28 @@ def test_distributed_without_a_cluster_or_its_flags_names_the_flags(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "error: --distributed: " in result.stderr and "--coordinator_address=HOST:PORT" in result.stderr
     assert not workdir.exists()
+
+
+def test_a_first_stage_that_training_cannot_halve_is_refused_before_the_run_starts():
+    """Patch 3 at 72 px has a whole patch grid at every stage (3, 6, 12, 24 patches across), but its
+    9 px first stage cannot be halved, as training's start point for that stage is: the run crashed
+    at its first step with a reshape traceback, a workdir recorded."""
+    config = c2i_config(**{"model.patch_size": 3, "data.resolution": 72})
+    with pytest.raises(ConfigError, match=r"must be a multiple of model.patch_size x 2\^\(scheduler.num_stages - 1\) = "
+                                          r"24, .*and of 2\^scheduler.num_stages = 16, .*: try 48 or 96"):
+        check(config, "train")
+    config.data.resolution = 96  # 12 px first stage: halves
+    check(config, "train")
+
+
+def test_sampling_a_checkpoint_of_other_than_rgb_images_is_refused_before_its_weights_are_read():
+    from configs import c2i
+    from pixelflow_jax.sampling.sample_conditioning import check_config_kind
+
+    sample = c2i.get_config("tiny").sample
+    check_config_kind(sample, ModelConfig(num_classes=10))
+    with pytest.raises(ValueError, match=r"in_channels 3 and out_channels 1: the sampler makes RGB images"):
+        check_config_kind(sample, ModelConfig(num_classes=10, out_channels=1))
 
 
 @pytest.mark.parametrize("config,message", [

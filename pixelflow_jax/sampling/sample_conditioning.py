@@ -104,7 +104,10 @@ class TextPrompts:
 
 def check_config_kind(sample_config, model_config) -> None:
     """A text-conditional checkpoint needs a text config (configs/t2i.py), a class-conditional one
-    a class config: the other kind lacks the settings the job reads."""
+    a class config: the other kind lacks the settings the job reads. Either makes RGB images."""
+    if (model_config.in_channels, model_config.out_channels) != (3, 3):
+        raise ValueError(f"this checkpoint's model has in_channels {model_config.in_channels} and out_channels "
+                         f"{model_config.out_channels}: the sampler makes RGB images (3 and 3)")
     text_config = "prompts" in sample_config
     if model_config.cross_attention_dim and not text_config:
         raise ValueError("this checkpoint is text-conditional: sample it with --config=configs/t2i.py "
