@@ -793,6 +793,35 @@ def test_records_that_fail_for_their_captions_say_so():
         loader_module.DecodedSource(TooLarge(100), R)[1]
 
 
+def test_an_image_of_extreme_aspect_ratio_is_cut_to_16_to_1_before_its_resize_and_others_are_resized_whole():
+    """A 1 x 3000 spacer GIF became a (288, 864000) array at 256 px (2.5 GB, ~4 s a draw); now its
+    centred 1 x 16 window is resized. A 16:1 banner is resized whole, as the release does."""
+    rng = np.random.default_rng(0)
+
+    class Images:
+        def __init__(self, *images):
+            self.images = images
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, index):
+            return {"image": encoded(self.images[index]), "label": 0}
+
+    spacer, banner = rng.integers(0, 256, (1, 3000, 3), np.uint8), rng.integers(0, 256, (20, 320, 3), np.uint8)
+    source = Images(spacer, banner, spacer.transpose(1, 0, 2))
+    decoded = loader_module.DecodedSource(source, R)
+    window = Image.fromarray(spacer[:, 1492:1508])  # the centred 16 pixels of 3000
+    resize_to = round(R * 1.125)
+    np.testing.assert_array_equal(decoded[0]["image"], np.asarray(window.resize((16 * resize_to, resize_to),
+                                                                                  resample=Image.LANCZOS)))
+    assert decoded[1]["image"].shape == (resize_to, 16 * resize_to, 3)  # 320 / 20: whole
+    np.testing.assert_array_equal(decoded[1]["image"], np.asarray(Image.fromarray(banner).resize(
+        (16 * resize_to, resize_to), resample=Image.LANCZOS)))
+    assert decoded[2]["image"].shape == (16 * resize_to, resize_to, 3)
+    assert loader_module.DecodedSource(source, R, center_crop=True)[0]["image"].shape == (R, R, 3)
+
+
 def test_an_unreadable_record_is_replaced_by_a_random_other_and_named_once(tmp_path, caplog):
     """Class a: 10 images, then 5 empty files; class b: 10 images. Each draw of an empty file was
     replaced by the next record in order: a's last image trained 6 times an epoch, class a got 15

@@ -355,6 +355,26 @@ def grey_to_8_bit(pil: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values * (255 / top)).astype(np.uint8), "L")
 
 
+# An image longer than this ratio of its sides (a 1 x 3000 spacer GIF, a banner) is cut to its
+# centred window of this ratio before the resize: resized whole, the shorter side to 288 px made a
+# 1 x 3000 image 288 x 864,000 pixels (2.5 GB and ~4 s per draw, measured), of which the crop keeps
+# a square. Images up to this ratio are resized whole, as the release does.
+MAX_ASPECT_RATIO = 16
+
+
+def cut_to_aspect_ratio(image: Image.Image, ratio: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """The centred window of `image` whose long side is at most `ratio` times its short side."""
+    w, h = image.size
+    longest = ratio * min(w, h)
+    if max(w, h) <= longest:
+        return image
+    if w > h:
+        left = (w - longest) // 2
+        return image.crop((left, 0, left + longest, h))
+    top = (h - longest) // 2
+    return image.crop((0, top, w, top + longest))
+
+
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     """torchvision Resize(size, LANCZOS): shorter side -> size, the other scaled and truncated to int."""
     w, h = image.size
@@ -406,7 +426,7 @@ class DecodedSource:
             try:
                 record = self.source[record_index]
                 conditioning = self._conditioning(record)
-                image = to_rgb(record["image"])
+                image = cut_to_aspect_ratio(to_rgb(record["image"]))
             except MemoryError:  # the settings' fault (a resolution too large), not a bad file's
                 raise
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
