@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from conftest import fixture_dir, run_converter
 from pixelflow_jax import CheckpointError, load_model
@@ -234,8 +235,27 @@ def test_fine_tuning_starts_from_the_runs_ema_or_raw_weights(run):
             np.testing.assert_array_equal(np.asarray(ema), want)  # the EMA starts as the weights
         assert not any(np.asarray(m).any() for m in jax.tree.leaves(state["opt_state"]))  # fresh moments
     config.model.num_classes = 10
-    with pytest.raises(ValueError, match=r"init_from .* is another model: num_classes 1000 there, 10 in this config"):
+    with pytest.raises(ValueError, match=r"init_from .* is another model: num_classes 1000 there, 10 in this config; "
+                                         r"set --config.model.\* to the checkpoint's values \(its class table holds "
+                                         r"1000 classes and loads only whole: for data of fewer classes keep "
+                                         r"--config.model.num_classes=1000; the classes the data lacks never train\)"):
         train.load_init_from(config, ModelConfig.from_mapping(config.model))
+
+
+def test_a_refused_fine_tune_on_an_image_folder_leaves_no_workdir(run, tmp_path):
+    """The folder's class_index.json was written before init_from was checked."""
+    from configs import c2i
+    from pixelflow_jax.training import train
+
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data" / name / "a.png")
+    config = c2i.get_config("tiny")  # 10 classes; the run has 1000
+    config.data.update(source="folder", root=str(tmp_path / "data"))
+    config.train.update(init_from=run[0], batch_size=32)  # (the tests' 8 devices)
+    with pytest.raises(ValueError, match="is another model: num_classes 1000 there, 10 in this config"):
+        train.train(config, str(tmp_path / "fine_tune"))
+    assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
 def forward_at_every_stage(model):

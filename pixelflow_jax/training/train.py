@@ -129,9 +129,14 @@ def check_init_from(config, model_cfg: ModelConfig):
                          f"trains a {kind(model_cfg)} model: start from a {kind(model_cfg)} checkpoint, or train "
                          f"with --config=configs/{'t2i' if ckpt.model.cross_attention_dim else 'c2i'}.py")
     if ckpt.model.architecture() != model_cfg.architecture():
+        classes = ""
+        if ckpt.model.num_classes != model_cfg.num_classes and not ckpt.model.cross_attention_dim:
+            classes = (f" (its class table holds {ckpt.model.num_classes} classes and loads only whole: for data of "
+                       f"fewer classes keep --config.model.num_classes={ckpt.model.num_classes}; the classes the "
+                       "data lacks never train)")
         raise ValueError(f"--config.train.init_from {t.init_from} is another model: "
                          f"{'; '.join(differences(ckpt.model.architecture(), model_cfg.architecture()))}; set "
-                         "--config.model.* to the checkpoint's values")
+                         f"--config.model.* to the checkpoint's values{classes}")
     if (ckpt.resolution, ckpt.num_stages) != (config.data.resolution, config.scheduler.num_stages):
         logging.info("train.init_from %s was trained at %d px with %d stages; this run trains at %d px with %d",
                      source.label, ckpt.resolution, ckpt.num_stages, config.data.resolution,
@@ -299,6 +304,13 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         print(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
               "raise --config.train.num_steps to train further", flush=True)
         return {}
+    init_source = None
+    if config.train.init_from:  # before open_source, which writes an image folder's class_index.json
+        if done:  # the same command reruns after a preemption: its init_from is no longer read
+            logging.info("%s resumes from its step %d; train.init_from starts new runs only and is not read",
+                         workdir, done)
+        else:
+            init_source = check_init_from(config, model_cfg)
     # A missing dataset stops the run before it records anything in the workdir (class_index.json
     # of an image folder aside).
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
@@ -307,13 +319,6 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     d = config.data
     check_same_data(len(source), listing, f"{d.tfds_name}:{d.split}" if d.source == "tfds" else d.root or d.source)
     check_resume(workdir, config, done, len(source), record=False, listing=listing)  # refused now, not after a restore
-    init_source = None
-    if config.train.init_from:
-        if done:  # the same command reruns after a preemption: its init_from is no longer read
-            logging.info("%s resumes from its step %d; train.init_from starts new runs only and is not read",
-                         workdir, done)
-        else:
-            init_source = check_init_from(config, model_cfg)
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
