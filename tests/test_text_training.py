@@ -219,7 +219,8 @@ def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(
         assert open(os.path.join(local, name), "rb").read() == open(os.path.join(encoder_folder, name), "rb").read()
 
     downloads, open_file = [], storage.open_file
-    monkeypatch.setattr(storage, "open_file", lambda path, mode="rb": downloads.append(path) or open_file(path, mode))
+    monkeypatch.setattr(storage.cache, "open_file",  # (what cached_copy downloads through)
+                        lambda path, mode="rb": downloads.append(path) or open_file(path, mode))
     assert local_t5_folder(remote) == local and downloads == []  # a second run reads the copy
 
     with open(os.path.join(encoder_folder, "config.json")) as f:
