@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import math
 import numbers
 import os
 import re
@@ -102,7 +103,8 @@ def remove_old_requests(output_dir: str, keep: int = KEPT_REQUESTS) -> None:
 
 
 def is_whole(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value and int(value) == value
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and int(value) == value)
 
 
 # dopri5 picks its own steps between the stage's ends: the page says what it did not use.

@@ -732,6 +732,7 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
                             ({"condition": -1}, "Class must be a whole number from 0 to 9, got -1."),
                             ({"condition": "3"}, "Class must be a whole number from 0 to 9, got '3'."),
                             ({"condition": True}, "Class must be a whole number from 0 to 9, got True."),
+                            ({"condition": float("inf")}, "Class must be a whole number from 0 to 9, got inf."),
                             ({"condition": None}, "Pick a class."),
                             ({"solver": "heun"}, "Solver must be one of euler, dopri5, got 'heun'.")]:
         assert demo.check(**{**good, **change}) == message
