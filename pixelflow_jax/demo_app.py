@@ -171,7 +171,7 @@ class DemoSampler:
         """The class or prompt as the status line names it: a long prompt shortened, and one longer
         than the text length said to be cut (the model reads only its first tokens)."""
         if not self.text:
-            return f"class {condition!r}"
+            return f"class {int(condition)}"  # (an API client may send 207.0)
         prompt = str(condition)
         named = f"prompt {prompt if len(prompt) <= SHOWN_PROMPT_CHARS else prompt[:SHOWN_PROMPT_CHARS] + '...'!r}"
         tokenizer = self.prompt_encoder.tokenizer
