@@ -185,9 +185,12 @@ def main(argv):
             if FLAGS[flag].value:
                 FLAGS[flag].value = storage.user_path(FLAGS[flag].value)
         source = FLAGS.torch_checkpoint or FLAGS.jax_checkpoint
-        for path in (FLAGS.output, source):
-            if not path.startswith("hf://"):
-                storage.check_supported(path)
+        try:  # an hf:// output too: the Hub is read here, never written
+            storage.check_supported(FLAGS.output)
+        except storage.StorageError as e:
+            raise storage.StorageError(f"--output: {e}") from None
+        if not source.startswith("hf://"):  # (hub.py reads hf:// sources)
+            storage.check_supported(source)
         check_output(FLAGS.output, source, FLAGS.to_torch, FLAGS.overwrite)
         message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
     except (CheckpointError, ConversionError, storage.StorageError) as e:

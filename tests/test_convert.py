@@ -259,6 +259,14 @@ def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
     assert "\x1b" not in str(error.value)
 
 
+def test_an_output_on_the_hub_is_refused_by_its_own_name():
+    """The refusal named hf://owner/pixelflow_config.json, a path built from the output's parent."""
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", "--output=hf://owner/name")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+        "error: --output: hf://owner/name: hf:// (the Hugging Face Hub) is read here for checkpoints and T5 folders "
+        "only"), result.stderr
+
+
 def test_existing_output_is_refused_and_kept(tmp_path, converted):
     output = tmp_path / "out"
     output.mkdir()
