@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import math
 import numbers
 import os
 import re
@@ -29,7 +28,7 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.command_line import EXIT_TERMINATED
-from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED
+from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole
 from pixelflow_jax.api import load_sampling_model, sampling_checkpoint, sampling_source
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
 from pixelflow_jax.sampling.sample_conditioning import check_config_kind
@@ -102,11 +101,6 @@ def remove_old_requests(output_dir: str, keep: int = KEPT_REQUESTS) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def is_whole(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-            and int(value) == value)
-
-
 # dopri5 picks its own steps between the stage's ends: the page says what it did not use.
 DOPRI5_NOTE = " dopri5 chooses its own steps: the step sliders and the noise shift were not used."
 
@@ -140,9 +134,10 @@ class DemoSampler:
         Gradio's own checks (see build_page), so this is the only one: it takes anything an API
         client sends."""
         if self.text:
-            if not isinstance(condition, str) or not condition.strip():
-                return "Type a prompt." if condition is None or isinstance(condition, str) else \
-                    f"The prompt must be text, got {condition!r}."
+            if condition is not None and not isinstance(condition, str):
+                return f"The prompt must be text, got {condition!r}."
+            if not (condition or "").strip():
+                return "Type a prompt."
         elif condition is None:
             return "Pick a class."
         elif not is_whole(condition) or not 0 <= condition < self.num_classes:

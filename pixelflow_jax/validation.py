@@ -34,16 +34,20 @@ def number(name: str, value, *, minimum: float | None = None, maximum: float | N
     return float(value)
 
 
+def is_whole(value) -> bool:
+    """An int, or a finite real number without a fraction; not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer())
+
+
 def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None,
             where: str = "--config.") -> int:
     """A whole number (an int, or a float without a fraction; numpy and jax scalars too), in the
     given inclusive bounds."""
     if hasattr(value, "__array__") and np.ndim(value) == 0:  # a 0-d numpy or jax array
         value = np.asarray(value).item()
-    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
-        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        and float(value).is_integer())
-    if not whole:
+    if not is_whole(value):
         raise ConfigError(f"{where}{name} must be a whole number, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
