@@ -694,15 +694,19 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
                                 "--missing_captions=skip")
     assert code == 0 and "skipping" in out and "2.png: not an image (UnidentifiedImageError)" in out
     assert "wrote 1 records in 1 shards" in out and "1 files that are not images" in out
-    code, _, err = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out3'}",
+    # Shards hold the next records_per_shard images, so a run of non-images leaves no shard empty: the
+    # two planned shards came out as one, renamed to its size.
+    code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out3'}",
                                 "--missing_captions=skip", "--records_per_shard=1")
-    assert code == 1 and "shard 1 would hold no record: none of its 1 captioned files is an image" in err
+    assert code == 0 and "wrote 1 records in 1 shards" in out
+    assert os.listdir(tmp_path / "out3") == ["captions-00000-of-00001.array_record"]
+    assert len(CaptionRecordSource(str(tmp_path / "out3"))) == 1
     with monkeypatch.context() as patch:  # an image too large to decode (a 20000 px scan) is skipped the same way
         patch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
-        code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out4'}",
+        code, out, err = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out4'}",
                                     "--missing_captions=skip")
-    assert code == 1 and "0.png: too large to decode" in out
-    assert not [n for n in os.listdir(tmp_path / "out3") if n.endswith(".array_record")]  # the first one removed
+    assert code == 1 and "0.png: too large to decode" in out and "none of the 2 captioned files" in err
+    assert os.listdir(tmp_path / "out4") == []
 
 
 def test_a_bucket_that_cannot_be_reached_is_not_reported_as_a_missing_folder(bucket):

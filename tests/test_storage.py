@@ -54,9 +54,12 @@ def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
     assert storage.size_and_mtime(f"{bucket}/run/samples.npz")[0] == 3 << 20
     with storage.local_file(f"{bucket}/run/samples.npz") as path:
         assert open(path, "rb").read() == local.read_bytes()
-    storage.move_folder(f"{bucket}/run/samples", f"{bucket}/aside/samples-1")  # as an unreadable checkpoint is
+    storage.move(f"{bucket}/run/samples", f"{bucket}/aside/samples-1")  # as an unreadable checkpoint is
     assert storage.list_files(f"{bucket}/aside/samples-1") == ["000000.png"]
     assert not storage.exists(f"{bucket}/run/samples/000000.png")
+    storage.move(f"{bucket}/run/samples.npz", f"{bucket}/run/renamed.npz")  # a file too (pack_captions' shards)
+    assert storage.list_files(f"{bucket}/run") == ["renamed.npz", "settings.json"]
+    assert storage.read_bytes(f"{bucket}/run/renamed.npz") == local.read_bytes()
     storage.rmtree(f"{bucket}/run")
     assert not storage.exists(f"{bucket}/run/settings.json") and storage.list_files(f"{bucket}/run") == []
     with pytest.raises(FileNotFoundError):

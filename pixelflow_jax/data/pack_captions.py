@@ -9,7 +9,8 @@ files are read storage.reads.READ_THREADS at a time. Shards are named captions-0
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way, or is
 stopped (Ctrl-C, SIGTERM), removes the shards it wrote; an output folder that already holds shards is refused, and so is a folder
 without one usable caption (nothing is written). Files whose header is no image's are skipped and
-counted (a pack of none is refused).
+counted (a pack of none is refused); each shard holds the next records_per_shard images, and a set
+that came out smaller than the captions promised is renamed to its size at the end.
 """
 
 from __future__ import annotations
@@ -64,34 +65,39 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     if not records:
         raise ValueError(f"none of the {len(source.records)} captioned images under {folder} has a usable caption "
                          "(see the lines above); nothing written")
-    num_shards = -(-len(records) // records_per_shard)
+    planned = -(-len(records) // records_per_shard)  # fewer if files turn out to be no images
     storage.makedirs(output)
     progress = Progress(len(records), "packing", "image")
     written, skipped_images = [], 0
     images = storage.read_in_order(storage.read_bytes, [image_path for image_path, _ in records])
+    unread = iter(records)
     try:
         with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
-            for shard in range(num_shards):
-                name = f"captions-{shard:05d}-of-{num_shards:05d}{RECORD_EXTENSION}"
-                local = os.path.join(scratch, name)
+            while True:  # each shard takes the next records_per_shard images
+                local = os.path.join(scratch, f"shard-{len(written)}")
                 writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
-                in_shard, packed = records[shard * records_per_shard:(shard + 1) * records_per_shard], 0
-                for image_path, caption in in_shard:
+                packed = 0
+                for image_path, caption in unread:
                     image = next(images)
+                    progress.update()
                     if problem := not_an_image(image):
                         print(f"skipping {image_path}: {problem}", flush=True)
                         skipped_images += 1
-                    else:
-                        writer.write(encode_record(image, caption, image_path))
-                        packed += 1
-                    progress.update()
+                        continue
+                    writer.write(encode_record(image, caption, image_path))
+                    packed += 1
+                    if packed == records_per_shard:
+                        break
                 writer.close()
-                if not packed:  # an empty shard is refused by the reader
-                    raise ValueError(f"shard {shard} would hold no record: none of its {len(in_shard)} captioned "
-                                     "files is an image (see the lines above); remove them and pack again")
-                storage.upload_file_atomically(local, storage.join(output, name))
-                written.append(storage.join(output, name))
+                if not packed:  # the reader refuses an empty shard
+                    break
+                written.append(storage.join(output, shard_name(len(written), planned)))
+                storage.upload_file_atomically(local, written[-1])
                 os.remove(local)
+        if len(written) < planned:  # the names give the set's size: rename a set that came out smaller
+            for index, path in enumerate(written):
+                storage.move(path, storage.join(output, shard_name(index, len(written))))
+                written[index] = storage.join(output, shard_name(index, len(written)))
     except BaseException as e:  # a part of a pack is no dataset (Ctrl-C and SIGTERM too): leave the folder as it was
         for path in written:
             storage.remove(path)
@@ -102,8 +108,15 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     finally:
         images.close()  # a pack that stopped: the reads still in flight end here
         progress.close()
-    return {"records": len(records) - skipped_images, "shards": num_shards, "skipped_captions": skipped,
+    if not written:
+        raise DataError(f"none of the {len(records)} captioned files under {folder} is an image (see the lines "
+                        "above); nothing written")
+    return {"records": len(records) - skipped_images, "shards": len(written), "skipped_captions": skipped,
             "skipped_images": skipped_images, "missing_captions": source.missing_captions}
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"captions-{index:05d}-of-{num_shards:05d}{RECORD_EXTENSION}"
 
 
 def not_an_image(data: bytes) -> str | None:

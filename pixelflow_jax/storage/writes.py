@@ -162,17 +162,17 @@ def rmtree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def move_folder(source: str, target: str) -> None:
-    """Moves a folder to a path that does not exist yet (in an object store: copies every object,
-    then deletes the originals)."""
+def move(source: str, target: str) -> None:
+    """Moves a file or a folder to a path that does not exist yet (in an object store: copies each
+    object within the store, then deletes the originals)."""
     if is_url(source):
-        def move(_):
+        def move_objects(_):
             import fsspec
 
             fs, key = fsspec.core.url_to_fs(source)
             fs.mv(key, fsspec.core.url_to_fs(target)[1], recursive=True)
 
-        on_remote(source, move)
+        on_remote(source, move_objects)
     else:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.move(source, target)  # a rename, or a copy where the target is on another disk

@@ -182,7 +182,7 @@ def set_aside(manager, steps: list[int]) -> None:
         folder = storage.join(str(manager.directory), str(step))
         target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{step}-{int(time.time())}")
         try:
-            storage.move_folder(folder, target)
+            storage.move(folder, target)
         except OSError as e:
             raise CheckpointError(f"cannot move {folder}, which does not restore, to {target} ({e}): move or delete "
                                   "it yourself and rerun the same command") from None
