@@ -9,7 +9,8 @@ The model is the config's (config.model, scheduler, data.resolution) with random
 when config.sample.checkpoint is set (or empty in the workdir of a training run with a saved step,
 as sampling reads it), that checkpoint's architecture, stages and resolution with its own weights
 (sample.weights of a training run), run in the config's model.dtype, param_dtype and attention
-as --mode=sample runs it. Writes WORKDIR/inspect.json.
+as --mode=sample runs it. Writes WORKDIR/inspect.json (the latest) and adds it to
+WORKDIR/inspect_history.jsonl.
 """
 
 from __future__ import annotations
@@ -110,6 +111,6 @@ def run(config, workdir: str) -> dict:
 
     report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
-    storage.write_json_atomically(storage.join(workdir, "inspect.json"), report)
+    storage.write_json_keeping_history(storage.join(workdir, "inspect.json"), report)
     print(json.dumps(report, indent=2))
     return report

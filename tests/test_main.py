@@ -20,6 +20,8 @@ def test_inspect_mode_runs_every_stage(tmp_path):
     assert report["model"]["depth"] == 3  # the command-line override reached the model
     assert [s["tokens"] for s in report["stages"]] == [4, 16, 64, 256]
     assert report["parameters"]["total"] == sum(v for k, v in report["parameters"].items() if k != "total")
+    history = [json.loads(line) for line in open(os.path.join(workdir, "inspect_history.jsonl"))]
+    assert len(history) == 1 and history[0]["stages"] == report["stages"] and "time" in history[0]
 
 
 def test_a_library_error_gets_its_traceback_and_ours_stay_one_line(capsys):

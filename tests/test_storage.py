@@ -66,6 +66,16 @@ def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
         storage.read_bytes(f"{bucket}/run/settings.json")
 
 
+def test_a_result_replaced_by_the_next_stays_in_its_history(tmp_path):
+    """inspect.json was overwritten by each run of --mode=inspect, with nothing kept of the last."""
+    path = str(tmp_path / "inspect.json")
+    storage.write_json_keeping_history(path, {"forward_s": 1.0})
+    storage.write_json_keeping_history(path, {"forward_s": 2.0})
+    assert storage.read_json(path) == {"forward_s": 2.0}
+    history = [json.loads(line) for line in open(tmp_path / "inspect_history.jsonl")]
+    assert [line["forward_s"] for line in history] == [1.0, 2.0] and all("time" in line for line in history)
+
+
 def run_main(workdir, *overrides):
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", *overrides]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}

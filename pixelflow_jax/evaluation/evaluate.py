@@ -18,7 +18,6 @@ a metric) is an error, so they hold finite numbers only.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import hashlib
 import io
@@ -395,10 +394,6 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         print(f"{name}: {results[name]:.4f}", flush=True)
-    if jax.process_index() == 0:  # the history first: an evaluation replaced in eval.json stays there
-        history = storage.join(workdir, "eval_history.jsonl")
-        earlier = storage.read_text(history) if storage.exists(history) else ""
-        stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **results}
-        storage.write_atomically(history, earlier + json.dumps(stamped) + "\n")
-        storage.write_json_atomically(storage.join(workdir, "eval.json"), results)
+    if jax.process_index() == 0:
+        storage.write_json_keeping_history(storage.join(workdir, "eval.json"), results)
     return results

@@ -28,7 +28,8 @@ from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed
                                                writer_gone, writer_tag)
 from pixelflow_jax.storage.writes import (check_writable, create_file, create_json, makedirs, move, remove,
                                            removed_if_left_empty, rmtree, upload_file_atomically, write_atomically,
-                                           write_json_atomically, write_streamed_atomically, writing)
+                                           write_json_atomically, write_json_keeping_history, write_streamed_atomically,
+                                           writing)
 
 __all__ = [
     "CHECK_ACCESS", "StorageError", "WRITER", "absolute", "basename", "cache_dir", "cached_copy", "check_supported",
@@ -37,5 +38,6 @@ __all__ = [
     "listdir", "local_file", "makedirs", "move", "open_file", "process_alive", "read_bytes", "read_in_order",
     "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries", "removed_if_left_empty",
     "resolved", "rmtree", "size_and_mtime", "temporary_dir", "umask", "upload_file_atomically", "user_path",
-    "write_atomically", "write_json_atomically", "write_streamed_atomically", "writer_gone", "writer_tag", "writing",
+    "write_atomically", "write_json_atomically", "write_json_keeping_history", "write_streamed_atomically",
+    "writer_gone", "writer_tag", "writing",
 ]

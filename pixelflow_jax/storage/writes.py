@@ -4,6 +4,7 @@ package docstring), and creating files that only one writer may create."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from pixelflow_jax.error_text import described
 from pixelflow_jax.storage.paths import StorageError, is_url, join
+from pixelflow_jax.storage.reads import exists, read_text
 from pixelflow_jax.storage.remote import CHECK_ACCESS, on_remote
 from pixelflow_jax.storage.temporaries import umask, writer_tag
 
@@ -81,6 +83,17 @@ def writing(path: str, fix: str) -> Iterator[None]:
 
 def write_json_atomically(path: str, value: Any) -> None:
     write_atomically(path, json.dumps(value, indent=2))
+
+
+def write_json_keeping_history(path: str, value: dict) -> None:
+    """Writes NAME.json (the latest result) after adding `value`, time-stamped, as a line of
+    NAME_history.jsonl, so a result that the next run replaces is not lost. The history is
+    rewritten whole: object stores have no append."""
+    history = path.removesuffix(".json") + "_history.jsonl"
+    earlier = read_text(history) if exists(history) else ""
+    stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **value}
+    write_atomically(history, earlier + json.dumps(stamped) + "\n")
+    write_json_atomically(path, value)
 
 
 # What os.link raises on a file system without hard links (gcsfuse, s3fs, blobfuse mounts).
