@@ -826,6 +826,26 @@ def test_an_image_of_extreme_aspect_ratio_is_cut_to_16_to_1_before_its_resize_an
     assert loader_module.DecodedSource(source, R, center_crop=True)[0]["image"].shape == (R, R, 3)
 
 
+LARGE_IMAGE = """
+import io, sys
+import numpy as np
+from PIL import Image
+from pixelflow_jax.data.loader import to_rgb
+
+Image.MAX_IMAGE_PIXELS = 50  # an 8 x 8 image is then "large", as a 100 Mpx scan is
+encoded = io.BytesIO()
+Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(encoded, format="PNG")
+print(to_rgb(encoded.getvalue()).size)
+"""
+
+
+def test_a_large_image_decodes_without_pils_decompression_bomb_warning():
+    """A 100 Mpx image printed PIL's "could be decompression bomb DOS attack" in the training log."""
+    result = subprocess.run([sys.executable, "-c", LARGE_IMAGE], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "(8, 8)", result.stderr
+    assert "DecompressionBombWarning" not in result.stderr, result.stderr
+
+
 def test_an_unreadable_record_is_replaced_by_a_random_other_and_named_once(tmp_path, caplog):
     """Class a: 10 images, then 5 empty files; class b: 10 images. Each draw of an empty file was
     replaced by the next record in order: a's last image trained 6 times an epoch, class a got 15

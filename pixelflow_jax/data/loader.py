@@ -39,6 +39,7 @@ import re
 import signal
 import sys
 import unicodedata
+import warnings
 from typing import Any, Iterator
 
 import jax
@@ -52,6 +53,10 @@ from pixelflow_jax.error_text import first_line
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                     ".gif")
 MAX_UNREADABLE_IN_A_ROW = 64  # draws, each replacing the last: more says the dataset is corrupt
+# PIL warns of a "decompression bomb DOS attack" for an image of 1-2x Image.MAX_IMAGE_PIXELS (89 Mpx,
+# a large scan): such an image decodes and trains, so the warning says nothing to act on. Larger
+# ones raise, and are skipped and counted as unreadable.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 CLASS_INDEX_FILE = "class_index.json"
 
 
