@@ -347,7 +347,8 @@ def run_mode(argv):
             fail(e)
         except (KeyboardInterrupt, Terminated) as stop:  # while starting (restore, compile), or a second Ctrl-C
             cause, status = stop_cause(stop)
-            print(f"stopped: {cause} without saving; {what_a_rerun_resumes(FLAGS.workdir)}", file=sys.stderr)
+            # No "without saving": a second Ctrl-C during a save may come after orbax finished it.
+            print(f"stopped: {cause}; {what_a_rerun_resumes(FLAGS.workdir)}", file=sys.stderr)
             sys.exit(status)
     elif FLAGS.mode == "inspect":
         from pixelflow_jax import inspect_model
@@ -407,7 +408,8 @@ def process_index_or_none(jax) -> int | None:
 
 
 def what_a_rerun_resumes(workdir: str) -> str:
-    """For a training run stopped without saving: the step the same command resumes from."""
+    """For a training run stopped at once (not at a step it saved): the step the same command resumes
+    from, the latest on disk."""
     from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
 
     try:

@@ -368,7 +368,7 @@ def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143 and "Traceback" not in err, err[-3000:]
-    assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM) without saving; no step of this run was "
+    assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM); no step of this run was "
                                              "saved: rerun the same command to start it again")
     assert not (workdir / "train.lock").exists()
 
