@@ -330,7 +330,7 @@ def run_mode(argv):
         except ValueError as e:
             sys.exit(f"error: --config.model.attention: {e}")
     if FLAGS.mode == "train":
-        from pixelflow_jax.data.loader import DataError
+        from pixelflow_jax.data.sources import DataError
         from pixelflow_jax.training import train
         from pixelflow_jax.training.workdir_lock import WorkdirBusy
 

@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pixelflow_jax.data.loader import (DecodedSource, ImageFolderSource, ImageLoader, RandomCropFlip,  # noqa: E402
-                                       build_dataset)
+from pixelflow_jax.data.decoding import DecodedSource, RandomCropFlip  # noqa: E402
+from pixelflow_jax.data.loader import ImageLoader, build_dataset  # noqa: E402
+from pixelflow_jax.data.sources import ImageFolderSource  # noqa: E402
 
 
 def write_jpegs(root: str, count: int, seed: int = 0) -> float:

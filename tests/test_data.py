@@ -17,11 +17,11 @@ from PIL import Image
 
 from conftest import REPO, free_port
 from pixelflow_jax import storage
-from pixelflow_jax.data import loader as loader_module
+from pixelflow_jax.data import decoding, sources
 from pixelflow_jax.data.caption_data import CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, DemoSource, classify, demo_image
-from pixelflow_jax.data.loader import (DataError, ImageFolderSource, ImageLoader, ProcessRows, TfdsSource, build_dataset,
-                                       make_source, to_global_batch)
+from pixelflow_jax.data.loader import ImageLoader, ProcessRows, build_dataset, to_global_batch
+from pixelflow_jax.data.sources import DataError, ImageFolderSource, TfdsSource, make_source
 
 R = 32
 
@@ -121,7 +121,7 @@ def test_file_and_folder_names_that_are_not_utf8_train_and_pack(tmp_path):
     assert source.classes == ["b", "caf\udce9"] and len(source.listing) == 16
     assert make_source(type("C", (), {"source": "folder", "root": str(classes)}),
                        class_index_dir=str(tmp_path)).classes == source.classes  # the class index reads back
-    assert loader_module.DecodedSource(source, 8)[1]["label"] == 1
+    assert decoding.DecodedSource(source, 8)[1]["label"] == 1
     assert pack(str(captioned), str(tmp_path / "shards"))["records"] == 1
     assert CaptionRecordSource(str(tmp_path / "shards"))[0]["name"].endswith("(" + str(captioned) + "/caf\\xe9.png)")
 
@@ -226,16 +226,16 @@ def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp
 
 
 def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeypatch):
-    monkeypatch.setattr(loader_module, "installed_array_record_version", lambda: "0.8.2")
+    monkeypatch.setattr(sources, "installed_array_record_version", lambda: "0.8.2")
     for open_source in (lambda: CaptionRecordSource("gs://bucket/shards"),
                         lambda: TfdsSource("imagenet2012", "train", "gs://bucket/tfds")):
         with pytest.raises(DataError, match=r"gs://bucket/\S+ is in a bucket, but array-record 0.8.2 reads only "
                                             r"local files; install array-record>=0.8.3"):
             open_source()
-    monkeypatch.setattr(loader_module, "installed_array_record_version", lambda: None)
+    monkeypatch.setattr(sources, "installed_array_record_version", lambda: None)
     with pytest.raises(DataError, match="but array-record is not installed; install array-record>=0.8.3"):
         CaptionRecordSource("gs://bucket/shards")
-    loader_module.check_array_record_reads("/local/shards")  # local files: any version reads them
+    sources.check_array_record_reads("/local/shards")  # local files: any version reads them
 
 
 def test_same_seed_same_batches_and_workers_agree():
@@ -487,7 +487,7 @@ def encoded(array, mode=None, format="PNG"):
 
 def test_high_bit_depth_grey_images_are_scaled_to_8_bits_not_clipped():
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    rgb = lambda image: np.asarray(loader_module.to_rgb(image))
+    rgb = lambda image: np.asarray(decoding.to_rgb(image))
     for image in (encoded(grey.astype(np.uint16) * 257),  # a 16-bit PNG (mode I;16)
                   encoded(grey.astype(np.int32) * 257, "I", "TIFF"),  # 16-bit data in a 32-bit TIFF
                   encoded(grey.astype(np.float32) / 255, "F", "TIFF")):  # floats in [0, 1]
@@ -728,7 +728,7 @@ os.environ.update(STORAGE_EMULATOR_HOST="{closed}", CLOUD_STORAGE_EMULATOR_ENDPO
 import gcsfs.retry
 gcsfs.retry.is_retriable = lambda e: False  # fail at the first try, not after ~30 s of retries
 from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionRecordSource
-from pixelflow_jax.data.loader import ImageFolderSource, TfdsSource
+from pixelflow_jax.data.sources import ImageFolderSource, TfdsSource
 for source in (ImageFolderSource, CaptionedFolderSource, CaptionRecordSource,
                lambda data_dir: TfdsSource("imagenet2012", "train", data_dir)):
     try:
@@ -787,14 +787,14 @@ def test_records_that_fail_for_their_captions_say_so():
     for size in (100, 3):
         with pytest.raises(DataError, match=r"64 records drawn in a row \(from record 1 on, each replacing the last\) "
                                             r"are unusable \(the last, record \d+: caption is empty"):
-            loader_module.DecodedSource(Blank(size), R, tokenizer=Tokenizer())[1]
+            decoding.DecodedSource(Blank(size), R, tokenizer=Tokenizer())[1]
 
     class TooLarge(Blank):  # a resolution no host holds: the settings' fault, not 64 bad records
         def __getitem__(self, index):
             raise MemoryError("Unable to allocate 64.0 GiB for an array")  # numpy's, as the demo set raised it
 
     with pytest.raises(MemoryError):  # was "64 ... records ... are unusable; is the dataset corrupt?"
-        loader_module.DecodedSource(TooLarge(100), R)[1]
+        decoding.DecodedSource(TooLarge(100), R)[1]
 
 
 def test_an_image_of_extreme_aspect_ratio_is_cut_to_16_to_1_before_its_resize_and_others_are_resized_whole():
@@ -814,7 +814,7 @@ def test_an_image_of_extreme_aspect_ratio_is_cut_to_16_to_1_before_its_resize_an
 
     spacer, banner = rng.integers(0, 256, (1, 3000, 3), np.uint8), rng.integers(0, 256, (20, 320, 3), np.uint8)
     source = Images(spacer, banner, spacer.transpose(1, 0, 2))
-    decoded = loader_module.DecodedSource(source, R)
+    decoded = decoding.DecodedSource(source, R)
     window = Image.fromarray(spacer[:, 1492:1508])  # the centred 16 pixels of 3000
     resize_to = round(R * 1.125)
     np.testing.assert_array_equal(decoded[0]["image"], np.asarray(window.resize((16 * resize_to, resize_to),
@@ -823,14 +823,14 @@ def test_an_image_of_extreme_aspect_ratio_is_cut_to_16_to_1_before_its_resize_an
     np.testing.assert_array_equal(decoded[1]["image"], np.asarray(Image.fromarray(banner).resize(
         (16 * resize_to, resize_to), resample=Image.LANCZOS)))
     assert decoded[2]["image"].shape == (16 * resize_to, resize_to, 3)
-    assert loader_module.DecodedSource(source, R, center_crop=True)[0]["image"].shape == (R, R, 3)
+    assert decoding.DecodedSource(source, R, center_crop=True)[0]["image"].shape == (R, R, 3)
 
 
 LARGE_IMAGE = """
 import io, sys
 import numpy as np
 from PIL import Image
-from pixelflow_jax.data.loader import to_rgb
+from pixelflow_jax.data.decoding import to_rgb
 
 Image.MAX_IMAGE_PIXELS = 50  # an 8 x 8 image is then "large", as a 100 Mpx scan is
 encoded = io.BytesIO()
@@ -858,7 +858,7 @@ def test_an_unreadable_record_is_replaced_by_a_random_other_and_named_once(tmp_p
             Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / name / f"img{i}.png")
     for i in range(5):
         (tmp_path / "a" / f"zz{i}.png").write_bytes(b"")
-    decoded = loader_module.DecodedSource(ImageFolderSource(str(tmp_path)), 8, center_crop=True)
+    decoded = decoding.DecodedSource(ImageFolderSource(str(tmp_path)), 8, center_crop=True)
     with caplog.at_level(logging.WARNING):
         drawn = [decoded[i] for i in range(25)] + [decoded[i] for i in range(10, 15)]  # the bad ones twice
     firsts = drawn[:25]
@@ -873,7 +873,7 @@ def test_an_unreadable_record_is_replaced_by_a_random_other_and_named_once(tmp_p
 
 def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crops():
     """Captions that say "on the left" need images that are never mirrored."""
-    from pixelflow_jax.data.loader import RandomCropFlip
+    from pixelflow_jax.data.decoding import RandomCropFlip
 
     image = np.zeros((12, 12, 3), np.uint8)
     image[:, :6] = 255  # left half white
@@ -888,7 +888,7 @@ def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crop
 def test_a_record_that_is_no_image_is_named_so_not_by_a_memory_address():
     from PIL import UnidentifiedImageError
 
-    from pixelflow_jax.data.loader import to_rgb
+    from pixelflow_jax.data.decoding import to_rgb
 
     with pytest.raises(UnidentifiedImageError, match=r"^not an image \(its header is no format PIL reads\)$"):
         to_rgb(b"<html>a saved error page</html>")

@@ -164,7 +164,7 @@ def test_a_mistake_inside_a_users_config_file_and_cluster_flags_without_distribu
 
 
 def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anything(tmp_path):
-    from pixelflow_jax.data.loader import DataError
+    from pixelflow_jax.data.sources import DataError
     from pixelflow_jax.training import train
 
     config = c2i_config(**{"data.source": "folder", "data.root": str(tmp_path / "nowhere"), "train.batch_size": 32})
@@ -185,7 +185,7 @@ def test_a_workdir_inside_the_image_folder_is_refused_before_it_becomes_training
     with pytest.raises(ValueError, match=r"--workdir .* is inside the training images \(--config.data.root="):
         train.train(config, str(tmp_path / workdir))
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
-    from pixelflow_jax.data.loader import read_with_folder
+    from pixelflow_jax.data.sources import read_with_folder
 
     assert not read_with_folder(str(tmp_path / ".runs" / "exp1"), str(tmp_path))  # a hidden folder is not read
     assert not read_with_folder(str(tmp_path) + "_runs", str(tmp_path))
@@ -844,7 +844,7 @@ def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_no
     to another class (another label) resumed silently."""
     from PIL import Image
 
-    from pixelflow_jax.data.loader import ImageFolderSource
+    from pixelflow_jax.data.sources import ImageFolderSource
     from pixelflow_jax.training.resume_settings import check_resume
 
     root = tmp_path / "images"
@@ -1589,7 +1589,7 @@ def test_a_lock_copied_with_its_workdir_is_taken_over_on_the_same_host(tmp_path,
 
 
 def test_a_file_where_a_folder_goes_a_positional_mode_and_a_mistyped_demo_workdir_are_named(tmp_path):
-    from pixelflow_jax.data.loader import DataError, make_source
+    from pixelflow_jax.data.sources import DataError, make_source
     from pixelflow_jax.demo_app import run as run_demo
 
     a_file = tmp_path / "a_file"

@@ -19,7 +19,8 @@ from PIL import Image
 from pixelflow_jax import PixelFlowScheduler, load_model
 from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, CaptionedDemoSource, captioned_demo_image, classify, colour_name
-from pixelflow_jax.data.loader import DataError, ImageLoader, build_dataset
+from pixelflow_jax.data.loader import ImageLoader, build_dataset
+from pixelflow_jax.data.sources import DataError
 from pixelflow_jax.text import demo_text_encoder
 from pixelflow_jax.text.prompts import T5Tokenizer
 from pixelflow_jax.text.t5_convert import load_t5_encoder

@@ -11,7 +11,7 @@
                   or holds no records, is an error naming it.
     demo          demo_data.CaptionedDemoSource ("a red disk", ...), built in.
 
-Each record gives {"image": bytes or pixels, "caption": bytes or str, "name"}; loader.py decodes
+Each record gives {"image": bytes or pixels, "caption": bytes or str, "name"}; decoding.py decodes
 both (a caption that is not UTF-8, or empty once a BOM and blanks are stripped, is skipped and
 counted like an unreadable image) and tokenizes the caption for the frozen text encoder.
 """
@@ -28,8 +28,8 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.error_text import first_line
-from pixelflow_jax.data.loader import (IMAGE_EXTENSIONS, DataError, check_array_record_reads, ignored_name,
-                                       listing_fingerprint, require_folder, walk_files, warn_unlisted)
+from pixelflow_jax.data.sources import (IMAGE_EXTENSIONS, DataError, check_array_record_reads, ignored_name,
+                                        listing_fingerprint, require_folder, walk_files, warn_unlisted)
 
 CAPTION_EXTENSION = ".txt"
 RECORD_EXTENSION = ".array_record"

@@ -27,7 +27,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.command_line import Terminated, handle_ctrl_c_from_the_start, stop_cause, stop_on_sigterm
 from pixelflow_jax.data.caption_data import (MISSING_CAPTION_CHOICES, RECORD_EXTENSION, CaptionedFolderSource,
                                              CaptionError, decode_caption, encode_record)
-from pixelflow_jax.data.loader import DataError, read_with_folder
+from pixelflow_jax.data.sources import DataError, read_with_folder
 from pixelflow_jax.progress import Progress
 
 

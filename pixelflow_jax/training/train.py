@@ -224,7 +224,7 @@ def check_outside_the_image_folder(config, workdir: str) -> None:
     """An image folder is read whole (hidden folders aside): a workdir in it would become training
     data (its checkpoints/ and previews/ read as classes, or as images without captions), and the
     resume would then find the dataset changed and refuse it for good."""
-    from pixelflow_jax.data.loader import read_with_folder
+    from pixelflow_jax.data.sources import read_with_folder
 
     root = config.data.root if config.data.source == "folder" else ""
     if root and read_with_folder(workdir, root):
@@ -288,7 +288,8 @@ def train(config, workdir: str) -> dict:
 
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
                            lock: WorkdirLock) -> dict:
-    from pixelflow_jax.data.loader import make_loader, open_source, to_global_batch
+    from pixelflow_jax.data.loader import make_loader, to_global_batch
+    from pixelflow_jax.data.sources import open_source
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
     if jax.process_index() == 0:  # the workdir is ours now: what killed writers of a run left goes

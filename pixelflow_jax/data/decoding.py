@@ -1,0 +1,178 @@
+"""Records to training pixels: decode to RGB (16-bit and float grey scaled to 8 bits; an image
+longer than 16:1 cut to its centred 16:1 window), resize the shorter side (Lanczos) or the ADM
+centre crop, tokenize a caption; an unreadable record is replaced by a random other one and
+counted. Then the random crop and flip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+from absl import logging
+from PIL import Image, UnidentifiedImageError
+
+from pixelflow_jax.data.sources import DataError
+
+MAX_UNREADABLE_IN_A_ROW = 64  # draws, each replacing the last: more says the dataset is corrupt
+# PIL warns of a "decompression bomb DOS attack" for an image of 1-2x Image.MAX_IMAGE_PIXELS (89 Mpx,
+# a large scan): such an image decodes and trains, so the warning says nothing to act on. Larger
+# ones raise, and are skipped and counted as unreadable.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def to_rgb(image: Any) -> Image.Image:
+    """Encoded bytes or a pixel array -> an RGB PIL image (grey, CMYK, palette, RGBA all converted)."""
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            pil = Image.open(io.BytesIO(image))
+        except UnidentifiedImageError:  # its message names a BytesIO object's address: say what it means
+            raise UnidentifiedImageError("not an image (its header is no format PIL reads)") from None
+        pil.load()  # decode now, so a truncated file fails here
+    else:
+        array = np.asarray(image)
+        pil = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+    if pil.mode == "P" and "transparency" in pil.info:
+        pil = pil.convert("RGBA")  # a transparent palette goes through RGBA, as PIL recommends
+    return grey_to_8_bit(pil).convert("RGB")
+
+
+def grey_to_8_bit(pil: Image.Image) -> Image.Image:
+    """16- and 32-bit integer and float grey images (modes I;16*, I, F) as 8-bit grey; others as
+    they are. PIL's convert() clips these values to 0..255 instead of scaling them (a 16-bit PNG
+    comes out nearly white, a float TIFF black), so they are scaled here: integers as 16-bit data
+    (PNG and TIFF store 16-bit grey in these modes), floats as [0, 1]. An image outside that range
+    has no known scale and is refused (skipped and counted) rather than guessed at."""
+    if not (pil.mode.startswith("I") or pil.mode == "F"):
+        return pil
+    values = np.asarray(pil, dtype=np.float64)
+    top = 1.0 if pil.mode == "F" else 65535.0
+    if not np.all((values >= 0) & (values <= top)):  # NaN fails too
+        raise ValueError(f"a mode {pil.mode} image with values outside [0, {top:g}] (found "
+                         f"{values.min():g}..{values.max():g}); save it as 8- or 16-bit")
+    return Image.fromarray(np.round(values * (255 / top)).astype(np.uint8), "L")
+
+
+# An image longer than this ratio of its sides (a 1 x 3000 spacer GIF, a banner) is cut to its
+# centred window of this ratio before the resize: resized whole, the shorter side to 288 px made a
+# 1 x 3000 image 288 x 864,000 pixels (2.5 GB and ~4 s per draw, measured), of which the crop keeps
+# a square. Images up to this ratio are resized whole, as the release does.
+MAX_ASPECT_RATIO = 16
+
+
+def cut_to_aspect_ratio(image: Image.Image, ratio: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """The centred window of `image` whose long side is at most `ratio` times its short side."""
+    w, h = image.size
+    longest = ratio * min(w, h)
+    if max(w, h) <= longest:
+        return image
+    if w > h:
+        left = (w - longest) // 2
+        return image.crop((left, 0, left + longest, h))
+    top = (h - longest) // 2
+    return image.crop((0, top, w, top + longest))
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision Resize(size, LANCZOS): shorter side -> size, the other scaled and truncated to int."""
+    w, h = image.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return image if new == (w, h) else image.resize(new, resample=Image.LANCZOS)
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The ADM / DiT centre crop: box-halve while >= 2x, bicubic to the shorter side, centre crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+class DecodedSource:
+    """Decodes and resizes records of a source (and tokenizes their captions when given a
+    tokenizer). A draw of an unreadable record is replaced by a draw of another record, picked at
+    random (fixed per index and attempt, so every process and rerun picks the same), and counted in
+    the element's `skipped`. (The next record in source order, as before 2026-11-29, trained the
+    image after a run of bad files once per bad file, and shifted draws from one class to the next.)"""
+
+    def __init__(self, source, resolution: int, expand_ratio: float = 1.125, center_crop: bool = False,
+                 tokenizer=None):
+        self.source, self.resolution, self.center_crop = source, resolution, center_crop
+        self.resize_to = round(resolution * expand_ratio)
+        self.tokenizer = tokenizer  # text.T5Tokenizer for captioned sources
+        self.reported: set[int] = set()  # unreadable records this process has named (once each)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def replacement(self, index: int, attempt: int) -> int:
+        """The record drawn at `attempt` for position `index`: itself first, then random others."""
+        if attempt == 0:
+            return index
+        return int(np.random.default_rng([index, attempt]).integers(len(self.source)))
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(MAX_UNREADABLE_IN_A_ROW):
+            record_index = self.replacement(index, attempt)
+            record = None
+            try:
+                record = self.source[record_index]
+                conditioning = self._conditioning(record)
+                image = cut_to_aspect_ratio(to_rgb(record["image"]))
+            except MemoryError:  # the settings' fault (a resolution too large), not a bad file's
+                raise
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+                name = (record or {}).get("name") or self._name(record_index)
+                if record_index not in self.reported:
+                    self.reported.add(record_index)
+                    logging.warning("skipping unreadable record %s: %s", name, e)
+                last_error = f"{name}: {e}"  # names the caption when it is the cause
+                continue
+            if self.center_crop:
+                pixels = adm_center_crop(image, self.resolution)
+            else:
+                pixels = np.asarray(resize_shorter_side(image, self.resize_to))
+            return {"image": pixels, **conditioning, "skipped": np.int32(attempt)}
+        raise DataError(f"{MAX_UNREADABLE_IN_A_ROW} records drawn in a row (from {self._name(index)} on, each "
+                        f"replacing the last) are unusable (the last, {last_error}); is the dataset corrupt?")
+
+    def _conditioning(self, record: dict) -> dict:
+        if self.tokenizer is None:
+            return {"label": np.int32(record["label"])}
+        from pixelflow_jax.data.caption_data import decode_caption
+
+        tokens, mask, truncated = self.tokenizer.tokenize([decode_caption(record["caption"])])
+        return {"tokens": tokens[0], "token_mask": mask[0], "truncated": np.int32(truncated[0]),
+                "unknown_text": np.int32(self.tokenizer.has_unknown_text(tokens)[0])}
+
+    def _name(self, index: int) -> str:
+        records = getattr(self.source, "records", None)
+        return records[index][0] if records else f"record {index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCropFlip:
+    """Random R x R crop (after the resize; a no-op after the centre crop) and horizontal flip
+    (unless flip=False; its draw is made either way, so the crops do not depend on it)."""
+
+    resolution: int
+    flip: bool = True
+
+    def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+        image = element["image"]
+        h, w = image.shape[:2]
+        top = int(rng.integers(0, h - self.resolution + 1))
+        left = int(rng.integers(0, w - self.resolution + 1))
+        image = image[top:top + self.resolution, left:left + self.resolution]
+        if rng.random() < 0.5 and self.flip:
+            image = image[:, ::-1]
+        return {**element, "image": np.ascontiguousarray(image)}

@@ -1,0 +1,296 @@
+"""Class-conditional training data as random-access sources: record i -> encoded bytes (or pixels),
+label and a name for messages. An image folder (root/<class>/**/<image>, class ids from sorted
+folder names, kept in the run's class_index.json once trained), a built TFDS dataset (ArrayRecord),
+or the demo set; captioned sources are in caption_data.py. Opening a source finds a missing or
+unusable dataset, so a run does it before it writes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import unicodedata
+
+import jax
+from absl import logging
+
+from pixelflow_jax import storage
+from pixelflow_jax.error_text import first_line
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                    ".gif")
+CLASS_INDEX_FILE = "class_index.json"
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be used as configured; the message names the path and the fix."""
+
+
+# ArrayRecord's reader opens gs:// objects itself (ranged reads with the machine's Google
+# credentials) from array-record 0.8.3 on; older versions take the URL for a local file name.
+ARRAY_RECORD_READS_GCS_FROM = (0, 8, 3)
+
+
+def installed_array_record_version() -> str | None:
+    try:
+        return importlib.metadata.version("array-record")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_array_record_reads(path: str) -> None:
+    """Stops a run whose ArrayRecord files are in a bucket when the installed reader cannot open them."""
+    if not storage.is_url(path):
+        return
+    version = installed_array_record_version()
+    if version is None or tuple(int(n) for n in re.findall(r"\d+", version)[:3]) < ARRAY_RECORD_READS_GCS_FROM:
+        installed = f"array-record {version} reads only local files" if version else "array-record is not installed"
+        raise DataError(f"{path} is in a bucket, but {installed}; install array-record>="
+                        f"{'.'.join(map(str, ARRAY_RECORD_READS_GCS_FROM))} (pip install -r requirements.txt), "
+                        "or copy the files to a local disk")
+
+
+def ignored_name(name: str) -> bool:
+    """Hidden files and folders (macOS's ._x.jpg and .DS_Store, .ipynb_checkpoints, .Trash) and a
+    file system's lost+found hold no training data."""
+    return name.startswith(".") or name == "lost+found"
+
+
+def read_with_folder(path: str, root: str) -> bool:
+    """Whether `path` is folder `root` or lies where a folder source reads inside it (not below a
+    hidden or ignored folder): a run's or a pack's output there would become data."""
+    root, path = storage.resolved(root).rstrip("/"), storage.resolved(path)
+    if path == root:
+        return True
+    if not path.startswith(root + "/"):
+        return False
+    return not any(ignored_name(part) for part in path[len(root) + 1:].split("/"))
+
+
+def walk_files(root: str, above: tuple[str, ...] = (), unlisted: list[str] | None = None) -> list[str]:
+    """Every file under root (any depth) as a full path, in a fixed order (a folder's files sorted,
+    then its sub-folders' in sorted order), leaving out ignored names. Symbolic links are followed;
+    one back to a folder above it (`above`: their real paths) is refused. Entries of a local folder
+    that are neither files nor folders (links to nothing, sockets) are left out, and added to
+    `unlisted` when it is given, so the caller can say so once."""
+    if not storage.is_url(root):
+        real = os.path.realpath(root)
+        if real in above:
+            link = next((p for p in parents_and_self(root) if leads_back(p)), root)
+            raise DataError(f"{link} is a symbolic link to {os.path.realpath(link)}, a folder that holds it: reading "
+                            "it would never end; remove the link")
+        above += (real,)
+    others: list[str] = []
+    files, folders = storage.list_entries(root, others)
+    if unlisted is not None:
+        unlisted += [os.path.join(root, name) for name in others if not ignored_name(name)]
+    paths = [storage.join(root, name) for name in files if not ignored_name(name)]
+    for folder in folders:
+        if not ignored_name(folder):
+            paths += walk_files(storage.join(root, folder), above, unlisted)
+    return paths
+
+
+def warn_unlisted(root: str, unlisted: list[str]) -> None:
+    """One warning for the entries under root walk_files left out as neither files nor folders."""
+    if unlisted:
+        example = unlisted[0]
+        what = (f"a symbolic link to {os.readlink(example)}, which does not exist" if os.path.islink(example)
+                else "not a regular file")
+        logging.warning("%d entries under %s are not read: they are neither files nor folders, e.g. %s (%s); "
+                        "mend or remove them", len(unlisted), root, example, what)
+
+
+def parents_and_self(path: str) -> list[str]:
+    """path, then each folder above it: a/b/c, a/b, a."""
+    paths = [path]
+    while (parent := os.path.dirname(paths[-1])) not in ("", paths[-1]):
+        paths.append(parent)
+    return paths
+
+
+def leads_back(path: str) -> bool:
+    """Whether path is a symbolic link to a folder that holds it (the link a walk loops through)."""
+    if not os.path.islink(path):
+        return False
+    target, here = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+    return here == target or here.startswith(target.rstrip("/") + "/")
+
+
+def listing_fingerprint(root: str, rows) -> str:
+    """A short hash of a dataset's listing (each row: a file's path, what it trains as): a resume on
+    the same number of records whose files were renamed, or moved to another class, is another
+    data order, and another labelling."""
+    text = "\n".join("\t".join(value.removeprefix(root).lstrip("/") if isinstance(value, str) else str(value)
+                               for value in row) for row in rows)  # paths relative to the root: a moved root is the same
+    # surrogateescape: file names that are not UTF-8 (zip archives from Windows) hash as their bytes.
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def require_folder(root: str, message: str) -> None:
+    """Raises DataError(message) unless root is a folder. storage.isdir answers False for a bucket
+    it cannot reach (gcsfs swallows the error), so exists() asks first: it raises that StorageError."""
+    if not storage.exists(root):
+        raise DataError(message)
+    if not storage.isdir(root):
+        raise DataError(f"{root} is a file, not a folder: {message.split('; ', 1)[-1]}")
+
+
+class ImageFolderSource:
+    """root/<class name>/**/<image>, like torchvision's ImageFolder: class ids from sorted folder
+    names, each class folder read at any depth; hidden names and lost+found are left out."""
+
+    def __init__(self, root: str, classes: list[str] | None = None, class_index: str = "the run's class index"):
+        """`classes`: the ids a run fixed (in `class_index`, named in messages); None: the folders found."""
+        if not root:
+            raise DataError("--config.data.root is not set: set it to a folder of class subfolders "
+                            "(root/<class>/<image>)")
+        require_folder(root, f"image folder {root} does not exist; set --config.data.root to a folder of class "
+                             "subfolders (root/<class>/<image>)")
+        found = [name for name in storage.list_folders(root) if not ignored_name(name)]
+        self.classes = classes if classes is not None else found
+        added, gone = sorted(set(found) - set(self.classes)), sorted(set(self.classes) - set(found))
+        if added or gone:
+            change = " and ".join(([f"has class folders {added} that {class_index} does not list"] if added else [])
+                                  + ([f"lacks class folders {gone} that {class_index} lists"] if gone else []))
+            nfc = lambda names: sorted(unicodedata.normalize("NFC", name) for name in names)
+            respelled = (" (the names differ only in how their accented letters are encoded, NFC or NFD, as a "
+                         "copy made on macOS can change them: rename the folders back)"
+                         if added and nfc(added) == nfc(gone) else "")
+            raise DataError(f"{root} {change}{respelled}: the run's checkpoints learned its class ids. Train on the "
+                            "class folders it started with, or start a new --workdir")
+        self.records: list[tuple[str, int]] = []
+        empty, not_images = [], []
+        unlisted: list[str] = []
+        for label, name in enumerate(self.classes):
+            files = walk_files(storage.join(root, name), unlisted=unlisted)
+            images = [(path, label) for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
+            not_images += [path for path in files if not path.lower().endswith(IMAGE_EXTENSIONS)]
+            empty += [] if images else [name]
+            self.records += images
+        loose = [name for name in storage.list_files(root) if name.lower().endswith(IMAGE_EXTENSIONS)]
+        warn_unlisted(root, unlisted)
+        if not_images:
+            logging.warning("%d files in the class folders of %s are not read (their names do not end in an image "
+                            "extension: %s), e.g. %s", len(not_images), root, " ".join(IMAGE_EXTENSIONS), not_images[0])
+        if loose and self.records:
+            logging.warning("%d images in %s itself are not read (e.g. %s): a class's images go in %s/<class>/",
+                            len(loose), root, loose[0], root)
+        if not self.records:
+            where = (f"the images in {root} itself are not read: put each class's images in a subfolder "
+                     f"{root}/<class>/" if loose else f"expected {root}/<class>/<image>")
+            raise DataError(f"no images found in class folders of {root} ({where}, with one of "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
+        if empty:
+            raise DataError(f"{root}: classes without images: {empty[:10]}{' ...' if len(empty) > 10 else ''} "
+                            f"(no file ending in {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folders")
+        self.listing = listing_fingerprint(root, self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.records[index]
+        return {"image": storage.read_bytes(path), "label": label, "name": path}
+
+
+class TfdsSource:
+    """A built TFDS dataset read as a data source (ArrayRecord; no TensorFlow needed)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        import tensorflow_datasets as tfds
+
+        check_array_record_reads(data_dir or "")
+        where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+        build = (f"`tfds build {name} --manual_dir=DIR --data_dir={data_dir or '~/tensorflow_datasets'} "
+                 "--file_format=array_record` (see README, Training data)")
+        if data_dir and not storage.exists(data_dir):  # (a bucket it cannot reach raises the cause)
+            raise DataError(f"TFDS data dir {data_dir} does not exist; build the dataset there with {build}")
+        try:
+            builder = tfds.builder(name, data_dir=data_dir or None)
+            if not builder.is_prepared():  # tfds.data_source would download and build it into data_dir
+                raise DataError(f"TFDS dataset {name!r} is not built under {where}: run {build}")
+            self.source = builder.as_data_source(split=split)
+        except DataError:
+            raise
+        except Exception as e:  # TFDS raises several types for "unknown dataset" and "no such split"
+            raise DataError(f"cannot open TFDS dataset {name!r} split {split!r} in {where}: "
+                            f"{first_line(e)}. "
+                            f"Build it once with {build}") from None
+        if len(self.source) == 0:
+            raise DataError(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.source[index]
+        return {"image": record["image"], "label": int(record["label"]), "name": f"{self.name}:{index}"}
+
+
+def read_class_index(path: str) -> list[str]:
+    """The class folder names a run's checkpoints learned as ids 0, 1, ...; a file that is not what
+    the run wrote (damaged, or edited by hand) is an error naming it and the fix."""
+    try:
+        classes = storage.read_json(path)["classes"]
+        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+            raise TypeError(f"its classes are a {type(classes).__name__}, not a list of folder names")
+        return classes
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, no "classes", not a list of names
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {e}): it holds the class ids this run's checkpoints "
+                        "learned. Put back its earlier content, or delete it to have it written again from the class "
+                        "folders' sorted names (the same ids, unless class folders were added or removed "
+                        "since)") from None
+
+
+def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None,
+                ids_learned: bool = True):
+    """The configured source. For folders, the class list is written to class_index_dir/
+    class_index.json, or read back from it once a checkpoint of the run has learned those ids
+    (`ids_learned`), so the ids of a run stay as they were; it must fit the model's num_classes
+    (id num_classes is the null class, and higher ids have no embedding)."""
+    kind = data_config.source
+    if kind == "tfds":
+        return TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
+    if kind == "folder":
+        classes = None
+        index_path = storage.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
+        if index_path and ids_learned and storage.exists(index_path):
+            classes = read_class_index(index_path)
+        source = ImageFolderSource(data_config.root, classes, index_path or "the run's class index")
+        if num_classes is not None and len(source.classes) > num_classes:
+            raise DataError(f"{data_config.root} has {len(source.classes)} classes but the model has "
+                            f"model.num_classes = {num_classes}: ids from {num_classes} on would train as the null "
+                            f"class or past the class table. Set --config.model.num_classes={len(source.classes)} "
+                            "(a new --workdir) or remove class folders")
+        if num_classes is not None and len(source.classes) < num_classes:  # previews show classes never trained
+            logging.warning("%s has %d classes but the model has model.num_classes = %d: classes %d to %d never "
+                            "train (--config.model.num_classes=%d fits the folder, in a new --workdir)", data_config.root,
+                            len(source.classes), num_classes, len(source.classes), num_classes - 1, len(source.classes))
+        if index_path and classes is None and jax.process_index() == 0:  # (re)written until a checkpoint uses it
+            storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
+                                                       "classes": source.classes})
+        return source
+    if kind == "demo":
+        from pixelflow_jax.data.demo_data import DemoSource
+
+        return DemoSource(data_config.demo_num_images, seed=data_config.demo_seed,
+                          num_classes=data_config.demo_num_classes, resolution=data_config.resolution)
+    if kind == "array_record":
+        raise DataError("data.source='array_record' holds captioned records for text-conditional models; a "
+                        "class-conditional model trains on 'tfds', 'folder' or 'demo'")
+    raise DataError(f"unknown config.data.source {kind!r}; choose 'tfds', 'folder' or 'demo' ('array_record' for "
+                    "text-conditional models)")
+
+
+def open_source(config, class_index_dir: str | None = None, captioned: bool = False, ids_learned: bool = True):
+    """The records of config.data: captioned ones for a text-conditional model. Opening them finds
+    a missing or unreadable dataset, so a run does it before it writes anything."""
+    if captioned:
+        from pixelflow_jax.data.caption_data import make_captioned_source
+
+        return make_captioned_source(config.data)
+    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned)
