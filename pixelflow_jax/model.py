@@ -264,7 +264,7 @@ class PixelFlow(nnx.Module):
             raise ValueError(f"class_labels must be one per image, shape ({batch},), got shape "
                              f"{np.shape(class_labels)}")
         if class_labels is not None and not cfg.num_classes:
-            raise ValueError("this model is text-conditional (model.num_classes = 0): do not pass class_labels")
+            raise ValueError("this model has no class table (model.num_classes = 0): do not pass class_labels")
         if encoder_attention_mask is not None and not cfg.cross_attention_dim:
             raise ValueError("this model has no cross-attention: do not pass encoder_attention_mask")
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))

@@ -89,6 +89,18 @@ def test_a_release_folders_model_pt_named_alone_is_described_by_the_folders_conf
     assert result.returncode == 0, result.stderr
     assert "config.yaml is not a release config.yaml (no model.params): not used" in result.stderr
 
+    # --torch_config beside a folder with its own config.yaml: a 3-stage file converted 4-stage
+    # weights as 3 stages without a word.
+    three_stages = tmp_path / "three_stages.yaml"
+    three_stages.write_text(open(os.path.join(fixture_dir("c2i_tiny"), "config.yaml")).read().replace(
+        "num_stages: 4", "num_stages: 3"))
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--torch_config={three_stages}",
+                           f"--output={tmp_path / 'out3'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"--torch_config {three_stages} disagrees with {os.path.join(fixture_dir('c2i_tiny'), 'config.yaml')}, "
+            "the folder's own config (differing: num_stages): drop --torch_config") in result.stderr
+    assert not (tmp_path / "out3").exists()
+
 
 def test_text_to_image_folder_without_config_yaml(tmp_path, golden):
     """The release's text-to-image folder has model.pt but no config.yaml: shapes give cross-attention
@@ -218,12 +230,17 @@ def test_an_output_that_must_not_or_cannot_be_written_is_refused_before_converti
 
 def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(tmp_path, caplog):
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-    from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml, extract_state_dict
+    from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml, extract_state_dict, release_config
 
     config = yaml.safe_load(open(os.path.join(fixture_dir("t2i_tiny"), "config.yaml")))
     del config["model"]["params"]["num_classes"]  # the release's default: 0, no class table
     yaml.safe_dump(config, open(tmp_path / "config.yaml", "w"))
     assert config_from_release_yaml(str(tmp_path / "config.yaml"))[0]["num_classes"] == 0
+    params = config["model"]["params"]
+    with caplog.at_level("WARNING"):  # and without cross-attention: a model nothing here samples or trains
+        release_config({**params, "num_classes": 0, "cross_attention_dim": None}, {"resolution": 64}, None, "w.pt",
+                       None)
+    assert "w.pt is an unconditional model (no num_classes, no cross_attention_dim)" in caplog.text
     del config["model"]["params"]["depth"]  # no default in the release either
     yaml.safe_dump(config, open(tmp_path / "config.yaml", "w"))
     with pytest.raises(CheckpointError, match="lacks model.params depth, which the release's PixelFlowModel"):

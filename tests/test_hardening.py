@@ -136,6 +136,32 @@ def test_sampling_a_checkpoint_of_other_than_rgb_images_is_refused_before_its_we
         check_config_kind(sample, ModelConfig(num_classes=10, out_channels=1))
 
 
+def test_an_unconditional_model_is_refused_by_sampling_the_demo_page_and_the_python_sampler():
+    """A converted model with num_classes 0 and no cross-attention (the release has none; training
+    here refuses it): sampling recorded settings.json with labels i mod 0 and then said the model
+    was text-conditional, the demo page died on its empty class list, and generate() and
+    generate_from_prompts() each sent the user to the other."""
+    from flax import nnx
+
+    from configs import c2i, t2i
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+    from pixelflow_jax.sampling.sample_conditioning import check_config_kind
+
+    unconditional = ModelConfig(**{**c2i.get_config("tiny").model.to_dict(), "num_classes": 0})
+    message = r"this model is unconditional \(model.num_classes = 0 and no text cross-attention\)"
+    for sample in (c2i.get_config("tiny").sample, t2i.get_config("tiny").sample):  # the demo page's check too
+        with pytest.raises(ValueError, match=message):
+            check_config_kind(sample, unconditional)
+    from pixelflow_jax.model import PixelFlow
+
+    model = PixelFlow(unconditional, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=message):
+        CascadeSampler(model, CheckpointConfig(unconditional, resolution=64))
+    with pytest.raises(ValueError, match=r"this model has no class table \(model.num_classes = 0\)"):
+        model(jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), class_labels=jnp.zeros((1,), jnp.int32))
+
+
 @pytest.mark.parametrize("config,message", [
     ("configs/c2.py:demo", "error: --config file configs/c2.py does not exist (this project's configs: configs/c2i.py, "
                            "configs/t2i.py)"),

@@ -209,6 +209,8 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
             raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + "
                                   f"model.pt{hint}")
         folder_config = storage.join(path, "config.yaml")
+        if torch_config and storage.isfile(folder_config):
+            check_same_config(torch_config, folder_config, weights_path)
         torch_config = torch_config or (folder_config if storage.isfile(folder_config) else None)
     else:  # a release folder's model.pt named alone is described by the folder's config.yaml too
         weights_path = path
@@ -227,6 +229,18 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     else:
         params = infer_architecture(state_dict, attention_head_dim)
     return release_config(params, extras, overrides, path, torch_config), state_dict
+
+
+def check_same_config(flag_config: str, folder_config: str, weights_path: str) -> None:
+    """--torch_config beside a release folder that has its own config.yaml: the flag's file won
+    without a word (a 3-stage config over 4-stage weights converted as 3 stages)."""
+    (given, given_extras), (own, own_extras) = map(config_from_release_yaml, (flag_config, folder_config))
+    given, own = {**given, **given_extras}, {**own, **own_extras}
+    differing = sorted(key for key in set(given) | set(own) if given.get(key) != own.get(key))
+    if differing:
+        raise CheckpointError(f"--torch_config {flag_config} disagrees with {folder_config}, the folder's own config "
+                              f"(differing: {', '.join(differing)}): drop --torch_config, or name the weights file "
+                              f"({weights_path}) to describe it with another config")
 
 
 def is_release_yaml(path: str) -> bool:
@@ -269,9 +283,13 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
                         " / ".join(assumed), ", ".join(f"{k} {settings[k]}" for k in assumed),
                         " / ".join(f"--{k}" for k in assumed), "them" if len(assumed) > 1 else "it")
     try:
-        return CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
+        config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture for {path}: {e}") from None
+    if not config.model.num_classes and not config.model.cross_attention_dim:
+        logging.warning("%s is an unconditional model (no num_classes, no cross_attention_dim): it can be inspected "
+                        "and exported here, but not sampled or trained", path)
+    return config
 
 
 # config.yaml's first line in an export: what tells it from a release folder downloaded by the

@@ -192,6 +192,7 @@ class CascadeSampler:
                              f"= load_model(path)), got a {type(config).__name__}")
         if config.model.architecture() != model.config.architecture():
             raise ValueError("config is another model's: pass the config load_model returned with this model")
+        check_conditional(model.config)
         self.graphdef, self.state = nnx.split(model)
         self.model_config = model.config
         self.resolution = config.resolution
@@ -323,6 +324,16 @@ def _dopri5(velocity, x, first_timestep, last_timestep, rtol, atol):
 
     # A stage that starts from NaN (an earlier stage failed) would reject its steps up to the limit.
     return jax.lax.cond(jnp.isfinite(x).all(), solve, lambda x: jnp.full_like(x, jnp.nan), x)
+
+
+def check_conditional(model_config) -> None:
+    """The cascade samples models conditioned on a class or a text; an unconditional one (no class
+    table, no cross-attention: the release has none, and training here refuses it) would get class
+    ids it has no table for, or be told it is text-conditional."""
+    if not model_config.num_classes and not model_config.cross_attention_dim:
+        raise ValueError("this model is unconditional (model.num_classes = 0 and no text cross-attention): the "
+                         "sampler, like training, takes class-conditional (num_classes >= 1) or text-conditional "
+                         "models only")
 
 
 def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditioning]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pixelflow_jax import storage
-from pixelflow_jax.sampling.cascade import class_conditioning, text_conditioning
+from pixelflow_jax.sampling.cascade import check_conditional, class_conditioning, text_conditioning
 from pixelflow_jax.validation import class_ids
 
 
@@ -104,7 +104,9 @@ class TextPrompts:
 
 def check_config_kind(sample_config, model_config) -> None:
     """A text-conditional checkpoint needs a text config (configs/t2i.py), a class-conditional one
-    a class config: the other kind lacks the settings the job reads. Either makes RGB images."""
+    a class config: the other kind lacks the settings the job reads. Either makes RGB images; an
+    unconditional model is refused."""
+    check_conditional(model_config)
     if (model_config.in_channels, model_config.out_channels) != (3, 3):
         raise ValueError(f"this checkpoint's model has in_channels {model_config.in_channels} and out_channels "
                          f"{model_config.out_channels}: the sampler makes RGB images (3 and 3)")
