@@ -68,6 +68,11 @@ def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, str | None]:
 
 def run(config, workdir: str) -> dict:
     storage.check_writable(workdir)  # fail now, not after the timing work
+    report_path = storage.join(workdir, "inspect.json")
+    for path in (report_path, storage.history_path(report_path)):
+        if storage.isdir(path):
+            raise ValueError(f"{path} is a folder, where --mode=inspect writes its report: move it away, or use "
+                             "another --workdir")
     fill_checkpoint_of_run(config, workdir)
     model, ckpt, checkpoint = model_to_inspect(config)
     model_cfg = model.config
@@ -111,6 +116,6 @@ def run(config, workdir: str) -> dict:
 
     report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
-    storage.write_json_keeping_history(storage.join(workdir, "inspect.json"), report)
+    storage.write_json_keeping_history(report_path, report)
     print(json.dumps(report, indent=2))
     return report

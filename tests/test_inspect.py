@@ -1,7 +1,10 @@
 """--mode=inspect on text models, on a checkpoint, and into a workdir it cannot write."""
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 import jax
 import numpy as np
@@ -26,6 +29,10 @@ def test_a_text_model_gets_text_states_of_its_width_and_the_configured_length(tm
     assert [s["tokens"] for s in report["stages"]] == [4, 16]
     config.sample.max_text_tokens = 8
     assert inspect_model.run(config, str(tmp_path))["text_tokens"] == 8
+    # inspect.json is the latest report; the first stays in the history (it was overwritten).
+    history = [json.loads(line) for line in open(tmp_path / "inspect_history.jsonl")]
+    assert [line["text_tokens"] for line in history] == [16, 8]
+    assert json.load(open(tmp_path / "inspect.json"))["text_tokens"] == 8
 
 
 def test_sample_checkpoint_is_inspected_with_its_architecture_and_weights(tmp_path):
@@ -58,3 +65,14 @@ def test_a_workdir_that_is_a_file_fails_at_once_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {workdir} is a file, not a folder: name a folder (new " \
         "or existing) for the outputs"
     assert "parameters:" not in result.stderr  # nothing built, nothing timed
+
+
+def test_a_report_path_taken_by_a_folder_fails_before_the_work(tmp_path):
+    """inspect.json as a folder: a traceback (IsADirectoryError) once every stage had been timed."""
+    from pixelflow_jax import inspect_model
+
+    for name in ("inspect.json", "inspect_history.jsonl"):
+        workdir = tmp_path / name.split(".")[0]
+        (workdir / name).mkdir(parents=True)
+        with pytest.raises(ValueError, match=f"{workdir / name} is a folder, where --mode=inspect writes its report"):
+            inspect_model.run(tiny_config("c2i"), str(workdir))

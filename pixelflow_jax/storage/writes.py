@@ -85,11 +85,16 @@ def write_json_atomically(path: str, value: Any) -> None:
     write_atomically(path, json.dumps(value, indent=2))
 
 
+def history_path(path: str) -> str:
+    """NAME_history.jsonl, the history of NAME.json (write_json_keeping_history)."""
+    return path.removesuffix(".json") + "_history.jsonl"
+
+
 def write_json_keeping_history(path: str, value: dict) -> None:
     """Writes NAME.json (the latest result) after adding `value`, time-stamped, as a line of
     NAME_history.jsonl, so a result that the next run replaces is not lost. The history is
     rewritten whole: object stores have no append."""
-    history = path.removesuffix(".json") + "_history.jsonl"
+    history = history_path(path)
     earlier = read_text(history) if exists(history) else ""
     stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **value}
     write_atomically(history, earlier + json.dumps(stamped) + "\n")
