@@ -3,6 +3,7 @@ architecture (torchvision's Inception-v3 with pytorch-fid's TensorFlow patches),
 converter, on random weights in pytorch-fid's state-dict layout."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -245,6 +246,13 @@ def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights
     np.savez(tmp_path / "samples.npz", arr_0=images)
     np.savez(tmp_path / "reference.npz", arr_0=images)
     config.eval.reference = str(tmp_path / "reference.npz")
+    # A job extended to 400 images and stopped part-way: its samples.npz is still the earlier 4's.
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "settings.json").write_text(json.dumps({"num_images": 400}))
+    with pytest.raises(ValueError, match=r"samples.npz holds 4 images, but this workdir's sampling job asks for 400 "
+                                         r".*it has not finished. Rerun its --mode=sample command"):
+        evaluate.run(config, str(tmp_path))
+    (tmp_path / "samples" / "settings.json").write_text(json.dumps({"num_images": 4}))  # the job finished
     results = evaluate.run(config, str(tmp_path))
     assert results["num_samples"] == 4 and abs(results["fid"]) < 1e-3  # identical sets (rank-3 covariances)
 

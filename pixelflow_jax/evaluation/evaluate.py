@@ -380,6 +380,22 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
     return results
 
 
+def check_own_samples_finished(npz: str, workdir: str) -> None:
+    """The workdir's samples.npz is its sampling job's whole output once that job has finished; a
+    job extended to more images and stopped part-way left the smaller earlier file, which scored
+    the earlier images without a word."""
+    settings = storage.join(workdir, "samples", "settings.json")
+    try:
+        asked = int(storage.read_json(settings)["num_images"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no job's record (or damaged): nothing to compare
+        return
+    held = npz_image_count(npz)
+    if held != asked:
+        raise ValueError(f"{npz} holds {held} images, but this workdir's sampling job asks for {asked} ({settings}): it "
+                         f"has not finished. Rerun its --mode=sample command to finish it (samples.npz is rewritten "
+                         f"then), or set --config.eval.samples={npz} to evaluate the {held} anyway")
+
+
 def run(config, workdir: str, samples: str | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
     a sampling job there) and writes WORKDIR/eval.json (process 0)."""
@@ -389,6 +405,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     samples = samples or e.samples
     own = storage.join(workdir, SAMPLES_NPZ)
     if not samples and storage.isfile(own):
+        check_own_samples_finished(own, workdir)
         logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
         samples = own
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
