@@ -1502,6 +1502,18 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
     with pytest.raises(ValueError, match=r"uncond\['class_labels'\] must be class ids in \[0, 1000\]"):  # was NaN
         sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], {"class_labels": np.array([1, 2])},
                        {"class_labels": np.array([5000, 5000])}, SamplingOptions.create(4, 1, cfg_scale=3.0))
+    labels = {"class_labels": np.array([1, 2])}, {"class_labels": np.array([1000, 1000])}
+    options = SamplingOptions.create(4, 1)
+    # Noise of another size: a jax broadcast error; block noise of batch 1: every image the same noise.
+    with pytest.raises(ValueError, match=r"initial_noise must have shape \(batch, 8, 8, 3\) = \(2, 8, 8, 3\), got "
+                                         r"\(2, 4, 4, 3\)"):
+        sampler.sample(jnp.zeros((2, 4, 4, 3)), [jnp.zeros(s) for s in shapes[1:]], *labels, options)
+    with pytest.raises(ValueError, match=r"block_noises\[1\] \(stage 2\) must have shape .* = \(2, 32, 32, 3\), got "
+                                         r"\(1, 32, 32, 3\)"):
+        sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(shapes[1]), jnp.zeros((1, 32, 32, 3)), jnp.zeros(shapes[3])],
+                       *labels, options)
+    with pytest.raises(ValueError, match="options must be a SamplingOptions .*, got a dict"):
+        sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], *labels, {"steps_per_stage": 1})
 
 
 def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_written(tmp_path):

@@ -251,8 +251,12 @@ class CascadeSampler:
                uncond: Conditioning, options: SamplingOptions) -> jax.Array:
         """Final latents (B, R, R, C) float32 from the stage-0 noise and each later stage's block noise."""
         num_stages = self.scheduler.num_stages
+        if not isinstance(options, SamplingOptions):
+            raise ValueError(f"options must be a SamplingOptions (SamplingOptions.create(num_stages, steps_per_stage, "
+                             f"...)), got a {type(options).__name__}")
         if len(block_noises) != num_stages - 1 or len(options.steps_per_stage) != num_stages:
             raise ValueError(f"need block noise for stages 1..{num_stages - 1} and steps for {num_stages} stages")
+        self._check_noise_shapes(initial_noise, block_noises)
         for name, conditioning in (("cond", cond), ("uncond", uncond)):  # the stages run under jit: check here
             labels = conditioning.get("class_labels")
             # Traced labels, or labels spread over several processes (checked by the sampling job), are not
@@ -267,6 +271,19 @@ class CascadeSampler:
             noise = None if stage == 0 else jnp.asarray(block_noises[stage - 1], jnp.float32)
             x = self._run_stage(stage, x, noise, cond, uncond, guidance[stage], options)
         return x
+
+    def _check_noise_shapes(self, initial_noise, block_noises) -> None:
+        """Each stage's noise is (B, r, r, C) at its resolution: one of another size failed in a jax
+        broadcast, and a block noise of batch 1 was broadcast, giving every image the same noise."""
+        sizes = stage_resolutions(self.resolution, self.scheduler.num_stages)
+        batch = np.shape(initial_noise)[0] if np.ndim(initial_noise) else None
+        for stage, noise in enumerate([initial_noise, *block_noises]):
+            expected = (batch, sizes[stage], sizes[stage], self.model_config.in_channels)
+            if tuple(np.shape(noise)) != expected:
+                name = "initial_noise" if stage == 0 else f"block_noises[{stage - 1}] (stage {stage})"
+                raise ValueError(f"{name} must have shape (batch, {sizes[stage]}, {sizes[stage]}, "
+                                 f"{self.model_config.in_channels}) = {expected}, got {tuple(np.shape(noise))} "
+                                 "(draw_noise gives every stage's noise)")
 
     def _run_stage(self, stage, x, noise, cond, uncond, guidance, options):
         alpha, beta = renoise_coefficients(self.scheduler.original_start_t[stage], self.scheduler.gamma)
