@@ -1,4 +1,5 @@
-"""What the processes of a multi-host job (--distributed) check together before they work together.
+"""What the processes of a multi-host job (--distributed) check together before they work together,
+and how they share out the rows of a job that is not a jitted step (the evaluation's Inception).
 
 Every process of such a job runs the same program and meets the others in each collective. A
 process that raises alone leaves the others waiting in the next collective (gloo on CPU still
@@ -42,6 +43,29 @@ def from_process_0(values: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32)))
+
+
+def rows_of_this_process(total: int) -> tuple[int, int]:
+    """[start, stop) of the `total` rows of a job that the processes share out in blocks of
+    ceil(total / processes), in process order (the last processes may get fewer, or none)."""
+    share = -(-total // jax.process_count())
+    index = jax.process_index()
+    return min(total, index * share), min(total, (index + 1) * share)
+
+
+def gather_rows(rows: np.ndarray, total: int) -> np.ndarray:
+    """The whole (total, ...) array on every process, from each process's rows_of_this_process
+    block: blocks padded to one size for the gather, the padding (all after the last row) cut."""
+    count = jax.process_count()
+    if count == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    share = -(-total // count)
+    padded = np.zeros((share, *rows.shape[1:]), rows.dtype)
+    padded[:len(rows)] = rows
+    everyone = np.asarray(multihost_utils.process_allgather(padded))  # (count, share, ...)
+    return everyone.reshape(count * share, *rows.shape[1:])[:total]
 
 
 def named(processes: list[int]) -> str:

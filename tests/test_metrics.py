@@ -7,6 +7,7 @@ import os
 import re
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,6 +142,38 @@ def test_inception_weights_overwritten_in_place_are_not_served_from_the_feature_
     again = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
     fresh = evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "fresh"), batch_size=8)
     assert again["fid"] == fresh["fid"] != first["fid"]
+
+
+def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gather_every_feature(
+        tiny_inception, tmp_path, monkeypatch):
+    """Every process of a --distributed evaluation computed every image's features (each as long as
+    one host alone). Here 5 images over 4 processes (blocks of 2, 2, 1 and none), the other
+    processes played by running the extractor as each of them in turn."""
+    from jax.experimental import multihost_utils
+
+    samples = images_npz(tmp_path / "samples.npz", 1, count=5)
+    extract = evaluate.FeatureExtractor(tiny_inception, 8)
+    alone = extract(samples)
+    blocks, gathered = [], iter(())
+
+    def allgather(padded):  # as jax stacks each process's value: every call is one feature, in FEATURES order
+        blocks.append(padded)
+        return next(gathered)
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    for index in range(4):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        assert evaluate.rows_of_this_process(5) == [(0, 2), (2, 4), (4, 5), (5, 5)][index]
+        gathered = iter([np.zeros((4, 2, width), np.float32) for width in extract.widths.values()])
+        extract(samples)
+    by_feature = [np.stack(blocks[i::len(evaluate.FEATURES)]) for i in range(len(evaluate.FEATURES))]
+    gathered = iter(by_feature)  # what the four processes gave, as process 1 receives it
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    shared = extract(samples)
+    for name in evaluate.FEATURES:
+        assert shared[name].shape == alone[name].shape
+        np.testing.assert_allclose(shared[name], alone[name], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("stored,message", [

@@ -32,7 +32,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.evaluation import metrics
-from pixelflow_jax.multihost import check_shared_workdir
+from pixelflow_jax.multihost import check_shared_workdir, gather_rows, rows_of_this_process
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 
@@ -136,12 +136,16 @@ def npz_images_crc(path: str) -> int:
         return crc
 
 
-def npz_batches(path: str, batch_size: int):
-    """Yields arr_0 of an (uncompressed or compressed) .npz in row batches, never all at once."""
+def npz_batches(path: str, batch_size: int, first: int = 0, stop: int | None = None):
+    """Yields rows [first, stop) of arr_0 of an (uncompressed or compressed) .npz in row batches,
+    never all at once."""
     with _open_images(path) as (member, shape, dtype, _):
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-        for start in range(0, shape[0], batch_size):
-            count = min(batch_size, shape[0] - start)
+        stop = shape[0] if stop is None else stop
+        if first:
+            member.seek(first * row_bytes, io.SEEK_CUR)  # (a compressed member is read through to there)
+        for start in range(first, stop, batch_size):
+            count = min(batch_size, stop - start)
             try:
                 data = member.read(count * row_bytes)
             except (OSError, EOFError, zipfile.BadZipFile) as e:  # a CRC mismatch, a cut-off download
@@ -172,7 +176,7 @@ class FeatureExtractor:
         # Part of the feature cache's key: weights overwritten in place get features of their own.
         self.weights_id = [storage.absolute(weights_path), *storage.size_and_mtime(weights_path)]
         self.graphdef, params = nnx.split(model)
-        # Every process computes all features: a multi-host run repeats the work on each host.
+        # Each process computes the features of its block of the images (multihost.rows_of_this_process).
         self.params, self.rows = replicate_on_local_devices(params)
         devices = self.rows.mesh.size
         self.batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
@@ -185,9 +189,13 @@ class FeatureExtractor:
         return {name: int(shape.shape[-1]) for name, shape in zip(FEATURES, shapes)}
 
     def __call__(self, path: str) -> dict[str, np.ndarray]:
+        """Every image's features, on every process: each computes its block of the images, then
+        the processes gather them."""
         parts = {name: [] for name in FEATURES}
         total = npz_image_count(path)
-        batch_size = batch_for(total, self.batch_size, self.rows.mesh.size)  # 12 images padded to 10**6: OOM
+        first, stop = rows_of_this_process(total)
+        # 12 images padded to a batch of 10**6 ran out of memory: the batch fits the images.
+        batch_size = batch_for(max(1, stop - first), self.batch_size, self.rows.mesh.size)
         pending = None  # the batch dispatched last: read once the next one is dispatched
 
         def collect(outputs, count):
@@ -195,8 +203,8 @@ class FeatureExtractor:
                 parts[name].append(np.asarray(value)[:count])
             progress.update(count)
 
-        with Progress(total, f"Inception features of {storage.basename(path)}", "img") as progress:
-            for images in npz_batches(path, batch_size):
+        with Progress(stop - first, f"Inception features of {storage.basename(path)}", "img") as progress:
+            for images in npz_batches(path, batch_size, first, stop):
                 stop_if_terminated()
                 count = len(images)
                 padded = np.concatenate([images, np.repeat(images[-1:], batch_size - count, 0)])
@@ -207,7 +215,9 @@ class FeatureExtractor:
                 pending = outputs, count
             if pending:
                 collect(*pending)
-        return {name: np.concatenate(value) for name, value in parts.items()}
+        mine = {name: np.concatenate(value) if value else np.zeros((0, self.widths[name]), np.float32)  # no rows here
+                for name, value in parts.items()}
+        return {name: gather_rows(value, total) for name, value in mine.items()}
 
 
 # Part of the feature cache's key: raise it when the features' computation changes (inception.py),
@@ -391,9 +401,9 @@ def check_own_samples_finished(npz: str, workdir: str) -> None:
         return
     held = npz_image_count(npz)
     if held != asked:
-        raise ValueError(f"{npz} holds {held} images, but this workdir's sampling job asks for {asked} ({settings}): it "
-                         f"has not finished. Rerun its --mode=sample command to finish it (samples.npz is rewritten "
-                         f"then), or set --config.eval.samples={npz} to evaluate the {held} anyway")
+        raise ValueError(f"{npz} holds {held} images, but this workdir's sampling job asks for {asked} ({settings}): "
+                         "it has not finished. Rerun its --mode=sample command to finish it (samples.npz is "
+                         f"rewritten then), or set --config.eval.samples={npz} to evaluate the {held} anyway")
 
 
 def run(config, workdir: str, samples: str | None = None) -> dict:
