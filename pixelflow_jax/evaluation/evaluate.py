@@ -7,7 +7,8 @@ against a reference batch, the numbers ADM's evaluation suite prints, without Te
     config.eval.inception_weights  pytorch-fid's pt_inception-2015-12-05-6726825d.pth
 
 Images are streamed from the .npz in batches (a 50k batch is 10 GB), run through the Inception
-with the batch split over the devices, and their features cached next to the run
+with the batch split over the devices (and the images over the processes of a --distributed job,
+which gather the features), and their features cached next to the run
 (WORKDIR/eval_features/), keyed by the path, size, modification time and CRC of the images and by
 the Inception weights: a second evaluation of the same files reads the cache (a damaged cache file
 is computed again). Results: printed, WORKDIR/eval.json (the latest) and a line of
