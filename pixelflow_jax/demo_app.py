@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -69,9 +68,7 @@ def demo_output_dir(workdir: str) -> str:
             continue  # the user's own files, or a page that still serves
         with contextlib.suppress(OSError):
             shutil.rmtree(entry.path)
-    folder = tempfile.mkdtemp(prefix=f"page-{storage.writer_tag()}-", dir=outputs)
-    os.chmod(folder, 0o777 & ~storage.umask())  # mkdtemp's 0700 would hide the images from other users
-    return folder
+    return storage.make_folder(outputs, f"page-{storage.writer_tag()}-")
 
 
 PAGE_OUTPUTS = re.compile(rf"page-{storage.WRITER}")
@@ -194,7 +191,7 @@ class DemoSampler:
             images = self.sampler.generate([int(condition)] * n, **options)
         self.compiled.add(self.compile_key(num_images, solver, cfg, steps))
         os.makedirs(self.output_dir, exist_ok=True)  # a page on another host takes one idle for a day as gone
-        folder = tempfile.mkdtemp(dir=self.output_dir)
+        folder = storage.make_folder(self.output_dir)  # (with mkdtemp's 0700 only this user could see the images)
         paths = []
         for i, image in enumerate(images):
             paths.append(os.path.join(folder, f"pixelflow_{int(seed)}_{i}.png"))

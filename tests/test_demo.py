@@ -102,7 +102,11 @@ def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tm
     config.sample.max_text_tokens, config.sample.negative_prompt = 16, "the moon"
     demo = DemoSampler(config, str(tmp_path / "page"))
     request = dict(num_images=1, solver="euler", cfg=4.0, shift=1.0, steps=[1, 1, 1, 1], seed=0)
-    page = np.asarray(Image.open(demo.generate("a red cat", **request)[0]))
+    path = demo.generate("a red cat", **request)[0]
+    page = np.asarray(Image.open(path))
+    umask = os.umask(0)
+    os.umask(umask)  # the request's folder as a plain makedirs makes it: mkdtemp's 0700 hid the images from others
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o777 & ~umask
     options = dict(steps_per_stage=[1, 1, 1, 1], cfg_scale=4.0, solver="euler", shift=1.0, seed=0)
     job = [demo.sampler.generate_from_prompts(demo.prompt_encoder, ["a red cat"], negative_prompt=negative, **options)[0]
            for negative in ("the moon", "")]

@@ -99,8 +99,7 @@ def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     existed = holds_something(path)  # an empty folder made for the output is no output to keep
     if existed and not overwrite:
         raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-{storage.writer_tag()}-", dir=parent)
-    os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp's 0700 would otherwise become the output's mode
+    tmp = storage.make_folder(parent, f".{base}.tmp-{storage.writer_tag()}-")
     appeared = CheckpointError(f"output {path} appeared while this job was writing (another job, or a person, "
                                "made it); it is left as it is: choose another path, or rerun with --overwrite if it "
                                "may be replaced")

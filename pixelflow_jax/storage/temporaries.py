@@ -114,3 +114,12 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def make_folder(parent: str, prefix: str = "") -> str:
+    """tempfile.mkdtemp in `parent` with the mode os.makedirs gives (0777 less the umask): mkdtemp's
+    0700 would hide what is written there from the owner's group and others (a converted output
+    takes its temporary's mode; the demo page's images are served from such folders)."""
+    folder = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(folder, 0o777 & ~umask())
+    return folder
