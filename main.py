@@ -196,12 +196,12 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
     first_line, _, hint = str(error.args[0] if error.args else error).partition("\n")
     missing, hint = first_line.strip("'\""), hint.strip()
     config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
-    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    for override in overrides:
-        if missing in override.removeprefix("--config.").split("."):
-            if sibling := sibling_config_with(config_file, override.removeprefix("--config.")):
-                return f"{override}: {config_file} has no field {missing!r}; it is a setting of {sibling}: use that config"
-            return (f"{override}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
+    for field in override_fields(argv):
+        if missing in field.split("."):
+            if sibling := sibling_config_with(config_file, field):
+                return (f"--config.{field}: {config_file} has no field {missing!r}; it is a setting of {sibling}: use "
+                        "that config")
+            return (f"--config.{field}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
                     f"{config_file.split(':')[0]} lists the settings that exist")
     # No override names the field: the config file's own code asked for it.
     return f"{config_file} could not be read: its get_config raised {type(error).__name__}: {first_line}"
@@ -216,9 +216,10 @@ def check_config_file(argv: list[str]) -> None:
             flag == "config" and arg.startswith("-") and i + 1 < len(argv)) else None
         path = value and value.split(":", 1)[0]
         if path and not os.path.isfile(path):
-            here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-            shown = os.path.relpath(here) if not os.path.relpath(here).startswith("..") else here  # as it would work
-            known = ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(here)) if re.fullmatch(r"[a-z]\w*\.py", n))
+            # Named as they would work from here.
+            shown = os.path.relpath(CONFIGS) if not os.path.relpath(CONFIGS).startswith("..") else CONFIGS
+            known = ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(CONFIGS))
+                              if re.fullmatch(r"[a-z]\w*\.py", n))
             sys.exit(f"error: --config file {path} does not exist (this project's configs: {known})")
 
 

@@ -1,6 +1,6 @@
-"""What the two command-line tools (main.py, convert_torch_ckpt.py) share: usage errors in one
-line, stopping on SIGTERM as on Ctrl-C (from their first instruction on), and keeping library noise
-that follows an error out of the terminal. Light to import: the tools import it before jax."""
+"""What the command-line tools (main.py, convert_torch_ckpt.py, data/pack_captions.py) share: usage
+errors in one line, stopping on SIGTERM as on Ctrl-C (from their first instruction on), and keeping
+library noise that follows an error out of the terminal. Light to import: the tools import it before jax."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ loader only decodes and augments. The data path, top to bottom:
      batch sharding, so row r of the global array is image r of the global batch whatever the
      device order), from global batch `start_batch` on (a resumed run starts at its step)
   -> worker processes + prefetch
-  -> ImageLoader: numpy batches (images, labels | (tokens, mask)), skip and truncation counts
+  -> ImageLoader: numpy batches (images, labels | (tokens, mask)); running counts of records
+     skipped and of captions truncated or holding text the tokenizer does not know
   -> to_global_batch: jax.Arrays sharded over the mesh's batch axes
 
 grain and TFDS are imported lazily: the model, sampler and train step do not need them.
@@ -77,10 +78,6 @@ class ProcessRows:
         block = math.gcd(*(end for run in runs for end in run))
         return cls(block, tuple(j for start, stop in runs for j in range(start // block, stop // block)))
 
-    @property
-    def per_batch(self) -> int:
-        return self.block * len(self.blocks)
-
 
 class RowsOfBatches:
     """Element k: this process's rows of global batch k, from `blocks` (a dataset of blocks of
@@ -102,8 +99,8 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
                   start_batch: int = 0, num_workers: int = 0, prefetch_batches: int = 2, tokenizer=None):
     """The grain IterDataset of this process's rows (`rows`; default: all) of each global batch of
     `batch_size` images: {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)}
-    with b = rows.per_batch; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L) and
-    'truncated' int32 (b,) replace 'label'. Infinite, reshuffled every epoch, deterministic for a seed.
+    with b = this process's rows of a batch; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L),
+    'truncated' and 'unknown_text' int32 (b,) replace 'label'. Infinite, reshuffled every epoch, deterministic for a seed.
 
     Every process computes the same global order and takes its rows of each global batch, and the
     crop/flip randomness is keyed by an image's global position, so the global batches do not

@@ -261,7 +261,7 @@ def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dic
     if not all(np.isfinite(value).all() for value in features.values()):  # never cached
         raise ValueError(f"the Inception features of {path} hold NaN or inf: check the Inception weights "
                          f"{extract.weights_id[0]} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, intact?)")
-    if jax.process_index() == 0:  # every process computed the same features
+    if jax.process_index() == 0:  # every process holds the same (gathered) features
         encoded = io.BytesIO()
         np.savez(encoded, **features)
         storage.write_atomically(cache, encoded.getvalue())
