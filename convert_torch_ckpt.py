@@ -175,21 +175,16 @@ def main(argv):
         usage_error(f"{', '.join(ignored)} has no effect here: {direction}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
     from pixelflow_jax import storage
-    from pixelflow_jax.checkpoints import hub
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.convert import ConversionError
+    from pixelflow_jax.validation import user_path
 
     stop_on_sigterm()  # the output's temporary folder is removed, as on Ctrl-C
     try:
         raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
         for flag in ("output", "torch_checkpoint", "torch_config", "jax_checkpoint"):
-            if FLAGS[flag].value:
-                try:  # as validation.expand_paths does for config paths
-                    FLAGS[flag].value = path = storage.user_path(FLAGS[flag].value)
-                    if flag == "output" or not hub.is_hub_path(path):  # hub.py reads hf:// inputs; none is written
-                        storage.check_supported(path)
-                except storage.StorageError as e:
-                    raise storage.StorageError(f"--{flag}: {e}") from None
+            if FLAGS[flag].value:  # hf:// inputs are read (hub.py); nothing is written there
+                FLAGS[flag].value = user_path(f"--{flag}", FLAGS[flag].value, hub_allowed=flag != "output")
         source = FLAGS.torch_checkpoint or FLAGS.jax_checkpoint
         check_output(FLAGS.output, source, FLAGS.to_torch, FLAGS.overwrite)
         message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()

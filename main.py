@@ -290,13 +290,9 @@ def run_mode(argv):
     raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
 
     try:
-        FLAGS.workdir = storage.user_path(FLAGS.workdir)
         if not FLAGS.workdir.strip():
             raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
-        try:
-            storage.check_supported(FLAGS.workdir)
-        except storage.StorageError as e:
-            raise storage.StorageError(f"--workdir: {e}") from None
+        FLAGS.workdir = validation.user_path("--workdir", FLAGS.workdir)
         check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
         checkpoint_inspected = False

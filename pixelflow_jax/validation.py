@@ -321,20 +321,31 @@ PATH_FIELDS = ("data.root", "data.tfds_data_dir", "train.init_from", "train.text
 HUB_FIELDS = ("train.init_from", "train.text_encoder", "sample.checkpoint", "sample.text_encoder")
 
 
-def expand_paths(config) -> None:
-    """Each path field of the config through storage.user_path (`~` expanded, a URL without its
-    "//" refused), and a URL scheme this project cannot read refused before any work."""
+def user_path(flag: str, value: str, *, hub_allowed: bool = False) -> str:
+    """A path a user gave in `flag` through storage.user_path (`~` expanded, a URL without its "//"
+    refused) and a URL scheme this project cannot use refused (hf:// is read where `hub_allowed`,
+    never written); the StorageError names the flag."""
     from pixelflow_jax.checkpoints import hub
 
+    try:
+        path = storage.user_path(value)
+        if not (hub_allowed and hub.is_hub_path(path)):
+            storage.check_supported(path)
+    except storage.StorageError as e:
+        raise storage.StorageError(f"{flag}: {e}") from None
+    return path
+
+
+def expand_paths(config) -> None:
+    """Each path field of the config through user_path, before any work."""
     for field in PATH_FIELDS:
         section, name = field.split(".")
         if section in config and name in config[section] and config[section][name]:
             try:
-                path = config[section][name] = storage.user_path(config[section][name])
-                if not (field in HUB_FIELDS and hub.is_hub_path(path)):
-                    storage.check_supported(path)
+                config[section][name] = user_path(f"--config.{field}", config[section][name],
+                                                  hub_allowed=field in HUB_FIELDS)
             except storage.StorageError as e:
-                raise ConfigError(f"--config.{field}: {e}") from None
+                raise ConfigError(str(e)) from None
 
 
 CHECKS = {"train": (check_architecture, check_data, check_train), "sample": (check_sample,), "eval": (check_eval,),
