@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pixelflow_jax import PixelFlowScheduler  # noqa: E402
+from pixelflow_jax.config import REMAT_POLICIES  # noqa: E402
 from pixelflow_jax.sharding import make_mesh  # noqa: E402
 from pixelflow_jax.training.flow import StageTables  # noqa: E402
 from pixelflow_jax.training.metrics_log import peak_flops  # noqa: E402
@@ -41,7 +42,7 @@ def main():
     parser.add_argument("--preset", choices=sorted(PRESETS), default="xl")
     parser.add_argument("--batch", type=int, default=32, help="global batch")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     parser.add_argument("--attention", default="xla")
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
