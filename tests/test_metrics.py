@@ -157,6 +157,8 @@ def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gath
     blocks, gathered = [], iter(())
 
     def allgather(padded):  # as jax stacks each process's value: every call is one feature, in FEATURES order
+        if np.ndim(padded) == 0:  # the processes' flags of damage found: none
+            return np.zeros(4, np.int32)
         blocks.append(padded)
         return next(gathered)
 
@@ -174,6 +176,28 @@ def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gath
     for name in evaluate.FEATURES:
         assert shared[name].shape == alone[name].shape
         np.testing.assert_allclose(shared[name], alone[name], rtol=1e-6, atol=1e-6)
+
+
+def test_damage_that_one_process_finds_in_its_block_stops_every_process(tiny_inception, tmp_path, monkeypatch):
+    """A stored .npz's CRC is checked where its member's data ends: only the process whose block
+    holds the last images could find a flipped byte, and the others then waited in the gather."""
+    from jax.experimental import multihost_utils
+
+    samples = images_npz(tmp_path / "samples.npz", 1, size=64, count=6)  # larger than zipfile's read-ahead
+    with np.load(samples) as f:
+        images = f["arr_0"].tobytes()
+    data = bytearray(open(samples, "rb").read())
+    data[data.find(images) + len(images) - 1] ^= 0xFF
+    open(samples, "wb").write(bytes(data))
+    extract = evaluate.FeatureExtractor(tiny_inception, 8)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda flag: np.array([0, 1], np.int32))
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # rows 3-5: it reads to the end, where the CRC is
+    with pytest.raises(ValueError, match=r"samples.npz is damaged \(BadZipFile: Bad CRC-32"):
+        extract(samples)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)  # rows 0-2: fine here, stopped with process 1
+    with pytest.raises(ValueError, match=r"samples.npz: process 1 of 2 found it damaged \(see that error\)"):
+        extract(samples)
 
 
 @pytest.mark.parametrize("stored,message", [

@@ -33,7 +33,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.evaluation import metrics
-from pixelflow_jax.multihost import check_shared_workdir, gather_rows, rows_of_this_process
+from pixelflow_jax.multihost import check_shared_workdir, gather_rows, named, processes_where, rows_of_this_process
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 
@@ -143,11 +143,11 @@ def npz_batches(path: str, batch_size: int, first: int = 0, stop: int | None = N
     with _open_images(path) as (member, shape, dtype, _):
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         stop = shape[0] if stop is None else stop
-        if first:
-            member.seek(first * row_bytes, io.SEEK_CUR)  # (a compressed member is read through to there)
         for start in range(first, stop, batch_size):
             count = min(batch_size, stop - start)
             try:
+                if start == first and first:
+                    member.seek(first * row_bytes, io.SEEK_CUR)  # (a compressed member is read through to there)
                 data = member.read(count * row_bytes)
             except (OSError, EOFError, zipfile.BadZipFile) as e:  # a CRC mismatch, a cut-off download
                 raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
@@ -191,10 +191,21 @@ class FeatureExtractor:
 
     def __call__(self, path: str) -> dict[str, np.ndarray]:
         """Every image's features, on every process: each computes its block of the images, then
-        the processes gather them."""
-        parts = {name: [] for name in FEATURES}
+        the processes gather them. Damage in one process's block (a truncated file) stops every
+        process with an error, not only that one while the others wait in the gather."""
         total = npz_image_count(path)
         first, stop = rows_of_this_process(total)
+        try:
+            mine, damage = self.features_of_rows(path, first, stop), None
+        except ValueError as e:  # npz_batches' "damaged" and "truncated"
+            mine, damage = None, e
+        if failed := processes_where(damage is not None):
+            raise damage or ValueError(f"{path}: {named(failed)} found it damaged (see that error); write or "
+                                       "download it again")
+        return {name: gather_rows(value, total) for name, value in mine.items()}
+
+    def features_of_rows(self, path: str, first: int, stop: int) -> dict[str, np.ndarray]:
+        parts = {name: [] for name in FEATURES}
         # 12 images padded to a batch of 10**6 ran out of memory: the batch fits the images.
         batch_size = batch_for(max(1, stop - first), self.batch_size, self.rows.mesh.size)
         pending = None  # the batch dispatched last: read once the next one is dispatched
@@ -216,9 +227,8 @@ class FeatureExtractor:
                 pending = outputs, count
             if pending:
                 collect(*pending)
-        mine = {name: np.concatenate(value) if value else np.zeros((0, self.widths[name]), np.float32)  # no rows here
+        return {name: np.concatenate(value) if value else np.zeros((0, self.widths[name]), np.float32)  # no rows here
                 for name, value in parts.items()}
-        return {name: gather_rows(value, total) for name, value in mine.items()}
 
 
 # Part of the feature cache's key: raise it when the features' computation changes (inception.py),
