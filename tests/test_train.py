@@ -657,15 +657,33 @@ def test_a_workdir_holds_to_its_model_once_a_step_of_it_is_saved(tmp_path, caplo
     assert json.loads((workdir / "run_config.json").read_text())["architecture"]["depth"] == 2
 
 
+def test_the_preemption_sync_point_is_asked_in_steps_of_this_run_counted_from_1(monkeypatch):
+    """jax's sync point is agreed in the numbers it is given, counting from 0 before the first call:
+    a SIGTERM while a resumed two-process run compiled set it to 1, the run asked with its step
+    numbers (301, ...), never met it, and trained on, deaf to every later SIGTERM."""
+    from jax.experimental import multihost_utils
+
+    from pixelflow_jax.training.preemption import PreemptionWatch
+
+    asked = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda n: asked.append(n) or n == 1)
+    watch = PreemptionWatch()
+    try:
+        assert watch.reached() and not watch.reached() and asked == [1, 2]  # a notice before the first step
+    finally:
+        watch.close()
+
+
 def test_ctrl_c_saves_the_step_like_a_preemption_and_a_second_one_stops_at_once():
     from pixelflow_jax.training.preemption import PreemptionWatch
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     watch = PreemptionWatch()
     try:
-        assert not watch.reached(1)
+        assert not watch.reached()
         os.kill(os.getpid(), signal.SIGINT)  # turned into a SIGTERM to this process: the preemption path
-        assert watch.reached(2) and watch.cause == "interrupted (Ctrl-C)"
+        assert watch.reached() and watch.cause == "interrupted (Ctrl-C)"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:

@@ -23,6 +23,7 @@ import jax
 class PreemptionWatch:
     def __init__(self):
         self.distributed = jax.process_count() > 1
+        self.calls = 0  # of reached(): the step count jax's sync point is agreed in (see reached)
         self.requested = False
         self.interrupted = False  # by Ctrl-C rather than a preemption
         self.previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
@@ -44,12 +45,17 @@ class PreemptionWatch:
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def reached(self, step: int) -> bool:
-        """Whether to save `step` and stop; call at every step, on every process."""
+    def reached(self) -> bool:
+        """Whether to save this step and stop; call at every step, on every process. jax counts in
+        the numbers it is given, from 0 before the first call: a notice that came before it (a
+        SIGTERM while a resumed run compiled) set the sync point to 1, which a resumed run's step
+        numbers (301, 302, ...) never met, and the run ignored every later SIGTERM. So the calls
+        are counted here, from 1, the same on every process."""
+        self.calls += 1
         if self.distributed:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(self.calls)
         return self.requested
 
     def requested_alone(self) -> bool:

@@ -373,7 +373,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             # behind it, keeps the device busy while the host fetches and places the next batch.
             if unchecked:
                 stop_if_too_many_bad_steps(*unchecked)
-            preempted = preemption.reached(step)
+            preempted = preemption.reached()
             preview_due = bool(t.preview_every) and step % t.preview_every == 0
             log_due = step % t.log_every == 0 or step == t.num_steps or preempted or preview_due
             save_due = step % t.checkpoint_every == 0 or step == t.num_steps or preempted
