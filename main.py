@@ -283,7 +283,7 @@ def run_mode(argv):
                  "(without it every process would run the whole job alone)")
     logging.set_verbosity(logging.INFO)
     keep_library_info_out_of_the_log()
-    from pixelflow_jax import storage, validation
+    from pixelflow_jax import multihost, storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
 
@@ -314,6 +314,10 @@ def run_mode(argv):
                         "these" if len(ignored) > 1 else "this")
     if FLAGS.distributed:
         start_distributed()
+        try:
+            multihost.check_same_job(FLAGS.mode, FLAGS.workdir, FLAGS.config)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     elif FLAGS.compilation_cache != "off":
         keep_compiled_programs(on_cpu=FLAGS.compilation_cache == "on")
     from pixelflow_jax import host_memory

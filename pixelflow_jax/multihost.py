@@ -15,6 +15,7 @@ One process: every check is local and costs nothing more.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 
@@ -131,6 +132,49 @@ def compare_views(view: str, count: int) -> tuple[list[int], list[int]]:
 
 def per_process(values: list[int]) -> str:
     return ", ".join(f"process {i}: {value}" for i, value in enumerate(values))
+
+
+def job_fields(mode: str, workdir: str, config) -> dict[str, str]:
+    """--mode, --workdir and every --config.FIELD of this process's command, as text."""
+    fields = {"--mode": mode, "--workdir": workdir}
+
+    def add(prefix: str, values: dict) -> None:
+        for name, value in sorted(values.items()):
+            if isinstance(value, dict):
+                add(f"{prefix}{name}.", value)
+            else:
+                fields[f"--config.{prefix}{name}"] = json.dumps(value, sort_keys=True, default=str)
+
+    add("", config.to_dict())
+    return fields
+
+
+def check_same_job(mode: str, workdir: str, config) -> None:
+    """Every process runs the same command. Processes started with other overrides (a command
+    edited on one host, another checkout) each used their own values: a training run recorded
+    process 0's learning rate while another process trained with its own, and sampling jobs of
+    different image counts crashed in a collective."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    fields = job_fields(mode, workdir, config)
+    differing, _ = compare_views("\n".join(fields), len(fields))
+    if differing:
+        raise ValueError(f"{named(differing)} of this job {'have' if len(differing) > 1 else 'has'} other config "
+                         "fields than process 0 (another config file, or another version of this project): run the "
+                         "same checkout and the same command on every host")
+    hashes = np.array([np.frombuffer(hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()[:4], np.int32)[0]
+                       for value in fields.values()], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(hashes))
+    others = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
+    if others:
+        changed = [name for j, name in enumerate(fields) if len(set(everyone[:, j].tolist())) > 1]
+        here = ", ".join(f"{name}={fields[name] if name.startswith('--config.') else repr(fields[name])}"
+                         for name in changed)
+        raise ValueError(f"the processes of this job were started with different commands: {named(others)} "
+                         f"{'differ' if len(others) > 1 else 'differs'} from process 0 in {', '.join(changed)} "
+                         f"(this process, {jax.process_index()}: {here}). Run the same command on every host")
 
 
 def check_same_data(num_records: int, listing: str | None, where: str) -> None:

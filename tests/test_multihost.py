@@ -110,3 +110,31 @@ def test_processes_that_list_other_checkpoints_stop_before_restoring(monkeypatch
                                                    r"/runs/xl/checkpoints: process 1 of 2 sees other steps than "
                                                    r"process 0 \(latest step seen: process 0: 20, process 1: 10\)"):
         multihost.check_same_checkpoints([10, 20], "/runs/xl/checkpoints")
+
+
+def test_processes_started_with_other_overrides_stop_naming_the_fields(monkeypatch):
+    """A command edited on one host trained on without a word (process 0's lr recorded, another
+    lr used by process 1), and sampling jobs of different image counts crashed in gloo."""
+    from configs import c2i
+
+    config = c2i.get_config("tiny")
+    as_process(monkeypatch, 0)
+    fields = list(multihost.job_fields("train", "gs://b/run", config))
+    lr = fields.index("--config.train.lr")
+
+    def other_process(value):  # the same fields; its train.lr another
+        value = np.array(value)
+        if value.shape == (len(fields),):
+            value[lr] += 1
+        return value
+
+    other_process_answers(monkeypatch, other_process)
+    with pytest.raises(ValueError, match=r"the processes of this job were started with different commands: process 1 "
+                                         r"of 2 differs from process 0 in --config.train.lr \(this process, 0: "
+                                         r"--config.train.lr=0.0001\)\. Run the same command on every host"):
+        multihost.check_same_job("train", "gs://b/run", config)
+    other_process_answers(monkeypatch, lambda value: value)  # the same command
+    multihost.check_same_job("train", "gs://b/run", config)
+    other_process_answers(monkeypatch, lambda value: np.array(value) + 1)  # other fields altogether
+    with pytest.raises(ValueError, match="process 1 of 2 of this job has other config fields than process 0"):
+        multihost.check_same_job("train", "gs://b/run", config)
