@@ -81,7 +81,7 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     this tool holding nothing else: a converted folder (pixelflow_config.json + params/) or an
     export (config.yaml marked as ours + model.pt)."""
     from pixelflow_jax import storage
-    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError, no_overwrite_in_a_bucket
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
     from pixelflow_jax.checkpoints.torch_io import is_export
 
@@ -107,6 +107,8 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
         return
     if not overwrite:
         raise CheckpointError(f"output {output} already exists; choose another path or pass --overwrite")
+    if storage.is_url(output):  # (atomic_output_dir refuses it too, but only after the conversion)
+        raise no_overwrite_in_a_bucket(output)
     names = set(storage.listdir(output)) if storage.isdir(output) else set()
     if to_torch:
         earlier = names == {"config.yaml", "model.pt"} and is_export(output)

@@ -290,6 +290,7 @@ def run_mode(argv):
     raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
 
     try:
+        command = multihost.job_fields(FLAGS.mode, FLAGS.workdir, FLAGS.config)  # as given, for check_same_job
         if not FLAGS.workdir.strip():
             raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
         FLAGS.workdir = validation.user_path("--workdir", FLAGS.workdir)
@@ -315,7 +316,7 @@ def run_mode(argv):
     if FLAGS.distributed:
         start_distributed()
         try:
-            multihost.check_same_job(FLAGS.mode, FLAGS.workdir, FLAGS.config)
+            multihost.check_same_job(command)
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif FLAGS.compilation_cache != "off":

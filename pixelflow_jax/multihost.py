@@ -135,7 +135,9 @@ def per_process(values: list[int]) -> str:
 
 
 def job_fields(mode: str, workdir: str, config) -> dict[str, str]:
-    """--mode, --workdir and every --config.FIELD of this process's command, as text."""
+    """--mode, --workdir and every --config.FIELD of this process's command, as text: taken as
+    given, before `~` is expanded (the same command on hosts with other home folders is the same
+    command; the folders it names are compared where they are used)."""
     fields = {"--mode": mode, "--workdir": workdir}
 
     def add(prefix: str, values: dict) -> None:
@@ -149,16 +151,15 @@ def job_fields(mode: str, workdir: str, config) -> dict[str, str]:
     return fields
 
 
-def check_same_job(mode: str, workdir: str, config) -> None:
+def check_same_job(fields: dict[str, str]) -> None:
     """Every process runs the same command. Processes started with other overrides (a command
     edited on one host, another checkout) each used their own values: a training run recorded
     process 0's learning rate while another process trained with its own, and sampling jobs of
-    different image counts crashed in a collective."""
+    different image counts crashed in a collective. `fields`: job_fields of the command."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    fields = job_fields(mode, workdir, config)
     differing, _ = compare_views("\n".join(fields), len(fields))
     if differing:
         raise ValueError(f"{named(differing)} of this job {'have' if len(differing) > 1 else 'has'} other config "

@@ -377,6 +377,11 @@ def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_
         with pytest.raises(CheckpointError, match="is a converted folder with one set of weights"):
             job(text_config)
     assert not os.path.exists(tmp_path / "samples")
+    # A workdir this job cannot write is found before the restore (minutes at XL), not after it.
+    class_config.sample.checkpoint = converted["c2i_tiny"]
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(storage.StorageError, match="cannot write to"):
+        sample_run.run(class_config, str(tmp_path / "a_file" / "samples"))
 
 
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
@@ -815,15 +820,29 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     assert record == {"step": 40, "changes": {"train.batch_size": {"from": 8, "to": 16},
                                               "train.lr": {"from": 0.0001, "to": 0.001}}}
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 0.001
+
+    # Stopped before it saved a step with the change (kill -9): resumed at step 40 again, the change
+    # trained nothing kept, so the run's own settings resume (they were refused as a change) and
+    # the record is marked discarded.
+    with pytest.raises(ValueError, match=r"train.batch_size: 16 -> 8"):  # refused before: nothing written
+        check_resume(workdir, c2i_config(), step=41, num_records=100)
+    check_resume(workdir, c2i_config(), step=40, num_records=100)
+    record = json.loads((tmp_path / CHANGES_FILE).read_text())
+    assert record["discarded"] == "no step trained with it was kept: the run resumed at step 40"
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 0.0001
+    check_resume(workdir, c2i_config(), step=80, num_records=100)  # and on, unchanged
+    check_resume(workdir, changed, step=80, num_records=100)  # the change again, this time kept (step 81 on)
+    assert [c.get("discarded") is None for c in map(json.loads, open(tmp_path / CHANGES_FILE))] == [False, True]
+
     with pytest.raises(ValueError, match=r"data.num_records: 100 -> 99\).*settings.json \(and the data's files as "
                                          r"they were\), or pass"):  # an image deleted: another data order
-        check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=40, num_records=99)
+        check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=81, num_records=99)
     with pytest.raises(ValueError, match="model.dtype: 'float32' -> 'bfloat16'"):  # other arithmetic every step
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "model.dtype": "bfloat16"}),
-                     step=40, num_records=100)
+                     step=81, num_records=100)
     with pytest.raises(ValueError, match="data.demo_num_classes: 10 -> 12"):  # every demo image drawn anew
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.demo_num_classes": 12}),
-                     step=40, num_records=100)
+                     step=81, num_records=100)
 
     from pixelflow_jax.training.resume_settings import check_optimiser_state
 
@@ -840,13 +859,13 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     (tmp_path / SETTINGS_FILE).write_text(recorded)
     with pytest.raises(ValueError, match="data.random_flip: True -> False"):  # other images every step
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.random_flip": False}),
-                     step=40, num_records=100)
+                     step=81, num_records=100)
     recorded = json.loads((tmp_path / SETTINGS_FILE).read_text())
     (tmp_path / SETTINGS_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "data.random_flip"}))
-    check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=40, num_records=100)
+    check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16}), step=81, num_records=100)
     with pytest.raises(ValueError, match="data.random_flip: True -> False"):  # a run before the setting flipped
         check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.batch_size": 16, "data.random_flip": False}),
-                     step=40, num_records=100)
+                     step=81, num_records=100)
 
     # One image folder spelled three ways is one folder; an earlier version recorded it as typed.
     folder = c2i_config(**{"data.source": "folder", "data.root": "data/images"})

@@ -288,6 +288,12 @@ def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file
     checkpoint, workdir = f"{bucket}/checkpoints/c2i_tiny", f"{bucket}/run"
     result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={checkpoint}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # --overwrite of an output in a bucket is refused before the conversion, not after it (minutes at XL).
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={checkpoint}", "--overwrite")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: --overwrite cannot replace {checkpoint}: an object store has no atomic rename, so a failed conversion "
+        "would lose the old folder; delete it first or choose another path"), result.stderr[-3000:]
+    assert "converting" not in result.stderr
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=np.random.default_rng(4).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
     storage.upload_file_atomically(str(reference), f"{bucket}/inputs/reference.npz")

@@ -132,9 +132,9 @@ def test_processes_started_with_other_overrides_stop_naming_the_fields(monkeypat
     with pytest.raises(ValueError, match=r"the processes of this job were started with different commands: process 1 "
                                          r"of 2 differs from process 0 in --config.train.lr \(this process, 0: "
                                          r"--config.train.lr=0.0001\)\. Run the same command on every host"):
-        multihost.check_same_job("train", "gs://b/run", config)
+        multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))
     other_process_answers(monkeypatch, lambda value: value)  # the same command
-    multihost.check_same_job("train", "gs://b/run", config)
+    multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))
     other_process_answers(monkeypatch, lambda value: np.array(value) + 1)  # other fields altogether
     with pytest.raises(ValueError, match="process 1 of 2 of this job has other config fields than process 0"):
-        multihost.check_same_job("train", "gs://b/run", config)
+        multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))

@@ -144,12 +144,16 @@ def _clean_up_after_killed_runs(parent: str, base: str, path: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def no_overwrite_in_a_bucket(path: str) -> CheckpointError:
+    return CheckpointError(f"--overwrite cannot replace {path}: an object store has no atomic rename, so a failed "
+                           "conversion would lose the old folder; delete it first or choose another path")
+
+
 def _object_store_output_dir(path: str, overwrite: bool) -> Iterator[str]:
     if storage.exists(path):
         if not overwrite:
             raise CheckpointError(f"output {path} already exists; choose another path or pass --overwrite")
-        raise CheckpointError(f"--overwrite cannot replace {path}: an object store has no atomic rename, so a "
-                              "failed conversion would lose the old folder; delete it first or choose another path")
+        raise no_overwrite_in_a_bucket(path)
     try:
         yield path
     except BaseException:

@@ -216,6 +216,11 @@ def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: n
 
 
 def run(config, workdir: str) -> None:
+    with storage.removed_if_left_empty(workdir, remover=jax.process_index() == 0):  # a job refused at its start
+        _sample(config, workdir)
+
+
+def _sample(config, workdir: str) -> None:
     s = config.sample
     num_devices = jax.device_count()
     if s.batch_size % num_devices:  # before any download or restore
@@ -226,11 +231,11 @@ def run(config, workdir: str) -> None:
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
     conditioning = conditioning_for(s, ckpt.model)
+    check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
     model, ckpt = load_sampling_model(config, source)
     num_images = conditioning.num_images
 
     folder = storage.join(workdir, "samples")
-    check_shared_workdir(workdir)
     if storage.isfile(folder):
         raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
     settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),

@@ -109,10 +109,18 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         if record and jax.process_index() == 0:
             storage.write_json_atomically(path, current)
         return
-    previous = {key: same_folder_spelled_once(key, value)
-                for key, value in {**DEFAULTS, **recorded_settings(workdir)}.items()}
+    trained, changes, untrained = settings_trained_to(workdir, step)
+    previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
     changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
                if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
+    if untrained and record and jax.process_index() == 0:  # the resume goes on (or is refused below): mark them
+        if not changed or config.train.allow_resume_changes:
+            for index in untrained:
+                changes[index]["discarded"] = f"no step trained with it was kept: the run resumed at step {step}"
+            write_changes(workdir, changes)
+            storage.write_json_atomically(path, trained)
+            logging.warning("%s: the settings changes recorded at step %d and later trained no step that was saved; "
+                            "they are marked discarded in %s", workdir, step, CHANGES_FILE)
     if not changed:
         return
     listed = ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
@@ -128,7 +136,41 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         return
     logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
     if jax.process_index() == 0:
-        changes = storage.join(workdir, CHANGES_FILE)
-        earlier = storage.read_text(changes) if storage.exists(changes) else ""
-        storage.write_atomically(changes, earlier + json.dumps({"step": step, "changes": changed}) + "\n")
+        write_changes(workdir, [*changes, {"step": step, "changes": changed}])
         storage.write_json_atomically(path, current)
+
+
+def read_changes(workdir: str) -> list[dict]:
+    path = storage.join(workdir, CHANGES_FILE)
+    if not storage.exists(path):
+        return []
+    try:
+        changes = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        if not all(isinstance(c, dict) and isinstance(c.get("step"), int) and isinstance(c.get("changes"), dict)
+                   for c in changes):
+            raise ValueError("a line is not a change record ({'step': N, 'changes': {...}})")
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): it records the settings changes of this "
+                         "run. Put back its earlier content") from None
+    return changes
+
+
+def write_changes(workdir: str, changes: list[dict]) -> None:
+    storage.write_atomically(storage.join(workdir, CHANGES_FILE), "".join(json.dumps(c) + "\n" for c in changes))
+
+
+def settings_trained_to(workdir: str, step: int) -> tuple[dict, list[dict], list[int]]:
+    """(the recorded settings that trained the steps up to `step`, the recorded changes, the
+    indexes of those that trained none of them). A change recorded when a run resumed at step S
+    trains steps S+1 on: resumed at S or earlier again (the run was stopped before it saved a step,
+    or a later checkpoint was set aside), none of its steps is kept, and the settings before it
+    are those to compare with (a resume with them was refused as a change)."""
+    settings, changes = dict(recorded_settings(workdir)), read_changes(workdir)
+    untrained = [i for i, c in enumerate(changes) if c["step"] >= step and not c.get("discarded")]
+    for index in reversed(untrained):
+        for key, change in changes[index]["changes"].items():
+            if change.get("from") is None:
+                settings.pop(key, None)
+            else:
+                settings[key] = change["from"]
+    return settings, changes, untrained
