@@ -395,6 +395,25 @@ def run_mode(argv):
 EXIT_GRACE_S = 3  # process 0 hosts jax's coordination service: its exit stops every other process
 
 
+# How a collective fails once another process of the job is gone (killed, or stopped by its own
+# error): gloo's broken connection on CPU, the coordination service's missed heartbeats elsewhere.
+PEER_GONE = re.compile(r"Gloo [\w-]+ failed|Connection reset by peer|stopped sending heartbeats|unhealthy|another task")
+
+
+def another_process_gone(error: Exception) -> str | None:
+    """The error line for a collective of a --distributed job that failed because another process
+    is gone (its traceback says nothing: the other process's error is the one to read); None for
+    any other error."""
+    jax = sys.modules.get("jax")
+    if not (jax is not None and jax.distributed.is_initialized() and type(error).__name__ == "JaxRuntimeError"
+            and PEER_GONE.search(str(error))):
+        return None
+    from pixelflow_jax.error_text import first_line
+
+    return (f"error: another process of this job is gone, so this one stops too (that process's log says why; "
+            f"here: {first_line(error)})")
+
+
 class StoppedTogether(SystemExit):
     """The exit of a preempted or interrupted training run: every process saved the same step and
     leaves with this status, so jax's shutdown barrier finds them all."""
@@ -459,10 +478,13 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # where no mode handles it: while starting, the imports take seconds
         print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
         exit_now_after_an_error(SystemExit(EXIT_INTERRUPTED))
-    except Exception:  # a bug: its traceback, then the same exit (in a job of several processes, not a hang)
+    except Exception as error:  # a bug: its traceback, then the same exit (in a job of several processes, not a hang)
         if (stop := stop_received()) is not None:  # a library's rewording of a Ctrl-C or SIGTERM
             cause, status = stop_cause(stop)
             print(f"stopped: {cause}", file=sys.stderr)
             exit_now_after_an_error(SystemExit(status))
+        if message := another_process_gone(error):
+            print(message, file=sys.stderr)
+            exit_now_after_an_error(SystemExit(1))
         traceback.print_exc()
         exit_now_after_an_error(SystemExit(1))

@@ -378,3 +378,26 @@ def test_a_workdir_of_a_scheme_this_project_cannot_write_names_the_flag(tmp_path
                              "--mode=sample"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --workdir: s3://b/w: unsupported URL scheme s3://")
+
+
+def test_a_collective_failing_for_a_process_gone_is_one_line_naming_the_other_process(monkeypatch):
+    """After a kill -9 of one process, the other ended with a JaxRuntimeError traceback of gloo's
+    broken connection."""
+    import jax
+
+    sys.path.insert(0, REPO)
+    import main
+
+    class JaxRuntimeError(RuntimeError):  # jax's, by name (it lives in jaxlib)
+        pass
+
+    gone = JaxRuntimeError("INTERNAL: Gloo all-reduce failed: [external/gloo/transport/tcp/pair.cc:534] Read "
+                           "error [127.0.0.1]:5432: Connection reset by peer\nmore")
+    assert main.another_process_gone(gone) is None  # one process: every error is its own
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert main.another_process_gone(gone) == (
+        "error: another process of this job is gone, so this one stops too (that process's log says why; here: "
+        "INTERNAL: Gloo all-reduce failed: [external/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:5432: "
+        "Connection reset by peer)")
+    assert main.another_process_gone(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")) is None
+    assert main.another_process_gone(ValueError("Connection reset by peer")) is None
