@@ -113,8 +113,8 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
     changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
                if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
-    if untrained and record and jax.process_index() == 0:  # the resume goes on (or is refused below): mark them
-        if not changed or config.train.allow_resume_changes:
+    if untrained and record and jax.process_index() == 0:
+        if not changed or config.train.allow_resume_changes:  # the resume goes on (a refusal writes nothing)
             for index in untrained:
                 changes[index]["discarded"] = f"no step trained with it was kept: the run resumed at step {step}"
             write_changes(workdir, changes)
