@@ -347,7 +347,10 @@ def run_mode(argv):
         except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
                 WorkdirBusy) as e:
             fail(e)
-        except (KeyboardInterrupt, Terminated) as stop:  # while starting (restore, compile), or a second Ctrl-C
+        except (KeyboardInterrupt, Terminated, Exception) as error:  # while starting (restore, compile), a second Ctrl-C
+            # A library may reword the stop (a SIGTERM during the compile); an error that is no stop is a bug.
+            if (stop := error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()) is None:
+                raise
             cause, status = stop_cause(stop)
             # No "without saving": a second Ctrl-C during a save may come after orbax finished it.
             print(f"stopped: {cause}; {what_a_rerun_resumes(FLAGS.workdir)}", file=sys.stderr)

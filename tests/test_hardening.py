@@ -1569,9 +1569,9 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
         def __init__(self):
             self.step = 0
 
-        def reached(self, step):
-            self.step = step
-            return step == 2 and not signal_during_the_step
+        def reached(self):  # a new run: its calls are its steps
+            self.step += 1
+            return self.step == 2 and not signal_during_the_step
 
         def requested_alone(self):  # a signal that came after reached(2) had answered False
             return self.step == 2 and signal_during_the_step
