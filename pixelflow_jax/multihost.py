@@ -118,13 +118,17 @@ def shared_check_file(folder: str, token: np.ndarray) -> str:
     return storage.join(folder, f".shared_check-{np.asarray(token, np.int32).tobytes().hex()}")
 
 
+def hashed(text: str, words: int) -> np.ndarray:
+    """The first `words` int32s of text's SHA-256: small enough to gather from every process."""
+    return np.frombuffer(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:4 * words], np.int32)
+
+
 def compare_views(view: str, count: int) -> tuple[list[int], list[int]]:
     """(the processes whose `view` differs from process 0's, each process's `count`): a hash of what
     each process sees for itself, gathered with a number to name in the error."""
     from jax.experimental import multihost_utils
 
-    digest = hashlib.sha256(view.encode("utf-8", "surrogateescape")).digest()
-    row = np.array([*np.frombuffer(digest[:8], np.int32), min(count, 2**31 - 1)], np.int32)
+    row = np.array([*hashed(view, 2), min(count, 2**31 - 1)], np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(row))
     return ([i for i, other in enumerate(everyone) if not np.array_equal(other[:2], everyone[0][:2])],
             [int(other[2]) for other in everyone])
@@ -165,8 +169,7 @@ def check_same_job(fields: dict[str, str]) -> None:
         raise ValueError(f"{named(differing)} of this job {'have' if len(differing) > 1 else 'has'} other config "
                          "fields than process 0 (another config file, or another version of this project): run the "
                          "same checkout and the same command on every host")
-    hashes = np.array([np.frombuffer(hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()[:4], np.int32)[0]
-                       for value in fields.values()], np.int32)
+    hashes = np.concatenate([hashed(value, 1) for value in fields.values()])
     everyone = np.asarray(multihost_utils.process_allgather(hashes))
     others = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
     if others:
