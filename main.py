@@ -290,7 +290,8 @@ def run_mode(argv):
     raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
 
     try:
-        command = multihost.job_fields(FLAGS.mode, FLAGS.workdir, FLAGS.config)  # as given, for check_same_job
+        if FLAGS.distributed:  # the command as given (before `~` is expanded), for check_same_job
+            command = multihost.job_fields(FLAGS.mode, FLAGS.workdir, FLAGS.config)
         if not FLAGS.workdir.strip():
             raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
         FLAGS.workdir = validation.user_path("--workdir", FLAGS.workdir)
