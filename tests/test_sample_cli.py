@@ -152,6 +152,27 @@ def test_images_gone_after_sampling_are_sampled_again_not_an_error_on_one_proces
     assert np.load(workdir / "samples.npz")["arr_0"].shape == (3, 8, 8, 3)
 
 
+def test_an_extended_jobs_new_npz_removes_the_eval_json_of_the_earlier_images(tmp_path, caplog):
+    """After an extension (2 -> 3 images) the eval.json of the 2 stood as the workdir's latest
+    result. An evaluation of the whole set, or of another file, is kept."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.sampling import sample_run
+
+    folder, workdir = tmp_path / "samples", tmp_path
+    folder.mkdir()
+    npz = storage.absolute(str(workdir / "samples.npz"))
+    for i in range(3):
+        sample_run.save_png_atomically(sample_run.image_path(str(folder), i), np.zeros((8, 8, 3), np.uint8))
+    for scored, kept in (({"samples": npz, "num_samples": 3}, True), ({"samples": "/other.npz", "num_samples": 2}, True),
+                         ({"samples": npz, "num_samples": 2}, False)):
+        storage.write_json_keeping_history(str(workdir / "eval.json"), scored)
+        with caplog.at_level("INFO"):
+            assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
+        assert (workdir / "eval.json").exists() == kept, scored
+    assert "it scored the earlier 2 images" in caplog.text
+    assert len((workdir / "eval_history.jsonl").read_text().splitlines()) == 3
+
+
 def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tmp_path, monkeypatch, caplog):
     """finish() held every image in memory for np.savez (50,000 at 256 px: 9.8 GB; a million: 196 GB)."""
     from pixelflow_jax import storage

@@ -397,4 +397,24 @@ def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
     save_png_atomically(storage.join(workdir, GRID_PNG), image_grid(np.stack(grid)))
     logging.info("wrote %s (arr_0: %s uint8) and %s", npz_path, (num_images, resolution, resolution, 3),
                  storage.join(workdir, GRID_PNG))
+    remove_outdated_evaluation(workdir, npz_path, num_images)
     return 0
+
+
+def remove_outdated_evaluation(workdir: str, npz_path: str, num_images: int) -> None:
+    """An extended job's new samples.npz outdates the eval.json that scored the earlier, smaller
+    one: left there, it stood as the workdir's latest result for images it never saw. Its line in
+    eval_history.jsonl stays. A scoring of another file, or of this job's whole set, is kept."""
+    path = storage.join(workdir, "eval.json")
+    if not storage.isfile(path):
+        return
+    try:
+        scored = storage.read_json(path)
+        outdated = scored["samples"] == storage.absolute(npz_path) and int(scored["num_samples"]) != num_images
+    except (ValueError, KeyError, TypeError):  # not an evaluation this project wrote: not ours to remove
+        return
+    if outdated:
+        storage.remove(path)
+        logging.info("removed %s: it scored the earlier %d images of %s (its line stays in %s); evaluate the %d "
+                     "with --mode=eval", path, int(scored["num_samples"]), npz_path,
+                     storage.history_path(path), num_images)
