@@ -62,12 +62,10 @@ def demo_output_dir(workdir: str) -> str:
         return folder
     outputs = check_demo_outputs(workdir)
     os.makedirs(outputs, exist_ok=True)
-    for entry in os.scandir(outputs):
-        match = PAGE_OUTPUTS.fullmatch(entry.name)
-        if not match or not entry.is_dir(follow_symlinks=False) or not storage.writer_gone(match, entry.path):
-            continue  # the user's own files, or a page that still serves
+    # (The user's own files and the folders of pages still serving are kept.)
+    for _, folder in list(storage.folders_of_gone_writers(outputs, PAGE_OUTPUTS)):
         with contextlib.suppress(OSError):
-            shutil.rmtree(entry.path)
+            shutil.rmtree(folder)
     return storage.make_folder(outputs, f"page-{storage.writer_tag()}-")
 
 

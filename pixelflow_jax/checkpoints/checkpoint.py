@@ -133,11 +133,8 @@ def _clean_up_after_killed_runs(parent: str, base: str, path: str) -> None:
     """What a killed earlier run (storage.writer_gone) left beside `path`: its unfinished temporary
     folder is deleted; an old output it had moved aside before the swap is put back if `path` is
     missing."""
-    for name in os.listdir(parent):
-        match = re.fullmatch(rf"\.{re.escape(base)}\.(tmp|old)-{storage.WRITER}", name)
-        folder = os.path.join(parent, name)
-        if not match or not storage.writer_gone(match, folder):
-            continue
+    left_by_a_run = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-{storage.WRITER}")
+    for match, folder in list(storage.folders_of_gone_writers(parent, left_by_a_run)):
         previous = os.path.join(folder, "previous")
         if match[1] == "old" and os.path.exists(previous) and not os.path.exists(path):
             os.rename(previous, path)

@@ -10,6 +10,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 
 from pixelflow_jax.storage.paths import is_url
 
@@ -52,14 +53,24 @@ def temporary_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=f"{prefix}-{writer_tag()}-")
 
 
+def folders_of_gone_writers(parent: str, name: re.Pattern) -> Iterator[tuple[re.Match, str]]:
+    """(match, path) of each folder in a local `parent` whose name matches `name` (a pattern holding
+    WRITER) and whose writer is gone; links are not followed."""
+    for entry in os.scandir(parent):
+        match = name.fullmatch(entry.name)
+        gone = False
+        with contextlib.suppress(OSError):  # another start removing it at the same time
+            gone = bool(match) and entry.is_dir(follow_symlinks=False) and writer_gone(match, entry.path)
+        if gone:
+            yield match, entry.path
+
+
 def remove_abandoned_dirs(prefix: str) -> None:
     """Deletes the temporary_dir(prefix) folders of killed writers (see ABANDONED_AFTER_S)."""
-    for entry in os.scandir(tempfile.gettempdir()):
-        match = re.fullmatch(re.escape(prefix) + "-" + WRITER, entry.name)
-        with contextlib.suppress(OSError):  # another start removing it at the same time
-            if match and entry.is_dir(follow_symlinks=False) and writer_gone(match, entry.path) and \
-                    time.time() - newest_mtime(entry.path) > ABANDONED_AFTER_S:
-                shutil.rmtree(entry.path, ignore_errors=True)
+    for _, path in folders_of_gone_writers(tempfile.gettempdir(), re.compile(re.escape(prefix) + "-" + WRITER)):
+        with contextlib.suppress(OSError):
+            if time.time() - newest_mtime(path) > ABANDONED_AFTER_S:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def newest_mtime(folder: str) -> float:
