@@ -31,6 +31,13 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def matmul_precision(dtype: str) -> str | None:
+    """For jax.default_matmul_precision: float32 compute means float32 matmuls, as in the release's
+    float32 runs (by default GPUs take TF32 and TPUs bfloat16 passes for float32 dots); the 16-bit
+    dtypes keep the platform's default."""
+    return "highest" if dtype_name(dtype) == "float32" else None
+
+
 def dtype_name(dtype):
     """'bfloat16' for jnp.bfloat16, np.dtype('bfloat16') or 'bfloat16'; what is no dtype (None
     too, which numpy would read as float64), as given, for the caller's error to name."""

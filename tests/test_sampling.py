@@ -121,6 +121,30 @@ def test_a_new_cfg_scale_reuses_the_compiled_stages(tiny):
     assert np.abs(unguided.astype(int) - at_2.astype(int)).mean() > 1
 
 
+@pytest.mark.parametrize("dtype, highest", [("float32", True), ("bfloat16", False)])
+def test_a_float32_model_samples_with_float32_matmuls(converted, monkeypatch, dtype, highest):
+    """float32 sampling ran its matmuls at the platform's default precision: TF32 on GPUs, one
+    bfloat16 pass on TPUs (the release's float32 is float32). bf16 models keep the default."""
+    from pixelflow_jax.sampling import cascade
+
+    compiled_dots, stage_program = [], cascade._stage_program  # (a dot's precision is in the lowered text)
+
+    def recording(*key):
+        program = stage_program(*key)
+
+        def run(*args):  # lowered only: the programs are read, not compiled or run
+            lowered = program.lower(*args)
+            compiled_dots.extend("HIGHEST" in line for line in lowered.as_text().splitlines() if "dot_general" in line)
+            return jax.numpy.zeros(lowered.out_info.shape, lowered.out_info.dtype)
+        return run
+
+    model, config = load_model(converted["c2i_tiny"], dtype=dtype)
+    sampler = CascadeSampler(model, config)
+    monkeypatch.setattr(cascade, "_stage_program", recording)
+    sampler.generate([1, 2], steps_per_stage=1)
+    assert compiled_dots and set(compiled_dots) == {highest}
+
+
 def test_class_conditioning_stays_on_the_host():
     """Device labels (eager jnp ops) queued behind the batch being sampled, and the sampling job read
     them back at once: each batch waited for the one before it before it could be dispatched."""

@@ -18,6 +18,7 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.config import dtype_name, matmul_precision
 from pixelflow_jax.sharding import replicate_on_local_devices
 from pixelflow_jax.text.t5_convert import load_t5_encoder, read_t5_config
 
@@ -124,7 +125,6 @@ class PromptEncoder:
     def __init__(self, folder: str, *, max_length: int = MAX_LENGTH, dtype: str = "float32",
                  param_dtype: str = "float32"):
         from pixelflow_jax import validation
-        from pixelflow_jax.config import dtype_name
 
         # A prompt is at least one piece and </s>; 4096 tokens already cost the encoder minutes.
         max_length = validation.integer("max_length", max_length, minimum=2, maximum=4096, where="")
@@ -140,8 +140,7 @@ class PromptEncoder:
         # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
         self._params, self._rows = replicate_on_local_devices(params)
         self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
-        # float32 means float32 matmuls: by default GPUs take TF32 and TPUs bfloat16 passes for them.
-        self._precision = "highest" if dtype == "float32" else None
+        self._precision = matmul_precision(dtype)
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         prompts = prompt_list(prompts)
