@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from PIL import Image
@@ -299,8 +300,6 @@ def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
 def test_a_step_that_would_make_weights_non_finite_is_skipped(single_device):
     """Finite loss and gradients but a non-finite update (what a huge learning rate or a corrupt
     moment gives; here Adam's first moment is inf): the step changes nothing but the counters."""
-    import optax
-
     state, step = single_device
     state = jax.tree.map(lambda x: x.copy(), state)
     mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
@@ -312,6 +311,69 @@ def test_a_step_that_would_make_weights_non_finite_is_skipped(single_device):
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["ema"]))
+
+
+def test_each_step_draws_from_its_own_key(single_device):
+    """The same weights and batch at another step count: other noise, stages and timesteps (a
+    step key that ignored the count would train every step on the same draws)."""
+    state, step = single_device
+    batch = float_demo_batch(0)
+    losses = []
+    for count in (5, 6, 5):
+        at_count = jax.tree.map(lambda x: x.copy(), state)
+        at_count["step"] = jax.numpy.asarray(count, jax.numpy.int32)
+        losses.append(float(step(at_count, *batch)[1]["loss"]))
+    assert losses[0] == losses[2] != losses[1]
+
+
+def test_label_dropout_gives_the_null_class_at_its_rate_and_keeps_the_other_labels():
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training.train_step import dropped_conditioning
+
+    labels = np.random.default_rng(0).integers(0, 1000, 4000).astype(np.int32)
+    dropped = np.asarray(dropped_conditioning(jax.random.key(1), labels, ModelConfig(num_classes=1000),
+                                              StepConfig(label_dropout=0.3), None)["class_labels"])
+    changed = dropped != labels
+    assert set(dropped[changed]) == {1000}  # the null class, id num_classes
+    assert 0.27 < changed.mean() < 0.33
+
+
+@pytest.mark.slow  # ~45 s: two compilations of the step's gradients
+def test_gradient_accumulation_averages_the_micro_batches(converted):
+    """grad_accum_steps=2: the loss, stage losses and gradients are the means over the two halves
+    of the batch, each with its own key, and one update follows (recomputed here from the parts)."""
+    from pixelflow_jax.training import flow
+    from pixelflow_jax.training.train_step import _loss_and_stage_losses, apply_gradients, dropped_conditioning
+
+    model, config = load_model(converted["c2i_tiny"])
+    state, step = build(converted, mesh_of(jax.devices()[:1], 1), lr=1e-3, grad_accum_steps=2)
+    step_cfg, tx = StepConfig(lr=1e-3, grad_accum_steps=2), make_optimizer(StepConfig(lr=1e-3))
+    tables = StageTables.from_scheduler(PixelFlowScheduler())
+    images, labels = float_demo_batch(0)
+    before = jax.tree.map(np.asarray, state)
+    new_state, metrics = step(state, images, labels)
+
+    @jax.jit  # one compilation for both halves
+    def one_half(params, micro_key, images, labels):
+        draws_key, drop_key = jax.random.split(micro_key)
+        draws = flow.draw(draws_key, 4, 64, 3, NUM_STAGES, 1000)
+        stages = flow.stage_batches(images, dropped_conditioning(drop_key, labels, config.model, step_cfg, None),
+                                    draws, tables)
+        return jax.value_and_grad(lambda p: _loss_and_stage_losses(nnx.graphdef(model), p, stages),
+                                  has_aux=True)(params)
+
+    micro_keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(before["rng"]), 0), 2)
+    parts = [one_half(before["params"], micro_keys[i], images[4 * i:4 * i + 4], labels[4 * i:4 * i + 4])
+             for i in range(2)]
+    (loss, stage_losses), grads = jax.tree.map(lambda a, b: (a + b) / 2, *parts)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    np.testing.assert_allclose([float(metrics[f"loss_stage{s}"]) for s in range(NUM_STAGES)], stage_losses, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
+    expected, _, _ = apply_gradients(before["params"], before["opt_state"], before["ema"], grads, tx, 0.9999)
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(tree)])
+    difference = np.abs(flat(new_state["params"]) - flat(expected))
+    # Adam's first step is lr * g / (|g| + eps): a tiny gradient's rounding moves it a little.
+    assert difference.max() <= 0.01 * step_cfg.lr and np.median(difference) <= 1e-7
 
 
 MULTIPROCESS_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_guard")
