@@ -67,6 +67,32 @@ def test_block_noise_covariance_and_layout():
     np.testing.assert_allclose(noise[10:12, 14:16, 1].reshape(4), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_each_image_draws_its_own_noise_at_every_stage():
+    """fold_in(key, image id): one id's noise whatever its row, and another id's differs at every stage."""
+    from pixelflow_jax.sampling.cascade import draw_noise
+
+    initial, blocks = draw_noise(jax.random.key(3), jax.numpy.array([0, 1, 0]), 32, 4, 3, 0.3)
+    alone, alone_blocks = draw_noise(jax.random.key(3), jax.numpy.array([1]), 32, 4, 3, 0.3)
+    for stage, noise in enumerate([initial, *blocks]):
+        noise = np.asarray(noise)
+        np.testing.assert_array_equal(noise[0], noise[2])
+        assert np.abs(noise[0] - noise[1]).min(axis=-1).mean() > 0.1, stage
+        np.testing.assert_array_equal(noise[1], np.asarray([alone, *alone_blocks][stage])[0])
+
+
+def test_text_guidance_pairs_each_image_with_the_negative_prompts_states_and_mask():
+    from pixelflow_jax.sampling.cascade import text_conditioning
+
+    rng = np.random.default_rng(0)
+    states, mask = rng.normal(size=(3, 5, 8)), np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    negative = (rng.normal(size=(1, 5, 8)), np.array([[1, 1, 1, 0, 0]]))
+    cond, uncond = text_conditioning(states, mask, negative)
+    np.testing.assert_array_equal(cond["encoder_hidden_states"], states)
+    np.testing.assert_array_equal(cond["encoder_attention_mask"], mask)
+    np.testing.assert_array_equal(uncond["encoder_hidden_states"], np.repeat(negative[0], 3, axis=0))
+    np.testing.assert_array_equal(uncond["encoder_attention_mask"], np.repeat(negative[1], 3, axis=0))
+
+
 def test_stage_guidance_follows_the_release():
     assert stage_guidance(2.4, 4, True) == pytest.approx([1.0, 1 + 1.4 / 6, 1 + 1.4 * 2 / 3, 2.4])
     assert stage_guidance(4.0, 4, False) == [4.0] * 4
