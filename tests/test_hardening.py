@@ -884,6 +884,26 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
 
 
+def test_a_resume_is_refused_for_each_setting_that_decides_the_data_order_or_the_optimisation(tmp_path):
+    """Every recorded field, one at a time (a field dropped from the record resumed silently)."""
+    from pixelflow_jax.training.resume_settings import DATA_FIELDS, MODEL_FIELDS, SOURCE_FIELDS, TRAIN_FIELDS, \
+        check_resume
+
+    config = c2i_config()
+    check_resume(str(tmp_path), config, step=0, num_records=100)
+    fields = ["seed", *(f"train.{f}" for f in TRAIN_FIELDS if f in config.train),
+              *(f"data.{f}" for f in DATA_FIELDS + SOURCE_FIELDS[config.data.source]),
+              *(f"model.{f}" for f in MODEL_FIELDS)]
+    assert len(fields) >= 18, fields
+    for field in fields:
+        section, name = field.split(".") if "." in field else (None, field)
+        value = (config[section] if section else config)[name]
+        other = (not value if isinstance(value, bool) else value * 2 + 1 if isinstance(value, (int, float))
+                 else value + "x")
+        with pytest.raises(ValueError, match=re.escape(f"{field}: {value!r} -> {other!r}")):
+            check_resume(str(tmp_path), c2i_config(**{field: other}), step=40, num_records=100)
+
+
 def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_not_resume(tmp_path):
     """Only the record count was compared: a file renamed (another place in the shuffle) or moved
     to another class (another label) resumed silently."""

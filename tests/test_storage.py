@@ -221,6 +221,30 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     assert os.listdir(tmp_path / "tmp") == ([recent.name] if where == "bucket" else [])
 
 
+def test_a_local_write_replaces_the_old_file_only_whole(tmp_path):
+    """Until the rename the old content stays readable; a writer that fails leaves it, and no temporary."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old")
+
+    def fails(f):
+        f.write(b"new-par")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_streamed_atomically(str(path), fails)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+    seen_while_writing = []
+
+    def writes(f):
+        f.write(b"new")
+        f.flush()
+        seen_while_writing.append(path.read_text())
+
+    storage.write_streamed_atomically(str(path), writes)
+    assert seen_while_writing == ["old"] and path.read_text() == "new" and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
 def test_create_json_never_replaces_a_file_with_or_without_hard_links(tmp_path, monkeypatch):
     path = str(tmp_path / "settings.json")
     assert storage.create_json(path, {"seed": 0}) and not storage.create_json(path, {"seed": 1})
