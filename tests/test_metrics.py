@@ -45,6 +45,14 @@ def test_frechet_distance_equals_scipy_reference(count, rank, tolerance):
     assert metrics.frechet_distance(*stats_a, *stats_b) == pytest.approx(expected, rel=tolerance)
 
 
+def test_gaussian_statistics_are_the_mean_and_the_unbiased_covariance():
+    features = random_features(np.random.default_rng(2), 50, 8)  # few samples: 1/N and 1/(N-1) differ by 2%
+    mean, covariance = metrics.gaussian_statistics(features)
+    centred = features - features.sum(axis=0) / 50
+    np.testing.assert_allclose(mean, features.sum(axis=0) / 50, rtol=1e-12)
+    np.testing.assert_allclose(covariance, centred.T @ centred / 49, rtol=1e-10)
+
+
 def test_identical_sets_give_zero_and_a_shift_gives_more():
     rng = np.random.default_rng(1)
     features = random_features(rng, 1000, 32)
@@ -331,6 +339,20 @@ def test_every_evaluation_is_kept_in_the_history_and_other_images_of_the_same_si
     history = [json.loads(line) for line in open(os.path.join(workdir, "eval_history.jsonl"))]
     assert [h["fid"] for h in history] == [first["fid"], second["fid"]]
     assert json.load(open(os.path.join(workdir, "eval.json")))["fid"] == second["fid"]
+
+
+def test_eval_reports_precision_as_the_samples_share_and_recall_as_the_references(tiny_inception, tmp_path):
+    """Samples all near one reference image: every sample lies in the reference's manifold
+    (precision 1), while the samples' tiny balls hold few reference images (recall low)."""
+    import ml_collections
+
+    reference = images_npz(tmp_path / "reference.npz", 2, count=20)
+    near_one = np.load(reference)["arr_0"][:1].astype(int) + np.random.default_rng(4).integers(-1, 2, (20, 8, 8, 3))
+    np.savez(tmp_path / "samples.npz", arr_0=np.clip(near_one, 0, 255).astype(np.uint8))
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=str(tmp_path / "samples.npz"), reference=reference,
+                                                      inception_weights=tiny_inception, batch_size=8)))
+    results = evaluate.run(config, str(tmp_path / "run"))
+    assert results["precision"] == 1.0 and results["recall"] <= 0.2, results
 
 
 def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sampling(tmp_path):
