@@ -300,6 +300,21 @@ def test_caption_dropout_substitutes_the_empty_prompt_at_its_rate(text_setup):
     np.testing.assert_array_equal(np.asarray(kwargs["encoder_attention_mask"])[is_empty].sum(axis=1), 1)  # "</s>"
 
 
+def test_each_stage_gets_the_text_states_of_its_own_captions(text_setup):
+    """encode_stages encodes every stage's rows in one interleaved call: each stage must get back
+    the states of its own captions, as encoding that stage alone gives them."""
+    from pixelflow_jax.training.flow import StageBatch
+
+    _, _, text, params, _, (tokens, mask), _ = text_setup
+    stages = [StageBatch(x_t=None, target=None, timesteps=None,
+                         conditioning={"tokens": tokens[s::4], "mask": mask[s::4]}) for s in range(4)]
+    for s, stage in enumerate(text.encode_stages(params, stages)):
+        alone = text.encode(params, tokens[s::4], mask[s::4])
+        np.testing.assert_allclose(stage.conditioning["encoder_hidden_states"], alone["encoder_hidden_states"],
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(stage.conditioning["encoder_attention_mask"], mask[s::4])
+
+
 def reference_stage_inputs(images, draws, scheduler):
     """The stage-mixed inputs written again in float64 numpy: box means down to each stage, the
     half-resolution start upsampled by repetition, and the scheduler's end/start mixing."""
