@@ -1613,6 +1613,29 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
         config.train.checkpoint_every = 3  # the signalled step saves although no save was due
     assert previews_under_a_mesh == [True, True]
 
+    # The skipped preview is drawn by the run that resumes at its step (from the EMA restored, that
+    # step's own); a stop during the last step says so and what a rerun still does.
+    events.clear()
+    with pytest.raises(train.TrainingPreempted, match="saved step 4 on every process; the run's last step; rerun "
+                                                      "the same command to draw its preview"):
+        train.train(config, str(workdir))  # resumed at 2, signalled during its second step (4)
+    assert events == [("preview", 2), ("save", 3), ("preview", 3), ("save", 4)]
+    events.clear()
+    assert train.train(config, str(workdir)) == {} and events == [("preview", 4)]  # (the stand-in draws no file)
+
+
+def test_a_preview_drawn_after_a_stop_joins_its_steps_logged_line(tmp_path):
+    from pixelflow_jax.training.metrics_log import MetricsLog
+
+    lines = [{"step": 4, "loss": 0.5}, {"step": 5, "loss": 0.25}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    log = MetricsLog(str(tmp_path), resumed_step=5)
+    log.add_to_step(5, {"preview_hue_agreement": 0.75})
+    log.add_to_step(6, {"preview_hue_agreement": 1.0})  # a step never logged (killed before): nothing
+    log.close()
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [
+        {"step": 4, "loss": 0.5}, {"step": 5, "loss": 0.25, "preview_hue_agreement": 0.75}]
+
 
 def test_a_log_write_that_fails_is_one_error_and_the_lock_release_never_hides_it(tmp_path, monkeypatch, caplog):
     from pixelflow_jax.training.metrics_log import MetricsLog

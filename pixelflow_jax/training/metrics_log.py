@@ -155,6 +155,23 @@ class MetricsLog:
                     storage.upload_file_atomically(os.path.join(local, name),
                                                    storage.join(self.remote_events, *filter(None, (folder, name))))
 
+    def add_to_step(self, step: int, values: dict) -> None:
+        """Adds `values` to the logged line of `step` (a preview drawn after a stop during that step);
+        nothing if that line was never written (a kill before it)."""
+        if not self.enabled or not values:
+            return
+        at = [i for i, line in enumerate(self.lines) if self._step_of(line) == step]
+        if not at:
+            return
+        self.lines[at[-1]] = json.dumps(json_values({**json.loads(self.lines[at[-1]]), **values}),
+                                        allow_nan=False) + "\n"
+        with storage.writing(self.path, WRITE_FIX):
+            storage.write_atomically(self.path, "".join(self.lines))
+        with storage.writing(self.events, WRITE_FIX):
+            for name, value in values.items():
+                self.writer(SCALARS).add_scalar(name, value, step)
+            self.writer(SCALARS).flush()
+
     def write(self, record: dict) -> str:
         """Logs the record; returns it as a readable line (for stdout)."""
         if not self.enabled:

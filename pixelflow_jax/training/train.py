@@ -36,7 +36,7 @@ from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps
 from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.multihost import check_same_checkpoints, check_same_data, check_shared_workdir
+from pixelflow_jax.multihost import check_same_checkpoints, check_same_data, check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
@@ -183,6 +183,19 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None, sha
     return graphdef, shapes if shapes_only else jax.jit(create, out_shardings=shardings)(), shardings
 
 
+def preview_path(workdir: str, step: int) -> str:
+    return storage.join(workdir, PREVIEWS, f"step_{step:07d}.png")
+
+
+def preview_owed(workdir: str, step: int, preview_every: int) -> bool:
+    """Whether saved step `step` is a preview step without its preview: a stop during a preview
+    step saves it and skips the preview (a preemption's grace period may be short), and the run
+    that resumes there draws it. As process 0 sees the workdir, so every process draws it or none."""
+    owed = bool(preview_every) and step > 0 and step % preview_every == 0 and not storage.exists(
+        preview_path(workdir, step))
+    return bool(from_process_0(np.int32(owed)))
+
+
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog,
                   text_encoder=None) -> dict:
     """A grid of EMA samples (class i mod num_classes, or prompts); on the demo sets also how many
@@ -211,7 +224,7 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
         images = sampler.generate_from_prompts(text_encoder, prompts, negative_prompt=s.negative_prompt, **options)
     if jax.process_index() == 0:
         grid = image_grid(images)
-        path = storage.join(workdir, PREVIEWS, f"step_{step:07d}.png")
+        path = preview_path(workdir, step)
         with storage.writing(path, WRITE_FIX):
             save_png_atomically(path, grid)
         log.image("preview", grid, step)
@@ -301,7 +314,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     steps = complete_steps(workdir)
     check_same_checkpoints(steps, storage.join(workdir, CHECKPOINTS))
     done = max(steps, default=0)
-    if done >= t.num_steps:
+    if done >= t.num_steps and not preview_owed(workdir, done, t.preview_every):
         print(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
               "raise --config.train.num_steps to train further", flush=True)
         return {}
@@ -349,6 +362,11 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     loader = make_loader(config, t.batch_size, data_sharding, start_batch=start,
                          tokenizer=text_encoder and text_encoder.tokenizer, source=source)
     log = MetricsLog(workdir, start)
+    if preview_owed(workdir, start, t.preview_every):  # the EMA just restored is that step's own
+        with jax.set_mesh(mesh):
+            log.add_to_step(start, write_preview(config, model_cfg, graphdef, state["ema"], workdir, start, log,
+                                                 text_encoder))
+        logging.info("drew the preview of step %d, which a stop during that step had skipped", start)
 
     preemption = PreemptionWatch()
     flops = train_flops_per_image(model_cfg, config.data.resolution, config.scheduler.num_stages)
@@ -434,6 +452,12 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         log.close(upload_metrics=lock.lost_to is None)
         preemption.close()
     if preempted:
-        raise TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; rerun the same command "
-                                "to resume", EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED)
+        if step < t.num_steps:
+            rest = "rerun the same command to resume"
+        elif preview_due:  # skipped for the stop
+            rest = "the run's last step; rerun the same command to draw its preview"
+        else:
+            rest = "the run's last step: the run is complete"
+        raise TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; {rest}",
+                                EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED)
     return record
