@@ -904,6 +904,27 @@ def test_a_resume_is_refused_for_each_setting_that_decides_the_data_order_or_the
             check_resume(str(tmp_path), c2i_config(**{field: other}), step=40, num_records=100)
 
 
+def test_a_resume_on_other_devices_or_with_another_memory_setting_is_warned_and_recorded(tmp_path, caplog):
+    """remat, fsdp, the attention backend and the devices change the order of float operations
+    (measured: 125 parameters ~4e-9 apart after remat 'full'): allowed, but no longer bit for bit."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    with pytest.raises(ValueError, match=r"other settings \(train.lr: 0.0001 -> 0.001\); resuming"):
+        check_resume(str(tmp_path), c2i_config(**{"model.remat": "full", "train.lr": 1e-3}), step=40, num_records=100)
+    assert not (tmp_path / CHANGES_FILE).exists()
+    with caplog.at_level(logging.WARNING):
+        check_resume(str(tmp_path), c2i_config(**{"model.remat": "full"}), step=40, num_records=100)
+    assert "model.remat: 'none' -> 'full'): the steps compute in another order" in caplog.text
+    assert json.loads((tmp_path / CHANGES_FILE).read_text()) == {
+        "step": 40, "changes": {"model.remat": {"from": "none", "to": "full"}}}
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["model.remat"] == "full"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_resume(str(tmp_path), c2i_config(**{"model.remat": "full"}), step=80, num_records=100)
+    assert not caplog.text
+
+
 def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_not_resume(tmp_path):
     """Only the record count was compared: a file renamed (another place in the shuffle) or moved
     to another class (another label) resumed silently."""

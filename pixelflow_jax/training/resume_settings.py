@@ -1,13 +1,15 @@
 """What a resumed run keeps: the settings that decide its data order and its optimisation.
 
     WORKDIR/train_settings.json     those settings, as the run started (or was last changed)
-    WORKDIR/settings_changes.jsonl  every change accepted with train.allow_resume_changes, by step
+    WORKDIR/settings_changes.jsonl  every change accepted (allow_resume_changes, NUMERICS_ONLY), by step
 
 A resume with another batch size, seed or data (another root, or the same root with records added,
 removed, renamed or moved to another class: the shuffle is a permutation of the record count, and
 a record's position is its place in the sorted listing) silently loses exact resume (the data position
 counts in steps of the new batch); another learning rate silently changes the run. So a change is
 refused, naming each setting, unless train.allow_resume_changes is set; then it is recorded.
+Where the steps run (devices, remat, fsdp, attention backend) may change with a warning and a
+record: the numbers then agree with an uninterrupted run to float rounding (NUMERICS_ONLY).
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ CHANGES_FILE = "settings_changes.jsonl"
 TRAIN_FIELDS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
                 "label_dropout", "grad_accum_steps", "caption_dropout", "max_text_tokens", "text_encoder_dtype")
 MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
+# Where and how the steps run: a resume may change these (they fit a run to memory or to the machines
+# it gets), but each changes the order of float operations, so the run then agrees with an
+# uninterrupted one to float rounding, not bit for bit: a warning, and a record, not a refusal.
+NUMERICS_ONLY = ("run.devices", "run.platform", "mesh.fsdp", "model.remat", "model.attention")
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0,
             "data.random_flip": True}
 # Recorded by this version, not by runs before it: their absence is no change.
-ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes", "data.listing")
+ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes", "data.listing",
+               *NUMERICS_ONLY)
 # Recorded names that are not config fields, as a message names them.
 LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)",
           "data.listing": "data.listing (a hash of the data's file names, and classes where it has them: files "
@@ -50,6 +57,9 @@ def resume_settings(config, num_records: int, listing: str | None = None) -> dic
     data_fields = DATA_FIELDS + SOURCE_FIELDS.get(config.data.source, ())
     values.update({f"data.{name}": config.data[name] for name in data_fields if name in config.data})
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
+    values.update({"run.devices": jax.device_count(), "run.platform": jax.default_backend(),
+                   "mesh.fsdp": config.mesh.fsdp, "model.remat": config.model.remat,
+                   "model.attention": config.model.attention})
     values = {key: same_folder_spelled_once(key, value) for key, value in values.items()}
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
         values["train.lr_decay_steps"] = config.train.num_steps
@@ -111,8 +121,9 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         return
     trained, changes, untrained = settings_trained_to(workdir, step)
     previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
-    changed = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
-               if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
+    every_change = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
+                    if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
+    changed = {k: c for k, c in every_change.items() if k not in NUMERICS_ONLY}
     if untrained and record and jax.process_index() == 0:
         if not changed or config.train.allow_resume_changes:  # the resume goes on (a refusal writes nothing)
             for index in untrained:
@@ -121,10 +132,10 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
             storage.write_json_atomically(path, trained)
             logging.warning("%s: the settings changes recorded at step %d and later trained no step that was saved; "
                             "they are marked discarded in %s", workdir, step, CHANGES_FILE)
-    if not changed:
+    if not every_change:
         return
     listed = ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
-    if not config.train.allow_resume_changes:
+    if changed and not config.train.allow_resume_changes:
         # The data's files are no setting a rerun can give back: only restoring them can.
         files = (" (and the data's files as they were)" if set(changed) & {"data.num_records", "data.listing"}
                  else "")
@@ -134,9 +145,15 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
                          f"accept the change (recorded in {CHANGES_FILE})")
     if not record:
         return
-    logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
+    if changed:
+        logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
+    if numerics := {k: c for k, c in every_change.items() if k in NUMERICS_ONLY}:
+        logging.warning("resuming %s at step %d on other devices or with another memory setting (%s): the steps "
+                        "compute in another order, so the run agrees with an uninterrupted one to float rounding, "
+                        "not bit for bit (recorded in %s)", workdir, step,
+                        ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in numerics.items()), CHANGES_FILE)
     if jax.process_index() == 0:
-        write_changes(workdir, [*changes, {"step": step, "changes": changed}])
+        write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
         storage.write_json_atomically(path, current)
 
 
