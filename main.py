@@ -245,9 +245,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 def out_of_memory_fix(mode: str, config) -> str:
     """What a job that ran out of device or host memory (XLA's RESOURCE_EXHAUSTED) can lower."""
     if mode == "train":
-        return ("lower --config.train.batch_size, or raise --config.train.grad_accum_steps (the same global batch in "
-                "smaller pieces), --config.model.remat=dots or full, or --config.mesh.fsdp (in a preview: "
-                "--config.train.preview_num_images)")
+        return ("set --config.model.remat=dots or full, or raise --config.mesh.fsdp (a resumed run takes these); or "
+                "raise --config.train.grad_accum_steps (the same global batch in smaller pieces) or lower "
+                "--config.train.batch_size (a resumed run takes these two only with "
+                "--config.train.allow_resume_changes=True: they change its draws); in a preview: "
+                "--config.train.preview_num_images")
     if mode in ("sample", "eval"):
         batches = ["--config.sample.batch_size"] if mode == "sample" else []
         batches += ["--config.eval.batch_size"] if mode == "eval" or config.eval.reference else []

@@ -165,6 +165,12 @@ def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
     with pytest.raises(SystemExit, match=r"lower --config.sample.batch_size or --config.eval.batch_size$"):
         main.main(["main.py"])
 
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="train", config=config))  # first what a resume takes
+    with pytest.raises(SystemExit, match=r"ran out of memory .*: set --config.model.remat=dots or full, or raise "
+                                         r"--config.mesh.fsdp \(a resumed run takes these\); or raise "
+                                         r"--config.train.grad_accum_steps .* only with --config.train.allow_resume_"):
+        main.main(["main.py"])
+
     for disk in ("No space left on device", "Disk quota exceeded"):
         def disk_full(argv):
             raise OSError(f"RESOURCE_EXHAUSTED: Error writing local file: {disk}")

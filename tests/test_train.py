@@ -717,6 +717,10 @@ def test_a_workdir_holds_to_its_model_once_a_step_of_it_is_saved(tmp_path, caplo
                                          r"config(; .*)?\. Use a new --workdir"):
         check_run_config(str(workdir), ModelConfig.from_mapping(config.model), config, record=False)
     assert json.loads((workdir / "run_config.json").read_text())["architecture"]["depth"] == 2
+    config.model.depth, config.data.resolution = 2, 32  # the same model at another size: a fine-tune's start
+    with pytest.raises(ValueError, match=r"resolution 64 there, 32 in this config\. Use a new --workdir, with "
+                                         rf"--config.train.init_from={re.escape(str(workdir))} to start from its"):
+        check_run_config(str(workdir), ModelConfig.from_mapping(config.model), config, record=False)
 
 
 def test_the_preemption_sync_point_is_asked_in_steps_of_this_run_counted_from_1(monkeypatch):

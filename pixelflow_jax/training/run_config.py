@@ -56,8 +56,12 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
                                          or same_encoder(earlier, text_encoder))
             previous["text_encoder"] = text_encoder if accepted else earlier
         if previous != current:
+            # Its weights still start a new run of the same architecture (another resolution, stage or
+            # timestep count: fine-tuning); another architecture does not load them.
+            start_from = ("" if previous.get("architecture") != current["architecture"] else
+                          f", with --config.train.init_from={workdir} to start from its weights")
             raise ValueError(f"{workdir} holds a run of a different model: "
-                             f"{'; '.join(differences(previous, current))}. Use a new --workdir")
+                             f"{'; '.join(differences(previous, current))}. Use a new --workdir{start_from}")
         if record and recorded != current and jax.process_index() == 0:
             logging.info("%s: the text encoder recorded anew as %s", path, text_encoder)
             storage.write_json_atomically(path, current)
