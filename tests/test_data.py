@@ -892,3 +892,33 @@ def test_a_record_that_is_no_image_is_named_so_not_by_a_memory_address():
 
     with pytest.raises(UnidentifiedImageError, match=r"^not an image \(its header is no format PIL reads\)$"):
         to_rgb(b"<html>a saved error page</html>")
+
+
+def test_the_centre_crop_is_adms_box_halving_bicubic_resize_and_centred_window():
+    """Written out with PIL against decoding.adm_center_crop, on images whose columns and rows all
+    differ, so a window off the centre or a resize of the wrong side shows."""
+    ramp = lambda h, w: np.stack([*np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h)), np.zeros((h, w))],
+                                 -1).astype(np.uint8)
+    for h, w in ((10, 30), (40, 19), (37, 37)):  # wider, taller (box-halved once), square
+        image = Image.fromarray(ramp(h, w))
+        expected = image
+        while min(expected.size) >= 16:
+            expected = expected.resize((expected.size[0] // 2, expected.size[1] // 2), resample=Image.BOX)
+        scale = 8 / min(expected.size)
+        expected = np.asarray(expected.resize((round(expected.size[0] * scale), round(expected.size[1] * scale)),
+                                              resample=Image.BICUBIC))
+        top, left = (expected.shape[0] - 8) // 2, (expected.shape[1] - 8) // 2
+        np.testing.assert_array_equal(decoding.adm_center_crop(image, 8), expected[top:top + 8, left:left + 8])
+
+
+def test_random_crops_reach_every_offset_and_a_centre_cropped_image_is_kept_whole():
+    from pixelflow_jax.data.decoding import RandomCropFlip
+
+    image = np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3)
+    offsets = set()
+    for seed in range(200):
+        crop = RandomCropFlip(8, flip=False)({"image": image}, np.random.default_rng(seed))["image"]
+        offsets.add((int(crop[0, 0, 0]) // 30, int(crop[0, 0, 0]) % 30 // 3))  # (top, left) of the window
+    assert offsets == {(top, left) for top in range(3) for left in range(3)}
+    exact = RandomCropFlip(8, flip=False)({"image": image[:8, :8]}, np.random.default_rng(0))["image"]
+    np.testing.assert_array_equal(exact, image[:8, :8])
