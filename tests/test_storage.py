@@ -221,6 +221,33 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     assert os.listdir(tmp_path / "tmp") == ([recent.name] if where == "bucket" else [])
 
 
+def test_a_resumed_runs_tensorboard_drops_the_steps_logged_past_its_checkpoint(tmp_path):
+    """The resumed run's events open with a restart at the step after its checkpoint, which makes
+    TensorBoard drop what the stopped run logged from there on (else both curves overlap)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    from pixelflow_jax.training.metrics_log import MetricsLog
+
+    record = {"loss": 0.5, "grad_norm": 1.0, "images_per_s": 10.0, "skipped_steps": 0}
+    for resumed_step, steps in ((0, (1, 2, 3, 4)), (2, (3, 4))):  # stopped at 4, resumed from its step-2 save
+        log = MetricsLog(str(tmp_path), resumed_step=resumed_step)
+        for step in steps:
+            log.write({"step": step, **record})
+        log.close()
+    restarts = []
+    for name in sorted(os.listdir(tmp_path / "tensorboard")):
+        data, offset = (tmp_path / "tensorboard" / name).read_bytes() if name.startswith("events") else b"", 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                restarts.append(event.step)
+    assert 3 in restarts, restarts
+
+
 def test_a_local_write_replaces_the_old_file_only_whole(tmp_path):
     """Until the rename the old content stays readable; a writer that fails leaves it, and no temporary."""
     path = tmp_path / "metrics.jsonl"
