@@ -355,6 +355,31 @@ def test_eval_reports_precision_as_the_samples_share_and_recall_as_the_reference
     assert results["precision"] == 1.0 and results["recall"] <= 0.2, results
 
 
+def test_each_metric_of_eval_is_computed_from_the_features_it_belongs_to(tiny_inception, tmp_path, monkeypatch):
+    """Fixed features per file, so each reported number can be recomputed from its own inputs:
+    FID and sFID compare the two sets, the Inception Score is the samples' alone."""
+    import ml_collections
+
+    rng = np.random.default_rng(6)
+    features = {name: {"pool": random_features(rng, 40, 6, shift=shift), "spatial": random_features(rng, 40, 5),
+                       "logits": rng.normal(size=(40, 7)) * scale}
+                for name, shift, scale in (("samples.npz", 0.0, 1.0), ("reference.npz", 0.4, 3.0))}
+    monkeypatch.setattr(evaluate, "cached_features", lambda extract, path, cache_dir: features[os.path.basename(path)])
+    for name in features:
+        images_npz(tmp_path / name, 7, count=40)
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=str(tmp_path / "samples.npz"),
+                                                      reference=str(tmp_path / "reference.npz"),
+                                                      inception_weights=tiny_inception, batch_size=8)))
+    results = evaluate.run(config, str(tmp_path / "run"))
+    samples, reference = features["samples.npz"], features["reference.npz"]
+    statistics = lambda kind: (*metrics.gaussian_statistics(samples[kind]), *metrics.gaussian_statistics(reference[kind]))
+    assert results["fid"] == pytest.approx(adm_frechet_distance(*statistics("pool")), rel=1e-8)
+    assert results["sfid"] == pytest.approx(adm_frechet_distance(*statistics("spatial")), rel=1e-8)
+    assert results["inception_score"] == metrics.inception_score(samples["logits"]) != metrics.inception_score(
+        reference["logits"])
+    assert (results["precision"], results["recall"]) == metrics.precision_recall(reference["pool"], samples["pool"])
+
+
 def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sampling(tmp_path):
     """Only the files' existence was checked: a damaged reference or weights file stopped the job
     after hours of sampling."""

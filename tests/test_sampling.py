@@ -93,6 +93,16 @@ def test_text_guidance_pairs_each_image_with_the_negative_prompts_states_and_mas
     np.testing.assert_array_equal(uncond["encoder_attention_mask"], np.repeat(negative[1], 3, axis=0))
 
 
+def test_final_images_round_to_the_nearest_level_as_the_release_does():
+    from pixelflow_jax.sampling.cascade import to_uint8
+
+    levels = np.array([0.4, 0.6, 127.4, 127.6, 254.6, -3.0, 300.0])  # round(255 * clip(x / 2 + 0.5, 0, 1))
+    latents = (levels / 255 - 0.5) * 2
+    expected = np.round(255 * np.clip(latents / 2 + 0.5, 0, 1))
+    np.testing.assert_array_equal(np.asarray(to_uint8(jax.numpy.asarray(latents, jax.numpy.float32))), expected)
+    assert list(expected) == [0, 1, 127, 128, 255, 0, 255]
+
+
 def test_stage_guidance_follows_the_release():
     assert stage_guidance(2.4, 4, True) == pytest.approx([1.0, 1 + 1.4 / 6, 1 + 1.4 * 2 / 3, 2.4])
     assert stage_guidance(4.0, 4, False) == [4.0] * 4

@@ -21,6 +21,7 @@ from conftest import REPO, cpu_devices, free_port
 from pixelflow_jax import PixelFlowScheduler, load_model
 from pixelflow_jax.command_line import EXIT_TERMINATED
 from pixelflow_jax.data.demo_data import demo_image
+from pixelflow_jax.training import flow
 from pixelflow_jax.training.flow import Draws, StageTables, per_sample_losses, stage_batches
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
                                                state_shardings, training_root_key)
@@ -326,6 +327,28 @@ def test_each_step_draws_from_its_own_key(single_device):
     assert losses[0] == losses[2] != losses[1]
 
 
+def test_each_image_draws_a_stage_and_any_of_the_timestep_indexes():
+    draws = jax.jit(lambda key: flow.draw(key, 4096, 8, 3, NUM_STAGES, 8))(jax.random.key(0))
+    counts = np.bincount(np.asarray(draws.timestep_index), minlength=8)
+    assert len(counts) == 8 and counts.min() > 0.75 * 512 and counts.max() < 1.25 * 512, counts  # 0..7, evenly
+    assert list(np.bincount(np.asarray(draws.stage_of_image))) == [1024] * NUM_STAGES  # B / S of each stage
+
+
+def test_the_configs_training_settings_reach_the_step():
+    from types import SimpleNamespace
+
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training.train import validate
+    from configs import c2i
+
+    config = c2i.get_config("tiny")
+    settings = dict(lr=3e-4, lr_schedule="cosine", warmup_steps=5, weight_decay=0.01, grad_clip=0.5, ema_decay=0.99,
+                    label_dropout=0.2, grad_accum_steps=2)
+    config.train.update(batch_size=16, num_steps=50, **settings)
+    step_cfg = validate(config, ModelConfig.from_mapping(config.model), SimpleNamespace(size=1))
+    assert {name: getattr(step_cfg, name) for name in settings} == settings and step_cfg.decay_steps == 50
+
+
 def test_label_dropout_gives_the_null_class_at_its_rate_and_keeps_the_other_labels():
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.training.train_step import dropped_conditioning
@@ -342,7 +365,6 @@ def test_label_dropout_gives_the_null_class_at_its_rate_and_keeps_the_other_labe
 def test_gradient_accumulation_averages_the_micro_batches(converted):
     """grad_accum_steps=2: the loss, stage losses and gradients are the means over the two halves
     of the batch, each with its own key, and one update follows (recomputed here from the parts)."""
-    from pixelflow_jax.training import flow
     from pixelflow_jax.training.train_step import _loss_and_stage_losses, apply_gradients, dropped_conditioning
 
     model, config = load_model(converted["c2i_tiny"])
