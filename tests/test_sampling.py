@@ -69,10 +69,10 @@ def test_block_noise_covariance_and_layout():
 
 def test_each_image_draws_its_own_noise_at_every_stage():
     """fold_in(key, image id): one id's noise whatever its row, and another id's differs at every stage."""
-    from pixelflow_jax.sampling.cascade import draw_noise
+    from pixelflow_jax.sampling.cascade import draw_noise_jit
 
-    initial, blocks = draw_noise(jax.random.key(3), jax.numpy.array([0, 1, 0]), 32, 4, 3, 0.3)
-    alone, alone_blocks = draw_noise(jax.random.key(3), jax.numpy.array([1]), 32, 4, 3, 0.3)
+    initial, blocks = draw_noise_jit(jax.random.key(3), jax.numpy.array([0, 1, 0]), 32, 4, 3, 0.3)
+    alone, alone_blocks = draw_noise_jit(jax.random.key(3), jax.numpy.array([1]), 32, 4, 3, 0.3)
     for stage, noise in enumerate([initial, *blocks]):
         noise = np.asarray(noise)
         np.testing.assert_array_equal(noise[0], noise[2])
