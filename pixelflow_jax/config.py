@@ -7,9 +7,11 @@ choices, and `pooled_text` an architecture option the release does not have.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 # Fields of the release's `model.params` that describe the architecture.
@@ -31,11 +33,12 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def matmul_precision(dtype: str) -> str | None:
-    """For jax.default_matmul_precision: float32 compute means float32 matmuls, as in the release's
-    float32 runs (by default GPUs take TF32 and TPUs bfloat16 passes for float32 dots); the 16-bit
-    dtypes keep the platform's default."""
-    return "highest" if dtype_name(dtype) == "float32" else None
+def matmul_precision(dtype) -> contextlib.AbstractContextManager:
+    """The context for the matmuls of a model computing in `dtype`: float32 compute means float32
+    matmuls, as in the release's float32 runs (by default GPUs take TF32 and TPUs bfloat16 passes
+    for float32 dots); the 16-bit dtypes keep whatever precision is set (a user's own, or the
+    platform's default)."""
+    return jax.default_matmul_precision("highest") if dtype_name(dtype) == "float32" else contextlib.nullcontext()
 
 
 def dtype_name(dtype):

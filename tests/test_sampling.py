@@ -179,6 +179,10 @@ def test_a_float32_model_samples_with_float32_matmuls(converted, monkeypatch, dt
     monkeypatch.setattr(cascade, "_stage_program", recording)
     sampler.generate([1, 2], steps_per_stage=1)
     assert compiled_dots and set(compiled_dots) == {highest}
+    compiled_dots.clear()
+    with jax.default_matmul_precision("highest"):  # a precision the user set is kept, whatever the model's dtype
+        sampler.generate([1, 2], steps_per_stage=1)
+    assert compiled_dots and set(compiled_dots) == {True}
 
 
 def test_class_conditioning_stays_on_the_host():

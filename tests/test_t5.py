@@ -104,6 +104,7 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
     """The release encodes with autocast off; bfloat16 compute would move flan-t5-xl's embeddings by 2e-2."""
     import ml_collections
 
+    from pixelflow_jax.config import matmul_precision
     from pixelflow_jax.text.prompts import PromptEncoder, prompt_encoder_for
 
     sample = ml_collections.ConfigDict(dict(text_encoder=t5_folder, max_text_tokens=24,
@@ -113,7 +114,7 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
     assert embeddings.dtype == np.float32
     # ... with float32 matmuls (GPUs default to TF32, TPUs to bfloat16 passes; a CPU shows it in the HLO)
     ids, mask = encoder.tokenizer(["a cat"])
-    with jax.default_matmul_precision(encoder._precision):
+    with matmul_precision(encoder.dtype):  # as encode() lowers it
         assert "HIGHEST" in encoder._encode.lower(encoder._params, ids, mask).as_text()
     reference, _ = PromptEncoder(t5_folder, max_length=24, param_dtype="bfloat16", dtype="bfloat16").encode(["a cat"])
     assert reference.dtype != np.float32  # the test can tell the two apart

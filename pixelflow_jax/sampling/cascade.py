@@ -199,7 +199,6 @@ class CascadeSampler:
         self.resolution = config.resolution
         self.scheduler = PixelFlowScheduler(config.num_train_timesteps, config.num_stages)
         self.class_conditional = model.config.num_classes > 0
-        self.matmul_precision = matmul_precision(model.config.dtype)
 
     def generate(self, labels, *, steps_per_stage: int | Sequence[int] = 30, cfg_scale: float = 2.4,
                  solver: str = "euler", shift: float = 1.0, seed: int = 0, image_ids=None) -> np.ndarray:
@@ -299,7 +298,7 @@ class CascadeSampler:
             schedule = (np.float32(first), np.float32(last), np.float32(options.rtol), np.float32(options.atol))
         program = _stage_program(self.graphdef, stage > 0, alpha, beta, options.solver)
         # None (scale 1: no guidance) traces the half-batch program; any other scale shares one.
-        with jax.default_matmul_precision(self.matmul_precision):  # part of the compiled program's key
+        with matmul_precision(self.model_config.dtype):  # part of the compiled program's key
             return program(self.state, x, noise, cond, uncond, schedule,
                            None if guidance == 1.0 else np.float32(guidance))
 

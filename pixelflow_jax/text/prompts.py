@@ -140,7 +140,7 @@ class PromptEncoder:
         # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
         self._params, self._rows = replicate_on_local_devices(params)
         self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
-        self._precision = matmul_precision(dtype)
+        self.dtype = dtype  # the compute dtype
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         prompts = prompt_list(prompts)
@@ -155,7 +155,7 @@ class PromptEncoder:
             ids, mask = jax.device_put((ids, mask), self._rows)
         # Under the encoder's own mesh (this process's devices): a caller's mesh in context, such as
         # the sampling job's over every process's devices, would conflict with its parameters.
-        with jax.default_matmul_precision(self._precision), jax.set_mesh(self._rows.mesh):
+        with matmul_precision(self.dtype), jax.set_mesh(self._rows.mesh):
             embeddings = self._encode(self._params, ids, mask)
             return embeddings, jnp.asarray(mask, jnp.float32)
 
