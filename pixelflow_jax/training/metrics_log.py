@@ -167,6 +167,9 @@ class MetricsLog:
                                         allow_nan=False) + "\n"
         with storage.writing(self.path, WRITE_FIX):
             storage.write_atomically(self.path, "".join(self.lines))
+        self._add_scalars(values, step)
+
+    def _add_scalars(self, values: dict, step: int) -> None:
         with storage.writing(self.events, WRITE_FIX):
             for name, value in values.items():
                 self.writer(SCALARS).add_scalar(name, value, step)
@@ -182,11 +185,7 @@ class MetricsLog:
             with storage.writing(self.path, WRITE_FIX):
                 with open(self.path, "a") as f:
                     f.write(line)
-        with storage.writing(self.events, WRITE_FIX):
-            for name, value in record.items():
-                if name != "step":
-                    self.writer(SCALARS).add_scalar(name, value, record["step"])
-            self.writer(SCALARS).flush()
+        self._add_scalars({k: v for k, v in record.items() if k != "step"}, record["step"])
         if self.remote_events and time.monotonic() - self.uploaded_at >= BUCKET_UPLOAD_INTERVAL_S:
             self.upload()
         extras = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_stage"))

@@ -134,7 +134,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
                             "they are marked discarded in %s", workdir, step, CHANGES_FILE)
     if not every_change:
         return
-    listed = ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
+    listed = named_changes(changed)
     if changed and not config.train.allow_resume_changes:
         # The data's files are no setting a rerun can give back: only restoring them can.
         files = (" (and the data's files as they were)" if set(changed) & {"data.num_records", "data.listing"}
@@ -150,11 +150,15 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     if numerics := {k: c for k, c in every_change.items() if k in NUMERICS_ONLY}:
         logging.warning("resuming %s at step %d on other devices or with another memory setting (%s): the steps "
                         "compute in another order, so the run agrees with an uninterrupted one to float rounding, "
-                        "not bit for bit (recorded in %s)", workdir, step,
-                        ", ".join(f"{k}: {c['from']!r} -> {c['to']!r}" for k, c in numerics.items()), CHANGES_FILE)
+                        "not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
     if jax.process_index() == 0:
         write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
         storage.write_json_atomically(path, current)
+
+
+def named_changes(changes: dict) -> str:
+    """'SETTING: FROM -> TO, ...', as messages name changes."""
+    return ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}" for k, c in changes.items())
 
 
 def read_changes(workdir: str) -> list[dict]:
