@@ -39,6 +39,7 @@ from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 
 FEATURES = ("pool", "spatial", "logits")
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+EVAL_JSON = "eval.json"  # in the workdir: the latest evaluation (its history beside it)
 IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                               "VIRTUAL_imagenet256_labeled.npz")
 # The shapes of ADM's stored reference statistics: pool_3 (2048) and mixed_6/conv's first 7 channels (7 x 17 x 17).
@@ -348,7 +349,7 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
 
         load_inception(inception_weights)
     check_shared_workdir(workdir)  # not only once the features are to be cached
-    for name, folder in (("eval_features", True), ("eval.json", False), ("eval_history.jsonl", False)):
+    for name, folder in (("eval_features", True), (EVAL_JSON, False), (storage.history_path(EVAL_JSON), False)):
         path = storage.join(workdir, name)
         if storage.isfile(path) if folder else storage.isdir(path):  # found only after the Inception pass
             raise ValueError(f"{path} is a {'file' if folder else 'folder'}, where the evaluation keeps its "
@@ -433,5 +434,5 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         print(f"{name}: {results[name]:.4f}", flush=True)
     if jax.process_index() == 0:
-        storage.write_json_keeping_history(storage.join(workdir, "eval.json"), results)
+        storage.write_json_keeping_history(storage.join(workdir, EVAL_JSON), results)
     return results

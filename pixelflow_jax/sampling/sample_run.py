@@ -31,6 +31,7 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.api import load_sampling_model, sampling_source
 from pixelflow_jax.command_line import stop_if_terminated
+from pixelflow_jax.evaluation.evaluate import EVAL_JSON
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
@@ -198,7 +199,7 @@ def sampled_images(folder: str) -> list[str]:
 
 def earlier_outputs(workdir: str) -> list[str]:
     """What a sampling job leaves in its workdir besides samples/: what the next job would overwrite."""
-    return [name for name in (SAMPLES_NPZ, GRID_PNG, "eval.json") if storage.exists(storage.join(workdir, name))]
+    return [name for name in (SAMPLES_NPZ, GRID_PNG, EVAL_JSON) if storage.exists(storage.join(workdir, name))]
 
 
 def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:
@@ -405,7 +406,7 @@ def remove_outdated_evaluation(workdir: str, npz_path: str, num_images: int) -> 
     """An extended job's new samples.npz outdates the eval.json that scored the earlier, smaller
     one: left there, it stood as the workdir's latest result for images it never saw. Its line in
     eval_history.jsonl stays. A scoring of another file, or of this job's whole set, is kept."""
-    path = storage.join(workdir, "eval.json")
+    path = storage.join(workdir, EVAL_JSON)
     if not storage.isfile(path):
         return
     try:
