@@ -634,6 +634,16 @@ def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
         CaptionRecordSource(str(tmp_path))
 
 
+def test_a_shard_set_without_its_last_shard_is_refused(tmp_path):
+    """A copy cut short loses the last shards first: a set read without them trains on part of the
+    data without a word."""
+    shards = write_shards(tmp_path / "shards", tmp_path)
+    os.remove(shards[-1])
+    with pytest.raises(DataError, match=r"lacks 1 of the 3 shards of captions: "
+                                        r"\['captions-00002-of-00003.array_record'\]"):
+        CaptionRecordSource(str(tmp_path / "shards"))
+
+
 def pack_command(monkeypatch, capsys, *args):
     """Runs the packer's command line; returns (exit code, stdout, stderr)."""
     from pixelflow_jax.data import pack_captions
@@ -823,6 +833,8 @@ def test_an_image_of_extreme_aspect_ratio_is_cut_to_16_to_1_before_its_resize_an
     np.testing.assert_array_equal(decoded[1]["image"], np.asarray(Image.fromarray(banner).resize(
         (16 * resize_to, resize_to), resample=Image.LANCZOS)))
     assert decoded[2]["image"].shape == (16 * resize_to, resize_to, 3)
+    np.testing.assert_array_equal(decoded[2]["image"], np.asarray(Image.fromarray(  # its centred window too
+        spacer.transpose(1, 0, 2)[1492:1508]).resize((resize_to, 16 * resize_to), resample=Image.LANCZOS)))
     assert decoding.DecodedSource(source, R, center_crop=True)[0]["image"].shape == (R, R, 3)
 
 
@@ -885,6 +897,49 @@ def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crop
         assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
 
 
+def test_the_flip_draw_is_made_either_way_so_later_crops_do_not_depend_on_it():
+    """One generator draws a worker's elements in turn: had flip=False skipped its draw, every
+    later crop of a run would differ from those of the same run with flips."""
+    from pixelflow_jax.data.decoding import RandomCropFlip
+
+    image = np.arange(12 * 12 * 3, dtype=np.uint8).reshape(12, 12, 3)
+    crops = {}
+    for flip in (True, False):
+        rng = np.random.default_rng(0)
+        crops[flip] = [RandomCropFlip(8, flip=flip)({"image": image}, rng)["image"] for _ in range(20)]
+    for a, b in zip(crops[True], crops[False]):
+        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+
+
+def test_the_shorter_side_resize_truncates_the_longer_side_as_torchvision_resize_does():
+    """torchvision's Resize(size) (the release's transform) makes the longer side int(size * long /
+    short), not a rounded one: 30 x 43 at 36 px is 36 x 51 (51.6), in either orientation."""
+    image = np.random.default_rng(0).integers(0, 256, (43, 30, 3), np.uint8)
+    for pixels in (image, image.transpose(1, 0, 2)):
+        h, w = pixels.shape[:2]
+        size = (36, int(36 * h / w)) if w <= h else (int(36 * w / h), 36)
+        np.testing.assert_array_equal(np.asarray(decoding.resize_shorter_side(Image.fromarray(pixels), 36)),
+                                      np.asarray(Image.fromarray(pixels).resize(size, resample=Image.LANCZOS)))
+
+
+def test_a_draw_counts_every_unreadable_record_it_stepped_over():
+    """`skipped` is what the loader's count of unreadable records adds up: a draw whose random
+    replacement was unreadable too counts both."""
+    good = encoded(np.zeros((8, 8, 3), np.uint8))
+
+    class MostlyEmpty:  # record 0 alone is an image
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return {"image": good if index == 0 else b"", "label": 0}
+
+    decoded = decoding.DecodedSource(MostlyEmpty(), 8, center_crop=True)
+    counts = [int(decoded[i]["skipped"]) for i in range(1, 4)]
+    expected = [next(a for a in range(64) if decoded.replacement(i, a) == 0) for i in range(1, 4)]
+    assert counts == expected and max(expected) > 1, (counts, expected)
+
+
 def test_a_record_that_is_no_image_is_named_so_not_by_a_memory_address():
     from PIL import UnidentifiedImageError
 
@@ -899,7 +954,7 @@ def test_the_centre_crop_is_adms_box_halving_bicubic_resize_and_centred_window()
     differ, so a window off the centre or a resize of the wrong side shows."""
     ramp = lambda h, w: np.stack([*np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h)), np.zeros((h, w))],
                                  -1).astype(np.uint8)
-    for h, w in ((10, 30), (40, 19), (37, 37)):  # wider, taller (box-halved once), square
+    for h, w in ((10, 30), (40, 19), (37, 37), (16, 24)):  # wider, taller (box-halved once), square, exactly 2x
         image = Image.fromarray(ramp(h, w))
         expected = image
         while min(expected.size) >= 16:

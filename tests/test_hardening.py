@@ -1403,6 +1403,98 @@ def test_a_sampling_job_may_grow_into_its_folder_but_not_shrink(tmp_path):
         check({**text, "num_images": 9, "prompts": ["a fox", "a cat", "a dog"], "images_per_prompt": 3})
 
 
+def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path):
+    """Euler's images depend on shift and steps_per_stage (only dopri5's adaptive steps use
+    neither): a rerun with others would mix two sets of images in one samples.npz."""
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    euler = {"solver": "euler", "shift": 1.0, "steps_per_stage": [10, 10, 10, 10], "seed": 0}
+    check_settings(str(samples), str(tmp_path), euler)
+    (samples / "000000.png").write_bytes(b"")
+    for name, value in (("shift", 3.0), ("steps_per_stage", [2, 2, 2, 2])):
+        with pytest.raises(ValueError, match=rf"holds images sampled with other settings \(differing: \['{name}'\]"):
+            check_settings(str(samples), str(tmp_path), {**euler, name: value})
+    check_settings(str(samples), str(tmp_path), euler)
+
+
+def test_a_job_recorded_without_a_fingerprint_still_refuses_another_checkpoint(tmp_path):
+    """settings.json of an earlier version has no checkpoint_fingerprint: the checkpoint's path is
+    then all that says which weights drew its images (no fingerprint on either side is no proof
+    of the same weights)."""
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    storage.write_json_atomically(str(samples / "settings.json"), {"checkpoint": "/runs/a", "seed": 0})
+    (samples / "000000.png").write_bytes(b"")
+    check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/a", "seed": 0, "checkpoint_fingerprint": "f1"})
+    with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['checkpoint'\]"):
+        check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/b", "seed": 0, "checkpoint_fingerprint": "f1"})
+
+
+def test_a_job_whose_pngs_were_deleted_is_not_taken_for_one_that_never_sampled(tmp_path):
+    """samples.npz kept, the PNGs deleted to save space: the job did sample, so its settings.json is
+    not one 'to delete and rerun' (that advice is for a job killed before its first image). A
+    killed writer's temporaries are no images of a job (they are cleared once the job starts)."""
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "000003.png.tmp").write_bytes(b"\x89PNG partial")  # an earlier version's temporary
+    (samples / ".000004.png.tmp-999999999-x").write_bytes(b"\x89PNG partial")
+    check_settings(str(samples), str(tmp_path), {"seed": 0})
+    (tmp_path / "samples.npz").write_bytes(b"50k images")
+    with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['seed'\]\); use "
+                                         r"a new --workdir"):
+        check_settings(str(samples), str(tmp_path), {"seed": 1})
+
+
+def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypatch):
+    """A batch of any image ids (a resumed job's missing ones) gets the label or prompt that
+    settings.json records for those images (sample_run.per_image_conditioning, which a larger job
+    is checked against), not that of the batch's rows; and every setting that changes an image's
+    conditioning is recorded, so that a rerun with another one is refused."""
+    from configs import c2i, t2i
+    from pixelflow_jax.sampling import sample_conditioning
+    from pixelflow_jax.sampling.sample_run import per_image_conditioning
+    from pixelflow_jax.text import prompts as prompts_module
+
+    sample = c2i.get_config("tiny").sample
+    sample.num_images = 7
+    labels = sample_conditioning.ClassLabels(sample, num_classes=3)
+    assert labels.settings()["labels"] == [i % 3 for i in range(7)]  # the release's sample_ddp.py: i mod classes
+    recorded, ids = per_image_conditioning(labels.settings()), np.array([5, 2, 6])
+    cond, uncond = labels.batch(ids)
+    assert cond["class_labels"].tolist() == [recorded[i] for i in ids] and uncond["class_labels"].tolist() == [3] * 3
+    sample.labels = (2, 0)
+    with pytest.raises(ValueError, match="labels has 2 entries but --config.sample.num_images is 7"):
+        sample_conditioning.ClassLabels(sample, num_classes=3)
+
+    vocabulary = ["", "blurry", "a fox", "a cat", "a dog"]
+
+    class Encoder:  # a prompt's embedding is its index in the vocabulary: which prompt a row got reads back
+        def encode(self, prompts):
+            index = np.array([vocabulary.index(p) for p in prompts], np.float32)
+            return index[:, None, None] * np.ones((1, 2, 4), np.float32), np.ones((len(prompts), 2), bool)
+
+    monkeypatch.setattr(prompts_module, "prompt_encoder_for", lambda s, width: Encoder())
+    sample = t2i.get_config("tiny").sample
+    sample.update(prompts=["a fox", "a cat", "a dog"], images_per_prompt=2, text_encoder="/tmp/t5")
+    text = sample_conditioning.TextPrompts(sample, 4)
+    recorded = per_image_conditioning(text.settings())
+    assert text.num_images == len(recorded) == 6
+    cond, uncond = text.batch(ids[:2] - 1)  # images 4 and 1
+    assert [vocabulary[int(e[0, 0])] for e in cond["encoder_hidden_states"]] == [recorded[4], recorded[1]]
+    assert uncond["encoder_hidden_states"].max() == 0  # the negative prompt, ""
+    sample.negative_prompt = "blurry"
+    assert sample_conditioning.TextPrompts(sample, 4).settings() != text.settings()
+    sample.prompts_file = "/tmp/prompts.txt"  # and prompts: which would the job take?
+    with pytest.raises(ValueError, match="set exactly one of --config.sample.prompts"):
+        sample_conditioning.TextPrompts(sample, 4)
+
+
 def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_process(tmp_path, monkeypatch):
     """Another job's settings.json recorded between this job's checks and its exclusive create is
     named; with several processes, process 0 alone checks, and the others learn its outcome (one

@@ -212,6 +212,7 @@ def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tm
     np.testing.assert_array_equal(np.concatenate(list(npz_batches(str(tmp_path / "samples.npz"), 32))), images)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     np.testing.assert_array_equal(grid[:8, :8], images[0])  # 64 images, 8 per row
+    np.testing.assert_array_equal(grid, sample_run.image_grid(images[:sample_run.GRID_IMAGES]))  # not the 65th
 
     (folder / sample_run.image_name(3)).write_bytes(b"not a png")
     os.remove(tmp_path / "samples.npz")
@@ -220,6 +221,31 @@ def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tm
     assert "000003.png does not decode (damaged?): removed, sampling it again" in caplog.text
     assert not (tmp_path / "samples.npz").exists() and not (folder / sample_run.image_name(3)).exists()
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temporary left
+
+
+def test_an_image_of_another_mode_or_shape_is_sampled_again_not_written_into_samples_npz(tmp_path, caplog):
+    """A grey, RGBA or non-square PNG is no image of this job: its bytes in arr_0 would shift every
+    later image (a grey 8x8 image is 64 bytes, not 192) or give a mis-shaped array."""
+    from pixelflow_jax.sampling import sample_run
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        sample_run.save_png_atomically(sample_run.image_path(str(folder), i), image)
+    Image.fromarray(images[1]).convert("L").save(folder / sample_run.image_name(1))
+    Image.fromarray(images[2]).convert("RGBA").save(folder / sample_run.image_name(2))
+    Image.fromarray(images[3][:7]).save(folder / sample_run.image_name(3))
+    with caplog.at_level("WARNING"):
+        assert sample_run.finish(str(folder), str(tmp_path), num_images=4, resolution=8) == 3
+    for i, what in ((1, "a L 8x8"), (2, "a RGBA 8x8"), (3, "a RGB 8x7")):
+        assert f"{sample_run.image_name(i)} is {what} image, not RGB 8px: removed" in caplog.text
+        assert not (folder / sample_run.image_name(i)).exists()
+    assert not (tmp_path / "samples.npz").exists()
+    for i in (1, 2, 3):  # sampled again
+        sample_run.save_png_atomically(sample_run.image_path(str(folder), i), images[i])
+    assert sample_run.finish(str(folder), str(tmp_path), num_images=4, resolution=8) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], images)
 
 
 def test_a_sampling_job_builds_its_model_with_the_configs_param_dtype(converted):

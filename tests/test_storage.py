@@ -22,6 +22,7 @@ def test_urls_are_never_made_local():
     assert storage.join("gs://b/run/", "samples", "000001.png") == "gs://b/run/samples/000001.png"
     assert storage.dirname("gs://b/run/checkpoints/4") == "gs://b/run/checkpoints"
     assert storage.basename("gs://b/run/checkpoints/4/") == "4"
+    assert storage.resolved("gs://b/run/") == storage.resolved("gs://b/run")  # one folder, compared as one
     with pytest.raises(storage.StorageError, match=r"unsupported URL scheme s3://; paths are local or gs://"):
         storage.exists("s3://b/run")
     with pytest.raises(storage.StorageError, match=r"unsupported URL scheme GS:// \(write gs://b/run: schemes are "
@@ -296,3 +297,79 @@ def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeyp
                                                    r"user can write to \(a training run in a read-only folder can "
                                                    r"still be sampled"):
         storage.check_writable(str(tmp_path / "run"))
+
+
+def test_a_local_write_replaces_the_file_a_reader_holds_open_and_others_may_read_it(tmp_path):
+    """write_atomically publishes a new file: a reader that opened the old one reads it whole (a
+    write into the file itself would truncate it under the reader), and the new file's mode is
+    what the umask allows, not mkstemp's 0600."""
+    path = tmp_path / "settings.json"
+    path.write_text("old content")
+    with open(path, "rb") as reader:
+        storage.write_atomically(str(path), "new")
+        assert reader.read() == b"old content"
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["settings.json"]
+    umask = storage.temporaries.umask()
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    folder = storage.make_folder(str(tmp_path), ".out.tmp-")
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask  # a converted output takes this mode
+
+
+def test_create_json_without_hard_links_leaves_no_half_written_file(tmp_path, monkeypatch):
+    """Where a file system has no hard links, create_file writes into an exclusively created file:
+    a write that fails must not leave it, or it would read as another job's (damaged) settings."""
+    path = tmp_path / "settings.json"
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    real_fdopen, opened = os.fdopen, []
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, *args, **kwargs):  # the temporary is written; the exclusive create's write fails
+        opened.append(fd)
+        f = real_fdopen(fd, *args, **kwargs)
+        return f if len(opened) == 1 else FullDisk(f)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with pytest.raises(OSError, match="No space left"):
+        storage.create_json(str(path), {"seed": 0})
+    assert len(opened) == 2 and os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert storage.create_json(str(path), {"seed": 1}) and json.load(open(path)) == {"seed": 1}
+
+
+def test_only_a_folder_a_failed_job_made_is_removed_and_the_write_check_leaves_nothing(tmp_path):
+    """removed_if_left_empty removes the empty folder a refused job made, never one the user made
+    before (even empty) nor one holding files; check_writable's probe file is removed."""
+    mine, new, written = tmp_path / "mine", tmp_path / "new", tmp_path / "written"
+    mine.mkdir()
+    for folder in (mine, new, written):
+        with pytest.raises(ValueError):
+            with storage.removed_if_left_empty(str(folder)):
+                os.makedirs(folder, exist_ok=True)
+                if folder == written:
+                    (folder / "samples.npz").write_bytes(b"")
+                raise ValueError("refused")
+    assert sorted(os.listdir(tmp_path)) == ["mine", "written"]
+    storage.check_writable(str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run") == []
+
+
+def test_a_live_process_of_another_user_is_alive(monkeypatch):
+    """os.kill(pid, 0) on another user's process raises PermissionError: taken for a dead writer,
+    its temporaries (and a lock's holder) would be cleared while it still writes."""
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted") if pid == 1 else ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert storage.process_alive(1) and not storage.process_alive(999999999)

@@ -81,6 +81,22 @@ def test_captioned_folder_names_missing_captions_or_skips_and_counts_them(captio
         CaptionedFolderSource("")
 
 
+def test_a_runs_missing_captions_setting_reaches_its_captioned_folder(captioned_folder):
+    """config.data.missing_captions='skip' must leave the uncaptioned image out of a run's data, as
+    the packer's --missing_captions does; 'error' must refuse it."""
+    from configs import t2i
+    from pixelflow_jax.data.caption_data import make_captioned_source
+
+    root, _ = captioned_folder
+    data = t2i.get_config("tiny").data
+    data.update(source="folder", root=root, missing_captions="skip")
+    source = make_captioned_source(data)
+    assert len(source) == 11 and source.missing_captions == 1
+    data.missing_captions = "error"
+    with pytest.raises(DataError, match=r"1 of 12 images .* no caption file"):
+        make_captioned_source(data)
+
+
 def test_a_caption_named_after_the_whole_file_name_is_pointed_out(captioned_folder):
     root, _ = captioned_folder
     (pathlib.Path(root) / "00001" / "000000010.png.txt").write_text("a red disk")  # not read as 000000010.png's
