@@ -1194,8 +1194,17 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
     for no_bucket in ("gs://", "gs:///run"):
         with pytest.raises(storage.StorageError, match="names no bucket: write gs://BUCKET/"):
             storage.user_path(no_bucket)
-    with pytest.raises(storage.StorageError, match=r"write the local path itself \(/data/run\), not a file:// URL"):
-        storage.user_path("file:///data/run")
+    # A file URL's path is absolute: the advice was a relative path for file:/data/run and file://data/run
+    for file_url in ("file:///data/run", "file:/data/run", "file://data/run", "file://localhost/data/run",
+                     "FILE:/data/run"):
+        with pytest.raises(storage.StorageError, match=r"write the local path itself \(/data/run\), not a file"):
+            storage.user_path(file_url)
+    for unsupported in ("https:/host/x", "s3:/b/x"):  # was told to write https://host/x, refused next
+        with pytest.raises(storage.StorageError, match=r"without its \"://\", and \w+:// is not read here: paths are "
+                                                       r"local or gs://"):
+            storage.user_path(unsupported)
+    with pytest.raises(storage.StorageError, match=r"unsupported URL scheme hdfs://"):  # was "write hdfs://BUCKET/"
+        storage.check_supported(storage.user_path("hdfs:///x"))
     with pytest.raises(CheckpointError, match="^no checkpoint given: name a training run"):
         load_model("")  # was "checkpoint  does not exist"
     for spaced in (" runs/xl", "runs/xl ", "runs/ xl"):  # a quoting slip: no hint said why it was not found

@@ -44,8 +44,13 @@ def user_path(path: str) -> str:
     if broken := _BROKEN_URL.match(path):
         scheme_name = broken[0].rstrip(":;./")
         rest = path[broken.end():].lstrip("/\\")
-        raise StorageError(f'{path} looks like a URL without its "://": write {meant_scheme(scheme_name)}://{rest} '
-                           f"(or ./{path} for a local folder of that name)")
+        meant, local = meant_scheme(scheme_name), f"or ./{path} for a local folder of that name"
+        if meant.lower() == "file":  # file:/x is a file URL, not a broken one
+            raise StorageError(f"{path}: write the local path itself ({file_url_path(rest)}), not a file: URL ({local})")
+        if meant not in (*SUPPORTED_SCHEMES, "hf"):  # a mended URL would only be refused next for its scheme
+            raise StorageError(f'{path} looks like a URL without its "://", and {scheme_name}:// is not read here: '
+                               f"{SUPPORTED_PATHS} ({local})")
+        raise StorageError(f'{path} looks like a URL without its "://": write {meant}://{rest} ({local})')
     if is_url(path) and not re.fullmatch(_SCHEME, scheme(path)):
         # runs/gs://b (a URL pasted after a folder): as a "scheme", runs/gs would be refused in odd words
         url = re.search(rf"(?<![A-Za-z0-9+.-]){_KNOWN_SCHEMES}://.*", path, re.I)  # not the gs:// of runs/mygs://
@@ -53,9 +58,10 @@ def user_path(path: str) -> str:
                            + (f" (write {url[0]})" if url else "")
                            + ', and a local path holding "://" is refused, so that a mistyped URL never becomes a '
                              'local folder')
-    if is_url(path) and scheme(path) == "file":
-        raise StorageError(f"{path}: write the local path itself ({path.split('://', 1)[1] or '/'}), not a file:// URL")
-    if is_url(path) and scheme(path) != "hf" and not path.split("://", 1)[1].split("/", 1)[0]:
+    if is_url(path) and scheme(path).lower() == "file":
+        raise StorageError(f"{path}: write the local path itself ({file_url_path(path.split('://', 1)[1])}), "
+                           "not a file:// URL")
+    if is_url(path) and scheme(path) in SUPPORTED_SCHEMES and not path.split("://", 1)[1].split("/", 1)[0]:
         raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
     if is_url(path) and path != path.strip():
         raise StorageError(f"{path!r} starts or ends with a space, which an object name keeps: write {path.strip()!r}")
@@ -75,10 +81,25 @@ def user_path(path: str) -> str:
     return path if is_url(path) else os.path.expanduser(path)
 
 
+def file_url_path(rest: str) -> str:
+    """The local path a file URL names, from what follows its "file:" and slashes: a file URL's
+    path is absolute and its host, if any, this machine: file://localhost/tmp/x is /tmp/x, and so
+    is file://tmp/x, a slash short of file:///tmp/x (read as a URL, "tmp" would be a host)."""
+    rest = rest.lstrip("/")
+    if rest.lower().startswith("localhost/"):
+        rest = rest[len("localhost/"):]
+    return "/" + rest
+
+
 def meant_scheme(name: str) -> str:
     """The scheme a user most likely meant: gs for gcs, lower case for a known one."""
     meant = {"gcs": "gs"}.get(name.lower(), name.lower())
     return meant if meant in (*SUPPORTED_SCHEMES, "hf") else name
+
+
+# What check_supported and a broken URL's refusal say is read.
+SUPPORTED_PATHS = ("paths are local or " + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+                   + " (hf:// reads checkpoints and T5 folders only)")
 
 
 def check_supported(path: str) -> None:
@@ -93,8 +114,7 @@ def check_supported(path: str) -> None:
         if meant in (*SUPPORTED_SCHEMES, "hf"):
             why = ": schemes are lower case" if meant == scheme(path).lower() else ""
             hint = f" (write {meant}://{path.split('://', 1)[1]}{why})"
-        raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; paths are local or {schemes} "
-                           "(hf:// reads checkpoints and T5 folders only)")
+        raise StorageError(f"{path}: unsupported URL scheme {scheme(path)}://{hint}; {SUPPORTED_PATHS}")
 
 
 def absolute(path: str) -> str:
