@@ -273,7 +273,7 @@ def check_sample(config) -> None:
     else:  # 0: the training run's length, or the release's 512 (api.fill_text_encoder)
         text_tokens(s)
         prompts("sample.prompts", s.prompts)
-        integer("sample.images_per_prompt", s.images_per_prompt, minimum=1)
+        integer("sample.images_per_prompt", s.images_per_prompt, minimum=1, maximum=MAX_SAMPLE_IMAGES)
         from pixelflow_jax.text.prompts import PARAM_DTYPES
 
         choice("sample.text_encoder_param_dtype", s.text_encoder_param_dtype, ("",) + PARAM_DTYPES)

@@ -1502,6 +1502,16 @@ def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypa
     sample.prompts_file = "/tmp/prompts.txt"  # and prompts: which would the job take?
     with pytest.raises(ValueError, match="set exactly one of --config.sample.prompts"):
         sample_conditioning.TextPrompts(sample, 4)
+    # A typo's count of images: settings.json's per-image list of 1e11 prompts took the host's memory,
+    # at every rerun in that workdir
+    sample.prompts_file, sample.images_per_prompt = "", 10**7
+    with pytest.raises(ConfigError, match=r"3 prompts x --config.sample.images_per_prompt 10000000 = 30,000,000 "
+                                          r"images, over the limit of 10,000,000"):
+        sample_conditioning.TextPrompts(sample, 4)
+    config = t2i.get_config("tiny")
+    config.sample.update(prompts=["a fox"], images_per_prompt=10**11)
+    with pytest.raises(ConfigError, match=r"sample.images_per_prompt must be in \[1, 10000000\], got 100000000000"):
+        check(config, "sample")
 
 
 def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_process(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import numpy as np
 
 from pixelflow_jax import storage
 from pixelflow_jax.sampling.cascade import check_conditional, class_conditioning, text_conditioning
-from pixelflow_jax.validation import class_ids
+from pixelflow_jax.validation import MAX_SAMPLE_IMAGES, ConfigError, class_ids
 
 
 class ClassLabels:
@@ -82,12 +82,16 @@ class TextPrompts:
         if s.images_per_prompt < 1:
             raise ValueError(f"sample.images_per_prompt must be positive, got {s.images_per_prompt}")
         self.images_per_prompt = int(s.images_per_prompt)
+        self.num_images = len(self.prompts) * self.images_per_prompt
+        if self.num_images > MAX_SAMPLE_IMAGES:  # a typo: settings.json's per-image list would fill the host
+            raise ConfigError(f"{len(self.prompts)} prompts x --config.sample.images_per_prompt "
+                              f"{self.images_per_prompt} = {self.num_images:,} images, over the limit of "
+                              f"{MAX_SAMPLE_IMAGES:,} a sampling job makes: lower images_per_prompt")
         self.negative_prompt = str(s.negative_prompt)
         self.encoder = prompt_encoder_for(s, cross_attention_dim)
         self.text_encoder = storage.absolute(s.text_encoder)
         self.max_text_tokens = int(s.max_text_tokens)
         self.text_encoder_param_dtype = str(s.text_encoder_param_dtype)  # rounds the weights: other embeddings
-        self.num_images = len(self.prompts) * self.images_per_prompt
         self._negative = None
 
     def settings(self) -> dict:
