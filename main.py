@@ -35,6 +35,18 @@ from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctr
                                         raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, stop_received,
                                         usage_error)
 
+def check_flag_files(argv: list[str]) -> None:
+    """A --flagfile that cannot be read, named in one line: ml_collections reads the flag files as
+    --config is defined below, where absl's error is a traceback."""
+    try:
+        flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    except flags.CantOpenFlagFileError as e:
+        sys.exit(f"error: --flagfile cannot be read: {str(e).removeprefix('ERROR:: Unable to open flagfile: ')}")
+
+
+if __name__ == "__main__":
+    check_flag_files(sys.argv)
+
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c2i.py or configs/c2i.py:tiny.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for this run's outputs.")
@@ -187,6 +199,55 @@ def sibling_config_with(config_file: str, field: str) -> str | None:
     return os.path.join(folder, SIBLING_CONFIGS[name])
 
 
+WHAT_A_CONFIG_FILE_IS = ("a config file defines get_config(), which returns an ml_collections.ConfigDict with "
+                         "every field of configs/c2i.py or configs/t2i.py: start from theirs (from configs import "
+                         "c2i; config = c2i.get_config(); config.train.lr = ...)")
+
+
+def config_file_given(argv: list[str]) -> str:
+    return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
+
+
+def config_fields(config) -> set[str]:
+    """Every field of a config as dotted names, its sections' included."""
+    fields = set()
+    for name, value in config.items():
+        fields.add(name)
+        if hasattr(value, "items"):
+            fields |= {f"{name}.{field}" for field in config_fields(value)}
+    return fields
+
+
+def check_config_fields(config, config_file: str) -> None:
+    """A config file of a user's has the fields of this project's config of its kind (the text
+    config where it has a text setting), and no other: a missing one ended in a traceback deep
+    inside a mode, and one no mode reads (a typo in the file) would be silently unused."""
+    import difflib
+
+    import ml_collections
+
+    from configs import c2i, t2i
+    from pixelflow_jax.validation import ConfigError
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{config_file}: get_config() returned a {type(config).__name__}; {WHAT_A_CONFIG_FILE_IS}")
+    fields = config_fields(config)
+    kinds = {"configs/c2i.py": config_fields(c2i.get_config()), "configs/t2i.py": config_fields(t2i.get_config())}
+    text_only = kinds["configs/t2i.py"] - kinds["configs/c2i.py"]
+    kind = "configs/t2i.py" if fields & text_only else "configs/c2i.py"
+    absent = kinds[kind] - fields
+    if missing := sorted(f for f in absent if f.rsplit(".", 1)[0] not in absent or "." not in f):  # a section, not its fields
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ConfigError(f"{config_file} lacks {shown}: fields of {kind} that the modes read; {WHAT_A_CONFIG_FILE_IS}")
+    if unused := sorted(fields - kinds[kind]):
+        named = []
+        for field in unused[:8]:
+            meant = difflib.get_close_matches(field, kinds[kind], n=1)
+            named.append(f"{field} (meant {meant[0]}?)" if meant else field)
+        raise ConfigError(f"{config_file} has fields that no mode reads: {', '.join(named)}: a typo, or a setting "
+                          f"of another version; {kind} lists the fields that exist")
+
+
 def unknown_field_message(argv: list[str], error: Exception) -> str:
     """What a --config.PATH=VALUE override naming a field the config lacks (a typo, or a setting
     this version removed) gets instead of ml_collections' traceback: the override, the missing
@@ -195,7 +256,9 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
         error = error.args[0]
     first_line, _, hint = str(error.args[0] if error.args else error).partition("\n")
     missing, hint = first_line.strip("'\""), hint.strip()
-    config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
+    config_file = config_file_given(argv)
+    if isinstance(error, AttributeError) and first_line.endswith("has no attribute 'get_config'"):
+        return f"{config_file} defines no get_config(): {WHAT_A_CONFIG_FILE_IS}"
     for field in override_fields(argv):
         if missing in field.split("."):
             if sibling := sibling_config_with(config_file, field):
@@ -240,6 +303,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         usage_error(flag_error_message(e))
     except (KeyError, AttributeError, TypeError) as e:  # ml_collections' errors for an override of a missing field
         sys.exit(f"error: {unknown_field_message(argv, e)}")
+    except SyntaxError as e:  # raised while ml_collections imports the config file
+        sys.exit(f"error: {config_file_given(argv)} is not a Python file of settings (line {e.lineno}: {e.msg}); "
+                 f"{WHAT_A_CONFIG_FILE_IS}")
+    except ImportError as e:
+        sys.exit(f"error: {config_file_given(argv)} could not be read: {e}")
 
 
 def out_of_memory_fix(mode: str, config) -> str:
@@ -296,6 +364,7 @@ def run_mode(argv):
             command = multihost.job_fields(FLAGS.mode, FLAGS.workdir, FLAGS.config)
         if not FLAGS.workdir.strip():
             raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
+        check_config_fields(FLAGS.config, config_file_given(sys.argv))
         FLAGS.workdir = validation.user_path("--workdir", FLAGS.workdir)
         check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work

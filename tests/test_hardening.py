@@ -189,6 +189,53 @@ def test_a_mistake_inside_a_users_config_file_and_cluster_flags_without_distribu
         assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_config_file_that_is_no_config_or_a_missing_flagfile_is_one_line(tmp_path):
+    """Each ended in a 50-line traceback of absl and ml_collections frames (the flag file's before
+    main.py had defined its flags)."""
+    files = {"syntax.py": "def get_config():\n    return dict(a=1\n", "typo.py": "import ml_collection\n",
+             "empty.py": "x = 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for args, message in (
+            ([f"--config={tmp_path / 'syntax.py'}"], "syntax.py is not a Python file of settings (line 2: '(' was "
+                                                     "never closed); a config file defines get_config()"),
+            ([f"--config={REPO}/README.md"], "README.md is not a Python file of settings (line "),
+            ([f"--config={tmp_path / 'typo.py'}"], "typo.py could not be read: No module named 'ml_collection'"),
+            ([f"--config={tmp_path / 'empty.py'}"], "empty.py defines no get_config(): a config file defines"),
+            ([f"--flagfile={tmp_path / 'run.flags'}", "--config=configs/c2i.py:tiny"],
+             "error: --flagfile cannot be read: [Errno 2] No such file or directory")):
+        result = subprocess.run([sys.executable, "main.py", *args, f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
+    """A config built without a section (or as a dict) ended in a traceback deep inside a mode; a
+    field misspelt in the file would never be read, and the run would go on without the setting."""
+    sys.path.insert(0, REPO)
+    import main
+    from configs import c2i, t2i
+
+    for config in (c2i.get_config("demo"), t2i.get_config("tiny")):  # this project's own pass
+        main.check_config_fields(config, "mine.py")
+    config = c2i.get_config()
+    del config["eval"]
+    del config.sample["cfg_scale"]
+    with pytest.raises(ConfigError, match=r"^mine.py lacks eval, sample.cfg_scale: fields of configs/c2i.py"):
+        main.check_config_fields(config, "mine.py")
+    config = t2i.get_config()
+    del config.train["caption_dropout"]  # a text config's field: checked against the text config
+    with pytest.raises(ConfigError, match=r"lacks train.caption_dropout: fields of configs/t2i.py"):
+        main.check_config_fields(config, "mine.py")
+    config = c2i.get_config()
+    config.train.num_step = 5
+    with pytest.raises(ConfigError, match=r"has fields that no mode reads: train.num_step \(meant train.num_steps\?\)"):
+        main.check_config_fields(config, "mine.py")
+    with pytest.raises(ConfigError, match=r"get_config\(\) returned a dict; a config file defines get_config\(\)"):
+        main.check_config_fields(c2i.get_config().to_dict(), "mine.py")
+
+
 def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anything(tmp_path):
     from pixelflow_jax.data.sources import DataError
     from pixelflow_jax.training import train
