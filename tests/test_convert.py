@@ -70,6 +70,20 @@ def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
                                       "pass --resolution" in result.stderr, result.stderr  # was silent
 
 
+def test_a_damaged_tensor_that_the_architecture_is_read_from_is_named():
+    """A 2-D patch embedding was an IndexError traceback, and a proj_out_2 of 5 rows was blamed on
+    'model.out_channels must be positive', a setting the user never gave (5 // 16 = 0)."""
+    from pixelflow_jax.checkpoints.convert import ConversionError, infer_architecture
+
+    state = {key: tensor.numpy() for key, tensor in release_state_dict().items()}
+    assert infer_architecture(state, 16)["out_channels"] == 3
+    for key, shape in (("patch_embed.proj.weight", (32, 48)), ("patch_embed.proj.weight", (32, 3, 4, 2)),
+                       ("proj_out_2.weight", (5, 5)), ("proj_out_2.weight", (0, 32)), ("proj_out_2.weight", (48,))):
+        with pytest.raises(ConversionError, match=rf"{re.escape(key)} has shape {re.escape(str(shape))}, where a "
+                                                  r"PixelFlow checkpoint"):
+            infer_architecture({**state, key: np.zeros(shape, np.float32)}, 16)
+
+
 def test_a_release_folders_model_pt_named_alone_is_described_by_the_folders_config_yaml(tmp_path):
     """main.py reads FOLDER/model.pt as the folder; the converter recorded 256 px instead of the
     config.yaml's 64 (or asked for --attention_head_dim), silently."""

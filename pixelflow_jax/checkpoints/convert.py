@@ -168,7 +168,16 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray], attention_head_dim:
     except KeyError as e:
         raise ConversionError(f"cannot infer the architecture: the checkpoint has no {e.args[0]} tensor; "
                               "is it a PixelFlow state dict?") from None
+    if np.ndim(patch) != 4 or patch.shape[2] != patch.shape[3] or not patch.shape[2]:
+        raise ConversionError(f"cannot infer the architecture: patch_embed.proj.weight has shape {tuple(patch.shape)}, "
+                              "where a PixelFlow checkpoint's is (width, in_channels, patch, patch): is the file "
+                              "damaged, or not a PixelFlow state dict?")
     hidden, in_channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
+    if np.ndim(out) != 2 or not out.shape[0] or out.shape[0] % (patch_size * patch_size):
+        raise ConversionError(f"cannot infer the architecture: proj_out_2.weight has shape {tuple(out.shape)}, where a "
+                              f"PixelFlow checkpoint with patch {patch_size} (patch_embed.proj.weight) has "
+                              f"(out_channels x {patch_size * patch_size}, width): is the file damaged, or not a "
+                              "PixelFlow state dict?")
     layer_ids = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{BLOCKS}\.(\d+)\.", k))}
     if attention_head_dim is None:
         raise ConversionError(f"cannot infer how the width {hidden} splits into attention heads from tensor shapes; "
