@@ -1,5 +1,7 @@
 """The attention function against a float64 numpy reference, and every kernel against 'xla'."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,3 +275,95 @@ def test_model_config_accepts_exactly_the_backends():
     assert set(ATTENTION_BACKENDS) == set(BACKENDS) | {"auto"}
     with pytest.raises(ValueError, match="model.attention must be one of"):
         ModelConfig(attention="flash")
+
+
+def test_pallas_gpu_treats_an_all_padding_row_as_the_release_does():
+    """-10000 on every key cancels in the softmax (the row attends to all keys). A running max
+    started anywhere but -inf (e.g. 0) lets every exp underflow there: NaN for that example."""
+    q, k, v, _ = random_qkv(2, 32, 32, head_dim=16)
+    mask = jnp.ones((2, 32)).at[1].set(0.0)  # example 1: every key is padding
+    expected, expected_grads = value_and_grads("xla", q, k, v, mask)
+    with interpret_kernels():
+        got, grads = value_and_grads("pallas_gpu", q, k, v, mask)
+    assert relative_error(got, expected) <= 1e-3  # xla's own float32 error near -10000 is ~3e-4
+    for g, e in zip(grads, expected_grads):
+        assert relative_error(g, e) <= 1e-3
+
+
+def test_pallas_gpu_sends_lengths_off_the_16_grid_to_xla_and_blocks_divide_lengths():
+    """Triton takes no tile under 16 (e.g. 6 text keys): such attention must run XLA, not the
+    kernel; the blocks are the largest powers of two <= the preferred size that divide a length."""
+    from pixelflow_jax.kernels.pallas_gpu_attention import _block, flash_attention, supports
+
+    assert supports(64, 48) and not supports(64, 6) and not supports(40, 64)
+    assert [_block(n, 64) for n in (48, 64, 96, 256)] == [16, 64, 32, 64]
+    assert [_block(n, 128) for n in (48, 64, 96, 256)] == [16, 64, 32, 128]
+    q, k, v, mask = random_qkv(1, 64, 6, head_dim=8)
+    with interpret_kernels():
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, key_mask=mask,
+                                                                         backend="pallas_gpu"))(q, k, v))
+    assert "pallas_call" not in jaxpr
+    with pytest.raises(ValueError, match="multiples of 16, got 64 queries and 6 keys"):
+        flash_attention(q, k, v, mask, interpret=True)
+
+
+def kernel_equations(jaxpr, inside=False):
+    """(equation, inside a Pallas kernel) for every equation of jaxpr and of the jaxprs in it."""
+    from jax.extend import core
+
+    for eqn in jaxpr.eqns:
+        yield eqn, inside
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                sub = sub.jaxpr if isinstance(sub, core.ClosedJaxpr) else sub
+                if isinstance(sub, core.Jaxpr):
+                    yield from kernel_equations(sub, inside or eqn.primitive.name == "pallas_call")
+
+
+def test_pallas_gpu_kernels_mask_the_columns_past_head_dim_and_run_float32_matmuls_exact():
+    """What interpret mode cannot see: on a GPU a head's 72 columns are read and written as 64 +
+    16 through a 128-wide block, so a load or store of the 16-wide chunk without a mask touches the
+    next head's first 8 columns (a store overwrites them: wrong outputs, racing). And a float32
+    matmul without Precision.HIGHEST runs TF32 (~1e-3 errors) on tensor cores."""
+    from pixelflow_jax.kernels.pallas_gpu_attention import flash_attention
+
+    def grads(q, k, v, mask):
+        return jax.grad(lambda q, k, v: flash_attention(q, k, v, mask).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    q = jax.ShapeDtypeStruct((1, 64, 2, 72), jnp.float32)
+    jaxpr = jax.make_jaxpr(grads)(q, q, q, jax.ShapeDtypeStruct((1, 64), jnp.float32)).jaxpr
+    kernel = [eqn for eqn, inside in kernel_equations(jaxpr) if inside]
+    partial = [eqn for eqn in kernel if eqn.primitive.name in ("masked_load", "masked_swap")
+               and eqn.invars[0].aval.shape[-1] == 128 and (eqn.outvars[0].aval.shape[-1] == 16)]
+    assert len(partial) == 4 + 6 + 5  # q, k, v, o; q, k, v, dO, dk, dv; q, k, v, dO, dq
+    for eqn in partial:
+        assert any(v.aval.dtype == jnp.bool_ for v in eqn.invars[1:]), eqn
+    matmuls = [eqn for eqn in kernel if eqn.primitive.name == "dot_general"]
+    assert matmuls and all(eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for eqn in matmuls)
+
+
+def test_pallas_kernels_run_interpreted_only_inside_interpret_kernels(monkeypatch):
+    """On a GPU the kernel must be compiled: an interpreted one gives the same numbers, orders of
+    magnitude slower."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, v, mask = random_qkv(1, 64, 32, head_dim=8)
+    for interpret in (False, True):
+        attend = lambda q: dot_product_attention(q, k, v, key_mask=mask, backend="pallas_gpu")  # traced anew
+        with interpret_kernels() if interpret else contextlib.nullcontext():
+            jaxpr = jax.make_jaxpr(attend)(q).jaxpr
+        calls = [eqn for eqn, _ in kernel_equations(jaxpr) if eqn.primitive.name == "pallas_call"]
+        assert [bool(eqn.params["interpret"]) for eqn in calls] == [interpret]
+
+
+def test_cudnn_gets_the_release_mask_bias(monkeypatch):
+    """cuDNN cannot run on the CPU: its call is answered by jax's XLA attention with the same
+    arguments, so the bias _cudnn_attention builds from a key mask is checked against the float64
+    reference (a flipped or missing bias attends to padding, silently, on every GPU run)."""
+    from pixelflow_jax.kernels import attention
+
+    original = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *args, implementation, **kwargs: original(*args, **kwargs, implementation="xla"))
+    q, k, v, mask = random_qkv(2, 16, 8, head_dim=8, dtype=jnp.bfloat16)
+    got = attention._cudnn_attention(q, k, v, mask)
+    assert relative_error(got, reference_attention(q, k, v, np.asarray(mask))) <= 2e-2

@@ -497,3 +497,15 @@ def test_a_release_folders_model_pt_named_alone_is_not_written_beside(tmp_path):
     result = run_converter(f"--torch_checkpoint={release / 'model.pt'}", f"--output={release / 'converted'}")
     assert_failed_cleanly(result, str(release / "converted"), "it is inside the input")
     assert sorted(os.listdir(release)) == sorted(os.listdir(fixture_dir("c2i_tiny")))
+
+
+@pytest.mark.parametrize("name", ["c2i_tiny", "t2i_tiny"])
+def test_an_exported_config_yaml_holds_the_releases_model_scheduler_and_resolution(name):
+    """What the release's sample_ddp.py builds its model and scheduler from: every scheduler value
+    (pyramid_shift too, which would change the release's sampling silently) as the release wrote it."""
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint, release_yaml
+
+    release = yaml.safe_load(open(os.path.join(fixture_dir(name), "config.yaml")))
+    exported = release_yaml(read_release_checkpoint(fixture_dir(name))[0])
+    assert exported["model"] == release["model"] and exported["scheduler"] == release["scheduler"]
+    assert exported["data"] == {"resolution": release["data"]["resolution"]}
