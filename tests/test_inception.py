@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import fixture_dir
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 
 
@@ -162,8 +163,18 @@ def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
     broken = {k: v for k, v in random_state_dict.items() if not k.startswith("Mixed_7c.branch_pool")}
     broken["extra.weight"] = torch.zeros(3)
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(CheckpointError, match=r"missing Mixed_7c\.branch_pool\.conv\.weight(.|\n)*extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"broken.pth holds weights that are not the FID Inception's(.|\n)*5 of "
+                                              r"its \d+ tensors missing: .*Mixed_7c\.branch_pool\.conv\.weight(.|\n)*"
+                                              r"1 tensor the FID Inception does not have, e.g. \['extra\.weight'\]"):
         load_inception(str(tmp_path / "broken.pth"))
+    # A wrong file lacks every tensor: the message was a line per tensor (473 lines)
+    torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(50)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_inception(str(tmp_path / "other.pth"))
+    assert len(str(error.value).splitlines()) <= 3 and "tensors missing" in str(error.value), str(error.value)
+    with pytest.raises(CheckpointError, match=r"model.pt holds a PixelFlow model's weights, not the FID Inception's: "
+                                              r"pass pytorch-fid's pt_inception"):
+        load_inception(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
 
 
 # ------------------------------------------------------------------------------ --mode=eval

@@ -402,6 +402,17 @@ def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sam
     with pytest.raises(ValueError, match="set --config.eval.reference, --config.eval.samples, "
                                          "--config.eval.inception_weights"):
         evaluate.check_inputs("", "", "", str(tmp_path / "run"))
+    # A sampling job's folder of PNGs given as the samples: the .npz it packed them into is named
+    job = tmp_path / "job"
+    (job / "samples").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"samples is a folder, not an .npz file; a sampling job packs its images into "
+                                         r"WORKDIR/samples.npz, and other images go into one with numpy.savez"):
+        evaluate.check_inputs(str(job / "samples"), good, str(weights), str(tmp_path / "run"))
+    images_npz(job / "samples.npz", 2)
+    for folder in (job, job / "samples"):
+        with pytest.raises(ValueError, match=rf"is a folder, not an .npz file \(pass {job / 'samples.npz'}, the "
+                                             r"images a sampling job packed\)"):
+            evaluate.check_inputs(str(folder), good, str(weights), str(tmp_path / "run"))
 
 
 def test_a_reference_holding_the_samples_own_images_is_said_to_measure_nothing(tiny_inception, tmp_path, caplog):

@@ -317,6 +317,17 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
     return pool, spatial
 
 
+def npz_for_folder(folder: str) -> str:
+    """What to pass instead of a folder of images: the .npz in it or beside it that a sampling job
+    wrote (its samples/ folder holds the PNGs), or how to make one."""
+    for candidate in (storage.join(folder, "samples.npz"), storage.join(storage.dirname(folder.rstrip("/")),
+                                                                        "samples.npz")):
+        if storage.isfile(candidate):
+            return f" (pass {candidate}, the images a sampling job packed)"
+    return ("; a sampling job packs its images into WORKDIR/samples.npz, and other images go into one with "
+            "numpy.savez(PATH, arr_0=images), images a uint8 N x H x W x 3 array")
+
+
 def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
     """What an evaluation needs, checked before any work: the files' headers and stored statistics
     are read (for --mode=sample before sampling, when the samples do not exist yet: samples=None;
@@ -334,6 +345,8 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
             kind = "a folder, not an .npz file" if storage.isdir(path) else "not found"
             fix = (f": ADM's ImageNet 256 reference batch is {IMAGENET_256_REFERENCE_URL}; any .npz of uint8 images "
                    "(arr_0: N x H x W x 3) of the data you trained on serves" if name == "eval.reference" else "")
+            if storage.isdir(path):
+                fix += npz_for_folder(path)
             raise ValueError(f"--config.{name} {path} is {kind}{fix}")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL

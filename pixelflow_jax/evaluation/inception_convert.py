@@ -39,26 +39,34 @@ def torch_key(path: tuple[str, ...]) -> tuple[str, object]:
 def inception_params(state_dict: Mapping[str, np.ndarray]) -> dict:
     abstract = nnx.eval_shape(InceptionV3)
     shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    problems, flat, used = [], {}, set(UNUSED)
+    missing, misshapen, flat, used = [], [], {}, set(UNUSED)
     for path, leaf in shapes.items():
         path = tuple(str(p) for p in path)
         key, layout = torch_key(path)
         if key not in state_dict:
-            problems.append(f"missing {key}")
+            missing.append(key)
             continue
         used.add(key)
         value = np.asarray(state_dict[key], np.float32)
         value = layout(value) if layout else value
         if value.shape != leaf.shape:
-            problems.append(f"{key}: shape {state_dict[key].shape} does not fit {'.'.join(path)} {leaf.shape}")
+            misshapen.append(f"{key}: shape {state_dict[key].shape} does not fit {'.'.join(path)} {leaf.shape}")
         flat[path] = value
     unused = sorted(k for k in set(state_dict) - used if not k.endswith("num_batches_tracked"))
+    if not (missing or misshapen or unused):
+        return traverse_util.unflatten_dict(flat)
+    if "patch_embed.proj.weight" in state_dict:  # the likeliest wrong file here
+        raise CheckpointError(f"a PixelFlow model's weights, not the FID Inception's: pass pytorch-fid's "
+                              f"{WEIGHTS_NAME} ({WEIGHTS_URL})")
+    # Counts and a few names: a wrong file lacks all ~470 tensors, and a line each buried the point.
+    problems = [f"{len(missing)} of its {len(shapes)} tensors missing: {', '.join(missing[:5])}"
+                + (", ..." if len(missing) > 5 else "")] if missing else []
+    problems += misshapen[:5] + ([f"{len(misshapen) - 5} more of other shapes"] if len(misshapen) > 5 else [])
     if unused:
-        problems.append(f"{len(unused)} tensors the FID Inception does not have, e.g. {unused[:3]}")
-    if problems:
-        raise CheckpointError("not the FID Inception weights (pytorch-fid's " + WEIGHTS_NAME + "):\n  "
-                              + "\n  ".join(problems))
-    return traverse_util.unflatten_dict(flat)
+        problems.append(f"{len(unused)} tensor{'s' * (len(unused) > 1)} the FID Inception does not have, e.g. "
+                        f"{unused[:3]}")
+    raise CheckpointError(f"weights that are not the FID Inception's (pytorch-fid's {WEIGHTS_NAME}):\n  "
+                          + "\n  ".join(problems))
 
 
 def load_inception(path: str) -> InceptionV3:
@@ -69,4 +77,8 @@ def load_inception(path: str) -> InceptionV3:
     from pixelflow_jax.checkpoints.torch_io import float32_numpy, load_tensor_dict
 
     state_dict = float32_numpy(load_tensor_dict(path))
-    return module_with_params(InceptionV3, inception_params(state_dict))
+    try:
+        params = inception_params(state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} holds {e}") from None
+    return module_with_params(InceptionV3, params)
