@@ -20,8 +20,8 @@ from pixelflow_jax.checkpoints import hub
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, CheckpointConfig, CheckpointError,
                                                  build_model, check_weights_choice, read_config, restore_params)
 from pixelflow_jax.checkpoints.convert import Params
-from pixelflow_jax.checkpoints.run_checkpoint import (RunStep, checkpoint_folder_kind, find_run_step,
-                                                     restore_run_weights, run_checkpoint_config)
+from pixelflow_jax.checkpoints.run_checkpoint import (RunStep, checkpoint_around, checkpoint_folder_kind,
+                                                     find_run_step, restore_run_weights, run_checkpoint_config)
 from pixelflow_jax.model import PixelFlow
 
 
@@ -81,7 +81,7 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
     if storage.isdir(path) and not checkpoint_folder_kind(path):
         raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "
-                              "folder (config.yaml + model.pt)")
+                              f"folder (config.yaml + model.pt){checkpoint_around(path)}")
     return CheckpointSource(path, storage.absolute(path))
 
 

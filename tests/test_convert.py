@@ -363,6 +363,25 @@ def test_load_model_names_a_non_checkpoint_folder(tmp_path):
     with pytest.raises(CheckpointError, match=r"unsupported URL scheme s3://; paths are local or gs://"):
         load_model("s3://bucket/run")
 
+    # A folder in or around a checkpoint: the refusal names the path to pass
+    run, converted = tmp_path / "run", tmp_path / "converted"
+    (run / "checkpoints" / "3" / "state").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    (converted / "params").mkdir(parents=True)
+    (converted / "pixelflow_config.json").write_text("{}")
+    for given, hint in ((run / "checkpoints", f"it lies inside the checkpoint {run}: pass that"),
+                        (run / "checkpoints" / "3" / "state",
+                         f"it lies inside the step {run / 'checkpoints' / '3'} of a training run: pass that"),
+                        (converted / "params", f"it lies inside the checkpoint {converted}: pass that")):
+        with pytest.raises(CheckpointError, match=rf"is not a checkpoint: .*; {re.escape(hint)}$"):
+            load_model(str(given))
+    os.remove(run / "run_config.json")  # a copy of the run that missed it
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: .*; it holds checkpoints/ but no run_config.json"):
+        load_model(str(run))
+    with pytest.raises(CheckpointError, match=r"pixelflow_config.json is not a valid pixelflow-jax config: it lacks "
+                                              r"'model' \(convert the checkpoint again"):  # was: config: 'model'
+        load_model(str(converted))
+
 
 def test_pooled_text_is_this_projects_addition_named_only_when_on_and_never_exported():
     from pixelflow_jax.checkpoints.convert import ConversionError, params_to_torch

@@ -180,7 +180,10 @@ def read_config(path: str) -> CheckpointConfig:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a converted pixelflow-jax checkpoint (no {CONFIG_FILE}); "
                               "convert a release checkpoint with convert_torch_ckpt.py first") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{config_path} is not a valid pixelflow-jax config: it lacks {e.args[0]!r} (convert "
+                              "the checkpoint again with convert_torch_ckpt.py)") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path} is not a valid pixelflow-jax config: {e}") from None
 
 

@@ -66,6 +66,23 @@ def checkpoint_folder_kind(folder: str) -> str | None:
     return None
 
 
+def checkpoint_around(folder: str) -> str:
+    """For a folder that is no checkpoint: the checkpoint it lies in (a run, one of its steps, a
+    converted or release folder, up to three levels up), or the run it is missing the
+    run_config.json of, as words to add to the refusal; '' if none."""
+    if storage.isdir(storage.join(folder, CHECKPOINTS)) and not is_run(folder):
+        return (f"; it holds {CHECKPOINTS}/ but no {RUN_CONFIG}, the file that describes a training run's model: a "
+                "copy of the run that missed it? Copy it from the run")
+    for above in folders_above(folder)[:3]:
+        parent = storage.dirname(above)
+        if is_step_name(storage.basename(above)) and storage.basename(parent) == CHECKPOINTS and \
+                is_run(storage.dirname(parent)):
+            return f"; it lies inside the step {above} of a training run: pass that"
+        if is_run(above) or checkpoint_folder_kind(above):
+            return f"; it lies inside the checkpoint {above}: pass that"
+    return ""
+
+
 def folders_above(path: str) -> list[str]:
     """The folders that hold `path`, nearest first, up to the root (of a bucket: gs://BUCKET)."""
     folders, folder = [], storage.resolved(path)
