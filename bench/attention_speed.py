@@ -23,9 +23,7 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from harness import median_seconds, non_negative_int, positive_int  # noqa: E402
 from pixelflow_jax.kernels import pallas_gpu_attention  # noqa: E402
 from pixelflow_jax.kernels.attention import dot_product_attention, interpret_kernels  # noqa: E402
 
@@ -101,14 +100,9 @@ def xla_reference(q, k, v, cotangent, key_mask):
     return _REFERENCES[key]
 
 
-def median_seconds(fn, args, iters: int) -> float:
+def warm_median_seconds(fn, args, iters: int) -> float:
     jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: fn(*args), iters)
 
 
 def relative_error(a, b) -> float:
@@ -140,8 +134,8 @@ def measure(backend, batch, length, args, settings: PallasSettings | None = None
         if max(errors) > AGREEMENT[args.dtype]:
             return {**row, "error": f"disagrees with xla (relative errors out, dq, dk, dv: {errors}); not timed"}
         flops = 4 * batch * args.heads * length * length * args.head_dim
-        seconds = median_seconds(forward, (q, k, v), args.iters)
-        both = median_seconds(forward_backward, (q, k, v, cotangent), args.iters)
+        seconds = warm_median_seconds(forward, (q, k, v), args.iters)
+        both = warm_median_seconds(forward_backward, (q, k, v, cotangent), args.iters)
     return {**row, "forward_ms": seconds * 1e3, "forward_tflops": flops / seconds / 1e12,
             "forward_backward_ms": both * 1e3, "forward_backward_tflops": 3.5 * flops / both / 1e12}
 
@@ -150,13 +144,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="xla,cudnn,pallas_gpu,mha")
     parser.add_argument("--shapes", default="8x4096,32x1024,128x256", help="comma-separated BxL")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head_dim", type=int, default=72)
+    parser.add_argument("--heads", type=positive_int, default=16)
+    parser.add_argument("--head_dim", type=positive_int, default=72)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(AGREEMENT))
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=positive_int, default=20)
     parser.add_argument("--key_mask", action="store_true", help="with a random key mask (text cross-attention)")
     parser.add_argument("--sweep", action="store_true", help="also time pallas_gpu over bench SWEEP settings")
-    parser.add_argument("--sweep_count", type=int, default=len(SWEEP) - 1,
+    parser.add_argument("--sweep_count", type=non_negative_int, default=len(SWEEP) - 1,
                         help="how many of SWEEP's other settings to time (a CPU dry run checks two)")
     parser.add_argument("--interpret", action="store_true", help="Pallas kernels in interpret mode (CPU dry run)")
     args = parser.parse_args()

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from harness import non_negative_int, positive_int  # noqa: E402
 from pixelflow_jax.data.decoding import DecodedSource, RandomCropFlip  # noqa: E402
 from pixelflow_jax.data.loader import ImageLoader, build_dataset  # noqa: E402
 from pixelflow_jax.data.sources import ImageFolderSource  # noqa: E402
@@ -46,10 +47,10 @@ def write_jpegs(root: str, count: int, seed: int = 0) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--resolution", type=positive_int, default=256)
+    parser.add_argument("--images", type=positive_int, default=400)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--workers", type=non_negative_int, nargs="*", default=[1, 2])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as root:

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -27,7 +26,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from harness import median_seconds, positive_int  # noqa: E402
 from pixelflow_jax import CheckpointConfig, ModelConfig, PixelFlow  # noqa: E402
+from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES  # noqa: E402
 from pixelflow_jax.sampling.cascade import CascadeSampler  # noqa: E402
 from pixelflow_jax.scheduler import stage_resolutions  # noqa: E402
 from profile_ops import print_profiles  # noqa: E402
@@ -36,15 +37,6 @@ PRESETS = {
     "xl": (ModelConfig(), 256),  # PixelFlow-XL/4 as released
     "tiny": (ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=2), 64),
 }
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> PixelFlow:
@@ -62,15 +54,17 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> PixelFlow:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="xl")
-    parser.add_argument("--batch", type=int, default=16, help="images per batch (the CFG batch is twice this)")
-    parser.add_argument("--steps", type=int, default=30, help="Euler steps per stage")
+    parser.add_argument("--batch", type=positive_int, default=16, help="images per batch (the CFG batch is twice this)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="Euler steps per stage")
     parser.add_argument("--cfg", type=float, default=2.4)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--attention", default="xla")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
+    parser.add_argument("--attention", default="xla", choices=ATTENTION_BACKENDS)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="add the top device ops of the last stage's forward and of one whole generate")
     args = parser.parse_args()
+    if not args.cfg >= 1:
+        parser.error(f"argument --cfg: must be >= 1 (1: no guidance), got {args.cfg}")
 
     base, resolution = PRESETS[args.preset]
     cfg = dataclasses.replace(base, dtype=args.dtype, attention=args.attention)

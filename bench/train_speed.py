@@ -27,12 +27,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pixelflow_jax import PixelFlowScheduler  # noqa: E402
-from pixelflow_jax.config import REMAT_POLICIES  # noqa: E402
+from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES, REMAT_POLICIES  # noqa: E402
 from pixelflow_jax.sharding import make_mesh  # noqa: E402
 from pixelflow_jax.training.flow import StageTables  # noqa: E402
 from pixelflow_jax.training.metrics_log import peak_flops  # noqa: E402
 from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
                                                state_shardings, train_flops_per_image)
+from harness import positive_int  # noqa: E402
 from profile_ops import print_profiles  # noqa: E402
 from sample_speed import PRESETS, random_model  # noqa: E402
 
@@ -40,12 +41,12 @@ from sample_speed import PRESETS, random_model  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="xl")
-    parser.add_argument("--batch", type=int, default=32, help="global batch")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", type=positive_int, default=32, help="global batch")
+    parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
     parser.add_argument("--remat", default="none", choices=REMAT_POLICIES)
-    parser.add_argument("--attention", default="xla")
-    parser.add_argument("--fsdp", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--attention", default="xla", choices=ATTENTION_BACKENDS)
+    parser.add_argument("--fsdp", type=positive_int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--profile", action="store_true", help="add the top device ops of one training step")
     args = parser.parse_args()
 

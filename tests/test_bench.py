@@ -1,8 +1,10 @@
 """The GPU benchmarks' own plumbing, checked on the CPU: a GPU session is rare and short (15
 minutes, one call), so a script that breaks there costs the whole measurement."""
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +31,22 @@ def test_profile_top_ops_totals_the_traced_ops():
     assert 0 < sum(op["share_of_op_time"] for op in ops) <= 1 + 1e-9
     assert 0 < report["busy_ms_per_call"] <= report["wall_ms_per_call"]
     json.dumps(report)  # it travels back from the GPU machine as JSON
+
+
+def test_a_bad_argument_is_a_usage_error_before_anything_compiles():
+    """--repeats=0 failed with a StatisticsError after compiling the model; --dtype=fp16 and
+    --batch=0 with tracebacks."""
+    from harness import non_negative_int, positive_int
+
+    assert positive_int("3") == 3 and non_negative_int("0") == 0
+    for parse, text in ((positive_int, "0"), (positive_int, "-1"), (positive_int, "2.5"), (non_negative_int, "-1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be a whole number >= \\d, got '{re.escape(text)}'"):
+            parse(text)
+    for script, argument, message in (("train_speed.py", "--dtype=fp16", "argument --dtype: invalid choice: 'fp16'"),
+                                      ("sample_speed.py", "--cfg=0.5", "argument --cfg: must be >= 1")):
+        result = subprocess.run([sys.executable, f"bench/{script}", "--preset=tiny", argument], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.slow
