@@ -35,6 +35,7 @@ from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctr
                                         raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, stop_received,
                                         usage_error)
 
+
 def check_flag_files(argv: list[str]) -> None:
     """A --flagfile that cannot be read, named in one line: ml_collections reads the flag files as
     --config is defined below, where absl's error is a traceback."""
