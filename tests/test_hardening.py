@@ -575,6 +575,30 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
         checkpointing.save(manager, 1, restored)
 
 
+def test_a_checkpoint_with_one_non_finite_value_is_skipped_and_one_where_none_restores_is_an_error(tmp_path, caplog):
+    """One NaN among finite values (damaged bytes of one chunk) is as unusable as all NaN: resumed,
+    the run would train from it. And where no step restores, the run stops naming them, rather than
+    start afresh (or fail later with another message) in a workdir that holds its checkpoints."""
+    from pixelflow_jax.training import checkpointing
+
+    state = {"w": jnp.arange(4.0), "b": jnp.ones(2)}
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=5)
+    checkpointing.save(manager, 2, state)
+    checkpointing.save(manager, 4, {**state, "w": state["w"].at[1].set(jnp.nan)})
+    manager.wait_until_finished()
+    with caplog.at_level(logging.WARNING):
+        step, restored = checkpointing.resume_point(manager, state, shardings)
+    assert step == 2 and "checkpoints/4 cannot be restored (ValueError: it holds non-finite values" in caplog.text
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "state"):
+        for name in files:
+            open(os.path.join(root, name), "wb").close()  # damaged: every file emptied
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints can be restored \(steps \[2\]\)"):
+        checkpointing.resume_point(manager, state, shardings)
+    assert manager.all_steps() == [2]  # nothing set aside: the user decides
+    manager.close()
+
+
 def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     import jax
 
@@ -691,6 +715,26 @@ def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, co
         result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={export}",
                                "--overwrite")
         assert result.returncode == 0, result.stderr
+
+
+def test_a_converted_folder_is_marked_complete_by_its_config_written_after_its_params(tmp_path, monkeypatch):
+    """In a bucket a converted folder is written in place: a conversion killed after writing
+    pixelflow_config.json but before its params would leave a folder that reads as a checkpoint."""
+    import orbax.checkpoint as ocp
+
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, CheckpointConfig, read_config, save_checkpoint
+
+    output, marked_before_params = tmp_path / "out", []
+    real_save = ocp.StandardCheckpointer.save
+
+    def save_params(self, directory, *args, **kwargs):
+        marked_before_params.append(os.path.exists(os.path.join(os.path.dirname(str(directory)), CONFIG_FILE)))
+        return real_save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_params)
+    config = CheckpointConfig(model=ModelConfig.from_mapping(c2i_config().model))
+    save_checkpoint(str(output), {"w": np.zeros(2, np.float32)}, config)
+    assert marked_before_params == [False] and read_config(str(output)) == config
 
 
 def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
@@ -1860,11 +1904,98 @@ def test_a_lock_copied_with_its_workdir_is_taken_over_on_the_same_host(tmp_path,
         copy.release()
         # One folder under two paths (a bind mount, an export mounted twice) is not a copy.
         lock = tmp_path / "original" / LOCK_FILE
-        lock.write_text(json.dumps({**json.loads(lock.read_text()), "workdir": str(tmp_path / "original" / ".")}))
+        lock.write_text(json.dumps({**json.loads(lock.read_text()),  # (pathlib would drop the "/.")
+                                    "workdir": os.path.join(str(tmp_path / "original"), ".")}))
         with pytest.raises(WorkdirBusy):
             WorkdirLock(str(tmp_path / "original"), stale_after_s=600).acquire()
     finally:
         original.release()
+
+
+def test_a_lock_whose_folder_is_gone_is_a_copy_and_another_hosts_lock_is_judged_by_its_heartbeat(tmp_path):
+    """A workdir copied (or moved) away from a live run's folder that is gone since: its lock
+    names a live process of this host, yet its run no longer works there. Another host's lock
+    names its own mount point of a shared folder, which proves nothing here: taken over as a
+    copy, two runs would train in one workdir. And such a gone holder is taken over once its
+    heartbeat is older than this run's lock_stale_after_s, not only after two of its refreshes."""
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    lock_file = tmp_path / LOCK_FILE
+    mine = WorkdirLock(str(tmp_path), stale_after_s=600).record  # this process: alive
+    lock_file.write_text(json.dumps({**mine, "workdir": str(tmp_path / "gone")}))
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+    assert lock.held and json.loads(lock_file.read_text())["token"] == lock.record["token"]
+    lock.release()
+
+    stale_after_s = 100.0
+    other_host = {**WorkdirLock(str(tmp_path), stale_after_s=stale_after_s).record, "host": "elsewhere",
+                  "workdir": "/mnt/shared/run"}  # its mount point of this folder
+    lock_file.write_text(json.dumps(other_host))
+    with pytest.raises(WorkdirBusy, match="host elsewhere"):
+        WorkdirLock(str(tmp_path), stale_after_s=stale_after_s).acquire()
+    lock_file.write_text(json.dumps({**other_host, "heartbeat": time.time() - stale_after_s - 10}))
+    lock = WorkdirLock(str(tmp_path), stale_after_s=stale_after_s)
+    lock.acquire()
+    assert lock.held
+    lock.release()
+
+
+def test_a_run_that_lost_its_lock_never_removes_the_new_owners_and_a_removed_lock_is_written_again(tmp_path):
+    """A run whose lock another run took over (it stalled) and that ends before its next beat must
+    leave the new owner's lock: removed, a third run could start in the workdir. And a lock file
+    removed under a live run (by hand) is no takeover: its next beat writes it again, and the run
+    goes on refreshing it."""
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
+
+    lock_file = tmp_path / LOCK_FILE
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)  # refreshed every 60 s: no beat in this test
+    lock.acquire()
+    rival = {"host": "elsewhere", "pid": 7, "heartbeat": time.time()}
+    storage.write_json_atomically(str(lock_file), rival)
+    lock.release()
+    assert json.loads(lock_file.read_text()) == rival
+
+    lock_file.unlink()
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+    try:
+        lock_file.unlink()
+        lock.heartbeat()
+        assert lock.held and json.loads(lock_file.read_text())["token"] == lock.record["token"]
+        lock.check_held(read_now=True)
+    finally:
+        lock.release()
+    assert not lock_file.exists()
+
+
+def test_a_process_start_time_is_read_from_proc_even_when_its_name_holds_parentheses(tmp_path):
+    """process_start tells a live holder from a process that reuses its pid (a restarted
+    container): a wrong field of /proc/PID/stat (an always-0 one, or the memory size, which
+    changes) either never sees the reuse or takes a live run's lock over. The process name comes
+    before the fields and may hold ") ", so the fields are counted from its last ")"."""
+    from pixelflow_jax.training.workdir_lock import process_start
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    named = tmp_path / "a) b c"
+    named.symlink_to(shutil.which("sleep"))
+    with open("/proc/uptime") as f:
+        spawned_at = float(f.read().split()[0])  # seconds since boot
+    child = subprocess.Popen([str(named), "30"])
+    try:
+        def name() -> str:
+            with open(f"/proc/{child.pid}/comm") as f:
+                return f.read()
+
+        deadline = time.time() + 10  # the kernel names the process a moment after Popen returns
+        while ") b c" not in name() and time.time() < deadline:
+            time.sleep(0.01)
+        assert ") b c" in name()
+        assert abs(process_start(child.pid) / ticks - spawned_at) < 5
+        assert process_start(child.pid) > process_start(os.getpid())  # started after this test's process
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_file_where_a_folder_goes_a_positional_mode_and_a_mistyped_demo_workdir_are_named(tmp_path):

@@ -212,6 +212,18 @@ def test_a_missing_step_lists_the_steps_that_exist(run):
         load_model(os.path.join(run[0], "checkpoints", "3"))
 
 
+def test_an_unreadable_step_points_to_the_newest_other_step(tmp_path):
+    """The error about a step that does not restore names the run's other complete steps and the
+    one to load: the newest of them, not an early one that would lose most of the training."""
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep, other_steps
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+    assert other_steps(RunStep(str(tmp_path), 6)) == \
+        f"; the run's other complete steps: [2, 4, 8] (load {tmp_path / 'checkpoints'}/8)"
+    assert other_steps(RunStep(str(tmp_path / "checkpoints" / "none"), 6)) == ""
+
+
 def test_fine_tuning_starts_from_the_runs_ema_or_raw_weights(run):
     from configs import c2i
     from pixelflow_jax.config import ModelConfig

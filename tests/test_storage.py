@@ -110,6 +110,48 @@ def test_the_workdir_lock_works_in_a_bucket(bucket):
     assert not storage.exists(f"{bucket}/run/train.lock")
 
 
+def test_a_step_in_a_bucket_without_its_commit_marker_is_a_save_in_progress(bucket):
+    """In a bucket orbax writes a step in place and marks it complete with a commit file last: a
+    step folder without one is a save under way or killed midway. Taken for complete, it would be
+    sampled (and fail to restore), and never cleared before the run saved again."""
+    from orbax.checkpoint._src.path.atomicity import COMMIT_SUCCESS_FILE
+
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, latest_step, steps_in_progress
+    from pixelflow_jax.training.checkpointing import remove_unfinished_saves
+
+    run = f"{bucket}/run"
+    storage.write_atomically(f"{run}/run_config.json", b"{}")
+    storage.write_atomically(f"{run}/checkpoints/2/{COMMIT_SUCCESS_FILE}", b"")
+    storage.write_atomically(f"{run}/checkpoints/2/state/x", b"whole")
+    storage.write_atomically(f"{run}/checkpoints/4/state/x", b"partial")
+    assert complete_steps(run) == [2] and steps_in_progress(run) == [4]
+    assert latest_step(run).step == 2
+    assert remove_unfinished_saves(run) == [4]
+    assert storage.listdir(f"{run}/checkpoints") == ["2"]
+
+
+def test_an_output_folder_in_a_bucket_is_never_replaced_and_a_failed_write_leaves_nothing(bucket):
+    """A bucket has no rename: --overwrite of a converted folder there (by the API, which the
+    converter's own check does not guard) would write into the old folder and delete it all when
+    the write failed. A write that fails removes what it wrote, so no partial folder is read later."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError, atomic_output_dir
+
+    old = f"{bucket}/old"
+    storage.write_atomically(f"{old}/model.pt", b"old")
+    for overwrite, refusal in ((False, "already exists"), (True, "an object store has no atomic rename")):
+        with pytest.raises(CheckpointError, match=refusal):
+            with atomic_output_dir(old, overwrite=overwrite) as folder:
+                storage.write_atomically(f"{folder}/model.pt", b"new")
+        assert storage.read_bytes(f"{old}/model.pt") == b"old"
+
+    new = f"{bucket}/new"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(new) as folder:
+            storage.write_atomically(f"{folder}/params/part", b"partial")
+            raise KeyboardInterrupt
+    assert not storage.exists(new)
+
+
 def test_a_refused_listing_is_an_error_not_an_empty_folder(bucket, monkeypatch):
     """fsspec's exists() and isdir() answer False for any error: a 403 on listing checkpoints/
     read as "no checkpoints", and a trained run would have started anew in its workdir."""

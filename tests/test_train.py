@@ -734,6 +734,9 @@ def test_a_workdir_holds_to_its_model_once_a_step_of_it_is_saved(tmp_path, caplo
     (workdir / "run_config.json").write_text(json.dumps({"architecture": {"depth": 28}}))
     model_cfg = ModelConfig.from_mapping(config.model)
     check_run_config(str(workdir), model_cfg, config, record=False)  # as train() checks before the text encoder
+    # ... and writes nothing: recorded then, a text run's record would lack its encoder, and its
+    # resume would be refused as "a different model".
+    assert json.loads((workdir / "run_config.json").read_text()) == {"architecture": {"depth": 28}}
     check_run_config(str(workdir), model_cfg, config)
     assert json.loads((workdir / "run_config.json").read_text())["architecture"]["depth"] == 2
     assert "no step of the run it records was saved; recorded anew" in caplog.text
@@ -768,6 +771,28 @@ def test_the_preemption_sync_point_is_asked_in_steps_of_this_run_counted_from_1(
         assert watch.reached() and not watch.reached() and asked == [1, 2]  # a notice before the first step
     finally:
         watch.close()
+
+
+def test_with_several_processes_jax_keeps_its_sigterm_handler(monkeypatch):
+    """jax's preemption service catches SIGTERM on any process and sets the sync point every
+    process agrees on; a handler of our own in its place would record the signal where no process
+    reads it (reached() asks only the sync point), and the job would train on through a preemption."""
+    from pixelflow_jax.training.preemption import PreemptionWatch
+
+    def jax_handler(*_):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, jax_handler)
+    try:
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        watch = PreemptionWatch()
+        try:
+            assert signal.getsignal(signal.SIGTERM) is jax_handler
+        finally:
+            watch.close()
+        assert signal.getsignal(signal.SIGTERM) is jax_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_ctrl_c_saves_the_step_like_a_preemption_and_a_second_one_stops_at_once():
@@ -811,6 +836,42 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
         "free space")  # a step number is no HTTP status
     assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "503 Service Unavailable") \
         .startswith("the bucket's reachability")  # not "free space": a bucket does not fill up
+
+
+def test_a_run_keeps_its_newest_checkpoints_and_a_failed_save_names_the_newest_as_the_resume_point(tmp_path):
+    """train.keep_checkpoints: older steps are deleted, the newest kept (a disk would fill up, or
+    the run would resume from an old step). A failed save's error names the step a rerun resumes
+    from: the newest complete one."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
+    from pixelflow_jax.training import checkpointing
+
+    keep, steps = 2, [2, 4, 6]
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=keep)
+    for step in steps:
+        checkpointing.save(manager, step, {"w": jax.numpy.full(2, float(step))})
+    checkpointing.wait_for_saves(manager)
+    assert complete_steps(str(tmp_path)) == steps[-keep:] == manager.all_steps()
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == [str(s) for s in steps[-keep:]]
+    with pytest.raises(CheckpointError, match=rf"rerun the same command: it resumes from step {steps[-1]}$"):
+        with checkpointing.save_errors(SimpleNamespace(directory=manager.directory)):
+            raise OSError("Input/output error")
+    manager.close()
+
+
+def test_mfu_uses_the_peak_of_the_device_kind_named_most_exactly():
+    """'TPU v5 lite' (v5e) holds 'TPU v5' (v5p, over twice its peak): matched by that, a v5e's MFU
+    would read under half the real one. A device of no known peak (CPU) has no MFU."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.training.metrics_log import PEAK_FLOPS, peak_flops
+
+    for kind, key in (("TPU v5 lite", "TPU v5 lite"), ("TPU v5", "TPU v5"), ("TPU v6 lite", "TPU v6 lite"),
+                      ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-80GB", "A100")):
+        assert peak_flops(SimpleNamespace(device_kind=kind)) == PEAK_FLOPS[key], kind
+    assert peak_flops(SimpleNamespace(device_kind="cpu")) is None
 
 
 def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path, monkeypatch):
