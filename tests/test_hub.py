@@ -58,6 +58,8 @@ def split_t5_into_shards(folder: str, out: str) -> dict[str, str]:
     ("hf://google/flan-t5-xl@v1.0/", HubPath("google/flan-t5-xl", "v1.0")),
     (f"hf://me/runs@{COMMIT}/xl/step_5", HubPath("me/runs", COMMIT, "xl/step_5")),
     ("hf://me/runs/sub", HubPath("me/runs", None, "sub")),
+    ("hf://me/runs//sub/", HubPath("me/runs", None, "sub")),  # not "/sub": an absolute path under the snapshot
+    ("hf://me/runs/v1..2/step_5", HubPath("me/runs", None, "v1..2/step_5")),  # '..' inside a name is a name
 ])
 def test_hub_paths_parse(path, expected):
     assert HubPath.parse(path) == expected
@@ -202,3 +204,24 @@ def test_a_hub_release_folder_without_config_yaml_is_refused_before_its_weights_
         api.checkpoint_config(source)
     assert requests == [("t2i/config.yaml", "t2i/pixelflow_config.json"),
                         ("file_exists", "me/pixelflow", "t2i/model.pt", COMMIT)]  # no weights asked for
+
+
+def test_a_hub_path_to_a_file_two_folders_down_means_its_folder(tmp_path, monkeypatch):
+    """.../xl/c2i/model.pt as copied from the Hub's web page: the checkpoint is xl/c2i, as for a
+    file one folder down."""
+    import huggingface_hub
+
+    from pixelflow_jax import api
+
+    release, snapshot, requests = fixture_dir("c2i_tiny"), tmp_path / "snapshots" / COMMIT, []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        requests.append(tuple(allow_patterns))
+        os.makedirs(snapshot / "xl" / "c2i", exist_ok=True)
+        shutil.copy(os.path.join(release, "config.yaml"), snapshot / "xl" / "c2i")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = api.resolve_checkpoint("hf://me/pixelflow@main/xl/c2i/model.pt")
+    assert requests == [("xl/c2i/config.yaml", "xl/c2i/pixelflow_config.json")]
+    assert source.label == f"hf://me/pixelflow@{COMMIT}/xl/c2i" and source.folder == str(snapshot / "xl" / "c2i")

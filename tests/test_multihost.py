@@ -138,3 +138,71 @@ def test_processes_started_with_other_overrides_stop_naming_the_fields(monkeypat
     other_process_answers(monkeypatch, lambda value: np.array(value) + 1)  # other fields altogether
     with pytest.raises(ValueError, match="process 1 of 2 of this job has other config fields than process 0"):
         multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_rows_shared_out_in_blocks_gather_back_to_every_row_in_order(monkeypatch, count):
+    """Each process's block, padded, gathered and cut: the whole array again, for totals that
+    count divides and that it does not (the evaluation's Inception features)."""
+    for total in range(0, 10):
+        rows = np.arange(total * 3, dtype=np.float32).reshape(total, 3)
+        share = -(-total // count)
+        blocks = []
+        for index in range(count):
+            as_process(monkeypatch, index, count)
+            first, stop = multihost.rows_of_this_process(total)
+            assert stop - first == len(range(total)[index * share:(index + 1) * share]), (total, index)
+            blocks.append(rows[first:stop])
+        assert np.array_equal(np.concatenate(blocks), rows), total  # every row once, in process order
+        padded = []  # what each process gives the gather, then what the gather returns to all
+        monkeypatch.setattr(multihost_utils, "process_allgather",
+                            lambda value: padded.append(value) or np.stack([value] * count))
+        for index in range(count):
+            as_process(monkeypatch, index, count)
+            multihost.gather_rows(blocks[index], total)
+        if count > 1:
+            monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: np.stack(padded))
+        np.testing.assert_array_equal(multihost.gather_rows(blocks[-1], total), rows)
+
+
+def calls_of_the_other_process(monkeypatch, check, *args):
+    """What process 1 gives each process_allgather while it runs check(*args) with its own values
+    (the fake answers that everyone agrees): replayed to process 0, it plays that process."""
+    given = []
+    as_process(monkeypatch, 1)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda value: given.append(np.asarray(value)) or np.stack([value, value]))
+    check(*args)
+    as_process(monkeypatch, 0)
+    answers = iter(given)
+    other_process_answers(monkeypatch, lambda value: next(answers))
+
+
+def test_a_process_with_another_value_of_any_field_is_found_from_what_it_hashes(monkeypatch):
+    """The other process computes its own hashes (not a digest the test makes up): another lr,
+    workdir or mode on process 1 is named; the same command passes."""
+    from configs import c2i
+
+    config = c2i.get_config("tiny")
+    other = c2i.get_config("tiny")
+    other.train.lr = 2e-4
+    for mode, workdir, config_1, field in (("train", "gs://b/run", config, None),
+                                           ("train", "gs://b/run", other, "--config.train.lr"),
+                                           ("train", "gs://b/run2", config, "--workdir"),
+                                           ("sample", "gs://b/run", config, "--mode")):
+        calls_of_the_other_process(monkeypatch, multihost.check_same_job, multihost.job_fields(mode, workdir, config_1))
+        if field is None:
+            multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))
+            continue
+        with pytest.raises(ValueError, match=rf"process 1 of 2 differs from process 0 in {field} "):
+            multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))
+
+
+def test_a_process_with_as_many_records_but_other_files_is_found(monkeypatch):
+    """A copy of the data with other files under the same count: the listing decides."""
+    calls_of_the_other_process(monkeypatch, multihost.check_same_data, 1000, "listing of host 1", "/data")
+    with pytest.raises(ValueError, match=r"process 1 of 2 sees other records than process 0 \(records counted: "
+                                         r"process 0: 1000, process 1: 1000\)"):
+        multihost.check_same_data(1000, "listing of host 0", "/data")
+    calls_of_the_other_process(monkeypatch, multihost.check_same_data, 1000, "listing", "/data")
+    multihost.check_same_data(1000, "listing", "/data")

@@ -243,3 +243,119 @@ def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder,
         PromptEncoder("gs:/b", max_length=8)
     with pytest.raises(CheckpointError, match="^no T5 folder given"):
         PromptEncoder("", max_length=8)
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (32, 20), (8, 16)])
+def test_position_buckets_equal_transformers_beyond_max_distance(num_buckets, max_distance):
+    """flan-t5-xl's buckets (32, 128) and the tiny folder's and the demo encoder's, over 300
+    positions; the encoder test's 40 tokens under max_distance 20 cannot tell every off-by-one
+    in the exact / logarithmic split apart (one gives the same buckets there, not at 128)."""
+    import torch
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from pixelflow_jax.text.t5 import relative_position_buckets
+
+    position = torch.arange(300)
+    expected = T5Attention._relative_position_bucket(position[None, :] - position[:, None], bidirectional=True,
+                                                     num_buckets=num_buckets, max_distance=max_distance)
+    got = relative_position_buckets(300, num_buckets, max_distance)
+    np.testing.assert_array_equal(np.asarray(got), expected.numpy())
+
+
+def test_rms_norm_equals_float64_also_where_epsilon_matters():
+    """x * rsqrt(mean(x^2) + eps) * weight: rows far below eps (a near-silent embedding) and a
+    zero row (no NaN), against float64."""
+    from pixelflow_jax.text.t5 import rms_norm
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 64)) * np.array([[1.0], [30.0], [1e-4], [0.0]])
+    weight, eps = rng.standard_normal(64), 1e-6
+    expected = x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps) * weight
+    got = np.asarray(rms_norm(jnp.asarray(x, jnp.float32), jnp.asarray(weight, jnp.float32), eps), np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["gated-gelu", "gated-relu"])
+def test_feed_forward_activation_is_the_one_transformers_picks(feed_forward_proj):
+    """Each feed_forward_proj T5Config accepts computes transformers' activation (only gated-gelu
+    reaches the encoder test)."""
+    import torch
+    from transformers import T5Config as HFT5Config
+    from transformers.activations import ACT2FN
+
+    from pixelflow_jax.text.t5 import ACTIVATIONS, T5Config
+
+    x = np.linspace(-6, 6, 101)
+    expected = ACT2FN[HFT5Config(feed_forward_proj=feed_forward_proj).dense_act_fn](torch.tensor(x)).numpy()
+    got = ACTIVATIONS[T5Config(feed_forward_proj=feed_forward_proj).activation](jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_is_flagged_exactly_where_transformers_cuts(t5_folder):
+    """A prompt of max_length - 1 pieces fits whole with its </s>: no "was cut" warning for it,
+    one for a piece more."""
+    from transformers import AutoTokenizer
+
+    from pixelflow_jax.text.prompts import T5Tokenizer
+
+    reference = AutoTokenizer.from_pretrained(t5_folder, extra_ids=0)
+    full_length = len(reference(PROMPTS[0])["input_ids"])  # its pieces and </s>
+    for max_length in (full_length - 1, full_length, full_length + 1):
+        _, _, truncated = T5Tokenizer(t5_folder, max_length=max_length).tokenize(PROMPTS)
+        expected = [len(reference(p)["input_ids"]) > max_length for p in PROMPTS]
+        assert truncated.tolist() == expected, max_length
+
+
+def test_an_encoder_of_another_width_than_the_cross_attention_is_refused(t5_folder):
+    """Another encoder's embeddings would feed the checkpoint's cross-attention without a word."""
+    import ml_collections
+
+    from pixelflow_jax.text.prompts import prompt_encoder_for
+
+    sample = ml_collections.ConfigDict(dict(text_encoder=t5_folder, max_text_tokens=8, text_encoder_param_dtype=""))
+    with pytest.raises(ValueError, match="gives 32-wide embeddings but the checkpoint's cross-attention takes 20"):
+        prompt_encoder_for(sample, cross_attention_dim=20)
+
+
+def test_tied_embeddings_saved_twice_load_when_equal_and_are_refused_when_not(t5_folder):
+    """transformers writes shared.weight alone; other writers keep encoder.embed_tokens.weight too."""
+    from pixelflow_jax.text.t5_convert import encoder_params, read_encoder_state_dict, read_t5_config
+
+    state, cfg = read_encoder_state_dict(t5_folder), read_t5_config(t5_folder)
+    both = {**state, "encoder.embed_tokens.weight": state["shared.weight"].copy()}
+    np.testing.assert_array_equal(encoder_params(both, cfg)["embed_tokens"]["embedding"], state["shared.weight"])
+    both["encoder.embed_tokens.weight"] = both["encoder.embed_tokens.weight"] + 1
+    with pytest.raises(CheckpointError, match=r"shared\.weight and encoder\.embed_tokens\.weight differ"):
+        encoder_params(both, cfg)
+
+
+def test_save_t5_folder_reads_back_as_the_same_encoder(t5_folder, tmp_path):
+    """What the demo's encoder is written with: config.json and weights read back (by this module
+    and by transformers) as the encoder that was saved, non-default fields included."""
+    from transformers import T5Config as HFT5Config
+
+    from pixelflow_jax.text.t5_convert import encoder_state_dict, load_t5_encoder, read_t5_config, save_t5_folder
+
+    encoder = load_t5_encoder(t5_folder)
+    save_t5_folder(str(tmp_path), encoder, open(os.path.join(t5_folder, "spiece.model"), "rb").read())
+    assert read_t5_config(str(tmp_path)) == encoder.config
+    hf = HFT5Config.from_pretrained(str(tmp_path))
+    assert (hf.relative_attention_max_distance, hf.dense_act_fn, hf.layer_norm_epsilon) == (20, "gelu_new", 1e-6)
+    reread = encoder_state_dict(load_t5_encoder(str(tmp_path)))
+    expected = encoder_state_dict(encoder)
+    assert reread.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(reread[key], expected[key])
+
+
+def test_the_fingerprint_samples_the_whole_weight_file(t5_folder, tmp_path):
+    """Bytes changed in a weight file's last quarter (a fine-tune of later layers) make another
+    fingerprint, also with fewer samples than the file has bytes."""
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+
+    folder = linked_copy(t5_folder, tmp_path / "tuned")
+    weights = bytearray(open(os.path.join(folder, "model.safetensors"), "rb").read())
+    before = folder_fingerprint(folder, samples=4, sample_bytes=16)
+    weights[len(weights) * 3 // 4 + 1] ^= 0xFF
+    replaced(folder, "model.safetensors", bytes(weights))
+    assert folder_fingerprint(folder, samples=4, sample_bytes=16) != before

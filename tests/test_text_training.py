@@ -597,11 +597,13 @@ def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path,
     from pixelflow_jax.text import train_text
 
     config = t2i.get_config("tiny")
-    config.train.text_encoder = encoder_folder
+    config.train.update(text_encoder=encoder_folder, text_encoder_dtype="bfloat16")
     model_cfg = dataclasses.replace(ModelConfig(**config.model.to_dict()), cross_attention_dim=20, dtype="bfloat16")
     encoder = train_text.load(config, str(tmp_path / "run"), model_cfg, make_mesh(1), no_step_saved=True)
     embeddings, _ = encoder.encode(["a red disk"])
     assert embeddings.dtype == jnp.float32
+    # ... with the weights in train.text_encoder_dtype, which sampling the run reads back (fill_text_encoder)
+    assert {leaf.dtype for leaf in jax.tree.leaves(encoder.params)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path):
@@ -640,6 +642,35 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
     config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(init_run))  # the demo's encoder inside its run: found as before
     assert config.train.text_encoder == ""
+
+
+def test_a_fine_tune_takes_its_init_runs_encoder_found_elsewhere_by_its_fingerprint_only(tmp_path, encoder_folder):
+    """The init run recorded its encoder's fingerprint: a copy at another path is the same encoder,
+    while an encoder of other weights (the same shapes and files) is refused, not trained on."""
+    import shutil
+    from types import SimpleNamespace
+
+    from configs import t2i
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+    from pixelflow_jax.text.train_text import fill_encoder_of_runs
+
+    init_run, copy, other = tmp_path / "init", str(tmp_path / "copy"), str(tmp_path / "other")
+    init_run.mkdir()
+    record = {"path": encoder_folder, "max_text_tokens": 8, "fingerprint": folder_fingerprint(encoder_folder)}
+    (init_run / "run_config.json").write_text(json.dumps({"text_encoder": record}))
+    source = SimpleNamespace(run_step=SimpleNamespace(run=str(init_run)))
+    shutil.copytree(encoder_folder, copy)
+    shutil.copytree(encoder_folder, other)
+    with open(os.path.join(other, "model.safetensors"), "r+b") as f:  # other weights, the same size
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\x7f" * 64)
+    config = t2i.get_config("tiny")
+    config.train.text_encoder = copy
+    fill_encoder_of_runs(config, str(tmp_path / "new"), source)
+    assert config.train.text_encoder == copy
+    config.train.text_encoder = other
+    with pytest.raises(ValueError, match="trained with the text encoder .* drop --config.train.text_encoder"):
+        fill_encoder_of_runs(config, str(tmp_path / "new"), source)
 
 
 def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(tmp_path, caplog):

@@ -233,6 +233,21 @@ def test_fsdp_names_the_large_arrays_it_cannot_split(caplog):
     assert "['transformer_blocks']['q_proj'] (2, 1155, 1155)" in caplog.text
 
 
+def test_fsdp_is_the_mesh_axis_asked_for_and_never_splits_stacked_layers():
+    """make_mesh(fsdp=2) on 8 devices: 'fsdp' of 2 devices, 'data' of 4. A stacked block parameter
+    (PixelFlow's transformer_blocks, T5's blocks) whose widths fsdp does not divide stays whole:
+    split by layers, each scanned layer would be gathered whole from its one device."""
+    from pixelflow_jax.sharding import make_mesh, param_shardings
+
+    assert dict(make_mesh(fsdp=2).shape) == {"data": len(jax.devices()) // 2, "fsdp": 2}
+    stacked = jax.ShapeDtypeStruct((8, 1155, 1155), np.float32)  # 8 layers: divisible by fsdp, the widths not
+    shapes = {"transformer_blocks": {"q_proj": stacked}, "blocks": {"wi_0": stacked},
+              "top": jax.ShapeDtypeStruct((8, 1155), np.float32)}
+    specs = jax.tree.map(lambda s: s.spec, param_shardings(shapes, mesh_of(jax.devices(), 8)))
+    assert specs["transformer_blocks"]["q_proj"] == specs["blocks"]["wi_0"] == jax.sharding.PartitionSpec()
+    assert specs["top"] == jax.sharding.PartitionSpec("fsdp", None)  # not stacked: its first axis splits
+
+
 def test_no_training_step_reuses_a_key_that_initialised_the_parameters():
     seed, draws = 3, 200  # an XL model draws a few hundred initialiser keys
     init_keys = nnx.Rngs(seed)
