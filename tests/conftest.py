@@ -120,11 +120,13 @@ def make_emulator_behave_like_gcs():
     StorageGeneration'), and requests are served concurrently over an unsynchronised store. Fixed
     here: the headers are added, and requests are served one at a time. A third: the emulator
     ignores ifGenerationMatch=0 (create only), which the workdir lock relies on; such an upload of
-    an object that exists now gets GCS's 412."""
+    an object that exists now gets GCS's 412. A fourth: GCS's objects.move, with which gcsfs moves
+    an object; the emulator answered 501, and gcsfs retried for ~33 s before copying instead."""
+    import re
     import threading
     from http import HTTPStatus
 
-    from gcp_storage_emulator import server
+    from gcp_storage_emulator import server, settings
     from gcp_storage_emulator.handlers import objects
 
     if getattr(server, "_pixelflow_patched", False):
@@ -168,7 +170,20 @@ def make_emulator_behave_like_gcs():
             handler(request, response, storage, *args, **kwargs)
         return respond
 
+    def move(request, response, storage, *args, **kwargs):
+        bucket, source = request.params["bucket_name"], request.params["object_id"]
+        try:
+            moved = objects._copy(request.base_url, storage, bucket, source, bucket, request.params["dest_object_id"])
+        except objects.NotFound:
+            response.status = HTTPStatus.NOT_FOUND
+            return
+        storage.delete_file(bucket, source)
+        response.json(moved)
+
+    move_route = (rf"^{re.escape(settings.API_ENDPOINT)}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+                  r"(?P<dest_object_id>.*[^/]+)$", {server.POST: move})
     server.Router.handle = handle_one_at_a_time
+    server.HANDLERS = (move_route, *server.HANDLERS)  # before the object route, which would take its path
     for _, methods in server.HANDLERS:
         for method, handler in list(methods.items()):
             if handler in (objects.download, objects.get):
