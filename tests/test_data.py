@@ -940,6 +940,25 @@ def test_a_draw_counts_every_unreadable_record_it_stepped_over():
     assert counts == expected and max(expected) > 1, (counts, expected)
 
 
+def test_an_image_over_pils_size_limit_is_skipped_naming_the_limit_not_an_attack(monkeypatch, caplog):
+    """A valid panorama past PIL's memory guard was logged as 'could be decompression bomb DOS
+    attack', with nothing to do about it."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 2x this raises: a 20x20 image does
+    images = [encoded(np.zeros((20, 20, 3), np.uint8)), encoded(np.zeros((8, 8, 3), np.uint8))]
+
+    class TwoImages:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return {"image": images[index], "label": 0, "name": f"image{index}.png"}
+
+    with caplog.at_level("WARNING"):
+        assert decoding.DecodedSource(TwoImages(), 8, center_crop=True)[0]["skipped"] > 0
+    assert ("skipping unreadable record image0.png: Image size (400 pixels) exceeds limit of 200 pixels: PIL decodes "
+            "no image that large") in caplog.text and "attack" not in caplog.text
+
+
 def test_a_record_that_is_no_image_is_named_so_not_by_a_memory_address():
     from PIL import UnidentifiedImageError
 

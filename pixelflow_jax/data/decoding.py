@@ -132,6 +132,9 @@ class DecodedSource:
                 raise
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
                 name = (record or {}).get("name") or self._name(record_index)
+                if isinstance(e, Image.DecompressionBombError):  # a valid image; PIL's words call it an attack
+                    e = (f"{str(e).split(', could be')[0]}: PIL decodes no image that large (its memory guard, "
+                         "PIL.Image.MAX_IMAGE_PIXELS): downscale the file")
                 if record_index not in self.reported:
                     self.reported.add(record_index)
                     logging.warning("skipping unreadable record %s: %s", name, e)

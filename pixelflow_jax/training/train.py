@@ -441,6 +441,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 log.upload()
             progress.update()
             if preempted:
+                wait_for_saves(manager)  # done before a line says so: a grace period may end the job at any line
                 logging.warning("%s: saved step %d on every process, exiting", preemption.cause, step)
                 break
         else:
