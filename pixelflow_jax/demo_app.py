@@ -135,6 +135,8 @@ class DemoSampler:
                 return "Type a prompt."
         elif condition is None:
             return "Pick a class."
+        elif isinstance(condition, str) and condition.strip().isdecimal():  # as Gradio's API lists the ids
+            return self.check(int(condition), solver, num_images, cfg, shift, steps, seed)
         elif not is_whole(condition) or not 0 <= condition < self.num_classes:
             # (id num_classes is the null class of guidance: unconditioned images; past it a jitted lookup gives NaN)
             return f"Class must be a whole number from 0 to {self.num_classes - 1}, got {condition!r}."

@@ -844,6 +844,7 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
     good = dict(condition=3, solver="euler", num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
     assert demo.check(**good) is None
     assert demo.check(**{**good, "condition": 9.0, "seed": 7.0}) is None  # JSON numbers may come as floats
+    assert demo.check(**{**good, "condition": "3"}) is None  # Gradio's API lists the dropdown's ids as strings
     for change, message in [({"cfg": None}, "CFG must be a number, got None."),
                             ({"cfg": "4"}, "CFG must be a number, got '4'."),
                             ({"steps": [2, None, 2, 2]}, "Steps of stage 1 must be a number, got None."),
@@ -852,7 +853,8 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
                             ({"seed": 0.5}, "Seed must be a whole number from 0 to 4294967295."),
                             ({"condition": 10}, "Class must be a whole number from 0 to 9, got 10."),
                             ({"condition": -1}, "Class must be a whole number from 0 to 9, got -1."),
-                            ({"condition": "3"}, "Class must be a whole number from 0 to 9, got '3'."),
+                            ({"condition": "3.0"}, "Class must be a whole number from 0 to 9, got '3.0'."),
+                            ({"condition": "12"}, "Class must be a whole number from 0 to 9, got 12."),
                             ({"condition": True}, "Class must be a whole number from 0 to 9, got True."),
                             ({"condition": float("inf")}, "Class must be a whole number from 0 to 9, got inf."),
                             ({"condition": None}, "Pick a class."),
