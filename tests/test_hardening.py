@@ -278,6 +278,8 @@ def test_init_from_naming_the_new_runs_own_workdir_says_so(tmp_path):
     ("--config.data.shard_cache_dir=/tmp",  # a setting an earlier version had
      "--config.data.shard_cache_dir: configs/c2i.py:tiny has no field 'shard_cache_dir'; configs/c2i.py lists"),
     ("--config.trian.lr=1", "--config.trian.lr: configs/c2i.py:tiny has no field 'trian' (Did you mean \"train\""),
+    ("--config.train.preview_steps_per_stage=(3,3,3,3)",  # as sample.steps_per_stage takes: was int()'s words
+     "--config.train.preview_steps_per_stage takes one whole number, written in digits"),
     ("--config.sample.prompts=a cat",  # a text-to-image setting given to the class config
      "--config.sample.prompts: configs/c2i.py:tiny has no field 'prompts'; it is a setting of configs/t2i.py: use "
      "that config"),
