@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import REPO, free_port
 from pixelflow_jax import storage
 from pixelflow_jax.data import decoding, sources
+from pixelflow_jax.data import loader as loader_module
 from pixelflow_jax.data.caption_data import CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, DemoSource, classify, demo_image
 from pixelflow_jax.data.loader import ImageLoader, ProcessRows, build_dataset, to_global_batch
@@ -957,6 +958,34 @@ def test_an_image_over_pils_size_limit_is_skipped_naming_the_limit_not_an_attack
         assert decoding.DecodedSource(TwoImages(), 8, center_crop=True)[0]["skipped"] > 0
     assert ("skipping unreadable record image0.png: Image size (400 pixels) exceeds limit of 200 pixels: PIL decodes "
             "no image that large") in caplog.text and "attack" not in caplog.text
+
+
+def test_a_class_whose_every_image_is_unreadable_is_named_once_enough_images_are_drawn(caplog):
+    """Each draw of an unreadable image is replaced by another record: a class folder of only
+    unreadable images (or images past PIL's size limit) trained on nothing, and the run ended
+    well, its samples of that class untrained."""
+    good = [encoded(np.full((8, 8, 3), 60 * label, np.uint8)) for label in range(2)]
+
+    class ThirdClassUnreadable:
+        classes = ["cat", "dog", "panorama"]
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, index):
+            label = index % 3
+            return {"image": good[label] if label < 2 else b"", "label": label, "name": f"{index}.png"}
+
+    loader = ImageLoader(build_dataset(ThirdClassUnreadable(), batch_size=4, resolution=8, seed=0), 3,
+                         ThirdClassUnreadable.classes)
+    with caplog.at_level("WARNING"):
+        for _ in range(loader_module.DRAWS_PER_CLASS_BEFORE_CHECK * 3 // 4 - 1):
+            next(loader)
+        assert "never came" not in caplog.text  # not before 20 images per class
+        for _ in range(5):
+            next(loader)
+    assert caplog.text.count("1 of 3 classes never came in the 60 images drawn so far: 2 (panorama)") == 1
+    loader.close()
 
 
 def test_a_record_that_is_no_image_is_named_so_not_by_a_memory_address():

@@ -178,14 +178,24 @@ class RunningCount:
             self.next_log = 2 * self.count
 
 
+# Images drawn per class before the classes never drawn are named: a class of an even share is
+# missed that long with a chance of e^-20.
+DRAWS_PER_CLASS_BEFORE_CHECK = 20
+
+
 class ImageLoader:
     """Iterates per-process numpy batches (images uint8 (B, R, R, 3), conditioning: labels int32
     (B,), or (tokens, mask) int32 (B, L) for captions) and logs the running counts of skipped
     records, and of captions truncated or holding text the tokenizer does not know (counted each
-    time a batch holds one)."""
+    time a batch holds one). Given `num_classes`, it names once the classes that never came in
+    DRAWS_PER_CLASS_BEFORE_CHECK x num_classes images: each draw of an unreadable image is
+    replaced by another record, so a class whose every image is unreadable would never train."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, num_classes: int = 0, class_names: list[str] | None = None):
         self.iterator = iter(dataset)
+        self.class_names = class_names
+        self.labels_drawn = np.zeros(num_classes, bool)
+        self.images_drawn, self.classes_checked = 0, not num_classes
         self.skipped = RunningCount("draws of unusable records skipped (each replaced by a random other record)")
         self.truncated = RunningCount("captions drawn were longer than train.max_text_tokens and were truncated")
         self.unknown_text = RunningCount("captions drawn held text the tokenizer does not know (read as <unk>: "
@@ -198,10 +208,27 @@ class ImageLoader:
         batch = next(self.iterator)
         self.skipped.add(int(batch["skipped"].sum()))
         if "tokens" not in batch:
+            if not self.classes_checked:
+                self.note_classes(batch["label"])
             return batch["image"], batch["label"].astype(np.int32)
         self.truncated.add(int(batch["truncated"].sum()))
         self.unknown_text.add(int(batch["unknown_text"].sum()))
         return batch["image"], (batch["tokens"], batch["token_mask"])
+
+    def note_classes(self, labels: np.ndarray) -> None:
+        num_classes = len(self.labels_drawn)
+        self.labels_drawn[labels[(labels >= 0) & (labels < num_classes)]] = True
+        self.images_drawn += len(labels)
+        if self.images_drawn < DRAWS_PER_CLASS_BEFORE_CHECK * num_classes:
+            return
+        self.classes_checked = True
+        missing = np.flatnonzero(~self.labels_drawn).tolist()
+        if missing:
+            named = [f"{i} ({self.class_names[i]})" if self.class_names else str(i) for i in missing[:10]]
+            logging.warning("%d of %d classes never came in the %d images drawn so far: %s%s. A class whose every "
+                            "image is unreadable (the warnings above name them) never trains, and its samples come "
+                            "out untrained: replace its images, or leave its folder out", len(missing), num_classes,
+                            self.images_drawn, ", ".join(named), ", ..." if len(missing) > 10 else "")
 
     def close(self) -> None:
         """Stops the worker processes (they prefetch until closed) and frees the shared memory of
@@ -226,7 +253,8 @@ def make_loader(config, batch_size: int, sharding, start_batch: int = 0, tokeniz
                             random_flip=data.get("random_flip", True),  # a config file of an earlier version
                             rows=ProcessRows.of_sharding(sharding, batch_size), start_batch=start_batch,
                             num_workers=data.num_workers, prefetch_batches=data.prefetch_batches, tokenizer=tokenizer)
-    return ImageLoader(dataset)
+    classes = getattr(source, "classes", None)  # an image folder's (of fewer classes than the model's, maybe)
+    return ImageLoader(dataset, len(classes) if classes is not None else 0, classes)
 
 
 def to_global_batch(images: np.ndarray, conditioning: Any, sharding) -> tuple[Any, Any]:
