@@ -192,18 +192,25 @@ def test_auto_is_splash_on_tpu_cudnn_for_bf16_on_gpu(monkeypatch):
         assert resolve_backend("auto", dtype) == expected, (platform, dtype)
 
 
-def test_splash_treats_an_all_padding_row_as_the_release_does():
-    """Segment ids left such a row no key: a uniform mean of v, and gradients ~80x off."""
-    q, k, v, _ = random_qkv(2, 128, 128, head_dim=16)
-    mask = jnp.ones((2, 128)).at[1].set(0.0)  # example 1: every key is padding
+def assert_an_all_padding_row_as_xla(backend: str, length: int) -> None:
+    """-10000 on every key of a row cancels in the softmax (the row attends to all keys), as in
+    the release and xla: the kernel's output and gradients must agree there too."""
+    q, k, v, _ = random_qkv(2, length, length, head_dim=16)
+    mask = jnp.ones((2, length)).at[1].set(0.0)  # example 1: every key is padding
     expected, expected_grads = value_and_grads("xla", q, k, v, mask)
     with interpret_kernels():
-        got, grads = value_and_grads("splash", q, k, v, mask)
+        got, grads = value_and_grads(backend, q, k, v, mask)
     assert relative_error(got, expected) <= 1e-3  # xla's own float32 error near -10000 is ~3e-4
     for g, e in zip(grads, expected_grads):
         assert relative_error(g, e) <= 1e-3
+
+
+def test_splash_treats_an_all_padding_row_as_the_release_does():
+    """Segment ids left such a row no key: a uniform mean of v, and gradients ~80x off."""
+    assert_an_all_padding_row_as_xla("splash", 128)
     from pixelflow_jax.kernels.splash_attention import splash_attention
 
+    q, k, v, _ = random_qkv(2, 128, 128, head_dim=16)
     with pytest.raises(ValueError, match="multiples of 128, got 100 queries and 77 keys"):
         splash_attention(q[:, :100], k[:, :77], v[:, :77], None, interpret=True)
 
@@ -278,16 +285,9 @@ def test_model_config_accepts_exactly_the_backends():
 
 
 def test_pallas_gpu_treats_an_all_padding_row_as_the_release_does():
-    """-10000 on every key cancels in the softmax (the row attends to all keys). A running max
-    started anywhere but -inf (e.g. 0) lets every exp underflow there: NaN for that example."""
-    q, k, v, _ = random_qkv(2, 32, 32, head_dim=16)
-    mask = jnp.ones((2, 32)).at[1].set(0.0)  # example 1: every key is padding
-    expected, expected_grads = value_and_grads("xla", q, k, v, mask)
-    with interpret_kernels():
-        got, grads = value_and_grads("pallas_gpu", q, k, v, mask)
-    assert relative_error(got, expected) <= 1e-3  # xla's own float32 error near -10000 is ~3e-4
-    for g, e in zip(grads, expected_grads):
-        assert relative_error(g, e) <= 1e-3
+    """A running max started anywhere but -inf (e.g. 0) lets every exp underflow in such a row:
+    NaN for that example."""
+    assert_an_all_padding_row_as_xla("pallas_gpu", 32)
 
 
 def test_pallas_gpu_sends_lengths_off_the_16_grid_to_xla_and_blocks_divide_lengths():
