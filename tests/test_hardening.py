@@ -966,7 +966,7 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     folder = c2i_config(**{"data.source": "folder", "data.root": "data/images"})
     settings = tmp_path / "folder" / SETTINGS_FILE
     check_resume(str(tmp_path / "folder"), folder, step=0, num_records=100)
-    assert json.loads(settings.read_text())["data.root"] == os.path.abspath("data/images")
+    assert json.loads(settings.read_text())["data.root"] == os.path.realpath("data/images")
     for spelling in ("./data/images/", os.path.abspath("data/images")):
         folder.data.root = spelling
         check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
@@ -977,6 +977,13 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
         check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
     folder.data.update(root="data/images", tfds_name="imagenet_v2", demo_seed=7)  # fields a folder run never reads
     check_resume(str(tmp_path / "folder"), folder, step=40, num_records=100)
+    # A symbolic link to the folder is the folder (it was refused as a data change, the listing the same)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "images")
+    folder.data.root = str(tmp_path / "images")
+    check_resume(str(tmp_path / "linked"), folder, step=0, num_records=100)
+    folder.data.root = str(tmp_path / "link")
+    check_resume(str(tmp_path / "linked"), folder, step=40, num_records=100)
 
 
 def test_a_resume_is_refused_for_each_setting_that_decides_the_data_order_or_the_optimisation(tmp_path):

@@ -67,9 +67,11 @@ def resume_settings(config, num_records: int, listing: str | None = None) -> dic
 
 
 def same_folder_spelled_once(key: str, value):
-    """data.root as an absolute path without a trailing slash: `data/x`, `./data/x/` and
-    `/home/me/data/x` name one folder (a relative path as seen from where the run starts)."""
-    return storage.absolute(value).rstrip("/") if key == "data.root" and value else value
+    """data.root as an absolute path without a trailing slash and its symbolic links resolved:
+    `data/x`, `./data/x/`, `/home/me/data/x` and a link to it name one folder (a relative path as
+    seen from where the run starts). Both sides of a comparison are resolved, so an earlier
+    version's record, as typed, compares too."""
+    return storage.resolved(value).rstrip("/") if key == "data.root" and value else value
 
 
 def recorded_settings(workdir: str) -> dict:
