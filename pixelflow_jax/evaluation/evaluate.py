@@ -320,11 +320,13 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
 def npz_for_folder(folder: str) -> str:
     """What to pass instead of a folder of images: the .npz in it or beside it that a sampling job
     wrote (its samples/ folder holds the PNGs), or how to make one."""
-    for candidate in (storage.join(folder, "samples.npz"), storage.join(storage.dirname(folder.rstrip("/")),
-                                                                        "samples.npz")):
+    from pixelflow_jax.sampling.sample_run import SAMPLES_NPZ
+
+    for candidate in (storage.join(folder, SAMPLES_NPZ), storage.join(storage.dirname(folder.rstrip("/")),
+                                                                      SAMPLES_NPZ)):
         if storage.isfile(candidate):
             return f" (pass {candidate}, the images a sampling job packed)"
-    return ("; a sampling job packs its images into WORKDIR/samples.npz, and other images go into one with "
+    return (f"; a sampling job packs its images into WORKDIR/{SAMPLES_NPZ}, and other images go into one with "
             "numpy.savez(PATH, arr_0=images), images a uint8 N x H x W x 3 array")
 
 
