@@ -898,6 +898,35 @@ def test_a_demo_port_in_use_names_the_flag():
             check_port_free("127.0.0.1", busy.getsockname()[1])
 
 
+def test_init_from_given_to_a_run_that_trains_warns_unless_it_is_where_the_run_started(tmp_path, caplog):
+    """A resume reads no init_from. The same command rerun after a preemption passes quietly; an
+    init_from the run did not start from (a fine-tune typed into an existing workdir) is a warning
+    naming both, even after an allowed settings change rewrote the record."""
+    from pixelflow_jax.training.resume_settings import check_resume, note_init_from_at_resume
+
+    started, other = str(tmp_path / "base_run"), str(tmp_path / "other_run")
+    tuned, scratch = str(tmp_path / "tuned"), str(tmp_path / "scratch")
+    check_resume(tuned, c2i_config(**{"train.init_from": started}), step=0, num_records=100)
+    check_resume(scratch, c2i_config(), step=0, num_records=100)
+
+    def warnings_of(workdir, init_from):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            note_init_from_at_resume(workdir, 40, init_from)
+        assert "resumes from its step 40; train.init_from starts new runs only" in caplog.text
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warnings_of(tuned, started + "/") == []  # as typed again, a trailing slash aside
+    [warning] = warnings_of(tuned, other)
+    assert f"this run started from {started}, not from {other}. To train a new run from {other}, use a new " \
+           "--workdir" in warning
+    [warning] = warnings_of(scratch, started)
+    assert f"this run trained from scratch, not from {started}" in warning
+    changed = c2i_config(**{"train.init_from": other, "train.lr": 1e-3, "train.allow_resume_changes": True})
+    check_resume(tuned, changed, step=40, num_records=100)  # rewrites train_settings.json
+    assert warnings_of(tuned, started) == []
+
+
 def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):
     from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
 

@@ -38,6 +38,10 @@ DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_
 # Recorded by this version, not by runs before it: their absence is no change.
 ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes", "data.listing",
                *NUMERICS_ONLY)
+# The checkpoint a new run started from (train.init_from, resolved; "" from scratch): recorded once,
+# never compared (a resume does not read init_from), for a resume to tell a rerun of the same
+# command from an init_from given to a run that already trains.
+STARTED_FROM = "train.init_from"
 # Recorded names that are not config fields, as a message names them.
 LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)",
           "data.listing": "data.listing (a hash of the data's file names, and classes where it has them: files "
@@ -92,6 +96,21 @@ def recorded_settings(workdir: str) -> dict:
     return settings
 
 
+def note_init_from_at_resume(workdir: str, step: int, init_from: str) -> None:
+    """A resume does not read train.init_from. The same command rerun (after a preemption) is told
+    so in passing; another init_from, or one given to a run that started without one, is a
+    warning: whoever typed it meant a new run from that checkpoint, which needs a new --workdir."""
+    started_from = recorded_settings(workdir).get(STARTED_FROM)
+    resumes = f"{workdir} resumes from its step {step}; train.init_from starts new runs only and is not read"
+    if started_from and started_from == storage.resolved(init_from):
+        logging.info(resumes)
+        return
+    start = ("trained from scratch" if started_from == "" else f"started from {started_from}" if started_from
+             else "did not record what it started from")
+    logging.warning("%s: this run %s, not from %s. To train a new run from %s, use a new --workdir",
+                    resumes, start, init_from, init_from)
+
+
 def check_optimiser_state(workdir: str, config, step: int) -> None:
     """Before a checkpoint is restored: a run with a learning-rate schedule keeps an update count
     in its optimiser state and one without does not, so neither restores as the other (orbax
@@ -119,6 +138,8 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if record and jax.process_index() == 0:
+            if step == 0:  # (a run that records its settings only at a resume cannot know its start)
+                current[STARTED_FROM] = storage.resolved(config.train.init_from) if config.train.init_from else ""
             storage.write_json_atomically(path, current)
         return
     trained, changes, untrained = settings_trained_to(workdir, step)
@@ -155,7 +176,8 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
                         "not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
     if jax.process_index() == 0:
         write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
-        storage.write_json_atomically(path, current)
+        kept = {STARTED_FROM: trained[STARTED_FROM]} if STARTED_FROM in trained else {}
+        storage.write_json_atomically(path, {**current, **kept})
 
 
 def named_changes(changes: dict) -> str:

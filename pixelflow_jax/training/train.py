@@ -46,7 +46,7 @@ from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manage
                                                   save, wait_for_saves)
 from pixelflow_jax.training.metrics_log import WRITE_FIX, MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
-from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume
+from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume, note_init_from_at_resume
 from pixelflow_jax.training.run_config import check_run_config, differences
 from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
                                                state_from_params, state_shardings, train_flops_per_image)
@@ -321,8 +321,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     init_source = None
     if config.train.init_from:  # before open_source, which writes an image folder's class_index.json
         if done:  # the same command reruns after a preemption: its init_from is no longer read
-            logging.info("%s resumes from its step %d; train.init_from starts new runs only and is not read",
-                         workdir, done)
+            note_init_from_at_resume(workdir, done, config.train.init_from)
         else:
             init_source = check_init_from(config, model_cfg)
     # A missing dataset stops the run before it records anything in the workdir (class_index.json
