@@ -445,6 +445,10 @@ def run_mode(argv):
             demo_app.run(FLAGS.config, FLAGS.workdir)
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)
+        except (KeyboardInterrupt, Terminated) as stop:  # how a page stops: a scheduler sees a stopped job
+            cause, status = stop_cause(stop)
+            print(f"stopped: {cause}", file=sys.stderr)
+            sys.exit(status)
     elif FLAGS.mode in ("sample", "eval"):
         from pixelflow_jax.evaluation import evaluate
         from pixelflow_jax.sampling import sample_run

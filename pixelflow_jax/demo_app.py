@@ -18,15 +18,13 @@ import numbers
 import os
 import re
 import shutil
-import signal
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.command_line import EXIT_TERMINATED
+from pixelflow_jax.command_line import stop_on_sigterm
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole
 from pixelflow_jax.api import load_sampling_model, sampling_checkpoint, sampling_source
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
@@ -284,6 +282,14 @@ def run(config, workdir: str = "") -> None:
     where = ("on every network interface of this machine" if config.demo.share_on_network else
              "on this machine only (--config.demo.share_on_network=True serves it to the network)")
     print(f"demo page: http://{host}:{int(config.demo.port)}/ {where}; Ctrl-C stops it", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_TERMINATED))  # a stop runs the atexit cleanup, as Ctrl-C does
+    stop_on_sigterm()  # a SIGTERM stops the page as Ctrl-C does: Terminated, raised where it waits below
     # quiet: Gradio's own banner suggests share=True (a public gradio.live tunnel), which this demo never opens.
-    page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False, quiet=True)
+    page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False, quiet=True,
+                        prevent_thread_lock=True)
+    try:  # waits here, not in Gradio's launch, which took Ctrl-C for a normal end (exit status 0)
+        while page.is_running:
+            time.sleep(0.1)
+    finally:  # main.py ends a stopped job without the interpreter's teardown, so no atexit cleanup runs
+        page.close()
+        if not workdir or storage.is_url(workdir):
+            shutil.rmtree(demo.output_dir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """`main.py --mode=demo` driven by headless Chromium: pick a class, generate, see the images."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ import urllib.request
 import pytest
 
 from conftest import REPO, free_port
+from pixelflow_jax.command_line import EXIT_INTERRUPTED
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (.ci/run installs it)
 
@@ -32,9 +34,10 @@ def demo_server(converted, tmp_path):
                 pytest.fail(f"the demo server did not start: {open(tmp_path / 'demo.log').read()[-2000:]}")
             time.sleep(0.5)
     yield url
-    server.terminate()
-    server.wait(timeout=30)
+    server.send_signal(signal.SIGINT)  # Ctrl-C: a stopped job's status, as every mode ends (Gradio's wait said 0)
+    assert server.wait(timeout=30) == EXIT_INTERRUPTED
     log.close()
+    assert open(tmp_path / "demo.log").read().endswith("stopped: interrupted (Ctrl-C)\n")
 
 
 def test_pick_a_class_generate_and_see_the_images(demo_server, tmp_path):
