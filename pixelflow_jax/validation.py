@@ -301,11 +301,14 @@ def check_eval(config) -> None:
 
 # The demo page's sliders: its defaults come from config.sample, so they must lie within.
 DEMO_CFG_RANGE, DEMO_SHIFT_RANGE, DEMO_MAX_STEPS = (1.0, 25.0), (1.0, 100.0), 100
+# A page samples each request as one batch (guided: twice that on the device) and keeps every image
+# of it in memory and on its folder: more is a sampling job's (--mode=sample), not a page request's.
+DEMO_MAX_IMAGES = 64
 
 
 def check_demo(config) -> None:
     integer("demo.port", config.demo.port, minimum=1, maximum=65535)
-    integer("demo.max_images", config.demo.max_images, minimum=1)
+    integer("demo.max_images", config.demo.max_images, minimum=1, maximum=DEMO_MAX_IMAGES)
     check_guidance(config)
     s = config.sample
     number("sample.cfg_scale", s.cfg_scale, minimum=DEMO_CFG_RANGE[0], maximum=DEMO_CFG_RANGE[1],

@@ -69,6 +69,7 @@ def c2i_config(**changes):
     ("train", "train.init_from_weights", "bogus", "--config.train.init_from_weights must be one of"),
     ("train", "mesh.fsdp", 0, "--config.mesh.fsdp must be >= 1"),
     ("demo", "demo.port", 70000, "--config.demo.port must be in [1, 65535]"),
+    ("demo", "demo.max_images", 10**6, "--config.demo.max_images must be in [1, 64], got 1000000"),
     # The page's sliders hold the config's sampling defaults: outside them its own first request failed.
     ("demo", "sample.cfg_scale", 30.0, "the demo page's --config.sample.cfg_scale must be <= 25.0, got 30.0"),
     ("demo", "sample.shift", 0.5, "the demo page's --config.sample.shift must be >= 1.0, got 0.5"),
