@@ -4,6 +4,7 @@ library noise that follows an error out of the terminal. Light to import: the to
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -138,6 +139,15 @@ def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     previous(unraisable)
 
 
+class LoggedStopsDropped(logging.Filter):
+    """Drops a log record that carries a Ctrl-C or SIGTERM as its error: a library whose `except`
+    caught the stop logged it as its own failure, traceback and all (orbax's wait for a save, stopped
+    by a second Ctrl-C, logs "Save Finalize thread failed"). The job says in one line that it stopped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, Terminated)))
+
+
 def raise_dropped_stops() -> None:
     """A Ctrl-C or SIGTERM that Python dropped (inside jax's gc callback) raised again: before a
     job's work that must not start once it was asked to stop (a conversion's write, a training loop)."""
@@ -149,6 +159,7 @@ def handle_ctrl_c_from_the_start() -> None:
     """For a tool's first lines: Ctrl-C recorded (on_ctrl_c) and library noise kept quiet."""
     signal.signal(signal.SIGINT, on_ctrl_c)
     sys.unraisablehook = quiet_library_noise
+    logging.getLogger("absl").addFilter(LoggedStopsDropped())  # absl.logging's records (orbax, jax) pass there
 
 
 def exit_without_teardown(message: str, status: int) -> None:

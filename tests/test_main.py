@@ -212,6 +212,35 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
     assert shown == [ZeroDivisionError] and delivered_again == [signal.SIGTERM]
 
 
+def test_a_stop_that_a_library_logs_as_its_failure_is_dropped_from_the_log_and_other_errors_kept():
+    """A second Ctrl-C during the stop's save printed orbax's "Save Finalize thread failed" and a
+    14-line traceback above the job's own "stopped: interrupted" line."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from pixelflow_jax import command_line
+
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logger = logging.getLogger("absl")  # where an absl.logging call (orbax's) leaves its record
+    logger.addHandler(handler)
+    stop_filter = command_line.LoggedStopsDropped()
+    logger.addFilter(stop_filter)
+    try:
+        for error in (KeyboardInterrupt(), command_line.Terminated(), OSError("disk full")):
+            try:
+                raise error
+            except BaseException:
+                absl_logging.exception("Save Finalize thread failed: %s", type(error).__name__)
+        absl_logging.warning("a plain warning")
+    finally:
+        logger.removeFilter(stop_filter)
+        logger.removeHandler(handler)
+    assert shown == ["Save Finalize thread failed: OSError", "a plain warning"]
+
+
 DROPS_A_CTRL_C = """
 import os, signal, time
 from pixelflow_jax import command_line
