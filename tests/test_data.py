@@ -226,6 +226,23 @@ def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp
         assert remote[i]["label"] == source[i]["label"]
 
 
+def test_an_empty_tfds_split_names_where_it_was_looked_for(monkeypatch, tmp_path):
+    """With the default data dir (data.tfds_data_dir='') the error read "in  is empty", naming no place."""
+    import tensorflow_datasets as tfds
+
+    class EmptyBuilder:
+        def is_prepared(self):
+            return True
+
+        def as_data_source(self, split):
+            return []
+
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: EmptyBuilder())
+    for data_dir, where in (("", r"the default TFDS data dir \(~/tensorflow_datasets\)"), (str(tmp_path), str(tmp_path))):
+        with pytest.raises(DataError, match=f"^TFDS dataset 'imagenet2012' split 'train' in {where} is empty$"):
+            TfdsSource("imagenet2012", "train", data_dir)
+
+
 def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeypatch):
     monkeypatch.setattr(sources, "installed_array_record_version", lambda: "0.8.2")
     for open_source in (lambda: CaptionRecordSource("gs://bucket/shards"),

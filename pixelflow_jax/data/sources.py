@@ -220,7 +220,7 @@ class TfdsSource:
                             f"{first_line(e)}. "
                             f"Build it once with {build}") from None
         if len(self.source) == 0:
-            raise DataError(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")
+            raise DataError(f"TFDS dataset {name!r} split {split!r} in {where} is empty")
         self.name = name
 
     def __len__(self) -> int:
