@@ -134,12 +134,13 @@ def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_n
     for name in ("ni\u00f1o", "b"):
         (root / name).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(root / name / "x.jfif", format="JPEG")  # a JPEG extension read now
+    Image.new("RGB", (8, 8)).save(root / "b" / "y.PNG")  # an image in any case of its extension, and not counted
     (root / "b" / "photo.heic").write_bytes(b"")
     (root / "b" / "moved.jpg").symlink_to(tmp_path / "elsewhere.jpg")  # a link to a file moved away
     Image.new("RGB", (8, 8)).save(root / "loose.png")
     with caplog.at_level(logging.WARNING):
         source = ImageFolderSource(str(root))
-    assert len(source.records) == 2
+    assert len(source.records) == 3
     assert (f"1 entries under {root} are not read: they are neither files nor folders, e.g. {root / 'b' / 'moved.jpg'} "
             f"(a symbolic link to {tmp_path / 'elsewhere.jpg'}, which does not exist)") in caplog.text
     assert "1 files in the class folders of" in caplog.text and "e.g. " + str(root / "b" / "photo.heic") in caplog.text
@@ -166,7 +167,7 @@ def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder, caplo
         os.rmdir(os.path.join(awkward_folder, "c_empty"))
 
 
-def test_missing_or_empty_folder_names_the_path(tmp_path):
+def test_missing_or_empty_folder_names_the_path(tmp_path, caplog):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
         ImageFolderSource(str(tmp_path / "nope"))
     os.makedirs(tmp_path / "empty" / "cls")
@@ -174,8 +175,9 @@ def test_missing_or_empty_folder_names_the_path(tmp_path):
         ImageFolderSource(str(tmp_path / "empty"))
     Image.new("RGB", (4, 4)).save(tmp_path / "empty" / "0.png")  # images beside the class folders, not in them
     with pytest.raises(DataError, match=r"the images in .*empty itself are not read: put each class's images in a "
-                                        r"subfolder .*empty/<class>/"):
+                                        r"subfolder .*empty/<class>/"), caplog.at_level(logging.WARNING):
         ImageFolderSource(str(tmp_path / "empty"))
+    assert "itself are not read" not in caplog.text  # said once, by the error, not also by a warning above it
     with pytest.raises(DataError, match=r"^--config.data.root is not set"):
         ImageFolderSource("")
 
@@ -211,6 +213,8 @@ def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp
     assert isinstance(source, TfdsSource) and len(source) == 10
     (images, labels), = batches(source, 1)[0]
     assert images.shape == (4, R, R, 3) and set(labels) <= {0, 1, 2}
+    # Example i is 40 + i pixels high and labelled i % 3: each record keeps its own label.
+    assert all(source[i]["label"] == (source[i]["image"].shape[0] - 40) % 3 for i in range(10))
     with pytest.raises(DataError, match="tfds build"):
         TfdsSource("tiny_imagenet", "validation", str(tmp_path))
 
@@ -254,6 +258,45 @@ def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeyp
     with pytest.raises(DataError, match="but array-record is not installed; install array-record>=0.8.3"):
         CaptionRecordSource("gs://bucket/shards")
     sources.check_array_record_reads("/local/shards")  # local files: any version reads them
+
+
+def test_array_record_from_0_8_3_on_reads_a_bucket_comparing_versions_as_numbers(monkeypatch):
+    """0.8.3 is the first version that opens gs:// itself, so it must not be refused; versions
+    compare number by number (0.10 is after 0.8), not as text."""
+    for version in ("0.8.3", "0.8.10", "0.10.0", "1.0"):
+        monkeypatch.setattr(sources, "installed_array_record_version", lambda: version)
+        sources.check_array_record_reads("gs://bucket/shards")
+    for version in ("0.8.2", "0.7.99"):
+        monkeypatch.setattr(sources, "installed_array_record_version", lambda: version)
+        with pytest.raises(DataError, match=f"array-record {version} reads only local files"):
+            sources.check_array_record_reads("gs://bucket/shards")
+
+
+def test_an_output_counts_as_inside_a_folder_source_only_where_the_source_reads(tmp_path):
+    """The folder itself and any folder under it that a source reads would make a pack's shards
+    (or a run's files) data; a hidden folder or lost+found under it is not read, and a sibling
+    whose name merely starts alike is outside it."""
+    folder = str(tmp_path / "data")
+    assert sources.read_with_folder(folder, folder) and sources.read_with_folder(folder + "/", folder)
+    assert sources.read_with_folder(f"{folder}/shards/new", folder)
+    assert not sources.read_with_folder(f"{folder}/.cache/shards", folder)
+    assert not sources.read_with_folder(f"{folder}/lost+found", folder)
+    assert not sources.read_with_folder(f"{folder}_shards", folder)
+    assert sources.read_with_folder("gs://bucket/data/", "gs://bucket/data")
+
+
+def test_an_image_folders_listing_follows_its_files_and_labels_not_where_the_folder_lies(tmp_path):
+    """A resume compares the listing with the run's: the same folder copied elsewhere is the same
+    data, but an image moved to another class is another labelling."""
+    image = encoded(np.zeros((8, 8, 3), np.uint8))
+    for path in ("a/1.png", "b/2.png", "b/3.png"):
+        os.makedirs(tmp_path / "first" / os.path.dirname(path), exist_ok=True)
+        (tmp_path / "first" / path).write_bytes(image)
+    shutil.copytree(tmp_path / "first", tmp_path / "elsewhere" / "copy")
+    listing = ImageFolderSource(str(tmp_path / "first")).listing
+    assert ImageFolderSource(str(tmp_path / "elsewhere" / "copy")).listing == listing
+    os.rename(tmp_path / "first" / "b" / "3.png", tmp_path / "first" / "a" / "3.png")
+    assert ImageFolderSource(str(tmp_path / "first")).listing != listing
 
 
 def test_same_seed_same_batches_and_workers_agree():
@@ -494,6 +537,27 @@ def test_make_loader_reads_the_configured_demo_set(tmp_path):
         make_loader(config, batch_size=8, sharding=sharding)
 
 
+def test_make_loader_reads_with_the_runs_seed_crop_and_flip_settings_from_its_start_batch():
+    """make_loader is what a training run calls: config.seed, data.center_crop, data.random_flip and
+    the step a resume starts at must reach the pipeline (a seed dropped there trains every run on
+    one order; a start dropped repeats the first batches after each resume). Reference: the
+    pipeline built with those settings directly."""
+    import configs.c2i as c2i
+    from pixelflow_jax.data.loader import make_loader
+    from pixelflow_jax.data.sources import open_source
+    from pixelflow_jax.sharding import batch_sharding, make_mesh
+
+    config = c2i.get_config("tiny")
+    config.seed = 5
+    config.data.update(demo_num_images=24, resolution=32, center_crop=True, random_flip=False)
+    loader = make_loader(config, batch_size=8, sharding=batch_sharding(make_mesh()), start_batch=2)
+    expected = ImageLoader(build_dataset(open_source(config), batch_size=8, resolution=config.data.resolution, seed=5,
+                                         center_crop=True, random_flip=False, start_batch=2))
+    (images, labels), (expected_images, expected_labels) = next(loader), next(expected)
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+
+
 # ------------------------------------------------------------------- bad input a hostile user brings
 
 
@@ -564,12 +628,18 @@ import os, signal, sys, time
 from pixelflow_jax import storage
 from pixelflow_jax.data import pack_captions
 
-upload, uploads, stop = storage.upload_file_atomically, [], getattr(signal, sys.argv[3])
+upload, uploads, stop, where = storage.upload_file_atomically, [], getattr(signal, sys.argv[3]), sys.argv[4]
+
+
+class StopsInDel:  # the signal's handler runs in a __del__, where Python drops its exception
+    def __del__(self):
+        os.kill(os.getpid(), stop)
+        sum(range(1000))
 
 
 def upload_then_stop(local, path):  # a signal once two shards are uploaded
     if len(uploads) == 2:
-        os.kill(os.getpid(), stop)
+        StopsInDel() if where == "dropped" else os.kill(os.getpid(), stop)
         time.sleep(5)
     uploads.append(path)
     upload(local, path)
@@ -581,17 +651,19 @@ pack_captions.main()
 """
 
 
-@pytest.mark.parametrize("signal_name,status,cause", [("SIGINT", 130, "interrupted (Ctrl-C)"),
-                                                      ("SIGTERM", 143, "terminated (SIGTERM)")])
-def test_a_pack_stopped_by_a_signal_removes_its_shards_and_says_so(tmp_path, signal_name, status, cause):
+@pytest.mark.parametrize("signal_name,status,cause,where", [("SIGINT", 130, "interrupted (Ctrl-C)", "raised"),
+                                                            ("SIGTERM", 143, "terminated (SIGTERM)", "raised"),
+                                                            ("SIGINT", 130, "interrupted (Ctrl-C)", "dropped")])
+def test_a_pack_stopped_by_a_signal_removes_its_shards_and_says_so(tmp_path, signal_name, status, cause, where):
     """Ctrl-C left the shards written (and a KeyboardInterrupt traceback), and a rerun was refused for
-    them; SIGTERM left them without a word."""
+    them; SIGTERM left them without a word. A Ctrl-C whose exception Python dropped (its handler
+    ran in a __del__) is delivered again, and stops the pack all the same."""
     images = tmp_path / "captioned"
     images.mkdir()
     for i in range(4):
         (images / f"{i}.png").write_bytes(encoded(np.full((8, 8, 3), i, np.uint8)))
         (images / f"{i}.txt").write_text(f"caption {i}")
-    result = subprocess.run([sys.executable, "-c", STOPS_A_PACK, str(images), str(tmp_path / "shards"), signal_name],
+    result = subprocess.run([sys.executable, "-c", STOPS_A_PACK, str(images), str(tmp_path / "shards"), signal_name, where],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == status, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (f"stopped: {cause}; nothing was packed into {tmp_path / 'shards'} "
@@ -625,6 +697,18 @@ def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_pa
     records = [CaptionRecordSource(str(tmp_path / "shards"))[i] for i in range(12)]
     assert [r["caption"] for r in records] == [f"caption {i}" for i in sorted(range(12), key=str)]  # 0, 1, 10, 11, 2...
     assert all(r["name"].endswith(f"/{r['caption'].split()[1]}.png)") for r in records) and len(shards) == 12
+
+
+def test_a_pack_into_a_folder_of_other_files_keeps_them_and_only_shards_there_are_refused(tmp_path):
+    """Shards already there would mix two packs; a note beside them is no shard, and stays."""
+    from pixelflow_jax.data.pack_captions import pack
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "README.txt").write_text("captions of set A")
+    shards = write_shards(tmp_path / "shards", tmp_path, count=2)
+    assert sorted(os.listdir(tmp_path / "shards")) == sorted(["README.txt", *map(os.path.basename, shards)])
+    with pytest.raises(ValueError, match="already holds 2 shards"):
+        pack(str(tmp_path / "captioned"), str(tmp_path / "shards"))
 
 
 def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
@@ -1005,6 +1089,27 @@ def test_a_class_whose_every_image_is_unreadable_is_named_once_enough_images_are
     loader.close()
 
 
+def test_a_training_runs_loader_names_a_class_folder_whose_every_image_is_unreadable(tmp_path, caplog):
+    """make_loader hands the loader the folder's classes: without them the check of classes
+    never drawn is off, and a class of only damaged files trains on nothing without a word."""
+    import configs.c2i as c2i
+    from pixelflow_jax.data.loader import make_loader
+    from pixelflow_jax.sharding import batch_sharding, make_mesh
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "0.png")
+    (tmp_path / "dog" / "0.png").write_bytes(b"")
+    config = c2i.get_config("tiny")
+    config.data.update(source="folder", root=str(tmp_path), resolution=8)
+    loader = make_loader(config, batch_size=8, sharding=batch_sharding(make_mesh()))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(loader_module.DRAWS_PER_CLASS_BEFORE_CHECK * 2 // 8):
+            next(loader)
+    assert "1 of 2 classes never came in the 40 images drawn so far: 1 (dog)" in caplog.text
+    loader.close()
+
+
 def test_a_record_that_is_no_image_is_named_so_not_by_a_memory_address():
     from PIL import UnidentifiedImageError
 
@@ -1042,3 +1147,47 @@ def test_random_crops_reach_every_offset_and_a_centre_cropped_image_is_kept_whol
     assert offsets == {(top, left) for top in range(3) for left in range(3)}
     exact = RandomCropFlip(8, flip=False)({"image": image[:8, :8]}, np.random.default_rng(0))["image"]
     np.testing.assert_array_equal(exact, image[:8, :8])
+
+
+def test_the_loaders_random_flip_setting_reaches_every_image():
+    """IndexSource's ramps rise along a row (mod 256, resized): a mirrored crop falls. With
+    data.random_flip off (captions that say "on the left") no image of the pipeline may come out
+    mirrored; with it on, some do."""
+    rising = {}
+    for flip in (True, False):
+        seen, _ = batches(IndexSource(), 4, random_flip=flip)
+        steps = np.concatenate([images[..., 0] for images, _ in seen]).astype(int)
+        signed = (np.diff(steps, axis=2) + 128) % 256 - 128  # the step to the next column, wrap-around undone
+        rising[flip] = np.median(signed, axis=(1, 2)) > 0
+    assert rising[False].all() and not rising[True].all() and rising[True].any()
+
+
+def test_a_running_count_is_logged_when_it_first_happens_and_again_each_time_it_doubles(caplog):
+    """Totals 0, 1, 2, 3, 5, 5, 8, 9: logged at 1 (the first), 2 (twice 1) and 5 (past twice 2),
+    not at 3, 8 or 9 (below twice 5), nor for an add of nothing."""
+    count = loader_module.RunningCount("things seen")
+    with caplog.at_level(logging.WARNING):
+        for n in (0, 1, 1, 1, 2, 0, 3, 1):
+            count.add(n)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"so far, {total} things seen (logged again at {2 * total})" for total in (1, 2, 5)]
+    assert count.count == 9
+
+
+LOADER_WORKER = """
+import ctypes, os, signal
+from pixelflow_jax.data.loader import init_worker
+init_worker(os.getppid())  # this process's parent plays the trainer
+death_signal = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(death_signal))  # PR_GET_PDEATHSIG
+print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, death_signal.value == signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_loader_worker_ignores_ctrl_c_and_is_killed_with_its_trainer():
+    """A terminal's Ctrl-C reaches the workers too: had they died of it, the trainer's save on
+    Ctrl-C would wait for batches no worker makes."""
+    result = subprocess.run([sys.executable, "-c", LOADER_WORKER], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.split() == ["True", "True"], result.stderr[-3000:]
