@@ -200,7 +200,10 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
         command_line._sigterm_received[0] = True  # raised again by stop_if_terminated: no traceback
         raise command_line.Terminated
 
-    late_callbacks = (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0, dropped_sigterm)
+    def same_words_elsewhere():  # not asyncio's check of a closed loop: shown
+        raise RuntimeError("Event loop is closed")
+
+    late_callbacks = (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0, dropped_sigterm, same_words_elsewhere)
     for late_callback in late_callbacks:
         try:
             late_callback()
@@ -209,7 +212,7 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
                                                 exc_traceback=error.__traceback__),
                                 previous=lambda unraisable: shown.append(unraisable.exc_type))
     command_line._sigterm_received[0] = False
-    assert shown == [ZeroDivisionError] and delivered_again == [signal.SIGTERM]
+    assert shown == [ZeroDivisionError, RuntimeError] and delivered_again == [signal.SIGTERM]
 
 
 def test_a_stop_that_a_library_logs_as_its_failure_is_dropped_from_the_log_and_other_errors_kept():
@@ -383,6 +386,130 @@ def test_a_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_job()
     finally:
         signal.signal(signal.SIGTERM, before)
         command_line._sigterm_received[0] = False
+
+
+A_SIGTERM_DROPPED_THEN_RAISED_BY_THE_JOB = """
+import os, signal, time
+from pixelflow_jax import command_line
+
+command_line.handle_ctrl_c_from_the_start()
+command_line.stop_on_sigterm()
+
+
+class Drops:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, where Python drops the exception
+        sum(range(1000))
+
+
+Drops()
+try:
+    command_line.stop_if_terminated()  # the job's loop raises it itself, before the delivery again
+except command_line.Terminated:
+    print("raised")
+try:
+    time.sleep(20 * command_line.REDELIVERY_DELAY_S)
+    print("once")
+except command_line.Terminated:
+    print("twice")
+"""
+
+
+def test_a_sigterm_the_job_raised_itself_after_python_dropped_it_is_not_delivered_again():
+    """A second Terminated would hit the job's cleanup of the first (a pack removing its shards)."""
+    result = subprocess.run([sys.executable, "-c", A_SIGTERM_DROPPED_THEN_RAISED_BY_THE_JOB], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["raised", "once"], result.stderr[-3000:]
+
+
+A_SECOND_CTRL_C_BEFORE_THE_DROPPED_ONE_COMES_ROUND = """
+import os, signal, time
+from pixelflow_jax import command_line
+
+command_line.handle_ctrl_c_from_the_start()
+
+
+class Drops:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # dropped here: to be delivered again in a moment
+        sum(range(1000))
+
+
+Drops()
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again, raised where the job is
+    sum(range(1000))
+except KeyboardInterrupt:
+    print("raised")
+try:
+    time.sleep(20 * command_line.REDELIVERY_DELAY_S)
+    print("once")
+except KeyboardInterrupt:
+    print("twice")
+"""
+
+
+def test_a_dropped_ctrl_c_is_not_delivered_again_once_a_second_ctrl_c_was_raised():
+    """The second Ctrl-C stands for the first: delivering the first again would interrupt the
+    job's cleanup after the stop."""
+    result = subprocess.run([sys.executable, "-c", A_SECOND_CTRL_C_BEFORE_THE_DROPPED_ONE_COMES_ROUND], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["raised", "once"], result.stderr[-3000:]
+
+
+A_DELIVERY_AGAIN_AFTER_THE_JOB_GAVE_SIGTERM_BACK = """
+import signal, time
+from pixelflow_jax import command_line
+
+command_line.stop_on_sigterm()
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the job gives SIGTERM its default back
+command_line.deliver_again_later(signal.SIGTERM)  # and then a SIGTERM dropped before comes round again
+time.sleep(20 * command_line.REDELIVERY_DELAY_S)
+print("ran on")
+"""
+
+
+def test_a_stop_is_delivered_again_only_while_the_jobs_handler_still_holds_it():
+    """Delivered to the default handler, the SIGTERM would end the process there and then, silently."""
+    result = subprocess.run([sys.executable, "-c", A_DELIVERY_AGAIN_AFTER_THE_JOB_GAVE_SIGTERM_BACK], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.split() == ["ran", "on"], (result.returncode, result.stderr)
+
+
+def test_a_stop_no_signal_sent_is_printed_not_delivered_as_a_signal(monkeypatch):
+    """A KeyboardInterrupt or Terminated that a library raised and Python dropped, with no Ctrl-C or
+    SIGTERM received, is shown as any dropped error: delivering a signal for it would stop the job."""
+    import signal
+    from types import SimpleNamespace
+
+    from pixelflow_jax import command_line
+
+    shown, delivered_again = [], []
+    monkeypatch.setattr(command_line, "deliver_again_later", delivered_again.append)
+    monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
+    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    for stop in (KeyboardInterrupt(), command_line.Terminated()):
+        command_line.quiet_library_noise(SimpleNamespace(exc_type=type(stop), exc_value=stop, exc_traceback=None),
+                                         previous=lambda unraisable: shown.append(unraisable.exc_type))
+    assert shown == [KeyboardInterrupt, command_line.Terminated] and delivered_again == []
+    command_line._ctrl_c_received[0] = True  # a Ctrl-C was received: its drop is delivered again instead
+    command_line.quiet_library_noise(SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(),
+                                                     exc_traceback=None), previous=shown.append)
+    assert delivered_again == [signal.SIGINT] and len(shown) == 2
+
+
+@pytest.mark.parametrize("received,stop", [("_ctrl_c_received", KeyboardInterrupt), ("_sigterm_received", None)])
+def test_a_stop_received_before_a_jobs_work_starts_is_raised_there(monkeypatch, received, stop):
+    """raise_dropped_stops guards work that must not start once the job was asked to stop (a
+    conversion's write, a training loop): a Ctrl-C or a SIGTERM a library swallowed is raised."""
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
+    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    command_line.raise_dropped_stops()  # nothing received: the work goes on
+    getattr(command_line, received)[0] = True
+    with pytest.raises(stop or command_line.Terminated):
+        command_line.raise_dropped_stops()
 
 
 def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases_its_lock(tmp_path):
