@@ -869,6 +869,133 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
     assert demo.check(**{**good, "condition": ["a red fox"]}) == "The prompt must be text, got ['a red fox']."
 
 
+def bare_demo(**fields):
+    """A DemoSampler without a model: check(), named() and generate() need only these fields."""
+    from pixelflow_jax.demo_app import DemoSampler
+
+    demo = DemoSampler.__new__(DemoSampler)
+    demo.text, demo.num_classes, demo.max_images, demo.compiled = False, 10, 8, set()
+    for name, value in fields.items():
+        setattr(demo, name, value)
+    return demo
+
+
+def test_a_demo_request_is_accepted_at_each_limit_the_page_states_and_refused_just_past_it():
+    """The page's limits are inclusive at both ends (a slider's own ends, seed 2**32 - 1, class 0);
+    one step past either end, a fraction where a count goes, or True where a number goes is
+    refused naming that limit. A class id sent as text with blanks is read as the id; digits that
+    are no decimal ('²') are refused, not a crash in int()."""
+    from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED
+
+    demo = bare_demo()
+    good = dict(condition=3, solver="euler", num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
+    accepted = [{"condition": 0}, {"condition": 9}, {"condition": " 7 "}, {"num_images": 1}, {"num_images": 8},
+                {"num_images": 8.0}, {"cfg": DEMO_CFG_RANGE[0]}, {"cfg": DEMO_CFG_RANGE[1]},
+                {"shift": DEMO_SHIFT_RANGE[0]}, {"shift": DEMO_SHIFT_RANGE[1]}, {"steps": [1, DEMO_MAX_STEPS, 1, 1]},
+                {"seed": MAX_SEED}, {"seed": 5.0}]
+    for change in accepted:
+        assert demo.check(**{**good, **change}) is None, change
+    images = "Number of images must be a whole number from 1 to 8."
+    cfg = f"CFG must be between {DEMO_CFG_RANGE[0]:g} and {DEMO_CFG_RANGE[1]:g}."
+    shift = f"Noise shift must be between {DEMO_SHIFT_RANGE[0]:g} and {DEMO_SHIFT_RANGE[1]:g}."
+    steps = f"Steps per stage must be whole numbers from 1 to {DEMO_MAX_STEPS}."
+    seed = f"Seed must be a whole number from 0 to {MAX_SEED}."
+    refused = [({"num_images": 0}, images), ({"num_images": 9}, images), ({"num_images": 2.5}, images),
+               ({"cfg": DEMO_CFG_RANGE[0] - 0.1}, cfg), ({"cfg": DEMO_CFG_RANGE[1] + 0.1}, cfg),
+               ({"shift": DEMO_SHIFT_RANGE[0] - 0.1}, shift), ({"shift": DEMO_SHIFT_RANGE[1] + 0.1}, shift),
+               ({"steps": [2, 0, 2, 2]}, steps), ({"steps": [2, 2, DEMO_MAX_STEPS + 1, 2]}, steps),
+               ({"steps": [2, 2, 2, 1.5]}, steps), ({"seed": -1}, seed), ({"seed": MAX_SEED + 1}, seed),
+               ({"cfg": True}, "CFG must be a number, got True."),
+               ({"condition": "\u00b2"}, "Class must be a whole number from 0 to 9, got '\u00b2'.")]
+    for change, message in refused:
+        assert demo.check(**{**good, **change}) == message, change
+
+
+def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named_by_its_seed(tmp_path):
+    """generate() gives the sampler the request as the sampling job takes it (whole numbers as
+    ints, though JSON may send 7.0; one condition per image), writes each image's pixels to
+    pixelflow_SEED_I.png in a new request folder, and leaves only the newest KEPT_REQUESTS folders."""
+    from pixelflow_jax import demo_app
+
+    class RecordingSampler:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, labels, **options):
+            self.calls.append((labels, options))
+            return [np.full((4, 4, 3), 40 * i, np.uint8) for i in range(len(labels))]
+
+    older = [tmp_path / f"old{i}" for i in range(demo_app.KEPT_REQUESTS)]
+    for age, folder in enumerate(older):
+        folder.mkdir()
+        os.utime(folder, ns=(age * 10**9, age * 10**9))  # all long before this request
+    demo = bare_demo(sampler=RecordingSampler(), output_dir=str(tmp_path))
+    paths = demo.generate(3.0, 3.0, "euler", 4, 2, [2.0, 3, 1, 1], 7.0)
+    (labels, options), = demo.sampler.calls
+    assert labels == [3, 3, 3] and all(type(label) is int for label in labels)
+    assert options == dict(steps_per_stage=[2, 3, 1, 1], cfg_scale=4.0, solver="euler", shift=2.0, seed=7)
+    assert type(options["seed"]) is int and type(options["cfg_scale"]) is float
+    assert [os.path.basename(path) for path in paths] == [f"pixelflow_7_{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.full((4, 4, 3), 40 * i, np.uint8))
+    assert demo.compile_key(3, "euler", 4.0, [2, 3, 1, 1]) in demo.compiled
+    kept = sorted(os.listdir(tmp_path))
+    assert len(kept) == demo_app.KEPT_REQUESTS and "old0" not in kept and os.path.dirname(paths[0]) in \
+        [str(tmp_path / name) for name in kept]
+
+
+def test_the_demo_status_line_names_the_class_as_a_whole_number_and_shortens_only_prompts_past_80_characters():
+    """An API client may send class 207.0 (named 'class 207'); a prompt of exactly
+    SHOWN_PROMPT_CHARS characters is shown whole, one character more is cut there with '...'."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.demo_app import SHOWN_PROMPT_CHARS
+
+    class PlainTokenizer:  # nothing cut, nothing unknown
+        max_length = 16
+
+        def tokenize(self, prompts):
+            return np.zeros((len(prompts), 16), np.int32), None, [False] * len(prompts)
+
+        def has_unknown_text(self, ids):
+            return [False] * len(ids)
+
+    assert bare_demo().named(207.0) == "class 207"
+    demo = bare_demo(text=True, prompt_encoder=SimpleNamespace(tokenizer=PlainTokenizer()))
+    exactly = "x" * SHOWN_PROMPT_CHARS
+    assert demo.named(exactly) == f"prompt {exactly!r}"
+    assert demo.named(exactly + "y") == f"prompt {exactly + '...'!r}"
+
+
+def test_the_class_picker_lists_imagenet_names_by_id_for_1000_classes_and_numbers_otherwise():
+    """Option i must send class id i: a name shifted by one would sample the class beside the one picked."""
+    from pixelflow_jax.demo_app import IMAGENET_NAMES, class_choices
+
+    names = json.load(open(IMAGENET_NAMES))
+    choices = class_choices(1000)
+    assert len(choices) == 1000 and all(choice == (f"{i}: {names[i]}", i) for i, choice in enumerate(choices))
+    assert class_choices(3) == [("class 0", 0), ("class 1", 1), ("class 2", 2)]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_the_demo_page_binds_to_this_machine_unless_told_to_share(monkeypatch, share):
+    """config.demo.share_on_network=False must keep the page (and the checkpoint it samples) off
+    the network: 127.0.0.1, not every interface."""
+    from pixelflow_jax import demo_app
+
+    class Bound(Exception):
+        pass
+
+    def bind(host, port):
+        raise Bound(host, port)
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setattr(demo_app, "check_port_free", bind)
+    with pytest.raises(Bound) as bound:
+        demo_app.run(c2i_config(**{"demo.share_on_network": share, "demo.port": 8123}))
+    assert bound.value.args == ("0.0.0.0" if share else "127.0.0.1", 8123)
+
+
 def test_the_demo_compiles_per_euler_step_counts_not_dopri5_ones():
     """The page said "Compiling..." whenever a step slider moved under dopri5, which uses none."""
     from pixelflow_jax.demo_app import DemoSampler
