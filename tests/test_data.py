@@ -1162,6 +1162,14 @@ def test_the_loaders_random_flip_setting_reaches_every_image():
     assert rising[False].all() and not rising[True].all() and rising[True].any()
 
 
+def test_the_loaders_centre_crop_setting_gives_each_image_adms_centre_crop():
+    """data.center_crop=True must reach the decoding: each image of a batch (IndexSource: label =
+    record) is ADM's centre crop of its record, not the release's resize and random crop."""
+    (images, labels), = batches(IndexSource(), 1, center_crop=True, random_flip=False)[0]
+    for image, label in zip(images, labels):
+        np.testing.assert_array_equal(image, decoding.adm_center_crop(Image.fromarray(IndexSource()[label]["image"]), R))
+
+
 def test_a_running_count_is_logged_when_it_first_happens_and_again_each_time_it_doubles(caplog):
     """Totals 0, 1, 2, 3, 5, 5, 8, 9: logged at 1 (the first), 2 (twice 1) and 5 (past twice 2),
     not at 3, 8 or 9 (below twice 5), nor for an add of nothing."""
