@@ -483,6 +483,8 @@ def test_a_process_reads_the_rows_its_devices_hold_wherever_the_mesh_puts_them()
     assert ProcessRows.of_sharding(FakeBatchSharding([(4, 6), (6, 8)]), 8) == ProcessRows(4, (1,))
     assert ProcessRows.of_sharding(FakeBatchSharding([(4, 6), (0, 2), (0, 2)]), 8) == ProcessRows(2, (0, 2))
     assert ProcessRows.of_sharding(FakeBatchSharding([(0, 8)]), 8) == ProcessRows(8, (0,))  # fsdp-only: replicated
+    # Rows 2-5 of 8: blocks of 2 (blocks 1 and 2), as a run's length (4) would misplace them at rows 0-3.
+    assert ProcessRows.of_sharding(FakeBatchSharding([(2, 4), (4, 6)]), 8) == ProcessRows(2, (1, 2))
 
     one_process, _ = batches(IndexSource(), 3, batch_size=8)
     interleaved = [batches(IndexSource(), 3, batch_size=8, start_batch=0, rows=ProcessRows(2, blocks))[0]
