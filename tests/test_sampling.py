@@ -297,3 +297,125 @@ def test_a_job_pads_its_batches_as_little_as_one_static_shape_allows():
     assert batch_for(50, 16, 8) == 16  # a multiple of the devices
     assert batch_for(4, 10**6, 8) == 8  # few images: no batch of 10**6 (it ran out of memory)
     assert batch_for(64, 16, 8) == 16
+
+
+def recorded_stages(sampler, monkeypatch, options, cond, uncond, batch=2):
+    """Runs sampler.sample with every stage program replaced by a recorder (no model runs, nothing
+    compiles): [(renoise, alpha, beta, solver, schedule, guidance)] per stage, in stage order."""
+    from pixelflow_jax.sampling import cascade
+    from pixelflow_jax.scheduler import stage_resolutions
+
+    calls = []
+
+    def recording(graphdef, renoise, alpha, beta, solver):
+        def run(state, x, noise, cond, uncond, schedule, guidance):
+            calls.append((renoise, alpha, beta, solver, schedule, guidance))
+            return np.zeros(np.shape(noise) if renoise else np.shape(x), np.float32)
+        return run
+
+    monkeypatch.setattr(cascade, "_stage_program", recording)
+    sizes = stage_resolutions(sampler.resolution, sampler.scheduler.num_stages)
+    noise = [np.zeros((batch, r, r, 3), np.float32) for r in sizes]
+    sampler.sample(noise[0], noise[1:], cond, uncond, options)
+    return calls
+
+
+def test_each_euler_stage_gets_the_release_grid_renoise_and_guidance(tiny, golden, monkeypatch):
+    """Pins what each stage program is handed, against the release's recorded scheduler grids and
+    PARITY's formulas in float64: the Euler timesteps (descending noise, stage-wise, with the
+    shift) and float32 step sizes; renoising only from stage 1, with alpha = 1 / (sqrt(1 - 1/gamma)
+    (1 - t0) + t0), beta = alpha (1 - t0) / sqrt(-gamma); guidance 1 + (cfg - 1) w_s, none at g = 1."""
+    g, gamma, cfg = golden["c2i_tiny"], -1.0 / 3.0, 3.0
+    cond, uncond = class_conditioning([1, 2], 1000)
+    calls = recorded_stages(tiny[2], monkeypatch, SamplingOptions.create(4, 7, cfg_scale=cfg, shift=3.0), cond, uncond)
+    assert len(calls) == 4
+    for stage, (renoise, alpha, beta, solver, (timesteps, dts), guidance) in enumerate(calls):
+        assert solver == "euler" and renoise == (stage > 0)
+        t0 = float(g[f"sched_original_start_t_{stage}"])
+        expected_alpha = 1.0 / (np.sqrt(1.0 - 1.0 / gamma) * (1.0 - t0) + t0)
+        if stage > 0:
+            assert alpha == pytest.approx(expected_alpha, rel=1e-12)
+            assert beta == pytest.approx(expected_alpha * (1.0 - t0) / np.sqrt(-gamma), rel=1e-12)
+        np.testing.assert_allclose(timesteps, g[f"sched_set_7_3.0_{stage}_Timesteps"].astype(np.float32), rtol=1e-6)
+        np.testing.assert_array_equal(dts, np.diff(g[f"sched_set_7_3.0_{stage}_t"].astype(np.float32)))
+        weight = [0.0, 1.0 / 6.0, 2.0 / 3.0, 1.0][stage]
+        if weight == 0:
+            assert guidance is None  # g = 1: the unguided half-batch program
+        else:
+            assert guidance == pytest.approx(1.0 + (cfg - 1.0) * weight, rel=1e-6)
+
+
+def test_each_dopri5_stage_gets_its_timestep_range_and_the_asked_tolerances(tiny, golden, monkeypatch):
+    """dopri5 maps t in [0, 1] onto the stage's first..last Timesteps_per_stage entry with the
+    rtol / atol the caller asked for (not the defaults, not swapped)."""
+    g = golden["c2i_tiny"]
+    cond, uncond = class_conditioning([1, 2], 1000)
+    options = SamplingOptions.create(4, 1, cfg_scale=2.0, solver="dopri5", rtol=2e-4, atol=3e-7)
+    calls = recorded_stages(tiny[2], monkeypatch, options, cond, uncond)
+    for stage, (_, _, _, solver, schedule, _) in enumerate(calls):
+        table = g[f"sched_Timesteps_per_stage_{stage}"]
+        assert solver == "dopri5"
+        np.testing.assert_allclose(schedule, np.float32([table[0], table[-1], 2e-4, 3e-7]), rtol=1e-6)
+
+
+def test_a_text_conditional_model_is_guided_by_cfg_at_every_stage(converted, monkeypatch):
+    """Text-conditional: g_s = cfg at every stage (the class schedule, g_0 = 1, is class models' only)."""
+    model, config = load_model(converted["t2i_tiny"])
+    sampler = CascadeSampler(model, config)
+    states = {"encoder_hidden_states": np.zeros((2, 4, 20), np.float32),
+              "encoder_attention_mask": np.ones((2, 4), np.int32)}
+    calls = recorded_stages(sampler, monkeypatch, SamplingOptions.create(4, 2, cfg_scale=4.0), states, states)
+    assert [guidance for *_, guidance in calls] == [4.0] * 4
+
+
+class VelocityOfLabels:
+    """A stand-in model: v = x * (1 + label) + timestep / 1000, so each row shows which label and
+    timestep it got."""
+
+    def __call__(self, x, timesteps, class_labels):
+        scale = (1.0 + class_labels.astype(np.float32))[:, None, None, None]
+        return x * scale + timesteps[:, None, None, None] / 1000.0
+
+
+def test_guided_velocity_is_uncond_plus_scale_times_cond_minus_uncond():
+    """v = v_u + g (v_c - v_u) per image, v_u from the null class and v_c from the image's own,
+    both at the same timestep; no guidance (None) is v_c alone."""
+    from pixelflow_jax.sampling.cascade import guided_velocity
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 2, 2, 3)).astype(np.float32)
+    cond, uncond = class_conditioning([2, 5, 7], 10)
+    model = VelocityOfLabels()
+    v = lambda labels: x.astype(np.float64) * (1.0 + labels)[:, None, None, None] + 0.4
+    v_c, v_u = v(np.array([2, 5, 7])), v(np.array([10, 10, 10]))
+    got = guided_velocity(model, jax.numpy.asarray(x), np.float32(400.0), cond, uncond, np.float32(2.5))
+    np.testing.assert_allclose(np.asarray(got), v_u + 2.5 * (v_c - v_u), rtol=1e-5, atol=1e-5)
+    unguided = guided_velocity(model, jax.numpy.asarray(x), np.float32(400.0), cond, uncond, None)
+    np.testing.assert_allclose(np.asarray(unguided), v_c, rtol=1e-5, atol=1e-5)
+
+
+def test_dopri5_integrates_over_the_stage_timesteps_with_the_tolerances_it_is_given():
+    """dx/dt = v(x, T(t)) for t in [0, 1], T(t) = T_first + t (T_last - T_first), here with
+    v = 4 x + (T - 800) / 100: from 900 down to 700 the result is x0 e^4 + int_0^1 e^(4 (1 - s))
+    (1 - 2 s) ds (scipy quad, float64), which the reverse direction does not give. At T = 800
+    throughout (x0 e^4) the error follows rtol where |x| is large and atol where it is small, each
+    reaching the step control as given."""
+    import functools
+
+    from scipy import integrate
+
+    from pixelflow_jax.sampling.cascade import _dopri5
+
+    solve = jax.jit(functools.partial(_dopri5, lambda x, T: 4.0 * x + (T - 800.0) / 100.0))
+    f32 = np.float32
+    got = solve(np.full((1, 1), 0.5, f32), f32(900.0), f32(700.0), f32(1e-6), f32(1e-9))
+    forcing = integrate.quad(lambda s: np.exp(4.0 * (1 - s)) * (1 - 2 * s), 0, 1, epsabs=1e-13)[0]
+    np.testing.assert_allclose(np.asarray(got), 0.5 * np.exp(4.0) + forcing, rtol=1e-4)
+
+    def error(x0, rtol, atol):
+        x = solve(np.full((1, 1), x0, f32), f32(800.0), f32(800.0), f32(rtol), f32(atol))
+        return float(np.abs(np.asarray(x, np.float64) / (x0 * np.exp(4.0)) - 1).max())
+
+    assert error(1.0, 1e-1, 1e-12) > 10 * error(1.0, 1e-6, 1e-12)  # rtol reaches the solver
+    assert error(1e-4, 1e-12, 1e-5) > 10 * error(1e-4, 1e-12, 1e-8)  # atol too
+    assert error(100.0, 1e-1, 1e-6) > 10 * error(100.0, 1e-6, 1e-1)  # each as itself (|x| >= 100: rtol governs)
