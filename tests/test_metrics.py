@@ -66,18 +66,33 @@ def test_identical_sets_give_zero_and_a_shift_gives_more():
     assert shifted[0] == pytest.approx(32 * 0.1**2, rel=1e-9)  # a pure shift adds |shift|^2
 
 
-def test_inception_score_equals_numpy_reference():
-    rng = np.random.default_rng(2)
-    logits = rng.standard_normal((23, 10)) * 3
+def numpy_inception_score(logits, split_size):
     preds = np.exp(logits - logits.max(1, keepdims=True))
     preds /= preds.sum(1, keepdims=True)
     scores = []
-    for i in range(0, 23, 7):  # chunks of 7, the last one partial
-        part = preds[i:i + 7]
+    for i in range(0, len(preds), split_size):  # consecutive chunks, the last one maybe partial
+        part = preds[i:i + split_size]
         kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
         scores.append(np.exp(kl.sum(1).mean()))
-    assert metrics.inception_score(logits, split_size=7) == pytest.approx(np.mean(scores), rel=1e-12)
+    return np.mean(scores)
+
+
+def test_inception_score_equals_numpy_reference():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((23, 10)) * 3
+    assert metrics.inception_score(logits, split_size=7) == pytest.approx(numpy_inception_score(logits, 7), rel=1e-12)
     assert metrics.inception_score(np.zeros((10, 5))) == pytest.approx(1.0)  # uniform: score 1
+
+
+def test_inception_score_splits_into_adms_chunks_of_5000_by_default():
+    """ADM scores 50k samples as 10 chunks of 5000 and averages: one score over all samples is
+    another number (here each chunk is sharper than the last, and the chunks' classes differ)."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((12_000, 4)) * np.repeat([1.0, 3.0, 6.0], [5000, 5000, 2000])[:, None]
+    logits[5000:10_000, 0] += 4.0
+    expected = numpy_inception_score(logits, 5000)
+    assert metrics.inception_score(logits) == pytest.approx(expected, rel=1e-10)
+    assert abs(numpy_inception_score(logits, len(logits)) - expected) > 0.1  # the split matters here
 
 
 def brute_force_precision_recall(reference, samples, k=3):
@@ -102,6 +117,14 @@ def test_precision_recall_equals_brute_force_knn():
     assert got == pytest.approx(expected, abs=1e-12)
     assert 0 < got[0] < 1 and 0 < got[1] < 1
     assert metrics.precision_recall(reference, reference, block=64) == (1.0, 1.0)
+    # Closed balls, as ADM's `distance <= radius`: 4 copies of one reference image have radius 0,
+    # and a sample equal to that image lies in their ball; repeated samples likewise.
+    # (The same shapes as above: nothing compiles again.)
+    reference_dup = np.concatenate([np.repeat(reference[:1], 4, axis=0), reference[4:]])
+    samples_dup = np.concatenate([reference[:1], np.repeat(samples[1:2], 4, axis=0), samples[5:]])
+    got = metrics.precision_recall(reference_dup, samples_dup, block=64)
+    assert got == pytest.approx(brute_force_precision_recall(reference_dup, samples_dup), abs=1e-12)
+    assert got[0] > 0  # the exact copy is inside
     # With k or fewer images a set's balls never close (ADM's np.partition raises): an error, not 0 and 1.
     with pytest.raises(ValueError, match="need more than 3 images in each set .* got 3"):
         metrics.precision_recall(reference, samples[:3], block=64)
@@ -427,3 +450,45 @@ def test_a_reference_holding_the_samples_own_images_is_said_to_measure_nothing(t
         evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "run"), batch_size=8)
         assert ("hold the same images (their shapes and CRCs agree): the metrics are those of a perfect match"
                 in caplog.text) == same, caplog.text
+
+
+def test_stored_reference_statistics_are_used_and_missing_ones_computed(tmp_path, monkeypatch):
+    """A reference .npz with mu / sigma gives FID its own statistics, not those of its images'
+    features; without mu_s / sigma_s the sFID statistics come from the spatial features."""
+    monkeypatch.setattr(evaluate, "STATISTICS_SHAPES", {"mu": (3,), "sigma": (3, 3), "mu_s": (2,), "sigma_s": (2, 2)})
+    rng = np.random.default_rng(8)
+    mu, sigma = rng.normal(size=3), np.diag([1.0, 2.0, 3.0])
+    reference = images_npz(tmp_path / "reference.npz", 0, mu=mu, sigma=sigma)
+    features = dict(pool=rng.normal(size=(10, 3)), spatial=rng.normal(size=(10, 2)))
+    (got_mu, got_sigma), (mu_s, sigma_s) = evaluate.reference_statistics(reference, features)
+    np.testing.assert_array_equal(got_mu, mu)
+    np.testing.assert_array_equal(got_sigma, sigma)
+    np.testing.assert_allclose(mu_s, features["spatial"].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma_s, np.cov(features["spatial"].T), rtol=1e-12)
+
+
+def test_npz_batches_from_a_middle_row_read_every_row_once_in_order(tmp_path):
+    """A process's block [first, stop) read in batches smaller than the block: the skip to `first`
+    happens once, the last batch is partial, and rows after `stop` are not read."""
+    path = images_npz(tmp_path / "images.npz", 3, size=4, count=11)
+    with np.load(path) as f:
+        images = f["arr_0"]
+    for compressed in (False, True):
+        if compressed:
+            np.savez_compressed(path, arr_0=images)
+        batches = list(evaluate.npz_batches(path, 3, first=2, stop=10))
+        assert [len(b) for b in batches] == [3, 3, 2]
+        np.testing.assert_array_equal(np.concatenate(batches), images[2:10])
+        np.testing.assert_array_equal(np.concatenate(list(evaluate.npz_batches(path, 4))), images)
+
+
+def test_the_feature_batch_rounds_up_to_a_multiple_of_the_devices(tiny_inception, tmp_path):
+    """batch_size 3 on 8 devices is 8 (rounded down it was 0); every image's features come back,
+    the padding rows of the last batch dropped."""
+    extract = evaluate.FeatureExtractor(tiny_inception, 3)
+    assert extract.batch_size == 8 and evaluate.FeatureExtractor(tiny_inception, 9).batch_size == 16
+    path = images_npz(tmp_path / "images.npz", 4, count=11)
+    features = extract(path)
+    with np.load(path) as f:
+        expected = np.asarray(TinyInception(np.load(tiny_inception))(jnp.asarray(f["arr_0"], jnp.float32))[0])
+    np.testing.assert_allclose(features["pool"], expected, rtol=1e-5, atol=1e-6)
