@@ -155,6 +155,43 @@ def test_resize_is_tensorflow_legacy_bilinear():
         assert weights[i, low + 1] == np.float32(source - np.float32(low)), i
 
 
+def test_resize_to_input_resizes_rows_and_columns_each_by_their_own_size():
+    """Non-square images: rows by the height's weights, columns by the width's, as TensorFlow's
+    resize_bilinear samples pixel (y * H / 299, x * W / 299), written here pixel by pixel in float64."""
+    from pixelflow_jax.evaluation.inception import INPUT_SIZE, resize_to_input
+
+    images = np.random.default_rng(2).integers(0, 256, (2, 3, 5, 3)).astype(np.uint8)
+
+    def taps(i, size):  # (low, high, weight of high) of output index i
+        source = float(np.float32(i) * np.float32(size / INPUT_SIZE))
+        low = int(np.floor(source))
+        return low, min(low + 1, size - 1), source - low
+
+    expected = np.zeros((2, INPUT_SIZE, INPUT_SIZE, 3))
+    for y in range(INPUT_SIZE):
+        y0, y1, fy = taps(y, 3)
+        row = images[:, y0].astype(np.float64) * (1 - fy) + images[:, y1] * fy  # (2, 5, 3)
+        x0, x1, fx = (np.array(v) for v in zip(*(taps(x, 5) for x in range(INPUT_SIZE))))
+        expected[:, y] = row[:, x0] * (1 - fx)[:, None] + row[:, x1] * fx[:, None]
+    got = np.asarray(resize_to_input(images))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_images_of_any_size_are_resized_to_299_before_the_network():
+    """By default the model resizes (the evaluation passes its images as they are): a 32 x 32 batch
+    reaches Mixed_6d at 17 x 17, so sFID's features are ADM's 17 * 17 * 7 (shapes only, traced)."""
+    import jax
+    from flax import nnx
+
+    from pixelflow_jax.evaluation.inception import InceptionV3
+
+    graphdef, state = nnx.split(nnx.eval_shape(InceptionV3))
+    shapes = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                            jax.ShapeDtypeStruct((2, 32, 32, 3), np.uint8))
+    assert [s.shape for s in shapes] == [(2, 2048), (2, 17 * 17 * 7), (2, 1008)]
+
+
 def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
     from pixelflow_jax.evaluation.inception_convert import load_inception
 
