@@ -117,14 +117,12 @@ def test_precision_recall_equals_brute_force_knn():
     assert got == pytest.approx(expected, abs=1e-12)
     assert 0 < got[0] < 1 and 0 < got[1] < 1
     assert metrics.precision_recall(reference, reference, block=64) == (1.0, 1.0)
-    # Closed balls, as ADM's `distance <= radius`: 4 copies of one reference image have radius 0,
-    # and a sample equal to that image lies in their ball; repeated samples likewise.
-    # (The same shapes as above: nothing compiles again.)
+    # Closed balls, as ADM's `distance <= radius`: 4 copies of one image in either set have radius 0
+    # and hold the copies of that image in the other set (the same shapes as above: no new compile).
     reference_dup = np.concatenate([np.repeat(reference[:1], 4, axis=0), reference[4:]])
-    samples_dup = np.concatenate([reference[:1], np.repeat(samples[1:2], 4, axis=0), samples[5:]])
+    samples_dup = np.concatenate([np.repeat(reference[:1], 4, axis=0), samples[4:]])
     got = metrics.precision_recall(reference_dup, samples_dup, block=64)
     assert got == pytest.approx(brute_force_precision_recall(reference_dup, samples_dup), abs=1e-12)
-    assert got[0] > 0  # the exact copy is inside
     # With k or fewer images a set's balls never close (ADM's np.partition raises): an error, not 0 and 1.
     with pytest.raises(ValueError, match="need more than 3 images in each set .* got 3"):
         metrics.precision_recall(reference, samples[:3], block=64)
@@ -492,3 +490,11 @@ def test_the_feature_batch_rounds_up_to_a_multiple_of_the_devices(tiny_inception
     with np.load(path) as f:
         expected = np.asarray(TinyInception(np.load(tiny_inception))(jnp.asarray(f["arr_0"], jnp.float32))[0])
     np.testing.assert_allclose(features["pool"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_file_of_k_images_is_refused_before_any_work(tmp_path):
+    """Precision and recall need more than k = 3 images (a ball reaches neighbour number 3): a file
+    of 3 is refused when its header is read, 4 pass."""
+    with pytest.raises(ValueError, match=r"holds 3 images: precision and recall need more than 3"):
+        evaluate.npz_image_count(images_npz(tmp_path / "three.npz", 0, count=3))
+    assert evaluate.npz_image_count(images_npz(tmp_path / "four.npz", 0, count=4)) == 4
