@@ -322,7 +322,7 @@ def recorded_stages(sampler, monkeypatch, options, cond, uncond, batch=2):
 
 def test_each_euler_stage_gets_the_release_grid_renoise_and_guidance(tiny, golden, monkeypatch):
     """Pins what each stage program is handed, against the release's recorded scheduler grids and
-    PARITY's formulas in float64: the Euler timesteps (descending noise, stage-wise, with the
+    the release's formulas in float64: the Euler timesteps (descending noise, stage-wise, with the
     shift) and float32 step sizes; renoising only from stage 1, with alpha = 1 / (sqrt(1 - 1/gamma)
     (1 - t0) + t0), beta = alpha (1 - t0) / sqrt(-gamma); guidance 1 + (cfg - 1) w_s, none at g = 1."""
     g, gamma, cfg = golden["c2i_tiny"], -1.0 / 3.0, 3.0
