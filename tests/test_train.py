@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -347,6 +348,15 @@ def test_each_image_draws_a_stage_and_any_of_the_timestep_indexes():
     counts = np.bincount(np.asarray(draws.timestep_index), minlength=8)
     assert len(counts) == 8 and counts.min() > 0.75 * 512 and counts.max() < 1.25 * 512, counts  # 0..7, evenly
     assert list(np.bincount(np.asarray(draws.stage_of_image))) == [1024] * NUM_STAGES  # B / S of each stage
+    # N(0, 1) noise (not scaled, not uniform) at each stage's resolution, from a key of each stage's
+    # own: with one key for all, a smaller stage's noise is a copy of the larger one's first values.
+    noise = [np.asarray(n, np.float64) for n in draws.noise]
+    assert [n.shape for n in noise] == [(1024, r, r, 3) for r in (1, 2, 4, 8)]
+    for n in noise:
+        assert abs(n.mean()) < 0.05 and abs(n.std() - 1) < 0.03
+        assert 0.035 < np.mean(np.abs(n) > 2) < 0.056, np.mean(np.abs(n) > 2)  # N(0, 1): 4.55% beyond 2 sigma
+    for smaller, larger in zip(noise, noise[1:]):
+        assert abs(np.corrcoef(smaller.ravel(), larger.ravel()[:smaller.size])[0, 1]) < 0.1
 
 
 def test_the_configs_training_settings_reach_the_step():
@@ -374,6 +384,96 @@ def test_label_dropout_gives_the_null_class_at_its_rate_and_keeps_the_other_labe
     changed = dropped != labels
     assert set(dropped[changed]) == {1000}  # the null class, id num_classes
     assert 0.27 < changed.mean() < 0.33
+
+
+def test_stage_batches_refuse_a_batch_the_stages_do_not_divide():
+    tables = StageTables.from_scheduler(PixelFlowScheduler(num_stages=2))
+    draws = Draws(np.zeros(3, np.int32), np.zeros(3, np.int32), (np.zeros((1, 4, 4, 1)), np.zeros((1, 8, 8, 1))))
+    with pytest.raises(ValueError, match=r"the batch \(3\) must be divisible by the number of stages \(2\)"):
+        stage_batches(np.zeros((3, 8, 8, 1), np.uint8), {"class_labels": np.zeros(3, np.int32)}, draws, tables)
+
+
+def test_clipping_adamw_and_ema_follow_a_float64_reference_over_three_updates():
+    """make_optimizer + apply_gradients against torch's recipe written in float64 numpy: clip_grad_norm_
+    (scale min(1, max_norm / (norm + 1e-6)), so a gradient under the limit is left alone), decoupled
+    AdamW with bias correction, the warmup schedule counted in updates (update 0 at rate 0), then the
+    EMA of the new weights. Every hyper-parameter differs from its default, so each must reach optax."""
+    from pixelflow_jax.training.train_step import apply_gradients
+
+    cfg = StepConfig(lr=0.1, warmup_steps=2, b1=0.8, b2=0.95, eps=1e-3, weight_decay=0.1, grad_clip=0.5)
+    ema_decay = 0.9
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    grads = [jax.tree.map(lambda p: (scale * rng.normal(size=p.shape)).astype(np.float32), params)
+             for scale in (1.0, 0.05, 2.0)]  # global norms ~3, ~0.15 (under grad_clip), ~6
+    assert optax.tree.norm(grads[1]) < cfg.grad_clip < optax.tree.norm(grads[0])
+    tx = make_optimizer(cfg)
+    update = jax.jit(lambda p, o, e, g: apply_gradients(p, o, e, g, tx, ema_decay))
+    state = (params, tx.init(params), params)
+
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    e, m, v = dict(p), {k: 0.0 * x for k, x in p.items()}, {k: 0.0 * x for k, x in p.items()}
+    for count, g in enumerate(grads):
+        state = update(*state, g)
+        norm = np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in g.values()))
+        scale = min(1.0, cfg.grad_clip / (norm + 1e-6))
+        lr = cfg.lr * min(1.0, count / cfg.warmup_steps)
+        for k in p:
+            gk = g[k] * scale
+            m[k] = cfg.b1 * m[k] + (1 - cfg.b1) * gk
+            v[k] = cfg.b2 * v[k] + (1 - cfg.b2) * gk ** 2
+            m_hat, v_hat = m[k] / (1 - cfg.b1 ** (count + 1)), v[k] / (1 - cfg.b2 ** (count + 1))
+            p[k] = p[k] - lr * (m_hat / (np.sqrt(v_hat) + cfg.eps) + cfg.weight_decay * p[k])
+            e[k] = ema_decay * e[k] + (1 - ema_decay) * p[k]
+        for name, ours, expected in (("params", state[0], p), ("ema", state[2], e)):
+            for k in p:
+                np.testing.assert_allclose(np.asarray(ours[k]), expected[k], rtol=2e-5, atol=1e-6,
+                                           err_msg=f"{name}[{k}] after update {count}")
+
+
+def test_a_new_train_state_starts_at_step_0_with_its_ema_a_copy_of_the_weights():
+    from pixelflow_jax.training.train_step import state_from_params
+
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
+    tx = make_optimizer(StepConfig())
+    state = state_from_params(params, tx, seed=3)
+    for key in ("params", "ema"):
+        for k in params:
+            np.testing.assert_array_equal(np.asarray(state[key][k]), params[k])
+    assert int(state["step"]) == int(state["skipped_steps"]) == int(state["bad_steps_in_a_row"]) == 0
+    np.testing.assert_array_equal(np.asarray(state["rng"]), np.asarray(jax.random.key_data(training_root_key(3))))
+
+
+def test_a_non_finite_step_changes_only_its_counters_and_the_next_good_step_resets_the_run(single_device):
+    """A NaN pixel makes the loss and gradients NaN: weights, EMA, optimiser state (its moments and
+    update count) and RNG stay bit for bit, the step count still advances, the skip is counted. The
+    finite step after it updates the weights and the EMA (ema_decay * ema + (1 - ema_decay) * the new
+    weights), leaves the skip count and ends the run of bad steps; its loss is the mean of the
+    stages' (equal-sized) losses."""
+    state, step = single_device
+    state = jax.tree.map(lambda x: x.copy(), state)
+    state["step"] = jax.numpy.asarray(3, jax.numpy.int32)
+    before = jax.tree.map(np.asarray, state)
+    images, labels = float_demo_batch(0)
+    images[0, 0, 0, 0] = np.nan
+    state, metrics = step(state, images, labels)
+    assert np.isnan(float(metrics["loss"])) and int(metrics["bad_steps_in_a_row"]) == 1
+    assert (int(state["step"]), int(state["skipped_steps"]), int(state["bad_steps_in_a_row"])) == (4, 1, 1)
+    for key in ("params", "ema", "opt_state", "rng"):
+        for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(state[key])):
+            np.testing.assert_array_equal(a, np.asarray(b), err_msg=key)
+
+    state, metrics = step(state, *float_demo_batch(0))
+    assert int(metrics["bad_steps_in_a_row"]) == 0
+    assert (int(state["step"]), int(state["skipped_steps"]), int(state["bad_steps_in_a_row"])) == (5, 1, 0)
+    stage_losses = [float(metrics[f"loss_stage{s}"]) for s in range(NUM_STAGES)]
+    assert float(metrics["loss"]) == pytest.approx(np.mean(stage_losses), rel=1e-6)
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)])
+    new_params, old_ema, new_ema = flat(state["params"]), flat(before["ema"]), flat(state["ema"])
+    assert np.mean(new_params != flat(before["params"])) > 0.5
+    decay = StepConfig().ema_decay
+    np.testing.assert_allclose(new_ema, decay * old_ema + (1 - decay) * new_params, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(state["rng"]), before["rng"])
 
 
 @pytest.mark.slow  # ~30 s: the step and the halves' gradients compiled
@@ -418,6 +518,140 @@ def test_gradient_accumulation_averages_the_micro_batches():
     difference = np.abs(flat(new_state["params"]) - flat(expected))
     # Adam's first step is lr * g / (|g| + eps): a tiny gradient's rounding moves it a little.
     assert difference.max() <= 0.01 * step_cfg.lr and np.median(difference) <= 1e-7
+
+
+class StandInLoop:
+    """train.train with a stand-in step (no model, no compilation) on a train state of a few
+    scalars (saves in milliseconds): what the loop does around the step, in a second. The stand-in
+    step records each call's step and a checksum of its batch (the data position), and makes the
+    steps in `bad` non-finite as train_step counts them; write_preview only records its step."""
+
+    def __init__(self, monkeypatch, bad=()):
+        from pixelflow_jax.sharding import replicated
+        from pixelflow_jax.training import train
+
+        self.train, self.bad, self.calls, self.previews = train, set(bad), [], []
+
+        def initial_state(config, model_cfg, tx, mesh, init_model=None, shapes_only=False):
+            zero = jax.numpy.zeros((), jax.numpy.int32)
+            state = {"step": zero, "params": {"w": jax.numpy.zeros(2)}, "ema": {"w": jax.numpy.zeros(2)},
+                     "bad_steps_in_a_row": zero,
+                     "skipped_steps": zero}
+            shardings = jax.tree.map(lambda _: replicated(mesh), state)
+            return None, jax.device_put(state, shardings), shardings
+
+        def make_train_step(model_cfg, graphdef, tables, *args, **kwargs):
+            def step(state, images, labels):
+                number = int(state["step"]) + 1
+                self.calls.append((number, float(np.asarray(images, np.float64).sum())))
+                bad = number in self.bad
+                counted = {"step": state["step"] + 1, "params": state["params"], "ema": state["ema"],
+                           "bad_steps_in_a_row": (state["bad_steps_in_a_row"] + 1) * bad,
+                           "skipped_steps": state["skipped_steps"] + bad}
+                metrics = {"loss": np.float32(number), "grad_norm": np.float32(1),
+                           "bad_steps_in_a_row": counted["bad_steps_in_a_row"],
+                           **{f"loss_stage{s}": np.float32(number) for s in range(tables.num_stages)}}
+                return counted, metrics
+            return step
+
+        monkeypatch.setattr(train, "initial_state", initial_state)
+        monkeypatch.setattr(train, "make_train_step", make_train_step)
+        monkeypatch.setattr(train, "write_preview", lambda *args, **kwargs: self.previews.append(args[5]) or {})
+
+    @staticmethod
+    def config(**train_settings):
+        from configs import c2i
+
+        config = c2i.get_config("tiny")
+        config.scheduler.num_stages, config.data.resolution = 2, 16
+        config.train.update(batch_size=16, keep_checkpoints=5, **train_settings)  # 2 stages x the 8 test devices
+        return config
+
+    def run(self, config, workdir):
+        self.calls.clear()
+        self.previews.clear()
+        return self.train.train(config, str(workdir))
+
+
+def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_the_data_where_it_stopped(
+        tmp_path, monkeypatch):
+    """Steps 1..num_steps, each once; logged: every log_every steps, every preview step and the
+    last; saved: every checkpoint_every steps and the last; previews every preview_every steps. The
+    logged lr is the schedule's rate of the update the step applied: updates count the steps that
+    were not skipped (step 2 is). A resume from step 6 trains steps 7.. on the batches of an
+    uninterrupted run, keeps the metrics lines up to step 6 only, and draws step 6's preview, which its stand-in
+    never wrote (as a stop during a preview step leaves it)."""
+    loop = StandInLoop(monkeypatch, bad={2})
+    warmup, lr = 4, 1e-4
+    config = loop.config(num_steps=7, log_every=3, checkpoint_every=3, preview_every=2, warmup_steps=warmup, lr=lr)
+    loop.run(config, tmp_path)
+    first = dict(loop.calls)
+    assert [step for step, _ in loop.calls] == list(range(1, 8))
+    assert loop.previews == [2, 4, 6]
+    assert loop.train.complete_steps(str(tmp_path)) == [3, 6, 7]
+    logged = metrics_steps(tmp_path)
+    assert [r["step"] for r in logged] == [2, 3, 4, 6, 7]
+    assert [r["skipped_steps"] for r in logged] == [1] * 5
+    updates = [r["step"] - 1 - r["skipped_steps"] for r in logged]  # updates applied before this step's
+    assert [r["lr"] for r in logged] == pytest.approx([lr * min(1, u / warmup) for u in updates], rel=1e-6)
+
+    shutil.rmtree(tmp_path / "checkpoints" / "7")  # as if step 7's save had been killed midway
+    config.train.num_steps = 9
+    loop.run(config, tmp_path)
+    assert [step for step, _ in loop.calls] == [7, 8, 9]
+    assert loop.calls[0][1] == first[7]  # the batch of step 7 again
+    assert loop.previews == [6, 8]
+    # The first run's line of step 7, past the checkpoint resumed from, is gone (no longer its last step,
+    # the resumed run's step 7 is neither logged nor previewed).
+    assert [r["step"] for r in metrics_steps(tmp_path)] == [2, 3, 4, 6, 8, 9]
+    assert loop.train.complete_steps(str(tmp_path)) == [3, 6, 9]
+
+
+@pytest.mark.parametrize("bad,checkpoint_every,stopped_at", [
+    ({2, 3, 4}, 4, 3),  # step 3 is the 2nd bad step in a row: read once step 4 is queued
+    ({3, 4}, 4, 4),  # step 4, the 2nd, is due to be saved: read first, and not saved
+])
+def test_the_loop_stops_at_max_bad_steps_in_a_row_before_logging_or_saving_the_last(tmp_path, monkeypatch, bad,
+                                                                                     checkpoint_every, stopped_at):
+    loop = StandInLoop(monkeypatch, bad=bad)
+    config = loop.config(num_steps=8, log_every=100, checkpoint_every=checkpoint_every, preview_every=0,
+                         max_bad_steps=2)
+    with pytest.raises(loop.train.TrainingStopped, match=rf"2 non-finite steps in a row \(train.max_bad_steps\); "
+                                                         rf"stopped at step {stopped_at} without saving"):
+        loop.run(config, tmp_path)
+    assert loop.train.complete_steps(str(tmp_path)) == []
+
+
+def test_a_preview_is_owed_at_a_saved_preview_step_without_its_image():
+    from pixelflow_jax.training.train import preview_owed, preview_path
+
+    with tempfile.TemporaryDirectory() as workdir:
+        assert [preview_owed(workdir, step, 2) for step in (0, 3, 4)] == [False, False, True]
+        assert not preview_owed(workdir, 4, 0)  # no previews
+        os.makedirs(os.path.dirname(preview_path(workdir, 4)))
+        open(preview_path(workdir, 4), "wb").close()
+        assert not preview_owed(workdir, 4, 2)
+
+
+def test_grad_accumulation_counts_in_the_batch_split_and_a_warmup_as_long_as_the_run_is_named(caplog):
+    """batch 8 over 4 stages x 2 micro-batches leaves 1 image per stage and micro-batch: fine on 1
+    device, refused when the 2 micro-batches are forgotten (4 stages on 1 device would accept 4).
+    warmup_steps = num_steps: step num_steps applies the rate of update num_steps - 1, below lr."""
+    import logging
+    from types import SimpleNamespace
+
+    from configs import c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training.train import validate
+
+    config = c2i.get_config("tiny")
+    config.train.update(batch_size=4, grad_accum_steps=2, num_steps=5, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"= 4 x 1 x 2: try 8"):
+        validate(config, ModelConfig.from_mapping(config.model), SimpleNamespace(size=1))
+    config.train.batch_size = 8
+    with caplog.at_level(logging.WARNING):
+        validate(config, ModelConfig.from_mapping(config.model), SimpleNamespace(size=1))
+    assert "train.warmup_steps (5) is not below train.num_steps (5)" in caplog.text
 
 
 MULTIPROCESS_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_guard")
