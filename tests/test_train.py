@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -613,6 +612,9 @@ def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_
 ])
 def test_the_loop_stops_at_max_bad_steps_in_a_row_before_logging_or_saving_the_last(tmp_path, monkeypatch, bad,
                                                                                      checkpoint_every, stopped_at):
+    """train.max_bad_steps non-finite steps in a row stop the run at the step that makes them, read
+    either while the next step is queued or, on a step due to be saved, before its save: nothing of
+    it is saved."""
     loop = StandInLoop(monkeypatch, bad=bad)
     config = loop.config(num_steps=8, log_every=100, checkpoint_every=checkpoint_every, preview_every=0,
                          max_bad_steps=2)
@@ -622,15 +624,17 @@ def test_the_loop_stops_at_max_bad_steps_in_a_row_before_logging_or_saving_the_l
     assert loop.train.complete_steps(str(tmp_path)) == []
 
 
-def test_a_preview_is_owed_at_a_saved_preview_step_without_its_image():
+def test_a_preview_is_owed_at_a_saved_preview_step_without_its_image(tmp_path):
+    """What a resume at `step` draws first: only a preview step (not step 0, not with previews off)
+    whose image is missing."""
     from pixelflow_jax.training.train import preview_owed, preview_path
 
-    with tempfile.TemporaryDirectory() as workdir:
-        assert [preview_owed(workdir, step, 2) for step in (0, 3, 4)] == [False, False, True]
-        assert not preview_owed(workdir, 4, 0)  # no previews
-        os.makedirs(os.path.dirname(preview_path(workdir, 4)))
-        open(preview_path(workdir, 4), "wb").close()
-        assert not preview_owed(workdir, 4, 2)
+    workdir = str(tmp_path)
+    assert [preview_owed(workdir, step, 2) for step in (0, 3, 4)] == [False, False, True]
+    assert not preview_owed(workdir, 4, 0)  # no previews
+    os.makedirs(os.path.dirname(preview_path(workdir, 4)))
+    open(preview_path(workdir, 4), "wb").close()
+    assert not preview_owed(workdir, 4, 2)
 
 
 def test_grad_accumulation_counts_in_the_batch_split_and_a_warmup_as_long_as_the_run_is_named(caplog):
