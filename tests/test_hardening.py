@@ -1813,6 +1813,10 @@ def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp
     path = tmp_path / "prompts.txt"
     path.write_bytes("\ufeffa red disk\r\n\r\na blue ring\n".encode("utf-8"))  # a Windows editor's file
     assert read_prompts_file(str(path)) == ["a red disk", "a blue ring"]
+    # Only line breaks end a prompt: a form feed or U+2028 (pasted from a web page) inside a line is
+    # no break an editor shows, and splitting there would shift every later prompt's images.
+    path.write_text("a red disk\x0con grey\na blue\u2028ring\x85now\ra green square\n", encoding="utf-8")
+    assert read_prompts_file(str(path)) == ["a red disk\x0con grey", "a blue\u2028ring\x85now", "a green square"]
     for content, message in ((" \n\n", "holds no prompts"), ("caf\xe9\n".encode("latin-1"), "is not UTF-8 text")):
         path.write_bytes(content.encode() if isinstance(content, str) else content)
         with pytest.raises(ValueError, match=f"prompts_file {path} {message}"):

@@ -44,7 +44,7 @@ class ClassLabels:
 
 def read_prompts_file(path: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file (a byte-order mark, as Windows editors write, is
-    not part of the first prompt)."""
+    not part of the first prompt): line i is prompt i, as an editor numbers them."""
     name = f"--config.sample.prompts_file {path}"
     if not storage.isfile(path):
         raise ValueError(f"{name} is a folder: give a text file, one prompt per line" if storage.isdir(path)
@@ -53,7 +53,10 @@ def read_prompts_file(path: str) -> list[str]:
         text = storage.read_bytes(path).decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
-    prompts = [line for line in text.splitlines() if line.strip()]
+    # Lines end at \n, \r\n or \r only: str.splitlines also splits at \f, \v, \x85, U+2028 and U+2029
+    # inside a line (text pasted from the web, a PDF), which would shift every later prompt's image ids.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"{name} holds no prompts (every line is blank): write one prompt per line")
     return prompts
