@@ -1593,6 +1593,36 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
         check_settings(str(text / "samples"), str(text), {**recorded, "text_encoder_param_dtype": "bfloat16"})
 
 
+def test_a_text_job_never_adopts_images_whose_prompts_another_encoder_encoded(tmp_path, monkeypatch):
+    """A T5 folder written again in place (another download, a conversion) gives other embeddings: the
+    job records the encoder's files, as it does the checkpoint's, so a rerun cannot mix the two."""
+    from configs import t2i
+    from pixelflow_jax.sampling import sample_conditioning
+    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.text import prompts, t5_convert
+
+    class Encoder:  # what TextPrompts reads of a PromptEncoder, without loading a T5
+        folder = str(tmp_path / "t5")
+
+    fingerprints = {"t5": "weights-a"}
+    monkeypatch.setattr(prompts, "prompt_encoder_for", lambda *_: Encoder())
+    monkeypatch.setattr(t5_convert, "folder_fingerprint", lambda folder: fingerprints[os.path.basename(folder)])
+    sample = t2i.get_config("tiny").sample
+    sample.update(prompts=("a red disk",), text_encoder=str(tmp_path / "t5"))
+    settings = lambda: sample_conditioning.TextPrompts(sample, 20).settings()
+    samples = str(tmp_path / "samples")
+    os.makedirs(samples)
+    check_settings(samples, str(tmp_path), settings())
+    open(os.path.join(samples, "000000.png"), "wb").close()
+    fingerprints["t5"] = "weights-b"  # the same path, other files
+    with pytest.raises(ValueError, match=r"holds images whose prompts another text encoder encoded \(differing: "
+                                         r"\['text_encoder_fingerprint'\]"):
+        check_settings(samples, str(tmp_path), settings())
+    fingerprints["moved"], Encoder.folder = "weights-a", str(tmp_path / "moved")  # the same files moved: the same encoder
+    sample.text_encoder = Encoder.folder
+    check_settings(samples, str(tmp_path), settings())
+
+
 def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, converted):
     (tmp_path / "samples").write_text("my notes")
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}", "--mode=sample",
@@ -1727,7 +1757,7 @@ def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypa
     from configs import c2i, t2i
     from pixelflow_jax.sampling import sample_conditioning
     from pixelflow_jax.sampling.sample_run import per_image_conditioning
-    from pixelflow_jax.text import prompts as prompts_module
+    from pixelflow_jax.text import prompts as prompts_module, t5_convert
 
     sample = c2i.get_config("tiny").sample
     sample.num_images = 7
@@ -1743,11 +1773,14 @@ def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypa
     vocabulary = ["", "blurry", "a fox", "a cat", "a dog"]
 
     class Encoder:  # a prompt's embedding is its index in the vocabulary: which prompt a row got reads back
+        folder = "/tmp/t5"
+
         def encode(self, prompts):
             index = np.array([vocabulary.index(p) for p in prompts], np.float32)
             return index[:, None, None] * np.ones((1, 2, 4), np.float32), np.ones((len(prompts), 2), bool)
 
     monkeypatch.setattr(prompts_module, "prompt_encoder_for", lambda s, width: Encoder())
+    monkeypatch.setattr(t5_convert, "folder_fingerprint", lambda folder: "the encoder's files")
     sample = t2i.get_config("tiny").sample
     sample.update(prompts=["a fox", "a cat", "a dog"], images_per_prompt=2, text_encoder="/tmp/t5")
     text = sample_conditioning.TextPrompts(sample, 4)

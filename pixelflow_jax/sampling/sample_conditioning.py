@@ -79,6 +79,7 @@ def read_prompts(sample_config) -> list[str]:
 class TextPrompts:
     def __init__(self, sample_config, cross_attention_dim: int):
         from pixelflow_jax.text.prompts import prompt_encoder_for
+        from pixelflow_jax.text.t5_convert import folder_fingerprint
 
         s = sample_config
         self.prompts = read_prompts(s)
@@ -93,6 +94,9 @@ class TextPrompts:
         self.negative_prompt = str(s.negative_prompt)
         self.encoder = prompt_encoder_for(s, cross_attention_dim)
         self.text_encoder = storage.absolute(s.text_encoder)
+        # The encoder's files, not only its path: a folder re-downloaded or converted again in place gives
+        # other embeddings, so a rerun must not add its images to the job's (as checkpoint_fingerprint).
+        self.text_encoder_fingerprint = folder_fingerprint(self.encoder.folder)
         self.max_text_tokens = int(s.max_text_tokens)
         self.text_encoder_param_dtype = str(s.text_encoder_param_dtype)  # rounds the weights: other embeddings
         self._negative = None
@@ -100,7 +104,8 @@ class TextPrompts:
     def settings(self) -> dict:
         return dict(prompts=self.prompts, images_per_prompt=self.images_per_prompt,
                     negative_prompt=self.negative_prompt, text_encoder=self.text_encoder,
-                    max_text_tokens=self.max_text_tokens, text_encoder_param_dtype=self.text_encoder_param_dtype)
+                    max_text_tokens=self.max_text_tokens, text_encoder_param_dtype=self.text_encoder_param_dtype,
+                    text_encoder_fingerprint=self.text_encoder_fingerprint)
 
     def batch(self, ids: np.ndarray) -> tuple[dict, dict]:
         if self._negative is None:  # encoded once for the whole job

@@ -80,7 +80,7 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 
 # Settings that jobs started by earlier versions did not record: their absence is no change.
-SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "param_dtype")
+SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "param_dtype", "text_encoder_fingerprint")
 
 
 def check_settings(folder: str, workdir: str, settings: dict) -> None:
@@ -124,6 +124,10 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
             raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
                              "other weights (a run that trained on since, or a folder converted again); sample these "
                              f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
+        if "text_encoder_fingerprint" in changed:  # the recorded images' prompts were encoded by other weights
+            raise ValueError(f"{folder} holds images whose prompts another text encoder encoded (differing: {changed}; "
+                             f"the files of {settings['text_encoder']} changed, or another encoder is named): sample "
+                             "into a new --workdir, or rerun with the encoder folder as it was")
         # Until 2026-11-29 a text run's sampling took float32 encoder weights whatever the run trained with.
         dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
                  f"{recorded.get('text_encoder_param_dtype')})"
@@ -185,9 +189,9 @@ def changed_settings(path: str, settings: dict) -> list[str]:
                          "trusted to be this job's: use a new --workdir, or move the samples folder away") from None
     settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
     changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-    if previous.get("checkpoint_fingerprint") and previous.get("checkpoint_fingerprint") == settings.get(
-            "checkpoint_fingerprint"):  # the same weights at another path: a copy, a link, a moved folder
-        changed = [k for k in changed if k != "checkpoint"]
+    for path, fingerprint in (("checkpoint", "checkpoint_fingerprint"), ("text_encoder", "text_encoder_fingerprint")):
+        if previous.get(fingerprint) and previous.get(fingerprint) == settings.get(fingerprint):
+            changed = [k for k in changed if k != path]  # the same files at another path: a copy, a link, a move
     if settings.get("solver") == "dopri5":  # its adaptive steps use neither
         changed = [k for k in changed if k not in ("shift", "steps_per_stage")]
     return changed

@@ -132,7 +132,7 @@ class PromptEncoder:
         for name, value, allowed in (("dtype", dtype, DTYPES), ("param_dtype", param_dtype, PARAM_DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        folder = local_t5_folder(folder)
+        self.folder = folder = local_t5_folder(folder)  # where its files are read (a cache for gs:// and hf://)
         self.tokenizer = T5Tokenizer(folder, max_length)
         self.tokenizer.check_vocabulary(read_t5_config(folder).vocab_size, folder)  # before gigabytes of weights
         self.encoder = load_t5_encoder(folder, dtype=dtype, param_dtype=param_dtype)
