@@ -265,6 +265,12 @@ def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(
     (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\x02\xff")
     with pytest.raises(CheckpointError, match=r"model.pt is not a text file, so not a release config.yaml"):
         config_from_release_yaml(str(tmp_path / "model.pt"))
+    # YAML's own message spans lines (a caret drawing): one line, with where the problem is.
+    (tmp_path / "config.yaml").write_text("model:\n  params: [depth: 2\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml is not valid YAML \(expected ',' or '\]', but got "
+                                              r"'<stream end>' at line 3, column 1\), so not a release config.yaml: "
+                                              r"mend it, or pass the config.yaml that came with the checkpoint$"):
+        config_from_release_yaml(str(tmp_path / "config.yaml"))
 
     weights = release_state_dict()
     wrapped = {f"module.{k}": v.double() for k, v in weights.items()}  # DistributedDataParallel's, in float64

@@ -150,6 +150,10 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
     except UnicodeDecodeError:  # model.pt given for its config, say
         raise CheckpointError(f"{path} is not a text file, so not a release config.yaml (YAML text with "
                               "model.params); pass the config.yaml that came with the checkpoint") from None
+    except yaml.MarkedYAMLError as e:  # its text spans lines (context, then a caret drawing): the problem and where
+        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+        raise CheckpointError(f"{path} is not valid YAML ({e.problem or e.context}{where}), so not a release "
+                              "config.yaml: mend it, or pass the config.yaml that came with the checkpoint") from None
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a release config.yaml (needs model.params): {e}") from None
     target = model.get("target", RELEASE_MODEL_TARGET)
