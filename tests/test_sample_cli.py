@@ -163,14 +163,16 @@ def test_an_extended_jobs_new_npz_removes_the_eval_json_of_the_earlier_images(tm
     npz = storage.absolute(str(workdir / "samples.npz"))
     for i in range(3):
         sample_run.save_png_atomically(sample_run.image_path(str(folder), i), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "link").symlink_to(workdir)  # the evaluation named the file through a link to the workdir
+    through_link = storage.absolute(str(tmp_path / "link" / "samples.npz"))
     for scored, kept in (({"samples": npz, "num_samples": 3}, True), ({"samples": "/other.npz", "num_samples": 2}, True),
-                         ({"samples": npz, "num_samples": 2}, False)):
+                         ({"samples": npz, "num_samples": 2}, False), ({"samples": through_link, "num_samples": 2}, False)):
         storage.write_json_keeping_history(str(workdir / "eval.json"), scored)
         with caplog.at_level("INFO"):
             assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
         assert (workdir / "eval.json").exists() == kept, scored
     assert "it scored the earlier 2 images" in caplog.text
-    assert len((workdir / "eval_history.jsonl").read_text().splitlines()) == 3
+    assert len((workdir / "eval_history.jsonl").read_text().splitlines()) == 4
 
 
 def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tmp_path, monkeypatch, caplog):

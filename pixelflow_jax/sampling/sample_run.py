@@ -415,7 +415,9 @@ def remove_outdated_evaluation(workdir: str, npz_path: str, num_images: int) -> 
         return
     try:
         scored = storage.read_json(path)
-        outdated = scored["samples"] == storage.absolute(npz_path) and int(scored["num_samples"]) != num_images
+        # Resolved: the evaluation may have named the file through a link (or the job its workdir so).
+        outdated = (storage.resolved(scored["samples"]) == storage.resolved(npz_path)
+                    and int(scored["num_samples"]) != num_images)
     except (ValueError, KeyError, TypeError):  # not an evaluation this project wrote: not ours to remove
         return
     if outdated:
