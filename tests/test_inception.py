@@ -282,7 +282,7 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
     assert abs(stored["fid"]) < 1e-4 and abs(stored["sfid"]) < 1e-4  # darker vs its own statistics
 
 
-def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights_file, tmp_path):
+def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights_file, tmp_path, monkeypatch, caplog):
     from configs import c2i
     from pixelflow_jax.evaluation import evaluate
 
@@ -300,6 +300,13 @@ def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights
     with pytest.raises(ValueError, match=r"samples.npz holds 4 images, but this workdir's sampling job asks for 400 "
                                          r".*it has not finished. Rerun its --mode=sample command"):
         evaluate.run(config, str(tmp_path))
+    # Named on purpose, as the README's eval command names the workdir's own file: evaluated, with a warning.
+    config.eval.samples = str(tmp_path / "samples.npz")
+    with monkeypatch.context() as patched, caplog.at_level("WARNING"):
+        patched.setattr(evaluate, "evaluate", lambda *_: dict.fromkeys(evaluate.METRICS, 0.0))
+        evaluate.run(config, str(tmp_path))
+    assert "asks for 400 " in caplog.text and "(evaluated anyway, as --config.eval.samples names it)" in caplog.text
+    config.eval.samples = ""
     (tmp_path / "samples" / "settings.json").write_text(json.dumps({"num_images": 4}))  # the job finished
     results = evaluate.run(config, str(tmp_path))
     assert results["num_samples"] == 4 and abs(results["fid"]) < 1e-3  # identical sets (rank-3 covariances)

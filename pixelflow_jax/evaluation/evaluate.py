@@ -445,6 +445,11 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
         check_own_samples_finished(own, workdir)
         logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
         samples = own
+    elif samples and storage.isfile(own) and storage.resolved(samples) == storage.resolved(own):
+        try:  # named on purpose (this README's eval command names it): evaluated, but never without a word
+            check_own_samples_finished(own, workdir)
+        except ValueError as unfinished:
+            logging.warning("%s (evaluated anyway, as --config.eval.samples names it)", unfinished)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         print(f"{name}: {results[name]:.4f}", flush=True)
