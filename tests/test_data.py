@@ -738,6 +738,19 @@ def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
         CaptionRecordSource(str(tmp_path))
 
 
+def test_a_set_of_more_than_99999_shards_is_checked_whole_too(tmp_path):
+    """pack_captions names shard 7 of 123,456 captions-00007-of-123456: a pattern of five digits only
+    took such a set for loose files, and read it with shards missing without a word."""
+    from pixelflow_jax.data.caption_data import record_shards
+    from pixelflow_jax.data.pack_captions import shard_name
+
+    for index in (0, 7):
+        (tmp_path / shard_name(index, 123456)).write_bytes(b"")  # (not opened: the listing is checked first)
+    with pytest.raises(DataError, match=r"lacks 123454 of the 123456 shards of captions: "
+                                        r"\['captions-00001-of-123456.array_record'"):
+        record_shards(str(tmp_path))
+
+
 def test_a_shard_set_without_its_last_shard_is_refused(tmp_path):
     """A copy cut short loses the last shards first: a set read without them trains on part of the
     data without a word."""

@@ -142,8 +142,9 @@ def decode_record(record: bytes) -> dict:
     return value
 
 
-# pack_captions names its shards captions-00001-of-00003.array_record: such a set must be whole.
-SHARD_NAME = re.compile(r"(.+)-\d{5}-of-(\d{5})" + re.escape(RECORD_EXTENSION))
+# pack_captions names its shards captions-00001-of-00003.array_record (six digits and more past
+# 99,999 shards): such a set must be whole.
+SHARD_NAME = re.compile(r"(.+)-\d{5,}-of-(\d{5,})" + re.escape(RECORD_EXTENSION))
 REPACK = "copy the shards again, or pack the folder again with python -m pixelflow_jax.data.pack_captions"
 
 
