@@ -7,7 +7,7 @@ Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 te
 image's path in the folder, for messages}. Images are not re-encoded, so packing is I/O bound:
 files are read storage.reads.READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way, or is
-stopped (Ctrl-C, SIGTERM), removes the shards it wrote; an output folder that already holds shards is refused, and so is a folder
+stopped (Ctrl-C, SIGTERM), removes the shards it wrote (and the folder it made for them); an output folder that already holds shards is refused, and so is a folder
 without one usable caption (nothing is written). Files whose header is no image's are skipped and
 counted (a pack of none is refused); each shard holds the next records_per_shard images, and a set
 that came out smaller than the captions promised is renamed to its size at the end.
@@ -66,53 +66,54 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
         raise ValueError(f"none of the {len(source.records)} captioned images under {folder} has a usable caption "
                          "(see the lines above); nothing written")
     planned = -(-len(records) // records_per_shard)  # fewer if files turn out to be no images
-    storage.makedirs(output)
-    progress = Progress(len(records), "packing", "image")
-    written, skipped_images = [], 0
-    images = storage.read_in_order(storage.read_bytes, [image_path for image_path, _ in records])
-    unread = iter(records)
-    try:
-        with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
-            while True:  # each shard takes the next records_per_shard images
-                local = os.path.join(scratch, f"shard-{len(written)}")
-                writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
-                packed = 0
-                for image_path, caption in unread:
-                    image = next(images)
-                    progress.update()
-                    if problem := not_an_image(image):
-                        print(f"skipping {image_path}: {problem}", flush=True)
-                        skipped_images += 1
-                        continue
-                    writer.write(encode_record(image, caption, image_path))
-                    packed += 1
-                    if packed == records_per_shard:
+    with storage.removed_if_left_empty(output):  # a pack that wrote nothing leaves no empty folder behind
+        storage.makedirs(output)
+        progress = Progress(len(records), "packing", "image")
+        written, skipped_images = [], 0
+        images = storage.read_in_order(storage.read_bytes, [image_path for image_path, _ in records])
+        unread = iter(records)
+        try:
+            with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
+                while True:  # each shard takes the next records_per_shard images
+                    local = os.path.join(scratch, f"shard-{len(written)}")
+                    writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
+                    packed = 0
+                    for image_path, caption in unread:
+                        image = next(images)
+                        progress.update()
+                        if problem := not_an_image(image):
+                            print(f"skipping {image_path}: {problem}", flush=True)
+                            skipped_images += 1
+                            continue
+                        writer.write(encode_record(image, caption, image_path))
+                        packed += 1
+                        if packed == records_per_shard:
+                            break
+                    writer.close()
+                    if not packed:  # the reader refuses an empty shard
                         break
-                writer.close()
-                if not packed:  # the reader refuses an empty shard
-                    break
-                written.append(storage.join(output, shard_name(len(written), planned)))
-                storage.upload_file_atomically(local, written[-1])
-                os.remove(local)
-        if len(written) < planned:  # the names give the set's size: rename a set that came out smaller
-            for index, path in enumerate(written):
-                storage.move(path, storage.join(output, shard_name(index, len(written))))
-                written[index] = storage.join(output, shard_name(index, len(written)))
-    except BaseException as e:  # a part of a pack is no dataset (Ctrl-C and SIGTERM too): leave the folder as it was
-        for path in written:
-            storage.remove(path)
-        if not isinstance(e, Exception):
-            raise
-        raise DataError(f"{type(e).__name__}: {e} (packing stopped; the {len(written)} shards it had written are "
-                        "removed)") from e
-    finally:
-        images.close()  # a pack that stopped: the reads still in flight end here
-        progress.close()
-    if not written:
-        raise DataError(f"none of the {len(records)} captioned files under {folder} is an image (see the lines "
-                        "above); nothing written")
-    return {"records": len(records) - skipped_images, "shards": len(written), "skipped_captions": skipped,
-            "skipped_images": skipped_images, "missing_captions": source.missing_captions}
+                    written.append(storage.join(output, shard_name(len(written), planned)))
+                    storage.upload_file_atomically(local, written[-1])
+                    os.remove(local)
+            if len(written) < planned:  # the names give the set's size: rename a set that came out smaller
+                for index, path in enumerate(written):
+                    storage.move(path, storage.join(output, shard_name(index, len(written))))
+                    written[index] = storage.join(output, shard_name(index, len(written)))
+        except BaseException as e:  # a part of a pack is no dataset (Ctrl-C, SIGTERM too): leave the folder as it was
+            for path in written:
+                storage.remove(path)
+            if not isinstance(e, Exception):
+                raise
+            raise DataError(f"{type(e).__name__}: {e} (packing stopped; the {len(written)} shards it had written are "
+                            "removed)") from e
+        finally:
+            images.close()  # a pack that stopped: the reads still in flight end here
+            progress.close()
+        if not written:
+            raise DataError(f"none of the {len(records)} captioned files under {folder} is an image (see the lines "
+                            "above); nothing written")
+        return {"records": len(records) - skipped_images, "shards": len(written), "skipped_captions": skipped,
+                "skipped_images": skipped_images, "missing_captions": source.missing_captions}
 
 
 def shard_name(index: int, num_shards: int) -> str:
