@@ -836,6 +836,23 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
     assert not os.path.exists(tmp_path / "out4")  # the folder the pack made for nothing is gone too
 
 
+def test_the_packer_names_the_first_skips_of_each_kind_and_counts_the_rest(tmp_path, monkeypatch, capsys):
+    """A scraped set with many bad captions printed a line for each: the first SHOWN_SKIPS of a kind are
+    named, the summary counts them all."""
+    from pixelflow_jax.data.pack_captions import SHOWN_SKIPS
+
+    images = tmp_path / "captioned"
+    images.mkdir()
+    bad = SHOWN_SKIPS + 3
+    for i in range(bad + 1):
+        (images / f"{i:03d}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
+        (images / f"{i:03d}.txt").write_text("a caption" if i == bad else " ")
+    code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out'}")
+    assert code == 0 and out.count("skipping ") == SHOWN_SKIPS, out
+    assert "(further unusable captions are counted in the summary, not named)" in out
+    assert f"skipped {bad} unusable captions" in out
+
+
 def test_a_bucket_that_cannot_be_reached_is_not_reported_as_a_missing_folder(bucket):
     """gcsfs's isdir answers False when it cannot connect; the sources must show the connection error."""
     import subprocess

@@ -59,8 +59,8 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
         try:
             records.append((image_path, decode_caption(caption)))
         except CaptionError as e:
-            print(f"skipping {image_path}: {e}", flush=True)
             skipped += 1
+            show_skip(skipped, image_path, e, "unusable captions")
     captions.close()  # its threads end here
     if not records:
         raise ValueError(f"none of the {len(source.records)} captioned images under {folder} has a usable caption "
@@ -82,8 +82,8 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                         image = next(images)
                         progress.update()
                         if problem := not_an_image(image):
-                            print(f"skipping {image_path}: {problem}", flush=True)
                             skipped_images += 1
+                            show_skip(skipped_images, image_path, problem, "files that are not images")
                             continue
                         writer.write(encode_record(image, caption, image_path))
                         packed += 1
@@ -114,6 +114,18 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                             "above); nothing written")
         return {"records": len(records) - skipped_images, "shards": len(written), "skipped_captions": skipped,
                 "skipped_images": skipped_images, "missing_captions": source.missing_captions}
+
+
+# Skips named one by one, of each kind; then only counted (a scraped set may skip millions).
+SHOWN_SKIPS = 20
+
+
+def show_skip(count: int, image_path: str, problem, kind: str) -> None:
+    """Names the `count`th skip of a kind while it is among the first SHOWN_SKIPS."""
+    if count <= SHOWN_SKIPS:
+        print(f"skipping {image_path}: {problem}", flush=True)
+    if count == SHOWN_SKIPS:
+        print(f"(further {kind} are counted in the summary, not named)", flush=True)
 
 
 def shard_name(index: int, num_shards: int) -> str:
