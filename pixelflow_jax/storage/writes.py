@@ -92,12 +92,20 @@ def history_path(path: str) -> str:
 
 def write_json_keeping_history(path: str, value: dict) -> None:
     """Writes NAME.json (the latest result) after adding `value`, time-stamped, as a line of
-    NAME_history.jsonl, so a result that the next run replaces is not lost. The history is
-    rewritten whole: object stores have no append."""
+    NAME_history.jsonl, so a result that the next run replaces is not lost. Locally the line is
+    appended in one write, so two jobs finishing at once (evaluations against two references) both
+    keep theirs; in a bucket, which has no append, the history is rewritten whole."""
     history = history_path(path)
-    earlier = read_text(history) if exists(history) else ""
     stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **value}
-    write_atomically(history, earlier + json.dumps(stamped) + "\n")
+    line = json.dumps(stamped) + "\n"
+    if is_url(history):
+        write_atomically(history, (read_text(history) if exists(history) else "") + line)
+    else:
+        descriptor = os.open(history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(descriptor, line.encode())
+        finally:
+            os.close(descriptor)
     write_json_atomically(path, value)
 
 
