@@ -76,3 +76,55 @@ def test_a_report_path_taken_by_a_folder_fails_before_the_work(tmp_path):
         (workdir / name).mkdir(parents=True)
         with pytest.raises(ValueError, match=f"{workdir / name} is a folder, where --mode=inspect writes its report"):
             inspect_model.run(tiny_config("c2i"), str(workdir))
+
+
+def a_training_run(workdir, steps=()):
+    """A workdir that reads as a training run (run_config.json) with these saved steps."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "run_config.json").write_text("{}")
+    for step in steps:
+        (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+        (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+    return str(workdir)
+
+
+def test_a_checkpoint_is_inspected_when_named_or_when_the_workdir_is_a_run_with_a_saved_step(tmp_path):
+    """As --mode=sample reads it: a run that saved no step yet has no checkpoint, so the config's own
+    model is inspected, and a named checkpoint is never replaced by the workdir's."""
+    from pixelflow_jax import inspect_model
+
+    config = tiny_config("c2i")
+    plain, unsaved, saved = str(tmp_path), a_training_run(tmp_path / "new"), a_training_run(tmp_path / "run", [4])
+    assert [inspect_model.inspects_checkpoint(config, w) for w in (plain, unsaved, saved)] == [False, False, True]
+    inspect_model.fill_checkpoint_of_run(config, unsaved)
+    assert config.sample.checkpoint == ""
+    inspect_model.fill_checkpoint_of_run(config, saved)
+    assert config.sample.checkpoint == saved
+    config.sample.checkpoint = "elsewhere"
+    assert inspect_model.inspects_checkpoint(config, plain)
+    inspect_model.fill_checkpoint_of_run(config, saved)
+    assert config.sample.checkpoint == "elsewhere"
+
+
+def test_parameters_are_counted_per_top_level_module_and_a_non_finite_forward_is_refused(tmp_path, monkeypatch):
+    """Each module's count against its own parameters' sizes; weights of NaN must fail the
+    inspection (FloatingPointError, one line from main.py), not report timings of garbage."""
+    from flax import nnx
+
+    from pixelflow_jax import inspect_model
+
+    config = tiny_config("c2i")
+    config.scheduler.num_stages, config.data.resolution = 1, 8  # one quick compile
+    model, _, _ = inspect_model.model_to_inspect(config)
+    counts = inspect_model.parameter_counts(model)
+    expected = {name: sum(np.size(p) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+                for name, module in nnx.iter_children(model)}
+    expected = {name: count for name, count in expected.items() if count}  # modules without parameters
+    assert counts == {**expected, "total": sum(np.size(p) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))}
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: np.full(np.shape(p), np.nan, np.float32), state))
+    real = inspect_model.model_to_inspect
+    monkeypatch.setattr(inspect_model, "model_to_inspect", lambda config: (model, *real(config)[1:]))
+    with pytest.raises(FloatingPointError, match="stage 0: the forward pass produced non-finite values"):
+        inspect_model.run(config, str(tmp_path))
+    assert not (tmp_path / "inspect.json").exists()
