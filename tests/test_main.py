@@ -112,13 +112,18 @@ def test_overrides_a_sampling_job_cannot_honour_are_named():
     sys.path.insert(0, REPO)
     import main
 
+    # model.dtype, param_dtype and attention are how the job runs the checkpoint's model: they count
     argv = ["main.py", "--config=configs/c2i.py:demo", "--config.data.resolution=64", "--config.model.depth=12",
             "--config.model.dtype=float32", "--config.seed=7", "--config.sample.seed=3", "--config.train.num_steps=9",
-            "--config.data.root=/images"]
-    assert main.overrides_without_effect(argv, "sample") == ["data.resolution", "model.depth", "seed"]
-    assert main.overrides_without_effect(argv, "demo") == ["data.resolution", "model.depth", "seed"]
+            "--config.data.root=/images", "--config.model.param_dtype=bfloat16", "--config.model.attention=xla",
+            "--config.scheduler.num_stages=3", "--config.data.source=folder"]
+    ignored = ["data.resolution", "model.depth", "seed", "scheduler.num_stages"]
+    assert main.overrides_without_effect(argv, "sample") == ignored
+    assert main.overrides_without_effect(argv, "demo") == ignored
     assert main.overrides_without_effect(argv, "train") == []
-    assert main.overrides_without_effect(argv, "inspect", inspects_checkpoint=True) == ["data.resolution", "model.depth"]
+    assert main.overrides_without_effect(argv, "eval") == []
+    # inspect's seed draws the inputs it times, of a checkpoint's model too
+    assert main.overrides_without_effect(argv, "inspect", inspects_checkpoint=True) == [f for f in ignored if f != "seed"]
     assert main.overrides_without_effect(argv, "inspect", inspects_checkpoint=False) == []  # the config's own model
 
 
