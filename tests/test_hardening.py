@@ -3,6 +3,7 @@ damaged files and leftovers each get a clear error or are repaired, and lose not
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -28,9 +29,10 @@ def c2i_config(**changes):
     from configs import c2i
 
     config = c2i.get_config("tiny")
-    for dotted, value in changes.items():
-        section, field = dotted.split(".") if "." in dotted else (None, dotted)
-        (config[section] if section else config)[field] = value
+    with config.ignore_type():  # values of another type too, as the Python API may pass them
+        for dotted, value in changes.items():
+            section, field = dotted.split(".") if "." in dotted else (None, dotted)
+            (config[section] if section else config)[field] = value
     return config
 
 
@@ -76,6 +78,9 @@ def c2i_config(**changes):
     ("demo", "sample.steps_per_stage", 150, "the demo page's --config.sample.steps_per_stage must be in [1, 100]"),
     ("eval", "eval.batch_size", 0, "--config.eval.batch_size must be >= 1"),
     ("inspect", "sample.weights", "foo", "--config.sample.weights must be one of"),
+    ("train", "data.resolution", 0, "--config.data.resolution must be >= 1, got 0"),  # 0 is a multiple of any grid
+    # the near-miss named for a resolution below the grid is the grid itself, not 0
+    ("inspect", "data.resolution", 8, "= 32, so that every stage has a whole patch grid: try 32"),
     ("train", "data.root", "s3://bucket/images", "--config.data.root: s3://bucket/images: unsupported URL scheme s3://"),
     # the demo config pointed at one's own images trained on the demo set, recording the root as if read
     ("train", "data.root", "/my/images", "--config.data.root is set (/my/images) but data.source='demo' does not read "
@@ -94,6 +99,153 @@ def test_every_config_value_is_checked_before_any_work(mode, field, value, messa
         check(c2i_config(**changes), mode)
     assert message in str(error.value)
     check(c2i_config(), mode)  # the defaults pass
+
+
+def next_below(x):
+    return math.nextafter(x, -math.inf)
+
+
+def next_above(x):
+    return math.nextafter(x, math.inf)
+
+
+@pytest.mark.parametrize("mode,field,accepted,refused", [
+    *[("train", f"train.{field}", 1, 0) for field in ("num_steps", "log_every", "checkpoint_every",
+                                                      "keep_checkpoints", "max_bad_steps", "grad_accum_steps")],
+    ("train", "train.num_steps", 3.0, 3.5),  # a whole float is a whole number; a fraction is not truncated
+    ("train", "train.num_steps", 1, True),  # a bool is no count
+    ("sample", "sample.batch_size", jnp.asarray(2), jnp.asarray(2.5)),  # 0-d jax arrays, as the Python API passes
+    ("train", "train.batch_size", 1, 0),
+    ("train", "train.batch_size", 2**20, 2**20 + 1),
+    ("train", "train.preview_num_images", 1024, 1025),
+    ("train", "train.preview_num_images", 1, 0),
+    ("train", "train.preview_steps_per_stage", 10_000, 10_001),
+    ("train", "train.preview_every", 0, -1),
+    ("train", "train.lr", math.ulp(0.0), 0.0),
+    ("train", "train.warmup_steps", 0, -1),
+    ("train", "train.weight_decay", 0.0, -math.ulp(0.0)),
+    ("train", "train.grad_clip", math.ulp(0.0), 0.0),
+    ("train", "train.ema_decay", 0.0, -math.ulp(0.0)),
+    ("train", "train.ema_decay", next_below(1.0), 1.0),
+    ("train", "train.label_dropout", 0.0, -math.ulp(0.0)),
+    ("train", "train.label_dropout", next_below(1.0), 1.0),
+    ("train", "seed", 2**32 - 1, 2**32),
+    ("train", "seed", 0, -1),
+    ("train", "train.lock_stale_after_s", 30.0, next_below(30.0)),
+    ("train", "mesh.fsdp", 1, 0),
+    ("train", "scheduler.num_stages", 1, 0),
+    ("train", "scheduler.num_train_timesteps", 4, 3),  # at least one timestep per stage (the tiny config has 4)
+    ("inspect", "model.depth", 1, 0),
+    ("inspect", "model.num_classes", 0, -1),
+    ("inspect", "model.cross_attention_dim", 0, -1),
+    ("train", "data.expand_ratio", 1.0, next_below(1.0)),
+    ("train", "data.expand_ratio", 4.0, next_above(4.0)),
+    ("train", "data.num_workers", 0, -1),
+    ("train", "data.prefetch_batches", 1, 0),
+    ("train", "data.demo_num_images", 1, 0),
+    ("train", "data.demo_num_classes", 1, 0),
+    ("train", "data.demo_seed", 2**32 - 1, 2**32),
+    ("sample", "sample.batch_size", 1, 0),
+    ("sample", "sample.seed", 2**32 - 1, 2**32),
+    ("sample", "sample.cfg_scale", 1.0, next_below(1.0)),
+    ("sample", "sample.cfg_scale", 1000.0, next_above(1000.0)),
+    ("sample", "sample.shift", math.ulp(0.0), 0.0),
+    ("sample", "sample.steps_per_stage", 1, 0),
+    ("sample", "sample.steps_per_stage", (3, 10_000, 3, 3), (3, 10_001, 3, 3)),
+    ("sample", "sample.num_images", 1, 0),
+    ("sample", "sample.num_images", 10**7, 10**7 + 1),
+    ("sample", "sample.labels", (0, 9), (0, -1)),
+    ("sample", "sample.labels", (2.0,), (2.5,)),
+    ("eval", "eval.batch_size", 1, 0),
+    ("inspect", "seed", 2**32 - 1, 2**32),
+    ("demo", "demo.port", 1, 0),
+    ("demo", "demo.port", 65535, 65536),
+    ("demo", "demo.max_images", 1, 0),
+    ("demo", "demo.max_images", 64, 65),
+    ("demo", "sample.cfg_scale", 25.0, next_above(25.0)),  # the page's sliders, inside the sampler's own range
+    ("demo", "sample.shift", 1.0, next_below(1.0)),
+    ("demo", "sample.shift", 100.0, next_above(100.0)),
+    ("demo", "sample.steps_per_stage", 100, 101),
+])
+def test_each_bound_accepts_its_last_value_and_refuses_the_first_past_it(mode, field, accepted, refused):
+    """Both sides of every range, whole-number and type rule: an inclusive bound turned strict (or
+    the reverse) moves exactly one of the two verdicts. Floats step by one ulp (math.nextafter)."""
+    check(c2i_config(**{field: accepted}), mode)
+    with pytest.raises(ConfigError, match=re.escape(f"--config.{field} must be")):
+        check(c2i_config(**{field: refused}), mode)
+
+
+def test_a_bool_is_neither_a_number_nor_a_count():
+    """True is a numbers.Integral: without its own refusal a flag typed into a rate field would train
+    at lr 1.0 (a config field of type float casts it before any check, so the check is called directly)."""
+    from pixelflow_jax.validation import integer, number
+
+    assert number("train.lr", 1) == 1.0 and integer("train.num_steps", 1) == 1
+    for check_value in (number, integer):
+        with pytest.raises(ConfigError, match=r"--config.x must be a (finite|whole) number, got True"):
+            check_value("x", True)
+
+
+MODES = ("train", "sample", "eval", "demo", "inspect")
+
+
+@pytest.mark.parametrize("changes,refused_by", [
+    ({"data.num_workers": -1}, {"train"}),  # the data pipeline: training only
+    ({"train.lr": 0.0}, {"train"}),
+    ({"model.depth": 0}, {"train", "inspect"}),  # the config's own model (sampling reads the checkpoint's)
+    ({"seed": -1}, {"train", "inspect"}),
+    ({"sample.solver": "rk4"}, {"sample", "demo"}),
+    ({"sample.cfg_scale": 0.5}, {"sample", "demo"}),
+    ({"sample.cfg_scale": 0.5, "train.preview_every": 1}, {"sample", "demo", "train"}),  # previews are guided
+    ({"sample.weights": "foo"}, {"sample", "demo", "inspect"}),
+    ({"eval.batch_size": 0}, {"eval"}),
+    ({"eval.batch_size": 0, "eval.reference": "ref.npz"}, {"eval", "sample"}),  # a sampling job that evaluates
+    ({"demo.port": 0}, {"demo"}),
+    ({"data.source": "tfds", "data.root": "/my/images"}, {"train"}),  # tfds reads no root either
+])
+def test_each_mode_checks_exactly_the_settings_it_reads(changes, refused_by):
+    """validation.CHECKS: a bad value is refused by every mode that reads it, and never by one that
+    does not (a sampling command reusing a training command's overrides must still run)."""
+    refused = set()
+    for mode in MODES:
+        try:
+            check(c2i_config(**changes), mode)
+        except ConfigError:
+            refused.add(mode)
+    assert refused == refused_by
+
+
+def t2i_config(**changes):
+    from configs import t2i
+
+    config = t2i.get_config("tiny")
+    for dotted, value in changes.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    return config
+
+
+@pytest.mark.parametrize("mode,field,accepted,refused", [
+    ("sample", "sample.max_text_tokens", 0, 1),  # 0: the run's length; 1 leaves no room for a prompt and </s>
+    ("sample", "sample.max_text_tokens", 2, 1),
+    ("sample", "sample.max_text_tokens", 4096, 4097),
+    ("inspect", "sample.max_text_tokens", 2, 1),
+    ("sample", "sample.images_per_prompt", 10**7, 10**7 + 1),
+    ("sample", "sample.images_per_prompt", 1, 0),
+    ("text-train", "train.caption_dropout", 0.0, -math.ulp(0.0)),
+    ("text-train", "train.caption_dropout", next_below(1.0), 1.0),
+    ("text-train", "train.max_text_tokens", 2, 1),
+    ("text-train", "train.max_text_tokens", 4096, 4097),
+])
+def test_each_bound_of_a_text_setting_accepts_its_last_value_and_refuses_the_next(mode, field, accepted, refused):
+    """The text config's bounds, both sides; text-train: check_text_training, which train.train runs
+    once it knows the model is text-conditional."""
+    from pixelflow_jax.validation import check_text_training
+
+    run_check = check_text_training if mode == "text-train" else lambda config: check(config, mode)
+    run_check(t2i_config(**{field: accepted}))
+    with pytest.raises(ConfigError, match=re.escape(f"--config.{field} must ")):
+        run_check(t2i_config(**{field: refused}))
 
 
 def test_the_command_line_refuses_a_bad_value_before_writing_anything(tmp_path):
@@ -235,6 +387,25 @@ def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
         main.check_config_fields(config, "mine.py")
     with pytest.raises(ConfigError, match=r"get_config\(\) returned a dict; a config file defines get_config\(\)"):
         main.check_config_fields(c2i.get_config().to_dict(), "mine.py")
+    # Eight fields named at most, the rest counted; a field like none of the config's gets no guess.
+    config = c2i.get_config()
+    dropped = sorted(f"sample.{field}" for field in config.sample)[:10]
+    for field in dropped:
+        del config.sample[field.split(".")[1]]
+    with pytest.raises(ConfigError, match=re.escape(f"mine.py lacks {', '.join(dropped[:8])} and 2 more: fields of")):
+        main.check_config_fields(config, "mine.py")
+    config = c2i.get_config()
+    config.zzqx = 1
+    for i in range(9):
+        config.train[f"num_step{i}"] = 5
+    with pytest.raises(ConfigError) as error:
+        main.check_config_fields(config, "mine.py")
+    named = str(error.value).split("no mode reads: ")[1].split(": a typo")[0]
+    assert named == ", ".join([f"train.num_step{i} (meant train.num_steps?)" for i in range(8)])
+    config = c2i.get_config()
+    config.zzqx = 1
+    with pytest.raises(ConfigError, match=r"has fields that no mode reads: zzqx: a typo"):
+        main.check_config_fields(config, "mine.py")
 
 
 def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anything(tmp_path):
