@@ -82,7 +82,7 @@ def test_results_written_at_once_by_several_jobs_each_keep_their_history_line(tm
     line (8 writers x 20 results kept ~120 of 160). Locally each line is appended in one write."""
     import threading
 
-    path = str(tmp_path / "eval.json")
+    path = str(tmp_path / "new_workdir" / "eval.json")  # (its folder made, as a whole-file write makes it)
 
     def writer(k):
         for i in range(20):
@@ -93,7 +93,7 @@ def test_results_written_at_once_by_several_jobs_each_keep_their_history_line(tm
         thread.start()
     for thread in threads:
         thread.join()
-    history = [json.loads(line) for line in open(tmp_path / "eval_history.jsonl")]
+    history = [json.loads(line) for line in open(tmp_path / "new_workdir" / "eval_history.jsonl")]
     assert sorted((line["writer"], line["result"]) for line in history) == [(k, i) for k in range(8) for i in range(20)]
 
 

@@ -207,7 +207,7 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
         patch.setattr(pack_captions.storage, "read_bytes", failing_on_the_seventh_image)
         with pytest.raises(DataError, match="OSError: disk error \\(packing stopped; the 2 shards it had written are removed"):
             pack(root, str(failed), records_per_shard=3, missing_captions="skip")
-    assert not [name for name in os.listdir(failed) if name.endswith(".array_record")]
+    assert not os.path.exists(failed)  # no shard, nor the folder the pack made for them
 
     tokenizer = T5Tokenizer(encoder_folder, TOKENS)
     local, in_bucket = (ImageLoader(build_dataset(source, batch_size=4, resolution=R, seed=0, tokenizer=tokenizer,

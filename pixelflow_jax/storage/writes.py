@@ -101,6 +101,7 @@ def write_json_keeping_history(path: str, value: dict) -> None:
     if is_url(history):
         write_atomically(history, (read_text(history) if exists(history) else "") + line)
     else:
+        os.makedirs(os.path.dirname(os.path.abspath(history)), exist_ok=True)  # as write_atomically makes it
         descriptor = os.open(history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             os.write(descriptor, line.encode())
