@@ -27,7 +27,7 @@ from flax import nnx
 from pixelflow_jax import storage
 from pixelflow_jax.api import load_for_sampling
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
-from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run
+from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import stage_resolutions
@@ -57,13 +57,24 @@ def fill_checkpoint_of_run(config, workdir: str) -> None:
 
 
 def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, str | None]:
-    """(model, its stages and resolution, the checkpoint's label or None): see the module docstring."""
+    """(model, its stages and resolution, the checkpoint's CheckpointSource or None): see the module docstring."""
     if config.sample.checkpoint:
-        model, ckpt, source = load_for_sampling(config, "")
-        return model, ckpt, source.label
+        return load_for_sampling(config, "")
     ckpt = CheckpointConfig(ModelConfig.from_mapping(config.model), config.scheduler.num_train_timesteps,
                             config.scheduler.num_stages, config.data.resolution)
     return PixelFlow(ckpt.model, rngs=nnx.Rngs(config.seed)), ckpt, None
+
+
+def text_length(config, source) -> int:
+    """The text states' length (see the module docstring). A text config's sampling checkpoint has
+    filled sample.max_text_tokens from its run (api.fill_text_encoder); a class config has no such
+    field, so a text run inspected with one reads its record here (it timed the release's 512)."""
+    if config.sample.get("max_text_tokens"):
+        return int(config.sample.max_text_tokens)
+    if source is None:  # the config's own model: the length it trains with
+        return int(config.train.get("max_text_tokens") or MAX_LENGTH)
+    recorded = read_run_config(source.run_step.run).get("text_encoder") if source.run_step else None
+    return int(recorded["max_text_tokens"]) if recorded else MAX_LENGTH
 
 
 def run(config, workdir: str) -> dict:
@@ -74,7 +85,8 @@ def run(config, workdir: str) -> dict:
             raise ValueError(f"{path} is a folder, where --mode=inspect writes its report: move it away, or use "
                              "another --workdir")
     fill_checkpoint_of_run(config, workdir)
-    model, ckpt, checkpoint = model_to_inspect(config)
+    model, ckpt, source = model_to_inspect(config)
+    checkpoint = source.label if source else None
     model_cfg = model.config
     counts = parameter_counts(model)
     logging.info("parameters: %s", counts)
@@ -89,10 +101,7 @@ def run(config, workdir: str) -> dict:
     conditioning = {}
     if model_cfg.num_classes:
         conditioning["class_labels"] = jnp.zeros((2,), jnp.int32)
-    text_tokens = 0
-    if model_cfg.cross_attention_dim:  # a config's own model: the length it trains with
-        trains_with = config.train.get("max_text_tokens") if checkpoint is None else None
-        text_tokens = config.sample.get("max_text_tokens") or trains_with or MAX_LENGTH
+    text_tokens = text_length(config, source) if model_cfg.cross_attention_dim else 0
     if text_tokens:
         conditioning["encoder_hidden_states"] = jnp.asarray(
             rng.standard_normal((2, text_tokens, model_cfg.cross_attention_dim)), jnp.float32)

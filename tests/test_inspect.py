@@ -44,16 +44,34 @@ def test_sample_checkpoint_is_inspected_with_its_architecture_and_weights(tmp_pa
 
     config = tiny_config("c2i")
     config.sample.checkpoint = fixture_dir("t2i_tiny")
-    model, ckpt, label = inspect_model.model_to_inspect(config)
+    model, ckpt, source = inspect_model.model_to_inspect(config)
     _, params = read_checkpoint(resolve_checkpoint(fixture_dir("t2i_tiny")))
     inspected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), inspected, params))
 
     report = inspect_model.run(config, str(tmp_path))
-    assert report["checkpoint"] == label == fixture_dir("t2i_tiny")
+    assert report["checkpoint"] == source.label == fixture_dir("t2i_tiny")
     assert (report["model"]["num_classes"], report["model"]["cross_attention_dim"]) == (0, 20)  # config: 10, 0
     assert report["parameters"]["total"] == sum(np.size(leaf) for leaf in jax.tree.leaves(params))
     assert report["text_tokens"] == 512  # a class config has no sample.max_text_tokens: the release's length
+
+
+def test_a_text_run_inspected_under_a_class_config_gets_the_length_it_trained_with(tmp_path):
+    """A class config has no sample.max_text_tokens for the sampling checkpoint to fill: a text run
+    inspected with one was timed at the release's 512 tokens, not at its own recorded length."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax import inspect_model
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"text_encoder": {"path": "t5", "max_text_tokens": 24}}))
+    run = SimpleNamespace(label=str(tmp_path), run_step=SimpleNamespace(run=str(tmp_path)))
+    release = SimpleNamespace(label="release", run_step=None)
+    assert inspect_model.text_length(tiny_config("c2i"), run) == 24
+    assert inspect_model.text_length(tiny_config("c2i"), release) == 512
+    text = tiny_config("t2i")
+    assert inspect_model.text_length(text, None) == text.train.max_text_tokens  # the config's own model
+    text.sample.max_text_tokens = 8  # set, or filled from the run by the sampling checkpoint's reader
+    assert inspect_model.text_length(text, run) == 8
 
 
 def test_a_workdir_that_is_a_file_fails_at_once_in_one_line(tmp_path):
