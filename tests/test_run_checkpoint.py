@@ -370,8 +370,8 @@ def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_p
 
     config = c2i.get_config("tiny")
     fill_checkpoint_of_run(config, run[0])
-    model, _, label = model_to_inspect(config)
-    assert label.endswith("checkpoints/4")
+    model, _, source = model_to_inspect(config)
+    assert source.label.endswith("checkpoints/4")
     assert_params_equal(model, run[1][4]["ema"])
     elsewhere = c2i.get_config("tiny")
     fill_checkpoint_of_run(elsewhere, str(tmp_path))  # not a run: the config's own model
