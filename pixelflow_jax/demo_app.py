@@ -48,12 +48,18 @@ SHOWN_PROMPT_CHARS = 80  # of a prompt, in the status line
 TEMPORARY_OUTPUTS = "pixelflow_demo"  # a bucket workdir's page folders (storage.temporary_dir)
 
 
+def outputs_are_temporary(workdir: str) -> bool:
+    """Whether a page's images go to a temporary folder: it serves files from a local folder, so a
+    bucket workdir (or none) holds no demo_outputs/."""
+    return not workdir or storage.is_url(workdir)
+
+
 def demo_output_dir(workdir: str) -> str:
     """This page's folder in WORKDIR/demo_outputs (the page serves files from a local folder); the
     folders of pages that stopped are removed, those of pages still serving and anything else kept.
     A bucket workdir gets a temporary folder removed at exit; those of pages that were killed are
     removed by a later start (storage.remove_abandoned_dirs)."""
-    if not workdir or storage.is_url(workdir):
+    if outputs_are_temporary(workdir):
         storage.remove_abandoned_dirs(TEMPORARY_OUTPUTS)
         folder = storage.temporary_dir(TEMPORARY_OUTPUTS)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -274,7 +280,7 @@ def run(config, workdir: str = "") -> None:
     check_port_free(host, int(config.demo.port))
     if not config.sample.checkpoint:  # a typo'd workdir is named as one, before it is made below
         sampling_checkpoint(config.sample, workdir)
-    if workdir and not storage.is_url(workdir):  # its demo_outputs/: known before the model loads
+    if not outputs_are_temporary(workdir):  # its demo_outputs/: known before the model loads
         storage.check_writable(workdir)
         check_demo_outputs(workdir)
     demo = DemoSampler(config, workdir)
@@ -291,5 +297,5 @@ def run(config, workdir: str = "") -> None:
             time.sleep(0.1)
     finally:  # main.py ends a stopped job without the interpreter's teardown, so no atexit cleanup runs
         page.close()
-        if not workdir or storage.is_url(workdir):
+        if outputs_are_temporary(workdir):
             shutil.rmtree(demo.output_dir, ignore_errors=True)
