@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import load_for_sampling
+from pixelflow_jax.api import CheckpointSource, load_for_sampling
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config
 from pixelflow_jax.config import ModelConfig
@@ -56,7 +56,7 @@ def fill_checkpoint_of_run(config, workdir: str) -> None:
         config.sample.checkpoint = workdir
 
 
-def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, str | None]:
+def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, CheckpointSource | None]:
     """(model, its stages and resolution, the checkpoint's CheckpointSource or None): see the module docstring."""
     if config.sample.checkpoint:
         return load_for_sampling(config, "")
