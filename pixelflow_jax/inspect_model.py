@@ -117,7 +117,11 @@ def run(config, workdir: str) -> dict:
         out = jax.block_until_ready(forward(params, images, timesteps, conditioning))
         run_time = time.perf_counter() - start
         if not bool(jnp.isfinite(out).all()):
-            raise FloatingPointError(f"stage {stage}: the forward pass produced non-finite values")
+            inspected = checkpoint or "the config's model"
+            overflow = "" if config.model.dtype == "float32" else (
+                f", or {config.model.dtype} overflowed (try --config.model.dtype=float32)")
+            raise FloatingPointError(f"stage {stage}: the forward pass of {inspected} produced NaN or inf: check its "
+                                     f"weights (a diverged run?){overflow}")
         stages.append(dict(stage=stage, resolution=size, tokens=(size // model_cfg.patch_size) ** 2,
                            first_call_s=round(compile_and_run, 3), forward_s=round(run_time, 4)))
         logging.info("stage %d: %dpx, %d tokens, first call %.2fs, forward %.4fs", stage, size,

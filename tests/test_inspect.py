@@ -143,6 +143,49 @@ def test_parameters_are_counted_per_top_level_module_and_a_non_finite_forward_is
     nnx.update(model, jax.tree.map(lambda p: np.full(np.shape(p), np.nan, np.float32), state))
     real = inspect_model.model_to_inspect
     monkeypatch.setattr(inspect_model, "model_to_inspect", lambda config: (model, *real(config)[1:]))
-    with pytest.raises(FloatingPointError, match="stage 0: the forward pass produced non-finite values"):
+    with pytest.raises(FloatingPointError, match="^stage 0: the forward pass of the config's model produced NaN or "
+                                                 r"inf: check its weights \(a diverged run\?\)$"):
         inspect_model.run(config, str(tmp_path))
     assert not (tmp_path / "inspect.json").exists()
+    config.model.dtype = "bfloat16"
+    with pytest.raises(FloatingPointError, match=r", or bfloat16 overflowed \(try --config.model.dtype=float32\)$"):
+        inspect_model.run(config, str(tmp_path))
+
+
+def test_the_workdirs_run_is_the_checkpoint_inspected(tmp_path, monkeypatch):
+    """inspect_model.run itself reads an empty sample.checkpoint in a run's workdir as that run."""
+    from pixelflow_jax import inspect_model
+
+    class Inspected(Exception):
+        pass
+
+    def model_to_inspect(config):
+        raise Inspected(config.sample.checkpoint)
+
+    monkeypatch.setattr(inspect_model, "model_to_inspect", model_to_inspect)
+    run = a_training_run(tmp_path / "run", [4])
+    with pytest.raises(Inspected, match=f"^{run}$"):
+        inspect_model.run(tiny_config("c2i"), run)
+
+
+NON_FINITE_INSPECTION = """
+import runpy, sys
+from pixelflow_jax import inspect_model
+
+
+def non_finite(config, workdir):
+    raise FloatingPointError("stage 0: the forward pass of the config's model produced NaN or inf")
+
+
+inspect_model.run = non_finite
+sys.argv = ["main.py", "--config=configs/c2i.py:tiny", "--workdir=" + sys.argv[1], "--mode=inspect"]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_main_reports_a_non_finite_inspection_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-c", NON_FINITE_INSPECTION, str(tmp_path)], capture_output=True,
+                            text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == ("error: stage 0: the forward pass of the config's model "
+                                                        "produced NaN or inf")
