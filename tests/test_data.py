@@ -150,6 +150,24 @@ def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_n
         ImageFolderSource(str(root), classes=source.classes)
 
 
+def test_every_image_extension_the_readme_lists_is_read_and_decoded(tmp_path):
+    """Each extension the README names, saved in the format Pillow gives it, reads as the image it holds."""
+    import re
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    extensions = re.search(r"Files ending in `([^`]+)`", readme).group(1).split()
+    assert len(extensions) == 12
+    (tmp_path / "a").mkdir()
+    for extension in extensions:
+        image = Image.new("L", (8, 8), 90) if extension == ".pgm" else Image.new("RGB", (8, 8), (90, 90, 90))
+        image.save(tmp_path / "a" / f"x{extension}", format=Image.registered_extensions()[extension])
+    source = ImageFolderSource(str(tmp_path))
+    assert sorted(os.path.splitext(path)[1] for path, _ in source.records) == sorted(extensions)
+    decoded = [decoding.DecodedSource(source, 8, expand_ratio=1.0)[i] for i in range(len(source))]
+    assert [d["skipped"] for d in decoded] == [0] * len(extensions)
+    assert all(d["image"].shape == (8, 8, 3) and np.abs(d["image"].astype(int) - 90).max() <= 2 for d in decoded)
+
+
 def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder, caplog):
     config = type("C", (), {"source": "folder", "root": awkward_folder})
     with pytest.raises(DataError, match="has 2 classes but the model has model.num_classes = 1"):
