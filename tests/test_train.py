@@ -475,6 +475,34 @@ def test_a_non_finite_step_changes_only_its_counters_and_the_next_good_step_rese
     np.testing.assert_array_equal(np.asarray(state["rng"]), before["rng"])
 
 
+def test_the_stage_losses_are_reported_in_stage_order_and_the_loss_is_their_samples_mean():
+    """Stage s's loss is its own samples' squared error (stage 1's target is far off here, and has
+    three samples to stage 0's one): the loss averages samples, not stages."""
+    from pixelflow_jax import ModelConfig, PixelFlow
+    from pixelflow_jax.training.train_step import _loss_and_stage_losses
+
+    model = PixelFlow(ModelConfig(num_attention_heads=2, attention_head_dim=8, depth=1, patch_size=2, num_classes=10),
+                      rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+
+    def stage(size, count, offset):
+        x_t = rng.standard_normal((count, size, size, 3)).astype(np.float32)
+        return flow.StageBatch(x_t, np.full_like(x_t, offset), np.full((count,), 500.0, np.float32),
+                               {"class_labels": np.zeros((count,), np.int32)})
+
+    @jax.jit  # one compilation for the losses and their reference
+    def losses_and_reference(params, stages):
+        merged = nnx.merge(nnx.graphdef(model), params)
+        return (*_loss_and_stage_losses(nnx.graphdef(model), params, stages),
+                [per_sample_losses(merged(sb.x_t, sb.timesteps, **sb.conditioning), sb.target) for sb in stages])
+
+    loss, stage_losses, per_sample = losses_and_reference(nnx.state(model, nnx.Param),
+                                                          [stage(4, 1, 0.0), stage(8, 3, 30.0)])
+    np.testing.assert_allclose(stage_losses, [np.mean(p) for p in per_sample], rtol=1e-6)
+    assert stage_losses[1] > 100 * stage_losses[0]
+    np.testing.assert_allclose(loss, np.mean(np.concatenate(per_sample)), rtol=1e-6)
+
+
 @pytest.mark.slow  # ~30 s: the step and the halves' gradients compiled
 def test_gradient_accumulation_averages_the_micro_batches():
     """grad_accum_steps=2: the loss, stage losses and gradients are the means over the two halves
@@ -604,6 +632,38 @@ def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_
     # the resumed run's step 7 is neither logged nor previewed).
     assert [r["step"] for r in metrics_steps(tmp_path)] == [2, 3, 4, 6, 8, 9]
     assert loop.train.complete_steps(str(tmp_path)) == [3, 6, 9]
+
+
+@pytest.mark.parametrize("signal_seen_by", ["the step's check", "the preview's check"])
+def test_a_stop_during_a_preview_step_saves_it_and_skips_its_preview(tmp_path, monkeypatch, signal_seen_by):
+    """A SIGTERM while step 4 (a preview step) runs: seen at the step's preemption check, or, on one
+    process, only after it (the check answered before the signal came). Either way step 4 is saved,
+    its preview is left to the rerun (a preview can outlast a grace period) and the run says so."""
+    from pixelflow_jax.training import preemption
+
+    loop = StandInLoop(monkeypatch)
+    stand_in = loop.train.make_train_step
+
+    def make_train_step(*args, **kwargs):
+        step = stand_in(*args, **kwargs)
+
+        def signalled_at_step_4(state, *batch):
+            counted = step(state, *batch)
+            if loop.calls[-1][0] == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return counted
+        return signalled_at_step_4
+
+    monkeypatch.setattr(loop.train, "make_train_step", make_train_step)
+    if signal_seen_by == "the preview's check":
+        monkeypatch.setattr(preemption.PreemptionWatch, "reached", lambda self: False)
+    config = loop.config(num_steps=8, log_every=100, checkpoint_every=100, preview_every=2)
+    with pytest.raises(loop.train.TrainingPreempted, match=r"^preempted \(SIGTERM\): saved step 4 on every "
+                                                           r"process; rerun the same command to resume$"):
+        loop.run(config, tmp_path)
+    assert loop.previews == [2]
+    assert loop.train.complete_steps(str(tmp_path)) == [4]
+    assert loop.train.preview_owed(str(tmp_path), 4, 2)
 
 
 @pytest.mark.parametrize("bad,checkpoint_every,stopped_at", [
