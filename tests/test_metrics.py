@@ -237,11 +237,25 @@ def test_damage_that_one_process_finds_in_its_block_stops_every_process(tiny_inc
     # An FID of 2.2e4 came out of these, without a word.
     (dict(mu=np.zeros(2048), sigma=-np.eye(2048)), "its stored sigma is not a covariance matrix"),
     (dict(mu=np.zeros(2048), sigma=np.triu(np.ones((2048, 2048)))), "its stored sigma is not a covariance matrix"),
+    # A traceback (TypeError in isfinite; numpy's ValueError without the file), or taken as complex FID statistics.
+    (dict(mu=np.array(["0"] * 2048), sigma=np.eye(2048)), "its stored mu holds <U1 values, not the floating-point"),
+    (dict(mu=np.array([None] * 2048), sigma=np.eye(2048)), r"its stored mu cannot be read \(ValueError: Object"),
+    (dict(mu=np.zeros(2048, complex), sigma=np.eye(2048)), "its stored mu holds complex128 values"),
 ])
 def test_reference_statistics_that_are_not_finite_or_half_there_are_refused(tmp_path, stored, message):
     reference = images_npz(tmp_path / "reference.npz", 0, **stored)
     with pytest.raises(ValueError, match=f"{reference}.*{message}"):
         evaluate.reference_statistics(reference, dict(pool=np.eye(3, 2), spatial=np.eye(3, 2)))
+
+
+def test_a_damaged_stored_statistic_is_named_with_its_file_not_a_traceback(tmp_path):
+    """zipfile's BadZipFile (a CRC error) is no ValueError: --mode=eval printed a traceback."""
+    reference = images_npz(tmp_path / "reference.npz", 0, mu=np.zeros(2048), sigma=np.eye(2048))
+    data = bytearray(open(reference, "rb").read())
+    data[data.index(b"sigma.npy") + 5000] ^= 0xFF  # inside sigma's values, which the header check never reads
+    open(reference, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=rf"{reference}: its stored sigma cannot be read \(BadZipFile: Bad CRC-32"):
+        evaluate.stored_statistics(reference)
 
 
 def test_non_finite_features_or_metrics_are_errors_and_never_reach_eval_json(tiny_inception, tmp_path, monkeypatch):

@@ -279,11 +279,27 @@ def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dic
     return features
 
 
+def _stored_array(npz, key: str, path: str) -> np.ndarray:
+    """One stored statistic, read whole: a damaged member (a CRC error) or one of other than float values
+    is named with the file, not left to a traceback."""
+    try:
+        value = npz[key]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # ValueError: an object (pickled) array
+        raise ValueError(f"{path}: its stored {key} cannot be read ({type(e).__name__}: {e}); download or write the "
+                         "file again, or leave the statistics out of it to have them computed from its arr_0 "
+                         "images") from None
+    if not np.issubdtype(value.dtype, np.floating):
+        raise ValueError(f"{path}: its stored {key} holds {value.dtype} values, not the floating-point statistics "
+                         "ADM stores; leave the statistics out of the file to have them computed from its arr_0 "
+                         "images")
+    return value
+
+
 def stored_statistics(path: str) -> dict[str, np.ndarray]:
     """The reference .npz's precomputed mu / sigma / mu_s / sigma_s (ADM's reference batches carry
     them), checked: pairs complete, ADM's shapes, finite."""
     with storage.open_file(path, "rb") as file, np.load(file) as f:
-        stored = {k: f[k] for k in STATISTICS_SHAPES if k in f.files}
+        stored = {k: _stored_array(f, k, path) for k in STATISTICS_SHAPES if k in f.files}
     for mean, covariance in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean in stored) != (covariance in stored):
             present, absent = (mean, covariance) if mean in stored else (covariance, mean)
