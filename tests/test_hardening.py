@@ -620,6 +620,8 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                  ("integers", np.zeros((4, 8, 8, 3), np.int64), "x.clip\\(0, 255\\).astype"),
                                  ("rgba", np.zeros((4, 8, 8, 4), np.uint8), "got RGBA .*images\\[..., :3\\]"),
                                  ("grey", np.zeros((4, 8, 8), np.uint8), "got grey ones .*np.repeat"),
+                                 ("nchw", np.zeros((4, 3, 8, 8), np.uint8), r"got channels first \(4, 3, 8, 8\); "
+                                                                           r"write images.transpose\(0, 2, 3, 1\)"),
                                  ("fortran", np.asfortranarray(np.zeros((4, 8, 8, 3), np.uint8)),
                                   "Fortran .*np.ascontiguousarray"),
                                  ("three", np.zeros((3, 8, 8, 3), np.uint8), "holds 3 images: precision and recall "

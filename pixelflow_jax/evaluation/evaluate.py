@@ -101,6 +101,9 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
                          "np.repeat(images.reshape(*images.shape[:3], 1), 3, axis=-1)")
     if channels == 4:
         raise ValueError(f"{path}: arr_0 must be RGB images (N, H, W, 3), got RGBA {shape}; write images[..., :3]")
+    if len(shape) == 4 and shape[1] == 3 and channels != 3:  # PyTorch's layout
+        raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got channels first {shape}; write "
+                         "images.transpose(0, 2, 3, 1)")
     if len(shape) != 4 or channels != 3:
         raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
     if min(shape[1:3]) < 1:
