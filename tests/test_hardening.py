@@ -1812,6 +1812,13 @@ def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, conver
     assert result.returncode == 1 and "holds samples.npz of an earlier sampling job" in result.stderr, result.stderr
     assert os.listdir(kept) == ["samples.npz"]  # samples/ was made, empty, before the refusal
 
+    folder = tmp_path / "folder"  # written once every image exists: a traceback there, after the sampling
+    (folder / "grid.png").mkdir(parents=True)
+    result = subprocess.run([*command[:3], f"--workdir={folder}", *command[4:]], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "grid.png is a folder, where this job writes its grid.png" in result.stderr
+    assert os.listdir(folder) == ["grid.png"]
+
 
 def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path):
     from configs import c2i

@@ -206,6 +206,15 @@ def earlier_outputs(workdir: str) -> list[str]:
     return [name for name in (SAMPLES_NPZ, GRID_PNG, EVAL_JSON) if storage.exists(storage.join(workdir, name))]
 
 
+def check_no_folder_at_outputs(workdir: str) -> None:
+    """samples.npz and grid.png are written once every image exists: a folder in their place (a
+    rerun's workdir) failed there with a traceback, after the sampling."""
+    for name in (SAMPLES_NPZ, GRID_PNG):
+        if storage.isdir(path := storage.join(workdir, name)):
+            raise ValueError(f"{path} is a folder, where this job writes its {name}: move it away, or use a new "
+                             "--workdir")
+
+
 def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:
     """Writes the rows this process holds (one replica of each), skipping padding rows. A batch
     with a row that came out NaN or inf (`finite`: cascade.finished_images' flags, replicated, so that every
@@ -237,6 +246,7 @@ def _sample(config, workdir: str) -> None:
                                      solver=s.solver)
     conditioning = conditioning_for(s, ckpt.model)
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
+    check_no_folder_at_outputs(workdir)
     model, ckpt = load_sampling_model(config, source)
     num_images = conditioning.num_images
 
