@@ -294,6 +294,12 @@ def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
                                               r"them could run code\)") as error:
         load_torch_file(str(tmp_path / "model.pt"))
     assert "\x1b" not in str(error.value)
+    # torch.load refuses it with advice to load it with weights_only=False, which would run its code.
+    torch.jit.script(torch.nn.Linear(2, 2)).save(tmp_path / "scripted.pt")
+    with pytest.raises(CheckpointError, match=r"scripted.pt is a TorchScript archive \(torch.jit.save\), which is "
+                                              r"read by running its code: save the weights alone") as error:
+        load_torch_file(str(tmp_path / "scripted.pt"))
+    assert "weights_only" not in str(error.value)
 
 
 def test_an_output_on_the_hub_is_refused_by_its_own_name():

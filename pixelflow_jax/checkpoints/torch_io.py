@@ -61,7 +61,12 @@ def load_torch_file(path: str) -> Any:
     try:
         # train.py pickles its argparse.Namespace next to the weights; allow exactly that class.
         with torch.serialization.safe_globals([argparse.Namespace]), storage.local_file(path) as local:
+            if is_torchscript(local):  # torch.load's refusal advises weights_only=False, which runs its code
+                raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), which is read by running "
+                                      "its code: save the weights alone (torch.save(model.state_dict(), path))")
             return torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
+    except CheckpointError:
+        raise
     except Exception as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its messages
         if reason.startswith("Weights only load failed") and "Unsupported global" in reason:  # not damage
@@ -75,6 +80,15 @@ def load_torch_file(path: str) -> Any:
             reason = f"{type(e).__name__}: {reason.splitlines()[0]}" if reason else type(e).__name__
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (truncated or not a checkpoint?): "
                               f"{reason}") from None
+
+
+def is_torchscript(local: str) -> bool:
+    """Whether a file is torch.jit.save's archive: a zip whose folder holds constants.pkl, as torch
+    tells them."""
+    if not zipfile.is_zipfile(local):
+        return False
+    with zipfile.ZipFile(local) as archive:
+        return any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str, np.ndarray]:
