@@ -189,6 +189,22 @@ def test_config_that_disagrees_with_weights(tmp_path, change, phrases):
     assert_failed_cleanly(run_converter(f"--torch_checkpoint={folder}", f"--output={output}"), output, *phrases)
 
 
+def test_a_text_models_weights_under_a_class_config_and_the_other_way_round_say_so():
+    """Only the 22 attn2 keys and the class table were listed, as for any other mismatch."""
+    from pixelflow_jax.checkpoints.convert import ConversionError, torch_to_params
+    from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml
+    from pixelflow_jax.config import ModelConfig
+
+    for weights, config, phrase in (("t2i_tiny", "c2i_tiny", r"the weights have cross-attention \(attn2: a "
+                                                             r"text-to-image model\) and the architecture has none"),
+                                    ("c2i_tiny", "t2i_tiny", r"the weights have no cross-attention \(attn2: not a "
+                                                             r"text-to-image model\) and the architecture has it")):
+        state_dict = {k: v.numpy() for k, v in release_state_dict(weights).items()}
+        params, _ = config_from_release_yaml(os.path.join(fixture_dir(config), "config.yaml"))
+        with pytest.raises(ConversionError, match=phrase + r" .*: describe them with their own config.yaml"):
+            torch_to_params(state_dict, ModelConfig.from_mapping(params))
+
+
 @pytest.mark.parametrize("content", ["truncated", "text", "numpy"])
 def test_unreadable_file_gets_one_line_error(tmp_path, content):
     path = tmp_path / "model.pt"

@@ -109,8 +109,21 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig,
     unexpected = sorted(set(state_dict) - used)
     if missing or unexpected or mismatched:
         raise ConversionError("the checkpoint does not match the architecture "
-                              f"{cfg.architecture()}:\n{_format_problems(missing, unexpected, mismatched)}")
+                              f"{cfg.architecture()}:\n{_format_problems(missing, unexpected, mismatched)}"
+                              f"{_other_kind(state_dict, cfg)}")
     return traverse_util.unflatten_dict(flat)
+
+
+def _other_kind(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> str:
+    """The cause in words when a text model's weights meet a config without cross-attention (the
+    class config copied into the text release's folder, which ships none), or the other way round."""
+    text_weights = any(key.startswith(f"{BLOCKS}.0.attn2.") for key in state_dict)
+    if text_weights == bool(cfg.cross_attention_dim):
+        return ""
+    weights, config = (("cross-attention (attn2: a text-to-image model)", "none (a class config?)") if text_weights
+                       else ("no cross-attention (attn2: not a text-to-image model)", "it (cross_attention_dim)"))
+    return (f"\n  the weights have {weights} and the architecture has {config}: describe them with their own "
+            "config.yaml, or with none (the architecture read from tensor shapes, with --attention_head_dim)")
 
 
 def check_exportable(cfg: ModelConfig) -> None:
