@@ -318,6 +318,29 @@ def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
     assert "weights_only" not in str(error.value)
 
 
+def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_are():
+    """A Lightning-style checkpoint ({'state_dict': ..., 'epoch': ...}, keys under 'model.') was "no
+    PixelFlow state dict", or every key listed as missing and as unexpected."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import RELEASE_KEY_ROOTS, extract_state_dict
+
+    weights = release_state_dict()
+    assert RELEASE_KEY_ROOTS == {k.split(".")[0] for name in ("c2i_tiny", "t2i_tiny")
+                                 for k in release_state_dict(name)}
+    lightning = {"epoch": 3, "state_dict": {f"model.{k}": v for k, v in weights.items()}}
+    with pytest.raises(CheckpointError, match=r"^w.pt holds no PixelFlow state dict \(.*\); its keys are epoch, "
+                                              r"state_dict: the weights are likely its 'state_dict': "
+                                              r"torch.save\(checkpoint\['state_dict'\], 'weights.pt'\)"):
+        extract_state_dict(lightning, "w.pt")
+    with pytest.raises(CheckpointError, match=r"^w.pt: every key starts with 'model.', which no PixelFlow weight does "
+                                              r".*torch.save\(\{k.removeprefix\('model.'\): v for k, v in"):
+        extract_state_dict(lightning["state_dict"], "w.pt")
+    with pytest.raises(CheckpointError, match=r"holds no PixelFlow state dict .*; it holds list$"):
+        extract_state_dict([1], "w.pt")
+    blocks = {k: v for k, v in weights.items() if k.startswith("transformer_blocks.")}
+    assert sorted(extract_state_dict(blocks, "w.pt")) == sorted(blocks)  # one root, the model's: its keys are listed later
+
+
 def test_an_output_on_the_hub_is_refused_by_its_own_name():
     """The refusal named hf://owner/pixelflow_config.json, a path built from the output's parent."""
     result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", "--output=hf://owner/name")

@@ -33,6 +33,9 @@ RELEASE_REQUIRED_PARAMS = ("in_channels", "out_channels", "num_attention_heads",
                            "patch_size")
 # What torch wrappers put before every key of a state dict: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# The first part of the release's state dict keys (PixelFlowModel's modules).
+RELEASE_KEY_ROOTS = {"class_embedder", "latent_size_embedder", "patch_embed", "proj_out_1", "proj_out_2",
+                     "timestep_embedder", "transformer_blocks"}
 ONE_SET_OF_WEIGHTS = ("the choice of weights ('model' for the raw ones) applies to training runs and the release's "
                       "train.py checkpoints: leave it at 'ema'")
 
@@ -91,6 +94,31 @@ def is_torchscript(local: str) -> bool:
         return any(name.count("/") == 1 and name.endswith("/constants.pkl") for name in archive.namelist())
 
 
+def what_it_holds(loaded: Any, torch) -> str:
+    """The top-level keys of a dict that is no state dict, and the one among them that holds one (a
+    PyTorch Lightning checkpoint's 'state_dict', say), with how to save it alone."""
+    if not isinstance(loaded, Mapping) or not loaded:
+        return f"; it holds {type(loaded).__name__}" + (" (empty)" if isinstance(loaded, Mapping) else "")
+    holders = [k for k, v in loaded.items() if isinstance(v, Mapping) and v
+               and all(isinstance(t, torch.Tensor) for t in v.values())]
+    found = f"; its keys are {listed(sorted(map(str, loaded)))}"
+    if holders:
+        found += (f": the weights are likely its {holders[0]!r}: torch.save(checkpoint[{holders[0]!r}], "
+                  "'weights.pt') and convert that")
+    return found
+
+
+def check_no_other_prefix(state_dict: Mapping[str, Any], path: str) -> None:
+    """Every key under one name that is none of the model's (a LightningModule's 'model.', say):
+    named with the fix, rather than a list of every key as missing and unexpected."""
+    roots = {key.split(".", 1)[0] for key in state_dict}
+    if len(roots) == 1 and "." in next(iter(state_dict)) and not roots & RELEASE_KEY_ROOTS:
+        prefix = f"{roots.pop()}."
+        raise CheckpointError(f"{path}: every key starts with {prefix!r}, which no PixelFlow weight does (a wrapper "
+                              f"module's name): save them without it: torch.save({{k.removeprefix({prefix!r}): v "
+                              "for k, v in state_dict.items()}, 'weights.pt') and convert that")
+
+
 def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str, np.ndarray]:
     """The float32 numpy state dict inside whatever torch.load returned."""
     torch = _import_torch()
@@ -106,13 +134,14 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
     if not isinstance(loaded, Mapping) or not loaded or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise CheckpointError(f"{path} holds no PixelFlow state dict (expected a dict of tensors, "
-                              f"or a train.py checkpoint with 'model'/'ema')")
+                              f"or a train.py checkpoint with 'model'/'ema'){what_it_holds(loaded, torch)}")
     wrapped = True
     while wrapped:  # wrappers nest: torch.compile of a DistributedDataParallel model, say
         wrapped = next((w for w in WRAPPER_PREFIXES if all(k.startswith(w) for k in loaded)), None)
         if wrapped:
             logging.info("%s: the keys carry %r (a wrapped model's state dict); reading them without it", path, wrapped)
             loaded = {k[len(wrapped):]: v for k, v in loaded.items()}
+    check_no_other_prefix(loaded, path)
     not_float = sorted(k for k, v in loaded.items() if not v.is_floating_point())
     if not_float:
         raise CheckpointError(f"{path}: {listed(not_float)} hold {loaded[not_float[0]].dtype} values, not weights "
