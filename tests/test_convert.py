@@ -341,6 +341,26 @@ def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_a
     assert sorted(extract_state_dict(blocks, "w.pt")) == sorted(blocks)  # one root, the model's: its keys are listed later
 
 
+def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, converted):
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=r"release is a folder without model.pt; a release folder holds "
+                                              r"config.yaml \+ model.pt$"):
+        read_release_checkpoint(str(folder))
+    for name in ("notes.txt", "model.safetensors", "ema.pth"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"model.pt; it holds ema.pth, model.safetensors: convert that file "
+                                              rf"\(convert_torch_ckpt.py --torch_checkpoint={folder}/ema.pth "
+                                              rf"--torch_config={folder}/config.yaml\), or rename it model.pt"):
+        read_release_checkpoint(str(folder))
+    with pytest.raises(CheckpointError, match=rf"it is a JAX checkpoint .*: export it with --to_torch "
+                                              rf"--jax_checkpoint={converted['c2i_tiny']}$"):
+        read_release_checkpoint(converted["c2i_tiny"])
+
+
 def test_an_output_on_the_hub_is_refused_by_its_own_name():
     """The refusal named hf://owner/pixelflow_config.json, a path built from the output's parent."""
     result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", "--output=hf://owner/name")

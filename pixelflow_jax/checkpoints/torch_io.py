@@ -33,6 +33,8 @@ RELEASE_REQUIRED_PARAMS = ("in_channels", "out_channels", "num_attention_heads",
                            "patch_size")
 # What torch wrappers put before every key of a state dict: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Files a folder may hold its weights in under another name than the release's model.pt.
+WEIGHT_FILE_ENDINGS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # The first part of the release's state dict keys (PixelFlowModel's modules).
 RELEASE_KEY_ROOTS = {"class_embedder", "latent_size_embedder", "patch_embed", "proj_out_1", "proj_out_2",
                      "timestep_embedder", "transformer_blocks"}
@@ -235,6 +237,21 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
     return params, extras
 
 
+def what_the_folder_holds(path: str) -> str:
+    """What a folder without model.pt is instead: a JAX checkpoint, or weights under another name."""
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE
+    from pixelflow_jax.checkpoints.run_checkpoint import find_run_step, is_run
+
+    if storage.isfile(storage.join(path, CONFIG_FILE)) or is_run(path) or find_run_step(path):
+        return (f"; it is a JAX checkpoint (a training run or a converted folder): export it with --to_torch "
+                f"--jax_checkpoint={path}")
+    if others := sorted(name for name in storage.list_files(path) if name.endswith(WEIGHT_FILE_ENDINGS)):
+        return (f"; it holds {listed(others)}: convert that file (convert_torch_ckpt.py --torch_checkpoint="
+                f"{storage.join(path, others[0])} --torch_config={storage.join(path, 'config.yaml')}), or rename it "
+                "model.pt if it is the release's state dict")
+    return ""
+
+
 def read_release_checkpoint(path: str, *, torch_config: str | None = None, weights: str = "ema",
                             attention_head_dim: int | None = None,
                             overrides: Mapping[str, int] | None = None) -> tuple[CheckpointConfig, dict[str, np.ndarray]]:
@@ -247,14 +264,8 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     if storage.isdir(path):
         weights_path = storage.join(path, "model.pt")
         if not storage.isfile(weights_path):
-            from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE
-            from pixelflow_jax.checkpoints.run_checkpoint import find_run_step, is_run
-
-            jax_checkpoint = storage.isfile(storage.join(path, CONFIG_FILE)) or is_run(path) or find_run_step(path)
-            hint = (f"; it is a JAX checkpoint (a training run or a converted folder): export it with --to_torch "
-                    f"--jax_checkpoint={path}" if jax_checkpoint else "")
             raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + "
-                                  f"model.pt{hint}")
+                                  f"model.pt{what_the_folder_holds(path)}")
         folder_config = storage.join(path, "config.yaml")
         if torch_config and storage.isfile(folder_config):
             check_same_config(torch_config, folder_config, weights_path)
