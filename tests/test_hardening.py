@@ -647,6 +647,9 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])  # a download that stopped
     with pytest.raises(ValueError, match=r"it is cut off .*: write or download it again"):
         npz_image_count(str(tmp_path / "cut.npz"))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.npz is not an .npz .*; it is empty \(a write that never finished\?\)"):
+        npz_image_count(str(tmp_path / "empty.npz"))
     np.savez(tmp_path / "statistics.npz", mu=np.zeros(2048), sigma=np.zeros((2, 2)))
     with pytest.raises(ValueError, match=r"statistics alone do not do: precision and recall compare images"):
         npz_image_count(str(tmp_path / "statistics.npz"))

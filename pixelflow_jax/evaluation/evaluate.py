@@ -53,6 +53,8 @@ def not_an_npz_hint(path: str) -> str:
             start = f.read(6)
     except OSError:
         return ""
+    if not start:
+        return "; it is empty (a write that never finished?): write or download it again"
     if start == b"\x93NUMPY":
         return "; it is a .npy file: save the images with np.savez(path, images) instead"
     if start.startswith(b"PK"):
