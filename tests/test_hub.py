@@ -60,6 +60,7 @@ def split_t5_into_shards(folder: str, out: str) -> dict[str, str]:
     ("hf://me/runs/sub", HubPath("me/runs", None, "sub")),
     ("hf://me/runs//sub/", HubPath("me/runs", None, "sub")),  # not "/sub": an absolute path under the snapshot
     ("hf://me/runs/v1..2/step_5", HubPath("me/runs", None, "v1..2/step_5")),  # '..' inside a name is a name
+    ("hf://me/runs@refs/pr/12/xl", HubPath("me/runs", "refs/pr/12", "xl")),  # a pull request's ref, not "refs"
 ])
 def test_hub_paths_parse(path, expected):
     assert HubPath.parse(path) == expected

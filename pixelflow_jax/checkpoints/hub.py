@@ -4,7 +4,8 @@ Files go through huggingface_hub's standard cache (HF_HOME, HF_HUB_CACHE; HF_HUB
 the cache only; HF_TOKEN or `hf auth login` for gated and private repos), and only the files the
 reader needs are fetched: a PixelFlow folder's config and weights, a T5 folder's config, tokenizer
 and the weight shards that hold encoder tensors (never the decoder-only shards, nor the same
-weights in a second format). REVISION is a branch, tag or commit without '/'.
+weights in a second format). REVISION is a branch, tag or commit without '/', or a pull request's
+refs/pr/N.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.error_text import first_line
 
 PREFIX = "hf://"
-_HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revision>[\w.-]+))?(?:/(?P<subfolder>.+))?")
+_HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revision>refs/pr/\d+|[\w.-]+))?(?:/(?P<subfolder>.+))?")
 
 # A PixelFlow folder: the release's (config.yaml + model.pt) or a converted one. Its config comes
 # first, so that a job can check it before the weights (gigabytes) are downloaded.
@@ -43,7 +44,7 @@ class HubPath:
         match = _HUB_PATH.fullmatch(str(path).rstrip("/"))
         if not match:
             raise CheckpointError(f"{path} is not a Hub path: write hf://OWNER/NAME, optionally followed by "
-                                  "@REVISION (a branch, tag or commit) and /SUBFOLDER")
+                                  "@REVISION (a branch, tag or commit, or refs/pr/N) and /SUBFOLDER")
         subfolder = (match["subfolder"] or "").strip("/")
         if ".." in subfolder.split("/"):
             raise CheckpointError(f"{path}: '..' is not allowed in a Hub subfolder")
