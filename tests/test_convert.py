@@ -318,6 +318,29 @@ def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
     assert "weights_only" not in str(error.value)
 
 
+def test_a_damaged_file_of_the_hub_cache_says_which_file_to_remove(tmp_path, monkeypatch):
+    """A rerun reads the cached bytes again: the error must say how to have them downloaded anew."""
+    from huggingface_hub import constants
+
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import load_torch_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    whole = open(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), "rb").read()
+    blob, snapshot = tmp_path / "hub" / "models--me--x" / "blobs" / "0a1b", tmp_path / "hub" / "models--me--x" / "snap"
+    blob.parent.mkdir(parents=True)
+    snapshot.mkdir()
+    blob.write_bytes(whole[:len(whole) // 2])  # a download cut off
+    (snapshot / "model.pt").symlink_to(blob)
+    with pytest.raises(CheckpointError, match=rf"truncated or not a checkpoint\?\): .*; it is in the Hugging Face "
+                                              rf"cache, which a rerun reads again: remove {blob} to have it downloaded"):
+        load_torch_file(str(snapshot / "model.pt"))
+    (tmp_path / "model.pt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated or not a checkpoint") as error:
+        load_torch_file(str(tmp_path / "model.pt"))
+    assert "cache" not in str(error.value)
+
+
 def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_are():
     """A Lightning-style checkpoint ({'state_dict': ..., 'epoch': ...}, keys under 'model.') was "no
     PixelFlow state dict", or every key listed as missing and as unexpected."""

@@ -84,7 +84,20 @@ def load_torch_file(path: str) -> Any:
         else:
             reason = f"{type(e).__name__}: {reason.splitlines()[0]}" if reason else type(e).__name__
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (truncated or not a checkpoint?): "
-                              f"{reason}") from None
+                              f"{reason}{hub_cache_hint(path)}") from None
+
+
+def hub_cache_hint(path: str) -> str:
+    """How to mend a damaged file of huggingface_hub's cache: a rerun would read the same bytes."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # then no file came from its cache
+        return ""
+    cache = os.path.realpath(constants.HF_HUB_CACHE) + os.sep
+    if storage.is_url(path) or not os.path.realpath(path).startswith(cache):
+        return ""
+    return (f"; it is in the Hugging Face cache, which a rerun reads again: remove {os.path.realpath(path)} to have "
+            "it downloaded anew")
 
 
 def is_torchscript(local: str) -> bool:
