@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -214,6 +215,7 @@ def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tm
     np.testing.assert_array_equal(np.concatenate(list(npz_batches(str(tmp_path / "samples.npz"), 32))), images)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     np.testing.assert_array_equal(grid[:8, :8], images[0])  # 64 images, 8 per row
+    np.testing.assert_array_equal(grid[:8, 8:16], images[1])  # row by row
     np.testing.assert_array_equal(grid, sample_run.image_grid(images[:sample_run.GRID_IMAGES]))  # not the 65th
 
     (folder / sample_run.image_name(3)).write_bytes(b"not a png")
@@ -288,3 +290,89 @@ def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, conv
     assert "Traceback" not in stderr
     names = os.listdir(workdir / "samples")
     assert "000001.png" in names and all(n.endswith(".png") or n == "settings.json" for n in names)  # no leftovers
+
+
+def sample_in_process(workdir, checkpoint, monkeypatch, **sample):
+    """Runs the --mode=sample job in this process with its noise and stage programs replaced by
+    stand-ins (nothing compiles but the final uint8 conversion), so that each image shows what it
+    was drawn for: every pixel is (the id its noise was drawn for, 0, its label), in levels.
+    Returns the random keys' data, and per batch the labels of its rows (padding included)."""
+    from configs import c2i
+    from pixelflow_jax.sampling import cascade, sample_run
+    from pixelflow_jax.scheduler import stage_resolutions
+
+    keys, batches = [], []
+
+    def noise_of_ids(key, ids, resolution, num_stages, channels, gamma):
+        keys.append(jax.random.key_data(key).tolist())
+        noise = [id_noise(np.asarray(ids), size, channels) for size in stage_resolutions(resolution, num_stages)]
+        return noise[0], noise[1:]
+
+    def stage_program(graphdef, renoise, alpha, beta, solver):
+        def run(state, x, noise, cond, uncond, schedule, guidance):
+            labels = np.asarray(cond["class_labels"])
+            if not renoise:
+                batches.append(labels.tolist())
+                return x
+            latents = np.array(noise)
+            latents[..., 2] = level_latents(labels)[:, None, None]
+            return latents
+        return run
+
+    monkeypatch.setattr(sample_run, "draw_noise_jit", noise_of_ids)
+    monkeypatch.setattr(cascade, "_stage_program", stage_program)
+    config = c2i.get_config("tiny")
+    config.sample.update(checkpoint=checkpoint, steps_per_stage=1, **sample)
+    sample_run.run(config, str(workdir))
+    return keys, batches
+
+
+def level_latents(levels):
+    """The latents that cascade.to_uint8 turns into these uint8 levels."""
+    return np.asarray(levels, np.float32) / 127.5 - 1
+
+
+def id_noise(ids, size, channels):
+    """Noise whose channel 0 is each row's image id (in levels), the others 0."""
+    noise = np.full((len(ids), size, size, channels), level_latents(0))
+    noise[..., 0] = level_latents(ids)[:, None, None]
+    return noise
+
+
+def drawn_for(ids, labels, resolution=64):
+    """The images sample_in_process's stand-ins draw for these ids and labels."""
+    pixels = np.stack([ids, np.zeros(len(ids)), labels], axis=-1).astype(np.uint8)
+    return np.broadcast_to(pixels[:, None, None], (len(ids), resolution, resolution, 3))
+
+
+def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_only_those_missing(tmp_path, converted,
+                                                                                                   monkeypatch):
+    """The CLI test above compares a resumed job with its own first run, so a wrong seed, or noise
+    drawn by batch row instead of image id, passed it: here each image must show the id its noise
+    was drawn for and its label, after a first run, a resume and an extension."""
+    workdir, labels, seed = tmp_path / "run", (5, 3, 9, 1, 7), [0, 7]  # seed: jax.random.key(7)'s data
+    job = lambda **sample: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, **sample)
+    assert job(num_images=5, labels=labels, seed=7) == ([seed], [[5, 3, 9, 1, 7, 7, 7, 7]])  # padded to 8 devices
+    np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], drawn_for(range(5), labels))
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(Image.open(workdir / "samples" / f"{i:06d}.png")),
+                                      drawn_for([i], labels[i:i + 1])[0])
+    settings = json.loads((workdir / "samples" / "settings.json").read_text())
+    assert {k: settings[k] for k in ("seed", "num_images", "labels", "weights", "cfg_scale", "solver", "shift",
+                                     "steps_per_stage")} == dict(seed=7, num_images=5, labels=list(labels), weights="ema",
+                                                                 cfg_scale=2.4, solver="euler", shift=1.0,
+                                                                 steps_per_stage=[1, 1, 1, 1])
+
+    for i in (1, 3):  # an interrupted job: the rerun samples these two alone, each as the first run would
+        os.remove(workdir / "samples" / f"{i:06d}.png")
+    os.remove(workdir / "samples.npz")
+    assert job(num_images=5, labels=labels, seed=7) == ([seed], [[3, 1] + [1] * 6])
+    np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], drawn_for(range(5), labels))
+
+    more = labels + (2, 4)  # extended: the two new images only
+    assert job(num_images=7, labels=more, seed=7) == ([seed], [[2, 4] + [4] * 6])
+    np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], drawn_for(range(7), more))
+
+    for name, value in (("seed", 8), ("cfg_scale", 3.0)):  # would mix two jobs' images
+        with pytest.raises(ValueError, match=rf"other settings \(differing: \['{name}'\]\)"):
+            job(num_images=7, labels=more, **{"seed": 7, name: value})
