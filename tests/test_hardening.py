@@ -1882,6 +1882,10 @@ def test_a_sampling_job_may_grow_into_its_folder_but_not_shrink(tmp_path):
     check({**text, "num_images": 6, "prompts": ["a fox", "a cat", "a dog"]})  # a prompt added at the end
     with pytest.raises(ValueError, match=r"other settings \(differing: \['images_per_prompt', 'num_images'\]"):
         check({**text, "num_images": 9, "prompts": ["a fox", "a cat", "a dog"], "images_per_prompt": 3})
+    (samples / "settings.json").unlink()
+    one_prompt = {**text, "num_images": 2, "prompts": ["a fox"]}
+    check(one_prompt)
+    check({**one_prompt, "num_images": 5, "images_per_prompt": 5})  # more images of its one prompt
 
 
 def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path):
@@ -1913,6 +1917,26 @@ def test_a_job_recorded_without_a_fingerprint_still_refuses_another_checkpoint(t
     check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/a", "seed": 0, "checkpoint_fingerprint": "f1"})
     with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['checkpoint'\]"):
         check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/b", "seed": 0, "checkpoint_fingerprint": "f1"})
+
+
+
+def test_a_job_recorded_before_a_setting_was_recorded_goes_on_and_one_recorded_is_compared(tmp_path):
+    """settings.json of an earlier version lacks the settings recorded since (SETTINGS_ADDED_LATER):
+    their absence is no change, so a rerun of that job goes on; once recorded, each is compared."""
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "000000.png").write_bytes(b"")
+    job = {"seed": 0, "checkpoint": "/runs/a", "text_encoder": "/t5"}
+    added = {name: f"{name} of this job" for name in ("checkpoint_fingerprint", "text_encoder_param_dtype",
+                                                       "param_dtype", "text_encoder_fingerprint")}
+    storage.write_json_atomically(str(samples / "settings.json"), job)
+    check_settings(str(samples), str(tmp_path), {**job, **added})
+    for name in added:
+        storage.write_json_atomically(str(samples / "settings.json"), {**job, name: added[name]})
+        with pytest.raises(ValueError, match=rf"\(differing: \['{name}'\]"):
+            check_settings(str(samples), str(tmp_path), {**job, **added, name: "another"})
 
 
 def test_a_job_whose_pngs_were_deleted_is_not_taken_for_one_that_never_sampled(tmp_path):
