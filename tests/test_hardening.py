@@ -2013,6 +2013,21 @@ def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypa
         check(config, "sample")
 
 
+def test_the_conditioning_refuses_a_job_of_no_images_itself():
+    """Checked where the job's image count is made, not only by main.py's config check, which a
+    Python caller of sample_run.run does not pass through."""
+    from configs import c2i, t2i
+    from pixelflow_jax.sampling import sample_conditioning
+
+    sample = c2i.get_config("tiny").sample
+    sample.num_images = 0
+    with pytest.raises(ValueError, match="sample.num_images must be positive, got 0"):
+        sample_conditioning.ClassLabels(sample, num_classes=3)
+    sample = t2i.get_config("tiny").sample
+    sample.update(prompts=["a fox"], images_per_prompt=0)
+    with pytest.raises(ValueError, match="sample.images_per_prompt must be positive, got 0"):
+        sample_conditioning.TextPrompts(sample, 4)
+
 def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_process(tmp_path, monkeypatch):
     """Another job's settings.json recorded between this job's checks and its exclusive create is
     named; with several processes, process 0 alone checks, and the others learn its outcome (one
