@@ -2028,6 +2028,17 @@ def test_the_conditioning_refuses_a_job_of_no_images_itself():
     with pytest.raises(ValueError, match="sample.images_per_prompt must be positive, got 0"):
         sample_conditioning.TextPrompts(sample, 4)
 
+
+def test_a_blank_prompt_is_refused_not_sampled():
+    from configs import t2i
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts
+
+    sample = t2i.get_config("tiny").sample
+    sample.prompts = ("a fox", " ")
+    with pytest.raises(ValueError, match=r"every prompt must be a non-empty string, got \['a fox', ' '\]"):
+        read_prompts(sample)
+
+
 def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_process(tmp_path, monkeypatch):
     """Another job's settings.json recorded between this job's checks and its exclusive create is
     named; with several processes, process 0 alone checks, and the others learn its outcome (one
