@@ -241,7 +241,9 @@ def _sample(config, workdir: str) -> None:
         raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
                          f"({num_devices}); try {max(num_devices, s.batch_size // num_devices * num_devices)}")
     source, ckpt = sampling_source(config, workdir)
-    # The settings, labels or prompts and text encoder are checked before the weights are read.
+    # The labels or prompts, the text encoder and the workdir are checked before the weights are read; the
+    # settings against an earlier job's only after (they record the weights' files, which a Hub checkpoint
+    # downloads with them).
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
     conditioning = conditioning_for(s, ckpt.model)
