@@ -1,6 +1,7 @@
 """The CPU host-memory setting main.py applies (pixelflow_jax/host_memory.py)."""
 
 import ctypes
+import ctypes.util
 
 from pixelflow_jax import host_memory
 
@@ -28,3 +29,29 @@ def test_accelerator_backends_are_left_alone(monkeypatch):
 def test_a_c_library_without_mallopt_is_a_no_op(monkeypatch):
     monkeypatch.setattr(host_memory, "_glibc_mallopt", lambda: None)
     assert host_memory.reuse_freed_buffers_on_cpu() is False
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (malloc.h, glibc 2.33+): what malloc holds, in bytes."""
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_buffers_below_the_mmap_threshold_come_from_the_heap_and_stay_after_free():
+    """What the setting is for, read from glibc itself: mallopt accepts any parameter number, so a
+    swapped or wrong constant still returned True while the buffers kept being mmap'd and trimmed."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    assert host_memory.reuse_freed_buffers_on_cpu()
+
+    def mmapped_and_kept(size):  # (whether malloc mmap'd it, whether the heap kept it after free); not touched
+        before = libc.mallinfo2()
+        buffer = libc.malloc(size)
+        assert buffer, f"malloc({size}) failed"
+        during = libc.mallinfo2()
+        libc.free(buffer)
+        return during.hblkhd - before.hblkhd >= size, libc.mallinfo2().arena >= during.arena
+
+    assert mmapped_and_kept(64 << 20) == (False, True)  # a step's buffers: reused, not zero-filled again
+    assert mmapped_and_kept(host_memory.MMAP_THRESHOLD * 3 // 2)[0]  # above the threshold: mmap'd as before
