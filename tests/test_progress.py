@@ -40,3 +40,44 @@ def test_terminal_gets_a_bar_and_lines_that_do_not_break_it():
 
 def test_durations():
     assert format_duration(59.6) == "1:00" and format_duration(3725) == "1:02:05"
+
+
+def test_lines_come_at_most_every_log_every_s_and_at_the_end(monkeypatch):
+    clock = iter([100.0, 110.0, 120.0, 145.0, 160.0, 200.0])
+    monkeypatch.setattr("pixelflow_jax.progress.time.perf_counter", lambda: next(clock))
+    lines = []
+    progress = Progress(5, "eval", "batch", interactive=False, log_every_s=30, log=lines.append)
+    for _ in range(5):
+        progress.update(1)  # t=145: 45 s after the start, a line; t=160: 15 s after that line, none
+    assert [line.split(",")[0] for line in lines] == ["eval: 3/5 batch (60%)", "eval: 5/5 batch (100%)"]
+
+
+def test_a_job_done_in_one_chunk_is_timed_over_this_runs_work(monkeypatch):
+    """No chunk after the first to time: the rate is that of this run's whole work (not the '?' of
+    a line that more chunks will follow, nor counting the resumed job's earlier images)."""
+    clock = iter([100.0, 120.0, 300.0, 305.0])
+    monkeypatch.setattr("pixelflow_jax.progress.time.perf_counter", lambda: next(clock))
+    lines = []
+    Progress(8, "sampling", "img", initial=4, interactive=False, log=lines.append).update(4)
+    Progress(0, "sampling", "img", interactive=False, log=lines.append).update(0)  # nothing left to do
+    assert lines == ["sampling: 8/8 img (100%), 0.2 img/s, ETA 0:00, elapsed 0:20",
+                     "sampling: 0/0 img (100%), 0 img/s, ETA ?, elapsed 0:05"]
+
+
+def test_a_resumed_jobs_bar_starts_at_its_count_and_takes_the_place_of_log_lines():
+    stream, lines = io.StringIO(), []
+    with Progress(5, "training", "step", initial=2, interactive=True, stream=stream, log=lines.append) as progress:
+        progress.update(3)
+    assert "5/5" in stream.getvalue() and lines == []
+
+
+def test_off_a_terminal_messages_are_printed_and_other_processes_show_nothing(monkeypatch, capsys):
+    Progress(2, "training", "step", interactive=False).write("step 1: loss 0.5")
+    assert capsys.readouterr().out == "step 1: loss 0.5\n"
+    monkeypatch.setattr("pixelflow_jax.progress.jax.process_index", lambda: 1)
+    stream, lines = io.StringIO(), []
+    for interactive in (True, False):
+        with Progress(2, "training", "step", interactive=interactive, stream=stream, log=lines.append) as progress:
+            progress.update(2)
+            progress.write("step 2: loss 0.4")
+    assert stream.getvalue() == "" and lines == [] and capsys.readouterr().out == ""
