@@ -435,3 +435,172 @@ def test_a_live_process_of_another_user_is_alive(monkeypatch):
 
     monkeypatch.setattr(os, "kill", kill)
     assert storage.process_alive(1) and not storage.process_alive(999999999)
+
+
+def test_a_bucket_root_is_its_own_parent_and_joined_names_make_no_empty_folder():
+    assert storage.dirname("gs://b/run") == "gs://b" and storage.dirname("gs://b") == "gs://b"  # not gs:/, a local path
+    assert storage.join("gs://b/run", "/samples/", "000001.png") == "gs://b/run/samples/000001.png"  # no "//"
+    assert storage.user_path("gs://b/run//") == "gs://b/run//"  # trailing slashes name no empty folder
+    with pytest.raises(storage.StorageError, match=r"expected a path \(a string or os.PathLike\), got None"):
+        storage.user_path(None)  # (str(None) would be a folder named "None")
+
+
+def test_a_failed_bucket_request_names_the_path_and_what_to_check_once(bucket, monkeypatch):
+    """A listing asks for the folder's kind inside its own request: its refusal is raised as it
+    is, not wrapped in a second error that repeats the advice."""
+    import fsspec
+
+    assert storage.list_files(f"{bucket}/run") == []  # (configures gcsfs, as storage's first request does)
+    fs, _ = fsspec.core.url_to_fs(bucket)  # fsspec's cached instance: the one storage uses
+
+    def forbidden(key, **kwargs):
+        raise OSError("Forbidden: 403")
+
+    monkeypatch.setattr(fs, "info", forbidden)
+    with pytest.raises(storage.StorageError) as refused:
+        storage.list_files(f"{bucket}/run")
+    assert str(refused.value) == f"{bucket}/run: OSError: Forbidden: 403 ({storage.CHECK_ACCESS})"
+
+
+def test_gcsfs_giving_up_on_an_error_it_does_not_retry_logs_one_line(caplog):
+    import logging
+
+    storage.remote.epath_of("gs://some-bucket/run")
+    try:
+        raise PermissionError("403 Forbidden")
+    except PermissionError as error:
+        logging.getLogger("gcsfs").exception(f"_call non-retriable exception: {error}")
+    assert caplog.records[-1].exc_info is None and "403 Forbidden" in caplog.records[-1].getMessage()
+
+
+def test_listings_of_a_local_folder_and_of_a_bucket_file_say_what_is_there(bucket, tmp_path):
+    assert storage.listdir(str(tmp_path / "missing")) == []
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    (tmp_path / "a.txt").write_text("a")
+    others = []
+    assert storage.list_entries(str(tmp_path), others) == (["a.txt"], []) and others == ["dangling"]
+    storage.write_atomically(f"{bucket}/run/a.txt", b"a")
+    assert storage.list_entries(f"{bucket}/run/a.txt") == ([], [])  # a file is no folder
+
+
+def test_a_folders_fingerprint_follows_names_sizes_and_each_part_of_a_large_file_and_survives_a_copy(bucket, tmp_path):
+    large = bytearray(os.urandom(4 * storage.reads.FINGERPRINT_SLICE))  # read in three slices
+    folder = tmp_path / "ckpt"
+    (folder / "params").mkdir(parents=True)
+    (folder / "params" / "data.bin").write_bytes(large)
+    (folder / "config.json").write_text("{}")
+    (folder / "samples.npz").write_bytes(b"npz")
+    assert storage.file_sizes(str(folder)) == {"params/data.bin": len(large), "config.json": 2, "samples.npz": 3}
+    before, params_only = storage.fingerprint(str(folder)), storage.fingerprint(str(folder), ("params",))
+    for name in storage.file_sizes(str(folder)):
+        storage.upload_file_atomically(str(folder / name), f"{bucket}/ckpt/{name}")
+    assert storage.file_sizes(f"{bucket}/ckpt") == storage.file_sizes(str(folder))
+    assert storage.fingerprint(f"{bucket}/ckpt") == before
+
+    (folder / "samples.npz").write_bytes(b"NPZ")  # not one of the entries asked for
+    assert storage.fingerprint(str(folder), ("params",)) == params_only != storage.fingerprint(str(folder))
+    large[len(large) // 2] ^= 1  # in the middle slice
+    (folder / "params" / "data.bin").write_bytes(large)
+    assert storage.fingerprint(str(folder), ("params",)) != params_only
+    changed = storage.fingerprint(str(folder))
+    os.rename(folder / "config.json", folder / "config.yaml")  # the same bytes under another name
+    assert storage.fingerprint(str(folder)) != changed
+
+
+def test_reads_in_threads_come_back_in_order_with_a_bounded_read_ahead():
+    drawn = []
+
+    def items():
+        for i in range(3 * storage.reads.READ_AHEAD):
+            drawn.append(i)
+            yield i
+
+    reads = storage.read_in_order(lambda i: i * i, items())
+    assert next(reads) == 0 and len(drawn) == storage.reads.READ_AHEAD  # not the whole list at once
+    assert list(reads) == [i * i for i in range(1, 3 * storage.reads.READ_AHEAD)]
+
+
+def test_streamed_writes_histories_and_removals_in_a_bucket(bucket):
+    storage.write_streamed_atomically(f"{bucket}/run/samples.npz", lambda f: f.write(b"npz" * 1000))
+    assert storage.read_bytes(f"{bucket}/run/samples.npz") == b"npz" * 1000  # not only what the writer had flushed
+    storage.write_json_keeping_history(f"{bucket}/run/eval.json", {"fid": 2.0})
+    storage.write_json_keeping_history(f"{bucket}/run/eval.json", {"fid": 1.0})
+    history = [json.loads(line)["fid"] for line in storage.read_text(f"{bucket}/run/eval_history.jsonl").splitlines()]
+    assert history == [2.0, 1.0] and storage.read_json(f"{bucket}/run/eval.json") == {"fid": 1.0}
+    storage.remove(f"{bucket}/run/none.json")  # nothing there: nothing to do, as locally
+    storage.rmtree(f"{bucket}/none")
+    assert storage.list_files(f"{bucket}/run") == ["eval.json", "eval_history.jsonl", "samples.npz"]
+
+
+def test_a_local_copy_of_a_bucket_file_is_fetched_again_when_cut_short_or_changed(bucket, tmp_path, monkeypatch):
+    url, folder, downloads = f"{bucket}/t5/spiece.model", str(tmp_path / "cache"), []
+    real_open = storage.cache.open_file
+    monkeypatch.setattr(storage.cache, "open_file", lambda path, mode: downloads.append(path) or real_open(path, mode))
+    storage.write_atomically(url, b"vocab-1")
+    local = storage.cached_copy(url, folder)
+    assert storage.cached_copy(url, folder) == local and len(downloads) == 1  # the copy is read again
+    with open(local, "wb") as f:
+        f.write(b"vocab")  # cut short (a copy by hand, a full disk)
+    assert open(storage.cached_copy(url, folder), "rb").read() == b"vocab-1" and len(downloads) == 2
+    time.sleep(1)  # the emulator's modification times have whole seconds
+    storage.write_atomically(url, b"vocab-2")  # the same size, another file
+    assert open(storage.cached_copy(url, folder), "rb").read() == b"vocab-2" and len(downloads) == 3
+
+
+def test_the_cache_folder_is_the_projects_setting_else_the_users_cache(monkeypatch):
+    monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "/data/pf_cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/data/xdg")
+    assert storage.cache_dir("t5") == "/data/pf_cache/t5"
+    monkeypatch.delenv("PIXELFLOW_CACHE_DIR")
+    assert storage.cache_dir("t5") == "/data/xdg/pixelflow_jax/t5"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert storage.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "pixelflow_jax")
+
+
+def test_a_local_write_goes_through_a_temporary_beside_the_file_named_for_its_writer(tmp_path):
+    """Named so that remove_temporaries clears it after a kill, and keeps it while its writer runs."""
+    seen = []
+    storage.write_atomically(str(tmp_path / "grid.png"), b"")  # another file, not a temporary
+    storage.write_streamed_atomically(str(tmp_path / "samples.npz"),
+                                      lambda f: seen.extend(sorted(os.listdir(tmp_path))))
+    assert len(seen) == 2 and seen[0].startswith(f".samples.npz.tmp-{storage.writer_tag()}-") and seen[1] == "grid.png"
+    assert storage.remove_temporaries(str(tmp_path)) == 0
+
+
+def test_local_removals_moves_and_write_errors(tmp_path):
+    storage.remove(str(tmp_path / "none.json"))  # nothing there: nothing to do
+    (tmp_path / "a.npz").write_bytes(b"a")
+    storage.move(str(tmp_path / "a.npz"), str(tmp_path / "aside" / "1" / "a.npz"))  # its folder made
+    assert os.listdir(tmp_path / "aside" / "1") == ["a.npz"]
+    with storage.removed_if_left_empty(str(tmp_path / "run"), remover=False):  # another process removes it
+        os.makedirs(tmp_path / "run")
+    assert os.path.isdir(tmp_path / "run")
+    with pytest.raises(storage.StorageError, match=rf"^cannot write {tmp_path}/run/metrics.jsonl \(OSError: "
+                                                   r"No space left\); free some space$"):
+        with storage.writing(str(tmp_path / "run" / "metrics.jsonl"), "free some space"):
+            raise OSError("No space left")
+    with pytest.raises(storage.StorageError, match=r"^gs://b/x: 403$"):  # already says its path and cause
+        with storage.writing(str(tmp_path / "run" / "metrics.jsonl"), "free some space"):
+            raise storage.StorageError("gs://b/x: 403")
+
+
+def test_a_killed_writers_temporary_folder_is_kept_while_anything_in_it_is_recent(tmp_path, monkeypatch):
+    """Containers that share /tmp and the hostname see each other's folders, not processes."""
+    import re
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = storage.temporary_dir("pixelflow_test")
+    match = re.fullmatch("pixelflow_test-" + storage.WRITER, os.path.basename(mine))
+    assert match and match["host"] == socket.gethostname() and int(match["pid"]) == os.getpid()
+    other = tmp_path / f"pixelflow_test-{socket.gethostname()}-999999999-x"  # no such pid here
+    (other / "events").mkdir(parents=True)
+    (other / "events" / "tfevents").write_bytes(b"")  # written a moment ago
+    hour_ago = time.time() - 3700
+    os.utime(other, (hour_ago, hour_ago))
+    os.utime(other / "events", (hour_ago, hour_ago))
+    storage.remove_abandoned_dirs("pixelflow_test")
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(mine), other.name])
+    os.utime(other / "events" / "tfevents", (hour_ago, hour_ago))
+    storage.remove_abandoned_dirs("pixelflow_test")
+    assert os.listdir(tmp_path) == [os.path.basename(mine)]
