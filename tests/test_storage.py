@@ -567,11 +567,14 @@ def test_a_local_write_goes_through_a_temporary_beside_the_file_named_for_its_wr
     assert storage.remove_temporaries(str(tmp_path)) == 0
 
 
-def test_local_removals_moves_and_write_errors(tmp_path):
+def test_local_removals_moves_and_write_errors(tmp_path, monkeypatch):
     storage.remove(str(tmp_path / "none.json"))  # nothing there: nothing to do
     (tmp_path / "a.npz").write_bytes(b"a")
     storage.move(str(tmp_path / "a.npz"), str(tmp_path / "aside" / "1" / "a.npz"))  # its folder made
     assert os.listdir(tmp_path / "aside" / "1") == ["a.npz"]
+    monkeypatch.chdir(tmp_path / "aside" / "1")
+    storage.move("a.npz", "b.npz")  # in the working folder (was os.makedirs(""): "No such file or directory: ''")
+    assert os.listdir(tmp_path / "aside" / "1") == ["b.npz"]
     with storage.removed_if_left_empty(str(tmp_path / "run"), remover=False):  # another process removes it
         os.makedirs(tmp_path / "run")
     assert os.path.isdir(tmp_path / "run")

@@ -201,7 +201,7 @@ def move(source: str, target: str) -> None:
 
         on_remote(source, move_objects)
     else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)  # abspath: a bare name's dirname is ""
         shutil.move(source, target)  # a rename, or a copy where the target is on another disk
 
 
