@@ -21,9 +21,10 @@ def test_accelerator_backends_are_left_alone(monkeypatch):
     def mallopt_must_not_be_looked_up():
         raise AssertionError("mallopt was reached on an accelerator backend")
 
-    monkeypatch.setattr(host_memory.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(host_memory, "_glibc_mallopt", mallopt_must_not_be_looked_up)
-    assert host_memory.reuse_freed_buffers_on_cpu() is False
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(host_memory.jax, "default_backend", lambda: backend)
+        assert host_memory.reuse_freed_buffers_on_cpu() is False
 
 
 def test_a_c_library_without_mallopt_is_a_no_op(monkeypatch):
