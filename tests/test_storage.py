@@ -427,6 +427,18 @@ def test_only_a_folder_a_failed_job_made_is_removed_and_the_write_check_leaves_n
     assert os.listdir(tmp_path / "run") == []
 
 
+def test_the_write_checks_probe_left_by_a_killed_job_is_cleared(tmp_path, monkeypatch):
+    from pixelflow_jax.storage import writes
+
+    monkeypatch.setattr(writes, "remove", lambda path: None)  # killed between writing and removing it
+    storage.check_writable(str(tmp_path))
+    [probe] = os.listdir(tmp_path)
+    assert storage.remove_temporaries(str(tmp_path)) == 0  # its writer (this process) runs
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.rename(tmp_path / probe, tmp_path / probe.replace(f"-{os.getpid()}-", f"-{int(gone.stdout)}-"))
+    assert storage.remove_temporaries(str(tmp_path)) == 1 and os.listdir(tmp_path) == []
+
+
 def test_a_live_process_of_another_user_is_alive(monkeypatch):
     """os.kill(pid, 0) on another user's process raises PermissionError: taken for a dead writer,
     its temporaries (and a lock's holder) would be cleared while it still writes."""

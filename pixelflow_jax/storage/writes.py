@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import tempfile
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -222,7 +221,7 @@ def removed_if_left_empty(folder: str, remover: bool = True) -> Iterator[None]:
 def check_writable(folder: str) -> None:
     """Writes and deletes a probe file in `folder`, so that a missing bucket, missing credentials
     or no write access stop a job before its first step, with the cause."""
-    probe = join(folder, f".write_check-{socket.gethostname()}-{os.getpid()}")
+    probe = join(folder, f".write_check.tmp-{writer_tag()}-probe")  # a kill leaves it to remove_temporaries
     if not is_url(folder) and os.path.isfile(folder):
         raise StorageError(f"{folder} is a file, not a folder: name a folder (new or existing) for the outputs")
     try:
