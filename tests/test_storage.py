@@ -581,6 +581,10 @@ def test_a_local_write_goes_through_a_temporary_beside_the_file_named_for_its_wr
 
 def test_local_removals_moves_and_write_errors(tmp_path, monkeypatch):
     storage.remove(str(tmp_path / "none.json"))  # nothing there: nothing to do
+    (tmp_path / "taken.json").write_text("{}")
+    with monkeypatch.context() as patch:  # another process removes it first
+        patch.setattr(os, "remove", lambda path: (os.unlink(path), os.unlink(path)))
+        storage.remove(str(tmp_path / "taken.json"))
     (tmp_path / "a.npz").write_bytes(b"a")
     storage.move(str(tmp_path / "a.npz"), str(tmp_path / "aside" / "1" / "a.npz"))  # its folder made
     assert os.listdir(tmp_path / "aside" / "1") == ["a.npz"]

@@ -177,8 +177,9 @@ def upload_file_atomically(local_file: str, path: str) -> None:
 def remove(path: str) -> None:
     if is_url(path):
         on_remote(path, lambda p: p.unlink(missing_ok=True))
-    elif os.path.exists(path):
-        os.remove(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):  # not an exists() check first: another process may remove it
+            os.remove(path)
 
 
 def rmtree(path: str) -> None:
