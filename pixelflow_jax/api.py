@@ -227,12 +227,16 @@ def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointC
     return source, checkpoint_config(source)
 
 
+def sampling_runtime(config) -> dict:
+    """What config.model sets of a checkpoint's model: its dtype, param_dtype (bfloat16 halves the
+    weights' memory) and attention backend."""
+    return dict(dtype=config.model.dtype, param_dtype=config.model.get("param_dtype", "float32"),
+                attention=config.model.attention)
+
+
 def load_sampling_model(config, source: CheckpointSource) -> tuple[PixelFlow, CheckpointConfig]:
-    """The model of `source` with config.model's dtype, param_dtype (bfloat16 halves the weights'
-    memory) and attention backend, and sample.weights (ema or model)."""
-    runtime = dict(dtype=config.model.dtype, param_dtype=config.model.get("param_dtype", "float32"),
-                   attention=config.model.attention)
-    ckpt, params = read_checkpoint(source, config.sample.weights, runtime)
+    """The model of `source` with sampling_runtime(config) and sample.weights (ema or model)."""
+    ckpt, params = read_checkpoint(source, config.sample.weights, sampling_runtime(config))
     return build_model(ckpt, params), ckpt
 
 

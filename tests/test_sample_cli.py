@@ -376,3 +376,31 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
     for name, value in (("seed", 8), ("cfg_scale", 3.0)):  # would mix two jobs' images
         with pytest.raises(ValueError, match=rf"other settings \(differing: \['{name}'\]\)"):
             job(num_images=7, labels=more, **{"seed": 7, name: value})
+
+
+def test_an_earlier_jobs_settings_are_checked_before_the_weights_are_read_and_recorded_after(tmp_path, converted,
+                                                                                           monkeypatch):
+    """A rerun with another seed waited for the restore (minutes at XL) before its refusal; a job whose
+    weights fail to load records nothing, so a corrected rerun is not refused as another job."""
+    from pixelflow_jax.sampling import sample_run
+
+    workdir = tmp_path / "run"
+    job = lambda folder, **sample: sample_in_process(folder, converted["c2i_tiny"], monkeypatch, **sample)
+    job(workdir, num_images=2, labels=(1, 2), seed=7)
+
+    class Restored(Exception):
+        pass
+
+    def restore(config, source):
+        raise Restored
+
+    monkeypatch.setattr(sample_run, "load_sampling_model", restore)
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['seed'\]\)"):
+        job(workdir, num_images=2, labels=(1, 2), seed=8)
+    settings = (workdir / "samples" / "settings.json").read_text()
+    with pytest.raises(Restored):  # an extension whose weights fail to load is not recorded
+        job(workdir, num_images=3, labels=(1, 2, 3), seed=7)
+    assert (workdir / "samples" / "settings.json").read_text() == settings
+    with pytest.raises(Restored):
+        job(tmp_path / "new", num_images=2, labels=(1, 2), seed=7)
+    assert not (tmp_path / "new").exists()

@@ -29,7 +29,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import load_sampling_model, sampling_source
+from pixelflow_jax.api import load_sampling_model, sampling_runtime, sampling_source
+from pixelflow_jax.checkpoints import hub
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.evaluation.evaluate import EVAL_JSON
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
@@ -83,18 +84,20 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "param_dtype", "text_encoder_fingerprint")
 
 
-def check_settings(folder: str, workdir: str, settings: dict) -> None:
+def check_settings(folder: str, workdir: str, settings: dict, record: bool = True) -> None:
     """Records the settings on the first run; a rerun with different settings would mix images,
     and so would images already there that no settings describe. A samples.npz that no settings
     describe (its PNGs and settings.json deleted to save space) is not overwritten either. Two jobs
     starting together in one new folder: one records its settings, the other is checked against them.
+    With record=False nothing is written: the refusals only (before the weights are read, so that a
+    job whose weights then fail to load records nothing).
 
     Process 0 checks and records for the job, and every process learns the outcome, so that all
     of them stop together (one raising alone would leave the others waiting for it)."""
     problem = None
     if jax.process_index() == 0:
         try:
-            check_and_record_settings(folder, workdir, settings)
+            check_and_record_settings(folder, workdir, settings, record)
         except (ValueError, storage.StorageError) as e:
             problem = e
     if int(from_process_0(np.int32(problem is not None))):
@@ -103,7 +106,7 @@ def check_settings(folder: str, workdir: str, settings: dict) -> None:
         raise problem
 
 
-def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None:
+def check_and_record_settings(folder: str, workdir: str, settings: dict, record: bool = True) -> None:
     path = storage.join(folder, "settings.json")
     if storage.exists(path):
         changed = changed_settings(path, settings)
@@ -112,9 +115,10 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
         recorded = storage.read_json(path)
         if (count := extended_from(recorded, settings, changed)) is not None:
             # Each image depends only on the seed, its id and its conditioning: the recorded ones stay valid.
-            logging.info("extending the job in %s from %d to %d images: those on disk are kept", folder, count,
-                         settings["num_images"])
-            storage.write_json_atomically(path, settings)
+            if record:
+                logging.info("extending the job in %s from %d to %d images: those on disk are kept", folder, count,
+                             settings["num_images"])
+                storage.write_json_atomically(path, settings)
             return
         if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
             raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
@@ -145,7 +149,7 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict) -> None
     if earlier := earlier_outputs(workdir):
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
-    if storage.create_json(path, settings):
+    if not record or storage.create_json(path, settings):
         return
     if changed := changed_settings(path, settings):  # another job's came first
         raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
@@ -241,25 +245,27 @@ def _sample(config, workdir: str) -> None:
         raise ValueError(f"sample.batch_size {s.batch_size} must be divisible by the number of devices "
                          f"({num_devices}); try {max(num_devices, s.batch_size // num_devices * num_devices)}")
     source, ckpt = sampling_source(config, workdir)
-    # The labels or prompts, the text encoder and the workdir are checked before the weights are read; the
-    # settings against an earlier job's only after (they record the weights' files, which a Hub checkpoint
-    # downloads with them).
+    # The settings, labels or prompts, text encoder and workdir are checked before the weights are read.
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
     conditioning = conditioning_for(s, ckpt.model)
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
     check_no_folder_at_outputs(workdir)
-    model, ckpt = load_sampling_model(config, source)
-    num_images = conditioning.num_images
-
     folder = storage.join(workdir, "samples")
     if storage.isfile(folder):
         raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
-    settings = dict(checkpoint=source.label, weights=s.weights, architecture=model.config.architecture(),
-                    dtype=model.config.dtype, param_dtype=model.config.param_dtype, resolution=ckpt.resolution, num_stages=ckpt.num_stages,
+    if hub.is_hub_path(source.label):  # the settings record the weights' files: fetched now, restored after
+        hub.download_weights(source.label)
+    num_images = conditioning.num_images
+    runtime = sampling_runtime(config)
+    settings = dict(checkpoint=source.label, weights=s.weights, architecture=ckpt.model.architecture(),
+                    dtype=runtime["dtype"], param_dtype=runtime["param_dtype"],
+                    resolution=ckpt.resolution, num_stages=ckpt.num_stages,
                     steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
                     num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
+    check_settings(folder, workdir, settings, record=False)  # an earlier job's: before the restore (minutes at XL)
+    model, ckpt = load_sampling_model(config, source)
     check_settings(folder, workdir, settings)  # before samples/ is made: a refused job leaves nothing
     storage.makedirs(folder)
     if jax.process_index() == 0:  # before any process writes here
