@@ -61,6 +61,7 @@ def test_tokenizer_equals_transformers_autotokenizer(t5_folder):
         PROMPTS, padding="max_length", max_length=16, truncation=True, add_special_tokens=True, return_tensors="np")
     np.testing.assert_array_equal(ids, reference["input_ids"])
     np.testing.assert_array_equal(mask, reference["attention_mask"])
+    assert ids.dtype == mask.dtype == np.int32  # as the step's empty-prompt tokens (TextConditioning)
     assert mask[1].sum() == 1 and ids[1, 0] == 1  # the empty prompt is </s> alone
     assert mask[4].all() and ids[4, -1] == 1  # truncated, still ending in </s>
 
@@ -94,8 +95,11 @@ def test_prompt_encoder_masks_and_shapes(t5_folder, caplog):
     encoder = PromptEncoder(t5_folder, max_length=24)
     embeddings, mask = encoder.encode(["a cat", ""])
     assert embeddings.shape == (2, 24, 32) and mask.shape == (2, 24)
+    assert mask.dtype == jnp.float32  # as the transformer's cross-attention takes it
     assert mask.sum(axis=1).tolist() == [float(len(encoder.tokenizer.processor.encode("a cat")) + 1), 1.0]
-    assert "does not know" not in caplog.text
+    assert "does not know" not in caplog.text and "was cut" not in caplog.text
+    encoder.encode([PROMPTS[4]])  # more pieces than 24 tokens hold
+    assert f"prompt {PROMPTS[4]!r} is longer than 24 tokens and was cut there" in caplog.text
     encoder.encode(["a cat \U0001f98a"])  # an emoji: read as <unk>, which says nothing to the model
     assert "prompt 'a cat \U0001f98a' holds text the tokenizer does not know, read as <unk>" in caplog.text
 
@@ -110,6 +114,7 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
     sample = ml_collections.ConfigDict(dict(text_encoder=t5_folder, max_text_tokens=24,
                                             text_encoder_param_dtype="bfloat16"))
     encoder = prompt_encoder_for(sample, cross_attention_dim=32)  # for a bfloat16 model, as sampling and the demo
+    assert encoder.tokenizer.max_length == 24  # sample.max_text_tokens
     embeddings, _ = encoder.encode(["a cat"])
     assert embeddings.dtype == np.float32
     # ... with float32 matmuls (GPUs default to TF32, TPUs to bfloat16 passes; a CPU shows it in the HLO)
@@ -315,6 +320,31 @@ def test_an_encoder_of_another_width_than_the_cross_attention_is_refused(t5_fold
     sample = ml_collections.ConfigDict(dict(text_encoder=t5_folder, max_text_tokens=8, text_encoder_param_dtype=""))
     with pytest.raises(ValueError, match="gives 32-wide embeddings but the checkpoint's cross-attention takes 20"):
         prompt_encoder_for(sample, cross_attention_dim=20)
+    sample.text_encoder = ""
+    with pytest.raises(ValueError, match="needs its text encoder: set --config.sample.text_encoder"):
+        prompt_encoder_for(sample, cross_attention_dim=32)
+
+
+def test_a_tokenizer_with_as_many_pieces_as_the_vocabulary_fits_and_one_more_is_refused(t5_folder):
+    """Ids run from 0 to pieces - 1: a tokenizer of exactly vocab_size pieces reads every id in range."""
+    from pixelflow_jax.text.prompts import T5Tokenizer
+
+    tokenizer = T5Tokenizer(t5_folder)
+    tokenizer.check_vocabulary(VOCAB, t5_folder)
+    with pytest.raises(CheckpointError, match=f"has {VOCAB} pieces but config.json's vocab_size is {VOCAB - 1}"):
+        tokenizer.check_vocabulary(VOCAB - 1, t5_folder)
+
+
+def test_prompts_and_encoder_settings_are_refused_before_any_file_is_read():
+    from pixelflow_jax.text.prompts import PromptEncoder, prompt_list
+
+    with pytest.raises(ValueError, match="prompts must be strings, got int, NoneType"):
+        prompt_list(["a cat", 3, None])
+    for arguments, message in (({"max_length": 1}, r"max_length must be in \[2, 4096\], got 1"),  # </s> alone
+                               ({"max_length": 4097}, r"max_length must be in \[2, 4096\], got 4097"),
+                               ({"param_dtype": "int8"}, "param_dtype must be one of")):
+        with pytest.raises(ValueError, match=message):
+            PromptEncoder("/nowhere", **arguments)
 
 
 def test_tied_embeddings_saved_twice_load_when_equal_and_are_refused_when_not(t5_folder):
