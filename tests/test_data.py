@@ -756,6 +756,18 @@ def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
         CaptionRecordSource(str(tmp_path))
 
 
+def test_a_record_that_is_not_an_image_and_caption_is_refused_naming_the_packer():
+    import msgpack
+
+    from pixelflow_jax.data.caption_data import decode_record, encode_record
+
+    assert decode_record(encode_record(b"png", "a red disk", "a.png")) == {"image": b"png", "caption": "a red disk",
+                                                                           "name": "a.png"}
+    for value in ([b"png", "a red disk"], {"image": b"png"}, {"caption": "a red disk"}):
+        with pytest.raises(DataError, match="not a msgpack map with 'image' and 'caption' .*pack_captions"):
+            decode_record(msgpack.packb(value, use_bin_type=True))
+
+
 def test_a_set_of_more_than_99999_shards_is_checked_whole_too(tmp_path):
     """pack_captions names shard 7 of 123,456 captions-00007-of-123456: a pattern of five digits only
     took such a set for loose files, and read it with shards missing without a word."""
