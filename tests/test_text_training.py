@@ -79,6 +79,8 @@ def test_captioned_folder_names_missing_captions_or_skips_and_counts_them(captio
         CaptionedFolderSource(root + "/nothing")
     with pytest.raises(DataError, match="--config.data.root is not set"):
         CaptionedFolderSource("")
+    with pytest.raises(DataError, match=r"--config.data.missing_captions must be one of \('error', 'skip'\), got 'skp'"):
+        CaptionedFolderSource(root, missing_captions="skp")
 
 
 def test_a_runs_missing_captions_setting_reaches_its_captioned_folder(captioned_folder):
@@ -95,6 +97,18 @@ def test_a_runs_missing_captions_setting_reaches_its_captioned_folder(captioned_
     data.missing_captions = "error"
     with pytest.raises(DataError, match=r"1 of 12 images .* no caption file"):
         make_captioned_source(data)
+
+
+def test_a_runs_demo_settings_reach_its_captioned_demo_set():
+    from configs import t2i
+    from pixelflow_jax.data.caption_data import make_captioned_source
+
+    data = t2i.get_config("tiny").data
+    data.update(source="demo", demo_num_images=6, demo_seed=3, demo_num_classes=12, resolution=16)
+    source = make_captioned_source(data)
+    expected = CaptionedDemoSource(6, seed=3, num_classes=12, resolution=16)
+    assert len(source) == 6 and source[5]["image"].shape == (16, 16, 3)
+    assert [source[i]["caption"] for i in range(6)] == expected.captions(6)
 
 
 def test_a_caption_named_after_the_whole_file_name_is_pointed_out(captioned_folder):
@@ -239,6 +253,7 @@ def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(
     monkeypatch.setattr(storage.cache, "open_file",  # (what cached_copy downloads through)
                         lambda path, mode="rb": downloads.append(path) or open_file(path, mode))
     assert local_t5_folder(remote) == local and downloads == []  # a second run reads the copy
+    assert local_t5_folder(remote + "/") == local and downloads == []  # the same folder, spelled with its slash
 
     with open(os.path.join(encoder_folder, "config.json")) as f:
         config = json.load(f)
@@ -246,12 +261,14 @@ def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(
     stale = os.path.join(local, "model.safetensors.index.json")  # a copy the bucket no longer holds
     with open(stale, "w") as f:
         json.dump({"weight_map": {"encoder.block.0.layer.0.SelfAttention.q.weight": "gone.safetensors"}}, f)
+    with open(f"{stale}.source.json", "w") as f:  # its record (storage.cached_copy's) goes with it
+        json.dump({"url": f"{remote}/model.safetensors.index.json", "size": 1, "mtime": 1}, f)
     killed, elsewhere = (os.path.join(local, f".config.json.download-{host}-{pid}-x")  # leftovers of downloads
                          for host, pid in ((socket.gethostname(), 999999999), ("another-host", 1)))
     for leftover in (killed, elsewhere):
         open(leftover, "wb").close()
     assert local_t5_folder(remote) == local and downloads == [f"{remote}/config.json"]
-    assert not os.path.exists(stale)
+    assert not os.path.exists(stale) and not os.path.exists(f"{stale}.source.json")
     assert not os.path.exists(killed) and os.path.exists(elsewhere)  # this host's dead download only
     with open(os.path.join(local, "config.json")) as f:
         assert f.read() == json.dumps(config, indent=4)
@@ -566,8 +583,9 @@ def test_the_demo_encoder_is_built_anew_for_the_config_while_no_step_is_saved(tm
 
 def test_a_resume_with_more_demo_colours_than_its_encoder_knows_is_refused(tmp_path):
     """With train.allow_resume_changes a resume may change data.demo_num_classes, but the run's
-    demo encoder keeps its word list: the new colours would all read as <unk>. A resume with the
-    count unchanged passes, even where the tokenizer never met every caption word."""
+    demo encoder keeps its word list: the new colours would all read as <unk> (fewer colours too:
+    counts other than 10 name hues by degree). A resume with the count unchanged passes, even where
+    the tokenizer never met every caption word."""
     import configs.t2i as t2i
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.sharding import make_mesh
@@ -576,13 +594,17 @@ def test_a_resume_with_more_demo_colours_than_its_encoder_knows_is_refused(tmp_p
     config = t2i.get_config("tiny")
     config.data.demo_num_images = 8  # its tokenizer learns the words of 8 captions only
     model_cfg, workdir = ModelConfig.from_mapping(config.model), tmp_path / "run"
-    train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=True)  # builds it for 10 colours
+    encoder = train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=True)  # for 10 colours
+    assert encoder.record()["path"] == demo_text_encoder.FOLDER_NAME  # inside the run: found wherever it moves
     (workdir / "train_settings.json").write_text(json.dumps({"data.demo_num_classes": 10}))  # as the run recorded
     train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=False)  # a resume as it was
-    config.data.demo_num_classes = 12  # "hue 30", "hue 60", ...
+    config.data.demo_num_classes = 12  # "hue 0", "hue 30", ..., "hue 330"
     with pytest.raises(ValueError, match=r"text_encoder was built for data.demo_num_classes=10: the 12-colour "
-                                         r"captions have words it does not know \(.*hue.*\); resume with "
-                                         r"--config.data.demo_num_classes=10"):
+                                         r"captions have words it does not know \(0, 120, 150, 180, 210, 240, 270, "
+                                         r"30, 300, 330, 60, 90, hue\); resume with --config.data.demo_num_classes=10"):
+        train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=False)
+    config.data.demo_num_classes = 8  # fewer colours are named by hue too: "hue 45", ...
+    with pytest.raises(ValueError, match=r"the 8-colour captions have words it does not know \(0, 135, .*, hue\)"):
         train_text.load(config, str(workdir), model_cfg, make_mesh(1), no_step_saved=False)
 
 
@@ -606,7 +628,70 @@ def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path,
     assert {leaf.dtype for leaf in jax.tree.leaves(encoder.params)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path):
+def test_the_training_encoder_records_its_fingerprint_and_reads_captions_at_the_runs_token_length(tmp_path,
+                                                                                                  encoder_folder):
+    """What run_config.json records of the encoder, the tokenizer of the loader's captions and the
+    empty prompt of caption dropout, for a run with max_text_tokens=8 (the demo-built encoder_folder)."""
+    import configs.t2i as t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.text import train_text
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+
+    config = t2i.get_config("tiny")
+    config.train.update(text_encoder=encoder_folder, max_text_tokens=8)
+    model_cfg = dataclasses.replace(ModelConfig(**config.model.to_dict()), cross_attention_dim=20)
+    encoder = train_text.load(config, str(tmp_path / "run"), model_cfg, make_mesh(1), no_step_saved=True)
+    assert encoder.record() == {"path": encoder_folder, "max_text_tokens": 8,
+                                "fingerprint": folder_fingerprint(encoder_folder)}
+    assert encoder.tokenizer.max_length == 8
+    assert encoder.conditioning.empty_mask.tolist() == [1] + [0] * 7  # the empty prompt: </s> alone
+    assert encoder.conditioning.empty_tokens.tolist() == [1] + [0] * 7
+    embeddings, mask = encoder.encode(["a red disk"])
+    assert embeddings.shape == (1, 8, 20) and mask.dtype == jnp.float32
+    assert np.asarray(mask).tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]  # a, red, disk, </s>
+
+
+def test_a_runs_encoder_is_recorded_absolute_as_a_hub_name_or_as_the_demos_own_folder(tmp_path, monkeypatch):
+    """run_config.json names the encoder so that a run started from another folder finds it; only
+    the demo's encoder, built inside the run, is named relative to the run."""
+    from configs import t2i
+    from pixelflow_jax.text.train_text import encoder_path
+
+    monkeypatch.chdir(tmp_path)
+    config = t2i.get_config("tiny")
+    for given, recorded in (("t5", str(tmp_path / "t5")), ("gs://bucket/t5", "gs://bucket/t5"),
+                            ("hf://google/flan-t5-xl", "hf://google/flan-t5-xl"), ("", demo_text_encoder.FOLDER_NAME)):
+        config.train.text_encoder = given
+        assert encoder_path(config) == recorded
+    config.data.source = "array_record"  # the demo's encoder would not know the words of one's own captions
+    with pytest.raises(ValueError, match="trains with a frozen T5 encoder: set --config.train.text_encoder"):
+        encoder_path(config)
+
+
+def test_a_tokenizer_with_more_pieces_than_the_encoders_vocabulary_is_refused_before_training(tmp_path,
+                                                                                            encoder_folder):
+    import shutil
+
+    import configs.t2i as t2i
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.text import train_text
+
+    folder = shutil.copytree(encoder_folder, tmp_path / "t5")
+    hf_config = json.loads((folder / "config.json").read_text())
+    pieces = T5Tokenizer(encoder_folder).processor.get_piece_size()
+    (folder / "config.json").write_text(json.dumps({**hf_config, "vocab_size": pieces - 1}))
+    config = t2i.get_config("tiny")
+    config.train.text_encoder = str(folder)
+    model_cfg = dataclasses.replace(ModelConfig(**config.model.to_dict()), cross_attention_dim=20)
+    with pytest.raises(CheckpointError, match=f"spiece.model has {pieces} pieces but config.json's vocab_size is "
+                                              f"{pieces - 1}: the tokenizer and the weights are of different models"):
+        train_text.load(config, str(tmp_path / "run"), model_cfg, make_mesh(1), no_step_saved=True)
+
+
+def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from configs import t2i
@@ -628,6 +713,9 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
     with pytest.raises(ValueError, match="trained with the text encoder .*init/text_encoder.* drop "
                                          "--config.train.text_encoder"):
         fill_encoder_of_runs(config, str(tmp_path / "new"), source)
+    monkeypatch.chdir(tmp_path)
+    config.train.text_encoder = "init/text_encoder"  # the init run's own, spelled relative (a record of no fingerprint)
+    fill_encoder_of_runs(config, str(tmp_path / "new"), source)
     config = t2i.get_config("tiny")
     release_format = SimpleNamespace(run_step=None, label="pixelflow_t2i")  # no record of its encoder
     with pytest.raises(ValueError, match="pixelflow_t2i is a text-to-image checkpoint that does not record its text "
