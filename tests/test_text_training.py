@@ -4,6 +4,7 @@ meshes."""
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -629,7 +630,8 @@ def test_the_training_encoder_computes_in_float32_for_a_bfloat16_model(tmp_path,
 
 
 def test_the_training_encoder_records_its_fingerprint_and_reads_captions_at_the_runs_token_length(tmp_path,
-                                                                                                  encoder_folder):
+                                                                                                  encoder_folder,
+                                                                                                  caplog):
     """What run_config.json records of the encoder, the tokenizer of the loader's captions and the
     empty prompt of caption dropout, for a run with max_text_tokens=8 (the demo-built encoder_folder)."""
     import configs.t2i as t2i
@@ -647,9 +649,15 @@ def test_the_training_encoder_records_its_fingerprint_and_reads_captions_at_the_
     assert encoder.tokenizer.max_length == 8
     assert encoder.conditioning.empty_mask.tolist() == [1] + [0] * 7  # the empty prompt: </s> alone
     assert encoder.conditioning.empty_tokens.tolist() == [1] + [0] * 7
-    embeddings, mask = encoder.encode(["a red disk"])
-    assert embeddings.shape == (1, 8, 20) and mask.dtype == jnp.float32
-    assert np.asarray(mask).tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]  # a, red, disk, </s>
+    previews = ["a red disk", "a teal disk", "a red disk in blue on a grey ground"]
+    with caplog.at_level(logging.WARNING):  # the prompts the model will not read whole, as sampling says: once
+        embeddings, mask = encoder.encode(previews)
+        encoder.encode(previews)
+    assert embeddings.shape == (3, 8, 20) and mask.dtype == jnp.float32
+    assert np.asarray(mask)[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]  # a, red, disk, </s>
+    assert caplog.text.count("prompt 'a teal disk' holds text the tokenizer does not know") == 1
+    assert caplog.text.count("prompt 'a red disk in blue on a grey ground' is longer than 8 tokens and was cut") == 1
+    assert "'a red disk'" not in caplog.text
 
 
 def test_a_runs_encoder_is_recorded_absolute_as_a_hub_name_or_as_the_demos_own_folder(tmp_path, monkeypatch):

@@ -143,14 +143,7 @@ class PromptEncoder:
         self.dtype = dtype  # the compute dtype
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        prompts = prompt_list(prompts)
-        ids, mask, truncated = self.tokenizer.tokenize(prompts)
-        for prompt in sorted({p for p, cut in zip(prompts, truncated) if cut}):  # its end is not seen by the model
-            logging.warning("prompt %r is longer than %d tokens and was cut there (the text length: "
-                            "max_text_tokens / max_length)", prompt[:200], self.tokenizer.max_length)
-        for prompt in sorted({p for p, unknown in zip(prompts, self.tokenizer.has_unknown_text(ids)) if unknown}):
-            logging.warning("prompt %r holds text the tokenizer does not know, read as <unk> (the model learns "
-                            "nothing from it)", prompt[:200])
+        ids, mask = tokenize_with_warnings(self.tokenizer, prompts)
         if len(prompts) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
         # Under the encoder's own mesh (this process's devices): a caller's mesh in context, such as
@@ -158,6 +151,19 @@ class PromptEncoder:
         with matmul_precision(self.dtype), jax.set_mesh(self._rows.mesh):
             embeddings = self._encode(self._params, ids, mask)
             return embeddings, jnp.asarray(mask, jnp.float32)
+
+
+def tokenize_with_warnings(tokenizer: T5Tokenizer, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """tokenizer(prompts), with a warning for each prompt the model will not read whole."""
+    prompts = prompt_list(prompts)
+    ids, mask, truncated = tokenizer.tokenize(prompts)
+    for prompt in sorted({p for p, cut in zip(prompts, truncated) if cut}):  # its end is not seen by the model
+        logging.warning("prompt %r is longer than %d tokens and was cut there (the text length: "
+                        "max_text_tokens / max_length)", prompt[:200], tokenizer.max_length)
+    for prompt in sorted({p for p, unknown in zip(prompts, tokenizer.has_unknown_text(ids)) if unknown}):
+        logging.warning("prompt %r holds text the tokenizer does not know, read as <unk> (the model learns "
+                        "nothing from it)", prompt[:200])
+    return ids, mask
 
 
 def local_t5_folder(path: str) -> str:

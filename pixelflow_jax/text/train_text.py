@@ -27,6 +27,7 @@ from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, has_trai
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.sharding import global_array, global_arrays, param_shardings, replicated
 from pixelflow_jax.text import demo_text_encoder
+from pixelflow_jax.text.prompts import tokenize_with_warnings
 from pixelflow_jax.training.train_step import TextConditioning
 
 
@@ -49,8 +50,10 @@ class TrainingTextEncoder:
         """(embeddings, mask float32) of prompts: text.PromptEncoder's interface, for previews."""
         mesh = jax.tree.leaves(self.sharding)[0].mesh
         # Every process tokenizes the same prompts: global arrays replicated over the encoder's mesh.
-        tokens, mask = (global_array(a, replicated(mesh)) for a in self.tokenizer(prompts))
-        if self._encode is None:  # compiled once; outputs replicated, so every process can read them
+        first = self._encode is None  # previews draw the same prompts each time: warned of once
+        tokenized = tokenize_with_warnings(self.tokenizer, prompts) if first else self.tokenizer(prompts)
+        tokens, mask = (global_array(a, replicated(mesh)) for a in tokenized)
+        if first:  # compiled once; outputs replicated, so every process can read them
             self._encode = jax.jit(self.conditioning.encode, out_shardings=replicated(mesh))
         kwargs = self._encode(self.params, tokens, mask)
         return kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"]
