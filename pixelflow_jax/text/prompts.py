@@ -140,10 +140,11 @@ class PromptEncoder:
         # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
         self._params, self._rows = replicate_on_local_devices(params)
         self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
+        self._warned: set[str] = set()  # prompts warned of: a job encodes a prompt once per batch holding it
         self.dtype = dtype  # the compute dtype
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        ids, mask = tokenize_with_warnings(self.tokenizer, prompts)
+        ids, mask = tokenize_with_warnings(self.tokenizer, prompts, self._warned)
         if len(prompts) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
         # Under the encoder's own mesh (this process's devices): a caller's mesh in context, such as
@@ -153,16 +154,21 @@ class PromptEncoder:
             return embeddings, jnp.asarray(mask, jnp.float32)
 
 
-def tokenize_with_warnings(tokenizer: T5Tokenizer, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """tokenizer(prompts), with a warning for each prompt the model will not read whole."""
+def tokenize_with_warnings(tokenizer: T5Tokenizer, prompts: Sequence[str],
+                           warned: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """tokenizer(prompts), with a warning for each prompt the model will not read whole that is not
+    in `warned` yet (then added to it)."""
     prompts = prompt_list(prompts)
     ids, mask, truncated = tokenizer.tokenize(prompts)
-    for prompt in sorted({p for p, cut in zip(prompts, truncated) if cut}):  # its end is not seen by the model
+    cut = {p for p, was_cut in zip(prompts, truncated) if was_cut}
+    unknown = {p for p, has_unknown in zip(prompts, tokenizer.has_unknown_text(ids)) if has_unknown}
+    for prompt in sorted(cut - warned):  # its end is not seen by the model
         logging.warning("prompt %r is longer than %d tokens and was cut there (the text length: "
                         "max_text_tokens / max_length)", prompt[:200], tokenizer.max_length)
-    for prompt in sorted({p for p, unknown in zip(prompts, tokenizer.has_unknown_text(ids)) if unknown}):
+    for prompt in sorted(unknown - warned):
         logging.warning("prompt %r holds text the tokenizer does not know, read as <unk> (the model learns "
                         "nothing from it)", prompt[:200])
+    warned.update(cut | unknown)
     return ids, mask
 
 

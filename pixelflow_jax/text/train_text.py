@@ -41,6 +41,7 @@ class TrainingTextEncoder:
     params: dict  # sharded like the model's parameters
     sharding: dict
     _encode: object = dataclasses.field(default=None, repr=False)
+    _warned: set = dataclasses.field(default_factory=set, repr=False)  # prompts warned of (tokenize_with_warnings)
 
     def record(self) -> dict:
         """What run_config.json says of the encoder."""
@@ -50,10 +51,9 @@ class TrainingTextEncoder:
         """(embeddings, mask float32) of prompts: text.PromptEncoder's interface, for previews."""
         mesh = jax.tree.leaves(self.sharding)[0].mesh
         # Every process tokenizes the same prompts: global arrays replicated over the encoder's mesh.
-        first = self._encode is None  # previews draw the same prompts each time: warned of once
-        tokenized = tokenize_with_warnings(self.tokenizer, prompts) if first else self.tokenizer(prompts)
+        tokenized = tokenize_with_warnings(self.tokenizer, prompts, self._warned)  # once each: previews repeat
         tokens, mask = (global_array(a, replicated(mesh)) for a in tokenized)
-        if first:  # compiled once; outputs replicated, so every process can read them
+        if self._encode is None:  # compiled once; outputs replicated, so every process can read them
             self._encode = jax.jit(self.conditioning.encode, out_shardings=replicated(mesh))
         kwargs = self._encode(self.params, tokens, mask)
         return kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"]
