@@ -763,8 +763,10 @@ def test_a_record_that_is_not_an_image_and_caption_is_refused_naming_the_packer(
 
     assert decode_record(encode_record(b"png", "a red disk", "a.png")) == {"image": b"png", "caption": "a red disk",
                                                                            "name": "a.png"}
-    for value in ([b"png", "a red disk"], {"image": b"png"}, {"caption": "a red disk"}):
-        with pytest.raises(DataError, match="not a msgpack map with 'image' and 'caption' .*pack_captions"):
+    for value in ([b"png", "a red disk"], {"image": b"png"}, {"caption": "a red disk"},
+                  {"image": b"png", "caption": None}, {"image": "png", "caption": "a red disk"}):  # hand-made shards
+        with pytest.raises(DataError, match=r"not a msgpack map with 'image' \(bytes\) and 'caption' \(text\) "
+                                            ".*pack_captions"):
             decode_record(msgpack.packb(value, use_bin_type=True))
 
 

@@ -136,9 +136,10 @@ def decode_record(record: bytes) -> dict:
     import msgpack
 
     value = msgpack.unpackb(record, raw=False)
-    if not isinstance(value, dict) or "image" not in value or "caption" not in value:
-        raise DataError("an ArrayRecord record is not a msgpack map with 'image' and 'caption' (write shards with "
-                        "python -m pixelflow_jax.data.pack_captions)")
+    if (not isinstance(value, dict) or not isinstance(value.get("image"), bytes)
+            or not isinstance(value.get("caption"), str)):
+        raise DataError("an ArrayRecord record is not a msgpack map with 'image' (bytes) and 'caption' (text) (write "
+                        "shards with python -m pixelflow_jax.data.pack_captions)")
     return value
 
 
