@@ -1904,6 +1904,37 @@ def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path)
     check_settings(str(samples), str(tmp_path), euler)
 
 
+def test_a_release_folders_fingerprint_follows_its_config_and_weights_only(tmp_path):
+    """A release folder is config.yaml + model.pt: either written again makes another checkpoint
+    (its images are not added to a job's), a file beside them (notes) does not. model.pt was left
+    out of the fingerprint, so release weights replaced in place passed as the same checkpoint."""
+    from pixelflow_jax.api import resolve_checkpoint
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    for name in ("config.yaml", "model.pt"):
+        shutil.copy(os.path.join(fixture_dir("c2i_tiny"), name), folder / name)
+    fingerprint = lambda: resolve_checkpoint(str(folder)).fingerprint()
+    before = fingerprint()
+    (folder / "notes.txt").write_text("sampled for the paper")
+    assert fingerprint() == before
+    for name in ("model.pt", "config.yaml"):
+        with open(folder / name, "ab") as f:
+            f.write(b"\n")
+        assert fingerprint() != before, name
+        before = fingerprint()
+
+
+def test_a_relative_checkpoint_path_is_recorded_as_an_absolute_one(monkeypatch):
+    """settings.json records the checkpoint as its label: a relative one would name another folder
+    (or none) for a rerun from another directory."""
+    from pixelflow_jax.api import resolve_checkpoint
+
+    monkeypatch.chdir(os.path.dirname(fixture_dir("c2i_tiny")))
+    assert resolve_checkpoint("c2i_tiny").label == fixture_dir("c2i_tiny")
+    assert resolve_checkpoint(os.path.join("c2i_tiny", "model.pt")).label == fixture_dir("c2i_tiny")
+
+
 def test_a_job_recorded_without_a_fingerprint_still_refuses_another_checkpoint(tmp_path):
     """settings.json of an earlier version has no checkpoint_fingerprint: the checkpoint's path is
     then all that says which weights drew its images (no fingerprint on either side is no proof
