@@ -252,8 +252,9 @@ def test_an_image_of_another_mode_or_shape_is_sampled_again_not_written_into_sam
     np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], images)
 
 
-def test_a_sampling_job_builds_its_model_with_the_configs_param_dtype(converted):
-    """param_dtype=bfloat16 is what the training error recommends for sampling: it was ignored."""
+def test_a_sampling_job_builds_its_model_with_the_configs_dtypes_and_attention(converted):
+    """param_dtype=bfloat16 is what the training error recommends for sampling: it was ignored.
+    config.model's dtype and attention backend apply too (README), not the converted folder's."""
     import jax
     from flax import nnx
 
@@ -262,9 +263,9 @@ def test_a_sampling_job_builds_its_model_with_the_configs_param_dtype(converted)
 
     config = c2i.get_config("tiny")
     config.sample.checkpoint = converted["c2i_tiny"]
-    config.model.param_dtype = "bfloat16"
+    config.model.update(param_dtype="bfloat16", dtype="float16", attention="xla")  # the folder's: float32, auto
     model, _, _ = load_for_sampling(config, "")
-    assert model.config.param_dtype == "bfloat16"
+    assert (model.config.param_dtype, model.config.dtype, model.config.attention) == ("bfloat16", "float16", "xla")
     assert {leaf.dtype.name for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"bfloat16"}
 
 
