@@ -1904,25 +1904,30 @@ def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path)
     check_settings(str(samples), str(tmp_path), euler)
 
 
-def test_a_release_folders_fingerprint_follows_its_config_and_weights_only(tmp_path):
-    """A release folder is config.yaml + model.pt: either written again makes another checkpoint
-    (its images are not added to a job's), a file beside them (notes) does not. model.pt was left
-    out of the fingerprint, so release weights replaced in place passed as the same checkpoint."""
+def test_a_checkpoint_folders_fingerprint_follows_its_config_and_weights_only(tmp_path, converted):
+    """A release folder is config.yaml + model.pt, a converted one its config and params/: any of
+    them written again makes another checkpoint (its images are not added to a job's), a file
+    beside them (notes) does not. model.pt was left out, so release weights replaced in place
+    passed as the same checkpoint."""
     from pixelflow_jax.api import resolve_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR
 
-    folder = tmp_path / "release"
-    folder.mkdir()
+    release = tmp_path / "release"
+    release.mkdir()
     for name in ("config.yaml", "model.pt"):
-        shutil.copy(os.path.join(fixture_dir("c2i_tiny"), name), folder / name)
-    fingerprint = lambda: resolve_checkpoint(str(folder)).fingerprint()
-    before = fingerprint()
-    (folder / "notes.txt").write_text("sampled for the paper")
-    assert fingerprint() == before
-    for name in ("model.pt", "config.yaml"):
-        with open(folder / name, "ab") as f:
-            f.write(b"\n")
-        assert fingerprint() != before, name
+        shutil.copy(os.path.join(fixture_dir("c2i_tiny"), name), release / name)
+    conversion = shutil.copytree(converted["c2i_tiny"], tmp_path / "converted")
+    params_file = next(os.path.join(folder, files[0]) for folder, _, files in os.walk(conversion / PARAMS_DIR) if files)
+    for folder, written in ((release, ["model.pt", "config.yaml"]), (conversion, [params_file, CONFIG_FILE])):
+        fingerprint = lambda: resolve_checkpoint(str(folder)).fingerprint()
         before = fingerprint()
+        (folder / "notes.txt").write_text("sampled for the paper")
+        assert fingerprint() == before
+        for name in written:
+            with open(folder / name, "ab") as f:
+                f.write(b"\n")
+            assert fingerprint() != before, name
+            before = fingerprint()
 
 
 def test_a_relative_checkpoint_path_is_recorded_as_an_absolute_one(monkeypatch):
