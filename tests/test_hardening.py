@@ -605,6 +605,13 @@ def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_
         sample_run.run(class_config, str(tmp_path / "a_file" / "samples"))
 
 
+def test_load_model_builds_the_model_with_the_attention_backend_and_dtype_asked_for():
+    """load_model(attention=...) was dropped without a word: the model ran the folder's backend."""
+    model, config = load_model(fixture_dir("c2i_tiny"), attention="xla", dtype="bfloat16")
+    assert (model.config.attention, model.config.dtype) == (config.model.attention, config.model.dtype) == ("xla",
+                                                                                                           "bfloat16")
+
+
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
     _, config = load_model(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
     assert config.resolution == 64
