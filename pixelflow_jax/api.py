@@ -133,17 +133,18 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     return config, params
 
 
-def load_arguments(dtype, attention, weights: str) -> dict:
-    """load_model's runtime overrides {dtype, attention} (those given), checked and named as a
-    caller wrote them; a dtype object (jnp.bfloat16) becomes its name."""
+def load_arguments(dtype, attention, weights: str, param_dtype=None) -> dict:
+    """load_model's runtime overrides {dtype, param_dtype, attention} (those given), checked and
+    named as a caller wrote them; a dtype object (jnp.bfloat16) becomes its name."""
     from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES, dtype_name
 
     runtime = {}
-    if dtype is not None:
-        dtype = dtype_name(dtype)
-        if dtype not in COMPUTE_DTYPES:
-            raise CheckpointError(f"dtype must be one of {COMPUTE_DTYPES} (or the jnp dtype), got {dtype!r}")
-        runtime["dtype"] = dtype
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is not None:
+            value = dtype_name(value)
+            if value not in COMPUTE_DTYPES:
+                raise CheckpointError(f"{name} must be one of {COMPUTE_DTYPES} (or the jnp dtype), got {value!r}")
+            runtime[name] = value
     if attention is not None:
         if attention not in ATTENTION_BACKENDS:
             raise CheckpointError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
@@ -153,7 +154,7 @@ def load_arguments(dtype, attention, weights: str) -> dict:
 
 
 def load_model(path: str, *, dtype: str | None = None, attention: str | None = None,
-               weights: str = "ema") -> tuple[PixelFlow, CheckpointConfig]:
+               weights: str = "ema", param_dtype: str | None = None) -> tuple[PixelFlow, CheckpointConfig]:
     """Loads a model ready to call.
 
     path: a checkpoint path (module docstring): a training run or one of its steps, a converted or
@@ -163,8 +164,9 @@ def load_model(path: str, *, dtype: str | None = None, attention: str | None = N
       architecture, not the dtype it trained in).
     attention: attention backend (see pixelflow_jax.kernels.attention); default: as dtype, 'auto'.
     weights: 'ema' (default) or 'model', for training runs and the release's train.py checkpoints.
+    param_dtype: the weights' dtype ('bfloat16' halves their memory, for sampling); default float32.
     """
-    runtime = load_arguments(dtype, attention, weights)  # checked before a download or a conversion
+    runtime = load_arguments(dtype, attention, weights, param_dtype)  # checked before a download or a conversion
     config, params = read_checkpoint(resolve_checkpoint(path), weights, runtime)
     return build_model(config, params), config
 

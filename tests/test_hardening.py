@@ -605,11 +605,20 @@ def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_
         sample_run.run(class_config, str(tmp_path / "a_file" / "samples"))
 
 
-def test_load_model_builds_the_model_with_the_attention_backend_and_dtype_asked_for():
-    """load_model(attention=...) was dropped without a word: the model ran the folder's backend."""
-    model, config = load_model(fixture_dir("c2i_tiny"), attention="xla", dtype="bfloat16")
+def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked_for():
+    """load_model(attention=...) was dropped without a word: the model ran the folder's backend. A
+    notebook may halve the weights' memory as a sampling job does (param_dtype)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model, config = load_model(fixture_dir("c2i_tiny"), attention="xla", dtype="bfloat16", param_dtype=jnp.bfloat16)
     assert (model.config.attention, model.config.dtype) == (config.model.attention, config.model.dtype) == ("xla",
                                                                                                            "bfloat16")
+    assert model.config.param_dtype == "bfloat16"
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(CheckpointError, match=r"param_dtype must be one of \('float32', 'bfloat16', 'float16'\) "
+                                              r"\(or the jnp dtype\), got 'int8'"):
+        load_model(fixture_dir("c2i_tiny"), param_dtype="int8")
 
 
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
