@@ -79,7 +79,8 @@ def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) 
     for config values and for concrete arrays at the Python API (labels, class_labels)."""
     array = np.asarray(values)
     if array.ndim != 1:
-        raise ConfigError(f"{name} must be a 1-D list of class ids, got shape {array.shape}")
+        got = f"shape {array.shape}" if array.dtype != object and array.ndim else f"{type(values).__name__} {values!r}"
+        raise ConfigError(f"{name} must be a 1-D list of class ids, got {got[:200]}: pass a list or a 1-D array")
     if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.isfinite(array))):
         raise ConfigError(f"{name} must be whole class ids, got {list(values)!r}")
     if array.dtype.kind == "f" and not np.all(array == np.round(array)):

@@ -528,7 +528,11 @@ def test_the_sampler_names_the_misuse(models):
 
     sampler = CascadeSampler(*models["c2i_tiny"])
     for labels, message in (([], "nothing to generate"), (["goldfish"], "labels must be whole class ids"),
-                            ([3, 1000], r"labels must be class ids in \[0, 999\]")):
+                            ([3, 1000], r"labels must be class ids in \[0, 999\]"),
+                            ((c for c in [1, 2]), r"labels must be a 1-D list of class ids, got generator <gen.*: pass "
+                                                  "a list or a 1-D array"),
+                            (7, r"labels must be a 1-D list of class ids, got int 7: pass a list"),
+                            ([[1, 2]], r"labels must be a 1-D list of class ids, got shape \(1, 2\): pass a list")):
         with pytest.raises(ValueError, match=message):
             sampler.generate(labels, steps_per_stage=1)
     with pytest.raises(ValueError, match=r"image_ids must give one id per image \(2\)"):
