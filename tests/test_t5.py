@@ -102,7 +102,7 @@ def test_prompt_encoder_masks_and_shapes(t5_folder, caplog):
     assert f"prompt {PROMPTS[4]!r} is longer than 24 tokens and was cut there" in caplog.text
     encoder.encode(["a cat \U0001f98a"])  # an emoji: read as <unk>, which says nothing to the model
     assert "prompt 'a cat \U0001f98a' holds text the tokenizer does not know, read as <unk>" in caplog.text
-    encoder.encode(["a cat \U0001f98a", PROMPTS[4]])  # a job's next batches: each prompt is warned of once
+    encoder.encode(p for p in ["a cat \U0001f98a", PROMPTS[4]])  # a job's next batches: each prompt warned of once
     assert caplog.text.count("prompt 'a cat \U0001f98a' holds text") == caplog.text.count(" was cut there") == 1
 
 

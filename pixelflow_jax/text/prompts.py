@@ -145,7 +145,7 @@ class PromptEncoder:
 
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         ids, mask = tokenize_with_warnings(self.tokenizer, prompts, self._warned)
-        if len(prompts) % self._rows.mesh.size == 0:
+        if len(ids) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
         # Under the encoder's own mesh (this process's devices): a caller's mesh in context, such as
         # the sampling job's over every process's devices, would conflict with its parameters.
