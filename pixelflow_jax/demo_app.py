@@ -1,6 +1,7 @@
 """`main.py --mode=demo`: a local web page (Gradio) that samples a checkpoint (see api.py).
 
-Class-conditional checkpoints get a class picker (ImageNet names for 1000-class models), text ones
+Class-conditional checkpoints get a class picker (ImageNet names for 1000-class models, the class
+folders for a run trained on an image folder), text ones
 a prompt box (with config.sample.text_encoder); both get solver, CFG, noise shift, steps per stage,
 seed and number of images, a gallery and the PNGs to download. Each new combination of batch size,
 Euler steps and solver compiles once (the page says so), as does CFG 1 (unguided); other CFG values,
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,12 +36,27 @@ from pixelflow_jax.sampling.sample_conditioning import check_config_kind
 IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")
 
 
-def class_choices(num_classes: int) -> list[tuple[str, int]]:
+def class_choices(num_classes: int, folder_classes: Sequence[str] = ()) -> list[tuple[str, int]]:
+    """The picker's (label, id) pairs. A run trained on an image folder names its first ids by its
+    class folders: a fine-tune of the 1000-class release on 10 folders trains ids 0-9 as those
+    folders, not as ImageNet's first 10 classes."""
+    names = {}
     if num_classes == 1000:
         with open(IMAGENET_NAMES) as f:
-            names = json.load(f)
-        return [(f"{i}: {name}", i) for i, name in enumerate(names)]
-    return [(f"class {i}", i) for i in range(num_classes)]
+            names = dict(enumerate(json.load(f)))
+    names.update(enumerate(folder_classes))
+    return [(f"{i}: {names[i]}" if i in names else f"class {i}", i) for i in range(num_classes)]
+
+
+def run_folder_classes(source) -> list[str]:
+    """The class folder names a training run learned as ids 0, 1, ... (its class_index.json), or
+    [] for a checkpoint that is not a run of image-folder data."""
+    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, read_class_index
+
+    if not source.run_step:
+        return []
+    path = storage.join(source.run_step.run, CLASS_INDEX_FILE)
+    return read_class_index(path) if storage.isfile(path) else []
 
 
 SHOWN_PROMPT_CHARS = 80  # of a prompt, in the status line
@@ -117,6 +134,7 @@ class DemoSampler:
                              f"{self.source.label} has {ckpt.num_stages} stages (or give one number for all)")
         self.text = bool(ckpt.model.cross_attention_dim)
         self.num_classes = None if self.text else int(ckpt.model.num_classes)
+        self.folder_classes = [] if self.text else run_folder_classes(self.source)
         self.prompt_encoder, self.negative_prompt = None, str(s.get("negative_prompt", ""))
         if self.text:
             from pixelflow_jax.text.prompts import prompt_encoder_for
@@ -219,7 +237,7 @@ def build_page(demo: DemoSampler, config):
                 if demo.text:
                     condition = gr.Textbox(label="Prompt", placeholder="a red fox in the snow")
                 else:
-                    choices = class_choices(demo.num_classes)
+                    choices = class_choices(demo.num_classes, demo.folder_classes)
                     condition = gr.Dropdown(choices=choices, value=choices[0][1], label="Class")
                 solver = gr.Radio(list(SOLVERS), value=config.sample.solver, label="Solver")
                 cfg = gr.Slider(*DEMO_CFG_RANGE, value=float(config.sample.cfg_scale), step=0.1, label="CFG")

@@ -364,6 +364,21 @@ def test_demo_page_in_a_training_workdir_serves_its_run(run):
     assert_params_equal(nnx.merge(demo.sampler.graphdef, demo.sampler.state), run[1][4]["ema"])
 
 
+def test_the_demo_page_names_a_folder_runs_classes_by_its_class_folders(run, tmp_path):
+    """A fine-tune of the 1000-class release on image folders trains id 1 as its second folder:
+    the picker must say so, not offer id 1 as ImageNet's goldfish."""
+    from configs import c2i
+    from pixelflow_jax.demo_app import IMAGENET_NAMES, DemoSampler, class_choices
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    (workdir / "class_index.json").write_text(json.dumps({"root": "/data", "classes": ["cats", "dogs"]}))
+    demo = DemoSampler(c2i.get_config("tiny"), str(workdir))
+    choices = class_choices(demo.num_classes, demo.folder_classes)
+    assert len(choices) == 1000 and choices[:2] == [("0: cats", 0), ("1: dogs", 1)]
+    assert choices[2] == (f"2: {json.load(open(IMAGENET_NAMES))[2]}", 2)  # ids no folder trained keep their names
+    assert class_choices(4, ["cats"]) == [("0: cats", 0), ("class 1", 1), ("class 2", 2), ("class 3", 3)]
+
+
 def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_path):
     from configs import c2i
     from pixelflow_jax.inspect_model import fill_checkpoint_of_run, model_to_inspect
