@@ -587,6 +587,26 @@ def encoded(array, mode=None, format="PNG"):
     return out.getvalue()
 
 
+def test_alpha_is_dropped_exif_orientation_is_not_applied_and_a_gif_trains_its_first_frame():
+    """What the README states of these files, as torchvision's loader reads them: transparent
+    pixels keep their stored colour (not composited), a photo stored sideways stays sideways."""
+    def encoded(image, fmt, **kwargs):
+        out = io.BytesIO()
+        image.save(out, format=fmt, **kwargs)
+        return out.getvalue()
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 1] = 255  # green, fully transparent
+    assert (np.asarray(decoding.to_rgb(encoded(Image.fromarray(rgba, "RGBA"), "PNG"))) == [0, 255, 0]).all()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    sideways = encoded(Image.new("RGB", (40, 8)), "JPEG", exif=exif.tobytes())
+    assert decoding.to_rgb(sideways).size == (40, 8)
+    frames = [Image.new("RGB", (4, 4), (v, v, v)) for v in (10, 200)]
+    gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert (np.asarray(decoding.to_rgb(gif)) == 10).all()
+
+
 def test_high_bit_depth_grey_images_are_scaled_to_8_bits_not_clipped():
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
     rgb = lambda image: np.asarray(decoding.to_rgb(image))
