@@ -644,6 +644,8 @@ def test_image_folder_reads_class_folders_at_any_depth_and_leaves_out_hidden_nam
     (tmp_path / "a" / "._1.JPG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not an image
     (tmp_path / ".DS_Store").write_bytes(b"Bud1")
     os.makedirs(tmp_path / "lost+found")
+    os.makedirs(tmp_path / "__MACOSX" / "a")  # a zip made on a Mac, unpacked: its metadata copies
+    (tmp_path / "__MACOSX" / "a" / "._1.JPG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     source = ImageFolderSource(str(tmp_path))
     assert source.classes == ["a", "b"]
     assert [(os.path.relpath(path, tmp_path), label) for path, label in source.records] == [

@@ -53,9 +53,10 @@ def check_array_record_reads(path: str) -> None:
 
 
 def ignored_name(name: str) -> bool:
-    """Hidden files and folders (macOS's ._x.jpg and .DS_Store, .ipynb_checkpoints, .Trash) and a
-    file system's lost+found hold no training data."""
-    return name.startswith(".") or name == "lost+found"
+    """Hidden files and folders (macOS's ._x.jpg and .DS_Store, .ipynb_checkpoints, .Trash), a
+    file system's lost+found and the __MACOSX folder of a zip made on a Mac (its ._ copies) hold no
+    training data."""
+    return name.startswith(".") or name in ("lost+found", "__MACOSX")
 
 
 def read_with_folder(path: str, root: str) -> bool:
