@@ -149,6 +149,25 @@ def test_train_checkpoint_takes_ema_by_default(tmp_path, golden):
     assert relative_error(forward(load_model(str(outputs["model"]))[0], g, 1), g["fwd_1_out"]) > 1e-2
 
 
+def test_a_release_folder_holding_a_train_checkpoint_reads_the_weights_asked_for(tmp_path):
+    """load_model's weights= covers the release's train.py checkpoints in a release folder too, not
+    only runs; a release folder's bare state dict has no 'model' set to give."""
+    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    ema_weights = release_state_dict()
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), release)
+    torch.save({"model": {k: v * 0.5 for k, v in ema_weights.items()}, "ema": ema_weights}, release / "model.pt")
+    source = resolve_checkpoint(str(release))
+    ema, model = (jax.tree.leaves(read_checkpoint(source, weights)[1]) for weights in ("ema", "model"))
+    for e, m in zip(ema, model):
+        np.testing.assert_allclose(m, e * 0.5, rtol=1e-6)
+    with pytest.raises(CheckpointError, match="holds one set of weights"):
+        read_checkpoint(resolve_checkpoint(fixture_dir("c2i_tiny")), "model")
+
+
 def _save_variant(tmp_path, state_dict):
     path = tmp_path / "variant.pt"
     torch.save(state_dict, path)
