@@ -103,6 +103,19 @@ def test_a_damaged_step_is_named_briefly_with_the_steps_that_load(run, tmp_path)
     assert len(message) < 1500
 
 
+def test_sampling_a_run_reads_the_weights_sample_weights_names(run):
+    """sample, demo and inspect read a run's EMA by default and its raw weights with
+    --config.sample.weights=model."""
+    from configs import c2i
+    from pixelflow_jax.api import load_for_sampling
+
+    workdir, weights = run
+    config = c2i.get_config("tiny")
+    for chosen, stored in (("ema", "ema"), ("model", "params")):
+        config.sample.weights = chosen
+        assert_params_equal(load_for_sampling(config, workdir)[0], weights[4][stored])
+
+
 def test_weights_that_restore_as_nan_are_refused_with_their_names_not_sampled_or_exported(converted, tmp_path):
     """Files damaged after they were written can restore as NaN: load_model accepted them and the
     export wrote them into model.pt (which the converter's other direction then refused)."""
@@ -352,6 +365,18 @@ def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
     with pytest.raises(CheckpointError, match="not_a_run is not a training run: for a training run, give its "
                                               "workdir; for another checkpoint, set --config.sample.checkpoint"):
         sampling_checkpoint(c2i.get_config("tiny").sample, str(tmp_path / "not_a_run"))
+
+
+def test_a_sample_checkpoint_set_is_sampled_though_the_workdir_is_a_run(tmp_path):
+    """The workdir's run is the checkpoint only when --config.sample.checkpoint is unset."""
+    from configs import c2i
+    from pixelflow_jax.api import sampling_checkpoint
+
+    (tmp_path / "run_config.json").write_text("{}")
+    sample = c2i.get_config("tiny").sample
+    assert sampling_checkpoint(sample, str(tmp_path)) == str(tmp_path)
+    sample.checkpoint = "hf://owner/name"
+    assert sampling_checkpoint(sample, str(tmp_path)) == "hf://owner/name"
 
 
 def test_demo_page_in_a_training_workdir_serves_its_run(run):
