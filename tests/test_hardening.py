@@ -625,6 +625,13 @@ def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked
         load_model(fixture_dir("c2i_tiny"), param_dtype="int8")
 
 
+def test_load_model_checks_its_weights_choice_before_the_path(tmp_path):
+    """As dtype and attention: a mistyped weights= is named first, not after the path is resolved
+    (an hf:// checkpoint's config downloaded) or refused for another reason."""
+    with pytest.raises(CheckpointError, match="weights must be one of"):
+        load_model(str(tmp_path / "nowhere"), weights="opt_state")
+
+
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
     _, config = load_model(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
     assert config.resolution == 64
