@@ -269,6 +269,17 @@ def test_a_sampling_job_builds_its_model_with_the_configs_dtypes_and_attention(c
     assert {leaf.dtype.name for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"bfloat16"}
 
 
+def test_a_config_without_model_param_dtype_samples_float32_weights():
+    """A config file written before model.param_dtype existed (it is read with a float32 default):
+    its jobs keep the weights' float32 and record that, not another dtype."""
+    from configs import c2i
+    from pixelflow_jax.api import sampling_runtime
+
+    config = c2i.get_config("tiny")
+    del config.model["param_dtype"]
+    assert sampling_runtime(config)["param_dtype"] == "float32"
+
+
 def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, converted):
     """A SIGTERM (a preemptible VM, `kill`) ended the job at once and silently (exit 143, no line),
     losing the batch that had just finished; it now stops as Ctrl-C does, saying what was kept."""
