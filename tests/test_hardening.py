@@ -625,11 +625,15 @@ def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked
         load_model(fixture_dir("c2i_tiny"), param_dtype="int8")
 
 
-def test_load_model_checks_its_weights_choice_before_the_path(tmp_path):
+def test_load_model_checks_its_weights_choice_before_the_path(tmp_path, converted):
     """As dtype and attention: a mistyped weights= is named first, not after the path is resolved
     (an hf:// checkpoint's config downloaded) or refused for another reason."""
+    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
+
     with pytest.raises(CheckpointError, match="weights must be one of"):
         load_model(str(tmp_path / "nowhere"), weights="opt_state")
+    with pytest.raises(CheckpointError, match="weights must be one of"):  # a converted folder's one set was read
+        read_checkpoint(resolve_checkpoint(converted["c2i_tiny"]), "opt_state")
 
 
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
