@@ -820,6 +820,10 @@ def pack_command(monkeypatch, capsys, *args):
     from pixelflow_jax.data import pack_captions
 
     monkeypatch.setattr("sys.argv", ["pack_captions", *args])
+    # The command's process-wide Ctrl-C / SIGTERM handlers would stay in this test process (the
+    # packer's stops are tested in a process of their own).
+    monkeypatch.setattr(pack_captions, "handle_ctrl_c_from_the_start", lambda: None)
+    monkeypatch.setattr(pack_captions, "stop_on_sigterm", lambda: None)
     try:
         pack_captions.main()
         code = 0
