@@ -24,6 +24,13 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def make_local_parent(path: str) -> str:
+    """Makes (if need be) and returns the folder of a local file; abspath: a bare name's dirname is ""."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def write_atomically(path: str, data: bytes | str) -> None:
     """The whole file appears at once or not at all (see the package docstring)."""
     data = data.encode("utf-8") if isinstance(data, str) else data
@@ -55,8 +62,7 @@ def write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporar
     (readable as umask allows; `publish=os.link` refuses an existing file instead). The temporary
     is `.NAME.tmp-HOST-PID-*`, which remove_temporaries clears after a kill, unless
     `temporary_prefix` names another."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    folder = make_local_parent(path)
     prefix = temporary_prefix or f".{os.path.basename(path)}.tmp-{writer_tag()}-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
     try:
@@ -100,7 +106,7 @@ def write_json_keeping_history(path: str, value: dict) -> None:
     if is_url(history):
         write_atomically(history, (read_text(history) if exists(history) else "") + line)
     else:
-        os.makedirs(os.path.dirname(os.path.abspath(history)), exist_ok=True)  # as write_atomically makes it
+        make_local_parent(history)
         descriptor = os.open(history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             os.write(descriptor, line.encode())
@@ -201,7 +207,7 @@ def move(source: str, target: str) -> None:
 
         on_remote(source, move_objects)
     else:
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)  # abspath: a bare name's dirname is ""
+        make_local_parent(target)
         shutil.move(source, target)  # a rename, or a copy where the target is on another disk
 
 
