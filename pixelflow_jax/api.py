@@ -110,13 +110,19 @@ def check_weights_of(source: CheckpointSource, weights: str) -> None:
         raise CheckpointError(f"{source.folder} is a converted folder with one set of weights: {ONE_SET_OF_WEIGHTS}")
 
 
+def fetch_weights(source: CheckpointSource) -> None:
+    """A Hub checkpoint's weights into the Hub cache (resolve_checkpoint fetched its config only);
+    other checkpoints are read where they are."""
+    if hub.is_hub_path(source.label):
+        hub.download_weights(source.label)
+
+
 def read_checkpoint(source: CheckpointSource, weights: str = "ema",
                     runtime: dict | None = None) -> tuple[CheckpointConfig, Params]:
     """(config, parameters) of a resolved checkpoint; `runtime` overrides model settings that are
     not architecture (dtype, param_dtype, attention)."""
     check_weights_of(source, weights)
-    if hub.is_hub_path(source.label):  # resolve_checkpoint fetched its config only
-        hub.download_weights(source.label)
+    fetch_weights(source)
     config, params = checkpoint_config(source), None  # a release folder's config.yaml: checked before model.pt
     if source.kind == "release":
         from pixelflow_jax.checkpoints.convert import torch_to_params

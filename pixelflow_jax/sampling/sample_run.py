@@ -29,8 +29,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import load_sampling_model, sampling_runtime, sampling_source
-from pixelflow_jax.checkpoints import hub
+from pixelflow_jax.api import fetch_weights, load_sampling_model, sampling_runtime, sampling_source
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.evaluation.evaluate import EVAL_JSON
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
@@ -254,8 +253,7 @@ def _sample(config, workdir: str) -> None:
     folder = storage.join(workdir, "samples")
     if storage.isfile(folder):
         raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
-    if hub.is_hub_path(source.label):  # the settings record the weights' files: fetched now, restored after
-        hub.download_weights(source.label)
+    fetch_weights(source)  # the settings record the weights' files: fetched now, restored after
     num_images = conditioning.num_images
     runtime = sampling_runtime(config)
     settings = dict(checkpoint=source.label, weights=s.weights, architecture=ckpt.model.architecture(),
