@@ -154,9 +154,21 @@ def load_arguments(dtype, attention, weights: str, param_dtype=None) -> dict:
     if attention is not None:
         if attention not in ATTENTION_BACKENDS:
             raise CheckpointError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        refused_on_this_platform(attention, runtime.get("dtype", "float32"))
         runtime["attention"] = attention
     check_weights_choice(weights)
     return runtime
+
+
+def refused_on_this_platform(attention: str, dtype: str) -> None:
+    """A kernel this platform cannot run ('cudnn' on a CPU) is named at load, not at the model's
+    first call (the Pallas kernels load anywhere inside `interpret_kernels()`)."""
+    from pixelflow_jax.kernels.attention import resolve_backend
+
+    try:
+        resolve_backend(attention, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"attention: {e}") from None
 
 
 def load_model(path: str, *, dtype: str | None = None, attention: str | None = None,

@@ -625,6 +625,20 @@ def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked
         load_model(fixture_dir("c2i_tiny"), param_dtype="int8")
 
 
+@pytest.mark.parametrize("attention, platforms", [("cudnn", "gpu"), ("pallas_gpu", "gpu"), ("splash", "tpu")])
+def test_load_model_refuses_a_kernel_the_platform_cannot_run_at_load(attention, platforms):
+    """The model loaded and failed only at its first call; a Pallas kernel still loads for
+    interpret mode (the parity tests run it so)."""
+    from pixelflow_jax.kernels.attention import interpret_kernels
+
+    with pytest.raises(CheckpointError, match=rf"attention: attention backend '{attention}' runs on {platforms}, "
+                                              r"and this run's platform is cpu: use 'auto' or 'xla'"):
+        load_model(fixture_dir("c2i_tiny"), attention=attention, dtype="bfloat16")
+    if attention != "cudnn":
+        with interpret_kernels():
+            assert load_model(fixture_dir("c2i_tiny"), attention=attention)[0].config.attention == attention
+
+
 def test_load_model_checks_its_weights_choice_before_the_path(tmp_path, converted):
     """As dtype and attention: a mistyped weights= is named first, not after the path is resolved
     (an hf:// checkpoint's config downloaded) or refused for another reason."""
