@@ -67,7 +67,7 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         folder = storage.absolute(run_step.folder)
         return CheckpointSource(folder, folder, run_step)
     if not storage.exists(path):
-        if path != path.strip() or storage.basename(path) != storage.basename(path).strip():
+        if storage.basename(path) != storage.basename(path).strip():  # in a bucket (user_path refuses it locally)
             raise CheckpointError(f"checkpoint {path!r} does not exist (a name in it starts or ends with a space: a "
                                   "quoting slip?)")
         raise CheckpointError(f"checkpoint {path} does not exist")

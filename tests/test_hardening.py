@@ -92,6 +92,10 @@ def c2i_config(**changes):
     ("train", "data.expand_ratio", 1e6, "--config.data.expand_ratio must be <= 4.0, got 1000000.0"),
     ("train", "train.init_from", "http://host/ckpt", "--config.train.init_from: http://host/ckpt: unsupported URL"),
     ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: hf:// (the Hugging Face Hub) is read here for checkpoints"),
+    # a quoting slip: a folder named "a " would be made, or an input not found without saying why
+    ("train", "train.init_from", "runs/a ", "--config.train.init_from: 'runs/a ': the name 'a ' ends with a space"),
+    ("eval", "eval.samples", " samples.npz", "--config.eval.samples: ' samples.npz': the name ' samples.npz' starts "
+                                             "with a space and does not exist (a quoting slip?): remove the space"),
 ])
 def test_every_config_value_is_checked_before_any_work(mode, field, value, message):
     with pytest.raises(ConfigError) as error:
@@ -1687,9 +1691,9 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
         storage.check_supported(storage.user_path("hdfs:///x"))
     with pytest.raises(CheckpointError, match="^no checkpoint given: name a training run"):
         load_model("")  # was "checkpoint  does not exist"
-    for spaced in (" runs/xl", "runs/xl ", "runs/ xl"):  # a quoting slip: no hint said why it was not found
-        with pytest.raises(CheckpointError, match=rf"checkpoint '{spaced}' does not exist \(a name in it starts or "
-                                                  r"ends with a space: a quoting slip\?\)"):
+    for spaced, name in ((" runs/xl", " runs"), ("runs/xl ", "xl "), ("runs/ xl", " xl")):  # a quoting slip
+        with pytest.raises(CheckpointError, match=rf"^'{spaced}': the name '{name}' (starts|ends) with a space and "
+                                                  r"does not exist \(a quoting slip\?\): remove the space"):
             load_model(spaced)
     with pytest.raises(storage.StorageError, match="ends with a space, which an object name keeps: write 'gs://b/x'"):
         storage.user_path("gs://b/x ")
@@ -1707,6 +1711,25 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
     with pytest.raises(CheckpointError, match="looks like a URL"):
         load_model("gs:/bucket/ckpt")
 
+
+
+def test_a_new_local_name_with_a_space_at_its_edge_is_refused_and_an_existing_one_is_used(tmp_path, monkeypatch):
+    """--workdir='runs/a ' made a folder named "a " (which ls shows as runs/a). A name that exists
+    with its space (made on purpose, or by such a slip before this check) is used as it is."""
+    from pixelflow_jax import validation
+
+    monkeypatch.chdir(tmp_path)
+    for spaced, name, fixed in (("runs/a ", "a ", "runs/a"), (" runs/a", " runs", "runs/a"),
+                                ("runs/ a /b", " a ", "runs/a/b"), (f"{tmp_path}/out\t", "out\t", f"{tmp_path}/out")):
+        with pytest.raises(storage.StorageError, match=re.escape(f"{spaced!r}: the name {name!r} ") + ".* and does "
+                                                       r"not exist \(a quoting slip\?\): remove the (space|whitespace)"
+                                                       + re.escape(f", as in {fixed!r}")):
+            storage.user_path(spaced)
+    with pytest.raises(storage.StorageError, match=r"^--workdir: 'runs/a ': the name 'a ' ends with a space"):
+        validation.user_path("--workdir", "runs/a ")  # and so the converter's flags
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "old run ").mkdir()
+    assert storage.user_path("old run ") == "old run " and storage.user_path("old run /step_5") == "old run /step_5"
 
 def test_a_workdir_that_would_be_lost_or_misread_is_refused_before_any_work(tmp_path):
     run = tmp_path / "run"

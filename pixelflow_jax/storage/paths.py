@@ -1,5 +1,6 @@
 """Paths as users write them: local folders and object-store URLs told apart, and a URL that
-lost part of its "://" refused rather than taken for a local folder. No I/O here."""
+lost part of its "://" refused rather than taken for a local folder. No I/O here, but for a local
+name that starts or ends with whitespace: it is looked up on disk (see check_spaced_names)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ _NOT_IN_OBJECT_PATHS = "?#*[]"
 
 def user_path(path: str) -> str:
     """A path as a user wrote it (a flag, a config value, an API argument), ready for this layer:
-    `~` expanded (the shell leaves `--flag=~/x` as it is), URLs unchanged, and a URL without its
-    "//" refused rather than taken for a local folder."""
+    `~` expanded (the shell leaves `--flag=~/x` as it is), URLs unchanged, a URL without its "//"
+    refused rather than taken for a local folder, and a new local name with a space at its start
+    or end refused (check_spaced_names)."""
     if not isinstance(path, (str, os.PathLike)):
         raise StorageError(f"expected a path (a string or os.PathLike), got {path!r}")
     path = str(path)
@@ -78,7 +80,28 @@ def user_path(path: str) -> str:
         fixed = f"{scheme(path)}://{re.sub('/+', '/', path.split('://', 1)[1])}"
         raise StorageError(f'{path} has an empty folder name ("//"), which object-store tools read in two ways: '
                            f"write {fixed}")
-    return path if is_url(path) else os.path.expanduser(path)
+    if is_url(path):
+        return path
+    path = os.path.expanduser(path)
+    check_spaced_names(path)
+    return path
+
+
+def check_spaced_names(path: str) -> None:
+    """Refuses a local path in which a file or folder name that does not exist yet starts or ends
+    with whitespace: a quoting slip (--workdir='runs/a ') would otherwise make a folder whose name
+    ends in a space, which `ls` shows as runs/a. A name that exists is kept as it is: it was made
+    on purpose, or by such a slip before this check (a run to resume, data to read), and no
+    other path reaches it."""
+    names = path.split(os.sep)
+    for index, name in enumerate(names):
+        if name != name.strip() and not os.path.lexists(os.sep.join(names[:index + 1])):
+            # a tab or newline is named whitespace (the repr shows which)
+            blank, fix = ("a space", "space") if name.strip(" ") == name.strip() else ("whitespace", "whitespace")
+            edges = " and ".join(edge for edge, char in (("starts", name[0]), ("ends", name[-1])) if char.isspace())
+            fixed = os.sep.join(part.strip() for part in names)
+            raise StorageError(f"{path!r}: the name {name!r} {edges} with {blank} and does not exist (a quoting "
+                               f"slip?): remove the {fix}" + (f", as in {fixed!r}" if fixed.strip(os.sep) else ""))
 
 
 def file_url_path(rest: str) -> str:
