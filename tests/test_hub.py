@@ -226,3 +226,22 @@ def test_a_hub_path_to_a_file_two_folders_down_means_its_folder(tmp_path, monkey
     source = api.resolve_checkpoint("hf://me/pixelflow@main/xl/c2i/model.pt")
     assert requests == [("xl/c2i/config.yaml", "xl/c2i/pixelflow_config.json")]
     assert source.label == f"hf://me/pixelflow@{COMMIT}/xl/c2i" and source.folder == str(snapshot / "xl" / "c2i")
+
+
+@pytest.mark.parametrize("variable", ["HF_HOME", "HF_HUB_CACHE"])
+def test_a_hub_cache_variable_naming_a_file_is_named_with_its_value_and_fix(tmp_path, variable):
+    """huggingface_hub said "Not a directory: '.../token'" (HF_HOME) or that the files were not in
+    the cache (HF_HUB_CACHE), naming neither variable. It reads them once, at import: a subprocess."""
+    not_a_folder = tmp_path / "hf_home"
+    not_a_folder.write_text("")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "unused"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env[variable] = str(not_a_folder)
+    script = ("from pixelflow_jax.checkpoints import hub\n"
+              "try:\n    hub.checkpoint_folder('hf://me/pixelflow')\nexcept hub.CheckpointError as e:\n    print(e)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.startswith(f"hf://me/pixelflow: {variable}={str(not_a_folder)!r} is a file, not a folder "
+                                    "(huggingface_hub keeps its downloads"), result.stdout + result.stderr
+    assert f"point {variable} at a folder, or unset it" in result.stdout
+    assert not (tmp_path / "unused").exists()

@@ -70,6 +70,7 @@ def _download(hub: HubPath, patterns) -> str:
     import huggingface_hub
     from huggingface_hub import errors
 
+    check_cache_folders(hub)
     prefix = f"{hub.subfolder}/" if hub.subfolder else ""
     try:
         return huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision,
@@ -89,6 +90,34 @@ def _download(hub: HubPath, patterns) -> str:
         raise CheckpointError(f"{hub}: {hint} ({type(e).__name__})") from None
     except (errors.HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{hub}: download failed: {first_line(e)}") from None
+
+
+def check_cache_folders(hub: HubPath) -> None:
+    """Refuses a HF_HOME or HF_HUB_CACHE that is (or lies inside) a file: huggingface_hub's own
+    error named neither ("Not a directory: '.../token'"), or said the files were not in the cache."""
+    from huggingface_hub import constants
+
+    for variable, folder, default, holds in (
+            ("HF_HOME", constants.HF_HOME, "~/.cache/huggingface", "its downloads and login token"),
+            ("HF_HUB_CACHE", constants.HF_HUB_CACHE, "$HF_HOME/hub", "its downloads")):
+        folder = os.path.abspath(folder)  # a relative one's parents, up to the working folder, are looked at too
+        file = file_in_the_way(folder)
+        if file is None:
+            continue
+        setting = f"{variable}={os.environ[variable]!r}" if variable in os.environ else \
+            f"{variable} is not set, and its default {folder!r}"
+        problem = "is a file, not a folder" if file == folder else f"cannot be a folder, as {file!r} is a file"
+        fix = f"or unset it (default: {default})" if variable in os.environ else f"or move {file!r} away"
+        raise CheckpointError(f"{hub}: {setting} {problem} (huggingface_hub keeps {holds} in that folder): point "
+                              f"{variable} at a folder, {fix}")
+
+
+def file_in_the_way(folder: str) -> str | None:
+    """The absolute path `folder`, or its nearest existing parent, when that is not a folder (so
+    the folder cannot be made); None when the folder exists or can be made."""
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else folder
 
 
 def _folder(snapshot: str, hub: HubPath, patterns) -> str:
