@@ -971,6 +971,32 @@ def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path, c
         in caplog.text
 
 
+
+def test_a_caption_saved_as_utf16_or_utf32_is_named_so_with_the_command_that_converts_it(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Windows editors save "Unicode" text as UTF-16 with a byte-order mark: it was skipped as "not
+    UTF-8 (invalid start byte at byte 0)", which did not say what the file is."""
+    import codecs
+
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+
+    for saved, encoding in ((codecs.BOM_UTF16_LE + "a red disk".encode("utf-16-le"), "UTF-16"),
+                            (codecs.BOM_UTF16_BE + "a red disk".encode("utf-16-be"), "UTF-16"),
+                            (codecs.BOM_UTF32_LE + "a red disk".encode("utf-32-le"), "UTF-32"),  # not UTF-16's mark
+                            (codecs.BOM_UTF32_BE + "a red disk".encode("utf-32-be"), "UTF-32")):
+        with pytest.raises(CaptionError, match=rf"^caption is {encoding} \(it starts with a {encoding} byte-order "
+                                               rf"mark\), not UTF-8; convert the file to UTF-8, e.g. iconv -f "
+                                               rf"{encoding} -t UTF-8 NAME.txt > NAME.utf8.txt"):
+            decode_caption(saved)
+    images = tmp_path / "captioned"
+    images.mkdir()
+    for name in ("a", "b"):
+        (images / f"{name}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
+    (images / "a.txt").write_text("a red disk", encoding="utf-16")
+    (images / "b.txt").write_text("a blue disk", encoding="utf-8-sig")  # UTF-8's own mark is read and dropped
+    code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out'}")
+    assert code == 0 and f"skipping {images / 'a.png'}: caption is UTF-16" in out and "wrote 1 records" in out
+
 def test_records_that_fail_for_their_captions_say_so():
     class Blank:
         def __init__(self, size):

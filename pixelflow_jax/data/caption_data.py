@@ -12,12 +12,13 @@
     demo          demo_data.CaptionedDemoSource ("a red disk", ...), built in.
 
 Each record gives {"image": bytes or pixels, "caption": bytes or str, "name"}; decoding.py decodes
-both (a caption that is not UTF-8, or empty once a BOM and blanks are stripped, is skipped and
-counted like an unreadable image) and tokenizes the caption for the frozen text encoder.
+both (a caption that is not UTF-8, named UTF-16 or UTF-32 by its byte-order mark, or empty once a
+BOM and blanks are stripped, is skipped and counted like an unreadable image) and tokenizes the caption for the frozen text encoder.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import os
 import re
@@ -40,10 +41,21 @@ class CaptionError(ValueError):
     """A caption that cannot train (not UTF-8, empty): its record is skipped and counted."""
 
 
+# Byte-order marks of the encodings Windows editors save "Unicode" text in; UTF-32's first, since
+# its little-endian mark starts with UTF-16's. (UTF-8's own mark is read and dropped.)
+FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 def decode_caption(caption: bytes | str) -> str:
     if isinstance(caption, (bytes, bytearray)):
+        caption = bytes(caption)
+        if encoding := next((name for bom, name in FOREIGN_BOMS if caption.startswith(bom)), None):
+            raise CaptionError(f"caption is {encoding} (it starts with a {encoding} byte-order mark), not UTF-8; "
+                               f"convert the file to UTF-8, e.g. iconv -f {encoding} -t UTF-8 NAME.txt > "
+                               "NAME.utf8.txt, then replace NAME.txt with it")
         try:
-            caption = bytes(caption).decode("utf-8")
+            caption = caption.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CaptionError(f"caption is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
     caption = caption.removeprefix("\ufeff").strip()  # a BOM (Windows editors write one) is no caption
