@@ -975,7 +975,8 @@ def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path, c
 def test_a_caption_saved_as_utf16_or_utf32_is_named_so_with_the_command_that_converts_it(tmp_path, monkeypatch,
                                                                                           capsys):
     """Windows editors save "Unicode" text as UTF-16 with a byte-order mark: it was skipped as "not
-    UTF-8 (invalid start byte at byte 0)", which did not say what the file is."""
+    UTF-8 (invalid start byte at byte 0)", which did not say what the file is. Without the mark, its
+    ASCII captions read as UTF-8 with a NUL beside each letter, and trained so."""
     import codecs
 
     from pixelflow_jax.data.caption_data import CaptionError, decode_caption
@@ -987,6 +988,12 @@ def test_a_caption_saved_as_utf16_or_utf32_is_named_so_with_the_command_that_con
         with pytest.raises(CaptionError, match=rf"^caption is {encoding} \(it starts with a {encoding} byte-order "
                                                rf"mark\), not UTF-8; convert the file to UTF-8, e.g. iconv -f "
                                                rf"{encoding} -t UTF-8 NAME.txt > NAME.utf8.txt"):
+            decode_caption(saved)
+    for saved, encoding in (("a red disk".encode("utf-16-le"), "UTF-16LE"), ("a red disk".encode("utf-16-be"),
+                                                                           "UTF-16BE")):  # no mark: valid UTF-8
+        with pytest.raises(CaptionError, match=rf"^caption holds NUL characters, as {encoding} text without a "
+                                               rf"byte-order mark does; convert the file to UTF-8, e.g. iconv -f "
+                                               rf"{encoding} -t UTF-8"):
             decode_caption(saved)
     images = tmp_path / "captioned"
     images.mkdir()

@@ -12,8 +12,9 @@
     demo          demo_data.CaptionedDemoSource ("a red disk", ...), built in.
 
 Each record gives {"image": bytes or pixels, "caption": bytes or str, "name"}; decoding.py decodes
-both (a caption that is not UTF-8, named UTF-16 or UTF-32 by its byte-order mark, or empty once a
-BOM and blanks are stripped, is skipped and counted like an unreadable image) and tokenizes the caption for the frozen text encoder.
+both (a caption that is not UTF-8 (UTF-16 or UTF-32, named by its byte-order mark), holds NULs
+(UTF-16 without the mark), or is empty once a BOM and blanks are stripped, is skipped and counted
+like an unreadable image) and tokenizes the caption for the frozen text encoder.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MISSING_CAPTION_CHOICES = ("error", "skip")
 
 
 class CaptionError(ValueError):
-    """A caption that cannot train (not UTF-8, empty): its record is skipped and counted."""
+    """A caption that cannot train (not UTF-8, holding NULs, empty): its record is skipped and counted."""
 
 
 # Byte-order marks of the encodings Windows editors save "Unicode" text in; UTF-32's first, since
@@ -52,17 +53,25 @@ def decode_caption(caption: bytes | str) -> str:
         caption = bytes(caption)
         if encoding := next((name for bom, name in FOREIGN_BOMS if caption.startswith(bom)), None):
             raise CaptionError(f"caption is {encoding} (it starts with a {encoding} byte-order mark), not UTF-8; "
-                               f"convert the file to UTF-8, e.g. iconv -f {encoding} -t UTF-8 NAME.txt > "
-                               "NAME.utf8.txt, then replace NAME.txt with it")
+                               f"{conversion(encoding)}")
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CaptionError(f"caption is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    if "\x00" in caption:  # UTF-16 without a mark: its ASCII reads as valid UTF-8, each letter beside a NUL
+        encoding = "UTF-16BE" if caption.startswith("\x00") else "UTF-16LE"
+        raise CaptionError(f"caption holds NUL characters, as {encoding} text without a byte-order mark does; "
+                           f"{conversion(encoding)}")
     caption = caption.removeprefix("\ufeff").strip()  # a BOM (Windows editors write one) is no caption
     if not caption:
         raise CaptionError("caption is empty (caption dropout already trains the empty prompt); write a caption "
                            "or remove the image")
     return caption
+
+
+def conversion(encoding: str) -> str:
+    return (f"convert the file to UTF-8, e.g. iconv -f {encoding} -t UTF-8 NAME.txt > NAME.utf8.txt, then replace "
+            "NAME.txt with it")
 
 
 class CaptionedFolderSource:
