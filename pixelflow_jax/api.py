@@ -247,6 +247,17 @@ def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointC
     return source, checkpoint_config(source)
 
 
+def run_folder_classes(source: CheckpointSource) -> list[str]:
+    """The class folder names a training run learned as ids 0, 1, ... (its class_index.json), or
+    [] for a checkpoint that is not a run of image-folder data."""
+    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, read_class_index
+
+    if not source.run_step:
+        return []
+    path = storage.join(source.run_step.run, CLASS_INDEX_FILE)
+    return read_class_index(path) if storage.isfile(path) else []
+
+
 def sampling_runtime(config) -> dict:
     """What config.model sets of a checkpoint's model: its dtype, param_dtype (bfloat16 halves the
     weights' memory) and attention backend."""

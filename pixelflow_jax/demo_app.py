@@ -28,7 +28,7 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.command_line import stop_on_sigterm
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole
-from pixelflow_jax.api import load_sampling_model, sampling_checkpoint, sampling_source
+from pixelflow_jax.api import load_sampling_model, run_folder_classes, sampling_checkpoint, sampling_source
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
 from pixelflow_jax.sampling.sample_conditioning import check_config_kind
 
@@ -46,17 +46,6 @@ def class_choices(num_classes: int, folder_classes: Sequence[str] = ()) -> list[
             names = dict(enumerate(json.load(f)))
     names.update(enumerate(folder_classes))
     return [(f"{i}: {names[i]}" if i in names else f"class {i}", i) for i in range(num_classes)]
-
-
-def run_folder_classes(source) -> list[str]:
-    """The class folder names a training run learned as ids 0, 1, ... (its class_index.json), or
-    [] for a checkpoint that is not a run of image-folder data."""
-    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, read_class_index
-
-    if not source.run_step:
-        return []
-    path = storage.join(source.run_step.run, CLASS_INDEX_FILE)
-    return read_class_index(path) if storage.isfile(path) else []
 
 
 SHOWN_PROMPT_CHARS = 80  # of a prompt, in the status line
