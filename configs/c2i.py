@@ -96,7 +96,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         solver="euler",  # 'euler' | 'dopri5'
         shift=1.0,
         seed=0,
-        labels=(),  # class ids, one per image; empty: image i gets class i mod num_classes
+        # Class ids, one per image (a run on image folders also takes its folders' names, quoted);
+        # empty: image i gets class i mod num_classes (mod the folder count for a run on image folders).
+        labels=(),
     ))
 
     # --mode=eval (and the end of --mode=sample when eval.reference is set): ADM's metrics.

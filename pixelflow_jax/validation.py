@@ -283,8 +283,9 @@ def check_sample(config) -> None:
                 raise ConfigError(f"--config.sample.{field} does not apply to text-to-image sampling: it makes "
                                   "len(prompts) x --config.sample.images_per_prompt images, image i from prompt "
                                   "i // images_per_prompt")
-    for label in s.labels:  # the range needs the checkpoint's class count: sample_conditioning.py
-        integer("sample.labels", label, minimum=0)
+    for label in s.labels:  # the range, and the names, need the checkpoint: sample_conditioning.py
+        if not isinstance(label, str):  # a name: a class folder of a run trained on image folders
+            integer("sample.labels", label, minimum=0)
 
 
 def check_inspect(config) -> None:

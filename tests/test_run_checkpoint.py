@@ -404,6 +404,18 @@ def test_the_demo_page_names_a_folder_runs_classes_by_its_class_folders(run, tmp
     assert class_choices(4, ["cats"]) == [("0: cats", 0), ("class 1", 1), ("class 2", 2), ("class 3", 3)]
 
 
+def test_sampling_a_folder_run_cycles_over_its_class_folders_and_takes_their_names(run, tmp_path, monkeypatch):
+    """A fine-tune of a 1000-class model on three class folders: by default image i gets folder
+    i mod 3 (not class i, which no folder trained), and sample.labels may name the folders."""
+    from test_sample_cli import sample_in_process
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    (workdir / "class_index.json").write_text(json.dumps({"root": "/data", "classes": ["cats", "dogs", "owls"]}))
+    job = lambda folder, **sample: sample_in_process(tmp_path / folder, str(workdir), monkeypatch, **sample)[1]
+    assert job("default", num_images=5) == [[0, 1, 2, 0, 1, 1, 1, 1]]  # padded to 8 devices
+    assert job("named", num_images=3, labels=("owls", "cats", 1)) == [[2, 0, 1] + [1] * 5]
+
+
 def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_path):
     from configs import c2i
     from pixelflow_jax.inspect_model import fill_checkpoint_of_run, model_to_inspect

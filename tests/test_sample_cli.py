@@ -416,3 +416,43 @@ def test_an_earlier_jobs_settings_are_checked_before_the_weights_are_read_and_re
     with pytest.raises(Restored):
         job(tmp_path / "new", num_images=2, labels=(1, 2), seed=7)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name(caplog):
+    """A fine-tune of a 1000-class model on two class folders trained ids 0 and 1 alone: its
+    default labels cycle over those, and its class_index.json names them for sample.labels."""
+    from configs import c2i
+    from pixelflow_jax.sampling.sample_conditioning import ClassLabels
+    from pixelflow_jax.validation import ConfigError, check
+
+    folders, sample = ["cats", "dogs"], c2i.get_config("tiny").sample
+    sample.num_images = 5
+    assert ClassLabels(sample, 1000, folders).labels.tolist() == [0, 1, 0, 1, 0]
+    assert ClassLabels(sample, 1000).labels.tolist() == [0, 1, 2, 3, 4]  # no class folders: every class
+    config = c2i.get_config("tiny")
+    config.sample.labels = sample.labels = ("dogs", 1, "cats", 0, "dogs")  # names and ids mixed
+    check(config, "sample")  # main.py's check before the job: names are for the job to resolve
+    with caplog.at_level("WARNING"):
+        assert ClassLabels(sample, 1000, folders).labels.tolist() == [1, 1, 0, 0, 1]
+    assert not caplog.text
+    sample.labels = ("cats", "birds", 0, 1, 0)
+    with pytest.raises(ConfigError, match=r"names 'birds', not a class folder of this run; its class_index.json "
+                                          r"names 'cats', 'dogs'$"):
+        ClassLabels(sample, 1000, folders)
+    many = [f"class{i:02d}" for i in range(25)]
+    with pytest.raises(ConfigError, match=r"names 'class00', .*, 'class19', \.\.\. \(25 in all\)$"):
+        ClassLabels(sample, 1000, many)
+    sample.labels = ("(cats,dogs)", 0, 1, 0, 1)  # unquoted names on the command line: one string
+    with pytest.raises(ConfigError, match=r"""quote each name: --config.sample.labels='\("cats","dogs"\)'"""):
+        ClassLabels(sample, 1000, folders)
+    with pytest.raises(ConfigError, match=r"names the class '\(cats,dogs\)', but this checkpoint has no "
+                                          r"class_index.json .*: give class ids"):
+        ClassLabels(sample, 1000)
+
+    sample.labels = (1, 7, 999, 7, 0)  # ids the run never trained: what the weights it started from knew
+    with caplog.at_level("WARNING"):
+        assert ClassLabels(sample, 1000, folders).labels.tolist() == [1, 7, 999, 7, 0]
+    assert caplog.text.count("WARNING") == 1
+    assert "asks for ids (7, 999) that this run never trained: it trained 2 class folders, ids 0 to 1 (its " \
+           "class_index.json" in caplog.text
+

@@ -3,8 +3,10 @@
 Both kinds give, for a batch of image ids, the model's conditional and unconditional keyword
 arguments as host arrays, plus the settings that identify the run (settings.json).
 
-    class-conditional: image i gets sample.labels[i], or class i mod num_classes;
-                       unconditional = the null class (id num_classes).
+    class-conditional: image i gets sample.labels[i] (class ids, or for a run trained on image
+                       folders their names, from its class_index.json), or class i mod num_classes
+                       (mod the run's class folders, the ids it trained); unconditional = the
+                       null class (id num_classes).
     text-conditional:  image i gets prompt i // sample.images_per_prompt of sample.prompts (or
                        sample.prompts_file, one per line); unconditional = sample.negative_prompt
                        (default "", as the release). Prompts are encoded by the T5 folder in
@@ -13,7 +15,10 @@ arguments as host arrays, plus the settings that identify the run (settings.json
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.sampling.cascade import check_conditional, class_conditioning, text_conditioning
@@ -21,12 +26,18 @@ from pixelflow_jax.validation import MAX_SAMPLE_IMAGES, ConfigError, class_ids
 
 
 class ClassLabels:
-    def __init__(self, sample_config, num_classes: int):
+    def __init__(self, sample_config, num_classes: int, folder_classes: Sequence[str] = ()):
+        """folder_classes: the class folder names a run trained as ids 0, 1, ... (its
+        class_index.json); empty for a checkpoint that is not a run on image folders."""
         s = sample_config
         if s.num_images < 1:
             raise ValueError(f"sample.num_images must be positive, got {s.num_images}")
-        self.labels = (class_ids("--config.sample.labels", list(s.labels), num_classes) if len(s.labels)
-                       else np.arange(s.num_images) % num_classes)  # the release's sample_ddp.py order
+        if len(s.labels):
+            self.labels = class_ids("--config.sample.labels", ids_of_names(list(s.labels), folder_classes),
+                                    num_classes)
+            warn_of_untrained_ids(self.labels, folder_classes)
+        else:  # the release's sample_ddp.py order, over the classes the run trained
+            self.labels = np.arange(s.num_images) % (len(folder_classes) or num_classes)
         if len(self.labels) != s.num_images:
             raise ValueError(f"--config.sample.labels has {len(self.labels)} entries but --config.sample.num_images is "
                              f"{s.num_images}: give one label per image, or set --config.sample.num_images="
@@ -40,6 +51,41 @@ class ClassLabels:
     def batch(self, ids: np.ndarray) -> tuple[dict, dict]:
         cond, uncond = class_conditioning(self.labels[ids], self.num_classes)
         return ({k: np.asarray(v) for k, v in cond.items()}, {k: np.asarray(v) for k, v in uncond.items()})
+
+
+SHOWN_CLASS_NAMES = 20  # of a run's class folders, in an error
+
+
+def ids_of_names(labels: list, folder_classes: Sequence[str]) -> list:
+    """sample.labels with each class folder name replaced by its id; ids stay as given."""
+    names = [label for label in labels if isinstance(label, str)]
+    if not names:
+        return labels
+    if not folder_classes:
+        raise ConfigError(f"--config.sample.labels names the class {names[0]!r}, but this checkpoint has no "
+                          "class_index.json to look it up in (only a run trained on image folders names its classes): "
+                          "give class ids")
+    ids = {name: i for i, name in enumerate(folder_classes)}
+    if unknown := [name for name in names if name not in ids]:
+        known = ", ".join(map(repr, folder_classes[:SHOWN_CLASS_NAMES]))
+        more = f", ... ({len(folder_classes)} in all)" if len(folder_classes) > SHOWN_CLASS_NAMES else ""
+        # Unquoted names reach the config as one string: (cats,dogs) is the name '(cats,dogs)'.
+        quoting = (" (quote each name: --config.sample.labels='(\"cats\",\"dogs\")')" if "," in unknown[0]
+                   else "")
+        raise ConfigError(f"--config.sample.labels names {unknown[0]!r}, not a class folder of this run{quoting}; its "
+                          f"class_index.json names {known}{more}")
+    return [ids[label] if isinstance(label, str) else label for label in labels]
+
+
+def warn_of_untrained_ids(labels: np.ndarray, folder_classes: Sequence[str]) -> None:
+    """Ids past a run's class folders are allowed: a fine-tune's initial weights may know them."""
+    untrained = sorted(set(labels[labels >= len(folder_classes)].tolist())) if folder_classes else []
+    if untrained:
+        shown = ", ".join(map(str, untrained[:5])) + (f", ... ({len(untrained)} ids)" if len(untrained) > 5 else "")
+        logging.warning("--config.sample.labels asks for ids (%s) that this run never trained: it trained %d class "
+                        "folders, ids 0 to %d (its class_index.json names them, and --config.sample.labels takes "
+                        "those names); images of those ids show what the weights it started from knew",
+                        shown, len(folder_classes), len(folder_classes) - 1)
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -131,8 +177,9 @@ def check_config_kind(sample_config, model_config) -> None:
                          "--config=configs/c2i.py")
 
 
-def conditioning_for(sample_config, model_config):
+def conditioning_for(sample_config, model_config, folder_classes: Sequence[str] = ()):
+    """folder_classes: as ClassLabels takes them."""
     check_config_kind(sample_config, model_config)
     if model_config.cross_attention_dim:
         return TextPrompts(sample_config, model_config.cross_attention_dim)
-    return ClassLabels(sample_config, model_config.num_classes)
+    return ClassLabels(sample_config, model_config.num_classes, folder_classes)
