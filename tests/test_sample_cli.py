@@ -456,3 +456,21 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
     assert "asks for ids (7, 999) that this run never trained: it trained 2 class folders, ids 0 to 1 (its " \
            "class_index.json" in caplog.text
 
+
+def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_class_folders(tmp_path):
+    """A job that an earlier version sampled with labels i mod num_classes, from a run trained on
+    10 class folders: this version's default labels, i mod 10, would mix two jobs' images."""
+    from pixelflow_jax.sampling.sample_run import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    settings = lambda labels: {"architecture": {"num_classes": 1000}, "num_images": len(labels), "labels": labels}
+    (samples / "settings.json").write_text(json.dumps(settings(list(range(30)))))
+    (samples / "000000.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds images labelled i mod 1000 \(every class of the model: the default "
+                                         r"labels before .* class_index.json\) and this job labels them i mod 10: "
+                                         r"sample into a new --workdir"):
+        check_settings(str(samples), str(tmp_path), settings([i % 10 for i in range(30)]))
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['labels'\]\); use a new --workdir"):
+        check_settings(str(samples), str(tmp_path), settings([3] * 30))  # labels given: no default involved
+    check_settings(str(samples), str(tmp_path), settings(list(range(40))))  # a larger job of every class extends

@@ -139,6 +139,11 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
             raise ValueError(f"{folder} holds a job of {recorded['num_images']} images: a job may grow into the "
                              "folder it sampled (a larger num_images keeps the images on disk), but not shrink; use "
                              f"a new --workdir, or rerun with --config.sample.num_images={recorded['num_images']}")
+        if "labels" in changed and (cycles := default_cycles_of(recorded, settings)):
+            raise ValueError(f"{folder} holds images labelled i mod {cycles[0]} (every class of the model: the default "
+                             "labels before sampling a run trained on image folders cycled over its class folders, "
+                             f"in class_index.json) and this job labels them i mod {cycles[1]}: sample into a new "
+                             "--workdir (most images there are of ids this run never trained on)")
         raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
                          f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
     if images := sampled_images(folder):
@@ -178,6 +183,24 @@ def extended_from(recorded: dict, settings: dict, changed: list[str]) -> int | N
     if before is None or after is None or len(after) <= len(before) or after[:len(before)] != before:
         return None
     return len(before)
+
+
+def default_cycles_of(recorded: dict, settings: dict) -> tuple[int, int] | None:
+    """(num_classes, k) when the recorded job labels image i with class i mod num_classes and this
+    one with i mod k, fewer: the default labels of a job that an earlier version sampled, which
+    did not read a run's class folders, and those of this version."""
+    before, after = recorded.get("labels"), settings.get("labels")
+    if not (isinstance(before, list) and isinstance(after, list) and after):
+        return None
+    num_classes, k = settings["architecture"]["num_classes"], max(after) + 1
+    if k < num_classes and before == cycle(len(before), num_classes) and after == cycle(len(after), k):
+        return num_classes, k
+    return None
+
+
+def cycle(count: int, period: int) -> list[int]:
+    """Labels i mod period, for images 0 to count - 1."""
+    return [i % period for i in range(count)]
 
 
 def changed_settings(path: str, settings: dict) -> list[str]:
