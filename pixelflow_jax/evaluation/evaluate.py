@@ -66,6 +66,15 @@ def not_an_npz_hint(path: str) -> str:
 def _open_images(path: str):
     """(arr_0 member positioned at its data, shape, dtype, the member's CRC-32) of an .npz of
     images; closes the member, the archive and, for a URL, the downloaded stream when done."""
+    with _open_array(path) as (member, shape, fortran, dtype, crc):
+        check_images(path, shape, fortran, dtype)
+        yield member, shape, dtype, crc
+
+
+@contextlib.contextmanager
+def _open_array(path: str):
+    """(arr_0 member positioned at its data, shape, Fortran order, dtype, the member's CRC-32) of an
+    .npz, whatever arr_0 holds."""
     with contextlib.ExitStack() as opened:
         try:
             source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
@@ -91,8 +100,7 @@ def _open_images(path: str):
             shape, fortran, dtype = read_header(member)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
-        check_images(path, shape, fortran, dtype)
-        yield member, shape, dtype, archive.getinfo("arr_0.npy").CRC
+        yield member, shape, fortran, dtype, archive.getinfo("arr_0.npy").CRC
 
 
 def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> None:
@@ -134,6 +142,13 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
 
 def npz_image_count(path: str) -> int:
     with _open_images(path) as (_, shape, _, _):
+        return shape[0]
+
+
+def npz_row_count(path: str) -> int:
+    """arr_0's length, without the checks an evaluation makes: a sampling job's own samples.npz
+    may hold fewer images than precision and recall need."""
+    with _open_array(path) as (_, shape, _, _, _):
         return shape[0]
 
 
