@@ -1920,23 +1920,26 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
         check_sample_count(config.sample)
 
 
-def test_a_sampling_job_may_grow_into_its_folder_but_not_shrink(tmp_path):
+def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_lies_past(tmp_path):
     """A larger num_images (10,000 images for a first FID, then 50,000) keeps the images on disk when
-    each recorded image keeps its label or prompt; a smaller one, or another conditioning of a
-    recorded image, is refused as before."""
+    each recorded image keeps its label or prompt; a smaller one is taken back while no image past it
+    was sampled (50,000 typed for 5,000); another conditioning of a recorded image is refused."""
     from pixelflow_jax.sampling.sample_run import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
-    check = lambda settings: check_settings(str(samples), str(tmp_path), {"seed": 0, **settings})
+    check = lambda settings, record=True: check_settings(str(samples), str(tmp_path), {"seed": 0, **settings},
+                                                         record=record)
     recorded = lambda: json.loads((samples / "settings.json").read_text())
     check({"num_images": 4, "labels": [0, 1, 2, 0]})
     (samples / "000000.png").write_bytes(b"")
     check({"num_images": 6, "labels": [0, 1, 2, 0, 1, 2]})  # the default labels, i mod 3
     assert recorded() == {"seed": 0, "num_images": 6, "labels": [0, 1, 2, 0, 1, 2]}
-    with pytest.raises(ValueError, match=r"holds a job of 6 images: a job may grow .* but not shrink; use a new "
-                                         r"--workdir, or rerun with --config.sample.num_images=6"):
-        check({"num_images": 4, "labels": [0, 1, 2, 0]})
+    check({"num_images": 4, "labels": [0, 1, 2, 0]}, record=False)  # the check before the weights load
+    assert recorded()["num_images"] == 6
+    check({"num_images": 4, "labels": [0, 1, 2, 0]})
+    assert recorded() == {"seed": 0, "num_images": 4, "labels": [0, 1, 2, 0]}
+    check({"num_images": 6, "labels": [0, 1, 2, 0, 1, 2]})
     for refused in ({"num_images": 8, "labels": [1, 1, 2, 0, 1, 2, 0, 1]},  # image 0 with another label
                     {"num_images": 8, "labels": [0, 1, 2, 0, 1, 2, 0, 1], "seed": 1}):
         with pytest.raises(ValueError, match=r"holds images sampled with other settings"):
@@ -1948,12 +1951,68 @@ def test_a_sampling_job_may_grow_into_its_folder_but_not_shrink(tmp_path):
         (samples / name).unlink()
     check(text)
     check({**text, "num_images": 6, "prompts": ["a fox", "a cat", "a dog"]})  # a prompt added at the end
+    check(text)  # and taken back
+    check({**text, "num_images": 6, "prompts": ["a fox", "a cat", "a dog"]})
     with pytest.raises(ValueError, match=r"other settings \(differing: \['images_per_prompt', 'num_images'\]"):
         check({**text, "num_images": 9, "prompts": ["a fox", "a cat", "a dog"], "images_per_prompt": 3})
     (samples / "settings.json").unlink()
     one_prompt = {**text, "num_images": 2, "prompts": ["a fox"]}
     check(one_prompt)
     check({**one_prompt, "num_images": 5, "images_per_prompt": 5})  # more images of its one prompt
+
+
+def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(tmp_path):
+    """Images past the smaller count, as PNGs or in a finished job's samples.npz, would be left out
+    of settings.json (a later extension with other labels would adopt them) or overwritten: the
+    refusal names them, the count that keeps them and the files to remove."""
+    from pixelflow_jax.sampling.sample_run import check_settings, write_images_npz
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    job = lambda count: {"seed": 0, "num_images": count, "labels": [i % 3 for i in range(count)]}
+    check = lambda count: check_settings(str(samples), str(tmp_path), job(count))
+    recorded = lambda: json.loads((samples / "settings.json").read_text())["num_images"]
+    check(2)
+    check(50)
+    for i in (0, 1, 4, 6, 9, 10):  # the extension stopped after a few images
+        (samples / f"{i:06d}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"this job asks for 4 images, fewer than the 50 that .*samples/settings.json "
+                                         r"records, but .*samples holds 4 images numbered 4 or above \(000004.png to "
+                                         r"000010.png\): .* To shrink it to 4, delete those 4 PNGs, then rerun; to keep "
+                                         r"them, rerun asking for at least 11 images \(as recorded: "
+                                         r"--config.sample.num_images=50\); or use a new --workdir"):
+        check(4)
+    assert recorded() == 50
+    with pytest.raises(ValueError, match=r"holds 1 image numbered 10 or above \(000010.png\): .*delete that 1 PNG, "
+                                         r"then rerun; to keep it,"):
+        check(10)
+    check(11)
+    assert recorded() == 11
+
+    for i in (4, 6, 9, 10):
+        (samples / f"{i:06d}.png").unlink()
+    with open(tmp_path / "samples.npz", "wb") as npz:  # a finished job of 11 whose PNGs were deleted
+        write_images_npz(npz, np.zeros((11, 2, 2, 3), np.uint8), 11, 2)
+    with pytest.raises(ValueError, match=r"but .*samples.npz holds 11 images: .* To shrink it to 4, move "
+                                         r".*samples.npz away, then rerun; to keep them, rerun asking for at least 11"):
+        check(4)
+    (tmp_path / "samples.npz").write_bytes(b"PK cut off")
+    with pytest.raises(ValueError, match=r"cannot tell how many images .*samples.npz holds \(.*\), and a job asking for "
+                                         r"fewer images than settings.json records would overwrite it: move it away"):
+        check(4)
+    with open(tmp_path / "samples.npz", "wb") as npz:  # the smaller job's own, from before its extension
+        write_images_npz(npz, np.zeros((2, 2, 2, 3), np.uint8), 2, 2)
+    check(4)
+    assert recorded() == 4
+
+    for name in ("settings.json", "000000.png", "000001.png", "../samples.npz"):
+        (samples / name).unlink()
+    text = {"seed": 0, "num_images": 2, "prompts": ["a fox"], "images_per_prompt": 2, "negative_prompt": ""}
+    check_settings(str(samples), str(tmp_path), {**text, "num_images": 4, "prompts": ["a fox", "a cat"]})
+    (samples / "000003.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"at least 4 images \(as recorded: settings.json's prompts and "
+                                         r"images_per_prompt, 4 images\)"):
+        check_settings(str(samples), str(tmp_path), text)
 
 
 def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path):

@@ -474,3 +474,50 @@ def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_c
     with pytest.raises(ValueError, match=r"other settings \(differing: \['labels'\]\); use a new --workdir"):
         check_settings(str(samples), str(tmp_path), settings([3] * 30))  # labels given: no default involved
     check_settings(str(samples), str(tmp_path), settings(list(range(40))))  # a larger job of every class extends
+
+
+def test_an_extension_typed_by_mistake_is_taken_back_while_none_of_its_images_was_written(tmp_path, converted,
+                                                                                         monkeypatch):
+    """50 typed for 5: the extension records 50 once the weights load, and a rerun asking for 5 again
+    was refused as a shrink whatever the extension had written. It is accepted while no image past
+    5 exists; once the extension has written a batch, it is refused, naming those images."""
+    from pixelflow_jax.sampling import sample_run
+
+    workdir = tmp_path / "run"
+    job = lambda num_images: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=num_images,
+                                               batch_size=8)
+    recorded = lambda: json.loads((workdir / "samples" / "settings.json").read_text())["num_images"]
+
+    class Stopped(Exception):
+        pass
+
+    def stop_at_batch(n):
+        """Stops the job as its batch n is about to start, as a Ctrl-C would: the batches before it are written."""
+        started = []
+
+        def stop_if_terminated():
+            if len(started) == n:
+                raise Stopped
+            started.append(n)
+        monkeypatch.setattr(sample_run, "stop_if_terminated", stop_if_terminated)
+
+    job(5)
+    stop_at_batch(0)
+    with pytest.raises(Stopped):
+        job(50)
+    assert recorded() == 50 and pngs(workdir) == [f"{i:06d}.png" for i in range(5)]
+    monkeypatch.setattr(sample_run, "stop_if_terminated", lambda: None)
+    assert job(5) == ([], [])  # every image on disk: nothing sampled
+    assert recorded() == 5 and np.load(workdir / "samples.npz")["arr_0"].shape[0] == 5
+
+    stop_at_batch(1)
+    with pytest.raises(Stopped):
+        job(50)
+    assert pngs(workdir) == [f"{i:06d}.png" for i in range(13)]  # its first batch: images 5 to 12
+    monkeypatch.setattr(sample_run, "stop_if_terminated", lambda: None)
+    with pytest.raises(ValueError, match=r"holds 8 images numbered 5 or above \(000005.png to 000012.png\): .* "
+                                         r"delete those 8 PNGs, then rerun; to keep them, rerun asking for at least 13"):
+        job(5)
+    assert recorded() == 50
+    job(13)
+    assert recorded() == 13 and np.load(workdir / "samples.npz")["arr_0"].shape[0] == 13

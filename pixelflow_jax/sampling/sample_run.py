@@ -1,7 +1,8 @@
 """`main.py --mode=sample`: sample a checkpoint (a training run, converted, release or Hub folder) to PNGs, an ADM-format .npz and a grid.
 
     WORKDIR/samples/000000.png ...   one PNG per image, named by image id
-    WORKDIR/samples/settings.json    what the images were sampled with (a rerun must match, or add images)
+    WORKDIR/samples/settings.json    what the images were sampled with (a rerun must match, add images,
+                                     or drop images not sampled yet)
     WORKDIR/samples.npz              arr_0 = uint8 (N, H, W, 3), written once every image exists
     WORKDIR/grid.png                 the first (up to 64) images, to look at
 
@@ -31,7 +32,7 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.api import fetch_weights, load_sampling_model, run_folder_classes, sampling_runtime, sampling_source
 from pixelflow_jax.command_line import stop_if_terminated
-from pixelflow_jax.evaluation.evaluate import EVAL_JSON
+from pixelflow_jax.evaluation.evaluate import EVAL_JSON, npz_row_count
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
@@ -88,8 +89,9 @@ def check_settings(folder: str, workdir: str, settings: dict, record: bool = Tru
     and so would images already there that no settings describe. A samples.npz that no settings
     describe (its PNGs and settings.json deleted to save space) is not overwritten either. Two jobs
     starting together in one new folder: one records its settings, the other is checked against them.
-    With record=False nothing is written: the refusals only (before the weights are read, so that a
-    job whose weights then fail to load records nothing).
+    A rerun may ask for more images (an extension), or for fewer while no image past its count was
+    sampled (a larger count taken back). With record=False nothing is written: the refusals only
+    (before the weights are read, so that a job whose weights then fail to load records nothing).
 
     Process 0 checks and records for the job, and every process learns the outcome, so that all
     of them stop together (one raising alone would leave the others waiting for it)."""
@@ -119,6 +121,9 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
                              settings["num_images"])
                 storage.write_json_atomically(path, settings)
             return
+        if extended_from(settings, recorded, changed) is not None:  # the recorded job extends this one
+            shrink_job(folder, workdir, recorded, settings, record)
+            return
         if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
             raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
                              "image yet (it stopped before its first, or is still starting): if no job samples "
@@ -135,10 +140,6 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
         dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
                  f"{recorded.get('text_encoder_param_dtype')})"
                  if "text_encoder_param_dtype" in changed else "")
-        if extended_from(settings, recorded, changed) is not None:
-            raise ValueError(f"{folder} holds a job of {recorded['num_images']} images: a job may grow into the "
-                             "folder it sampled (a larger num_images keeps the images on disk), but not shrink; use "
-                             f"a new --workdir, or rerun with --config.sample.num_images={recorded['num_images']}")
         if "labels" in changed and (cycles := default_cycles_of(recorded, settings)):
             raise ValueError(f"{folder} holds images labelled i mod {cycles[0]} (every class of the model: the default "
                              "labels before sampling a run trained on image folders cycled over its class folders, "
@@ -201,6 +202,68 @@ def default_cycles_of(recorded: dict, settings: dict) -> tuple[int, int] | None:
 def cycle(count: int, period: int) -> list[int]:
     """Labels i mod period, for images 0 to count - 1."""
     return [i % period for i in range(count)]
+
+
+def shrink_job(folder: str, workdir: str, recorded: dict, settings: dict, record: bool) -> None:
+    """Records the smaller job of `settings` (the recorded one extends it) when nothing holds an
+    image past its count, so that a larger count typed by mistake can be taken back. Refused
+    otherwise: settings.json must describe every image kept (a later extension with other labels or
+    prompts would adopt those images), and a finished job's samples.npz must not be overwritten by
+    a smaller one."""
+    count = int(settings["num_images"])
+    beyond, npz_count = pngs_from(folder, count), npz_count_of(workdir)
+    if beyond or npz_count > count:
+        raise ValueError(shrink_refusal(folder, workdir, recorded, count, beyond, npz_count))
+    if record:
+        logging.info("shrinking the job in %s from %d to %d images: none past the %d was sampled", folder,
+                     int(recorded["num_images"]), count, count)
+        storage.write_json_atomically(storage.join(folder, "settings.json"), settings)
+
+
+def image_id(name: str) -> int:
+    return int(name.removesuffix(".png"))
+
+
+def pngs_from(folder: str, first_id: int) -> list[str]:
+    """The job's PNGs numbered `first_id` or above, by id."""
+    return sorted((name for name in sampled_images(folder) if image_id(name) >= first_id), key=image_id)
+
+
+def npz_count_of(workdir: str) -> int:
+    """How many images the workdir's samples.npz holds (0: none there)."""
+    path = storage.join(workdir, SAMPLES_NPZ)
+    if not storage.isfile(path):
+        return 0
+    try:
+        return npz_row_count(path)
+    except ValueError as e:  # it may hold images past a smaller job's count, which would overwrite it
+        raise ValueError(f"cannot tell how many images {path} holds ({e}), and a job asking for fewer images than "
+                         "settings.json records would overwrite it: move it away and rerun, or use a new --workdir"
+                         ) from None
+
+
+def shrink_refusal(folder: str, workdir: str, recorded: dict, count: int, beyond: list[str], npz_count: int) -> str:
+    """Names what holds images past `count`, and the ways on: remove them, keep them, or a new workdir."""
+    npz = storage.join(workdir, SAMPLES_NPZ)
+    held, remove = [], []
+    if beyond:
+        names = ", ".join(beyond) if len(beyond) <= 3 else f"{beyond[0]} to {beyond[-1]}"
+        images = f"{len(beyond)} images" if len(beyond) > 1 else "1 image"
+        held.append(f"{folder} holds {images} numbered {count} or above ({names})")
+        remove.append(f"delete {'those' if len(beyond) > 1 else 'that'} {images.replace('image', 'PNG')}")
+    if npz_count > count:
+        held.append(f"{npz} holds {npz_count} images")
+        remove.append(f"move {npz} away")
+    them = "it" if len(beyond) == 1 and npz_count <= count else "them"
+    keep = max(npz_count, image_id(beyond[-1]) + 1 if beyond else 0)
+    recorded_count = int(recorded["num_images"])
+    as_recorded = (f"--config.sample.num_images={recorded_count}" if "labels" in recorded
+                   else f"settings.json's prompts and images_per_prompt, {recorded_count} images")
+    return (f"this job asks for {count} images, fewer than the {recorded_count} that "
+            f"{storage.join(folder, 'settings.json')} records, but {' and '.join(held)}: a job may shrink only while "
+            f"no image past its new count was sampled. To shrink it to {count}, {' and '.join(remove)}, then rerun; "
+            f"to keep {them}, rerun asking for at least {keep} images (as recorded: {as_recorded}); or use a new "
+            "--workdir")
 
 
 def changed_settings(path: str, settings: dict) -> list[str]:
