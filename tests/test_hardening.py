@@ -1928,9 +1928,12 @@ def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_
 
     samples = tmp_path / "samples"
     samples.mkdir()
-    check = lambda settings, record=True: check_settings(str(samples), str(tmp_path), {"seed": 0, **settings},
+    architecture = {"num_classes": 3}  # as a job records it (and the labels' check reads)
+    check = lambda settings, record=True: check_settings(str(samples), str(tmp_path),
+                                                         {"seed": 0, "architecture": architecture, **settings},
                                                          record=record)
-    recorded = lambda: json.loads((samples / "settings.json").read_text())
+    recorded = lambda: {k: v for k, v in json.loads((samples / "settings.json").read_text()).items()
+                        if k != "architecture"}
     check({"num_images": 4, "labels": [0, 1, 2, 0]})
     (samples / "000000.png").write_bytes(b"")
     check({"num_images": 6, "labels": [0, 1, 2, 0, 1, 2]})  # the default labels, i mod 3
