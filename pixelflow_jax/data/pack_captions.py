@@ -23,7 +23,7 @@ import tempfile
 
 from PIL import Image
 
-from pixelflow_jax import storage
+from pixelflow_jax import storage, validation
 from pixelflow_jax.command_line import Terminated, handle_ctrl_c_from_the_start, stop_cause, stop_on_sigterm
 from pixelflow_jax.data.caption_data import (MISSING_CAPTION_CHOICES, RECORD_EXTENSION, CaptionedFolderSource,
                                              CaptionError, decode_caption, encode_record)
@@ -155,8 +155,9 @@ def main() -> None:
     parser.add_argument("--missing_captions", choices=MISSING_CAPTION_CHOICES, default="error")
     args = parser.parse_args()
     try:
-        output = storage.user_path(args.output)
-        counts = pack(storage.user_path(args.folder), output, args.records_per_shard, args.missing_captions)
+        output = validation.user_path("--output", args.output)
+        counts = pack(validation.user_path("--folder", args.folder), output, args.records_per_shard,
+                      args.missing_captions)
     except (DataError, ValueError, OSError) as e:  # OSError: storage.StorageError, and local disks' own errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
