@@ -451,7 +451,7 @@ def run_mode(argv):
             sys.exit(status)
     elif FLAGS.mode in ("sample", "eval"):
         from pixelflow_jax.evaluation import evaluate
-        from pixelflow_jax.sampling import sample_run
+        from pixelflow_jax.sampling import job_files, sample_run
 
         if not FLAGS.distributed:
             stop_on_sigterm()
@@ -463,7 +463,7 @@ def run_mode(argv):
                     evaluate.check_sample_count(FLAGS.config.sample)
                 sample_run.run(FLAGS.config, FLAGS.workdir)
             if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
-                samples = storage.join(FLAGS.workdir, sample_run.SAMPLES_NPZ) if FLAGS.mode == "sample" else None
+                samples = storage.join(FLAGS.workdir, job_files.SAMPLES_NPZ) if FLAGS.mode == "sample" else None
                 evaluate.run(FLAGS.config, FLAGS.workdir, samples)
         except (CheckpointError, ValueError, storage.StorageError) as e:
             fail(e)

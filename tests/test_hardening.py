@@ -1775,7 +1775,7 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     would mix into samples.npz: both are refused."""
     from pixelflow_jax.api import resolve_checkpoint
     from pixelflow_jax.checkpoints.checkpoint import read_config, restore_params, save_checkpoint
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     copy = str(tmp_path / "copy")
     shutil.copytree(converted["c2i_tiny"], copy)
@@ -1842,7 +1842,7 @@ def test_a_text_job_never_adopts_images_whose_prompts_another_encoder_encoded(tm
     job records the encoder's files, as it does the checkpoint's, so a rerun cannot mix the two."""
     from configs import t2i
     from pixelflow_jax.sampling import sample_conditioning
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
     from pixelflow_jax.text import prompts, t5_convert
 
     class Encoder:  # what TextPrompts reads of a PromptEncoder, without loading a T5
@@ -1894,7 +1894,7 @@ def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, conver
 def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path):
     from configs import c2i
     from pixelflow_jax.evaluation.evaluate import check_sample_count
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -1924,7 +1924,7 @@ def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_
     """A larger num_images (10,000 images for a first FID, then 50,000) keeps the images on disk when
     each recorded image keeps its label or prompt; a smaller one is taken back while no image past it
     was sampled (50,000 typed for 5,000); another conditioning of a recorded image is refused."""
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -1968,7 +1968,8 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
     """Images past the smaller count, as PNGs or in a finished job's samples.npz, would be left out
     of settings.json (a later extension with other labels would adopt them) or overwritten: the
     refusal names them, the count that keeps them and the files to remove."""
-    from pixelflow_jax.sampling.sample_run import check_settings, write_images_npz
+    from pixelflow_jax.sampling.job_settings import check_settings
+    from pixelflow_jax.sampling.sample_run import write_images_npz
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -2021,7 +2022,7 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
 def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path):
     """Euler's images depend on shift and steps_per_stage (only dopri5's adaptive steps use
     neither): a rerun with others would mix two sets of images in one samples.npz."""
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -2074,7 +2075,7 @@ def test_a_job_recorded_without_a_fingerprint_still_refuses_another_checkpoint(t
     """settings.json of an earlier version has no checkpoint_fingerprint: the checkpoint's path is
     then all that says which weights drew its images (no fingerprint on either side is no proof
     of the same weights)."""
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -2089,7 +2090,7 @@ def test_a_job_recorded_without_a_fingerprint_still_refuses_another_checkpoint(t
 def test_a_job_recorded_before_a_setting_was_recorded_goes_on_and_one_recorded_is_compared(tmp_path):
     """settings.json of an earlier version lacks the settings recorded since (SETTINGS_ADDED_LATER):
     their absence is no change, so a rerun of that job goes on; once recorded, each is compared."""
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -2109,7 +2110,7 @@ def test_a_job_whose_pngs_were_deleted_is_not_taken_for_one_that_never_sampled(t
     """samples.npz kept, the PNGs deleted to save space: the job did sample, so its settings.json is
     not one 'to delete and rerun' (that advice is for a job killed before its first image). A
     killed writer's temporaries are no images of a job (they are cleared once the job starts)."""
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -2124,12 +2125,12 @@ def test_a_job_whose_pngs_were_deleted_is_not_taken_for_one_that_never_sampled(t
 
 def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypatch):
     """A batch of any image ids (a resumed job's missing ones) gets the label or prompt that
-    settings.json records for those images (sample_run.per_image_conditioning, which a larger job
+    settings.json records for those images (job_settings.per_image_conditioning, which a larger job
     is checked against), not that of the batch's rows; and every setting that changes an image's
     conditioning is recorded, so that a rerun with another one is refused."""
     from configs import c2i, t2i
     from pixelflow_jax.sampling import sample_conditioning
-    from pixelflow_jax.sampling.sample_run import per_image_conditioning
+    from pixelflow_jax.sampling.job_settings import per_image_conditioning
     from pixelflow_jax.text import prompts as prompts_module, t5_convert
 
     sample = c2i.get_config("tiny").sample
@@ -2213,29 +2214,30 @@ def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_pr
     import json
 
     import numpy as np
+    from jax.experimental import multihost_utils
 
-    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.sampling import job_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
     other_job = lambda: (samples / "settings.json").write_text(json.dumps({"seed": 1}))
-    monkeypatch.setattr(sample_run.storage, "create_json", lambda path, value: other_job() and False)
+    monkeypatch.setattr(job_settings.storage, "create_json", lambda path, value: other_job() and False)
     with pytest.raises(ValueError, match=r"another job started sampling into .*samples at the same time, with other "
                                          r"settings \(differing: \['seed'\]\); use a new --workdir"):
-        sample_run.check_settings(str(samples), str(tmp_path), {"seed": 0})
+        job_settings.check_settings(str(samples), str(tmp_path), {"seed": 0})
 
     reads = []
-    monkeypatch.setattr(sample_run, "changed_settings", lambda *args: reads.append(args) or [])
-    monkeypatch.setattr(sample_run.jax, "process_index", lambda: 1)
-    monkeypatch.setattr(sample_run.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(job_settings, "changed_settings", lambda *args: reads.append(args) or [])
+    monkeypatch.setattr(job_settings.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(job_settings.jax, "process_count", lambda: 2)
     for refused_on_process_0 in (1, 0):
-        monkeypatch.setattr(sample_run.multihost_utils, "broadcast_one_to_all",
+        monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
                             lambda value: np.int32(refused_on_process_0))
         if refused_on_process_0:
             with pytest.raises(ValueError, match=r"process 0 refused the settings of .*samples \(its error says why\)"):
-                sample_run.check_settings(str(samples), str(tmp_path), {"seed": 0})
+                job_settings.check_settings(str(samples), str(tmp_path), {"seed": 0})
         else:
-            sample_run.check_settings(str(samples), str(tmp_path), {"seed": 0})
+            job_settings.check_settings(str(samples), str(tmp_path), {"seed": 0})
     assert reads == []  # process 1 reads nothing: what it would find depends on when it looks
 
 
@@ -2641,7 +2643,7 @@ def test_an_output_that_appears_while_a_job_writes_is_left_as_it_is(tmp_path, ov
 
 def test_two_sample_jobs_starting_together_in_one_folder_cannot_both_record_their_settings(tmp_path, monkeypatch):
     """Both saw no settings.json and both wrote one (the last rename won): two seeds, one folder."""
-    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -2655,7 +2657,7 @@ def test_two_sample_jobs_starting_together_in_one_folder_cannot_both_record_thei
 
     monkeypatch.setattr(storage, "exists", other_job_writes_first)
     with pytest.raises(ValueError, match=r"differing: \['seed'\]"):
-        sample_run.check_settings(str(samples), str(tmp_path), {"seed": 1})
+        check_settings(str(samples), str(tmp_path), {"seed": 1})
     assert json.loads((samples / "settings.json").read_text()) == {"seed": 0}
     assert os.listdir(samples) == ["settings.json"]  # no temporary left
 

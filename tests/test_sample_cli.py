@@ -460,7 +460,7 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
 def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_class_folders(tmp_path):
     """A job that an earlier version sampled with labels i mod num_classes, from a run trained on
     10 class folders: this version's default labels, i mod 10, would mix two jobs' images."""
-    from pixelflow_jax.sampling.sample_run import check_settings
+    from pixelflow_jax.sampling.job_settings import check_settings
 
     samples = tmp_path / "samples"
     samples.mkdir()

@@ -356,7 +356,7 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
 def npz_for_folder(folder: str) -> str:
     """What to pass instead of a folder of images: the .npz in it or beside it that a sampling job
     wrote (its samples/ folder holds the PNGs), or how to make one."""
-    from pixelflow_jax.sampling.sample_run import SAMPLES_NPZ
+    from pixelflow_jax.sampling.job_files import SAMPLES_NPZ
 
     for candidate in (storage.join(folder, SAMPLES_NPZ), storage.join(storage.dirname(folder.rstrip("/")),
                                                                       SAMPLES_NPZ)):
@@ -473,7 +473,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
     a sampling job there) and writes WORKDIR/eval.json (process 0)."""
     e = config.eval
-    from pixelflow_jax.sampling.sample_run import SAMPLES_NPZ
+    from pixelflow_jax.sampling.job_files import SAMPLES_NPZ
 
     samples = samples or e.samples
     own = storage.join(workdir, SAMPLES_NPZ)

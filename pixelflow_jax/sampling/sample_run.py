@@ -1,8 +1,8 @@
 """`main.py --mode=sample`: sample a checkpoint (a training run, converted, release or Hub folder) to PNGs, an ADM-format .npz and a grid.
 
     WORKDIR/samples/000000.png ...   one PNG per image, named by image id
-    WORKDIR/samples/settings.json    what the images were sampled with (a rerun must match, add images,
-                                     or drop images not sampled yet)
+    WORKDIR/samples/settings.json    what the images were sampled with (job_settings.py: a rerun must
+                                     match, add images, or drop images not sampled yet)
     WORKDIR/samples.npz              arr_0 = uint8 (N, H, W, 3), written once every image exists
     WORKDIR/grid.png                 the first (up to 64) images, to look at
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import zipfile
 
 import jax
@@ -32,29 +31,20 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.api import fetch_weights, load_sampling_model, run_folder_classes, sampling_runtime, sampling_source
 from pixelflow_jax.command_line import stop_if_terminated
-from pixelflow_jax.evaluation.evaluate import EVAL_JSON, npz_row_count
+from pixelflow_jax.evaluation.evaluate import EVAL_JSON
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
 from pixelflow_jax.sampling import demo_check
+from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, check_no_folder_at_outputs, image_name,
+                                              image_path, images_on_disk)
+from pixelflow_jax.sampling.job_settings import check_settings
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
 
-GRID_IMAGES, GRID_PNG = 64, "grid.png"
-SAMPLES_NPZ = "samples.npz"  # in the workdir: every image of the job, for evaluation
+GRID_IMAGES = 64
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
-
-
-IMAGE_NAME = re.compile(r"\d{6,}\.png")
-
-
-def image_name(image_id: int) -> str:
-    return f"{image_id:06d}.png"
-
-
-def image_path(folder: str, image_id: int) -> str:
-    return storage.join(folder, image_name(image_id))
 
 
 def save_png_atomically(path: str, image: np.ndarray) -> None:
@@ -62,11 +52,6 @@ def save_png_atomically(path: str, image: np.ndarray) -> None:
     encoded = io.BytesIO()
     Image.fromarray(image).save(encoded, format="PNG")
     storage.write_atomically(path, encoded.getvalue())
-
-
-def images_on_disk(folder: str) -> set[str]:
-    """Names of the finished PNGs (one listing, not one request per image on an object store)."""
-    return set(storage.list_files(folder))
 
 
 def image_grid(images: np.ndarray) -> np.ndarray:
@@ -78,230 +63,6 @@ def image_grid(images: np.ndarray) -> np.ndarray:
         r, col = divmod(i, cols)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
     return grid
-
-
-# Settings that jobs started by earlier versions did not record: their absence is no change.
-SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "param_dtype", "text_encoder_fingerprint")
-
-
-def check_settings(folder: str, workdir: str, settings: dict, record: bool = True) -> None:
-    """Records the settings on the first run; a rerun with different settings would mix images,
-    and so would images already there that no settings describe. A samples.npz that no settings
-    describe (its PNGs and settings.json deleted to save space) is not overwritten either. Two jobs
-    starting together in one new folder: one records its settings, the other is checked against them.
-    A rerun may ask for more images (an extension), or for fewer while no image past its count was
-    sampled (a larger count taken back). With record=False nothing is written: the refusals only
-    (before the weights are read, so that a job whose weights then fail to load records nothing).
-
-    Process 0 checks and records for the job, and every process learns the outcome, so that all
-    of them stop together (one raising alone would leave the others waiting for it)."""
-    problem = None
-    if jax.process_index() == 0:
-        try:
-            check_and_record_settings(folder, workdir, settings, record)
-        except (ValueError, storage.StorageError) as e:
-            problem = e
-    if int(from_process_0(np.int32(problem is not None))):
-        problem = problem or ValueError(f"process 0 refused the settings of {folder} (its error says why)")
-    if problem:
-        raise problem
-
-
-def check_and_record_settings(folder: str, workdir: str, settings: dict, record: bool = True) -> None:
-    path = storage.join(folder, "settings.json")
-    if storage.exists(path):
-        changed = changed_settings(path, settings)
-        if not changed:
-            return
-        recorded = storage.read_json(path)
-        if (count := extended_from(recorded, settings, changed)) is not None:
-            # Each image depends only on the seed, its id and its conditioning: the recorded ones stay valid.
-            if record:
-                logging.info("extending the job in %s from %d to %d images: those on disk are kept", folder, count,
-                             settings["num_images"])
-                storage.write_json_atomically(path, settings)
-            return
-        if extended_from(settings, recorded, changed) is not None:  # the recorded job extends this one
-            shrink_job(folder, workdir, recorded, settings, record)
-            return
-        if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
-            raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
-                             "image yet (it stopped before its first, or is still starting): if no job samples "
-                             f"into {folder}, delete {path} and rerun; or use a new --workdir")
-        if "checkpoint_fingerprint" in changed:  # the images' weights are gone: no rerun can add to them
-            raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
-                             "other weights (a run that trained on since, or a folder converted again); sample these "
-                             f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
-        if "text_encoder_fingerprint" in changed:  # the recorded images' prompts were encoded by other weights
-            raise ValueError(f"{folder} holds images whose prompts another text encoder encoded (differing: {changed}; "
-                             f"the files of {settings['text_encoder']} changed, or another encoder is named): sample "
-                             "into a new --workdir, or rerun with the encoder folder as it was")
-        # Until 2026-11-29 a text run's sampling took float32 encoder weights whatever the run trained with.
-        dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
-                 f"{recorded.get('text_encoder_param_dtype')})"
-                 if "text_encoder_param_dtype" in changed else "")
-        if "labels" in changed and (cycles := default_cycles_of(recorded, settings)):
-            raise ValueError(f"{folder} holds images labelled i mod {cycles[0]} (every class of the model: the default "
-                             "labels before sampling a run trained on image folders cycled over its class folders, "
-                             f"in class_index.json) and this job labels them i mod {cycles[1]}: sample into a new "
-                             "--workdir (most images there are of ids this run never trained on)")
-        raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
-                         f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
-    if images := sampled_images(folder):
-        count = f"{len(images)} images (e.g. {images[0]})" if len(images) > 1 else f"the image {images[0]}"
-        raise ValueError(f"{folder} holds {count} but no settings.json saying what "
-                         "they were sampled with, so they cannot join this job: use a new --workdir, or move them away")
-    if earlier := earlier_outputs(workdir):
-        raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
-                         "so this job would overwrite them with other images: use a new --workdir, or move them away")
-    if not record or storage.create_json(path, settings):
-        return
-    if changed := changed_settings(path, settings):  # another job's came first
-        raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
-                         f"(differing: {changed}); use a new --workdir")
-
-
-# What may differ between a job and the larger one that extends it.
-PER_IMAGE_SETTINGS = ("num_images", "labels", "prompts", "images_per_prompt")
-
-
-def per_image_conditioning(settings: dict) -> list | None:
-    """What each image of a job is sampled for: its label, or its prompt."""
-    if "labels" in settings:
-        return list(settings["labels"])
-    if "prompts" in settings:
-        return [prompt for prompt in settings["prompts"] for _ in range(int(settings["images_per_prompt"]))]
-    return None
-
-
-def extended_from(recorded: dict, settings: dict, changed: list[str]) -> int | None:
-    """The recorded job's image count when `settings` only ask for more images, the recorded ones
-    each with the label or prompt it had (sample.labels's default, i mod num_classes, extends;
-    so do prompts added after the recorded ones); None otherwise."""
-    if not set(changed) <= set(PER_IMAGE_SETTINGS):
-        return None
-    before, after = per_image_conditioning(recorded), per_image_conditioning(settings)
-    if before is None or after is None or len(after) <= len(before) or after[:len(before)] != before:
-        return None
-    return len(before)
-
-
-def default_cycles_of(recorded: dict, settings: dict) -> tuple[int, int] | None:
-    """(num_classes, k) when the recorded job labels image i with class i mod num_classes and this
-    one with i mod k, fewer: the default labels of a job that an earlier version sampled, which
-    did not read a run's class folders, and those of this version."""
-    before, after = recorded.get("labels"), settings.get("labels")
-    if not (isinstance(before, list) and isinstance(after, list) and after):
-        return None
-    num_classes, k = settings["architecture"]["num_classes"], max(after) + 1
-    if k < num_classes and before == cycle(len(before), num_classes) and after == cycle(len(after), k):
-        return num_classes, k
-    return None
-
-
-def cycle(count: int, period: int) -> list[int]:
-    """Labels i mod period, for images 0 to count - 1."""
-    return [i % period for i in range(count)]
-
-
-def shrink_job(folder: str, workdir: str, recorded: dict, settings: dict, record: bool) -> None:
-    """Records the smaller job of `settings` (the recorded one extends it) when nothing holds an
-    image past its count, so that a larger count typed by mistake can be taken back. Refused
-    otherwise: settings.json must describe every image kept (a later extension with other labels or
-    prompts would adopt those images), and a finished job's samples.npz must not be overwritten by
-    a smaller one."""
-    count = int(settings["num_images"])
-    beyond, npz_count = pngs_from(folder, count), npz_count_of(workdir)
-    if beyond or npz_count > count:
-        raise ValueError(shrink_refusal(folder, workdir, recorded, count, beyond, npz_count))
-    if record:
-        logging.info("shrinking the job in %s from %d to %d images: none past the %d was sampled", folder,
-                     int(recorded["num_images"]), count, count)
-        storage.write_json_atomically(storage.join(folder, "settings.json"), settings)
-
-
-def image_id(name: str) -> int:
-    return int(name.removesuffix(".png"))
-
-
-def pngs_from(folder: str, first_id: int) -> list[str]:
-    """The job's PNGs numbered `first_id` or above, by id."""
-    return sorted((name for name in sampled_images(folder) if image_id(name) >= first_id), key=image_id)
-
-
-def npz_count_of(workdir: str) -> int:
-    """How many images the workdir's samples.npz holds (0: none there)."""
-    path = storage.join(workdir, SAMPLES_NPZ)
-    if not storage.isfile(path):
-        return 0
-    try:
-        return npz_row_count(path)
-    except ValueError as e:  # it may hold images past a smaller job's count, which would overwrite it
-        raise ValueError(f"cannot tell how many images {path} holds ({e}), and a job asking for fewer images than "
-                         "settings.json records would overwrite it: move it away and rerun, or use a new --workdir"
-                         ) from None
-
-
-def shrink_refusal(folder: str, workdir: str, recorded: dict, count: int, beyond: list[str], npz_count: int) -> str:
-    """Names what holds images past `count`, and the ways on: remove them, keep them, or a new workdir."""
-    npz = storage.join(workdir, SAMPLES_NPZ)
-    held, remove = [], []
-    if beyond:
-        names = ", ".join(beyond) if len(beyond) <= 3 else f"{beyond[0]} to {beyond[-1]}"
-        images = f"{len(beyond)} images" if len(beyond) > 1 else "1 image"
-        held.append(f"{folder} holds {images} numbered {count} or above ({names})")
-        remove.append(f"delete {'those' if len(beyond) > 1 else 'that'} {images.replace('image', 'PNG')}")
-    if npz_count > count:
-        held.append(f"{npz} holds {npz_count} images")
-        remove.append(f"move {npz} away")
-    them = "it" if len(beyond) == 1 and npz_count <= count else "them"
-    keep = max(npz_count, image_id(beyond[-1]) + 1 if beyond else 0)
-    recorded_count = int(recorded["num_images"])
-    as_recorded = (f"--config.sample.num_images={recorded_count}" if "labels" in recorded
-                   else f"settings.json's prompts and images_per_prompt, {recorded_count} images")
-    return (f"this job asks for {count} images, fewer than the {recorded_count} that "
-            f"{storage.join(folder, 'settings.json')} records, but {' and '.join(held)}: a job may shrink only while "
-            f"no image past its new count was sampled. To shrink it to {count}, {' and '.join(remove)}, then rerun; "
-            f"to keep {them}, rerun asking for at least {keep} images (as recorded: {as_recorded}); or use a new "
-            "--workdir")
-
-
-def changed_settings(path: str, settings: dict) -> list[str]:
-    """The names of the settings that differ from those recorded at `path`, ignoring what cannot
-    change the images."""
-    try:
-        previous = storage.read_json(path)
-        if not isinstance(previous, dict):
-            raise ValueError(f"a JSON {type(previous).__name__}, not an object")
-    except ValueError as e:
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}), so the images beside it cannot be "
-                         "trusted to be this job's: use a new --workdir, or move the samples folder away") from None
-    settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
-    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-    for path, fingerprint in (("checkpoint", "checkpoint_fingerprint"), ("text_encoder", "text_encoder_fingerprint")):
-        if previous.get(fingerprint) and previous.get(fingerprint) == settings.get(fingerprint):
-            changed = [k for k in changed if k != path]  # the same files at another path: a copy, a link, a move
-    if settings.get("solver") == "dopri5":  # its adaptive steps use neither
-        changed = [k for k in changed if k not in ("shift", "steps_per_stage")]
-    return changed
-
-
-def sampled_images(folder: str) -> list[str]:
-    return sorted(name for name in images_on_disk(folder) if IMAGE_NAME.fullmatch(name))
-
-
-def earlier_outputs(workdir: str) -> list[str]:
-    """What a sampling job leaves in its workdir besides samples/: what the next job would overwrite."""
-    return [name for name in (SAMPLES_NPZ, GRID_PNG, EVAL_JSON) if storage.exists(storage.join(workdir, name))]
-
-
-def check_no_folder_at_outputs(workdir: str) -> None:
-    """samples.npz and grid.png are written once every image exists: a folder in their place (a
-    rerun's workdir) failed there with a traceback, after the sampling."""
-    for name in (SAMPLES_NPZ, GRID_PNG):
-        if storage.isdir(path := storage.join(workdir, name)):
-            raise ValueError(f"{path} is a folder, where this job writes its {name}: move it away, or use a new "
-                             "--workdir")
 
 
 def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: np.ndarray, num_valid: int) -> None:

@@ -1,0 +1,54 @@
+"""The files of a sampling job's workdir, and what lies there from an earlier job.
+
+    WORKDIR/samples/000000.png ...   one PNG per image, named by image id
+    WORKDIR/samples/settings.json    what the images were sampled with (job_settings.py)
+    WORKDIR/samples.npz              every image of the job, for evaluation
+    WORKDIR/grid.png                 the first images, to look at
+"""
+
+from __future__ import annotations
+
+import re
+
+from pixelflow_jax import storage
+from pixelflow_jax.evaluation.evaluate import EVAL_JSON
+
+GRID_PNG = "grid.png"
+SAMPLES_NPZ = "samples.npz"  # in the workdir: every image of the job, for evaluation
+
+IMAGE_NAME = re.compile(r"\d{6,}\.png")
+
+
+def image_name(image_id: int) -> str:
+    return f"{image_id:06d}.png"
+
+
+def image_path(folder: str, image_id: int) -> str:
+    return storage.join(folder, image_name(image_id))
+
+
+def images_on_disk(folder: str) -> set[str]:
+    """Names of the finished PNGs (one listing, not one request per image on an object store)."""
+    return set(storage.list_files(folder))
+
+
+def image_id(name: str) -> int:
+    return int(name.removesuffix(".png"))
+
+
+def sampled_images(folder: str) -> list[str]:
+    return sorted(name for name in images_on_disk(folder) if IMAGE_NAME.fullmatch(name))
+
+
+def earlier_outputs(workdir: str) -> list[str]:
+    """What a sampling job leaves in its workdir besides samples/: what the next job would overwrite."""
+    return [name for name in (SAMPLES_NPZ, GRID_PNG, EVAL_JSON) if storage.exists(storage.join(workdir, name))]
+
+
+def check_no_folder_at_outputs(workdir: str) -> None:
+    """samples.npz and grid.png are written once every image exists: a folder in their place (a
+    rerun's workdir) failed there with a traceback, after the sampling."""
+    for name in (SAMPLES_NPZ, GRID_PNG):
+        if storage.isdir(path := storage.join(workdir, name)):
+            raise ValueError(f"{path} is a folder, where this job writes its {name}: move it away, or use a new "
+                             "--workdir")
