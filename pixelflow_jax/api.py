@@ -247,15 +247,27 @@ def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointC
     return source, checkpoint_config(source)
 
 
-def run_folder_classes(source: CheckpointSource) -> list[str]:
+def run_folder_classes(source: CheckpointSource, num_classes: int) -> list[str]:
     """The class folder names a training run learned as ids 0, 1, ... (its class_index.json), or
-    [] for a checkpoint that is not a run of image-folder data."""
-    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, read_class_index
+    [] for a checkpoint that is not a run of image-folder data. A file the run could not have
+    written (damaged, or naming more folders than the model's `num_classes`) is a CheckpointError,
+    before a sampling job records or samples anything."""
+    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, DataError, read_class_index
 
     if not source.run_step:
         return []
     path = storage.join(source.run_step.run, CLASS_INDEX_FILE)
-    return read_class_index(path) if storage.isfile(path) else []
+    if not storage.isfile(path):
+        return []
+    try:
+        classes = read_class_index(path)
+    except DataError as e:  # the sampling modes report CheckpointErrors without a traceback
+        raise CheckpointError(str(e)) from None
+    if len(classes) > num_classes:  # training refuses such folders: ids past the model's classes have no embedding
+        raise CheckpointError(f"{path} names {len(classes)} class folders, but the run's model has {num_classes} "
+                              "classes, so it is not the file the run trained with (edited by hand?): put back its "
+                              "earlier content")
+    return classes
 
 
 def sampling_runtime(config) -> dict:

@@ -123,7 +123,7 @@ class DemoSampler:
                              f"{self.source.label} has {ckpt.num_stages} stages (or give one number for all)")
         self.text = bool(ckpt.model.cross_attention_dim)
         self.num_classes = None if self.text else int(ckpt.model.num_classes)
-        self.folder_classes = [] if self.text else run_folder_classes(self.source)
+        self.folder_classes = [] if self.text else run_folder_classes(self.source, self.num_classes)
         self.prompt_encoder, self.negative_prompt = None, str(s.get("negative_prompt", ""))
         if self.text:
             from pixelflow_jax.text.prompts import prompt_encoder_for

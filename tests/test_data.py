@@ -84,7 +84,8 @@ def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
     with pytest.raises(DataError, match=r"lacks class folders \['gone'\] that .*class_index.json lists"):
         make_source(config, class_index_dir=str(tmp_path))
     # Damaged or edited by hand: tracebacks (JSONDecodeError, KeyError) that named neither the file nor a fix.
-    for content in ("garbage", "{}", '{"classes": "a"}', "[]"):
+    # A list with no folder, or with one folder under two ids, is no list a run wrote either.
+    for content in ("garbage", "{}", '{"classes": "a"}', "[]", '{"classes": []}', '{"classes": ["a", "b", "a"]}'):
         (tmp_path / "class_index.json").write_text(content)
         with pytest.raises(DataError, match=r"class_index.json is damaged \(\w+Error: .*\): it holds the class ids "
                                             r"this run's checkpoints learned. Put back .* or delete it"):

@@ -416,6 +416,24 @@ def test_sampling_a_folder_run_cycles_over_its_class_folders_and_takes_their_nam
     assert job("named", num_images=3, labels=("owls", "cats", 1)) == [[2, 0, 1] + [1] * 5]
 
 
+def test_a_folder_runs_class_index_that_it_could_not_have_written_stops_sampling_before_anything_is_written(
+        run, tmp_path, monkeypatch):
+    """A damaged class_index.json ended the job in a traceback (a DataError), and one naming more
+    folders than the model's classes recorded settings.json, then failed at the first batch."""
+    from test_sample_cli import sample_in_process
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    names = lambda classes: json.dumps({"root": "/data", "classes": classes})
+    for content, message in (('{"classes": [', r"class_index.json is damaged \(JSONDecodeError"),
+                             (names(["cats", "dogs", "cats"]), r"damaged \(ValueError: its classes name 'cats' more than once"),
+                             (names([f"c{i}" for i in range(1001)]), r"class_index.json names 1001 class folders, but the "
+                                                                     r"run's model has 1000 classes, .*: put back its")):
+        (workdir / "class_index.json").write_text(content)
+        with pytest.raises(CheckpointError, match=message):
+            sample_in_process(tmp_path / "samples", str(workdir), monkeypatch, num_images=1001)
+        assert not (tmp_path / "samples").exists()
+
+
 def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_path):
     from configs import c2i
     from pixelflow_jax.inspect_model import fill_checkpoint_of_run, model_to_inspect

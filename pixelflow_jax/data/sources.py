@@ -239,8 +239,12 @@ def read_class_index(path: str) -> list[str]:
         classes = storage.read_json(path)["classes"]
         if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
             raise TypeError(f"its classes are a {type(classes).__name__}, not a list of folder names")
+        if not classes:  # a run on image folders trained at least one
+            raise ValueError("its classes list is empty")
+        if twice := sorted({name for name in classes if classes.count(name) > 1}):  # one folder under two ids
+            raise ValueError(f"its classes name {', '.join(map(repr, twice))} more than once")
         return classes
-    except (ValueError, KeyError, TypeError) as e:  # not JSON, no "classes", not a list of names
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, no "classes", not a list of distinct names
         raise DataError(f"{path} is damaged ({type(e).__name__}: {e}): it holds the class ids this run's checkpoints "
                         "learned. Put back its earlier content, or delete it to have it written again from the class "
                         "folders' sorted names (the same ids, unless class folders were added or removed "

@@ -94,7 +94,7 @@ def _sample(config, workdir: str) -> None:
     # The settings, labels or prompts, text encoder and workdir are checked before the weights are read.
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
-    conditioning = conditioning_for(s, ckpt.model, run_folder_classes(source))
+    conditioning = conditioning_for(s, ckpt.model, run_folder_classes(source, ckpt.model.num_classes))
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
     check_no_folder_at_outputs(workdir)
     folder = storage.join(workdir, "samples")
