@@ -457,6 +457,28 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
            "class_index.json" in caplog.text
 
 
+def test_a_number_that_names_another_class_folder_is_sampled_as_an_id_with_a_warning(caplog):
+    """Folders '0' to '10' sort as text: the number 2 is id 2, the folder '10'. It is sampled as
+    documented (numbers are ids), but a user who meant the folder '2' is told to quote it."""
+    from configs import c2i
+    from pixelflow_jax.sampling.sample_conditioning import ClassLabels
+
+    folders, sample = sorted(str(i) for i in range(11)), c2i.get_config("tiny").sample
+    assert folders[:4] == ["0", "1", "10", "2"]
+    sample.update(num_images=3, labels=(2, "2", 1))
+    with caplog.at_level("WARNING"):
+        assert ClassLabels(sample, 1000, folders).labels.tolist() == [2, 3, 1]
+    assert caplog.text.count("WARNING") == 1
+    assert ("gives numbers that are names of other class folders of this run (id 2 is the folder '10', the folder '2' "
+            "is id 3): a number is an id") in caplog.text
+    assert """quote it: --config.sample.labels='("2",)'""" in caplog.text
+    caplog.clear()
+    sample.labels = (0, 1, 12)  # numbers that are their own folders' ids, or no folder's name
+    with caplog.at_level("WARNING"):
+        ClassLabels(sample, 1000, folders)
+    assert "names of other class folders" not in caplog.text
+
+
 def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_class_folders(tmp_path):
     """A job that an earlier version sampled with labels i mod num_classes, from a run trained on
     10 class folders: this version's default labels, i mod 10, would mix two jobs' images."""

@@ -33,6 +33,7 @@ class ClassLabels:
         if s.num_images < 1:
             raise ValueError(f"sample.num_images must be positive, got {s.num_images}")
         if len(s.labels):
+            warn_of_ids_that_name_other_folders(list(s.labels), folder_classes)
             self.labels = class_ids("--config.sample.labels", ids_of_names(list(s.labels), folder_classes),
                                     num_classes)
             warn_of_untrained_ids(self.labels, folder_classes)
@@ -75,6 +76,21 @@ def ids_of_names(labels: list, folder_classes: Sequence[str]) -> list:
         raise ConfigError(f"--config.sample.labels names {unknown[0]!r}, not a class folder of this run{quoting}; its "
                           f"class_index.json names {known}{more}")
     return [ids[label] if isinstance(label, str) else label for label in labels]
+
+
+def warn_of_ids_that_name_other_folders(labels: list, folder_classes: Sequence[str]) -> None:
+    """Folders named by numbers sort as text ('0', '1', '10', '2'), so the id 2 is the folder '10':
+    an unquoted number that is another folder's name was likely meant as that name."""
+    ids = {name: i for i, name in enumerate(folder_classes)}
+    mixed = sorted({label for label in labels if not isinstance(label, str) and ids.get(str(label), label) != label})
+    if not mixed:
+        return
+    folder_of = lambda i: f"the folder {folder_classes[i]!r}" if 0 <= i < len(folder_classes) else "no folder"
+    shown = "; ".join(f"id {i} is {folder_of(i)}, the folder {str(i)!r} is id {ids[str(i)]}" for i in mixed[:3])
+    logging.warning("--config.sample.labels gives numbers that are names of other class folders of this run (%s%s): a "
+                    "number is an id, the folder's place in class_index.json (names sorted as text); to ask for a "
+                    "folder by its name, quote it: --config.sample.labels='(\"%s\",)'", shown,
+                    "; ..." if len(mixed) > 3 else "", mixed[0])
 
 
 def warn_of_untrained_ids(labels: np.ndarray, folder_classes: Sequence[str]) -> None:
