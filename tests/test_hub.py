@@ -228,14 +228,16 @@ def test_a_hub_path_to_a_file_two_folders_down_means_its_folder(tmp_path, monkey
     assert source.label == f"hf://me/pixelflow@{COMMIT}/xl/c2i" and source.folder == str(snapshot / "xl" / "c2i")
 
 
-@pytest.mark.parametrize("variable", ["HF_HOME", "HF_HUB_CACHE"])
+@pytest.mark.parametrize("variable", ["HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"])
 def test_a_hub_cache_variable_naming_a_file_is_named_with_its_value_and_fix(tmp_path, variable):
     """huggingface_hub said "Not a directory: '.../token'" (HF_HOME) or that the files were not in
-    the cache (HF_HUB_CACHE), naming neither variable. It reads them once, at import: a subprocess."""
+    the cache (HF_HUB_CACHE), naming neither variable. It reads them once, at import: a subprocess.
+    HUGGINGFACE_HUB_CACHE, HF_HUB_CACHE's older name, was called HF_HUB_CACHE's default."""
     not_a_folder = tmp_path / "hf_home"
     not_a_folder.write_text("")
     env = {**os.environ, "HF_HOME": str(tmp_path / "unused"), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
+    for unset in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env.pop(unset, None)
     env[variable] = str(not_a_folder)
     script = ("from pixelflow_jax.checkpoints import hub\n"
               "try:\n    hub.checkpoint_folder('hf://me/pixelflow')\nexcept hub.CheckpointError as e:\n    print(e)")

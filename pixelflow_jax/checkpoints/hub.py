@@ -99,7 +99,7 @@ def check_cache_folders(hub: HubPath) -> None:
 
     for variable, folder, default, holds in (
             ("HF_HOME", constants.HF_HOME, "~/.cache/huggingface", "its downloads and login token"),
-            ("HF_HUB_CACHE", constants.HF_HUB_CACHE, "$HF_HOME/hub", "its downloads")):
+            (hub_cache_variable(), constants.HF_HUB_CACHE, "$HF_HOME/hub", "its downloads")):
         folder = os.path.abspath(folder)  # a relative one's parents, up to the working folder, are looked at too
         file = file_in_the_way(folder)
         if file is None:
@@ -110,6 +110,13 @@ def check_cache_folders(hub: HubPath) -> None:
         fix = f"or unset it (default: {default})" if variable in os.environ else f"or move {file!r} away"
         raise CheckpointError(f"{hub}: {setting} {problem} (huggingface_hub keeps {holds} in that folder): point "
                               f"{variable} at a folder, {fix}")
+
+
+def hub_cache_variable() -> str:
+    """The variable that sets huggingface_hub's download folder: HF_HUB_CACHE, or where only it is
+    set, its older name HUGGINGFACE_HUB_CACHE (still read, and set by older container images)."""
+    legacy = "HUGGINGFACE_HUB_CACHE"
+    return legacy if legacy in os.environ and "HF_HUB_CACHE" not in os.environ else "HF_HUB_CACHE"
 
 
 def file_in_the_way(folder: str) -> str | None:
