@@ -2257,6 +2257,14 @@ def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp
             read_prompts_file(str(path))
     with pytest.raises(ValueError, match="is a folder: give a text file"):
         read_prompts_file(str(tmp_path))
+    # Windows' "Unicode": UTF-16 with its byte-order mark said "not UTF-8 (invalid start byte at byte 0)";
+    # without the mark it read as UTF-8, a NUL beside each letter, and each line sampled as two prompts.
+    for encoding, named in (("utf-16", "UTF-16"), ("utf-32", "UTF-32"), ("utf-16-le", "UTF-16LE"),
+                            ("utf-16-be", "UTF-16BE")):
+        path.write_bytes("a red disk\r\na blue ring\r\n".encode(encoding))
+        with pytest.raises(ValueError, match=f"prompts_file {path} is {named} text, not UTF-8: convert it, e.g. "
+                                             f"iconv -f {named} -t UTF-8 {path} > prompts.utf8.txt"):
+            read_prompts_file(str(path))
 
 
 def test_sample_settings_a_text_job_does_not_use_are_refused():

@@ -48,18 +48,29 @@ FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32")
                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
+def marked_encoding(text: bytes) -> str | None:
+    """UTF-16 or UTF-32 when `text` starts with that encoding's byte-order mark."""
+    return next((name for bom, name in FOREIGN_BOMS if text.startswith(bom)), None)
+
+
+def unmarked_utf16(text: bytes | str) -> str | None:
+    """UTF-16LE or UTF-16BE when `text` holds NULs: that is how UTF-16 without its byte-order
+    mark reads as UTF-8, each ASCII letter beside a NUL (which no text holds)."""
+    nul = b"\x00" if isinstance(text, bytes) else "\x00"
+    return None if nul not in text else "UTF-16BE" if text.startswith(nul) else "UTF-16LE"
+
+
 def decode_caption(caption: bytes | str) -> str:
     if isinstance(caption, (bytes, bytearray)):
         caption = bytes(caption)
-        if encoding := next((name for bom, name in FOREIGN_BOMS if caption.startswith(bom)), None):
+        if encoding := marked_encoding(caption):
             raise CaptionError(f"caption is {encoding} (it starts with a {encoding} byte-order mark), not UTF-8; "
                                f"{conversion(encoding)}")
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CaptionError(f"caption is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
-    if "\x00" in caption:  # UTF-16 without a mark: its ASCII reads as valid UTF-8, each letter beside a NUL
-        encoding = "UTF-16BE" if caption.startswith("\x00") else "UTF-16LE"
+    if encoding := unmarked_utf16(caption):
         raise CaptionError(f"caption holds NUL characters, as {encoding} text without a byte-order mark does; "
                            f"{conversion(encoding)}")
     caption = caption.removeprefix("\ufeff").strip()  # a BOM (Windows editors write one) is no caption

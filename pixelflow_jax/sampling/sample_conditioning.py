@@ -106,13 +106,20 @@ def warn_of_untrained_ids(labels: np.ndarray, folder_classes: Sequence[str]) -> 
 
 def read_prompts_file(path: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file (a byte-order mark, as Windows editors write, is
-    not part of the first prompt): line i is prompt i, as an editor numbers them."""
+    not part of the first prompt): line i is prompt i, as an editor numbers them. UTF-16 saved
+    without its mark reads as UTF-8 with a NUL beside each letter: refused, not sampled."""
+    from pixelflow_jax.data.caption_data import marked_encoding, unmarked_utf16
+
     name = f"--config.sample.prompts_file {path}"
     if not storage.isfile(path):
         raise ValueError(f"{name} is a folder: give a text file, one prompt per line" if storage.isdir(path)
                          else f"{name} does not exist")
+    data = storage.read_bytes(path)
+    if encoding := marked_encoding(data) or unmarked_utf16(data):
+        raise ValueError(f"{name} is {encoding} text, not UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 "
+                         f"{path} > prompts.utf8.txt, and give that file")
     try:
-        text = storage.read_bytes(path).decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     # Lines end at \n, \r\n or \r only: str.splitlines also splits at \f, \v, \x85, U+2028 and U+2029
