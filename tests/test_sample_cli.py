@@ -479,6 +479,21 @@ def test_a_number_that_names_another_class_folder_is_sampled_as_an_id_with_a_war
     assert "names of other class folders" not in caplog.text
 
 
+def test_a_class_folder_name_is_found_whichever_way_its_accents_are_encoded():
+    """A folder copied from macOS spells é as e + a combining accent (NFD); typed on the command
+    line it is one character (NFC): the error said 'names 'chats é', not a class folder', then
+    listed 'chats é'. Two folders that differ only so are each found by their exact name alone."""
+    from configs import c2i
+    from pixelflow_jax.sampling.sample_conditioning import ClassLabels
+
+    sample = c2i.get_config("tiny").sample
+    sample.update(num_images=2, labels=("chats \u00e9", "dogs"))
+    assert ClassLabels(sample, 10, ["chats e\u0301", "dogs"]).labels.tolist() == [0, 1]
+    both = ["caf\u00e9", "cafe\u0301"]
+    sample.labels = ("cafe\u0301", "caf\u00e9")
+    assert ClassLabels(sample, 10, both).labels.tolist() == [1, 0]
+
+
 def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_class_folders(tmp_path):
     """A job that an earlier version sampled with labels i mod num_classes, from a run trained on
     10 class folders: this version's default labels, i mod 10, would mix two jobs' images."""

@@ -15,6 +15,7 @@ arguments as host arrays, plus the settings that identify the run (settings.json
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,8 +67,8 @@ def ids_of_names(labels: list, folder_classes: Sequence[str]) -> list:
         raise ConfigError(f"--config.sample.labels names the class {names[0]!r}, but this checkpoint has no "
                           "class_index.json to look it up in (only a run trained on image folders names its classes): "
                           "give class ids")
-    ids = {name: i for i, name in enumerate(folder_classes)}
-    if unknown := [name for name in names if name not in ids]:
+    ids = {**spelling_free_ids(folder_classes), **{name: i for i, name in enumerate(folder_classes)}}
+    if unknown := [name for name in names if name not in ids and nfc(name) not in ids]:
         known = ", ".join(map(repr, folder_classes[:SHOWN_CLASS_NAMES]))
         more = f", ... ({len(folder_classes)} in all)" if len(folder_classes) > SHOWN_CLASS_NAMES else ""
         # Unquoted names reach the config as one string: (cats,dogs) is the name '(cats,dogs)'.
@@ -75,7 +76,19 @@ def ids_of_names(labels: list, folder_classes: Sequence[str]) -> list:
                    else "")
         raise ConfigError(f"--config.sample.labels names {unknown[0]!r}, not a class folder of this run{quoting}; its "
                           f"class_index.json names {known}{more}")
-    return [ids[label] if isinstance(label, str) else label for label in labels]
+    return [ids.get(label, ids.get(nfc(label))) if isinstance(label, str) else label for label in labels]
+
+
+def nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def spelling_free_ids(folder_classes: Sequence[str]) -> dict[str, int]:
+    """{NFC form: id} of the folder names that no other folder shares in that form: a name typed
+    with é as one character finds a folder that a copy made on macOS spells with e + accent (NFD),
+    which looks the same in every message."""
+    forms = [nfc(name) for name in folder_classes]
+    return {form: i for i, form in enumerate(forms) if forms.count(form) == 1}
 
 
 def warn_of_ids_that_name_other_folders(labels: list, folder_classes: Sequence[str]) -> None:
