@@ -442,9 +442,10 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
     many = [f"class{i:02d}" for i in range(25)]
     with pytest.raises(ConfigError, match=r"names 'class00', .*, 'class19', \.\.\. \(25 in all\)$"):
         ClassLabels(sample, 1000, many)
-    sample.labels = ("(cats,dogs)", 0, 1, 0, 1)  # unquoted names on the command line: one string
-    with pytest.raises(ConfigError, match=r"""quote each name: --config.sample.labels='\("cats","dogs"\)'"""):
-        ClassLabels(sample, 1000, folders)
+    for unquoted in ("(cats)", "(cats,dogs)"):  # unquoted names on the command line: one string
+        sample.labels = (unquoted, 0, 1, 0, 1)
+        with pytest.raises(ConfigError, match=r"""quote each name: --config.sample.labels='\("cats","dogs"\)'"""):
+            ClassLabels(sample, 1000, folders)
     with pytest.raises(ConfigError, match=r"names the class '\(cats,dogs\)', but this checkpoint has no "
                                           r"class_index.json .*: give class ids"):
         ClassLabels(sample, 1000)

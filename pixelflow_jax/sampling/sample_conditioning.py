@@ -71,9 +71,9 @@ def ids_of_names(labels: list, folder_classes: Sequence[str]) -> list:
     if unknown := [name for name in names if name not in ids and nfc(name) not in ids]:
         known = ", ".join(map(repr, folder_classes[:SHOWN_CLASS_NAMES]))
         more = f", ... ({len(folder_classes)} in all)" if len(folder_classes) > SHOWN_CLASS_NAMES else ""
-        # Unquoted names reach the config as one string: (cats,dogs) is the name '(cats,dogs)'.
-        quoting = (" (quote each name: --config.sample.labels='(\"cats\",\"dogs\")')" if "," in unknown[0]
-                   else "")
+        # Unquoted names reach the config as one string: (cats,dogs) is the name '(cats,dogs)', (cats) '(cats)'.
+        unquoted = "," in unknown[0] or unknown[0].startswith("(")
+        quoting = " (quote each name: --config.sample.labels='(\"cats\",\"dogs\")')" if unquoted else ""
         raise ConfigError(f"--config.sample.labels names {unknown[0]!r}, not a class folder of this run{quoting}; its "
                           f"class_index.json names {known}{more}")
     return [ids.get(label, ids.get(nfc(label))) if isinstance(label, str) else label for label in labels]
