@@ -22,6 +22,7 @@ from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, Check
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.checkpoints.run_checkpoint import (RunStep, checkpoint_around, checkpoint_folder_kind,
                                                      find_run_step, restore_run_weights, run_checkpoint_config)
+from pixelflow_jax.kernels.attention import check_platform, resolve_backend
 from pixelflow_jax.model import PixelFlow
 
 
@@ -154,21 +155,20 @@ def load_arguments(dtype, attention, weights: str, param_dtype=None) -> dict:
     if attention is not None:
         if attention not in ATTENTION_BACKENDS:
             raise CheckpointError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
-        refused_on_this_platform(attention, runtime.get("dtype", "float32"))
+        refused_here(lambda: check_platform(attention))  # the dtype may come from the checkpoint: load_model
         runtime["attention"] = attention
     check_weights_choice(weights)
     return runtime
 
 
-def refused_on_this_platform(attention: str, dtype: str) -> None:
-    """A kernel this platform cannot run ('cudnn' on a CPU) is named at load, not at the model's
-    first call (the Pallas kernels load anywhere inside `interpret_kernels()`)."""
-    from pixelflow_jax.kernels.attention import resolve_backend
-
+def refused_here(check) -> None:
+    """An attention backend this platform or model cannot run ('cudnn' on a CPU, or for float32) is
+    named at load, not at the model's first call (the Pallas kernels load anywhere inside
+    `interpret_kernels()`): `check` raises the kernels' ValueError, reported as a CheckpointError."""
     try:
-        resolve_backend(attention, dtype)
+        check()
     except ValueError as e:
-        raise CheckpointError(f"attention: {e}") from None
+        raise CheckpointError(str(e)) from None
 
 
 def load_model(path: str, *, dtype: str | None = None, attention: str | None = None,
@@ -185,7 +185,11 @@ def load_model(path: str, *, dtype: str | None = None, attention: str | None = N
     param_dtype: the weights' dtype ('bfloat16' halves their memory, for sampling); default float32.
     """
     runtime = load_arguments(dtype, attention, weights, param_dtype)  # checked before a download or a conversion
-    config, params = read_checkpoint(resolve_checkpoint(path), weights, runtime)
+    source = resolve_checkpoint(path)
+    if attention is not None:  # with the dtype it will compute in, before the weights are read
+        compute_dtype = runtime.get("dtype") or checkpoint_config(source).model.dtype
+        refused_here(lambda: resolve_backend(attention, compute_dtype))
+    config, params = read_checkpoint(source, weights, runtime)
     return build_model(config, params), config
 
 

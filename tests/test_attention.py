@@ -192,6 +192,15 @@ def test_auto_is_splash_on_tpu_cudnn_for_bf16_on_gpu(monkeypatch):
         assert resolve_backend("auto", dtype) == expected, (platform, dtype)
 
 
+def test_cudnn_for_float32_is_refused_when_resolved_not_at_the_first_call(monkeypatch):
+    """main.py and load_model resolve the backend before any work: cuDNN takes no float32."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_backend("cudnn", jnp.bfloat16) == "cudnn"
+    with pytest.raises(ValueError, match=r"'cudnn' takes bfloat16 or float16 inputs, and this model computes in "
+                                         r"float32: compute in bfloat16, or use 'auto' \(XLA for float32\)"):
+        resolve_backend("cudnn", jnp.float32)
+
+
 def assert_an_all_padding_row_as_xla(backend: str, length: int) -> None:
     """-10000 on every key of a row cancels in the softmax (the row attends to all keys), as in
     the release and xla: the kernel's output and gradients must agree there too."""

@@ -635,12 +635,41 @@ def test_load_model_refuses_a_kernel_the_platform_cannot_run_at_load(attention, 
     interpret mode (the parity tests run it so)."""
     from pixelflow_jax.kernels.attention import interpret_kernels
 
-    with pytest.raises(CheckpointError, match=rf"attention: attention backend '{attention}' runs on {platforms}, "
-                                              r"and this run's platform is cpu: use 'auto' or 'xla'"):
+    with pytest.raises(CheckpointError, match=rf"^attention backend '{attention}' runs on {platforms}, "
+                                              r"and this run's platform is cpu: use 'auto' or 'xla'$"):
         load_model(fixture_dir("c2i_tiny"), attention=attention, dtype="bfloat16")
     if attention != "cudnn":
         with interpret_kernels():
             assert load_model(fixture_dir("c2i_tiny"), attention=attention)[0].config.attention == attention
+
+
+def test_load_model_refuses_cudnn_for_a_model_computing_in_float32(monkeypatch, converted):
+    """cuDNN takes no float32: on a GPU the model loaded and failed at its first call. The dtype
+    is the one given, else the checkpoint's; either is checked before the weights are read."""
+    import dataclasses
+
+    from pixelflow_jax import api
+
+    class WeightsRead(Exception):
+        pass
+
+    def read_checkpoint(*args):
+        raise WeightsRead
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "read_checkpoint", read_checkpoint)
+    for folder, dtype in ((fixture_dir("c2i_tiny"), None), (converted["c2i_tiny"], "float32")):
+        with pytest.raises(CheckpointError, match=r"^attention backend 'cudnn' takes bfloat16 or float16 inputs, and "
+                                                  r"this model computes in float32: compute in bfloat16, or use "
+                                                  r"'auto' \(XLA for float32\) or 'xla'$"):
+            load_model(folder, attention="cudnn", dtype=dtype)
+    with pytest.raises(WeightsRead):
+        load_model(fixture_dir("c2i_tiny"), attention="cudnn", dtype="bfloat16")
+    real_config = api.checkpoint_config
+    monkeypatch.setattr(api, "checkpoint_config", lambda source: dataclasses.replace(
+        real_config(source), model=dataclasses.replace(real_config(source).model, dtype="bfloat16")))
+    with pytest.raises(WeightsRead):  # a folder converted for bf16: its dtype
+        load_model(converted["c2i_tiny"], attention="cudnn")
 
 
 def test_load_model_checks_its_weights_choice_before_the_path(tmp_path, converted):

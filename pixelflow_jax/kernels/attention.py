@@ -141,20 +141,31 @@ def interpret_kernels():
         _interpret[0] = False
 
 
-def resolve_backend(backend: str, dtype) -> str:
-    """The backend that `backend` means on this platform ('auto' resolved), or a clear error."""
-    platform = jax.default_backend()
+def check_platform(backend: str) -> None:
+    """A clear error for an unknown backend, or one that this platform cannot run."""
     if backend == "auto":
-        choice = AUTO.get(platform, "xla")
-        if choice == "cudnn" and jnp.dtype(dtype) not in CUDNN_DTYPES:
-            choice = "xla"
-        return choice
+        return
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {sorted(BACKENDS) + ['auto']}")
-    needs = PLATFORMS.get(backend)
+    needs, platform = PLATFORMS.get(backend), jax.default_backend()
     if needs and platform not in needs and not (backend in PALLAS_BACKENDS and _interpret[0]):
         raise ValueError(f"attention backend {backend!r} runs on {'/'.join(needs)}, and this run's platform is "
                          f"{platform}: use 'auto' or 'xla'")
+
+
+def resolve_backend(backend: str, dtype) -> str:
+    """The backend that `backend` means on this platform for a model computing in `dtype` ('auto'
+    resolved), or a clear error."""
+    check_platform(backend)
+    if backend == "auto":
+        choice = AUTO.get(jax.default_backend(), "xla")
+        if choice == "cudnn" and jnp.dtype(dtype) not in CUDNN_DTYPES:
+            choice = "xla"
+        return choice
+    if backend == "cudnn" and jnp.dtype(dtype) not in CUDNN_DTYPES:  # else refused at the first call
+        raise ValueError(f"attention backend 'cudnn' takes bfloat16 or float16 inputs, and this model computes in "
+                         f"{jnp.dtype(dtype).name}: compute in bfloat16, or use 'auto' (XLA for {jnp.dtype(dtype).name}) "
+                         "or 'xla'")
     return backend
 
 
