@@ -2042,9 +2042,9 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
         (samples / name).unlink()
     text = {"seed": 0, "num_images": 2, "prompts": ["a fox"], "images_per_prompt": 2, "negative_prompt": ""}
     check_settings(str(samples), str(tmp_path), {**text, "num_images": 4, "prompts": ["a fox", "a cat"]})
-    (samples / "000003.png").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"at least 4 images \(as recorded: settings.json's prompts and "
-                                         r"images_per_prompt, 4 images\)"):
+    (samples / "000002.png").write_bytes(b"")  # of the second prompt: keeping it keeps that prompt's 2 images
+    with pytest.raises(ValueError, match=r"to keep it, rerun asking for at least the first 2 of settings.json's "
+                                         r"prompts, 2 images each \(as recorded: its 2 prompts, 4 images\); or use"):
         check_settings(str(samples), str(tmp_path), text)
 
 

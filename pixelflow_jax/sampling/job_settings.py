@@ -190,13 +190,16 @@ def shrink_refusal(folder: str, workdir: str, recorded: dict, count: int, beyond
     them = "it" if len(beyond) == 1 and npz_count <= count else "them"
     keep = max(npz_count, image_id(beyond[-1]) + 1 if beyond else 0)
     recorded_count = int(recorded["num_images"])
-    as_recorded = (f"--config.sample.num_images={recorded_count}" if "labels" in recorded
-                   else f"settings.json's prompts and images_per_prompt, {recorded_count} images")
+    if "labels" in recorded:
+        at_least = f"at least {keep} images (as recorded: --config.sample.num_images={recorded_count})"
+    else:  # a text job's count is its prompts times images_per_prompt
+        per_prompt = int(recorded["images_per_prompt"])
+        at_least = (f"at least the first {-(-keep // per_prompt)} of settings.json's prompts, {per_prompt} images "
+                    f"each (as recorded: its {len(recorded['prompts'])} prompts, {recorded_count} images)")
     return (f"this job asks for {count} images, fewer than the {recorded_count} that "
             f"{storage.join(folder, 'settings.json')} records, but {' and '.join(held)}: a job may shrink only while "
             f"no image past its new count was sampled. To shrink it to {count}, {' and '.join(remove)}, then rerun; "
-            f"to keep {them}, rerun asking for at least {keep} images (as recorded: {as_recorded}); or use a new "
-            "--workdir")
+            f"to keep {them}, rerun asking for {at_least}; or use a new --workdir")
 
 
 def changed_settings(path: str, settings: dict) -> list[str]:
