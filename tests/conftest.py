@@ -105,6 +105,19 @@ def converted(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def encoder_folder(tmp_path_factory):
+    """A demo-built T5 (random weights, tokenizer trained on demo captions) as wide as the t2i
+    fixture's cross-attention (20). Shared by the text tests and the README's text-to-image
+    snippet; tests only read it (copy it to change it)."""
+    from pixelflow_jax.data.demo_data import CaptionedDemoSource
+    from pixelflow_jax.text import demo_text_encoder
+
+    folder = str(tmp_path_factory.mktemp("demo_t5"))
+    demo_text_encoder.build(folder, CaptionedDemoSource(500).captions(500), d_model=20)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

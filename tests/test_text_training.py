@@ -34,15 +34,6 @@ from test_train import mesh_of
 R, TOKENS = 32, 16
 
 
-@pytest.fixture(scope="module")
-def encoder_folder(tmp_path_factory):
-    """A demo-built T5 (random weights, tokenizer trained on demo captions) as wide as the t2i
-    fixture's cross-attention (20)."""
-    folder = str(tmp_path_factory.mktemp("demo_t5"))
-    demo_text_encoder.build(folder, CaptionedDemoSource(500).captions(500), d_model=20)
-    return folder
-
-
 def write_image(path, index):
     Image.fromarray(captioned_demo_image(index, resolution=40).image).save(path)
 

@@ -1,0 +1,110 @@
+"""README.md's ```python blocks run as printed, on the tiny fixtures: a renamed function, argument or
+import breaks here rather than in a reader's first session.
+
+Each block gets a few literal substitutions (checkpoint paths -> the tiny fixtures, fewer steps).
+Every source text must occur in its block, so an edited README fails loudly instead of running
+something else; a block with no entry in BLOCKS fails too."""
+
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+README = os.path.join(REPO, "README.md")
+
+# The tiny c2i fixture keeps the release's 1000 classes (id 1000 is its null class too) and 64 px
+# over 4 stages, so the labels 207, 360, 1000 and the 64 px model input run unchanged.
+C2I = ('"checkpoints/pixelflow_xl_c2i"', "{c2i!r}")
+
+
+def readme_python_blocks() -> list[tuple[int, str]]:
+    """(line of the opening fence, code) of every ```python block of README.md."""
+    with open(README, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    blocks, start = [], None
+    for number, line in enumerate(lines, 1):
+        if start is None and line.strip() == "```python":
+            start = number
+        elif start is not None and line.strip() == "```":
+            blocks.append((start, textwrap.dedent("\n".join(lines[start:number - 1]))))
+            start = None
+    return blocks
+
+
+def check_model_call(ns, folders):
+    config = ns["config"]  # the attributes the block's comment lists
+    assert (config.resolution, config.num_stages, config.num_train_timesteps) == (64, 4, 1000)
+    assert config.model.num_classes == 1000, "the labels 207 and 1000 (null) need substitutions now"
+    velocity = np.asarray(ns["velocity"])
+    assert velocity.shape == ns["images"].shape == (2, 64, 64, 3)  # NHWC, as the images
+    assert np.isfinite(velocity).all() and np.abs(velocity).max() > 0
+
+
+def check_generate(ns, folders):
+    images = ns["images"]
+    assert images.dtype == np.uint8 and images.shape == (2, 64, 64, 3)  # README: uint8 (2, 256, 256, 3) for XL
+    assert ns["model"].config.dtype == "bfloat16"
+    assert not np.array_equal(images[0], images[1])  # each image its own noise
+
+
+def check_prompts(ns, folders):
+    from pixelflow_jax import load_model
+
+    images = ns["images"]
+    assert images.dtype == np.uint8 and images.shape == (1, 64, 64, 3)
+    encoder = ns["encoder"]
+    assert encoder.dtype == "float32"  # the comment: float32 compute
+    # The last comment: encode's outputs go into a model call as encoder_hidden_states/_attention_mask.
+    embeddings, mask = encoder.encode(["a red fox in the snow"])
+    assert embeddings.shape[:2] == mask.shape and embeddings.shape[0] == 1 and embeddings.shape[2] == 20
+    model, _ = load_model(folders["t2i"], dtype="bfloat16")
+    # Host copies: encode's arrays lie on every local device (8 fake ones here), the model's weights on
+    # one, and a direct call refuses that mix ("incompatible devices").
+    velocity = model(np.zeros((1, 8, 8, 3), np.float32), np.array([300.0]),
+                     encoder_hidden_states=np.asarray(embeddings), encoder_attention_mask=np.asarray(mask))
+    assert velocity.shape == (1, 8, 8, 3) and np.isfinite(np.asarray(velocity, np.float32)).all()
+
+
+# name: (text that marks the block, [(README text, replacement)], check of the block's namespace).
+# Replacements are str.format templates over the fixture folders {c2i}, {t2i}, {t5}.
+BLOCKS = {
+    "model_call": ("velocity = model(", [C2I], check_model_call),
+    "generate": ("sampler.generate(", [C2I, ("steps_per_stage=30", "steps_per_stage=1")], check_generate),
+    "prompts": ("sampler.generate_from_prompts(", [('"checkpoints/pixelflow_t2i"', "{t2i!r}"),
+                                                   ('"/path/to/flan-t5-xl"', "{t5!r}"),
+                                                   ("steps_per_stage=10", "steps_per_stage=1")], check_prompts),
+}
+
+
+def blocks_marked(marker: str) -> list[tuple[int, str]]:
+    return [(line, code) for line, code in readme_python_blocks() if marker in code]
+
+
+def test_every_python_block_of_the_readme_is_run():
+    for line, code in readme_python_blocks():
+        names = [name for name, (marker, _, _) in BLOCKS.items() if marker in code]
+        assert len(names) == 1, (f"README.md line {line}: a ```python block that tests/test_readme.py "
+                                 f"{'does not run' if not names else f'takes for each of {names}'}: add its "
+                                 f"substitutions and a check to BLOCKS, under a marker found in that block only")
+    for name, (marker, _, _) in BLOCKS.items():
+        count = len(blocks_marked(marker))
+        assert count == 1, f"BLOCKS[{name!r}]: {marker!r} marks {count} README blocks, not one"
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_readme_python_block_runs(name, converted, encoder_folder):
+    marker, substitutions, check = BLOCKS[name]
+    blocks = blocks_marked(marker)
+    assert len(blocks) == 1, f"{marker!r} marks {len(blocks)} README blocks, not one: update BLOCKS[{name!r}]"
+    [(line, code)] = blocks
+    folders = {"c2i": converted["c2i_tiny"], "t2i": converted["t2i_tiny"], "t5": encoder_folder}
+    for source, replacement in substitutions:
+        assert source in code, (f"README.md line {line}: {source!r} is no longer in this block; update its "
+                                f"substitutions in tests/test_readme.py")
+        code = code.replace(source, replacement.format(**folders))
+    namespace = {}
+    exec(compile(code, f"README.md block at line {line}", "exec"), namespace)
+    check(namespace, folders)
