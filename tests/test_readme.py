@@ -61,10 +61,10 @@ def check_prompts(ns, folders):
     embeddings, mask = encoder.encode(["a red fox in the snow"])
     assert embeddings.shape[:2] == mask.shape and embeddings.shape[0] == 1 and embeddings.shape[2] == 20
     model, _ = load_model(folders["t2i"], dtype="bfloat16")
-    # Host copies: encode's arrays lie on every local device (8 fake ones here), the model's weights on
-    # one, and a direct call refuses that mix ("incompatible devices").
+    # Straight in: on a host of several devices (8 fake ones here) encode's outputs were on all of
+    # them and the model's weights on one, a mix the call refused ("incompatible devices").
     velocity = model(np.zeros((1, 8, 8, 3), np.float32), np.array([300.0]),
-                     encoder_hidden_states=np.asarray(embeddings), encoder_attention_mask=np.asarray(mask))
+                     encoder_hidden_states=embeddings, encoder_attention_mask=mask)
     assert velocity.shape == (1, 8, 8, 3) and np.isfinite(np.asarray(velocity, np.float32)).all()
 
 

@@ -12,7 +12,6 @@ import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -115,7 +114,7 @@ def prompt_list(prompts: Sequence[str]) -> list[str]:
 
 class PromptEncoder:
     """encode(prompts) -> (embeddings (N, max_length, d_model) in the compute dtype, mask (N, max_length)
-    float32): the text encoder jit-compiled once per batch shape.
+    float32), host (numpy) arrays for any model call: the text encoder jit-compiled once per batch shape.
 
     Like the transformer when sampling, the encoder's parameters are replicated on every device
     (param_dtype='bfloat16' halves them: flan-t5-xl's encoder is 1.2B parameters) and a batch of
@@ -143,7 +142,7 @@ class PromptEncoder:
         self._warned: set[str] = set()  # prompts warned of: a job encodes a prompt once per batch holding it
         self.dtype = dtype  # the compute dtype
 
-    def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = tokenize_with_warnings(self.tokenizer, prompts, self._warned)
         if len(ids) % self._rows.mesh.size == 0:
             ids, mask = jax.device_put((ids, mask), self._rows)
@@ -151,7 +150,9 @@ class PromptEncoder:
         # the sampling job's over every process's devices, would conflict with its parameters.
         with matmul_precision(self.dtype), jax.set_mesh(self._rows.mesh):
             embeddings = self._encode(self._params, ids, mask)
-            return embeddings, jnp.asarray(mask, jnp.float32)
+        # Host copies: on the encoder's devices they would refuse a model loaded on one device
+        # ("incompatible devices"), and every caller places them where its model is anyway.
+        return np.asarray(embeddings), np.asarray(mask, np.float32)
 
 
 def tokenize_with_warnings(tokenizer: T5Tokenizer, prompts: Sequence[str],
