@@ -61,29 +61,7 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
         if extended_from(settings, recorded, changed) is not None:  # the recorded job extends this one
             shrink_job(folder, workdir, recorded, settings, record)
             return
-        if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
-            raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
-                             "image yet (it stopped before its first, or is still starting): if no job samples "
-                             f"into {folder}, delete {path} and rerun; or use a new --workdir")
-        if "checkpoint_fingerprint" in changed:  # the images' weights are gone: no rerun can add to them
-            raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
-                             "other weights (a run that trained on since, or a folder converted again); sample these "
-                             f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
-        if "text_encoder_fingerprint" in changed:  # the recorded images' prompts were encoded by other weights
-            raise ValueError(f"{folder} holds images whose prompts another text encoder encoded (differing: {changed}; "
-                             f"the files of {settings['text_encoder']} changed, or another encoder is named): sample "
-                             "into a new --workdir, or rerun with the encoder folder as it was")
-        # Until 2026-11-29 a text run's sampling took float32 encoder weights whatever the run trained with.
-        dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
-                 f"{recorded.get('text_encoder_param_dtype')})"
-                 if "text_encoder_param_dtype" in changed else "")
-        if "labels" in changed and (cycles := default_cycles_of(recorded, settings)):
-            raise ValueError(f"{folder} holds images labelled i mod {cycles[0]} (every class of the model: the default "
-                             "labels before sampling a run trained on image folders cycled over its class folders, "
-                             f"in class_index.json) and this job labels them i mod {cycles[1]}: sample into a new "
-                             "--workdir (most images there are of ids this run never trained on)")
-        raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
-                         f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
+        refuse_other_settings(folder, workdir, recorded, settings, changed)
     if images := sampled_images(folder):
         count = f"{len(images)} images (e.g. {images[0]})" if len(images) > 1 else f"the image {images[0]}"
         raise ValueError(f"{folder} holds {count} but no settings.json saying what "
@@ -96,6 +74,35 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
     if changed := changed_settings(path, settings):  # another job's came first
         raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
                          f"(differing: {changed}); use a new --workdir")
+
+
+def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: dict, changed: list[str]) -> None:
+    """Raises for a rerun whose settings differ from the recorded ones in more than its image count,
+    with what to do for the setting that changed."""
+    path = storage.join(folder, "settings.json")
+    if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
+        raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
+                         "image yet (it stopped before its first, or is still starting): if no job samples "
+                         f"into {folder}, delete {path} and rerun; or use a new --workdir")
+    if "checkpoint_fingerprint" in changed:  # the images' weights are gone: no rerun can add to them
+        raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
+                         "other weights (a run that trained on since, or a folder converted again); sample these "
+                         f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
+    if "text_encoder_fingerprint" in changed:  # the recorded images' prompts were encoded by other weights
+        raise ValueError(f"{folder} holds images whose prompts another text encoder encoded (differing: {changed}; "
+                         f"the files of {settings['text_encoder']} changed, or another encoder is named): sample "
+                         "into a new --workdir, or rerun with the encoder folder as it was")
+    if "labels" in changed and (cycles := default_cycles_of(recorded, settings)):
+        raise ValueError(f"{folder} holds images labelled i mod {cycles[0]} (every class of the model: the default "
+                         "labels before sampling a run trained on image folders cycled over its class folders, "
+                         f"in class_index.json) and this job labels them i mod {cycles[1]}: sample into a new "
+                         "--workdir (most images there are of ids this run never trained on)")
+    # Until 2026-11-29 a text run's sampling took float32 encoder weights whatever the run trained with.
+    dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
+             f"{recorded.get('text_encoder_param_dtype')})"
+             if "text_encoder_param_dtype" in changed else "")
+    raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
+                     f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
 
 
 # What may differ between a job and the larger one that extends it.
