@@ -557,7 +557,7 @@ class StandInLoop:
         from pixelflow_jax.sharding import replicated
         from pixelflow_jax.training import train
 
-        self.train, self.bad, self.calls, self.previews = train, set(bad), [], []
+        self.train, self.bad, self.calls, self.previews, self.preview_classes = train, set(bad), [], [], []
 
         def initial_state(config, model_cfg, tx, mesh, init_model=None, shapes_only=False):
             zero = jax.numpy.zeros((), jax.numpy.int32)
@@ -583,7 +583,12 @@ class StandInLoop:
 
         monkeypatch.setattr(train, "initial_state", initial_state)
         monkeypatch.setattr(train, "make_train_step", make_train_step)
-        monkeypatch.setattr(train, "write_preview", lambda *args, **kwargs: self.previews.append(args[5]) or {})
+        def write_preview(config, model_cfg, graphdef, ema, workdir, step, log, text_encoder, trained_classes):
+            self.previews.append(step)
+            self.preview_classes.append(trained_classes)
+            return {}
+
+        monkeypatch.setattr(train, "write_preview", write_preview)
 
     @staticmethod
     def config(**train_settings):
@@ -598,6 +603,41 @@ class StandInLoop:
         self.calls.clear()
         self.previews.clear()
         return self.train.train(config, str(workdir))
+
+
+def test_previews_of_a_run_on_class_folders_cycle_over_its_folders(tmp_path, monkeypatch):
+    """A fine-tune of a 1000-class model on 3 class folders trains ids 0-2: its previews drew ids
+    0-15, mostly classes it never trained. Other data cycles over every class."""
+    from pixelflow_jax.training import train
+
+    write_preview = train.write_preview  # before StandInLoop stands in for it
+    loop = StandInLoop(monkeypatch)
+    config = loop.config(num_steps=2, preview_every=2, checkpoint_every=2)
+    for name in ("ant", "bee", "cat"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / name / "a.png")
+    config.data.update(source="folder", root=str(tmp_path / "data"))
+    config.model.num_classes = 1000
+    loop.run(config, tmp_path / "run")
+    assert loop.preview_classes == [3]
+
+    labels = []
+
+    class RecordingSampler:
+        def __init__(self, model, ckpt):
+            pass
+
+        def generate(self, ids, **options):
+            labels.append(np.asarray(ids).tolist())
+            return np.zeros((len(ids), 16, 16, 3), np.uint8)
+
+    monkeypatch.setattr(train, "CascadeSampler", RecordingSampler)
+    monkeypatch.setattr(train.nnx, "merge", lambda graphdef, state: None)  # no model: the sampler stands in
+    config.train.preview_num_images = 5
+    log = train.MetricsLog(str(tmp_path / "run"), 2)
+    for trained_classes, expected in ((3, [0, 1, 2, 0, 1]), (None, [0, 1, 2, 3, 4])):
+        write_preview(config, config.model, None, None, str(tmp_path / "run"), 2, log, None, trained_classes)
+        assert labels.pop() == expected
 
 
 def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_the_data_where_it_stopped(

@@ -197,9 +197,9 @@ def preview_owed(workdir: str, step: int, preview_every: int) -> bool:
 
 
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog,
-                  text_encoder=None) -> dict:
-    """A grid of EMA samples (class i mod num_classes, or prompts); on the demo sets also how many
-    samples show the asked hue and shape."""
+                  text_encoder=None, trained_classes: int | None = None) -> dict:
+    """A grid of EMA samples (class i mod trained_classes, the data's class count, or prompts); on
+    the demo sets also how many samples show the asked hue and shape."""
     from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
     from pixelflow_jax.data.demo_data import SHAPES, agreement, demo_preview_prompts
     from pixelflow_jax.sampling.sample_run import image_grid, save_png_atomically
@@ -210,7 +210,7 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
     t, s, demo = config.train, config.sample, config.data.source == "demo"
     options = dict(steps_per_stage=t.preview_steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift, seed=config.seed)
     if text_encoder is None:  # class c is drawn in colour c and shape c mod 5 on the demo set
-        colours = np.arange(t.preview_num_images) % model_cfg.num_classes
+        colours = np.arange(t.preview_num_images) % (trained_classes or model_cfg.num_classes)
         shapes = colours % len(SHAPES)
         images = sampler.generate(colours, **options)
     else:
@@ -329,6 +329,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
     listing = getattr(source, "listing", None)  # of file-based data (folders, shards)
+    # Previews cycle over the classes the data holds: a fine-tune of 1000 classes on 10 folders trains ids 0-9.
+    trained_classes = len(source.classes) if hasattr(source, "classes") else None
     d = config.data
     check_same_data(len(source), listing, f"{d.tfds_name}:{d.split}" if d.source == "tfds" else d.root or d.source)
     check_resume(workdir, config, done, len(source), record=False, listing=listing)  # refused now, not after a restore
@@ -364,7 +366,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     if preview_owed(workdir, start, t.preview_every):  # the EMA just restored is that step's own
         with jax.set_mesh(mesh):
             log.add_to_step(start, write_preview(config, model_cfg, graphdef, state["ema"], workdir, start, log,
-                                                 text_encoder))
+                                                 text_encoder, trained_classes))
         logging.info("drew the preview of step %d, which a stop during that step had skipped", start)
 
     preemption = PreemptionWatch()
@@ -431,7 +433,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 # for a program over several TPU chips).
                 with jax.set_mesh(mesh):
                     record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log,
-                                                text_encoder))
+                                                text_encoder, trained_classes))
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 progress.write(log.write(record))
