@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
                                         raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, stop_received,
                                         usage_error)
+from pixelflow_jax.config_overrides import override_fields, warn_of_overrides_without_effect
 
 
 def check_flag_files(argv: list[str]) -> None:
@@ -100,35 +101,6 @@ def keep_library_info_out_of_the_log() -> None:
     std_logging.getLogger("absl").addFilter(quiet_library_info)
     for library in ("fsspec.caching", "jax._src.xla_bridge"):
         std_logging.getLogger(library).setLevel(std_logging.WARNING)
-
-
-# Overrides a sampling job cannot honour: the checkpoint holds the model, its stages and resolution;
-# each image's noise comes from sample.seed.
-CHECKPOINT_DECIDES = ("model.", "scheduler.", "data.resolution", "seed")
-RUNTIME_MODEL_FIELDS = ("model.dtype", "model.param_dtype", "model.attention")
-
-
-def override_fields(argv: list[str]) -> list[str]:
-    return [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
-
-
-def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
-    """The --config.FIELD overrides that --mode=sample or demo does not read, nor --mode=inspect
-    of a checkpoint (whose seed still draws the inputs it times); the rest of a training command,
-    which the README says may be reused with --mode=sample, is not named."""
-    if mode not in ("sample", "demo") and not (mode == "inspect" and inspects_checkpoint):
-        return []
-    decided = [p for p in CHECKPOINT_DECIDES if mode != "inspect" or p != "seed"]
-    return [f for f in override_fields(argv) if f not in RUNTIME_MODEL_FIELDS
-            and any(f == p or (p.endswith(".") and f.startswith(p)) for p in decided)]
-
-
-def step_overrides_dopri5_ignores(argv: list[str], mode: str, solver: str) -> list[str]:
-    """The Euler step settings given with --config.sample.solver=dopri5, whose adaptive steps use
-    neither (a user comparing step counts would otherwise get the same images each time)."""
-    if mode != "sample" or solver != "dopri5":
-        return []
-    return [f for f in override_fields(argv) if f in ("sample.steps_per_stage", "sample.shift")]
 
 
 # The local cache of compiled programs: an LRU of this size, and programs that took this long to
@@ -379,16 +351,7 @@ def run_mode(argv):
             checkpoint_inspected = inspects_checkpoint(FLAGS.config, FLAGS.workdir)
     except (storage.StorageError, validation.ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    if ignored := overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected):
-        logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution%s",
-                        ", ".join(f"--config.{f}" for f in ignored), FLAGS.mode, "them" if len(ignored) > 1 else "it",
-                        " (the seed of the images is sample.seed)" if FLAGS.mode != "inspect" else
-                        " (the config's own model is inspected with an empty --config.sample.checkpoint, in a --workdir that "
-                        "is not a training run)")
-    if ignored := step_overrides_dopri5_ignores(sys.argv, FLAGS.mode, FLAGS.config.sample.solver):
-        logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
-                        "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
-                        "these" if len(ignored) > 1 else "this")
+    warn_of_overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected, FLAGS.config.sample.solver)
     if FLAGS.distributed:
         start_distributed()
         try:

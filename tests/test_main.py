@@ -109,8 +109,7 @@ def test_a_run_stopped_without_saving_says_which_step_a_rerun_resumes_from(tmp_p
 
 
 def test_overrides_a_sampling_job_cannot_honour_are_named():
-    sys.path.insert(0, REPO)
-    import main
+    from pixelflow_jax.config_overrides import overrides_without_effect
 
     # model.dtype, param_dtype and attention are how the job runs the checkpoint's model: they count
     argv = ["main.py", "--config=configs/c2i.py:demo", "--config.data.resolution=64", "--config.model.depth=12",
@@ -118,13 +117,13 @@ def test_overrides_a_sampling_job_cannot_honour_are_named():
             "--config.data.root=/images", "--config.model.param_dtype=bfloat16", "--config.model.attention=xla",
             "--config.scheduler.num_stages=3", "--config.data.source=folder"]
     ignored = ["data.resolution", "model.depth", "seed", "scheduler.num_stages"]
-    assert main.overrides_without_effect(argv, "sample") == ignored
-    assert main.overrides_without_effect(argv, "demo") == ignored
-    assert main.overrides_without_effect(argv, "train") == []
-    assert main.overrides_without_effect(argv, "eval") == []
+    assert overrides_without_effect(argv, "sample") == ignored
+    assert overrides_without_effect(argv, "demo") == ignored
+    assert overrides_without_effect(argv, "train") == []
+    assert overrides_without_effect(argv, "eval") == []
     # inspect's seed draws the inputs it times, of a checkpoint's model too
-    assert main.overrides_without_effect(argv, "inspect", inspects_checkpoint=True) == [f for f in ignored if f != "seed"]
-    assert main.overrides_without_effect(argv, "inspect", inspects_checkpoint=False) == []  # the config's own model
+    assert overrides_without_effect(argv, "inspect", inspects_checkpoint=True) == [f for f in ignored if f != "seed"]
+    assert overrides_without_effect(argv, "inspect", inspects_checkpoint=False) == []  # the config's own model
 
 
 def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
@@ -134,14 +133,13 @@ def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1 and "does not exist" in result.stderr  # the warning comes before any work
     assert "--config.sample.shift: the dopri5 solver chooses its own steps" in result.stderr, result.stderr
-    sys.path.insert(0, REPO)
-    import main
+    from pixelflow_jax.config_overrides import step_overrides_dopri5_ignores
 
     argv = ["main.py", "--config=configs/c2i.py:demo", "--config.sample.solver=dopri5",
             "--config.sample.steps_per_stage=30", "--config.sample.shift=3", "--config.sample.cfg_scale=2"]
-    assert main.step_overrides_dopri5_ignores(argv, "sample", "dopri5") == ["sample.steps_per_stage", "sample.shift"]
-    assert main.step_overrides_dopri5_ignores(argv, "sample", "euler") == []
-    assert main.step_overrides_dopri5_ignores(argv, "train", "dopri5") == []
+    assert step_overrides_dopri5_ignores(argv, "sample", "dopri5") == ["sample.steps_per_stage", "sample.shift"]
+    assert step_overrides_dopri5_ignores(argv, "sample", "euler") == []
+    assert step_overrides_dopri5_ignores(argv, "train", "dopri5") == []
 
 
 def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):

@@ -1,0 +1,51 @@
+"""The --config.FIELD overrides of main.py's command line that a mode does not use, named in a
+warning: a sampling job's (or an inspection's of a checkpoint) model, stages and resolution come
+from the checkpoint, and the dopri5 solver chooses its own steps. The overrides are read from the
+command line as given (argv), not from the parsed config, which does not tell an override from
+the config file's own value."""
+
+from __future__ import annotations
+
+from absl import logging
+
+# Overrides a sampling job cannot honour: the checkpoint holds the model, its stages and resolution;
+# each image's noise comes from sample.seed.
+CHECKPOINT_DECIDES = ("model.", "scheduler.", "data.resolution", "seed")
+RUNTIME_MODEL_FIELDS = ("model.dtype", "model.param_dtype", "model.attention")
+
+
+def override_fields(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+
+
+def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
+    """The --config.FIELD overrides that --mode=sample or demo does not read, nor --mode=inspect
+    of a checkpoint (whose seed still draws the inputs it times); the rest of a training command,
+    which the README says may be reused with --mode=sample, is not named."""
+    if mode not in ("sample", "demo") and not (mode == "inspect" and inspects_checkpoint):
+        return []
+    decided = [p for p in CHECKPOINT_DECIDES if mode != "inspect" or p != "seed"]
+    return [f for f in override_fields(argv) if f not in RUNTIME_MODEL_FIELDS
+            and any(f == p or (p.endswith(".") and f.startswith(p)) for p in decided)]
+
+
+def step_overrides_dopri5_ignores(argv: list[str], mode: str, solver: str) -> list[str]:
+    """The Euler step settings given with --config.sample.solver=dopri5, whose adaptive steps use
+    neither (a user comparing step counts would otherwise get the same images each time)."""
+    if mode != "sample" or solver != "dopri5":
+        return []
+    return [f for f in override_fields(argv) if f in ("sample.steps_per_stage", "sample.shift")]
+
+
+def warn_of_overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool, solver: str) -> None:
+    """A warning line for each kind of override above that `argv` holds (the job runs on)."""
+    if ignored := overrides_without_effect(argv, mode, inspects_checkpoint):
+        logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution%s",
+                        ", ".join(f"--config.{f}" for f in ignored), mode, "them" if len(ignored) > 1 else "it",
+                        " (the seed of the images is sample.seed)" if mode != "inspect" else
+                        " (the config's own model is inspected with an empty --config.sample.checkpoint, in a --workdir that "
+                        "is not a training run)")
+    if ignored := step_overrides_dopri5_ignores(argv, mode, solver):
+        logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
+                        "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
+                        "these" if len(ignored) > 1 else "this")
