@@ -371,45 +371,45 @@ def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
     """A config built without a section (or as a dict) ended in a traceback deep inside a mode; a
     field misspelt in the file would never be read, and the run would go on without the setting."""
     sys.path.insert(0, REPO)
-    import main
     from configs import c2i, t2i
+    from pixelflow_jax.config_file import check_config_fields
 
     for config in (c2i.get_config("demo"), t2i.get_config("tiny")):  # this project's own pass
-        main.check_config_fields(config, "mine.py")
+        check_config_fields(config, "mine.py")
     config = c2i.get_config()
     del config["eval"]
     del config.sample["cfg_scale"]
     with pytest.raises(ConfigError, match=r"^mine.py lacks eval, sample.cfg_scale: fields of configs/c2i.py"):
-        main.check_config_fields(config, "mine.py")
+        check_config_fields(config, "mine.py")
     config = t2i.get_config()
     del config.train["caption_dropout"]  # a text config's field: checked against the text config
     with pytest.raises(ConfigError, match=r"lacks train.caption_dropout: fields of configs/t2i.py"):
-        main.check_config_fields(config, "mine.py")
+        check_config_fields(config, "mine.py")
     config = c2i.get_config()
     config.train.num_step = 5
     with pytest.raises(ConfigError, match=r"has fields that no mode reads: train.num_step \(meant train.num_steps\?\)"):
-        main.check_config_fields(config, "mine.py")
+        check_config_fields(config, "mine.py")
     with pytest.raises(ConfigError, match=r"get_config\(\) returned a dict; a config file defines get_config\(\)"):
-        main.check_config_fields(c2i.get_config().to_dict(), "mine.py")
+        check_config_fields(c2i.get_config().to_dict(), "mine.py")
     # Eight fields named at most, the rest counted; a field like none of the config's gets no guess.
     config = c2i.get_config()
     dropped = sorted(f"sample.{field}" for field in config.sample)[:10]
     for field in dropped:
         del config.sample[field.split(".")[1]]
     with pytest.raises(ConfigError, match=re.escape(f"mine.py lacks {', '.join(dropped[:8])} and 2 more: fields of")):
-        main.check_config_fields(config, "mine.py")
+        check_config_fields(config, "mine.py")
     config = c2i.get_config()
     config.zzqx = 1
     for i in range(9):
         config.train[f"num_step{i}"] = 5
     with pytest.raises(ConfigError) as error:
-        main.check_config_fields(config, "mine.py")
+        check_config_fields(config, "mine.py")
     named = str(error.value).split("no mode reads: ")[1].split(": a typo")[0]
     assert named == ", ".join([f"train.num_step{i} (meant train.num_steps?)" for i in range(8)])
     config = c2i.get_config()
     config.zzqx = 1
     with pytest.raises(ConfigError, match=r"has fields that no mode reads: zzqx: a typo"):
-        main.check_config_fields(config, "mine.py")
+        check_config_fields(config, "mine.py")
 
 
 def test_data_that_cannot_be_read_stops_training_before_the_workdir_records_anything(tmp_path):

@@ -1,0 +1,146 @@
+"""main.py's --config file and its fields, checked in one line where absl and ml_collections end
+in a traceback or say nothing: a config file that does not exist, is no Python file of settings,
+or lacks (or adds) fields of this project's configs; an override naming a field the config lacks
+(with the sibling config that has it, or the field meant); a flag value absl refuses; a --flagfile
+that cannot be read. Light to import: main.py runs the first checks before it defines its flags.
+The configs are this checkout's configs/, imported as the `configs` package from main.py's folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import flags
+
+from pixelflow_jax.config_overrides import override_fields
+
+
+def check_flag_files(argv: list[str]) -> None:
+    """A --flagfile that cannot be read, named in one line: ml_collections reads the flag files as
+    main.py defines --config, where absl's error is a traceback."""
+    try:
+        flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    except flags.CantOpenFlagFileError as e:
+        sys.exit(f"error: --flagfile cannot be read: {str(e).removeprefix('ERROR:: Unable to open flagfile: ')}")
+
+
+# This checkout's configs/, beside the package (main.py's folder, first on sys.path when it runs).
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The class and the text config, each with settings the other lacks (prompts, captions, the T5 encoder).
+SIBLING_CONFIGS = {"c2i.py": "t2i.py", "t2i.py": "c2i.py"}
+
+
+def sibling_config_with(config_file: str, field: str) -> str | None:
+    """configs/t2i.py for an override of configs/c2i.py that names one of its fields (such as
+    sample.prompts), and the other way round; None otherwise."""
+    import importlib
+
+    folder, name = os.path.split(config_file.split(":")[0])
+    if name not in SIBLING_CONFIGS or os.path.abspath(folder or ".") != CONFIGS:
+        return None
+    config = importlib.import_module(f"configs.{SIBLING_CONFIGS[name].removesuffix('.py')}").get_config()
+    for part in field.split("."):
+        if not hasattr(config, "keys") or part not in config:
+            return None
+        config = config[part]
+    return os.path.join(folder, SIBLING_CONFIGS[name])
+
+
+WHAT_A_CONFIG_FILE_IS = ("a config file defines get_config(), which returns an ml_collections.ConfigDict with "
+                         "every field of configs/c2i.py or configs/t2i.py: start from theirs (from configs import "
+                         "c2i; config = c2i.get_config(); config.train.lr = ...)")
+
+
+def config_file_given(argv: list[str]) -> str:
+    return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
+
+
+def config_fields(config) -> set[str]:
+    """Every field of a config as dotted names, its sections' included."""
+    fields = set()
+    for name, value in config.items():
+        fields.add(name)
+        if hasattr(value, "items"):
+            fields |= {f"{name}.{field}" for field in config_fields(value)}
+    return fields
+
+
+def check_config_fields(config, config_file: str) -> None:
+    """A config file of a user's has the fields of this project's config of its kind (the text
+    config where it has a text setting), and no other: a missing one ended in a traceback deep
+    inside a mode, and one no mode reads (a typo in the file) would be silently unused."""
+    import difflib
+
+    import ml_collections
+
+    from configs import c2i, t2i
+    from pixelflow_jax.validation import ConfigError
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{config_file}: get_config() returned a {type(config).__name__}; {WHAT_A_CONFIG_FILE_IS}")
+    fields = config_fields(config)
+    kinds = {"configs/c2i.py": config_fields(c2i.get_config()), "configs/t2i.py": config_fields(t2i.get_config())}
+    text_only = kinds["configs/t2i.py"] - kinds["configs/c2i.py"]
+    kind = "configs/t2i.py" if fields & text_only else "configs/c2i.py"
+    absent = kinds[kind] - fields
+    if missing := sorted(f for f in absent if f.rsplit(".", 1)[0] not in absent or "." not in f):  # a section, not its fields
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ConfigError(f"{config_file} lacks {shown}: fields of {kind} that the modes read; {WHAT_A_CONFIG_FILE_IS}")
+    if unused := sorted(fields - kinds[kind]):
+        named = []
+        for field in unused[:8]:
+            meant = difflib.get_close_matches(field, kinds[kind], n=1)
+            named.append(f"{field} (meant {meant[0]}?)" if meant else field)
+        raise ConfigError(f"{config_file} has fields that no mode reads: {', '.join(named)}: a typo, or a setting "
+                          f"of another version; {kind} lists the fields that exist")
+
+
+def unknown_field_message(argv: list[str], error: Exception) -> str:
+    """What a --config.PATH=VALUE override naming a field the config lacks (a typo, or a setting
+    this version removed) gets instead of ml_collections' traceback: the override, the missing
+    field and, for a near miss, the field meant."""
+    while error.args and isinstance(error.args[0], Exception):  # ml_collections wraps its KeyError
+        error = error.args[0]
+    first_line, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    missing, hint = first_line.strip("'\""), hint.strip()
+    config_file = config_file_given(argv)
+    if isinstance(error, AttributeError) and first_line.endswith("has no attribute 'get_config'"):
+        return f"{config_file} defines no get_config(): {WHAT_A_CONFIG_FILE_IS}"
+    for field in override_fields(argv):
+        if missing in field.split("."):
+            if sibling := sibling_config_with(config_file, field):
+                return (f"--config.{field}: {config_file} has no field {missing!r}; it is a setting of {sibling}: use "
+                        "that config")
+            return (f"--config.{field}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
+                    f"{config_file.split(':')[0]} lists the settings that exist")
+    # No override names the field: the config file's own code asked for it.
+    return f"{config_file} could not be read: its get_config raised {type(error).__name__}: {first_line}"
+
+
+def check_config_file(argv: list[str]) -> None:
+    """A --config file that does not exist, named in one line (ml_collections reports it only when
+    the config is first read, in a traceback)."""
+    for i, arg in enumerate(argv[1:], 1):
+        flag = arg.lstrip("-")  # absl takes -config as --config
+        value = flag.split("=", 1)[1] if flag.startswith("config=") else argv[i + 1] if (
+            flag == "config" and arg.startswith("-") and i + 1 < len(argv)) else None
+        path = value and value.split(":", 1)[0]
+        if path and not os.path.isfile(path):
+            # Named as they would work from here.
+            shown = os.path.relpath(CONFIGS) if not os.path.relpath(CONFIGS).startswith("..") else CONFIGS
+            known = ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(CONFIGS))
+                              if re.fullmatch(r"[a-z]\w*\.py", n))
+            sys.exit(f"error: --config file {path} does not exist (this project's configs: {known})")
+
+
+def flag_error_message(error: Exception) -> str:
+    """absl's message for a bad flag value, without the traceback of a config file's get_config
+    that ml_collections puts inside it: the flag and the exception's last line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return f"{lines[0].split(': Error whilst parsing config file')[0]}: {lines[-1]}"
+    flag, _, cause = str(error).partition(": ")
+    if cause.startswith("invalid literal for int() with base 10"):  # a tuple or 1e5 for an int field
+        return f"{flag}: {flag.split('=', 1)[0].removeprefix('flag ')} takes one whole number, written in digits"
+    return str(error)
