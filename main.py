@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
                                         raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, stop_received,
                                         usage_error)
+from pixelflow_jax.compilation_cache import keep_compiled_programs
 from pixelflow_jax.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_file_given, flag_error_message,
                                        unknown_field_message)
@@ -95,54 +96,6 @@ def keep_library_info_out_of_the_log() -> None:
     std_logging.getLogger("absl").addFilter(quiet_library_info)
     for library in ("fsspec.caching", "jax._src.xla_bridge"):
         std_logging.getLogger(library).setLevel(std_logging.WARNING)
-
-
-# The local cache of compiled programs: an LRU of this size, and programs that took this long to
-# compile (the demo's sampling stages take ~0.5 s; jax's default, 1 s, would leave them out).
-COMPILATION_CACHE_BYTES, COMPILATION_CACHE_MIN_COMPILE_S = 4 * 2**30, 0.2
-
-
-def keep_compiled_programs(on_cpu: bool) -> None:
-    """The persistent compilation cache, for jobs of one process: in a job of several, a process
-    that loads a program while its peers still compile it waits in its first collective, past
-    gloo's timeout on CPU; those jobs set JAX_COMPILATION_CACHE_DIR themselves. On CPUs only when
-    asked: XLA:CPU rejects its cached programs on some processors (an error line per program, jax
-    issue 38445), and a resume on several CPU devices hung in their collectives once loaded."""
-    import jax
-
-    from pixelflow_jax import storage
-
-    if jax.config.jax_compilation_cache_dir or (jax.default_backend() == "cpu" and not on_cpu):
-        return
-    folder = storage.cache_dir("xla")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        writable = os.access(folder, os.W_OK)
-    except OSError:
-        writable = False
-    if not writable:  # jax would warn at every program; the job runs as well without
-        logging.info("compiled programs are not kept: %s cannot be written", folder)
-        return
-    jax.config.update("jax_compilation_cache_dir", folder)
-    for variable, value in (("JAX_COMPILATION_CACHE_MAX_SIZE", COMPILATION_CACHE_BYTES),
-                            ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", COMPILATION_CACHE_MIN_COMPILE_S)):
-        if variable not in os.environ:  # the user's own settings stay
-            jax.config.update(variable.lower(), value)
-
-
-def start_distributed():
-    import jax
-
-    # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
-    # ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    except ValueError as e:  # no cluster detected, and the flags that replace detection missing
-        sys.exit(f"error: --distributed: {str(e).rstrip('.')}. Where jax cannot detect the cluster (Cloud TPU, SLURM, Open MPI), "
-                 "pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process")
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -227,8 +180,8 @@ def run_mode(argv):
         sys.exit(f"error: {e}")
     warn_of_overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected, FLAGS.config.sample.solver)
     if FLAGS.distributed:
-        start_distributed()
         try:
+            multihost.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             multihost.check_same_job(command)
         except ValueError as e:
             sys.exit(f"error: {e}")

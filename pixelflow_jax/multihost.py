@@ -1,5 +1,6 @@
-"""What the processes of a multi-host job (--distributed) check together before they work together,
-and how they share out the rows of a job that is not a jitted step (the evaluation's Inception).
+"""How the processes of a multi-host job (--distributed) start together, what they check together
+before they work together, and how they share out the rows of a job that is not a jitted step (the
+evaluation's Inception).
 
 Every process of such a job runs the same program and meets the others in each collective. A
 process that raises alone leaves the others waiting in the next collective (gloo on CPU still
@@ -21,10 +22,27 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from pixelflow_jax import storage
 
 SHARED_CHECK_WAIT_S = 3  # a file one host wrote may take a moment to appear on another's NFS mount
+
+
+def start_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize(), with main.py's --coordinator_address, --num_processes and
+    --process_id (None: jax detects the cluster). ValueError where it cannot, naming those flags."""
+    # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
+    # ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except ValueError as e:  # no cluster detected, and the flags that replace detection missing
+        raise ValueError(f"--distributed: {str(e).rstrip('.')}. Where jax cannot detect the cluster (Cloud TPU, SLURM, "
+                         "Open MPI), pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every "
+                         "process") from None
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
 
 
 def processes_where(flag: bool) -> list[int]:
