@@ -25,7 +25,6 @@ import logging as std_logging
 import os
 import re
 import sys
-import time
 import traceback
 
 from absl import app, flags, logging
@@ -39,6 +38,7 @@ from pixelflow_jax.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_field
                                        check_flag_files, config_file_given, flag_error_message,
                                        unknown_field_message)
 from pixelflow_jax.config_overrides import warn_of_overrides_without_effect
+from pixelflow_jax.job_exit import StoppedTogether, another_process_gone, exit_now_after_an_error
 
 
 if __name__ == "__main__":
@@ -265,42 +265,6 @@ def run_mode(argv):
             sys.exit(status)
 
 
-EXIT_GRACE_S = 3  # process 0 hosts jax's coordination service: its exit stops every other process
-
-
-# How a collective fails once another process of the job is gone (killed, or stopped by its own
-# error): gloo's broken connection on CPU, the coordination service's missed heartbeats elsewhere.
-PEER_GONE = re.compile(r"Gloo [\w-]+ failed|Connection reset by peer|stopped sending heartbeats|unhealthy|another task")
-
-
-def another_process_gone(error: Exception) -> str | None:
-    """The error line for a collective of a --distributed job that failed because another process
-    is gone (its traceback says nothing: the other process's error is the one to read); None for
-    any other error."""
-    jax = sys.modules.get("jax")
-    if not (jax is not None and jax.distributed.is_initialized() and type(error).__name__ == "JaxRuntimeError"
-            and PEER_GONE.search(str(error))):
-        return None
-    from pixelflow_jax.error_text import first_line
-
-    return (f"error: another process of this job is gone, so this one stops too (that process's log says why; "
-            f"here: {first_line(error)})")
-
-
-class StoppedTogether(SystemExit):
-    """The exit of a preempted or interrupted training run: every process saved the same step and
-    leaves with this status, so jax's shutdown barrier finds them all."""
-
-
-def process_index_or_none(jax) -> int | None:
-    """jax.process_index(), or None where asking fails (the error being handled may be the
-    backend's own failure to start)."""
-    try:
-        return jax.process_index()
-    except Exception:
-        return None
-
-
 def what_a_rerun_resumes(workdir: str) -> str:
     """For a training run stopped at once (not at a step it saved): the step the same command resumes
     from, the latest on disk."""
@@ -313,33 +277,6 @@ def what_a_rerun_resumes(workdir: str) -> str:
     if not steps:  # a second Ctrl-C during the first save: nothing was kept
         return "no step of this run was saved: rerun the same command to start it again"
     return f"the checkpoints saved before are kept: rerun the same command to resume from step {max(steps)}"
-
-
-def exit_now_after_an_error(stop: SystemExit):
-    """Ends a run that failed without the interpreter's teardown.
-
-    One process: the teardown could wait minutes (orbax's threads of a failed save wait out their
-    own timeouts) and print tracebacks after the error line (tensorstore callbacks of reads still
-    in flight). Several processes: one that failed alone waited forever in jax's shutdown barrier
-    while the others waited for it in their next collective. Exiting at once instead, it makes them
-    stop too: at once where the collective's connection closes (CPU), else when jax's coordination
-    service misses its heartbeats (about 100 s), with jax's "another task died" error; the failed
-    process's error line is the one to read. Process 0 waits a few seconds first, so that processes
-    failing with it print their own errors. A training run that stopped on every process at one
-    step (StoppedTogether: preempted, or Ctrl-C turned into the same stop) exits normally; other
-    stops (a Ctrl-C that reached one host) may be one process's alone."""
-    jax = sys.modules.get("jax")  # not imported for a flag error: nothing to shut down, nothing to start
-    distributed = jax is not None and jax.distributed.is_initialized()
-    if stop.code in (None, 0) or (distributed and isinstance(stop, StoppedTogether)):
-        raise stop
-    if isinstance(stop.code, str):
-        print(stop.code, file=sys.stderr)
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if distributed and process_index_or_none(jax) == 0:
-        time.sleep(EXIT_GRACE_S)
-    os._exit(stop.code if isinstance(stop.code, int) else 1)
 
 
 if __name__ == "__main__":

@@ -550,19 +550,18 @@ def test_a_collective_failing_for_a_process_gone_is_one_line_naming_the_other_pr
     broken connection."""
     import jax
 
-    sys.path.insert(0, REPO)
-    import main
+    from pixelflow_jax.job_exit import another_process_gone
 
     class JaxRuntimeError(RuntimeError):  # jax's, by name (it lives in jaxlib)
         pass
 
     gone = JaxRuntimeError("INTERNAL: Gloo all-reduce failed: [external/gloo/transport/tcp/pair.cc:534] Read "
                            "error [127.0.0.1]:5432: Connection reset by peer\nmore")
-    assert main.another_process_gone(gone) is None  # one process: every error is its own
+    assert another_process_gone(gone) is None  # one process: every error is its own
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
-    assert main.another_process_gone(gone) == (
+    assert another_process_gone(gone) == (
         "error: another process of this job is gone, so this one stops too (that process's log says why; here: "
         "INTERNAL: Gloo all-reduce failed: [external/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:5432: "
         "Connection reset by peer)")
-    assert main.another_process_gone(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")) is None
-    assert main.another_process_gone(ValueError("Connection reset by peer")) is None
+    assert another_process_gone(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")) is None
+    assert another_process_gone(ValueError("Connection reset by peer")) is None
