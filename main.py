@@ -21,9 +21,7 @@ Settings live in the config file and can be overridden with --config.<field>=<va
 Modes: train, sample, inspect, eval, demo.
 """
 
-import logging as std_logging
 import os
-import re
 import sys
 import traceback
 
@@ -31,8 +29,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
-                                        raise_dropped_ctrl_c, stop_cause, stop_on_sigterm, stop_received,
-                                        usage_error)
+                                        keep_library_info_out_of_the_log, raise_dropped_ctrl_c, stop_cause,
+                                        stop_on_sigterm, stop_received, usage_error)
 from pixelflow_jax.compilation_cache import keep_compiled_programs
 from pixelflow_jax.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_file_given, flag_error_message,
@@ -78,24 +76,6 @@ def fail(error: Exception):
     if jax_frames_removed or (raised_in != os.path.abspath(__file__) and not raised_in.startswith(package)):
         traceback.print_exception(error)
     sys.exit(f"error: {error}")
-
-
-INFO_HIDDEN_OF = re.compile(r"[/\\](site|dist)-packages[/\\]orbax[/\\]")  # an installed orbax
-
-
-def quiet_library_info(record) -> bool:
-    """Keeps orbax's INFO lines (about 35 per checkpoint save) out of the log; its warnings and
-    errors, and everything of this project's, stay."""
-    return record.levelno >= std_logging.WARNING or not INFO_HIDDEN_OF.search(record.pathname)
-
-
-def keep_library_info_out_of_the_log() -> None:
-    """orbax's INFO lines (through absl), those of fsspec's read caches (one per file opened in a
-    bucket: several per logged step) and jax's "Unable to initialize backend 'tpu'" on every machine
-    without one (read as a failure); their warnings and errors stay (jax's about a GPU it cannot use)."""
-    std_logging.getLogger("absl").addFilter(quiet_library_info)
-    for library in ("fsspec.caching", "jax._src.xla_bridge"):
-        std_logging.getLogger(library).setLevel(std_logging.WARNING)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,11 +1,13 @@
 """What the command-line tools (main.py, convert_torch_ckpt.py, data/pack_captions.py) share: usage
 errors in one line, stopping on SIGTERM as on Ctrl-C (from their first instruction on), and keeping
-library noise that follows an error out of the terminal. Light to import: the tools import it before jax."""
+library noise that follows an error out of the terminal (and, for main.py, the libraries' INFO lines
+out of its log). Light to import: the tools import it before jax."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -146,6 +148,24 @@ class LoggedStopsDropped(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, Terminated)))
+
+
+INFO_HIDDEN_OF = re.compile(r"[/\\](site|dist)-packages[/\\]orbax[/\\]")  # an installed orbax
+
+
+def quiet_library_info(record) -> bool:
+    """Keeps orbax's INFO lines (about 35 per checkpoint save) out of the log; its warnings and
+    errors, and everything of this project's, stay."""
+    return record.levelno >= logging.WARNING or not INFO_HIDDEN_OF.search(record.pathname)
+
+
+def keep_library_info_out_of_the_log() -> None:
+    """orbax's INFO lines (through absl), those of fsspec's read caches (one per file opened in a
+    bucket: several per logged step) and jax's "Unable to initialize backend 'tpu'" on every machine
+    without one (read as a failure); their warnings and errors stay (jax's about a GPU it cannot use)."""
+    logging.getLogger("absl").addFilter(quiet_library_info)
+    for library in ("fsspec.caching", "jax._src.xla_bridge"):
+        logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def raise_dropped_stops() -> None:

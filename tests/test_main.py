@@ -76,17 +76,16 @@ def test_a_failed_run_exits_at_once_with_its_error_last(tmp_path):
 def test_orbax_and_fsspec_info_lines_are_kept_out_of_the_log_and_their_warnings_are_not():
     import logging
 
-    sys.path.insert(0, REPO)
-    import main
+    from pixelflow_jax.command_line import keep_library_info_out_of_the_log, quiet_library_info
 
     def record(level, path):
         return logging.LogRecord("absl", level, path, 1, "message", None, None)
 
     orbax = "/usr/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py"
-    assert not main.quiet_library_info(record(logging.INFO, orbax))
-    assert main.quiet_library_info(record(logging.WARNING, orbax))
-    assert main.quiet_library_info(record(logging.INFO, "/home/me/orbax/pixelflow-jax/pixelflow_jax/training/train.py"))
-    main.keep_library_info_out_of_the_log()  # fsspec's read caches: an INFO line per file opened in a bucket;
+    assert not quiet_library_info(record(logging.INFO, orbax))
+    assert quiet_library_info(record(logging.WARNING, orbax))
+    assert quiet_library_info(record(logging.INFO, "/home/me/orbax/pixelflow-jax/pixelflow_jax/training/train.py"))
+    keep_library_info_out_of_the_log()  # fsspec's read caches: an INFO line per file opened in a bucket;
     for library in ("fsspec.caching", "jax._src.xla_bridge"):  # jax: "Unable to initialize backend 'tpu'"
         logger = logging.getLogger(library)
         assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
