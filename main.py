@@ -62,22 +62,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def fail(error: Exception):
-    """Exits with one line for an error this project raised (its message names the problem and the
-    fix). An error raised inside a library (jax, orbax, gcsfs) is unexpected, so its traceback is
-    printed first: its message alone often lacks the context to act on."""
-    import pixelflow_jax
-
-    package = os.path.dirname(os.path.abspath(pixelflow_jax.__file__)) + os.sep
-    frames = traceback.extract_tb(error.__traceback__)
-    raised_in = os.path.abspath(frames[-1].filename) if frames else __file__
-    # jax removes its own frames from tracebacks (and says so in a note): its errors can seem ours.
-    jax_frames_removed = any("JAX has removed its internal frames" in note for note in getattr(error, "__notes__", ()))
-    if jax_frames_removed or (raised_in != os.path.abspath(__file__) and not raised_in.startswith(package)):
-        traceback.print_exception(error)
-    sys.exit(f"error: {error}")
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     check_config_file(argv)
     try:
@@ -91,25 +75,6 @@ def parse_flags(argv: list[str]) -> list[str]:
                  f"{WHAT_A_CONFIG_FILE_IS}")
     except ImportError as e:
         sys.exit(f"error: {config_file_given(argv)} could not be read: {e}")
-
-
-def out_of_memory_fix(mode: str, config) -> str:
-    """What a job that ran out of device or host memory (XLA's RESOURCE_EXHAUSTED) can lower."""
-    if mode == "train":
-        return ("set --config.model.remat=dots or full, or raise --config.mesh.fsdp (a resumed run takes these); or "
-                "raise --config.train.grad_accum_steps (the same global batch in smaller pieces) or lower "
-                "--config.train.batch_size (a resumed run takes these two only with "
-                "--config.train.allow_resume_changes=True: they change its draws); in a preview: "
-                "--config.train.preview_num_images")
-    if mode in ("sample", "eval"):
-        batches = ["--config.sample.batch_size"] if mode == "sample" else []
-        batches += ["--config.eval.batch_size"] if mode == "eval" or config.eval.reference else []
-        return f"lower {' or '.join(batches)}"
-    text = (" (a text model: --config.sample.text_encoder_param_dtype=bfloat16 halves its T5)"
-            if "text_encoder_param_dtype" in config.sample else "")
-    if mode == "inspect":
-        return f"lower --config.data.resolution (for the config's own model){text}"
-    return f"the model does not fit this machine's memory{text}"
 
 
 def main(argv):
@@ -243,6 +208,41 @@ def run_mode(argv):
             cause, status = stop_cause(stop)
             print(f"stopped: {cause}; {kept}: rerun the same command to go on", file=sys.stderr)
             sys.exit(status)
+
+
+def out_of_memory_fix(mode: str, config) -> str:
+    """What a job that ran out of device or host memory (XLA's RESOURCE_EXHAUSTED) can lower."""
+    if mode == "train":
+        return ("set --config.model.remat=dots or full, or raise --config.mesh.fsdp (a resumed run takes these); or "
+                "raise --config.train.grad_accum_steps (the same global batch in smaller pieces) or lower "
+                "--config.train.batch_size (a resumed run takes these two only with "
+                "--config.train.allow_resume_changes=True: they change its draws); in a preview: "
+                "--config.train.preview_num_images")
+    if mode in ("sample", "eval"):
+        batches = ["--config.sample.batch_size"] if mode == "sample" else []
+        batches += ["--config.eval.batch_size"] if mode == "eval" or config.eval.reference else []
+        return f"lower {' or '.join(batches)}"
+    text = (" (a text model: --config.sample.text_encoder_param_dtype=bfloat16 halves its T5)"
+            if "text_encoder_param_dtype" in config.sample else "")
+    if mode == "inspect":
+        return f"lower --config.data.resolution (for the config's own model){text}"
+    return f"the model does not fit this machine's memory{text}"
+
+
+def fail(error: Exception):
+    """Exits with one line for an error this project raised (its message names the problem and the
+    fix). An error raised inside a library (jax, orbax, gcsfs) is unexpected, so its traceback is
+    printed first: its message alone often lacks the context to act on."""
+    import pixelflow_jax
+
+    package = os.path.dirname(os.path.abspath(pixelflow_jax.__file__)) + os.sep
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_in = os.path.abspath(frames[-1].filename) if frames else __file__
+    # jax removes its own frames from tracebacks (and says so in a note): its errors can seem ours.
+    jax_frames_removed = any("JAX has removed its internal frames" in note for note in getattr(error, "__notes__", ()))
+    if jax_frames_removed or (raised_in != os.path.abspath(__file__) and not raised_in.startswith(package)):
+        traceback.print_exception(error)
+    sys.exit(f"error: {error}")
 
 
 def what_a_rerun_resumes(workdir: str) -> str:
