@@ -31,12 +31,12 @@ from ml_collections import config_flags
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
                                         keep_library_info_out_of_the_log, raise_dropped_ctrl_c, stop_cause,
                                         stop_on_sigterm, stop_received, usage_error)
-from pixelflow_jax.compilation_cache import keep_compiled_programs
-from pixelflow_jax.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
+from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
+from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_file_given, flag_error_message,
                                        unknown_field_message)
-from pixelflow_jax.config_overrides import warn_of_overrides_without_effect
-from pixelflow_jax.job_exit import StoppedTogether, another_process_gone, exit_now_after_an_error
+from pixelflow_jax.cli.config_overrides import warn_of_overrides_without_effect
+from pixelflow_jax.cli.job_exit import StoppedTogether, another_process_gone, exit_now_after_an_error
 
 
 if __name__ == "__main__":

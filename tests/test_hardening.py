@@ -372,7 +372,7 @@ def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
     field misspelt in the file would never be read, and the run would go on without the setting."""
     sys.path.insert(0, REPO)
     from configs import c2i, t2i
-    from pixelflow_jax.config_file import check_config_fields
+    from pixelflow_jax.cli.config_file import check_config_fields
 
     for config in (c2i.get_config("demo"), t2i.get_config("tiny")):  # this project's own pass
         check_config_fields(config, "mine.py")

@@ -108,7 +108,7 @@ def test_a_run_stopped_without_saving_says_which_step_a_rerun_resumes_from(tmp_p
 
 
 def test_overrides_a_sampling_job_cannot_honour_are_named():
-    from pixelflow_jax.config_overrides import overrides_without_effect
+    from pixelflow_jax.cli.config_overrides import overrides_without_effect
 
     # model.dtype, param_dtype and attention are how the job runs the checkpoint's model: they count
     argv = ["main.py", "--config=configs/c2i.py:demo", "--config.data.resolution=64", "--config.model.depth=12",
@@ -132,7 +132,7 @@ def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1 and "does not exist" in result.stderr  # the warning comes before any work
     assert "--config.sample.shift: the dopri5 solver chooses its own steps" in result.stderr, result.stderr
-    from pixelflow_jax.config_overrides import step_overrides_dopri5_ignores
+    from pixelflow_jax.cli.config_overrides import step_overrides_dopri5_ignores
 
     argv = ["main.py", "--config=configs/c2i.py:demo", "--config.sample.solver=dopri5",
             "--config.sample.steps_per_stage=30", "--config.sample.shift=3", "--config.sample.cfg_scale=2"]
@@ -549,7 +549,7 @@ def test_a_collective_failing_for_a_process_gone_is_one_line_naming_the_other_pr
     broken connection."""
     import jax
 
-    from pixelflow_jax.job_exit import another_process_gone
+    from pixelflow_jax.cli.job_exit import another_process_gone
 
     class JaxRuntimeError(RuntimeError):  # jax's, by name (it lives in jaxlib)
         pass

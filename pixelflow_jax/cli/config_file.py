@@ -13,7 +13,7 @@ import sys
 
 from absl import flags
 
-from pixelflow_jax.config_overrides import override_fields
+from pixelflow_jax.cli.config_overrides import override_fields
 
 
 def check_flag_files(argv: list[str]) -> None:
@@ -26,7 +26,8 @@ def check_flag_files(argv: list[str]) -> None:
 
 
 # This checkout's configs/, beside the package (main.py's folder, first on sys.path when it runs).
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pixelflow_jax/
+CONFIGS = os.path.join(os.path.dirname(PACKAGE), "configs")
 # The class and the text config, each with settings the other lacks (prompts, captions, the T5 encoder).
 SIBLING_CONFIGS = {"c2i.py": "t2i.py", "t2i.py": "c2i.py"}
 
