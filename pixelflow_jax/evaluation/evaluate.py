@@ -158,6 +158,21 @@ def npz_images_crc(path: str) -> int:
         return crc
 
 
+def _skip(member, size: int, checked: bool) -> None:
+    """Moves an .npz member `size` bytes on. zipfile checks a member's CRC where its data ends, over
+    every byte read from its start: a block that reads to the end (checked) reads through the bytes
+    before it. Python 3.12's seek jumps over a stored member's bytes and turns that check off, so
+    nothing would notice damage there; 3.11's read through them."""
+    if not checked:
+        member.seek(size, io.SEEK_CUR)  # (a compressed member is read through to there)
+        return
+    while size > 0:
+        skipped = len(member.read(min(size, 1 << 24)))
+        if not skipped:  # cut off: the block's own read comes out short and says so
+            return
+        size -= skipped
+
+
 def npz_batches(path: str, batch_size: int, first: int = 0, stop: int | None = None):
     """Yields rows [first, stop) of arr_0 of an (uncompressed or compressed) .npz in row batches,
     never all at once."""
@@ -168,7 +183,7 @@ def npz_batches(path: str, batch_size: int, first: int = 0, stop: int | None = N
             count = min(batch_size, stop - start)
             try:
                 if start == first and first:
-                    member.seek(first * row_bytes, io.SEEK_CUR)  # (a compressed member is read through to there)
+                    _skip(member, first * row_bytes, checked=stop == shape[0])
                 data = member.read(count * row_bytes)
             except (OSError, EOFError, zipfile.BadZipFile) as e:  # a CRC mismatch, a cut-off download
                 raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
