@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import pytest
@@ -55,7 +56,9 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     out = tmp_path / "out"
     # As on the GPU machine: one device, and no grain, ml_collections, TFDS, tensorboardX, gradio,
     # diffusers or gcsfs (tests/gpu_machine_site). The test session's compilation cache is kept.
-    env = dict(os.environ, DRY_RUN="1", OUT=str(out), JAX_PLATFORMS="cpu",
+    # PYTHON: the steps run on this interpreter, not on whichever python3 is first on PATH (a
+    # venv of the GPU machine's versions, not activated, checked the script on another jax).
+    env = dict(os.environ, DRY_RUN="1", OUT=str(out), JAX_PLATFORMS="cpu", PYTHON=sys.executable,
                XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=os.path.join(ROOT, "tests", "gpu_machine_site"))
     subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env, check=True, timeout=600,
@@ -70,6 +73,7 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     assert not failed, (out / "log.txt").read_text()[-5000:]
     assert sorted(os.listdir(out)) == ["log.txt", "summary.txt"]  # the tool returns at most 8 files
     log = (out / "log.txt").read_text()
+    assert f"\n{jax.__version__} {flax.__version__} [CpuDevice(id=0)]\n" in log, log[:2000]  # the env step
     for result in ('"images_per_s"', '"seconds_per_image"', '"forward_backward_tflops"', '"top_ops"',
                    '"last_stage_forward"', '"settings"', '"key_mask": true'):
         assert result in log, result
