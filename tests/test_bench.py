@@ -50,6 +50,34 @@ def test_a_bad_argument_is_a_usage_error_before_anything_compiles():
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_the_gpu_machine_site_hides_its_packages_as_if_absent():
+    """find_spec raised for a hidden package where a machine without it answers None (etils asks it
+    about tensorflow, and every read of a persistent compilation cache warned and missed), and
+    importlib.metadata still found the hidden distributions."""
+    probe = ("import importlib.util\n"
+             "assert importlib.util.find_spec('tensorflow') is None\n"
+             "assert importlib.util.find_spec('numpy') is not None\n"
+             "for name in ('grain', 'gcsfs.core', 'tensorboardX'):\n"
+             "    try:\n"
+             "        __import__(name)\n"
+             "    except ModuleNotFoundError:\n"
+             "        continue\n"
+             "    raise AssertionError(name)\n"
+             "import importlib.metadata\n"
+             "for name in ('array-record', 'tensorflow_datasets', 'gcsfs'):\n"
+             "    try:\n"
+             "        importlib.metadata.version(name)\n"
+             "    except importlib.metadata.PackageNotFoundError:\n"
+             "        continue\n"
+             "    raise AssertionError(name)\n"
+             "assert importlib.metadata.version('jax')\n"
+             "import jax, flax\n")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests", "gpu_machine_site"), JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timed
 def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
