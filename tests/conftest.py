@@ -62,8 +62,12 @@ def fixture_dir(name: str) -> str:
 
 
 def run_converter(*args: str) -> subprocess.CompletedProcess:
-    """Runs convert_torch_ckpt.py as a user would, returning its exit code and output."""
-    return subprocess.run([sys.executable, os.path.join(REPO, "convert_torch_ckpt.py"), *args],
+    """Runs convert_torch_ckpt.py as a user would, returning its exit code and output.
+    CONVERTER_PYTHON: another interpreter for it, one with torch, for a suite run in an environment
+    without torch (a venv of the GPU machine's Python 3.12 versions, whose torch is a CUDA build):
+    the tests that need only converted checkpoints then run too."""
+    python = os.environ.get("CONVERTER_PYTHON", sys.executable)
+    return subprocess.run([python, os.path.join(REPO, "convert_torch_ckpt.py"), *args],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
