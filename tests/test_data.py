@@ -5,6 +5,7 @@ import collections
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp
     assert images.shape == (4, R, R, 3) and set(labels) <= {0, 1, 2}
     # Example i is 40 + i pixels high and labelled i % 3: each record keeps its own label.
     assert all(source[i]["label"] == (source[i]["image"].shape[0] - 40) % 3 for i in range(10))
-    with pytest.raises(DataError, match="tfds build"):
+    with pytest.raises(DataError, match=r"has no records in split 'validation' .*: its splits are train \(10 records\)"):
         TfdsSource("tiny_imagenet", "validation", str(tmp_path))
 
     # The same files in a bucket, read in place (`data.tfds_data_dir=gs://...`).
@@ -254,6 +255,8 @@ def test_an_empty_tfds_split_names_where_it_was_looked_for(monkeypatch, tmp_path
     import tensorflow_datasets as tfds
 
     class EmptyBuilder:
+        info = type("Info", (), {"splits": {"train": type("Split", (), {"num_examples": 0})}})
+
         def is_prepared(self):
             return True
 
@@ -262,8 +265,85 @@ def test_an_empty_tfds_split_names_where_it_was_looked_for(monkeypatch, tmp_path
 
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: EmptyBuilder())
     for data_dir, where in (("", r"the default TFDS data dir \(~/tensorflow_datasets\)"), (str(tmp_path), str(tmp_path))):
-        with pytest.raises(DataError, match=f"^TFDS dataset 'imagenet2012' split 'train' in {where} is empty$"):
+        with pytest.raises(DataError, match=f"^TFDS dataset 'imagenet2012' in {where} has no records in split 'train': "
+                                            r"its splits are train \(0 records\)"):
             TfdsSource("imagenet2012", "train", data_dir)
+
+
+def build_tfds(data_dir, class_name: str, features: dict, example) -> None:
+    """Builds a 6-record TFDS dataset of `features` under data_dir (ArrayRecord, no TensorFlow);
+    `example(i)` is record i. TFDS registers the builder by class_name in snake case
+    (LabelsPast -> labels_past) for the whole session, so each test names its own."""
+    import tensorflow_datasets as tfds
+
+    def info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def generate_examples(self):
+        return ((i, example(i)) for i in range(6))
+
+    builder = type(class_name, (tfds.core.GeneratorBasedBuilder,),
+                   {"VERSION": tfds.core.Version("1.0.0"), "_info": info, "_split_generators": split_generators,
+                    "_generate_examples": generate_examples})
+    builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_a_tfds_dataset_must_hold_images_and_labels_that_fit_the_models_classes(tmp_path, caplog):
+    """Labels from model.num_classes on made every step NaN (skipped, the run learning nothing),
+    and a dataset without labels failed 64 draws in a row once training."""
+    import tensorflow_datasets as tfds
+
+    image = lambda i: io.BytesIO(encoded(np.full((8, 8, 3), i, np.uint8)))  # (arrays: TFDS encodes with TensorFlow)
+    build_tfds(tmp_path, "LabelsPastTheModel", {"image": tfds.features.Image(),
+                                                "label": tfds.features.ClassLabel(num_classes=30)},
+               lambda i: {"image": image(i), "label": 20 + i})
+    config = type("C", (), {"source": "tfds", "tfds_name": "labels_past_the_model", "split": "train",
+                            "tfds_data_dir": str(tmp_path)})
+    with pytest.raises(DataError, match=r"^TFDS dataset 'labels_past_the_model' has 30 classes but the model has "
+                                        r"model.num_classes = 10: .* Set --config.model.num_classes=30"):
+        make_source(config, num_classes=10)
+    assert len(make_source(config, num_classes=30)) == 6 and "never train" not in caplog.text
+    make_source(config, num_classes=40)
+    assert "has 30 classes but the model has model.num_classes = 40: classes 30 to 39 never train" in caplog.text
+
+    build_tfds(tmp_path, "CaptionedNotLabelled", {"image": tfds.features.Image(), "caption": tfds.features.Text()},
+               lambda i: {"image": image(i), "caption": f"picture {i}"})
+    with pytest.raises(DataError, match=r"'captioned_not_labelled' in \S+ has no 'label' feature \(its features: "
+                                        r"image, caption\)"):
+        TfdsSource("captioned_not_labelled", "train", str(tmp_path))
+
+
+def test_a_tfds_split_name_or_data_dir_mistake_is_named_with_its_fix_not_a_rebuild(tmp_path):
+    """A built dataset read with a split typo, an empty slice or its own folder as the data dir
+    was told to run `tfds build` (hours for ImageNet; into the dataset's folder, for the last)."""
+    import tensorflow_datasets as tfds
+
+    build_tfds(tmp_path, "BuiltOnce", {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=2)},
+               lambda i: {"image": io.BytesIO(encoded(np.full((8, 8, 3), i, np.uint8))), "label": i % 2})
+    assert len(TfdsSource("built_once", "train[:50%]", str(tmp_path))) == 3
+    for split in ("trian", "train[:0]", "train[:9]"):
+        with pytest.raises(DataError, match=rf"^TFDS dataset 'built_once' in {tmp_path} has no records in split "
+                                            rf"'{re.escape(split)}' \(.+\): its splits are train \(6 records\); set "
+                                            r"--config.data.split to one of them or a slice") as error:
+            TfdsSource("built_once", split, str(tmp_path))
+        assert "tfds build" not in str(error.value)
+    listing = sorted(os.listdir(tmp_path / "built_once" / "1.0.0"))
+    for inside in (tmp_path / "built_once", tmp_path / "built_once" / "1.0.0"):
+        with pytest.raises(DataError, match=rf"{inside} is the dataset's own folder, not the data dir holding it: set "
+                                            rf"--config.data.tfds_data_dir={tmp_path}$"):
+            TfdsSource("built_once", "train", str(inside))
+    assert sorted(os.listdir(tmp_path / "built_once" / "1.0.0")) == listing  # nothing built inside it
+    os.makedirs(tmp_path / "imagenet2012" / "5.1.0")  # a registered dataset: said instead of its build command
+    with pytest.raises(DataError, match=rf"not built under {tmp_path}/imagenet2012/5.1.0: \S+ is the dataset's own "
+                                        rf"folder, not the data dir holding it: set --config.data.tfds_data_dir={tmp_path}$"):
+        TfdsSource("imagenet2012", "train", str(tmp_path / "imagenet2012" / "5.1.0"))
+    assert os.listdir(tmp_path / "imagenet2012" / "5.1.0") == []
+    with pytest.raises(DataError, match=r"^no TFDS dataset is named 'imagenet_2012': .* Check --config.data.tfds_name "
+                                        r"\(close names: imagenet2012"):
+        TfdsSource("imagenet_2012", "train", str(tmp_path))
 
 
 def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeypatch):

@@ -7,6 +7,7 @@ unusable dataset, so a run does it before it writes anything.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.metadata
 import os
@@ -198,30 +199,23 @@ class ImageFolderSource:
 
 
 class TfdsSource:
-    """A built TFDS dataset read as a data source (ArrayRecord; no TensorFlow needed)."""
+    """A built TFDS dataset read as a data source (ArrayRecord; no TensorFlow needed): each
+    record's 'image' and 'label' (class id); `num_classes` is the label's class count, where TFDS
+    records one."""
 
     def __init__(self, name: str, split: str, data_dir: str | None):
-        import tensorflow_datasets as tfds
-
         check_array_record_reads(data_dir or "")
         where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
         build = (f"`tfds build {name} --manual_dir=DIR --data_dir={data_dir or '~/tensorflow_datasets'} "
                  "--file_format=array_record` (see README, Training data)")
         if data_dir and not storage.exists(data_dir):  # (a bucket it cannot reach raises the cause)
             raise DataError(f"TFDS data dir {data_dir} does not exist; build the dataset there with {build}")
-        try:
-            builder = tfds.builder(name, data_dir=data_dir or None)
-            if not builder.is_prepared():  # tfds.data_source would download and build it into data_dir
-                raise DataError(f"TFDS dataset {name!r} is not built under {where}: run {build}")
-            self.source = builder.as_data_source(split=split)
-        except DataError:
-            raise
-        except Exception as e:  # TFDS raises several types for "unknown dataset" and "no such split"
-            raise DataError(f"cannot open TFDS dataset {name!r} split {split!r} in {where}: "
-                            f"{first_line(e)}. "
-                            f"Build it once with {build}") from None
-        if len(self.source) == 0:
-            raise DataError(f"TFDS dataset {name!r} split {split!r} in {where} is empty")
+        builder = tfds_builder(name, data_dir, where, build)
+        if not builder.is_prepared():  # tfds.data_source would download and build it into data_dir
+            raise DataError(f"TFDS dataset {name!r} is not built under {where}: "
+                            f"{dataset_folder_hint(name, data_dir) or f'run {build}'}")
+        self.source = split_source(builder, name, split, where)
+        self.num_classes = label_classes(builder, name, where)
         self.name = name
 
     def __len__(self) -> int:
@@ -230,6 +224,70 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict:
         record = self.source[index]
         return {"image": record["image"], "label": int(record["label"]), "name": f"{self.name}:{index}"}
+
+
+def tfds_builder(name: str, data_dir: str | None, where: str, build: str):
+    """TFDS's builder of dataset `name` (registered with TFDS, or built under data_dir by a
+    builder of one's own); a name that is neither is named with the closest known names."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.registered import DatasetNotFoundError
+
+    try:
+        return tfds.builder(name, data_dir=data_dir or None)
+    except DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)  # (the community index is a download)
+        close = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3)
+        hint = dataset_folder_hint(name, data_dir)
+        raise DataError(f"no TFDS dataset is named {name!r}: TFDS does not know it, and none of that name is built "
+                        f"under {where}{'; ' + hint if hint else ''}. Check --config.data.tfds_name"
+                        f"{' (close names: ' + ', '.join(close) + ')' if close else ''}, and "
+                        "--config.data.tfds_data_dir for a dataset built by a builder of one's own") from None
+    except Exception as e:  # TFDS raises several types for versions and configs it does not have
+        raise DataError(f"cannot open TFDS dataset {name!r} in {where}: {first_line(e).rstrip('.')}. Build it "
+                        f"once with {build}") from None
+
+
+def dataset_folder_hint(name: str, data_dir: str | None) -> str:
+    """Where data_dir is the dataset's own folder (DATA_DIR/imagenet2012, or its version folder
+    below), not the data dir that holds it: the fix (not a build into the dataset's folder); else ''."""
+    folder = name.split(":")[0].split("/")[0]
+    parts = (data_dir or "").rstrip("/").split("/")
+    if folder not in parts[-3:]:  # DATA_DIR/NAME[/CONFIG]/VERSION at most
+        return ""
+    above = "/".join(parts[:len(parts) - 1 - parts[::-1].index(folder)]) or "."
+    return (f"{data_dir} is the dataset's own folder, not the data dir holding it: set "
+            f"--config.data.tfds_data_dir={above}")
+
+
+def split_source(builder, name: str, split: str, where: str):
+    """The records of `split` (a split of the built dataset, or a slice of one: train[:10%]); one
+    that is not there, or selects no record, is named with the splits there are."""
+    try:
+        source = builder.as_data_source(split=split)
+        size = len(source)
+    except ValueError as e:  # an unknown split, a slice past its end or of no records
+        size, cause = 0, f" ({first_line(e)})"
+    else:
+        cause = ""
+    if size == 0:
+        splits = ", ".join(f"{key} ({info.num_examples} records)" for key, info in builder.info.splits.items())
+        raise DataError(f"TFDS dataset {name!r} in {where} has no records in split {split!r}{cause}: its splits are "
+                        f"{splits or 'none'}; set --config.data.split to one of them or a slice of one that holds "
+                        "records (train[:10%], train[1000:])")
+    return source
+
+
+def label_classes(builder, name: str, where: str) -> int | None:
+    """The class count of the dataset's 'label' (None where TFDS records none); a dataset without
+    an 'image' and a 'label' is no class-conditional dataset, and refused now rather than as 64
+    unreadable records in a row once training."""
+    features = builder.info.features
+    missing = [key for key in ("image", "label") if key not in features]
+    if missing:
+        raise DataError(f"TFDS dataset {name!r} in {where} has no {' or '.join(map(repr, missing))} feature (its "
+                        f"features: {', '.join(features.keys())}): a class-conditional model trains on an 'image' and "
+                        "its class id, 'label', per record, as imagenet2012 has")
+    return getattr(features["label"], "num_classes", None)
 
 
 def read_class_index(path: str) -> list[str]:
@@ -251,6 +309,20 @@ def read_class_index(path: str) -> list[str]:
                         "since)") from None
 
 
+def check_class_count(dataset: str, count: int, num_classes: int, fewer_classes: str, fits: str) -> None:
+    """A dataset of `count` classes must fit the model's class table: id num_classes is the null
+    class and higher ids have no embedding (their steps come out NaN and are skipped); fewer
+    classes train, and the rest are named (previews would show classes never trained)."""
+    if count > num_classes:
+        raise DataError(f"{dataset} has {count} classes but the model has model.num_classes = {num_classes}: ids from "
+                        f"{num_classes} on would train as the null class or past the class table. Set "
+                        f"--config.model.num_classes={count} (a new --workdir) or {fewer_classes}")
+    if count < num_classes:
+        logging.warning("%s has %d classes but the model has model.num_classes = %d: classes %d to %d never train "
+                        "(--config.model.num_classes=%d %s, in a new --workdir)", dataset, count, num_classes, count,
+                        num_classes - 1, count, fits)
+
+
 def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None,
                 ids_learned: bool = True):
     """The configured source. For folders, the class list is written to class_index_dir/
@@ -259,22 +331,20 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
     (id num_classes is the null class, and higher ids have no embedding)."""
     kind = data_config.source
     if kind == "tfds":
-        return TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
+        source = TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
+        if num_classes is not None and source.num_classes is not None:
+            check_class_count(f"TFDS dataset {data_config.tfds_name!r}", source.num_classes, num_classes,
+                              "train on a dataset of fewer classes", "fits the dataset")
+        return source
     if kind == "folder":
         classes = None
         index_path = storage.join(class_index_dir, CLASS_INDEX_FILE) if class_index_dir else None
         if index_path and ids_learned and storage.exists(index_path):
             classes = read_class_index(index_path)
         source = ImageFolderSource(data_config.root, classes, index_path or "the run's class index")
-        if num_classes is not None and len(source.classes) > num_classes:
-            raise DataError(f"{data_config.root} has {len(source.classes)} classes but the model has "
-                            f"model.num_classes = {num_classes}: ids from {num_classes} on would train as the null "
-                            f"class or past the class table. Set --config.model.num_classes={len(source.classes)} "
-                            "(a new --workdir) or remove class folders")
-        if num_classes is not None and len(source.classes) < num_classes:  # previews show classes never trained
-            logging.warning("%s has %d classes but the model has model.num_classes = %d: classes %d to %d never "
-                            "train (--config.model.num_classes=%d fits the folder, in a new --workdir)", data_config.root,
-                            len(source.classes), num_classes, len(source.classes), num_classes - 1, len(source.classes))
+        if num_classes is not None:
+            check_class_count(data_config.root, len(source.classes), num_classes, "remove class folders",
+                              "fits the folder")
         if index_path and classes is None and jax.process_index() == 0:  # (re)written until a checkpoint uses it
             storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
                                                        "classes": source.classes})
