@@ -871,6 +871,35 @@ def test_a_record_that_is_not_an_image_and_caption_is_refused_naming_the_packer(
         with pytest.raises(DataError, match=r"not a msgpack map with 'image' \(bytes\) and 'caption' \(text\) "
                                             ".*pack_captions"):
             decode_record(msgpack.packb(value, use_bin_type=True))
+    with pytest.raises(DataError, match="not a msgpack map"):  # no msgpack at all: a TFDS tf.Example
+        decode_record(b"\x0a\x05image\x12\x03png")
+
+
+def test_shards_of_records_other_than_captioned_ones_are_refused_when_opened_naming_them(tmp_path):
+    """Class records, or a TFDS build's tf.Example bytes (no msgpack: "unpack(b) received extra
+    data."), were each skipped as unreadable once training, until 64 in a row stopped the run."""
+    import msgpack
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    write_shards(tmp_path / "shards", tmp_path, count=2)
+    for name, record in (("classes.array_record", msgpack.packb({"image": b"png", "label": 3}, use_bin_type=True)),
+                         ("examples.array_record", b"\x0a\x05image\x12\x03png")):
+        writer = ArrayRecordWriter(str(tmp_path / "shards" / name), "group_size:1")
+        writer.write(record)
+        writer.close()
+        with pytest.raises(DataError, match=rf"^ArrayRecord shard \S+/{name} holds no captioned records: its first "
+                                            r"record is not a msgpack map with 'image' \(bytes\) and 'caption' \(text\)\. "
+                                            r"Pack captioned images with python -m pixelflow_jax.data.pack_captions"):
+            CaptionRecordSource(str(tmp_path / "shards"))
+        os.remove(tmp_path / "shards" / name)
+    assert len(CaptionRecordSource(str(tmp_path / "shards"))) == 2
+
+    tfds_build = tmp_path / "tfds" / "imagenet2012" / "5.1.0"  # `tfds build`'s names do not end in .array_record
+    os.makedirs(tfds_build)
+    (tfds_build / "imagenet2012-train.array_record-00000-of-00002").write_bytes(b"")
+    with pytest.raises(DataError, match=r"has no \*.array_record shards: imagenet2012-train.array_record-00000-of-00002 "
+                                        r"and the like are a TFDS build's, of class labels; .* data.source='tfds'"):
+        CaptionRecordSource(str(tfds_build))
 
 
 def test_a_set_of_more_than_99999_shards_is_checked_whole_too(tmp_path):

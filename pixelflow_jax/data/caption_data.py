@@ -7,8 +7,8 @@
     array_record  ROOT/*.array_record shards of msgpack records {"image": bytes, "caption": str},
                   written from a captioned folder by `python -m pixelflow_jax.data.pack_captions`: the
                   format for pods (a few large files instead of millions of small ones). A numbered
-                  set with a shard missing (NAME-00001-of-00003), or a shard that cannot be opened
-                  or holds no records, is an error naming it.
+                  set with a shard missing (NAME-00001-of-00003), or a shard that cannot be opened,
+                  holds no records or holds other records (a TFDS build's), is an error naming it.
     demo          demo_data.CaptionedDemoSource ("a red disk", ...), built in.
 
 Each record gives {"image": bytes or pixels, "caption": bytes or str, "name"}; decoding.py decodes
@@ -164,20 +164,27 @@ def encode_record(image: bytes, caption: str, name: str = "") -> bytes:
     return msgpack.packb({"image": bytes(image), "caption": caption, "name": name}, use_bin_type=True)
 
 
+NOT_CAPTIONED = "not a msgpack map with 'image' (bytes) and 'caption' (text)"
+
+
 def decode_record(record: bytes) -> dict:
     import msgpack
 
-    value = msgpack.unpackb(record, raw=False)
+    try:
+        value = msgpack.unpackb(record, raw=False)
+    except (ValueError, msgpack.UnpackException):  # no msgpack (a TFDS tf.Example): ExtraData, FormatError, ...
+        value = None
     if (not isinstance(value, dict) or not isinstance(value.get("image"), bytes)
             or not isinstance(value.get("caption"), str)):
-        raise DataError("an ArrayRecord record is not a msgpack map with 'image' (bytes) and 'caption' (text) (write "
-                        "shards with python -m pixelflow_jax.data.pack_captions)")
+        raise DataError(f"an ArrayRecord record is {NOT_CAPTIONED} (write shards with python -m "
+                        "pixelflow_jax.data.pack_captions)")
     return value
 
 
 # pack_captions names its shards captions-00001-of-00003.array_record (six digits and more past
 # 99,999 shards): such a set must be whole.
 SHARD_NAME = re.compile(r"(.+)-\d{5,}-of-(\d{5,})" + re.escape(RECORD_EXTENSION))
+TFDS_SHARD_NAME = re.compile(r".+" + re.escape(RECORD_EXTENSION) + r"-\d{5,}-of-\d{5,}")  # tfds build's files
 REPACK = "copy the shards again, or pack the folder again with python -m pixelflow_jax.data.pack_captions"
 
 
@@ -185,9 +192,14 @@ def record_shards(root: str) -> list[str]:
     """The shards in root, refused when a numbered set (NAME-NNNNN-of-NNNNN) lacks one or mixes two packs."""
     require_folder(root, f"ArrayRecord folder {root} does not exist; set --config.data.root to the folder that "
                          "python -m pixelflow_jax.data.pack_captions wrote")
-    names = [name for name in storage.list_files(root) if name.endswith(RECORD_EXTENSION) and not ignored_name(name)]
+    files = [name for name in storage.list_files(root) if not ignored_name(name)]
+    names = [name for name in files if name.endswith(RECORD_EXTENSION)]
     if not names:
-        raise DataError(f"{root} has no *{RECORD_EXTENSION} shards")
+        tfds_files = [name for name in files if TFDS_SHARD_NAME.fullmatch(name)]
+        raise DataError(f"{root} has no *{RECORD_EXTENSION} shards" + (
+            f": {tfds_files[0]} and the like are a TFDS build's, of class labels; a class-conditional model reads "
+            "them with data.source='tfds' and data.tfds_data_dir the folder that holds the dataset's folder"
+            if tfds_files else ""))
     sizes: dict[str, set[str]] = {}  # NAME -> the set sizes (-of-NNNNN) its shards give
     for match in filter(None, map(SHARD_NAME.fullmatch, names)):
         sizes.setdefault(match[1], set()).add(match[2])
@@ -205,18 +217,27 @@ def record_shards(root: str) -> list[str]:
 
 
 def count_records(shard: str) -> int:
-    """The records in a shard; a shard that cannot be opened or holds none is an error naming it."""
+    """The records in a shard; a shard that cannot be opened, holds none, or whose first record is
+    not the packer's (a TFDS build's shard, another tool's) is an error naming it: read one by one,
+    such records would only be skipped as unreadable once training."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     try:
         reader = ArrayRecordReader(shard)
         count = reader.num_records()
+        first = reader.read([0])[0] if count else None
         reader.close()
     except Exception as e:  # a truncated file: RuntimeError "should be at least 64KB big", ...
         raise DataError(f"cannot read ArrayRecord shard {shard} ({first_line(e)}); if it is truncated or damaged, "
                         f"{REPACK}") from None
     if count == 0:
         raise DataError(f"ArrayRecord shard {shard} holds no records; {REPACK}")
+    try:
+        decode_record(first)
+    except DataError:
+        raise DataError(f"ArrayRecord shard {shard} holds no captioned records: its first record is {NOT_CAPTIONED}. "
+                        f"Pack captioned images with python -m pixelflow_jax.data.pack_captions (a TFDS build's "
+                        "shards hold class labels: those train a class-conditional model, data.source='tfds')") from None
     return count
 
 
