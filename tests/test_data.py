@@ -1222,6 +1222,38 @@ def test_an_unreadable_record_is_replaced_by_a_random_other_and_named_once(tmp_p
     assert [int(e["skipped"]) for e in drawn[25:]] == [int(e["skipped"]) for e in firsts[10:15]]  # the same picks
 
 
+def test_a_shard_record_that_cannot_be_read_is_named_with_its_shard(tmp_path, caplog):
+    """A damaged chunk (the reader's "chunk data hash mismatch") was named "record 2", whatever
+    shard held it: nothing said which file to copy again."""
+    write_shards(tmp_path / "shards", tmp_path)
+    source = CaptionRecordSource(str(tmp_path / "shards"))
+
+    class DamagedThird:  # the shards' records, the third's chunk damaged
+        def __init__(self, records):
+            self.records = records
+
+        def __len__(self):
+            return len(self.records)
+
+        def __getitem__(self, index):
+            if index == 2:
+                raise RuntimeError("Corrupted Riegeli/records file: chunk data hash mismatch")
+            return self.records[index]
+
+    class OneToken:  # (captioned records are tokenized)
+        def tokenize(self, captions):
+            return np.ones((1, 1), np.int32), np.ones((1, 1), np.int32), np.zeros(1, np.int32)
+
+        def has_unknown_text(self, tokens):
+            return np.zeros(1, bool)
+
+    source.source = DamagedThird(source.source)
+    with caplog.at_level(logging.WARNING):
+        assert decoding.DecodedSource(source, 8, center_crop=True, tokenizer=OneToken())[2]["skipped"] >= 1
+    assert (f"skipping unreadable record {tmp_path}/shards:2 (record 0 of {tmp_path}/shards/captions-00002-of-00003"
+            ".array_record): Corrupted Riegeli/records file") in caplog.text
+
+
 def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crops():
     """Captions that say "on the left" need images that are never mirrored."""
     from pixelflow_jax.data.decoding import RandomCropFlip

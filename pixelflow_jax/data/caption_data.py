@@ -19,8 +19,10 @@ like an unreadable image) and tokenizes the caption for the frozen text encoder.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import collections
+import itertools
 import os
 import re
 from concurrent import futures
@@ -263,9 +265,15 @@ class CaptionRecordSource:
             counts = list(pool.map(count_records, self.shards))
         self.source = ArrayRecordDataSource([WholeShard(shard, 0, n, n) for shard, n in zip(self.shards, counts)])
         self.listing = listing_fingerprint(root, zip(self.shards, counts))
+        self.ends = list(itertools.accumulate(counts))  # record i is in shard bisect_right(ends, i)
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def record_name(self, index: int) -> str:
+        """Record `index` as its shard and place there: a record that cannot be read has no name."""
+        shard = bisect.bisect_right(self.ends, index)
+        return f"{self.root}:{index} (record {index - ([0] + self.ends)[shard]} of {self.shards[shard]})"
 
     def __getitem__(self, index: int) -> dict:
         record = decode_record(self.source[index])

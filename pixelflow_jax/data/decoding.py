@@ -158,6 +158,9 @@ class DecodedSource:
                 "unknown_text": np.int32(self.tokenizer.has_unknown_text(tokens)[0])}
 
     def _name(self, index: int) -> str:
+        """Record `index` named for a message where it could not be read (no name of its own)."""
+        if hasattr(self.source, "record_name"):  # shards: which one is damaged
+            return self.source.record_name(index)
         records = getattr(self.source, "records", None)
         return records[index][0] if records else f"record {index}"
 
