@@ -176,7 +176,8 @@ def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder, caplo
         make_source(config, num_classes=1)
     assert make_source(config, num_classes=2).classes == ["a", "b"]
     assert "never train" not in caplog.text
-    make_source(config, num_classes=10)  # previews of classes 2-9 would show what never trained: named
+    assert make_source(config, num_classes=10).num_classes == 2  # previews of classes 2-9 would show what never
+    # trained: named, and previews cycle over the 2
     assert "has 2 classes but the model has model.num_classes = 10: classes 2 to 9 never train " \
            "(--config.model.num_classes=2 fits the folder, in a new --workdir)" in caplog.text
     os.makedirs(os.path.join(awkward_folder, "c_empty"))
@@ -306,7 +307,7 @@ def test_a_tfds_dataset_must_hold_images_and_labels_that_fit_the_models_classes(
                                         r"model.num_classes = 10: .* Set --config.model.num_classes=30"):
         make_source(config, num_classes=10)
     assert len(make_source(config, num_classes=30)) == 6 and "never train" not in caplog.text
-    make_source(config, num_classes=40)
+    assert make_source(config, num_classes=40).num_classes == 30  # what training previews cycle over
     assert "has 30 classes but the model has model.num_classes = 40: classes 30 to 39 never train" in caplog.text
 
     build_tfds(tmp_path, "CaptionedNotLabelled", {"image": tfds.features.Image(), "caption": tfds.features.Text()},

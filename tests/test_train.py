@@ -620,6 +620,9 @@ def test_previews_of_a_run_on_class_folders_cycle_over_its_folders(tmp_path, mon
     config.model.num_classes = 1000
     loop.run(config, tmp_path / "run")
     assert loop.preview_classes == [3]
+    loop.preview_classes.clear()
+    loop.run(loop.config(num_steps=2, preview_every=2, checkpoint_every=2), tmp_path / "demo_run")
+    assert loop.preview_classes == [10]  # the demo set's classes
 
     labels = []
 

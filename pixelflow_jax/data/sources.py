@@ -190,6 +190,11 @@ class ImageFolderSource:
                             f"(no file ending in {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folders")
         self.listing = listing_fingerprint(root, self.records)
 
+    @property
+    def num_classes(self) -> int:
+        """The class ids this data trains, 0 to num_classes - 1: one per class folder."""
+        return len(self.classes)
+
     def __len__(self) -> int:
         return len(self.records)
 

@@ -329,8 +329,9 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
     listing = getattr(source, "listing", None)  # of file-based data (folders, shards)
-    # Previews cycle over the classes the data holds: a fine-tune of 1000 classes on 10 folders trains ids 0-9.
-    trained_classes = len(source.classes) if hasattr(source, "classes") else None
+    # Previews cycle over the classes the data holds: a fine-tune of 1000 classes on 10 folders trains
+    # ids 0-9 (folders, TFDS and the demo set know their class count; captioned data has none).
+    trained_classes = getattr(source, "num_classes", None)
     d = config.data
     check_same_data(len(source), listing, f"{d.tfds_name}:{d.split}" if d.source == "tfds" else d.root or d.source)
     check_resume(workdir, config, done, len(source), record=False, listing=listing)  # refused now, not after a restore
