@@ -1759,6 +1759,9 @@ def test_a_new_local_name_with_a_space_at_its_edge_is_refused_and_an_existing_on
     assert os.listdir(tmp_path) == []
     (tmp_path / "old run ").mkdir()
     assert storage.user_path("old run ") == "old run " and storage.user_path("old run /step_5") == "old run /step_5"
+    # The fix offered keeps the names that exist as they are: 'old run/new' would be another folder.
+    with pytest.raises(storage.StorageError, match=re.escape("remove the space, as in 'old run /new'")):
+        storage.user_path("old run /new ")
 
 def test_a_workdir_that_would_be_lost_or_misread_is_refused_before_any_work(tmp_path):
     run = tmp_path / "run"

@@ -99,7 +99,8 @@ def check_spaced_names(path: str) -> None:
             # a tab or newline is named whitespace (the repr shows which)
             blank, fix = ("a space", "space") if name.strip(" ") == name.strip() else ("whitespace", "whitespace")
             edges = " and ".join(edge for edge, char in (("starts", name[0]), ("ends", name[-1])) if char.isspace())
-            fixed = os.sep.join(part.strip() for part in names)
+            # The names before it exist as spelled (stripped, they would name other folders); those after are new.
+            fixed = os.sep.join(names[:index] + [part.strip() for part in names[index:]])
             raise StorageError(f"{path!r}: the name {name!r} {edges} with {blank} and does not exist (a quoting "
                                f"slip?): remove the {fix}" + (f", as in {fixed!r}" if fixed.strip(os.sep) else ""))
 
