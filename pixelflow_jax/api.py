@@ -53,10 +53,11 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
     """Downloads a Hub checkpoint (into the Hub cache), picks a run's latest complete step, and
     checks that the path exists (local or gs://); URLs are never taken for local folders."""
     try:
-        path = storage.user_path(path)
-        if not path.strip():
+        # Before user_path, which takes a blank name for a quoting slip ("remove the space").
+        if isinstance(path, (str, os.PathLike)) and not str(path).strip():
             raise storage.StorageError("no checkpoint given: name a training run, one of its steps, a converted or "
                                        "release folder, or hf://OWNER/NAME")
+        path = storage.user_path(path)
         if hub.is_hub_path(path):
             folder, label = hub.checkpoint_folder(path)
             return CheckpointSource(folder, label)

@@ -1720,6 +1720,8 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
         storage.check_supported(storage.user_path("hdfs:///x"))
     with pytest.raises(CheckpointError, match="^no checkpoint given: name a training run"):
         load_model("")  # was "checkpoint  does not exist"
+    with pytest.raises(CheckpointError, match="^no checkpoint given: name a training run"):
+        load_model("  ")  # not "the name '  ' starts and ends with a space ...: remove the space"
     for spaced, name in ((" runs/xl", " runs"), ("runs/xl ", "xl "), ("runs/ xl", " xl")):  # a quoting slip
         with pytest.raises(CheckpointError, match=rf"^'{spaced}': the name '{name}' (starts|ends) with a space and "
                                                   r"does not exist \(a quoting slip\?\): remove the space"):
