@@ -368,8 +368,9 @@ def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditio
 
 def text_conditioning(embeddings, mask, negative) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) model kwargs for encoded prompts, (B, L, D) states and their (B, L) mask,
-    and the encoded negative prompt, a (1, L, D), (1, L) pair repeated for every image. Host
-    copies: the encoder's outputs live on its devices, the sampler's state maybe elsewhere."""
+    and the encoded negative prompt, a (1, L, D), (1, L) pair repeated for every image. As host
+    arrays (PromptEncoder.encode's already are; another encoder's may lie on its own devices),
+    which the sampler places on its mesh."""
     tile = lambda a: np.repeat(np.asarray(a), len(embeddings), axis=0)
     return ({"encoder_hidden_states": np.asarray(embeddings), "encoder_attention_mask": np.asarray(mask)},
             {"encoder_hidden_states": tile(negative[0]), "encoder_attention_mask": tile(negative[1])})

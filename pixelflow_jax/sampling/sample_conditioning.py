@@ -191,7 +191,7 @@ class TextPrompts:
 
     def batch(self, ids: np.ndarray) -> tuple[dict, dict]:
         if self._negative is None:  # encoded once for the whole job
-            self._negative = tuple(np.asarray(a) for a in self.encoder.encode([self.negative_prompt]))
+            self._negative = self.encoder.encode([self.negative_prompt])
         return text_conditioning(*self.encoder.encode([self.prompts[i // self.images_per_prompt] for i in ids]),
                                  self._negative)
 
