@@ -2222,11 +2222,11 @@ def test_the_conditioning_refuses_a_job_of_no_images_itself():
 
     sample = c2i.get_config("tiny").sample
     sample.num_images = 0
-    with pytest.raises(ValueError, match="sample.num_images must be positive, got 0"):
+    with pytest.raises(ValueError, match="^--config.sample.num_images must be positive, got 0"):
         sample_conditioning.ClassLabels(sample, num_classes=3)
     sample = t2i.get_config("tiny").sample
     sample.update(prompts=["a fox"], images_per_prompt=0)
-    with pytest.raises(ValueError, match="sample.images_per_prompt must be positive, got 0"):
+    with pytest.raises(ValueError, match="^--config.sample.images_per_prompt must be positive, got 0"):
         sample_conditioning.TextPrompts(sample, 4)
 
 

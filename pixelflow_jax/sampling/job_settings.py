@@ -8,6 +8,8 @@ one folder, and is refused with what to do instead.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import jax
 import numpy as np
 from absl import logging
@@ -76,7 +78,8 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
                          f"(differing: {changed}); use a new --workdir")
 
 
-def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: dict, changed: list[str]) -> None:
+def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: dict,
+                          changed: list[str]) -> NoReturn:
     """Raises for a rerun whose settings differ from the recorded ones in more than its image count,
     with what to do for the setting that changed."""
     path = storage.join(folder, "settings.json")

@@ -32,7 +32,7 @@ class ClassLabels:
         class_index.json); empty for a checkpoint that is not a run on image folders."""
         s = sample_config
         if s.num_images < 1:
-            raise ValueError(f"sample.num_images must be positive, got {s.num_images}")
+            raise ValueError(f"--config.sample.num_images must be positive, got {s.num_images}")
         if len(s.labels):
             warn_of_ids_that_name_other_folders(list(s.labels), folder_classes)
             self.labels = class_ids("--config.sample.labels", ids_of_names(list(s.labels), folder_classes),
@@ -166,7 +166,7 @@ class TextPrompts:
         s = sample_config
         self.prompts = read_prompts(s)
         if s.images_per_prompt < 1:
-            raise ValueError(f"sample.images_per_prompt must be positive, got {s.images_per_prompt}")
+            raise ValueError(f"--config.sample.images_per_prompt must be positive, got {s.images_per_prompt}")
         self.images_per_prompt = int(s.images_per_prompt)
         self.num_images = len(self.prompts) * self.images_per_prompt
         if self.num_images > MAX_SAMPLE_IMAGES:  # a typo: settings.json's per-image list would fill the host
