@@ -1105,7 +1105,9 @@ def test_a_caption_saved_as_utf16_or_utf32_is_named_so_with_the_command_that_con
                                                rf"{encoding} -t UTF-8 NAME.txt > NAME.utf8.txt"):
             decode_caption(saved)
     for saved, encoding in (("a red disk".encode("utf-16-le"), "UTF-16LE"), ("a red disk".encode("utf-16-be"),
-                                                                           "UTF-16BE")):  # no mark: valid UTF-8
+                                                                           "UTF-16BE"),  # no mark: valid UTF-8
+                            ("a red disk".encode("utf-32-le"), "UTF-32LE"), ("a red disk".encode("utf-32-be"),
+                                                                           "UTF-32BE")):
         with pytest.raises(CaptionError, match=rf"^caption holds NUL characters, as {encoding} text without a "
                                                rf"byte-order mark does; convert the file to UTF-8, e.g. iconv -f "
                                                rf"{encoding} -t UTF-8"):

@@ -56,10 +56,14 @@ def marked_encoding(text: bytes) -> str | None:
 
 
 def unmarked_utf16(text: bytes | str) -> str | None:
-    """UTF-16LE or UTF-16BE when `text` holds NULs: that is how UTF-16 without its byte-order
-    mark reads as UTF-8, each ASCII letter beside a NUL (which no text holds)."""
+    """UTF-16LE/BE (or UTF-32LE/BE) when `text` holds NULs: that is how UTF-16 without its
+    byte-order mark reads as UTF-8, each ASCII letter beside a NUL (which no text holds), and
+    UTF-32 beside three."""
     nul = b"\x00" if isinstance(text, bytes) else "\x00"
-    return None if nul not in text else "UTF-16BE" if text.startswith(nul) else "UTF-16LE"
+    if nul not in text:
+        return None
+    width = "32" if nul * 3 in text else "16"
+    return f"UTF-{width}BE" if text.startswith(nul) else f"UTF-{width}LE"
 
 
 def decode_caption(caption: bytes | str) -> str:
