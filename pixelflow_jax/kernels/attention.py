@@ -49,12 +49,11 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's fused attention takes no f
 def cudnn_refuses(q, k) -> str | None:
     """Why jax's cuDNN attention would refuse these shapes (its check_is_flash_attention), or None:
     head_dim a multiple of 8 up to 128 (256 from Hopper on), and even lengths (jax passes a bias
-    even without a mask, and cuDNN's backward with a bias needs them)."""
+    even without a mask, and cuDNN's backward with a bias needs them). Its dtypes, CUDNN_DTYPES,
+    are checked where the backend is resolved."""
     head_dim, limit = q.shape[-1], 128
     with contextlib.suppress(Exception):  # CPU (tests, tracing for a GPU): assume the older limit
         limit = 256 if float(jax.devices()[0].compute_capability) >= 9.0 else 128
-    if q.dtype not in CUDNN_DTYPES:
-        return f"it takes bfloat16 or float16 inputs, got {q.dtype}"
     if head_dim % 8 or head_dim > limit:
         return f"it needs a head_dim that is a multiple of 8 up to {limit}, got {head_dim}"
     if q.shape[1] % 2 or k.shape[1] % 2:
