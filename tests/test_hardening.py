@@ -2026,6 +2026,13 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
         check(10)
     check(11)
     assert recorded() == 11
+    given = {"seed": 0, "num_images": 11, "labels": [7, 1] * 5 + [3]}  # labels the user gave, not the default's
+    (samples / "settings.json").write_text(json.dumps(given))
+    with pytest.raises(ValueError, match=r"to keep them, rerun asking for at least 11 images \(as recorded: "
+                                         r"--config.sample.num_images=11, each image with the --config.sample.labels "
+                                         r"entry settings.json records for it\); or use"):
+        check_settings(str(samples), str(tmp_path), {**given, "num_images": 4, "labels": given["labels"][:4]})
+    (samples / "settings.json").write_text(json.dumps(job(11)))
 
     for i in (4, 6, 9, 10):
         (samples / f"{i:06d}.png").unlink()

@@ -201,7 +201,10 @@ def shrink_refusal(folder: str, workdir: str, recorded: dict, count: int, beyond
     keep = max(npz_count, image_id(beyond[-1]) + 1 if beyond else 0)
     recorded_count = int(recorded["num_images"])
     if "labels" in recorded:
-        at_least = f"at least {keep} images (as recorded: --config.sample.num_images={recorded_count})"
+        labels = list(recorded["labels"])
+        given = "" if labels == cycle(len(labels), max(labels, default=0) + 1) else (
+            ", each image with the --config.sample.labels entry settings.json records for it")  # not the default
+        at_least = f"at least {keep} images (as recorded: --config.sample.num_images={recorded_count}{given})"
     else:  # a text job's count is its prompts times images_per_prompt
         per_prompt = int(recorded["images_per_prompt"])
         at_least = (f"at least the first {-(-keep // per_prompt)} of settings.json's prompts, {per_prompt} images "
