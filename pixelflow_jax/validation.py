@@ -68,6 +68,10 @@ MAX_BATCH = 2**20  # images in a global batch (the release trains with 1,024)
 MAX_PREVIEW_IMAGES = 1024  # drawn as one batch
 MAX_EXPAND_RATIO = 4.0  # the release resizes to 1.125 x the resolution before its crop
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: seed 2**32 would draw seed 0's noise
+# Loader processes per host, and batches (threads) each decodes at once: a typo past these
+# (prefetch_batches=100000) died starting threads, in a traceback of grain's.
+MAX_DATA_WORKERS = 128
+MAX_PREFETCH_BATCHES = 128
 
 
 def seed(name: str, value, where: str = "--config.") -> int:
@@ -194,8 +198,8 @@ def check_data(config) -> None:
     d = config.data
     choice("data.source", d.source, DATA_SOURCES)
     number("data.expand_ratio", d.expand_ratio, minimum=1, maximum=MAX_EXPAND_RATIO)
-    integer("data.num_workers", d.num_workers, minimum=0)
-    integer("data.prefetch_batches", d.prefetch_batches, minimum=1)
+    integer("data.num_workers", d.num_workers, minimum=0, maximum=MAX_DATA_WORKERS)
+    integer("data.prefetch_batches", d.prefetch_batches, minimum=1, maximum=MAX_PREFETCH_BATCHES)
     if d.source == "demo":
         integer("data.demo_num_images", d.demo_num_images, minimum=1)
         integer("data.demo_num_classes", d.demo_num_classes, minimum=1)

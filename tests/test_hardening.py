@@ -59,8 +59,8 @@ def c2i_config(**changes):
     ("inspect", "model.in_channels", 4, "--config.model.in_channels and out_channels must be 3, got 4 and 3"),
     ("train", "model.attention", "fast", "--config.model.attention must be one of"),
     ("train", "data.expand_ratio", 0.9, "--config.data.expand_ratio must be >= 1, got 0.9"),
-    ("train", "data.num_workers", -1, "--config.data.num_workers must be >= 0, got -1"),
-    ("train", "data.prefetch_batches", 0, "--config.data.prefetch_batches must be >= 1, got 0"),
+    ("train", "data.num_workers", -1, "--config.data.num_workers must be in [0, 128], got -1"),
+    ("train", "data.prefetch_batches", 0, "--config.data.prefetch_batches must be in [1, 128], got 0"),
     ("sample", "sample.batch_size", 0, "--config.sample.batch_size must be >= 1, got 0"),
     ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be in [1, 10000]"),
     # 10**9 steps filled a 24 GB host with time grids (killed by the kernel, no message)
@@ -145,7 +145,9 @@ def next_above(x):
     ("train", "data.expand_ratio", 1.0, next_below(1.0)),
     ("train", "data.expand_ratio", 4.0, next_above(4.0)),
     ("train", "data.num_workers", 0, -1),
+    ("train", "data.num_workers", 128, 129),  # processes per host
     ("train", "data.prefetch_batches", 1, 0),
+    ("train", "data.prefetch_batches", 128, 129),  # threads per process: 100000 died in grain
     ("train", "data.demo_num_images", 1, 0),
     ("train", "data.demo_num_classes", 1, 0),
     ("train", "data.demo_seed", 2**32 - 1, 2**32),
