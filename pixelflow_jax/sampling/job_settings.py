@@ -49,10 +49,10 @@ def check_settings(folder: str, workdir: str, settings: dict, record: bool = Tru
 def check_and_record_settings(folder: str, workdir: str, settings: dict, record: bool = True) -> None:
     path = storage.join(folder, "settings.json")
     if storage.exists(path):
-        changed = changed_settings(path, settings)
+        recorded = read_settings(path)
+        changed = changed_settings(recorded, settings)
         if not changed:
             return
-        recorded = storage.read_json(path)
         if (count := extended_from(recorded, settings, changed)) is not None:
             # Each image depends only on the seed, its id and its conditioning: the recorded ones stay valid.
             if record:
@@ -73,7 +73,7 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
     if not record or storage.create_json(path, settings):
         return
-    if changed := changed_settings(path, settings):  # another job's came first
+    if changed := changed_settings(read_settings(path), settings):  # another job's came first
         raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
                          f"(differing: {changed}); use a new --workdir")
 
@@ -215,16 +215,21 @@ def shrink_refusal(folder: str, workdir: str, recorded: dict, count: int, beyond
             f"to keep {them}, rerun asking for {at_least}; or use a new --workdir")
 
 
-def changed_settings(path: str, settings: dict) -> list[str]:
-    """The names of the settings that differ from those recorded at `path`, ignoring what cannot
-    change the images."""
+def read_settings(path: str) -> dict:
+    """The settings a job recorded at `path`; a damaged file is an error naming it."""
     try:
-        previous = storage.read_json(path)
-        if not isinstance(previous, dict):
-            raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+        recorded = storage.read_json(path)
+        if not isinstance(recorded, dict):
+            raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
     except ValueError as e:
         raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}), so the images beside it cannot be "
                          "trusted to be this job's: use a new --workdir, or move the samples folder away") from None
+    return recorded
+
+
+def changed_settings(previous: dict, settings: dict) -> list[str]:
+    """The names of the settings that differ from the `previous` ones (a job's record), ignoring
+    what cannot change the images."""
     settings = {k: v for k, v in settings.items() if k in previous or k not in SETTINGS_ADDED_LATER}
     changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
     for path, fingerprint in (("checkpoint", "checkpoint_fingerprint"), ("text_encoder", "text_encoder_fingerprint")):
