@@ -55,7 +55,7 @@ def marked_encoding(text: bytes) -> str | None:
     return next((name for bom, name in FOREIGN_BOMS if text.startswith(bom)), None)
 
 
-def unmarked_utf16(text: bytes | str) -> str | None:
+def unmarked_encoding(text: bytes | str) -> str | None:
     """UTF-16LE/BE (or UTF-32LE/BE) when `text` holds NULs: that is how UTF-16 without its
     byte-order mark reads as UTF-8, each ASCII letter beside a NUL (which no text holds), and
     UTF-32 beside three."""
@@ -76,7 +76,7 @@ def decode_caption(caption: bytes | str) -> str:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CaptionError(f"caption is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
-    if encoding := unmarked_utf16(caption):
+    if encoding := unmarked_encoding(caption):
         raise CaptionError(f"caption holds NUL characters, as {encoding} text without a byte-order mark does; "
                            f"{conversion(encoding)}")
     caption = caption.removeprefix("\ufeff").strip()  # a BOM (Windows editors write one) is no caption

@@ -119,16 +119,16 @@ def warn_of_untrained_ids(labels: np.ndarray, folder_classes: Sequence[str]) -> 
 
 def read_prompts_file(path: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file (a byte-order mark, as Windows editors write, is
-    not part of the first prompt): line i is prompt i, as an editor numbers them. UTF-16 saved
-    without its mark reads as UTF-8 with a NUL beside each letter: refused, not sampled."""
-    from pixelflow_jax.data.caption_data import marked_encoding, unmarked_utf16
+    not part of the first prompt): line i is prompt i, as an editor numbers them. UTF-16 or -32
+    saved without its mark reads as UTF-8 with NULs beside each letter: refused, not sampled."""
+    from pixelflow_jax.data.caption_data import marked_encoding, unmarked_encoding
 
     name = f"--config.sample.prompts_file {path}"
     if not storage.isfile(path):
         raise ValueError(f"{name} is a folder: give a text file, one prompt per line" if storage.isdir(path)
                          else f"{name} does not exist")
     data = storage.read_bytes(path)
-    if encoding := marked_encoding(data) or unmarked_utf16(data):
+    if encoding := marked_encoding(data) or unmarked_encoding(data):
         raise ValueError(f"{name} is {encoding} text, not UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 "
                          f"{path} > prompts.utf8.txt, and give that file")
     try:
