@@ -192,6 +192,30 @@ def test_auto_is_splash_on_tpu_cudnn_for_bf16_on_gpu(monkeypatch):
         assert resolve_backend("auto", dtype) == expected, (platform, dtype)
 
 
+def test_compiling_for_a_gpu_on_a_cpu_chooses_the_gpu_backends():
+    """bench/gpu_compile.py compiles the model for an H200 on a CPU host: inside compiling_for('gpu')
+    'auto' means cuDNN and the GPU kernels pass the platform check, which refuses them outside it;
+    a model's attention then lowers for CUDA to our Triton kernel (cuDNN's lowering needs jax's
+    CUDA plugin, absent here)."""
+    from pixelflow_jax.kernels.attention import check_platform, compiling_for
+
+    q = jax.ShapeDtypeStruct((2, 256, 4, 72), jnp.bfloat16)
+    attend = lambda q: dot_product_attention(q, q, q, backend="pallas_gpu")
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    with compiling_for("gpu"), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",),
+                                                                                           abstract_device=h100)):
+        assert resolve_backend("auto", jnp.bfloat16) == "cudnn"
+        check_platform("cudnn")
+        hlo = jax.jit(attend).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "pixelflow_flash_forward" in hlo
+    assert resolve_backend("auto", jnp.bfloat16) == "xla"
+    with pytest.raises(ValueError, match="runs on gpu, and this run's platform is cpu"):
+        check_platform("pallas_gpu")
+    with pytest.raises(ValueError, match="unknown platform 'cuda'; one of"):
+        with compiling_for("cuda"):
+            pass
+
+
 def test_cudnn_for_float32_is_refused_when_resolved_not_at_the_first_call(monkeypatch):
     """main.py and load_model resolve the backend before any work: cuDNN takes no float32."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

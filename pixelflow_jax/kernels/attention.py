@@ -126,6 +126,7 @@ PALLAS_BACKENDS = ("pallas_gpu", "splash")
 #   XLA (_auto_gpu_attention).
 AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
 _interpret = [False]
+_compiling_for: list[str | None] = [None]
 
 
 @contextlib.contextmanager
@@ -140,13 +141,32 @@ def interpret_kernels():
         _interpret[0] = False
 
 
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Chooses and checks backends for `platform` ('gpu', 'tpu') instead of this host's devices:
+    for compiling ahead of time, on a CPU, for a machine this host is not (jax's deviceless
+    compilation, bench/gpu_compile.py). Read when a function is traced, like interpret_kernels."""
+    if platform not in AUTO:
+        raise ValueError(f"unknown platform {platform!r}; one of {sorted(AUTO)}")
+    _compiling_for[0] = platform
+    try:
+        yield
+    finally:
+        _compiling_for[0] = None
+
+
+def target_platform() -> str:
+    """The platform the attention is traced for: this host's, unless inside compiling_for."""
+    return _compiling_for[0] or jax.default_backend()
+
+
 def check_platform(backend: str) -> None:
     """A clear error for an unknown backend, or one that this platform cannot run."""
     if backend == "auto":
         return
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {sorted(BACKENDS) + ['auto']}")
-    needs, platform = PLATFORMS.get(backend), jax.default_backend()
+    needs, platform = PLATFORMS.get(backend), target_platform()
     if needs and platform not in needs and not (backend in PALLAS_BACKENDS and _interpret[0]):
         raise ValueError(f"attention backend {backend!r} runs on {'/'.join(needs)}, and this run's platform is "
                          f"{platform}: use 'auto' or 'xla'")
@@ -157,7 +177,7 @@ def resolve_backend(backend: str, dtype) -> str:
     resolved), or a clear error."""
     check_platform(backend)
     if backend == "auto":
-        choice = AUTO.get(jax.default_backend(), "xla")
+        choice = AUTO.get(target_platform(), "xla")
         if choice == "cudnn" and jnp.dtype(dtype) not in CUDNN_DTYPES:
             choice = "xla"
         return choice
