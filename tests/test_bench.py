@@ -34,6 +34,38 @@ def test_profile_top_ops_totals_the_traced_ops():
     json.dumps(report)  # it travels back from the GPU machine as JSON
 
 
+def test_gpu_compile_reads_the_compilers_reports():
+    """bench/gpu_compile.py compiles for an H200 on a CPU (with jax's CUDA plugin, not installed in
+    the test environment): what it reads from XLA's thunk list and ptxas -v is checked on lines in
+    their formats, and the per-SM occupancy on hand-computed cases (65536 registers, allocated per
+    warp in units of 256; 233472 bytes of shared memory, 1 KiB reserved per block)."""
+    from gpu_compile import blocks_per_sm, parse_ptxas_report, parse_thunk_sequence
+
+    thunks = ("001: kCustomKernel [source       | next=002 (1)] pixelflow_flash_forward grid: [32, 8, 16] "
+              "threads: [128, 1, 1]  shared_memory: 81920 bytes\n"
+              "002: kCustomKernel [prev=001 (1) | sink        ] input_reduce_fusion grid: [65536, 1, 1] "
+              "threads: [256, 1, 1]  shared_memory: 0 bytes\n")
+    assert parse_thunk_sequence(thunks) == [
+        dict(kernel="pixelflow_flash_forward", grid=[32, 8, 16], threads=[128, 1, 1], shared_memory=81920),
+        dict(kernel="input_reduce_fusion", grid=[65536, 1, 1], threads=[256, 1, 1], shared_memory=0)]
+    report = ("ptxas info    : 0 bytes gmem\n"
+              "ptxas info    : Compiling entry function 'pixelflow_flash_backward_dq' for 'sm_90a'\n"
+              "ptxas info    : Function properties for pixelflow_flash_backward_dq\n"
+              "    0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+              "ptxas info    : Used 134 registers, used 1 barriers\n"
+              "ptxas info    : Compiling entry function 'fusion_1' for 'sm_90a'\n"
+              "ptxas info    : Function properties for fusion_1\n"
+              "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+              "ptxas info    : Used 10 registers, used 0 barriers\n")
+    assert parse_ptxas_report(report) == {
+        "pixelflow_flash_backward_dq": dict(registers=134, spill_stores=8, spill_loads=12),
+        "fusion_1": dict(registers=10, spill_stores=0, spill_loads=0)}
+    assert blocks_per_sm(threads=128, registers=236, shared_memory=81920) == 2  # 4 warps x 7680 registers
+    assert blocks_per_sm(threads=256, registers=126, shared_memory=143360) == 1  # shared memory bounds it
+    assert blocks_per_sm(threads=128, registers=128, shared_memory=30720) == 4  # registers bound it (7 by memory)
+    assert blocks_per_sm(threads=32, registers=10, shared_memory=0) == 32  # the SM's block limit
+
+
 def test_a_bad_argument_is_a_usage_error_before_anything_compiles():
     """--repeats=0 failed with a StatisticsError after compiling the model; --dtype=fp16 and
     --batch=0 with tracebacks."""

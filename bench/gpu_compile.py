@@ -1,0 +1,249 @@
+"""Compile for an NVIDIA H200 or H100 on a machine without one (XLA's deviceless compilation), and
+report what a GPU session would otherwise spend its first minutes learning:
+
+  kernels  whether our Pallas kernels compile to the card's code, for every tile setting of
+           attention_speed.SWEEP: per kernel launch the grid, threads, shared memory (XLA's thunk
+           list), registers and spills (ptxas -v on the PTX), and the blocks that fit on one SM;
+  train    XLA's memory plan of one XL training step: arguments + outputs - aliased + temporaries,
+           the peak the step needs on the card, per batch, remat policy and attention backend.
+
+Nothing runs: the numbers are the compiler's, not a measurement (bench/RESULTS.md keeps them apart).
+The plan leaves out what comes at run time (cuDNN workspace, allocator fragmentation, the loader).
+
+Setup, once: a venv that sees this machine's packages, plus jax's CUDA plugin of the same version
+(about 5 GB; no GPU or driver needed):
+
+    python -m venv --system-site-packages /tmp/cuda
+    V=$(python -c 'import jax; print(jax.__version__)')
+    /tmp/cuda/bin/pip install "jax-cuda12-plugin[with-cuda]==$V" "jax-cuda12-pjrt==$V"
+
+    /tmp/cuda/bin/python bench/gpu_compile.py kernels
+    /tmp/cuda/bin/python bench/gpu_compile.py train --batch=32 --remat=dots --attention=cudnn
+
+The CUDA plugin logs that it found no GPU; that is expected. Needs jax, flax, optax, numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+# The CUDA plugin checks the driver's version when it loads; there is no driver here, and the check
+# would leave the plugin unregistered (no "cuda" topology).
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from attention_speed import SWEEP  # noqa: E402
+from harness import positive_int  # noqa: E402
+from pixelflow_jax import PixelFlowScheduler  # noqa: E402
+from pixelflow_jax.config import ATTENTION_BACKENDS, REMAT_POLICIES  # noqa: E402
+from pixelflow_jax.kernels.attention import compiling_for, dot_product_attention  # noqa: E402
+from pixelflow_jax.model import PixelFlow  # noqa: E402
+from pixelflow_jax.sharding import BATCH_AXES, batch_sharding  # noqa: E402
+from pixelflow_jax.training.flow import StageTables  # noqa: E402
+from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
+                                               state_shardings)
+from sample_speed import PRESETS  # noqa: E402
+
+# XLA's description of each card (what a GPU's PJRT client reports about itself), for the compiler:
+# SM count and limits, memory, compute capability. From NVIDIA's datasheets and CUDA's device query.
+_CARD = """
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 9 }}
+device_description_str: "{name}"
+"""
+CARDS = {
+    "h200": _CARD.format(name="NVIDIA H200", bandwidth=4_800_000_000_000, memory=150_754_820_096),
+    "h100": _CARD.format(name="NVIDIA H100 80GB HBM3", bandwidth=3_352_320_000_000, memory=84_929_347_584),
+}
+SM_REGISTERS, SM_SHARED_MEMORY, SM_MAX_BLOCKS = 65536, 233472, 32  # sm_90, per streaming multiprocessor
+PTXAS_ARCH = "sm_90a"  # what XLA emits for compute capability 9.0
+KERNEL_PREFIX = "pixelflow_"  # pallas_gpu_attention names its kernels so (name= of each pallas_call)
+
+
+def card_mesh(card: str, axes: tuple[str, ...]) -> jax.sharding.Mesh:
+    """A mesh of one compile-only device of `card` (all axes of size 1)."""
+    topology = topologies.get_topology_desc(platform="cuda", target_config=CARDS[card], topology="1x1x1")
+    return topologies.make_mesh(topology, (1,) * len(axes), axes)
+
+
+def compile_with_dump(fn, args, dump_dir: str):
+    """fn jitted and compiled for the abstract args' device, XLA's files (PTX, thunks) in dump_dir."""
+    return jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump_dir})
+
+
+def kernel_launches(dump_dir: str) -> list[dict]:
+    """Every kernel launch of the compiled program (XLA's thunk list)."""
+    return [launch for path in glob.glob(os.path.join(dump_dir, "*thunk_sequence.txt"))
+            for launch in parse_thunk_sequence(open(path).read())]
+
+
+def parse_thunk_sequence(text: str) -> list[dict]:
+    """XLA's thunk list -> each kernel launch's name, grid, threads and shared memory."""
+    pattern = re.compile(r"(\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+)")
+    return [dict(kernel=name, grid=[int(n) for n in grid.split(",")], threads=[int(n) for n in threads.split(",")],
+                 shared_memory=int(shared))
+            for name, grid, threads, shared in pattern.findall(text)]
+
+
+def ptxas() -> str:
+    import nvidia.cuda_nvcc  # installed with the CUDA plugin's [with-cuda] extra
+
+    return os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
+
+
+def register_use(dump_dir: str) -> dict[str, dict]:
+    """kernel name -> registers and spill bytes per thread, from ptxas -v over the dumped PTX."""
+    use = {}
+    for path in glob.glob(os.path.join(dump_dir, "*.ptx")):
+        if ".entry" not in open(path).read():  # XLA dumps an empty PTX file for some modules
+            continue
+        report = subprocess.run([ptxas(), "-v", f"--gpu-name={PTXAS_ARCH}", path, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+        use.update(parse_ptxas_report(report))
+    return use
+
+
+def parse_ptxas_report(report: str) -> dict[str, dict]:
+    """ptxas -v's lines per entry function -> {name: registers, spill_stores, spill_loads}."""
+    use = {}
+    for block in report.split("Compiling entry function")[1:]:
+        name = re.search(r"'(\S+)'", block).group(1)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        registers = re.search(r"Used (\d+) registers", block)
+        use[name] = dict(registers=int(registers.group(1)), spill_stores=int(spills.group(1)),
+                         spill_loads=int(spills.group(2)))
+    return use
+
+
+def blocks_per_sm(threads: int, registers: int, shared_memory: int) -> int:
+    """How many blocks of a kernel one SM holds at once (registers are allocated per warp in units
+    of 256, shared memory with 1 KiB reserved per block)."""
+    warp_registers = -(-registers * 32 // 256) * 256
+    by_registers = SM_REGISTERS // (warp_registers * -(-threads // 32))
+    by_shared = SM_SHARED_MEMORY // (shared_memory + 1024)
+    return min(by_registers, by_shared, SM_MAX_BLOCKS)
+
+
+def compile_kernels(card: str, settings, batch: int, length: int, heads: int, head_dim: int) -> dict:
+    """Forward+backward of pallas_gpu attention under `settings`, compiled for the card."""
+    mesh = card_mesh(card, ("data",))
+    spec = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16,
+                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def forward_backward(q, k, v):
+        loss = lambda q, k, v: dot_product_attention(q, k, v, backend="pallas_gpu").astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    row = dict(card=card, shape=f"B{batch}x{length}", heads=heads, head_dim=head_dim,
+               settings=dataclasses.asdict(settings))
+    with tempfile.TemporaryDirectory() as dump, settings.applied(), compiling_for("gpu"):
+        try:
+            compile_with_dump(forward_backward, (spec, spec, spec), dump)
+        except Exception as error:  # a setting that does not compile is a result, not the end
+            return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+        use = register_use(dump)
+        launches = kernel_launches(dump)
+    launches = [launch for launch in launches if launch["kernel"].startswith(KERNEL_PREFIX)]  # not XLA's fusions
+    for launch in launches:
+        launch.update(use.get(launch["kernel"], {}))
+        if "registers" in launch:
+            launch["blocks_per_sm"] = blocks_per_sm(launch["threads"][0], launch["registers"], launch["shared_memory"])
+    return {**row, "launches": launches}
+
+
+def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype: str) -> dict:
+    """XLA's memory plan of one XL/4 training step on the card (AdamW + EMA state, all four stages)."""
+    base, resolution = PRESETS["xl"]
+    cfg = dataclasses.replace(base, dtype=dtype, remat=remat, attention=attention)
+    scheduler, step_cfg = PixelFlowScheduler(), StepConfig()
+    tx = make_optimizer(step_cfg)
+    tables = StageTables.from_scheduler(scheduler)  # concrete, on this host, before the card's mesh
+    build = lambda: PixelFlow(cfg, rngs=nnx.Rngs(0))
+    graphdef = nnx.graphdef(nnx.eval_shape(build))
+    state = jax.eval_shape(lambda: init_state(build(), tx, seed=0))
+    mesh = card_mesh(card, BATCH_AXES)
+    shardings = state_shardings(state, mesh)
+    state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state, shardings)
+    data = batch_sharding(mesh)
+    images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.uint8, sharding=data)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
+    row = dict(card=card, preset="xl", batch=batch, remat=remat, attention=attention, dtype=dtype)
+    start = time.perf_counter()
+    with compiling_for("gpu"):
+        step = make_train_step(cfg, graphdef, tables, tx, step_cfg, resolution, scheduler.num_train_timesteps,
+                               mesh, shardings)
+        try:
+            memory = step.lower(state, images, labels).compile().memory_analysis()
+        except Exception as error:
+            return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+    gb = lambda n: round(n / 1e9, 2)
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+    return {**row, "compile_s": round(time.perf_counter() - start, 1), "state_gb": gb(memory.argument_size_in_bytes),
+            "temporaries_gb": gb(memory.temp_size_in_bytes), "peak_gb": gb(peak)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("kernels", "train"))
+    parser.add_argument("--card", choices=sorted(CARDS), default="h200")
+    parser.add_argument("--shapes", default="8x4096,32x1024", help="kernels: comma-separated BxL")
+    parser.add_argument("--heads", type=positive_int, default=16)
+    parser.add_argument("--head_dim", type=positive_int, default=72)
+    parser.add_argument("--batch", default="32", help="train: comma-separated global batches")
+    parser.add_argument("--remat", default="dots", help=f"train: comma-separated, of {REMAT_POLICIES}")
+    parser.add_argument("--attention", default="cudnn", help=f"train: comma-separated, of {ATTENTION_BACKENDS}")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+
+    print(json.dumps(dict(jax=jax.__version__, card=args.card)), flush=True)
+    if args.what == "kernels":
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+        for settings, (batch, length) in itertools.product(SWEEP, shapes):
+            print(json.dumps(compile_kernels(args.card, settings, batch, length, args.heads, args.head_dim)), flush=True)
+        return
+    runs = itertools.product([int(b) for b in args.batch.split(",")], args.remat.split(","), args.attention.split(","))
+    for batch, remat, attention in runs:
+        print(json.dumps(compile_train_step(args.card, batch, remat, attention, args.dtype)), flush=True)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
