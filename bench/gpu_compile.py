@@ -1,9 +1,10 @@
 """Compile for an NVIDIA H200 or H100 on a machine without one (XLA's deviceless compilation), and
 report what a GPU session would otherwise spend its first minutes learning:
 
-  kernels  whether our Pallas kernels compile to the card's code, for every tile setting of
-           attention_speed.SWEEP: per kernel launch the grid, threads, shared memory (XLA's thunk
-           list), registers and spills (ptxas -v on the PTX), and the blocks that fit on one SM;
+  kernels  whether our Pallas kernels compile to the card's code without spilling registers, for
+           every tile setting of attention_speed.SWEEP: per kernel launch the grid, threads, shared
+           memory (XLA's thunk list), and under jax 0.10 (whose dump has the PTX) the registers
+           (ptxas -v) and the blocks that fit on one SM;
   train    XLA's memory plan of one XL training step: arguments + outputs - aliased + temporaries,
            the peak the step needs on the card, per batch, remat policy and attention backend.
 
@@ -104,8 +105,11 @@ def card_mesh(card: str, axes: tuple[str, ...]) -> jax.sharding.Mesh:
 
 
 def compile_with_dump(fn, args, dump_dir: str):
-    """fn jitted and compiled for the abstract args' device, XLA's files (PTX, thunks) in dump_dir."""
-    return jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump_dir})
+    """fn jitted and compiled for the abstract args' device, XLA's files (thunks; PTX under jax
+    0.10, not 0.11) in dump_dir. A program with a kernel that spills registers fails: spilling is
+    what ptxas -v reads, and the one sign jax 0.11's dump leaves no PTX for."""
+    options = {"xla_dump_to": dump_dir, "xla_gpu_fail_ptx_compilation_on_register_spilling": True}
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)
 
 
 def kernel_launches(dump_dir: str) -> list[dict]:
@@ -173,10 +177,11 @@ def compile_kernels(card: str, settings, batch: int, length: int, heads: int, he
 
     row = dict(card=card, shape=f"B{batch}x{length}", heads=heads, head_dim=head_dim,
                settings=dataclasses.asdict(settings))
-    with tempfile.TemporaryDirectory() as dump, settings.applied(), compiling_for("gpu"):
+    # The mesh tells Pallas which GPU it lowers for (jax 0.11 asks; 0.10 does not need it).
+    with tempfile.TemporaryDirectory() as dump, settings.applied(), compiling_for("gpu"), jax.set_mesh(mesh):
         try:
             compile_with_dump(forward_backward, (spec, spec, spec), dump)
-        except Exception as error:  # a setting that does not compile is a result, not the end
+        except Exception as error:  # a setting that does not compile (or spills) is a result, not the end
             return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
         use = register_use(dump)
         launches = kernel_launches(dump)
@@ -185,7 +190,7 @@ def compile_kernels(card: str, settings, batch: int, length: int, heads: int, he
         launch.update(use.get(launch["kernel"], {}))
         if "registers" in launch:
             launch["blocks_per_sm"] = blocks_per_sm(launch["threads"][0], launch["registers"], launch["shared_memory"])
-    return {**row, "launches": launches}
+    return {**row, "spills": False, "launches": launches}
 
 
 def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype: str) -> dict:
