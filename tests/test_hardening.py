@@ -1468,6 +1468,35 @@ def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_no
     check_resume(workdir, config, step=40, num_records=3)  # a source without files (tfds, demo): nothing to compare
 
 
+def test_a_run_records_its_datas_class_count_and_a_resume_on_another_count_is_refused_unless_allowed(tmp_path):
+    """Sampling a run cycles its default labels over the classes its data held (a fine-tune of 1000
+    classes on a 10-class TFDS dataset trains ids 0-9): the count is recorded, and a resume on
+    labels of another count is a data change. A run recorded before the count was resumes."""
+    from configs import t2i
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    config, workdir = c2i_config(**{"model.num_classes": 1000}), tmp_path / "run"
+    check_resume(str(workdir), config, step=0, num_records=100, num_classes=10)
+    recorded = lambda: json.loads((workdir / SETTINGS_FILE).read_text()).get("data.num_classes")
+    assert recorded() == 10
+    check_resume(str(workdir), config, step=40, num_records=100, num_classes=10)
+    with pytest.raises(ValueError, match=r"data.num_classes \(the class count of the data's labels: ids 0 to N - 1 "
+                                         r"train\): 10 -> 12\); resuming"):
+        check_resume(str(workdir), config, step=40, num_records=100, num_classes=12)
+    config.train.allow_resume_changes = True
+    check_resume(str(workdir), config, step=40, num_records=100, num_classes=12)
+    assert recorded() == 12
+    assert json.loads((workdir / CHANGES_FILE).read_text())["changes"] == {"data.num_classes": {"from": 10, "to": 12}}
+
+    older = tmp_path / "older"  # recorded by an earlier version: no count, and none added at a resume
+    check_resume(str(older), c2i_config(), step=0, num_records=100)
+    check_resume(str(older), c2i_config(), step=40, num_records=100, num_classes=10)
+    assert "data.num_classes" not in json.loads((older / SETTINGS_FILE).read_text())
+    text = tmp_path / "text"  # the captioned demo set's count is its colours: no class a text model learns
+    check_resume(str(text), t2i.get_config("tiny"), step=0, num_records=100, num_classes=10)
+    assert "data.num_classes" not in json.loads((text / SETTINGS_FILE).read_text())
+
+
 def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constant(tmp_path):
     from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_optimiser_state, check_resume
 

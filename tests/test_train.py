@@ -643,6 +643,28 @@ def test_previews_of_a_run_on_class_folders_cycle_over_its_folders(tmp_path, mon
         assert labels.pop() == expected
 
 
+def test_a_run_on_a_tfds_dataset_of_fewer_classes_records_their_count_for_its_sampling_jobs(tmp_path, monkeypatch):
+    """A fine-tune of a 1000-class model on a 3-class TFDS dataset trains ids 0-2, but recorded no
+    class count (nor a class_index.json): its sampling jobs and demo page took ids 0-999."""
+    import io
+
+    import tensorflow_datasets as tfds
+
+    from pixelflow_jax.training.resume_settings import recorded_settings
+    from test_data import build_tfds, encoded
+
+    build_tfds(tmp_path / "tfds", "ThreeClassesOfAThousand", {"image": tfds.features.Image(),
+                                                              "label": tfds.features.ClassLabel(num_classes=3)},
+               lambda i: {"image": io.BytesIO(encoded(np.full((8, 8, 3), 40 * i, np.uint8))), "label": i % 3})
+    loop = StandInLoop(monkeypatch)
+    config = loop.config(num_steps=2, preview_every=2, checkpoint_every=2)
+    config.data.update(source="tfds", tfds_name="three_classes_of_a_thousand", tfds_data_dir=str(tmp_path / "tfds"))
+    config.model.num_classes = 1000
+    loop.run(config, tmp_path / "run")
+    assert recorded_settings(str(tmp_path / "run"))["data.num_classes"] == 3
+    assert loop.preview_classes == [3]
+
+
 def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_the_data_where_it_stopped(
         tmp_path, monkeypatch):
     """Steps 1..num_steps, each once; logged: every log_every steps, every preview step and the

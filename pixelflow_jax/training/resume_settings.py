@@ -3,13 +3,16 @@
     WORKDIR/train_settings.json     those settings, as the run started (or was last changed)
     WORKDIR/settings_changes.jsonl  every change accepted (allow_resume_changes, NUMERICS_ONLY), by step
 
-A resume with another batch size, seed or data (another root, or the same root with records added,
+A resume with another batch size, seed or data (another root, the same root with records added,
 removed, renamed or moved to another class: the shuffle is a permutation of the record count, and
-a record's position is its place in the sorted listing) silently loses exact resume (the data position
-counts in steps of the new batch); another learning rate silently changes the run. So a change is
-refused, naming each setting, unless train.allow_resume_changes is set; then it is recorded.
-Where the steps run (devices, remat, fsdp, attention backend) may change with a warning and a
-record: the numbers then agree with an uninterrupted run to float rounding (NUMERICS_ONLY).
+a record's position is its place in the sorted listing; or labels of another class count) silently
+loses exact resume (the data position counts in steps of the new batch); another learning rate
+silently changes the run. So a change is refused, naming each setting, unless
+train.allow_resume_changes is set; then it is recorded. Where the steps run (devices, remat, fsdp,
+attention backend) may change with a warning and a record: the numbers then agree with an
+uninterrupted run to float rounding (NUMERICS_ONLY). The class count of a class-conditional run's
+data (data.num_classes) is recorded too: sampling the run cycles its default labels over those
+classes (api.run_trained_classes).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_
             "data.random_flip": True}
 # Recorded by this version, not by runs before it: their absence is no change.
 ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "data.demo_num_classes", "data.listing",
-               *NUMERICS_ONLY)
+               "data.num_classes", *NUMERICS_ONLY)
 # The checkpoint a new run started from (train.init_from, resolved; "" from scratch): recorded once,
 # never compared (a resume does not read init_from), for a resume to tell a rerun of the same
 # command from an init_from given to a run that already trains.
@@ -45,7 +48,8 @@ STARTED_FROM = "train.init_from"
 # Recorded names that are not config fields, as a message names them.
 LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)",
           "data.listing": "data.listing (a hash of the data's file names, and classes where it has them: files "
-                          "added, removed or renamed, or moved to another class)"}
+                          "added, removed or renamed, or moved to another class)",
+          "data.num_classes": "data.num_classes (the class count of the data's labels: ids 0 to N - 1 train)"}
 # The data fields every source reads, then those of each source: a field its source does not read
 # is not compared (runs before 2026-11-29 recorded every field, and a resume that changed, say,
 # tfds_name for a folder of images was refused). demo_num_classes: the demo's hue count, which
@@ -55,8 +59,12 @@ SOURCE_FIELDS = {"tfds": ("tfds_name", "split"), "folder": ("root", "missing_cap
                  "demo": ("demo_num_images", "demo_seed", "demo_num_classes")}
 
 
-def resume_settings(config, num_records: int, listing: str | None = None) -> dict:
+def resume_settings(config, num_records: int, listing: str | None = None, num_classes: int | None = None) -> dict:
+    """num_classes: the data's class count where it knows one (folders, TFDS labels, the demo set),
+    recorded for class-conditional models (the captioned demo set's is its colour count)."""
     values = {"seed": config.seed, "data.num_records": num_records, **({"data.listing": listing} if listing else {})}
+    if num_classes is not None and not config.model.cross_attention_dim:
+        values["data.num_classes"] = num_classes
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
     data_fields = DATA_FIELDS + SOURCE_FIELDS.get(config.data.source, ())
     values.update({f"data.{name}": config.data[name] for name in data_fields if name in config.data})
@@ -131,11 +139,11 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
 
 
 def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True,
-                 listing: str | None = None) -> None:
-    """Records the settings of a new run (and the number of records its data has, and the
-    fingerprint of its file listing where it has files); refuses or records a change when resuming
-    at `step`. `record=False` only refuses (and writes nothing)."""
-    path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing)
+                 listing: str | None = None, num_classes: int | None = None) -> None:
+    """Records the settings of a new run (and the number of records its data has, the fingerprint
+    of its file listing where it has files, and its class count where it has one); refuses or
+    records a change when resuming at `step`. `record=False` only refuses (and writes nothing)."""
+    path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing, num_classes)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if record and jax.process_index() == 0:
             if step == 0:  # (a run that records its settings only at a resume cannot know its start)

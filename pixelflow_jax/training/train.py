@@ -329,12 +329,14 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
     listing = getattr(source, "listing", None)  # of file-based data (folders, shards)
-    # Previews cycle over the classes the data holds: a fine-tune of 1000 classes on 10 folders trains
-    # ids 0-9 (folders, TFDS and the demo set know their class count; captioned data has none).
+    # Previews cycle over the classes the data holds, and the run records their count for its sampling
+    # jobs: a fine-tune of 1000 classes on 10 folders trains ids 0-9 (folders, TFDS and the demo set know
+    # their class count; a text run records none, see resume_settings).
     trained_classes = getattr(source, "num_classes", None)
     d = config.data
     check_same_data(len(source), listing, f"{d.tfds_name}:{d.split}" if d.source == "tfds" else d.root or d.source)
-    check_resume(workdir, config, done, len(source), record=False, listing=listing)  # refused now, not after a restore
+    check_resume(workdir, config, done, len(source), record=False, listing=listing,  # refused now, not after a restore
+                 num_classes=trained_classes)
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
@@ -357,7 +359,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
 
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
     start, state = resume_point(manager, state, shardings)
-    check_resume(workdir, config, start, len(source), listing=listing)  # compared above: records a new run or a change
+    check_resume(workdir, config, start, len(source), listing=listing,  # compared above: records a new run or a change
+                 num_classes=trained_classes)
     raise_dropped_stops()  # a SIGTERM or Ctrl-C while starting that Python dropped (inside a gc callback)
     # One global batch per step: the data position is the step, whatever the number of processes.
     data_sharding = batch_sharding(mesh)
