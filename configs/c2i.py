@@ -97,7 +97,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         shift=1.0,
         seed=0,
         # Class ids, one per image (a run on image folders also takes its folders' names, quoted);
-        # empty: image i gets class i mod num_classes (mod the folder count for a run on image folders).
+        # empty: image i gets class i mod num_classes (mod the classes a training run learned where its data held
+        # fewer: its class folders, or the class count its train_settings.json records).
         labels=(),
     ))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 from absl import logging
 
@@ -24,6 +25,9 @@ from pixelflow_jax.checkpoints.run_checkpoint import (RunStep, checkpoint_around
                                                      find_run_step, restore_run_weights, run_checkpoint_config)
 from pixelflow_jax.kernels.attention import check_platform, resolve_backend
 from pixelflow_jax.model import PixelFlow
+
+if TYPE_CHECKING:
+    from pixelflow_jax.sampling.sample_conditioning import TrainedClasses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +277,37 @@ def run_folder_classes(source: CheckpointSource, num_classes: int) -> list[str]:
                               "classes, so it is not the file the run trained with (edited by hand?): put back its "
                               "earlier content")
     return classes
+
+
+def run_trained_classes(source: CheckpointSource, num_classes: int) -> TrainedClasses:
+    """The class ids a checkpoint learned, for its sampling
+    jobs' default labels and the demo page: a run's class folders (class_index.json), else the
+    class count of its data where its train_settings.json records one (data.num_classes, as trained
+    up to this step), else every class of the model: a checkpoint that is not a run, or a run
+    written before runs recorded that count."""
+    from pixelflow_jax.sampling.sample_conditioning import TrainedClasses
+
+    if folders := run_folder_classes(source, num_classes):
+        return TrainedClasses.of_folders(folders)
+    return TrainedClasses(recorded_class_count(source, num_classes) or num_classes)
+
+
+def recorded_class_count(source: CheckpointSource, num_classes: int) -> int | None:
+    """The class count of the data that trained a run's step (None: not a run, or none recorded).
+    A count the run could not have recorded (training refuses data of more classes than the
+    model's) is a CheckpointError, before a sampling job records or samples anything."""
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, settings_trained_to
+
+    if not source.run_step:
+        return None
+    count = settings_trained_to(source.run_step.run, source.run_step.step)[0].get("data.num_classes")
+    if count is None:
+        return None
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_classes:
+        raise CheckpointError(f"{storage.join(source.run_step.run, SETTINGS_FILE)} records data.num_classes "
+                              f"{count!r}, not a class count from 1 to the {num_classes} classes of the run's model, "
+                              "so not the count the run trained with (edited by hand?): put back its earlier content")
+    return count
 
 
 def sampling_runtime(config) -> dict:

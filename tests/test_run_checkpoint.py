@@ -416,6 +416,61 @@ def test_sampling_a_folder_run_cycles_over_its_class_folders_and_takes_their_nam
     assert job("named", num_images=3, labels=("owls", "cats", 1)) == [[2, 0, 1] + [1] * 5]
 
 
+def test_sampling_a_run_on_data_of_fewer_classes_cycles_over_the_class_count_it_recorded(run, tmp_path, monkeypatch,
+                                                                                         caplog):
+    """A fine-tune of a 1000-class model on a 3-class TFDS dataset (no class folders): its default
+    labels cycled over ids 0-999, most never trained. Jobs of a run that records no count (an earlier
+    version's) or as many classes as its model are as before, and a rerun of such a job with its
+    default labels is accepted while the run records 1000 classes, refused once it records 3."""
+    from test_sample_cli import sample_in_process
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    job = lambda folder, **sample: sample_in_process(tmp_path / folder, str(workdir), monkeypatch, **sample)[1]
+    record = lambda count: (workdir / "train_settings.json").write_text(json.dumps({"data.num_classes": count}))
+    assert job("earlier", num_images=5) == [[0, 1, 2, 3, 4, 4, 4, 4]]  # no record: every class
+    settings = (tmp_path / "earlier" / "samples" / "settings.json").read_text()
+    record(1000)
+    assert job("earlier", num_images=5) == []  # the same job: every image on disk
+    assert (tmp_path / "earlier" / "samples" / "settings.json").read_text() == settings
+    record(3)
+    assert job("cycled", num_images=5) == [[0, 1, 2, 0, 1, 1, 1, 1]]
+    with caplog.at_level("WARNING"):
+        assert job("given", num_images=3, labels=(4, 1, 4)) == [[4, 1, 4] + [4] * 5]
+    assert caplog.text.count("never trained") == 1
+    assert "asks for ids (4) that this run never trained: it trained the 3 classes its data held, ids 0 to 2 (its " \
+           "train_settings.json records the count)" in caplog.text
+    with pytest.raises(ValueError, match=r"holds images labelled i mod 1000 .* this job labels them i mod 3"):
+        job("earlier", num_images=5)
+
+
+def test_a_runs_class_count_is_the_one_that_trained_the_step_sampled_and_one_it_could_not_have_recorded_is_refused(
+        run, tmp_path, monkeypatch):
+    """A resume allowed to change the data's class count (3 to 5 at step 2) trained step 4 on 5
+    classes, step 2 on 3. Class folders name the classes where the run has them. A count past the
+    model's classes stops a job before it writes anything."""
+    from pixelflow_jax.api import resolve_checkpoint, run_trained_classes
+    from pixelflow_jax.sampling.sample_conditioning import TrainedClasses
+    from test_sample_cli import sample_in_process
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    trained = lambda path: run_trained_classes(resolve_checkpoint(str(path)), 1000)
+    assert trained(workdir) == TrainedClasses(1000)  # a run of an earlier version: every class
+    (workdir / "train_settings.json").write_text(json.dumps({"data.num_classes": 5}))
+    (workdir / "settings_changes.jsonl").write_text(
+        json.dumps({"step": 2, "changes": {"data.num_classes": {"from": 3, "to": 5}}}) + "\n")
+    assert trained(workdir) == TrainedClasses(5) and trained(workdir / "checkpoints" / "2") == TrainedClasses(3)
+    (workdir / "class_index.json").write_text(json.dumps({"root": "/data", "classes": ["cats", "dogs"]}))
+    assert trained(workdir) == TrainedClasses(2, ("cats", "dogs"))
+    os.remove(workdir / "class_index.json")
+    for count in (1001, 0, "5", True):
+        (workdir / "train_settings.json").write_text(json.dumps({"data.num_classes": count}))
+        with pytest.raises(CheckpointError, match=rf"train_settings.json records data.num_classes {count!r}, not a "
+                                                  r"class count from 1 to the 1000 classes of the run's model, .*: put "
+                                                  r"back its earlier content"):
+            sample_in_process(tmp_path / "samples", str(workdir), monkeypatch, num_images=4)
+        assert not (tmp_path / "samples").exists()
+
+
 def test_a_folder_runs_class_index_that_it_could_not_have_written_stops_sampling_before_anything_is_written(
         run, tmp_path, monkeypatch):
     """A damaged class_index.json ended the job in a traceback (a DataError), and one naming more

@@ -422,10 +422,10 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
     """A fine-tune of a 1000-class model on two class folders trained ids 0 and 1 alone: its
     default labels cycle over those, and its class_index.json names them for sample.labels."""
     from configs import c2i
-    from pixelflow_jax.sampling.sample_conditioning import ClassLabels
+    from pixelflow_jax.sampling.sample_conditioning import ClassLabels, TrainedClasses
     from pixelflow_jax.validation import ConfigError, check
 
-    folders, sample = ["cats", "dogs"], c2i.get_config("tiny").sample
+    folders, sample = TrainedClasses.of_folders(["cats", "dogs"]), c2i.get_config("tiny").sample
     sample.num_images = 5
     assert ClassLabels(sample, 1000, folders).labels.tolist() == [0, 1, 0, 1, 0]
     assert ClassLabels(sample, 1000).labels.tolist() == [0, 1, 2, 3, 4]  # no class folders: every class
@@ -441,7 +441,7 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
         ClassLabels(sample, 1000, folders)
     many = [f"class{i:02d}" for i in range(25)]
     with pytest.raises(ConfigError, match=r"names 'class00', .*, 'class19', \.\.\. \(25 in all\)$"):
-        ClassLabels(sample, 1000, many)
+        ClassLabels(sample, 1000, TrainedClasses.of_folders(many))
     for unquoted in ("(cats)", "(cats,dogs)"):  # unquoted names on the command line: one string
         sample.labels = (unquoted, 0, 1, 0, 1)
         with pytest.raises(ConfigError, match=r"""quote each name: --config.sample.labels='\("cats","dogs"\)'"""):
@@ -462,10 +462,10 @@ def test_a_number_that_names_another_class_folder_is_sampled_as_an_id_with_a_war
     """Folders '0' to '10' sort as text: the number 2 is id 2, the folder '10'. It is sampled as
     documented (numbers are ids), but a user who meant the folder '2' is told to quote it."""
     from configs import c2i
-    from pixelflow_jax.sampling.sample_conditioning import ClassLabels
+    from pixelflow_jax.sampling.sample_conditioning import ClassLabels, TrainedClasses
 
-    folders, sample = sorted(str(i) for i in range(11)), c2i.get_config("tiny").sample
-    assert folders[:4] == ["0", "1", "10", "2"]
+    folders, sample = TrainedClasses.of_folders(sorted(str(i) for i in range(11))), c2i.get_config("tiny").sample
+    assert folders.folders[:4] == ("0", "1", "10", "2")
     sample.update(num_images=3, labels=(2, "2", 1))
     with caplog.at_level("WARNING"):
         assert ClassLabels(sample, 1000, folders).labels.tolist() == [2, 3, 1]
@@ -485,12 +485,12 @@ def test_a_class_folder_name_is_found_whichever_way_its_accents_are_encoded():
     line it is one character (NFC): the error said 'names 'chats é', not a class folder', then
     listed 'chats é'. Two folders that differ only so are each found by their exact name alone."""
     from configs import c2i
-    from pixelflow_jax.sampling.sample_conditioning import ClassLabels
+    from pixelflow_jax.sampling.sample_conditioning import ClassLabels, TrainedClasses
 
     sample = c2i.get_config("tiny").sample
     sample.update(num_images=2, labels=("chats \u00e9", "dogs"))
-    assert ClassLabels(sample, 10, ["chats e\u0301", "dogs"]).labels.tolist() == [0, 1]
-    both = ["caf\u00e9", "cafe\u0301"]
+    assert ClassLabels(sample, 10, TrainedClasses.of_folders(["chats e\u0301", "dogs"])).labels.tolist() == [0, 1]
+    both = TrainedClasses.of_folders(["caf\u00e9", "cafe\u0301"])
     sample.labels = ("cafe\u0301", "caf\u00e9")
     assert ClassLabels(sample, 10, both).labels.tolist() == [1, 0]
 

@@ -97,8 +97,9 @@ def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: d
                          "into a new --workdir, or rerun with the encoder folder as it was")
     if "labels" in changed and (cycles := default_cycles_of(recorded, settings)):
         raise ValueError(f"{folder} holds images labelled i mod {cycles[0]} (every class of the model: the default "
-                         "labels before sampling a run trained on image folders cycled over its class folders, "
-                         f"in class_index.json) and this job labels them i mod {cycles[1]}: sample into a new "
+                         "labels before sampling a run trained on fewer classes than its model cycled over those, "
+                         "the class count its train_settings.json records or its class folders in "
+                         f"class_index.json) and this job labels them i mod {cycles[1]}: sample into a new "
                          "--workdir (most images there are of ids this run never trained on)")
     # Until 2026-11-29 a text run's sampling took float32 encoder weights whatever the run trained with.
     dtype = (" (its text_encoder_param_dtype: --config.sample.text_encoder_param_dtype="
@@ -136,7 +137,8 @@ def extended_from(recorded: dict, settings: dict, changed: list[str]) -> int | N
 def default_cycles_of(recorded: dict, settings: dict) -> tuple[int, int] | None:
     """(num_classes, k) when the recorded job labels image i with class i mod num_classes and this
     one with i mod k, fewer: the default labels of a job that an earlier version sampled, which
-    did not read a run's class folders, and those of this version."""
+    did not read the classes a run trained (its class folders, or its data's class count), and
+    those of this version."""
     before, after = recorded.get("labels"), settings.get("labels")
     if not (isinstance(before, list) and isinstance(after, list) and after):
         return None

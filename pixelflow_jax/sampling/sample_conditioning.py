@@ -5,8 +5,9 @@ arguments as host arrays, plus the settings that identify the run (settings.json
 
     class-conditional: image i gets sample.labels[i] (class ids, or for a run trained on image
                        folders their names, from its class_index.json), or class i mod num_classes
-                       (mod the run's class folders, the ids it trained); unconditional = the
-                       null class (id num_classes).
+                       (mod the classes a run trained where its data held fewer: its class
+                       folders, or the class count its train_settings.json records); unconditional
+                       = the null class (id num_classes).
     text-conditional:  image i gets prompt i // sample.images_per_prompt of sample.prompts (or
                        sample.prompts_file, one per line); unconditional = sample.negative_prompt
                        (default "", as the release). Prompts are encoded by the T5 folder in
@@ -15,6 +16,7 @@ arguments as host arrays, plus the settings that identify the run (settings.json
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 from collections.abc import Sequence
 
@@ -26,20 +28,34 @@ from pixelflow_jax.sampling.cascade import check_conditional, class_conditioning
 from pixelflow_jax.validation import MAX_SAMPLE_IMAGES, ConfigError, class_ids
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedClasses:
+    """The class ids a checkpoint learned, 0 to count - 1 (api.run_trained_classes), and for a run
+    on image folders their names (class_index.json). Fewer than the model's classes where a run's
+    data held fewer: a fine-tune of 1000 classes on 10 trains ids 0-9 only."""
+
+    count: int
+    folders: tuple[str, ...] = ()
+
+    @classmethod
+    def of_folders(cls, folders: Sequence[str]) -> TrainedClasses:
+        return cls(len(folders), tuple(folders))
+
+
 class ClassLabels:
-    def __init__(self, sample_config, num_classes: int, folder_classes: Sequence[str] = ()):
-        """folder_classes: the class folder names a run trained as ids 0, 1, ... (its
-        class_index.json); empty for a checkpoint that is not a run on image folders."""
+    def __init__(self, sample_config, num_classes: int, trained: TrainedClasses | None = None):
+        """trained: the classes the checkpoint learned; None: every class of the model."""
         s = sample_config
+        trained = trained or TrainedClasses(num_classes)
         if s.num_images < 1:
             raise ValueError(f"--config.sample.num_images must be positive, got {s.num_images}")
         if len(s.labels):
-            warn_of_ids_that_name_other_folders(list(s.labels), folder_classes)
-            self.labels = class_ids("--config.sample.labels", ids_of_names(list(s.labels), folder_classes),
+            warn_of_ids_that_name_other_folders(list(s.labels), trained.folders)
+            self.labels = class_ids("--config.sample.labels", ids_of_names(list(s.labels), trained.folders),
                                     num_classes)
-            warn_of_untrained_ids(self.labels, folder_classes)
-        else:  # the release's sample_ddp.py order, over the classes the run trained
-            self.labels = np.arange(s.num_images) % (len(folder_classes) or num_classes)
+            warn_of_untrained_ids(self.labels, trained)
+        else:  # the release's sample_ddp.py order, over the classes the checkpoint trained
+            self.labels = np.arange(s.num_images) % trained.count
         if len(self.labels) != s.num_images:
             raise ValueError(f"--config.sample.labels has {len(self.labels)} entries but --config.sample.num_images is "
                              f"{s.num_images}: give one label per image, or set --config.sample.num_images="
@@ -106,15 +122,18 @@ def warn_of_ids_that_name_other_folders(labels: list, folder_classes: Sequence[s
                     "; ..." if len(mixed) > 3 else "", mixed[0])
 
 
-def warn_of_untrained_ids(labels: np.ndarray, folder_classes: Sequence[str]) -> None:
-    """Ids past a run's class folders are allowed: a fine-tune's initial weights may know them."""
-    untrained = sorted(set(labels[labels >= len(folder_classes)].tolist())) if folder_classes else []
-    if untrained:
-        shown = ", ".join(map(str, untrained[:5])) + (f", ... ({len(untrained)} ids)" if len(untrained) > 5 else "")
-        logging.warning("--config.sample.labels asks for ids (%s) that this run never trained: it trained %d class "
-                        "folders, ids 0 to %d (its class_index.json names them, and --config.sample.labels takes "
-                        "those names); images of those ids show what the weights it started from knew",
-                        shown, len(folder_classes), len(folder_classes) - 1)
+def warn_of_untrained_ids(labels: np.ndarray, trained: TrainedClasses) -> None:
+    """Ids past the classes a run trained are allowed: a fine-tune's initial weights may know them."""
+    untrained = sorted(set(labels[labels >= trained.count].tolist()))
+    if not untrained:
+        return
+    shown = ", ".join(map(str, untrained[:5])) + (f", ... ({len(untrained)} ids)" if len(untrained) > 5 else "")
+    last = trained.count - 1
+    what = (f"{trained.count} class folders, ids 0 to {last} (its class_index.json names them, and "
+            "--config.sample.labels takes those names)" if trained.folders else
+            f"the {trained.count} classes its data held, ids 0 to {last} (its train_settings.json records the count)")
+    logging.warning("--config.sample.labels asks for ids (%s) that this run never trained: it trained %s; images of "
+                    "those ids show what the weights it started from knew", shown, what)
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -213,9 +232,9 @@ def check_config_kind(sample_config, model_config) -> None:
                          "--config=configs/c2i.py")
 
 
-def conditioning_for(sample_config, model_config, folder_classes: Sequence[str] = ()):
-    """folder_classes: as ClassLabels takes them."""
+def conditioning_for(sample_config, model_config, trained: TrainedClasses | None = None):
+    """trained: as ClassLabels takes it."""
     check_config_kind(sample_config, model_config)
     if model_config.cross_attention_dim:
         return TextPrompts(sample_config, model_config.cross_attention_dim)
-    return ClassLabels(sample_config, model_config.num_classes, folder_classes)
+    return ClassLabels(sample_config, model_config.num_classes, trained)

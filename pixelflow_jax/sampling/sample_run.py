@@ -29,7 +29,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import fetch_weights, load_sampling_model, run_folder_classes, sampling_runtime, sampling_source
+from pixelflow_jax.api import (fetch_weights, load_sampling_model, run_trained_classes, sampling_runtime,
+                               sampling_source)
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.evaluation.evaluate import EVAL_JSON
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
@@ -94,7 +95,8 @@ def _sample(config, workdir: str) -> None:
     # The settings, labels or prompts, text encoder and workdir are checked before the weights are read.
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
-    conditioning = conditioning_for(s, ckpt.model, run_folder_classes(source, ckpt.model.num_classes))
+    trained = None if ckpt.model.cross_attention_dim else run_trained_classes(source, ckpt.model.num_classes)
+    conditioning = conditioning_for(s, ckpt.model, trained)
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
     check_no_folder_at_outputs(workdir)
     folder = storage.join(workdir, "samples")
