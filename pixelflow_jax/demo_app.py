@@ -1,11 +1,11 @@
 """`main.py --mode=demo`: a local web page (Gradio) that samples a checkpoint (see api.py).
 
 Class-conditional checkpoints get a class picker (ImageNet names for 1000-class models, the class
-folders for a run trained on an image folder), text ones
-a prompt box (with config.sample.text_encoder); both get solver, CFG, noise shift, steps per stage,
-seed and number of images, a gallery and the PNGs to download. Each new combination of batch size,
-Euler steps and solver compiles once (the page says so), as does CFG 1 (unguided); other CFG values,
-shifts and seeds reuse the compiled sampler.
+folders for a run trained on an image folder, bare ids for the classes of a run's data of fewer
+classes than its model), text ones a prompt box (with config.sample.text_encoder); both get
+solver, CFG, noise shift, steps per stage, seed and number of images, a gallery and the PNGs to
+download. Each new combination of batch size, Euler steps and solver compiles once (the page says
+so), as does CFG 1 (unguided); other CFG values, shifts and seeds reuse the compiled sampler.
 Bad input is reported on the page; the server keeps running. Binds to 127.0.0.1 unless
 config.demo.share_on_network.
 """
@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,23 +27,27 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.command_line import stop_on_sigterm
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole
-from pixelflow_jax.api import load_sampling_model, run_folder_classes, sampling_checkpoint, sampling_source
+from pixelflow_jax.api import load_sampling_model, run_trained_classes, sampling_checkpoint, sampling_source
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
-from pixelflow_jax.sampling.sample_conditioning import check_config_kind
+from pixelflow_jax.sampling.sample_conditioning import TrainedClasses, check_config_kind
 
 # Index = class id; the short names of github.com/anishathalye/imagenet-simple-labels (MIT), as data.
 IMAGENET_NAMES = os.path.join(os.path.dirname(__file__), "imagenet_class_names.json")
 
 
-def class_choices(num_classes: int, folder_classes: Sequence[str] = ()) -> list[tuple[str, int]]:
-    """The picker's (label, id) pairs. A run trained on an image folder names its first ids by its
-    class folders: a fine-tune of the 1000-class release on 10 folders trains ids 0-9 as those
-    folders, not as ImageNet's first 10 classes."""
+def class_choices(num_classes: int, trained: TrainedClasses | None = None) -> list[tuple[str, int]]:
+    """The picker's (label, id) pairs. A fine-tune of the 1000-class release on 10 classes trains
+    ids 0-9 as its data's classes, not as ImageNet's first 10: named by its class folders (a run
+    on an image folder), or bare ids where its data names none (TFDS, the demo set). Ids it never trained keep
+    the names of the classes the weights it started from knew."""
     names = {}
     if num_classes == 1000:
         with open(IMAGENET_NAMES) as f:
             names = dict(enumerate(json.load(f)))
-    names.update(enumerate(folder_classes))
+    trained = trained or TrainedClasses(num_classes)
+    if trained.count < num_classes:
+        names = {i: name for i, name in names.items() if i >= trained.count}
+    names.update(enumerate(trained.folders))
     return [(f"{i}: {names[i]}" if i in names else f"class {i}", i) for i in range(num_classes)]
 
 
@@ -123,7 +126,7 @@ class DemoSampler:
                              f"{self.source.label} has {ckpt.num_stages} stages (or give one number for all)")
         self.text = bool(ckpt.model.cross_attention_dim)
         self.num_classes = None if self.text else int(ckpt.model.num_classes)
-        self.folder_classes = [] if self.text else run_folder_classes(self.source, self.num_classes)
+        self.trained_classes = None if self.text else run_trained_classes(self.source, self.num_classes)
         self.prompt_encoder, self.negative_prompt = None, str(s.get("negative_prompt", ""))
         if self.text:
             from pixelflow_jax.text.prompts import prompt_encoder_for
@@ -226,7 +229,7 @@ def build_page(demo: DemoSampler, config):
                 if demo.text:
                     condition = gr.Textbox(label="Prompt", placeholder="a red fox in the snow")
                 else:
-                    choices = class_choices(demo.num_classes, demo.folder_classes)
+                    choices = class_choices(demo.num_classes, demo.trained_classes)
                     condition = gr.Dropdown(choices=choices, value=choices[0][1], label="Class")
                 solver = gr.Radio(list(SOLVERS), value=config.sample.solver, label="Solver")
                 cfg = gr.Slider(*DEMO_CFG_RANGE, value=float(config.sample.cfg_scale), step=0.1, label="CFG")

@@ -394,14 +394,35 @@ def test_the_demo_page_names_a_folder_runs_classes_by_its_class_folders(run, tmp
     the picker must say so, not offer id 1 as ImageNet's goldfish."""
     from configs import c2i
     from pixelflow_jax.demo_app import IMAGENET_NAMES, DemoSampler, class_choices
+    from pixelflow_jax.sampling.sample_conditioning import TrainedClasses
 
     workdir = shutil.copytree(run[0], tmp_path / "run")
     (workdir / "class_index.json").write_text(json.dumps({"root": "/data", "classes": ["cats", "dogs"]}))
     demo = DemoSampler(c2i.get_config("tiny"), str(workdir))
-    choices = class_choices(demo.num_classes, demo.folder_classes)
+    choices = class_choices(demo.num_classes, demo.trained_classes)
     assert len(choices) == 1000 and choices[:2] == [("0: cats", 0), ("1: dogs", 1)]
     assert choices[2] == (f"2: {json.load(open(IMAGENET_NAMES))[2]}", 2)  # ids no folder trained keep their names
-    assert class_choices(4, ["cats"]) == [("0: cats", 0), ("class 1", 1), ("class 2", 2), ("class 3", 3)]
+    assert class_choices(4, TrainedClasses.of_folders(["cats"])) == [("0: cats", 0), ("class 1", 1), ("class 2", 2),
+                                                                     ("class 3", 3)]
+
+
+def test_the_demo_page_gives_bare_ids_to_the_classes_of_a_runs_data_that_names_none(run, tmp_path):
+    """A fine-tune of the 1000-class release on a 3-class TFDS dataset trains ids 0-2 as that
+    dataset's classes: the picker named them as ImageNet's first three. Ids it never trained keep
+    their names, and a run of as many classes as its model keeps ImageNet's names for all."""
+    from configs import c2i
+    from pixelflow_jax.demo_app import IMAGENET_NAMES, DemoSampler, class_choices
+    from pixelflow_jax.sampling.sample_conditioning import TrainedClasses
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    (workdir / "train_settings.json").write_text(json.dumps({"data.num_classes": 3}))
+    demo = DemoSampler(c2i.get_config("tiny"), str(workdir))
+    choices = class_choices(demo.num_classes, demo.trained_classes)
+    names = json.load(open(IMAGENET_NAMES))
+    assert len(choices) == 1000
+    assert choices[:4] == [("class 0", 0), ("class 1", 1), ("class 2", 2), (f"3: {names[3]}", 3)]
+    assert class_choices(1000, TrainedClasses(1000)) == class_choices(1000) == [(f"{i}: {name}", i)
+                                                                               for i, name in enumerate(names)]
 
 
 def test_sampling_a_folder_run_cycles_over_its_class_folders_and_takes_their_names(run, tmp_path, monkeypatch):
