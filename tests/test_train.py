@@ -665,6 +665,25 @@ def test_a_run_on_a_tfds_dataset_of_fewer_classes_records_their_count_for_its_sa
     assert loop.preview_classes == [3]
 
 
+def test_a_resume_refused_for_other_data_leaves_no_class_index_in_the_run(tmp_path, monkeypatch):
+    """A run of the demo set resumed on image folders is refused (other data), but it had written
+    the folders' class_index.json into the run first: sampling that run then took the folders'
+    names as its labels. Accepted (allow_resume_changes), the change writes it."""
+    loop = StandInLoop(monkeypatch)
+    loop.run(loop.config(num_steps=2, checkpoint_every=2), tmp_path / "run")
+    on_folders = loop.config(num_steps=4, checkpoint_every=2)
+    for name in ("ant", "bee"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / name / "a.png")
+    on_folders.data.update(source="folder", root=str(tmp_path / "data"))
+    with pytest.raises(ValueError, match=r"trained to step 2 with other settings \(.*data.source: 'demo' -> 'folder'"):
+        loop.run(on_folders, tmp_path / "run")
+    assert not (tmp_path / "run" / "class_index.json").exists()
+    on_folders.train.allow_resume_changes = True
+    loop.run(on_folders, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "class_index.json").read_text())["classes"] == ["ant", "bee"]
+
+
 def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_the_data_where_it_stopped(
         tmp_path, monkeypatch):
     """Steps 1..num_steps, each once; logged: every log_every steps, every preview step and the

@@ -329,11 +329,12 @@ def check_class_count(dataset: str, count: int, num_classes: int, fewer_classes:
 
 
 def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None,
-                ids_learned: bool = True):
+                ids_learned: bool = True, record_classes: bool = True):
     """The configured source. For folders, the class list is written to class_index_dir/
     class_index.json, or read back from it once a checkpoint of the run has learned those ids
     (`ids_learned`), so the ids of a run stay as they were; it must fit the model's num_classes
-    (id num_classes is the null class, and higher ids have no embedding)."""
+    (id num_classes is the null class, and higher ids have no embedding). `record_classes=False`
+    leaves the writing to record_class_index, for a caller that may still refuse the data."""
     kind = data_config.source
     if kind == "tfds":
         source = TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
@@ -350,9 +351,8 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
         if num_classes is not None:
             check_class_count(data_config.root, len(source.classes), num_classes, "remove class folders",
                               "fits the folder")
-        if index_path and classes is None and jax.process_index() == 0:  # (re)written until a checkpoint uses it
-            storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
-                                                       "classes": source.classes})
+        if record_classes:
+            record_class_index(data_config, source, class_index_dir, ids_learned)
         return source
     if kind == "demo":
         from pixelflow_jax.data.demo_data import DemoSource
@@ -366,11 +366,25 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
                     "text-conditional models)")
 
 
-def open_source(config, class_index_dir: str | None = None, captioned: bool = False, ids_learned: bool = True):
+def record_class_index(data_config, source, class_index_dir: str | None, ids_learned: bool) -> None:
+    """Writes the class list of a folder source to class_index_dir/class_index.json, unless a
+    checkpoint of the run has learned the ids one there holds (`ids_learned`): (re)written until a
+    checkpoint uses it."""
+    if not isinstance(source, ImageFolderSource) or not class_index_dir or jax.process_index() != 0:
+        return
+    index_path = storage.join(class_index_dir, CLASS_INDEX_FILE)
+    if not (ids_learned and storage.exists(index_path)):
+        storage.write_json_atomically(index_path, {"root": storage.absolute(data_config.root),
+                                                   "classes": source.classes})
+
+
+def open_source(config, class_index_dir: str | None = None, captioned: bool = False, ids_learned: bool = True,
+                record_classes: bool = True):
     """The records of config.data: captioned ones for a text-conditional model. Opening them finds
     a missing or unreadable dataset, so a run does it before it writes anything."""
     if captioned:
         from pixelflow_jax.data.caption_data import make_captioned_source
 
         return make_captioned_source(config.data)
-    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned)
+    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned,
+                       record_classes=record_classes)

@@ -302,7 +302,7 @@ def train(config, workdir: str) -> dict:
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
                            lock: WorkdirLock) -> dict:
     from pixelflow_jax.data.loader import make_loader, to_global_batch
-    from pixelflow_jax.data.sources import open_source
+    from pixelflow_jax.data.sources import open_source, record_class_index
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
     if jax.process_index() == 0:  # the workdir is ours now: what killed writers of a run left goes
@@ -319,14 +319,14 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
               "raise --config.train.num_steps to train further", flush=True)
         return {}
     init_source = None
-    if config.train.init_from:  # before open_source, which writes an image folder's class_index.json
+    if config.train.init_from:
         if done:  # the same command reruns after a preemption: its init_from is no longer read
             note_init_from_at_resume(workdir, done, config.train.init_from)
         else:
             init_source = check_init_from(config, model_cfg)
-    # A missing dataset stops the run before it records anything in the workdir (class_index.json
-    # of an image folder aside).
-    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
+    # A missing dataset stops the run before it records anything in the workdir.
+    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done),
+                         record_classes=False)
     check_optimiser_state(workdir, config, done)
     listing = getattr(source, "listing", None)  # of file-based data (folders, shards)
     # Previews cycle over the classes the data holds, and the run records their count for its sampling
@@ -337,6 +337,9 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     check_same_data(len(source), listing, f"{d.tfds_name}:{d.split}" if d.source == "tfds" else d.root or d.source)
     check_resume(workdir, config, done, len(source), record=False, listing=listing,  # refused now, not after a restore
                  num_classes=trained_classes)
+    # Only now: a resume refused for its data (a run of the demo set pointed at image folders) left
+    # its workdir a class_index.json naming folders it never trained on.
+    record_class_index(config.data, source, workdir, ids_learned=bool(done))
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
