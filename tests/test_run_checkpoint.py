@@ -182,6 +182,10 @@ def test_a_step_killed_mid_save_is_never_loaded(run, tmp_path, caplog):
     assert "step 6 is incomplete" in caplog.text and "using step 4" in caplog.text
     with pytest.raises(CheckpointError, match=r"step 6 is incomplete .*complete steps are \[2, 4\]"):
         find_run_step(os.path.join(checkpoints, "6"))
+    # The folder itself, as `ls checkpoints/` shows it, was "step '6.orbax-checkpoint-tmp-...' does not exist".
+    with pytest.raises(CheckpointError, match=r"6.orbax-checkpoint-tmp-1795755085 is the temporary folder of step 6, "
+                                              r"incomplete .*; its complete steps are \[2, 4\]$"):
+        find_run_step(partial)
 
     for step in ("2", "4"):
         shutil.rmtree(os.path.join(checkpoints, step))

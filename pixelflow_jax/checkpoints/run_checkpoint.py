@@ -206,6 +206,9 @@ def find_run_step(path: str) -> RunStep | None:
         return RunStep(run, int(name))
     if is_step_name(name) and int(name) in steps_in_progress(run):
         problem = f"step {name} is incomplete (still being written, or killed mid-save)"
+    elif in_progress := _IN_PROGRESS.fullmatch(name):  # the folder a listing shows: no step of that name
+        problem = (f"{name} is the temporary folder of step {in_progress[1]}, incomplete (still being written, or "
+                   "killed mid-save; orbax renames it to the step's number once the step is whole)")
     else:
         problem = f"step {name!r} does not exist"
     raise CheckpointError(f"training run {run}: {problem}; its complete steps are {steps or 'none yet'}")
