@@ -1311,6 +1311,23 @@ def test_init_from_given_to_a_run_that_trains_warns_unless_it_is_where_the_run_s
     assert warnings_of(tuned, started) == []
 
 
+def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path, caplog):
+    """A run copied without train_settings.json resumed with any learning rate or batch size and
+    said nothing: the check that refuses such changes had nothing to compare with."""
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_resume
+
+    with caplog.at_level("WARNING"):
+        check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)  # a new run: nothing to say
+        assert caplog.text == ""
+        (tmp_path / SETTINGS_FILE).unlink()
+        check_resume(str(tmp_path), c2i_config(**{"train.lr": 1.0}), step=40, num_records=100, record=False)
+        assert caplog.text == ""  # said once, by the call that records
+        check_resume(str(tmp_path), c2i_config(**{"train.lr": 1.0}), step=40, num_records=100)
+    assert f"resumes at step 40 without its {SETTINGS_FILE} (a run of a version before that file, or a copy that " \
+           "missed it): this command's settings cannot be checked" in caplog.text
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 1.0
+
+
 def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):
     from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
 

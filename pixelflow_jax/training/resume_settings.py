@@ -145,6 +145,10 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     records a change when resuming at `step`. `record=False` only refuses (and writes nothing)."""
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing, num_classes)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
+        if step and record:  # or a copy of the run without it: nothing to compare with
+            logging.warning("%s resumes at step %d without its %s (a run of a version before that file, or a copy "
+                            "that missed it): this command's settings cannot be checked against those the run "
+                            "trained with; they are recorded as the run's from now on", workdir, step, SETTINGS_FILE)
         if record and jax.process_index() == 0:
             if step == 0:  # (a run that records its settings only at a resume cannot know its start)
                 current[STARTED_FROM] = storage.resolved(config.train.init_from) if config.train.init_from else ""
