@@ -27,7 +27,7 @@ from flax import nnx
 from pixelflow_jax import storage
 from pixelflow_jax.api import CheckpointSource, load_for_sampling
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
-from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config, steps_in_progress
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.scheduler import stage_resolutions
@@ -49,11 +49,19 @@ def inspects_checkpoint(config, workdir: str) -> bool:
 
 def fill_checkpoint_of_run(config, workdir: str) -> None:
     """An empty sample.checkpoint in the workdir of a run with a saved step means that run, as
-    --mode=sample and --mode=demo read it."""
-    if not config.sample.checkpoint and inspects_checkpoint(config, workdir):
+    --mode=sample and --mode=demo read it. A run without one (its first save still being written,
+    or killed) has no weights to inspect: the config's own model is, and a warning says so."""
+    if config.sample.checkpoint:
+        return
+    if inspects_checkpoint(config, workdir):
         logging.info("%s is a training run: inspecting its latest checkpoint (set --config.sample.checkpoint to "
                      "inspect another, or use another --workdir for the config's own model)", workdir)
         config.sample.checkpoint = workdir
+    elif is_run(workdir):
+        partial = steps_in_progress(workdir)
+        being_written = f" (step {partial[-1]} is still being written, or was killed mid-save)" if partial else ""
+        logging.warning("%s is a training run with no complete step yet%s: inspecting the config's own model with "
+                        "random weights, not the run's", workdir, being_written)
 
 
 def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, CheckpointSource | None]:

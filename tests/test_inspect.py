@@ -124,6 +124,23 @@ def test_a_checkpoint_is_inspected_when_named_or_when_the_workdir_is_a_run_with_
     assert config.sample.checkpoint == "elsewhere"
 
 
+def test_a_run_without_a_complete_step_is_said_to_be_inspected_with_random_weights(tmp_path, caplog):
+    """A run killed during its first save: inspect in its workdir timed the config's own model,
+    with random weights, and said nothing, where sampling it is an error naming the step."""
+    from pixelflow_jax import inspect_model
+
+    config = tiny_config("c2i")
+    run = a_training_run(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "4.orbax-checkpoint-tmp-1795755085").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        inspect_model.fill_checkpoint_of_run(config, str(tmp_path))  # no run: nothing to say
+        assert caplog.text == ""
+        inspect_model.fill_checkpoint_of_run(config, run)
+    assert config.sample.checkpoint == ""
+    assert f"{run} is a training run with no complete step yet (step 4 is still being written, or was killed " \
+           "mid-save): inspecting the config's own model with random weights, not the run's" in caplog.text
+
+
 def test_parameters_are_counted_per_top_level_module_and_a_non_finite_forward_is_refused(tmp_path, monkeypatch):
     """Each module's count against its own parameters' sizes; weights of NaN must fail the
     inspection (FloatingPointError, one line from main.py), not report timings of garbage."""
