@@ -141,6 +141,19 @@ def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
     assert step_overrides_dopri5_ignores(argv, "train", "dopri5") == []
 
 
+def test_a_boolean_flag_given_another_word_is_named_with_the_values_it_takes():
+    """--config.train.allow_resume_changes=yes said "('Non-boolean argument to boolean flag', 'yes')"."""
+    from absl import flags
+
+    from pixelflow_jax.cli.config_file import flag_error_message
+
+    values = flags.FlagValues()
+    flags.DEFINE_bool("allow_resume_changes", False, "", flag_values=values)
+    with pytest.raises(flags.Error) as error:
+        values(["main.py", "--allow_resume_changes=yes"])
+    assert flag_error_message(error.value) == "flag --allow_resume_changes=yes: --allow_resume_changes takes True or False"
+
+
 def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
     """A batch or resolution too large for the device ended in jax's traceback."""
     from types import SimpleNamespace

@@ -142,6 +142,9 @@ def flag_error_message(error: Exception) -> str:
     if any(line.startswith("Traceback (most recent call last)") for line in lines):
         return f"{lines[0].split(': Error whilst parsing config file')[0]}: {lines[-1]}"
     flag, _, cause = str(error).partition(": ")
+    name = flag.split("=", 1)[0].removeprefix("flag ")
     if cause.startswith("invalid literal for int() with base 10"):  # a tuple or 1e5 for an int field
-        return f"{flag}: {flag.split('=', 1)[0].removeprefix('flag ')} takes one whole number, written in digits"
+        return f"{flag}: {name} takes one whole number, written in digits"
+    if cause.startswith("('Non-boolean argument to boolean flag'"):  # absl's words were a tuple's repr
+        return f"{flag}: {name} takes True or False"
     return str(error)
