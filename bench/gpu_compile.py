@@ -27,7 +27,6 @@ The CUDA plugin logs that it found no GPU; that is expected. Needs jax, flax, op
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import itertools
@@ -52,7 +51,7 @@ from jax.experimental import topologies  # noqa: E402
 from attention_speed import SWEEP  # noqa: E402
 from harness import positive_int  # noqa: E402
 from pixelflow_jax import PixelFlowScheduler  # noqa: E402
-from pixelflow_jax.config import ATTENTION_BACKENDS, REMAT_POLICIES  # noqa: E402
+from pixelflow_jax.config import COMPUTE_DTYPES, REMAT_POLICIES  # noqa: E402
 from pixelflow_jax.kernels.attention import compiling_for, dot_product_attention  # noqa: E402
 from pixelflow_jax.model import PixelFlow  # noqa: E402
 from pixelflow_jax.sharding import BATCH_AXES, batch_sharding  # noqa: E402
@@ -95,12 +94,17 @@ CARDS = {
 }
 SM_REGISTERS, SM_SHARED_MEMORY, SM_MAX_BLOCKS = 65536, 233472, 32  # sm_90, per streaming multiprocessor
 PTXAS_ARCH = "sm_90a"  # what XLA emits for compute capability 9.0
+GPU_BACKENDS = ("auto", "cudnn", "pallas_gpu", "xla")
 KERNEL_PREFIX = "pixelflow_"  # pallas_gpu_attention names its kernels so (name= of each pallas_call)
 
 
 def card_mesh(card: str, axes: tuple[str, ...]) -> jax.sharding.Mesh:
     """A mesh of one compile-only device of `card` (all axes of size 1)."""
-    topology = topologies.get_topology_desc(platform="cuda", target_config=CARDS[card], topology="1x1x1")
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=CARDS[card], topology="1x1x1")
+    except (NotImplementedError, RuntimeError) as error:
+        raise SystemExit(f"error: cannot compile for a GPU here ({error}): this needs jax's CUDA plugin of jax "
+                         f"{jax.__version__}, see the setup in bench/gpu_compile.py's docstring") from None
     return topologies.make_mesh(topology, (1,) * len(axes), axes)
 
 
@@ -225,6 +229,22 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
             "temporaries_gb": gb(memory.temp_size_in_bytes), "peak_gb": gb(peak)}
 
 
+def one_of(choices):
+    """An argparse type: one of `choices`."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def comma_separated(parse_one):
+    """An argparse type: a comma-separated list, each item parsed (and refused) by parse_one."""
+    return lambda text: [parse_one(item) for item in text.split(",")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("kernels", "train"))
@@ -232,10 +252,13 @@ def main():
     parser.add_argument("--shapes", default="8x4096,32x1024", help="kernels: comma-separated BxL")
     parser.add_argument("--heads", type=positive_int, default=16)
     parser.add_argument("--head_dim", type=positive_int, default=72)
-    parser.add_argument("--batch", default="32", help="train: comma-separated global batches")
-    parser.add_argument("--remat", default="dots", help=f"train: comma-separated, of {REMAT_POLICIES}")
-    parser.add_argument("--attention", default="cudnn", help=f"train: comma-separated, of {ATTENTION_BACKENDS}")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", type=comma_separated(positive_int), default="32",
+                        help="train: comma-separated global batches")
+    parser.add_argument("--remat", type=comma_separated(one_of(REMAT_POLICIES)), default="dots",
+                        help=f"train: comma-separated, of {REMAT_POLICIES}")
+    parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS)), default="cudnn",
+                        help=f"train: comma-separated, of {GPU_BACKENDS}")
+    parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
     args = parser.parse_args()
 
     print(json.dumps(dict(jax=jax.__version__, card=args.card)), flush=True)
@@ -244,11 +267,9 @@ def main():
         for settings, (batch, length) in itertools.product(SWEEP, shapes):
             print(json.dumps(compile_kernels(args.card, settings, batch, length, args.heads, args.head_dim)), flush=True)
         return
-    runs = itertools.product([int(b) for b in args.batch.split(",")], args.remat.split(","), args.attention.split(","))
-    for batch, remat, attention in runs:
+    for batch, remat, attention in itertools.product(args.batch, args.remat, args.attention):
         print(json.dumps(compile_train_step(args.card, batch, remat, attention, args.dtype)), flush=True)
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    main()

@@ -66,6 +66,21 @@ def test_gpu_compile_reads_the_compilers_reports():
     assert blocks_per_sm(threads=32, registers=10, shared_memory=0) == 32  # the SM's block limit
 
 
+def test_gpu_compile_refuses_a_bad_list_before_compiling():
+    """Its lists (--batch=32,48 --remat=dots,full) are checked item by item as usage errors: a typo
+    in the last item surfaced after minutes of compiling the first ones."""
+    from gpu_compile import comma_separated, one_of
+    from harness import positive_int
+
+    assert comma_separated(positive_int)("32,48") == [32, 48]
+    assert comma_separated(one_of(("dots", "full")))("dots") == ["dots"]
+    with pytest.raises(argparse.ArgumentTypeError, match="must be one of dots, full, got 'dotz'"):
+        comma_separated(one_of(("dots", "full")))("full,dotz")
+    result = subprocess.run([sys.executable, "bench/gpu_compile.py", "train", "--batch=32,0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --batch: must be a whole number >= 1, got '0'" in result.stderr
+
+
 def test_a_bad_argument_is_a_usage_error_before_anything_compiles():
     """--repeats=0 failed with a StatisticsError after compiling the model; --dtype=fp16 and
     --batch=0 with tracebacks."""
