@@ -1,0 +1,47 @@
+"""What the backward pass keeps of the blocks (the activation memory of training), per model.remat.
+
+A residual is an array that jax.vjp keeps from the forward pass for the backward pass: the leaves
+of the function it returns. Sizes here are tiny; the XL plan's numbers are in bench/RESULTS.md."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.model import RMSNorm
+
+BATCH, SIDE, HEADS, HEAD_DIM = 2, 16, 2, 16
+TOKENS, WIDTH = (SIDE // 4) ** 2, HEADS * HEAD_DIM  # 16 tokens of 32 channels; the MLP's hidden is 128
+
+
+def residuals(fn, *args) -> list[jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of what jax.vjp(fn, *args) keeps (traced, not run)."""
+    return jax.eval_shape(lambda *args: jax.tree.leaves(jax.vjp(fn, *args)[1]), *args)
+
+
+def count(kept, shape, dtype=None) -> int:
+    return sum(r.shape == shape and (dtype is None or r.dtype == dtype) for r in kept)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, depth=1, num_classes=10,
+                       **overrides)
+
+
+def test_an_rms_norm_keeps_its_float32_input_once_and_its_gradients_are_jnp_squares_bit_for_bit():
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: RMSNorm(WIDTH, tiny_config())))
+    weight = jax.random.normal(jax.random.key(0), (WIDTH,))
+    norm = lambda weight, x: nnx.merge(graphdef, {"weight": nnx.Param(weight)})(x)
+    x = jax.random.normal(jax.random.key(1), (BATCH, TOKENS, WIDTH), jnp.bfloat16)
+    # x in float32 and x / rms(x) (the weight's gradient); jnp.square's derivative kept 2 * x as well
+    assert count(residuals(norm, weight, x), x.shape, jnp.float32) == 2
+
+    def with_jnp_square(weight, x):
+        xf = x.astype(jnp.float32)
+        return (weight * (xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + 1e-6))).astype(x.dtype)
+
+    cotangent = jax.random.normal(jax.random.key(2), x.shape, jnp.bfloat16)
+    gradients = jax.jit(lambda fn, weight, x: jax.vjp(fn, weight, x)[1](cotangent), static_argnums=0)
+    for ours, reference in zip(gradients(norm, weight, x), gradients(with_jnp_square, weight, x)):
+        np.testing.assert_array_equal(ours, reference)
