@@ -11,6 +11,7 @@ is float32 too, where the release's in-place add rounds it to bf16 (README, Nume
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -67,6 +68,18 @@ def square(x: jax.Array) -> jax.Array:
 def _square_jvp(primals, tangents):
     (x,), (tangent,) = primals, tangents
     return square(x), 2.0 * (x * tangent)
+
+
+# The blocks run in a lax.scan, where XLA cannot merge the recomputation back into the forward
+# pass: jax.checkpoint's advice for scans is prevent_cse=False, which spares optimization barriers.
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU (tanh approximation) whose backward pass recomputes its intermediates from x.
+
+    Differentiated as is, jax.nn.gelu keeps four arrays of the MLP's 4C-wide hidden layer besides
+    its input and output (x**2, tanh(...), ...); recomputing them, elementwise, keeps only those
+    two, with the same values and gradients."""
+    return jax.nn.gelu(x, approximate=True)
 
 
 def _linear(cfg: ModelConfig, in_features: int, out_features: int, rngs: nnx.Rngs, *,
@@ -190,7 +203,7 @@ class FeedForward(nnx.Module):
         self.fc2 = _linear(cfg, 4 * cfg.hidden_size, cfg.hidden_size, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return keep_batch_split(self.fc2(keep_batch_split(jax.nn.gelu(self.fc1(x), approximate=True))))
+        return keep_batch_split(self.fc2(keep_batch_split(gelu(self.fc1(x)))))
 
 
 class TransformerBlock(nnx.Module):

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.model import RMSNorm
+from pixelflow_jax.model import FeedForward, RMSNorm, gelu
 
 BATCH, SIDE, HEADS, HEAD_DIM = 2, 16, 2, 16
 TOKENS, WIDTH = (SIDE // 4) ** 2, HEADS * HEAD_DIM  # 16 tokens of 32 channels; the MLP's hidden is 128
@@ -45,3 +45,16 @@ def test_an_rms_norm_keeps_its_float32_input_once_and_its_gradients_are_jnp_squa
     gradients = jax.jit(lambda fn, weight, x: jax.vjp(fn, weight, x)[1](cotangent), static_argnums=0)
     for ours, reference in zip(gradients(norm, weight, x), gradients(with_jnp_square, weight, x)):
         np.testing.assert_array_equal(ours, reference)
+
+
+def test_the_mlp_keeps_its_hidden_layer_twice_and_gelus_gradient_is_jaxs_bit_for_bit():
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: FeedForward(tiny_config(dtype="bfloat16"), nnx.Rngs(0))))
+    mlp = lambda params, x: nnx.merge(graphdef, params)(x)
+    x = jnp.zeros((BATCH, TOKENS, WIDTH), jnp.bfloat16)
+    # fc1's output (GELU's input) and GELU's output (fc2's input); jax.nn.gelu kept 4 more
+    assert count(residuals(mlp, params, x), (BATCH, TOKENS, 4 * WIDTH)) == 2
+
+    hidden = jax.random.normal(jax.random.key(2), (BATCH, TOKENS, 4 * WIDTH))
+    cotangent = jax.random.normal(jax.random.key(3), hidden.shape)
+    gradient = jax.jit(lambda fn, hidden: jax.vjp(fn, hidden)[1](cotangent)[0], static_argnums=0)
+    np.testing.assert_array_equal(gradient(gelu, hidden), gradient(lambda h: jax.nn.gelu(h, approximate=True), hidden))
