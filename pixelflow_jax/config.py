@@ -27,7 +27,7 @@ ARCHITECTURE_FIELDS = (
     "cross_attention_dim",
 )
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "dots_attention")
 # pixelflow_jax.kernels.attention's backends (test_attention checks they agree)
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -66,7 +66,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"
     attention: str = "auto"  # backend of pixelflow_jax.kernels.attention: auto | xla | cudnn | pallas_gpu | splash
-    remat: str = "none"  # rematerialise blocks in the backward pass: 'none' | 'full' | 'dots' (keep matmul outputs)
+    # rematerialise blocks in the backward pass: 'none' | 'full' | 'dots' (keep matmul outputs) |
+    # 'dots_attention' (keep matmul and attention-kernel outputs: recompute only elementwise work)
+    remat: str = "none"
     # Text models only, not the release's architecture: also add Linear(mean of the caption's token
     # states) to the adaLN conditioning. The release cannot load such weights (export refuses them).
     pooled_text: bool = False

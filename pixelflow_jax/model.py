@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.kernels.attention import dot_product_attention
+from pixelflow_jax.kernels.attention import ATTENTION_FORWARD_PRIMITIVES, dot_product_attention
 from pixelflow_jax.rope import apply_rope, rope_tables
 from pixelflow_jax.sharding import keep_batch_split
 from pixelflow_jax.validation import class_ids
@@ -231,6 +231,21 @@ class TransformerBlock(nnx.Module):
         return x + (gate_mlp * self.mlp(h).astype(jnp.float32)).astype(dtype)
 
 
+def keep_matmul_and_attention_outputs(prim, *args, **params) -> bool:
+    """Remat policy 'dots_attention': the backward pass keeps the outputs of the linear layers
+    (as 'dots' does) and of the fused attention kernels' forward, and recomputes the rest, all
+    elementwise (norms, modulation, RoPE, GELU, residual adds): no matmul or attention runs twice.
+    With the xla attention backend, whose attention is batched matmuls, it is 'dots'."""
+    return (prim.name in ATTENTION_FORWARD_PRIMITIVES
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
+# What jax.checkpoint keeps of a block for the backward pass, per model.remat other than 'none'
+# ('full': only the block's input).
+REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                "dots_attention": keep_matmul_and_attention_outputs}
+
+
 class PixelFlow(nnx.Module):
     """The cascade transformer. One call predicts the velocity for a batch at one stage:
 
@@ -335,8 +350,7 @@ class PixelFlow(nnx.Module):
             return keep_batch_split(h), None
 
         if cfg.remat != "none":
-            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
-            one_block = jax.checkpoint(one_block, policy=policy)
+            one_block = jax.checkpoint(one_block, policy=REMAT_POLICY[cfg.remat])
         x, _ = jax.lax.scan(one_block, x, block_params)
 
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :], 2, axis=-1)

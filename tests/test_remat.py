@@ -6,10 +6,12 @@ of the function it returns. Sizes here are tiny; the XL plan's numbers are in be
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.model import FeedForward, RMSNorm, gelu
+from pixelflow_jax.kernels.attention import ATTENTION_FORWARD_PRIMITIVES, interpret_kernels
+from pixelflow_jax.model import FeedForward, PixelFlow, RMSNorm, gelu, keep_matmul_and_attention_outputs
 
 BATCH, SIDE, HEADS, HEAD_DIM = 2, 16, 2, 16
 TOKENS, WIDTH = (SIDE // 4) ** 2, HEADS * HEAD_DIM  # 16 tokens of 32 channels; the MLP's hidden is 128
@@ -27,6 +29,13 @@ def count(kept, shape, dtype=None) -> int:
 def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, depth=1, num_classes=10,
                        **overrides)
+
+
+def model_residuals(cfg: ModelConfig) -> list[jax.ShapeDtypeStruct]:
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: PixelFlow(cfg, rngs=nnx.Rngs(0))))  # shapes only
+    images = jnp.zeros((BATCH, SIDE, SIDE, 3))
+    run = lambda p: nnx.merge(graphdef, p)(images, jnp.array([10.0, 900.0]), class_labels=jnp.array([1, 10]))
+    return residuals(run, params)
 
 
 def test_an_rms_norm_keeps_its_float32_input_once_and_its_gradients_are_jnp_squares_bit_for_bit():
@@ -58,3 +67,23 @@ def test_the_mlp_keeps_its_hidden_layer_twice_and_gelus_gradient_is_jaxs_bit_for
     cotangent = jax.random.normal(jax.random.key(3), hidden.shape)
     gradient = jax.jit(lambda fn, hidden: jax.vjp(fn, hidden)[1](cotangent)[0], static_argnums=0)
     np.testing.assert_array_equal(gradient(gelu, hidden), gradient(lambda h: jax.nn.gelu(h, approximate=True), hidden))
+
+
+@pytest.mark.parametrize("remat, attention_kept", [("dots_attention", True), ("dots", False)])
+def test_dots_attention_keeps_only_bfloat16_matmul_and_attention_outputs(remat, attention_kept):
+    with interpret_kernels():
+        kept = model_residuals(tiny_config(dtype="bfloat16", attention="pallas_gpu", remat=remat))
+    per_layer = [r for r in kept if r.shape[:3] == (1, BATCH, TOKENS)]  # the scan's, stacked over 1 layer
+    assert all(r.dtype == jnp.bfloat16 for r in per_layer)
+    # the block's input and the outputs of q, k, v, o and fc2; fc1's; the attention kernel's
+    assert count(per_layer, (1, BATCH, TOKENS, WIDTH)) == 6
+    assert count(per_layer, (1, BATCH, TOKENS, 4 * WIDTH)) == 1
+    assert count(per_layer, (1, BATCH, TOKENS, HEADS, HEAD_DIM)) == attention_kept
+
+
+def test_dots_attention_keeps_the_cudnn_forward_by_its_primitives_name():
+    from jax._src.cudnn import fused_attention_stablehlo  # private: this test notices a rename
+
+    forward = fused_attention_stablehlo._dot_product_attention_fwd_p_wrapper
+    assert forward.name in ATTENTION_FORWARD_PRIMITIVES
+    assert keep_matmul_and_attention_outputs(forward)

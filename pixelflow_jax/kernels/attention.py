@@ -32,6 +32,12 @@ import jax.numpy as jnp
 # attends to all keys as if unmasked (no NaNs).
 MASKED_KEY_BIAS = -10000.0
 
+# The primitives that compute a fused attention kernel's forward pass (cuDNN's; the pallas_call
+# of our Pallas kernels, the only Pallas calls in the model). Their outputs, the attention output
+# and its softmax statistics, are what the kernel's backward pass reads: remat 'dots_attention'
+# keeps them rather than run the forward kernel again.
+ATTENTION_FORWARD_PRIMITIVES = ("dot_product_attention_fwd_wrapper", "pallas_call")
+
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     scale = 1.0 / math.sqrt(q.shape[-1])
