@@ -213,7 +213,8 @@ def run_mode(argv):
 def out_of_memory_fix(mode: str, config) -> str:
     """What a job that ran out of device or host memory (XLA's RESOURCE_EXHAUSTED) can lower."""
     if mode == "train":
-        return ("set --config.model.remat=dots or full, or raise --config.mesh.fsdp (a resumed run takes these); or "
+        return ("set --config.model.remat=dots_attention, dots or full (least memory), or raise --config.mesh.fsdp (a "
+                "resumed run takes these); or "
                 "raise --config.train.grad_accum_steps (the same global batch in smaller pieces) or lower "
                 "--config.train.batch_size (a resumed run takes these two only with "
                 "--config.train.allow_resume_changes=True: they change its draws); in a preview: "

@@ -181,7 +181,7 @@ def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
         main.main(["main.py"])
 
     monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="train", config=config))  # first what a resume takes
-    with pytest.raises(SystemExit, match=r"ran out of memory .*: set --config.model.remat=dots or full, or raise "
+    with pytest.raises(SystemExit, match=r"ran out of memory .*: set --config.model.remat=dots_attention, dots or full \(least memory\), or raise "
                                          r"--config.mesh.fsdp \(a resumed run takes these\); or raise "
                                          r"--config.train.grad_accum_steps .* only with --config.train.allow_resume_"):
         main.main(["main.py"])
