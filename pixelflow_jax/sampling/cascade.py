@@ -115,7 +115,18 @@ def block_noise(key: jax.Array, shape: tuple[int, int, int], gamma: float) -> ja
     (p, q) of the block at pixel (2h + p, 2w + q), all blocks drawn in one op."""
     h, w, c = shape
     z = jax.random.normal(key, (h // 2, w // 2, c, 4), jnp.float32)
-    blocks = z @ jnp.asarray(block_noise_factor(gamma)).T
+    # L z written out as products and sums, the same ops in the same order for every value. A matmul
+    # (YNNPACK's under jax 0.12's XLA:CPU) or a sum over the last axis orders its arithmetic by the
+    # size of the whole batch of blocks (draw_noise vmaps this), and an image's noise then moved by
+    # an ulp with the other images in its batch.
+    factor = block_noise_factor(gamma)
+    entries = []
+    for row in factor:
+        entry = z[..., 0] * row[0]
+        for j in range(1, 4):
+            entry = entry + z[..., j] * row[j]
+        entries.append(entry)
+    blocks = jnp.stack(entries, axis=-1)
     return blocks.reshape(h // 2, w // 2, c, 2, 2).transpose(0, 3, 1, 4, 2).reshape(h, w, c)
 
 
