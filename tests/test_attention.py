@@ -145,6 +145,14 @@ def test_attention_split_gives_each_mesh_axis_to_batch_heads_or_neither():
     assert attention_split(mesh, 3, 3) == ((), ())
 
 
+def abstract_h100_mesh() -> jax.sharding.AbstractMesh:
+    """One abstract H100 on a 'data' axis of type Auto, as the meshes of make_mesh and of
+    bench/gpu_compile.py (topologies.make_mesh) are: jax 0.12's AbstractMesh defaults to Explicit,
+    and shard_map then refuses to split operands whose types say they are not split."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    return jax.sharding.AbstractMesh((1,), ("data",), (jax.sharding.AxisType.Auto,), abstract_device=h100)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_pallas_gpu_lowers_to_triton_for_cuda(dtype):
     """Cross-platform lowering (no GPU needed) runs Pallas's Triton lowering, which refuses what
@@ -160,8 +168,7 @@ def test_pallas_gpu_lowers_to_triton_for_cuda(dtype):
     q = jax.ShapeDtypeStruct((2, 256, 4, 72), dtype)
     k = jax.ShapeDtypeStruct((2, 512, 4, 72), dtype)
     mask = jax.ShapeDtypeStruct((2, 512), jnp.float32)
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100)):
+    with jax.sharding.use_abstract_mesh(abstract_h100_mesh()):
         hlo = jax.jit(grads).trace(q, k, k, mask).lower(lowering_platforms=("cuda",)).as_text()
     for kernel in ("pixelflow_flash_forward", "pixelflow_flash_backward_dkdv", "pixelflow_flash_backward_dq"):
         assert kernel in hlo
@@ -201,9 +208,7 @@ def test_compiling_for_a_gpu_on_a_cpu_chooses_the_gpu_backends():
 
     q = jax.ShapeDtypeStruct((2, 256, 4, 72), jnp.bfloat16)
     attend = lambda q: dot_product_attention(q, q, q, backend="pallas_gpu")
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
-    with compiling_for("gpu"), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",),
-                                                                                           abstract_device=h100)):
+    with compiling_for("gpu"), jax.sharding.use_abstract_mesh(abstract_h100_mesh()):
         assert resolve_backend("auto", jnp.bfloat16) == "cudnn"
         check_platform("cudnn")
         hlo = jax.jit(attend).trace(q).lower(lowering_platforms=("cuda",)).as_text()
