@@ -579,6 +579,42 @@ def test_a_local_write_goes_through_a_temporary_beside_the_file_named_for_its_wr
     assert storage.remove_temporaries(str(tmp_path)) == 0
 
 
+def test_a_stop_raised_at_any_line_of_a_local_write_leaves_no_temporary(tmp_path):
+    """A SIGTERM handler raises between any two lines (command_line.stop_on_sigterm): one raised
+    after the temporary's creation and before the `try` that removes it left it behind (a sampling
+    job stopped by SIGTERM, 1 in 12). Raised here at each line of the write in turn."""
+    class Stop(BaseException):
+        pass
+
+    def write_stopped_at(line: int) -> bool:
+        seen = [0]
+
+        def trace(frame, event, arg):
+            if event == "line":
+                seen[0] += 1
+                if seen[0] == line:
+                    raise Stop
+            return trace
+
+        sys.settrace(trace)
+        try:
+            storage.write_atomically(str(tmp_path / "000001.png"), b"png")
+        except Stop:
+            return True
+        finally:
+            sys.settrace(None)
+        return False
+
+    line = 1
+    while write_stopped_at(line):
+        names = os.listdir(tmp_path)
+        assert names in ([], ["000001.png"]), (line, names)
+        for name in names:
+            os.remove(tmp_path / name)
+        line += 1
+    assert line > 10 and os.listdir(tmp_path) == ["000001.png"]  # the write ran to its end once
+
+
 def test_local_removals_moves_and_write_errors(tmp_path, monkeypatch):
     storage.remove(str(tmp_path / "none.json"))  # nothing there: nothing to do
     (tmp_path / "taken.json").write_text("{}")

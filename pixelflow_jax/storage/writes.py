@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any, BinaryIO, Callable, Iterator
 
 from pixelflow_jax.error_text import described
@@ -64,8 +65,12 @@ def write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporar
     `temporary_prefix` names another."""
     folder = make_local_parent(path)
     prefix = temporary_prefix or f".{os.path.basename(path)}.tmp-{writer_tag()}-"
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
+    # Named before it exists, so that a stop raised at any line after its creation (a SIGTERM
+    # handler raises between any two) finds it in the finally below: with mkstemp a SIGTERM between
+    # the file's creation and the `try` left it behind (1 sampling job stopped in 12).
+    tmp = os.path.join(folder, prefix + uuid.uuid4().hex)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~umask())
