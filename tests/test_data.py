@@ -23,7 +23,7 @@ from pixelflow_jax.data import loader as loader_module
 from pixelflow_jax.data.caption_data import CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, DemoSource, classify, demo_image
 from pixelflow_jax.data.loader import ImageLoader, ProcessRows, build_dataset, to_global_batch
-from pixelflow_jax.data.sources import DataError, ImageFolderSource, TfdsSource, make_source
+from pixelflow_jax.data.sources import DataError, ImageFolderSource, TfdsSource, make_source, record_class_index
 
 R = 32
 
@@ -66,7 +66,7 @@ def test_folder_with_awkward_images(awkward_folder):
 
 def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
     config = type("C", (), {"source": "folder", "root": awkward_folder})
-    make_source(config, class_index_dir=str(tmp_path))
+    record_class_index(config, make_source(config, class_index_dir=str(tmp_path)), str(tmp_path), ids_learned=True)
     written = (tmp_path / "class_index.json").read_text()
     assert '"b"' in written
     os.makedirs(os.path.join(awkward_folder, "0_new_class"), exist_ok=True)
@@ -77,7 +77,9 @@ def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
             make_source(config, class_index_dir=str(tmp_path))  # ids stay stable: a new class is an error
         # Before a checkpoint has learned the ids (a run killed before its first save), they follow the folders.
         (tmp_path / "class_index.json").write_text(written.replace('"b"', '"gone"'))
-        assert make_source(config, class_index_dir=str(tmp_path), ids_learned=False).classes == ["0_new_class", "a", "b"]
+        source = make_source(config, class_index_dir=str(tmp_path), ids_learned=False)
+        assert source.classes == ["0_new_class", "a", "b"]
+        record_class_index(config, source, str(tmp_path), ids_learned=False)
         assert '"0_new_class"' in (tmp_path / "class_index.json").read_text()
     finally:
         shutil.rmtree(os.path.join(awkward_folder, "0_new_class"))
@@ -120,7 +122,9 @@ def test_file_and_folder_names_that_are_not_utf8_train_and_pack(tmp_path):
         open(os.path.join(bytes(classes), path), "wb").write(pixels)
     open(os.path.join(bytes(captioned), b"caf\xe9.png"), "wb").write(pixels)
     open(os.path.join(bytes(captioned), b"caf\xe9.txt"), "wb").write(b"a cup of coffee")
-    source = make_source(type("C", (), {"source": "folder", "root": str(classes)}), class_index_dir=str(tmp_path))
+    config = type("C", (), {"source": "folder", "root": str(classes)})
+    source = make_source(config, class_index_dir=str(tmp_path))
+    record_class_index(config, source, str(tmp_path), ids_learned=True)
     assert source.classes == ["b", "caf\udce9"] and len(source.listing) == 16
     assert make_source(type("C", (), {"source": "folder", "root": str(classes)}),
                        class_index_dir=str(tmp_path)).classes == source.classes  # the class index reads back

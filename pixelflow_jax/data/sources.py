@@ -329,12 +329,12 @@ def check_class_count(dataset: str, count: int, num_classes: int, fewer_classes:
 
 
 def make_source(data_config, class_index_dir: str | None = None, num_classes: int | None = None,
-                ids_learned: bool = True, record_classes: bool = True):
-    """The configured source. For folders, the class list is written to class_index_dir/
-    class_index.json, or read back from it once a checkpoint of the run has learned those ids
-    (`ids_learned`), so the ids of a run stay as they were; it must fit the model's num_classes
-    (id num_classes is the null class, and higher ids have no embedding). `record_classes=False`
-    leaves the writing to record_class_index, for a caller that may still refuse the data."""
+                ids_learned: bool = True):
+    """The configured source. For folders, the class list is read back from class_index_dir/
+    class_index.json once a checkpoint of the run has learned those ids (`ids_learned`), so the
+    ids of a run stay as they were (record_class_index writes it, once the run accepts the data);
+    it must fit the model's num_classes (id num_classes is the null class, and higher ids have no
+    embedding)."""
     kind = data_config.source
     if kind == "tfds":
         source = TfdsSource(data_config.tfds_name, data_config.split, data_config.tfds_data_dir)
@@ -351,8 +351,6 @@ def make_source(data_config, class_index_dir: str | None = None, num_classes: in
         if num_classes is not None:
             check_class_count(data_config.root, len(source.classes), num_classes, "remove class folders",
                               "fits the folder")
-        if record_classes:
-            record_class_index(data_config, source, class_index_dir, ids_learned)
         return source
     if kind == "demo":
         from pixelflow_jax.data.demo_data import DemoSource
@@ -378,13 +376,11 @@ def record_class_index(data_config, source, class_index_dir: str | None, ids_lea
                                                    "classes": source.classes})
 
 
-def open_source(config, class_index_dir: str | None = None, captioned: bool = False, ids_learned: bool = True,
-                record_classes: bool = True):
+def open_source(config, class_index_dir: str | None = None, captioned: bool = False, ids_learned: bool = True):
     """The records of config.data: captioned ones for a text-conditional model. Opening them finds
     a missing or unreadable dataset, so a run does it before it writes anything."""
     if captioned:
         from pixelflow_jax.data.caption_data import make_captioned_source
 
         return make_captioned_source(config.data)
-    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned,
-                       record_classes=record_classes)
+    return make_source(config.data, class_index_dir, num_classes=config.model.num_classes, ids_learned=ids_learned)

@@ -325,8 +325,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         else:
             init_source = check_init_from(config, model_cfg)
     # A missing dataset stops the run before it records anything in the workdir.
-    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done),
-                         record_classes=False)
+    source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
     listing = getattr(source, "listing", None)  # of file-based data (folders, shards)
     # Previews cycle over the classes the data holds, and the run records their count for its sampling
