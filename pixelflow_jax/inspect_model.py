@@ -51,13 +51,13 @@ def fill_checkpoint_of_run(config, workdir: str) -> None:
     """An empty sample.checkpoint in the workdir of a run with a saved step means that run, as
     --mode=sample and --mode=demo read it. A run without one (its first save still being written,
     or killed) has no weights to inspect: the config's own model is, and a warning says so."""
-    if config.sample.checkpoint:
+    if config.sample.checkpoint or not is_run(workdir):
         return
-    if inspects_checkpoint(config, workdir):
+    if complete_steps(workdir):
         logging.info("%s is a training run: inspecting its latest checkpoint (set --config.sample.checkpoint to "
                      "inspect another, or use another --workdir for the config's own model)", workdir)
         config.sample.checkpoint = workdir
-    elif is_run(workdir):
+    else:
         partial = steps_in_progress(workdir)
         being_written = f" (step {partial[-1]} is still being written, or was killed mid-save)" if partial else ""
         logging.warning("%s is a training run with no complete step yet%s: inspecting the config's own model with "
