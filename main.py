@@ -92,6 +92,18 @@ def main(argv):
 
 
 def run_mode(argv):
+    check_arguments(argv)
+    logging.set_verbosity(logging.INFO)
+    keep_library_info_out_of_the_log()
+    command, checkpoint_inspected = check_job()
+    warn_of_overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected, FLAGS.config.sample.solver)
+    start_job(command)
+    MODES[FLAGS.mode]()
+
+
+def check_arguments(argv):
+    """What absl leaves to us: stray words (a mode written without --mode=) and the cluster flags
+    given without --distributed."""
     if len(argv) > 1:
         modes = [a for a in argv[1:] if a in flags.FLAGS["mode"].parser.enum_values]
         usage_error(f"unexpected arguments {argv[1:]}" + (f" (a mode is a flag: --mode={modes[0]})" if modes else ""))
@@ -99,15 +111,18 @@ def run_mode(argv):
                                                               FLAGS.process_id)):
         sys.exit("error: --coordinator_address, --num_processes and --process_id apply with --distributed: add it "
                  "(without it every process would run the whole job alone)")
-    logging.set_verbosity(logging.INFO)
-    keep_library_info_out_of_the_log()
+
+
+def check_job() -> tuple[dict | None, bool]:
+    """Every setting and path, before any work: the command as given (for --distributed's
+    check_same_job, else None) and whether --mode=inspect reads a checkpoint."""
     from pixelflow_jax import multihost, storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
 
     raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
-
     try:
+        command = None
         if FLAGS.distributed:  # the command as given (before `~` is expanded), for check_same_job
             command = multihost.job_fields(FLAGS.mode, FLAGS.workdir, FLAGS.config)
         if not FLAGS.workdir.strip():
@@ -123,7 +138,14 @@ def run_mode(argv):
             checkpoint_inspected = inspects_checkpoint(FLAGS.config, FLAGS.workdir)
     except (storage.StorageError, validation.ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    warn_of_overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected, FLAGS.config.sample.solver)
+    return command, checkpoint_inspected
+
+
+def start_job(command: dict | None):
+    """Joins the other processes (--distributed) or keeps compiled programs, and checks the attention
+    kernel, all before any file is written."""
+    from pixelflow_jax import host_memory, multihost
+
     if FLAGS.distributed:
         try:
             multihost.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -132,8 +154,6 @@ def run_mode(argv):
             sys.exit(f"error: {e}")
     elif FLAGS.compilation_cache != "off":
         keep_compiled_programs(on_cpu=FLAGS.compilation_cache == "on")
-    from pixelflow_jax import host_memory
-
     host_memory.reuse_freed_buffers_on_cpu()  # 20-30% faster CPU steps (host_memory.py)
     if FLAGS.mode != "eval":  # an attention kernel this platform cannot run: known before any file is written
         from pixelflow_jax.kernels.attention import resolve_backend
@@ -142,72 +162,91 @@ def run_mode(argv):
             resolve_backend(FLAGS.config.model.attention, FLAGS.config.model.dtype)
         except ValueError as e:
             sys.exit(f"error: --config.model.attention: {e}")
-    if FLAGS.mode == "train":
-        from pixelflow_jax.data.sources import DataError
-        from pixelflow_jax.training import train
-        from pixelflow_jax.training.workdir_lock import WorkdirBusy
 
-        if not FLAGS.distributed:  # until the training loop takes SIGTERM over (PreemptionWatch): while the
-            stop_on_sigterm()      # run restores its checkpoint and builds its data, a SIGTERM stops it
-                                   # cleanly, its lock released
-        try:
-            train.train(FLAGS.config, FLAGS.workdir)
-        except train.TrainingPreempted as e:
-            print(f"stopped: {e}", file=sys.stderr)
-            raise StoppedTogether(e.exit_status) from None
-        except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
-                WorkdirBusy) as e:
-            fail(e)
-        except (KeyboardInterrupt, Terminated, Exception) as error:  # while starting (restore, compile), a second Ctrl-C
-            # A library may reword the stop (a SIGTERM during the compile); an error that is no stop is a bug.
-            if (stop := error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()) is None:
-                raise
-            cause, status = stop_cause(stop)
-            # No "without saving": a second Ctrl-C during a save may come after orbax finished it.
-            print(f"stopped: {cause}; {what_a_rerun_resumes(FLAGS.workdir)}", file=sys.stderr)
-            sys.exit(status)
-    elif FLAGS.mode == "inspect":
-        from pixelflow_jax import inspect_model
 
-        try:
-            inspect_model.run(FLAGS.config, FLAGS.workdir)
-        except (CheckpointError, ValueError, FloatingPointError, storage.StorageError) as e:
-            fail(e)
-    elif FLAGS.mode == "demo":
-        from pixelflow_jax import demo_app
+def train_mode():
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.data.sources import DataError
+    from pixelflow_jax.training import train
+    from pixelflow_jax.training.workdir_lock import WorkdirBusy
 
-        try:
-            demo_app.run(FLAGS.config, FLAGS.workdir)
-        except (CheckpointError, ValueError, storage.StorageError) as e:
-            fail(e)
-        except (KeyboardInterrupt, Terminated) as stop:  # how a page stops: a scheduler sees a stopped job
-            cause, status = stop_cause(stop)
-            print(f"stopped: {cause}", file=sys.stderr)
-            sys.exit(status)
-    elif FLAGS.mode in ("sample", "eval"):
-        from pixelflow_jax.evaluation import evaluate
-        from pixelflow_jax.sampling import job_files, sample_run
+    if not FLAGS.distributed:  # until the training loop takes SIGTERM over (PreemptionWatch): while the
+        stop_on_sigterm()      # run restores its checkpoint and builds its data, a SIGTERM stops it
+                               # cleanly, its lock released
+    try:
+        train.train(FLAGS.config, FLAGS.workdir)
+    except train.TrainingPreempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise StoppedTogether(e.exit_status) from None
+    except (CheckpointError, DataError, ValueError, storage.StorageError, train.TrainingStopped,
+            WorkdirBusy) as e:
+        fail(e)
+    except (KeyboardInterrupt, Terminated, Exception) as error:  # while starting (restore, compile), a second Ctrl-C
+        # A library may reword the stop (a SIGTERM during the compile); an error that is no stop is a bug.
+        if (stop := error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()) is None:
+            raise
+        cause, status = stop_cause(stop)
+        # No "without saving": a second Ctrl-C during a save may come after orbax finished it.
+        print(f"stopped: {cause}; {what_a_rerun_resumes(FLAGS.workdir)}", file=sys.stderr)
+        sys.exit(status)
 
-        if not FLAGS.distributed:
-            stop_on_sigterm()
-        try:
-            if FLAGS.mode == "sample":
-                e = FLAGS.config.eval
-                if e.reference:  # a typo found now, not after hours of sampling
-                    evaluate.check_inputs(None, e.reference, e.inception_weights, FLAGS.workdir)
-                    evaluate.check_sample_count(FLAGS.config.sample)
-                sample_run.run(FLAGS.config, FLAGS.workdir)
-            if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
-                samples = storage.join(FLAGS.workdir, job_files.SAMPLES_NPZ) if FLAGS.mode == "sample" else None
-                evaluate.run(FLAGS.config, FLAGS.workdir, samples)
-        except (CheckpointError, ValueError, storage.StorageError) as e:
-            fail(e)
-        except (KeyboardInterrupt, Terminated) as stop:  # finished batches are on disk (sample_run writes each whole)
-            kept = ("the features of files already through the Inception are cached" if FLAGS.mode == "eval"
-                    else "the images written are kept")
-            cause, status = stop_cause(stop)
-            print(f"stopped: {cause}; {kept}: rerun the same command to go on", file=sys.stderr)
-            sys.exit(status)
+
+def inspect_mode():
+    from pixelflow_jax import inspect_model, storage
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    try:
+        inspect_model.run(FLAGS.config, FLAGS.workdir)
+    except (CheckpointError, ValueError, FloatingPointError, storage.StorageError) as e:
+        fail(e)
+
+
+def demo_mode():
+    from pixelflow_jax import demo_app, storage
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    try:
+        demo_app.run(FLAGS.config, FLAGS.workdir)
+    except (CheckpointError, ValueError, storage.StorageError) as e:
+        fail(e)
+    except (KeyboardInterrupt, Terminated) as stop:  # how a page stops: a scheduler sees a stopped job
+        cause, status = stop_cause(stop)
+        print(f"stopped: {cause}", file=sys.stderr)
+        sys.exit(status)
+
+
+def sample_or_eval_mode():
+    """--mode=sample (then the evaluation, when config.eval.reference is set) or --mode=eval."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.evaluation import evaluate
+    from pixelflow_jax.sampling import job_files, sample_run
+
+    if not FLAGS.distributed:
+        stop_on_sigterm()
+    try:
+        if FLAGS.mode == "sample":
+            e = FLAGS.config.eval
+            if e.reference:  # a typo found now, not after hours of sampling
+                evaluate.check_inputs(None, e.reference, e.inception_weights, FLAGS.workdir)
+                evaluate.check_sample_count(FLAGS.config.sample)
+            sample_run.run(FLAGS.config, FLAGS.workdir)
+        if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
+            samples = storage.join(FLAGS.workdir, job_files.SAMPLES_NPZ) if FLAGS.mode == "sample" else None
+            evaluate.run(FLAGS.config, FLAGS.workdir, samples)
+    except (CheckpointError, ValueError, storage.StorageError) as e:
+        fail(e)
+    except (KeyboardInterrupt, Terminated) as stop:  # finished batches are on disk (sample_run writes each whole)
+        kept = ("the features of files already through the Inception are cached" if FLAGS.mode == "eval"
+                else "the images written are kept")
+        cause, status = stop_cause(stop)
+        print(f"stopped: {cause}; {kept}: rerun the same command to go on", file=sys.stderr)
+        sys.exit(status)
+
+
+MODES = {"train": train_mode, "inspect": inspect_mode, "demo": demo_mode, "sample": sample_or_eval_mode,
+         "eval": sample_or_eval_mode}
 
 
 def out_of_memory_fix(mode: str, config) -> str:
