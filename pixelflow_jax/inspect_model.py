@@ -51,7 +51,10 @@ def fill_checkpoint_of_run(config, workdir: str) -> None:
     """An empty sample.checkpoint in the workdir of a run with a saved step means that run, as
     --mode=sample and --mode=demo read it. A run without one (its first save still being written,
     or killed) has no weights to inspect: the config's own model is, and a warning says so."""
-    if config.sample.checkpoint or not is_run(workdir):
+    if config.sample.checkpoint:
+        return
+    if not is_run(workdir):
+        warn_of_a_sampling_job(workdir)
         return
     if complete_steps(workdir):
         logging.info("%s is a training run: inspecting its latest checkpoint (set --config.sample.checkpoint to "
@@ -62,6 +65,20 @@ def fill_checkpoint_of_run(config, workdir: str) -> None:
         being_written = f" (step {partial[-1]} is still being written, or was killed mid-save)" if partial else ""
         logging.warning("%s is a training run with no complete step yet%s: inspecting the config's own model with "
                         "random weights, not the run's", workdir, being_written)
+
+
+def warn_of_a_sampling_job(workdir: str) -> None:
+    """A sampling job's workdir holds no weights, only the name of the checkpoint it sampled: the
+    config's random model is inspected there, which a user reading inspect.json beside the samples
+    could take for the sampled model's."""
+    settings = storage.join(workdir, "samples", "settings.json")
+    try:
+        sampled = storage.read_json(settings)["checkpoint"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no sampling job's record here
+        return
+    logging.warning("%s is a sampling job's workdir (of %s, %s): inspecting the config's own model with random "
+                    "weights, not the sampled one; set --config.sample.checkpoint=%s to inspect that", workdir,
+                    sampled, settings, sampled)
 
 
 def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, CheckpointSource | None]:

@@ -141,6 +141,26 @@ def test_a_run_without_a_complete_step_is_said_to_be_inspected_with_random_weigh
            "mid-save): inspecting the config's own model with random weights, not the run's" in caplog.text
 
 
+def test_a_sampling_jobs_workdir_is_said_to_be_inspected_with_random_weights(tmp_path, caplog):
+    """inspect in a sampling job's workdir timed the config's random model and wrote its
+    inspect.json beside the samples without a word, as if it were the sampled checkpoint's."""
+    from pixelflow_jax import inspect_model
+
+    config = tiny_config("c2i")
+    (tmp_path / "samples").mkdir()
+    with caplog.at_level("WARNING"):
+        inspect_model.fill_checkpoint_of_run(config, str(tmp_path))  # samples/ without a record: nothing to say
+        (tmp_path / "samples" / "settings.json").write_text("[]")  # not a job's record either
+        inspect_model.fill_checkpoint_of_run(config, str(tmp_path))
+        assert caplog.text == ""
+        (tmp_path / "samples" / "settings.json").write_text(json.dumps({"checkpoint": "/runs/demo", "seed": 0}))
+        inspect_model.fill_checkpoint_of_run(config, str(tmp_path))
+    assert config.sample.checkpoint == ""
+    assert f"{tmp_path} is a sampling job's workdir (of /runs/demo, {tmp_path}/samples/settings.json): inspecting " \
+           "the config's own model with random weights, not the sampled one; set " \
+           "--config.sample.checkpoint=/runs/demo to inspect that" in caplog.text
+
+
 def test_parameters_are_counted_per_top_level_module_and_a_non_finite_forward_is_refused(tmp_path, monkeypatch):
     """Each module's count against its own parameters' sizes; weights of NaN must fail the
     inspection (FloatingPointError, one line from main.py), not report timings of garbage."""
