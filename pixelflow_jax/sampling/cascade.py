@@ -298,6 +298,13 @@ class CascadeSampler:
                                  "(draw_noise gives every stage's noise)")
 
     def _run_stage(self, stage, x, noise, cond, uncond, guidance, options):
+        program, args = self.stage_call(stage, x, noise, cond, uncond, guidance, options)
+        with matmul_precision(self.model_config.dtype):  # part of the compiled program's key
+            return program(*args)
+
+    def stage_call(self, stage, x, noise, cond, uncond, guidance, options):
+        """Stage `stage`'s jitted program and its arguments. To lower it ahead of time (as
+        bench/gpu_compile.py does), do so under matmul_precision(the model's dtype), as it runs."""
         alpha, beta = renoise_coefficients(self.scheduler.original_start_t[stage], self.scheduler.gamma)
         if options.solver == "euler":
             timesteps, t = self.scheduler.set_timesteps(options.steps_per_stage[stage], stage, shift=options.shift)
@@ -309,9 +316,8 @@ class CascadeSampler:
             schedule = (np.float32(first), np.float32(last), np.float32(options.rtol), np.float32(options.atol))
         program = _stage_program(self.graphdef, stage > 0, alpha, beta, options.solver)
         # None (scale 1: no guidance) traces the half-batch program; any other scale shares one.
-        with matmul_precision(self.model_config.dtype):  # part of the compiled program's key
-            return program(self.state, x, noise, cond, uncond, schedule,
-                           None if guidance == 1.0 else np.float32(guidance))
+        guidance = None if guidance == 1.0 else np.float32(guidance)
+        return program, (self.state, x, noise, cond, uncond, schedule, guidance)
 
 
 @functools.lru_cache(maxsize=64)
