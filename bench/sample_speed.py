@@ -37,6 +37,8 @@ PRESETS = {
     "xl": (ModelConfig(), 256),  # PixelFlow-XL/4 as released
     "tiny": (ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=2), 64),
 }
+# The settings timed by default (bench/gpu_compile.py's `sample` compiles them for a GPU).
+BATCH, STEPS, CFG = 16, 30, 2.4
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> PixelFlow:
@@ -51,12 +53,18 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> PixelFlow:
     return model
 
 
+def forward_program(graphdef):
+    """The model's forward of a class-conditional batch, jitted: what each stage's time is of."""
+    return jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, class_labels=y))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="xl")
-    parser.add_argument("--batch", type=positive_int, default=16, help="images per batch (the CFG batch is twice this)")
-    parser.add_argument("--steps", type=positive_int, default=30, help="Euler steps per stage")
-    parser.add_argument("--cfg", type=float, default=2.4)
+    parser.add_argument("--batch", type=positive_int, default=BATCH,
+                        help="images per batch (the CFG batch is twice this)")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help="Euler steps per stage")
+    parser.add_argument("--cfg", type=float, default=CFG)
     parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
     parser.add_argument("--attention", default="xla", choices=ATTENTION_BACKENDS)
     parser.add_argument("--repeats", type=positive_int, default=3)
@@ -71,7 +79,7 @@ def main():
     ckpt = CheckpointConfig(model=cfg, resolution=resolution)
     model = random_model(cfg)
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, class_labels=y))
+    forward = forward_program(graphdef)
 
     # Sanity before timing: the compute dtype's forward agrees with float32 on the smallest stage.
     # (xla attention: cudnn takes only bf16/fp16 inputs)
