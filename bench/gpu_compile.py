@@ -6,7 +6,13 @@ report what a GPU session would otherwise spend its first minutes learning:
            memory (XLA's thunk list), and under jax 0.10 (whose dump has the PTX) the registers
            (ptxas -v) and the blocks that fit on one SM;
   train    XLA's memory plan of one XL training step: arguments + outputs - aliased + temporaries,
-           the peak the step needs on the card, per batch, remat policy and attention backend.
+           the peak the step needs on the card, per batch, remat policy and attention backend;
+  sample   sample_speed.py's programs at its settings: each stage's forward of the CFG batch, and
+           the cascade's (noise, each stage's whole Euler solve, the uint8 finish): XLA's memory
+           plan, and from XLA's thunk list what one call (one denoising step in a stage's solve)
+           runs: kernels by kind, and host dispatches (a run of kernels XLA puts into a command
+           buffer, a CUDA graph, is one), whether the step loop stays on the card (a loop of known
+           trip count needs no host sync per step) and any callback to the host.
 
 Nothing runs: the numbers are the compiler's, not a measurement (bench/RESULTS.md keeps them apart).
 The plan leaves out what comes at run time (cuDNN workspace, allocator fragmentation, the loader).
@@ -20,6 +26,7 @@ Setup, once: a venv that sees this machine's packages, plus jax's CUDA plugin of
 
     /tmp/cuda/bin/python bench/gpu_compile.py kernels
     /tmp/cuda/bin/python bench/gpu_compile.py train --batch=32 --remat=dots --attention=cudnn
+    /tmp/cuda/bin/python bench/gpu_compile.py sample --attention=cudnn,pallas_gpu
 
 The CUDA plugin logs that it found no GPU; that is expected. Needs jax, flax, optax, numpy.
 """
@@ -27,6 +34,7 @@ The CUDA plugin logs that it found no GPU; that is expected. Needs jax, flax, op
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import glob
 import itertools
@@ -45,20 +53,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from attention_speed import SWEEP  # noqa: E402
 from harness import positive_int  # noqa: E402
-from pixelflow_jax import PixelFlowScheduler  # noqa: E402
-from pixelflow_jax.config import COMPUTE_DTYPES, REMAT_POLICIES  # noqa: E402
+from pixelflow_jax import CheckpointConfig, PixelFlowScheduler  # noqa: E402
+from pixelflow_jax.config import COMPUTE_DTYPES, REMAT_POLICIES, matmul_precision  # noqa: E402
 from pixelflow_jax.kernels.attention import compiling_for, dot_product_attention  # noqa: E402
 from pixelflow_jax.model import PixelFlow  # noqa: E402
+from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, class_conditioning,  # noqa: E402
+                                            draw_noise_jit, finished_images_jit, stage_guidance)
+from pixelflow_jax.scheduler import stage_resolutions  # noqa: E402
 from pixelflow_jax.sharding import BATCH_AXES, batch_sharding  # noqa: E402
 from pixelflow_jax.training.flow import StageTables  # noqa: E402
 from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
                                                state_shardings)
-from sample_speed import PRESETS  # noqa: E402
+from sample_speed import BATCH, CFG, PRESETS, STEPS, forward_program  # noqa: E402
 
 # XLA's description of each card (what a GPU's PJRT client reports about itself), for the compiler:
 # SM count and limits, memory, compute capability. From NVIDIA's datasheets and CUDA's device query.
@@ -219,14 +231,179 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
         step = make_train_step(cfg, graphdef, tables, tx, step_cfg, resolution, scheduler.num_train_timesteps,
                                mesh, shardings)
         try:
-            memory = step.lower(state, images, labels).compile().memory_analysis()
+            plan = memory_plan(step.lower(state, images, labels).compile())
         except Exception as error:
             return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+    return {**row, "compile_s": round(time.perf_counter() - start, 1), "state_gb": plan["arguments_gb"],
+            "temporaries_gb": plan["temporaries_gb"], "peak_gb": plan["peak_gb"]}
+
+
+def memory_plan(compiled) -> dict:
+    """XLA's memory plan of a compiled program in GB; the peak is arguments + outputs - donated +
+    temporaries."""
+    memory = compiled.memory_analysis()
     gb = lambda n: round(n / 1e9, 2)
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes)
-    return {**row, "compile_s": round(time.perf_counter() - start, 1), "state_gb": gb(memory.argument_size_in_bytes),
-            "temporaries_gb": gb(memory.temp_size_in_bytes), "peak_gb": gb(peak)}
+    return dict(arguments_gb=gb(memory.argument_size_in_bytes), outputs_gb=gb(memory.output_size_in_bytes),
+                temporaries_gb=gb(memory.temp_size_in_bytes), peak_gb=gb(peak))
+
+
+def parse_thunk_tree(text: str) -> list[dict]:
+    """XLA's thunk list (after its thunk passes) -> a tree of {id, kind, name, blocks}: a while's
+    blocks are its condition and body, a command buffer's (or another wrapper's) its thunks. The
+    nesting is in the indentation; a while's "condition:" and "body:" lines are not aligned with it."""
+    roots, stack = [], []  # stack: [indentation, thunk, the block its next children go into]
+    for line in text.splitlines():
+        label = re.fullmatch(r"\s*(\w+):\s*", line)
+        if label:  # opens a block of the innermost control thunk (while, conditional)
+            while stack[-1][1]["kind"] not in ("kWhile", "kConditional"):
+                stack.pop()
+            stack[-1][2] = label.group(1)
+            continue
+        thunk = re.match(r"(\s*)(\d+): (k\w+)\s+\[[^\]]*\]\s*(\S*)", line)
+        if not thunk:
+            continue
+        indent, number, kind, name = thunk.groups()
+        node = dict(id=int(number), kind=kind, name=name, blocks={})
+        while stack and stack[-1][0] >= len(indent):
+            stack.pop()
+        if stack:
+            stack[-1][1]["blocks"].setdefault(stack[-1][2], []).append(node)
+        else:
+            roots.append(node)
+        stack.append([len(indent), node, "thunks"])
+    return roots
+
+
+def parse_trip_counts(thunk_metadata: str, hlo: str) -> dict[int, int]:
+    """thunk id -> trip count of each while loop whose count XLA knows (its thunk metadata names
+    the HLO while; the optimized HLO has the count in the while's backend config)."""
+    names = dict(re.findall(r'profile_annotation: "([^"]+)"\s+thunk_id: (\d+)', thunk_metadata))
+    counts = dict(re.findall(r'%(\S+) = .*\bwhile\(.*"known_trip_count":\{"n":"(\d+)"\}', hlo))
+    return {int(thunk): int(counts[name]) for name, thunk in names.items() if name in counts}
+
+
+def kernel_kind(thunk: dict) -> str:
+    """What a leaf thunk runs: a matmul, cuDNN (attention), our Pallas kernel, a copy or memset, or
+    a fusion."""
+    if thunk["kind"] == "kCuDnn":
+        return "cudnn"
+    if thunk["name"].startswith(KERNEL_PREFIX):
+        return "pallas"
+    if "gemm" in thunk["name"] or thunk["kind"] in ("kGemm", "kCublasLtMatmul"):
+        return "gemm"
+    if "Copy" in thunk["kind"] or thunk["kind"].startswith("kMem"):
+        return "copy"
+    return "fusion"
+
+
+def launch_counts(thunks: list[dict], trips: dict[int, int]) -> collections.Counter:
+    """What one run of `thunks` runs on the card: kernels by kernel_kind, and "dispatches", the
+    thunks the host issues (a command buffer is one, however many kernels it holds; a loop's body
+    is issued once per trip). A while of unknown trip count counts once, with "unknown_trips"."""
+    counts = collections.Counter()
+    for thunk in thunks:
+        if thunk["kind"] == "kWhile":
+            inner = launch_counts(thunk["blocks"].get("body", []), trips)
+            if thunk["id"] not in trips:  # its condition is read back by the host every trip
+                inner += launch_counts(thunk["blocks"].get("condition", []), trips)
+                inner["unknown_trips"] += 1
+            for key, n in inner.items():
+                counts[key] += n * (1 if key == "unknown_trips" else trips.get(thunk["id"], 1))
+        elif thunk["blocks"]:
+            inner = launch_counts([child for block in thunk["blocks"].values() for child in block], trips)
+            if thunk["kind"] == "kCommandBuffer":
+                inner["dispatches"] = 1
+            counts += inner
+        else:
+            counts[kernel_kind(thunk)] += 1
+            counts["dispatches"] += 1
+    return counts
+
+
+def read_dump(dump_dir: str, suffix: str) -> str:
+    """The one file of the compiled module's dump that ends with `suffix`."""
+    paths = glob.glob(os.path.join(dump_dir, f"*{suffix}"))
+    if len(paths) != 1:
+        raise FileNotFoundError(f"expected one *{suffix} in XLA's dump, found {len(paths)}")
+    return open(paths[0]).read()
+
+
+def program_report(dump_dir: str, steps: int | None) -> dict:
+    """From XLA's dump of one compiled program: launches per call, and for a stage's solve per
+    step of its Euler loop (the top-level while of `steps` trips) and whether that loop stays on
+    the card; host callbacks (send, recv, infeed, outfeed, python callbacks)."""
+    try:
+        thunks = read_dump(dump_dir, "thunk_sequence_after_thunk_passes.txt")
+    except FileNotFoundError:  # XLA writes it only where its passes changed the list
+        thunks = read_dump(dump_dir, "thunk_sequence.txt")
+    roots = parse_thunk_tree(thunks)
+    hlo = read_dump(dump_dir, "gpu_after_optimizations.txt")
+    trips = parse_trip_counts(read_dump(dump_dir, "thunk_metadata.txt"), hlo)
+    report = dict(per_call=dict(launch_counts(roots, trips)),
+                  host_callbacks=len(re.findall(r"\b(?:send|recv|infeed|outfeed)\(|callback", hlo)))
+    if steps is not None:
+        loops = [thunk for thunk in roots if thunk["kind"] == "kWhile" and trips.get(thunk["id"]) == steps]
+        report["step_loop_on_card"] = len(loops) == 1
+        if loops:
+            report["per_step"] = dict(launch_counts(loops[0]["blocks"].get("body", []), trips))
+    return report
+
+
+def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: float, attention: str, dtype: str):
+    """sample_speed.py's programs for a preset's model (XL/4: the one it times), compiled for the
+    card: each stage's forward of the CFG batch (its per-stage times), then those of the cascade's
+    generate: the noise, each stage's program as CascadeSampler runs it (renoise + the whole Euler
+    solve), the finish. Yields a row per program as it compiles."""
+    base, resolution = PRESETS[preset]
+    cfg = dataclasses.replace(base, dtype=dtype, attention=attention)
+    ckpt = CheckpointConfig(model=cfg, resolution=resolution)
+    sampler = CascadeSampler(nnx.eval_shape(lambda: PixelFlow(cfg, rngs=nnx.Rngs(0))), ckpt)
+    mesh = card_mesh(card, ("data",))
+    on_card = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=on_card)
+    abstract = lambda tree: jax.tree.map(lambda a: spec(a.shape, a.dtype), tree)  # numpy or abstract leaves
+    state = abstract(sampler.state)
+    sizes = stage_resolutions(resolution, ckpt.num_stages)
+    channels = cfg.in_channels
+    row = dict(card=card, preset=preset, attention=attention, dtype=dtype, batch=batch, steps_per_stage=steps,
+               cfg=cfg_scale)
+    options = SamplingOptions.create(ckpt.num_stages, steps, cfg_scale=cfg_scale)
+
+    def compiled(program: str, fn, args, stage=None, model_batch=None, steps=None, **static) -> dict:
+        info = dict(program=program, **({} if stage is None else dict(stage=stage, pixels=sizes[stage])),
+                    **({} if model_batch is None else dict(model_batch=model_batch)))
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as dump, compiling_for("gpu"), matmul_precision(dtype), jax.set_mesh(mesh):
+            try:
+                executable = fn.lower(*args, **static).compile(compiler_options={"xla_dump_to": dump})
+            except Exception as error:
+                return {**row, **info, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+            result = {**row, **info, "compile_s": round(time.perf_counter() - start, 1), **memory_plan(executable)}
+            try:
+                return {**result, **program_report(dump, steps)}
+            except FileNotFoundError as error:  # another jax's dump: the plan still counts
+                return {**result, "report_error": f"{type(error).__name__}: {error}"}
+
+    forward = forward_program(sampler.graphdef)
+    for stage, size in enumerate(sizes):
+        args = (state, spec((2 * batch, size, size, channels)), spec((2 * batch,)), spec((2 * batch,), jnp.int32))
+        yield compiled("forward", forward, args, stage=stage, model_batch=2 * batch)
+    key = spec((), jax.random.key(0).dtype)
+    static = dict(resolution=resolution, num_stages=ckpt.num_stages, channels=channels, gamma=sampler.scheduler.gamma)
+    yield compiled("noise", draw_noise_jit, (key, spec((batch,), jnp.int32)), **static)
+    guidance = stage_guidance(cfg_scale, ckpt.num_stages, class_conditional=True)
+    cond, uncond = class_conditioning(np.arange(batch) % cfg.num_classes, cfg.num_classes)
+    x = spec((batch, sizes[0], sizes[0], channels))
+    for stage, size in enumerate(sizes):
+        noise = None if stage == 0 else spec((batch, size, size, channels))
+        program, args = sampler.stage_call(stage, x, noise, cond, uncond, guidance[stage], options)
+        # guidance 1 (stage 0 of the release's schedule) runs the model on the conditional half only
+        yield compiled("stage", program, (state, *abstract(args[1:])), stage=stage, steps=steps,
+                       model_batch=batch if guidance[stage] == 1.0 else 2 * batch)
+        x = spec((batch, size, size, channels))
+    yield compiled("finish", finished_images_jit, (x,))
 
 
 def one_of(choices):
@@ -247,19 +424,27 @@ def comma_separated(parse_one):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("kernels", "train"))
+    parser.add_argument("what", choices=("kernels", "train", "sample"))
     parser.add_argument("--card", choices=sorted(CARDS), default="h200")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="xl", help="sample: the model (train: XL)")
     parser.add_argument("--shapes", default="8x4096,32x1024", help="kernels: comma-separated BxL")
     parser.add_argument("--heads", type=positive_int, default=16)
     parser.add_argument("--head_dim", type=positive_int, default=72)
-    parser.add_argument("--batch", type=comma_separated(positive_int), default="32",
-                        help="train: comma-separated global batches")
+    parser.add_argument("--batch", type=comma_separated(positive_int),
+                        help=f"comma-separated; train: global batches (default 32); sample: images per batch (default "
+                             f"{BATCH}, the CFG batch is twice this)")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help="sample: Euler steps per stage")
+    parser.add_argument("--cfg", type=float, default=CFG, help="sample: the CFG scale (1: no guidance)")
     parser.add_argument("--remat", type=comma_separated(one_of(REMAT_POLICIES)), default="dots",
                         help=f"train: comma-separated, of {REMAT_POLICIES}")
-    parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS)), default="cudnn",
-                        help=f"train: comma-separated, of {GPU_BACKENDS}")
+    parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS)),
+                        help=f"comma-separated, of {GPU_BACKENDS} (default: train cudnn, sample cudnn,pallas_gpu)")
     parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
     args = parser.parse_args()
+    try:  # the sampler's own checks, before minutes of compiling
+        SamplingOptions.create(PixelFlowScheduler().num_stages, args.steps, cfg_scale=args.cfg)
+    except ValueError as error:
+        parser.error(f"argument --cfg: {error}")
 
     print(json.dumps(dict(jax=jax.__version__, card=args.card)), flush=True)
     if args.what == "kernels":
@@ -267,7 +452,12 @@ def main():
         for settings, (batch, length) in itertools.product(SWEEP, shapes):
             print(json.dumps(compile_kernels(args.card, settings, batch, length, args.heads, args.head_dim)), flush=True)
         return
-    for batch, remat, attention in itertools.product(args.batch, args.remat, args.attention):
+    if args.what == "sample":
+        for batch, attention in itertools.product(args.batch or [BATCH], args.attention or ["cudnn", "pallas_gpu"]):
+            for row in compile_sampling(args.card, args.preset, batch, args.steps, args.cfg, attention, args.dtype):
+                print(json.dumps(row), flush=True)
+        return
+    for batch, remat, attention in itertools.product(args.batch or [32], args.remat, args.attention or ["cudnn"]):
         print(json.dumps(compile_train_step(args.card, batch, remat, attention, args.dtype)), flush=True)
 
 

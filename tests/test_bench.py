@@ -66,6 +66,72 @@ def test_gpu_compile_reads_the_compilers_reports():
     assert blocks_per_sm(threads=32, registers=10, shared_memory=0) == 32  # the SM's block limit
 
 
+def test_gpu_compile_counts_what_one_sampling_step_launches():
+    """`gpu_compile.py sample` reads XLA's thunk list (after its passes, which group kernels into
+    command buffers) as a tree, and counts per call and per trip of a loop what runs on the card and
+    what the host dispatches. Checked on an excerpt of a real list (a stage's Euler loop over a
+    2-layer scan), with its "condition:" lines not aligned with their while, as XLA writes them."""
+    from gpu_compile import kernel_kind, launch_counts, memory_plan, parse_thunk_tree, parse_trip_counts
+
+    thunks = ("001: kCustomKernel [source       | next=003 (2)] loop_add_fusion_8 grid: [96, 1, 1]\n"
+              "003: kWhile        [prev=002 (1) | sink        ]   \n"
+              "condition:\n"
+              "    004: kCustomKernel [source | sink] loop_compare_fusion_1 grid: [1, 1, 1] threads: [1, 1, 1]\n"
+              "  body:\n"
+              "    000: kCommandBuffer [source       | next=020 (1)] \n"
+              "        005: kCustomKernel [source       | next=007 (2)] input_concatenate_fusion_3 grid: [8, 1, 1]\n"
+              "        007: kCustomKernel [prev=006 (1) | next=008 (1)] gemm_fusion_dot_general_39 grid: [4, 1, 1]\n"
+              "        019: kCopy         [source       | sink        ] kCopy\n"
+              "    020: kWhile         [prev=000 (1) | next=000 (1)]       \n"
+              "condition:\n"
+              "        021: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1] threads: [1, 1, 1]\n"
+              "      body:\n"
+              "        000: kCommandBuffer      [source       | next=031 (3)] \n"
+              "            022: kCustomKernel [source       | next=023 (1)] loop_convert_fusion grid: [48, 1, 1]\n"
+              "            023: kCustomKernel [prev=022 (1) | next=024 (1)] gemm_fusion_dot_general_29\n"
+              "        028: kDynamicSliceFusion [source       | next=031 (2)] params=1, results=1\n"
+              "            029: kCopy [source | sink] kCopy\n"
+              "        039: kCuDnn              [prev=038 (1) | next=040 (1)] kCuDnn\n"
+              "        040: kCustomKernel       [prev=039 (1) | next=041 (1)] pixelflow_flash_forward grid: [8, 1, 1]\n"
+              "    000: kCommandBuffer [prev=020 (1) | sink        ] \n"
+              "        053: kCustomKernel [source       | next=054 (1)] wrapped_convert_3 grid: [16, 1, 1]\n"
+              "060: kCustomKernel [prev=003 (1) | sink] loop_add_fusion_9 grid: [96, 1, 1] threads: [128, 1, 1]\n")
+    roots = parse_thunk_tree(thunks)
+    assert [(t["id"], t["kind"]) for t in roots] == [(1, "kCustomKernel"), (3, "kWhile"), (60, "kCustomKernel")]
+    loop = roots[1]
+    assert [t["name"] for t in loop["blocks"]["condition"]] == ["loop_compare_fusion_1"]
+    assert [t["kind"] for t in loop["blocks"]["body"]] == ["kCommandBuffer", "kWhile", "kCommandBuffer"]
+    layers = loop["blocks"]["body"][1]
+    assert [t["id"] for t in layers["blocks"]["body"]] == [0, 28, 39, 40]
+    assert layers["blocks"]["body"][1]["blocks"]["thunks"][0]["kind"] == "kCopy"
+    assert [kernel_kind(t) for t in layers["blocks"]["body"][2:]] == ["cudnn", "pallas"]
+
+    metadata = ('thunk_metadata {\n  thunk_info {\n    profile_annotation: "while.25"\n    thunk_id: 3\n  }\n'
+                '  thunk_kind: "kWhile"\n}\nthunk_metadata {\n  thunk_info {\n    profile_annotation: "while.23"\n'
+                '    thunk_id: 20\n  }\n  thunk_kind: "kWhile"\n}\n')
+    hlo = ('  %while.23 = (s32[], bf16[8,64,32]{2,1,0}) while(%tuple.25), condition=%region_8.21.clone, '
+           'body=%region_2.20, backend_config={"known_trip_count":{"n":"2"},"known_init_step":{"init":"0"}}\n'
+           '  %while.25 = (s32[], f32[4,32,32,3]{3,2,1,0}) while(%tuple.28), condition=%region_11.26, '
+           'body=%region_0.25, backend_config={"known_trip_count":{"n":"3"},"known_init_step":{"init":"0"}}\n')
+    trips = parse_trip_counts(metadata, hlo)
+    assert trips == {3: 3, 20: 2}
+    # One step: 2 command buffers, and per layer (x2) one buffer + the sliced copy, cuDNN, Pallas.
+    per_step = dict(fusion=1 + 2 + 1, gemm=1 + 2, copy=1 + 2, cudnn=2, pallas=2, dispatches=2 + 2 * 4)
+    assert launch_counts(loop["blocks"]["body"], trips) == per_step
+    per_call = {kind: 3 * n for kind, n in per_step.items()}
+    per_call["fusion"] += 2
+    per_call["dispatches"] += 2
+    assert launch_counts(roots, trips) == per_call
+    # A loop of unknown trip count (dopri5's) counts once, with its condition (read back each trip).
+    unknown = launch_counts(roots, {20: 2})
+    assert unknown["unknown_trips"] == 1 and unknown["fusion"] == per_step["fusion"] + 1 + 2
+
+    plan = type("Memory", (), dict(argument_size_in_bytes=3e9, output_size_in_bytes=1e9, alias_size_in_bytes=1e9,
+                                   temp_size_in_bytes=2.5e9))
+    assert memory_plan(type("Compiled", (), dict(memory_analysis=lambda self: plan))()) == dict(
+        arguments_gb=3.0, outputs_gb=1.0, temporaries_gb=2.5, peak_gb=5.5)
+
+
 def test_gpu_compile_refuses_a_bad_list_before_compiling():
     """Its lists (--batch=32,48 --remat=dots,full) are checked item by item as usage errors: a typo
     in the last item surfaced after minutes of compiling the first ones."""
@@ -79,6 +145,9 @@ def test_gpu_compile_refuses_a_bad_list_before_compiling():
     result = subprocess.run([sys.executable, "bench/gpu_compile.py", "train", "--batch=32,0"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "argument --batch: must be a whole number >= 1, got '0'" in result.stderr
+    result = subprocess.run([sys.executable, "bench/gpu_compile.py", "sample", "--cfg=0.5"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --cfg: cfg_scale must be a finite number in [1, " in result.stderr
 
 
 def test_a_bad_argument_is_a_usage_error_before_anything_compiles():
