@@ -864,6 +864,25 @@ def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
         CaptionRecordSource(str(tmp_path))
 
 
+def test_a_shard_cut_at_a_64_kib_boundary_is_named_truncated(tmp_path):
+    """The reader fails such a file with an empty RuntimeError: the error said only "(RuntimeError)"."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from pixelflow_jax.data.caption_data import encode_record
+
+    shard = str(tmp_path / "captions.array_record")
+    writer = ArrayRecordWriter(shard, "group_size:1")
+    for i in range(12):  # ~120 KB, incompressible
+        writer.write(encode_record(np.random.default_rng(i).bytes(10_000), f"caption {i}"))
+    writer.close()
+    with open(shard, "r+b") as f:
+        f.truncate(64 * 1024)
+    with pytest.raises(DataError, match=r"cannot read ArrayRecord shard \S+captions.array_record: it is truncated or "
+                                        r"damaged \(the reader's RuntimeError gives no detail.*\); copy the shards "
+                                        "again, or pack"):
+        CaptionRecordSource(str(tmp_path))
+
+
 def test_a_record_that_is_not_an_image_and_caption_is_refused_naming_the_packer():
     import msgpack
 

@@ -234,6 +234,10 @@ def count_records(shard: str) -> int:
         first = reader.read([0])[0] if count else None
         reader.close()
     except Exception as e:  # a truncated file: RuntimeError "should be at least 64KB big", ...
+        if not str(e).strip():  # one cut at exactly 64 KiB (a copy's first block) fails without a word
+            raise DataError(f"cannot read ArrayRecord shard {shard}: it is truncated or damaged (the reader's "
+                            f"{type(e).__name__} gives no detail, as for a file cut off at a 64 KiB boundary); "
+                            f"{REPACK}") from None
         raise DataError(f"cannot read ArrayRecord shard {shard} ({first_line(e)}); if it is truncated or damaged, "
                         f"{REPACK}") from None
     if count == 0:
