@@ -1776,6 +1776,13 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
             load_model(spaced)
     with pytest.raises(storage.StorageError, match="ends with a space, which an object name keeps: write 'gs://b/x'"):
         storage.user_path("gs://b/x ")
+    for spaced, name, fixed in (("gs://b/a /x", "a ", "gs://b/a/x"), ("gs://b/ a/x", " a", "gs://b/a/x"),
+                                ("gs:// b/x", " b", "gs://b/x"), ("hf://o/n\t/sub", "n\t", "hf://o/n/sub")):
+        with pytest.raises(storage.StorageError, match=re.escape(f"{spaced!r}: the folder name {name!r} starts or ends "
+                                                                 f"with whitespace, which an object name keeps (a "
+                                                                 f"quoting slip?): write {fixed!r}")):
+            storage.user_path(spaced)  # were taken as they are: a bucket folder named "a "
+    assert storage.user_path("gs://b/my run/x") == "gs://b/my run/x"  # a space inside a name is a name's
     for dotted in ("gs://b/x/../y", "gs://b/./x"):
         with pytest.raises(storage.StorageError, match="do not resolve '.' and '..'"):
             storage.user_path(dotted)

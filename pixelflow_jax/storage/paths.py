@@ -67,6 +67,12 @@ def user_path(path: str) -> str:
         raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
     if is_url(path) and path != path.strip():
         raise StorageError(f"{path!r} starts or ends with a space, which an object name keeps: write {path.strip()!r}")
+    if is_url(path) and (spaced := [name for name in path.split("://", 1)[1].split("/") if name != name.strip()]):
+        # gs://b/a /x (a quoting slip): unlike a local name, whether "a " exists would take a request,
+        # so such a folder name is refused outright, as one at the URL's end is above.
+        fixed = f"{scheme(path)}://" + "/".join(name.strip() for name in path.split("://", 1)[1].split("/"))
+        raise StorageError(f"{path!r}: the folder name {spaced[0]!r} starts or ends with whitespace, which an object "
+                           f"name keeps (a quoting slip?): write {fixed!r}")
     if is_url(path) and scheme(path) != "hf" and (odd := sorted(set(_NOT_IN_OBJECT_PATHS) & set(path))):
         raise StorageError(f"{path}: {' and '.join(repr(c) for c in odd)} cannot be part of an object path here "
                            "(the checkpoint library reads '?' and '#' as the start of a URL query, the bucket "
