@@ -325,6 +325,8 @@ def test_an_unconditional_model_is_refused_by_sampling_the_demo_page_and_the_pyt
     ("configs/c2.py:demo", "error: --config file configs/c2.py does not exist (this project's configs: configs/c2i.py, "
                            "configs/t2i.py)"),
     ("configs/c2i.py:dmeo", "error: flag --config=configs/c2i.py:dmeo: ValueError: unknown c2i config variant 'dmeo'"),
+    ("gs://b/c2i.py:demo", "error: --config gs://b/c2i.py:demo is a URL: flag and config files are read from local "
+                           "paths only: copy it here first (gcloud storage cp gs://b/c2i.py .)"),  # was "file gs"
 ])
 def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, config, message):
     command = [sys.executable, "main.py", f"--config={config}", f"--workdir={tmp_path / 'run'}"]
@@ -362,7 +364,10 @@ def test_a_config_file_that_is_no_config_or_a_missing_flagfile_is_one_line(tmp_p
             ([f"--config={tmp_path / 'typo.py'}"], "typo.py could not be read: No module named 'ml_collection'"),
             ([f"--config={tmp_path / 'empty.py'}"], "empty.py defines no get_config(): a config file defines"),
             ([f"--flagfile={tmp_path / 'run.flags'}", "--config=configs/c2i.py:tiny"],
-             "error: --flagfile cannot be read: [Errno 2] No such file or directory")):
+             "error: --flagfile cannot be read: [Errno 2] No such file or directory"),
+            (["--flagfile", "gs://b/run.flags", "--config=configs/c2i.py:tiny"],
+             "error: --flagfile gs://b/run.flags is a URL: flag and config files are read from local paths only: "
+             "copy it here first (gcloud storage cp gs://b/run.flags .)")):
         result = subprocess.run([sys.executable, "main.py", *args, f"--workdir={tmp_path / 'run'}"], cwd=REPO,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 1 and message in result.stderr, result.stderr

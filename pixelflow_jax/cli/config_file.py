@@ -22,7 +22,27 @@ def check_flag_files(argv: list[str]) -> None:
     try:
         flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
     except flags.CantOpenFlagFileError as e:
+        if urls := [url for url in flag_values(argv, "flagfile") if "://" in url]:
+            sys.exit(f"error: --flagfile {urls[0]} is a URL: {read_locally(urls[0])}")
         sys.exit(f"error: --flagfile cannot be read: {str(e).removeprefix('ERROR:: Unable to open flagfile: ')}")
+
+
+def flag_values(argv: list[str], name: str) -> list[str]:
+    """The values given to --NAME (or -NAME) in argv, as --NAME=VALUE or --NAME VALUE."""
+    values = []
+    for i, arg in enumerate(argv[1:], 1):
+        flag = arg.lstrip("-")  # absl takes -config as --config
+        if flag.startswith(f"{name}="):
+            values.append(flag.split("=", 1)[1])
+        elif flag == name and arg.startswith("-") and i + 1 < len(argv):
+            values.append(argv[i + 1])
+    return values
+
+
+def read_locally(url: str) -> str:
+    """Why a flag or config file in a bucket is not read, and what to do: absl and ml_collections
+    open these files themselves (a config file is imported as Python)."""
+    return f"flag and config files are read from local paths only: copy it here first (gcloud storage cp {url} .)"
 
 
 # This checkout's configs/, beside the package (main.py's folder, first on sys.path when it runs).
@@ -122,11 +142,11 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
 def check_config_file(argv: list[str]) -> None:
     """A --config file that does not exist, named in one line (ml_collections reports it only when
     the config is first read, in a traceback)."""
-    for i, arg in enumerate(argv[1:], 1):
-        flag = arg.lstrip("-")  # absl takes -config as --config
-        value = flag.split("=", 1)[1] if flag.startswith("config=") else argv[i + 1] if (
-            flag == "config" and arg.startswith("-") and i + 1 < len(argv)) else None
-        path = value and value.split(":", 1)[0]
+    for value in flag_values(argv, "config"):
+        if "://" in value:  # split at its first ":" below, gs://b/c2i.py:demo was "file gs does not exist"
+            scheme, _, rest = value.partition("://")
+            sys.exit(f"error: --config {value} is a URL: {read_locally(scheme + '://' + rest.split(':', 1)[0])}")
+        path = value.split(":", 1)[0]
         if path and not os.path.isfile(path):
             # Named as they would work from here.
             shown = os.path.relpath(CONFIGS) if not os.path.relpath(CONFIGS).startswith("..") else CONFIGS
