@@ -916,3 +916,33 @@ def test_a_text_run_on_own_data_names_every_missing_setting_at_once(tmp_path):
     with pytest.raises(ValueError, match=r"^--config.data.source 'tfds' has no captions"):
         train(config, workdir)
     assert not os.path.exists(workdir)
+
+
+def test_a_text_runs_previews_on_own_data_draw_preview_num_images_cycling_over_the_prompts(tmp_path, monkeypatch):
+    """Every line of sample.prompts_file was one preview batch (a file of 1,000 prompts, 1,000 images
+    at each preview), whatever train.preview_num_images said."""
+    import configs.t2i as t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.model import PixelFlow
+    from pixelflow_jax.training import train
+
+    config = t2i.get_config("tiny")
+    config.data.source, config.train.preview_num_images = "folder", 5
+    (tmp_path / "prompts.txt").write_text("a red disk\na blue square\n")
+    config.sample.prompts_file = str(tmp_path / "prompts.txt")
+    model_cfg = ModelConfig.from_mapping(config.model)
+    graphdef, ema = nnx.split(PixelFlow(model_cfg, rngs=nnx.Rngs(0)))
+    asked = []
+
+    class Sampler:  # what write_preview asks of the sampler, without sampling
+        def __init__(self, model, checkpoint_config):
+            pass
+
+        def generate_from_prompts(self, encoder, prompts, **options):
+            asked.extend(prompts)
+            return np.zeros((len(prompts), 8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(train, "CascadeSampler", Sampler)
+    log = type("Log", (), {"image": lambda self, *args: None})()
+    assert train.write_preview(config, model_cfg, graphdef, ema, str(tmp_path), 2, log, text_encoder=object()) == {}
+    assert asked == ["a red disk", "a blue square"] * 2 + ["a red disk"]

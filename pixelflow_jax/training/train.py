@@ -219,8 +219,10 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
         if demo:
             prompts, colours, shapes = demo_preview_prompts(t.preview_num_images, config.data.demo_num_classes,
                                                             config.seed)
-        else:
+        else:  # preview_num_images images, image i of prompt i mod their count, as classes cycle above
+            # (every line of a prompts file was one preview batch, whatever preview_num_images said)
             prompts = read_prompts(s)
+            prompts = [prompts[i % len(prompts)] for i in range(t.preview_num_images)]
         images = sampler.generate_from_prompts(text_encoder, prompts, negative_prompt=s.negative_prompt, **options)
     if jax.process_index() == 0:
         grid = image_grid(images)
