@@ -96,6 +96,8 @@ class PixelFlowScheduler:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage must be in [0, {self.num_stages}), got {stage}")
+        if not (math.isfinite(shift) and shift > 0):  # 0 gave NaN timesteps, a negative shift ones far outside [0, T)
+            raise ValueError(f"shift must be a finite positive number, got {shift}")
         T_start, T_end = self.stage_timestep_range(stage)
         t_start = float(self.t_window_per_stage[stage][0])
         t_end = float(self.t_window_per_stage[stage][-1])

@@ -47,3 +47,6 @@ def test_bad_arguments_are_rejected():
         PixelFlowScheduler(1000, 0)
     with pytest.raises(ValueError, match="stage must be in"):
         PixelFlowScheduler(1000, 4).set_timesteps(3, 4)
+    for shift in (0.0, -1.0, float("nan"), float("inf")):  # were NaN timesteps, or ones far outside [0, 1000)
+        with pytest.raises(ValueError, match=f"shift must be a finite positive number, got {shift}"):
+            PixelFlowScheduler(1000, 4).set_timesteps(3, 0, shift)
