@@ -392,6 +392,11 @@ def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, convert
     with pytest.raises(CheckpointError, match=r"release is a folder without model.pt; a release folder holds "
                                               r"config.yaml \+ model.pt$"):
         read_release_checkpoint(str(folder))
+    (folder / "model.safetensors").write_bytes(b"")  # renamed model.pt, torch would no longer read it as safetensors
+    with pytest.raises(CheckpointError, match=rf"model.pt; it holds model.safetensors: convert that file \(convert_"
+                                              rf"torch_ckpt.py --torch_checkpoint={folder}/model.safetensors "
+                                              rf"--torch_config={folder}/config.yaml\)$"):
+        read_release_checkpoint(str(folder))
     for name in ("notes.txt", "model.safetensors", "ema.pth"):
         (folder / name).write_bytes(b"")
     with pytest.raises(CheckpointError, match=rf"model.pt; it holds ema.pth, model.safetensors: convert that file "

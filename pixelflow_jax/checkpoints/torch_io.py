@@ -259,9 +259,11 @@ def what_the_folder_holds(path: str) -> str:
         return (f"; it is a JAX checkpoint (a training run or a converted folder): export it with --to_torch "
                 f"--jax_checkpoint={path}")
     if others := sorted(name for name in storage.list_files(path) if name.endswith(WEIGHT_FILE_ENDINGS)):
+        # torch.load tells a safetensors file by its name's ending: renamed model.pt, it no longer reads
+        rename = ("" if others[0].endswith(".safetensors")
+                  else ", or rename it model.pt if it is the release's state dict")
         return (f"; it holds {listed(others)}: convert that file (convert_torch_ckpt.py --torch_checkpoint="
-                f"{storage.join(path, others[0])} --torch_config={storage.join(path, 'config.yaml')}), or rename it "
-                "model.pt if it is the release's state dict")
+                f"{storage.join(path, others[0])} --torch_config={storage.join(path, 'config.yaml')}){rename}")
     return ""
 
 
