@@ -5,6 +5,7 @@ converter, on random weights in pytorch-fid's state-dict layout."""
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -327,6 +328,20 @@ def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
     with pytest.raises(CheckpointError, match="damaged.pth"):  # read after the checks of the file names
         evaluate.evaluate(str(tmp_path / "four.npz"), str(tmp_path / "four.npz"), str(damaged), str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()  # a failed evaluation leaves no workdir it made
+
+
+def test_an_npz_named_without_the_ending_numpy_savez_added_is_named_with_it(tmp_path):
+    """np.savez("runs/reference", ...) writes runs/reference.npz: --config.eval.reference=runs/reference
+    was "not found", and its fix the ADM reference's URL."""
+    from pixelflow_jax.evaluation import evaluate
+
+    np.savez(tmp_path / "reference", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    for samples, reference, name in ((tmp_path / "reference.npz", tmp_path / "reference", "eval.reference"),
+                                     (tmp_path / "reference", tmp_path / "reference.npz", "eval.samples")):
+        with pytest.raises(ValueError, match=re.escape(f"--config.{name} {tmp_path / 'reference'} is not found (numpy."
+                                                       f"savez added .npz to the name it was given: pass "
+                                                       f"{tmp_path / 'reference'}.npz)")):
+            evaluate.check_inputs(str(samples), str(reference), str(tmp_path / "weights.pth"), str(tmp_path))
 
 
 @pytest.mark.slow

@@ -400,6 +400,8 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
                    "(arr_0: N x H x W x 3) of the data you trained on serves" if name == "eval.reference" else "")
             if storage.isdir(path):
                 fix += npz_for_folder(path)
+            elif storage.isfile(f"{path}.npz"):  # np.savez(path, ...) adds the ending the name lacks
+                fix = f" (numpy.savez added .npz to the name it was given: pass {path}.npz)"
             raise ValueError(f"--config.{name} {path} is {kind}{fix}")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
