@@ -213,6 +213,11 @@ def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
     with pytest.raises(CheckpointError, match=r"model.pt holds a PixelFlow model's weights, not the FID Inception's: "
                                               r"pass pytorch-fid's pt_inception"):
         load_inception(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
+    np.savez(tmp_path / "reference.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))  # the wrong one of three files
+    with pytest.raises(CheckpointError, match=r"cannot read \S+reference.npz as a PyTorch checkpoint .*; the Inception "
+                                              r"weights are pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                                              r"\(https://github.com/mseitzer/pytorch-fid/"):
+        load_inception(str(tmp_path / "reference.npz"))
 
 
 # ------------------------------------------------------------------------------ --mode=eval

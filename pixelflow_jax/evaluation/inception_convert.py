@@ -76,7 +76,10 @@ def load_inception(path: str) -> InceptionV3:
                               "FID Inception, converted from the 2015-12-05 TensorFlow graph) and pass its path")
     from pixelflow_jax.checkpoints.torch_io import float32_numpy, load_tensor_dict
 
-    state_dict = float32_numpy(load_tensor_dict(path))
+    try:  # a file that is no torch file (an .npz given for the weights) was named without what to pass
+        state_dict = float32_numpy(load_tensor_dict(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the Inception weights are pytorch-fid's {WEIGHTS_NAME} ({WEIGHTS_URL})") from None
     try:
         params = inception_params(state_dict)
     except CheckpointError as e:
