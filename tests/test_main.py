@@ -132,13 +132,17 @@ def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1 and "does not exist" in result.stderr  # the warning comes before any work
     assert "--config.sample.shift: the dopri5 solver chooses its own steps" in result.stderr, result.stderr
-    from pixelflow_jax.cli.config_overrides import step_overrides_dopri5_ignores
+    from pixelflow_jax.cli.config_overrides import overrides_without_effect, step_overrides_dopri5_ignores
 
     argv = ["main.py", "--config=configs/c2i.py:demo", "--config.sample.solver=dopri5",
             "--config.sample.steps_per_stage=30", "--config.sample.shift=3", "--config.sample.cfg_scale=2"]
     assert step_overrides_dopri5_ignores(argv, "sample", "dopri5") == ["sample.steps_per_stage", "sample.shift"]
     assert step_overrides_dopri5_ignores(argv, "sample", "euler") == []
     assert step_overrides_dopri5_ignores(argv, "train", "dopri5") == []
+    # a field given twice (the last value wins) is named once, in the order first given
+    argv += ["--config.sample.steps_per_stage=5", "--config.model.depth=2", "--config.model.depth=3"]
+    assert step_overrides_dopri5_ignores(argv, "sample", "dopri5") == ["sample.steps_per_stage", "sample.shift"]
+    assert overrides_without_effect(argv, "sample") == ["model.depth"]
 
 
 def test_a_boolean_flag_given_another_word_is_named_with_the_values_it_takes():

@@ -15,7 +15,10 @@ RUNTIME_MODEL_FIELDS = ("model.dtype", "model.param_dtype", "model.attention")
 
 
 def override_fields(argv: list[str]) -> list[str]:
-    return [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+    """Each overridden field once, in the order first given (a field given twice, the last value
+    winning, is still one override to warn of)."""
+    fields = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+    return list(dict.fromkeys(fields))
 
 
 def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
