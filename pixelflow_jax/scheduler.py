@@ -45,6 +45,9 @@ class PixelFlowScheduler:
             raise ValueError(f"num_stages must be positive, got {num_stages}")
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
+        if num_train_timesteps < num_stages:  # stages without a timestep of their own: all 0, silently
+            raise ValueError(f"num_train_timesteps {num_train_timesteps} must be at least num_stages {num_stages} "
+                             "(each stage needs timesteps of its own; the release's: 1000)")
         self.num_train_timesteps = n = num_train_timesteps
         self.num_stages = num_stages
         self.gamma = gamma

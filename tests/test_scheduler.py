@@ -45,6 +45,10 @@ def test_rectified_start_matches_renoise_alpha():
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="num_stages"):
         PixelFlowScheduler(1000, 0)
+    # fewer timesteps than stages gave stages whose timesteps were all 0
+    with pytest.raises(ValueError, match="num_train_timesteps 3 must be at least num_stages 4"):
+        PixelFlowScheduler(3, num_stages=4)
+    assert PixelFlowScheduler(4, num_stages=4).timesteps_per_stage[-1][-1] == 3  # as CheckpointConfig allows
     with pytest.raises(ValueError, match="stage must be in"):
         PixelFlowScheduler(1000, 4).set_timesteps(3, 4)
     for shift in (0.0, -1.0, float("nan"), float("inf")):  # were NaN timesteps, or ones far outside [0, 1000)
