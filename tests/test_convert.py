@@ -408,6 +408,24 @@ def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, convert
         read_release_checkpoint(converted["c2i_tiny"])
 
 
+def test_a_release_folders_config_yaml_named_as_the_weights_says_to_pass_the_folder_or_its_model_pt(tmp_path):
+    """Torch read the YAML as a pickle: 'not a file of tensors (Unsupported operand 109)'."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    folder = fixture_dir("c2i_tiny")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{folder}/config.yaml is the release folder's settings file (config.yaml), not its weights: pass the "
+            f"folder (--torch_checkpoint={folder}) or its model.pt (--torch_checkpoint={folder}/model.pt)")):
+        read_release_checkpoint(os.path.join(folder, "config.yaml"))
+    alone = tmp_path / "xl.yml"  # no model.pt beside it
+    shutil.copy(os.path.join(folder, "config.yaml"), alone)
+    with pytest.raises(CheckpointError, match=re.escape(f"{alone} is a settings file (a release config.yaml), not "
+                                                        f"weights: pass the weights file it describes "
+                                                        f"(--torch_checkpoint=WEIGHTS.pt --torch_config={alone})")):
+        read_release_checkpoint(str(alone))
+
+
 def test_an_output_on_the_hub_is_refused_by_its_own_name():
     """The refusal named hf://owner/pixelflow_config.json, a path built from the output's parent."""
     result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", "--output=hf://owner/name")

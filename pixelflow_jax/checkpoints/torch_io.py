@@ -267,6 +267,17 @@ def what_the_folder_holds(path: str) -> str:
     return ""
 
 
+def settings_file_message(path: str, folder: str) -> str:
+    """A YAML file named as the weights: a release folder's config.yaml, which describes them."""
+    weights = storage.join(folder, "model.pt")
+    if storage.isfile(weights):
+        return (f"{path} is the release folder's settings file (config.yaml), not its weights: pass the folder "
+                f"(--torch_checkpoint={folder}) or its model.pt (--torch_checkpoint={weights})")
+    return (f"{path} is a settings file (a release config.yaml), not weights: pass the weights file it describes "
+            f"(--torch_checkpoint=WEIGHTS.pt --torch_config={path}), or the folder holding both as config.yaml + "
+            "model.pt")
+
+
 def read_release_checkpoint(path: str, *, torch_config: str | None = None, weights: str = "ema",
                             attention_head_dim: int | None = None,
                             overrides: Mapping[str, int] | None = None) -> tuple[CheckpointConfig, dict[str, np.ndarray]]:
@@ -287,7 +298,10 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
         torch_config = torch_config or (folder_config if storage.isfile(folder_config) else None)
     else:  # a release folder's model.pt named alone is described by the folder's config.yaml too
         weights_path = path
-        folder_config = storage.join(storage.dirname(path) or ".", "config.yaml")
+        folder = storage.dirname(path) or "."
+        if path.endswith((".yaml", ".yml")) and storage.isfile(path):  # torch read it as "Unsupported operand"
+            raise CheckpointError(settings_file_message(path, folder))
+        folder_config = storage.join(folder, "config.yaml")
         if not torch_config and storage.basename(path) == "model.pt" and storage.isfile(folder_config) and (
                 is_release_yaml(folder_config)):  # another project's config.yaml beside a state dict says nothing
             torch_config = folder_config
