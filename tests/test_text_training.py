@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import socket
 
 import jax
@@ -688,6 +689,32 @@ def test_a_tokenizer_with_more_pieces_than_the_encoders_vocabulary_is_refused_be
     with pytest.raises(CheckpointError, match=f"spiece.model has {pieces} pieces but config.json's vocab_size is "
                                               f"{pieces - 1}: the tokenizer and the weights are of different models"):
         train_text.load(config, str(tmp_path / "run"), model_cfg, make_mesh(1), no_step_saved=True)
+
+
+def test_a_text_run_given_as_the_text_encoder_names_the_encoder_it_trains_with(tmp_path, encoder_folder):
+    """--config.train.text_encoder=RUN said only 'RUN has no config.json'."""
+    import shutil
+
+    import configs.t2i as t2i
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.text import train_text
+
+    config = t2i.get_config("tiny")
+    model_cfg = dataclasses.replace(ModelConfig(**config.model.to_dict()), cross_attention_dim=20)
+    run = tmp_path / "demo_run"  # the demo's encoder, built inside the run
+    shutil.copytree(encoder_folder, run / "text_encoder")
+    for recorded, encoder in (("text_encoder", run / "text_encoder"), ("/encoders/t5", "/encoders/t5")):
+        (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": recorded, "max_text_tokens": 8}}))
+        config.train.text_encoder = str(run)
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"{run} has no config.json: it is a text-to-image training run, not a T5 folder: pass the text "
+                f"encoder it trains with, {encoder}")):
+            train_text.load(config, str(tmp_path / "new"), model_cfg, make_mesh(1), no_step_saved=True)
+    (run / "run_config.json").write_text(json.dumps({"architecture": {}}))  # a class run: no encoder to name
+    with pytest.raises(CheckpointError, match="has no config.json: pass a Hugging Face T5 model folder"):
+        train_text.load(config, str(tmp_path / "new"), model_cfg, make_mesh(1), no_step_saved=True)
 
 
 def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path, monkeypatch):

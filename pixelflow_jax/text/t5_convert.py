@@ -47,8 +47,8 @@ _TOP_KEYS = {
 def read_t5_config(folder: str, **runtime) -> T5Config:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{folder} has no config.json: pass a Hugging Face T5 model folder "
-                              "(e.g. a download of google/flan-t5-xl)")
+        raise CheckpointError(f"{folder} has no config.json: " + (encoder_of_run_hint(folder) or (
+            "pass a Hugging Face T5 model folder (e.g. a download of google/flan-t5-xl)")))
     hf = _read_json(path)
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a model config: download the T5 "
@@ -59,6 +59,23 @@ def read_t5_config(folder: str, **runtime) -> T5Config:
         return T5Config.from_hf(hf, **runtime)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def encoder_of_run_hint(folder: str) -> str:
+    """Where the encoder of a text-to-image training run given as the T5 folder is: the one its
+    run_config.json records (the demo's lies in the run's text_encoder/), else ''."""
+    from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, is_run, read_run_config
+
+    if not is_run(folder):
+        return ""
+    try:
+        recorded = read_run_config(folder).get("text_encoder")
+    except (CheckpointError, AttributeError):  # unreadable, or JSON of another shape: no hint to give
+        return ""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
+        return ""
+    return (f"it is a text-to-image training run, not a T5 folder: pass the text encoder it trains with, "
+            f"{encoder_folder_of(folder, recorded['path'])}")
 
 
 def _read_json(path: str):
