@@ -728,6 +728,19 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
     np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match=r"it is a .npy file: save the images with np.savez"):
         npz_image_count(str(tmp_path / "plain.npy"))
+    # one of a sampling job's PNGs said only "File is not a zip file"
+    (tmp_path / "job" / "samples").mkdir(parents=True)
+    png = tmp_path / "job" / "samples" / "000000.png"
+    Image.new("RGB", (8, 8)).save(png)
+    with pytest.raises(ValueError, match=r"File is not a zip file; it is a PNG image, and an evaluation reads a set "
+                                         r"of images from one .npz; a sampling job packs its images into "
+                                         r"WORKDIR/samples.npz, and other images go into one with numpy.savez"):
+        npz_image_count(str(png))
+    np.savez(tmp_path / "job" / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=re.escape(f"it is a PNG image, and an evaluation reads a set of images from "
+                                                   f"one .npz (pass {tmp_path}/job/samples.npz, the images a sampling "
+                                                   "job packed)")):
+        npz_image_count(str(png))
     np.savez(tmp_path / "whole.npz", arr_0=np.zeros((40, 8, 8, 3), np.uint8))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])  # a download that stopped
     with pytest.raises(ValueError, match=r"it is cut off .*: write or download it again"):
