@@ -1007,7 +1007,8 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
     monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded in both flags
     code, out, _ = pack_command(monkeypatch, capsys, "--folder=~/captioned", "--output=~/out",
                                 "--missing_captions=skip")
-    assert code == 0 and f"wrote 1 records in 1 shards to {tmp_path / 'out'}" in out
+    assert code == 0 and f"wrote 1 record in 1 shard to {tmp_path / 'out'}; skipped 0 unusable captions, 0 files " \
+        "that are not images and 1 image without a caption" in out  # was "1 records in 1 shards"
     assert os.listdir(tmp_path / "out") == ["captions-00000-of-00001.array_record"]
 
     # Files that are not images (by their header) are skipped and counted; a shard of none is refused.
@@ -1016,12 +1017,12 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
     code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out2'}",
                                 "--missing_captions=skip")
     assert code == 0 and "skipping" in out and "2.png: not an image (UnidentifiedImageError)" in out
-    assert "wrote 1 records in 1 shards" in out and "1 files that are not images" in out
+    assert "wrote 1 record in 1 shard" in out and "1 file that is not an image" in out
     # Shards hold the next records_per_shard images, so a run of non-images leaves no shard empty: the
     # two planned shards came out as one, renamed to its size.
     code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out3'}",
                                 "--missing_captions=skip", "--records_per_shard=1")
-    assert code == 0 and "wrote 1 records in 1 shards" in out
+    assert code == 0 and "wrote 1 record in 1 shard" in out
     assert os.listdir(tmp_path / "out3") == ["captions-00000-of-00001.array_record"]
     assert len(CaptionRecordSource(str(tmp_path / "out3"))) == 1
     with monkeypatch.context() as patch:  # an image too large to decode (a 20000 px scan) is skipped the same way

@@ -104,7 +104,8 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                 storage.remove(path)
             if not isinstance(e, Exception):
                 raise
-            raise DataError(f"{type(e).__name__}: {e} (packing stopped; the {len(written)} shards it had written are "
+            raise DataError(f"{type(e).__name__}: {e} (packing stopped; the "
+                            f"{counted(len(written), 'shard it had written is', 'shards it had written are')} "
                             "removed)") from e
         finally:
             images.close()  # a pack that stopped: the reads still in flight end here
@@ -126,6 +127,11 @@ def show_skip(count: int, image_path: str, problem, kind: str) -> None:
         print(f"skipping {image_path}: {problem}", flush=True)
     if count == SHOWN_SKIPS:
         print(f"(further {kind} are counted in the summary, not named)", flush=True)
+
+
+def counted(count: int, one: str, many: str) -> str:
+    """'1 shard', '2 shards': the summary of a small pack reads as English."""
+    return f"{count} {one if count == 1 else many}"
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -166,9 +172,10 @@ def main() -> None:
         print(f"stopped: {cause}; nothing was packed into {args.output} (the shards written are removed)",
               file=sys.stderr)
         sys.exit(status)
-    print(f"wrote {counts['records']} records in {counts['shards']} shards to {output}; skipped "
-          f"{counts['skipped_captions']} unusable captions, {counts['skipped_images']} files that are not images and "
-          f"{counts['missing_captions']} images without a caption")
+    print(f"wrote {counted(counts['records'], 'record', 'records')} in {counted(counts['shards'], 'shard', 'shards')} "
+          f"to {output}; skipped {counted(counts['skipped_captions'], 'unusable caption', 'unusable captions')}, "
+          f"{counted(counts['skipped_images'], 'file that is not an image', 'files that are not images')} and "
+          f"{counted(counts['missing_captions'], 'image without a caption', 'images without a caption')}")
 
 
 if __name__ == "__main__":
