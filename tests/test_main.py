@@ -145,6 +145,18 @@ def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
     assert overrides_without_effect(argv, "sample") == ["model.depth"]
 
 
+def test_overrides_in_a_flag_file_or_with_one_dash_are_warned_of_too(tmp_path):
+    """absl reads -config.FIELD and a --flagfile's lines as overrides; the warnings read the
+    command line as typed, so a sampling job's model overrides in a flag file went unmentioned."""
+    from pixelflow_jax.cli.config_overrides import overrides_without_effect
+
+    (tmp_path / "flags.txt").write_text("--config.model.depth=12\n--config.sample.cfg_scale=2\n")
+    argv = ["main.py", "--config=configs/c2i.py", f"--flagfile={tmp_path / 'flags.txt'}", "-config.seed=3",
+            "--config.data.resolution=512", "-config.model.depth=4"]
+    assert overrides_without_effect(argv, "sample") == ["model.depth", "seed", "data.resolution"]
+    assert overrides_without_effect(argv[:2] + [f"--flagfile={tmp_path / 'gone.txt'}"], "sample") == []
+
+
 def test_a_boolean_flag_given_another_word_is_named_with_the_values_it_takes():
     """--config.train.allow_resume_changes=yes said "('Non-boolean argument to boolean flag', 'yes')"."""
     from absl import flags

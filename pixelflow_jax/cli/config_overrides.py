@@ -1,12 +1,12 @@
 """The --config.FIELD overrides of main.py's command line that a mode does not use, named in a
 warning: a sampling job's (or an inspection's of a checkpoint) model, stages and resolution come
 from the checkpoint, and the dopri5 solver chooses its own steps. The overrides are read from the
-command line as given (argv), not from the parsed config, which does not tell an override from
+command line as given (argv, and its flag files), not from the parsed config, which does not tell an override from
 the config file's own value."""
 
 from __future__ import annotations
 
-from absl import logging
+from absl import flags, logging
 
 # Overrides a sampling job cannot honour: the checkpoint holds the model, its stages and resolution;
 # each image's noise comes from sample.seed.
@@ -16,8 +16,14 @@ RUNTIME_MODEL_FIELDS = ("model.dtype", "model.param_dtype", "model.attention")
 
 def override_fields(argv: list[str]) -> list[str]:
     """Each overridden field once, in the order first given (a field given twice, the last value
-    winning, is still one override to warn of)."""
-    fields = [a.split("=", 1)[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+    winning, is still one override to warn of), wherever absl reads it: written -config.FIELD too,
+    or a line of a --flagfile."""
+    try:
+        given = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    except flags.Error:  # a flag file that cannot be read is an error of its own (check_flag_files)
+        given = argv[1:]
+    fields = [a.lstrip("-").split("=", 1)[0].removeprefix("config.") for a in given
+              if a.startswith("-") and a.lstrip("-").startswith("config.")]
     return list(dict.fromkeys(fields))
 
 
