@@ -1143,7 +1143,7 @@ def test_a_caption_saved_as_utf16_or_utf32_is_named_so_with_the_command_that_con
     (images / "a.txt").write_text("a red disk", encoding="utf-16")
     (images / "b.txt").write_text("a blue disk", encoding="utf-8-sig")  # UTF-8's own mark is read and dropped
     code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out'}")
-    assert code == 0 and f"skipping {images / 'a.png'}: caption is UTF-16" in out and "wrote 1 records" in out
+    assert code == 0 and f"skipping {images / 'a.png'}: caption is UTF-16" in out and "wrote 1 record in 1 shard" in out
 
 def test_records_that_fail_for_their_captions_say_so():
     class Blank:
