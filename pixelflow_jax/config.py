@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Fields of the release's `model.params` that describe the architecture.
 ARCHITECTURE_FIELDS = (
@@ -74,6 +77,21 @@ class ModelConfig:
     pooled_text: bool = False
 
     def __post_init__(self):
+        # numpy ints made nnx fail deep inside (as did floats such as 1.5), and attention_bias="False"
+        # (a truthy string) built the biases without a word: whole numbers become ints, flags must be bools.
+        for name in ("num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels", "out_channels",
+                     "num_classes", "cross_attention_dim"):
+            value = getattr(self, name)
+            whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value)
+                                                            and float(value).is_integer())
+            if isinstance(value, (bool, np.bool_)) or not whole:
+                raise TypeError(f"model.{name} must be a whole number, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("attention_bias", "pooled_text"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"model.{name} must be True or False, got {value!r}")
+            object.__setattr__(self, name, bool(value))
         for name in ("num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels", "out_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

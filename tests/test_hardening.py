@@ -2506,6 +2506,24 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
         sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], *labels, {"steps_per_stage": 1})
 
 
+def test_a_model_config_takes_whole_numbers_and_true_or_false_only():
+    """numpy ints and 1.5 heads failed deep inside nnx ('Shapes must be 1D sequences of concrete
+    values of integer type'); attention_bias="False", a truthy string, built the biases unseen."""
+    small = dict(num_attention_heads=2, attention_head_dim=16, depth=1, num_classes=10)
+    config = ModelConfig(**{**small, "depth": np.int64(2), "num_classes": 10.0})
+    assert (type(config.depth), type(config.num_classes), config.depth) == (int, int, 2)
+    assert config == ModelConfig(**{**small, "depth": 2})  # equal and hashed alike: a sampler's programs are shared
+    for field, value, message in (("num_attention_heads", 1.5, "model.num_attention_heads must be a whole number, "
+                                                              "got 1.5"),
+                                  ("depth", "2", "model.depth must be a whole number, got '2'"),
+                                  ("num_classes", None, "model.num_classes must be a whole number, got None"),
+                                  ("attention_head_dim", True, "model.attention_head_dim must be a whole number"),
+                                  ("attention_bias", "False", "model.attention_bias must be True or False, got "
+                                                              "'False'")):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            ModelConfig(**{**small, field: value})
+
+
 def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_written(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
