@@ -258,6 +258,14 @@ class PixelFlow(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # A dict (a config file's config.model) or rngs=0 failed inside the first layer, naming neither.
+        if not isinstance(cfg, ModelConfig):
+            hint = ("ModelConfig.from_mapping(values) builds one from a dict or a config's config.model"
+                    if hasattr(cfg, "keys") else "ModelConfig(num_attention_heads=..., ...)")
+            raise TypeError(f"cfg must be a ModelConfig, got a {type(cfg).__name__}: {hint}")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be a flax.nnx.Rngs (the initialisation's seed), got {rngs!r}: pass "
+                            "rngs=nnx.Rngs(0)")
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg, rngs)
         self.timestep_embedder = TimestepEmbedding(cfg, rngs)

@@ -2524,6 +2524,25 @@ def test_a_model_config_takes_whole_numbers_and_true_or_false_only():
             ModelConfig(**{**small, field: value})
 
 
+def test_a_fresh_model_names_a_config_or_rngs_of_the_wrong_type():
+    """PixelFlow(config.model) (a ConfigDict) and rngs=0 failed inside the first layer, with an
+    AttributeError naming neither argument."""
+    from flax import nnx
+
+    from configs import c2i
+    from pixelflow_jax import PixelFlow
+
+    for cfg, message in ((c2i.get_config("tiny").model, "cfg must be a ModelConfig, got a ConfigDict: "
+                                                        "ModelConfig.from_mapping(values) builds one"),
+                         ({"depth": 1}, "cfg must be a ModelConfig, got a dict: ModelConfig.from_mapping"),
+                         ("tiny", "cfg must be a ModelConfig, got a str: ModelConfig(num_attention_heads=...")):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            PixelFlow(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=re.escape("rngs must be a flax.nnx.Rngs (the initialisation's seed), got 0: "
+                                                  "pass rngs=nnx.Rngs(0)")):
+        PixelFlow(ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=1, num_classes=10), rngs=0)
+
+
 def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_written(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
