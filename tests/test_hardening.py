@@ -576,6 +576,25 @@ def test_the_sampler_names_the_misuse(models):
         CascadeSampler(*models["t2i_tiny"]).generate_from_prompts("/tmp/t5", ["a cat"], steps_per_stage=1)
 
 
+def test_generate_from_prompts_names_an_encoder_of_another_width(models):
+    """A T5 of another width than the model's cross-attention failed inside the first stage's jit,
+    naming encoder_hidden_states of the doubled (guided) batch, (2, 16, 24) for one prompt."""
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+
+    class Encoder:
+        def __init__(self, width):
+            self.width = width
+
+        def encode(self, prompts):
+            return np.zeros((len(prompts), 16, self.width), np.float32), np.ones((len(prompts), 16), np.float32)
+
+    sampler = CascadeSampler(*models["t2i_tiny"])
+    with pytest.raises(ValueError, match=re.escape("prompt_encoder gives embeddings of shape (1, 16, 24) for 1 prompts; "
+                                                   "this model's cross-attention takes (prompts, tokens, 20): use the "
+                                                   "text encoder the model was trained with")):
+        sampler.generate_from_prompts(Encoder(24), ["a red disk"], steps_per_stage=1)
+
+
 def test_a_config_of_the_other_kind_is_named(models):
     from configs import t2i
     from pixelflow_jax.sampling.sample_conditioning import conditioning_for

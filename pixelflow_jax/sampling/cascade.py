@@ -238,8 +238,13 @@ class CascadeSampler:
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
         # The negative prompt is encoded once and repeated for every image.
-        cond, uncond = text_conditioning(*prompt_encoder.encode(list(prompts)),
-                                         prompt_encoder.encode([negative_prompt]))
+        encoded, negative = prompt_encoder.encode(list(prompts)), prompt_encoder.encode([negative_prompt])
+        width = self.model_config.cross_attention_dim
+        if np.ndim(encoded[0]) != 3 or np.shape(encoded[0])[-1] != width:  # else an error from inside the stage's jit
+            raise ValueError(f"prompt_encoder gives embeddings of shape {np.shape(encoded[0])} for {len(prompts)} "
+                             f"prompts; this model's cross-attention takes (prompts, tokens, {width}): use the text "
+                             "encoder the model was trained with (google/flan-t5-xl for the release's)")
+        cond, uncond = text_conditioning(*encoded, negative)
         return self._generate(cond, uncond, len(prompts), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
 
     def _generate(self, cond, uncond, count, steps_per_stage, cfg_scale, solver, shift, seed, image_ids):
