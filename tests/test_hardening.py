@@ -2523,6 +2523,14 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
                        *labels, options)
     with pytest.raises(ValueError, match="options must be a SamplingOptions .*, got a dict"):
         sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], *labels, {"steps_per_stage": 1})
+    # Conditioning of one row for two images failed in jnp.stack, one not a dict on a missing .get.
+    noise = jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]]
+    with pytest.raises(ValueError, match=re.escape("uncond['class_labels'] must hold one row per image of "
+                                                   "initial_noise (2), got shape (1,)")):
+        sampler.sample(*noise, labels[0], {"class_labels": np.array([1000])}, options)
+    with pytest.raises(ValueError, match=re.escape("cond must be a dict of the model's keyword arguments "
+                                                   "({'class_labels': ...}, or the encoder_hidden_states")):
+        sampler.sample(*noise, np.array([1, 2]), labels[1], options)
 
 
 def test_a_model_config_takes_whole_numbers_and_true_or_false_only():

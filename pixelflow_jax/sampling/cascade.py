@@ -275,6 +275,14 @@ class CascadeSampler:
             raise ValueError(f"need block noise for stages 1..{num_stages - 1} and steps for {num_stages} stages")
         self._check_noise_shapes(initial_noise, block_noises)
         for name, conditioning in (("cond", cond), ("uncond", uncond)):  # the stages run under jit: check here
+            if not isinstance(conditioning, dict):
+                raise ValueError(f"{name} must be a dict of the model's keyword arguments ({{'class_labels': ...}}, "
+                                 f"or the encoder_hidden_states and encoder_attention_mask of text models), got a "
+                                 f"{type(conditioning).__name__}")
+            for key, value in conditioning.items():  # (a mismatch failed in jnp.stack, naming neither)
+                if np.ndim(value) == 0 or np.shape(value)[0] != np.shape(initial_noise)[0]:
+                    raise ValueError(f"{name}[{key!r}] must hold one row per image of initial_noise "
+                                     f"({np.shape(initial_noise)[0]}), got shape {np.shape(value)}")
             labels = conditioning.get("class_labels")
             # Traced labels, or labels spread over several processes (checked by the sampling job), are not
             # readable here.
