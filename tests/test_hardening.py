@@ -572,6 +572,9 @@ def test_the_sampler_names_the_misuse(models):
         CascadeSampler(model, model.config)
     with pytest.raises(ValueError, match="config is another model's"):
         CascadeSampler(model, models["t2i_tiny"][1])
+    with pytest.raises(ValueError, match=re.escape("model must be the PixelFlow load_model returns (model, config = "
+                                                   "load_model(path)), got a str")):  # an AttributeError
+        CascadeSampler("checkpoints/pixelflow_xl_c2i", models["c2i_tiny"][1])
     with pytest.raises(ValueError, match=r"prompt_encoder must be a PromptEncoder, got '/tmp/t5': build one"):
         CascadeSampler(*models["t2i_tiny"]).generate_from_prompts("/tmp/t5", ["a cat"], steps_per_stage=1)
 

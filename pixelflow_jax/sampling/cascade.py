@@ -199,6 +199,9 @@ class CascadeSampler:
 
     def __init__(self, model: PixelFlow, config):
         """config: the CheckpointConfig that load_model returns (resolution, stages, timesteps)."""
+        if not isinstance(model, PixelFlow):  # a path, say, failed on a missing .config
+            raise ValueError(f"model must be the PixelFlow load_model returns (model, config = load_model(path)), got "
+                             f"a {type(model).__name__}")
         if not all(hasattr(config, name) for name in ("model", "resolution", "num_stages", "num_train_timesteps")):
             raise ValueError(f"config must be the checkpoint config load_model returns with the model (model, config "
                              f"= load_model(path)), got a {type(config).__name__}")
