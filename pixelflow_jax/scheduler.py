@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from pixelflow_jax.validation import integer
+
 DEFAULT_GAMMA = -1.0 / 3.0
 
 
@@ -41,6 +43,13 @@ class PixelFlowScheduler:
     """Tables of the release's scheduler; `set_timesteps` returns the grids instead of storing them."""
 
     def __init__(self, num_train_timesteps: int = 1000, num_stages: int = 4, gamma: float = DEFAULT_GAMMA):
+        # (A float count failed inside numpy, a str on a comparison, gamma 0 on a division by zero.)
+        num_train_timesteps = integer("num_train_timesteps", num_train_timesteps, where="")
+        num_stages = integer("num_stages", num_stages, where="")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.floating, np.integer)) or not (
+                math.isfinite(gamma) and gamma < 0):
+            raise ValueError(f"gamma must be a finite negative number (the block noise's correlation; the "
+                             f"release's: -1/3), got {gamma!r}")
         if num_stages < 1:
             raise ValueError(f"num_stages must be positive, got {num_stages}")
         if num_train_timesteps < 2:
@@ -95,6 +104,8 @@ class PixelFlowScheduler:
 
     def set_timesteps(self, num_inference_steps: int, stage: int, shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Sampling grid of one stage: (model timesteps (n,), times t (n+1,) ending at 1.0), float64."""
+        num_inference_steps = integer("num_inference_steps", num_inference_steps, where="")
+        stage = integer("stage", stage, where="")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if not 0 <= stage < self.num_stages:

@@ -1,5 +1,7 @@
 """The scheduler port against the release's tables (float64, <= 1e-12 relative)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,17 @@ def test_bad_arguments_are_rejected():
     for shift in (0.0, -1.0, float("nan"), float("inf")):  # were NaN timesteps, or ones far outside [0, 1000)
         with pytest.raises(ValueError, match=f"shift must be a finite positive number, got {shift}"):
             PixelFlowScheduler(1000, 4).set_timesteps(3, 0, shift)
+    # A float count failed inside numpy, a str on a comparison, gamma 0 on a division by zero; whole
+    # numbers of any type are counts.
+    for arguments, message in ((("1000", 4), "num_train_timesteps must be a whole number, got '1000'"),
+                               ((1000, 2.5), "num_stages must be a whole number, got 2.5"),
+                               ((1000, 4, 0.0), "gamma must be a finite negative number"),
+                               ((1000, 4, 0.5), "gamma must be a finite negative number")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PixelFlowScheduler(*arguments)
+    scheduler = PixelFlowScheduler(1000.0, np.int64(4))
+    for arguments, message in (((2.5, 0), "num_inference_steps must be a whole number, got 2.5"),
+                               ((3, "1"), "stage must be a whole number, got '1'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            scheduler.set_timesteps(*arguments)
+    np.testing.assert_array_equal(scheduler.set_timesteps(np.int64(3), 1.0)[0], scheduler.set_timesteps(3, 1)[0])
