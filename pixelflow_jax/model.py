@@ -327,7 +327,11 @@ class PixelFlow(nnx.Module):
                                  f"{cfg.cross_attention_dim})")
             if not isinstance(encoder_hidden_states, (jax.Array, np.ndarray)):  # a list, as images may be
                 encoder_hidden_states = np.asarray(encoder_hidden_states, np.float32)
-            if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
+            if encoder_hidden_states.ndim != 3:  # one caption's (L_text, D) is no wrong encoder
+                raise ValueError(f"encoder_hidden_states must be a batch (B, L_text, {cfg.cross_attention_dim}), got "
+                                 f"shape {encoder_hidden_states.shape}: add a batch axis for one caption "
+                                 "(states[None], and its mask's)")
+            if encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
                 raise ValueError(f"encoder_hidden_states must be (B, L_text, {cfg.cross_attention_dim}) for this "
                                  f"model, got shape {encoder_hidden_states.shape}: use the text encoder the model "
                                  "was trained with")
