@@ -107,6 +107,7 @@ class ModelConfig:
             raise ValueError("model.pooled_text pools the caption's text states: it needs a text model "
                              "(model.cross_attention_dim > 0); set model.pooled_text=False for a class model")
         for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name)))  # jnp.bfloat16 too, as load_model takes
             if getattr(self, name) not in COMPUTE_DTYPES:
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
 

@@ -2546,6 +2546,9 @@ def test_a_model_config_takes_whole_numbers_and_true_or_false_only():
     config = ModelConfig(**{**small, "depth": np.int64(2), "num_classes": 10.0})
     assert (type(config.depth), type(config.num_classes), config.depth) == (int, int, 2)
     assert config == ModelConfig(**{**small, "depth": 2})  # equal and hashed alike: a sampler's programs are shared
+    # dtypes as load_model takes them (it refused jnp.bfloat16, "got <class 'jax.numpy.bfloat16'>")
+    assert ModelConfig(**small, dtype=jnp.bfloat16, param_dtype=np.dtype("float16")) == \
+        ModelConfig(**small, dtype="bfloat16", param_dtype="float16")
     for field, value, message in (("num_attention_heads", 1.5, "model.num_attention_heads must be a whole number, "
                                                               "got 1.5"),
                                   ("depth", "2", "model.depth must be a whole number, got '2'"),
