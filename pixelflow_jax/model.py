@@ -100,6 +100,11 @@ class RMSNorm(nnx.Module):
         return (self.weight[...].astype(jnp.float32) * normed).astype(x.dtype)
 
 
+def _is_norm_scale(path, value) -> bool:
+    """An RMSNorm's scale among a block's parameters (the only ones named weight)."""
+    return path[-1] == "weight"
+
+
 class TimestepEmbedding(nnx.Module):
     """Linear(256, C) -> SiLU -> Linear(C, C) on a sinusoidal embedding."""
 
@@ -354,16 +359,25 @@ class PixelFlow(nnx.Module):
         cos, sin = rope_tables(grid, cfg.attention_head_dim)
         rope = (jnp.asarray(cos), jnp.asarray(sin))
 
-        block_graph, block_params = nnx.split(self.transformer_blocks)
+        # The RMSNorm scales are the only per-layer parameters read in float32 as stored, so no
+        # convert fusion absorbs their per-layer slice: each would be a copy of its own, a host
+        # dispatch outside XLA's command buffers (bench/RESULTS.md). Concatenated here, once per call,
+        # they are one slice per layer; concatenating and splitting are exact.
+        block_graph, norm_scales, block_params = nnx.split(self.transformer_blocks, _is_norm_scale, ...)
+        scale_leaves, scale_tree = jax.tree.flatten(norm_scales)
+        scale_splits = np.cumsum([leaf.shape[-1] for leaf in scale_leaves])[:-1]
+        layer_xs = (block_params, jnp.concatenate(scale_leaves, axis=-1))
 
-        def one_block(h, layer_params):
-            block = nnx.merge(block_graph, layer_params)
+        def one_block(h, layer):
+            layer_params, layer_scales = layer
+            layer_scales = jax.tree.unflatten(scale_tree, jnp.split(layer_scales, scale_splits, axis=-1))
+            block = nnx.merge(block_graph, layer_scales, layer_params)
             h = block(keep_batch_split(h), conditioning, rope, encoder_hidden_states, encoder_attention_mask)
             return keep_batch_split(h), None
 
         if cfg.remat != "none":
             one_block = jax.checkpoint(one_block, policy=REMAT_POLICY[cfg.remat])
-        x, _ = jax.lax.scan(one_block, x, block_params)
+        x, _ = jax.lax.scan(one_block, x, layer_xs)
 
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :], 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(x.dtype)
