@@ -285,8 +285,10 @@ def parse_trip_counts(thunk_metadata: str, hlo: str) -> dict[int, int]:
 
 
 def kernel_kind(thunk: dict) -> str:
-    """What a leaf thunk runs: a matmul, cuDNN (attention), our Pallas kernel, a copy or memset, or
-    a fusion."""
+    """What a leaf thunk runs: a matmul, cuDNN (attention), our Pallas kernel, a copy or memset, a
+    fusion, or no kernel: a wait for work that an async start put on another stream (jax 0.11)."""
+    if thunk["kind"] == "kAsyncDone":
+        return "stream_wait"
     if thunk["kind"] == "kCuDnn":
         return "cudnn"
     if thunk["name"].startswith(KERNEL_PREFIX):

@@ -132,6 +132,21 @@ def test_gpu_compile_counts_what_one_sampling_step_launches():
         arguments_gb=3.0, outputs_gb=1.0, temporaries_gb=2.5, peak_gb=5.5)
 
 
+def test_gpu_compile_does_not_count_a_stream_wait_as_a_kernel():
+    """jax 0.11 runs some copies on other streams: an async start wraps them (counted as what they
+    run) and an async done waits for them, a host dispatch but no kernel (it was counted a fusion)."""
+    from gpu_compile import launch_counts, parse_thunk_tree
+
+    thunks = ("018: kAsyncStart    [source       | next=044 (5) ] stream=computation_stream[0], async_id=18\n"
+              "    020: kDynamicSliceFusion [source | sink] params=1, results=1\n"
+              "        019: kCopy [source | sink] kCopy\n"
+              "000: kCommandBuffer [source       | next=044 (2) ] \n"
+              "    027: kCustomKernel [source       | next=031 (4)] loop_convert_fusion_7 grid: [288, 1, 1]\n"
+              "043: kAsyncDone     [source       | sink         ] async_id=18\n"
+              "044: kCustomKernel  [prev=000 (2) | next=046 (2) ] fusion_73 grid: [512, 1, 1]\n")
+    assert launch_counts(parse_thunk_tree(thunks), {}) == dict(copy=1, fusion=2, stream_wait=1, dispatches=4)
+
+
 def test_gpu_compile_refuses_a_bad_list_before_compiling():
     """Its lists (--batch=32,48 --remat=dots,full) are checked item by item as usage errors: a typo
     in the last item surfaced after minutes of compiling the first ones."""
