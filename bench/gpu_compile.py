@@ -7,6 +7,7 @@ report what a GPU session would otherwise spend its first minutes learning:
            (ptxas -v) and the blocks that fit on one SM;
   train    XLA's memory plan of one XL training step: arguments + outputs - aliased + temporaries,
            the peak the step needs on the card, per batch, remat policy and attention backend;
+           --model=t2i: the text-to-image model with its frozen T5 encoder, which the step runs;
   sample   sample_speed.py's programs at its settings: each stage's forward of the CFG batch, and
            the cascade's (noise, each stage's whole Euler solve, the uint8 finish): XLA's memory
            plan, and from XLA's thunk list what one call (one denoising step in a stage's solve)
@@ -26,6 +27,7 @@ Setup, once: a venv that sees this machine's packages, plus jax's CUDA plugin of
 
     /tmp/cuda/bin/python bench/gpu_compile.py kernels
     /tmp/cuda/bin/python bench/gpu_compile.py train --batch=32 --remat=dots --attention=cudnn
+    /tmp/cuda/bin/python bench/gpu_compile.py train --model=t2i --batch=32 --remat=dots
     /tmp/cuda/bin/python bench/gpu_compile.py sample --attention=cudnn,pallas_gpu
 
 The CUDA plugin logs that it found no GPU; that is expected. Needs jax, flax, optax, numpy.
@@ -66,10 +68,12 @@ from pixelflow_jax.model import PixelFlow  # noqa: E402
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, class_conditioning,  # noqa: E402
                                             draw_noise_jit, finished_images_jit, stage_guidance)
 from pixelflow_jax.scheduler import stage_resolutions  # noqa: E402
-from pixelflow_jax.sharding import BATCH_AXES, batch_sharding  # noqa: E402
+from pixelflow_jax.sharding import BATCH_AXES, batch_sharding, param_shardings  # noqa: E402
+from pixelflow_jax.text.prompts import JOB_ENCODER_DTYPE  # noqa: E402
+from pixelflow_jax.text.t5 import T5Config, T5Encoder  # noqa: E402
 from pixelflow_jax.training.flow import StageTables  # noqa: E402
-from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
-                                               state_shardings)
+from pixelflow_jax.training.train_step import (StepConfig, TextConditioning, init_state, make_optimizer,  # noqa: E402
+                                               make_train_step, state_shardings)
 from sample_speed import BATCH, CFG, PRESETS, STEPS, forward_program  # noqa: E402
 
 # XLA's description of each card (what a GPU's PJRT client reports about itself), for the compiler:
@@ -105,6 +109,10 @@ CARDS = {
     "h100": _CARD.format(name="NVIDIA H100 80GB HBM3", bandwidth=3_352_320_000_000, memory=84_929_347_584),
 }
 SM_REGISTERS, SM_SHARED_MEMORY, SM_MAX_BLOCKS = 65536, 233472, 32  # sm_90, per streaming multiprocessor
+# configs/t2i.py's text model at XL (cross-attention to flan-t5-xl's states) and train.max_text_tokens,
+# written out: ml_collections, which the configs need, is not on the GPU machine.
+TEXT_MODEL = dict(num_classes=0, cross_attention_dim=T5Config().d_model)
+TEXT_TOKENS = 512
 PTXAS_ARCH = "sm_90a"  # what XLA emits for compute capability 9.0
 GPU_BACKENDS = ("auto", "cudnn", "pallas_gpu", "xla")
 KERNEL_PREFIX = "pixelflow_"  # pallas_gpu_attention names its kernels so (name= of each pallas_call)
@@ -209,10 +217,13 @@ def compile_kernels(card: str, settings, batch: int, length: int, heads: int, he
     return {**row, "spills": False, "launches": launches}
 
 
-def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype: str) -> dict:
-    """XLA's memory plan of one XL/4 training step on the card (AdamW + EMA state, all four stages)."""
+def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype: str, model: str = "c2i",
+                       text_tokens: int = TEXT_TOKENS, encoder_dtype: str = "float32") -> dict:
+    """XLA's memory plan of one XL/4 training step on the card (AdamW + EMA state, all four stages);
+    for the text model (t2i) with the frozen T5 encoder that the step runs on its captions' tokens."""
     base, resolution = PRESETS["xl"]
-    cfg = dataclasses.replace(base, dtype=dtype, remat=remat, attention=attention)
+    cfg = dataclasses.replace(base, dtype=dtype, remat=remat, attention=attention,
+                              **(TEXT_MODEL if model == "t2i" else {}))
     scheduler, step_cfg = PixelFlowScheduler(), StepConfig()
     tx = make_optimizer(step_cfg)
     tables = StageTables.from_scheduler(scheduler)  # concrete, on this host, before the card's mesh
@@ -224,18 +235,38 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
     state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state, shardings)
     data = batch_sharding(mesh)
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.uint8, sharding=data)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
-    row = dict(card=card, preset="xl", batch=batch, remat=remat, attention=attention, dtype=dtype)
+    row = dict(card=card, model=model, preset="xl", batch=batch, remat=remat, attention=attention, dtype=dtype)
+    text = encoder_sharding = None
+    if model == "t2i":
+        text, encoder_params, encoder_sharding = text_encoder(mesh, text_tokens, encoder_dtype)
+        tokens = jax.ShapeDtypeStruct((batch, text_tokens), jnp.int32, sharding=data)
+        args = (state, images, (tokens, tokens), encoder_params)
+        row.update(text_tokens=text_tokens, encoder_dtype=encoder_dtype,
+                   encoder_gb=round(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(encoder_params)) / 1e9, 2))
+    else:
+        args = (state, images, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data))
     start = time.perf_counter()
     with compiling_for("gpu"):
         step = make_train_step(cfg, graphdef, tables, tx, step_cfg, resolution, scheduler.num_train_timesteps,
-                               mesh, shardings)
+                               mesh, shardings, text=text, encoder_sharding=encoder_sharding)
         try:
-            plan = memory_plan(step.lower(state, images, labels).compile())
+            plan = memory_plan(step.lower(*args).compile())
         except Exception as error:
             return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
     return {**row, "compile_s": round(time.perf_counter() - start, 1), "state_gb": plan["arguments_gb"],
             "temporaries_gb": plan["temporaries_gb"], "peak_gb": plan["peak_gb"]}
+
+
+def text_encoder(mesh, text_tokens: int, encoder_dtype: str):
+    """The frozen flan-t5-xl encoder of a text training step, abstract: its TextConditioning, its
+    parameters (an argument of the step, as train_text.load passes them) and their shardings."""
+    t5 = T5Config(dtype=JOB_ENCODER_DTYPE, param_dtype=encoder_dtype)
+    encoder = nnx.eval_shape(lambda: T5Encoder(t5, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    sharding = param_shardings(params, mesh)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, sharding)
+    empty = np.zeros((text_tokens,), np.int32)  # the empty prompt's tokens: their values do not change the plan
+    return TextConditioning(nnx.graphdef(encoder), empty, empty), params, sharding
 
 
 def memory_plan(compiled) -> dict:
@@ -442,7 +473,18 @@ def main():
     parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS)),
                         help=f"comma-separated, of {GPU_BACKENDS} (default: train cudnn, sample cudnn,pallas_gpu)")
     parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
+    parser.add_argument("--model", choices=("c2i", "t2i"), default="c2i",
+                        help="train: class-conditional, or text-to-image (configs/t2i.py's XL, with its T5 encoder)")
+    parser.add_argument("--text_tokens", type=positive_int,
+                        help=f"train --model=t2i: caption tokens (default {TEXT_TOKENS}, train.max_text_tokens)")
+    parser.add_argument("--encoder_dtype", choices=("float32", "bfloat16"),
+                        help="train --model=t2i: the T5 encoder's parameters (default float32, train.text_encoder_dtype)")
     args = parser.parse_args()
+    if args.model == "t2i" and args.what != "train":
+        parser.error(f"argument --model: t2i is for train only, not {args.what}")
+    for name in ("text_tokens", "encoder_dtype"):
+        if getattr(args, name) is not None and args.model != "t2i":
+            parser.error(f"argument --{name}: for train --model=t2i only")
     try:  # the sampler's own checks, before minutes of compiling
         SamplingOptions.create(PixelFlowScheduler().num_stages, args.steps, cfg_scale=args.cfg)
     except ValueError as error:
@@ -460,7 +502,9 @@ def main():
                 print(json.dumps(row), flush=True)
         return
     for batch, remat, attention in itertools.product(args.batch or [32], args.remat, args.attention or ["cudnn"]):
-        print(json.dumps(compile_train_step(args.card, batch, remat, attention, args.dtype)), flush=True)
+        text = dict(text_tokens=args.text_tokens or TEXT_TOKENS, encoder_dtype=args.encoder_dtype or "float32")
+        print(json.dumps(compile_train_step(args.card, batch, remat, attention, args.dtype, args.model,
+                                            **(text if args.model == "t2i" else {}))), flush=True)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,26 @@ def test_gpu_compile_does_not_count_a_stream_wait_as_a_kernel():
     assert launch_counts(parse_thunk_tree(thunks), {}) == dict(copy=1, fusion=2, stream_wait=1, dispatches=4)
 
 
+def test_gpu_compile_trains_the_text_model_of_configs_t2i():
+    """`train --model=t2i` builds configs/t2i.py's model and caption length, written out in the
+    script (the GPU machine has no ml_collections); its text options are usage errors elsewhere."""
+    from gpu_compile import TEXT_MODEL, TEXT_TOKENS
+
+    sys.path.insert(0, ROOT)
+    from configs import t2i
+
+    config = t2i.get_config()
+    assert TEXT_MODEL == dict(num_classes=config.model.num_classes, cross_attention_dim=config.model.cross_attention_dim)
+    assert TEXT_TOKENS == config.train.max_text_tokens
+    for args, message in ((["sample", "--model=t2i"], "argument --model: t2i is for train only, not sample"),
+                          (["train", "--text_tokens=77"], "argument --text_tokens: for train --model=t2i only"),
+                          (["train", "--encoder_dtype=bfloat16"], "argument --encoder_dtype: for train --model=t2i only"),
+                          (["train", "--model=t2i", "--text_tokens=0"], "argument --text_tokens: must be a whole")):
+        result = subprocess.run([sys.executable, "bench/gpu_compile.py", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
+
+
 def test_gpu_compile_refuses_a_bad_list_before_compiling():
     """Its lists (--batch=32,48 --remat=dots,full) are checked item by item as usage errors: a typo
     in the last item surfaced after minutes of compiling the first ones."""
