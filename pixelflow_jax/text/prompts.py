@@ -180,8 +180,10 @@ def local_t5_folder(path: str) -> str:
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints import hub
 
-    try:  # as every path a user writes: ~ expanded, and a URL is never a local folder
+    try:  # as every path a user writes: ~ expanded, and a URL is never a local folder (nor one we cannot read)
         path = storage.user_path(path)
+        if storage.is_url(path) and not hub.is_hub_path(path):
+            storage.check_supported(path)
     except storage.StorageError as e:
         raise CheckpointError(f"T5 folder: {e}") from None
     if not path.strip():
@@ -197,7 +199,6 @@ def local_t5_folder(path: str) -> str:
             raise CheckpointError(f"T5 folder {path} does not exist: pass a Hugging Face T5 folder (config.json, "
                                   "spiece.model, the weights), a gs:// copy of one, or hf://google/flan-t5-xl")
         return path
-    storage.check_supported(path)
     local = storage.cache_dir("t5", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
 
     def fetch(names: list[str]) -> str:
