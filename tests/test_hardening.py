@@ -766,6 +766,9 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                                    f"one .npz (pass {tmp_path}/job/samples.npz, the images a sampling "
                                                    "job packed)")):
         npz_image_count(str(png))
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")  # a JPEG said only "File is not a zip file" too
+    with pytest.raises(ValueError, match=r"it is a JPEG image, and an evaluation reads a set of images from one .npz"):
+        npz_image_count(str(tmp_path / "photo.jpg"))
     np.savez(tmp_path / "whole.npz", arr_0=np.zeros((40, 8, 8, 3), np.uint8))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])  # a download that stopped
     with pytest.raises(ValueError, match=r"it is cut off .*: write or download it again"):

@@ -46,9 +46,13 @@ IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffus
 STATISTICS_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
 
+# The first bytes of the image files a user may hand over for an .npz of images.
+IMAGE_SIGNATURES = {b"\x89PN": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
 def not_an_npz_hint(path: str) -> str:
-    """What a file that is no zip archive probably is: a .npy, a PNG (a sampling job's image), or an
-    .npz cut off."""
+    """What a file that is no zip archive probably is: a .npy, a PNG or JPEG (a sampling job's image,
+    a dataset's), or an .npz cut off."""
     try:
         with storage.open_file(path, "rb") as f:
             start = f.read(8)
@@ -58,8 +62,8 @@ def not_an_npz_hint(path: str) -> str:
         return "; it is empty (a write that never finished?): write or download it again"
     if start.startswith(b"\x93NUMPY"):
         return "; it is a .npy file: save the images with np.savez(path, images) instead"
-    if start == b"\x89PNG\r\n\x1a\n":  # one of samples/*.png: the set to evaluate is the job's .npz
-        return (f"; it is a PNG image, and an evaluation reads a set of images from one .npz"
+    if kind := IMAGE_SIGNATURES.get(start[:3]):  # one of samples/*.png: the set to evaluate is the job's .npz
+        return (f"; it is a {kind} image, and an evaluation reads a set of images from one .npz"
                 f"{npz_for_folder(storage.dirname(path))}")
     if start.startswith(b"PK"):
         return "; it is cut off (a download or a write that stopped?): write or download it again"
