@@ -231,6 +231,7 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
 def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(encoder_folder, bucket,
                                                                                 monkeypatch):
     from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.text.prompts import local_t5_folder
 
     remote = f"{bucket}/t5"
@@ -266,6 +267,14 @@ def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(
     with open(os.path.join(local, "config.json")) as f:
         assert f.read() == json.dumps(config, indent=4)
     assert load_t5_encoder(local).config.d_model == 20
+
+    # A text run in the bucket given as its encoder: named with the encoder it records (the local copy of
+    # the encoder's files has no run_config.json to tell it by)
+    storage.write_atomically(f"{bucket}/run/run_config.json", json.dumps({"text_encoder": {"path": "text_encoder"}}))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{bucket}/run: has no config.json: it is a text-to-image training run, not a T5 folder: pass the text "
+            f"encoder it trains with, {bucket}/run/text_encoder")):
+        local_t5_folder(f"{bucket}/run")
 
 
 def test_demo_captions_name_what_the_image_shows_with_independent_colour_and_shape():

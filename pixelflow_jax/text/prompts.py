@@ -210,12 +210,13 @@ def local_t5_folder(path: str) -> str:
                     storage.remove(os.path.join(local, stale))
         return local
 
-    from pixelflow_jax.text.t5_convert import fetch_encoder_files
+    from pixelflow_jax.text.t5_convert import encoder_of_run_hint, fetch_encoder_files
 
     try:
         return fetch_encoder_files(fetch)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except CheckpointError as e:  # a text run in a bucket given as its encoder: the copy has no run_config.json
+        hint = encoder_of_run_hint(path)
+        raise CheckpointError(f"{path}: {f'has no config.json: {hint}' if hint else e}") from None
 
 
 def prompt_encoder_for(sample_config, cross_attention_dim: int) -> PromptEncoder:
