@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import numbers
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pixelflow_jax.validation import is_whole
 
 # Fields of the release's `model.params` that describe the architecture.
 ARCHITECTURE_FIELDS = (
@@ -82,9 +82,7 @@ class ModelConfig:
         for name in ("num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels", "out_channels",
                      "num_classes", "cross_attention_dim"):
             value = getattr(self, name)
-            whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value)
-                                                            and float(value).is_integer())
-            if isinstance(value, (bool, np.bool_)) or not whole:
+            if not is_whole(value):
                 raise TypeError(f"model.{name} must be a whole number, got {value!r}")
             object.__setattr__(self, name, int(value))
         for name in ("attention_bias", "pooled_text"):
