@@ -15,6 +15,10 @@ report what a GPU session would otherwise spend its first minutes learning:
            buffer, a CUDA graph, is one), whether the step loop stays on the card (a loop of known
            trip count needs no host sync per step) and any callback to the host.
 
+train and sample also report each program's HBM traffic by kernel kind (bench/hlo_traffic.py: the
+bytes its kernels read and write, from the optimized HLO) and the time it takes at the card's full
+bandwidth, a floor under the program's time that FLOP counts miss.
+
 Nothing runs: the numbers are the compiler's, not a measurement (bench/RESULTS.md keeps them apart).
 The plan leaves out what comes at run time (cuDNN workspace, allocator fragmentation, the loader).
 
@@ -61,6 +65,7 @@ from jax.experimental import topologies  # noqa: E402
 
 from attention_speed import SWEEP  # noqa: E402
 from harness import positive_int  # noqa: E402
+from hlo_traffic import hbm_traffic  # noqa: E402
 from pixelflow_jax import CheckpointConfig, PixelFlowScheduler  # noqa: E402
 from pixelflow_jax.config import COMPUTE_DTYPES, REMAT_POLICIES, matmul_precision  # noqa: E402
 from pixelflow_jax.kernels.attention import compiling_for, dot_product_attention  # noqa: E402
@@ -104,9 +109,10 @@ dnn_version_info {{ major: 9 minor: 8 }}
 runtime_version {{ major: 12 minor: 9 }}
 device_description_str: "{name}"
 """
+BANDWIDTH = dict(h200=4_800_000_000_000, h100=3_352_320_000_000)  # HBM bytes/s
 CARDS = {
-    "h200": _CARD.format(name="NVIDIA H200", bandwidth=4_800_000_000_000, memory=150_754_820_096),
-    "h100": _CARD.format(name="NVIDIA H100 80GB HBM3", bandwidth=3_352_320_000_000, memory=84_929_347_584),
+    "h200": _CARD.format(name="NVIDIA H200", bandwidth=BANDWIDTH["h200"], memory=150_754_820_096),
+    "h100": _CARD.format(name="NVIDIA H100 80GB HBM3", bandwidth=BANDWIDTH["h100"], memory=84_929_347_584),
 }
 SM_REGISTERS, SM_SHARED_MEMORY, SM_MAX_BLOCKS = 65536, 233472, 32  # sm_90, per streaming multiprocessor
 # configs/t2i.py's text model at XL (cross-attention to flan-t5-xl's states) and train.max_text_tokens,
@@ -250,11 +256,12 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
         step = make_train_step(cfg, graphdef, tables, tx, step_cfg, resolution, scheduler.num_train_timesteps,
                                mesh, shardings, text=text, encoder_sharding=encoder_sharding)
         try:
-            plan = memory_plan(step.lower(*args).compile())
+            compiled = step.lower(*args).compile()
         except Exception as error:
             return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+    plan = memory_plan(compiled)
     return {**row, "compile_s": round(time.perf_counter() - start, 1), "state_gb": plan["arguments_gb"],
-            "temporaries_gb": plan["temporaries_gb"], "peak_gb": plan["peak_gb"]}
+            "temporaries_gb": plan["temporaries_gb"], "peak_gb": plan["peak_gb"], **traffic_report(compiled, card)}
 
 
 def text_encoder(mesh, text_tokens: int, encoder_dtype: str):
@@ -278,6 +285,15 @@ def memory_plan(compiled) -> dict:
             + memory.temp_size_in_bytes)
     return dict(arguments_gb=gb(memory.argument_size_in_bytes), outputs_gb=gb(memory.output_size_in_bytes),
                 temporaries_gb=gb(memory.temp_size_in_bytes), peak_gb=gb(peak))
+
+
+def traffic_report(compiled, card: str) -> dict:
+    """HBM bytes per call by kernel kind (hlo_traffic, from the optimized HLO) in GB, and the time
+    they take at the card's full bandwidth: a floor under the call's time, set mostly by its
+    elementwise fusions."""
+    traffic = hbm_traffic(compiled.as_text())
+    return dict(hbm_gb={kind: round(n / 1e9, 1) for kind, n in traffic.items()},
+                hbm_floor_ms=round(sum(traffic.values()) / BANDWIDTH[card] * 1e3, 1))
 
 
 def parse_thunk_tree(text: str) -> list[dict]:
@@ -413,7 +429,8 @@ def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: 
                 executable = fn.lower(*args, **static).compile(compiler_options={"xla_dump_to": dump})
             except Exception as error:
                 return {**row, **info, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
-            result = {**row, **info, "compile_s": round(time.perf_counter() - start, 1), **memory_plan(executable)}
+            result = {**row, **info, "compile_s": round(time.perf_counter() - start, 1), **memory_plan(executable),
+                      **traffic_report(executable, card)}
             try:
                 return {**result, **program_report(dump, steps)}
             except FileNotFoundError as error:  # another jax's dump: the plan still counts

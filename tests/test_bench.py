@@ -132,6 +132,105 @@ def test_gpu_compile_counts_what_one_sampling_step_launches():
         arguments_gb=3.0, outputs_gb=1.0, temporaries_gb=2.5, peak_gb=5.5)
 
 
+# A layer loop of 3 trips in the format of XLA's optimized GPU HLO (from a real dump, cut down): it
+# casts its layer's row of stacked float32 weights, runs a matmul, GELU and cuDNN's attention, and
+# writes its output into a stack in place; before the loop the stack is zeroed, after it copied.
+LAYER_LOOP_HLO = """HloModule jit_step, entry_computation_layout={(bf16[16,4]{1,0}, f32[3,4,8]{2,1,0})->bf16[3,16,8]{2,1,0}}
+
+%fused_convert (param_0.1: f32[3,4,8], param_1.2: s32[]) -> bf16[1,4,8] {
+  %param_0.1 = f32[3,4,8]{2,1,0} parameter(0)
+  %param_1.2 = s32[] parameter(1)
+  %constant_1 = s32[] constant(0)
+  %dynamic-slice.1 = f32[1,4,8]{2,1,0} dynamic-slice(%param_0.1, %param_1.2, %constant_1, %constant_1), dynamic_slice_sizes={1,4,8}
+  ROOT %convert.1 = bf16[1,4,8]{2,1,0} convert(%dynamic-slice.1)
+}
+
+%gemm_fusion_dot_computation (parameter_0: bf16[16,4], parameter_1: bf16[4,8]) -> bf16[16,8] {
+  %parameter_0 = bf16[16,4]{1,0} parameter(0)
+  %parameter_1 = bf16[4,8]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[16,8]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_tanh (param_0.3: bf16[16,8]) -> bf16[16,8] {
+  %param_0.3 = bf16[16,8]{1,0} parameter(0)
+  ROOT %tanh.1 = bf16[16,8]{1,0} tanh(%param_0.3), metadata={op_name="jit(step)/tanh" stack_frame_id=7}
+}
+
+%fused_dynamic_update_slice (param_0.4: bf16[3,16,8], param_1.5: bf16[16,8], param_2.6: s32[]) -> bf16[3,16,8] {
+  %param_0.4 = bf16[3,16,8]{2,1,0} parameter(0)
+  %param_1.5 = bf16[16,8]{1,0} parameter(1)
+  %bitcast.3 = bf16[1,16,8]{2,1,0} bitcast(%param_1.5)
+  %param_2.6 = s32[] parameter(2)
+  %constant_2 = s32[] constant(0)
+  ROOT %dynamic-update-slice.1 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0.4, %bitcast.3, %param_2.6, %constant_2, %constant_2)
+}
+
+%region_0.1 (arg_tuple.1: (s32[], bf16[16,4], f32[3,4,8], bf16[3,16,8])) -> (s32[], bf16[16,4], f32[3,4,8], bf16[3,16,8]) {
+  %arg_tuple.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) parameter(0)
+  %get-tuple-element.1 = s32[] get-tuple-element(%arg_tuple.1), index=0
+  %get-tuple-element.2 = bf16[16,4]{1,0} get-tuple-element(%arg_tuple.1), index=1
+  %get-tuple-element.3 = f32[3,4,8]{2,1,0} get-tuple-element(%arg_tuple.1), index=2
+  %get-tuple-element.4 = bf16[3,16,8]{2,1,0} get-tuple-element(%arg_tuple.1), index=3
+  %loop_convert_fusion = bf16[1,4,8]{2,1,0} fusion(%get-tuple-element.3, %get-tuple-element.1), kind=kLoop, calls=%fused_convert
+  %bitcast.1 = bf16[4,8]{1,0} bitcast(%loop_convert_fusion)
+  %gemm_fusion_dot = bf16[16,8]{1,0} fusion(%get-tuple-element.2, %bitcast.1), kind=kCustom, calls=%gemm_fusion_dot_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %loop_tanh_fusion = bf16[16,8]{1,0} fusion(%gemm_fusion_dot), kind=kLoop, calls=%fused_tanh
+  %attention.1 = (bf16[16,8]{1,0}, u8[4096]{0}) custom-call(%loop_tanh_fusion, %gemm_fusion_dot, %loop_tanh_fusion), custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[16,8]{1,0}, bf16[16,8]{1,0}, bf16[16,8]{1,0}}
+  %get-tuple-element.5 = bf16[16,8]{1,0} get-tuple-element(%attention.1), index=0
+  %loop_dynamic_update_slice_fusion = bf16[3,16,8]{2,1,0} fusion(%get-tuple-element.4, %get-tuple-element.5, %get-tuple-element.1), kind=kLoop, calls=%fused_dynamic_update_slice
+  ROOT %tuple.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) tuple(%get-tuple-element.1, %get-tuple-element.2, %get-tuple-element.3, %loop_dynamic_update_slice_fusion)
+}
+
+%fused_broadcast () -> bf16[3,16,8] {
+  %constant_5 = bf16[] constant(0)
+  ROOT %broadcast.1 = bf16[3,16,8]{2,1,0} broadcast(%constant_5), dimensions={}
+}
+
+%region_1.2 (arg_tuple.2: (s32[], bf16[16,4], f32[3,4,8], bf16[3,16,8])) -> pred[] {
+  %arg_tuple.2 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) parameter(0)
+  %get-tuple-element.6 = s32[] get-tuple-element(%arg_tuple.2), index=0
+  %constant_3 = s32[] constant(3)
+  ROOT %compare.1 = pred[] compare(%get-tuple-element.6, %constant_3), direction=LT
+}
+
+ENTRY %main.3 (x.1: bf16[16,4], w.1: f32[3,4,8]) -> bf16[3,16,8] {
+  %x.1 = bf16[16,4]{1,0} parameter(0)
+  %w.1 = f32[3,4,8]{2,1,0} parameter(1)
+  %constant_4 = s32[] constant(0)
+  %loop_broadcast_fusion = bf16[3,16,8]{2,1,0} fusion(), kind=kLoop, calls=%fused_broadcast
+  %tuple.2 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) tuple(%constant_4, %x.1, %w.1, %loop_broadcast_fusion)
+  %while.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) while(%tuple.2), condition=%region_1.2, body=%region_0.1, backend_config={"known_trip_count":{"n":"3"},"known_init_step":{"init":"0","step":"1"}}
+  %get-tuple-element.7 = bf16[3,16,8]{2,1,0} get-tuple-element(%while.1), index=3
+  ROOT %copy.1 = bf16[3,16,8]{2,1,0} copy(%get-tuple-element.7)
+}
+"""
+
+
+def test_hlo_traffic_counts_what_each_kernel_reads_and_writes_per_trip():
+    """bench/hlo_traffic.py: the bytes a kernel moves are its operands and outputs, except that a
+    loop's kernel slicing its layer's row of a stacked array reads the row, and one stacking its
+    output writes the row; a loop's kernels count once per trip."""
+    from hlo_traffic import hbm_traffic, kernel_traffic
+
+    per_trip = dict(loop_convert_fusion=4 * 8 * 4 + 4 + 4 * 8 * 2,  # a float32 row (and the index) in, bf16 out
+                    gemm_fusion_dot=16 * 4 * 2 + 4 * 8 * 2 + 16 * 8 * 2,
+                    loop_tanh_fusion=2 * 16 * 8 * 2,
+                    **{"attention.1": 3 * 16 * 8 * 2 + 16 * 8 * 2},  # its u8 workspace is no traffic
+                    loop_dynamic_update_slice_fusion=16 * 8 * 2 + 4 + 16 * 8 * 2)  # a row in, a row written
+    kernels = kernel_traffic(LAYER_LOOP_HLO)
+    stack = 3 * 16 * 8 * 2
+    assert {k["name"]: k["bytes"] for k in kernels} == {**{name: 3 * n for name, n in per_trip.items()},
+                                                        "loop_broadcast_fusion": stack, "copy.1": 2 * stack}
+    assert {k["name"]: k["kind"] for k in kernels} == dict(
+        loop_convert_fusion="elementwise", gemm_fusion_dot="gemm", loop_tanh_fusion="elementwise",
+        **{"attention.1": "attention"}, loop_dynamic_update_slice_fusion="copy", loop_broadcast_fusion="elementwise",
+        **{"copy.1": "copy"})
+    assert hbm_traffic(LAYER_LOOP_HLO) == dict(
+        gemm=3 * per_trip["gemm_fusion_dot"], attention=3 * per_trip["attention.1"],
+        elementwise=3 * (per_trip["loop_convert_fusion"] + per_trip["loop_tanh_fusion"]) + stack,
+        copy=3 * per_trip["loop_dynamic_update_slice_fusion"] + 2 * stack)
+
+
 def test_gpu_compile_does_not_count_a_stream_wait_as_a_kernel():
     """jax 0.11 runs some copies on other streams: an async start wraps them (counted as what they
     run) and an async done waits for them, a host dispatch but no kernel (it was counted a fusion)."""

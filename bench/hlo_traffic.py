@@ -1,0 +1,196 @@
+"""The HBM traffic of a compiled GPU program, from XLA's optimized HLO text: for every kernel (a
+fusion, a library call, a copy) the bytes it reads and writes, summed by kind and multiplied by the
+trip counts of the loops it runs in. With a card's bandwidth this is a floor under the time of the
+kernels that do little arithmetic per byte (the elementwise fusions: norms, modulation, RoPE,
+GELU, residual adds), which FLOP counts leave out.
+
+What is counted: each kernel's operands and outputs, once each. Where a fusion only slices an
+operand at the loop's index (a scan's stacked layer weights), the slice; where it updates a row of a
+buffer in place (a scan writing its stacked outputs), the row. Not counted: what a kernel's tiles
+read twice (a matmul's operands are read once per tile row or column; attention reads K and V once
+per query block), caches (the L2 holds 50 MB), and workspaces. So the numbers are a lower bound for
+matmul and attention kernels and about right for elementwise ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+_BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4, f64=8, s64=8, u64=8)
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "after-all",
+              "opt-barrier", "partition-id", "replica-id"}
+KINDS = ("gemm", "attention", "elementwise", "copy")
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape: one array, or every array of a tuple."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        count = 1
+        for dim in filter(None, dims.split(",")):
+            count *= int(dim)
+        total += count * _BYTES[dtype]
+    return total
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Comma-separated items of `text`, not splitting inside brackets or braces."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in (re.sub(r"/\*.*?\*/", "", item).strip() for item in items) if item]
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the bracket that closes the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] in "([{"
+        depth -= text[i] in ")]}"
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced brackets in HLO line: {text[:200]}")
+
+
+def parse_instruction(line: str) -> dict | None:
+    """One HLO instruction line -> {name, shape, op, operands (names), attributes (the rest)}."""
+    head = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
+    if not head:
+        return None
+    rest = line[head.end():]
+    shape_end = _closing(rest, 0) + 1 if rest.startswith("(") else rest.index(" ")
+    shape, rest = rest[:shape_end], rest[shape_end:].lstrip()
+    op = re.match(r"[\w\-]+", rest).group(0)
+    close = _closing(rest, len(op))
+    operands = [item.split()[-1].lstrip("%") for item in _split_top_level(rest[len(op) + 1:close])]
+    return dict(name=head.group(1), shape=shape, op=op, operands=operands, attributes=rest[close + 1:],
+                root=line.lstrip().startswith("ROOT"))
+
+
+def parse_computations(hlo: str) -> dict[str, list[dict]]:
+    """Computation name -> its instructions, from a module's HLO text; the entry is also under "ENTRY"."""
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+        if header and not line.startswith(" "):
+            current = computations.setdefault(header.group(2), [])
+            if header.group(1):
+                computations["ENTRY"] = current
+            continue
+        if line.startswith("}"):
+            current = None
+        elif current is not None:
+            instruction = parse_instruction(line)
+            if instruction:
+                current.append(instruction)
+    return computations
+
+
+def _attribute(instruction: dict, key: str) -> str | None:
+    """The computation or name an instruction's `key=` attribute names (calls=, body=), if any."""
+    found = re.search(rf"\b{key}=%?([\w.\-]+)", instruction["attributes"])
+    return found.group(1) if found else None
+
+
+_MOVES = {"parameter", "constant", "bitcast", "reshape", "tuple", "get-tuple-element", "dynamic-slice",
+          "dynamic-update-slice", "slice", "copy"}
+
+
+def kernel_kind(instruction: dict, fused: list[dict] | None) -> str:
+    """gemm, attention (cuDNN's or our Pallas kernel), copy (a copy, or a fusion that only moves
+    rows: a scan's slicing or stacking), or elementwise (every other fusion)."""
+    target = re.search(r'custom_call_target="([^"]+)"', instruction["attributes"])
+    target = target.group(1) if target else ""
+    if "fmha" in target or "pixelflow_flash" in instruction["attributes"]:
+        return "attention"
+    if "gemm" in instruction["name"] or "gemm" in target or "matmul" in target:
+        return "gemm"
+    moves_only = fused is not None and all(
+        part["op"] in _MOVES or shape_bytes(part["shape"]) <= 8 for part in fused)  # scalars: index arithmetic
+    return "copy" if instruction["op"] == "copy" or moves_only else "elementwise"
+
+
+def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int]) -> tuple[int, int]:
+    """Bytes a fusion reads and writes, given its fused computation: a parameter used only through
+    dynamic-slices (after bitcasts) reads the slices; a dynamic-update-slice at the root writes its
+    update, and its in-place buffer is not read."""
+    users = collections.defaultdict(list)
+    for instruction in fused:
+        for operand in instruction["operands"]:
+            users[operand].append(instruction)
+    by_name = {instruction["name"]: instruction for instruction in fused}
+    root = next(instruction for instruction in fused if instruction["root"])
+    outputs = [by_name[name] for name in root["operands"]] if root["op"] == "tuple" else [root]
+    output_names = {out["name"] for out in outputs}
+
+    def sliced_bytes(name: str) -> int | None:  # bytes read if every use slices it, else None
+        total = 0
+        for user in users[name]:
+            if user["op"] == "dynamic-slice" and user["operands"][0] == name:
+                total += shape_bytes(user["shape"])
+            elif user["op"] == "bitcast":
+                inner = sliced_bytes(user["name"])
+                if inner is None:
+                    return None
+                total += inner
+            elif user["op"] == "dynamic-update-slice" and user["operands"][0] == name and user["name"] in output_names:
+                continue  # the buffer updated in place
+            else:
+                return None
+        return total
+
+    written = sum(shape_bytes(by_name[out["operands"][1]]["shape"]) if out["op"] == "dynamic-update-slice"
+                  else shape_bytes(out["shape"]) for out in outputs)
+    read = 0
+    for instruction in fused:
+        if instruction["op"] == "parameter":
+            index = int(instruction["operands"][0])  # parameter(N)
+            sliced = sliced_bytes(instruction["name"])
+            read += operand_bytes[index] if sliced is None else sliced
+    return read, written
+
+
+def kernel_traffic(hlo: str) -> list[dict]:
+    """Every kernel of a run of the module's entry computation: {name, kind (KINDS), bytes} with its
+    reads + writes times the runs of the loops it sits in (a loop XLA knows no trip count of: once)."""
+    computations = parse_computations(hlo)
+    kernels = []
+
+    def walk(name: str, times: int):
+        shapes = {}
+        for instruction in computations[name]:
+            shapes[instruction["name"]] = shape_bytes(instruction["shape"])
+            if instruction["op"] == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction["attributes"])
+                walk(_attribute(instruction, "body"), times * (int(trips.group(1)) if trips else 1))
+                continue
+            if instruction["op"] in _NO_KERNEL:
+                continue
+            operand_bytes = [shapes.get(operand, 0) for operand in instruction["operands"]]
+            fused = computations.get(_attribute(instruction, "calls")) if instruction["op"] == "fusion" else None
+            if fused is not None:
+                read, written = _fused_reads_and_writes(fused, operand_bytes)
+            else:  # a library call (cuDNN, cuBLAS, a Triton custom call) or a copy: its operands and outputs
+                read = sum(operand_bytes)
+                written = sum(shape_bytes(f"{dtype}[{dims}]") for dtype, dims in _ARRAY.findall(instruction["shape"])
+                              if dtype != "u8")  # u8 outputs of library calls are their workspaces
+            kernels.append(dict(name=instruction["name"], kind=kernel_kind(instruction, fused),
+                                bytes=times * (read + written)))
+
+    walk("ENTRY", 1)
+    return kernels
+
+
+def hbm_traffic(hlo: str) -> dict[str, int]:
+    """Bytes read + written per run of the module's entry computation, by kernel kind (KINDS)."""
+    totals = collections.Counter()
+    for kernel in kernel_traffic(hlo):
+        totals[kernel["kind"]] += kernel["bytes"]
+    return {kind: totals.get(kind, 0) for kind in KINDS}
