@@ -158,8 +158,9 @@ def check_train(config) -> None:
                           "sampling.")
     if t.preview_every:
         check_guidance(config)
-        if "prompts" in config.sample:  # text previews draw sample.prompts
+        if "prompts" in config.sample:  # text previews draw sample.prompts, guided by the negative prompt
             prompts("sample.prompts", config.sample.prompts)
+            unicode_text("sample.negative_prompt", config.sample.negative_prompt)
 
 
 def check_architecture(config) -> None:
@@ -259,6 +260,29 @@ def prompts(name: str, value) -> None:
     """A prompt, or a list of prompts (strings); empty where a prompts file gives them."""
     if not (isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value))):
         raise ConfigError(f"--config.{name} must be a prompt or a list of prompts (strings), got {value!r}")
+    for prompt in [value] if isinstance(value, str) else value:
+        unicode_text(name, prompt)
+
+
+def unicode_text(name: str, value: str, where: str = "--config.") -> None:
+    """Text a tokenizer can read. A byte that is not UTF-8 on the command line (typed in a terminal
+    or written by a script in Latin-1, say) reaches Python as a lone surrogate: sentencepiece
+    refuses it, and only when the text is first encoded (a training run's first preview)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        # Python keeps an undecodable argument byte b as the code point U+DC00 + b (surrogateescape).
+        if 0xDC80 <= code <= 0xDCFF:
+            what = f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8"
+            cause = "the terminal or script that wrote it uses another encoding (such as Latin-1)"
+        else:
+            what = f"U+{code:04X}, half of a UTF-16 surrogate pair"
+            cause = "text cut inside a character such as an emoji, or one escape of a pair decoded alone"
+        prompts_file = ", or put the prompts in a UTF-8 file for --config.sample.prompts_file" if (
+            f"{where}{name}" == "--config.sample.prompts") else ""
+        raise ConfigError(f"{where}{name} holds {what}, after {value[:e.start][-40:]!r} in {value[:200]!r}: {cause}; "
+                          f"give it as UTF-8 text{prompts_file}") from None
 
 
 def check_sample(config) -> None:
@@ -278,6 +302,7 @@ def check_sample(config) -> None:
     else:  # 0: the training run's length, or the release's 512 (api.fill_text_encoder)
         text_tokens(s)
         prompts("sample.prompts", s.prompts)
+        unicode_text("sample.negative_prompt", s.negative_prompt)
         integer("sample.images_per_prompt", s.images_per_prompt, minimum=1, maximum=MAX_SAMPLE_IMAGES)
         from pixelflow_jax.text.prompts import PARAM_DTYPES
 

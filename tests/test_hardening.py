@@ -254,6 +254,24 @@ def test_each_bound_of_a_text_setting_accepts_its_last_value_and_refuses_the_nex
         run_check(t2i_config(**{field: refused}))
 
 
+@pytest.mark.parametrize("mode,field,value", [
+    ("sample", "sample.prompts", ("a red disk", "caf\udce9 au lait")),  # the byte 0xe9 of a Latin-1 terminal
+    ("sample", "sample.prompts", "caf\udce9"),
+    ("sample", "sample.negative_prompt", "blurry, caf\udce9"),
+    ("train", "sample.negative_prompt", "caf\udce9"),  # every preview is guided by it
+    ("train", "sample.prompts", ("caf\udce9",)),
+])
+def test_a_prompt_holding_bytes_that_are_not_utf8_is_refused_before_any_work(mode, field, value):
+    """sentencepiece refused it only when the prompt was first tokenized: a traceback after a
+    sampling job's settings.json was written, or at a training run's first preview, losing every
+    step since its last checkpoint."""
+    config = t2i_config(**{field: value, "train.preview_every": 4})
+    with pytest.raises(ConfigError, match=re.escape(f"--config.{field} holds the byte 0xe9, which is not UTF-8, "
+                                                    "after '")):
+        check(config, mode)
+    check(t2i_config(**{field: value.replace("\udce9", "\u00e9") if isinstance(value, str) else
+                        tuple(p.replace("\udce9", "\u00e9") for p in value)}), mode)  # the same text as UTF-8
+
 def test_the_command_line_refuses_a_bad_value_before_writing_anything(tmp_path):
     workdir = tmp_path / "run"
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", "--mode=sample",

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -394,3 +395,16 @@ def test_the_fingerprint_samples_the_whole_weight_file(t5_folder, tmp_path):
     weights[len(weights) * 3 // 4 + 1] ^= 0xFF
     replaced(folder, "model.safetensors", bytes(weights))
     assert folder_fingerprint(folder, samples=4, sample_bytes=16) != before
+
+
+def test_a_prompt_that_is_not_unicode_text_is_named_before_the_tokenizer_sees_it():
+    """sentencepiece's own words were 'TypeError: List elements must be str or bytes'."""
+    from pixelflow_jax.text.prompts import prompt_list
+
+    with pytest.raises(ValueError, match=re.escape("prompts holds the byte 0xe9, which is not UTF-8, after 'caf' in "
+                                                   "'caf\\udce9': the terminal or script")):
+        prompt_list(["a cat", "caf\udce9"])
+    with pytest.raises(ValueError, match=re.escape("prompts holds U+D83D, half of a UTF-16 surrogate pair, after "
+                                                   "'a fox ' in")):
+        prompt_list(["a fox \ud83d"])
+    assert prompt_list(["caf\u00e9 \U0001f98a"]) == ["caf\u00e9 \U0001f98a"]

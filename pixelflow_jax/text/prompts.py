@@ -109,6 +109,10 @@ def prompt_list(prompts: Sequence[str]) -> list[str]:
     others = [type(p).__name__ for p in prompts if not isinstance(p, str)]
     if others:
         raise ValueError(f"prompts must be strings, got {', '.join(others[:3])}")
+    from pixelflow_jax.validation import unicode_text
+
+    for prompt in prompts:
+        unicode_text("prompts", prompt, where="")
     return prompts
 
 
