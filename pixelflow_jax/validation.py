@@ -260,6 +260,11 @@ def prompts(name: str, value) -> None:
     """A prompt, or a list of prompts (strings); empty where a prompts file gives them."""
     if not (isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value))):
         raise ConfigError(f"--config.{name} must be a prompt or a list of prompts (strings), got {value!r}")
+    if isinstance(value, str) and value.startswith(("(", "[")) and value.endswith((")", "]")) and "," in value:
+        # The command line keeps a list whose prompts are not quoted as one string: all of it one prompt.
+        raise ConfigError(f"--config.{name} is the one string {value[:200]!r}, which would be a single prompt: a "
+                          f"list needs each prompt quoted, --config.{name}='(\"a red fox\", \"a blue car\")'; one "
+                          f"prompt written in brackets is a list of one, --config.{name}='(\"(a, b)\",)'")
     for prompt in [value] if isinstance(value, str) else value:
         unicode_text(name, prompt)
 

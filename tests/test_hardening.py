@@ -254,6 +254,16 @@ def test_each_bound_of_a_text_setting_accepts_its_last_value_and_refuses_the_nex
         run_check(t2i_config(**{field: refused}))
 
 
+@pytest.mark.parametrize("mode,value", [("sample", "(a red disk, a blue square)"), ("train", "[a fox, a car]")])
+def test_a_list_of_unquoted_prompts_is_refused_rather_than_sampled_as_one_prompt(mode, value):
+    """The command line gives such a list as one string: it sampled one image of the whole text."""
+    with pytest.raises(ConfigError, match=re.escape(f"--config.sample.prompts is the one string {value!r}, which would "
+                                                    "be a single prompt: a list needs each prompt quoted")):
+        check(t2i_config(**{"sample.prompts": value, "train.preview_every": 4}), mode)
+    for one_prompt in ("a lighthouse at dusk, oil painting", "(masterpiece)", ("(a, b)",)):
+        check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
+
+
 @pytest.mark.parametrize("mode,field,value", [
     ("sample", "sample.prompts", ("a red disk", "caf\udce9 au lait")),  # the byte 0xe9 of a Latin-1 terminal
     ("sample", "sample.prompts", "caf\udce9"),
