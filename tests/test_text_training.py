@@ -583,6 +583,23 @@ def test_the_demo_encoder_is_built_anew_for_the_config_while_no_step_is_saved(tm
     assert width() == 32
 
 
+@pytest.mark.parametrize("num_colours,num_images", [(100, 20_000), (10, 8)])
+def test_the_demo_encoder_knows_every_word_of_its_captions(tmp_path, num_colours, num_images):
+    """Its tokenizer stopped at 64 pieces: with 100 colours 52 hue numbers read as <unk>, colours the
+    model could never learn; and a small set's first captions lack words later images, the previews
+    and prompts use."""
+    import configs.t2i as t2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.text.prompts import T5Tokenizer
+    from pixelflow_jax.text.train_text import build_demo_encoder, unknown_demo_words
+
+    config = t2i.get_config("tiny")
+    config.data.update(demo_num_classes=num_colours, demo_num_images=num_images)
+    folder = str(tmp_path / demo_text_encoder.FOLDER_NAME)
+    build_demo_encoder(config, ModelConfig.from_mapping(config.model), folder, rebuild=True)
+    assert unknown_demo_words(T5Tokenizer(folder), num_colours) == set()
+
+
 def test_a_resume_with_more_demo_colours_than_its_encoder_knows_is_refused(tmp_path):
     """With train.allow_resume_changes a resume may change data.demo_num_classes, but the run's
     demo encoder keeps its word list: the new colours would all read as <unk> (fewer colours too:

@@ -25,6 +25,10 @@ from pixelflow_jax.text.t5_convert import save_t5_folder
 FOLDER_NAME = "text_encoder"  # inside the run's workdir
 CAPTIONS_FOR_TOKENIZER = 2000
 RESIDUAL_SCALE = 0.02
+SPECIAL_PIECES = 3  # <pad>, </s>, <unk>
+# The vocabulary's usual bound (hard_vocab_limit=False: fewer words give fewer pieces); raised for
+# captions of more words (data.demo_num_classes past ~48 names a hue number each).
+VOCABULARY = 64
 
 
 def train_tokenizer(captions: list[str]) -> bytes:
@@ -32,9 +36,11 @@ def train_tokenizer(captions: list[str]) -> bytes:
     T5's special ids (pad 0, </s> 1, unk 2, no <s>); words it never saw become unk."""
     import sentencepiece
 
+    words = len({word for caption in captions for word in caption.split()})
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=model, vocab_size=64, hard_vocab_limit=False,
+        sentence_iterator=iter(captions), model_writer=model, vocab_size=max(VOCABULARY, words + SPECIAL_PIECES),
+        hard_vocab_limit=False,
         model_type="word", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
         num_threads=1, minloglevel=2)
     return model.getvalue()

@@ -123,18 +123,27 @@ def build_demo_encoder(config, model_cfg: ModelConfig, folder: str, rebuild: boo
         d = config.data
         captions = CaptionedDemoSource(d.demo_num_images, seed=d.demo_seed, num_classes=d.demo_num_classes,
                                        resolution=d.resolution).captions(demo_text_encoder.CAPTIONS_FOR_TOKENIZER)
+        # Words those captions lack (a colour of many, a small set's unused wording) are read by later
+        # images, the previews and prompts: each is taught as a caption of its own, not read as <unk>.
+        seen = {word for caption in captions for word in caption.split()}
+        captions += [word for word in demo_words(d.demo_num_classes) if word not in seen]
         demo_text_encoder.build(folder, captions, d_model=model_cfg.cross_attention_dim, seed=config.seed)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("pixelflow demo text encoder built")
 
 
-def unknown_demo_words(tokenizer, num_colours: int) -> set[str]:
-    """The words of the demo's num_colours-colour captions that the word-level tokenizer reads as
-    <unk> (it knows the words of the captions it was trained on, CAPTIONS_FOR_TOKENIZER of them)."""
+def demo_words(num_colours: int) -> list[str]:
+    """Every word of the captioned demo set's num_colours-colour captions, sorted."""
     from pixelflow_jax.data.demo_data import CAPTION_WORDINGS, SHAPES, caption_of
 
-    words = sorted({word for c in range(num_colours) for s in range(len(SHAPES)) for w in range(len(CAPTION_WORDINGS))
-                    for word in caption_of(c, s, num_colours, w).split()})
+    return sorted({word for c in range(num_colours) for s in range(len(SHAPES)) for w in range(len(CAPTION_WORDINGS))
+                   for word in caption_of(c, s, num_colours, w).split()})
+
+
+def unknown_demo_words(tokenizer, num_colours: int) -> set[str]:
+    """The words of the demo's num_colours-colour captions that the word-level tokenizer reads as
+    <unk> (it knows the words of the captions it was trained on)."""
+    words = demo_words(num_colours)
     return {word for word, unknown in zip(words, tokenizer.has_unknown_text(tokenizer(words)[0])) if unknown}
 
 
