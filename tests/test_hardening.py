@@ -2437,6 +2437,23 @@ def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp
             read_prompts_file(str(path))
 
 
+def test_blank_lines_that_move_prompts_off_their_line_numbers_are_named(tmp_path, caplog):
+    """They were skipped without a word: the images of the prompt on line 4 were those of prompt 1."""
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red disk\n\n  \na blue ring\na green square\n\n")
+    with caplog.at_level(logging.WARNING):
+        assert read_prompts_file(str(path)) == ["a red disk", "a blue ring", "a green square"]
+    assert f"prompts_file {path}: blank lines 2, 3 skipped: the prompt on line 4 is prompt 1 (prompts count " \
+           "non-blank lines, from 0, and a sampling job's image i shows prompt i // images_per_prompt)" in caplog.text
+    caplog.clear()
+    path.write_text("a red disk\na blue ring\n\n\n")  # blank lines after the last prompt move nothing
+    with caplog.at_level(logging.WARNING):
+        read_prompts_file(str(path))
+    assert "blank" not in caplog.text
+
+
 def test_sample_settings_a_text_job_does_not_use_are_refused():
     from configs import t2i
 

@@ -160,7 +160,23 @@ def read_prompts_file(path: str) -> list[str]:
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"{name} holds no prompts (every line is blank): write one prompt per line")
+    warn_of_blank_lines_before_prompts(name, lines)
     return prompts
+
+
+def warn_of_blank_lines_before_prompts(name: str, lines: list[str]) -> None:
+    """Blank lines are skipped, so a prompt after one has fewer prompts before it than lines: its
+    images (image i shows prompt i // images_per_prompt) are not where its line number says."""
+    filled = [bool(line.strip()) for line in lines]
+    blank = [i for i in range(len(lines)) if not filled[i] and any(filled[i:])]  # trailing ones move nothing
+    if not blank:
+        return
+    moved = filled.index(True, blank[0])  # the first prompt a blank line moved
+    logging.warning("%s: blank %s %s skipped: the prompt on line %d is prompt %d (prompts count non-blank lines, from 0, "
+                    "and a sampling job's image i shows prompt i // images_per_prompt); remove the blank lines for "
+                    "line numbers and prompts to agree", name, "line" if len(blank) == 1 else "lines",
+                    ", ".join(str(i + 1) for i in blank[:10]) + (", ..." if len(blank) > 10 else ""),
+                    moved + 1, sum(filled[:moved]))
 
 
 def read_prompts(sample_config) -> list[str]:
