@@ -1091,6 +1091,19 @@ def test_an_unbuilt_tfds_dataset_is_named_with_the_build_command_and_nothing_is_
     assert os.listdir(tmp_path) == []
 
 
+def test_a_caption_of_only_invisible_characters_is_skipped_as_empty():
+    """Zero-width spaces, a byte-order mark mid-file or control characters alone tokenize to nothing:
+    the image trained as the empty prompt, the unconditional of guidance, without a word."""
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+
+    for caption in ("\u200b".encode(), "\u200b \u200b\n".encode(), b"\x01\x02", "\ufeff\ufeff".encode()):
+        with pytest.raises(CaptionError, match="caption is empty, or only zero-width or control characters, which "
+                                               "tokenize to nothing"):
+            decode_caption(caption)
+    assert decode_caption("\u200ba red disk\u0301".encode()) == "\u200ba red disk\u0301"  # text beside them trains
+    assert decode_caption("\u732b \U0001f98a".encode()) == "\u732b \U0001f98a"
+
+
 def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path, caplog):
     """(and a caption file that is a link to nothing is named, not dropped without a word)"""
     from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionError, decode_caption

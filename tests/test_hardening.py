@@ -2454,6 +2454,24 @@ def test_blank_lines_that_move_prompts_off_their_line_numbers_are_named(tmp_path
     assert "blank" not in caplog.text
 
 
+def test_a_prompt_of_only_invisible_characters_is_refused(tmp_path):
+    """A line holding only a byte-order mark (two files joined) or a zero-width space tokenized to
+    nothing: its images were the negative prompt's, unguided, without a word."""
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red disk\n\ufeff\na blue ring\n")
+    sample = t2i_config(**{"sample.prompts_file": str(path)}).sample
+    with pytest.raises(ValueError, match=re.escape("prompt 1 ('\\ufeff') holds no visible text, only zero-width, "
+                                                   "byte-order-mark or control characters")):
+        read_prompts(sample)
+    sample.update(prompts_file="", prompts=("a red disk", "\u200b"))
+    with pytest.raises(ValueError, match=re.escape("prompt 1 ('\\u200b') holds no visible text")):
+        read_prompts(sample)
+    sample.prompts = ("a red disk", "\u732b")
+    assert read_prompts(sample) == ["a red disk", "\u732b"]
+
+
 def test_sample_settings_a_text_job_does_not_use_are_refused():
     from configs import t2i
 

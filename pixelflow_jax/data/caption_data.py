@@ -80,10 +80,16 @@ def decode_caption(caption: bytes | str) -> str:
         raise CaptionError(f"caption holds NUL characters, as {encoding} text without a byte-order mark does; "
                            f"{conversion(encoding)}")
     caption = caption.removeprefix("\ufeff").strip()  # a BOM (Windows editors write one) is no caption
-    if not caption:
-        raise CaptionError("caption is empty (caption dropout already trains the empty prompt); write a caption "
-                           "or remove the image")
+    if not has_visible_text(caption):
+        raise CaptionError("caption is empty, or only zero-width or control characters, which tokenize to nothing "
+                           "(caption dropout already trains the empty prompt); write a caption or remove the image")
     return caption
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether text holds a character that shows: zero-width spaces, byte-order marks and control
+    characters alone tokenize to nothing, which trains (or samples) as the empty prompt."""
+    return any(character.isprintable() and not character.isspace() for character in text)
 
 
 def conversion(encoding: str) -> str:

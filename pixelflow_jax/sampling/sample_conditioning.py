@@ -180,6 +180,8 @@ def warn_of_blank_lines_before_prompts(name: str, lines: list[str]) -> None:
 
 
 def read_prompts(sample_config) -> list[str]:
+    from pixelflow_jax.data.caption_data import has_visible_text
+
     s = sample_config
     if bool(len(s.prompts)) == bool(s.prompts_file):
         raise ValueError("a text-conditional checkpoint samples from prompts: set exactly one of "
@@ -190,6 +192,10 @@ def read_prompts(sample_config) -> list[str]:
         prompts = [s.prompts] if isinstance(s.prompts, str) else list(s.prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"every prompt must be a non-empty string, got {prompts!r}")
+    if invisible := [p for p in prompts if not has_visible_text(p)]:  # it would sample as the negative prompt ""
+        raise ValueError(f"prompt {prompts.index(invisible[0])} ({invisible[0]!r}) holds no visible text, only "
+                         "zero-width, byte-order-mark or control characters, which the tokenizer drops: write the "
+                         "prompt, or remove it")
     return prompts
 
 
