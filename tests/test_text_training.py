@@ -113,6 +113,20 @@ def test_a_caption_named_after_the_whole_file_name_is_pointed_out(captioned_fold
         CaptionedFolderSource(root)
 
 
+def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path):
+    """A Hugging Face imagefolder (metadata.jsonl, as diffusers' scripts read) or NAME.caption
+    sidecars: every image was said to lack a caption, and the file holding them went unmentioned."""
+    for name in ("a", "b"):
+        write_image(tmp_path / f"{name}.png", 0)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red disk"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'metadata.jsonl'} (another tool's captions) is not "
+                                                  "read: write each image's caption into NAME.txt beside it; add the")):
+        CaptionedFolderSource(str(tmp_path))
+    (tmp_path / "b.caption").write_text("a blue ring")
+    with pytest.raises(DataError, match=r"b.caption and 1 more such file \(another tool's captions\) are not read"):
+        CaptionedFolderSource(str(tmp_path))
+
+
 def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
     root, _ = captioned_folder
     for name in ("lost_a", "lost_b"):

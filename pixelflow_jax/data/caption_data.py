@@ -143,13 +143,14 @@ class CaptionedFolderSource:
         whole_name = [captions[path] for path in missing if path in captions]
         whole_name_hint = (f"; {len(whole_name)} of them have a caption file named after the image's whole file "
                            f"name, e.g. {whole_name[0]}: name those NAME{CAPTION_EXTENSION}" if whole_name else "")
+        hints = whole_name_hint + (other_tools_captions_hint(files) if missing else "")
         if missing and missing_captions == "error":
             raise DataError(f"{len(missing)} of {len(images)} images under {root} have no caption file "
-                            f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}{whole_name_hint}; add the "
+                            f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}{hints}; add the "
                             f"captions or set {missing_flag}=skip to leave those images out")
         if missing:
             logging.warning("%s: %d images without a caption file left out (missing_captions=skip), e.g. %s%s",
-                            root, len(missing), missing[:3], whole_name_hint)
+                            root, len(missing), missing[:3], hints)
         image_names = {os.path.splitext(path)[0] for path in images}
         orphans = sorted(path for name, path in captions.items() if name not in image_names)
         if orphans:  # often images lost in a copy, or in a format not read here
@@ -165,6 +166,25 @@ class CaptionedFolderSource:
     def __getitem__(self, index: int) -> dict:
         image, caption = self.records[index]
         return {"image": storage.read_bytes(image), "caption": storage.read_bytes(caption), "name": image}
+
+
+# Captions as other tools keep them, which this reader does not take: Hugging Face's imagefolder
+# (one metadata file for the folder, as diffusers' training scripts read) and NAME.caption sidecars.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+OTHER_SIDECAR_EXTENSION = ".caption"
+
+
+def other_tools_captions_hint(files: list[str]) -> str:
+    """Where images lack captions: the caption files of other layouts found among `files`, named
+    as not read, with the layout to convert them to; '' where there are none."""
+    found = [path for path in files if os.path.basename(path) in METADATA_FILES or
+             path.lower().endswith(OTHER_SIDECAR_EXTENSION)]
+    if not found:
+        return ""
+    more = len(found) - 1
+    others = f" and {more} more such file{'s' if more > 1 else ''}" if more else ""
+    return (f"; {found[0]}{others} (another tool's captions) {'are' if more else 'is'} not read: write each image's "
+            f"caption into NAME{CAPTION_EXTENSION} beside it")
 
 
 def encode_record(image: bytes, caption: str, name: str = "") -> bytes:
