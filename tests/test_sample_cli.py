@@ -559,3 +559,40 @@ def test_an_extension_typed_by_mistake_is_taken_back_while_none_of_its_images_wa
     assert recorded() == 50
     job(13)
     assert recorded() == 13 and np.load(workdir / "samples.npz")["arr_0"].shape[0] == 13
+
+
+def test_a_disk_that_fills_up_stops_the_job_with_one_error_and_a_rerun_keeps_the_images_written(tmp_path, converted,
+                                                                                                monkeypatch):
+    """A full disk mid-job was an OSError traceback out of the PNG writer (and after the last image,
+    out of the .npz writer): now one error naming the file, its cause and the fix, and the rerun on
+    a disk with room goes on from the images already there."""
+    import errno
+
+    from pixelflow_jax import storage
+    from pixelflow_jax.storage import writes
+
+    workdir, write_local = tmp_path / "run", writes.write_local_atomically
+    job = lambda: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=12, batch_size=8)
+
+    def disk_full_for(full):
+        def write(path, *args, **kwargs):
+            if full(os.path.basename(path)):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write_local(path, *args, **kwargs)
+        return write
+
+    with monkeypatch.context() as disk:  # room for the first batch's eight images
+        disk.setattr(writes, "write_local_atomically", disk_full_for(lambda name: name[:6].isdigit() and int(name[:6]) >= 8))
+        with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/samples/000008.png \(OSError: "
+                                                       r"\[Errno 28\] No space left on device\); free space .* rerun "
+                                                       "the same command: the images already written are kept"):
+            job()
+    assert pngs(workdir) == [f"{i:06d}.png" for i in range(8)]
+    with monkeypatch.context() as disk:  # room for every image, none for the .npz
+        disk.setattr(writes, "write_local_atomically", disk_full_for(lambda name: name == "samples.npz"))
+        with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/samples.npz \(OSError: "):
+            job()
+    assert len(pngs(workdir)) == 12 and not (workdir / "samples.npz").exists()
+    assert job()[1] == []  # nothing left to sample: the .npz and the grid from the images on disk
+    labels = json.loads((workdir / "samples" / "settings.json").read_text())["labels"]
+    np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], drawn_for(range(12), labels))

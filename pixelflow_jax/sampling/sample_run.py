@@ -46,6 +46,9 @@ from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make
 
 GRID_IMAGES = 64
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
+# What a failed write of the job's files tells the user (a full disk, a folder made read-only).
+WRITE_FIX = ("free space or make the workdir writable, and rerun the same command: the images already written are "
+             "kept and the job goes on from them")
 
 
 def save_png_atomically(path: str, image: np.ndarray) -> None:
@@ -77,7 +80,9 @@ def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: n
         rows = range(*shard.index[0].indices(images.shape[0]))
         for row, image in zip(rows, np.asarray(shard.data)):
             if row < num_valid:
-                save_png_atomically(image_path(folder, int(ids[row])), image)
+                path = image_path(folder, int(ids[row]))
+                with storage.writing(path, WRITE_FIX):
+                    save_png_atomically(path, image)
 
 
 def run(config, workdir: str) -> None:
@@ -260,13 +265,15 @@ def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
 
     npz_path = storage.join(workdir, SAMPLES_NPZ)
     try:
-        storage.write_streamed_atomically(npz_path, lambda f: write_images_npz(f, readable_images(), num_images,
-                                                                               resolution))
+        with storage.writing(npz_path, WRITE_FIX):
+            storage.write_streamed_atomically(npz_path, lambda f: write_images_npz(f, readable_images(), num_images,
+                                                                                   resolution))
     except UnreadableSamples as e:
         return e.count
-    save_png_atomically(storage.join(workdir, GRID_PNG), image_grid(np.stack(grid)))
-    logging.info("wrote %s (arr_0: %s uint8) and %s", npz_path, (num_images, resolution, resolution, 3),
-                 storage.join(workdir, GRID_PNG))
+    grid_path = storage.join(workdir, GRID_PNG)
+    with storage.writing(grid_path, WRITE_FIX):
+        save_png_atomically(grid_path, image_grid(np.stack(grid)))
+    logging.info("wrote %s (arr_0: %s uint8) and %s", npz_path, (num_images, resolution, resolution, 3), grid_path)
     remove_outdated_evaluation(workdir, npz_path, num_images)
     return 0
 
