@@ -318,6 +318,41 @@ def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights
     assert results["num_samples"] == 4 and abs(results["fid"]) < 1e-3  # identical sets (rank-3 covariances)
 
 
+def test_a_full_disk_loses_neither_the_inception_passes_nor_the_metrics(weights_file, tmp_path, monkeypatch, caplog,
+                                                                        capsys):
+    """The feature cache written to a full disk raised an OSError traceback after the samples'
+    Inception pass, and the reference was never evaluated; now the cache is skipped with a warning,
+    the metrics are printed, and eval.json that cannot be written is one error naming the fix."""
+    import errno
+
+    from configs import c2i
+    from pixelflow_jax import storage
+    from pixelflow_jax.evaluation import evaluate
+    from pixelflow_jax.storage import writes
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    config = c2i.get_config("tiny")
+    config.eval.samples = config.eval.reference = str(tmp_path / "samples.npz")
+    config.eval.inception_weights, config.eval.batch_size = weights_file, 8
+    write_local = writes.write_local_atomically
+
+    def disk_full(path, *args, **kwargs):  # room for the probe of the workdir (an empty file), nothing more
+        if os.path.basename(path).endswith((".npz", ".json")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_local(path, *args, **kwargs)
+
+    monkeypatch.setattr(writes, "write_local_atomically", disk_full)
+    workdir = tmp_path / "run"
+    with caplog.at_level("WARNING"), pytest.raises(storage.StorageError, match=(
+            rf"^cannot write {workdir}/eval.json \(OSError: \[Errno 28\] No space left on device\); the metrics are "
+            "printed above; free space or make the workdir writable, and rerun the same command to record them$")):
+        evaluate.run(config, str(workdir))
+    assert "fid: " in capsys.readouterr().out
+    assert caplog.text.count("could not cache the features of") == 2, caplog.text
+    assert "OSError: [Errno 28] No space left on device): the evaluation goes on" in caplog.text
+
+
 def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
     from pixelflow_jax.evaluation import evaluate
 

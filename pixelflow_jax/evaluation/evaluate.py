@@ -32,6 +32,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.command_line import stop_if_terminated
+from pixelflow_jax.error_text import described
 from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.multihost import check_shared_workdir, gather_rows, named, processes_where, rows_of_this_process
 from pixelflow_jax.progress import Progress
@@ -318,7 +319,11 @@ def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dic
     if jax.process_index() == 0:  # every process holds the same (gathered) features
         encoded = io.BytesIO()
         np.savez(encoded, **features)
-        storage.write_atomically(cache, encoded.getvalue())
+        try:
+            storage.write_atomically(cache, encoded.getvalue())
+        except OSError as e:  # only a cache: a full disk must not throw away the Inception pass just made
+            logging.warning("could not cache the features of %s in %s (%s): the evaluation goes on; the next one "
+                            "computes them again", path, cache, described(e))
     return features
 
 
@@ -515,5 +520,8 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         print(f"{name}: {results[name]:.4f}", flush=True)
     if jax.process_index() == 0:
-        storage.write_json_keeping_history(storage.join(workdir, EVAL_JSON), results)
+        path = storage.join(workdir, EVAL_JSON)
+        with storage.writing(path, "the metrics are printed above; free space or make the workdir writable, and "
+                                   "rerun the same command to record them"):
+            storage.write_json_keeping_history(path, results)
     return results
