@@ -544,6 +544,45 @@ def test_streamed_writes_histories_and_removals_in_a_bucket(bucket):
     assert storage.list_files(f"{bucket}/run") == ["eval.json", "eval_history.jsonl", "samples.npz"]
 
 
+def test_a_full_local_disk_under_an_upload_is_named_not_the_bucket(bucket, tmp_path, monkeypatch):
+    """samples.npz for a bucket is written in the temporary folder first: a full disk there said
+    "No space left on device" of the bucket's path, where no disk fills up, and the failing close
+    left the partial copy there. Now the error names the local folder and TMPDIR, nothing is
+    uploaded and nothing is left; the bucket's own errors stay as they are."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def disk_full(f):
+        f.write(b"npz" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(storage.StorageError, match=(
+            rf"^{bucket}/samples.npz is written on this machine first, in {tmp_path}, then uploaded whole, and that "
+            rf"local copy failed \(OSError: \[Errno 28\] No space left on device\): free space in {tmp_path}, or "
+            "point TMPDIR at a folder with room for the file$")):
+        storage.write_streamed_atomically(f"{bucket}/samples.npz", disk_full)
+    assert not storage.exists(f"{bucket}/samples.npz") and os.listdir(tmp_path) == []
+
+    def close_fails(f):  # the last buffered bytes written at the close, which fails
+        f.write(b"npz")
+        os.close(f.fileno())
+
+    with pytest.raises(storage.StorageError, match=rf"in {tmp_path}, .*local copy failed \(OSError: \[Errno 9\] "):
+        storage.write_streamed_atomically(f"{bucket}/samples.npz", close_fails)
+    assert os.listdir(tmp_path) == []  # was left behind: a full disk kept full by the job's own copy
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # a TMPDIR that does not exist
+    with pytest.raises(storage.StorageError, match=rf"in {tmp_path}/gone, .*\(FileNotFoundError: "):
+        storage.write_streamed_atomically(f"{bucket}/samples.npz", lambda f: f.write(b"npz"))
+
+    def bucket_fails(f):
+        raise storage.StorageError(f"{bucket}/samples/000001.png: 503")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(storage.StorageError, match=r"^gs://.*/samples/000001.png: 503$"):
+        storage.write_streamed_atomically(f"{bucket}/samples.npz", bucket_fails)
+
+
 def test_a_local_copy_of_a_bucket_file_is_fetched_again_when_cut_short_or_changed(bucket, tmp_path, monkeypatch):
     url, folder, downloads = f"{bucket}/t5/spiece.model", str(tmp_path / "cache"), []
     real_open = storage.cache.open_file
