@@ -154,6 +154,8 @@ def run(config, workdir: str) -> dict:
 
     report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
-    storage.write_json_keeping_history(report_path, report)
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
+    with storage.writing(report_path, "the report is printed above; free space or make the workdir writable, and "
+                                      "rerun the same command to record it"):
+        storage.write_json_keeping_history(report_path, report)
     return report

@@ -96,6 +96,31 @@ def test_a_report_path_taken_by_a_folder_fails_before_the_work(tmp_path):
             inspect_model.run(tiny_config("c2i"), str(workdir))
 
 
+def test_a_full_disk_prints_the_report_and_says_what_to_do_in_one_error(tmp_path, monkeypatch, capsys):
+    """inspect.json on a full disk: an OSError traceback, and the report, timed stage by stage, was
+    lost (it was printed only after the write)."""
+    import errno
+
+    from pixelflow_jax import inspect_model, storage
+    from pixelflow_jax.storage import writes
+
+    config = tiny_config("c2i")
+    config.scheduler.num_stages, config.data.resolution = 2, 16  # two quick compiles
+    write_local = writes.write_local_atomically
+
+    def disk_full(path, *args, **kwargs):  # room for the workdir's probe (an empty file), none for the report
+        if path.endswith(".json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_local(path, *args, **kwargs)
+
+    monkeypatch.setattr(writes, "write_local_atomically", disk_full)
+    with pytest.raises(storage.StorageError, match=(
+            rf"^cannot write {tmp_path}/inspect.json \(OSError: \[Errno 28\] No space left on device\); the report "
+            "is printed above; free space or make the workdir writable, and rerun the same command to record it$")):
+        inspect_model.run(config, str(tmp_path))
+    assert [s["resolution"] for s in json.loads(capsys.readouterr().out)["stages"]] == [8, 16]
+
+
 def a_training_run(workdir, steps=()):
     """A workdir that reads as a training run (run_config.json) with these saved steps."""
     workdir.mkdir(parents=True, exist_ok=True)
