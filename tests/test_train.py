@@ -665,6 +665,42 @@ def test_a_run_on_a_tfds_dataset_of_fewer_classes_records_their_count_for_its_sa
     assert loop.preview_classes == [3]
 
 
+@pytest.mark.parametrize("name", ["run_config.json", "train_settings.json", "class_index.json",
+                                  "settings_changes.jsonl"])
+def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path, monkeypatch, name):
+    """A run started on a full disk: the probe of the workdir (an empty file) and the lock fitted, and
+    run_config.json (or the settings, the class index, a resume's changes) failed with an OSError
+    traceback. Now one error names the file and the fix, and the lock is released."""
+    import errno
+
+    from pixelflow_jax import storage
+    from pixelflow_jax.storage import writes
+
+    loop = StandInLoop(monkeypatch)
+    config = loop.config(num_steps=2, checkpoint_every=2, preview_every=0)
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / "cat" / "a.png")
+    config.data.update(source="folder", root=str(tmp_path / "data"))
+    config.model.num_classes = 1
+    workdir = tmp_path / "run"
+    if name == "settings_changes.jsonl":  # recorded by a resume with a change
+        loop.run(config, workdir)
+        config.train.update(num_steps=4, lr=2e-4, allow_resume_changes=True)
+    write_local = writes.write_local_atomically
+
+    def disk_full(path, *args, **kwargs):
+        if os.path.basename(path) == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_local(path, *args, **kwargs)
+
+    monkeypatch.setattr(writes, "write_local_atomically", disk_full)
+    with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/{name} \(OSError: \[Errno 28\] No space "
+                                                   r"left on device\); make the workdir writable \(or free space\) and "
+                                                   "rerun the same command"):
+        loop.run(config, workdir)
+    assert not (workdir / "train.lock").exists()
+
+
 def test_a_resume_refused_for_other_data_leaves_no_class_index_in_the_run(tmp_path, monkeypatch):
     """A run of the demo set resumed on image folders is refused (other data), but it had written
     the folders' class_index.json into the run first: sampling that run then took the folders'

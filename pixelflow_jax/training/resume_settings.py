@@ -23,6 +23,8 @@ import jax
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.training.metrics_log import WRITE_FIX
+from pixelflow_jax.training.run_config import write_run_record
 from pixelflow_jax.training.train_step import counts_updates
 
 SETTINGS_FILE = "train_settings.json"
@@ -152,7 +154,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         if record and jax.process_index() == 0:
             if step == 0:  # (a run that records its settings only at a resume cannot know its start)
                 current[STARTED_FROM] = storage.resolved(config.train.init_from) if config.train.init_from else ""
-            storage.write_json_atomically(path, current)
+            write_run_record(path, current)
         return
     trained, changes, untrained = settings_trained_to(workdir, step)
     previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
@@ -164,7 +166,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
             for index in untrained:
                 changes[index]["discarded"] = f"no step trained with it was kept: the run resumed at step {step}"
             write_changes(workdir, changes)
-            storage.write_json_atomically(path, trained)
+            write_run_record(path, trained)
             logging.warning("%s: the settings changes recorded at step %d and later trained no step that was saved; "
                             "they are marked discarded in %s", workdir, step, CHANGES_FILE)
     if not every_change:
@@ -189,7 +191,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     if jax.process_index() == 0:
         write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
         kept = {STARTED_FROM: trained[STARTED_FROM]} if STARTED_FROM in trained else {}
-        storage.write_json_atomically(path, {**current, **kept})
+        write_run_record(path, {**current, **kept})
 
 
 def named_changes(changes: dict) -> str:
@@ -213,7 +215,9 @@ def read_changes(workdir: str) -> list[dict]:
 
 
 def write_changes(workdir: str, changes: list[dict]) -> None:
-    storage.write_atomically(storage.join(workdir, CHANGES_FILE), "".join(json.dumps(c) + "\n" for c in changes))
+    path = storage.join(workdir, CHANGES_FILE)
+    with storage.writing(path, WRITE_FIX):
+        storage.write_atomically(path, "".join(json.dumps(c) + "\n" for c in changes))
 
 
 def settings_trained_to(workdir: str, step: int) -> tuple[dict, list[dict], list[int]]:

@@ -12,6 +12,14 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
 from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.training.metrics_log import WRITE_FIX
+
+
+def write_run_record(path: str, value) -> None:
+    """One of the run's small JSON records (process 0), written whole; a failure (a full disk, a
+    folder made read-only) is one error naming the file and the fix."""
+    with storage.writing(path, WRITE_FIX):
+        storage.write_json_atomically(path, value)
 
 
 def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
@@ -44,7 +52,7 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
         if record and recorded != current and jax.process_index() == 0:
             logging.warning("%s: no step of the run it records was saved; recorded anew for this config (%s)",
                             path, "; ".join(differences(recorded, current)))
-            storage.write_json_atomically(path, current)
+            write_run_record(path, current)
     elif storage.exists(path):
         recorded = read_run_config(workdir)
         previous = {k: v for k, v in recorded.items() if k != "text_encoder"}
@@ -64,12 +72,12 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
                              f"{'; '.join(differences(previous, current))}. Use a new --workdir{start_from}")
         if record and recorded != current and jax.process_index() == 0:
             logging.info("%s: the text encoder recorded anew as %s", path, text_encoder)
-            storage.write_json_atomically(path, current)
+            write_run_record(path, current)
     elif storage.listdir(storage.join(workdir, CHECKPOINTS)):
         raise ValueError(f"{workdir} holds {CHECKPOINTS}/ but no {RUN_CONFIG}: not a training run of pixelflow-jax "
                          "(or one that lost that file), so its checkpoints cannot be trusted; use a new --workdir")
     elif record and jax.process_index() == 0:
-        storage.write_json_atomically(path, current)
+        write_run_record(path, current)
 
 
 def changed_in_place(recorded: dict | None, current: dict, config) -> bool:

@@ -304,7 +304,7 @@ def train(config, workdir: str) -> dict:
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
                            lock: WorkdirLock) -> dict:
     from pixelflow_jax.data.loader import make_loader, to_global_batch
-    from pixelflow_jax.data.sources import open_source, record_class_index
+    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, open_source, record_class_index
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
     if jax.process_index() == 0:  # the workdir is ours now: what killed writers of a run left goes
@@ -340,7 +340,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                  num_classes=trained_classes)
     # Only now: a resume refused for its data (a run of the demo set pointed at image folders) left
     # its workdir a class_index.json naming folders it never trained on.
-    record_class_index(config.data, source, workdir, ids_learned=bool(done))
+    with storage.writing(storage.join(workdir, CLASS_INDEX_FILE), WRITE_FIX):
+        record_class_index(config.data, source, workdir, ids_learned=bool(done))
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
