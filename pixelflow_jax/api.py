@@ -21,8 +21,9 @@ from pixelflow_jax.checkpoints import hub
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, CheckpointConfig, CheckpointError,
                                                  build_model, check_weights_choice, read_config, restore_params)
 from pixelflow_jax.checkpoints.convert import Params
-from pixelflow_jax.checkpoints.run_checkpoint import (RunStep, checkpoint_around, checkpoint_folder_kind,
-                                                     find_run_step, restore_run_weights, run_checkpoint_config)
+from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RunStep, checkpoint_around,
+                                                     checkpoint_folder_kind, find_run_step, restore_run_weights,
+                                                     run_checkpoint_config)
 from pixelflow_jax.kernels.attention import check_platform, resolve_backend
 from pixelflow_jax.model import PixelFlow
 
@@ -89,6 +90,34 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "
                               f"folder (config.yaml + model.pt){checkpoint_around(path)}")
     return CheckpointSource(path, storage.absolute(path))
+
+
+def check_same_weights_everywhere(source: CheckpointSource, given: str, flag: str) -> None:
+    """Every process of a job resolves the checkpoint `given` (the value of `flag`) itself, and a
+    training run's latest step is the newest its own listing shows: a run still training may save
+    a step between two processes' listings, and each process then sampled its rows (or placed its
+    shards of a fine-tune's start) from other weights, without a word. The step each process
+    found, or the Hub commit, is compared (a local folder's path is not: each host may hold its
+    own copy of it)."""
+    import jax
+
+    from pixelflow_jax import multihost
+
+    if jax.process_count() == 1:
+        return
+    step = source.run_step.step if source.run_step else 0
+    differing, steps = multihost.compare_views(source.label if hub.is_hub_path(source.label) else str(step), step)
+    if not differing:
+        return
+    if source.run_step:
+        pinned = storage.join(source.run_step.run, CHECKPOINTS, str(steps[0]))
+        raise CheckpointError(f"the processes of this job found different latest steps of the training run {given} "
+                              f"({multihost.per_process(steps)}): it saved a step while they looked (or a host's "
+                              f"listing lags). Name one step for all of them, {flag}={pinned}, or rerun the same "
+                              "command")
+    raise CheckpointError(f"the processes of this job resolved {flag}={given} to different checkpoints: "
+                          f"{multihost.named(differing)} read other weights than process 0 (this process, "
+                          f"{jax.process_index()}: {source.label}); rerun the same command")
 
 
 def checkpoint_config(source: CheckpointSource) -> CheckpointConfig:
@@ -250,7 +279,9 @@ def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointC
     """The checkpoint a sampling job (sample, demo, inspect) reads, and its config (weights
     unread; for an hf:// checkpoint not yet downloaded): sample.checkpoint or the training run in
     `workdir`, its text encoder filled in, sample.weights checked to be there."""
-    source = resolve_checkpoint(sampling_checkpoint(config.sample, workdir))
+    checkpoint = sampling_checkpoint(config.sample, workdir)
+    source = resolve_checkpoint(checkpoint)
+    check_same_weights_everywhere(source, checkpoint, "--config.sample.checkpoint")
     check_weights_of(source, config.sample.weights)
     fill_text_encoder(config.sample, source)
     return source, checkpoint_config(source)

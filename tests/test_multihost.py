@@ -206,3 +206,34 @@ def test_a_process_with_as_many_records_but_other_files_is_found(monkeypatch):
         multihost.check_same_data(1000, "listing of host 0", "/data")
     calls_of_the_other_process(monkeypatch, multihost.check_same_data, 1000, "listing", "/data")
     multihost.check_same_data(1000, "listing", "/data")
+
+
+def test_processes_that_find_another_latest_step_of_a_run_stop_before_reading_weights(tmp_path, monkeypatch):
+    """A run still training saves a step between two processes' listings: each process resolved
+    the run's latest step itself, so process 0 sampled its rows (or started a fine-tune's shards)
+    from step 500 and process 1 from step 400, without a word."""
+    from configs import c2i
+    from pixelflow_jax import api
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training import train
+    from pixelflow_jax.training.run_config import check_run_config
+
+    config = c2i.get_config("tiny")
+    run = str(tmp_path / "run")
+    model_cfg = ModelConfig.from_mapping(config.model)
+    check_run_config(run, model_cfg, config)
+    for step in (400, 500):
+        (tmp_path / "run" / "checkpoints" / str(step)).mkdir(parents=True)
+    as_process(monkeypatch, 0)
+    other_process_answers(monkeypatch, lambda row: row)  # process 1 found step 500 too
+    assert api.sampling_source(config, run)[0].run_step.step == 500
+    other_process_answers(monkeypatch, lambda row: [*multihost.hashed("400", 2), 400])
+    for flag, resolve in (("--config.sample.checkpoint", lambda: api.sampling_source(config, run)),
+                          ("--config.train.init_from", lambda: train.check_init_from(config, model_cfg))):
+        config.train.init_from = run
+        with pytest.raises(CheckpointError, match=(
+                rf"^the processes of this job found different latest steps of the training run {run} \(process 0: "
+                r"500, process 1: 400\): it saved a step while they looked \(or a host's listing lags\). Name one "
+                rf"step for all of them, {flag}={run}/checkpoints/500, or rerun the same command$")):
+            resolve()

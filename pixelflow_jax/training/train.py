@@ -117,10 +117,12 @@ def check_init_from(config, model_cfg: ModelConfig):
     """The CheckpointSource train.init_from names, checked to be this config's kind and
     architecture from its config alone (the weights of an XL run take minutes to restore): for a
     new run only (a resumed run starts from its own checkpoint)."""
-    from pixelflow_jax.api import check_weights_of, checkpoint_config, resolve_checkpoint
+    from pixelflow_jax.api import (check_same_weights_everywhere, check_weights_of, checkpoint_config,
+                                   resolve_checkpoint)
 
     t = config.train
     source = resolve_checkpoint(t.init_from)
+    check_same_weights_everywhere(source, t.init_from, "--config.train.init_from")
     check_weights_of(source, t.init_from_weights)
     ckpt = checkpoint_config(source)
     kind = lambda model: "text-to-image" if model.cross_attention_dim else "class-conditional"
