@@ -150,6 +150,27 @@ def test_a_step_in_a_bucket_without_its_commit_marker_is_a_save_in_progress(buck
     assert storage.listdir(f"{run}/checkpoints") == ["2"]
 
 
+def test_a_step_whose_deletion_was_killed_midway_is_removed_by_the_next_run(bucket):
+    """A run killed -9 while its checkpoint rotation deleted step 50 left that folder without its
+    commit marker (orbax deletes a bucket folder's objects in name order: the marker and metadata
+    first): never listed as a step again, it was never rotated away, and stayed in the bucket for
+    good (the run's whole state, gigabytes on XL). Complete older steps stay."""
+    from orbax.checkpoint._src.path.atomicity import COMMIT_SUCCESS_FILE
+
+    from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
+    from pixelflow_jax.training.checkpointing import remove_unfinished_saves
+
+    run = f"{bucket}/run"
+    storage.write_atomically(f"{run}/run_config.json", b"{}")
+    for step in (100, 150, 200):
+        storage.write_atomically(f"{run}/checkpoints/{step}/{COMMIT_SUCCESS_FILE}", b"")
+        storage.write_atomically(f"{run}/checkpoints/{step}/state/x", b"whole")
+    storage.write_atomically(f"{run}/checkpoints/50/state/ocdbt.process_0/manifest.ocdbt", b"left by the deletion")
+    assert complete_steps(run) == [100, 150, 200]
+    assert remove_unfinished_saves(run) == [50]
+    assert storage.listdir(f"{run}/checkpoints") == ["100", "150", "200"]
+
+
 def test_an_output_folder_in_a_bucket_is_never_replaced_and_a_failed_write_leaves_nothing(bucket):
     """A bucket has no rename: --overwrite of a converted folder there (by the API, which the
     converter's own check does not guard) would write into the old folder and delete it all when

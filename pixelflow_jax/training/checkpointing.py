@@ -26,23 +26,38 @@ UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 
 
 def remove_unfinished_saves(workdir: str) -> list[int]:
-    """Deletes the partial step folders of saves killed midway (gigabytes each on XL), which orbax
-    removes only when that same step is saved again; for the run that owns the workdir, before it
-    saves anything. Only steps after the latest complete one: orbax saves steps in order, so a
-    killed save is the newest, and a complete step that merely looked partial (a bucket request
-    that failed) is never touched. Best effort: a failure is a warning. Returns the steps removed."""
+    """Deletes the partial step folders that killed saves and killed deletions left (gigabytes
+    each on XL), for the run that owns the workdir, before it saves anything: orbax removes a
+    killed save's folder only when that same step is saved again, and never lists a step whose
+    deletion (its checkpoint rotation) was killed midway, so in a bucket that folder, its commit
+    marker gone first, stayed for good. Removed: a step after the latest complete one (orbax saves
+    steps in order, so a killed save is the newest), and an older one whose own listing holds no
+    commit marker (a complete step that merely looked partial, a bucket request that failed, is
+    never touched). Best effort: a failure is a warning. Returns the steps removed."""
     try:
-        latest = max(complete_steps(workdir), default=0)
+        complete = complete_steps(workdir)
+        latest = max(complete, default=0)
         folder, steps = storage.join(workdir, CHECKPOINTS), set()
-        for name in storage.listdir(folder):  # a step folder or its temporary, after every complete step
+        for name in storage.listdir(folder):  # a step folder or its temporary
             match = re.fullmatch(rf"({STEP_NAME})(\.orbax-checkpoint-tmp.*)?", name)
-            if match and int(match[1]) > latest:
-                storage.rmtree(storage.join(folder, name))
-                steps.add(int(match[1]))
+            if not match:
+                continue
+            step, path = int(match[1]), storage.join(folder, name)
+            if step > latest or (step not in complete and not match[2] and deletion_killed_midway(path)):
+                storage.rmtree(path)
+                steps.add(step)
         return sorted(steps)
     except OSError as e:
         logging.warning("could not remove the partial checkpoints of killed saves in %s (%s); they stay", workdir, e)
         return []
+
+
+def deletion_killed_midway(step_folder: str) -> bool:
+    """Whether an older step folder that does not count as complete lacks its commit marker in its
+    own listing (a bucket's: locally a step is complete once renamed, whatever is left in it)."""
+    from orbax.checkpoint._src.path.atomicity import COMMIT_SUCCESS_FILE
+
+    return storage.is_url(step_folder) and COMMIT_SUCCESS_FILE not in storage.list_files(step_folder)
 
 
 def checkpoint_manager(workdir: str, keep: int):

@@ -312,7 +312,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     if jax.process_index() == 0:  # the workdir is ours now: what killed writers of a run left goes
         storage.clear_leftovers_of_killed_writers(workdir, storage.join(workdir, PREVIEWS))
         if unfinished := remove_unfinished_saves(workdir):
-            logging.info("removed the partial checkpoints of saves killed midway: steps %s", unfinished)
+            logging.info("removed the partial checkpoints of saves or deletions killed midway: steps %s", unfinished)
     multihost_utils.sync_global_devices("leftovers of killed runs removed")  # before anyone lists checkpoints
     t = config.train
     steps = complete_steps(workdir)
