@@ -596,3 +596,28 @@ def test_a_disk_that_fills_up_stops_the_job_with_one_error_and_a_rerun_keeps_the
     assert job()[1] == []  # nothing left to sample: the .npz and the grid from the images on disk
     labels = json.loads((workdir / "samples" / "settings.json").read_text())["labels"]
     np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], drawn_for(range(12), labels))
+
+
+def test_settings_that_cannot_be_recorded_stop_the_job_with_one_error_on_every_process(tmp_path, converted,
+                                                                                      monkeypatch):
+    """samples/ on a read-only or full disk: settings.json failed with an OSError traceback on
+    process 0 alone, outside the refusals that check_settings shares, so the other processes
+    waited for it in the next collective. Now a StorageError naming the file, shared."""
+    import errno
+
+    from pixelflow_jax import storage
+    from pixelflow_jax.storage import writes
+
+    write_local = writes.write_local_atomically
+
+    def read_only(path, *args, **kwargs):
+        if os.path.basename(path) == "settings.json":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return write_local(path, *args, **kwargs)
+
+    monkeypatch.setattr(writes, "write_local_atomically", read_only)
+    workdir = tmp_path / "run"
+    with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/samples/settings.json \(OSError: "
+                                                   r"\[Errno 30\] Read-only file system\); free space or make the "
+                                                   "workdir writable"):
+        sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2)

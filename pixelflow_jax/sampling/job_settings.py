@@ -17,7 +17,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.evaluation.evaluate import npz_row_count
 from pixelflow_jax.multihost import from_process_0
-from pixelflow_jax.sampling.job_files import SAMPLES_NPZ, earlier_outputs, image_id, sampled_images
+from pixelflow_jax.sampling.job_files import SAMPLES_NPZ, WRITE_FIX, earlier_outputs, image_id, sampled_images
 
 # Settings that jobs started by earlier versions did not record: their absence is no change.
 SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "param_dtype", "text_encoder_fingerprint")
@@ -58,7 +58,7 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
             if record:
                 logging.info("extending the job in %s from %d to %d images: those on disk are kept", folder, count,
                              settings["num_images"])
-                storage.write_json_atomically(path, settings)
+                record_settings(path, settings)
             return
         if extended_from(settings, recorded, changed) is not None:  # the recorded job extends this one
             shrink_job(folder, workdir, recorded, settings, record)
@@ -71,11 +71,22 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
     if earlier := earlier_outputs(workdir):
         raise ValueError(f"{workdir} holds {' and '.join(earlier)} of an earlier sampling job whose {path} is gone, "
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
-    if not record or storage.create_json(path, settings):
+    if not record:
+        return
+    with storage.writing(path, WRITE_FIX):
+        created = storage.create_json(path, settings)
+    if created:
         return
     if changed := changed_settings(read_settings(path), settings):  # another job's came first
         raise ValueError(f"another job started sampling into {folder} at the same time, with other settings "
                          f"(differing: {changed}); use a new --workdir")
+
+
+def record_settings(path: str, settings: dict) -> None:
+    """settings.json written whole; a failure (a full disk, a read-only folder) is a StorageError
+    naming it, which check_settings shares with every process."""
+    with storage.writing(path, WRITE_FIX):
+        storage.write_json_atomically(path, settings)
 
 
 def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: dict,
@@ -166,7 +177,7 @@ def shrink_job(folder: str, workdir: str, recorded: dict, settings: dict, record
     if record:
         logging.info("shrinking the job in %s from %d to %d images: none past the %d was sampled", folder,
                      int(recorded["num_images"]), count, count)
-        storage.write_json_atomically(storage.join(folder, "settings.json"), settings)
+        record_settings(storage.join(folder, "settings.json"), settings)
 
 
 def pngs_from(folder: str, first_id: int) -> list[str]:

@@ -38,17 +38,14 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
 from pixelflow_jax.sampling import demo_check
-from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, check_no_folder_at_outputs, image_name,
-                                              image_path, images_on_disk)
+from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, WRITE_FIX, check_no_folder_at_outputs,
+                                              image_name, image_path, images_on_disk)
 from pixelflow_jax.sampling.job_settings import check_settings
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
 
 GRID_IMAGES = 64
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
-# What a failed write of the job's files tells the user (a full disk, a folder made read-only).
-WRITE_FIX = ("free space or make the workdir writable, and rerun the same command: the images already written are "
-             "kept and the job goes on from them")
 
 
 def save_png_atomically(path: str, image: np.ndarray) -> None:
