@@ -604,6 +604,30 @@ def test_a_full_local_disk_under_an_upload_is_named_not_the_bucket(bucket, tmp_p
         storage.write_streamed_atomically(f"{bucket}/samples.npz", bucket_fails)
 
 
+def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_bucket(bucket, tmp_path, monkeypatch):
+    """A T5 folder in a bucket is copied into the local cache: a full disk there, or a cache path
+    that is a file, was an OSError traceback. A file gone from the bucket stays a
+    FileNotFoundError (its caller forgets the stale copy)."""
+    import errno
+
+    url = f"{bucket}/t5/spiece.model"
+    storage.write_atomically(url, b"sentencepiece")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(storage.StorageError, match=(
+            rf"^cannot keep a local copy of {url} in {tmp_path}/a_file/t5 \(NotADirectoryError: .*\): free space there "
+            r"\(or make it a writable folder\), or set PIXELFLOW_CACHE_DIR to a folder with room for it$")):
+        storage.cached_copy(url, str(tmp_path / "a_file" / "t5"))
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.cache, "write_local_atomically", disk_full)
+    with pytest.raises(storage.StorageError, match=rf"in {tmp_path}/cache \(OSError: \[Errno 28\] No space left"):
+        storage.cached_copy(url, str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError):
+        storage.cached_copy(f"{bucket}/t5/none.model", str(tmp_path / "cache"))
+
+
 def test_a_local_copy_of_a_bucket_file_is_fetched_again_when_cut_short_or_changed(bucket, tmp_path, monkeypatch):
     url, folder, downloads = f"{bucket}/t5/spiece.model", str(tmp_path / "cache"), []
     real_open = storage.cache.open_file

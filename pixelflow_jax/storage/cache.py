@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import socket
+from typing import Iterator
 
+from pixelflow_jax.error_text import described
+from pixelflow_jax.storage.paths import StorageError, basename
 from pixelflow_jax.storage.reads import open_file, size_and_mtime
 from pixelflow_jax.storage.writes import write_json_atomically, write_local_atomically
-from pixelflow_jax.storage.paths import basename
 from pixelflow_jax.storage.temporaries import process_alive
 
 def cache_dir(*parts: str) -> str:
@@ -35,18 +37,34 @@ def cached_copy(url: str, folder: str) -> str:
         with open(record_path) as f:
             if json.load(f) == record and os.path.getsize(local) == size:
                 return local
-    os.makedirs(folder, exist_ok=True)
-    partial = f".{basename(url)}.download-{socket.gethostname()}-"
-    for name in os.listdir(folder):
-        pid = name[len(partial):].split("-", 1)[0]
-        if name.startswith(partial) and pid.isdigit() and not process_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
+    with cache_errors(url, folder):
+        os.makedirs(folder, exist_ok=True)
+        partial = f".{basename(url)}.download-{socket.gethostname()}-"
+        for name in os.listdir(folder):
+            pid = name[len(partial):].split("-", 1)[0]
+            if name.startswith(partial) and pid.isdigit() and not process_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
 
-    def download(target):
-        with open_file(url, "rb") as source:
-            shutil.copyfileobj(source, target, 16 << 20)
+        def download(target):
+            with open_file(url, "rb") as source:
+                shutil.copyfileobj(source, target, 16 << 20)
 
-    write_local_atomically(local, download, temporary_prefix=f"{partial}{os.getpid()}-")
-    write_json_atomically(record_path, record)
+        write_local_atomically(local, download, temporary_prefix=f"{partial}{os.getpid()}-")
+        write_json_atomically(record_path, record)
     return local
+
+
+@contextlib.contextmanager
+def cache_errors(url: str, folder: str) -> Iterator[None]:
+    """A local copy that cannot be written (a full disk, a cache folder that is a file or read-only)
+    names the cache folder and the variable that moves it, not the bucket; the bucket's own errors,
+    and a file gone from it (a caller's FileNotFoundError), stay as they are."""
+    try:
+        yield
+    except (StorageError, FileNotFoundError):
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot keep a local copy of {url} in {folder} ({described(e)}): free space there (or "
+                           "make it a writable folder), or set PIXELFLOW_CACHE_DIR to a folder with room for it"
+                           ) from None
