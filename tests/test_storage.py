@@ -134,14 +134,14 @@ def test_a_step_in_a_bucket_without_its_commit_marker_is_a_save_in_progress(buck
     """In a bucket orbax writes a step in place and marks it complete with a commit file last: a
     step folder without one is a save under way or killed midway. Taken for complete, it would be
     sampled (and fail to restore), and never cleared before the run saved again."""
-    from orbax.checkpoint._src.path.atomicity import COMMIT_SUCCESS_FILE
+    import orbax.checkpoint as ocp
 
     from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, latest_step, steps_in_progress
     from pixelflow_jax.training.checkpointing import remove_unfinished_saves
 
     run = f"{bucket}/run"
     storage.write_atomically(f"{run}/run_config.json", b"{}")
-    storage.write_atomically(f"{run}/checkpoints/2/{COMMIT_SUCCESS_FILE}", b"")
+    storage.write_atomically(f"{run}/checkpoints/2/{ocp.path.atomicity.COMMIT_SUCCESS_FILE}", b"")
     storage.write_atomically(f"{run}/checkpoints/2/state/x", b"whole")
     storage.write_atomically(f"{run}/checkpoints/4/state/x", b"partial")
     assert complete_steps(run) == [2] and steps_in_progress(run) == [4]
@@ -155,7 +155,7 @@ def test_a_step_whose_deletion_was_killed_midway_is_removed_by_the_next_run(buck
     commit marker (orbax deletes a bucket folder's objects in name order: the marker and metadata
     first): never listed as a step again, it was never rotated away, and stayed in the bucket for
     good (the run's whole state, gigabytes on XL). Complete older steps stay."""
-    from orbax.checkpoint._src.path.atomicity import COMMIT_SUCCESS_FILE
+    import orbax.checkpoint as ocp
 
     from pixelflow_jax.checkpoints.run_checkpoint import complete_steps
     from pixelflow_jax.training.checkpointing import remove_unfinished_saves
@@ -163,7 +163,7 @@ def test_a_step_whose_deletion_was_killed_midway_is_removed_by_the_next_run(buck
     run = f"{bucket}/run"
     storage.write_atomically(f"{run}/run_config.json", b"{}")
     for step in (100, 150, 200):
-        storage.write_atomically(f"{run}/checkpoints/{step}/{COMMIT_SUCCESS_FILE}", b"")
+        storage.write_atomically(f"{run}/checkpoints/{step}/{ocp.path.atomicity.COMMIT_SUCCESS_FILE}", b"")
         storage.write_atomically(f"{run}/checkpoints/{step}/state/x", b"whole")
     storage.write_atomically(f"{run}/checkpoints/50/state/ocdbt.process_0/manifest.ocdbt", b"left by the deletion")
     assert complete_steps(run) == [100, 150, 200]

@@ -55,9 +55,9 @@ def remove_unfinished_saves(workdir: str) -> list[int]:
 def deletion_killed_midway(step_folder: str) -> bool:
     """Whether an older step folder that does not count as complete lacks its commit marker in its
     own listing (a bucket's: locally a step is complete once renamed, whatever is left in it)."""
-    from orbax.checkpoint._src.path.atomicity import COMMIT_SUCCESS_FILE
+    import orbax.checkpoint as ocp
 
-    return storage.is_url(step_folder) and COMMIT_SUCCESS_FILE not in storage.list_files(step_folder)
+    return storage.is_url(step_folder) and ocp.path.atomicity.COMMIT_SUCCESS_FILE not in storage.list_files(step_folder)
 
 
 def checkpoint_manager(workdir: str, keep: int):
