@@ -987,7 +987,8 @@ def test_a_text_run_on_own_data_names_every_missing_setting_at_once(tmp_path):
 
 def test_a_text_runs_previews_on_own_data_draw_preview_num_images_cycling_over_the_prompts(tmp_path, monkeypatch):
     """Every line of sample.prompts_file was one preview batch (a file of 1,000 prompts, 1,000 images
-    at each preview), whatever train.preview_num_images said."""
+    at each preview), whatever train.preview_num_images said. The prompts are read once, when the run
+    starts."""
     import configs.t2i as t2i
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.model import PixelFlow
@@ -1011,5 +1012,12 @@ def test_a_text_runs_previews_on_own_data_draw_preview_num_images_cycling_over_t
 
     monkeypatch.setattr(train, "CascadeSampler", Sampler)
     log = type("Log", (), {"image": lambda self, *args: None})()
-    assert train.write_preview(config, model_cfg, graphdef, ema, str(tmp_path), 2, log, text_encoder=object()) == {}
-    assert asked == ["a red disk", "a blue square"] * 2 + ["a red disk"]
+    prompts = train.own_preview_prompts(config)  # as the run reads them when it starts
+    # Read once: a prompts file removed (or edited) while the run trains stopped it at its next preview,
+    # losing the steps since its last checkpoint.
+    (tmp_path / "prompts.txt").unlink()
+    for step in (2, 4):
+        assert train.write_preview(config, model_cfg, graphdef, ema, str(tmp_path), step, log, text_encoder=object(),
+                                   prompts=prompts) == {}
+        assert asked == ["a red disk", "a blue square"] * 2 + ["a red disk"]
+        asked.clear()

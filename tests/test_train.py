@@ -583,7 +583,8 @@ class StandInLoop:
 
         monkeypatch.setattr(train, "initial_state", initial_state)
         monkeypatch.setattr(train, "make_train_step", make_train_step)
-        def write_preview(config, model_cfg, graphdef, ema, workdir, step, log, text_encoder, trained_classes):
+        def write_preview(config, model_cfg, graphdef, ema, workdir, step, log, text_encoder, trained_classes,
+                          prompts):
             self.previews.append(step)
             self.preview_classes.append(trained_classes)
             return {}

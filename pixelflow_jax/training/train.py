@@ -198,10 +198,21 @@ def preview_owed(workdir: str, step: int, preview_every: int) -> bool:
     return bool(from_process_0(np.int32(owed)))
 
 
+def own_preview_prompts(config) -> list[str]:
+    """The prompts of a text run's previews on its own data, read once when the run starts (a
+    prompts file edited or removed while it trains changes no preview, and stops no run at one):
+    train.preview_num_images of them, image i of prompt i mod their count, as classes cycle."""
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts
+
+    prompts = read_prompts(config.sample)
+    return [prompts[i % len(prompts)] for i in range(config.train.preview_num_images)]
+
+
 def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log: MetricsLog,
-                  text_encoder=None, trained_classes: int | None = None) -> dict:
-    """A grid of EMA samples (class i mod trained_classes, the data's class count, or prompts); on
-    the demo sets also how many samples show the asked hue and shape."""
+                  text_encoder=None, trained_classes: int | None = None, prompts: list[str] | None = None) -> dict:
+    """A grid of EMA samples (class i mod trained_classes, the data's class count, or a text run's
+    `prompts`: own_preview_prompts, or the demo's own); on the demo sets also how many samples show
+    the asked hue and shape."""
     from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
     from pixelflow_jax.data.demo_data import SHAPES, agreement, demo_preview_prompts
     from pixelflow_jax.sampling.sample_run import image_grid, save_png_atomically
@@ -216,15 +227,9 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
         shapes = colours % len(SHAPES)
         images = sampler.generate(colours, **options)
     else:
-        from pixelflow_jax.sampling.sample_conditioning import read_prompts
-
         if demo:
             prompts, colours, shapes = demo_preview_prompts(t.preview_num_images, config.data.demo_num_classes,
                                                             config.seed)
-        else:  # preview_num_images images, image i of prompt i mod their count, as classes cycle above
-            # (every line of a prompts file was one preview batch, whatever preview_num_images said)
-            prompts = read_prompts(s)
-            prompts = [prompts[i % len(prompts)] for i in range(t.preview_num_images)]
         images = sampler.generate_from_prompts(text_encoder, prompts, negative_prompt=s.negative_prompt, **options)
     if jax.process_index() == 0:
         grid = image_grid(images)
@@ -351,6 +356,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         train_text.fill_encoder_of_runs(config, workdir, init_source)  # its checks, before the init weights load
         text_encoder = train_text.load(config, workdir, model_cfg, mesh, no_step_saved=not done)
         frozen = (text_encoder.params,)
+    prompts = (own_preview_prompts(config) if text_encoder and t.preview_every and config.data.source != "demo"
+               else None)
     init_model = load_init_from(config, model_cfg, init_source)[0] if init_source else None
     check_run_config(workdir, model_cfg, config, text_encoder and text_encoder.record())
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
@@ -377,7 +384,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     if preview_owed(workdir, start, t.preview_every):  # the EMA just restored is that step's own
         with jax.set_mesh(mesh):
             log.add_to_step(start, write_preview(config, model_cfg, graphdef, state["ema"], workdir, start, log,
-                                                 text_encoder, trained_classes))
+                                                 text_encoder, trained_classes, prompts))
         logging.info("drew the preview of step %d, which a stop during that step had skipped", start)
 
     preemption = PreemptionWatch()
@@ -444,7 +451,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 # for a program over several TPU chips).
                 with jax.set_mesh(mesh):
                     record.update(write_preview(config, model_cfg, graphdef, state["ema"], workdir, step, log,
-                                                text_encoder, trained_classes))
+                                                text_encoder, trained_classes, prompts))
                 last_time += time.perf_counter() - preview_start  # img/s counts training time only
             if record.get("step") == step:
                 progress.write(log.write(record))
