@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -621,3 +622,40 @@ def test_settings_that_cannot_be_recorded_stop_the_job_with_one_error_on_every_p
                                                    r"\[Errno 30\] Read-only file system\); free space or make the "
                                                    "workdir writable"):
         sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2)
+
+
+def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_still_there(tmp_path):
+    """A job sampled a run's latest step, was stopped, and the run trained on: its rerun, reading the
+    run's new latest step, was told only to start anew in another workdir, though naming the step
+    it recorded finishes it. That step is named while it holds the same files, not once it is gone."""
+    from pixelflow_jax.api import resolve_checkpoint
+    from pixelflow_jax.sampling.job_settings import check_settings
+
+    run = tmp_path / "run"
+    (run / "run_config.json").parent.mkdir()
+    (run / "run_config.json").write_text("{}")
+    for step in (300, 400):  # the step the job sampled, and the one the run saved since
+        (run / "checkpoints" / str(step)).mkdir(parents=True)
+        (run / "checkpoints" / str(step) / "weights").write_text(f"weights of step {step}")
+    sampled, latest = run / "checkpoints" / "300", run / "checkpoints" / "400"
+    of = lambda step: {"checkpoint": str(step), "checkpoint_fingerprint": resolve_checkpoint(str(step)).fingerprint()}
+    samples = tmp_path / "job" / "samples"
+    samples.mkdir(parents=True)
+    check_settings(str(samples), str(samples.parent), of(sampled))
+    (samples / "000000.png").write_bytes(b"")
+    assert resolve_checkpoint(str(run)).label == str(latest)
+
+    with pytest.raises(ValueError, match=rf"sample these into a new --workdir with --config.sample.checkpoint={latest}; "
+                                         rf"to finish or extend the job of {samples}, rerun with "
+                                         rf"--config.sample.checkpoint={sampled}, which still holds the weights"):
+        check_settings(str(samples), str(samples.parent), of(latest))
+    check_settings(str(samples), str(samples.parent), of(sampled))  # as the message says: the job goes on
+    sampled_files = of(sampled)
+    shutil.rmtree(sampled)  # rotated away (train.keep_checkpoints): nothing to finish the job with
+    with pytest.raises(ValueError, match=rf"--config.sample.checkpoint={latest}$"):
+        check_settings(str(samples), str(samples.parent), of(latest))
+    (sampled / "weights").parent.mkdir()
+    (sampled / "weights").write_text("other weights saved again as step 300")
+    assert of(sampled) != sampled_files
+    with pytest.raises(ValueError, match=rf"--config.sample.checkpoint={latest}$"):
+        check_settings(str(samples), str(samples.parent), of(latest))

@@ -98,10 +98,13 @@ def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: d
         raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
                          "image yet (it stopped before its first, or is still starting): if no job samples "
                          f"into {folder}, delete {path} and rerun; or use a new --workdir")
-    if "checkpoint_fingerprint" in changed:  # the images' weights are gone: no rerun can add to them
+    if "checkpoint_fingerprint" in changed:
+        finish = (f"; to finish or extend the job of {folder}, rerun with --config.sample.checkpoint="
+                  f"{recorded['checkpoint']}, which still holds the weights its images came from"
+                  if recorded_checkpoint_unchanged(recorded) else "")
         raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
                          "other weights (a run that trained on since, or a folder converted again); sample these "
-                         f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}")
+                         f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}{finish}")
     if "text_encoder_fingerprint" in changed:  # the recorded images' prompts were encoded by other weights
         raise ValueError(f"{folder} holds images whose prompts another text encoder encoded (differing: {changed}; "
                          f"the files of {settings['text_encoder']} changed, or another encoder is named): sample "
@@ -118,6 +121,23 @@ def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: d
              if "text_encoder_param_dtype" in changed else "")
     raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
                      f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
+
+
+def recorded_checkpoint_unchanged(recorded: dict) -> bool:
+    """Whether the checkpoint a job recorded still holds the files it sampled from: a run that
+    trained on since keeps its earlier step for a while (train.keep_checkpoints), and naming that
+    step finishes the job. Hub paths are not looked up (that could mean a download)."""
+    from pixelflow_jax.api import resolve_checkpoint
+    from pixelflow_jax.checkpoints import hub
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    path, fingerprint = recorded.get("checkpoint"), recorded.get("checkpoint_fingerprint")
+    if not isinstance(path, str) or not fingerprint or hub.is_hub_path(path):
+        return False
+    try:
+        return resolve_checkpoint(path).fingerprint() == fingerprint
+    except (CheckpointError, OSError, storage.StorageError):  # gone (rotated away, deleted) or unreadable
+        return False
 
 
 # What may differ between a job and the larger one that extends it.
