@@ -86,6 +86,21 @@ def test_run_loads_its_latest_step_ema_by_default_raw_weights_on_request(run):
         os.chdir(here)
 
 
+def test_a_link_to_a_step_loads_that_step_not_the_runs_latest(run, tmp_path):
+    """`ln -s RUN/checkpoints/2 best` was refused as a folder inside the run, with the advice to pass
+    the run: that loads the run's latest step (4), other weights than the link names."""
+    workdir, weights = run
+    best = tmp_path / "best"
+    best.symlink_to(os.path.join(workdir, "checkpoints", "2"))
+    assert find_run_step(str(best)).step == 2
+    assert_params_equal(load_model(str(best))[0], weights[2]["ema"])
+    assert_params_equal(load_model(str(best), weights="model")[0], weights[2]["params"])
+    gone = tmp_path / "gone"
+    gone.symlink_to(os.path.join(workdir, "checkpoints", "3"))  # a step rotated away since the link was made
+    with pytest.raises(CheckpointError, match=r"step '3' does not exist; its complete steps are \[2, 4\]"):
+        load_model(str(gone))
+
+
 def test_a_damaged_step_is_named_briefly_with_the_steps_that_load(run, tmp_path):
     """The message held 2 KB of tensorstore's JSON spec and named no other step."""
     damaged = tmp_path / "run"

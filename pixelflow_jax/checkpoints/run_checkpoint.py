@@ -199,7 +199,9 @@ def find_run_step(path: str) -> RunStep | None:
         return latest_step(path)
     parent = storage.dirname(path)
     if storage.basename(parent) != CHECKPOINTS or not is_run(storage.dirname(parent)):
-        return None
+        # A link to a step (`ln -s RUN/checkpoints/5000 best`) is that step, not a folder inside the run.
+        linked = storage.resolved(path)
+        return find_run_step(linked) if linked != path else None
     run, name = storage.dirname(parent), storage.basename(path)
     steps = complete_steps(run)
     if is_step_name(name) and int(name) in steps:
