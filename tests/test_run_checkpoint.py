@@ -221,8 +221,29 @@ def test_a_step_a_training_run_rotates_away_while_it_is_read_is_not_called_damag
 
     monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", rotated_away_midway)
     with pytest.raises(CheckpointError, match=r"checkpoints/4 was deleted while it was read: its run is still "
-                                              r"training, and its checkpoint rotation .* rerun to read"):
+                                              r"training, and its checkpoint rotation .* rerun to read .*, to keep a "
+                                              r"step while the run trains on, copy the run's folder without its "
+                                              r"checkpoints/, then the step into the copy's checkpoints/"):
         load_model(workdir)
+
+
+def test_a_step_copied_out_of_its_run_is_named_so_and_the_copy_the_message_asks_for_loads_it(run, tmp_path):
+    """The refusal above advised 'copy a step out of checkpoints/ to read that', and a step copied
+    alone was refused as no checkpoint, with nothing saying why (its run's run_config.json holds the
+    architecture). Both now ask for the run copied without its steps, the step added: that loads."""
+    workdir, weights = run
+    step = os.path.join(workdir, "checkpoints", "2")
+    alone = tmp_path / "step_2"
+    shutil.copytree(step, alone)
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: .*; it is a training run's step copied out of its "
+                                              r"run, .* copy the run's folder without its checkpoints/, then the step "
+                                              r"into the copy's checkpoints/, and read the copy$"):
+        load_model(str(alone))
+    kept = tmp_path / "kept"
+    shutil.copytree(workdir, kept, ignore=lambda folder, names: ["checkpoints"] if folder == workdir else [])
+    shutil.copytree(step, kept / "checkpoints" / "2")
+    assert_params_equal(load_model(str(kept))[0], weights[2]["ema"])
+    assert_params_equal(load_model(str(kept), weights="model")[0], weights[2]["params"])
 
 
 def test_a_folder_named_like_a_step_is_neither_read_nor_removed(run, tmp_path):

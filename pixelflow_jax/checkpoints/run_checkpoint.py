@@ -30,6 +30,7 @@ from pixelflow_jax.error_text import first_line
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 STATE_ITEM = "state"  # the item name train.py saves the whole state under
+STEP_METADATA = "_CHECKPOINT_METADATA"  # what orbax writes beside a step's items
 WEIGHT_KEYS = dict(zip(WEIGHT_CHOICES, ("ema", "params")))  # the user's name -> the train state's key
 # Runs written before run_config.json recorded the scheduler trained with the release's 1000 steps.
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
@@ -66,13 +67,22 @@ def checkpoint_folder_kind(folder: str) -> str | None:
     return None
 
 
+# A step alone holds no architecture (its run's run_config.json does), nor the run's class names,
+# data settings or text encoder: a step is kept readable inside a copy of its run.
+KEEP_A_STEP = (f"copy the run's folder without its {CHECKPOINTS}/, then the step into the copy's {CHECKPOINTS}/, "
+               "and read the copy")
+
+
 def checkpoint_around(folder: str) -> str:
     """For a folder that is no checkpoint: the checkpoint it lies in (a run, one of its steps, a
-    converted or release folder, up to three levels up), or the run it is missing the
-    run_config.json of, as words to add to the refusal; '' if none."""
+    converted or release folder, up to three levels up), the run it is missing the run_config.json
+    of, or the run a step copied out of it lacks, as words to add to the refusal; '' if none."""
     if storage.isdir(storage.join(folder, CHECKPOINTS)) and not is_run(folder):
         return (f"; it holds {CHECKPOINTS}/ but no {RUN_CONFIG}, the file that describes a training run's model: a "
                 "copy of the run that missed it? Copy it from the run")
+    if storage.isdir(storage.join(folder, STATE_ITEM)) and storage.isfile(storage.join(folder, STEP_METADATA)):
+        return (f"; it is a training run's step copied out of its run, and a step is read only inside its run "
+                f"(RUN/{CHECKPOINTS}/STEP), whose {RUN_CONFIG} describes the model: {KEEP_A_STEP}")
     for above in folders_above(folder)[:3]:
         parent = storage.dirname(above)
         if is_step_name(storage.basename(above)) and storage.basename(parent) == CHECKPOINTS and \
@@ -242,8 +252,8 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
         if not storage.exists(run_step.folder):  # not damage: a run still training rotated it away
             raise CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and "
-                                  "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read "
-                                  "the run's latest step, or copy a step out of checkpoints/ to read that") from None
+                              "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read the "
+                              f"run's latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}") from None
         raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} (damaged, or not this "
                               f"run's architecture {config.model.architecture()}): {restore_error(e)}"
                               f"{other_steps(run_step)}") from None
