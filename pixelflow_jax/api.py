@@ -86,6 +86,8 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
             raise CheckpointError(f"{path} is a file; checkpoints are folders: pass the folder that holds it, or "
                                   "convert a bare state dict with convert_torch_ckpt.py --torch_checkpoint=FILE")
     if storage.isdir(path) and not checkpoint_folder_kind(path):
+        if sampled := sampling_job_of(path):
+            raise CheckpointError(f"{path} is not a checkpoint but {sampled}: pass that checkpoint instead")
         raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "
                               f"folder (config.yaml + model.pt){checkpoint_around(path)}")
@@ -237,10 +239,23 @@ def sampling_checkpoint(sample_config, workdir: str) -> str:
     if workdir and not hub.is_hub_path(workdir) and is_run(workdir):
         return workdir
     what = "is not a training run" if workdir and storage.exists(workdir) else "does not exist (a typo?)"
+    if sampled := sampling_job_of(workdir):
+        raise CheckpointError(f"{workdir} {what} but {sampled}: set --config.sample.checkpoint to that checkpoint "
+                              "to sample, serve or inspect it")
     # Worded for every mode that reads a checkpoint this way: sample, demo, inspect.
     raise CheckpointError(f"{workdir} {what}: for a training run, give its workdir; for another checkpoint, set "
                           "--config.sample.checkpoint to a training run, a converted or release folder, or an hf:// "
                           "Hub path")
+
+
+def sampling_job_of(folder: str) -> str:
+    """For a folder that is no checkpoint: the words naming the checkpoint a sampling job there
+    sampled (a rerun of a sampling job without its --config.sample.checkpoint, or its workdir
+    named as the checkpoint), else ''."""
+    from pixelflow_jax.sampling.job_files import sampled_checkpoint
+
+    sampled = folder and not hub.is_hub_path(folder) and sampled_checkpoint(folder)
+    return f"the workdir of a sampling job of {sampled}" if sampled else ""
 
 
 def fill_text_encoder(sample_config, source: CheckpointSource) -> None:

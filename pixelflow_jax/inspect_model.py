@@ -30,6 +30,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config, steps_in_progress
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
 from pixelflow_jax.scheduler import stage_resolutions
 from pixelflow_jax.text.prompts import MAX_LENGTH
 
@@ -71,11 +72,10 @@ def warn_of_a_sampling_job(workdir: str) -> None:
     """A sampling job's workdir holds no weights, only the name of the checkpoint it sampled: the
     config's random model is inspected there, which a user reading inspect.json beside the samples
     could take for the sampled model's."""
-    settings = storage.join(workdir, "samples", "settings.json")
-    try:
-        sampled = storage.read_json(settings)["checkpoint"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no sampling job's record here
+    sampled = sampled_checkpoint(workdir)
+    if sampled is None:  # no sampling job's record here
         return
+    settings = settings_path(workdir)
     logging.warning("%s is a sampling job's workdir (of %s, %s): inspecting the config's own model with random "
                     "weights, not the sampled one; set --config.sample.checkpoint=%s to inspect that", workdir,
                     sampled, settings, sampled)

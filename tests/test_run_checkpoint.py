@@ -419,6 +419,28 @@ def test_a_sample_checkpoint_set_is_sampled_though_the_workdir_is_a_run(tmp_path
     assert sampling_checkpoint(sample, str(tmp_path)) == "hf://owner/name"
 
 
+def test_a_sampling_jobs_workdir_where_a_checkpoint_belongs_names_the_checkpoint_it_sampled(tmp_path):
+    """A sampling job rerun without its --config.sample.checkpoint, or its workdir passed as the
+    checkpoint (to the demo page, the export), was told only that the folder is no training run or
+    checkpoint: the job's settings.json names the checkpoint to pass."""
+    from configs import c2i
+    from pixelflow_jax.api import sampling_checkpoint
+
+    job = tmp_path / "samples_of_demo"
+    (job / "samples").mkdir(parents=True)
+    (job / "samples" / "settings.json").write_text(json.dumps({"checkpoint": "/runs/demo/checkpoints/7000"}))
+    with pytest.raises(CheckpointError, match=f"{job} is not a training run but the workdir of a sampling job of "
+                                              "/runs/demo/checkpoints/7000: set --config.sample.checkpoint to that "
+                                              "checkpoint"):
+        sampling_checkpoint(c2i.get_config("tiny").sample, str(job))
+    with pytest.raises(CheckpointError, match=f"{job} is not a checkpoint but the workdir of a sampling job of "
+                                              "/runs/demo/checkpoints/7000: pass that checkpoint instead"):
+        load_model(str(job))
+    (job / "samples" / "settings.json").write_text("{")  # damaged: no job to name, the usual refusal
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: expected a training run"):
+        load_model(str(job))
+
+
 def test_demo_page_in_a_training_workdir_serves_its_run(run):
     from configs import c2i
     from pixelflow_jax.demo_app import DemoSampler

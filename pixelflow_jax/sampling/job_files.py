@@ -48,6 +48,20 @@ def earlier_outputs(workdir: str) -> list[str]:
     return [name for name in (SAMPLES_NPZ, GRID_PNG, EVAL_JSON) if storage.exists(storage.join(workdir, name))]
 
 
+def settings_path(workdir: str) -> str:
+    return storage.join(workdir, "samples", "settings.json")
+
+
+def sampled_checkpoint(workdir: str) -> str | None:
+    """The checkpoint the sampling job in `workdir` recorded (samples/settings.json), or None where
+    no job's readable record is."""
+    try:
+        checkpoint = storage.read_json(settings_path(workdir))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):  # none there (or damaged, or a folder): no job to name
+        return None
+    return checkpoint if isinstance(checkpoint, str) else None
+
+
 def check_no_folder_at_outputs(workdir: str) -> None:
     """samples.npz and grid.png are written once every image exists: a folder in their place (a
     rerun's workdir) failed there with a traceback, after the sampling."""
