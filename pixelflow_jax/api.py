@@ -63,6 +63,8 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
             raise storage.StorageError("no checkpoint given: name a training run, one of its steps, a converted or "
                                        "release folder, or hf://OWNER/NAME")
         path = storage.user_path(path)
+        if refusal := hub.web_address_refusal(path):
+            raise storage.StorageError(refusal)
         if hub.is_hub_path(path):
             folder, label = hub.checkpoint_folder(path)
             return CheckpointSource(folder, label)

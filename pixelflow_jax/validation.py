@@ -368,6 +368,8 @@ def user_path(flag: str, value: str, *, hub_allowed: bool = False) -> str:
 
     try:
         path = storage.user_path(value)
+        if hub_allowed and (refusal := hub.web_address_refusal(path)):
+            raise storage.StorageError(refusal)
         if not (hub_allowed and hub.is_hub_path(path)):
             storage.check_supported(path)
     except storage.StorageError as e:

@@ -72,6 +72,37 @@ def test_bad_hub_paths_are_refused_with_the_format(path):
         HubPath.parse(path)
 
 
+@pytest.mark.parametrize("address,meant", [
+    ("https://huggingface.co/ShoufaChen/PixelFlow-Class2Image", "hf://ShoufaChen/PixelFlow-Class2Image"),
+    ("https://huggingface.co/google/flan-t5-xl/", "hf://google/flan-t5-xl"),
+    ("https://hf.co/google/flan-t5-xl", "hf://google/flan-t5-xl"),  # the Hub's short address
+    ("https://huggingface.co/me/runs/tree/v1.0/xl/step_5/", "hf://me/runs@v1.0/xl/step_5"),
+    ("https://huggingface.co/me/runs/blob/main/xl/model.pt", "hf://me/runs@main/xl/model.pt"),
+    ("http://www.huggingface.co/me/runs/resolve/0123abc/config.yaml", "hf://me/runs@0123abc/config.yaml"),
+])
+def test_a_hub_web_pages_address_is_refused_with_the_hf_path_that_reads_it(address, meant):
+    """A model page's address copied from the browser was refused as 'unsupported URL scheme
+    https://; paths are local or gs://', without the hf:// path that reads the same repository."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.validation import user_path
+
+    refusal = rf"is the address of a Hugging Face Hub web page, which is not read as files: write {meant} \("
+    with pytest.raises(CheckpointError, match=refusal):
+        load_model(address)
+    with pytest.raises(storage.StorageError, match=rf"^--config.sample.checkpoint: {address} {refusal}"):
+        user_path("--config.sample.checkpoint", address, hub_allowed=True)
+    with pytest.raises(storage.StorageError, match=r"unsupported URL scheme https?://"):  # where hf:// is no input
+        user_path("--output", address)
+    HubPath.parse(meant)  # what the refusal names is a Hub path
+
+
+@pytest.mark.parametrize("address", ["https://huggingface.co/datasets/me/pictures", "https://example.com/a/b",
+                                     "https://huggingface.co/me"])
+def test_other_web_addresses_are_refused_as_before(address):
+    with pytest.raises(CheckpointError, match=r"unsupported URL scheme https://"):
+        load_model(address)
+
+
 OFFLINE_SCRIPT = r"""
 import json, sys
 import numpy as np

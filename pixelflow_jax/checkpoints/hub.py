@@ -33,6 +33,30 @@ def is_hub_path(path: str) -> bool:
     return str(path).startswith(PREFIX)
 
 
+# The address of a repository's web page, or of a folder or file shown in it (what a browser's
+# address bar gives); huggingface_hub reads none of them.
+_WEB_ADDRESS = re.compile(r"https?://(?:www\.)?(?:huggingface|hf)\.co/(?P<repo>[\w.-]+/[\w.-]+)"
+                          r"(?:/(?:tree|blob|resolve)/(?P<revision>[\w.-]+)(?P<rest>/.*)?)?/?")
+
+
+def from_web_address(path: str) -> str | None:
+    """The hf:// path of a Hub web page's address (a model page, a folder or a file of it), for a
+    refusal to name; None for any other path (datasets and spaces are no checkpoints)."""
+    match = _WEB_ADDRESS.fullmatch(str(path))
+    if not match:
+        return None
+    revision = f"@{match['revision']}" if match["revision"] else ""
+    rest = (match["rest"] or "").rstrip("/")
+    return f"{PREFIX}{match['repo']}{revision}{rest}"
+
+
+def web_address_refusal(path: str) -> str | None:
+    """The words refusing a Hub web page's address where an hf:// path is read, or None."""
+    hub_path = from_web_address(path)
+    return (f"{path} is the address of a Hugging Face Hub web page, which is not read as files: write {hub_path} "
+            "(hf://OWNER/NAME[@REVISION][/SUBFOLDER], read through the Hub's cache)" if hub_path else None)
+
+
 @dataclasses.dataclass(frozen=True)
 class HubPath:
     repo_id: str
