@@ -8,9 +8,9 @@ that a config or a checkpoint runs.
 The model is the config's (config.model, scheduler, data.resolution) with random weights; or,
 when config.sample.checkpoint is set (or empty in the workdir of a training run with a saved step,
 as sampling reads it), that checkpoint's architecture, stages and resolution with its own weights
-(sample.weights of a training run), run in the config's model.dtype, param_dtype and attention
-as --mode=sample runs it. Writes WORKDIR/inspect.json (the latest) and adds it to
-WORKDIR/inspect_history.jsonl.
+(sample.weights of a training run, named in the report), run in the config's model.dtype,
+param_dtype and attention as --mode=sample runs it. Writes WORKDIR/inspect.json (the latest) and
+adds it to WORKDIR/inspect_history.jsonl.
 """
 
 from __future__ import annotations
@@ -112,6 +112,9 @@ def run(config, workdir: str) -> dict:
     fill_checkpoint_of_run(config, workdir)
     model, ckpt, source = model_to_inspect(config)
     checkpoint = source.label if source else None
+    # Which of a run's (or a train.py checkpoint's) two sets is timed: the EMA and the raw weights
+    # of one checkpoint were two reports alike in inspect_history.jsonl.
+    weights = config.sample.weights if source else None
     model_cfg = model.config
     counts = parameter_counts(model)
     logging.info("parameters: %s", counts)
@@ -142,7 +145,7 @@ def run(config, workdir: str) -> dict:
         out = jax.block_until_ready(forward(params, images, timesteps, conditioning))
         run_time = time.perf_counter() - start
         if not bool(jnp.isfinite(out).all()):
-            inspected = checkpoint or "the config's model"
+            inspected = f"the {weights} weights of {checkpoint}" if checkpoint else "the config's model"
             overflow = "" if config.model.dtype == "float32" else (
                 f", or {config.model.dtype} overflowed (try --config.model.dtype=float32)")
             raise FloatingPointError(f"stage {stage}: the forward pass of {inspected} produced NaN or inf: check its "
@@ -152,7 +155,7 @@ def run(config, workdir: str) -> dict:
         logging.info("stage %d: %dpx, %d tokens, first call %.2fs, forward %.4fs", stage, size,
                      stages[-1]["tokens"], compile_and_run, run_time)
 
-    report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, parameters=counts, batch=2,
+    report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, weights=weights, parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
     print(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
     with storage.writing(report_path, "the report is printed above; free space or make the workdir writable, and "

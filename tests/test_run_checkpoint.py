@@ -586,6 +586,22 @@ def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_p
     assert elsewhere.sample.checkpoint == ""
 
 
+def test_the_inspect_report_names_the_weights_of_the_run_it_timed(run, tmp_path):
+    """inspect.json and inspect_history.jsonl named the checkpoint but not which of its two sets,
+    so the EMA's report and the raw weights' of one step read alike."""
+    from configs import c2i
+    from pixelflow_jax import inspect_model
+
+    for weights in ("ema", "model"):
+        config = c2i.get_config("tiny")
+        config.sample.update(checkpoint=run[0], weights=weights)
+        report = inspect_model.run(config, str(tmp_path))
+        assert (report["checkpoint"], report["weights"]) == (os.path.join(run[0], "checkpoints", "4"), weights)
+    history = [json.loads(line) for line in open(tmp_path / "inspect_history.jsonl")]
+    assert [line["weights"] for line in history] == ["ema", "model"]
+    assert inspect_model.run(c2i.get_config("tiny"), str(tmp_path / "own"))["weights"] is None  # random weights
+
+
 def test_a_restore_error_keeps_tensorstores_first_line_without_the_spec_it_appends():
     from pixelflow_jax.checkpoints.run_checkpoint import restore_error
 
