@@ -49,7 +49,8 @@ flags.DEFINE_integer("num_train_timesteps", None, "Scheduler timesteps, where no
 flags.DEFINE_bool("to_torch", False, "Convert a JAX checkpoint (--jax_checkpoint) back to a release folder.")
 flags.DEFINE_string("jax_checkpoint", None, "What to export with --to_torch: a training run (its latest complete "
                     "step) or RUN/checkpoints/STEP, a converted folder, a release folder, or an hf:// Hub path. "
-                    "A text model's T5 encoder is not part of the export: the release loads its own.")
+                    "A text model's T5 encoder is not part of the export (the release loads its own; a run's "
+                    "own encoder is named when the export is written).")
 flags.DEFINE_bool("overwrite", False, "Replace an earlier conversion or export at --output (only once the new one "
                   "is complete); any other folder, and the input, are never replaced.")
 
@@ -157,7 +158,28 @@ def jax_to_torch() -> str:
     raise_dropped_stops()  # asked to stop meanwhile: nothing is written
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
     what = f"the {FLAGS.weights} weights of {source.label}" if source.run_step else source.label
-    return f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from {what}"
+    return (f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from {what}"
+            f"{text_encoder_note(source, config.model)}")
+
+
+def text_encoder_note(source, model) -> str:
+    """For a text model, the T5 that the export leaves out and its prompts need: a run's own (the
+    captioned demo builds one with random weights inside the run, which no other encoder can
+    replace, so the export alone is useless once the run is deleted), as words to add; else ''."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, read_run_config
+
+    if not model.cross_attention_dim:
+        return ""
+    recorded = read_run_config(source.run_step.run).get("text_encoder") if source.run_step else None
+    if not recorded:
+        return ("; the export holds no T5 text encoder: sample it with the one it was trained with "
+                "(--config.sample.text_encoder)")
+    folder = encoder_folder_of(source.run_step.run, recorded["path"])
+    inside = storage.resolved(folder).startswith(storage.resolved(source.run_step.run) + "/")
+    keep = " (inside the run: keep that folder, or copy it beside the export)" if inside else ""
+    return (f"; the export holds no T5 text encoder: sample it with --config.sample.text_encoder={folder}, the one "
+            f"the run trained with{keep}")
 
 
 def main(argv):

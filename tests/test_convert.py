@@ -664,3 +664,30 @@ def test_an_exported_config_yaml_holds_the_releases_model_scheduler_and_resoluti
     exported = release_yaml(read_release_checkpoint(fixture_dir(name))[0])
     assert exported["model"] == release["model"] and exported["scheduler"] == release["scheduler"]
     assert exported["data"] == {"resolution": release["data"]["resolution"]}
+
+
+def test_the_export_of_a_text_run_names_the_t5_it_leaves_out(tmp_path):
+    """The export of a text run said only what it wrote: a run that built its own T5 (random frozen
+    weights, as the captioned demo does) keeps it inside the run, and its export samples with that
+    encoder alone, so a user who kept the export and deleted the run had weights no prompt could drive."""
+    import json
+
+    import convert_torch_ckpt
+    from pixelflow_jax.api import CheckpointSource
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+    from pixelflow_jax.config import ModelConfig
+
+    text, classes = ModelConfig(num_classes=0, cross_attention_dim=20), ModelConfig(num_classes=10)
+    run = tmp_path / "run"
+    run.mkdir()
+    of_run = CheckpointSource(str(run / "checkpoints" / "20"), str(run / "checkpoints" / "20"), RunStep(str(run), 20))
+    for recorded, named in (("text_encoder", f"{run}/text_encoder, the one the run trained with (inside the run: keep "
+                                             "that folder, or copy it beside the export)"),
+                            ("hf://google/flan-t5-xl", "hf://google/flan-t5-xl, the one the run trained with")):
+        (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": recorded, "max_text_tokens": 8}}))
+        assert convert_torch_ckpt.text_encoder_note(of_run, text) == (
+            f"; the export holds no T5 text encoder: sample it with --config.sample.text_encoder={named}")
+    assert convert_torch_ckpt.text_encoder_note(of_run, classes) == ""
+    converted = CheckpointSource(str(tmp_path / "converted"), str(tmp_path / "converted"))
+    assert convert_torch_ckpt.text_encoder_note(converted, text).startswith("; the export holds no T5 text encoder: "
+                                                                            "sample it with the one it was trained")
