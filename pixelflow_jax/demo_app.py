@@ -214,6 +214,16 @@ class DemoSampler:
         return paths
 
 
+def page_heading(demo: DemoSampler, weights: str) -> str:
+    """The page's title and what it samples. Which weights only where the checkpoint holds two sets
+    to choose from (a training run; a train.py checkpoint, read for 'model'): a converted or
+    exported folder holds the one set it was written from, which an export of a run's raw weights
+    made the page call 'ema weights'."""
+    chosen = f" ({weights} weights)" if demo.source.run_step or weights == "model" else ""
+    return (f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {demo.ckpt.num_stages} stages, "
+            f"{'text' if demo.text else 'class'}-conditional checkpoint `{demo.source.label}`{chosen}")
+
+
 def build_page(demo: DemoSampler, config):
     import gradio as gr
 
@@ -222,8 +232,7 @@ def build_page(demo: DemoSampler, config):
     default_steps = list(default_steps) if isinstance(default_steps, (list, tuple)) else [default_steps] * stages
     # Gradio copies every served image into its own cache: clear copies older than a day, hourly.
     with gr.Blocks(title="PixelFlow (JAX)", delete_cache=(3600, 86400)) as page:
-        gr.Markdown(f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {stages} stages, "
-                    f"{'text' if demo.text else 'class'}-conditional checkpoint `{demo.source.label}` ({config.sample.weights} weights)")
+        gr.Markdown(page_heading(demo, config.sample.weights))
         with gr.Row():
             with gr.Column():
                 if demo.text:

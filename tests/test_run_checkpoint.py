@@ -451,6 +451,30 @@ def test_demo_page_in_a_training_workdir_serves_its_run(run):
     assert_params_equal(nnx.merge(demo.sampler.graphdef, demo.sampler.state), run[1][4]["ema"])
 
 
+def test_the_demo_page_names_the_weights_it_serves_only_where_the_checkpoint_holds_two_sets(run, tmp_path):
+    """The page called an export of a run's raw weights 'ema weights': a converted or exported
+    folder holds one set, whichever it was written from; a run holds both, and says which it serves."""
+    from configs import c2i
+    from pixelflow_jax.demo_app import DemoSampler, page_heading
+
+    step = os.path.join(run[0], "checkpoints", "4")
+    for weights in ("ema", "model"):
+        config = c2i.get_config("tiny")
+        config.sample.weights = weights
+        demo = DemoSampler(config, run[0])
+        assert page_heading(demo, weights) == ("# PixelFlow in JAX\n64 px, 4 stages, class-conditional checkpoint "
+                                               f"`{step}` ({weights} weights)")
+    exported = tmp_path / "raw_export"
+    result = run_converter("--to_torch", f"--jax_checkpoint={run[0]}", "--weights=model", f"--output={exported}")
+    assert result.returncode == 0, result.stderr
+    config = c2i.get_config("tiny")
+    config.sample.checkpoint = str(exported)
+    demo = DemoSampler(config, str(tmp_path / "page"))
+    assert_params_equal(nnx.merge(demo.sampler.graphdef, demo.sampler.state), run[1][4]["params"])
+    assert page_heading(demo, "ema") == ("# PixelFlow in JAX\n64 px, 4 stages, class-conditional checkpoint "
+                                         f"`{exported}`")
+
+
 def test_the_demo_page_names_a_folder_runs_classes_by_its_class_folders(run, tmp_path):
     """A fine-tune of the 1000-class release on image folders trains id 1 as its second folder:
     the picker must say so, not offer id 1 as ImageNet's goldfish."""
