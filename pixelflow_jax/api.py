@@ -286,10 +286,35 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
         trained = recorded_settings(source.run_step.run).get("train.text_encoder_dtype") if recorded else None
         s.text_encoder_param_dtype = trained or "float32"
     if recorded:  # allowed (an encoder moved, a longer prompt), but the embeddings may not be the trained ones
-        trained = (encoder_folder_of(source.run_step.run, recorded["path"]), int(recorded["max_text_tokens"]))
-        if (storage.absolute(s.text_encoder), int(s.max_text_tokens)) != trained:  # URLs, hf:// too, stay as given
-            logging.warning("sampling %s with the text encoder %s and %d tokens; it trained with %s and %d tokens",
-                            source.label, s.text_encoder, s.max_text_tokens, *trained)
+        warn_of_another_text_encoder(s, source, recorded)
+
+
+def warn_of_another_text_encoder(sample_config, source: CheckpointSource, recorded: dict) -> None:
+    """A text run sampled with an encoder folder other than the one run_config.json records, or
+    with another token length: a copy of that encoder elsewhere is the same encoder (its files'
+    fingerprint, where the run recorded one, says so); another encoder of the same width loads
+    without complaint and gives embeddings the model never learned."""
+    from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of
+    from pixelflow_jax.text.train_text import fingerprint_of
+
+    s = sample_config
+    trained_folder, fingerprint = encoder_folder_of(source.run_step.run, recorded["path"]), recorded.get("fingerprint")
+    if storage.absolute(s.text_encoder) != trained_folder:  # URLs, hf:// too, stay as given
+        try:
+            given = fingerprint_of(s.text_encoder) if fingerprint else None
+        except (OSError, CheckpointError):  # not a T5 folder: loading it names what it lacks
+            given = None
+        if given and given != fingerprint:
+            logging.warning("sampling %s with the text encoder %s, whose files are not those of the encoder it trained "
+                            "with, %s: another model or fine-tune gives embeddings the model never learned (the same "
+                            "weights saved in other files also differ); set --config.sample.text_encoder to the run's "
+                            "encoder, or leave it empty", source.label, s.text_encoder, trained_folder)
+        elif not given:  # no fingerprint to tell a moved copy from another encoder
+            logging.warning("sampling %s with the text encoder %s; it trained with %s", source.label, s.text_encoder,
+                            trained_folder)
+    if int(s.max_text_tokens) != int(recorded["max_text_tokens"]):
+        logging.warning("sampling %s with %d text tokens; it trained with %d tokens", source.label, s.max_text_tokens,
+                        int(recorded["max_text_tokens"]))
 
 
 def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointConfig]:

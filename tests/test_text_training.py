@@ -867,6 +867,40 @@ def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(
     assert sample.text_encoder_param_dtype == "float32"
 
 
+def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike_with_a_copy(tmp_path, encoder_folder,
+                                                                                           caplog):
+    """A run that recorded its encoder's fingerprint: a copy of that encoder at another path samples
+    without a word, while another encoder of the same width (which loads without complaint) was
+    named only by its path, as a moved copy was: now its files are said to differ."""
+    import logging
+    import shutil
+
+    from configs import t2i
+    from pixelflow_jax.api import CheckpointSource, fill_text_encoder
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+
+    run, copy, other = tmp_path / "run", str(tmp_path / "copy"), str(tmp_path / "other")
+    shutil.copytree(encoder_folder, run / "text_encoder")
+    record = {"path": "text_encoder", "max_text_tokens": 8, "fingerprint": folder_fingerprint(encoder_folder)}
+    (run / "run_config.json").write_text(json.dumps({"text_encoder": record}))
+    shutil.copytree(encoder_folder, copy)
+    shutil.copytree(encoder_folder, other)
+    with open(os.path.join(other, "model.safetensors"), "r+b") as f:  # other weights, the same size
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\x7f" * 64)
+    source = CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4))
+    for text_encoder, expected in (("", None), (copy, None), (other, "whose files are not those of the encoder it "
+                                                                     "trained with"),
+                                   (str(tmp_path / "no_t5_here"), "; it trained with")):
+        sample = t2i.get_config("tiny").sample
+        sample.text_encoder = text_encoder
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            fill_text_encoder(sample, source)
+        assert (expected in caplog.text) if expected else "it trained with" not in caplog.text, caplog.text
+
+
 def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_token_length(tmp_path, encoder_folder):
     """A run recorded its encoder by path only: a folder moved (another machine's download), or the
     run's own folder spelled absolute, was 'a different model', and an allowed max_text_tokens
