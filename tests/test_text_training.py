@@ -287,7 +287,7 @@ def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(
     storage.write_atomically(f"{bucket}/run/run_config.json", json.dumps({"text_encoder": {"path": "text_encoder"}}))
     with pytest.raises(CheckpointError, match=re.escape(
             f"{bucket}/run: has no config.json: it is a text-to-image training run, not a T5 folder: pass the text "
-            f"encoder it trains with, {bucket}/run/text_encoder")):
+            f"encoder it records, {bucket}/run/text_encoder")):
         local_t5_folder(f"{bucket}/run")
 
 
@@ -732,7 +732,8 @@ def test_a_tokenizer_with_more_pieces_than_the_encoders_vocabulary_is_refused_be
 
 
 def test_a_text_run_given_as_the_text_encoder_names_the_encoder_it_trains_with(tmp_path, encoder_folder):
-    """--config.train.text_encoder=RUN said only 'RUN has no config.json'."""
+    """--config.train.text_encoder=RUN said only 'RUN has no config.json', and
+    --config.sample.text_encoder=RUN only 'RUN has no spiece.model'."""
     import shutil
 
     import configs.t2i as t2i
@@ -740,6 +741,7 @@ def test_a_text_run_given_as_the_text_encoder_names_the_encoder_it_trains_with(t
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.sharding import make_mesh
     from pixelflow_jax.text import train_text
+    from pixelflow_jax.text.prompts import PromptEncoder
 
     config = t2i.get_config("tiny")
     model_cfg = dataclasses.replace(ModelConfig(**config.model.to_dict()), cross_attention_dim=20)
@@ -750,11 +752,17 @@ def test_a_text_run_given_as_the_text_encoder_names_the_encoder_it_trains_with(t
         config.train.text_encoder = str(run)
         with pytest.raises(CheckpointError, match=re.escape(
                 f"{run} has no config.json: it is a text-to-image training run, not a T5 folder: pass the text "
-                f"encoder it trains with, {encoder}")):
+                f"encoder it records, {encoder}")):
             train_text.load(config, str(tmp_path / "new"), model_cfg, make_mesh(1), no_step_saved=True)
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"{run} has no spiece.model (the T5 sentencepiece model): it is a text-to-image training run, not a "
+                f"T5 folder: pass the text encoder it records, {encoder}")):
+            PromptEncoder(str(run))  # a sampling job's sample.text_encoder
     (run / "run_config.json").write_text(json.dumps({"architecture": {}}))  # a class run: no encoder to name
     with pytest.raises(CheckpointError, match="has no config.json: pass a Hugging Face T5 model folder"):
         train_text.load(config, str(tmp_path / "new"), model_cfg, make_mesh(1), no_step_saved=True)
+    with pytest.raises(CheckpointError, match="has no spiece.model .*: pass the Hugging Face T5 folder as downloaded"):
+        PromptEncoder(str(run))
 
 
 def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path, monkeypatch):

@@ -34,8 +34,10 @@ class T5Tokenizer:
     def __init__(self, folder: str, max_length: int = MAX_LENGTH):
         path = os.path.join(folder, TOKENIZER_FILE)
         if not os.path.isfile(path):
-            raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (the T5 sentencepiece model): pass the "
-                                  "Hugging Face T5 folder as downloaded, e.g. google/flan-t5-xl")
+            from pixelflow_jax.text.t5_convert import encoder_of_run_hint
+
+            raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (the T5 sentencepiece model): " + (
+                encoder_of_run_hint(folder) or "pass the Hugging Face T5 folder as downloaded, e.g. google/flan-t5-xl"))
         with open(path, "rb") as f:
             self._model = f.read()
         self.max_length = max_length

@@ -74,7 +74,7 @@ def encoder_of_run_hint(folder: str) -> str:
         return ""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
         return ""
-    return (f"it is a text-to-image training run, not a T5 folder: pass the text encoder it trains with, "
+    return (f"it is a text-to-image training run, not a T5 folder: pass the text encoder it records, "
             f"{encoder_folder_of(folder, recorded['path'])}")
 
 
