@@ -17,7 +17,8 @@ report what a GPU session would otherwise spend its first minutes learning:
 
 train and sample also report each program's HBM traffic by kernel kind (bench/hlo_traffic.py: the
 bytes its kernels read and write, from the optimized HLO) and the time it takes at the card's full
-bandwidth, a floor under the program's time that FLOP counts miss.
+bandwidth, a floor under the program's time that FLOP counts miss; --top=N lists the N kernels
+that move the most, with the jax operation each came from (where to look for a fusion to save).
 
 Nothing runs: the numbers are the compiler's, not a measurement (bench/RESULTS.md keeps them apart).
 The plan leaves out what comes at run time (cuDNN workspace, allocator fragmentation, the loader).
@@ -65,7 +66,7 @@ from jax.experimental import topologies  # noqa: E402
 
 from attention_speed import SWEEP  # noqa: E402
 from harness import positive_int  # noqa: E402
-from hlo_traffic import hbm_traffic  # noqa: E402
+from hlo_traffic import kernel_traffic, traffic_by_kind  # noqa: E402
 from pixelflow_jax import CheckpointConfig, PixelFlowScheduler  # noqa: E402
 from pixelflow_jax.config import COMPUTE_DTYPES, REMAT_POLICIES, matmul_precision  # noqa: E402
 from pixelflow_jax.kernels.attention import compiling_for, dot_product_attention  # noqa: E402
@@ -224,7 +225,7 @@ def compile_kernels(card: str, settings, batch: int, length: int, heads: int, he
 
 
 def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype: str, model: str = "c2i",
-                       text_tokens: int = TEXT_TOKENS, encoder_dtype: str = "float32") -> dict:
+                       text_tokens: int = TEXT_TOKENS, encoder_dtype: str = "float32", top: int = 0) -> dict:
     """XLA's memory plan of one XL/4 training step on the card (AdamW + EMA state, all four stages);
     for the text model (t2i) with the frozen T5 encoder that the step runs on its captions' tokens."""
     base, resolution = PRESETS["xl"]
@@ -261,7 +262,7 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
             return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
     plan = memory_plan(compiled)
     return {**row, "compile_s": round(time.perf_counter() - start, 1), "state_gb": plan["arguments_gb"],
-            "temporaries_gb": plan["temporaries_gb"], "peak_gb": plan["peak_gb"], **traffic_report(compiled, card)}
+            "temporaries_gb": plan["temporaries_gb"], "peak_gb": plan["peak_gb"], **traffic_report(compiled, card, top)}
 
 
 def text_encoder(mesh, text_tokens: int, encoder_dtype: str):
@@ -287,13 +288,18 @@ def memory_plan(compiled) -> dict:
                 temporaries_gb=gb(memory.temp_size_in_bytes), peak_gb=gb(peak))
 
 
-def traffic_report(compiled, card: str) -> dict:
-    """HBM bytes per call by kernel kind (hlo_traffic, from the optimized HLO) in GB, and the time
-    they take at the card's full bandwidth: a floor under the call's time, set mostly by its
-    elementwise fusions."""
-    traffic = hbm_traffic(compiled.as_text())
-    return dict(hbm_gb={kind: round(n / 1e9, 1) for kind, n in traffic.items()},
-                hbm_floor_ms=round(sum(traffic.values()) / BANDWIDTH[card] * 1e3, 1))
+def traffic_report(compiled, card: str, top: int = 0) -> dict:
+    """HBM bytes per call by kernel kind (hlo_traffic, from the optimized HLO) in GB, the time they
+    take at the card's full bandwidth (a floor under the call's time, set mostly by its elementwise
+    fusions), and with `top` the kernels that move the most: [GB, kind, name, jax op]."""
+    kernels = kernel_traffic(compiled.as_text())
+    traffic = traffic_by_kind(kernels)
+    report = dict(hbm_gb={kind: round(n / 1e9, 1) for kind, n in traffic.items()},
+                  hbm_floor_ms=round(sum(traffic.values()) / BANDWIDTH[card] * 1e3, 1))
+    if top:
+        largest = sorted(kernels, key=lambda k: -k["bytes"])[:top]
+        report["hbm_top"] = [[round(k["bytes"] / 1e9, 1), k["kind"], k["name"], k["op"]] for k in largest]
+    return report
 
 
 def parse_thunk_tree(text: str) -> list[dict]:
@@ -400,7 +406,8 @@ def program_report(dump_dir: str, steps: int | None) -> dict:
     return report
 
 
-def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: float, attention: str, dtype: str):
+def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: float, attention: str, dtype: str,
+                     top: int = 0):
     """sample_speed.py's programs for a preset's model (XL/4: the one it times), compiled for the
     card: each stage's forward of the CFG batch (its per-stage times), then those of the cascade's
     generate: the noise, each stage's program as CascadeSampler runs it (renoise + the whole Euler
@@ -430,7 +437,7 @@ def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: 
             except Exception as error:
                 return {**row, **info, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
             result = {**row, **info, "compile_s": round(time.perf_counter() - start, 1), **memory_plan(executable),
-                      **traffic_report(executable, card)}
+                      **traffic_report(executable, card, top)}
             try:
                 return {**result, **program_report(dump, steps)}
             except FileNotFoundError as error:  # another jax's dump: the plan still counts
@@ -490,6 +497,8 @@ def main():
     parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS)),
                         help=f"comma-separated, of {GPU_BACKENDS} (default: train cudnn, sample cudnn,pallas_gpu)")
     parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
+    parser.add_argument("--top", type=int, default=0,
+                        help="train, sample: also list the N kernels that move the most HBM bytes (hbm_top)")
     parser.add_argument("--model", choices=("c2i", "t2i"), default="c2i",
                         help="train: class-conditional, or text-to-image (configs/t2i.py's XL, with its T5 encoder)")
     parser.add_argument("--text_tokens", type=positive_int,
@@ -515,13 +524,14 @@ def main():
         return
     if args.what == "sample":
         for batch, attention in itertools.product(args.batch or [BATCH], args.attention or ["cudnn", "pallas_gpu"]):
-            for row in compile_sampling(args.card, args.preset, batch, args.steps, args.cfg, attention, args.dtype):
+            for row in compile_sampling(args.card, args.preset, batch, args.steps, args.cfg, attention, args.dtype,
+                                        args.top):
                 print(json.dumps(row), flush=True)
         return
     for batch, remat, attention in itertools.product(args.batch or [32], args.remat, args.attention or ["cudnn"]):
         text = dict(text_tokens=args.text_tokens or TEXT_TOKENS, encoder_dtype=args.encoder_dtype or "float32")
         print(json.dumps(compile_train_step(args.card, batch, remat, attention, args.dtype, args.model,
-                                            **(text if args.model == "t2i" else {}))), flush=True)
+                                            **(text if args.model == "t2i" else {}), top=args.top)), flush=True)
 
 
 if __name__ == "__main__":

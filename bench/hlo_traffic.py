@@ -158,8 +158,10 @@ def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int]) -> tupl
 
 
 def kernel_traffic(hlo: str) -> list[dict]:
-    """Every kernel of a run of the module's entry computation: {name, kind (KINDS), bytes} with its
-    reads + writes times the runs of the loops it sits in (a loop XLA knows no trip count of: once)."""
+    """Every kernel of a run of the module's entry computation: {name, kind (KINDS), bytes, op}: its
+    reads + writes times the runs of the loops it sits in (a loop XLA knows no trip count of: once),
+    and the jax operation XLA's metadata names (e.g. .../transpose(jvp())/while/body/.../mul: the
+    backward pass of a scan), '' where it names none."""
     computations = parse_computations(hlo)
     kernels = []
 
@@ -181,16 +183,14 @@ def kernel_traffic(hlo: str) -> list[dict]:
                 read = sum(operand_bytes)
                 written = sum(shape_bytes(f"{dtype}[{dims}]") for dtype, dims in _ARRAY.findall(instruction["shape"])
                               if dtype != "u8")  # u8 outputs of library calls are their workspaces
+            op = re.search(r'op_name="([^"]*)"', instruction["attributes"])  # the jax operation it came from
             kernels.append(dict(name=instruction["name"], kind=kernel_kind(instruction, fused),
-                                bytes=times * (read + written)))
+                                bytes=times * (read + written), op=op.group(1) if op else ""))
 
     walk("ENTRY", 1)
     return kernels
 
 
-def hbm_traffic(hlo: str) -> dict[str, int]:
-    """Bytes read + written per run of the module's entry computation, by kernel kind (KINDS)."""
-    totals = collections.Counter()
-    for kernel in kernel_traffic(hlo):
-        totals[kernel["kind"]] += kernel["bytes"]
-    return {kind: totals.get(kind, 0) for kind in KINDS}
+def traffic_by_kind(kernels: list[dict]) -> dict[str, int]:
+    """Bytes read + written by the kernels of kernel_traffic, summed by kind (KINDS)."""
+    return {kind: sum(kernel["bytes"] for kernel in kernels if kernel["kind"] == kind) for kind in KINDS}

@@ -174,7 +174,7 @@ LAYER_LOOP_HLO = """HloModule jit_step, entry_computation_layout={(bf16[16,4]{1,
   %loop_convert_fusion = bf16[1,4,8]{2,1,0} fusion(%get-tuple-element.3, %get-tuple-element.1), kind=kLoop, calls=%fused_convert
   %bitcast.1 = bf16[4,8]{1,0} bitcast(%loop_convert_fusion)
   %gemm_fusion_dot = bf16[16,8]{1,0} fusion(%get-tuple-element.2, %bitcast.1), kind=kCustom, calls=%gemm_fusion_dot_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
-  %loop_tanh_fusion = bf16[16,8]{1,0} fusion(%gemm_fusion_dot), kind=kLoop, calls=%fused_tanh
+  %loop_tanh_fusion = bf16[16,8]{1,0} fusion(%gemm_fusion_dot), kind=kLoop, calls=%fused_tanh, metadata={op_name="jit(step)/while/body/tanh" source_file="model.py" source_line=3}
   %attention.1 = (bf16[16,8]{1,0}, u8[4096]{0}) custom-call(%loop_tanh_fusion, %gemm_fusion_dot, %loop_tanh_fusion), custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[16,8]{1,0}, bf16[16,8]{1,0}, bf16[16,8]{1,0}}
   %get-tuple-element.5 = bf16[16,8]{1,0} get-tuple-element(%attention.1), index=0
   %loop_dynamic_update_slice_fusion = bf16[3,16,8]{2,1,0} fusion(%get-tuple-element.4, %get-tuple-element.5, %get-tuple-element.1), kind=kLoop, calls=%fused_dynamic_update_slice
@@ -210,7 +210,7 @@ def test_hlo_traffic_counts_what_each_kernel_reads_and_writes_per_trip():
     """bench/hlo_traffic.py: the bytes a kernel moves are its operands and outputs, except that a
     loop's kernel slicing its layer's row of a stacked array reads the row, and one stacking its
     output writes the row; a loop's kernels count once per trip."""
-    from hlo_traffic import hbm_traffic, kernel_traffic
+    from hlo_traffic import kernel_traffic, traffic_by_kind
 
     per_trip = dict(loop_convert_fusion=4 * 8 * 4 + 4 + 4 * 8 * 2,  # a float32 row (and the index) in, bf16 out
                     gemm_fusion_dot=16 * 4 * 2 + 4 * 8 * 2 + 16 * 8 * 2,
@@ -225,7 +225,8 @@ def test_hlo_traffic_counts_what_each_kernel_reads_and_writes_per_trip():
         loop_convert_fusion="elementwise", gemm_fusion_dot="gemm", loop_tanh_fusion="elementwise",
         **{"attention.1": "attention"}, loop_dynamic_update_slice_fusion="copy", loop_broadcast_fusion="elementwise",
         **{"copy.1": "copy"})
-    assert hbm_traffic(LAYER_LOOP_HLO) == dict(
+    assert {k["name"]: k["op"] for k in kernels if k["op"]} == {"loop_tanh_fusion": "jit(step)/while/body/tanh"}
+    assert traffic_by_kind(kernels) == dict(
         gemm=3 * per_trip["gemm_fusion_dot"], attention=3 * per_trip["attention.1"],
         elementwise=3 * (per_trip["loop_convert_fusion"] + per_trip["loop_tanh_fusion"]) + stack,
         copy=3 * per_trip["loop_dynamic_update_slice_fusion"] + 2 * stack)
