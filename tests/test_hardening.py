@@ -2452,6 +2452,18 @@ def test_blank_lines_that_move_prompts_off_their_line_numbers_are_named(tmp_path
     with caplog.at_level(logging.WARNING):
         read_prompts_file(str(path))
     assert "blank" not in caplog.text
+    # one blank line (the common case) is named too; with blank lines in two places the warning names the
+    # first prompt they moved, and a long run of them is cut after ten
+    for text, named in (("a red disk\n\na blue ring\n", "blank line 2 skipped: the prompt on line 3 is prompt 1 "),
+                        ("a red disk\n\na blue ring\n\na green square\n",
+                         "blank lines 2, 4 skipped: the prompt on line 3 is prompt 1 "),
+                        ("\n" * 12 + "a red disk\n", "blank lines 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ... skipped: the "
+                                                    "prompt on line 13 is prompt 0 ")):
+        caplog.clear()
+        path.write_text(text)
+        with caplog.at_level(logging.WARNING):
+            read_prompts_file(str(path))
+        assert f"prompts_file {path}: {named}" in caplog.text
 
 
 def test_a_prompt_of_only_invisible_characters_is_refused(tmp_path):
