@@ -277,8 +277,11 @@ def test_a_prompt_holding_bytes_that_are_not_utf8_is_refused_before_any_work(mod
     step since its last checkpoint."""
     config = t2i_config(**{field: value, "train.preview_every": 4})
     with pytest.raises(ConfigError, match=re.escape(f"--config.{field} holds the byte 0xe9, which is not UTF-8, "
-                                                    "after '")):
+                                                    "after '")) as refused:
         check(config, mode)
+    # a prompts file is the way round the terminal for the prompts, not for the negative prompt it cannot hold
+    assert ("put the prompts in a UTF-8 file for --config.sample.prompts_file" in str(refused.value)) == (
+        field == "sample.prompts")
     check(t2i_config(**{field: value.replace("\udce9", "\u00e9") if isinstance(value, str) else
                         tuple(p.replace("\udce9", "\u00e9") for p in value)}), mode)  # the same text as UTF-8
 
