@@ -260,7 +260,9 @@ def test_a_list_of_unquoted_prompts_is_refused_rather_than_sampled_as_one_prompt
     with pytest.raises(ConfigError, match=re.escape(f"--config.sample.prompts is the one string {value!r}, which would "
                                                     "be a single prompt: a list needs each prompt quoted")):
         check(t2i_config(**{"sample.prompts": value, "train.preview_every": 4}), mode)
-    for one_prompt in ("a lighthouse at dusk, oil painting", "(masterpiece)", ("(a, b)",)):
+    # a prompt that only starts, or only ends, with a bracketed part is a prompt, not a list
+    for one_prompt in ("a lighthouse at dusk, oil painting", "(masterpiece)", ("(a, b)",), "(best quality), a red fox",
+                       "a red fox, (best quality)"):
         check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
 
 
