@@ -1,6 +1,8 @@
 """The checks the processes of a multi-host job make together (multihost.py), with the other
 process played by fakes of jax's collectives. The two-process runs in test_train run them for real."""
 
+import re
+
 import numpy as np
 import pytest
 from jax.experimental import multihost_utils
@@ -237,3 +239,24 @@ def test_processes_that_find_another_latest_step_of_a_run_stop_before_reading_we
                 r"500, process 1: 400\): it saved a step while they looked \(or a host's listing lags\). Name one "
                 rf"step for all of them, {flag}={run}/checkpoints/500, or rerun the same command$")):
             resolve()
+
+
+def test_processes_that_resolve_a_hub_checkpoint_to_other_commits_stop_while_local_copies_do_not(monkeypatch):
+    """A Hub checkpoint is compared by the commit each process pinned (a push between two downloads
+    gives other weights); a local folder is not compared by its path, which each host may hold a
+    copy of at its own place. Process 1 hashes its own view here (calls_of_the_other_process)."""
+    from pixelflow_jax import api
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    def checked(label, other_label):
+        calls_of_the_other_process(monkeypatch, api.check_same_weights_everywhere,
+                                   api.CheckpointSource("/cache/other", other_label), "hf://org/model", "--flag")
+        api.check_same_weights_everywhere(api.CheckpointSource("/cache/mine", label), "hf://org/model", "--flag")
+
+    checked("hf://org/model@" + "a" * 40, "hf://org/model@" + "a" * 40)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "the processes of this job resolved --flag=hf://org/model to different checkpoints: process 1 of 2 read "
+            "other weights than process 0 (this process, 0: hf://org/model@" + "a" * 40 + "); rerun the same "
+            "command")):
+        checked("hf://org/model@" + "a" * 40, "hf://org/model@" + "b" * 40)
+    checked("/host0/copy/model", "/host1/elsewhere/model")  # a converted folder copied to each host
