@@ -876,7 +876,7 @@ def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(
 
 
 def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike_with_a_copy(tmp_path, encoder_folder,
-                                                                                           caplog):
+                                                                                           caplog, monkeypatch):
     """A run that recorded its encoder's fingerprint: a copy of that encoder at another path samples
     without a word, while another encoder of the same width (which loads without complaint) was
     named only by its path, as a moved copy was: now its files are said to differ."""
@@ -907,6 +907,21 @@ def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike
         with caplog.at_level(logging.WARNING):
             fill_text_encoder(sample, source)
         assert (expected in caplog.text) if expected else "it trained with" not in caplog.text, caplog.text
+
+    # A run that recorded no fingerprint (before it was recorded) cannot tell a copy from another
+    # encoder: another folder is named by its path alone, never said to hold other files; the
+    # run's own folder given by a relative path is that folder.
+    (run / "run_config.json").write_text(json.dumps({"text_encoder": {**record, "fingerprint": None}}))
+    monkeypatch.chdir(tmp_path)
+    for text_encoder, expected in (("run/text_encoder", None), (copy, "; it trained with"),
+                                   (other, "; it trained with")):
+        sample = t2i.get_config("tiny").sample
+        sample.text_encoder = text_encoder
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            fill_text_encoder(sample, source)
+        assert (expected in caplog.text) if expected else "it trained with" not in caplog.text, caplog.text
+        assert "whose files are not those" not in caplog.text, caplog.text
 
 
 def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_token_length(tmp_path, encoder_folder):
