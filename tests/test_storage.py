@@ -171,6 +171,28 @@ def test_a_step_whose_deletion_was_killed_midway_is_removed_by_the_next_run(buck
     assert storage.listdir(f"{run}/checkpoints") == ["100", "150", "200"]
 
 
+def test_partial_checkpoints_that_cannot_be_removed_are_a_warning_not_a_failed_start(bucket, monkeypatch, caplog):
+    """The removal is best effort, before the run saves anything: a bucket that refuses a deletion
+    (a retention policy, a role without delete) leaves the partial step and the run starts."""
+    import logging
+
+    from pixelflow_jax.training.checkpointing import remove_unfinished_saves
+
+    run = f"{bucket}/run"
+    storage.write_atomically(f"{run}/run_config.json", b"{}")
+    storage.write_atomically(f"{run}/checkpoints/4/state/x", b"partial")
+
+    def refused(path):
+        raise storage.StorageError(f"cannot delete {path}: 403 Forbidden")
+
+    monkeypatch.setattr(storage, "rmtree", refused)
+    with caplog.at_level(logging.WARNING):
+        assert remove_unfinished_saves(run) == []
+    assert f"could not remove the partial checkpoints of killed saves in {run} (cannot delete {run}/checkpoints/4: " \
+           "403 Forbidden); they stay" in caplog.text
+    assert storage.listdir(f"{run}/checkpoints") == ["4"]
+
+
 def test_an_output_folder_in_a_bucket_is_never_replaced_and_a_failed_write_leaves_nothing(bucket):
     """A bucket has no rename: --overwrite of a converted folder there (by the API, which the
     converter's own check does not guard) would write into the old folder and delete it all when
