@@ -643,11 +643,24 @@ def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_buck
     def disk_full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    writes = storage.cache.write_local_atomically
     monkeypatch.setattr(storage.cache, "write_local_atomically", disk_full)
     with pytest.raises(storage.StorageError, match=rf"in {tmp_path}/cache \(OSError: \[Errno 28\] No space left"):
         storage.cached_copy(url, str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError):
         storage.cached_copy(f"{bucket}/t5/none.model", str(tmp_path / "cache"))
+    # the bucket's own errors while the copy is read stay its own: a file gone between its listing and
+    # its read is a FileNotFoundError (the T5 loader then forgets an earlier copy), a refused read names
+    # the bucket, neither the cache folder
+    monkeypatch.setattr(storage.cache, "write_local_atomically", writes)
+    for error in (FileNotFoundError(errno.ENOENT, "gone", url), storage.StorageError(f"cannot read {url}: 403")):
+        def failing_read(path, mode="rb", error=error):
+            raise error
+
+        monkeypatch.setattr(storage.cache, "open_file", failing_read)
+        with pytest.raises(type(error)) as raised:
+            storage.cached_copy(url, str(tmp_path / "cache"))
+        assert raised.value is error
 
 
 def test_a_local_copy_of_a_bucket_file_is_fetched_again_when_cut_short_or_changed(bucket, tmp_path, monkeypatch):
