@@ -624,6 +624,11 @@ def test_a_full_local_disk_under_an_upload_is_named_not_the_bucket(bucket, tmp_p
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(storage.StorageError, match=r"^gs://.*/samples/000001.png: 503$"):
         storage.write_streamed_atomically(f"{bucket}/samples.npz", bucket_fails)
+    assert os.listdir(tmp_path) == []
+    storage.write_streamed_atomically(f"{bucket}/samples.npz", lambda f: f.write(b"npz" * 1000))
+    with storage.open_file(f"{bucket}/samples.npz", "rb") as f:
+        assert f.read() == b"npz" * 1000
+    assert os.listdir(tmp_path) == []  # an uploaded copy goes too (each job's samples.npz kept on the disk)
 
 
 def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_bucket(bucket, tmp_path, monkeypatch):
