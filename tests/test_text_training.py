@@ -113,7 +113,7 @@ def test_a_caption_named_after_the_whole_file_name_is_pointed_out(captioned_fold
         CaptionedFolderSource(root)
 
 
-def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path):
+def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path, caplog):
     """A Hugging Face imagefolder (metadata.jsonl, as diffusers' scripts read) or NAME.caption
     sidecars: every image was said to lack a caption, and the file holding them went unmentioned."""
     for name in ("a", "b"):
@@ -125,6 +125,21 @@ def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path):
     (tmp_path / "b.caption").write_text("a blue ring")
     with pytest.raises(DataError, match=r"b.caption and 1 more such file \(another tool's captions\) are not read"):
         CaptionedFolderSource(str(tmp_path))
+    # imagefolder's other metadata files too; and an image left out under missing_captions=skip is
+    # warned of with the same hint, as the images it leaves out may be captioned there
+    for name in ("metadata.jsonl", "b.caption"):
+        (tmp_path / name).unlink()
+    for metadata in ("metadata.csv", "metadata.parquet"):
+        (tmp_path / metadata).write_text("file_name,text\na.png,a red disk\n")
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / metadata} (another tool's captions) is not read")):
+            CaptionedFolderSource(str(tmp_path))
+        (tmp_path / metadata).unlink()
+    (tmp_path / "a.txt").write_text("a red disk")
+    (tmp_path / "b.caption").write_text("a blue ring")
+    with caplog.at_level(logging.WARNING):
+        CaptionedFolderSource(str(tmp_path), missing_captions="skip")
+    assert (f"1 images without a caption file left out (missing_captions=skip), e.g. ['{tmp_path / 'b.png'}']; "
+            f"{tmp_path / 'b.caption'} (another tool's captions) is not read") in caplog.text, caplog.text
 
 
 def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
