@@ -659,3 +659,37 @@ def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_
     assert of(sampled) != sampled_files
     with pytest.raises(ValueError, match=rf"--config.sample.checkpoint={latest}$"):
         check_settings(str(samples), str(samples.parent), of(latest))
+
+
+def test_settings_that_cannot_be_rewritten_for_a_larger_or_smaller_job_are_one_shared_error(tmp_path, monkeypatch):
+    """A rerun that extends the job (more images) or takes back a larger count writes settings.json
+    again: a read-only or full samples/ there is the same StorageError as for a new job, and process
+    0 tells every process it failed (raised alone, it left the others waiting); the recorded
+    settings stay as they were."""
+    import errno
+
+    from pixelflow_jax import storage
+    from pixelflow_jax.sampling import job_settings
+    from pixelflow_jax.storage import writes
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    recorded = {"num_images": 4, "labels": [0, 1, 2, 3]}
+    job_settings.check_settings(str(folder), str(tmp_path), recorded)
+    write_local, shared = writes.write_local_atomically, []
+
+    def read_only(path, *args, **kwargs):
+        if os.path.basename(path) == "settings.json":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return write_local(path, *args, **kwargs)
+
+    monkeypatch.setattr(writes, "write_local_atomically", read_only)
+    monkeypatch.setattr(job_settings, "from_process_0", lambda value: shared.append(int(value)) or value)
+    for settings in ({"num_images": 8, "labels": list(range(8))}, {"num_images": 2, "labels": [0, 1]}):
+        shared.clear()
+        with pytest.raises(storage.StorageError, match=rf"^cannot write {folder}/settings.json \(OSError: \[Errno 30\] "
+                                                       r"Read-only file system\); free space or make the workdir "
+                                                       "writable"):
+            job_settings.check_settings(str(folder), str(tmp_path), settings)
+        assert shared == [1]  # the failure told to the other processes
+        assert json.loads((folder / "settings.json").read_text()) == recorded
