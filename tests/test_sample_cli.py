@@ -624,10 +624,11 @@ def test_settings_that_cannot_be_recorded_stop_the_job_with_one_error_on_every_p
         sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2)
 
 
-def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_still_there(tmp_path):
+def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_still_there(tmp_path, monkeypatch):
     """A job sampled a run's latest step, was stopped, and the run trained on: its rerun, reading the
     run's new latest step, was told only to start anew in another workdir, though naming the step
     it recorded finishes it. That step is named while it holds the same files, not once it is gone."""
+    from pixelflow_jax import api
     from pixelflow_jax.api import resolve_checkpoint
     from pixelflow_jax.sampling.job_settings import check_settings
 
@@ -659,6 +660,20 @@ def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_
     assert of(sampled) != sampled_files
     with pytest.raises(ValueError, match=rf"--config.sample.checkpoint={latest}$"):
         check_settings(str(samples), str(samples.parent), of(latest))
+    # a job that sampled a Hub checkpoint: its commit is not looked up (that could mean a download)
+    hub_samples = tmp_path / "hub_job" / "samples"
+    hub_samples.mkdir(parents=True)
+    check_settings(str(hub_samples), str(hub_samples.parent), {"checkpoint": "hf://org/model@" + "a" * 40,
+                                                               "checkpoint_fingerprint": "of the Hub's files"})
+    (hub_samples / "000000.png").write_bytes(b"")
+
+    def looked_up(path):
+        raise AssertionError(f"{path} looked up")
+
+    monkeypatch.setattr(api, "resolve_checkpoint", looked_up)
+    with pytest.raises(ValueError, match=rf"--config.sample.checkpoint={latest}$"):
+        check_settings(str(hub_samples), str(hub_samples.parent), {"checkpoint": str(latest),
+                                                                   "checkpoint_fingerprint": "of step 400"})
 
 
 def test_settings_that_cannot_be_rewritten_for_a_larger_or_smaller_job_are_one_shared_error(tmp_path, monkeypatch):
