@@ -239,6 +239,10 @@ def test_a_step_copied_out_of_its_run_is_named_so_and_the_copy_the_message_asks_
                                               r"run, .* copy the run's folder without its checkpoints/, then the step "
                                               r"into the copy's checkpoints/, and read the copy$"):
         load_model(str(alone))
+    os.remove(alone / "_CHECKPOINT_METADATA")  # a folder that merely holds a state/ is not called a step
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: ") as refused:
+        load_model(str(alone))
+    assert "copied out of its run" not in str(refused.value)
     kept = tmp_path / "kept"
     shutil.copytree(workdir, kept, ignore=lambda folder, names: ["checkpoints"] if folder == workdir else [])
     shutil.copytree(step, kept / "checkpoints" / "2")
