@@ -666,9 +666,10 @@ def test_a_run_on_a_tfds_dataset_of_fewer_classes_records_their_count_for_its_sa
     assert loop.preview_classes == [3]
 
 
-@pytest.mark.parametrize("name", ["run_config.json", "train_settings.json", "class_index.json",
-                                  "settings_changes.jsonl"])
-def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path, monkeypatch, name):
+@pytest.mark.parametrize("name,resumed", [("run_config.json", False), ("train_settings.json", False),
+                                         ("class_index.json", False), ("settings_changes.jsonl", True),
+                                         ("train_settings.json", True)])  # rewritten after the change's record
+def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path, monkeypatch, name, resumed):
     """A run started on a full disk: the probe of the workdir (an empty file) and the lock fitted, and
     run_config.json (or the settings, the class index, a resume's changes) failed with an OSError
     traceback. Now one error names the file and the fix, and the lock is released."""
@@ -684,7 +685,7 @@ def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path,
     config.data.update(source="folder", root=str(tmp_path / "data"))
     config.model.num_classes = 1
     workdir = tmp_path / "run"
-    if name == "settings_changes.jsonl":  # recorded by a resume with a change
+    if resumed:  # settings_changes.jsonl, then train_settings.json, recorded by a resume with a change
         loop.run(config, workdir)
         config.train.update(num_steps=4, lr=2e-4, allow_resume_changes=True)
     write_local = writes.write_local_atomically
