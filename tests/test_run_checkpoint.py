@@ -440,9 +440,14 @@ def test_a_sampling_jobs_workdir_where_a_checkpoint_belongs_names_the_checkpoint
     with pytest.raises(CheckpointError, match=f"{job} is not a checkpoint but the workdir of a sampling job of "
                                               "/runs/demo/checkpoints/7000: pass that checkpoint instead"):
         load_model(str(job))
-    (job / "samples" / "settings.json").write_text("{")  # damaged: no job to name, the usual refusal
-    with pytest.raises(CheckpointError, match=r"is not a checkpoint: expected a training run"):
-        load_model(str(job))
+    # damaged, or a record without a checkpoint's path: no job to name, the usual refusal (not a traceback)
+    for record in ("{", "{}", "[]", '{"checkpoint": null}', '{"checkpoint": 7000}'):
+        (job / "samples" / "settings.json").write_text(record)
+        with pytest.raises(CheckpointError, match=r"is not a checkpoint: expected a training run"):
+            load_model(str(job))
+        with pytest.raises(CheckpointError, match=f"{job} is not a training run: for a training run, give its "
+                                                  "workdir"):
+            sampling_checkpoint(c2i.get_config("tiny").sample, str(job))
 
 
 def test_demo_page_in_a_training_workdir_serves_its_run(run):
