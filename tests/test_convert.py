@@ -683,7 +683,9 @@ def test_the_export_of_a_text_run_names_the_t5_it_leaves_out(tmp_path):
     of_run = CheckpointSource(str(run / "checkpoints" / "20"), str(run / "checkpoints" / "20"), RunStep(str(run), 20))
     for recorded, named in (("text_encoder", f"{run}/text_encoder, the one the run trained with (inside the run: keep "
                                              "that folder, or copy it beside the export)"),
-                            ("hf://google/flan-t5-xl", "hf://google/flan-t5-xl, the one the run trained with")):
+                            ("hf://google/flan-t5-xl", "hf://google/flan-t5-xl, the one the run trained with"),
+                            # a folder beside the run whose name starts with the run's is not inside it
+                            (f"{run}_t5", f"{run}_t5, the one the run trained with")):
         (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": recorded, "max_text_tokens": 8}}))
         assert convert_torch_ckpt.text_encoder_note(of_run, text) == (
             f"; the export holds no T5 text encoder: sample it with --config.sample.text_encoder={named}")
