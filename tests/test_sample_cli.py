@@ -594,7 +594,15 @@ def test_a_disk_that_fills_up_stops_the_job_with_one_error_and_a_rerun_keeps_the
         with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/samples.npz \(OSError: "):
             job()
     assert len(pngs(workdir)) == 12 and not (workdir / "samples.npz").exists()
+    with monkeypatch.context() as disk:  # room for the .npz, none for the grid written after it
+        disk.setattr(writes, "write_local_atomically", disk_full_for(lambda name: name == "grid.png"))
+        with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/grid.png \(OSError: \[Errno 28\] "
+                                                       r"No space left on device\); free space .* the images already "
+                                                       "written are kept"):
+            job()
+    assert len(pngs(workdir)) == 12 and not (workdir / "grid.png").exists()
     assert job()[1] == []  # nothing left to sample: the .npz and the grid from the images on disk
+    assert (workdir / "grid.png").exists()
     labels = json.loads((workdir / "samples" / "settings.json").read_text())["labels"]
     np.testing.assert_array_equal(np.load(workdir / "samples.npz")["arr_0"], drawn_for(range(12), labels))
 
