@@ -61,9 +61,12 @@ def test_bad_arguments_are_rejected():
     for arguments, message in ((("1000", 4), "num_train_timesteps must be a whole number, got '1000'"),
                                ((1000, 2.5), "num_stages must be a whole number, got 2.5"),
                                ((1000, 4, 0.0), "gamma must be a finite negative number"),
-                               ((1000, 4, 0.5), "gamma must be a finite negative number")):
+                               ((1000, 4, 0.5), "gamma must be a finite negative number"),
+                               ((1000, 4, float("-inf")), "the release's: -1/3), got -inf"),
+                               ((1000, 4, "-1/3"), "the release's: -1/3), got '-1/3'")):
         with pytest.raises(ValueError, match=re.escape(message)):
             PixelFlowScheduler(*arguments)
+    assert PixelFlowScheduler(1000, 4, np.float32(-1 / 3)).gamma == pytest.approx(-1 / 3)  # a numpy number is one
     scheduler = PixelFlowScheduler(1000.0, np.int64(4))
     for arguments, message in (((2.5, 0), "num_inference_steps must be a whole number, got 2.5"),
                                ((3, "1"), "stage must be a whole number, got '1'")):
