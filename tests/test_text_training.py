@@ -773,11 +773,16 @@ def test_a_text_run_given_as_the_text_encoder_names_the_encoder_it_trains_with(t
                 f"{run} has no spiece.model (the T5 sentencepiece model): it is a text-to-image training run, not a "
                 f"T5 folder: pass the text encoder it records, {encoder}")):
             PromptEncoder(str(run))  # a sampling job's sample.text_encoder
-    (run / "run_config.json").write_text(json.dumps({"architecture": {}}))  # a class run: no encoder to name
-    with pytest.raises(CheckpointError, match="has no config.json: pass a Hugging Face T5 model folder"):
-        train_text.load(config, str(tmp_path / "new"), model_cfg, make_mesh(1), no_step_saved=True)
-    with pytest.raises(CheckpointError, match="has no spiece.model .*: pass the Hugging Face T5 folder as downloaded"):
-        PromptEncoder(str(run))
+    # a class run: no encoder to name; nor in a run_config.json damaged or of another shape (the usual
+    # refusal, not a traceback from the hint)
+    for record in (json.dumps({"architecture": {}}), "{", "[]", json.dumps({"text_encoder": {"path": None}}),
+                   json.dumps({"text_encoder": "text_encoder"})):
+        (run / "run_config.json").write_text(record)
+        with pytest.raises(CheckpointError, match="has no config.json: pass a Hugging Face T5 model folder"):
+            train_text.load(config, str(tmp_path / "new"), model_cfg, make_mesh(1), no_step_saved=True)
+        with pytest.raises(CheckpointError, match="has no spiece.model .*: pass the Hugging Face T5 folder as "
+                                                  "downloaded"):
+            PromptEncoder(str(run))
 
 
 def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tmp_path, monkeypatch):
