@@ -1098,3 +1098,35 @@ def test_a_text_runs_previews_on_own_data_draw_preview_num_images_cycling_over_t
                                    prompts=prompts) == {}
         assert asked == ["a red disk", "a blue square"] * 2 + ["a red disk"]
         asked.clear()
+
+
+def test_a_text_run_on_own_data_previews_the_prompts_it_read_when_it_started(tmp_path, monkeypatch, encoder_folder):
+    """train() reads the preview prompts once and hands them to every preview: a prompts file removed
+    (or edited) while the run trained stopped it at its next preview. The loop runs with
+    StandInLoop's stand-in step and preview."""
+    import configs.t2i as t2i
+    from test_train import StandInLoop
+
+    loop = StandInLoop(monkeypatch)
+    config = t2i.get_config("tiny")
+    config.scheduler.num_stages, config.data.resolution = 2, 16
+    config.train.update(batch_size=16, keep_checkpoints=5, num_steps=2, checkpoint_every=2, preview_every=1,
+                        preview_num_images=3, text_encoder=encoder_folder)
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        write_image(tmp_path / "data" / f"{i}.png", i)
+        (tmp_path / "data" / f"{i}.txt").write_text(captioned_demo_image(i).caption)
+    config.data.update(source="folder", root=str(tmp_path / "data"))
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red disk\na blue square\n")
+    config.sample.prompts_file = str(prompts_file)
+    preview = loop.train.write_preview
+
+    def preview_then_edit(*args, **kwargs):  # the file edited, then removed, while the run trains
+        prompts_file.write_text("a green ring\n") if len(loop.previews) == 0 else prompts_file.unlink(missing_ok=True)
+        return preview(*args, **kwargs)
+
+    monkeypatch.setattr(loop.train, "write_preview", preview_then_edit)
+    loop.run(config, tmp_path / "run")
+    assert loop.previews == [1, 2]
+    assert loop.preview_prompts == [["a red disk", "a blue square", "a red disk"]] * 2

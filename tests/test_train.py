@@ -558,6 +558,7 @@ class StandInLoop:
         from pixelflow_jax.training import train
 
         self.train, self.bad, self.calls, self.previews, self.preview_classes = train, set(bad), [], [], []
+        self.preview_prompts = []
 
         def initial_state(config, model_cfg, tx, mesh, init_model=None, shapes_only=False):
             zero = jax.numpy.zeros((), jax.numpy.int32)
@@ -568,7 +569,7 @@ class StandInLoop:
             return None, jax.device_put(state, shardings), shardings
 
         def make_train_step(model_cfg, graphdef, tables, *args, **kwargs):
-            def step(state, images, labels):
+            def step(state, images, labels, *frozen):  # (a text run's frozen encoder weights follow)
                 number = int(state["step"]) + 1
                 self.calls.append((number, float(np.asarray(images, np.float64).sum())))
                 bad = number in self.bad
@@ -587,6 +588,7 @@ class StandInLoop:
                           prompts):
             self.previews.append(step)
             self.preview_classes.append(trained_classes)
+            self.preview_prompts.append(prompts)
             return {}
 
         monkeypatch.setattr(train, "write_preview", write_preview)
