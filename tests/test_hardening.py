@@ -2629,6 +2629,8 @@ def test_a_model_config_takes_whole_numbers_and_true_or_false_only():
     config = ModelConfig(**{**small, "depth": np.int64(2), "num_classes": 10.0})
     assert (type(config.depth), type(config.num_classes), config.depth) == (int, int, 2)
     assert config == ModelConfig(**{**small, "depth": 2})  # equal and hashed alike: a sampler's programs are shared
+    flag = ModelConfig(**small, attention_bias=np.bool_(False)).attention_bias  # a numpy bool is True or False
+    assert (type(flag), flag) == (bool, False)
     # dtypes as load_model takes them (it refused jnp.bfloat16, "got <class 'jax.numpy.bfloat16'>")
     assert ModelConfig(**small, dtype=jnp.bfloat16, param_dtype=np.dtype("float16")) == \
         ModelConfig(**small, dtype="bfloat16", param_dtype="float16")
