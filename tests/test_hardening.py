@@ -555,6 +555,9 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     with pytest.raises(ValueError, match=re.escape("encoder_hidden_states must be a batch (B, L_text, 20), got shape "
                                                    "(6, 20): add a batch axis")):  # said: not the trained encoder
         text_model(x[:1], t[:1], encoder_hidden_states=np.zeros((6, width), np.float32))
+    with pytest.raises(ValueError, match=re.escape("encoder_hidden_states must be a batch (B, L_text, 20), got shape "
+                                                   "(1, 1, 6, 20)")):  # an axis too many, e.g. states[None] of a batch
+        text_model(x[:1], t[:1], encoder_hidden_states=np.zeros((1, 1, 6, width), np.float32))
     with pytest.raises(ValueError, match=r"encoder_attention_mask must be \(B, L_text\) = \(2, 6\)"):
         text_model(x, t, encoder_hidden_states=np.zeros((2, 6, width), np.float32),
                    encoder_attention_mask=np.ones((2, 5), np.float32))
