@@ -368,6 +368,18 @@ def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, conf
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+def test_the_config_and_flag_files_a_command_names_are_found_in_every_form_absl_reads():
+    """--NAME=VALUE, --NAME VALUE and -NAME (absl's single dash), each occurrence; a flag whose
+    name only starts with NAME, a value that merely equals it, and a last --NAME without a value
+    are not taken (main.py then refuses a bucket URL among them before absl opens it)."""
+    from pixelflow_jax.cli.config_file import flag_values
+
+    argv = ["main.py", "--config=gs://b/a.py:demo", "-config", "gs://b/c.py", "--config_x=1", "--mode", "config",
+            "--flagfile", "gs://b/run.flags", "-flagfile=local.flags", "--config"]
+    assert flag_values(argv, "config") == ["gs://b/a.py:demo", "gs://b/c.py"]
+    assert flag_values(argv, "flagfile") == ["gs://b/run.flags", "local.flags"]
+
+
 def test_a_mistake_inside_a_users_config_file_and_cluster_flags_without_distributed_are_named(tmp_path):
     mine = tmp_path / "mine.py"
     mine.write_text("import ml_collections\n\ndef get_config():\n"
