@@ -97,7 +97,10 @@ def test_a_hub_web_pages_address_is_refused_with_the_hf_path_that_reads_it(addre
 
 
 @pytest.mark.parametrize("address", ["https://huggingface.co/datasets/me/pictures", "https://example.com/a/b",
-                                     "https://huggingface.co/me"])
+                                     "https://huggingface.co/me",
+                                     # a dataset or space without an owner, or a page of the site: no model's page
+                                     "https://huggingface.co/datasets/mnist", "https://huggingface.co/spaces/gradio",
+                                     "https://huggingface.co/docs/hub"])
 def test_other_web_addresses_are_refused_as_before(address):
     with pytest.raises(CheckpointError, match=r"unsupported URL scheme https://"):
         load_model(address)

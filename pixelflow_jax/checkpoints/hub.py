@@ -37,13 +37,15 @@ def is_hub_path(path: str) -> bool:
 # address bar gives); huggingface_hub reads none of them.
 _WEB_ADDRESS = re.compile(r"https?://(?:www\.)?(?:huggingface|hf)\.co/(?P<repo>[\w.-]+/[\w.-]+)"
                           r"(?:/(?:tree|blob|resolve)/(?P<revision>[\w.-]+)(?P<rest>/.*)?)?/?")
+# First parts of the site's addresses that are no model's owner (a dataset's or space's page, the docs).
+_SITE_SECTIONS = ("datasets", "spaces", "docs", "blog", "papers", "collections", "organizations", "settings")
 
 
 def from_web_address(path: str) -> str | None:
     """The hf:// path of a Hub web page's address (a model page, a folder or a file of it), for a
     refusal to name; None for any other path (datasets and spaces are no checkpoints)."""
     match = _WEB_ADDRESS.fullmatch(str(path))
-    if not match:
+    if not match or match["repo"].split("/")[0] in _SITE_SECTIONS:
         return None
     revision = f"@{match['revision']}" if match["revision"] else ""
     rest = (match["rest"] or "").rstrip("/")
