@@ -260,13 +260,30 @@ def prompts(name: str, value) -> None:
     """A prompt, or a list of prompts (strings); empty where a prompts file gives them."""
     if not (isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value))):
         raise ConfigError(f"--config.{name} must be a prompt or a list of prompts (strings), got {value!r}")
-    if isinstance(value, str) and value.startswith(("(", "[")) and value.endswith((")", "]")) and "," in value:
+    if isinstance(value, str) and looks_like_an_unquoted_list(value):
         # The command line keeps a list whose prompts are not quoted as one string: all of it one prompt.
         raise ConfigError(f"--config.{name} is the one string {value[:200]!r}, which would be a single prompt: a "
                           f"list needs each prompt quoted, --config.{name}='(\"a red fox\", \"a blue car\")'; one "
                           f"prompt written in brackets is a list of one, --config.{name}='(\"(a, b)\",)'")
     for prompt in [value] if isinstance(value, str) else value:
         unicode_text(name, prompt)
+
+
+def looks_like_an_unquoted_list(text: str) -> bool:
+    """Whether text is one pair of brackets around comma-separated items, '(a red fox, a blue car)':
+    not a prompt of emphasis groups, '(masterpiece, best quality), a cat, (red)', whose first
+    bracket closes before its end."""
+    pairs = {"(": ")", "[": "]"}
+    if text[:1] not in pairs or not text.endswith(pairs[text[:1]]):
+        return False
+    depth, comma_inside = 0, False
+    for i, character in enumerate(text):
+        depth += character in "(["
+        depth -= character in ")]"
+        comma_inside |= character == "," and depth == 1
+        if depth == 0:
+            return i == len(text) - 1 and comma_inside
+    return False
 
 
 def unicode_text(name: str, value: str, where: str = "--config.") -> None:

@@ -254,7 +254,8 @@ def test_each_bound_of_a_text_setting_accepts_its_last_value_and_refuses_the_nex
         run_check(t2i_config(**{field: refused}))
 
 
-@pytest.mark.parametrize("mode,value", [("sample", "(a red disk, a blue square)"), ("train", "[a fox, a car]")])
+@pytest.mark.parametrize("mode,value", [("sample", "(a red disk, a blue square)"), ("train", "[a fox, a car]"),
+                                        ("sample", "(a (red) fox, a car)")])
 def test_a_list_of_unquoted_prompts_is_refused_rather_than_sampled_as_one_prompt(mode, value):
     """The command line gives such a list as one string: it sampled one image of the whole text."""
     with pytest.raises(ConfigError, match=re.escape(f"--config.sample.prompts is the one string {value!r}, which would "
@@ -262,7 +263,8 @@ def test_a_list_of_unquoted_prompts_is_refused_rather_than_sampled_as_one_prompt
         check(t2i_config(**{"sample.prompts": value, "train.preview_every": 4}), mode)
     # a prompt that only starts, or only ends, with a bracketed part is a prompt, not a list
     for one_prompt in ("a lighthouse at dusk, oil painting", "(masterpiece)", ("(a, b)",), "(best quality), a red fox",
-                       "a red fox, (best quality)"):
+                       "a red fox, (best quality)", "(masterpiece, best quality), a cat, (red)", "(a, b) and [c, d]",
+                       "(red fox (best, quality))x"):  # emphasis groups, not one bracketed list
         check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
 
 
