@@ -308,31 +308,40 @@ def train(config, workdir: str) -> dict:
             lock.release()  # only a lock of its own
 
 
-def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
-                           lock: WorkdirLock) -> dict:
-    from pixelflow_jax.data.loader import make_loader, to_global_batch
-    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, open_source, record_class_index
-
-    check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
+def remove_leftovers_of_killed_runs(workdir: str) -> None:
+    """Partial files and checkpoints that killed writers left in the workdir, removed by process 0."""
     if jax.process_index() == 0:  # the workdir is ours now: what killed writers of a run left goes
         storage.clear_leftovers_of_killed_writers(workdir, storage.join(workdir, PREVIEWS))
         if unfinished := remove_unfinished_saves(workdir):
             logging.info("removed the partial checkpoints of saves or deletions killed midway: steps %s", unfinished)
     multihost_utils.sync_global_devices("leftovers of killed runs removed")  # before anyone lists checkpoints
-    t = config.train
+
+
+def latest_saved_step(workdir: str) -> int:
+    """The last complete checkpoint's step (0 for none), the same on every process."""
     steps = complete_steps(workdir)
     check_same_checkpoints(steps, storage.join(workdir, CHECKPOINTS))
-    done = max(steps, default=0)
-    if done >= t.num_steps and not preview_owed(workdir, done, t.preview_every):
-        print(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
-              "raise --config.train.num_steps to train further", flush=True)
-        return {}
-    init_source = None
-    if config.train.init_from:
-        if done:  # the same command reruns after a preemption: its init_from is no longer read
-            note_init_from_at_resume(workdir, done, config.train.init_from)
-        else:
-            init_source = check_init_from(config, model_cfg)
+    return max(steps, default=0)
+
+
+def init_from_source(config, model_cfg: ModelConfig, workdir: str, done: int):
+    """The checked CheckpointSource train.init_from names for a new run; None without one, or for a
+    run resumed at step `done`."""
+    if not config.train.init_from:
+        return None
+    if done:  # the same command reruns after a preemption: its init_from is no longer read
+        note_init_from_at_resume(workdir, done, config.train.init_from)
+        return None
+    return check_init_from(config, model_cfg)
+
+
+def open_checked_data(config, model_cfg: ModelConfig, workdir: str, done: int):
+    """(the data source, its file listing or None, the class count it trains or None): checked to be
+    the same data on every process and, on a resume at step `done`, data the resume may read; then
+    its class index recorded in the workdir. A resume's optimiser state is checked here too: after
+    the data opens, before anything is recorded."""
+    from pixelflow_jax.data.sources import CLASS_INDEX_FILE, open_source, record_class_index
+
     # A missing dataset stops the run before it records anything in the workdir.
     source = open_source(config, workdir, captioned=bool(model_cfg.cross_attention_dim), ids_learned=bool(done))
     check_optimiser_state(workdir, config, done)
@@ -349,6 +358,12 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     # its workdir a class_index.json naming folders it never trained on.
     with storage.writing(storage.join(workdir, CLASS_INDEX_FILE), WRITE_FIX):
         record_class_index(config.data, source, workdir, ids_learned=bool(done))
+    return source, listing, trained_classes
+
+
+def text_encoder_and_prompts(config, model_cfg: ModelConfig, workdir: str, mesh, init_source, done: int):
+    """(a text run's encoder, the frozen parameters the train step takes, the prompts of its previews
+    on its own data): (None, (), None) for a class-conditional run."""
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
@@ -356,8 +371,67 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         train_text.fill_encoder_of_runs(config, workdir, init_source)  # its checks, before the init weights load
         text_encoder = train_text.load(config, workdir, model_cfg, mesh, no_step_saved=not done)
         frozen = (text_encoder.params,)
+    t = config.train
     prompts = (own_preview_prompts(config) if text_encoder and t.preview_every and config.data.source != "demo"
                else None)
+    return text_encoder, frozen, prompts
+
+
+def stop_if_too_many_bad_steps(manager, max_bad_steps: int, step: int, bad_steps_in_a_row) -> None:
+    """TrainingStopped once `step` ends train.max_bad_steps non-finite steps in a row."""
+    if int(bad_steps_in_a_row) >= max_bad_steps:  # waits for that step
+        wait_for_saves(manager)
+        latest = manager.latest_step()
+        kept = f"the last good checkpoint is step {latest}" if latest else "no checkpoint of this run was saved"
+        raise TrainingStopped(f"{max_bad_steps} non-finite steps in a row (train.max_bad_steps); stopped "
+                              f"at step {step} without saving: {kept}")
+
+
+def logged_record(step: int, metrics, state, lr, batch_size: int, last_time: float, last_step: int, flops, peak):
+    """(the metrics record of logged step `step`, the time it was taken): its throughput counts the
+    images trained since `last_step`, logged at `last_time`."""
+    metrics = jax.device_get(metrics)
+    now = time.perf_counter()
+    images_per_s = (step - last_step) * batch_size / (now - last_time)
+    skipped = int(state["skipped_steps"])
+    # The rate of this step's update (a schedule counts applied updates, not skipped steps).
+    lr_now = float(lr(step - 1 - skipped)) if callable(lr) else lr
+    record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "bad_steps_in_a_row"},
+              "lr": lr_now, "images_per_s": images_per_s, "step_time_s": batch_size / images_per_s,
+              "skipped_steps": skipped}
+    if peak:
+        record["mfu"] = images_per_s * flops / (peak * jax.device_count())
+    return record, now
+
+
+def preempted_at(preemption: PreemptionWatch, step: int, num_steps: int, preview_due: bool) -> TrainingPreempted:
+    """The exception that ends a run preempted after saving `step`, saying how to go on."""
+    if step < num_steps:
+        rest = "rerun the same command to resume"
+    elif preview_due:  # skipped for the stop
+        rest = "the run's last step; rerun the same command to draw its preview"
+    else:
+        rest = "the run's last step: the run is complete"
+    return TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; {rest}",
+                             EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED)
+
+
+def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
+                           lock: WorkdirLock) -> dict:
+    """train() once `lock` is held: the run's data, text encoder and state (resumed or new), then its steps."""
+    from pixelflow_jax.data.loader import make_loader, to_global_batch
+
+    check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
+    remove_leftovers_of_killed_runs(workdir)
+    t = config.train
+    done = latest_saved_step(workdir)
+    if done >= t.num_steps and not preview_owed(workdir, done, t.preview_every):
+        print(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
+              "raise --config.train.num_steps to train further", flush=True)
+        return {}
+    init_source = init_from_source(config, model_cfg, workdir, done)
+    source, listing, trained_classes = open_checked_data(config, model_cfg, workdir, done)
+    text_encoder, frozen, prompts = text_encoder_and_prompts(config, model_cfg, workdir, mesh, init_source, done)
     init_model = load_init_from(config, model_cfg, init_source)[0] if init_source else None
     check_run_config(workdir, model_cfg, config, text_encoder and text_encoder.record())
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
@@ -392,15 +466,6 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     peak = peak_flops(jax.devices()[0])
     record, last_time, last_step = {}, time.perf_counter(), start
     progress = Progress(t.num_steps, "training", "step", initial=start)
-
-    def stop_if_too_many_bad_steps(step, bad_steps_in_a_row):
-        if int(bad_steps_in_a_row) >= t.max_bad_steps:  # waits for that step
-            wait_for_saves(manager)
-            latest = manager.latest_step()
-            kept = f"the last good checkpoint is step {latest}" if latest else "no checkpoint of this run was saved"
-            raise TrainingStopped(f"{t.max_bad_steps} non-finite steps in a row (train.max_bad_steps); stopped "
-                                  f"at step {step} without saving: {kept}")
-
     unchecked = None  # (step, its bad_steps_in_a_row), read once the next step is queued
     try:
         for step in range(start + 1, t.num_steps + 1):
@@ -409,7 +474,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
             # Reading a step's counter waits for it; reading the previous step's, with this one queued
             # behind it, keeps the device busy while the host fetches and places the next batch.
             if unchecked:
-                stop_if_too_many_bad_steps(*unchecked)
+                stop_if_too_many_bad_steps(manager, t.max_bad_steps, *unchecked)
             preempted = preemption.reached()
             preview_due = bool(t.preview_every) and step % t.preview_every == 0
             log_due = step % t.log_every == 0 or step == t.num_steps or preempted or preview_due
@@ -419,22 +484,13 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                 jax.block_until_ready(metrics)
                 last_time, last_step = time.perf_counter(), step
             if log_due or save_due:  # nothing is logged, previewed or saved of a step past max_bad_steps
-                stop_if_too_many_bad_steps(*unchecked)
+                stop_if_too_many_bad_steps(manager, t.max_bad_steps, *unchecked)
                 unchecked = None
             # Preview steps are logged too, so their class agreement has a record to go in.
             if log_due:
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                images_per_s = (step - last_step) * t.batch_size / (now - last_time)
-                last_time, last_step = now, step
-                skipped = int(state["skipped_steps"])
-                # The rate of this step's update (a schedule counts applied updates, not skipped steps).
-                lr_now = float(lr(step - 1 - skipped)) if callable(lr) else lr
-                record = {"step": step, **{k: float(v) for k, v in metrics.items() if k != "bad_steps_in_a_row"},
-                          "lr": lr_now, "images_per_s": images_per_s, "step_time_s": t.batch_size / images_per_s,
-                          "skipped_steps": skipped}
-                if peak:
-                    record["mfu"] = images_per_s * flops / (peak * jax.device_count())
+                record, last_time = logged_record(step, metrics, state, lr, t.batch_size, last_time, last_step,
+                                                  flops, peak)
+                last_step = step
                 check_saves(manager)  # a background save that failed stops the run now, not a save later
             if preview_due and not preempted and preemption.requested_alone():  # signalled while the step ran
                 preempted = save_due = True
@@ -472,12 +528,5 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         log.close(upload_metrics=lock.lost_to is None)
         preemption.close()
     if preempted:
-        if step < t.num_steps:
-            rest = "rerun the same command to resume"
-        elif preview_due:  # skipped for the stop
-            rest = "the run's last step; rerun the same command to draw its preview"
-        else:
-            rest = "the run's last step: the run is complete"
-        raise TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; {rest}",
-                                EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED)
+        raise preempted_at(preemption, step, t.num_steps, preview_due)
     return record
