@@ -918,15 +918,20 @@ def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike
         f.seek(os.path.getsize(f.name) // 2)
         f.write(b"\x7f" * 64)
     source = CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4))
-    for text_encoder, expected in (("", None), (copy, None), (other, "whose files are not those of the encoder it "
-                                                                     "trained with"),
-                                   (str(tmp_path / "no_t5_here"), "; it trained with")):
+
+    def warnings_sampling_with(text_encoder):
         sample = t2i.get_config("tiny").sample
         sample.text_encoder = text_encoder
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             fill_text_encoder(sample, source)
-        assert (expected in caplog.text) if expected else "it trained with" not in caplog.text, caplog.text
+        return caplog.text
+
+    for text_encoder, expected in (("", None), (copy, None), (other, "whose files are not those of the encoder it "
+                                                                     "trained with"),
+                                   (str(tmp_path / "no_t5_here"), "; it trained with")):
+        warned = warnings_sampling_with(text_encoder)
+        assert (expected in warned) if expected else "it trained with" not in warned, warned
 
     # A run that recorded no fingerprint (before it was recorded) cannot tell a copy from another
     # encoder: another folder is named by its path alone, never said to hold other files; the
@@ -935,13 +940,9 @@ def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike
     monkeypatch.chdir(tmp_path)
     for text_encoder, expected in (("run/text_encoder", None), (copy, "; it trained with"),
                                    (other, "; it trained with")):
-        sample = t2i.get_config("tiny").sample
-        sample.text_encoder = text_encoder
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            fill_text_encoder(sample, source)
-        assert (expected in caplog.text) if expected else "it trained with" not in caplog.text, caplog.text
-        assert "whose files are not those" not in caplog.text, caplog.text
+        warned = warnings_sampling_with(text_encoder)
+        assert (expected in warned) if expected else "it trained with" not in warned, warned
+        assert "whose files are not those" not in warned, warned
 
 
 def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_token_length(tmp_path, encoder_folder):
