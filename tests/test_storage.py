@@ -631,6 +631,46 @@ def test_a_full_local_disk_under_an_upload_is_named_not_the_bucket(bucket, tmp_p
     assert os.listdir(tmp_path) == []  # an uploaded copy goes too (each job's samples.npz kept on the disk)
 
 
+def test_a_full_local_disk_under_a_download_is_named_not_the_file(bucket, tmp_path, monkeypatch):
+    """A release model.pt (or Inception .pth) in a bucket is read through a copy in the temporary
+    folder: a full disk there said 'cannot read ... as a PyTorch checkpoint (truncated or not a
+    checkpoint?): OSError: [Errno 28]', a reason to doubt a sound file. Now the local folder and
+    TMPDIR are named; the file's own errors stay as they are, and a copy with room is read."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from pixelflow_jax.checkpoints.torch_io import load_torch_file
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    local = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(3)}, local)
+    storage.write_atomically(f"{bucket}/model.pt", local.read_bytes())
+    local.unlink()
+    copy = shutil.copyfileobj
+
+    def disk_full(source, target, length=0):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full)
+    with pytest.raises(storage.StorageError, match=(
+            rf"^{bucket}/model.pt is read through a copy on this machine, in {tmp_path}, and that copy failed "
+            r"\(OSError: \[Errno 28\] No space left on device\): free space there, or point TMPDIR at a folder")):
+        load_torch_file(f"{bucket}/model.pt")
+    assert os.listdir(tmp_path) == []  # the partial copy goes with its folder
+
+    def connection_lost(source, target, length=0):
+        raise OSError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(shutil, "copyfileobj", connection_lost)
+    with pytest.raises(Exception, match="Connection reset by peer") as other:
+        load_torch_file(f"{bucket}/model.pt")
+    assert "TMPDIR" not in str(other.value)
+    monkeypatch.setattr(shutil, "copyfileobj", copy)
+    assert load_torch_file(f"{bucket}/model.pt")["w"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_bucket(bucket, tmp_path, monkeypatch):
     """A T5 folder in a bucket is copied into the local cache: a full disk there, or a cache path
     that is a file, was an OSError traceback. A file gone from the bucket stays a

@@ -70,7 +70,7 @@ def load_torch_file(path: str) -> Any:
                 raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), which is read by running "
                                       "its code: save the weights alone (torch.save(model.state_dict(), path))")
             return torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
-    except CheckpointError:
+    except (CheckpointError, storage.StorageError):  # a StorageError: the bucket, or the local copy's folder
         raise
     except Exception as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its messages

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +14,8 @@ import tempfile
 from concurrent import futures
 from typing import Any, Callable, Iterator
 
-from pixelflow_jax.storage.paths import basename, is_url, join
+from pixelflow_jax.error_text import described
+from pixelflow_jax.storage.paths import StorageError, basename, is_url, join
 from pixelflow_jax.storage.remote import on_remote
 
 
@@ -188,6 +190,14 @@ def local_file(path: str) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="pixelflow_download_") as folder:
         local = os.path.join(folder, basename(path))
-        with open_file(path, "rb") as source, open(local, "wb") as target:
-            shutil.copyfileobj(source, target, 16 << 20)
+        try:
+            with open_file(path, "rb") as source, open(local, "wb") as target:
+                shutil.copyfileobj(source, target, 16 << 20)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # the bucket's errors say what they are
+                raise
+            # A full temporary folder is no reason to look at the file (a release model.pt is 2.7 GB).
+            raise StorageError(f"{path} is read through a copy on this machine, in {tempfile.gettempdir()}, and that "
+                               f"copy failed ({described(e)}): free space there, or point TMPDIR at a folder with "
+                               "room for the file") from None
         yield local
