@@ -6,10 +6,10 @@ GELU, residual adds), which FLOP counts leave out.
 
 What is counted: each kernel's operands and outputs, once each. Where a fusion only slices an
 operand at the loop's index (a scan's stacked layer weights), the slice; where it updates a row of a
-buffer in place (a scan writing its stacked outputs), the row. Not counted: what a kernel's tiles
-read twice (a matmul's operands are read once per tile row or column; attention reads K and V once
-per query block), caches (the L2 holds 50 MB), and workspaces. So the numbers are a lower bound for
-matmul and attention kernels and about right for elementwise ones.
+buffer in place (a scan writing its stacked outputs), the row. Not counted: what a kernel reads
+more than once (a matmul re-reads its operands for each tile row or column of its output; flash
+attention reads K and V once per query block), what the L2 cache (50 MB) spares, and workspaces. So
+the numbers are a lower bound for matmul and attention kernels and about right for elementwise ones.
 """
 
 from __future__ import annotations
