@@ -1128,6 +1128,12 @@ def test_a_text_run_on_own_data_previews_the_prompts_it_read_when_it_started(tmp
         return preview(*args, **kwargs)
 
     monkeypatch.setattr(loop.train, "write_preview", preview_then_edit)
+    from pixelflow_jax.sampling import sample_conditioning
+
+    reads, read_prompts_file = [], sample_conditioning.read_prompts_file
+    monkeypatch.setattr(sample_conditioning, "read_prompts_file",
+                        lambda path: reads.append(path) or read_prompts_file(path))
     loop.run(config, tmp_path / "run")
     assert loop.previews == [1, 2]
     assert loop.preview_prompts == [["a red disk", "a blue square", "a red disk"]] * 2
+    assert reads == [str(prompts_file)]  # once for the run: its check and its previews (and its warnings, once)

@@ -255,15 +255,15 @@ def check_outside_the_image_folder(config, workdir: str) -> None:
                          "in a hidden folder of it, such as .runs/, which is not read)")
 
 
-def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> None:
+def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> list[str] | None:
     """What a run on the user's own data must be told, named together (a text run needs three
     settings the demo does not): the data folder, a text run's T5 encoder (unless its workdir or
-    train.init_from records one) and the prompts its previews draw."""
+    train.init_from records one) and the prompts its previews draw. Returns those prompts
+    (own_preview_prompts, read here once for the whole run), or None where no previews draw any."""
     from pixelflow_jax.checkpoints.run_checkpoint import has_trained
-    from pixelflow_jax.sampling.sample_conditioning import read_prompts
 
     d, t, text = config.data, config.train, bool(model_cfg.cross_attention_dim)
-    missing = []
+    missing, prompts = [], None
     if d.source in ("folder", "array_record") and not d.get("root"):
         kind = ("ArrayRecord shards, as pixelflow_jax.data.pack_captions writes them" if d.source == "array_record"
                 else "captioned images, NAME.jpg + NAME.txt" if text else "class subfolders, root/<class>/<image>")
@@ -278,12 +278,13 @@ def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> None:
                                "(or --config.train.preview_every=0 for none)")
             else:
                 try:
-                    read_prompts(config.sample)
+                    prompts = own_preview_prompts(config)
                 except ValueError as e:
                     raise ValueError(f"previews: {e}; or set --config.train.preview_every=0") from None
     if missing:
         raise ValueError(f"this run needs {len(missing)} more setting{'s' if len(missing) > 1 else ''}: "
                          f"{'; '.join(missing)}")
+    return prompts
 
 
 def train(config, workdir: str) -> dict:
@@ -291,7 +292,7 @@ def train(config, workdir: str) -> dict:
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
-    check_own_data_inputs(config, model_cfg, workdir)
+    preview_prompts = check_own_data_inputs(config, model_cfg, workdir)
     check_outside_the_image_folder(config, workdir)
     init_from = config.train.init_from
     if init_from and storage.resolved(init_from) == storage.resolved(workdir) and not complete_steps(workdir):
@@ -303,7 +304,7 @@ def train(config, workdir: str) -> dict:
         lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
         try:  # acquired inside: a SIGTERM the moment after the lock is written still releases it
             lock.acquire()  # a second run on this workdir stops here, naming the first
-            return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock)
+            return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock, preview_prompts)
         finally:
             lock.release()  # only a lock of its own
 
@@ -361,9 +362,9 @@ def open_checked_data(config, model_cfg: ModelConfig, workdir: str, done: int):
     return source, listing, trained_classes
 
 
-def text_encoder_and_prompts(config, model_cfg: ModelConfig, workdir: str, mesh, init_source, done: int):
-    """(a text run's encoder, the frozen parameters the train step takes, the prompts of its previews
-    on its own data): (None, (), None) for a class-conditional run."""
+def text_encoder_of_run(config, model_cfg: ModelConfig, workdir: str, mesh, init_source, done: int):
+    """(a text run's encoder, the frozen parameters the train step takes): (None, ()) for a
+    class-conditional run."""
     text_encoder, frozen = None, ()
     if model_cfg.cross_attention_dim:
         from pixelflow_jax.text import train_text
@@ -371,10 +372,7 @@ def text_encoder_and_prompts(config, model_cfg: ModelConfig, workdir: str, mesh,
         train_text.fill_encoder_of_runs(config, workdir, init_source)  # its checks, before the init weights load
         text_encoder = train_text.load(config, workdir, model_cfg, mesh, no_step_saved=not done)
         frozen = (text_encoder.params,)
-    t = config.train
-    prompts = (own_preview_prompts(config) if text_encoder and t.preview_every and config.data.source != "demo"
-               else None)
-    return text_encoder, frozen, prompts
+    return text_encoder, frozen
 
 
 def stop_if_too_many_bad_steps(manager, max_bad_steps: int, step: int, bad_steps_in_a_row) -> None:
@@ -417,8 +415,9 @@ def preempted_at(preemption: PreemptionWatch, step: int, num_steps: int, preview
 
 
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
-                           lock: WorkdirLock) -> dict:
-    """train() once `lock` is held: the run's data, text encoder and state (resumed or new), then its steps."""
+                           lock: WorkdirLock, prompts: list[str] | None) -> dict:
+    """train() once `lock` is held: the run's data, text encoder and state (resumed or new), then its
+    steps; `prompts`: a text run's preview prompts on its own data (check_own_data_inputs)."""
     from pixelflow_jax.data.loader import make_loader, to_global_batch
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
@@ -431,7 +430,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
         return {}
     init_source = init_from_source(config, model_cfg, workdir, done)
     source, listing, trained_classes = open_checked_data(config, model_cfg, workdir, done)
-    text_encoder, frozen, prompts = text_encoder_and_prompts(config, model_cfg, workdir, mesh, init_source, done)
+    text_encoder, frozen = text_encoder_of_run(config, model_cfg, workdir, mesh, init_source, done)
     init_model = load_init_from(config, model_cfg, init_source)[0] if init_source else None
     check_run_config(workdir, model_cfg, config, text_encoder and text_encoder.record())
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
