@@ -252,8 +252,9 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
         if not storage.exists(run_step.folder):  # not damage: a run still training rotated it away
             raise CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and "
-                              "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read the "
-                              f"run's latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}") from None
+                                  "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read "
+                                  f"the run's latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}"
+                                  ) from None
         raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} (damaged, or not this "
                               f"run's architecture {config.model.architecture()}): {restore_error(e)}"
                               f"{other_steps(run_step)}") from None
