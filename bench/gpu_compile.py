@@ -65,7 +65,7 @@ from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from attention_speed import SWEEP  # noqa: E402
-from harness import positive_int  # noqa: E402
+from harness import non_negative_int, positive_int  # noqa: E402
 from hlo_traffic import kernel_traffic, traffic_by_kind  # noqa: E402
 from pixelflow_jax import CheckpointConfig, PixelFlowScheduler  # noqa: E402
 from pixelflow_jax.config import COMPUTE_DTYPES, REMAT_POLICIES, matmul_precision  # noqa: E402
@@ -497,7 +497,7 @@ def main():
     parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS)),
                         help=f"comma-separated, of {GPU_BACKENDS} (default: train cudnn, sample cudnn,pallas_gpu)")
     parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
-    parser.add_argument("--top", type=int, default=0,
+    parser.add_argument("--top", type=non_negative_int, default=0,
                         help="train, sample: also list the N kernels that move the most HBM bytes (hbm_top)")
     parser.add_argument("--model", choices=("c2i", "t2i"), default="c2i",
                         help="train: class-conditional, or text-to-image (configs/t2i.py's XL, with its T5 encoder)")

@@ -283,6 +283,9 @@ def test_gpu_compile_refuses_a_bad_list_before_compiling():
     result = subprocess.run([sys.executable, "bench/gpu_compile.py", "sample", "--cfg=0.5"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "argument --cfg: cfg_scale must be a finite number in [1, " in result.stderr
+    result = subprocess.run([sys.executable, "bench/gpu_compile.py", "train", "--top=-3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --top: must be a whole number >= 0, got '-3'" in result.stderr
 
 
 def test_a_bad_argument_is_a_usage_error_before_anything_compiles():
