@@ -56,6 +56,18 @@ def test_an_rms_norm_keeps_its_float32_input_once_and_its_gradients_are_jnp_squa
         np.testing.assert_array_equal(ours, reference)
 
 
+def test_an_rms_norm_computes_its_inverse_rms_apart_and_its_values_are_the_formulas_bit_for_bit():
+    """The barrier over 1 / rms(x) (one number per token) keeps XLA from fusing the reduction with
+    the scaling, which on a GPU wrote the norm's output in float32 for RoPE to read back."""
+    norm = RMSNorm(WIDTH, tiny_config())
+    x = jax.random.normal(jax.random.key(1), (BATCH, TOKENS, WIDTH), jnp.bfloat16)
+    barriers = [eqn for eqn in jax.make_jaxpr(norm)(x).jaxpr.eqns if eqn.primitive.name == "optimization_barrier"]
+    assert [[v.aval.shape for v in eqn.invars] for eqn in barriers] == [[(BATCH, TOKENS, 1)]]
+    xf = x.astype(jnp.float32)
+    formula = (xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + 1e-6)).astype(x.dtype)
+    np.testing.assert_array_equal(jax.jit(norm)(x), formula)
+
+
 def test_the_mlp_keeps_its_hidden_layer_twice_and_gelus_gradient_is_jaxs_bit_for_bit():
     graphdef, params = nnx.split(nnx.eval_shape(lambda: FeedForward(tiny_config(dtype="bfloat16"), nnx.Rngs(0))))
     mlp = lambda params, x: nnx.merge(graphdef, params)(x)
