@@ -97,6 +97,12 @@ class PixelFlowScheduler:
             else:
                 self.timesteps_per_stage.append(np.linspace(first, last, n + 1)[:-1])
 
+    def stages_with_one_timestep(self) -> list[int]:
+        """The stages whose training timesteps are all one value, as the release's arithmetic gives
+        with few training timesteps (stage 0 of 4 with 4 to 7; of 9 with 9 to 21, and 23, 24). A
+        model trained so could not tell that stage's times apart (training refuses such a count)."""
+        return [s for s, timesteps in enumerate(self.timesteps_per_stage) if timesteps.min() == timesteps.max()]
+
     def stage_timestep_range(self, stage: int) -> tuple[float, float]:
         """First and last model timestep of a stage (the dopri5 sampler maps t in [0, 1] onto it)."""
         table = self.timesteps_per_stage[stage]

@@ -156,6 +156,14 @@ def check_train(config) -> None:
                           "float32 weights, as the release does; for speed, compute in bfloat16 "
                           "(--config.model.dtype=bfloat16, the c2i and t2i default). param_dtype=bfloat16 is for "
                           "sampling.")
+    from pixelflow_jax.scheduler import PixelFlowScheduler
+
+    scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
+    for stage in scheduler.stages_with_one_timestep()[:1]:
+        raise ConfigError(f"--config.scheduler.num_train_timesteps must be larger: {scheduler.num_train_timesteps} "
+                          f"timesteps feed stage {stage} of {scheduler.num_stages} the one timestep "
+                          f"{scheduler.timesteps_per_stage[stage][0]:g} at every training index, so the model could "
+                          "not tell that stage's times apart (the release: 1000)")
     if t.preview_every:
         check_guidance(config)
         if "prompts" in config.sample:  # text previews draw sample.prompts, guided by the negative prompt

@@ -138,7 +138,8 @@ def next_above(x):
     ("train", "train.lock_stale_after_s", 30.0, next_below(30.0)),
     ("train", "mesh.fsdp", 1, 0),
     ("train", "scheduler.num_stages", 1, 0),
-    ("train", "scheduler.num_train_timesteps", 4, 3),  # at least one timestep per stage (the tiny config has 4)
+    # every stage gets timesteps of its own (the tiny config has 4 stages; 4 to 7 gave stage 0 only timestep 0)
+    ("train", "scheduler.num_train_timesteps", 8, 7),
     ("inspect", "model.depth", 1, 0),
     ("inspect", "model.num_classes", 0, -1),
     ("inspect", "model.cross_attention_dim", 0, -1),

@@ -50,7 +50,12 @@ def test_bad_arguments_are_rejected():
     # fewer timesteps than stages gave stages whose timesteps were all 0
     with pytest.raises(ValueError, match="num_train_timesteps 3 must be at least num_stages 4"):
         PixelFlowScheduler(3, num_stages=4)
-    assert PixelFlowScheduler(4, num_stages=4).timesteps_per_stage[-1][-1] == 3  # as CheckpointConfig allows
+    # The release's arithmetic feeds stage 0 of 4 the timestep 0 alone with 4 to 7 training timesteps,
+    # and stage 0 of 9 with 21 (so not only below 2 x num_stages); training refuses them (test_hardening),
+    # while such a model still samples, with the schedule the release would give it.
+    for n, stages, alike in ((4, 4, [0]), (7, 4, [0]), (8, 4, []), (21, 9, [0]), (22, 9, []), (1000, 4, [])):
+        assert PixelFlowScheduler(n, num_stages=stages).stages_with_one_timestep() == alike
+    assert PixelFlowScheduler(4, num_stages=4).set_timesteps(3, 3)[0].tolist() == [2.0, 2.5, 3.0]
     with pytest.raises(ValueError, match="stage must be in"):
         PixelFlowScheduler(1000, 4).set_timesteps(3, 4)
     for shift in (0.0, -1.0, float("nan"), float("inf")):  # were NaN timesteps, or ones far outside [0, 1000)
