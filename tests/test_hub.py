@@ -61,6 +61,9 @@ def split_t5_into_shards(folder: str, out: str) -> dict[str, str]:
     ("hf://me/runs//sub/", HubPath("me/runs", None, "sub")),  # not "/sub": an absolute path under the snapshot
     ("hf://me/runs/v1..2/step_5", HubPath("me/runs", None, "v1..2/step_5")),  # '..' inside a name is a name
     ("hf://me/runs@refs/pr/12/xl", HubPath("me/runs", "refs/pr/12", "xl")),  # a pull request's ref, not "refs"
+    ("hf://me/runs@refs/convert/safetensors", HubPath("me/runs", "refs/convert/safetensors")),  # a conversion's ref
+    ("hf://me/runs@refs/convert/safetensors/xl/", HubPath("me/runs", "refs/convert/safetensors", "xl")),
+    ("hf://me/runs@refs", HubPath("me/runs", "refs")),  # a branch named refs
 ])
 def test_hub_paths_parse(path, expected):
     assert HubPath.parse(path) == expected
@@ -69,6 +72,16 @@ def test_hub_paths_parse(path, expected):
 @pytest.mark.parametrize("path", ["hf://just-a-name", "hf://me/repo/../../etc", "hf://me/re po"])
 def test_bad_hub_paths_are_refused_with_the_format(path):
     with pytest.raises(CheckpointError, match="hf://OWNER/NAME|not allowed"):
+        HubPath.parse(path)
+
+
+@pytest.mark.parametrize("path", ["hf://me/runs@refs/pr/draft", "hf://me/runs@refs/pr/3x/xl",
+                                  "hf://me/runs@refs/heads/main", "hf://me/runs@refs/convert"])
+def test_a_mistyped_hub_ref_is_refused_with_the_refs_read(path):
+    """'@refs/pr/draft' was read as the revision 'refs' and the subfolder 'pr/draft': the download
+    then failed with "no revision 'refs'", not naming the refs a Hub path takes."""
+    with pytest.raises(CheckpointError, match=r"@refs/\S+ is not a Hub revision: write @refs/pr/N .*, "
+                                              r"@refs/convert/NAME, or a branch or tag as @NAME"):
         HubPath.parse(path)
 
 

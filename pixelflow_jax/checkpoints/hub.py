@@ -4,8 +4,8 @@ Files go through huggingface_hub's standard cache (HF_HOME, HF_HUB_CACHE; HF_HUB
 the cache only; HF_TOKEN or `hf auth login` for gated and private repos), and only the files the
 reader needs are fetched: a PixelFlow folder's config and weights, a T5 folder's config, tokenizer
 and the weight shards that hold encoder tensors (never the decoder-only shards, nor the same
-weights in a second format). REVISION is a branch, tag or commit without '/', or a pull request's
-refs/pr/N.
+weights in a second format). REVISION is a branch, tag or commit without '/', a pull request's
+refs/pr/N, or a conversion's refs/convert/NAME.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.error_text import first_line
 
 PREFIX = "hf://"
-_HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<revision>refs/pr/\d+|[\w.-]+))?(?:/(?P<subfolder>.+))?")
+# The Hub's revisions with a '/' are its own refs; any other '/' after the revision starts the subfolder.
+_HUB_REFS = r"refs/pr/\d+|refs/convert/[\w.-]+"
+_HUB_PATH = re.compile(r"hf://(?P<owner>[\w.-]+)/(?P<name>[\w.-]+)"
+                       rf"(?:@(?P<revision>{_HUB_REFS}|[\w.-]+))?(?:/(?P<subfolder>.+))?")
 
 # A PixelFlow folder: the release's (config.yaml + model.pt) or a converted one. Its config comes
 # first, so that a job can check it before the weights (gigabytes) are downloaded.
@@ -70,8 +73,13 @@ class HubPath:
         match = _HUB_PATH.fullmatch(str(path).rstrip("/"))
         if not match:
             raise CheckpointError(f"{path} is not a Hub path: write hf://OWNER/NAME, optionally followed by "
-                                  "@REVISION (a branch, tag or commit, or refs/pr/N) and /SUBFOLDER")
+                                  "@REVISION (a branch, tag or commit, refs/pr/N or refs/convert/NAME) and /SUBFOLDER")
         subfolder = (match["subfolder"] or "").strip("/")
+        if match["revision"] == "refs" and subfolder:
+            # '@refs/pr/draft' is no branch 'refs' with a subfolder 'pr/draft', but a mistyped ref
+            raise CheckpointError(f"{path}: @refs/{subfolder} is not a Hub revision: write @refs/pr/N (a pull "
+                                  "request, N its number), @refs/convert/NAME, or a branch or tag as @NAME, "
+                                  "then /SUBFOLDER if any")
         if ".." in subfolder.split("/"):
             raise CheckpointError(f"{path}: '..' is not allowed in a Hub subfolder")
         return cls(f"{match['owner']}/{match['name']}", match["revision"], subfolder)
