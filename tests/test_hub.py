@@ -92,6 +92,8 @@ def test_a_mistyped_hub_ref_is_refused_with_the_refs_read(path):
     ("https://huggingface.co/me/runs/tree/v1.0/xl/step_5/", "hf://me/runs@v1.0/xl/step_5"),
     ("https://huggingface.co/me/runs/blob/main/xl/model.pt", "hf://me/runs@main/xl/model.pt"),
     ("http://www.huggingface.co/me/runs/resolve/0123abc/config.yaml", "hf://me/runs@0123abc/config.yaml"),
+    # a pull request's files: the page writes the ref's '/' as %2F
+    ("https://huggingface.co/me/runs/tree/refs%2Fpr%2F3/xl", "hf://me/runs@refs/pr/3/xl"),
 ])
 def test_a_hub_web_pages_address_is_refused_with_the_hf_path_that_reads_it(address, meant):
     """A model page's address copied from the browser was refused as 'unsupported URL scheme

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import urllib.parse
 
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.error_text import first_line
@@ -38,8 +39,9 @@ def is_hub_path(path: str) -> bool:
 
 # The address of a repository's web page, or of a folder or file shown in it (what a browser's
 # address bar gives); huggingface_hub reads none of them.
+# A ref's '/' is '%2F' there (tree/refs%2Fpr%2F3/...).
 _WEB_ADDRESS = re.compile(r"https?://(?:www\.)?(?:huggingface|hf)\.co/(?P<repo>[\w.-]+/[\w.-]+)"
-                          r"(?:/(?:tree|blob|resolve)/(?P<revision>[\w.-]+)(?P<rest>/.*)?)?/?")
+                          r"(?:/(?:tree|blob|resolve)/(?P<revision>[\w.%-]+)(?P<rest>/.*)?)?/?")
 # First parts of the site's addresses that are no model's owner (a dataset's or space's page, the docs).
 _SITE_SECTIONS = ("datasets", "spaces", "docs", "blog", "papers", "collections", "organizations", "settings")
 
@@ -50,7 +52,7 @@ def from_web_address(path: str) -> str | None:
     match = _WEB_ADDRESS.fullmatch(str(path))
     if not match or match["repo"].split("/")[0] in _SITE_SECTIONS:
         return None
-    revision = f"@{match['revision']}" if match["revision"] else ""
+    revision = f"@{urllib.parse.unquote(match['revision'])}" if match["revision"] else ""
     rest = (match["rest"] or "").rstrip("/")
     return f"{PREFIX}{match['repo']}{revision}{rest}"
 
