@@ -149,6 +149,21 @@ def check_weights_of(source: CheckpointSource, weights: str) -> None:
         raise CheckpointError(f"{source.folder} is a converted folder with one set of weights: {ONE_SET_OF_WEIGHTS}")
 
 
+def weights_chosen(source: CheckpointSource | None, weights: str) -> str | None:
+    """Which of a checkpoint's two sets of weights `weights` reads, for a record or a page to name:
+    a training run's, or a train.py checkpoint's read for 'model' (no other file has that set).
+    None where no choice was made: a converted or exported folder holds the one set it was
+    written from (which the default 'ema' was recorded as), and a release model.pt is not known
+    to hold two sets before it is read."""
+    return weights if source and (source.run_step or weights == "model") else None
+
+
+def weights_of(source: CheckpointSource, weights: str) -> str:
+    """'the ema weights of RUN/checkpoints/STEP', or the checkpoint's label where no choice was made."""
+    chosen = weights_chosen(source, weights)
+    return f"the {chosen} weights of {source.label}" if chosen else source.label
+
+
 def fetch_weights(source: CheckpointSource) -> None:
     """A Hub checkpoint's weights into the Hub cache (resolve_checkpoint fetched its config only);
     other checkpoints are read where they are."""

@@ -27,7 +27,8 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.command_line import stop_on_sigterm
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole
-from pixelflow_jax.api import load_sampling_model, run_trained_classes, sampling_checkpoint, sampling_source
+from pixelflow_jax.api import (load_sampling_model, run_trained_classes, sampling_checkpoint, sampling_source,
+                               weights_chosen)
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
 from pixelflow_jax.sampling.sample_conditioning import TrainedClasses, check_config_kind
 
@@ -216,10 +217,9 @@ class DemoSampler:
 
 def page_heading(demo: DemoSampler, weights: str) -> str:
     """The page's title and what it samples. Which weights only where the checkpoint holds two sets
-    to choose from (a training run; a train.py checkpoint, read for 'model'): a converted or
-    exported folder holds the one set it was written from, which an export of a run's raw weights
-    made the page call 'ema weights'."""
-    chosen = f" ({weights} weights)" if demo.source.run_step or weights == "model" else ""
+    to choose from (api.weights_chosen): a converted or exported folder holds the one set it was
+    written from, which an export of a run's raw weights made the page call 'ema weights'."""
+    chosen = f" ({named} weights)" if (named := weights_chosen(demo.source, weights)) else ""
     return (f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {demo.ckpt.num_stages} stages, "
             f"{'text' if demo.text else 'class'}-conditional checkpoint `{demo.source.label}`{chosen}")
 

@@ -8,9 +8,9 @@ that a config or a checkpoint runs.
 The model is the config's (config.model, scheduler, data.resolution) with random weights; or,
 when config.sample.checkpoint is set (or empty in the workdir of a training run with a saved step,
 as sampling reads it), that checkpoint's architecture, stages and resolution with its own weights
-(sample.weights of a training run, named in the report), run in the config's model.dtype,
-param_dtype and attention as --mode=sample runs it. Writes WORKDIR/inspect.json (the latest) and
-adds it to WORKDIR/inspect_history.jsonl.
+(sample.weights of a training run, named in the report; null for a folder of one set), run in
+the config's model.dtype, param_dtype and attention as --mode=sample runs it. Writes
+WORKDIR/inspect.json (the latest) and adds it to WORKDIR/inspect_history.jsonl.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import CheckpointSource, load_for_sampling
+from pixelflow_jax.api import CheckpointSource, load_for_sampling, weights_chosen, weights_of
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config, steps_in_progress
 from pixelflow_jax.config import ModelConfig
@@ -114,7 +114,7 @@ def run(config, workdir: str) -> dict:
     checkpoint = source.label if source else None
     # Which of a run's (or a train.py checkpoint's) two sets is timed: the EMA and the raw weights
     # of one checkpoint were two reports alike in inspect_history.jsonl.
-    weights = config.sample.weights if source else None
+    weights = weights_chosen(source, config.sample.weights)
     model_cfg = model.config
     counts = parameter_counts(model)
     logging.info("parameters: %s", counts)
@@ -145,7 +145,7 @@ def run(config, workdir: str) -> dict:
         out = jax.block_until_ready(forward(params, images, timesteps, conditioning))
         run_time = time.perf_counter() - start
         if not bool(jnp.isfinite(out).all()):
-            inspected = f"the {weights} weights of {checkpoint}" if checkpoint else "the config's model"
+            inspected = weights_of(source, config.sample.weights) if source else "the config's model"
             overflow = "" if config.model.dtype == "float32" else (
                 f", or {config.model.dtype} overflowed (try --config.model.dtype=float32)")
             raise FloatingPointError(f"stage {stage}: the forward pass of {inspected} produced NaN or inf: check its "

@@ -619,7 +619,7 @@ def test_inspect_in_a_training_workdir_inspects_its_latest_checkpoint(run, tmp_p
     assert elsewhere.sample.checkpoint == ""
 
 
-def test_the_inspect_report_names_the_weights_of_the_run_it_timed(run, tmp_path):
+def test_the_inspect_report_names_the_weights_of_the_run_it_timed(run, converted, tmp_path):
     """inspect.json and inspect_history.jsonl named the checkpoint but not which of its two sets,
     so the EMA's report and the raw weights' of one step read alike."""
     from configs import c2i
@@ -633,6 +633,9 @@ def test_the_inspect_report_names_the_weights_of_the_run_it_timed(run, tmp_path)
     history = [json.loads(line) for line in open(tmp_path / "inspect_history.jsonl")]
     assert [line["weights"] for line in history] == ["ema", "model"]
     assert inspect_model.run(c2i.get_config("tiny"), str(tmp_path / "own"))["weights"] is None  # random weights
+    config = c2i.get_config("tiny")
+    config.sample.checkpoint = converted["c2i_tiny"]  # one set of weights: no choice to name ('ema' before)
+    assert inspect_model.run(config, str(tmp_path / "converted"))["weights"] is None
 
 
 def test_a_restore_error_keeps_tensorstores_first_line_without_the_spec_it_appends():

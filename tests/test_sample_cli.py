@@ -372,7 +372,7 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
                                       drawn_for([i], labels[i:i + 1])[0])
     settings = json.loads((workdir / "samples" / "settings.json").read_text())
     assert {k: settings[k] for k in ("seed", "num_images", "labels", "weights", "cfg_scale", "solver", "shift",
-                                     "steps_per_stage")} == dict(seed=7, num_images=5, labels=list(labels), weights="ema",
+                                     "steps_per_stage")} == dict(seed=7, num_images=5, labels=list(labels), weights=None,
                                                                  cfg_scale=2.4, solver="euler", shift=1.0,
                                                                  steps_per_stage=[1, 1, 1, 1])
 
@@ -389,6 +389,24 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
     for name, value in (("seed", 8), ("cfg_scale", 3.0)):  # would mix two jobs' images
         with pytest.raises(ValueError, match=rf"other settings \(differing: \['{name}'\]\)"):
             job(num_images=7, labels=more, **{"seed": 7, name: value})
+
+
+def test_a_converted_folders_job_records_no_choice_of_weights_and_takes_an_earlier_ema_record_as_its_own(
+        tmp_path, converted, monkeypatch):
+    """settings.json said weights 'ema' for a converted folder, which holds the one set it was
+    written from (an export of a run's raw weights too): no choice of weights was made. A job that
+    recorded 'ema' then is the same job: its rerun samples what is missing."""
+    workdir = tmp_path / "run"
+    job = lambda: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2, labels=(1, 2), seed=7)
+    job()
+    path = workdir / "samples" / "settings.json"
+    settings = json.loads(path.read_text())
+    assert "weights" in settings and settings["weights"] is None
+    path.write_text(json.dumps({**settings, "weights": "ema"}))  # as earlier versions recorded it
+    os.remove(workdir / "samples" / "000001.png")
+    os.remove(workdir / "samples.npz")
+    assert job()[1] == [[2] * 8]  # the missing image alone, padded to 8 devices
+    assert (workdir / "samples" / "000001.png").exists()
 
 
 def test_an_earlier_jobs_settings_are_checked_before_the_weights_are_read_and_recorded_after(tmp_path, converted,

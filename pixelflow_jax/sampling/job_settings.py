@@ -268,6 +268,9 @@ def changed_settings(previous: dict, settings: dict) -> list[str]:
     for path, fingerprint in (("checkpoint", "checkpoint_fingerprint"), ("text_encoder", "text_encoder_fingerprint")):
         if previous.get(fingerprint) and previous.get(fingerprint) == settings.get(fingerprint):
             changed = [k for k in changed if k != path]  # the same files at another path: a copy, a link, a move
+    if previous.get("weights") == "ema" and "weights" in settings and settings["weights"] is None:
+        # Until 2026-12-01 a folder of one set of weights was recorded as read for the default 'ema'.
+        changed = [k for k in changed if k != "weights"]
     if settings.get("solver") == "dopri5":  # its adaptive steps use neither
         changed = [k for k in changed if k not in ("shift", "steps_per_stage")]
     return changed

@@ -30,7 +30,7 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.api import (fetch_weights, load_sampling_model, run_trained_classes, sampling_runtime,
-                               sampling_source)
+                               sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.evaluation.evaluate import EVAL_JSON
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
@@ -107,7 +107,8 @@ def _sample(config, workdir: str) -> None:
     fetch_weights(source)  # the settings record the weights' files: fetched now, restored after
     num_images = conditioning.num_images
     runtime = sampling_runtime(config)
-    settings = dict(checkpoint=source.label, weights=s.weights, architecture=ckpt.model.architecture(),
+    settings = dict(checkpoint=source.label, weights=weights_chosen(source, s.weights),
+                    architecture=ckpt.model.architecture(),
                     dtype=runtime["dtype"], param_dtype=runtime["param_dtype"],
                     resolution=ckpt.resolution, num_stages=ckpt.num_stages,
                     steps_per_stage=list(options.steps_per_stage),
@@ -125,13 +126,12 @@ def _sample(config, workdir: str) -> None:
         missing = images_to_sample(folder, num_images)
         batch_size = batch_for(len(missing), int(s.batch_size), num_devices)
         if len(missing):
-            logging.info("sampling the %s weights of %s: %d of %d images to sample (%d already on disk), batch %d "
-                         "over %d devices", s.weights, source.label, len(missing), num_images,
+            logging.info("sampling %s: %d of %d images to sample (%d already on disk), batch %d "
+                         "over %d devices", weights_of(source, s.weights), len(missing), num_images,
                          num_images - len(missing), batch_size, num_devices)
             sample_batches(model, ckpt, options, conditioning, missing, folder, batch_size, int(s.seed))
         else:
-            logging.info("all %d images of this job are on disk (%s weights of %s)", num_images, s.weights,
-                         source.label)
+            logging.info("all %d images of this job are on disk (%s)", num_images, weights_of(source, s.weights))
         multihost_utils.sync_global_devices("all images written")
         removed = finish(folder, workdir, num_images, ckpt.resolution) if jax.process_index() == 0 else 0
         # Every process learns whether process 0 removed unreadable images, to sample them again.
