@@ -278,7 +278,28 @@ def build_page(demo: DemoSampler, config):
         # (a 1000-value list for a class), and a traceback on the server's terminal.
         button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files],
                      api_name="generate", preprocess=False)
+    name_the_values_of_miscounted_requests(page)
     return page
+
+
+def name_the_values_of_miscounted_requests(page) -> None:
+    """A request to the page's API with too few values was refused by Gradio before run() saw it:
+    the caller read '{"error": null}', and the server's terminal a traceback listing component
+    objects; extra values were dropped unread. Now either is refused with the values the page
+    takes, in order, and the terminal stays clear. (gradio_client fills missing values with the
+    page's defaults itself: raw HTTP requests are the ones refused for too few.)"""
+    import gradio as gr
+
+    gradios_check = page.validate_inputs
+
+    def check(block_fn, inputs):
+        if len(inputs) != len(block_fn.inputs):
+            expected = ", ".join(f"'{block.label}'" for block in block_fn.inputs)
+            raise gr.Error(f"This request sent {len(inputs)} values; the page takes {len(block_fn.inputs)}, in this "
+                           f"order: {expected}.", print_exception=False)
+        gradios_check(block_fn, inputs)
+
+    page.validate_inputs = check
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -1,5 +1,6 @@
 """`main.py --mode=demo` driven by headless Chromium: pick a class, generate, see the images."""
 
+import json
 import os
 import signal
 import subprocess
@@ -86,6 +87,28 @@ def test_pick_a_class_generate_and_see_the_images(demo_server, tmp_path):
                              ((207, "euler", 4.0, 1.0, 0.5, 1, 1, 1, 1, 1), "Seed must be a whole number")]:
         status = client.predict(*request, api_name="/generate")[0]  # the status line's update
         assert status["value"].startswith(f"**Not generated:** {message}"), status
+    assert "Traceback" not in open(tmp_path / "demo.log").read()
+
+
+def api_call(url: str, values: list) -> str:
+    """The server-sent events answering a request to the page's API over plain HTTP (as curl sends it)."""
+    request = urllib.request.Request(url + "gradio_api/call/generate", data=json.dumps({"data": values}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    event = json.load(urllib.request.urlopen(request, timeout=30))["event_id"]
+    return urllib.request.urlopen(f"{url}gradio_api/call/generate/{event}", timeout=120).read().decode()
+
+
+def test_an_api_request_with_too_few_or_too_many_values_is_told_the_values_the_page_takes(demo_server, tmp_path):
+    """Too few values got '{"error": null}' from Gradio, and the server's terminal a traceback listing
+    component objects; extra values were dropped unread."""
+    expected = ("the page takes 10, in this order: 'Class', 'Solver', 'CFG', 'Noise shift', 'Seed', 'Number of "
+                "images', 'Steps, stage 0', 'Steps, stage 1', 'Steps, stage 2', 'Steps, stage 3'.")
+    for values in ([207, "euler", 4.0, 1.0, 7, 1], [207, "euler", 4.0, 1.0, 7, 1, 1, 1, 1, 1, 1]):
+        answer = api_call(demo_server, values)
+        assert answer.startswith("event: error\n"), answer
+        error = json.loads(answer.split("data: ", 1)[1].splitlines()[0])["error"]
+        assert error == f"This request sent {len(values)} values; {expected}"
+    assert "1 image for class 207" in api_call(demo_server, [207, "euler", 4.0, 1.0, 7, 1, 1, 1, 1, 1])
     assert "Traceback" not in open(tmp_path / "demo.log").read()
 
 
