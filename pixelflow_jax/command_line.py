@@ -150,13 +150,13 @@ class LoggedStopsDropped(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, Terminated)))
 
 
-INFO_HIDDEN_OF = re.compile(r"[/\\](site|dist)-packages[/\\]orbax[/\\]")  # an installed orbax
+INSTALLED_ORBAX = re.compile(r"[/\\](site|dist)-packages[/\\]orbax[/\\]")  # a record's file
 
 
 def quiet_library_info(record) -> bool:
     """Keeps orbax's INFO lines (about 35 per checkpoint save) out of the log; its warnings and
     errors, and everything of this project's, stay."""
-    return record.levelno >= logging.WARNING or not INFO_HIDDEN_OF.search(record.pathname)
+    return record.levelno >= logging.WARNING or not INSTALLED_ORBAX.search(record.pathname)
 
 
 def keep_library_info_out_of_the_log() -> None:

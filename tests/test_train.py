@@ -2,6 +2,7 @@
 loss on the demo set, and resuming after kill -9."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -1312,14 +1313,13 @@ def test_mfu_uses_the_peak_of_the_device_kind_named_most_exactly():
     assert peak_flops(SimpleNamespace(device_kind="cpu")) is None
 
 
-def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path, monkeypatch):
-    """Asked at every logged step, not only at the next save (checkpoint_every steps of work
-    later). The failure is made inside orbax's background commit, where a full disk shows."""
+def save_failing_in_the_background(tmp_path, monkeypatch):
+    """A manager holding step 2 whose save of step 4 failed inside orbax's background commit, where
+    a full disk shows; the failure not yet reported."""
     import time
 
     from orbax.checkpoint._src.checkpointers import async_checkpointer
 
-    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.training import checkpointing
 
     manager = checkpointing.checkpoint_manager(str(tmp_path), keep=3)
@@ -1335,9 +1335,39 @@ def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path
     deadline = time.time() + 60
     while manager.is_saving_in_progress() and time.time() < deadline:
         time.sleep(0.05)
+    return manager
+
+
+def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path, monkeypatch):
+    """Asked at every logged step, not only at the next save (checkpoint_every steps of work
+    later)."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.training import checkpointing
+
+    manager = save_failing_in_the_background(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match=r"no space left on the device\. Fix the cause \(free space: a save needs "
                                               r"room for one checkpoint beside the 3 kept; .* it resumes from step 2$"):
         checkpointing.check_saves(manager)
+
+
+def test_orbax_logs_a_failed_save_in_one_line_each_time_not_its_traceback(tmp_path, monkeypatch, caplog):
+    """A full disk printed two orbax tracebacks (its background thread's, then its wait's), dozens
+    of lines of its internals, above the job's one-line error; orbax's lines keep their message."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.training import checkpointing
+
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        manager = save_failing_in_the_background(tmp_path, monkeypatch)
+        with pytest.raises(CheckpointError, match="no space left on the device"):
+            checkpointing.check_saves(manager)
+    orbax = [r for r in caplog.records if "orbax" in r.pathname]
+    assert [r.getMessage().split("] ")[-1] for r in orbax] == [
+        f"Failed to run 3 Handler Commit operations or the Commit callback in background save thread, directory: "
+        f"{tmp_path}/checkpoints/4 (OSError: RESOURCE_EXHAUSTED: Error writing local file ...: No space left on "
+        "device [28])",
+        "Save Finalize thread (save_finalize) failed. (OSError: RESOURCE_EXHAUSTED: Error writing local file ...: "
+        "No space left on device [28])"]
+    assert not any(r.exc_info or r.exc_text for r in orbax) and "Traceback" not in caplog.text
 
 
 def test_a_batch_the_devices_cannot_split_names_the_device_counts_that_keep_it():

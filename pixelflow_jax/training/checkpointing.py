@@ -8,6 +8,7 @@ the resume point, the latest step that restores (damaged ones set aside).
 from __future__ import annotations
 
 import contextlib
+import logging as python_logging
 import re
 import time
 
@@ -19,6 +20,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, complete_steps,
                                                       restore_error)
+from pixelflow_jax.command_line import INSTALLED_ORBAX
 from pixelflow_jax.error_text import first_line
 from pixelflow_jax.multihost import processes_where
 
@@ -60,8 +62,29 @@ def deletion_killed_midway(step_folder: str) -> bool:
     return storage.is_url(step_folder) and ocp.path.atomicity.COMMIT_SUCCESS_FILE not in storage.list_files(step_folder)
 
 
+class OrbaxTracebacksInOneLine(python_logging.Filter):
+    """orbax's records of an error, once a run's checkpoint manager is made, keep their message
+    with the error's first line in place of the traceback. A failed save's came twice, dozens of
+    lines of orbax's internals above the one line that save_errors reports (the cause, the step a
+    rerun resumes from, the fix): from its background thread when the write failed, and from the
+    wait that raises the error again. (orbax logs through absl's logger, which the job's own lines
+    share: there is no level of orbax's alone to lower while the error is handled.)"""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, Exception) and INSTALLED_ORBAX.search(record.pathname):  # a stop: LoggedStopsDropped
+            record.msg, record.args = f"{record.getMessage()} ({type(error).__name__}: {first_line(error)})", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+ORBAX_TRACEBACKS_IN_ONE_LINE = OrbaxTracebacksInOneLine()  # one instance: a second addFilter adds nothing
+
+
 def checkpoint_manager(workdir: str, keep: int):
     import orbax.checkpoint as ocp
+
+    python_logging.getLogger("absl").addFilter(ORBAX_TRACEBACKS_IN_ONE_LINE)
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(storage.join(storage.absolute(workdir), CHECKPOINTS), options=options,
