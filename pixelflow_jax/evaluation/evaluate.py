@@ -37,10 +37,10 @@ from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.multihost import check_shared_workdir, gather_rows, named, processes_where, rows_of_this_process
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
+from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
 
 FEATURES = ("pool", "spatial", "logits")
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
-EVAL_JSON = "eval.json"  # in the workdir: the latest evaluation (its history beside it)
 IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                               "VIRTUAL_imagenet256_labeled.npz")
 # The shapes of ADM's stored reference statistics: pool_3 (2048) and mixed_6/conv's first 7 channels (7 x 17 x 17).
@@ -384,8 +384,6 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
 def npz_for_folder(folder: str) -> str:
     """What to pass instead of a folder of images: the .npz in it or beside it that a sampling job
     wrote (its samples/ folder holds the PNGs), or how to make one."""
-    from pixelflow_jax.sampling.job_files import SAMPLES_NPZ
-
     for candidate in (storage.join(folder, SAMPLES_NPZ), storage.join(storage.dirname(folder.rstrip("/")),
                                                                       SAMPLES_NPZ)):
         if storage.isfile(candidate):
@@ -487,7 +485,7 @@ def check_own_samples_finished(npz: str, workdir: str) -> None:
     """The workdir's samples.npz is its sampling job's whole output once that job has finished; a
     job extended to more images and stopped part-way left the smaller earlier file, which scored
     the earlier images without a word."""
-    settings = storage.join(workdir, "samples", "settings.json")
+    settings = settings_path(workdir)
     try:
         asked = int(storage.read_json(settings)["num_images"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):  # no job's record (or damaged): nothing to compare
@@ -503,8 +501,6 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
     a sampling job there) and writes WORKDIR/eval.json (process 0)."""
     e = config.eval
-    from pixelflow_jax.sampling.job_files import SAMPLES_NPZ
-
     samples = samples or e.samples
     own = storage.join(workdir, SAMPLES_NPZ)
     if not samples and storage.isfile(own):

@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 
 from pixelflow_jax import storage
-from pixelflow_jax.evaluation.evaluate import EVAL_JSON
+from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
 
 GRID_PNG = "grid.png"
-SAMPLES_NPZ = "samples.npz"  # in the workdir: every image of the job, for evaluation
 
 IMAGE_NAME = re.compile(r"\d{6,}\.png")
 # What a failed write of the job's files tells the user (a full disk, a folder made read-only).
@@ -46,10 +45,6 @@ def sampled_images(folder: str) -> list[str]:
 def earlier_outputs(workdir: str) -> list[str]:
     """What a sampling job leaves in its workdir besides samples/: what the next job would overwrite."""
     return [name for name in (SAMPLES_NPZ, GRID_PNG, EVAL_JSON) if storage.exists(storage.join(workdir, name))]
-
-
-def settings_path(workdir: str) -> str:
-    return storage.join(workdir, "samples", "settings.json")
 
 
 def sampled_checkpoint(workdir: str) -> str | None:

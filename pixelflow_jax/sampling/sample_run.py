@@ -32,7 +32,6 @@ from pixelflow_jax import storage
 from pixelflow_jax.api import (fetch_weights, load_sampling_model, run_trained_classes, sampling_runtime,
                                sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.command_line import stop_if_terminated
-from pixelflow_jax.evaluation.evaluate import EVAL_JSON
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
@@ -43,6 +42,7 @@ from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, WRITE_FIX, 
 from pixelflow_jax.sampling.job_settings import check_settings
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
+from pixelflow_jax.workdir_files import EVAL_JSON
 
 GRID_IMAGES = 64
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
