@@ -112,6 +112,15 @@ def test_an_api_request_with_too_few_or_too_many_values_is_told_the_values_the_p
     assert "Traceback" not in open(tmp_path / "demo.log").read()
 
 
+def test_the_request_count_check_leaves_another_gradios_page_as_it_is():
+    """Page.validate_inputs is not documented Gradio API: where a version lacks it, the page still builds."""
+    from pixelflow_jax.demo_app import name_the_values_of_miscounted_requests
+
+    page = type("PageOfAnotherGradio", (), {})()
+    name_the_values_of_miscounted_requests(page)
+    assert vars(page) == {}
+
+
 def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tmp_path):
     """The page ignored sample.negative_prompt (always ""), unlike the sampling job."""
     import numpy as np
