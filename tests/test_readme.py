@@ -6,6 +6,7 @@ Every source text must occur in its block, so an edited README fails loudly inst
 something else; a block with no entry in BLOCKS fails too."""
 
 import os
+import re
 import textwrap
 
 import numpy as np
@@ -108,3 +109,34 @@ def test_readme_python_block_runs(name, converted, encoder_folder):
     namespace = {}
     exec(compile(code, f"README.md block at line {line}", "exec"), namespace)
     check(namespace, folders)
+
+
+def readme_text() -> str:
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+# Fields the README names as mistakes on purpose (the override refused with the field meant).
+MISSPELT_ON_PURPOSE = {"trian.lr"}
+
+
+def test_every_config_field_the_readme_overrides_exists():
+    """Each `--config.SECTION.FIELD` of the README is a field of configs/c2i.py or configs/t2i.py: a
+    renamed or removed setting fails here rather than in a reader's command line."""
+    from configs import c2i, t2i
+
+    configs = [c2i.get_config(""), t2i.get_config("")]
+
+    def has(config, field):
+        for part in field.split("."):
+            if not hasattr(config, "keys") or part not in config:
+                return False
+            config = config[part]
+        return True
+
+    # Lower case only: --config.FIELD is a placeholder.
+    fields = set(re.findall(r"--config\.([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)", readme_text()))
+    assert len(fields) > 30, "the pattern no longer finds the README's overrides"
+    missing = sorted(f for f in fields - MISSPELT_ON_PURPOSE if not any(has(c, f) for c in configs))
+    assert not missing, f"README.md names --config fields that configs/c2i.py and configs/t2i.py lack: {missing}"
+    assert not any(has(c, f) for c in configs for f in MISSPELT_ON_PURPOSE), "a field misspelt on purpose exists now"
