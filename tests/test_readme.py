@@ -5,6 +5,7 @@ Each block gets a few literal substitutions (checkpoint paths -> the tiny fixtur
 Every source text must occur in its block, so an edited README fails loudly instead of running
 something else; a block with no entry in BLOCKS fails too."""
 
+import itertools
 import os
 import re
 import textwrap
@@ -140,3 +141,33 @@ def test_every_config_field_the_readme_overrides_exists():
     missing = sorted(f for f in fields - MISSPELT_ON_PURPOSE if not any(has(c, f) for c in configs))
     assert not missing, f"README.md names --config fields that configs/c2i.py and configs/t2i.py lack: {missing}"
     assert not any(has(c, f) for c in configs for f in MISSPELT_ON_PURPOSE), "a field misspelt on purpose exists now"
+
+
+def readme_module_table() -> set[str]:
+    """The path of each file that README.md's 'What is here' table names, under the folder of its rows."""
+    lines = readme_text().splitlines()
+    start = lines.index("| file | job |") + 2
+    folder, named = "pixelflow_jax", set()
+    for row in itertools.takewhile(lambda line: line.startswith("|"), lines[start:]):
+        first_cell = row.split("|")[1]
+        if heading := re.fullmatch(r"\s*\*\*`([\w/]+)/`\*\*\s*", first_cell):  # **`pixelflow_jax/`**, **`cli/`**
+            folder = heading.group(1) if heading.group(1) == "pixelflow_jax" else f"pixelflow_jax/{heading.group(1)}"
+        elif "**top level**" in first_cell:
+            folder = ""
+        else:
+            for name in re.findall(r"`([^`]+)`", first_cell):
+                named.add(os.path.normpath(name if "/" in name else os.path.join(folder, name)))
+    return named
+
+
+def test_the_readme_module_table_lists_every_module_where_it_is():
+    """A module added, moved or removed updates the table a reader finds the code by."""
+    named = readme_module_table()
+    gone = sorted(path for path in named if not os.path.isfile(os.path.join(REPO, path)))
+    assert not gone, f"README.md's 'What is here' table names files that are not there: {gone}"
+    package = os.path.join(REPO, "pixelflow_jax")
+    modules = {os.path.relpath(os.path.join(folder, name), REPO) for folder, _, names in os.walk(package)
+               for name in names if name.endswith(".py") and name != "__init__.py"}
+    unlisted = sorted(modules - named)
+    assert not unlisted, (f"modules missing from README.md's 'What is here' table: {unlisted}; add each to the "
+                          f"rows of its folder")
