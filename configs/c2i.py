@@ -29,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         dtype="bfloat16",  # compute dtype (the release trains and samples under bf16 autocast)
         param_dtype="float32",
         attention="auto",  # the fastest measured kernel for the platform (pixelflow_jax/kernels/attention.py)
-        remat="none",  # 'full' or 'dots' trade compute for activation memory in training
+        remat="none",  # 'full', 'dots' or 'dots_attention' trade compute for activation memory in training
         pooled_text=False,  # text models: also condition adaLN on the pooled caption (not the release's)
     ))
     config.scheduler = ml_collections.ConfigDict(dict(num_train_timesteps=1000, num_stages=4))
