@@ -232,6 +232,21 @@ def test_hlo_traffic_counts_what_each_kernel_reads_and_writes_per_trip():
         copy=3 * per_trip["loop_dynamic_update_slice_fusion"] + 2 * stack)
 
 
+
+def test_hlo_traffic_names_cublaslt_matmuls_and_our_pallas_attention_by_their_kind():
+    """Library calls other than the test's layer loop: cuBLASLt's matmul (its target says matmul,
+    not gemm) is a gemm, and our Pallas attention kernel (a Triton call named in its backend
+    config) is attention, not elementwise traffic."""
+    from hlo_traffic import kernel_kind, parse_instruction
+
+    matmul = parse_instruction('  %custom-call.3 = (bf16[16,8]{1,0}, s8[4194304]{0}) custom-call(%p.1, %p.2), '
+                               'custom_call_target="__cublas$lt$matmul", backend_config={"alpha_real":1}')
+    flash = parse_instruction('  %custom-call.5 = bf16[2,16,64]{2,1,0} custom-call(%q.1, %k.1, %v.1), '
+                              'custom_call_target="__gpu$xla.gpu.triton", '
+                              'backend_config={"name":"pixelflow_flash_forward","num_warps":"4"}')
+    assert (kernel_kind(matmul, None), kernel_kind(flash, None)) == ("gemm", "attention")
+
+
 def test_gpu_compile_does_not_count_a_stream_wait_as_a_kernel():
     """jax 0.11 runs some copies on other streams: an async start wraps them (counted as what they
     run) and an async done waits for them, a host dispatch but no kernel (it was counted a fusion)."""
