@@ -233,6 +233,54 @@ def test_hlo_traffic_counts_what_each_kernel_reads_and_writes_per_trip():
 
 
 
+
+# Two fusions updating a row of a stack: one returns it beside another output (a multi-output
+# fusion, whose root is a tuple), the other scales the whole updated stack.
+ROW_UPDATE_HLO = """HloModule jit_rows
+
+%fused_row_and_tanh (param_0: bf16[3,16,8], param_1: bf16[16,8], param_2: s32[]) -> (bf16[3,16,8], bf16[16,8]) {
+  %param_0 = bf16[3,16,8]{2,1,0} parameter(0)
+  %param_1 = bf16[16,8]{1,0} parameter(1)
+  %bitcast.1 = bf16[1,16,8]{2,1,0} bitcast(%param_1)
+  %param_2 = s32[] parameter(2)
+  %constant_1 = s32[] constant(0)
+  %dynamic-update-slice.1 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_2, %constant_1, %constant_1)
+  %tanh.1 = bf16[16,8]{1,0} tanh(%param_1)
+  ROOT %tuple.1 = (bf16[3,16,8]{2,1,0}, bf16[16,8]{1,0}) tuple(%dynamic-update-slice.1, %tanh.1)
+}
+
+%fused_row_then_scale (param_0.1: bf16[3,16,8], param_1.1: bf16[16,8], param_2.1: s32[]) -> bf16[3,16,8] {
+  %param_0.1 = bf16[3,16,8]{2,1,0} parameter(0)
+  %param_1.1 = bf16[16,8]{1,0} parameter(1)
+  %bitcast.2 = bf16[1,16,8]{2,1,0} bitcast(%param_1.1)
+  %param_2.1 = s32[] parameter(2)
+  %constant_2 = s32[] constant(0)
+  %dynamic-update-slice.2 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0.1, %bitcast.2, %param_2.1, %constant_2, %constant_2)
+  ROOT %multiply.1 = bf16[3,16,8]{2,1,0} multiply(%dynamic-update-slice.2, %dynamic-update-slice.2)
+}
+
+ENTRY %main.2 (a.1: bf16[3,16,8], b.1: bf16[16,8], i.1: s32[]) -> (bf16[3,16,8], bf16[16,8], bf16[3,16,8]) {
+  %a.1 = bf16[3,16,8]{2,1,0} parameter(0)
+  %b.1 = bf16[16,8]{1,0} parameter(1)
+  %i.1 = s32[] parameter(2)
+  %row_fusion = (bf16[3,16,8]{2,1,0}, bf16[16,8]{1,0}) fusion(%a.1, %b.1, %i.1), kind=kLoop, calls=%fused_row_and_tanh
+  %scale_fusion = bf16[3,16,8]{2,1,0} fusion(%a.1, %b.1, %i.1), kind=kLoop, calls=%fused_row_then_scale
+  ROOT %tuple.2 = (bf16[3,16,8]{2,1,0}, bf16[16,8]{1,0}, bf16[3,16,8]{2,1,0}) tuple(%row_fusion, %scale_fusion)
+}
+"""
+
+
+def test_hlo_traffic_counts_a_row_update_in_place_only_where_the_fusion_outputs_it():
+    """A stack's row updated in place and output beside another result (a tuple root) moves the
+    row, not the stack; a stack updated and then computed on is read and written whole."""
+    from hlo_traffic import kernel_traffic
+
+    row, stack = 16 * 8 * 2, 3 * 16 * 8 * 2
+    assert {k["name"]: k["bytes"] for k in kernel_traffic(ROW_UPDATE_HLO)} == dict(
+        row_fusion=row + 4 + row + row,  # the row and the index in; the row and tanh's output written
+        scale_fusion=stack + row + 4 + stack)
+
+
 def test_hlo_traffic_names_cublaslt_matmuls_and_our_pallas_attention_by_their_kind():
     """Library calls other than the test's layer loop: cuBLASLt's matmul (its target says matmul,
     not gemm) is a gemm, and our Pallas attention kernel (a Triton call named in its backend
