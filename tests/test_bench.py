@@ -295,6 +295,20 @@ def test_hlo_traffic_names_cublaslt_matmuls_and_our_pallas_attention_by_their_ki
     assert (kernel_kind(matmul, None), kernel_kind(flash, None)) == ("gemm", "attention")
 
 
+
+def test_gpu_compile_top_lists_the_kernels_that_move_the_most_with_their_jax_operation():
+    """--top=N adds hbm_top to a row: the N kernels of the most bytes, largest first, each with its
+    kind, name and the jax operation it came from; without --top the row has none."""
+    from gpu_compile import traffic_report
+
+    compiled = type("Compiled", (), dict(as_text=lambda self: LAYER_LOOP_HLO))()
+    assert "hbm_top" not in traffic_report(compiled, "h200")
+    top = traffic_report(compiled, "h200", top=3)["hbm_top"]
+    assert [row[1:] for row in top] == [["attention", "attention.1", ""],
+                                        ["copy", "loop_dynamic_update_slice_fusion", ""],
+                                        ["elementwise", "loop_tanh_fusion", "jit(step)/while/body/tanh"]]
+
+
 def test_gpu_compile_does_not_count_a_stream_wait_as_a_kernel():
     """jax 0.11 runs some copies on other streams: an async start wraps them (counted as what they
     run) and an async done waits for them, a host dispatch but no kernel (it was counted a fusion)."""
