@@ -671,6 +671,28 @@ def test_a_full_local_disk_under_a_download_is_named_not_the_file(bucket, tmp_pa
     assert load_torch_file(f"{bucket}/model.pt")["w"].tolist() == [1.0, 1.0, 1.0]
 
 
+
+def test_a_disk_quota_reached_under_a_download_is_named_as_a_full_disk(bucket, tmp_path, monkeypatch):
+    """A quota reached in the temporary folder (EDQUOT, a shared machine's home or scratch) is the
+    same lack of room as a full disk: named with the folder and TMPDIR, not the bucket's file."""
+    import shutil
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    storage.write_atomically(f"{bucket}/model.pt", b"weights" * 100)
+
+    def quota_reached(source, target, length=0):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(shutil, "copyfileobj", quota_reached)
+    with pytest.raises(storage.StorageError, match=(
+            rf"^{bucket}/model.pt is read through a copy on this machine, in {tmp_path}, and that copy failed "
+            r"\(OSError: \[Errno 122\] Disk quota exceeded\): free space there, or point TMPDIR at a folder")):
+        with storage.local_file(f"{bucket}/model.pt"):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_bucket(bucket, tmp_path, monkeypatch):
     """A T5 folder in a bucket is copied into the local cache: a full disk there, or a cache path
     that is a file, was an OSError traceback. A file gone from the bucket stays a
