@@ -267,6 +267,9 @@ def test_a_list_of_unquoted_prompts_is_refused_rather_than_sampled_as_one_prompt
                        "a red fox, (best quality)", "(masterpiece, best quality), a cat, (red)", "(a, b) and [c, d]",
                        "(red fox (best, quality))x"):  # emphasis groups, not one bracketed list
         check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
+    # a comma inside a nested group only, or brackets that never close, are no list either
+    for one_prompt in ("(a red fox (best, quality))", "(a red fox, (best quality)"):
+        check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
 
 
 @pytest.mark.parametrize("mode,field,value", [
