@@ -115,7 +115,10 @@ def test_a_hub_web_pages_address_is_refused_with_the_hf_path_that_reads_it(addre
                                      "https://huggingface.co/me",
                                      # a dataset or space without an owner, or a page of the site: no model's page
                                      "https://huggingface.co/datasets/mnist", "https://huggingface.co/spaces/gradio",
-                                     "https://huggingface.co/docs/hub"])
+                                     "https://huggingface.co/docs/hub", "https://huggingface.co/papers/2504.07963",
+                                     "https://huggingface.co/collections/me",
+                                     "https://huggingface.co/organizations/new",
+                                     "https://huggingface.co/settings/tokens", "https://huggingface.co/blog/pixelflow"])
 def test_other_web_addresses_are_refused_as_before(address):
     with pytest.raises(CheckpointError, match=r"unsupported URL scheme https://"):
         load_model(address)
