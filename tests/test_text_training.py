@@ -306,6 +306,22 @@ def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(
         local_t5_folder(f"{bucket}/run")
 
 
+
+def test_a_t5_folder_in_a_bucket_without_weights_is_named_as_such(encoder_folder, bucket):
+    """A bucket folder that is no training run keeps the encoder's own refusal: only a run given as
+    its encoder is told which encoder it records."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.text.prompts import local_t5_folder
+
+    remote = f"{bucket}/t5_without_weights"
+    for name in ("config.json", "spiece.model"):
+        storage.upload_file_atomically(os.path.join(encoder_folder, name), f"{remote}/{name}")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{remote}: the T5 folder has no weights (model.safetensors or pytorch_model.bin, sharded or not)")):
+        local_t5_folder(remote)
+
+
 def test_demo_captions_name_what_the_image_shows_with_independent_colour_and_shape():
     drawn = [captioned_demo_image(i, seed=2) for i in range(500)]
     assert len({(d.colour, d.shape) for d in drawn}) == 50  # every combination occurs
