@@ -961,6 +961,32 @@ def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike
         assert "whose files are not those" not in warned, warned
 
 
+
+def test_sampling_a_text_run_at_another_token_length_warns_with_both_lengths(tmp_path, encoder_folder, caplog):
+    """Its own encoder at another max_text_tokens is allowed (a longer prompt), but the embeddings
+    are not those it trained on: said with both lengths; its own length, or 0 (the recorded one),
+    samples without a word."""
+    import logging
+    import shutil
+
+    from configs import t2i
+    from pixelflow_jax.api import CheckpointSource, fill_text_encoder
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+
+    run = tmp_path / "run"
+    shutil.copytree(encoder_folder, run / "text_encoder")
+    (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": "text_encoder", "max_text_tokens": 8}}))
+    source = CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4))
+    for tokens, warned in ((0, False), (8, False), (16, True)):
+        sample = t2i.get_config("tiny").sample
+        sample.max_text_tokens = tokens
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            fill_text_encoder(sample, source)
+        assert ("text tokens; it trained with" in caplog.text) == warned, caplog.text
+    assert "sampling the run with 16 text tokens; it trained with 8 tokens" in caplog.text
+
+
 def test_a_run_resumes_with_its_encoder_found_at_another_path_or_with_another_token_length(tmp_path, encoder_folder):
     """A run recorded its encoder by path only: a folder moved (another machine's download), or the
     run's own folder spelled absolute, was 'a different model', and an allowed max_text_tokens
