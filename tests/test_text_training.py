@@ -962,6 +962,37 @@ def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike
 
 
 
+
+def test_sampling_a_text_run_with_a_broken_t5_folder_leaves_the_refusal_to_the_encoders_load(tmp_path, encoder_folder,
+                                                                                              caplog):
+    """A folder given as the encoder that cannot be fingerprinted (here: no spiece.model) is named by
+    its path, as a folder of no fingerprint is; what it lacks is said where the encoder loads, not
+    as a FileNotFoundError of the fingerprint's reads."""
+    import logging
+    import shutil
+
+    from configs import t2i
+    from pixelflow_jax.api import CheckpointSource, fill_text_encoder
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+    from pixelflow_jax.text.prompts import PromptEncoder
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+
+    run, broken = tmp_path / "run", tmp_path / "broken_t5"
+    shutil.copytree(encoder_folder, run / "text_encoder")
+    record = {"path": "text_encoder", "max_text_tokens": 8, "fingerprint": folder_fingerprint(encoder_folder)}
+    (run / "run_config.json").write_text(json.dumps({"text_encoder": record}))
+    shutil.copytree(encoder_folder, broken)
+    os.remove(broken / "spiece.model")
+    sample = t2i.get_config("tiny").sample
+    sample.text_encoder = str(broken)
+    with caplog.at_level(logging.WARNING):
+        fill_text_encoder(sample, CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4)))
+    assert f"sampling the run with the text encoder {broken}; it trained with {run / 'text_encoder'}" in caplog.text
+    with pytest.raises(CheckpointError, match=re.escape(f"{broken} has no spiece.model")):
+        PromptEncoder(str(broken))
+
+
 def test_sampling_a_text_run_at_another_token_length_warns_with_both_lengths(tmp_path, encoder_folder, caplog):
     """Its own encoder at another max_text_tokens is allowed (a longer prompt), but the embeddings
     are not those it trained on: said with both lengths; its own length, or 0 (the recorded one),
