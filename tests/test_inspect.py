@@ -212,6 +212,15 @@ def test_parameters_are_counted_per_top_level_module_and_a_non_finite_forward_is
     config.model.dtype = "bfloat16"
     with pytest.raises(FloatingPointError, match=r", or bfloat16 overflowed \(try --config.model.dtype=float32\)$"):
         inspect_model.run(config, str(tmp_path))
+    # a checkpoint's: which of its two sets (the EMA or the raw weights) diverged
+    from pixelflow_jax.api import CheckpointSource
+
+    source = CheckpointSource("/runs/r/checkpoints/4", "/runs/r/checkpoints/4")
+    monkeypatch.setattr(inspect_model, "model_to_inspect", lambda config: (model, real(config)[1], source))
+    config.sample.weights = "model"
+    with pytest.raises(FloatingPointError, match="^stage 0: the forward pass of the model weights of "
+                                                 "/runs/r/checkpoints/4 produced NaN or inf"):
+        inspect_model.run(config, str(tmp_path))
 
 
 def test_the_workdirs_run_is_the_checkpoint_inspected(tmp_path, monkeypatch):
