@@ -243,6 +243,12 @@ def test_a_step_copied_out_of_its_run_is_named_so_and_the_copy_the_message_asks_
     with pytest.raises(CheckpointError, match=r"is not a checkpoint: ") as refused:
         load_model(str(alone))
     assert "copied out of its run" not in str(refused.value)
+    other = tmp_path / "other_orbax_step"  # another program's orbax step: its items are not our state/
+    (other / "default").mkdir(parents=True)
+    shutil.copy(step + "/_CHECKPOINT_METADATA", other)
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint: ") as refused:
+        load_model(str(other))
+    assert "copied out of its run" not in str(refused.value)
     kept = tmp_path / "kept"
     shutil.copytree(workdir, kept, ignore=lambda folder, names: ["checkpoints"] if folder == workdir else [])
     shutil.copytree(step, kept / "checkpoints" / "2")
