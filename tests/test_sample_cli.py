@@ -702,6 +702,30 @@ def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_
                                                                    "checkpoint_fingerprint": "of step 400"})
 
 
+
+@pytest.mark.parametrize("unreadable", [OSError(13, "Permission denied"), "bucket"])
+def test_a_job_whose_sampled_checkpoint_cannot_be_read_now_gets_the_usual_refusal(tmp_path, monkeypatch, unreadable):
+    """A rerun against another checkpoint whose recorded one cannot be read now (a bucket whose
+    credentials expired, a folder no longer readable) is refused as before, not with a traceback
+    from the look-up that would offer that checkpoint."""
+    from pixelflow_jax import api, storage
+    from pixelflow_jax.sampling.job_settings import check_settings
+
+    samples = tmp_path / "job" / "samples"
+    samples.mkdir(parents=True)
+    check_settings(str(samples), str(samples.parent), {"checkpoint": "gs://runs/r/checkpoints/300",
+                                                       "checkpoint_fingerprint": "of step 300"})
+    (samples / "000000.png").write_bytes(b"")
+
+    def cannot_read(path):
+        raise unreadable if isinstance(unreadable, OSError) else storage.StorageError(f"cannot reach {path}")
+
+    monkeypatch.setattr(api, "resolve_checkpoint", cannot_read)
+    with pytest.raises(ValueError, match=r"--config.sample.checkpoint=/runs/r/checkpoints/400$"):
+        check_settings(str(samples), str(samples.parent), {"checkpoint": "/runs/r/checkpoints/400",
+                                                           "checkpoint_fingerprint": "of step 400"})
+
+
 def test_settings_that_cannot_be_rewritten_for_a_larger_or_smaller_job_are_one_shared_error(tmp_path, monkeypatch):
     """A rerun that extends the job (more images) or takes back a larger count writes settings.json
     again: a read-only or full samples/ there is the same StorageError as for a new job, and process
