@@ -730,6 +730,24 @@ def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_buck
         assert raised.value is error
 
 
+
+def test_a_full_disk_under_a_local_copys_record_names_the_cache_folder_too(bucket, tmp_path, monkeypatch):
+    """The copy fits, and the disk fills up on its small record (NAME.source.json, which tells a
+    later run whether the copy is current): the same error naming the cache folder, not an
+    OSError traceback."""
+    url = f"{bucket}/t5/spiece.model"
+    storage.write_atomically(url, b"sentencepiece")
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.cache, "write_json_atomically", disk_full)
+    with pytest.raises(storage.StorageError, match=(
+            rf"^cannot keep a local copy of {url} in {tmp_path}/cache \(OSError: \[Errno 28\] No space left on device\)"
+            r": free space there")):
+        storage.cached_copy(url, str(tmp_path / "cache"))
+
+
 def test_a_local_copy_of_a_bucket_file_is_fetched_again_when_cut_short_or_changed(bucket, tmp_path, monkeypatch):
     url, folder, downloads = f"{bucket}/t5/spiece.model", str(tmp_path / "cache"), []
     real_open = storage.cache.open_file
