@@ -706,6 +706,52 @@ def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path,
     assert not (workdir / "train.lock").exists()
 
 
+
+@pytest.mark.parametrize("rewrite", ["model_recorded_anew", "encoder_recorded_anew", "untrained_change_discarded"])
+def test_a_full_disk_under_a_rewrite_of_a_runs_record_is_the_same_error(tmp_path, monkeypatch, rewrite):
+    """The records rewritten in rarer starts: run_config.json for a corrected command whose failed
+    start saved no step, or for the run's encoder found at another path; train_settings.json when a
+    change that trained no saved step is discarded. A full disk there is the one error naming the
+    file, as at a first start."""
+    import errno
+
+    from configs import c2i
+    from pixelflow_jax import storage
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.storage import writes
+    from pixelflow_jax.training.resume_settings import check_resume
+    from pixelflow_jax.training.run_config import check_run_config
+
+    workdir, config = str(tmp_path / "run"), c2i.get_config("tiny")
+    model_cfg = ModelConfig.from_mapping(config.model)
+    encoder = {"path": "/t5/here", "max_text_tokens": 8, "fingerprint": "of the encoder's files"}
+    check_run_config(workdir, model_cfg, config, encoder if rewrite == "encoder_recorded_anew" else None)
+    check_resume(workdir, config, step=0, num_records=100)
+    if rewrite == "model_recorded_anew":  # the first start failed before it saved a step
+        config.scheduler.num_stages = 2
+    else:
+        os.makedirs(os.path.join(workdir, "checkpoints", "2"))
+    if rewrite == "untrained_change_discarded":  # a change recorded at step 2, then stopped before a save
+        config.train.update(lr=1e-3, allow_resume_changes=True)
+        check_resume(workdir, config, step=2, num_records=100)
+    name = "train_settings.json" if rewrite == "untrained_change_discarded" else "run_config.json"
+    write_local = writes.write_local_atomically
+
+    def disk_full(path, *args, **kwargs):
+        if os.path.basename(path) == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_local(path, *args, **kwargs)
+
+    monkeypatch.setattr(writes, "write_local_atomically", disk_full)
+    with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/{name} \(OSError: \[Errno 28\] No "
+                                                   r"space left on device\); make the workdir writable"):
+        if rewrite == "untrained_change_discarded":
+            check_resume(workdir, config, step=2, num_records=100)
+        else:
+            check_run_config(workdir, model_cfg, config, {**encoder, "path": "/t5/moved"}
+                             if rewrite == "encoder_recorded_anew" else None)
+
+
 def test_a_resume_refused_for_other_data_leaves_no_class_index_in_the_run(tmp_path, monkeypatch):
     """A run of the demo set resumed on image folders is refused (other data), but it had written
     the folders' class_index.json into the run first: sampling that run then took the folders'
