@@ -2638,6 +2638,9 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
     with pytest.raises(ValueError, match=re.escape("uncond['class_labels'] must hold one row per image of "
                                                    "initial_noise (2), got shape (1,)")):
         sampler.sample(*noise, labels[0], {"class_labels": np.array([1000])}, options)
+    with pytest.raises(ValueError, match=re.escape("cond['class_labels'] must hold one row per image of "
+                                                   "initial_noise (2), got shape ()")):
+        sampler.sample(*noise, {"class_labels": np.int32(3)}, labels[1], options)  # a label, not one per image
     with pytest.raises(ValueError, match=re.escape("cond must be a dict of the model's keyword arguments "
                                                    "({'class_labels': ...}, or the encoder_hidden_states")):
         sampler.sample(*noise, np.array([1, 2]), labels[1], options)
