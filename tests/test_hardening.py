@@ -654,6 +654,14 @@ def test_generate_from_prompts_names_an_encoder_of_another_width(models):
                                                    "text encoder the model was trained with")):
         sampler.generate_from_prompts(Encoder(24), ["a red disk"], steps_per_stage=1)
 
+    class PooledEncoder(Encoder):  # one embedding per prompt (a sentence encoder), of the right width
+        def encode(self, prompts):
+            return np.zeros((len(prompts), self.width), np.float32), np.ones((len(prompts), 1), np.float32)
+
+    with pytest.raises(ValueError, match=re.escape("prompt_encoder gives embeddings of shape (1, 20) for 1 prompts; "
+                                                   "this model's cross-attention takes (prompts, tokens, 20)")):
+        sampler.generate_from_prompts(PooledEncoder(20), ["a red disk"], steps_per_stage=1)
+
 
 def test_a_config_of_the_other_kind_is_named(models):
     from configs import t2i
