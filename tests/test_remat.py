@@ -99,3 +99,18 @@ def test_dots_attention_keeps_the_cudnn_forward_by_its_primitives_name():
     forward = fused_attention_stablehlo._dot_product_attention_fwd_p_wrapper
     assert forward.name in ATTENTION_FORWARD_PRIMITIVES
     assert keep_matmul_and_attention_outputs(forward)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_attention"])
+def test_the_blocks_backward_pass_has_no_optimization_barrier(remat):
+    """jax.checkpoint's default (prevent_cse=True) puts an optimization barrier over each block's
+    inputs, which kept XLA from fusing every layer's slice of the saved rows into its consumers in
+    the backward loop: a copy of each instead (bench/RESULTS.md). The lowered step has none."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: PixelFlow(tiny_config(remat=remat), rngs=nnx.Rngs(0))))
+    images = jnp.zeros((BATCH, SIDE, SIDE, 3))
+
+    def loss(params):
+        out = nnx.merge(graphdef, params)(images, jnp.array([10.0, 900.0]), class_labels=jnp.array([1, 10]))
+        return jnp.mean(jnp.square(out))
+
+    assert "optimization_barrier" not in jax.jit(jax.grad(loss)).lower(params).as_text()
