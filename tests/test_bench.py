@@ -344,6 +344,21 @@ def test_gpu_compile_trains_the_text_model_of_configs_t2i():
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
 
 
+
+@pytest.mark.parametrize("encoder_dtype", ["float32", "bfloat16"])
+def test_gpu_compile_plans_the_t5_encoder_in_the_dtype_asked(encoder_dtype):
+    """--encoder_dtype (train.text_encoder_dtype) is the frozen encoder's parameters in the step's
+    plan: flan-t5-xl's encoder, about 1.2e9 of them, each of that dtype's size."""
+    from gpu_compile import text_encoder
+
+    from pixelflow_jax.sharding import make_mesh
+
+    _, params, _ = text_encoder(make_mesh(1), 16, encoder_dtype)
+    leaves = jax.tree.leaves(params)
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(encoder_dtype)}
+    assert 1.1e9 < sum(leaf.size for leaf in leaves) < 1.3e9
+
+
 def test_gpu_compile_refuses_a_bad_list_before_compiling():
     """Its lists (--batch=32,48 --remat=dots,full) are checked item by item as usage errors: a typo
     in the last item surfaced after minutes of compiling the first ones."""
