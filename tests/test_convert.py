@@ -168,6 +168,23 @@ def test_a_release_folder_holding_a_train_checkpoint_reads_the_weights_asked_for
         read_checkpoint(resolve_checkpoint(fixture_dir("c2i_tiny")), "model")
 
 
+
+def test_the_demo_page_names_the_raw_weights_of_a_train_checkpoint_in_a_release_folder(tmp_path):
+    """A release folder holding a train.py checkpoint has two sets, as a run does: served for
+    'model', the page says so (a converted folder's one set is served without a claim)."""
+    from configs import c2i
+    from pixelflow_jax.demo_app import DemoSampler, page_heading
+
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), release)
+    weights = release_state_dict()
+    torch.save({"model": {k: v * 0.5 for k, v in weights.items()}, "ema": weights}, release / "model.pt")
+    config = c2i.get_config("tiny")
+    config.sample.update(checkpoint=str(release), weights="model")
+    assert page_heading(DemoSampler(config, str(tmp_path / "page")), "model").endswith(f"`{release}` (model weights)")
+
+
 def _save_variant(tmp_path, state_dict):
     path = tmp_path / "variant.pt"
     torch.save(state_dict, path)
