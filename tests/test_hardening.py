@@ -2675,6 +2675,9 @@ def test_a_model_config_takes_whole_numbers_and_true_or_false_only():
                                                               "'False'")):
         with pytest.raises(TypeError, match=re.escape(message)):
             ModelConfig(**{**small, field: value})
+    # None is named as given, not as the float64 numpy would read it as
+    with pytest.raises(ValueError, match=re.escape("model.dtype must be float32, bfloat16 or float16, got None")):
+        ModelConfig(**small, dtype=None)
 
 
 def test_a_fresh_model_names_a_config_or_rngs_of_the_wrong_type():
