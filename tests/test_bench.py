@@ -281,6 +281,65 @@ def test_hlo_traffic_counts_a_row_update_in_place_only_where_the_fusion_outputs_
         scale_fusion=stack + row + 4 + stack)
 
 
+
+# Sampling's shape: a loop of 3 trips (a stage's layers) inside one of 4 (its Euler steps), then a
+# loop of no known trip count (dopri5's), after an optimization barrier over the loop's state.
+NESTED_LOOPS_HLO = """HloModule jit_nested
+
+%fused_negate (param_0: f32[8]) -> f32[8] {
+  %param_0 = f32[8]{0} parameter(0)
+  ROOT %negate.1 = f32[8]{0} negate(%param_0)
+}
+
+%cond (arg.0: (s32[], f32[8])) -> pred[] {
+  %arg.0 = (s32[], f32[8]{0}) parameter(0)
+  %gte.0 = s32[] get-tuple-element(%arg.0), index=0
+  %constant.0 = s32[] constant(3)
+  ROOT %compare.0 = pred[] compare(%gte.0, %constant.0), direction=LT
+}
+
+%inner_body (arg.1: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %arg.1 = (s32[], f32[8]{0}) parameter(0)
+  %gte.1 = s32[] get-tuple-element(%arg.1), index=0
+  %gte.2 = f32[8]{0} get-tuple-element(%arg.1), index=1
+  %layer_fusion = f32[8]{0} fusion(%gte.2), kind=kLoop, calls=%fused_negate
+  ROOT %tuple.1 = (s32[], f32[8]{0}) tuple(%gte.1, %layer_fusion)
+}
+
+%outer_body (arg.2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %arg.2 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %layers = (s32[], f32[8]{0}) while(%arg.2), condition=%cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+}
+
+%solver_body (arg.3: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %arg.3 = (s32[], f32[8]{0}) parameter(0)
+  %gte.3 = s32[] get-tuple-element(%arg.3), index=0
+  %gte.4 = f32[8]{0} get-tuple-element(%arg.3), index=1
+  %solver_fusion = f32[8]{0} fusion(%gte.4), kind=kLoop, calls=%fused_negate
+  ROOT %tuple.3 = (s32[], f32[8]{0}) tuple(%gte.3, %solver_fusion)
+}
+
+ENTRY %main.4 (x.1: f32[8]) -> (s32[], f32[8]) {
+  %x.1 = f32[8]{0} parameter(0)
+  %constant.1 = s32[] constant(0)
+  %tuple.4 = (s32[], f32[8]{0}) tuple(%constant.1, %x.1)
+  %opt-barrier.1 = (s32[], f32[8]{0}) opt-barrier(%tuple.4)
+  %steps = (s32[], f32[8]{0}) while(%opt-barrier.1), condition=%cond, body=%outer_body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %solve = (s32[], f32[8]{0}) while(%steps), condition=%cond, body=%solver_body
+}
+"""
+
+
+def test_hlo_traffic_multiplies_nested_loops_trips_and_counts_an_unknown_loop_once():
+    """A kernel in a loop inside a loop runs the product of their trips; one in a loop of no known
+    trip count is counted once (a floor); an optimization barrier moves no bytes."""
+    from hlo_traffic import kernel_traffic
+
+    per_run = 2 * 8 * 4  # a float32[8] read and written
+    assert {k["name"]: k["bytes"] for k in kernel_traffic(NESTED_LOOPS_HLO)} == dict(
+        layer_fusion=4 * 3 * per_run, solver_fusion=per_run)
+
+
 def test_hlo_traffic_names_cublaslt_matmuls_and_our_pallas_attention_by_their_kind():
     """Library calls other than the test's layer loop: cuBLASLt's matmul (its target says matmul,
     not gemm) is a gemm, and our Pallas attention kernel (a Triton call named in its backend
