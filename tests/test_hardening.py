@@ -2768,6 +2768,21 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
     assert train.train(config, str(workdir)) == {} and events == [("preview", 4)]  # (the stand-in draws no file)
 
 
+
+def test_a_stop_at_the_last_step_with_no_preview_owed_says_the_run_is_complete():
+    """Preempted at its last step, with its preview drawn (or none due), a run has nothing left: the
+    message must not send the user to rerun for a preview; Ctrl-C and SIGTERM keep their exit codes."""
+    import types
+
+    from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED
+    from pixelflow_jax.training import train
+
+    for interrupted, status in ((False, EXIT_TERMINATED), (True, EXIT_INTERRUPTED)):
+        stop = train.preempted_at(types.SimpleNamespace(cause="SIGTERM", interrupted=interrupted), 4, 4, False)
+        assert (str(stop), stop.exit_status) == (
+            "SIGTERM: saved step 4 on every process; the run's last step: the run is complete", status)
+
+
 def test_a_preview_drawn_after_a_stop_joins_its_steps_logged_line(tmp_path):
     from pixelflow_jax.training.metrics_log import MetricsLog
 
