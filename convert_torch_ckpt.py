@@ -35,8 +35,8 @@ flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + mod
                     "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
 flags.DEFINE_string("output", None, "Folder to create.")
 flags.DEFINE_string("torch_config", None, "Release config.yaml describing a bare state dict "
-                    "(default: the config.yaml of the release folder, or beside a model.pt named alone; else "
-                    "inferred from tensor shapes).")
+                    "(default: the config.yaml of the release folder, or beside a model.pt or a train.py checkpoint "
+                    "named alone; else inferred from tensor shapes).")
 flags.DEFINE_enum("weights", "ema", ["ema", "model"], "Which weights of a training run (--jax_checkpoint) or "
                   "of the release's train.py checkpoint to convert: the EMA or the raw model.")
 flags.DEFINE_integer("attention_head_dim", None, "Head width, needed when the architecture is inferred from "

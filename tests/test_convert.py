@@ -149,6 +149,25 @@ def test_train_checkpoint_takes_ema_by_default(tmp_path, golden):
     assert relative_error(forward(load_model(str(outputs["model"]))[0], g, 1), g["fwd_1_out"]) > 1e-2
 
 
+def test_a_train_checkpoint_is_described_by_the_config_yaml_train_py_wrote_beside_it(tmp_path):
+    """train.py writes config.yaml and model_STEP.pt into one output folder; the converter read the
+    checkpoint without it: an error asking for --torch_config, or with the README's --attention_head_dim
+    a 3-stage 64 px run converted as 4 stages at 256 px."""
+    run = tmp_path / "exp0001"
+    run.mkdir()
+    (run / "config.yaml").write_text(open(os.path.join(fixture_dir("c2i_tiny"), "config.yaml")).read().replace(
+        "num_stages: 4", "num_stages: 3"))
+    weights = release_state_dict()
+    torch.save({"model": weights, "ema": weights, "opt": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(config="c.yaml", output_dir=str(run))}, run / "model_2000.pt")
+    for extra in ((), ("--attention_head_dim=16",)):
+        output = tmp_path / f"out{len(extra)}"
+        result = run_converter(f"--torch_checkpoint={run / 'model_2000.pt'}", *extra, f"--output={output}")
+        assert result.returncode == 0 and "is assumed" not in result.stderr, result.stderr
+        _, config = load_model(str(output))
+        assert (config.num_stages, config.resolution, config.model.attention_head_dim) == (3, 64, 16)
+
+
 def test_a_release_folder_holding_a_train_checkpoint_reads_the_weights_asked_for(tmp_path):
     """load_model's weights= covers the release's train.py checkpoints in a release folder too, not
     only runs; a release folder's bare state dict has no 'model' set to give."""

@@ -138,7 +138,7 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
     """The float32 numpy state dict inside whatever torch.load returned."""
     torch = _import_torch()
     check_weights_choice(weights, "--weights")
-    if isinstance(loaded, Mapping) and "model" in loaded and isinstance(loaded["model"], Mapping):
+    if is_training_checkpoint(loaded):
         if weights not in loaded:
             raise CheckpointError(f"{path} is a training checkpoint without {weights!r} weights; "
                                   f"it has {sorted(loaded)}: pass --weights=model")
@@ -296,16 +296,15 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
         if torch_config and storage.isfile(folder_config):
             check_same_config(torch_config, folder_config, weights_path)
         torch_config = torch_config or (folder_config if storage.isfile(folder_config) else None)
-    else:  # a release folder's model.pt named alone is described by the folder's config.yaml too
+        loaded = load_torch_file(weights_path)
+    else:
         weights_path = path
         folder = storage.dirname(path) or "."
         if path.endswith((".yaml", ".yml")) and storage.isfile(path):  # torch read it as "Unsupported operand"
             raise CheckpointError(settings_file_message(path, folder))
-        folder_config = storage.join(folder, "config.yaml")
-        if not torch_config and storage.basename(path) == "model.pt" and storage.isfile(folder_config) and (
-                is_release_yaml(folder_config)):  # another project's config.yaml beside a state dict says nothing
-            torch_config = folder_config
-    state_dict = extract_state_dict(load_torch_file(weights_path), weights_path, weights)
+        loaded = load_torch_file(weights_path)
+        torch_config = torch_config or config_beside(path, loaded)
+    state_dict = extract_state_dict(loaded, weights_path, weights)
 
     extras: dict[str, int] = {}
     if torch_config:
@@ -316,6 +315,22 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     else:
         params = infer_architecture(state_dict, attention_head_dim)
     return release_config(params, extras, overrides, path, torch_config), state_dict
+
+
+def config_beside(path: str, loaded: Any) -> str | None:
+    """The config.yaml that describes a weights file named alone: beside a release folder's model.pt,
+    or beside a train.py checkpoint, whose output folder train.py gives its config.yaml and its
+    model_STEP.pt files (read without it, a 3-stage run's weights were converted as 4 stages)."""
+    folder_config = storage.join(storage.dirname(path) or ".", "config.yaml")
+    described = storage.basename(path) == "model.pt" or is_training_checkpoint(loaded)
+    if described and storage.isfile(folder_config) and is_release_yaml(folder_config):
+        return folder_config  # another project's config.yaml beside a state dict says nothing
+    return None
+
+
+def is_training_checkpoint(loaded: Any) -> bool:
+    """Whether torch.load's result is train.py's dict of 'model', 'ema', 'opt' and 'args'."""
+    return isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping)
 
 
 def check_same_config(flag_config: str, folder_config: str, weights_path: str) -> None:
