@@ -512,6 +512,26 @@ def test_an_output_of_links_that_lead_to_each_other_is_refused_before_the_conver
     convert_torch_ckpt.check_output(str(tmp_path / "to_missing"), fixture_dir("c2i_tiny"), False, False)
 
 
+def test_an_output_that_is_the_folder_the_command_runs_in_is_refused(tmp_path, converted, monkeypatch):
+    """`mkdir out && cd out && convert_torch_ckpt.py --output=.` said "wrote ." and renamed its new
+    folder over the one the shell stood in: `ls` there showed nothing, the output sat in a folder of
+    the same name that the shell was not in (and --overwrite of an earlier output did the same)."""
+    import convert_torch_ckpt
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    here = tmp_path / "out"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for output, overwrite in ((".", False), (str(here), False), ("./", False)):
+        with pytest.raises(CheckpointError, match=r"--output .* is the folder this command runs in.*--output=\./"
+                                                  r"converted"):
+            convert_torch_ckpt.check_output(output, fixture_dir("c2i_tiny"), False, overwrite)
+    shutil.copytree(converted["c2i_tiny"], here, dirs_exist_ok=True)  # an earlier conversion, entered
+    with pytest.raises(CheckpointError, match="is the folder this command runs in"):
+        convert_torch_ckpt.check_output(".", fixture_dir("c2i_tiny"), False, True)
+    convert_torch_ckpt.check_output(str(tmp_path / "elsewhere"), fixture_dir("c2i_tiny"), False, False)
+
+
 def test_an_empty_folder_made_for_the_output_is_taken_in_both_directions(tmp_path, converted):
     """mkdir OUT, then convert into it: "already exists", and with --overwrite "is not an earlier
     conversion": no way in."""
