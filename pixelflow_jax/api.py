@@ -85,8 +85,10 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         if storage.basename(path) == "model.pt" and storage.isfile(storage.join(folder, "config.yaml")):
             path = folder  # the file of a release folder: read the folder, with its config.yaml
         else:
-            raise CheckpointError(f"{path} is a file; checkpoints are folders: pass the folder that holds it, or "
-                                  "convert a bare state dict with convert_torch_ckpt.py --torch_checkpoint=FILE")
+            # Only a file of a checkpoint has a folder to pass: a train.py model_STEP.pt's is no checkpoint.
+            fix = checkpoint_around(path) or (f": convert it with convert_torch_ckpt.py --torch_checkpoint={path} "
+                                              "--output=DIR and pass DIR")
+            raise CheckpointError(f"{path} is a file; checkpoints are folders{fix}")
     if storage.isdir(path) and not checkpoint_folder_kind(path):
         if sampled := sampling_job_of(path):
             raise CheckpointError(f"{path} is not a checkpoint but {sampled}: pass that checkpoint instead")

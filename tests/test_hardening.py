@@ -785,6 +785,28 @@ def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
         load_model(str(tmp_path / "weights.pt"))
 
 
+def test_a_weights_file_given_as_a_checkpoint_is_sent_to_the_converter_unless_it_lies_in_one(tmp_path, converted):
+    """A train.py checkpoint (exp/model_2000.pt) was told "pass the folder that holds it", and that
+    folder was then refused as no checkpoint: the conversion it needs came second, as an option."""
+    from pixelflow_jax.api import resolve_checkpoint
+
+    exp = tmp_path / "exp0001"
+    exp.mkdir()
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), exp)
+    (exp / "model_2000.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_checkpoint(str(exp / "model_2000.pt"))
+    assert str(refused.value) == (f"{exp}/model_2000.pt is a file; checkpoints are folders: convert it with "
+                                  f"convert_torch_ckpt.py --torch_checkpoint={exp}/model_2000.pt --output=DIR "
+                                  "and pass DIR")
+    release = tmp_path / "release"  # a file of a checkpoint names that checkpoint
+    shutil.copytree(fixture_dir("c2i_tiny"), release)
+    for folder, file in ((release, "golden.npz"), (converted["c2i_tiny"], "pixelflow_config.json")):
+        with pytest.raises(CheckpointError, match=f"is a file; checkpoints are folders; it lies inside the "
+                                                  f"checkpoint {folder}: pass that"):
+            resolve_checkpoint(os.path.join(folder, file))
+
+
 def test_eval_refuses_what_is_not_uint8_images(tmp_path):
     from pixelflow_jax.evaluation.evaluate import npz_image_count
 
