@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import TYPE_CHECKING
 
 from absl import logging
@@ -19,7 +20,8 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints import hub
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, CheckpointConfig, CheckpointError,
-                                                 build_model, check_weights_choice, read_config, restore_params)
+                                                 build_model, check_weights_choice, listed, read_config,
+                                                 restore_params)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RunStep, checkpoint_around,
                                                      checkpoint_folder_kind, find_run_step, restore_run_weights,
@@ -94,8 +96,21 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
             raise CheckpointError(f"{path} is not a checkpoint but {sampled}: pass that checkpoint instead")
         raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "
-                              f"folder (config.yaml + model.pt){checkpoint_around(path)}")
+                              f"folder (config.yaml + model.pt){checkpoint_around(path) or weight_files_hint(path)}")
     return CheckpointSource(path, storage.absolute(path))
+
+
+def weight_files_hint(folder: str) -> str:
+    """For a folder of PyTorch weight files (the release's train.py output: config.yaml and
+    model_STEP.pt), the conversion they need, of the newest step; '' for any other folder."""
+    from pixelflow_jax.checkpoints.torch_io import WEIGHT_FILE_ENDINGS
+
+    by_number = lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    names = sorted((name for name in storage.list_files(folder) if name.endswith(WEIGHT_FILE_ENDINGS)), key=by_number)
+    if not names:
+        return ""
+    return (f"; it holds {listed(names)}: convert one with convert_torch_ckpt.py --torch_checkpoint="
+            f"{storage.join(folder, names[-1])} --output=DIR and pass DIR")
 
 
 def check_same_weights_everywhere(source: CheckpointSource, given: str, flag: str) -> None:

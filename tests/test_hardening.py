@@ -787,7 +787,7 @@ def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
 
 def test_a_weights_file_given_as_a_checkpoint_is_sent_to_the_converter_unless_it_lies_in_one(tmp_path, converted):
     """A train.py checkpoint (exp/model_2000.pt) was told "pass the folder that holds it", and that
-    folder was then refused as no checkpoint: the conversion it needs came second, as an option."""
+    folder was then refused as no checkpoint, without a word of the conversion its files need."""
     from pixelflow_jax.api import resolve_checkpoint
 
     exp = tmp_path / "exp0001"
@@ -799,6 +799,13 @@ def test_a_weights_file_given_as_a_checkpoint_is_sent_to_the_converter_unless_it
     assert str(refused.value) == (f"{exp}/model_2000.pt is a file; checkpoints are folders: convert it with "
                                   f"convert_torch_ckpt.py --torch_checkpoint={exp}/model_2000.pt --output=DIR "
                                   "and pass DIR")
+    for step in (10000, 9000):  # train.py's output folder: the newest step is offered, by number
+        (exp / f"model_{step}.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_checkpoint(str(exp))
+    assert str(refused.value).endswith(f"; it holds model_2000.pt, model_9000.pt, model_10000.pt: convert one with "
+                                       f"convert_torch_ckpt.py --torch_checkpoint={exp}/model_10000.pt --output=DIR "
+                                       "and pass DIR"), refused.value
     release = tmp_path / "release"  # a file of a checkpoint names that checkpoint
     shutil.copytree(fixture_dir("c2i_tiny"), release)
     for folder, file in ((release, "golden.npz"), (converted["c2i_tiny"], "pixelflow_config.json")):
