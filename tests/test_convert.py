@@ -429,12 +429,13 @@ def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, convert
                                               r"config.yaml \+ model.pt$"):
         read_release_checkpoint(str(folder))
     (folder / "model.safetensors").write_bytes(b"")  # renamed model.pt, torch would no longer read it as safetensors
+    # no config.yaml here: the command it gave named one, and failed with "config file ... does not exist"
     with pytest.raises(CheckpointError, match=rf"model.pt; it holds model.safetensors: convert that file \(convert_"
-                                              rf"torch_ckpt.py --torch_checkpoint={folder}/model.safetensors "
-                                              rf"--torch_config={folder}/config.yaml\)$"):
+                                              rf"torch_ckpt.py --torch_checkpoint={folder}/model.safetensors\)$"):
         read_release_checkpoint(str(folder))
     for name in ("notes.txt", "model.safetensors", "ema.pth"):
         (folder / name).write_bytes(b"")
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), folder)
     with pytest.raises(CheckpointError, match=rf"model.pt; it holds ema.pth, model.safetensors: convert that file "
                                               rf"\(convert_torch_ckpt.py --torch_checkpoint={folder}/ema.pth "
                                               rf"--torch_config={folder}/config.yaml\), or rename it model.pt"):

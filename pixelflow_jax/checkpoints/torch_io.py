@@ -262,8 +262,10 @@ def what_the_folder_holds(path: str) -> str:
         # torch.load tells a safetensors file by its name's ending: renamed model.pt, it no longer reads
         rename = ("" if others[0].endswith(".safetensors")
                   else ", or rename it model.pt if it is the release's state dict")
+        config = storage.join(path, "config.yaml")  # named only where it is: else the command fails on it
+        described = f" --torch_config={config}" if storage.isfile(config) else ""
         return (f"; it holds {listed(others)}: convert that file (convert_torch_ckpt.py --torch_checkpoint="
-                f"{storage.join(path, others[0])} --torch_config={storage.join(path, 'config.yaml')}){rename}")
+                f"{storage.join(path, others[0])}{described}){rename}")
     return ""
 
 
