@@ -366,6 +366,8 @@ def test_an_unconditional_model_is_refused_by_sampling_the_demo_page_and_the_pyt
     ("configs/c2i.py:dmeo", "error: flag --config=configs/c2i.py:dmeo: ValueError: unknown c2i config variant 'dmeo'"),
     ("gs://b/c2i.py:demo", "error: --config gs://b/c2i.py:demo is a URL: flag and config files are read from local "
                            "paths only: copy it here first (gcloud storage cp gs://b/c2i.py .)"),  # was "file gs"
+    ("configs", "error: --config configs is a folder: name a config file (this project's configs: configs/c2i.py, "
+                "configs/t2i.py)"),  # was "configs does not exist"
 ])
 def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, config, message):
     command = [sys.executable, "main.py", f"--config={config}", f"--workdir={tmp_path / 'run'}"]

@@ -147,12 +147,17 @@ def check_config_file(argv: list[str]) -> None:
             scheme, _, rest = value.partition("://")
             sys.exit(f"error: --config {value} is a URL: {read_locally(scheme + '://' + rest.split(':', 1)[0])}")
         path = value.split(":", 1)[0]
+        if path and os.path.isdir(path):
+            sys.exit(f"error: --config {path} is a folder: name a config file (this project's configs: "
+                     f"{our_configs()})")
         if path and not os.path.isfile(path):
-            # Named as they would work from here.
-            shown = os.path.relpath(CONFIGS) if not os.path.relpath(CONFIGS).startswith("..") else CONFIGS
-            known = ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(CONFIGS))
-                              if re.fullmatch(r"[a-z]\w*\.py", n))
-            sys.exit(f"error: --config file {path} does not exist (this project's configs: {known})")
+            sys.exit(f"error: --config file {path} does not exist (this project's configs: {our_configs()})")
+
+
+def our_configs() -> str:
+    """This project's config files, named as they would work from here."""
+    shown = os.path.relpath(CONFIGS) if not os.path.relpath(CONFIGS).startswith("..") else CONFIGS
+    return ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(CONFIGS)) if re.fullmatch(r"[a-z]\w*\.py", n))
 
 
 def flag_error_message(error: Exception) -> str:
