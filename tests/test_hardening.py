@@ -368,6 +368,12 @@ def test_an_unconditional_model_is_refused_by_sampling_the_demo_page_and_the_pyt
                            "paths only: copy it here first (gcloud storage cp gs://b/c2i.py .)"),  # was "file gs"
     ("configs", "error: --config configs is a folder: name a config file (this project's configs: configs/c2i.py, "
                 "configs/t2i.py)"),  # was "configs does not exist"
+    # the release's train.py takes its config.yaml: that was "not a Python file of settings (line 1: ...)"
+    ("tests/fixtures/c2i_tiny/config.yaml", "error: --config tests/fixtures/c2i_tiny/config.yaml is a YAML file (a "
+                                            "release config.yaml?); main.py's configs are Python: configs/c2i.py, "
+                                            "configs/t2i.py, with --config.FIELD=VALUE overrides (such as "
+                                            "--config.model.depth=12); a release folder's weights are read as "
+                                            "--config.sample.checkpoint=FOLDER or --config.train.init_from=FOLDER"),
 ])
 def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, config, message):
     command = [sys.executable, "main.py", f"--config={config}", f"--workdir={tmp_path / 'run'}"]

@@ -152,6 +152,11 @@ def check_config_file(argv: list[str]) -> None:
                      f"{our_configs()})")
         if path and not os.path.isfile(path):
             sys.exit(f"error: --config file {path} does not exist (this project's configs: {our_configs()})")
+        if path.endswith((".yaml", ".yml")):  # the release's train.py takes its config.yaml
+            sys.exit(f"error: --config {path} is a YAML file (a release config.yaml?); main.py's configs are Python: "
+                     f"{our_configs()}, with --config.FIELD=VALUE overrides (such as --config.model.depth=12); a "
+                     "release folder's weights are read as --config.sample.checkpoint=FOLDER or "
+                     "--config.train.init_from=FOLDER")
 
 
 def our_configs() -> str:
