@@ -33,8 +33,8 @@ from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctr
                                         stop_on_sigterm, stop_received, usage_error)
 from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
-                                       check_flag_files, config_file_given, flag_error_message,
-                                       unknown_field_message)
+                                       check_flag_files, config_code_error, config_file_given,
+                                       flag_error_message, unknown_field_message)
 from pixelflow_jax.cli.config_overrides import warn_of_overrides_without_effect
 from pixelflow_jax.cli.job_exit import StoppedTogether, another_process_gone, exit_now_after_an_error
 
@@ -75,6 +75,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                  f"{WHAT_A_CONFIG_FILE_IS}")
     except ImportError as e:
         sys.exit(f"error: {config_file_given(argv)} could not be read: {e}")
+    except Exception as e:  # raised by the config file's code: one line, with its line; anything else is a bug
+        if (message := config_code_error(argv, e)) is None:
+            raise
+        sys.exit(f"error: {message}")
 
 
 def main(argv):

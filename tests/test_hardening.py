@@ -409,6 +409,21 @@ def test_a_mistake_inside_a_users_config_file_and_cluster_flags_without_distribu
         assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+def test_any_error_the_code_of_a_users_config_file_raises_is_one_line_with_its_line(tmp_path):
+    """A NameError in get_config (a misspelt variable), or any error but the few main.py caught, was
+    a traceback of 20 absl and ml_collections frames around the one line that mattered."""
+    (tmp_path / "in_get_config.py").write_text("import ml_collections\n\ndef get_config():\n"
+                                               "    return ml_collections.ConfigDict({'lr': lr_base * 2})\n")
+    (tmp_path / "on_import.py").write_text("import ml_collections\n\nSCALE = 1 / 0\n")
+    for name, message in (("in_get_config.py", "its code raised NameError: name 'lr_base' is not defined (line 4)"),
+                          ("on_import.py", "its code raised ZeroDivisionError: division by zero (line 3)")):
+        result = subprocess.run([sys.executable, "main.py", f"--config={tmp_path / name}",
+                                 f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr == f"error: {tmp_path / name} could not be read: {message}\n", \
+            result.stderr
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_config_file_that_is_no_config_or_a_missing_flagfile_is_one_line(tmp_path):
     """Each ended in a 50-line traceback of absl and ml_collections frames (the flag file's before
     main.py had defined its flags)."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 
 from absl import flags
 
 from pixelflow_jax.cli.config_overrides import override_fields
+from pixelflow_jax.error_text import described
 
 
 def check_flag_files(argv: list[str]) -> None:
@@ -137,6 +139,21 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
                     f"{config_file.split(':')[0]} lists the settings that exist")
     # No override names the field: the config file's own code asked for it.
     return f"{config_file} could not be read: its get_config raised {type(error).__name__}: {first_line}"
+
+
+def config_code_error(argv: list[str], error: Exception) -> str | None:
+    """What an error raised by the config file's own code (a NameError in its get_config, a division
+    by zero as it is imported) gets instead of absl's and ml_collections' traceback: its type,
+    message and line in the file; None for an error that no line of the file raised."""
+    given = flag_values(argv, "config")
+    if not given:
+        return None
+    path = os.path.realpath(given[-1].split(":", 1)[0])  # absl takes the last --config
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if os.path.realpath(frame.filename) == path]
+    if not lines:
+        return None
+    return f"{given[-1]} could not be read: its code raised {described(error)} (line {lines[-1]})"
 
 
 def check_config_file(argv: list[str]) -> None:
