@@ -70,6 +70,27 @@ def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
                                       "pass --resolution" in result.stderr, result.stderr  # was silent
 
 
+def test_a_bare_state_dict_says_which_schedule_it_is_given(tmp_path, caplog):
+    """Weights alone hold neither the number of stages nor of timesteps: a bare state dict of a
+    3-stage run was converted as 4 stages without a word (only a config.yaml cut short said so)."""
+    import logging
+
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    weights = tmp_path / "ema.pt"
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), weights)
+    warning = (f"{weights}: no config.yaml gives scheduler.num_stages / num_train_timesteps: num_stages 4, "
+               "num_train_timesteps 1000 assumed (the release's); pass --num_stages / --num_train_timesteps to set them")
+    with caplog.at_level(logging.WARNING):
+        config, _ = read_release_checkpoint(str(weights), attention_head_dim=16, overrides={"resolution": 64})
+    assert config.num_stages == 4 and warning in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        config, _ = read_release_checkpoint(str(weights), attention_head_dim=16, overrides={
+            "resolution": 64, "num_stages": 3, "num_train_timesteps": 1000})
+    assert config.num_stages == 3 and not caplog.text, caplog.text
+
+
 def test_a_damaged_tensor_that_the_architecture_is_read_from_is_named():
     """A 2-D patch embedding was an IndexError traceback, and a proj_out_2 of 5 rows was blamed on
     'model.out_channels must be positive', a setting the user never gave (5 // 16 = 0)."""

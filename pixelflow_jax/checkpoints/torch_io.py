@@ -382,8 +382,9 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
         logging.warning("%s: %s, so %d px is assumed (the release's); pass --resolution for weights trained at "
                         "another", path, source, settings["resolution"])
     assumed = [k for k in ("num_stages", "num_train_timesteps") if k not in given and k not in extras]
-    if torch_config and assumed:  # a config.yaml cut short (every released one gives them)
-        logging.warning("%s gives no scheduler.%s: %s assumed (the release's); pass %s to set %s", torch_config,
+    if assumed:  # a config.yaml cut short (every released one gives them), or none: weights never tell them
+        source = f"{torch_config} gives no" if torch_config else f"{path}: no config.yaml gives"
+        logging.warning("%s scheduler.%s: %s assumed (the release's); pass %s to set %s", source,
                         " / ".join(assumed), ", ".join(f"{k} {settings[k]}" for k in assumed),
                         " / ".join(f"--{k}" for k in assumed), "them" if len(assumed) > 1 else "it")
     try:
