@@ -382,6 +382,24 @@ def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, conf
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag,message", [
+    ("--pretrained=PixelFlow-XL-c2i", "error: --pretrained is a flag of the release's sample_ddp.py; here it is "
+                                      "--config.sample.checkpoint=FOLDER (a release folder is read as it is)"),
+    ("--num-steps-per-stage=10", "error: --num-steps-per-stage is a flag of the release's sample_ddp.py; here it is "
+                                 "--config.sample.steps_per_stage=N"),
+    ("--output-dir=exp0001", "error: --output-dir is a flag of the release's train.py; here it is --workdir=FOLDER"),
+    ("--class_cond", "error: --class_cond is a flag of the release's app.py; here it is --config=configs/c2i.py "
+                     "(configs/t2i.py for text)"),
+])
+def test_a_flag_of_the_releases_scripts_names_this_projects_setting_for_it(tmp_path, flag, message):
+    """A user of the release typed its flags and got absl's "Unknown command line flag 'pretrained'",
+    with --helpshort, which lists none of the --config.* settings that take their place."""
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}",
+                             flag], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith(message + "\n"), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_config_and_flag_files_a_command_names_are_found_in_every_form_absl_reads():
     """--NAME=VALUE, --NAME VALUE and -NAME (absl's single dash), each occurrence; a flag whose
     name only starts with NAME, a value that merely equals it, and a last --NAME without a value

@@ -1,8 +1,8 @@
 """main.py's --config file and its fields, checked in one line where absl and ml_collections end
 in a traceback or say nothing: a config file that does not exist, is no Python file of settings,
 or lacks (or adds) fields of this project's configs; an override naming a field the config lacks
-(with the sibling config that has it, or the field meant); a flag value absl refuses; a --flagfile
-that cannot be read. Light to import: main.py runs the first checks before it defines its flags.
+(with the sibling config that has it, or the field meant); a flag value absl refuses; a flag of the
+release's scripts (with the setting that takes its place); a --flagfile that cannot be read. Light to import: main.py runs the first checks before it defines its flags.
 The configs are this checkout's configs/, imported as the `configs` package from main.py's folder."""
 
 from __future__ import annotations
@@ -182,9 +182,33 @@ def our_configs() -> str:
     return ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(CONFIGS)) if re.fullmatch(r"[a-z]\w*\.py", n))
 
 
+# The flags of the release's scripts, and what takes their place here (a user of the release types them).
+RELEASE_FLAGS = {
+    "pretrained": ("sample_ddp.py", "--config.sample.checkpoint=FOLDER (a release folder is read as it is)"),
+    "sample-dir": ("sample_ddp.py", "--workdir=FOLDER (its images go to FOLDER/samples)"),
+    "cfg": ("sample_ddp.py", "--config.sample.cfg_scale=SCALE"),
+    "num-steps-per-stage": ("sample_ddp.py", "--config.sample.steps_per_stage=N"),
+    "use-ode-dopri5": ("sample_ddp.py", "--config.sample.solver=dopri5"),
+    "local-batch-size": ("sample_ddp.py", "--config.sample.batch_size=N (the global batch)"),
+    "num-fid-samples": ("sample_ddp.py", "--config.sample.num_images=N"),
+    "global-seed": ("sample_ddp.py", "--config.sample.seed=N"),
+    "checkpoint": ("app.py", "--config.sample.checkpoint=FOLDER, with --mode=demo for its page"),
+    "class_cond": ("app.py", "--config=configs/c2i.py (configs/t2i.py for text)"),
+    "output-dir": ("train.py", "--workdir=FOLDER"),
+    "pretrained-model": ("train.py", "--config.train.init_from=FOLDER (a release folder, or a conversion of a "
+                                     "state dict)"),
+    "checkpoint-steps": ("train.py", "--config.train.checkpoint_every=N"),
+    "logging-steps": ("train.py", "--config.train.log_every=N"),
+}
+
+
 def flag_error_message(error: Exception) -> str:
     """absl's message for a bad flag value, without the traceback of a config file's get_config
-    that ml_collections puts inside it: the flag and the exception's last line."""
+    that ml_collections puts inside it: the flag and the exception's last line; for a flag of the
+    release's scripts, the setting that takes its place."""
+    if isinstance(error, flags.UnrecognizedFlagError) and error.flagname in RELEASE_FLAGS:
+        script, setting = RELEASE_FLAGS[error.flagname]
+        return f"--{error.flagname} is a flag of the release's {script}; here it is {setting}"
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if any(line.startswith("Traceback (most recent call last)") for line in lines):
         return f"{lines[0].split(': Error whilst parsing config file')[0]}: {lines[-1]}"
