@@ -2,7 +2,8 @@
 in a traceback or say nothing: a config file that does not exist, is no Python file of settings,
 or lacks (or adds) fields of this project's configs; an override naming a field the config lacks
 (with the sibling config that has it, or the field meant); a flag value absl refuses; a flag of the
-release's scripts (with the setting that takes its place); a --flagfile that cannot be read. Light to import: main.py runs the first checks before it defines its flags.
+release's scripts (with the setting that takes its place); a --flagfile that cannot be read. Light
+to import: main.py runs the first checks before it defines its flags.
 The configs are this checkout's configs/, imported as the `configs` package from main.py's folder."""
 
 from __future__ import annotations
