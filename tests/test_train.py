@@ -669,6 +669,22 @@ def test_a_run_on_a_tfds_dataset_of_fewer_classes_records_their_count_for_its_sa
     assert loop.preview_classes == [3]
 
 
+def disk_full_under(monkeypatch, name: str) -> None:
+    """Every local write of a file called `name` fails as on a full disk; other writes go through."""
+    import errno
+
+    from pixelflow_jax.storage import writes
+
+    write_local = writes.write_local_atomically
+
+    def disk_full(path, *args, **kwargs):
+        if os.path.basename(path) == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_local(path, *args, **kwargs)
+
+    monkeypatch.setattr(writes, "write_local_atomically", disk_full)
+
+
 @pytest.mark.parametrize("name,resumed", [("run_config.json", False), ("train_settings.json", False),
                                          ("class_index.json", False), ("settings_changes.jsonl", True),
                                          ("train_settings.json", True)])  # rewritten after the change's record
@@ -676,10 +692,7 @@ def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path,
     """A run started on a full disk: the probe of the workdir (an empty file) and the lock fitted, and
     run_config.json (or the settings, the class index, a resume's changes) failed with an OSError
     traceback. Now one error names the file and the fix, and the lock is released."""
-    import errno
-
     from pixelflow_jax import storage
-    from pixelflow_jax.storage import writes
 
     loop = StandInLoop(monkeypatch)
     config = loop.config(num_steps=2, checkpoint_every=2, preview_every=0)
@@ -691,14 +704,7 @@ def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path,
     if resumed:  # settings_changes.jsonl, then train_settings.json, recorded by a resume with a change
         loop.run(config, workdir)
         config.train.update(num_steps=4, lr=2e-4, allow_resume_changes=True)
-    write_local = writes.write_local_atomically
-
-    def disk_full(path, *args, **kwargs):
-        if os.path.basename(path) == name:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write_local(path, *args, **kwargs)
-
-    monkeypatch.setattr(writes, "write_local_atomically", disk_full)
+    disk_full_under(monkeypatch, name)
     with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/{name} \(OSError: \[Errno 28\] No space "
                                                    r"left on device\); make the workdir writable \(or free space\) and "
                                                    "rerun the same command"):
@@ -713,12 +719,9 @@ def test_a_full_disk_under_a_rewrite_of_a_runs_record_is_the_same_error(tmp_path
     start saved no step, or for the run's encoder found at another path; train_settings.json when a
     change that trained no saved step is discarded. A full disk there is the one error naming the
     file, as at a first start."""
-    import errno
-
     from configs import c2i
     from pixelflow_jax import storage
     from pixelflow_jax.config import ModelConfig
-    from pixelflow_jax.storage import writes
     from pixelflow_jax.training.resume_settings import check_resume
     from pixelflow_jax.training.run_config import check_run_config
 
@@ -735,14 +738,7 @@ def test_a_full_disk_under_a_rewrite_of_a_runs_record_is_the_same_error(tmp_path
         config.train.update(lr=1e-3, allow_resume_changes=True)
         check_resume(workdir, config, step=2, num_records=100)
     name = "train_settings.json" if rewrite == "untrained_change_discarded" else "run_config.json"
-    write_local = writes.write_local_atomically
-
-    def disk_full(path, *args, **kwargs):
-        if os.path.basename(path) == name:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write_local(path, *args, **kwargs)
-
-    monkeypatch.setattr(writes, "write_local_atomically", disk_full)
+    disk_full_under(monkeypatch, name)
     with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/{name} \(OSError: \[Errno 28\] No "
                                                    r"space left on device\); make the workdir writable"):
         if rewrite == "untrained_change_discarded":
