@@ -232,8 +232,6 @@ def test_hlo_traffic_counts_what_each_kernel_reads_and_writes_per_trip():
         copy=3 * per_trip["loop_dynamic_update_slice_fusion"] + 2 * stack)
 
 
-
-
 # Two fusions updating a row of a stack: one returns it beside another output (a multi-output
 # fusion, whose root is a tuple), the other scales the whole updated stack.
 ROW_UPDATE_HLO = """HloModule jit_rows
@@ -279,7 +277,6 @@ def test_hlo_traffic_counts_a_row_update_in_place_only_where_the_fusion_outputs_
     assert {k["name"]: k["bytes"] for k in kernel_traffic(ROW_UPDATE_HLO)} == dict(
         row_fusion=row + 4 + row + row,  # the row and the index in; the row and tanh's output written
         scale_fusion=stack + row + 4 + stack)
-
 
 
 # Sampling's shape: a loop of 3 trips (a stage's layers) inside one of 4 (its Euler steps), then a
@@ -354,7 +351,6 @@ def test_hlo_traffic_names_cublaslt_matmuls_and_our_pallas_attention_by_their_ki
     assert (kernel_kind(matmul, None), kernel_kind(flash, None)) == ("gemm", "attention")
 
 
-
 def test_gpu_compile_top_lists_the_kernels_that_move_the_most_with_their_jax_operation():
     """--top=N adds hbm_top to a row: the N kernels of the most bytes, largest first, each with its
     kind, name and the jax operation it came from; without --top the row has none."""
@@ -401,7 +397,6 @@ def test_gpu_compile_trains_the_text_model_of_configs_t2i():
         result = subprocess.run([sys.executable, "bench/gpu_compile.py", *args], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
-
 
 
 @pytest.mark.parametrize("encoder_dtype", ["float32", "bfloat16"])

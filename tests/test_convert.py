@@ -208,7 +208,6 @@ def test_a_release_folder_holding_a_train_checkpoint_reads_the_weights_asked_for
         read_checkpoint(resolve_checkpoint(fixture_dir("c2i_tiny")), "model")
 
 
-
 def test_the_demo_page_names_the_raw_weights_of_a_train_checkpoint_in_a_release_folder(tmp_path):
     """A release folder holding a train.py checkpoint has two sets, as a run does: served for
     'model', the page says so (a converted folder's one set is served without a claim)."""

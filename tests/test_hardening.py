@@ -1976,7 +1976,6 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
         load_model("gs:/bucket/ckpt")
 
 
-
 def test_a_new_local_name_with_a_space_at_its_edge_is_refused_and_an_existing_one_is_used(tmp_path, monkeypatch):
     """--workdir='runs/a ' made a folder named "a " (which ls shows as runs/a). A name that exists
     with its space (made on purpose, or by such a slip before this check) is used as it is."""
@@ -2358,7 +2357,6 @@ def test_a_job_recorded_without_a_fingerprint_still_refuses_another_checkpoint(t
     check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/a", "seed": 0, "checkpoint_fingerprint": "f1"})
     with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['checkpoint'\]"):
         check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/b", "seed": 0, "checkpoint_fingerprint": "f1"})
-
 
 
 def test_a_job_recorded_before_a_setting_was_recorded_goes_on_and_one_recorded_is_compared(tmp_path):
@@ -2836,7 +2834,6 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
     assert events == [("preview", 2), ("save", 3), ("preview", 3), ("save", 4)]
     events.clear()
     assert train.train(config, str(workdir)) == {} and events == [("preview", 4)]  # (the stand-in draws no file)
-
 
 
 def test_a_stop_at_the_last_step_with_no_preview_owed_says_the_run_is_complete():

@@ -702,7 +702,6 @@ def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_
                                                                    "checkpoint_fingerprint": "of step 400"})
 
 
-
 @pytest.mark.parametrize("unreadable", [OSError(13, "Permission denied"), "bucket"])
 def test_a_job_whose_sampled_checkpoint_cannot_be_read_now_gets_the_usual_refusal(tmp_path, monkeypatch, unreadable):
     """A rerun against another checkpoint whose recorded one cannot be read now (a bucket whose

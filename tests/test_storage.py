@@ -671,7 +671,6 @@ def test_a_full_local_disk_under_a_download_is_named_not_the_file(bucket, tmp_pa
     assert load_torch_file(f"{bucket}/model.pt")["w"].tolist() == [1.0, 1.0, 1.0]
 
 
-
 def test_a_disk_quota_reached_under_a_download_is_named_as_a_full_disk(bucket, tmp_path, monkeypatch):
     """A quota reached in the temporary folder (EDQUOT, a shared machine's home or scratch) is the
     same lack of room as a full disk: named with the folder and TMPDIR, not the bucket's file."""
@@ -728,7 +727,6 @@ def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_buck
         with pytest.raises(type(error)) as raised:
             storage.cached_copy(url, str(tmp_path / "cache"))
         assert raised.value is error
-
 
 
 def test_a_full_disk_under_a_local_copys_record_names_the_cache_folder_too(bucket, tmp_path, monkeypatch):

@@ -306,7 +306,6 @@ def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(
         local_t5_folder(f"{bucket}/run")
 
 
-
 def test_a_t5_folder_in_a_bucket_without_weights_is_named_as_such(encoder_folder, bucket):
     """A bucket folder that is no training run keeps the encoder's own refusal: only a run given as
     its encoder is told which encoder it records."""
@@ -959,8 +958,6 @@ def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike
         warned = warnings_sampling_with(text_encoder)
         assert (expected in warned) if expected else "it trained with" not in warned, warned
         assert "whose files are not those" not in warned, warned
-
-
 
 
 def test_sampling_a_text_run_with_a_broken_t5_folder_leaves_the_refusal_to_the_encoders_load(tmp_path, encoder_folder,

@@ -712,7 +712,6 @@ def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path,
     assert not (workdir / "train.lock").exists()
 
 
-
 @pytest.mark.parametrize("rewrite", ["model_recorded_anew", "encoder_recorded_anew", "untrained_change_discarded"])
 def test_a_full_disk_under_a_rewrite_of_a_runs_record_is_the_same_error(tmp_path, monkeypatch, rewrite):
     """The records rewritten in rarer starts: run_config.json for a corrected command whose failed
