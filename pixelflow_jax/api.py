@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import TYPE_CHECKING
 
 from absl import logging
@@ -103,10 +102,9 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
 def weight_files_hint(folder: str) -> str:
     """For a folder of PyTorch weight files (the release's train.py output: config.yaml and
     model_STEP.pt), the conversion they need, of the newest step; '' for any other folder."""
-    from pixelflow_jax.checkpoints.torch_io import WEIGHT_FILE_ENDINGS
+    from pixelflow_jax.checkpoints.torch_io import weight_files
 
-    by_number = lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-    names = sorted((name for name in storage.list_files(folder) if name.endswith(WEIGHT_FILE_ENDINGS)), key=by_number)
+    names = weight_files(folder)
     if not names:
         return ""
     return (f"; it holds {listed(names)}: convert one with convert_torch_ckpt.py --torch_checkpoint="

@@ -453,11 +453,12 @@ def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, convert
     with pytest.raises(CheckpointError, match=rf"model.pt; it holds model.safetensors: convert that file \(convert_"
                                               rf"torch_ckpt.py --torch_checkpoint={folder}/model.safetensors\)$"):
         read_release_checkpoint(str(folder))
-    for name in ("notes.txt", "model.safetensors", "ema.pth"):
+    (folder / "model.safetensors").unlink()
+    for name in ("notes.txt", "model_10000.pt", "model_9000.pt"):  # train.py's steps: the newest is offered
         (folder / name).write_bytes(b"")
     shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), folder)
-    with pytest.raises(CheckpointError, match=rf"model.pt; it holds ema.pth, model.safetensors: convert that file "
-                                              rf"\(convert_torch_ckpt.py --torch_checkpoint={folder}/ema.pth "
+    with pytest.raises(CheckpointError, match=rf"model.pt; it holds model_9000.pt, model_10000.pt: convert that file "
+                                              rf"\(convert_torch_ckpt.py --torch_checkpoint={folder}/model_10000.pt "
                                               rf"--torch_config={folder}/config.yaml\), or rename it model.pt"):
         read_release_checkpoint(str(folder))
     with pytest.raises(CheckpointError, match=rf"it is a JAX checkpoint .*: export it with --to_torch "

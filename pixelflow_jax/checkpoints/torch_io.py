@@ -250,6 +250,13 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
     return params, extras
 
 
+def weight_files(folder: str) -> list[str]:
+    """The PyTorch weight files in a folder, in the order of the numbers in their names, so the
+    newest of train.py's model_STEP.pt comes last (model_9000.pt before model_10000.pt)."""
+    by_number = lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return sorted((name for name in storage.list_files(folder) if name.endswith(WEIGHT_FILE_ENDINGS)), key=by_number)
+
+
 def what_the_folder_holds(path: str) -> str:
     """What a folder without model.pt is instead: a JAX checkpoint, or weights under another name."""
     from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE
@@ -258,14 +265,15 @@ def what_the_folder_holds(path: str) -> str:
     if storage.isfile(storage.join(path, CONFIG_FILE)) or is_run(path) or find_run_step(path):
         return (f"; it is a JAX checkpoint (a training run or a converted folder): export it with --to_torch "
                 f"--jax_checkpoint={path}")
-    if others := sorted(name for name in storage.list_files(path) if name.endswith(WEIGHT_FILE_ENDINGS)):
+    if others := weight_files(path):
+        newest = others[-1]
         # torch.load tells a safetensors file by its name's ending: renamed model.pt, it no longer reads
-        rename = ("" if others[0].endswith(".safetensors")
+        rename = ("" if newest.endswith(".safetensors")
                   else ", or rename it model.pt if it is the release's state dict")
         config = storage.join(path, "config.yaml")  # named only where it is: else the command fails on it
         described = f" --torch_config={config}" if storage.isfile(config) else ""
         return (f"; it holds {listed(others)}: convert that file (convert_torch_ckpt.py --torch_checkpoint="
-                f"{storage.join(path, others[0])}{described}){rename}")
+                f"{storage.join(path, newest)}{described}){rename}")
     return ""
 
 
