@@ -560,7 +560,9 @@ def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases
     assert (workdir / "train.lock").exists(), process.communicate(timeout=60)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 143 and "Traceback" not in err, err[-3000:]
+    # Head and tail: once (1 of ~30 suite runs, under load) the process aborted (-6) while the stop
+    # imported orbax, and the tail held only the end of Python's fatal-error stack dump.
+    assert process.returncode == 143 and "Traceback" not in err, err[:3000] + "\n...\n" + err[-3000:]
     assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM); no step of this run was "
                                              "saved: rerun the same command to start it again")
     assert not (workdir / "train.lock").exists()
