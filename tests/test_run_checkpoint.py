@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import fixture_dir, run_converter
+from conftest import REPO, fixture_dir, run_converter
 from pixelflow_jax import CheckpointError, load_model
 from pixelflow_jax.checkpoints.convert import params_to_torch
 from pixelflow_jax.checkpoints.run_checkpoint import find_run_step
@@ -680,3 +680,16 @@ def test_sampling_a_damaged_step_prints_one_line_not_the_late_callbacks_of_its_r
     result = run_converter("--to_torch", f"--jax_checkpoint={damaged}", f"--output={tmp_path / 'export'}")
     assert result.returncode == 1 and f"error: cannot restore the ema weights of {damaged}" in result.stderr
     assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_steps_of_a_run_with_none_are_listed_without_importing_orbax(tmp_path):
+    """main.py lists them as a stop (SIGTERM, Ctrl-C) ends a run that saved nothing yet: importing
+    orbax and tensorstore then, with XLA's threads still running, is time and risk for no answer."""
+    import subprocess
+    import sys
+
+    (tmp_path / "checkpoints" / "tmp_notes").mkdir(parents=True)  # no step's folder
+    code = ("import sys; from pixelflow_jax.checkpoints.run_checkpoint import complete_steps; "
+            f"print(complete_steps({str(tmp_path)!r}), 'orbax.checkpoint' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["[]", "False"], result.stderr[-2000:]

@@ -162,12 +162,14 @@ def run_checkpoint_config(run: str) -> CheckpointConfig:
 
 
 def complete_steps(run: str) -> list[int]:
+    folder = storage.join(run, CHECKPOINTS)
+    names = [n for n in storage.listdir(folder) if is_step_name(n)]
+    if not names:  # orbax is not imported for nothing: a run stopped as it starts reports this (main.py)
+        return []
     from etils import epath
     import orbax.checkpoint as ocp
 
-    folder = storage.join(run, CHECKPOINTS)
-    return sorted(int(n) for n in storage.listdir(folder)
-                  if is_step_name(n) and ocp.step.is_path_finalized(epath.Path(storage.join(folder, n))))
+    return sorted(int(n) for n in names if ocp.step.is_path_finalized(epath.Path(storage.join(folder, n))))
 
 
 def steps_in_progress(run: str) -> list[int]:
