@@ -382,6 +382,22 @@ def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, conf
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("arguments", [["configs/c2i.py:demo", "--workdir=WORKDIR"],
+                                       ["--workdir", "WORKDIR", "configs/c2i.py:demo"]])
+def test_a_config_file_given_without_its_flag_is_named_with_it(tmp_path, arguments):
+    """As the release's scripts take a config: absl said only 'Flag --config must have a value other
+    than None'. A .py word that is another flag's value (--workdir x.py) is that flag's."""
+    command = [sys.executable, "main.py", *(a.replace("WORKDIR", str(tmp_path / "run")) for a in arguments)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith(
+        "error: configs/c2i.py:demo is given without its flag: a config file is --config=configs/c2i.py:demo\n"), \
+        result.stderr
+    assert not (tmp_path / "run").exists()
+    taken = subprocess.run([sys.executable, "main.py", "--workdir", str(tmp_path / "run.py")], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert "Flag --config must have a value other than None" in taken.stderr, taken.stderr
+
+
 @pytest.mark.parametrize("flag,message", [
     ("--pretrained=PixelFlow-XL-c2i", "error: --pretrained is a flag of the release's sample_ddp.py; here it is "
                                       "--config.sample.checkpoint=FOLDER (a release folder is read as it is)"),

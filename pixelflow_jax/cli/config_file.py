@@ -159,7 +159,13 @@ def config_code_error(argv: list[str], error: Exception) -> str | None:
 
 def check_config_file(argv: list[str]) -> None:
     """A --config file that does not exist, named in one line (ml_collections reports it only when
-    the config is first read, in a traceback)."""
+    the config is first read, in a traceback); a config file given as a bare word, as the release's
+    scripts take theirs, named with the flag (absl said only that --config needs a value)."""
+    if not flag_values(argv, "config"):
+        for previous, word in zip(argv, argv[1:]):
+            takes_it = previous.startswith("-") and "=" not in previous  # --workdir WORD: that flag's value
+            if re.fullmatch(r"[^-].*\.py(:\w*)?", word) and not takes_it:
+                sys.exit(f"error: {word} is given without its flag: a config file is --config={word}")
     for value in flag_values(argv, "config"):
         if "://" in value:  # split at its first ":" below, gs://b/c2i.py:demo was "file gs does not exist"
             scheme, _, rest = value.partition("://")
