@@ -300,7 +300,10 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     if storage.isdir(path):
         weights_path = storage.join(path, "model.pt")
         if not storage.isfile(weights_path):
-            raise CheckpointError(f"{path} is a folder without model.pt; a release folder holds config.yaml + "
+            # a folder named like the weights (an unpacked archive?): "without model.pt" read as nonsense
+            what = ("a folder, not a weights file" if path.rstrip("/").endswith(WEIGHT_FILE_ENDINGS)
+                    else "a folder without model.pt")
+            raise CheckpointError(f"{path} is {what}; a release folder holds config.yaml + "
                                   f"model.pt{what_the_folder_holds(path)}")
         folder_config = storage.join(path, "config.yaml")
         if torch_config and storage.isfile(folder_config):
