@@ -191,9 +191,11 @@ def main(argv):
         usage_error(f"unexpected arguments {argv[1:]}")
     if not FLAGS.output:
         usage_error("--output is required")
+    if FLAGS.jax_checkpoint and not FLAGS.to_torch and not FLAGS.torch_checkpoint:
+        usage_error("--jax_checkpoint is read by an export to PyTorch: add --to_torch")
     if FLAGS.to_torch == bool(FLAGS.torch_checkpoint) or (FLAGS.to_torch and not FLAGS.jax_checkpoint):
         usage_error("give either --torch_checkpoint (PyTorch -> JAX) or --to_torch --jax_checkpoint "
-                             "(JAX -> PyTorch)")
+                    "(JAX -> PyTorch)")
     # A flag of the other direction would be silently ignored: the output would not be what was asked.
     other_direction = TORCH_TO_JAX_FLAGS if FLAGS.to_torch else ("jax_checkpoint",)
     ignored = [f"--{name}" for name in other_direction if FLAGS[name].present]

@@ -624,6 +624,14 @@ def test_a_flag_of_the_other_direction_is_refused_not_ignored(tmp_path, converte
     assert len(result.stderr.splitlines()) == 2, result.stderr  # the error and where help is, not the whole help
 
 
+def test_an_export_without_to_torch_is_told_to_add_it(tmp_path, converted):
+    """--jax_checkpoint alone was answered 'give either --torch_checkpoint ... or --to_torch --jax_checkpoint'."""
+    result = run_converter(f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={tmp_path / 'out'}")
+    assert result.returncode != 0 and result.stderr.startswith(
+        "error: --jax_checkpoint is read by an export to PyTorch: add --to_torch\n"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_converted_folder_of_a_newer_format_asks_for_an_upgrade(converted, tmp_path):
     import json
 
