@@ -151,7 +151,7 @@ def torch_to_jax() -> str:
 
 
 def jax_to_torch() -> str:
-    from pixelflow_jax.api import checkpoint_config, read_checkpoint, resolve_checkpoint
+    from pixelflow_jax.api import checkpoint_config, read_checkpoint, resolve_checkpoint, weights_of
     from pixelflow_jax.checkpoints.convert import check_exportable, params_to_torch
     from pixelflow_jax.checkpoints.torch_io import write_release_checkpoint
 
@@ -161,8 +161,8 @@ def jax_to_torch() -> str:
     state_dict = params_to_torch(params, config.model)
     raise_dropped_stops()  # asked to stop meanwhile: nothing is written
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
-    what = f"the {FLAGS.weights} weights of {source.label}" if source.run_step else source.label
-    return (f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from {what}"
+    return (f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from "
+            f"{weights_of(source, FLAGS.weights)}"
             f"{text_encoder_note(source, config.model)}")
 
 
