@@ -635,7 +635,8 @@ def test_a_full_local_disk_under_a_download_is_named_not_the_file(bucket, tmp_pa
     """A release model.pt (or Inception .pth) in a bucket is read through a copy in the temporary
     folder: a full disk there said 'cannot read ... as a PyTorch checkpoint (truncated or not a
     checkpoint?): OSError: [Errno 28]', a reason to doubt a sound file. Now the local folder and
-    TMPDIR are named; the file's own errors stay as they are, and a copy with room is read."""
+    TMPDIR are named (for a disk quota reached too); the file's own errors stay as they are, and a
+    copy with room is read."""
     import shutil
     import tempfile
 
@@ -650,15 +651,17 @@ def test_a_full_local_disk_under_a_download_is_named_not_the_file(bucket, tmp_pa
     local.unlink()
     copy = shutil.copyfileobj
 
-    def disk_full(source, target, length=0):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    # A quota reached there (EDQUOT, a shared machine's home or scratch) is the same lack of room.
+    for code, words in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded")):
+        def no_room(source, target, length=0, code=code, words=words):
+            raise OSError(code, words)
 
-    monkeypatch.setattr(shutil, "copyfileobj", disk_full)
-    with pytest.raises(storage.StorageError, match=(
-            rf"^{bucket}/model.pt is read through a copy on this machine, in {tmp_path}, and that copy failed "
-            r"\(OSError: \[Errno 28\] No space left on device\): free space there, or point TMPDIR at a folder")):
-        load_torch_file(f"{bucket}/model.pt")
-    assert os.listdir(tmp_path) == []  # the partial copy goes with its folder
+        monkeypatch.setattr(shutil, "copyfileobj", no_room)
+        with pytest.raises(storage.StorageError, match=(
+                rf"^{bucket}/model.pt is read through a copy on this machine, in {tmp_path}, and that copy failed "
+                rf"\(OSError: \[Errno {code}\] {words}\): free space there, or point TMPDIR at a folder")):
+            load_torch_file(f"{bucket}/model.pt")
+        assert os.listdir(tmp_path) == []  # the partial copy goes with its folder
 
     def connection_lost(source, target, length=0):
         raise OSError(errno.ECONNRESET, "Connection reset by peer")
@@ -669,27 +672,6 @@ def test_a_full_local_disk_under_a_download_is_named_not_the_file(bucket, tmp_pa
     assert "TMPDIR" not in str(other.value)
     monkeypatch.setattr(shutil, "copyfileobj", copy)
     assert load_torch_file(f"{bucket}/model.pt")["w"].tolist() == [1.0, 1.0, 1.0]
-
-
-def test_a_disk_quota_reached_under_a_download_is_named_as_a_full_disk(bucket, tmp_path, monkeypatch):
-    """A quota reached in the temporary folder (EDQUOT, a shared machine's home or scratch) is the
-    same lack of room as a full disk: named with the folder and TMPDIR, not the bucket's file."""
-    import shutil
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    storage.write_atomically(f"{bucket}/model.pt", b"weights" * 100)
-
-    def quota_reached(source, target, length=0):
-        raise OSError(errno.EDQUOT, "Disk quota exceeded")
-
-    monkeypatch.setattr(shutil, "copyfileobj", quota_reached)
-    with pytest.raises(storage.StorageError, match=(
-            rf"^{bucket}/model.pt is read through a copy on this machine, in {tmp_path}, and that copy failed "
-            r"\(OSError: \[Errno 122\] Disk quota exceeded\): free space there, or point TMPDIR at a folder")):
-        with storage.local_file(f"{bucket}/model.pt"):
-            pass
-    assert os.listdir(tmp_path) == []
 
 
 def test_a_local_copy_that_cannot_be_written_names_the_cache_folder_not_the_bucket(bucket, tmp_path, monkeypatch):
