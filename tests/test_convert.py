@@ -297,7 +297,9 @@ def test_unreadable_file_gets_one_line_error(tmp_path, content):
 
 
 @pytest.mark.parametrize("head_dim,overrides,phrase", [
-    (0, {}, "attention_head_dim 0 does not divide the model width 32"),  # was a ZeroDivisionError
+    (0, {}, "attention_head_dim must be a positive number of channels per head, got 0"),  # was a ZeroDivisionError
+    (-8, {}, "attention_head_dim must be a positive number of channels per head, got -8"),  # was 'does not divide'
+    (5, {}, "attention_head_dim 5 does not divide the model width 32"),
     (16, {"num_stages": 0}, "num_stages must be positive, got 0"),
     (16, {"resolution": -64}, "resolution must be positive, got -64"),
     # stage 0 had no timestep of its own (start_t = end_t = 0), and sampled

@@ -195,7 +195,10 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray], attention_head_dim:
     if attention_head_dim is None:
         raise ConversionError(f"cannot infer how the width {hidden} splits into attention heads from tensor shapes; "
                               "pass --torch_config=config.yaml or --attention_head_dim (72 in the released models)")
-    if attention_head_dim < 1 or hidden % attention_head_dim:
+    if attention_head_dim < 1:
+        raise ConversionError(f"attention_head_dim must be a positive number of channels per head, got "
+                              f"{attention_head_dim} (72 in the released models)")
+    if hidden % attention_head_dim:
         raise ConversionError(f"attention_head_dim {attention_head_dim} does not divide the model width {hidden}")
     table = state_dict.get("class_embedder.embedding_table.weight")
     cross = state_dict.get(f"{BLOCKS}.0.attn2.k_proj.weight")
