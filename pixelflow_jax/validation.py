@@ -191,6 +191,10 @@ def check_architecture(config) -> None:
     if (model.in_channels, model.out_channels) != (3, 3):  # (a 1-channel output broadcast against RGB and trained)
         raise ConfigError(f"--config.model.in_channels and out_channels must be 3, got {model.in_channels} and "
                           f"{model.out_channels}: the data, previews and samples are RGB images")
+    least_resolution = lambda stages: math.lcm(model.patch_size * 2 ** (stages - 1), 2 ** stages)
+    if least_resolution(num_stages) > LARGEST_IMAGE_SIDE:
+        raise ConfigError(too_many_stages(num_stages, resolution, model.patch_size, least_resolution, names=(
+            "--config.scheduler.num_stages", "--config.data.resolution")))
     grid, halving = model.patch_size * 2 ** (num_stages - 1), 2 ** num_stages
     factor = math.lcm(grid, halving)  # they differ for odd patch sizes only
     if resolution % factor:
@@ -201,6 +205,29 @@ def check_architecture(config) -> None:
                     "(training starts that stage from its 2x-downsampled image)")
         raise ConfigError(f"--config.data.resolution ({resolution}) must be a multiple of {why}: "
                           f"try {below or above}" + (f" or {above}" if below else ""))
+
+
+# Image side (px) far past any model's (the release's text-to-image model samples at 1024). A stage
+# count whose least resolution is larger (4 x 2^99 px for 100 stages) is the mistake, not the
+# resolution: it is named, and that resolution is not offered.
+LARGEST_IMAGE_SIDE = 2**16
+
+
+def too_many_stages(num_stages: int, resolution: int, patch_size: int, least_resolution,
+                    names=("num_stages", "resolution")) -> str:
+    """Why `num_stages` cannot be: `least_resolution(stages)` is the least resolution that gives each
+    of that many stages a whole patch grid, and passes LARGEST_IMAGE_SIDE; `names` spell the settings."""
+    stages_name, resolution_name = names
+    fitting = 0
+    while least_resolution(fitting + 1) <= resolution:
+        fitting += 1
+    problem = (f"{stages_name} {num_stages} is far too many: each stage halves the image, so the full image must "
+               f"be at least {patch_size} (the patch size) x 2^{num_stages - 1} px for the first stage to hold a "
+               "whole patch")
+    if not fitting:
+        return (f"{problem}, and {resolution_name} {resolution} is below even one stage's {least_resolution(1)} px: "
+                f"raise it, and set {stages_name} to a few (the release's: 4)")
+    return f"{problem}: {resolution_name} {resolution} holds at most {fitting}; set {stages_name} to {fitting} or less"
 
 
 def check_data(config) -> None:

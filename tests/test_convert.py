@@ -302,6 +302,11 @@ def test_unreadable_file_gets_one_line_error(tmp_path, content):
     (5, {}, "attention_head_dim 5 does not divide the model width 32"),
     (16, {"num_stages": 0}, "num_stages must be positive, got 0"),
     (16, {"resolution": -64}, "resolution must be positive, got -64"),
+    # the least resolution for 100 stages is 4 x 2^99 px: it was printed as a 31-digit multiple
+    (16, {"num_stages": 100}, "num_stages 100 is far too many: each stage halves the image, so the full image must "
+                              "be at least 4 (the patch size) x 2^99 px for the first stage to hold a whole patch: "
+                              "resolution 256 holds at most 7; set num_stages to 7 or less"),
+    (16, {"num_stages": 100, "resolution": 2}, "and resolution 2 is below even one stage's 4 px: raise it"),
     # stage 0 had no timestep of its own (start_t = end_t = 0), and sampled
     (16, {"num_train_timesteps": 3}, "num_train_timesteps 3 must be at least num_stages 4"),
 ])

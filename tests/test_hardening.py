@@ -50,6 +50,11 @@ def c2i_config(**changes):
     ("sample", "sample.seed", 2**32, "--config.sample.seed must be in [0, 4294967295], got 4294967296"),
     ("train", "seed", -1, "--config.seed must be in [0, 4294967295], got -1"),
     ("train", "scheduler.num_stages", 0, "--config.scheduler.num_stages must be >= 1, got 0"),
+    # the grid of 100 stages is 4 x 2^99 px: the message printed its 31 digits as the resolution to try
+    ("train", "scheduler.num_stages", 100, "--config.scheduler.num_stages 100 is far too many: each stage halves the "
+                                           "image, so the full image must be at least 4 (the patch size) x 2^99 px "
+                                           "for the first stage to hold a whole patch: --config.data.resolution 64 "
+                                           "holds at most 5; set --config.scheduler.num_stages to 5 or less"),
     ("inspect", "model.patch_size", 3, "--config.data.resolution (64) must be a multiple of model.patch_size x 2^("
                                        "scheduler.num_stages - 1) = 24, so that every stage has a whole patch grid, "
                                        "and of 2^scheduler.num_stages = 16, so that the first stage's image halves "

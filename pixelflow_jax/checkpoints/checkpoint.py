@@ -25,6 +25,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.convert import Params, param_shapes
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.validation import LARGEST_IMAGE_SIDE, too_many_stages
 
 CONFIG_FILE = "pixelflow_config.json"
 PARAMS_DIR = "params"
@@ -58,7 +59,10 @@ class CheckpointConfig:
         if self.num_train_timesteps < self.num_stages:  # a stage without a timestep of its own: degenerate
             raise ValueError(f"num_train_timesteps {self.num_train_timesteps} must be at least num_stages "
                              f"{self.num_stages}, as in training (the release's: 1000)")
-        factor = self.model.patch_size * 2 ** (self.num_stages - 1)
+        least_resolution = lambda stages: self.model.patch_size * 2 ** (stages - 1)
+        if least_resolution(self.num_stages) > LARGEST_IMAGE_SIDE:
+            raise ValueError(too_many_stages(self.num_stages, self.resolution, self.model.patch_size, least_resolution))
+        factor = least_resolution(self.num_stages)
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} must be a multiple of patch_size x 2^(num_stages-1) "
                              f"= {factor} so that every stage has a whole patch grid")
