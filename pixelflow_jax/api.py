@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
+import numpy as np
 from absl import logging
 
 from pixelflow_jax import storage
@@ -357,6 +358,14 @@ def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointC
     check_weights_of(source, config.sample.weights)
     fill_text_encoder(config.sample, source)
     return source, checkpoint_config(source)
+
+
+def check_steps_for_stages(sample_config, source: CheckpointSource, num_stages: int) -> None:
+    """--config.sample.steps_per_stage is one number for all stages or one per stage of `source`."""
+    steps = sample_config.steps_per_stage
+    if np.ndim(steps) and len(steps) != num_stages:
+        raise ValueError(f"--config.sample.steps_per_stage gives {len(steps)} values; {source.label} has "
+                         f"{num_stages} stages (or give one number for all)")
 
 
 def run_folder_classes(source: CheckpointSource, num_classes: int) -> list[str]:

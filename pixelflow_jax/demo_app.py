@@ -27,8 +27,8 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.command_line import stop_on_sigterm
 from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole
-from pixelflow_jax.api import (load_sampling_model, run_trained_classes, sampling_checkpoint, sampling_source,
-                               weights_chosen)
+from pixelflow_jax.api import (check_steps_for_stages, load_sampling_model, run_trained_classes, sampling_checkpoint,
+                               sampling_source, weights_chosen)
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
 from pixelflow_jax.sampling.sample_conditioning import TrainedClasses, check_config_kind
 
@@ -122,9 +122,7 @@ class DemoSampler:
         # The config's kind, its steps and the text encoder are checked before the weights are read.
         self.source, ckpt = sampling_source(config, workdir)
         check_config_kind(s, ckpt.model)
-        if np.ndim(s.steps_per_stage) and len(s.steps_per_stage) != ckpt.num_stages:
-            raise ValueError(f"--config.sample.steps_per_stage gives {len(s.steps_per_stage)} values; "
-                             f"{self.source.label} has {ckpt.num_stages} stages (or give one number for all)")
+        check_steps_for_stages(s, self.source, ckpt.num_stages)
         self.text = bool(ckpt.model.cross_attention_dim)
         self.num_classes = None if self.text else int(ckpt.model.num_classes)
         self.trained_classes = None if self.text else run_trained_classes(self.source, self.num_classes)

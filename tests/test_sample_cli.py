@@ -75,6 +75,8 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
 @pytest.mark.parametrize("override,message", [
     ("--config.sample.batch_size=6", "must be divisible by the number of devices (8)"),
     ("--config.sample.labels=(1,2000)", "labels must be"),
+    # it named the field without its flag: 'steps_per_stage needs one value per stage (4), got (1, 2, 3)'
+    ("--config.sample.steps_per_stage=(1,2,3)", "--config.sample.steps_per_stage gives 3 values; "),
     ("--config.eval.reference=/nowhere/ref.npz", "set --config.eval.inception_weights"),  # early
     ("--config.eval.reference=/nowhere/ref.npz --config.eval.inception_weights=/nowhere/w.pth",
      "--config.eval.reference /nowhere/ref.npz is not found"),

@@ -29,8 +29,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.api import (fetch_weights, load_sampling_model, run_trained_classes, sampling_runtime,
-                               sampling_source, weights_chosen, weights_of)
+from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, load_sampling_model, run_trained_classes,
+                               sampling_runtime, sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
@@ -95,6 +95,7 @@ def _sample(config, workdir: str) -> None:
                          f"({num_devices}); try {max(num_devices, s.batch_size // num_devices * num_devices)}")
     source, ckpt = sampling_source(config, workdir)
     # The settings, labels or prompts, text encoder and workdir are checked before the weights are read.
+    check_steps_for_stages(s, source, ckpt.num_stages)
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
     trained = None if ckpt.model.cross_attention_dim else run_trained_classes(source, ckpt.model.num_classes)
