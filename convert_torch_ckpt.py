@@ -90,8 +90,8 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     if not source.startswith("hf://"):
         if storage.basename(src) == "model.pt" and storage.isfile(storage.join(storage.dirname(src), "config.yaml")):
             src = storage.dirname(src)  # a release folder's model.pt named alone: the folder is the input
-        if out == src or out.startswith(src + "/") or src.startswith(out + "/"):
-            where = ("is the input" if out == src else "holds the input" if src.startswith(out + "/") else
+        if out == src or storage.is_inside(out, src) or storage.is_inside(src, out):
+            where = ("is the input" if out == src else "holds the input" if storage.is_inside(src, out) else
                      "is inside the input")  # a folder added to a release folder or a run changes what it holds
             raise CheckpointError(f"--output {output} overlaps the input {source} (it {where}): the input is left as "
                                   "it is; choose a folder that neither holds nor is inside it")
@@ -180,8 +180,8 @@ def text_encoder_note(source, model) -> str:
         return ("; the export holds no T5 text encoder: sample it with the one it was trained with "
                 "(--config.sample.text_encoder)")
     folder = encoder_folder_of(source.run_step.run, recorded["path"])
-    inside = storage.resolved(folder).startswith(storage.resolved(source.run_step.run) + "/")
-    keep = " (inside the run: keep that folder, or copy it beside the export)" if inside else ""
+    keep = (" (inside the run: keep that folder, or copy it beside the export)"
+            if storage.is_inside(folder, source.run_step.run) else "")
     return (f"; the export holds no T5 text encoder: sample it with --config.sample.text_encoder={folder}, the one "
             f"the run trained with{keep}")
 

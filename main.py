@@ -278,13 +278,14 @@ def fail(error: Exception):
     fix). An error raised inside a library (jax, orbax, gcsfs) is unexpected, so its traceback is
     printed first: its message alone often lacks the context to act on."""
     import pixelflow_jax
+    from pixelflow_jax import storage
 
-    package = os.path.dirname(os.path.abspath(pixelflow_jax.__file__)) + os.sep
+    package = os.path.dirname(os.path.abspath(pixelflow_jax.__file__))
     frames = traceback.extract_tb(error.__traceback__)
     raised_in = os.path.abspath(frames[-1].filename) if frames else __file__
     # jax removes its own frames from tracebacks (and says so in a note): its errors can seem ours.
     jax_frames_removed = any("JAX has removed its internal frames" in note for note in getattr(error, "__notes__", ()))
-    if jax_frames_removed or (raised_in != os.path.abspath(__file__) and not raised_in.startswith(package)):
+    if jax_frames_removed or (raised_in != os.path.abspath(__file__) and not storage.is_inside(raised_in, package)):
         traceback.print_exception(error)
     sys.exit(f"error: {error}")
 

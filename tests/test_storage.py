@@ -42,6 +42,22 @@ def test_urls_are_never_made_local():
         storage.user_path("runs/gs://b/x")  # was "unsupported URL scheme runs/gs://"
 
 
+def test_a_path_is_inside_a_folder_by_whole_names_through_links_and_trailing_slashes(tmp_path):
+    """One rule for "is A inside folder B", which four places spelled inline."""
+    assert storage.is_inside("gs://b/x/y", "gs://b/x")
+    assert not storage.is_inside("gs://b/xy", "gs://b/x")  # a name that starts with the folder's is beside it
+    assert storage.is_inside("gs://b/x/y/", "gs://b/x/") and storage.is_inside("gs://b/x/y", "gs://b")
+    assert not storage.is_inside("gs://b/x", "gs://b/x/") and not storage.is_inside("gs://b/x/", "gs://b/x")
+    assert not storage.is_inside("gs://c/x", "gs://b") and not storage.is_inside(str(tmp_path / "x"), "gs://b")
+    (tmp_path / "run" / "t5").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    assert storage.is_inside(str(tmp_path / "link" / "t5"), str(tmp_path / "run") + "/")  # one folder by two names
+    assert storage.is_inside(str(tmp_path / "run" / "new"), str(tmp_path / "link"))  # not there yet
+    assert not storage.is_inside(str(tmp_path / "runs"), str(tmp_path / "run"))
+    assert not storage.is_inside(str(tmp_path / "link"), str(tmp_path / "run"))  # the folder itself
+    assert storage.is_inside(str(tmp_path), "/")
+
+
 def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
     storage.write_json_atomically(f"{bucket}/run/settings.json", {"seed": 1})
     storage.write_atomically(f"{bucket}/run/samples/000000.png", b"png")

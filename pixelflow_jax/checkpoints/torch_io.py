@@ -93,8 +93,7 @@ def hub_cache_hint(path: str) -> str:
         from huggingface_hub import constants
     except ImportError:  # then no file came from its cache
         return ""
-    cache = os.path.realpath(constants.HF_HUB_CACHE) + os.sep
-    if storage.is_url(path) or not os.path.realpath(path).startswith(cache):
+    if storage.is_url(path) or not storage.is_inside(path, constants.HF_HUB_CACHE):
         return ""
     return (f"; it is in the Hugging Face cache, which a rerun reads again: remove {os.path.realpath(path)} to have "
             "it downloaded anew")

@@ -63,12 +63,12 @@ def ignored_name(name: str) -> bool:
 def read_with_folder(path: str, root: str) -> bool:
     """Whether `path` is folder `root` or lies where a folder source reads inside it (not below a
     hidden or ignored folder): a run's or a pack's output there would become data."""
-    root, path = storage.resolved(root).rstrip("/"), storage.resolved(path)
+    root, path = storage.resolved(root), storage.resolved(path)
     if path == root:
         return True
-    if not path.startswith(root + "/"):
+    if not storage.is_inside(path, root):
         return False
-    return not any(ignored_name(part) for part in path[len(root) + 1:].split("/"))
+    return not any(ignored_name(part) for part in path[len(root.rstrip("/")) + 1:].split("/"))
 
 
 def walk_files(root: str, above: tuple[str, ...] = (), unlisted: list[str] | None = None) -> list[str]:
@@ -118,7 +118,7 @@ def leads_back(path: str) -> bool:
     if not os.path.islink(path):
         return False
     target, here = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
-    return here == target or here.startswith(target.rstrip("/") + "/")
+    return here == target or storage.is_inside(here, target)
 
 
 def listing_fingerprint(root: str, rows) -> str:

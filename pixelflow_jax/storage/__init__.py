@@ -17,8 +17,8 @@ of killed writers) and cache (local copies of remote files). Callers use the nam
 """
 
 from pixelflow_jax.storage.cache import cache_dir, cached_copy
-from pixelflow_jax.storage.paths import (StorageError, absolute, basename, check_supported, dirname, is_url, join,
-                                         resolved, user_path)
+from pixelflow_jax.storage.paths import (StorageError, absolute, basename, check_supported, dirname, is_inside,
+                                         is_url, join, resolved, user_path)
 from pixelflow_jax.storage.reads import (exists, file_sizes, fingerprint, isdir, isfile, list_entries, list_files,
                                            list_folders, listdir, local_file, open_file, read_bytes, read_in_order,
                                            read_json, read_text, size_and_mtime)
@@ -34,8 +34,8 @@ from pixelflow_jax.storage.writes import (check_writable, create_file, create_js
 __all__ = [
     "CHECK_ACCESS", "StorageError", "WRITER", "absolute", "basename", "cache_dir", "cached_copy", "check_supported",
     "check_writable", "clear_leftovers_of_killed_writers", "create_file", "create_json", "dirname", "exists",
-    "file_sizes", "fingerprint", "folders_of_gone_writers", "history_path", "is_url", "isdir", "isfile", "join",
-    "list_entries", "list_files", "list_folders", "listdir", "local_file", "make_folder", "makedirs", "move",
+    "file_sizes", "fingerprint", "folders_of_gone_writers", "history_path", "is_inside", "is_url", "isdir", "isfile",
+    "join", "list_entries", "list_files", "list_folders", "listdir", "local_file", "make_folder", "makedirs", "move",
     "open_file", "process_alive", "read_bytes", "read_in_order", "read_json", "read_text", "remove",
     "remove_abandoned_dirs", "remove_temporaries", "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime",
     "temporary_dir", "upload_file_atomically", "user_path", "write_atomically", "write_json_atomically",

@@ -158,6 +158,13 @@ def resolved(path: str) -> str:
     return str(path).rstrip("/") if is_url(path) else os.path.realpath(path)
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` lies below `folder`, not being it: a local path with symbolic links resolved
+    (resolved), a URL by its names, so gs://b/x/y is inside gs://b/x and gs://b/xy is not; a
+    trailing slash on either changes nothing."""
+    return resolved(path).startswith(resolved(folder).rstrip("/") + "/")
+
+
 def join(base: str, *parts: str) -> str:
     if is_url(base):
         return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
