@@ -3,6 +3,7 @@ Hub's cache layout (no test touches the network)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,12 +77,24 @@ def test_bad_hub_paths_are_refused_with_the_format(path):
 
 
 @pytest.mark.parametrize("path", ["hf://me/runs@refs/pr/draft", "hf://me/runs@refs/pr/3x/xl",
-                                  "hf://me/runs@refs/heads/main", "hf://me/runs@refs/convert"])
+                                  "hf://me/runs@refs/heads", "hf://me/runs@refs/convert"])
 def test_a_mistyped_hub_ref_is_refused_with_the_refs_read(path):
     """'@refs/pr/draft' was read as the revision 'refs' and the subfolder 'pr/draft': the download
     then failed with "no revision 'refs'", not naming the refs a Hub path takes."""
     with pytest.raises(CheckpointError, match=r"@refs/\S+ is not a Hub revision: write @refs/pr/N .*, "
                                               r"@refs/convert/NAME, or a branch or tag as @NAME"):
+        HubPath.parse(path)
+
+
+@pytest.mark.parametrize("path,meant", [
+    ("hf://me/runs@refs/heads/main", "the branch main: write hf://me/runs@main "),
+    ("hf://me/runs@refs/heads/dev-2/xl/", "the branch dev-2: write hf://me/runs@dev-2/xl "),
+    ("hf://me/runs@refs/tags/v1.0", "the tag v1.0: write hf://me/runs@v1.0 "),
+])
+def test_a_branch_or_tag_by_its_full_git_name_is_told_its_bare_name(path, meant):
+    """huggingface_hub takes branches and tags by name (its hf:// paths read only refs/pr/N and
+    refs/convert/NAME as refs): @refs/heads/main was told to write 'a branch or tag as @NAME'."""
+    with pytest.raises(CheckpointError, match=re.escape(f"is git's full name of {meant}")):
         HubPath.parse(path)
 
 

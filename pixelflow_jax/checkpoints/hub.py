@@ -77,6 +77,14 @@ class HubPath:
             raise CheckpointError(f"{path} is not a Hub path: write hf://OWNER/NAME, optionally followed by "
                                   "@REVISION (a branch, tag or commit, refs/pr/N or refs/convert/NAME) and /SUBFOLDER")
         subfolder = (match["subfolder"] or "").strip("/")
+        if match["revision"] == "refs" and (bare := re.fullmatch(r"(heads|tags)/([\w.-]+)(/.*)?", subfolder)):
+            # git's full name of a branch or tag: huggingface_hub documents them by their names, and
+            # its own hf:// paths give a '/' in a revision to refs/pr/N and refs/convert/NAME only
+            meant = f"{PREFIX}{match['owner']}/{match['name']}@{bare[2]}{bare[3] or ''}"
+            kind = "branch" if bare[1] == "heads" else "tag"
+            raise CheckpointError(f"{path}: @refs/{bare[1]}/{bare[2]} is git's full name of the {kind} {bare[2]}: "
+                                  f"write {meant} (a Hub revision is a branch, tag or commit by its name, "
+                                  "refs/pr/N or refs/convert/NAME)")
         if match["revision"] == "refs" and subfolder:
             # '@refs/pr/draft' is no branch 'refs' with a subfolder 'pr/draft', but a mistyped ref
             raise CheckpointError(f"{path}: @refs/{subfolder} is not a Hub revision: write @refs/pr/N (a pull "
