@@ -1397,7 +1397,7 @@ def test_orbax_logs_a_failed_save_in_one_line_each_time_not_its_traceback(tmp_pa
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.training import checkpointing
 
-    with caplog.at_level(logging.ERROR, logger="absl"):
+    with caplog.at_level(logging.ERROR, logger="absl"), checkpointing.orbax_errors_in_one_line():
         manager = save_failing_in_the_background(tmp_path, monkeypatch)
         with pytest.raises(CheckpointError, match="no space left on the device"):
             checkpointing.check_saves(manager)
@@ -1409,6 +1409,35 @@ def test_orbax_logs_a_failed_save_in_one_line_each_time_not_its_traceback(tmp_pa
         "Save Finalize thread (save_finalize) failed. (OSError: RESOURCE_EXHAUSTED: Error writing local file ...: "
         "No space left on device [28])"]
     assert not any(r.exc_info or r.exc_text for r in orbax) and "Traceback" not in caplog.text
+
+
+def orbax_error_keeps_its_traceback() -> bool:
+    """Whether an error record of orbax's, through absl's logger, keeps its traceback."""
+    try:
+        raise OSError("No space left on device")
+    except OSError:
+        record = logging.LogRecord("absl", logging.ERROR, "/venv/lib/site-packages/orbax/checkpoint/a.py", 1,
+                                   "save failed", None, sys.exc_info())
+    logging.getLogger("absl").filter(record)
+    return record.exc_info is not None
+
+
+def test_orbax_errors_are_one_line_while_a_run_holds_its_checkpoints_and_not_after(tmp_path, monkeypatch):
+    """The one-line filter, added with a run's checkpoint manager, stayed on absl's logger for the
+    rest of the process: once train() returned (a notebook), orbax's own errors lost their tracebacks."""
+    from pixelflow_jax.training import checkpointing
+
+    loop = StandInLoop(monkeypatch)
+    during = []
+    monkeypatch.setattr(loop.train, "save", lambda *args: (during.append(orbax_error_keeps_its_traceback()),
+                                                           checkpointing.save(*args)))
+    assert orbax_error_keeps_its_traceback()
+    loop.run(loop.config(num_steps=2, checkpoint_every=2), tmp_path / "run")
+    assert during == [False] and orbax_error_keeps_its_traceback()
+    with checkpointing.orbax_errors_in_one_line():
+        with checkpointing.orbax_errors_in_one_line():
+            pass
+        assert not orbax_error_keeps_its_traceback()  # an inner scope leaves the outer one's on
 
 
 def test_a_batch_the_devices_cannot_split_names_the_device_counts_that_keep_it():

@@ -63,7 +63,7 @@ def deletion_killed_midway(step_folder: str) -> bool:
 
 
 class OrbaxTracebacksInOneLine(python_logging.Filter):
-    """orbax's records of an error, once a run's checkpoint manager is made, keep their message
+    """orbax's records of an error, while a run holds its checkpoints, keep their message
     with the error's first line in place of the traceback. A failed save's came twice, dozens of
     lines of orbax's internals above the one line that save_errors reports (the cause, the step a
     rerun resumes from, the fix): from its background thread when the write failed, and from the
@@ -81,10 +81,24 @@ class OrbaxTracebacksInOneLine(python_logging.Filter):
 ORBAX_TRACEBACKS_IN_ONE_LINE = OrbaxTracebacksInOneLine()  # one instance: a second addFilter adds nothing
 
 
+@contextlib.contextmanager
+def orbax_errors_in_one_line():
+    """OrbaxTracebacksInOneLine on absl's logger for a run's life: its saves fail in orbax's
+    background threads, between the calls that start and await them, so no narrower scope holds
+    their records. Once the run returns, orbax's errors (a notebook's own restore) keep their
+    tracebacks; it stayed on for the rest of the process."""
+    logger = python_logging.getLogger("absl")
+    added = ORBAX_TRACEBACKS_IN_ONE_LINE not in logger.filters  # an enclosing scope's stays on
+    logger.addFilter(ORBAX_TRACEBACKS_IN_ONE_LINE)
+    try:
+        yield
+    finally:
+        if added:
+            logger.removeFilter(ORBAX_TRACEBACKS_IN_ONE_LINE)
+
+
 def checkpoint_manager(workdir: str, keep: int):
     import orbax.checkpoint as ocp
-
-    python_logging.getLogger("absl").addFilter(ORBAX_TRACEBACKS_IN_ONE_LINE)
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(storage.join(storage.absolute(workdir), CHECKPOINTS), options=options,

@@ -42,8 +42,8 @@ from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, global_arrays, make_mesh
 from pixelflow_jax.training import flow
-from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manager, remove_unfinished_saves, resume_point,
-                                                  save, wait_for_saves)
+from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manager, orbax_errors_in_one_line,
+                                                  remove_unfinished_saves, resume_point, save, wait_for_saves)
 from pixelflow_jax.training.metrics_log import WRITE_FIX, MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume, note_init_from_at_resume
@@ -304,7 +304,8 @@ def train(config, workdir: str) -> dict:
         lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
         try:  # acquired inside: a SIGTERM the moment after the lock is written still releases it
             lock.acquire()  # a second run on this workdir stops here, naming the first
-            return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock, preview_prompts)
+            with orbax_errors_in_one_line():
+                return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock, preview_prompts)
         finally:
             lock.release()  # only a lock of its own
 
