@@ -35,7 +35,7 @@ from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_code_error, config_file_given,
                                        flag_error_message, unknown_field_message)
-from pixelflow_jax.cli.config_overrides import warn_of_overrides_without_effect
+from pixelflow_jax.cli.config_overrides import joined_strings_error, warn_of_overrides_without_effect
 from pixelflow_jax.cli.job_exit import StoppedTogether, another_process_gone, exit_now_after_an_error
 
 
@@ -132,6 +132,8 @@ def check_job() -> tuple[dict | None, bool]:
         if not FLAGS.workdir.strip():
             raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
         check_config_fields(FLAGS.config, config_file_given(sys.argv))
+        if joined := joined_strings_error(sys.argv, FLAGS.config):
+            raise validation.ConfigError(joined)
         FLAGS.workdir = validation.user_path("--workdir", FLAGS.workdir)
         check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work

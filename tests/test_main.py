@@ -157,6 +157,32 @@ def test_overrides_in_a_flag_file_or_with_one_dash_are_warned_of_too(tmp_path):
     assert overrides_without_effect(argv[:2] + [f"--flagfile={tmp_path / 'gone.txt'}"], "sample") == []
 
 
+def test_a_list_of_strings_without_a_comma_between_two_is_refused_not_joined(tmp_path):
+    """Prompts written over several lines without a comma, ("a red disk"
+    "a blue ring"), reached the job as the one prompt 'a red diska blue ring' (Python joins
+    adjacent strings), and a class-name list as one unknown class."""
+    from configs import c2i, t2i
+    from pixelflow_jax.cli.config_overrides import joined_strings_error
+
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/t2i.py:tiny", f"--workdir={tmp_path / 'run'}",
+                             "--mode=sample", '--config.sample.prompts=("a red disk"\n    "a blue ring")'],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert ("error: --config.sample.prompts gives the strings 'a red disk' and 'a blue ring' side by side without a "
+            "comma, which Python joins into one string, 'a red diska blue ring': put a comma between them"
+            in result.stderr), result.stderr
+    assert not (tmp_path / "run").exists()
+    labels = c2i.get_config("tiny")
+    labels.sample.labels = ("catsdogs",)  # what ml_collections made of the override
+    assert "'cats' and 'dogs' side by side" in joined_strings_error(
+        ["main.py", '--config.sample.labels=("cats" "dogs")'], labels)
+    config = t2i.get_config("tiny")
+    config.sample.update(prompts=("a red disk", "a blue ring"), negative_prompt='"blurry" "dark"')
+    # a comma (on a line of its own too) joins nothing; a text field keeps the quotes as typed
+    assert joined_strings_error(["main.py", '--config.sample.prompts=("a red disk"\n, "a blue ring")',
+                                 '--config.sample.negative_prompt="blurry" "dark"'], config) is None
+
+
 def test_a_boolean_flag_given_another_word_is_named_with_the_values_it_takes():
     """--config.train.allow_resume_changes=yes said "('Non-boolean argument to boolean flag', 'yes')"."""
     from absl import flags

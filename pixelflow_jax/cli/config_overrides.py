@@ -2,9 +2,13 @@
 warning: a sampling job's (or an inspection's of a checkpoint) model, stages and resolution come
 from the checkpoint, and the dopri5 solver chooses its own steps. The overrides are read from the
 command line as given (argv, and its flag files), not from the parsed config, which does not tell an override from
-the config file's own value."""
+the config file's own value. So are lists whose strings lack a comma between them, which Python joins into one."""
 
 from __future__ import annotations
+
+import ast
+import io
+import tokenize
 
 from absl import flags, logging
 
@@ -14,17 +18,59 @@ CHECKPOINT_DECIDES = ("model.", "scheduler.", "data.resolution", "seed")
 RUNTIME_MODEL_FIELDS = ("model.dtype", "model.param_dtype", "model.attention")
 
 
+def given_arguments(argv: list[str]) -> list[str]:
+    """argv's arguments with the lines of its --flagfiles in their place, as absl reads them."""
+    try:
+        return flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    except flags.Error:  # a flag file that cannot be read is an error of its own (check_flag_files)
+        return argv[1:]
+
+
 def override_fields(argv: list[str]) -> list[str]:
     """Each overridden field once, in the order first given (a field given twice, the last value
     winning, is still one override to warn of), wherever absl reads it: written -config.FIELD too,
     or a line of a --flagfile."""
-    try:
-        given = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
-    except flags.Error:  # a flag file that cannot be read is an error of its own (check_flag_files)
-        given = argv[1:]
-    fields = [a.lstrip("-").split("=", 1)[0].removeprefix("config.") for a in given
+    fields = [a.lstrip("-").split("=", 1)[0].removeprefix("config.") for a in given_arguments(argv)
               if a.startswith("-") and a.lstrip("-").startswith("config.")]
     return list(dict.fromkeys(fields))
+
+
+def override_values(argv: list[str]) -> dict[str, str]:
+    """{field: the value typed} of the --config.FIELD=VALUE overrides, the last of a field winning."""
+    return dict(a.lstrip("-").removeprefix("config.").split("=", 1) for a in given_arguments(argv)
+                if a.startswith("-") and a.lstrip("-").startswith("config.") and "=" in a)
+
+
+def adjacent_strings(value: str) -> tuple[str, str] | None:
+    """The first two string literals side by side in `value`, ('("a red fox" "a blue car")'), which
+    Python, and so ml_collections' reading of a list, joins into one string; None where none are."""
+    skipped = (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT)
+    try:  # ml_collections strips the same leading blanks before it evaluates the value
+        tokens = tokenize.generate_tokens(io.StringIO(value.lstrip(" \t")).readline)
+        tokens = [token for token in tokens if token.type not in skipped]
+    except (tokenize.TokenError, SyntaxError):  # not Python: ml_collections keeps it as the text typed
+        return None
+    for first, second in zip(tokens, tokens[1:]):
+        if first.type == second.type == tokenize.STRING:
+            return ast.literal_eval(first.string), ast.literal_eval(second.string)
+    return None
+
+
+def joined_strings_error(argv: list[str], config) -> str | None:
+    """What is wrong with an override that gives strings without a comma between them (a list of
+    prompts or class names written over several lines): ml_collections reads '("a red fox" "a blue
+    car")' as the one prompt 'a red foxa blue car', and nothing later can tell. A field that keeps
+    the text as typed (a str field: its value is the raw text) joined nothing."""
+    for field, value in override_values(argv).items():
+        parsed = config
+        for key in field.split("."):
+            parsed = getattr(parsed, key, None)
+        if parsed == value or not (pair := adjacent_strings(value)):
+            continue
+        return (f"--config.{field} gives the strings {pair[0]!r} and {pair[1]!r} side by side without a comma, which "
+                f"Python joins into one string, {pair[0] + pair[1]!r}: put a comma between them, "
+                f"--config.{field}='(\"{pair[0]}\", \"{pair[1]}\")'")
+    return None
 
 
 def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
