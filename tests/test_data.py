@@ -926,6 +926,29 @@ def test_shards_of_records_other_than_captioned_ones_are_refused_when_opened_nam
         CaptionRecordSource(str(tfds_build))
 
 
+def test_shards_given_as_an_image_folder_and_an_image_folder_given_as_shards_name_the_source_to_set(tmp_path):
+    """data.root set to the packer's output with data.source left at 'folder' (or an image folder
+    with 'array_record') was told only that it holds no captioned images (no shards)."""
+    from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionRecordSource
+
+    write_shards(tmp_path / "shards", tmp_path, count=2)
+    with pytest.raises(DataError, match=r"no captioned images under \S+/shards \(.*\); it holds 2 ArrayRecord shards "
+                                        r"\(e\.g\. \S+captions-00000-of-00002\.array_record\), which train with "
+                                        r"--config\.data\.source=array_record"):
+        CaptionedFolderSource(str(tmp_path / "shards"))
+    with pytest.raises(DataError, match=r"captioned has no \*\.array_record shards: it holds images "
+                                        r"\(0\.png, \.\.\.\), so it may be a captioned image folder: train on it with "
+                                        r"--config\.data\.source=folder, or pack it .*\.pack_captions --folder=\S+"):
+        CaptionRecordSource(str(tmp_path / "captioned"))
+    (tmp_path / "img2dataset" / "00000").mkdir(parents=True)  # its images are in numbered folders
+    with pytest.raises(DataError, match=r"has no \*\.array_record shards: it holds folders \(00000, \.\.\.\)"):
+        CaptionRecordSource(str(tmp_path / "img2dataset"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.md").write_text("")
+    with pytest.raises(DataError, match=r"other has no \*\.array_record shards$"):
+        CaptionRecordSource(str(tmp_path / "other"))
+
+
 def test_a_set_of_more_than_99999_shards_is_checked_whole_too(tmp_path):
     """pack_captions names shard 7 of 123,456 captions-00007-of-123456: a pattern of five digits only
     took such a set for loose files, and read it with shards missing without a word."""

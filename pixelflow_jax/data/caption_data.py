@@ -157,8 +157,11 @@ class CaptionedFolderSource:
             logging.warning("%s: %d caption files have no image beside them (read: %s), e.g. %s", root, len(orphans),
                             ", ".join(IMAGE_EXTENSIONS), orphans[:3])
         if not self.records:
+            shards = [path for path in files if path.endswith(RECORD_EXTENSION)]
+            packed = (f"; it holds {len(shards)} ArrayRecord shards (e.g. {shards[0]}), which train with "
+                      "--config.data.source=array_record" if shards else "")
             raise DataError(f"no captioned images under {root} (expected NAME.ext + NAME{CAPTION_EXTENSION} with ext "
-                            f"one of {', '.join(IMAGE_EXTENSIONS)})")
+                            f"one of {', '.join(IMAGE_EXTENSIONS)}){packed}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -231,7 +234,7 @@ def record_shards(root: str) -> list[str]:
         raise DataError(f"{root} has no *{RECORD_EXTENSION} shards" + (
             f": {tfds_files[0]} and the like are a TFDS build's, of class labels; a class-conditional model reads "
             "them with data.source='tfds' and data.tfds_data_dir the folder that holds the dataset's folder"
-            if tfds_files else ""))
+            if tfds_files else unpacked_folder_hint(root, files)))
     sizes: dict[str, set[str]] = {}  # NAME -> the set sizes (-of-NNNNN) its shards give
     for match in filter(None, map(SHARD_NAME.fullmatch, names)):
         sizes.setdefault(match[1], set()).add(match[2])
@@ -246,6 +249,18 @@ def record_shards(root: str) -> list[str]:
             raise DataError(f"{root} lacks {len(missing)} of the {int(total)} shards of {prefix}: "
                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; {REPACK}")
     return [storage.join(root, name) for name in names]
+
+
+def unpacked_folder_hint(root: str, files: list[str]) -> str:
+    """For a folder without shards that holds images, or the sub-folders img2dataset writes them
+    in: it reads as a captioned image folder, or packs into shards; '' for any other folder."""
+    folders = [name for name in storage.list_folders(root) if not ignored_name(name)]
+    images = [name for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not (images or folders):
+        return ""
+    return (f": it holds {'images' if images else 'folders'} ({(images or folders)[0]}, ...), so it may be a captioned "
+            "image folder: train on it with --config.data.source=folder, or pack it into shards first with python -m "
+            f"pixelflow_jax.data.pack_captions --folder={root} --output=SHARDS")
 
 
 def count_records(shard: str) -> int:
