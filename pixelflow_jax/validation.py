@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -302,6 +303,16 @@ def prompts(name: str, value) -> None:
                           f"prompt written in brackets is a list of one, --config.{name}='(\"(a, b)\",)'")
     for prompt in [value] if isinstance(value, str) else value:
         unicode_text(name, prompt)
+        if names_a_prompts_file(prompt):  # it would be sampled as the words of its name
+            raise ConfigError(f"--config.{name} is the prompt {prompt!r}, which names a file: prompts read from a text "
+                              f"file, one per line, are --config.sample.prompts_file={prompt}")
+
+
+def names_a_prompts_file(prompt: str) -> bool:
+    """Whether a prompt is the name of a file (as --config.sample.prompts_file takes one): a file
+    here, or a name without spaces ending in .txt (a file elsewhere, a gs:// one)."""
+    words = prompt.strip()
+    return os.path.isfile(os.path.expanduser(words)) or (words.lower().endswith(".txt") and len(words.split()) == 1)
 
 
 def looks_like_an_unquoted_list(text: str) -> bool:

@@ -277,6 +277,22 @@ def test_a_list_of_unquoted_prompts_is_refused_rather_than_sampled_as_one_prompt
         check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
 
 
+@pytest.mark.parametrize("mode", ["sample", "train"])
+def test_a_prompt_that_names_a_prompts_file_is_refused_naming_prompts_file(mode, tmp_path, monkeypatch):
+    """--config.sample.prompts=prompts.txt (meant for prompts_file) sampled one image of the words
+    'prompts.txt', and previewed it at every preview of a run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my prompts.list").write_text("a red disk\n")
+    for value in ("prompts.txt", ("a red disk", "~/prompts.TXT"), "gs://bucket/prompts.txt", "my prompts.list"):
+        file = value if isinstance(value, str) else value[1]
+        with pytest.raises(ConfigError, match=re.escape(f"--config.sample.prompts is the prompt {file!r}, which names "
+                                                        "a file: prompts read from a text file, one per line, are "
+                                                        f"--config.sample.prompts_file={file}")):
+            check(t2i_config(**{"sample.prompts": value, "train.preview_every": 4}), mode)
+    for prompt in ("a sign that says notes.txt", "my prompts", "README.md"):  # a prompt, and a name of no file here
+        check(t2i_config(**{"sample.prompts": prompt, "train.preview_every": 4}), mode)
+
+
 @pytest.mark.parametrize("mode,field,value", [
     ("sample", "sample.prompts", ("a red disk", "caf\udce9 au lait")),  # the byte 0xe9 of a Latin-1 terminal
     ("sample", "sample.prompts", "caf\udce9"),
