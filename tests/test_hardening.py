@@ -2576,6 +2576,37 @@ def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp
             read_prompts_file(str(path))
 
 
+def test_a_benchmarks_prompts_as_json_or_a_table_are_refused_rather_than_sampled_as_their_text(tmp_path):
+    """GenEval's metadata.jsonl, PartiPrompts' TSV and DrawBench's CSV given as a prompts file were
+    sampled line by line: each image of a JSON record's text, of a row's columns, and of the header."""
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
+
+    path = tmp_path / "prompts"
+    refused = {
+        '{"tag": "single_object", "include": [{"class": "bench"}], "prompt": "a photo of a bench"}\n'
+        '{"tag": "colors", "prompt": "a photo of a red cow"}\n':
+            "its lines are JSON objects (keys tag, include, prompt); write each one's prompt alone, e.g. jq -r "
+            f".prompt {path} > prompts.txt, and give that file",
+        "Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t-\n":
+            "its first line, 'Prompt\\tCategory\\tChallenge\\tNote', is a table's header, and each line a row of 4 "
+            "columns; write the 'Prompt' column alone, without the header",
+        'Prompts,Category\nA red colored car.,Colors\n"A black, colored car.",Colors\n':
+            "its first line, 'Prompts,Category', is a table's header, and each line a row of 2 columns; write the "
+            "'Prompts' column alone, without the header",
+        "caption\na red fox\n": "its first line, 'caption', is a column's header, not a prompt; remove that line",
+        '[\n  "a red fox",\n  "a blue car"\n]\n': "it is a JSON list of 2 entries; write each prompt alone on a line",
+    }
+    for text, problem in refused.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"prompts_file {path} is not one plain prompt per line: "
+                                                       f"{problem}")):
+            read_prompts_file(str(path))
+    # prompts that only look like these: a prompt starting with a column's name, brackets, braces
+    plain = ["text, bold letters on a sign", "caption: a red fox", "[a red fox]", "{a red fox}", "prompt"]
+    path.write_text("\n".join(plain) + "\n")
+    assert read_prompts_file(str(path)) == plain
+
+
 def test_blank_lines_that_move_prompts_off_their_line_numbers_are_named(tmp_path, caplog):
     """They were skipped without a word: the images of the prompt on line 4 were those of prompt 1."""
     from pixelflow_jax.sampling.sample_conditioning import read_prompts_file

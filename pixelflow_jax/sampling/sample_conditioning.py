@@ -17,6 +17,7 @@ arguments as host arrays, plus the settings that identify the run (settings.json
 from __future__ import annotations
 
 import dataclasses
+import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -160,8 +161,51 @@ def read_prompts_file(path: str) -> list[str]:
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"{name} holds no prompts (every line is blank): write one prompt per line")
+    if problem := not_plain_prompts(text, prompts, path):
+        raise ValueError(f"{name} is not one plain prompt per line: {problem}")
     warn_of_blank_lines_before_prompts(name, lines)
     return prompts
+
+
+# The first column's name in the header of a benchmark's table of prompts (PartiPrompts' TSV: Prompt,
+# DrawBench's CSV: Prompts; others: text, caption).
+PROMPT_COLUMNS = ("prompt", "prompts", "text", "caption")
+
+
+def not_plain_prompts(text: str, prompts: list[str], path: str) -> str | None:
+    """Why a file's lines (`prompts`) are records rather than prompts, which would be sampled as
+    their raw text (brackets, keys, quotes, the other columns, the header as a prompt): a JSON
+    document, lines of JSON objects, as GenEval's metadata.jsonl holds, or a table with a header
+    row; None for plain prompts."""
+    if isinstance(document := parsed_json(text), (list, dict)):
+        return (f"it is a JSON {'list' if isinstance(document, list) else 'object'} of {len(document)} entries; write "
+                "each prompt alone on a line")
+    records = [parsed_json(line) for line in prompts]
+    if all(isinstance(record, dict) for record in records):
+        key = next((k for k in records[0] if k.lower() in PROMPT_COLUMNS), None)
+        fix = f", e.g. jq -r .{key} {path} > prompts.txt," if key else ""
+        return (f"its lines are JSON objects (keys {', '.join(list(records[0])[:6])}); write each one's prompt "
+                f"alone{fix} and give that file")
+    header = [name.strip().strip('"') for name in prompts[0].split("\t" if "\t" in prompts[0] else ",")]
+    # column names are single words: 'text, bold letters' is a prompt
+    if header[0].lower() in PROMPT_COLUMNS and all(re.fullmatch(r"\w+", name) for name in header):
+        if len(header) == 1:
+            return f"its first line, {prompts[0]!r}, is a column's header, not a prompt; remove that line"
+        return (f"its first line, {prompts[0][:120]!r}, is a table's header, and each line a row of "
+                f"{len(header)} columns; write the {header[0]!r} column alone, without the header")
+    return None
+
+
+def parsed_json(text: str):
+    """The JSON list or object `text` holds; None for other text (a prompt is no valid JSON)."""
+    import json
+
+    if not text.lstrip().startswith(("{", "[")):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def warn_of_blank_lines_before_prompts(name: str, lines: list[str]) -> None:
