@@ -113,6 +113,22 @@ def test_a_caption_named_after_the_whole_file_name_is_pointed_out(captioned_fold
         CaptionedFolderSource(root)
 
 
+def test_a_caption_named_in_another_case_than_its_image_is_pointed_out(tmp_path, caplog):
+    """IMG_1.JPG beside img_1.txt is one name where the folder was made (macOS, Windows): here the
+    image was said to have no caption, and the caption, in a warning of its own, no image."""
+    for name in ("IMG_1.JPG", "Cat.png", "dog.png"):
+        write_image(tmp_path / name, 0)
+    for name in ("img_1.txt", "cat.txt", "dog.txt"):
+        (tmp_path / name).write_text("a red disk")
+    with pytest.raises(DataError, match=r"2 of 3 images .* no caption file .*; 2 of them have a caption file whose "
+                                        r"name differs from the image's only in case, e\.g\. \S+/cat\.txt \(one name "
+                                        r"on macOS and Windows, two here\): rename those to the image's name; add the"):
+        CaptionedFolderSource(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        assert len(CaptionedFolderSource(str(tmp_path), missing_captions="skip")) == 1
+    assert "2 of them have a caption file whose name differs from the image's only in case" in caplog.text
+
+
 def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path, caplog):
     """A Hugging Face imagefolder (metadata.jsonl, as diffusers' scripts read) or NAME.caption
     sidecars: every image was said to lack a caption, and the file holding them went unmentioned."""

@@ -143,7 +143,8 @@ class CaptionedFolderSource:
         whole_name = [captions[path] for path in missing if path in captions]
         whole_name_hint = (f"; {len(whole_name)} of them have a caption file named after the image's whole file "
                            f"name, e.g. {whole_name[0]}: name those NAME{CAPTION_EXTENSION}" if whole_name else "")
-        hints = whole_name_hint + (other_tools_captions_hint(files) if missing else "")
+        hints = whole_name_hint + other_case_hint(missing, captions)
+        hints += other_tools_captions_hint(files) if missing else ""
         if missing and missing_captions == "error":
             raise DataError(f"{len(missing)} of {len(images)} images under {root} have no caption file "
                             f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}{hints}; add the "
@@ -169,6 +170,19 @@ class CaptionedFolderSource:
     def __getitem__(self, index: int) -> dict:
         image, caption = self.records[index]
         return {"image": storage.read_bytes(image), "caption": storage.read_bytes(caption), "name": image}
+
+
+def other_case_hint(missing: list[str], captions: dict[str, str]) -> str:
+    """Where images lack captions: those whose caption file's name differs only in case (IMG_1.JPG
+    beside img_1.txt), one name on macOS's and Windows' file systems, where such a folder was made;
+    '' where there are none."""
+    by_lower = {name.lower(): path for name, path in captions.items()}
+    other_case = [by_lower[name.lower()] for name in (os.path.splitext(path)[0] for path in missing)
+                  if name.lower() in by_lower]
+    if not other_case:
+        return ""
+    return (f"; {len(other_case)} of them have a caption file whose name differs from the image's only in case, e.g. "
+            f"{other_case[0]} (one name on macOS and Windows, two here): rename those to the image's name")
 
 
 # Captions as other tools keep them, which this reader does not take: Hugging Face's imagefolder
