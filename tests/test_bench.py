@@ -494,7 +494,7 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     steps = {line.split()[0]: line for line in summary}
     assert set(steps) == {"env", "attention", "train_fast", "sample", "release", "train_pallas",
-                          "attention_masked", "sweep"}, summary
+                          "sample_cublas", "attention_masked", "sweep"}, summary
     assert steps["train_pallas"].startswith("train_pallas skipped: the same backend as train_fast")  # on a CPU
     failed = [line for name, line in steps.items()
               if name not in ("release", "train_pallas") and " rc=0 " not in line]
