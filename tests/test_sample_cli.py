@@ -411,6 +411,17 @@ def test_a_converted_folders_job_records_no_choice_of_weights_and_takes_an_earli
     assert (workdir / "samples" / "000001.png").exists()
 
 
+def test_only_an_earlier_ema_record_of_a_folder_of_one_set_of_weights_is_taken_as_no_choice():
+    """The rule for records of before weights null is narrow: a run's job recorded for 'ema' and
+    rerun for 'model', or a train.py checkpoint's recorded for 'model' and rerun for the default
+    'ema' (null: no choice in such a file), reads other weights and is another job."""
+    from pixelflow_jax.sampling.job_settings import changed_settings
+
+    assert changed_settings({"weights": "ema"}, {"weights": None}) == []
+    assert changed_settings({"weights": "ema"}, {"weights": "model"}) == ["weights"]
+    assert changed_settings({"weights": "model"}, {"weights": None}) == ["weights"]
+
+
 def test_an_earlier_jobs_settings_are_checked_before_the_weights_are_read_and_recorded_after(tmp_path, converted,
                                                                                            monkeypatch):
     """A rerun with another seed waited for the restore (minutes at XL) before its refusal; a job whose
