@@ -394,13 +394,17 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
 
 
 def test_a_converted_folders_job_records_no_choice_of_weights_and_takes_an_earlier_ema_record_as_its_own(
-        tmp_path, converted, monkeypatch):
+        tmp_path, converted, monkeypatch, caplog):
     """settings.json said weights 'ema' for a converted folder, which holds the one set it was
     written from (an export of a run's raw weights too): no choice of weights was made. A job that
-    recorded 'ema' then is the same job: its rerun samples what is missing."""
+    recorded 'ema' then is the same job: its rerun samples what is missing. The log names the
+    folder alone, as the record does."""
     workdir = tmp_path / "run"
     job = lambda: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2, labels=(1, 2), seed=7)
-    job()
+    with caplog.at_level("INFO"):
+        job()
+    assert f"sampling {converted['c2i_tiny']}: 2 of 2 images to sample" in caplog.text
+    assert "weights of" not in caplog.text
     path = workdir / "samples" / "settings.json"
     settings = json.loads(path.read_text())
     assert "weights" in settings and settings["weights"] is None
