@@ -1440,6 +1440,24 @@ def test_orbax_errors_are_one_line_while_a_run_holds_its_checkpoints_and_not_aft
         assert not orbax_error_keeps_its_traceback()  # an inner scope leaves the outer one's on
 
 
+def test_only_orbaxs_records_of_an_error_lose_their_traceback():
+    """absl's logger carries other libraries' records and the job's own: their tracebacks stay."""
+    from pixelflow_jax.training.checkpointing import ORBAX_TRACEBACKS_IN_ONE_LINE
+
+    def record(pathname):
+        try:
+            raise OSError("disk full\nmore")
+        except OSError:
+            return logging.LogRecord("absl", logging.ERROR, pathname, 1, "save %d failed", (4,), sys.exc_info())
+
+    orbax = record("/usr/local/lib/python3.11/dist-packages/orbax/checkpoint/async_checkpointer.py")  # Debian's pip
+    assert ORBAX_TRACEBACKS_IN_ONE_LINE.filter(orbax) and (orbax.getMessage(), orbax.exc_info) == (
+        "save 4 failed (OSError: disk full)", None)
+    other = record("/usr/lib/python3/site-packages/grain/_src/loader.py")
+    assert ORBAX_TRACEBACKS_IN_ONE_LINE.filter(other) and other.getMessage() == "save 4 failed"
+    assert isinstance(other.exc_info[1], OSError)
+
+
 def test_a_batch_the_devices_cannot_split_names_the_device_counts_that_keep_it():
     """A run trained on 1 device and resumed on 8: 'try 32' alone was advice the resume then
     refused (another batch size loses exact resume)."""
