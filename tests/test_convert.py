@@ -637,6 +637,12 @@ def test_an_export_without_to_torch_is_told_to_add_it(tmp_path, converted):
     assert result.returncode != 0 and result.stderr.startswith(
         "error: --jax_checkpoint is read by an export to PyTorch: add --to_torch\n"), result.stderr
     assert not (tmp_path / "out").exists()
+    # beside --torch_checkpoint it is a flag of the other direction: adding --to_torch would not help
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--jax_checkpoint={converted['c2i_tiny']}",
+                           f"--output={tmp_path / 'out'}")
+    assert result.returncode != 0 and result.stderr.startswith(
+        "error: --jax_checkpoint has no effect here: --torch_checkpoint converts PyTorch to JAX\n"), result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_converted_folder_of_a_newer_format_asks_for_an_upgrade(converted, tmp_path):
