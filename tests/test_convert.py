@@ -224,6 +224,22 @@ def test_the_demo_page_names_the_raw_weights_of_a_train_checkpoint_in_a_release_
     assert page_heading(DemoSampler(config, str(tmp_path / "page")), "model").endswith(f"`{release}` (model weights)")
 
 
+def test_the_export_of_a_train_checkpoint_for_model_names_the_weights_it_wrote(tmp_path):
+    """A release folder's train.py checkpoint holds two sets, as a run does: its export for 'model'
+    says so, as sampling and the demo page do (it named the folder alone)."""
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), release)
+    weights = release_state_dict()
+    torch.save({"model": {k: v * 0.5 for k, v in weights.items()}, "ema": weights}, release / "model.pt")
+    result = run_converter("--to_torch", f"--jax_checkpoint={release}", "--weights=model",
+                           f"--output={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(f"tensors from the model weights of {release}"), result.stdout
+    exported = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    torch.testing.assert_close(exported["proj_out_2.weight"], weights["proj_out_2.weight"] * 0.5)
+
+
 def _save_variant(tmp_path, state_dict):
     path = tmp_path / "variant.pt"
     torch.save(state_dict, path)
