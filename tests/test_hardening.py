@@ -486,6 +486,16 @@ def test_any_error_the_code_of_a_users_config_file_raises_is_one_line_with_its_l
         assert result.returncode == 1 and result.stderr == f"error: {tmp_path / name} could not be read: {message}\n", \
             result.stderr
         assert not (tmp_path / "run").exists()
+    # raised in a helper of get_config's: the helper's line, where the mistake is; of the last --config, which
+    # absl reads (an earlier one named the repo's c2i.py, and the error went by as a traceback)
+    (tmp_path / "helper.py").write_text("import ml_collections\n\n\ndef scaled(lr):\n    return lr * LR_SCALE\n\n\n"
+                                        "def get_config():\n"
+                                        "    return ml_collections.ConfigDict({'lr': scaled(1e-4)})\n")
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny",
+                             f"--config={tmp_path / 'helper.py'}", f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.stderr == (f"error: {tmp_path / 'helper.py'} could not be read: its code raised NameError: name "
+                             "'LR_SCALE' is not defined (line 5)\n"), result.stderr
 
 
 def test_a_config_file_that_is_no_config_or_a_missing_flagfile_is_one_line(tmp_path):
