@@ -413,7 +413,8 @@ def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, conf
 
 
 @pytest.mark.parametrize("arguments", [["configs/c2i.py:demo", "--workdir=WORKDIR"],
-                                       ["--workdir", "WORKDIR", "configs/c2i.py:demo"]])
+                                       ["--workdir", "WORKDIR", "configs/c2i.py:demo"],
+                                       ["--workdir=WORKDIR", "configs/c2i.py:demo"]])  # a flag with its value
 def test_a_config_file_given_without_its_flag_is_named_with_it(tmp_path, arguments):
     """As the release's scripts take a config: absl said only 'Flag --config must have a value other
     than None'. A .py word that is another flag's value (--workdir x.py) is that flag's."""
@@ -426,6 +427,10 @@ def test_a_config_file_given_without_its_flag_is_named_with_it(tmp_path, argumen
     taken = subprocess.run([sys.executable, "main.py", "--workdir", str(tmp_path / "run.py")], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert "Flag --config must have a value other than None" in taken.stderr, taken.stderr
+    # beside a --config, a .py word is no config file given without its flag, but a word too many
+    extra = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", "notes.py",
+                            f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert extra.stderr.startswith("error: unexpected arguments ['notes.py']\n"), extra.stderr
 
 
 @pytest.mark.parametrize("flag,message", [
