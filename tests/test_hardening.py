@@ -451,6 +451,17 @@ def test_a_flag_of_the_releases_scripts_names_this_projects_setting_for_it(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_every_setting_named_for_a_flag_of_the_releases_scripts_is_a_field_of_the_configs():
+    """The test above runs four of the table's flags; a setting of the others renamed since would send
+    a user of the release to an override main.py refuses."""
+    from configs import c2i
+    from pixelflow_jax.cli.config_file import RELEASE_FLAGS
+
+    config = c2i.get_config("demo")
+    named = [field for _, setting in RELEASE_FLAGS.values() for field in re.findall(r"--config\.(\w+\.\w+)", setting)]
+    assert named and all(field.split(".")[1] in config[field.split(".")[0]] for field in named), named
+
+
 def test_the_config_and_flag_files_a_command_names_are_found_in_every_form_absl_reads():
     """--NAME=VALUE, --NAME VALUE and -NAME (absl's single dash), each occurrence; a flag whose
     name only starts with NAME, a value that merely equals it, and a last --NAME without a value
