@@ -8,8 +8,9 @@ from pixelflow_jax import storage
 
 SAMPLES_NPZ = "samples.npz"  # every image of a sampling job, for evaluation
 EVAL_JSON = "eval.json"  # the latest evaluation (its history beside it)
+SETTINGS_JSON = "settings.json"  # in the samples folder: what its job was asked for
 
 
 def settings_path(workdir: str) -> str:
     """What the workdir's sampling job was asked for (sampling/job_settings.py)."""
-    return storage.join(workdir, "samples", "settings.json")
+    return storage.join(workdir, "samples", SETTINGS_JSON)

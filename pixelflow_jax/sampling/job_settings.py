@@ -18,6 +18,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.evaluation.evaluate import npz_row_count
 from pixelflow_jax.multihost import from_process_0
 from pixelflow_jax.sampling.job_files import SAMPLES_NPZ, WRITE_FIX, earlier_outputs, image_id, sampled_images
+from pixelflow_jax.workdir_files import SETTINGS_JSON
 
 # Settings that jobs started by earlier versions did not record: their absence is no change.
 SETTINGS_ADDED_LATER = ("checkpoint_fingerprint", "text_encoder_param_dtype", "param_dtype", "text_encoder_fingerprint")
@@ -47,7 +48,7 @@ def check_settings(folder: str, workdir: str, settings: dict, record: bool = Tru
 
 
 def check_and_record_settings(folder: str, workdir: str, settings: dict, record: bool = True) -> None:
-    path = storage.join(folder, "settings.json")
+    path = storage.join(folder, SETTINGS_JSON)
     if storage.exists(path):
         recorded = read_settings(path)
         changed = changed_settings(recorded, settings)
@@ -93,7 +94,7 @@ def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: d
                           changed: list[str]) -> NoReturn:
     """Raises for a rerun whose settings differ from the recorded ones in more than its image count,
     with what to do for the setting that changed."""
-    path = storage.join(folder, "settings.json")
+    path = storage.join(folder, SETTINGS_JSON)
     if not sampled_images(folder) and not earlier_outputs(workdir):  # not replaced: a job may be starting
         raise ValueError(f"{path} records other settings (differing: {changed}) of a job that has sampled no "
                          "image yet (it stopped before its first, or is still starting): if no job samples "
@@ -197,7 +198,7 @@ def shrink_job(folder: str, workdir: str, recorded: dict, settings: dict, record
     if record:
         logging.info("shrinking the job in %s from %d to %d images: none past the %d was sampled", folder,
                      int(recorded["num_images"]), count, count)
-        record_settings(storage.join(folder, "settings.json"), settings)
+        record_settings(storage.join(folder, SETTINGS_JSON), settings)
 
 
 def pngs_from(folder: str, first_id: int) -> list[str]:
