@@ -235,3 +235,8 @@ if __name__ == "__main__":
         app.run(main)
     except KeyboardInterrupt:  # before main's own handling: the imports take seconds
         exit_without_teardown("stopped: interrupted (Ctrl-C); nothing was written", EXIT_INTERRUPTED)
+    except Exception:  # a bug: its traceback; or a Ctrl-C an import reworded (jaxlib's: an ImportError)
+        if (stop := stop_received()) is None:
+            raise
+        cause, status = stop_cause(stop)
+        exit_without_teardown(f"stopped: {cause}; nothing was written", status)

@@ -361,6 +361,42 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+A_CTRL_C_REWORDED_WHILE_JAX_IMPORTS = """
+import importlib.abc, os, runpy, signal, sys, time
+
+
+class RewordsACtrlC(importlib.abc.MetaPathFinder):  # as jaxlib's extension: "error while initializing"
+    def find_spec(self, name, path, target=None):
+        if name == "jax":
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise ImportError("Encountered an error while initializing the extension.")
+
+
+sys.meta_path.insert(0, RewordsACtrlC())
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("tool", ["main", "converter"])
+def test_a_ctrl_c_reworded_while_jax_imports_stops_in_one_line(tmp_path, tool):
+    """Under load a Ctrl-C landed inside jaxlib's extension import, which raised ImportError: the
+    converter, whose imports sit before its handling of errors, printed that traceback, exit status 1
+    (seen in a full suite run)."""
+    argv = (["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}", "--mode=inspect"]
+            if tool == "main" else
+            ["convert_torch_ckpt.py", f"--torch_checkpoint={os.path.join(REPO, 'tests', 'fixtures', 'c2i_tiny')}",
+             f"--output={tmp_path / 'out'}"])
+    script = A_CTRL_C_REWORDED_WHILE_JAX_IMPORTS.format(argv=argv)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130 and "stopped: interrupted (Ctrl-C)" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ImportError" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("tool", ["main", "converter"])
 def test_a_ctrl_c_a_library_turned_into_another_error_still_stops_in_one_line(tmp_path, tool):
     """A Ctrl-C during tensorstore's import came out as "ImportError: initialization failed" and
