@@ -611,6 +611,31 @@ def test_a_workdir_inside_the_image_folder_is_refused_before_it_becomes_training
     assert not read_with_folder(str(tmp_path) + "_runs", str(tmp_path))
 
 
+def test_a_workdir_whose_checkpoints_link_to_another_runs_is_refused_before_it_trains(tmp_path):
+    """Two workdirs sharing one checkpoints/ (ln -s ../a/checkpoints b/) each took a lock of their
+    own and trained at once: b's save was removed by a's run and b stopped with 'free space: ...
+    resumes from step 12', a step of a."""
+    from pixelflow_jax.training import train
+
+    (tmp_path / "a" / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / "a" / "run_config.json").write_text("{}")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoints").symlink_to(tmp_path / "a" / "checkpoints")
+    with pytest.raises(ValueError, match=rf"b/checkpoints is a link to {tmp_path}/a/checkpoints, the checkpoints of "
+                                         rf"the training run {tmp_path}/a: .* Train that run with --workdir="):
+        train.train(c2i_config(**{"train.batch_size": 32}), str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoints"] and os.listdir(tmp_path / "a" / "checkpoints") == ["4"]
+    (tmp_path / "disk" / "b_checkpoints").mkdir(parents=True)  # a folder of no run: the run's own, on another disk
+    (tmp_path / "b" / "checkpoints").unlink()
+    (tmp_path / "b" / "checkpoints").symlink_to(tmp_path / "disk" / "b_checkpoints")
+    train.check_checkpoints_are_its_own(str(tmp_path / "b"))
+    train.check_checkpoints_are_its_own(str(tmp_path / "a"))
+    (tmp_path / "a" / "b_checkpoints").mkdir()  # kept beside a run, not that run's own
+    (tmp_path / "b" / "checkpoints").unlink()
+    (tmp_path / "b" / "checkpoints").symlink_to(tmp_path / "a" / "b_checkpoints")
+    train.check_checkpoints_are_its_own(str(tmp_path / "b"))
+
+
 def test_init_from_naming_the_new_runs_own_workdir_says_so(tmp_path):
     """It said 'is not a checkpoint: expected a training run ...' of a folder that was one, being made."""
     from pixelflow_jax.training import train

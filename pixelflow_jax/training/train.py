@@ -23,6 +23,7 @@ non-finite steps in a row the run stops without saving: the last good checkpoint
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
@@ -32,7 +33,7 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps
+from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps, is_run
 from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
@@ -255,6 +256,22 @@ def check_outside_the_image_folder(config, workdir: str) -> None:
                          "in a hidden folder of it, such as .runs/, which is not read)")
 
 
+def check_checkpoints_are_its_own(workdir: str) -> None:
+    """Refuses a workdir whose checkpoints/ is a link to another training run's. The lock guards
+    one workdir, so both runs would train at once into one folder: each removed the other's save in
+    progress as a killed one, rotated away its steps, and resumed from its latest as its own. (A
+    link to a folder that is no run's, on a bigger disk say, is this run's own.)"""
+    if storage.is_url(workdir):  # a bucket has no links
+        return
+    target = os.path.realpath(os.path.join(workdir, CHECKPOINTS))
+    owner = os.path.dirname(target)
+    if os.path.basename(target) == CHECKPOINTS and owner != os.path.realpath(workdir) and is_run(owner):
+        raise ValueError(f"{os.path.join(workdir, CHECKPOINTS)} is a link to {target}, the checkpoints of the "
+                         f"training run {owner}: two runs saving into one folder delete each other's steps. Train "
+                         f"that run with --workdir={owner}, or replace the link with a copy of the folder (cp -r) "
+                         "to train on from its steps here")
+
+
 def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> list[str] | None:
     """What a run on the user's own data must be told, named together (a text run needs three
     settings the demo does not): the data folder, a text run's T5 encoder (unless its workdir or
@@ -294,6 +311,7 @@ def train(config, workdir: str) -> dict:
     step_cfg = validate(config, model_cfg, mesh)
     preview_prompts = check_own_data_inputs(config, model_cfg, workdir)
     check_outside_the_image_folder(config, workdir)
+    check_checkpoints_are_its_own(workdir)
     init_from = config.train.init_from
     if init_from and storage.resolved(init_from) == storage.resolved(workdir) and not complete_steps(workdir):
         raise ValueError(f"--config.train.init_from {init_from} is this run's own workdir, which has no checkpoint "
