@@ -118,6 +118,24 @@ def test_a_damaged_step_is_named_briefly_with_the_steps_that_load(run, tmp_path)
     assert len(message) < 1500
 
 
+def test_a_run_config_that_does_not_describe_the_runs_weights_is_named_not_its_steps(run, tmp_path):
+    """A run_config.json edited by hand (or copied from another run) was 'cannot restore ... (damaged,
+    or not this run's architecture ...)' with advice to load the run's other step, which failed alike."""
+    edited = tmp_path / "run"
+    shutil.copytree(run[0], edited)
+    values = json.loads((edited / "run_config.json").read_text())
+    values["architecture"]["attention_head_dim"] *= 2
+    (edited / "run_config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError) as error:
+        load_model(str(edited))
+    message = str(error.value)
+    assert message.startswith(f"{edited}/checkpoints/4 holds weights of another architecture than "
+                              f"{edited}/run_config.json describes (class_embedder/embedding_table/embedding "
+                              "(1001, 32) stored, (1001, 64) described, ")
+    assert message.endswith("was run_config.json edited, or copied from another run? Put the run's own back")
+    assert "other complete steps" not in message
+
+
 def test_sampling_a_run_reads_the_weights_sample_weights_names(run):
     """sample, demo and inspect read a run's EMA by default and its raw weights with
     --config.sample.weights=model."""

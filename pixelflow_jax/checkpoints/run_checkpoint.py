@@ -22,7 +22,8 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, WEIGHT_CHOICES, CheckpointConfig, CheckpointError,
-                                                 abstract_params, check_weights_choice, check_weights_finite)
+                                                 abstract_params, check_weights_choice, check_weights_finite,
+                                                 listed)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.error_text import first_line
@@ -257,6 +258,10 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                                   "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read "
                                   f"the run's latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}"
                                   ) from None
+        if unlike := shapes_unlike_run_config(path, key, target[key]):  # every step would fail alike
+            raise CheckpointError(f"{run_step.folder} holds weights of another architecture than "
+                                  f"{storage.join(run_step.run, RUN_CONFIG)} describes ({listed(unlike, 3)}): was "
+                                  f"{RUN_CONFIG} edited, or copied from another run? Put the run's own back") from None
         raise CheckpointError(f"cannot restore the {weights} weights of {run_step.folder} (damaged, or not this "
                               f"run's architecture {config.model.architecture()}): {restore_error(e)}"
                               f"{other_steps(run_step)}") from None
@@ -264,6 +269,35 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                          lambda: f"load another step{other_steps(run_step) or ' (the run has no other complete step)'}")
     logging.info("restored the %s weights of %s", weights, run_step.folder)
     return restored[key]
+
+
+def shapes_unlike_run_config(state_path: str, key: str, target: dict) -> list[str]:
+    """The weights whose shape in a step's own description of its arrays is not the shape
+    run_config.json's architecture gives ('name (11, 32) stored, (11, 64) described'), or that the
+    step lacks; [] where they agree, or the description does not read (damage, named otherwise)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(state_path).item_metadata[key]
+    except Exception:  # orbax raises many types for unreadable files
+        return []
+    stored_shapes = {name: tuple(leaf.shape) for name, leaf in named_leaves(stored)}
+    unlike = []
+    for name, wanted in named_leaves(target):
+        if name not in stored_shapes:
+            unlike.append(f"{name} not stored")
+        elif stored_shapes[name] != tuple(wanted.shape):
+            unlike.append(f"{name} {stored_shapes[name]} stored, {tuple(wanted.shape)} described")
+    return unlike
+
+
+def named_leaves(tree) -> list[tuple[str, object]]:
+    """(a/b/kernel, leaf) for each leaf of a nested dict."""
+    import jax
+
+    return [("/".join(str(getattr(k, "key", k)) for k in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def other_steps(run_step: RunStep) -> str:
