@@ -58,6 +58,22 @@ def test_a_path_is_inside_a_folder_by_whole_names_through_links_and_trailing_sla
     assert storage.is_inside(str(tmp_path), "/")
 
 
+def test_parent_steps_after_a_link_name_the_folder_the_system_does(tmp_path, monkeypatch):
+    """--workdir=link/../run trained with its checkpoints in one folder (orbax's, made absolute as
+    text: "link/.." dropped) and its run_config.json, metrics and lock in another (the system's, the
+    link's target's parent)."""
+    (tmp_path / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "inner")
+    monkeypatch.chdir(tmp_path)
+    for written in ("link/../run", f"{tmp_path}/link/../run", "link/../run/"):
+        path = storage.user_path(written)
+        assert os.path.abspath(path) == str(tmp_path / "deep" / "run"), written
+        storage.write_json_atomically(storage.join(path, "record.json"), {})  # where the system puts it
+        assert os.path.isfile(os.path.join(os.path.abspath(path), "record.json"))
+    (tmp_path / "run_link").symlink_to(tmp_path / "deep" / "inner")
+    assert storage.user_path("deep/../run_link") == str(tmp_path / "run_link")  # a link after the ".." stays
+
+
 def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
     storage.write_json_atomically(f"{bucket}/run/settings.json", {"seed": 1})
     storage.write_atomically(f"{bucket}/run/samples/000000.png", b"png")

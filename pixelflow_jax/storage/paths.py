@@ -37,7 +37,8 @@ _NOT_IN_OBJECT_PATHS = "?#*[]"
 
 def user_path(path: str) -> str:
     """A path as a user wrote it (a flag, a config value, an API argument), ready for this layer:
-    `~` expanded (the shell leaves `--flag=~/x` as it is), URLs unchanged, a URL without its "//"
+    `~` expanded (the shell leaves `--flag=~/x` as it is), ".." taken as the system takes it
+    (physical_parent_steps), URLs unchanged, a URL without its "//"
     refused rather than taken for a local folder, and a new local name with a space at its start
     or end refused (check_spaced_names)."""
     if not isinstance(path, (str, os.PathLike)):
@@ -88,9 +89,21 @@ def user_path(path: str) -> str:
                            f"write {fixed}")
     if is_url(path):
         return path
-    path = os.path.expanduser(path)
+    path = physical_parent_steps(os.path.expanduser(path))
     check_spaced_names(path)
     return path
+
+
+def physical_parent_steps(path: str) -> str:
+    """A local path whose ".." steps are taken as the system takes them: from the folder a link
+    before them leads to. os.path.abspath (orbax's folders, the run's records) drops "link/.." as
+    text, so with --workdir=link/../run a run's checkpoints went to one folder, its other files to
+    another. The names after the last ".." are kept as written (links there stay links)."""
+    names = path.split(os.sep)
+    if ".." not in names:
+        return path
+    last = len(names) - 1 - names[::-1].index("..")
+    return os.path.join(os.path.realpath(os.sep.join(names[:last + 1]) or os.sep), *names[last + 1:])
 
 
 def check_spaced_names(path: str) -> None:
