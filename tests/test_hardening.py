@@ -841,7 +841,7 @@ def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_
     # A workdir this job cannot write is found before the restore (minutes at XL), not after it.
     class_config.sample.checkpoint = converted["c2i_tiny"]
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(storage.StorageError, match="cannot write to"):
+    with pytest.raises(storage.StorageError, match="a_file .*is a file, not a folder"):
         sample_run.run(class_config, str(tmp_path / "a_file" / "samples"))
 
 
@@ -3137,6 +3137,10 @@ def test_a_file_where_a_folder_goes_a_positional_mode_and_a_mistyped_demo_workdi
     a_file.write_text("")
     with pytest.raises(storage.StorageError, match="a_file is a file, not a folder: name a folder"):
         storage.check_writable(str(a_file))
+    # A folder under it: "cannot write to a_file/run: NotADirectoryError ... name a folder this user can write to
+    # (a training run in a read-only folder ...)", as if access were the problem.
+    with pytest.raises(storage.StorageError, match=rf"^{a_file} \(above {a_file}/runs/x\) is a file, not a folder: "):
+        storage.check_writable(str(a_file / "runs" / "x"))
     data = c2i_config(**{"data.source": "folder", "data.root": str(a_file)}).data
     with pytest.raises(DataError, match="a_file is a file, not a folder: set --config.data.root to a folder"):
         make_source(data)

@@ -15,6 +15,7 @@ import os
 import re
 import urllib.parse
 
+from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.error_text import first_line
 
@@ -145,7 +146,7 @@ def check_cache_folders(hub: HubPath) -> None:
             ("HF_HOME", constants.HF_HOME, "~/.cache/huggingface", "its downloads and login token"),
             (hub_cache_variable(), constants.HF_HUB_CACHE, "$HF_HOME/hub", "its downloads")):
         folder = os.path.abspath(folder)  # a relative one's parents, up to the working folder, are looked at too
-        file = file_in_the_way(folder)
+        file = storage.file_in_the_way(folder)
         if file is None:
             continue
         setting = f"{variable}={os.environ[variable]!r}" if variable in os.environ else \
@@ -161,14 +162,6 @@ def hub_cache_variable() -> str:
     set, its older name HUGGINGFACE_HUB_CACHE (still read, and set by older container images)."""
     legacy = "HUGGINGFACE_HUB_CACHE"
     return legacy if legacy in os.environ and "HF_HUB_CACHE" not in os.environ else "HF_HUB_CACHE"
-
-
-def file_in_the_way(folder: str) -> str | None:
-    """The absolute path `folder`, or its nearest existing parent, when that is not a folder (so
-    the folder cannot be made); None when the folder exists or can be made."""
-    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    return None if os.path.isdir(folder) else folder
 
 
 def _folder(snapshot: str, hub: HubPath, patterns) -> str:

@@ -26,17 +26,17 @@ from pixelflow_jax.storage.remote import CHECK_ACCESS
 from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed_writers, folders_of_gone_writers,
                                                make_folder, process_alive, remove_abandoned_dirs, remove_temporaries,
                                                temporary_dir, writer_gone, writer_tag)
-from pixelflow_jax.storage.writes import (check_writable, create_file, create_json, history_path, makedirs, move,
-                                           remove, removed_if_left_empty, rmtree, upload_file_atomically,
-                                           write_atomically, write_json_atomically, write_json_keeping_history,
-                                           write_streamed_atomically, writing)
+from pixelflow_jax.storage.writes import (check_writable, create_file, create_json, file_in_the_way, history_path,
+                                           makedirs, move, remove, removed_if_left_empty, rmtree,
+                                           upload_file_atomically, write_atomically, write_json_atomically,
+                                           write_json_keeping_history, write_streamed_atomically, writing)
 
 __all__ = [
     "CHECK_ACCESS", "StorageError", "WRITER", "absolute", "basename", "cache_dir", "cached_copy", "check_supported",
     "check_writable", "clear_leftovers_of_killed_writers", "create_file", "create_json", "dirname", "exists",
-    "file_sizes", "fingerprint", "folders_of_gone_writers", "history_path", "is_inside", "is_url", "isdir", "isfile",
-    "join", "list_entries", "list_files", "list_folders", "listdir", "local_file", "make_folder", "makedirs", "move",
-    "open_file", "process_alive", "read_bytes", "read_in_order", "read_json", "read_text", "remove",
+    "file_in_the_way", "file_sizes", "fingerprint", "folders_of_gone_writers", "history_path", "is_inside", "is_url",
+    "isdir", "isfile", "join", "list_entries", "list_files", "list_folders", "listdir", "local_file", "make_folder",
+    "makedirs", "move", "open_file", "process_alive", "read_bytes", "read_in_order", "read_json", "read_text", "remove",
     "remove_abandoned_dirs", "remove_temporaries", "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime",
     "temporary_dir", "upload_file_atomically", "user_path", "write_atomically", "write_json_atomically",
     "write_json_keeping_history", "write_streamed_atomically", "writer_gone", "writer_tag", "writing",

@@ -25,6 +25,14 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def file_in_the_way(folder: str) -> str | None:
+    """The absolute path `folder`, or its nearest existing parent, when that is not a folder (so
+    the folder cannot be made); None when the folder exists or can be made."""
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else folder
+
+
 def make_local_parent(path: str) -> str:
     """Makes (if need be) and returns the folder of a local file; abspath: a bare name's dirname is ""."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -257,8 +265,10 @@ def check_writable(folder: str) -> None:
     """Writes and deletes a probe file in `folder`, so that a missing bucket, missing credentials
     or no write access stop a job before its first step, with the cause."""
     probe = join(folder, f".write_check.tmp-{writer_tag()}-probe")  # a kill leaves it to remove_temporaries
-    if not is_url(folder) and os.path.isfile(folder):
-        raise StorageError(f"{folder} is a file, not a folder: name a folder (new or existing) for the outputs")
+    if not is_url(folder) and (file := file_in_the_way(os.path.abspath(folder))):
+        # a_file/out: the OS names only the folder it cannot make ("Not a directory")
+        where = folder if file == os.path.abspath(folder) else f"{file} (above {folder})"
+        raise StorageError(f"{where} is a file, not a folder: name a folder (new or existing) for the outputs")
     try:
         makedirs(folder)
         write_atomically(probe, b"")
