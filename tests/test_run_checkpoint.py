@@ -136,6 +136,21 @@ def test_a_run_config_that_does_not_describe_the_runs_weights_is_named_not_its_s
     assert "other complete steps" not in message
 
 
+@pytest.mark.parametrize("content,problem", [("{\"architecture\": {\"num_att", "JSONDecodeError: Unterminated string"),
+                                             ("[]", "a JSON list, not an object")])
+def test_a_run_config_cut_short_by_a_copy_is_named_damaged_with_the_fix(run, tmp_path, content, problem):
+    """A copy (rsync) stopped midway left run_config.json cut short: 'cannot read run_config.json: Unterminated
+    string starting at ...', no fix named; a JSON list was "'list' object has no attribute 'setdefault'"."""
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    (copy / "run_config.json").write_text(content)
+    with pytest.raises(CheckpointError) as error:
+        load_model(str(copy))
+    assert str(error.value).startswith(f"{copy}/run_config.json is damaged ({problem}")
+    assert str(error.value).endswith("it describes the model of the run's checkpoints. Put back its content (a copy "
+                                     "of the run that stopped midway? copy the file again)")
+
+
 def test_sampling_a_run_reads_the_weights_sample_weights_names(run):
     """sample, demo and inspect read a run's EMA by default and its raw weights with
     --config.sample.weights=model."""

@@ -136,10 +136,16 @@ def read_run_config(run: str) -> dict:
     path = storage.join(run, RUN_CONFIG)
     try:
         values = storage.read_json(path)
-        values.setdefault("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
-        return values
-    except (OSError, ValueError, AttributeError) as e:  # ValueError: bad JSON
+        problem = None if isinstance(values, dict) else f"a JSON {type(values).__name__}, not an object"
+    except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a copy cut short, or an edit
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise CheckpointError(f"{path} is damaged ({problem}): it describes the model of the run's checkpoints. Put "
+                              "back its content (a copy of the run that stopped midway? copy the file again)")
+    values.setdefault("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
+    return values
 
 
 def encoder_folder_of(run: str, recorded_path: str) -> str:
