@@ -81,7 +81,7 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         if storage.basename(path) != storage.basename(path).strip():  # in a bucket (user_path refuses it locally)
             raise CheckpointError(f"checkpoint {path!r} does not exist (a name in it starts or ends with a space: a "
                                   "quoting slip?)")
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {storage.broken_link_words(path) or 'does not exist'}")
     if storage.isfile(path):
         folder = storage.dirname(path)
         if storage.basename(path) == "model.pt" and storage.isfile(storage.join(folder, "config.yaml")):
@@ -271,7 +271,8 @@ def sampling_checkpoint(sample_config, workdir: str) -> str:
         return sample_config.checkpoint
     if workdir and not hub.is_hub_path(workdir) and is_run(workdir):
         return workdir
-    what = "is not a training run" if workdir and storage.exists(workdir) else "does not exist (a typo?)"
+    what = ("is not a training run" if workdir and storage.exists(workdir) else
+            workdir and storage.broken_link_words(workdir) or "does not exist (a typo?)")
     if sampled := sampling_job_of(workdir):
         raise CheckpointError(f"{workdir} {what} but {sampled}: set --config.sample.checkpoint to that checkpoint "
                               "to sample, serve or inspect it")

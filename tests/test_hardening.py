@@ -3143,6 +3143,18 @@ def test_a_file_where_a_folder_goes_a_positional_mode_and_a_mistyped_demo_workdi
     # (a training run in a read-only folder ...)", as if access were the problem.
     with pytest.raises(storage.StorageError, match=rf"^{a_file} \(above {a_file}/runs/x\) is a file, not a folder: "):
         storage.check_writable(str(a_file / "runs" / "x"))
+    (tmp_path / "link").symlink_to(tmp_path / "moved_away")  # was 'cannot write to link: FileExistsError'
+    for folder in (tmp_path / "link", tmp_path / "link" / "run"):
+        with pytest.raises(storage.StorageError, match=rf"link.* is a link to {tmp_path}/moved_away, which does not "
+                                                       r"exist \(moved or deleted\?\): point the link at the folder"):
+            storage.check_writable(str(folder))
+    from pixelflow_jax.api import sampling_checkpoint
+
+    moved = rf"link is a link to {tmp_path}/moved_away, which does not exist \(moved or deleted\?\)"
+    with pytest.raises(CheckpointError, match=f"^checkpoint {tmp_path}/{moved}$"):  # was '... does not exist'
+        load_model(str(tmp_path / "link"))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/{moved}: for a training run, give its workdir"):
+        sampling_checkpoint(c2i_config().sample, str(tmp_path / "link"))  # was 'does not exist (a typo?)'
     data = c2i_config(**{"data.source": "folder", "data.root": str(a_file)}).data
     with pytest.raises(DataError, match="a_file is a file, not a folder: set --config.data.root to a folder"):
         make_source(data)

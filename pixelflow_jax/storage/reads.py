@@ -133,6 +133,14 @@ def fingerprint(folder: str, entries: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()[:16]
 
 
+def broken_link_words(path: str) -> str | None:
+    """For a local link whose target was moved or deleted, what to say of it instead of "does not
+    exist" (`ls` still shows the link); None for any other path."""
+    if not is_url(path) and os.path.islink(path) and not os.path.exists(path):
+        return f"is a link to {os.readlink(path)}, which does not exist (moved or deleted?)"
+    return None
+
+
 def open_file(path: str, mode: str = "rb"):
     if is_url(path):
         return on_remote(path, lambda p: p.open(mode))

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from pixelflow_jax.error_text import described
 from pixelflow_jax.storage.paths import StorageError, is_url, join
-from pixelflow_jax.storage.reads import exists, read_text
+from pixelflow_jax.storage.reads import broken_link_words, exists, read_text
 from pixelflow_jax.storage.remote import CHECK_ACCESS, on_remote
 from pixelflow_jax.storage.temporaries import umask, writer_tag
 
@@ -268,6 +268,8 @@ def check_writable(folder: str) -> None:
     if not is_url(folder) and (file := file_in_the_way(os.path.abspath(folder))):
         # a_file/out: the OS names only the folder it cannot make ("Not a directory")
         where = folder if file == os.path.abspath(folder) else f"{file} (above {folder})"
+        if broken := broken_link_words(file):  # its folder moved or deleted since it was linked
+            raise StorageError(f"{where} {broken}: point the link at the folder, or name the folder itself")
         raise StorageError(f"{where} is a file, not a folder: name a folder (new or existing) for the outputs")
     try:
         makedirs(folder)
