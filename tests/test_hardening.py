@@ -3065,8 +3065,11 @@ def test_a_lock_whose_folder_is_gone_is_a_copy_and_another_hosts_lock_is_judged_
     other_host = {**WorkdirLock(str(tmp_path), stale_after_s=stale_after_s).record, "host": "elsewhere",
                   "workdir": "/mnt/shared/run"}  # its mount point of this folder
     lock_file.write_text(json.dumps(other_host))
-    with pytest.raises(WorkdirBusy, match="host elsewhere"):
+    with pytest.raises(WorkdirBusy, match="host elsewhere") as busy:
         WorkdirLock(str(tmp_path), stale_after_s=stale_after_s).acquire()
+    # A run copied off that host (tar, rsync) brings its lock: the message names the folder it was taken in.
+    assert str(busy.value).endswith(f". That run works in /mnt/shared/run on its host: if this folder is a copy of "
+                                    f"that one (its lock came along), delete {lock_file} and rerun")
     lock_file.write_text(json.dumps({**other_host, "heartbeat": time.time() - stale_after_s - 10}))
     lock = WorkdirLock(str(tmp_path), stale_after_s=stale_after_s)
     lock.acquire()

@@ -64,6 +64,18 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+def copied_from_another_host(holder: dict, lock: WorkdirLock) -> str:
+    """For a busy message: the folder another host's holder works in, when it is not this one's
+    path, and what to do if this folder is a copy of it (a run copied off a cluster brings its
+    lock, whose heartbeat is minutes old at most). Its mount point of a shared folder may differ
+    too, so this is a question, not a takeover."""
+    recorded = holder.get("workdir")
+    if holder.get("host") == socket.gethostname() or recorded in (None, lock.record["workdir"]):
+        return ""
+    return (f". That run works in {recorded} on its host: if this folder is a copy of that one (its lock came "
+            f"along), delete {lock.path} and rerun")
+
+
 class WorkdirBusy(RuntimeError):
     """Another live run owns the workdir; the message names it."""
 
@@ -195,7 +207,7 @@ class WorkdirLock:
                 f"or delete {self.path}" if limit is not None else f"if that run is gone for good, delete {self.path}")
         return (f"{storage.dirname(self.path)} is in use by another training run: host {holder.get('host')}, pid "
                 f"{holder.get('pid')}, started {holder.get('started')} (heartbeat {age:.0f} s ago). Wait for it or "
-                f"stop it, or use another --workdir; {gone}")
+                f"stop it, or use another --workdir; {gone}{copied_from_another_host(holder, self)}")
 
     def _is_mine(self, holder: dict) -> bool:
         """By the holder's identity, not its heartbeat (a beat whose write failed is still ours)."""
