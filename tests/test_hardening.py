@@ -3208,6 +3208,26 @@ def test_two_sample_jobs_starting_together_in_one_folder_cannot_both_record_thei
     assert os.listdir(samples) == ["settings.json"]  # no temporary left
 
 
+def test_a_step_folder_renamed_by_hand_is_refused_at_the_resume_not_trained_on_from_its_name(tmp_path):
+    """checkpoints/4 renamed 40 resumed at step 40: the data taken up at batch 40, the noise keys at
+    the state's step 4, and metrics.jsonl went from step 4 to 41."""
+    from pixelflow_jax.training import checkpointing
+
+    state = {"step": jnp.array(4, jnp.int32), "w": jnp.arange(2.0)}
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=5)
+    checkpointing.save(manager, 4, state)
+    manager.wait_until_finished()
+    assert checkpointing.resume_point(manager, state, shardings)[0] == 4
+    os.rename(tmp_path / "checkpoints" / "4", tmp_path / "checkpoints" / "40")
+    manager.reload()
+    with pytest.raises(CheckpointError, match=r"checkpoints/40 holds the train state of step 4, not 40 \(its folder "
+                                              r"renamed by hand, or copied in from another run\?\): name it 4 again"):
+        checkpointing.resume_point(manager, state, shardings)
+    assert os.listdir(tmp_path / "checkpoints") == ["40"]  # nothing set aside: the weights are whole
+    manager.close()
+
+
 def test_a_resume_whose_steps_vanish_before_the_restore_is_named(tmp_path):
     """A resume builds only the state's shapes (the restore fills them): were the steps it found
     gone by the restore, those shapes must not go on as a train state."""

@@ -214,6 +214,7 @@ def resume_point(manager, state, shardings):
             unreadable.append(step)
             continue
         set_aside(manager, unreadable)
+        check_counted_step(manager, step, restored)
         logging.info("resumed from %s at step %d", manager.directory, step)
         return step, restored
     if manager.all_steps():
@@ -223,6 +224,20 @@ def resume_point(manager, state, shardings):
         raise CheckpointError(f"{manager.directory} lists no step now, though the run found one as it started "
                               "(was it moved away meanwhile?); rerun the same command")
     return 0, state
+
+
+def check_counted_step(manager, step: int, restored) -> None:
+    """Refuses a step folder whose train state counts another step: renamed by hand, or copied in
+    from another run's checkpoints. Resumed, the run read its data from the folder's step on while
+    its noise keys followed the state's count, and logged steps that never trained."""
+    if not isinstance(restored, dict) or "step" not in restored:  # (a state of the tests' own)
+        return
+    counted = int(restored["step"].addressable_data(0))  # replicated: this process's copy
+    if counted != step:
+        folder = storage.join(str(manager.directory), str(step))
+        raise CheckpointError(f"{folder} holds the train state of step {counted}, not {step} (its folder renamed by "
+                              f"hand, or copied in from another run?): name it {counted} again, or move it out of "
+                              f"{manager.directory}, and rerun")
 
 
 def set_aside(manager, steps: list[int]) -> None:
