@@ -74,6 +74,23 @@ def test_parent_steps_after_a_link_name_the_folder_the_system_does(tmp_path, mon
     assert storage.user_path("deep/../run_link") == str(tmp_path / "run_link")  # a link after the ".." stays
 
 
+def test_an_accented_name_is_found_in_the_unicode_form_it_has_on_disk(tmp_path, monkeypatch):
+    """A run copied from macOS keeps "müde" decomposed (u + U+0308): --workdir=runs/müde as typed
+    (composed) read as missing ('does not exist (a typo?)' beside a folder ls shows), and training
+    started a second folder of the same look."""
+    import unicodedata
+
+    typed, on_disk = (unicodedata.normalize(form, "müde") for form in ("NFC", "NFD"))
+    (tmp_path / "runs" / on_disk).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert storage.user_path(f"{tmp_path}/runs/{typed}") == f"{tmp_path}/runs/{on_disk}"
+    assert storage.user_path(f"runs/{typed}/samples") == f"runs/{on_disk}/samples"  # a new folder inside it
+    assert storage.user_path(f"runs/{typed}x/new") == f"runs/{typed}x/new"  # no such name: as typed
+    (tmp_path / "runs" / typed).mkdir()  # both forms exist: each names its own folder
+    assert storage.user_path(f"runs/{typed}") == f"runs/{typed}"
+    assert storage.user_path(f"runs/{on_disk}") == f"runs/{on_disk}"
+
+
 def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
     storage.write_json_atomically(f"{bucket}/run/settings.json", {"seed": 1})
     storage.write_atomically(f"{bucket}/run/samples/000000.png", b"png")

@@ -1,11 +1,13 @@
 """Paths as users write them: local folders and object-store URLs told apart, and a URL that
-lost part of its "://" refused rather than taken for a local folder. No I/O here, but for a local
-name that starts or ends with whitespace: it is looked up on disk (see check_spaced_names)."""
+lost part of its "://" refused rather than taken for a local folder. No I/O here, but for local
+names looked up on disk: one that starts or ends with whitespace (check_spaced_names), a ".." after a
+link (physical_parent_steps) and an accented one (spelled_as_on_disk)."""
 
 from __future__ import annotations
 
 import os
 import re
+import unicodedata
 
 # Schemes this project writes and reads (hf:// is read-only, for checkpoints: see hub.py).
 SUPPORTED_SCHEMES = ("gs",)
@@ -38,9 +40,9 @@ _NOT_IN_OBJECT_PATHS = "?#*[]"
 def user_path(path: str) -> str:
     """A path as a user wrote it (a flag, a config value, an API argument), ready for this layer:
     `~` expanded (the shell leaves `--flag=~/x` as it is), ".." taken as the system takes it
-    (physical_parent_steps), URLs unchanged, a URL without its "//"
-    refused rather than taken for a local folder, and a new local name with a space at its start
-    or end refused (check_spaced_names)."""
+    (physical_parent_steps), an accented name found in the Unicode form it has on disk
+    (spelled_as_on_disk), URLs unchanged, a URL without its "//" refused rather than taken for a
+    local folder, and a new local name with a space at its start or end refused (check_spaced_names)."""
     if not isinstance(path, (str, os.PathLike)):
         raise StorageError(f"expected a path (a string or os.PathLike), got {path!r}")
     path = str(path)
@@ -89,9 +91,31 @@ def user_path(path: str) -> str:
                            f"write {fixed}")
     if is_url(path):
         return path
-    path = physical_parent_steps(os.path.expanduser(path))
+    path = spelled_as_on_disk(physical_parent_steps(os.path.expanduser(path)))
     check_spaced_names(path)
     return path
+
+
+def spelled_as_on_disk(path: str) -> str:
+    """A local path whose names that do not exist are taken as the one name on disk that is the
+    same text in another Unicode form. Folders copied from macOS keep names such as "müde" with the
+    accent as a character of its own: the same on screen as the "müde" typed here, but other
+    bytes, so a run there read as missing, and a training started a second folder of that name."""
+    if path.isascii():  # (an ASCII name has no other form)
+        return path
+    names = path.split(os.sep)
+    for index, name in enumerate(names):
+        if not name or os.path.lexists(os.sep.join(names[:index + 1])):
+            continue
+        parent = os.sep.join(names[:index]) or (os.sep if index else os.curdir)
+        try:
+            same = [n for n in os.listdir(parent) if same_text(n, name)]
+        except OSError:  # the parent is missing too, or cannot be listed: nothing further exists to find
+            return os.sep.join(names)
+        if len(same) != 1:
+            return os.sep.join(names)
+        names[index] = same[0]
+    return os.sep.join(names)
 
 
 def physical_parent_steps(path: str) -> str:
@@ -104,6 +128,10 @@ def physical_parent_steps(path: str) -> str:
         return path
     last = len(names) - 1 - names[::-1].index("..")
     return os.path.join(os.path.realpath(os.sep.join(names[:last + 1]) or os.sep), *names[last + 1:])
+
+
+def same_text(a: str, b: str) -> bool:
+    return unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
 
 
 def check_spaced_names(path: str) -> None:
