@@ -959,6 +959,10 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                  ("integers", np.zeros((4, 8, 8, 3), np.int64), "x.clip\\(0, 255\\).astype"),
                                  ("rgba", np.zeros((4, 8, 8, 4), np.uint8), "got RGBA .*images\\[..., :3\\]"),
                                  ("grey", np.zeros((4, 8, 8), np.uint8), "got grey ones .*np.repeat"),
+                                 # one RGB image was called grey ones, and their fix made it 8 images 8x3
+                                 ("single", np.zeros((8, 8, 3), np.uint8), r"must be a batch of images \(N, H, W, 3\), "
+                                                                          r"got one image \(8, 8, 3\); .*np.stack"),
+                                 ("single_rgba", np.zeros((8, 8, 4), np.uint8), r"got one image \(8, 8, 4\)"),
                                  ("nchw", np.zeros((4, 3, 8, 8), np.uint8), r"got channels first \(4, 3, 8, 8\); "
                                                                            r"write images.transpose\(0, 2, 3, 1\)"),
                                  ("fortran", np.asfortranarray(np.zeros((4, 8, 8, 3), np.uint8)),

@@ -115,6 +115,10 @@ def _open_array(path: str):
 def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> None:
     """arr_0 as ADM's evaluation reads it, or an error that says how to write it so."""
     channels = shape[-1] if len(shape) == 4 else None
+    if len(shape) == 3 and shape[-1] in (3, 4):  # one RGB(A) image, not grey ones 3 or 4 pixels wide
+        raise ValueError(f"{path}: arr_0 must be a batch of images (N, H, W, 3), got one image {shape}; save all "
+                         f"the images in one array, np.stack(images) (precision and recall need more than "
+                         f"{metrics.NEIGHBOURHOOD}, FID thousands)")
     if len(shape) == 3 or channels == 1:
         raise ValueError(f"{path}: arr_0 must be RGB images (N, H, W, 3), got grey ones {shape}; write "
                          "np.repeat(images.reshape(*images.shape[:3], 1), 3, axis=-1)")
