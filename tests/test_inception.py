@@ -296,13 +296,18 @@ def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights
     config.eval.reference, config.eval.inception_weights, config.eval.batch_size = "", weights_file, 8
     with pytest.raises(ValueError, match="set --config.eval.reference, --config.eval.samples"):
         evaluate.run(config, str(tmp_path))  # no samples.npz here
+    # A job stopped before its last image: no samples.npz yet (it was told to set --config.eval.samples).
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "settings.json").write_text(json.dumps({"num_images": 400}))
+    with pytest.raises(ValueError, match=r"this workdir's sampling job \(.*settings.json\) has not written "
+                                         r".*samples.npz yet: it packs its images there once all 400 are sampled. "
+                                         r"Rerun its --mode=sample command"):
+        evaluate.run(config, str(tmp_path))
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=images)
     np.savez(tmp_path / "reference.npz", arr_0=images)
     config.eval.reference = str(tmp_path / "reference.npz")
     # A job extended to 400 images and stopped part-way: its samples.npz is still the earlier 4's.
-    (tmp_path / "samples").mkdir()
-    (tmp_path / "samples" / "settings.json").write_text(json.dumps({"num_images": 400}))
     with pytest.raises(ValueError, match=r"samples.npz holds 4 images, but this workdir's sampling job asks for 400 "
                                          r".*it has not finished. Rerun its --mode=sample command"):
         evaluate.run(config, str(tmp_path))

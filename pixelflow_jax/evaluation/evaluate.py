@@ -485,15 +485,30 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
     return results
 
 
+def own_job_image_count(workdir: str) -> int | None:
+    """How many images the workdir's sampling job asks for; None where no job's readable record is."""
+    try:
+        return int(storage.read_json(settings_path(workdir))["num_images"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no job's record (or damaged): nothing to compare
+        return None
+
+
+def check_own_samples_written(npz: str, workdir: str) -> None:
+    """A sampling job stopped before all its images were sampled has not packed them into
+    samples.npz yet: the evaluation said to set --config.eval.samples, as if the workdir held no job."""
+    if (asked := own_job_image_count(workdir)) is not None:
+        raise ValueError(f"this workdir's sampling job ({settings_path(workdir)}) has not written {npz} yet: it packs "
+                         f"its images there once all {asked} are sampled. Rerun its --mode=sample command to finish "
+                         "it, or set --config.eval.samples to evaluate another .npz")
+
+
 def check_own_samples_finished(npz: str, workdir: str) -> None:
     """The workdir's samples.npz is its sampling job's whole output once that job has finished; a
     job extended to more images and stopped part-way left the smaller earlier file, which scored
     the earlier images without a word."""
-    settings = settings_path(workdir)
-    try:
-        asked = int(storage.read_json(settings)["num_images"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no job's record (or damaged): nothing to compare
+    if (asked := own_job_image_count(workdir)) is None:
         return
+    settings = settings_path(workdir)
     held = npz_image_count(npz)
     if held != asked:
         raise ValueError(f"{npz} holds {held} images, but this workdir's sampling job asks for {asked} ({settings}): "
@@ -511,6 +526,8 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
         check_own_samples_finished(own, workdir)
         logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
         samples = own
+    elif not samples:
+        check_own_samples_written(own, workdir)
     elif samples and storage.isfile(own) and storage.resolved(samples) == storage.resolved(own):
         try:  # named on purpose (this README's eval command names it): evaluated, but never without a word
             check_own_samples_finished(own, workdir)
