@@ -506,6 +506,24 @@ def test_the_feature_batch_rounds_up_to_a_multiple_of_the_devices(tiny_inception
     np.testing.assert_allclose(features["pool"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_floats_cast_to_uint8_without_scaling_are_refused_before_any_work(tiny_inception, tmp_path):
+    """x.astype(np.uint8) of images in [0, 1] or [-1, 1] leaves 0 and 1 (and -1 as 255): evaluated
+    as near-black images, with an FID of hundreds and no word. Black or black-and-white images pass."""
+    floats = np.random.default_rng(0).random((20, 8, 8, 3))
+    floats[:, 0, 0], floats[:, 0, 1] = 1.0, 0.0  # white and black pixels exactly (black in [-1, 1] casts to 255)
+    reference = images_npz(tmp_path / "reference.npz", 1)
+    for name, images, values in (("unit", floats, "[0, 1]"), ("signed", floats * 2 - 1, "[0, 1, 255]")):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images.astype(np.float32).astype(np.uint8))
+        with pytest.raises(ValueError, match=re.escape(f"{name}.npz: its first 16 images hold only the pixel values "
+                                                       f"{values}: floats in [0, 1] or [-1, 1] cast to uint8 without "
+                                                       "scaling them to 0-255? Write them again from the floats: "
+                                                       "convert images in [0, 1] with (x * 255)")):
+            evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
+    for name, images in (("black", np.zeros((6, 8, 8, 3))), ("ink", (floats[:6] > 0.5) * 255.0)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images.astype(np.uint8))
+        evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
+
+
 def test_a_file_of_k_images_is_refused_before_any_work(tmp_path):
     """Precision and recall need more than k = 3 images (a ball reaches neighbour number 3): a file
     of 3 is refused when its header is read, 4 pass."""

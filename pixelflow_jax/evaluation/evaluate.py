@@ -112,6 +112,12 @@ def _open_array(path: str):
         yield member, shape, fortran, dtype, archive.getinfo("arr_0.npy").CRC
 
 
+FLOAT_IMAGES_FIX = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), images in [-1, 1] "
+                    "with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+# How many of a file's first images check_pixel_values reads (a few MB even at 512 px).
+PIXEL_CHECK_IMAGES = 16
+
+
 def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> None:
     """arr_0 as ADM's evaluation reads it, or an error that says how to write it so."""
     channels = shape[-1] if len(shape) == 4 else None
@@ -135,9 +141,7 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
         raise ValueError(f"{path}: arr_0 is stored in Fortran (column-major) order; write np.ascontiguousarray(images)")
     if dtype != np.uint8:
         if np.issubdtype(dtype, np.floating):
-            fix = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), images in [-1, 1] "
-                   "with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8), and 0-255 values with "
-                   "x.round().clip(0, 255).astype(np.uint8)")
+            fix = f"{FLOAT_IMAGES_FIX}, and 0-255 values with x.round().clip(0, 255).astype(np.uint8)"
         elif dtype == np.uint16:  # 16-bit images: clipping to 255 would saturate nearly every pixel
             fix = ("convert 16-bit images (0-65535) with (x // 257).astype(np.uint8), and 0-255 values with "
                    "x.astype(np.uint8)")
@@ -151,6 +155,19 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
         images = f"{shape[0]} image{'s' if shape[0] != 1 else ''}"
         raise ValueError(f"{path} holds {images}: precision and recall need more than {metrics.NEIGHBOURHOOD} (FID "
                          "wants thousands)")
+
+
+def check_pixel_values(path: str) -> None:
+    """uint8 images made from floats in [0, 1] or [-1, 1] by x.astype(np.uint8), unscaled, hold
+    only 0 and 1 (and 255 where -1 wrapped): they passed as near-black images and got an FID of
+    hundreds without a word. Read from the file's first images."""
+    count = min(npz_image_count(path), PIXEL_CHECK_IMAGES)
+    (first_images,) = npz_batches(path, count, stop=count)
+    values = set(np.unique(first_images).tolist())
+    if values <= {0, 1, 255} and 1 in values:
+        raise ValueError(f"{path}: its first {count} images hold only the pixel values {sorted(values)}: floats in "
+                         "[0, 1] or [-1, 1] cast to uint8 without scaling them to 0-255? Write them again from the "
+                         f"floats: {FLOAT_IMAGES_FIX}")
 
 
 def npz_image_count(path: str) -> int:
@@ -425,7 +442,7 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
         raise CheckpointError(f"Inception weights {inception_weights} {found}: download {WEIGHTS_URL} and pass its "
                               "path as --config.eval.inception_weights")
     for path in files.values():
-        npz_image_count(path)  # the format, read from the header
+        check_pixel_values(path)  # the format, read from the header, and the first images' values
     stored_statistics(reference)
     if samples is None:
         from pixelflow_jax.evaluation.inception_convert import load_inception
