@@ -965,6 +965,11 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                  ("single_rgba", np.zeros((8, 8, 4), np.uint8), r"got one image \(8, 8, 4\)"),
                                  ("nchw", np.zeros((4, 3, 8, 8), np.uint8), r"got channels first \(4, 3, 8, 8\); "
                                                                            r"write images.transpose\(0, 2, 3, 1\)"),
+                                 # grey or RGBA channels first were told only 'got shape (4, 1, 8, 8)'
+                                 ("nchw_grey", np.zeros((4, 1, 8, 8), np.uint8), r"got channels first \(4, 1, 8, 8\); "
+                                  r"write np.repeat\(images.transpose\(0, 2, 3, 1\), 3, axis=-1\)"),
+                                 ("nchw_rgba", np.zeros((4, 4, 8, 8), np.uint8), r"got channels first \(4, 4, 8, 8\); "
+                                  r"write images.transpose\(0, 2, 3, 1\)\[..., :3\]"),
                                  ("fortran", np.asfortranarray(np.zeros((4, 8, 8, 3), np.uint8)),
                                   "Fortran .*np.ascontiguousarray"),
                                  ("three", np.zeros((3, 8, 8, 3), np.uint8), "holds 3 images: precision and recall "

@@ -114,6 +114,9 @@ def _open_array(path: str):
 
 FLOAT_IMAGES_FIX = ("convert images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), images in [-1, 1] "
                     "with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)")
+# Channels first (PyTorch's layout) -> RGB channels last, by the channel count: RGB, RGBA, grey.
+CHANNELS_FIRST_FIXES = {3: "images.transpose(0, 2, 3, 1)", 4: "images.transpose(0, 2, 3, 1)[..., :3]",
+                        1: "np.repeat(images.transpose(0, 2, 3, 1), 3, axis=-1)"}
 # How many of a file's first images check_pixel_values reads (a few MB even at 512 px).
 PIXEL_CHECK_IMAGES = 16
 
@@ -130,9 +133,9 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
                          "np.repeat(images.reshape(*images.shape[:3], 1), 3, axis=-1)")
     if channels == 4:
         raise ValueError(f"{path}: arr_0 must be RGB images (N, H, W, 3), got RGBA {shape}; write images[..., :3]")
-    if len(shape) == 4 and shape[1] == 3 and channels != 3:  # PyTorch's layout
+    if len(shape) == 4 and shape[1] in CHANNELS_FIRST_FIXES and channels != 3:  # PyTorch's layout
         raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got channels first {shape}; write "
-                         "images.transpose(0, 2, 3, 1)")
+                         f"{CHANNELS_FIRST_FIXES[shape[1]]}")
     if len(shape) != 4 or channels != 3:
         raise ValueError(f"{path}: arr_0 must be images (N, H, W, 3), got shape {shape}")
     if min(shape[1:3]) < 1:
