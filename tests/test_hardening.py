@@ -959,6 +959,11 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                  ("integers", np.zeros((4, 8, 8, 3), np.int64), "x.clip\\(0, 255\\).astype"),
                                  ("rgba", np.zeros((4, 8, 8, 4), np.uint8), "got RGBA .*images\\[..., :3\\]"),
                                  ("grey", np.zeros((4, 8, 8), np.uint8), "got grey ones .*np.repeat"),
+                                 # a pickled list of images of two sizes was told 'got shape (2,)'
+                                 ("ragged", np.array([np.zeros((8, 8, 3)), np.zeros((4, 4, 3))], dtype=object),
+                                  r"arr_0 holds Python objects \(saved with allow_pickle: a list of images of "
+                                  r"different sizes\?\), not uint8 images .*np.stack\(images\).astype\(np.uint8\)"),
+                                 ("objects", np.zeros((4, 8, 8, 3), object), "arr_0 holds Python objects"),
                                  # one RGB image was called grey ones, and their fix made it 8 images 8x3
                                  ("single", np.zeros((8, 8, 3), np.uint8), r"must be a batch of images \(N, H, W, 3\), "
                                                                           r"got one image \(8, 8, 3\); .*np.stack"),

@@ -123,6 +123,10 @@ PIXEL_CHECK_IMAGES = 16
 
 def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> None:
     """arr_0 as ADM's evaluation reads it, or an error that says how to write it so."""
+    if dtype == object:  # its shape is that of the list pickled, not of the images
+        raise ValueError(f"{path}: arr_0 holds Python objects (saved with allow_pickle: a list of images of different "
+                         "sizes?), not uint8 images (N, H, W, 3); resize the images to one size and save "
+                         "np.stack(images).astype(np.uint8)")
     channels = shape[-1] if len(shape) == 4 else None
     if len(shape) == 3 and shape[-1] in (3, 4):  # one RGB(A) image, not grey ones 3 or 4 pixels wide
         raise ValueError(f"{path}: arr_0 must be a batch of images (N, H, W, 3), got one image {shape}; save all "
