@@ -1016,6 +1016,16 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])  # a download that stopped
     with pytest.raises(ValueError, match=r"it is cut off .*: write or download it again"):
         npz_image_count(str(tmp_path / "cut.npz"))
+    # wget of a missing blob saves its XML error, of a web address its HTML; a clone without git lfs its pointers
+    for name, text, message in (
+            ("blob.npz", '<?xml version="1.0"?><Error><Code>BlobNotFound</Code></Error>', "it is a web page or an XML "
+             r"document \(the error page a failed download saves\?\), not the .npz: download it again"),
+            ("page.npz", "\n<!DOCTYPE html><html></html>", "it is a web page"),
+            ("lfs.npz", "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 10\n",
+             "it is a Git LFS pointer, not the .npz: fetch the file with git lfs pull")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name} is not an .npz .*File is not a zip file; {message}"):
+            npz_image_count(str(tmp_path / name))
     (tmp_path / "empty.npz").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.npz is not an .npz .*; it is empty \(a write that never finished\?\)"):
         npz_image_count(str(tmp_path / "empty.npz"))

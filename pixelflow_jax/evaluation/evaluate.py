@@ -53,14 +53,19 @@ IMAGE_SIGNATURES = {b"\x89PN": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 def not_an_npz_hint(path: str) -> str:
     """What a file that is no zip archive probably is: a .npy, a PNG or JPEG (a sampling job's image,
-    a dataset's), or an .npz cut off."""
+    a dataset's), a download's error page or Git LFS pointer, or an .npz cut off."""
     try:
         with storage.open_file(path, "rb") as f:
-            start = f.read(8)
+            start = f.read(64)
     except OSError:
         return ""
     if not start:
         return "; it is empty (a write that never finished?): write or download it again"
+    if start.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):  # wget saves a 404's HTML or a bucket's XML error
+        return ("; it is a web page or an XML document (the error page a failed download saves?), not the .npz: "
+                "download it again from its address")
+    if start.startswith(b"version https://git-lfs"):  # a repository cloned without its large files
+        return "; it is a Git LFS pointer, not the .npz: fetch the file with git lfs pull"
     if start.startswith(b"\x93NUMPY"):
         return "; it is a .npy file: save the images with np.savez(path, images) instead"
     if kind := IMAGE_SIGNATURES.get(start[:3]):  # one of samples/*.png: the set to evaluate is the job's .npz
