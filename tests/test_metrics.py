@@ -479,6 +479,22 @@ def test_stored_reference_statistics_are_used_and_missing_ones_computed(tmp_path
     np.testing.assert_allclose(sigma_s, np.cov(features["spatial"].T), rtol=1e-12)
 
 
+def test_statistics_stored_in_float16_or_float32_are_covariances_still(tmp_path, monkeypatch):
+    """Rounding a singular covariance (fewer images than features) to float16 puts its zero
+    eigenvalues at -5e-4 of its largest entry: float16 statistics were refused as 'not a
+    covariance matrix', though they move FID by a few millionths. A negative one still is refused."""
+    monkeypatch.setattr(evaluate, "STATISTICS_SHAPES", {"mu": (64,), "sigma": (64, 64)})
+    mu, sigma = metrics.gaussian_statistics(np.random.default_rng(9).random((20, 64)))
+    for dtype in (np.float16, np.float32):
+        stored = evaluate.stored_statistics(images_npz(tmp_path / "reference.npz", 0, mu=mu.astype(dtype),
+                                                       sigma=sigma.astype(dtype)))
+        np.testing.assert_array_equal(stored["sigma"], sigma.astype(dtype))
+    negative = sigma - 0.01 * np.abs(sigma).max() * np.eye(64)  # a variance below 0, past float16's rounding
+    with pytest.raises(ValueError, match="its stored sigma is not a covariance matrix"):
+        evaluate.stored_statistics(images_npz(tmp_path / "reference.npz", 0, mu=mu.astype(np.float16),
+                                              sigma=negative.astype(np.float16)))
+
+
 def test_npz_batches_from_a_middle_row_read_every_row_once_in_order(tmp_path):
     """A process's block [first, stop) read in batches smaller than the block: the skip to `first`
     happens once, the last batch is partial, and rows after `stop` are not read."""

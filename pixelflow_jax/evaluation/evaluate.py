@@ -397,8 +397,10 @@ def stored_statistics(path: str) -> dict[str, np.ndarray]:
     for key in ("sigma", "sigma_s"):  # a covariance: symmetric, no negative variance along any direction
         if key in stored:
             sigma = stored[key].astype(np.float64)
-            scale = max(float(np.abs(sigma).max()), 1e-30)
-            if np.abs(sigma - sigma.T).max() > 1e-6 * scale or np.linalg.eigvalsh(sigma).min() < -1e-6 * scale:
+            # Rounding to the stored precision moves a singular covariance's zero eigenvalues by about its eps
+            # (float16: -5e-4 of the largest entry, an FID change of 2e-6 relative), not only float64's.
+            tolerance = max(1e-6, 8 * float(np.finfo(stored[key].dtype).eps)) * max(float(np.abs(sigma).max()), 1e-30)
+            if np.abs(sigma - sigma.T).max() > tolerance or np.linalg.eigvalsh(sigma).min() < -tolerance:
                 raise ValueError(f"{path}: its stored {key} is not a covariance matrix (symmetric, positive "
                                  "semi-definite); recompute the statistics, or leave them out of the file to have "
                                  "them computed from its arr_0 images")
