@@ -356,6 +356,24 @@ def test_damaged_images_or_cache_files_are_named_or_computed_again(tiny_inceptio
         evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
 
 
+def test_a_damaged_compressed_npz_is_named_not_a_zlib_traceback(tmp_path):
+    """np.savez_compressed's deflate stream, damaged, raises zlib.error (no OSError): --mode=eval
+    printed a traceback, for the images' header or a stored statistic."""
+    path = tmp_path / "images.npz"
+    np.savez_compressed(path, arr_0=np.zeros((40, 32, 32, 3), np.uint8), mu=np.zeros(2048), sigma=np.eye(2048))
+    data = open(path, "rb").read()
+    with zipfile.ZipFile(path) as archive:
+        starts = {info.filename: info.header_offset + 30 + len(info.filename) for info in archive.infolist()}
+    for member, read, message in (("arr_0.npy", evaluate.npz_image_count, " is damaged"),
+                                  ("sigma.npy", evaluate.stored_statistics, ": its stored sigma cannot be read")):
+        damaged = bytearray(data)
+        start = starts[member] + 10  # inside the first deflate block
+        damaged[start:start + 20] = bytes(b ^ 0x5A for b in damaged[start:start + 20])
+        (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+        with pytest.raises(ValueError, match=rf"damaged.npz{message} \(error: Error -3 while decompressing data"):
+            read(str(tmp_path / "damaged.npz"))
+
+
 def test_every_evaluation_is_kept_in_the_history_and_other_images_of_the_same_size_are_not_served_from_cache(
         tiny_inception, tmp_path):
     import ml_collections

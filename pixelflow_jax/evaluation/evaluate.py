@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 
 import jax
 import numpy as np
@@ -46,6 +47,10 @@ IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffus
 # The shapes of ADM's stored reference statistics: pool_3 (2048) and mixed_6/conv's first 7 channels (7 x 17 x 17).
 STATISTICS_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
+
+# What reading a damaged .npz member raises: a CRC mismatch, a cut-off file, and for a compressed
+# (np.savez_compressed) member a deflate stream that no longer decodes (zlib.error, no OSError).
+DAMAGED_MEMBER = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 # The first bytes of the image files a user may hand over for an .npz of images.
 IMAGE_SIGNATURES = {b"\x89PN": "PNG", b"\xff\xd8\xff": "JPEG"}
@@ -112,7 +117,7 @@ def _open_array(path: str):
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(member)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        except (*DAMAGED_MEMBER, ValueError) as e:
             raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
         yield member, shape, fortran, dtype, archive.getinfo("arr_0.npy").CRC
 
@@ -227,7 +232,7 @@ def npz_batches(path: str, batch_size: int, first: int = 0, stop: int | None = N
                 if start == first and first:
                     _skip(member, first * row_bytes, checked=stop == shape[0])
                 data = member.read(count * row_bytes)
-            except (OSError, EOFError, zipfile.BadZipFile) as e:  # a CRC mismatch, a cut-off download
+            except DAMAGED_MEMBER as e:
                 raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
             if len(data) != count * row_bytes:
                 raise ValueError(f"{path} is truncated: arr_0 ends after {start + len(data) // row_bytes} of its "
@@ -365,7 +370,7 @@ def _stored_array(npz, key: str, path: str) -> np.ndarray:
     is named with the file, not left to a traceback."""
     try:
         value = npz[key]
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # ValueError: an object (pickled) array
+    except (*DAMAGED_MEMBER, ValueError) as e:  # ValueError: an object (pickled) array
         raise ValueError(f"{path}: its stored {key} cannot be read ({type(e).__name__}: {e}); download or write the "
                          "file again, or leave the statistics out of it to have them computed from its arr_0 "
                          "images") from None
