@@ -299,10 +299,13 @@ def test_eval_of_a_sampling_workdir_reads_its_samples_without_being_told(weights
     # A job stopped before its last image: no samples.npz yet (it was told to set --config.eval.samples).
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "settings.json").write_text(json.dumps({"num_images": 400}))
-    with pytest.raises(ValueError, match=r"this workdir's sampling job \(.*settings.json\) has not written "
-                                         r".*samples.npz yet: it packs its images there once all 400 are sampled. "
-                                         r"Rerun its --mode=sample command"):
-        evaluate.run(config, str(tmp_path))
+    for named in ("", str(tmp_path / "samples.npz")):  # named as the README's command does: it was 'not found'
+        config.eval.samples = named
+        with pytest.raises(ValueError, match=r"this workdir's sampling job \(.*settings.json\) has not written "
+                                             r".*samples.npz yet: it packs its images there once all 400 are sampled. "
+                                             r"Rerun its --mode=sample command"):
+            evaluate.run(config, str(tmp_path))
+    config.eval.samples = ""
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=images)
     np.savez(tmp_path / "reference.npz", arr_0=images)

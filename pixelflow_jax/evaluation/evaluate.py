@@ -558,13 +558,14 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     e = config.eval
     samples = samples or e.samples
     own = storage.join(workdir, SAMPLES_NPZ)
-    if not samples and storage.isfile(own):
+    names_own = not samples or storage.resolved(samples) == storage.resolved(own)
+    if names_own and not storage.isfile(own):  # (no job here: evaluate's checks name what is missing)
+        check_own_samples_written(own, workdir)
+    elif not samples:
         check_own_samples_finished(own, workdir)
         logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
         samples = own
-    elif not samples:
-        check_own_samples_written(own, workdir)
-    elif samples and storage.isfile(own) and storage.resolved(samples) == storage.resolved(own):
+    elif names_own:
         try:  # named on purpose (this README's eval command names it): evaluated, but never without a word
             check_own_samples_finished(own, workdir)
         except ValueError as unfinished:
