@@ -1,5 +1,6 @@
 """Shared fixtures: the release's golden outputs and their checkpoints, converted once per session."""
 
+import gc
 import os
 
 
@@ -90,6 +91,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("timed"):
             item.add_marker(pytest.mark.xdist_group("timed"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reports its results
+def pytest_sessionfinish():
+    """A worker of pytest-xdist has 5 s from reporting its results to its end, or execnet sends it a
+    SIGINT (printed as a KeyboardInterrupt "ignored in _xla_gc_callback" after the last test). By the
+    end, a worker holds ~10^6 objects (jax, torch, TensorFlow), and pytest's five closing garbage
+    collections took 1.4-1.8 s each on 2 busy cores. Frozen, they skip what the session built."""
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
