@@ -108,7 +108,8 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
                                       "to each other); remove them or choose another path") from None
     check_outside_checkpoints(out, "--output")
     if not storage.exists(output) or (storage.isdir(output) and not storage.listdir(output)):  # an empty folder
-        storage.check_writable(storage.dirname(out))  # before the conversion, not after it
+        # before the conversion, not after it; the input is only read, so only --output need change
+        storage.check_writable(storage.dirname(out), fix="choose an --output in a folder this user can write to")
         return
     if not overwrite:
         raise CheckpointError(f"output {output} already exists; choose another path or pass --overwrite")

@@ -561,6 +561,23 @@ def test_an_output_of_links_that_lead_to_each_other_is_refused_before_the_conver
     convert_torch_ckpt.check_output(str(tmp_path / "to_missing"), fixture_dir("c2i_tiny"), False, False)
 
 
+def test_an_output_that_cannot_be_written_is_told_to_choose_another_output(tmp_path, monkeypatch):
+    """The export of a read-only run into a folder it could not write was told that a run in a
+    read-only folder "can still be sampled or exported into another", as if it were not that export."""
+    import convert_torch_ckpt
+    from pixelflow_jax import storage
+
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(storage.writes, "write_atomically", refused)  # (tests run as root, whom modes do not stop)
+    for source, to_torch in ((fixture_dir("c2i_tiny"), False), (str(tmp_path / "run"), True)):
+        with pytest.raises(storage.StorageError) as refusal:
+            convert_torch_ckpt.check_output(str(tmp_path / "out" / "export"), source, to_torch, False)
+        assert re.fullmatch(r"cannot write to .*/out: PermissionError: .*: choose an --output in a folder this user "
+                            r"can write to", str(refusal.value)), refusal.value
+
+
 def test_an_output_that_is_the_folder_the_command_runs_in_is_refused(tmp_path, converted, monkeypatch):
     """`mkdir out && cd out && convert_torch_ckpt.py --output=.` said "wrote ." and renamed its new
     folder over the one the shell stood in: `ls` there showed nothing, the output sat in a folder of

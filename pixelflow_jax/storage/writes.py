@@ -261,9 +261,15 @@ def removed_if_left_empty(folder: str, remover: bool = True) -> Iterator[None]:
                 os.rmdir(folder)
 
 
-def check_writable(folder: str) -> None:
+# A job's workdir: the usual cause is a run copied read-only (a shared disk), which needs no write to use.
+READ_ONLY_RUN_FIX = ("name a folder this user can write to (a training run in a read-only folder can still be sampled "
+                     "or exported into another: --config.sample.checkpoint=RUN, --jax_checkpoint=RUN)")
+
+
+def check_writable(folder: str, fix: str = READ_ONLY_RUN_FIX) -> None:
     """Writes and deletes a probe file in `folder`, so that a missing bucket, missing credentials
-    or no write access stop a job before its first step, with the cause."""
+    or no write access stop a job before its first step, with the cause. `fix`: what to do when a
+    local folder cannot be written, in the words of the command that writes there."""
     probe = join(folder, f".write_check.tmp-{writer_tag()}-probe")  # a kill leaves it to remove_temporaries
     if not is_url(folder) and (file := file_in_the_way(os.path.abspath(folder))):
         # a_file/out: the OS names only the folder it cannot make ("Not a directory")
@@ -278,7 +284,5 @@ def check_writable(folder: str) -> None:
     except StorageError:
         raise
     except Exception as e:  # gcsfs / google-auth / OS errors: one message with the cause
-        hint = (f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else
-                ": name a folder this user can write to (a training run in a read-only folder can still be sampled "
-                "or exported into another: --config.sample.checkpoint=RUN, --jax_checkpoint=RUN)")
+        hint = f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else f": {fix}"
         raise StorageError(f"cannot write to {folder}: {described(e)}{hint}") from None
