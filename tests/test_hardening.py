@@ -2180,7 +2180,8 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     after = resolve_checkpoint(copy).fingerprint()
     assert after != before
     with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\): they are of "
-                                         r"other weights \(a run that trained on since, or a folder converted again\); "
+                                         rf"other weights \(the files of {copy} changed since they were sampled \(converted "
+                                         r"again, or replaced\)\); "
                                          rf"sample these into a new --workdir with --config.sample.checkpoint={copy}$"):
         check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})

@@ -719,6 +719,36 @@ def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_
                                                                    "checkpoint_fingerprint": "of step 400"})
 
 
+def test_a_job_whose_step_was_deleted_is_told_so_not_that_the_run_trained_on(tmp_path):
+    """A job sampled a run's latest step, which was then deleted: its rerun, reading the run's
+    earlier step, was told its images came from "a run that trained on since"."""
+    from pixelflow_jax.api import resolve_checkpoint
+    from pixelflow_jax.sampling.job_settings import check_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")
+    for step in (300, 400):
+        (run / "checkpoints" / str(step)).mkdir(parents=True)
+        (run / "checkpoints" / str(step) / "weights").write_text(f"weights of step {step}")
+    of = lambda step: {"checkpoint": str(step), "checkpoint_fingerprint": resolve_checkpoint(str(step)).fingerprint()}
+    earlier, latest = run / "checkpoints" / "300", run / "checkpoints" / "400"
+    trained_on, deleted = tmp_path / "trained_on" / "samples", tmp_path / "deleted" / "samples"
+    for samples, sampled in ((trained_on, earlier), (deleted, latest)):
+        samples.mkdir(parents=True)
+        check_settings(str(samples), str(samples.parent), of(sampled))
+        (samples / "000000.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"other weights \(the run trained on since: they came from its step 300, "
+                                         r"and this job samples step 400\)"):
+        check_settings(str(trained_on), str(trained_on.parent), of(latest))
+    shutil.rmtree(latest)
+    assert resolve_checkpoint(str(run)).label == str(earlier)
+    with pytest.raises(ValueError, match=r"other weights \(they came from the run's step 400 \(deleted since\), "
+                                         rf"and this job samples its earlier step 300\); sample these into a new "
+                                         rf"--workdir with --config.sample.checkpoint={earlier}$"):
+        check_settings(str(deleted), str(deleted.parent), of(earlier))
+
+
 @pytest.mark.parametrize("unreadable", [OSError(13, "Permission denied"), "bucket"])
 def test_a_job_whose_sampled_checkpoint_cannot_be_read_now_gets_the_usual_refusal(tmp_path, monkeypatch, unreadable):
     """A rerun against another checkpoint whose recorded one cannot be read now (a bucket whose

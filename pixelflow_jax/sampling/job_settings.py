@@ -104,8 +104,9 @@ def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: d
                   f"{recorded['checkpoint']}, which still holds the weights its images came from"
                   if recorded_checkpoint_unchanged(recorded) else "")
         raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}): they are of "
-                         "other weights (a run that trained on since, or a folder converted again); sample these "
-                         f"into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}{finish}")
+                         f"other weights ({weights_difference(recorded.get('checkpoint'), settings['checkpoint'])}); "
+                         f"sample these into a new --workdir with --config.sample.checkpoint={settings['checkpoint']}"
+                         f"{finish}")
     if "text_encoder_fingerprint" in changed:  # the recorded images' prompts were encoded by other weights
         raise ValueError(f"{folder} holds images whose prompts another text encoder encoded (differing: {changed}; "
                          f"the files of {settings['text_encoder']} changed, or another encoder is named): sample "
@@ -122,6 +123,36 @@ def refuse_other_settings(folder: str, workdir: str, recorded: dict, settings: d
              if "text_encoder_param_dtype" in changed else "")
     raise ValueError(f"{folder} holds images sampled with other settings (differing: {changed}); "
                      f"use a new --workdir, or rerun with the settings in settings.json{dtype}")
+
+
+def weights_difference(sampled: str | None, sampling: str) -> str:
+    """How the checkpoint the job's images came from and the one this rerun samples differ, as
+    their paths tell: two steps of one run (trained on since, or a later step deleted), one step
+    saved again, or one folder whose files changed."""
+    before, now = run_and_step(sampled), run_and_step(sampling)
+    if before and now and before[0] == now[0]:
+        if now[1] > before[1]:
+            return f"the run trained on since: they came from its step {before[1]}, and this job samples step {now[1]}"
+        if now[1] < before[1]:
+            deleted = " (deleted since)" if not storage.is_url(sampled) and not storage.exists(sampled) else ""
+            return (f"they came from the run's step {before[1]}{deleted}, and this job samples its earlier "
+                    f"step {now[1]}")
+        return f"the run's step {now[1]} was saved again since, with other weights"
+    if sampled == sampling:
+        return f"the files of {sampling} changed since they were sampled (converted again, or replaced)"
+    return f"they came from {sampled}, and this job samples {sampling}" if sampled else "a checkpoint changed since"
+
+
+def run_and_step(checkpoint: str | None) -> tuple[str, int] | None:
+    """(run, step) of a path RUN/checkpoints/STEP, whether or not the step is still there."""
+    from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, is_step_name
+
+    if not isinstance(checkpoint, str):
+        return None
+    parent, name = storage.dirname(checkpoint), storage.basename(checkpoint)
+    if storage.basename(parent) != CHECKPOINTS or not is_step_name(name):
+        return None
+    return storage.dirname(parent), int(name)
 
 
 def recorded_checkpoint_unchanged(recorded: dict) -> bool:
