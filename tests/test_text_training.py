@@ -158,6 +158,27 @@ def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path, 
             f"{tmp_path / 'b.caption'} (another tool's captions) is not read") in caplog.text, caplog.text
 
 
+def test_a_table_of_captions_under_any_name_is_named_as_not_read_where_no_image_has_a_caption(tmp_path):
+    """captions.csv or train.jsonl at the folder's top got no word (only metadata.* did): every
+    image was said to lack a caption file. A table beside images that have theirs is not named."""
+    for name in ("a", "b"):
+        write_image(tmp_path / f"{name}.png", 0)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "sources.csv").write_text("url\n")  # below the top: not the folder's captions
+    for table in ("captions.csv", "train.jsonl", "captions.json", "captions.tsv", "captions.parquet"):
+        (tmp_path / table).write_text("file_name,text\na.png,a red disk\n")
+        with pytest.raises(DataError, match=re.escape(f"e.g. ['{tmp_path / 'a.png'}', '{tmp_path / 'b.png'}']; "
+                                                      f"{tmp_path / table} (another tool's captions) is not read: "
+                                                      "write each image's caption into NAME.txt beside it; add the")):
+            CaptionedFolderSource(str(tmp_path), root_flag="--folder", missing_flag="--missing_captions")
+        (tmp_path / table).unlink()
+    (tmp_path / "a.txt").write_text("a red disk")
+    (tmp_path / "results.csv").write_text("step,loss\n")
+    with pytest.raises(DataError) as refusal:
+        CaptionedFolderSource(str(tmp_path))
+    assert "1 of 2 images" in str(refusal.value) and "results.csv" not in str(refusal.value), refusal.value
+
+
 def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
     root, _ = captioned_folder
     for name in ("lost_a", "lost_b"):

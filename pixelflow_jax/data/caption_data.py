@@ -144,7 +144,7 @@ class CaptionedFolderSource:
         whole_name_hint = (f"; {len(whole_name)} of them have a caption file named after the image's whole file "
                            f"name, e.g. {whole_name[0]}: name those NAME{CAPTION_EXTENSION}" if whole_name else "")
         hints = whole_name_hint + other_case_hint(missing, captions)
-        hints += other_tools_captions_hint(files) if missing else ""
+        hints += other_tools_captions_hint(root, files, none_captioned=not self.records) if missing else ""
         if missing and missing_captions == "error":
             raise DataError(f"{len(missing)} of {len(images)} images under {root} have no caption file "
                             f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}{hints}; add the "
@@ -189,13 +189,21 @@ def other_case_hint(missing: list[str], captions: dict[str, str]) -> str:
 # (one metadata file for the folder, as diffusers' training scripts read) and NAME.caption sidecars.
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 OTHER_SIDECAR_EXTENSION = ".caption"
+# Tables a folder's captions are often kept in under any name (captions.csv, train.jsonl, ...).
+TABLE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 
-def other_tools_captions_hint(files: list[str]) -> str:
+def other_tools_captions_hint(root: str, files: list[str], none_captioned: bool) -> str:
     """Where images lack captions: the caption files of other layouts found among `files`, named
-    as not read, with the layout to convert them to; '' where there are none."""
+    as not read, with the layout to convert them to; '' where there are none. Where no image has a
+    caption file, any table at the top of `root` is named too (where some have, a table there is
+    more likely something else: a list of sources, a results file)."""
     found = [path for path in files if os.path.basename(path) in METADATA_FILES or
              path.lower().endswith(OTHER_SIDECAR_EXTENSION)]
+    top = storage.dirname(storage.join(root, "name"))
+    if none_captioned:
+        found += [path for path in files if path not in found and storage.dirname(path) == top and
+                  path.lower().endswith(TABLE_EXTENSIONS)]
     if not found:
         return ""
     more = len(found) - 1
