@@ -1147,6 +1147,26 @@ def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path, c
 
 
 
+def test_a_caption_or_prompts_file_with_a_stray_nul_is_named_so_not_utf16(tmp_path):
+    """A caption file ending in a NUL byte (a tool that padded it) was called "UTF-16LE text without
+    a byte-order mark", with an iconv that turns it into CJK; so was a prompts file."""
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
+
+    for saved in (b"a red disk\x00", b"a red dis\x00", "a red disk\x00"):
+        with pytest.raises(CaptionError, match=r"^caption holds 1 NUL (character|byte) \(the first at (character|byte) "
+                                               r"(9|10)\), which no text holds; remove them, e.g. tr -d '\\000' < "
+                                               r"NAME.txt > NAME.clean.txt"):
+            decode_caption(saved)
+    with pytest.raises(CaptionError, match=r"^caption holds 2 NUL characters \(the first at character 1\)"):
+        decode_caption(b"a\x00red disk\x00")  # NULs at odd places, but far from every other one
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"a red disk\na blue ring\n\x00\x00")
+    with pytest.raises(ValueError, match=rf"prompts_file {path} holds 2 NUL bytes \(the first at byte 23\), which no "
+                                         rf"text holds: remove them, e.g. tr -d '\\000' < {path} > prompts.clean.txt"):
+        read_prompts_file(str(path))
+
+
 def test_a_caption_saved_as_utf16_or_utf32_is_named_so_with_the_command_that_converts_it(tmp_path, monkeypatch,
                                                                                           capsys):
     """Windows editors save "Unicode" text as UTF-16 with a byte-order mark: it was skipped as "not

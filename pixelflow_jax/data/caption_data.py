@@ -56,14 +56,29 @@ def marked_encoding(text: bytes) -> str | None:
 
 
 def unmarked_encoding(text: bytes | str) -> str | None:
-    """UTF-16LE/BE (or UTF-32LE/BE) when `text` holds NULs: that is how UTF-16 without its
-    byte-order mark reads as UTF-8, each ASCII letter beside a NUL (which no text holds), and
-    UTF-32 beside three."""
+    """UTF-16LE/BE (or UTF-32LE/BE) when `text` holds NULs where that encoding puts them: that is
+    how UTF-16 without its byte-order mark reads as UTF-8, each ASCII letter beside a NUL (which no
+    text holds), and UTF-32 beside three. NULs elsewhere (one at the end of a file) are no encoding."""
     nul = b"\x00" if isinstance(text, bytes) else "\x00"
     if nul not in text:
         return None
-    width = "32" if nul * 3 in text else "16"
-    return f"UTF-{width}BE" if text.startswith(nul) else f"UTF-{width}LE"
+    for width in (4, 2):  # UTF-32's pattern also fits UTF-16's: tried first
+        if len(text) % width:  # whole code units only
+            continue
+        units = [text[i:i + width] for i in range(0, len(text), width)]
+        for order, letter, padding in (("LE", slice(0, 1), slice(1, None)), ("BE", slice(-1, None), slice(0, -1))):
+            ascii_units = sum(unit[padding] == nul * (width - 1) for unit in units)
+            # Most units are an ASCII letter and its NULs (other characters fill both bytes), and no letter is a NUL.
+            if 2 * ascii_units >= len(units) and not any(unit[letter] == nul for unit in units):
+                return f"UTF-{8 * width}{order}"
+    return None
+
+
+def nul_count_words(text: bytes | str) -> str:
+    """'3 NUL characters (the first at character 10)', or bytes for bytes."""
+    nul, unit = (b"\x00", "byte") if isinstance(text, bytes) else ("\x00", "character")
+    count = text.count(nul)
+    return f"{count} NUL {unit}{'s' if count > 1 else ''} (the first at {unit} {text.index(nul)})"
 
 
 def decode_caption(caption: bytes | str) -> str:
@@ -79,6 +94,9 @@ def decode_caption(caption: bytes | str) -> str:
     if encoding := unmarked_encoding(caption):
         raise CaptionError(f"caption holds NUL characters, as {encoding} text without a byte-order mark does; "
                            f"{conversion(encoding)}")
+    if "\x00" in caption:  # a tool that padded or cut the file: no encoding puts them there
+        raise CaptionError(f"caption holds {nul_count_words(caption)}, which no text holds; remove them, e.g. "
+                           "tr -d '\\000' < NAME.txt > NAME.clean.txt, then replace NAME.txt with it")
     caption = caption.removeprefix("\ufeff").strip()  # a BOM (Windows editors write one) is no caption
     if not has_visible_text(caption):
         raise CaptionError("caption is empty, or only zero-width or control characters, which tokenize to nothing "

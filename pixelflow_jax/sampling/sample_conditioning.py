@@ -141,7 +141,7 @@ def read_prompts_file(path: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file (a byte-order mark, as Windows editors write, is
     not part of the first prompt): line i is prompt i, as an editor numbers them. UTF-16 or -32
     saved without its mark reads as UTF-8 with NULs beside each letter: refused, not sampled."""
-    from pixelflow_jax.data.caption_data import marked_encoding, unmarked_encoding
+    from pixelflow_jax.data.caption_data import marked_encoding, nul_count_words, unmarked_encoding
 
     name = f"--config.sample.prompts_file {path}"
     if not storage.isfile(path):
@@ -151,6 +151,9 @@ def read_prompts_file(path: str) -> list[str]:
     if encoding := marked_encoding(data) or unmarked_encoding(data):
         raise ValueError(f"{name} is {encoding} text, not UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 "
                          f"{path} > prompts.utf8.txt, and give that file")
+    if b"\x00" in data:  # a tool that padded or cut the file: no encoding puts them there
+        raise ValueError(f"{name} holds {nul_count_words(data)}, which no text holds: remove them, e.g. "
+                         f"tr -d '\\000' < {path} > prompts.clean.txt, and give that file")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
