@@ -993,6 +993,15 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
         np.savez(tmp_path / f"{name}.npz", arr_0=array)
         with pytest.raises(ValueError, match=message):
             npz_image_count(str(tmp_path / f"{name}.npz"))
+    # labels saved first, images second (np.savez(path, labels, images)) were told only 'got shape (6,)'
+    np.savez(tmp_path / "labels_first.npz", np.arange(6), np.zeros((6, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"labels_first.npz: arr_0 holds 6 values of one dimension \(labels\?\), and "
+                                         r"the images \(N, H, W, 3\) are arr_1 \(6, 8, 8, 3\); an evaluation reads the "
+                                         r"images as arr_0: write them first, np.savez\(path, images, labels\)"):
+        npz_image_count(str(tmp_path / "labels_first.npz"))
+    np.savez(tmp_path / "labels_alone.npz", np.arange(6), scores=np.zeros(6))  # no images beside: as before
+    with pytest.raises(ValueError, match=r"arr_0 must be images \(N, H, W, 3\), got shape \(6,\)$"):
+        npz_image_count(str(tmp_path / "labels_alone.npz"))
     np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match=r"it is a .npy file: save the images with np.savez"):
         npz_image_count(str(tmp_path / "plain.npy"))

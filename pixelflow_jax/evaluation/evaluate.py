@@ -86,8 +86,37 @@ def _open_images(path: str):
     """(arr_0 member positioned at its data, shape, dtype, the member's CRC-32) of an .npz of
     images; closes the member, the archive and, for a URL, the downloaded stream when done."""
     with _open_array(path) as (member, shape, fortran, dtype, crc):
+        if len(shape) == 1 and dtype != object and (images := image_arrays_beside_arr_0(path)):
+            # np.savez(path, labels, images): the images are there, second
+            raise ValueError(f"{path}: arr_0 holds {shape[0]} values of one dimension (labels?), and the images "
+                             f"(N, H, W, 3) are {images[0]}; an evaluation reads the images as arr_0: write them "
+                             "first, np.savez(path, images, labels), or by name, np.savez(path, arr_0=images, "
+                             "labels=labels)")
         check_images(path, shape, fortran, dtype)
         yield member, shape, dtype, crc
+
+
+def image_arrays_beside_arr_0(path: str) -> list[str]:
+    """The .npz's other arrays shaped as images (N, H, W, 3), named with their shapes, as 'arr_1
+    (6, 8, 8, 3)'; [] where none is (or the file cannot be read again)."""
+    found = []
+    try:
+        with contextlib.ExitStack() as opened:
+            source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
+            archive = opened.enter_context(zipfile.ZipFile(source))
+            for name in archive.namelist():
+                if name == "arr_0.npy" or not name.endswith(".npy"):
+                    continue
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape = read_header(member)[0]
+                if len(shape) == 4 and shape[-1] == 3:
+                    found.append(f"{name.removesuffix('.npy')} {shape}")
+    except (*DAMAGED_MEMBER, ValueError):  # arr_0's own problem is still named
+        return []
+    return found
 
 
 @contextlib.contextmanager
