@@ -466,6 +466,12 @@ def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sam
         with pytest.raises(ValueError, match=rf"is a folder, not an .npz file \(pass {job / 'samples.npz'}, the "
                                              r"images a sampling job packed\)"):
             evaluate.check_inputs(str(folder), good, str(weights), str(tmp_path / "run"))
+    # A shell's completion left a / after the file's name: it was only 'not found'
+    for samples, reference in ((f"{job / 'samples.npz'}/", good), (str(job / "samples.npz"), f"{good}/")):
+        with pytest.raises(ValueError, match=rf"{re.escape(samples if samples.endswith('/') else reference)} is not "
+                                             rf"found.* \(the / at its end names a folder, and .*\.npz is a file: drop "
+                                             r"the /\)$"):
+            evaluate.check_inputs(samples, reference, str(weights), str(tmp_path / "run"))
 
 
 def test_a_reference_holding_the_samples_own_images_is_said_to_measure_nothing(tiny_inception, tmp_path, caplog):

@@ -482,6 +482,8 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
                 fix += npz_for_folder(path)
             elif storage.isfile(f"{path}.npz"):  # np.savez(path, ...) adds the ending the name lacks
                 fix = f" (numpy.savez added .npz to the name it was given: pass {path}.npz)"
+            elif path.endswith("/") and storage.isfile(path.rstrip("/")):  # a shell's completion of a folder's name
+                fix = f" (the / at its end names a folder, and {path.rstrip('/')} is a file: drop the /)"
             raise ValueError(f"--config.{name} {path} is {kind}{fix}")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
