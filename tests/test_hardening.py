@@ -414,7 +414,10 @@ def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, conf
 
 @pytest.mark.parametrize("arguments", [["configs/c2i.py:demo", "--workdir=WORKDIR"],
                                        ["--workdir", "WORKDIR", "configs/c2i.py:demo"],
-                                       ["--workdir=WORKDIR", "configs/c2i.py:demo"]])  # a flag with its value
+                                       ["--workdir=WORKDIR", "configs/c2i.py:demo"],  # a flag with its value
+                                       # a boolean flag takes no next word: absl left it aside, as here
+                                       ["--distributed", "configs/c2i.py:demo", "--workdir=WORKDIR"],
+                                       ["--workdir=WORKDIR", "--nodistributed", "configs/c2i.py:demo"]])
 def test_a_config_file_given_without_its_flag_is_named_with_it(tmp_path, arguments):
     """As the release's scripts take a config: absl said only 'Flag --config must have a value other
     than None'. A .py word that is another flag's value (--workdir x.py) is that flag's."""

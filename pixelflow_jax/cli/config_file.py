@@ -163,8 +163,7 @@ def check_config_file(argv: list[str]) -> None:
     scripts take theirs, named with the flag (absl said only that --config needs a value)."""
     if not flag_values(argv, "config"):
         for previous, word in zip(argv, argv[1:]):
-            takes_it = previous.startswith("-") and "=" not in previous  # --workdir WORD: that flag's value
-            if re.fullmatch(r"[^-].*\.py(:\w*)?", word) and not takes_it:
+            if re.fullmatch(r"[^-].*\.py(:\w*)?", word) and not takes_the_next_word(previous):
                 sys.exit(f"error: {word} is given without its flag: a config file is --config={word}")
     for value in flag_values(argv, "config"):
         if "://" in value:  # split at its first ":" below, gs://b/c2i.py:demo was "file gs does not exist"
@@ -181,6 +180,17 @@ def check_config_file(argv: list[str]) -> None:
                      f"{our_configs()}, with --config.FIELD=VALUE overrides (such as --config.model.depth=12); a "
                      "release folder's weights are read as --config.sample.checkpoint=FOLDER or "
                      "--config.train.init_from=FOLDER")
+
+
+def takes_the_next_word(arg: str) -> bool:
+    """Whether absl reads the word after `arg` as its value: --workdir WORD does; --workdir=x, a
+    boolean flag (--distributed, --nodistributed: absl gives those no value but by =) and a word
+    that is no flag do not."""
+    if not arg.startswith("-") or "=" in arg:
+        return False
+    name = arg.lstrip("-")
+    is_boolean = lambda flag: flag in flags.FLAGS and flags.FLAGS[flag].boolean
+    return not (is_boolean(name) or (name.startswith("no") and is_boolean(name[2:])))
 
 
 def our_configs() -> str:
