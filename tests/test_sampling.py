@@ -185,6 +185,16 @@ def test_a_float32_model_samples_with_float32_matmuls(converted, monkeypatch, dt
     assert compiled_dots and set(compiled_dots) == {True}
 
 
+@pytest.mark.slow  # two dopri5 compilations
+def test_a_notebook_with_jax_enable_x64_samples_the_same_images(tiny):
+    """With jax_enable_x64 on (a notebook's float64 work beside the model), dopri5 failed inside
+    lax.cond: diffrax solved in float64 from the Python-float times, and the NaN branch stayed float32."""
+    kwargs = dict(cfg_scale=2.0, solver="dopri5", seed=3)
+    with jax.enable_x64(True):
+        wide = tiny[2].generate([1], **kwargs)
+    np.testing.assert_array_equal(wide, tiny[2].generate([1], **kwargs))
+
+
 def test_class_conditioning_stays_on_the_host():
     """Device labels (eager jnp ops) queued behind the batch being sampled, and the sampling job read
     them back at once: each batch waited for the one before it before it could be dispatched."""

@@ -368,7 +368,9 @@ def _dopri5(velocity, x, first_timestep, last_timestep, rtol, atol):
     term = diffrax.ODETerm(lambda t, x, args: velocity(x, first_timestep + t * (last_timestep - first_timestep)))
 
     def solve(x):
-        solution = diffrax.diffeqsolve(term, diffrax.Dopri5(), t0=0.0, t1=1.0, dt0=None, y0=x,
+        # float32 times, as the latents: Python floats became float64 under jax_enable_x64, and so
+        # did the solve (its output then failed lax.cond's check against the float32 branch).
+        solution = diffrax.diffeqsolve(term, diffrax.Dopri5(), t0=np.float32(0.0), t1=np.float32(1.0), dt0=None, y0=x,
                                        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
                                        saveat=diffrax.SaveAt(t1=True), max_steps=DOPRI5_MAX_STEPS, throw=False)
         # A solve that did not reach t = 1 (a NaN or inf velocity rejects every step) comes out NaN,
