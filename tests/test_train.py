@@ -1291,6 +1291,29 @@ def test_ctrl_c_saves_the_step_like_a_preemption_and_a_second_one_stops_at_once(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_training_in_a_thread_runs_without_signal_handlers(caplog):
+    """train() in a notebook's background thread failed at its first step with signal.signal's
+    'signal only works in main thread', leaving the data loader's threads running."""
+    import threading
+
+    from pixelflow_jax.training.preemption import PreemptionWatch
+
+    before, watched = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), []
+
+    def watch_a_run():
+        watch = PreemptionWatch()
+        watched.append(watch.reached())
+        watch.close()
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        thread = threading.Thread(target=watch_a_run)
+        thread.start()
+        thread.join()
+    assert watched == [False]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert "training outside the main thread, where Python cannot catch signals" in caplog.text
+
+
 def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resumes_from(tmp_path):
     from types import SimpleNamespace
 

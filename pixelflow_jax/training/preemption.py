@@ -9,6 +9,9 @@ stop together. A single process catches SIGTERM itself.
 Ctrl-C (SIGINT) stops the same way, saving the step: it is turned into a SIGTERM to this process,
 so every process of a job agrees on the step as for a preemption. A second Ctrl-C stops at once,
 without saving.
+
+Python lets only the main thread catch signals: train() run in another thread (a notebook's
+background training) trains without these handlers, and a Ctrl-C or SIGTERM there saves nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 import jax
+from absl import logging
 
 
 class PreemptionWatch:
@@ -26,7 +31,12 @@ class PreemptionWatch:
         self.calls = 0  # of reached(): the step count jax's sync point is agreed in (see reached)
         self.requested = False
         self.interrupted = False  # by Ctrl-C rather than a preemption
-        self.previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
+        self.previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():  # signal.signal would raise ValueError
+            logging.warning("training outside the main thread, where Python cannot catch signals: a Ctrl-C or "
+                            "SIGTERM saves no step for this run (a rerun resumes from its last checkpoint)")
+            return
+        self.previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
         if not self.distributed:  # with several processes, jax's own SIGTERM handler must stay
             self.previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
 
