@@ -848,6 +848,44 @@ def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_
         sample_run.run(class_config, str(tmp_path / "a_file" / "samples"))
 
 
+def test_a_job_leaves_the_callers_config_as_it_was(converted, tmp_path, monkeypatch):
+    """Jobs fill in what a config leaves empty. In a notebook the caller's config kept it: after
+    inspect_model.run in a training run's workdir, sample_run.run in another run's workdir sampled
+    the inspected run; after sampling a converted text model, a text run's sampling job took the
+    release's 512 tokens and float32 encoder instead of the run's own."""
+    from configs import t2i
+    from pixelflow_jax import demo_app, inspect_model
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.training import train
+    from test_inspect import a_training_run
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_, **__):
+        raise Stop
+
+    def fill_and_stop(config, *_):  # as train fills a resumed text run's encoder
+        config.train.text_encoder = "/encoders/t5"
+        raise Stop
+
+    text_config = t2i.get_config("tiny")
+    text_config.sample.update(checkpoint=converted["t2i_tiny"], prompts=["a red disk"])
+    inspected = c2i_config()
+    monkeypatch.setattr(inspect_model, "model_to_inspect", stop)  # the config is filled before these
+    monkeypatch.setattr(sample_run, "conditioning_for", stop)
+    monkeypatch.setattr(demo_app, "check_config_kind", stop)
+    monkeypatch.setattr(train, "validate", fill_and_stop)
+    for job, config in ((lambda c: inspect_model.run(c, a_training_run(tmp_path / "run", [4])), inspected),
+                        (lambda c: sample_run.run(c, str(tmp_path / "samples")), text_config),
+                        (lambda c: demo_app.DemoSampler(c, str(tmp_path / "demo")), text_config),
+                        (lambda c: train.train(c, str(tmp_path / "text_run")), t2i.get_config("tiny"))):
+        given = config.to_dict()
+        with pytest.raises(Stop):
+            job(config)
+        assert config.to_dict() == given
+
+
 def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked_for():
     """load_model(attention=...) was dropped without a word: the model ran the folder's backend. A
     notebook may halve the weights' memory as a sampling job does (param_dtype)."""
