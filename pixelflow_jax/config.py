@@ -8,7 +8,6 @@ choices, and `pooled_text` an architecture option the release does not have.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from typing import Any, Mapping
 
@@ -43,14 +42,6 @@ def matmul_precision(dtype) -> contextlib.AbstractContextManager:
     for float32 dots); the 16-bit dtypes keep whatever precision is set (a user's own, or the
     platform's default)."""
     return jax.default_matmul_precision("highest") if dtype_name(dtype) == "float32" else contextlib.nullcontext()
-
-
-def job_copy(config):
-    """A job's own copy of the ml_collections config it is given. Jobs fill in what the config
-    leaves empty (an inspected run as sample.checkpoint, a text run's encoder and token length),
-    and in a notebook the caller's config then carried them into its next job: sampling another
-    run's workdir sampled the run inspected before it."""
-    return copy.deepcopy(config)
 
 
 def dtype_name(dtype):

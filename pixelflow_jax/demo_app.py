@@ -26,8 +26,8 @@ from PIL import Image
 
 from pixelflow_jax import storage
 from pixelflow_jax.command_line import stop_on_sigterm
-from pixelflow_jax.config import job_copy
-from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole
+from pixelflow_jax.validation import (DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole,
+                                      job_config)
 from pixelflow_jax.api import (check_steps_for_stages, load_sampling_model, run_trained_classes, sampling_checkpoint,
                                sampling_source, weights_chosen)
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
@@ -119,7 +119,7 @@ class DemoSampler:
     """The model, its compiled sampler, and the request validation the page relies on."""
 
     def __init__(self, config, workdir: str = ""):
-        config = job_copy(config)
+        config = job_config(config, "demo")
         s = config.sample
         # The config's kind, its steps and the text encoder are checked before the weights are read.
         self.source, ckpt = sampling_source(config, workdir)

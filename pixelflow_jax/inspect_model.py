@@ -24,11 +24,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from pixelflow_jax import storage
+from pixelflow_jax import storage, validation
 from pixelflow_jax.api import CheckpointSource, load_for_sampling, weights_chosen, weights_of
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config, steps_in_progress
-from pixelflow_jax.config import ModelConfig, job_copy
+from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
 from pixelflow_jax.scheduler import stage_resolutions
@@ -103,7 +103,7 @@ def text_length(config, source) -> int:
 
 
 def run(config, workdir: str) -> dict:
-    config = job_copy(config)
+    config, workdir = validation.job_config(config, "inspect"), validation.job_workdir(workdir)
     storage.check_writable(workdir)  # fail now, not after the timing work
     report_path = storage.join(workdir, "inspect.json")
     for path in (report_path, storage.history_path(report_path)):

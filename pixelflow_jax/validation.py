@@ -1,11 +1,13 @@
 """One validation layer for config values, run by main.py for every mode before any work: numbers
 finite and in range, integers integral, class ids whole numbers. Each message names the field as
 the command line writes it and what it accepts, so a bad value never becomes NaN weights, black
-images or a settings.json left behind. train.train() runs the training checks again, for callers
-of the Python API, with those that need the mesh or the model's kind (text: check_text_training)."""
+images or a settings.json left behind. The jobs run them again for callers of the Python API
+(job_config, job_workdir); train.train() adds those that need the mesh or the model's kind (text:
+check_text_training)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
@@ -462,3 +464,26 @@ def check(config, mode: str) -> None:
         checker(config)
     if mode == "sample" and config.eval.reference:
         check_eval(config)
+
+
+def job_config(config, mode: str):
+    """A job's own copy of the config it is given, checked as main.py checks it (a job started from
+    Python skips main.py: a seed of 2**40 sampled seed 0's images). Jobs fill in what a config leaves
+    empty (an inspected run as sample.checkpoint, a text run's encoder and token length): in a
+    notebook the caller's config carried these into its next job, and sampling another run's
+    workdir sampled the run inspected before it."""
+    config = copy.deepcopy(config)
+    check(config, mode)
+    return config
+
+
+def job_workdir(workdir) -> str:
+    """A job's workdir given from Python, taken as main.py takes --workdir: `~` expanded (a folder
+    named '~' was made in the current one), and refused inside a checkpoint."""
+    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
+
+    if isinstance(workdir, (str, os.PathLike)) and not str(workdir).strip():
+        raise ConfigError("workdir is empty: name a folder for this job's outputs")
+    workdir = user_path("workdir", workdir)
+    check_outside_checkpoints(workdir)
+    return workdir

@@ -886,6 +886,31 @@ def test_a_job_leaves_the_callers_config_as_it_was(converted, tmp_path, monkeypa
         assert config.to_dict() == given
 
 
+def test_a_job_started_from_python_checks_its_config_and_workdir_as_main_does(converted, tmp_path, monkeypatch):
+    """A notebook calling the jobs skipped main.py's checks: sample_run.run sampled a seed of 2**40
+    as seed 0 (jax keeps 32 bits) and recorded 2**40, train.train at a resolution no stage could
+    patch failed in a reshape, inspect_model.run of seed -1 said 'expected non-negative integer',
+    and a workdir of ~/samples became a folder named '~' in the current one."""
+    from pixelflow_jax import inspect_model
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.training import train
+
+    sampled = c2i_config(**{"sample.checkpoint": converted["c2i_tiny"], "sample.seed": 2**40})
+    with pytest.raises(ConfigError, match=r"--config.sample.seed must be in \[0, 4294967295\], got 1099511627776"):
+        sample_run.run(sampled, str(tmp_path / "samples"))
+    with pytest.raises(ConfigError, match=r"--config.data.resolution \(65\) must be a multiple of model.patch_size"):
+        train.train(c2i_config(**{"data.resolution": 65}), str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"--config.seed must be in \[0, 4294967295\], got -1"):
+        inspect_model.run(c2i_config(seed=-1), str(tmp_path / "inspect"))
+    assert sorted(os.listdir(tmp_path)) == []
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    workdirs = []
+    monkeypatch.setattr(sample_run, "_sample", lambda config, workdir: workdirs.append(workdir))
+    sample_run.run(c2i_config(**{"sample.checkpoint": converted["c2i_tiny"]}), "~/samples")
+    assert workdirs == [str(tmp_path / "home" / "samples")]
+
+
 def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked_for():
     """load_model(attention=...) was dropped without a word: the model ran the folder's backend. A
     notebook may halve the weights' memory as a sampling job does (param_dtype)."""

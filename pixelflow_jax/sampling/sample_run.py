@@ -28,11 +28,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from pixelflow_jax import storage
+from pixelflow_jax import storage, validation
 from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, load_sampling_model, run_trained_classes,
                                sampling_runtime, sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.command_line import stop_if_terminated
-from pixelflow_jax.config import job_copy
 from pixelflow_jax.multihost import check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
@@ -84,7 +83,7 @@ def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: n
 
 
 def run(config, workdir: str) -> None:
-    config = job_copy(config)
+    config, workdir = validation.job_config(config, "sample"), validation.job_workdir(workdir)
     with storage.removed_if_left_empty(workdir, remover=jax.process_index() == 0):  # a job refused at its start
         _sample(config, workdir)
 

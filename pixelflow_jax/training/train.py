@@ -35,7 +35,7 @@ from flax import nnx
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps, is_run
 from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
-from pixelflow_jax.config import ModelConfig, job_copy
+from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.multihost import check_same_checkpoints, check_same_data, check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
@@ -306,7 +306,7 @@ def check_own_data_inputs(config, model_cfg: ModelConfig, workdir: str) -> list[
 
 def train(config, workdir: str) -> dict:
     """Trains to config.train.num_steps (resuming if the workdir has checkpoints); returns the last metrics."""
-    config = job_copy(config)
+    config, workdir = validation.job_config(config, "train"), validation.job_workdir(workdir)
     model_cfg = ModelConfig.from_mapping(config.model)
     mesh = make_mesh(config.mesh.fsdp)
     step_cfg = validate(config, model_cfg, mesh)
