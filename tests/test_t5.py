@@ -132,6 +132,19 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
         PromptEncoder(t5_folder, dtype="float16")
 
 
+def test_a_second_prompt_encoder_of_the_same_t5_reuses_its_compiled_encoder(t5_folder):
+    """Each text sampling job (and a notebook's every PromptEncoder) compiled the whole encoder
+    again: minutes for flan-t5-xl on some platforms."""
+    from pixelflow_jax.text.prompts import PromptEncoder
+    from test_sampling import counting_lowerings
+
+    expected, _ = PromptEncoder(t5_folder, max_length=20).encode(["a cat", "the moon"])
+    with counting_lowerings() as compiled:
+        again, _ = PromptEncoder(t5_folder, max_length=20).encode(["a cat", "the moon"])
+    assert compiled == []
+    np.testing.assert_array_equal(again, expected)
+
+
 def test_prompts_encode_under_another_mesh_in_context(t5_folder):
     """The sampling job encodes prompts inside its own mesh, which on several processes spans
     devices the encoder's parameters are not on (here: a 4-device mesh against the encoder's 8)."""

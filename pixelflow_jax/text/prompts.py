@@ -7,6 +7,7 @@ transformer's cross-attention. Negative prompts (default "") are encoded the sam
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Sequence
@@ -144,7 +145,7 @@ class PromptEncoder:
         graphdef, params = nnx.split(self.encoder)
         # Every process encodes the whole batch; the sampler builds its global arrays from host copies.
         self._params, self._rows = replicate_on_local_devices(params)
-        self._encode = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
+        self._encode = encoder_program(graphdef)
         self._warned: set[str] = set()  # prompts warned of: a job encodes a prompt once per batch holding it
         self.dtype = dtype  # the compute dtype
 
@@ -159,6 +160,14 @@ class PromptEncoder:
         # Host copies: on the encoder's devices they would refuse a model loaded on one device
         # ("incompatible devices"), and every caller places them where its model is anyway.
         return np.asarray(embeddings), np.asarray(mask, np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def encoder_program(graphdef):
+    """The jitted forward of a T5 encoder's graph (its architecture and dtypes), shared by every
+    PromptEncoder of that graph: each text sampling job builds one, and so may a notebook, and each
+    compiled the whole encoder again."""
+    return jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))
 
 
 def tokenize_with_warnings(tokenizer: T5Tokenizer, prompts: Sequence[str],
