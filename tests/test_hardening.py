@@ -970,6 +970,16 @@ def test_load_model_refuses_cudnn_for_a_model_computing_in_float32(monkeypatch, 
         load_model(converted["c2i_tiny"], attention="cudnn")
 
 
+def test_loading_a_checkpoint_again_compiles_nothing(converted):
+    """A notebook's sweep over checkpoints compiled the finiteness check of the weights at every load."""
+    from test_sampling import counting_lowerings
+
+    load_model(converted["c2i_tiny"])
+    with counting_lowerings() as compiled:
+        load_model(converted["c2i_tiny"])
+    assert compiled == []
+
+
 def test_load_model_checks_its_weights_choice_before_the_path(tmp_path, converted):
     """As dtype and attention: a mistyped weights= is named first, not after the path is resolved
     (an hf:// checkpoint's config downloaded) or refused for another reason."""

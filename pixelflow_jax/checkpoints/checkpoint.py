@@ -222,13 +222,17 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
     return params
 
 
+@jax.jit
+def leaves_finite(tree: Params) -> Params:
+    """Whether each leaf holds finite values only: one program for the whole tree, compiled once
+    per architecture (a jit made per call compiled again at every load of a notebook's sweep)."""
+    return jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), tree)
+
+
 def non_finite_params(params: Params) -> list[str]:
     """The names (a/b/kernel) of the parameters holding NaN or inf: files damaged after they were
-    written still restore, and a NaN weight makes every image NaN. One program for the whole tree,
-    one transfer of its answers."""
-    import jax.numpy as jnp
-
-    finite = jax.device_get(jax.jit(lambda tree: jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))(params))
+    written still restore, and a NaN weight makes every image NaN. One transfer of the answers."""
+    finite = jax.device_get(leaves_finite(params))
     return ["/".join(str(getattr(key, "key", key)) for key in path)
             for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
 
