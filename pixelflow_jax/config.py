@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -42,6 +43,19 @@ def matmul_precision(dtype) -> contextlib.AbstractContextManager:
     for float32 dots); the 16-bit dtypes keep whatever precision is set (a user's own, or the
     platform's default)."""
     return jax.default_matmul_precision("highest") if dtype_name(dtype) == "float32" else contextlib.nullcontext()
+
+
+def numpy_broadcasting(forward):
+    """A model's `forward` under numpy's rank promotion, whatever a notebook set: the models
+    broadcast (C,) scales against (B, L, C) activations, which jax_numpy_rank_promotion='raise'
+    refused at their first multiply."""
+
+    @functools.wraps(forward)
+    def with_numpy_broadcasting(*args, **kwargs):
+        with jax.numpy_rank_promotion("allow"):
+            return forward(*args, **kwargs)
+
+    return with_numpy_broadcasting
 
 
 def dtype_name(dtype):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.config import ModelConfig, numpy_broadcasting
 from pixelflow_jax.kernels.attention import ATTENTION_FORWARD_PRIMITIVES, dot_product_attention
 from pixelflow_jax.rope import apply_rope, rope_tables
 from pixelflow_jax.sharding import keep_batch_split
@@ -294,6 +294,7 @@ class PixelFlow(nnx.Module):
         self.proj_out_1 = _linear(cfg, cfg.hidden_size, 2 * cfg.hidden_size, rngs, kernel_init=zeros)
         self.proj_out_2 = _linear(cfg, cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels, rngs, kernel_init=zeros)
 
+    @numpy_broadcasting
     def __call__(self, images: jax.Array, timesteps: jax.Array, *, class_labels: jax.Array | None = None,
                  encoder_hidden_states: jax.Array | None = None,
                  encoder_attention_mask: jax.Array | None = None) -> jax.Array:

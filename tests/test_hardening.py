@@ -732,6 +732,22 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
         jitted(model, jnp.array([1.7, 5.0]))
 
 
+def test_the_models_run_in_a_notebook_that_refuses_rank_promotion(models, encoder_folder):
+    """jax_numpy_rank_promotion='raise' (a notebook's own strictness) refused the transformer's and
+    T5's first multiply of a (C,) scale with (B, L, C) activations."""
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    model, _ = models["t2i_tiny"]
+    encoder = PromptEncoder(encoder_folder, max_length=8)
+    states, mask = encoder.encode(["a red disk"])
+    call = lambda: model(np.zeros((1, 16, 16, 3), np.float32), 500, encoder_hidden_states=states,
+                         encoder_attention_mask=mask)
+    expected = call()
+    with jax.numpy_rank_promotion("raise"):
+        np.testing.assert_array_equal(encoder.encode(["a red disk"])[0], states)
+        np.testing.assert_array_equal(call(), expected)
+
+
 def test_the_sampler_names_the_misuse(models):
     from pixelflow_jax.sampling.cascade import CascadeSampler
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelflow_jax.config import numpy_broadcasting
 from pixelflow_jax.sharding import keep_batch_split
 
 ACTIVATIONS = {"gelu_new": lambda x: jax.nn.gelu(x, approximate=True), "gelu_pytorch_tanh":
@@ -146,6 +147,7 @@ class T5Encoder(nnx.Module):
         self.blocks = stacked_blocks(rngs)
         self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), cfg.param_dtype))
 
+    @numpy_broadcasting
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         batch, length = input_ids.shape
