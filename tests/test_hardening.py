@@ -2919,6 +2919,9 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
         prompt_list("a cat")
     with pytest.raises(ValueError, match="no prompts"):
         prompt_list([])
+    for prompts in (None, 5):  # a TypeError: "'NoneType' object is not iterable"
+        with pytest.raises(ValueError, match=rf"prompts must be a list of strings, got {type(prompts).__name__} "):
+            prompt_list(prompts)
     from pixelflow_jax.text.prompts import PromptEncoder
 
     for arguments, message in (({"dtype": "bf16"}, "dtype must be one of"),

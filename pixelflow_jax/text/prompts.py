@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -106,6 +106,8 @@ def prompt_list(prompts: Sequence[str]) -> list[str]:
     per character), and so is an empty list."""
     if isinstance(prompts, (str, bytes)):
         raise ValueError(f"prompts must be a list of strings, got the single string {prompts!r}: pass [prompt]")
+    if not isinstance(prompts, Iterable):  # list() said only "'NoneType' object is not iterable"
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__} {prompts!r}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts: pass at least one")
