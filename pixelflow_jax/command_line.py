@@ -5,6 +5,7 @@ out of its log). Light to import: the tools import it before jax."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -70,6 +71,25 @@ def stop_on_sigterm() -> None:
             raise Terminated
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """stop_on_sigterm while a job that returns to its caller runs (the demo page, which a notebook
+    may serve): the handler it replaced comes back after, and the stop is forgotten. A page stopped
+    by SIGTERM left its handler and its record behind, and every later sampling job of that
+    notebook raised Terminated at its first batch. Off the main thread, where Python cannot catch
+    signals, nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _sigterm_received[0] = _dropped[signal.SIGTERM] = False
 
 
 def stop_if_terminated() -> None:

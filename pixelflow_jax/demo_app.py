@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pixelflow_jax import storage
-from pixelflow_jax.command_line import stop_on_sigterm
+from pixelflow_jax.command_line import sigterm_stops
 from pixelflow_jax.validation import (DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole,
                                       job_config)
 from pixelflow_jax.api import (check_steps_for_stages, load_sampling_model, run_trained_classes, sampling_checkpoint,
@@ -330,14 +330,20 @@ def run(config, workdir: str = "") -> None:
     where = ("on every network interface of this machine" if config.demo.share_on_network else
              "on this machine only (--config.demo.share_on_network=True serves it to the network)")
     print(f"demo page: http://{host}:{int(config.demo.port)}/ {where}; Ctrl-C stops it", flush=True)
-    stop_on_sigterm()  # a SIGTERM stops the page as Ctrl-C does: Terminated, raised where it waits below
+    with sigterm_stops():  # a SIGTERM stops the page as Ctrl-C does: Terminated, raised where it waits below
+        serve(page, host, int(config.demo.port), demo.output_dir if outputs_are_temporary(workdir) else None)
+
+
+def serve(page, host: str, port: int, temporary_outputs: str | None) -> None:
+    """Serves the page until it closes or a stop is raised; its temporary outputs' folder (None:
+    none) removed after."""
     # quiet: Gradio's own banner suggests share=True (a public gradio.live tunnel), which this demo never opens.
-    page.queue().launch(server_name=host, server_port=int(config.demo.port), share=False, inbrowser=False, quiet=True,
+    page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
                         prevent_thread_lock=True)
     try:  # waits here, not in Gradio's launch, which took Ctrl-C for a normal end (exit status 0)
         while page.is_running:
             time.sleep(0.1)
     finally:  # main.py ends a stopped job without the interpreter's teardown, so no atexit cleanup runs
         page.close()
-        if outputs_are_temporary(workdir):
-            shutil.rmtree(demo.output_dir, ignore_errors=True)
+        if temporary_outputs:
+            shutil.rmtree(temporary_outputs, ignore_errors=True)

@@ -1652,6 +1652,51 @@ def test_the_demo_page_binds_to_this_machine_unless_told_to_share(monkeypatch, s
     assert bound.value.args == ("0.0.0.0" if share else "127.0.0.1", 8123)
 
 
+def test_a_demo_page_stopped_by_sigterm_leaves_a_notebook_as_it_was(monkeypatch, tmp_path):
+    """demo_app.run left its SIGTERM handler installed and the stop recorded: in a notebook, every
+    sampling job after a page stopped by SIGTERM raised Terminated at its first batch."""
+    import signal
+    import threading
+    import types
+
+    from pixelflow_jax import command_line, demo_app
+
+    class Page:
+        def queue(self):
+            return self
+
+        def launch(self, **_):
+            pass
+
+        @property
+        def is_running(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # a `kill` meant for the page
+            return True
+
+        def close(self):
+            pass
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setattr(demo_app, "check_port_free", lambda *_: None)
+    monkeypatch.setattr(demo_app, "DemoSampler", lambda *_: types.SimpleNamespace(output_dir=str(tmp_path / "out")))
+    monkeypatch.setattr(demo_app, "build_page", lambda *_: Page())
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(command_line.Terminated):
+        demo_app.run(c2i_config(**{"sample.checkpoint": "ckpt"}), str(tmp_path))
+    assert signal.getsignal(signal.SIGTERM) is before
+    command_line.stop_if_terminated()  # a sampling job's check at each batch: no stop pending
+    served = []  # a page served from a notebook's thread, where signal.signal raises ValueError
+
+    def serve_in_a_thread():
+        with command_line.sigterm_stops():
+            served.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=serve_in_a_thread)
+    thread.start()
+    thread.join()
+    assert served == [before]
+
+
 def test_the_demo_compiles_per_euler_step_counts_not_dopri5_ones():
     """The page said "Compiling..." whenever a step slider moved under dopri5, which uses none."""
     from pixelflow_jax.demo_app import DemoSampler
