@@ -14,6 +14,7 @@ linspace rounds the last bit differently from torch's, so the tables agree to ~1
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -116,8 +117,10 @@ class PixelFlowScheduler:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage must be in [0, {self.num_stages}), got {stage}")
-        if not (math.isfinite(shift) and shift > 0):  # 0 gave NaN timesteps, a negative shift ones far outside [0, T)
-            raise ValueError(f"shift must be a finite positive number, got {shift}")
+        shift = np.asarray(shift).item() if np.ndim(shift) == 0 else shift  # numpy and jax scalars are numbers
+        # 0 gave NaN timesteps, a negative shift ones far outside [0, T), a string math.isfinite's TypeError
+        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite positive number, got {shift!r}")
         T_start, T_end = self.stage_timestep_range(stage)
         t_start = float(self.t_window_per_stage[stage][0])
         t_end = float(self.t_window_per_stage[stage][-1])

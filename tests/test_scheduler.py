@@ -61,6 +61,10 @@ def test_bad_arguments_are_rejected():
     for shift in (0.0, -1.0, float("nan"), float("inf")):  # were NaN timesteps, or ones far outside [0, 1000)
         with pytest.raises(ValueError, match=f"shift must be a finite positive number, got {shift}"):
             PixelFlowScheduler(1000, 4).set_timesteps(3, 0, shift)
+    with pytest.raises(ValueError, match="shift must be a finite positive number, got '2'"):  # was math's TypeError
+        PixelFlowScheduler(1000, 4).set_timesteps(3, 0, "2")
+    assert PixelFlowScheduler(1000, 4).set_timesteps(3, 0, np.float32(2.0))[0].tolist() == \
+        PixelFlowScheduler(1000, 4).set_timesteps(3, 0, 2.0)[0].tolist()
     # A float count failed inside numpy, a str on a comparison, gamma 0 on a division by zero; whole
     # numbers of any type are counts.
     for arguments, message in ((("1000", 4), "num_train_timesteps must be a whole number, got '1000'"),
