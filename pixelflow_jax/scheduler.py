@@ -41,7 +41,12 @@ def stage_resolutions(resolution: int, num_stages: int) -> list[int]:
 
 
 class PixelFlowScheduler:
-    """Tables of the release's scheduler; `set_timesteps` returns the grids instead of storing them."""
+    """Tables of the release's scheduler; `set_timesteps` returns the grids instead of storing them.
+
+    num_train_timesteps: the model's time units (the release's 1000); num_stages: the cascade's
+    stages (the release's 4); gamma: the correlation of the block noise that renoises each stage
+    (negative; the release's -1/3).
+    """
 
     def __init__(self, num_train_timesteps: int = 1000, num_stages: int = 4, gamma: float = DEFAULT_GAMMA):
         # (A float count failed inside numpy, a str on a comparison, gamma 0 on a division by zero.)
@@ -110,7 +115,9 @@ class PixelFlowScheduler:
         return float(table[0]), float(table[-1])
 
     def set_timesteps(self, num_inference_steps: int, stage: int, shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """Sampling grid of one stage: (model timesteps (n,), times t (n+1,) ending at 1.0), float64."""
+        """Sampling grid of one stage: (model timesteps (n,), times t (n+1,) ending at 1.0), float64,
+        for num_inference_steps = n Euler steps of stage `stage` in [0, num_stages), with the time
+        shift `shift` (> 0; 1: none)."""
         num_inference_steps = integer("num_inference_steps", num_inference_steps, where="")
         stage = integer("stage", stage, where="")
         if num_inference_steps < 1:

@@ -748,6 +748,29 @@ def test_the_models_run_in_a_notebook_that_refuses_rank_promotion(models, encode
         np.testing.assert_array_equal(call(), expected)
 
 
+def test_help_on_the_python_api_describes_every_argument():
+    """help(sampler.generate) named image_ids alone: that cfg_scale is the last stage's, ramped up
+    from none at stage 0, or that dopri5 ignores steps and shift, was in no help text."""
+    import inspect
+
+    import pixelflow_jax
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    described_in = {pixelflow_jax.load_model: pixelflow_jax.load_model,
+                    pixelflow_jax.PixelFlow.__call__: pixelflow_jax.PixelFlow,
+                    pixelflow_jax.PixelFlowScheduler.__init__: pixelflow_jax.PixelFlowScheduler,
+                    pixelflow_jax.PixelFlowScheduler.set_timesteps: pixelflow_jax.PixelFlowScheduler.set_timesteps,
+                    CascadeSampler.generate: CascadeSampler.generate,
+                    CascadeSampler.generate_from_prompts: CascadeSampler.generate_from_prompts,
+                    PromptEncoder.__init__: PromptEncoder}
+    for function, documented in described_in.items():
+        text = inspect.getdoc(documented)
+        missing = [name for name in inspect.signature(function).parameters
+                   if name != "self" and not re.search(rf"\b{name}\b", text)]
+        assert not missing, (function.__qualname__, missing)
+
+
 def test_the_sampler_names_the_misuse(models):
     from pixelflow_jax.sampling.cascade import CascadeSampler
 

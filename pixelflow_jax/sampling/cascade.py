@@ -216,11 +216,18 @@ class CascadeSampler:
 
     def generate(self, labels, *, steps_per_stage: int | Sequence[int] = 30, cfg_scale: float = 2.4,
                  solver: str = "euler", shift: float = 1.0, seed: int = 0, image_ids=None) -> np.ndarray:
-        """uint8 images (N, R, R, 3) of a class-conditional model for the given labels.
+        """uint8 images (N, R, R, 3) of a class-conditional model for the given labels, as one batch.
 
+        labels: N class ids in [0, num_classes) (a list or a 1-D numpy or jax array), one per image.
+        steps_per_stage: Euler steps, one int for every stage or one per stage (dopri5 ignores them).
+        cfg_scale: the guidance scale in [1, 1000] (1: none) of the last stage; as the release does,
+          the stages ramp up to it from no guidance at stage 0 (stage_guidance).
+        solver: 'euler' or 'dopri5' (adaptive, at the release's tolerances).
+        shift: the time shift (> 0; 1: none) of Euler's grid in each stage (dopri5 ignores it).
+        seed: an int in [0, 2**32).
         image_ids (default 0..N-1) select each image's noise: the same (seed, id, label) always
-        gives the same image, whatever else is in the batch (with dopri5: up to its tolerance,
-        since the batch shares its step sizes).
+          gives the same image, whatever else is in the batch (with dopri5: up to its tolerance,
+          since the batch shares its step sizes).
         """
         cond, uncond = class_conditioning(labels, self.model_config.num_classes)
         return self._generate(cond, uncond, len(labels), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
@@ -228,8 +235,15 @@ class CascadeSampler:
     def generate_from_prompts(self, prompt_encoder, prompts: Sequence[str], *, negative_prompt: str = "",
                               steps_per_stage: int | Sequence[int] = 10, cfg_scale: float = 4.0,
                               solver: str = "euler", shift: float = 1.0, seed: int = 0, image_ids=None) -> np.ndarray:
-        """uint8 images (N, R, R, 3) of a text-conditional model, one per prompt; prompt_encoder is a
-        text.PromptEncoder. Defaults are the release's demo settings (constant CFG 4, 10 steps)."""
+        """uint8 images (N, R, R, 3) of a text-conditional model, one per prompt, as one batch.
+        Defaults are the release's demo settings (constant CFG 4, 10 steps).
+
+        prompt_encoder: a text.prompts.PromptEncoder of the T5 the model was trained with.
+        prompts: N strings (a list; one string alone is refused).
+        negative_prompt: the unconditional prompt guidance steers away from ("": the release's).
+        cfg_scale: the guidance scale in [1, 1000] (1: none), the same at every stage.
+        steps_per_stage, solver, shift, seed, image_ids: as generate's.
+        """
         from pixelflow_jax.text.prompts import prompt_list
 
         if not self.model_config.cross_attention_dim:

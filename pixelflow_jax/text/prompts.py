@@ -128,6 +128,11 @@ class PromptEncoder:
     Like the transformer when sampling, the encoder's parameters are replicated on every device
     (param_dtype='bfloat16' halves them: flan-t5-xl's encoder is 1.2B parameters) and a batch of
     prompts is split over this process's devices when its size allows.
+
+    folder: a Hugging Face T5 folder (config.json, spiece.model, the weights), local, gs:// or
+      hf://OWNER/NAME (google/flan-t5-xl for the release's models).
+    max_length: tokens per prompt, padded or cut (the release's 512; a training run records its own).
+    dtype: the compute dtype, 'float32' (the release's) or 'bfloat16' (T5 v1.1 overflows in float16).
     """
 
     def __init__(self, folder: str, *, max_length: int = MAX_LENGTH, dtype: str = "float32",
