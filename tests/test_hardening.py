@@ -637,6 +637,10 @@ def test_a_workdir_whose_checkpoints_link_to_another_runs_is_refused_before_it_t
     (tmp_path / "b" / "checkpoints").unlink()
     (tmp_path / "b" / "checkpoints").symlink_to(tmp_path / "a" / "b_checkpoints")
     train.check_checkpoints_are_its_own(str(tmp_path / "b"))
+    (tmp_path / "disk" / "old" / "checkpoints").mkdir(parents=True)  # named checkpoints, in a folder of no run
+    (tmp_path / "b" / "checkpoints").unlink()
+    (tmp_path / "b" / "checkpoints").symlink_to(tmp_path / "disk" / "old" / "checkpoints")
+    train.check_checkpoints_are_its_own(str(tmp_path / "b"))
 
 
 def test_init_from_naming_the_new_runs_own_workdir_says_so(tmp_path):
