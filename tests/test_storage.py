@@ -72,6 +72,8 @@ def test_parent_steps_after_a_link_name_the_folder_the_system_does(tmp_path, mon
         assert os.path.isfile(os.path.join(os.path.abspath(path), "record.json"))
     (tmp_path / "run_link").symlink_to(tmp_path / "deep" / "inner")
     assert storage.user_path("deep/../run_link") == str(tmp_path / "run_link")  # a link after the ".." stays
+    # the system takes every ".." from where the names before it lead: through a link after the first
+    assert os.path.abspath(storage.user_path("deep/../link/../run")) == str(tmp_path / "deep" / "run")
 
 
 def test_an_accented_name_is_found_in_the_unicode_form_it_has_on_disk(tmp_path, monkeypatch):
