@@ -3426,6 +3426,10 @@ def test_a_step_folder_renamed_by_hand_is_refused_at_the_resume_not_trained_on_f
                                               r"renamed by hand, or copied in from another run\?\): name it 4 again"):
         checkpointing.resume_point(manager, state, shardings)
     assert os.listdir(tmp_path / "checkpoints") == ["40"]  # nothing set aside: the weights are whole
+    os.rename(tmp_path / "checkpoints" / "40", tmp_path / "checkpoints" / "2")  # a lower step than it counts
+    manager.reload()
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 holds the train state of step 4, not 2 "):
+        checkpointing.resume_point(manager, state, shardings)
     manager.close()
 
 
