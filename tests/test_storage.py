@@ -88,9 +88,17 @@ def test_an_accented_name_is_found_in_the_unicode_form_it_has_on_disk(tmp_path, 
     assert storage.user_path(f"{tmp_path}/runs/{typed}") == f"{tmp_path}/runs/{on_disk}"
     assert storage.user_path(f"runs/{typed}/samples") == f"runs/{on_disk}/samples"  # a new folder inside it
     assert storage.user_path(f"runs/{typed}x/new") == f"runs/{typed}x/new"  # no such name: as typed
+    (tmp_path / on_disk).mkdir()
+    assert storage.user_path(typed) == on_disk  # a first name of a relative path, looked up in the current folder
+    (tmp_path / "runs" / on_disk / on_disk).mkdir()
+    assert storage.user_path(f"runs/{typed}/{typed}") == f"runs/{on_disk}/{on_disk}"  # every name, not the first
     (tmp_path / "runs" / typed).mkdir()  # both forms exist: each names its own folder
     assert storage.user_path(f"runs/{typed}") == f"runs/{typed}"
     assert storage.user_path(f"runs/{on_disk}") == f"runs/{on_disk}"
+    mixed = "e\u0301\u00fc"  # "éü" with one accent a character of its own
+    for form in ("NFD", "NFC"):
+        (tmp_path / "two" / unicodedata.normalize(form, "éü")).mkdir(parents=True)
+    assert storage.user_path(f"two/{mixed}") == f"two/{mixed}"  # two names on disk read alike: as typed, no guess
 
 
 def test_files_in_a_bucket_appear_whole_and_list_by_kind(bucket, tmp_path):
