@@ -934,7 +934,7 @@ def test_a_job_started_from_python_checks_its_config_and_workdir_as_main_does(co
     as seed 0 (jax keeps 32 bits) and recorded 2**40, train.train at a resolution no stage could
     patch failed in a reshape, inspect_model.run of seed -1 said 'expected non-negative integer',
     and a workdir of ~/samples became a folder named '~' in the current one."""
-    from pixelflow_jax import inspect_model
+    from pixelflow_jax import demo_app, inspect_model
     from pixelflow_jax.sampling import sample_run
     from pixelflow_jax.training import train
 
@@ -945,6 +945,15 @@ def test_a_job_started_from_python_checks_its_config_and_workdir_as_main_does(co
         train.train(c2i_config(**{"data.resolution": 65}), str(tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"--config.seed must be in \[0, 4294967295\], got -1"):
         inspect_model.run(c2i_config(seed=-1), str(tmp_path / "inspect"))
+    with pytest.raises(ConfigError, match=r"--config.demo.port must be in \[1, 65535\], got 0"):  # the demo's checks
+        demo_app.DemoSampler(c2i_config(**{"sample.checkpoint": converted["c2i_tiny"], "demo.port": 0}),
+                             str(tmp_path / "demo"))
+    checkpoint = converted["c2i_tiny"]
+    with pytest.raises(ConfigError, match="workdir is empty: name a folder"):
+        sample_run.run(c2i_config(**{"sample.checkpoint": checkpoint}), " ")
+    with pytest.raises(CheckpointError, match=rf"--workdir {checkpoint}/samples is inside a converted checkpoint"):
+        sample_run.run(c2i_config(**{"sample.checkpoint": checkpoint}), f"{checkpoint}/samples")
+    assert not os.path.exists(f"{checkpoint}/samples")
     assert sorted(os.listdir(tmp_path)) == []
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
