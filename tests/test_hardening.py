@@ -1717,10 +1717,24 @@ def test_a_demo_page_stopped_by_sigterm_leaves_a_notebook_as_it_was(monkeypatch,
     monkeypatch.setattr(demo_app, "DemoSampler", lambda *_: types.SimpleNamespace(output_dir=str(tmp_path / "out")))
     monkeypatch.setattr(demo_app, "build_page", lambda *_: Page())
     before = signal.getsignal(signal.SIGTERM)
+    (tmp_path / "out").mkdir()
     with pytest.raises(command_line.Terminated):
         demo_app.run(c2i_config(**{"sample.checkpoint": "ckpt"}), str(tmp_path))
     assert signal.getsignal(signal.SIGTERM) is before
     command_line.stop_if_terminated()  # a sampling job's check at each batch: no stop pending
+    assert (tmp_path / "out").is_dir()  # a local workdir's demo outputs are kept
+    with pytest.raises(command_line.Terminated):
+        demo_app.run(c2i_config(**{"sample.checkpoint": "ckpt"}), "")
+    assert not (tmp_path / "out").exists()  # a page without a workdir: its temporary folder removed
+    heard = []
+    signal.signal(signal.SIGTERM, lambda *_: heard.append("SIGTERM"))  # a notebook's own handler
+    try:
+        with command_line.sigterm_stops():  # a page closed while a dropped SIGTERM waits to be delivered again
+            command_line.deliver_again_later(signal.SIGTERM)
+        time.sleep(5 * command_line.REDELIVERY_DELAY_S)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert heard == []  # the page's stop, not the notebook's
     served = []  # a page served from a notebook's thread, where signal.signal raises ValueError
 
     def serve_in_a_thread():
