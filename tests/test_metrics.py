@@ -559,6 +559,9 @@ def test_floats_cast_to_uint8_without_scaling_are_refused_before_any_work(tiny_i
                                                        "scaling them to 0-255? Write them again from the floats: "
                                                        "convert images in [0, 1] with (x * 255)")):
             evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
+    # given as the reference too
+    with pytest.raises(ValueError, match=re.escape("unit.npz: its first 16 images hold only the pixel values [0, 1]")):
+        evaluate.check_inputs(reference, str(tmp_path / "unit.npz"), tiny_inception, str(tmp_path / "run"))
     for name, images in (("black", np.zeros((6, 8, 8, 3))), ("ink", (floats[:6] > 0.5) * 255.0)):
         np.savez(tmp_path / f"{name}.npz", arr_0=images.astype(np.uint8))
         evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
