@@ -127,7 +127,7 @@ def physical_parent_steps(path: str) -> str:
     if ".." not in names:
         return path
     last = len(names) - 1 - names[::-1].index("..")
-    return os.path.join(os.path.realpath(os.sep.join(names[:last + 1]) or os.sep), *names[last + 1:])
+    return os.path.join(os.path.realpath(os.sep.join(names[:last + 1])), *names[last + 1:])
 
 
 def same_text(a: str, b: str) -> bool:
