@@ -452,6 +452,9 @@ def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sam
     (tmp_path / "weights_folder").mkdir()
     with pytest.raises(CheckpointError, match=r"weights_folder is a folder, not the weights file: download"):
         evaluate.check_inputs(None, good, str(tmp_path / "weights_folder"), str(tmp_path / "run"))
+    with pytest.raises(CheckpointError, match=r"inception.pth/ not found \(the / at its end names a folder, and "
+                                              r".*inception.pth is a file: drop the /\): download"):
+        evaluate.check_inputs(None, good, f"{weights}/", str(tmp_path / "run"))  # a shell's completion
     with pytest.raises(ValueError, match="set --config.eval.reference, --config.eval.samples, "
                                          "--config.eval.inception_weights"):
         evaluate.check_inputs("", "", "", str(tmp_path / "run"))

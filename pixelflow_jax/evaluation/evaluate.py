@@ -461,6 +461,14 @@ def npz_for_folder(folder: str) -> str:
             "numpy.savez(PATH, arr_0=images), images a uint8 N x H x W x 3 array")
 
 
+def slash_after_a_file(path: str) -> str:
+    """The hint for a file's name given with a / after it (a shell's completion of a folder's name),
+    or ''."""
+    if path.endswith("/") and storage.isfile(path.rstrip("/")):
+        return f" (the / at its end names a folder, and {path.rstrip('/')} is a file: drop the /)"
+    return ""
+
+
 def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
     """What an evaluation needs, checked before any work: the files' headers and stored statistics
     are read (for --mode=sample before sampling, when the samples do not exist yet: samples=None;
@@ -482,13 +490,14 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
                 fix += npz_for_folder(path)
             elif storage.isfile(f"{path}.npz"):  # np.savez(path, ...) adds the ending the name lacks
                 fix = f" (numpy.savez added .npz to the name it was given: pass {path}.npz)"
-            elif path.endswith("/") and storage.isfile(path.rstrip("/")):  # a shell's completion of a folder's name
-                fix = f" (the / at its end names a folder, and {path.rstrip('/')} is a file: drop the /)"
+            elif hint := slash_after_a_file(path):  # a shell's completion of a folder's name
+                fix = hint
             raise ValueError(f"--config.{name} {path} is {kind}{fix}")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
 
-        found = "is a folder, not the weights file" if storage.isdir(inception_weights) else "not found"
+        found = ("is a folder, not the weights file" if storage.isdir(inception_weights) else
+                 f"not found{slash_after_a_file(inception_weights)}")
         raise CheckpointError(f"Inception weights {inception_weights} {found}: download {WEIGHTS_URL} and pass its "
                               "path as --config.eval.inception_weights")
     for path in files.values():
