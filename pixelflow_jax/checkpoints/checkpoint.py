@@ -233,8 +233,13 @@ def non_finite_params(params: Params) -> list[str]:
     """The names (a/b/kernel) of the parameters holding NaN or inf: files damaged after they were
     written still restore, and a NaN weight makes every image NaN. One transfer of the answers."""
     finite = jax.device_get(leaves_finite(params))
-    return ["/".join(str(getattr(key, "key", key)) for key in path)
-            for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
+    return [name for name, ok in named_leaves(finite) if not ok]
+
+
+def named_leaves(tree) -> list[tuple[str, object]]:
+    """(a/b/kernel, leaf) for each leaf of a nested dict."""
+    return [("/".join(str(getattr(key, "key", key)) for key in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def check_weights_finite(params: Params, what: str, fix: Callable[[], str]) -> None:

@@ -23,7 +23,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, WEIGHT_CHOICES, CheckpointConfig, CheckpointError,
                                                  abstract_params, check_weights_choice, check_weights_finite,
-                                                 listed)
+                                                 listed, named_leaves)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.error_text import first_line
@@ -296,14 +296,6 @@ def shapes_unlike_run_config(state_path: str, key: str, target: dict) -> list[st
         elif stored_shapes[name] != tuple(wanted.shape):
             unlike.append(f"{name} {stored_shapes[name]} stored, {tuple(wanted.shape)} described")
     return unlike
-
-
-def named_leaves(tree) -> list[tuple[str, object]]:
-    """(a/b/kernel, leaf) for each leaf of a nested dict."""
-    import jax
-
-    return [("/".join(str(getattr(k, "key", k)) for k in path), leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def other_steps(run_step: RunStep) -> str:
