@@ -102,21 +102,31 @@ def image_arrays_beside_arr_0(path: str) -> list[str]:
     found = []
     try:
         with contextlib.ExitStack() as opened:
-            source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
-            archive = opened.enter_context(zipfile.ZipFile(source))
+            archive = opened_archive(opened, path)
             for name in archive.namelist():
                 if name == "arr_0.npy" or not name.endswith(".npy"):
                     continue
                 with archive.open(name) as member:
-                    version = np.lib.format.read_magic(member)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape = read_header(member)[0]
+                    shape = npy_header(member)[0]
                 if len(shape) == 4 and shape[-1] == 3:
                     found.append(f"{name.removesuffix('.npy')} {shape}")
     except (*DAMAGED_MEMBER, ValueError):  # arr_0's own problem is still named
         return []
     return found
+
+
+def opened_archive(opened: contextlib.ExitStack, path: str) -> zipfile.ZipFile:
+    """The .npz at `path` as a zip archive (a URL's stream downloaded as it is read), closed with `opened`."""
+    source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
+    return opened.enter_context(zipfile.ZipFile(source))
+
+
+def npy_header(member) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) of an .npy member, read from its header; the member is left
+    positioned at its data."""
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(member)
 
 
 @contextlib.contextmanager
@@ -125,8 +135,7 @@ def _open_array(path: str):
     .npz, whatever arr_0 holds."""
     with contextlib.ExitStack() as opened:
         try:
-            source = opened.enter_context(storage.open_file(path, "rb")) if storage.is_url(path) else path
-            archive = opened.enter_context(zipfile.ZipFile(source))
+            archive = opened_archive(opened, path)
         except (OSError, zipfile.BadZipFile) as e:
             hint = not_an_npz_hint(path)
             raise ValueError(f"{path} is not an .npz with an arr_0 array of images: {e}{hint}") from None
@@ -142,10 +151,7 @@ def _open_array(path: str):
                              f"{statistics}; write the images as arr_0, e.g. np.savez(path, images)")
         try:
             member = opened.enter_context(archive.open("arr_0.npy"))
-            version = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(member)
+            shape, fortran, dtype = npy_header(member)
         except (*DAMAGED_MEMBER, ValueError) as e:
             raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
         yield member, shape, fortran, dtype, archive.getinfo("arr_0.npy").CRC
