@@ -27,9 +27,9 @@ import sys
 
 from absl import app, flags, logging
 
-from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, exit_without_teardown,
-                                        handle_ctrl_c_from_the_start, raise_dropped_ctrl_c, raise_dropped_stops,
-                                        stop_cause, stop_on_sigterm, stop_received, usage_error)
+from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
+                                        raise_dropped_ctrl_c, raise_dropped_stops, stop_behind, stop_cause,
+                                        stop_on_sigterm, usage_error)
 
 flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt; also hf://OWNER/NAME"
                     "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
@@ -222,7 +222,7 @@ def main(argv):
     except (CheckpointError, ConversionError, storage.StorageError) as e:
         exit_without_teardown(f"error: {e}", 1)
     except (KeyboardInterrupt, Terminated, Exception) as error:
-        if (stop := error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()) is None:
+        if (stop := stop_behind(error)) is None:
             raise  # a bug: its traceback
         cause, status = stop_cause(stop)
         exit_without_teardown(f"stopped: {cause}; nothing was written to {FLAGS.output} (its partial copy is "
@@ -234,10 +234,10 @@ if __name__ == "__main__":
     handle_ctrl_c_from_the_start()
     try:
         app.run(main)
-    except KeyboardInterrupt:  # before main's own handling: the imports take seconds
-        exit_without_teardown("stopped: interrupted (Ctrl-C); nothing was written", EXIT_INTERRUPTED)
-    except Exception:  # a bug: its traceback; or a Ctrl-C an import reworded (jaxlib's: an ImportError)
-        if (stop := stop_received()) is None:
+    # Before main's own handling (the imports take seconds): a Ctrl-C, or one an import reworded
+    # (jaxlib's: an ImportError); any other error is a bug, with its traceback.
+    except (KeyboardInterrupt, Exception) as error:
+        if (stop := stop_behind(error)) is None:
             raise
         cause, status = stop_cause(stop)
         exit_without_teardown(f"stopped: {cause}; nothing was written", status)

@@ -29,8 +29,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
-                                        keep_library_info_out_of_the_log, raise_dropped_ctrl_c, stop_cause,
-                                        stop_on_sigterm, stop_received, usage_error)
+                                        keep_library_info_out_of_the_log, raise_dropped_ctrl_c, stop_behind,
+                                        stop_cause, stop_on_sigterm, stop_received, usage_error)
 from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_code_error, config_file_given,
@@ -190,7 +190,7 @@ def train_mode():
         fail(e)
     except (KeyboardInterrupt, Terminated, Exception) as error:  # while starting (restore, compile), a second Ctrl-C
         # A library may reword the stop (a SIGTERM during the compile); an error that is no stop is a bug.
-        if (stop := error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()) is None:
+        if (stop := stop_behind(error)) is None:
             raise
         cause, status = stop_cause(stop)
         # No "without saving": a second Ctrl-C during a save may come after orbax finished it.

@@ -116,6 +116,13 @@ def stop_received() -> BaseException | None:
     return Terminated() if _sigterm_received[0] else None
 
 
+def stop_behind(error: BaseException) -> BaseException | None:
+    """The stop an error a job caught is or stands for: a KeyboardInterrupt or Terminated itself,
+    and for any other error the Ctrl-C or SIGTERM received before it (a library's rewording, see
+    stop_received); None for an error that is no stop (a bug: its traceback is due)."""
+    return error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()
+
+
 def usage_error(message: str):
     """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
     the whole help first, pages above the message)."""
