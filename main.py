@@ -122,20 +122,16 @@ def check_job() -> tuple[dict | None, bool]:
     check_same_job, else None) and whether --mode=inspect reads a checkpoint."""
     from pixelflow_jax import multihost, storage, validation
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-    from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
 
     raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
     try:
         command = None
         if FLAGS.distributed:  # the command as given (before `~` is expanded), for check_same_job
             command = multihost.job_fields(FLAGS.mode, FLAGS.workdir, FLAGS.config)
-        if not FLAGS.workdir.strip():
-            raise storage.StorageError("--workdir is empty: name a folder for this run's outputs")
+        FLAGS.workdir = validation.job_workdir(FLAGS.workdir, "--workdir")
         check_config_fields(FLAGS.config, config_file_given(sys.argv))
         if joined := joined_strings_error(sys.argv, FLAGS.config):
             raise validation.ConfigError(joined)
-        FLAGS.workdir = validation.user_path("--workdir", FLAGS.workdir)
-        check_outside_checkpoints(FLAGS.workdir)
         validation.check(FLAGS.config, FLAGS.mode)  # every value, before any work
         checkpoint_inspected = False
         if FLAGS.mode == "inspect":

@@ -477,13 +477,14 @@ def job_config(config, mode: str):
     return config
 
 
-def job_workdir(workdir) -> str:
-    """A job's workdir given from Python, taken as main.py takes --workdir: `~` expanded (a folder
-    named '~' was made in the current one), and refused inside a checkpoint."""
+def job_workdir(workdir, name: str = "workdir") -> str:
+    """A job's workdir (`name`: as its caller spells it, main.py's --workdir), refused when empty
+    or inside a checkpoint, and `~` expanded (from Python, a folder named '~' was made in the
+    current one)."""
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
 
     if isinstance(workdir, (str, os.PathLike)) and not str(workdir).strip():
-        raise ConfigError("workdir is empty: name a folder for this job's outputs")
-    workdir = user_path("workdir", workdir)
+        raise ConfigError(f"{name} is empty: name a folder for this job's outputs")
+    workdir = user_path(name, workdir)
     check_outside_checkpoints(workdir)
     return workdir
