@@ -112,7 +112,7 @@ def test_a_symbolic_link_loop_in_an_image_folder_is_named(tmp_path):
 def test_file_and_folder_names_that_are_not_utf8_train_and_pack(tmp_path):
     """Names from a zip archive made on Windows (latin-1 bytes) stopped every run and pack with
     "'utf-8' codec can't encode character '\\udce9'", naming no file."""
-    from pixelflow_jax.data.pack_captions import pack
+    from pixelflow_jax.data.caption_shards import pack
 
     classes, captioned = tmp_path / "classes", tmp_path / "captioned"
     for folder in (os.path.join(bytes(classes), b"caf\xe9"), os.path.join(bytes(classes), b"b"), bytes(captioned)):
@@ -740,7 +740,7 @@ def test_image_folder_reads_class_folders_at_any_depth_and_leaves_out_hidden_nam
 
 def write_shards(folder, tmp_path, count=3):
     """The packer's shards of `count` one-record shards."""
-    from pixelflow_jax.data.pack_captions import pack
+    from pixelflow_jax.data.caption_shards import pack
 
     images = tmp_path / "captioned"
     os.makedirs(images, exist_ok=True)
@@ -805,7 +805,7 @@ def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_pa
     import threading
     import time
 
-    from pixelflow_jax.data import pack_captions
+    from pixelflow_jax.data import caption_shards
 
     real_read, lock, reading, most = storage.read_bytes, threading.Lock(), [0], [0]
 
@@ -818,7 +818,7 @@ def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_pa
             reading[0] -= 1
         return real_read(path)
 
-    monkeypatch.setattr(pack_captions.storage, "read_bytes", slow_read)
+    monkeypatch.setattr(caption_shards.storage, "read_bytes", slow_read)
     monkeypatch.setattr(storage.reads, "READ_AHEAD", 4)  # at most 4 files held
     shards = write_shards(tmp_path / "shards", tmp_path, count=12)
     assert 1 < most[0] <= 4
@@ -829,7 +829,7 @@ def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_pa
 
 def test_a_pack_into_a_folder_of_other_files_keeps_them_and_only_shards_there_are_refused(tmp_path):
     """Shards already there would mix two packs; a note beside them is no shard, and stays."""
-    from pixelflow_jax.data.pack_captions import pack
+    from pixelflow_jax.data.caption_shards import pack
 
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "README.txt").write_text("captions of set A")
@@ -953,7 +953,7 @@ def test_a_set_of_more_than_99999_shards_is_checked_whole_too(tmp_path):
     """pack_captions names shard 7 of 123,456 captions-00007-of-123456: a pattern of five digits only
     took such a set for loose files, and read it with shards missing without a word."""
     from pixelflow_jax.data.caption_data import record_shards
-    from pixelflow_jax.data.pack_captions import shard_name
+    from pixelflow_jax.data.caption_shards import shard_name
 
     for index in (0, 7):
         (tmp_path / shard_name(index, 123456)).write_bytes(b"")  # (not opened: the listing is checked first)
@@ -1059,7 +1059,7 @@ def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(t
 def test_the_packer_names_the_first_skips_of_each_kind_and_counts_the_rest(tmp_path, monkeypatch, capsys):
     """A scraped set with many bad captions printed a line for each: the first SHOWN_SKIPS of a kind are
     named, the summary counts them all."""
-    from pixelflow_jax.data.pack_captions import SHOWN_SKIPS
+    from pixelflow_jax.data.caption_shards import SHOWN_SKIPS
 
     images = tmp_path / "captioned"
     images.mkdir()

@@ -381,16 +381,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("error", ["ImportError", "RuntimeError"])  # jaxlib's, and any other library's wording
-@pytest.mark.parametrize("tool", ["main", "converter"])
+@pytest.mark.parametrize("error", ["ImportError", "RuntimeError", "KeyboardInterrupt"])  # jaxlib's, any library's
+@pytest.mark.parametrize("tool", ["main", "converter", "packer"])
 def test_a_ctrl_c_reworded_while_jax_imports_stops_in_one_line(tmp_path, tool, error):
     """Under load a Ctrl-C landed inside jaxlib's extension import, which raised ImportError: the
     converter, whose imports sit before its handling of errors, printed that traceback, exit status 1
-    (seen in a full suite run)."""
-    argv = (["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}", "--mode=inspect"]
-            if tool == "main" else
-            ["convert_torch_ckpt.py", f"--torch_checkpoint={os.path.join(REPO, 'tests', 'fixtures', 'c2i_tiny')}",
-             f"--output={tmp_path / 'out'}"])
+    (seen in a full suite run). The caption packer imported jax before it handled Ctrl-C at all: a
+    Ctrl-C in its first seconds printed a KeyboardInterrupt traceback."""
+    argv = {"main": ["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}", "--mode=inspect"],
+            "converter": ["convert_torch_ckpt.py", f"--output={tmp_path / 'out'}",
+                          f"--torch_checkpoint={os.path.join(REPO, 'tests', 'fixtures', 'c2i_tiny')}"],
+            "packer": [os.path.join("pixelflow_jax", "data", "pack_captions.py"), f"--folder={tmp_path}",
+                       f"--output={tmp_path / 'out'}"]}[tool]
     script = A_CTRL_C_REWORDED_WHILE_JAX_IMPORTS.format(argv=argv, error=error)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 130 and "stopped: interrupted (Ctrl-C)" in result.stderr, result.stderr[-3000:]

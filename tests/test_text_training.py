@@ -245,7 +245,7 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
     """Shards in a bucket are read in place (no local copy), also by a loader worker process,
     and give the batches the same shards give on a local disk."""
     from pixelflow_jax import storage
-    from pixelflow_jax.data.pack_captions import pack
+    from pixelflow_jax.data.caption_shards import pack
 
     root, captions = captioned_folder
     expected = sorted((open(path, "rb").read(), caption.decode().strip()) for path, caption in captions.items()
@@ -265,7 +265,7 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
         sources.append(source)
 
     # An image that cannot be read after two shards were written: the folder is left as it was.
-    from pixelflow_jax.data import pack_captions
+    from pixelflow_jax.data import caption_shards
 
     real_read = storage.read_bytes
     seventh = sources[0][6]["name"].split(" (", 1)[1].rstrip(")")  # the image of the third shard's first record
@@ -277,7 +277,7 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
 
     failed = tmp_path / "failed"
     with monkeypatch.context() as patch:
-        patch.setattr(pack_captions.storage, "read_bytes", failing_on_the_seventh_image)
+        patch.setattr(caption_shards.storage, "read_bytes", failing_on_the_seventh_image)
         with pytest.raises(DataError, match="OSError: disk error \\(packing stopped; the 2 shards it had written are removed"):
             pack(root, str(failed), records_per_shard=3, missing_captions="skip")
     assert not os.path.exists(failed)  # no shard, nor the folder the pack made for them

@@ -7,7 +7,8 @@ Each record is msgpack {"image": the file's bytes as stored, "caption": UTF-8 te
 image's path in the folder, for messages}. Images are not re-encoded, so packing is I/O bound:
 files are read storage.reads.READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way, or is
-stopped (Ctrl-C, SIGTERM), removes the shards it wrote (and the folder it made for them); an output folder that already holds shards is refused, and so is a folder
+stopped (Ctrl-C, SIGTERM), removes the shards it wrote (and the folder it made for them); an output folder that already holds
+shards is refused, and so is a folder
 without one usable caption (nothing is written). Files whose header is no image's are skipped and
 counted (a pack of none is refused); each shard holds the next records_per_shard images, and a set
 that came out smaller than the captions promised is renamed to its size at the end.
@@ -16,144 +17,27 @@ that came out smaller than the captions promised is renamed to its size at the e
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import sys
-import tempfile
 
-from PIL import Image
-
-from pixelflow_jax import storage, validation
-from pixelflow_jax.command_line import Terminated, handle_ctrl_c_from_the_start, stop_cause, stop_on_sigterm
-from pixelflow_jax.data.caption_data import (MISSING_CAPTION_CHOICES, RECORD_EXTENSION, CaptionedFolderSource,
-                                             CaptionError, decode_caption, encode_record)
-from pixelflow_jax.data.sources import DataError, read_with_folder
-from pixelflow_jax.progress import Progress
-
-
-def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captions: str = "error") -> dict:
-    """Writes the shards; returns the counts {"records", "shards", "skipped_captions",
-    "skipped_images", "missing_captions"} (the last: images without a caption file, skipped)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    if records_per_shard < 1:
-        raise ValueError(f"--records_per_shard must be positive, got {records_per_shard}")
-    if not str(output).strip():
-        raise ValueError("--output is empty: name a folder for the shards")
-    storage.check_supported(output)
-    if read_with_folder(output, folder):
-        raise ValueError(f"--output {output} is inside the captioned folder {folder}, which the shards would then "
-                         "be part of; choose a folder outside it")
-    if storage.isfile(output):
-        raise ValueError(f"--output {output} is a file; name a folder for the shards")
-    existing = [name for name in storage.list_files(output) if name.endswith(RECORD_EXTENSION)]
-    if existing:
-        raise ValueError(f"{output} already holds {len(existing)} shards (e.g. {existing[0]}; a pack killed "
-                         "with SIGKILL part-way leaves the shards it finished); pack into an empty folder, or delete "
-                         "the old shards first")
-    source = CaptionedFolderSource(folder, missing_captions, root_flag="--folder", missing_flag="--missing_captions")
-    records, skipped = [], 0
-    # Captions first: a bad one is known before any shard.
-    captions = storage.read_in_order(storage.read_bytes, [caption_path for _, caption_path in source.records])
-    for (image_path, _), caption in zip(source.records, captions):
-        try:
-            records.append((image_path, decode_caption(caption)))
-        except CaptionError as e:
-            skipped += 1
-            show_skip(skipped, image_path, e, "unusable captions")
-    captions.close()  # its threads end here
-    if not records:
-        raise ValueError(f"none of the {len(source.records)} captioned images under {folder} has a usable caption "
-                         "(see the lines above); nothing written")
-    planned = -(-len(records) // records_per_shard)  # fewer if files turn out to be no images
-    with storage.removed_if_left_empty(output):  # a pack that wrote nothing leaves no empty folder behind
-        storage.makedirs(output)
-        progress = Progress(len(records), "packing", "image")
-        written, skipped_images = [], 0
-        images = storage.read_in_order(storage.read_bytes, [image_path for image_path, _ in records])
-        unread = iter(records)
-        try:
-            with tempfile.TemporaryDirectory(prefix="pixelflow_pack_") as scratch:
-                while True:  # each shard takes the next records_per_shard images
-                    local = os.path.join(scratch, f"shard-{len(written)}")
-                    writer = ArrayRecordWriter(local, "group_size:1")  # one record per chunk: fast random access
-                    packed = 0
-                    for image_path, caption in unread:
-                        image = next(images)
-                        progress.update()
-                        if problem := not_an_image(image):
-                            skipped_images += 1
-                            show_skip(skipped_images, image_path, problem, "files that are not images")
-                            continue
-                        writer.write(encode_record(image, caption, image_path))
-                        packed += 1
-                        if packed == records_per_shard:
-                            break
-                    writer.close()
-                    if not packed:  # the reader refuses an empty shard
-                        break
-                    written.append(storage.join(output, shard_name(len(written), planned)))
-                    storage.upload_file_atomically(local, written[-1])
-                    os.remove(local)
-            if len(written) < planned:  # the names give the set's size: rename a set that came out smaller
-                for index, path in enumerate(written):
-                    storage.move(path, storage.join(output, shard_name(index, len(written))))
-                    written[index] = storage.join(output, shard_name(index, len(written)))
-        except BaseException as e:  # a part of a pack is no dataset (Ctrl-C, SIGTERM too): leave the folder as it was
-            for path in written:
-                storage.remove(path)
-            if not isinstance(e, Exception):
-                raise
-            raise DataError(f"{type(e).__name__}: {e} (packing stopped; the "
-                            f"{counted(len(written), 'shard it had written is', 'shards it had written are')} "
-                            "removed)") from e
-        finally:
-            images.close()  # a pack that stopped: the reads still in flight end here
-            progress.close()
-        if not written:
-            raise DataError(f"none of the {len(records)} captioned files under {folder} is an image (see the lines "
-                            "above); nothing written")
-        return {"records": len(records) - skipped_images, "shards": len(written), "skipped_captions": skipped,
-                "skipped_images": skipped_images, "missing_captions": source.missing_captions}
-
-
-# Skips named one by one, of each kind; then only counted (a scraped set may skip millions).
-SHOWN_SKIPS = 20
-
-
-def show_skip(count: int, image_path: str, problem, kind: str) -> None:
-    """Names the `count`th skip of a kind while it is among the first SHOWN_SKIPS."""
-    if count <= SHOWN_SKIPS:
-        print(f"skipping {image_path}: {problem}", flush=True)
-    if count == SHOWN_SKIPS:
-        print(f"(further {kind} are counted in the summary, not named)", flush=True)
-
-
-def counted(count: int, one: str, many: str) -> str:
-    """'1 shard', '2 shards': the summary of a small pack reads as English."""
-    return f"{count} {one if count == 1 else many}"
-
-
-def shard_name(index: int, num_shards: int) -> str:
-    return f"captions-{index:05d}-of-{num_shards:05d}{RECORD_EXTENSION}"
-
-
-def not_an_image(data: bytes) -> str | None:
-    """Why a file is no image by its header (empty, text, an unknown format); None for an image.
-    Only the header is read, to keep packing I/O bound: damage further in is found by the loader,
-    which skips the image and counts it."""
-    try:
-        with Image.open(io.BytesIO(data)):
-            return None
-    except Image.DecompressionBombError as e:  # the loader would not decode it either
-        return f"too large to decode ({e})"
-    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        return f"not an image ({type(e).__name__})"
+from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
+                                        raise_dropped_stops, stop_behind, stop_cause, stop_on_sigterm)
 
 
 def main() -> None:
     handle_ctrl_c_from_the_start()
     stop_on_sigterm()  # the shards written are removed, as on Ctrl-C
+    try:  # after the handlers: these imports take seconds (jax), and a stop meanwhile is one line too
+        from pixelflow_jax import validation
+        from pixelflow_jax.data.caption_data import MISSING_CAPTION_CHOICES
+        from pixelflow_jax.data.caption_shards import counted, pack
+        from pixelflow_jax.data.sources import DataError
+        raise_dropped_stops()  # received while importing, inside jax's gc callback, which dropped it
+    # A Ctrl-C, or one an import reworded (jaxlib's: an ImportError); any other error is a bug.
+    except (KeyboardInterrupt, Terminated, Exception) as error:
+        if (stop := stop_behind(error)) is None:
+            raise
+        cause, status = stop_cause(stop)
+        exit_without_teardown(f"stopped: {cause}; nothing was packed", status)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", required=True, help="captioned image folder (local or gs://)")
     parser.add_argument("--output", required=True, help="folder for the shards (local or gs://)")
