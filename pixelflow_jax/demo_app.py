@@ -18,6 +18,7 @@ import json
 import numbers
 import os
 import re
+import reprlib
 import shutil
 import time
 
@@ -111,6 +112,20 @@ def remove_old_requests(output_dir: str, keep: int = KEPT_REQUESTS) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
+def class_id_sent(condition):
+    """A class id as an API client sent it, a string of digits (as Gradio's API lists the
+    dropdown's ids) read as its number; anything else as it is."""
+    if isinstance(condition, str) and condition.strip().isdecimal():
+        with contextlib.suppress(ValueError):  # past Python's 4,300 digits: no class table is that long
+            return int(condition)
+    return condition
+
+
+def shown(value) -> str:
+    """A value sent, as the status line quotes it: a client may send megabytes where one number goes."""
+    return reprlib.repr(value)
+
+
 # dopri5 picks its own steps between the stage's ends: the page says what it did not use.
 DOPRI5_NOTE = " dopri5 chooses its own steps: the step sliders and the noise shift were not used."
 
@@ -145,23 +160,21 @@ class DemoSampler:
         client sends."""
         if self.text:
             if condition is not None and not isinstance(condition, str):
-                return f"The prompt must be text, got {condition!r}."
+                return f"The prompt must be text, got {shown(condition)}."
             if not (condition or "").strip():
                 return "Type a prompt."
         elif condition is None:
             return "Pick a class."
-        elif isinstance(condition, str) and condition.strip().isdecimal():  # as Gradio's API lists the ids
-            return self.check(int(condition), solver, num_images, cfg, shift, steps, seed)
-        elif not is_whole(condition) or not 0 <= condition < self.num_classes:
+        elif not is_whole(class_id := class_id_sent(condition)) or not 0 <= class_id < self.num_classes:
             # (id num_classes is the null class of guidance: unconditioned images; past it a jitted lookup gives NaN)
-            return f"Class must be a whole number from 0 to {self.num_classes - 1}, got {condition!r}."
+            return f"Class must be a whole number from 0 to {self.num_classes - 1}, got {shown(class_id)}."
         if solver not in SOLVERS:
-            return f"Solver must be one of {', '.join(SOLVERS)}, got {solver!r}."
+            return f"Solver must be one of {', '.join(SOLVERS)}, got {shown(solver)}."
         given = {"Number of images": num_images, "CFG": cfg, "Noise shift": shift, "Seed": seed,
                  **{f"Steps of stage {stage}": n for stage, n in enumerate(steps)}}
         for label, value in given.items():  # the page sends numbers; its API accepts anything
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-                return f"{label} must be a number, got {value!r}."
+                return f"{label} must be a number, got {shown(value)}."
         if not 1 <= num_images <= self.max_images or not is_whole(num_images):
             return f"Number of images must be a whole number from 1 to {self.max_images}."
         if not DEMO_CFG_RANGE[0] <= cfg <= DEMO_CFG_RANGE[1]:

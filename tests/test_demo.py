@@ -153,3 +153,31 @@ def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tm
     assert demo.named(long) == f"prompt {long[:80] + '...'!r} (cut to its first 16 tokens: the model reads no more)"
     assert demo.named("a red cat \U0001f98a").endswith("(some of its text is unknown to the tokenizer, read as <unk>: "
                                                      "the model learns nothing from it)")  # the fox emoji
+
+
+def bare_class_demo(num_classes: int = 10):
+    """A class page's DemoSampler without a model: check() needs only these fields."""
+    from pixelflow_jax.demo_app import DemoSampler
+
+    demo = DemoSampler.__new__(DemoSampler)
+    demo.text, demo.num_classes, demo.max_images, demo.compiled = False, num_classes, 8, set()
+    return demo
+
+
+def test_a_class_id_of_more_digits_than_python_reads_is_answered_on_the_page_in_one_short_line():
+    """A class id sent as a string of 5,001 digits (Gradio's API lists the ids as strings) raised
+    int()'s ValueError in check(): the caller read '{"error": null}', the server a traceback. The
+    refusal shows the value shortened, as it does any long value sent."""
+    import sys
+
+    demo = bare_class_demo()
+    good = dict(condition=3, solver="euler", num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
+    too_long = "1" + "0" * sys.get_int_max_str_digits()
+    message = demo.check(**{**good, "condition": too_long})
+    assert message.startswith("Class must be a whole number from 0 to 9, got '1000"), message
+    assert len(message) < 100, message
+    assert demo.check(**{**good, "condition": "12"}) == "Class must be a whole number from 0 to 9, got 12."
+    long_list = list(range(1000))
+    message = demo.check(**{**good, "condition": long_list})
+    assert message.startswith("Class must be a whole number from 0 to 9, got [0, 1, 2,") and len(message) < 100
+    assert len(demo.check(**{**good, "cfg": "4" * 10_000})) < 100
