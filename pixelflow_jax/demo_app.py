@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from pixelflow_jax import storage
+from pixelflow_jax.data.caption_data import has_visible_text
 from pixelflow_jax.command_line import sigterm_stops
 from pixelflow_jax.validation import (DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole,
                                       job_config)
@@ -163,6 +164,9 @@ class DemoSampler:
                 return f"The prompt must be text, got {shown(condition)}."
             if not (condition or "").strip():
                 return "Type a prompt."
+            if not has_visible_text(condition):  # it would sample as the empty prompt, as --mode=sample refuses
+                return ("The prompt holds no visible text, only zero-width, byte-order-mark or control characters, "
+                        "which the tokenizer drops: type the prompt.")
         elif condition is None:
             return "Pick a class."
         elif not is_whole(class_id := class_id_sent(condition)) or not 0 <= class_id < self.num_classes:

@@ -181,3 +181,18 @@ def test_a_class_id_of_more_digits_than_python_reads_is_answered_on_the_page_in_
     message = demo.check(**{**good, "condition": long_list})
     assert message.startswith("Class must be a whole number from 0 to 9, got [0, 1, 2,") and len(message) < 100
     assert len(demo.check(**{**good, "cfg": "4" * 10_000})) < 100
+
+
+def test_a_prompt_of_only_invisible_characters_is_refused_on_the_page_as_the_sampling_job_refuses_it():
+    """A prompt of zero-width spaces, a byte-order mark or control characters tokenizes to nothing:
+    the page sampled it as the empty prompt (the negative prompt's images, said to be the prompt's),
+    where --mode=sample refuses it."""
+    demo = bare_class_demo()
+    demo.text = True
+    good = dict(condition="a red disk", solver="euler", num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
+    assert demo.check(**good) is None
+    assert demo.check(**{**good, "condition": "a red disk \u200b"}) is None
+    for invisible in ("\u200b\u200b", "\ufeff", "\x01\x02", " \u200b\n"):
+        assert demo.check(**{**good, "condition": invisible}) == (
+            "The prompt holds no visible text, only zero-width, byte-order-mark or control characters, which the "
+            "tokenizer drops: type the prompt."), repr(invisible)
