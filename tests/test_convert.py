@@ -829,3 +829,29 @@ def test_the_export_of_a_text_run_names_the_t5_it_leaves_out(tmp_path):
     converted = CheckpointSource(str(tmp_path / "converted"), str(tmp_path / "converted"))
     assert convert_torch_ckpt.text_encoder_note(converted, text).startswith("; the export holds no T5 text encoder: "
                                                                             "sample it with the one it was trained")
+
+
+@pytest.mark.slow  # four conversions: ~50 s on 2 cores
+def test_a_training_runs_export_converted_back_holds_the_runs_weights_bit_for_bit(converted, tmp_path):
+    """The round trip a user checks an export with: a run's step exported for PyTorch (the EMA of a
+    named step; the raw weights of the latest), then converted back to JAX, has every parameter of
+    those weights with the same bits, dtype and shape, and the run's architecture and schedule."""
+    from test_run_checkpoint import pure_params, write_run
+
+    workdir = str(tmp_path / "run")
+    weights = write_run(converted["c2i_tiny"], workdir)
+    for source, chosen, expected in ((f"{workdir}/checkpoints/2", "ema", weights[2]["ema"]),
+                                     (workdir, "model", weights[4]["params"])):
+        export, back = tmp_path / f"export_{chosen}", tmp_path / f"back_{chosen}"
+        result = run_converter("--to_torch", f"--jax_checkpoint={source}", f"--weights={chosen}", f"--output={export}")
+        assert result.returncode == 0, result.stderr
+        result = run_converter(f"--torch_checkpoint={export}", f"--output={back}")
+        assert result.returncode == 0, result.stderr
+        model, config = load_model(str(back))
+        assert config == load_model(workdir)[1]
+        got = dict(jax.tree_util.tree_leaves_with_path(pure_params(model)))
+        want = dict(jax.tree_util.tree_leaves_with_path(expected))
+        assert got.keys() == want.keys()
+        for path, value in want.items():
+            assert got[path].dtype == value.dtype and got[path].shape == value.shape, path
+            assert np.array_equal(got[path].view(np.uint32), value.view(np.uint32)), path  # the bits: -0.0 too

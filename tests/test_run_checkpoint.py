@@ -32,15 +32,20 @@ def perturbed(params, seed):
 
 @pytest.fixture(scope="module")
 def run(converted, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run") / "run")
+    return workdir, write_run(converted["c2i_tiny"], workdir)
+
+
+def write_run(converted_folder: str, workdir: str) -> dict:
     """A training workdir as train.py writes it, with known weights: step 4's EMA is the release
-    fixture's weights and its raw weights a perturbation of them; step 2 holds two other sets."""
+    fixture's weights and its raw weights a perturbation of them; step 2 holds two other sets.
+    Returns {step: {"params": raw weights, "ema": EMA weights}}."""
     from configs import c2i
     from pixelflow_jax.training import checkpointing
     from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
 
-    model, ckpt = load_model(converted["c2i_tiny"])
+    model, ckpt = load_model(converted_folder)
     config = c2i.get_config("tiny")
-    workdir = str(tmp_path_factory.mktemp("run") / "run")
     check_run_config(workdir, ckpt.model, config)
     release = pure_params(model)
     weights = {2: {"params": perturbed(release, 2), "ema": perturbed(release, 3)},
@@ -52,7 +57,7 @@ def run(converted, tmp_path_factory):
         checkpointing.save(manager, step, state)
     manager.wait_until_finished()
     manager.close()
-    return workdir, weights
+    return weights
 
 
 def assert_params_equal(model, expected):
