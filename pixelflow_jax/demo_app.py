@@ -344,20 +344,24 @@ def run(config, workdir: str = "") -> None:
         check_demo_outputs(workdir)
     demo = DemoSampler(config, workdir)
     page = build_page(demo, config)
-    where = ("on every network interface of this machine" if config.demo.share_on_network else
-             "on this machine only (--config.demo.share_on_network=True serves it to the network)")
-    print(f"demo page: http://{host}:{int(config.demo.port)}/ {where}; Ctrl-C stops it", flush=True)
     with sigterm_stops():  # a SIGTERM stops the page as Ctrl-C does: Terminated, raised where it waits below
         serve(page, host, int(config.demo.port), demo.output_dir if outputs_are_temporary(workdir) else None)
 
 
 def serve(page, host: str, port: int, temporary_outputs: str | None) -> None:
     """Serves the page until it closes or a stop is raised; its temporary outputs' folder (None:
-    none) removed after."""
-    # quiet: Gradio's own banner suggests share=True (a public gradio.live tunnel), which this demo never opens.
-    page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
-                        prevent_thread_lock=True)
-    try:  # waits here, not in Gradio's launch, which took Ctrl-C for a normal end (exit status 0)
+    none) removed after. Its address is printed once it listens."""
+    try:
+        try:  # quiet: Gradio's banner suggests share=True (a public gradio.live tunnel), which this demo never opens
+            page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
+                                prevent_thread_lock=True)
+        except OSError:  # Gradio's words name its environment variable, not the flag
+            check_port_free(host, port)  # taken since run() checked it, while the model loaded (another page?)
+            raise
+        where = ("on every network interface of this machine" if host == "0.0.0.0" else
+                 "on this machine only (--config.demo.share_on_network=True serves it to the network)")
+        print(f"demo page: http://{host}:{port}/ {where}; Ctrl-C stops it", flush=True)
+        # waits here, not in Gradio's launch, which took Ctrl-C for a normal end (exit status 0)
         while page.is_running:
             time.sleep(0.1)
     finally:  # main.py ends a stopped job without the interpreter's teardown, so no atexit cleanup runs

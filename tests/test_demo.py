@@ -196,3 +196,25 @@ def test_a_prompt_of_only_invisible_characters_is_refused_on_the_page_as_the_sam
         assert demo.check(**{**good, "condition": invisible}) == (
             "The prompt holds no visible text, only zero-width, byte-order-mark or control characters, which the "
             "tokenizer drops: type the prompt."), repr(invisible)
+
+
+def test_a_port_taken_while_the_model_loaded_is_named_with_the_flag_and_no_address_is_printed(monkeypatch, capsys):
+    """Two pages started together on one port both pass the start's port check; the second found it
+    taken once its model had loaded: it printed 'demo page: http://127.0.0.1:PORT/' (the first
+    page's address) and then Gradio's OSError traceback, which names its environment variable."""
+    import socket
+
+    import gradio as gr
+
+    from pixelflow_jax import demo_app
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with gr.Blocks() as page:
+        gr.Markdown("another page")
+    with socket.socket() as first_page:
+        first_page.bind(("127.0.0.1", 0))
+        first_page.listen()
+        port = first_page.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^port {port} on 127.0.0.1 is in use .*--config.demo.port=PORT$"):
+            demo_app.serve(page, "127.0.0.1", port, None)
+    assert "demo page:" not in capsys.readouterr().out
