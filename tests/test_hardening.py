@@ -2118,6 +2118,30 @@ def test_an_unreadable_lock_is_stale_after_a_minute_and_a_lock_is_never_written_
     assert not lock_file.exists()  # only a temporary, named as storage.remove_temporaries clears them
 
 
+def test_a_stop_the_moment_after_the_lock_is_written_still_releases_it(tmp_path, monkeypatch):
+    """A SIGTERM that landed between the lock's link into place and the run's note that it held it
+    left train.lock behind (seen as 1 failure in ~50 runs of test_main's SIGTERM-while-a-training-
+    run-starts test under load): a restart elsewhere was refused for train.lock_stale_after_s."""
+    from pixelflow_jax.command_line import Terminated
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
+
+    real_create = workdir_lock.storage.create_file
+
+    def created_then_stopped(path, data):
+        assert real_create(path, data)
+        raise Terminated
+
+    monkeypatch.setattr(workdir_lock.storage, "create_file", created_then_stopped)
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    try:  # as train() holds it: acquired inside the try whose finally releases
+        with pytest.raises(Terminated):
+            lock.acquire()
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 def test_the_lock_is_refreshed_by_a_thread_and_a_run_whose_lock_was_taken_over_stops(tmp_path):
     import time
 

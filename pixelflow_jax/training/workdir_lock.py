@@ -260,7 +260,9 @@ class WorkdirLock:
         with self._guard:
             try:
                 holder = self._read()
-                if self.held and holder is not None and self._is_mine(holder):
+                # By its token, not self.held: a stop raised the moment after the create (a SIGTERM
+                # between the link into place and `held = True`) left a lock of its own behind.
+                if holder is not None and self._is_mine(holder):
                     storage.remove(self.path)
             except OSError as e:  # raised here it would hide the error that ended the run
                 logging.warning("could not remove %s (%s): the next run takes it over as a gone run's lock",
