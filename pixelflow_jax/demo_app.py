@@ -28,8 +28,8 @@ from PIL import Image
 from pixelflow_jax import storage
 from pixelflow_jax.data.caption_data import has_visible_text
 from pixelflow_jax.command_line import sigterm_stops
-from pixelflow_jax.validation import (DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, is_whole,
-                                      job_config)
+from pixelflow_jax.validation import (DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, ConfigError,
+                                      is_whole, job_config, unicode_text)
 from pixelflow_jax.api import (check_steps_for_stages, load_sampling_model, run_trained_classes, sampling_checkpoint,
                                sampling_source, weights_chosen)
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
@@ -167,6 +167,10 @@ class DemoSampler:
             if not has_visible_text(condition):  # it would sample as the empty prompt, as --mode=sample refuses
                 return ("The prompt holds no visible text, only zero-width, byte-order-mark or control characters, "
                         "which the tokenizer drops: type the prompt.")
+            try:  # half a surrogate pair (an API client's JSON escape): sentencepiece would fail the request
+                unicode_text("prompt", condition, where="the ")
+            except ConfigError as e:
+                return f"{str(e)[0].upper()}{str(e)[1:]}."
         elif condition is None:
             return "Pick a class."
         elif not is_whole(class_id := class_id_sent(condition)) or not 0 <= class_id < self.num_classes:
