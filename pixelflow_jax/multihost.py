@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
+from urllib.parse import urlsplit
 
 import jax
 import numpy as np
@@ -32,6 +34,8 @@ SHARED_CHECK_WAIT_S = 3  # a file one host wrote may take a moment to appear on 
 def start_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
     """jax.distributed.initialize(), with main.py's --coordinator_address, --num_processes and
     --process_id (None: jax detects the cluster). ValueError where it cannot, naming those flags."""
+    if coordinator_address is not None:
+        coordinator_port(coordinator_address)
     # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -43,6 +47,27 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
                          "process") from None
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+# A host name, an IPv4 address or a bracketed IPv6 address, then a port.
+HOST_AND_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]@]+):(?P<port>[0-9]{1,5})")
+EXAMPLE_PORT = 8476  # jax's own coordinator port on Cloud TPU
+
+
+def coordinator_port(address: str) -> int:
+    """The port of --coordinator_address; ValueError where it is not HOST:PORT. jax takes it
+    unchecked: a URL (http://host:port) waited its 5 minutes to connect, an address without a port
+    was an IndexError traceback, and a port that is no number a gRPC traceback."""
+    if "://" in address:
+        netloc = urlsplit(address).netloc
+        instead = f", --coordinator_address={netloc}" if HOST_AND_PORT.fullmatch(netloc) else ""
+        raise ValueError(f"--coordinator_address={address} is a URL: write HOST:PORT without the scheme{instead}")
+    match = HOST_AND_PORT.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        host = address.rsplit(":", 1)[0] if HOST_AND_PORT.fullmatch(f"{address.rsplit(':', 1)[0]}:1") else "10.0.0.2"
+        raise ValueError(f"--coordinator_address={address} is not HOST:PORT (process 0's host name or IP address, a "
+                         f"colon and a port from 1 to 65535, e.g. {host}:{EXAMPLE_PORT})")
+    return int(match["port"])
 
 
 def processes_where(flag: bool) -> list[int]:

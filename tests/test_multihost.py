@@ -260,3 +260,32 @@ def test_processes_that_resolve_a_hub_checkpoint_to_other_commits_stop_while_loc
             "command")):
         checked("hf://org/model@" + "a" * 40, "hf://org/model@" + "b" * 40)
     checked("/host0/copy/model", "/host1/elsewhere/model")  # a converted folder copied to each host
+
+
+def jax_not_asked_to_start(monkeypatch):
+    """jax.distributed.initialize, which must not be reached: a URL waited 5 minutes in it, a
+    missing port was an IndexError traceback, a port that is no number a gRPC traceback."""
+    def initialize(*args, **kwargs):
+        raise AssertionError(f"jax.distributed.initialize{args} was called")
+
+    monkeypatch.setattr(multihost.jax.distributed, "initialize", initialize)
+
+
+@pytest.mark.parametrize("address,message", [
+    ("http://10.0.0.2:8476", r"--coordinator_address=http://10.0.0.2:8476 is a URL: write HOST:PORT without the "
+                             r"scheme, --coordinator_address=10.0.0.2:8476"),
+    ("10.0.0.2", r"--coordinator_address=10.0.0.2 is not HOST:PORT \(process 0's host name or IP address, a colon "
+                 r"and a port from 1 to 65535, e.g. 10.0.0.2:8476\)"),
+    ("node-0:http", r"--coordinator_address=node-0:http is not HOST:PORT"),
+    ("node-0:99999", r"--coordinator_address=node-0:99999 is not HOST:PORT"),
+    (":8476", r"--coordinator_address=:8476 is not HOST:PORT"),
+])
+def test_a_coordinator_address_that_is_not_host_and_port_is_refused_before_jax_starts(monkeypatch, address, message):
+    jax_not_asked_to_start(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        multihost.start_distributed(address, 2, 1)
+
+
+def test_ipv6_and_host_names_with_a_port_are_coordinator_addresses():
+    for address, port in (("[::1]:8476", 8476), ("node-0.cluster.local:1", 1), ("10.0.0.2:65535", 65535)):
+        assert multihost.coordinator_port(address) == port
