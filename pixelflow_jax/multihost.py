@@ -15,10 +15,13 @@ One process: every check is local and costs nothing more.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import secrets
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -35,7 +38,9 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     """jax.distributed.initialize(), with main.py's --coordinator_address, --num_processes and
     --process_id (None: jax detects the cluster). ValueError where it cannot, naming those flags."""
     if coordinator_address is not None:
-        coordinator_port(coordinator_address)
+        port = coordinator_port(coordinator_address)
+        if process_id == 0 and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ:
+            check_port_free(coordinator_address, port)
     # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -68,6 +73,26 @@ def coordinator_port(address: str) -> int:
         raise ValueError(f"--coordinator_address={address} is not HOST:PORT (process 0's host name or IP address, a "
                          f"colon and a port from 1 to 65535, e.g. {host}:{EXAMPLE_PORT})")
     return int(match["port"])
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Process 0 serves the job's coordination on `port` of every address of its host, as jax binds
+    it ([::]:PORT): a port another program holds was a segmentation fault inside gRPC, and the other
+    processes waited 5 minutes for a service that never came."""
+    try:
+        probe = socket.socket(socket.AF_INET6)  # dual-stack: an IPv4 holder of the port is found too
+        host = "::"
+    except OSError:  # a host without IPv6
+        probe, host = socket.socket(socket.AF_INET), "0.0.0.0"
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a closed job's lingering connections
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            cause = "in use on this host" if e.errno == errno.EADDRINUSE else f"not open to this process ({e.strerror})"
+            raise ValueError(f"--coordinator_address={address}: port {port} is {cause}, where process 0 serves the "
+                             f"job (it listens on that port of every address of its host): pick a free port, the same "
+                             "on every process") from None
 
 
 def processes_where(flag: bool) -> list[int]:

@@ -289,3 +289,24 @@ def test_a_coordinator_address_that_is_not_host_and_port_is_refused_before_jax_s
 def test_ipv6_and_host_names_with_a_port_are_coordinator_addresses():
     for address, port in (("[::1]:8476", 8476), ("node-0.cluster.local:1", 1), ("10.0.0.2:65535", 65535)):
         assert multihost.coordinator_port(address) == port
+
+
+def test_process_0_refuses_a_coordinator_port_in_use_on_its_host_where_grpc_crashed(monkeypatch):
+    """Process 0 serves the job on its port: a port already taken was a segmentation fault in gRPC
+    (and the other processes waited 5 minutes for it). Only process 0 binds the port."""
+    import socket
+
+    started = []
+    monkeypatch.setattr(multihost.jax.distributed, "initialize", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setattr(multihost.jax, "process_index", lambda: 1)
+    with socket.socket(socket.AF_INET) as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"--coordinator_address=localhost:{port}: port {port} is in use on "
+                                             r"this host, where process 0 serves the job \(.*\): pick a free port, "
+                                             "the same on every process"):
+            multihost.start_distributed(f"localhost:{port}", 2, 0)
+        assert started == []
+        multihost.start_distributed(f"localhost:{port}", 2, 1)  # another process connects to it
+        assert started == [(f"localhost:{port}", 2, 1)]
