@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ from absl import logging
 from pixelflow_jax import storage
 
 SHARED_CHECK_WAIT_S = 3  # a file one host wrote may take a moment to appear on another's NFS mount
+CONNECT_WAIT_S = 300  # for every process to join (jax's own wait): a pod's hosts may start minutes apart
 
 
 def start_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -44,14 +46,43 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    at = f" at {coordinator_address}" if coordinator_address else ""
+    if None not in (num_processes, process_id):
+        logging.info("process %d of %d: joining the job's processes%s (waiting up to %d s for all of them)",
+                     process_id, num_processes, at, CONNECT_WAIT_S)
+    # jax's own end of the wait is a C++ abort that blames "another task died", with a stack dump:
+    # this process stops first, in one line.
+    waiting = threading.Timer(CONNECT_WAIT_S, stop_waiting, (at, num_processes, process_id))
+    waiting.daemon = True
+    waiting.start()
     try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   initialization_timeout=CONNECT_WAIT_S + 60)
     except ValueError as e:  # no cluster detected, and the flags that replace detection missing
         raise ValueError(f"--distributed: {str(e).rstrip('.')}. Where jax cannot detect the cluster (Cloud TPU, SLURM, "
                          "Open MPI), pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every "
                          "process") from None
+    finally:
+        waiting.cancel()
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+def stop_waiting(at: str, num_processes: int | None, process_id: int | None) -> None:
+    """Ends this process (from the timer thread: the main thread waits inside jax) when the job's
+    processes did not all join within CONNECT_WAIT_S."""
+    from pixelflow_jax.command_line import exit_without_teardown
+
+    if None in (num_processes, process_id):  # jax detected the cluster
+        exit_without_teardown(f"error: --distributed: not every process of this job joined within {CONNECT_WAIT_S} s: "
+                              "start the same command on every host of the cluster (a process that stopped says why "
+                              "in its log)", 1)
+    exit_without_teardown(
+        f"error: --distributed: process {process_id} waited {CONNECT_WAIT_S} s for the {num_processes} processes of "
+        f"this job to join{at}, and not all did: start one process for each --process_id from 0 to "
+        f"{num_processes - 1}, each with the same --coordinator_address and --num_processes (process 0's host and a "
+        "port every host can reach); a --process_id given twice, or a process that stopped (its log says why), "
+        "leaves the job short", 1)
 
 
 # A host name, an IPv4 address or a bracketed IPv6 address, then a port.

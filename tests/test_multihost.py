@@ -310,3 +310,33 @@ def test_process_0_refuses_a_coordinator_port_in_use_on_its_host_where_grpc_cras
         assert started == []
         multihost.start_distributed(f"localhost:{port}", 2, 1)  # another process connects to it
         assert started == [(f"localhost:{port}", 2, 1)]
+
+
+def test_a_process_whose_peers_never_join_stops_with_one_line_when_its_wait_ends(tmp_path):
+    """--num_processes=2 with one process started: after jax's 5 minutes the process aborted in C++
+    ("another task died", a stack dump), silent until then. Each process of a job short of one
+    (process 0 alone, waiting for process 1; process 1 alone, with no process 0 to reach) now says
+    what it waits for, and stops with one line naming the flags (the wait shortened here)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    addresses = [f"localhost:{free_port()}" for _ in range(2)]  # one job each
+    code = ("import sys; from absl import logging; from pixelflow_jax import multihost; "
+            "logging.set_verbosity(logging.INFO); multihost.CONNECT_WAIT_S = 4; "
+            "multihost.start_distributed(sys.argv[1], 2, int(sys.argv[2]))")
+    alone = [subprocess.Popen([sys.executable, "-c", code, addresses[i], str(i)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    try:
+        errors = [process.communicate(timeout=90)[1] for process in alone]
+    finally:
+        for process in alone:
+            process.kill()
+    for i, (address, process, err) in enumerate(zip(addresses, alone, errors)):
+        assert f"process {i} of 2: joining the job's processes at {address} (waiting up to 4 s for all of them)" in err
+        assert process.returncode == 1 and err.rstrip().splitlines()[-1] == (
+            f"error: --distributed: process {i} waited 4 s for the 2 processes of this job to join at {address}, "
+            "and not all did: start one process for each --process_id from 0 to 1, each with the same "
+            "--coordinator_address and --num_processes (process 0's host and a port every host can reach); "
+            "a --process_id given twice, or a process that stopped (its log says why), leaves the job short"), err
