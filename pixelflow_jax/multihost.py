@@ -145,6 +145,24 @@ def from_process_0(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32)))
 
 
+def stop_if_preempted(passes: int) -> None:
+    """For a loop that is no training run (a sampling job's batches; training has its PreemptionWatch):
+    Terminated once a SIGTERM came. In a --distributed job jax's preemption service holds SIGTERM
+    (main.py installs no handler of its own there), so a SIGTERM to any process was caught and
+    ignored, and the job sampled on to its end; its sync point answers every process alike at the
+    same pass, so they all stop together. `passes`: this loop's passes so far, from 1 on every
+    process (jax counts from 0: see PreemptionWatch.reached)."""
+    from pixelflow_jax.command_line import Terminated, stop_if_terminated
+
+    if not jax.distributed.is_initialized():
+        stop_if_terminated()
+        return
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.reached_preemption_sync_point(passes):
+        raise Terminated
+
+
 def rows_of_this_process(total: int) -> tuple[int, int]:
     """[start, stop) of the `total` rows of a job that the processes share out in blocks of
     ceil(total / processes), in process order (the last processes may get fewer, or none)."""

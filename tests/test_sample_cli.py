@@ -569,18 +569,18 @@ def test_an_extension_typed_by_mistake_is_taken_back_while_none_of_its_images_wa
         """Stops the job as its batch n is about to start, as a Ctrl-C would: the batches before it are written."""
         started = []
 
-        def stop_if_terminated():
+        def stop_if_preempted(passes):
             if len(started) == n:
                 raise Stopped
             started.append(n)
-        monkeypatch.setattr(sample_run, "stop_if_terminated", stop_if_terminated)
+        monkeypatch.setattr(sample_run, "stop_if_preempted", stop_if_preempted)
 
     job(5)
     stop_at_batch(0)
     with pytest.raises(Stopped):
         job(50)
     assert recorded() == 50 and pngs(workdir) == [f"{i:06d}.png" for i in range(5)]
-    monkeypatch.setattr(sample_run, "stop_if_terminated", lambda: None)
+    monkeypatch.setattr(sample_run, "stop_if_preempted", lambda passes: None)
     assert job(5) == ([], [])  # every image on disk: nothing sampled
     assert recorded() == 5 and np.load(workdir / "samples.npz")["arr_0"].shape[0] == 5
 
@@ -588,7 +588,7 @@ def test_an_extension_typed_by_mistake_is_taken_back_while_none_of_its_images_wa
     with pytest.raises(Stopped):
         job(50)
     assert pngs(workdir) == [f"{i:06d}.png" for i in range(13)]  # its first batch: images 5 to 12
-    monkeypatch.setattr(sample_run, "stop_if_terminated", lambda: None)
+    monkeypatch.setattr(sample_run, "stop_if_preempted", lambda passes: None)
     with pytest.raises(ValueError, match=r"holds 8 images numbered 5 or above \(000005.png to 000012.png\): .* "
                                          r"delete those 8 PNGs, then rerun; to keep them, rerun asking for at least 13"):
         job(5)
@@ -804,3 +804,22 @@ def test_settings_that_cannot_be_rewritten_for_a_larger_or_smaller_job_are_one_s
             job_settings.check_settings(str(folder), str(tmp_path), settings)
         assert shared == [1]  # the failure told to the other processes
         assert json.loads((folder / "settings.json").read_text()) == recorded
+
+
+def test_a_sigterm_to_any_process_of_a_distributed_job_stops_every_process_at_one_batch(tmp_path, converted,
+                                                                                         monkeypatch):
+    """In a --distributed job jax's preemption service holds SIGTERM: a SIGTERM to one process (or
+    to all) was caught there and ignored, and the job sampled on to its end. Each batch now asks
+    jax's sync point, which answers every process alike at the same batch (counted from 1, as the
+    training loop counts its steps); the batch finished before it is kept."""
+    from jax.experimental import multihost_utils
+
+    from pixelflow_jax.command_line import Terminated
+
+    asked = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda n: asked.append(n) or n == 2)
+    with pytest.raises(Terminated):
+        sample_in_process(tmp_path / "run", converted["c2i_tiny"], monkeypatch, num_images=24, batch_size=8)
+    assert asked == [1, 2]
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == [f"{i:06d}.png" for i in range(8)] + ["settings.json"]

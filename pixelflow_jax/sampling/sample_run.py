@@ -31,8 +31,7 @@ from PIL import Image
 from pixelflow_jax import storage, validation
 from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, load_sampling_model, run_trained_classes,
                                sampling_runtime, sampling_source, weights_chosen, weights_of)
-from pixelflow_jax.command_line import stop_if_terminated
-from pixelflow_jax.multihost import check_shared_workdir, from_process_0
+from pixelflow_jax.multihost import check_shared_workdir, from_process_0, stop_if_preempted
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
@@ -178,8 +177,8 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
 
     with progress, jax.set_mesh(mesh):  # Pallas attention kernels split batch and heads over it
         try:
-            for first in range(0, len(missing), batch_size):
-                stop_if_terminated()
+            for passes, first in enumerate(range(0, len(missing), batch_size), start=1):
+                stop_if_preempted(passes)
                 ids = missing[first:first + batch_size]
                 num_valid = len(ids)
                 ids = np.concatenate([ids, np.full(batch_size - num_valid, ids[-1])])  # static batch shape
