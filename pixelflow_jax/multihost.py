@@ -39,10 +39,7 @@ CONNECT_WAIT_S = 300  # for every process to join (jax's own wait): a pod's host
 def start_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
     """jax.distributed.initialize(), with main.py's --coordinator_address, --num_processes and
     --process_id (None: jax detects the cluster). ValueError where it cannot, naming those flags."""
-    if coordinator_address is not None:
-        port = coordinator_port(coordinator_address)
-        if process_id == 0 and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ:
-            check_port_free(coordinator_address, port)
+    check_cluster_flags(coordinator_address, num_processes, process_id)
     # Processes without accelerators (CPU hosts, tests) need a collectives backend; GPUs and TPUs
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -66,6 +63,20 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
         waiting.cancel()
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+def check_cluster_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """What jax takes unchecked or names by its own arguments, in the flags' words (see coordinator_port)."""
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num_processes={num_processes}: a job has at least 1 process")
+    if None not in (num_processes, process_id) and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id={process_id} is not one of this job's process ids, 0 to {num_processes - 1} "
+                         f"(--num_processes={num_processes}): give each process its own, process 0 on the "
+                         "--coordinator_address host")
+    if coordinator_address is not None:
+        port = coordinator_port(coordinator_address)
+        if process_id == 0 and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ:
+            check_port_free(coordinator_address, port)
 
 
 def stop_waiting(at: str, num_processes: int | None, process_id: int | None) -> None:

@@ -340,3 +340,18 @@ def test_a_process_whose_peers_never_join_stops_with_one_line_when_its_wait_ends
             "and not all did: start one process for each --process_id from 0 to 1, each with the same "
             "--coordinator_address and --num_processes (process 0's host and a port every host can reach); "
             "a --process_id given twice, or a process that stopped (its log says why), leaves the job short"), err
+
+
+@pytest.mark.parametrize("num_processes,process_id,message", [
+    (2, 2, r"--process_id=2 is not one of this job's process ids, 0 to 1 \(--num_processes=2\): give each process "
+           r"its own, process 0 on the --coordinator_address host"),
+    (2, -1, r"--process_id=-1 is not one of this job's process ids, 0 to 1"),
+    (0, 0, r"--num_processes=0: a job has at least 1 process"),
+])
+def test_process_ids_out_of_range_are_named_by_their_flags_not_told_to_pass_them(monkeypatch, num_processes, process_id,
+                                                                                 message):
+    """jax's error named its own arguments and ended with our advice for a cluster jax cannot
+    detect: 'pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I', which the user had."""
+    jax_not_asked_to_start(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        multihost.start_distributed("localhost:8476", num_processes, process_id)
