@@ -131,6 +131,8 @@ def check_port_free(address: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as e:
+            if e.errno not in (errno.EADDRINUSE, errno.EACCES):  # a probe's own limit (IPv6 off): jax may still bind
+                return
             cause = "in use on this host" if e.errno == errno.EADDRINUSE else f"not open to this process ({e.strerror})"
             raise ValueError(f"--coordinator_address={address}: port {port} is {cause}, where process 0 serves the "
                              f"job (it listens on that port of every address of its host): pick a free port, the same "
