@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+from typing import Iterator
 
 
 # 128 + the signal's number, as a shell reports a process that SIGINT or SIGTERM ended: a scheduler
@@ -155,17 +156,45 @@ def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     - when a restore fails (a damaged checkpoint, a full disk), the tensorstore reads still in
       flight finish after orbax's event loop has closed, and each one's callback error was printed:
       dozens of identical tracebacks above the one-line error."""
-    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
     if unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]:
         deliver_again_later(signal.SIGINT)
         return
     if unraisable.exc_type is Terminated and _sigterm_received[0]:
         deliver_again_later(signal.SIGTERM)
         return
-    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-            and frames and frames[-1].name == "_check_closed"):
+    if is_late_restore_callback(unraisable):
         return
     previous(unraisable)
+
+
+def is_late_restore_callback(unraisable) -> bool:
+    """The error of a tensorstore read that finished after a failed restore had closed orbax's event
+    loop (asyncio's closed-loop check, the last frame of its traceback)."""
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and bool(frames) and frames[-1].name == "_check_closed")
+
+
+@contextlib.contextmanager
+def late_restore_callbacks_dropped() -> Iterator[None]:
+    """Around a restore in a Python session (load_model in a notebook; the tools' hook above drops
+    them already): a failed restore's late reads printed 20-60 tracebacks, during the failure and
+    after it was caught. A hook chained to the one in place drops them; it stays after a failure
+    (the reads finish later) and is taken back after a success."""
+    previous = sys.unraisablehook
+    if previous is quiet_library_noise or getattr(previous, "drops_late_restore_callbacks", False):
+        yield
+        return
+
+    def dropping_late_restore_callbacks(unraisable) -> None:
+        if not is_late_restore_callback(unraisable):
+            previous(unraisable)
+
+    dropping_late_restore_callbacks.drops_late_restore_callbacks = True
+    sys.unraisablehook = dropping_late_restore_callbacks
+    yield  # an error raised here leaves the hook in place
+    if sys.unraisablehook is dropping_late_restore_callbacks:
+        sys.unraisablehook = previous
 
 
 class LoggedStopsDropped(logging.Filter):

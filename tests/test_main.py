@@ -272,6 +272,40 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
     assert shown == [ZeroDivisionError, RuntimeError] and delivered_again == [signal.SIGTERM]
 
 
+def test_a_failed_restore_in_a_python_session_drops_its_late_reads_errors_and_a_success_leaves_the_hook(monkeypatch):
+    """load_model of a damaged step in a notebook printed 20-60 'Event loop is closed' tracebacks (in
+    3 runs of 4), during the failure and after the CheckpointError was caught: only the command-line
+    tools' hook dropped them."""
+    import asyncio
+    import sys
+    from types import SimpleNamespace
+
+    from pixelflow_jax.command_line import late_restore_callbacks_dropped
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    shown = []
+    session_hook = lambda unraisable: shown.append(unraisable.exc_type)  # noqa: E731 (a notebook's own)
+    monkeypatch.setattr(sys, "unraisablehook", session_hook)
+
+    def unraisable(late_callback):
+        try:
+            late_callback()
+        except Exception as error:
+            sys.unraisablehook(SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__))
+
+    with late_restore_callbacks_dropped():  # a restore that succeeds
+        unraisable(lambda: loop.call_soon_threadsafe(print))  # a late read while it ran
+    assert sys.unraisablehook is session_hook and shown == []
+    with pytest.raises(OSError), late_restore_callbacks_dropped():
+        raise OSError("a damaged step")
+    with late_restore_callbacks_dropped():  # a second restore: no second hook in the chain
+        pass
+    for late_callback in (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0):
+        unraisable(late_callback)  # after the failure was caught
+    assert shown == [ZeroDivisionError]
+
+
 def test_a_stop_that_a_library_logs_as_its_failure_is_dropped_from_the_log_and_other_errors_kept():
     """A second Ctrl-C during the stop's save printed orbax's "Save Finalize thread failed" and a
     14-line traceback above the job's own "stopped: interrupted" line."""

@@ -106,6 +106,8 @@ def test_a_link_to_a_step_loads_that_step_not_the_runs_latest(run, tmp_path):
         load_model(str(gone))
 
 
+# The late reads' 'Event loop is closed' errors were unraisable warnings here (quiet now: command_line.py).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_step_is_named_briefly_with_the_steps_that_load(run, tmp_path):
     """The message held 2 KB of tensorstore's JSON spec and named no other step."""
     damaged = tmp_path / "run"

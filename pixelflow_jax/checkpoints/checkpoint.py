@@ -23,6 +23,7 @@ from flax import nnx
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.convert import Params, param_shapes
+from pixelflow_jax.command_line import late_restore_callbacks_dropped
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.validation import LARGEST_IMAGE_SIDE, too_many_stages
@@ -211,7 +212,7 @@ def restore_params(path: str, config: CheckpointConfig) -> Params:
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder; the conversion did not finish, convert again")
     target = abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with late_restore_callbacks_dropped(), ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_path, target)
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
         from pixelflow_jax.checkpoints.run_checkpoint import restore_error

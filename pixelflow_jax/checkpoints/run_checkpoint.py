@@ -25,6 +25,7 @@ from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, WEIGHT_CHOICES, C
                                                  abstract_params, check_weights_choice, check_weights_finite,
                                                  listed, named_leaves)
 from pixelflow_jax.checkpoints.convert import Params
+from pixelflow_jax.command_line import late_restore_callbacks_dropped
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.error_text import first_line
 
@@ -254,7 +255,7 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
     target = {key: abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))}
     path = storage.join(storage.absolute(run_step.folder), STATE_ITEM)
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
+        with late_restore_callbacks_dropped(), ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))

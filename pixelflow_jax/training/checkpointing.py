@@ -20,7 +20,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, complete_steps,
                                                       restore_error)
-from pixelflow_jax.command_line import INSTALLED_ORBAX
+from pixelflow_jax.command_line import INSTALLED_ORBAX, late_restore_callbacks_dropped
 from pixelflow_jax.error_text import first_line
 from pixelflow_jax.multihost import processes_where
 
@@ -177,7 +177,9 @@ def restore(manager, step: int, state, shardings):
     import orbax.checkpoint as ocp
 
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
+    with late_restore_callbacks_dropped():
+        return manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+                               )[STATE_ITEM]
 
 
 def all_finite(tree) -> bool:
