@@ -1952,6 +1952,26 @@ def test_a_resume_on_other_devices_or_with_another_memory_setting_is_warned_and_
     assert not caplog.text
 
 
+def test_attention_auto_and_the_kernel_it_picks_are_one_setting_at_a_resume(tmp_path, caplog):
+    """'auto' is XLA on a CPU: a resume with --config.model.attention=xla was warned that it agrees
+    with an uninterrupted run to float rounding only, though the losses were equal to every digit.
+    The kernel that ran is recorded; a record of 'auto' (runs before 2026-12-01) compares as its pick."""
+    from pixelflow_jax.kernels.attention import interpret_kernels
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_resume
+
+    check_resume(str(tmp_path), c2i_config(**{"model.attention": "auto"}), step=0, num_records=100)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["model.attention"] == "xla"
+    record = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**record, "model.attention": "auto"}))  # an earlier run's
+    with caplog.at_level(logging.WARNING):
+        check_resume(str(tmp_path), c2i_config(**{"model.attention": "xla"}), step=40, num_records=100)
+        check_resume(str(tmp_path), c2i_config(**{"model.attention": "auto"}), step=40, num_records=100)
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING), interpret_kernels():  # another kernel is a change
+        check_resume(str(tmp_path), c2i_config(**{"model.attention": "pallas_gpu"}), step=40, num_records=100)
+    assert "model.attention: 'xla' -> 'pallas_gpu'): the steps compute in another order" in caplog.text
+
+
 def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_not_resume(tmp_path):
     """Only the record count was compared: a file renamed (another place in the shuffle) or moved
     to another class (another label) resumed silently."""

@@ -10,9 +10,11 @@ loses exact resume (the data position counts in steps of the new batch); another
 silently changes the run. So a change is refused, naming each setting, unless
 train.allow_resume_changes is set; then it is recorded. Where the steps run (devices, remat, fsdp,
 attention backend) may change with a warning and a record: the numbers then agree with an
-uninterrupted run to float rounding (NUMERICS_ONLY). The class count of a class-conditional run's
-data (data.num_classes) is recorded too: sampling the run cycles its default labels over those
-classes (api.run_trained_classes).
+uninterrupted run to float rounding (NUMERICS_ONLY); the attention backend is recorded as the
+kernel that ran ('auto' resolved), so 'auto' and the kernel it picks are no change, and a version
+whose 'auto' picks another kernel is one. The class count of a class-conditional run's data
+(data.num_classes) is recorded too: sampling the run cycles its default labels over those classes
+(api.run_trained_classes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.kernels.attention import resolve_backend
 from pixelflow_jax.training.metrics_log import WRITE_FIX
 from pixelflow_jax.training.run_config import write_run_record
 from pixelflow_jax.training.train_step import counts_updates
@@ -73,7 +76,7 @@ def resume_settings(config, num_records: int, listing: str | None = None, num_cl
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
     values.update({"run.devices": jax.device_count(), "run.platform": jax.default_backend(),
                    "mesh.fsdp": config.mesh.fsdp, "model.remat": config.model.remat,
-                   "model.attention": config.model.attention})
+                   "model.attention": resolve_backend(config.model.attention, config.model.dtype)})
     values = {key: same_folder_spelled_once(key, value) for key, value in values.items()}
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
         values["train.lr_decay_steps"] = config.train.num_steps
@@ -158,6 +161,8 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         return
     trained, changes, untrained = settings_trained_to(workdir, step)
     previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
+    if previous.get("model.attention") == "auto":  # as runs before 2026-12-01 recorded it: the kernel it ran
+        previous["model.attention"] = resolve_backend("auto", config.model.dtype)
     every_change = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
                     if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
     changed = {k: c for k, c in every_change.items() if k not in NUMERICS_ONLY}
