@@ -1822,6 +1822,22 @@ def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path,
            "missed it): this command's settings cannot be checked" in caplog.text
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 1.0
 
+def test_a_new_run_in_a_workdir_of_deleted_checkpoints_is_not_compared_with_that_runs_changes(tmp_path):
+    """A fine-tune restarted in its workdir after `rm -r checkpoints/`, with the learning rate it
+    had changed to: the earlier run's settings_changes.jsonl stayed, and the new run's first resume
+    undid that change on its own record and refused its own command as 'train.lr: 0.0001 -> 0.001'."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, check_resume
+
+    workdir, faster = str(tmp_path), {"train.lr": 1e-3}
+    check_resume(workdir, c2i_config(), step=0, num_records=100)
+    check_resume(workdir, c2i_config(**faster, **{"train.allow_resume_changes": True}), step=40, num_records=100)
+    check_resume(workdir, c2i_config(**faster), step=0, num_records=100)  # checkpoints/ deleted: a new run
+    check_resume(workdir, c2i_config(**faster), step=20, num_records=100)  # its own command resumes it
+    [record] = map(json.loads, open(tmp_path / CHANGES_FILE))  # the earlier run's history is kept, marked
+    assert record["changes"] == {"train.lr": {"from": 0.0001, "to": 0.001}}
+    assert record["discarded"] == "no step trained with it was kept: a new run started in this workdir"
+
+
 
 def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):
     from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume

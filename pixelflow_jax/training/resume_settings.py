@@ -157,6 +157,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         if record and jax.process_index() == 0:
             if step == 0:  # (a run that records its settings only at a resume cannot know its start)
                 current[STARTED_FROM] = storage.resolved(config.train.init_from) if config.train.init_from else ""
+                discard_changes_of_an_earlier_run(workdir)
             write_run_record(path, current)
         return
     trained, changes, untrained = settings_trained_to(workdir, step)
@@ -197,6 +198,20 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
         kept = {STARTED_FROM: trained[STARTED_FROM]} if STARTED_FROM in trained else {}
         write_run_record(path, {**current, **kept})
+
+
+def discard_changes_of_an_earlier_run(workdir: str) -> None:
+    """A new run in a workdir whose checkpoints were deleted (`rm -r checkpoints/` to start a
+    fine-tune again): the changes recorded by the run before trained no step that is kept. Marked
+    discarded, as at a resume before them, they stay as its history and are never undone on the
+    new run's own settings (which its first resume then refused as a change)."""
+    changes = read_changes(workdir)
+    if any(not c.get("discarded") for c in changes):
+        for change in changes:
+            change.setdefault("discarded", "no step trained with it was kept: a new run started in this workdir")
+        write_changes(workdir, changes)
+        logging.warning("%s: the settings changes %s recorded for an earlier run whose checkpoints are gone are "
+                        "marked discarded", workdir, CHANGES_FILE)
 
 
 def named_changes(changes: dict) -> str:
