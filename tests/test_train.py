@@ -609,6 +609,27 @@ class StandInLoop:
         return self.train.train(config, str(workdir))
 
 
+def test_a_fine_tune_records_the_step_and_the_weights_it_started_from(tmp_path, monkeypatch, converted):
+    """init_from a run that trains on named its folder only, and train_settings.json recorded that
+    folder: once the source saved more steps, no record said which step (nor EMA or raw weights)
+    the fine-tune started from."""
+    from test_run_checkpoint import write_run
+
+    source = str(tmp_path / "source")
+    write_run(converted["c2i_tiny"], source)  # steps 2 and 4 of a 1000-class run
+    loop = StandInLoop(monkeypatch)
+    config = loop.config(num_steps=1, init_from=source, init_from_weights="model")
+    config.model.num_classes = config.data.demo_num_classes = 1000
+    loop.run(config, tmp_path / "tune")
+    started = {"train.init_from": source, "train.init_from_checkpoint": f"{source}/checkpoints/4",
+               "train.init_from_weights": "model"}
+    settings = lambda: json.loads((tmp_path / "tune" / "train_settings.json").read_text())
+    assert {key: settings().get(key) for key in started} == started
+    config.train.update(num_steps=2, lr=1e-3, allow_resume_changes=True)  # a change rewrites the record
+    loop.run(config, tmp_path / "tune")
+    assert {key: settings().get(key) for key in started} == started
+
+
 def test_previews_of_a_run_on_class_folders_cycle_over_its_folders(tmp_path, monkeypatch):
     """A fine-tune of a 1000-class model on 3 class folders trains ids 0-2: its previews drew ids
     0-15, mostly classes it never trained. Other data cycles over every class."""

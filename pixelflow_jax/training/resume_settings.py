@@ -50,6 +50,9 @@ ADDED_LATER = ("data.num_records", "model.dtype", "train.text_encoder_dtype", "d
 # never compared (a resume does not read init_from), for a resume to tell a rerun of the same
 # command from an init_from given to a run that already trains.
 STARTED_FROM = "train.init_from"
+# With it, what was read there: the checkpoint (a run's step folder: the run may save more steps; a Hub
+# path pinned to its commit) and which weights of it (init_from_weights). Never compared either.
+STARTED_FROM_READ = ("train.init_from_checkpoint", "train.init_from_weights")
 # Recorded names that are not config fields, as a message names them.
 LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate schedule ends)",
           "data.listing": "data.listing (a hash of the data's file names, and classes where it has them: files "
@@ -144,10 +147,11 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
 
 
 def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True,
-                 listing: str | None = None, num_classes: int | None = None) -> None:
+                 listing: str | None = None, num_classes: int | None = None, init_checkpoint: str = "") -> None:
     """Records the settings of a new run (and the number of records its data has, the fingerprint
     of its file listing where it has files, and its class count where it has one); refuses or
-    records a change when resuming at `step`. `record=False` only refuses (and writes nothing)."""
+    records a change when resuming at `step`. `record=False` only refuses (and writes nothing).
+    `init_checkpoint`: the checkpoint a new run's weights were read from (CheckpointSource.label)."""
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing, num_classes)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if step and record:  # or a copy of the run without it: nothing to compare with
@@ -157,6 +161,8 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         if record and jax.process_index() == 0:
             if step == 0:  # (a run that records its settings only at a resume cannot know its start)
                 current[STARTED_FROM] = storage.resolved(config.train.init_from) if config.train.init_from else ""
+                if config.train.init_from:
+                    current.update(zip(STARTED_FROM_READ, (init_checkpoint, config.train.init_from_weights)))
                 discard_changes_of_an_earlier_run(workdir)
             write_run_record(path, current)
         return
@@ -196,7 +202,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
                         "not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
     if jax.process_index() == 0:
         write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
-        kept = {STARTED_FROM: trained[STARTED_FROM]} if STARTED_FROM in trained else {}
+        kept = {key: trained[key] for key in (STARTED_FROM, *STARTED_FROM_READ) if key in trained}
         write_run_record(path, {**current, **kept})
 
 
