@@ -1806,6 +1806,24 @@ def test_init_from_given_to_a_run_that_trains_warns_unless_it_is_where_the_run_s
     assert warnings_of(tuned, started) == []
 
 
+def test_init_from_weights_other_than_a_fine_tune_started_from_is_a_warning_at_its_resume(tmp_path, caplog):
+    """A fine-tune from a run's EMA, rerun in its workdir with init_from_weights=model to try the
+    raw weights instead: it resumed the EMA fine-tune with an INFO line saying init_from is not read
+    (the path was the one it started from), as if the command were the same."""
+    from pixelflow_jax.training.resume_settings import check_resume, note_init_from_at_resume
+
+    started, tuned = str(tmp_path / "base_run"), str(tmp_path / "tuned")
+    check_resume(tuned, c2i_config(**{"train.init_from": started}), step=0, num_records=100,
+                 init_checkpoint=f"{started}/checkpoints/4")
+    with caplog.at_level("WARNING"):
+        note_init_from_at_resume(tuned, 40, started, "ema")  # the same command rerun: said in passing
+        assert caplog.text == ""
+        note_init_from_at_resume(tuned, 40, started, "model")
+    assert (f"resumes from its step 40; train.init_from starts new runs only and is not read: this run started "
+            f"from the ema weights of {started}/checkpoints/4, not from the model weights of {started}. To train a "
+            f"new run from those, use a new --workdir") in caplog.text
+
+
 def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path, caplog):
     """A run copied without train_settings.json resumed with any learning rate or batch size and
     said nothing: the check that refuses such changes had nothing to compare with."""

@@ -112,14 +112,21 @@ def recorded_settings(workdir: str) -> dict:
     return settings
 
 
-def note_init_from_at_resume(workdir: str, step: int, init_from: str) -> None:
+def note_init_from_at_resume(workdir: str, step: int, init_from: str, init_from_weights: str = "ema") -> None:
     """A resume does not read train.init_from. The same command rerun (after a preemption) is told
-    so in passing; another init_from, or one given to a run that started without one, is a
-    warning: whoever typed it meant a new run from that checkpoint, which needs a new --workdir."""
-    started_from = recorded_settings(workdir).get(STARTED_FROM)
+    so in passing; another init_from, or one given to a run that started without one, or other
+    weights of the checkpoint it started from, is a warning: whoever typed it meant a new run from
+    them, which needs a new --workdir."""
+    recorded = recorded_settings(workdir)
+    started_from, (checkpoint, weights) = recorded.get(STARTED_FROM), map(recorded.get, STARTED_FROM_READ)
     resumes = f"{workdir} resumes from its step {step}; train.init_from starts new runs only and is not read"
     if started_from and started_from == storage.resolved(init_from):
-        logging.info(resumes)
+        if weights in (None, init_from_weights):  # (None: recorded before the weights were)
+            logging.info(resumes)
+        else:
+            logging.warning("%s: this run started from the %s weights of %s, not from the %s weights of %s. To train "
+                            "a new run from those, use a new --workdir", resumes, weights, checkpoint or started_from,
+                            init_from_weights, init_from)
         return
     start = ("trained from scratch" if started_from == "" else f"started from {started_from}" if started_from
              else "did not record what it started from")

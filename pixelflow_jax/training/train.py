@@ -351,7 +351,7 @@ def init_from_source(config, model_cfg: ModelConfig, workdir: str, done: int):
     if not config.train.init_from:
         return None
     if done:  # the same command reruns after a preemption: its init_from is no longer read
-        note_init_from_at_resume(workdir, done, config.train.init_from)
+        note_init_from_at_resume(workdir, done, config.train.init_from, config.train.init_from_weights)
         return None
     return check_init_from(config, model_cfg)
 
