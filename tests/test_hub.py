@@ -124,6 +124,24 @@ def test_a_hub_web_pages_address_is_refused_with_the_hf_path_that_reads_it(addre
     HubPath.parse(meant)  # what the refusal names is a Hub path
 
 
+@pytest.mark.parametrize("path,meant", [
+    ("ShoufaChen/PixelFlow-Class2Image", "hf://ShoufaChen/PixelFlow-Class2Image"),  # a repo id, as transformers takes
+    ("huggingface.co/ShoufaChen/PixelFlow-Class2Image", "hf://ShoufaChen/PixelFlow-Class2Image"),  # no https://
+    ("hf.co/me/runs/tree/v1.0/xl", "hf://me/runs@v1.0/xl"),
+    ("runs/missing", None),  # runs/ is a local folder: a mistyped run, no Hub id
+    ("runs/demo/checkpoints/9", None),
+])
+def test_a_missing_checkpoint_that_reads_as_a_hub_repository_names_its_hf_path(path, meant, tmp_path, monkeypatch):
+    """--config.train.init_from=ShoufaChen/PixelFlow-Class2Image (the Hub's repository id, as other
+    Hub tools take it) or a web page's address without https:// was told only 'does not exist'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert str(error.value).startswith(f"checkpoint {path} does not exist")
+    assert (f"write {meant}" in str(error.value)) if meant else "hf://" not in str(error.value), str(error.value)
+
+
 @pytest.mark.parametrize("address", ["https://huggingface.co/datasets/me/pictures", "https://example.com/a/b",
                                      "https://huggingface.co/me",
                                      # a dataset or space without an owner, or a page of the site: no model's page
