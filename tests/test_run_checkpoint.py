@@ -357,6 +357,24 @@ def test_fine_tuning_starts_from_the_runs_ema_or_raw_weights(run):
         train.load_init_from(config, ModelConfig.from_mapping(config.model))
 
 
+def test_a_fine_tune_to_more_classes_than_the_checkpoint_has_is_told_it_cannot_start_from_it(run):
+    """A fine-tune of the 1000-class run on 1000 + 5 classes was told to keep num_classes=1000 'for
+    data of fewer classes', which its data of more classes then refused: it had no way on."""
+    from configs import c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training import train
+
+    config = c2i.get_config("tiny")
+    config.model.num_classes = 1005
+    config.train.init_from = run[0]
+    with pytest.raises(ValueError) as error:
+        train.check_init_from(config, ModelConfig.from_mapping(config.model))
+    assert str(error.value).endswith(
+        "num_classes 1000 there, 1005 in this config; set --config.model.* to the checkpoint's values (its class "
+        "table holds 1000 classes and loads only whole: a model of more classes cannot start from it, train it from "
+        "scratch; keep --config.model.num_classes=1000 only for data of at most 1000 classes)"), str(error.value)
+
+
 def test_a_refused_fine_tune_on_an_image_folder_leaves_no_workdir(run, tmp_path):
     """The folder's class_index.json was written before init_from was checked."""
     from configs import c2i

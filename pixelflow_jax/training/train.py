@@ -133,10 +133,14 @@ def check_init_from(config, model_cfg: ModelConfig):
                          f"with --config=configs/{'t2i' if ckpt.model.cross_attention_dim else 'c2i'}.py")
     if ckpt.model.architecture() != model_cfg.architecture():
         classes = ""
-        if ckpt.model.num_classes != model_cfg.num_classes and not ckpt.model.cross_attention_dim:
-            classes = (f" (its class table holds {ckpt.model.num_classes} classes and loads only whole: for data of "
-                       f"fewer classes keep --config.model.num_classes={ckpt.model.num_classes}; the classes the "
-                       "data lacks never train)")
+        held = ckpt.model.num_classes
+        if held != model_cfg.num_classes and not ckpt.model.cross_attention_dim:
+            way = (f"a model of more classes cannot start from it, train it from scratch; keep "
+                   f"--config.model.num_classes={held} only for data of at most {held} classes"
+                   if model_cfg.num_classes > held else  # (no rows are added to the table)
+                   f"for data of fewer classes keep --config.model.num_classes={held}; the classes the data lacks "
+                   "never train")
+            classes = f" (its class table holds {held} classes and loads only whole: {way})"
         raise ValueError(f"--config.train.init_from {t.init_from} is another model: "
                          f"{'; '.join(differences(ckpt.model.architecture(), model_cfg.architecture()))}; set "
                          f"--config.model.* to the checkpoint's values{classes}")
