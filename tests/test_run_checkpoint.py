@@ -375,6 +375,28 @@ def test_a_fine_tune_to_more_classes_than_the_checkpoint_has_is_told_it_cannot_s
         "scratch; keep --config.model.num_classes=1000 only for data of at most 1000 classes)"), str(error.value)
 
 
+def test_a_fine_tune_with_another_timestep_count_is_warned(run, caplog):
+    """init_from with scheduler.num_train_timesteps 500 against the checkpoint's 1000 went on without a
+    word: the model takes timesteps in the scheduler's units, so every value meant another noise level."""
+    import logging
+
+    from configs import c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training import train
+
+    config = c2i.get_config("tiny")
+    config.model.num_classes = 1000  # the run's
+    config.train.init_from = run[0]
+    with caplog.at_level(logging.WARNING):
+        train.check_init_from(config, ModelConfig.from_mapping(config.model))
+    assert not caplog.text
+    config.scheduler.num_train_timesteps = 500
+    with caplog.at_level(logging.WARNING):
+        train.check_init_from(config, ModelConfig.from_mapping(config.model))
+    assert "trained with scheduler.num_train_timesteps 1000 and this run trains with 500" in caplog.text
+    assert "set --config.scheduler.num_train_timesteps=1000 to keep them" in caplog.text
+
+
 def test_a_refused_fine_tune_on_an_image_folder_leaves_no_workdir(run, tmp_path):
     """The folder's class_index.json was written before init_from was checked."""
     from configs import c2i
