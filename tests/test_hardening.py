@@ -1945,6 +1945,33 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     check_resume(str(tmp_path / "linked"), folder, step=40, num_records=100)
 
 
+def test_a_resume_behind_several_recorded_changes_compares_with_the_settings_its_step_trained_with(tmp_path):
+    """A change recorded at a resume at step S trains steps S+1 on. Resumed before two changes (their
+    checkpoints set aside), the run's steps trained with the settings before the first; and a change
+    discarded by a resume before it, which then recorded a change of its own, is not undone again."""
+    from pixelflow_jax.training.resume_settings import check_resume, read_changes
+
+    def lr(value, allowed=True):
+        return c2i_config(**{"train.lr": value, "train.allow_resume_changes": allowed})
+
+    def discarded_at(step):
+        return f"no step trained with it was kept: the run resumed at step {step}"
+
+    two = str(tmp_path / "two_changes")
+    check_resume(two, lr(1e-4, allowed=False), step=0, num_records=100)
+    check_resume(two, lr(1e-3), step=40, num_records=100)  # trains steps 41 on
+    check_resume(two, lr(1e-2), step=60, num_records=100)  # trains steps 61 on
+    check_resume(two, lr(1e-4, allowed=False), step=40, num_records=100)  # steps 1-40 trained with 1e-4
+    assert [c.get("discarded") for c in read_changes(two)] == [discarded_at(40)] * 2
+
+    behind = str(tmp_path / "discarded_behind_a_change")
+    check_resume(behind, lr(1e-4, allowed=False), step=0, num_records=100)
+    check_resume(behind, lr(1e-3), step=40, num_records=100)
+    check_resume(behind, lr(1e-2), step=20, num_records=100)  # 1e-3 trained nothing kept; 1e-2 trains 21 on
+    assert [c.get("discarded") for c in read_changes(behind)] == [discarded_at(20), None]
+    check_resume(behind, lr(1e-2, allowed=False), step=30, num_records=100)  # steps 21-30 trained with 1e-2
+
+
 def test_a_resume_is_refused_for_each_setting_that_decides_the_data_order_or_the_optimisation(tmp_path):
     """Every recorded field, one at a time (a field dropped from the record resumed silently)."""
     from pixelflow_jax.training.resume_settings import DATA_FIELDS, MODEL_FIELDS, SOURCE_FIELDS, TRAIN_FIELDS, \
