@@ -1972,6 +1972,21 @@ def test_a_resume_behind_several_recorded_changes_compares_with_the_settings_its
     check_resume(behind, lr(1e-2, allowed=False), step=30, num_records=100)  # steps 21-30 trained with 1e-2
 
 
+def test_a_resume_checked_before_its_restore_writes_nothing_even_for_an_allowed_change(tmp_path):
+    """record=False (train() checks before it restores the checkpoint, which may fail) only refuses:
+    recording there, the resume's own check after the restore took the change for one recorded by a
+    resume that trained nothing, and marked it discarded."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume, read_changes
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    recorded = (tmp_path / SETTINGS_FILE).read_text()
+    allowed = c2i_config(**{"train.lr": 1e-3, "train.allow_resume_changes": True})
+    check_resume(str(tmp_path), allowed, step=40, num_records=100, record=False)
+    assert (tmp_path / SETTINGS_FILE).read_text() == recorded and not (tmp_path / CHANGES_FILE).exists()
+    check_resume(str(tmp_path), allowed, step=40, num_records=100)
+    assert read_changes(str(tmp_path)) == [{"step": 40, "changes": {"train.lr": {"from": 0.0001, "to": 0.001}}}]
+
+
 def test_a_resume_is_refused_for_each_setting_that_decides_the_data_order_or_the_optimisation(tmp_path):
     """Every recorded field, one at a time (a field dropped from the record resumed silently)."""
     from pixelflow_jax.training.resume_settings import DATA_FIELDS, MODEL_FIELDS, SOURCE_FIELDS, TRAIN_FIELDS, \
