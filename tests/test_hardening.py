@@ -1987,6 +1987,22 @@ def test_a_resume_checked_before_its_restore_writes_nothing_even_for_an_allowed_
     assert read_changes(str(tmp_path)) == [{"step": 40, "changes": {"train.lr": {"from": 0.0001, "to": 0.001}}}]
 
 
+def test_a_run_that_saved_no_step_starts_again_with_other_settings(tmp_path):
+    """A run stopped before its first checkpoint (its learning rate mistyped, a schedule to add)
+    keeps train_settings.json and no step: rerun with other settings it is a new run, which records
+    them; nothing is compared, refused or recorded as a change."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, check_optimiser_state, check_resume, \
+        recorded_settings
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    other = c2i_config(**{"train.lr": 1e-3, "train.lr_schedule": "cosine", "train.num_steps": 100})
+    check_optimiser_state(str(tmp_path), other, step=0)  # no optimiser state to restore
+    check_resume(str(tmp_path), other, step=0, num_records=99)
+    recorded = recorded_settings(str(tmp_path))
+    assert (recorded["train.lr"], recorded["train.lr_schedule"], recorded["data.num_records"]) == (1e-3, "cosine", 99)
+    assert not (tmp_path / CHANGES_FILE).exists()
+
+
 def test_a_resume_is_refused_for_each_setting_that_decides_the_data_order_or_the_optimisation(tmp_path):
     """Every recorded field, one at a time (a field dropped from the record resumed silently)."""
     from pixelflow_jax.training.resume_settings import DATA_FIELDS, MODEL_FIELDS, SOURCE_FIELDS, TRAIN_FIELDS, \
