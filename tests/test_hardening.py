@@ -1827,7 +1827,7 @@ def test_init_from_weights_other_than_a_fine_tune_started_from_is_a_warning_at_i
 def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path, caplog):
     """A run copied without train_settings.json resumed with any learning rate or batch size and
     said nothing: the check that refuses such changes had nothing to compare with."""
-    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_resume
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, STARTED_FROM, check_resume
 
     with caplog.at_level("WARNING"):
         check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)  # a new run: nothing to say
@@ -1838,7 +1838,9 @@ def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path,
         check_resume(str(tmp_path), c2i_config(**{"train.lr": 1.0}), step=40, num_records=100)
     assert f"resumes at step 40 without its {SETTINGS_FILE} (a run of a version before that file, or a copy that " \
            "missed it): this command's settings cannot be checked" in caplog.text
-    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.lr"] == 1.0
+    recorded = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    assert recorded["train.lr"] == 1.0
+    assert STARTED_FROM not in recorded  # recorded mid-run: what it started from is not this command's init_from
 
 def test_a_new_run_in_a_workdir_of_deleted_checkpoints_is_not_compared_with_that_runs_changes(tmp_path):
     """A fine-tune restarted in its workdir after `rm -r checkpoints/`, with the learning rate it
