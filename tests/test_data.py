@@ -1438,6 +1438,7 @@ def test_a_class_whose_every_image_is_unreadable_is_named_once_enough_images_are
         for _ in range(5):
             next(loader)
     assert caplog.text.count("1 of 3 classes never came in the 60 images drawn so far: 2 (panorama)") == 1
+    assert caplog.text.count("never came") == 1  # checked once: not again at each batch after
     loader.close()
 
 
