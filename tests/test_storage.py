@@ -4,6 +4,7 @@ whole; a bucket that cannot be written stops a run before its first step, with t
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -435,6 +436,31 @@ def test_a_local_write_replaces_the_old_file_only_whole(tmp_path):
 
     storage.write_streamed_atomically(str(path), writes)
     assert seen_while_writing == ["old"] and path.read_text() == "new" and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_a_local_upload_replaces_the_old_file_only_whole(tmp_path, monkeypatch):
+    """upload_file_atomically to a local path (the caption packer's shards, a local --output) copies
+    through a temporary: the old file stays readable until the rename, and a copy that fails midway
+    (a full disk) leaves it whole, and no temporary."""
+    source, path = tmp_path / "packed.tmp", tmp_path / "out" / "shard.array_record"
+    source.write_bytes(b"new" * 1000)
+    path.parent.mkdir()
+    path.write_bytes(b"old")
+    seen_while_copying = []
+
+    def fails_midway(reader, writer, length=0):
+        writer.write(reader.read(10))
+        writer.flush()
+        seen_while_copying.append(path.read_bytes())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", fails_midway)
+    with pytest.raises(OSError, match="No space left on device"):
+        storage.upload_file_atomically(str(source), str(path))
+    assert seen_while_copying == [b"old"] and path.read_bytes() == b"old" and os.listdir(path.parent) == [path.name]
+    monkeypatch.undo()
+    storage.upload_file_atomically(str(source), str(path))
+    assert path.read_bytes() == source.read_bytes() and os.listdir(path.parent) == [path.name]
 
 
 def test_create_json_never_replaces_a_file_with_or_without_hard_links(tmp_path, monkeypatch):
