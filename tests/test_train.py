@@ -1360,6 +1360,9 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
         "free space")  # a step number is no HTTP status
     assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "503 Service Unavailable") \
         .startswith("the bucket's reachability")  # not "free space": a bucket does not fill up
+    keeping_one = checkpointing.checkpoint_manager(str(tmp_path / "keeping_one"), keep=1)  # none to keep fewer of
+    assert checkpointing.save_fix(keeping_one, "No space left on device") == (
+        "free space: a save needs room for one checkpoint beside the one kept")
 
 
 def test_a_run_keeps_its_newest_checkpoints_and_a_failed_save_names_the_newest_as_the_resume_point(tmp_path):
