@@ -1270,6 +1270,30 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
         checkpointing.save(manager, 1, restored)
 
 
+def test_a_step_set_aside_at_two_resumes_keeps_both_copies_side_by_side(tmp_path, monkeypatch):
+    """A step that does not restore at two resumes (saved again in between, and damaged again) is set
+    aside each time under its step and the time: neither copy replaces the other or goes inside it."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.training import checkpointing
+
+    state = {"w": jnp.arange(4.0)}
+    shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=5)
+    clock = iter([1000, 2000])  # the resumes' times (in one second, the names would be alike)
+    monkeypatch.setattr(checkpointing, "time", SimpleNamespace(time=lambda: next(clock)))
+    checkpointing.save(manager, 2, state)
+    for _ in range(2):
+        checkpointing.save(manager, 4, {"w": state["w"] * np.nan})
+        manager.wait_until_finished()
+        assert checkpointing.resume_point(manager, state, shardings)[0] == 2
+    aside = tmp_path / "unreadable_checkpoints"
+    assert sorted(os.listdir(aside)) == ["4-1000", "4-2000"]
+    step_folder = sorted(os.listdir(tmp_path / "checkpoints" / "2"))  # what each copy holds: a step folder's files
+    assert sorted(os.listdir(aside / "4-1000")) == sorted(os.listdir(aside / "4-2000")) == step_folder
+    manager.close()
+
+
 def test_a_checkpoint_with_one_non_finite_value_is_skipped_and_one_where_none_restores_is_an_error(tmp_path, caplog):
     """One NaN among finite values (damaged bytes of one chunk) is as unusable as all NaN: resumed,
     the run would train from it. And where no step restores, the run stops naming them, rather than
