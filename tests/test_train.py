@@ -1438,6 +1438,24 @@ def test_a_background_save_that_failed_is_found_at_the_next_logged_step(tmp_path
         checkpointing.check_saves(manager)
 
 
+def test_a_save_that_failed_on_another_process_stops_this_one_at_the_same_check(tmp_path, monkeypatch):
+    """check_saves raises on every process: a process whose own saves went well, had it trained on,
+    would wait for the failed one in the next step's collectives, a job hung for good."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.training import checkpointing
+
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=3)
+    checkpointing.save(manager, 2, {"w": jax.numpy.zeros(2)})
+    checkpointing.wait_for_saves(manager)
+    told = []
+    monkeypatch.setattr(checkpointing, "processes_where", lambda flag: told.append(flag) or [1])  # process 1's failed
+    with pytest.raises(CheckpointError, match=r"^a checkpoint save failed on process 1 \(see its error\); rerun the "
+                                              r"same command once the cause is fixed$"):
+        checkpointing.check_saves(manager)
+    assert told == [False]  # this process's own saves went well
+    manager.close()
+
+
 def test_orbax_logs_a_failed_save_in_one_line_each_time_not_its_traceback(tmp_path, monkeypatch, caplog):
     """A full disk printed two orbax tracebacks (its background thread's, then its wait's), dozens
     of lines of its internals, above the job's one-line error; orbax's lines keep their message."""
