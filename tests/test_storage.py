@@ -828,6 +828,20 @@ def test_a_local_copy_of_a_bucket_file_is_fetched_again_when_cut_short_or_change
     assert open(storage.cached_copy(url, folder), "rb").read() == b"vocab-2" and len(downloads) == 3
 
 
+def test_a_download_is_written_under_the_name_the_next_download_clears(bucket, tmp_path, monkeypatch):
+    """cached_copy clears .NAME.download-HOST-PID-* of dead processes: a download killed -9 (a T5
+    model's gigabytes) is left under that name. Under another writer's temporary name it stayed for
+    good: no job clears the temporaries of the cache folder, which is no workdir."""
+    url, folder, listed = f"{bucket}/t5/spiece.model", tmp_path / "cache", []
+    storage.write_atomically(url, b"vocab")
+    real_open = storage.cache.open_file
+    monkeypatch.setattr(storage.cache, "open_file",
+                        lambda path, mode: listed.extend(os.listdir(folder)) or real_open(path, mode))
+    storage.cached_copy(url, str(folder))
+    [downloading] = listed  # while the download ran
+    assert downloading.startswith(f".spiece.model.download-{socket.gethostname()}-{os.getpid()}-")
+
+
 def test_the_cache_folder_is_the_projects_setting_else_the_users_cache(monkeypatch):
     monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "/data/pf_cache")
     monkeypatch.setenv("XDG_CACHE_HOME", "/data/xdg")
