@@ -1851,7 +1851,8 @@ def test_init_from_weights_other_than_a_fine_tune_started_from_is_a_warning_at_i
 def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path, caplog):
     """A run copied without train_settings.json resumed with any learning rate or batch size and
     said nothing: the check that refuses such changes had nothing to compare with."""
-    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, STARTED_FROM, check_resume
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, STARTED_FROM, check_resume, \
+        note_init_from_at_resume
 
     with caplog.at_level("WARNING"):
         check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)  # a new run: nothing to say
@@ -1865,6 +1866,10 @@ def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path,
     recorded = json.loads((tmp_path / SETTINGS_FILE).read_text())
     assert recorded["train.lr"] == 1.0
     assert STARTED_FROM not in recorded  # recorded mid-run: what it started from is not this command's init_from
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        note_init_from_at_resume(str(tmp_path), 40, "base_run")
+    assert "this run did not record what it started from, not from base_run" in caplog.text  # not "from scratch"
 
 def test_a_new_run_in_a_workdir_of_deleted_checkpoints_is_not_compared_with_that_runs_changes(tmp_path):
     """A fine-tune restarted in its workdir after `rm -r checkpoints/`, with the learning rate it
