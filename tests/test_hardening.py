@@ -2003,6 +2003,19 @@ def test_a_resume_behind_several_recorded_changes_compares_with_the_settings_its
     check_resume(behind, lr(1e-2, allowed=False), step=30, num_records=100)  # steps 21-30 trained with 1e-2
 
 
+def test_a_damaged_settings_changes_file_is_named_with_its_fix(tmp_path):
+    """A line of settings_changes.jsonl that is JSON but no change record (edited by hand, or
+    another file's) was a TypeError or KeyError traceback at the resume."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    for line in ("[]", '{"step": "40", "changes": {}}', '{"step": 40}'):
+        (tmp_path / CHANGES_FILE).write_text(line + "\n")
+        with pytest.raises(ValueError, match=rf"{CHANGES_FILE} is damaged \(ValueError: a line is not a change record "
+                                             r".*\): it records the settings changes of this run. Put back its"):
+            check_resume(str(tmp_path), c2i_config(), step=40, num_records=100)
+
+
 def test_a_resume_checked_before_its_restore_writes_nothing_even_for_an_allowed_change(tmp_path):
     """record=False (train() checks before it restores the checkpoint, which may fail) only refuses:
     recording there, the resume's own check after the restore took the change for one recorded by a
