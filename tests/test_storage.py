@@ -231,6 +231,18 @@ def test_a_step_whose_deletion_was_killed_midway_is_removed_by_the_next_run(buck
     assert storage.listdir(f"{run}/checkpoints") == ["100", "150", "200"]
 
 
+def test_only_a_step_folder_or_its_temporary_is_removed_as_a_killed_save_not_one_named_like_it(tmp_path):
+    """A folder whose name begins as a step's (9_backup, 12.old: a copy kept by hand) is no save: the
+    removal of killed saves past the latest step leaves it, and removes the killed save beside it."""
+    from pixelflow_jax.training.checkpointing import remove_unfinished_saves
+
+    run = tmp_path / "run"
+    for name in ("2", "7.orbax-checkpoint-tmp-1764580000", "9_backup", "12.old", "040"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    assert remove_unfinished_saves(str(run)) == [7]
+    assert sorted(os.listdir(run / "checkpoints")) == ["040", "12.old", "2", "9_backup"]
+
+
 def test_partial_checkpoints_that_cannot_be_removed_are_a_warning_not_a_failed_start(bucket, monkeypatch, caplog):
     """The removal is best effort, before the run saves anything: a bucket that refuses a deletion
     (a retention policy, a role without delete) leaves the partial step and the run starts."""
