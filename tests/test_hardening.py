@@ -963,6 +963,26 @@ def test_a_job_started_from_python_checks_its_config_and_workdir_as_main_does(co
     assert workdirs == [str(tmp_path / "home" / "samples")]
 
 
+def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main_does(tmp_path, monkeypatch):
+    """evaluate.run from a notebook skipped main.py's checks, as the other jobs did before: an
+    eval.batch_size of 0 failed in the Inception's batching with ZeroDivisionError, and a workdir of
+    ~/evals (or samples at ~/samples.npz) became a folder named '~' in the current one."""
+    from pixelflow_jax.evaluation import evaluate
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    evaluated = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda samples, reference, weights, workdir, batch_size: evaluated.append(
+        (samples, workdir)) or {name: 0.0 for name in evaluate.METRICS})
+    paths = {"eval.samples": "~/samples.npz", "eval.reference": "~/reference.npz", "eval.inception_weights": "~/w.pth"}
+    with pytest.raises(ConfigError, match=r"--config.eval.batch_size must be >= 1, got 0"):
+        evaluate.run(c2i_config(**paths, **{"eval.batch_size": 0}), "~/evals")
+    assert evaluated == [] and os.listdir(tmp_path) == []
+    evaluate.run(c2i_config(**paths), "~/evals")
+    assert evaluated == [(str(tmp_path / "home" / "samples.npz"), str(tmp_path / "home" / "evals"))]
+    assert os.listdir(tmp_path) == ["home"]
+
+
 def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked_for():
     """load_model(attention=...) was dropped without a word: the model ran the folder's backend. A
     notebook may halve the weights' memory as a sampling job does (param_dtype)."""

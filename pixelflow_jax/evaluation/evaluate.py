@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from pixelflow_jax import storage
+from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.error_text import described
@@ -601,6 +601,7 @@ def check_own_samples_finished(npz: str, workdir: str) -> None:
 def run(config, workdir: str, samples: str | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
     a sampling job there) and writes WORKDIR/eval.json (process 0)."""
+    config, workdir = validation.job_config(config, "eval"), validation.job_workdir(workdir)
     e = config.eval
     samples = samples or e.samples
     own = storage.join(workdir, SAMPLES_NPZ)
