@@ -29,7 +29,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.data.caption_data import has_visible_text
 from pixelflow_jax.command_line import sigterm_stops
 from pixelflow_jax.validation import (DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, ConfigError,
-                                      is_whole, job_config, unicode_text)
+                                      is_whole, job_config, job_workdir, unicode_text)
 from pixelflow_jax.api import (check_steps_for_stages, load_sampling_model, run_trained_classes, sampling_checkpoint,
                                sampling_source, weights_chosen)
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
@@ -338,6 +338,8 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run(config, workdir: str = "") -> None:
+    # Checked before the port is probed or a folder made (no workdir: the page's images go to a temporary folder).
+    config, workdir = job_config(config, "demo"), job_workdir(workdir) if workdir else workdir
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
     check_port_free(host, int(config.demo.port))

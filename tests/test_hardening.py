@@ -983,6 +983,32 @@ def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main
     assert os.listdir(tmp_path) == ["home"]
 
 
+def test_a_demo_page_started_from_python_checks_its_config_and_workdir_as_main_does(converted, tmp_path, monkeypatch):
+    """demo_app.run from a notebook probed --config.demo.port before the config was checked (port 0
+    bound at random), and a workdir of ~/page became a folder named '~' in the current one."""
+    from pixelflow_jax import demo_app
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    pages = []
+
+    class PageStarted(Exception):
+        pass
+
+    def record(config, workdir):
+        pages.append(workdir)
+        raise PageStarted
+
+    monkeypatch.setattr(demo_app, "DemoSampler", record)
+    checkpoint = {"sample.checkpoint": converted["c2i_tiny"]}
+    with pytest.raises(ConfigError, match=r"--config.demo.port must be in \[1, 65535\], got 0"):
+        demo_app.run(c2i_config(**checkpoint, **{"demo.port": 0}), "~/page")
+    assert pages == [] and os.listdir(tmp_path) == []
+    with pytest.raises(PageStarted):
+        demo_app.run(c2i_config(**checkpoint, **{"demo.port": free_port()}), "~/page")
+    assert pages == [str(tmp_path / "home" / "page")] and os.listdir(tmp_path) == ["home"]
+
+
 def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked_for():
     """load_model(attention=...) was dropped without a word: the model ran the folder's backend. A
     notebook may halve the weights' memory as a sampling job does (param_dtype)."""
