@@ -155,3 +155,7 @@ class ModelConfig:
         if self.pooled_text:  # named only when on, so the release's architectures read as before
             arch["pooled_text"] = True
         return arch
+
+
+# The options architecture() names only when on: a record without one has it off.
+ARCHITECTURE_OPTIONS_OFF = {"pooled_text": False}

@@ -1243,6 +1243,11 @@ def test_a_workdir_holds_to_its_model_once_a_step_of_it_is_saved(tmp_path, caplo
     assert "no step of the run it records was saved; recorded anew" in caplog.text
     assert "architecture.depth 28 there, 2 in this config" in caplog.text
     assert "architecture.patch_size absent there, 4 in this config" in caplog.text
+    # An option architecture() names only when on reads as off, not 'absent' (which a user had to decode).
+    from pixelflow_jax.training.run_config import differences
+
+    assert differences({"architecture": {"depth": 2}}, {"architecture": {"depth": 2, "pooled_text": True}}) == [
+        "architecture.pooled_text False there, True in this config"]
 
     (workdir / "checkpoints" / "10").mkdir(parents=True)  # a saved step
     config.model.depth = 3

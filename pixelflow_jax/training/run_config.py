@@ -11,7 +11,7 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
-from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.config import ARCHITECTURE_OPTIONS_OFF, ModelConfig
 from pixelflow_jax.training.metrics_log import WRITE_FIX
 
 
@@ -24,14 +24,16 @@ def write_run_record(path: str, value) -> None:
 
 def differences(there: dict, here: dict, prefix: str = "") -> list[str]:
     """'KEY THERE there, HERE in this config' for every entry that differs, nested dicts entry by
-    entry; an entry one side lacks is 'absent' there."""
+    entry; an entry one side lacks is 'absent' there (an architecture option named only when on:
+    its off value)."""
     lines = []
     for key in sorted(set(there) | set(here)):
         a, b = there.get(key), here.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             lines += differences(a, b, f"{prefix}{key}.")
         elif key not in there or key not in here or a != b:
-            shown = [repr(side[key]) if key in side else "absent" for side in (there, here)]
+            lacking = repr(ARCHITECTURE_OPTIONS_OFF[key]) if key in ARCHITECTURE_OPTIONS_OFF else "absent"
+            shown = [repr(side[key]) if key in side else lacking for side in (there, here)]
             lines.append(f"{prefix}{key} {shown[0]} there, {shown[1]} in this config")
     return lines
 
