@@ -167,12 +167,19 @@ def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     previous(unraisable)
 
 
+INSTALLED_ORBAX = re.compile(r"[/\\](site|dist)-packages[/\\]orbax[/\\]")  # a record's file
+
+
 def is_late_restore_callback(unraisable) -> bool:
     """The error of a tensorstore read that finished after a failed restore had closed orbax's event
-    loop (asyncio's closed-loop check, the last frame of its traceback)."""
+    loop (asyncio's closed-loop check, the last frame of its traceback), or of one of orbax's reads
+    that the failure left unfinished, when the collector closes it (its coroutine is the object)."""
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-            and bool(frames) and frames[-1].name == "_check_closed")
+    closed_loop = (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                   and bool(frames) and frames[-1].name == "_check_closed")
+    code = getattr(getattr(unraisable, "object", None), "cr_code", None)
+    abandoned_read = code is not None and INSTALLED_ORBAX.search(code.co_filename) is not None
+    return closed_loop or abandoned_read
 
 
 @contextlib.contextmanager
@@ -204,9 +211,6 @@ class LoggedStopsDropped(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, Terminated)))
-
-
-INSTALLED_ORBAX = re.compile(r"[/\\](site|dist)-packages[/\\]orbax[/\\]")  # a record's file
 
 
 def quiet_library_info(record) -> bool:
