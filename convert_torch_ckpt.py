@@ -28,8 +28,8 @@ import sys
 from absl import app, flags, logging
 
 from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
-                                        raise_dropped_ctrl_c, raise_dropped_stops, stop_behind, stop_cause,
-                                        stop_on_sigterm, usage_error)
+                                        import_numpy_before_jax, raise_dropped_ctrl_c, raise_dropped_stops,
+                                        stop_behind, stop_cause, stop_on_sigterm, usage_error)
 
 flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt; also hf://OWNER/NAME"
                     "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
@@ -233,6 +233,7 @@ def main(argv):
 if __name__ == "__main__":
     handle_ctrl_c_from_the_start()
     try:
+        import_numpy_before_jax()
         app.run(main)
     # Before main's own handling (the imports take seconds): a Ctrl-C, or one an import reworded
     # (jaxlib's: an ImportError); any other error is a bug, with its traceback.

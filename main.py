@@ -29,8 +29,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
-                                        keep_library_info_out_of_the_log, raise_dropped_ctrl_c, stop_behind,
-                                        stop_cause, stop_on_sigterm, stop_received, usage_error)
+                                        import_numpy_before_jax, keep_library_info_out_of_the_log,
+                                        raise_dropped_ctrl_c, stop_behind, stop_cause, stop_on_sigterm,
+                                        stop_received, usage_error)
 from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_code_error, config_file_given,
@@ -305,6 +306,7 @@ def what_a_rerun_resumes(workdir: str) -> str:
 if __name__ == "__main__":
     handle_ctrl_c_from_the_start()
     try:
+        import_numpy_before_jax()
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:
         exit_now_after_an_error(stop)

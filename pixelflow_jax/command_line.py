@@ -6,6 +6,7 @@ out of its log). Light to import: the tools import it before jax."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -240,6 +241,15 @@ def handle_ctrl_c_from_the_start() -> None:
     signal.signal(signal.SIGINT, on_ctrl_c)
     sys.unraisablehook = quiet_library_noise
     logging.getLogger("absl").addFilter(LoggedStopsDropped())  # absl.logging's records (orbax, jax) pass there
+
+
+def import_numpy_before_jax() -> None:
+    """For a tool, once its Ctrl-C handling is in place and before jax is imported. jax's extension
+    (jaxlib._jax) imports numpy from C the first time, and a Ctrl-C raised inside that import
+    printed numpy's traceback above the tool's one line, or crashed the process (SIGSEGV; each seen
+    at some moments of a Ctrl-C in the first second of main.py and the converter). Imported here by
+    Python, a Ctrl-C in it raises as anywhere else, and the extension finds numpy complete."""
+    importlib.import_module("numpy")
 
 
 def exit_without_teardown(message: str, status: int) -> None:

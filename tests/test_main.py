@@ -443,6 +443,45 @@ def test_a_ctrl_c_reworded_while_jax_imports_stops_in_one_line(tmp_path, tool, e
     assert not (tmp_path / "out").exists()
 
 
+A_CTRL_C_AS_A_MODULE_STARTS_TO_IMPORT = """
+import importlib.abc, os, runpy, signal, sys
+
+
+class CtrlCAt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # bytecodes for the handler to run between
+
+
+sys.meta_path.insert(0, CtrlCAt())
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def tool_argv(tool, tmp_path):
+    return {"main": ["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}", "--mode=inspect"],
+            "converter": ["convert_torch_ckpt.py", f"--output={tmp_path / 'out'}",
+                          f"--torch_checkpoint={os.path.join(REPO, 'tests', 'fixtures', 'c2i_tiny')}"],
+            "packer": [os.path.join("pixelflow_jax", "data", "pack_captions.py"), f"--folder={tmp_path}",
+                       f"--output={tmp_path / 'out'}"]}[tool]
+
+
+@pytest.mark.parametrize("tool", ["main", "converter", "packer"])
+def test_a_ctrl_c_while_numpy_imports_stops_in_one_line(tmp_path, tool):
+    """jaxlib's extension imported numpy from C: a Ctrl-C inside that import printed numpy's
+    traceback above the one line (the converter's test of a Ctrl-C 1 s into its start failed so
+    under load), and at other moments of it the process died of SIGSEGV."""
+    script = A_CTRL_C_AS_A_MODULE_STARTS_TO_IMPORT.format(module="numpy._core.multiarray",
+                                                          argv=tool_argv(tool, tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1].startswith("stopped: interrupted (Ctrl-C)"), result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 A_FAILED_JAX_IMPORT = """
 import importlib.abc, runpy, sys
 

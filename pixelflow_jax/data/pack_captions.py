@@ -20,13 +20,15 @@ import argparse
 import sys
 
 from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
-                                        raise_dropped_stops, stop_behind, stop_cause, stop_on_sigterm)
+                                        import_numpy_before_jax, raise_dropped_stops, stop_behind, stop_cause,
+                                        stop_on_sigterm)
 
 
 def main() -> None:
     handle_ctrl_c_from_the_start()
     stop_on_sigterm()  # the shards written are removed, as on Ctrl-C
     try:  # after the handlers: these imports take seconds (jax), and a stop meanwhile is one line too
+        import_numpy_before_jax()
         from pixelflow_jax import validation
         from pixelflow_jax.data.caption_data import MISSING_CAPTION_CHOICES
         from pixelflow_jax.data.caption_shards import counted, pack
