@@ -25,6 +25,11 @@ import errno
 import os
 import sys
 
+from pixelflow_jax.command_line import hold_ctrl_c_while_starting
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is raised once this tool handles it
+    hold_ctrl_c_while_starting()
+
 from absl import app, flags, logging
 
 from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
@@ -231,8 +236,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    handle_ctrl_c_from_the_start()
     try:
+        handle_ctrl_c_from_the_start()
+        raise_dropped_ctrl_c()  # pressed while the imports above ran
         import_numpy_before_jax()
         app.run(main)
     # Before main's own handling (the imports take seconds): a Ctrl-C, or one an import reworded

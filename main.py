@@ -25,6 +25,11 @@ import os
 import sys
 import traceback
 
+from pixelflow_jax.command_line import hold_ctrl_c_while_starting
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is raised once this tool handles it
+    hold_ctrl_c_while_starting()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -304,8 +309,9 @@ def what_a_rerun_resumes(workdir: str) -> str:
 
 
 if __name__ == "__main__":
-    handle_ctrl_c_from_the_start()
     try:
+        handle_ctrl_c_from_the_start()
+        raise_dropped_ctrl_c()  # pressed while the imports above ran
         import_numpy_before_jax()
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:

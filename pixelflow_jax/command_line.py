@@ -236,6 +236,18 @@ def raise_dropped_stops() -> None:
     stop_if_terminated()
 
 
+def hold_ctrl_c_while_starting() -> None:
+    """For a tool's first line, above its imports (absl's take up to 2 s on a busy machine): a
+    Ctrl-C is only recorded until handle_ctrl_c_from_the_start takes over, and the tool raises it
+    then (raise_dropped_ctrl_c). Python's own handler raised it inside those imports, where nothing
+    caught it: an import traceback, and the process died of SIGINT (exit -2, not 130)."""
+    signal.signal(signal.SIGINT, _hold_ctrl_c)
+
+
+def _hold_ctrl_c(*_) -> None:
+    _ctrl_c_received[0] = True
+
+
 def handle_ctrl_c_from_the_start() -> None:
     """For a tool's first lines: Ctrl-C recorded (on_ctrl_c) and library noise kept quiet."""
     signal.signal(signal.SIGINT, on_ctrl_c)

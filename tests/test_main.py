@@ -482,6 +482,17 @@ def test_a_ctrl_c_while_numpy_imports_stops_in_one_line(tmp_path, tool):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("tool", ["main", "converter"])
+def test_a_ctrl_c_while_the_first_imports_run_stops_in_one_line(tmp_path, tool):
+    """Above their handling of Ctrl-C, main.py and the converter import absl (up to 2 s on a busy
+    machine): a Ctrl-C there printed a KeyboardInterrupt traceback and the process died of SIGINT."""
+    script = A_CTRL_C_AS_A_MODULE_STARTS_TO_IMPORT.format(module="absl", argv=tool_argv(tool, tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1].startswith("stopped: interrupted (Ctrl-C)"), result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 A_FAILED_JAX_IMPORT = """
 import importlib.abc, runpy, sys
 
