@@ -2344,6 +2344,32 @@ def test_a_stop_the_moment_after_the_lock_is_written_still_releases_it(tmp_path,
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_stop_before_the_locks_heartbeat_thread_starts_still_releases_the_lock(tmp_path, monkeypatch):
+    """A stop between the heartbeat thread's creation and its start: release() joined the thread
+    that never started, whose RuntimeError ("cannot join thread before it is started") replaced
+    the stop and left train.lock behind."""
+    import threading
+
+    from pixelflow_jax.command_line import Terminated
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
+
+    real_start = threading.Thread.start
+
+    def stopped_before_the_heartbeat_starts(thread):
+        if thread.name == "workdir-lock-heartbeat":
+            raise Terminated
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", stopped_before_the_heartbeat_starts)
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    with pytest.raises(Terminated):
+        try:  # as train() holds it
+            lock.acquire()
+        finally:
+            lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 def test_the_lock_is_refreshed_by_a_thread_and_a_run_whose_lock_was_taken_over_stops(tmp_path):
     import time
 

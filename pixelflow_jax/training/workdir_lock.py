@@ -255,7 +255,9 @@ class WorkdirLock:
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread is not None:
+        # Only a thread that started: a stop between its creation and its start left a thread whose
+        # join raised RuntimeError, which replaced the stop and kept the lock below from being removed.
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=30)  # a write stuck in retries must not outlast a preemption's grace
         with self._guard:
             try:
