@@ -89,9 +89,9 @@ def sigterm_stops():
     stop_on_sigterm()
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # forgotten first: a delivery again due at this instant must not reach the restored handler
         _sigterm_received[0] = _dropped[signal.SIGTERM] = False
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_if_terminated() -> None:

@@ -1817,6 +1817,37 @@ def test_a_demo_page_stopped_by_sigterm_leaves_a_notebook_as_it_was(monkeypatch,
     assert served == [before]
 
 
+def test_a_dropped_sigterm_delivered_again_as_the_page_closes_never_reaches_the_notebooks_handler(monkeypatch):
+    """sigterm_stops gave the notebook its handler back before it forgot a dropped SIGTERM waiting
+    to be delivered again: a delivery at that instant went to the notebook's handler (here a
+    list; a notebook's own cleanup, or the default handler's exit, elsewhere)."""
+    import signal
+
+    from pixelflow_jax import command_line
+
+    real_signal, heard = signal.signal, []
+
+    def delivered_again_the_moment_it_is_restored(signum, handler):
+        previous = real_signal(signum, handler)
+        if handler is notebooks:  # the delivery's timer fires right then
+            command_line._deliver_again(signum)
+            time.sleep(5 * command_line.REDELIVERY_DELAY_S)  # for a signal sent to be handled
+        return previous
+
+    def notebooks(*_):
+        heard.append("SIGTERM")
+
+    before = real_signal(signal.SIGTERM, notebooks)
+    try:
+        monkeypatch.setattr(command_line.signal, "signal", delivered_again_the_moment_it_is_restored)
+        with command_line.sigterm_stops():
+            command_line._dropped[signal.SIGTERM] = True  # a SIGTERM dropped while the page served
+        monkeypatch.undo()
+    finally:
+        real_signal(signal.SIGTERM, before)
+    assert heard == []
+
+
 def test_the_demo_compiles_per_euler_step_counts_not_dopri5_ones():
     """The page said "Compiling..." whenever a step slider moved under dopri5, which uses none."""
     from pixelflow_jax.demo_app import DemoSampler
