@@ -215,8 +215,8 @@ def main(argv):
     from pixelflow_jax.checkpoints.convert import ConversionError
     from pixelflow_jax.validation import user_path
 
-    stop_on_sigterm()  # the output's temporary folder is removed, as on Ctrl-C
-    try:
+    try:  # from the handler on: a SIGTERM the moment after it is in place is handled below too
+        stop_on_sigterm()  # the output's temporary folder is removed, as on Ctrl-C
         raise_dropped_ctrl_c()  # received while importing, inside jax's gc callback, which dropped it
         for flag in ("output", "torch_checkpoint", "torch_config", "jax_checkpoint"):
             if FLAGS[flag].value:  # hf:// inputs are read (hub.py); nothing is written there

@@ -179,10 +179,10 @@ def train_mode():
     from pixelflow_jax.training import train
     from pixelflow_jax.training.workdir_lock import WorkdirBusy
 
-    if not FLAGS.distributed:  # until the training loop takes SIGTERM over (PreemptionWatch): while the
-        stop_on_sigterm()      # run restores its checkpoint and builds its data, a SIGTERM stops it
-                               # cleanly, its lock released
-    try:
+    try:  # from the handler on: a SIGTERM the moment after it is in place is handled below too
+        if not FLAGS.distributed:  # until the training loop takes SIGTERM over (PreemptionWatch): while the
+            stop_on_sigterm()      # run restores its checkpoint and builds its data, a SIGTERM stops it
+                                   # cleanly, its lock released
         train.train(FLAGS.config, FLAGS.workdir)
     except train.TrainingPreempted as e:
         print(f"stopped: {e}", file=sys.stderr)
@@ -231,9 +231,9 @@ def sample_or_eval_mode():
     from pixelflow_jax.evaluation import evaluate
     from pixelflow_jax.sampling import job_files, sample_run
 
-    if not FLAGS.distributed:
-        stop_on_sigterm()
-    try:
+    try:  # from the handler on: a SIGTERM the moment after it is in place is handled below too
+        if not FLAGS.distributed:
+            stop_on_sigterm()
         if FLAGS.mode == "sample":
             e = FLAGS.config.eval
             if e.reference:  # a typo found now, not after hours of sampling

@@ -493,6 +493,40 @@ def test_a_ctrl_c_while_the_first_imports_run_stops_in_one_line(tmp_path, tool):
     assert not (tmp_path / "out").exists()
 
 
+A_SIGTERM_THE_MOMENT_ITS_HANDLER_IS_IN_PLACE = """
+import os, runpy, signal, sys
+from pixelflow_jax import command_line
+
+install = command_line.stop_on_sigterm
+
+
+def installed_then_signalled():
+    install()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+command_line.stop_on_sigterm = installed_then_signalled  # before the tool imports it
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("tool", ["train", "sample", "converter", "packer"])
+def test_a_sigterm_the_moment_its_handler_is_in_place_stops_in_one_line(tmp_path, tool):
+    """Each tool installed its SIGTERM handler a line above the `try` that handles the stop it
+    raises: a SIGTERM in between printed a Terminated traceback, exit status 1."""
+    run = ["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'out'}"]
+    argv = {"train": run, "sample": [*run, "--mode=sample", f"--config.sample.checkpoint={tmp_path}"]}.get(tool) or \
+        tool_argv(tool, tmp_path)
+    if tool == "packer":
+        (tmp_path / "0.png").write_bytes(b"")
+    script = A_SIGTERM_THE_MOMENT_ITS_HANDLER_IS_IN_PLACE.format(argv=argv)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1].startswith("stopped: terminated (SIGTERM)"), result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 A_FAILED_JAX_IMPORT = """
 import importlib.abc, runpy, sys
 

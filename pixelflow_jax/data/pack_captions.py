@@ -25,9 +25,10 @@ from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handl
 
 
 def main() -> None:
-    handle_ctrl_c_from_the_start()
-    stop_on_sigterm()  # the shards written are removed, as on Ctrl-C
-    try:  # after the handlers: these imports take seconds (jax), and a stop meanwhile is one line too
+    try:  # the handlers first (a stop the moment after one is in place is handled below too): these
+        # imports take seconds (jax), and a stop meanwhile is one line too
+        handle_ctrl_c_from_the_start()
+        stop_on_sigterm()  # the shards written are removed, as on Ctrl-C
         import_numpy_before_jax()
         from pixelflow_jax import validation
         from pixelflow_jax.data.caption_data import MISSING_CAPTION_CHOICES
