@@ -970,3 +970,18 @@ def test_a_killed_writers_temporary_folder_is_kept_while_anything_in_it_is_recen
     os.utime(other / "events" / "tfevents", (hour_ago, hour_ago))
     storage.remove_abandoned_dirs("pixelflow_test")
     assert os.listdir(tmp_path) == [os.path.basename(mine)]
+
+
+def test_reading_the_umask_never_changes_it(monkeypatch):
+    """umask() set the umask to 0 to read it: for that instant a file another thread created (orbax
+    saves from threads) got mode 0666, a folder 0777. On Linux it is read without being set."""
+    from pixelflow_jax.storage import temporaries
+
+    previous = os.umask(0o027)
+    try:
+        changes = []
+        real_umask = os.umask
+        monkeypatch.setattr(temporaries.os, "umask", lambda mask: changes.append(mask) or real_umask(mask))
+        assert temporaries.umask() == 0o027 and changes == []
+    finally:
+        os.umask(previous)

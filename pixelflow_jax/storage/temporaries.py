@@ -121,8 +121,16 @@ def process_alive(pid: int) -> bool:
 
 
 def umask() -> int:
-    """This process's umask (reading it means setting it: set back at once)."""
-    mask = os.umask(0)
+    """This process's umask. Read from Linux's /proc: the portable way sets it to read it, and for that
+    instant a file another thread creates (orbax saves from threads) would get the mode 0666 or 0777."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)  # elsewhere (macOS; Linux before 4.7): set, and set back at once
     os.umask(mask)
     return mask
 
