@@ -33,7 +33,7 @@ if __name__ == "__main__":  # a Ctrl-C during the imports below is raised once t
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixelflow_jax.command_line import (EXIT_INTERRUPTED, Terminated, handle_ctrl_c_from_the_start,
+from pixelflow_jax.command_line import (Terminated, handle_ctrl_c_from_the_start,
                                         import_numpy_before_jax, keep_library_info_out_of_the_log,
                                         raise_dropped_ctrl_c, stop_behind, stop_cause, stop_on_sigterm,
                                         stop_received, usage_error)
@@ -316,9 +316,11 @@ if __name__ == "__main__":
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:
         exit_now_after_an_error(stop)
-    except KeyboardInterrupt:  # where no mode handles it: while starting, the imports take seconds
-        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
-        exit_now_after_an_error(SystemExit(EXIT_INTERRUPTED))
+    except (KeyboardInterrupt, Terminated) as stop:  # where no mode handles it: while starting (the imports
+        # take seconds), or a SIGTERM in a job's last instants, after its mode's own handling
+        cause, status = stop_cause(stop)
+        print(f"stopped: {cause}", file=sys.stderr)
+        exit_now_after_an_error(SystemExit(status))
     except Exception as error:  # a bug: its traceback, then the same exit (in a job of several processes, not a hang)
         if (stop := stop_received()) is not None:  # a library's rewording of a Ctrl-C or SIGTERM
             cause, status = stop_cause(stop)

@@ -385,6 +385,34 @@ def test_a_ctrl_c_python_dropped_is_delivered_again_and_one_the_job_raised_meanw
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr[-3000:]
 
 
+A_SIGTERM_AFTER_THE_MODE = """
+import runpy, sys
+from pixelflow_jax import command_line, inspect_model
+
+run = inspect_model.run
+
+
+def run_then_sigterm(*args, **kwargs):  # the job's work done, a SIGTERM in its last instants
+    run(*args, **kwargs)
+    raise command_line.Terminated
+
+
+inspect_model.run = run_then_sigterm
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_sigterm_in_a_jobs_last_instants_stops_in_one_line(tmp_path):
+    """Past a mode's own handling (inspect has none for a stop) a SIGTERM was a Terminated traceback,
+    exit status 1: main.py's last resort handled a Ctrl-C only."""
+    argv = ["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}", "--mode=inspect"]
+    result = subprocess.run([sys.executable, "-c", A_SIGTERM_AFTER_THE_MODE.format(argv=argv)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == "stopped: terminated (SIGTERM)"
+
+
 A_LIBRARY_REWORDS_A_CTRL_C = """
 import os, runpy, signal, sys, time
 import {module} as module
