@@ -241,9 +241,9 @@ if __name__ == "__main__":
         raise_dropped_ctrl_c()  # pressed while the imports above ran
         import_numpy_before_jax()
         app.run(main)
-    # Before main's own handling (the imports take seconds): a Ctrl-C, or one an import reworded
-    # (jaxlib's: an ImportError); any other error is a bug, with its traceback.
-    except (KeyboardInterrupt, Exception) as error:
+    # Before main's own handling (the imports take seconds): a Ctrl-C or SIGTERM, or a Ctrl-C an import
+    # reworded (jaxlib's: an ImportError); any other error is a bug, with its traceback.
+    except (KeyboardInterrupt, Terminated, Exception) as error:
         if (stop := stop_behind(error)) is None:
             raise
         cause, status = stop_cause(stop)

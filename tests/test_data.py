@@ -799,6 +799,35 @@ def test_a_pack_stopped_by_a_signal_removes_its_shards_and_says_so(tmp_path, sig
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "shards")  # the pack made it: gone
 
 
+A_SIGTERM_AT_THE_PACKS_LAST_LINE = """
+import runpy, sys
+from pixelflow_jax import command_line
+from pixelflow_jax.data import caption_shards
+
+
+def counted(*args):  # the summary line is being written: a SIGTERM there
+    raise command_line.Terminated
+
+
+caption_shards.counted = counted
+sys.argv = ["pack_captions.py", f"--folder={sys.argv[1]}", f"--output={sys.argv[2]}"]
+runpy.run_path("pixelflow_jax/data/pack_captions.py", run_name="__main__")
+"""
+
+
+def test_a_sigterm_at_the_packs_last_line_stops_in_one_line(tmp_path):
+    """Outside main()'s own handling (its arguments, its summary line) a SIGTERM was a Terminated
+    traceback, exit status 1."""
+    images = tmp_path / "captioned"
+    images.mkdir()
+    (images / "0.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
+    (images / "0.txt").write_text("a caption")
+    result = subprocess.run([sys.executable, "-c", A_SIGTERM_AT_THE_PACKS_LAST_LINE, str(images), str(tmp_path / "shards")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == "stopped: terminated (SIGTERM)"
+
+
 def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_path, monkeypatch):
     """From a bucket each file is a request: read one after another, a pack of a million captioned
     images waited out two million round trips."""
