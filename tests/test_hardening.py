@@ -1915,7 +1915,7 @@ def test_init_from_weights_other_than_a_fine_tune_started_from_is_a_warning_at_i
 
     started, tuned = str(tmp_path / "base_run"), str(tmp_path / "tuned")
     check_resume(tuned, c2i_config(**{"train.init_from": started}), step=0, num_records=100,
-                 init_checkpoint=f"{started}/checkpoints/4")
+                 init_checkpoint=f"{started}/checkpoints/4", init_weights="ema")
     with caplog.at_level("WARNING"):
         note_init_from_at_resume(tuned, 40, started, "ema")  # the same command rerun: said in passing
         assert caplog.text == ""
@@ -1923,6 +1923,14 @@ def test_init_from_weights_other_than_a_fine_tune_started_from_is_a_warning_at_i
     assert (f"resumes from its step 40; train.init_from starts new runs only and is not read: this run started "
             f"from the ema weights of {started}/checkpoints/4, not from the model weights of {started}. To train a "
             f"new run from those, use a new --workdir") in caplog.text
+    # A converted folder holds one set: no choice was made (api.weights_chosen), so none is recorded or compared.
+    caplog.clear()
+    converted, tuned = str(tmp_path / "converted"), str(tmp_path / "tuned_from_converted")
+    check_resume(tuned, c2i_config(**{"train.init_from": converted}), step=0, num_records=100,
+                 init_checkpoint=converted, init_weights=None)
+    with caplog.at_level("WARNING"):
+        note_init_from_at_resume(tuned, 40, converted, "model")
+    assert caplog.text == ""
 
 
 def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path, caplog):
@@ -1962,7 +1970,12 @@ def test_a_new_run_in_a_workdir_of_deleted_checkpoints_is_not_compared_with_that
     [record] = map(json.loads, open(tmp_path / CHANGES_FILE))  # the earlier run's history is kept, marked
     assert record["changes"] == {"train.lr": {"from": 0.0001, "to": 0.001}}
     assert record["discarded"] == "no step trained with it was kept: a new run started in this workdir"
-
+    # Damaged, that history stopped the new run, calling it 'the settings changes of this run': kept aside.
+    (tmp_path / CHANGES_FILE).write_text("{not json\n")
+    check_resume(workdir, c2i_config(**faster), step=0, num_records=100)
+    [aside] = [name for name in os.listdir(tmp_path) if name.startswith(f"{CHANGES_FILE}.earlier-run-")]
+    assert (tmp_path / aside).read_text() == "{not json\n" and not (tmp_path / CHANGES_FILE).exists()
+    check_resume(workdir, c2i_config(**faster), step=20, num_records=100)
 
 
 def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):

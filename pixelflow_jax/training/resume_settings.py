@@ -20,6 +20,7 @@ whose 'auto' picks another kernel is one. The class count of a class-conditional
 from __future__ import annotations
 
 import json
+import time
 
 import jax
 from absl import logging
@@ -154,11 +155,13 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
 
 
 def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True,
-                 listing: str | None = None, num_classes: int | None = None, init_checkpoint: str = "") -> None:
+                 listing: str | None = None, num_classes: int | None = None, init_checkpoint: str = "",
+                 init_weights: str | None = None) -> None:
     """Records the settings of a new run (and the number of records its data has, the fingerprint
     of its file listing where it has files, and its class count where it has one); refuses or
     records a change when resuming at `step`. `record=False` only refuses (and writes nothing).
-    `init_checkpoint`: the checkpoint a new run's weights were read from (CheckpointSource.label)."""
+    `init_checkpoint`: the checkpoint a new run's weights were read from (CheckpointSource.label);
+    `init_weights`: which of its sets (api.weights_chosen: None where the checkpoint holds one)."""
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing, num_classes)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if step and record:  # or a copy of the run without it: nothing to compare with
@@ -169,14 +172,14 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
             if step == 0:  # (a run that records its settings only at a resume cannot know its start)
                 current[STARTED_FROM] = storage.resolved(config.train.init_from) if config.train.init_from else ""
                 if config.train.init_from:
-                    current.update(zip(STARTED_FROM_READ, (init_checkpoint, config.train.init_from_weights)))
+                    current.update(zip(STARTED_FROM_READ, (init_checkpoint, init_weights)))
                 discard_changes_of_an_earlier_run(workdir)
             write_run_record(path, current)
         return
     trained, changes, untrained = settings_trained_to(workdir, step)
     previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
     if previous.get("model.attention") == "auto":  # as runs before 2026-12-01 recorded it: the kernel it ran
-        previous["model.attention"] = resolve_backend("auto", config.model.dtype)
+        previous["model.attention"] = resolve_backend("auto", previous.get("model.dtype", config.model.dtype))
     every_change = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
                     if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
     changed = {k: c for k, c in every_change.items() if k not in NUMERICS_ONLY}
@@ -218,7 +221,13 @@ def discard_changes_of_an_earlier_run(workdir: str) -> None:
     fine-tune again): the changes recorded by the run before trained no step that is kept. Marked
     discarded, as at a resume before them, they stay as its history and are never undone on the
     new run's own settings (which its first resume then refused as a change)."""
-    changes = read_changes(workdir)
+    try:
+        changes = read_changes(workdir)
+    except ValueError as e:  # damaged: kept aside, as no step it describes is kept
+        aside = storage.join(workdir, f"{CHANGES_FILE}.earlier-run-{int(time.time())}")
+        storage.move(storage.join(workdir, CHANGES_FILE), aside)
+        logging.warning("%s (moved to %s: a new run starts in this workdir)", e, aside)
+        return
     if any(not c.get("discarded") for c in changes):
         for change in changes:
             change.setdefault("discarded", "no step trained with it was kept: a new run started in this workdir")

@@ -449,6 +449,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                            lock: WorkdirLock, prompts: list[str] | None) -> dict:
     """train() once `lock` is held: the run's data, text encoder and state (resumed or new), then its
     steps; `prompts`: a text run's preview prompts on its own data (check_own_data_inputs)."""
+    from pixelflow_jax.api import weights_chosen
     from pixelflow_jax.data.loader import make_loader, to_global_batch
 
     check_run_config(workdir, model_cfg, config, record=False)  # before the text encoder is built there
@@ -478,7 +479,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
     start, state = resume_point(manager, state, shardings)
     check_resume(workdir, config, start, len(source), listing=listing,  # compared above: records a new run or a change
-                 num_classes=trained_classes, init_checkpoint=init_source.label if init_source else "")
+                 num_classes=trained_classes, init_checkpoint=init_source.label if init_source else "",
+                 init_weights=weights_chosen(init_source, t.init_from_weights))
     raise_dropped_stops()  # a SIGTERM or Ctrl-C while starting that Python dropped (inside a gc callback)
     # One global batch per step: the data position is the step, whatever the number of processes.
     data_sharding = batch_sharding(mesh)
