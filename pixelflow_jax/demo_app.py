@@ -164,13 +164,13 @@ class DemoSampler:
                 return f"The prompt must be text, got {shown(condition)}."
             if not (condition or "").strip():
                 return "Type a prompt."
-            if not has_visible_text(condition):  # it would sample as the empty prompt, as --mode=sample refuses
-                return ("The prompt holds no visible text, only zero-width, byte-order-mark or control characters, "
-                        "which the tokenizer drops: type the prompt.")
             try:  # half a surrogate pair (an API client's JSON escape): sentencepiece would fail the request
                 unicode_text("prompt", condition, where="the ")
             except ConfigError as e:
                 return f"{str(e)[0].upper()}{str(e)[1:]}."
+            if not has_visible_text(condition):  # it would sample as the empty prompt, as --mode=sample refuses
+                return ("The prompt holds no visible text, only zero-width, byte-order-mark or control characters, "
+                        "which the tokenizer drops: type the prompt.")
         elif condition is None:
             return "Pick a class."
         elif not is_whole(class_id := class_id_sent(condition)) or not 0 <= class_id < self.num_classes:
@@ -326,14 +326,17 @@ def name_the_values_of_miscounted_requests(page) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Before the model loads: a port in use is one clear error naming the flag that changes it."""
+    """Before the model loads, and after Gradio could not listen: a port taken (or closed to this
+    user) is one clear error naming the flag that changes it."""
+    import errno
     import socket
 
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise ValueError(f"port {port} on {host} is in use ({e.strerror}): choose another with "
+            cause = "in use" if e.errno == errno.EADDRINUSE else "not open to this process"
+            raise ValueError(f"port {port} on {host} is {cause} ({e.strerror}): choose another with "
                              "--config.demo.port=PORT") from None
 
 

@@ -197,6 +197,7 @@ def test_a_prompt_of_only_invisible_characters_is_refused_on_the_page_as_the_sam
             "The prompt holds no visible text, only zero-width, byte-order-mark or control characters, which the "
             "tokenizer drops: type the prompt."), repr(invisible)
     # Half a surrogate pair, as a JSON escape sends it: the request failed ('Failed: ConfigError: prompts holds ...').
+    assert demo.check(**{**good, "condition": "\ud800"}).startswith("The prompt holds U+D800, half of a UTF-16")
     assert demo.check(**{**good, "condition": "a \ud800 red disk"}) == (
         "The prompt holds U+D800, half of a UTF-16 surrogate pair, after 'a ' in 'a \\ud800 red disk': text cut inside "
         "a character such as an emoji, or one escape of a pair decoded alone; give it as UTF-8 text.")
