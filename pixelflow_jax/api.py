@@ -81,8 +81,8 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         if storage.basename(path) != storage.basename(path).strip():  # in a bucket (user_path refuses it locally)
             raise CheckpointError(f"checkpoint {path!r} does not exist (a name in it starts or ends with a space: a "
                                   "quoting slip?)")
-        raise CheckpointError(f"checkpoint {path} {storage.broken_link_words(path) or 'does not exist'}"
-                              f"{hub.missing_path_hint(path)}")
+        broken_link = storage.broken_link_words(path)
+        raise CheckpointError(f"checkpoint {path} {broken_link or 'does not exist' + hub.missing_path_hint(path)}")
     if storage.isfile(path):
         folder = storage.dirname(path)
         if storage.basename(path) == "model.pt" and storage.isfile(storage.join(folder, "config.yaml")):

@@ -330,3 +330,13 @@ def test_a_hub_cache_variable_naming_a_file_is_named_with_its_value_and_fix(tmp_
                                     "(huggingface_hub keeps its downloads"), result.stdout + result.stderr
     assert f"point {variable} at a folder, or unset it" in result.stdout
     assert not (tmp_path / "unused").exists()
+
+
+def test_a_path_under_a_broken_link_is_not_called_a_hub_repository(tmp_path, monkeypatch):
+    """A link runs -> a disk not mounted, given as runs/xl, was told it might name a Hugging Face Hub
+    repository: the check for a local folder runs followed the link."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "unmounted", tmp_path / "runs")
+    with pytest.raises(CheckpointError) as error:
+        load_model("runs/xl")
+    assert str(error.value) == "checkpoint runs/xl does not exist"

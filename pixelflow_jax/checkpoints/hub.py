@@ -68,13 +68,13 @@ def web_address_refusal(path: str) -> str | None:
 def missing_path_hint(path: str) -> str:
     """For a local checkpoint path that does not exist, the hf:// path it was likely meant as: a Hub
     web page's address without its https://, or a repository id as other Hub tools take it
-    (OWNER/NAME, where no local folder OWNER exists); '' otherwise."""
+    (OWNER/NAME, where no local folder OWNER exists, nor a link of that name); '' otherwise."""
     text = str(path)
     if storage.is_url(text):
         return ""
     if meant := from_web_address(f"https://{text}"):
         return f": that is a Hub web page's address; write {meant} to read it from the Hub"
-    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) and not os.path.exists(text.split("/")[0]):
+    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) and not os.path.lexists(text.split("/")[0]):
         return f" (if it names a Hugging Face Hub repository: write {PREFIX}{text})"
     return ""
 
