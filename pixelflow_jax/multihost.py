@@ -44,9 +44,9 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     at = f" at {coordinator_address}" if coordinator_address else ""
-    if None not in (num_processes, process_id):
-        logging.info("process %d of %d: joining the job's processes%s (waiting up to %d s for all of them)",
-                     process_id, num_processes, at, CONNECT_WAIT_S)
+    who = f"process {process_id} of {num_processes}" if None not in (num_processes, process_id) else \
+        "a process of the cluster jax detects"
+    logging.info("%s: joining the job's processes%s (waiting up to %d s for all of them)", who, at, CONNECT_WAIT_S)
     # jax's own end of the wait is a C++ abort that blames "another task died", with a stack dump:
     # this process stops first, in one line.
     waiting = threading.Timer(CONNECT_WAIT_S, stop_waiting, (at, num_processes, process_id))
