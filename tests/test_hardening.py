@@ -1316,9 +1316,11 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
         checkpointing.save(manager, 1, restored)
 
 
-def test_a_step_set_aside_at_two_resumes_keeps_both_copies_side_by_side(tmp_path, monkeypatch):
+@pytest.mark.parametrize("times,names", [((1000, 2000), ["4-1000", "4-2000"]), ((1000, 1000), ["4-1000", "4-1000-2"])])
+def test_a_step_set_aside_at_two_resumes_keeps_both_copies_side_by_side(tmp_path, monkeypatch, times, names):
     """A step that does not restore at two resumes (saved again in between, and damaged again) is set
-    aside each time under its step and the time: neither copy replaces the other or goes inside it."""
+    aside each time under its step and the time: neither copy replaces the other or goes inside it,
+    even within one second (the second copy went inside the first)."""
     from types import SimpleNamespace
 
     from pixelflow_jax.training import checkpointing
@@ -1326,7 +1328,7 @@ def test_a_step_set_aside_at_two_resumes_keeps_both_copies_side_by_side(tmp_path
     state = {"w": jnp.arange(4.0)}
     shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
     manager = checkpointing.checkpoint_manager(str(tmp_path), keep=5)
-    clock = iter([1000, 2000])  # the resumes' times (in one second, the names would be alike)
+    clock = iter(times)  # the resumes' times
     monkeypatch.setattr(checkpointing, "time", SimpleNamespace(time=lambda: next(clock)))
     checkpointing.save(manager, 2, state)
     for _ in range(2):
@@ -1334,9 +1336,9 @@ def test_a_step_set_aside_at_two_resumes_keeps_both_copies_side_by_side(tmp_path
         manager.wait_until_finished()
         assert checkpointing.resume_point(manager, state, shardings)[0] == 2
     aside = tmp_path / "unreadable_checkpoints"
-    assert sorted(os.listdir(aside)) == ["4-1000", "4-2000"]
+    assert sorted(os.listdir(aside)) == names
     step_folder = sorted(os.listdir(tmp_path / "checkpoints" / "2"))  # what each copy holds: a step folder's files
-    assert sorted(os.listdir(aside / "4-1000")) == sorted(os.listdir(aside / "4-2000")) == step_folder
+    assert sorted(os.listdir(aside / names[0])) == sorted(os.listdir(aside / names[1])) == step_folder
     manager.close()
 
 

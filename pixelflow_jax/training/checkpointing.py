@@ -244,12 +244,17 @@ def check_counted_step(manager, step: int, restored) -> None:
 
 def set_aside(manager, steps: list[int]) -> None:
     """Moves checkpoints that do not restore (one process) to WORKDIR/unreadable_checkpoints/
-    STEP-TIME: orbax saves only steps after its latest one, so left in place they would stop every
+    STEP-TIME (STEP-TIME-2, ... for more in one second): orbax saves only steps after its latest one, so left in place they would stop every
     save until the run passed them (and a read error that was only passing leaves the files)."""
     run = storage.dirname(str(manager.directory))
     for step in steps:
         folder = storage.join(str(manager.directory), str(step))
-        target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{step}-{int(time.time())}")
+        name = f"{step}-{int(time.time())}"
+        target = storage.join(run, UNREADABLE_CHECKPOINTS, name)
+        copy = 1
+        while storage.exists(target):  # set aside in the same second before: side by side, never inside it
+            copy += 1
+            target = storage.join(run, UNREADABLE_CHECKPOINTS, f"{name}-{copy}")
         try:
             storage.move(folder, target)
         except OSError as e:
