@@ -33,8 +33,8 @@ if __name__ == "__main__":  # a Ctrl-C during the imports below is raised once t
 from absl import app, flags, logging
 
 from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
-                                        import_numpy_before_jax, raise_dropped_ctrl_c, raise_dropped_stops,
-                                        stop_behind, stop_cause, stop_on_sigterm, usage_error)
+                                        raise_dropped_ctrl_c, raise_dropped_stops, stop_behind, stop_cause,
+                                        stop_on_sigterm, usage_error)
 
 flags.DEFINE_string("torch_checkpoint", None, "Release folder (config.yaml + model.pt; also hf://OWNER/NAME"
                     "[@REVISION][/SUBFOLDER]), state-dict .pt, or train.py checkpoint to convert to JAX.")
@@ -237,9 +237,7 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        handle_ctrl_c_from_the_start()
-        raise_dropped_ctrl_c()  # pressed while the imports above ran
-        import_numpy_before_jax()
+        handle_ctrl_c_from_the_start()  # and a Ctrl-C pressed while the imports above ran
         app.run(main)
     # Before main's own handling (the imports take seconds): a Ctrl-C or SIGTERM, or a Ctrl-C an import
     # reworded (jaxlib's: an ImportError); any other error is a bug, with its traceback.

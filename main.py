@@ -33,8 +33,7 @@ if __name__ == "__main__":  # a Ctrl-C during the imports below is raised once t
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixelflow_jax.command_line import (Terminated, handle_ctrl_c_from_the_start,
-                                        import_numpy_before_jax, keep_library_info_out_of_the_log,
+from pixelflow_jax.command_line import (Terminated, handle_ctrl_c_from_the_start, keep_library_info_out_of_the_log,
                                         raise_dropped_ctrl_c, stop_behind, stop_cause, stop_on_sigterm,
                                         stop_received, usage_error)
 from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
@@ -310,9 +309,7 @@ def what_a_rerun_resumes(workdir: str) -> str:
 
 if __name__ == "__main__":
     try:
-        handle_ctrl_c_from_the_start()
-        raise_dropped_ctrl_c()  # pressed while the imports above ran
-        import_numpy_before_jax()
+        handle_ctrl_c_from_the_start()  # and a Ctrl-C pressed while the imports above ran
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:
         exit_now_after_an_error(stop)

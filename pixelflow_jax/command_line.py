@@ -238,8 +238,8 @@ def raise_dropped_stops() -> None:
 
 def hold_ctrl_c_while_starting() -> None:
     """For a tool's first line, above its imports (absl's take up to 2 s on a busy machine): a
-    Ctrl-C is only recorded until handle_ctrl_c_from_the_start takes over, and the tool raises it
-    then (raise_dropped_ctrl_c). Python's own handler raised it inside those imports, where nothing
+    Ctrl-C is only recorded until handle_ctrl_c_from_the_start takes over, which raises it then.
+    Python's own handler raised it inside those imports, where nothing
     caught it: an import traceback, and the process died of SIGINT (exit -2, not 130)."""
     signal.signal(signal.SIGINT, _hold_ctrl_c)
 
@@ -249,18 +249,17 @@ def _hold_ctrl_c(*_) -> None:
 
 
 def handle_ctrl_c_from_the_start() -> None:
-    """For a tool's first lines: Ctrl-C recorded (on_ctrl_c) and library noise kept quiet."""
+    """For a tool's first lines, inside the `try` that handles its stops, before jax is imported:
+    Ctrl-C recorded (on_ctrl_c), library noise kept quiet, a Ctrl-C held while the tool started
+    (hold_ctrl_c_while_starting) raised, and numpy imported. jax's extension (jaxlib._jax) imports
+    numpy from C the first time, and a Ctrl-C raised inside that import printed numpy's traceback
+    above the tool's one line, or crashed the process (SIGSEGV; each seen at some moments of a
+    Ctrl-C in the first second of main.py and the converter). Imported here by Python, a Ctrl-C in
+    it raises as anywhere else, and the extension finds numpy complete."""
     signal.signal(signal.SIGINT, on_ctrl_c)
     sys.unraisablehook = quiet_library_noise
     logging.getLogger("absl").addFilter(LoggedStopsDropped())  # absl.logging's records (orbax, jax) pass there
-
-
-def import_numpy_before_jax() -> None:
-    """For a tool, once its Ctrl-C handling is in place and before jax is imported. jax's extension
-    (jaxlib._jax) imports numpy from C the first time, and a Ctrl-C raised inside that import
-    printed numpy's traceback above the tool's one line, or crashed the process (SIGSEGV; each seen
-    at some moments of a Ctrl-C in the first second of main.py and the converter). Imported here by
-    Python, a Ctrl-C in it raises as anywhere else, and the extension finds numpy complete."""
+    raise_dropped_ctrl_c()
     importlib.import_module("numpy")
 
 

@@ -20,16 +20,14 @@ import argparse
 import sys
 
 from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
-                                        import_numpy_before_jax, raise_dropped_stops, stop_behind, stop_cause,
-                                        stop_on_sigterm)
+                                        raise_dropped_stops, stop_behind, stop_cause, stop_on_sigterm)
 
 
 def main() -> None:
     try:  # the handlers first (a stop the moment after one is in place is handled below too): these
         # imports take seconds (jax), and a stop meanwhile is one line too
-        handle_ctrl_c_from_the_start()
         stop_on_sigterm()  # the shards written are removed, as on Ctrl-C
-        import_numpy_before_jax()
+        handle_ctrl_c_from_the_start()
         from pixelflow_jax import validation
         from pixelflow_jax.data.caption_data import MISSING_CAPTION_CHOICES
         from pixelflow_jax.data.caption_shards import counted, pack
