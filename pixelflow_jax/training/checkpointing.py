@@ -244,8 +244,9 @@ def check_counted_step(manager, step: int, restored) -> None:
 
 def set_aside(manager, steps: list[int]) -> None:
     """Moves checkpoints that do not restore (one process) to WORKDIR/unreadable_checkpoints/
-    STEP-TIME (STEP-TIME-2, ... for more in one second): orbax saves only steps after its latest one, so left in place they would stop every
-    save until the run passed them (and a read error that was only passing leaves the files)."""
+    STEP-TIME (STEP-TIME-2, ... for more in one second): orbax saves only steps after its latest
+    one, so left in place they would stop every save until the run passed them (and a read error
+    that was only passing leaves the files)."""
     run = storage.dirname(str(manager.directory))
     for step in steps:
         folder = storage.join(str(manager.directory), str(step))
