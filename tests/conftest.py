@@ -62,6 +62,30 @@ def fixture_dir(name: str) -> str:
     return os.path.join(FIXTURES, name)
 
 
+def c2i_config(**changes):
+    """configs/c2i.py:tiny with {"section.field" or "field": value} changes, of any type (the checks
+    under test must refuse what the Python API may pass)."""
+    from configs import c2i
+
+    config = c2i.get_config("tiny")
+    with config.ignore_type():
+        for dotted, value in changes.items():
+            section, field = dotted.split(".") if "." in dotted else (None, dotted)
+            (config[section] if section else config)[field] = value
+    return config
+
+
+def t2i_config(**changes):
+    """configs/t2i.py:tiny with {"section.field": value} changes."""
+    from configs import t2i
+
+    config = t2i.get_config("tiny")
+    for dotted, value in changes.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    return config
+
+
 def run_converter(*args: str) -> subprocess.CompletedProcess:
     """Runs convert_torch_ckpt.py as a user would, returning its exit code and output.
     CONVERTER_PYTHON: another interpreter for it, one with torch, for a suite run in an environment

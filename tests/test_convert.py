@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, fixture_dir, run_converter
+from conftest import REPO, c2i_config, fixture_dir, run_converter
 from pixelflow_jax import load_model
+from pixelflow_jax.config import ModelConfig
 from test_model_parity import PARITY_RTOL, forward, relative_error
 
 
@@ -855,3 +856,59 @@ def test_a_training_runs_export_converted_back_holds_the_runs_weights_bit_for_bi
         for path, value in want.items():
             assert got[path].dtype == value.dtype and got[path].shape == value.shape, path
             assert np.array_equal(got[path].view(np.uint32), value.view(np.uint32)), path  # the bits: -0.0 too
+
+
+def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, converted):
+    release = tmp_path / "release"
+    shutil.copytree(fixture_dir("c2i_tiny"), release)
+    result = run_converter(f"--torch_checkpoint={release}", f"--output={release}", "--overwrite")
+    assert result.returncode != 0 and "overlaps the input" in result.stderr
+    assert sorted(os.listdir(release)) == ["config.yaml", "golden.npz", "golden_train_step.npz", "model.pt"]
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"cat")
+    result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={foreign}",
+                           "--overwrite")
+    assert result.returncode != 0 and "replaces only an earlier export" in result.stderr
+    assert os.listdir(foreign) == ["cat.jpg"]
+
+    # A release folder the user downloaded looks like an export (config.yaml + model.pt), and a
+    # conversion may hold the user's notes: neither is replaced.
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    for name in ("config.yaml", "model.pt"):
+        shutil.copy(release / name, downloaded / name)
+    with_notes = tmp_path / "with_notes"
+    shutil.copytree(converted["c2i_tiny"], with_notes)
+    (with_notes / "notes.txt").write_text("mine")
+    for args, output in ((("--to_torch", f"--jax_checkpoint={converted['t2i_tiny']}"), downloaded),
+                         ((f"--torch_checkpoint={release}",), with_notes)):
+        before = {name: (output / name).stat().st_mtime_ns for name in os.listdir(output)}
+        result = run_converter(*args, f"--output={output}", "--overwrite")
+        assert result.returncode != 0 and "holding nothing else" in result.stderr, result.stderr
+        assert {name: (output / name).stat().st_mtime_ns for name in os.listdir(output)} == before
+    export = tmp_path / "export"
+    for _ in range(2):  # an export of this tool is marked as one, so --overwrite may replace it
+        result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={export}",
+                               "--overwrite")
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_converted_folder_is_marked_complete_by_its_config_written_after_its_params(tmp_path, monkeypatch):
+    """In a bucket a converted folder is written in place: a conversion killed after writing
+    pixelflow_config.json but before its params would leave a folder that reads as a checkpoint."""
+    import orbax.checkpoint as ocp
+
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, CheckpointConfig, read_config, save_checkpoint
+
+    output, marked_before_params = tmp_path / "out", []
+    real_save = ocp.StandardCheckpointer.save
+
+    def save_params(self, directory, *args, **kwargs):
+        marked_before_params.append(os.path.exists(os.path.join(os.path.dirname(str(directory)), CONFIG_FILE)))
+        return real_save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_params)
+    config = CheckpointConfig(model=ModelConfig.from_mapping(c2i_config().model))
+    save_checkpoint(str(output), {"w": np.zeros(2, np.float32)}, config)
+    assert marked_before_params == [False] and read_config(str(output)) == config

@@ -1,16 +1,20 @@
-"""`main.py --mode=demo` driven by headless Chromium: pick a class, generate, see the images."""
+"""The demo page (`main.py --mode=demo`): driven by headless Chromium (pick a class, generate, see the
+images), and what it does with odd requests, stops, ports and its output folders."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+import numpy as np
+from PIL import Image
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, c2i_config, free_port
 from pixelflow_jax.command_line import EXIT_INTERRUPTED
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (.ci/run installs it)
@@ -223,3 +227,332 @@ def test_a_port_taken_while_the_model_loaded_is_named_with_the_flag_and_no_addre
         with pytest.raises(ValueError, match=rf"^port {port} on 127.0.0.1 is in use .*--config.demo.port=PORT$"):
             demo_app.serve(page, "127.0.0.1", port, None)
     assert "demo page:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_demo_outputs_link_or_file_is_named_and_left_alone(tmp_path, kind):
+    from pixelflow_jax.demo_app import demo_output_dir
+
+    mine = tmp_path / "my_pictures"
+    mine.mkdir()
+    (mine / "holiday.png").write_bytes(b"png")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if kind == "link":
+        (workdir / "demo_outputs").symlink_to(mine)
+    else:
+        (workdir / "demo_outputs").write_text("notes")
+    with pytest.raises(ValueError, match=f"demo_outputs is a {kind}, where the page keeps its images"):
+        demo_output_dir(str(workdir))
+    assert os.listdir(mine) == ["holiday.png"]
+
+
+def test_the_demo_page_keeps_only_its_newest_requests_on_disk(tmp_path):
+    from pixelflow_jax.demo_app import remove_old_requests
+
+    for i in range(5):
+        (tmp_path / f"request{i}").mkdir()
+        (tmp_path / f"request{i}" / "pixelflow_0_0.png").write_bytes(b"png")
+        os.utime(tmp_path / f"request{i}", ns=(i * 10**9, i * 10**9))  # request4 is the newest
+    remove_old_requests(str(tmp_path), keep=3)
+    assert sorted(os.listdir(tmp_path)) == ["request2", "request3", "request4"]
+    remove_old_requests(str(tmp_path), keep=3)
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_a_bucket_workdir_demo_removes_the_output_folders_of_killed_pages(tmp_path, monkeypatch):
+    """A page of a bucket workdir keeps its images in /tmp: a later page removes those of killed
+    pages once untouched for an hour, never those of a page still serving, nor a recent one (a page
+    in another container that shares /tmp and the hostname: its process is not visible here)."""
+    import tempfile
+
+    from pixelflow_jax.demo_app import demo_output_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    here, hour_ago = socket.gethostname(), time.time() - 3700
+    dead, recent, alive = (tmp_path / f"pixelflow_demo-{here}-{pid}-x" for pid in (999999999, 999999998, os.getppid()))
+    for folder in (dead, recent, alive, tmp_path / "pixelflow_demo_other"):
+        folder.mkdir()
+    (dead / "request").mkdir()
+    for path in (dead / "request", dead, alive):
+        os.utime(path, (hour_ago, hour_ago))
+    mine = demo_output_dir("gs://bucket/page")
+    assert os.path.isdir(mine) and os.path.basename(mine).startswith(f"pixelflow_demo-{here}-{os.getpid()}-")
+    assert sorted(os.listdir(tmp_path)) == sorted([recent.name, alive.name, "pixelflow_demo_other", os.path.basename(mine)])
+
+
+def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page():
+    from pixelflow_jax.demo_app import DemoSampler
+
+    demo = DemoSampler.__new__(DemoSampler)  # check() needs no model
+    demo.text, demo.num_classes, demo.max_images = False, 10, 8
+    good = dict(condition=3, solver="euler", num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
+    assert demo.check(**good) is None
+    assert demo.check(**{**good, "condition": 9.0, "seed": 7.0}) is None  # JSON numbers may come as floats
+    assert demo.check(**{**good, "condition": "3"}) is None  # Gradio's API lists the dropdown's ids as strings
+    for change, message in [({"cfg": None}, "CFG must be a number, got None."),
+                            ({"cfg": "4"}, "CFG must be a number, got '4'."),
+                            ({"steps": [2, None, 2, 2]}, "Steps of stage 1 must be a number, got None."),
+                            ({"seed": float("nan")}, "Seed must be a number, got nan."),
+                            # Gradio's own checks no longer run first: these reached the model or were rounded.
+                            ({"seed": 0.5}, "Seed must be a whole number from 0 to 4294967295."),
+                            ({"condition": 10}, "Class must be a whole number from 0 to 9, got 10."),
+                            ({"condition": -1}, "Class must be a whole number from 0 to 9, got -1."),
+                            ({"condition": "3.0"}, "Class must be a whole number from 0 to 9, got '3.0'."),
+                            ({"condition": "12"}, "Class must be a whole number from 0 to 9, got 12."),
+                            ({"condition": True}, "Class must be a whole number from 0 to 9, got True."),
+                            ({"condition": float("inf")}, "Class must be a whole number from 0 to 9, got inf."),
+                            ({"condition": None}, "Pick a class."),
+                            ({"solver": "heun"}, "Solver must be one of euler, dopri5, got 'heun'.")]:
+        assert demo.check(**{**good, **change}) == message
+    demo.text = True
+    assert demo.check(**{**good, "condition": "a red fox"}) is None
+    assert demo.check(**{**good, "condition": " "}) == "Type a prompt."
+    assert demo.check(**{**good, "condition": ["a red fox"]}) == "The prompt must be text, got ['a red fox']."
+
+
+def bare_demo(**fields):
+    """A DemoSampler without a model: check(), named() and generate() need only these fields."""
+    from pixelflow_jax.demo_app import DemoSampler
+
+    demo = DemoSampler.__new__(DemoSampler)
+    demo.text, demo.num_classes, demo.max_images, demo.compiled = False, 10, 8, set()
+    for name, value in fields.items():
+        setattr(demo, name, value)
+    return demo
+
+
+def test_a_demo_request_is_accepted_at_each_limit_the_page_states_and_refused_just_past_it():
+    """The page's limits are inclusive at both ends (a slider's own ends, seed 2**32 - 1, class 0);
+    one step past either end, a fraction where a count goes, or True where a number goes is
+    refused naming that limit. A class id sent as text with blanks is read as the id; digits that
+    are no decimal ('²') are refused, not a crash in int()."""
+    from pixelflow_jax.validation import DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED
+
+    demo = bare_demo()
+    good = dict(condition=3, solver="euler", num_images=2, cfg=4.0, shift=1.0, steps=[2, 2, 2, 2], seed=0)
+    accepted = [{"condition": 0}, {"condition": 9}, {"condition": " 7 "}, {"num_images": 1}, {"num_images": 8},
+                {"num_images": 8.0}, {"cfg": DEMO_CFG_RANGE[0]}, {"cfg": DEMO_CFG_RANGE[1]},
+                {"shift": DEMO_SHIFT_RANGE[0]}, {"shift": DEMO_SHIFT_RANGE[1]}, {"steps": [1, DEMO_MAX_STEPS, 1, 1]},
+                {"seed": MAX_SEED}, {"seed": 5.0}]
+    for change in accepted:
+        assert demo.check(**{**good, **change}) is None, change
+    images = "Number of images must be a whole number from 1 to 8."
+    cfg = f"CFG must be between {DEMO_CFG_RANGE[0]:g} and {DEMO_CFG_RANGE[1]:g}."
+    shift = f"Noise shift must be between {DEMO_SHIFT_RANGE[0]:g} and {DEMO_SHIFT_RANGE[1]:g}."
+    steps = f"Steps per stage must be whole numbers from 1 to {DEMO_MAX_STEPS}."
+    seed = f"Seed must be a whole number from 0 to {MAX_SEED}."
+    refused = [({"num_images": 0}, images), ({"num_images": 9}, images), ({"num_images": 2.5}, images),
+               ({"cfg": DEMO_CFG_RANGE[0] - 0.1}, cfg), ({"cfg": DEMO_CFG_RANGE[1] + 0.1}, cfg),
+               ({"shift": DEMO_SHIFT_RANGE[0] - 0.1}, shift), ({"shift": DEMO_SHIFT_RANGE[1] + 0.1}, shift),
+               ({"steps": [2, 0, 2, 2]}, steps), ({"steps": [2, 2, DEMO_MAX_STEPS + 1, 2]}, steps),
+               ({"steps": [2, 2, 2, 1.5]}, steps), ({"seed": -1}, seed), ({"seed": MAX_SEED + 1}, seed),
+               ({"cfg": True}, "CFG must be a number, got True."),
+               ({"condition": "\u00b2"}, "Class must be a whole number from 0 to 9, got '\u00b2'.")]
+    for change, message in refused:
+        assert demo.check(**{**good, **change}) == message, change
+
+
+def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named_by_its_seed(tmp_path):
+    """generate() gives the sampler the request as the sampling job takes it (whole numbers as
+    ints, though JSON may send 7.0; one condition per image), writes each image's pixels to
+    pixelflow_SEED_I.png in a new request folder, and leaves only the newest KEPT_REQUESTS folders."""
+    from pixelflow_jax import demo_app
+
+    class RecordingSampler:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, labels, **options):
+            self.calls.append((labels, options))
+            return [np.full((4, 4, 3), 40 * i, np.uint8) for i in range(len(labels))]
+
+    older = [tmp_path / f"old{i}" for i in range(demo_app.KEPT_REQUESTS)]
+    for age, folder in enumerate(older):
+        folder.mkdir()
+        os.utime(folder, ns=(age * 10**9, age * 10**9))  # all long before this request
+    demo = bare_demo(sampler=RecordingSampler(), output_dir=str(tmp_path))
+    paths = demo.generate(3.0, 3.0, "euler", 4, 2, [2.0, 3, 1, 1], 7.0)
+    (labels, options), = demo.sampler.calls
+    assert labels == [3, 3, 3] and all(type(label) is int for label in labels)
+    assert options == dict(steps_per_stage=[2, 3, 1, 1], cfg_scale=4.0, solver="euler", shift=2.0, seed=7)
+    assert type(options["seed"]) is int and type(options["cfg_scale"]) is float
+    assert [os.path.basename(path) for path in paths] == [f"pixelflow_7_{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.full((4, 4, 3), 40 * i, np.uint8))
+    assert demo.compile_key(3, "euler", 4.0, [2, 3, 1, 1]) in demo.compiled
+    kept = sorted(os.listdir(tmp_path))
+    assert len(kept) == demo_app.KEPT_REQUESTS and "old0" not in kept and os.path.dirname(paths[0]) in \
+        [str(tmp_path / name) for name in kept]
+
+
+def test_the_demo_status_line_names_the_class_as_a_whole_number_and_shortens_only_prompts_past_80_characters():
+    """An API client may send class 207.0 (named 'class 207'); a prompt of exactly
+    SHOWN_PROMPT_CHARS characters is shown whole, one character more is cut there with '...'."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.demo_app import SHOWN_PROMPT_CHARS
+
+    class PlainTokenizer:  # nothing cut, nothing unknown
+        max_length = 16
+
+        def tokenize(self, prompts):
+            return np.zeros((len(prompts), 16), np.int32), None, [False] * len(prompts)
+
+        def has_unknown_text(self, ids):
+            return [False] * len(ids)
+
+    assert bare_demo().named(207.0) == "class 207"
+    demo = bare_demo(text=True, prompt_encoder=SimpleNamespace(tokenizer=PlainTokenizer()))
+    exactly = "x" * SHOWN_PROMPT_CHARS
+    assert demo.named(exactly) == f"prompt {exactly!r}"
+    assert demo.named(exactly + "y") == f"prompt {exactly + '...'!r}"
+
+
+def test_the_class_picker_lists_imagenet_names_by_id_for_1000_classes_and_numbers_otherwise():
+    """Option i must send class id i: a name shifted by one would sample the class beside the one picked."""
+    from pixelflow_jax.demo_app import IMAGENET_NAMES, class_choices
+
+    names = json.load(open(IMAGENET_NAMES))
+    choices = class_choices(1000)
+    assert len(choices) == 1000 and all(choice == (f"{i}: {names[i]}", i) for i, choice in enumerate(choices))
+    assert class_choices(3) == [("class 0", 0), ("class 1", 1), ("class 2", 2)]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_the_demo_page_binds_to_this_machine_unless_told_to_share(monkeypatch, share):
+    """config.demo.share_on_network=False must keep the page (and the checkpoint it samples) off
+    the network: 127.0.0.1, not every interface."""
+    from pixelflow_jax import demo_app
+
+    class Bound(Exception):
+        pass
+
+    def bind(host, port):
+        raise Bound(host, port)
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setattr(demo_app, "check_port_free", bind)
+    with pytest.raises(Bound) as bound:
+        demo_app.run(c2i_config(**{"demo.share_on_network": share, "demo.port": 8123}))
+    assert bound.value.args == ("0.0.0.0" if share else "127.0.0.1", 8123)
+
+
+def test_a_demo_page_stopped_by_sigterm_leaves_a_notebook_as_it_was(monkeypatch, tmp_path):
+    """demo_app.run left its SIGTERM handler installed and the stop recorded: in a notebook, every
+    sampling job after a page stopped by SIGTERM raised Terminated at its first batch."""
+    import signal
+    import threading
+    import types
+
+    from pixelflow_jax import command_line, demo_app
+
+    class Page:
+        def queue(self):
+            return self
+
+        def launch(self, **_):
+            pass
+
+        @property
+        def is_running(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # a `kill` meant for the page
+            return True
+
+        def close(self):
+            pass
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setattr(demo_app, "check_port_free", lambda *_: None)
+    monkeypatch.setattr(demo_app, "DemoSampler", lambda *_: types.SimpleNamespace(output_dir=str(tmp_path / "out")))
+    monkeypatch.setattr(demo_app, "build_page", lambda *_: Page())
+    before = signal.getsignal(signal.SIGTERM)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(command_line.Terminated):
+        demo_app.run(c2i_config(**{"sample.checkpoint": "ckpt"}), str(tmp_path))
+    assert signal.getsignal(signal.SIGTERM) is before
+    command_line.stop_if_terminated()  # a sampling job's check at each batch: no stop pending
+    assert (tmp_path / "out").is_dir()  # a local workdir's demo outputs are kept
+    with pytest.raises(command_line.Terminated):
+        demo_app.run(c2i_config(**{"sample.checkpoint": "ckpt"}), "")
+    assert not (tmp_path / "out").exists()  # a page without a workdir: its temporary folder removed
+    heard = []
+    signal.signal(signal.SIGTERM, lambda *_: heard.append("SIGTERM"))  # a notebook's own handler
+    try:
+        with command_line.sigterm_stops():  # a page closed while a dropped SIGTERM waits to be delivered again
+            command_line.deliver_again_later(signal.SIGTERM)
+        time.sleep(5 * command_line.REDELIVERY_DELAY_S)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert heard == []  # the page's stop, not the notebook's
+    served = []  # a page served from a notebook's thread, where signal.signal raises ValueError
+
+    def serve_in_a_thread():
+        with command_line.sigterm_stops():
+            served.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=serve_in_a_thread)
+    thread.start()
+    thread.join()
+    assert served == [before]
+
+
+def test_a_dropped_sigterm_delivered_again_as_the_page_closes_never_reaches_the_notebooks_handler(monkeypatch):
+    """sigterm_stops gave the notebook its handler back before it forgot a dropped SIGTERM waiting
+    to be delivered again: a delivery at that instant went to the notebook's handler (here a
+    list; a notebook's own cleanup, or the default handler's exit, elsewhere)."""
+    import signal
+
+    from pixelflow_jax import command_line
+
+    real_signal, heard = signal.signal, []
+
+    def delivered_again_the_moment_it_is_restored(signum, handler):
+        previous = real_signal(signum, handler)
+        if handler is notebooks:  # the delivery's timer fires right then
+            command_line._deliver_again(signum)
+            time.sleep(5 * command_line.REDELIVERY_DELAY_S)  # for a signal sent to be handled
+        return previous
+
+    def notebooks(*_):
+        heard.append("SIGTERM")
+
+    before = real_signal(signal.SIGTERM, notebooks)
+    try:
+        monkeypatch.setattr(command_line.signal, "signal", delivered_again_the_moment_it_is_restored)
+        with command_line.sigterm_stops():
+            command_line._dropped[signal.SIGTERM] = True  # a SIGTERM dropped while the page served
+        monkeypatch.undo()
+    finally:
+        real_signal(signal.SIGTERM, before)
+    assert heard == []
+
+
+def test_the_demo_compiles_per_euler_step_counts_not_dopri5_ones():
+    """The page said "Compiling..." whenever a step slider moved under dopri5, which uses none."""
+    from pixelflow_jax.demo_app import DemoSampler
+
+    key = DemoSampler.compile_key
+    assert key(None, 2, "euler", 4.0, [2, 2, 2, 2]) != key(None, 2, "euler", 4.0, [2, 3, 2, 2])
+    assert key(None, 2, "dopri5", 4.0, [2, 2, 2, 2]) == key(None, 2, "dopri5", 4.0, [2, 3, 2, 2])
+    assert key(None, 2, "dopri5", 4.0, [2, 2, 2, 2]) != key(None, 2, "dopri5", 1.0, [2, 2, 2, 2])  # unguided
+
+
+def test_a_demo_with_steps_for_another_number_of_stages_is_one_line(converted):
+    from configs import c2i
+    from pixelflow_jax.demo_app import DemoSampler
+
+    config = c2i.get_config("tiny")
+    config.sample.update(checkpoint=converted["c2i_tiny"], steps_per_stage=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"steps_per_stage gives 3 values; .*c2i_tiny has 4 stages"):
+        DemoSampler(config)
+
+
+def test_a_demo_port_in_use_names_the_flag():
+    from pixelflow_jax.demo_app import check_port_free
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ValueError, match="is in use .*--config.demo.port=PORT"):
+            check_port_free("127.0.0.1", busy.getsockname()[1])

@@ -51,7 +51,7 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="num_train_timesteps 3 must be at least num_stages 4"):
         PixelFlowScheduler(3, num_stages=4)
     # The release's arithmetic feeds stage 0 of 4 the timestep 0 alone with 4 to 7 training timesteps,
-    # and stage 0 of 9 with 21 (so not only below 2 x num_stages); training refuses them (test_hardening),
+    # and stage 0 of 9 with 21 (so not only below 2 x num_stages); training refuses them (test_config_checks),
     # while such a model still samples, with the schedule the release would give it.
     for n, stages, alike in ((4, 4, [0]), (7, 4, [0]), (8, 4, []), (21, 9, [0]), (22, 9, []), (1000, 4, [])):
         assert PixelFlowScheduler(n, num_stages=stages).stages_with_one_timestep() == alike

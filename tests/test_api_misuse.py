@@ -1,0 +1,586 @@
+"""The Python API (load_model, the model, the samplers, the job functions) names its misuse: wrong
+types, shapes, kernels and configs are refused before they give wrong images or raw errors."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, fixture_dir, free_port
+from pixelflow_jax import CheckpointError, load_model, storage
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.validation import ConfigError
+from conftest import c2i_config
+
+
+@pytest.fixture(scope="module")
+def models(converted):
+    return {name: load_model(path) for name, path in converted.items()}
+
+
+def test_the_model_checks_concrete_inputs_outside_jit(models):
+    model, _ = models["c2i_tiny"]
+    x, t = np.zeros((2, 16, 16, 3), np.float32), np.array([500.0, 500.0], np.float32)
+    for labels in ([1001, 5], [-1, 5], [-2, 5], [1.5, 2]):
+        with pytest.raises(ValueError, match=r"class_labels must be (class ids in \[0, 1000\] \(1000 = the null "
+                                             r"class\)|whole class ids)"):
+            model(x, t, class_labels=np.array(labels))
+    assert model(x, t, class_labels=np.array([1000, 999])).shape == x.shape  # the null class is an id
+    with pytest.raises(ValueError, match=r"images must be a batch \(B, H, H, 3\).*images\[None\]"):
+        model(x[0], t[:1], class_labels=np.array([1]))
+    text_model, _ = models["t2i_tiny"]
+    wrong_width = np.zeros((2, 6, text_model.config.cross_attention_dim + 1), np.float32)
+    with pytest.raises(ValueError, match="encoder_hidden_states must be .* the text encoder the model was trained"):
+        text_model(x, t, encoder_hidden_states=wrong_width, encoder_attention_mask=np.ones((2, 6), np.float32))
+    # uint8 pixels ran as values 0-255; a string time failed inside numpy; one caption for two images inside
+    # the attention kernel, naming neither argument.
+    with pytest.raises(ValueError, match=r"images must be floats in \[-1, 1\] .* got dtype uint8; scale 0-255"):
+        model(np.zeros((2, 16, 16, 3), np.uint8), t, class_labels=np.array([1, 2]))
+    for times in ("300", np.array([True, False])):
+        with pytest.raises(ValueError, match="timesteps must be real numbers"):
+            model(x, times, class_labels=np.array([1, 2]))
+    assert model(x.tolist(), 500, class_labels=np.array([1, 2])).shape == x.shape  # a nested list is an array
+    width = text_model.config.cross_attention_dim
+    with pytest.raises(ValueError, match="encoder_hidden_states holds 1 captions for 2 images"):
+        text_model(x, t, encoder_hidden_states=np.zeros((1, 6, width), np.float32))
+    with pytest.raises(ValueError, match=re.escape("encoder_hidden_states must be a batch (B, L_text, 20), got shape "
+                                                   "(6, 20): add a batch axis")):  # said: not the trained encoder
+        text_model(x[:1], t[:1], encoder_hidden_states=np.zeros((6, width), np.float32))
+    with pytest.raises(ValueError, match=re.escape("encoder_hidden_states must be a batch (B, L_text, 20), got shape "
+                                                   "(1, 1, 6, 20)")):  # an axis too many, e.g. states[None] of a batch
+        text_model(x[:1], t[:1], encoder_hidden_states=np.zeros((1, 1, 6, width), np.float32))
+    with pytest.raises(ValueError, match=r"encoder_attention_mask must be \(B, L_text\) = \(2, 6\)"):
+        text_model(x, t, encoder_hidden_states=np.zeros((2, 6, width), np.float32),
+                   encoder_attention_mask=np.ones((2, 5), np.float32))
+    states = np.random.default_rng(0).standard_normal((2, 6, width)).astype(np.float32)
+    np.testing.assert_array_equal(text_model(x, t, encoder_hidden_states=states.tolist()),  # a list: an AttributeError
+                                  text_model(x, t, encoder_hidden_states=states))
+
+    # Under jit only the labels' dtype is known: 1.7 was read as class 1, unseen.
+    from flax import nnx
+
+    jitted = nnx.jit(lambda model, labels: model(x, t, class_labels=labels))
+    with pytest.raises(ValueError, match="class_labels must be integer ids, got dtype float32 under jit"):
+        jitted(model, jnp.array([1.7, 5.0]))
+
+
+def test_the_models_run_in_a_notebook_that_refuses_rank_promotion(models, encoder_folder):
+    """jax_numpy_rank_promotion='raise' (a notebook's own strictness) refused the transformer's and
+    T5's first multiply of a (C,) scale with (B, L, C) activations."""
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    model, _ = models["t2i_tiny"]
+    encoder = PromptEncoder(encoder_folder, max_length=8)
+    states, mask = encoder.encode(["a red disk"])
+    call = lambda: model(np.zeros((1, 16, 16, 3), np.float32), 500, encoder_hidden_states=states,
+                         encoder_attention_mask=mask)
+    expected = call()
+    with jax.numpy_rank_promotion("raise"):
+        np.testing.assert_array_equal(encoder.encode(["a red disk"])[0], states)
+        np.testing.assert_array_equal(call(), expected)
+
+
+def test_help_on_the_python_api_describes_every_argument():
+    """help(sampler.generate) named image_ids alone: that cfg_scale is the last stage's, ramped up
+    from none at stage 0, or that dopri5 ignores steps and shift, was in no help text."""
+    import inspect
+
+    import pixelflow_jax
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    described_in = {pixelflow_jax.load_model: pixelflow_jax.load_model,
+                    pixelflow_jax.PixelFlow.__call__: pixelflow_jax.PixelFlow,
+                    pixelflow_jax.PixelFlowScheduler.__init__: pixelflow_jax.PixelFlowScheduler,
+                    pixelflow_jax.PixelFlowScheduler.set_timesteps: pixelflow_jax.PixelFlowScheduler.set_timesteps,
+                    CascadeSampler.generate: CascadeSampler.generate,
+                    CascadeSampler.generate_from_prompts: CascadeSampler.generate_from_prompts,
+                    PromptEncoder.__init__: PromptEncoder}
+    for function, documented in described_in.items():
+        text = inspect.getdoc(documented)
+        missing = [name for name in inspect.signature(function).parameters
+                   if name != "self" and not re.search(rf"\b{name}\b", text)]
+        assert not missing, (function.__qualname__, missing)
+
+
+def test_the_sampler_names_the_misuse(models):
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+
+    sampler = CascadeSampler(*models["c2i_tiny"])
+    for labels, message in (([], "nothing to generate"), (["goldfish"], "labels must be whole class ids"),
+                            ([3, 1000], r"labels must be class ids in \[0, 999\]"),
+                            ((c for c in [1, 2]), r"labels must be a 1-D list of class ids, got generator <gen.*: pass "
+                                                  "a list or a 1-D array"),
+                            (7, r"labels must be a 1-D list of class ids, got int 7: pass a list"),
+                            ([[1, 2]], r"labels must be a 1-D list of class ids, got shape \(1, 2\): pass a list")):
+        with pytest.raises(ValueError, match=message):
+            sampler.generate(labels, steps_per_stage=1)
+    with pytest.raises(ValueError, match=r"image_ids must give one id per image \(2\)"):
+        sampler.generate([1, 2], steps_per_stage=1, image_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number"):
+        sampler.generate([1], steps_per_stage=1, cfg_scale=float("nan"))
+    for arguments, message in (({"steps_per_stage": 2.5}, "steps_per_stage must be a whole number, got 2.5"),
+                               ({"steps_per_stage": True}, "steps_per_stage must be a whole number, got True"),
+                               ({"image_ids": [0.5]}, r"image_ids must be whole numbers in \[0, 2\*\*31\)"),
+                               ({"image_ids": [-1]}, "image_ids must be whole numbers"),
+                               ({"seed": 2**32}, r"seed must be in \[0, 4294967295\], got 4294967296"),
+                               ({"seed": -1}, r"seed must be in \[0, 4294967295\], got -1"),
+                               ({"seed": 1.5}, "seed must be a whole number, got 1.5"),
+                               ({"cfg_scale": np.array([2.0, 3.0])}, r"cfg_scale must be one number, got shape \(2,\)"),
+                               ({"steps_per_stage": jax.numpy.array(True)}, "must be a whole number, got True")):
+        with pytest.raises(ValueError, match=message):
+            sampler.generate([1], **{"steps_per_stage": 1, **arguments})
+    # numpy and jax scalars are numbers like any other
+    np.testing.assert_array_equal(sampler.generate([1], steps_per_stage=jax.numpy.array(1),
+                                                   cfg_scale=jax.numpy.float32(2.0), seed=np.int64(3)),
+                                  sampler.generate([1], steps_per_stage=1, cfg_scale=2.0, seed=3))
+    with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
+        CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
+    model, config = models["c2i_tiny"]
+    with pytest.raises(ValueError, match="config must be the checkpoint config load_model returns .* got a ModelConfig"):
+        CascadeSampler(model, model.config)
+    with pytest.raises(ValueError, match="config is another model's"):
+        CascadeSampler(model, models["t2i_tiny"][1])
+    with pytest.raises(ValueError, match=re.escape("model must be the PixelFlow load_model returns (model, config = "
+                                                   "load_model(path)), got a str")):  # an AttributeError
+        CascadeSampler("checkpoints/pixelflow_xl_c2i", models["c2i_tiny"][1])
+    with pytest.raises(ValueError, match=r"prompt_encoder must be a PromptEncoder, got '/tmp/t5': build one"):
+        CascadeSampler(*models["t2i_tiny"]).generate_from_prompts("/tmp/t5", ["a cat"], steps_per_stage=1)
+
+
+def test_generate_from_prompts_names_an_encoder_of_another_width(models):
+    """A T5 of another width than the model's cross-attention failed inside the first stage's jit,
+    naming encoder_hidden_states of the doubled (guided) batch, (2, 16, 24) for one prompt."""
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+
+    class Encoder:
+        def __init__(self, width):
+            self.width = width
+
+        def encode(self, prompts):
+            return np.zeros((len(prompts), 16, self.width), np.float32), np.ones((len(prompts), 16), np.float32)
+
+    sampler = CascadeSampler(*models["t2i_tiny"])
+    with pytest.raises(ValueError, match=re.escape("prompt_encoder gives embeddings of shape (1, 16, 24) for 1 prompts; "
+                                                   "this model's cross-attention takes (prompts, tokens, 20): use the "
+                                                   "text encoder the model was trained with")):
+        sampler.generate_from_prompts(Encoder(24), ["a red disk"], steps_per_stage=1)
+
+    class PooledEncoder(Encoder):  # one embedding per prompt (a sentence encoder), of the right width
+        def encode(self, prompts):
+            return np.zeros((len(prompts), self.width), np.float32), np.ones((len(prompts), 1), np.float32)
+
+    with pytest.raises(ValueError, match=re.escape("prompt_encoder gives embeddings of shape (1, 20) for 1 prompts; "
+                                                   "this model's cross-attention takes (prompts, tokens, 20)")):
+        sampler.generate_from_prompts(PooledEncoder(20), ["a red disk"], steps_per_stage=1)
+
+
+def test_a_config_of_the_other_kind_is_named(models):
+    from configs import t2i
+    from pixelflow_jax.sampling.sample_conditioning import conditioning_for
+
+    with pytest.raises(ValueError, match="text-conditional: sample it with --config=configs/t2i.py"):
+        conditioning_for(c2i_config().sample, models["t2i_tiny"][0].config)
+    with pytest.raises(ValueError, match="class-conditional .*--config=configs/c2i.py"):
+        conditioning_for(t2i.get_config("tiny").sample, models["c2i_tiny"][0].config)
+
+
+def test_a_sampling_job_checks_its_config_against_the_checkpoint_before_reading_its_weights(converted, tmp_path,
+                                                                                          monkeypatch):
+    from configs import t2i
+    from pixelflow_jax import api
+    from pixelflow_jax.demo_app import DemoSampler
+    from pixelflow_jax.sampling import sample_run
+
+    def weights_read(*_, **__):
+        raise AssertionError("the weights were read before the config was checked")
+
+    monkeypatch.setattr(api, "read_checkpoint", weights_read)
+    class_config, text_config = c2i_config(), t2i.get_config("tiny")
+    class_config.sample.checkpoint = converted["t2i_tiny"]
+    text_config.sample.checkpoint = fixture_dir("c2i_tiny")  # a release folder: its config.yaml alone is read
+    for job in (lambda config: sample_run.run(config, str(tmp_path / "samples")), DemoSampler):
+        with pytest.raises(ValueError, match="text-conditional: sample it with --config=configs/t2i.py"):
+            job(class_config)
+        with pytest.raises(ValueError, match="class-conditional .*--config=configs/c2i.py"):
+            job(text_config)
+    text_config.sample.update(checkpoint=converted["t2i_tiny"], prompts=[], prompts_file="")
+    with pytest.raises(ValueError, match="set exactly one of --config.sample.prompts"):
+        sample_run.run(text_config, str(tmp_path / "samples"))
+    text_config.sample.update(prompts=["a red disk"], weights="model")  # before the text encoder is loaded
+    for job in (lambda config: sample_run.run(config, str(tmp_path / "samples")), DemoSampler):
+        with pytest.raises(CheckpointError, match="is a converted folder with one set of weights"):
+            job(text_config)
+    assert not os.path.exists(tmp_path / "samples")
+    # A workdir this job cannot write is found before the restore (minutes at XL), not after it.
+    class_config.sample.checkpoint = converted["c2i_tiny"]
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(storage.StorageError, match="a_file .*is a file, not a folder"):
+        sample_run.run(class_config, str(tmp_path / "a_file" / "samples"))
+
+
+def test_a_job_leaves_the_callers_config_as_it_was(converted, tmp_path, monkeypatch):
+    """Jobs fill in what a config leaves empty. In a notebook the caller's config kept it: after
+    inspect_model.run in a training run's workdir, sample_run.run in another run's workdir sampled
+    the inspected run; after sampling a converted text model, a text run's sampling job took the
+    release's 512 tokens and float32 encoder instead of the run's own."""
+    from configs import t2i
+    from pixelflow_jax import demo_app, inspect_model
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.training import train
+    from test_inspect import a_training_run
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_, **__):
+        raise Stop
+
+    def fill_and_stop(config, *_):  # as train fills a resumed text run's encoder
+        config.train.text_encoder = "/encoders/t5"
+        raise Stop
+
+    text_config = t2i.get_config("tiny")
+    text_config.sample.update(checkpoint=converted["t2i_tiny"], prompts=["a red disk"])
+    inspected = c2i_config()
+    monkeypatch.setattr(inspect_model, "model_to_inspect", stop)  # the config is filled before these
+    monkeypatch.setattr(sample_run, "conditioning_for", stop)
+    monkeypatch.setattr(demo_app, "check_config_kind", stop)
+    monkeypatch.setattr(train, "validate", fill_and_stop)
+    for job, config in ((lambda c: inspect_model.run(c, a_training_run(tmp_path / "run", [4])), inspected),
+                        (lambda c: sample_run.run(c, str(tmp_path / "samples")), text_config),
+                        (lambda c: demo_app.DemoSampler(c, str(tmp_path / "demo")), text_config),
+                        (lambda c: train.train(c, str(tmp_path / "text_run")), t2i.get_config("tiny"))):
+        given = config.to_dict()
+        with pytest.raises(Stop):
+            job(config)
+        assert config.to_dict() == given
+
+
+def test_a_job_started_from_python_checks_its_config_and_workdir_as_main_does(converted, tmp_path, monkeypatch):
+    """A notebook calling the jobs skipped main.py's checks: sample_run.run sampled a seed of 2**40
+    as seed 0 (jax keeps 32 bits) and recorded 2**40, train.train at a resolution no stage could
+    patch failed in a reshape, inspect_model.run of seed -1 said 'expected non-negative integer',
+    and a workdir of ~/samples became a folder named '~' in the current one."""
+    from pixelflow_jax import demo_app, inspect_model
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.training import train
+
+    sampled = c2i_config(**{"sample.checkpoint": converted["c2i_tiny"], "sample.seed": 2**40})
+    with pytest.raises(ConfigError, match=r"--config.sample.seed must be in \[0, 4294967295\], got 1099511627776"):
+        sample_run.run(sampled, str(tmp_path / "samples"))
+    with pytest.raises(ConfigError, match=r"--config.data.resolution \(65\) must be a multiple of model.patch_size"):
+        train.train(c2i_config(**{"data.resolution": 65}), str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"--config.seed must be in \[0, 4294967295\], got -1"):
+        inspect_model.run(c2i_config(seed=-1), str(tmp_path / "inspect"))
+    with pytest.raises(ConfigError, match=r"--config.demo.port must be in \[1, 65535\], got 0"):  # the demo's checks
+        demo_app.DemoSampler(c2i_config(**{"sample.checkpoint": converted["c2i_tiny"], "demo.port": 0}),
+                             str(tmp_path / "demo"))
+    checkpoint = converted["c2i_tiny"]
+    with pytest.raises(ConfigError, match="workdir is empty: name a folder"):
+        sample_run.run(c2i_config(**{"sample.checkpoint": checkpoint}), " ")
+    with pytest.raises(CheckpointError, match=rf"--workdir {checkpoint}/samples is inside a converted checkpoint"):
+        sample_run.run(c2i_config(**{"sample.checkpoint": checkpoint}), f"{checkpoint}/samples")
+    assert not os.path.exists(f"{checkpoint}/samples")
+    assert sorted(os.listdir(tmp_path)) == []
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    workdirs = []
+    monkeypatch.setattr(sample_run, "_sample", lambda config, workdir: workdirs.append(workdir))
+    sample_run.run(c2i_config(**{"sample.checkpoint": converted["c2i_tiny"]}), "~/samples")
+    assert workdirs == [str(tmp_path / "home" / "samples")]
+
+
+def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main_does(tmp_path, monkeypatch):
+    """evaluate.run from a notebook skipped main.py's checks, as the other jobs did before: an
+    eval.batch_size of 0 failed in the Inception's batching with ZeroDivisionError, and a workdir of
+    ~/evals (or samples at ~/samples.npz) became a folder named '~' in the current one."""
+    from pixelflow_jax.evaluation import evaluate
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    evaluated = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda samples, reference, weights, workdir, batch_size: evaluated.append(
+        (samples, workdir)) or {name: 0.0 for name in evaluate.METRICS})
+    paths = {"eval.samples": "~/samples.npz", "eval.reference": "~/reference.npz", "eval.inception_weights": "~/w.pth"}
+    with pytest.raises(ConfigError, match=r"--config.eval.batch_size must be >= 1, got 0"):
+        evaluate.run(c2i_config(**paths, **{"eval.batch_size": 0}), "~/evals")
+    assert evaluated == [] and os.listdir(tmp_path) == []
+    evaluate.run(c2i_config(**paths), "~/evals")
+    assert evaluated == [(str(tmp_path / "home" / "samples.npz"), str(tmp_path / "home" / "evals"))]
+    assert os.listdir(tmp_path) == ["home"]
+
+
+def test_a_demo_page_started_from_python_checks_its_config_and_workdir_as_main_does(converted, tmp_path, monkeypatch):
+    """demo_app.run from a notebook probed --config.demo.port before the config was checked (port 0
+    bound at random), and a workdir of ~/page became a folder named '~' in the current one."""
+    from pixelflow_jax import demo_app
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    pages = []
+
+    class PageStarted(Exception):
+        pass
+
+    def record(config, workdir):
+        pages.append(workdir)
+        raise PageStarted
+
+    monkeypatch.setattr(demo_app, "DemoSampler", record)
+    checkpoint = {"sample.checkpoint": converted["c2i_tiny"]}
+    with pytest.raises(ConfigError, match=r"--config.demo.port must be in \[1, 65535\], got 0"):
+        demo_app.run(c2i_config(**checkpoint, **{"demo.port": 0}), "~/page")
+    assert pages == [] and os.listdir(tmp_path) == []
+    with pytest.raises(PageStarted):
+        demo_app.run(c2i_config(**checkpoint, **{"demo.port": free_port()}), "~/page")
+    assert pages == [str(tmp_path / "home" / "page")] and os.listdir(tmp_path) == ["home"]
+
+
+def test_load_model_builds_the_model_with_the_attention_backend_and_dtypes_asked_for():
+    """load_model(attention=...) was dropped without a word: the model ran the folder's backend. A
+    notebook may halve the weights' memory as a sampling job does (param_dtype)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model, config = load_model(fixture_dir("c2i_tiny"), attention="xla", dtype="bfloat16", param_dtype=jnp.bfloat16)
+    assert (model.config.attention, model.config.dtype) == (config.model.attention, config.model.dtype) == ("xla",
+                                                                                                           "bfloat16")
+    assert model.config.param_dtype == "bfloat16"
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(CheckpointError, match=r"param_dtype must be one of \('float32', 'bfloat16', 'float16'\) "
+                                              r"\(or the jnp dtype\), got 'int8'"):
+        load_model(fixture_dir("c2i_tiny"), param_dtype="int8")
+
+
+@pytest.mark.parametrize("attention, platforms", [("cudnn", "gpu"), ("pallas_gpu", "gpu"), ("splash", "tpu")])
+def test_load_model_refuses_a_kernel_the_platform_cannot_run_at_load(attention, platforms):
+    """The model loaded and failed only at its first call; a Pallas kernel still loads for
+    interpret mode (the parity tests run it so)."""
+    from pixelflow_jax.kernels.attention import interpret_kernels
+
+    with pytest.raises(CheckpointError, match=rf"^attention backend '{attention}' runs on {platforms}, "
+                                              r"and this run's platform is cpu: use 'auto' or 'xla'$"):
+        load_model(fixture_dir("c2i_tiny"), attention=attention, dtype="bfloat16")
+    if attention != "cudnn":
+        with interpret_kernels():
+            assert load_model(fixture_dir("c2i_tiny"), attention=attention)[0].config.attention == attention
+
+
+def test_load_model_refuses_cudnn_for_a_model_computing_in_float32(monkeypatch, converted):
+    """cuDNN takes no float32: on a GPU the model loaded and failed at its first call. The dtype
+    is the one given, else the checkpoint's; either is checked before the weights are read."""
+    import dataclasses
+
+    from pixelflow_jax import api
+
+    class WeightsRead(Exception):
+        pass
+
+    def read_checkpoint(*args):
+        raise WeightsRead
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "read_checkpoint", read_checkpoint)
+    for folder, dtype in ((fixture_dir("c2i_tiny"), None), (converted["c2i_tiny"], "float32")):
+        with pytest.raises(CheckpointError, match=r"^attention backend 'cudnn' takes bfloat16 or float16 inputs, and "
+                                                  r"this model computes in float32: compute in bfloat16, or use "
+                                                  r"'auto' \(XLA for float32\) or 'xla'$"):
+            load_model(folder, attention="cudnn", dtype=dtype)
+    with pytest.raises(WeightsRead):
+        load_model(fixture_dir("c2i_tiny"), attention="cudnn", dtype="bfloat16")
+    real_config = api.checkpoint_config
+    monkeypatch.setattr(api, "checkpoint_config", lambda source: dataclasses.replace(
+        real_config(source), model=dataclasses.replace(real_config(source).model, dtype="bfloat16")))
+    with pytest.raises(WeightsRead):  # a folder converted for bf16: its dtype
+        load_model(converted["c2i_tiny"], attention="cudnn")
+
+
+def test_loading_a_checkpoint_again_compiles_nothing(converted):
+    """A notebook's sweep over checkpoints compiled the finiteness check of the weights at every load."""
+    from test_sampling import counting_lowerings
+
+    load_model(converted["c2i_tiny"])
+    with counting_lowerings() as compiled:
+        load_model(converted["c2i_tiny"])
+    assert compiled == []
+
+
+def test_load_model_checks_its_weights_choice_before_the_path(tmp_path, converted):
+    """As dtype and attention: a mistyped weights= is named first, not after the path is resolved
+    (an hf:// checkpoint's config downloaded) or refused for another reason."""
+    from pixelflow_jax.api import read_checkpoint, resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match="weights must be one of"):
+        load_model(str(tmp_path / "nowhere"), weights="opt_state")
+    with pytest.raises(CheckpointError, match="weights must be one of"):  # a converted folder's one set was read
+        read_checkpoint(resolve_checkpoint(converted["c2i_tiny"]), "opt_state")
+
+
+def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
+    _, config = load_model(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
+    assert config.resolution == 64
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file; checkpoints are folders"):
+        load_model(str(tmp_path / "weights.pt"))
+
+
+def test_a_weights_file_given_as_a_checkpoint_is_sent_to_the_converter_unless_it_lies_in_one(tmp_path, converted):
+    """A train.py checkpoint (exp/model_2000.pt) was told "pass the folder that holds it", and that
+    folder was then refused as no checkpoint, without a word of the conversion its files need."""
+    from pixelflow_jax.api import resolve_checkpoint
+
+    exp = tmp_path / "exp0001"
+    exp.mkdir()
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), exp)
+    (exp / "model_2000.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_checkpoint(str(exp / "model_2000.pt"))
+    assert str(refused.value) == (f"{exp}/model_2000.pt is a file; checkpoints are folders: convert it with "
+                                  f"convert_torch_ckpt.py --torch_checkpoint={exp}/model_2000.pt --output=DIR "
+                                  "and pass DIR")
+    for step in (10000, 9000):  # train.py's output folder: the newest step is offered, by number
+        (exp / f"model_{step}.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_checkpoint(str(exp))
+    assert str(refused.value).endswith(f"; it holds model_2000.pt, model_9000.pt, model_10000.pt: convert one with "
+                                       f"convert_torch_ckpt.py --torch_checkpoint={exp}/model_10000.pt --output=DIR "
+                                       "and pass DIR"), refused.value
+    release = tmp_path / "release"  # a file of a checkpoint names that checkpoint
+    shutil.copytree(fixture_dir("c2i_tiny"), release)
+    for folder, file in ((release, "golden.npz"), (converted["c2i_tiny"], "pixelflow_config.json")):
+        with pytest.raises(CheckpointError, match=f"is a file; checkpoints are folders; it lies inside the "
+                                                  f"checkpoint {folder}: pass that"):
+            resolve_checkpoint(os.path.join(folder, file))
+
+
+def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
+    import jax.numpy as jnp
+
+    from pixelflow_jax.sampling.cascade import CascadeSampler, SamplingOptions
+    from pixelflow_jax.text.prompts import prompt_list
+
+    with pytest.raises(ValueError, match=r"the single string 'a cat': pass \[prompt\]"):  # was 5 prompts: a, " ", c...
+        prompt_list("a cat")
+    with pytest.raises(ValueError, match="no prompts"):
+        prompt_list([])
+    for prompts in (None, 5):  # a TypeError: "'NoneType' object is not iterable"
+        with pytest.raises(ValueError, match=rf"prompts must be a list of strings, got {type(prompts).__name__} "):
+            prompt_list(prompts)
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    for arguments, message in (({"dtype": "bf16"}, "dtype must be one of"),
+                               ({"max_length": 0}, r"max_length must be in \[2, 4096\], got 0")):
+        with pytest.raises(ValueError, match=message):  # before the folder is read
+            PromptEncoder("/nowhere", **arguments)
+    with pytest.raises(ValueError, match="rtol must be a finite positive number"):
+        SamplingOptions.create(4, 2, solver="dopri5", rtol=-1.0)
+    model, _ = models["c2i_tiny"]
+    images = np.zeros((2, 16, 16, 3), np.float32)
+    for arguments, message in (({"class_labels": [1, 2, 3]}, r"class_labels must be one per image, shape \(2,\)"),
+                               ({"class_labels": [1, 2], "encoder_attention_mask": np.ones((2, 4))},
+                                "no cross-attention: do not pass encoder_attention_mask")):
+        with pytest.raises(ValueError, match=message):
+            model(images, 1.0, **arguments)
+    with pytest.raises(ValueError, match=r"timesteps must be one value or one per image \(2\)"):
+        model(images, np.array([1.0, 2.0, 3.0]), class_labels=[1, 2])
+    with pytest.raises(ValueError, match=r"timesteps must be finite, got \[1.0, nan\]"):
+        model(images, np.array([1.0, np.nan]), class_labels=[1, 2])
+    with pytest.raises(ValueError, match="empty batch"):
+        model(images[:0], 1.0, class_labels=[])
+    sampler = CascadeSampler(model, models["c2i_tiny"][1])
+    for seed in (jax.random.key(0), jax.random.PRNGKey(0)):  # a numpy conversion error
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 4294967295\]"):
+            sampler.generate([1], steps_per_stage=1, seed=seed)
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number in \[1, 1000\]"):  # was NaN at 1e40
+        sampler.generate([1], steps_per_stage=1, cfg_scale=1e40)
+    for steps in (2, (2.5,) * 4):  # a TypeError inside the dataclass
+        with pytest.raises(ValueError, match="steps_per_stage must be a tuple of ints, one per stage"):
+            SamplingOptions(steps_per_stage=steps)
+    shapes = [(2, r, r, 3) for r in (8, 16, 32, 64)]
+    with pytest.raises(ValueError, match=r"uncond\['class_labels'\] must be class ids in \[0, 1000\]"):  # was NaN
+        sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], {"class_labels": np.array([1, 2])},
+                       {"class_labels": np.array([5000, 5000])}, SamplingOptions.create(4, 1, cfg_scale=3.0))
+    labels = {"class_labels": np.array([1, 2])}, {"class_labels": np.array([1000, 1000])}
+    options = SamplingOptions.create(4, 1)
+    # Noise of another size: a jax broadcast error; block noise of batch 1: every image the same noise.
+    with pytest.raises(ValueError, match=r"initial_noise must have shape \(batch, 8, 8, 3\) = \(2, 8, 8, 3\), got "
+                                         r"\(2, 4, 4, 3\)"):
+        sampler.sample(jnp.zeros((2, 4, 4, 3)), [jnp.zeros(s) for s in shapes[1:]], *labels, options)
+    with pytest.raises(ValueError, match=r"block_noises\[1\] \(stage 2\) must have shape .* = \(2, 32, 32, 3\), got "
+                                         r"\(1, 32, 32, 3\)"):
+        sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(shapes[1]), jnp.zeros((1, 32, 32, 3)), jnp.zeros(shapes[3])],
+                       *labels, options)
+    with pytest.raises(ValueError, match="options must be a SamplingOptions .*, got a dict"):
+        sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], *labels, {"steps_per_stage": 1})
+    # Conditioning of one row for two images failed in jnp.stack, one not a dict on a missing .get.
+    noise = jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]]
+    with pytest.raises(ValueError, match=re.escape("uncond['class_labels'] must hold one row per image of "
+                                                   "initial_noise (2), got shape (1,)")):
+        sampler.sample(*noise, labels[0], {"class_labels": np.array([1000])}, options)
+    with pytest.raises(ValueError, match=re.escape("cond['class_labels'] must hold one row per image of "
+                                                   "initial_noise (2), got shape ()")):
+        sampler.sample(*noise, {"class_labels": np.int32(3)}, labels[1], options)  # a label, not one per image
+    with pytest.raises(ValueError, match=re.escape("cond must be a dict of the model's keyword arguments "
+                                                   "({'class_labels': ...}, or the encoder_hidden_states")):
+        sampler.sample(*noise, np.array([1, 2]), labels[1], options)
+
+
+def test_a_model_config_takes_whole_numbers_and_true_or_false_only():
+    """numpy ints and 1.5 heads failed deep inside nnx ('Shapes must be 1D sequences of concrete
+    values of integer type'); attention_bias="False", a truthy string, built the biases unseen."""
+    small = dict(num_attention_heads=2, attention_head_dim=16, depth=1, num_classes=10)
+    config = ModelConfig(**{**small, "depth": np.int64(2), "num_classes": 10.0})
+    assert (type(config.depth), type(config.num_classes), config.depth) == (int, int, 2)
+    assert config == ModelConfig(**{**small, "depth": 2})  # equal and hashed alike: a sampler's programs are shared
+    flag = ModelConfig(**small, attention_bias=np.bool_(False)).attention_bias  # a numpy bool is True or False
+    assert (type(flag), flag) == (bool, False)
+    # dtypes as load_model takes them (it refused jnp.bfloat16, "got <class 'jax.numpy.bfloat16'>")
+    assert ModelConfig(**small, dtype=jnp.bfloat16, param_dtype=np.dtype("float16")) == \
+        ModelConfig(**small, dtype="bfloat16", param_dtype="float16")
+    for field, value, message in (("num_attention_heads", 1.5, "model.num_attention_heads must be a whole number, "
+                                                              "got 1.5"),
+                                  ("depth", "2", "model.depth must be a whole number, got '2'"),
+                                  ("num_classes", None, "model.num_classes must be a whole number, got None"),
+                                  ("attention_head_dim", True, "model.attention_head_dim must be a whole number"),
+                                  ("attention_bias", "False", "model.attention_bias must be True or False, got "
+                                                              "'False'")):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            ModelConfig(**{**small, field: value})
+    # None is named as given, not as the float64 numpy would read it as
+    with pytest.raises(ValueError, match=re.escape("model.dtype must be float32, bfloat16 or float16, got None")):
+        ModelConfig(**small, dtype=None)
+
+
+def test_a_fresh_model_names_a_config_or_rngs_of_the_wrong_type():
+    """PixelFlow(config.model) (a ConfigDict) and rngs=0 failed inside the first layer, with an
+    AttributeError naming neither argument."""
+    from flax import nnx
+
+    from configs import c2i
+    from pixelflow_jax import PixelFlow
+
+    for cfg, message in ((c2i.get_config("tiny").model, "cfg must be a ModelConfig, got a ConfigDict: "
+                                                        "ModelConfig.from_mapping(values) builds one"),
+                         ({"depth": 1}, "cfg must be a ModelConfig, got a dict: ModelConfig.from_mapping"),
+                         ("tiny", "cfg must be a ModelConfig, got a str: ModelConfig(num_attention_heads=...")):
+        with pytest.raises(TypeError, match=re.escape(message)):
+            PixelFlow(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=re.escape("rngs must be a flax.nnx.Rngs (the initialisation's seed), got 0: "
+                                                  "pass rngs=nnx.Rngs(0)")):
+        PixelFlow(ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=1, num_classes=10), rngs=0)
+
+
+def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                             "--config.model.attention=cudnn"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "error: --config.model.attention: attention backend 'cudnn' runs on" in \
+        result.stderr, result.stderr
+    assert not workdir.exists()
