@@ -38,8 +38,9 @@ from pixelflow_jax.command_line import (Terminated, handle_ctrl_c_from_the_start
                                         stop_received, usage_error)
 from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
-                                       check_flag_files, config_code_error, config_file_given,
-                                       flag_error_message, unknown_field_message)
+                                       check_flag_files, config_code_error, config_file_given, config_loading_error,
+                                       flag_error_message, frozen_config_error, hide_none_config_warning,
+                                       unknown_field_message, unloaded_config_error)
 from pixelflow_jax.cli.config_overrides import joined_strings_error, warn_of_overrides_without_effect
 from pixelflow_jax.cli.job_exit import StoppedTogether, another_process_gone, exit_now_after_an_error
 
@@ -69,12 +70,15 @@ FLAGS = flags.FLAGS
 
 def parse_flags(argv: list[str]) -> list[str]:
     check_config_file(argv)
+    hide_none_config_warning()
     try:
-        return FLAGS(argv)
+        parsed = FLAGS(argv)
     except flags.Error as e:
+        if message := config_loading_error(argv, e):
+            sys.exit(f"error: {message}")
         usage_error(flag_error_message(e))
     except (KeyError, AttributeError, TypeError) as e:  # ml_collections' errors for an override of a missing field
-        sys.exit(f"error: {unknown_field_message(argv, e)}")
+        sys.exit(f"error: {frozen_config_error(argv, e) or unknown_field_message(argv, e)}")
     except SyntaxError as e:  # raised while ml_collections imports the config file
         sys.exit(f"error: {config_file_given(argv)} is not a Python file of settings (line {e.lineno}: {e.msg}); "
                  f"{WHAT_A_CONFIG_FILE_IS}")
@@ -84,6 +88,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         if (message := config_code_error(argv, e)) is None:
             raise
         sys.exit(f"error: {message}")
+    if message := unloaded_config_error(argv, FLAGS["config"].value):
+        sys.exit(f"error: {message}")
+    return parsed
 
 
 def main(argv):

@@ -366,7 +366,8 @@ def test_an_unconditional_model_is_refused_by_sampling_the_demo_page_and_the_pyt
 @pytest.mark.parametrize("config,message", [
     ("configs/c2.py:demo", "error: --config file configs/c2.py does not exist (this project's configs: configs/c2i.py, "
                            "configs/t2i.py)"),
-    ("configs/c2i.py:dmeo", "error: flag --config=configs/c2i.py:dmeo: ValueError: unknown c2i config variant 'dmeo'"),
+    ("configs/c2i.py:dmeo", "error: configs/c2i.py:dmeo could not be read: its code raised ValueError: unknown c2i "
+                            "config variant 'dmeo'; choose '' (XL/4), 'tiny' or 'demo' (line "),
     ("gs://b/c2i.py:demo", "error: --config gs://b/c2i.py:demo is a URL: flag and config files are read from local "
                            "paths only: copy it here first (gcloud storage cp gs://b/c2i.py .)"),  # was "file gs"
     ("configs", "error: --config configs is a folder: name a config file (this project's configs: configs/c2i.py, "
@@ -512,6 +513,50 @@ def test_a_config_file_that_is_no_config_or_a_missing_flagfile_is_one_line(tmp_p
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_config_file_whose_get_config_returns_no_config_or_fails_in_ml_collections_is_one_line(tmp_path):
+    """Each was a message about ml_collections' insides: a ValueError or TypeError of the file's own
+    code (a ConfigDict field set to a value of another type, int() of an unset environment variable)
+    came without its line and with a pointer to the flags' help; an OSError (a file the config reads)
+    as 'get_config() returned a _ErrorConfig'; None as '--config must have a value other than None'
+    after a logged warning; a FrozenConfigDict as an error its get_config raised; a variant given to a
+    get_config that takes none (or none to one that needs one) as a bare TypeError."""
+    start = "from configs import c2i\n\ndef get_config():\n    config = c2i.get_config('tiny')\n"
+    files = {"type.py": start + "    config.model.depth = 2.5\n    return config\n",
+             "env.py": "import os\n\ndef get_config():\n    return int(os.environ.get('R16C_UNSET', 'x'))\n",
+             "reads.py": "def get_config():\n    return open('/nonexistent/classes.txt').read()\n",
+             "none.py": start, "frozen.py": "import ml_collections\n" + start
+             + "    return ml_collections.FrozenConfigDict(config)\n",
+             "plain.py": start + "    return config\n",
+             "variant.py": "from configs import c2i\n\ndef get_config(variant):\n    return c2i.get_config(variant)\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    from pixelflow_jax.cli.config_file import WHAT_A_CONFIG_FILE_IS
+
+    for config, message in (
+            ("type.py", "type.py could not be read: its code raised TypeError: Could not override field 'depth' "
+                        "(reference). 2.5 is of original type <class 'float'> and cannot be casted to type <class "
+                        "'int'> (line 5)"),
+            ("env.py", "env.py could not be read: its code raised ValueError: invalid literal for int() with base 10: "
+                       "'x' (line 4)"),
+            ("reads.py", "reads.py could not be read: its code raised FileNotFoundError: [Errno 2] No such file or "
+                         "directory: '/nonexistent/classes.txt' (line 2)"),
+            ("none.py", f"none.py: get_config() returned None (no return statement?); {WHAT_A_CONFIG_FILE_IS}"),
+            ("frozen.py", "frozen.py: get_config() returned a FrozenConfigDict, whose fields --config.FIELD=VALUE "
+                          "cannot set: return an ml_collections.ConfigDict (ConfigDict(frozen) makes one)"),
+            ("plain.py:tiny", "plain.py:tiny: this get_config() takes no variant: drop ':tiny'"),
+            ("variant.py", "variant.py: this get_config() takes a variant (its argument variant): give one as "
+                           "--config=FILE:VARIANT")):
+        result = subprocess.run([sys.executable, "main.py", f"--config={tmp_path / config}",
+                                 f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 1 and result.stderr == f"error: {tmp_path}/{message}\n", result.stderr
+        assert not (tmp_path / "run").exists()
+    result = subprocess.run([sys.executable, "main.py", "--config=", f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.stderr.startswith("error: --config is given without a file name: name a config file (this "
+                                    "project's configs: configs/c2i.py, configs/t2i.py)"), result.stderr
 
 
 def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():

@@ -157,6 +157,66 @@ def config_code_error(argv: list[str], error: Exception) -> str | None:
     return f"{given[-1]} could not be read: its code raised {described(error)} (line {lines[-1]})"
 
 
+def chain(error: BaseException) -> list[BaseException]:
+    """The error and those it was raised from or while handling, outermost first: absl's flag error
+    holds ml_collections' rewording, which holds the one the config file's code raised."""
+    errors = [error]
+    while (inner := errors[-1].__cause__ or errors[-1].__context__) is not None and inner not in errors:
+        errors.append(inner)
+    return errors
+
+
+def config_loading_error(argv: list[str], error: Exception) -> str | None:
+    """For absl's error while it loaded the --config file, one line on what went wrong there: an
+    error of the file's code with its line (ml_collections rewords a ValueError or TypeError into a
+    traceback in the text), a variant the file's get_config() does not take (or lacks), or None
+    returned; None for any other flag error."""
+    given = flag_values(argv, "config")
+    if not given:
+        return None
+    errors = chain(error)
+    # The innermost error raised through a line of the file (one raised inside a library and reworded there has none).
+    if message := next(filter(None, (config_code_error(argv, e) for e in reversed(errors))), None):
+        return message
+    cause = errors[-1]
+    if isinstance(cause, TypeError) and str(cause).startswith("get_config()"):  # the call itself: no line of the file
+        if ":" in given[-1] and "takes 0 positional arguments" in str(cause):
+            return f"{given[-1]}: this get_config() takes no variant: drop ':{given[-1].split(':', 1)[1]}'"
+        if needed := re.search(r"missing 1 required positional argument: '(\w+)'", str(cause)):
+            return (f"{given[-1]}: this get_config() takes a variant (its argument {needed[1]}): give one as "
+                    "--config=FILE:VARIANT")
+    if "--config must have a value other than None" in str(error):
+        return f"{given[-1]}: get_config() returned None (no return statement?); {WHAT_A_CONFIG_FILE_IS}"
+    return None
+
+
+def hide_none_config_warning() -> None:
+    """ml_collections logs a warning of its own where get_config() returns None, before absl's
+    error: config_loading_error says it in the one line."""
+    from absl import logging
+
+    logging.get_absl_logger().addFilter(lambda record: "did you forget a return statement" not in record.getMessage())
+
+
+def unloaded_config_error(argv: list[str], config) -> str | None:
+    """ml_collections keeps an OSError raised while it loads the config file (by a file its code
+    opens) in a stand-in config that raises it on first use, where the field check named the
+    stand-in's class: the error, with its line in the file; None for a config that loaded."""
+    if type(config).__name__ != "_ErrorConfig":
+        return None
+    cause = object.__getattribute__(config, "_error")
+    return config_code_error(argv, cause) or f"{config_file_given(argv)} could not be read: {described(cause)}"
+
+
+def frozen_config_error(argv: list[str], error: Exception) -> str | None:
+    """A FrozenConfigDict returned by get_config(): ml_collections' lock() of it raised, which read as
+    an error of get_config's own."""
+    if not (isinstance(error, AttributeError) and "FrozenConfigDict is immutable" in str(error)):
+        return None
+    return (f"{config_file_given(argv)}: get_config() returned a FrozenConfigDict, whose fields --config.FIELD=VALUE "
+            "cannot set: return an ml_collections.ConfigDict (ConfigDict(frozen) makes one)")
+
+
 def check_config_file(argv: list[str]) -> None:
     """A --config file that does not exist, named in one line (ml_collections reports it only when
     the config is first read, in a traceback); a config file given as a bare word, as the release's
@@ -170,10 +230,13 @@ def check_config_file(argv: list[str]) -> None:
             scheme, _, rest = value.partition("://")
             sys.exit(f"error: --config {value} is a URL: {read_locally(scheme + '://' + rest.split(':', 1)[0])}")
         path = value.split(":", 1)[0]
-        if path and os.path.isdir(path):
+        if not path:  # ml_collections' stand-in config for it was named as what get_config() returned
+            sys.exit(f"error: --config is given without a file name: name a config file (this project's configs: "
+                     f"{our_configs()})")
+        if os.path.isdir(path):
             sys.exit(f"error: --config {path} is a folder: name a config file (this project's configs: "
                      f"{our_configs()})")
-        if path and not os.path.isfile(path):
+        if not os.path.isfile(path):
             sys.exit(f"error: --config file {path} does not exist (this project's configs: {our_configs()})")
         if path.endswith((".yaml", ".yml")):  # the release's train.py takes its config.yaml
             sys.exit(f"error: --config {path} is a YAML file (a release config.yaml?); main.py's configs are Python: "
