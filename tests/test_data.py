@@ -156,6 +156,25 @@ def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_n
         ImageFolderSource(str(root), classes=source.classes)
 
 
+def test_a_class_folder_that_is_a_link_to_nothing_is_an_error_naming_it(tmp_path):
+    """A class folder linked to a disk not mounted (root/b -> /mnt/disk2/b) was left out without a
+    word: the run trained one class fewer, every later class under the id one lower, and wrote that
+    class list to its class index."""
+    root = tmp_path / "root"
+    for name in ("a", "c"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "x.png")
+    (root / "b").symlink_to(tmp_path / "unmounted" / "b")
+    with pytest.raises(DataError, match=re.escape(
+            f"{root / 'b'} is a symbolic link to {tmp_path / 'unmounted' / 'b'}, which does not exist: a class "
+            "folder that cannot be read (its class id would go to the next folder). Mend the link (mount the "
+            "disk it leads to) or remove it")):
+        ImageFolderSource(str(root))
+    (root / ".b").symlink_to(tmp_path / "gone")  # a hidden name is no class, linked or not
+    (root / "b").unlink()
+    assert ImageFolderSource(str(root)).classes == ["a", "c"]
+
+
 def test_every_image_extension_the_readme_lists_is_read_and_decoded(tmp_path):
     """Each extension the README names, saved in the format Pillow gives it, reads as the image it holds."""
     import re

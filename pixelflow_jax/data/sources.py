@@ -140,6 +140,17 @@ def require_folder(root: str, message: str) -> None:
         raise DataError(f"{root} is a file, not a folder: {message.split('; ', 1)[-1]}")
 
 
+def refuse_class_links_to_nothing(root: str, others: list[str]) -> None:
+    """A link to nothing among the class folders (one to a disk not mounted) is an error: left out,
+    every class after it would train under the id one lower."""
+    links = [name for name in others if os.path.islink(os.path.join(root, name))]
+    if links:
+        link = os.path.join(root, links[0])
+        raise DataError(f"{link} is a symbolic link to {os.readlink(link)}, which does not exist: a class folder that "
+                        "cannot be read (its class id would go to the next folder). Mend the link (mount the disk it "
+                        f"leads to) or remove it{f' ({len(links)} such links in {root})' if len(links) > 1 else ''}")
+
+
 class ImageFolderSource:
     """root/<class name>/**/<image>, like torchvision's ImageFolder: class ids from sorted folder
     names, each class folder read at any depth; hidden names and lost+found are left out."""
@@ -151,7 +162,9 @@ class ImageFolderSource:
                             "(root/<class>/<image>)")
         require_folder(root, f"image folder {root} does not exist; set --config.data.root to a folder of class "
                              "subfolders (root/<class>/<image>)")
-        found = [name for name in storage.list_folders(root) if not ignored_name(name)]
+        others: list[str] = []
+        found = [name for name in storage.list_entries(root, others)[1] if not ignored_name(name)]
+        refuse_class_links_to_nothing(root, [name for name in others if not ignored_name(name)])
         self.classes = classes if classes is not None else found
         added, gone = sorted(set(found) - set(self.classes)), sorted(set(self.classes) - set(found))
         if added or gone:
