@@ -40,6 +40,7 @@ from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_code_error, config_file_given, config_loading_error,
                                        flag_error_message, frozen_config_error, hide_none_config_warning,
+                                       import_beside_config_files,
                                        unknown_field_message, unloaded_config_error)
 from pixelflow_jax.cli.config_overrides import joined_strings_error, warn_of_overrides_without_effect
 from pixelflow_jax.cli.job_exit import StoppedTogether, another_process_gone, exit_now_after_an_error
@@ -70,6 +71,7 @@ FLAGS = flags.FLAGS
 
 def parse_flags(argv: list[str]) -> list[str]:
     check_config_file(argv)
+    import_beside_config_files(argv)
     hide_none_config_warning()
     try:
         parsed = FLAGS(argv)

@@ -559,6 +559,24 @@ def test_a_config_file_whose_get_config_returns_no_config_or_fails_in_ml_collect
                                     "project's configs: configs/c2i.py, configs/t2i.py)"), result.stderr
 
 
+def test_a_config_file_imports_the_python_files_beside_it(tmp_path):
+    """Experiments that share a base config (exp1.py: from my_base import base) failed with 'No module
+    named my_base', even run from their folder: only main.py's folder was on the import path. The
+    folder goes last, so a file there named like an installed module (colorsys.py) does not hide it."""
+    folder = tmp_path / "my configs"
+    folder.mkdir()
+    (folder / "my_base.py").write_text("from configs import c2i\n\n\ndef base():\n    config = c2i.get_config('tiny')"
+                                       "\n    config.data.resolution = 63\n    return config\n")
+    (folder / "colorsys.py").write_text("raise ImportError('the colorsys.py beside the config was imported')\n")
+    (folder / "exp1.py").write_text("import colorsys\nfrom my_base import base\n\n\ndef get_config():\n"
+                                    "    return base()\n")
+    result = subprocess.run([sys.executable, "main.py", f"--config={folder / 'exp1.py'}",
+                             f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith("error: --config.data.resolution (63) must be a "
+                                                               "multiple of"), result.stderr  # read, then checked
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
     """A config built without a section (or as a dict) ended in a traceback deep inside a mode; a
     field misspelt in the file would never be read, and the run would go on without the setting."""

@@ -217,6 +217,16 @@ def frozen_config_error(argv: list[str], error: Exception) -> str | None:
             "cannot set: return an ml_collections.ConfigDict (ConfigDict(frozen) makes one)")
 
 
+def import_beside_config_files(argv: list[str]) -> None:
+    """Lets a config file import the Python files in its folder (experiments sharing a base config),
+    as a script does those beside it: its folder is added last to the import path, so a file there
+    named like an installed module (colorsys.py) does not hide that module."""
+    for value in flag_values(argv, "config"):
+        folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
+        if folder not in sys.path:
+            sys.path.append(folder)
+
+
 def check_config_file(argv: list[str]) -> None:
     """A --config file that does not exist, named in one line (ml_collections reports it only when
     the config is first read, in a traceback); a config file given as a bare word, as the release's
