@@ -158,6 +158,11 @@ def from_process_0(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32)))
 
 
+# The latest pass this process asked jax's sync point about (stop_if_preempted): where a job's next loop
+# numbers its passes on from (stop_if_preempted_at_the_next_pass).
+_last_pass_asked = [0]
+
+
 def stop_if_preempted(passes: int) -> None:
     """For a loop that is no training run (a sampling job's batches; training has its PreemptionWatch):
     Terminated once a SIGTERM came. In a --distributed job jax's preemption service holds SIGTERM
@@ -167,6 +172,7 @@ def stop_if_preempted(passes: int) -> None:
     process (jax counts from 0: see PreemptionWatch.reached)."""
     from pixelflow_jax.command_line import Terminated, stop_if_terminated
 
+    _last_pass_asked[0] = passes
     if not jax.distributed.is_initialized():
         stop_if_terminated()
         return
@@ -176,10 +182,24 @@ def stop_if_preempted(passes: int) -> None:
         raise Terminated
 
 
+def stop_if_preempted_at_the_next_pass() -> None:
+    """stop_if_preempted for a loop that may follow another of the same job (an evaluation's second
+    file, the evaluation after its sampling job): its passes are numbered on from the last one
+    asked. jax sets the sync point one past the furthest process's latest pass, so a SIGTERM that
+    came after one loop's last pass would stop a loop counting from 1 again only at that number,
+    or never."""
+    stop_if_preempted(_last_pass_asked[0] + 1)
+
+
+def block_size(total: int) -> int:
+    """The rows of the largest rows_of_this_process block, the same number on every process."""
+    return -(-total // jax.process_count())
+
+
 def rows_of_this_process(total: int) -> tuple[int, int]:
     """[start, stop) of the `total` rows of a job that the processes share out in blocks of
     ceil(total / processes), in process order (the last processes may get fewer, or none)."""
-    share = -(-total // jax.process_count())
+    share = block_size(total)
     index = jax.process_index()
     return min(total, index * share), min(total, (index + 1) * share)
 
@@ -192,7 +212,7 @@ def gather_rows(rows: np.ndarray, total: int) -> np.ndarray:
         return rows
     from jax.experimental import multihost_utils
 
-    share = -(-total // count)
+    share = block_size(total)
     padded = np.zeros((share, *rows.shape[1:]), rows.dtype)
     padded[:len(rows)] = rows
     everyone = np.asarray(multihost_utils.process_allgather(padded))  # (count, share, ...)

@@ -207,6 +207,84 @@ def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gath
         np.testing.assert_allclose(shared[name], alone[name], rtol=1e-6, atol=1e-6)
 
 
+# A --mode=eval process on the stand-in Inception. With SIGTERM set, both processes hold their second
+# batch of the first file for 3 s, and process 1 sends itself a SIGTERM there: jax's notifier looks for
+# a SIGTERM once a second, so the sync point is agreed while both have asked pass 2: it is pass 3.
+EVAL_ON_THE_STAND_IN = """
+import os, runpy, signal, sys, time
+sys.path.insert(0, "tests")
+import numpy as np
+from test_metrics import TinyInception
+from pixelflow_jax.evaluation import evaluate, inception_convert
+
+SIGTERM = {sigterm}
+inception_convert.load_inception = lambda path: TinyInception(np.load(path))
+inception, batches = evaluate._inception, []
+
+
+def slowly(*args):
+    batches.append(1)
+    if SIGTERM and len(batches) == 2:
+        if "--process_id=1" in sys.argv:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(3)
+    return inception(*args)
+
+
+evaluate._inception = slowly
+sys.argv = sys.argv[1:]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # 20-35 s on 2 cores: two jobs of two processes
+def test_a_sigterm_to_one_process_of_a_distributed_evaluation_stops_every_process_at_one_batch(
+        tiny_inception, tmp_path):
+    """jax's preemption service holds SIGTERM in a --distributed job: a SIGTERM to one process of an
+    evaluation was caught and ignored, and the job ran on to its end. Its processes take blocks of
+    different batch counts (9 images over 2 processes: 5 and 4, 3 and 2 batches of 2), and a SIGTERM at
+    process 1's last batch sets the sync point at the batch after it, which process 0 has and process
+    1 has not. Both must stop at one batch (a process that stops alone leaves the other in the gather),
+    exit 143 and leave no eval.json; the same command then finishes the job, with the metrics of one
+    process."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from pixelflow_jax.command_line import EXIT_TERMINATED
+    from test_train import MULTIPROCESS_GUARD, run_two_processes
+
+    samples = images_npz(tmp_path / "samples.npz", 1, count=9)
+    reference = images_npz(tmp_path / "reference.npz", 2, count=9)
+    alone = evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "alone"), batch_size=2)
+    workdir = tmp_path / "two"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [MULTIPROCESS_GUARD, os.environ.get("PYTHONPATH")]))}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # only process 0 would write it (see test_train)
+
+    def evaluation(sigterm):
+        def start(address):
+            return [subprocess.Popen(
+                [sys.executable, "-c", EVAL_ON_THE_STAND_IN.format(sigterm=sigterm), "main.py",
+                 "--config=configs/c2i.py:tiny", f"--workdir={workdir}", "--mode=eval", "--compilation_cache=off",
+                 f"--config.eval.samples={samples}", f"--config.eval.reference={reference}",
+                 f"--config.eval.inception_weights={tiny_inception}", "--config.eval.batch_size=2", "--distributed",
+                 f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        return start
+
+    errors = run_two_processes(evaluation(True), exit_code=EXIT_TERMINATED)
+    for err in errors:
+        assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM); the features of files already "
+                                                 "through the Inception are cached: rerun the same command to go on")
+    assert not (workdir / "eval.json").exists() and not (workdir / "eval_history.jsonl").exists()
+    run_two_processes(evaluation(False))
+    with open(workdir / "eval.json") as f:
+        two = json.load(f)
+    for name in (*evaluate.METRICS, "num_samples", "num_reference"):
+        assert two[name] == pytest.approx(alone[name], rel=1e-6, abs=1e-9), name
+
+
 def test_damage_that_one_process_finds_in_its_block_stops_every_process(tiny_inception, tmp_path, monkeypatch):
     """A stored .npz's CRC is checked where its member's data ends: only the process whose block
     holds the last images could find a flipped byte, and the others then waited in the gather."""

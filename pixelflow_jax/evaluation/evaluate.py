@@ -32,10 +32,10 @@ from absl import logging
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.command_line import stop_if_terminated
 from pixelflow_jax.error_text import described
 from pixelflow_jax.evaluation import metrics
-from pixelflow_jax.multihost import check_shared_workdir, gather_rows, named, processes_where, rows_of_this_process
+from pixelflow_jax.multihost import (block_size, check_shared_workdir, gather_rows, named, processes_where,
+                                     rows_of_this_process, stop_if_preempted_at_the_next_pass)
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
@@ -314,7 +314,7 @@ class FeatureExtractor:
         total = npz_image_count(path)
         first, stop = rows_of_this_process(total)
         try:
-            mine, damage = self.features_of_rows(path, first, stop), None
+            mine, damage = self.features_of_rows(path, first, stop, block_size(total)), None
         except ValueError as e:  # npz_batches' "damaged" and "truncated"
             mine, damage = None, e
         if failed := processes_where(damage is not None):
@@ -322,10 +322,13 @@ class FeatureExtractor:
                                        "download it again")
         return {name: gather_rows(value, total) for name, value in mine.items()}
 
-    def features_of_rows(self, path: str, first: int, stop: int) -> dict[str, np.ndarray]:
+    def features_of_rows(self, path: str, first: int, stop: int, largest_block: int) -> dict[str, np.ndarray]:
+        """The features of rows [first, stop), in the batches of the job's largest block, as many on
+        every process (see rounds_of_batches)."""
         parts = {name: [] for name in FEATURES}
         # 12 images padded to a batch of 10**6 ran out of memory: the batch fits the images.
-        batch_size = batch_for(max(1, stop - first), self.batch_size, self.rows.mesh.size)
+        batch_size = batch_for(max(1, largest_block), self.batch_size, self.rows.mesh.size)
+        rounds = -(-largest_block // batch_size)
         pending = None  # the batch dispatched last: read once the next one is dispatched
 
         def collect(outputs, count):
@@ -334,8 +337,9 @@ class FeatureExtractor:
             progress.update(count)
 
         with Progress(stop - first, f"Inception features of {storage.basename(path)}", "img") as progress:
-            for images in npz_batches(path, batch_size, first, stop):
-                stop_if_terminated()
+            for images in rounds_of_batches(path, batch_size, first, stop, rounds):
+                if images is None:  # this block's images are all dispatched
+                    continue
                 count = len(images)
                 padded = np.concatenate([images, np.repeat(images[-1:], batch_size - count, 0)])
                 # uint8 to the devices (a quarter of float32's bytes); the model casts them exactly.
@@ -347,6 +351,30 @@ class FeatureExtractor:
                 collect(*pending)
         return {name: np.concatenate(value) if value else np.zeros((0, self.widths[name]), np.float32)  # no rows here
                 for name, value in parts.items()}
+
+
+def rounds_of_batches(path: str, batch_size: int, first: int, stop: int, rounds: int):
+    """Yields the row batches of [first, stop) (npz_batches), then None for each of the `rounds`
+    this block has no batch for, each round after asking jax's preemption sync point. A SIGTERM to
+    any process of a --distributed job then stops every one at one round: the sync point is met
+    only by processes that ask it in the same passes, and the blocks differ in their batch counts
+    (the last processes' are smaller). (Before, jax's service caught the SIGTERM and the evaluation
+    ran on to its end.) A damaged block's error is raised after the last round, which the other
+    processes still ask: raised at once, its process waited in processes_where while the others
+    could stop at the sync point."""
+    damage = None
+    with contextlib.closing(npz_batches(path, batch_size, first, stop)) as batches:  # and the file
+        for _ in range(rounds):
+            stop_if_preempted_at_the_next_pass()  # one process: a SIGTERM received stops it here
+            images = None
+            if damage is None:
+                try:
+                    images = next(batches, None)
+                except ValueError as e:  # npz_batches' "damaged" and "truncated"
+                    damage = e
+            yield images
+    if damage is not None:
+        raise damage
 
 
 # Part of the feature cache's key: raise it when the features' computation changes (inception.py),
