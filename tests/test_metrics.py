@@ -207,6 +207,55 @@ def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gath
         np.testing.assert_allclose(shared[name], alone[name], rtol=1e-6, atol=1e-6)
 
 
+def as_process_1_of_2_asking_the_sync_point(monkeypatch) -> list[int]:
+    """The passes this process (1 of a --distributed job of 2) asks jax's preemption sync point
+    about, none answered yet; the other process's gathered values are taken to be this one's."""
+    from jax.experimental import multihost_utils
+
+    from pixelflow_jax import multihost
+
+    asked = []
+    monkeypatch.setattr(multihost, "_last_pass_asked", [0])
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda passes: asked.append(passes) or False)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: np.stack([value, value]))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    return asked
+
+
+def test_every_process_asks_the_sync_point_in_as_many_rounds_numbered_on_over_both_files(
+        tiny_inception, tmp_path, monkeypatch):
+    """33 images over 2 processes on 8 devices: blocks of 17 and 16 images, 3 and 2 batches of 8.
+    Process 1 asks jax's sync point in 3 rounds too (it asked in none: a SIGTERM was ignored), and
+    the second file's rounds number on from the first's: jax's sync point is one past the furthest
+    process's latest pass, which a count from 1 again would meet late or never."""
+    samples = images_npz(tmp_path / "samples.npz", 1, count=33)
+    reference = images_npz(tmp_path / "reference.npz", 2, count=33)
+    asked = as_process_1_of_2_asking_the_sync_point(monkeypatch)
+    extract = evaluate.FeatureExtractor(tiny_inception, 8)
+    assert extract(samples)["pool"].shape == (33, 8)
+    assert asked == [1, 2, 3]
+    extract(reference)
+    assert asked == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_block_found_damaged_still_asks_the_sync_point_in_every_round(tiny_inception, tmp_path, monkeypatch):
+    """Process 1 finds the CRC error in its last batch (the second of its 3 rounds). Raised at
+    once, its process waited in the gather of the damage flags while the others went on asking
+    jax's sync point, where a SIGTERM would stop them and leave it waiting."""
+    samples = images_npz(tmp_path / "samples.npz", 1, size=64, count=33)
+    with np.load(samples) as f:
+        images = f["arr_0"].tobytes()
+    data = bytearray(open(samples, "rb").read())
+    data[data.find(images) + len(images) - 1] ^= 0xFF
+    open(samples, "wb").write(bytes(data))
+    asked = as_process_1_of_2_asking_the_sync_point(monkeypatch)
+    with pytest.raises(ValueError, match=r"samples.npz is damaged \(BadZipFile: Bad CRC-32"):
+        evaluate.FeatureExtractor(tiny_inception, 8)(samples)
+    assert asked == [1, 2, 3]
+
+
 # A --mode=eval process on the stand-in Inception. With SIGTERM set, both processes hold their second
 # batch of the first file for 3 s, and process 1 sends itself a SIGTERM there: jax's notifier looks for
 # a SIGTERM once a second, so the sync point is agreed while both have asked pass 2: it is pass 3.
