@@ -182,12 +182,18 @@ def restore(manager, step: int, state, shardings):
                                )[STATE_ITEM]
 
 
+@jax.jit
+def every_value_finite(arrays: list[jax.Array]) -> jax.Array:
+    """One program per list of shapes, kept for the process (a jit made per call compiled again at
+    each resume of a notebook's second train())."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
 def all_finite(tree) -> bool:
     """Whether every float in a (possibly multi-process) pytree of jax arrays is finite; every
     process gets the same answer."""
     floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    finite = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(floats)
-    return bool(finite.addressable_data(0))  # replicated: this process's copy
+    return bool(every_value_finite(floats).addressable_data(0))  # replicated: this process's copy
 
 
 def resume_point(manager, state, shardings):
