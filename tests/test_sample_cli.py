@@ -307,6 +307,26 @@ def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, conv
     assert "000001.png" in names and all(n.endswith(".png") or n == "settings.json" for n in names)  # no leftovers
 
 
+def test_a_second_identical_sampling_job_in_one_process_compiles_nothing(tmp_path, converted):
+    """A notebook calls sample_run.run again with the same checkpoint and settings: every program
+    (the stages, the noise, the uint8 images and their finite flags) is the first job's."""
+    from configs import c2i
+    from pixelflow_jax.sampling import sample_run
+    from test_sampling import counting_lowerings
+
+    def job(name):
+        config = c2i.get_config("tiny")
+        config.sample.update(checkpoint=converted["c2i_tiny"], num_images=8, batch_size=8, steps_per_stage=(3, 1, 1, 2))
+        # (step counts of its own: the first job compiles, whatever other tests ran in this process)
+        with counting_lowerings() as compiled:
+            sample_run.run(config, str(tmp_path / name))
+        return compiled
+
+    assert job("first") and job("second") == []  # (the first sees compilations: the count works)
+    np.testing.assert_array_equal(np.load(tmp_path / "first" / "samples.npz")["arr_0"],
+                                  np.load(tmp_path / "second" / "samples.npz")["arr_0"])
+
+
 def sample_in_process(workdir, checkpoint, monkeypatch, **sample):
     """Runs the --mode=sample job in this process with its noise and stage programs replaced by
     stand-ins (nothing compiles but the final uint8 conversion), so that each image shows what it

@@ -157,6 +157,20 @@ def test_a_new_cfg_scale_reuses_the_compiled_stages(tiny):
     assert np.abs(unguided.astype(int) - at_2.astype(int)).mean() > 1
 
 
+def test_a_model_loaded_again_samples_with_the_compiled_programs_of_the_first(converted):
+    """A notebook's load_model and CascadeSampler again, with the same settings: the stages are cached
+    on the model's graph, not on the model, and the noise and finishing programs are module-level jits."""
+    def images():
+        model, config = load_model(converted["c2i_tiny"])
+        return CascadeSampler(model, config).generate([1, 2, 3, 4, 5], steps_per_stage=(1, 3, 1, 2), seed=3)
+
+    first = images()
+    with counting_lowerings() as compiled:
+        again = images()
+    assert compiled == []
+    np.testing.assert_array_equal(again, first)
+
+
 @pytest.mark.parametrize("dtype, highest", [("float32", True), ("bfloat16", False)])
 def test_a_float32_model_samples_with_float32_matmuls(converted, monkeypatch, dtype, highest):
     """float32 sampling ran its matmuls at the platform's default precision: TF32 on GPUs, one
