@@ -821,6 +821,56 @@ def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_
     assert loop.train.complete_steps(str(tmp_path)) == [3, 6, 9]
 
 
+@pytest.mark.slow
+def test_a_resume_in_the_same_process_compiles_nothing(tmp_path, monkeypatch):
+    """A notebook stops train() (Ctrl-C) and calls it again with the same config: the resumed run
+    reuses the compiled step (a new jit per call compiled it again, minutes at XL) and the restore's
+    finiteness check."""
+    from configs import c2i
+    from pixelflow_jax.training import preemption, train
+    from test_sampling import counting_lowerings
+
+    stop_after = [2]  # steps of the next run that a stand-in Ctrl-C stops after (none: it runs to the end)
+    monkeypatch.setattr(preemption.PreemptionWatch, "reached",
+                        lambda self: setattr(self, "calls", self.calls + 1) or self.calls in stop_after)
+    config = c2i.get_config("tiny")
+    config.train.update(num_steps=4, checkpoint_every=4, batch_size=32)  # 4 stages x 8 devices
+    with pytest.raises(train.TrainingPreempted, match="saved step 2"):
+        train.train(config, str(tmp_path))
+    stop_after[:] = [1]  # the first resume: it compiles the check of a restored state
+    with pytest.raises(train.TrainingPreempted, match="saved step 3"):
+        train.train(config, str(tmp_path))
+    stop_after.clear()
+    with counting_lowerings() as compiled:
+        metrics = train.train(config, str(tmp_path))
+    assert compiled == [] and metrics["step"] == 4
+
+
+def test_a_train_step_is_built_again_only_from_other_inputs():
+    """train_step_of_run keeps the last step: equal inputs made anew get it, another setting a new one."""
+    from configs import c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.training import train
+
+    def step_of(**train_settings):
+        config = c2i.get_config("tiny")
+        config.train.update(batch_size=32, **train_settings)
+        model_cfg, mesh = ModelConfig.from_mapping(config.model), make_mesh()
+        step_cfg = train.validate(config, model_cfg, mesh)
+        graphdef, _, shardings = train.initial_state(config, model_cfg, make_optimizer(step_cfg), mesh,
+                                                     shapes_only=True)
+        tables = StageTables.from_scheduler(PixelFlowScheduler(config.scheduler.num_train_timesteps,
+                                                               config.scheduler.num_stages))
+        return train.train_step_of_run(model_cfg, graphdef, tables, step_cfg, config, mesh, shardings, None)
+
+    first = step_of()
+    assert step_of() is first
+    other = step_of(lr=2e-4)
+    assert other is not first and step_of(lr=2e-4) is other
+    assert step_of() is not first  # only the last step is kept
+
+
 @pytest.mark.parametrize("signal_seen_by", ["the step's check", "the preview's check"])
 def test_a_stop_during_a_preview_step_saves_it_and_skips_its_preview(tmp_path, monkeypatch, signal_seen_by):
     """A SIGTERM while step 4 (a preview step) runs: seen at the step's preemption check, or, on one

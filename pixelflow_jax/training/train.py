@@ -22,6 +22,7 @@ non-finite steps in a row the run stops without saving: the last good checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -406,6 +407,41 @@ def text_encoder_of_run(config, model_cfg: ModelConfig, workdir: str, mesh, init
     return text_encoder, frozen
 
 
+# The step train() built last in this process and what it was built from. A notebook's second
+# train() of the same settings (a resume after a Ctrl-C, say) reuses its compiled program: a new jit
+# compiled it again (minutes at XL). One step only, and it holds no weights: graphs, settings and
+# shardings (the frozen text encoder's parameters are an argument of the step).
+_last_train_step: list = []
+
+
+def train_step_of_run(model_cfg: ModelConfig, graphdef, tables: flow.StageTables, step_cfg: StepConfig, config,
+                      mesh, shardings, text_encoder):
+    """make_train_step's jitted step for this run, the last run's if built from equal inputs."""
+    text = text_encoder and text_encoder.conditioning
+    encoder_sharding = text_encoder and text_encoder.sharding
+    table_values = [getattr(tables, field.name) for field in dataclasses.fields(tables)]
+    key = (make_train_step, model_cfg, graphdef, arrays_key(table_values), step_cfg, config.data.resolution,
+           config.scheduler.num_train_timesteps, mesh, tree_key(shardings),
+           text and (text.encoder_graphdef, arrays_key((text.empty_tokens, text.empty_mask))),
+           tree_key(encoder_sharding))
+    if not _last_train_step or _last_train_step[0] != key:
+        _last_train_step[:] = [key, make_train_step(model_cfg, graphdef, tables, make_optimizer(step_cfg), step_cfg,
+                                                    config.data.resolution, config.scheduler.num_train_timesteps,
+                                                    mesh, shardings, text=text, encoder_sharding=encoder_sharding)]
+    return _last_train_step[1]
+
+
+def tree_key(tree) -> tuple:
+    """A pytree of hashable leaves (shardings) as a value that compares by content."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(leaves)
+
+
+def arrays_key(values) -> tuple:
+    """Arrays (small tables) as their dtypes, shapes and bytes; other values as they are."""
+    return tuple((str(v.dtype), v.shape, np.asarray(v).tobytes()) if hasattr(v, "dtype") else v for v in values)
+
+
 def stop_if_too_many_bad_steps(manager, max_bad_steps: int, step: int, bad_steps_in_a_row) -> None:
     """TrainingStopped once `step` ends train.max_bad_steps non-finite steps in a row."""
     if int(bad_steps_in_a_row) >= max_bad_steps:  # waits for that step
@@ -471,10 +507,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     tx, lr = make_optimizer(step_cfg), learning_rate(step_cfg)
     graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh, init_model, shapes_only=bool(done))
     del init_model  # its whole copy on this process's first device, otherwise held for the whole run
-    train_step = make_train_step(model_cfg, graphdef, tables, tx, step_cfg, config.data.resolution,
-                                 config.scheduler.num_train_timesteps, mesh, shardings,
-                                 text=text_encoder and text_encoder.conditioning,
-                                 encoder_sharding=text_encoder and text_encoder.sharding)
+    train_step = train_step_of_run(model_cfg, graphdef, tables, step_cfg, config, mesh, shardings, text_encoder)
 
     manager = checkpoint_manager(workdir, t.keep_checkpoints)
     start, state = resume_point(manager, state, shardings)
