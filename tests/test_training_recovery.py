@@ -86,6 +86,21 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
         checkpointing.save(manager, 1, restored)
 
 
+def test_resuming_again_in_one_process_compiles_no_finiteness_check():
+    """A second train() in one process (a notebook's) compiled the check of the restored state again:
+    it was a jit of a lambda made per call."""
+    import jax
+
+    from pixelflow_jax.training import checkpointing
+    from test_sampling import counting_lowerings
+
+    state = lambda value: {"w": jax.numpy.full((3,), value), "step": jax.numpy.int32(1)}
+    assert checkpointing.all_finite(state(1.0))
+    with counting_lowerings() as compiled:
+        finite, infinite = checkpointing.all_finite(state(2.0)), checkpointing.all_finite(state(np.inf))
+    assert compiled == [] and finite and not infinite
+
+
 @pytest.mark.parametrize("times,names", [((1000, 2000), ["4-1000", "4-2000"]), ((1000, 1000), ["4-1000", "4-1000-2"])])
 def test_a_step_set_aside_at_two_resumes_keeps_both_copies_side_by_side(tmp_path, monkeypatch, times, names):
     """A step that does not restore at two resumes (saved again in between, and damaged again) is set
