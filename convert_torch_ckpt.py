@@ -101,7 +101,8 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
             raise CheckpointError(f"--output {output} overlaps the input {source} (it {where}): the input is left as "
                                   "it is; choose a folder that neither holds nor is inside it")
     if not storage.is_url(output):
-        if out == os.path.realpath(os.getcwd()):  # the new folder is renamed over it: the shell is left in a deleted one
+        # The new folder is renamed over it: the shell is left in a deleted one.
+        if out == os.path.realpath(os.getcwd()):
             raise CheckpointError(f"--output {output} is the folder this command runs in, which the new folder would "
                                   "replace (this shell would be left in a deleted folder, showing nothing): name a "
                                   "folder inside it (--output=./converted) or one elsewhere")

@@ -5,10 +5,11 @@
     python bench/attention_speed.py --interpret --shapes=2x256 --heads=2 --iters=2   # CPU dry run
 
 Shapes are BxL self-attention with 16 heads x 72 (XL/4's stages: B8x4096, B32x1024, B128x256).
-FLOPs are counted on the real 72 columns: forward 4*B*H*L^2*D, forward+backward 3.5x that (the backward does 5 of the 7 matmuls). `mha` is the bundled
-jax.experimental.pallas.ops.gpu.attention.mha, the baseline the pallas_gpu kernel must beat. Every
-backend is first checked against xla (relative error of the output and of dq, dk, dv) and only
-timed if it agrees. Needs only jax and numpy, so it runs on the bare GPU machine.
+FLOPs are counted on the real 72 columns: forward 4*B*H*L^2*D, forward+backward 3.5x that (the
+backward does 5 of the 7 matmuls). `mha` is the bundled jax.experimental.pallas.ops.gpu.attention.mha,
+the baseline the pallas_gpu kernel must beat. Every backend is first checked against xla (relative
+error of the output and of dq, dk, dv) and only timed if it agrees. Needs only jax and numpy, so it
+runs on the bare GPU machine.
 
 Other kernels timed on an H200 on 2026-11-26 (forward / forward+backward TFLOP/s at B8x4096, B32x1024, B128x256):
 cuDNN 312/300, 141/223, 122/110; bundled mha 183/75, 133/62, 85/48; XLA 83/93, 63/80, 45/56.

@@ -110,7 +110,8 @@ def measure(what: str, workdir: str) -> dict:
         abstract = jax.eval_shape(create_state(run_checkpoint_config(workdir).model))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         manager = checkpointing.checkpoint_manager(workdir, keep=1)
-        tree = checkpointing.restore(manager, latest_step(workdir).step, abstract, jax.tree.map(lambda _: device, abstract))
+        on_device = jax.tree.map(lambda _: device, abstract)
+        tree = checkpointing.restore(manager, latest_step(workdir).step, abstract, on_device)
         manager.close()
     else:
         raise ValueError(what)

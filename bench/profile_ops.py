@@ -103,6 +103,7 @@ def summarise(data: ProfileData, wall_s: float, calls: int, top: int) -> dict:
         ops_from=kind, calls=calls, wall_ms_per_call=wall_s * 1e3 / calls,
         busy_ms_per_call=busy / 1e6 / calls, idle_share=max(0.0, 1 - busy / 1e9 / wall_s) if wall_s else None,
         distinct_ops=len(totals),
-        top_ops=[dict(name=name, detail=details[name][:300], ms_per_call=ns / 1e6 / calls, launches_per_call=counts[name] / calls,
-                      share_of_op_time=ns / op_total) for name, ns in totals.most_common(top)],
+        top_ops=[dict(name=name, detail=details[name][:300], ms_per_call=ns / 1e6 / calls,
+                      launches_per_call=counts[name] / calls, share_of_op_time=ns / op_total)
+                 for name, ns in totals.most_common(top)],
     )

@@ -72,7 +72,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # Batch 12, not the class demo's 16: a text step costs ~1.3 class steps, and the outlines
         # need ~7,500 updates (batch 16 drew more of them right but took 17.6 min; README).
         config.train.update(batch_size=12, num_steps=7_500, preview_every=3_750)
-        config.sample.update(batch_size=20, steps_per_stage=demo.sample.steps_per_stage, cfg_scale=demo.sample.cfg_scale)
+        config.sample.update(batch_size=20, steps_per_stage=demo.sample.steps_per_stage,
+                             cfg_scale=demo.sample.cfg_scale)
     elif arg:
         raise ValueError(f"unknown t2i config variant {arg!r}; choose '', 'tiny' or 'demo'")
     # Class-only settings, removed so that giving one is an error rather than silently unused:

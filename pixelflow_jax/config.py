@@ -110,7 +110,8 @@ class ModelConfig:
         if self.num_classes < 0 or self.cross_attention_dim < 0:
             raise ValueError("model.num_classes and model.cross_attention_dim must be >= 0 (0 = unused)")
         if self.attention_head_dim % 4:
-            raise ValueError(f"model.attention_head_dim must be a multiple of 4 for 2D RoPE, got {self.attention_head_dim}")
+            raise ValueError(f"model.attention_head_dim must be a multiple of 4 for 2D RoPE, "
+                             f"got {self.attention_head_dim}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:

@@ -282,7 +282,8 @@ def build_page(demo: DemoSampler, config):
                 return
             if demo.compile_key(num_images, solver, cfg, steps) not in demo.compiled:
                 yield (gr.update(value="Compiling the sampler for these settings (the first request for a new "
-                                       "batch size, step count or solver, or CFG 1, takes longer; repeats are fast)..."),
+                                       "batch size, step count or solver, or CFG 1, takes longer; repeats are "
+                                       "fast)..."),
                        gr.update(), gr.update())
             start = time.perf_counter()
             try:

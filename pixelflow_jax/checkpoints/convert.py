@@ -142,7 +142,8 @@ def params_to_torch(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     flat = {tuple(str(k) for k in path): np.asarray(v) for path, v in traverse_util.flatten_dict(params).items()}
     missing = sorted(".".join(p) for p in set(shapes) - set(flat))
     unexpected = sorted(".".join(p) for p in set(flat) - set(shapes))
-    mismatched = [f"{'.'.join(p)}: {flat[p].shape} vs {s}" for p, s in shapes.items() if p in flat and flat[p].shape != s]
+    mismatched = [f"{'.'.join(p)}: {flat[p].shape} vs {s}"
+                  for p, s in shapes.items() if p in flat and flat[p].shape != s]
     if missing or unexpected or mismatched:
         raise ConversionError(f"the parameters do not match the architecture {cfg.architecture()}:\n"
                               f"{_format_problems(missing, unexpected, mismatched)}")

@@ -122,12 +122,14 @@ def check_outside_checkpoints(path: str, flag: str = "--workdir") -> None:
             inside = "" if folder == path else "inside "
             fix = (f"to use it, pass --config.sample.checkpoint={folder} and choose another --workdir"
                    if flag == "--workdir" else "choose an output outside it")
+            outputs = "outputs" if flag == "--workdir" else "conversion"
             raise CheckpointError(f"{flag} {path} is {inside}a {kind} checkpoint folder ({folder}), where the "
-                                  f"{'outputs' if flag == '--workdir' else 'conversion'} would mix with its files: {fix}")
+                                  f"{outputs} would mix with its files: {fix}")
     for match in re.finditer(f"/{CHECKPOINTS}(?=/|$)", absolute):
         run = absolute[:match.start()]
         if run and not run.endswith(":/") and is_run(run):
-            hint = " (to use a step as the checkpoint, pass it as --config.sample.checkpoint)" if flag == "--workdir" else ""
+            hint = (" (to use a step as the checkpoint, pass it as --config.sample.checkpoint)"
+                    if flag == "--workdir" else "")
             raise CheckpointError(f"{flag} {path} is inside the checkpoints of the training run {run}, which would "
                                   "take it for a step of its own and delete it in its checkpoint rotation: choose a "
                                   f"folder outside {storage.join(run, CHECKPOINTS)}{hint}")

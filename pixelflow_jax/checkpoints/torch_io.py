@@ -53,8 +53,8 @@ def _import_torch():
     try:
         import torch
     except ImportError:
-        raise CheckpointError("reading or writing PyTorch checkpoints needs torch: "
-                              "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu (the CPU build)") from None
+        raise CheckpointError("reading or writing PyTorch checkpoints needs torch: pip install torch==2.13.0 "
+                              "--index-url https://download.pytorch.org/whl/cpu (the CPU build)") from None
     return torch
 
 
@@ -289,7 +289,8 @@ def settings_file_message(path: str, folder: str) -> str:
 
 def read_release_checkpoint(path: str, *, torch_config: str | None = None, weights: str = "ema",
                             attention_head_dim: int | None = None,
-                            overrides: Mapping[str, int] | None = None) -> tuple[CheckpointConfig, dict[str, np.ndarray]]:
+                            overrides: Mapping[str, int] | None = None
+                            ) -> tuple[CheckpointConfig, dict[str, np.ndarray]]:
     """(config, numpy state dict) of a release folder, bare state dict or train.py checkpoint.
 
     The architecture comes from `torch_config` (or the folder's config.yaml), else from tensor

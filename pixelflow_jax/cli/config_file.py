@@ -108,7 +108,8 @@ def check_config_fields(config, config_file: str) -> None:
     text_only = kinds["configs/t2i.py"] - kinds["configs/c2i.py"]
     kind = "configs/t2i.py" if fields & text_only else "configs/c2i.py"
     absent = kinds[kind] - fields
-    if missing := sorted(f for f in absent if f.rsplit(".", 1)[0] not in absent or "." not in f):  # a section, not its fields
+    # A missing section is named, not its fields too.
+    if missing := sorted(f for f in absent if f.rsplit(".", 1)[0] not in absent or "." not in f):
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ConfigError(f"{config_file} lacks {shown}: fields of {kind} that the modes read; {WHAT_A_CONFIG_FILE_IS}")
     if unused := sorted(fields - kinds[kind]):

@@ -98,8 +98,8 @@ def warn_of_overrides_without_effect(argv: list[str], mode: str, inspects_checkp
         logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution%s",
                         ", ".join(f"--config.{f}" for f in ignored), mode, "them" if len(ignored) > 1 else "it",
                         " (the seed of the images is sample.seed)" if mode != "inspect" else
-                        " (the config's own model is inspected with an empty --config.sample.checkpoint, in a --workdir that "
-                        "is not a training run)")
+                        " (the config's own model is inspected with an empty --config.sample.checkpoint, in a "
+                        "--workdir that is not a training run)")
     if ignored := step_overrides_dopri5_ignores(argv, mode, solver):
         logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
                         "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),

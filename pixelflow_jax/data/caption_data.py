@@ -327,8 +327,9 @@ def count_records(shard: str) -> int:
         decode_record(first)
     except DataError:
         raise DataError(f"ArrayRecord shard {shard} holds no captioned records: its first record is {NOT_CAPTIONED}. "
-                        f"Pack captioned images with python -m pixelflow_jax.data.pack_captions (a TFDS build's "
-                        "shards hold class labels: those train a class-conditional model, data.source='tfds')") from None
+                        "Pack captioned images with python -m pixelflow_jax.data.pack_captions (a TFDS build's "
+                        "shards hold class labels: those train a class-conditional model, "
+                        "data.source='tfds')") from None
     return count
 
 

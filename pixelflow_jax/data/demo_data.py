@@ -27,8 +27,8 @@ from PIL import Image
 SHAPES = ("disk", "square", "triangle", "diamond", "ring")
 # Names of the hues of 10 colours (0, 36, ..., 324 degrees); other counts name hues by degree.
 COLOUR_NAMES = ("red", "orange", "yellow", "lime", "green", "cyan", "azure", "blue", "purple", "pink")
-CAPTION_WORDINGS = ("a {colour} {shape}", "{colour} {shape}", "a {shape} in {colour}", "a picture of a {colour} {shape}",
-                    "a {colour} {shape} on a grey background")
+CAPTION_WORDINGS = ("a {colour} {shape}", "{colour} {shape}", "a {shape} in {colour}",
+                    "a picture of a {colour} {shape}", "a {colour} {shape} on a grey background")
 SATURATED = 110  # HSV saturation (0..255) above which a pixel counts as foreground; background <= ~40
 # Shape radius as a fraction of the image side: large, so that at 32 px (the demo configs) a ring's
 # hole and a square's corners span several 4-pixel patches (in equal runs, 54% of sampled outlines
@@ -216,6 +216,7 @@ class CaptionedDemoSource(DemoSource):
 def demo_preview_prompts(count: int, num_colours: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(prompts, colours, shapes) for previews of the captioned demo: every (colour, shape) pair
     once, in a seeded order, before any repeats; in the training set's first wording."""
-    pairs = np.random.default_rng([seed, 7]).permutation(num_colours * len(SHAPES))[np.arange(count) % (num_colours * len(SHAPES))]
+    num_pairs = num_colours * len(SHAPES)
+    pairs = np.random.default_rng([seed, 7]).permutation(num_pairs)[np.arange(count) % num_pairs]
     colours, shapes = pairs // len(SHAPES), pairs % len(SHAPES)
     return [caption_of(c, s, num_colours) for c, s in zip(colours, shapes)], colours, shapes

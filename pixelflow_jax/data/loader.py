@@ -100,7 +100,8 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
     """The grain IterDataset of this process's rows (`rows`; default: all) of each global batch of
     `batch_size` images: {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)}
     with b = this process's rows of a batch; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L),
-    'truncated' and 'unknown_text' int32 (b,) replace 'label'. Infinite, reshuffled every epoch, deterministic for a seed.
+    'truncated' and 'unknown_text' int32 (b,) replace 'label'. Infinite, reshuffled every epoch,
+    deterministic for a seed.
 
     Every process computes the same global order and takes its rows of each global batch, and the
     crop/flip randomness is keyed by an image's global position, so the global batches do not

@@ -125,8 +125,9 @@ def listing_fingerprint(root: str, rows) -> str:
     """A short hash of a dataset's listing (each row: a file's path, what it trains as): a resume on
     the same number of records whose files were renamed, or moved to another class, is another
     data order, and another labelling."""
+    # Paths relative to the root: a moved root is the same.
     text = "\n".join("\t".join(value.removeprefix(root).lstrip("/") if isinstance(value, str) else str(value)
-                               for value in row) for row in rows)  # paths relative to the root: a moved root is the same
+                               for value in row) for row in rows)
     # surrogateescape: file names that are not UTF-8 (zip archives from Windows) hash as their bytes.
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 

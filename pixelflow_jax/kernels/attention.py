@@ -188,9 +188,9 @@ def resolve_backend(backend: str, dtype) -> str:
             choice = "xla"
         return choice
     if backend == "cudnn" and jnp.dtype(dtype) not in CUDNN_DTYPES:  # else refused at the first call
+        name = jnp.dtype(dtype).name
         raise ValueError(f"attention backend 'cudnn' takes bfloat16 or float16 inputs, and this model computes in "
-                         f"{jnp.dtype(dtype).name}: compute in bfloat16, or use 'auto' (XLA for {jnp.dtype(dtype).name}) "
-                         "or 'xla'")
+                         f"{name}: compute in bfloat16, or use 'auto' (XLA for {name}) or 'xla'")
     return backend
 
 
@@ -208,7 +208,8 @@ def dot_product_attention(
     Returns (B, Lq, H, D) in q's dtype. Logits and softmax run in float32 whatever the input dtype.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"attention expects q (B, Lq, H, D) and k, v (B, Lk, H, D); got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"attention expects q (B, Lq, H, D) and k, v (B, Lk, H, D); "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
     if key_mask is not None and key_mask.shape != k.shape[:2]:
         raise ValueError(f"key_mask must have shape (B, Lk) = {k.shape[:2]}, got {key_mask.shape}")
     choice = resolve_backend(backend, q.dtype)

@@ -219,9 +219,9 @@ def warn_of_blank_lines_before_prompts(name: str, lines: list[str]) -> None:
     if not blank:
         return
     moved = filled.index(True, blank[0])  # the first prompt a blank line moved
-    logging.warning("%s: blank %s %s skipped: the prompt on line %d is prompt %d (prompts count non-blank lines, from 0, "
-                    "and a sampling job's image i shows prompt i // images_per_prompt); remove the blank lines for "
-                    "line numbers and prompts to agree", name, "line" if len(blank) == 1 else "lines",
+    logging.warning("%s: blank %s %s skipped: the prompt on line %d is prompt %d (prompts count non-blank lines, "
+                    "from 0, and a sampling job's image i shows prompt i // images_per_prompt); remove the blank "
+                    "lines for line numbers and prompts to agree", name, "line" if len(blank) == 1 else "lines",
                     ", ".join(str(i + 1) for i in blank[:10]) + (", ..." if len(blank) > 10 else ""),
                     moved + 1, sum(filled[:moved]))
 

@@ -1,4 +1,5 @@
-"""`main.py --mode=sample`: sample a checkpoint (a training run, converted, release or Hub folder) to PNGs, an ADM-format .npz and a grid.
+"""`main.py --mode=sample`: sample a checkpoint (a training run, converted, release or Hub folder)
+to PNGs, an ADM-format .npz and a grid.
 
     WORKDIR/samples/000000.png ...   one PNG per image, named by image id
     WORKDIR/samples/settings.json    what the images were sampled with (job_settings.py: a rerun must

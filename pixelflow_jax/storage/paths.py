@@ -51,7 +51,8 @@ def user_path(path: str) -> str:
         rest = path[broken.end():].lstrip("/\\")
         meant, local = meant_scheme(scheme_name), f"or ./{path} for a local folder of that name"
         if meant.lower() == "file":  # file:/x is a file URL, not a broken one
-            raise StorageError(f"{path}: write the local path itself ({file_url_path(rest)}), not a file: URL ({local})")
+            raise StorageError(f"{path}: write the local path itself ({file_url_path(rest)}), "
+                               f"not a file: URL ({local})")
         if meant not in (*SUPPORTED_SCHEMES, "hf"):  # a mended URL would only be refused next for its scheme
             raise StorageError(f'{path} looks like a URL without its "://", and {scheme_name}:// is not read here: '
                                f"{SUPPORTED_PATHS} ({local})")

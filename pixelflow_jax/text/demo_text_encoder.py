@@ -53,7 +53,8 @@ def build(folder: str, captions: list[str], *, d_model: int, seed: int = 0) -> N
     tokenizer = train_tokenizer(captions)
     vocab = sentencepiece.SentencePieceProcessor(model_proto=tokenizer).vocab_size()
     cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
-                   num_heads=max(1, d_model // 16), relative_attention_num_buckets=8, relative_attention_max_distance=16)
+                   num_heads=max(1, d_model // 16), relative_attention_num_buckets=8,
+                   relative_attention_max_distance=16)
     encoder = T5Encoder(cfg, rngs=nnx.Rngs(seed))
     for branch_output in (encoder.blocks.o, encoder.blocks.wo):  # stacked over layers
         branch_output.kernel[...] = branch_output.kernel[...] * RESIDUAL_SCALE

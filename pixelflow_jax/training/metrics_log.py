@@ -52,7 +52,8 @@ LOCAL_EVENTS_PREFIX = "pixelflow_events"  # the local copies of a bucket run's e
 BUCKET_UPLOAD_INTERVAL_S = 30.0
 
 # What a failed log write tells the user (the checkpoints are unaffected).
-WRITE_FIX = "make the workdir writable (or free space) and rerun the same command: it resumes from its latest checkpoint"
+WRITE_FIX = ("make the workdir writable (or free space) and rerun the same command: it resumes from its latest "
+             "checkpoint")
 
 
 def json_values(record: dict) -> dict:

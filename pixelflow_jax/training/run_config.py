@@ -77,8 +77,8 @@ def check_run_config(workdir: str, model_cfg: ModelConfig, config, text_encoder:
             write_run_record(path, current)
     elif storage.listdir(storage.join(workdir, CHECKPOINTS)):
         raise ValueError(f"{workdir} holds {CHECKPOINTS}/ but no {RUN_CONFIG}: not a training run of pixelflow-jax, "
-                         f"or a copy of one that missed that file (copy {RUN_CONFIG} from the run, then rerun to resume "
-                         "it); otherwise use a new --workdir")
+                         f"or a copy of one that missed that file (copy {RUN_CONFIG} from the run, then rerun to "
+                         "resume it); otherwise use a new --workdir")
     elif record and jax.process_index() == 0:
         write_run_record(path, current)
 

@@ -60,7 +60,8 @@ class TextConditioning:
     def encode(self, encoder_params, tokens: jax.Array, mask: jax.Array) -> dict:
         """The model's keyword arguments for a batch of tokens (no gradient reaches the encoder)."""
         encoder = nnx.merge(self.encoder_graphdef, jax.lax.stop_gradient(encoder_params))
-        return {"encoder_hidden_states": encoder(tokens, mask), "encoder_attention_mask": jnp.asarray(mask, jnp.float32)}
+        return {"encoder_hidden_states": encoder(tokens, mask),
+                "encoder_attention_mask": jnp.asarray(mask, jnp.float32)}
 
     def encode_stages(self, encoder_params, stages: list[flow.StageBatch]) -> list[flow.StageBatch]:
         """The stage batches with their caption tokens ({'tokens', 'mask'}, (B/S, L) each) replaced
