@@ -85,10 +85,15 @@ def test_orbax_and_fsspec_info_lines_are_kept_out_of_the_log_and_their_warnings_
     assert not quiet_library_info(record(logging.INFO, orbax))
     assert quiet_library_info(record(logging.WARNING, orbax))
     assert quiet_library_info(record(logging.INFO, "/home/me/orbax/pixelflow-jax/pixelflow_jax/training/train.py"))
-    keep_library_info_out_of_the_log()  # fsspec's read caches: an INFO line per file opened in a bucket;
-    for library in ("fsspec.caching", "jax._src.xla_bridge"):  # jax: "Unable to initialize backend 'tpu'"
-        logger = logging.getLogger(library)
-        assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    root_level = logging.root.level
+    logging.root.setLevel(logging.INFO)  # as absl's app.run sets it in main.py (WARNING would pass any library)
+    try:
+        keep_library_info_out_of_the_log()  # fsspec's read caches: an INFO line per file opened in a bucket;
+        for library in ("fsspec.caching", "jax._src.xla_bridge"):  # jax: "Unable to initialize backend 'tpu'"
+            logger = logging.getLogger(library)
+            assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    finally:
+        logging.root.setLevel(root_level)
 
 
 def test_a_run_stopped_without_saving_says_which_step_a_rerun_resumes_from(tmp_path):
@@ -313,6 +318,54 @@ def test_a_failed_restore_in_a_python_session_drops_its_late_reads_errors_and_a_
         sys.unraisablehook(SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, object=coroutine))
         coroutine.close()
     assert shown == [ZeroDivisionError, KeyError]
+
+
+def test_a_hook_a_session_installs_during_a_restore_stays_after_the_restore_succeeds(monkeypatch):
+    """The hook in place before the restore comes back only if the restore's own is still there: a
+    notebook's hook installed meanwhile (a debugger's, IPython's) is not replaced by an older one."""
+    import sys
+
+    from pixelflow_jax.command_line import late_restore_callbacks_dropped
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+    installed_meanwhile = lambda unraisable: None  # noqa: E731
+    with late_restore_callbacks_dropped():
+        sys.unraisablehook = installed_meanwhile
+    assert sys.unraisablehook is installed_meanwhile
+
+
+def test_a_stop_stands_behind_an_error_only_when_it_is_one_or_was_received_before_it(monkeypatch):
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
+    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    for stop in (KeyboardInterrupt(), command_line.Terminated()):  # raised by a test or a caller, no signal
+        assert command_line.stop_behind(stop) is stop
+    assert command_line.stop_behind(OSError("disk full")) is None  # a bug's error: its traceback is due
+    command_line._sigterm_received[0] = True
+    assert isinstance(command_line.stop_behind(ImportError("initialization failed")), command_line.Terminated)
+
+
+def test_a_ctrl_c_held_while_a_tool_started_is_raised_as_its_handling_takes_over(monkeypatch):
+    """Held by hold_ctrl_c_while_starting (the tool's imports), it stopped the tool only at its next
+    check, after jax's import: seconds of a job that was asked to stop."""
+    import logging
+    import signal
+    import sys
+
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(logging.getLogger("absl"), "filters", list(logging.getLogger("absl").filters))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        command_line.hold_ctrl_c_while_starting()
+        signal.raise_signal(signal.SIGINT)  # only recorded
+        with pytest.raises(KeyboardInterrupt):
+            command_line.handle_ctrl_c_from_the_start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_stop_that_a_library_logs_as_its_failure_is_dropped_from_the_log_and_other_errors_kept():
