@@ -1,6 +1,8 @@
 """The checks the processes of a multi-host job make together (multihost.py), with the other
 process played by fakes of jax's collectives. The two-process runs in test_train run them for real."""
 
+import errno
+import os
 import re
 
 import numpy as np
@@ -355,3 +357,148 @@ def test_process_ids_out_of_range_are_named_by_their_flags_not_told_to_pass_them
     jax_not_asked_to_start(monkeypatch)
     with pytest.raises(ValueError, match=message):
         multihost.start_distributed("localhost:8476", num_processes, process_id)
+
+
+def test_one_process_that_cannot_write_says_so_in_storages_words_and_one_of_several_names_itself(tmp_path, monkeypatch):
+    def refused(folder):
+        raise storage.StorageError(f"cannot write to {folder}: PermissionError")
+
+    monkeypatch.setattr(multihost.storage, "check_writable", refused)
+    as_process(monkeypatch, 0, count=1)
+    with pytest.raises(storage.StorageError, match=r"^cannot write to /runs/a: PermissionError$"):
+        multihost.check_shared_workdir("/runs/a")
+    as_process(monkeypatch, 1)
+    other_process_answers(monkeypatch, lambda flag: 0)  # process 0 could write
+    with pytest.raises(storage.StorageError, match=r"^process 1: cannot write to /runs/a: PermissionError$"):
+        multihost.check_shared_workdir("/runs/a")
+
+
+def test_a_process_waits_for_process_0s_file_to_appear_on_its_mount(tmp_path, monkeypatch):
+    """NFS shows another host's new file a moment later: one look only called a shared folder a
+    folder per host."""
+    looks = []
+    monkeypatch.setattr(multihost.storage, "exists", lambda path: looks.append(path) or len(looks) > 1)
+    as_process(monkeypatch, 1)
+    other_process_answers(monkeypatch, lambda flag: 0, broadcast=np.arange(4))
+    multihost.check_shared_workdir(str(tmp_path / "run"))
+    assert len(looks) == 2
+
+
+def test_processes_counting_other_numbers_of_records_without_a_listing_are_found(monkeypatch):
+    """A source that lists no files (tfds): the count alone tells the processes' data apart."""
+    calls_of_the_other_process(monkeypatch, multihost.check_same_data, 999, None, "imagenet2012")
+    with pytest.raises(ValueError, match=r"records counted: process 0: 1000, process 1: 999\)"):
+        multihost.check_same_data(1000, None, "imagenet2012")
+
+
+def test_a_record_count_past_int32_is_compared_without_overflowing(monkeypatch):
+    """A web-scale caption set counts more than 2**31 - 1 records: the count shown is capped."""
+    calls_of_the_other_process(monkeypatch, multihost.check_same_data, 3_000_000_000, "listing", "/data")
+    multihost.check_same_data(3_000_000_000, "listing", "/data")
+    calls_of_the_other_process(monkeypatch, multihost.check_same_data, 3_000_000_000, "other listing", "/data")
+    with pytest.raises(ValueError, match=r"records counted: process 0: 2147483647, process 1: 2147483647\)"):
+        multihost.check_same_data(3_000_000_000, "listing", "/data")
+
+
+def test_the_fields_that_differ_are_shown_with_this_processes_values_strings_quoted(monkeypatch):
+    from configs import c2i
+
+    config, other = c2i.get_config("tiny"), c2i.get_config("tiny")
+    config.data.root = "/data/imagenet"
+    other_fields = multihost.job_fields("train", "gs://b/run2", other)
+    calls_of_the_other_process(monkeypatch, multihost.check_same_job, other_fields)
+    with pytest.raises(ValueError, match=re.escape(
+            "differs from process 0 in --workdir, --config.data.root (this process, 0: --workdir='gs://b/run', "
+            '--config.data.root="/data/imagenet"). Run the same command on every host')):
+        multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))
+
+
+def test_a_sampling_loop_of_one_process_raises_a_sigterm_a_library_caught(monkeypatch):
+    """Without --distributed stop_if_preempted is the loop's stop_if_terminated: a SIGTERM that jax's
+    gc callback swallowed would otherwise sample to the end."""
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    multihost.stop_if_preempted(1)
+    command_line._sigterm_received[0] = True
+    with pytest.raises(command_line.Terminated):
+        multihost.stop_if_preempted(2)
+
+
+@pytest.mark.parametrize("address,message", [
+    ("http://node-0", r"^--coordinator_address=http://node-0 is a URL: write HOST:PORT without the scheme$"),
+    ("node-0", r"^--coordinator_address=node-0 is not HOST:PORT \(.*, e\.g\. node-0:8476\)$"),
+    ("node-0:http", r"^--coordinator_address=node-0:http is not HOST:PORT \(.*, e\.g\. node-0:8476\)$"),
+    ("node-0:0", r"^--coordinator_address=node-0:0 is not HOST:PORT"),
+    ("node-0:65536", r"^--coordinator_address=node-0:65536 is not HOST:PORT"),
+    ("::1:8476", r"^--coordinator_address=::1:8476 is not HOST:PORT \(.*, e\.g\. 10\.0\.0\.2:8476\)$"),
+])
+def test_a_coordinator_address_is_refused_with_an_example_made_from_its_own_host(address, message):
+    """Ports 0 and 65536 are past the ends; an IPv6 address takes brackets (as gRPC reads it)."""
+    with pytest.raises(ValueError, match=message):
+        multihost.coordinator_port(address)
+
+
+class RefusedProbe:
+    """A socket whose bind fails with `errno` (set on the class by the test)."""
+    errno = None
+
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        pass
+
+    def setsockopt(self, *args):
+        pass
+
+    def bind(self, address):
+        raise OSError(self.errno, os.strerror(self.errno))
+
+
+def test_a_port_this_process_may_not_bind_is_named_and_a_probes_own_limit_passes(monkeypatch):
+    """Ports below 1024 need root (EACCES): process 0 could not serve the job there. A probe that
+    fails for its own reasons (no such address) leaves the port to jax."""
+    monkeypatch.setattr(multihost.socket, "socket", RefusedProbe)
+    monkeypatch.setattr(RefusedProbe, "errno", errno.EACCES)
+    with pytest.raises(ValueError, match=r"^--coordinator_address=node-0:80: port 80 is not open to this process "
+                                         r"\(Permission denied\), where process 0 serves the job"):
+        multihost.check_port_free("node-0:80", 80)
+    monkeypatch.setattr(RefusedProbe, "errno", errno.EADDRNOTAVAIL)
+    multihost.check_port_free("node-0:8476", 8476)
+
+
+def test_a_coordinator_bound_elsewhere_by_jax_coordinator_bind_address_is_not_probed(monkeypatch):
+    """jax binds JAX_COORDINATOR_BIND_ADDRESS instead of [::]:PORT where it is set: the port of
+    --coordinator_address may be taken on this host (a proxy's) and the job still start."""
+    probes = []
+    monkeypatch.setattr(multihost, "check_port_free", lambda *args: probes.append(args))
+    monkeypatch.setenv("JAX_COORDINATOR_BIND_ADDRESS", "[::]:9000")
+    multihost.check_cluster_flags("node-0:8476", 2, 0)
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS")
+    multihost.check_cluster_flags("node-0:8476", 2, 0)
+    assert probes == [("node-0:8476", 8476)]
+
+
+def test_processes_that_joined_are_not_ended_by_the_wait_and_jaxs_own_wait_ends_after_it(monkeypatch):
+    """The wait's timer is cancelled once jax has joined the processes (left running, it ended a
+    job at work CONNECT_WAIT_S after its start); jax's own timeout, a C++ abort, comes after ours."""
+    import time
+
+    timeouts, ended = [], []
+    monkeypatch.setattr(multihost.jax.config, "update", lambda *args: None)
+    monkeypatch.setattr(multihost.jax.distributed, "initialize",
+                        lambda *args, initialization_timeout: timeouts.append(initialization_timeout))
+    monkeypatch.setattr(multihost, "stop_waiting", lambda *args: ended.append(args))
+    monkeypatch.setattr(multihost, "CONNECT_WAIT_S", 0.1)
+    multihost.start_distributed("node-0:8476", 2, 1)
+    time.sleep(0.5)
+    assert ended == [] and timeouts[0] > multihost.CONNECT_WAIT_S
+
+
+def test_processes_of_a_fresh_run_list_no_checkpoints_alike(monkeypatch):
+    calls_of_the_other_process(monkeypatch, multihost.check_same_checkpoints, [], "/runs/new/checkpoints")
+    multihost.check_same_checkpoints([], "/runs/new/checkpoints")
