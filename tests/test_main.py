@@ -162,6 +162,34 @@ def test_overrides_in_a_flag_file_or_with_one_dash_are_warned_of_too(tmp_path):
     assert overrides_without_effect(argv[:2] + [f"--flagfile={tmp_path / 'gone.txt'}"], "sample") == []
 
 
+def test_overrides_typed_are_named_beside_a_flag_file_that_cannot_be_read_and_a_flag_without_a_value():
+    """An unreadable --flagfile is an error of its own: the overrides typed still count, and a
+    boolean override written without '=' (--config.FIELD, as absl takes it) is no value to read."""
+    from configs import c2i
+    from pixelflow_jax.cli.config_overrides import joined_strings_error, overrides_without_effect
+
+    argv = ["main.py", "--flagfile=/nowhere/flags.txt", "--config.seed=3", "--config.train.use_ema"]
+    assert overrides_without_effect(argv, "sample") == ["seed"]
+    assert joined_strings_error(argv, c2i.get_config("tiny")) is None
+
+
+def test_the_warnings_of_overrides_without_effect_count_them_in_their_words(monkeypatch):
+    from pixelflow_jax.cli import config_overrides
+
+    warned = []
+    monkeypatch.setattr(config_overrides.logging, "warning", lambda text, *args: warned.append(text % args))
+    for fields in (["--config.seed=3", "--config.sample.shift=2"],
+                   ["--config.seed=3", "--config.model.depth=2", "--config.sample.shift=2",
+                    "--config.sample.steps_per_stage=9"]):
+        config_overrides.warn_of_overrides_without_effect(["main.py", *fields], "sample", False, "dopri5")
+    assert [line.split(";")[0].split(" only with")[0] for line in warned] == [
+        "--config.seed: --mode=sample does not use it",
+        "--config.sample.shift: the dopri5 solver chooses its own steps (to a tolerance) and uses this",
+        "--config.seed, --config.model.depth: --mode=sample does not use them",
+        "--config.sample.shift, --config.sample.steps_per_stage: the dopri5 solver chooses its own steps (to a "
+        "tolerance) and uses these"]
+
+
 def test_a_list_of_strings_without_a_comma_between_two_is_refused_not_joined(tmp_path):
     """Prompts written over several lines without a comma, ("a red disk"
     "a blue ring"), reached the job as the one prompt 'a red diska blue ring' (Python joins
@@ -866,6 +894,59 @@ def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases
     assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM); no step of this run was "
                                              "saved: rerun the same command to start it again")
     assert not (workdir / "train.lock").exists()
+
+
+def test_each_way_a_collective_fails_for_a_process_gone_is_recognised(monkeypatch):
+    import jax
+
+    from pixelflow_jax.cli.job_exit import another_process_gone
+
+    class JaxRuntimeError(RuntimeError):
+        pass
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    for message in ("INTERNAL: Gloo allgather failed: pair.cc:589 Connection closed", "UNAVAILABLE: Connection reset "
+                    "by peer", "Task /job:jax_worker/task:1 stopped sending heartbeats", "the job is unhealthy",
+                    "UNAVAILABLE: another task died"):
+        assert another_process_gone(JaxRuntimeError(message)).endswith(f"(that process's log says why; here: {message})")
+
+
+def test_an_error_exits_at_once_a_success_and_a_stop_every_process_made_do_not_and_process_0_waits(monkeypatch):
+    """Only a failure skips the teardown: exit status 0 returns normally (atexit, flushes). A
+    StoppedTogether of one process exits at once too (orbax's threads may wait out their timeouts);
+    in a --distributed job it leaves through jax's shutdown barrier, which every process reaches.
+    Process 0, whose exit ends the others, gives them EXIT_GRACE_S to print their own errors."""
+    import jax
+
+    from pixelflow_jax.cli import job_exit
+
+    exits, waits = [], []
+
+    def exit_now(status):
+        exits.append(status)
+        raise SystemExit("os._exit")  # what the test sees in place of the process ending
+
+    monkeypatch.setattr(job_exit.os, "_exit", exit_now)
+    monkeypatch.setattr(job_exit.time, "sleep", waits.append)
+    monkeypatch.setattr(job_exit.logging, "flush", lambda: None)
+
+    def ended_by(stop):
+        with pytest.raises(SystemExit) as raised:
+            job_exit.exit_now_after_an_error(stop)
+        return "os._exit" if raised.value.code == "os._exit" else "raised"
+
+    assert [ended_by(SystemExit(0)), ended_by(SystemExit(None))] == ["raised", "raised"] and exits == []
+    assert ended_by(job_exit.StoppedTogether(130)) == "os._exit" and exits == [130] and waits == []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert ended_by(job_exit.StoppedTogether(143)) == "raised"
+    def backend_failed():  # the error being handled may be the backend's own
+        raise RuntimeError("Unable to initialize backend")
+
+    for process_index, wait in ((lambda: 1, []), (backend_failed, []), (lambda: 0, [job_exit.EXIT_GRACE_S])):
+        monkeypatch.setattr(jax, "process_index", process_index)
+        waits.clear()
+        assert ended_by(SystemExit("error: disk full")) == "os._exit" and waits == wait
+    assert exits == [130, 1, 1, 1]
 
 
 def test_a_workdir_of_a_scheme_this_project_cannot_write_names_the_flag(tmp_path):
