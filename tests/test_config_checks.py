@@ -451,6 +451,16 @@ def test_the_config_and_flag_files_a_command_names_are_found_in_every_form_absl_
     assert flag_values(argv, "flagfile") == ["gs://b/run.flags", "local.flags"]
 
 
+def test_the_sibling_config_is_named_for_its_own_fields_only_and_a_path_below_a_value_has_none():
+    from pixelflow_jax.cli.config_file import CONFIGS, sibling_config_with
+
+    ours = f"{CONFIGS}/c2i.py"
+    assert sibling_config_with(f"{ours}:tiny", "train.caption_dropout") == f"{CONFIGS}/t2i.py"
+    assert sibling_config_with(f"{ours}:tiny", "train.caption_dropout.x") is None  # a float has no fields
+    assert sibling_config_with(ours, "train.no_such_field") is None
+    assert sibling_config_with("/home/me/c2i.py", "train.caption_dropout") is None  # a user's file of that name
+
+
 def test_a_mistake_inside_a_users_config_file_and_cluster_flags_without_distributed_are_named(tmp_path):
     mine = tmp_path / "mine.py"
     mine.write_text("import ml_collections\n\ndef get_config():\n"
@@ -607,6 +617,9 @@ def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
     for field in dropped:
         del config.sample[field.split(".")[1]]
     with pytest.raises(ConfigError, match=re.escape(f"mine.py lacks {', '.join(dropped[:8])} and 2 more: fields of")):
+        check_config_fields(config, "mine.py")
+    config.sample[dropped[9].split(".")[1]] = c2i.get_config().sample[dropped[9].split(".")[1]]  # 9 missing
+    with pytest.raises(ConfigError, match=re.escape(f"mine.py lacks {', '.join(dropped[:8])} and 1 more: fields of")):
         check_config_fields(config, "mine.py")
     config = c2i.get_config()
     config.zzqx = 1
