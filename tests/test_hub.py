@@ -130,6 +130,8 @@ def test_a_hub_web_pages_address_is_refused_with_the_hf_path_that_reads_it(addre
     ("hf.co/me/runs/tree/v1.0/xl", "hf://me/runs@v1.0/xl"),
     ("runs/missing", None),  # runs/ is a local folder: a mistyped run, no Hub id
     ("runs/demo/checkpoints/9", None),
+    ("gone/demo/checkpoints", None),  # three parts: a local path, whatever its first folder
+    (".runs/xl", None),  # a Hub name does not start with a dot: a hidden folder's path
 ])
 def test_a_missing_checkpoint_that_reads_as_a_hub_repository_names_its_hf_path(path, meant, tmp_path, monkeypatch):
     """--config.train.init_from=ShoufaChen/PixelFlow-Class2Image (the Hub's repository id, as other
