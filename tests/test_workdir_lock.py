@@ -353,6 +353,36 @@ def test_a_lock_whose_folder_is_gone_is_a_copy_and_another_hosts_lock_is_judged_
     lock.release()
 
 
+def test_a_busy_message_asks_about_a_copy_only_for_another_hosts_lock_naming_another_folder(tmp_path):
+    """This host's live run in this folder under another of its names (a bind mount) is no copy;
+    another host's run recorded under this folder's own path is not 'in another folder'."""
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    (tmp_path / "sub").mkdir()
+    lock_file = tmp_path / LOCK_FILE
+    live = WorkdirLock(str(tmp_path), stale_after_s=600).record  # this process: alive, this host
+    for holder in ({**live, "workdir": f"{tmp_path}/sub/.."}, {**live, "host": "elsewhere"}):
+        lock_file.write_text(json.dumps(holder))
+        with pytest.raises(WorkdirBusy) as busy:
+            WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
+        assert str(busy.value).endswith(f"delete {lock_file}") and "That run works in" not in str(busy.value)
+
+
+def test_the_lock_is_refreshed_ten_times_per_stale_period_within_1_to_60_s():
+    from pixelflow_jax.training.workdir_lock import heartbeat_period
+
+    assert [heartbeat_period(s) for s in (5, 100, 300, 6000)] == [1.0, 10.0, 30.0, 60.0]
+
+
+def test_only_the_process_holding_the_lock_runs_its_heartbeat_thread(tmp_path, monkeypatch):
+    from pixelflow_jax.training import workdir_lock
+
+    monkeypatch.setattr(workdir_lock.jax, "process_index", lambda: 1)  # process 0 took it: nothing to refresh here
+    lock = workdir_lock.WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+    assert not lock.held and lock._thread is None
+
+
 def test_a_run_that_lost_its_lock_never_removes_the_new_owners_and_a_removed_lock_is_written_again(tmp_path):
     """A run whose lock another run took over (it stalled) and that ends before its next beat must
     leave the new owner's lock: removed, a third run could start in the workdir. And a lock file
