@@ -908,7 +908,8 @@ def test_each_way_a_collective_fails_for_a_process_gone_is_recognised(monkeypatc
     for message in ("INTERNAL: Gloo allgather failed: pair.cc:589 Connection closed", "UNAVAILABLE: Connection reset "
                     "by peer", "Task /job:jax_worker/task:1 stopped sending heartbeats", "the job is unhealthy",
                     "UNAVAILABLE: another task died"):
-        assert another_process_gone(JaxRuntimeError(message)).endswith(f"(that process's log says why; here: {message})")
+        line = another_process_gone(JaxRuntimeError(message))
+        assert line.endswith(f"(that process's log says why; here: {message})"), message
 
 
 def test_an_error_exits_at_once_a_success_and_a_stop_every_process_made_do_not_and_process_0_waits(monkeypatch):
