@@ -711,6 +711,11 @@ def test_init_from_naming_the_new_runs_own_workdir_says_so(tmp_path):
     ("--config.sample.prompts=a cat",  # a text-to-image setting given to the class config
      "--config.sample.prompts: configs/c2i.py:tiny has no field 'prompts'; it is a setting of configs/t2i.py: use "
      "that config"),
+    # a path below a value: was "configs/c2i.py:tiny could not be read: its get_config raised KeyError: ..."
+    ("--config.train.lr.x=1", "error: --config.train.lr.x: train.lr of configs/c2i.py:tiny is a value (float), "
+                              "not a section with fields: write --config.train.lr=VALUE"),
+    ("--config.sample.labels.x.y=1", "error: --config.sample.labels.x.y: sample.labels of configs/c2i.py:tiny is a "
+                                     "value (tuple), not a section with fields: write --config.sample.labels=VALUE"),
 ])
 def test_an_override_of_a_field_the_config_lacks_is_named_without_a_traceback(tmp_path, override, message):
     workdir = tmp_path / "run"

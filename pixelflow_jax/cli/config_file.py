@@ -139,8 +139,27 @@ def unknown_field_message(argv: list[str], error: Exception) -> str:
                         "that config")
             return (f"--config.{field}: {config_file} has no field {missing!r}{f' ({hint})' if hint else ''}; "
                     f"{config_file.split(':')[0]} lists the settings that exist")
+    if below_a_value := override_below_a_value(config_file, error):
+        return below_a_value
     # No override names the field: the config file's own code asked for it.
     return f"{config_file} could not be read: its get_config raised {type(error).__name__}: {first_line}"
+
+
+def override_below_a_value(config_file: str, error: Exception) -> str | None:
+    """For an override whose path goes on below a value (--config.train.lr.x=1), which was blamed on
+    the config file's code: ml_collections' walk along the path fails in its config_path module,
+    with the path, the field and the value it reached in hand; None for any other error."""
+    frames = list(traceback.walk_tb(error.__traceback__))
+    if not frames or not frames[-1][0].f_code.co_filename.endswith(os.path.join("config_flags", "config_path.py")):
+        return None
+    walk = frames[-1][0].f_locals
+    path, field, value = walk.get("field_path"), walk.get("field"), walk.get("config")
+    parts = path.split(".") if isinstance(path, str) else []
+    if field not in parts[1:]:
+        return None
+    holder = ".".join(parts[:parts.index(field, 1)])
+    return (f"--config.{path}: {holder} of {config_file} is a value ({type(value).__name__}), not a section with "
+            f"fields: write --config.{holder}=VALUE")
 
 
 def config_code_error(argv: list[str], error: Exception) -> str | None:
