@@ -143,7 +143,8 @@ def test_the_sampler_names_the_misuse(models):
     with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
         CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
     model, config = models["c2i_tiny"]
-    with pytest.raises(ValueError, match="config must be the checkpoint config load_model returns .* got a ModelConfig"):
+    with pytest.raises(ValueError,
+                       match="config must be the checkpoint config load_model returns .* got a ModelConfig"):
         CascadeSampler(model, model.config)
     with pytest.raises(ValueError, match="config is another model's"):
         CascadeSampler(model, models["t2i_tiny"][1])
@@ -167,9 +168,9 @@ def test_generate_from_prompts_names_an_encoder_of_another_width(models):
             return np.zeros((len(prompts), 16, self.width), np.float32), np.ones((len(prompts), 16), np.float32)
 
     sampler = CascadeSampler(*models["t2i_tiny"])
-    with pytest.raises(ValueError, match=re.escape("prompt_encoder gives embeddings of shape (1, 16, 24) for 1 prompts; "
-                                                   "this model's cross-attention takes (prompts, tokens, 20): use the "
-                                                   "text encoder the model was trained with")):
+    with pytest.raises(ValueError, match=re.escape("prompt_encoder gives embeddings of shape (1, 16, 24) for 1 "
+                                                   "prompts; this model's cross-attention takes (prompts, tokens, "
+                                                   "20): use the text encoder the model was trained with")):
         sampler.generate_from_prompts(Encoder(24), ["a red disk"], steps_per_stage=1)
 
     class PooledEncoder(Encoder):  # one embedding per prompt (a sentence encoder), of the right width

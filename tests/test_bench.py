@@ -135,13 +135,15 @@ def test_gpu_compile_counts_what_one_sampling_step_launches():
 # A layer loop of 3 trips in the format of XLA's optimized GPU HLO (from a real dump, cut down): it
 # casts its layer's row of stacked float32 weights, runs a matmul, GELU and cuDNN's attention, and
 # writes its output into a stack in place; before the loop the stack is zeroed, after it copied.
-LAYER_LOOP_HLO = """HloModule jit_step, entry_computation_layout={(bf16[16,4]{1,0}, f32[3,4,8]{2,1,0})->bf16[3,16,8]{2,1,0}}
+LAYER_LOOP_HLO = """HloModule jit_step, entry_computation_layout={(bf16[16,4]{1,0}, \
+f32[3,4,8]{2,1,0})->bf16[3,16,8]{2,1,0}}
 
 %fused_convert (param_0.1: f32[3,4,8], param_1.2: s32[]) -> bf16[1,4,8] {
   %param_0.1 = f32[3,4,8]{2,1,0} parameter(0)
   %param_1.2 = s32[] parameter(1)
   %constant_1 = s32[] constant(0)
-  %dynamic-slice.1 = f32[1,4,8]{2,1,0} dynamic-slice(%param_0.1, %param_1.2, %constant_1, %constant_1), dynamic_slice_sizes={1,4,8}
+  %dynamic-slice.1 = f32[1,4,8]{2,1,0} dynamic-slice(%param_0.1, %param_1.2, %constant_1, %constant_1), \
+dynamic_slice_sizes={1,4,8}
   ROOT %convert.1 = bf16[1,4,8]{2,1,0} convert(%dynamic-slice.1)
 }
 
@@ -162,23 +164,32 @@ LAYER_LOOP_HLO = """HloModule jit_step, entry_computation_layout={(bf16[16,4]{1,
   %bitcast.3 = bf16[1,16,8]{2,1,0} bitcast(%param_1.5)
   %param_2.6 = s32[] parameter(2)
   %constant_2 = s32[] constant(0)
-  ROOT %dynamic-update-slice.1 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0.4, %bitcast.3, %param_2.6, %constant_2, %constant_2)
+  ROOT %dynamic-update-slice.1 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0.4, %bitcast.3, %param_2.6, \
+%constant_2, %constant_2)
 }
 
-%region_0.1 (arg_tuple.1: (s32[], bf16[16,4], f32[3,4,8], bf16[3,16,8])) -> (s32[], bf16[16,4], f32[3,4,8], bf16[3,16,8]) {
+%region_0.1 (arg_tuple.1: (s32[], bf16[16,4], f32[3,4,8], bf16[3,16,8])) -> (s32[], bf16[16,4], f32[3,4,8], \
+bf16[3,16,8]) {
   %arg_tuple.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) parameter(0)
   %get-tuple-element.1 = s32[] get-tuple-element(%arg_tuple.1), index=0
   %get-tuple-element.2 = bf16[16,4]{1,0} get-tuple-element(%arg_tuple.1), index=1
   %get-tuple-element.3 = f32[3,4,8]{2,1,0} get-tuple-element(%arg_tuple.1), index=2
   %get-tuple-element.4 = bf16[3,16,8]{2,1,0} get-tuple-element(%arg_tuple.1), index=3
-  %loop_convert_fusion = bf16[1,4,8]{2,1,0} fusion(%get-tuple-element.3, %get-tuple-element.1), kind=kLoop, calls=%fused_convert
+  %loop_convert_fusion = bf16[1,4,8]{2,1,0} fusion(%get-tuple-element.3, %get-tuple-element.1), kind=kLoop, \
+calls=%fused_convert
   %bitcast.1 = bf16[4,8]{1,0} bitcast(%loop_convert_fusion)
-  %gemm_fusion_dot = bf16[16,8]{1,0} fusion(%get-tuple-element.2, %bitcast.1), kind=kCustom, calls=%gemm_fusion_dot_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
-  %loop_tanh_fusion = bf16[16,8]{1,0} fusion(%gemm_fusion_dot), kind=kLoop, calls=%fused_tanh, metadata={op_name="jit(step)/while/body/tanh" source_file="model.py" source_line=3}
-  %attention.1 = (bf16[16,8]{1,0}, u8[4096]{0}) custom-call(%loop_tanh_fusion, %gemm_fusion_dot, %loop_tanh_fusion), custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[16,8]{1,0}, bf16[16,8]{1,0}, bf16[16,8]{1,0}}
+  %gemm_fusion_dot = bf16[16,8]{1,0} fusion(%get-tuple-element.2, %bitcast.1), kind=kCustom, \
+calls=%gemm_fusion_dot_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %loop_tanh_fusion = bf16[16,8]{1,0} fusion(%gemm_fusion_dot), kind=kLoop, calls=%fused_tanh, \
+metadata={op_name="jit(step)/while/body/tanh" source_file="model.py" source_line=3}
+  %attention.1 = (bf16[16,8]{1,0}, u8[4096]{0}) custom-call(%loop_tanh_fusion, %gemm_fusion_dot, %loop_tanh_fusion), \
+custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[16,8]{1,0}, bf16[16,8]{1,0}, bf16[16,8]{1,0}}
   %get-tuple-element.5 = bf16[16,8]{1,0} get-tuple-element(%attention.1), index=0
-  %loop_dynamic_update_slice_fusion = bf16[3,16,8]{2,1,0} fusion(%get-tuple-element.4, %get-tuple-element.5, %get-tuple-element.1), kind=kLoop, calls=%fused_dynamic_update_slice
-  ROOT %tuple.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) tuple(%get-tuple-element.1, %get-tuple-element.2, %get-tuple-element.3, %loop_dynamic_update_slice_fusion)
+  %loop_dynamic_update_slice_fusion = bf16[3,16,8]{2,1,0} fusion(%get-tuple-element.4, %get-tuple-element.5, \
+%get-tuple-element.1), kind=kLoop, calls=%fused_dynamic_update_slice
+  ROOT %tuple.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, \
+/*index=3*/bf16[3,16,8]{2,1,0}) tuple(%get-tuple-element.1, %get-tuple-element.2, %get-tuple-element.3, \
+%loop_dynamic_update_slice_fusion)
 }
 
 %fused_broadcast () -> bf16[3,16,8] {
@@ -198,8 +209,11 @@ ENTRY %main.3 (x.1: bf16[16,4], w.1: f32[3,4,8]) -> bf16[3,16,8] {
   %w.1 = f32[3,4,8]{2,1,0} parameter(1)
   %constant_4 = s32[] constant(0)
   %loop_broadcast_fusion = bf16[3,16,8]{2,1,0} fusion(), kind=kLoop, calls=%fused_broadcast
-  %tuple.2 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) tuple(%constant_4, %x.1, %w.1, %loop_broadcast_fusion)
-  %while.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) while(%tuple.2), condition=%region_1.2, body=%region_0.1, backend_config={"known_trip_count":{"n":"3"},"known_init_step":{"init":"0","step":"1"}}
+  %tuple.2 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) tuple(%constant_4, %x.1, \
+%w.1, %loop_broadcast_fusion)
+  %while.1 = (s32[], bf16[16,4]{1,0}, f32[3,4,8]{2,1,0}, /*index=3*/bf16[3,16,8]{2,1,0}) while(%tuple.2), \
+condition=%region_1.2, body=%region_0.1, \
+backend_config={"known_trip_count":{"n":"3"},"known_init_step":{"init":"0","step":"1"}}
   %get-tuple-element.7 = bf16[3,16,8]{2,1,0} get-tuple-element(%while.1), index=3
   ROOT %copy.1 = bf16[3,16,8]{2,1,0} copy(%get-tuple-element.7)
 }
@@ -242,7 +256,8 @@ ROW_UPDATE_HLO = """HloModule jit_rows
   %bitcast.1 = bf16[1,16,8]{2,1,0} bitcast(%param_1)
   %param_2 = s32[] parameter(2)
   %constant_1 = s32[] constant(0)
-  %dynamic-update-slice.1 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_2, %constant_1, %constant_1)
+  %dynamic-update-slice.1 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_2, %constant_1, \
+%constant_1)
   %tanh.1 = bf16[16,8]{1,0} tanh(%param_1)
   ROOT %tuple.1 = (bf16[3,16,8]{2,1,0}, bf16[16,8]{1,0}) tuple(%dynamic-update-slice.1, %tanh.1)
 }
@@ -253,7 +268,8 @@ ROW_UPDATE_HLO = """HloModule jit_rows
   %bitcast.2 = bf16[1,16,8]{2,1,0} bitcast(%param_1.1)
   %param_2.1 = s32[] parameter(2)
   %constant_2 = s32[] constant(0)
-  %dynamic-update-slice.2 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0.1, %bitcast.2, %param_2.1, %constant_2, %constant_2)
+  %dynamic-update-slice.2 = bf16[3,16,8]{2,1,0} dynamic-update-slice(%param_0.1, %bitcast.2, %param_2.1, %constant_2, \
+%constant_2)
   ROOT %multiply.1 = bf16[3,16,8]{2,1,0} multiply(%dynamic-update-slice.2, %dynamic-update-slice.2)
 }
 
@@ -305,7 +321,8 @@ NESTED_LOOPS_HLO = """HloModule jit_nested
 
 %outer_body (arg.2: (s32[], f32[8])) -> (s32[], f32[8]) {
   %arg.2 = (s32[], f32[8]{0}) parameter(0)
-  ROOT %layers = (s32[], f32[8]{0}) while(%arg.2), condition=%cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %layers = (s32[], f32[8]{0}) while(%arg.2), condition=%cond, body=%inner_body, \
+backend_config={"known_trip_count":{"n":"3"}}
 }
 
 %solver_body (arg.3: (s32[], f32[8])) -> (s32[], f32[8]) {
@@ -321,7 +338,8 @@ ENTRY %main.4 (x.1: f32[8]) -> (s32[], f32[8]) {
   %constant.1 = s32[] constant(0)
   %tuple.4 = (s32[], f32[8]{0}) tuple(%constant.1, %x.1)
   %opt-barrier.1 = (s32[], f32[8]{0}) opt-barrier(%tuple.4)
-  %steps = (s32[], f32[8]{0}) while(%opt-barrier.1), condition=%cond, body=%outer_body, backend_config={"known_trip_count":{"n":"4"}}
+  %steps = (s32[], f32[8]{0}) while(%opt-barrier.1), condition=%cond, body=%outer_body, \
+backend_config={"known_trip_count":{"n":"4"}}
   ROOT %solve = (s32[], f32[8]{0}) while(%steps), condition=%cond, body=%solver_body
 }
 """
@@ -388,11 +406,13 @@ def test_gpu_compile_trains_the_text_model_of_configs_t2i():
     from configs import t2i
 
     config = t2i.get_config()
-    assert TEXT_MODEL == dict(num_classes=config.model.num_classes, cross_attention_dim=config.model.cross_attention_dim)
+    assert TEXT_MODEL == dict(num_classes=config.model.num_classes,
+                              cross_attention_dim=config.model.cross_attention_dim)
     assert TEXT_TOKENS == config.train.max_text_tokens
     for args, message in ((["sample", "--model=t2i"], "argument --model: t2i is for train only, not sample"),
                           (["train", "--text_tokens=77"], "argument --text_tokens: for train --model=t2i only"),
-                          (["train", "--encoder_dtype=bfloat16"], "argument --encoder_dtype: for train --model=t2i only"),
+                          (["train", "--encoder_dtype=bfloat16"],
+                           "argument --encoder_dtype: for train --model=t2i only"),
                           (["train", "--model=t2i", "--text_tokens=0"], "argument --text_tokens: must be a whole")):
         result = subprocess.run([sys.executable, "bench/gpu_compile.py", *args], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120)
