@@ -40,7 +40,8 @@ from conftest import c2i_config, t2i_config
     ("inspect", "model.patch_size", 3, "--config.data.resolution (64) must be a multiple of model.patch_size x 2^("
                                        "scheduler.num_stages - 1) = 24, so that every stage has a whole patch grid, "
                                        "and of 2^scheduler.num_stages = 16, so that the first stage's image halves "
-                                       "evenly (training starts that stage from its 2x-downsampled image): try 48 or 96"),
+                                       "evenly (training starts that stage from its 2x-downsampled image): try 48 "
+                                       "or 96"),
     ("train", "model.out_channels", 1, "--config.model.in_channels and out_channels must be 3, got 3 and 1: the "
                                        "data, previews and samples are RGB images"),
     ("inspect", "model.in_channels", 4, "--config.model.in_channels and out_channels must be 3, got 4 and 3"),
@@ -51,7 +52,8 @@ from conftest import c2i_config, t2i_config
     ("sample", "sample.batch_size", 0, "--config.sample.batch_size must be >= 1, got 0"),
     ("sample", "sample.steps_per_stage", (3, 0, 3, 3), "--config.sample.steps_per_stage must be in [1, 10000]"),
     # 10**9 steps filled a 24 GB host with time grids (killed by the kernel, no message)
-    ("sample", "sample.steps_per_stage", 10**9, "--config.sample.steps_per_stage must be in [1, 10000], got 1000000000"),
+    ("sample", "sample.steps_per_stage", 10**9,
+     "--config.sample.steps_per_stage must be in [1, 10000], got 1000000000"),
     ("train", "train.preview_steps_per_stage", 10**9, "--config.train.preview_steps_per_stage must be in [1, 10000]"),
     ("train", "train.lock_stale_after_s", 0.0, "--config.train.lock_stale_after_s must be >= 30.0"),
     ("train", "train.lock_stale_after_s", float("nan"), "--config.train.lock_stale_after_s must be a finite number"),
@@ -68,7 +70,8 @@ from conftest import c2i_config, t2i_config
     ("train", "data.resolution", 0, "--config.data.resolution must be >= 1, got 0"),  # 0 is a multiple of any grid
     # the near-miss named for a resolution below the grid is the grid itself, not 0
     ("inspect", "data.resolution", 8, "= 32, so that every stage has a whole patch grid: try 32"),
-    ("train", "data.root", "s3://bucket/images", "--config.data.root: s3://bucket/images: unsupported URL scheme s3://"),
+    ("train", "data.root", "s3://bucket/images",
+     "--config.data.root: s3://bucket/images: unsupported URL scheme s3://"),
     # the demo config pointed at one's own images trained on the demo set, recording the root as if read
     ("train", "data.root", "/my/images", "--config.data.root is set (/my/images) but data.source='demo' does not read "
                                          "it: add --config.data.source=folder, or drop data.root"),
@@ -78,7 +81,8 @@ from conftest import c2i_config, t2i_config
     ("train", "train.preview_num_images", 10**8, "--config.train.preview_num_images must be in [1, 1024]"),
     ("train", "data.expand_ratio", 1e6, "--config.data.expand_ratio must be <= 4.0, got 1000000.0"),
     ("train", "train.init_from", "http://host/ckpt", "--config.train.init_from: http://host/ckpt: unsupported URL"),
-    ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: hf:// (the Hugging Face Hub) is read here for checkpoints"),
+    ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: hf:// (the Hugging Face "
+                                                   "Hub) is read here for checkpoints"),
     # a quoting slip: a folder named "a " would be made, or an input not found without saying why
     ("train", "train.init_from", "runs/a ", "--config.train.init_from: 'runs/a ': the name 'a ' ends with a space"),
     ("eval", "eval.samples", " samples.npz", "--config.eval.samples: ' samples.npz': the name ' samples.npz' starts "
@@ -485,7 +489,8 @@ def test_any_error_the_code_of_a_users_config_file_raises_is_one_line_with_its_l
     for name, message in (("in_get_config.py", "its code raised NameError: name 'lr_base' is not defined (line 4)"),
                           ("on_import.py", "its code raised ZeroDivisionError: division by zero (line 3)")):
         result = subprocess.run([sys.executable, "main.py", f"--config={tmp_path / name}",
-                                 f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                                 f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
         assert result.returncode == 1 and result.stderr == f"error: {tmp_path / name} could not be read: {message}\n", \
             result.stderr
         assert not (tmp_path / "run").exists()
@@ -773,7 +778,8 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                  # 16-bit images: x.clip(0, 255) would saturate nearly every pixel
                                  ("sixteen", np.zeros((4, 8, 8, 3), np.uint16), r"16-bit images \(0-65535\) with "
                                                                                r"\(x // 257\)"),
-                                 ("float", np.zeros((4, 8, 8, 3), np.float32), r"images in \[-1, 1\] with \(\(x \+ 1\)"),
+                                 ("float", np.zeros((4, 8, 8, 3), np.float32),
+                                  r"images in \[-1, 1\] with \(\(x \+ 1\)"),
                                  # clip(0, 255) would make them images of 0 and 1
                                  ("bools", np.zeros((4, 8, 8, 3), bool), r"got bool; convert them with "
                                                                         r"x.astype\(np.uint8\) \* 255")):

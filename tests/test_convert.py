@@ -81,7 +81,8 @@ def test_a_bare_state_dict_says_which_schedule_it_is_given(tmp_path, caplog):
     weights = tmp_path / "ema.pt"
     shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), weights)
     warning = (f"{weights}: no config.yaml gives scheduler.num_stages / num_train_timesteps: num_stages 4, "
-               "num_train_timesteps 1000 assumed (the release's); pass --num_stages / --num_train_timesteps to set them")
+               "num_train_timesteps 1000 assumed (the release's); pass --num_stages / --num_train_timesteps to set "
+               "them")
     with caplog.at_level(logging.WARNING):
         config, _ = read_release_checkpoint(str(weights), attention_head_dim=16, overrides={"resolution": 64})
     assert config.num_stages == 4 and warning in caplog.text
@@ -349,7 +350,8 @@ def test_an_output_that_must_not_or_cannot_be_written_is_refused_before_converti
          "is inside the checkpoints of the training run"),  # the run's latest step, and rotated away
         (["--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}"], run / "checkpoints" / "9",
          "is inside the checkpoints of the training run"),
-        ([f"--torch_checkpoint={fixture_dir('c2i_tiny')}"], tmp_path / "a_file" / "out", "a_file is a file, not a folder"),
+        ([f"--torch_checkpoint={fixture_dir('c2i_tiny')}"], tmp_path / "a_file" / "out",
+         "a_file is a file, not a folder"),
     ]:
         result = run_converter(*args, f"--output={output}")
         assert result.returncode != 0 and phrase in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -432,7 +434,8 @@ def test_a_damaged_file_of_the_hub_cache_says_which_file_to_remove(tmp_path, mon
     blob.write_bytes(whole[:len(whole) // 2])  # a download cut off
     (snapshot / "model.pt").symlink_to(blob)
     with pytest.raises(CheckpointError, match=rf"truncated or not a checkpoint\?\): .*; it is in the Hugging Face "
-                                              rf"cache, which a rerun reads again: remove {blob} to have it downloaded"):
+                                              r"cache, which a rerun reads again: remove "
+                                              rf"{blob} to have it downloaded"):
         load_torch_file(str(snapshot / "model.pt"))
     (tmp_path / "model.pt").write_bytes(whole[:len(whole) // 2])
     with pytest.raises(CheckpointError, match=r"truncated or not a checkpoint") as error:
@@ -460,7 +463,8 @@ def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_a
     with pytest.raises(CheckpointError, match=r"holds no PixelFlow state dict .*; it holds list$"):
         extract_state_dict([1], "w.pt")
     blocks = {k: v for k, v in weights.items() if k.startswith("transformer_blocks.")}
-    assert sorted(extract_state_dict(blocks, "w.pt")) == sorted(blocks)  # one root, the model's: its keys are listed later
+    # one root, the model's: its keys are listed later
+    assert sorted(extract_state_dict(blocks, "w.pt")) == sorted(blocks)
 
 
 def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, converted):
@@ -725,9 +729,9 @@ def test_ctrl_c_while_the_converter_starts_stops_it_in_one_line_and_writes_nothi
     import time
 
     output = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "convert_torch_ckpt.py", f"--torch_checkpoint={fixture_dir('c2i_tiny')}",
-                                f"--output={output}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "convert_torch_ckpt.py",
+                                f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={output}"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay_s)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -762,7 +766,8 @@ def test_a_release_config_yaml_that_is_cut_short_or_holds_other_values_is_named(
     with caplog.at_level(logging.WARNING):
         config, _ = read_release_checkpoint(cut_short)
     assert config.resolution == 256 and config.num_stages == 4
-    assert "config.yaml gives no data.resolution, so 256 px is assumed (the release's); pass --resolution" in caplog.text
+    assert ("config.yaml gives no data.resolution, so 256 px is assumed (the release's); pass "
+            "--resolution") in caplog.text
     assert ("config.yaml gives no scheduler.num_stages / num_train_timesteps: num_stages 4, num_train_timesteps "
             "1000 assumed (the release's); pass --num_stages / --num_train_timesteps to set them") in caplog.text
     for name, edit, message in (
@@ -772,7 +777,8 @@ def test_a_release_config_yaml_that_is_cut_short_or_holds_other_values_is_named(
              "model.params.num_attention_heads must be a whole number, got 2.0"),
             ("quoted_bias", lambda v: v["model"]["params"].update(attention_bias="false"),
              "model.params.attention_bias must be true or false, got 'false'"),
-            ("fraction", lambda v: v["data"].update(resolution=64.9), "data.resolution must be a whole number, got 64.9")):
+            ("fraction", lambda v: v["data"].update(resolution=64.9),
+             "data.resolution must be a whole number, got 64.9")):
         with pytest.raises(CheckpointError, match=re.escape(message)):
             read_release_checkpoint(folder_with(name, edit))
 

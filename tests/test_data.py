@@ -215,7 +215,8 @@ def test_missing_or_empty_folder_names_the_path(tmp_path, caplog):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist"):
         ImageFolderSource(str(tmp_path / "nope"))
     os.makedirs(tmp_path / "empty" / "cls")
-    with pytest.raises(DataError, match=r"no images found in class folders of .*empty \(expected .*empty/<class>/<image>"):
+    with pytest.raises(DataError, match=r"no images found in class folders of .*empty \(expected "
+                                        r".*empty/<class>/<image>"):
         ImageFolderSource(str(tmp_path / "empty"))
     Image.new("RGB", (4, 4)).save(tmp_path / "empty" / "0.png")  # images beside the class folders, not in them
     with pytest.raises(DataError, match=r"the images in .*empty itself are not read: put each class's images in a "
@@ -259,7 +260,8 @@ def test_tiny_tfds_dataset_through_the_imagenet_path_locally_and_in_a_bucket(tmp
     assert images.shape == (4, R, R, 3) and set(labels) <= {0, 1, 2}
     # Example i is 40 + i pixels high and labelled i % 3: each record keeps its own label.
     assert all(source[i]["label"] == (source[i]["image"].shape[0] - 40) % 3 for i in range(10))
-    with pytest.raises(DataError, match=r"has no records in split 'validation' .*: its splits are train \(10 records\)"):
+    with pytest.raises(DataError, match=r"has no records in split 'validation' .*: its splits are train "
+                                        r"\(10 records\)"):
         TfdsSource("tiny_imagenet", "validation", str(tmp_path))
 
     # The same files in a bucket, read in place (`data.tfds_data_dir=gs://...`).
@@ -288,7 +290,8 @@ def test_an_empty_tfds_split_names_where_it_was_looked_for(monkeypatch, tmp_path
             return []
 
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: EmptyBuilder())
-    for data_dir, where in (("", r"the default TFDS data dir \(~/tensorflow_datasets\)"), (str(tmp_path), str(tmp_path))):
+    for data_dir, where in (("", r"the default TFDS data dir \(~/tensorflow_datasets\)"),
+                            (str(tmp_path), str(tmp_path))):
         with pytest.raises(DataError, match=f"^TFDS dataset 'imagenet2012' in {where} has no records in split 'train': "
                                             r"its splits are train \(0 records\)"):
             TfdsSource("imagenet2012", "train", data_dir)
@@ -345,7 +348,8 @@ def test_a_tfds_split_name_or_data_dir_mistake_is_named_with_its_fix_not_a_rebui
     was told to run `tfds build` (hours for ImageNet; into the dataset's folder, for the last)."""
     import tensorflow_datasets as tfds
 
-    build_tfds(tmp_path, "BuiltOnce", {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=2)},
+    build_tfds(tmp_path, "BuiltOnce",
+               {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=2)},
                lambda i: {"image": io.BytesIO(encoded(np.full((8, 8, 3), i, np.uint8))), "label": i % 2})
     assert len(TfdsSource("built_once", "train[:50%]", str(tmp_path))) == 3
     for split in ("trian", "train[:0]", "train[:9]"):
@@ -362,7 +366,8 @@ def test_a_tfds_split_name_or_data_dir_mistake_is_named_with_its_fix_not_a_rebui
     assert sorted(os.listdir(tmp_path / "built_once" / "1.0.0")) == listing  # nothing built inside it
     os.makedirs(tmp_path / "imagenet2012" / "5.1.0")  # a registered dataset: said instead of its build command
     with pytest.raises(DataError, match=rf"not built under {tmp_path}/imagenet2012/5.1.0: \S+ is the dataset's own "
-                                        rf"folder, not the data dir holding it: set --config.data.tfds_data_dir={tmp_path}$"):
+                                        r"folder, not the data dir holding it: set "
+                                        rf"--config.data.tfds_data_dir={tmp_path}$"):
         TfdsSource("imagenet2012", "train", str(tmp_path / "imagenet2012" / "5.1.0"))
     assert os.listdir(tmp_path / "imagenet2012" / "5.1.0") == []
     with pytest.raises(DataError, match=r"^no TFDS dataset is named 'imagenet_2012': .* Check --config.data.tfds_name "
@@ -810,11 +815,13 @@ def test_a_pack_stopped_by_a_signal_removes_its_shards_and_says_so(tmp_path, sig
     for i in range(4):
         (images / f"{i}.png").write_bytes(encoded(np.full((8, 8, 3), i, np.uint8)))
         (images / f"{i}.txt").write_text(f"caption {i}")
-    result = subprocess.run([sys.executable, "-c", STOPS_A_PACK, str(images), str(tmp_path / "shards"), signal_name, where],
+    result = subprocess.run([sys.executable, "-c", STOPS_A_PACK, str(images),
+                             str(tmp_path / "shards"), signal_name, where],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == status, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (f"stopped: {cause}; nothing was packed into {tmp_path / 'shards'} "
-                                                      "(the shards written are removed)"), result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (f"stopped: {cause}; nothing was packed into "
+                                                      f"{tmp_path / 'shards'} (the shards written are removed)"), \
+        result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "shards")  # the pack made it: gone
 
 
@@ -841,7 +848,8 @@ def test_a_sigterm_at_the_packs_last_line_stops_in_one_line(tmp_path):
     images.mkdir()
     (images / "0.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
     (images / "0.txt").write_text("a caption")
-    result = subprocess.run([sys.executable, "-c", A_SIGTERM_AT_THE_PACKS_LAST_LINE, str(images), str(tmp_path / "shards")],
+    result = subprocess.run([sys.executable, "-c", A_SIGTERM_AT_THE_PACKS_LAST_LINE, str(images),
+                             str(tmp_path / "shards")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.rstrip().splitlines()[-1] == "stopped: terminated (SIGTERM)"
@@ -960,7 +968,8 @@ def test_shards_of_records_other_than_captioned_ones_are_refused_when_opened_nam
         writer.write(record)
         writer.close()
         with pytest.raises(DataError, match=rf"^ArrayRecord shard \S+/{name} holds no captioned records: its first "
-                                            r"record is not a msgpack map with 'image' \(bytes\) and 'caption' \(text\)\. "
+                                            r"record is not a msgpack map with 'image' \(bytes\) and 'caption' "
+                                            r"\(text\)\. "
                                             r"Pack captioned images with python -m pixelflow_jax.data.pack_captions"):
             CaptionRecordSource(str(tmp_path / "shards"))
         os.remove(tmp_path / "shards" / name)
@@ -969,7 +978,8 @@ def test_shards_of_records_other_than_captioned_ones_are_refused_when_opened_nam
     tfds_build = tmp_path / "tfds" / "imagenet2012" / "5.1.0"  # `tfds build`'s names do not end in .array_record
     os.makedirs(tfds_build)
     (tfds_build / "imagenet2012-train.array_record-00000-of-00002").write_bytes(b"")
-    with pytest.raises(DataError, match=r"has no \*.array_record shards: imagenet2012-train.array_record-00000-of-00002 "
+    with pytest.raises(DataError, match=r"has no \*.array_record shards: "
+                                        r"imagenet2012-train.array_record-00000-of-00002 "
                                         r"and the like are a TFDS build's, of class labels; .* data.source='tfds'"):
         CaptionRecordSource(str(tfds_build))
 
@@ -1568,7 +1578,8 @@ def test_the_loaders_centre_crop_setting_gives_each_image_adms_centre_crop():
     record) is ADM's centre crop of its record, not the release's resize and random crop."""
     (images, labels), = batches(IndexSource(), 1, center_crop=True, random_flip=False)[0]
     for image, label in zip(images, labels):
-        np.testing.assert_array_equal(image, decoding.adm_center_crop(Image.fromarray(IndexSource()[label]["image"]), R))
+        np.testing.assert_array_equal(
+            image, decoding.adm_center_crop(Image.fromarray(IndexSource()[label]["image"]), R))
 
 
 def test_a_running_count_is_logged_when_it_first_happens_and_again_each_time_it_doubles(caplog):

@@ -87,7 +87,8 @@ def test_pick_a_class_generate_and_see_the_images(demo_server, tmp_path):
 
     client = Client(demo_server, verbose=False)
     for request, message in [((207, "euler", "4", 1.0, 7, 1, 1, 1, 1, 1), "CFG must be a number, got '4'."),
-                             ((1000, "euler", 4.0, 1.0, 7, 1, 1, 1, 1, 1), "Class must be a whole number from 0 to 999"),
+                             ((1000, "euler", 4.0, 1.0, 7, 1, 1, 1, 1, 1),
+                              "Class must be a whole number from 0 to 999"),
                              ((207, "euler", 4.0, 1.0, 0.5, 1, 1, 1, 1, 1), "Seed must be a whole number")]:
         status = client.predict(*request, api_name="/generate")[0]  # the status line's update
         assert status["value"].startswith(f"**Not generated:** {message}"), status
@@ -147,7 +148,8 @@ def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tm
     os.umask(umask)  # the request's folder as a plain makedirs makes it: mkdtemp's 0700 hid the images from others
     assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o777 & ~umask
     options = dict(steps_per_stage=[1, 1, 1, 1], cfg_scale=4.0, solver="euler", shift=1.0, seed=0)
-    job = [demo.sampler.generate_from_prompts(demo.prompt_encoder, ["a red cat"], negative_prompt=negative, **options)[0]
+    job = [demo.sampler.generate_from_prompts(demo.prompt_encoder, ["a red cat"], negative_prompt=negative,
+                                              **options)[0]
            for negative in ("the moon", "")]
     np.testing.assert_array_equal(page, job[0])
     assert not np.array_equal(job[0], job[1])  # the negative prompt matters at this CFG
@@ -278,7 +280,8 @@ def test_a_bucket_workdir_demo_removes_the_output_folders_of_killed_pages(tmp_pa
         os.utime(path, (hour_ago, hour_ago))
     mine = demo_output_dir("gs://bucket/page")
     assert os.path.isdir(mine) and os.path.basename(mine).startswith(f"pixelflow_demo-{here}-{os.getpid()}-")
-    assert sorted(os.listdir(tmp_path)) == sorted([recent.name, alive.name, "pixelflow_demo_other", os.path.basename(mine)])
+    assert sorted(os.listdir(tmp_path)) == sorted([recent.name, alive.name, "pixelflow_demo_other",
+                                                   os.path.basename(mine)])
 
 
 def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page():
