@@ -43,7 +43,8 @@ def test_buffers_below_the_mmap_threshold_come_from_the_heap_and_stay_after_free
     swapped or wrong constant still returned True while the buffers kept being mmap'd and trimmed."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.mallinfo2.restype = _MallInfo2
-    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = (ctypes.c_void_p, [ctypes.c_size_t],
+                                                                     [ctypes.c_void_p])
     assert host_memory.reuse_freed_buffers_on_cpu()
 
     def mmapped_and_kept(size):  # (whether malloc mmap'd it, whether the heap kept it after free); not touched

@@ -212,7 +212,8 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
     write_tiny_t5_folder(t5)
     put_in_hub_cache(home, "pixelflow-test/t5-tiny", split_t5_into_shards(t5, str(tmp_path / "t5_sharded")))
 
-    env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     env.pop("HF_HUB_CACHE", None)
     result = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, release, t5], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)

@@ -367,8 +367,8 @@ def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
     np.savez(tmp_path / "a.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(CheckpointError, match="download https://github.com/mseitzer/pytorch-fid"):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), str(tmp_path / "none.pth"), str(tmp_path))
-    with pytest.raises(ValueError, match="--config.eval.reference .*none.npz is not found: ADM's ImageNet 256 reference "
-                                         "batch is https://.*VIRTUAL_imagenet256_labeled.npz; any .npz"):
+    with pytest.raises(ValueError, match="--config.eval.reference .*none.npz is not found: ADM's ImageNet 256 "
+                                         "reference batch is https://.*VIRTUAL_imagenet256_labeled.npz; any .npz"):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "none.npz"), weights_file, str(tmp_path))
     damaged = tmp_path / "damaged.pth"
     damaged.write_bytes(b"not a torch file")

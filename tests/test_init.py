@@ -16,7 +16,8 @@ def params():
 
 def test_zero_initialised_layers(params):
     _, p = params
-    for leaf in (p["transformer_blocks"]["norm1"]["linear"]["kernel"], p["transformer_blocks"]["norm1"]["linear"]["bias"],
+    for leaf in (p["transformer_blocks"]["norm1"]["linear"]["kernel"],
+                 p["transformer_blocks"]["norm1"]["linear"]["bias"],
                  p["proj_out_1"]["kernel"], p["proj_out_1"]["bias"], p["proj_out_2"]["kernel"], p["proj_out_2"]["bias"],
                  p["transformer_blocks"]["attn1"]["q_proj"]["bias"], p["patch_embed"]["proj"]["bias"]):
         assert not np.asarray(leaf).any()

@@ -226,7 +226,8 @@ def test_a_boolean_flag_given_another_word_is_named_with_the_values_it_takes():
     flags.DEFINE_bool("allow_resume_changes", False, "", flag_values=values)
     with pytest.raises(flags.Error) as error:
         values(["main.py", "--allow_resume_changes=yes"])
-    assert flag_error_message(error.value) == "flag --allow_resume_changes=yes: --allow_resume_changes takes True or False"
+    assert flag_error_message(error.value) == ("flag --allow_resume_changes=yes: --allow_resume_changes takes True "
+                                               "or False")
 
 
 def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
@@ -249,14 +250,16 @@ def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
     monkeypatch.setattr(main, "run_mode", too_large)
     monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="sample", config=config))
     with pytest.raises(SystemExit, match=r"^error: --mode=sample ran out of memory \(RESOURCE_EXHAUSTED: Out of "
-                                         r"memory allocating 40000000000000 bytes.\): lower --config.sample.batch_size$"):
+                                         r"memory allocating 40000000000000 bytes.\): lower "
+                                         r"--config.sample.batch_size$"):
         main.main(["main.py"])
     config.eval.reference = "ref.npz"  # the job ends with an evaluation, whose batch may be the one too large
     with pytest.raises(SystemExit, match=r"lower --config.sample.batch_size or --config.eval.batch_size$"):
         main.main(["main.py"])
 
     monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="train", config=config))  # first what a resume takes
-    with pytest.raises(SystemExit, match=r"ran out of memory .*: set --config.model.remat=dots_attention, dots or full \(least memory\), or raise "
+    with pytest.raises(SystemExit, match=r"ran out of memory .*: set --config.model.remat=dots_attention, dots or "
+                                         r"full \(least memory\), or raise "
                                          r"--config.mesh.fsdp \(a resumed run takes these\); or raise "
                                          r"--config.train.grad_accum_steps .* only with --config.train.allow_resume_"):
         main.main(["main.py"])
@@ -325,7 +328,8 @@ def test_a_failed_restore_in_a_python_session_drops_its_late_reads_errors_and_a_
         try:
             late_callback()
         except Exception as error:
-            sys.unraisablehook(SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__))
+            sys.unraisablehook(SimpleNamespace(exc_type=type(error), exc_value=error,
+                                               exc_traceback=error.__traceback__))
 
     with late_restore_callbacks_dropped():  # a restore that succeeds
         unraisable(lambda: loop.call_soon_threadsafe(print))  # a late read while it ran
@@ -715,7 +719,8 @@ def test_a_job_of_one_process_keeps_its_compiled_programs_for_the_next_when_aske
     assert not programs(ours / "xla")
     inspect("--compilation_cache=on", PIXELFLOW_CACHE_DIR=str(ours))
     assert programs(ours / "xla")
-    inspect("--compilation_cache=on", PIXELFLOW_CACHE_DIR=str(tmp_path / "unused"), JAX_COMPILATION_CACHE_DIR=str(theirs))
+    inspect("--compilation_cache=on", PIXELFLOW_CACHE_DIR=str(tmp_path / "unused"),
+            JAX_COMPILATION_CACHE_DIR=str(theirs))
     assert programs(theirs) and not programs(tmp_path / "unused" / "xla")
 
 
