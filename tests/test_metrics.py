@@ -556,7 +556,8 @@ def test_each_metric_of_eval_is_computed_from_the_features_it_belongs_to(tiny_in
                                                       inception_weights=tiny_inception, batch_size=8)))
     results = evaluate.run(config, str(tmp_path / "run"))
     samples, reference = features["samples.npz"], features["reference.npz"]
-    statistics = lambda kind: (*metrics.gaussian_statistics(samples[kind]), *metrics.gaussian_statistics(reference[kind]))
+    statistics = lambda kind: (*metrics.gaussian_statistics(samples[kind]),
+                               *metrics.gaussian_statistics(reference[kind]))
     assert results["fid"] == pytest.approx(adm_frechet_distance(*statistics("pool")), rel=1e-8)
     assert results["sfid"] == pytest.approx(adm_frechet_distance(*statistics("spatial")), rel=1e-8)
     assert results["inception_score"] == metrics.inception_score(samples["logits"]) != metrics.inception_score(

@@ -21,7 +21,8 @@ def forward(model, g, stage):
     if model.config.num_classes:
         kwargs = dict(class_labels=g[f"fwd_{stage}_y"])
     else:
-        kwargs = dict(encoder_hidden_states=g["encoder_hidden_states"], encoder_attention_mask=g["encoder_attention_mask"])
+        kwargs = dict(encoder_hidden_states=g["encoder_hidden_states"],
+                      encoder_attention_mask=g["encoder_attention_mask"])
     out = jax.jit(lambda x, t: model(x, t, **kwargs))(images, g[f"fwd_{stage}_t"])
     return np.asarray(out).transpose(0, 3, 1, 2)
 

@@ -398,7 +398,8 @@ def test_a_cosine_run_resumes_only_with_its_end_and_older_runs_resume_as_constan
 
     cosine = c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 100})
     check_resume(str(tmp_path / "cosine"), cosine, step=0, num_records=100)
-    with pytest.raises(ValueError, match=r"train.num_steps \(where the learning-rate schedule ends\): 100 -> 200"):  # the rate would jump
+    # the rate would jump
+    with pytest.raises(ValueError, match=r"train.num_steps \(where the learning-rate schedule ends\): 100 -> 200"):
         check_resume(str(tmp_path / "cosine"), c2i_config(**{"train.lr_schedule": "cosine", "train.num_steps": 200}),
                      step=40, num_records=100)
     older = tmp_path / "older"  # recorded before schedules existed: it resumes with the release's constant rate

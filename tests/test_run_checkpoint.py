@@ -184,8 +184,8 @@ def test_weights_that_restore_as_nan_are_refused_with_their_names_not_sampled_or
     params["transformer_blocks"]["mlp"]["fc2"]["kernel"][1, 0, 0] = np.nan
     folder = str(tmp_path / "converted")
     save_checkpoint(folder, params, read_config(converted["c2i_tiny"]))
-    with pytest.raises(CheckpointError, match=r"converted/params: transformer_blocks/mlp/fc2/kernel hold NaN or inf values "
-                                              r"\(files damaged .*: convert again"):
+    with pytest.raises(CheckpointError, match=r"converted/params: transformer_blocks/mlp/fc2/kernel hold NaN or inf "
+                                              r"values \(files damaged .*: convert again"):
         load_model(folder)
 
     workdir = str(tmp_path / "run")
@@ -198,8 +198,8 @@ def test_weights_that_restore_as_nan_are_refused_with_their_names_not_sampled_or
         checkpointing.save(manager, step, state)
     manager.wait_until_finished()
     manager.close()
-    with pytest.raises(CheckpointError, match=r"the ema weights of .*checkpoints/4: transformer_blocks/mlp/fc2/kernel hold NaN"
-                                              r".*: load another step; the run's other complete steps: \[2\]"):
+    with pytest.raises(CheckpointError, match=r"the ema weights of .*checkpoints/4: transformer_blocks/mlp/fc2/kernel "
+                                              r"hold NaN.*: load another step; the run's other complete steps: \[2\]"):
         load_model(workdir)
     load_model(workdir, weights="model")  # the raw weights of the same step are whole
     result = run_converter("--to_torch", f"--jax_checkpoint={workdir}", f"--output={tmp_path / 'export'}")
@@ -682,9 +682,11 @@ def test_a_folder_runs_class_index_that_it_could_not_have_written_stops_sampling
     workdir = shutil.copytree(run[0], tmp_path / "run")
     names = lambda classes: json.dumps({"root": "/data", "classes": classes})
     for content, message in (('{"classes": [', r"class_index.json is damaged \(JSONDecodeError"),
-                             (names(["cats", "dogs", "cats"]), r"damaged \(ValueError: its classes name 'cats' more than once"),
-                             (names([f"c{i}" for i in range(1001)]), r"class_index.json names 1001 class folders, but the "
-                                                                     r"run's model has 1000 classes, .*: put back its")):
+                             (names(["cats", "dogs", "cats"]),
+                              r"damaged \(ValueError: its classes name 'cats' more than once"),
+                             (names([f"c{i}" for i in range(1001)]),
+                              r"class_index.json names 1001 class folders, but the "
+                              r"run's model has 1000 classes, .*: put back its")):
         (workdir / "class_index.json").write_text(content)
         with pytest.raises(CheckpointError, match=message):
             sample_in_process(tmp_path / "samples", str(workdir), monkeypatch, num_images=1001)

@@ -28,7 +28,8 @@ def pngs(workdir):
 
 def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
     workdir = str(tmp_path / "run")
-    args = ("--config.sample.num_images=12", "--config.sample.batch_size=64", "--config.sample.steps_per_stage=(1,2,1,2)")
+    args = ("--config.sample.num_images=12", "--config.sample.batch_size=64",
+            "--config.sample.steps_per_stage=(1,2,1,2)")
     result = run_sample(workdir, converted["c2i_tiny"], *args)
     assert result.returncode == 0, result.stderr
     assert "12 of 12 images to sample (0 already on disk), batch 16 over 8 devices" in result.stderr  # not 64
@@ -112,7 +113,8 @@ def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted)
     assert images.shape == (4, 64, 64, 3) and len({image.tobytes() for image in images}) == 4
     settings = json.load(open(os.path.join(workdir, "samples", "settings.json")))
     assert settings["prompts"] == ["a red cat", "the moon"] and settings["negative_prompt"] == ""
-    assert settings["text_encoder_param_dtype"] == "float32"  # bfloat16 weights give other embeddings: no rerun mixes them
+    # bfloat16 weights give other embeddings: no rerun mixes them
+    assert settings["text_encoder_param_dtype"] == "float32"
 
     # The Python API draws the same images (up to float rounding: one uint8 level).
     from pixelflow_jax import load_model
@@ -134,7 +136,8 @@ def test_prompts_to_pngs_with_a_text_conditional_checkpoint(tmp_path, converted)
     for overrides, message in [((), "set exactly one of --config.sample.prompts"),
                                (("--config.sample.prompts=('a cat',)", "--config.sample.text_encoder="),
                                 "set --config.sample.text_encoder")]:
-        result = run_sample(str(tmp_path / "bad"), converted["t2i_tiny"], *args, *overrides, config="configs/t2i.py:tiny")
+        result = run_sample(str(tmp_path / "bad"), converted["t2i_tiny"], *args, *overrides,
+                            config="configs/t2i.py:tiny")
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
@@ -169,8 +172,10 @@ def test_an_extended_jobs_new_npz_removes_the_eval_json_of_the_earlier_images(tm
         sample_run.save_png_atomically(sample_run.image_path(str(folder), i), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "link").symlink_to(workdir)  # the evaluation named the file through a link to the workdir
     through_link = storage.absolute(str(tmp_path / "link" / "samples.npz"))
-    for scored, kept in (({"samples": npz, "num_samples": 3}, True), ({"samples": "/other.npz", "num_samples": 2}, True),
-                         ({"samples": npz, "num_samples": 2}, False), ({"samples": through_link, "num_samples": 2}, False)):
+    for scored, kept in (({"samples": npz, "num_samples": 3}, True),
+                         ({"samples": "/other.npz", "num_samples": 2}, True),
+                         ({"samples": npz, "num_samples": 2}, False),
+                         ({"samples": through_link, "num_samples": 2}, False)):
         storage.write_json_keeping_history(str(workdir / "eval.json"), scored)
         with caplog.at_level("INFO"):
             assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
@@ -394,8 +399,8 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
                                       drawn_for([i], labels[i:i + 1])[0])
     settings = json.loads((workdir / "samples" / "settings.json").read_text())
     assert {k: settings[k] for k in ("seed", "num_images", "labels", "weights", "cfg_scale", "solver", "shift",
-                                     "steps_per_stage")} == dict(seed=7, num_images=5, labels=list(labels), weights=None,
-                                                                 cfg_scale=2.4, solver="euler", shift=1.0,
+                                     "steps_per_stage")} == dict(seed=7, num_images=5, labels=list(labels),
+                                                                 weights=None, cfg_scale=2.4, solver="euler", shift=1.0,
                                                                  steps_per_stage=[1, 1, 1, 1])
 
     for i in (1, 3):  # an interrupted job: the rerun samples these two alone, each as the first run would
@@ -610,7 +615,8 @@ def test_an_extension_typed_by_mistake_is_taken_back_while_none_of_its_images_wa
     assert pngs(workdir) == [f"{i:06d}.png" for i in range(13)]  # its first batch: images 5 to 12
     monkeypatch.setattr(sample_run, "stop_if_preempted", lambda passes: None)
     with pytest.raises(ValueError, match=r"holds 8 images numbered 5 or above \(000005.png to 000012.png\): .* "
-                                         r"delete those 8 PNGs, then rerun; to keep them, rerun asking for at least 13"):
+                                         r"delete those 8 PNGs, then rerun; "
+                                         r"to keep them, rerun asking for at least 13"):
         job(5)
     assert recorded() == 50
     job(13)
@@ -638,7 +644,8 @@ def test_a_disk_that_fills_up_stops_the_job_with_one_error_and_a_rerun_keeps_the
         return write
 
     with monkeypatch.context() as disk:  # room for the first batch's eight images
-        disk.setattr(writes, "write_local_atomically", disk_full_for(lambda name: name[:6].isdigit() and int(name[:6]) >= 8))
+        disk.setattr(writes, "write_local_atomically",
+                     disk_full_for(lambda name: name[:6].isdigit() and int(name[:6]) >= 8))
         with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/samples/000008.png \(OSError: "
                                                        r"\[Errno 28\] No space left on device\); free space .* rerun "
                                                        "the same command: the images already written are kept"):
@@ -709,7 +716,8 @@ def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_
     (samples / "000000.png").write_bytes(b"")
     assert resolve_checkpoint(str(run)).label == str(latest)
 
-    with pytest.raises(ValueError, match=rf"sample these into a new --workdir with --config.sample.checkpoint={latest}; "
+    with pytest.raises(ValueError, match=rf"sample these into a new --workdir with "
+                                         rf"--config.sample.checkpoint={latest}; "
                                          rf"to finish or extend the job of {samples}, rerun with "
                                          rf"--config.sample.checkpoint={sampled}, which still holds the weights"):
         check_settings(str(samples), str(samples.parent), of(latest))
