@@ -42,8 +42,8 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     after = resolve_checkpoint(copy).fingerprint()
     assert after != before
     with pytest.raises(ValueError, match=r"other settings \(differing: \['checkpoint_fingerprint'\]\): they are of "
-                                         rf"other weights \(the files of {copy} changed since they were sampled \(converted "
-                                         r"again, or replaced\)\); "
+                                         rf"other weights \(the files of {copy} changed since they were sampled "
+                                         r"\(converted again, or replaced\)\); "
                                          rf"sample these into a new --workdir with --config.sample.checkpoint={copy}$"):
         check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": after})
     check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
@@ -112,7 +112,8 @@ def test_a_text_job_never_adopts_images_whose_prompts_another_encoder_encoded(tm
     with pytest.raises(ValueError, match=r"holds images whose prompts another text encoder encoded \(differing: "
                                          r"\['text_encoder_fingerprint'\]"):
         check_settings(samples, str(tmp_path), settings())
-    fingerprints["moved"], Encoder.folder = "weights-a", str(tmp_path / "moved")  # the same files moved: the same encoder
+    # the same files moved: the same encoder
+    fingerprints["moved"], Encoder.folder = "weights-a", str(tmp_path / "moved")
     sample.text_encoder = Encoder.folder
     check_settings(samples, str(tmp_path), settings())
 
@@ -232,8 +233,8 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
         (samples / f"{i:06d}.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"this job asks for 4 images, fewer than the 50 that .*samples/settings.json "
                                          r"records, but .*samples holds 4 images numbered 4 or above \(000004.png to "
-                                         r"000010.png\): .* To shrink it to 4, delete those 4 PNGs, then rerun; to keep "
-                                         r"them, rerun asking for at least 11 images \(as recorded: "
+                                         r"000010.png\): .* To shrink it to 4, delete those 4 PNGs, then rerun; "
+                                         r"to keep them, rerun asking for at least 11 images \(as recorded: "
                                          r"--config.sample.num_images=50\); or use a new --workdir"):
         check(4)
     assert recorded() == 50
@@ -258,8 +259,9 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
                                          r".*samples.npz away, then rerun; to keep them, rerun asking for at least 11"):
         check(4)
     (tmp_path / "samples.npz").write_bytes(b"PK cut off")
-    with pytest.raises(ValueError, match=r"cannot tell how many images .*samples.npz holds \(.*\), and a job asking for "
-                                         r"fewer images than settings.json records would overwrite it: move it away"):
+    with pytest.raises(ValueError, match=r"cannot tell how many images .*samples.npz holds \(.*\), and a job asking "
+                                         r"for fewer images than settings.json records would overwrite it: "
+                                         r"move it away"):
         check(4)
     with open(tmp_path / "samples.npz", "wb") as npz:  # the smaller job's own, from before its extension
         write_images_npz(npz, np.zeros((2, 2, 2, 3), np.uint8), 2, 2)
@@ -340,7 +342,8 @@ def test_a_job_recorded_without_a_fingerprint_still_refuses_another_checkpoint(t
     (samples / "000000.png").write_bytes(b"")
     check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/a", "seed": 0, "checkpoint_fingerprint": "f1"})
     with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['checkpoint'\]"):
-        check_settings(str(samples), str(tmp_path), {"checkpoint": "/runs/b", "seed": 0, "checkpoint_fingerprint": "f1"})
+        check_settings(str(samples), str(tmp_path),
+                       {"checkpoint": "/runs/b", "seed": 0, "checkpoint_fingerprint": "f1"})
 
 
 def test_a_job_recorded_before_a_setting_was_recorded_goes_on_and_one_recorded_is_compared(tmp_path):

@@ -33,10 +33,12 @@ def test_urls_are_never_made_local():
         storage.check_supported("HF://org/model")
     with pytest.raises(storage.StorageError, match=r"unsupported URL scheme gcs:// \(write gs://b/run\);"):
         storage.check_supported("gcs://b/run")
-    with pytest.raises(storage.StorageError, match=r"hf://me/out: hf:// \(the Hugging Face Hub\) is read here for checkpoints and T5 folders only"):
+    with pytest.raises(storage.StorageError, match=r"hf://me/out: hf:// \(the Hugging Face Hub\) is read here for "
+                                                   r"checkpoints and T5 folders only"):
         storage.check_supported("hf://me/out")  # said "write hf://me/out: schemes are lower case"
     assert storage.user_path("gs://b/run/") == "gs://b/run/"  # a trailing slash is fine
-    with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write gs://b/run/x'):
+    with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write '
+                                                   r'gs://b/run/x'):
         storage.user_path("gs://b//run/x")  # gs://b/$PREFIX/run/x with an empty PREFIX
     with pytest.raises(storage.StorageError, match=r'runs/gs://b/x holds "://" inside a path: a URL starts with its '
                                                    r"scheme \(write gs://b/x\)"):

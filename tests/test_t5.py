@@ -423,7 +423,8 @@ def test_a_prompt_that_is_not_unicode_text_is_named_before_the_tokenizer_sees_it
     assert prompt_list(["caf\u00e9 \U0001f98a"]) == ["caf\u00e9 \U0001f98a"]
     # the bytes an undecodable argument becomes are U+DC80..U+DCFF (0x80-0xff): the code points on either side
     # are surrogates no terminal writes, named as such
-    for text, named in (("\udc80", "the byte 0x80, which is not UTF-8"), ("\udcff", "the byte 0xff, which is not UTF-8"),
+    for text, named in (("\udc80", "the byte 0x80, which is not UTF-8"),
+                        ("\udcff", "the byte 0xff, which is not UTF-8"),
                         ("\udc7f", "U+DC7F, half of a UTF-16 surrogate pair"),
                         ("\ud800", "U+D800, half of a UTF-16 surrogate pair")):
         with pytest.raises(ValueError, match=re.escape(f"prompts holds {named}, after ''")):

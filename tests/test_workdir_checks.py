@@ -142,8 +142,9 @@ def test_a_foreign_or_other_model_workdir_is_refused_before_anything_is_written_
     (foreign / "checkpoints" / "5" / "model.pt").write_bytes(b"")
     config = c2i_config()
     with pytest.raises(ValueError, match=r"holds checkpoints/ but no run_config.json: not a training run of "
-                                         r"pixelflow-jax, or a copy of one that missed that file \(copy run_config.json "
-                                         r"from the run, then rerun to resume it\); otherwise use a new --workdir"):
+                                         r"pixelflow-jax, or a copy of one that missed that file \(copy "
+                                         r"run_config.json from the run, then rerun to resume it\); "
+                                         r"otherwise use a new --workdir"):
         check_run_config(str(foreign), ModelConfig.from_mapping(config.model), config)  # (it said only the last)
     assert sorted(os.listdir(foreign)) == ["checkpoints"]
 
