@@ -27,8 +27,9 @@ from pixelflow_jax.text import demo_text_encoder
 from pixelflow_jax.text.prompts import T5Tokenizer
 from pixelflow_jax.text.t5_convert import load_t5_encoder
 from pixelflow_jax.training.flow import StageTables, draw, stage_batches
-from pixelflow_jax.training.train_step import (StepConfig, TextConditioning, _loss_and_stage_losses, dropped_conditioning,
-                                               init_state, make_optimizer, make_train_step, state_shardings)
+from pixelflow_jax.training.train_step import (StepConfig, TextConditioning, _loss_and_stage_losses,
+                                               dropped_conditioning, init_state, make_optimizer, make_train_step,
+                                               state_shardings)
 from test_model_parity import relative_error
 from test_train import mesh_of
 
@@ -72,7 +73,8 @@ def test_captioned_folder_names_missing_captions_or_skips_and_counts_them(captio
         CaptionedFolderSource(root + "/nothing")
     with pytest.raises(DataError, match="--config.data.root is not set"):
         CaptionedFolderSource("")
-    with pytest.raises(DataError, match=r"--config.data.missing_captions must be one of \('error', 'skip'\), got 'skp'"):
+    with pytest.raises(DataError, match=r"--config.data.missing_captions must be one of \('error', 'skip'\), got "
+                                        r"'skp'"):
         CaptionedFolderSource(root, missing_captions="skp")
 
 
@@ -108,8 +110,8 @@ def test_a_caption_named_after_the_whole_file_name_is_pointed_out(captioned_fold
     root, _ = captioned_folder
     (pathlib.Path(root) / "00001" / "000000010.png.txt").write_text("a red disk")  # not read as 000000010.png's
     with pytest.raises(DataError, match=r"1 of 12 images .* no caption file .*000000010.png'\]; 1 of them have a "
-                                        r"caption file named after the image's whole file name, e.g. .*000000010.png.txt: "
-                                        r"name those NAME.txt; add the captions"):
+                                        r"caption file named after the image's whole file name, e.g. "
+                                        r".*000000010.png.txt: name those NAME.txt; add the captions"):
         CaptionedFolderSource(root)
 
 
@@ -278,7 +280,8 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
     failed = tmp_path / "failed"
     with monkeypatch.context() as patch:
         patch.setattr(caption_shards.storage, "read_bytes", failing_on_the_seventh_image)
-        with pytest.raises(DataError, match="OSError: disk error \\(packing stopped; the 2 shards it had written are removed"):
+        with pytest.raises(DataError, match="OSError: disk error \\(packing stopped; the 2 shards it had written "
+                                            "are removed"):
             pack(root, str(failed), records_per_shard=3, missing_captions="skip")
     assert not os.path.exists(failed)  # no shard, nor the folder the pack made for them
 
@@ -404,7 +407,8 @@ def test_caption_dropout_substitutes_the_empty_prompt_at_its_rate(text_setup):
     model, config, text, params, _, _, tokenizer = text_setup
     captions = [captioned_demo_image(i).caption for i in range(400)]
     tokens, mask = tokenizer(captions)
-    dropped = dropped_conditioning(jax.random.key(1), (tokens, mask), config.model, StepConfig(caption_dropout=0.3), text)
+    dropped = dropped_conditioning(jax.random.key(1), (tokens, mask), config.model,
+                                   StepConfig(caption_dropout=0.3), text)
     kwargs = text.encode(params, dropped["tokens"], dropped["mask"])
     kept = text.encode(params, tokens, mask)
     empty = text.encode(params, *tokenizer([""]))
@@ -465,7 +469,8 @@ def reference_velocity(p, x, t, text, text_mask, heads, patch):
     gelu = lambda a: 0.5 * a * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3)))
     b, r, _, c = x.shape
     g = r // patch
-    h = lin(p["patch_embed"]["proj"], x.reshape(b, g, patch, g, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1))
+    h = lin(p["patch_embed"]["proj"],
+            x.reshape(b, g, patch, g, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1))
 
     def embed(q, values):
         freqs = jnp.exp(-np.log(10000.0) * jnp.arange(128) / 127.0)
@@ -541,7 +546,8 @@ def test_text_loss_and_gradient_equal_a_float64_computation(text_setup):
                           for idx, x_t, target, t in reference_stage_inputs(images, draws, scheduler)]
             return jnp.concatenate(per_sample).mean()
 
-        loss_ref, grads_ref = jax.jit(jax.value_and_grad(loss64))(jax.tree.map(lambda a: np.asarray(a, np.float64), params))
+        loss_ref, grads_ref = jax.jit(jax.value_and_grad(loss64))(
+            jax.tree.map(lambda a: np.asarray(a, np.float64), params))
         assert abs(float(loss32) - float(loss_ref)) <= 1e-5 * float(loss_ref)
         flat = lambda tree: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
         assert relative_error(flat(grads32), flat(grads_ref)) <= 1e-4
@@ -624,7 +630,8 @@ def test_text_step_on_eight_devices_equals_one_device_and_leaves_the_encoder_fro
             np.testing.assert_array_equal(a, np.asarray(b))  # frozen, and not donated
         if fsdp == 2:
             assert encoder["blocks"]["wi_0"]["kernel"].sharding.spec == P(None, None, "fsdp")
-        results.append((float(metrics["loss"]), np.concatenate([np.ravel(a) for a in jax.tree.leaves(state["params"])])))
+        results.append((float(metrics["loss"]),
+                        np.concatenate([np.ravel(a) for a in jax.tree.leaves(state["params"])])))
     (loss_one, params_one), (loss_eight, params_eight) = results
     assert abs(loss_one - loss_eight) <= 1e-5 * loss_one
     assert relative_error(params_eight, params_one) <= 1e-5
@@ -1157,9 +1164,10 @@ def test_a_text_run_on_own_data_names_every_missing_setting_at_once(tmp_path):
     config = t2i.get_config("")
     config.train.batch_size = 32
     workdir = str(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"^this run needs 3 more settings: --config.data.root, the folder of captioned "
-                                         r"images.*; --config.train.text_encoder, .*; --config.sample.prompts or "
-                                         r"--config.sample.prompts_file, the prompts of the previews"):
+    with pytest.raises(ValueError, match=r"^this run needs 3 more settings: --config.data.root, the folder of "
+                                         r"captioned images.*; --config.train.text_encoder, .*; "
+                                         r"--config.sample.prompts or --config.sample.prompts_file, "
+                                         r"the prompts of the previews"):
         train(config, workdir)
     config.data.root, config.train.preview_every = str(tmp_path), 0
     with pytest.raises(ValueError, match=r"^this run needs 1 more setting: --config.train.text_encoder"):

@@ -1087,7 +1087,8 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
     assert 6 <= stop < 16, "the run finished before the SIGTERM"
     assert max(complete_steps(str(two))) == stop and sorted(losses(two)) == list(range(4, stop + 1))
     with open(two / "metrics.jsonl") as f:
-        assert {"preview_hue_agreement", "preview_shape_agreement"} <= {r["step"]: r for r in map(json.loads, f)}[5].keys()
+        assert {"preview_hue_agreement",
+                "preview_shape_agreement"} <= {r["step"]: r for r in map(json.loads, f)}[5].keys()
     assert os.listdir(two / "previews") == ["step_0000005.png"]
 
     # On 2 devices (data 1 x fsdp 2): a third process count, and a quick compile. Without the
@@ -1129,9 +1130,10 @@ the same losses (the text step's test compares 8 devices with 1 directly), resto
 # Is there a distributed collective mismatch"). A runtime race of XLA:CPU on a busy 2-core machine, seen
 # in this fine-tune in a full suite on 2026-11-29 (both kinds, once each) and in session 11, each job
 # passing when run again; on 2026-11-30 (a full suite at 9a15c50) the fine-tune failed three times in a
-# row within 90 s, the size mismatch each time, while the other test worker ran: five attempts now. Every collective of our code and of orbax runs on the main thread, in the same
-# order on both processes (checked by logging each multihost_utils call's thread and name: equal
-# sequences), so the race is inside XLA:CPU's execution, not in the order the programs are issued.
+# row within 90 s, the size mismatch each time, while the other test worker ran: five attempts now.
+# Every collective of our code and of orbax runs on the main thread, in the same order on both
+# processes (checked by logging each multihost_utils call's thread and name: equal sequences), so the
+# race is inside XLA:CPU's execution, not in the order the programs are issued.
 GLOO_FAILED = re.compile(r"Gloo [\w-]+ failed|gloo::EnforceNotMet")
 
 
@@ -1164,8 +1166,9 @@ def start_with_a_home_each(homes, *arguments):
     address = f"localhost:{free_port()}"
     processes = [subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", *arguments,
                                    "--distributed", f"--coordinator_address={address}", "--num_processes=2",
-                                   f"--process_id={i}"], cwd=REPO, env={**os.environ, "HOME": str(homes[i]),
-                                                                      "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                                   f"--process_id={i}"], cwd=REPO,
+                                  env={**os.environ, "HOME": str(homes[i]),
+                                       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         return [process.communicate(timeout=300)[1] for process in processes], [p.returncode for p in processes]
@@ -1207,8 +1210,8 @@ def test_a_workdir_that_is_a_folder_per_host_stops_every_process_before_any_work
     errors, exit_codes = start_with_a_home_each(homes, "--workdir=~/run", *sampling_if(mode, converted))
     assert exit_codes == [1, 1], errors
     for err in errors:
-        assert "is not one folder shared by the processes of this job: process 1 of 2 does not see the file process 0 " \
-               "wrote there" in err and "Traceback" not in err, err[-3000:]
+        assert "is not one folder shared by the processes of this job: process 1 of 2 does not see the file " \
+               "process 0 wrote there" in err and "Traceback" not in err, err[-3000:]
     assert [path for home in homes for path in home.rglob("*") if not path.is_dir()] == []  # no lock, no probe left
 
 

@@ -78,7 +78,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     assert "checkpoints/5 cannot be restored (ValueError: it holds non-finite values" in caplog.text
     assert "checkpoints/4 cannot be restored" in caplog.text and "trying the one before it" in caplog.text
     # Set aside, so that saves go on from step 2 (orbax saves only steps after its latest one).
-    assert manager.all_steps() == [2] and sorted(p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir()) == ["4", "5"]
+    assert manager.all_steps() == [2] and sorted(p.name.split("-")[0]
+                                                 for p in (tmp_path / "unreadable_checkpoints").iterdir()) == ["4", "5"]
     checkpointing.save(manager, 3, restored)
     checkpointing.wait_for_saves(manager)
     assert manager.all_steps() == [2, 3]
@@ -164,7 +165,8 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     manager.wait_until_finished()
     dead, here = 999999999, socket.gethostname()  # what killed writers of the run left: removed once it is ours
     (tmp_path / "previews").mkdir()
-    left = [tmp_path / f".run_config.json.tmp-{here}-{dead}-a", tmp_path / "previews" / f".step_0000002.png.tmp-{here}-{dead}-b"]
+    left = [tmp_path / f".run_config.json.tmp-{here}-{dead}-a",
+            tmp_path / "previews" / f".step_0000002.png.tmp-{here}-{dead}-b"]
     live = tmp_path / f".metrics.jsonl.tmp-{here}-{os.getpid()}-c"  # a live writer's (this process): kept
     for path in left + [live]:
         path.write_bytes(b"")
@@ -289,7 +291,8 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
 
     events = []
     save = train.save
-    monkeypatch.setattr(train, "save", lambda manager, step, state: events.append(("save", step)) or save(manager, step, state))
+    monkeypatch.setattr(train, "save",
+                        lambda manager, step, state: events.append(("save", step)) or save(manager, step, state))
     previews_under_a_mesh = []
 
     def preview(*args, **kwargs):  # under the training mesh (splash attention on a TPU of several chips needs it)
