@@ -846,29 +846,41 @@ def test_a_resume_in_the_same_process_compiles_nothing(tmp_path, monkeypatch):
     assert compiled == [] and metrics["step"] == 4
 
 
-def test_a_train_step_is_built_again_only_from_other_inputs():
-    """train_step_of_run keeps the last step: equal inputs made anew get it, another setting a new one."""
+def train_step_of(**train_settings):
+    """train_step_of_run's step for configs/c2i.py:tiny with `train_settings` (batch 32: 8 devices x 4 stages)."""
     from configs import c2i
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.sharding import make_mesh
     from pixelflow_jax.training import train
 
-    def step_of(**train_settings):
-        config = c2i.get_config("tiny")
-        config.train.update(batch_size=32, **train_settings)
-        model_cfg, mesh = ModelConfig.from_mapping(config.model), make_mesh()
-        step_cfg = train.validate(config, model_cfg, mesh)
-        graphdef, _, shardings = train.initial_state(config, model_cfg, make_optimizer(step_cfg), mesh,
-                                                     shapes_only=True)
-        tables = StageTables.from_scheduler(PixelFlowScheduler(config.scheduler.num_train_timesteps,
-                                                               config.scheduler.num_stages))
-        return train.train_step_of_run(model_cfg, graphdef, tables, step_cfg, config, mesh, shardings, None)
+    config = c2i.get_config("tiny")
+    config.train.update(batch_size=32, **train_settings)
+    model_cfg, mesh = ModelConfig.from_mapping(config.model), make_mesh()
+    step_cfg = train.validate(config, model_cfg, mesh)
+    graphdef, _, shardings = train.initial_state(config, model_cfg, make_optimizer(step_cfg), mesh, shapes_only=True)
+    tables = StageTables.from_scheduler(PixelFlowScheduler(config.scheduler.num_train_timesteps,
+                                                           config.scheduler.num_stages))
+    return train.train_step_of_run(model_cfg, graphdef, tables, step_cfg, config, mesh, shardings, None)
 
-    first = step_of()
-    assert step_of() is first
-    other = step_of(lr=2e-4)
-    assert other is not first and step_of(lr=2e-4) is other
-    assert step_of() is not first  # only the last step is kept
+
+def test_a_train_step_is_built_again_only_from_other_inputs():
+    """train_step_of_run keeps the last step: equal inputs made anew get it, another setting a new one."""
+    first = train_step_of()
+    assert train_step_of() is first
+    other = train_step_of(lr=2e-4)
+    assert other is not first and train_step_of(lr=2e-4) is other
+    assert train_step_of() is not first  # only the last step is kept
+
+
+def test_a_train_step_traced_outside_interpret_kernels_is_not_reused_inside_it():
+    """The kernels' interpret mode is read when the step is traced: a step kept from a train() outside
+    interpret_kernels would run compiled kernels inside it (and an interpreted one, slowly, after it)."""
+    from pixelflow_jax.kernels.attention import interpret_kernels
+
+    outside = train_step_of()
+    with interpret_kernels():
+        inside = train_step_of()
+    assert inside is not outside and train_step_of() is not inside
 
 
 @pytest.mark.parametrize("signal_seen_by", ["the step's check", "the preview's check"])

@@ -161,6 +161,12 @@ def compiling_for(platform: str):
         _compiling_for[0] = None
 
 
+def tracing_modes() -> tuple[bool, str | None]:
+    """What interpret_kernels and compiling_for set: read when a function is traced, so part of the
+    key of a jitted function kept for reuse."""
+    return _interpret[0], _compiling_for[0]
+
+
 def target_platform() -> str:
     """The platform the attention is traced for: this host's, unless inside compiling_for."""
     return _compiling_for[0] or jax.default_backend()

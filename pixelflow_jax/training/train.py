@@ -37,6 +37,7 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps, is_run
 from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
 from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.kernels.attention import tracing_modes
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.multihost import check_same_checkpoints, check_same_data, check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress
@@ -410,7 +411,8 @@ def text_encoder_of_run(config, model_cfg: ModelConfig, workdir: str, mesh, init
 # The step train() built last in this process and what it was built from. A notebook's second
 # train() of the same settings (a resume after a Ctrl-C, say) reuses its compiled program: a new jit
 # compiled it again (minutes at XL). One step only, and it holds no weights: graphs, settings and
-# shardings (the frozen text encoder's parameters are an argument of the step).
+# shardings (the frozen text encoder's parameters are an argument of the step), and the attention
+# kernels' modes, which a trace reads (interpret_kernels).
 _last_train_step: list = []
 
 
@@ -423,7 +425,7 @@ def train_step_of_run(model_cfg: ModelConfig, graphdef, tables: flow.StageTables
     key = (make_train_step, model_cfg, graphdef, arrays_key(table_values), step_cfg, config.data.resolution,
            config.scheduler.num_train_timesteps, mesh, tree_key(shardings),
            text and (text.encoder_graphdef, arrays_key((text.empty_tokens, text.empty_mask))),
-           tree_key(encoder_sharding))
+           tree_key(encoder_sharding), tracing_modes())
     if not _last_train_step or _last_train_step[0] != key:
         _last_train_step[:] = [key, make_train_step(model_cfg, graphdef, tables, make_optimizer(step_cfg), step_cfg,
                                                     config.data.resolution, config.scheduler.num_train_timesteps,
