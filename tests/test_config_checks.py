@@ -592,6 +592,20 @@ def test_a_config_file_imports_the_python_files_beside_it(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_file_named_in_a_flagfile_imports_the_python_files_beside_it(tmp_path):
+    """--flagfile=run.flags holding --config=exp1.py: the folder of exp1.py was not on the import path."""
+    folder = tmp_path / "my configs"
+    folder.mkdir()
+    (folder / "my_base.py").write_text("from configs import c2i\n\n\ndef base():\n    config = c2i.get_config('tiny')"
+                                       "\n    config.data.resolution = 63\n    return config\n")
+    (folder / "exp1.py").write_text("from my_base import base\n\n\ndef get_config():\n    return base()\n")
+    (tmp_path / "run.flags").write_text(f"--config={folder / 'exp1.py'}\n")
+    result = subprocess.run([sys.executable, "main.py", f"--flagfile={tmp_path / 'run.flags'}",
+                             f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith("error: --config.data.resolution (63) must be a "
+                                                               "multiple of"), result.stderr  # read, then checked
+
+
 def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
     """A config built without a section (or as a dict) ended in a traceback deep inside a mode; a
     field misspelt in the file would never be read, and the run would go on without the setting."""

@@ -240,8 +240,9 @@ def frozen_config_error(argv: list[str], error: Exception) -> str | None:
 def import_beside_config_files(argv: list[str]) -> None:
     """Lets a config file import the Python files in its folder (experiments sharing a base config),
     as a script does those beside it: its folder is added last to the import path, so a file there
-    named like an installed module (colorsys.py) does not hide that module."""
-    for value in flag_values(argv, "config"):
+    named like an installed module (colorsys.py) does not hide that module. A --config given in a
+    --flagfile counts too."""
+    for value in flag_values(flags.FLAGS.read_flags_from_files(argv, force_gnu=False), "config"):
         folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
         if folder not in sys.path:
             sys.path.append(folder)
