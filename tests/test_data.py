@@ -171,6 +171,7 @@ def test_a_class_folder_that_is_a_link_to_nothing_is_an_error_naming_it(tmp_path
             "disk it leads to) or remove it")):
         ImageFolderSource(str(root))
     (root / ".b").symlink_to(tmp_path / "gone")  # a hidden name is no class, linked or not
+    (root / "cover.jpg").symlink_to(tmp_path / "unmounted" / "cover.jpg")  # nor a loose image's
     (root / "b").unlink()
     assert ImageFolderSource(str(root)).classes == ["a", "c"]
 

@@ -165,7 +165,9 @@ class ImageFolderSource:
                              "subfolders (root/<class>/<image>)")
         others: list[str] = []
         found = [name for name in storage.list_entries(root, others)[1] if not ignored_name(name)]
-        refuse_class_links_to_nothing(root, [name for name in others if not ignored_name(name)])
+        # A link named like an image is a loose image (never read), not a class folder.
+        refuse_class_links_to_nothing(root, [name for name in others if not ignored_name(name)
+                                             and not name.lower().endswith(IMAGE_EXTENSIONS)])
         self.classes = classes if classes is not None else found
         added, gone = sorted(set(found) - set(self.classes)), sorted(set(self.classes) - set(found))
         if added or gone:
