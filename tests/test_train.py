@@ -872,6 +872,15 @@ def test_a_train_step_is_built_again_only_from_other_inputs():
     assert train_step_of() is not first  # only the last step is kept
 
 
+def test_a_constant_rate_run_trained_on_to_more_steps_keeps_its_step():
+    """num_steps ends a cosine rate only: a constant-rate run trained further (num_steps raised at a
+    resume) compiled its step again."""
+    first = train_step_of(num_steps=10)
+    assert train_step_of(num_steps=20) is first
+    cosine = train_step_of(num_steps=10, lr_schedule="cosine")
+    assert cosine is not first and train_step_of(num_steps=20, lr_schedule="cosine") is not cosine
+
+
 def test_a_train_step_traced_outside_interpret_kernels_is_not_reused_inside_it():
     """The kernels' interpret mode is read when the step is traced: a step kept from a train() outside
     interpret_kernels would run compiled kernels inside it (and an interpreted one, slowly, after it)."""

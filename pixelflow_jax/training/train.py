@@ -422,7 +422,9 @@ def train_step_of_run(model_cfg: ModelConfig, graphdef, tables: flow.StageTables
     text = text_encoder and text_encoder.conditioning
     encoder_sharding = text_encoder and text_encoder.sharding
     table_values = [getattr(tables, field.name) for field in dataclasses.fields(tables)]
-    key = (make_train_step, model_cfg, graphdef, arrays_key(table_values), step_cfg, config.data.resolution,
+    # decay_steps (num_steps) shapes only a cosine rate: a constant-rate run trained on further keeps its step.
+    step_key = step_cfg if step_cfg.lr_schedule == "cosine" else dataclasses.replace(step_cfg, decay_steps=0)
+    key = (make_train_step, model_cfg, graphdef, arrays_key(table_values), step_key, config.data.resolution,
            config.scheduler.num_train_timesteps, mesh, tree_key(shardings),
            text and (text.encoder_graphdef, arrays_key((text.empty_tokens, text.empty_mask))),
            tree_key(encoder_sharding), tracing_modes())
