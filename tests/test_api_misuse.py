@@ -12,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, fixture_dir, free_port
+from conftest import REPO, c2i_config, fixture_dir, free_port
 from pixelflow_jax import CheckpointError, load_model, storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.validation import ConfigError
-from conftest import c2i_config
 
 
 @pytest.fixture(scope="module")

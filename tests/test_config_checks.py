@@ -12,10 +12,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO
+from conftest import REPO, c2i_config, t2i_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.validation import ConfigError, check
-from conftest import c2i_config, t2i_config
 
 
 @pytest.mark.parametrize("mode,field,value,message", [

@@ -13,10 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, fixture_dir
+from conftest import REPO, c2i_config, fixture_dir, t2i_config
 from pixelflow_jax import CheckpointError, load_model, storage
 from pixelflow_jax.validation import ConfigError, check
-from conftest import c2i_config, t2i_config
 
 
 def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, c2i_config, free_port
 from pixelflow_jax import CheckpointError, load_model, storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.training.run_config import check_run_config
 from pixelflow_jax.validation import ConfigError, check
-from conftest import c2i_config
 
 
 def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):

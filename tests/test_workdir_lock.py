@@ -17,8 +17,6 @@ from pixelflow_jax import storage
 
 
 def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, caplog):
-    import time
-
     from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock, process_start
 
     first = WorkdirLock(str(tmp_path), stale_after_s=60)
@@ -64,8 +62,6 @@ def test_a_workdir_has_one_owner_and_a_dead_owners_lock_is_taken_over(tmp_path, 
 def test_an_unreadable_lock_is_stale_after_a_minute_and_a_lock_is_never_written_empty(tmp_path, monkeypatch):
     """A start killed between creating its lock and writing it left an empty train.lock, which
     blocked the workdir for ever ("another run is starting right now")."""
-    import time
-
     from pixelflow_jax.training import workdir_lock
     from pixelflow_jax.training.workdir_lock import LOCK_FILE, UNREADABLE_STALE_S, WorkdirBusy, WorkdirLock
 
@@ -152,8 +148,6 @@ def test_a_stop_before_the_locks_heartbeat_thread_starts_still_releases_the_lock
 
 
 def test_the_lock_is_refreshed_by_a_thread_and_a_run_whose_lock_was_taken_over_stops(tmp_path):
-    import time
-
     from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 
     lock_file = tmp_path / LOCK_FILE
@@ -199,8 +193,6 @@ def test_a_lock_whose_create_was_refused_after_it_landed_is_held_and_a_lost_lock
     """A bucket client retries an upload whose response was lost, and the create-only retry is
     refused because the first attempt landed: the lock is this run's, held and released. And a
     run whose lock another run replaced since the last heartbeat is stopped before it saves."""
-    import time
-
     from pixelflow_jax.training import workdir_lock
     from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 
