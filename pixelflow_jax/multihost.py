@@ -250,10 +250,7 @@ def check_shared_workdir(folder: str) -> None:
     if jax.process_index() == 0:
         storage.write_atomically(shared_check_file(folder, token), b"")
     probe = shared_check_file(folder, from_process_0(token))  # the broadcast comes after process 0's write
-    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
-    while not (seen := storage.exists(probe)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    unseen = processes_where(not seen)
+    unseen = processes_where(not seen_within_the_wait(probe))
     if jax.process_index() == 0:
         storage.remove(probe)
     if unseen:
@@ -262,6 +259,15 @@ def check_shared_workdir(folder: str) -> None:
             f"{'do' if len(unseen) > 1 else 'does'} not see the file "
             f"process 0 wrote there (a local path is a folder per host). Every process reads and writes the same "
             "workdir: use a bucket (gs://BUCKET/PATH) or a file system mounted on every host (NFS, Filestore)")
+
+
+def seen_within_the_wait(path: str) -> bool:
+    """Whether this process sees the file `path` (one process 0 wrote or found) within
+    SHARED_CHECK_WAIT_S: another host's view of a shared folder may lag."""
+    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
+    while not (seen := storage.exists(path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return seen
 
 
 def shared_check_file(folder: str, token: np.ndarray) -> str:

@@ -360,6 +360,104 @@ def test_damage_that_one_process_finds_in_its_block_stops_every_process(tiny_inc
         extract(samples)
 
 
+class RecordedExtractor:
+    """A FeatureExtractor whose runs are recorded; each gives the features the real one gave alone."""
+
+    def __init__(self, extract, path):
+        self.weights_id, self.widths, self.features, self.runs = extract.weights_id, extract.widths, extract(path), []
+
+    def __call__(self, path):
+        self.runs.append(path)
+        return self.features
+
+
+def as_process_of_2(monkeypatch, index, sent_by_process_0=None, failed_elsewhere=0):
+    """This process is `index` of 2: process 0's broadcast gives `sent_by_process_0` (on process 0
+    its own value, recorded in the list returned), and the other process reports `failed_elsewhere`."""
+    from jax.experimental import multihost_utils
+
+    sent = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda value: sent.append(np.asarray(value)) or (value if index == 0 else sent_by_process_0))
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda flag: np.roll(np.array([flag, failed_elsewhere], np.int32), index))
+    return sent
+
+
+def hidden_from_this_process(monkeypatch, cache, looks=None):
+    """The cache file is not there for this process's first `looks` existence checks (None: any)."""
+    from pixelflow_jax import storage
+
+    counted = {"looks": 0}
+
+    def hiding(check):
+        def seen(path):
+            if path == cache and (looks is None or counted["looks"] < looks):
+                counted["looks"] += 1
+                return False
+            return check(path)
+        return seen
+
+    for name in ("exists", "isfile"):
+        monkeypatch.setattr(storage, name, hiding(getattr(storage, name)))
+
+
+def test_every_process_of_a_distributed_evaluation_follows_what_process_0_found_in_the_feature_cache(
+        tiny_inception, tmp_path, monkeypatch):
+    """Each process looked in the cache for itself: one that did not see the file yet (NFS caches
+    listings) ran the Inception while the other read the cache, and waited in the gather for a peer
+    that never came; one that saw a cache process 0 did not skipped the pass the others made."""
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    cache_dir = str(tmp_path / "run" / "eval_features")
+    extract = RecordedExtractor(evaluate.FeatureExtractor(tiny_inception, 8), samples)
+    sent = as_process_of_2(monkeypatch, 0)
+    evaluate.cached_features(extract, samples, cache_dir)  # none cached yet: computed, and cached
+    evaluate.cached_features(extract, samples, cache_dir)
+    assert len(extract.runs) == 1 and [int(row[0]) for row in sent] == [evaluate.ABSENT, evaluate.CACHED]
+    (cache,) = (os.path.join(cache_dir, name) for name in os.listdir(cache_dir))
+
+    # Process 1, whose file system shows it the cache file a moment late: read, no Inception pass.
+    as_process_of_2(monkeypatch, 1, sent_by_process_0=sent[1])
+    hidden_from_this_process(monkeypatch, cache, looks=1)
+    features = evaluate.cached_features(extract, samples, cache_dir)
+    assert len(extract.runs) == 1
+    for name in evaluate.FEATURES:
+        np.testing.assert_array_equal(features[name], extract.features[name])
+
+    # Process 0 found no cache (it had not seen it yet): process 1, which sees one, computes with it.
+    as_process_of_2(monkeypatch, 1, sent_by_process_0=sent[0])
+    evaluate.cached_features(extract, samples, cache_dir)
+    assert len(extract.runs) == 2
+
+
+def test_a_cache_that_one_process_cannot_read_is_computed_again_by_every_process(
+        tiny_inception, tmp_path, monkeypatch, caplog):
+    """Process 1 does not see the cache file process 0 read, even after the wait: both run the
+    Inception (process 0 too, where it used to return its cached features and leave process 1
+    waiting in the gather alone)."""
+    from pixelflow_jax import multihost
+
+    monkeypatch.setattr(multihost, "SHARED_CHECK_WAIT_S", 0.2)
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    cache_dir = str(tmp_path / "run" / "eval_features")
+    extract = RecordedExtractor(evaluate.FeatureExtractor(tiny_inception, 8), samples)
+    sent = as_process_of_2(monkeypatch, 0)
+    evaluate.cached_features(extract, samples, cache_dir)
+    (cache,) = (os.path.join(cache_dir, name) for name in os.listdir(cache_dir))
+
+    as_process_of_2(monkeypatch, 0, failed_elsewhere=1)
+    evaluate.cached_features(extract, samples, cache_dir)
+    assert len(extract.runs) == 2 and "process 1 of 2 could not read the cached features" in caplog.text
+
+    caplog.clear()
+    as_process_of_2(monkeypatch, 1, sent_by_process_0=np.array([evaluate.CACHED, *sent[0][1:]], np.int32))
+    hidden_from_this_process(monkeypatch, cache)
+    evaluate.cached_features(extract, samples, cache_dir)
+    assert len(extract.runs) == 3 and f"process 1 does not see {cache}" in caplog.text
+
+
 @pytest.mark.parametrize("stored,message", [
     (dict(mu=np.array([0.0, np.nan]), sigma=np.eye(2)), "its stored mu holds NaN or inf"),
     (dict(mu_s=np.zeros(2), sigma_s=np.array([[1.0, np.inf], [0.0, 1.0]])), "its stored sigma_s holds NaN or inf"),

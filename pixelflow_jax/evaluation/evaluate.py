@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import json
 import zipfile
@@ -34,8 +33,9 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.error_text import described
 from pixelflow_jax.evaluation import metrics
-from pixelflow_jax.multihost import (block_size, check_shared_workdir, gather_rows, named, processes_where,
-                                     rows_of_this_process, stop_if_preempted_at_the_next_pass)
+from pixelflow_jax.multihost import (block_size, check_shared_workdir, from_process_0, gather_rows, hashed, named,
+                                     processes_where, rows_of_this_process, seen_within_the_wait,
+                                     stop_if_preempted_at_the_next_pass)
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
@@ -382,6 +382,68 @@ def rounds_of_batches(path: str, batch_size: int, first: int, stop: int, rounds:
 FEATURES_VERSION = 2  # 2: float32 resize coordinates, as TensorFlow
 
 
+def feature_cache_key(extract: FeatureExtractor, path: str) -> np.ndarray:
+    """Two int32s naming the features of `path`'s images by the Inception `extract` runs."""
+    size, mtime = storage.size_and_mtime(path)
+    crc = npz_images_crc(path)  # files of one image count have one size, and a copy may keep the mtime
+    return hashed(json.dumps([storage.absolute(path), size, mtime, crc, *extract.weights_id, FEATURES_VERSION]), 2)
+
+
+def cache_file(cache_dir: str, path: str, key: np.ndarray) -> str:
+    return storage.join(cache_dir, f"{storage.basename(path)}.{np.asarray(key, np.int32).tobytes().hex()}.npz")
+
+
+def cache_as_process_0_finds_it(extract: FeatureExtractor, path: str,
+                                cache_dir: str) -> tuple[str, int, dict[str, np.ndarray] | None]:
+    """(process 0's cache file for `path`, what it found there: ABSENT, CACHED or FOLDER_IN_THE_WAY,
+    the features it read: on process 0 where CACHED, else None), the same on every process."""
+    features, found_and_key = None, np.zeros(3, np.int32)
+    if jax.process_index() == 0:
+        key = feature_cache_key(extract, path)
+        cache = cache_file(cache_dir, path, key)
+        if storage.isdir(cache):
+            found = FOLDER_IN_THE_WAY
+        else:
+            features = read_cache(cache, path, extract.widths) if storage.isfile(cache) else None
+            found = ABSENT if features is None else CACHED
+        found_and_key = np.array([found, *key], np.int32)
+    found, *key = (int(word) for word in from_process_0(found_and_key))
+    return cache_file(cache_dir, path, np.array(key, np.int32)), found, features
+
+
+def read_on_every_process(cache: str, path: str, widths: dict[str, int],
+                          features: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """The features process 0 read from `cache` (`features` there), read by every other process
+    too; None on every process where one of them cannot read them: all compute them again."""
+    if jax.process_index() != 0:
+        if seen_within_the_wait(cache):
+            features = read_cache(cache, path, widths)
+        else:
+            logging.warning("process %d does not see %s, the cached features of %s that process 0 found",
+                            jax.process_index(), cache, path)
+    if unread := processes_where(features is None):
+        logging.warning("%s could not read the cached features %s (its log says why): every process computes the "
+                        "features of %s again", named(unread), cache, path)
+        return None
+    return features
+
+
+def read_cache(cache: str, path: str, widths: dict[str, int]) -> dict[str, np.ndarray] | None:
+    """The features cached in `cache`, or None (with a warning) where they cannot be read or are
+    not those of `path`'s images (cache_problem)."""
+    try:
+        with storage.open_file(cache, "rb") as file, np.load(file) as f:
+            features = {name: f[name] for name in FEATURES}
+    except Exception as e:  # only a cache: computed again
+        logging.warning("the cached features %s cannot be read (%s: %s): computing them again", cache,
+                        type(e).__name__, str(e)[:200])
+        return None
+    if problem := cache_problem(features, npz_image_count(path), widths):
+        logging.warning("the cached features %s %s: computing them again", cache, problem)
+        return None
+    return features
+
+
 def cache_problem(features: dict[str, np.ndarray], count: int, widths: dict[str, int]) -> str | None:
     """What makes features read from the cache unfit for `count` images, or None. A cache file that
     reads but was cut or altered gave other metrics without a word (FID from the rows it held)."""
@@ -393,26 +455,22 @@ def cache_problem(features: dict[str, np.ndarray], count: int, widths: dict[str,
     return None
 
 
+# What process 0 found where the features of a file are cached; every process takes the path it says.
+ABSENT, CACHED, FOLDER_IN_THE_WAY = 0, 1, 2
+
+
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
-    size, mtime = storage.size_and_mtime(path)
-    crc = npz_images_crc(path)  # files of one image count have one size, and a copy may keep the mtime
-    key = hashlib.sha256(json.dumps([storage.absolute(path), size, mtime, crc, *extract.weights_id,
-                                     FEATURES_VERSION]).encode()).hexdigest()[:16]
-    cache = storage.join(cache_dir, f"{storage.basename(path)}.{key}.npz")
-    if storage.isdir(cache):  # found only after the Inception pass, when the cache is written
+    """The features of `path`'s images: from the cache, or computed (and cached by process 0).
+    Process 0 looks in the cache for the job and every process follows it: each looking for itself, a
+    process that did not see the file yet (NFS caches listings, a bucket read failing on one host)
+    ran the Inception while the others read the cache, and waited in the gather for peers that never
+    came (or, the other way round, read a cache the others recomputed)."""
+    cache, found, features = cache_as_process_0_finds_it(extract, path, cache_dir)
+    if found == FOLDER_IN_THE_WAY:  # found only after the Inception pass, when the cache is written
         raise ValueError(f"{cache} is a folder, where the evaluation caches the features of {path}: move it away")
-    if storage.isfile(cache):
-        try:
-            with storage.open_file(cache, "rb") as file, np.load(file) as f:
-                features = {name: f[name] for name in FEATURES}
-        except Exception as e:  # only a cache: computed again
-            logging.warning("the cached features %s cannot be read (%s: %s): computing them again", cache,
-                            type(e).__name__, str(e)[:200])
-        else:
-            if not (problem := cache_problem(features, npz_image_count(path), extract.widths)):
-                logging.info("features of %s from %s", path, cache)
-                return features
-            logging.warning("the cached features %s %s: computing them again", cache, problem)
+    if found == CACHED and (features := read_on_every_process(cache, path, extract.widths, features)) is not None:
+        logging.info("features of %s from %s", path, cache)
+        return features
     features = extract(path)
     if not all(np.isfinite(value).all() for value in features.values()):  # never cached
         raise ValueError(f"the Inception features of {path} hold NaN or inf: check the Inception weights "
