@@ -338,6 +338,67 @@ def test_a_sigterm_to_one_process_of_a_distributed_evaluation_stops_every_proces
         assert two[name] == pytest.approx(alone[name], rel=1e-6, abs=1e-9), name
 
 
+# Process 1's file system never shows it the samples' cached features, and the reference's only from
+# its second look (NFS caches listings).
+CACHE_HIDDEN_ON_PROCESS_1 = """
+import sys
+from pixelflow_jax import storage
+
+if "--process_id=1" in sys.argv:
+    looks = []
+
+    def hiding(check):
+        def seen(path):
+            name = storage.basename(path)
+            if "/eval_features/" in path and (name.startswith("samples.npz.") or not looks):
+                looks.append(name)
+                return False
+            return check(path)
+        return seen
+
+    storage.exists, storage.isfile = hiding(storage.exists), hiding(storage.isfile)
+"""
+
+
+@pytest.mark.slow  # 10-20 s on 2 cores: a job of two processes
+def test_two_processes_of_which_one_sees_the_feature_cache_late_or_never_take_one_path(tiny_inception, tmp_path):
+    """Each process looked in the feature cache for itself: process 1, not seeing the files process 0
+    read, ran the Inception alone and waited in the gather for process 0, which had moved on. Now
+    both read the reference's cache (process 1 once it sees it) and both compute the samples' again,
+    with the metrics of one process."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_train import MULTIPROCESS_GUARD, run_two_processes
+
+    samples = images_npz(tmp_path / "samples.npz", 1, count=9)
+    reference = images_npz(tmp_path / "reference.npz", 2, count=9)
+    workdir = tmp_path / "run"
+    alone = evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=2)  # caches both
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [MULTIPROCESS_GUARD, os.environ.get("PYTHONPATH")]))}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # only process 0 would write it (see test_train)
+
+    def start(address):
+        return [subprocess.Popen(
+            [sys.executable, "-c", CACHE_HIDDEN_ON_PROCESS_1 + EVAL_ON_THE_STAND_IN.format(sigterm=False), "main.py",
+             "--config=configs/c2i.py:tiny", f"--workdir={workdir}", "--mode=eval", "--compilation_cache=off",
+             f"--config.eval.samples={samples}", f"--config.eval.reference={reference}",
+             f"--config.eval.inception_weights={tiny_inception}", "--config.eval.batch_size=2", "--distributed",
+             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+    errors = run_two_processes(start)
+    assert "process 1 of 2 could not read the cached features" in errors[0]
+    for err in errors:
+        assert f"features of {reference} from" in err and f"features of {samples} from" not in err
+    with open(workdir / "eval.json") as f:
+        two = json.load(f)
+    for name in (*evaluate.METRICS, "num_samples", "num_reference"):
+        assert two[name] == pytest.approx(alone[name], rel=1e-6, abs=1e-9), name
+
+
 def test_damage_that_one_process_finds_in_its_block_stops_every_process(tiny_inception, tmp_path, monkeypatch):
     """A stored .npz's CRC is checked where its member's data ends: only the process whose block
     holds the last images could find a flipped byte, and the others then waited in the gather."""
