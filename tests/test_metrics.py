@@ -338,6 +338,37 @@ def test_a_sigterm_to_one_process_of_a_distributed_evaluation_stops_every_proces
         assert two[name] == pytest.approx(alone[name], rel=1e-6, abs=1e-9), name
 
 
+def test_every_process_evaluates_the_samples_process_0_chose_or_stops_with_its_refusal(tmp_path, monkeypatch):
+    """A sampling job's evaluation: process 1, whose host showed it the samples.npz process 0 had just
+    written late, refused alone ("has not written samples.npz yet") while process 0 went on; one
+    that saw what process 0 refused (an unfinished job's file) went on alone."""
+    import ml_collections
+
+    workdir = tmp_path / "run"
+    (workdir / "samples").mkdir(parents=True)
+    (workdir / "samples" / "settings.json").write_text(json.dumps({"num_images": 6}))
+    own = images_npz(workdir / "samples.npz", 1)
+    config = ml_collections.ConfigDict(dict(eval=dict(samples="", reference=images_npz(tmp_path / "ref.npz", 2),
+                                                      inception_weights="unused", batch_size=8)))
+    evaluated = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda samples, *_: evaluated.append(samples) or
+                        dict.fromkeys(evaluate.METRICS, 0.0))
+    sent = as_process_of_2(monkeypatch, 0)
+    evaluate.run(config, str(workdir))
+    assert evaluated == [own] and sent[0].tolist() == [0, 1]  # not refused, the workdir's own samples
+
+    with monkeypatch.context() as patched:
+        as_process_of_2(patched, 1, sent_by_process_0=sent[0])
+        hidden_from_this_process(patched, own, looks=1)
+        evaluate.run(config, str(workdir))
+    assert evaluated == [own, own]
+
+    as_process_of_2(monkeypatch, 1, sent_by_process_0=np.array([1, 0], np.int32))
+    with pytest.raises(ValueError, match=rf"process 0 refused to evaluate the samples of {workdir} \(its error says "):
+        evaluate.run(config, str(workdir))
+    assert len(evaluated) == 2
+
+
 # Process 1's file system never shows it the samples' cached features, and the reference's only from
 # its second look (NFS caches listings).
 CACHE_HIDDEN_ON_PROCESS_1 = """

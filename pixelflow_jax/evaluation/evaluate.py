@@ -684,12 +684,9 @@ def check_own_samples_finished(npz: str, workdir: str) -> None:
                          f"rewritten then), or set --config.eval.samples={npz} to evaluate the {held} anyway")
 
 
-def run(config, workdir: str, samples: str | None = None) -> dict:
-    """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
-    a sampling job there) and writes WORKDIR/eval.json (process 0)."""
-    config, workdir = validation.job_config(config, "eval"), validation.job_workdir(workdir)
-    e = config.eval
-    samples = samples or e.samples
+def samples_to_evaluate(samples: str, workdir: str) -> str:
+    """`samples`, or where that is unset the workdir's own samples.npz; ValueError where that is a
+    sampling job's unfinished output."""
     own = storage.join(workdir, SAMPLES_NPZ)
     names_own = not samples or storage.resolved(samples) == storage.resolved(own)
     if names_own and not storage.isfile(own):  # (no job here: evaluate's checks name what is missing)
@@ -697,12 +694,42 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     elif not samples:
         check_own_samples_finished(own, workdir)
         logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
-        samples = own
+        return own
     elif names_own:
         try:  # named on purpose (this README's eval command names it): evaluated, but never without a word
             check_own_samples_finished(own, workdir)
         except ValueError as unfinished:
             logging.warning("%s (evaluated anyway, as --config.eval.samples names it)", unfinished)
+    return samples
+
+
+def samples_chosen_by_process_0(samples: str, workdir: str) -> str:
+    """samples_to_evaluate as process 0 finds it, on every process, which then waits (a moment) to
+    see that file: each process choosing for itself, one whose host showed it the samples.npz that
+    process 0 had just written (a sampling job's evaluation) late, or not its job's settings.json,
+    refused alone or went on alone, and the others waited for it in their next collective."""
+    chosen, problem = samples, None
+    if jax.process_index() == 0:
+        try:
+            chosen = samples_to_evaluate(samples, workdir)
+        except ValueError as e:
+            problem = e
+    refused, own = (bool(flag) for flag in from_process_0(np.array([problem is not None, chosen != samples],
+                                                                   np.int32)))
+    if refused:
+        raise problem or ValueError(f"process 0 refused to evaluate the samples of {workdir} (its error says why)")
+    chosen = storage.join(workdir, SAMPLES_NPZ) if own else samples
+    if chosen and jax.process_index() != 0:
+        seen_within_the_wait(chosen)  # evaluate's checks name a file still missing
+    return chosen
+
+
+def run(config, workdir: str, samples: str | None = None) -> dict:
+    """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
+    a sampling job there) and writes WORKDIR/eval.json (process 0)."""
+    config, workdir = validation.job_config(config, "eval"), validation.job_workdir(workdir)
+    e = config.eval
+    samples = samples_chosen_by_process_0(samples or e.samples, workdir)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         print(f"{name}: {results[name]:.4f}", flush=True)
