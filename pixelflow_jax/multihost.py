@@ -15,6 +15,7 @@ One process: every check is local and costs nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -217,6 +218,23 @@ def gather_rows(rows: np.ndarray, total: int) -> np.ndarray:
     padded[:len(rows)] = rows
     everyone = np.asarray(multihost_utils.process_allgather(padded))  # (count, share, ...)
     return everyone.reshape(count * share, *rows.shape[1:])[:total]
+
+
+@contextlib.contextmanager
+def failing_together(errors: tuple[type[Exception], ...], failed_at: str):
+    """Every process stops when the block raises one of `errors` on any of them: that process with
+    its error, the others naming it (`failed_at`: what the block checks, e.g. "checking the
+    inputs"). One raising alone left the others in their next collective."""
+    problem = None
+    try:
+        yield
+    except errors as e:
+        problem = e
+    failed = processes_where(problem is not None)
+    if problem is not None:
+        raise problem
+    if failed:
+        raise ValueError(f"{named(failed)} stopped {failed_at} (its error says why)")
 
 
 def named(processes: list[int]) -> str:

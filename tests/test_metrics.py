@@ -621,6 +621,21 @@ def test_a_workdir_that_cannot_be_written_fails_before_any_work(tiny_inception, 
         evaluate.evaluate(samples, samples, tiny_inception, str(tmp_path / "file"), batch_size=8)
 
 
+def test_an_input_one_process_finds_missing_or_wrong_stops_every_process_with_it(tiny_inception, tmp_path,
+                                                                                  monkeypatch):
+    """Each process checks the files it sees: process 1, whose host lacked the reference, stopped
+    alone while process 0 went on into its next collective, and said only that a peer was gone."""
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    workdir = str(tmp_path / "run")
+    as_process_of_2(monkeypatch, 1)
+    with pytest.raises(ValueError, match=r"--config.eval.reference .*nowhere.npz is not found"):
+        evaluate.check_inputs(samples, str(tmp_path / "nowhere.npz"), tiny_inception, workdir)
+    as_process_of_2(monkeypatch, 0, failed_elsewhere=1)  # the files are fine here, not on process 1
+    with pytest.raises(ValueError, match=r"^process 1 of 2 stopped checking the evaluation's input files \(its error "
+                                         r"says why\)$"):
+        evaluate.check_inputs(samples, samples, tiny_inception, workdir)
+
+
 def test_an_npz_without_arr_0_names_the_arrays_it_has(tmp_path):
     np.savez(tmp_path / "images.npz", images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.zeros(2))
     with pytest.raises(ValueError, match=r"has no arr_0 array of images \(its arrays: images, labels\); write "

@@ -33,14 +33,15 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.error_text import described
 from pixelflow_jax.evaluation import metrics
-from pixelflow_jax.multihost import (block_size, check_shared_workdir, from_process_0, gather_rows, hashed, named,
-                                     processes_where, rows_of_this_process, seen_within_the_wait,
+from pixelflow_jax.multihost import (block_size, check_shared_workdir, failing_together, from_process_0, gather_rows,
+                                     hashed, named, processes_where, rows_of_this_process, seen_within_the_wait,
                                      stop_if_preempted_at_the_next_pass)
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
 
 FEATURES = ("pool", "spatial", "logits")
+INPUT_ERRORS = (ValueError, CheckpointError, storage.StorageError)  # what check_inputs raises for bad input
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                               "VIRTUAL_imagenet256_labeled.npz")
@@ -564,7 +565,16 @@ def slash_after_a_file(path: str) -> str:
 def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
     """What an evaluation needs, checked before any work: the files' headers and stored statistics
     are read (for --mode=sample before sampling, when the samples do not exist yet: samples=None;
-    then the Inception weights are loaded too, which an evaluation does next anyway)."""
+    then the Inception weights are loaded too, which an evaluation does next anyway). Each process
+    checks what it sees, and a problem any of them finds stops all of them."""
+    with failing_together(INPUT_ERRORS, "checking the evaluation's input files"):
+        check_input_files(samples, reference, inception_weights)
+    check_shared_workdir(workdir)  # not only once the features are to be cached
+    with failing_together(INPUT_ERRORS, "checking the evaluation's outputs in the workdir"):
+        check_nothing_in_the_way_of_outputs(workdir)
+
+
+def check_input_files(samples: str | None, reference: str, inception_weights: str) -> None:
     files = {"eval.reference": reference, **({} if samples is None else {"eval.samples": samples})}
     unset = [f"--config.{name}" for name, path in {**files, "eval.inception_weights": inception_weights}.items()
              if not path]
@@ -599,7 +609,9 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
         from pixelflow_jax.evaluation.inception_convert import load_inception
 
         load_inception(inception_weights)
-    check_shared_workdir(workdir)  # not only once the features are to be cached
+
+
+def check_nothing_in_the_way_of_outputs(workdir: str) -> None:
     for name, folder in (("eval_features", True), (EVAL_JSON, False), (storage.history_path(EVAL_JSON), False)):
         path = storage.join(workdir, name)
         if storage.isfile(path) if folder else storage.isdir(path):  # found only after the Inception pass
