@@ -383,6 +383,10 @@ def rounds_of_batches(path: str, batch_size: int, first: int, stop: int, rounds:
 FEATURES_VERSION = 2  # 2: float32 resize coordinates, as TensorFlow
 
 
+# What process 0 found where the features of a file are cached; every process takes the path it says.
+ABSENT, CACHED, FOLDER_IN_THE_WAY = 0, 1, 2
+
+
 def feature_cache_key(extract: FeatureExtractor, path: str) -> np.ndarray:
     """Two int32s naming the features of `path`'s images by the Inception `extract` runs."""
     size, mtime = storage.size_and_mtime(path)
@@ -454,10 +458,6 @@ def cache_problem(features: dict[str, np.ndarray], count: int, widths: dict[str,
         if not np.isfinite(value).all():
             return f"hold NaN or inf in {name}"
     return None
-
-
-# What process 0 found where the features of a file are cached; every process takes the path it says.
-ABSENT, CACHED, FOLDER_IN_THE_WAY = 0, 1, 2
 
 
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
