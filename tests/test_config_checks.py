@@ -605,6 +605,29 @@ def test_a_config_file_named_in_a_flagfile_imports_the_python_files_beside_it(tm
                                                                "multiple of"), result.stderr  # read, then checked
 
 
+@pytest.mark.parametrize("config_text,message", [
+    ("def get_config():\n    return 1 / 0\n",  # was a ZeroDivisionError traceback
+     "{config} could not be read: its code raised ZeroDivisionError: division by zero (line 2)"),
+    (None, "--config file {config} does not exist (this project's configs: "  # was 'Failed loading config_config'
+           "configs/c2i.py, configs/t2i.py)"),
+    ("def get_config():\n    pass\n", "{config}: get_config() returned None (no return statement?)"),
+])
+def test_a_config_file_named_in_a_flagfile_is_named_in_its_errors_as_on_the_command_line(tmp_path, config_text,
+                                                                                         message):
+    """The config file's checks and load errors read --config from the command line only: named in
+    a --flagfile, a config whose code raised was a traceback, and a missing one was named
+    'config_config' by ml_collections."""
+    config = tmp_path / "exp.py"
+    if config_text is not None:
+        config.write_text(config_text)
+    (tmp_path / "run.flags").write_text(f"--config={config}\n")
+    result = subprocess.run([sys.executable, "main.py", f"--flagfile={tmp_path / 'run.flags'}",
+                             f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {message.format(config=config)}"), \
+        result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_a_users_config_lacking_a_field_or_holding_one_no_mode_reads_is_named():
     """A config built without a section (or as a dict) ended in a traceback deep inside a mode; a
     field misspelt in the file would never be read, and the run would go on without the setting."""

@@ -76,8 +76,14 @@ WHAT_A_CONFIG_FILE_IS = ("a config file defines get_config(), which returns an m
                          "c2i; config = c2i.get_config(); config.train.lr = ...)")
 
 
+def configs_given(argv: list[str]) -> list[str]:
+    """The values of --config on the command line and in the --flagfile files it names, in absl's
+    order (the last one counts). The flag files were checked readable before (check_flag_files)."""
+    return flag_values(flags.FLAGS.read_flags_from_files(argv, force_gnu=False), "config")
+
+
 def config_file_given(argv: list[str]) -> str:
-    return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
+    return (configs_given(argv) or ["the config file"])[-1]
 
 
 def config_fields(config) -> set[str]:
@@ -166,7 +172,7 @@ def config_code_error(argv: list[str], error: Exception) -> str | None:
     """What an error raised by the config file's own code (a NameError in its get_config, a division
     by zero as it is imported) gets instead of absl's and ml_collections' traceback: its type,
     message and line in the file; None for an error that no line of the file raised."""
-    given = flag_values(argv, "config")
+    given = configs_given(argv)
     if not given:
         return None
     path = os.path.realpath(given[-1].split(":", 1)[0])  # absl takes the last --config
@@ -191,7 +197,7 @@ def config_loading_error(argv: list[str], error: Exception) -> str | None:
     error of the file's code with its line (ml_collections rewords a ValueError or TypeError into a
     traceback in the text), a variant the file's get_config() does not take (or lacks), or None
     returned; None for any other flag error."""
-    given = flag_values(argv, "config")
+    given = configs_given(argv)
     if not given:
         return None
     errors = chain(error)
@@ -242,7 +248,7 @@ def import_beside_config_files(argv: list[str]) -> None:
     as a script does those beside it: its folder is added last to the import path, so a file there
     named like an installed module (colorsys.py) does not hide that module. A --config given in a
     --flagfile counts too."""
-    for value in flag_values(flags.FLAGS.read_flags_from_files(argv, force_gnu=False), "config"):
+    for value in configs_given(argv):
         folder = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
         if folder not in sys.path:
             sys.path.append(folder)
@@ -252,11 +258,12 @@ def check_config_file(argv: list[str]) -> None:
     """A --config file that does not exist, named in one line (ml_collections reports it only when
     the config is first read, in a traceback); a config file given as a bare word, as the release's
     scripts take theirs, named with the flag (absl said only that --config needs a value)."""
-    if not flag_values(argv, "config"):
+    given = configs_given(argv)
+    if not given:
         for previous, word in zip(argv, argv[1:]):
             if re.fullmatch(r"[^-].*\.py(:\w*)?", word) and not takes_the_next_word(previous):
                 sys.exit(f"error: {word} is given without its flag: a config file is --config={word}")
-    for value in flag_values(argv, "config"):
+    for value in given:
         if "://" in value:  # split at its first ":" below, gs://b/c2i.py:demo was "file gs does not exist"
             scheme, _, rest = value.partition("://")
             sys.exit(f"error: --config {value} is a URL: {read_locally(scheme + '://' + rest.split(':', 1)[0])}")
