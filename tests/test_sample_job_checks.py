@@ -141,6 +141,23 @@ def test_a_samples_file_in_the_workdir_is_named_not_a_traceback(tmp_path, conver
     assert os.listdir(folder) == ["grid.png"]
 
 
+def test_an_output_in_the_way_on_one_process_stops_every_process_with_it(tmp_path, monkeypatch):
+    """A --distributed job's processes each look at the workdir: process 1, whose host saw a samples
+    file in the way, stopped alone while process 0 went on into its next collective."""
+    from pixelflow_jax.sampling.job_files import check_outputs_have_room
+    from test_metrics import as_process_of_2
+
+    (tmp_path / "samples").write_text("my notes")
+    as_process_of_2(monkeypatch, 1)
+    with pytest.raises(ValueError, match="samples is a file, where this job keeps its images"):
+        check_outputs_have_room(str(tmp_path))
+    (tmp_path / "samples").unlink()
+    as_process_of_2(monkeypatch, 0, failed_elsewhere=1)  # the workdir is fine here, not on process 1
+    with pytest.raises(ValueError, match=r"^process 1 of 2 stopped checking the job's outputs in the workdir \(its "
+                                         r"error says why\)$"):
+        check_outputs_have_room(str(tmp_path))
+
+
 def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path):
     from configs import c2i
     from pixelflow_jax.evaluation.evaluate import check_sample_count

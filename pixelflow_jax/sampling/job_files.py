@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from pixelflow_jax import storage
+from pixelflow_jax.multihost import failing_together
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
 
 GRID_PNG = "grid.png"
@@ -57,10 +58,16 @@ def sampled_checkpoint(workdir: str) -> str | None:
     return checkpoint if isinstance(checkpoint, str) else None
 
 
-def check_no_folder_at_outputs(workdir: str) -> None:
+def check_outputs_have_room(workdir: str) -> None:
     """samples.npz and grid.png are written once every image exists: a folder in their place (a
-    rerun's workdir) failed there with a traceback, after the sampling."""
-    for name in (SAMPLES_NPZ, GRID_PNG):
-        if storage.isdir(path := storage.join(workdir, name)):
-            raise ValueError(f"{path} is a folder, where this job writes its {name}: move it away, or use a new "
-                             "--workdir")
+    rerun's workdir) failed there with a traceback, after the sampling. samples/ holds the images.
+    Every process stops when one finds a problem (another host's view of the workdir may lag): one
+    stopping alone left the others in their next collective."""
+    with failing_together((ValueError,), "checking the job's outputs in the workdir"):
+        for name in (SAMPLES_NPZ, GRID_PNG):
+            if storage.isdir(path := storage.join(workdir, name)):
+                raise ValueError(f"{path} is a folder, where this job writes its {name}: move it away, or use a "
+                                 "new --workdir")
+        if storage.isfile(folder := storage.join(workdir, "samples")):
+            raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move "
+                             "it away")

@@ -37,7 +37,7 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
 from pixelflow_jax.sampling import demo_check
-from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, WRITE_FIX, check_no_folder_at_outputs,
+from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, WRITE_FIX, check_outputs_have_room,
                                               image_name, image_path, images_on_disk)
 from pixelflow_jax.sampling.job_settings import check_settings
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
@@ -102,10 +102,8 @@ def _sample(config, workdir: str) -> None:
     trained = None if ckpt.model.cross_attention_dim else run_trained_classes(source, ckpt.model.num_classes)
     conditioning = conditioning_for(s, ckpt.model, trained)
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
-    check_no_folder_at_outputs(workdir)
+    check_outputs_have_room(workdir)
     folder = storage.join(workdir, "samples")
-    if storage.isfile(folder):
-        raise ValueError(f"{folder} is a file, where this job keeps its images: use a new --workdir, or move it away")
     fetch_weights(source)  # the settings record the weights' files: fetched now, restored after
     num_images = conditioning.num_images
     runtime = sampling_runtime(config)
