@@ -1,5 +1,5 @@
-"""The HBM traffic of a compiled GPU program, from XLA's optimized HLO text: for every kernel (a
-fusion, a library call, a copy) the bytes it reads and writes, summed by kind and multiplied by the
+"""The HBM traffic of a compiled GPU or TPU program, from XLA's optimized HLO text: for every kernel
+(a fusion, a library call, a copy) the bytes it reads and writes, summed by kind and multiplied by the
 trip counts of the loops it runs in. With a card's bandwidth this is a floor under the time of the
 kernels that do little arithmetic per byte (the elementwise fusions: norms, modulation, RoPE,
 GELU, residual adds), which FLOP counts leave out.
@@ -10,6 +10,8 @@ buffer in place (a scan writing its stacked outputs), the row. Not counted: what
 more than once (a matmul re-reads its operands for each tile row or column of its output; flash
 attention reads K and V once per query block), what the L2 cache (50 MB) spares, and workspaces. So
 the numbers are a lower bound for matmul and attention kernels and about right for elementwise ones.
+On a TPU, arrays XLA keeps in the chip's on-core memory (VMEM: a layout in memory space S(1)) move
+no HBM bytes; a copy-start that prefetches one reads its HBM source.
 """
 
 from __future__ import annotations
@@ -18,16 +20,21 @@ import collections
 import re
 
 _BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4, f64=8, s64=8, u64=8)
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")  # dtype, dims, layout
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "after-all",
               "opt-barrier", "partition-id", "replica-id"}
+_MATMULS = {"dot", "convolution"}  # TPU's matmuls are convolutions, fused or not
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 KINDS = ("gemm", "attention", "elementwise", "copy")
 
 
 def shape_bytes(shape: str) -> int:
-    """Bytes of an HLO shape: one array, or every array of a tuple."""
+    """HBM bytes of an HLO shape: one array, or every array of a tuple; none for an array in a TPU
+    core's own memory (a layout with a memory space S(n): VMEM, or other non-HBM spaces)."""
     total = 0
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims, layout in _ARRAY.findall(shape):
+        if "S(" in layout:
+            continue
         count = 1
         for dim in filter(None, dims.split(",")):
             count *= int(dim)
@@ -74,10 +81,33 @@ def parse_instruction(line: str) -> dict | None:
                 root=line.lstrip().startswith("ROOT"))
 
 
+def _open_brackets(line: str) -> int:
+    """Brackets `line` opens minus those it closes, outside quoted strings."""
+    code = _STRING.sub("", line)
+    return sum(code.count(c) for c in "([{") - sum(code.count(c) for c in ")]}")
+
+
+def joined_lines(hlo: str):
+    """The module's lines, an instruction that spans several (a TPU Pallas kernel's metadata has
+    line breaks) joined into one: it goes on while its brackets are open."""
+    pending, depth = [], 0
+    for line in hlo.splitlines():
+        if not pending and not re.match(r"\s+(?:ROOT\s+)?%", line):
+            yield line
+            continue
+        pending.append(line)
+        depth += _open_brackets(line)
+        if depth <= 0:
+            yield "\n".join(pending)
+            pending, depth = [], 0
+    if pending:
+        yield "\n".join(pending)
+
+
 def parse_computations(hlo: str) -> dict[str, list[dict]]:
     """Computation name -> its instructions, from a module's HLO text; the entry is also under "ENTRY"."""
     computations, current = {}, None
-    for line in hlo.splitlines():
+    for line in joined_lines(hlo):
         header = re.match(r"(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
         if header and not line.startswith(" "):
             current = computations.setdefault(header.group(2), [])
@@ -104,17 +134,19 @@ _MOVES = {"parameter", "constant", "bitcast", "reshape", "tuple", "get-tuple-ele
 
 
 def kernel_kind(instruction: dict, fused: list[dict] | None) -> str:
-    """gemm, attention (cuDNN's or our Pallas kernel), copy (a copy, or a fusion that only moves
-    rows: a scan's slicing or stacking), or elementwise (every other fusion)."""
+    """gemm, attention (cuDNN's or our Pallas kernel: on a TPU every Mosaic kernel, the model's
+    only ones being splash attention's), copy (a copy, or a fusion that only moves rows: a scan's
+    slicing or stacking), or elementwise (every other fusion)."""
     target = re.search(r'custom_call_target="([^"]+)"', instruction["attributes"])
     target = target.group(1) if target else ""
-    if "fmha" in target or "pixelflow_flash" in instruction["attributes"]:
+    if "fmha" in target or "pixelflow_flash" in instruction["attributes"] or target == "tpu_custom_call":
         return "attention"
-    if "gemm" in instruction["name"] or "gemm" in target or "matmul" in target:
+    if ("gemm" in instruction["name"] or "gemm" in target or "matmul" in target or instruction["op"] in _MATMULS
+            or any(part["op"] in _MATMULS for part in fused or [])):
         return "gemm"
     moves_only = fused is not None and all(
         part["op"] in _MOVES or shape_bytes(part["shape"]) <= 8 for part in fused)  # scalars: index arithmetic
-    return "copy" if instruction["op"] == "copy" or moves_only else "elementwise"
+    return "copy" if instruction["op"] in ("copy", "copy-start") or moves_only else "elementwise"
 
 
 def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int]) -> tuple[int, int]:
@@ -174,15 +206,18 @@ def kernel_traffic(hlo: str) -> list[dict]:
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction["attributes"])
                 walk(_attribute(instruction, "body"), times * (int(trips.group(1)) if trips else 1))
                 continue
-            if instruction["op"] in _NO_KERNEL:
+            if instruction["op"] in _NO_KERNEL or instruction["op"].endswith("-done"):  # its -start moves the bytes
                 continue
             operand_bytes = [shapes.get(operand, 0) for operand in instruction["operands"]]
             fused = computations.get(_attribute(instruction, "calls")) if instruction["op"] == "fusion" else None
             if fused is not None:
                 read, written = _fused_reads_and_writes(fused, operand_bytes)
+            elif instruction["op"] == "copy-start":  # (destination, source, context): it writes the destination
+                read, written = sum(operand_bytes), shape_bytes(_ARRAY.search(instruction["shape"]).group(0))
             else:  # a library call (cuDNN, cuBLAS, a Triton custom call) or a copy: its operands and outputs
                 read = sum(operand_bytes)
-                written = sum(shape_bytes(f"{dtype}[{dims}]") for dtype, dims in _ARRAY.findall(instruction["shape"])
+                written = sum(shape_bytes(f"{dtype}[{dims}]{layout}")
+                              for dtype, dims, layout in _ARRAY.findall(instruction["shape"])
                               if dtype != "u8")  # u8 outputs of library calls are their workspaces
             op = re.search(r'op_name="([^"]*)"', instruction["attributes"])  # the jax operation it came from
             kernels.append(dict(name=instruction["name"], kind=kernel_kind(instruction, fused),

@@ -369,6 +369,45 @@ def test_hlo_traffic_names_cublaslt_matmuls_and_our_pallas_attention_by_their_ki
     assert (kernel_kind(matmul, None), kernel_kind(flash, None)) == ("gemm", "attention")
 
 
+# A TPU program's shape (libtpu's HLO): the weight prefetched into the core's VMEM (memory space
+# S(1)) by an async copy, a Pallas (Mosaic) kernel whose metadata spans lines (one begins with '}'),
+# and a matmul fused as a convolution reading the prefetched weight.
+TPU_HLO = """HloModule jit_tpu_step
+
+%fused_matmul (param_0: bf16[16,8], param_1: bf16[8,8]) -> bf16[16,8] {
+  %param_0 = bf16[16,8]{1,0:T(8,128)(2,1)} parameter(0)
+  %param_1 = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} parameter(1)
+  %convolution.1 = bf16[16,8]{1,0:T(8,128)(2,1)} convolution(%param_0, %param_1), dim_labels=bf_io->bf
+  ROOT %tanh.1 = bf16[16,8]{1,0:T(8,128)(2,1)} tanh(%convolution.1)
+}
+
+ENTRY %main.1 (x.1: bf16[16,8], w.1: bf16[8,8]) -> bf16[16,8] {
+  %x.1 = bf16[16,8]{1,0:T(8,128)(2,1)} parameter(0)
+  %w.1 = bf16[8,8]{1,0:T(8,128)(2,1)} parameter(1)
+  %copy-start = (bf16[8,8]{1,0:T(8,128)(2,1)S(1)}, bf16[8,8]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w.1)
+  %copy-done = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %splash.1 = (bf16[16,8]{1,0:T(8,128)(2,1)}, f32[16]{0:T(128)}) custom-call(%x.1, %x.1, %x.1), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\"block_q\": 128, \"q_layout\": 1}"
+}}, metadata={op_name="jit(step)/pallas_call"}, backend_config={"custom_call_config":{"body":"TUzvUgFN"}}
+  %o.1 = bf16[16,8]{1,0:T(8,128)(2,1)} get-tuple-element(%splash.1), index=0
+  ROOT %convolution_tanh_fusion = bf16[16,8]{1,0:T(8,128)(2,1)} fusion(%o.1, %copy-done), kind=kOutput, calls=%fused_matmul
+}
+"""
+
+
+def test_hlo_traffic_reads_a_tpu_program():
+    """On a TPU (gpu_compile.py --card=v5p): a Mosaic kernel whose metadata spans lines is attention
+    and the instructions after it still count (its line beginning with '}' ended the computation);
+    a fused convolution is a matmul; a copy into VMEM reads its HBM source and writes no HBM, its
+    copy-done moves nothing, and a kernel reading the copy reads no HBM for it."""
+    from hlo_traffic import kernel_traffic
+
+    x, w = 16 * 8 * 2, 8 * 8 * 2
+    assert {k["name"]: (k["kind"], k["bytes"]) for k in kernel_traffic(TPU_HLO)} == {
+        "copy-start": ("copy", w), "splash.1": ("attention", 3 * x + x + 16 * 4),
+        "convolution_tanh_fusion": ("gemm", x + x)}
+
+
 def test_gpu_compile_top_lists_the_kernels_that_move_the_most_with_their_jax_operation():
     """--top=N adds hbm_top to a row: the N kernels of the most bytes, largest first, each with its
     kind, name and the jax operation it came from; without --top the row has none."""
