@@ -1,19 +1,22 @@
-"""Compile for an NVIDIA H200 or H100 on a machine without one (XLA's deviceless compilation), and
-report what a GPU session would otherwise spend its first minutes learning:
+"""Compile for an NVIDIA H200 or H100, or a TPU chip (v5p, v6e, v5e; --card), on a machine without
+one (XLA's deviceless compilation), and report what a GPU or TPU session would otherwise spend its
+first minutes learning:
 
   kernels  whether our Pallas kernels compile to the card's code without spilling registers, for
            every tile setting of attention_speed.SWEEP: per kernel launch the grid, threads, shared
            memory (XLA's thunk list), and under jax 0.10 (whose dump has the PTX) the registers
-           (ptxas -v) and the blocks that fit on one SM;
+           (ptxas -v) and the blocks that fit on one SM; on a TPU whether splash attention's
+           forward and backward compile for the chip (Mosaic), and their memory plan;
   train    XLA's memory plan of one XL training step: arguments + outputs - aliased + temporaries,
            the peak the step needs on the card, per batch, remat policy and attention backend;
            --model=t2i: the text-to-image model with its frozen T5 encoder, which the step runs;
+           on a TPU slice (--topology=2x2x1, --fsdp) sharded as training shards it, per chip;
   sample   sample_speed.py's programs at its settings: each stage's forward of the CFG batch, and
            the cascade's (noise, each stage's whole Euler solve, the uint8 finish): XLA's memory
            plan, and from XLA's thunk list what one call (one denoising step in a stage's solve)
            runs: kernels by kind, and host dispatches (a run of kernels XLA puts into a command
            buffer, a CUDA graph, is one), whether the step loop stays on the card (a loop of known
-           trip count needs no host sync per step) and any callback to the host.
+           trip count needs no host sync per step) and any callback to the host (GPU only).
 
 train and sample also report each program's HBM traffic by kernel kind (bench/hlo_traffic.py: the
 bytes its kernels read and write, from the optimized HLO) and the time it takes at the card's full
@@ -36,6 +39,18 @@ Setup, once: a venv that sees this machine's packages, plus jax's CUDA plugin of
     /tmp/cuda/bin/python bench/gpu_compile.py sample --attention=cudnn,pallas_gpu
 
 The CUDA plugin logs that it found no GPU; that is expected. Needs jax, flax, optax, numpy.
+
+For a TPU, the libtpu that jax pins instead (about 140 MB; no TPU needed):
+
+    python -m venv --system-site-packages /tmp/tpu
+    /tmp/tpu/bin/pip install "jax[tpu]==$V"
+
+    /tmp/tpu/bin/python bench/gpu_compile.py kernels --card=v5p --shapes=8x4096,32x1024,128x256
+    /tmp/tpu/bin/python bench/gpu_compile.py train --card=v6e --batch=16 --remat=dots
+    /tmp/tpu/bin/python bench/gpu_compile.py train --card=v5p --topology=2x2x1 --fsdp=4 --batch=128
+    /tmp/tpu/bin/python bench/gpu_compile.py sample --card=v5p
+
+libtpu logs that it could not determine the TPU accelerator type and worker hostnames; expected too.
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ import argparse
 import collections
 import dataclasses
 import glob
+import importlib.metadata
 import itertools
 import json
 import os
@@ -56,6 +72,9 @@ import time
 # The CUDA plugin checks the driver's version when it loads; there is no driver here, and the check
 # would leave the plugin unregistered (no "cuda" topology).
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# libtpu lets one process at a time load it (a lockfile in /tmp), for the chips; compiling uses
+# none, and two compiles at once, or one after a killed one, would fail on the lock.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -110,7 +129,9 @@ dnn_version_info {{ major: 9 minor: 8 }}
 runtime_version {{ major: 12 minor: 9 }}
 device_description_str: "{name}"
 """
-BANDWIDTH = dict(h200=4_800_000_000_000, h100=3_352_320_000_000)  # HBM bytes/s
+# HBM bytes/s: the GPUs' from NVIDIA's datasheets, the TPU chips' from Google Cloud's TPU pages.
+BANDWIDTH = dict(h200=4_800_000_000_000, h100=3_352_320_000_000, v5p=2_765_000_000_000, v6e=1_638_000_000_000,
+                 v5e=819_000_000_000)
 CARDS = {
     "h200": _CARD.format(name="NVIDIA H200", bandwidth=BANDWIDTH["h200"], memory=150_754_820_096),
     "h100": _CARD.format(name="NVIDIA H100 80GB HBM3", bandwidth=BANDWIDTH["h100"], memory=84_929_347_584),
@@ -122,17 +143,49 @@ TEXT_MODEL = dict(num_classes=0, cross_attention_dim=T5Config().d_model)
 TEXT_TOKENS = 512
 PTXAS_ARCH = "sm_90a"  # what XLA emits for compute capability 9.0
 GPU_BACKENDS = ("auto", "cudnn", "pallas_gpu", "xla")
+TPU_BACKENDS = ("auto", "splash", "xla")
+# TPU chips, by the prefix of libtpu's topology names: HBM per chip (GB, Google Cloud's TPU pages)
+# and the topology of one chip (v5p's slices are 3D, v5e's and v6e's 2D).
+TPU_HBM_GB = dict(v5p=95, v6e=32, v5e=16)
+ONE_CHIP = dict(v5p="1x1x1", v6e="1x1", v5e="1x1")
+TPU_HOST_BOUNDS = (2, 2, 1)  # libtpu's default chips per host; a smaller topology must say its own
 KERNEL_PREFIX = "pixelflow_"  # pallas_gpu_attention names its kernels so (name= of each pallas_call)
 
 
-def card_mesh(card: str, axes: tuple[str, ...]) -> jax.sharding.Mesh:
-    """A mesh of one compile-only device of `card` (all axes of size 1)."""
+def platform(card: str) -> str:
+    """'tpu' for a TPU chip, 'gpu' for a card (what attention.compiling_for takes)."""
+    return "tpu" if card in TPU_HBM_GB else "gpu"
+
+
+def card_mesh(card: str, axes: tuple[str, ...], topology: str | None = None,
+              shape: tuple[int, ...] | None = None) -> jax.sharding.Mesh:
+    """A mesh of compile-only devices of `card`: one (all axes of size 1), or for a TPU the chips of
+    `topology` (e.g. 2x2x1) in `shape`."""
+    if card in TPU_HBM_GB:
+        devices = tpu_topology(card, topology or ONE_CHIP[card])
+    else:
+        try:
+            devices = topologies.get_topology_desc(platform="cuda", target_config=CARDS[card], topology="1x1x1")
+        except (NotImplementedError, RuntimeError) as error:
+            raise SystemExit(f"error: cannot compile for a GPU here ({error}): this needs jax's CUDA plugin of jax "
+                             f"{jax.__version__}, see the setup in bench/gpu_compile.py's docstring") from None
+    return topologies.make_mesh(devices, shape or (1,) * len(axes), axes)
+
+
+def tpu_topology(card: str, topology: str):
+    """libtpu's compile-only devices of a `card` slice of `topology` chips (e.g. v5p 2x2x1)."""
+    dims = [int(n) for n in topology.split("x")]
+    host = tuple(min(n, bound) for n, bound in zip(dims + [1] * (3 - len(dims)), TPU_HOST_BOUNDS))
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=CARDS[card], topology="1x1x1")
-    except (NotImplementedError, RuntimeError) as error:
-        raise SystemExit(f"error: cannot compile for a GPU here ({error}): this needs jax's CUDA plugin of jax "
-                         f"{jax.__version__}, see the setup in bench/gpu_compile.py's docstring") from None
-    return topologies.make_mesh(topology, (1,) * len(axes), axes)
+        return topologies.get_topology_desc(platform="tpu", topology_name=f"{card}:{topology}",
+                                            chips_per_host_bounds=host)
+    except RuntimeError as error:  # also jax's JaxRuntimeError, for a topology libtpu refuses
+        raise SystemExit(f"error: cannot compile for a TPU {card} {topology} here ({str(error).splitlines()[0]}); "
+                         "it needs libtpu, see the setup in bench/gpu_compile.py's docstring") from None
+
+
+def chip_count(topology: str) -> int:
+    return int(np.prod([int(n) for n in topology.split("x")]))
 
 
 def compile_with_dump(fn, args, dump_dir: str):
@@ -196,22 +249,32 @@ def blocks_per_sm(threads: int, registers: int, shared_memory: int) -> int:
     return min(by_registers, by_shared, SM_MAX_BLOCKS)
 
 
-def compile_kernels(card: str, settings, batch: int, length: int, heads: int, head_dim: int) -> dict:
-    """Forward+backward of pallas_gpu attention under `settings`, compiled for the card."""
+def attention_operand(card: str, batch: int, length: int, heads: int, head_dim: int):
+    """(a mesh of one `card`, the abstract bf16 (B, L, H, D) q, k or v on it)."""
     mesh = card_mesh(card, ("data",))
-    spec = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16,
-                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    on_card = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return mesh, jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16, sharding=on_card)
+
+
+def attention_gradients(backend: str):
+    """q, k, v -> the gradients of an attention's summed output: its forward and backward kernels."""
 
     def forward_backward(q, k, v):
-        loss = lambda q, k, v: dot_product_attention(q, k, v, backend="pallas_gpu").astype(jnp.float32).sum()
+        loss = lambda q, k, v: dot_product_attention(q, k, v, backend=backend).astype(jnp.float32).sum()
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
+    return forward_backward
+
+
+def compile_kernels(card: str, settings, batch: int, length: int, heads: int, head_dim: int) -> dict:
+    """Forward+backward of pallas_gpu attention under `settings`, compiled for the card."""
+    mesh, spec = attention_operand(card, batch, length, heads, head_dim)
     row = dict(card=card, shape=f"B{batch}x{length}", heads=heads, head_dim=head_dim,
                settings=dataclasses.asdict(settings))
     # The mesh tells Pallas which GPU it lowers for (jax 0.11 asks; 0.10 does not need it).
     with tempfile.TemporaryDirectory() as dump, settings.applied(), compiling_for("gpu"), jax.set_mesh(mesh):
         try:
-            compile_with_dump(forward_backward, (spec, spec, spec), dump)
+            compile_with_dump(attention_gradients("pallas_gpu"), (spec, spec, spec), dump)
         except Exception as error:  # a setting that does not compile (or spills) is a result, not the end
             return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
         use = register_use(dump)
@@ -224,10 +287,28 @@ def compile_kernels(card: str, settings, batch: int, length: int, heads: int, he
     return {**row, "spills": False, "launches": launches}
 
 
+def compile_splash(card: str, batch: int, length: int, heads: int, head_dim: int) -> dict:
+    """Forward+backward of splash attention compiled for the TPU chip (Mosaic, not interpret mode):
+    whether it compiles, its Mosaic kernels (tpu_custom_call in the optimized HLO), XLA's memory plan."""
+    mesh, spec = attention_operand(card, batch, length, heads, head_dim)
+    row = dict(card=card, shape=f"B{batch}x{length}", heads=heads, head_dim=head_dim, backend="splash")
+    start = time.perf_counter()
+    with compiling_for("tpu"), jax.set_mesh(mesh):
+        try:
+            compiled = jax.jit(attention_gradients("splash")).lower(spec, spec, spec).compile()
+        except Exception as error:  # the kernel not compiling for the chip is the result
+            return {**row, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+    return {**row, "compile_s": round(time.perf_counter() - start, 1),
+            "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'), **memory_plan(compiled)}
+
+
 def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype: str, model: str = "c2i",
-                       text_tokens: int = TEXT_TOKENS, encoder_dtype: str = "float32", top: int = 0) -> dict:
+                       text_tokens: int = TEXT_TOKENS, encoder_dtype: str = "float32", top: int = 0,
+                       topology: str | None = None, fsdp: int = 1) -> dict:
     """XLA's memory plan of one XL/4 training step on the card (AdamW + EMA state, all four stages);
-    for the text model (t2i) with the frozen T5 encoder that the step runs on its captions' tokens."""
+    for the text model (t2i) with the frozen T5 encoder that the step runs on its captions' tokens.
+    On a TPU `topology` of several chips the step is sharded as training shards it (sharding.py:
+    the global batch over ('data', 'fsdp'), parameters over 'fsdp'), and the plan is per chip."""
     base, resolution = PRESETS["xl"]
     cfg = dataclasses.replace(base, dtype=dtype, remat=remat, attention=attention,
                               **(TEXT_MODEL if model == "t2i" else {}))
@@ -237,12 +318,15 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
     build = lambda: PixelFlow(cfg, rngs=nnx.Rngs(0))
     graphdef = nnx.graphdef(nnx.eval_shape(build))
     state = jax.eval_shape(lambda: init_state(build(), tx, seed=0))
-    mesh = card_mesh(card, BATCH_AXES)
+    chips = chip_count(topology) if topology else 1
+    mesh = card_mesh(card, BATCH_AXES, topology, (chips // fsdp, fsdp))
     shardings = state_shardings(state, mesh)
     state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state, shardings)
     data = batch_sharding(mesh)
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.uint8, sharding=data)
-    row = dict(card=card, model=model, preset="xl", batch=batch, remat=remat, attention=attention, dtype=dtype)
+    row = dict(card=card, model=model, preset="xl", batch=batch, remat=remat, attention=attention, dtype=dtype,
+               **(dict(topology=topology or ONE_CHIP[card], fsdp=fsdp, chip_hbm_gb=TPU_HBM_GB[card])
+                  if card in TPU_HBM_GB else {}))
     text = encoder_sharding = None
     if model == "t2i":
         text, encoder_params, encoder_sharding = text_encoder(mesh, text_tokens, encoder_dtype)
@@ -253,7 +337,7 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
     else:
         args = (state, images, jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data))
     start = time.perf_counter()
-    with compiling_for("gpu"):
+    with compiling_for(platform(card)):
         step = make_train_step(cfg, graphdef, tables, tx, step_cfg, resolution, scheduler.num_train_timesteps,
                                mesh, shardings, text=text, encoder_sharding=encoder_sharding)
         try:
@@ -431,13 +515,16 @@ def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: 
         info = dict(program=program, **({} if stage is None else dict(stage=stage, pixels=sizes[stage])),
                     **({} if model_batch is None else dict(model_batch=model_batch)))
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as dump, compiling_for("gpu"), matmul_precision(dtype), jax.set_mesh(mesh):
+        with (tempfile.TemporaryDirectory() as dump, compiling_for(platform(card)), matmul_precision(dtype),
+              jax.set_mesh(mesh)):
             try:
                 executable = fn.lower(*args, **static).compile(compiler_options={"xla_dump_to": dump})
             except Exception as error:
                 return {**row, **info, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
             result = {**row, **info, "compile_s": round(time.perf_counter() - start, 1), **memory_plan(executable),
                       **traffic_report(executable, card, top)}
+            if platform(card) == "tpu":  # the launch counts read a GPU's thunk list
+                return result
             try:
                 return {**result, **program_report(dump, steps)}
             except FileNotFoundError as error:  # another jax's dump: the plan still counts
@@ -479,10 +566,43 @@ def comma_separated(parse_one):
     return lambda text: [parse_one(item) for item in text.split(",")]
 
 
+def tpu_topology_name(text: str) -> str:
+    """An argparse type: a TPU slice's chips per dimension, 2 or 3 of them (2x2, 2x2x1)."""
+    if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", text):
+        raise argparse.ArgumentTypeError(f"must be chips per dimension like 2x2 or 2x2x1, got {text!r}")
+    return text
+
+
+def check_chip_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors, before anything compiles: a TPU's options with a GPU, a backend that does not
+    run on the card, a mesh or batch that does not divide over the chips."""
+    on_tpu = platform(args.card) == "tpu"
+    backends = TPU_BACKENDS if on_tpu else GPU_BACKENDS
+    for backend in args.attention or []:
+        if backend not in backends:
+            parser.error(f"argument --attention: {backend} does not run on {args.card}; one of {', '.join(backends)}")
+    if not on_tpu and (args.topology or args.fsdp != 1):
+        parser.error(f"argument --{'topology' if args.topology else 'fsdp'}: for a TPU card only, not {args.card}")
+    if (args.topology or args.fsdp != 1) and args.what != "train":
+        parser.error(f"argument --{'topology' if args.topology else 'fsdp'}: for train only, not {args.what}")
+    chips = chip_count(args.topology) if args.topology else 1
+    if chips % args.fsdp:
+        parser.error(f"argument --fsdp: {args.fsdp} does not divide the {chips} chips of --topology={args.topology}")
+    for batch in (args.batch or [32]) if args.what == "train" else []:
+        if batch % chips:
+            parser.error(f"argument --batch: {batch} does not split over the {chips} chips of --topology="
+                         f"{args.topology}; use a multiple of {chips}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("kernels", "train", "sample"))
-    parser.add_argument("--card", choices=sorted(CARDS), default="h200")
+    parser.add_argument("--card", choices=sorted(CARDS) + sorted(TPU_HBM_GB), default="h200",
+                        help="a GPU, or a TPU chip (needs libtpu, see the setup above)")
+    parser.add_argument("--topology", type=tpu_topology_name,
+                        help="train on a TPU: the slice's chips, e.g. 2x2x1 (v5p) or 2x2 (v5e, v6e); default one chip")
+    parser.add_argument("--fsdp", type=positive_int, default=1,
+                        help="train on a TPU --topology: the mesh's 'fsdp' axis (sharding.py), dividing its chips")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="xl", help="sample: the model (train: XL)")
     parser.add_argument("--shapes", default="8x4096,32x1024", help="kernels: comma-separated BxL")
     parser.add_argument("--heads", type=positive_int, default=16)
@@ -494,8 +614,9 @@ def main():
     parser.add_argument("--cfg", type=float, default=CFG, help="sample: the CFG scale (1: no guidance)")
     parser.add_argument("--remat", type=comma_separated(one_of(REMAT_POLICIES)), default="dots",
                         help=f"train: comma-separated, of {REMAT_POLICIES}")
-    parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS)),
-                        help=f"comma-separated, of {GPU_BACKENDS} (default: train cudnn, sample cudnn,pallas_gpu)")
+    parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS + TPU_BACKENDS[1:])),
+                        help=f"comma-separated; on a GPU of {GPU_BACKENDS} (default: train cudnn, sample "
+                             f"cudnn,pallas_gpu), on a TPU of {TPU_BACKENDS} (default splash)")
     parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
     parser.add_argument("--top", type=non_negative_int, default=0,
                         help="train, sample: also list the N kernels that move the most HBM bytes (hbm_top)")
@@ -511,27 +632,37 @@ def main():
     for name in ("text_tokens", "encoder_dtype"):
         if getattr(args, name) is not None and args.model != "t2i":
             parser.error(f"argument --{name}: for train --model=t2i only")
+    check_chip_arguments(parser, args)
     try:  # the sampler's own checks, before minutes of compiling
         SamplingOptions.create(PixelFlowScheduler().num_stages, args.steps, cfg_scale=args.cfg)
     except ValueError as error:
         parser.error(f"argument --cfg: {error}")
 
-    print(json.dumps(dict(jax=jax.__version__, card=args.card)), flush=True)
+    on_tpu = platform(args.card) == "tpu"
+    versions = dict(jax=jax.__version__, **({"libtpu": importlib.metadata.version("libtpu")} if on_tpu else {}))
+    print(json.dumps(dict(**versions, card=args.card)), flush=True)
+    if args.what == "kernels" and on_tpu:  # splash's blocks follow the lengths: no tile settings to sweep
+        for batch, length in (tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")):
+            print(json.dumps(compile_splash(args.card, batch, length, args.heads, args.head_dim)), flush=True)
+        return
     if args.what == "kernels":
         shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
         for settings, (batch, length) in itertools.product(SWEEP, shapes):
             print(json.dumps(compile_kernels(args.card, settings, batch, length, args.heads, args.head_dim)), flush=True)
         return
     if args.what == "sample":
-        for batch, attention in itertools.product(args.batch or [BATCH], args.attention or ["cudnn", "pallas_gpu"]):
+        default = ["splash"] if on_tpu else ["cudnn", "pallas_gpu"]
+        for batch, attention in itertools.product(args.batch or [BATCH], args.attention or default):
             for row in compile_sampling(args.card, args.preset, batch, args.steps, args.cfg, attention, args.dtype,
                                         args.top):
                 print(json.dumps(row), flush=True)
         return
-    for batch, remat, attention in itertools.product(args.batch or [32], args.remat, args.attention or ["cudnn"]):
+    default = ["splash"] if on_tpu else ["cudnn"]
+    for batch, remat, attention in itertools.product(args.batch or [32], args.remat, args.attention or default):
         text = dict(text_tokens=args.text_tokens or TEXT_TOKENS, encoder_dtype=args.encoder_dtype or "float32")
         print(json.dumps(compile_train_step(args.card, batch, remat, attention, args.dtype, args.model,
-                                            **(text if args.model == "t2i" else {}), top=args.top)), flush=True)
+                                            **(text if args.model == "t2i" else {}), top=args.top,
+                                            topology=args.topology, fsdp=args.fsdp)), flush=True)
 
 
 if __name__ == "__main__":

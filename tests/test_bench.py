@@ -493,6 +493,37 @@ def test_gpu_compile_refuses_a_bad_list_before_compiling():
     assert result.returncode == 2 and "argument --top: must be a whole number >= 0, got '-3'" in result.stderr
 
 
+def test_gpu_compile_refuses_tpu_options_that_do_not_fit_the_card(capsys):
+    """--card=v5p/v6e/v5e compiles for a TPU (with libtpu, not installed in the test environment): a
+    backend of the other platform, a TPU topology for a GPU or outside train, an fsdp axis or a
+    global batch that does not divide over the topology's chips are usage errors, before the
+    minutes of building the step."""
+    from gpu_compile import check_chip_arguments
+
+    base = dict(what="train", card="h200", attention=None, topology=None, fsdp=1, batch=None)
+    for changes, message in ((dict(topology="2x2x1"), "argument --topology: for a TPU card only, not h200"),
+                             (dict(fsdp=2), "argument --fsdp: for a TPU card only, not h200"),
+                             (dict(attention=["splash"]), "argument --attention: splash does not run on h200; one of "
+                                                          "auto, cudnn, pallas_gpu, xla"),
+                             (dict(card="v5p", attention=["xla", "cudnn"]), "argument --attention: cudnn does not "
+                                                                            "run on v5p; one of auto, splash, xla"),
+                             (dict(card="v5p", what="sample", topology="2x2x1"), "argument --topology: for train only"),
+                             (dict(card="v5p", topology="2x2x1", fsdp=3), "argument --fsdp: 3 does not divide the 4 "
+                                                                          "chips of --topology=2x2x1"),
+                             (dict(card="v6e", topology="2x4", batch=[64, 12]), "argument --batch: 12 does not split "
+                                                                                "over the 8 chips")):
+        with pytest.raises(SystemExit) as exit:
+            check_chip_arguments(argparse.ArgumentParser(), argparse.Namespace(**{**base, **changes}))
+        assert exit.value.code == 2 and message in capsys.readouterr().err, changes
+    for fine in (dict(card="v5p", topology="2x2x1", fsdp=4, batch=[128]), dict(card="v6e", attention=["splash"]),
+                 dict(card="v5e", what="sample", batch=[3])):
+        check_chip_arguments(argparse.ArgumentParser(), argparse.Namespace(**{**base, **fine}))
+    result = subprocess.run([sys.executable, "bench/gpu_compile.py", "train", "--card=v6e", "--topology=2x"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --topology: must be chips per dimension like 2x2 or 2x2x1, got '2x'" \
+        in result.stderr
+
+
 def test_a_bad_argument_is_a_usage_error_before_anything_compiles():
     """--repeats=0 failed with a StatisticsError after compiling the model; --dtype=fp16 and
     --batch=0 with tracebacks."""
