@@ -24,6 +24,9 @@ _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")  #
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "after-all",
               "opt-barrier", "partition-id", "replica-id"}
 _MATMULS = {"dot", "convolution"}  # TPU's matmuls are convolutions, fused or not
+# libtpu's custom calls that move no data: one reserves a buffer (a scan's stack, before its rows
+# are written), one places concatenated arrays side by side, one marks gather indices in bounds.
+_NO_TRAFFIC_CALLS = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound"}
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 KINDS = ("gemm", "attention", "elementwise", "copy")
 
@@ -207,6 +210,9 @@ def kernel_traffic(hlo: str) -> list[dict]:
                 walk(_attribute(instruction, "body"), times * (int(trips.group(1)) if trips else 1))
                 continue
             if instruction["op"] in _NO_KERNEL or instruction["op"].endswith("-done"):  # its -start moves the bytes
+                continue
+            target = re.search(r'custom_call_target="([^"]+)"', instruction["attributes"])
+            if target and target.group(1) in _NO_TRAFFIC_CALLS:
                 continue
             operand_bytes = [shapes.get(operand, 0) for operand in instruction["operands"]]
             fused = computations.get(_attribute(instruction, "calls")) if instruction["op"] == "fusion" else None

@@ -386,6 +386,7 @@ ENTRY %main.1 (x.1: bf16[16,8], w.1: bf16[8,8]) -> bf16[16,8] {
   %w.1 = bf16[8,8]{1,0:T(8,128)(2,1)} parameter(1)
   %copy-start = (bf16[8,8]{1,0:T(8,128)(2,1)S(1)}, bf16[8,8]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w.1)
   %copy-done = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  %stack.1 = bf16[28,16,8]{2,1,0:T(8,128)(2,1)} custom-call(), custom_call_target="AllocateBuffer"
   %splash.1 = (bf16[16,8]{1,0:T(8,128)(2,1)}, f32[16]{0:T(128)}) custom-call(%x.1, %x.1, %x.1), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
 "xprof_metadata":"{\"block_q\": 128, \"q_layout\": 1}"
 }}, metadata={op_name="jit(step)/pallas_call"}, backend_config={"custom_call_config":{"body":"TUzvUgFN"}}
@@ -399,7 +400,8 @@ def test_hlo_traffic_reads_a_tpu_program():
     """On a TPU (gpu_compile.py --card=v5p): a Mosaic kernel whose metadata spans lines is attention
     and the instructions after it still count (its line beginning with '}' ended the computation);
     a fused convolution is a matmul; a copy into VMEM reads its HBM source and writes no HBM, its
-    copy-done moves nothing, and a kernel reading the copy reads no HBM for it."""
+    copy-done moves nothing, and a kernel reading the copy reads no HBM for it; reserving a buffer
+    (a custom call, AllocateBuffer) moves nothing."""
     from hlo_traffic import kernel_traffic
 
     x, w = 16 * 8 * 2, 8 * 8 * 2
