@@ -28,7 +28,10 @@ _MATMULS = {"dot", "convolution"}  # TPU's matmuls are convolutions, fused or no
 # are written), one places concatenated arrays side by side, one marks gather indices in bounds.
 _NO_TRAFFIC_CALLS = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound"}
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-KINDS = ("gemm", "attention", "elementwise", "copy")
+KINDS = ("gemm", "attention", "elementwise", "copy", "collective")
+# Collectives between devices (gpu_compile.py's TPU slices: the gradients' all-reduce per layer):
+# their HBM bytes, not the time on the links between chips.
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def shape_bytes(shape: str) -> int:
@@ -139,7 +142,10 @@ _MOVES = {"parameter", "constant", "bitcast", "reshape", "tuple", "get-tuple-ele
 def kernel_kind(instruction: dict, fused: list[dict] | None) -> str:
     """gemm, attention (cuDNN's or our Pallas kernel: on a TPU every Mosaic kernel, the model's
     only ones being splash attention's), copy (a copy, or a fusion that only moves rows: a scan's
-    slicing or stacking), or elementwise (every other fusion)."""
+    slicing or stacking), collective (an all-reduce or other exchange between devices), or
+    elementwise (every other fusion)."""
+    if instruction["op"].removesuffix("-start") in _COLLECTIVES:
+        return "collective"
     target = re.search(r'custom_call_target="([^"]+)"', instruction["attributes"])
     target = target.group(1) if target else ""
     if "fmha" in target or "pixelflow_flash" in instruction["attributes"] or target == "tpu_custom_call":

@@ -243,7 +243,7 @@ def test_hlo_traffic_counts_what_each_kernel_reads_and_writes_per_trip():
     assert traffic_by_kind(kernels) == dict(
         gemm=3 * per_trip["gemm_fusion_dot"], attention=3 * per_trip["attention.1"],
         elementwise=3 * (per_trip["loop_convert_fusion"] + per_trip["loop_tanh_fusion"]) + stack,
-        copy=3 * per_trip["loop_dynamic_update_slice_fusion"] + 2 * stack)
+        copy=3 * per_trip["loop_dynamic_update_slice_fusion"] + 2 * stack, collective=0)
 
 
 # Two fusions updating a row of a stack: one returns it beside another output (a multi-output
@@ -381,12 +381,14 @@ TPU_HLO = """HloModule jit_tpu_step
   ROOT %tanh.1 = bf16[16,8]{1,0:T(8,128)(2,1)} tanh(%convolution.1)
 }
 
-ENTRY %main.1 (x.1: bf16[16,8], w.1: bf16[8,8]) -> bf16[16,8] {
+ENTRY %main.1 (x.1: bf16[16,8], w.1: bf16[8,8], b.1: f32[8]) -> bf16[16,8] {
   %x.1 = bf16[16,8]{1,0:T(8,128)(2,1)} parameter(0)
   %w.1 = bf16[8,8]{1,0:T(8,128)(2,1)} parameter(1)
+  %b.1 = f32[8]{0:T(128)} parameter(2)
   %copy-start = (bf16[8,8]{1,0:T(8,128)(2,1)S(1)}, bf16[8,8]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w.1)
   %copy-done = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
   %stack.1 = bf16[28,16,8]{2,1,0:T(8,128)(2,1)} custom-call(), custom_call_target="AllocateBuffer"
+  %all-reduce.1 = (bf16[8,8]{1,0:T(8,128)(2,1)}, f32[8]{0:T(128)}) all-reduce(%w.1, %b.1), replica_groups={{0,1}}, to_apply=%add
   %splash.1 = (bf16[16,8]{1,0:T(8,128)(2,1)}, f32[16]{0:T(128)}) custom-call(%x.1, %x.1, %x.1), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
 "xprof_metadata":"{\"block_q\": 128, \"q_layout\": 1}"
 }}, metadata={op_name="jit(step)/pallas_call"}, backend_config={"custom_call_config":{"body":"TUzvUgFN"}}
@@ -401,13 +403,13 @@ def test_hlo_traffic_reads_a_tpu_program():
     and the instructions after it still count (its line beginning with '}' ended the computation);
     a fused convolution is a matmul; a copy into VMEM reads its HBM source and writes no HBM, its
     copy-done moves nothing, and a kernel reading the copy reads no HBM for it; reserving a buffer
-    (a custom call, AllocateBuffer) moves nothing."""
+    (a custom call, AllocateBuffer) moves nothing; an all-reduce between the chips is a collective."""
     from hlo_traffic import kernel_traffic
 
     x, w = 16 * 8 * 2, 8 * 8 * 2
     assert {k["name"]: (k["kind"], k["bytes"]) for k in kernel_traffic(TPU_HLO)} == {
         "copy-start": ("copy", w), "splash.1": ("attention", 3 * x + x + 16 * 4),
-        "convolution_tanh_fusion": ("gemm", x + x)}
+        "convolution_tanh_fusion": ("gemm", x + x), "all-reduce.1": ("collective", 2 * (w + 8 * 4))}
 
 
 def test_gpu_compile_top_lists_the_kernels_that_move_the_most_with_their_jax_operation():
