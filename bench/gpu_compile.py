@@ -144,9 +144,11 @@ TEXT_TOKENS = 512
 PTXAS_ARCH = "sm_90a"  # what XLA emits for compute capability 9.0
 GPU_BACKENDS = ("auto", "cudnn", "pallas_gpu", "xla")
 TPU_BACKENDS = ("auto", "splash", "xla")
-# TPU chips, by the prefix of libtpu's topology names: HBM per chip (GB, Google Cloud's TPU pages)
+# TPU chips, by the prefix of libtpu's topology names: the HBM a program may use per chip, in GB (10^9
+# bytes, as peak_gb), as libtpu's compiler counts it: 95.74 / 31.25 / 15.75 GiB in its out-of-memory
+# error, which fails the compile of a program that needs more (Google Cloud lists 95 / 32 / 16 GB);
 # and the topology of one chip (v5p's slices are 3D, v5e's and v6e's 2D).
-TPU_HBM_GB = dict(v5p=95, v6e=32, v5e=16)
+TPU_HBM_GB = dict(v5p=102.8, v6e=33.55, v5e=16.91)
 ONE_CHIP = dict(v5p="1x1x1", v6e="1x1", v5e="1x1")
 TPU_HOST_BOUNDS = (2, 2, 1)  # libtpu's default chips per host; a smaller topology must say its own
 KERNEL_PREFIX = "pixelflow_"  # pallas_gpu_attention names its kernels so (name= of each pallas_call)
