@@ -16,7 +16,6 @@ no HBM bytes; a copy-start that prefetches one reads its HBM source.
 
 from __future__ import annotations
 
-import collections
 import re
 
 _BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4, f64=8, s64=8, u64=8)
@@ -158,42 +157,52 @@ def kernel_kind(instruction: dict, fused: list[dict] | None) -> str:
     return "copy" if instruction["op"] in ("copy", "copy-start") or moves_only else "elementwise"
 
 
-def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int]) -> tuple[int, int]:
+def _sliced_bytes(fused: list[dict], name: str, computations: dict[str, list[dict]],
+                  output_names: set[str] = frozenset()) -> int | None:
+    """Bytes a fusion reads of its value `name` if every use of it slices it (through bitcasts, and
+    through the fusions nested in it, as a TPU's are), else None; a buffer that a dynamic-update-
+    slice among output_names updates in place is not read."""
+    total = 0
+    for user in (instruction for instruction in fused if name in instruction["operands"]):
+        if user["op"] == "dynamic-slice" and user["operands"][0] == name:
+            total += shape_bytes(user["shape"])
+        elif user["op"] == "bitcast":
+            inner = _sliced_bytes(fused, user["name"], computations)
+            if inner is None:
+                return None
+            total += inner
+        elif user["op"] == "dynamic-update-slice" and user["operands"][0] == name and user["name"] in output_names:
+            continue  # the buffer updated in place
+        elif user["op"] == "fusion" and _attribute(user, "calls") in computations:
+            nested = computations[_attribute(user, "calls")]
+            for position in (i for i, operand in enumerate(user["operands"]) if operand == name):
+                parameter = next(part["name"] for part in nested
+                                 if part["op"] == "parameter" and part["operands"] == [str(position)])
+                inner = _sliced_bytes(nested, parameter, computations)
+                if inner is None:
+                    return None
+                total += inner
+        else:
+            return None
+    return total
+
+
+def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int],
+                            computations: dict[str, list[dict]]) -> tuple[int, int]:
     """Bytes a fusion reads and writes, given its fused computation: a parameter used only through
-    dynamic-slices (after bitcasts) reads the slices; a dynamic-update-slice at the root writes its
-    update, and its in-place buffer is not read."""
-    users = collections.defaultdict(list)
-    for instruction in fused:
-        for operand in instruction["operands"]:
-            users[operand].append(instruction)
+    dynamic-slices (after bitcasts, or in a nested fusion) reads the slices; a dynamic-update-slice
+    at the root writes its update, and its in-place buffer is not read."""
     by_name = {instruction["name"]: instruction for instruction in fused}
     root = next(instruction for instruction in fused if instruction["root"])
     outputs = [by_name[name] for name in root["operands"]] if root["op"] == "tuple" else [root]
     output_names = {out["name"] for out in outputs}
-
-    def sliced_bytes(name: str) -> int | None:  # bytes read if every use slices it, else None
-        total = 0
-        for user in users[name]:
-            if user["op"] == "dynamic-slice" and user["operands"][0] == name:
-                total += shape_bytes(user["shape"])
-            elif user["op"] == "bitcast":
-                inner = sliced_bytes(user["name"])
-                if inner is None:
-                    return None
-                total += inner
-            elif user["op"] == "dynamic-update-slice" and user["operands"][0] == name and user["name"] in output_names:
-                continue  # the buffer updated in place
-            else:
-                return None
-        return total
-
     written = sum(shape_bytes(by_name[out["operands"][1]]["shape"]) if out["op"] == "dynamic-update-slice"
                   else shape_bytes(out["shape"]) for out in outputs)
     read = 0
     for instruction in fused:
         if instruction["op"] == "parameter":
             index = int(instruction["operands"][0])  # parameter(N)
-            sliced = sliced_bytes(instruction["name"])
+            sliced = _sliced_bytes(fused, instruction["name"], computations, output_names)
             read += operand_bytes[index] if sliced is None else sliced
     return read, written
 
@@ -209,11 +218,11 @@ def kernel_traffic(hlo: str) -> list[dict]:
 
     def walk(name: str, times: int):
         shapes = {}
+        local = {instruction["name"]: instruction for instruction in computations[name]}
         for instruction in computations[name]:
             shapes[instruction["name"]] = shape_bytes(instruction["shape"])
             if instruction["op"] == "while":
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction["attributes"])
-                walk(_attribute(instruction, "body"), times * (int(trips.group(1)) if trips else 1))
+                walk(_attribute(instruction, "body"), times * (trip_count(instruction, computations, local) or 1))
                 continue
             if instruction["op"] in _NO_KERNEL or instruction["op"].endswith("-done"):  # its -start moves the bytes
                 continue
@@ -223,7 +232,7 @@ def kernel_traffic(hlo: str) -> list[dict]:
             operand_bytes = [shapes.get(operand, 0) for operand in instruction["operands"]]
             fused = computations.get(_attribute(instruction, "calls")) if instruction["op"] == "fusion" else None
             if fused is not None:
-                read, written = _fused_reads_and_writes(fused, operand_bytes)
+                read, written = _fused_reads_and_writes(fused, operand_bytes, computations)
             elif instruction["op"] == "copy-start":  # (destination, source, context): it writes the destination
                 read, written = sum(operand_bytes), shape_bytes(_ARRAY.search(instruction["shape"]).group(0))
             else:  # a library call (cuDNN, cuBLAS, a Triton custom call) or a copy: its operands and outputs
@@ -237,6 +246,30 @@ def kernel_traffic(hlo: str) -> list[dict]:
 
     walk("ENTRY", 1)
     return kernels
+
+
+def trip_count(loop: dict, computations: dict[str, list[dict]], local: dict[str, dict]) -> int | None:
+    """A while's trip count: XLA's (known_trip_count, on a GPU) or where it gives none (a TPU) a
+    counter's, as jax's scans and loops count: the condition compares element k of the loop's
+    state below a constant N, and the loop starts element k at the constant 0 (steps of one, from
+    jax). `local`: the instructions of the computation the loop is in, by name."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop["attributes"])
+    if known:
+        return int(known.group(1))
+    condition = computations.get(_attribute(loop, "condition"), [])
+    in_condition = {instruction["name"]: instruction for instruction in condition}
+    root = next((instruction for instruction in condition if instruction["root"]), None)
+    if root is None or root["op"] != "compare" or "direction=LT" not in root["attributes"]:
+        return None
+    counter, bound = (in_condition.get(name) for name in root["operands"])
+    index = counter and counter["op"] == "get-tuple-element" and re.search(r"index=(\d+)", counter["attributes"])
+    state = local.get(loop["operands"][0])
+    if not index or bound is None or bound["op"] != "constant" or state is None or state["op"] != "tuple":
+        return None
+    start = local.get(state["operands"][int(index.group(1))])
+    while start and start["op"] in ("copy", "bitcast"):  # a TPU's loop starts from a copy of the constant
+        start = local.get(start["operands"][0])
+    return int(bound["operands"][0]) if start and start["op"] == "constant" and start["operands"] == ["0"] else None
 
 
 def traffic_by_kind(kernels: list[dict]) -> dict[str, int]:

@@ -412,6 +412,65 @@ def test_hlo_traffic_reads_a_tpu_program():
         "convolution_tanh_fusion": ("gemm", x + x), "all-reduce.1": ("collective", 2 * (w + 8 * 4))}
 
 
+# A TPU's scan over 3 layers: its while has no known_trip_count (libtpu's HLO gives none); the
+# condition compares the counter, which starts at a copy of 0, below 3. The layer's matmul reads its
+# row of the stacked input through a fusion nested in its own.
+TPU_LOOP_HLO = """HloModule jit_tpu_scan
+
+%fused_row (param_0.1: bf16[3,16,8], param_1.1: s32[]) -> bf16[16,8] {
+  %param_0.1 = bf16[3,16,8]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %param_1.1 = s32[]{:T(128)} parameter(1)
+  %constant.1 = s32[]{:T(128)} constant(0)
+  %dynamic-slice.1 = bf16[1,16,8]{2,1,0:T(8,128)(2,1)} dynamic-slice(%param_0.1, %param_1.1, %constant.1, %constant.1), dynamic_slice_sizes={1,16,8}
+  ROOT %bitcast.1 = bf16[16,8]{1,0:T(8,128)(2,1)} bitcast(%dynamic-slice.1)
+}
+
+%fused_layer (param_0.2: bf16[3,16,8], param_1.2: s32[], param_2.2: bf16[8,8]) -> bf16[16,8] {
+  %param_0.2 = bf16[3,16,8]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %param_1.2 = s32[]{:T(128)} parameter(1)
+  %row.1 = bf16[16,8]{1,0:T(8,128)(2,1)} fusion(%param_0.2, %param_1.2), kind=kLoop, calls=%fused_row
+  %param_2.2 = bf16[8,8]{1,0:T(8,128)(2,1)} parameter(2)
+  ROOT %convolution.2 = bf16[16,8]{1,0:T(8,128)(2,1)} convolution(%row.1, %param_2.2), dim_labels=bf_io->bf
+}
+
+%cond (param.3: (s32[], bf16[3,16,8], bf16[8,8])) -> pred[] {
+  %constant.3 = s32[]{:T(128)} constant(3)
+  %param.3 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) parameter(0)
+  %get-tuple-element.3 = s32[]{:T(128)} get-tuple-element(%param.3), index=0
+  ROOT %lt.3 = pred[]{:T(512)} compare(%get-tuple-element.3, %constant.3), direction=LT
+}
+
+%body (param.4: (s32[], bf16[3,16,8], bf16[8,8])) -> (s32[], bf16[3,16,8], bf16[8,8]) {
+  %param.4 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) parameter(0)
+  %i.4 = s32[]{:T(128)} get-tuple-element(%param.4), index=0
+  %x.4 = bf16[3,16,8]{2,1,0:T(8,128)(2,1)} get-tuple-element(%param.4), index=1
+  %w.4 = bf16[8,8]{1,0:T(8,128)(2,1)} get-tuple-element(%param.4), index=2
+  %layer_fusion = bf16[16,8]{1,0:T(8,128)(2,1)} fusion(%x.4, %i.4, %w.4), kind=kOutput, calls=%fused_layer
+  ROOT %tuple.4 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) tuple(%i.4, %x.4, %w.4)
+}
+
+ENTRY %main.5 (x.5: bf16[3,16,8], w.5: bf16[8,8]) -> (s32[], bf16[3,16,8], bf16[8,8]) {
+  %x.5 = bf16[3,16,8]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %w.5 = bf16[8,8]{1,0:T(8,128)(2,1)} parameter(1)
+  %constant.5 = s32[]{:T(128)} constant(0)
+  %copy.5 = s32[]{:T(128)} copy(%constant.5)
+  %tuple.5 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) tuple(%copy.5, %x.5, %w.5)
+  ROOT %while.5 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) while(%tuple.5), condition=%cond, body=%body
+}
+"""
+
+
+def test_hlo_traffic_counts_a_tpu_scan_per_layer_and_its_row_of_a_stack():
+    """libtpu's HLO gives its loops no trip count: a scan's is its counter's, from 0 below the
+    condition's constant (counted once, the whole XL step's layers counted as one layer); a matmul
+    reading its layer's row of a stack through a nested fusion reads the row (it was the stack)."""
+    from hlo_traffic import kernel_traffic
+
+    row, weight = 16 * 8 * 2, 8 * 8 * 2
+    assert {k["name"]: (k["kind"], k["bytes"]) for k in kernel_traffic(TPU_LOOP_HLO)} == {
+        "copy.5": ("copy", 2 * 4), "layer_fusion": ("gemm", 3 * (row + 4 + weight + row))}
+
+
 def test_gpu_compile_top_lists_the_kernels_that_move_the_most_with_their_jax_operation():
     """--top=N adds hbm_top to a row: the N kernels of the most bytes, largest first, each with its
     kind, name and the jax operation it came from; without --top the row has none."""
