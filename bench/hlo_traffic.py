@@ -33,12 +33,13 @@ KINDS = ("gemm", "attention", "elementwise", "copy", "collective")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-def shape_bytes(shape: str) -> int:
+def shape_bytes(shape: str, hbm_only: bool = True) -> int:
     """HBM bytes of an HLO shape: one array, or every array of a tuple; none for an array in a TPU
-    core's own memory (a layout with a memory space S(n): VMEM, or other non-HBM spaces)."""
+    core's own memory (a layout with a memory space S(n): VMEM, or other non-HBM spaces) unless
+    not hbm_only (a slice copied into VMEM reads its bytes from HBM)."""
     total = 0
     for dtype, dims, layout in _ARRAY.findall(shape):
-        if "S(" in layout:
+        if hbm_only and "S(" in layout:
             continue
         count = 1
         for dim in filter(None, dims.split(",")):
@@ -164,8 +165,8 @@ def _sliced_bytes(fused: list[dict], name: str, computations: dict[str, list[dic
     slice among output_names updates in place is not read."""
     total = 0
     for user in (instruction for instruction in fused if name in instruction["operands"]):
-        if user["op"] == "dynamic-slice" and user["operands"][0] == name:
-            total += shape_bytes(user["shape"])
+        if user["op"] in ("dynamic-slice", "slice") and user["operands"][0] == name:
+            total += shape_bytes(user["shape"], hbm_only=False)
         elif user["op"] == "bitcast":
             inner = _sliced_bytes(fused, user["name"], computations)
             if inner is None:
@@ -203,7 +204,7 @@ def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int],
         if instruction["op"] == "parameter":
             index = int(instruction["operands"][0])  # parameter(N)
             sliced = _sliced_bytes(fused, instruction["name"], computations, output_names)
-            read += operand_bytes[index] if sliced is None else sliced
+            read += operand_bytes[index] if sliced is None else min(sliced, operand_bytes[index])
     return read, written
 
 
@@ -230,7 +231,9 @@ def kernel_traffic(hlo: str) -> list[dict]:
             if target and target.group(1) in _NO_TRAFFIC_CALLS:
                 continue
             operand_bytes = [shapes.get(operand, 0) for operand in instruction["operands"]]
-            fused = computations.get(_attribute(instruction, "calls")) if instruction["op"] == "fusion" else None
+            # a TPU's async-start wraps a computation (a slice into VMEM) that reads like a fusion
+            wraps = instruction["op"] in ("fusion", "async-start")
+            fused = computations.get(_attribute(instruction, "calls")) if wraps else None
             if fused is not None:
                 read, written = _fused_reads_and_writes(fused, operand_bytes, computations)
             elif instruction["op"] == "copy-start":  # (destination, source, context): it writes the destination

@@ -374,6 +374,11 @@ def test_hlo_traffic_names_cublaslt_matmuls_and_our_pallas_attention_by_their_ki
 # and a matmul fused as a convolution reading the prefetched weight.
 TPU_HLO = """HloModule jit_tpu_step
 
+%async_slice (param_0.3: bf16[16,8]) -> bf16[4,8] {
+  %param_0.3 = bf16[16,8]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %slice.3 = bf16[4,8]{1,0:T(8,128)(2,1)S(1)} slice(%param_0.3), slice={[0:4], [0:8]}
+}
+
 %fused_matmul (param_0: bf16[16,8], param_1: bf16[8,8]) -> bf16[16,8] {
   %param_0 = bf16[16,8]{1,0:T(8,128)(2,1)} parameter(0)
   %param_1 = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} parameter(1)
@@ -388,6 +393,8 @@ ENTRY %main.1 (x.1: bf16[16,8], w.1: bf16[8,8], b.1: f32[8]) -> bf16[16,8] {
   %copy-start = (bf16[8,8]{1,0:T(8,128)(2,1)S(1)}, bf16[8,8]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w.1)
   %copy-done = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
   %stack.1 = bf16[28,16,8]{2,1,0:T(8,128)(2,1)} custom-call(), custom_call_target="AllocateBuffer"
+  %slice-start.1 = ((bf16[16,8]{1,0:T(8,128)(2,1)}), bf16[4,8]{1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) async-start(%x.1), calls=%async_slice
+  %slice-done.1 = bf16[4,8]{1,0:T(8,128)(2,1)S(1)} async-done(%slice-start.1)
   %all-reduce.1 = (bf16[8,8]{1,0:T(8,128)(2,1)}, f32[8]{0:T(128)}) all-reduce(%w.1, %b.1), replica_groups={{0,1}}, to_apply=%add
   %splash.1 = (bf16[16,8]{1,0:T(8,128)(2,1)}, f32[16]{0:T(128)}) custom-call(%x.1, %x.1, %x.1), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
 "xprof_metadata":"{\"block_q\": 128, \"q_layout\": 1}"
@@ -403,13 +410,15 @@ def test_hlo_traffic_reads_a_tpu_program():
     and the instructions after it still count (its line beginning with '}' ended the computation);
     a fused convolution is a matmul; a copy into VMEM reads its HBM source and writes no HBM, its
     copy-done moves nothing, and a kernel reading the copy reads no HBM for it; reserving a buffer
-    (a custom call, AllocateBuffer) moves nothing; an all-reduce between the chips is a collective."""
+    (a custom call, AllocateBuffer) moves nothing; an all-reduce between the chips is a collective;
+    an async slice into VMEM reads its slice (it counted the whole array, twice)."""
     from hlo_traffic import kernel_traffic
 
     x, w = 16 * 8 * 2, 8 * 8 * 2
     assert {k["name"]: (k["kind"], k["bytes"]) for k in kernel_traffic(TPU_HLO)} == {
         "copy-start": ("copy", w), "splash.1": ("attention", 3 * x + x + 16 * 4),
-        "convolution_tanh_fusion": ("gemm", x + x), "all-reduce.1": ("collective", 2 * (w + 8 * 4))}
+        "convolution_tanh_fusion": ("gemm", x + x), "all-reduce.1": ("collective", 2 * (w + 8 * 4)),
+        "slice-start.1": ("copy", x // 4)}
 
 
 # A TPU's scan over 3 layers: its while has no known_trip_count (libtpu's HLO gives none); the
