@@ -616,7 +616,7 @@ def main():
     parser.add_argument("--cfg", type=float, default=CFG, help="sample: the CFG scale (1: no guidance)")
     parser.add_argument("--remat", type=comma_separated(one_of(REMAT_POLICIES)), default="dots",
                         help=f"train: comma-separated, of {REMAT_POLICIES}")
-    parser.add_argument("--attention", type=comma_separated(one_of(GPU_BACKENDS + TPU_BACKENDS[1:])),
+    parser.add_argument("--attention", type=comma_separated(one_of(tuple(dict.fromkeys(GPU_BACKENDS + TPU_BACKENDS)))),
                         help=f"comma-separated; on a GPU of {GPU_BACKENDS} (default: train cudnn, sample "
                              f"cudnn,pallas_gpu), on a TPU of {TPU_BACKENDS} (default splash)")
     parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
