@@ -126,7 +126,8 @@ PALLAS_BACKENDS = ("pallas_gpu", "splash")
 #   tpu: splash at lengths that are multiples of 128 (XLA below, e.g. the 64-token stage), as
 #       MaxText defaults to: XLA's einsum keeps the L^2 float32 logits of every head (1 GiB per
 #       image at 4096 tokens, 275 GB at the 65536 tokens of 1024 px text-to-image). Not yet timed on
-#       a TPU: checked in interpret mode and by lowering for TPU on the CPU (tests/test_attention.py).
+#       a TPU: checked in interpret mode and by lowering for TPU on the CPU (tests/test_attention.py), and
+#       compiled for v5p/v6e/v5e chips by libtpu on a CPU host (bench/gpu_compile.py --card=v5p).
 #   cpu: XLA.
 #   On a GPU, attention that cuDNN refuses (head_dim, odd lengths) and masked text attention run
 #   XLA (_auto_gpu_attention).
