@@ -323,7 +323,8 @@ def compile_train_step(card: str, batch: int, remat: str, attention: str, dtype:
     chips = chip_count(topology) if topology else 1
     mesh = card_mesh(card, BATCH_AXES, topology, (chips // fsdp, fsdp))
     shardings = state_shardings(state, mesh)
-    state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state, shardings)
+    state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state,
+                         shardings)
     data = batch_sharding(mesh)
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.uint8, sharding=data)
     row = dict(card=card, model=model, preset="xl", batch=batch, remat=remat, attention=attention, dtype=dtype,
@@ -627,7 +628,8 @@ def main():
     parser.add_argument("--text_tokens", type=positive_int,
                         help=f"train --model=t2i: caption tokens (default {TEXT_TOKENS}, train.max_text_tokens)")
     parser.add_argument("--encoder_dtype", choices=("float32", "bfloat16"),
-                        help="train --model=t2i: the T5 encoder's parameters (default float32, train.text_encoder_dtype)")
+                        help="train --model=t2i: the T5 encoder's parameters (default float32, "
+                             "train.text_encoder_dtype)")
     args = parser.parse_args()
     if args.model == "t2i" and args.what != "train":
         parser.error(f"argument --model: t2i is for train only, not {args.what}")
@@ -650,7 +652,8 @@ def main():
     if args.what == "kernels":
         shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
         for settings, (batch, length) in itertools.product(SWEEP, shapes):
-            print(json.dumps(compile_kernels(args.card, settings, batch, length, args.heads, args.head_dim)), flush=True)
+            report = compile_kernels(args.card, settings, batch, length, args.heads, args.head_dim)
+            print(json.dumps(report), flush=True)
         return
     if args.what == "sample":
         default = ["splash"] if on_tpu else ["cudnn", "pallas_gpu"]

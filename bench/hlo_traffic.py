@@ -212,8 +212,8 @@ def kernel_traffic(hlo: str) -> list[dict]:
     """Every kernel of a run of the module's entry computation: {name, kind (KINDS), bytes, op}: its
     reads + writes times the runs of the loops it sits in (a loop XLA knows no trip count of: once;
     a conditional's branches are not entered, as which one runs is not known: dopri5's solve is
-    counted short, the Euler one whole), and the jax operation XLA's metadata names (e.g. .../transpose(jvp())/while/body/.../mul: the
-    backward pass of a scan), '' where it names none."""
+    counted short, the Euler one whole), and the jax operation XLA's metadata names (e.g.
+    .../transpose(jvp())/while/body/.../mul: the backward pass of a scan), '' where it names none."""
     computations = parse_computations(hlo)
     kernels = []
 

@@ -393,14 +393,18 @@ ENTRY %main.1 (x.1: bf16[16,8], w.1: bf16[8,8], b.1: f32[8]) -> bf16[16,8] {
   %copy-start = (bf16[8,8]{1,0:T(8,128)(2,1)S(1)}, bf16[8,8]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w.1)
   %copy-done = bf16[8,8]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)
   %stack.1 = bf16[28,16,8]{2,1,0:T(8,128)(2,1)} custom-call(), custom_call_target="AllocateBuffer"
-  %slice-start.1 = ((bf16[16,8]{1,0:T(8,128)(2,1)}), bf16[4,8]{1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) async-start(%x.1), calls=%async_slice
+  %slice-start.1 = ((bf16[16,8]{1,0:T(8,128)(2,1)}), bf16[4,8]{1,0:T(8,128)(2,1)S(1)}, \
+s32[]{:S(2)}) async-start(%x.1), calls=%async_slice
   %slice-done.1 = bf16[4,8]{1,0:T(8,128)(2,1)S(1)} async-done(%slice-start.1)
-  %all-reduce.1 = (bf16[8,8]{1,0:T(8,128)(2,1)}, f32[8]{0:T(128)}) all-reduce(%w.1, %b.1), replica_groups={{0,1}}, to_apply=%add
-  %splash.1 = (bf16[16,8]{1,0:T(8,128)(2,1)}, f32[16]{0:T(128)}) custom-call(%x.1, %x.1, %x.1), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+  %all-reduce.1 = (bf16[8,8]{1,0:T(8,128)(2,1)}, f32[8]{0:T(128)}) all-reduce(%w.1, %b.1), replica_groups={{0,1}}, \
+to_apply=%add
+  %splash.1 = (bf16[16,8]{1,0:T(8,128)(2,1)}, f32[16]{0:T(128)}) custom-call(%x.1, %x.1, %x.1), \
+custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
 "xprof_metadata":"{\"block_q\": 128, \"q_layout\": 1}"
 }}, metadata={op_name="jit(step)/pallas_call"}, backend_config={"custom_call_config":{"body":"TUzvUgFN"}}
   %o.1 = bf16[16,8]{1,0:T(8,128)(2,1)} get-tuple-element(%splash.1), index=0
-  ROOT %convolution_tanh_fusion = bf16[16,8]{1,0:T(8,128)(2,1)} fusion(%o.1, %copy-done), kind=kOutput, calls=%fused_matmul
+  ROOT %convolution_tanh_fusion = bf16[16,8]{1,0:T(8,128)(2,1)} fusion(%o.1, %copy-done), kind=kOutput, \
+calls=%fused_matmul
 }
 """
 
@@ -430,7 +434,8 @@ TPU_LOOP_HLO = """HloModule jit_tpu_scan
   %param_0.1 = bf16[3,16,8]{2,1,0:T(8,128)(2,1)} parameter(0)
   %param_1.1 = s32[]{:T(128)} parameter(1)
   %constant.1 = s32[]{:T(128)} constant(0)
-  %dynamic-slice.1 = bf16[1,16,8]{2,1,0:T(8,128)(2,1)} dynamic-slice(%param_0.1, %param_1.1, %constant.1, %constant.1), dynamic_slice_sizes={1,16,8}
+  %dynamic-slice.1 = bf16[1,16,8]{2,1,0:T(8,128)(2,1)} dynamic-slice(%param_0.1, %param_1.1, %constant.1, \
+%constant.1), dynamic_slice_sizes={1,16,8}
   ROOT %bitcast.1 = bf16[16,8]{1,0:T(8,128)(2,1)} bitcast(%dynamic-slice.1)
 }
 
@@ -455,7 +460,8 @@ TPU_LOOP_HLO = """HloModule jit_tpu_scan
   %x.4 = bf16[3,16,8]{2,1,0:T(8,128)(2,1)} get-tuple-element(%param.4), index=1
   %w.4 = bf16[8,8]{1,0:T(8,128)(2,1)} get-tuple-element(%param.4), index=2
   %layer_fusion = bf16[16,8]{1,0:T(8,128)(2,1)} fusion(%x.4, %i.4, %w.4), kind=kOutput, calls=%fused_layer
-  ROOT %tuple.4 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) tuple(%i.4, %x.4, %w.4)
+  ROOT %tuple.4 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) tuple(%i.4, \
+%x.4, %w.4)
 }
 
 ENTRY %main.5 (x.5: bf16[3,16,8], w.5: bf16[8,8]) -> (s32[], bf16[3,16,8], bf16[8,8]) {
@@ -463,8 +469,10 @@ ENTRY %main.5 (x.5: bf16[3,16,8], w.5: bf16[8,8]) -> (s32[], bf16[3,16,8], bf16[
   %w.5 = bf16[8,8]{1,0:T(8,128)(2,1)} parameter(1)
   %constant.5 = s32[]{:T(128)} constant(0)
   %copy.5 = s32[]{:T(128)} copy(%constant.5)
-  %tuple.5 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) tuple(%copy.5, %x.5, %w.5)
-  ROOT %while.5 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) while(%tuple.5), condition=%cond, body=%body
+  %tuple.5 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) tuple(%copy.5, %x.5, \
+%w.5)
+  ROOT %while.5 = (s32[]{:T(128)}, bf16[3,16,8]{2,1,0:T(8,128)(2,1)}, bf16[8,8]{1,0:T(8,128)(2,1)}) while(%tuple.5), \
+condition=%cond, body=%body
 }
 """
 
