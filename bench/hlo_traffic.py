@@ -208,6 +208,24 @@ def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int],
     return read, written
 
 
+def short_async_computation(instruction: dict) -> list[dict] | None:
+    """The computation an async start wraps, where the HLO prints it in its short form: a TPU
+    executable's as_text() gives `slice-start(%x), slice={...}` with the shape ((operands), output,
+    context) for what XLA's dump gives as `async-start(%x), calls=%wrapped`. As parameters and the
+    wrapped instruction, to be read as the long form's computation is. None for any other
+    instruction (a copy-start and a collective's start are kernels of their own)."""
+    wrapped = instruction["op"].removesuffix("-start")
+    if (wrapped == instruction["op"] or wrapped in ("copy", "async") or wrapped in _COLLECTIVES
+            or _attribute(instruction, "calls")):
+        return None
+    operands, output = _split_top_level(instruction["shape"][1:-1])[:2]
+    parameters = [dict(name=f"param_{i}", shape=shape, op="parameter", operands=[str(i)], attributes="", root=False)
+                  for i, shape in enumerate(_split_top_level(operands[1:-1]))]
+    return parameters + [dict(name=instruction["name"], shape=output, op=wrapped, root=True,
+                              operands=[parameter["name"] for parameter in parameters],
+                              attributes=instruction["attributes"])]
+
+
 def kernel_traffic(hlo: str) -> list[dict]:
     """Every kernel of a run of the module's entry computation: {name, kind (KINDS), bytes, op}: its
     reads + writes times the runs of the loops it sits in (a loop XLA knows no trip count of: once;
@@ -232,8 +250,10 @@ def kernel_traffic(hlo: str) -> list[dict]:
                 continue
             operand_bytes = [shapes.get(operand, 0) for operand in instruction["operands"]]
             # a TPU's async-start wraps a computation (a slice into VMEM) that reads like a fusion
-            wraps = instruction["op"] in ("fusion", "async-start")
-            fused = computations.get(_attribute(instruction, "calls")) if wraps else None
+            if instruction["op"] in ("fusion", "async-start"):
+                fused = computations.get(_attribute(instruction, "calls"))
+            else:
+                fused = short_async_computation(instruction)
             if fused is not None:
                 read, written = _fused_reads_and_writes(fused, operand_bytes, computations)
             elif instruction["op"] == "copy-start":  # (destination, source, context): it writes the destination
