@@ -161,6 +161,26 @@ def test_a_new_cfg_scale_reuses_the_compiled_stages(tiny):
     assert np.abs(unguided.astype(int) - at_2.astype(int)).mean() > 1
 
 
+def test_a_stage_program_traced_outside_interpret_kernels_is_not_reused_inside_it(tiny):
+    """The kernels' modes are read when a stage is traced: a program kept from outside
+    interpret_kernels ran compiled kernels inside it (an interpreted one, slowly, after it), and one
+    traced outside compiling_for ran this host's backends in a program meant for another platform."""
+    from pixelflow_jax.kernels.attention import compiling_for, interpret_kernels
+
+    sampler = tiny[2]
+    kwargs = dict(steps_per_stage=1, cfg_scale=2.0, seed=4)
+    outside = sampler.generate([6, 7], **kwargs)
+    with interpret_kernels(), counting_lowerings() as inside:
+        sampler.generate([6, 7], **kwargs)
+    with counting_lowerings() as after:
+        np.testing.assert_array_equal(sampler.generate([6, 7], **kwargs), outside)
+    assert len(inside) >= sampler.scheduler.num_stages and after == [], (inside, after)
+    first_stage = lambda: sampler.stage_call(0, *[None] * 5, SamplingOptions.create(4, 1))[0]
+    with compiling_for("gpu"):
+        for_a_gpu = first_stage()
+    assert for_a_gpu is not first_stage() and first_stage() is first_stage()
+
+
 def test_a_model_loaded_again_samples_with_the_compiled_programs_of_the_first(converted):
     """A notebook's load_model and CascadeSampler again, with the same settings: the stages are cached
     on the model's graph, not on the model, and the noise and finishing programs are module-level jits."""

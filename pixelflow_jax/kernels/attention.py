@@ -139,8 +139,9 @@ _compiling_for: list[str | None] = [None]
 @contextlib.contextmanager
 def interpret_kernels():
     """Runs Pallas kernels in interpret mode (any platform, slow): for tests and debugging. The
-    mode is read when a function is traced: a function jitted inside keeps it outside, and the
-    other way round (jax.clear_caches() between the two if one function serves both)."""
+    mode is read when a function is traced, so the programs this package keeps (the sampler's
+    stages, the training step) are keyed on tracing_modes(); a function you jit yourself keeps the
+    mode it was first traced in (jax.clear_caches() between the two if one function serves both)."""
     _interpret[0] = True
     try:
         yield

@@ -32,6 +32,7 @@ from flax import nnx
 
 from pixelflow_jax import validation
 from pixelflow_jax.config import matmul_precision
+from pixelflow_jax.kernels.attention import tracing_modes
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.pyramid import upsample_2x
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
@@ -350,11 +351,17 @@ class CascadeSampler:
         return program, (self.state, x, noise, cond, uncond, schedule, guidance)
 
 
-@functools.lru_cache(maxsize=64)
 def _stage_program(graphdef, renoise: bool, alpha: float, beta: float, solver: str):
     """One stage (renoise + whole solve) as a jitted function. Cached on the model's graph, so
     every sampler of the same architecture shares the compiled programs; the guidance scale is an
     argument, so a new CFG value does not compile again."""
+    return _stage_program_in_modes(tracing_modes(), graphdef, renoise, alpha, beta, solver)
+
+
+# Keyed on the attention kernels' modes too: a trace reads them (interpret_kernels, compiling_for), so a
+# program traced inside interpret_kernels would otherwise run interpreted kernels outside it, and the other way.
+@functools.lru_cache(maxsize=64)
+def _stage_program_in_modes(modes, graphdef, renoise: bool, alpha: float, beta: float, solver: str):
 
     def program(state, x, noise, cond, uncond, schedule, guidance):
         model = nnx.merge(graphdef, state)
