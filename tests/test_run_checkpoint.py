@@ -328,27 +328,31 @@ def test_an_unreadable_step_points_to_the_newest_other_step(tmp_path):
 
 
 def test_fine_tuning_starts_from_the_runs_ema_or_raw_weights(run):
+    """The second fine-tune builds its state with the first one's program (the weights are its
+    argument) and gets its own weights."""
     from configs import c2i
     from pixelflow_jax.config import ModelConfig
     from pixelflow_jax.sharding import make_mesh
     from pixelflow_jax.training import train
-    from pixelflow_jax.training.train_step import StepConfig, make_optimizer
+    from pixelflow_jax.training.train_step import StepConfig
+    from test_sampling import counting_lowerings
 
     config = c2i.get_config("tiny")
     config.model.num_classes = 1000
     config.train.init_from = run[0]
     model_cfg = ModelConfig.from_mapping(config.model)
-    tx = make_optimizer(StepConfig())
     for weights, key in (("ema", "ema"), ("model", "params")):
         config.train.init_from_weights = weights
         init_model, source = train.load_init_from(config, model_cfg)
         assert source.run_step.run == run[0]
-        _, state, _ = train.initial_state(config, model_cfg, tx, make_mesh(1), init_model)
+        with counting_lowerings() as compiled:
+            _, state, _ = train.initial_state(config, model_cfg, StepConfig(), make_mesh(1), init_model)
         for got, ema, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state["ema"]),
                                   jax.tree.leaves(run[1][4][key])):
             np.testing.assert_array_equal(np.asarray(got), want)
             np.testing.assert_array_equal(np.asarray(ema), want)  # the EMA starts as the weights
         assert not any(np.asarray(m).any() for m in jax.tree.leaves(state["opt_state"]))  # fresh moments
+    assert compiled == []  # the second's
     config.model.num_classes = 10
     with pytest.raises(ValueError, match=r"init_from .* is another model: num_classes 1000 there, 10 in this config; "
                                          r"set --config.model.\* to the checkpoint's values \(its class table holds "

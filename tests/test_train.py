@@ -561,7 +561,7 @@ class StandInLoop:
         self.train, self.bad, self.calls, self.previews, self.preview_classes = train, set(bad), [], [], []
         self.preview_prompts = []
 
-        def initial_state(config, model_cfg, tx, mesh, init_model=None, shapes_only=False):
+        def initial_state(config, model_cfg, step_cfg, mesh, init_model=None, shapes_only=False):
             zero = jax.numpy.zeros((), jax.numpy.int32)
             state = {"step": zero, "params": {"w": jax.numpy.zeros(2)}, "ema": {"w": jax.numpy.zeros(2)},
                      "bad_steps_in_a_row": zero,
@@ -825,7 +825,7 @@ def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_
 def test_a_resume_in_the_same_process_compiles_nothing(tmp_path, monkeypatch):
     """A notebook stops train() (Ctrl-C) and calls it again with the same config: the resumed run
     reuses the compiled step (a new jit per call compiled it again, minutes at XL) and the restore's
-    finiteness check."""
+    finiteness check; a new run of the same config, its step and its state's initialisation too."""
     from configs import c2i
     from pixelflow_jax.training import preemption, train
     from test_sampling import counting_lowerings
@@ -844,6 +844,9 @@ def test_a_resume_in_the_same_process_compiles_nothing(tmp_path, monkeypatch):
     with counting_lowerings() as compiled:
         metrics = train.train(config, str(tmp_path))
     assert compiled == [] and metrics["step"] == 4
+    with counting_lowerings() as compiled:
+        metrics = train.train(config, str(tmp_path / "another_run"))
+    assert compiled == [] and metrics["step"] == 4
 
 
 def train_step_of(**train_settings):
@@ -857,10 +860,44 @@ def train_step_of(**train_settings):
     config.train.update(batch_size=32, **train_settings)
     model_cfg, mesh = ModelConfig.from_mapping(config.model), make_mesh()
     step_cfg = train.validate(config, model_cfg, mesh)
-    graphdef, _, shardings = train.initial_state(config, model_cfg, make_optimizer(step_cfg), mesh, shapes_only=True)
+    graphdef, _, shardings = train.initial_state(config, model_cfg, step_cfg, mesh, shapes_only=True)
     tables = StageTables.from_scheduler(PixelFlowScheduler(config.scheduler.num_train_timesteps,
                                                            config.scheduler.num_stages))
     return train.train_step_of_run(model_cfg, graphdef, tables, step_cfg, config, mesh, shardings, None)
+
+
+def new_state(seed=0, **train_settings):
+    """train.initial_state's new state for configs/c2i.py:tiny on one device (batch 32: validated for 8)."""
+    from configs import c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.sharding import make_mesh
+    from pixelflow_jax.training import train
+
+    config = c2i.get_config("tiny")
+    config.seed = seed
+    config.train.update(batch_size=32, **train_settings)
+    model_cfg, mesh = ModelConfig.from_mapping(config.model), make_mesh(1)
+    return train.initial_state(config, model_cfg, train.validate(config, model_cfg, mesh), mesh)[1]
+
+
+def test_a_new_run_of_the_same_settings_builds_its_state_with_the_last_runs_program():
+    """A notebook's second new run compiled the state's initialisation again (seconds at tiny, more at
+    XL); another seed or optimiser, which the program is traced from, compiles its own."""
+    from test_sampling import counting_lowerings
+
+    first = new_state()
+    with counting_lowerings() as again:
+        same = new_state(num_steps=9)  # a constant rate's run length shapes nothing in it
+    with counting_lowerings() as other_seed:
+        seeded = new_state(seed=1)
+    with counting_lowerings() as cosine:
+        with_schedule = new_state(lr_schedule="cosine")
+    assert again == [] and len(other_seed) == 1 and len(cosine) == 1, (again, other_seed, cosine)
+    leaves = lambda state: [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+    for a, b in zip(leaves(first), leaves(same)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(leaves(first["params"])[0], leaves(seeded["params"])[0])
+    assert jax.tree.structure(with_schedule["opt_state"]) != jax.tree.structure(first["opt_state"])  # a count
 
 
 def test_a_train_step_is_built_again_only_from_other_inputs():

@@ -174,12 +174,16 @@ def load_init_from(config, model_cfg: ModelConfig, source=None):
     return build_model(ckpt, params), source
 
 
-def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None, shapes_only: bool = False):
+def initial_state(config, model_cfg: ModelConfig, step_cfg: StepConfig, mesh, init_model=None,
+                  shapes_only: bool = False):
     """(graphdef, train state placed in its shardings, the shardings): from `init_model` (train.init_from)
-    or new. A new model is initialised by one compiled program straight into its shardings: no
-    full copy on one device, and no hundreds of small eager ops (slow with several processes).
-    `shapes_only` (a resume): the state's shapes and dtypes, all a restore reads; a state built
+    or new, with step_cfg's optimiser state. A new model is initialised by one compiled program straight
+    into its shardings: no full copy on one device, and no hundreds of small eager ops (slow with several
+    processes). `shapes_only` (a resume): the state's shapes and dtypes, all a restore reads; a state built
     only to be replaced would double the device memory at the restore."""
+    tx = make_optimizer(step_cfg)
+    # What the programs are traced from (the seed is a constant in them); a fine-tune's weights are an argument.
+    settings = (model_cfg, optimizer_key(step_cfg), config.seed, mesh)
     if init_model is not None:
         # The parameters from a host copy: every process holds them whole on one of its devices, and
         # jax places such arrays on this process's devices only, not on a mesh spanning processes.
@@ -188,7 +192,9 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None, sha
         create_from = functools.partial(state_from_params, tx=tx, seed=config.seed)
         shardings = state_shardings(jax.eval_shape(create_from, host_params), mesh)
         params = global_arrays(host_params, shardings["params"])
-        return nnx.graphdef(init_model), jax.jit(create_from, out_shardings=shardings)(params), shardings
+        program = reused(_last_state_program, (state_from_params, *settings, tree_key(shardings)),
+                         lambda: jax.jit(create_from, out_shardings=shardings))
+        return nnx.graphdef(init_model), program(params), shardings
 
     def create():
         return init_state(PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed)), tx, config.seed)
@@ -196,7 +202,23 @@ def initial_state(config, model_cfg: ModelConfig, tx, mesh, init_model=None, sha
     shapes = jax.eval_shape(create)
     shardings = state_shardings(shapes, mesh)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: PixelFlow(model_cfg, rngs=nnx.Rngs(config.seed))))
-    return graphdef, shapes if shapes_only else jax.jit(create, out_shardings=shardings)(), shardings
+    if shapes_only:
+        return graphdef, shapes, shardings
+    program = reused(_last_state_program, (init_state, *settings, tree_key(shardings)),
+                     lambda: jax.jit(create, out_shardings=shardings))
+    return graphdef, program(), shardings
+
+
+# The program that built the last run's state, and what it was traced from: a notebook's second new
+# run of the same settings compiled it again. One program only, and it holds no weights.
+_last_state_program: list = []
+
+
+def reused(last: list, key, build):
+    """build(), or the value `last` holds if it was built for an equal key; `last` then holds [key, the value]."""
+    if not last or last[0] != key:
+        last[:] = [key, build()]
+    return last[1]
 
 
 def preview_path(workdir: str, step: int) -> str:
@@ -422,17 +444,19 @@ def train_step_of_run(model_cfg: ModelConfig, graphdef, tables: flow.StageTables
     text = text_encoder and text_encoder.conditioning
     encoder_sharding = text_encoder and text_encoder.sharding
     table_values = [getattr(tables, field.name) for field in dataclasses.fields(tables)]
-    # decay_steps (num_steps) shapes only a cosine rate: a constant-rate run trained on further keeps its step.
-    step_key = step_cfg if step_cfg.lr_schedule == "cosine" else dataclasses.replace(step_cfg, decay_steps=0)
-    key = (make_train_step, model_cfg, graphdef, arrays_key(table_values), step_key, config.data.resolution,
-           config.scheduler.num_train_timesteps, mesh, tree_key(shardings),
+    key = (make_train_step, model_cfg, graphdef, arrays_key(table_values), optimizer_key(step_cfg),
+           config.data.resolution, config.scheduler.num_train_timesteps, mesh, tree_key(shardings),
            text and (text.encoder_graphdef, arrays_key((text.empty_tokens, text.empty_mask))),
            tree_key(encoder_sharding), tracing_modes())
-    if not _last_train_step or _last_train_step[0] != key:
-        _last_train_step[:] = [key, make_train_step(model_cfg, graphdef, tables, make_optimizer(step_cfg), step_cfg,
-                                                    config.data.resolution, config.scheduler.num_train_timesteps,
-                                                    mesh, shardings, text=text, encoder_sharding=encoder_sharding)]
-    return _last_train_step[1]
+    return reused(_last_train_step, key, lambda: make_train_step(
+        model_cfg, graphdef, tables, make_optimizer(step_cfg), step_cfg, config.data.resolution,
+        config.scheduler.num_train_timesteps, mesh, shardings, text=text, encoder_sharding=encoder_sharding))
+
+
+def optimizer_key(step_cfg: StepConfig) -> StepConfig:
+    """step_cfg as a compiled program's key: decay_steps (num_steps) shapes only a cosine rate, so a
+    constant-rate run trained on further keeps its programs."""
+    return step_cfg if step_cfg.lr_schedule == "cosine" else dataclasses.replace(step_cfg, decay_steps=0)
 
 
 def tree_key(tree) -> tuple:
@@ -508,8 +532,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
 
-    tx, lr = make_optimizer(step_cfg), learning_rate(step_cfg)
-    graphdef, state, shardings = initial_state(config, model_cfg, tx, mesh, init_model, shapes_only=bool(done))
+    lr = learning_rate(step_cfg)
+    graphdef, state, shardings = initial_state(config, model_cfg, step_cfg, mesh, init_model, shapes_only=bool(done))
     del init_model  # its whole copy on this process's first device, otherwise held for the whole run
     train_step = train_step_of_run(model_cfg, graphdef, tables, step_cfg, config, mesh, shardings, text_encoder)
 
