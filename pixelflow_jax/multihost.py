@@ -16,6 +16,7 @@ One process: every check is local and costs nothing more.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -385,3 +386,54 @@ def check_same_checkpoints(steps: list[int], folder: str) -> None:
             f"{per_process(latest)}). The file system shows the hosts different folders: wait until it shows every "
             "host the same (NFS caches listings for up to a minute; mount it with actimeo=0 to stop that), then "
             "rerun the same command")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRead:
+    """An input file each process of a job reads for itself, and what it read there."""
+
+    where: str  # the flag and path, as an error names it
+    content: str  # what this process read, or a fingerprint of it; never its path (a host's copy may lie elsewhere)
+    count: int = 0  # a number an error shows for each process (its prompts, its images)
+    counted: str = ""  # what `count` counts; "" shows no count
+
+
+HOST_NAME_BYTES = 64
+
+
+def host_names() -> list[str]:
+    """Each process's host name (its first HOST_NAME_BYTES bytes), on every process."""
+    from jax.experimental import multihost_utils
+
+    name = socket.gethostname().encode()[:HOST_NAME_BYTES].ljust(HOST_NAME_BYTES, b"\0")
+    everyone = np.asarray(multihost_utils.process_allgather(np.frombuffer(name, np.int32)), np.int32)
+    return [row.tobytes().rstrip(b"\0").decode(errors="replace") for row in everyone]
+
+
+SAME_COPIES_FIX = ("Each host reads its own copy there: copy process 0's to the other hosts, or read it from one "
+                   "shared place (a bucket, NFS), and rerun the same command")
+
+
+def check_same_inputs(inputs: list[InputRead], fix: str = SAME_COPIES_FIX) -> None:
+    """Every process read the same content from the `inputs` each reads for itself. Each host may
+    hold its own copy of an input (a prompts file, an .npz, weights), and a stale copy on one host
+    mixed its content into the job without a word: other prompts sampled into its rows, or other
+    images' features gathered with the others. Compared before any work; on a difference every
+    process stops with the same error, naming the inputs, the processes and their hosts, and `fix`."""
+    if jax.process_count() == 1 or not inputs:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.array([[*hashed(read.content, 2), min(read.count, 2**31 - 1)] for read in inputs], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(inputs), 3)
+    others = [i for i, rows in enumerate(everyone) if not np.array_equal(rows[:, :2], everyone[0, :, :2])]
+    if not others:
+        return
+    hosts = host_names()
+    differing = [j for j in range(len(inputs)) if len({tuple(rows[j, :2]) for rows in everyone}) > 1]
+    what = "; ".join(inputs[j].where + (f" ({inputs[j].counted}: {per_process(everyone[:, j, 2].tolist())})"
+                                         if inputs[j].counted else "") for j in differing)
+    reads = "read" if len(others) > 1 else "reads"
+    raise ValueError(f"the processes of this job read different copies of their inputs: {named(others)} "
+                     f"(on {', '.join(hosts[i] for i in others)}) {reads} other content than process 0 (on {hosts[0]}) "
+                     f"in {what}. {fix}")

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -514,6 +515,65 @@ def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_pr
         else:
             job_settings.check_settings(str(samples), str(tmp_path), {"seed": 0})
     assert reads == []  # process 1 reads nothing: what it would find depends on when it looks
+
+
+def as_process_of_2_with_process_1_recorded(monkeypatch, job, stop) -> None:
+    """Runs `job` as process 1 of 2 up to the exception `stop`, recording what it gives each
+    process_allgather (the fakes answer that everyone agrees), then makes this process 0, whose
+    gathers get what process 1 gave (their own value past the last recorded)."""
+    from jax.experimental import multihost_utils
+
+    given = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda value: value)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda value: given.append(np.asarray(value)) or np.stack([value, value]))
+    with pytest.raises(stop):
+        job()
+    answers = iter(given)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda value: np.stack([value, np.asarray(next(answers, value), np.asarray(value).dtype)]))
+
+
+def test_processes_reading_other_copies_of_the_prompts_file_stop_together_before_the_restore(
+        tmp_path, converted, encoder_folder, monkeypatch):
+    """Each process reads --config.sample.prompts_file on its own host: with a stale copy on one
+    host the job sampled that host's prompts into its rows of each batch without a word (and a
+    copy of another prompt count crashed in a collective); with none there, that process stopped
+    alone and the others waited for it. A copy that is the same passes."""
+    from pixelflow_jax.sampling import sample_run
+
+    class Restoring(Exception):
+        """The job got past its checks of the inputs."""
+
+    def restore(*_):
+        raise Restoring
+
+    monkeypatch.setattr(sample_run, "load_sampling_model", restore)
+    monkeypatch.setattr(sample_run, "check_shared_workdir", lambda workdir: None)  # it waits for process 0's file
+    prompts = tmp_path / "prompts.txt"  # the same path on every host, each host's own copy
+    config = t2i_config(**{"sample.checkpoint": converted["t2i_tiny"], "sample.text_encoder": encoder_folder,
+                           "sample.prompts": (), "sample.prompts_file": str(prompts)})
+    job = lambda: sample_run.run(config, str(tmp_path / "run"))
+    host = socket.gethostname()
+    stale = ("the processes of this job read different copies of their inputs: process 1 of 2 (on "
+             f"{host}) reads other content than process 0 (on {host}) in --config.sample.prompts_file {prompts} "
+             "(prompts: process 0: 3, process 1: 2). Each host reads its own copy there: copy process 0's to the "
+             "other hosts")
+    for host_1, stop, refusal in (("a red cat\nthe moon\n", Restoring, stale),
+                                  (None, ValueError, "process 1 of 2 stopped reading the job's labels or prompts"),
+                                  ("a red cat\nthe moon\na blue ring\n", Restoring, None)):
+        with monkeypatch.context() as patched:
+            prompts.unlink(missing_ok=True)
+            if host_1:
+                prompts.write_text(host_1)
+            as_process_of_2_with_process_1_recorded(patched, job, stop)
+            prompts.write_text("a red cat\nthe moon\na blue ring\n")  # process 0's
+            with pytest.raises(ValueError if refusal else Restoring, match=refusal and re.escape(refusal)):
+                job()
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp_path):

@@ -19,6 +19,7 @@ sample_conditioning.py.
 from __future__ import annotations
 
 import io
+import json
 import math
 import zipfile
 
@@ -32,7 +33,9 @@ from PIL import Image
 from pixelflow_jax import storage, validation
 from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, load_sampling_model, run_trained_classes,
                                sampling_runtime, sampling_source, weights_chosen, weights_of)
-from pixelflow_jax.multihost import check_shared_workdir, from_process_0, stop_if_preempted
+from pixelflow_jax.evaluation.evaluate import INPUT_ERRORS
+from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
+                                     from_process_0, stop_if_preempted)
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
@@ -99,8 +102,10 @@ def _sample(config, workdir: str) -> None:
     check_steps_for_stages(s, source, ckpt.num_stages)
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
-    trained = None if ckpt.model.cross_attention_dim else run_trained_classes(source, ckpt.model.num_classes)
-    conditioning = conditioning_for(s, ckpt.model, trained)
+    # Each process reads the run's class list, the prompts file and the text encoder from its own host.
+    with failing_together(INPUT_ERRORS, "reading the job's labels or prompts"):
+        trained = None if ckpt.model.cross_attention_dim else run_trained_classes(source, ckpt.model.num_classes)
+        conditioning = conditioning_for(s, ckpt.model, trained)
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
     check_outputs_have_room(workdir)
     folder = storage.join(workdir, "samples")
@@ -114,6 +119,7 @@ def _sample(config, workdir: str) -> None:
                     steps_per_stage=list(options.steps_per_stage),
                     cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
                     num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
+    check_same_inputs(inputs_read(s, settings))  # process 0 checks and records its own settings alone
     check_settings(folder, workdir, settings, record=False)  # an earlier job's: before the restore (minutes at XL)
     model, ckpt = load_sampling_model(config, source)
     check_settings(folder, workdir, settings)  # before samples/ is made: a refused job leaves nothing
@@ -143,6 +149,25 @@ def _sample(config, workdir: str) -> None:
     # Every process gets here together (the count above is broadcast), so none waits for the others.
     raise storage.StorageError(f"images in {folder} were missing or unreadable after {MAX_PASSES} passes (see the "
                                "warnings): is the storage failing, or is another job deleting them?")
+
+
+def inputs_read(sample_config, settings: dict) -> list[InputRead]:
+    """What this process read from the files of the job that each host may hold its own copy of,
+    by content: the checkpoint, the labels (class names are looked up in the run's class_index.json,
+    and the default labels cycle over the classes its train_settings.json records), the prompts
+    file and the text encoder."""
+    read = [InputRead(f"--config.sample.checkpoint {settings['checkpoint']}", settings["checkpoint_fingerprint"])]
+    if "labels" in settings:
+        read.append(InputRead("the labels (from --config.sample.labels, the run's class_index.json or its "
+                              "train_settings.json)", json.dumps(settings["labels"])))
+    if sample_config.get("prompts_file"):
+        prompts = settings["prompts"]
+        read.append(InputRead(f"--config.sample.prompts_file {sample_config.prompts_file}", json.dumps(prompts),
+                              len(prompts), "prompts"))
+    if "text_encoder_fingerprint" in settings:
+        read.append(InputRead(f"--config.sample.text_encoder {settings['text_encoder']}",
+                              settings["text_encoder_fingerprint"]))
+    return read
 
 
 def images_to_sample(folder: str, num_images: int) -> np.ndarray:
