@@ -19,6 +19,7 @@ def cpu_devices(count: int, one_process: bool = True) -> str:
 os.environ.setdefault("XLA_FLAGS", cpu_devices(8))
 
 import atexit
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,27 @@ def t2i_config(**changes):
         section, field = dotted.split(".")
         config[section][field] = value
     return config
+
+
+def as_process_0_of_2_after_process_1(monkeypatch, job, stop=None) -> None:
+    """Runs `job` as process 1 of 2 (up to the exception `stop`, if given), recording what it gives
+    each process_allgather (the fakes answer that everyone agrees), then makes this process 0, whose
+    gathers get what process 1 gave (their own value past the last recorded)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    given = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda value: value)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda value: given.append(np.asarray(value)) or np.stack([value, value]))
+    with pytest.raises(stop) if stop else contextlib.nullcontext():
+        job()
+    answers = iter(given)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda value: np.stack([value, np.asarray(next(answers, value), np.asarray(value).dtype)]))
 
 
 def run_converter(*args: str) -> subprocess.CompletedProcess:

@@ -452,6 +452,49 @@ def test_damage_that_one_process_finds_in_its_block_stops_every_process(tiny_inc
         extract(samples)
 
 
+def test_processes_reading_other_copies_of_the_evaluations_files_stop_together_before_the_inception(
+        tiny_inception, tmp_path, monkeypatch):
+    """Each process reads its block of each .npz, and the Inception weights, from its own host's
+    copy: a stale samples.npz of 9 images beside process 0's 10 gave blocks of one size, and the
+    job wrote process 0's metrics of its images, process 1's stale ones and a padding row without a
+    word (9 against 8 crashed in gloo's gather: "Received data size doesn't match"); so did another
+    10 images. Copies of the same content (another modification time) pass."""
+    import socket
+
+    from conftest import as_process_0_of_2_after_process_1
+
+    class CheckingTheWorkdir(Exception):
+        """The job got past its checks of the input files."""
+
+    def check_workdir(workdir):  # (with two fake processes it would wait for process 0's file)
+        raise CheckingTheWorkdir
+
+    monkeypatch.setattr(evaluate, "check_shared_workdir", check_workdir)
+    samples, reference = str(tmp_path / "samples.npz"), images_npz(tmp_path / "reference.npz", 2, count=10)
+    weights = np.load(tiny_inception)
+    check = lambda: evaluate.check_inputs(samples, reference, tiny_inception, str(tmp_path / "run"))
+    host = socket.gethostname()
+    for host_1_count, host_1_seed, host_1_weights, differing in (
+            (9, 1, weights, rf"--config.eval.samples {samples} \(images: process 0: 10, process 1: 9\)"),
+            (10, 3, weights, rf"--config.eval.samples {samples} \(images: process 0: 10, process 1: 10\)"),
+            (10, 1, weights + 1, rf"--config.eval.inception_weights {tiny_inception}\. "),
+            (10, 1, weights, None)):
+        with monkeypatch.context() as patched:
+            images_npz(samples, host_1_seed, count=host_1_count)
+            np.save(tiny_inception, host_1_weights)
+            as_process_0_of_2_after_process_1(patched, check, CheckingTheWorkdir)
+            images_npz(samples, 1, count=10)  # process 0's copies
+            np.save(tiny_inception, weights)
+            if differing is None:
+                with pytest.raises(CheckingTheWorkdir):
+                    check()
+                continue
+            with pytest.raises(ValueError, match=rf"the processes of this job read different copies of their inputs: "
+                                                 rf"process 1 of 2 \(on {re.escape(host)}\) reads other content "
+                                                 rf"than process 0 \(on {re.escape(host)}\) in {differing}"):
+                check()
+
+
 class RecordedExtractor:
     """A FeatureExtractor whose runs are recorded; each gives the features the real one gave alone."""
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, c2i_config, fixture_dir, t2i_config
+from conftest import REPO, as_process_0_of_2_after_process_1, c2i_config, fixture_dir, t2i_config
 from pixelflow_jax import CheckpointError, load_model, storage
 from pixelflow_jax.validation import ConfigError, check
 
@@ -517,26 +517,6 @@ def test_sample_settings_are_checked_by_process_0_and_its_refusal_stops_every_pr
     assert reads == []  # process 1 reads nothing: what it would find depends on when it looks
 
 
-def as_process_of_2_with_process_1_recorded(monkeypatch, job, stop) -> None:
-    """Runs `job` as process 1 of 2 up to the exception `stop`, recording what it gives each
-    process_allgather (the fakes answer that everyone agrees), then makes this process 0, whose
-    gathers get what process 1 gave (their own value past the last recorded)."""
-    from jax.experimental import multihost_utils
-
-    given = []
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(jax, "process_index", lambda: 1)
-    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda value: value)
-    monkeypatch.setattr(multihost_utils, "process_allgather",
-                        lambda value: given.append(np.asarray(value)) or np.stack([value, value]))
-    with pytest.raises(stop):
-        job()
-    answers = iter(given)
-    monkeypatch.setattr(jax, "process_index", lambda: 0)
-    monkeypatch.setattr(multihost_utils, "process_allgather",
-                        lambda value: np.stack([value, np.asarray(next(answers, value), np.asarray(value).dtype)]))
-
-
 def test_processes_reading_other_copies_of_the_prompts_file_stop_together_before_the_restore(
         tmp_path, converted, encoder_folder, monkeypatch):
     """Each process reads --config.sample.prompts_file on its own host: with a stale copy on one
@@ -569,7 +549,7 @@ def test_processes_reading_other_copies_of_the_prompts_file_stop_together_before
             prompts.unlink(missing_ok=True)
             if host_1:
                 prompts.write_text(host_1)
-            as_process_of_2_with_process_1_recorded(patched, job, stop)
+            as_process_0_of_2_after_process_1(patched, job, stop)
             prompts.write_text("a red cat\nthe moon\na blue ring\n")  # process 0's
             with pytest.raises(ValueError if refusal else Restoring, match=refusal and re.escape(refusal)):
                 job()

@@ -33,9 +33,9 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.error_text import described
 from pixelflow_jax.evaluation import metrics
-from pixelflow_jax.multihost import (block_size, check_shared_workdir, failing_together, from_process_0, gather_rows,
-                                     hashed, named, processes_where, rows_of_this_process, seen_within_the_wait,
-                                     stop_if_preempted_at_the_next_pass)
+from pixelflow_jax.multihost import (InputRead, block_size, check_same_inputs, check_shared_workdir, failing_together,
+                                     from_process_0, gather_rows, hashed, named, processes_where, rows_of_this_process,
+                                     seen_within_the_wait, stop_if_preempted_at_the_next_pass)
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
@@ -569,9 +569,31 @@ def check_inputs(samples: str | None, reference: str, inception_weights: str, wo
     checks what it sees, and a problem any of them finds stops all of them."""
     with failing_together(INPUT_ERRORS, "checking the evaluation's input files"):
         check_input_files(samples, reference, inception_weights)
+        read = inputs_read(samples, reference, inception_weights) if jax.process_count() > 1 else []
+    # Each process reads its block of each .npz and its Inception from its own host's copy.
+    check_same_inputs(read)
     check_shared_workdir(workdir)  # not only once the features are to be cached
     with failing_together(INPUT_ERRORS, "checking the evaluation's outputs in the workdir"):
         check_nothing_in_the_way_of_outputs(workdir)
+
+
+def inputs_read(samples: str | None, reference: str, inception_weights: str) -> list[InputRead]:
+    """What this process finds in the evaluation's files, by content: each .npz's members (the zip
+    directory's CRCs and sizes) and the image count, the Inception weights' fingerprint. A stale
+    copy of another image count on one host crashed the gather of the features, or, where the
+    processes' blocks came out the same size, mixed its images (and a padding row) into the metrics."""
+    files = {"--config.eval.reference": reference, **({} if samples is None else {"--config.eval.samples": samples})}
+    read = [InputRead(f"{flag} {path}", npz_contents(path), npz_image_count(path), "images")
+            for flag, path in files.items()]
+    return [*read, InputRead(f"--config.eval.inception_weights {inception_weights}",
+                             storage.file_fingerprint(inception_weights))]
+
+
+def npz_contents(path: str) -> str:
+    """Each member's name, CRC-32 and size, from the .npz's zip directory (no image is read)."""
+    with contextlib.ExitStack() as opened:
+        archive = opened_archive(opened, path)
+        return json.dumps([(info.filename, info.CRC, info.file_size) for info in archive.infolist()])
 
 
 def check_input_files(samples: str | None, reference: str, inception_weights: str) -> None:

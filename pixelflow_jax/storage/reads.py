@@ -123,14 +123,27 @@ def fingerprint(folder: str, entries: tuple[str, ...] = ()) -> str:
         if entries and name.split("/", 1)[0] not in entries:
             continue
         digest.update(f"{name}\0{size}\0".encode())
-        with open_file(join(folder, name), "rb") as f:
-            if size <= 3 * FINGERPRINT_SLICE:
-                digest.update(f.read())
-                continue
-            for offset in (0, size // 2, size - FINGERPRINT_SLICE):
-                f.seek(offset)
-                digest.update(f.read(FINGERPRINT_SLICE))
+        _digest_content(digest, join(folder, name), size)
     return digest.hexdigest()[:16]
+
+
+def file_fingerprint(path: str) -> str:
+    """fingerprint of one file: its size and content, as fingerprint reads a folder's files."""
+    size = size_and_mtime(path)[0]
+    digest = hashlib.sha256(f"{size}\0".encode())
+    _digest_content(digest, path, size)
+    return digest.hexdigest()[:16]
+
+
+def _digest_content(digest, path: str, size: int) -> None:
+    """The whole of a small file, three slices (start, middle, end) of a large one."""
+    with open_file(path, "rb") as f:
+        if size <= 3 * FINGERPRINT_SLICE:
+            digest.update(f.read())
+            return
+        for offset in (0, size // 2, size - FINGERPRINT_SLICE):
+            f.seek(offset)
+            digest.update(f.read(FINGERPRINT_SLICE))
 
 
 def broken_link_words(path: str) -> str | None:
