@@ -244,6 +244,39 @@ def test_every_process_asks_the_sync_point_in_as_many_rounds_numbered_on_from_th
     assert asked == [5, 6, 7, 8, 9, 10, 11]
 
 
+def test_a_sigterm_after_the_reference_pass_stops_the_evaluation_before_its_metrics(
+        tiny_inception, tmp_path, monkeypatch):
+    """jax sets the sync point one past the furthest process's latest pass: a SIGTERM to a process
+    of a --distributed evaluation that came after the reference's last Inception round, or while
+    its features were read from the cache (where no round asks), set it at a pass no process asked
+    again, and the job ran on to its end. Every process now asks once more before the metrics,
+    and stops there at one pass, whether the features were computed or read from the cache."""
+    from jax.experimental import multihost_utils
+
+    from pixelflow_jax import multihost
+    from pixelflow_jax.command_line import Terminated
+
+    samples = images_npz(tmp_path / "samples.npz", 1, count=9)
+    reference = images_npz(tmp_path / "reference.npz", 2, count=9)
+    sync_point = [None]
+    monkeypatch.setattr(multihost, "_last_pass_asked", [0])
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)  # one process plays every process
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda passes: passes == sync_point[0])
+    features_of = evaluate.cached_features
+
+    def sigterm_after_the_reference(extract, path, cache_dir):
+        features = features_of(extract, path, cache_dir)
+        if path == reference:  # as jax sets it: one past the latest pass asked
+            sync_point[0] = multihost._last_pass_asked[0] + 1
+        return features
+
+    monkeypatch.setattr(evaluate, "cached_features", sigterm_after_the_reference)
+    for cached in (False, True):  # the features computed, then read from the cache the first run wrote
+        with pytest.raises(Terminated):
+            evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "run"), batch_size=4)
+        assert (tmp_path / "run" / "eval_features").is_dir()
+
+
 def test_a_block_found_damaged_still_asks_the_sync_point_in_every_round(tiny_inception, tmp_path, monkeypatch):
     """Process 1 finds the CRC error in its last batch (the second of its 3 rounds). Raised at
     once, its process waited in the gather of the damage flags while the others went on asking

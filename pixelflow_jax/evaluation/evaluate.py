@@ -670,6 +670,9 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
     cache_dir = storage.join(workdir, "eval_features")
     sample_features = cached_features(extract, samples, cache_dir)
     reference_features = cached_features(extract, reference, cache_dir)
+    # A SIGTERM after the last Inception round (or while the cache was read, where no round asks) set
+    # jax's sync point one past it: asked here, it stops every process before the metrics, not never.
+    stop_if_preempted_at_the_next_pass()
     (mu, sigma), (mu_s, sigma_s) = reference_statistics(reference, reference_features)
     precision, recall = metrics.precision_recall(reference_features["pool"], sample_features["pool"])
     results = dict(
