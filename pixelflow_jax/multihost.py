@@ -7,8 +7,8 @@ process that raises alone leaves the others waiting in the next collective (gloo
 waited after 7 minutes, measured), and processes that see different files silently compute
 different things: each would take other images for "the same" batch, or sample another number of
 batches. So what each process sees for itself (its access to the workdir, the workdir being one
-folder for all, the data, the checkpoints, its copies of a job's input files) is compared here, and every process stops with the same
-error, naming the processes at fault.
+folder for all, the data, the checkpoints, its copies of a job's input files) is compared here, and
+every process stops with the same error, naming the processes at fault.
 
 One process: every check is local and costs nothing more.
 """
