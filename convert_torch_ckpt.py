@@ -170,7 +170,16 @@ def jax_to_torch() -> str:
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
     return (f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from "
             f"{weights_of(source, FLAGS.weights)}"
-            f"{text_encoder_note(source, config.model)}")
+            f"{text_encoder_note(source, config.model)}{text_tokens_note(config)}")
+
+
+def text_tokens_note(config) -> str:
+    """The prompt length the export's config.yaml records, which sampling it here reads (the
+    release's own code pads prompts to 512 whatever it says), as words to add; else ''."""
+    if not config.max_text_tokens:
+        return ""
+    return (f"; its config.yaml records train.max_text_tokens {config.max_text_tokens}, so sampling it here has "
+            f"prompts cut at {config.max_text_tokens} tokens, as in training")
 
 
 def text_encoder_note(source, model) -> str:

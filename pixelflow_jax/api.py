@@ -297,7 +297,8 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     """For text configs: a training run's recorded text encoder fills an empty
     sample.text_encoder, its token length sample.max_text_tokens = 0 and its encoder weights' dtype
     an empty sample.text_encoder_param_dtype, so a text run samples with the encoder it trained
-    with and no flag; otherwise 0 means the release's 512, and '' float32."""
+    with and no flag; the token length its export records fills 0 too; otherwise 0 means the
+    release's 512, and '' float32."""
     from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, read_run_config
     from pixelflow_jax.text.prompts import MAX_LENGTH
     from pixelflow_jax.training.resume_settings import recorded_settings
@@ -313,20 +314,41 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
             raise CheckpointError(f"{storage.join(source.run_step.run, 'run_config.json')} names the text encoder the "
                                   f"run trained with, {s.text_encoder}, which does not exist (moved?): set "
                                   "--config.sample.text_encoder to where that T5 folder is now")
+    trained_tokens = trained_text_tokens(source)
     if not s.max_text_tokens:
-        s.max_text_tokens = int(recorded["max_text_tokens"]) if recorded else MAX_LENGTH
+        s.max_text_tokens = trained_tokens or MAX_LENGTH
     if not s.text_encoder_param_dtype:  # bfloat16 weights give other embeddings than float32 ones
         trained = recorded_settings(source.run_step.run).get("train.text_encoder_dtype") if recorded else None
         s.text_encoder_param_dtype = trained or "float32"
-    if recorded:  # allowed (an encoder moved, a longer prompt), but the embeddings may not be the trained ones
+    # Allowed (an encoder moved, a longer prompt), but the embeddings may not be the trained ones.
+    if recorded:
         warn_of_another_text_encoder(s, source, recorded)
+    if trained_tokens and int(s.max_text_tokens) != trained_tokens:
+        logging.warning("sampling %s with %d text tokens; it trained with %d tokens", source.label, s.max_text_tokens,
+                        trained_tokens)
+
+
+def trained_text_tokens(source: CheckpointSource) -> int | None:
+    """The prompt length a text checkpoint trained with, where it is recorded (a training run, its
+    export or their conversion: CheckpointConfig.max_text_tokens); else None. A release folder's
+    config.yaml is read for that key alone: its other values warn once, where the job reads them."""
+    from pixelflow_jax.checkpoints.run_checkpoint import read_run_config
+    from pixelflow_jax.checkpoints.torch_io import text_tokens_of
+
+    if source.run_step:  # its text record alone (run_checkpoint_config reads it too, with the architecture)
+        recorded = read_run_config(source.run_step.run).get("text_encoder")
+        return int(recorded["max_text_tokens"]) if recorded else None
+    if source.kind == "converted":
+        return checkpoint_config(source).max_text_tokens
+    exported = storage.join(source.folder, "config.yaml")
+    return text_tokens_of(exported) if storage.isfile(exported) else None
 
 
 def warn_of_another_text_encoder(sample_config, source: CheckpointSource, recorded: dict) -> None:
-    """A text run sampled with an encoder folder other than the one run_config.json records, or
-    with another token length: a copy of that encoder elsewhere is the same encoder (its files'
-    fingerprint, where the run recorded one, says so); another encoder of the same width loads
-    without complaint and gives embeddings the model never learned."""
+    """A text run sampled with an encoder folder other than the one run_config.json records: a
+    copy of that encoder elsewhere is the same encoder (its files' fingerprint, where the run
+    recorded one, says so); another encoder of the same width loads without complaint and gives
+    embeddings the model never learned."""
     from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of
     from pixelflow_jax.text.train_text import fingerprint_of
 
@@ -345,9 +367,6 @@ def warn_of_another_text_encoder(sample_config, source: CheckpointSource, record
         elif not given:  # no fingerprint to tell a moved copy from another encoder
             logging.warning("sampling %s with the text encoder %s; it trained with %s", source.label, s.text_encoder,
                             trained_folder)
-    if int(s.max_text_tokens) != int(recorded["max_text_tokens"]):
-        logging.warning("sampling %s with %d text tokens; it trained with %d tokens", source.label, s.max_text_tokens,
-                        int(recorded["max_text_tokens"]))
 
 
 def sampling_source(config, workdir: str) -> tuple[CheckpointSource, CheckpointConfig]:

@@ -1,7 +1,7 @@
 """`main.py --mode=inspect`: build the model, count its parameters, and time one jit-compiled
 forward per cascade stage (batch 2; a text model gets random text states of its
 cross_attention_dim, sample.max_text_tokens long; when that is 0 or unset, the length a training
-run recorded, or the config's train.max_text_tokens for the config's own model, else the release's
+run (or its export) recorded, or the config's train.max_text_tokens for the config's own model, else the release's
 512). A quick check
 that a config or a checkpoint runs.
 
@@ -25,9 +25,9 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.api import CheckpointSource, load_for_sampling, weights_chosen, weights_of
+from pixelflow_jax.api import CheckpointSource, load_for_sampling, trained_text_tokens, weights_chosen, weights_of
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
-from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, read_run_config, steps_in_progress
+from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, steps_in_progress
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
@@ -93,13 +93,12 @@ def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, CheckpointSou
 def text_length(config, source) -> int:
     """The text states' length (see the module docstring). A text config's sampling checkpoint has
     filled sample.max_text_tokens from its run (api.fill_text_encoder); a class config has no such
-    field, so a text run inspected with one reads its record here (it timed the release's 512)."""
+    field, so a text run or its export inspected with one reads its record here (it timed the release's 512)."""
     if config.sample.get("max_text_tokens"):
         return int(config.sample.max_text_tokens)
     if source is None:  # the config's own model: the length it trains with
         return int(config.train.get("max_text_tokens") or MAX_LENGTH)
-    recorded = read_run_config(source.run_step.run).get("text_encoder") if source.run_step else None
-    return int(recorded["max_text_tokens"]) if recorded else MAX_LENGTH
+    return trained_text_tokens(source) or MAX_LENGTH
 
 
 def run(config, workdir: str) -> dict:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, c2i_config, fixture_dir, run_converter
+from conftest import REPO, c2i_config, fixture_dir, run_converter, t2i_config
 from pixelflow_jax import load_model
 from pixelflow_jax.config import ModelConfig
 from test_model_parity import PARITY_RTOL, forward, relative_error
@@ -836,6 +836,87 @@ def test_the_export_of_a_text_run_names_the_t5_it_leaves_out(tmp_path):
     converted = CheckpointSource(str(tmp_path / "converted"), str(tmp_path / "converted"))
     assert convert_torch_ckpt.text_encoder_note(converted, text).startswith("; the export holds no T5 text encoder: "
                                                                             "sample it with the one it was trained")
+
+
+def test_a_release_folders_recorded_text_token_length_is_sampled_with_and_a_bad_one_named(encoder_folder, tmp_path,
+                                                                                       caplog):
+    """train.max_text_tokens in a release folder's config.yaml (what an export of a text run writes)
+    is the length its prompts are cut at, unless asked otherwise (with a warning); the fixture's
+    train section has none (the release's 512); a value training could not have had is named."""
+    import logging
+
+    from pixelflow_jax.api import sampling_source
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    folder = tmp_path / "release"
+    shutil.copytree(fixture_dir("t2i_tiny"), folder)
+    release = yaml.safe_load((folder / "config.yaml").read_text())
+    job = str(tmp_path / "job")
+
+    def sampled_tokens(recorded, asked=0):
+        (folder / "config.yaml").write_text(yaml.safe_dump({**release, "train": {**release["train"], **recorded}}))
+        config = t2i_config(**{"sample.checkpoint": str(folder), "sample.text_encoder": encoder_folder,
+                               "sample.max_text_tokens": asked})
+        sampling_source(config, job)
+        return config.sample.max_text_tokens
+
+    assert sampled_tokens({}) == 512
+    with caplog.at_level(logging.WARNING):
+        assert sampled_tokens({"max_text_tokens": 6}) == 6 and "text tokens" not in caplog.text
+        assert sampled_tokens({"max_text_tokens": 6}, asked=16) == 16
+    assert f"sampling {folder} with 16 text tokens; it trained with 6 tokens" in caplog.text
+    for bad in ("six", 1, 5000, True, 6.0):
+        with pytest.raises(CheckpointError, match=rf"config.yaml: train.max_text_tokens must be a whole number from 2 "
+                                                  rf"to 4096 \(the prompt length the model trained with\), got "
+                                                  rf"{re.escape(repr(bad))}: mend it, or remove it"):
+            sampled_tokens({"max_text_tokens": bad})
+
+
+@pytest.mark.slow  # three conversions: ~45 s on 2 cores
+def test_the_export_of_a_text_run_samples_at_the_token_length_it_trained_with(converted, encoder_folder, tmp_path,
+                                                                             caplog):
+    """A text run trained with train.max_text_tokens=6 was exported without that length, so its
+    export sampled (and inspected) at the release's 512: prompts that training cut at 6 tokens
+    reached the model whole. The export's config.yaml records it (a key the release ignores), and
+    the export, its conversion back to JAX and that one's export sample with it."""
+    import logging
+
+    from pixelflow_jax.api import sampling_source
+    from pixelflow_jax.inspect_model import text_length
+    from pixelflow_jax.training import checkpointing
+    from pixelflow_jax.training.run_config import check_run_config
+    from pixelflow_jax.training.train_step import StepConfig, init_state, make_optimizer
+
+    run, export = str(tmp_path / "run"), tmp_path / "export"
+    model, ckpt = load_model(converted["t2i_tiny"])
+    check_run_config(run, ckpt.model, t2i_config(), text_encoder={"path": encoder_folder, "max_text_tokens": 6})
+    manager = checkpointing.checkpoint_manager(run, keep=2)
+    checkpointing.save(manager, 2, init_state(model, make_optimizer(StepConfig()), seed=0))
+    manager.wait_until_finished()
+    manager.close()
+    result = run_converter("--to_torch", f"--jax_checkpoint={run}", f"--output={export}")
+    assert result.returncode == 0, result.stderr
+    assert "prompts cut at 6 tokens" in result.stdout, result.stdout
+    assert yaml.safe_load((export / "config.yaml").read_text())["train"] == {"max_text_tokens": 6}
+
+    for asked, used, warned in ((0, 6, False), (6, 6, False), (16, 16, True)):
+        config = t2i_config(**{"sample.checkpoint": str(export), "sample.text_encoder": encoder_folder,
+                               "sample.max_text_tokens": asked})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            source, _ = sampling_source(config, str(tmp_path / "job"))
+        assert config.sample.max_text_tokens == used
+        assert ("with 16 text tokens; it trained with 6 tokens" in caplog.text) == warned, caplog.text
+    assert text_length(c2i_config(), source) == 6  # a class config's inspect of the export
+
+    back, again = tmp_path / "back", tmp_path / "again"  # its conversion to JAX, and that exported anew
+    assert run_converter(f"--torch_checkpoint={export}", f"--output={back}").returncode == 0
+    assert run_converter("--to_torch", f"--jax_checkpoint={back}", f"--output={again}").returncode == 0
+    for folder in back, again:
+        config = t2i_config(**{"sample.checkpoint": str(folder), "sample.text_encoder": encoder_folder})
+        sampling_source(config, str(tmp_path / "job"))
+        assert config.sample.max_text_tokens == 6, folder
+    assert load_model(run)[1].max_text_tokens == 6 and load_model(converted["t2i_tiny"])[1].max_text_tokens is None
 
 
 @pytest.mark.slow  # four conversions: ~50 s on 2 cores

@@ -62,10 +62,11 @@ def test_a_text_run_inspected_under_a_class_config_gets_the_length_it_trained_wi
     from types import SimpleNamespace
 
     from pixelflow_jax import inspect_model
+    from pixelflow_jax.api import CheckpointSource
 
     (tmp_path / "run_config.json").write_text(json.dumps({"text_encoder": {"path": "t5", "max_text_tokens": 24}}))
     run = SimpleNamespace(label=str(tmp_path), run_step=SimpleNamespace(run=str(tmp_path)))
-    release = SimpleNamespace(label="release", run_step=None)
+    release = CheckpointSource(str(tmp_path / "release"), "release")  # no config.yaml records a length
     assert inspect_model.text_length(tiny_config("c2i"), run) == 24
     assert inspect_model.text_length(tiny_config("c2i"), release) == 512
     text = tiny_config("t2i")

@@ -1,7 +1,7 @@
 """Converted checkpoints on disk: an orbax parameter tree plus a JSON config, written atomically.
 
 Layout of a converted folder:
-    DIR/pixelflow_config.json   model architecture, scheduler and resolution (CheckpointConfig)
+    DIR/pixelflow_config.json   model architecture, scheduler, resolution, a text run's prompt length (CheckpointConfig)
     DIR/params/                 orbax checkpoint of the nested NNX parameter dict
 """
 
@@ -52,11 +52,19 @@ class CheckpointConfig:
     num_train_timesteps: int = 1000
     num_stages: int = 4
     resolution: int = 256
+    # A text model's prompt length in training, where recorded (a run's run_config.json, its
+    # export's config.yaml, their conversion): prompts are cut there when sampled. None: the
+    # release's 512. Not part of the model, so configs that differ only in it are equal.
+    max_text_tokens: int | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         for name in ("num_train_timesteps", "num_stages", "resolution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        tokens = self.max_text_tokens
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or not 2 <= tokens <= 4096):
+            raise ValueError(f"max_text_tokens must be a whole number from 2 to 4096 (training's bounds), got "
+                             f"{tokens!r}")
         if self.num_train_timesteps < self.num_stages:  # a stage without a timestep of its own: degenerate
             raise ValueError(f"num_train_timesteps {self.num_train_timesteps} must be at least num_stages "
                              f"{self.num_stages}, as in training (the release's: 1000)")
@@ -69,9 +77,10 @@ class CheckpointConfig:
                              f"= {factor} so that every stage has a whole patch grid")
 
     def to_json(self) -> dict[str, Any]:
+        tokens = {"max_text_tokens": self.max_text_tokens} if self.max_text_tokens else {}
         return {"format_version": FORMAT_VERSION, "model": self.model.to_dict(),
                 "scheduler": {"num_train_timesteps": self.num_train_timesteps, "num_stages": self.num_stages},
-                "resolution": self.resolution}
+                "resolution": self.resolution, **tokens}
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "CheckpointConfig":
@@ -82,7 +91,7 @@ class CheckpointConfig:
         return cls(model=ModelConfig.from_mapping(values["model"]),
                    num_train_timesteps=int(values["scheduler"]["num_train_timesteps"]),
                    num_stages=int(values["scheduler"]["num_stages"]),
-                   resolution=int(values["resolution"]))
+                   resolution=int(values["resolution"]), max_text_tokens=values.get("max_text_tokens"))
 
 
 @contextlib.contextmanager

@@ -164,9 +164,11 @@ def encoder_folder_of(run: str, recorded_path: str) -> str:
 def run_checkpoint_config(run: str) -> CheckpointConfig:
     values = read_run_config(run)
     try:
+        text = values.get("text_encoder")
         return CheckpointConfig(model=ModelConfig.from_mapping(values["architecture"]),
                                 num_train_timesteps=int(values["num_train_timesteps"]),
-                                num_stages=int(values["num_stages"]), resolution=int(values["resolution"]))
+                                num_stages=int(values["num_stages"]), resolution=int(values["resolution"]),
+                                max_text_tokens=int(text["max_text_tokens"]) if text else None)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{storage.join(run, RUN_CONFIG)} does not describe a model: {e}") from None
 

@@ -399,7 +399,8 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
                         " / ".join(assumed), ", ".join(f"{k} {settings[k]}" for k in assumed),
                         " / ".join(f"--{k}" for k in assumed), "them" if len(assumed) > 1 else "it")
     try:
-        config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings)
+        config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings,
+                                  max_text_tokens=text_tokens_of(torch_config) if torch_config else None)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture for {path}: {e}") from None
     if not config.model.num_classes and not config.model.cross_attention_dim:
@@ -421,26 +422,46 @@ def is_export(folder: str) -> bool:
 
 def release_yaml(config: CheckpointConfig) -> dict[str, Any]:
     """The model, scheduler and resolution of the release's config.yaml: what sample_ddp.py and
-    the release's pipeline read to build a model (not train.py's training settings)."""
+    the release's pipeline read to build a model (not train.py's training settings). A text run's
+    export adds train.max_text_tokens, the length its captions were cut at (see text_tokens_of)."""
     params = config.model.architecture()
     if not params["cross_attention_dim"]:
         params.pop("cross_attention_dim")  # the release's default, None, means no cross-attention
-    return {
+    values = {
         "model": {"target": RELEASE_MODEL_TARGET, "params": params},
         "scheduler": {"num_train_timesteps": config.num_train_timesteps, "num_stages": config.num_stages,
                       "pyramid_shift": False},
         "data": {"resolution": config.resolution},
     }
+    if config.max_text_tokens:
+        values["train"] = {"max_text_tokens": config.max_text_tokens}
+    return values
+
+
+def text_tokens_of(torch_config: str) -> int | None:
+    """The train.max_text_tokens a release config.yaml records (an export of a text run trained
+    with fewer than the release's 512 tokens; the release's own code reads no such key and pads
+    prompts to 512), else None. Sampled at its own length, a prompt is cut where training cut
+    its captions."""
+    try:
+        tokens = (yaml.safe_load(storage.read_text(torch_config)).get("train") or {})["max_text_tokens"]
+    except (KeyError, TypeError, AttributeError):  # no such key; a broken file is named where it is read
+        return None
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 2 <= tokens <= 4096:  # training's bounds
+        raise CheckpointError(f"{torch_config}: train.max_text_tokens must be a whole number from 2 to 4096 (the "
+                              f"prompt length the model trained with), got {tokens!r}: mend it, or remove it to "
+                              "sample at the release's 512")
+    return tokens
 
 
 def write_release_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], config: CheckpointConfig,
                              overwrite: bool = False) -> None:
     """A release folder (config.yaml + model.pt) that the release loads with strict=True."""
     torch = _import_torch()
+    text = yaml.safe_dump(release_yaml(config), sort_keys=False)
     with atomic_output_dir(path, overwrite) as tmp:
         # model.pt last: in an object store, a folder without it is an unfinished export.
-        storage.write_atomically(storage.join(tmp, "config.yaml"),
-                                 f"{EXPORT_MARK}\n{yaml.safe_dump(release_yaml(config), sort_keys=False)}")
+        storage.write_atomically(storage.join(tmp, "config.yaml"), f"{EXPORT_MARK}\n{text}")
         tensors = {k: torch.from_numpy(np.array(v, dtype=v.dtype, copy=True)) for k, v in state_dict.items()}
         if storage.is_url(tmp):
             with tempfile.TemporaryDirectory(prefix="pixelflow_export_") as local:
