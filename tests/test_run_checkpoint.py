@@ -296,6 +296,29 @@ def test_a_step_copied_out_of_its_run_is_named_so_and_the_copy_the_message_asks_
     assert_params_equal(load_model(str(kept), weights="model")[0], weights[2]["params"])
 
 
+def test_a_step_the_run_set_aside_is_named_so_and_the_copy_the_message_asks_for_loads_it(run, tmp_path):
+    """A step a resume moved to RUN/unreadable_checkpoints/STEP-TIME (it did not restore then) was
+    called 'copied out of its run', and the fix it gave (the step into a copy's checkpoints/) kept
+    the name 4-TIME, which is no step: the copy had none. The refusal names the step and its name."""
+    workdir, weights = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    aside = copy / "unreadable_checkpoints" / "4-1764600000-2"
+    aside.parent.mkdir()
+    os.rename(copy / "checkpoints" / "4", aside)
+    for path in (aside, f"{aside}/"):
+        with pytest.raises(CheckpointError, match=rf"is not a checkpoint: .*; it is step 4 of the run {copy}, set "
+                                                  r"aside at a resume because it did not restore then \(damaged, or a "
+                                                  r"read error that has passed\): to try it, copy the run's folder "
+                                                  r"without its checkpoints/, then this folder into the copy's "
+                                                  r"checkpoints/ named 4, and read the copy$"):
+            load_model(str(path))
+    kept = tmp_path / "kept"
+    shutil.copytree(copy, kept, ignore=lambda folder, names: ["checkpoints"] if folder == str(copy) else [])
+    shutil.copytree(aside, kept / "checkpoints" / "4")
+    assert_params_equal(load_model(str(kept))[0], weights[4]["ema"])
+
+
 def test_a_folder_named_like_a_step_is_neither_read_nor_removed(run, tmp_path):
     """'040' was taken for step 40: the run could not be sampled, and a resume deleted the folder
     as a killed save's leftover."""

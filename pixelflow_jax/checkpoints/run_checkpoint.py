@@ -33,6 +33,7 @@ RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 STATE_ITEM = "state"  # the item name train.py saves the whole state under
 STEP_METADATA = "_CHECKPOINT_METADATA"  # what orbax writes beside a step's items
+UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"  # steps a resume set aside, as STEP-TIME (training/checkpointing.py)
 WEIGHT_KEYS = dict(zip(WEIGHT_CHOICES, ("ema", "params")))  # the user's name -> the train state's key
 # Runs written before run_config.json recorded the scheduler trained with the release's 1000 steps.
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
@@ -83,8 +84,9 @@ def checkpoint_around(folder: str) -> str:
         return (f"; it holds {CHECKPOINTS}/ but no {RUN_CONFIG}, the file that describes a training run's model: a "
                 "copy of the run that missed it? Copy it from the run")
     if storage.isdir(storage.join(folder, STATE_ITEM)) and storage.isfile(storage.join(folder, STEP_METADATA)):
-        return (f"; it is a training run's step copied out of its run, and a step is read only inside its run "
-                f"(RUN/{CHECKPOINTS}/STEP), whose {RUN_CONFIG} describes the model: {KEEP_A_STEP}")
+        return set_aside_step(folder) or (
+            f"; it is a training run's step copied out of its run, and a step is read only inside its run "
+            f"(RUN/{CHECKPOINTS}/STEP), whose {RUN_CONFIG} describes the model: {KEEP_A_STEP}")
     for above in folders_above(folder)[:3]:
         parent = storage.dirname(above)
         if is_step_name(storage.basename(above)) and storage.basename(parent) == CHECKPOINTS and \
@@ -93,6 +95,19 @@ def checkpoint_around(folder: str) -> str:
         if is_run(above) or checkpoint_folder_kind(above):
             return f"; it lies inside the checkpoint {above}: pass that"
     return ""
+
+
+def set_aside_step(folder: str) -> str:
+    """For a step a resume moved to RUN/unreadable_checkpoints/STEP-TIME[-N]: words naming it so,
+    and the name it needs inside a copy of its run (its own is no step's); '' for another folder."""
+    folder = folder.rstrip("/")
+    above = storage.dirname(folder)
+    named = re.fullmatch(rf"({STEP_NAME})-\d+(-\d+)?", storage.basename(folder))
+    if not (named and storage.basename(above) == UNREADABLE_CHECKPOINTS and is_run(storage.dirname(above))):
+        return ""
+    return (f"; it is step {named[1]} of the run {storage.dirname(above)}, set aside at a resume because it did not "
+            f"restore then (damaged, or a read error that has passed): to try it, copy the run's folder without its "
+            f"{CHECKPOINTS}/, then this folder into the copy's {CHECKPOINTS}/ named {named[1]}, and read the copy")
 
 
 def folders_above(path: str) -> list[str]:

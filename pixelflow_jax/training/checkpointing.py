@@ -18,13 +18,11 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
-from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, complete_steps,
-                                                      restore_error)
+from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, UNREADABLE_CHECKPOINTS,
+                                                      complete_steps, restore_error)
 from pixelflow_jax.command_line import INSTALLED_ORBAX, late_restore_callbacks_dropped
 from pixelflow_jax.error_text import first_line
 from pixelflow_jax.multihost import processes_where
-
-UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 
 
 def remove_unfinished_saves(workdir: str) -> list[int]:
