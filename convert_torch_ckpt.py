@@ -170,16 +170,17 @@ def jax_to_torch() -> str:
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
     return (f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from "
             f"{weights_of(source, FLAGS.weights)}"
-            f"{text_encoder_note(source, config.model)}{text_tokens_note(config)}")
+            f"{text_encoder_note(source, config.model)}{text_training_note(config)}")
 
 
-def text_tokens_note(config) -> str:
-    """The prompt length the export's config.yaml records, which sampling it here reads (the
-    release's own code pads prompts to 512 whatever it says), as words to add; else ''."""
-    if not config.max_text_tokens:
+def text_training_note(config) -> str:
+    """How the run encoded its captions, as the export's config.yaml records it and sampling it
+    here reads it (the release's own code reads neither), as words to add; else ''."""
+    if not config.text_training():
         return ""
-    return (f"; its config.yaml records train.max_text_tokens {config.max_text_tokens}, so sampling it here has "
-            f"prompts cut at {config.max_text_tokens} tokens, as in training")
+    tokens, dtype = config.max_text_tokens or 512, config.text_encoder_dtype or "float32"  # the release's
+    return (f"; its config.yaml records train.max_text_tokens {tokens} and text_encoder_dtype {dtype}, so sampling "
+            f"it here has prompts cut at {tokens} tokens and encoded with {dtype} T5 weights, as in training")
 
 
 def text_encoder_note(source, model) -> str:

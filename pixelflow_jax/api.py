@@ -297,11 +297,10 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     """For text configs: a training run's recorded text encoder fills an empty
     sample.text_encoder, its token length sample.max_text_tokens = 0 and its encoder weights' dtype
     an empty sample.text_encoder_param_dtype, so a text run samples with the encoder it trained
-    with and no flag; the token length its export records fills 0 too; otherwise 0 means the
-    release's 512, and '' float32."""
+    with and no flag; the token length and dtype its export records fill them too; otherwise 0
+    means the release's 512, and '' float32."""
     from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, read_run_config
     from pixelflow_jax.text.prompts import MAX_LENGTH
-    from pixelflow_jax.training.resume_settings import recorded_settings
 
     s = sample_config
     if "max_text_tokens" not in s:
@@ -314,12 +313,12 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
             raise CheckpointError(f"{storage.join(source.run_step.run, 'run_config.json')} names the text encoder the "
                                   f"run trained with, {s.text_encoder}, which does not exist (moved?): set "
                                   "--config.sample.text_encoder to where that T5 folder is now")
-    trained_tokens = trained_text_tokens(source)
+    trained = trained_text_encoding(source)
+    trained_tokens = trained.get("max_text_tokens")
     if not s.max_text_tokens:
         s.max_text_tokens = trained_tokens or MAX_LENGTH
     if not s.text_encoder_param_dtype:  # bfloat16 weights give other embeddings than float32 ones
-        trained = recorded_settings(source.run_step.run).get("train.text_encoder_dtype") if recorded else None
-        s.text_encoder_param_dtype = trained or "float32"
+        s.text_encoder_param_dtype = trained.get("text_encoder_dtype") or "float32"
     # Allowed (an encoder moved, a longer prompt), but the embeddings may not be the trained ones.
     if recorded:
         warn_of_another_text_encoder(s, source, recorded)
@@ -328,20 +327,19 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
                         trained_tokens)
 
 
-def trained_text_tokens(source: CheckpointSource) -> int | None:
-    """The prompt length a text checkpoint trained with, where it is recorded (a training run, its
-    export or their conversion: CheckpointConfig.max_text_tokens); else None. A release folder's
-    config.yaml is read for that key alone: its other values warn once, where the job reads them."""
-    from pixelflow_jax.checkpoints.run_checkpoint import read_run_config
-    from pixelflow_jax.checkpoints.torch_io import text_tokens_of
+def trained_text_encoding(source: CheckpointSource) -> dict:
+    """{max_text_tokens, text_encoder_dtype}, those recorded of how a text checkpoint encoded its
+    captions in training (a training run, its export or their conversion: CheckpointConfig's). A
+    release folder's config.yaml is read for them alone: its other values warn where a job reads them."""
+    from pixelflow_jax.checkpoints.run_checkpoint import run_text_encoding
+    from pixelflow_jax.checkpoints.torch_io import text_training_of
 
-    if source.run_step:  # its text record alone (run_checkpoint_config reads it too, with the architecture)
-        recorded = read_run_config(source.run_step.run).get("text_encoder")
-        return int(recorded["max_text_tokens"]) if recorded else None
+    if source.run_step:  # its records alone (run_checkpoint_config reads them too, with the architecture)
+        return run_text_encoding(source.run_step.run)
     if source.kind == "converted":
-        return checkpoint_config(source).max_text_tokens
+        return checkpoint_config(source).text_training()
     exported = storage.join(source.folder, "config.yaml")
-    return text_tokens_of(exported) if storage.isfile(exported) else None
+    return text_training_of(exported) if storage.isfile(exported) else {}
 
 
 def warn_of_another_text_encoder(sample_config, source: CheckpointSource, recorded: dict) -> None:

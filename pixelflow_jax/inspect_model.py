@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.api import CheckpointSource, load_for_sampling, trained_text_tokens, weights_chosen, weights_of
+from pixelflow_jax.api import CheckpointSource, load_for_sampling, trained_text_encoding, weights_chosen, weights_of
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, steps_in_progress
 from pixelflow_jax.config import ModelConfig
@@ -98,7 +98,7 @@ def text_length(config, source) -> int:
         return int(config.sample.max_text_tokens)
     if source is None:  # the config's own model: the length it trains with
         return int(config.train.get("max_text_tokens") or MAX_LENGTH)
-    return trained_text_tokens(source) or MAX_LENGTH
+    return trained_text_encoding(source).get("max_text_tokens") or MAX_LENGTH
 
 
 def run(config, workdir: str) -> dict:

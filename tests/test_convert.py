@@ -872,13 +872,41 @@ def test_a_release_folders_recorded_text_token_length_is_sampled_with_and_a_bad_
             sampled_tokens({"max_text_tokens": bad})
 
 
+def test_a_release_folders_recorded_text_encoder_dtype_is_sampled_with_and_a_bad_one_named(encoder_folder, tmp_path):
+    """train.text_encoder_dtype in an export's config.yaml: the T5 weights' dtype whose embeddings
+    the run trained on (bfloat16 ones differ from float32 ones), used unless another is asked for."""
+    from pixelflow_jax.api import sampling_source
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    folder = tmp_path / "release"
+    shutil.copytree(fixture_dir("t2i_tiny"), folder)
+    release = yaml.safe_load((folder / "config.yaml").read_text())
+
+    def sampled_dtype(recorded, asked=""):
+        (folder / "config.yaml").write_text(yaml.safe_dump({**release, "train": {**release["train"], **recorded}}))
+        config = t2i_config(**{"sample.checkpoint": str(folder), "sample.text_encoder": encoder_folder,
+                               "sample.text_encoder_param_dtype": asked})
+        sampling_source(config, str(tmp_path / "job"))
+        return config.sample.text_encoder_param_dtype
+
+    assert sampled_dtype({}) == "float32"
+    assert sampled_dtype({"text_encoder_dtype": "bfloat16"}) == "bfloat16"
+    assert sampled_dtype({"text_encoder_dtype": "bfloat16"}, asked="float32") == "float32"
+    for bad in ("bf16", 16):
+        with pytest.raises(CheckpointError, match=rf"config.yaml: train.text_encoder_dtype must be 'float32' or "
+                                                  rf"'bfloat16' \(the T5 weights' dtype the model trained with\), got "
+                                                  rf"{re.escape(repr(bad))}: mend it, or remove it"):
+            sampled_dtype({"text_encoder_dtype": bad})
+
+
 @pytest.mark.slow  # three conversions: ~45 s on 2 cores
-def test_the_export_of_a_text_run_samples_at_the_token_length_it_trained_with(converted, encoder_folder, tmp_path,
-                                                                             caplog):
+def test_the_export_of_a_text_run_samples_at_the_token_length_and_encoder_dtype_it_trained_with(
+        converted, encoder_folder, tmp_path, caplog):
     """A text run trained with train.max_text_tokens=6 was exported without that length, so its
     export sampled (and inspected) at the release's 512: prompts that training cut at 6 tokens
     reached the model whole. The export's config.yaml records it (a key the release ignores), and
-    the export, its conversion back to JAX and that one's export sample with it."""
+    the export, its conversion back to JAX and that one's export sample with it; so too the dtype of
+    the T5 weights it trained with (bfloat16 here, which they sampled as float32)."""
     import logging
 
     from pixelflow_jax.api import sampling_source
@@ -890,6 +918,7 @@ def test_the_export_of_a_text_run_samples_at_the_token_length_it_trained_with(co
     run, export = str(tmp_path / "run"), tmp_path / "export"
     model, ckpt = load_model(converted["t2i_tiny"])
     check_run_config(run, ckpt.model, t2i_config(), text_encoder={"path": encoder_folder, "max_text_tokens": 6})
+    (tmp_path / "run" / "train_settings.json").write_text('{"train.text_encoder_dtype": "bfloat16"}')
     manager = checkpointing.checkpoint_manager(run, keep=2)
     checkpointing.save(manager, 2, init_state(model, make_optimizer(StepConfig()), seed=0))
     manager.wait_until_finished()
@@ -897,7 +926,8 @@ def test_the_export_of_a_text_run_samples_at_the_token_length_it_trained_with(co
     result = run_converter("--to_torch", f"--jax_checkpoint={run}", f"--output={export}")
     assert result.returncode == 0, result.stderr
     assert "prompts cut at 6 tokens" in result.stdout, result.stdout
-    assert yaml.safe_load((export / "config.yaml").read_text())["train"] == {"max_text_tokens": 6}
+    assert yaml.safe_load((export / "config.yaml").read_text())["train"] == {"max_text_tokens": 6,
+                                                                            "text_encoder_dtype": "bfloat16"}
 
     for asked, used, warned in ((0, 6, False), (6, 6, False), (16, 16, True)):
         config = t2i_config(**{"sample.checkpoint": str(export), "sample.text_encoder": encoder_folder,
@@ -915,7 +945,7 @@ def test_the_export_of_a_text_run_samples_at_the_token_length_it_trained_with(co
     for folder in back, again:
         config = t2i_config(**{"sample.checkpoint": str(folder), "sample.text_encoder": encoder_folder})
         sampling_source(config, str(tmp_path / "job"))
-        assert config.sample.max_text_tokens == 6, folder
+        assert (config.sample.max_text_tokens, config.sample.text_encoder_param_dtype) == (6, "bfloat16"), folder
     assert load_model(run)[1].max_text_tokens == 6 and load_model(converted["t2i_tiny"])[1].max_text_tokens is None
 
 

@@ -1,7 +1,7 @@
 """Converted checkpoints on disk: an orbax parameter tree plus a JSON config, written atomically.
 
 Layout of a converted folder:
-    DIR/pixelflow_config.json   model architecture, scheduler, resolution, a text run's prompt length (CheckpointConfig)
+    DIR/pixelflow_config.json   architecture, scheduler, resolution, a text run's prompt encoding (CheckpointConfig)
     DIR/params/                 orbax checkpoint of the nested NNX parameter dict
 """
 
@@ -31,6 +31,7 @@ from pixelflow_jax.validation import LARGEST_IMAGE_SIDE, too_many_stages
 CONFIG_FILE = "pixelflow_config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+TEXT_ENCODER_DTYPES = ("float32", "bfloat16")  # train.text_encoder_dtype's choices
 WEIGHT_CHOICES = ("ema", "model")  # of a training run or a release train.py checkpoint: the EMA or the raw weights
 
 
@@ -52,10 +53,11 @@ class CheckpointConfig:
     num_train_timesteps: int = 1000
     num_stages: int = 4
     resolution: int = 256
-    # A text model's prompt length in training, where recorded (a run's run_config.json, its
-    # export's config.yaml, their conversion): prompts are cut there when sampled. None: the
-    # release's 512. Not part of the model, so configs that differ only in it are equal.
+    # A text model's prompt length in training and its frozen T5's weight dtype, where recorded (a
+    # run's run_config.json, its export's config.yaml, their conversion): prompts are encoded so when
+    # sampled. None: the release's 512 tokens, float32. Not the model: configs differing in them are equal.
     max_text_tokens: int | None = dataclasses.field(default=None, compare=False)
+    text_encoder_dtype: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         for name in ("num_train_timesteps", "num_stages", "resolution"):
@@ -65,6 +67,9 @@ class CheckpointConfig:
         if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or not 2 <= tokens <= 4096):
             raise ValueError(f"max_text_tokens must be a whole number from 2 to 4096 (training's bounds), got "
                              f"{tokens!r}")
+        if self.text_encoder_dtype not in (None, *TEXT_ENCODER_DTYPES):
+            raise ValueError(f"text_encoder_dtype must be one of {TEXT_ENCODER_DTYPES}, got "
+                             f"{self.text_encoder_dtype!r}")
         if self.num_train_timesteps < self.num_stages:  # a stage without a timestep of its own: degenerate
             raise ValueError(f"num_train_timesteps {self.num_train_timesteps} must be at least num_stages "
                              f"{self.num_stages}, as in training (the release's: 1000)")
@@ -77,10 +82,13 @@ class CheckpointConfig:
                              f"= {factor} so that every stage has a whole patch grid")
 
     def to_json(self) -> dict[str, Any]:
-        tokens = {"max_text_tokens": self.max_text_tokens} if self.max_text_tokens else {}
         return {"format_version": FORMAT_VERSION, "model": self.model.to_dict(),
                 "scheduler": {"num_train_timesteps": self.num_train_timesteps, "num_stages": self.num_stages},
-                "resolution": self.resolution, **tokens}
+                "resolution": self.resolution, **self.text_training()}
+
+    def text_training(self) -> dict[str, Any]:
+        """max_text_tokens and text_encoder_dtype, those recorded."""
+        return {name: getattr(self, name) for name in ("max_text_tokens", "text_encoder_dtype") if getattr(self, name)}
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "CheckpointConfig":
@@ -91,7 +99,8 @@ class CheckpointConfig:
         return cls(model=ModelConfig.from_mapping(values["model"]),
                    num_train_timesteps=int(values["scheduler"]["num_train_timesteps"]),
                    num_stages=int(values["scheduler"]["num_stages"]),
-                   resolution=int(values["resolution"]), max_text_tokens=values.get("max_text_tokens"))
+                   resolution=int(values["resolution"]), max_text_tokens=values.get("max_text_tokens"),
+                   text_encoder_dtype=values.get("text_encoder_dtype"))
 
 
 @contextlib.contextmanager

@@ -177,15 +177,25 @@ def encoder_folder_of(run: str, recorded_path: str) -> str:
 
 
 def run_checkpoint_config(run: str) -> CheckpointConfig:
-    values = read_run_config(run)
+    values, text = read_run_config(run), run_text_encoding(run)
     try:
-        text = values.get("text_encoder")
         return CheckpointConfig(model=ModelConfig.from_mapping(values["architecture"]),
                                 num_train_timesteps=int(values["num_train_timesteps"]),
-                                num_stages=int(values["num_stages"]), resolution=int(values["resolution"]),
-                                max_text_tokens=int(text["max_text_tokens"]) if text else None)
+                                num_stages=int(values["num_stages"]), resolution=int(values["resolution"]), **text)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{storage.join(run, RUN_CONFIG)} does not describe a model: {e}") from None
+
+
+def run_text_encoding(run: str) -> dict:
+    """{max_text_tokens, text_encoder_dtype} a text run encoded its captions with (its
+    run_config.json and train_settings.json); {} for a class run."""
+    from pixelflow_jax.training.resume_settings import recorded_settings
+
+    recorded = read_run_config(run).get("text_encoder")
+    if not recorded:
+        return {}
+    dtype = recorded_settings(run).get("train.text_encoder_dtype")  # runs before it was a setting: float32
+    return {"max_text_tokens": int(recorded["max_text_tokens"]), **({"text_encoder_dtype": dtype} if dtype else {})}
 
 
 def complete_steps(run: str) -> list[int]:

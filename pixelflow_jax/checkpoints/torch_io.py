@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import (CheckpointConfig, CheckpointError, atomic_output_dir,
-                                                 check_weights_choice, listed)
+from pixelflow_jax.checkpoints.checkpoint import (TEXT_ENCODER_DTYPES, CheckpointConfig, CheckpointError,
+                                                 atomic_output_dir, check_weights_choice, listed)
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ARCHITECTURE_FIELDS, ModelConfig
 from pixelflow_jax.error_text import first_line
@@ -400,7 +400,7 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
                         " / ".join(f"--{k}" for k in assumed), "them" if len(assumed) > 1 else "it")
     try:
         config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings,
-                                  max_text_tokens=text_tokens_of(torch_config) if torch_config else None)
+                                  **(text_training_of(torch_config) if torch_config else {}))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture for {path}: {e}") from None
     if not config.model.num_classes and not config.model.cross_attention_dim:
@@ -423,7 +423,7 @@ def is_export(folder: str) -> bool:
 def release_yaml(config: CheckpointConfig) -> dict[str, Any]:
     """The model, scheduler and resolution of the release's config.yaml: what sample_ddp.py and
     the release's pipeline read to build a model (not train.py's training settings). A text run's
-    export adds train.max_text_tokens, the length its captions were cut at (see text_tokens_of)."""
+    export adds train.max_text_tokens and text_encoder_dtype, how it encoded captions (text_training_of)."""
     params = config.model.architecture()
     if not params["cross_attention_dim"]:
         params.pop("cross_attention_dim")  # the release's default, None, means no cross-attention
@@ -433,25 +433,32 @@ def release_yaml(config: CheckpointConfig) -> dict[str, Any]:
                       "pyramid_shift": False},
         "data": {"resolution": config.resolution},
     }
-    if config.max_text_tokens:
-        values["train"] = {"max_text_tokens": config.max_text_tokens}
+    if config.text_training():
+        values["train"] = config.text_training()
     return values
 
 
-def text_tokens_of(torch_config: str) -> int | None:
-    """The train.max_text_tokens a release config.yaml records (an export of a text run trained
-    with fewer than the release's 512 tokens; the release's own code reads no such key and pads
-    prompts to 512), else None. Sampled at its own length, a prompt is cut where training cut
-    its captions."""
+def text_training_of(torch_config: str) -> dict[str, Any]:
+    """{max_text_tokens, text_encoder_dtype}: how a text run encoded its captions, those that a
+    release config.yaml records under train (an export of the run; the release's code reads
+    neither and encodes prompts at 512 tokens with float32 T5 weights). Sampled so here, a prompt is
+    cut where training cut its captions, and its embeddings are those the model learned."""
     try:
-        tokens = (yaml.safe_load(storage.read_text(torch_config)).get("train") or {})["max_text_tokens"]
-    except (KeyError, TypeError, AttributeError):  # no such key; a broken file is named where it is read
-        return None
+        recorded = yaml.safe_load(storage.read_text(torch_config)).get("train") or {}
+        recorded = {name: recorded[name] for name in ("max_text_tokens", "text_encoder_dtype") if name in recorded}
+    except (TypeError, AttributeError):  # no train section; a broken file is named where it is read
+        return {}
+    tokens, dtype = recorded.get("max_text_tokens", 512), recorded.get("text_encoder_dtype", "float32")
     if not isinstance(tokens, int) or isinstance(tokens, bool) or not 2 <= tokens <= 4096:  # training's bounds
         raise CheckpointError(f"{torch_config}: train.max_text_tokens must be a whole number from 2 to 4096 (the "
                               f"prompt length the model trained with), got {tokens!r}: mend it, or remove it to "
                               "sample at the release's 512")
-    return tokens
+    if dtype not in TEXT_ENCODER_DTYPES:
+        choices = " or ".join(map(repr, TEXT_ENCODER_DTYPES))
+        raise CheckpointError(f"{torch_config}: train.text_encoder_dtype must be {choices} (the T5 weights' dtype "
+                              f"the model trained with), got {dtype!r}: mend it, or remove it to sample with float32 "
+                              "weights")
+    return recorded
 
 
 def write_release_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], config: CheckpointConfig,
