@@ -27,7 +27,7 @@ from flax import nnx
 from pixelflow_jax import storage, validation
 from pixelflow_jax.api import CheckpointSource, load_for_sampling, trained_text_encoding, weights_chosen, weights_of
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
-from pixelflow_jax.checkpoints.run_checkpoint import complete_steps, is_run, steps_in_progress
+from pixelflow_jax.checkpoints.run_checkpoint import is_run, listed_steps
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
@@ -45,7 +45,7 @@ def parameter_counts(model: PixelFlow) -> dict[str, int]:
 
 def inspects_checkpoint(config, workdir: str) -> bool:
     """Whether the model inspected is a checkpoint's (see the module docstring), not the config's."""
-    return bool(config.sample.checkpoint) or (is_run(workdir) and bool(complete_steps(workdir)))
+    return bool(config.sample.checkpoint) or (is_run(workdir) and bool(listed_steps(workdir)[0]))
 
 
 def fill_checkpoint_of_run(config, workdir: str) -> None:
@@ -57,12 +57,12 @@ def fill_checkpoint_of_run(config, workdir: str) -> None:
     if not is_run(workdir):
         warn_of_a_sampling_job(workdir)
         return
-    if complete_steps(workdir):
+    complete, partial = listed_steps(workdir)
+    if complete:
         logging.info("%s is a training run: inspecting its latest checkpoint (set --config.sample.checkpoint to "
                      "inspect another, or use another --workdir for the config's own model)", workdir)
         config.sample.checkpoint = workdir
     else:
-        partial = steps_in_progress(workdir)
         being_written = f" (step {partial[-1]} is still being written, or was killed mid-save)" if partial else ""
         logging.warning("%s is a training run with no complete step yet%s: inspecting the config's own model with "
                         "random weights, not the run's", workdir, being_written)

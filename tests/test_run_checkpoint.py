@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import REPO, fixture_dir, run_converter
+from conftest import REPO, c2i_config, fixture_dir, run_converter
 from pixelflow_jax import CheckpointError, load_model
 from pixelflow_jax.checkpoints.convert import params_to_torch
 from pixelflow_jax.checkpoints.run_checkpoint import find_run_step
@@ -246,6 +246,44 @@ def test_a_step_killed_mid_save_is_never_loaded(run, tmp_path, caplog):
         shutil.rmtree(os.path.join(checkpoints, step))
     with pytest.raises(CheckpointError, match="no complete checkpoint yet; step 6 is still being written"):
         load_model(workdir)
+
+
+def test_a_run_that_swaps_its_only_step_while_it_is_listed_is_read_at_its_new_step(run, tmp_path, monkeypatch):
+    """A run keeping one step (train.keep_checkpoints=1) finalises step N+1, then deletes step N.
+    Sampling it while it trained listed both folders, found N gone (not finalised) and N+1 still
+    temporary in its listing: 'no complete checkpoint yet; step 6 is still being written. Wait for
+    the first checkpoint', of a run at its 200th (2 of 4 sampling jobs beside a run saving every
+    step), and inspect timed the config's random model. The run is listed again, its new step read."""
+    import orbax.checkpoint as ocp
+
+    from pixelflow_jax import inspect_model
+
+    workdir, weights = run
+    real = ocp.step.is_path_finalized
+
+    def run_about_to_swap(name):
+        copy = tmp_path / name
+        shutil.copytree(workdir, copy)
+        checkpoints = copy / "checkpoints"
+        shutil.rmtree(checkpoints / "2")
+        temporary = checkpoints / "6.orbax-checkpoint-tmp-1795755085"
+        shutil.copytree(checkpoints / "4", temporary)
+
+        def run_saves_step_6_meanwhile(path, *args, **kwargs):
+            if os.path.basename(str(path)) == "4" and temporary.exists():  # listed: 4 and 6's temporary folder
+                os.rename(temporary, checkpoints / "6")
+                shutil.rmtree(checkpoints / "4")
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.step, "is_path_finalized", run_saves_step_6_meanwhile)
+        return copy
+
+    copy = run_about_to_swap("sampled")
+    assert_params_equal(load_model(str(copy))[0], weights[4]["ema"])  # step 6's folder holds step 4's weights here
+    assert sorted(os.listdir(copy / "checkpoints")) == ["6"]
+    config = c2i_config()
+    inspect_model.fill_checkpoint_of_run(config, str(run_about_to_swap("inspected")))
+    assert config.sample.checkpoint == str(tmp_path / "inspected")
 
 
 def test_a_step_a_training_run_rotates_away_while_it_is_read_is_not_called_damaged(run, tmp_path, monkeypatch):

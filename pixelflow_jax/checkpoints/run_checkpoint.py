@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 
 from absl import logging
 
@@ -228,8 +229,21 @@ class RunStep:
         return storage.join(self.run, CHECKPOINTS, str(self.step))
 
 
-def latest_step(run: str) -> RunStep:
+def listed_steps(run: str, listings: int = 3) -> tuple[list[int], list[int]]:
+    """(complete steps, steps in progress) of a run. A run keeping one step (keep_checkpoints=1)
+    finalises step N+1, then deletes step N: a listing across that swap finds N gone and N+1 still
+    temporary, none complete, so a listing without a complete step but with folders is taken again."""
     steps, partial = complete_steps(run), steps_in_progress(run)
+    for _ in range(listings - 1):
+        if steps or not (partial or storage.listdir(storage.join(run, CHECKPOINTS))):
+            break
+        time.sleep(0.1)  # a swap is a rename and a deletion: far shorter
+        steps, partial = complete_steps(run), steps_in_progress(run)
+    return steps, partial
+
+
+def latest_step(run: str) -> RunStep:
+    steps, partial = listed_steps(run)
     if not steps:
         being_written = f"; step {partial[-1]} is still being written (or was killed mid-save)" if partial else ""
         raise CheckpointError(f"training run {run} has no complete checkpoint yet{being_written}. Wait for the "
