@@ -37,10 +37,44 @@ def rope_tables(grid_size: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
+@jax.custom_vjp
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates interleaved pairs of x (B, L, H, D) by the per-token angles; float32 math, x's dtype out."""
-    xf = x.astype(jnp.float32)
-    pairs = xf.reshape(*x.shape[:-1], -1, 2)
-    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-    return out.astype(x.dtype)
+    """Rotates interleaved pairs of x (B, L, H, D) by the per-token angles, (x[2i], x[2i+1]) ->
+    (x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin); float32 math, x's dtype out. The tables are
+    rope_tables', whose two members of a pair hold the same angle."""
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """apply_rope's values. Each channel's partner is read by shifting the heads' channels, all
+    H x D side by side as the projection wrote them, one place either way, with the sine zero where
+    the shift brings in another pair's (or head's) channel; not by pairing the channels in a
+    trailing axis of 2. A TPU lays an array's last axis out over 128 lanes: it relaid out q and k
+    for an axis of 2 several times a layer, and for one of D = 72 (bench/RESULTS.md). The shifts
+    move x in its own dtype (half the bytes of float32 for bf16). The same products and sums as
+    the paired form."""
+    batch, tokens, heads, head_dim = x.shape
+    flat = x.reshape(batch, tokens, heads * head_dim)
+    over_heads = lambda table: jnp.broadcast_to(table[:, None, :], (tokens, heads, head_dim)).reshape(tokens, -1)
+    even = np.arange(head_dim) % 2 == 0
+    next_sin = over_heads(jnp.where(even, -sin, 0.0))  # x[2i] takes -x[2i+1] sin
+    previous_sin = over_heads(jnp.where(even, 0.0, sin))  # x[2i+1] takes x[2i] sin
+    shifted = lambda shift: jnp.roll(flat, shift, axis=-1).astype(jnp.float32)
+    rotated = shifted(-1) * next_sin + shifted(1) * previous_sin
+    out = flat.astype(jnp.float32) * over_heads(cos) + rotated
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def _apply_rope_forward(x, cos, sin):
+    return _rotate(x, cos, sin), (cos, sin)
+
+
+def _apply_rope_backward(tables, cotangent):
+    """The transpose of a rotation is the rotation by minus its angle: one float32 pass over the
+    cotangent, rounded to x's dtype once (differentiated through, the shifts of x's dtype rounded
+    each of the three terms to bf16 before their sum)."""
+    cos, sin = tables
+    return _rotate(cotangent, cos, -sin), None, None
+
+
+apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)
