@@ -171,3 +171,167 @@ def test_the_readme_module_table_lists_every_module_where_it_is():
     unlisted = sorted(modules - named)
     assert not unlisted, (f"modules missing from README.md's 'What is here' table: {unlisted}; add each to the "
                           f"rows of its folder")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The #anchors GitHub gives README.md's headings: lower case, punctuation dropped, spaces as
+    hyphens, a repeated heading numbered -1, -2, ..."""
+    anchors = set()
+    for line in text.splitlines():
+        if heading := re.fullmatch(r"#{1,6}\s+(.+?)\s*#*", line):
+            anchor = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            anchors.add(next(a for n in itertools.count() if (a := anchor + (f"-{n}" if n else "")) not in anchors))
+    return anchors
+
+
+def test_every_link_inside_the_readme_leads_to_one_of_its_headings():
+    text = readme_text()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # a `# comment` in a bash block is no heading
+    links = set(re.findall(r"\]\(#([^)\s]+)\)", text))
+    assert len(links) >= 5, "the pattern no longer finds the README's links to its sections"
+    broken = sorted(links - heading_anchors(prose))
+    assert not broken, f"README.md links to sections that no heading makes (a renamed heading?): {broken}"
+
+
+# Top-level folders of this repository: a path starting with one of them (not part of a longer path,
+# such as ~/.cache/pixelflow_jax or runs/demo/...) names a file or folder of the repository.
+REPO_FOLDERS = ("tests", "bench", "pixelflow_jax", "configs")
+
+
+def test_every_repository_path_the_readme_names_exists():
+    """tests/..., bench/..., pixelflow_jax/..., configs/... and the test files named bare
+    (`test_workdir_lock.py`): a file renamed or removed fails here, not in a reader's command."""
+    text = readme_text()
+    folders = "|".join(REPO_FOLDERS)
+    paths = set(re.findall(rf"(?<![\w/.$~-])((?:{folders})/[\w/.-]*[\w/])", text))
+    paths |= {f"tests/{name}" for name in re.findall(r"(?<![\w/])(test_\w+\.py)\b", text)}
+    assert len(paths) > 30, "the patterns no longer find the README's paths"
+    missing = sorted(path for path in paths if not os.path.exists(os.path.join(REPO, path)))
+    assert not missing, f"README.md names paths that are not in the repository: {missing}"
+
+
+def module_basenames() -> dict[str, str]:
+    """The package's modules by file name (`loader` -> pixelflow_jax.data.loader), those whose name
+    is unique, as the README names them after their module's row in the 'What is here' table."""
+    names: dict[str, list[str]] = {}
+    for folder, _, files in os.walk(os.path.join(REPO, "pixelflow_jax")):
+        for name in files:
+            if name.endswith(".py") and name != "__init__.py":
+                module = os.path.relpath(os.path.join(folder, name[:-3]), REPO).replace(os.sep, ".")
+                names.setdefault(name[:-3], []).append(module)
+    return {name: modules[0] for name, modules in names.items() if len(modules) == 1}
+
+
+# First words of dotted names in the README that are config sections or files, not modules:
+# `model.remat`, `train.lock`, `scheduler.num_stages`, `metrics.jsonl`, `config.yaml`.
+NOT_MODULES = {"config", "model", "train", "scheduler", "metrics", "sample", "data", "eval", "demo", "mesh"}
+FILE_SUFFIXES = {"py", "json", "jsonl", "yaml", "pt", "pth", "npz", "npy", "png", "txt", "lock", "md", "sh"}
+
+
+def readme_code_names() -> set[str]:
+    """Dotted Python names in the README's code spans and blocks: `pixelflow_jax.load_model`,
+    `loader.to_global_batch` (a module of the package by its file name)."""
+    text = readme_text()
+    spans = re.findall(r"```.*?```", text, flags=re.S)
+    spans += re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    bare = module_basenames()
+    names = set()
+    for span in spans:
+        for name in re.findall(r"(?<![\w./:-])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)", span):
+            first, *_, last = name.split(".")
+            if last in FILE_SUFFIXES:
+                continue
+            if first == "pixelflow_jax" or (first in bare and first not in NOT_MODULES):
+                names.add(name)
+    return names
+
+
+def resolves(name: str) -> bool:
+    import importlib
+
+    first, *attributes = name.split(".")
+    module = "pixelflow_jax" if first == "pixelflow_jax" else module_basenames()[first]
+    obj = importlib.import_module(module)
+    for attribute in attributes:
+        if not hasattr(obj, attribute):
+            try:  # a submodule not imported by its package
+                obj = importlib.import_module(f"{obj.__name__}.{attribute}")
+                continue
+            except (ImportError, AttributeError):
+                return False
+        obj = getattr(obj, attribute)
+    return True
+
+
+def test_every_python_name_the_readme_gives_exists():
+    """`pixelflow_jax.sampling.sample_run.run`, `train.TrainingPreempted`-style names and the
+    module functions the README tells readers to call: a rename fails here (imports only, nothing
+    compiled)."""
+    names = readme_code_names()
+    assert {"pixelflow_jax.load_model", "loader.to_global_batch", "attention.compiling_for"} <= names, \
+        "the pattern no longer finds the README's Python names"
+    missing = sorted(name for name in names if not resolves(name))
+    assert not missing, f"README.md names Python objects that do not exist (renamed or removed?): {missing}"
+
+
+# The command lines the README gives flags to, and where their flags are defined.
+SCRIPTS = {r"main\.py": "main.py", r"convert_torch_ckpt\.py": "convert_torch_ckpt.py",
+           r"pixelflow_jax\.data\.pack_captions": "pixelflow_jax/data/pack_captions.py",
+           r"(?:bench/)?(\w+)\.py": "bench/{}.py"}
+ABSL_FLAGS = {"flagfile", "helpshort", "helpfull", "help"}
+# Other programs' flags the README names in prose, with their program.
+OTHER_PROGRAMS_FLAGS = {"data_dir": "tfds build", "dist": "pytest", "index-url": "pip", "logdir": "tensorboard",
+                        "network": "docker", "nodes": "srun", "ntasks-per-node": "srun", "signal": "srun",
+                        "xla_cpu_enable_concurrency_optimized_scheduler": "XLA_FLAGS"}
+
+
+def defined_flags(path: str) -> set[str]:
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        source = f.read()
+    return (set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", source))
+            | set(re.findall(r"add_argument\(\s*\"--([\w-]+)\"", source)) | ABSL_FLAGS)
+
+
+def readme_commands() -> list[tuple[str, set[str]]]:
+    """(script file, the flags given to it) of every command of this repository's scripts in the
+    README, in code blocks and in prose; `--config.*` overrides have their own test."""
+    text = readme_text().replace("\\\n", " ")  # a command continued over lines
+    pieces = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    pieces += re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    commands = []
+    for piece in pieces:
+        for command in re.split(r"&&|;|\||>|#", piece):
+            for pattern, file in SCRIPTS.items():
+                if found := re.search(rf"(?<![\w/.]){pattern}((?:\s+\S+)*)", command):
+                    *names, arguments = found.groups()
+                    if os.path.isfile(os.path.join(REPO, path := file.format(*names))):
+                        commands.append((path, set(re.findall(r"(?<![\w-])--(?!config\.)([\w-]+)", arguments))))
+                    break
+    return commands
+
+
+def test_every_flag_the_readmes_commands_give_is_defined():
+    commands = readme_commands()
+    scripts = {path for path, _ in commands}
+    assert {"main.py", "convert_torch_ckpt.py", "bench/gpu_compile.py"} <= scripts, \
+        "the pattern no longer finds the README's commands"
+    unknown = sorted({f"{path} --{flag}" for path, flags in commands for flag in flags - defined_flags(path)})
+    assert not unknown, f"README.md gives flags that its scripts do not define (renamed?): {unknown}"
+
+
+def test_every_flag_the_readme_names_in_prose_is_one_of_a_script_or_program():
+    """A `--flag` named alone in the text (`--overwrite`, `--compilation_cache=on`) is one of this
+    repository's scripts, or of the other program the sentence is about."""
+    ours = set().union(*(defined_flags(path) for path in ("main.py", "convert_torch_ckpt.py",
+                                                          "pixelflow_jax/data/pack_captions.py")),
+                       *(defined_flags(os.path.join("bench", name)) for name in os.listdir(os.path.join(REPO, "bench"))
+                         if name.endswith(".py")))
+    prose = re.sub(r"```.*?```", "", readme_text(), flags=re.S)
+    named = {flag for span in re.findall(r"`([^`]+)`", prose)
+             for flag in re.findall(r"(?<![\w-])--(?!config\.)([a-z][\w-]*)", span)}
+    assert {"overwrite", "distributed", "compilation_cache"} <= named, "the pattern no longer finds the flags"
+    unknown = sorted(named - ours - set(OTHER_PROGRAMS_FLAGS))
+    assert not unknown, (f"README.md names flags that no script here defines: {unknown} (another program's? add it "
+                         f"to OTHER_PROGRAMS_FLAGS)")
+    unused = sorted(set(OTHER_PROGRAMS_FLAGS) - named)
+    assert not unused, f"OTHER_PROGRAMS_FLAGS lists flags the README no longer names: {unused}"
