@@ -335,3 +335,32 @@ def test_every_flag_the_readme_names_in_prose_is_one_of_a_script_or_program():
                          f"to OTHER_PROGRAMS_FLAGS)")
     unused = sorted(set(OTHER_PROGRAMS_FLAGS) - named)
     assert not unused, f"OTHER_PROGRAMS_FLAGS lists flags the README no longer names: {unused}"
+
+
+NUMBER_WORDS = {word: n for n, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())} | {f"twenty-{w}": 20 + n for w, n in
+                                                      zip("one two three four five six seven eight nine".split(),
+                                                          range(1, 10))}
+
+
+def marked_tests(marker: str) -> int:
+    """Tests decorated @pytest.mark.MARKER in tests/ (none of them is parametrized)."""
+    count = 0
+    for name in os.listdir(os.path.join(REPO, "tests")):
+        if name.startswith("test_") and name.endswith(".py"):
+            with open(os.path.join(REPO, "tests", name), encoding="utf-8") as f:
+                count += len(re.findall(rf"^@pytest\.mark\.{marker}\b", f.read(), flags=re.M))
+    return count
+
+
+def test_the_readmes_counts_of_slow_and_timed_tests_are_the_suites():
+    """The Tests section says how many tests `-m "not slow"` skips and how many `timed` tests run one
+    after another: a test marked or unmarked since updates the sentence."""
+    text = " ".join(readme_text().split())
+    sentences = {"slow": r"skips the ([\w-]+) tests over ~30 s", "timed": r"keeps the ([\w-]+) `timed` tests"}
+    for marker, pattern in sentences.items():
+        said = re.search(pattern, text)
+        assert said, f"the README's sentence on the {marker} tests changed: update this test's pattern"
+        assert NUMBER_WORDS.get(said.group(1)) == marked_tests(marker), (
+            f"README.md says {said.group(0)!r}; tests/ has {marked_tests(marker)} tests marked {marker}")
