@@ -153,6 +153,16 @@ def test_the_sampler_names_the_misuse(models):
     with pytest.raises(ValueError, match=r"prompt_encoder must be a PromptEncoder, got '/tmp/t5': build one"):
         CascadeSampler(*models["t2i_tiny"]).generate_from_prompts("/tmp/t5", ["a cat"], steps_per_stage=1)
 
+    class Encoder:  # never reached: each call below is refused first
+        def encode(self, prompts):
+            raise AssertionError("encoded")
+
+    with pytest.raises(ValueError, match=r"this model is class-conditional: use generate\(labels\)"):
+        sampler.generate_from_prompts(Encoder(), ["a cat"], steps_per_stage=1)
+    with pytest.raises(ValueError, match="negative_prompt must be a string, got None"):
+        CascadeSampler(*models["t2i_tiny"]).generate_from_prompts(Encoder(), ["a cat"], negative_prompt=None,
+                                                                  steps_per_stage=1)
+
 
 def test_generate_from_prompts_names_an_encoder_of_another_width(models):
     """A T5 of another width than the model's cross-attention failed inside the first stage's jit,
@@ -517,6 +527,12 @@ def test_api_misuse_that_gave_wrong_images_or_raw_errors_is_named(models):
                                          r"\(1, 32, 32, 3\)"):
         sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(shapes[1]), jnp.zeros((1, 32, 32, 3)), jnp.zeros(shapes[3])],
                        *labels, options)
+    for blocks in (shapes[1:3], shapes[1:] + [(2, 128, 128, 3)]):  # a stage's noise too few or too many
+        with pytest.raises(ValueError, match=r"need block noise for stages 1..3 and steps for 4 stages"):
+            sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in blocks], *labels, options)
+    with pytest.raises(ValueError, match=r"need block noise for stages 1..3 and steps for 4 stages"):
+        sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], *labels,
+                       SamplingOptions.create(3, 1))
     with pytest.raises(ValueError, match="options must be a SamplingOptions .*, got a dict"):
         sampler.sample(jnp.zeros(shapes[0]), [jnp.zeros(s) for s in shapes[1:]], *labels, {"steps_per_stage": 1})
     # Conditioning of one row for two images failed in jnp.stack, one not a dict on a missing .get.

@@ -1,6 +1,7 @@
 """The cascade sampler against the release's recorded sampling runs, and its noise."""
 
 import contextlib
+import re
 
 import jax
 import numpy as np
@@ -276,6 +277,38 @@ def test_bad_options_are_rejected(tiny):
         sampler.generate([1], steps_per_stage=[3, 3])
     with pytest.raises(ValueError, match="solver"):
         sampler.generate([1], solver="heun")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps_per_stage": (1, 0, 1, 1)}, r"steps_per_stage must be positive, got \(1, 0, 1, 1\)"),
+    ({"cfg_scale": 0.5}, r"cfg_scale must be a finite number in \[1, 1000\] \(1 = no guidance\), got 0.5"),
+    ({"cfg_scale": 1000.5}, r"cfg_scale must be a finite number in \[1, 1000\]"),
+    ({"shift": 0.0}, "shift must be a finite positive number, got 0.0"),
+    ({"shift": float("inf")}, "shift must be a finite positive number, got inf"),
+    ({"rtol": 0.0}, "rtol must be a finite positive number, got 0.0"),
+    ({"atol": 0.0}, "atol must be a finite positive number, got 0.0"),
+    ({"atol": float("nan")}, "atol must be a finite positive number, got nan"),
+])
+def test_sampling_options_refuse_each_bound_they_name(options, message):
+    """SamplingOptions made in Python skip the config's checks: a CFG below 1 steers away from the
+    class, a shift of 0 puts every Euler step at one time, and a dopri5 tolerance of 0 never meets."""
+    with pytest.raises(ValueError, match=message):
+        SamplingOptions(**{"steps_per_stage": (1, 1, 1, 1), **options})
+    for cfg_scale in (1.0, 1000.0):  # the bounds themselves, and small positive shifts and tolerances
+        SamplingOptions(steps_per_stage=(1, 1, 1, 1), cfg_scale=cfg_scale, shift=1e-3, rtol=1e-9, atol=1e-9)
+
+
+def test_a_non_finite_sample_names_its_first_ten_image_ids_and_says_when_there_are_more():
+    from pixelflow_jax.sampling.cascade import check_finite
+
+    ids = np.arange(100, 112)
+    with pytest.raises(ValueError, match=re.escape(f"image ids {list(range(100, 110))}: the model's")):
+        check_finite(np.zeros(10, bool), ids[:10])
+    with pytest.raises(ValueError, match=re.escape(f"image ids {list(range(100, 110))} ...: the model's")):
+        check_finite(np.zeros(11, bool), ids[:11])
+    with pytest.raises(ValueError, match=re.escape("image ids [101, 111]: ")):
+        check_finite(np.arange(12) % 10 != 1, ids)
+    check_finite(np.ones(12, bool), ids)
 
 
 def test_a_non_finite_sample_is_an_error_not_a_black_image(tiny, tmp_path):
