@@ -143,6 +143,7 @@ def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_n
     Image.new("RGB", (8, 8)).save(root / "b" / "y.PNG")  # an image in any case of its extension, and not counted
     (root / "b" / "photo.heic").write_bytes(b"")
     (root / "b" / "moved.jpg").symlink_to(tmp_path / "elsewhere.jpg")  # a link to a file moved away
+    (root / "b" / ".#notes.txt").symlink_to("user@host.4242")  # Emacs's lock, hidden: neither read nor counted
     Image.new("RGB", (8, 8)).save(root / "loose.png")
     with caplog.at_level(logging.WARNING):
         source = ImageFolderSource(str(root))
@@ -168,8 +169,12 @@ def test_a_class_folder_that_is_a_link_to_nothing_is_an_error_naming_it(tmp_path
     with pytest.raises(DataError, match=re.escape(
             f"{root / 'b'} is a symbolic link to {tmp_path / 'unmounted' / 'b'}, which does not exist: a class "
             "folder that cannot be read (its class id would go to the next folder). Mend the link (mount the "
-            "disk it leads to) or remove it")):
+            "disk it leads to) or remove it") + r"\Z"):  # one link: no count
         ImageFolderSource(str(root))
+    (root / "d").symlink_to(tmp_path / "unmounted" / "d")
+    with pytest.raises(DataError, match=re.escape(f"or remove it (2 such links in {root})")):
+        ImageFolderSource(str(root))
+    (root / "d").unlink()
     (root / ".b").symlink_to(tmp_path / "gone")  # a hidden name is no class, linked or not
     (root / "cover.jpg").symlink_to(tmp_path / "unmounted" / "cover.jpg")  # nor a loose image's
     (root / "b").unlink()
@@ -204,12 +209,27 @@ def test_folder_classes_must_fit_the_model_and_hold_images(awkward_folder, caplo
     # trained: named, and previews cycle over the 2
     assert "has 2 classes but the model has model.num_classes = 10: classes 2 to 9 never train " \
            "(--config.model.num_classes=2 fits the folder, in a new --workdir)" in caplog.text
+    assert make_source(config, num_classes=3).num_classes == 2  # one class short is named too
+    assert "has 2 classes but the model has model.num_classes = 3: classes 2 to 2 never train" in caplog.text
     os.makedirs(os.path.join(awkward_folder, "c_empty"))
     try:
         with pytest.raises(DataError, match=r"classes without images: \['c_empty'\]"):
             make_source(config, num_classes=10)
     finally:
         os.rmdir(os.path.join(awkward_folder, "c_empty"))
+
+
+def test_classes_without_images_are_named_up_to_ten_with_dots_past_ten(tmp_path):
+    os.makedirs(tmp_path / "a")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    names = [f"e{i:02d}" for i in range(11)]
+    for name in names[:10]:
+        os.makedirs(tmp_path / name)
+    with pytest.raises(DataError, match=re.escape(f"classes without images: {names[:10]} (no file ending in")):
+        ImageFolderSource(str(tmp_path))
+    os.makedirs(tmp_path / names[10])
+    with pytest.raises(DataError, match=re.escape(f"classes without images: {names[:10]} ... (no file ending in")):
+        ImageFolderSource(str(tmp_path))
 
 
 def test_missing_or_empty_folder_names_the_path(tmp_path, caplog):
@@ -374,6 +394,21 @@ def test_a_tfds_split_name_or_data_dir_mistake_is_named_with_its_fix_not_a_rebui
     with pytest.raises(DataError, match=r"^no TFDS dataset is named 'imagenet_2012': .* Check --config.data.tfds_name "
                                         r"\(close names: imagenet2012"):
         TfdsSource("imagenet_2012", "train", str(tmp_path))
+    with pytest.raises(DataError, match=r"named 'imagenet_2012/downsampled_64x64:5.1.0': .*\(close names: "
+                                        r"imagenet2012"):
+        TfdsSource("imagenet_2012/downsampled_64x64:5.1.0", "train", str(tmp_path))  # matched by its name alone
+
+
+def test_a_dataset_folder_is_found_down_to_its_config_and_version_folders():
+    """TFDS lays a dataset out as DATA_DIR/NAME[/CONFIG]/VERSION: a data dir ending in any of those
+    three names the dataset's folder; one in the working directory names '.' as the data dir."""
+    hint = sources.dataset_folder_hint
+    for data_dir in ("/data/cifar10_corrupted", "/data/cifar10_corrupted/brightness_1",
+                     "/data/cifar10_corrupted/brightness_1/1.0.0/"):
+        assert hint("cifar10_corrupted/brightness_1:1.0.0", data_dir).endswith("set --config.data.tfds_data_dir=/data")
+    assert hint("imagenet2012", "imagenet2012/5.1.0").endswith("--config.data.tfds_data_dir=.")
+    assert hint("imagenet2012", "/data/imagenet2012/a/b/5.1.0") == ""  # deeper than TFDS's layout: some other folder
+    assert hint("imagenet2012", None) == hint("imagenet2012", "/data") == ""
 
 
 def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeypatch):
