@@ -828,9 +828,13 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                          r"the images \(N, H, W, 3\) are arr_1 \(6, 8, 8, 3\); an evaluation reads the "
                                          r"images as arr_0: write them first, np.savez\(path, images, labels\)"):
         npz_image_count(str(tmp_path / "labels_first.npz"))
-    np.savez(tmp_path / "labels_alone.npz", np.arange(6), scores=np.zeros(6))  # no images beside: as before
-    with pytest.raises(ValueError, match=r"arr_0 must be images \(N, H, W, 3\), got shape \(6,\)$"):
-        npz_image_count(str(tmp_path / "labels_alone.npz"))
+    for name, beside in (("labels_alone", {"scores": np.zeros(6)}),  # no images beside: as before
+                         ("labels_and_masks", {"masks": np.zeros((6, 8, 8, 1), np.uint8)})):  # nor grey masks
+        np.savez(tmp_path / f"{name}.npz", np.arange(6), **beside)
+        with pytest.raises(ValueError, match=r"arr_0 must be images \(N, H, W, 3\), got shape \(6,\)$"):
+            npz_image_count(str(tmp_path / f"{name}.npz"))
+    np.savez(tmp_path / "two_sets.npz", np.zeros((6, 8, 8, 3), np.uint8), np.ones((5, 8, 8, 3), np.uint8))
+    assert npz_image_count(str(tmp_path / "two_sets.npz")) == 6  # images first, other images beside: arr_0 is read
     np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match=r"it is a .npy file: save the images with np.savez"):
         npz_image_count(str(tmp_path / "plain.npy"))

@@ -676,13 +676,15 @@ def test_non_finite_features_or_metrics_are_errors_and_never_reach_eval_json(tin
 
 def test_samples_and_reference_at_different_resolutions_get_a_warning(tiny_inception, tmp_path, caplog):
     reference = images_npz(tmp_path / "reference.npz", 2, size=8)
-    for size in (8, 16):
+    wide = tmp_path / "samples_8x12.npz"  # as high as the reference, wider
+    np.savez(wide, arr_0=np.random.default_rng(1).integers(0, 256, (6, 8, 12, 3), dtype=np.uint8))
+    for samples, size in ((images_npz(tmp_path / "samples_8.npz", 1), None),
+                          (images_npz(tmp_path / "samples_16.npz", 1, size=16), "16x16"), (str(wide), "8x12")):
         caplog.clear()
-        samples = images_npz(tmp_path / f"samples_{size}.npz", 1, size=size)
         evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "run"), batch_size=8)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-        assert warnings == ([] if size == 8 else [
-            f"the samples {samples} are 16x16 px but the reference {reference} holds 8x8 px images: the metrics "
+        assert warnings == ([] if size is None else [
+            f"the samples {samples} are {size} px but the reference {reference} holds 8x8 px images: the metrics "
             "compare different resolutions (both are resized to 299 px for the Inception)"])
 
 
@@ -878,7 +880,7 @@ def test_a_sampling_job_that_ends_with_an_evaluation_reads_its_inputs_before_sam
                                          r"WORKDIR/samples.npz, and other images go into one with numpy.savez"):
         evaluate.check_inputs(str(job / "samples"), good, str(weights), str(tmp_path / "run"))
     images_npz(job / "samples.npz", 2)
-    for folder in (job, job / "samples"):
+    for folder in (job, job / "samples", f"{job / 'samples'}/"):  # with the / a shell completes a folder with
         with pytest.raises(ValueError, match=rf"is a folder, not an .npz file \(pass {job / 'samples.npz'}, the "
                                              r"images a sampling job packed\)"):
             evaluate.check_inputs(str(folder), good, str(weights), str(tmp_path / "run"))
@@ -902,6 +904,25 @@ def test_a_reference_holding_the_samples_own_images_is_said_to_measure_nothing(t
         evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "run"), batch_size=8)
         assert ("hold the same images (their shapes and CRCs agree): the metrics are those of a perfect match"
                 in caplog.text) == same, caplog.text
+
+
+def test_a_samples_npz_past_its_jobs_count_is_unfinished_and_a_record_without_a_count_is_no_job(tmp_path):
+    """A samples.npz of more images than the workdir's job records is no finished output of that job
+    either (a check of fewer images only passed it, and its extra images were scored)."""
+    (tmp_path / "samples").mkdir()
+    images_npz(tmp_path / "samples.npz", 1, count=6)
+    for asked in (6, 4, 8):
+        (tmp_path / "samples" / "settings.json").write_text(json.dumps({"num_images": asked}))
+        if asked == 6:
+            assert evaluate.samples_to_evaluate("", str(tmp_path)) == str(tmp_path / "samples.npz")
+            continue
+        with pytest.raises(ValueError, match=f"samples.npz holds 6 images, but this workdir's sampling job asks for "
+                                             f"{asked} .*it has not finished"):
+            evaluate.samples_to_evaluate("", str(tmp_path))
+    # A settings.json that records no count (damaged, or another program's) is no job to compare with.
+    for text in ("{}", '["num_images"]', '{"num_images": null}', '{"num_images": "six"}', '{"num_images": 4'):
+        (tmp_path / "samples" / "settings.json").write_text(text)
+        assert evaluate.samples_to_evaluate("", str(tmp_path)) == str(tmp_path / "samples.npz")
 
 
 def test_stored_reference_statistics_are_used_and_missing_ones_computed(tmp_path, monkeypatch):
