@@ -661,6 +661,55 @@ def test_a_folders_fingerprint_follows_names_sizes_and_each_part_of_a_large_file
     assert storage.fingerprint(str(folder)) != changed
 
 
+def test_a_local_listing_of_nothing_is_empty_and_its_others_are_neither_files_nor_folders(tmp_path):
+    others = []
+    assert storage.list_entries(str(tmp_path / "missing"), others) == ([], []) and others == []
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    assert storage.list_entries(str(tmp_path), others) == (["a.txt"], ["sub"]) and others == ["dangling"]
+
+
+def test_a_bucket_listing_sees_what_another_machine_wrote_since_the_last_one(bucket, monkeypatch):
+    """With listings kept (gcsfs's default, or turned on again in a user's fsspec config), a run
+    polling for checkpoints another host writes would never see them if that cache answered."""
+    import fsspec
+
+    storage.remote.configure_gcsfs()
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(fsspec.config.conf, protocol, {**fsspec.config.conf[protocol], "use_listings_cache": True})
+    storage.write_atomically(f"{bucket}/run/a/x", b"1")
+    assert storage.list_entries(f"{bucket}/run") == ([], ["a"]) and storage.file_sizes(f"{bucket}/run") == {"a/x": 1}
+    elsewhere = fsspec.filesystem("gs", skip_instance_cache=True)
+    elsewhere.pipe(f"{bucket}/run/b.txt".removeprefix("gs://"), b"22")
+    assert storage.list_entries(f"{bucket}/run") == (["b.txt"], ["a"])
+    assert storage.file_sizes(f"{bucket}/run") == {"a/x": 1, "b.txt": 2}
+
+
+def test_a_fingerprint_reads_both_ends_of_a_large_file_its_size_and_all_of_one_just_small_enough(tmp_path):
+    slice_size = storage.reads.FINGERPRINT_SLICE
+    path = tmp_path / "data.bin"
+
+    def fingerprints(content: bytes) -> tuple[str, str]:
+        path.write_bytes(content)
+        return storage.fingerprint(str(tmp_path)), storage.file_fingerprint(str(path))
+
+    large = bytes(4 * slice_size)
+    before = fingerprints(large)
+    for changed in (b"\1" + large[1:], large[:-1] + b"\1", bytes(5 * slice_size)):  # first, last byte; longer
+        after = fingerprints(changed)
+        assert after[0] != before[0] and after[1] != before[1]
+    whole = bytes(3 * slice_size)  # read whole: a byte between where slices would start is seen
+    assert fingerprints(whole) != fingerprints(whole[:slice_size + 1] + b"\1" + whole[slice_size + 2:])
+
+
+def test_reads_in_order_run_side_by_side():
+    import threading
+
+    both_waiting = threading.Barrier(2, timeout=10)  # broken if the second read waits for the first
+    assert list(storage.read_in_order(lambda i: both_waiting.wait() * 0 + i, [1, 2])) == [1, 2]
+
+
 def test_reads_in_threads_come_back_in_order_with_a_bounded_read_ahead():
     drawn = []
 
