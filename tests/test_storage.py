@@ -1023,6 +1023,72 @@ def test_a_killed_writers_temporary_folder_is_kept_while_anything_in_it_is_recen
     assert os.listdir(tmp_path) == [os.path.basename(mine)]
 
 
+def test_only_names_a_writer_of_this_project_gives_are_cleared_and_a_younger_one_of_another_host_is_kept(tmp_path,
+                                                                                                      caplog):
+    import logging
+    import re
+
+    dead, folder = 999999999, tmp_path / "samples"  # no such pid here
+    assert storage.remove_temporaries(str(folder)) == 0  # no folder yet: nothing to clear
+    folder.mkdir()
+    kept = [f".notes.tmp-{dead}-x-mine", f"notes.tmp-{dead}-01",  # a user's: a dash too many, not hidden
+            ".000010.png.tmp-other-host.example-7-a"]  # another host's two hours old: its writer may still run
+    for name in ["grid.png.tmp", *kept]:  # a sampling job's of earlier versions, and the kept
+        (folder / name).write_bytes(b"")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(folder / kept[-1], (two_hours_ago, two_hours_ago))
+    with caplog.at_level(logging.INFO):
+        storage.clear_leftovers_of_killed_writers(str(folder))  # one file is worth the line
+    assert sorted(os.listdir(folder)) == sorted(kept)
+    assert f"removed the temporary files of an interrupted run from {folder}" in caplog.text
+    (folder / "settings.json.tmp").write_bytes(b"")
+    assert storage.remove_temporaries(str(folder)) == 1 and sorted(os.listdir(folder)) == sorted(kept)
+    for writer in (f"{socket.gethostname()}-{os.getpid()}-x", "other-host.example-7-x"):  # removed meanwhile
+        assert not storage.temporaries.writer_gone(re.fullmatch(storage.WRITER, writer), str(folder / "gone"))
+
+
+def test_a_killed_writers_folder_is_told_by_its_whole_name_and_a_link_named_like_one_is_left_alone(tmp_path,
+                                                                                                   monkeypatch):
+    import tempfile
+
+    from pixelflow_jax.checkpoints.checkpoint import atomic_output_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    here, dead, hour_ago = socket.gethostname(), 999999999, time.time() - 3700
+    names = [f"pixelflow_test-{here}-{dead}-x-mine",  # a user's: a dash too many
+             f"pixelflow_test-{here}-{dead}-y",  # a killed writer's, written to ten minutes ago
+             f"pixelflow_test-{here}-{dead}-z"]  # a killed writer's, abandoned
+    for name in names:
+        (tmp_path / name / "events").mkdir(parents=True)
+        (tmp_path / name / "events" / "tfevents").write_bytes(b"")
+        for path in (tmp_path / name / "events" / "tfevents", tmp_path / name / "events", tmp_path / name):
+            written = time.time() - 600 if name.endswith("-y") and path.name == "tfevents" else hour_ago
+            os.utime(path, (written, written))
+    storage.remove_abandoned_dirs("pixelflow.test")  # a prefix is a name, not a pattern
+    assert sorted(os.listdir(tmp_path)) == sorted(names)
+    storage.remove_abandoned_dirs("pixelflow_test")
+    assert sorted(os.listdir(tmp_path)) == sorted(names[:2])
+
+    (tmp_path / "mine" / "previous").mkdir(parents=True)  # a user's folder, linked under a killed run's name
+    (tmp_path / "mine" / "previous" / "model.pt").write_bytes(b"mine")
+    os.symlink(tmp_path / "mine", tmp_path / f".out.old-{dead}-def")
+    with atomic_output_dir(str(tmp_path / "out")) as output:
+        storage.write_atomically(f"{output}/model.pt", b"new")
+    assert (tmp_path / "mine" / "previous" / "model.pt").read_bytes() == b"mine"
+    assert (tmp_path / "out" / "model.pt").read_bytes() == b"new"
+
+
+def test_a_temporary_folder_takes_the_mode_the_umask_gives():
+    import tempfile
+
+    previous = os.umask(0o002)
+    try:
+        with tempfile.TemporaryDirectory() as parent:
+            assert os.stat(storage.make_folder(parent)).st_mode & 0o777 == 0o775
+    finally:
+        os.umask(previous)
+
+
 def test_reading_the_umask_never_changes_it(monkeypatch):
     """umask() set the umask to 0 to read it: for that instant a file another thread created (orbax
     saves from threads) got mode 0666, a folder 0777. On Linux it is read without being set."""
