@@ -159,6 +159,33 @@ def test_an_output_in_the_way_on_one_process_stops_every_process_with_it(tmp_pat
         check_outputs_have_room(str(tmp_path))
 
 
+def test_a_samples_npz_folder_is_refused_on_the_process_that_sees_it_and_told_to_the_others(tmp_path, monkeypatch):
+    from jax.experimental import multihost_utils
+
+    from pixelflow_jax.sampling.job_files import check_outputs_have_room
+    from test_metrics import as_process_of_2
+
+    (tmp_path / "samples.npz").mkdir()
+    as_process_of_2(monkeypatch, 1)
+    shared, real_allgather = [], multihost_utils.process_allgather
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda flag: shared.append(int(flag)) or real_allgather(flag))
+    with pytest.raises(ValueError, match=r"samples\.npz is a folder, where this job writes its samples\.npz"):
+        check_outputs_have_room(str(tmp_path))
+    assert shared == [1]  # the others stop with it
+
+
+def test_a_record_without_a_checkpoints_name_names_no_sampled_checkpoint(tmp_path):
+    from pixelflow_jax.sampling.job_files import sampled_checkpoint
+
+    (tmp_path / "samples").mkdir()
+    for record in ("{}", '{"checkpoint": 3}', '{"checkpoint": "/runs/a"'):  # no name, not a name, cut off
+        (tmp_path / "samples" / "settings.json").write_text(record)
+        assert sampled_checkpoint(str(tmp_path)) is None
+    (tmp_path / "samples" / "settings.json").write_text('{"checkpoint": "/runs/a"}')
+    assert sampled_checkpoint(str(tmp_path)) == "/runs/a"
+
+
 def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path):
     from configs import c2i
     from pixelflow_jax.evaluation.evaluate import check_sample_count
@@ -397,6 +424,26 @@ def test_a_job_whose_pngs_were_deleted_is_not_taken_for_one_that_never_sampled(t
     with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['seed'\]\); use "
                                          r"a new --workdir"):
         check_settings(str(samples), str(tmp_path), {"seed": 1})
+
+
+def test_images_a_job_did_not_record_are_named_by_the_first_id_and_only_names_it_writes_count(tmp_path):
+    """PNGs without a settings.json are refused, naming the lowest id (of six digits or more); a
+    user's 12345.png or a folder named like an image is no image of a job."""
+    from pixelflow_jax.sampling.job_files import images_on_disk
+    from pixelflow_jax.sampling.job_settings import check_settings
+
+    samples = tmp_path / "samples"
+    (samples / "000000.png").mkdir(parents=True)
+    (samples / "12345.png").write_bytes(b"a user's")
+    assert images_on_disk(str(samples)) == {"12345.png"}
+    check_settings(str(samples), str(tmp_path), {"seed": 0}, record=False)  # nothing of a job here
+    (samples / "1000000.png").write_bytes(b"png")  # the millionth image
+    with pytest.raises(ValueError, match=r"holds the image 1000000\.png but no settings\.json"):
+        check_settings(str(samples), str(tmp_path), {"seed": 0}, record=False)
+    for i in range(300, 100, -1):
+        (samples / f"{i:06d}.png").write_bytes(b"png")
+    with pytest.raises(ValueError, match=r"holds 201 images \(e\.g\. 000101\.png\) but no settings\.json"):
+        check_settings(str(samples), str(tmp_path), {"seed": 0}, record=False)
 
 
 def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypatch):
