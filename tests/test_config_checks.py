@@ -192,6 +192,16 @@ def test_a_bool_is_neither_a_number_nor_a_count():
             check_value("x", True)
 
 
+def test_class_ids_past_their_range_are_named_five_at_most_and_an_image_id_past_int32_is_refused():
+    from pixelflow_jax.validation import class_ids, image_ids
+
+    with pytest.raises(ConfigError, match=r"labels must be class ids in \[0, 9\], got \[10, 11, 12, 13, 14\]$"):
+        class_ids("labels", list(range(10, 20)), 10)
+    with pytest.raises(ConfigError, match=r"image_ids must be whole numbers in \[0, 2\*\*31\), got \[2147483648\]"):
+        image_ids([2**31], 1)  # would wrap to a negative int32 id
+    assert image_ids([2**31 - 1], 1).tolist() == [2**31 - 1]
+
+
 MODES = ("train", "sample", "eval", "demo", "inspect")
 
 
