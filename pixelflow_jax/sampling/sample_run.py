@@ -33,7 +33,7 @@ from PIL import Image
 from pixelflow_jax import storage, validation
 from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, load_sampling_model, run_trained_classes,
                                sampling_runtime, sampling_source, weights_chosen, weights_of)
-from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+from pixelflow_jax.evaluation.evaluate import INPUT_ERRORS
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
                                      from_process_0, stop_if_preempted)
 from pixelflow_jax.progress import Progress
@@ -91,9 +91,6 @@ def run(config, workdir: str) -> None:
         _sample(config, workdir)
 
 
-# What reading the job's labels, prompts and text encoder raises for bad input.
-_INPUT_ERRORS = (ValueError, CheckpointError, storage.StorageError)
-
 def _sample(config, workdir: str) -> None:
     s = config.sample
     num_devices = jax.device_count()
@@ -106,7 +103,7 @@ def _sample(config, workdir: str) -> None:
     options = SamplingOptions.create(ckpt.num_stages, s.steps_per_stage, cfg_scale=s.cfg_scale, shift=s.shift,
                                      solver=s.solver)
     # Each process reads the run's class list, the prompts file and the text encoder from its own host.
-    with failing_together(_INPUT_ERRORS, "reading the job's labels or prompts"):
+    with failing_together(INPUT_ERRORS, "reading the job's labels or prompts"):
         trained = None if ckpt.model.cross_attention_dim else run_trained_classes(source, ckpt.model.num_classes)
         conditioning = conditioning_for(s, ckpt.model, trained)
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
