@@ -75,6 +75,9 @@ MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits: seed 2**32 would draw seed
 # (prefetch_batches=100000) died starting threads, in a traceback of grain's.
 MAX_DATA_WORKERS = 128
 MAX_PREFETCH_BATCHES = 128
+# A prompt's tokens: at least one piece and </s>; 4096 already cost the T5 encoder minutes.
+MIN_TEXT_TOKENS, MAX_TEXT_TOKENS = 2, 4096
+TEXT_ENCODER_DTYPES = ("float32", "bfloat16")  # train.text_encoder_dtype's choices
 
 
 def seed(name: str, value, where: str = "--config.") -> int:
@@ -254,8 +257,8 @@ def check_text_training(config) -> None:
 
     t, d = config.train, config.data
     number("train.caption_dropout", t.caption_dropout, minimum=0, below=1)
-    integer("train.max_text_tokens", t.max_text_tokens, minimum=2, maximum=4096)
-    choice("train.text_encoder_dtype", t.text_encoder_dtype, ("float32", "bfloat16"))
+    integer("train.max_text_tokens", t.max_text_tokens, minimum=MIN_TEXT_TOKENS, maximum=MAX_TEXT_TOKENS)
+    choice("train.text_encoder_dtype", t.text_encoder_dtype, TEXT_ENCODER_DTYPES)
     choice("data.missing_captions", d.missing_captions, MISSING_CAPTION_CHOICES)
     if d.source == "tfds":
         raise ConfigError("--config.data.source 'tfds' has no captions: a text-conditional model trains on 'folder' "
@@ -289,7 +292,7 @@ def check_model_numerics(config) -> None:
 
 def text_tokens(sample_config) -> None:
     s = sample_config
-    if integer("sample.max_text_tokens", s.max_text_tokens, minimum=0, maximum=4096) == 1:
+    if integer("sample.max_text_tokens", s.max_text_tokens, minimum=0, maximum=MAX_TEXT_TOKENS) == 1:
         raise ConfigError("--config.sample.max_text_tokens must be 0 (the run's or the release's length) or >= 2 "
                           "(a prompt's pieces and </s>), got 1")
 

@@ -26,12 +26,12 @@ from pixelflow_jax.checkpoints.convert import Params, param_shapes
 from pixelflow_jax.command_line import late_restore_callbacks_dropped
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.validation import LARGEST_IMAGE_SIDE, too_many_stages
+from pixelflow_jax.validation import (LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES,
+                                      too_many_stages)
 
 CONFIG_FILE = "pixelflow_config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
-TEXT_ENCODER_DTYPES = ("float32", "bfloat16")  # train.text_encoder_dtype's choices
 WEIGHT_CHOICES = ("ema", "model")  # of a training run or a release train.py checkpoint: the EMA or the raw weights
 
 
@@ -43,6 +43,11 @@ def check_weights_choice(weights: str, name: str = "weights") -> None:
     """`name` (as the caller's user spells the setting) is one of WEIGHT_CHOICES."""
     if weights not in WEIGHT_CHOICES:
         raise CheckpointError(f"{name} must be one of {WEIGHT_CHOICES}, got {weights!r}")
+
+
+def is_text_token_count(tokens) -> bool:
+    """Whether `tokens` is a prompt length training takes (train.max_text_tokens)."""
+    return isinstance(tokens, int) and not isinstance(tokens, bool) and MIN_TEXT_TOKENS <= tokens <= MAX_TEXT_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +69,9 @@ class CheckpointConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         tokens = self.max_text_tokens
-        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or not 2 <= tokens <= 4096):
-            raise ValueError(f"max_text_tokens must be a whole number from 2 to 4096 (training's bounds), got "
-                             f"{tokens!r}")
+        if tokens is not None and not is_text_token_count(tokens):
+            raise ValueError(f"max_text_tokens must be a whole number from {MIN_TEXT_TOKENS} to {MAX_TEXT_TOKENS} "
+                             f"(training's bounds), got {tokens!r}")
         if self.text_encoder_dtype not in (None, *TEXT_ENCODER_DTYPES):
             raise ValueError(f"text_encoder_dtype must be one of {TEXT_ENCODER_DTYPES}, got "
                              f"{self.text_encoder_dtype!r}")

@@ -20,11 +20,12 @@ import numpy as np
 import yaml
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.checkpoint import (TEXT_ENCODER_DTYPES, CheckpointConfig, CheckpointError,
-                                                 atomic_output_dir, check_weights_choice, listed)
+from pixelflow_jax.checkpoints.checkpoint import (CheckpointConfig, CheckpointError, atomic_output_dir,
+                                                 check_weights_choice, is_text_token_count, listed)
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ARCHITECTURE_FIELDS, ModelConfig
 from pixelflow_jax.error_text import first_line
+from pixelflow_jax.validation import MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES
 
 RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
 # The PixelFlowModel arguments without a default; the others default to attention_bias True,
@@ -449,10 +450,10 @@ def text_training_of(torch_config: str) -> dict[str, Any]:
     except (TypeError, AttributeError):  # no train section; a broken file is named where it is read
         return {}
     tokens, dtype = recorded.get("max_text_tokens", 512), recorded.get("text_encoder_dtype", "float32")
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 2 <= tokens <= 4096:  # training's bounds
-        raise CheckpointError(f"{torch_config}: train.max_text_tokens must be a whole number from 2 to 4096 (the "
-                              f"prompt length the model trained with), got {tokens!r}: mend it, or remove it to "
-                              "sample at the release's 512")
+    if not is_text_token_count(tokens):
+        raise CheckpointError(f"{torch_config}: train.max_text_tokens must be a whole number from {MIN_TEXT_TOKENS} "
+                              f"to {MAX_TEXT_TOKENS} (the prompt length the model trained with), got {tokens!r}: mend "
+                              "it, or remove it to sample at the release's 512")
     if dtype not in TEXT_ENCODER_DTYPES:
         choices = " or ".join(map(repr, TEXT_ENCODER_DTYPES))
         raise CheckpointError(f"{torch_config}: train.text_encoder_dtype must be {choices} (the T5 weights' dtype "

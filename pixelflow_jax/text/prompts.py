@@ -139,8 +139,8 @@ class PromptEncoder:
                  param_dtype: str = "float32"):
         from pixelflow_jax import validation
 
-        # A prompt is at least one piece and </s>; 4096 tokens already cost the encoder minutes.
-        max_length = validation.integer("max_length", max_length, minimum=2, maximum=4096, where="")
+        max_length = validation.integer("max_length", max_length, minimum=validation.MIN_TEXT_TOKENS,
+                                        maximum=validation.MAX_TEXT_TOKENS, where="")
         dtype, param_dtype = (dtype_name(d) for d in (dtype, param_dtype))  # jnp.bfloat16 too, as load_model takes
         for name, value, allowed in (("dtype", dtype, DTYPES), ("param_dtype", param_dtype, PARAM_DTYPES)):
             if value not in allowed:
