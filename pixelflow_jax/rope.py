@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelflow_jax.kernels.attention import target_platform
+
 ROPE_THETA = 10000.0
 
 
@@ -49,19 +51,28 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """apply_rope's values. Each channel's partner is read by shifting the heads' channels, all
     H x D side by side as the projection wrote them, one place either way, with the sine zero where
     the shift brings in another pair's (or head's) channel; not by pairing the channels in a
-    trailing axis of 2. A TPU lays an array's last axis out over 128 lanes: it relaid out q and k
-    for an axis of 2 several times a layer, and for one of D = 72 (bench/RESULTS.md). The shifts
-    move x in its own dtype (half the bytes of float32 for bf16). The same products and sums as
-    the paired form."""
+    trailing axis of 2. The shifts move x in its own dtype (half the bytes of float32 for bf16).
+    The same products and sums as the paired form, in either view of the tables below."""
     batch, tokens, heads, head_dim = x.shape
     flat = x.reshape(batch, tokens, heads * head_dim)
-    over_heads = lambda table: jnp.broadcast_to(table[:, None, :], (tokens, heads, head_dim)).reshape(tokens, -1)
+    if target_platform() == "tpu":
+        # A TPU lays an array's last axis out over 128 lanes: a (..., H, 72) view of q and k is a
+        # relayout copy each way (bench/RESULTS.md), so the tables are tiled to all H x D channels.
+        view = lambda channels: channels
+        per_channel = lambda table: jnp.tile(table, (1, heads))
+    else:
+        # Elsewhere the (..., H, D) view is free and the tables stay (L, D), broadcast inside the
+        # kernels. Tiled, an H200 training step read them from HBM each layer, and with the flat
+        # view's reshapes cancelled XLA dropped the gradient's bf16 rounding as excess precision
+        # and passed it on in float32: +20 GB a step (bench/RESULTS.md).
+        view = lambda channels: channels.reshape(x.shape)
+        per_channel = lambda table: table[:, None, :]
     even = np.arange(head_dim) % 2 == 0
-    next_sin = over_heads(jnp.where(even, -sin, 0.0))  # x[2i] takes -x[2i+1] sin
-    previous_sin = over_heads(jnp.where(even, 0.0, sin))  # x[2i+1] takes x[2i] sin
-    shifted = lambda shift: jnp.roll(flat, shift, axis=-1).astype(jnp.float32)
+    next_sin = per_channel(jnp.where(even, -sin, 0.0))  # x[2i] takes -x[2i+1] sin
+    previous_sin = per_channel(jnp.where(even, 0.0, sin))  # x[2i+1] takes x[2i] sin
+    shifted = lambda shift: view(jnp.roll(flat, shift, axis=-1)).astype(jnp.float32)
     rotated = shifted(-1) * next_sin + shifted(1) * previous_sin
-    out = flat.astype(jnp.float32) * over_heads(cos) + rotated
+    out = view(flat).astype(jnp.float32) * per_channel(cos) + rotated
     return out.reshape(x.shape).astype(x.dtype)
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pixelflow_jax.kernels.attention import compiling_for
 from pixelflow_jax.rope import apply_rope, rope_tables
 
 GRID, HEADS, HEAD_DIM = 8, 3, 72  # XL's head size: 72 channels, not a multiple of a TPU's 128 lanes
@@ -22,20 +23,36 @@ def rotated_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray
     return out
 
 
+# The rotation is traced in one of two views by platform (rope._rotate): for a TPU the tables are
+# tiled over the heads' channels side by side; elsewhere (a GPU here) they multiply a
+# (..., heads, head_dim) view.
+PLATFORMS = ("gpu", "tpu")
+
+
 @pytest.fixture(scope="module")
 def tables():
     return rope_tables(GRID, HEAD_DIM)
 
 
-def test_rope_rotates_each_interleaved_pair_by_its_tokens_angle(tables):
+def traced_for(platform: str, fn):
+    """fn jitted afresh (jit keeps traces per function, not per compiling_for) and traced for platform."""
+    def run(*args):
+        with compiling_for(platform):
+            return jax.jit(lambda *a: fn(*a))(*args)
+    return run
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_rope_rotates_each_interleaved_pair_by_its_tokens_angle(tables, platform):
     cos, sin = tables
     x = np.random.default_rng(0).standard_normal((2, GRID * GRID, HEADS, HEAD_DIM)).astype(np.float32)
-    out = jax.jit(apply_rope)(x, cos, sin)
+    out = traced_for(platform, apply_rope)(x, cos, sin)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, rotated_pairs(x, cos, sin), rtol=0, atol=2e-6)
 
 
-def test_ropes_gradient_is_the_rotation_back_rounded_to_bfloat16_once(tables):
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_ropes_gradient_is_the_rotation_back_rounded_to_bfloat16_once(tables, platform):
     """The cotangent of a bf16 input is the float32 rotation by minus the angle, rounded once.
     Differentiated through, the shifts of bf16 channels rounded each of its terms to bf16 before
     their sum: 16% of these values were a bf16 unit or two off."""
@@ -43,7 +60,7 @@ def test_ropes_gradient_is_the_rotation_back_rounded_to_bfloat16_once(tables):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, GRID * GRID, HEADS, HEAD_DIM)), jnp.bfloat16)
     cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
-    (gradient,) = jax.jit(lambda x, g: jax.vjp(lambda x: apply_rope(x, cos, sin), x)[1](g))(x, cotangent)
+    (gradient,) = traced_for(platform, lambda x, g: jax.vjp(lambda x: apply_rope(x, cos, sin), x)[1](g))(x, cotangent)
     assert gradient.dtype == jnp.bfloat16
     expected = rotated_pairs(np.asarray(cotangent, np.float32), cos, -sin).astype(np.float32).astype(jnp.bfloat16)
     np.testing.assert_array_equal(gradient, expected)
@@ -57,3 +74,39 @@ def test_rope_makes_no_axis_of_pairs_for_a_tpu_to_lay_out_over_its_lanes(tables)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x: apply_rope(x, cos, sin).astype(jnp.float32).sum()))(x)
     shapes = [var.aval.shape for eqn in jaxpr.jaxpr.eqns for var in eqn.outvars]
     assert shapes and not [shape for shape in shapes if shape and shape[-1] == 2]
+
+
+def multiplied_shapes(platform: str, tables) -> set[tuple[int, ...]]:
+    """The shapes of every product in the rotation's forward and backward, traced for platform."""
+    cos, sin = tables
+    x = jnp.zeros((2, GRID * GRID, HEADS, HEAD_DIM), jnp.bfloat16)
+    with compiling_for(platform):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda x: apply_rope(x, cos, sin).astype(jnp.float32).sum()))(x)
+    return {var.aval.shape for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "mul" for var in eqn.outvars}
+
+
+def test_rope_multiplies_a_tpus_channels_side_by_side_and_elsewhere_each_heads():
+    """On a TPU a (..., heads, 72) view of q and k is a relayout copy each way (72 channels on 128
+    lanes); on a GPU the tables tiled to all heads' channels were read from HBM each layer and the
+    gradient's rounding to bf16 was dropped (bench/RESULTS.md): each platform multiplies its view."""
+    tables = rope_tables(GRID, HEAD_DIM)
+    channels, per_head = (2, GRID * GRID, HEADS * HEAD_DIM), (2, GRID * GRID, HEADS, HEAD_DIM)
+    assert multiplied_shapes("tpu", tables) == {channels}
+    assert multiplied_shapes("gpu", tables) == {per_head}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ropes_two_views_agree_bit_for_bit(tables, dtype):
+    """The view changes the layout of the work, not its numbers: outputs and gradients equal."""
+    cos, sin = tables
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, GRID * GRID, HEADS, HEAD_DIM)), dtype)
+    cotangent = jnp.asarray(rng.standard_normal(x.shape), dtype)
+
+    def forward_and_back(x, g):
+        out, pull = jax.vjp(lambda x: apply_rope(x, cos, sin), x)
+        return out, pull(g)[0]
+
+    tpu, gpu = (traced_for(platform, forward_and_back)(x, cotangent) for platform in ("tpu", "gpu"))
+    for tpu_part, gpu_part in zip(tpu, gpu):
+        np.testing.assert_array_equal(tpu_part, gpu_part)
