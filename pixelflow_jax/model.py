@@ -11,7 +11,6 @@ is float32 too, where the release's in-place add rounds it to bf16 (README, Nume
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -70,16 +69,36 @@ def _square_jvp(primals, tangents):
     return square(x), 2.0 * (x * tangent)
 
 
-# The blocks run in a lax.scan, where XLA cannot merge the recomputation back into the forward
-# pass: jax.checkpoint's advice for scans is prevent_cse=False, which spares optimization barriers.
-@functools.partial(jax.checkpoint, prevent_cse=False)
+GELU_CUBIC = 0.044715  # the tanh approximation: gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+
+
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """GELU (tanh approximation) whose backward pass recomputes its intermediates from x.
+    """GELU (tanh approximation), jax.nn.gelu's values, whose backward pass keeps only x.
 
     Differentiated as is, jax.nn.gelu keeps four arrays of the MLP's 4C-wide hidden layer besides
-    its input and output (x**2, tanh(...), ...); recomputing them, elementwise, keeps only those
-    two, with the same values and gradients."""
+    its input and output (x**2, tanh(...), ...). Recomputed under jax.checkpoint instead, on a GPU
+    XLA wrote the tanh out in a kernel of its own for the gradient's kernel to read back (two
+    hidden-sized passes a layer, bench/RESULTS.md); the derivative written as one expression of x
+    is one kernel."""
     return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_forward(x: jax.Array):
+    return gelu(x), x
+
+
+def _gelu_backward(x: jax.Array, cotangent: jax.Array):
+    """The derivative in one float32 pass, rounded to x's dtype once:
+    (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(sqrt(2/pi) (x + 0.044715 x^3))."""
+    xf = x.astype(jnp.float32)
+    slope_of_inner = math.sqrt(2 / math.pi) * (1 + 3 * GELU_CUBIC * xf * xf)
+    t = jnp.tanh(math.sqrt(2 / math.pi) * (xf + GELU_CUBIC * xf * xf * xf))
+    derivative = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * slope_of_inner
+    return ((cotangent.astype(jnp.float32) * derivative).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
 def _linear(cfg: ModelConfig, in_features: int, out_features: int, rngs: nnx.Rngs, *,
