@@ -19,6 +19,11 @@ from pixelflow_jax.validation import ConfigError, check
 
 @pytest.mark.parametrize("mode,field,value,message", [
     ("train", "model.param_dtype", "bfloat16", "param_dtype=bfloat16 cannot train: optimiser steps and the EMA"),
+    ("train", "model.param_dtype", "float16", "param_dtype=float16 cannot train"),  # any 16-bit weight, not only bf16
+    # sampling builds the checkpoint's model with these: refused before its weights are read
+    ("sample", "model.dtype", "float64", "--config.model.dtype must be one of 'float32', 'bfloat16', 'float16', got "
+                                         "'float64'"),
+    ("sample", "model.param_dtype", "int8", "--config.model.param_dtype must be one of 'float32', 'bfloat16', "),
     ("train", "train.lr", float("nan"), "--config.train.lr must be a finite number, got nan"),
     ("train", "data.source", "imagefolder", "--config.data.source must be one of 'tfds', 'folder', 'demo', "),
     ("train", "train.lr", float("inf"), "--config.train.lr must be a finite number"),
@@ -130,6 +135,7 @@ def next_above(x):
     ("train", "scheduler.num_stages", 1, 0),
     # every stage gets timesteps of its own (the tiny config has 4 stages; 4 to 7 gave stage 0 only timestep 0)
     ("train", "scheduler.num_train_timesteps", 8, 7),
+    ("inspect", "scheduler.num_train_timesteps", 4, 3),  # inspect builds no schedule: a timestep per stage at least
     ("inspect", "model.depth", 1, 0),
     ("inspect", "model.num_classes", 0, -1),
     ("inspect", "model.cross_attention_dim", 0, -1),
@@ -234,6 +240,7 @@ def test_each_mode_checks_exactly_the_settings_it_reads(changes, refused_by):
 @pytest.mark.parametrize("mode,field,accepted,refused", [
     ("sample", "sample.max_text_tokens", 0, 1),  # 0: the run's length; 1 leaves no room for a prompt and </s>
     ("sample", "sample.max_text_tokens", 2, 1),
+    ("sample", "sample.max_text_tokens", 0, -1),
     ("sample", "sample.max_text_tokens", 4096, 4097),
     ("inspect", "sample.max_text_tokens", 2, 1),
     ("sample", "sample.images_per_prompt", 10**7, 10**7 + 1),
@@ -242,9 +249,14 @@ def test_each_mode_checks_exactly_the_settings_it_reads(changes, refused_by):
     ("text-train", "train.caption_dropout", next_below(1.0), 1.0),
     ("text-train", "train.max_text_tokens", 2, 1),
     ("text-train", "train.max_text_tokens", 4096, 4097),
+    # the choices: an accepted one, and one refused
+    ("text-train", "train.text_encoder_dtype", "bfloat16", "float16"),
+    ("text-train", "data.missing_captions", "skip", "ignore"),
+    ("sample", "sample.text_encoder_param_dtype", "", "int8"),  # '': the run's (or the release's) encoder dtype
+    ("sample", "sample.text_encoder_param_dtype", "float16", "float64"),
 ])
 def test_each_bound_of_a_text_setting_accepts_its_last_value_and_refuses_the_next(mode, field, accepted, refused):
-    """The text config's bounds, both sides; text-train: check_text_training, which train.train runs
+    """The text config's bounds, both sides, and its choices; text-train: check_text_training, which train.train runs
     once it knows the model is text-conditional."""
     from pixelflow_jax.validation import check_text_training
 
@@ -266,8 +278,9 @@ def test_a_list_of_unquoted_prompts_is_refused_rather_than_sampled_as_one_prompt
                        "a red fox, (best quality)", "(masterpiece, best quality), a cat, (red)", "(a, b) and [c, d]",
                        "(red fox (best, quality))x"):  # emphasis groups, not one bracketed list
         check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
-    # a comma inside a nested group only, or brackets that never close, are no list either
-    for one_prompt in ("(a red fox (best, quality))", "(a red fox, (best quality)"):
+    # a comma inside a nested group only, brackets that never close, or a last bracket of the other kind than the
+    # first: no list either
+    for one_prompt in ("(a red fox (best, quality))", "(a red fox, (best quality)", "(a red fox, a blue car]"):
         check(t2i_config(**{"sample.prompts": one_prompt, "train.preview_every": 4}), mode)
 
 
@@ -276,14 +289,19 @@ def test_a_prompt_that_names_a_prompts_file_is_refused_naming_prompts_file(mode,
     """--config.sample.prompts=prompts.txt (meant for prompts_file) sampled one image of the words
     'prompts.txt', and previewed it at every preview of a run."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "my prompts.list").write_text("a red disk\n")
-    for value in ("prompts.txt", ("a red disk", "~/prompts.TXT"), "gs://bucket/prompts.txt", "my prompts.list"):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "my list").write_text("a red disk\n")
+    (tmp_path / "a red fox").mkdir()  # a folder is no prompts file
+    for value in ("prompts.txt", ("a red disk", "~/prompts.TXT"), "gs://bucket/prompts.txt", "my prompts.list",
+                  "~/my list", "prompts.txt "):
         file = value if isinstance(value, str) else value[1]
         with pytest.raises(ConfigError, match=re.escape(f"--config.sample.prompts is the prompt {file!r}, which names "
                                                         "a file: prompts read from a text file, one per line, are "
                                                         f"--config.sample.prompts_file={file}")):
             check(t2i_config(**{"sample.prompts": value, "train.preview_every": 4}), mode)
-    for prompt in ("a sign that says notes.txt", "my prompts", "README.md"):  # a prompt, and a name of no file here
+    for prompt in ("a sign that says notes.txt", "my prompts", "README.md", "a red fox"):  # a prompt, no file's name
         check(t2i_config(**{"sample.prompts": prompt, "train.preview_every": 4}), mode)
 
 
@@ -307,6 +325,119 @@ def test_a_prompt_holding_bytes_that_are_not_utf8_is_refused_before_any_work(mod
         field == "sample.prompts")
     check(t2i_config(**{field: value.replace("\udce9", "\u00e9") if isinstance(value, str) else
                         tuple(p.replace("\udce9", "\u00e9") for p in value)}), mode)  # the same text as UTF-8
+
+
+def test_a_lone_surrogate_is_named_as_the_byte_it_stands_for_or_as_half_a_pair():
+    """Python keeps an undecodable byte 0x80-0xff of an argument as U+DC80-U+DCFF: those are named
+    as the byte, any other lone surrogate as half of a pair; the first of a run of them is named, after
+    40 characters before it, in 200 of the text."""
+    from pixelflow_jax.validation import unicode_text
+
+    for code, what in ((0xDC80, "the byte 0x80, which is not UTF-8"), (0xDCFF, "the byte 0xff, which is not UTF-8"),
+                       (0xDC7F, "U+DC7F, half of a UTF-16 surrogate pair"),
+                       (0xD83D, "U+D83D, half of a UTF-16 surrogate pair")):
+        text = f"a{chr(code)}b"
+        with pytest.raises(ConfigError, match=re.escape(f"--config.x holds {what}, after 'a' in {text!r}: ")):
+            unicode_text("x", text)
+    with pytest.raises(ConfigError, match=re.escape("--config.x holds the byte 0xe9, which is not UTF-8, after 'caf'")):
+        unicode_text("x", "caf\udce9\udce8")  # Latin-1 'éè': one error spans both
+    text = "x" * 50 + "\udce9" + "y" * 300
+    with pytest.raises(ConfigError, match=re.escape(f"after {'x' * 40!r} in {text[:200]!r}: the terminal")):
+        unicode_text("x", text)
+
+
+def test_prompts_are_strings_given_alone_or_in_a_list_or_tuple():
+    """A Python list of prompts is sampled; a list holding other than strings is one line (a number
+    in it was an AttributeError traceback); an unquoted list is named by its first 200 characters."""
+    check(t2i_config(**{"sample.prompts": ["a red disk", "a blue car"]}), "sample")
+    with pytest.raises(ConfigError, match=re.escape("--config.sample.prompts must be a prompt or a list of prompts "
+                                                    "(strings), got ('a red disk', 2)")):
+        check(t2i_config(**{"sample.prompts": ("a red disk", 2)}), "sample")
+    long_list = "(" + ", ".join(["a red fox"] * 100) + ")"
+    with pytest.raises(ConfigError, match=re.escape(f"is the one string {long_list[:200]!r}, which would be")):
+        check(t2i_config(**{"sample.prompts": long_list}), "sample")
+
+
+def test_text_sampling_refuses_the_class_settings_and_class_sampling_takes_class_names():
+    """num_images and labels are not read by a text job (it makes images from the prompts); a class
+    job's labels may name class folders (checked against the checkpoint later)."""
+    for field, value in (("num_images", 4), ("labels", (1,))):
+        with pytest.raises(ConfigError, match=rf"^--config.sample.{field} does not apply to text-to-image sampling"):
+            check(t2i_config(**{f"sample.{field}": value, "sample.prompts": ("a red disk",)}), "sample")
+    check(c2i_config(**{"sample.labels": ("cat", "dog", 3)}), "sample")
+
+
+def test_only_the_cosine_schedule_needs_its_warmup_to_end_before_the_last_step():
+    """The constant schedule's warmup is a ramp a run may stop inside; cosine decays from its end."""
+    check(c2i_config(**{"train.lr_schedule": "constant", "train.warmup_steps": 8, "train.num_steps": 4}), "train")
+    check(c2i_config(**{"train.lr_schedule": "cosine", "train.warmup_steps": 3, "train.num_steps": 4}), "train")
+
+
+def test_a_config_without_model_param_dtype_is_checked_as_float32_weights():
+    """A config of an earlier version, or built in Python, may lack the field: the model's default."""
+    for mode in ("train", "sample", "inspect"):
+        config = c2i_config()
+        del config.model["param_dtype"]
+        check(config, mode)
+
+
+def test_the_resolution_offered_is_a_grid_and_a_stage_count_whose_grid_is_the_largest_side_is_not_too_many():
+    """Below the grid, the grid alone is offered (no 'try 0'); a stage count whose least resolution
+    is LARGEST_IMAGE_SIDE itself is a resolution to raise, one stage more is too many."""
+    from pixelflow_jax.validation import LARGEST_IMAGE_SIDE
+
+    assert LARGEST_IMAGE_SIDE == 2**16  # 4 (the patch size) x 2^(15 - 1): 15 stages
+    for changes, ending in (({"data.resolution": 8}, "= 32, so that every stage has a whole patch grid: try 32"),
+                            ({"scheduler.num_stages": 15}, "= 65536, so that every stage has a whole patch grid: "
+                                                           "try 65536")):
+        with pytest.raises(ConfigError) as error:
+            check(c2i_config(**changes), "inspect")
+        assert str(error.value).endswith(ending), str(error.value)
+    with pytest.raises(ConfigError, match=r"^--config.scheduler.num_stages 16 is far too many"):
+        check(c2i_config(**{"scheduler.num_stages": 16}), "inspect")
+
+
+def test_every_path_field_is_expanded_and_only_checkpoints_and_encoders_read_the_hub(tmp_path, monkeypatch):
+    """validation.PATH_FIELDS, each by name: '~' expanded before any work, an unset one ('' or None)
+    left as it is; hf:// is read for HUB_FIELDS' checkpoints and encoders only."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    hub_fields = ("train.init_from", "train.text_encoder", "sample.checkpoint", "sample.text_encoder")
+    for field in ("data.root", "data.tfds_data_dir", "train.init_from", "train.text_encoder", "sample.checkpoint",
+                  "sample.text_encoder", "sample.prompts_file", "eval.samples", "eval.reference",
+                  "eval.inception_weights"):
+        section, name = field.split(".")
+        configs = [c for c in (c2i_config(), t2i_config()) if name in c[section]]
+        assert configs, field
+        for config in configs:
+            config[section][name] = "~/x"
+            check(config, "eval")
+            assert config[section][name] == str(tmp_path / "x"), field
+            for unset in ("", None):
+                config[section][name] = unset
+                check(config, "eval")
+                assert config[section][name] == unset, field
+            config[section][name] = "hf://org/repo"
+            if field in hub_fields:
+                check(config, "eval")
+                assert config[section][name] == "hf://org/repo"
+            else:
+                with pytest.raises(ConfigError, match=f"^--config.{field}: hf://org/repo: "):
+                    check(config, "eval")
+
+
+def test_a_jobs_workdir_is_named_as_its_caller_spells_it():
+    """job_workdir's name is the Python argument's (main.py passes --workdir); a blank path object
+    is empty too."""
+    import pathlib
+
+    from pixelflow_jax import storage
+    from pixelflow_jax.validation import job_workdir
+
+    with pytest.raises(ConfigError, match=r"^workdir is empty: name a folder"):
+        job_workdir(pathlib.Path(" "))
+    for name in ("workdir", "--workdir"):
+        with pytest.raises(storage.StorageError, match=rf"^{name}: gs:/b/run looks like a URL"):
+            job_workdir("gs:/b/run", name)
 
 
 def test_the_command_line_refuses_a_bad_value_before_writing_anything(tmp_path):
