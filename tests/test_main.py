@@ -130,6 +130,36 @@ def test_overrides_a_sampling_job_cannot_honour_are_named():
     assert overrides_without_effect(argv, "inspect", inspects_checkpoint=False) == []  # the config's own model
 
 
+def test_training_overrides_given_to_another_mode_are_named_with_the_setting_that_mode_reads(tmp_path):
+    """--mode=sample --config.train.lr=1e-3 ran without a word: a user who meant to change the job
+    learned nothing. A notice (not an error: a training command is reused with --mode=sample) names
+    train.*, mesh.* and data.* overrides, and the sampling setting where one has the same intent."""
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
+                             "--mode=sample", f"--config.sample.checkpoint={tmp_path / 'missing'}",
+                             "--config.train.lr=1e-3", "--config.train.init_from_weights=model"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1 and "does not exist" in result.stderr  # the notice comes before any work
+    assert ("--config.train.lr, --config.train.init_from_weights: only --mode=train uses them, so --mode=sample "
+            "runs as if they were not given (for train.init_from_weights, --mode=sample reads "
+            "--config.sample.weights)") in result.stderr, result.stderr
+    from pixelflow_jax.cli.config_overrides import training_overrides_unused
+
+    argv = ["main.py", "--config=configs/t2i.py:tiny", "--config.train.num_steps=9", "--config.mesh.fsdp=2",
+            "--config.data.root=/images", "--config.data.resolution=128", "--config.train.max_text_tokens=32",
+            "--config.sample.cfg_scale=3", "--config.model.depth=3"]
+    # data.resolution: a sampling job's other warning names it (the checkpoint decides it)
+    assert training_overrides_unused(argv, "sample") == ["train.num_steps", "mesh.fsdp", "data.root",
+                                                         "train.max_text_tokens"]
+    assert training_overrides_unused(argv, "demo") == training_overrides_unused(argv, "sample")
+    assert training_overrides_unused(argv, "inspect", inspects_checkpoint=True) == training_overrides_unused(
+        argv, "sample")
+    # the config's own model is inspected at its data.resolution and timed at its train.max_text_tokens
+    assert training_overrides_unused(argv, "inspect") == ["train.num_steps", "mesh.fsdp", "data.root"]
+    assert training_overrides_unused(argv, "eval") == ["train.num_steps", "mesh.fsdp", "data.root",
+                                                       "data.resolution", "train.max_text_tokens"]
+    assert training_overrides_unused(argv, "train") == []
+
+
 def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
                              "--mode=sample", f"--config.sample.checkpoint={tmp_path / 'missing'}",

@@ -1,6 +1,7 @@
 """The --config.FIELD overrides of main.py's command line that a mode does not use, named in a
 warning: a sampling job's (or an inspection's of a checkpoint) model, stages and resolution come
-from the checkpoint, and the dopri5 solver chooses its own steps. The overrides are read from the
+from the checkpoint, the training settings are read by --mode=train alone, and the dopri5 solver
+chooses its own steps. The overrides are read from the
 command line as given (argv, and its flag files), not from the parsed config, which does not tell an override from
 the config file's own value. So are lists whose strings lack a comma between them, which Python joins into one."""
 
@@ -75,13 +76,47 @@ def joined_strings_error(argv: list[str], config) -> str | None:
 
 def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
     """The --config.FIELD overrides that --mode=sample or demo does not read, nor --mode=inspect
-    of a checkpoint (whose seed still draws the inputs it times); the rest of a training command,
-    which the README says may be reused with --mode=sample, is not named."""
+    of a checkpoint (whose seed still draws the inputs it times): those the checkpoint decides
+    (training_overrides_unused names the training settings)."""
     if mode not in ("sample", "demo") and not (mode == "inspect" and inspects_checkpoint):
         return []
     decided = [p for p in CHECKPOINT_DECIDES if mode != "inspect" or p != "seed"]
     return [f for f in override_fields(argv) if f not in RUNTIME_MODEL_FIELDS
             and any(f == p or (p.endswith(".") and f.startswith(p)) for p in decided)]
+
+
+# Sections that only --mode=train reads: the other modes take their settings from sample.*, eval.*
+# and demo.*, and their model from the checkpoint (data.resolution, the config's own model's, aside).
+TRAINING_SECTIONS = ("train.", "mesh.", "data.")
+# The setting of another mode that a training override's intent has there, named beside it.
+SAMPLING_COUNTERPARTS = {
+    "train.init_from": ("sample.checkpoint", ("sample", "demo", "inspect")),
+    "train.init_from_weights": ("sample.weights", ("sample", "demo", "inspect")),
+    "train.text_encoder": ("sample.text_encoder", ("sample", "demo")),
+    "train.text_encoder_dtype": ("sample.text_encoder_param_dtype", ("sample", "demo")),
+    "train.max_text_tokens": ("sample.max_text_tokens", ("sample", "demo", "inspect")),
+    "train.batch_size": ("sample.batch_size", ("sample",)),
+    "train.preview_steps_per_stage": ("sample.steps_per_stage", ("sample",)),
+}
+
+
+def training_overrides_unused(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
+    """The train.*, mesh.* and data.* overrides that a mode other than train never reads, but those
+    named by overrides_without_effect already; an inspection of the config's own model builds it at
+    data.resolution and times its text at train.max_text_tokens."""
+    if mode == "train":
+        return []
+    read = {"data.resolution", "train.max_text_tokens"} if mode == "inspect" and not inspects_checkpoint else set()
+    named = set(overrides_without_effect(argv, mode, inspects_checkpoint))
+    return [f for f in override_fields(argv) if f.startswith(TRAINING_SECTIONS) and f not in read | named]
+
+
+def counterparts_read(fields: list[str], mode: str) -> str:
+    """' (for train.X, --mode=M reads --config.sample.Y; ...)' for the fields whose intent `mode` has
+    a setting of its own for; '' for none."""
+    pointers = [f"for {f}, --mode={mode} reads --config.{SAMPLING_COUNTERPARTS[f][0]}" for f in fields
+                if mode in SAMPLING_COUNTERPARTS.get(f, ("", ()))[1]]
+    return f" ({'; '.join(pointers)})" if pointers else ""
 
 
 def step_overrides_dopri5_ignores(argv: list[str], mode: str, solver: str) -> list[str]:
@@ -100,6 +135,10 @@ def warn_of_overrides_without_effect(argv: list[str], mode: str, inspects_checkp
                         " (the seed of the images is sample.seed)" if mode != "inspect" else
                         " (the config's own model is inspected with an empty --config.sample.checkpoint, in a "
                         "--workdir that is not a training run)")
+    if unused := training_overrides_unused(argv, mode, inspects_checkpoint):
+        logging.warning("%s: only --mode=train uses %s, so --mode=%s runs as if %s not given%s",
+                        ", ".join(f"--config.{f}" for f in unused), "them" if len(unused) > 1 else "it", mode,
+                        "they were" if len(unused) > 1 else "it was", counterparts_read(unused, mode))
     if ignored := step_overrides_dopri5_ignores(argv, mode, solver):
         logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
                         "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
