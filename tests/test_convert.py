@@ -1029,3 +1029,30 @@ def test_a_converted_folder_is_marked_complete_by_its_config_written_after_its_p
     config = CheckpointConfig(model=ModelConfig.from_mapping(c2i_config().model))
     save_checkpoint(str(output), {"w": np.zeros(2, np.float32)}, config)
     assert marked_before_params == [False] and read_config(str(output)) == config
+
+
+def test_a_torch_config_beside_an_exports_config_yaml_keeps_the_text_training_it_records(tmp_path):
+    """A text run's export records train.max_text_tokens and text_encoder_dtype in its config.yaml;
+    --torch_config with the same architecture but without them (the release's file) dropped both,
+    so the conversion sampled at 512 tokens with float32 T5 weights. A value the two give differently
+    is named, not chosen."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    export = tmp_path / "export"
+    shutil.copytree(fixture_dir("t2i_tiny"), export)
+    values = yaml.safe_load((export / "config.yaml").read_text())
+    values["train"] = {"max_text_tokens": 16, "text_encoder_dtype": "bfloat16"}
+    (export / "config.yaml").write_text(yaml.safe_dump(values))
+    release_file = os.path.join(fixture_dir("t2i_tiny"), "config.yaml")  # no train.max_text_tokens
+    recorded = {"max_text_tokens": 16, "text_encoder_dtype": "bfloat16"}
+    for weights in (export, export / "model.pt"):
+        config, _ = read_release_checkpoint(str(weights), torch_config=release_file)
+        assert config.text_training() == recorded, weights
+    values["train"] = {"max_text_tokens": 32}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(values))
+    for weights in (export, export / "model.pt"):
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"--torch_config {tmp_path / 'other.yaml'} gives train.max_text_tokens 32 where "
+                f"{export / 'config.yaml'}, which describes the weights, records 16")):
+            read_release_checkpoint(str(weights), torch_config=str(tmp_path / "other.yaml"))

@@ -307,9 +307,9 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
             raise CheckpointError(f"{path} is {what}; a release folder holds config.yaml + "
                                   f"model.pt{what_the_folder_holds(path)}")
         folder_config = storage.join(path, "config.yaml")
-        if torch_config and storage.isfile(folder_config):
+        described_by = folder_config if storage.isfile(folder_config) else None
+        if torch_config and described_by:
             check_same_config(torch_config, folder_config, weights_path)
-        torch_config = torch_config or (folder_config if storage.isfile(folder_config) else None)
         loaded = load_torch_file(weights_path)
     else:
         weights_path = path
@@ -317,7 +317,8 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
         if path.endswith((".yaml", ".yml")) and storage.isfile(path):  # torch read it as "Unsupported operand"
             raise CheckpointError(settings_file_message(path, folder))
         loaded = load_torch_file(weights_path)
-        torch_config = torch_config or config_beside(path, loaded)
+        described_by = config_beside(path, loaded)
+    torch_config = torch_config or described_by
     state_dict = extract_state_dict(loaded, weights_path, weights)
 
     extras: dict[str, int] = {}
@@ -328,7 +329,7 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
                                   f"(attention_head_dim: {params.get('attention_head_dim')})")
     else:
         params = infer_architecture(state_dict, attention_head_dim)
-    return release_config(params, extras, overrides, path, torch_config), state_dict
+    return release_config(params, extras, overrides, path, torch_config, described_by), state_dict
 
 
 def config_beside(path: str, loaded: Any) -> str | None:
@@ -379,9 +380,10 @@ def release_folder_config(folder: str) -> CheckpointConfig:
 
 
 def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Mapping[str, int] | None,
-                   path: str, torch_config: str | None) -> CheckpointConfig:
+                   path: str, torch_config: str | None, described_by: str | None = None) -> CheckpointConfig:
     """The architecture `params`, with resolution / num_stages / num_train_timesteps from the
-    config.yaml (`extras`), else `overrides`, else the release's values."""
+    config.yaml (`extras`), else `overrides`, else the release's values; the text training recorded
+    by `torch_config` and by `described_by`, the config.yaml beside the weights (recorded_text_training)."""
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     conflicts = [f"--{k}={v} ({extras[k]} in {torch_config})" for k, v in given.items()
                  if k in extras and extras[k] != v]
@@ -401,7 +403,7 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
                         " / ".join(f"--{k}" for k in assumed), "them" if len(assumed) > 1 else "it")
     try:
         config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings,
-                                  **(text_training_of(torch_config) if torch_config else {}))
+                                  **recorded_text_training(torch_config, described_by))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture for {path}: {e}") from None
     if not config.model.num_classes and not config.model.cross_attention_dim:
@@ -460,6 +462,23 @@ def text_training_of(torch_config: str) -> dict[str, Any]:
                               f"the model trained with), got {dtype!r}: mend it, or remove it to sample with float32 "
                               "weights")
     return recorded
+
+
+def recorded_text_training(torch_config: str | None, described_by: str | None) -> dict[str, Any]:
+    """text_training_of `torch_config`, with what it lacks taken from `described_by`, the config.yaml
+    beside the weights: --torch_config given beside an export (the release's file, of the same
+    architecture) dropped how the run encoded its captions. A value the two give differently is named."""
+    given = text_training_of(torch_config) if torch_config else {}
+    if not described_by or described_by == torch_config:
+        return given
+    recorded = text_training_of(described_by)
+    for name in sorted(given.keys() & recorded.keys()):
+        if given[name] != recorded[name]:
+            raise CheckpointError(f"--torch_config {torch_config} gives train.{name} {given[name]} where "
+                                  f"{described_by}, which describes the weights, records {recorded[name]} (how their "
+                                  f"run encoded its captions): drop train.{name} from {torch_config}, or drop "
+                                  "--torch_config")
+    return {**recorded, **given}
 
 
 def write_release_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], config: CheckpointConfig,
