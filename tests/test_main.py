@@ -142,22 +142,38 @@ def test_training_overrides_given_to_another_mode_are_named_with_the_setting_tha
     assert ("--config.train.lr, --config.train.init_from_weights: only --mode=train uses them, so --mode=sample "
             "runs as if they were not given (for train.init_from_weights, --mode=sample reads "
             "--config.sample.weights)") in result.stderr, result.stderr
-    from pixelflow_jax.cli.config_overrides import training_overrides_unused
+    from pixelflow_jax.cli.config_overrides import BUT_EVAL, overrides_of_other_modes
 
     argv = ["main.py", "--config=configs/t2i.py:tiny", "--config.train.num_steps=9", "--config.mesh.fsdp=2",
             "--config.data.root=/images", "--config.data.resolution=128", "--config.train.max_text_tokens=32",
-            "--config.sample.cfg_scale=3", "--config.model.depth=3"]
-    # data.resolution: a sampling job's other warning names it (the checkpoint decides it)
-    assert training_overrides_unused(argv, "sample") == ["train.num_steps", "mesh.fsdp", "data.root",
-                                                         "train.max_text_tokens"]
-    assert training_overrides_unused(argv, "demo") == training_overrides_unused(argv, "sample")
-    assert training_overrides_unused(argv, "inspect", inspects_checkpoint=True) == training_overrides_unused(
-        argv, "sample")
+            "--config.sample.cfg_scale=3", "--config.model.depth=3", "--config.demo.port=80",
+            "--config.eval.batch_size=5"]
+    training = ["train.num_steps", "mesh.fsdp", "data.root", "train.max_text_tokens"]
+    # data.resolution and model.depth: a sampling job's other warning names them (the checkpoint decides them)
+    assert overrides_of_other_modes(argv, "sample") == {("train",): training, ("demo",): ["demo.port"]}
+    assert overrides_of_other_modes(argv, "demo") == {("train",): training, ("sample", "eval"): ["eval.batch_size"]}
+    assert overrides_of_other_modes(argv, "inspect", inspects_checkpoint=True) == {
+        ("train",): training, ("demo",): ["demo.port"], ("sample", "eval"): ["eval.batch_size"]}
     # the config's own model is inspected at its data.resolution and timed at its train.max_text_tokens
-    assert training_overrides_unused(argv, "inspect") == ["train.num_steps", "mesh.fsdp", "data.root"]
-    assert training_overrides_unused(argv, "eval") == ["train.num_steps", "mesh.fsdp", "data.root",
-                                                       "data.resolution", "train.max_text_tokens"]
-    assert training_overrides_unused(argv, "train") == []
+    assert overrides_of_other_modes(argv, "inspect")[("train",)] == ["train.num_steps", "mesh.fsdp", "data.root"]
+    # an evaluation reads its .npz files alone
+    assert overrides_of_other_modes(argv, "eval") == {
+        ("train",): ["train.num_steps", "mesh.fsdp", "data.root", "data.resolution", "train.max_text_tokens"],
+        BUT_EVAL: ["sample.cfg_scale", "model.depth"], ("demo",): ["demo.port"]}
+    assert overrides_of_other_modes(argv, "train") == {("demo",): ["demo.port"], ("sample", "eval"): [
+        "eval.batch_size"]}
+
+
+def test_the_notice_of_overrides_another_mode_reads_names_the_modes_in_words(monkeypatch):
+    from pixelflow_jax.cli import config_overrides
+
+    warned = []
+    monkeypatch.setattr(config_overrides.logging, "warning", lambda text, *args: warned.append(text % args))
+    config_overrides.warn_of_overrides_without_effect(
+        ["main.py", "--config.sample.checkpoint=x", "--config.model.depth=3", "--config.eval.batch_size=5"], "eval",
+        False, "euler")
+    assert warned == ["--config.sample.checkpoint, --config.model.depth: only --mode=train, sample, demo and inspect "
+                      "use them, so --mode=eval runs as if they were not given"]
 
 
 def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):

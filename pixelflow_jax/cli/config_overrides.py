@@ -1,7 +1,7 @@
 """The --config.FIELD overrides of main.py's command line that a mode does not use, named in a
 warning: a sampling job's (or an inspection's of a checkpoint) model, stages and resolution come
-from the checkpoint, the training settings are read by --mode=train alone, and the dopri5 solver
-chooses its own steps. The overrides are read from the
+from the checkpoint, some settings are read by other modes alone (train.* by --mode=train; all but
+eval.* by any mode but eval), and the dopri5 solver chooses its own steps. The overrides are read from the
 command line as given (argv, and its flag files), not from the parsed config, which does not tell an override from
 the config file's own value. So are lists whose strings lack a comma between them, which Python joins into one."""
 
@@ -85,9 +85,12 @@ def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bo
             and any(f == p or (p.endswith(".") and f.startswith(p)) for p in decided)]
 
 
-# Sections that only --mode=train reads: the other modes take their settings from sample.*, eval.*
-# and demo.*, and their model from the checkpoint (data.resolution, the config's own model's, aside).
-TRAINING_SECTIONS = ("train.", "mesh.", "data.")
+# The modes that read the settings under each prefix: the model and sampling settings are read by
+# every mode but eval, which reads its .npz files alone (a training run's previews sample too).
+BUT_EVAL = ("train", "sample", "demo", "inspect")
+READERS = (("train.", ("train",)), ("mesh.", ("train",)), ("data.", ("train",)), ("demo.", ("demo",)),
+           ("eval.", ("sample", "eval")), ("model.", BUT_EVAL), ("scheduler.", BUT_EVAL), ("sample.", BUT_EVAL),
+           ("seed", BUT_EVAL))
 # The setting of another mode that a training override's intent has there, named beside it.
 SAMPLING_COUNTERPARTS = {
     "train.init_from": ("sample.checkpoint", ("sample", "demo", "inspect")),
@@ -100,15 +103,31 @@ SAMPLING_COUNTERPARTS = {
 }
 
 
-def training_overrides_unused(argv: list[str], mode: str, inspects_checkpoint: bool = False) -> list[str]:
-    """The train.*, mesh.* and data.* overrides that a mode other than train never reads, but those
-    named by overrides_without_effect already; an inspection of the config's own model builds it at
-    data.resolution and times its text at train.max_text_tokens."""
-    if mode == "train":
-        return []
+def readers_of(field: str) -> tuple[str, ...]:
+    """The modes that read `field` (every mode, for a field no prefix above names)."""
+    for prefix, modes in READERS:
+        if field == prefix or (prefix.endswith(".") and field.startswith(prefix)):
+            return modes
+    return ("train", "sample", "demo", "inspect", "eval")
+
+
+def overrides_of_other_modes(argv: list[str], mode: str, inspects_checkpoint: bool = False
+                             ) -> dict[tuple[str, ...], list[str]]:
+    """{modes that read them: the overrides} of those that `mode` never reads (a training setting
+    given to --mode=sample), but those that overrides_without_effect names already; an inspection
+    of the config's own model builds it at data.resolution and times its text at train.max_text_tokens."""
     read = {"data.resolution", "train.max_text_tokens"} if mode == "inspect" and not inspects_checkpoint else set()
     named = set(overrides_without_effect(argv, mode, inspects_checkpoint))
-    return [f for f in override_fields(argv) if f.startswith(TRAINING_SECTIONS) and f not in read | named]
+    unread: dict[tuple[str, ...], list[str]] = {}
+    for field in override_fields(argv):
+        if mode not in readers_of(field) and field not in read | named:
+            unread.setdefault(readers_of(field), []).append(field)
+    return unread
+
+
+def in_words(modes: tuple[str, ...]) -> str:
+    """('train', 'sample', 'demo') -> 'train, sample and demo'."""
+    return modes[0] if len(modes) == 1 else f"{', '.join(modes[:-1])} and {modes[-1]}"
 
 
 def counterparts_read(fields: list[str], mode: str) -> str:
@@ -135,10 +154,11 @@ def warn_of_overrides_without_effect(argv: list[str], mode: str, inspects_checkp
                         " (the seed of the images is sample.seed)" if mode != "inspect" else
                         " (the config's own model is inspected with an empty --config.sample.checkpoint, in a "
                         "--workdir that is not a training run)")
-    if unused := training_overrides_unused(argv, mode, inspects_checkpoint):
-        logging.warning("%s: only --mode=train uses %s, so --mode=%s runs as if %s not given%s",
-                        ", ".join(f"--config.{f}" for f in unused), "them" if len(unused) > 1 else "it", mode,
-                        "they were" if len(unused) > 1 else "it was", counterparts_read(unused, mode))
+    for readers, unread in overrides_of_other_modes(argv, mode, inspects_checkpoint).items():
+        logging.warning("%s: only --mode=%s %s %s, so --mode=%s runs as if %s not given%s",
+                        ", ".join(f"--config.{f}" for f in unread), in_words(readers),
+                        "uses" if len(readers) == 1 else "use", "them" if len(unread) > 1 else "it", mode,
+                        "they were" if len(unread) > 1 else "it was", counterparts_read(unread, mode))
     if ignored := step_overrides_dopri5_ignores(argv, mode, solver):
         logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
                         "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
