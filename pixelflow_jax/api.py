@@ -84,8 +84,10 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         broken_link = storage.broken_link_words(path)
         raise CheckpointError(f"checkpoint {path} {broken_link or 'does not exist' + hub.missing_path_hint(path)}")
     if storage.isfile(path):
+        from pixelflow_jax.checkpoints.torch_io import folder_config_yaml
+
         folder = storage.dirname(path)
-        if storage.basename(path) == "model.pt" and storage.isfile(storage.join(folder, "config.yaml")):
+        if storage.basename(path) == "model.pt" and folder_config_yaml(folder):
             path = folder  # the file of a release folder: read the folder, with its config.yaml
         else:
             # Only a file of a checkpoint has a folder to pass: a train.py model_STEP.pt's is no checkpoint.
@@ -148,9 +150,9 @@ def checkpoint_config(source: CheckpointSource) -> CheckpointConfig:
         return run_checkpoint_config(source.run_step.run)
     if source.kind == "converted":
         return read_config(source.folder)
-    from pixelflow_jax.checkpoints.torch_io import release_folder_config
+    from pixelflow_jax.checkpoints.torch_io import folder_config_yaml, release_folder_config
 
-    if not storage.isfile(storage.join(source.folder, "config.yaml")):
+    if not folder_config_yaml(source.folder):
         raise CheckpointError(f"{source.label} holds model.pt without the config.yaml that gives its architecture "
                               "(as the release's text-to-image folder): convert it once with convert_torch_ckpt.py "
                               f"--torch_checkpoint={source.label} --attention_head_dim=72 --output=DIR (72: the "
@@ -332,14 +334,14 @@ def trained_text_encoding(source: CheckpointSource) -> dict:
     captions in training (a training run, its export or their conversion: CheckpointConfig's). A
     release folder's config.yaml is read for them alone: its other values warn where a job reads them."""
     from pixelflow_jax.checkpoints.run_checkpoint import run_text_encoding
-    from pixelflow_jax.checkpoints.torch_io import text_training_of
+    from pixelflow_jax.checkpoints.torch_io import folder_config_yaml, text_training_of
 
     if source.run_step:  # its records alone (run_checkpoint_config reads them too, with the architecture)
         return run_text_encoding(source.run_step.run)
     if source.kind == "converted":
         return checkpoint_config(source).text_training()
-    exported = storage.join(source.folder, "config.yaml")
-    return text_training_of(exported) if storage.isfile(exported) else {}
+    exported = folder_config_yaml(source.folder)
+    return text_training_of(exported) if exported else {}
 
 
 def warn_of_another_text_encoder(sample_config, source: CheckpointSource, recorded: dict) -> None:

@@ -1056,3 +1056,64 @@ def test_a_torch_config_beside_an_exports_config_yaml_keeps_the_text_training_it
                 f"--torch_config {tmp_path / 'other.yaml'} gives train.max_text_tokens 32 where "
                 f"{export / 'config.yaml'}, which describes the weights, records 16")):
             read_release_checkpoint(str(weights), torch_config=str(tmp_path / "other.yaml"))
+
+
+def test_a_config_yaml_that_holds_no_settings_or_a_section_of_another_shape_says_what_it_holds(tmp_path):
+    """An empty config.yaml was 'not a release config.yaml (needs model.params): 'NoneType' object is
+    not subscriptable'; `data: resolution` (a section written as a word) a TypeError traceback; a
+    list for `scheduler` a warning that it gives no stages, 4 assumed."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    release = open(os.path.join(fixture_dir("c2i_tiny"), "config.yaml")).read()
+    section = lambda name, value: re.sub(rf"{name}:\n(  .*\n)+", f"{name}: {value}\n", release)
+    for name, text, message in (
+            ("empty", "", "is empty, not a release config.yaml"),
+            ("null", "null\n", "is empty, not a release config.yaml"),
+            ("list", "- model\n", "holds a list, not a release config.yaml"),
+            ("word", "model\n", "holds the text 'model', not a release config.yaml"),
+            ("no_model", "data: {resolution: 64}\n", "has no model.params (the release's PixelFlowModel arguments)"),
+            ("params_null", "model: {params: null}\n", "has no model.params"),
+            ("params_list", "model: {params: [2, 16]}\n", "model.params must be a mapping (params: followed by "
+                                                          "indented `name: value` lines), got [2, 16]"),
+            ("data_word", section("data", "resolution"), "data must be a mapping (data: followed by indented "
+                                                         "`name: value` lines), got 'resolution'"),
+            ("scheduler_list", section("scheduler", "[4]"), "scheduler must be a mapping"),
+            ("train_word", section("train", "max_text_tokens"), "train must be a mapping")):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), folder / "model.pt")
+        (folder / "config.yaml").write_text(text)
+        with pytest.raises(CheckpointError, match=re.escape(str(folder / "config.yaml")) + ".*" + re.escape(message)):
+            read_release_checkpoint(str(folder))
+    # `data:` with nothing under it is a section left empty: no resolution given, as without one
+    weights = os.path.join(fixture_dir("c2i_tiny"), "model.pt")
+    config, _ = read_release_checkpoint(weights, torch_config=str(_written(tmp_path, section("data", ""))))
+    assert config.resolution == 256
+
+
+def _written(tmp_path, text):
+    path = tmp_path / "written.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_folder_named_config_yaml_beside_model_pt_is_named_as_a_folder(tmp_path):
+    """A folder named config.yaml was read as no config.yaml: the converter asked for
+    --torch_config=config.yaml (or --attention_head_dim), sampling said the folder lacks one."""
+    from pixelflow_jax.api import checkpoint_config, resolve_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), folder / "model.pt")
+    (folder / "config.yaml").mkdir()
+    named = re.escape(f"{folder / 'config.yaml'} is a folder, where a release folder's config.yaml is the YAML file "
+                      "of its settings")
+    for read in (lambda: read_release_checkpoint(str(folder)),
+                 lambda: read_release_checkpoint(str(folder / "model.pt")),
+                 lambda: checkpoint_config(resolve_checkpoint(str(folder))),
+                 lambda: resolve_checkpoint(str(folder / "model.pt"))):
+        with pytest.raises(CheckpointError, match=named):
+            read()

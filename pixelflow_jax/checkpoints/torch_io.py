@@ -197,23 +197,12 @@ def load_tensor_dict(path: str) -> dict[str, Any]:
 
 def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     """(model.params, {resolution, num_stages, num_train_timesteps} found) of a release config.yaml."""
-    try:
-        values = yaml.safe_load(storage.read_text(path))
-        model = values["model"]
-        params = dict(model["params"])
-    except FileNotFoundError:
-        raise CheckpointError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"config file {path} is a folder: pass the release's config.yaml itself") from None
-    except UnicodeDecodeError:  # model.pt given for its config, say
-        raise CheckpointError(f"{path} is not a text file, so not a release config.yaml (YAML text with "
-                              "model.params); pass the config.yaml that came with the checkpoint") from None
-    except yaml.MarkedYAMLError as e:  # its text spans lines (context, then a caret drawing): the problem and where
-        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
-        raise CheckpointError(f"{path} is not valid YAML ({e.problem or e.context}{where}), so not a release "
-                              "config.yaml: mend it, or pass the config.yaml that came with the checkpoint") from None
-    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a release config.yaml (needs model.params): {e}") from None
+    values = release_yaml_values(path)
+    model = values.get("model") or {}
+    if model.get("params") is None:
+        raise CheckpointError(f"{path} has no model.params (the release's PixelFlowModel arguments), so it is not a "
+                              "release config.yaml: pass the config.yaml that came with the checkpoint")
+    params = mapping_in(path, "model.params", model["params"])
     target = model.get("target", RELEASE_MODEL_TARGET)
     if target != RELEASE_MODEL_TARGET:
         raise CheckpointError(f"{path} describes {target}, not {RELEASE_MODEL_TARGET}")
@@ -248,6 +237,53 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
                 raise CheckpointError(f"{path}: {section}.{key} must be a whole number, got {found[key]!r}")
             extras[key] = found[key]
     return params, extras
+
+
+def release_yaml_values(path: str) -> dict[str, Any]:
+    """The settings of a config.yaml, a mapping whose sections are mappings; else a one-line error
+    that names what the file holds instead."""
+    try:
+        values = yaml.safe_load(storage.read_text(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"config file {path} is a folder: pass the release's config.yaml itself") from None
+    except UnicodeDecodeError:  # model.pt given for its config, say
+        raise CheckpointError(f"{path} is not a text file, so not a release config.yaml (YAML text with "
+                              "model.params); pass the config.yaml that came with the checkpoint") from None
+    except yaml.MarkedYAMLError as e:  # its text spans lines (context, then a caret drawing): the problem and where
+        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+        raise CheckpointError(f"{path} is not valid YAML ({e.problem or e.context}{where}), so not a release "
+                              "config.yaml: mend it, or pass the config.yaml that came with the checkpoint") from None
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path} is not a release config.yaml ({e}): pass the config.yaml that came with the "
+                              "checkpoint") from None
+    if not isinstance(values, dict):
+        held = "is empty" if values is None else f"holds {yaml_kind(values)}"
+        raise CheckpointError(f"{path} {held}, not a release config.yaml (YAML settings with model.params, scheduler "
+                              "and data): pass the config.yaml that came with the checkpoint")
+    for section in ("model", "scheduler", "data", "train"):
+        mapping_in(path, section, values.get(section))
+    return values
+
+
+def mapping_in(path: str, name: str, value: Any) -> dict[str, Any]:
+    """A section of config.yaml as a mapping ({} where left empty); another shape is named, where
+    it was a TypeError (`data: resolution`) or read as no section (`scheduler: [4]`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        last = name.rsplit(".", 1)[-1]
+        raise CheckpointError(f"{path}: {name} must be a mapping ({last}: followed by indented `name: value` lines), "
+                              f"got {value!r}")
+    return dict(value)
+
+
+def yaml_kind(value: Any) -> str:
+    """What a YAML document that is no mapping holds, in words: 'a list', "the text 'model'"."""
+    if isinstance(value, list):
+        return "a list"
+    return f"the text {value!r}" if isinstance(value, str) else f"the value {value!r}"
 
 
 def weight_files(folder: str) -> list[str]:
@@ -306,10 +342,9 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
                     else "a folder without model.pt")
             raise CheckpointError(f"{path} is {what}; a release folder holds config.yaml + "
                                   f"model.pt{what_the_folder_holds(path)}")
-        folder_config = storage.join(path, "config.yaml")
-        described_by = folder_config if storage.isfile(folder_config) else None
+        described_by = folder_config_yaml(path)
         if torch_config and described_by:
-            check_same_config(torch_config, folder_config, weights_path)
+            check_same_config(torch_config, described_by, weights_path)
         loaded = load_torch_file(weights_path)
     else:
         weights_path = path
@@ -332,13 +367,23 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
     return release_config(params, extras, overrides, path, torch_config, described_by), state_dict
 
 
+def folder_config_yaml(folder: str) -> str | None:
+    """folder/config.yaml where that file is, else None; a folder of that name is named (read as no
+    config.yaml, it had the converter ask for --torch_config=config.yaml)."""
+    path = storage.join(folder, "config.yaml")
+    if storage.isdir(path):
+        raise CheckpointError(f"{path} is a folder, where a release folder's config.yaml is the YAML file of its "
+                              "settings: move that folder away and put the config.yaml that came with model.pt there")
+    return path if storage.isfile(path) else None
+
+
 def config_beside(path: str, loaded: Any) -> str | None:
     """The config.yaml that describes a weights file named alone: beside a release folder's model.pt,
     or beside a train.py checkpoint, whose output folder train.py gives its config.yaml and its
     model_STEP.pt files (read without it, a 3-stage run's weights were converted as 4 stages)."""
-    folder_config = storage.join(storage.dirname(path) or ".", "config.yaml")
     described = storage.basename(path) == "model.pt" or is_training_checkpoint(loaded)
-    if described and storage.isfile(folder_config) and is_release_yaml(folder_config):
+    folder_config = folder_config_yaml(storage.dirname(path) or ".") if described else None
+    if folder_config and is_release_yaml(folder_config):
         return folder_config  # another project's config.yaml beside a state dict says nothing
     return None
 
@@ -446,11 +491,8 @@ def text_training_of(torch_config: str) -> dict[str, Any]:
     release config.yaml records under train (an export of the run; the release's code reads
     neither and encodes prompts at 512 tokens with float32 T5 weights). Sampled so here, a prompt is
     cut where training cut its captions, and its embeddings are those the model learned."""
-    try:
-        recorded = yaml.safe_load(storage.read_text(torch_config)).get("train") or {}
-        recorded = {name: recorded[name] for name in ("max_text_tokens", "text_encoder_dtype") if name in recorded}
-    except (TypeError, AttributeError):  # no train section; a broken file is named where it is read
-        return {}
+    train = release_yaml_values(torch_config).get("train") or {}
+    recorded = {name: train[name] for name in ("max_text_tokens", "text_encoder_dtype") if name in train}
     tokens, dtype = recorded.get("max_text_tokens", 512), recorded.get("text_encoder_dtype", "float32")
     if not is_text_token_count(tokens):
         raise CheckpointError(f"{torch_config}: train.max_text_tokens must be a whole number from {MIN_TEXT_TOKENS} "
