@@ -1117,3 +1117,32 @@ def test_a_folder_named_config_yaml_beside_model_pt_is_named_as_a_folder(tmp_pat
                  lambda: resolve_checkpoint(str(folder / "model.pt"))):
         with pytest.raises(CheckpointError, match=named):
             read()
+
+
+def test_a_converted_folders_config_of_another_shape_or_with_numbers_that_are_not_whole_is_named(tmp_path):
+    """pixelflow_config.json holding a list, null or a word was an AttributeError traceback; a
+    resolution of 64.5 or "64" was read as 64, and a format_version "1" called newer than 1."""
+    import json
+
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError, read_config
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    good = read_release_checkpoint(fixture_dir("c2i_tiny"))[0].to_json()
+    for name, values, message in (
+            ("list", [], "it holds a list, not the mapping of settings that convert_torch_ckpt.py writes"),
+            ("null", None, "it holds null, not the mapping"),
+            ("word", "x", "it holds 'x', not the mapping"),
+            ("half", {**good, "resolution": 64.5}, "resolution must be a whole number, got 64.5"),
+            ("quoted", {**good, "resolution": "64"}, "resolution must be a whole number, got '64'"),
+            ("flag", {**good, "resolution": True}, "resolution must be a whole number, got True"),
+            ("stages", {**good, "scheduler": {**good["scheduler"], "num_stages": "4"}},
+             "scheduler.num_stages must be a whole number, got '4'"),
+            ("scheduler_list", {**good, "scheduler": [4]}, "scheduler must be a mapping, got [4]"),
+            ("model_list", {**good, "model": [2]}, "model must be a mapping, got [2]"),
+            ("version", {**good, "format_version": "1"}, "format_version must be a whole number, got '1'")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "pixelflow_config.json").write_text(json.dumps(values))
+        with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'pixelflow_config.json'} is not a valid "
+                                                            f"pixelflow-jax config: {message}")):
+            read_config(str(folder))

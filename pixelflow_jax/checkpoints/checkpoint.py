@@ -97,15 +97,33 @@ class CheckpointConfig:
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "CheckpointConfig":
-        version = values.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(values, dict):
+            held = "a list" if isinstance(values, list) else "null" if values is None else repr(values)
+            raise ValueError(f"it holds {held}, not the mapping of settings that convert_torch_ckpt.py writes")
+        version = whole_number("format_version", values.get("format_version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
             raise ValueError(f"format_version {version!r} is from a newer pixelflow-jax (this one reads "
                              f"{FORMAT_VERSION}): upgrade pixelflow-jax to load it")
-        return cls(model=ModelConfig.from_mapping(values["model"]),
-                   num_train_timesteps=int(values["scheduler"]["num_train_timesteps"]),
-                   num_stages=int(values["scheduler"]["num_stages"]),
-                   resolution=int(values["resolution"]), max_text_tokens=values.get("max_text_tokens"),
-                   text_encoder_dtype=values.get("text_encoder_dtype"))
+        model, scheduler = (mapping(name, values[name]) for name in ("model", "scheduler"))
+        return cls(model=ModelConfig.from_mapping(model),
+                   num_train_timesteps=whole_number("scheduler.num_train_timesteps", scheduler["num_train_timesteps"]),
+                   num_stages=whole_number("scheduler.num_stages", scheduler["num_stages"]),
+                   resolution=whole_number("resolution", values["resolution"]),
+                   max_text_tokens=values.get("max_text_tokens"), text_encoder_dtype=values.get("text_encoder_dtype"))
+
+
+def whole_number(name: str, value: Any) -> int:
+    """A number of a converted folder's config, which it writes whole: 64.5 px or "4" stages were
+    rounded or read as if written so."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return value
+
+
+def mapping(name: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping, got {value!r}")
+    return value
 
 
 @contextlib.contextmanager
