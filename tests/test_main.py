@@ -172,8 +172,27 @@ def test_the_notice_of_overrides_another_mode_reads_names_the_modes_in_words(mon
     config_overrides.warn_of_overrides_without_effect(
         ["main.py", "--config.sample.checkpoint=x", "--config.model.depth=3", "--config.eval.batch_size=5"], "eval",
         False, "euler")
-    assert warned == ["--config.sample.checkpoint, --config.model.depth: only --mode=train, sample, demo and inspect "
-                      "use them, so --mode=eval runs as if they were not given"]
+    assert warned == ["--config.sample.checkpoint: only --mode=sample, demo and inspect use it, so --mode=eval runs as "
+                      "if it was not given",
+                      "--config.model.depth: only --mode=train, sample, demo and inspect use it, so --mode=eval runs "
+                      "as if it was not given"]
+
+
+def test_a_sampling_checkpoint_given_to_training_is_named_with_the_setting_training_starts_from(monkeypatch):
+    """--mode=train --config.sample.checkpoint=hf://... trained from scratch without a word: a
+    fine-tune is --config.train.init_from. The sampling settings the previews read are no notice."""
+    from pixelflow_jax.cli import config_overrides
+
+    warned = []
+    monkeypatch.setattr(config_overrides.logging, "warning", lambda text, *args: warned.append(text % args))
+    config_overrides.warn_of_overrides_without_effect(
+        ["main.py", "--config.sample.checkpoint=hf://me/model", "--config.sample.cfg_scale=4",
+         "--config.sample.prompts=('a',)", "--config.sample.weights=model", "--config.sample.seed=3"], "train", False,
+        "euler")
+    assert warned == ["--config.sample.checkpoint, --config.sample.weights, --config.sample.seed: only --mode=sample, "
+                      "demo and inspect use them, so --mode=train runs as if they were not given (for "
+                      "sample.checkpoint, --mode=train reads --config.train.init_from; for sample.weights, "
+                      "--mode=train reads --config.train.init_from_weights)"]
 
 
 def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):

@@ -85,13 +85,17 @@ def overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bo
             and any(f == p or (p.endswith(".") and f.startswith(p)) for p in decided)]
 
 
-# The modes that read the settings under each prefix: the model and sampling settings are read by
-# every mode but eval, which reads its .npz files alone (a training run's previews sample too).
+# The modes that read the settings under each prefix, the first that fits: the model and sampling
+# settings are read by every mode but eval, which reads its .npz files alone; a training run's
+# previews read only the sampling settings named first.
 BUT_EVAL = ("train", "sample", "demo", "inspect")
+PREVIEWS_READ = ("sample.cfg_scale", "sample.shift", "sample.negative_prompt", "sample.prompts", "sample.prompts_file")
 READERS = (("train.", ("train",)), ("mesh.", ("train",)), ("data.", ("train",)), ("demo.", ("demo",)),
-           ("eval.", ("sample", "eval")), ("model.", BUT_EVAL), ("scheduler.", BUT_EVAL), ("sample.", BUT_EVAL),
+           ("eval.", ("sample", "eval")), *((field, BUT_EVAL) for field in PREVIEWS_READ),
+           ("sample.", ("sample", "demo", "inspect")), ("model.", BUT_EVAL), ("scheduler.", BUT_EVAL),
            ("seed", BUT_EVAL))
-# The setting of another mode that a training override's intent has there, named beside it.
+# The setting of another mode that an override's intent has there, named beside it (with the modes
+# that read it): a training run starts from train.init_from, not from sample.checkpoint.
 SAMPLING_COUNTERPARTS = {
     "train.init_from": ("sample.checkpoint", ("sample", "demo", "inspect")),
     "train.init_from_weights": ("sample.weights", ("sample", "demo", "inspect")),
@@ -101,6 +105,16 @@ SAMPLING_COUNTERPARTS = {
     "train.batch_size": ("sample.batch_size", ("sample",)),
     "train.preview_steps_per_stage": ("sample.steps_per_stage", ("sample",)),
 }
+TRAINING_COUNTERPARTS = {
+    "sample.checkpoint": ("train.init_from", ("train",)),
+    "sample.weights": ("train.init_from_weights", ("train",)),
+    "sample.text_encoder": ("train.text_encoder", ("train",)),
+    "sample.text_encoder_param_dtype": ("train.text_encoder_dtype", ("train",)),
+    "sample.max_text_tokens": ("train.max_text_tokens", ("train", "inspect")),
+    "sample.num_images": ("train.preview_num_images", ("train",)),
+    "sample.steps_per_stage": ("train.preview_steps_per_stage", ("train",)),
+}
+COUNTERPARTS = {**SAMPLING_COUNTERPARTS, **TRAINING_COUNTERPARTS}
 
 
 def readers_of(field: str) -> tuple[str, ...]:
@@ -132,9 +146,9 @@ def in_words(modes: tuple[str, ...]) -> str:
 
 def counterparts_read(fields: list[str], mode: str) -> str:
     """' (for train.X, --mode=M reads --config.sample.Y; ...)' for the fields whose intent `mode` has
-    a setting of its own for; '' for none."""
-    pointers = [f"for {f}, --mode={mode} reads --config.{SAMPLING_COUNTERPARTS[f][0]}" for f in fields
-                if mode in SAMPLING_COUNTERPARTS.get(f, ("", ()))[1]]
+    a setting of its own for (COUNTERPARTS); '' for none."""
+    pointers = [f"for {f}, --mode={mode} reads --config.{COUNTERPARTS[f][0]}" for f in fields
+                if mode in COUNTERPARTS.get(f, ("", ()))[1]]
     return f" ({'; '.join(pointers)})" if pointers else ""
 
 
