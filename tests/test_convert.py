@@ -1131,7 +1131,7 @@ def test_a_converted_folders_config_of_another_shape_or_with_numbers_that_are_no
     for name, values, message in (
             ("list", [], "it holds a list, not the mapping of settings that convert_torch_ckpt.py writes"),
             ("null", None, "it holds null, not the mapping"),
-            ("word", "x", "it holds 'x', not the mapping"),
+            ("word", "x", "it holds the text 'x', not the mapping"),
             ("half", {**good, "resolution": 64.5}, "resolution must be a whole number, got 64.5"),
             ("quoted", {**good, "resolution": "64"}, "resolution must be a whole number, got '64'"),
             ("flag", {**good, "resolution": True}, "resolution must be a whole number, got True"),

@@ -98,8 +98,8 @@ class CheckpointConfig:
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "CheckpointConfig":
         if not isinstance(values, dict):
-            held = "a list" if isinstance(values, list) else "null" if values is None else repr(values)
-            raise ValueError(f"it holds {held}, not the mapping of settings that convert_torch_ckpt.py writes")
+            raise ValueError(f"it holds {held_in_words(values)}, not the mapping of settings that "
+                             "convert_torch_ckpt.py writes")
         version = whole_number("format_version", values.get("format_version", FORMAT_VERSION))
         if version > FORMAT_VERSION:
             raise ValueError(f"format_version {version!r} is from a newer pixelflow-jax (this one reads "
@@ -110,6 +110,15 @@ class CheckpointConfig:
                    num_stages=whole_number("scheduler.num_stages", scheduler["num_stages"]),
                    resolution=whole_number("resolution", values["resolution"]),
                    max_text_tokens=values.get("max_text_tokens"), text_encoder_dtype=values.get("text_encoder_dtype"))
+
+
+def held_in_words(value: Any) -> str:
+    """What a JSON or YAML document that is no mapping holds, in words: 'a list', "the text 'model'"."""
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return f"the text {value!r}" if isinstance(value, str) else f"the value {value!r}"
 
 
 def whole_number(name: str, value: Any) -> int:

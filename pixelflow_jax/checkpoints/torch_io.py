@@ -21,7 +21,7 @@ import yaml
 
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import (CheckpointConfig, CheckpointError, atomic_output_dir,
-                                                 check_weights_choice, is_text_token_count, listed)
+                                                 check_weights_choice, held_in_words, is_text_token_count, listed)
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ARCHITECTURE_FIELDS, ModelConfig
 from pixelflow_jax.error_text import first_line
@@ -259,7 +259,7 @@ def release_yaml_values(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a release config.yaml ({e}): pass the config.yaml that came with the "
                               "checkpoint") from None
     if not isinstance(values, dict):
-        held = "is empty" if values is None else f"holds {yaml_kind(values)}"
+        held = "is empty" if values is None else f"holds {held_in_words(values)}"
         raise CheckpointError(f"{path} {held}, not a release config.yaml (YAML settings with model.params, scheduler "
                               "and data): pass the config.yaml that came with the checkpoint")
     for section in ("model", "scheduler", "data", "train"):
@@ -277,13 +277,6 @@ def mapping_in(path: str, name: str, value: Any) -> dict[str, Any]:
         raise CheckpointError(f"{path}: {name} must be a mapping ({last}: followed by indented `name: value` lines), "
                               f"got {value!r}")
     return dict(value)
-
-
-def yaml_kind(value: Any) -> str:
-    """What a YAML document that is no mapping holds, in words: 'a list', "the text 'model'"."""
-    if isinstance(value, list):
-        return "a list"
-    return f"the text {value!r}" if isinstance(value, str) else f"the value {value!r}"
 
 
 def weight_files(folder: str) -> list[str]:
