@@ -141,9 +141,9 @@ _MOVES = {"parameter", "constant", "bitcast", "reshape", "tuple", "get-tuple-ele
 
 def kernel_kind(instruction: dict, fused: list[dict] | None) -> str:
     """gemm, attention (cuDNN's or our Pallas kernel: on a TPU every Mosaic kernel, the model's
-    only ones being splash attention's), copy (a copy, or a fusion that only moves rows: a scan's
-    slicing or stacking), collective (an all-reduce or other exchange between devices), or
-    elementwise (every other fusion)."""
+    only ones being splash attention's), copy (a copy, or a fusion or lone instruction that only
+    moves data: a scan's slicing or stacking, a TPU's relayout by reshape), collective (an
+    all-reduce or other exchange between devices), or elementwise (every other fusion)."""
     if instruction["op"].removesuffix("-start") in _COLLECTIVES:
         return "collective"
     target = re.search(r'custom_call_target="([^"]+)"', instruction["attributes"])
@@ -153,8 +153,9 @@ def kernel_kind(instruction: dict, fused: list[dict] | None) -> str:
     if ("gemm" in instruction["name"] or "gemm" in target or "matmul" in target or instruction["op"] in _MATMULS
             or any(part["op"] in _MATMULS for part in fused or [])):
         return "gemm"
+    # scalars are index arithmetic; their size counts wherever they are (a TPU keeps much of a fusion in VMEM)
     moves_only = fused is not None and all(
-        part["op"] in _MOVES or shape_bytes(part["shape"]) <= 8 for part in fused)  # scalars: index arithmetic
+        part["op"] in _MOVES or shape_bytes(part["shape"], hbm_only=False) <= 8 for part in fused)
     return "copy" if instruction["op"] in ("copy", "copy-start") or moves_only else "elementwise"
 
 
@@ -188,6 +189,12 @@ def _sliced_bytes(fused: list[dict], name: str, computations: dict[str, list[dic
     return total
 
 
+def _row_bytes(update: dict, by_name: dict[str, dict]) -> int:
+    """HBM bytes a dynamic-update-slice writes in place: its update's, where its buffer is in HBM
+    (the update itself may come from VMEM)."""
+    return shape_bytes(by_name[update["operands"][1]]["shape"], hbm_only=False) if shape_bytes(update["shape"]) else 0
+
+
 def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int],
                             computations: dict[str, list[dict]]) -> tuple[int, int]:
     """Bytes a fusion reads and writes, given its fused computation: a parameter used only through
@@ -197,8 +204,8 @@ def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int],
     root = next(instruction for instruction in fused if instruction["root"])
     outputs = [by_name[name] for name in root["operands"]] if root["op"] == "tuple" else [root]
     output_names = {out["name"] for out in outputs}
-    written = sum(shape_bytes(by_name[out["operands"][1]]["shape"]) if out["op"] == "dynamic-update-slice"
-                  else shape_bytes(out["shape"]) for out in outputs)
+    written = sum(_row_bytes(out, by_name) if out["op"] == "dynamic-update-slice" else shape_bytes(out["shape"])
+                  for out in outputs)
     read = 0
     for instruction in fused:
         if instruction["op"] == "parameter":
@@ -208,22 +215,54 @@ def _fused_reads_and_writes(fused: list[dict], operand_bytes: list[int],
     return read, written
 
 
+def _as_computation(instruction: dict, operand_shapes: list[str], op: str, shape: str) -> list[dict]:
+    """An instruction as the computation of a fusion of its own: a parameter per operand, then the
+    instruction (as `op`, of `shape`) on them, to be read as a fusion's computation is."""
+    parameters = [dict(name=f"param_{i}", shape=operand_shape, op="parameter", operands=[str(i)], attributes="",
+                       root=False) for i, operand_shape in enumerate(operand_shapes)]
+    return parameters + [dict(instruction, shape=shape, op=op, root=True,
+                              operands=[parameter["name"] for parameter in parameters])]
+
+
 def short_async_computation(instruction: dict) -> list[dict] | None:
     """The computation an async start wraps, where the HLO prints it in its short form: a TPU
     executable's as_text() gives `slice-start(%x), slice={...}` with the shape ((operands), output,
-    context) for what XLA's dump gives as `async-start(%x), calls=%wrapped`. As parameters and the
-    wrapped instruction, to be read as the long form's computation is. None for any other
+    context) for what XLA's dump gives as `async-start(%x), calls=%wrapped`. None for any other
     instruction (a copy-start and a collective's start are kernels of their own)."""
     wrapped = instruction["op"].removesuffix("-start")
     if (wrapped == instruction["op"] or wrapped in ("copy", "async") or wrapped in _COLLECTIVES
             or _attribute(instruction, "calls")):
         return None
     operands, output = _split_top_level(instruction["shape"][1:-1])[:2]
-    parameters = [dict(name=f"param_{i}", shape=shape, op="parameter", operands=[str(i)], attributes="", root=False)
-                  for i, shape in enumerate(_split_top_level(operands[1:-1]))]
-    return parameters + [dict(name=instruction["name"], shape=output, op=wrapped, root=True,
-                              operands=[parameter["name"] for parameter in parameters],
-                              attributes=instruction["attributes"])]
+    return _as_computation(instruction, _split_top_level(operands[1:-1]), wrapped, output)
+
+
+def _computation_of(instruction: dict, operand_shapes: list[str],
+                    computations: dict[str, list[dict]]) -> list[dict] | None:
+    """What a kernel runs, to be read as a fusion: a fusion's (or a long-form async start's)
+    computation, a short-form async start's, or an instruction XLA left unfused (a TPU's reshape,
+    slice or dynamic-update-slice) on its own; None for a library call, a copy-start or a collective."""
+    op = instruction["op"]
+    if op in ("fusion", "async-start"):  # a TPU's async-start wraps a slice into VMEM
+        return computations.get(_attribute(instruction, "calls"))
+    if op.endswith("-start"):
+        return short_async_computation(instruction)
+    if op == "custom-call" or op in _COLLECTIVES:
+        return None
+    return _as_computation(instruction, operand_shapes, op, instruction["shape"])
+
+
+def _library_call_output(instruction: dict) -> str:
+    """The output of a library call or a collective, as HBM it writes: a collective start's
+    shape (operand, output, context...) less its operand and context (an all-reduce-start's is its
+    output), a custom call's less its workspace (a 1-D byte array: cuDNN's u8, cuBLAS's s8)."""
+    op, shape = instruction["op"], instruction["shape"]
+    if op.endswith("-start") and op != "all-reduce-start" and shape.startswith("("):
+        return _split_top_level(shape[1:-1])[1]
+    if op == "custom-call":
+        return ", ".join(f"{dtype}[{dims}]{layout}" for dtype, dims, layout in _ARRAY.findall(shape)
+                         if not (dtype in ("u8", "s8") and dims.isdigit()))
+    return shape
 
 
 def kernel_traffic(hlo: str) -> list[dict]:
@@ -239,7 +278,7 @@ def kernel_traffic(hlo: str) -> list[dict]:
         shapes = {}
         local = {instruction["name"]: instruction for instruction in computations[name]}
         for instruction in computations[name]:
-            shapes[instruction["name"]] = shape_bytes(instruction["shape"])
+            shapes[instruction["name"]] = instruction["shape"]
             if instruction["op"] == "while":
                 walk(_attribute(instruction, "body"), times * (trip_count(instruction, computations, local) or 1))
                 continue
@@ -248,21 +287,15 @@ def kernel_traffic(hlo: str) -> list[dict]:
             target = re.search(r'custom_call_target="([^"]+)"', instruction["attributes"])
             if target and target.group(1) in _NO_TRAFFIC_CALLS:
                 continue
-            operand_bytes = [shapes.get(operand, 0) for operand in instruction["operands"]]
-            # a TPU's async-start wraps a computation (a slice into VMEM) that reads like a fusion
-            if instruction["op"] in ("fusion", "async-start"):
-                fused = computations.get(_attribute(instruction, "calls"))
-            else:
-                fused = short_async_computation(instruction)
+            operand_shapes = [shapes.get(operand, "") for operand in instruction["operands"]]
+            operand_bytes = [shape_bytes(shape) for shape in operand_shapes]
+            fused = _computation_of(instruction, operand_shapes, computations)
             if fused is not None:
                 read, written = _fused_reads_and_writes(fused, operand_bytes, computations)
             elif instruction["op"] == "copy-start":  # (destination, source, context): it writes the destination
                 read, written = sum(operand_bytes), shape_bytes(_ARRAY.search(instruction["shape"]).group(0))
-            else:  # a library call (cuDNN, cuBLAS, a Triton custom call) or a copy: its operands and outputs
-                read = sum(operand_bytes)
-                written = sum(shape_bytes(f"{dtype}[{dims}]{layout}")
-                              for dtype, dims, layout in _ARRAY.findall(instruction["shape"])
-                              if dtype != "u8")  # u8 outputs of library calls are their workspaces
+            else:  # a library call (cuDNN, cuBLAS, a Triton or Mosaic kernel) or a collective
+                read, written = sum(operand_bytes), shape_bytes(_library_call_output(instruction))
             op = re.search(r'op_name="([^"]*)"', instruction["attributes"])  # the jax operation it came from
             kernels.append(dict(name=instruction["name"], kind=kernel_kind(instruction, fused),
                                 bytes=times * (read + written), op=op.group(1) if op else ""))

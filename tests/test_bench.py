@@ -690,3 +690,97 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     for result in ('"images_per_s"', '"seconds_per_image"', '"forward_backward_tflops"', '"top_ops"',
                    '"last_stage_forward"', '"settings"', '"key_mask": true'):
         assert result in log, result
+
+
+def test_hlo_traffic_leaves_out_a_cublas_calls_workspace():
+    """cuBLASLt's matmul returns its workspace beside its output as an s8 array (cuDNN's is u8):
+    scratch, not traffic (it was counted written, 4 MiB a call: with XLA's GEMMs on cuBLAS, 77 GB
+    of a generate's GEMM bytes)."""
+    from hlo_traffic import kernel_traffic
+
+    hlo = """HloModule jit_matmul
+
+ENTRY %main.1 (x.1: bf16[16,8], y.1: bf16[8,8]) -> bf16[16,8] {
+  %x.1 = bf16[16,8]{1,0} parameter(0)
+  %y.1 = bf16[8,8]{1,0} parameter(1)
+  %custom-call.2 = (bf16[16,8]{1,0}, s8[4194304]{0}) custom-call(%x.1, %y.1), \
+custom_call_target="__cublas$lt$matmul", backend_config={"alpha_real":1}
+  ROOT %get-tuple-element.2 = bf16[16,8]{1,0} get-tuple-element(%custom-call.2), index=0
+}
+"""
+    assert [(k["kind"], k["bytes"]) for k in kernel_traffic(hlo)] == [("gemm", 16 * 8 * 2 + 8 * 8 * 2 + 16 * 8 * 2)]
+
+
+# A TPU slice's exchanges as libtpu and XLA print them: a collective-permute-start's shape is
+# (operand, output, context, context), an all-gather-start's (operand, output), an
+# all-reduce-start's its output.
+COLLECTIVE_STARTS_HLO = """HloModule jit_exchanges
+
+ENTRY %main.1 (x.1: bf16[2,8]) -> (bf16[2,8], bf16[4,8], bf16[2,8]) {
+  %x.1 = bf16[2,8]{1,0:T(2,128)(2,1)} parameter(0)
+  %collective-permute-start.1 = (bf16[2,8]{1,0:T(2,128)(2,1)}, bf16[2,8]{1,0:T(2,128)(2,1)}, u32[]{:S(2)}, \
+u32[]{:S(2)}) collective-permute-start(%x.1), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %collective-permute-done.1 = bf16[2,8]{1,0:T(2,128)(2,1)} collective-permute-done(%collective-permute-start.1)
+  %all-gather-start.1 = (bf16[2,8]{1,0:T(2,128)(2,1)}, bf16[4,8]{1,0:T(4,128)(2,1)}) all-gather-start(%x.1), \
+channel_id=2, replica_groups={{0,1}}, dimensions={0}
+  %all-gather-done.1 = bf16[4,8]{1,0:T(4,128)(2,1)} all-gather-done(%all-gather-start.1)
+  %all-reduce-start.1 = bf16[2,8]{1,0:T(2,128)(2,1)} all-reduce-start(%x.1), channel_id=3, replica_groups={{0,1}}, \
+to_apply=%add
+  %all-reduce-done.1 = bf16[2,8]{1,0:T(2,128)(2,1)} all-reduce-done(%all-reduce-start.1)
+  ROOT %tuple.1 = (bf16[2,8]{1,0:T(2,128)(2,1)}, bf16[4,8]{1,0:T(4,128)(2,1)}, bf16[2,8]{1,0:T(2,128)(2,1)}) \
+tuple(%collective-permute-done.1, %all-gather-done.1, %all-reduce-done.1)
+}
+"""
+
+
+def test_hlo_traffic_counts_a_collective_starts_operand_once():
+    """An exchange reads its operand and writes its output: the operand that a collective-permute-
+    start's or an all-gather-start's shape repeats was counted written too (a third more bytes for
+    the permutes of a TPU slice's sharded matmuls)."""
+    from hlo_traffic import kernel_traffic
+
+    x = 2 * 8 * 2
+    assert {k["name"]: (k["kind"], k["bytes"]) for k in kernel_traffic(COLLECTIVE_STARTS_HLO)} == {
+        "collective-permute-start.1": ("collective", x + x), "all-gather-start.1": ("collective", x + 2 * x),
+        "all-reduce-start.1": ("collective", x + x)}
+
+
+# What libtpu leaves unfused in a loop body: a stack's row updated in place from VMEM (S(1)), a
+# row sliced out, a relayout by reshape; and a fusion that converts in VMEM before its bitcast.
+TPU_UNFUSED_HLO = """HloModule jit_tpu_unfused
+
+%fused_convert (param_0: f32[16,8]) -> bf16[128] {
+  %param_0 = f32[16,8]{1,0:T(8,128)} parameter(0)
+  %convert.1 = bf16[16,8]{1,0:T(8,128)(2,1)S(1)} convert(%param_0)
+  ROOT %bitcast.1 = bf16[128]{0:T(1024)(128)(2,1)} bitcast(%convert.1)
+}
+
+ENTRY %main.1 (stack.1: f32[4,16,8], row.1: f32[1,16,8], i.1: s32[], x.1: f32[16,8]) -> (f32[4,16,8], \
+f32[1,16,8], f32[128], bf16[128]) {
+  %stack.1 = f32[4,16,8]{2,1,0:T(8,128)} parameter(0)
+  %row.1 = f32[1,16,8]{2,1,0:T(8,128)S(1)} parameter(1)
+  %i.1 = s32[]{:T(128)S(6)} parameter(2)
+  %x.1 = f32[16,8]{1,0:T(8,128)} parameter(3)
+  %constant.1 = s32[]{:T(128)S(6)} constant(0)
+  %update.1 = f32[4,16,8]{2,1,0:T(8,128)} dynamic-update-slice(%stack.1, %row.1, %i.1, %constant.1, %constant.1)
+  %take.1 = f32[1,16,8]{2,1,0:T(8,128)} dynamic-slice(%stack.1, %i.1, %constant.1, %constant.1), \
+dynamic_slice_sizes={1,16,8}
+  %reshape.1 = f32[128]{0:T(1024)} reshape(%x.1)
+  %convert_fusion = bf16[128]{0:T(1024)(128)(2,1)} fusion(%x.1), kind=kLoop, calls=%fused_convert
+  ROOT %tuple.1 = (f32[4,16,8]{2,1,0:T(8,128)}, f32[1,16,8]{2,1,0:T(8,128)}, f32[128]{0:T(1024)}, \
+bf16[128]{0:T(1024)(128)(2,1)}) tuple(%update.1, %take.1, %reshape.1, %convert_fusion)
+}
+"""
+
+
+def test_hlo_traffic_reads_what_a_tpu_leaves_unfused_as_a_fusion_of_one():
+    """An instruction outside any fusion is a kernel read as a fusion of itself: a row updated in
+    place writes the row (it was the whole stack read and written), a dynamic-slice reads its row,
+    and these and a reshape (a TPU's relayout) only move data: copies, not elementwise traffic. A
+    fusion's arithmetic held in VMEM is not index arithmetic: the convert is elementwise, not a copy."""
+    from hlo_traffic import kernel_traffic
+
+    row = 16 * 8 * 4
+    assert {k["name"]: (k["kind"], k["bytes"]) for k in kernel_traffic(TPU_UNFUSED_HLO)} == {
+        "update.1": ("copy", row), "take.1": ("copy", row + row), "reshape.1": ("copy", row + row),
+        "convert_fusion": ("elementwise", row + row // 2)}
