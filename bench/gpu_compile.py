@@ -136,7 +136,7 @@ CARDS = {
     "h200": _CARD.format(name="NVIDIA H200", bandwidth=BANDWIDTH["h200"], memory=150_754_820_096),
     "h100": _CARD.format(name="NVIDIA H100 80GB HBM3", bandwidth=BANDWIDTH["h100"], memory=84_929_347_584),
 }
-SM_REGISTERS, SM_SHARED_MEMORY, SM_MAX_BLOCKS = 65536, 233472, 32  # sm_90, per streaming multiprocessor
+SM_REGISTERS, SM_SHARED_MEMORY, SM_MAX_BLOCKS, SM_MAX_THREADS = 65536, 233472, 32, 2048  # sm_90, per SM
 # configs/t2i.py's text model at XL (cross-attention to flan-t5-xl's states) and train.max_text_tokens,
 # written out: ml_collections, which the configs need, is not on the GPU machine.
 TEXT_MODEL = dict(num_classes=0, cross_attention_dim=T5Config().d_model)
@@ -244,11 +244,12 @@ def parse_ptxas_report(report: str) -> dict[str, dict]:
 
 def blocks_per_sm(threads: int, registers: int, shared_memory: int) -> int:
     """How many blocks of a kernel one SM holds at once (registers are allocated per warp in units
-    of 256, shared memory with 1 KiB reserved per block)."""
+    of 256, shared memory with 1 KiB reserved per block, threads 2048 at most, in whole warps)."""
+    warps = -(-threads // 32)
     warp_registers = -(-registers * 32 // 256) * 256
-    by_registers = SM_REGISTERS // (warp_registers * -(-threads // 32))
+    by_registers = SM_REGISTERS // (warp_registers * warps)
     by_shared = SM_SHARED_MEMORY // (shared_memory + 1024)
-    return min(by_registers, by_shared, SM_MAX_BLOCKS)
+    return min(by_registers, by_shared, SM_MAX_THREADS // (warps * 32), SM_MAX_BLOCKS)
 
 
 def attention_operand(card: str, batch: int, length: int, heads: int, head_dim: int):

@@ -64,6 +64,8 @@ def test_gpu_compile_reads_the_compilers_reports():
     assert blocks_per_sm(threads=256, registers=126, shared_memory=143360) == 1  # shared memory bounds it
     assert blocks_per_sm(threads=128, registers=128, shared_memory=30720) == 4  # registers bound it (7 by memory)
     assert blocks_per_sm(threads=32, registers=10, shared_memory=0) == 32  # the SM's block limit
+    # 2048 threads per SM: 16 blocks of 128 threads, not the 32 that registers and blocks allow
+    assert blocks_per_sm(threads=128, registers=16, shared_memory=0) == 16
 
 
 def test_gpu_compile_counts_what_one_sampling_step_launches():
