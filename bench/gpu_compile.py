@@ -85,7 +85,7 @@ from jax.experimental import topologies  # noqa: E402
 
 from attention_speed import SWEEP  # noqa: E402
 from harness import non_negative_int, positive_int  # noqa: E402
-from hlo_traffic import kernel_traffic, traffic_by_kind  # noqa: E402
+from hlo_traffic import joined_lines, kernel_traffic, parse_instruction, traffic_by_kind  # noqa: E402
 from pixelflow_jax import CheckpointConfig, PixelFlowScheduler  # noqa: E402
 from pixelflow_jax.config import COMPUTE_DTYPES, REMAT_POLICIES, matmul_precision  # noqa: E402
 from pixelflow_jax.kernels.attention import compiling_for, dot_product_attention  # noqa: E402
@@ -473,6 +473,17 @@ def read_dump(dump_dir: str, suffix: str) -> str:
     return open(paths[0]).read()
 
 
+def host_callbacks(hlo: str) -> int:
+    """The instructions of an HLO module that wait on the host: send, recv, infeed, outfeed, and
+    custom calls of a Python callback (jax's pure_callback, io_callback, debug.print); each once,
+    not each line that names a callback (its op_name and source file do too)."""
+    count = 0
+    for instruction in filter(None, map(parse_instruction, joined_lines(hlo))):
+        target = re.search(r'custom_call_target="([^"]+)"', instruction["attributes"])
+        count += instruction["op"] in ("send", "recv", "infeed", "outfeed") or bool(target and "callback" in target[1])
+    return count
+
+
 def program_report(dump_dir: str, steps: int | None) -> dict:
     """From XLA's dump of one compiled program: launches per call, and for a stage's solve per
     step of its Euler loop (the top-level while of `steps` trips) and whether that loop stays on
@@ -484,8 +495,7 @@ def program_report(dump_dir: str, steps: int | None) -> dict:
     roots = parse_thunk_tree(thunks)
     hlo = read_dump(dump_dir, "gpu_after_optimizations.txt")
     trips = parse_trip_counts(read_dump(dump_dir, "thunk_metadata.txt"), hlo)
-    report = dict(per_call=dict(launch_counts(roots, trips)),
-                  host_callbacks=len(re.findall(r"\b(?:send|recv|infeed|outfeed)\(|callback", hlo)))
+    report = dict(per_call=dict(launch_counts(roots, trips)), host_callbacks=host_callbacks(hlo))
     if steps is not None:
         loops = [thunk for thunk in roots if thunk["kind"] == "kWhile" and trips.get(thunk["id"]) == steps]
         report["step_loop_on_card"] = len(loops) == 1
@@ -570,11 +580,39 @@ def comma_separated(parse_one):
     return lambda text: [parse_one(item) for item in text.split(",")]
 
 
+def batch_by_length(text: str) -> tuple[int, int]:
+    """An argparse type: an attention shape BxL (batch x sequence length), both whole numbers >= 1."""
+    batch, _, length = text.partition("x")
+    try:
+        return positive_int(batch), positive_int(length)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be batch x length like 8x4096, got {text!r}") from None
+
+
 def tpu_topology_name(text: str) -> str:
     """An argparse type: a TPU slice's chips per dimension, 2 or 3 of them (2x2, 2x2x1)."""
     if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", text):
         raise argparse.ArgumentTypeError(f"must be chips per dimension like 2x2 or 2x2x1, got {text!r}")
     return text
+
+
+# The options that apply to only some subcommands (the rest apply to all or are checked with the chips').
+USED_BY = dict(shapes=("kernels",), heads=("kernels",), head_dim=("kernels",), preset=("sample",),
+               steps=("sample",), cfg=("sample",), remat=("train",), batch=("train", "sample"),
+               attention=("train", "sample"), dtype=("train", "sample"), top=("train", "sample"))
+DEFAULTS = dict(shapes=[(8, 4096), (32, 1024)], heads=16, head_dim=72, preset="xl", steps=STEPS, cfg=CFG,
+                remat=["dots"], dtype="bfloat16", top=0)
+
+
+def check_options_apply(parser: argparse.ArgumentParser, args) -> None:
+    """An option the subcommand does not read is a usage error (`train --preset=tiny` compiled XL),
+    then the defaults of those not given (DEFAULTS) are filled in."""
+    for name, subcommands in USED_BY.items():
+        if getattr(args, name) is not None and args.what not in subcommands:
+            parser.error(f"argument --{name}: for {' or '.join(subcommands)} only, not {args.what}")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def check_chip_arguments(parser: argparse.ArgumentParser, args) -> None:
@@ -607,22 +645,24 @@ def main():
                         help="train on a TPU: the slice's chips, e.g. 2x2x1 (v5p) or 2x2 (v5e, v6e); default one chip")
     parser.add_argument("--fsdp", type=positive_int, default=1,
                         help="train on a TPU --topology: the mesh's 'fsdp' axis (sharding.py), dividing its chips")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="xl", help="sample: the model (train: XL)")
-    parser.add_argument("--shapes", default="8x4096,32x1024", help="kernels: comma-separated BxL")
-    parser.add_argument("--heads", type=positive_int, default=16)
-    parser.add_argument("--head_dim", type=positive_int, default=72)
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="sample: the model (default xl; train always compiles XL)")
+    parser.add_argument("--shapes", type=comma_separated(batch_by_length),
+                        help="kernels: comma-separated BxL (default 8x4096,32x1024)")
+    parser.add_argument("--heads", type=positive_int, help="kernels: attention heads (default 16)")
+    parser.add_argument("--head_dim", type=positive_int, help="kernels: channels per head (default 72)")
     parser.add_argument("--batch", type=comma_separated(positive_int),
                         help=f"comma-separated; train: global batches (default 32); sample: images per batch (default "
                              f"{BATCH}, the CFG batch is twice this)")
-    parser.add_argument("--steps", type=positive_int, default=STEPS, help="sample: Euler steps per stage")
-    parser.add_argument("--cfg", type=float, default=CFG, help="sample: the CFG scale (1: no guidance)")
-    parser.add_argument("--remat", type=comma_separated(one_of(REMAT_POLICIES)), default="dots",
-                        help=f"train: comma-separated, of {REMAT_POLICIES}")
+    parser.add_argument("--steps", type=positive_int, help=f"sample: Euler steps per stage (default {STEPS})")
+    parser.add_argument("--cfg", type=float, help=f"sample: the CFG scale (default {CFG}; 1: no guidance)")
+    parser.add_argument("--remat", type=comma_separated(one_of(REMAT_POLICIES)),
+                        help=f"train: comma-separated, of {REMAT_POLICIES} (default dots)")
     parser.add_argument("--attention", type=comma_separated(one_of(tuple(dict.fromkeys(GPU_BACKENDS + TPU_BACKENDS)))),
                         help=f"comma-separated; on a GPU of {GPU_BACKENDS} (default: train cudnn, sample "
                              f"cudnn,pallas_gpu), on a TPU of {TPU_BACKENDS} (default splash)")
-    parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES)
-    parser.add_argument("--top", type=non_negative_int, default=0,
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, help="train, sample: the compute dtype (default bfloat16)")
+    parser.add_argument("--top", type=non_negative_int,
                         help="train, sample: also list the N kernels that move the most HBM bytes (hbm_top)")
     parser.add_argument("--model", choices=("c2i", "t2i"), default="c2i",
                         help="train: class-conditional, or text-to-image (configs/t2i.py's XL, with its T5 encoder)")
@@ -637,6 +677,7 @@ def main():
     for name in ("text_tokens", "encoder_dtype"):
         if getattr(args, name) is not None and args.model != "t2i":
             parser.error(f"argument --{name}: for train --model=t2i only")
+    check_options_apply(parser, args)
     check_chip_arguments(parser, args)
     try:  # the sampler's own checks, before minutes of compiling
         SamplingOptions.create(PixelFlowScheduler().num_stages, args.steps, cfg_scale=args.cfg)
@@ -647,12 +688,11 @@ def main():
     versions = dict(jax=jax.__version__, **({"libtpu": importlib.metadata.version("libtpu")} if on_tpu else {}))
     print(json.dumps(dict(**versions, card=args.card)), flush=True)
     if args.what == "kernels" and on_tpu:  # splash's blocks follow the lengths: no tile settings to sweep
-        for batch, length in (tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")):
+        for batch, length in args.shapes:
             print(json.dumps(compile_splash(args.card, batch, length, args.heads, args.head_dim)), flush=True)
         return
     if args.what == "kernels":
-        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
-        for settings, (batch, length) in itertools.product(SWEEP, shapes):
+        for settings, (batch, length) in itertools.product(SWEEP, args.shapes):
             report = compile_kernels(args.card, settings, batch, length, args.heads, args.head_dim)
             print(json.dumps(report), flush=True)
         return

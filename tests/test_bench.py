@@ -786,3 +786,59 @@ def test_hlo_traffic_reads_what_a_tpu_leaves_unfused_as_a_fusion_of_one():
     assert {k["name"]: (k["kind"], k["bytes"]) for k in kernel_traffic(TPU_UNFUSED_HLO)} == {
         "update.1": ("copy", row), "take.1": ("copy", row + row), "reshape.1": ("copy", row + row),
         "convert_fusion": ("elementwise", row + row // 2)}
+
+
+def test_gpu_compile_refuses_an_option_its_subcommand_does_not_read(capsys):
+    """`train --preset=tiny` compiled XL, `kernels --batch=4` the default shapes: an option of
+    another subcommand is a usage error naming where it applies; a bad --shapes is one too (it was
+    a ValueError's traceback); the defaults of the options not given are filled in."""
+    from gpu_compile import DEFAULTS, USED_BY, batch_by_length, check_options_apply
+
+    assert batch_by_length("8x4096") == (8, 4096)
+    for text in ("8x", "8x4096x2", "0x16", "8"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be batch x length like 8x4096, got '{text}'"):
+            batch_by_length(text)
+    unset = dict.fromkeys(USED_BY)
+    refused = (("train", "preset", "tiny", "argument --preset: for sample only, not train"),
+               ("kernels", "batch", [4], "argument --batch: for train or sample only, not kernels"),
+               ("sample", "remat", ["full"], "argument --remat: for train only, not sample"),
+               ("train", "shapes", [(8, 64)], "argument --shapes: for kernels only, not train"))
+    for what, name, value, message in refused:
+        with pytest.raises(SystemExit) as exit:
+            check_options_apply(argparse.ArgumentParser(), argparse.Namespace(**{**unset, "what": what, name: value}))
+        assert exit.value.code == 2 and message in capsys.readouterr().err, (what, name)
+    args = argparse.Namespace(**{**unset, "what": "sample", "steps": 5})
+    check_options_apply(argparse.ArgumentParser(), args)
+    assert args.steps == 5 and args.cfg == DEFAULTS["cfg"] and args.remat == ["dots"]
+    result = subprocess.run([sys.executable, "bench/gpu_compile.py", "kernels", "--shapes=8x4096,8x"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --shapes: must be batch x length like 8x4096, got '8x'" \
+        in result.stderr, result.stderr[-500:]
+    result = subprocess.run([sys.executable, "bench/gpu_compile.py", "train", "--steps=10"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --steps: for sample only, not train" in result.stderr
+
+
+def test_gpu_compile_counts_each_host_callback_once():
+    """`sample`'s host_callbacks counts the instructions that wait on the host; it counted every
+    match of 'callback' in the HLO text, three for one pure_callback (its target, its op_name, its
+    source file), and one for a fusion whose jax operation's name held the word."""
+    from gpu_compile import host_callbacks
+
+    hlo = """HloModule jit_step
+
+ENTRY %main.1 (x.1: f32[8]) -> f32[8] {
+  %x.1 = f32[8]{0} parameter(0)
+  %loop_fusion = f32[8]{0} fusion(%x.1), kind=kLoop, calls=%fused_negate, \
+metadata={op_name="jit(step)/neg" source_file="/src/pixelflow_jax/callbacks.py" source_line=3}
+  %custom-call.1 = (f32[8]{0}) custom-call(%loop_fusion), custom_call_target="xla_ffi_python_gpu_callback", \
+metadata={op_name="jit(step)/pure_callback" source_file="/jax/_src/callback.py" source_line=9}, \
+backend_config={"callback":"1"}
+  %after-all.1 = token[] after-all()
+  %send.1 = (f32[8]{0}, u32[], token[]) send(%x.1, %after-all.1), channel_id=1, is_host_transfer=true
+  %send-done.1 = token[] send-done(%send.1), channel_id=1, is_host_transfer=true
+  ROOT %get-tuple-element.1 = f32[8]{0} get-tuple-element(%custom-call.1), index=0
+}
+"""
+    assert host_callbacks(hlo) == 2
+    assert host_callbacks(hlo.replace("xla_ffi_python_gpu_callback", "__cublas$gemm")) == 1
