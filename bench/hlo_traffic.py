@@ -6,10 +6,12 @@ GELU, residual adds), which FLOP counts leave out.
 
 What is counted: each kernel's operands and outputs, once each. Where a fusion only slices an
 operand at the loop's index (a scan's stacked layer weights), the slice; where it updates a row of a
-buffer in place (a scan writing its stacked outputs), the row. Not counted: what a kernel reads
+buffer in place (a scan writing its stacked outputs), the row. An instruction XLA leaves unfused (a
+TPU's reshape or row update) is a kernel read as a fusion of itself. Not counted: what a kernel reads
 more than once (a matmul re-reads its operands for each tile row or column of its output; flash
-attention reads K and V once per query block), what the L2 cache (50 MB) spares, and workspaces. So
-the numbers are a lower bound for matmul and attention kernels and about right for elementwise ones.
+attention reads K and V once per query block), what the L2 cache (50 MB) spares, and library calls'
+workspaces (cuDNN's u8, cuBLAS's s8 array beside the output). So the numbers are a lower bound for
+matmul and attention kernels and about right for elementwise ones.
 On a TPU, arrays XLA keeps in the chip's on-core memory (VMEM: a layout in memory space S(1)) move
 no HBM bytes; a copy-start that prefetches one reads its HBM source.
 """
@@ -20,8 +22,9 @@ import re
 
 _BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4, f64=8, s64=8, u64=8)
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")  # dtype, dims, layout
+# no kernel of their own: a conditional's branches are not entered (kernel_traffic)
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "after-all",
-              "opt-barrier", "partition-id", "replica-id"}
+              "opt-barrier", "partition-id", "replica-id", "conditional"}
 _MATMULS = {"dot", "convolution"}  # TPU's matmuls are convolutions, fused or not
 # libtpu's custom calls that move no data: one reserves a buffer (a scan's stack, before its rows
 # are written), one places concatenated arrays side by side, one marks gather indices in bounds.
@@ -281,6 +284,9 @@ def kernel_traffic(hlo: str) -> list[dict]:
             shapes[instruction["name"]] = instruction["shape"]
             if instruction["op"] == "while":
                 walk(_attribute(instruction, "body"), times * (trip_count(instruction, computations, local) or 1))
+                continue
+            if instruction["op"] == "call":  # its computation's kernels run once per call
+                walk(_attribute(instruction, "to_apply"), times)
                 continue
             if instruction["op"] in _NO_KERNEL or instruction["op"].endswith("-done"):  # its -start moves the bytes
                 continue

@@ -842,3 +842,20 @@ backend_config={"callback":"1"}
 """
     assert host_callbacks(hlo) == 2
     assert host_callbacks(hlo.replace("xla_ffi_python_gpu_callback", "__cublas$gemm")) == 1
+
+
+def test_hlo_traffic_enters_a_call_and_counts_no_kernel_for_a_conditional():
+    """A call runs its computation's kernels (they were left out, and the call counted as one
+    elementwise kernel reading and writing its operands); a conditional is no kernel: its branches
+    are not entered (which one runs is not known), and it was counted as one reading its operands."""
+    from hlo_traffic import kernel_traffic
+
+    hlo = NESTED_LOOPS_HLO.replace(
+        "  ROOT %solve = (s32[], f32[8]{0}) while(%steps), condition=%cond, body=%solver_body\n",
+        "  %called = (s32[], f32[8]{0}) call(%steps), to_apply=%solver_body\n"
+        "  %pred.1 = pred[] constant(true)\n"
+        "  ROOT %branch = (s32[], f32[8]{0}) conditional(%pred.1, %called, %called), "
+        "true_computation=%solver_body, false_computation=%solver_body\n")
+    assert "call(%steps)" in hlo and "conditional(" in hlo
+    assert {k["name"]: k["bytes"] for k in kernel_traffic(hlo)} == dict(layer_fusion=4 * 3 * 2 * 8 * 4,
+                                                                       solver_fusion=2 * 8 * 4)
