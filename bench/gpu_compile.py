@@ -425,7 +425,7 @@ def parse_trip_counts(thunk_metadata: str, hlo: str) -> dict[int, int]:
     return {int(thunk): int(counts[name]) for name, thunk in names.items() if name in counts}
 
 
-def kernel_kind(thunk: dict) -> str:
+def thunk_kind(thunk: dict) -> str:
     """What a leaf thunk runs: a matmul, cuDNN (attention), our Pallas kernel, a copy or memset, a
     fusion, or no kernel: a wait for work that an async start put on another stream (jax 0.11)."""
     if thunk["kind"] == "kAsyncDone":
@@ -442,7 +442,7 @@ def kernel_kind(thunk: dict) -> str:
 
 
 def launch_counts(thunks: list[dict], trips: dict[int, int]) -> collections.Counter:
-    """What one run of `thunks` runs on the card: kernels by kernel_kind, and "dispatches", the
+    """What one run of `thunks` runs on the card: kernels by thunk_kind, and "dispatches", the
     thunks the host issues (a command buffer is one, however many kernels it holds; a loop's body
     is issued once per trip). A while of unknown trip count counts once, with "unknown_trips"."""
     counts = collections.Counter()
@@ -460,7 +460,7 @@ def launch_counts(thunks: list[dict], trips: dict[int, int]) -> collections.Coun
                 inner["dispatches"] = 1
             counts += inner
         else:
-            counts[kernel_kind(thunk)] += 1
+            counts[thunk_kind(thunk)] += 1
             counts["dispatches"] += 1
     return counts
 

@@ -73,7 +73,7 @@ def test_gpu_compile_counts_what_one_sampling_step_launches():
     command buffers) as a tree, and counts per call and per trip of a loop what runs on the card and
     what the host dispatches. Checked on an excerpt of a real list (a stage's Euler loop over a
     2-layer scan), with its "condition:" lines not aligned with their while, as XLA writes them."""
-    from gpu_compile import kernel_kind, launch_counts, memory_plan, parse_thunk_tree, parse_trip_counts
+    from gpu_compile import launch_counts, memory_plan, parse_thunk_tree, parse_trip_counts, thunk_kind
 
     thunks = ("001: kCustomKernel [source       | next=003 (2)] loop_add_fusion_8 grid: [96, 1, 1]\n"
               "003: kWhile        [prev=002 (1) | sink        ]   \n"
@@ -106,7 +106,7 @@ def test_gpu_compile_counts_what_one_sampling_step_launches():
     layers = loop["blocks"]["body"][1]
     assert [t["id"] for t in layers["blocks"]["body"]] == [0, 28, 39, 40]
     assert layers["blocks"]["body"][1]["blocks"]["thunks"][0]["kind"] == "kCopy"
-    assert [kernel_kind(t) for t in layers["blocks"]["body"][2:]] == ["cudnn", "pallas"]
+    assert [thunk_kind(t) for t in layers["blocks"]["body"][2:]] == ["cudnn", "pallas"]
 
     metadata = ('thunk_metadata {\n  thunk_info {\n    profile_annotation: "while.25"\n    thunk_id: 3\n  }\n'
                 '  thunk_kind: "kWhile"\n}\nthunk_metadata {\n  thunk_info {\n    profile_annotation: "while.23"\n'
