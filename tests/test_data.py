@@ -919,6 +919,134 @@ def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_pa
     assert all(r["name"].endswith(f"/{r['caption'].split()[1]}.png)") for r in records) and len(shards) == 12
 
 
+def test_a_pack_stages_one_shard_at_a_time_on_local_disk_and_logs_its_progress(tmp_path, monkeypatch, caplog):
+    """Each shard is written in a local scratch folder, then uploaded: kept there to the end, a pack
+    into a bucket needed the whole set's size free on the local disk."""
+    from pixelflow_jax.data import caption_shards
+
+    upload, staged = storage.upload_file_atomically, []
+
+    def upload_counting_the_staged(local, target):
+        staged.append(len(os.listdir(os.path.dirname(local))))
+        upload(local, target)
+
+    monkeypatch.setattr(caption_shards.storage, "upload_file_atomically", upload_counting_the_staged)
+    with caplog.at_level(logging.INFO):
+        write_shards(tmp_path / "shards", tmp_path, count=3)
+    assert staged == [1, 1, 1]
+    assert "packing: 3/3 image (100%)" in caplog.text
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    shard = ArrayRecordReader(str(tmp_path / "shards" / "captions-00000-of-00003.array_record"))
+    assert shard.writer_options_string().startswith("group_size:1,")  # one record per chunk: fast random access
+    shard.close()
+
+
+def test_a_pack_that_stopped_ends_its_reads_in_flight_and_its_progress_bar_before_it_reports(tmp_path, monkeypatch):
+    """The error of a pack that stopped is printed after the progress bar's line, and no read of the
+    images after it still runs (a bucket's reads would go on while the error is handled)."""
+    import threading
+    import time
+
+    from pixelflow_jax.data import caption_shards
+
+    real_read, lock, reading = storage.read_bytes, threading.Lock(), [0]
+
+    def slow_read(path):  # the first image at once, the others still in flight when its shard fails
+        if path.endswith(".png") and not path.endswith("/0.png"):
+            with lock:
+                reading[0] += 1
+            time.sleep(0.3)
+            with lock:
+                reading[0] -= 1
+        return real_read(path)
+
+    def failing_upload(local, target):
+        raise OSError("bucket gone")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    write_shards(tmp_path / "shards", tmp_path, count=8)  # the captioned folder
+    monkeypatch.setattr(caption_shards.storage, "read_bytes", slow_read)
+    monkeypatch.setattr(caption_shards.storage, "upload_file_atomically", failing_upload)
+    monkeypatch.setattr(storage.reads, "READ_AHEAD", 4)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    try:
+        caption_shards.pack(str(tmp_path / "captioned"), str(tmp_path / "again"), records_per_shard=1)
+    except DataError as error:  # what a caller's handler meets
+        assert str(error).startswith("OSError: bucket gone (packing stopped")
+        assert reading[0] == 0
+        assert sys.stderr.getvalue().endswith("\n"), sys.stderr.getvalue()
+    else:
+        raise AssertionError("the pack did not stop")
+
+
+def test_a_pack_that_fails_while_renaming_its_smaller_set_removes_the_shards_renamed_already(tmp_path, monkeypatch):
+    """A file that is no image leaves one planned shard unwritten, and the set is renamed to its
+    size: a failure there removed the shards by the names they had before."""
+    from pixelflow_jax.data.caption_shards import pack
+
+    images = tmp_path / "captioned"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)) if i else b"no image")
+        (images / f"{i}.txt").write_text(f"caption {i}")
+    move, moves = storage.move, []
+
+    def move_failing_the_second_time(source, target):
+        moves.append(target)
+        if len(moves) == 2:
+            raise OSError("disk error")
+        move(source, target)
+
+    monkeypatch.setattr(storage, "move", move_failing_the_second_time)
+    with pytest.raises(DataError, match=r"OSError: disk error \(packing stopped; the 2 shards it had written are "):
+        pack(str(images), str(tmp_path / "shards"), records_per_shard=1)
+    assert os.path.basename(moves[0]) == "captions-00000-of-00002.array_record"
+    assert not os.path.exists(tmp_path / "shards")
+
+
+def test_a_file_whose_header_pil_reads_as_a_value_error_is_skipped_as_no_image(tmp_path, capsys):
+    """A PPM header with a width that is no number raises ValueError in PIL, not OSError."""
+    from pixelflow_jax.data.caption_shards import pack
+
+    images = tmp_path / "captioned"
+    images.mkdir()
+    (images / "0.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
+    (images / "1.ppm").write_bytes(b"P6\nwide 16\n255\n")
+    for name in ("0", "1"):
+        (images / f"{name}.txt").write_text("a caption")
+    counts = pack(str(images), str(tmp_path / "shards"))
+    assert (counts["records"], counts["skipped_images"]) == (1, 1)
+    assert "1.ppm: not an image (ValueError)" in capsys.readouterr().out
+
+
+def test_a_pack_from_python_refuses_images_without_captions_unless_told_to_skip_them(tmp_path):
+    """As the packer's --missing_captions=error: a caption file lost in a copy is no image to drop
+    without a word."""
+    from pixelflow_jax.data.caption_shards import pack
+
+    images = tmp_path / "captioned"
+    images.mkdir()
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
+    (images / "0.txt").write_text("a caption")
+    with pytest.raises(DataError, match="set --missing_captions=skip to leave those images out"):
+        pack(str(images), str(tmp_path / "shards"))
+    assert not os.path.exists(tmp_path / "shards")
+    assert pack(str(images), str(tmp_path / "shards"), missing_captions="skip")["missing_captions"] == 1
+
+
+def test_a_pack_from_python_refuses_a_blank_output_before_reading_the_folder(tmp_path):
+    from pixelflow_jax.data.caption_shards import pack
+
+    for blank in ("", "  ", "\t"):
+        with pytest.raises(ValueError, match="^--output is empty: name a folder for the shards$"):
+            pack(str(tmp_path / "nowhere"), blank)
+
+
 def test_a_pack_into_a_folder_of_other_files_keeps_them_and_only_shards_there_are_refused(tmp_path):
     """Shards already there would mix two packs; a note beside them is no shard, and stays."""
     from pixelflow_jax.data.caption_shards import pack
