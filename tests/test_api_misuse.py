@@ -378,6 +378,8 @@ def test_load_model_refuses_a_kernel_the_platform_cannot_run_at_load(attention, 
     with pytest.raises(CheckpointError, match=rf"^attention backend '{attention}' runs on {platforms}, "
                                               r"and this run's platform is cpu: use 'auto' or 'xla'$"):
         load_model(fixture_dir("c2i_tiny"), attention=attention, dtype="bfloat16")
+    with pytest.raises(CheckpointError, match=rf"^attention backend '{attention}' runs on {platforms}"):
+        load_model("/nowhere/checkpoint", attention=attention)  # before the path (a Hub download) is resolved
     if attention != "cudnn":
         with interpret_kernels():
             assert load_model(fixture_dir("c2i_tiny"), attention=attention)[0].config.attention == attention
@@ -464,7 +466,10 @@ def test_a_weights_file_given_as_a_checkpoint_is_sent_to_the_converter_unless_it
                                        "and pass DIR"), refused.value
     release = tmp_path / "release"  # a file of a checkpoint names that checkpoint
     shutil.copytree(fixture_dir("c2i_tiny"), release)
-    for folder, file in ((release, "golden.npz"), (converted["c2i_tiny"], "pixelflow_config.json")):
+    conversion = shutil.copytree(converted["c2i_tiny"], tmp_path / "conversion")
+    (conversion / "model.pt").write_bytes(b"x")  # a model.pt with no config.yaml beside it: not a release's
+    for folder, file in ((release, "golden.npz"), (converted["c2i_tiny"], "pixelflow_config.json"),
+                         (conversion, "model.pt")):
         with pytest.raises(CheckpointError, match=f"is a file; checkpoints are folders; it lies inside the "
                                                   f"checkpoint {folder}: pass that"):
             resolve_checkpoint(os.path.join(folder, file))

@@ -565,6 +565,7 @@ def test_sample_mode_in_a_training_workdir_samples_its_run(run, tmp_path):
 def test_a_sample_checkpoint_set_is_sampled_though_the_workdir_is_a_run(tmp_path):
     """The workdir's run is the checkpoint only when --config.sample.checkpoint is unset."""
     from configs import c2i
+    from pixelflow_jax import storage
     from pixelflow_jax.api import sampling_checkpoint
 
     (tmp_path / "run_config.json").write_text("{}")
@@ -572,6 +573,9 @@ def test_a_sample_checkpoint_set_is_sampled_though_the_workdir_is_a_run(tmp_path
     assert sampling_checkpoint(sample, str(tmp_path)) == str(tmp_path)
     sample.checkpoint = "hf://owner/name"
     assert sampling_checkpoint(sample, str(tmp_path)) == "hf://owner/name"
+    sample.checkpoint = ""
+    with pytest.raises(storage.StorageError, match=r"^hf://owner/name: hf:// \(the Hugging Face Hub\) is read here"):
+        sampling_checkpoint(sample, "hf://owner/name")  # a workdir there: named as given, not its run_config.json
 
 
 def test_a_sampling_jobs_workdir_where_a_checkpoint_belongs_names_the_checkpoint_it_sampled(tmp_path):
@@ -736,6 +740,29 @@ def test_a_runs_class_count_is_the_one_that_trained_the_step_sampled_and_one_it_
                                                   r"back its earlier content"):
             sample_in_process(tmp_path / "samples", str(workdir), monkeypatch, num_images=4)
         assert not (tmp_path / "samples").exists()
+
+
+def test_a_runs_class_folders_and_class_count_may_fill_its_models_classes_and_no_more(tmp_path):
+    """The bounds of what a run could have recorded, read without training one: every class of the
+    model is a count it could train, one more is not."""
+    from pixelflow_jax.api import CheckpointSource, run_trained_classes
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+    from pixelflow_jax.sampling.sample_conditioning import TrainedClasses
+
+    source = CheckpointSource(str(tmp_path / "checkpoints" / "4"), "the run", RunStep(str(tmp_path), 4))
+    assert run_trained_classes(source, 3) == TrainedClasses(3)  # nothing recorded: every class
+    for count in (1, 3):
+        (tmp_path / "train_settings.json").write_text(json.dumps({"data.num_classes": count}))
+        assert run_trained_classes(source, 3) == TrainedClasses(count)
+    with pytest.raises(CheckpointError, match=r"records data.num_classes 3, not a class count from 1 to the 2 classes"):
+        run_trained_classes(source, 2)
+    (tmp_path / "class_index.json").write_text('{"classes": [')
+    with pytest.raises(CheckpointError, match=r"class_index.json is damaged \(JSONDecodeError"):
+        run_trained_classes(source, 3)
+    (tmp_path / "class_index.json").write_text(json.dumps({"root": "/data", "classes": ["ant", "bee", "cat"]}))
+    assert run_trained_classes(source, 3) == TrainedClasses(3, ("ant", "bee", "cat"))
+    with pytest.raises(CheckpointError, match=r"class_index.json names 3 class folders, but the run's model has 2 "):
+        run_trained_classes(source, 2)
 
 
 def test_a_folder_runs_class_index_that_it_could_not_have_written_stops_sampling_before_anything_is_written(

@@ -1049,7 +1049,7 @@ def test_sampling_a_text_run_at_another_token_length_warns_with_both_lengths(tmp
     shutil.copytree(encoder_folder, run / "text_encoder")
     (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": "text_encoder", "max_text_tokens": 8}}))
     source = CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4))
-    for tokens, warned in ((0, False), (8, False), (16, True)):
+    for tokens, warned in ((0, False), (8, False), (4, True), (16, True)):  # shorter too: other embeddings
         sample = t2i.get_config("tiny").sample
         sample.max_text_tokens = tokens
         caplog.clear()

@@ -70,6 +70,8 @@ def test_a_path_a_user_mistyped_is_refused_or_expanded(tmp_path):
         check(c2i_config(**{"eval.reference": "gs:/b/ref.npz"}), "eval")
     with pytest.raises(CheckpointError, match="looks like a URL"):
         load_model("gs:/bucket/ckpt")
+    with pytest.raises(CheckpointError, match=r"^s3://bucket/ckpt: unsupported URL scheme s3://"):
+        load_model("s3://bucket/ckpt")  # not a StorageError naming s3://bucket/ckpt/run_config.json
 
 
 def test_a_new_local_name_with_a_space_at_its_edge_is_refused_and_an_existing_one_is_used(tmp_path, monkeypatch):
