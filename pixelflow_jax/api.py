@@ -94,7 +94,7 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
             fix = checkpoint_around(path) or (f": convert it with convert_torch_ckpt.py --torch_checkpoint={path} "
                                               "--output=DIR and pass DIR")
             raise CheckpointError(f"{path} is a file; checkpoints are folders{fix}")
-    if storage.isdir(path) and not checkpoint_folder_kind(path):
+    if not checkpoint_folder_kind(path):  # a folder, or neither file nor folder (/dev/null, a pipe)
         if sampled := sampling_job_of(path):
             raise CheckpointError(f"{path} is not a checkpoint but {sampled}: pass that checkpoint instead")
         raise CheckpointError(f"{path} is not a checkpoint: expected a training run (run_config.json) or one of "

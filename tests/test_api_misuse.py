@@ -441,6 +441,8 @@ def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a file; checkpoints are folders"):
         load_model(str(tmp_path / "weights.pt"))
+    with pytest.raises(CheckpointError, match=f"^{os.devnull} is not a checkpoint: expected a training run"):
+        load_model(os.devnull)  # neither file nor folder: was "holds model.pt without the config.yaml"
 
 
 def test_a_weights_file_given_as_a_checkpoint_is_sent_to_the_converter_unless_it_lies_in_one(tmp_path, converted):
