@@ -77,10 +77,7 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
     if run_step:
         folder = storage.absolute(run_step.folder)
         return CheckpointSource(folder, folder, run_step)
-    if not storage.exists(path):
-        if storage.basename(path) != storage.basename(path).strip():  # in a bucket (user_path refuses it locally)
-            raise CheckpointError(f"checkpoint {path!r} does not exist (a name in it starts or ends with a space: a "
-                                  "quoting slip?)")
+    if not storage.exists(path):  # (a new name with a space at its edge: user_path refused it as a slip)
         broken_link = storage.broken_link_words(path)
         raise CheckpointError(f"checkpoint {path} {broken_link or 'does not exist' + hub.missing_path_hint(path)}")
     if storage.isfile(path):
