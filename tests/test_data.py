@@ -811,6 +811,22 @@ def write_shards(folder, tmp_path, count=3):
     return [str(folder / f"captions-{i:05d}-of-{count:05d}.array_record") for i in range(count)]
 
 
+@pytest.mark.parametrize("output", ["gs:/bucket/shards", "gs:bucket/shards"])
+def test_pack_called_from_python_refuses_a_url_missing_its_slashes_rather_than_packing_into_a_local_folder(
+        tmp_path, monkeypatch, output):
+    from pixelflow_jax import storage
+    from pixelflow_jax.data.caption_shards import pack
+
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "captioned"
+    images.mkdir()
+    (images / "0.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
+    (images / "0.txt").write_text("caption")
+    with pytest.raises(storage.StorageError, match='--output: .*without its "://"'):
+        pack(str(images), output)
+    assert sorted(os.listdir(tmp_path)) == ["captioned"]
+
+
 STOPS_A_PACK = """
 import os, signal, sys, time
 from pixelflow_jax import storage

@@ -10,7 +10,7 @@ import tempfile
 
 from PIL import Image
 
-from pixelflow_jax import storage
+from pixelflow_jax import storage, validation
 from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
                                              encode_record)
 from pixelflow_jax.data.sources import DataError, read_with_folder
@@ -26,7 +26,8 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
         raise ValueError(f"--records_per_shard must be positive, got {records_per_shard}")
     if not str(output).strip():
         raise ValueError("--output is empty: name a folder for the shards")
-    storage.check_supported(output)
+    # As the packer's flags are read: a mistyped URL (gs:/b) is refused, never packed into a local folder of that name.
+    folder, output = validation.user_path("--folder", folder), validation.user_path("--output", output)
     if read_with_folder(output, folder):
         raise ValueError(f"--output {output} is inside the captioned folder {folder}, which the shards would then "
                          "be part of; choose a folder outside it")
