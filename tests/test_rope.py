@@ -110,3 +110,11 @@ def test_ropes_two_views_agree_bit_for_bit(tables, dtype):
     tpu, gpu = (traced_for(platform, forward_and_back)(x, cotangent) for platform in ("tpu", "gpu"))
     for tpu_part, gpu_part in zip(tpu, gpu):
         np.testing.assert_array_equal(tpu_part, gpu_part)
+
+
+@pytest.mark.parametrize("head_dim", [6, 10])
+def test_rope_tables_refuse_a_head_dim_not_divisible_by_4(head_dim):
+    """Each head's channels split into a column half and a row half of pairs: with head_dim 6 the
+    tables would be 8 channels wide for 6."""
+    with pytest.raises(ValueError, match=f"2D RoPE needs head_dim divisible by 4, got {head_dim}"):
+        rope_tables(GRID, head_dim)

@@ -82,3 +82,25 @@ def test_bad_arguments_are_rejected():
         with pytest.raises(ValueError, match=re.escape(message)):
             scheduler.set_timesteps(*arguments)
     np.testing.assert_array_equal(scheduler.set_timesteps(np.int64(3), 1.0)[0], scheduler.set_timesteps(3, 1)[0])
+
+
+def test_stage_boundaries_are_the_releases_float32_times():
+    """The release keeps its grid of training times and their normalised copy in float32: stage 1
+    of 3 starts at float32(333) / float32(1000), not at 0.333 (4 stages of 1000 start on times that
+    float32 holds exactly, so the golden tables cannot tell)."""
+    scheduler = PixelFlowScheduler(1000, num_stages=3)
+    in_float32 = float(np.float32(333) / np.float32(1000))
+    assert in_float32 != 0.333
+    assert scheduler.original_start_t[1] == scheduler.end_t[0] == in_float32
+
+
+def test_two_training_timesteps_in_one_stage_are_two_times():
+    scheduler = PixelFlowScheduler(2, num_stages=1)
+    assert scheduler.timesteps_per_stage[0].tolist() == [0.0, 1.0]
+    assert scheduler.stages_with_one_timestep() == []
+
+
+def test_one_training_timestep_is_refused():
+    """One timestep gives a stage window of one time, t_end == t_start: set_timesteps' slope 0 / 0."""
+    with pytest.raises(ValueError, match="num_train_timesteps must be at least 2, got 1"):
+        PixelFlowScheduler(1, num_stages=1)
