@@ -95,9 +95,19 @@ def test_the_mlp_keeps_its_hidden_layer_twice_and_gelus_gradient_is_the_derivati
     # steps, is up to ~600 times further off
     hidden, cotangent = hidden.astype(jnp.bfloat16), cotangent.astype(jnp.bfloat16)
     expected = np.asarray(cotangent, np.float64) * gelu_derivative_float64(np.asarray(hidden, np.float32))
+    assert gradient(hidden, cotangent).dtype == jnp.bfloat16  # float32: twice the bytes of the 4C-wide layer
     error = np.abs(np.asarray(gradient(hidden, cotangent), np.float64) - expected)
     assert np.all(error <= 2.0**-8 * np.abs(expected) + float32_error(cotangent))
     np.testing.assert_array_equal(jax.jit(gelu)(hidden), jax.nn.gelu(hidden, approximate=True))
+
+
+def test_gelus_gradient_is_the_derivative_of_its_own_tanh_approximation():
+    """Where no term cancels (|x| <= 3) the float32 derivative is within a few float32 units of the
+    float64 one; its cubic coefficient off by 5e-6 (0.04472) put it 3e-6 away, which the MLP test's
+    1e-5 per unit of cotangent let pass: backward and forward would be two different functions."""
+    x = jnp.linspace(-3, 3, 4001, dtype=jnp.float32)
+    gradient = jax.jit(jax.vmap(jax.grad(gelu)))(x)
+    np.testing.assert_allclose(gradient, gelu_derivative_float64(x), rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("remat, attention_kept", [("dots_attention", True), ("dots", False)])
@@ -110,6 +120,13 @@ def test_dots_attention_keeps_only_bfloat16_matmul_and_attention_outputs(remat, 
     assert count(per_layer, (1, BATCH, TOKENS, WIDTH)) == 6
     assert count(per_layer, (1, BATCH, TOKENS, 4 * WIDTH)) == 1
     assert count(per_layer, (1, BATCH, TOKENS, HEADS, HEAD_DIM)) == attention_kept
+
+
+def test_dots_keeps_no_attention_scores_with_the_xla_backend():
+    """'dots' keeps the linear layers' outputs only: the xla backend's attention is batched matmuls,
+    whose (B, H, L, L) scores (L^2 per head: the largest array at stage 3) are recomputed."""
+    kept = model_residuals(tiny_config(attention="xla", remat="dots"))
+    assert kept and not [r.shape for r in kept if r.ndim >= 4 and r.shape[-2:] == (TOKENS, TOKENS)]
 
 
 def test_dots_attention_keeps_the_cudnn_forward_by_its_primitives_name():
