@@ -1,12 +1,15 @@
 """Eval-mode forward of converted release weights against the release's own outputs."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import fixture_dir
 from pixelflow_jax import load_model
-from pixelflow_jax.model import layer_norm
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.model import AdaLayerNorm, layer_norm
 from pixelflow_jax.rope import rope_tables
 
 PARITY_RTOL = 1e-4  # relative L2 error allowed in float32 (measured: ~3e-7)
@@ -58,6 +61,14 @@ def test_layer_norm_is_the_releases_with_eps_1e_6():
     x = 3.0 + 1e-3 * np.random.default_rng(0).standard_normal((2, 5, 64))  # variance ~1e-6, mean 3
     expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(layer_norm(x.astype(np.float32)), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_bfloat16_models_modulation_is_float32():
+    """adaLN's six vectors come out of a bf16 Linear, then are float32, so 1 + scale is not rounded
+    to bf16 (a unit in the last place of 1 is 2^-7 there) before it scales the float32 norm."""
+    cfg = ModelConfig(num_attention_heads=2, attention_head_dim=8, depth=1, dtype="bfloat16")
+    vectors = AdaLayerNorm(cfg, nnx.Rngs(0))(jnp.ones((3, cfg.hidden_size)))
+    assert [(v.shape, v.dtype) for v in vectors] == [((3, 1, cfg.hidden_size), jnp.float32)] * 6
 
 
 def test_text_mask_matters(models, golden):

@@ -584,6 +584,11 @@ def test_pooled_text_model_equals_a_float64_forward_and_ignores_padding(text_set
     garbage = np.where(mask[..., None] > 0, states, 1e3).astype(np.float32)
     np.testing.assert_allclose(np.asarray(forward(pooled, garbage)), out, rtol=0, atol=1e-5)
     assert relative_error(np.asarray(forward(model, states)), out) > 1e-2
+    # without a mask every token counts, as with a mask of ones: the mean of the states, not their sum
+    masked_by = jax.jit(lambda m, states, mask: m(x, t, encoder_hidden_states=states, encoder_attention_mask=mask))
+    unmasked = jax.jit(lambda m, states: m(x, t, encoder_hidden_states=states))
+    all_ones = np.asarray(masked_by(pooled, states, np.ones_like(mask)))
+    np.testing.assert_allclose(np.asarray(unmasked(pooled, states)), all_ones, rtol=0, atol=1e-5)
 
 
 def build_text_step(model, config, text, encoder_params, mesh):
