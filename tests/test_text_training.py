@@ -19,10 +19,12 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from pixelflow_jax import PixelFlowScheduler, load_model
+from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.data.caption_data import CaptionedFolderSource, CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, CaptionedDemoSource, captioned_demo_image, classify, colour_name
 from pixelflow_jax.data.loader import ImageLoader, build_dataset
 from pixelflow_jax.data.sources import DataError
+from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.text import demo_text_encoder
 from pixelflow_jax.text.prompts import T5Tokenizer
 from pixelflow_jax.text.t5_convert import load_t5_encoder
@@ -589,6 +591,18 @@ def test_pooled_text_model_equals_a_float64_forward_and_ignores_padding(text_set
     unmasked = jax.jit(lambda m, states: m(x, t, encoder_hidden_states=states))
     all_ones = np.asarray(masked_by(pooled, states, np.ones_like(mask)))
     np.testing.assert_allclose(np.asarray(unmasked(pooled, states)), all_ones, rtol=0, atol=1e-5)
+
+
+
+def test_a_pooled_text_model_takes_a_caption_with_every_token_masked():
+    """The pooled mean of no tokens is 0 (the count is floored at 1), not 0 / 0: NaN in every block."""
+    cfg = ModelConfig(num_attention_heads=2, attention_head_dim=8, depth=1, num_classes=0, cross_attention_dim=12,
+                      pooled_text=True)
+    model = PixelFlow(cfg, rngs=nnx.Rngs(0))
+    mask = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    out = model(np.zeros((2, 8, 8, 3), np.float32), np.array([10.0, 500.0]),
+                encoder_hidden_states=np.ones((2, 5, 12), np.float32), encoder_attention_mask=mask)
+    assert np.isfinite(np.asarray(out)).all()
 
 
 def build_text_step(model, config, text, encoder_params, mesh):
