@@ -55,12 +55,18 @@ def test_rope_tables_match_release(golden, stage):
     np.testing.assert_allclose(sin, reference[..., 1], rtol=0, atol=1e-6)
 
 
-def test_layer_norm_is_the_releases_with_eps_1e_6():
+def test_layer_norm_is_the_releases_in_float32_with_eps_1e_6():
     """Of unit-variance activations eps moves the output by ~1e-6 relative, far inside the forward
     parity's 1e-4; of a token whose variance is near eps (a faint patch) it is half the value."""
     x = 3.0 + 1e-3 * np.random.default_rng(0).standard_normal((2, 5, 64))  # variance ~1e-6, mean 3
     expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(layer_norm(x.astype(np.float32)), expected, rtol=1e-3, atol=1e-3)
+    # a bf16 residual stream is normalised in float32 (in bf16 the mean and the rsqrt round to 2^-8)
+    x = jnp.asarray(0.5 + 2 * np.random.default_rng(1).standard_normal((2, 5, 64)), jnp.bfloat16)
+    x64 = np.asarray(x, np.float64)
+    expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    assert layer_norm(x).dtype == jnp.float32
+    np.testing.assert_allclose(layer_norm(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_bfloat16_models_modulation_is_float32():
