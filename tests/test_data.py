@@ -827,6 +827,25 @@ def test_pack_called_from_python_refuses_a_url_missing_its_slashes_rather_than_p
     assert sorted(os.listdir(tmp_path)) == ["captioned"]
 
 
+def test_a_pack_whose_third_upload_fails_counts_the_two_shards_it_wrote_and_removes_them(tmp_path, monkeypatch):
+    from pixelflow_jax.data import caption_shards
+
+    write_shards(tmp_path / "shards", tmp_path, count=4)  # the captioned folder
+    upload, uploaded = storage.upload_file_atomically, []
+
+    def failing_third_upload(local, target):
+        if len(uploaded) == 2:
+            raise OSError("bucket gone")
+        upload(local, target)
+        uploaded.append(target)
+
+    monkeypatch.setattr(caption_shards.storage, "upload_file_atomically", failing_third_upload)
+    with pytest.raises(DataError) as error:
+        caption_shards.pack(str(tmp_path / "captioned"), str(tmp_path / "again"), records_per_shard=1)
+    assert str(error.value) == "OSError: bucket gone (packing stopped; the 2 shards it had written are removed)"
+    assert not os.path.exists(tmp_path / "again")
+
+
 STOPS_A_PACK = """
 import os, signal, sys, time
 from pixelflow_jax import storage
@@ -992,7 +1011,7 @@ def test_a_pack_that_stopped_ends_its_reads_in_flight_and_its_progress_bar_befor
     try:
         caption_shards.pack(str(tmp_path / "captioned"), str(tmp_path / "again"), records_per_shard=1)
     except DataError as error:  # what a caller's handler meets
-        assert str(error).startswith("OSError: bucket gone (packing stopped")
+        assert str(error) == "OSError: bucket gone (packing stopped; no shard had been written)"  # its upload failed
         assert reading[0] == 0
         assert sys.stderr.getvalue().endswith("\n"), sys.stderr.getvalue()
     else:

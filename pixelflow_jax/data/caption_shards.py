@@ -56,7 +56,7 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
     with storage.removed_if_left_empty(output):  # a pack that wrote nothing leaves no empty folder behind
         storage.makedirs(output)
         progress = Progress(len(records), "packing", "image")
-        written, skipped_images = [], 0
+        written, skipped_images, uploading = [], 0, False
         images = storage.read_in_order(storage.read_bytes, [image_path for image_path, _ in records])
         unread = iter(records)
         try:
@@ -79,8 +79,11 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                     writer.close()
                     if not packed:  # the reader refuses an empty shard
                         break
+                    # Listed before its upload, so that a stop as the upload ends cannot leave it behind.
                     written.append(storage.join(output, shard_name(len(written), planned)))
+                    uploading = True
                     storage.upload_file_atomically(local, written[-1])
+                    uploading = False
                     os.remove(local)
             if len(written) < planned:  # the names give the set's size: rename a set that came out smaller
                 for index, path in enumerate(written):
@@ -91,9 +94,10 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                 storage.remove(path)
             if not isinstance(e, Exception):
                 raise
-            raise DataError(f"{type(e).__name__}: {e} (packing stopped; the "
-                            f"{counted(len(written), 'shard it had written is', 'shards it had written are')} "
-                            "removed)") from e
+            finished = len(written) - uploading  # a shard whose upload failed was never written
+            removed = (f"the {counted(finished, 'shard it had written is', 'shards it had written are')} removed"
+                       if finished else "no shard had been written")
+            raise DataError(f"{type(e).__name__}: {e} (packing stopped; {removed})") from e
         finally:
             images.close()  # a pack that stopped: the reads still in flight end here
             progress.close()
