@@ -47,8 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         output = validation.user_path("--output", args.output)
-        counts = pack(validation.user_path("--folder", args.folder), output, args.records_per_shard,
-                      args.missing_captions)
+        counts = pack(args.folder, output, args.records_per_shard, args.missing_captions)  # pack reads --folder
     except (DataError, ValueError, OSError) as e:  # OSError: storage.StorageError, and local disks' own errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
