@@ -134,8 +134,9 @@ def overrides_of_other_modes(argv: list[str], mode: str, inspects_checkpoint: bo
     named = set(overrides_without_effect(argv, mode, inspects_checkpoint))
     unread: dict[tuple[str, ...], list[str]] = {}
     for field in override_fields(argv):
-        if mode not in readers_of(field) and field not in read | named:
-            unread.setdefault(readers_of(field), []).append(field)
+        readers = readers_of(field)
+        if mode not in readers and field not in read | named:
+            unread.setdefault(readers, []).append(field)
     return unread
 
 
