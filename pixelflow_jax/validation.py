@@ -91,10 +91,14 @@ def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) 
     if array.ndim != 1:
         got = f"shape {array.shape}" if array.dtype != object and array.ndim else f"{type(values).__name__} {values!r}"
         raise ConfigError(f"{name} must be a 1-D list of class ids, got {got[:200]}: pass a list or a 1-D array")
-    if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and not np.all(np.isfinite(array))):
-        raise ConfigError(f"{name} must be whole class ids, got {list(values)!r}")
-    if array.dtype.kind == "f" and not np.all(array == np.round(array)):
-        raise ConfigError(f"{name} must be whole class ids, got {array.tolist()} (fractions are not truncated)")
+    if array.dtype == object:  # Python numbers in an object array (a pandas column's to_numpy()) are numbers
+        array = np.asarray(array.tolist())
+    if array.dtype.kind not in "iuf" or array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        bad = entries_at(array, ~np.isfinite(array)) if array.dtype.kind == "f" else non_numbers(values, array)
+        raise ConfigError(f"{name} must be whole class ids, got {bad}")
+    if array.dtype.kind == "f" and not np.all(whole := array == np.round(array)):
+        raise ConfigError(f"{name} must be whole class ids, got {entries_at(array, ~whole)} (fractions are not "
+                          "truncated)")
     array = array.astype(np.int64)
     top = num_classes if allow_null else num_classes - 1
     bad = array[(array < 0) | (array > top)]
@@ -110,11 +114,32 @@ def image_ids(values, count: int) -> np.ndarray:
     array = np.asarray(values)
     if array.shape != (count,):
         raise ConfigError(f"image_ids must give one id per image ({count}), got shape {array.shape}")
-    whole = array.dtype.kind in "iu" or (array.dtype.kind == "f" and bool(np.all(np.isfinite(array)))
-                                         and bool(np.all(array == np.round(array))))
-    if not whole or np.any(array < 0) or np.any(array > np.iinfo(np.int32).max):
-        raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {array[:5].tolist()}")
+    if array.dtype == object:
+        array = np.asarray(array.tolist())
+    if array.dtype.kind not in "iuf":
+        raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {non_numbers(values, array)}")
+    with np.errstate(invalid="ignore"):  # NaN compares False: refused as not whole
+        usable = (array == np.round(array)) & (array >= 0) & (array <= np.iinfo(np.int32).max)
+    if not np.all(usable):
+        raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {entries_at(array, ~usable)}")
     return array.astype(np.int32)
+
+
+def non_numbers(values, array: np.ndarray) -> str:
+    """entries_at of the entries of 1-D `values` (read as `array`) that are not real numbers, as
+    given: numpy reads [1, '2'] as the strings '1' and '2'. Bools are no ids either."""
+    entries = array if array.dtype.kind == "b" else np.fromiter(values, dtype=object, count=len(array))
+    numeric = [isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in entries.tolist()]
+    return entries_at(entries, ~np.array(numeric, bool))
+
+
+def entries_at(array: np.ndarray, bad: np.ndarray) -> str:
+    """The first five entries `bad` marks, with their indices, and how many there are in a long
+    list: a message that names the problem, not a list of 100,000 labels."""
+    where = np.flatnonzero(bad)
+    shown = ", ".join(f"{array[i].item() if isinstance(array[i], np.generic) else array[i]!r} at index {i}"
+                      for i in where[:5])
+    return shown + (f" ({len(where)} of {len(array)} entries)" if len(array) > 5 else "")
 
 
 def steps_per_stage(name: str, value, where: str = "--config.", maximum: int = MAX_STEPS_PER_STAGE) -> None:

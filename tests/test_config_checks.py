@@ -203,9 +203,32 @@ def test_class_ids_past_their_range_are_named_five_at_most_and_an_image_id_past_
 
     with pytest.raises(ConfigError, match=r"labels must be class ids in \[0, 9\], got \[10, 11, 12, 13, 14\]$"):
         class_ids("labels", list(range(10, 20)), 10)
-    with pytest.raises(ConfigError, match=r"image_ids must be whole numbers in \[0, 2\*\*31\), got \[2147483648\]"):
+    with pytest.raises(ConfigError,
+                       match=r"image_ids must be whole numbers in \[0, 2\*\*31\), got 2147483648 at index 0$"):
         image_ids([2**31], 1)  # would wrap to a negative int32 id
     assert image_ids([2**31 - 1], 1).tolist() == [2**31 - 1]
+
+
+def test_a_long_list_of_ids_is_refused_naming_its_bad_entries_alone():
+    """A notebook's 100,001 labels with one None among them were refused with every label printed
+    (689,000 characters); image_ids named their first five ids, not the bad one; an object array of
+    whole numbers (a pandas column's to_numpy()) was refused as not whole."""
+    from pixelflow_jax.validation import class_ids, image_ids
+
+    labels = list(range(5)) * 20_000
+    with pytest.raises(ConfigError, match=r"^labels must be whole class ids, got None at index 100000 \(1 of 100001 "
+                                          r"entries\)$"):
+        class_ids("labels", labels + [None], 10)
+    with pytest.raises(ConfigError, match=r"^labels must be whole class ids, got 0.5 at index 3, 1.5 at index 4 "
+                                          r"\(fractions are not truncated\)$"):
+        class_ids("labels", [0, 1, 2, 0.5, 1.5], 10)
+    with pytest.raises(ConfigError, match=r"^labels must be whole class ids, got 'goldfish' at index 0, 'shark' "
+                                          r"at index 1$"):
+        class_ids("labels", ["goldfish", "shark"], 10)
+    assert class_ids("labels", np.array([1, 2], dtype=object), 10).tolist() == [1, 2]
+    with pytest.raises(ConfigError, match=r"^image_ids must be whole numbers in \[0, 2\*\*31\), got -1 at index 5, "
+                                          r"2147483648 at index 6 \(2 of 7 entries\)$"):
+        image_ids([0, 1, 2, 3, 4, -1, 2**31], 7)
 
 
 MODES = ("train", "sample", "eval", "demo", "inspect")
