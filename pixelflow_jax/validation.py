@@ -8,6 +8,7 @@ check_text_training)."""
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import numbers
 import os
@@ -500,9 +501,29 @@ def job_config(config, mode: str):
     empty (an inspected run as sample.checkpoint, a text run's encoder and token length): in a
     notebook the caller's config carried these into its next job, and sampling another run's
     workdir sampled the run inspected before it."""
+    check_fields(config)
     config = copy.deepcopy(config)
     check(config, mode)
     return config
+
+
+def check_fields(config) -> None:
+    """A job's config is a ConfigDict with the fields of configs/c2i.py or configs/t2i.py and no
+    other, as main.py checks its --config: from Python, config.sample.num_imags = 8 (ConfigDict adds
+    a misspelt field) was silently unused. Where this checkout's configs/ cannot be imported (an
+    installed package run elsewhere), there are no fields to compare with."""
+    import ml_collections
+
+    from pixelflow_jax.cli.config_file import check_config_fields
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config must be an ml_collections.ConfigDict, as configs.c2i.get_config() returns, got a "
+                          f"{type(config).__name__}: ml_collections.ConfigDict(values) makes one")
+    try:
+        importlib.import_module("configs.c2i")  # the fields the modes read
+    except ImportError:
+        return
+    check_config_fields(config, "the config")
 
 
 def job_workdir(workdir, name: str = "workdir") -> str:

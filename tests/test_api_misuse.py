@@ -607,3 +607,31 @@ def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_wr
     assert result.returncode == 1 and "error: --config.model.attention: attention backend 'cudnn' runs on" in \
         result.stderr, result.stderr
     assert not workdir.exists()
+
+
+def test_a_job_started_from_python_names_a_misspelt_field_or_a_config_of_another_type(tmp_path):
+    """config.sample.num_imags = 8 (a typo: ConfigDict adds the field) sampled the 16 images of
+    num_images without a word, where main.py refuses a field no mode reads; a plain dict (the
+    config's to_dict()) failed on "'dict' object has no attribute 'sample'"."""
+    from configs import t2i
+    from pixelflow_jax import demo_app, inspect_model
+    from pixelflow_jax.evaluation import evaluate
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.training import train
+
+    misspelt = c2i_config()
+    misspelt.sample.num_imags = 8
+    text = t2i.get_config("tiny")
+    text.train.lr_schedul = "cosine"
+    jobs = (sample_run.run, evaluate.run, inspect_model.run, train.train, demo_app.run)
+    for job in jobs:
+        with pytest.raises(ConfigError, match=re.escape("the config has fields that no mode reads: sample.num_imags "
+                                                        "(meant sample.num_images?)")):
+            job(misspelt, str(tmp_path / "job"))
+        with pytest.raises(ConfigError, match=re.escape("the config has fields that no mode reads: train.lr_schedul "
+                                                        "(meant train.lr_schedule?)")):
+            job(text, str(tmp_path / "job"))
+        with pytest.raises(ConfigError, match=re.escape("config must be an ml_collections.ConfigDict, as "
+                                                        "configs.c2i.get_config() returns, got a dict")):
+            job(c2i_config().to_dict(), str(tmp_path / "job"))
+    assert os.listdir(tmp_path) == []
