@@ -2,6 +2,7 @@
 types, shapes, kernels and configs are refused before they give wrong images or raw errors."""
 
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -325,6 +326,13 @@ def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main
     evaluate.run(c2i_config(**paths), "~/evals")
     assert evaluated == [(str(tmp_path / "home" / "samples.npz"), str(tmp_path / "home" / "evals"))]
     assert os.listdir(tmp_path) == ["home"]
+    # Its `samples` argument, as the config's field: it was read as given ('~/other.npz is not found').
+    for given in ("~/other.npz", pathlib.Path("~/other.npz")):
+        evaluate.run(c2i_config(**paths), "~/evals", samples=given)
+        assert evaluated[-1][0] == str(tmp_path / "home" / "other.npz")
+    with pytest.raises(storage.StorageError, match=r"^samples: expected a path \(a string or os.PathLike\), got "
+                                                   r"b'other.npz'"):  # was "'bytes' object has no attribute 'seek'"
+        evaluate.run(c2i_config(**paths), "~/evals", samples=b"other.npz")
 
 
 def test_a_demo_page_started_from_python_checks_its_config_and_workdir_as_main_does(converted, tmp_path, monkeypatch):
