@@ -357,8 +357,11 @@ def test_a_tokenizer_with_as_many_pieces_as_the_vocabulary_fits_and_one_more_is_
 def test_prompts_and_encoder_settings_are_refused_before_any_file_is_read():
     from pixelflow_jax.text.prompts import PromptEncoder, prompt_list
 
-    with pytest.raises(ValueError, match="prompts must be strings, got int, NoneType"):
+    with pytest.raises(ValueError, match="^prompts must be strings, got 3 at index 1, None at index 2$"):
         prompt_list(["a cat", 3, None])
+    # A notebook's prompts column with one missing caption (pandas reads it as NaN): which one, of how many.
+    with pytest.raises(ValueError, match=r"^prompts must be strings, got nan at index 5000 \(1 of 10000 entries\)$"):
+        prompt_list(["a cat"] * 5000 + [float("nan")] + ["a dog"] * 4999)
     for arguments, message in (({"max_length": 1}, r"max_length must be in \[2, 4096\], got 1"),  # </s> alone
                                ({"max_length": 4097}, r"max_length must be in \[2, 4096\], got 4097"),
                                ({"param_dtype": "int8"}, "param_dtype must be one of")):

@@ -111,11 +111,12 @@ def prompt_list(prompts: Sequence[str]) -> list[str]:
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts: pass at least one")
-    others = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-    if others:
-        raise ValueError(f"prompts must be strings, got {', '.join(others[:3])}")
-    from pixelflow_jax.validation import unicode_text
+    from pixelflow_jax.validation import entries_at, unicode_text
 
+    not_text = np.array([not isinstance(p, str) for p in prompts])
+    if not_text.any():  # which ones: a column of 10,000 captions may miss one (NaN in pandas)
+        raise ValueError(f"prompts must be strings, got "
+                         f"{entries_at(np.fromiter(prompts, dtype=object, count=len(prompts)), not_text)}")
     for prompt in prompts:
         unicode_text("prompts", prompt, where="")
     return prompts
