@@ -114,7 +114,8 @@ def image_ids(values, count: int) -> np.ndarray:
     noise, so a truncated 0.5 would silently repeat image 0)."""
     array = np.asarray(values)
     if array.shape != (count,):
-        raise ConfigError(f"image_ids must give one id per image ({count}), got shape {array.shape}")
+        got = f"shape {array.shape}" if array.dtype != object or array.ndim else f"{type(values).__name__} {values!r}"
+        raise ConfigError(f"image_ids must give one id per image ({count}) as a list or a 1-D array, got {got[:200]}")
     if array.dtype == object:
         array = np.asarray(array.tolist())
     if array.dtype.kind not in "iuf":

@@ -231,6 +231,19 @@ def test_a_long_list_of_ids_is_refused_naming_its_bad_entries_alone():
         image_ids([0, 1, 2, 3, 4, -1, 2**31], 7)
 
 
+def test_image_ids_given_as_a_generator_are_named_so():
+    """A generator of ids was refused as 'got shape ()', which names neither it nor the fix."""
+    from pixelflow_jax.validation import image_ids
+
+    with pytest.raises(ConfigError, match=r"^image_ids must give one id per image \(2\) as a list or a 1-D array, "
+                                          r"got generator <generator"):
+        image_ids((i for i in range(2)), 2)
+    with pytest.raises(ConfigError, match=r"^image_ids must give one id per image \(2\) as a list or a 1-D array, "
+                                          r"got shape \(3,\)$"):
+        image_ids([0, 1, 2], 2)
+    assert image_ids(range(2), 2).tolist() == [0, 1]
+
+
 MODES = ("train", "sample", "eval", "demo", "inspect")
 
 
