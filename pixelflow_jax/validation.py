@@ -502,10 +502,25 @@ def job_config(config, mode: str):
     empty (an inspected run as sample.checkpoint, a text run's encoder and token length): in a
     notebook the caller's config carried these into its next job, and sampling another run's
     workdir sampled the run inspected before it."""
+    check_not_a_worker_importing_the_script(mode)
     check_fields(config)
     config = copy.deepcopy(config)
     check(config, mode)
     return config
+
+
+def check_not_a_worker_importing_the_script(mode: str) -> None:
+    """grain's data workers are spawned, and each imports the main script again: a script that
+    starts a job outside `if __name__ == "__main__":` started it again in every worker, where a
+    training run then found its parent's workdir lock ("in use by another training run: wait for
+    it or delete its lock") and the parent failed on "Worker process was terminated unexpectedly".
+    multiprocessing marks a process importing the script to start with `_inheriting`."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(f"a {mode} job was started by a process importing the main script again (a data worker "
+                           "of data.num_workers > 0 runs the script's top level): start a script's jobs under "
+                           '`if __name__ == "__main__":`')
 
 
 def check_fields(config) -> None:

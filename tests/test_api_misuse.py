@@ -643,3 +643,27 @@ def test_a_job_started_from_python_names_a_misspelt_field_or_a_config_of_another
                                                         "configs.c2i.get_config() returns, got a dict")):
             job(c2i_config().to_dict(), str(tmp_path / "job"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_job_called_again_by_a_data_worker_importing_an_unguarded_script_names_the_guard(tmp_path, monkeypatch):
+    """grain's data workers (data.num_workers > 0, the demo configs') are spawned, and each imports
+    the main script again: a script calling train() outside `if __name__ == "__main__":` trained
+    again in the worker, which found its parent's workdir lock and told the user to wait for "another
+    training run" or delete its lock; the parent then failed on grain's "Worker process was
+    terminated unexpectedly". (Python's own message for this case was never reached.)"""
+    import multiprocessing
+
+    from pixelflow_jax import demo_app, inspect_model
+    from pixelflow_jax.evaluation import evaluate
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.training import train
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)  # as spawn sets it
+    for job, mode in ((train.train, "train"), (sample_run.run, "sample"), (evaluate.run, "eval"),
+                      (inspect_model.run, "inspect"), (demo_app.run, "demo"), (demo_app.DemoSampler, "demo")):
+        with pytest.raises(RuntimeError, match=re.escape(f"a {mode} job was started by a process importing the main "
+                                                         "script again (a data worker of data.num_workers > 0 runs "
+                                                         "the script's top level): start a script's jobs under "
+                                                         '`if __name__ == "__main__":`')):
+            job(c2i_config(), str(tmp_path / "run"))
+    assert os.listdir(tmp_path) == []
