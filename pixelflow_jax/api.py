@@ -254,11 +254,14 @@ def load_model(path: str, *, dtype: str | None = None, attention: str | None = N
     param_dtype: the weights' dtype ('bfloat16' halves their memory, for sampling); default float32.
     """
     runtime = load_arguments(dtype, attention, weights, param_dtype)  # checked before a download or a conversion
-    source = resolve_checkpoint(path)
-    if attention is not None:  # with the dtype it will compute in, before the weights are read
-        compute_dtype = runtime.get("dtype") or checkpoint_config(source).model.dtype
-        refused_here(lambda: resolve_backend(attention, compute_dtype))
-    config, params = read_checkpoint(source, weights, runtime)
+    try:
+        source = resolve_checkpoint(path)
+        if attention is not None:  # with the dtype it will compute in, before the weights are read
+            compute_dtype = runtime.get("dtype") or checkpoint_config(source).model.dtype
+            refused_here(lambda: resolve_backend(attention, compute_dtype))
+        config, params = read_checkpoint(source, weights, runtime)
+    except storage.StorageError as e:  # a bucket out of reach is a checkpoint that cannot be read, as documented
+        raise CheckpointError(str(e)) from e
     return build_model(config, params), config
 
 

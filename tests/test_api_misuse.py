@@ -443,6 +443,27 @@ def test_load_model_checks_its_weights_choice_before_the_path(tmp_path, converte
         read_checkpoint(resolve_checkpoint(converted["c2i_tiny"]), "opt_state")
 
 
+def test_load_model_reports_a_checkpoint_it_cannot_reach_as_a_checkpoint_error(monkeypatch, converted):
+    """The README's errors to catch: a checkpoint that cannot be read raises CheckpointError. A
+    bucket that could not be reached (no network, no credentials) raised storage.StorageError, an
+    OSError, which `except pixelflow_jax.CheckpointError` let through."""
+    from pixelflow_jax import api
+
+    unreachable = ("gs://bucket/run/run_config.json: ClientConnectorDNSError: Cannot connect to host "
+                   "storage.googleapis.com:443 (check the network, that the bucket exists, and the credentials)")
+
+    def no_network(*_):
+        raise storage.StorageError(unreachable)
+
+    monkeypatch.setattr(api, "find_run_step", no_network)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(unreachable)}$"):
+        load_model("gs://bucket/run")
+    monkeypatch.undo()
+    monkeypatch.setattr(api, "restore_params", no_network)  # while the weights are read
+    with pytest.raises(CheckpointError, match=f"^{re.escape(unreachable)}$"):
+        load_model(converted["c2i_tiny"])
+
+
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
     _, config = load_model(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
     assert config.resolution == 64
