@@ -515,6 +515,8 @@ def test_sampling_a_checkpoint_of_other_than_rgb_images_is_refused_before_its_we
     check_config_kind(sample, ModelConfig(num_classes=10))
     with pytest.raises(ValueError, match=r"in_channels 3 and out_channels 1: the sampler makes RGB images"):
         check_config_kind(sample, ModelConfig(num_classes=10, out_channels=1))
+    with pytest.raises(ValueError, match=r"in_channels 4 and out_channels 3: the sampler makes RGB images"):
+        check_config_kind(sample, ModelConfig(num_classes=10, in_channels=4))  # RGB out of a 4-channel input
 
 
 def test_an_unconditional_model_is_refused_by_sampling_the_demo_page_and_the_python_sampler():

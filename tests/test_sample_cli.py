@@ -503,7 +503,9 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
     many = [f"class{i:02d}" for i in range(25)]
     with pytest.raises(ConfigError, match=r"names 'class00', .*, 'class19', \.\.\. \(25 in all\)$"):
         ClassLabels(sample, 1000, TrainedClasses.of_folders(many))
-    for unquoted in ("(cats)", "(cats,dogs)"):  # unquoted names on the command line: one string
+    with pytest.raises(ConfigError, match=r"names 'class00', .*, 'class19'$"):  # twenty: each named, no '...'
+        ClassLabels(sample, 1000, TrainedClasses.of_folders(many[:20]))
+    for unquoted in ("cats,dogs", "(cats)", "(cats,dogs)"):  # unquoted names on the command line: one string
         sample.labels = (unquoted, 0, 1, 0, 1)
         with pytest.raises(ConfigError, match=r"""quote each name: --config.sample.labels='\("cats","dogs"\)'"""):
             ClassLabels(sample, 1000, folders)
@@ -517,6 +519,12 @@ def test_a_folder_runs_labels_cycle_over_its_class_folders_which_labels_may_name
     assert caplog.text.count("WARNING") == 1
     assert "asks for ids (7, 999) that this run never trained: it trained 2 class folders, ids 0 to 1 (its " \
            "class_index.json" in caplog.text
+    for labels, named in (((2, 3, 4, 5, 6), "(2, 3, 4, 5, 6)"), ((2, 3, 4, 5, 6, 7), "(2, 3, 4, 5, 6, ... (6 ids))")):
+        caplog.clear()
+        sample.update(num_images=len(labels), labels=labels)  # from id 2, the class count: each never trained
+        with caplog.at_level("WARNING"):
+            ClassLabels(sample, 1000, folders)
+        assert f"asks for ids {named} that this run never trained" in caplog.text
 
 
 def test_a_number_that_names_another_class_folder_is_sampled_as_an_id_with_a_warning(caplog):
@@ -524,6 +532,7 @@ def test_a_number_that_names_another_class_folder_is_sampled_as_an_id_with_a_war
     documented (numbers are ids), but a user who meant the folder '2' is told to quote it."""
     from configs import c2i
     from pixelflow_jax.sampling.sample_conditioning import ClassLabels, TrainedClasses
+    from pixelflow_jax.validation import ConfigError
 
     folders, sample = TrainedClasses.of_folders(sorted(str(i) for i in range(11))), c2i.get_config("tiny").sample
     assert folders.folders[:4] == ("0", "1", "10", "2")
@@ -539,6 +548,19 @@ def test_a_number_that_names_another_class_folder_is_sampled_as_an_id_with_a_war
     with caplog.at_level("WARNING"):
         ClassLabels(sample, 1000, folders)
     assert "names of other class folders" not in caplog.text
+    three = ("id 2 is the folder '10', the folder '2' is id 3; id 3 is the folder '2', the folder '3' is id 4; id 4 is "
+             "the folder '3', the folder '4' is id 5")
+    for labels, named in (((2, 3, 4), f"({three}): a number"), ((2, 3, 4, 5), f"({three}; ...): a number")):
+        caplog.clear()
+        sample.update(num_images=len(labels), labels=labels)  # three such numbers are named, a fourth is not
+        with caplog.at_level("WARNING"):
+            ClassLabels(sample, 1000, folders)
+        assert named in caplog.text
+    caplog.clear()
+    sample.update(num_images=1, labels=(-1,))  # a folder named '-1': the number -1 is no folder's id
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match="labels"):
+        ClassLabels(sample, 1000, TrainedClasses.of_folders(["-1", "0", "1"]))
+    assert "(id -1 is no folder, the folder '-1' is id 0)" in caplog.text
 
 
 def test_a_class_folder_name_is_found_whichever_way_its_accents_are_encoded():
@@ -547,13 +569,24 @@ def test_a_class_folder_name_is_found_whichever_way_its_accents_are_encoded():
     listed 'chats é'. Two folders that differ only so are each found by their exact name alone."""
     from configs import c2i
     from pixelflow_jax.sampling.sample_conditioning import ClassLabels, TrainedClasses
+    from pixelflow_jax.validation import ConfigError
 
     sample = c2i.get_config("tiny").sample
     sample.update(num_images=2, labels=("chats \u00e9", "dogs"))
     assert ClassLabels(sample, 10, TrainedClasses.of_folders(["chats e\u0301", "dogs"])).labels.tolist() == [0, 1]
+    sample.labels = ("chats e\u0301", "dogs")  # typed as e + accent, the folder spelled with é
+    assert ClassLabels(sample, 10, TrainedClasses.of_folders(["chats \u00e9", "dogs"])).labels.tolist() == [0, 1]
     both = TrainedClasses.of_folders(["caf\u00e9", "cafe\u0301"])
     sample.labels = ("cafe\u0301", "caf\u00e9")
     assert ClassLabels(sample, 10, both).labels.tolist() == [1, 0]
+    # e with a dot below and a circumflex, its two marks in either order: both folders' NFC form is U+1EC7,
+    # which names neither of them
+    marks = TrainedClasses.of_folders(["e\u0323\u0302", "e\u0302\u0323"])
+    sample.labels = ("e\u0302\u0323", "e\u0323\u0302")
+    assert ClassLabels(sample, 10, marks).labels.tolist() == [1, 0]
+    sample.labels = ("\u1ec7", "e\u0323\u0302")
+    with pytest.raises(ConfigError, match="names '\u1ec7', not a class folder of this run"):
+        ClassLabels(sample, 10, marks)
 
 
 def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_class_folders(tmp_path):

@@ -466,6 +466,8 @@ def test_each_image_is_conditioned_on_what_settings_json_records_for_it(monkeypa
     sample.labels = (2, 0)
     with pytest.raises(ValueError, match="labels has 2 entries but --config.sample.num_images is 7"):
         sample_conditioning.ClassLabels(sample, num_classes=3)
+    sample.update(num_images=1, labels=(2,))  # a job of one image of a label given
+    assert sample_conditioning.ClassLabels(sample, num_classes=3).labels.tolist() == [2]
 
     vocabulary = ["", "blurry", "a fox", "a cat", "a dog"]
 
@@ -516,6 +518,48 @@ def test_the_conditioning_refuses_a_job_of_no_images_itself():
     sample = t2i.get_config("tiny").sample
     sample.update(prompts=["a fox"], images_per_prompt=0)
     with pytest.raises(ValueError, match="^--config.sample.images_per_prompt must be positive, got 0"):
+        sample_conditioning.TextPrompts(sample, 4)
+
+
+def test_a_text_job_records_its_encoder_as_loaded_and_encodes_its_negative_prompt_once(tmp_path, monkeypatch):
+    """settings.json names the encoder by its absolute path and fingerprints the folder the encoder
+    read (a bucket's local copy, not the bucket), and records each setting that changes an embedding;
+    the negative prompt is encoded once for the whole job; the image limit itself is a job."""
+    from configs import t2i
+    from pixelflow_jax.sampling import sample_conditioning
+    from pixelflow_jax.text import prompts as prompts_module, t5_convert
+
+    encoded = []
+
+    class Encoder:  # a PromptEncoder of a bucket's folder reads a local copy of it
+        folder = str(tmp_path / "copy")
+
+        def encode(self, prompts):
+            encoded.append(list(prompts))
+            return np.zeros((len(prompts), 2, 4), np.float32), np.ones((len(prompts), 2), bool)
+
+    monkeypatch.setattr(prompts_module, "prompt_encoder_for", lambda s, width: Encoder())
+    monkeypatch.setattr(t5_convert, "folder_fingerprint", lambda folder: f"the files of {os.path.basename(folder)}")
+    monkeypatch.chdir(tmp_path)
+    sample = t2i.get_config("tiny").sample
+    sample.update(prompts="a fox", text_encoder="t5", negative_prompt="blurry")
+    text = sample_conditioning.TextPrompts(sample, 4)
+    settings = text.settings()
+    assert settings["prompts"] == ["a fox"]  # one prompt given alone, not its letters
+    assert settings["text_encoder"] == str(tmp_path / "t5")  # made absolute
+    assert settings["text_encoder_fingerprint"] == "the files of copy"
+    for name, other in (("max_text_tokens", 16), ("text_encoder_param_dtype", "bfloat16")):
+        before = sample[name]
+        sample[name] = other
+        assert sample_conditioning.TextPrompts(sample, 4).settings() == {**settings, name: other}
+        sample[name] = before
+    for ids in ([0, 0], [0]):
+        text.batch(np.array(ids))
+    assert encoded == [["blurry"], ["a fox", "a fox"], ["a fox"]]
+    sample.images_per_prompt = 10**7  # the limit
+    assert sample_conditioning.TextPrompts(sample, 4).num_images == 10**7
+    sample.images_per_prompt = 10**7 + 1
+    with pytest.raises(ConfigError, match=r"1 prompt x --config.sample.images_per_prompt 10000001 = 10,000,001 images"):
         sample_conditioning.TextPrompts(sample, 4)
 
 
@@ -613,6 +657,8 @@ def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp
     # no break an editor shows, and splitting there would shift every later prompt's images.
     path.write_text("a red disk\x0con grey\na blue\u2028ring\x85now\ra green square\n", encoding="utf-8")
     assert read_prompts_file(str(path)) == ["a red disk\x0con grey", "a blue\u2028ring\x85now", "a green square"]
+    path.write_text("  a red disk \n")  # as written: settings.json records the prompt the file gives
+    assert read_prompts_file(str(path)) == ["  a red disk "]
     for content, message in ((" \n\n", "holds no prompts"), ("caf\xe9\n".encode("latin-1"), "is not UTF-8 text")):
         path.write_bytes(content.encode() if isinstance(content, str) else content)
         with pytest.raises(ValueError, match=f"prompts_file {path} {message}"):
@@ -648,6 +694,18 @@ def test_a_benchmarks_prompts_as_json_or_a_table_are_refused_rather_than_sampled
             "'Prompts' column alone, without the header",
         "caption\na red fox\n": "its first line, 'caption', is a column's header, not a prompt; remove that line",
         '[\n  "a red fox",\n  "a blue car"\n]\n': "it is a JSON list of 2 entries; write each prompt alone on a line",
+        '\n  ["a red fox", "a blue car"]\n': "it is a JSON list of 2 entries; write each prompt alone on a line",
+        '{\n  "prompts": ["a red fox", "a blue car"]\n}\n':
+            "it is a JSON object of 1 entry; write each prompt alone on a line",
+        '{"k1": 1, "k2": 2, "k3": 3, "k4": 4, "k5": 5, "k6": 6, "Prompt": "a red cow"}\n' * 2:
+            f"its lines are JSON objects (keys k1, k2, k3, k4, k5, k6); write each one's prompt alone, e.g. jq -r "
+            f".Prompt {path} > prompts.txt, and give that file",
+        '"Prompt","Category"\n"A red colored car.","Colors"\n':
+            "its first line, '\"Prompt\",\"Category\"', is a table's header, and each line a row of 2 columns; write "
+            "the 'Prompt' column alone, without the header",
+        "Prompt," + ",".join(f"column_{i:02d}" for i in range(1, 13)) + "\n":  # 126 characters, shown to 120
+            "its first line, 'Prompt," + ",".join(f"column_{i:02d}" for i in range(1, 12)) + ",col', is a table's "
+            "header, and each line a row of 13 columns; write the 'Prompt' column alone, without the header",
     }
     for text, problem in refused.items():
         path.write_text(text)
@@ -655,7 +713,8 @@ def test_a_benchmarks_prompts_as_json_or_a_table_are_refused_rather_than_sampled
                                                        f"{problem}")):
             read_prompts_file(str(path))
     # prompts that only look like these: a prompt starting with a column's name, brackets, braces
-    plain = ["text, bold letters on a sign", "caption: a red fox", "[a red fox]", "{a red fox}", "prompt"]
+    plain = ["text, bold letters on a sign", "caption: a red fox", "[a red fox]", "{a red fox}", "prompt",
+             '{"style": "photo"}']  # one line of JSON among prompts: a prompt too
     path.write_text("\n".join(plain) + "\n")
     assert read_prompts_file(str(path)) == plain
 
@@ -681,7 +740,9 @@ def test_blank_lines_that_move_prompts_off_their_line_numbers_are_named(tmp_path
                         ("a red disk\n\na blue ring\n\na green square\n",
                          "blank lines 2, 4 skipped: the prompt on line 3 is prompt 1 "),
                         ("\n" * 12 + "a red disk\n", "blank lines 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ... skipped: the "
-                                                    "prompt on line 13 is prompt 0 ")):
+                                                    "prompt on line 13 is prompt 0 "),
+                        ("\n" * 10 + "a red disk\n", "blank lines 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 skipped: the "
+                                                    "prompt on line 11 is prompt 0 ")):
         caplog.clear()
         path.write_text(text)
         with caplog.at_level(logging.WARNING):

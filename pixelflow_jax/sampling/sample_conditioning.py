@@ -181,8 +181,9 @@ def not_plain_prompts(text: str, prompts: list[str], path: str) -> str | None:
     document, lines of JSON objects, as GenEval's metadata.jsonl holds, or a table with a header
     row; None for plain prompts."""
     if isinstance(document := parsed_json(text), (list, dict)):
-        return (f"it is a JSON {'list' if isinstance(document, list) else 'object'} of {len(document)} entries; write "
-                "each prompt alone on a line")
+        entries = f"{len(document)} {'entry' if len(document) == 1 else 'entries'}"
+        return (f"it is a JSON {'list' if isinstance(document, list) else 'object'} of {entries}; write each prompt "
+                "alone on a line")
     records = [parsed_json(line) for line in prompts]
     if all(isinstance(record, dict) for record in records):
         key = next((k for k in records[0] if k.lower() in PROMPT_COLUMNS), None)
@@ -258,7 +259,8 @@ class TextPrompts:
         self.images_per_prompt = int(s.images_per_prompt)
         self.num_images = len(self.prompts) * self.images_per_prompt
         if self.num_images > MAX_SAMPLE_IMAGES:  # a typo: settings.json's per-image list would fill the host
-            raise ConfigError(f"{len(self.prompts)} prompts x --config.sample.images_per_prompt "
+            prompts = f"{len(self.prompts)} {'prompt' if len(self.prompts) == 1 else 'prompts'}"
+            raise ConfigError(f"{prompts} x --config.sample.images_per_prompt "
                               f"{self.images_per_prompt} = {self.num_images:,} images, over the limit of "
                               f"{MAX_SAMPLE_IMAGES:,} a sampling job makes: lower images_per_prompt")
         self.negative_prompt = str(s.negative_prompt)
