@@ -449,6 +449,7 @@ def test_only_an_earlier_ema_record_of_a_folder_of_one_set_of_weights_is_taken_a
     assert changed_settings({"weights": "ema"}, {"weights": None}) == []
     assert changed_settings({"weights": "ema"}, {"weights": "model"}) == ["weights"]
     assert changed_settings({"weights": "model"}, {"weights": None}) == ["weights"]
+    assert changed_settings({"weights": "ema"}, {}) == ["weights"]  # only a recorded null is no choice
 
 
 def test_an_earlier_jobs_settings_are_checked_before_the_weights_are_read_and_recorded_after(tmp_path, converted,
@@ -606,6 +607,13 @@ def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_c
     with pytest.raises(ValueError, match=r"other settings \(differing: \['labels'\]\); use a new --workdir"):
         check_settings(str(samples), str(tmp_path), settings([3] * 30))  # labels given: no default involved
     check_settings(str(samples), str(tmp_path), settings(list(range(40))))  # a larger job of every class extends
+    (samples / "settings.json").write_text(json.dumps(settings([3] * 30)))  # labels the user gave, then the default
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['labels'\]\); use a new --workdir"):
+        check_settings(str(samples), str(tmp_path), settings([i % 10 for i in range(30)]))
+    # two images, labels 0 and 1: as much i mod 1000 as i mod 2, but only the seed changed
+    (samples / "settings.json").write_text(json.dumps({**settings([0, 1]), "seed": 0}))
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['seed'\]\); use a new --workdir"):
+        check_settings(str(samples), str(tmp_path), {**settings([0, 1]), "seed": 1})
 
 
 def test_an_extension_typed_by_mistake_is_taken_back_while_none_of_its_images_was_written(tmp_path, converted,
@@ -808,6 +816,38 @@ def test_a_job_whose_step_was_deleted_is_told_so_not_that_the_run_trained_on(tmp
                                          rf"and this job samples its earlier step 300\); sample these into a new "
                                          rf"--workdir with --config.sample.checkpoint={earlier}$"):
         check_settings(str(deleted), str(deleted.parent), of(earlier))
+
+
+def test_the_weights_a_job_came_from_and_those_it_samples_are_told_apart_by_their_paths(tmp_path, monkeypatch):
+    """Steps of one run compare as numbers (900, then 1000); an earlier step named while the later
+    one is still there is not 'deleted since'; one step saved again is named so. Another run's step,
+    folders merely named by a number and a record without a path are no steps of one run, and a
+    bucket's step is not looked up to tell whether it was deleted."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.sampling.job_settings import run_and_step, weights_difference
+
+    run = tmp_path / "run"
+    step = lambda n: str(run / "checkpoints" / str(n))
+    for n in (900, 1000):
+        os.makedirs(step(n))
+    assert weights_difference(step(900), step(1000)) == ("the run trained on since: they came from its step 900, and "
+                                                         "this job samples step 1000")
+    assert weights_difference(step(1000), step(900)) == ("they came from the run's step 1000, and this job samples its "
+                                                         "earlier step 900")
+    assert weights_difference(step(900), step(900)) == "the run's step 900 was saved again since, with other weights"
+    exports = tmp_path / "exports"  # folders named by a step's number, not a run's checkpoints
+    for sampled, sampling in ((step(900), str(tmp_path / "other" / "checkpoints" / "1000")),
+                              (str(exports / "900"), str(exports / "1000"))):
+        assert weights_difference(sampled, sampling) == f"they came from {sampled}, and this job samples {sampling}"
+    assert run_and_step(str(run / "checkpoints" / "latest")) is None
+    assert weights_difference(None, step(900)) == "a checkpoint changed since"
+
+    def looked_up(path):
+        raise AssertionError(f"{path} looked up")
+
+    monkeypatch.setattr(storage, "exists", looked_up)
+    assert weights_difference("gs://runs/r/checkpoints/1000", "gs://runs/r/checkpoints/900") == (
+        "they came from the run's step 1000, and this job samples its earlier step 900")
 
 
 @pytest.mark.parametrize("unreadable", [OSError(13, "Permission denied"), "bucket"])

@@ -196,6 +196,9 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
     dopri5 = {"solver": "dopri5", "shift": 1.0, "steps_per_stage": [10, 10, 10, 10], "seed": 0}
     check_settings(str(samples), str(tmp_path), dopri5)
     check_settings(str(samples), str(tmp_path), {**dopri5, "shift": 3.0, "steps_per_stage": [2, 2, 2, 2]})  # unused
+    with pytest.raises(ValueError, match=r"differing: \['shift', 'solver', 'steps_per_stage'\]\)"):  # euler uses both
+        check_settings(str(samples), str(tmp_path), {**dopri5, "solver": "euler", "shift": 3.0,
+                                                     "steps_per_stage": [2, 2, 2, 2]})
     with pytest.raises(ValueError, match=r"differing: \['seed'\]\) of a job that has sampled no image yet .*if no "
                                          r"job samples into .*samples, delete .*settings.json and rerun"):
         check_settings(str(samples), str(tmp_path), {**dopri5, "seed": 1})  # one killed before its first image
@@ -215,7 +218,7 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
         check_sample_count(config.sample)
 
 
-def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_lies_past(tmp_path):
+def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_lies_past(tmp_path, caplog):
     """A larger num_images (10,000 images for a first FID, then 50,000) keeps the images on disk when
     each recorded image keeps its label or prompt; a smaller one is taken back while no image past it
     was sampled (50,000 typed for 5,000); another conditioning of a recorded image is refused."""
@@ -235,7 +238,9 @@ def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_
     assert recorded() == {"seed": 0, "num_images": 6, "labels": [0, 1, 2, 0, 1, 2]}
     check({"num_images": 4, "labels": [0, 1, 2, 0]}, record=False)  # the check before the weights load
     assert recorded()["num_images"] == 6
-    check({"num_images": 4, "labels": [0, 1, 2, 0]})
+    with caplog.at_level(logging.INFO):
+        check({"num_images": 4, "labels": [0, 1, 2, 0]})
+    assert f"shrinking the job in {samples} from 6 to 4 images: none past the 4 was sampled" in caplog.text
     assert recorded() == {"seed": 0, "num_images": 4, "labels": [0, 1, 2, 0]}
     check({"num_images": 6, "labels": [0, 1, 2, 0, 1, 2]})
     for refused in ({"num_images": 8, "labels": [1, 1, 2, 0, 1, 2, 0, 1]},  # image 0 with another label
@@ -250,6 +255,9 @@ def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_
     check(text)
     check({**text, "num_images": 6, "prompts": ["a fox", "a cat", "a dog"]})  # a prompt added at the end
     check(text)  # and taken back
+    # the same prompt for each image, as four prompts of one image each: no image more, so no extension
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['images_per_prompt', 'prompts'\]"):
+        check({**text, "prompts": ["a fox", "a fox", "a cat", "a cat"], "images_per_prompt": 1})
     check({**text, "num_images": 6, "prompts": ["a fox", "a cat", "a dog"]})
     with pytest.raises(ValueError, match=r"other settings \(differing: \['images_per_prompt', 'num_images'\]"):
         check({**text, "num_images": 9, "prompts": ["a fox", "a cat", "a dog"], "images_per_prompt": 3})
@@ -285,6 +293,8 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
     with pytest.raises(ValueError, match=r"holds 1 image numbered 10 or above \(000010.png\): .*delete that 1 PNG, "
                                          r"then rerun; to keep it,"):
         check(10)
+    with pytest.raises(ValueError, match=r"holds 3 images numbered 6 or above \(000006.png, 000009.png, 000010.png\)"):
+        check(6)  # three named each
     check(11)
     assert recorded() == 11
     given = {"seed": 0, "num_images": 11, "labels": [7, 1] * 5 + [3]}  # labels the user gave, not the default's
@@ -302,13 +312,24 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
     with pytest.raises(ValueError, match=r"but .*samples.npz holds 11 images: .* To shrink it to 4, move "
                                          r".*samples.npz away, then rerun; to keep them, rerun asking for at least 11"):
         check(4)
+    (samples / "000005.png").write_bytes(b"")  # and one PNG past the count: the larger of the two is kept
+    with pytest.raises(ValueError, match=r"holds 1 image numbered 4 or above \(000005.png\) and .*samples.npz holds 11 "
+                                         r"images: .* To shrink it to 4, delete that 1 PNG and move .*samples.npz "
+                                         r"away, then rerun; to keep them, rerun asking for at least 11 images"):
+        check(4)
+    (samples / "000005.png").unlink()
     (tmp_path / "samples.npz").write_bytes(b"PK cut off")
     with pytest.raises(ValueError, match=r"cannot tell how many images .*samples.npz holds \(.*\), and a job asking "
                                          r"for fewer images than settings.json records would overwrite it: "
                                          r"move it away"):
         check(4)
     with open(tmp_path / "samples.npz", "wb") as npz:  # the smaller job's own, from before its extension
-        write_images_npz(npz, np.zeros((2, 2, 2, 3), np.uint8), 2, 2)
+        write_images_npz(npz, np.zeros((4, 2, 2, 3), np.uint8), 4, 2)
+    (samples / "000005.png").write_bytes(b"")  # a PNG past the count: samples.npz, of no more, is not named
+    with pytest.raises(ValueError, match=r"holds 1 image numbered 4 or above \(000005.png\): a job may shrink .* "
+                                         r"delete that 1 PNG, then rerun; to keep it, rerun asking for at least 6 "):
+        check(4)
+    (samples / "000005.png").unlink()
     check(4)
     assert recorded() == 4
 
@@ -320,6 +341,20 @@ def test_a_sampling_job_refuses_to_shrink_past_images_it_sampled_and_names_them(
     with pytest.raises(ValueError, match=r"to keep it, rerun asking for at least the first 2 of settings.json's "
                                          r"prompts, 2 images each \(as recorded: its 2 prompts, 4 images\); or use"):
         check_settings(str(samples), str(tmp_path), text)
+
+
+def test_a_refused_shrink_names_the_images_past_its_count_by_id_past_a_million(tmp_path):
+    """Names of seven digits sort before 999999.png as text: the last image is the highest id."""
+    from pixelflow_jax.sampling.job_settings import check_settings
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    job = lambda count: {"seed": 0, "num_images": count, "prompts": ["a fox"], "images_per_prompt": count}
+    check_settings(str(samples), str(tmp_path), job(1_000_001))
+    for name in ("000004.png", "999999.png", "1000000.png"):
+        (samples / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds 3 images numbered 4 or above \(000004.png, 999999.png, 1000000.png\)"):
+        check_settings(str(samples), str(tmp_path), job(4))
 
 
 def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path):
@@ -422,7 +457,7 @@ def test_a_job_whose_pngs_were_deleted_is_not_taken_for_one_that_never_sampled(t
     check_settings(str(samples), str(tmp_path), {"seed": 0})
     (tmp_path / "samples.npz").write_bytes(b"50k images")
     with pytest.raises(ValueError, match=r"holds images sampled with other settings \(differing: \['seed'\]\); use "
-                                         r"a new --workdir"):
+                                         r"a new --workdir, or rerun with the settings in settings.json$"):
         check_settings(str(samples), str(tmp_path), {"seed": 1})
 
 
