@@ -182,6 +182,21 @@ def test_an_extended_jobs_new_npz_removes_the_eval_json_of_the_earlier_images(tm
         assert (workdir / "eval.json").exists() == kept, scored
     assert "it scored the earlier 2 images" in caplog.text
     assert len((workdir / "eval_history.jsonl").read_text().splitlines()) == 4
+    # not an evaluation this project wrote (a list, a count that is no number, a folder of that name): kept
+    for other in ([1], {"samples": npz, "num_samples": "all"}):
+        storage.write_json_atomically(str(workdir / "eval.json"), other)
+        assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
+        assert (workdir / "eval.json").exists()
+    (workdir / "eval.json").unlink()
+    (workdir / "eval.json").mkdir()
+    assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
+
+
+def test_a_grid_of_a_count_that_is_no_square_fills_rows_as_wide_as_its_root_rounded_up():
+    from pixelflow_jax.sampling import sample_run
+
+    images = np.arange(1, 6, dtype=np.uint8).reshape(5, 1, 1, 1)  # 5 images of 1 px: 3 per row, 2 rows
+    assert sample_run.image_grid(images)[..., 0].tolist() == [[1, 2, 3], [4, 5, 0]]
 
 
 def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tmp_path, monkeypatch, caplog):
