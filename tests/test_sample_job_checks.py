@@ -682,6 +682,29 @@ def test_processes_reading_other_copies_of_the_prompts_file_stop_together_before
     assert not (tmp_path / "run").exists()
 
 
+def test_a_job_compares_across_hosts_its_checkpoint_labels_prompts_file_and_text_encoder():
+    """What each host reads for itself (sample_run.inputs_read): the checkpoint's files, the labels
+    (class names and default labels come from the run's files on that host), the prompts a prompts
+    file gave and the encoder's files; prompts given on the command line are read from no file."""
+    from configs import c2i, t2i
+    from pixelflow_jax.multihost import InputRead
+    from pixelflow_jax.sampling.sample_run import inputs_read
+
+    checkpoint = InputRead("--config.sample.checkpoint /run", "weights")
+    labels = {"checkpoint": "/run", "checkpoint_fingerprint": "weights", "labels": [0, 1, 0]}
+    assert inputs_read(c2i.get_config("tiny").sample, labels) == [
+        checkpoint, InputRead("the labels (from --config.sample.labels, the run's class_index.json or its "
+                              "train_settings.json)", "[0, 1, 0]")]
+    sample = t2i.get_config("tiny").sample
+    text = {"checkpoint": "/run", "checkpoint_fingerprint": "weights", "prompts": ["a fox", "a cat"],
+            "text_encoder": "/t5", "text_encoder_fingerprint": "the files of t5"}
+    encoder = InputRead("--config.sample.text_encoder /t5", "the files of t5")
+    assert inputs_read(sample, text) == [checkpoint, encoder]
+    sample.prompts_file = "/prompts.txt"
+    assert inputs_read(sample, text) == [checkpoint, InputRead("--config.sample.prompts_file /prompts.txt",
+                                                               '["a fox", "a cat"]', 2, "prompts"), encoder]
+
+
 def test_a_prompts_file_is_read_as_a_user_wrote_it_or_named_with_its_problem(tmp_path):
     from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
 
