@@ -288,6 +288,8 @@ def test_learning_rate_schedules():
     assert [float(warmup(k)) for k in (0, 2, 4, 100)] == pytest.approx([0, 1, 2, 2])
     with pytest.raises(ValueError, match="decay_steps .* > warmup_steps"):
         learning_rate(StepConfig(lr_schedule="cosine", warmup_steps=10, decay_steps=10))
+    with pytest.raises(ValueError, match=r"train.lr_schedule must be one of \('constant', 'cosine'\), got 'linear'"):
+        learning_rate(StepConfig(lr_schedule="linear", warmup_steps=10, decay_steps=100))  # the Python API's own check
 
 
 @pytest.mark.slow
@@ -384,6 +386,62 @@ def test_label_dropout_gives_the_null_class_at_its_rate_and_keeps_the_other_labe
     changed = dropped != labels
     assert set(dropped[changed]) == {1000}  # the null class, id num_classes
     assert 0.27 < changed.mean() < 0.33
+
+
+def test_the_pyramid_halves_by_2x2_means_and_doubles_by_repetition_of_any_image_shape():
+    """downsample_2x and upsample_2x against their definitions in float64 numpy, on a batch of
+    non-square images of two channels (square images alone let the wrong axis's length pass)."""
+    from pixelflow_jax.pyramid import downsample_2x, upsample_2x
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 2)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    means = (x64[:, 0::2, 0::2] + x64[:, 1::2, 0::2] + x64[:, 0::2, 1::2] + x64[:, 1::2, 1::2]) / 4
+    np.testing.assert_allclose(np.asarray(downsample_2x(x)), means, rtol=1e-6, atol=1e-7)
+    rows, cols = np.meshgrid(np.arange(8), np.arange(12), indexing="ij")
+    np.testing.assert_array_equal(np.asarray(upsample_2x(x)), x[:, rows // 2, cols // 2])
+
+
+def test_per_sample_losses_are_each_samples_mean_squared_error_in_float32():
+    """One value per sample, the mean over its pixels and channels, computed in float32 from a
+    bfloat16 prediction and target (in bfloat16 the differences and squares are 2^-8 off)."""
+    rng = np.random.default_rng(0)
+    prediction, target = (jax.numpy.asarray(rng.standard_normal((3, 4, 2, 5)), jax.numpy.bfloat16) for _ in "pt")
+    losses = per_sample_losses(prediction, target)
+    assert losses.dtype == np.float32
+    expected = np.square(np.asarray(prediction, np.float64) - np.asarray(target, np.float64)).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-6)
+
+
+def test_training_flops_per_image_count_the_models_matmuls():
+    """train_flops_per_image (MFU in the training log) against the matrix products that the model's
+    forward traces, counted from its jaxpr (scanned layers times their count), at each stage of a
+    two-stage cascade, averaged, times 3 for the backward pass's two products per forward one. The
+    formula leaves out the per-image (not per-token) conditioning products: 0.6% here."""
+    from jax.extend import core as jex_core
+
+    from pixelflow_jax import ModelConfig, PixelFlow
+    from pixelflow_jax.training.train_step import train_flops_per_image
+
+    def matmul_flops(jaxpr):
+        total = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (contracted, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[a] for a in contracted])
+            repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else [value]:
+                    if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+                        total += repeats * matmul_flops(getattr(sub, "jaxpr", sub))
+        return total
+
+    model_cfg = ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=1, patch_size=4, num_classes=10)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: PixelFlow(model_cfg, rngs=nnx.Rngs(0))))  # shapes only
+    forward = lambda p, x: nnx.merge(graphdef, p)(x, np.ones(1, np.float32), class_labels=np.zeros(1, np.int32))
+    traced = [matmul_flops(jax.make_jaxpr(forward)(params, jax.ShapeDtypeStruct((1, size, size, 3), np.float32)).jaxpr)
+              for size in (32, 64)]
+    assert train_flops_per_image(model_cfg, 64, 2) == pytest.approx(3 * np.mean(traced), rel=1e-2)
 
 
 def test_stage_batches_refuse_a_batch_the_stages_do_not_divide():
