@@ -350,6 +350,8 @@ def test_each_image_draws_a_stage_and_any_of_the_timestep_indexes():
     counts = np.bincount(np.asarray(draws.timestep_index), minlength=8)
     assert len(counts) == 8 and counts.min() > 0.75 * 512 and counts.max() < 1.25 * 512, counts  # 0..7, evenly
     assert list(np.bincount(np.asarray(draws.stage_of_image))) == [1024] * NUM_STAGES  # B / S of each stage
+    # in shuffled order: a batch position has no stage of its own (as arange % S would give it)
+    assert 0.2 < np.mean(np.asarray(draws.stage_of_image) == np.arange(4096) % NUM_STAGES) < 0.3
     # N(0, 1) noise (not scaled, not uniform) at each stage's resolution, from a key of each stage's
     # own: with one key for all, a smaller stage's noise is a copy of the larger one's first values.
     noise = [np.asarray(n, np.float64) for n in draws.noise]
@@ -521,7 +523,10 @@ def test_a_non_finite_step_changes_only_its_counters_and_the_next_good_step_rese
         for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(state[key])):
             np.testing.assert_array_equal(a, np.asarray(b), err_msg=key)
 
+    skipped = state
     state, metrics = step(state, *float_demo_batch(0))
+    # The step donates the state it returned (an XL model's weights, EMA and moments do not fit twice).
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(skipped))
     assert int(metrics["bad_steps_in_a_row"]) == 0
     assert (int(state["step"]), int(state["skipped_steps"]), int(state["bad_steps_in_a_row"])) == (5, 1, 0)
     stage_losses = [float(metrics[f"loss_stage{s}"]) for s in range(NUM_STAGES)]
