@@ -280,6 +280,19 @@ def test_gradient_clipping_and_pixel_scaling_use_torchs_float_steps():
     np.testing.assert_array_equal(np.asarray(jax.jit(images_to_unit_range)(pixels)), expected.numpy())
 
 
+def test_float_images_enter_the_batch_as_float32_of_the_same_values():
+    """Float images are taken to be in [-1, 1] already; a float16 or bfloat16 batch becomes float32
+    (kept, the pyramid's box means would be rounded to its 11 or 8 bits)."""
+    from pixelflow_jax.training.flow import images_to_unit_range
+
+    values = np.linspace(-1, 1, 48).reshape(1, 4, 4, 3)
+    for dtype in (np.float16, jax.numpy.bfloat16, np.float32):
+        images = np.asarray(values, dtype)
+        unit = images_to_unit_range(images)
+        assert unit.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(unit), images.astype(np.float32))
+
+
 def test_learning_rate_schedules():
     assert learning_rate(StepConfig(lr=3e-4)) == 3e-4  # the release's constant rate: no step count in the state
     cosine = learning_rate(StepConfig(lr=2.0, lr_schedule="cosine", warmup_steps=10, decay_steps=110))
