@@ -516,6 +516,12 @@ def test_a_new_train_state_starts_at_step_0_with_its_ema_a_copy_of_the_weights()
     assert int(state["step"]) == int(state["skipped_steps"]) == int(state["bad_steps_in_a_row"]) == 0
     np.testing.assert_array_equal(np.asarray(state["rng"]), np.asarray(jax.random.key_data(training_root_key(3))))
 
+    # The step donates its state: the weights given (a model's own arrays) and the EMA must be arrays
+    # of their own. Donated whole, as a step does, the state frees none of the weights given.
+    weights = jax.tree.map(jax.numpy.asarray, params)
+    jax.jit(lambda state: jax.tree.map(lambda a: a + 1, state), donate_argnums=0)(state_from_params(weights, tx, 3))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(weights))
+
 
 def test_a_non_finite_step_changes_only_its_counters_and_the_next_good_step_resets_the_run(single_device):
     """A NaN pixel makes the loss and gradients NaN: weights, EMA, optimiser state (its moments and
