@@ -329,13 +329,17 @@ def test_nan_batch_is_skipped_and_counted_and_loss_falls(single_device):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def test_a_step_that_would_make_weights_non_finite_is_skipped(single_device):
+@pytest.mark.parametrize("first_moment,second_moment", [(np.inf, 0.0), (1e22, 1.0)])
+def test_a_step_that_would_make_weights_non_finite_is_skipped(single_device, first_moment, second_moment):
     """Finite loss and gradients but a non-finite update (what a huge learning rate or a corrupt
-    moment gives; here Adam's first moment is inf): the step changes nothing but the counters."""
+    moment gives; here Adam's first moment is inf), or finite weights of ~3e18 (a first moment of
+    1e22 over a second one of 1), whose squares overflow float32's norm where their EMA's, 1e-4 of
+    them, do not: the step changes nothing but the counters."""
     state, step = single_device
     state = jax.tree.map(lambda x: x.copy(), state)
-    mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
-    state["opt_state"] = optax.tree_utils.tree_set(state["opt_state"], mu=jax.tree.map(lambda m: m + np.inf, mu))
+    moments = {name: jax.tree.map(lambda m: m * 0 + value, optax.tree_utils.tree_get(state["opt_state"], name))
+               for name, value in (("mu", first_moment), ("nu", second_moment))}
+    state["opt_state"] = optax.tree_utils.tree_set(state["opt_state"], **moments)
     before = jax.tree.map(np.asarray, state["params"])
     state, metrics = step(state, *float_demo_batch(0))
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
