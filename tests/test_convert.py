@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from flax import traverse_util
 
 from conftest import REPO, c2i_config, fixture_dir, run_converter, t2i_config
 from pixelflow_jax import load_model
@@ -52,6 +53,107 @@ def test_round_trip_reproduces_every_tensor(converted, tmp_path, name):
     assert exported_config["data"]["resolution"] == release_config["data"]["resolution"]
     for key in ("num_train_timesteps", "num_stages"):
         assert exported_config["scheduler"][key] == release_config["scheduler"][key]
+
+
+# torch key, index there -> NNX path, index there: one weight of each layout rule (a Linear's
+# transpose, the patch embedding's (ph, pw, c) rows, the layer axis, an embedding table and a norm
+# left as they are).
+ONE_WEIGHT_EACH = {
+    ("patch_embed.proj.weight", (9, 2, 1, 3)): (("patch_embed", "proj", "kernel"), ((1 * 4 + 3) * 3 + 2, 9)),
+    ("transformer_blocks.1.mlp.fc1.weight", (100, 7)): (("transformer_blocks", "mlp", "fc1", "kernel"), (1, 7, 100)),
+    ("transformer_blocks.0.attn1.q_proj.weight", (3, 5)): (("transformer_blocks", "attn1", "q_proj", "kernel"),
+                                                           (0, 5, 3)),
+    ("class_embedder.embedding_table.weight", (1000, 4)): (("class_embedder", "embedding_table", "embedding"),
+                                                           (1000, 4)),
+    ("transformer_blocks.1.norm3.weight", (6,)): (("transformer_blocks", "norm3", "weight"), (1, 6)),
+    ("proj_out_2.bias", (47,)): (("proj_out_2", "bias"), (47,)),
+}
+
+
+def test_each_weight_lands_where_the_other_side_reads_it_in_either_direction():
+    """A round trip passes a mapping that is wrong the same way both ways (a square kernel left
+    untransposed, a patch's rows and columns swapped, the layers reversed): one marked weight of
+    each layout rule, read at its own place on the other side, each direction on its own."""
+    from pixelflow_jax.checkpoints.convert import param_shapes, params_to_torch, torch_to_params
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    config, state_dict = read_release_checkpoint(fixture_dir("c2i_tiny"))
+    blank_torch = {key: np.zeros_like(value) for key, value in state_dict.items()}
+    blank_params = {path: np.zeros(shape, np.float32) for path, shape in param_shapes(config.model).items()}
+    for number, ((key, at), (path, place)) in enumerate(ONE_WEIGHT_EACH.items(), 1):
+        blank_torch[key][at] = number
+        blank_params[path][place] = number
+    params = traverse_util.flatten_dict(torch_to_params(blank_torch, config.model))
+    exported = params_to_torch(traverse_util.unflatten_dict(blank_params), config.model)
+    for number, ((key, at), (path, place)) in enumerate(ONE_WEIGHT_EACH.items(), 1):
+        assert params[path][place] == number and np.count_nonzero(params[path]) == 1, (key, path)
+        assert exported[key][at] == number and np.count_nonzero(exported[key]) == 1, (path, key)
+    assert all(array.flags.c_contiguous for array in exported.values())  # as torch.save and safetensors expect
+    assert list(exported) == list(state_dict)  # the release's order
+
+
+def test_a_conversion_reports_its_progress_in_tensors_and_gives_the_parameter_dtype_asked_for():
+    """Progress counts the state dict's tensors up to all of them (a bar of 49 tensors, not of the
+    32 stacked parameters); the parameters come in the config's param_dtype."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from pixelflow_jax.checkpoints.convert import torch_to_params
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    config, state_dict = read_release_checkpoint(fixture_dir("c2i_tiny"))
+    reports = []
+    model = dataclasses.replace(config.model, param_dtype="bfloat16")
+    params = traverse_util.flatten_dict(torch_to_params(state_dict, model, progress=lambda *r: reports.append(r)))
+    assert reports[-1] == (49, 49) and {total for _, total in reports} == {49}
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+    assert {leaf.dtype for leaf in params.values()} == {jnp.dtype(jnp.bfloat16)}
+    kernel = params[("transformer_blocks", "mlp", "fc1", "kernel")][1]
+    np.testing.assert_array_equal(kernel, state_dict["transformer_blocks.1.mlp.fc1.weight"].T.astype(jnp.bfloat16))
+
+
+def test_the_parameters_given_for_an_export_are_checked_against_the_architecture():
+    """params_to_torch names every missing, extra or mis-shaped parameter (dropped, a KeyError, an
+    extra ignored without a word, or a reshape error), as torch_to_params names those of a state dict."""
+    from pixelflow_jax.checkpoints.convert import (ConversionError, param_shapes, params_to_torch,
+                                                   torch_to_params)
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    config, state_dict = read_release_checkpoint(fixture_dir("c2i_tiny"))
+    params = {path: np.zeros(shape, np.float32) for path, shape in param_shapes(config.model).items()}
+    changes = [
+        (lambda p: p.pop(("proj_out_2", "bias")), r"missing keys .*\(1\):\n    proj_out_2\.bias$"),
+        (lambda p: p.update({("pos_embed", "freqs"): np.zeros(3)}), r"unexpected keys .*\(1\):\n    pos_embed\.freqs$"),
+        (lambda p: p.update({("proj_out_1", "kernel"): np.zeros((32, 63))}),
+         r"shape mismatches .*\(1\):\n    proj_out_1\.kernel: \(32, 63\) vs \(32, 64\)$"),
+    ]
+    for change, message in changes:
+        changed = dict(params)
+        change(changed)
+        with pytest.raises(ConversionError, match=message):
+            params_to_torch(traverse_util.unflatten_dict(changed), config.model)
+    for key, shape, message in (("proj_out_2.bias", (47,), r"proj_out_2\.bias: \(47,\) vs \(48,\)"),
+                                ("transformer_blocks.1.norm3.weight", (31,),
+                                 r"transformer_blocks\.1\.norm3\.weight: \(31,\) vs \(32,\)")):
+        with pytest.raises(ConversionError, match=r"shape mismatches .*\(1\):\n    " + message + "$"):
+            torch_to_params({**state_dict, key: np.zeros(shape, np.float32)}, config.model)
+
+
+def test_an_export_lists_the_tensors_in_the_releases_order_past_ten_layers_and_with_cross_attention():
+    """The release registers layer 10 after layer 9 (as its 28-layer models save them), not after
+    layer 1 as the keys sort as text; a text model's attn2 comes between norm2 and norm3."""
+    from pixelflow_jax.checkpoints.convert import param_shapes, params_to_torch, torch_to_params
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    model = ModelConfig.from_mapping(dict(num_attention_heads=1, attention_head_dim=8, depth=11, patch_size=2,
+                                          in_channels=3, out_channels=3, num_classes=2))
+    params = {path: np.zeros(shape, np.float32) for path, shape in param_shapes(model).items()}
+    layers = [int(key.split(".")[1]) for key in params_to_torch(traverse_util.unflatten_dict(params), model)
+              if key.startswith("transformer_blocks.")]
+    assert layers == sorted(layers) and layers[-1] == 10
+    config, state_dict = read_release_checkpoint(fixture_dir("t2i_tiny"))
+    assert list(params_to_torch(torch_to_params(state_dict, config.model), config.model)) == list(state_dict)
 
 
 def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
@@ -101,10 +203,26 @@ def test_a_damaged_tensor_that_the_architecture_is_read_from_is_named():
     state = {key: tensor.numpy() for key, tensor in release_state_dict().items()}
     assert infer_architecture(state, 16)["out_channels"] == 3
     for key, shape in (("patch_embed.proj.weight", (32, 48)), ("patch_embed.proj.weight", (32, 3, 4, 2)),
+                       ("patch_embed.proj.weight", (32, 3, 0, 0)),
                        ("proj_out_2.weight", (5, 5)), ("proj_out_2.weight", (0, 32)), ("proj_out_2.weight", (48,))):
         with pytest.raises(ConversionError, match=rf"{re.escape(key)} has shape {re.escape(str(shape))}, where a "
                                                   r"PixelFlow checkpoint"):
             infer_architecture({**state, key: np.zeros(shape, np.float32)}, 16)
+
+
+def test_the_architecture_read_from_tensor_shapes():
+    """Every value infer_architecture reads, for a class model, a text model and one without biases."""
+    from pixelflow_jax.checkpoints.convert import infer_architecture
+
+    state = lambda name: {key: value.numpy() for key, value in release_state_dict(name).items()}
+
+    common = dict(num_attention_heads=4, attention_head_dim=8, depth=2, patch_size=4, in_channels=3, out_channels=3)
+    assert infer_architecture(state("c2i_tiny"), 8) == dict(**common, num_classes=1000, attention_bias=True,
+                                                             cross_attention_dim=0)
+    assert infer_architecture(state("t2i_tiny"), 8) == dict(**common, num_classes=0, attention_bias=True,
+                                                             cross_attention_dim=20)
+    unbiased = {key: value for key, value in state("c2i_tiny").items() if not re.search(r"attn1\.\w_proj\.bias", key)}
+    assert infer_architecture(unbiased, 8)["attention_bias"] is False
 
 
 def test_a_release_folders_model_pt_named_alone_is_described_by_the_folders_config_yaml(tmp_path):
