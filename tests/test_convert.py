@@ -328,6 +328,24 @@ def test_a_release_folder_holding_a_train_checkpoint_reads_the_weights_asked_for
         read_checkpoint(resolve_checkpoint(fixture_dir("c2i_tiny")), "model")
 
 
+def test_a_train_checkpoint_without_the_weights_asked_for_or_a_head_dim_against_the_config_is_named():
+    """A train.py checkpoint without the set asked for names the one it has (not a KeyError), and a
+    tensor named 'model' is no such checkpoint; --attention_head_dim against the config.yaml is named
+    (the config.yaml's value was taken without a word)."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import extract_state_dict, read_release_checkpoint
+
+    weights = release_state_dict()
+    with pytest.raises(CheckpointError, match=r"w.pt is a training checkpoint without 'ema' weights; it has "
+                                              r"\['model', 'opt'\]: pass --weights=model"):
+        extract_state_dict({"model": weights, "opt": {}}, "w.pt")
+    one = {"model": torch.zeros(2)}  # a tensor named model, not train.py's dict of weights
+    assert list(extract_state_dict(one, "w.pt")) == ["model"]
+    with pytest.raises(CheckpointError, match=r"--attention_head_dim=8 disagrees with .*config.yaml "
+                                              r"\(attention_head_dim: 16\)"):
+        read_release_checkpoint(fixture_dir("c2i_tiny"), attention_head_dim=8)
+
+
 def test_the_demo_page_names_the_raw_weights_of_a_train_checkpoint_in_a_release_folder(tmp_path):
     """A release folder holding a train.py checkpoint has two sets, as a run does: served for
     'model', the page says so (a converted folder's one set is served without a claim)."""
@@ -537,6 +555,27 @@ def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
     assert "weights_only" not in str(error.value)
 
 
+def test_a_torch_file_that_is_missing_or_a_folder_is_named_so(tmp_path):
+    """Not 'cannot read ... (truncated or not a checkpoint?)', which sends the user looking for damage."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import load_torch_file
+
+    for path, message in ((tmp_path / "none.pt", "none.pt does not exist$"), (tmp_path, "is not a file$")):
+        with pytest.raises(CheckpointError, match=message):
+            load_torch_file(str(path))
+
+
+def test_a_state_dict_in_torchs_legacy_format_is_read_whole(tmp_path):
+    """PyTorch before 1.6 saved no zip archive, which torch.load cannot memory-map: such a file is
+    read whole (with mmap it was 'mmap can only be used with files saved with ...')."""
+    from pixelflow_jax.checkpoints.torch_io import load_torch_file
+
+    weights = release_state_dict()
+    torch.save(weights, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    loaded = load_torch_file(str(tmp_path / "legacy.pt"))
+    assert list(loaded) == list(weights) and all(torch.equal(loaded[k], v) for k, v in weights.items())
+
+
 def test_a_damaged_file_of_the_hub_cache_says_which_file_to_remove(tmp_path, monkeypatch):
     """A rerun reads the cached bytes again: the error must say how to have them downloaded anew."""
     from huggingface_hub import constants
@@ -583,6 +622,25 @@ def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_a
     blocks = {k: v for k, v in weights.items() if k.startswith("transformer_blocks.")}
     # one root, the model's: its keys are listed later
     assert sorted(extract_state_dict(blocks, "w.pt")) == sorted(blocks)
+
+
+def test_a_wrappers_prefix_is_removed_only_from_keys_that_all_carry_it_and_as_often_as_it_nests():
+    """torch.compile of a DistributedDataParallel model saves '_orig_mod.module.' before every key
+    (each removed); a prefix on some keys only, a state dict of several roots or keys without a
+    module are left as they are, for the conversion to name what does not fit; keys that are not
+    names are refused (an AttributeError traceback)."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import extract_state_dict
+
+    weights = release_state_dict()
+    nested = {f"_orig_mod.module.{k}": v for k, v in weights.items()}
+    assert list(extract_state_dict(nested, "w.pt")) == list(weights)
+    one = torch.zeros(2)
+    for kept in ({"module.x": one, "patch_embed.proj.bias": one}, {"encoder.x": one, "decoder.y": one},
+                 {"weight": one}):
+        assert list(extract_state_dict(kept, "w.pt")) == list(kept)
+    with pytest.raises(CheckpointError, match=r"w.pt holds no PixelFlow state dict"):
+        extract_state_dict({0: one}, "w.pt")
 
 
 def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, converted):
@@ -905,6 +963,32 @@ def test_a_release_config_yaml_that_is_cut_short_or_holds_other_values_is_named(
     config, state_dict = read_release_checkpoint(fixture_dir("c2i_tiny"))
     bf16 = jax.tree.map(lambda a: np.asarray(a, jnp.bfloat16), torch_to_params(state_dict, config.model))
     assert {a.dtype for a in params_to_torch(bf16, config.model).values()} == {np.dtype(np.float32)}  # the release's
+
+
+def test_a_release_config_yaml_of_another_model_or_with_dropout_is_refused_and_its_defaults_read(tmp_path):
+    """model.params as the release reads them: dropout 0 (as released) read and dropped, another
+    value refused; another target refused; cross_attention_dim null read as no text; true for a
+    number refused (bool is an int in Python)."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml
+
+    release = yaml.safe_load(open(os.path.join(fixture_dir("c2i_tiny"), "config.yaml")))
+
+    def read(edit):
+        values = yaml.safe_load(yaml.safe_dump(release))
+        edit(values)
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+        return config_from_release_yaml(str(tmp_path / "config.yaml"))[0]
+
+    assert read(lambda v: v["model"]["params"].update(dropout=0.0, cross_attention_dim=None)) == {
+        **release["model"]["params"], "cross_attention_dim": None}
+    for edit, message in ((lambda v: v["model"]["params"].update(dropout=0.1), "sets model dropout"),
+                          (lambda v: v["model"].update(target="pixelflow.model.Other"),
+                           "describes pixelflow.model.Other, not pixelflow.model.PixelFlowModel"),
+                          (lambda v: v["model"]["params"].update(depth=True),
+                           "model.params.depth must be a whole number, got True")):
+        with pytest.raises(CheckpointError, match=message):
+            read(edit)
 
 
 def test_a_release_folders_model_pt_named_alone_is_not_written_beside(tmp_path):
