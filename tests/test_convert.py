@@ -504,6 +504,9 @@ def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(
     yaml.safe_dump(config, open(tmp_path / "config.yaml", "w"))
     assert config_from_release_yaml(str(tmp_path / "config.yaml"))[0]["num_classes"] == 0
     params = config["model"]["params"]
+    with caplog.at_level("WARNING"):  # a text model has no classes, and is not unconditional
+        release_config({**params, "num_classes": 0}, {"resolution": 64}, None, "w.pt", None)
+    assert "unconditional" not in caplog.text
     with caplog.at_level("WARNING"):  # and without cross-attention: a model nothing here samples or trains
         release_config({**params, "num_classes": 0, "cross_attention_dim": None}, {"resolution": 64}, None, "w.pt",
                        None)
@@ -530,7 +533,10 @@ def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(
     with caplog.at_level("WARNING"):
         unwrapped = extract_state_dict(wrapped, "w.pt")
     assert sorted(unwrapped) == sorted(weights) and "are float64, rounded to the float32" in caplog.text
-    assert all((unwrapped[k] == v.numpy()).all() for k, v in weights.items())
+    assert all((unwrapped[k] == v.numpy()).all() and unwrapped[k].dtype == np.float32 for k, v in weights.items())
+    halved = extract_state_dict({k: v.bfloat16() for k, v in weights.items()}, "w.pt")  # widened exactly
+    assert all((halved[k] == v.bfloat16().float().numpy()).all() and halved[k].dtype == np.float32
+               for k, v in weights.items())
     key = "transformer_blocks.1.attn1.q_proj.weight"
     for change, message in [(lambda v: v.int(), f"w.pt: {key} hold torch.int32 values, not weights"),
                             (lambda v: v * float("nan"), f"w.pt: {key} hold NaN or inf values")]:
@@ -554,6 +560,19 @@ def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
         load_torch_file(str(tmp_path / "scripted.pt"))
     assert "weights_only" not in str(error.value)
 
+
+def test_a_config_yaml_of_another_project_with_a_model_section_beside_model_pt_is_not_used(tmp_path, caplog):
+    """Another project's config.yaml may have a model: section too; without model.params it does
+    not describe the weights beside it (taken for the release's, it was refused: 'has no model.params')."""
+    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+
+    shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), tmp_path / "model.pt")
+    (tmp_path / "config.yaml").write_text("model:\n  name: resnet50\n")
+    with caplog.at_level("WARNING"):
+        config, _ = read_release_checkpoint(str(tmp_path / "model.pt"), attention_head_dim=16,
+                                            overrides={"resolution": 64})
+    assert config.model.depth == 2 and "config.yaml is not a release config.yaml (no model.params): not used" in \
+        caplog.text
 
 def test_a_torch_file_that_is_missing_or_a_folder_is_named_so(tmp_path):
     """Not 'cannot read ... (truncated or not a checkpoint?)', which sends the user looking for damage."""
@@ -609,9 +628,9 @@ def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_a
     weights = release_state_dict()
     assert RELEASE_KEY_ROOTS == {k.split(".")[0] for name in ("c2i_tiny", "t2i_tiny")
                                  for k in release_state_dict(name)}
-    lightning = {"epoch": 3, "state_dict": {f"model.{k}": v for k, v in weights.items()}}
-    with pytest.raises(CheckpointError, match=r"^w.pt holds no PixelFlow state dict \(.*\); its keys are epoch, "
-                                              r"state_dict: the weights are likely its 'state_dict': "
+    lightning = {"callbacks": {}, "epoch": 3, "state_dict": {f"model.{k}": v for k, v in weights.items()}}
+    with pytest.raises(CheckpointError, match=r"^w.pt holds no PixelFlow state dict \(.*\); its keys are callbacks, "
+                                              r"epoch, state_dict: the weights are likely its 'state_dict': "
                                               r"torch.save\(checkpoint\['state_dict'\], 'weights.pt'\)"):
         extract_state_dict(lightning, "w.pt")
     with pytest.raises(CheckpointError, match=r"^w.pt: every key starts with 'model.', which no PixelFlow weight does "
@@ -619,6 +638,8 @@ def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_a
         extract_state_dict(lightning["state_dict"], "w.pt")
     with pytest.raises(CheckpointError, match=r"holds no PixelFlow state dict .*; it holds list$"):
         extract_state_dict([1], "w.pt")
+    with pytest.raises(CheckpointError, match=r"holds no PixelFlow state dict .*; it holds dict \(empty\)$"):
+        extract_state_dict({}, "w.pt")
     blocks = {k: v for k, v in weights.items() if k.startswith("transformer_blocks.")}
     # one root, the model's: its keys are listed later
     assert sorted(extract_state_dict(blocks, "w.pt")) == sorted(blocks)
