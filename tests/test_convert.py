@@ -1,6 +1,7 @@
 """convert_torch_ckpt.py end to end: round trips, the accepted input formats, and every error path."""
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -95,8 +96,6 @@ def test_each_weight_lands_where_the_other_side_reads_it_in_either_direction():
 def test_a_conversion_reports_its_progress_in_tensors_and_gives_the_parameter_dtype_asked_for():
     """Progress counts the state dict's tensors up to all of them (a bar of 49 tensors, not of the
     32 stacked parameters); the parameters come in the config's param_dtype."""
-    import dataclasses
-
     import jax.numpy as jnp
 
     from pixelflow_jax.checkpoints.convert import torch_to_params
@@ -1027,9 +1026,13 @@ def test_an_exported_config_yaml_holds_the_releases_model_scheduler_and_resoluti
     from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint, release_yaml
 
     release = yaml.safe_load(open(os.path.join(fixture_dir(name), "config.yaml")))
-    exported = release_yaml(read_release_checkpoint(fixture_dir(name))[0])
+    config = read_release_checkpoint(fixture_dir(name))[0]
+    exported = release_yaml(config)
     assert exported["model"] == release["model"] and exported["scheduler"] == release["scheduler"]
-    assert exported["data"] == {"resolution": release["data"]["resolution"]}
+    assert exported["data"] == {"resolution": release["data"]["resolution"]} and "train" not in exported
+    if config.model.cross_attention_dim:  # how a text run encoded its captions, which sampling repeats
+        recorded = dataclasses.replace(config, max_text_tokens=128, text_encoder_dtype="bfloat16")
+        assert release_yaml(recorded)["train"] == {"max_text_tokens": 128, "text_encoder_dtype": "bfloat16"}
 
 
 def test_the_export_of_a_text_run_names_the_t5_it_leaves_out(tmp_path):
