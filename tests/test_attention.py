@@ -40,12 +40,44 @@ def test_all_padding_row_attends_to_all_keys_like_the_release():
     np.testing.assert_allclose(out, reference_attention(q, k, v), atol=1e-2)
 
 
+def test_xla_takes_bfloat16_with_float32_logits_and_softmax_and_returns_bfloat16():
+    """Peaked attention (q scaled by 3): bf16 logits put ~3x the error of the float32 ones into the
+    weights. Both matmuls accumulate in float32, the second on bf16 weights (as the kernels do)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 16, 2, 32)) * scale, jnp.bfloat16) for scale in (3, 1, 1))
+    out = dot_product_attention(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, reference_attention(q, k, v)) <= 4e-3  # 2.2e-3; bf16 logits 6.3e-3
+    jaxpr = jax.make_jaxpr(lambda q: dot_product_attention(q, k, v))(q).jaxpr
+    matmuls = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    assert [str(eqn.params["preferred_element_type"]) for eqn in matmuls] == ["float32"] * 2
+    assert all(x.aval.dtype == jnp.bfloat16 for eqn in matmuls for x in eqn.invars)
+
+
+def test_a_masked_key_gets_no_weight_even_200_above_the_real_keys():
+    """The release's bias is large enough to mask a key far above the others (a bias of -100 is not)."""
+    q = np.zeros((1, 1, 1, 4), np.float32)
+    q[..., 0] = 40.0
+    k = np.zeros((1, 3, 1, 4), np.float32)
+    k[0, 0, 0, 0] = 10.0  # logit 40 * 10 / sqrt(4) = 200
+    v = np.arange(12, dtype=np.float32).reshape(1, 3, 1, 4)
+    mask = np.array([[0, 1, 1]], np.float32)
+    out = np.asarray(dot_product_attention(q, k, v, key_mask=mask))
+    np.testing.assert_allclose(out, reference_attention(q, k, v, mask), atol=1e-6)
+    np.testing.assert_allclose(out[0, 0, 0], (v[0, 1, 0] + v[0, 2, 0]) / 2)
+
+
 def test_bad_arguments():
     q = np.zeros((1, 4, 2, 8), np.float32)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         dot_product_attention(q, q, q, backend="flash")
     with pytest.raises(ValueError, match="key_mask must have shape"):
         dot_product_attention(q, q, q, key_mask=np.ones((1, 3)))
+    for k, v in ((q, q[:, :3]), (np.zeros((2, 4, 2, 8)),) * 2, (q[:, :, :1],) * 2, (q[..., :4],) * 2):
+        with pytest.raises(ValueError, match=r"attention expects q \(B, Lq, H, D\) and k, v \(B, Lk, H, D\)"):
+            dot_product_attention(q, k, v)
+    with pytest.raises(ValueError, match="attention expects q"):
+        dot_product_attention(q[0], q[0], q[0])
 
 
 # ---------------------------------------------------------------------------- kernels vs xla
