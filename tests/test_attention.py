@@ -1,6 +1,7 @@
 """The attention function against a float64 numpy reference, and every kernel against 'xla'."""
 
 import contextlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -226,7 +227,8 @@ def test_splash_lowers_to_mosaic_for_tpu():
 def test_auto_is_splash_on_tpu_cudnn_for_bf16_on_gpu(monkeypatch):
     for platform, dtype, expected in (("tpu", jnp.bfloat16, "splash"), ("tpu", jnp.float32, "splash"),
                                       ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float32, "xla"),
-                                      ("cpu", jnp.bfloat16, "xla")):
+                                      ("gpu", jnp.float16, "cudnn"), ("cpu", jnp.bfloat16, "xla"),
+                                      ("metal", jnp.bfloat16, "xla")):  # a platform without an entry: XLA
         monkeypatch.setattr(jax, "default_backend", lambda: platform)
         assert resolve_backend("auto", dtype) == expected, (platform, dtype)
 
@@ -256,7 +258,7 @@ def test_compiling_for_a_gpu_on_a_cpu_chooses_the_gpu_backends():
 def test_cudnn_for_float32_is_refused_when_resolved_not_at_the_first_call(monkeypatch):
     """main.py and load_model resolve the backend before any work: cuDNN takes no float32."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert resolve_backend("cudnn", jnp.bfloat16) == "cudnn"
+    assert resolve_backend("cudnn", jnp.bfloat16) == resolve_backend("cudnn", jnp.float16) == "cudnn"
     with pytest.raises(ValueError, match=r"'cudnn' takes bfloat16 or float16 inputs, and this model computes in "
                                          r"float32: compute in bfloat16, or use 'auto' \(XLA for float32\)"):
         resolve_backend("cudnn", jnp.float32)
@@ -283,6 +285,20 @@ def test_splash_treats_an_all_padding_row_as_the_release_does():
     q, k, v, _ = random_qkv(2, 128, 128, head_dim=16)
     with pytest.raises(ValueError, match="multiples of 128, got 100 queries and 77 keys"):
         splash_attention(q[:, :100], k[:, :77], v[:, :77], None, interpret=True)
+
+
+def test_splash_takes_multiples_of_128_in_the_largest_block_dividing_them_and_pads_heads_to_128s():
+    """Both lengths must be multiples of 128 (else XLA); blocks of 512, 256 or 128 must divide the
+    length; the head is padded to the next multiple of 128, not beyond."""
+    from pixelflow_jax.kernels import splash_attention as splash
+
+    assert splash.supports(256, 128) and not splash.supports(128, 64) and not splash.supports(64, 128)
+    assert [splash._block(n) for n in (128, 256, 384, 512, 640, 1024, 4096)] == [128, 256, 128, 512, 128, 512, 512]
+    for head_dim, padded in ((72, 128), (128, 128), (200, 256)):
+        q = jax.ShapeDtypeStruct((1, 128, 1, head_dim), jnp.float32)
+        jaxpr = jax.make_jaxpr(lambda q: splash.splash_attention(q, q, q, None))(q).jaxpr
+        calls = [eqn for eqn, _ in kernel_equations(jaxpr) if eqn.primitive.name == "pallas_call"]
+        assert calls and all(x.aval.shape[-1] == padded for eqn in calls for x in eqn.invars[-3:]), head_dim
 
 
 def test_cudnn_takes_what_jax_checks_let_through_and_auto_runs_xla_for_the_rest(monkeypatch):
@@ -321,6 +337,22 @@ def test_cudnn_takes_what_jax_checks_let_through_and_auto_runs_xla_for_the_rest(
         expected = dot_product_attention(q, keys, keys, key_mask=key_mask, backend="xla")
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
     assert len(calls) == 1
+    monkeypatch.setitem(attention.BACKENDS, "cudnn", lambda *args: calls.append(args) or args[0])
+    dot_product_attention(q, k, k, key_mask=text_mask, backend="cudnn")  # asked for by name: cuDNN, with the mask
+    assert len(calls) == 2
+
+
+def test_cudnn_refuses_head_dims_over_its_limit_for_the_gpu_and_odd_query_lengths(monkeypatch):
+    from pixelflow_jax.kernels.attention import cudnn_refuses
+
+    shape = lambda length, head_dim: jax.ShapeDtypeStruct((1, length, 2, head_dim), jnp.bfloat16)
+    assert cudnn_refuses(shape(16, 128), shape(16, 128)) is None  # no GPU to ask: the pre-Hopper limit
+    assert "up to 128, got 136" in cudnn_refuses(shape(16, 136), shape(16, 136))
+    assert "even lengths, got 15 queries and 16 keys" in cudnn_refuses(shape(15, 8), shape(16, 8))
+    for capability, limit in (("9.0", 256), ("8.9", 128)):  # Hopper; Ada
+        monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability=capability)])
+        assert cudnn_refuses(shape(16, limit), shape(16, limit)) is None
+        assert f"up to {limit}, got {limit + 8}" in cudnn_refuses(shape(16, limit + 8), shape(16, limit + 8))
 
 
 def test_head_dim_chunks_are_powers_of_two_of_at_least_16():
@@ -342,7 +374,19 @@ def test_hardware_kernels_are_refused_on_cpu_with_the_alternatives():
     for backend, hardware in (("cudnn", "gpu"), ("pallas_gpu", "gpu"), ("splash", "tpu")):
         with pytest.raises(ValueError, match=f"'{backend}' runs on {hardware}.*platform is cpu: use 'auto' or 'xla'"):
             dot_product_attention(q, q, q, backend=backend)
+    with interpret_kernels(), pytest.raises(ValueError, match="'cudnn' runs on gpu"):  # interprets Pallas only
+        dot_product_attention(q, q, q, backend="cudnn")
     assert resolve_backend("auto", jnp.bfloat16) == "xla"
+
+
+def test_each_kernel_is_refused_on_the_other_accelerator(monkeypatch):
+    from pixelflow_jax.kernels.attention import check_platform
+
+    for platform, refused in (("gpu", ("splash",)), ("tpu", ("cudnn", "pallas_gpu"))):
+        monkeypatch.setattr(jax, "default_backend", lambda: platform)
+        for backend in refused:
+            with pytest.raises(ValueError, match=f"'{backend}' runs on .*platform is {platform}: use 'auto' or 'xla'"):
+                check_platform(backend)
 
 
 def test_model_config_accepts_exactly_the_backends():
