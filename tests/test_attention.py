@@ -404,6 +404,42 @@ def test_pallas_gpu_treats_an_all_padding_row_as_the_release_does():
     assert_an_all_padding_row_as_xla("pallas_gpu", 32)
 
 
+def reference_attention_and_grads(q, k, v, key_mask, d_out):
+    """reference_attention with its vjp for the cotangent d_out, in float64."""
+    q, k, v, d_out = (np.asarray(a, np.float64) for a in (q, k, v, d_out))
+    scale = 1 / np.sqrt(q.shape[-1])
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale + ((1.0 - key_mask) * -10000.0)[:, None, None, :]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = np.einsum("bqhd,bkhd->bhqk", d_out, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    grads = (np.einsum("bhqk,bkhd->bqhd", ds, k) * scale, np.einsum("bhqk,bqhd->bkhd", ds, q) * scale,
+             np.einsum("bhqk,bqhd->bkhd", p, d_out))
+    return np.einsum("bhqk,bkhd->bqhd", p, v), grads
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 2e-6), (jnp.bfloat16, 5e-3)])
+def test_pallas_gpu_matches_float64_with_caption_padding_filling_the_last_key_blocks(dtype, tolerance):
+    """80 keys in five 16-key blocks, the last three (example 0) or one (example 1) all padding, as
+    a padded caption's are; peaked attention (q scaled by 3); head_dim 24 = 16 + 16 (8 real).
+    Measured: 4e-7 in float32, 3.4e-3 in bf16 (the inputs' own rounding excluded: the reference
+    takes the bf16 values)."""
+    from pixelflow_jax.kernels.pallas_gpu_attention import flash_attention
+
+    rng = np.random.default_rng(0)
+    shape = lambda length: (2, length, 1, 24)
+    q = jnp.asarray(rng.standard_normal(shape(32)) * 3, dtype)
+    k, v = (jnp.asarray(rng.standard_normal(shape(80)), dtype) for _ in range(2))
+    d_out = jnp.asarray(rng.standard_normal(shape(32)), dtype)
+    mask = np.ones((2, 80), np.float32)
+    mask[0, 32:], mask[1, 64:] = 0.0, 0.0
+    out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, jnp.asarray(mask), interpret=True), q, k, v)
+    expected, expected_grads = reference_attention_and_grads(q, k, v, mask, d_out)
+    assert relative_error(out, expected) <= tolerance
+    for g, e in zip(vjp(d_out), expected_grads):
+        assert relative_error(g, e) <= tolerance
+
+
 def test_pallas_gpu_sends_lengths_off_the_16_grid_to_xla_and_blocks_divide_lengths():
     """Triton takes no tile under 16 (e.g. 6 text keys): such attention must run XLA, not the
     kernel; the blocks are the largest powers of two <= the preferred size that divide a length."""
@@ -454,6 +490,33 @@ def test_pallas_gpu_kernels_mask_the_columns_past_head_dim_and_run_float32_matmu
         assert any(v.aval.dtype == jnp.bool_ for v in eqn.invars[1:]), eqn
     matmuls = [eqn for eqn in kernel if eqn.primitive.name == "dot_general"]
     assert matmuls and all(eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for eqn in matmuls)
+
+
+def test_pallas_gpu_runs_bf16_matmuls_into_float32_with_float32_statistics():
+    """For bf16 inputs every matmul of the three kernels takes bf16 operands (p and dS cast, as
+    flash attention does: float32 ones run slower and more precisely, so the float64 test cannot
+    tell) and accumulates in float32; the bias, lse and delta = rowsum(dO * O) are float32 (a bf16
+    delta moved the float64 test's error by only 3.4e-3 -> 3.9e-3)."""
+    from pixelflow_jax.kernels.pallas_gpu_attention import flash_attention
+
+    def grads(q, k, v, mask):
+        return jax.grad(lambda q, k, v: flash_attention(q, k, v, mask).astype(jnp.float32).sum(),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    q = jax.ShapeDtypeStruct((1, 64, 2, 72), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(grads)(q, q, q, jax.ShapeDtypeStruct((1, 64), jnp.float32)).jaxpr
+    equations = list(kernel_equations(jaxpr))
+    calls = {eqn.params["name"]: eqn for eqn, _ in equations if eqn.primitive.name == "pallas_call"}
+    dtypes = lambda variables: [jnp.dtype(x.aval.dtype).name for x in variables]
+    backward_inputs = ["bfloat16"] * 3 + ["float32", "bfloat16", "float32", "float32"]  # q k v bias dO lse delta
+    assert dtypes(calls["pixelflow_flash_forward"].invars) == ["bfloat16"] * 3 + ["float32"]
+    assert dtypes(calls["pixelflow_flash_forward"].outvars) == ["bfloat16", "float32"]
+    assert dtypes(calls["pixelflow_flash_backward_dkdv"].invars) == backward_inputs
+    assert dtypes(calls["pixelflow_flash_backward_dq"].invars) == backward_inputs
+    matmuls = [eqn for eqn, inside in equations if inside and eqn.primitive.name == "dot_general"]
+    assert len(matmuls) == 2 * 2 + 4 * 2 + 3 * 2  # per chunk: q k^T, p v; q k^T, dO v^T, p^T dO, dS^T q; + dS k
+    for eqn in matmuls:
+        assert dtypes(eqn.invars) == ["bfloat16"] * 2 and eqn.params["preferred_element_type"] == jnp.float32
 
 
 def test_pallas_kernels_run_interpreted_only_inside_interpret_kernels(monkeypatch):
