@@ -356,12 +356,15 @@ def test_cudnn_refuses_head_dims_over_its_limit_for_the_gpu_and_odd_query_length
 
 
 def test_head_dim_chunks_are_powers_of_two_of_at_least_16():
-    from pixelflow_jax.kernels.pallas_gpu_attention import head_chunks
+    from pixelflow_jax.kernels.pallas_gpu_attention import _padded_dim, head_chunks
 
     assert head_chunks(72) == ((0, 64, 64), (64, 16, 8))
     assert head_chunks(64) == ((0, 64, 64),)
     assert head_chunks(8) == ((0, 16, 8),)
     assert head_chunks(100) == ((0, 64, 64), (64, 32, 32), (96, 16, 4))
+    # The kernels' block covers every chunk: a 16-wide one for 8 columns too (interpret mode and
+    # the Triton lowering both take a chunk wider than its block).
+    assert [_padded_dim(d) for d in (8, 16, 72, 100, 128)] == [16, 16, 128, 128, 128]
 
 
 def relative_error(a, b):
