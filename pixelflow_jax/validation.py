@@ -12,6 +12,7 @@ import importlib
 import math
 import numbers
 import os
+import reprlib
 
 import numpy as np
 
@@ -92,8 +93,7 @@ def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) 
     if array.ndim != 1:
         got = f"shape {array.shape}" if array.dtype != object and array.ndim else f"{type(values).__name__} {values!r}"
         raise ConfigError(f"{name} must be a 1-D list of class ids, got {got[:200]}: pass a list or a 1-D array")
-    if array.dtype == object:  # Python numbers in an object array (a pandas column's to_numpy()) are numbers
-        array = np.asarray(array.tolist())
+    array = numbers_read(array)
     if array.dtype.kind not in "iuf" or array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = entries_at(array, ~np.isfinite(array)) if array.dtype.kind == "f" else non_numbers(values, array)
         raise ConfigError(f"{name} must be whole class ids, got {bad}")
@@ -116,8 +116,7 @@ def image_ids(values, count: int) -> np.ndarray:
     if array.shape != (count,):
         got = f"shape {array.shape}" if array.dtype != object or array.ndim else f"{type(values).__name__} {values!r}"
         raise ConfigError(f"image_ids must give one id per image ({count}) as a list or a 1-D array, got {got[:200]}")
-    if array.dtype == object:
-        array = np.asarray(array.tolist())
+    array = numbers_read(array)
     if array.dtype.kind not in "iuf":
         raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {non_numbers(values, array)}")
     with np.errstate(invalid="ignore"):  # NaN compares False: refused as not whole
@@ -127,20 +126,29 @@ def image_ids(values, count: int) -> np.ndarray:
     return array.astype(np.int32)
 
 
+def numbers_read(array: np.ndarray) -> np.ndarray:
+    """A 1-D object array (a pandas column's to_numpy()) as numpy reads its entries where each is one
+    number: its Python ints as int64. Lists inside it stay entries, no second dimension."""
+    if array.dtype != object or not all(isinstance(v, numbers.Number) for v in array.tolist()):
+        return array
+    return np.asarray(array.tolist())
+
+
 def non_numbers(values, array: np.ndarray) -> str:
-    """entries_at of the entries of 1-D `values` (read as `array`) that are not real numbers, as
-    given: numpy reads [1, '2'] as the strings '1' and '2'. Bools are no ids either."""
+    """entries_at of the entries of 1-D `values` (read as `array`) that numpy reads as no int or
+    float, as given: numpy reads [1, '2'] as the strings '1' and '2'. Bools are no ids either, nor
+    an int past int64 or a Fraction."""
     entries = array if array.dtype.kind == "b" else np.fromiter(values, dtype=object, count=len(array))
-    numeric = [isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in entries.tolist()]
+    numeric = [isinstance(v, numbers.Number) and np.asarray(v).dtype.kind in "iuf" for v in entries.tolist()]
     return entries_at(entries, ~np.array(numeric, bool))
 
 
 def entries_at(array: np.ndarray, bad: np.ndarray) -> str:
     """The first five entries `bad` marks, with their indices, and how many there are in a long
-    list: a message that names the problem, not a list of 100,000 labels."""
+    list, each cut short: a message that names the problem, not a list of 100,000 labels."""
     where = np.flatnonzero(bad)
-    shown = ", ".join(f"{array[i].item() if isinstance(array[i], np.generic) else array[i]!r} at index {i}"
-                      for i in where[:5])
+    entry = [array[i].item() if isinstance(array[i], np.generic) else array[i] for i in where[:5]]
+    shown = ", ".join(f"{reprlib.repr(v)} at index {i}" for v, i in zip(entry, where))
     return shown + (f" ({len(where)} of {len(array)} entries)" if len(array) > 5 else "")
 
 

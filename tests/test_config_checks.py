@@ -231,6 +231,34 @@ def test_a_long_list_of_ids_is_refused_naming_its_bad_entries_alone():
         image_ids([0, 1, 2, 3, 4, -1, 2**31], 7)
 
 
+def test_ids_numpy_cannot_read_as_numbers_are_named_cut_short_and_lists_inside_an_object_array_are_no_ids():
+    """An int past int64, a Fraction or a lone list of ids in an object array were read as numbers:
+    the refusal named nothing ('got '), or 2-D ids were returned, or numpy's ValueError on ragged
+    lists came out; a 1 MB string or a list of 100,000 prompts was printed whole."""
+    from fractions import Fraction
+
+    from pixelflow_jax.text.prompts import prompt_list
+    from pixelflow_jax.validation import class_ids, image_ids
+
+    with pytest.raises(ConfigError, match=r"got 1180591620717411303424 at index 1$"):
+        class_ids("labels", [1, 2**70], 10)
+    with pytest.raises(ConfigError, match=r"got Fraction\(1, 2\) at index 0$"):
+        image_ids([Fraction(1, 2)], 1)
+    for lists in ([[1, 2], [3, 4]], [[1, 2], [3]]):
+        ids = np.empty(2, object)
+        ids[0], ids[1] = lists
+        with pytest.raises(ConfigError, match=r"got \[1, 2\] at index 0, \[3(, 4)?\] at index 1$"):
+            class_ids("labels", ids, 10)
+        with pytest.raises(ConfigError, match=r"got \[1, 2\] at index 0, \[3(, 4)?\] at index 1$"):
+            image_ids(ids, 2)
+    with pytest.raises(ConfigError) as error:
+        class_ids("labels", [1, "x" * 10**6], 10)
+    assert len(str(error.value)) < 200 and "at index 1" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        prompt_list(["a cat", ["a dog"] * 100_000])
+    assert len(str(error.value)) < 200 and "at index 1" in str(error.value)
+
+
 def test_image_ids_given_as_a_generator_are_named_so():
     """A generator of ids was refused as 'got shape ()', which names neither it nor the fix."""
     from pixelflow_jax.validation import image_ids
