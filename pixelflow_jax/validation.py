@@ -8,7 +8,7 @@ check_text_training)."""
 from __future__ import annotations
 
 import copy
-import importlib
+import importlib.util
 import math
 import numbers
 import os
@@ -534,8 +534,8 @@ def check_not_a_worker_importing_the_script(mode: str) -> None:
 def check_fields(config) -> None:
     """A job's config is a ConfigDict with the fields of configs/c2i.py or configs/t2i.py and no
     other, as main.py checks its --config: from Python, config.sample.num_imags = 8 (ConfigDict adds
-    a misspelt field) was silently unused. Where this checkout's configs/ cannot be imported (an
-    installed package run elsewhere), there are no fields to compare with."""
+    a misspelt field) was silently unused. Where this checkout's configs/ is not what `configs`
+    imports (an installed package run elsewhere), there are no fields to compare with."""
     import ml_collections
 
     from pixelflow_jax.cli.config_file import check_config_fields
@@ -543,11 +543,23 @@ def check_fields(config) -> None:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config must be an ml_collections.ConfigDict, as configs.c2i.get_config() returns, got a "
                           f"{type(config).__name__}: ml_collections.ConfigDict(values) makes one")
-    try:
-        importlib.import_module("configs.c2i")  # the fields the modes read
-    except ImportError:
-        return
-    check_config_fields(config, "the config")
+    if checkout_configs_imported():
+        check_config_fields(config, "the config")
+
+
+def checkout_configs_imported() -> bool:
+    """Whether `configs.c2i` and `configs.t2i` import as this checkout's files: not where the package
+    is installed without them, nor where a notebook's own configs/ package shadows them."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("c2i", "t2i"):
+        try:
+            spec = importlib.util.find_spec(f"configs.{name}")
+        except (ImportError, ValueError):  # no configs package; one in sys.modules without a spec
+            return False
+        if not (spec and spec.origin) or os.path.realpath(spec.origin) != os.path.join(
+                os.path.realpath(checkout), "configs", f"{name}.py"):
+            return False
+    return True
 
 
 def job_workdir(workdir, name: str = "workdir") -> str:

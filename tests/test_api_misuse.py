@@ -688,3 +688,23 @@ def test_a_job_called_again_by_a_data_worker_importing_an_unguarded_script_names
                                                          '`if __name__ == "__main__":`')):
             job(c2i_config(), str(tmp_path / "run"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_users_own_configs_package_beside_a_notebook_is_not_taken_for_this_checkouts(tmp_path, monkeypatch):
+    """A notebook's folder with a configs/ package of its own (its c2i.py copied from this one's, as
+    the README advises, and no t2i.py) shadowed this checkout's: each job failed on "cannot import
+    name 't2i' from 'configs'", where only this checkout's configs/ lists the fields to compare with."""
+    from pixelflow_jax import validation
+
+    config = c2i_config()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "__init__.py").write_text("")
+    shutil.copy(os.path.join(REPO, "configs", "c2i.py"), tmp_path / "configs" / "c2i.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("configs", "configs.c2i", "configs.t2i"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert validation.job_config(config, "sample").to_dict() == config.to_dict()
+    monkeypatch.undo()  # this checkout's configs/ again: a misspelt field is named
+    config.sample.num_imags = 8
+    with pytest.raises(ConfigError, match=re.escape("sample.num_imags (meant sample.num_images?)")):
+        validation.job_config(config, "sample")
