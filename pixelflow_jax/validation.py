@@ -91,8 +91,8 @@ def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) 
     for config values and for concrete arrays at the Python API (labels, class_labels)."""
     array = np.asarray(values)
     if array.ndim != 1:
-        got = f"shape {array.shape}" if array.dtype != object and array.ndim else f"{type(values).__name__} {values!r}"
-        raise ConfigError(f"{name} must be a 1-D list of class ids, got {got[:200]}: pass a list or a 1-D array")
+        raise ConfigError(f"{name} must be a 1-D list of class ids, got {given_as(values, array)}: pass a list or a "
+                          "1-D array")
     array = numbers_read(array)
     if array.dtype.kind not in "iuf" or array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = entries_at(array, ~np.isfinite(array)) if array.dtype.kind == "f" else non_numbers(values, array)
@@ -114,8 +114,8 @@ def image_ids(values, count: int) -> np.ndarray:
     noise, so a truncated 0.5 would silently repeat image 0)."""
     array = np.asarray(values)
     if array.shape != (count,):
-        got = f"shape {array.shape}" if array.dtype != object or array.ndim else f"{type(values).__name__} {values!r}"
-        raise ConfigError(f"image_ids must give one id per image ({count}) as a list or a 1-D array, got {got[:200]}")
+        raise ConfigError(f"image_ids must give one id per image ({count}) as a list or a 1-D array, got "
+                          f"{given_as(values, array)}")
     array = numbers_read(array)
     if array.dtype.kind not in "iuf":
         raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {non_numbers(values, array)}")
@@ -124,6 +124,11 @@ def image_ids(values, count: int) -> np.ndarray:
     if not np.all(usable):
         raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {entries_at(array, ~usable)}")
     return array.astype(np.int32)
+
+
+def given_as(values, array: np.ndarray) -> str:
+    """Ids given as no 1-D list: an array's shape; a number or a generator by its type and value."""
+    return f"shape {array.shape}" if array.ndim else f"{type(values).__name__} {reprlib.repr(values)}"
 
 
 def numbers_read(array: np.ndarray) -> np.ndarray:

@@ -269,6 +269,9 @@ def test_image_ids_given_as_a_generator_are_named_so():
     with pytest.raises(ConfigError, match=r"^image_ids must give one id per image \(2\) as a list or a 1-D array, "
                                           r"got shape \(3,\)$"):
         image_ids([0, 1, 2], 2)
+    with pytest.raises(ConfigError, match=r"^image_ids must give one id per image \(1\) as a list or a 1-D array, "
+                                          r"got int 7$"):  # was 'got shape ()', as for the generator
+        image_ids(7, 1)
     assert image_ids(range(2), 2).tolist() == [0, 1]
 
 
