@@ -330,7 +330,7 @@ def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main
     for given in ("~/other.npz", pathlib.Path("~/other.npz")):
         evaluate.run(c2i_config(**paths), "~/evals", samples=given)
         assert evaluated[-1][0] == str(tmp_path / "home" / "other.npz")
-    with pytest.raises(storage.StorageError, match=r"^samples: expected a path \(a string or os.PathLike\), got "
+    with pytest.raises(ConfigError, match=r"^samples: expected a path \(a string or os.PathLike\), got "
                                                    r"b'other.npz'"):  # was "'bytes' object has no attribute 'seek'"
         evaluate.run(c2i_config(**paths), "~/evals", samples=b"other.npz")
 
