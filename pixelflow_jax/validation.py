@@ -89,7 +89,7 @@ def seed(name: str, value, where: str = "--config.") -> int:
 def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) -> np.ndarray:
     """Whole class ids in [0, num_classes) ([0, num_classes] with the null class), as int64;
     for config values and for concrete arrays at the Python API (labels, class_labels)."""
-    array = np.asarray(values)
+    array = ids_array(name, values)
     if array.ndim != 1:
         raise ConfigError(f"{name} must be a 1-D list of class ids, got {given_as(values, array)}: pass a list or a "
                           "1-D array")
@@ -112,7 +112,7 @@ def class_ids(name: str, values, num_classes: int, *, allow_null: bool = False) 
 def image_ids(values, count: int) -> np.ndarray:
     """The Python API's image_ids: one whole, non-negative id per image (an id picks the image's
     noise, so a truncated 0.5 would silently repeat image 0)."""
-    array = np.asarray(values)
+    array = ids_array("image_ids", values)
     if array.shape != (count,):
         raise ConfigError(f"image_ids must give one id per image ({count}) as a list or a 1-D array, got "
                           f"{given_as(values, array)}")
@@ -124,6 +124,21 @@ def image_ids(values, count: int) -> np.ndarray:
     if not np.all(usable):
         raise ConfigError(f"image_ids must be whole numbers in [0, 2**31), got {entries_at(array, ~usable)}")
     return array.astype(np.int32)
+
+
+def ids_array(name: str, values) -> np.ndarray:
+    """`values` as numpy reads them, refusing what it would read wrong or not at all: lists of
+    different lengths (numpy's own error names no setting), and a bool among numbers, which
+    [1, True] would turn into the id 1."""
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        raise ConfigError(f"{name} must be a 1-D list of ids, got lists of different lengths: pass a list or a "
+                          "1-D array") from None
+    if (array.ndim == 1 and array.dtype.kind in "iuf" and isinstance(values, (list, tuple))
+            and any(isinstance(v, (bool, np.bool_)) for v in values)):
+        raise ConfigError(f"{name} must be whole ids, got {non_numbers(values, array)}")
+    return array
 
 
 def given_as(values, array: np.ndarray) -> str:

@@ -259,6 +259,22 @@ def test_ids_numpy_cannot_read_as_numbers_are_named_cut_short_and_lists_inside_a
     assert len(str(error.value)) < 200 and "at index 1" in str(error.value)
 
 
+def test_ragged_lists_of_ids_and_a_bool_among_numbers_are_named():
+    """A plain list of lists of different lengths came out as numpy's own ValueError ('inhomogeneous
+    shape'), naming no setting; [1, True] was read as the ids [1, 1]."""
+    from pixelflow_jax.validation import class_ids, image_ids
+
+    with pytest.raises(ConfigError, match=r"^labels must be a 1-D list of ids, got lists of different lengths: pass"):
+        class_ids("labels", [[1, 2], [3]], 10)
+    with pytest.raises(ConfigError, match=r"^image_ids must be a 1-D list of ids, got lists of different lengths"):
+        image_ids([[0], [1, 2]], 2)
+    with pytest.raises(ConfigError, match=r"^labels must be whole ids, got True at index 1$"):
+        class_ids("labels", [1, True], 10)
+    with pytest.raises(ConfigError, match=r"^image_ids must be whole ids, got True at index 1$"):
+        image_ids((0, np.True_), 2)
+    assert class_ids("labels", [1, np.int64(2)], 10).tolist() == [1, 2]
+
+
 def test_image_ids_given_as_a_generator_are_named_so():
     """A generator of ids was refused as 'got shape ()', which names neither it nor the fix."""
     from pixelflow_jax.validation import image_ids
