@@ -552,10 +552,11 @@ def check_not_a_worker_importing_the_script(mode: str) -> None:
 
 
 def check_fields(config) -> None:
-    """A job's config is a ConfigDict with the fields of configs/c2i.py or configs/t2i.py and no
-    other, as main.py checks its --config: from Python, config.sample.num_imags = 8 (ConfigDict adds
-    a misspelt field) was silently unused. Where this checkout's configs/ is not what `configs`
-    imports (an installed package run elsewhere), there are no fields to compare with."""
+    """A job's config is a ConfigDict with no field that configs/c2i.py or configs/t2i.py lacks, as
+    main.py checks its --config: from Python, config.sample.num_imags = 8 (ConfigDict adds a
+    misspelt field) was silently unused. It may lack fields (an evaluation's config of its eval
+    section alone). Where this checkout's configs/ is not what `configs` imports (an installed
+    package run elsewhere), there are no fields to compare with."""
     import ml_collections
 
     from pixelflow_jax.cli.config_file import check_config_fields
@@ -564,7 +565,7 @@ def check_fields(config) -> None:
         raise ConfigError(f"config must be an ml_collections.ConfigDict, as configs.c2i.get_config() returns, got a "
                           f"{type(config).__name__}: ml_collections.ConfigDict(values) makes one")
     if checkout_configs_imported():
-        check_config_fields(config, "the config")
+        check_config_fields(config, "the config", every_field=False)
 
 
 def checkout_configs_imported() -> bool:

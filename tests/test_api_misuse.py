@@ -10,11 +10,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO, c2i_config, fixture_dir, free_port
-from pixelflow_jax import CheckpointError, load_model, storage
+from pixelflow_jax import CheckpointError, load_model, storage, validation
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.validation import ConfigError
 
@@ -664,6 +665,13 @@ def test_a_job_started_from_python_names_a_misspelt_field_or_a_config_of_another
                                                         "configs.c2i.get_config() returns, got a dict")):
             job(c2i_config().to_dict(), str(tmp_path / "job"))
     assert os.listdir(tmp_path) == []
+    # A config of just what its job reads (an evaluation's eval section) lacks fields, and is no misspelling.
+    partial = ml_collections.ConfigDict(dict(eval=dict(c2i_config().eval)))
+    partial.eval.samples_typo = "x.npz"
+    with pytest.raises(ConfigError, match=re.escape("no mode reads: eval.samples_typo (meant eval.samples?)")):
+        validation.check_fields(partial)
+    del partial.eval["samples_typo"]
+    validation.check_fields(partial)
 
 
 def test_a_job_called_again_by_a_data_worker_importing_an_unguarded_script_names_the_guard(tmp_path, monkeypatch):

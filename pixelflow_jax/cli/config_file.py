@@ -96,10 +96,11 @@ def config_fields(config) -> set[str]:
     return fields
 
 
-def check_config_fields(config, config_file: str) -> None:
+def check_config_fields(config, config_file: str, every_field: bool = True) -> None:
     """A config file of a user's has the fields of this project's config of its kind (the text
     config where it has a text setting), and no other: a missing one ended in a traceback deep
-    inside a mode, and one no mode reads (a typo in the file) would be silently unused."""
+    inside a mode, and one no mode reads (a typo in the file) would be silently unused.
+    every_field=False: only the second (a config built in Python may hold just what its job reads)."""
     import difflib
 
     import ml_collections
@@ -115,7 +116,7 @@ def check_config_fields(config, config_file: str) -> None:
     kind = "configs/t2i.py" if fields & text_only else "configs/c2i.py"
     absent = kinds[kind] - fields
     # A missing section is named, not its fields too.
-    if missing := sorted(f for f in absent if f.rsplit(".", 1)[0] not in absent or "." not in f):
+    if every_field and (missing := sorted(f for f in absent if f.rsplit(".", 1)[0] not in absent or "." not in f)):
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ConfigError(f"{config_file} lacks {shown}: fields of {kind} that the modes read; {WHAT_A_CONFIG_FILE_IS}")
     if unused := sorted(fields - kinds[kind]):
