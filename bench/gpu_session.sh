@@ -49,7 +49,7 @@ if [ "$DRY_RUN" = 1 ]; then  # the same steps at sizes a 2-core CPU runs in a fe
   LIMIT_SCALE=4  # the limits are the GPU's; a busy 2-core CPU interprets the kernels far slower
   ATTENTION=(--interpret --heads=2 --iters=1) SHAPES=2x256 SWEEP_SHAPES=2x256 SWEEP=(--sweep --sweep_count=2)
   BACKENDS=xla,pallas_gpu FAST=xla PALLAS=xla  # cudnn and compiled Pallas need a GPU
-  TRAIN=(--preset=tiny --batch=8 --remat=dots_attention --steps=2)
+  TRAIN=(--preset=tiny --batch=8 --steps=2)  # no remat: tests/test_remat.py checks the policies
   SAMPLE=(--preset=tiny --batch=4 --steps=3 --repeats=1)
 else
   ATTENTION=(--iters=10) SHAPES=8x4096,32x1024,128x256 SWEEP_SHAPES=8x4096,32x1024 SWEEP=(--sweep)  # where tiles matter most
