@@ -500,16 +500,22 @@ def user_path(flag: str, value: str, *, hub_allowed: bool = False) -> str:
     return path
 
 
+def setting_path(flag: str, value, *, hub_allowed: bool = False) -> str:
+    """user_path for a path setting (a config field, or a job function's argument in its place): its
+    refusal is a ConfigError, as the other settings' are."""
+    try:
+        return user_path(flag, value, hub_allowed=hub_allowed)
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
 def expand_paths(config) -> None:
-    """Each path field of the config through user_path, before any work."""
+    """Each path field of the config through setting_path, before any work."""
     for field in PATH_FIELDS:
         section, name = field.split(".")
         if section in config and name in config[section] and config[section][name]:
-            try:
-                config[section][name] = user_path(f"--config.{field}", config[section][name],
-                                                  hub_allowed=field in HUB_FIELDS)
-            except storage.StorageError as e:
-                raise ConfigError(str(e)) from None
+            config[section][name] = setting_path(f"--config.{field}", config[section][name],
+                                                 hub_allowed=field in HUB_FIELDS)
 
 
 CHECKS = {"train": (check_architecture, check_data, check_train), "sample": (check_sample,), "eval": (check_eval,),

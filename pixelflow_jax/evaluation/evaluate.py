@@ -767,10 +767,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     config, workdir = validation.job_config(config, "eval"), validation.job_workdir(workdir)
     e = config.eval
     if samples:  # as the config's paths are: `~` expanded, a bytes path or a URL of another scheme a ConfigError
-        try:
-            samples = validation.user_path("samples", samples)
-        except storage.StorageError as e:
-            raise validation.ConfigError(str(e)) from None
+        samples = validation.setting_path("samples", samples)
     samples = samples_chosen_by_process_0(samples or e.samples, workdir)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
