@@ -133,6 +133,23 @@ def test_a_caption_named_in_another_case_than_its_image_is_pointed_out(tmp_path,
     assert "2 of them have a caption file whose name differs from the image's only in case" in caplog.text
 
 
+def test_a_caption_named_in_another_unicode_form_than_its_image_is_pointed_out(tmp_path):
+    """café.jpg written by macOS (é as e + accent, NFD) beside café.txt written by a script (one
+    character, NFC): two names here that show alike, and the image was said to have no caption."""
+    import unicodedata
+
+    write_image(tmp_path / f"{unicodedata.normalize('NFD', 'café')}.png", 0)
+    (tmp_path / f"{unicodedata.normalize('NFC', 'café')}.txt").write_text("a red disk")
+    write_image(tmp_path / "dog.png", 0)
+    (tmp_path / "dog.txt").write_text("a red disk")
+    caption = tmp_path / f"{unicodedata.normalize('NFC', 'café')}.txt"
+    with pytest.raises(DataError, match=re.escape(
+            f"1 of them have a caption file whose name differs from the image's only in its Unicode form (an accent "
+            f"written apart from its letter, as macOS writes names, or not), e.g. {caption}: rename those to the "
+            "image's name (convmv -r --nfc -f utf8 -t utf8 --notest ROOT renames a folder's names to one form)")):
+        CaptionedFolderSource(str(tmp_path))
+
+
 def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path, caplog):
     """A Hugging Face imagefolder (metadata.jsonl, as diffusers' scripts read) or NAME.caption
     sidecars: every image was said to lack a caption, and the file holding them went unmentioned."""

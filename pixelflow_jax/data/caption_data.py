@@ -25,6 +25,7 @@ import collections
 import itertools
 import os
 import re
+import unicodedata
 from concurrent import futures
 from typing import NamedTuple
 
@@ -192,15 +193,32 @@ class CaptionedFolderSource:
 
 def other_case_hint(missing: list[str], captions: dict[str, str]) -> str:
     """Where images lack captions: those whose caption file's name differs only in case (IMG_1.JPG
-    beside img_1.txt), one name on macOS's and Windows' file systems, where such a folder was made;
-    '' where there are none."""
-    by_lower = {name.lower(): path for name, path in captions.items()}
-    other_case = [by_lower[name.lower()] for name in (os.path.splitext(path)[0] for path in missing)
-                  if name.lower() in by_lower]
-    if not other_case:
-        return ""
-    return (f"; {len(other_case)} of them have a caption file whose name differs from the image's only in case, e.g. "
-            f"{other_case[0]} (one name on macOS and Windows, two here): rename those to the image's name")
+    beside img_1.txt), one name on macOS's and Windows' file systems, where such a folder was made,
+    or only in its Unicode form (café with é as one character or as e + accent), which shows alike
+    and is one name on macOS; '' where there are none."""
+    by_form = {unicode_form(name): path for name, path in captions.items()}
+    by_lower = {unicode_form(name).lower(): path for name, path in captions.items()}
+    other_form, other_case = [], []
+    for name in (unicode_form(os.path.splitext(path)[0]) for path in missing):
+        if name in by_form:
+            other_form.append(by_form[name])
+        elif name.lower() in by_lower:
+            other_case.append(by_lower[name.lower()])
+    hint = ""
+    if other_case:
+        hint += (f"; {len(other_case)} of them have a caption file whose name differs from the image's only in case, "
+                 f"e.g. {other_case[0]} (one name on macOS and Windows, two here): rename those to the image's name")
+    if other_form:
+        hint += (f"; {len(other_form)} of them have a caption file whose name differs from the image's only in its "
+                 "Unicode form (an accent written apart from its letter, as macOS writes names, or not), e.g. "
+                 f"{other_form[0]}: rename those to the image's name (convmv -r --nfc -f utf8 -t utf8 --notest ROOT "
+                 "renames a folder's names to one form)")
+    return hint
+
+
+def unicode_form(name: str) -> str:
+    """A file name in Unicode's composed form (NFC): é as one character, as macOS does not store it."""
+    return unicodedata.normalize("NFC", name)
 
 
 # Captions as other tools keep them, which this reader does not take: Hugging Face's imagefolder
