@@ -200,6 +200,34 @@ def test_a_table_of_captions_under_any_name_is_named_as_not_read_where_no_image_
     assert "1 of 2 images" in str(refusal.value) and "results.csv" not in str(refusal.value), refusal.value
 
 
+def test_webdataset_tar_shards_are_named_with_how_to_read_them(tmp_path):
+    """img2dataset's webdataset output (00000.tar of NAME.jpg + NAME.txt, a .parquet and _stats.json
+    beside each) was 'no captioned images', as a folder given as shards was 'no shards': neither
+    said that the captioned images are inside the archives."""
+    import tarfile
+
+    from pixelflow_jax.data.caption_data import record_shards
+
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    write_image(inside / "000000000.jpg", 0)
+    (inside / "000000000.txt").write_text("a red disk")
+    root = tmp_path / "laion"
+    root.mkdir()
+    for shard in ("00000", "00001"):
+        with tarfile.open(root / f"{shard}.tar", "w") as archive:
+            archive.add(inside, arcname=".")
+        (root / f"{shard}.parquet").write_bytes(b"PAR1")
+        (root / f"{shard}_stats.json").write_text("{}")
+    archives = re.escape(f"{root / '00000.tar'} and 1 more archive are not read (webdataset shards, as img2dataset's "
+                         "webdataset output writes, hold the images and captions): extract them into folders, e.g. "
+                         f"for f in {root}/*.tar; do mkdir ${{f%.tar}}; tar -xf $f -C ${{f%.tar}}; done")
+    with pytest.raises(DataError, match=r"no captioned images under .*; " + archives + "$"):
+        CaptionedFolderSource(str(root))
+    with pytest.raises(DataError, match=r"has no \*\.array_record shards: " + archives + ", then pack them"):
+        record_shards(str(root))
+
+
 def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
     root, _ = captioned_folder
     for name in ("lost_a", "lost_b"):

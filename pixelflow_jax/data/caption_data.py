@@ -180,8 +180,9 @@ class CaptionedFolderSource:
             shards = [path for path in files if path.endswith(RECORD_EXTENSION)]
             packed = (f"; it holds {len(shards)} ArrayRecord shards (e.g. {shards[0]}), which train with "
                       "--config.data.source=array_record" if shards else "")
+            archives = archives_hint(root, files)
             raise DataError(f"no captioned images under {root} (expected NAME.ext + NAME{CAPTION_EXTENSION} with ext "
-                            f"one of {', '.join(IMAGE_EXTENSIONS)}){packed}")
+                            f"one of {', '.join(IMAGE_EXTENSIONS)}){packed}{f'; {archives}' if archives else ''}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -248,6 +249,27 @@ def other_tools_captions_hint(root: str, files: list[str], none_captioned: bool)
             f"caption into NAME{CAPTION_EXTENSION} beside it")
 
 
+# Archives of a captioned set (webdataset's .tar shards, as img2dataset's webdataset output writes), not read.
+ARCHIVE_EXTENSIONS = {".tar": "tar -xf $f -C", ".tar.gz": "tar -xzf $f -C", ".tgz": "tar -xzf $f -C",
+                      ".zip": "unzip -q $f -d"}
+
+
+def archives_hint(root: str, files: list[str]) -> str:
+    """Where a folder holds no captioned images: the archives among `files` (full paths), named as
+    not read, with a command that extracts them beside themselves; '' where there are none."""
+    archives = [path for path in files if path.lower().endswith(tuple(ARCHIVE_EXTENSIONS))]
+    if not archives:
+        return ""
+    extension = max((e for e in ARCHIVE_EXTENSIONS if archives[0].lower().endswith(e)), key=len)  # .tar.gz, not .tar
+    more = len(archives) - 1
+    named = f"{archives[0]} and {more} more archive{'s' if more > 1 else ''} are" if more else f"{archives[0]} is"
+    where = storage.dirname(archives[0])
+    command = (f"for f in {where}/*{extension}; do mkdir ${{f%{extension}}}; {ARCHIVE_EXTENSIONS[extension]} "
+               f"${{f%{extension}}}; done" if not storage.is_url(root) else "on a local copy of them")
+    return (f"{named} not read (webdataset shards, as img2dataset's webdataset output writes, hold the images and "
+            f"captions): extract them into folders, e.g. {command}")
+
+
 def encode_record(image: bytes, caption: str, name: str = "") -> bytes:
     """A shard record: the image file's bytes, its caption and (for messages) the file's path (a
     name that is not UTF-8, as zip archives from Windows hold, with its odd bytes written as \\xe9)."""
@@ -292,7 +314,7 @@ def record_shards(root: str) -> list[str]:
         raise DataError(f"{root} has no *{RECORD_EXTENSION} shards" + (
             f": {tfds_files[0]} and the like are a TFDS build's, of class labels; a class-conditional model reads "
             "them with data.source='tfds' and data.tfds_data_dir the folder that holds the dataset's folder"
-            if tfds_files else unpacked_folder_hint(root, files)))
+            if tfds_files else archived_shards_hint(root, files) or unpacked_folder_hint(root, files)))
     sizes: dict[str, set[str]] = {}  # NAME -> the set sizes (-of-NNNNN) its shards give
     for match in filter(None, map(SHARD_NAME.fullmatch, names)):
         sizes.setdefault(match[1], set()).add(match[2])
@@ -307,6 +329,13 @@ def record_shards(root: str) -> list[str]:
             raise DataError(f"{root} lacks {len(missing)} of the {int(total)} shards of {prefix}: "
                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; {REPACK}")
     return [storage.join(root, name) for name in names]
+
+
+def archived_shards_hint(root: str, files: list[str]) -> str:
+    """For a folder without shards that holds archives (webdataset's .tar): extract, then pack."""
+    archives = archives_hint(root, [storage.join(root, name) for name in files])
+    return (f": {archives}, then pack them with python -m pixelflow_jax.data.pack_captions --folder={root} "
+            "--output=SHARDS") if archives else ""
 
 
 def unpacked_folder_hint(root: str, files: list[str]) -> str:
