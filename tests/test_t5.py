@@ -215,6 +215,35 @@ def replaced(folder: str, name: str, content: bytes) -> None:
         f.write(content)
 
 
+def test_a_diffusers_pipelines_text_encoder_is_told_where_its_tokenizer_is(t5_folder, tmp_path):
+    """A diffusers pipeline (PixArt's, SD3's) keeps T5's spiece.model in a folder beside its text
+    encoder's (tokenizer/, tokenizer_3/ beside text_encoder_3/): given either, the error was only to
+    pass 'the Hugging Face T5 folder as downloaded'."""
+    from pixelflow_jax.text.prompts import PromptEncoder
+
+    pipeline = tmp_path / "pipeline"
+    encoder = linked_copy(t5_folder, pipeline / "text_encoder_3")
+    os.remove(os.path.join(encoder, "spiece.model"))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{encoder} has no spiece.model (the T5 sentencepiece model): a diffusers pipeline's text encoder keeps "
+            f"it in its tokenizer's folder, {pipeline / 'tokenizer_3'}, which does not hold it either")):
+        PromptEncoder(encoder, max_length=8)
+    (pipeline / "tokenizer_3").mkdir()
+    os.link(os.path.join(t5_folder, "spiece.model"), pipeline / "tokenizer_3" / "spiece.model")
+    copy = f"cp {pipeline / 'tokenizer_3' / 'spiece.model'} {encoder}/"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"a diffusers pipeline's text encoder keeps it in its tokenizer's folder, {pipeline / 'tokenizer_3'}: "
+            f"copy it into the encoder's folder ({copy}) and pass that")):
+        PromptEncoder(encoder, max_length=8)
+    (pipeline / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{pipeline} has no spiece.model (the T5 sentencepiece model): it is a diffusers pipeline, not a T5 "
+            "folder: pass its T5 text encoder's folder (text_encoder_3) with its tokenizer's spiece.model copied in")):
+        PromptEncoder(str(pipeline), max_length=8)
+    os.link(os.path.join(t5_folder, "spiece.model"), os.path.join(encoder, "spiece.model"))
+    assert PromptEncoder(encoder, max_length=8).encode(["a red disk"])[0].shape[:2] == (1, 8)
+
+
 def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder, tmp_path, monkeypatch):
     """Each damage used to be a traceback of json, safetensors or sentencepiece (or, for a tokenizer
     of another model, NaN embeddings: black images and no error)."""

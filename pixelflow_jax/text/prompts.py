@@ -35,10 +35,11 @@ class T5Tokenizer:
     def __init__(self, folder: str, max_length: int = MAX_LENGTH):
         path = os.path.join(folder, TOKENIZER_FILE)
         if not os.path.isfile(path):
-            from pixelflow_jax.text.t5_convert import encoder_of_run_hint
+            from pixelflow_jax.text.t5_convert import encoder_of_run_hint, pipeline_tokenizer_hint
 
             raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (the T5 sentencepiece model): " + (
-                encoder_of_run_hint(folder) or "pass the Hugging Face T5 folder as downloaded, e.g. google/flan-t5-xl"))
+                encoder_of_run_hint(folder) or pipeline_tokenizer_hint(folder, TOKENIZER_FILE)
+                or "pass the Hugging Face T5 folder as downloaded, e.g. google/flan-t5-xl"))
         with open(path, "rb") as f:
             self._model = f.read()
         self.max_length = max_length

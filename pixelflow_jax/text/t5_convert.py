@@ -78,6 +78,40 @@ def encoder_of_run_hint(folder: str) -> str:
             f"{encoder_folder_of(folder, recorded['path'])}")
 
 
+# A diffusers pipeline's folders: its T5 text encoder (text_encoder, SD3's text_encoder_3) keeps no
+# tokenizer; that is in the folder of the same suffix, tokenizer (tokenizer_3).
+ENCODER_FOLDER, TOKENIZER_FOLDER, PIPELINE_FILE = "text_encoder", "tokenizer", "model_index.json"
+
+
+def pipeline_tokenizer_hint(folder: str, tokenizer_file: str) -> str:
+    """Where a folder without `tokenizer_file` is a diffusers pipeline or its text encoder's folder:
+    where the tokenizer is and how to make one T5 folder of the two; else ''."""
+    folder = os.path.normpath(folder)
+    name = os.path.basename(folder)
+    if name.startswith(ENCODER_FOLDER):
+        tokenizer = os.path.join(os.path.dirname(folder), TOKENIZER_FOLDER + name[len(ENCODER_FOLDER):])
+        where = f"a diffusers pipeline's text encoder keeps it in its tokenizer's folder, {tokenizer}"
+        if not os.path.isfile(os.path.join(tokenizer, tokenizer_file)):
+            return f"{where}, which does not hold it either"
+        return (f"{where}: copy it into the encoder's folder (cp {os.path.join(tokenizer, tokenizer_file)} {folder}/) "
+                "and pass that")
+    if not os.path.isfile(os.path.join(folder, PIPELINE_FILE)):
+        return ""
+    t5_encoders = [entry for entry in sorted(os.listdir(folder)) if entry.startswith(ENCODER_FOLDER) and
+                   is_t5_config(os.path.join(folder, entry, "config.json"))]
+    return (f"it is a diffusers pipeline, not a T5 folder: pass its T5 text encoder's folder "
+            f"({', '.join(t5_encoders) or 'none here'}) with its tokenizer's {tokenizer_file} copied in")
+
+
+def is_t5_config(path: str) -> bool:
+    """Whether `path` is a readable config.json of a T5 model (a pipeline's CLIP encoders are not)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("model_type") == "t5"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _read_json(path: str):
     try:
         with open(path) as f:
