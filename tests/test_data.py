@@ -1404,6 +1404,31 @@ def test_captions_lose_a_bom_and_their_extension_matches_in_any_case(tmp_path, c
 
 
 
+def test_a_caption_or_prompts_file_saved_as_windows_1252_is_named_so_with_the_command_that_converts_it(tmp_path):
+    """Scraped captions and files from older Windows tools are often Windows-1252 ("caf\xe9", curly
+    quotes as \x92): skipped as "not UTF-8 (invalid continuation byte at byte 3)", saying neither
+    what the file is nor how to convert it."""
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
+
+    saved = "a caf\xe9 at dusk, it\u2019s raining".encode("cp1252")
+    with pytest.raises(CaptionError, match=re.escape(
+            "caption is not UTF-8 (invalid continuation byte at byte 5); it reads as Windows-1252 text ('a caf\xe9 at "
+            "dusk, it\u2019s raining'): convert the file to UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8 NAME.txt > "
+            "NAME.utf8.txt, then replace NAME.txt with it")):
+        decode_caption(saved)
+    with pytest.raises(CaptionError, match=r"caption is not UTF-8 \(invalid start byte at byte 2\); re-save it as "
+                                           r"UTF-8$"):
+        decode_caption(b"ab\x81\x8d\x90 binary")  # bytes Windows-1252 leaves undefined: no guess
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red disk\na caf\xe9\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path} is not UTF-8 text (invalid continuation byte at byte 16); it reads as Windows-1252 text ('a red "
+            f"disk\\na caf\xe9\\n'): convert it, e.g. iconv -f WINDOWS-1252 -t UTF-8 {path} > prompts.utf8.txt, and "
+            "give that file")):
+        read_prompts_file(str(path))
+
+
 def test_a_caption_or_prompts_file_with_a_stray_nul_is_named_so_not_utf16(tmp_path):
     """A caption file ending in a NUL byte (a tool that padded it) was called "UTF-16LE text without
     a byte-order mark", with an iconv that turns it into CJK; so was a prompts file."""

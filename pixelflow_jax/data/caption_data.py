@@ -91,7 +91,9 @@ def decode_caption(caption: bytes | str) -> str:
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise CaptionError(f"caption is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+            legacy = windows_1252_text(caption, e.start)
+            raise CaptionError(f"caption is not UTF-8 ({e.reason} at byte {e.start}); " + (
+                f"it reads as {legacy}: {conversion(WINDOWS_1252)}" if legacy else "re-save it as UTF-8")) from None
     if encoding := unmarked_encoding(caption):
         raise CaptionError(f"caption holds NUL characters, as {encoding} text without a byte-order mark does; "
                            f"{conversion(encoding)}")
@@ -103,6 +105,23 @@ def decode_caption(caption: bytes | str) -> str:
         raise CaptionError("caption is empty, or only zero-width or control characters, which tokenize to nothing "
                            "(caption dropout already trains the empty prompt); write a caption or remove the image")
     return caption
+
+
+WINDOWS_1252 = "WINDOWS-1252"
+
+
+def windows_1252_text(data: bytes, start: int) -> str | None:
+    """Where `data`, not UTF-8, is text in Windows-1252 (older Windows tools' and many scraped
+    captions': é as one byte, a curly quote as another): the words "Windows-1252 text" and the text
+    around byte `start`, quoted; None where it holds bytes that encoding leaves undefined, or ones
+    that do not show."""
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        return None
+    if not all(character.isprintable() or character in "\t\r\n" for character in text):
+        return None
+    return f"Windows-1252 text ({text[max(0, start - 30):start + 30]!r})"
 
 
 def has_visible_text(text: str) -> bool:

@@ -141,7 +141,8 @@ def read_prompts_file(path: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file (a byte-order mark, as Windows editors write, is
     not part of the first prompt): line i is prompt i, as an editor numbers them. UTF-16 or -32
     saved without its mark reads as UTF-8 with NULs beside each letter: refused, not sampled."""
-    from pixelflow_jax.data.caption_data import marked_encoding, nul_count_words, unmarked_encoding
+    from pixelflow_jax.data.caption_data import (WINDOWS_1252, marked_encoding, nul_count_words, unmarked_encoding,
+                                                 windows_1252_text)
 
     name = f"--config.sample.prompts_file {path}"
     if not storage.isfile(path):
@@ -157,6 +158,10 @@ def read_prompts_file(path: str) -> list[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        if legacy := windows_1252_text(data, e.start):
+            raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}); it reads as {legacy}: convert "
+                             f"it, e.g. iconv -f {WINDOWS_1252} -t UTF-8 {path} > prompts.utf8.txt, and give that "
+                             "file") from None
         raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     # Lines end at \n, \r\n or \r only: str.splitlines also splits at \f, \v, \x85, U+2028 and U+2029
     # inside a line (text pasted from the web, a PDF), which would shift every later prompt's image ids.
