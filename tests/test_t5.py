@@ -220,6 +220,7 @@ def test_a_diffusers_pipelines_text_encoder_is_told_where_its_tokenizer_is(t5_fo
     encoder's (tokenizer/, tokenizer_3/ beside text_encoder_3/): given either, the error was only to
     pass 'the Hugging Face T5 folder as downloaded'."""
     from pixelflow_jax.text.prompts import PromptEncoder
+    from pixelflow_jax.text.t5_convert import read_t5_config
 
     pipeline = tmp_path / "pipeline"
     encoder = linked_copy(t5_folder, pipeline / "text_encoder_3")
@@ -240,8 +241,35 @@ def test_a_diffusers_pipelines_text_encoder_is_told_where_its_tokenizer_is(t5_fo
             f"{pipeline} has no spiece.model (the T5 sentencepiece model): it is a diffusers pipeline, not a T5 "
             "folder: pass its T5 text encoder's folder (text_encoder_3) with its tokenizer's spiece.model copied in")):
         PromptEncoder(str(pipeline), max_length=8)
+    # a run's load reads config.json first: the pipeline had "no config.json", and its CLIP encoder "not T5"
+    with pytest.raises(CheckpointError, match=re.escape(f"{pipeline} has no config.json: it is a diffusers pipeline")):
+        read_t5_config(str(pipeline))
+    clip = pipeline / "text_encoder"
+    clip.mkdir()
+    (clip / "config.json").write_text('{"model_type": "clip_text_model"}')
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{clip / 'config.json'} describes a 'clip_text_model' model, not T5: the T5 encoder of the diffusers "
+            f"pipeline {pipeline} is in text_encoder_3")):
+        read_t5_config(str(clip))
     os.link(os.path.join(t5_folder, "spiece.model"), os.path.join(encoder, "spiece.model"))
     assert PromptEncoder(encoder, max_length=8).encode(["a red disk"])[0].shape[:2] == (1, 8)
+
+
+@pytest.mark.parametrize("path,meant", [("google/t5-v1_1-xxl", "hf://google/t5-v1_1-xxl"),
+                                        ("huggingface.co/google/flan-t5-xl", "hf://google/flan-t5-xl"),
+                                        ("runs/t5", None)])
+def test_a_missing_t5_folder_that_reads_as_a_hub_repository_names_its_hf_path(path, meant, tmp_path, monkeypatch):
+    """--config.train.text_encoder=google/t5-v1_1-xxl (a Hub id, as transformers takes it) was told to
+    pass a folder 'or hf://google/flan-t5-xl', another model; a run's load made the path absolute first."""
+    from pixelflow_jax.text.prompts import local_t5_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for given in (path, str(tmp_path / path)):
+        with pytest.raises(CheckpointError) as refusal:
+            local_t5_folder(given)
+        assert (f"write {meant}" in str(refusal.value)) if meant else "if it names" not in str(refusal.value), \
+            str(refusal.value)
 
 
 def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder, tmp_path, monkeypatch):

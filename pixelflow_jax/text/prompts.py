@@ -20,10 +20,9 @@ from flax import nnx
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.config import dtype_name, matmul_precision
 from pixelflow_jax.sharding import replicate_on_local_devices
-from pixelflow_jax.text.t5_convert import load_t5_encoder, read_t5_config
+from pixelflow_jax.text.t5_convert import TOKENIZER_FILE, load_t5_encoder, read_t5_config
 
 MAX_LENGTH = 512  # the release's max_token_length
-TOKENIZER_FILE = "spiece.model"
 PAD_ID, EOS_ID = 0, 1  # T5's fixed special ids
 
 
@@ -38,7 +37,7 @@ class T5Tokenizer:
             from pixelflow_jax.text.t5_convert import encoder_of_run_hint, pipeline_tokenizer_hint
 
             raise CheckpointError(f"{folder} has no {TOKENIZER_FILE} (the T5 sentencepiece model): " + (
-                encoder_of_run_hint(folder) or pipeline_tokenizer_hint(folder, TOKENIZER_FILE)
+                encoder_of_run_hint(folder) or pipeline_tokenizer_hint(folder)
                 or "pass the Hugging Face T5 folder as downloaded, e.g. google/flan-t5-xl"))
         with open(path, "rb") as f:
             self._model = f.read()
@@ -219,9 +218,11 @@ def local_t5_folder(path: str) -> str:
         if os.path.isfile(path):
             raise CheckpointError(f"T5 folder {path} is a file: pass the folder that holds config.json, "
                                   "spiece.model and the weights")
-        if not os.path.isdir(path):
-            raise CheckpointError(f"T5 folder {path} does not exist: pass a Hugging Face T5 folder (config.json, "
-                                  "spiece.model, the weights), a gs:// copy of one, or hf://google/flan-t5-xl")
+        if not os.path.isdir(path):  # a Hub id (google/t5-v1_1-xxl) reaches here made absolute by a run's load
+            hint = hub.missing_path_hint(os.path.relpath(path)).removeprefix(": ").strip(" ()")
+            raise CheckpointError(f"T5 folder {path} does not exist: " + (hint or (
+                "pass a Hugging Face T5 folder (config.json, spiece.model, the weights), a gs:// copy of one, or "
+                "hf://google/flan-t5-xl")))
         return path
     local = storage.cache_dir("t5", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
 

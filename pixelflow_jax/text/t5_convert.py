@@ -48,13 +48,14 @@ def read_t5_config(folder: str, **runtime) -> T5Config:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no config.json: " + (encoder_of_run_hint(folder) or (
-            "pass a Hugging Face T5 model folder (e.g. a download of google/flan-t5-xl)")))
+            pipeline_hint(folder)) or "pass a Hugging Face T5 model folder (e.g. a download of "
+            "google/flan-t5-xl)"))
     hf = _read_json(path)
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a model config: download the T5 "
                               "folder again")
     if hf.get("model_type", "t5") != "t5":
-        raise CheckpointError(f"{path} describes a {hf.get('model_type')!r} model, not T5")
+        raise CheckpointError(f"{path} describes a {hf.get('model_type')!r} model, not T5{pipeline_t5_hint(folder)}")
     try:
         return T5Config.from_hf(hf, **runtime)
     except ValueError as e:
@@ -81,26 +82,47 @@ def encoder_of_run_hint(folder: str) -> str:
 # A diffusers pipeline's folders: its T5 text encoder (text_encoder, SD3's text_encoder_3) keeps no
 # tokenizer; that is in the folder of the same suffix, tokenizer (tokenizer_3).
 ENCODER_FOLDER, TOKENIZER_FOLDER, PIPELINE_FILE = "text_encoder", "tokenizer", "model_index.json"
+TOKENIZER_FILE = "spiece.model"  # T5's sentencepiece model
 
 
-def pipeline_tokenizer_hint(folder: str, tokenizer_file: str) -> str:
-    """Where a folder without `tokenizer_file` is a diffusers pipeline or its text encoder's folder:
-    where the tokenizer is and how to make one T5 folder of the two; else ''."""
+def pipeline_tokenizer_hint(folder: str) -> str:
+    """Where a folder without TOKENIZER_FILE is a diffusers pipeline's text encoder folder: where
+    the tokenizer is and how to make one T5 folder of the two; else pipeline_hint's words."""
     folder = os.path.normpath(folder)
     name = os.path.basename(folder)
-    if name.startswith(ENCODER_FOLDER):
-        tokenizer = os.path.join(os.path.dirname(folder), TOKENIZER_FOLDER + name[len(ENCODER_FOLDER):])
-        where = f"a diffusers pipeline's text encoder keeps it in its tokenizer's folder, {tokenizer}"
-        if not os.path.isfile(os.path.join(tokenizer, tokenizer_file)):
-            return f"{where}, which does not hold it either"
-        return (f"{where}: copy it into the encoder's folder (cp {os.path.join(tokenizer, tokenizer_file)} {folder}/) "
-                "and pass that")
+    if not name.startswith(ENCODER_FOLDER):
+        return pipeline_hint(folder)
+    tokenizer = os.path.join(os.path.dirname(folder), TOKENIZER_FOLDER + name[len(ENCODER_FOLDER):])
+    where = f"a diffusers pipeline's text encoder keeps it in its tokenizer's folder, {tokenizer}"
+    if not os.path.isfile(os.path.join(tokenizer, TOKENIZER_FILE)):
+        return f"{where}, which does not hold it either"
+    copy = f"cp {os.path.join(tokenizer, TOKENIZER_FILE)} {folder}/"
+    return f"{where}: copy it into the encoder's folder ({copy}) and pass that"
+
+
+def pipeline_hint(folder: str) -> str:
+    """Where `folder` is a diffusers pipeline (model_index.json): which of its folders is the T5 to pass; else ''."""
     if not os.path.isfile(os.path.join(folder, PIPELINE_FILE)):
         return ""
-    t5_encoders = [entry for entry in sorted(os.listdir(folder)) if entry.startswith(ENCODER_FOLDER) and
-                   is_t5_config(os.path.join(folder, entry, "config.json"))]
-    return (f"it is a diffusers pipeline, not a T5 folder: pass its T5 text encoder's folder "
-            f"({', '.join(t5_encoders) or 'none here'}) with its tokenizer's {tokenizer_file} copied in")
+    t5_encoders = ", ".join(pipeline_t5_folders(folder)) or "none here"
+    return (f"it is a diffusers pipeline, not a T5 folder: pass its T5 text encoder's folder ({t5_encoders}) with "
+            f"its tokenizer's {TOKENIZER_FILE} copied in")
+
+
+def pipeline_t5_folders(pipeline: str) -> list[str]:
+    """The text encoder folders of a diffusers pipeline that hold a T5 (SD3's text_encoder_3, not its CLIPs)."""
+    return [entry for entry in sorted(os.listdir(pipeline)) if entry.startswith(ENCODER_FOLDER) and
+            is_t5_config(os.path.join(pipeline, entry, "config.json"))]
+
+
+def pipeline_t5_hint(folder: str) -> str:
+    """For a text encoder folder of a diffusers pipeline that is no T5: where the pipeline's T5 is; else ''."""
+    pipeline = os.path.dirname(os.path.normpath(folder))
+    if not os.path.isfile(os.path.join(pipeline, PIPELINE_FILE)):
+        return ""
+    t5_encoders = pipeline_t5_folders(pipeline)
+    return (f": the T5 encoder of the diffusers pipeline {pipeline} is in {', '.join(t5_encoders)}" if t5_encoders
+            else f": the diffusers pipeline {pipeline} has no T5 encoder")
 
 
 def is_t5_config(path: str) -> bool:
