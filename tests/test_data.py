@@ -181,6 +181,38 @@ def test_a_class_folder_that_is_a_link_to_nothing_is_an_error_naming_it(tmp_path
     assert ImageFolderSource(str(root)).classes == ["a", "c"]
 
 
+def test_images_with_transparent_pixels_are_counted_and_the_first_named(tmp_path, caplog):
+    """The alpha channel is dropped (as torchvision's loader does), so a logo on a transparent
+    background trains as the colour stored under it, often black, while its caption may say "on a
+    white background": this happened without a word in the log."""
+    (tmp_path / "a").mkdir()
+    rgb = np.full((8, 8, 3), 200, np.uint8)
+    alpha = np.full((8, 8), 255, np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "a" / "0_opaque_rgba.png")
+    alpha[:4] = 0
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "a" / "1_logo.png")
+    Image.fromarray(np.dstack([rgb[..., 0], alpha])).convert("LA").save(tmp_path / "a" / "2_grey_alpha.png")
+    palette = Image.fromarray(rgb).convert("P")
+    palette.save(tmp_path / "a" / "3_palette.gif", transparency=palette.getpixel((0, 0)))  # its colour transparent
+    Image.fromarray(rgb).save(tmp_path / "a" / "4_plain.jpg")
+    Image.fromarray(rgb).save(tmp_path / "a" / "5_colour_key.png", transparency=(200, 200, 200))  # PNG's tRNS
+    source = ImageFolderSource(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        decoded = decoding.DecodedSource(source, 8)
+        assert [int(decoded[i]["transparent"]) for i in range(len(source))] == [0, 1, 1, 1, 0, 1]
+    named = [r.getMessage() for r in caplog.records if "transparent" in r.getMessage()]
+    assert named == [f"{tmp_path / 'a' / '1_logo.png'} has transparent pixels, which train as the colour stored "
+                     "under them (often black), as the alpha channel is dropped: flatten such images onto a "
+                     "background first where that matters (further ones are counted, not named)"], named
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        [(images, _)], loader = batches(source, 1, batch_size=6)
+        loader.close()
+    assert loader.transparent.count == 4
+    assert ("so far, 4 images drawn had transparent pixels (trained as the colour under them, the alpha channel "
+            "dropped)") in caplog.text
+
+
 def test_every_image_extension_the_readme_lists_is_read_and_decoded(tmp_path):
     """Each extension the README names, saved in the format Pillow gives it, reads as the image it holds."""
     import re

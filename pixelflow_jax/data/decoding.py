@@ -26,18 +26,39 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 def to_rgb(image: Any) -> Image.Image:
     """Encoded bytes or a pixel array -> an RGB PIL image (grey, CMYK, palette, RGBA all converted)."""
+    return rgb_of(opened(image))
+
+
+def opened(image: Any) -> Image.Image:
+    """Encoded bytes (decoded now, so that a truncated file fails here) or a pixel array as a PIL
+    image; a palette image with a transparent colour as RGBA, as PIL recommends."""
     if isinstance(image, (bytes, bytearray)):
         try:
             pil = Image.open(io.BytesIO(image))
         except UnidentifiedImageError:  # its message names a BytesIO object's address: say what it means
             raise UnidentifiedImageError("not an image (its header is no format PIL reads)") from None
-        pil.load()  # decode now, so a truncated file fails here
+        pil.load()
     else:
         array = np.asarray(image)
         pil = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
     if pil.mode == "P" and "transparency" in pil.info:
-        pil = pil.convert("RGBA")  # a transparent palette goes through RGBA, as PIL recommends
+        pil = pil.convert("RGBA")
+    return pil
+
+
+def rgb_of(pil: Image.Image) -> Image.Image:
+    """An opened image as RGB: 16-bit and float grey scaled to 8 bits, alpha dropped (not composited)."""
     return grey_to_8_bit(pil).convert("RGB")
+
+
+def has_transparent_pixels(pil: Image.Image) -> bool:
+    """Whether an opened image has pixels that are not opaque: an alpha channel below 255 somewhere,
+    or an RGB or grey image's transparent colour (PNG's tRNS). rgb_of drops that transparency."""
+    if "A" not in pil.getbands():
+        if pil.info.get("transparency") is None or pil.mode not in ("1", "L", "RGB"):
+            return False
+        pil = pil.convert("RGBA")  # applies the transparent colour as alpha
+    return pil.getchannel("A").getextrema()[0] < 255
 
 
 def grey_to_8_bit(pil: Image.Image) -> Image.Image:
@@ -110,6 +131,7 @@ class DecodedSource:
         self.resize_to = round(resolution * expand_ratio)
         self.tokenizer = tokenizer  # text.T5Tokenizer for captioned sources
         self.reported: set[int] = set()  # unreadable records this process has named (once each)
+        self.named_transparent = False  # whether this process named an image with transparent pixels
 
     def __len__(self) -> int:
         return len(self.source)
@@ -127,7 +149,9 @@ class DecodedSource:
             try:
                 record = self.source[record_index]
                 conditioning = self._conditioning(record)
-                image = cut_to_aspect_ratio(to_rgb(record["image"]))
+                pil = opened(record["image"])
+                transparent = has_transparent_pixels(pil)
+                image = cut_to_aspect_ratio(rgb_of(pil))
             except MemoryError:  # the settings' fault (a resolution too large), not a bad file's
                 raise
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
@@ -144,7 +168,14 @@ class DecodedSource:
                 pixels = adm_center_crop(image, self.resolution)
             else:
                 pixels = np.asarray(resize_shorter_side(image, self.resize_to))
-            return {"image": pixels, **conditioning, "skipped": np.int32(attempt)}
+            if transparent and not self.named_transparent:  # once per process: a logo set has thousands
+                self.named_transparent = True
+                logging.warning("%s has transparent pixels, which train as the colour stored under them (often "
+                                "black), as the alpha channel is dropped: flatten such images onto a background first "
+                                "where that matters (further ones are counted, not named)",
+                                record.get("name") or self._name(record_index))
+            return {"image": pixels, **conditioning, "skipped": np.int32(attempt),
+                    "transparent": np.int32(transparent)}
         raise DataError(f"{MAX_UNREADABLE_IN_A_ROW} records drawn in a row (from {self._name(index)} on, each "
                         f"replacing the last) are unusable (the last, {last_error}); is the dataset corrupt?")
 

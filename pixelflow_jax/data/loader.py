@@ -20,7 +20,8 @@ loader only decodes and augments. The data path, top to bottom:
      device order), from global batch `start_batch` on (a resumed run starts at its step)
   -> worker processes + prefetch
   -> ImageLoader: numpy batches (images, labels | (tokens, mask)); running counts of records
-     skipped and of captions truncated or holding text the tokenizer does not know
+     skipped, of images with transparent pixels (their alpha dropped) and of captions truncated or
+     holding text the tokenizer does not know
   -> to_global_batch: jax.Arrays sharded over the mesh's batch axes
 
 grain and TFDS are imported lazily: the model, sampler and train step do not need them.
@@ -98,7 +99,8 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
                   center_crop: bool = False, random_flip: bool = True, rows: ProcessRows | None = None,
                   start_batch: int = 0, num_workers: int = 0, prefetch_batches: int = 2, tokenizer=None):
     """The grain IterDataset of this process's rows (`rows`; default: all) of each global batch of
-    `batch_size` images: {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,)}
+    `batch_size` images: {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,),
+    'transparent': int32 (b,)}
     with b = this process's rows of a batch; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L),
     'truncated' and 'unknown_text' int32 (b,) replace 'label'. Infinite, reshuffled every epoch,
     deterministic for a seed.
@@ -201,6 +203,8 @@ class ImageLoader:
         self.truncated = RunningCount("captions drawn were longer than train.max_text_tokens and were truncated")
         self.unknown_text = RunningCount("captions drawn held text the tokenizer does not know (read as <unk>: "
                                          "emoji, or a script outside its vocabulary)")
+        self.transparent = RunningCount("images drawn had transparent pixels (trained as the colour under them, "
+                                        "the alpha channel dropped)")
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
         return self
@@ -208,6 +212,7 @@ class ImageLoader:
     def __next__(self) -> tuple[np.ndarray, Any]:
         batch = next(self.iterator)
         self.skipped.add(int(batch["skipped"].sum()))
+        self.transparent.add(int(batch["transparent"].sum()))
         if "tokens" not in batch:
             if not self.classes_checked:
                 self.note_classes(batch["label"])
