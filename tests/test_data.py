@@ -863,15 +863,15 @@ def test_a_pack_whose_third_upload_fails_counts_the_two_shards_it_wrote_and_remo
     from pixelflow_jax.data import caption_shards
 
     write_shards(tmp_path / "shards", tmp_path, count=4)  # the captioned folder
-    upload, uploaded = storage.upload_file_atomically, []
+    upload, uploaded = storage.upload_file_once, []
 
     def failing_third_upload(local, target):
         if len(uploaded) == 2:
             raise OSError("bucket gone")
-        upload(local, target)
         uploaded.append(target)
+        return upload(local, target)
 
-    monkeypatch.setattr(caption_shards.storage, "upload_file_atomically", failing_third_upload)
+    monkeypatch.setattr(caption_shards.storage, "upload_file_once", failing_third_upload)
     with pytest.raises(DataError) as error:
         caption_shards.pack(str(tmp_path / "captioned"), str(tmp_path / "again"), records_per_shard=1)
     assert str(error.value) == "OSError: bucket gone (packing stopped; the 2 shards it had written are removed)"
@@ -883,7 +883,7 @@ import os, signal, sys, time
 from pixelflow_jax import storage
 from pixelflow_jax.data import pack_captions
 
-upload, uploads, stop, where = storage.upload_file_atomically, [], getattr(signal, sys.argv[3]), sys.argv[4]
+upload, uploads, stop, where = storage.upload_file_once, [], getattr(signal, sys.argv[3]), sys.argv[4]
 
 
 class StopsInDel:  # the signal's handler runs in a __del__, where Python drops its exception
@@ -897,10 +897,10 @@ def upload_then_stop(local, path):  # a signal once two shards are uploaded
         StopsInDel() if where == "dropped" else os.kill(os.getpid(), stop)
         time.sleep(5)
     uploads.append(path)
-    upload(local, path)
+    return upload(local, path)
 
 
-storage.upload_file_atomically = upload_then_stop
+storage.upload_file_once = upload_then_stop
 sys.argv = ["pack_captions", f"--folder={sys.argv[1]}", f"--output={sys.argv[2]}", "--records_per_shard=1"]
 pack_captions.main()
 """
@@ -991,13 +991,13 @@ def test_a_pack_stages_one_shard_at_a_time_on_local_disk_and_logs_its_progress(t
     into a bucket needed the whole set's size free on the local disk."""
     from pixelflow_jax.data import caption_shards
 
-    upload, staged = storage.upload_file_atomically, []
+    upload, staged = storage.upload_file_once, []
 
     def upload_counting_the_staged(local, target):
         staged.append(len(os.listdir(os.path.dirname(local))))
-        upload(local, target)
+        return upload(local, target)
 
-    monkeypatch.setattr(caption_shards.storage, "upload_file_atomically", upload_counting_the_staged)
+    monkeypatch.setattr(caption_shards.storage, "upload_file_once", upload_counting_the_staged)
     with caplog.at_level(logging.INFO):
         write_shards(tmp_path / "shards", tmp_path, count=3)
     assert staged == [1, 1, 1]
@@ -1037,7 +1037,7 @@ def test_a_pack_that_stopped_ends_its_reads_in_flight_and_its_progress_bar_befor
 
     write_shards(tmp_path / "shards", tmp_path, count=8)  # the captioned folder
     monkeypatch.setattr(caption_shards.storage, "read_bytes", slow_read)
-    monkeypatch.setattr(caption_shards.storage, "upload_file_atomically", failing_upload)
+    monkeypatch.setattr(caption_shards.storage, "upload_file_once", failing_upload)
     monkeypatch.setattr(storage.reads, "READ_AHEAD", 4)
     monkeypatch.setattr(sys, "stderr", Terminal())
     try:

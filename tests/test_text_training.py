@@ -344,6 +344,34 @@ def test_pack_into_array_record_reads_back_the_folder_locally_and_in_a_bucket(ca
     in_bucket.close()
 
 
+def test_a_pack_never_overwrites_a_shard_another_pack_wrote_meanwhile(captioned_folder, tmp_path, bucket,
+                                                                      monkeypatch):
+    """Two packs into one output at once (the packer started on every worker of a pod, or twice by
+    hand) both passed the check for shards there, and each replaced the other's shards without a
+    word: a set mixed from two folders, or a pack's cleanup removing the other's shards."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.data import caption_shards
+
+    root, _ = captioned_folder
+    real_check = caption_shards.not_an_image
+    for output in (str(tmp_path / "shards"), f"{bucket}/shards"):
+        theirs = storage.join(output, "captions-00000-of-00003.array_record")
+
+        def another_pack_writes_first(data):  # while this pack reads its first shard's images
+            if not storage.exists(theirs):
+                storage.write_atomically(theirs, b"the other pack's shard")
+            return real_check(data)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(caption_shards, "not_an_image", another_pack_writes_first)
+            with pytest.raises(DataError, match=re.escape(
+                    f"{theirs} appeared while this pack was writing it: another pack is writing into {output}; "
+                    "let one pack write there") + r".*packing stopped; no shard had been written"):
+                caption_shards.pack(root, output, records_per_shard=3, missing_captions="skip")
+        assert storage.read_bytes(theirs) == b"the other pack's shard"  # neither replaced nor removed
+        assert [n for n in storage.list_files(output) if not n.startswith(".")] == [os.path.basename(theirs)]
+
+
 def test_a_t5_folder_in_a_bucket_is_copied_once_and_again_only_where_it_changed(encoder_folder, bucket,
                                                                                 monkeypatch):
     from pixelflow_jax import storage

@@ -82,8 +82,11 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                     # Listed before its upload, so that a stop as the upload ends cannot leave it behind.
                     written.append(storage.join(output, shard_name(len(written), planned)))
                     uploading = True
-                    storage.upload_file_atomically(local, written[-1])
+                    published = storage.upload_file_once(local, written[-1])
                     uploading = False
+                    if not published:  # another pack's: neither replaced nor removed here
+                        raise DataError(f"{written.pop()} appeared while this pack was writing it: another pack is "
+                                        f"writing into {output}; let one pack write there")
                     os.remove(local)
             if len(written) < planned:  # the names give the set's size: rename a set that came out smaller
                 for index, path in enumerate(written):

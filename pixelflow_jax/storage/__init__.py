@@ -28,8 +28,9 @@ from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed
                                                temporary_dir, writer_gone, writer_tag)
 from pixelflow_jax.storage.writes import (check_writable, create_file, create_json, file_in_the_way, history_path,
                                            makedirs, move, remove, removed_if_left_empty, rmtree,
-                                           upload_file_atomically, write_atomically, write_json_atomically,
-                                           write_json_keeping_history, write_streamed_atomically, writing)
+                                           upload_file_atomically, upload_file_once, write_atomically,
+                                           write_json_atomically, write_json_keeping_history,
+                                           write_streamed_atomically, writing)
 
 __all__ = [
     "CHECK_ACCESS", "WRITER", "StorageError", "absolute", "basename", "broken_link_words", "cache_dir", "cached_copy",
@@ -39,6 +40,6 @@ __all__ = [
     "listdir", "local_file", "make_folder", "makedirs", "move", "open_file", "process_alive", "read_bytes",
     "read_in_order", "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries",
     "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "temporary_dir", "upload_file_atomically",
-    "user_path", "write_atomically", "write_json_atomically", "write_json_keeping_history", "write_streamed_atomically",
-    "writer_gone", "writer_tag", "writing",
+    "upload_file_once", "user_path", "write_atomically", "write_json_atomically", "write_json_keeping_history",
+    "write_streamed_atomically", "writer_gone", "writer_tag", "writing",
 ]

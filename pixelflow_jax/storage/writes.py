@@ -216,6 +216,45 @@ def upload_file_atomically(local_file: str, path: str) -> None:
         write_local_atomically(path, copy)
 
 
+def upload_file_once(local_file: str, path: str) -> bool:
+    """upload_file_atomically where nothing is at `path` yet: False, and nothing written, when
+    another writer got there first (a hard link locally, a create-only upload in a bucket, as
+    create_file; on a local file system without hard links, a rename after a check)."""
+    if is_url(path):
+        def upload(_):
+            import fsspec
+
+            fs, key = fsspec.core.url_to_fs(path)
+            if fs.exists(key):
+                return False
+            try:
+                fs.put_file(local_file, key, mode="create")
+            except Exception:  # a precondition failure (412), whatever the client calls it
+                if fs.exists(key):
+                    return False
+                raise
+            return True
+
+        return on_remote(path, upload)
+
+    def copy(target):
+        with open(local_file, "rb") as source:
+            shutil.copyfileobj(source, target, 16 << 20)
+
+    try:
+        write_local_atomically(path, copy, publish=os.link)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+    if os.path.lexists(path):
+        return False
+    write_local_atomically(path, copy)
+    return True
+
+
 def remove(path: str) -> None:
     if is_url(path):
         on_remote(path, lambda p: p.unlink(missing_ok=True))
