@@ -9,9 +9,10 @@ files are read storage.reads.READ_THREADS at a time. Shards are named captions-0
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way, or is
 stopped (Ctrl-C, SIGTERM), removes the shards it wrote (and the folder it made for them); an output
 folder that already holds shards is refused (a shard another pack writes there meanwhile is never
-replaced: the pack stops), and so is a folder without one usable caption (nothing is written). Files whose header is no image's are skipped and
-counted (a pack of none is refused); each shard holds the next records_per_shard images, and a set
-that came out smaller than the captions promised is renamed to its size at the end.
+replaced: the pack stops), and so is a folder without one usable caption (nothing is written).
+Files whose header is no image's are skipped and counted (a pack of none is refused); each shard
+holds the next records_per_shard images, and a set that came out smaller than the captions
+promised is renamed to its size at the end.
 """
 
 from __future__ import annotations
