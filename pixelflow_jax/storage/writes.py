@@ -161,6 +161,11 @@ def create_file(path: str, data: bytes) -> bool:
     refuses an existing name; on a file system without hard links, some FUSE mounts, an exclusive
     create, then the write); in a bucket one create-only upload (ifGenerationMatch=0), which the
     store refuses if the object appeared since the existence check."""
+    return create_once(path, lambda f: f.write(data), lambda fs, key: fs.pipe_file(key, data, mode="create"))
+
+
+def create_once(path: str, write: Callable[[BinaryIO], Any], upload: Callable[[Any, str], Any]) -> bool:
+    """create_file's way of writing: write(file) locally, upload(fsspec file system, key) in a bucket."""
     if is_url(path):
         import fsspec
 
@@ -168,14 +173,14 @@ def create_file(path: str, data: bytes) -> bool:
         if fs.exists(key):
             return False
         try:
-            fs.pipe_file(key, data, mode="create")
+            upload(fs, key)
         except Exception:  # a precondition failure (412), whatever the client calls it
             if fs.exists(key):
                 return False
             raise
         return True
     try:
-        write_local_atomically(path, lambda f: f.write(data), publish=os.link)
+        write_local_atomically(path, write, publish=os.link)
         return True
     except FileExistsError:
         return False
@@ -188,7 +193,7 @@ def create_file(path: str, data: bytes) -> bool:
         return False
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
     except BaseException:  # not left half-written, where it would read as another writer's
         os.remove(path)
         raise
@@ -218,41 +223,15 @@ def upload_file_atomically(local_file: str, path: str) -> None:
 
 def upload_file_once(local_file: str, path: str) -> bool:
     """upload_file_atomically where nothing is at `path` yet: False, and nothing written, when
-    another writer got there first (a hard link locally, a create-only upload in a bucket, as
-    create_file; on a local file system without hard links, a rename after a check)."""
-    if is_url(path):
-        def upload(_):
-            import fsspec
-
-            fs, key = fsspec.core.url_to_fs(path)
-            if fs.exists(key):
-                return False
-            try:
-                fs.put_file(local_file, key, mode="create")
-            except Exception:  # a precondition failure (412), whatever the client calls it
-                if fs.exists(key):
-                    return False
-                raise
-            return True
-
-        return on_remote(path, upload)
-
+    another writer got there first (as create_file)."""
     def copy(target):
         with open(local_file, "rb") as source:
             shutil.copyfileobj(source, target, 16 << 20)
 
-    try:
-        write_local_atomically(path, copy, publish=os.link)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in NO_HARD_LINKS:
-            raise
-    if os.path.lexists(path):
-        return False
-    write_local_atomically(path, copy)
-    return True
+    def create() -> bool:
+        return create_once(path, copy, lambda fs, key: fs.put_file(local_file, key, mode="create"))
+
+    return on_remote(path, lambda _: create()) if is_url(path) else create()
 
 
 def remove(path: str) -> None:
