@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -181,7 +182,7 @@ def test_the_lock_is_refreshed_by_a_thread_and_a_run_whose_lock_was_taken_over_s
     rival = {"host": "elsewhere", "pid": 7, "heartbeat": time.time()}
     real_write(str(lock_file), rival)  # it judged this run gone and took over
     lock.heartbeat()
-    assert json.loads(lock_file.read_text()) == rival  # not overwritten
+    assert json.loads(lock_file.read_text()) == rival and not lock.held  # not overwritten, and no longer held
     with pytest.raises(WorkdirBusy, match="taken over by another run \\(host elsewhere, pid 7\\).*without saving"):
         lock.check_held()
     lock.release()
@@ -338,6 +339,9 @@ def test_a_lock_whose_folder_is_gone_is_a_copy_and_another_hosts_lock_is_judged_
     # A run copied off that host (tar, rsync) brings its lock: the message names the folder it was taken in.
     assert str(busy.value).endswith(f". That run works in /mnt/shared/run on its host: if this folder is a copy of "
                                     f"that one (its lock came along), delete {lock_file} and rerun")
+    lock_file.write_text(json.dumps({**other_host, "heartbeat": time.time() - stale_after_s + 10}))
+    with pytest.raises(WorkdirBusy, match="host elsewhere"):  # past two of its refreshes (30 s), not past 100 s
+        WorkdirLock(str(tmp_path), stale_after_s=stale_after_s).acquire()
     lock_file.write_text(json.dumps({**other_host, "heartbeat": time.time() - stale_after_s - 10}))
     lock = WorkdirLock(str(tmp_path), stale_after_s=stale_after_s)
     lock.acquire()
@@ -353,7 +357,9 @@ def test_a_busy_message_asks_about_a_copy_only_for_another_hosts_lock_naming_ano
     (tmp_path / "sub").mkdir()
     lock_file = tmp_path / LOCK_FILE
     live = WorkdirLock(str(tmp_path), stale_after_s=600).record  # this process: alive, this host
-    for holder in ({**live, "workdir": f"{tmp_path}/sub/.."}, {**live, "host": "elsewhere"}):
+    unrecorded = {key: value for key, value in live.items() if key != "workdir"}  # a lock that names no folder
+    for holder in ({**live, "workdir": f"{tmp_path}/sub/.."}, {**live, "host": "elsewhere"},
+                   {**unrecorded, "host": "elsewhere"}):
         lock_file.write_text(json.dumps(holder))
         with pytest.raises(WorkdirBusy) as busy:
             WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
@@ -400,6 +406,7 @@ def test_a_run_that_lost_its_lock_never_removes_the_new_owners_and_a_removed_loc
         lock.check_held(read_now=True)
     finally:
         lock.release()
+    lock.heartbeat()  # a beat after the release (the thread's last, racing it) writes no lock again
     assert not lock_file.exists()
 
 
@@ -430,3 +437,123 @@ def test_a_process_start_time_is_read_from_proc_even_when_its_name_holds_parenth
     finally:
         child.kill()
         child.wait()
+
+
+def test_proc_that_cannot_be_read_gives_no_pid_namespace_nor_start_and_a_live_pid_keeps_its_lock(tmp_path,
+                                                                                                   monkeypatch):
+    """/proc unreadable (a sandbox refuses the namespace link) or a stat line cut short: unknown,
+    not an error; a live holder of this host whose start time cannot be read now is no reused pid."""
+    import io
+
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(workdir_lock.os, "readlink", refused)
+    assert workdir_lock.pid_namespace() is None
+    for stat in ("4242 (name", "4242 (name) S 1 2"):  # no ")", too few fields
+        monkeypatch.setattr(workdir_lock, "open", lambda path, text=stat: io.StringIO(text), raising=False)
+        assert workdir_lock.process_start(4242) is None, stat
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "pid_start": 1}))
+    with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
+        WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
+
+
+def test_process_0s_outcome_decides_on_every_process(tmp_path, monkeypatch):
+    """Another process learns from process 0 that the workdir is busy or its lock was taken over,
+    though it read no lock itself (it would train on alone, or wait for the others for ever)."""
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import WorkdirBusy, WorkdirLock
+
+    monkeypatch.setattr(workdir_lock.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(workdir_lock, "from_process_0", lambda value: np.int32(1))
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    with pytest.raises(WorkdirBusy, match=r"the workdir is in use by another run \(see process 0's error\)"):
+        lock.acquire()
+    with pytest.raises(WorkdirBusy, match=r"taken over by another run \(host \?, pid \?\)"):
+        lock.check_held()
+
+
+def test_any_error_taking_the_lock_is_a_busy_workdir_and_a_lock_that_keeps_vanishing_is_a_start(tmp_path,
+                                                                                                  monkeypatch):
+    """A storage client's own error (not an OSError) stops every process with it, none waits; a lock
+    that exists at each create but is gone at each read is another run starting, and so is a lock
+    file of JSON that is no object."""
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    def client_error(path, data):
+        raise RuntimeError("bucket said no")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workdir_lock.storage, "create_file", client_error)
+        with pytest.raises(WorkdirBusy, match="cannot take the workdir lock: RuntimeError: bucket said no"):
+            WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
+    with monkeypatch.context() as patch:
+        patch.setattr(workdir_lock.storage, "create_file", lambda path, data: False)
+        lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+        with pytest.raises(WorkdirBusy, match="another run is starting in this workdir right now"):
+            lock.acquire()
+        assert not lock.held
+    (tmp_path / LOCK_FILE).write_text("[1, 2]")
+    with pytest.raises(WorkdirBusy, match="another run is starting in this workdir right now"):
+        WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
+
+
+@pytest.mark.parametrize("left, rival_writes", [
+    ("", {"host": "elsewhere", "pid": 8}),  # an old unreadable lock, replaced by a live run's
+    ("", ""),  # an old unreadable lock, replaced by a run starting (unreadable, but new)
+    ({"host": "elsewhere", "pid": 7, "heartbeat": 0}, {"host": "elsewhere", "pid": 8}),  # a stale holder's
+])
+def test_a_lock_another_run_takes_over_between_two_reads_is_left_to_it(tmp_path, monkeypatch, left, rival_writes):
+    """A stale lock is read again before its removal: a run that took it over meanwhile keeps its own."""
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    lock_file = tmp_path / LOCK_FILE
+    lock_file.write_text(json.dumps(left) if left else "")
+    old = time.time() - 3600
+    os.utime(lock_file, (old, old))
+    reads, real_read = [], WorkdirLock._read
+
+    def rival_between_reads(self):
+        reads.append(1)
+        if len(reads) == 2:  # the read again before the removal
+            lock_file.write_text(json.dumps({**rival_writes, "heartbeat": time.time()}) if rival_writes else "")
+        return real_read(self)
+
+    monkeypatch.setattr(WorkdirLock, "_read", rival_between_reads)
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    with pytest.raises(WorkdirBusy, match="pid 8" if rival_writes else "starting in this workdir right now"):
+        lock.acquire()
+    assert (json.loads(lock_file.read_text())["pid"] if rival_writes else lock_file.read_text()) == \
+        (8 if rival_writes else "")  # the rival's lock, untouched
+
+
+def test_the_heartbeat_thread_beats_on_after_a_failed_write(tmp_path, monkeypatch):
+    """A storage hiccup is logged and the next beat tries again: raised in the thread, it ended the
+    refreshes, and the live run's lock went stale for another run to take over."""
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import WorkdirLock
+
+    real_write, writes = workdir_lock.storage.write_json_atomically, []
+
+    def first_write_fails(path, value):
+        writes.append(path)
+        if len(writes) == 1:
+            raise OSError("503 Service Unavailable")
+        real_write(path, value)
+
+    monkeypatch.setattr(workdir_lock, "heartbeat_period", lambda stale_after_s: 0.01)
+    monkeypatch.setattr(workdir_lock.storage, "write_json_atomically", first_write_fails)
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+    try:
+        deadline = time.time() + 10
+        while len(writes) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        lock.release()
+    assert len(writes) >= 2
