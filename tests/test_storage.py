@@ -385,7 +385,7 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     log.close()
     scalars = tensorboard_events(storage.join(workdir, "tensorboard"))
     assert ("loss", 1, "simple_value") in scalars and ("loss", 2, "simple_value") in scalars
-    assert not any(kind == "image" for _, _, kind in scalars)
+    assert not any(kind == "image" for _, _, kind in scalars) and not any(tag == "step" for tag, _, _ in scalars)
     assert tensorboard_events(storage.join(workdir, "tensorboard", "previews")) == [("preview", 2, "image")]
     assert ("loss", 4, "simple_value") in scalars
     assert [r["step"] for r in map(json.loads, storage.read_text(metrics).splitlines())] == [1, 2, 3, 4]
@@ -401,13 +401,25 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     assert os.listdir(tmp_path / "tmp") == ([recent.name] if where == "bucket" else [])
 
 
+def test_tensorboard_is_imported_without_torch_and_leaves_torch_importable():
+    """tensorboardX imports torch when it is installed, seconds at every start of a training run
+    that needs none; a torch imported already stays the one imported."""
+    code = ("import sys\n"
+            "from pixelflow_jax.training.metrics_log import summary_writer_class\n"
+            "summary_writer_class()\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "import torch\n"
+            "for name in [name for name in sys.modules if name.split('.')[0] == 'tensorboardX']:\n"
+            "    del sys.modules[name]  # as if torch came first\n"
+            "summary_writer_class()\n"
+            "assert sys.modules.get('torch') is torch, 'torch dropped'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_a_resumed_runs_tensorboard_drops_the_steps_logged_past_its_checkpoint(tmp_path):
     """The resumed run's events open with a restart at the step after its checkpoint, which makes
     TensorBoard drop what the stopped run logged from there on (else both curves overlap)."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event
-
     from pixelflow_jax.training.metrics_log import MetricsLog
 
     record = {"loss": 0.5, "grad_norm": 1.0, "images_per_s": 10.0, "skipped_steps": 0}
@@ -416,16 +428,28 @@ def test_a_resumed_runs_tensorboard_drops_the_steps_logged_past_its_checkpoint(t
         for step in steps:
             log.write({"step": step, **record})
         log.close()
+    MetricsLog(str(tmp_path / "stopped"), resumed_step=6).close()  # resumed, and stopped before its first log
+    restarts, stopped = restart_steps(tmp_path / "tensorboard"), restart_steps(tmp_path / "stopped" / "tensorboard")
+    assert 3 in restarts and stopped == [7], (restarts, stopped)
+
+
+def restart_steps(folder) -> list:
+    """The steps of the restarts recorded in the event files of `folder` (TensorBoard drops what
+    was logged from there on)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
     restarts = []
-    for name in sorted(os.listdir(tmp_path / "tensorboard")):
-        data, offset = (tmp_path / "tensorboard" / name).read_bytes() if name.startswith("events") else b"", 0
+    for name in sorted(os.listdir(folder)):
+        data, offset = (folder / name).read_bytes() if name.startswith("events") else b"", 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
             event = Event.FromString(data[offset + 12:offset + 12 + length])
             offset += 12 + length + 4
             if event.HasField("session_log") and event.session_log.status == event.session_log.START:
                 restarts.append(event.step)
-    assert 3 in restarts, restarts
+    return restarts
 
 
 def test_a_local_write_replaces_the_old_file_only_whole(tmp_path):

@@ -1601,6 +1601,7 @@ def test_mfu_uses_the_peak_of_the_device_kind_named_most_exactly():
                       ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-80GB", "A100")):
         assert peak_flops(SimpleNamespace(device_kind=kind)) == PEAK_FLOPS[key], kind
     assert peak_flops(SimpleNamespace(device_kind="cpu")) is None
+    assert PEAK_FLOPS["TPU v5"] > 2 * PEAK_FLOPS["TPU v5 lite"]
 
 
 def save_failing_in_the_background(tmp_path, monkeypatch):

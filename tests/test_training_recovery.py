@@ -16,18 +16,44 @@ from pixelflow_jax import CheckpointError, storage
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.training.run_config import check_run_config
 from conftest import c2i_config
+from test_storage import tensorboard_events
 
 
 def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
     from pixelflow_jax.training.train import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
+    path.write_text('{"step": 1, "loss": 0.5}\n\n{"step": null}\n[2]\n{"step": 2, "loss": 0.4}\n'
+                    '{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
     with caplog.at_level(logging.WARNING):
         log = MetricsLog(str(tmp_path), resumed_step=2)
         log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
-    assert "metrics.jsonl: dropping an unreadable line" in caplog.text
+    assert caplog.text.count("metrics.jsonl: dropping an unreadable line") == 3  # not for the blank line
+
+
+def test_only_process_0_logs(tmp_path, monkeypatch):
+    from pixelflow_jax.training.metrics_log import MetricsLog
+
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    log = MetricsLog(str(tmp_path), resumed_step=0)
+    assert log.write({"step": 1, "loss": 0.5, "grad_norm": 1.0, "images_per_s": 2.0, "skipped_steps": 0}) == ""
+    log.image("preview", np.zeros((8, 8, 3), np.uint8), 1)
+    log.add_to_step(1, {"preview_hue_agreement": 0.5})
+    log.upload()
+    log.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_readable_line_gives_each_stages_loss_and_the_mfu(tmp_path):
+    from pixelflow_jax.training.metrics_log import MetricsLog
+
+    log = MetricsLog(str(tmp_path), resumed_step=0)
+    line = log.write({"step": 3, "loss": 0.5, "loss_stage0": 0.25, "loss_stage1": 0.75, "grad_norm": 1.0,
+                      "images_per_s": 10.0, "skipped_steps": 2, "mfu": 0.125})
+    log.close()
+    assert line == ("step 3: loss 0.5000 (loss_stage0 0.25 loss_stage1 0.75) grad_norm 1.000 10.0 img/s mfu 12.5% "
+                    "non-finite steps skipped 2")
 
 
 def test_a_warmup_longer_than_the_run_is_named(caplog):
@@ -365,6 +391,8 @@ def test_a_preview_drawn_after_a_stop_joins_its_steps_logged_line(tmp_path):
     log = MetricsLog(str(tmp_path), resumed_step=5)
     log.add_to_step(5, {"preview_hue_agreement": 0.75})
     log.add_to_step(6, {"preview_hue_agreement": 1.0})  # a step never logged (killed before): nothing
+    log.add_to_step(4, {"preview_lpips": 0.5})  # the line of that step, not of a later one
     log.close()
     assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [
-        {"step": 4, "loss": 0.5}, {"step": 5, "loss": 0.25, "preview_hue_agreement": 0.75}]
+        {"step": 4, "loss": 0.5, "preview_lpips": 0.5}, {"step": 5, "loss": 0.25, "preview_hue_agreement": 0.75}]
+    assert ("preview_hue_agreement", 5, "simple_value") in tensorboard_events(str(tmp_path / "tensorboard"))
