@@ -1482,8 +1482,10 @@ def test_with_several_processes_jax_keeps_its_sigterm_handler(monkeypatch):
     reads it (reached() asks only the sync point), and the job would train on through a preemption."""
     from pixelflow_jax.training.preemption import PreemptionWatch
 
-    def jax_handler(*_):
-        pass
+    caught = []
+
+    def jax_handler(signum, frame):
+        caught.append(signum)
 
     previous = signal.signal(signal.SIGTERM, jax_handler)
     try:
@@ -1491,6 +1493,11 @@ def test_with_several_processes_jax_keeps_its_sigterm_handler(monkeypatch):
         watch = PreemptionWatch()
         try:
             assert signal.getsignal(signal.SIGTERM) is jax_handler
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C reaches jax's handler as a SIGTERM: the job agrees on it
+            deadline = time.time() + 10
+            while not caught and time.time() < deadline:
+                time.sleep(0.01)
+            assert caught == [signal.SIGTERM] and watch.interrupted
         finally:
             watch.close()
         assert signal.getsignal(signal.SIGTERM) is jax_handler
