@@ -557,3 +557,35 @@ def test_the_heartbeat_thread_beats_on_after_a_failed_write(tmp_path, monkeypatc
     finally:
         lock.release()
     assert len(writes) >= 2
+
+
+def test_a_release_waits_for_a_stuck_heartbeat_no_longer_than_its_limit(tmp_path, monkeypatch, caplog):
+    """A beat whose write hangs in a storage client's retries holds the lock's guard: release()
+    stopped waiting for the thread after its limit, then waited for the guard as long as the
+    write hung, past a preemption's grace. The lock is left, taken over later as a gone run's."""
+    import threading
+
+    from pixelflow_jax.training import workdir_lock
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
+
+    stuck, unstuck = threading.Event(), threading.Event()
+
+    def hanging_write(path, value):
+        stuck.set()
+        unstuck.wait(30)
+
+    monkeypatch.setattr(workdir_lock, "heartbeat_period", lambda stale_after_s: 0.01)
+    monkeypatch.setattr(workdir_lock, "HEARTBEAT_JOIN_S", 0.1)
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    lock.acquire()
+    monkeypatch.setattr(workdir_lock.storage, "write_json_atomically", hanging_write)
+    try:
+        assert stuck.wait(10)
+        release = threading.Thread(target=lock.release)
+        with caplog.at_level(logging.WARNING):
+            release.start()
+            release.join(5)
+        assert not release.is_alive() and not lock.held
+        assert f"{tmp_path / LOCK_FILE}: its last refresh is still being written" in caplog.text
+    finally:
+        unstuck.set()

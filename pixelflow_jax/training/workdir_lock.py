@@ -38,6 +38,7 @@ from pixelflow_jax.multihost import from_process_0
 
 LOCK_FILE = "train.lock"
 UNREADABLE_STALE_S = 60.0  # a live run writes its lock whole within this
+HEARTBEAT_JOIN_S = 30.0  # how long release() waits for a beat being written (a preemption's grace is ~30 s)
 
 
 def heartbeat_period(stale_after_s: float) -> float:
@@ -258,7 +259,12 @@ class WorkdirLock:
         # Only a thread that started: a stop between its creation and its start left a thread whose
         # join raised RuntimeError, which replaced the stop and kept the lock below from being removed.
         if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout=30)  # a write stuck in retries must not outlast a preemption's grace
+            self._thread.join(timeout=HEARTBEAT_JOIN_S)  # a write stuck in retries: not past a preemption's grace
+            if self._thread.is_alive():  # that write holds the guard below for as long as it hangs
+                logging.warning("%s: its last refresh is still being written, so it is left for the next run to take "
+                                "over as a gone run's lock", self.path)
+                self.held = False
+                return
         with self._guard:
             try:
                 holder = self._read()
