@@ -1123,7 +1123,7 @@ def test_eval_and_inspect_refuse_before_any_work_what_would_fail_after_it(tmp_pa
     from pixelflow_jax.evaluation.evaluate import check_inputs
 
     images = tmp_path / "images.npz"
-    np.savez(images, arr_0=np.zeros((8, 8, 8, 3), np.uint8))
+    np.savez(images, arr_0=np.full((8, 8, 8, 3), 128, np.uint8))
     (tmp_path / "weights.pth").write_bytes(b"")
     for name, make in (("eval_features", lambda p: p.write_text("")), ("eval.json", lambda p: p.mkdir())):
         workdir = tmp_path / name.replace(".", "_")

@@ -372,7 +372,7 @@ def test_eval_refuses_missing_files_naming_the_fix(weights_file, tmp_path):
         evaluate.evaluate(str(tmp_path / "a.npz"), str(tmp_path / "none.npz"), weights_file, str(tmp_path))
     damaged = tmp_path / "damaged.pth"
     damaged.write_bytes(b"not a torch file")
-    np.savez(tmp_path / "four.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "four.npz", arr_0=np.full((4, 8, 8, 3), 128, np.uint8))  # (black images are refused)
     with pytest.raises(CheckpointError, match="damaged.pth"):  # read after the checks of the file names
         evaluate.evaluate(str(tmp_path / "four.npz"), str(tmp_path / "four.npz"), str(damaged), str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()  # a failed evaluation leaves no workdir it made

@@ -985,7 +985,8 @@ def test_the_feature_batch_rounds_up_to_a_multiple_of_the_devices(tiny_inception
 
 def test_floats_cast_to_uint8_without_scaling_are_refused_before_any_work(tiny_inception, tmp_path):
     """x.astype(np.uint8) of images in [0, 1] or [-1, 1] leaves 0 and 1 (and -1 as 255): evaluated
-    as near-black images, with an FID of hundreds and no word. Black or black-and-white images pass."""
+    as near-black images, with an FID of hundreds and no word; floats that never reach 1 or -1 cast
+    to black images. Black-and-white images pass."""
     floats = np.random.default_rng(0).random((20, 8, 8, 3))
     floats[:, 0, 0], floats[:, 0, 1] = 1.0, 0.0  # white and black pixels exactly (black in [-1, 1] casts to 255)
     reference = images_npz(tmp_path / "reference.npz", 1)
@@ -999,9 +1000,17 @@ def test_floats_cast_to_uint8_without_scaling_are_refused_before_any_work(tiny_i
     # given as the reference too
     with pytest.raises(ValueError, match=re.escape("unit.npz: its first 16 images hold only the pixel values [0, 1]")):
         evaluate.check_inputs(reference, str(tmp_path / "unit.npz"), tiny_inception, str(tmp_path / "run"))
-    for name, images in (("black", np.zeros((6, 8, 8, 3))), ("ink", (floats[:6] > 0.5) * 255.0)):
-        np.savez(tmp_path / f"{name}.npz", arr_0=images.astype(np.uint8))
-        evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
+    # Floats that never reach 1 or -1 exactly (a tanh's or sigmoid's, unclipped) cast to black images alone:
+    # they passed, and scored as a set of black images.
+    open_interval = np.random.default_rng(1).uniform(0.01, 0.99, (20, 8, 8, 3))
+    for name, images in (("open_unit", open_interval), ("open_signed", open_interval * 2 - 1)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images.astype(np.float32).astype(np.uint8))
+        with pytest.raises(ValueError, match=re.escape(f"{name}.npz: its first 16 images are black (every pixel 0): "
+                                                       "floats in [0, 1] or [-1, 1] cast to uint8 without scaling "
+                                                       "them to 0-255? Write them again from the floats: convert")):
+            evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
+    np.savez(tmp_path / "ink.npz", arr_0=((floats[:6] > 0.5) * 255.0).astype(np.uint8))  # black and white images
+    evaluate.check_inputs(str(tmp_path / "ink.npz"), reference, tiny_inception, str(tmp_path / "run"))
 
 
 def test_a_file_of_k_images_is_refused_before_any_work(tmp_path):

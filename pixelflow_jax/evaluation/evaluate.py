@@ -212,15 +212,20 @@ def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> Non
 
 def check_pixel_values(path: str) -> None:
     """uint8 images made from floats in [0, 1] or [-1, 1] by x.astype(np.uint8), unscaled, hold
-    only 0 and 1 (and 255 where -1 wrapped): they passed as near-black images and got an FID of
-    hundreds without a word. Read from the file's first images."""
+    only 0 and 1 (and 255 where -1 wrapped), or only 0 where no value reached 1 or -1 exactly (a
+    tanh's or a sigmoid's, unclipped): they passed as (near-)black images and got an FID of hundreds
+    without a word. Read from the file's first images."""
     count = min(npz_image_count(path), PIXEL_CHECK_IMAGES)
     (first_images,) = npz_batches(path, count, stop=count)
     values = set(np.unique(first_images).tolist())
-    if values <= {0, 1, 255} and 1 in values:
-        raise ValueError(f"{path}: its first {count} images hold only the pixel values {sorted(values)}: floats in "
-                         "[0, 1] or [-1, 1] cast to uint8 without scaling them to 0-255? Write them again from the "
-                         f"floats: {FLOAT_IMAGES_FIX}")
+    if values == {0}:
+        found = "are black (every pixel 0)"
+    elif values <= {0, 1, 255} and 1 in values:
+        found = f"hold only the pixel values {sorted(values)}"
+    else:
+        return
+    raise ValueError(f"{path}: its first {count} images {found}: floats in [0, 1] or [-1, 1] cast to uint8 without "
+                     f"scaling them to 0-255? Write them again from the floats: {FLOAT_IMAGES_FIX}")
 
 
 def npz_image_count(path: str) -> int:
