@@ -513,9 +513,15 @@ def expand_paths(config) -> None:
     """Each path field of the config through setting_path, before any work."""
     for field in PATH_FIELDS:
         section, name = field.split(".")
-        if section in config and name in config[section] and config[section][name]:
-            config[section][name] = setting_path(f"--config.{field}", config[section][name],
-                                                 hub_allowed=field in HUB_FIELDS)
+        if section in config and name in config[section] and is_set(config[section][name]):
+            path = setting_path(f"--config.{field}", config[section][name], hub_allowed=field in HUB_FIELDS)
+            with config[section].ignore_type():  # a pathlib.Path in a config built from a dict becomes a str
+                config[section][name] = path
+
+
+def is_set(value) -> bool:
+    """Whether a path setting is given: not None nor empty (an array, given for a path, is, and is refused)."""
+    return value is not None and not (isinstance(value, (str, bytes)) and not value)
 
 
 CHECKS = {"train": (check_architecture, check_data, check_train), "sample": (check_sample,), "eval": (check_eval,),

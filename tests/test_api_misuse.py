@@ -334,6 +334,17 @@ def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main
     with pytest.raises(ConfigError, match=r"^samples: expected a path \(a string or os.PathLike\), got "
                                                    r"b'other.npz'"):  # was "'bytes' object has no attribute 'seek'"
         evaluate.run(c2i_config(**paths), "~/evals", samples=b"other.npz")
+    # The images themselves, where a path is asked for: "The truth value of an array ... is ambiguous".
+    images = np.zeros((8, 4, 4, 3), np.uint8)
+    refusal = (r"samples: expected a path \(a string or os.PathLike\), got an array of shape \(8, 4, 4, 3\) \(uint8\): "
+               r"save it to a file, e.g. np.savez\(path, images\), and pass that file's path$")
+    for call in (lambda: evaluate.run(c2i_config(**paths), "~/evals", samples=images),
+                 lambda: evaluate.run(c2i_config(**paths), "~/evals", samples=jnp.asarray(images)),
+                 lambda: evaluate.run(c2i_config(**{**paths, "eval.samples": images}), "~/evals")):
+        with pytest.raises(ConfigError, match=refusal):
+            call()
+    # A pathlib.Path in a config built as a dict: "Could not override field 'reference' ... cannot be casted".
+    evaluate.run(c2i_config(**{**paths, "eval.reference": pathlib.Path("~/other_reference.npz")}), "~/evals")
 
 
 def test_a_demo_page_started_from_python_checks_its_config_and_workdir_as_main_does(converted, tmp_path, monkeypatch):

@@ -771,7 +771,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     a sampling job there) and writes WORKDIR/eval.json (process 0)."""
     config, workdir = validation.job_config(config, "eval"), validation.job_workdir(workdir)
     e = config.eval
-    if samples:  # as the config's paths are: `~` expanded, a bytes path or a URL of another scheme a ConfigError
+    if validation.is_set(samples):  # as the config's paths are: `~` expanded, a bytes path or a URL of another scheme a ConfigError
         samples = validation.setting_path("samples", samples)
     samples = samples_chosen_by_process_0(samples or e.samples, workdir)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))

@@ -37,6 +37,15 @@ _BROKEN_URL = re.compile(rf"{_SCHEME}:/(?!/)|{_KNOWN_SCHEMES}:(?!//)|{_KNOWN_SCH
 _NOT_IN_OBJECT_PATHS = "?#*[]"
 
 
+def not_a_path(value) -> str:
+    """What was given for a path, shortly: an array (a notebook's images passed for their file) by
+    its shape, as its repr runs to pages."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return (f"an array of shape {tuple(value.shape)} ({value.dtype}): save it to a file, e.g. np.savez(path, "
+                "images), and pass that file's path")
+    return repr(value)
+
+
 def user_path(path: str) -> str:
     """A path as a user wrote it (a flag, a config value, an API argument), ready for this layer:
     `~` expanded (the shell leaves `--flag=~/x` as it is), ".." taken as the system takes it
@@ -44,7 +53,7 @@ def user_path(path: str) -> str:
     (spelled_as_on_disk), URLs unchanged, a URL without its "//" refused rather than taken for a
     local folder, and a new local name with a space at its start or end refused (check_spaced_names)."""
     if not isinstance(path, (str, os.PathLike)):
-        raise StorageError(f"expected a path (a string or os.PathLike), got {path!r}")
+        raise StorageError(f"expected a path (a string or os.PathLike), got {not_a_path(path)}")
     path = str(path)
     if broken := _BROKEN_URL.match(path):
         scheme_name = broken[0].rstrip(":;./")
