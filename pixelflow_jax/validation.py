@@ -454,7 +454,17 @@ def check_inspect(config) -> None:
         text_tokens(config.sample)
 
 
+# What an evaluation reads (eval.samples may be left out: the workdir's own samples.npz, or run's argument).
+EVAL_FIELDS = ("reference", "inception_weights", "batch_size")
+
+
 def check_eval(config) -> None:
+    """A config built in Python may hold only the eval section, but not without what it reads."""
+    lacking = [f"eval.{name}" for name in EVAL_FIELDS if "eval" not in config or name not in config.eval]
+    if lacking:
+        raise ConfigError(f"the config lacks {', '.join(lacking)}, which --mode=eval reads: set "
+                          f"{'them' if len(lacking) > 1 else 'it'} (configs.c2i.get_config().eval holds every field, "
+                          "batch_size=100 among them)")
     integer("eval.batch_size", config.eval.batch_size, minimum=1)
 
 

@@ -683,6 +683,17 @@ def test_a_job_started_from_python_names_a_misspelt_field_or_a_config_of_another
         validation.check_fields(partial)
     del partial.eval["samples_typo"]
     validation.check_fields(partial)
+    # ...but lacking a field its job reads was an AttributeError ("'batch_size'") from deep inside the job.
+    from pixelflow_jax.evaluation import evaluate
+
+    for lacking, config in (("eval.batch_size, which --mode=eval reads: set it",
+                             dict(eval=dict(reference="r.npz", inception_weights="w.pth"))),
+                            ("eval.reference, eval.inception_weights, eval.batch_size, which --mode=eval reads: set "
+                             "them", {})):
+        with pytest.raises(ConfigError, match=re.escape(f"the config lacks {lacking} (configs.c2i.get_config().eval "
+                                                        "holds every field, ")):
+            evaluate.run(ml_collections.ConfigDict(config), str(tmp_path / "job"), samples="s.npz")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_job_called_again_by_a_data_worker_importing_an_unguarded_script_names_the_guard(tmp_path, monkeypatch):

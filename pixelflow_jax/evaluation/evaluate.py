@@ -773,7 +773,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     e = config.eval
     if validation.is_set(samples):  # as the config's paths are: `~` expanded, a bytes path or a URL of another scheme a ConfigError
         samples = validation.setting_path("samples", samples)
-    samples = samples_chosen_by_process_0(samples or e.samples, workdir)
+    samples = samples_chosen_by_process_0(samples or e.get("samples", ""), workdir)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         print(f"{name}: {results[name]:.4f}", flush=True)
