@@ -1019,3 +1019,19 @@ def test_a_file_of_k_images_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"holds 3 images: precision and recall need more than 3"):
         evaluate.npz_image_count(images_npz(tmp_path / "three.npz", 0, count=3))
     assert evaluate.npz_image_count(images_npz(tmp_path / "four.npz", 0, count=4)) == 4
+
+
+def test_images_in_0_1_converted_as_if_in_minus_1_1_get_a_warning(tiny_inception, tmp_path, caplog):
+    """((x + 1) * 127.5) of images in [0, 1] leaves every pixel at 127 or above: washed-out images,
+    scored without a word. A statistical sign, not a proof (a set of bright images may hold no
+    darker pixel), so a warning that names the conversion, not a refusal."""
+    reference = images_npz(tmp_path / "reference.npz", 2)
+    unit = np.random.default_rng(0).random((20, 8, 8, 3))
+    np.savez(tmp_path / "washed.npz", arr_0=((unit + 1) * 127.5).round().astype(np.uint8))
+    with caplog.at_level("WARNING"):
+        evaluate.check_inputs(str(tmp_path / "washed.npz"), reference, tiny_inception, str(tmp_path / "run"))
+        evaluate.check_inputs(images_npz(tmp_path / "samples.npz", 1), reference, tiny_inception, str(tmp_path / "run"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{tmp_path / 'washed.npz'}: its first 16 images hold no pixel value below 128: images in "
+                        "[0, 1] converted as if in [-1, 1], with (x + 1) * 127.5? Write them again with "
+                        "(x * 255).round().clip(0, 255).astype(np.uint8); they are evaluated as they are"], warnings

@@ -165,6 +165,8 @@ CHANNELS_FIRST_FIXES = {3: "images.transpose(0, 2, 3, 1)", 4: "images.transpose(
                         1: "np.repeat(images.transpose(0, 2, 3, 1), 3, axis=-1)"}
 # How many of a file's first images check_pixel_values reads (a few MB even at 512 px).
 PIXEL_CHECK_IMAGES = 16
+# (x + 1) * 127.5 of images in [0, 1] leaves no pixel below 127; natural images have darker ones.
+WASHED_OUT_MINIMUM = 127
 
 
 def check_images(path: str, shape: tuple, fortran: bool, dtype: np.dtype) -> None:
@@ -218,6 +220,10 @@ def check_pixel_values(path: str) -> None:
     count = min(npz_image_count(path), PIXEL_CHECK_IMAGES)
     (first_images,) = npz_batches(path, count, stop=count)
     values = set(np.unique(first_images).tolist())
+    if min(values) >= WASHED_OUT_MINIMUM:  # a sign, not a proof: bright images may hold no darker pixel
+        logging.warning("%s: its first %d images hold no pixel value below %d: images in [0, 1] converted as if in "
+                        "[-1, 1], with (x + 1) * 127.5? Write them again with (x * 255).round().clip(0, 255)"
+                        ".astype(np.uint8); they are evaluated as they are", path, count, min(values))
     if values == {0}:
         found = "are black (every pixel 0)"
     elif values <= {0, 1, 255} and 1 in values:
