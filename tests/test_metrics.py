@@ -1035,3 +1035,26 @@ def test_images_in_0_1_converted_as_if_in_minus_1_1_get_a_warning(tiny_inception
     assert warnings == [f"{tmp_path / 'washed.npz'}: its first 16 images hold no pixel value below 128: images in "
                         "[0, 1] converted as if in [-1, 1], with (x + 1) * 127.5? Write them again with "
                         "(x * 255).round().clip(0, 255).astype(np.uint8); they are evaluated as they are"], warnings
+
+
+def test_samples_holding_a_reference_batchs_statistics_against_a_reference_without_are_said_swapped(
+        tiny_inception, tmp_path, caplog, monkeypatch):
+    """ADM's reference batches carry mu and sigma, sample batches do not: given the other way round,
+    precision and recall traded places and the Inception Score was the reference's, without a word."""
+    statistics = dict(mu=np.zeros(2048), sigma=np.eye(2048))
+    reference_batch = images_npz(tmp_path / "VIRTUAL_reference.npz", 2, **statistics)
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    # (the stand-in Inception's features are 8 wide: the stored 2048-d statistics are not compared with them)
+    monkeypatch.setattr(evaluate, "reference_statistics", lambda path, features: (
+        metrics.gaussian_statistics(features["pool"]), metrics.gaussian_statistics(features["spatial"])))
+    for given_samples, given_reference, warned in ((reference_batch, samples, True), (samples, reference_batch, False),
+                                                   (reference_batch, reference_batch, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            evaluate.evaluate(given_samples, given_reference, tiny_inception, str(tmp_path / "run"), batch_size=8)
+        swapped = [r.getMessage() for r in caplog.records if "swapped" in r.getMessage()]
+        assert swapped == ([f"the samples {reference_batch} hold stored statistics (mu, sigma), as ADM's reference "
+                            f"batches do, and the reference {samples} holds none: are the two swapped? Precision and "
+                            "recall trade places and the Inception Score is that of the other set when they are "
+                            "(--config.eval.samples is the generated images, --config.eval.reference the real "
+                            "ones)"] if warned else []), swapped

@@ -674,6 +674,7 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
             logging.warning("the samples %s and the reference %s hold the same images (their shapes and CRCs agree): "
                             "the metrics are those of a perfect match (FID 0, precision and recall 1), not a measure "
                             "of the samples", samples, reference)
+        warn_if_swapped(samples, reference)
         if sample_shape[1:3] != reference_shape[1:3]:
             logging.warning("the samples %s are %dx%d px but the reference %s holds %dx%d px images: the metrics "
                             "compare different resolutions (both are resized to 299 px for the Inception)",
@@ -699,6 +700,24 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
     if not_finite:  # the checks above should make this impossible; eval.json must never hold NaN
         raise ValueError(f"{', '.join(not_finite)} came out NaN or inf for {samples} against {reference}")
     return results
+
+
+def statistics_stored_in(path: str) -> list[str]:
+    """The names of ADM's statistics (mu, sigma, mu_s, sigma_s) an .npz holds beside its images."""
+    with contextlib.ExitStack() as opened:
+        names = opened_archive(opened, path).namelist()
+    return [key for key in STATISTICS_SHAPES if f"{key}.npy" in names]
+
+
+def warn_if_swapped(samples: str, reference: str) -> None:
+    """ADM's reference batches carry their statistics and sample batches do not: samples that hold
+    them against a reference that does not are likely the two files swapped, which trades precision
+    for recall and scores the reference's Inception Score without a word."""
+    if (stored := statistics_stored_in(samples)) and not statistics_stored_in(reference):
+        logging.warning("the samples %s hold stored statistics (%s), as ADM's reference batches do, and the reference "
+                        "%s holds none: are the two swapped? Precision and recall trade places and the Inception "
+                        "Score is that of the other set when they are (--config.eval.samples is the generated "
+                        "images, --config.eval.reference the real ones)", samples, ", ".join(stored), reference)
 
 
 def own_job_image_count(workdir: str) -> int | None:
