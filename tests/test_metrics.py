@@ -1058,3 +1058,18 @@ def test_samples_holding_a_reference_batchs_statistics_against_a_reference_witho
                             "recall trade places and the Inception Score is that of the other set when they are "
                             "(--config.eval.samples is the generated images, --config.eval.reference the real "
                             "ones)"] if warned else []), swapped
+
+
+def test_a_rerun_removes_what_an_evaluation_killed_while_writing_left(tiny_inception, tmp_path):
+    """A kill while the feature cache (about 1 GB for 50k images) or eval.json was written left its
+    temporary file, and no later evaluation removed it; another writer's, still running, is kept."""
+    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    workdir = tmp_path / "run"
+    (workdir / "eval_features").mkdir(parents=True)
+    killed = [workdir / "eval_features" / ".samples.npz.0123456789abcdef.npz.tmp-999999999-x",
+              workdir / ".eval.json.tmp-999999999-y"]
+    running = workdir / "eval_features" / f".reference.npz.0123456789abcdef.npz.tmp-{os.getpid()}-z"
+    for path in (*killed, running):
+        path.write_bytes(b"PK partial")
+    evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
+    assert not any(path.exists() for path in killed) and running.exists()

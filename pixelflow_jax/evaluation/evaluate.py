@@ -667,6 +667,9 @@ def evaluate(samples: str, reference: str, inception_weights: str, workdir: str,
 
 def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str, batch_size: int) -> dict:
     check_inputs(samples, reference, inception_weights, workdir)
+    cache_dir = storage.join(workdir, "eval_features")
+    if jax.process_index() == 0:  # a killed evaluation's half-written cache file (~1 GB at 50k images) or eval.json
+        storage.clear_leftovers_of_killed_writers(workdir, cache_dir)
     extract = FeatureExtractor(inception_weights, batch_size)
     with (_open_images(samples) as (_, sample_shape, _, sample_crc),
           _open_images(reference) as (_, reference_shape, _, reference_crc)):
@@ -679,7 +682,6 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
             logging.warning("the samples %s are %dx%d px but the reference %s holds %dx%d px images: the metrics "
                             "compare different resolutions (both are resized to 299 px for the Inception)",
                             samples, *sample_shape[1:3], reference, *reference_shape[1:3])
-    cache_dir = storage.join(workdir, "eval_features")
     sample_features = cached_features(extract, samples, cache_dir)
     reference_features = cached_features(extract, reference, cache_dir)
     # A SIGTERM after the last Inception round (or while the cache was read, where no round asks) set
