@@ -171,6 +171,12 @@ def test_inception_weights_overwritten_in_place_are_not_served_from_the_feature_
     again = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
     fresh = evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "fresh"), batch_size=8)
     assert again["fid"] == fresh["fid"] != first["fid"]
+    # Other weights of the same size and modification time (cp -p, a tar's or rsync -t's times): served stale
+    np.save(tiny_inception, np.random.default_rng(2).standard_normal((6, 8)))
+    os.utime(tiny_inception, ns=(mtime, mtime + 10**9))
+    third = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
+    assert third["fid"] == evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "fresh_3"),
+                                             batch_size=8)["fid"] != again["fid"]
 
 
 def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gather_every_feature(

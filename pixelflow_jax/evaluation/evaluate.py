@@ -304,8 +304,10 @@ class FeatureExtractor:
         from pixelflow_jax.evaluation.inception_convert import load_inception
 
         model = load_inception(weights_path)
-        # Part of the feature cache's key: weights overwritten in place get features of their own.
-        self.weights_id = [storage.absolute(weights_path), *storage.size_and_mtime(weights_path)]
+        # Part of the feature cache's key: weights overwritten in place get features of their own, also
+        # where a copy kept the size and the time (cp -p, rsync -t): the fingerprint reads slices of the content.
+        self.weights_id = [storage.absolute(weights_path), *storage.size_and_mtime(weights_path),
+                           storage.file_fingerprint(weights_path)]
         self.graphdef, params = nnx.split(model)
         # Each process computes the features of its block of the images (multihost.rows_of_this_process).
         self.params, self.rows = replicate_on_local_devices(params)
