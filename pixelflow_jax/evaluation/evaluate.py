@@ -224,14 +224,14 @@ def check_pixel_values(path: str) -> None:
         logging.warning("%s: its first %d images hold no pixel value below %d: images in [0, 1] converted as if in "
                         "[-1, 1], with (x + 1) * 127.5? Write them again with (x * 255).round().clip(0, 255)"
                         ".astype(np.uint8); they are evaluated as they are", path, count, min(values))
-    if values == {0}:
-        found = "are black (every pixel 0)"
+    if values == {0}:  # or a sampling job's own samples, of a model that draws only black
+        found, other_cause = "are black (every pixel 0)", "; or the model draws only black: look at its images"
     elif values <= {0, 1, 255} and 1 in values:
-        found = f"hold only the pixel values {sorted(values)}"
+        found, other_cause = f"hold only the pixel values {sorted(values)}", ""
     else:
         return
     raise ValueError(f"{path}: its first {count} images {found}: floats in [0, 1] or [-1, 1] cast to uint8 without "
-                     f"scaling them to 0-255? Write them again from the floats: {FLOAT_IMAGES_FIX}")
+                     f"scaling them to 0-255? Write them again from the floats: {FLOAT_IMAGES_FIX}{other_cause}")
 
 
 def npz_image_count(path: str) -> int:
