@@ -800,7 +800,9 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     a sampling job there) and writes WORKDIR/eval.json (process 0)."""
     config, workdir = validation.job_config(config, "eval"), validation.job_workdir(workdir)
     e = config.eval
-    if validation.is_set(samples):  # as the config's paths are: `~` expanded, a bytes path or a URL of another scheme a ConfigError
+    # As the config's paths are: `~` expanded; a bytes path, an array of images or a URL of another scheme a
+    # ConfigError.
+    if validation.is_set(samples):
         samples = validation.setting_path("samples", samples)
     samples = samples_chosen_by_process_0(samples or e.get("samples", ""), workdir)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
