@@ -554,7 +554,8 @@ def job_config(config, mode: str):
     workdir sampled the run inspected before it."""
     check_not_a_worker_importing_the_script(mode)
     check_fields(config)
-    config = copy.deepcopy(config)
+    # A FrozenConfigDict's copy thawed: the checks write the paths they expand, jobs what they fill in.
+    config = config.as_configdict() if hasattr(config, "as_configdict") else copy.deepcopy(config)
     check(config, mode)
     return config
 

@@ -345,6 +345,10 @@ def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main
             call()
     # A pathlib.Path in a config built as a dict: "Could not override field 'reference' ... cannot be casted".
     evaluate.run(c2i_config(**{**paths, "eval.reference": pathlib.Path("~/other_reference.npz")}), "~/evals")
+    # A frozen config (the job works on its own copy): "FrozenConfigDict is immutable. Cannot call __setitem__()".
+    frozen = ml_collections.FrozenConfigDict(c2i_config(**{**paths, "eval.samples": "~/frozen.npz"}))
+    evaluate.run(frozen, "~/evals")
+    assert evaluated[-1][0] == str(tmp_path / "home" / "frozen.npz") and frozen.eval.samples == "~/frozen.npz"
 
 
 def test_a_demo_page_started_from_python_checks_its_config_and_workdir_as_main_does(converted, tmp_path, monkeypatch):
