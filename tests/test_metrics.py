@@ -962,6 +962,23 @@ def test_statistics_stored_in_float16_or_float32_are_covariances_still(tmp_path,
                                               sigma=negative.astype(np.float16)))
 
 
+def test_statistics_computed_in_float32_arithmetic_are_covariances_still(tmp_path):
+    """A covariance of 500 images' correlated features computed in float32 (a torch or jax script's
+    own reference statistics) has zero eigenvalues at -2e-6 of its largest entry, stored in float32
+    or float64: refused as 'not a covariance matrix'. One with a variance clearly below 0 still is."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((500, 64)) @ rng.standard_normal((64, 2048)) * 0.1 + rng.random((500, 2048)) * 0.3
+    centred = np.maximum(features, 0).astype(np.float32)
+    centred -= centred.mean(0)
+    sigma = (centred.T @ centred) / np.float32(499)
+    mu = np.zeros(2048, np.float32)
+    for dtype in (np.float32, np.float64):
+        evaluate.stored_statistics(images_npz(tmp_path / "reference.npz", 0, mu=mu, sigma=sigma.astype(dtype)))
+    negative = sigma.astype(np.float64) - 1e-3 * np.abs(sigma).max() * np.eye(2048)
+    with pytest.raises(ValueError, match="its stored sigma is not a covariance matrix"):
+        evaluate.stored_statistics(images_npz(tmp_path / "reference.npz", 0, mu=mu, sigma=negative))
+
+
 def test_npz_batches_from_a_middle_row_read_every_row_once_in_order(tmp_path):
     """A process's block [first, stop) read in batches smaller than the block: the skip to `first`
     happens once, the last batch is partial, and rows after `stop` are not read."""
