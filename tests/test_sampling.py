@@ -6,6 +6,7 @@ import re
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from pixelflow_jax import load_model
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, block_noise, block_noise_factor,
@@ -334,6 +335,28 @@ def test_a_non_finite_sample_is_an_error_not_a_black_image(tiny, tmp_path):
     assert not list(tmp_path.iterdir())  # not even the finite image of that batch
     write_local_images(str(tmp_path), images, jnp.array([True, True, False]), np.array([10, 11, 11]), 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000010.png", "000011.png"]  # the padding row is no image
+
+
+def test_each_valid_row_is_written_once_under_its_id_and_a_padding_row_never(tmp_path, monkeypatch):
+    """A batch is padded with copies of its last id: a padding row written too would replace that
+    image with itself computed in another row (on another host, a second writer of one file). Of
+    rows held by several devices (a replicated batch), one copy is written, not one per device; a
+    padding row's finite flag is no image's."""
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.sharding import batch_sharding, global_array, make_mesh, replicated
+
+    mesh = make_mesh()
+    rows = np.broadcast_to(np.arange(8, dtype=np.uint8)[:, None, None, None] * 10, (8, 2, 2, 3))  # row r: level 10r
+    ids = np.array([40, 41, 42, 43, 44, 45, 45, 45])  # 6 images and 2 padding rows
+    written, save = [], sample_run.save_png_atomically
+    monkeypatch.setattr(sample_run, "save_png_atomically", lambda path, png: written.append(path) or save(path, png))
+    for sharding in (batch_sharding(mesh), replicated(mesh)):
+        written.clear()
+        sample_run.write_local_images(str(tmp_path), global_array(np.ascontiguousarray(rows), sharding),
+                                      global_array(np.arange(8) < 6, replicated(mesh)), ids, 6)
+        assert sorted(written) == [sample_run.image_path(str(tmp_path), i) for i in range(40, 46)], sharding
+        for row, i in enumerate(range(40, 46)):
+            assert np.asarray(Image.open(sample_run.image_path(str(tmp_path), i)))[0, 0, 0] == 10 * row
 
 
 def test_the_demo_check_reads_what_each_image_asks_for_and_counts_what_it_shows(tmp_path):
