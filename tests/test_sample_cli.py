@@ -347,11 +347,12 @@ def test_a_second_identical_sampling_job_in_one_process_compiles_nothing(tmp_pat
                                   np.load(tmp_path / "second" / "samples.npz")["arr_0"])
 
 
-def sample_in_process(workdir, checkpoint, monkeypatch, **sample):
+def sample_in_process(workdir, checkpoint, monkeypatch, seen=None, **sample):
     """Runs the --mode=sample job in this process with its noise and stage programs replaced by
     stand-ins (nothing compiles but the final uint8 conversion), so that each image shows what it
     was drawn for: every pixel is (the id its noise was drawn for, 0, its label), in levels.
-    Returns the random keys' data, and per batch the labels of its rows (padding included)."""
+    Returns the random keys' data, and per batch the labels of its rows (padding included).
+    seen: a list given gets, per batch, where its arrays were and the job's mesh when its stages ran."""
     from configs import c2i
     from pixelflow_jax.sampling import cascade, sample_run
     from pixelflow_jax.scheduler import stage_resolutions
@@ -360,6 +361,8 @@ def sample_in_process(workdir, checkpoint, monkeypatch, **sample):
 
     def noise_of_ids(key, ids, resolution, num_stages, channels, gamma):
         keys.append(jax.random.key_data(key).tolist())
+        if seen is not None:
+            seen.append({"ids": ids.sharding})
         noise = [id_noise(np.asarray(ids), size, channels) for size in stage_resolutions(resolution, num_stages)]
         return noise[0], noise[1:]
 
@@ -368,6 +371,9 @@ def sample_in_process(workdir, checkpoint, monkeypatch, **sample):
             labels = np.asarray(cond["class_labels"])
             if not renoise:
                 batches.append(labels.tolist())
+                if seen is not None:
+                    seen[-1].update(labels=cond["class_labels"].sharding, mesh=jax.sharding.get_abstract_mesh(),
+                                    weights={leaf.sharding for leaf in jax.tree.leaves(state)})
                 return x
             latents = np.array(noise)
             latents[..., 2] = level_latents(labels)[:, None, None]
@@ -431,6 +437,39 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
     for name, value in (("seed", 8), ("cfg_scale", 3.0)):  # would mix two jobs' images
         with pytest.raises(ValueError, match=rf"other settings \(differing: \['{name}'\]\)"):
             job(num_images=7, labels=more, **{"seed": 7, name: value})
+
+
+def test_a_jobs_batches_are_split_over_every_device_and_its_weights_and_finite_flags_held_by_each(tmp_path, converted,
+                                                                                                 monkeypatch, caplog):
+    """What the images alone do not show: each batch's ids and labels split over the 8 devices, the
+    weights and the finite flags whole on each (a weight on one device is a cross-host transfer in
+    a job of several processes, and every process reads every flag to stop alike), the stages run
+    under the job's mesh (the Pallas kernels split batch and heads over it); the progress counts
+    the images on disk and no padding row."""
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.sharding import batch_sharding, make_mesh
+
+    write, flags = sample_run.write_local_images, []
+    monkeypatch.setattr(sample_run, "write_local_images",
+                        lambda folder, images, finite, *rest: flags.append(finite.sharding) or write(folder, images,
+                                                                                                    finite, *rest))
+    workdir, seen, mesh = tmp_path / "run", [], make_mesh()
+    job = lambda: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, seen, num_images=5, batch_size=8)
+    job()
+    os.remove(workdir / "samples" / "000003.png")
+    with caplog.at_level("INFO"):
+        job()  # one image of 5, padded to 8 rows
+    assert "sampling: 5/5 img (100%)" in caplog.text
+    with caplog.at_level("INFO"):
+        job()  # nothing to sample
+    assert "all 5 images of this job are on disk" in caplog.text
+    assert len(seen) == len(flags) == 2
+    for batch, finite in zip(seen, flags):
+        assert batch["mesh"] == mesh.abstract_mesh
+        for split in (batch["ids"], batch["labels"]):
+            assert split.is_equivalent_to(batch_sharding(mesh), 1)
+        for whole in (*batch["weights"], finite):
+            assert whole.is_fully_replicated and whole.device_set == set(jax.devices())
 
 
 def test_a_converted_folders_job_records_no_choice_of_weights_and_takes_an_earlier_ema_record_as_its_own(
