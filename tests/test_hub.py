@@ -264,6 +264,32 @@ def test_a_hub_checkpoint_is_fetched_config_first_then_weights_at_the_same_commi
     assert config == load_model(release)[1]
 
 
+def test_a_hub_sampling_jobs_rerun_is_the_same_job_its_record_holds_the_weights_fingerprint(tmp_path, monkeypatch):
+    """A job records its checkpoint's fingerprint: taken before the weights were fetched, it would be
+    the config's alone, and the rerun of an interrupted job (its weights in the cache by then) would
+    be refused as a job of other weights."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from test_sample_cli import sample_in_process
+
+    release, snapshot = fixture_dir("c2i_tiny"), tmp_path / "snapshots" / COMMIT
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        for name in os.listdir(release):
+            if any(fnmatch.fnmatch(f"c2i/{name}", pattern) for pattern in allow_patterns):
+                os.makedirs(snapshot / "c2i", exist_ok=True)
+                shutil.copy(os.path.join(release, name), snapshot / "c2i" / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    job = lambda: sample_in_process(tmp_path / "run", "hf://me/pixelflow@main/c2i", monkeypatch, num_images=2)
+    job()
+    os.remove(tmp_path / "run" / "samples" / "000001.png")
+    assert job()[1] == [[1] * 8]  # the missing image, padded to 8 devices
+
+
 def test_a_hub_release_folder_without_config_yaml_is_refused_before_its_weights_download(tmp_path, monkeypatch):
     """The release's text-to-image repository holds model.pt alone: sampling it downloaded the
     gigabytes first, then said to convert it."""
