@@ -472,6 +472,68 @@ def test_a_jobs_batches_are_split_over_every_device_and_its_weights_and_finite_f
             assert whole.is_fully_replicated and whole.device_set == set(jax.devices())
 
 
+def test_a_batch_the_devices_do_not_divide_or_steps_for_other_stages_are_refused_before_the_weights_are_read(
+        tmp_path, converted, monkeypatch):
+    """The batch size before the checkpoint is looked at (naming one the devices divide), the steps
+    as soon as its stage count is known, in the flag's words (the options' own check named neither)."""
+    from conftest import c2i_config
+    from pixelflow_jax.sampling import sample_run
+
+    monkeypatch.setattr(sample_run, "load_sampling_model", lambda *args: pytest.fail("the weights were read"))
+    for batch_size, advice in ((6, 8), (3, 8), (20, 16)):  # the largest multiple of 8 below it, at least 8
+        config = c2i_config(**{"sample.checkpoint": str(tmp_path / "nowhere"), "sample.batch_size": batch_size})
+        with pytest.raises(ValueError, match=rf"^sample.batch_size {batch_size} must be divisible by the number of "
+                                             rf"devices \(8\); try {advice}$"):
+            sample_run.run(config, str(tmp_path / "run"))
+    config = c2i_config(**{"sample.checkpoint": converted["c2i_tiny"], "sample.steps_per_stage": (1, 2, 3)})
+    with pytest.raises(ValueError, match=rf"^--config.sample.steps_per_stage gives 3 values; {converted['c2i_tiny']} "
+                                         r"has 4 stages \(or give one number for all\)$"):
+        sample_run.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_image_lost_after_every_pass_stops_the_job_after_three_passes(tmp_path, converted, monkeypatch, caplog):
+    """An image gone when samples.npz is written is sampled again, twice at most: a store that keeps
+    losing it stops the job with one error, not a loop for ever."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.sampling import sample_run
+
+    finish = sample_run.finish
+
+    def losing_image_1(folder, *args):
+        os.remove(os.path.join(folder, "000001.png"))
+        return finish(folder, *args)
+
+    monkeypatch.setattr(sample_run, "finish", losing_image_1)
+    with caplog.at_level("INFO"), pytest.raises(storage.StorageError, match="missing or unreadable after 3 passes"):
+        sample_in_process(tmp_path / "run", converted["c2i_tiny"], monkeypatch, num_images=2)
+    assert caplog.text.count("1 of 2 images to sample (1 already on disk)") == 2
+
+
+def test_a_job_records_each_setting_its_images_depend_on_from_the_checkpoint_and_the_config(tmp_path, converted,
+                                                                                             monkeypatch):
+    """settings.json is what a rerun is compared with: a field left out or read from the wrong place
+    would let a job of other weights, dtypes, size or steps add its images to these."""
+    from configs import c2i
+    from pixelflow_jax.api import resolve_checkpoint
+
+    def in_bfloat16(*args):
+        config = get_config(*args)
+        config.model.dtype = "bfloat16"  # with float32 weights: the two dtypes told apart
+        return config
+
+    get_config = c2i.get_config
+    monkeypatch.setattr(c2i, "get_config", in_bfloat16)
+    sample_in_process(tmp_path / "run", converted["c2i_tiny"], monkeypatch, num_images=2, labels=(3, 4), seed=7)
+    source = resolve_checkpoint(converted["c2i_tiny"])
+    architecture = dict(num_attention_heads=2, attention_head_dim=16, depth=2, patch_size=4, in_channels=3,
+                        out_channels=3, num_classes=1000, attention_bias=True, cross_attention_dim=0)
+    assert json.loads((tmp_path / "run" / "samples" / "settings.json").read_text()) == dict(
+        checkpoint=converted["c2i_tiny"], weights=None, architecture=architecture, dtype="bfloat16",
+        param_dtype="float32", resolution=64, num_stages=4, steps_per_stage=[1, 1, 1, 1], cfg_scale=2.4, shift=1.0,
+        solver="euler", seed=7, num_images=2, checkpoint_fingerprint=source.fingerprint(), labels=[3, 4])
+
+
 def test_a_converted_folders_job_records_no_choice_of_weights_and_takes_an_earlier_ema_record_as_its_own(
         tmp_path, converted, monkeypatch, caplog):
     """settings.json said weights 'ema' for a converted folder, which holds the one set it was
