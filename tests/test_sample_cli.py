@@ -492,6 +492,19 @@ def test_a_batch_the_devices_do_not_divide_or_steps_for_other_stages_are_refused
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rerun_clears_the_half_written_files_of_a_killed_job_and_pads_what_is_left_to_the_devices_alone(
+        tmp_path, converted, monkeypatch):
+    """Not to sample.batch_size: 1 image in a batch of 64 rows would draw 63 padding rows."""
+    workdir = tmp_path / "run"
+    job = lambda: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2, batch_size=64)[1]
+    assert job() == [[0, 1] + [1] * 6]  # the default labels, padded to 8 devices
+    os.remove(workdir / "samples" / "000001.png")  # killed while writing it: its temporary files left
+    for leftover in ("000001.png.tmp", ".000001.png.tmp-999999999-x"):
+        (workdir / "samples" / leftover).write_bytes(b"\x89PNG partial")
+    assert job() == [[1] * 8]
+    assert sorted(os.listdir(workdir / "samples")) == ["000000.png", "000001.png", "settings.json"]
+
+
 def test_an_image_lost_after_every_pass_stops_the_job_after_three_passes(tmp_path, converted, monkeypatch, caplog):
     """An image gone when samples.npz is written is sampled again, twice at most: a store that keeps
     losing it stops the job with one error, not a loop for ever."""
