@@ -542,7 +542,7 @@ def check(config, mode: str) -> None:
     expand_paths(config)
     for checker in CHECKS[mode]:
         checker(config)
-    if mode == "sample" and config.eval.reference:
+    if mode == "sample" and "eval" in config and config.eval.get("reference"):  # a Python config may lack it
         check_eval(config)
 
 

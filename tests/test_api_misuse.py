@@ -309,6 +309,19 @@ def test_a_job_started_from_python_checks_its_config_and_workdir_as_main_does(co
     assert workdirs == [str(tmp_path / "home" / "samples")]
 
 
+def test_a_sampling_job_from_python_needs_no_eval_section(converted, tmp_path, monkeypatch):
+    """A sampling config built in Python without an `eval` section (sampling reads it only to
+    evaluate its samples) failed in the checks with AttributeError: 'eval'."""
+    from pixelflow_jax.sampling import sample_run
+
+    config = c2i_config(**{"sample.checkpoint": converted["c2i_tiny"]})
+    del config["eval"]
+    workdirs = []
+    monkeypatch.setattr(sample_run, "_sample", lambda config, workdir: workdirs.append(workdir))
+    sample_run.run(config, str(tmp_path / "samples"))
+    assert workdirs == [str(tmp_path / "samples")]
+
+
 def test_an_evaluation_started_from_python_checks_its_config_and_workdir_as_main_does(tmp_path, monkeypatch):
     """evaluate.run from a notebook skipped main.py's checks, as the other jobs did before: an
     eval.batch_size of 0 failed in the Inception's batching with ZeroDivisionError, and a workdir of
