@@ -321,9 +321,14 @@ def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder,
         PromptEncoder("gs:/b", max_length=8)
     with pytest.raises(CheckpointError, match="^no T5 folder given"):
         PromptEncoder("", max_length=8)
-    with pytest.raises(CheckpointError, match=r"^T5 folder: https://huggingface.co/google/flan-t5-xl: unsupported "
-                                              r"URL scheme https://; .*\(hf:// reads checkpoints and T5 folders"):
-        PromptEncoder("https://huggingface.co/google/flan-t5-xl", max_length=8)  # was a StorageError, unprefixed
+    # A Hub page's address: its hf:// path (a StorageError, unprefixed, then a wget of the page were suggested).
+    with pytest.raises(CheckpointError, match=r"^T5 folder: https://huggingface.co/google/flan-t5-xl is the address of "
+                                              r"a Hugging Face Hub web page, which is not read as files: write "
+                                              r"hf://google/flan-t5-xl \("):
+        PromptEncoder("https://huggingface.co/google/flan-t5-xl", max_length=8)
+    with pytest.raises(CheckpointError, match=r"^T5 folder: https://example.com/t5: unsupported URL scheme https://: "
+                                              r"nothing is downloaded at run time"):
+        PromptEncoder("https://example.com/t5", max_length=8)
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (32, 20), (8, 16)])

@@ -205,6 +205,8 @@ def local_t5_folder(path: str) -> str:
 
     try:  # as every path a user writes: ~ expanded, and a URL is never a local folder (nor one we cannot read)
         path = storage.user_path(path)
+        if refusal := hub.web_address_refusal(path):  # a Hub page's address: its hf:// path, not a download
+            raise storage.StorageError(refusal)
         if storage.is_url(path) and not hub.is_hub_path(path):
             storage.check_supported(path)
     except storage.StorageError as e:
