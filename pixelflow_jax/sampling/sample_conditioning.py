@@ -149,9 +149,11 @@ def read_prompts_file(path: str) -> list[str]:
         raise ValueError(f"{name} is a folder: give a text file, one prompt per line" if storage.isdir(path)
                          else f"{name} does not exist")
     data = storage.read_bytes(path)
+    def conversion(encoding: str) -> str:
+        return f"convert it, e.g. iconv -f {encoding} -t UTF-8 {path} > prompts.utf8.txt, and give that file"
+
     if encoding := marked_encoding(data) or unmarked_encoding(data):
-        raise ValueError(f"{name} is {encoding} text, not UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 "
-                         f"{path} > prompts.utf8.txt, and give that file")
+        raise ValueError(f"{name} is {encoding} text, not UTF-8: {conversion(encoding)}")
     if b"\x00" in data:  # a tool that padded or cut the file: no encoding puts them there
         raise ValueError(f"{name} holds {nul_count_words(data)}, which no text holds: remove them, e.g. "
                          f"tr -d '\\000' < {path} > prompts.clean.txt, and give that file")
@@ -159,9 +161,8 @@ def read_prompts_file(path: str) -> list[str]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         if legacy := windows_1252_text(data, e.start):
-            raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}); it reads as {legacy}: convert "
-                             f"it, e.g. iconv -f {WINDOWS_1252} -t UTF-8 {path} > prompts.utf8.txt, and give that "
-                             "file") from None
+            raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}); it reads as {legacy}: "
+                             f"{conversion(WINDOWS_1252)}") from None
         raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     # Lines end at \n, \r\n or \r only: str.splitlines also splits at \f, \v, \x85, U+2028 and U+2029
     # inside a line (text pasted from the web, a PDF), which would shift every later prompt's image ids.

@@ -207,31 +207,33 @@ def create_json(path: str, value: Any) -> bool:
 
 def upload_file_atomically(local_file: str, path: str) -> None:
     """Publishes a finished local file at `path` (a URL: one upload; local: a rename or copy)."""
+    copy = copying(local_file)
     if is_url(path):
         def upload(p):
-            with open(local_file, "rb") as source, p.open("wb") as target:
-                shutil.copyfileobj(source, target, 16 << 20)
+            with p.open("wb") as target:
+                copy(target)
 
         on_remote(path, upload)
     else:
-        def copy(target):
-            with open(local_file, "rb") as source:
-                shutil.copyfileobj(source, target, 16 << 20)
-
         write_local_atomically(path, copy)
 
 
 def upload_file_once(local_file: str, path: str) -> bool:
     """upload_file_atomically where nothing is at `path` yet: False, and nothing written, when
     another writer got there first (as create_file)."""
-    def copy(target):
+    def create() -> bool:
+        return create_once(path, copying(local_file), lambda fs, key: fs.put_file(local_file, key, mode="create"))
+
+    return on_remote(path, lambda _: create()) if is_url(path) else create()
+
+
+def copying(local_file: str) -> Callable[[BinaryIO], None]:
+    """A writer that copies `local_file` into the file it is given, 16 MiB at a time."""
+    def copy(target: BinaryIO) -> None:
         with open(local_file, "rb") as source:
             shutil.copyfileobj(source, target, 16 << 20)
 
-    def create() -> bool:
-        return create_once(path, copy, lambda fs, key: fs.put_file(local_file, key, mode="create"))
-
-    return on_remote(path, lambda _: create()) if is_url(path) else create()
+    return copy
 
 
 def remove(path: str) -> None:
