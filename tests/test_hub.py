@@ -19,6 +19,27 @@ from test_t5 import write_tiny_t5_folder
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+def hub_holding_the_c2i_release(monkeypatch, snapshot, requests=None):
+    """huggingface_hub.snapshot_download of a repository holding the c2i_tiny release in c2i/: the
+    files its patterns ask for are copied into `snapshot` (at COMMIT), each request appended to `requests`."""
+    import fnmatch
+
+    import huggingface_hub
+
+    release = fixture_dir("c2i_tiny")
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        if requests is not None:
+            requests.append((repo_id, revision, tuple(allow_patterns)))
+        for name in os.listdir(release):
+            if any(fnmatch.fnmatch(f"c2i/{name}", pattern) for pattern in allow_patterns):
+                os.makedirs(snapshot / "c2i", exist_ok=True)
+                shutil.copy(os.path.join(release, name), snapshot / "c2i" / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
 def put_in_hub_cache(home: str, repo_id: str, files: dict[str, str]) -> None:
     """What huggingface_hub leaves in HF_HOME after downloading `files` (repo path -> local file)
     of repo_id at COMMIT from its main branch."""
@@ -237,23 +258,10 @@ def test_a_hub_checkpoint_is_fetched_config_first_then_weights_at_the_same_commi
     """The config alone comes with resolve_checkpoint (a job checks it before gigabytes of weights
     arrive); read_checkpoint fetches the weights at the commit the config came from, even if the
     branch has moved since."""
-    import fnmatch
-
-    import huggingface_hub
-
     from pixelflow_jax import api
 
-    release, snapshot, requests = fixture_dir("c2i_tiny"), tmp_path / "snapshots" / COMMIT, []
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=()):
-        requests.append((repo_id, revision, tuple(allow_patterns)))
-        for name in os.listdir(release):
-            if any(fnmatch.fnmatch(f"c2i/{name}", pattern) for pattern in allow_patterns):
-                os.makedirs(snapshot / "c2i", exist_ok=True)
-                shutil.copy(os.path.join(release, name), snapshot / "c2i" / name)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    snapshot, requests = tmp_path / "snapshots" / COMMIT, []
+    hub_holding_the_c2i_release(monkeypatch, snapshot, requests)
     source = api.resolve_checkpoint("hf://me/pixelflow@main/c2i")
     assert requests == [("me/pixelflow", "main", ("c2i/config.yaml", "c2i/pixelflow_config.json"))]
     assert not (snapshot / "c2i" / "model.pt").exists() and source.label == f"hf://me/pixelflow@{COMMIT}/c2i"
@@ -261,29 +269,16 @@ def test_a_hub_checkpoint_is_fetched_config_first_then_weights_at_the_same_commi
     config, _ = api.read_checkpoint(source)
     assert requests[1] == ("me/pixelflow", COMMIT, ("c2i/config.yaml", "c2i/pixelflow_config.json", "c2i/model.pt",
                                                     "c2i/params/**"))
-    assert config == load_model(release)[1]
+    assert config == load_model(fixture_dir("c2i_tiny"))[1]
 
 
 def test_a_hub_sampling_jobs_rerun_is_the_same_job_its_record_holds_the_weights_fingerprint(tmp_path, monkeypatch):
     """A job records its checkpoint's fingerprint: taken before the weights were fetched, it would be
     the config's alone, and the rerun of an interrupted job (its weights in the cache by then) would
     be refused as a job of other weights."""
-    import fnmatch
-
-    import huggingface_hub
-
     from test_sample_cli import sample_in_process
 
-    release, snapshot = fixture_dir("c2i_tiny"), tmp_path / "snapshots" / COMMIT
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=()):
-        for name in os.listdir(release):
-            if any(fnmatch.fnmatch(f"c2i/{name}", pattern) for pattern in allow_patterns):
-                os.makedirs(snapshot / "c2i", exist_ok=True)
-                shutil.copy(os.path.join(release, name), snapshot / "c2i" / name)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub_holding_the_c2i_release(monkeypatch, tmp_path / "snapshots" / COMMIT)
     job = lambda: sample_in_process(tmp_path / "run", "hf://me/pixelflow@main/c2i", monkeypatch, num_images=2)
     job()
     os.remove(tmp_path / "run" / "samples" / "000001.png")
