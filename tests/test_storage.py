@@ -401,17 +401,34 @@ def test_tensorboard_gets_scalars_and_preview_images_in_folders_of_their_own(whe
     assert os.listdir(tmp_path / "tmp") == ([recent.name] if where == "bucket" else [])
 
 
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_each_logged_step_and_preview_is_in_the_event_files_at_once(where, tmp_path, request):
+    """A bucket run uploads its event files right after writing to them, and a local run may be
+    killed at any moment: tensorboardX's SummaryWriter wrote from a thread its flush() did not wait
+    for, so the first upload held no record and each later one lacked the latest."""
+    from pixelflow_jax.training.metrics_log import MetricsLog
+
+    workdir = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
+    log = MetricsLog(workdir, resumed_step=0)
+    log.write({"step": 1, "loss": 0.5, "grad_norm": 1.0, "images_per_s": 10.0, "skipped_steps": 0})
+    log.image("preview", np.zeros((8, 8, 3), np.uint8), 1)
+    scalars = tensorboard_events(storage.join(workdir, "tensorboard"))
+    previews = tensorboard_events(storage.join(workdir, "tensorboard", "previews"))
+    log.close()
+    assert ("loss", 1, "simple_value") in scalars and previews == [("preview", 1, "image")], (scalars, previews)
+
+
 def test_tensorboard_is_imported_without_torch_and_leaves_torch_importable():
     """tensorboardX imports torch when it is installed, seconds at every start of a training run
     that needs none; a torch imported already stays the one imported."""
     code = ("import sys\n"
-            "from pixelflow_jax.training.metrics_log import summary_writer_class\n"
-            "summary_writer_class()\n"
+            "from pixelflow_jax.training.event_file import tensorboardx\n"
+            "tensorboardx()\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n"
             "import torch\n"
             "for name in [name for name in sys.modules if name.split('.')[0] == 'tensorboardX']:\n"
             "    del sys.modules[name]  # as if torch came first\n"
-            "summary_writer_class()\n"
+            "tensorboardx()\n"
             "assert sys.modules.get('torch') is torch, 'torch dropped'\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.training.event_file import EventFile
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (no entry: no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -24,22 +25,6 @@ def peak_flops(device) -> float | None:
     kind = getattr(device, "device_kind", "")
     matches = [v for k, v in PEAK_FLOPS.items() if k in kind]
     return matches[0] if matches else None
-
-
-def summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
-    is installed, only to accept torch tensors, and that import costs seconds at every start."""
-    import sys
-
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
 
 
 SCALARS, IMAGES = "", "previews"  # folders of tensorboard/
@@ -93,8 +78,8 @@ class MetricsLog:
         # TensorBoard): in a bucket each file is uploaded whole (the scalars' with metrics.jsonl,
         # the images' at each preview), and the scalars' file stays small while the images' grows
         # by a grid per preview.
-        self.writers = {}
-        self.writer(SCALARS)
+        self.event_files = {}
+        self.event_file(SCALARS)
 
     def _step_of(self, line: str) -> int | None:
         """The step of a metrics line; None for a line a killed run left half-written (dropped)."""
@@ -106,18 +91,18 @@ class MetricsLog:
             logging.warning("%s: dropping an unreadable line (half-written by a killed run?): %.80s", self.path, line)
             return None
 
-    def writer(self, folder: str):
-        """The SummaryWriter of tensorboard/`folder` ('' for the top)."""
-        if folder not in self.writers:
-            self.writers[folder] = summary_writer_class()(os.path.join(self.local_events, folder),
-                                                          purge_step=self.resumed_step + 1)
-        return self.writers[folder]
+    def event_file(self, folder: str) -> EventFile:
+        """The event file of tensorboard/`folder` ('' for the top)."""
+        if folder not in self.event_files:
+            self.event_files[folder] = EventFile(os.path.join(self.local_events, folder),
+                                                 purge_step=self.resumed_step + 1)
+        return self.event_files[folder]
 
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
             with storage.writing(self.events, WRITE_FIX):
-                self.writer(IMAGES).add_image(name, image, step, dataformats="HWC")
-                self.writer(IMAGES).flush()
+                self.event_file(IMAGES).add_image(name, image, step)
+                self.event_file(IMAGES).flush()
                 self._publish_events(IMAGES)
 
     def close(self, upload_metrics: bool = True) -> None:
@@ -125,13 +110,13 @@ class MetricsLog:
         upload_metrics=False for a run that lost its workdir to another run, whose metrics.jsonl it
         would replace (the event files have names of their own)."""
         if self.enabled:
-            for writer in self.writers.values():
-                writer.close()
+            for event_file in self.event_files.values():
+                event_file.close()
             if self.remote_events:
                 if upload_metrics:
                     self._upload_metrics()
                 with storage.writing(self.events, WRITE_FIX):
-                    for folder in self.writers:
+                    for folder in self.event_files:
                         self._publish_events(folder)
                 shutil.rmtree(self.local_events, ignore_errors=True)
 
@@ -173,8 +158,8 @@ class MetricsLog:
     def _add_scalars(self, values: dict, step: int) -> None:
         with storage.writing(self.events, WRITE_FIX):
             for name, value in values.items():
-                self.writer(SCALARS).add_scalar(name, value, step)
-            self.writer(SCALARS).flush()
+                self.event_file(SCALARS).add_scalar(name, value, step)
+            self.event_file(SCALARS).flush()
 
     def write(self, record: dict) -> str:
         """Logs the record; returns it as a readable line (for stdout)."""
