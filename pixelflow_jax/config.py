@@ -31,6 +31,15 @@ ARCHITECTURE_FIELDS = (
     "cross_attention_dim",
 )
 
+
+
+def fields_missing_from_architecture(values: Mapping[str, Any]) -> list[str]:
+    """The ARCHITECTURE_FIELDS a recorded architecture lacks. Every file this project writes records
+    them all: one gone (an edit) would be read as XL's default, and the weights then refused as not
+    that architecture's."""
+    return [name for name in ARCHITECTURE_FIELDS if name not in values]
+
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_attention")
 # pixelflow_jax.kernels.attention's backends (test_attention checks they agree)
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash", "auto")

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -840,6 +841,21 @@ def test_load_model_names_a_non_checkpoint_folder(tmp_path):
     with pytest.raises(CheckpointError, match=r"pixelflow_config.json is not a valid pixelflow-jax config: it lacks "
                                               r"'model' \(convert the checkpoint again"):  # was: config: 'model'
         load_model(str(converted))
+
+
+def test_a_converted_config_missing_architecture_fields_names_them_not_xls_defaults(tmp_path, converted):
+    """A pixelflow_config.json whose model lost fields (an edit) was read with XL's defaults in their
+    place, and the weights refused as 'not the architecture {... 'depth': 28 ...}'."""
+    from pixelflow_jax import CheckpointError
+
+    edited = tmp_path / "edited"
+    shutil.copytree(converted["c2i_tiny"], edited)
+    values = json.loads((edited / "pixelflow_config.json").read_text())
+    del values["model"]["depth"], values["model"]["patch_size"]
+    (edited / "pixelflow_config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match=r"pixelflow_config.json is not a valid pixelflow-jax config: it lacks "
+                                              r"'model.depth', 'model.patch_size' \(convert the checkpoint again"):
+        load_model(str(edited))
 
 
 def test_pooled_text_is_this_projects_addition_named_only_when_on_and_never_exported():

@@ -4,6 +4,7 @@ never a step killed mid-save; exported to a release folder with the release's ex
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -141,6 +142,19 @@ def test_a_run_config_that_does_not_describe_the_runs_weights_is_named_not_its_s
                               "(1001, 32) stored, (1001, 64) described, ")
     assert message.endswith("was run_config.json edited, or copied from another run? Put the run's own back")
     assert "other complete steps" not in message
+
+
+def test_a_run_config_missing_architecture_fields_names_them_not_xls_defaults(run, tmp_path):
+    """A run_config.json whose architecture lost fields (an edit) was read with XL's defaults in their
+    place: 'holds weights of another architecture than run_config.json describes' (depth 28)."""
+    edited = tmp_path / "run"
+    shutil.copytree(run[0], edited)
+    values = json.loads((edited / "run_config.json").read_text())
+    del values["architecture"]["depth"], values["architecture"]["num_classes"]
+    (edited / "run_config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(edited))}/run_config.json does not describe a model: "
+                                              r"its architecture lacks depth, num_classes\. Put back its content"):
+        load_model(str(edited))
 
 
 @pytest.mark.parametrize("content,problem", [("{\"architecture\": {\"num_att", "JSONDecodeError: Unterminated string"),

@@ -24,7 +24,7 @@ from flax import nnx
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.convert import Params, param_shapes
 from pixelflow_jax.command_line import late_restore_callbacks_dropped
-from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.config import ModelConfig, fields_missing_from_architecture
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.validation import (LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES,
                                       too_many_stages)
@@ -105,6 +105,9 @@ class CheckpointConfig:
             raise ValueError(f"format_version {version!r} is from a newer pixelflow-jax (this one reads "
                              f"{FORMAT_VERSION}): upgrade pixelflow-jax to load it")
         model, scheduler = (mapping(name, values[name]) for name in ("model", "scheduler"))
+        missing = fields_missing_from_architecture(model)
+        if missing:
+            raise KeyError(*(f"model.{name}" for name in missing))
         return cls(model=ModelConfig.from_mapping(model),
                    num_train_timesteps=whole_number("scheduler.num_train_timesteps", scheduler["num_train_timesteps"]),
                    num_stages=whole_number("scheduler.num_stages", scheduler["num_stages"]),
@@ -236,7 +239,7 @@ def read_config(path: str) -> CheckpointConfig:
         raise CheckpointError(f"{path} is not a converted pixelflow-jax checkpoint (no {CONFIG_FILE}); "
                               "convert a release checkpoint with convert_torch_ckpt.py first") from None
     except KeyError as e:
-        raise CheckpointError(f"{config_path} is not a valid pixelflow-jax config: it lacks {e.args[0]!r} (convert "
+        raise CheckpointError(f"{config_path} is not a valid pixelflow-jax config: it lacks {', '.join(map(repr, e.args))} (convert "
                               "the checkpoint again with convert_torch_ckpt.py)") from None
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path} is not a valid pixelflow-jax config: {e}") from None

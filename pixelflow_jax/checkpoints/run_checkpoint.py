@@ -27,7 +27,7 @@ from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, WEIGHT_CHOICES, C
                                                  listed, named_leaves)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.command_line import late_restore_callbacks_dropped
-from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.config import ModelConfig, fields_missing_from_architecture
 from pixelflow_jax.error_text import first_line
 
 RUN_CONFIG = "run_config.json"
@@ -179,6 +179,11 @@ def encoder_folder_of(run: str, recorded_path: str) -> str:
 
 def run_checkpoint_config(run: str) -> CheckpointConfig:
     values, text = read_run_config(run), run_text_encoding(run)
+    architecture = values.get("architecture")
+    missing = fields_missing_from_architecture(architecture) if isinstance(architecture, dict) else []
+    if missing:  # (a file with no architecture at all is refused below)
+        raise CheckpointError(f"{storage.join(run, RUN_CONFIG)} does not describe a model: its architecture lacks "
+                              f"{', '.join(missing)}. Put back its content (copy the file again from the run)")
     try:
         return CheckpointConfig(model=ModelConfig.from_mapping(values["architecture"]),
                                 num_train_timesteps=int(values["num_train_timesteps"]),
