@@ -1047,3 +1047,24 @@ def test_a_collective_failing_for_a_process_gone_is_one_line_naming_the_other_pr
         "Connection reset by peer)")
     assert another_process_gone(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")) is None
     assert another_process_gone(ValueError("Connection reset by peer")) is None
+
+
+def test_without_a_home_folder_compiled_programs_are_not_kept_and_nothing_is_written_here(monkeypatch, tmp_path):
+    """A container's uid without a passwd entry and HOME unset: the cache went to ./~/.cache/pixelflow_jax/xla
+    under the job's current folder."""
+    import jax
+
+    from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
+
+    monkeypatch.chdir(tmp_path)
+    for variable in ("PIXELFLOW_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    session_cache = jax.config.jax_compilation_cache_dir  # the test session's own (conftest.py)
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        keep_compiled_programs(on_cpu=True)
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session_cache)
+    assert os.listdir(tmp_path) == []

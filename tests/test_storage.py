@@ -958,6 +958,25 @@ def test_the_cache_folder_is_the_projects_setting_else_the_users_cache(monkeypat
     assert storage.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "pixelflow_jax")
 
 
+def test_without_a_known_home_folder_the_cache_is_refused_not_made_in_the_current_folder(monkeypatch, tmp_path):
+    """A container's uid without a passwd entry and HOME unset: expanduser("~") is "~", and the cache
+    was ./~/.cache/pixelflow_jax wherever the job started."""
+    monkeypatch.chdir(tmp_path)
+    for variable in ("PIXELFLOW_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    with pytest.raises(storage.StorageError, match="home folder is unknown .*set PIXELFLOW_CACHE_DIR"):
+        storage.cache_dir("xla")
+    monkeypatch.setenv("HOME", "home")
+    with pytest.raises(storage.StorageError, match="HOME='home' is no absolute path"):
+        storage.cache_dir("xla")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG rule says
+    monkeypatch.setenv("HOME", "/home/u")
+    assert storage.cache_dir("xla") == "/home/u/.cache/pixelflow_jax/xla"
+    monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "pf_cache")  # the folder it names now, whatever the cwd later
+    assert storage.cache_dir("xla") == str(tmp_path / "pf_cache" / "xla")
+
+
 def test_a_local_write_goes_through_a_temporary_beside_the_file_named_for_its_writer(tmp_path):
     """Named so that remove_temporaries clears it after a kill, and keeps it while its writer runs."""
     seen = []

@@ -25,7 +25,11 @@ def keep_compiled_programs(on_cpu: bool) -> None:
 
     if jax.config.jax_compilation_cache_dir or (jax.default_backend() == "cpu" and not on_cpu):
         return
-    folder = storage.cache_dir("xla")
+    try:
+        folder = storage.cache_dir("xla")
+    except storage.StorageError as e:  # no home folder: the job runs as well without
+        logging.info("compiled programs are not kept: %s", e)
+        return
     try:
         os.makedirs(folder, exist_ok=True)
         writable = os.access(folder, os.W_OK)

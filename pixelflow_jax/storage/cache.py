@@ -17,10 +17,25 @@ from pixelflow_jax.storage.temporaries import process_alive
 
 def cache_dir(*parts: str) -> str:
     """This project's local cache of remote files: $PIXELFLOW_CACHE_DIR, else
-    $XDG_CACHE_HOME/pixelflow_jax, else ~/.cache/pixelflow_jax."""
-    root = os.environ.get("PIXELFLOW_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pixelflow_jax")
-    return os.path.join(root, *parts)
+    $XDG_CACHE_HOME/pixelflow_jax (an absolute one: the XDG rule), else ~/.cache/pixelflow_jax."""
+    root = os.environ.get("PIXELFLOW_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        root = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home_folder(), ".cache"), "pixelflow_jax")
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), *parts)
+
+
+def home_folder() -> str:
+    """The user's home folder. StorageError where it is unknown (HOME unset or empty and a uid without
+    a passwd entry, as in containers): expanduser then leaves "~" (or ""), and the cache would be a
+    folder named ~ (or .cache) in the current one."""
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        why = (f"HOME={os.environ['HOME']!r} is no absolute path" if "HOME" in os.environ else
+               f"HOME is unset and uid {os.getuid()} has no passwd entry")
+        raise StorageError(f"this user's home folder is unknown ({why}): set PIXELFLOW_CACHE_DIR to a writable "
+                           "folder for pixelflow_jax's local cache (or set HOME)")
+    return home
 
 
 def cached_copy(url: str, folder: str) -> str:
