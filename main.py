@@ -161,7 +161,10 @@ def start_job(command: dict | None):
     """Joins the other processes (--distributed) or keeps compiled programs, and checks the attention
     kernel, all before any file is written."""
     from pixelflow_jax import host_memory, multihost
+    from pixelflow_jax.cli.platforms import platform_error
 
+    if not FLAGS.distributed and (message := platform_error()):  # a --distributed job's are checked as it joins
+        sys.exit(f"error: {message}")
     if FLAGS.distributed:
         try:
             multihost.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -63,6 +63,10 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
                          "process") from None
     finally:
         waiting.cancel()
+    from pixelflow_jax.cli.platforms import platform_error
+
+    if message := platform_error():
+        raise ValueError(message)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
 

@@ -1068,3 +1068,35 @@ def test_without_a_home_folder_compiled_programs_are_not_kept_and_nothing_is_wri
     finally:
         jax.config.update("jax_compilation_cache_dir", session_cache)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_platform_jax_cannot_start_is_named_with_jax_platforms_in_one_line(monkeypatch):
+    """JAX_PLATFORMS=cuda on a machine without NVIDIA GPUs ended in a traceback of jax's, an
+    AssertionError without a message; tpu without libtpu in jax's RuntimeError."""
+    import jax
+
+    from pixelflow_jax.cli.platforms import platform_error
+
+    assert platform_error() is None
+    before = jax.config.jax_platforms  # read only as a backend starts: this session's stay started
+    jax.config.update("jax_platforms", "cuda")
+    try:
+        for error, cause in ((AssertionError(), "no device of it is visible"),
+                             (RuntimeError("Unable to initialize backend 'cuda': no libcuda (set JAX_PLATFORMS='' to "
+                                           "automatically choose an available backend)"),
+                              "Unable to initialize backend 'cuda': no libcuda")):
+            monkeypatch.setattr(jax, "devices", lambda error=error: (_ for _ in ()).throw(error))
+            assert platform_error() == (f"JAX_PLATFORMS=cuda asks jax for a platform it cannot start here ({cause}): "
+                                        "unset JAX_PLATFORMS to use what this machine has, set it to cpu to run on the "
+                                        "CPU, or install jax for that platform (jax[cuda12], jax[tpu])")
+    finally:
+        jax.config.update("jax_platforms", before)
+
+
+def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_platform_here(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--config=configs/c2i.py:tiny",
+                             f"--workdir={tmp_path / 'run'}", "--mode=inspect"], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cuda"})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("error: JAX_PLATFORMS=cuda asks jax for a platform it cannot")
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

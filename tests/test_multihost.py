@@ -502,3 +502,16 @@ def test_processes_that_joined_are_not_ended_by_the_wait_and_jaxs_own_wait_ends_
 def test_processes_of_a_fresh_run_list_no_checkpoints_alike(monkeypatch):
     calls_of_the_other_process(monkeypatch, multihost.check_same_checkpoints, [], "/runs/new/checkpoints")
     multihost.check_same_checkpoints([], "/runs/new/checkpoints")
+
+
+def test_a_platform_jax_cannot_start_stops_a_process_as_it_joins_in_one_line(monkeypatch):
+    """Its backends start once the processes have joined (jax.distributed.initialize comes first):
+    JAX_PLATFORMS=cuda on a host without NVIDIA GPUs was a traceback at the log line after."""
+    import jax
+
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # this session's collectives stay
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(jax, "devices", lambda: (_ for _ in ()).throw(AssertionError()))
+    with pytest.raises(ValueError, match=r"^JAX_PLATFORMS=.* asks jax for a platform it cannot start here|"
+                                         r"^jax cannot start its backends"):
+        multihost.start_distributed("localhost:1234", 2, 1)

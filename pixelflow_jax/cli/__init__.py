@@ -1,2 +1,2 @@
 """What main.py needs around the modes: its --config file checked, overrides without effect warned
-of, the compilation cache, and how a job of several processes exits."""
+of, the compilation cache, the platform jax is asked for, and how a job of several processes exits."""
