@@ -30,6 +30,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import is_run, listed_steps
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.progress import say
 from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
 from pixelflow_jax.scheduler import stage_resolutions
 from pixelflow_jax.text.prompts import MAX_LENGTH
@@ -157,7 +158,7 @@ def run(config, workdir: str) -> dict:
 
     report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, weights=weights, parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
-    print(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
+    say(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
     with storage.writing(report_path, "the report is printed above; free space or make the workdir writable, and "
                                       "rerun the same command to record it"):
         storage.write_json_keeping_history(report_path, report)

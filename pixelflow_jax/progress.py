@@ -7,11 +7,40 @@ so a log file is not flooded with carriage returns.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import jax
 from absl import logging
+
+from pixelflow_jax.error_text import described
+
+
+def say(message: str) -> None:
+    """Prints a line of a job's on stdout. A stdout that cannot take it (a redirected log on a full
+    disk, a pipe whose reader has gone: `| head`, a closed ssh session's) costs its lines, not the
+    job, whose files keep them (metrics.jsonl, inspect.json, eval.json): one warning, and stdout goes
+    to /dev/null for the rest of the job (else the lines held back failed again at exit, status 120)."""
+    try:
+        print(message, flush=True)
+    except OSError as e:
+        logging.warning("stdout cannot be written (%s): this job's further lines for it are dropped (its files keep "
+                        "them)", described(e))
+        stdout_to_devnull()
+
+
+def stdout_to_devnull() -> None:
+    try:
+        stdout = sys.stdout.fileno()
+    except (OSError, ValueError):  # a stream of no file descriptor: replaced instead
+        sys.stdout = open(os.devnull, "w")
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stdout)
+    finally:
+        os.close(devnull)
 
 
 def format_duration(seconds: float) -> str:
@@ -66,7 +95,7 @@ class Progress:
         if self.bar is not None:
             self.bar.write(message, file=self.stream)
         else:
-            print(message, flush=True)
+            say(message)
 
     def line(self, now: float | None = None) -> str:
         """'<description>: done/total unit (pct), rate unit/s, ETA m:ss, elapsed m:ss'."""

@@ -261,3 +261,16 @@ def test_main_reports_a_non_finite_inspection_in_one_line(tmp_path):
     assert result.returncode == 1, result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == ("error: stage 0: the forward pass of the config's model "
                                                         "produced NaN or inf")
+
+
+def test_a_stdout_that_cannot_be_written_leaves_the_report_in_the_workdir(tmp_path, monkeypatch):
+    """`main.py --mode=inspect > log` on a full disk: the report was printed first, its print raised,
+    and inspect.json was never written."""
+    from pixelflow_jax import inspect_model
+
+    config = tiny_config("c2i")
+    config.scheduler.num_stages, config.data.resolution = 2, 16  # two quick compiles
+    monkeypatch.setattr("sys.stdout", open("/dev/full", "w", buffering=1))  # as PYTHONUNBUFFERED=1 in containers
+    inspect_model.run(config, str(tmp_path))
+    with open(tmp_path / "inspect.json") as f:
+        assert [s["resolution"] for s in json.load(f)["stages"]] == [8, 16]

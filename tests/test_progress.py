@@ -81,3 +81,19 @@ def test_off_a_terminal_messages_are_printed_and_other_processes_show_nothing(mo
             progress.update(2)
             progress.write("step 2: loss 0.4")
     assert stream.getvalue() == "" and lines == [] and capsys.readouterr().out == ""
+
+
+def test_a_stdout_that_cannot_be_written_costs_its_lines_not_the_job(monkeypatch, caplog):
+    """A training run under nohup with its log on a full disk (or piped to a reader gone, `| head`)
+    died at its first step line, an OSError traceback, before its first checkpoint."""
+    from pixelflow_jax import progress
+
+    full = open("/dev/full", "w")
+    monkeypatch.setattr("sys.stdout", full)
+    Progress(10, "training", "step", interactive=False).write("step 1: loss 0.1")
+    progress.say("step 2: loss 0.1")
+    full.flush()  # what was held back goes to /dev/null now, as at exit
+    warnings = [r.getMessage() for r in caplog.records if "stdout cannot be written" in r.getMessage()]
+    assert warnings == ["stdout cannot be written (OSError: [Errno 28] No space left on device): this job's further "
+                        "lines for it are dropped (its files keep them)"]
+    full.close()

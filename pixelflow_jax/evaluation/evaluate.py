@@ -36,7 +36,7 @@ from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.multihost import (InputRead, block_size, check_same_inputs, check_shared_workdir, failing_together,
                                      from_process_0, gather_rows, hashed, named, processes_where, rows_of_this_process,
                                      seen_within_the_wait, stop_if_preempted_at_the_next_pass)
-from pixelflow_jax.progress import Progress
+from pixelflow_jax.progress import Progress, say
 from pixelflow_jax.sharding import batch_for, replicate_on_local_devices
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
 
@@ -809,7 +809,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     samples = samples_chosen_by_process_0(samples or e.get("samples", ""), workdir)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
-        print(f"{name}: {results[name]:.4f}", flush=True)
+        say(f"{name}: {results[name]:.4f}")
     if jax.process_index() == 0:
         path = storage.join(workdir, EVAL_JSON)
         with storage.writing(path, "the metrics are printed above; free space or make the workdir writable, and "

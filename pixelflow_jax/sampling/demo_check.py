@@ -18,6 +18,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.data.demo_data import SHAPES, classify, colour_name
 from pixelflow_jax.error_text import described
+from pixelflow_jax.progress import say
 from pixelflow_jax.training.resume_settings import recorded_settings
 
 
@@ -82,6 +83,6 @@ def print_for(run: str | None, conditioning, samples_npz: str) -> None:
         num_colours = demo_colours_of(run)
         if num_colours:
             images = np.load(io.BytesIO(storage.read_bytes(samples_npz)))["arr_0"]
-            print(report(images, asked_of(conditioning, num_colours), num_colours), flush=True)
+            say(report(images, asked_of(conditioning, num_colours), num_colours))
     except Exception as e:  # a damaged train_settings.json, a store failing now
         logging.warning("the demo check of %s was not made: %s", samples_npz, described(e))

@@ -40,7 +40,7 @@ from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.kernels.attention import tracing_modes
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.multihost import check_same_checkpoints, check_same_data, check_shared_workdir, from_process_0
-from pixelflow_jax.progress import Progress
+from pixelflow_jax.progress import Progress, say
 from pixelflow_jax.sampling.cascade import CascadeSampler
 from pixelflow_jax.scheduler import PixelFlowScheduler
 from pixelflow_jax.sharding import batch_sharding, global_arrays, make_mesh
@@ -521,8 +521,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     t = config.train
     done = latest_saved_step(workdir)
     if done >= t.num_steps and not preview_owed(workdir, done, t.preview_every):
-        print(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
-              "raise --config.train.num_steps to train further", flush=True)
+        say(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
+            "raise --config.train.num_steps to train further")
         return {}
     init_source = init_from_source(config, model_cfg, workdir, done)
     source, listing, trained_classes = open_checked_data(config, model_cfg, workdir, done)
