@@ -17,9 +17,9 @@ import traceback
 from typing import Iterator
 
 
-# 128 + the signal's number, as a shell reports a process that SIGINT or SIGTERM ended: a scheduler
-# sees a stopped job, not a finished one.
-EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+# 128 + the signal's number, as a shell reports a process that SIGINT, SIGTERM or SIGHUP ended: a
+# scheduler sees a stopped job, not a finished one.
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_HUNG_UP = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP
 
 
 class Terminated(BaseException):

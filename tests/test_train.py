@@ -1521,6 +1521,40 @@ def test_ctrl_c_saves_the_step_like_a_preemption_and_a_second_one_stops_at_once(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_a_hang_up_saves_the_step_like_a_preemption_and_nohups_ignored_one_stays_ignored():
+    """An ssh session closed under a run started from it (SIGHUP) ended it at once, losing the steps
+    since its last checkpoint."""
+    from pixelflow_jax.command_line import EXIT_HUNG_UP
+    from pixelflow_jax.training.preemption import PreemptionWatch
+    from pixelflow_jax.training.train import preempted_at
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
+    try:
+        watch = PreemptionWatch()
+        try:
+            assert not watch.reached()
+            os.kill(os.getpid(), signal.SIGHUP)  # turned into a SIGTERM to this process: the preemption path
+            assert watch.reached() and not watch.interrupted
+            stop = preempted_at(watch, 7, 10, False)
+            assert stop.exit_status == EXIT_HUNG_UP == 129
+            assert str(stop) == ("hung up (SIGHUP: the terminal or ssh session it was started from closed): saved "
+                                 "step 7 on every process; rerun the same command to resume")
+        finally:
+            watch.close()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # started under nohup
+        watch = PreemptionWatch()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not watch.reached()
+        finally:
+            watch.close()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_training_in_a_thread_runs_without_signal_handlers(caplog):
     """train() in a notebook's background thread failed at its first step with signal.signal's
     'signal only works in main thread', leaving the data loader's threads running."""

@@ -8,7 +8,9 @@ stop together. A single process catches SIGTERM itself.
 
 Ctrl-C (SIGINT) stops the same way, saving the step: it is turned into a SIGTERM to this process,
 so every process of a job agrees on the step as for a preemption. A second Ctrl-C stops at once,
-without saving.
+without saving. So does a hang-up (SIGHUP: the ssh session or terminal the run was started from
+closed), which else ended the run at once, losing the steps since its last checkpoint; a run started
+under nohup, which ignores SIGHUP, keeps running as nohup asks.
 
 Python lets only the main thread catch signals: train() run in another thread (a notebook's
 background training) trains without these handlers, and a Ctrl-C or SIGTERM there saves nothing.
@@ -31,17 +33,22 @@ class PreemptionWatch:
         self.calls = 0  # of reached(): the step count jax's sync point is agreed in (see reached)
         self.requested = False
         self.interrupted = False  # by Ctrl-C rather than a preemption
+        self.hung_up = False  # by SIGHUP rather than a preemption
         self.previous_handlers = {}
         if threading.current_thread() is not threading.main_thread():  # signal.signal would raise ValueError
             logging.warning("training outside the main thread, where Python cannot catch signals: a Ctrl-C or "
                             "SIGTERM saves no step for this run (a rerun resumes from its last checkpoint)")
             return
         self.previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # nohup's SIG_IGN stays
+            self.previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
         if not self.distributed:  # with several processes, jax's own SIGTERM handler must stay
             self.previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     @property
     def cause(self) -> str:
+        if self.hung_up:
+            return "hung up (SIGHUP: the terminal or ssh session it was started from closed)"
         return "interrupted (Ctrl-C)" if self.interrupted else "preempted (SIGTERM)"
 
     def _on_sigterm(self, *_) -> None:
@@ -54,6 +61,11 @@ class PreemptionWatch:
         print("\nCtrl-C: saving this step on every process, then stopping (Ctrl-C again: stop now, without saving)",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    def _on_sighup(self, *_) -> None:  # nothing printed: the terminal is gone
+        if not (self.hung_up or self.interrupted):
+            self.hung_up = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self) -> bool:
         """Whether to save this step and stop; call at every step, on every process. jax counts in

@@ -35,7 +35,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps, is_run
-from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
+from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.kernels.attention import tracing_modes
 from pixelflow_jax.model import PixelFlow
@@ -63,9 +63,9 @@ class TrainingStopped(RuntimeError):
 
 
 class TrainingPreempted(RuntimeError):
-    """SIGTERM or Ctrl-C: every process saved the same step and stopped; rerunning the command
-    resumes. `exit_status` is what main.py exits with (command_line.EXIT_INTERRUPTED or
-    EXIT_TERMINATED)."""
+    """SIGTERM, Ctrl-C or SIGHUP: every process saved the same step and stopped; rerunning the
+    command resumes. `exit_status` is what main.py exits with (command_line.EXIT_INTERRUPTED,
+    EXIT_TERMINATED or EXIT_HUNG_UP)."""
 
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
@@ -505,8 +505,8 @@ def preempted_at(preemption: PreemptionWatch, step: int, num_steps: int, preview
         rest = "the run's last step; rerun the same command to draw its preview"
     else:
         rest = "the run's last step: the run is complete"
-    return TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; {rest}",
-                             EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED)
+    status = EXIT_HUNG_UP if preemption.hung_up else EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED
+    return TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; {rest}", status)
 
 
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
