@@ -125,6 +125,18 @@ def stop_behind(error: BaseException) -> BaseException | None:
     return error if isinstance(error, (KeyboardInterrupt, Terminated)) else stop_received()
 
 
+def exit_without_a_home_folder() -> None:
+    """Stops in one line where the user's home folder is unknown: libraries under the tools take
+    their caches' places from it at import (parso, through flax and IPython, raised "Could not
+    determine home directory." in a traceback), and jax's, huggingface_hub's and this project's
+    caches default under it."""
+    from pixelflow_jax.storage.cache import unknown_home_folder
+
+    if why := unknown_home_folder():
+        sys.exit(f"error: {why}: set HOME to a writable folder (the caches of jax, huggingface_hub and "
+                 "pixelflow_jax default under it)")
+
+
 def usage_error(message: str):
     """A command line written wrongly, in one line and a pointer to the help (absl's UsageError prints
     the whole help first, pages above the message)."""

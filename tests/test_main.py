@@ -1100,3 +1100,17 @@ def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_pla
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1].startswith("error: JAX_PLATFORMS=cuda asks jax for a platform it cannot")
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_main_stops_in_one_line_before_its_imports_where_no_home_folder_is_known(monkeypatch):
+    """HOME unset and a container's uid without a passwd entry: flax's import (IPython, jedi, parso)
+    raised "Could not determine home directory." in a traceback before main.py read its flags."""
+    from pixelflow_jax.command_line import exit_without_a_home_folder
+
+    monkeypatch.setenv("HOME", "/home/u")
+    exit_without_a_home_folder()
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    with pytest.raises(SystemExit, match=rf"^error: this user's home folder is unknown \(HOME is unset and uid "
+                                         rf"{os.getuid()} has no passwd entry\): set HOME to a writable folder"):
+        exit_without_a_home_folder()

@@ -26,16 +26,22 @@ def cache_dir(*parts: str) -> str:
 
 
 def home_folder() -> str:
-    """The user's home folder. StorageError where it is unknown (HOME unset or empty and a uid without
-    a passwd entry, as in containers): expanduser then leaves "~" (or ""), and the cache would be a
-    folder named ~ (or .cache) in the current one."""
-    home = os.path.expanduser("~")
-    if not os.path.isabs(home):
-        why = (f"HOME={os.environ['HOME']!r} is no absolute path" if "HOME" in os.environ else
-               f"HOME is unset and uid {os.getuid()} has no passwd entry")
-        raise StorageError(f"this user's home folder is unknown ({why}): set PIXELFLOW_CACHE_DIR to a writable "
-                           "folder for pixelflow_jax's local cache (or set HOME)")
-    return home
+    """The user's home folder. StorageError where it is unknown (see unknown_home_folder): expanduser
+    then leaves "~", and the cache would be a folder named ~ in the current one."""
+    if why := unknown_home_folder():
+        raise StorageError(f"{why}: set PIXELFLOW_CACHE_DIR to a writable folder for pixelflow_jax's local cache "
+                           "(or set HOME)")
+    return os.path.expanduser("~")
+
+
+def unknown_home_folder() -> str | None:
+    """Why the user's home folder is unknown (HOME unset and a uid without a passwd entry, as in
+    some containers; HOME a relative path), or None where it is known."""
+    if os.path.isabs(os.path.expanduser("~")):
+        return None
+    why = (f"HOME={os.environ['HOME']!r} is no absolute path" if "HOME" in os.environ else
+           f"HOME is unset and uid {os.getuid()} has no passwd entry")
+    return f"this user's home folder is unknown ({why})"
 
 
 def cached_copy(url: str, folder: str) -> str:
