@@ -687,10 +687,10 @@ def test_the_config_and_flag_files_a_command_names_are_found_in_every_form_absl_
 
 
 def test_the_sibling_config_is_named_for_its_own_fields_only_and_a_path_below_a_value_has_none():
-    from pixelflow_jax.cli.config_file import CONFIGS, sibling_config_with
+    from pixelflow_jax.cli.config_file import configs_folder, sibling_config_with
 
-    ours = f"{CONFIGS}/c2i.py"
-    assert sibling_config_with(f"{ours}:tiny", "train.caption_dropout") == f"{CONFIGS}/t2i.py"
+    ours = f"{configs_folder()}/c2i.py"
+    assert sibling_config_with(f"{ours}:tiny", "train.caption_dropout") == f"{configs_folder()}/t2i.py"
     assert sibling_config_with(f"{ours}:tiny", "train.caption_dropout.x") is None  # a float has no fields
     assert sibling_config_with(ours, "train.no_such_field") is None
     assert sibling_config_with("/home/me/c2i.py", "train.caption_dropout") is None  # a user's file of that name
@@ -1137,3 +1137,18 @@ def test_eval_and_inspect_refuse_before_any_work_what_would_fail_after_it(tmp_pa
         make(workdir / name)
         with pytest.raises(ValueError, match=rf"{name} is a (file|folder), where the evaluation keeps its"):
             check_inputs(str(images), str(images), str(tmp_path / "weights.pth"), str(workdir))
+
+
+def test_the_configs_named_in_errors_are_found_beside_main_py_where_pip_installed_the_package(monkeypatch, tmp_path):
+    """A container image with the package in site-packages and main.py with configs/ copied to /app:
+    a --config that did not exist ended in a FileNotFoundError traceback for site-packages/configs."""
+    from pixelflow_jax.cli import config_file
+
+    monkeypatch.setattr(config_file, "PACKAGE", str(tmp_path / "site-packages" / "pixelflow_jax"))
+    monkeypatch.setattr("sys.argv", [str(tmp_path / "app" / "main.py")])
+    monkeypatch.chdir(tmp_path)
+    assert config_file.our_configs() == ("configs/c2i.py and configs/t2i.py of the project's checkout, which pip "
+                                         "does not install with the package")
+    (tmp_path / "app" / "configs").mkdir(parents=True)
+    (tmp_path / "app" / "configs" / "c2i.py").write_text("")
+    assert config_file.our_configs() == "app/configs/c2i.py"

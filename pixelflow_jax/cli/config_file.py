@@ -48,9 +48,20 @@ def read_locally(url: str) -> str:
     return f"flag and config files are read from local paths only: copy it here first (gcloud storage cp {url} .)"
 
 
-# This checkout's configs/, beside the package (main.py's folder, first on sys.path when it runs).
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pixelflow_jax/
-CONFIGS = os.path.join(os.path.dirname(PACKAGE), "configs")
+
+
+def configs_folder() -> str | None:
+    """This project's configs/: beside the package in a checkout (`pip install -e .` too), else beside
+    the main.py that runs (the package installed into site-packages, main.py and configs/ copied
+    beside each other); None where neither has it."""
+    for folder in (os.path.join(os.path.dirname(PACKAGE), "configs"),
+                   os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "configs")):
+        if os.path.isdir(folder):
+            return folder
+    return None
+
+
 # The class and the text config, each with settings the other lacks (prompts, captions, the T5 encoder).
 SIBLING_CONFIGS = {"c2i.py": "t2i.py", "t2i.py": "c2i.py"}
 
@@ -61,7 +72,7 @@ def sibling_config_with(config_file: str, field: str) -> str | None:
     import importlib
 
     folder, name = os.path.split(config_file.split(":")[0])
-    if name not in SIBLING_CONFIGS or os.path.abspath(folder or ".") != CONFIGS:
+    if name not in SIBLING_CONFIGS or os.path.abspath(folder or ".") != configs_folder():
         return None
     config = importlib.import_module(f"configs.{SIBLING_CONFIGS[name].removesuffix('.py')}").get_config()
     for part in field.split("."):
@@ -297,8 +308,11 @@ def takes_the_next_word(arg: str) -> bool:
 
 def our_configs() -> str:
     """This project's config files, named as they would work from here."""
-    shown = os.path.relpath(CONFIGS) if not os.path.relpath(CONFIGS).startswith("..") else CONFIGS
-    return ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(CONFIGS)) if re.fullmatch(r"[a-z]\w*\.py", n))
+    folder = configs_folder()
+    if folder is None:  # a pip install holds the package only
+        return "configs/c2i.py and configs/t2i.py of the project's checkout, which pip does not install with the package"
+    shown = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else folder
+    return ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(folder)) if re.fullmatch(r"[a-z]\w*\.py", n))
 
 
 # The flags of the release's scripts, and what takes their place here (a user of the release types them).
