@@ -407,6 +407,30 @@ def test_label_dropout_gives_the_null_class_at_its_rate_and_keeps_the_other_labe
     assert 0.27 < changed.mean() < 0.33
 
 
+def test_jax_enable_x64_draws_the_same_stages_timesteps_noise_and_dropped_labels_in_32_bits():
+    """JAX_ENABLE_X64=1 in a cluster's environment: the draws' default dtypes became 64-bit, so a run
+    drew other timesteps, noise and dropped labels (a resume with it set went on with other draws
+    than the run's own) and built its batches in float64."""
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training.train_step import dropped_conditioning
+
+    labels = np.arange(64, dtype=np.int32) % 10
+
+    def drawn():
+        draws = flow.draw(jax.random.key(5), 8, 16, 3, 2, 1000)
+        dropped = dropped_conditioning(jax.random.key(6), labels, ModelConfig(num_classes=10),
+                                       StepConfig(label_dropout=0.3), None)["class_labels"]
+        return [draws.stage_of_image, draws.timestep_index, *draws.noise, dropped]
+
+    plain = drawn()
+    with jax.enable_x64(True):
+        with_x64 = drawn()
+    assert [a.dtype for a in with_x64] == [a.dtype for a in plain] == [np.int32, np.int32, np.float32, np.float32,
+                                                                        np.int32]
+    for a, b in zip(plain, with_x64):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_the_pyramid_halves_by_2x2_means_and_doubles_by_repetition_of_any_image_shape():
     """downsample_2x and upsample_2x against their definitions in float64 numpy, on a batch of
     non-square images of two channels (square images alone let the wrong axis's length pass)."""

@@ -71,12 +71,14 @@ jax.tree_util.register_dataclass(Draws, data_fields=["stage_of_image", "timestep
 
 def draw(key: jax.Array, batch: int, resolution: int, channels: int, num_stages: int,
          num_train_timesteps: int) -> Draws:
+    # Dtypes given: under JAX_ENABLE_X64 the defaults are 64-bit, which drew other timesteps and noise
+    # (a run resumed with it set trained on other draws) and made the batch float64.
     stage_key, index_key, noise_key = jax.random.split(key, 3)
-    stage_of_image = jax.random.permutation(stage_key, jnp.arange(batch) % num_stages)
-    timestep_index = jax.random.randint(index_key, (batch,), 0, num_train_timesteps)
+    stage_of_image = jax.random.permutation(stage_key, jnp.arange(batch, dtype=jnp.int32) % num_stages)
+    timestep_index = jax.random.randint(index_key, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
     per_stage = batch // num_stages
     sizes = stage_resolutions(resolution, num_stages)
-    noise = tuple(jax.random.normal(k, (per_stage, size, size, channels))
+    noise = tuple(jax.random.normal(k, (per_stage, size, size, channels), jnp.float32)
                   for size, k in zip(sizes, jax.random.split(noise_key, num_stages)))
     return Draws(stage_of_image, timestep_index, noise)
 

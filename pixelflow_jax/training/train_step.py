@@ -173,10 +173,11 @@ def dropped_conditioning(key, conditioning, model_cfg: ModelConfig, step_cfg: St
     'mask'} with the empty prompt at rate caption_dropout (as the release's negative prompt, so
     guidance has its unconditional), for TextConditioning.encode_stages."""
     if text is None:
-        dropped = jax.random.bernoulli(key, step_cfg.label_dropout, conditioning.shape)
+        # float32 rates: a Python float drew float64 uniforms under JAX_ENABLE_X64, other labels dropped
+        dropped = jax.random.bernoulli(key, np.float32(step_cfg.label_dropout), conditioning.shape)
         return {"class_labels": jnp.where(dropped, model_cfg.num_classes, conditioning)}
     tokens, mask = conditioning
-    dropped = jax.random.bernoulli(key, step_cfg.caption_dropout, tokens.shape[:1])[:, None]
+    dropped = jax.random.bernoulli(key, np.float32(step_cfg.caption_dropout), tokens.shape[:1])[:, None]
     return {"tokens": jnp.where(dropped, jnp.asarray(text.empty_tokens), tokens),
             "mask": jnp.where(dropped, jnp.asarray(text.empty_mask), mask)}
 
