@@ -25,10 +25,11 @@ import errno
 import os
 import sys
 
-from pixelflow_jax.command_line import hold_ctrl_c_while_starting
+from pixelflow_jax.command_line import exit_without_a_home_folder, hold_ctrl_c_while_starting
 
 if __name__ == "__main__":  # a Ctrl-C during the imports below is raised once this tool handles it
     hold_ctrl_c_while_starting()
+    exit_without_a_home_folder()  # before the imports below, some of which need it
 
 from absl import app, flags, logging
 
@@ -221,9 +222,14 @@ def main(argv):
             "--torch_checkpoint converts PyTorch to JAX"
         usage_error(f"{', '.join(ignored)} has no effect here: {direction}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
+    from pixelflow_jax.cli.platforms import platform_error
+
+    if platform_message := platform_error():  # before any file is read or written
+        sys.exit(f"error: {platform_message}")
     from pixelflow_jax import storage
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.convert import ConversionError
+    from pixelflow_jax.progress import say
     from pixelflow_jax.validation import user_path
 
     try:  # from the handler on: a SIGTERM the moment after it is in place is handled below too
@@ -243,7 +249,7 @@ def main(argv):
         cause, status = stop_cause(stop)
         exit_without_teardown(f"stopped: {cause}; nothing was written to {FLAGS.output} (its partial copy is "
                               "removed)", status)
-    print(message)
+    say(message)
 
 
 if __name__ == "__main__":

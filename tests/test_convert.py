@@ -1388,3 +1388,11 @@ def test_a_converted_folders_config_of_another_shape_or_with_numbers_that_are_no
         with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'pixelflow_config.json'} is not a valid "
                                                             f"pixelflow-jax config: {message}")):
             read_config(str(folder))
+
+
+def test_a_platform_jax_cannot_start_stops_the_converter_in_one_line_before_it_reads(tmp_path, monkeypatch):
+    """JAX_PLATFORMS=cuda on a machine without NVIDIA GPUs: jax's traceback once the conversion saved."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    output = str(tmp_path / "converted")
+    result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={output}")
+    assert_failed_cleanly(result, output, "error: JAX_PLATFORMS=cuda asks jax for a platform it cannot start here")
