@@ -161,7 +161,7 @@ def check_job() -> tuple[dict | None, bool]:
 def start_job(command: dict | None):
     """Joins the other processes (--distributed) or keeps compiled programs, and checks the attention
     kernel, all before any file is written."""
-    from pixelflow_jax import host_memory, multihost
+    from pixelflow_jax import host_memory, multihost, storage
     from pixelflow_jax.cli.platforms import platform_error
 
     if not FLAGS.distributed and (message := platform_error()):  # a --distributed job's are checked as it joins
@@ -174,6 +174,8 @@ def start_job(command: dict | None):
             sys.exit(f"error: {e}")
     elif FLAGS.compilation_cache != "off":
         keep_compiled_programs(on_cpu=FLAGS.compilation_cache == "on")
+    if problem := storage.temporaries.temporary_folder_problem():  # Python's own fallback is silent
+        logging.warning("%s", problem)
     host_memory.reuse_freed_buffers_on_cpu()  # 20-30% faster CPU steps (host_memory.py)
     if FLAGS.mode != "eval":  # an attention kernel this platform cannot run: known before any file is written
         from pixelflow_jax.kernels.attention import resolve_backend

@@ -977,6 +977,26 @@ def test_without_a_known_home_folder_the_cache_is_refused_not_made_in_the_curren
     assert storage.cache_dir("xla") == str(tmp_path / "pf_cache" / "xla")
 
 
+def test_a_temporary_folder_asked_for_and_passed_over_is_named(monkeypatch, tmp_path):
+    """TMPDIR=/scratch/tmp on a node where /scratch is not mounted: Python took /tmp in silence (or the
+    current folder, where /tmp cannot be written either), and the job's temporaries went there."""
+    import tempfile
+
+    from pixelflow_jax.storage.temporaries import temporary_folder_problem
+
+    for variable in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # Python's choice, made again for each setting below
+    assert temporary_folder_problem() is None
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert temporary_folder_problem() is None
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    assert temporary_folder_problem() == (
+        f"TMPDIR={tmp_path}/missing is not a folder this user can write to (missing, a file, read-only or full): "
+        f"temporary files go to {tempfile.gettempdir()} instead; create it, or point TMPDIR at a writable folder")
+
+
 def test_a_local_write_goes_through_a_temporary_beside_the_file_named_for_its_writer(tmp_path):
     """Named so that remove_temporaries clears it after a kill, and keeps it while its writer runs."""
     seen = []

@@ -48,6 +48,20 @@ def writer_gone(match: re.Match, path: str) -> bool:
 ABANDONED_AFTER_S = 3600
 
 
+def temporary_folder_problem() -> str | None:
+    """Why the temporary folder asked for (TMPDIR, else TEMP or TMP) is not the one Python uses, or
+    None: one missing, a file, or one that cannot be written (full, read-only) is passed over in
+    silence for /tmp, or for the current folder where /tmp cannot be written either."""
+    variable = next((v for v in ("TMPDIR", "TEMP", "TMP") if os.environ.get(v)), None)
+    if variable is None:
+        return None
+    asked, used = os.environ[variable], tempfile.gettempdir()
+    if os.path.realpath(asked) == os.path.realpath(used):
+        return None
+    return (f"{variable}={asked} is not a folder this user can write to (missing, a file, read-only or full): "
+            f"temporary files go to {used} instead; create it, or point {variable} at a writable folder")
+
+
 def temporary_dir(prefix: str) -> str:
     """A new folder in the system's temporary folder, PREFIX-WRITER-RANDOM (remove_abandoned_dirs)."""
     return tempfile.mkdtemp(prefix=f"{prefix}-{writer_tag()}-")
