@@ -310,7 +310,8 @@ def our_configs() -> str:
     """This project's config files, named as they would work from here."""
     folder = configs_folder()
     if folder is None:  # a pip install holds the package only
-        return "configs/c2i.py and configs/t2i.py of the project's checkout, which pip does not install with the package"
+        return ("configs/c2i.py and configs/t2i.py of the project's checkout, which pip does not install with the "
+                "package")
     shown = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else folder
     return ", ".join(os.path.join(shown, n) for n in sorted(os.listdir(folder)) if re.fullmatch(r"[a-z]\w*\.py", n))
 
