@@ -1515,6 +1515,58 @@ def test_a_caption_saved_as_utf16_or_utf32_is_named_so_with_the_command_that_con
     code, out, _ = pack_command(monkeypatch, capsys, f"--folder={images}", f"--output={tmp_path / 'out'}")
     assert code == 0 and f"skipping {images / 'a.png'}: caption is UTF-16" in out and "wrote 1 record in 1 shard" in out
 
+def test_an_empty_or_zero_filled_caption_or_prompts_file_is_named_empty_or_nuls_not_utf32(tmp_path):
+    """img2dataset writes an empty NAME.txt for an image without a caption, and a file a crash left
+    zero-filled holds only NULs: neither is UTF-32 text without its byte-order mark."""
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+    from pixelflow_jax.sampling.sample_conditioning import read_prompts_file
+
+    with pytest.raises(CaptionError, match="^caption is empty"):
+        decode_caption(b"")
+    with pytest.raises(CaptionError, match=r"^caption holds 8 NUL characters \(the first at character 0\), which no "
+                                           r"text holds"):
+        decode_caption(b"\x00" * 8)
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"prompts_file {path} holds no prompts \(every line is blank\)"):
+        read_prompts_file(str(path))
+    path.write_bytes(b"\x00" * 8)
+    with pytest.raises(ValueError, match=rf"prompts_file {path} holds 8 NUL bytes \(the first at byte 0\), which no "
+                                         "text holds"):
+        read_prompts_file(str(path))
+
+
+def test_utf16_without_its_mark_is_named_so_with_half_its_characters_past_ascii_and_not_in_odd_lengths():
+    """UTF-16 puts a NUL beside each ASCII letter only: a caption half in CJK (two bytes of text
+    each) is still UTF-16; an odd number of bytes is no UTF-16 (nor -32), whatever its NULs."""
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+
+    for encoding in ("UTF-16LE", "UTF-16BE"):
+        with pytest.raises(CaptionError, match=f"^caption holds NUL characters, as {encoding} text without"):
+            decode_caption("\u732b\u732b a".encode(encoding))  # two of its four characters ASCII
+    with pytest.raises(CaptionError, match=r"^caption holds 2 NUL characters \(the first at character 1\), which no "
+                                           r"text holds"):
+        decode_caption(b"a\x00b\x00c")  # UTF-16LE's pattern, and a byte over
+
+
+def test_a_windows_1252_caption_is_quoted_around_its_first_foreign_byte_and_binary_is_not_guessed_as_text():
+    """The quote is the 30 characters either side of the byte UTF-8 stopped at; a file that holds
+    control bytes (an image saved under NAME.txt) is no Windows-1252 text, though it decodes as one.
+    A caption read as a bytearray is decoded as bytes are."""
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+
+    saved = ("x" * 40 + "caf\xe9" + "y" * 40).encode("cp1252")
+    quoted = "x" * 27 + "caf\xe9" + "y" * 29  # UTF-8 stopped at the é, character 43
+    with pytest.raises(CaptionError, match=re.escape(f"reads as Windows-1252 text ({quoted!r})")):
+        decode_caption(saved)
+    png = encoded(np.zeros((8, 8, 3), np.uint8))
+    assert png[:8].decode("cp1252") == "\u2030PNG\r\n\x1a\n"  # Windows-1252 reads it (\x1a: a control byte)
+    with pytest.raises(CaptionError, match=r"^caption is not UTF-8 \(invalid start byte at byte 0\); re-save it as "
+                                           r"UTF-8$"):
+        decode_caption(png[:8] + b"IHDR")
+    assert decode_caption(bytearray(b" a red disk\n")) == "a red disk"
+
+
 def test_records_that_fail_for_their_captions_say_so():
     class Blank:
         def __init__(self, size):
