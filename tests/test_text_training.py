@@ -228,6 +228,21 @@ def test_webdataset_tar_shards_are_named_with_how_to_read_them(tmp_path):
         record_shards(str(root))
 
 
+def test_archives_are_extracted_where_they_lie_with_their_own_tool_and_in_a_bucket_from_a_local_copy():
+    """The command's loop names the archives' own folder (img2dataset's shards may lie below the
+    folder given) and each kind's extractor; a shell loop over a bucket's path would find nothing."""
+    from pixelflow_jax.data.caption_data import archives_hint
+
+    for archive, extract in (("00000.tgz", "tar -xzf $f -C ${f%.tgz}"), ("00000.tar.gz", "tar -xzf $f -C ${f%.tar.gz}"),
+                             ("00000.ZIP", "unzip -q $f -d ${f%.ZIP}")):  # as spelled: *.zip finds no .ZIP
+        extension = archive[5:]
+        assert archives_hint("/data", [f"/data/laion/{archive}"]).endswith(
+            f"e.g. for f in /data/laion/*{extension}; do mkdir ${{f%{extension}}}; {extract}; done"), archive
+    assert archives_hint("gs://b/data", ["gs://b/data/00000.tar", "gs://b/data/00001.tar"]) == (
+        "gs://b/data/00000.tar and 1 more archive are not read (webdataset shards, as img2dataset's webdataset output "
+        "writes, hold the images and captions): extract them into folders, e.g. on a local copy of them")
+
+
 def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
     root, _ = captioned_folder
     for name in ("lost_a", "lost_b"):

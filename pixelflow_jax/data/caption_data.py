@@ -279,11 +279,12 @@ def archives_hint(root: str, files: list[str]) -> str:
     archives = [path for path in files if path.lower().endswith(tuple(ARCHIVE_EXTENSIONS))]
     if not archives:
         return ""
-    extension = max((e for e in ARCHIVE_EXTENSIONS if archives[0].lower().endswith(e)), key=len)  # .tar.gz, not .tar
+    kind = next(e for e in ARCHIVE_EXTENSIONS if archives[0].lower().endswith(e))
+    extension = archives[0][-len(kind):]  # as spelled: the shell's *.zip finds no 00000.ZIP
     more = len(archives) - 1
     named = f"{archives[0]} and {more} more archive{'s' if more > 1 else ''} are" if more else f"{archives[0]} is"
     where = storage.dirname(archives[0])
-    command = (f"for f in {where}/*{extension}; do mkdir ${{f%{extension}}}; {ARCHIVE_EXTENSIONS[extension]} "
+    command = (f"for f in {where}/*{extension}; do mkdir ${{f%{extension}}}; {ARCHIVE_EXTENSIONS[kind]} "
                f"${{f%{extension}}}; done" if not storage.is_url(root) else "on a local copy of them")
     return (f"{named} not read (webdataset shards, as img2dataset's webdataset output writes, hold the images and "
             f"captions): extract them into folders, e.g. {command}")
