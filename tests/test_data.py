@@ -1362,6 +1362,20 @@ def test_the_packer_names_the_first_skips_of_each_kind_and_counts_the_rest(tmp_p
     assert f"skipped {bad} unusable captions" in out
 
 
+def test_a_skip_past_the_named_ones_says_the_rest_are_counted_and_exactly_shown_skips_say_nothing_more(capsys):
+    """The note that further skips are only counted came with the last one named, also where no
+    further one followed."""
+    from pixelflow_jax.data.caption_shards import SHOWN_SKIPS, show_skip
+
+    for count in range(1, SHOWN_SKIPS + 1):
+        show_skip(count, f"{count}.png", "caption is empty", "unusable captions")
+    assert capsys.readouterr().out == "".join(f"skipping {count}.png: caption is empty\n"
+                                              for count in range(1, SHOWN_SKIPS + 1))
+    show_skip(SHOWN_SKIPS + 1, "last.png", "caption is empty", "unusable captions")
+    show_skip(SHOWN_SKIPS + 2, "later.png", "caption is empty", "unusable captions")
+    assert capsys.readouterr().out == "(further unusable captions are counted in the summary, not named)\n"
+
+
 def test_a_bucket_that_cannot_be_reached_is_not_reported_as_a_missing_folder(bucket):
     """gcsfs's isdir answers False when it cannot connect; the sources must show the connection error."""
     import subprocess

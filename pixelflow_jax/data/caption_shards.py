@@ -116,10 +116,11 @@ SHOWN_SKIPS = 20
 
 
 def show_skip(count: int, image_path: str, problem, kind: str) -> None:
-    """Names the `count`th skip of a kind while it is among the first SHOWN_SKIPS."""
+    """Names the `count`th skip of a kind while it is among the first SHOWN_SKIPS; the first past
+    them says that the rest are counted (a pack of exactly SHOWN_SKIPS skips has no rest)."""
     if count <= SHOWN_SKIPS:
         print(f"skipping {image_path}: {problem}", flush=True)
-    if count == SHOWN_SKIPS:
+    if count == SHOWN_SKIPS + 1:
         print(f"(further {kind} are counted in the summary, not named)", flush=True)
 
 
