@@ -788,10 +788,11 @@ def test_blank_lines_that_move_prompts_off_their_line_numbers_are_named(tmp_path
     assert f"prompts_file {path}: blank lines 2, 3 skipped: the prompt on line 4 is prompt 1 (prompts count " \
            "non-blank lines, from 0, and a sampling job's image i shows prompt i // images_per_prompt)" in caplog.text
     caplog.clear()
-    path.write_text("a red disk\na blue ring\n\n\n")  # blank lines after the last prompt move nothing
-    with caplog.at_level(logging.WARNING):
-        read_prompts_file(str(path))
-    assert "blank" not in caplog.text
+    for text in ("a red disk\na blue ring\n\n\n", "a red disk\r\na blue ring\r\n"):  # after the last prompt, or
+        path.write_bytes(text.encode())  # Windows' line ends (not a line and a blank one): they move nothing
+        with caplog.at_level(logging.WARNING):
+            read_prompts_file(str(path))
+        assert "blank" not in caplog.text, text
     # one blank line (the common case) is named too; with blank lines in two places the warning names the
     # first prompt they moved, and a long run of them is cut after ten
     for text, named in (("a red disk\n\na blue ring\n", "blank line 2 skipped: the prompt on line 3 is prompt 1 "),

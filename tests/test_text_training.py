@@ -150,6 +150,18 @@ def test_a_caption_named_in_another_unicode_form_than_its_image_is_pointed_out(t
         CaptionedFolderSource(str(tmp_path))
 
 
+def test_a_caption_named_in_another_case_and_unicode_form_than_its_image_is_pointed_out(tmp_path):
+    """CAFÉ.png written by a script (É as one character) beside café.txt as macOS writes it (e +
+    accent): both differences at once, and one name where the folder was made."""
+    import unicodedata
+
+    write_image(tmp_path / f"{unicodedata.normalize('NFC', 'CAFÉ')}.png", 0)
+    (tmp_path / f"{unicodedata.normalize('NFD', 'café')}.txt").write_text("a red disk")
+    with pytest.raises(DataError, match=r"1 of 1 images .* no caption file .*; 1 of them have a caption file whose "
+                                        r"name differs from the image's only in case, e\.g\. \S+/caf\S+\.txt"):
+        CaptionedFolderSource(str(tmp_path))
+
+
 def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path, caplog):
     """A Hugging Face imagefolder (metadata.jsonl, as diffusers' scripts read) or NAME.caption
     sidecars: every image was said to lack a caption, and the file holding them went unmentioned."""
@@ -177,6 +189,20 @@ def test_captions_kept_as_other_tools_keep_them_are_named_as_not_read(tmp_path, 
         CaptionedFolderSource(str(tmp_path), missing_captions="skip")
     assert (f"1 images without a caption file left out (missing_captions=skip), e.g. ['{tmp_path / 'b.png'}']; "
             f"{tmp_path / 'b.caption'} (another tool's captions) is not read") in caplog.text, caplog.text
+
+
+def test_another_tools_captions_are_named_where_some_images_have_their_caption_file(tmp_path):
+    """An imagefolder's metadata.jsonl in a sub-folder, or NAME.CAPTION in capitals, beside images
+    that have NAME.txt: the images it captions were said to lack one, the file unmentioned."""
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / f"{name}.png", 0)
+    (tmp_path / "a.txt").write_text("a red disk")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "metadata.jsonl").write_text('{"file_name": "b.png", "text": "a blue ring"}\n')
+    (tmp_path / "c.CAPTION").write_text("a green square")
+    with pytest.raises(DataError, match=re.escape(f"; {tmp_path / 'c.CAPTION'} and 1 more such file (another tool's "
+                                                  "captions) are not read")):
+        CaptionedFolderSource(str(tmp_path))
 
 
 def test_a_table_of_captions_under_any_name_is_named_as_not_read_where_no_image_has_a_caption(tmp_path):
