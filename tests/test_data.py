@@ -1232,7 +1232,7 @@ def test_shards_given_as_an_image_folder_and_an_image_folder_given_as_shards_nam
     (tmp_path / "img2dataset" / "00000").mkdir(parents=True)  # its images are in numbered folders
     with pytest.raises(DataError, match=r"has no \*\.array_record shards: it holds folders \(00000, \.\.\.\)"):
         CaptionRecordSource(str(tmp_path / "img2dataset"))
-    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".ipynb_checkpoints").mkdir(parents=True)  # hidden: not an img2dataset folder
     (tmp_path / "other" / "notes.md").write_text("")
     with pytest.raises(DataError, match=r"other has no \*\.array_record shards$"):
         CaptionRecordSource(str(tmp_path / "other"))
@@ -1247,8 +1247,9 @@ def test_a_set_of_more_than_99999_shards_is_checked_whole_too(tmp_path):
     for index in (0, 7):
         (tmp_path / shard_name(index, 123456)).write_bytes(b"")  # (not opened: the listing is checked first)
     with pytest.raises(DataError, match=r"lacks 123454 of the 123456 shards of captions: "
-                                        r"\['captions-00001-of-123456.array_record'"):
-        record_shards(str(tmp_path))
+                                        r"\['captions-00001-of-123456.array_record', .*"
+                                        r"'captions-00005-of-123456.array_record'\] \.\.\.; copy the shards again"):
+        record_shards(str(tmp_path))  # five named, and dots for the rest
 
 
 def test_a_shard_set_without_its_last_shard_is_refused(tmp_path):
@@ -1277,6 +1278,34 @@ def pack_command(monkeypatch, capsys, *args):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_the_packers_flags_default_to_5000_records_a_shard_and_refusing_images_without_a_caption(tmp_path,
+                                                                                                   monkeypatch, capsys):
+    from pixelflow_jax.data import caption_shards
+
+    called = []
+    monkeypatch.setattr(caption_shards, "pack", lambda *args: called.append(args) or {
+        "records": 1, "shards": 1, "skipped_captions": 0, "skipped_images": 0, "missing_captions": 0})
+    code, out, _ = pack_command(monkeypatch, capsys, f"--folder={tmp_path}", f"--output={tmp_path / 'out'}")
+    assert code == 0 and called == [(str(tmp_path), str(tmp_path / "out"), 5000, "error")], (out, called)
+    assert out.startswith("wrote 1 record in 1 shard to "), out
+
+
+def test_a_ctrl_c_a_library_caught_while_the_packer_imported_stops_it_before_it_reads_its_flags(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """Python drops a Ctrl-C inside jax's gc callback: recorded, it is raised once the imports are
+    done, not left to a redelivery that may come once shards are written."""
+    import signal
+
+    from pixelflow_jax import command_line
+    from pixelflow_jax.data import pack_captions
+
+    monkeypatch.setattr(command_line, "_ctrl_c_received", [True])  # received, and the KeyboardInterrupt dropped
+    monkeypatch.setitem(command_line._dropped, signal.SIGINT, True)
+    monkeypatch.setattr(pack_captions, "exit_without_teardown", lambda message, status: sys.exit((message, status)))
+    code, out, _ = pack_command(monkeypatch, capsys, f"--folder={tmp_path}", f"--output={tmp_path / 'out'}")
+    assert code == ("stopped: interrupted (Ctrl-C); nothing was packed", 130) and not out, (code, out)
 
 
 def test_the_caption_packer_refuses_bad_input_in_one_line_naming_its_own_flags(tmp_path, monkeypatch, capsys):
