@@ -495,6 +495,28 @@ def test_an_image_folders_listing_follows_its_files_and_labels_not_where_the_fol
     assert ImageFolderSource(str(tmp_path / "first")).listing != listing
 
 
+def test_a_captioned_sets_listing_follows_which_caption_file_and_how_many_records_each_shard_holds(tmp_path):
+    """A resume compares the listing with the run's: NAME.TXT swapped for NAME.txt is another
+    caption, and the same shard names holding other counts (packed again with another
+    --records_per_shard) are another record order."""
+    from pixelflow_jax.data.caption_data import CaptionedFolderSource
+    from pixelflow_jax.data.caption_shards import pack
+
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(encoded(np.full((8, 8, 3), i, np.uint8)))
+        (folder / f"{i}.TXT").write_text(f"caption {i}")
+    listing = CaptionedFolderSource(str(folder)).listing
+    (folder / "0.TXT").rename(folder / "0.txt")
+    assert CaptionedFolderSource(str(folder)).listing != listing
+    pack(str(folder), str(tmp_path / "two_and_two"), records_per_shard=2)
+    pack(str(folder), str(tmp_path / "three_and_one"), records_per_shard=3)
+    assert sorted(os.listdir(tmp_path / "two_and_two")) == sorted(os.listdir(tmp_path / "three_and_one"))
+    assert CaptionRecordSource(str(tmp_path / "two_and_two")).listing != \
+        CaptionRecordSource(str(tmp_path / "three_and_one")).listing
+
+
 def test_same_seed_same_batches_and_workers_agree():
     source = DemoSource(24, seed=3)
     first, _ = batches(source, 8)
