@@ -1008,6 +1008,26 @@ def test_the_packer_reads_files_several_at_a_time_and_packs_them_in_order(tmp_pa
     assert all(r["name"].endswith(f"/{r['caption'].split()[1]}.png)") for r in records) and len(shards) == 12
 
 
+def test_a_packs_caption_reads_end_before_its_image_reads_start(tmp_path, monkeypatch):
+    """Left open, the captions' reader kept its threads idle for the whole pack."""
+    from pixelflow_jax.data import caption_shards
+
+    real_read_in_order, readers, open_when_images_checked = storage.read_in_order, [], []
+
+    def tracked(read, items):
+        readers.append(real_read_in_order(read, items))
+        return readers[-1]
+
+    def checked(data):
+        open_when_images_checked.append(readers[0].gi_frame is not None)  # a closed generator has no frame
+        return None
+
+    monkeypatch.setattr(caption_shards.storage, "read_in_order", tracked)
+    monkeypatch.setattr(caption_shards, "not_an_image", checked)
+    write_shards(tmp_path / "shards", tmp_path, count=2)
+    assert len(readers) == 2 and open_when_images_checked == [False, False]
+
+
 def test_a_pack_stages_one_shard_at_a_time_on_local_disk_and_logs_its_progress(tmp_path, monkeypatch, caplog):
     """Each shard is written in a local scratch folder, then uploaded: kept there to the end, a pack
     into a bucket needed the whole set's size free on the local disk."""
