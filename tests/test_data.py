@@ -213,6 +213,19 @@ def test_images_with_transparent_pixels_are_counted_and_the_first_named(tmp_path
             "dropped)") in caplog.text
 
 
+def test_a_nearly_opaque_pixel_and_a_one_bit_pngs_transparent_colour_are_transparent_pixels():
+    """An alpha of 254 is not opaque either, and a 1-bit PNG keeps a transparent colour (tRNS) as
+    grey and RGB ones do."""
+    rgba = np.full((2, 2, 4), 255, np.uint8)
+    assert not decoding.has_transparent_pixels(decoding.opened(encoded(rgba)))
+    rgba[1, 1, 3] = 254
+    assert decoding.has_transparent_pixels(decoding.opened(encoded(rgba)))
+    one_bit = io.BytesIO()
+    Image.fromarray(np.array([[0, 255], [255, 255]], np.uint8)).convert("1").save(one_bit, "PNG", transparency=0)
+    pil = decoding.opened(one_bit.getvalue())
+    assert pil.mode == "1" and decoding.has_transparent_pixels(pil)
+
+
 def test_every_image_extension_the_readme_lists_is_read_and_decoded(tmp_path):
     """Each extension the README names, saved in the format Pillow gives it, reads as the image it holds."""
     import re
