@@ -53,6 +53,36 @@ def test_gaussian_statistics_are_the_mean_and_the_unbiased_covariance():
     np.testing.assert_allclose(covariance, centred.T @ centred / 49, rtol=1e-10)
 
 
+def test_float32_features_get_statistics_of_float64_arithmetic():
+    """The evaluation's features are float32: their mean summed in float32 is off by ~1e-7."""
+    features = random_features(np.random.default_rng(4), 500, 8).astype(np.float32) + 100
+    mean, covariance = metrics.gaussian_statistics(features)
+    wide = features.astype(np.float64)
+    np.testing.assert_allclose(mean, wide.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(covariance, np.cov(wide, rowvar=False), rtol=1e-10)
+
+
+def test_a_covariance_rounded_below_zero_adds_nothing_to_the_frechet_distance():
+    """A stored covariance rounded in float16 has eigenvalues a little below 0 (the stored statistics'
+    check lets -1e-4 of the largest entry pass): ADM's sqrtm(...).real takes 0 for their square roots,
+    not the root of their size."""
+    rotation = np.linalg.qr(np.random.default_rng(6).standard_normal((4, 4)))[0]
+    sigma1 = rotation @ np.diag([2.0, 1.0, 0.5, 0.25]) @ rotation.T
+    sigma2 = rotation @ np.diag([1.0, 3.0, 0.5, -1e-4]) @ rotation.T
+    mu = np.zeros(4)
+    expected = adm_frechet_distance(mu, sigma1, mu, sigma2)
+    assert metrics.frechet_distance(mu, sigma1, mu, sigma2) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(mu, sigma2, mu, sigma1) == pytest.approx(expected, rel=1e-9)
+
+
+def test_statistics_of_different_sizes_are_refused_by_their_shapes():
+    """A mean of one value broadcast against 3 without a word."""
+    with pytest.raises(ValueError, match=r"of different sizes: mu \(3,\) vs \(1,\), sigma \(3, 3\) vs \(3, 3\)"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(1), np.eye(3))
+    with pytest.raises(ValueError, match=r"of different sizes: mu \(3,\) vs \(3,\), sigma \(3, 3\) vs \(2, 2\)"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2))
+
+
 def test_identical_sets_give_zero_and_a_shift_gives_more():
     rng = np.random.default_rng(1)
     features = random_features(rng, 1000, 32)
@@ -82,6 +112,15 @@ def test_inception_score_equals_numpy_reference():
     logits = rng.standard_normal((23, 10)) * 3
     assert metrics.inception_score(logits, split_size=7) == pytest.approx(numpy_inception_score(logits, 7), rel=1e-12)
     assert metrics.inception_score(np.zeros((10, 5))) == pytest.approx(1.0)  # uniform: score 1
+
+
+def test_inception_score_of_large_or_float32_logits_is_that_of_float64_arithmetic():
+    """Softmax is shifted by each row's largest logit (exp(800) is inf), and float32 logits are
+    scored in float64 (float32 arithmetic is off by ~1e-7)."""
+    logits = np.random.default_rng(3).standard_normal((23, 10)).astype(np.float32) * 3
+    expected = numpy_inception_score(logits.astype(np.float64), 7)
+    assert metrics.inception_score(logits, split_size=7) == pytest.approx(expected, rel=1e-13)
+    assert metrics.inception_score(logits.astype(np.float64) + 800, split_size=7) == pytest.approx(expected, rel=1e-9)
 
 
 def test_inception_score_splits_into_adms_chunks_of_5000_by_default():
@@ -123,9 +162,19 @@ def test_precision_recall_equals_brute_force_knn():
     samples_dup = np.concatenate([np.repeat(reference[:1], 4, axis=0), samples[4:]])
     got = metrics.precision_recall(reference_dup, samples_dup, block=64)
     assert got == pytest.approx(brute_force_precision_recall(reference_dup, samples_dup), abs=1e-12)
+    # Another k: both sets' balls reach neighbour number k.
+    assert metrics.precision_recall(reference, samples, k=6, block=64) == pytest.approx(
+        brute_force_precision_recall(reference, samples, k=6), abs=1e-12)
     # With k or fewer images a set's balls never close (ADM's np.partition raises): an error, not 0 and 1.
     with pytest.raises(ValueError, match="need more than 3 images in each set .* got 3"):
         metrics.precision_recall(reference, samples[:3], block=64)
+
+
+def test_squared_distances_are_never_below_zero():
+    """|u|^2 - 2 u.v + |v|^2 in float32 puts a point's distance to itself at -0.05 for features near
+    5 in 2048 dimensions; ADM clamps at 0, and so a ball of radius 0 holds the point's copies."""
+    features = jnp.asarray(np.random.default_rng(0).standard_normal((64, 2048)) * 3 + 5, jnp.float32)
+    assert float(metrics._squared_distances(features, features).min()) == 0.0
 
 
 # ------------------------------------------------------------------ --mode=eval on a stand-in Inception
