@@ -710,6 +710,10 @@ def test_a_job_started_from_python_names_a_misspelt_field_or_a_config_of_another
         with pytest.raises(ConfigError, match=re.escape(f"the config lacks {lacking} (configs.c2i.get_config().eval "
                                                         "holds every field, ")):
             evaluate.run(ml_collections.ConfigDict(config), str(tmp_path / "job"), samples="s.npz")
+    # eval.samples may be left out: the workdir's own samples.npz is evaluated, here none (not AttributeError)
+    with pytest.raises(ValueError, match=r"^set --config.eval.samples: the samples and the reference are .npz"):
+        evaluate.run(ml_collections.ConfigDict(dict(eval=dict(reference="r.npz", inception_weights="w.pth",
+                                                              batch_size=8))), str(tmp_path / "job"))
     assert os.listdir(tmp_path) == []
 
 

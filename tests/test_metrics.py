@@ -228,6 +228,26 @@ def test_inception_weights_overwritten_in_place_are_not_served_from_the_feature_
                                              batch_size=8)["fid"] != again["fid"]
 
 
+def test_weights_changed_between_the_fingerprints_slices_are_known_by_their_time(tiny_inception, tmp_path, monkeypatch):
+    """The fingerprint reads three slices of a large file (the Inception's 95 MB): weights changed
+    between them, written at another time, are other weights by the modification time in the key."""
+    from pixelflow_jax import storage
+
+    monkeypatch.setattr(storage.reads, "FINGERPRINT_SLICE", 16)  # the stand-in's 512-byte .npy read in slices
+    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    workdir = str(tmp_path / "run")
+    first = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
+    weights, fingerprint = np.load(tiny_inception), storage.file_fingerprint(tiny_inception)
+    mtime = os.stat(tiny_inception).st_mtime_ns
+    weights[0, 0] += 1.0  # bytes 128-135 of the file, before its middle slice at 256
+    np.save(tiny_inception, weights)
+    os.utime(tiny_inception, ns=(mtime, mtime + 10**9))
+    assert storage.file_fingerprint(tiny_inception) == fingerprint
+    again = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
+    assert again["fid"] == evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "fresh"),
+                                             batch_size=8)["fid"] != first["fid"]
+
+
 def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gather_every_feature(
         tiny_inception, tmp_path, monkeypatch):
     """Every process of a --distributed evaluation computed every image's features (each as long as
@@ -1084,6 +1104,11 @@ def test_floats_cast_to_uint8_without_scaling_are_refused_before_any_work(tiny_i
             evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
     np.savez(tmp_path / "ink.npz", arr_0=((floats[:6] > 0.5) * 255.0).astype(np.uint8))  # black and white images
     evaluate.check_inputs(str(tmp_path / "ink.npz"), reference, tiny_inception, str(tmp_path / "run"))
+    # One black image (a night sky) among the first 16 is no black file.
+    night = np.random.default_rng(2).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    night[0] = 0
+    np.savez(tmp_path / "night.npz", arr_0=night)
+    evaluate.check_inputs(str(tmp_path / "night.npz"), reference, tiny_inception, str(tmp_path / "run"))
 
 
 def test_a_file_of_k_images_is_refused_before_any_work(tmp_path):
@@ -1101,13 +1126,20 @@ def test_images_in_0_1_converted_as_if_in_minus_1_1_get_a_warning(tiny_inception
     reference = images_npz(tmp_path / "reference.npz", 2)
     unit = np.random.default_rng(0).random((20, 8, 8, 3))
     np.savez(tmp_path / "washed.npz", arr_0=((unit + 1) * 127.5).round().astype(np.uint8))
+    unit[0, 0, 0, 0] = 0.0  # a black pixel, which astype truncates to 127: as washed out
+    np.savez(tmp_path / "washed_cast.npz", arr_0=((unit + 1) * 127.5).astype(np.uint8))
+    darker = ((unit + 1) * 127.5).round().astype(np.uint8)
+    darker[0, 0, 0, 0] = 126  # one pixel below 127: not what the conversion makes
+    np.savez(tmp_path / "darker.npz", arr_0=darker)
     with caplog.at_level("WARNING"):
-        evaluate.check_inputs(str(tmp_path / "washed.npz"), reference, tiny_inception, str(tmp_path / "run"))
+        for name in ("washed", "washed_cast", "darker"):
+            evaluate.check_inputs(str(tmp_path / f"{name}.npz"), reference, tiny_inception, str(tmp_path / "run"))
         evaluate.check_inputs(images_npz(tmp_path / "samples.npz", 1), reference, tiny_inception, str(tmp_path / "run"))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [f"{tmp_path / 'washed.npz'}: its first 16 images hold no pixel value below 128: images in "
+    assert warnings == [f"{tmp_path / name}: its first 16 images hold no pixel value below {low}: images in "
                         "[0, 1] converted as if in [-1, 1], with (x + 1) * 127.5? Write them again with "
-                        "(x * 255).round().clip(0, 255).astype(np.uint8); they are evaluated as they are"], warnings
+                        "(x * 255).round().clip(0, 255).astype(np.uint8); they are evaluated as they are"
+                        for name, low in (("washed.npz", 128), ("washed_cast.npz", 127))], warnings
 
 
 def test_samples_holding_a_reference_batchs_statistics_against_a_reference_without_are_said_swapped(
