@@ -175,7 +175,8 @@ def test_resize_to_input_resizes_rows_and_columns_each_by_their_own_size():
         x0, x1, fx = (np.array(v) for v in zip(*(taps(x, 5) for x in range(INPUT_SIZE))))
         expected[:, y] = row[:, x0] * (1 - fx)[:, None] + row[:, x1] * fx[:, None]
     got = np.asarray(resize_to_input(images))
-    assert got.shape == expected.shape
+    # The graph's input size: 300 (and the expected array of INPUT_SIZE) gives every later shape alike.
+    assert got.shape == expected.shape == (2, 299, 299, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
 
 
@@ -205,11 +206,23 @@ def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
                                               r"its \d+ tensors missing: .*Mixed_7c\.branch_pool\.conv\.weight(.|\n)*"
                                               r"1 tensor the FID Inception does not have, e.g. \['extra\.weight'\]"):
         load_inception(str(tmp_path / "broken.pth"))
+    # Tensors of other shapes are named with both shapes, five of them, and how many more there are.
+    misshapen = {k: torch.zeros(5) if k.startswith("Mixed_5b.") and k.endswith("running_var") else v
+                 for k, v in random_state_dict.items()}  # its 7 convolutions' variances
+    torch.save(misshapen, tmp_path / "misshapen.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_inception(str(tmp_path / "misshapen.pth"))
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("misshapen.pth holds weights that are not the FID Inception's (pytorch-fid's "
+                             "pt_inception-2015-12-05-6726825d.pth):"), lines
+    assert len(lines) == 7 and lines[-1] == "  2 more of other shapes", lines
+    assert "  Mixed_5b.branch1x1.bn.running_var: shape (5,) does not fit Mixed_5b.branch1x1.bn_var (64,)" in lines
     # A wrong file lacks every tensor: the message was a line per tensor (473 lines)
     torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(50)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError) as error:
         load_inception(str(tmp_path / "other.pth"))
     assert len(str(error.value).splitlines()) <= 3 and "tensors missing" in str(error.value), str(error.value)
+    assert re.search(r"\n  (\d+) of its \1 tensors missing: ([\w.]+, ){5}\.\.\.\n", str(error.value)), str(error.value)
     with pytest.raises(CheckpointError, match=r"model.pt holds a PixelFlow model's weights, not the FID Inception's: "
                                               r"pass pytorch-fid's pt_inception"):
         load_inception(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
