@@ -254,7 +254,7 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        handle_ctrl_c_from_the_start()  # and a Ctrl-C pressed while the imports above ran
+        handle_ctrl_c_from_the_start("jax")  # and a Ctrl-C pressed while the imports above ran
         app.run(main)
     # Before main's own handling (the imports take seconds): a Ctrl-C or SIGTERM, or a Ctrl-C an import
     # reworded (jaxlib's: an ImportError); any other error is a bug, with its traceback.

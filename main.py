@@ -324,7 +324,7 @@ def what_a_rerun_resumes(workdir: str) -> str:
 
 if __name__ == "__main__":
     try:
-        handle_ctrl_c_from_the_start()  # and a Ctrl-C pressed while the imports above ran
+        handle_ctrl_c_from_the_start("jax")  # and a Ctrl-C pressed while the imports above ran
         app.run(main, flags_parser=parse_flags)
     except SystemExit as stop:
         exit_now_after_an_error(stop)

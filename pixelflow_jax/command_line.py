@@ -260,19 +260,21 @@ def _hold_ctrl_c(*_) -> None:
     _ctrl_c_received[0] = True
 
 
-def handle_ctrl_c_from_the_start() -> None:
-    """For a tool's first lines, inside the `try` that handles its stops, before jax is imported:
-    Ctrl-C recorded (on_ctrl_c), library noise kept quiet, a Ctrl-C held while the tool started
-    (hold_ctrl_c_while_starting) raised, and numpy imported. jax's extension (jaxlib._jax) imports
-    numpy from C the first time, and a Ctrl-C raised inside that import printed numpy's traceback
-    above the tool's one line, or crashed the process (SIGSEGV; each seen at some moments of a
-    Ctrl-C in the first second of main.py and the converter). Imported here by Python, a Ctrl-C in
-    it raises as anywhere else, and the extension finds numpy complete."""
-    signal.signal(signal.SIGINT, on_ctrl_c)
+def handle_ctrl_c_from_the_start(first_import: str = "numpy") -> None:
+    """For a tool's first lines, inside the `try` that handles its stops: library noise kept quiet,
+    `first_import` imported with a Ctrl-C only recorded, then Ctrl-C recorded and raised (on_ctrl_c),
+    and a Ctrl-C held so far raised. A Ctrl-C raised inside the import of jax's extension (jaxlib,
+    which imports numpy from C the first time) printed numpy's traceback above the tool's one line
+    or crashed the process (SIGSEGV; seen at some moments of a Ctrl-C in the first seconds of main.py
+    and the converter, the last in jaxlib's import under jax._src.logging_config): the tools that
+    run jax import it here (`first_import="jax"`), the others numpy; a Ctrl-C during it waits for
+    its end (a second or two)."""
     sys.unraisablehook = quiet_library_noise
     logging.getLogger("absl").addFilter(LoggedStopsDropped())  # absl.logging's records (orbax, jax) pass there
+    signal.signal(signal.SIGINT, _hold_ctrl_c)
+    importlib.import_module(first_import)
+    signal.signal(signal.SIGINT, on_ctrl_c)
     raise_dropped_ctrl_c()
-    importlib.import_module("numpy")
 
 
 def exit_without_teardown(message: str, status: int) -> None:

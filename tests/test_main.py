@@ -465,6 +465,33 @@ def test_a_ctrl_c_held_while_a_tool_started_is_raised_as_its_handling_takes_over
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_ctrl_c_during_a_tools_first_import_is_raised_once_the_import_is_complete(tmp_path, monkeypatch):
+    """Raised inside the import of jax's extension, a Ctrl-C crashed the converter (SIGSEGV, seen in a
+    full suite with a Ctrl-C 1.5 s after its start): held during the import, it is raised after."""
+    import logging
+    import signal
+    import sys
+
+    from pixelflow_jax import command_line
+
+    (tmp_path / "interrupted_module.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nsum(range(1000))\ncompleted = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "interrupted_module", raising=False)
+    monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(logging.getLogger("absl"), "filters", list(logging.getLogger("absl").filters))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            command_line.handle_ctrl_c_from_the_start("interrupted_module")
+        assert sys.modules["interrupted_module"].completed
+        assert signal.getsignal(signal.SIGINT) is command_line.on_ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.modules.pop("interrupted_module", None)
+
+
 def test_a_stop_that_a_library_logs_as_its_failure_is_dropped_from_the_log_and_other_errors_kept():
     """A second Ctrl-C during the stop's save printed orbax's "Save Finalize thread failed" and a
     14-line traceback above the job's own "stopped: interrupted" line."""
