@@ -204,6 +204,28 @@ def test_resuming_with_changed_settings_is_refused_unless_allowed_and_then_recor
     check_resume(str(tmp_path / "linked"), folder, step=40, num_records=100)
 
 
+def test_expand_ratio_is_compared_only_where_the_images_are_resized_by_it(tmp_path):
+    """A centre crop (data.center_crop, the demo's) resizes to the resolution itself and never reads
+    data.expand_ratio: a resume with another one trains on the same pixels. It was refused as a data
+    change; where the random crop reads it, it still is, and so is switching between the two."""
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_resume
+
+    cropped, resized = (str(tmp_path / name) for name in ("cropped", "resized"))
+    check_resume(cropped, c2i_config(**{"data.center_crop": True}), step=0, num_records=100)
+    check_resume(cropped, c2i_config(**{"data.center_crop": True, "data.expand_ratio": 1.5}), step=40,
+                 num_records=100)
+    # a run recorded by an earlier version, expand_ratio and all, resumes the same way
+    settings = tmp_path / "cropped" / SETTINGS_FILE
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "data.expand_ratio": 1.125}))
+    check_resume(cropped, c2i_config(**{"data.center_crop": True, "data.expand_ratio": 2.0}), step=40,
+                 num_records=100)
+    with pytest.raises(ValueError, match=r"data.center_crop: True -> False"):
+        check_resume(cropped, c2i_config(**{"data.expand_ratio": 2.0}), step=40, num_records=100)
+    check_resume(resized, c2i_config(), step=0, num_records=100)
+    with pytest.raises(ValueError, match=r"data.expand_ratio: 1.125 -> 1.5"):
+        check_resume(resized, c2i_config(**{"data.expand_ratio": 1.5}), step=40, num_records=100)
+
+
 def test_a_resume_behind_several_recorded_changes_compares_with_the_settings_its_step_trained_with(tmp_path):
     """A change recorded at a resume at step S trains steps S+1 on. Resumed before two changes (their
     checkpoints set aside), the run's steps trained with the settings before the first; and a change

@@ -62,7 +62,7 @@ LABELS = {"train.lr_decay_steps": "train.num_steps (where the learning-rate sche
 # The data fields every source reads, then those of each source: a field its source does not read
 # is not compared (runs before 2026-11-29 recorded every field, and a resume that changed, say,
 # tfds_name for a folder of images was refused). demo_num_classes: the demo's hue count, which
-# redraws every image (and caption).
+# redraws every image (and caption). expand_ratio is read by the random crop alone, not by center_crop.
 DATA_FIELDS = ("source", "center_crop", "random_flip", "expand_ratio")
 SOURCE_FIELDS = {"tfds": ("tfds_name", "split"), "folder": ("root", "missing_captions"), "array_record": ("root",),
                  "demo": ("demo_num_images", "demo_seed", "demo_num_classes")}
@@ -76,6 +76,8 @@ def resume_settings(config, num_records: int, listing: str | None = None, num_cl
         values["data.num_classes"] = num_classes
     values.update({f"train.{name}": config.train[name] for name in TRAIN_FIELDS if name in config.train})
     data_fields = DATA_FIELDS + SOURCE_FIELDS.get(config.data.source, ())
+    if config.data.get("center_crop"):  # it resizes to the resolution itself: expand_ratio is never read
+        data_fields = tuple(name for name in data_fields if name != "expand_ratio")
     values.update({f"data.{name}": config.data[name] for name in data_fields if name in config.data})
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
     values.update({"run.devices": jax.device_count(), "run.platform": jax.default_backend(),
