@@ -94,6 +94,25 @@ def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path,
     assert "this run did not record what it started from, not from base_run" in caplog.text  # not "from scratch"
 
 
+def test_an_allowed_seed_change_says_which_draws_follow_it(tmp_path, caplog):
+    """The key of a run's noise, timestep and dropout draws is in its checkpoint, made once from the
+    seed it started with; the data order and crops follow config.seed. An allowed seed change said
+    only 'seed: 0 -> 3', as if every draw would follow the new seed."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    with caplog.at_level("WARNING"):
+        check_resume(str(tmp_path), c2i_config(**{"train.lr": 1e-3, "train.allow_resume_changes": True}), step=40,
+                     num_records=100)
+    assert "restored" not in caplog.text  # said of a seed change alone
+    with caplog.at_level("WARNING"):
+        check_resume(str(tmp_path), c2i_config(**{"seed": 3, "train.allow_resume_changes": True}), step=60,
+                     num_records=100)
+    assert ("seed: 0 -> 3 (the data order, crops and flips follow the new seed; the noise, timestep and dropout "
+            "draws go on from the key restored with the checkpoint, made from the seed the run started with)"
+            in caplog.text)
+
+
 def test_a_new_run_in_a_workdir_of_deleted_checkpoints_is_not_compared_with_that_runs_changes(tmp_path):
     """A fine-tune restarted in its workdir after `rm -r checkpoints/`, with the learning rate it
     had changed to: the earlier run's settings_changes.jsonl stayed, and the new run's first resume

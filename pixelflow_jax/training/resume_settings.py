@@ -238,9 +238,15 @@ def discard_changes_of_an_earlier_run(workdir: str) -> None:
                         "marked discarded", workdir, CHANGES_FILE)
 
 
+# What a change does where that is not what its name says.
+EFFECTS = {"seed": " (the data order, crops and flips follow the new seed; the noise, timestep and dropout draws go "
+                   "on from the key restored with the checkpoint, made from the seed the run started with)"}
+
+
 def named_changes(changes: dict) -> str:
     """'SETTING: FROM -> TO, ...', as messages name changes."""
-    return ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}" for k, c in changes.items())
+    return ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}{EFFECTS.get(k, '')}"
+                     for k, c in changes.items())
 
 
 def read_changes(workdir: str) -> list[dict]:
