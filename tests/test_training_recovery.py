@@ -205,6 +205,27 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
 
+def test_a_cosine_run_trained_to_num_steps_says_raising_them_changes_its_rate(tmp_path, capsys):
+    """A cosine rate ends at num_steps: the run trained to them was told to raise num_steps, and the
+    rerun that did was then refused as a change of schedule."""
+    import jax
+
+    from pixelflow_jax.training import checkpointing, train
+
+    config = c2i_config(**{"train.lr_schedule": "cosine"})
+    config.train.update(num_steps=4, batch_size=32)  # 4 stages x the 8 test devices
+    check_run_config(str(tmp_path), ModelConfig.from_mapping(config.model), config)
+    manager = checkpointing.checkpoint_manager(str(tmp_path), keep=2)
+    checkpointing.save(manager, 4, {"w": jax.numpy.zeros(2)})
+    manager.wait_until_finished()
+    assert train.train(config, str(tmp_path)) == {}
+    assert ("already trained to step 4 (train.num_steps = 4): nothing to do; raise --config.train.num_steps to "
+            "train further: its cosine learning rate ends at num_steps, so a resume with more needs "
+            "--config.train.allow_resume_changes=True (the rate then rises again, to what the longer schedule gives "
+            f"at step 4), or fine-tune it in a new --workdir with --config.train.init_from={tmp_path}"
+            ) in capsys.readouterr().out
+
+
 def test_a_resume_with_changed_settings_is_refused_before_the_checkpoint_is_restored(tmp_path):
     """The stand-in checkpoint below cannot restore into a train state: only a check made before
     the restore gives the settings error."""

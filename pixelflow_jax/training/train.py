@@ -497,6 +497,17 @@ def logged_record(step: int, metrics, state, lr, batch_size: int, last_time: flo
     return record, now
 
 
+def already_trained(workdir: str, done: int, t) -> str:
+    """What a run trained to train.num_steps (or past them) says, and how to train further."""
+    further = "raise --config.train.num_steps to train further"
+    if t.lr_schedule != "constant":  # its rate ends at num_steps: more is a change of schedule (resume_settings)
+        further += (f": its {t.lr_schedule} learning rate ends at num_steps, so a resume with more needs "
+                    "--config.train.allow_resume_changes=True (the rate then rises again, to what the longer schedule "
+                    f"gives at step {done}), or fine-tune it in a new --workdir with "
+                    f"--config.train.init_from={workdir}")
+    return f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; {further}"
+
+
 def preempted_at(preemption: PreemptionWatch, step: int, num_steps: int, preview_due: bool) -> TrainingPreempted:
     """The exception that ends a run preempted after saving `step`, saying how to go on."""
     if step < num_steps:
@@ -521,8 +532,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     t = config.train
     done = latest_saved_step(workdir)
     if done >= t.num_steps and not preview_owed(workdir, done, t.preview_every):
-        say(f"{workdir} is already trained to step {done} (train.num_steps = {t.num_steps}): nothing to do; "
-            "raise --config.train.num_steps to train further")
+        say(already_trained(workdir, done, t))
         return {}
     init_source = init_from_source(config, model_cfg, workdir, done)
     source, listing, trained_classes = open_checked_data(config, model_cfg, workdir, done)
