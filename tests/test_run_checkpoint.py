@@ -319,6 +319,44 @@ def test_a_step_a_training_run_rotates_away_while_it_is_read_is_not_called_damag
         load_model(workdir)
 
 
+def test_a_step_whose_rotation_is_still_removing_it_when_the_read_fails_is_not_called_damaged(run, tmp_path,
+                                                                                                monkeypatch):
+    """Sampling a tiny run that saved every step with keep_checkpoints=1: the rotation (a file at a
+    time) had removed the files the read needed, and the step's folder was still there when the
+    read failed, so the error called it damaged or another architecture."""
+    import threading
+    import time
+
+    import orbax.checkpoint as ocp
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run[0], workdir)
+    step_4 = os.path.join(workdir, "checkpoints", "4")
+    real_restore = ocp.PyTreeCheckpointer.restore
+
+    def remove_a_file_at_a_time():
+        for parent, _, names in sorted(os.walk(step_4), reverse=True):  # deepest first, as a removal goes
+            for name in names:
+                time.sleep(0.2)
+                os.remove(os.path.join(parent, name))
+        shutil.rmtree(step_4)
+
+    remover = threading.Thread(target=remove_a_file_at_a_time)
+
+    def rotation_midway(self, path, *args, **kwargs):
+        os.remove(os.path.join(step_4, "state", "manifest.ocdbt"))  # what the read needs is gone first
+        remover.start()
+        return real_restore(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", rotation_midway)
+    try:
+        with pytest.raises(CheckpointError, match=r"checkpoints/4 was deleted while it was read: its run is still "
+                                                  r"training, and its checkpoint rotation"):
+            load_model(workdir)
+    finally:
+        remover.join()
+
+
 def test_a_step_copied_out_of_its_run_is_named_so_and_the_copy_the_message_asks_for_loads_it(run, tmp_path):
     """The refusal above advised 'copy a step out of checkpoints/ to read that', and a step copied
     alone was refused as no checkpoint, with nothing saying why (its run's run_config.json holds the

@@ -308,7 +308,7 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
-        if not storage.exists(run_step.folder):  # not damage: a run still training rotated it away
+        if deleted_while_read(run_step.folder):  # not damage: a run still training rotated it away
             raise CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and "
                                   "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read "
                                   f"the run's latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}"
@@ -324,6 +324,20 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                          lambda: f"load another step{other_steps(run_step) or ' (the run has no other complete step)'}")
     logging.info("restored the %s weights of %s", weights, run_step.folder)
     return restored[key]
+
+
+def deleted_while_read(folder: str, watch_s: float = 1.0) -> bool:
+    """Whether a step folder whose read failed is gone, or going: a training run's checkpoint
+    rotation removes a step a file at a time, so a read can fail on the files removed first while
+    the folder is still there, looking damaged. Files that go within watch_s tell (damage stays)."""
+    if not storage.exists(folder):
+        return True
+    try:
+        before = set(storage.file_sizes(folder))
+        time.sleep(watch_s)
+        return not storage.exists(folder) or not before <= set(storage.file_sizes(folder))
+    except FileNotFoundError:  # listed, then gone before its size was read
+        return True
 
 
 def shapes_unlike_run_config(state_path: str, key: str, target: dict) -> list[str]:
