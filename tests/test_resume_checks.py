@@ -113,6 +113,23 @@ def test_an_allowed_seed_change_says_which_draws_follow_it(tmp_path, caplog):
             in caplog.text)
 
 
+def test_a_batch_size_change_says_which_images_it_skips_or_reads_again(tmp_path, caplog):
+    """The data position is the step, counted in batches of the batch size of the command: an allowed
+    change of it skipped or repeated the images between, and the warning said only 'batch_size: 8 -> 16'."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=1000)
+    with caplog.at_level("WARNING"):
+        check_resume(str(tmp_path), c2i_config(**{"train.batch_size": 16, "train.allow_resume_changes": True}),
+                     step=40, num_records=1000)
+        check_resume(str(tmp_path), c2i_config(**{"train.batch_size": 4, "train.allow_resume_changes": True}),
+                     step=50, num_records=1000)
+    assert ("train.batch_size: 8 -> 16 (the data goes on from image 640 of its order, where the run was at image "
+            "320: 320 images skipped)" in caplog.text)
+    assert ("train.batch_size: 16 -> 4 (the data goes on from image 200 of its order, where the run was at image "
+            "800: 600 images read again)" in caplog.text)
+
+
 def test_a_new_run_in_a_workdir_of_deleted_checkpoints_is_not_compared_with_that_runs_changes(tmp_path):
     """A fine-tune restarted in its workdir after `rm -r checkpoints/`, with the learning rate it
     had changed to: the earlier run's settings_changes.jsonl stayed, and the new run's first resume

@@ -195,7 +195,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
                             "they are marked discarded in %s", workdir, step, CHANGES_FILE)
     if not every_change:
         return
-    listed = named_changes(changed)
+    listed = named_changes(changed, step)
     if changed and not config.train.allow_resume_changes:
         # The data's files are no setting a rerun can give back: only restoring them can.
         files = (" (and the data's files as they were)" if set(changed) & {"data.num_records", "data.listing"}
@@ -238,15 +238,26 @@ def discard_changes_of_an_earlier_run(workdir: str) -> None:
                         "marked discarded", workdir, CHANGES_FILE)
 
 
-# What a change does where that is not what its name says.
-EFFECTS = {"seed": " (the data order, crops and flips follow the new seed; the noise, timestep and dropout draws go "
-                   "on from the key restored with the checkpoint, made from the seed the run started with)"}
+SEED_EFFECT = (" (the data order, crops and flips follow the new seed; the noise, timestep and dropout draws go on "
+               "from the key restored with the checkpoint, made from the seed the run started with)")
 
 
-def named_changes(changes: dict) -> str:
-    """'SETTING: FROM -> TO, ...', as messages name changes."""
-    return ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}{EFFECTS.get(k, '')}"
+def named_changes(changes: dict, step: int = 0) -> str:
+    """'SETTING: FROM -> TO, ...', as messages name changes (at a resume at `step`)."""
+    return ", ".join(f"{LABELS.get(k, k)}: {c['from']!r} -> {c['to']!r}{effect(k, c, step)}"
                      for k, c in changes.items())
+
+
+def effect(key: str, change: dict, step: int) -> str:
+    """What a change does where its name does not say: a seed's, and a batch size's on the data
+    position (the step, counted in batches of the command's size)."""
+    if key == "seed":
+        return SEED_EFFECT
+    if key != "train.batch_size" or not all(isinstance(change[side], int) for side in ("from", "to")):
+        return ""
+    was, now = step * change["from"], step * change["to"]
+    gap = f"{abs(now - was)} images {'skipped' if now > was else 'read again'}"
+    return f" (the data goes on from image {now} of its order, where the run was at image {was}: {gap})"
 
 
 def read_changes(workdir: str) -> list[dict]:
