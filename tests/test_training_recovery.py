@@ -350,7 +350,7 @@ def test_a_step_is_saved_before_its_preview_and_a_preemption_skips_the_preview(t
     monkeypatch.setattr(train, "write_preview", preview)
 
     class PreemptedAtStep2:
-        cause, interrupted = "preempted (SIGTERM)", False
+        cause, interrupted, hung_up = "preempted (SIGTERM)", False, False
 
         def __init__(self):
             self.step = 0
@@ -395,11 +395,13 @@ def test_a_stop_at_the_last_step_with_no_preview_owed_says_the_run_is_complete()
     message must not send the user to rerun for a preview; Ctrl-C and SIGTERM keep their exit codes."""
     import types
 
-    from pixelflow_jax.command_line import EXIT_INTERRUPTED, EXIT_TERMINATED
+    from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED
     from pixelflow_jax.training import train
 
-    for interrupted, status in ((False, EXIT_TERMINATED), (True, EXIT_INTERRUPTED)):
-        stop = train.preempted_at(types.SimpleNamespace(cause="SIGTERM", interrupted=interrupted), 4, 4, False)
+    for interrupted, hung_up, status in ((False, False, EXIT_TERMINATED), (True, False, EXIT_INTERRUPTED),
+                                         (False, True, EXIT_HUNG_UP)):
+        stop = train.preempted_at(types.SimpleNamespace(cause="SIGTERM", interrupted=interrupted, hung_up=hung_up),
+                                  4, 4, False)
         assert (str(stop), stop.exit_status) == (
             "SIGTERM: saved step 4 on every process; the run's last step: the run is complete", status)
 
