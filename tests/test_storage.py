@@ -452,16 +452,28 @@ def test_a_resumed_runs_tensorboard_drops_the_steps_logged_past_its_checkpoint(t
     assert sorted(restarts) == [1, 3] and stopped == [7], (restarts, stopped)
 
 
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_run_stopped_before_its_first_log_leaves_its_restart_in_the_event_files(where, tmp_path, request):
+    """Nothing flushes the restart a resumed run's event file opens with until a step is logged:
+    closing the log must (a bucket run uploads right after, with the log still held)."""
+    from pixelflow_jax.training.metrics_log import MetricsLog
+
+    workdir = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
+    log = MetricsLog(workdir, resumed_step=6)
+    log.close()
+    assert restart_steps(storage.join(workdir, "tensorboard")) == [7]
+
+
 def restart_steps(folder) -> list:
-    """The steps of the restarts recorded in the event files of `folder` (TensorBoard drops what
-    was logged from there on)."""
+    """The steps of the restarts recorded in the event files of `folder` (local or gs://; TensorBoard
+    drops what was logged from there on)."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
 
     restarts = []
-    for name in sorted(os.listdir(folder)):
-        data, offset = (folder / name).read_bytes() if name.startswith("events") else b"", 0
+    for name in sorted(storage.list_files(str(folder))):
+        data, offset = storage.read_bytes(storage.join(str(folder), name)) if name.startswith("events") else b"", 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
             event = Event.FromString(data[offset + 12:offset + 12 + length])
