@@ -1120,6 +1120,26 @@ def test_a_platform_jax_cannot_start_is_named_with_jax_platforms_in_one_line(mon
         jax.config.update("jax_platforms", before)
 
 
+def test_a_failing_jax_plugin_without_jax_platforms_is_named_with_its_fix_in_one_line(monkeypatch):
+    """JAX_PLATFORMS unset and a plugin that fails to start (a jax[cuda12] on a machine whose driver
+    is too old): the line asks for JAX_PLATFORMS=cpu or the plugin's removal, and names no setting
+    the user never made; jax's own advice is cut from its message."""
+    import jax
+
+    from pixelflow_jax.cli.platforms import platform_error
+
+    before = jax.config.jax_platforms
+    jax.config.update("jax_platforms", None)
+    error = RuntimeError("Unable to initialize backend 'cuda': driver too old (you may need to uninstall the failing "
+                         "plugin package, or set JAX_PLATFORMS=cpu to skip this backend.)")
+    monkeypatch.setattr(jax, "devices", lambda: (_ for _ in ()).throw(error))
+    try:
+        assert platform_error() == ("jax cannot start its backends (Unable to initialize backend 'cuda': driver too "
+                                    "old): set JAX_PLATFORMS=cpu to run on the CPU, or uninstall the failing jax plugin")
+    finally:
+        jax.config.update("jax_platforms", before)
+
+
 def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_platform_here(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--config=configs/c2i.py:tiny",
                              f"--workdir={tmp_path / 'run'}", "--mode=inspect"], capture_output=True, text=True,
