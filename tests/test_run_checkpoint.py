@@ -157,6 +157,22 @@ def test_a_run_config_missing_architecture_fields_names_them_not_xls_defaults(ru
         load_model(str(edited))
 
 
+@pytest.mark.parametrize("architecture", ["left out", None])
+def test_a_run_config_without_an_architecture_mapping_is_refused_in_one_line(run, tmp_path, architecture):
+    """No architecture at all (or one that is no mapping) has no fields to name as missing: it is
+    refused as not describing a model, not in a TypeError's traceback."""
+    edited = tmp_path / "run"
+    shutil.copytree(run[0], edited)
+    values = json.loads((edited / "run_config.json").read_text())
+    if architecture == "left out":
+        del values["architecture"]
+    else:
+        values["architecture"] = architecture
+    (edited / "run_config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(edited))}/run_config.json does not describe a model"):
+        load_model(str(edited))
+
+
 @pytest.mark.parametrize("content,problem", [("{\"architecture\": {\"num_att", "JSONDecodeError: Unterminated string"),
                                              ("[]", "a JSON list, not an object")])
 def test_a_run_config_cut_short_by_a_copy_is_named_damaged_with_the_fix(run, tmp_path, content, problem):
