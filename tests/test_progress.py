@@ -1,6 +1,8 @@
 """Progress of long jobs: log lines with rate and ETA off a terminal, a tqdm bar on one."""
 
 import io
+import os
+import sys
 
 from pixelflow_jax.progress import Progress, format_duration
 
@@ -90,10 +92,31 @@ def test_a_stdout_that_cannot_be_written_costs_its_lines_not_the_job(monkeypatch
 
     full = open("/dev/full", "w")
     monkeypatch.setattr("sys.stdout", full)
+    open_files = len(os.listdir("/proc/self/fd"))
     Progress(10, "training", "step", interactive=False).write("step 1: loss 0.1")
     progress.say("step 2: loss 0.1")
     full.flush()  # what was held back goes to /dev/null now, as at exit
+    assert len(os.listdir("/proc/self/fd")) == open_files  # the /dev/null opened for it is closed once in place
     warnings = [r.getMessage() for r in caplog.records if "stdout cannot be written" in r.getMessage()]
     assert warnings == ["stdout cannot be written (OSError: [Errno 28] No space left on device): this job's further "
                         "lines for it are dropped (its files keep them)"]
     full.close()
+
+
+def test_a_stdout_of_no_file_descriptor_that_cannot_be_written_is_replaced_once(monkeypatch, caplog):
+    """A stream of no file descriptor (a notebook's, a wrapper's) cannot be pointed at /dev/null: it
+    is replaced by /dev/null's, so only its first failed line is warned of."""
+    import errno
+
+    from pixelflow_jax import progress
+
+    class FullStream(io.TextIOBase):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("sys.stdout", FullStream())
+    progress.say("step 1: loss 0.1")
+    progress.say("step 2: loss 0.1")
+    warnings = [r.getMessage() for r in caplog.records if "stdout cannot be written" in r.getMessage()]
+    assert len(warnings) == 1 and sys.stdout.name == os.devnull, warnings
+    sys.stdout.close()
