@@ -964,6 +964,8 @@ def test_the_cache_folder_is_the_projects_setting_else_the_users_cache(monkeypat
     monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "/data/pf_cache")
     monkeypatch.setenv("XDG_CACHE_HOME", "/data/xdg")
     assert storage.cache_dir("t5") == "/data/pf_cache/t5"
+    monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "")  # set empty (`PIXELFLOW_CACHE_DIR= cmd`): as unset, not the cwd
+    assert storage.cache_dir("t5") == "/data/xdg/pixelflow_jax/t5"
     monkeypatch.delenv("PIXELFLOW_CACHE_DIR")
     assert storage.cache_dir("t5") == "/data/xdg/pixelflow_jax/t5"
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -1007,6 +1009,25 @@ def test_a_temporary_folder_asked_for_and_passed_over_is_named(monkeypatch, tmp_
     assert temporary_folder_problem() == (
         f"TMPDIR={tmp_path}/missing is not a folder this user can write to (missing, a file, read-only or full): "
         f"temporary files go to {tempfile.gettempdir()} instead; create it, or point TMPDIR at a writable folder")
+
+
+def test_a_temporary_folder_python_takes_as_asked_is_no_problem(monkeypatch, tmp_path):
+    """TMPDIR set empty is unset for Python as well, TMPDIR comes before TEMP and TMP, and TMPDIR=DIR/
+    is DIR: none of them is a folder passed over."""
+    import tempfile
+
+    from pixelflow_jax.storage.temporaries import temporary_folder_problem
+
+    monkeypatch.setenv("TEMP", str(tmp_path / "missing"))  # looked at only without TMPDIR
+    monkeypatch.setenv("TMP", str(tmp_path / "missing"))
+    for asked in (f"{tmp_path}/", str(tmp_path)):
+        monkeypatch.setenv("TMPDIR", asked)
+        monkeypatch.setattr(tempfile, "tempdir", None)
+        assert temporary_folder_problem() is None, asked
+    monkeypatch.setenv("TMPDIR", "")
+    monkeypatch.setenv("TEMP", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert temporary_folder_problem() is None
 
 
 def test_a_local_write_goes_through_a_temporary_beside_the_file_named_for_its_writer(tmp_path):
