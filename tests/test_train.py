@@ -1579,6 +1579,34 @@ def test_a_hang_up_saves_the_step_like_a_preemption_and_nohups_ignored_one_stays
         signal.signal(signal.SIGTERM, before[1])
 
 
+def test_a_hang_up_after_a_ctrl_c_leaves_it_a_ctrl_c_and_a_hosts_own_hang_up_handler_stays():
+    """The terminal closed while a Ctrl-C's step saves: the stop is still the Ctrl-C's (its message and
+    status 130). A program that runs training with a SIGHUP handler of its own keeps it."""
+    from pixelflow_jax.training.preemption import PreemptionWatch
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGINT), \
+        signal.getsignal(signal.SIGTERM)
+    try:
+        watch = PreemptionWatch()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert watch.reached() and watch.cause == "interrupted (Ctrl-C)" and not watch.hung_up
+        finally:
+            watch.close()
+        hosts_own = []
+        signal.signal(signal.SIGHUP, lambda *_: hosts_own.append("SIGHUP"))
+        watch = PreemptionWatch()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not watch.reached() and hosts_own == ["SIGHUP"]
+        finally:
+            watch.close()
+    finally:
+        for signum, handler in zip((signal.SIGHUP, signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(signum, handler)
+
+
 def test_training_in_a_thread_runs_without_signal_handlers(caplog):
     """train() in a notebook's background thread failed at its first step with signal.signal's
     'signal only works in main thread', leaving the data loader's threads running."""
