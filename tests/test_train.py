@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -415,18 +416,22 @@ def test_jax_enable_x64_draws_the_same_stages_timesteps_noise_and_dropped_labels
     from pixelflow_jax.training.train_step import dropped_conditioning
 
     labels = np.arange(64, dtype=np.int32) % 10
+    tokens, mask = np.arange(64 * 3, dtype=np.int32).reshape(64, 3) + 2, np.ones((64, 3), np.int32)
+    text = types.SimpleNamespace(empty_tokens=np.array([1, 0, 0], np.int32), empty_mask=np.array([1, 0, 0], np.int32))
 
     def drawn():
         draws = flow.draw(jax.random.key(5), 8, 16, 3, 2, 1000)
         dropped = dropped_conditioning(jax.random.key(6), labels, ModelConfig(num_classes=10),
                                        StepConfig(label_dropout=0.3), None)["class_labels"]
-        return [draws.stage_of_image, draws.timestep_index, *draws.noise, dropped]
+        captions = dropped_conditioning(jax.random.key(6), (tokens, mask), ModelConfig(num_classes=10),
+                                        StepConfig(caption_dropout=0.3), text)["tokens"]
+        return [draws.stage_of_image, draws.timestep_index, *draws.noise, dropped, captions]
 
     plain = drawn()
     with jax.enable_x64(True):
         with_x64 = drawn()
     assert [a.dtype for a in with_x64] == [a.dtype for a in plain] == [np.int32, np.int32, np.float32, np.float32,
-                                                                        np.int32]
+                                                                        np.int32, np.int32]
     for a, b in zip(plain, with_x64):
         np.testing.assert_array_equal(a, b)
 
