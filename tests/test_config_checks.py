@@ -1151,4 +1151,15 @@ def test_the_configs_named_in_errors_are_found_beside_main_py_where_pip_installe
                                          "does not install with the package")
     (tmp_path / "app" / "configs").mkdir(parents=True)
     (tmp_path / "app" / "configs" / "c2i.py").write_text("")
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "configs").write_text("")  # a file of that name is no configs/
     assert config_file.our_configs() == "app/configs/c2i.py"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # named in full where it is not below the current folder
+    assert config_file.our_configs() == f"{tmp_path}/app/configs/c2i.py"
+    monkeypatch.chdir(tmp_path / "app")
+    monkeypatch.setattr("sys.argv", ["main.py"])  # `python main.py`: the folder in full, whatever the cwd later
+    assert config_file.configs_folder() == str(tmp_path / "app" / "configs")
+    (tmp_path / "checkout" / "configs").mkdir(parents=True)  # a checkout's own come first
+    monkeypatch.setattr(config_file, "PACKAGE", str(tmp_path / "checkout" / "pixelflow_jax"))
+    assert config_file.configs_folder() == str(tmp_path / "checkout" / "configs")
