@@ -1140,6 +1140,26 @@ def test_a_failing_jax_plugin_without_jax_platforms_is_named_with_its_fix_in_one
         jax.config.update("jax_platforms", before)
 
 
+def test_a_job_warns_as_it_starts_of_a_temporary_folder_python_passed_over(monkeypatch, tmp_path, caplog):
+    """TMPDIR naming a folder that is missing: Python's fallback to /tmp is silent, so the job says it."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from pixelflow_jax import host_memory
+
+    sys.path.insert(0, REPO)
+    import main
+
+    monkeypatch.setattr(host_memory, "reuse_freed_buffers_on_cpu", lambda: False)  # this session's malloc stays
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(distributed=False, compilation_cache="off", mode="eval"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    main.start_job(None)
+    assert [r.getMessage() for r in caplog.records if "TMPDIR=" in r.getMessage()] == [
+        f"TMPDIR={tmp_path}/missing is not a folder this user can write to (missing, a file, read-only or full): "
+        f"temporary files go to {tempfile.gettempdir()} instead; create it, or point TMPDIR at a writable folder"]
+
+
 def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_platform_here(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--config=configs/c2i.py:tiny",
                              f"--workdir={tmp_path / 'run'}", "--mode=inspect"], capture_output=True, text=True,
