@@ -1169,6 +1169,17 @@ def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_pla
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("script", ["main.py", "convert_torch_ckpt.py"])
+def test_the_tools_stop_in_one_line_where_home_names_no_folder(script, tmp_path):
+    """HOME a relative path is no home folder: both tools stop before their imports, which need one."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), "--helpshort"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HOME": "home"})
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "error: this user's home folder is unknown (HOME='home' is no absolute path): set HOME to a writable folder "
+        "(the caches of jax, huggingface_hub and pixelflow_jax default under it)"], result.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
 def test_main_stops_in_one_line_before_its_imports_where_no_home_folder_is_known(monkeypatch):
     """HOME unset and a container's uid without a passwd entry: flax's import (IPython, jedi, parso)
     raised "Could not determine home directory." in a traceback before main.py read its flags."""
