@@ -1178,3 +1178,17 @@ def test_a_rerun_removes_what_an_evaluation_killed_while_writing_left(tiny_incep
         path.write_bytes(b"PK partial")
     evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
     assert not any(path.exists() for path in killed) and running.exists()
+
+
+def test_an_evaluation_whose_stdout_cannot_be_written_keeps_its_eval_json(tmp_path, monkeypatch, caplog):
+    """A log redirected to a full disk: the metrics' first line raised OSError before eval.json was
+    written, and the evaluation's work was lost."""
+    from conftest import c2i_config
+
+    results = {name: 0.5 for name in evaluate.METRICS}
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args: results)
+    monkeypatch.setattr("sys.stdout", open("/dev/full", "w", buffering=1))  # as PYTHONUNBUFFERED=1 in containers
+    paths = {name: str(tmp_path / f"{name}.npz") for name in ("eval.samples", "eval.reference")}
+    evaluate.run(c2i_config(**paths, **{"eval.inception_weights": str(tmp_path / "w.pth")}), str(tmp_path / "job"))
+    assert json.loads((tmp_path / "job" / evaluate.EVAL_JSON).read_text()) == results
+    assert any("stdout cannot be written" in r.getMessage() for r in caplog.records)
