@@ -178,7 +178,7 @@ def test_a_checkpoint_with_one_non_finite_value_is_skipped_and_one_where_none_re
     manager.close()
 
 
-def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
+def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys, monkeypatch):
     import jax
 
     from pixelflow_jax.training import checkpointing, train
@@ -203,6 +203,8 @@ def test_a_run_already_trained_to_num_steps_says_so(tmp_path, capsys):
     assert "already trained to step 4 (train.num_steps = 4): nothing to do" in capsys.readouterr().out
     assert not any(path.exists() for path in left) and live.exists()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    monkeypatch.setattr("sys.stdout", open("/dev/full", "w", buffering=1))  # a log on a full disk: the line is lost
+    assert train.train(config, str(tmp_path)) == {}
 
 
 def test_a_cosine_run_trained_to_num_steps_says_raising_them_changes_its_rate(tmp_path, capsys):
