@@ -1160,6 +1160,28 @@ def test_a_job_warns_as_it_starts_of_a_temporary_folder_python_passed_over(monke
         f"temporary files go to {tempfile.gettempdir()} instead; create it, or point TMPDIR at a writable folder"]
 
 
+def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkeypatch):
+    """jax starts its backends at the check: before jax.distributed.initialize that is too early (it
+    must come first), so main.py leaves a --distributed process's check to multihost's join."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax import host_memory, multihost
+    from pixelflow_jax.cli import platforms
+
+    sys.path.insert(0, REPO)
+    import main
+
+    calls = []
+    monkeypatch.setattr(platforms, "platform_error", lambda: calls.append("platform check") or None)
+    monkeypatch.setattr(multihost, "start_distributed", lambda *args: calls.append("join"))
+    monkeypatch.setattr(multihost, "check_same_job", lambda command: None)
+    monkeypatch.setattr(host_memory, "reuse_freed_buffers_on_cpu", lambda: False)
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(distributed=True, coordinator_address="h:1", num_processes=2,
+                                                       process_id=1, compilation_cache="off", mode="eval"))
+    main.start_job(None)
+    assert calls == ["join"]  # the stand-in join checks nothing; multihost's own checks once joined
+
+
 def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_platform_here(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--config=configs/c2i.py:tiny",
                              f"--workdir={tmp_path / 'run'}", "--mode=inspect"], capture_output=True, text=True,
