@@ -108,14 +108,15 @@ def as_process_0_of_2_after_process_1(monkeypatch, job, stop=None) -> None:
                         lambda value: np.stack([value, np.asarray(next(answers, value), np.asarray(value).dtype)]))
 
 
-def run_converter(*args: str) -> subprocess.CompletedProcess:
-    """Runs convert_torch_ckpt.py as a user would, returning its exit code and output.
+def run_converter(*args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    """Runs convert_torch_ckpt.py as a user would, returning its exit code and output (stdout: a file
+    to send it to instead, as a redirected log).
     CONVERTER_PYTHON: another interpreter for it, one with torch, for a suite run in an environment
     without torch (a venv of the GPU machine's Python 3.12 versions, whose torch is a CUDA build):
     the tests that need only converted checkpoints then run too."""
     python = os.environ.get("CONVERTER_PYTHON", sys.executable)
     return subprocess.run([python, os.path.join(REPO, "convert_torch_ckpt.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -168,9 +168,12 @@ def test_bare_state_dict_with_shapes_inferred(tmp_path, golden):
     model, config = load_model(str(output))
     assert config.model.num_attention_heads == 2 and config.model.depth == 2 and config.resolution == 64
     assert relative_error(forward(model, golden["c2i_tiny"], 3), golden["c2i_tiny"]["fwd_3_out"]) <= PARITY_RTOL
-    result = run_converter(f"--torch_checkpoint={weights}", "--attention_head_dim=16", f"--output={tmp_path / 'guess'}")
+    with open("/dev/full", "w") as full:  # its log on a full disk as well: the last line is lost, not the result
+        result = run_converter(f"--torch_checkpoint={weights}", "--attention_head_dim=16",
+                               f"--output={tmp_path / 'guess'}", stdout=full)
     assert result.returncode == 0 and "no config.yaml gives the resolution, so 256 px is assumed (the release's); " \
                                       "pass --resolution" in result.stderr, result.stderr  # was silent
+    assert "stdout cannot be written" in result.stderr and (tmp_path / "guess" / "pixelflow_config.json").exists()
 
 
 def test_a_bare_state_dict_says_which_schedule_it_is_given(tmp_path, caplog):
