@@ -393,6 +393,23 @@ def test_the_demo_check_reads_what_each_image_asks_for_and_counts_what_it_shows(
         "; 2 images from prompts naming no demo colour and shape not checked"), line
 
 
+def test_the_demo_checks_line_to_a_stdout_that_cannot_be_written_is_lost_as_others(tmp_path, monkeypatch, caplog):
+    """Its line goes the way of the job's others (one warning, stdout to /dev/null), not into the
+    'check was not made' warning with the line still held back for a failed flush at exit."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.data.demo_data import demo_image
+    from pixelflow_jax.sampling import demo_check
+
+    images = np.stack([demo_image(i, num_classes=10, resolution=32)[0] for i in range(2)])
+    np.savez(tmp_path / "samples.npz", images)
+    monkeypatch.setattr(demo_check, "demo_colours_of", lambda run: 10)
+    monkeypatch.setattr("sys.stdout", open("/dev/full", "w", buffering=1))
+    demo_check.print_for("run", SimpleNamespace(labels=np.arange(2)), str(tmp_path / "samples.npz"))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("stdout cannot be written" in w for w in warnings) and not any("not made" in w for w in warnings)
+
+
 def test_a_job_pads_its_batches_as_little_as_one_static_shape_allows():
     from pixelflow_jax.sharding import batch_for
 
