@@ -30,10 +30,10 @@ from pixelflow_jax.text.prompts import T5Tokenizer
 from pixelflow_jax.text.t5_convert import load_t5_encoder
 from pixelflow_jax.training.flow import StageTables, draw, stage_batches
 from pixelflow_jax.training.train_step import (StepConfig, TextConditioning, _loss_and_stage_losses,
-                                               dropped_conditioning, init_state, make_optimizer, make_train_step,
+                                               dropped_conditioning, make_optimizer, make_train_step,
                                                state_shardings)
 from test_model_parity import relative_error
-from test_train import mesh_of
+from test_train import host_state, mesh_of
 
 R, TOKENS = 32, 16
 
@@ -722,14 +722,15 @@ def test_a_pooled_text_model_takes_a_caption_with_every_token_masked():
 def build_text_step(model, config, text, encoder_params, mesh):
     step_cfg = StepConfig(lr=1e-3, caption_dropout=0.25)
     tx = make_optimizer(step_cfg)
-    state = init_state(model, tx, seed=0)
+    state = host_state(model, tx)
     shardings = state_shardings(state, mesh)
     from pixelflow_jax.sharding import param_shardings
 
     encoder_sharding = param_shardings(encoder_params, mesh)
     step = make_train_step(config.model, nnx.graphdef(model), StageTables.from_scheduler(PixelFlowScheduler()), tx,
                            step_cfg, 64, 1000, mesh, shardings, text=text, encoder_sharding=encoder_sharding)
-    return jax.device_put(state, shardings), jax.device_put(encoder_params, encoder_sharding), step
+    encoder = jax.device_put(jax.tree.map(np.asarray, encoder_params), encoder_sharding)  # host arrays: host_state
+    return jax.device_put(state, shardings), encoder, step
 
 
 @pytest.mark.slow

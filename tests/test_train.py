@@ -25,7 +25,7 @@ from pixelflow_jax.command_line import EXIT_TERMINATED
 from pixelflow_jax.data.demo_data import demo_image
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.flow import Draws, StageTables, per_sample_losses, stage_batches
-from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
+from pixelflow_jax.training.train_step import (StepConfig, learning_rate, make_optimizer, make_train_step,
                                                state_shardings, training_root_key)
 from test_model_parity import relative_error
 
@@ -118,11 +118,21 @@ def float_demo_batch(start):
     return images.astype(np.float32) / 127.5 - 1, labels
 
 
+def host_state(model, tx, seed=0):
+    """init_state's state as numpy arrays, built by one program: eagerly, its copies and zeros compiled
+    one small program per shape (~35), and device_put of a device's array into a split sharding
+    compiled a slicing program per shape; from the host it compiles none."""
+    from pixelflow_jax.training.train_step import state_from_params
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return jax.tree.map(np.asarray, jax.jit(state_from_params, static_argnums=(1, 2))(params, tx, seed))
+
+
 def build(converted, mesh, **step_options):
     model, config = load_model(converted["c2i_tiny"])
     step_cfg = StepConfig(**step_options)
     tx = make_optimizer(step_cfg)
-    state = init_state(model, tx, seed=0)
+    state = host_state(model, tx)
     shardings = state_shardings(state, mesh)
     step = make_train_step(config.model, nnx.graphdef(model), StageTables.from_scheduler(PixelFlowScheduler()), tx,
                            step_cfg, 64, 1000, mesh, shardings)
@@ -632,7 +642,7 @@ def test_gradient_accumulation_averages_the_micro_batches():
     step_cfg = StepConfig(lr=1e-3, grad_accum_steps=2, label_dropout=0.5)
     tx, tables = make_optimizer(step_cfg), StageTables.from_scheduler(PixelFlowScheduler(num_stages=2))
     mesh = mesh_of(jax.devices()[:1], 1)
-    state = init_state(model, tx, seed=0)
+    state = host_state(model, tx)
     shardings = state_shardings(state, mesh)
     step = make_train_step(model_cfg, nnx.graphdef(model), tables, tx, step_cfg, 8, 1000, mesh, shardings)
     images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3)).astype(np.uint8)
