@@ -92,8 +92,10 @@ def test_one_training_step_replays_the_release(collate, converted):
                           weight_decay=float(release["weight_decay"]), eps=float(release["eps"]),
                           b1=float(release["betas"][0]), b2=float(release["betas"][1]))
     tx = make_optimizer(step_cfg)
-    new_params, _, new_ema = apply_gradients(params, tx.init(params), params, grads, tx, float(release["ema_decay"]))
-    clipped, _ = clip_by_global_norm_as_torch(step_cfg.grad_clip).update(grads, None)
+    # Each in one program, as the step runs them (eagerly, AdamW's ops compiled one program per op and shape).
+    update = jax.jit(lambda p, g: apply_gradients(p, tx.init(p), p, g, tx, float(release["ema_decay"])))
+    new_params, _, new_ema = update(params, grads)
+    clipped, _ = jax.jit(clip_by_global_norm_as_torch(step_cfg.grad_clip).update)(grads, None)
     for name, ours in (("grad", clipped), ("param", new_params), ("ema", new_ema)):
         ours = params_to_torch(jax.tree.map(np.asarray, ours), config.model)
         assert set(ours) == {k.split("/", 1)[1] for k in release if k.startswith(f"{name}/")}
