@@ -119,6 +119,17 @@ def run_converter(*args: str, stdout=subprocess.PIPE) -> subprocess.CompletedPro
                           stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
 
 
+@contextlib.contextmanager
+def json_edited(path):
+    """Yields the JSON object in `path` to change in place, and writes it back: a user's edit of a
+    checkpoint's or run's record."""
+    import json
+
+    values = json.loads(path.read_text())
+    yield values
+    path.write_text(json.dumps(values))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def host_memory_as_main_sets_it():
     """In-process steps run as main.py runs them: freed host buffers kept for reuse (host_memory.py)."""

@@ -2,7 +2,6 @@
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ import torch
 import yaml
 from flax import traverse_util
 
-from conftest import REPO, c2i_config, fixture_dir, run_converter, t2i_config
+from conftest import REPO, c2i_config, fixture_dir, json_edited, run_converter, t2i_config
 from pixelflow_jax import load_model
 from pixelflow_jax.config import ModelConfig
 from test_model_parity import PARITY_RTOL, forward, relative_error
@@ -853,9 +852,8 @@ def test_a_converted_config_missing_architecture_fields_names_them_not_xls_defau
 
     edited = tmp_path / "edited"
     shutil.copytree(converted["c2i_tiny"], edited)
-    values = json.loads((edited / "pixelflow_config.json").read_text())
-    del values["model"]["depth"], values["model"]["patch_size"]
-    (edited / "pixelflow_config.json").write_text(json.dumps(values))
+    with json_edited(edited / "pixelflow_config.json") as values:
+        del values["model"]["depth"], values["model"]["patch_size"]
     with pytest.raises(CheckpointError, match=r"pixelflow_config.json is not a valid pixelflow-jax config: it lacks "
                                               r"'model.depth', 'model.patch_size' \(convert the checkpoint again"):
         load_model(str(edited))
@@ -900,14 +898,12 @@ def test_an_export_without_to_torch_is_told_to_add_it(tmp_path, converted):
 
 
 def test_a_converted_folder_of_a_newer_format_asks_for_an_upgrade(converted, tmp_path):
-    import json
-
     from pixelflow_jax import CheckpointError
 
     folder = tmp_path / "newer"
     shutil.copytree(converted["c2i_tiny"], folder)
-    config = json.loads((folder / "pixelflow_config.json").read_text())
-    (folder / "pixelflow_config.json").write_text(json.dumps({**config, "format_version": 2}))
+    with json_edited(folder / "pixelflow_config.json") as config:
+        config["format_version"] = 2
     with pytest.raises(CheckpointError, match="format_version 2 is from a newer pixelflow-jax .*upgrade"):
         load_model(str(folder))
 

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import REPO, c2i_config, fixture_dir, run_converter
+from conftest import REPO, c2i_config, fixture_dir, json_edited, run_converter
 from pixelflow_jax import CheckpointError, load_model
 from pixelflow_jax.checkpoints.convert import params_to_torch
 from pixelflow_jax.checkpoints.run_checkpoint import find_run_step
@@ -131,9 +131,8 @@ def test_a_run_config_that_does_not_describe_the_runs_weights_is_named_not_its_s
     or not this run's architecture ...)' with advice to load the run's other step, which failed alike."""
     edited = tmp_path / "run"
     shutil.copytree(run[0], edited)
-    values = json.loads((edited / "run_config.json").read_text())
-    values["architecture"]["attention_head_dim"] *= 2
-    (edited / "run_config.json").write_text(json.dumps(values))
+    with json_edited(edited / "run_config.json") as values:
+        values["architecture"]["attention_head_dim"] *= 2
     with pytest.raises(CheckpointError) as error:
         load_model(str(edited))
     message = str(error.value)
@@ -149,9 +148,8 @@ def test_a_run_config_missing_architecture_fields_names_them_not_xls_defaults(ru
     place: 'holds weights of another architecture than run_config.json describes' (depth 28)."""
     edited = tmp_path / "run"
     shutil.copytree(run[0], edited)
-    values = json.loads((edited / "run_config.json").read_text())
-    del values["architecture"]["depth"], values["architecture"]["num_classes"]
-    (edited / "run_config.json").write_text(json.dumps(values))
+    with json_edited(edited / "run_config.json") as values:
+        del values["architecture"]["depth"], values["architecture"]["num_classes"]
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(edited))}/run_config.json does not describe a model: "
                                               r"its architecture lacks depth, num_classes\. Put back its content"):
         load_model(str(edited))
@@ -163,12 +161,11 @@ def test_a_run_config_without_an_architecture_mapping_is_refused_in_one_line(run
     refused as not describing a model, not in a TypeError's traceback."""
     edited = tmp_path / "run"
     shutil.copytree(run[0], edited)
-    values = json.loads((edited / "run_config.json").read_text())
-    if architecture == "left out":
-        del values["architecture"]
-    else:
-        values["architecture"] = architecture
-    (edited / "run_config.json").write_text(json.dumps(values))
+    with json_edited(edited / "run_config.json") as values:
+        if architecture == "left out":
+            del values["architecture"]
+        else:
+            values["architecture"] = architecture
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(edited))}/run_config.json does not describe a model"):
         load_model(str(edited))
 
