@@ -989,6 +989,9 @@ def test_without_a_known_home_folder_the_cache_is_refused_not_made_in_the_curren
     assert storage.cache_dir("xla") == "/home/u/.cache/pixelflow_jax/xla"
     monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "pf_cache")  # the folder it names now, whatever the cwd later
     assert storage.cache_dir("xla") == str(tmp_path / "pf_cache" / "xla")
+    monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "gs://bucket/cache")  # was ./gs:/bucket/cache/xla
+    with pytest.raises(storage.StorageError, match=r"^PIXELFLOW_CACHE_DIR=gs://bucket/cache is a URL: .*local folder$"):
+        storage.cache_dir("xla")
 
 
 def test_a_temporary_folder_asked_for_and_passed_over_is_named(monkeypatch, tmp_path):

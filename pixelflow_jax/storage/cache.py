@@ -10,7 +10,7 @@ import socket
 from typing import Iterator
 
 from pixelflow_jax.error_text import described
-from pixelflow_jax.storage.paths import StorageError, basename
+from pixelflow_jax.storage.paths import StorageError, basename, is_url
 from pixelflow_jax.storage.reads import open_file, size_and_mtime
 from pixelflow_jax.storage.writes import write_json_atomically, write_local_atomically
 from pixelflow_jax.storage.temporaries import process_alive
@@ -19,6 +19,9 @@ def cache_dir(*parts: str) -> str:
     """This project's local cache of remote files: $PIXELFLOW_CACHE_DIR, else
     $XDG_CACHE_HOME/pixelflow_jax (an absolute one: the XDG rule), else ~/.cache/pixelflow_jax."""
     root = os.environ.get("PIXELFLOW_CACHE_DIR")
+    if root and is_url(root):  # abspath would make it a folder named gs: in the current one
+        raise StorageError(f"PIXELFLOW_CACHE_DIR={root} is a URL: it holds local copies of remote files, so set it "
+                           "to a local folder")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME", "")
         root = os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home_folder(), ".cache"), "pixelflow_jax")
