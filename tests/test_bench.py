@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import cpu_devices
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
@@ -674,7 +676,7 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     # PYTHON: the steps run on this interpreter, not on whichever python3 is first on PATH (a
     # venv of the GPU machine's versions, not activated, checked the script on another jax).
     env = dict(os.environ, DRY_RUN="1", OUT=str(out), JAX_PLATFORMS="cpu", PYTHON=sys.executable,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               XLA_FLAGS=cpu_devices(1, one_process=False),
                PYTHONPATH=os.path.join(ROOT, "tests", "gpu_machine_site"))
     subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env, check=True, timeout=600,
                    capture_output=True)

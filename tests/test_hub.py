@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, fixture_dir
+from conftest import REPO, cpu_devices, fixture_dir
 from pixelflow_jax import load_model
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.hub import HubPath
@@ -234,7 +234,7 @@ def test_checkpoints_and_t5_resolve_from_an_offline_hub_cache(tmp_path):
     put_in_hub_cache(home, "pixelflow-test/t5-tiny", split_t5_into_shards(t5, str(tmp_path / "t5_sharded")))
 
     env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": cpu_devices(1, one_process=False)}
     env.pop("HF_HUB_CACHE", None)
     result = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, release, t5], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)

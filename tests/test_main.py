@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, cpu_devices
 
 
 def test_inspect_mode_runs_every_stage(tmp_path):
@@ -65,7 +65,7 @@ def test_a_failed_run_exits_at_once_with_its_error_last(tmp_path):
     does not exist."""
     (tmp_path / "sitecustomize.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=False).start()\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "XLA_FLAGS": cpu_devices(1, one_process=False)}
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'run'}",
                              "--mode=sample", f"--config.sample.checkpoint={tmp_path / 'nowhere'}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -411,7 +411,7 @@ def test_a_sigterm_to_one_process_of_a_distributed_evaluation_stops_every_proces
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, cpu_devices
     from pixelflow_jax.command_line import EXIT_TERMINATED
     from test_train import MULTIPROCESS_GUARD, run_two_processes
 
@@ -419,7 +419,7 @@ def test_a_sigterm_to_one_process_of_a_distributed_evaluation_stops_every_proces
     reference = images_npz(tmp_path / "reference.npz", 2, count=9)
     alone = evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "alone"), batch_size=2)
     workdir = tmp_path / "two"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False),
            "PYTHONPATH": os.pathsep.join(filter(None, [MULTIPROCESS_GUARD, os.environ.get("PYTHONPATH")]))}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # only process 0 would write it (see test_train)
 
@@ -508,14 +508,14 @@ def test_two_processes_of_which_one_sees_the_feature_cache_late_or_never_take_on
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, cpu_devices
     from test_train import MULTIPROCESS_GUARD, run_two_processes
 
     samples = images_npz(tmp_path / "samples.npz", 1, count=9)
     reference = images_npz(tmp_path / "reference.npz", 2, count=9)
     workdir = tmp_path / "run"
     alone = evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=2)  # caches both
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False),
            "PYTHONPATH": os.pathsep.join(filter(None, [MULTIPROCESS_GUARD, os.environ.get("PYTHONPATH")]))}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # only process 0 would write it (see test_train)
 

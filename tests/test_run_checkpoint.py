@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import REPO, c2i_config, fixture_dir, json_edited, run_converter
+from conftest import REPO, c2i_config, cpu_devices, fixture_dir, json_edited, run_converter
 from pixelflow_jax import CheckpointError, load_model
 from pixelflow_jax.checkpoints.convert import params_to_torch
 from pixelflow_jax.checkpoints.run_checkpoint import find_run_step
@@ -912,7 +912,7 @@ def test_sampling_a_damaged_step_prints_one_line_not_the_late_callbacks_of_its_r
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'out'}",
                              "--mode=sample", f"--config.sample.checkpoint={damaged}", "--config.sample.num_images=2"],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                            env={**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False)})
     assert result.returncode == 1
     assert result.stderr.rstrip().splitlines()[-1].startswith(f"error: cannot restore the ema weights of {damaged}")
     assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_devices
 from pixelflow_jax import storage
 
 
@@ -161,7 +161,7 @@ def test_results_written_at_once_by_several_jobs_each_keep_their_history_line(tm
 
 def run_main(workdir, *overrides):
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", *overrides]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False)}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1355,7 +1355,7 @@ def start_with_a_home_each(homes, *arguments):
                                    "--distributed", f"--coordinator_address={address}", "--num_processes=2",
                                    f"--process_id={i}"], cwd=REPO,
                                   env={**os.environ, "HOME": str(homes[i]),
-                                       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                                       "XLA_FLAGS": cpu_devices(1, one_process=False)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         return [process.communicate(timeout=300)[1] for process in processes], [p.returncode for p in processes]
@@ -1428,7 +1428,7 @@ def test_a_process_failing_alone_stops_every_process_instead_of_hanging(tmp_path
     processes = [subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
                                    "--config.scheduler.num_stages=2", "--distributed",
                                    f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-                                  cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                                  cwd=REPO, env={**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         errors = [process.communicate(timeout=240)[1] for process in processes]

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_devices
 from pixelflow_jax import storage
 
 
@@ -254,7 +254,7 @@ def test_a_second_training_on_a_busy_workdir_stops_at_once(tmp_path):
 
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                   "started": "2026-11-27T05:00:00+00:00"}))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False)}
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "is in use by another training run" in result.stderr
