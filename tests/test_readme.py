@@ -282,7 +282,8 @@ ABSL_FLAGS = {"flagfile", "helpshort", "helpfull", "help"}
 # Other programs' flags the README names in prose, with their program.
 OTHER_PROGRAMS_FLAGS = {"data_dir": "tfds build", "dist": "pytest", "index-url": "pip", "logdir": "tensorboard",
                         "network": "docker", "nodes": "srun", "ntasks-per-node": "srun", "signal": "srun",
-                        "xla_cpu_enable_concurrency_optimized_scheduler": "XLA_FLAGS"}
+                        "xla_cpu_enable_concurrency_optimized_scheduler": "XLA_FLAGS",
+                        "xla_backend_optimization_level": "XLA_FLAGS"}
 
 
 def defined_flags(path: str) -> set[str]:
