@@ -511,3 +511,50 @@ def test_a_resume_whose_steps_vanish_before_the_restore_is_named(tmp_path):
         checkpointing.resume_point(manager, shapes, {"w": None})
     assert checkpointing.resume_point(manager, {"w": jnp.zeros(2)}, {"w": None})[0] == 0  # a new run's state
     manager.close()
+
+
+def test_a_grad_accum_steps_change_says_what_it_changes_and_how_to_keep_the_run(tmp_path):
+    """grad_accum_steps splits each step's batch into micro-batches: the refusal said only
+    'train.grad_accum_steps: 1 -> 2' and 'a batch size, seed or data change also loses exact resume',
+    none of which says why a memory setting is refused (each micro-batch draws its own noise,
+    timesteps, stages and dropout from its own key: other numbers every step, not float rounding)."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    with pytest.raises(ValueError) as error:
+        check_resume(str(tmp_path), c2i_config(**{"train.grad_accum_steps": 2}), step=40, num_records=100)
+    message = str(error.value)
+    assert "\n" not in message
+    assert ("train.grad_accum_steps: 1 -> 2 (each step averages the same images, in the same data order, but draws "
+            "its noise, timesteps, stages and dropout per micro-batch, each from its own key: every remaining step "
+            "trains on other draws than the run would; for exact resume keep --config.train.grad_accum_steps=1, and "
+            "save memory with model.remat or mesh.fsdp, which change float rounding only)") in message
+    assert "--config.train.allow_resume_changes=True" in message
+
+
+def test_a_warmup_change_is_allowed_where_both_warmups_ended_before_the_resumed_update(tmp_path, caplog):
+    """A constant rate past its warmup is train.lr whatever the warmup was: a resume with another
+    warmup_steps, both ended, changes no remaining step's rate, and was refused as a change. A cosine
+    schedule starts its decay where the warmup ends, so there every remaining rate moves; and an
+    update count behind the step (skipped non-finite steps apply no update) can still be in a warmup."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    warmup = lambda steps, **more: c2i_config(**{"train.warmup_steps": steps, **more})
+    check_resume(str(tmp_path), warmup(10), step=0, num_records=100)
+    for refused_step, new in ((15, 20), (5, 8), (9, 5)):  # the new or the old warmup not yet over
+        with pytest.raises(ValueError, match=fr"train.warmup_steps: 10 -> {new} \(the learning rate of the remaining"):
+            check_resume(str(tmp_path), warmup(new), step=refused_step, num_records=100)
+    with pytest.raises(ValueError, match=r"train.warmup_steps: 10 -> 20"):  # 2 skipped steps: update 18 is next
+        check_resume(str(tmp_path), warmup(20), step=20, num_records=100, updates_done=18)
+    with caplog.at_level(logging.WARNING):
+        check_resume(str(tmp_path), warmup(20), step=20, num_records=100)
+    assert ("train.warmup_steps: 10 -> 20: both warmups end by update 20, where this resume goes on, so no remaining "
+            "step's learning rate changes (recorded in settings_changes.jsonl)") in caplog.text
+    assert json.loads((tmp_path / CHANGES_FILE).read_text()) == {
+        "step": 20, "changes": {"train.warmup_steps": {"from": 10, "to": 20}}}
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["train.warmup_steps"] == 20
+
+    cosine = lambda steps: warmup(steps, **{"train.lr_schedule": "cosine", "train.num_steps": 100})
+    check_resume(str(tmp_path / "cosine"), cosine(10), step=0, num_records=100)
+    with pytest.raises(ValueError, match=r"train.warmup_steps: 10 -> 20 \(the learning rate of the remaining"):
+        check_resume(str(tmp_path / "cosine"), cosine(20), step=50, num_records=100)

@@ -41,6 +41,8 @@ MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 # it gets), but each changes the order of float operations, so the run then agrees with an
 # uninterrupted one to float rounding, not bit for bit: a warning, and a record, not a refusal.
 NUMERICS_ONLY = ("run.devices", "run.platform", "mesh.fsdp", "model.remat", "model.attention")
+# May change at a resume past both warmups of a constant rate (warmup_change_keeps_the_rate).
+WARMUP = "train.warmup_steps"
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0,
             "data.random_flip": True}
@@ -158,12 +160,14 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
 
 def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True,
                  listing: str | None = None, num_classes: int | None = None, init_checkpoint: str = "",
-                 init_weights: str | None = None) -> None:
+                 init_weights: str | None = None, updates_done: int | None = None) -> None:
     """Records the settings of a new run (and the number of records its data has, the fingerprint
     of its file listing where it has files, and its class count where it has one); refuses or
     records a change when resuming at `step`. `record=False` only refuses (and writes nothing).
     `init_checkpoint`: the checkpoint a new run's weights were read from (CheckpointSource.label);
-    `init_weights`: which of its sets (api.weights_chosen: None where the checkpoint holds one)."""
+    `init_weights`: which of its sets (api.weights_chosen: None where the checkpoint holds one).
+    `updates_done`: the optimiser updates the restored state applied (the step less its skipped
+    steps; None before the restore: the step, the most it can be)."""
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing, num_classes)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if step and record:  # or a copy of the run without it: nothing to compare with
@@ -184,7 +188,9 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         previous["model.attention"] = resolve_backend("auto", previous.get("model.dtype", config.model.dtype))
     every_change = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
                     if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
-    changed = {k: c for k, c in every_change.items() if k not in NUMERICS_ONLY}
+    updates = step if updates_done is None else updates_done
+    warmup_ended = warmup_change_keeps_the_rate(previous, current, updates)
+    changed = {k: c for k, c in every_change.items() if k not in NUMERICS_ONLY and not (k == WARMUP and warmup_ended)}
     if untrained and record and jax.process_index() == 0:
         if not changed or config.train.allow_resume_changes:  # the resume goes on (a refusal writes nothing)
             for index in untrained:
@@ -212,10 +218,27 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         logging.warning("resuming %s at step %d on other devices or with another memory setting (%s): the steps "
                         "compute in another order, so the run agrees with an uninterrupted one to float rounding, "
                         "not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
+    if warmup_ended and WARMUP in every_change:
+        warmup = every_change[WARMUP]
+        logging.warning("resuming %s at step %d with %s: %r -> %r: both warmups end by update %d, where this resume "
+                        "goes on, so no remaining step's learning rate changes (recorded in %s)", workdir, step,
+                        WARMUP, warmup["from"], warmup["to"], updates, CHANGES_FILE)
     if jax.process_index() == 0:
         write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
         kept = {key: trained[key] for key in (STARTED_FROM, *STARTED_FROM_READ) if key in trained}
         write_run_record(path, {**current, **kept})
+
+
+def warmup_change_keeps_the_rate(previous: dict, current: dict, updates_done: int) -> bool:
+    """Whether a resume that goes on from update `updates_done` with another warmup_steps gives every
+    remaining update the rate it had: a constant rate's warmup (optax.linear_schedule) reaches
+    train.lr at update warmup_steps and stays there, so yes once both warmups ended. A cosine rate
+    decays over the updates after its warmup, so every rate moves; and a warmup of 0 has no update
+    count in its optimiser state (check_optimiser_state)."""
+    old, new = previous.get(WARMUP), current.get(WARMUP)
+    constant = previous.get("train.lr_schedule") == current.get("train.lr_schedule") == "constant"
+    counted = all(isinstance(w, int) and w > 0 for w in (old, new))
+    return constant and counted and updates_done >= max(old, new)
 
 
 def discard_changes_of_an_earlier_run(workdir: str) -> None:
@@ -248,11 +271,27 @@ def named_changes(changes: dict, step: int = 0) -> str:
                      for k, c in changes.items())
 
 
+WARMUP_EFFECT = (" (the learning rate of the remaining steps would change: a constant rate's warmup may change once "
+                 "the old and the new one have both ended, a cosine rate's never, as its decay starts where the warmup "
+                 "ends)")
+
+
+def grad_accum_effect(change: dict) -> str:
+    return (" (each step averages the same images, in the same data order, but draws its noise, timesteps, stages and "
+            "dropout per micro-batch, each from its own key: every remaining step trains on other draws than the run "
+            f"would; for exact resume keep --config.train.grad_accum_steps={change['from']}, and save memory with "
+            "model.remat or mesh.fsdp, which change float rounding only)")
+
+
 def effect(key: str, change: dict, step: int) -> str:
-    """What a change does where its name does not say: a seed's, and a batch size's on the data
-    position (the step, counted in batches of the command's size)."""
+    """What a change does where its name does not say: a seed's, a warmup's, grad_accum_steps', and
+    a batch size's on the data position (the step, counted in batches of the command's size)."""
     if key == "seed":
         return SEED_EFFECT
+    if key == WARMUP:
+        return WARMUP_EFFECT
+    if key == "train.grad_accum_steps":
+        return grad_accum_effect(change)
     if key != "train.batch_size" or not all(isinstance(change[side], int) for side in ("from", "to")):
         return ""
     was, now = step * change["from"], step * change["to"]

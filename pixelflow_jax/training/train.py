@@ -551,7 +551,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     start, state = resume_point(manager, state, shardings)
     check_resume(workdir, config, start, len(source), listing=listing,  # compared above: records a new run or a change
                  num_classes=trained_classes, init_checkpoint=init_source.label if init_source else "",
-                 init_weights=weights_chosen(init_source, t.init_from_weights))
+                 init_weights=weights_chosen(init_source, t.init_from_weights),
+                 updates_done=start - int(state["skipped_steps"]))  # a schedule counts applied updates
     raise_dropped_stops()  # a SIGTERM or Ctrl-C while starting that Python dropped (inside a gc callback)
     # One global batch per step: the data position is the step, whatever the number of processes.
     data_sharding = batch_sharding(mesh)
