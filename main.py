@@ -35,8 +35,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pixelflow_jax.command_line import (Terminated, handle_ctrl_c_from_the_start, keep_library_info_out_of_the_log,
-                                        raise_dropped_ctrl_c, stop_behind, stop_cause, stop_on_sigterm,
-                                        stop_received, usage_error)
+                                        raise_dropped_ctrl_c, stop_behind, stop_cause, stop_on_hang_up,
+                                        stop_on_sigterm, stop_received, usage_error)
 from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 from pixelflow_jax.cli.config_file import (WHAT_A_CONFIG_FILE_IS, check_config_fields, check_config_file,
                                        check_flag_files, config_code_error, config_file_given, config_loading_error,
@@ -248,6 +248,7 @@ def sample_or_eval_mode():
     try:  # from the handler on: a SIGTERM the moment after it is in place is handled below too
         if not FLAGS.distributed:
             stop_on_sigterm()
+            stop_on_hang_up()  # an ssh session closed: the same stop, exit 129 (nohup's SIG_IGN stays)
         if FLAGS.mode == "sample":
             e = FLAGS.config.eval
             if e.reference:  # a typo found now, not after hours of sampling

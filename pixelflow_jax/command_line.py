@@ -27,7 +27,14 @@ class Terminated(BaseException):
     that what the job finished is kept (and what it half-wrote removed) before it stops."""
 
 
-_sigterm_received = [False]
+class HungUp(Terminated):
+    """SIGHUP (the terminal or ssh session a sampling or evaluation job was started from closed):
+    stops the job as SIGTERM does, with the hang-up's own exit status."""
+
+
+HUNG_UP = "hung up (SIGHUP: the terminal or ssh session it was started from closed)"
+_sigterm_received = [False]  # or a SIGHUP (then _hung_up too): the job raises Terminated or HungUp again
+_hung_up = [False]
 
 # A stop's handler raises wherever the interpreter is; where that is a gc callback (jax's) or a
 # __del__, Python drops the exception (to sys.unraisablehook) and the job ran on: Ctrl-C while an
@@ -35,8 +42,8 @@ _sigterm_received = [False]
 # quiet_library_noise then has the signal delivered again, from another thread a moment later, when
 # the main thread is most likely back in ordinary code (dropped again, it comes round again).
 REDELIVERY_DELAY_S = 0.05
-_dropped = {signal.SIGINT: False, signal.SIGTERM: False}  # dropped, and not raised since
-_redelivering = {signal.SIGINT: False, signal.SIGTERM: False}  # the next handler call is that delivery
+_dropped = {signal.SIGINT: False, signal.SIGTERM: False, signal.SIGHUP: False}  # dropped, and not raised since
+_redelivering = {signal.SIGINT: False, signal.SIGTERM: False, signal.SIGHUP: False}  # the next call is that delivery
 
 
 def deliver_again_later(signum: int) -> None:
@@ -75,6 +82,25 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def stop_on_hang_up() -> None:
+    """For sampling and evaluation jobs, which a SIGHUP ended at once (losing the batch that had just
+    finished, as SIGTERM did before stop_on_sigterm): it stops them as SIGTERM does. A job started
+    under nohup (SIGHUP ignored) runs on, as nohup asks; a handler of a program's own stays. Not for
+    training, whose PreemptionWatch saves a step first, nor for jobs of several processes."""
+    def on_sighup(*_):
+        if raising_now(signal.SIGHUP):
+            _sigterm_received[0] = _hung_up[0] = True
+            raise HungUp
+
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, on_sighup)
+
+
+def received_stop() -> Terminated:
+    """The Terminated of a SIGTERM or SIGHUP received (HungUp for the latter)."""
+    return HungUp() if _hung_up[0] else Terminated()
+
+
 @contextlib.contextmanager
 def sigterm_stops():
     """stop_on_sigterm while a job that returns to its caller runs (the demo page, which a notebook
@@ -98,14 +124,16 @@ def stop_if_terminated() -> None:
     """Raises Terminated again for a SIGTERM already received (see REDELIVERY_DELAY_S: a dropped one
     is also delivered again, but a library may catch it too). Loops call this per batch."""
     if _sigterm_received[0]:
-        _dropped[signal.SIGTERM] = False
-        raise Terminated
+        _dropped[signal.SIGTERM] = _dropped[signal.SIGHUP] = False
+        raise received_stop()
 
 
 def stop_cause(stop: BaseException) -> tuple[str, int]:
     """(what stopped the job, its exit status)."""
     if isinstance(stop, KeyboardInterrupt):
         return "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+    if isinstance(stop, HungUp):
+        return HUNG_UP, EXIT_HUNG_UP
     return "terminated (SIGTERM)", EXIT_TERMINATED
 
 
@@ -115,7 +143,7 @@ def stop_received() -> BaseException | None:
     tensorstore's import came out as "ImportError: initialization failed", with a traceback."""
     if _ctrl_c_received[0]:
         return KeyboardInterrupt()
-    return Terminated() if _sigterm_received[0] else None
+    return received_stop() if _sigterm_received[0] else None
 
 
 def stop_behind(error: BaseException) -> BaseException | None:
@@ -172,8 +200,8 @@ def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     if unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]:
         deliver_again_later(signal.SIGINT)
         return
-    if unraisable.exc_type is Terminated and _sigterm_received[0]:
-        deliver_again_later(signal.SIGTERM)
+    if unraisable.exc_type in (Terminated, HungUp) and _sigterm_received[0]:
+        deliver_again_later(signal.SIGHUP if unraisable.exc_type is HungUp else signal.SIGTERM)
         return
     if is_late_restore_callback(unraisable):
         return

@@ -1214,3 +1214,77 @@ def test_main_stops_in_one_line_before_its_imports_where_no_home_folder_is_known
     with pytest.raises(SystemExit, match=rf"^error: this user's home folder is unknown \(HOME is unset and uid "
                                          rf"{os.getuid()} has no passwd entry\): set HOME to a writable folder"):
         exit_without_a_home_folder()
+
+
+A_SIGHUP_WHILE_IT_SAMPLES_OR_EVALUATES = """
+import os, runpy, signal, sys
+from pixelflow_jax.evaluation import evaluate
+from pixelflow_jax.sampling import sample_run
+
+if {nohup}:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def hang_up(*args, **kwargs):  # the ssh session closes while the job runs
+    os.kill(os.getpid(), signal.SIGHUP)
+    sum(range(1000))  # bytecodes for the handler to run between
+
+
+sample_run.run = evaluate.run = hang_up
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("mode", ["sample", "eval", "sample under nohup"])
+def test_a_sighup_stops_a_sampling_or_evaluation_job_as_sigterm_does(tmp_path, mode):
+    """An ssh session closed under a sampling or evaluation job (SIGHUP) ended it at once (exit -1,
+    no line, the batch that had just finished lost), where training saves and stops with 129: it now
+    stops as SIGTERM does, with the line that says what is kept, and exit 129. Under nohup it runs on."""
+    run = ["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'out'}"]
+    argv = {"eval": [*run, "--mode=eval", f"--config.eval.samples={tmp_path / 'samples.npz'}",
+                     f"--config.eval.reference={tmp_path / 'reference.npz'}"]}.get(
+        mode, [*run, "--mode=sample", f"--config.sample.checkpoint={tmp_path}"])
+    script = A_SIGHUP_WHILE_IT_SAMPLES_OR_EVALUATES.format(argv=argv, nohup="nohup" in mode)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    if "nohup" in mode:
+        assert result.returncode == 0 and "hung up" not in result.stderr, result.stderr[-3000:]
+        return
+    kept = "the features of files already through the Inception are cached" if mode == "eval" else \
+        "the images written are kept"
+    assert result.returncode == 129 and "Traceback" not in result.stderr, (result.returncode, result.stderr[-3000:])
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        f"stopped: hung up (SIGHUP: the terminal or ssh session it was started from closed); {kept}: rerun the same "
+        "command to go on"), result.stderr[-3000:]
+
+
+def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_hang_up(monkeypatch):
+    """As a dropped SIGTERM (below): the job's next batch raises it again, as the hang-up it was
+    (exit 129, not SIGTERM's 143), and a SIGHUP dropped in a gc callback is delivered again as one."""
+    import signal
+    from types import SimpleNamespace
+
+    from pixelflow_jax import command_line
+
+    delivered_again = []
+    monkeypatch.setattr(command_line, "deliver_again_later", delivered_again.append)
+    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    monkeypatch.setattr(command_line, "_hung_up", [False])
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        command_line.stop_on_hang_up()
+        with pytest.raises(command_line.HungUp) as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            sum(range(1000))  # bytecodes for the handler to run between
+        command_line.quiet_library_noise(SimpleNamespace(exc_type=command_line.HungUp, exc_value=stop.value,
+                                                         exc_traceback=None), previous=pytest.fail)
+        assert delivered_again == [signal.SIGHUP]
+        with pytest.raises(command_line.HungUp):
+            command_line.stop_if_terminated()
+        assert command_line.stop_cause(command_line.stop_received()) == (
+            "hung up (SIGHUP: the terminal or ssh session it was started from closed)", 129)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup's
+        command_line.stop_on_hang_up()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

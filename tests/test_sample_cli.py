@@ -303,11 +303,15 @@ def test_a_config_without_model_param_dtype_samples_float32_weights():
     assert sampling_runtime(config)["param_dtype"] == "float32"
 
 
-def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, converted):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, converted, stop):
     """A SIGTERM (a preemptible VM, `kill`) ended the job at once and silently (exit 143, no line),
-    losing the batch that had just finished; it now stops as Ctrl-C does, saying what was kept."""
+    losing the batch that had just finished; it now stops as Ctrl-C does, saying what was kept. So
+    does a SIGHUP (the ssh session it was started from closed), which ended it so too (exit -1)."""
     import signal
     import time
+
+    from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_TERMINATED, HUNG_UP
 
     workdir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
@@ -318,10 +322,11 @@ def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, conv
     deadline = time.time() + 300
     while time.time() < deadline and not (workdir / "samples" / "000001.png").exists() and process.poll() is None:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, stop))
     stderr = process.communicate(timeout=120)[1]
-    assert process.returncode == 143, stderr
-    assert "stopped: terminated (SIGTERM); the images written are kept: rerun the same command to go on" in stderr
+    assert process.returncode == (EXIT_TERMINATED if stop == "SIGTERM" else EXIT_HUNG_UP), stderr
+    cause = "terminated (SIGTERM)" if stop == "SIGTERM" else HUNG_UP
+    assert f"stopped: {cause}; the images written are kept: rerun the same command to go on" in stderr
     assert "Traceback" not in stderr
     names = os.listdir(workdir / "samples")
     assert "000001.png" in names and all(n.endswith(".png") or n == "settings.json" for n in names)  # no leftovers

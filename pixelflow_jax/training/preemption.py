@@ -26,6 +26,8 @@ import threading
 import jax
 from absl import logging
 
+from pixelflow_jax.command_line import HUNG_UP
+
 
 class PreemptionWatch:
     def __init__(self):
@@ -48,7 +50,7 @@ class PreemptionWatch:
     @property
     def cause(self) -> str:
         if self.hung_up:
-            return "hung up (SIGHUP: the terminal or ssh session it was started from closed)"
+            return HUNG_UP
         return "interrupted (Ctrl-C)" if self.interrupted else "preempted (SIGTERM)"
 
     def _on_sigterm(self, *_) -> None:
