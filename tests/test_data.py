@@ -1115,15 +1115,15 @@ def test_a_pack_that_fails_while_renaming_its_smaller_set_removes_the_shards_ren
     for i in range(3):
         (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)) if i else b"no image")
         (images / f"{i}.txt").write_text(f"caption {i}")
-    move, moves = storage.move, []
+    move, moves = storage.move_file_once, []
 
     def move_failing_the_second_time(source, target):
         moves.append(target)
         if len(moves) == 2:
             raise OSError("disk error")
-        move(source, target)
+        return move(source, target)
 
-    monkeypatch.setattr(storage, "move", move_failing_the_second_time)
+    monkeypatch.setattr(storage, "move_file_once", move_failing_the_second_time)
     with pytest.raises(DataError, match=r"OSError: disk error \(packing stopped; the 2 shards it had written are "):
         pack(str(images), str(tmp_path / "shards"), records_per_shard=1)
     assert os.path.basename(moves[0]) == "captions-00000-of-00002.array_record"
@@ -2017,3 +2017,47 @@ def test_a_loader_worker_ignores_ctrl_c_and_is_killed_with_its_trainer():
     result = subprocess.run([sys.executable, "-c", LOADER_WORKER], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert result.stdout.split() == ["True", "True"], result.stderr[-3000:]
+
+
+def test_a_packs_lines_on_an_unwritable_stdout_cost_the_lines_not_the_pack(tmp_path):
+    """The packer's skip lines were print()s: on a stdout that takes no more (a log on a full disk, a
+    closed ssh session's) the first skipped file failed the whole pack, its shards removed."""
+    images = tmp_path / "captioned"
+    images.mkdir()
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)) if i else b"no image")
+        (images / f"{i}.txt").write_text(f"caption {i}")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "pixelflow_jax.data.pack_captions", f"--folder={images}",
+                                 f"--output={tmp_path / 'shards'}"], cwd=REPO, stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    assert result.returncode == 0 and "stdout cannot be written" in result.stderr, result.stderr[-3000:]
+    assert os.listdir(tmp_path / "shards") == ["captions-00000-of-00001.array_record"]
+
+
+def test_a_pack_renaming_its_smaller_set_never_replaces_a_file_it_did_not_write(tmp_path, monkeypatch):
+    """A set that came out smaller than planned is renamed to its size at the end: a file of such a
+    name that appeared meanwhile (another pack writing into the folder) was replaced without a word."""
+    from pixelflow_jax.data.caption_shards import pack
+
+    images, shards = tmp_path / "captioned", tmp_path / "shards"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)) if i else b"no image")
+        (images / f"{i}.txt").write_text(f"caption {i}")
+    upload, theirs = storage.upload_file_once, shards / "captions-00000-of-00002.array_record"
+
+    def upload_then_another_pack_writes(local, path):
+        published = upload(local, path)
+        if path.endswith("captions-00001-of-00003.array_record"):  # this pack's last shard
+            theirs.write_bytes(b"another pack's shard")
+        return published
+
+    monkeypatch.setattr(storage, "upload_file_once", upload_then_another_pack_writes)
+    with pytest.raises(DataError) as error:
+        pack(str(images), str(shards), records_per_shard=1)
+    assert (f"{theirs} appeared while this pack renamed its 2 shards to their count, and this pack did not write it: "
+            f"another pack is writing into {shards}, or a file was put there; it is kept. Let one pack write "
+            "there, into an empty folder") in str(error.value)
+    assert "the 2 shards it had written are removed" in str(error.value)
+    assert os.listdir(shards) == [theirs.name] and theirs.read_bytes() == b"another pack's shard"

@@ -547,6 +547,24 @@ def test_create_json_never_replaces_a_file_with_or_without_hard_links(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["other.json", "settings.json"]
 
 
+@pytest.mark.parametrize("where", ["local", "local without hard links", "bucket"])
+def test_move_file_once_never_replaces_a_file_it_finds_at_the_target(where, tmp_path, request, monkeypatch):
+    """The packer's rename of a smaller set to its count: storage.move replaced a file of the new
+    name that another writer had put there."""
+    folder = request.getfixturevalue("bucket") if where == "bucket" else str(tmp_path)
+    if where == "local without hard links":
+        monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(PermissionError(1, "Operation not "
+                                                                                              "permitted")))
+    ours, theirs, free = (storage.join(folder, name) for name in ("ours", "theirs", "free"))
+    storage.write_atomically(ours, "our shard")
+    storage.write_atomically(theirs, "another writer's")
+    assert not storage.move_file_once(ours, theirs)
+    assert storage.read_text(theirs) == "another writer's" and storage.read_text(ours) == "our shard"
+    assert storage.move_file_once(ours, free)
+    assert storage.read_text(free) == "our shard" and not storage.exists(ours)
+    assert sorted(storage.list_files(folder)) == ["free", "theirs"]
+
+
 def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
     def refused(path, data):
         raise PermissionError(13, "Permission denied", path)

@@ -14,7 +14,7 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
                                              encode_record)
 from pixelflow_jax.data.sources import DataError, read_with_folder
-from pixelflow_jax.progress import Progress
+from pixelflow_jax.progress import Progress, say
 
 
 def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captions: str = "error") -> dict:
@@ -90,8 +90,13 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
                     os.remove(local)
             if len(written) < planned:  # the names give the set's size: rename a set that came out smaller
                 for index, path in enumerate(written):
-                    storage.move(path, storage.join(output, shard_name(index, len(written))))
-                    written[index] = storage.join(output, shard_name(index, len(written)))
+                    renamed = storage.join(output, shard_name(index, len(written)))
+                    if not storage.move_file_once(path, renamed):  # another's: neither replaced nor removed here
+                        raise DataError(f"{renamed} appeared while this pack renamed its {len(written)} shards to "
+                                        "their count, and this pack did not write it: another pack is writing into "
+                                        f"{output}, or a file was put there; it is kept. Let one pack write there, "
+                                        "into an empty folder")
+                    written[index] = renamed
         except BaseException as e:  # a part of a pack is no dataset (Ctrl-C, SIGTERM too): leave the folder as it was
             for path in written:
                 storage.remove(path)
@@ -119,9 +124,9 @@ def show_skip(count: int, image_path: str, problem, kind: str) -> None:
     """Names the `count`th skip of a kind while it is among the first SHOWN_SKIPS; the first past
     them says that the rest are counted (a pack of exactly SHOWN_SKIPS skips has no rest)."""
     if count <= SHOWN_SKIPS:
-        print(f"skipping {image_path}: {problem}", flush=True)
+        say(f"skipping {image_path}: {problem}")
     if count == SHOWN_SKIPS + 1:
-        print(f"(further {kind} are counted in the summary, not named)", flush=True)
+        say(f"(further {kind} are counted in the summary, not named)")
 
 
 def counted(count: int, one: str, many: str) -> str:

@@ -8,8 +8,9 @@ image's path in the folder, for messages}. Images are not re-encoded, so packing
 files are read storage.reads.READ_THREADS at a time. Shards are named captions-00003-of-00012.array_record and
 each appears whole (written locally, then renamed or uploaded); a pack that fails part-way, or is
 stopped (Ctrl-C, SIGTERM), removes the shards it wrote (and the folder it made for them); an output
-folder that already holds shards is refused (a shard another pack writes there meanwhile is never
-replaced: the pack stops), and so is a folder without one usable caption (nothing is written).
+folder that already holds shards is refused (a shard another pack writes there meanwhile, at its
+own name or at one the smaller set below is renamed to, is never replaced: the pack stops), and so
+is a folder without one usable caption (nothing is written).
 Files whose header is no image's are skipped and counted (a pack of none is refused); each shard
 holds the next records_per_shard images, and a set that came out smaller than the captions
 promised is renamed to its size at the end.
@@ -33,6 +34,7 @@ def main() -> None:
         from pixelflow_jax.data.caption_data import MISSING_CAPTION_CHOICES
         from pixelflow_jax.data.caption_shards import counted, pack
         from pixelflow_jax.data.sources import DataError
+        from pixelflow_jax.progress import say
         raise_dropped_stops()  # received while importing, inside jax's gc callback, which dropped it
     # A Ctrl-C, or one an import reworded (jaxlib's: an ImportError); any other error is a bug.
     except (KeyboardInterrupt, Terminated, Exception) as error:
@@ -57,10 +59,10 @@ def main() -> None:
         print(f"stopped: {cause}; nothing was packed into {args.output} (the shards written are removed)",
               file=sys.stderr)
         sys.exit(status)
-    print(f"wrote {counted(counts['records'], 'record', 'records')} in {counted(counts['shards'], 'shard', 'shards')} "
-          f"to {output}; skipped {counted(counts['skipped_captions'], 'unusable caption', 'unusable captions')}, "
-          f"{counted(counts['skipped_images'], 'file that is not an image', 'files that are not images')} and "
-          f"{counted(counts['missing_captions'], 'image without a caption', 'images without a caption')}")
+    say(f"wrote {counted(counts['records'], 'record', 'records')} in {counted(counts['shards'], 'shard', 'shards')} "
+        f"to {output}; skipped {counted(counts['skipped_captions'], 'unusable caption', 'unusable captions')}, "
+        f"{counted(counts['skipped_images'], 'file that is not an image', 'files that are not images')} and "
+        f"{counted(counts['missing_captions'], 'image without a caption', 'images without a caption')}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed
                                                make_folder, process_alive, remove_abandoned_dirs, remove_temporaries,
                                                temporary_dir, writer_gone, writer_tag)
 from pixelflow_jax.storage.writes import (check_writable, create_file, create_json, file_in_the_way, history_path,
-                                           makedirs, move, remove, removed_if_left_empty, rmtree,
+                                           makedirs, move, move_file_once, remove, removed_if_left_empty, rmtree,
                                            upload_file_atomically, upload_file_once, write_atomically,
                                            write_json_atomically, write_json_keeping_history,
                                            write_streamed_atomically, writing)
@@ -37,8 +37,8 @@ __all__ = [
     "check_supported", "check_writable", "clear_leftovers_of_killed_writers", "create_file", "create_json", "dirname",
     "exists", "file_fingerprint", "file_in_the_way", "file_sizes", "fingerprint", "folders_of_gone_writers",
     "history_path", "is_inside", "is_url", "isdir", "isfile", "join", "list_entries", "list_files", "list_folders",
-    "listdir", "local_file", "make_folder", "makedirs", "move", "open_file", "process_alive", "read_bytes",
-    "read_in_order", "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries",
+    "listdir", "local_file", "make_folder", "makedirs", "move", "move_file_once", "open_file", "process_alive",
+    "read_bytes", "read_in_order", "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries",
     "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "temporary_dir", "upload_file_atomically",
     "upload_file_once", "user_path", "write_atomically", "write_json_atomically", "write_json_keeping_history",
     "write_streamed_atomically", "writer_gone", "writer_tag", "writing",

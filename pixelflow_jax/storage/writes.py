@@ -267,6 +267,37 @@ def move(source: str, target: str) -> None:
         shutil.move(source, target)  # a rename, or a copy where the target is on another disk
 
 
+def move_file_once(source: str, target: str) -> bool:
+    """Moves a file to `target` where nothing is there yet: False, and nothing moved, when something
+    is (another writer's file is never replaced, as by create_file). Locally a hard link refuses an
+    existing name (without hard links: the name taken by an exclusive create, then replaced by the
+    file). In a bucket the copy within the store takes no precondition: the target is checked just
+    before it, which leaves that instant open."""
+    if is_url(source):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(target)
+        if on_remote(target, lambda _: fs.exists(key)):
+            return False
+        move(source, target)
+        return True
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~umask()))
+        except FileExistsError:
+            return False
+        os.replace(source, target)  # over the empty file just created here
+        return True
+    os.remove(source)
+    return True
+
+
 @contextlib.contextmanager
 def removed_if_left_empty(folder: str, remover: bool = True) -> Iterator[None]:
     """A local folder that did not exist before the block is removed after it if nothing was
