@@ -328,11 +328,14 @@ def name_the_values_of_miscounted_requests(page) -> None:
 
 def check_port_free(host: str, port: int) -> None:
     """Before the model loads, and after Gradio could not listen: a port taken (or closed to this
-    user) is one clear error naming the flag that changes it."""
+    user) is one clear error naming the flag that changes it. A port a page served until just now
+    is free: its connections left in TIME_WAIT keep no server from listening (SO_REUSEADDR)."""
     import errno
     import socket
 
     with socket.socket() as probe:
+        if os.name == "posix":  # as the server binds: the closed connections of a page just stopped do not count
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as e:

@@ -559,3 +559,21 @@ def test_a_demo_port_in_use_names_the_flag():
         busy.listen()
         with pytest.raises(ValueError, match="is in use .*--config.demo.port=PORT"):
             check_port_free("127.0.0.1", busy.getsockname()[1])
+
+
+def test_a_port_a_stopped_page_served_just_now_is_free_for_the_restarted_page():
+    """A page stopped with Ctrl-C and started again at once was refused ('port ... is in use'), for
+    about a minute: its closed connections to the students' browsers linger in TIME_WAIT on that
+    port, which the start's check took for another program; Gradio itself binds through them."""
+    from pixelflow_jax.demo_app import check_port_free
+
+    with socket.socket() as page:
+        page.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        page.bind(("127.0.0.1", 0))
+        page.listen()
+        port = page.getsockname()[1]
+        browser = socket.create_connection(("127.0.0.1", port))
+        served, _ = page.accept()
+        served.close()  # the page closes the connection first: TIME_WAIT on its side, on the port
+        browser.close()
+    check_port_free("127.0.0.1", port)
