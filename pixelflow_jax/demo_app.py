@@ -5,7 +5,8 @@ folders for a run trained on an image folder, bare ids for the classes of a run'
 classes than its model), text ones a prompt box (with config.sample.text_encoder); both get
 solver, CFG, noise shift, steps per stage, seed and number of images, a gallery and the PNGs to
 download. Each new combination of batch size, Euler steps and solver compiles once (the page says
-so), as does CFG 1 (unguided); other CFG values, shifts and seeds reuse the compiled sampler.
+so), as does CFG 1 (unguided); other CFG values, shifts and seeds reuse the compiled sampler
+(the programs of COMPILED_SETTINGS_KEPT settings are kept).
 Bad input is reported on the page; the server keeps running. Binds to 127.0.0.1 unless
 config.demo.share_on_network.
 """
@@ -127,6 +128,11 @@ def shown(value) -> str:
     return reprlib.repr(value)
 
 
+# Settings (batch size, solver, Euler steps, guided or not) whose compiled programs the page keeps:
+# each holds host memory (~5 MB a stage on the tiny model, more for larger ones).
+COMPILED_SETTINGS_KEPT = 16
+
+
 # dopri5 picks its own steps between the stage's ends: the page says what it did not use.
 DOPRI5_NOTE = " dopri5 chooses its own steps: the step sliders and the noise shift were not used."
 
@@ -215,11 +221,21 @@ class DemoSampler:
         # guided or not (CFG 1 is unguided).
         return (int(num_images), solver, float(cfg) == 1.0, tuple(int(n) for n in steps) if solver == "euler" else ())
 
+    def drop_compiled_past_the_kept_settings(self, key) -> None:
+        """Before a new setting past COMPILED_SETTINGS_KEPT, drops every compiled program: jax keeps
+        each for good, and a class moving the step sliders would grow the server without end."""
+        if key not in self.compiled and len(self.compiled) >= COMPILED_SETTINGS_KEPT:
+            import jax
+
+            jax.clear_caches()  # (the whole process's: it holds no per-program eviction)
+            self.compiled.clear()  # so the page says it compiles again
+
     def generate(self, condition, num_images, solver, cfg, shift, steps, seed) -> list[str]:
         """PNG paths of the images; the same request always gives the same images."""
         options = dict(steps_per_stage=[int(n) for n in steps], cfg_scale=float(cfg), solver=solver,
                        shift=float(shift), seed=int(seed))
         n = int(num_images)
+        self.drop_compiled_past_the_kept_settings(self.compile_key(num_images, solver, cfg, steps))
         if self.text:
             images = self.sampler.generate_from_prompts(self.prompt_encoder, [str(condition)] * n,
                                                         negative_prompt=self.negative_prompt, **options)

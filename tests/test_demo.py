@@ -577,3 +577,29 @@ def test_a_port_a_stopped_page_served_just_now_is_free_for_the_restarted_page():
         served.close()  # the page closes the connection first: TIME_WAIT on its side, on the port
         browser.close()
     check_port_free("127.0.0.1", port)
+
+
+def test_a_page_drops_its_compiled_programs_after_so_many_settings_so_its_memory_stays_bounded(tmp_path, monkeypatch):
+    """Each new batch size or Euler step count compiled programs that the page kept for good: a
+    class moving the four step sliders (1-100 each) grew the server by ~5 MB a stage per setting
+    on the tiny model (48 programs: +263 MB), request after request. Past COMPILED_SETTINGS_KEPT
+    settings the page drops them (memory is reused) and says it compiles again."""
+    import jax
+
+    from pixelflow_jax import demo_app
+
+    class Sampler:
+        def generate(self, labels, **_):
+            return [np.zeros((4, 4, 3), np.uint8)] * len(labels)
+
+    cleared = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(True))
+    demo = bare_demo(sampler=Sampler(), output_dir=str(tmp_path))
+    kept = demo_app.COMPILED_SETTINGS_KEPT
+    for steps in range(1, kept + 1):
+        demo.generate(3, 1, "euler", 4.0, 1.0, [steps, 1, 1, 1], 0)
+    demo.generate(3, 1, "euler", 4.0, 1.0, [1, 1, 1, 1], 0)  # a setting compiled before: nothing dropped
+    assert cleared == [] and len(demo.compiled) == kept
+    demo.generate(3, 1, "euler", 4.0, 1.0, [kept + 1, 1, 1, 1], 0)
+    assert cleared == [True]
+    assert demo.compiled == {demo.compile_key(1, "euler", 4.0, [kept + 1, 1, 1, 1])}
