@@ -187,6 +187,8 @@ class DemoSampler:
         given = {"Number of images": num_images, "CFG": cfg, "Noise shift": shift, "Seed": seed,
                  **{f"Steps of stage {stage}": n for stage, n in enumerate(steps)}}
         for label, value in given.items():  # the page sends numbers; its API accepts anything
+            if value is None:  # the page's Seed box emptied ('got None' read as Python to a student)
+                return f"{label} is empty: give a number."
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
                 return f"{label} must be a number, got {shown(value)}."
         if not 1 <= num_images <= self.max_images or not is_whole(num_images):

@@ -293,9 +293,10 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
     assert demo.check(**good) is None
     assert demo.check(**{**good, "condition": 9.0, "seed": 7.0}) is None  # JSON numbers may come as floats
     assert demo.check(**{**good, "condition": "3"}) is None  # Gradio's API lists the dropdown's ids as strings
-    for change, message in [({"cfg": None}, "CFG must be a number, got None."),
+    for change, message in [({"cfg": None}, "CFG is empty: give a number."),
+                            ({"seed": None}, "Seed is empty: give a number."),  # the page's Seed box emptied
                             ({"cfg": "4"}, "CFG must be a number, got '4'."),
-                            ({"steps": [2, None, 2, 2]}, "Steps of stage 1 must be a number, got None."),
+                            ({"steps": [2, None, 2, 2]}, "Steps of stage 1 is empty: give a number."),
                             ({"seed": float("nan")}, "Seed must be a number, got nan."),
                             # Gradio's own checks no longer run first: these reached the model or were rounded.
                             ({"seed": 0.5}, "Seed must be a whole number from 0 to 4294967295."),
