@@ -246,9 +246,11 @@ class DemoSampler:
         self.compiled.add(self.compile_key(num_images, solver, cfg, steps))
         os.makedirs(self.output_dir, exist_ok=True)  # a page on another host takes one idle for a day as gone
         folder = storage.make_folder(self.output_dir)  # (with mkdtemp's 0700 only this user could see the images)
+        # A student's downloads of several requests land in one folder: the name says which class and seed.
+        request = f"seed{int(seed)}" if self.text else f"class{int(condition)}_seed{int(seed)}"
         paths = []
         for i, image in enumerate(images):
-            paths.append(os.path.join(folder, f"pixelflow_{int(seed)}_{i}.png"))
+            paths.append(os.path.join(folder, f"pixelflow_{request}_{i}.png"))
             Image.fromarray(np.asarray(image)).save(paths[-1])
         remove_old_requests(self.output_dir)
         return paths

@@ -143,6 +143,7 @@ def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tm
     demo = DemoSampler(config, str(tmp_path / "page"))
     request = dict(num_images=1, solver="euler", cfg=4.0, shift=1.0, steps=[1, 1, 1, 1], seed=0)
     path = demo.generate("a red cat", **request)[0]
+    assert os.path.basename(path) == "pixelflow_seed0_0.png"
     page = np.asarray(Image.open(path))
     umask = os.umask(0)
     os.umask(umask)  # the request's folder as a plain makedirs makes it: mkdtemp's 0700 hid the images from others
@@ -357,10 +358,10 @@ def test_a_demo_request_is_accepted_at_each_limit_the_page_states_and_refused_ju
         assert demo.check(**{**good, **change}) == message, change
 
 
-def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named_by_its_seed(tmp_path):
+def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named_by_its_class_and_seed(tmp_path):
     """generate() gives the sampler the request as the sampling job takes it (whole numbers as
     ints, though JSON may send 7.0; one condition per image), writes each image's pixels to
-    pixelflow_SEED_I.png in a new request folder, and leaves only the newest KEPT_REQUESTS folders."""
+    pixelflow_classC_seedS_I.png in a new request folder, and leaves only the newest KEPT_REQUESTS folders."""
     from pixelflow_jax import demo_app
 
     class RecordingSampler:
@@ -381,7 +382,8 @@ def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named
     assert labels == [3, 3, 3] and all(type(label) is int for label in labels)
     assert options == dict(steps_per_stage=[2, 3, 1, 1], cfg_scale=4.0, solver="euler", shift=2.0, seed=7)
     assert type(options["seed"]) is int and type(options["cfg_scale"]) is float
-    assert [os.path.basename(path) for path in paths] == [f"pixelflow_7_{i}.png" for i in range(3)]
+    # A student's downloads of class 3 and class 5 at seed 7 were both pixelflow_7_0.png (then 'pixelflow_7_0 (1).png').
+    assert [os.path.basename(path) for path in paths] == [f"pixelflow_class3_seed7_{i}.png" for i in range(3)]
     for i, path in enumerate(paths):
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.full((4, 4, 3), 40 * i, np.uint8))
     assert demo.compile_key(3, "euler", 4.0, [2, 3, 1, 1]) in demo.compiled
