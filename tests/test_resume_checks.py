@@ -558,3 +558,53 @@ def test_a_warmup_change_is_allowed_where_both_warmups_ended_before_the_resumed_
     check_resume(str(tmp_path / "cosine"), cosine(10), step=0, num_records=100)
     with pytest.raises(ValueError, match=r"train.warmup_steps: 10 -> 20 \(the learning rate of the remaining"):
         check_resume(str(tmp_path / "cosine"), cosine(20), step=50, num_records=100)
+
+
+def test_an_ended_warmup_allows_only_itself_and_says_so_only_where_it_ended(tmp_path, caplog):
+    """Both warmups over lets the warmup change alone: a seed changed with it is still refused, and
+    named without the warmup. Accepted with allow_resume_changes, a warmup not yet over is an ordinary
+    change, with no line that its rate is kept. The update count is the one the restore gives, even 0
+    (every step skipped), and the line names that update, not the step."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    warmup = lambda steps, **more: c2i_config(**{"train.warmup_steps": steps, **more})
+    check_resume(str(tmp_path), warmup(10), step=0, num_records=100)
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 -> 1 \(the data order") as error:
+        check_resume(str(tmp_path), warmup(20, seed=1), step=20, num_records=100)
+    assert "warmup_steps" not in str(error.value)
+    with pytest.raises(ValueError, match=r"train.warmup_steps: 10 -> 20 \(the learning rate"):
+        check_resume(str(tmp_path), warmup(20), step=20, num_records=100, updates_done=0)
+    check_resume(str(tmp_path / "allowed"), warmup(10), step=0, num_records=100)
+    with caplog.at_level(logging.WARNING):
+        check_resume(str(tmp_path / "allowed"), warmup(20, **{"train.allow_resume_changes": True}), step=15,
+                     num_records=100)
+    assert "changed settings (allowed): train.warmup_steps: 10 -> 20" in caplog.text
+    assert "both warmups end" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        check_resume(str(tmp_path), warmup(20), step=23, num_records=100, updates_done=21)
+    assert "train.warmup_steps: 10 -> 20: both warmups end by update 21, where this resume goes on" in caplog.text
+
+
+@pytest.mark.parametrize("schedules", [("cosine", "constant"), ("constant", "cosine")])
+def test_a_warmup_changed_with_the_schedule_is_named_with_it(tmp_path, schedules):
+    """A warmup change keeps the rate only where the schedule is constant before and after: changed
+    with the schedule, past both warmups, it is refused and named along with the schedule."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    config = lambda warmup, schedule: c2i_config(**{"train.warmup_steps": warmup, "train.lr_schedule": schedule,
+                                                    "train.num_steps": 100})
+    check_resume(str(tmp_path), config(10, schedules[0]), step=0, num_records=100)
+    with pytest.raises(ValueError) as error:
+        check_resume(str(tmp_path), config(20, schedules[1]), step=50, num_records=100)
+    assert f"train.lr_schedule: {schedules[0]!r} -> {schedules[1]!r}" in str(error.value)
+    assert "train.warmup_steps: 10 -> 20 (the learning rate" in str(error.value)
+
+
+def test_a_warmup_of_another_type_is_refused_as_a_change_not_compared(tmp_path):
+    """The Python API may pass a warmup_steps of any type: past both warmups, "20" is a change refused
+    in the usual line, not a TypeError from comparing it with the update count."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    check_resume(str(tmp_path), c2i_config(**{"train.warmup_steps": 10}), step=0, num_records=100)
+    with pytest.raises(ValueError, match=r"train.warmup_steps: 10 -> '20' \(the learning rate"):
+        check_resume(str(tmp_path), c2i_config(**{"train.warmup_steps": "20"}), step=50, num_records=100)

@@ -916,6 +916,17 @@ def test_a_resume_refused_for_other_data_leaves_no_class_index_in_the_run(tmp_pa
     assert json.loads((tmp_path / "run" / "class_index.json").read_text())["classes"] == ["ant", "bee"]
 
 
+def test_a_warmup_change_at_a_resume_counts_the_updates_the_restored_state_applied(tmp_path, monkeypatch):
+    """Saved at step 5 with step 2 skipped, the run applied 4 updates: a warmup 4 -> 5 there still
+    changes the rate of update 4, so it is refused, though step 5 is past both warmups."""
+    loop = StandInLoop(monkeypatch, bad={2})
+    loop.run(loop.config(num_steps=5, checkpoint_every=5, warmup_steps=4), tmp_path)
+    with pytest.raises(ValueError, match=r"train.warmup_steps: 4 -> 5 \(the learning rate"):
+        loop.run(loop.config(num_steps=7, checkpoint_every=5, warmup_steps=5), tmp_path)
+    loop.run(loop.config(num_steps=7, checkpoint_every=5, warmup_steps=3), tmp_path)  # ended by update 4
+    assert [step for step, _ in loop.calls] == [6, 7]
+
+
 def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_the_data_where_it_stopped(
         tmp_path, monkeypatch):
     """Steps 1..num_steps, each once; logged: every log_every steps, every preview step and the
