@@ -565,6 +565,20 @@ def test_move_file_once_never_replaces_a_file_it_finds_at_the_target(where, tmp_
     assert sorted(storage.list_files(folder)) == ["free", "theirs"]
 
 
+def test_move_file_once_raises_a_link_error_that_is_not_a_missing_hard_link(tmp_path, monkeypatch):
+    """Only a file system without hard links takes the exclusive create instead: another error of
+    the link (a disk error) is raised, nothing created at the target and the file left where it was
+    (all tests made os.link fail with EPERM, a missing hard link, so a fallback on any error passed)."""
+    import errno
+
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    ours = tmp_path / "ours"
+    ours.write_text("our shard")
+    with pytest.raises(OSError, match="I/O error"):
+        storage.move_file_once(str(ours), str(tmp_path / "free"))
+    assert os.listdir(tmp_path) == ["ours"] and ours.read_text() == "our shard"
+
+
 def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
     def refused(path, data):
         raise PermissionError(13, "Permission denied", path)
