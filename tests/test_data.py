@@ -1460,6 +1460,25 @@ def test_a_skip_past_the_named_ones_says_the_rest_are_counted_and_exactly_shown_
     assert capsys.readouterr().out == "(further unusable captions are counted in the summary, not named)\n"
 
 
+@pytest.mark.parametrize("past_the_named", [False, True])
+def test_a_skip_line_on_a_stdout_that_cannot_be_written_costs_the_line(monkeypatch, caplog, past_the_named):
+    """Each of show_skip's lines, the note that further skips are only counted too, goes as a job's
+    others do (progress.say): one warning, not the OSError that failed the pack (printed with print,
+    the note passed: the pack's test on /dev/full skipped one file, named before the note)."""
+    import errno
+
+    from pixelflow_jax.data.caption_shards import SHOWN_SKIPS, show_skip
+
+    class FullStream(io.TextIOBase):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("sys.stdout", FullStream())
+    show_skip(SHOWN_SKIPS + 1 if past_the_named else 1, "1.png", "caption is empty", "unusable captions")
+    assert "stdout cannot be written" in caplog.text and sys.stdout.name == os.devnull
+    sys.stdout.close()
+
+
 def test_a_bucket_that_cannot_be_reached_is_not_reported_as_a_missing_folder(bucket):
     """gcsfs's isdir answers False when it cannot connect; the sources must show the connection error."""
     import subprocess
