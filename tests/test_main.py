@@ -850,19 +850,21 @@ from pixelflow_jax import command_line
 
 command_line.handle_ctrl_c_from_the_start()
 command_line.stop_on_sigterm()
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (a suite run under nohup passes its SIG_IGN on)
+command_line.stop_on_hang_up()
 
 
 class Drops:
     def __del__(self):
-        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, where Python drops the exception
+        os.kill(os.getpid(), signal.{stop})  # its handler runs here, where Python drops the exception
         sum(range(1000))
 
 
 Drops()
 try:
     command_line.stop_if_terminated()  # the job's loop raises it itself, before the delivery again
-except command_line.Terminated:
-    print("raised")
+except command_line.Terminated as stop:
+    print("raised", type(stop).__name__)
 try:
     time.sleep(20 * command_line.REDELIVERY_DELAY_S)
     print("once")
@@ -871,11 +873,14 @@ except command_line.Terminated:
 """
 
 
-def test_a_sigterm_the_job_raised_itself_after_python_dropped_it_is_not_delivered_again():
-    """A second Terminated would hit the job's cleanup of the first (a pack removing its shards)."""
-    result = subprocess.run([sys.executable, "-c", A_SIGTERM_DROPPED_THEN_RAISED_BY_THE_JOB], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
-    assert result.stdout.split() == ["raised", "once"], result.stderr[-3000:]
+@pytest.mark.parametrize("stop, raised", [("SIGTERM", "Terminated"), ("SIGHUP", "HungUp")])
+def test_a_sigterm_the_job_raised_itself_after_python_dropped_it_is_not_delivered_again(stop, raised):
+    """A second Terminated would hit the job's cleanup of the first (a pack removing its shards). So
+    would a second HungUp (a job's raise that forgot only SIGTERM's drop passed: only SIGTERM was
+    dropped here); and a SIGTERM is raised as itself, not as a hang-up."""
+    script = A_SIGTERM_DROPPED_THEN_RAISED_BY_THE_JOB.replace("{stop}", stop)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["raised", raised, "once"], result.stderr[-3000:]
 
 
 A_SECOND_CTRL_C_BEFORE_THE_DROPPED_ONE_COMES_ROUND = """
@@ -1221,8 +1226,7 @@ import os, runpy, signal, sys
 from pixelflow_jax.evaluation import evaluate
 from pixelflow_jax.sampling import sample_run
 
-if {nohup}:
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN if {nohup} else signal.SIG_DFL)  # a nohup'd suite's SIG_IGN is inherited
 
 
 def hang_up(*args, **kwargs):  # the ssh session closes while the job runs
@@ -1278,13 +1282,25 @@ def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_h
             sum(range(1000))  # bytecodes for the handler to run between
         command_line.quiet_library_noise(SimpleNamespace(exc_type=command_line.HungUp, exc_value=stop.value,
                                                          exc_traceback=None), previous=pytest.fail)
-        assert delivered_again == [signal.SIGHUP]
+        command_line.quiet_library_noise(SimpleNamespace(exc_type=command_line.Terminated,
+                                                         exc_value=command_line.Terminated(),
+                                                         exc_traceback=None), previous=pytest.fail)
+        assert delivered_again == [signal.SIGHUP, signal.SIGTERM]  # a SIGTERM's drop comes round as a SIGTERM
         with pytest.raises(command_line.HungUp):
             command_line.stop_if_terminated()
         assert command_line.stop_cause(command_line.stop_received()) == (
             "hung up (SIGHUP: the terminal or ssh session it was started from closed)", 129)
+        monkeypatch.setitem(command_line._redelivering, signal.SIGHUP, True)  # its delivery again, sent already,
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # reaches the handler after the job raised it: not twice
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup's
         command_line.stop_on_hang_up()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+        def own(*_):  # a program's own handler
+            pass
+
+        signal.signal(signal.SIGHUP, own)
+        command_line.stop_on_hang_up()
+        assert signal.getsignal(signal.SIGHUP) is own
     finally:
         signal.signal(signal.SIGHUP, before)
