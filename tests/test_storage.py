@@ -579,6 +579,17 @@ def test_move_file_once_raises_a_link_error_that_is_not_a_missing_hard_link(tmp_
     assert os.listdir(tmp_path) == ["ours"] and ours.read_text() == "our shard"
 
 
+def test_move_file_once_without_hard_links_leaves_no_empty_file_when_the_move_fails(tmp_path, monkeypatch):
+    """Without hard links the target's name is taken by an empty file first: a move that then fails
+    (the source gone) must not leave that empty file behind under a shard's name."""
+    import errno
+
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(errno.EPERM, "not permitted")))
+    with pytest.raises(FileNotFoundError):
+        storage.move_file_once(str(tmp_path / "gone"), str(tmp_path / "free"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
     def refused(path, data):
         raise PermissionError(13, "Permission denied", path)

@@ -292,7 +292,11 @@ def move_file_once(source: str, target: str) -> bool:
             os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~umask()))
         except FileExistsError:
             return False
-        os.replace(source, target)  # over the empty file just created here
+        try:
+            os.replace(source, target)  # over the empty file just created here
+        except BaseException:
+            os.remove(target)  # the name taken for this move only: no empty file under it
+            raise
         return True
     os.remove(source)
     return True
