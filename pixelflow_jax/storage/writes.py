@@ -274,10 +274,7 @@ def move_file_once(source: str, target: str) -> bool:
     file). In a bucket the copy within the store takes no precondition: the target is checked just
     before it, which leaves that instant open."""
     if is_url(source):
-        import fsspec
-
-        fs, key = fsspec.core.url_to_fs(target)
-        if on_remote(target, lambda _: fs.exists(key)):
+        if exists(target):  # reads.exists: a failed request raises, where fsspec's exists() answers "free"
             return False
         move(source, target)
         return True
