@@ -236,14 +236,14 @@ class DemoSampler:
         """PNG paths of the images; the same request always gives the same images."""
         options = dict(steps_per_stage=[int(n) for n in steps], cfg_scale=float(cfg), solver=solver,
                        shift=float(shift), seed=int(seed))
-        n = int(num_images)
-        self.drop_compiled_past_the_kept_settings(self.compile_key(num_images, solver, cfg, steps))
+        n, key = int(num_images), self.compile_key(num_images, solver, cfg, steps)
+        self.drop_compiled_past_the_kept_settings(key)
         if self.text:
             images = self.sampler.generate_from_prompts(self.prompt_encoder, [str(condition)] * n,
                                                         negative_prompt=self.negative_prompt, **options)
         else:
             images = self.sampler.generate([int(condition)] * n, **options)
-        self.compiled.add(self.compile_key(num_images, solver, cfg, steps))
+        self.compiled.add(key)
         os.makedirs(self.output_dir, exist_ok=True)  # a page on another host takes one idle for a day as gone
         folder = storage.make_folder(self.output_dir)  # (with mkdtemp's 0700 only this user could see the images)
         # A student's downloads of several requests land in one folder: the name says which class and seed.
