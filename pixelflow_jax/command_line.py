@@ -33,8 +33,9 @@ class HungUp(Terminated):
 
 
 HUNG_UP = "hung up (SIGHUP: the terminal or ssh session it was started from closed)"
-_sigterm_received = [False]  # or a SIGHUP (then _hung_up too): the job raises Terminated or HungUp again
-_hung_up = [False]
+_STOPS = {signal.SIGTERM: Terminated, signal.SIGHUP: HungUp}  # a stop's signal and what its handler raises
+_stop_signal = [None]  # SIGTERM or SIGHUP once received: the job raises its stop again (stop_if_terminated)
+
 
 # A stop's handler raises wherever the interpreter is; where that is a gc callback (jax's) or a
 # __del__, Python drops the exception (to sys.unraisablehook) and the job ran on: Ctrl-C while an
@@ -70,16 +71,24 @@ def raising_now(signum: int) -> bool:
     return True
 
 
+def _record_stop(signum: int) -> None:
+    """A hang-up is kept over a SIGTERM received before or after it: the terminal is gone either way."""
+    if _stop_signal[0] != signal.SIGHUP:
+        _stop_signal[0] = signum
+
+
+def _raise_stop(signum: int, _frame=None) -> None:
+    """The handler of SIGTERM and SIGHUP (stop_on_sigterm, stop_on_hang_up)."""
+    if raising_now(signum):
+        _record_stop(signum)
+        raise _STOPS[signum]
+
+
 def stop_on_sigterm() -> None:
     """Without it a SIGTERM ends the process at once and silently: a sampling job loses the batch
     that had just finished, a conversion leaves its temporary folder. Not for jobs of several
     processes, where jax's preemption service holds SIGTERM."""
-    def on_sigterm(*_):
-        if raising_now(signal.SIGTERM):
-            _sigterm_received[0] = True
-            raise Terminated
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, _raise_stop)
 
 
 def stop_on_hang_up() -> None:
@@ -87,18 +96,13 @@ def stop_on_hang_up() -> None:
     finished, as SIGTERM did before stop_on_sigterm): it stops them as SIGTERM does. A job started
     under nohup (SIGHUP ignored) runs on, as nohup asks; a handler of a program's own stays. Not for
     training, whose PreemptionWatch saves a step first, nor for jobs of several processes."""
-    def on_sighup(*_):
-        if raising_now(signal.SIGHUP):
-            _sigterm_received[0] = _hung_up[0] = True
-            raise HungUp
-
     if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
-        signal.signal(signal.SIGHUP, on_sighup)
+        signal.signal(signal.SIGHUP, _raise_stop)
 
 
-def received_stop() -> Terminated:
-    """The Terminated of a SIGTERM or SIGHUP received (HungUp for the latter)."""
-    return HungUp() if _hung_up[0] else Terminated()
+def received_stop() -> Terminated | None:
+    """The Terminated of a SIGTERM or SIGHUP received (HungUp for the latter), if any."""
+    return None if _stop_signal[0] is None else _STOPS[_stop_signal[0]]()
 
 
 @contextlib.contextmanager
@@ -116,16 +120,16 @@ def sigterm_stops():
     try:
         yield
     finally:  # forgotten first: a delivery again due at this instant must not reach the restored handler
-        _sigterm_received[0] = _dropped[signal.SIGTERM] = False
+        _stop_signal[0], _dropped[signal.SIGTERM] = None, False
         signal.signal(signal.SIGTERM, previous)
 
 
 def stop_if_terminated() -> None:
     """Raises Terminated again for a SIGTERM already received (see REDELIVERY_DELAY_S: a dropped one
     is also delivered again, but a library may catch it too). Loops call this per batch."""
-    if _sigterm_received[0]:
+    if (stop := received_stop()) is not None:
         _dropped[signal.SIGTERM] = _dropped[signal.SIGHUP] = False
-        raise received_stop()
+        raise stop
 
 
 def stop_cause(stop: BaseException) -> tuple[str, int]:
@@ -143,7 +147,7 @@ def stop_received() -> BaseException | None:
     tensorstore's import came out as "ImportError: initialization failed", with a traceback."""
     if _ctrl_c_received[0]:
         return KeyboardInterrupt()
-    return received_stop() if _sigterm_received[0] else None
+    return received_stop()
 
 
 def stop_behind(error: BaseException) -> BaseException | None:
@@ -200,7 +204,7 @@ def quiet_library_noise(unraisable, previous=sys.__unraisablehook__) -> None:
     if unraisable.exc_type is KeyboardInterrupt and _ctrl_c_received[0]:
         deliver_again_later(signal.SIGINT)
         return
-    if unraisable.exc_type in (Terminated, HungUp) and _sigterm_received[0]:
+    if unraisable.exc_type in (Terminated, HungUp) and _stop_signal[0] is not None:
         deliver_again_later(signal.SIGHUP if unraisable.exc_type is HungUp else signal.SIGTERM)
         return
     if is_late_restore_callback(unraisable):

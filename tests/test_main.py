@@ -3,6 +3,7 @@ training tests run its default mode, train, through main.py)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -355,7 +356,7 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
     monkeypatch.setattr(command_line, "deliver_again_later", delivered_again.append)
 
     def dropped_sigterm():
-        command_line._sigterm_received[0] = True  # raised again by stop_if_terminated: no traceback
+        command_line._stop_signal[0] = signal.SIGTERM  # raised again by stop_if_terminated: no traceback
         raise command_line.Terminated
 
     def same_words_elsewhere():  # not asyncio's check of a closed loop: shown
@@ -369,7 +370,7 @@ def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_qui
             quiet_library_noise(SimpleNamespace(exc_type=type(error), exc_value=error,
                                                 exc_traceback=error.__traceback__),
                                 previous=lambda unraisable: shown.append(unraisable.exc_type))
-    command_line._sigterm_received[0] = False
+    command_line._stop_signal[0] = None
     assert shown == [ZeroDivisionError, RuntimeError] and delivered_again == [signal.SIGTERM]
 
 
@@ -435,11 +436,11 @@ def test_a_stop_stands_behind_an_error_only_when_it_is_one_or_was_received_befor
     from pixelflow_jax import command_line
 
     monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
-    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
     for stop in (KeyboardInterrupt(), command_line.Terminated()):  # raised by a test or a caller, no signal
         assert command_line.stop_behind(stop) is stop
     assert command_line.stop_behind(OSError("disk full")) is None  # a bug's error: its traceback is due
-    command_line._sigterm_received[0] = True
+    command_line._stop_signal[0] = signal.SIGTERM
     assert isinstance(command_line.stop_behind(ImportError("initialization failed")), command_line.Terminated)
 
 
@@ -841,7 +842,7 @@ def test_a_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_job()
             command_line.stop_if_terminated()
     finally:
         signal.signal(signal.SIGTERM, before)
-        command_line._sigterm_received[0] = False
+        command_line._stop_signal[0] = None
 
 
 A_SIGTERM_DROPPED_THEN_RAISED_BY_THE_JOB = """
@@ -948,7 +949,7 @@ def test_a_stop_no_signal_sent_is_printed_not_delivered_as_a_signal(monkeypatch)
     shown, delivered_again = [], []
     monkeypatch.setattr(command_line, "deliver_again_later", delivered_again.append)
     monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
-    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
     for stop in (KeyboardInterrupt(), command_line.Terminated()):
         command_line.quiet_library_noise(SimpleNamespace(exc_type=type(stop), exc_value=stop, exc_traceback=None),
                                          previous=lambda unraisable: shown.append(unraisable.exc_type))
@@ -959,16 +960,17 @@ def test_a_stop_no_signal_sent_is_printed_not_delivered_as_a_signal(monkeypatch)
     assert delivered_again == [signal.SIGINT] and len(shown) == 2
 
 
-@pytest.mark.parametrize("received,stop", [("_ctrl_c_received", KeyboardInterrupt), ("_sigterm_received", None)])
-def test_a_stop_received_before_a_jobs_work_starts_is_raised_there(monkeypatch, received, stop):
+@pytest.mark.parametrize("received,value,stop", [("_ctrl_c_received", True, KeyboardInterrupt),
+                                                 ("_stop_signal", signal.SIGTERM, None)])
+def test_a_stop_received_before_a_jobs_work_starts_is_raised_there(monkeypatch, received, value, stop):
     """raise_dropped_stops guards work that must not start once the job was asked to stop (a
     conversion's write, a training loop): a Ctrl-C or a SIGTERM a library swallowed is raised."""
     from pixelflow_jax import command_line
 
     monkeypatch.setattr(command_line, "_ctrl_c_received", [False])
-    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
     command_line.raise_dropped_stops()  # nothing received: the work goes on
-    getattr(command_line, received)[0] = True
+    getattr(command_line, received)[0] = value
     with pytest.raises(stop or command_line.Terminated):
         command_line.raise_dropped_stops()
 
@@ -1272,8 +1274,7 @@ def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_h
 
     delivered_again = []
     monkeypatch.setattr(command_line, "deliver_again_later", delivered_again.append)
-    monkeypatch.setattr(command_line, "_sigterm_received", [False])
-    monkeypatch.setattr(command_line, "_hung_up", [False])
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
     before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
         command_line.stop_on_hang_up()
@@ -1304,3 +1305,26 @@ def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_h
         assert signal.getsignal(signal.SIGHUP) is own
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.parametrize("first, then", [("SIGHUP", "SIGTERM"), ("SIGTERM", "SIGHUP")])
+def test_a_hang_up_and_a_sigterm_both_received_stop_the_job_as_a_hang_up(monkeypatch, first, then):
+    """Which stop arrived is one record: a SIGTERM does not replace a hang-up before it (exit 129
+    either way), and a hang-up after a SIGTERM is the stop the job's next check raises."""
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
+    try:
+        command_line.stop_on_sigterm()
+        command_line.stop_on_hang_up()
+        for signum in (first, then):
+            with pytest.raises(command_line.Terminated):
+                os.kill(os.getpid(), getattr(signal, signum))
+                sum(range(1000))  # bytecodes for the handler to run between
+        with pytest.raises(command_line.HungUp):
+            command_line.stop_if_terminated()
+        assert command_line.stop_cause(command_line.stop_received())[1] == 129
+    finally:
+        signal.signal(signal.SIGHUP, before[0])
+        signal.signal(signal.SIGTERM, before[1])

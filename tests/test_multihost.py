@@ -4,6 +4,7 @@ process played by fakes of jax's collectives. The two-process runs in test_train
 import errno
 import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -418,9 +419,9 @@ def test_a_sampling_loop_of_one_process_raises_a_sigterm_a_library_caught(monkey
     gc callback swallowed would otherwise sample to the end."""
     from pixelflow_jax import command_line
 
-    monkeypatch.setattr(command_line, "_sigterm_received", [False])
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
     multihost.stop_if_preempted(1)
-    command_line._sigterm_received[0] = True
+    command_line._stop_signal[0] = signal.SIGTERM
     with pytest.raises(command_line.Terminated):
         multihost.stop_if_preempted(2)
 
