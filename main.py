@@ -197,6 +197,7 @@ def train_mode():
         if not FLAGS.distributed:  # until the training loop takes SIGTERM over (PreemptionWatch): while the
             stop_on_sigterm()      # run restores its checkpoint and builds its data, a SIGTERM stops it
                                    # cleanly, its lock released
+        stop_on_hang_up(FLAGS.distributed)  # a SIGHUP too (129); with several processes, as a preemption
         train.train(FLAGS.config, FLAGS.workdir)
     except train.TrainingPreempted as e:
         print(f"stopped: {e}", file=sys.stderr)
@@ -248,7 +249,9 @@ def sample_or_eval_mode():
     try:  # from the handler on: a SIGTERM the moment after it is in place is handled below too
         if not FLAGS.distributed:
             stop_on_sigterm()
-            stop_on_hang_up()  # an ssh session closed: the same stop, exit 129 (nohup's SIG_IGN stays)
+        # An ssh session closed: the same stop, exit 129 (nohup's SIG_IGN stays); with several processes
+        # every process stops at one batch, as for a SIGTERM.
+        stop_on_hang_up(FLAGS.distributed)
         if FLAGS.mode == "sample":
             e = FLAGS.config.eval
             if e.reference:  # a typo found now, not after hours of sampling

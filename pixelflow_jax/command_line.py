@@ -91,13 +91,44 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_stop)
 
 
-def stop_on_hang_up() -> None:
-    """For sampling and evaluation jobs, which a SIGHUP ended at once (losing the batch that had just
-    finished, as SIGTERM did before stop_on_sigterm): it stops them as SIGTERM does. A job started
-    under nohup (SIGHUP ignored) runs on, as nohup asks; a handler of a program's own stays. Not for
-    training, whose PreemptionWatch saves a step first, nor for jobs of several processes."""
-    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
-        signal.signal(signal.SIGHUP, _raise_stop)
+def stop_on_hang_up(distributed: bool = False) -> None:
+    """For sampling and evaluation jobs, and training until its PreemptionWatch takes over (which
+    saves a step first), all of which a SIGHUP ended at once (losing the batch that had just
+    finished, or leaving a training run's lock behind): it stops them as SIGTERM does, exit 129. A
+    job started under nohup (SIGHUP ignored) runs on, as nohup asks; a handler of a program's own
+    stays. In a job of several processes (`distributed`) the hang-up is passed on as a SIGTERM to
+    this process, which jax's preemption service holds: every process stops at one batch or step,
+    as for a preemption, and this one with the hang-up's status (preemption_stop)."""
+    if takes_over_hang_ups(signal.getsignal(signal.SIGHUP)):
+        signal.signal(signal.SIGHUP, _pass_hang_up_on if distributed else _raise_stop)
+
+
+def takes_over_hang_ups(handler) -> bool:
+    """Whether a job puts its SIGHUP handler in place of `handler`: the default (which ends the
+    process at once) or this module's (training's PreemptionWatch takes over from its start-up's);
+    not nohup's SIG_IGN, nor a program's own handler."""
+    return handler in (signal.SIG_DFL, _raise_stop, _pass_hang_up_on)
+
+
+_hang_up_passed_on = [False]  # a SIGHUP of a --distributed job, passed to jax's preemption service as a SIGTERM
+
+
+def _pass_hang_up_on(*_) -> None:
+    """Not recorded in _stop_signal: that record is raised by this process alone (stop_if_terminated),
+    and a process of a --distributed job that stops alone leaves the others waiting for it."""
+    if not _hang_up_passed_on[0]:
+        _hang_up_passed_on[0] = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def hang_up_passed_on() -> bool:
+    return _hang_up_passed_on[0]
+
+
+def preemption_stop() -> Terminated:
+    """What a --distributed job raises at its preemption sync point: HungUp on a process whose SIGHUP
+    was passed on (exit 129), Terminated on the others."""
+    return HungUp() if _hang_up_passed_on[0] else Terminated()
 
 
 def received_stop() -> Terminated | None:

@@ -176,7 +176,7 @@ def stop_if_preempted(passes: int) -> None:
     ignored, and the job sampled on to its end; its sync point answers every process alike at the
     same pass, so they all stop together. `passes`: this loop's passes so far, from 1 on every
     process (jax counts from 0: see PreemptionWatch.reached)."""
-    from pixelflow_jax.command_line import Terminated, stop_if_terminated
+    from pixelflow_jax.command_line import preemption_stop, stop_if_terminated
 
     _last_pass_asked[0] = passes
     if not jax.distributed.is_initialized():
@@ -185,7 +185,7 @@ def stop_if_preempted(passes: int) -> None:
     from jax.experimental import multihost_utils
 
     if multihost_utils.reached_preemption_sync_point(passes):
-        raise Terminated
+        raise preemption_stop()
 
 
 def stop_if_preempted_at_the_next_pass() -> None:

@@ -975,27 +975,34 @@ def test_a_stop_received_before_a_jobs_work_starts_is_raised_there(monkeypatch, 
         command_line.raise_dropped_stops()
 
 
-def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases_its_lock(tmp_path):
+@pytest.mark.parametrize("stop, status, cause", [
+    ("SIGTERM", 143, "terminated (SIGTERM)"),
+    ("SIGHUP", 129, "hung up (SIGHUP: the terminal or ssh session it was started from closed)")])
+def test_a_sigterm_while_a_training_run_starts_stops_it_in_one_line_and_releases_its_lock(tmp_path, stop, status,
+                                                                                            cause):
     """Until the training loop takes SIGTERM over (restoring a checkpoint takes minutes at XL), a
     SIGTERM ended the process silently and left train.lock, which refuses a restart on another host
-    for train.lock_stale_after_s."""
-    import signal
+    for train.lock_stale_after_s. So did a hang-up (an ssh session closed), until the loop's watch."""
     import time
 
     workdir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
-                                "--config.train.num_steps=2", "--config.train.batch_size=32"],  # 8 devices here
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the job's, not a nohup'd suite's SIG_IGN
+    try:
+        process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                                    "--config.train.num_steps=2", "--config.train.batch_size=32"],  # 8 devices here
+                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
     deadline = time.time() + 120
     while not (workdir / "train.lock").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert (workdir / "train.lock").exists(), process.communicate(timeout=60)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, stop))
     _, err = process.communicate(timeout=120)
     # Head and tail: once (1 of ~30 suite runs, under load) the process aborted (-6) while the stop
     # imported orbax, and the tail held only the end of Python's fatal-error stack dump.
-    assert process.returncode == 143 and "Traceback" not in err, err[:3000] + "\n...\n" + err[-3000:]
-    assert err.rstrip().splitlines()[-1] == ("stopped: terminated (SIGTERM); no step of this run was "
+    assert process.returncode == status and "Traceback" not in err, err[:3000] + "\n...\n" + err[-3000:]
+    assert err.rstrip().splitlines()[-1] == (f"stopped: {cause}; no step of this run was "
                                              "saved: rerun the same command to start it again")
     assert not (workdir / "train.lock").exists()
 

@@ -426,6 +426,74 @@ def test_a_sampling_loop_of_one_process_raises_a_sigterm_a_library_caught(monkey
         multihost.stop_if_preempted(2)
 
 
+def test_a_distributed_jobs_hang_up_stops_every_process_at_one_batch_and_this_one_as_hung_up(monkeypatch):
+    """A SIGHUP (an ssh session to one host closed) ended that process at once, with no message, and
+    the others waited at their next collective for it. Passed to jax's preemption service as a
+    SIGTERM, it stops every process at the same batch: this one with 129, the others with 143."""
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_hang_up_passed_on", [False])
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
+    monkeypatch.setattr(multihost.jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda passes: passes == 2)
+    caught = []  # jax's preemption service, which holds SIGTERM
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum)), \
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(command_line.Terminated) as elsewhere:  # a process that was not hung up
+            multihost.stop_if_preempted(2)
+        assert type(elsewhere.value) is command_line.Terminated
+        command_line.stop_on_hang_up(distributed=True)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert caught == [signal.SIGTERM]
+        multihost.stop_if_preempted(1)  # not this process's stop alone: the sync point decides
+        with pytest.raises(command_line.HungUp) as stop:
+            multihost.stop_if_preempted(2)
+        assert command_line.stop_cause(stop.value)[1] == 129 and command_line.stop_received() is None
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # under nohup
+        command_line.stop_on_hang_up(distributed=True)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGHUP, before[1])
+
+
+A_HANG_UP_IN_A_DISTRIBUTED_JOB = """
+import os, signal, sys, time
+import jax
+from pixelflow_jax import command_line, multihost
+
+jax.distributed.initialize(sys.argv[1], num_processes=1, process_id=0)  # with jax's preemption service
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (a suite run under nohup passes its SIG_IGN on)
+command_line.stop_on_hang_up(distributed=True)
+multihost.stop_if_preempted(1)
+os.kill(os.getpid(), signal.SIGHUP)
+time.sleep(0.5)
+try:
+    for passes in range(2, 20):
+        multihost.stop_if_preempted(passes)
+        time.sleep(0.1)
+    print("ran on")
+except command_line.Terminated as stop:
+    print("stopped", *command_line.stop_cause(stop))
+"""
+
+
+def test_jaxs_preemption_service_takes_a_hang_up_passed_on_and_the_sync_point_stops_the_job_as_hung_up():
+    """The hang-up reaches jax's service as a SIGTERM this process sends itself (a job of one
+    process here: the service is the same), and the sync point stops the job with the hang-up's
+    status. About 3 s."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    result = subprocess.run([sys.executable, "-c", A_HANG_UP_IN_A_DISTRIBUTED_JOB, f"localhost:{free_port()}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1:] == [
+        "stopped hung up (SIGHUP: the terminal or ssh session it was started from closed) 129"], result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("address,message", [
     ("http://node-0", r"^--coordinator_address=http://node-0 is a URL: write HOST:PORT without the scheme$"),
     ("node-0", r"^--coordinator_address=node-0 is not HOST:PORT \(.*, e\.g\. node-0:8476\)$"),

@@ -1637,6 +1637,46 @@ def test_a_hang_up_after_a_ctrl_c_leaves_it_a_ctrl_c_and_a_hosts_own_hang_up_han
             signal.signal(signum, handler)
 
 
+def test_the_watch_takes_hang_ups_over_from_the_runs_start_up_on_one_process_or_several(monkeypatch):
+    """main.py stops a run hung up while it starts (restore, data) as a SIGTERM then (exit 129, its
+    lock released): the watch must still take SIGHUP over from that handler, or a hang-up in the loop
+    stopped the run without saving its step. With several processes, a hang-up before the watch was
+    passed to jax's preemption service as a SIGTERM: the run saves its first step and stops as hung up."""
+    from pixelflow_jax import command_line
+    from pixelflow_jax.training.preemption import PreemptionWatch
+
+    monkeypatch.setattr(command_line, "_hang_up_passed_on", [False])
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
+    try:
+        command_line.stop_on_sigterm()
+        command_line.stop_on_hang_up()  # main.py's, for a run of one process
+        start_up = signal.getsignal(signal.SIGHUP)
+        watch = PreemptionWatch()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)  # the watch's: no HungUp raised mid-step
+            assert watch.reached() and watch.hung_up
+        finally:
+            watch.close()
+        assert signal.getsignal(signal.SIGHUP) is start_up
+
+        caught = []  # jax's preemption service, which holds SIGTERM in a job of several processes
+        signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        command_line.stop_on_hang_up(distributed=True)
+        os.kill(os.getpid(), signal.SIGHUP)  # while the run restores its checkpoint
+        os.kill(os.getpid(), signal.SIGHUP)  # passed on once
+        assert caught == [signal.SIGTERM]
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        watch = PreemptionWatch()
+        try:
+            assert watch.hung_up and watch.cause.startswith("hung up (SIGHUP")
+        finally:
+            watch.close()
+    finally:
+        signal.signal(signal.SIGHUP, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_training_in_a_thread_runs_without_signal_handlers(caplog):
     """train() in a notebook's background thread failed at its first step with signal.signal's
     'signal only works in main thread', leaving the data loader's threads running."""

@@ -26,7 +26,7 @@ import threading
 import jax
 from absl import logging
 
-from pixelflow_jax.command_line import HUNG_UP
+from pixelflow_jax.command_line import HUNG_UP, hang_up_passed_on, takes_over_hang_ups
 
 
 class PreemptionWatch:
@@ -35,14 +35,14 @@ class PreemptionWatch:
         self.calls = 0  # of reached(): the step count jax's sync point is agreed in (see reached)
         self.requested = False
         self.interrupted = False  # by Ctrl-C rather than a preemption
-        self.hung_up = False  # by SIGHUP rather than a preemption
+        self.hung_up = hang_up_passed_on()  # by SIGHUP rather than a preemption (from the run's start-up on)
         self.previous_handlers = {}
         if threading.current_thread() is not threading.main_thread():  # signal.signal would raise ValueError
             logging.warning("training outside the main thread, where Python cannot catch signals: a Ctrl-C or "
                             "SIGTERM saves no step for this run (a rerun resumes from its last checkpoint)")
             return
         self.previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
-        if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # nohup's SIG_IGN stays
+        if takes_over_hang_ups(signal.getsignal(signal.SIGHUP)):  # nohup's SIG_IGN stays
             self.previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
         if not self.distributed:  # with several processes, jax's own SIGTERM handler must stay
             self.previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
