@@ -226,6 +226,18 @@ def test_a_nearly_opaque_pixel_and_a_one_bit_pngs_transparent_colour_are_transpa
     assert pil.mode == "1" and decoding.has_transparent_pixels(pil)
 
 
+def test_a_16_bit_grey_pngs_transparent_grey_value_is_a_transparent_pixel_only_where_a_pixel_has_it():
+    """PIL opens a 16-bit grey PNG as mode I;16 with its tRNS value in info, and its convert() to
+    RGBA leaves every pixel opaque: such an image was never counted as transparent."""
+    grey = np.array([[0, 1000], [40000, 65535]], np.uint16)
+    for transparent_value, transparent in ((1000, True), (1001, False)):
+        file = io.BytesIO()
+        Image.fromarray(grey).save(file, "PNG", transparency=transparent_value)
+        pil = decoding.opened(file.getvalue())
+        assert pil.mode == "I;16" and pil.info["transparency"] == transparent_value
+        assert decoding.has_transparent_pixels(pil) is transparent
+
+
 def test_every_image_extension_the_readme_lists_is_read_and_decoded(tmp_path):
     """Each extension the README names, saved in the format Pillow gives it, reads as the image it holds."""
     import re

@@ -54,11 +54,16 @@ def rgb_of(pil: Image.Image) -> Image.Image:
 def has_transparent_pixels(pil: Image.Image) -> bool:
     """Whether an opened image has pixels that are not opaque: an alpha channel below 255 somewhere,
     or an RGB or grey image's transparent colour (PNG's tRNS). rgb_of drops that transparency."""
-    if "A" not in pil.getbands():
-        if pil.info.get("transparency") is None or pil.mode not in ("1", "L", "RGB"):
-            return False
-        pil = pil.convert("RGBA")  # applies the transparent colour as alpha
-    return pil.getchannel("A").getextrema()[0] < 255
+    if "A" in pil.getbands():
+        return pil.getchannel("A").getextrema()[0] < 255
+    colour = pil.info.get("transparency")
+    if colour is None:
+        return False
+    if pil.mode.startswith("I") and isinstance(colour, int):  # 16-bit grey: PIL's convert() ignores its tRNS
+        return bool(np.any(np.asarray(pil) == colour))
+    if pil.mode not in ("1", "L", "RGB"):
+        return False
+    return pil.convert("RGBA").getchannel("A").getextrema()[0] < 255  # the transparent colour applied as alpha
 
 
 def grey_to_8_bit(pil: Image.Image) -> Image.Image:
