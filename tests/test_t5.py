@@ -107,6 +107,22 @@ def test_prompt_encoder_masks_and_shapes(t5_folder, caplog):
     assert caplog.text.count("prompt 'a cat \U0001f98a' holds text") == caplog.text.count(" was cut there") == 1
 
 
+def test_a_long_prompt_with_unknown_text_is_logged_once_and_shortened_visibly(t5_folder, caplog):
+    """A demo page's long prompt holding an emoji was logged twice, 200 characters each time (once
+    as cut, once as holding unknown text), its shortening not shown."""
+    import logging
+
+    from pixelflow_jax.text.prompts import T5Tokenizer, tokenize_with_warnings
+
+    long = "\U0001f98a " + " ".join(["a cat on the moon"] * 30)  # the emoji within the tokens read
+    with caplog.at_level(logging.WARNING):
+        tokenize_with_warnings(T5Tokenizer(t5_folder, 24), [long, long], set())
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"prompt {long[:200] + '...'!r} is longer than 24 tokens and was cut there (the text length: "
+                      "max_text_tokens / max_length), and holds text the tokenizer does not know, read as <unk> (the "
+                      "model learns nothing from it)"], logged
+
+
 def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
     """The release encodes with autocast off; bfloat16 compute would move flan-t5-xl's embeddings by 2e-2."""
     import ml_collections

@@ -186,14 +186,25 @@ def tokenize_with_warnings(tokenizer: T5Tokenizer, prompts: Sequence[str],
     ids, mask, truncated = tokenizer.tokenize(prompts)
     cut = {p for p, was_cut in zip(prompts, truncated) if was_cut}
     unknown = {p for p, has_unknown in zip(prompts, tokenizer.has_unknown_text(ids)) if has_unknown}
-    for prompt in sorted(cut - warned):  # its end is not seen by the model
-        logging.warning("prompt %r is longer than %d tokens and was cut there (the text length: "
-                        "max_text_tokens / max_length)", prompt[:200], tokenizer.max_length)
-    for prompt in sorted(unknown - warned):
-        logging.warning("prompt %r holds text the tokenizer does not know, read as <unk> (the model learns "
-                        "nothing from it)", prompt[:200])
+    for prompt in sorted((cut | unknown) - warned):  # one line each: a long prompt was logged once per problem
+        problems = [f"is longer than {tokenizer.max_length} tokens and was cut there (the text length: "
+                    "max_text_tokens / max_length)"] if prompt in cut else []
+        if prompt in unknown:
+            problems.append("holds text the tokenizer does not know, read as <unk> (the model learns nothing from it)")
+        logging.warning("prompt %s %s", shortened(prompt), ", and ".join(problems))
     warned.update(cut | unknown)
     return ids, mask
+
+
+LOGGED_PROMPT_CHARS = 200
+
+
+def shortened(prompt: str) -> str:
+    """A prompt as a log line quotes it: its first LOGGED_PROMPT_CHARS characters, '...' after them
+    where it goes on (cut silently, a long prompt read as whole)."""
+    if len(prompt) <= LOGGED_PROMPT_CHARS:
+        return repr(prompt)
+    return repr(prompt[:LOGGED_PROMPT_CHARS] + "...")
 
 
 def local_t5_folder(path: str) -> str:
