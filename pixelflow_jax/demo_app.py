@@ -158,6 +158,7 @@ class DemoSampler:
         model, self.ckpt = load_sampling_model(config, self.source)
         self.sampler = CascadeSampler(model, self.ckpt)
         self.max_images = int(config.demo.max_images)
+        self.default_cfg = float(s.cfg_scale)  # the CFG slider's first value
         self.compiled: set = set()
         self.output_dir = demo_output_dir(workdir)
 
@@ -246,14 +247,21 @@ class DemoSampler:
         self.compiled.add(key)
         os.makedirs(self.output_dir, exist_ok=True)  # a page on another host takes one idle for a day as gone
         folder = storage.make_folder(self.output_dir)  # (with mkdtemp's 0700 only this user could see the images)
-        # A student's downloads of several requests land in one folder: the name says which class and seed.
-        request = f"seed{int(seed)}" if self.text else f"class{int(condition)}_seed{int(seed)}"
+        request = self.request_name(condition, seed, cfg)
         paths = []
         for i, image in enumerate(images):
             paths.append(os.path.join(folder, f"pixelflow_{request}_{i}.png"))
             Image.fromarray(np.asarray(image)).save(paths[-1])
         remove_old_requests(self.output_dir)
         return paths
+
+    def request_name(self, condition, seed, cfg) -> str:
+        """A student's downloads of several requests land in one folder: the name says which class and
+        seed, and the CFG scale where it is not the page's first (two CFGs at one class and seed were
+        both pixelflow_class207_seed7_0.png)."""
+        name = f"seed{int(seed)}" if self.text else f"class{int(condition)}_seed{int(seed)}"
+        shown_cfg = f"{float(cfg):g}"  # a slider's 2.4000000000000004 is its 2.4
+        return name if shown_cfg == f"{self.default_cfg:g}" else f"{name}_cfg{shown_cfg}"
 
 
 def page_heading(demo: DemoSampler, weights: str) -> str:

@@ -321,7 +321,7 @@ def bare_demo(**fields):
     from pixelflow_jax.demo_app import DemoSampler
 
     demo = DemoSampler.__new__(DemoSampler)
-    demo.text, demo.num_classes, demo.max_images, demo.compiled = False, 10, 8, set()
+    demo.text, demo.num_classes, demo.max_images, demo.compiled, demo.default_cfg = False, 10, 8, set(), 4.0
     for name, value in fields.items():
         setattr(demo, name, value)
     return demo
@@ -390,6 +390,11 @@ def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named
     kept = sorted(os.listdir(tmp_path))
     assert len(kept) == demo_app.KEPT_REQUESTS and "old0" not in kept and os.path.dirname(paths[0]) in \
         [str(tmp_path / name) for name in kept]
+    # Two CFG values at one class and seed were both pixelflow_class3_seed7_0.png: the page's first CFG (4 here)
+    # is left out of the name, any other named (as the slider shows it).
+    assert [os.path.basename(path) for path in demo.generate(3, 1, "euler", 2.4000000000000004, 2, [1] * 4, 7)] == [
+        "pixelflow_class3_seed7_cfg2.4_0.png"]
+    assert demo.request_name(3, 7, 4.000000000000001) == "class3_seed7"
 
 
 def test_the_demo_status_line_names_the_class_as_a_whole_number_and_shortens_only_prompts_past_80_characters():
