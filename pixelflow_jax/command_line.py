@@ -91,6 +91,33 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_stop)
 
 
+# SLURM's `--signal=USR1@SECONDS` (or USR2) warns a job some time before its end, a preemption's or
+# its time limit's; Python's default for either ends the process at once, saving nothing. They are
+# turned into a SIGTERM to this process, so that whatever handles SIGTERM there (a training run's
+# save, a sampling job's stop, jax's preemption service in a --distributed job) handles them too.
+SCHEDULER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_stop_asked_by = [signal.SIGTERM]  # the signal behind a SIGTERM this process received
+
+
+def stop_on_scheduler_signals() -> None:
+    """SIGUSR1 and SIGUSR2 stop the job as SIGTERM does (a handler of a program's own, or an ignored
+    signal, stays)."""
+    def on_scheduler_signal(signum, _):
+        _stop_asked_by[0] = signum
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    for signum in SCHEDULER_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, on_scheduler_signal)
+
+
+def termination_signal() -> tuple[str, int]:
+    """(the signal that stopped the job as SIGTERM does, in words; the exit status, 128 + its number)."""
+    signum = _stop_asked_by[0]
+    name = signal.Signals(signum).name
+    return (name if signum == signal.SIGTERM else f"{name}, handled as SIGTERM"), 128 + signum
+
+
 def stop_on_hang_up(distributed: bool = False) -> None:
     """For sampling and evaluation jobs, and training until its PreemptionWatch takes over (which
     saves a step first), all of which a SIGHUP ended at once (losing the batch that had just
@@ -169,7 +196,8 @@ def stop_cause(stop: BaseException) -> tuple[str, int]:
         return "interrupted (Ctrl-C)", EXIT_INTERRUPTED
     if isinstance(stop, HungUp):
         return HUNG_UP, EXIT_HUNG_UP
-    return "terminated (SIGTERM)", EXIT_TERMINATED
+    name, status = termination_signal()
+    return f"terminated ({name})", status
 
 
 def stop_received() -> BaseException | None:

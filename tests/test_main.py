@@ -1271,6 +1271,43 @@ def test_a_sighup_stops_a_sampling_or_evaluation_job_as_sigterm_does(tmp_path, m
         "command to go on"), result.stderr[-3000:]
 
 
+A_SCHEDULER_SIGNAL_WHILE_IT_WORKS = """
+import os, runpy, signal, sys
+from pixelflow_jax.sampling import sample_run
+from pixelflow_jax.training import train
+
+for each in (signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(each, signal.SIG_DFL)
+
+
+def warned(*args, **kwargs):  # SLURM's --signal=USR1@120 while the job restores its checkpoint, or samples
+    os.kill(os.getpid(), signal.{signal})
+    sum(range(1000))  # bytecodes for the handlers to run between
+
+
+sample_run.run = train.train = warned
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("mode, scheduler_signal", [("sample", "SIGUSR1"), ("train", "SIGUSR2")])
+def test_slurms_warning_signals_stop_a_job_as_sigterm_does(tmp_path, mode, scheduler_signal):
+    """SLURM's --signal=USR1@SECONDS (or USR2) ended a job at once (Python's default: no line, the
+    batch that had just finished lost, a training run's lock left): it stops the job as SIGTERM does,
+    with exit status 128 + the signal's number."""
+    argv = ["main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path / 'out'}", f"--mode={mode}"]
+    script = A_SCHEDULER_SIGNAL_WHILE_IT_WORKS.format(argv=argv, signal=scheduler_signal)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    status = 138 if scheduler_signal == "SIGUSR1" else 140
+    assert result.returncode == status and "Traceback" not in result.stderr, (result.returncode,
+                                                                              result.stderr[-3000:])
+    rest = ("the images written are kept: rerun the same command to go on" if mode == "sample"
+            else "no step of this run was saved: rerun the same command to start it again")
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        f"stopped: terminated ({scheduler_signal}, handled as SIGTERM); {rest}"), result.stderr[-3000:]
+
+
 def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_hang_up(monkeypatch):
     """As a dropped SIGTERM (below): the job's next batch raises it again, as the hang-up it was
     (exit 129, not SIGTERM's 143), and a SIGHUP dropped in a gc callback is delivered again as one."""

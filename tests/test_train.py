@@ -1101,6 +1101,43 @@ def test_a_stop_during_a_preview_step_saves_it_and_skips_its_preview(tmp_path, m
     assert loop.train.preview_owed(str(tmp_path), 4, 2)
 
 
+@pytest.mark.parametrize("scheduler_signal", ["SIGUSR1", "SIGUSR2"])
+def test_slurms_sigusr1_or_sigusr2_saves_the_step_as_sigterm_does(tmp_path, monkeypatch, scheduler_signal):
+    """SLURM's --signal=USR1@120 (or USR2) warns a job before its preemption or time limit: Python's
+    default ended the run at once, saving nothing since its last checkpoint, and leaving its lock. It
+    is a SIGTERM now: the step is saved and the run exits with 128 + the signal's number."""
+    from pixelflow_jax import command_line
+
+    signum = getattr(signal, scheduler_signal)
+    loop = StandInLoop(monkeypatch)
+    stand_in = loop.train.make_train_step
+
+    def make_train_step(*args, **kwargs):
+        step = stand_in(*args, **kwargs)
+
+        def signalled_at_step_3(state, *batch):
+            counted = step(state, *batch)
+            if loop.calls[-1][0] == 3:
+                # (the default's exit would end this test's process)
+                assert callable(signal.getsignal(signum)), f"{scheduler_signal} would end the process"
+                os.kill(os.getpid(), signum)
+            return counted
+        return signalled_at_step_3
+
+    monkeypatch.setattr(loop.train, "make_train_step", make_train_step)
+    monkeypatch.setattr(command_line, "_stop_asked_by", [signal.SIGTERM])
+    before = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        command_line.stop_on_scheduler_signals()  # as main.py does first
+        expected = rf"^preempted \({scheduler_signal}, handled as SIGTERM\): saved step 3 on every process; rerun"
+        with pytest.raises(loop.train.TrainingPreempted, match=expected) as stop:
+            loop.run(loop.config(num_steps=8, log_every=100, checkpoint_every=100), tmp_path)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert stop.value.exit_status == 128 + signum and loop.train.complete_steps(str(tmp_path)) == [3]
+
+
 @pytest.mark.parametrize("bad,checkpoint_every,stopped_at", [
     ({2, 3, 4}, 4, 3),  # step 3 is the 2nd bad step in a row: read once step 4 is queued
     ({3, 4}, 4, 4),  # step 4, the 2nd, is due to be saved: read first, and not saved

@@ -26,7 +26,7 @@ import threading
 import jax
 from absl import logging
 
-from pixelflow_jax.command_line import HUNG_UP, hang_up_passed_on, takes_over_hang_ups
+from pixelflow_jax.command_line import HUNG_UP, hang_up_passed_on, takes_over_hang_ups, termination_signal
 
 
 class PreemptionWatch:
@@ -51,7 +51,7 @@ class PreemptionWatch:
     def cause(self) -> str:
         if self.hung_up:
             return HUNG_UP
-        return "interrupted (Ctrl-C)" if self.interrupted else "preempted (SIGTERM)"
+        return "interrupted (Ctrl-C)" if self.interrupted else f"preempted ({termination_signal()[0]})"
 
     def _on_sigterm(self, *_) -> None:
         self.requested = True

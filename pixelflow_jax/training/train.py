@@ -35,7 +35,7 @@ from flax import nnx
 
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps, is_run
-from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED, raise_dropped_stops
+from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, raise_dropped_stops, termination_signal
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.kernels.attention import tracing_modes
 from pixelflow_jax.model import PixelFlow
@@ -516,7 +516,8 @@ def preempted_at(preemption: PreemptionWatch, step: int, num_steps: int, preview
         rest = "the run's last step; rerun the same command to draw its preview"
     else:
         rest = "the run's last step: the run is complete"
-    status = EXIT_HUNG_UP if preemption.hung_up else EXIT_INTERRUPTED if preemption.interrupted else EXIT_TERMINATED
+    status = (EXIT_HUNG_UP if preemption.hung_up else EXIT_INTERRUPTED if preemption.interrupted
+              else termination_signal()[1])  # EXIT_TERMINATED, or a SIGUSR1's or SIGUSR2's own
     return TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; {rest}", status)
 
 
