@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -508,6 +509,28 @@ def test_a_rerun_clears_the_half_written_files_of_a_killed_job_and_pads_what_is_
         (workdir / "samples" / leftover).write_bytes(b"\x89PNG partial")
     assert job() == [[1] * 8]
     assert sorted(os.listdir(workdir / "samples")) == ["000000.png", "000001.png", "settings.json"]
+
+
+def test_a_second_sampling_job_on_a_workdir_in_use_is_refused_before_it_writes_anything(tmp_path, converted,
+                                                                                       monkeypatch):
+    """Two jobs on one workdir at once (a SLURM array's tasks given one --workdir) each sampled every
+    image, rewriting each other's PNGs and samples.npz: the second is refused in one line naming the
+    first and --distributed, and writes nothing; once the first is done, a job takes the workdir."""
+    from pixelflow_jax.training.workdir_lock import WorkdirLock
+
+    workdir = tmp_path / "run"
+    first = WorkdirLock(str(workdir), 120, "sample.lock", "sampling job")
+    first.acquire()  # held by a live process of this host (this one)
+    try:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(workdir))} is in use by another sampling job: host "
+                                             rf".+, pid {os.getpid()}, .+ run it once over all of them with "
+                                             r"--distributed"):
+            sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2, labels=(1, 2))
+        assert os.listdir(workdir) == ["sample.lock"]
+    finally:
+        first.release()
+    sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2, labels=(1, 2))
+    assert "sample.lock" not in os.listdir(workdir) and pngs(workdir) == ["000000.png", "000001.png"]
 
 
 def test_an_image_lost_after_every_pass_stops_the_job_after_three_passes(tmp_path, converted, monkeypatch, caplog):

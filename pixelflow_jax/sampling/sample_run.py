@@ -6,6 +6,7 @@ to PNGs, an ADM-format .npz and a grid.
                                      match, add images, or drop images not sampled yet)
     WORKDIR/samples.npz              arr_0 = uint8 (N, H, W, 3), written once every image exists
     WORKDIR/grid.png                 the first (up to 64) images, to look at
+    WORKDIR/sample.lock              the job working there (one at a time: training/workdir_lock.py)
 
 The batch is sharded over every device (sharding.make_mesh); in a multi-host run each process
 writes the images its devices hold. A checkpoint of a run on the built-in demo data gets the demo's
@@ -18,10 +19,12 @@ sample_conditioning.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import zipfile
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -45,10 +48,14 @@ from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, WRITE_FIX, 
 from pixelflow_jax.sampling.job_settings import check_settings
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
+from pixelflow_jax.training.workdir_lock import SAMPLE_LOCK_FILE, WorkdirBusy, WorkdirLock
 from pixelflow_jax.workdir_files import EVAL_JSON
 
 GRID_IMAGES = 64
 MAX_PASSES = 3  # sampling passes: the first, then again for images found damaged
+# A sampling job killed without its release (kill -9, SIGKILL after a grace period) and resumed on
+# another host is refused until then; its lock's heartbeat is refreshed every tenth of it.
+SAMPLE_LOCK_STALE_S = 120.0
 
 
 def save_png_atomically(path: str, image: np.ndarray) -> None:
@@ -108,6 +115,33 @@ def _sample(config, workdir: str) -> None:
         conditioning = conditioning_for(s, ckpt.model, trained)
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
     check_outputs_have_room(workdir)
+    with one_sampling_job(workdir):
+        sample_in_owned_workdir(config, workdir, source, ckpt, options, conditioning)
+
+
+@contextlib.contextmanager
+def one_sampling_job(workdir: str) -> Iterator[None]:
+    """Holds WORKDIR/sample.lock while the job works: a second job on the workdir (a SLURM array's
+    tasks given one --workdir) sampled every image again beside the first, each rewriting the other's
+    PNGs and samples.npz. Taken in the `try`: a stop the moment after its creation still releases it."""
+    lock = WorkdirLock(workdir, SAMPLE_LOCK_STALE_S, SAMPLE_LOCK_FILE, "sampling job")
+    try:
+        try:
+            lock.acquire()
+        except WorkdirBusy as e:
+            raise ValueError(f"{e}. Jobs on one workdir at once would each sample every image: to share a job's "
+                             "images out over several GPUs or hosts, run it once over all of them with --distributed "
+                             "(srun, one process per GPU)") from None
+        yield
+    finally:
+        lock.release()
+
+
+def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: SamplingOptions, conditioning) -> None:
+    """_sample once the job holds the workdir's sampling lock: its settings checked against an earlier
+    job's and recorded, the weights restored, then every image not on disk sampled and the .npz written."""
+    s = config.sample
+    num_devices = jax.device_count()
     folder = storage.join(workdir, "samples")
     fetch_weights(source)  # the settings record the weights' files: fetched now, restored after
     num_images = conditioning.num_images

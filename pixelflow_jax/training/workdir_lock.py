@@ -1,4 +1,5 @@
-"""One training run per workdir: an owner lock, WORKDIR/train.lock.
+"""One training run per workdir: an owner lock, WORKDIR/train.lock (and one sampling job per
+workdir: WORKDIR/sample.lock, the same kind of lock).
 
 It names its holder (host, pid, start time) and carries a heartbeat that a thread of the holder
 refreshes every heartbeat_period(stale_after_s) seconds, whatever the run is doing (compiling,
@@ -37,6 +38,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.multihost import from_process_0
 
 LOCK_FILE = "train.lock"
+SAMPLE_LOCK_FILE = "sample.lock"
 UNREADABLE_STALE_S = 60.0  # a live run writes its lock whole within this
 HEARTBEAT_JOIN_S = 30.0  # how long release() waits for a beat being written (a preemption's grace is ~30 s)
 
@@ -82,8 +84,9 @@ class WorkdirBusy(RuntimeError):
 
 
 class WorkdirLock:
-    def __init__(self, workdir: str, stale_after_s: float):
-        self.path = storage.join(workdir, LOCK_FILE)
+    def __init__(self, workdir: str, stale_after_s: float, lock_file: str = LOCK_FILE, job: str = "training run"):
+        self.path = storage.join(workdir, lock_file)
+        self.job = job  # what holds the lock, in the busy message
         self.stale_after_s = stale_after_s
         self.record = {"host": socket.gethostname(), "workdir": storage.resolved(workdir), "pid": os.getpid(),
                        "pid_start": process_start(os.getpid()), "pid_namespace": pid_namespace(),
@@ -206,7 +209,7 @@ class WorkdirLock:
         limit = self._silence_limit_s(holder)
         gone = (f"if that run is gone, its lock is taken over once its heartbeat is {limit:.0f} s old (rerun then), "
                 f"or delete {self.path}" if limit is not None else f"if that run is gone for good, delete {self.path}")
-        return (f"{storage.dirname(self.path)} is in use by another training run: host {holder.get('host')}, pid "
+        return (f"{storage.dirname(self.path)} is in use by another {self.job}: host {holder.get('host')}, pid "
                 f"{holder.get('pid')}, started {holder.get('started')} (heartbeat {age:.0f} s ago). Wait for it or "
                 f"stop it, or use another --workdir; {gone}{copied_from_another_host(holder, self)}")
 
