@@ -168,6 +168,8 @@ def start_job(command: dict | None):
 
     if not FLAGS.distributed and (message := platform_error()):  # a --distributed job's are checked as it joins
         sys.exit(f"error: {message}")
+    if not FLAGS.distributed and (lone_task := multihost.lone_task_of_srun()):
+        logging.warning("%s", lone_task)
     if FLAGS.distributed:
         try:
             multihost.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

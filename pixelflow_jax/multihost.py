@@ -71,6 +71,20 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
                  jax.local_device_count(), jax.device_count())
 
 
+def lone_task_of_srun() -> str | None:
+    """For a job without --distributed: a warning where srun started this command as one of several
+    tasks (SLURM_STEP_NUM_TASKS), each of which then runs the whole job alone; None otherwise. The
+    other SLURM variables (SLURM_NTASKS, SLURM_PROCID) are also set in a batch script's own process,
+    where one process is a choice, and nothing here reads them."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if not tasks.isdigit() or int(tasks) < 2:
+        return None
+    return (f"srun started this command as {tasks} tasks (SLURM_STEP_NUM_TASKS={tasks}), and without --distributed "
+            "each task runs the whole job alone (a second training run or sampling job on one workdir is refused, an "
+            "evaluation is repeated): add --distributed to share the job out over them, or start one task "
+            "(srun --ntasks=1)")
+
+
 def check_cluster_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
     """What jax takes unchecked or names by its own arguments, in the flags' words (see coordinator_port)."""
     if num_processes is not None and num_processes < 1:

@@ -1174,6 +1174,37 @@ def test_a_job_warns_as_it_starts_of_a_temporary_folder_python_passed_over(monke
         f"temporary files go to {tempfile.gettempdir()} instead; create it, or point TMPDIR at a writable folder"]
 
 
+@pytest.mark.parametrize("step_tasks, warned", [("4", True), ("1", False), (None, False)])
+def test_a_job_started_by_srun_as_several_tasks_without_distributed_is_warned(monkeypatch, caplog, step_tasks,
+                                                                              warned):
+    """`srun --ntasks=4 python main.py ...` without --distributed ran the whole job 4 times, each task
+    alone (jax reads SLURM's variables only when asked to join): a warning says so and names the fix.
+    A batch script's own process, with SLURM_NTASKS and SLURM_PROCID of its allocation, is one process
+    by choice: nothing is said."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax import host_memory
+
+    sys.path.insert(0, REPO)
+    import main
+
+    monkeypatch.setattr(host_memory, "reuse_freed_buffers_on_cpu", lambda: False)
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(distributed=False, compilation_cache="off", mode="eval"))
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    if step_tasks is None:
+        monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", step_tasks)
+    main.start_job(None)
+    said = [r.getMessage() for r in caplog.records if "SLURM" in r.getMessage()]
+    assert said == ([
+        "srun started this command as 4 tasks (SLURM_STEP_NUM_TASKS=4), and without --distributed each task runs the "
+        "whole job alone (a second training run or sampling job on one workdir is refused, an evaluation is "
+        "repeated): add --distributed to share the job out over them, or start one task (srun --ntasks=1)"]
+        if warned else [])
+
+
 def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkeypatch):
     """jax starts its backends at the check: before jax.distributed.initialize that is too early (it
     must come first), so main.py leaves a --distributed process's check to multihost's join."""
