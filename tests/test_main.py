@@ -1205,6 +1205,45 @@ def test_a_job_started_by_srun_as_several_tasks_without_distributed_is_warned(mo
         if warned else [])
 
 
+A_JOB_THAT_COMPILES_ONE_PROGRAM = """
+import warnings
+import jax
+from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
+
+warnings.simplefilter("always")
+keep_compiled_programs(on_cpu=True)
+print(jax.jit(lambda x: x * 2 + 1)(1.0))
+"""
+
+
+def test_a_damaged_compiled_program_in_the_cache_is_replaced_not_read_again_by_every_job(tmp_path):
+    """jax writes a cache entry in place and never replaces one: an entry cut short (a job killed while
+    writing it, a full home folder) made every later job warn, in jax's own lines, and compile the
+    program again, for good. The job that finds it removes it, so the program compiled is kept anew."""
+    from jax._src import compilation_cache as jax_cache
+
+    environment = {**os.environ, "PIXELFLOW_CACHE_DIR": str(tmp_path),
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the test's program compiles in less
+    environment.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+    def job():
+        result = subprocess.run([sys.executable, "-c", A_JOB_THAT_COMPILES_ONE_PROGRAM], cwd=REPO, capture_output=True,
+                                text=True, timeout=300, env=environment)
+        assert result.returncode == 0 and result.stdout.strip() == "3.0", result.stderr[-3000:]
+        return result.stderr
+
+    job()
+    entries = list((tmp_path / "xla").glob("jit_*-cache"))
+    assert len(entries) == 1
+    whole = entries[0].read_bytes()
+    entries[0].write_bytes(whole[:len(whole) // 2])  # cut short
+    said = job()
+    assert "Error reading persistent compilation cache entry" not in said
+    assert f"{entries[0]} was damaged (cut short while written?): removed, and the program compiled again" in said
+    assert jax_cache.decompress_executable(entries[0].read_bytes())  # kept anew, whole
+    assert "compilation cache" not in job()
+
+
 def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkeypatch):
     """jax starts its backends at the check: before jax.distributed.initialize that is too early (it
     must come first), so main.py leaves a --distributed process's check to multihost's join."""

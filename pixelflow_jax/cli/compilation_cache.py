@@ -3,7 +3,11 @@ sampling job loads what the last job compiled instead of compiling it again (min
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
+import warnings
 
 from absl import logging
 
@@ -11,6 +15,11 @@ from absl import logging
 # The local cache of compiled programs: an LRU of this size, and programs that took this long to
 # compile (the demo's sampling stages take ~0.5 s; jax's default, 1 s, would leave them out).
 COMPILATION_CACHE_BYTES, COMPILATION_CACHE_MIN_COMPILE_S = 4 * 2**30, 0.2
+
+# jax's warning for an entry it could not read, or not write whole (its module's name is the start
+# of the entry's file name).
+ENTRY_NOT_READ_OR_WRITTEN = re.compile(r"Error (?:reading|writing) persistent compilation cache entry for "
+                                       r"'(?P<module>[^']+)'")
 
 
 def keep_compiled_programs(on_cpu: bool) -> None:
@@ -39,7 +48,44 @@ def keep_compiled_programs(on_cpu: bool) -> None:
         logging.info("compiled programs are not kept: %s cannot be written", folder)
         return
     jax.config.update("jax_compilation_cache_dir", folder)
+    warnings.showwarning = removing_damaged_entries(folder, warnings.showwarning)
     for variable, value in (("JAX_COMPILATION_CACHE_MAX_SIZE", COMPILATION_CACHE_BYTES),
                             ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", COMPILATION_CACHE_MIN_COMPILE_S)):
         if variable not in os.environ:  # the user's own settings stay
             jax.config.update(variable.lower(), value)
+
+
+def removing_damaged_entries(folder: str, show_warning):
+    """A warnings.showwarning that removes the entries of `folder` that jax warns it could not read or
+    write and that do not decompress. jax writes an entry in place and never replaces one: an entry
+    cut short (a job killed while writing it, a full disk) made every later job warn and compile the
+    program again. Removed, it is written anew by the job that compiles it now. Other warnings, and
+    entries that read whole (a program this processor rejects), are jax's to show."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        match = ENTRY_NOT_READ_OR_WRITTEN.search(str(message))
+        removed = remove_damaged_entries(folder, match["module"]) if match else []
+        for path in removed:
+            logging.warning("%s was damaged (cut short while written?): removed, and the program compiled again is "
+                            "kept in its place", path)
+        if not removed:
+            show_warning(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+def remove_damaged_entries(folder: str, module: str) -> list[str]:
+    """The cache entries of `module` in `folder` that do not decompress, removed."""
+    from jax._src import compilation_cache as jax_cache  # its own decompression: zstd or zlib, as it wrote them
+
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(module)}-*-cache")):
+        try:
+            with open(path, "rb") as f:
+                jax_cache.decompress_executable(f.read())
+        except OSError:  # gone meanwhile (another job removed it), or unreadable: not ours to judge
+            continue
+        except Exception:  # the decompressors' errors for data cut short
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed.append(path)
+    return removed
