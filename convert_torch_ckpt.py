@@ -25,10 +25,12 @@ import errno
 import os
 import sys
 
-from pixelflow_jax.command_line import exit_without_a_home_folder, hold_ctrl_c_while_starting
+from pixelflow_jax.command_line import (exit_without_a_home_folder, hold_ctrl_c_while_starting,
+                                        stop_on_scheduler_signals)
 
 if __name__ == "__main__":  # a Ctrl-C during the imports below is raised once this tool handles it
     hold_ctrl_c_while_starting()
+    stop_on_scheduler_signals()  # SLURM's --signal=USR1@120: a SIGTERM, not Python's silent exit
     exit_without_a_home_folder()  # before the imports below, some of which need it
 
 from absl import app, flags, logging

@@ -908,7 +908,7 @@ def test_a_converted_folder_of_a_newer_format_asks_for_an_upgrade(converted, tmp
         load_model(str(folder))
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT", "SIGUSR1"])
 def test_a_conversion_stopped_by_a_signal_removes_its_partial_output_and_says_so(tmp_path, converted, stop):
     """A SIGTERM left the hidden temporary folder (gigabytes on XL) and printed nothing; Ctrl-C
     printed a KeyboardInterrupt traceback. The signal here comes the moment model.pt is written,
@@ -926,7 +926,8 @@ sys.argv = ["convert_torch_ckpt.py", "--to_torch", "--jax_checkpoint={converted[
 runpy.run_path("convert_torch_ckpt.py", run_name="__main__")
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    cause, status = ("terminated (SIGTERM)", 143) if stop == "SIGTERM" else ("interrupted (Ctrl-C)", 130)
+    cause, status = {"SIGTERM": ("terminated (SIGTERM)", 143), "SIGINT": ("interrupted (Ctrl-C)", 130),
+                     "SIGUSR1": ("terminated (SIGUSR1, handled as SIGTERM)", 138)}[stop]  # SLURM's --signal=USR1
     assert result.returncode == status, result.stderr
     assert f"stopped: {cause}; nothing was written to {output} (its partial copy is removed)" in result.stderr
     assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []

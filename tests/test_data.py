@@ -955,6 +955,8 @@ pack_captions.main()
 
 @pytest.mark.parametrize("signal_name,status,cause,where", [("SIGINT", 130, "interrupted (Ctrl-C)", "raised"),
                                                             ("SIGTERM", 143, "terminated (SIGTERM)", "raised"),
+                                                            ("SIGUSR2", 140, "terminated (SIGUSR2, handled as SIGTERM)",
+                                                             "raised"),
                                                             ("SIGINT", 130, "interrupted (Ctrl-C)", "dropped")])
 def test_a_pack_stopped_by_a_signal_removes_its_shards_and_says_so(tmp_path, signal_name, status, cause, where):
     """Ctrl-C left the shards written (and a KeyboardInterrupt traceback), and a rerun was refused for

@@ -22,13 +22,15 @@ import argparse
 import sys
 
 from pixelflow_jax.command_line import (Terminated, exit_without_teardown, handle_ctrl_c_from_the_start,
-                                        raise_dropped_stops, stop_behind, stop_cause, stop_on_sigterm)
+                                        raise_dropped_stops, stop_behind, stop_cause, stop_on_scheduler_signals,
+                                        stop_on_sigterm)
 
 
 def main() -> None:
     try:  # the handlers first (a stop the moment after one is in place is handled below too): these
         # imports take seconds (jax), and a stop meanwhile is one line too
         stop_on_sigterm()  # the shards written are removed, as on Ctrl-C
+        stop_on_scheduler_signals()  # SLURM's --signal=USR1@120 too
         handle_ctrl_c_from_the_start()
         from pixelflow_jax import validation
         from pixelflow_jax.data.caption_data import MISSING_CAPTION_CHOICES
