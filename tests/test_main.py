@@ -1205,36 +1205,42 @@ def test_a_job_started_by_srun_as_several_tasks_without_distributed_is_warned(mo
         if warned else [])
 
 
-A_JOB_THAT_COMPILES_ONE_PROGRAM = """
-import warnings
+A_JOB_THAT_COMPILES_TWO_PROGRAMS = """
+import resource, sys
 import jax
 from pixelflow_jax.cli.compilation_cache import keep_compiled_programs
 
-warnings.simplefilter("always")
 keep_compiled_programs(on_cpu=True)
-print(jax.jit(lambda x: x * 2 + 1)(1.0))
+if sys.argv[1:]:  # a full disk: no file grows past this (Python ignores SIGXFSZ: a write fails with EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+print(jax.jit(lambda x: x * 2 + 1)(1.0), jax.jit(lambda x: x * 3 + 1)(1.0))  # both programs are 'jit__lambda'
 """
 
 
 def test_a_damaged_compiled_program_in_the_cache_is_replaced_not_read_again_by_every_job(tmp_path):
     """jax writes a cache entry in place and never replaces one: an entry cut short (a job killed while
     writing it, a full home folder) made every later job warn, in jax's own lines, and compile the
-    program again, for good. The job that finds it removes it, so the program compiled is kept anew."""
+    program again, for good. The job that finds it removes it, so the program compiled is kept anew;
+    one that fails to write an entry whole removes what it wrote (each one: jax's warnings say the same)."""
     from jax._src import compilation_cache as jax_cache
 
     environment = {**os.environ, "PIXELFLOW_CACHE_DIR": str(tmp_path),
                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the test's program compiles in less
     environment.pop("JAX_COMPILATION_CACHE_DIR", None)
 
-    def job():
-        result = subprocess.run([sys.executable, "-c", A_JOB_THAT_COMPILES_ONE_PROGRAM], cwd=REPO, capture_output=True,
-                                text=True, timeout=300, env=environment)
-        assert result.returncode == 0 and result.stdout.strip() == "3.0", result.stderr[-3000:]
+    def job(*file_size_limit):
+        result = subprocess.run([sys.executable, "-c", A_JOB_THAT_COMPILES_TWO_PROGRAMS, *file_size_limit], cwd=REPO,
+                                capture_output=True, text=True, timeout=300, env=environment)
+        assert result.returncode == 0 and result.stdout.strip() == "3.0 4.0", result.stderr[-3000:]
         return result.stderr
 
+    said = job("1000")  # a full disk: both entries fail to be written whole
+    assert "Error writing persistent compilation cache entry" not in said
+    assert said.count("could not be written whole (a full disk?): removed, so that no job reads it cut short") == 2
+    assert list((tmp_path / "xla").glob("jit_*-cache")) == []
     job()
-    entries = list((tmp_path / "xla").glob("jit_*-cache"))
-    assert len(entries) == 1
+    entries = sorted((tmp_path / "xla").glob("jit_*-cache"))
+    assert len(entries) == 2
     whole = entries[0].read_bytes()
     entries[0].write_bytes(whole[:len(whole) // 2])  # cut short
     said = job()

@@ -18,8 +18,11 @@ COMPILATION_CACHE_BYTES, COMPILATION_CACHE_MIN_COMPILE_S = 4 * 2**30, 0.2
 
 # jax's warning for an entry it could not read, or not write whole (its module's name is the start
 # of the entry's file name).
-ENTRY_NOT_READ_OR_WRITTEN = re.compile(r"Error (?:reading|writing) persistent compilation cache entry for "
+ENTRY_NOT_READ_OR_WRITTEN = re.compile(r"Error (?P<doing>reading|writing) persistent compilation cache entry for "
                                        r"'(?P<module>[^']+)'")
+WHAT_BECAME_OF_IT = {"reading": "was damaged (cut short while written?): removed, and the program compiled again is "
+                                "kept in its place",
+                     "writing": "could not be written whole (a full disk?): removed, so that no job reads it cut short"}
 
 
 def keep_compiled_programs(on_cpu: bool) -> None:
@@ -48,6 +51,9 @@ def keep_compiled_programs(on_cpu: bool) -> None:
         logging.info("compiled programs are not kept: %s cannot be written", folder)
         return
     jax.config.update("jax_compilation_cache_dir", folder)
+    # Every one of these warnings to the hook, not only the first of each text: two programs of one
+    # name that fail to be written on a full disk say the same.
+    warnings.filterwarnings("always", message=r"Error (?:reading|writing) persistent compilation cache entry")
     warnings.showwarning = removing_damaged_entries(folder, warnings.showwarning)
     for variable, value in (("JAX_COMPILATION_CACHE_MAX_SIZE", COMPILATION_CACHE_BYTES),
                             ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", COMPILATION_CACHE_MIN_COMPILE_S)):
@@ -65,8 +71,7 @@ def removing_damaged_entries(folder: str, show_warning):
         match = ENTRY_NOT_READ_OR_WRITTEN.search(str(message))
         removed = remove_damaged_entries(folder, match["module"]) if match else []
         for path in removed:
-            logging.warning("%s was damaged (cut short while written?): removed, and the program compiled again is "
-                            "kept in its place", path)
+            logging.warning("%s %s", path, WHAT_BECAME_OF_IT[match["doing"]])
         if not removed:
             show_warning(message, category, filename, lineno, file, line)
 
