@@ -93,27 +93,33 @@ def stop_on_sigterm() -> None:
 
 # SLURM's `--signal=USR1@SECONDS` (or USR2) warns a job some time before its end, a preemption's or
 # its time limit's; Python's default for either ends the process at once, saving nothing. They are
-# turned into a SIGTERM to this process, so that whatever handles SIGTERM there (a training run's
-# save, a sampling job's stop, jax's preemption service in a --distributed job) handles them too.
+# passed on as a SIGTERM to this process, so that whatever handles SIGTERM there (a training run's
+# save, a sampling job's stop, jax's preemption service in a --distributed job) handles them too;
+# so is a --distributed job's SIGHUP (stop_on_hang_up).
 SCHEDULER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-_stop_asked_by = [signal.SIGTERM]  # the signal behind a SIGTERM this process received
+_passed_on = [None]  # the signal passed on as a SIGTERM, once received
+
+
+def _pass_on_as_sigterm(signum: int, _frame=None) -> None:
+    """Once: a second SIGUSR1 or SIGHUP adds no SIGTERM to a stop already under way. Not recorded in
+    _stop_signal: that record is raised by this process alone (stop_if_terminated), and a process of
+    a --distributed job that stops alone leaves the others waiting for it."""
+    if _passed_on[0] is None:
+        _passed_on[0] = signum
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_on_scheduler_signals() -> None:
     """SIGUSR1 and SIGUSR2 stop the job as SIGTERM does (a handler of a program's own, or an ignored
     signal, stays)."""
-    def on_scheduler_signal(signum, _):
-        _stop_asked_by[0] = signum
-        os.kill(os.getpid(), signal.SIGTERM)
-
     for signum in SCHEDULER_SIGNALS:
         if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, on_scheduler_signal)
+            signal.signal(signum, _pass_on_as_sigterm)
 
 
 def termination_signal() -> tuple[str, int]:
     """(the signal that stopped the job as SIGTERM does, in words; the exit status, 128 + its number)."""
-    signum = _stop_asked_by[0]
+    signum = _passed_on[0] or signal.SIGTERM
     name = signal.Signals(signum).name
     return (name if signum == signal.SIGTERM else f"{name}, handled as SIGTERM"), 128 + signum
 
@@ -127,35 +133,24 @@ def stop_on_hang_up(distributed: bool = False) -> None:
     this process, which jax's preemption service holds: every process stops at one batch or step,
     as for a preemption, and this one with the hang-up's status (preemption_stop)."""
     if takes_over_hang_ups(signal.getsignal(signal.SIGHUP)):
-        signal.signal(signal.SIGHUP, _pass_hang_up_on if distributed else _raise_stop)
+        signal.signal(signal.SIGHUP, _pass_on_as_sigterm if distributed else _raise_stop)
 
 
 def takes_over_hang_ups(handler) -> bool:
     """Whether a job puts its SIGHUP handler in place of `handler`: the default (which ends the
     process at once) or this module's (training's PreemptionWatch takes over from its start-up's);
     not nohup's SIG_IGN, nor a program's own handler."""
-    return handler in (signal.SIG_DFL, _raise_stop, _pass_hang_up_on)
-
-
-_hang_up_passed_on = [False]  # a SIGHUP of a --distributed job, passed to jax's preemption service as a SIGTERM
-
-
-def _pass_hang_up_on(*_) -> None:
-    """Not recorded in _stop_signal: that record is raised by this process alone (stop_if_terminated),
-    and a process of a --distributed job that stops alone leaves the others waiting for it."""
-    if not _hang_up_passed_on[0]:
-        _hang_up_passed_on[0] = True
-        os.kill(os.getpid(), signal.SIGTERM)
+    return handler in (signal.SIG_DFL, _raise_stop, _pass_on_as_sigterm)
 
 
 def hang_up_passed_on() -> bool:
-    return _hang_up_passed_on[0]
+    return _passed_on[0] == signal.SIGHUP
 
 
 def preemption_stop() -> Terminated:
     """What a --distributed job raises at its preemption sync point: HungUp on a process whose SIGHUP
     was passed on (exit 129), Terminated on the others."""
-    return HungUp() if _hang_up_passed_on[0] else Terminated()
+    return HungUp() if hang_up_passed_on() else Terminated()
 
 
 def received_stop() -> Terminated | None:
@@ -178,7 +173,7 @@ def sigterm_stops():
     try:
         yield
     finally:  # forgotten first: a delivery again due at this instant must not reach the restored handler
-        _stop_signal[0], _dropped[signal.SIGTERM] = None, False
+        _stop_signal[0], _passed_on[0], _dropped[signal.SIGTERM] = None, None, False
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -432,7 +432,7 @@ def test_a_distributed_jobs_hang_up_stops_every_process_at_one_batch_and_this_on
     SIGTERM, it stops every process at the same batch: this one with 129, the others with 143."""
     from pixelflow_jax import command_line
 
-    monkeypatch.setattr(command_line, "_hang_up_passed_on", [False])
+    monkeypatch.setattr(command_line, "_passed_on", [None])
     monkeypatch.setattr(command_line, "_stop_signal", [None])
     monkeypatch.setattr(multihost.jax.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda passes: passes == 2)

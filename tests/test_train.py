@@ -1125,7 +1125,7 @@ def test_slurms_sigusr1_or_sigusr2_saves_the_step_as_sigterm_does(tmp_path, monk
         return signalled_at_step_3
 
     monkeypatch.setattr(loop.train, "make_train_step", make_train_step)
-    monkeypatch.setattr(command_line, "_stop_asked_by", [signal.SIGTERM])
+    monkeypatch.setattr(command_line, "_passed_on", [None])
     before = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGUSR1, signal.SIGUSR2)}
     try:
         command_line.stop_on_scheduler_signals()  # as main.py does first
@@ -1682,7 +1682,7 @@ def test_the_watch_takes_hang_ups_over_from_the_runs_start_up_on_one_process_or_
     from pixelflow_jax import command_line
     from pixelflow_jax.training.preemption import PreemptionWatch
 
-    monkeypatch.setattr(command_line, "_hang_up_passed_on", [False])
+    monkeypatch.setattr(command_line, "_passed_on", [None])
     before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
     try:
         command_line.stop_on_sigterm()
