@@ -1250,6 +1250,22 @@ def test_a_damaged_compiled_program_in_the_cache_is_replaced_not_read_again_by_e
     assert "compilation cache" not in job()
 
 
+def test_a_jax_without_its_private_decompression_leaves_cache_entries_and_jaxs_warning_alone(tmp_path, monkeypatch):
+    """remove_damaged_entries reads entries with a private function of jax's: a jax without it
+    removes nothing (and the hook shows jax's own warning), not an AttributeError inside warnings.warn."""
+    from jax._src import compilation_cache as jax_cache
+
+    from pixelflow_jax.cli import compilation_cache
+
+    entry = tmp_path / "jit_f-0123-cache"
+    entry.write_bytes(b"cut short")
+    monkeypatch.delattr(jax_cache, "decompress_executable")
+    shown = []
+    show = compilation_cache.removing_damaged_entries(str(tmp_path), lambda *args: shown.append(args[0]))
+    show("Error reading persistent compilation cache entry for 'jit_f': ...", UserWarning, "compiler.py", 1)
+    assert entry.exists() and shown == ["Error reading persistent compilation cache entry for 'jit_f': ..."]
+
+
 def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkeypatch):
     """jax starts its backends at the check: before jax.distributed.initialize that is too early (it
     must come first), so main.py leaves a --distributed process's check to multihost's join."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import os
 import re
 import warnings
@@ -80,13 +81,16 @@ def removing_damaged_entries(folder: str, show_warning):
 
 def remove_damaged_entries(folder: str, module: str) -> list[str]:
     """The cache entries of `module` in `folder` that do not decompress, removed."""
-    from jax._src import compilation_cache as jax_cache  # its own decompression: zstd or zlib, as it wrote them
-
+    # jax's own decompression (zstd or zlib, as it wrote them), a private function (jax 0.10-0.11): where a
+    # later jax lacks it, nothing is removed and jax's warning is shown as it is.
+    decompress = getattr(importlib.import_module("jax._src.compilation_cache"), "decompress_executable", None)
+    if decompress is None:
+        return []
     removed = []
     for path in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(module)}-*-cache")):
         try:
             with open(path, "rb") as f:
-                jax_cache.decompress_executable(f.read())
+                decompress(f.read())
         except OSError:  # gone meanwhile (another job removed it), or unreadable: not ours to judge
             continue
         except Exception:  # the decompressors' errors for data cut short
