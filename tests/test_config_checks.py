@@ -1013,7 +1013,7 @@ def test_text_configs_lack_the_class_only_settings_and_do_not_train_class_models
 
 
 def test_eval_refuses_what_is_not_uint8_images(tmp_path):
-    from pixelflow_jax.evaluation.evaluate import npz_image_count
+    from pixelflow_jax.evaluation.npz_images import npz_image_count
 
     for name, array, message in (("float", np.random.rand(4, 8, 8, 3).astype(np.float32), "must be uint8 images"),
                                  ("integers", np.zeros((4, 8, 8, 3), np.int64), "x.clip\\(0, 255\\).astype"),

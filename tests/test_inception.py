@@ -245,7 +245,7 @@ def weights_file(random_state_dict, tmp_path_factory):
 
 def test_a_batch_larger_than_the_file_is_cut_to_its_images(weights_file, tmp_path, monkeypatch):
     """12 images padded to --config.eval.batch_size=1000000 ran the host out of memory."""
-    from pixelflow_jax.evaluation import evaluate
+    from pixelflow_jax.evaluation import features as inception_features
 
     samples = str(tmp_path / "samples.npz")
     np.savez(samples, arr_0=np.zeros((12, 8, 8, 3), np.uint8))
@@ -253,10 +253,10 @@ def test_a_batch_larger_than_the_file_is_cut_to_its_images(weights_file, tmp_pat
 
     def inception(graphdef, params, images):
         batches.append(images.shape[0])
-        return [np.zeros((images.shape[0], 2))] * len(evaluate.FEATURES)
+        return [np.zeros((images.shape[0], 2))] * len(inception_features.FEATURES)
 
-    monkeypatch.setattr(evaluate, "_inception", inception)
-    features = evaluate.FeatureExtractor(weights_file, 100_000)(samples)
+    monkeypatch.setattr(inception_features, "_inception", inception)
+    features = inception_features.FeatureExtractor(weights_file, 100_000)(samples)
     assert batches == [16] and features["pool"].shape == (12, 2)  # a multiple of the 8 devices
 
 
@@ -264,6 +264,7 @@ def test_a_batch_larger_than_the_file_is_cut_to_its_images(weights_file, tmp_pat
 def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cache(weights_file, tmp_path,
                                                                                   monkeypatch):
     from pixelflow_jax.evaluation import evaluate
+    from pixelflow_jax.evaluation import features as inception_features
 
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
@@ -277,9 +278,9 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
     assert same["precision"] == same["recall"] == 1.0 and same["num_samples"] == 6
 
     # A second evaluation of the same files reads the cached features: no Inception forward.
-    extractor = evaluate.FeatureExtractor(weights_file, 4)
-    monkeypatch.setattr(evaluate.FeatureExtractor, "__call__", lambda self, path: pytest.fail("not cached"))
-    cached = evaluate.cached_features(extractor, samples, os.path.join(workdir, "eval_features"))
+    extractor = inception_features.FeatureExtractor(weights_file, 4)
+    monkeypatch.setattr(inception_features.FeatureExtractor, "__call__", lambda self, path: pytest.fail("not cached"))
+    cached = inception_features.cached_features(extractor, samples, os.path.join(workdir, "eval_features"))
     monkeypatch.undo()
     np.testing.assert_array_equal(cached["pool"], extractor(samples)["pool"])
 
@@ -289,7 +290,7 @@ def test_eval_identical_sets_shifted_sets_stored_statistics_and_the_feature_cach
     assert shifted["fid"] > 1e-2 and shifted["sfid"] > 1e-2
 
     # Stored statistics in the reference (as ADM's reference batches carry) take precedence.
-    features = evaluate.cached_features(evaluate.FeatureExtractor(weights_file, 4), darker,
+    features = inception_features.cached_features(inception_features.FeatureExtractor(weights_file, 4), darker,
                                         os.path.join(workdir, "eval_features"))
     from pixelflow_jax.evaluation import metrics
 

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 from scipy import linalg
 
-from pixelflow_jax.evaluation import evaluate, metrics
+from pixelflow_jax.evaluation import evaluate, metrics, npz_images
+from pixelflow_jax.evaluation import features as inception_features
 
 
 def adm_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -256,7 +257,7 @@ def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gath
     from jax.experimental import multihost_utils
 
     samples = images_npz(tmp_path / "samples.npz", 1, count=5)
-    extract = evaluate.FeatureExtractor(tiny_inception, 8)
+    extract = inception_features.FeatureExtractor(tiny_inception, 8)
     alone = extract(samples)
     blocks, gathered = [], iter(())
 
@@ -270,14 +271,14 @@ def test_the_processes_of_a_distributed_evaluation_share_the_images_out_and_gath
     monkeypatch.setattr(jax, "process_count", lambda: 4)
     for index in range(4):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        assert evaluate.rows_of_this_process(5) == [(0, 2), (2, 4), (4, 5), (5, 5)][index]
+        assert inception_features.rows_of_this_process(5) == [(0, 2), (2, 4), (4, 5), (5, 5)][index]
         gathered = iter([np.zeros((4, 2, width), np.float32) for width in extract.widths.values()])
         extract(samples)
-    by_feature = [np.stack(blocks[i::len(evaluate.FEATURES)]) for i in range(len(evaluate.FEATURES))]
+    by_feature = [np.stack(blocks[i::len(inception_features.FEATURES)]) for i in range(len(inception_features.FEATURES))]
     gathered = iter(by_feature)  # what the four processes gave, as process 1 receives it
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     shared = extract(samples)
-    for name in evaluate.FEATURES:
+    for name in inception_features.FEATURES:
         assert shared[name].shape == alone[name].shape
         np.testing.assert_allclose(shared[name], alone[name], rtol=1e-6, atol=1e-6)
 
@@ -312,7 +313,7 @@ def test_every_process_asks_the_sync_point_in_as_many_rounds_numbered_on_from_th
     reference = images_npz(tmp_path / "reference.npz", 2, count=33)
     asked = as_process_1_of_2_asking_the_sync_point(monkeypatch)
     multihost.stop_if_preempted(5)  # as sample_run asks at a job's 5th and last batch
-    extract = evaluate.FeatureExtractor(tiny_inception, 8)
+    extract = inception_features.FeatureExtractor(tiny_inception, 8)
     assert extract(samples)["pool"].shape == (33, 8)
     assert asked == [5, 6, 7, 8]
     extract(reference)
@@ -337,7 +338,7 @@ def test_a_sigterm_after_the_reference_pass_stops_the_evaluation_before_its_metr
     monkeypatch.setattr(multihost, "_last_pass_asked", [0])
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)  # one process plays every process
     monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda passes: passes == sync_point[0])
-    features_of = evaluate.cached_features
+    features_of = inception_features.cached_features
 
     def sigterm_after_the_reference(extract, path, cache_dir):
         features = features_of(extract, path, cache_dir)
@@ -364,7 +365,7 @@ def test_a_block_found_damaged_still_asks_the_sync_point_in_every_round(tiny_inc
     open(samples, "wb").write(bytes(data))
     asked = as_process_1_of_2_asking_the_sync_point(monkeypatch)
     with pytest.raises(ValueError, match=r"samples.npz is damaged \(BadZipFile: Bad CRC-32"):
-        evaluate.FeatureExtractor(tiny_inception, 8)(samples)
+        inception_features.FeatureExtractor(tiny_inception, 8)(samples)
     assert asked == [1, 2, 3]
 
 
@@ -376,11 +377,11 @@ import os, runpy, signal, sys, time
 sys.path.insert(0, "tests")
 import numpy as np
 from test_metrics import TinyInception
-from pixelflow_jax.evaluation import evaluate, inception_convert
+from pixelflow_jax.evaluation import features as inception_features, inception_convert
 
 SIGTERM = {sigterm}
 inception_convert.load_inception = lambda path: TinyInception(np.load(path))
-inception, batches = evaluate._inception, []
+inception, batches = inception_features._inception, []
 
 
 def slowly(*args):
@@ -392,7 +393,7 @@ def slowly(*args):
     return inception(*args)
 
 
-evaluate._inception = slowly
+inception_features._inception = slowly
 sys.argv = sys.argv[1:]
 runpy.run_path("main.py", run_name="__main__")
 """
@@ -549,7 +550,7 @@ def test_damage_that_one_process_finds_in_its_block_stops_every_process(tiny_inc
     data = bytearray(open(samples, "rb").read())
     data[data.find(images) + len(images) - 1] ^= 0xFF
     open(samples, "wb").write(bytes(data))
-    extract = evaluate.FeatureExtractor(tiny_inception, 8)
+    extract = inception_features.FeatureExtractor(tiny_inception, 8)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda flag: np.array([0, 1], np.int32))
     monkeypatch.setattr(jax, "process_index", lambda: 1)  # rows 3-5: it reads to the end, where the CRC is
@@ -654,24 +655,24 @@ def test_every_process_of_a_distributed_evaluation_follows_what_process_0_found_
     that never came; one that saw a cache process 0 did not skipped the pass the others made."""
     samples = images_npz(tmp_path / "samples.npz", 1)
     cache_dir = str(tmp_path / "run" / "eval_features")
-    extract = RecordedExtractor(evaluate.FeatureExtractor(tiny_inception, 8), samples)
+    extract = RecordedExtractor(inception_features.FeatureExtractor(tiny_inception, 8), samples)
     sent = as_process_of_2(monkeypatch, 0)
-    evaluate.cached_features(extract, samples, cache_dir)  # none cached yet: computed, and cached
-    evaluate.cached_features(extract, samples, cache_dir)
-    assert len(extract.runs) == 1 and [int(row[0]) for row in sent] == [evaluate.ABSENT, evaluate.CACHED]
+    inception_features.cached_features(extract, samples, cache_dir)  # none cached yet: computed, and cached
+    inception_features.cached_features(extract, samples, cache_dir)
+    assert len(extract.runs) == 1 and [int(row[0]) for row in sent] == [inception_features.ABSENT, inception_features.CACHED]
     (cache,) = (os.path.join(cache_dir, name) for name in os.listdir(cache_dir))
 
     # Process 1, whose file system shows it the cache file a moment late: read, no Inception pass.
     as_process_of_2(monkeypatch, 1, sent_by_process_0=sent[1])
     hidden_from_this_process(monkeypatch, cache, looks=1)
-    features = evaluate.cached_features(extract, samples, cache_dir)
+    features = inception_features.cached_features(extract, samples, cache_dir)
     assert len(extract.runs) == 1
-    for name in evaluate.FEATURES:
+    for name in inception_features.FEATURES:
         np.testing.assert_array_equal(features[name], extract.features[name])
 
     # Process 0 found no cache (it had not seen it yet): process 1, which sees one, computes with it.
     as_process_of_2(monkeypatch, 1, sent_by_process_0=sent[0])
-    evaluate.cached_features(extract, samples, cache_dir)
+    inception_features.cached_features(extract, samples, cache_dir)
     assert len(extract.runs) == 2
 
 
@@ -685,19 +686,19 @@ def test_a_cache_that_one_process_cannot_read_is_computed_again_by_every_process
     monkeypatch.setattr(multihost, "SHARED_CHECK_WAIT_S", 0.2)
     samples = images_npz(tmp_path / "samples.npz", 1)
     cache_dir = str(tmp_path / "run" / "eval_features")
-    extract = RecordedExtractor(evaluate.FeatureExtractor(tiny_inception, 8), samples)
+    extract = RecordedExtractor(inception_features.FeatureExtractor(tiny_inception, 8), samples)
     sent = as_process_of_2(monkeypatch, 0)
-    evaluate.cached_features(extract, samples, cache_dir)
+    inception_features.cached_features(extract, samples, cache_dir)
     (cache,) = (os.path.join(cache_dir, name) for name in os.listdir(cache_dir))
 
     as_process_of_2(monkeypatch, 0, failed_elsewhere=1)
-    evaluate.cached_features(extract, samples, cache_dir)
+    inception_features.cached_features(extract, samples, cache_dir)
     assert len(extract.runs) == 2 and "process 1 of 2 could not read the cached features" in caplog.text
 
     caplog.clear()
-    as_process_of_2(monkeypatch, 1, sent_by_process_0=np.array([evaluate.CACHED, *sent[0][1:]], np.int32))
+    as_process_of_2(monkeypatch, 1, sent_by_process_0=np.array([inception_features.CACHED, *sent[0][1:]], np.int32))
     hidden_from_this_process(monkeypatch, cache)
-    evaluate.cached_features(extract, samples, cache_dir)
+    inception_features.cached_features(extract, samples, cache_dir)
     assert len(extract.runs) == 3 and f"process 1 does not see {cache}" in caplog.text
 
 
@@ -793,13 +794,13 @@ def test_an_npz_without_arr_0_names_the_arrays_it_has(tmp_path):
     np.savez(tmp_path / "images.npz", images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.zeros(2))
     with pytest.raises(ValueError, match=r"has no arr_0 array of images \(its arrays: images, labels\); write "
                                          r"the images as arr_0"):
-        evaluate.npz_image_count(str(tmp_path / "images.npz"))
+        npz_images.npz_image_count(str(tmp_path / "images.npz"))
     import torch  # a torch file is a zip too: its hundreds of members were listed as arrays
 
     torch.save({f"w{i}": torch.zeros(1) for i in range(50)}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"model.pt is a zip archive but not an .npz \(it holds model/data.pkl and "
                                          r"\d+ more files\); pass the .npz of images"):
-        evaluate.npz_image_count(str(tmp_path / "model.pt"))
+        npz_images.npz_image_count(str(tmp_path / "model.pt"))
 
 
 def test_damaged_images_or_cache_files_are_named_or_computed_again(tiny_inception, tmp_path, caplog):
@@ -811,14 +812,14 @@ def test_damaged_images_or_cache_files_are_named_or_computed_again(tiny_inceptio
     damaged = tmp_path / "damaged.npz"
     damaged.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{damaged} is damaged .*CRC"):
-        list(evaluate.npz_batches(str(damaged), 4))
+        list(npz_images.npz_batches(str(damaged), 4))
     with zipfile.ZipFile(samples) as archive:
         header_and_half = archive.read("arr_0.npy")[:128 + 3 * 8 * 8 * 3]
     short = tmp_path / "short.npz"
     with zipfile.ZipFile(short, "w") as archive:
         archive.writestr("arr_0.npy", header_and_half)
     with pytest.raises(ValueError, match=f"{short} is truncated: arr_0 ends after 3 of its 6 images"):
-        list(evaluate.npz_batches(str(short), 4))
+        list(npz_images.npz_batches(str(short), 4))
 
     workdir = tmp_path / "run"
     first = evaluate.evaluate(samples, reference, tiny_inception, str(workdir), batch_size=8)
@@ -853,7 +854,7 @@ def test_a_damaged_compressed_npz_is_named_not_a_zlib_traceback(tmp_path):
     data = open(path, "rb").read()
     with zipfile.ZipFile(path) as archive:
         starts = {info.filename: info.header_offset + 30 + len(info.filename) for info in archive.infolist()}
-    for member, read, message in (("arr_0.npy", evaluate.npz_image_count, " is damaged"),
+    for member, read, message in (("arr_0.npy", npz_images.npz_image_count, " is damaged"),
                                   ("sigma.npy", evaluate.stored_statistics, ": its stored sigma cannot be read")):
         damaged = bytearray(data)
         start = starts[member] + 10  # inside the first deflate block
@@ -1057,17 +1058,17 @@ def test_npz_batches_from_a_middle_row_read_every_row_once_in_order(tmp_path):
     for compressed in (False, True):
         if compressed:
             np.savez_compressed(path, arr_0=images)
-        batches = list(evaluate.npz_batches(path, 3, first=2, stop=10))
+        batches = list(npz_images.npz_batches(path, 3, first=2, stop=10))
         assert [len(b) for b in batches] == [3, 3, 2]
         np.testing.assert_array_equal(np.concatenate(batches), images[2:10])
-        np.testing.assert_array_equal(np.concatenate(list(evaluate.npz_batches(path, 4))), images)
+        np.testing.assert_array_equal(np.concatenate(list(npz_images.npz_batches(path, 4))), images)
 
 
 def test_the_feature_batch_rounds_up_to_a_multiple_of_the_devices(tiny_inception, tmp_path):
     """batch_size 3 on 8 devices is 8 (rounded down it was 0); every image's features come back,
     the padding rows of the last batch dropped."""
-    extract = evaluate.FeatureExtractor(tiny_inception, 3)
-    assert extract.batch_size == 8 and evaluate.FeatureExtractor(tiny_inception, 9).batch_size == 16
+    extract = inception_features.FeatureExtractor(tiny_inception, 3)
+    assert extract.batch_size == 8 and inception_features.FeatureExtractor(tiny_inception, 9).batch_size == 16
     path = images_npz(tmp_path / "images.npz", 4, count=11)
     features = extract(path)
     with np.load(path) as f:
@@ -1115,8 +1116,8 @@ def test_a_file_of_k_images_is_refused_before_any_work(tmp_path):
     """Precision and recall need more than k = 3 images (a ball reaches neighbour number 3): a file
     of 3 is refused when its header is read, 4 pass."""
     with pytest.raises(ValueError, match=r"holds 3 images: precision and recall need more than 3"):
-        evaluate.npz_image_count(images_npz(tmp_path / "three.npz", 0, count=3))
-    assert evaluate.npz_image_count(images_npz(tmp_path / "four.npz", 0, count=4)) == 4
+        npz_images.npz_image_count(images_npz(tmp_path / "three.npz", 0, count=3))
+    assert npz_images.npz_image_count(images_npz(tmp_path / "four.npz", 0, count=4)) == 4
 
 
 def test_images_in_0_1_converted_as_if_in_minus_1_1_get_a_warning(tiny_inception, tmp_path, caplog):

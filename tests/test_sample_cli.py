@@ -203,7 +203,7 @@ def test_a_grid_of_a_count_that_is_no_square_fills_rows_as_wide_as_its_root_roun
 def test_samples_npz_is_written_image_by_image_and_read_as_np_savez_writes_it(tmp_path, monkeypatch, caplog):
     """finish() held every image in memory for np.savez (50,000 at 256 px: 9.8 GB; a million: 196 GB)."""
     from pixelflow_jax import storage
-    from pixelflow_jax.evaluation.evaluate import npz_batches
+    from pixelflow_jax.evaluation.npz_images import npz_batches
     from pixelflow_jax.sampling import sample_run
 
     images = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)

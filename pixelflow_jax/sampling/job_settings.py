@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from pixelflow_jax import storage
-from pixelflow_jax.evaluation.evaluate import npz_row_count
+from pixelflow_jax.evaluation.npz_images import npz_row_count
 from pixelflow_jax.multihost import from_process_0
 from pixelflow_jax.sampling.job_files import SAMPLES_NPZ, WRITE_FIX, earlier_outputs, image_id, sampled_images
 from pixelflow_jax.workdir_files import SETTINGS_JSON
