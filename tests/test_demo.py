@@ -3,6 +3,7 @@ images), and what it does with odd requests, stops, ports and its output folders
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -397,6 +398,29 @@ def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named
     assert demo.request_name(3, 7, 4.000000000000001) == "class3_seed7"
 
 
+def test_a_text_page_request_samples_its_prompt_once_per_image_and_names_the_pngs_by_the_whole_seed(tmp_path):
+    """On a text page generate() gives the prompt encoder the prompt once per image, with the
+    configured negative prompt, and names the PNGs by the seed as a whole number (JSON may send 7.0)."""
+    class RecordingSampler:
+        def __init__(self):
+            self.calls = []
+
+        def generate_from_prompts(self, encoder, prompts, **options):
+            self.calls.append((encoder, prompts, options))
+            return [np.full((4, 4, 3), 40 * i, np.uint8) for i in range(len(prompts))]
+
+    encoder = object()
+    demo = bare_demo(text=True, sampler=RecordingSampler(), prompt_encoder=encoder, negative_prompt="the moon",
+                     output_dir=str(tmp_path))
+    paths = demo.generate("a red cat", 2.0, "euler", 4, 2, [2, 3, 1, 1], 7.0)
+    (used, prompts, options), = demo.sampler.calls
+    assert used is encoder and prompts == ["a red cat", "a red cat"]
+    assert options == dict(negative_prompt="the moon", steps_per_stage=[2, 3, 1, 1], cfg_scale=4.0, solver="euler",
+                           shift=2.0, seed=7)
+    names = [os.path.basename(path) for path in paths]  # (was pixelflow_seed7.0_0.png for the JSON's 7.0)
+    assert len(set(names)) == 2 and all(re.search(r"seed7(?!\.0)", name) and "class" not in name for name in names)
+
+
 def test_the_demo_status_line_names_the_class_as_a_whole_number_and_shortens_only_prompts_past_80_characters():
     """An API client may send class 207.0 (named 'class 207'); a prompt of exactly
     SHOWN_PROMPT_CHARS characters is shown whole, one character more is cut there with '...'."""
@@ -611,3 +635,18 @@ def test_a_page_drops_its_compiled_programs_after_so_many_settings_so_its_memory
     demo.generate(3, 1, "euler", 4.0, 1.0, [kept + 1, 1, 1, 1], 0)
     assert cleared == [True]
     assert demo.compiled == {demo.compile_key(1, "euler", 4.0, [kept + 1, 1, 1, 1])}
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:  # the number the README gives
+        assert f"The page keeps the programs of {kept} settings compiled" in readme.read()
+
+
+def test_a_request_whose_sampling_failed_is_not_recorded_as_compiled(tmp_path):
+    """The page says 'Compiling...' for settings not in demo.compiled: a request that failed (its
+    compile out of memory) compiled nothing, and the next one of those settings compiles again."""
+    class FailingSampler:
+        def generate(self, labels, **_):
+            raise RuntimeError("out of memory while compiling")
+
+    demo = bare_demo(sampler=FailingSampler(), output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        demo.generate(3, 2, "euler", 4.0, 1.0, [2, 2, 2, 2], 0)
+    assert demo.compiled == set() and os.listdir(tmp_path) == []
