@@ -579,15 +579,46 @@ def test_move_file_once_raises_a_link_error_that_is_not_a_missing_hard_link(tmp_
     assert os.listdir(tmp_path) == ["ours"] and ours.read_text() == "our shard"
 
 
-def test_move_file_once_without_hard_links_leaves_no_empty_file_when_the_move_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [FileNotFoundError, KeyboardInterrupt])
+def test_move_file_once_without_hard_links_leaves_no_empty_file_when_the_move_fails(failure, tmp_path, monkeypatch):
     """Without hard links the target's name is taken by an empty file first: a move that then fails
-    (the source gone) must not leave that empty file behind under a shard's name."""
+    (the source gone, or a Ctrl-C stopping the pack there) must not leave that empty file behind
+    under a shard's name."""
     import errno
 
     monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError(errno.EPERM, "not permitted")))
-    with pytest.raises(FileNotFoundError):
+    if failure is KeyboardInterrupt:
+        (tmp_path / "gone").write_text("our shard")
+        monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(failure):
         storage.move_file_once(str(tmp_path / "gone"), str(tmp_path / "free"))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == (["gone"] if failure is KeyboardInterrupt else [])  # the shard kept where it was
+
+
+def test_move_file_once_in_a_bucket_raises_a_refused_check_of_the_target_and_moves_nothing(bucket, monkeypatch):
+    """A bucket's target is checked just before the copy: a check the store refused (a 403) is no
+    free name, or the move would replace whatever is there."""
+    import fsspec
+
+    ours, theirs = f"{bucket}/ours", f"{bucket}/theirs"
+    storage.write_atomically(ours, "our shard")
+    fs, _ = fsspec.core.url_to_fs(bucket)  # fsspec's cached instance: the one storage uses
+    info, async_info = fs.info, fs._info  # (fsspec's exists() goes through the second)
+
+    def forbidden(key, **kwargs):
+        if key.endswith("theirs"):
+            raise OSError("Forbidden: 403")
+        return info(key, **kwargs)
+
+    async def async_forbidden(key, **kwargs):
+        return forbidden(key) if key.endswith("theirs") else await async_info(key, **kwargs)
+
+    monkeypatch.setattr(fs, "info", forbidden)
+    monkeypatch.setattr(fs, "_info", async_forbidden)
+    with pytest.raises(storage.StorageError, match="Forbidden: 403"):
+        storage.move_file_once(ours, theirs)
+    monkeypatch.undo()
+    assert storage.read_text(ours) == "our shard" and not storage.exists(theirs)
 
 
 def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
