@@ -1359,6 +1359,13 @@ def test_the_packers_flags_default_to_5000_records_a_shard_and_refusing_images_w
     code, out, _ = pack_command(monkeypatch, capsys, f"--folder={tmp_path}", f"--output={tmp_path / 'out'}")
     assert code == 0 and called == [(str(tmp_path), str(tmp_path / "out"), 5000, "error")], (out, called)
     assert out.startswith("wrote 1 record in 1 shard to "), out
+    # Each count in its place, in its own number (all ones and zeros above: any count could stand for another).
+    monkeypatch.setattr(caption_shards, "pack", lambda *args: {
+        "records": 7, "shards": 2, "skipped_captions": 1, "skipped_images": 3, "missing_captions": 4})
+    code, out, _ = pack_command(monkeypatch, capsys, f"--folder={tmp_path}", f"--output={tmp_path / 'out'}",
+                                "--missing_captions=skip")
+    assert code == 0 and out == (f"wrote 7 records in 2 shards to {tmp_path / 'out'}; skipped 1 unusable caption, "
+                                 "3 files that are not images and 4 images without a caption\n"), out
 
 
 def test_a_ctrl_c_a_library_caught_while_the_packer_imported_stops_it_before_it_reads_its_flags(tmp_path, monkeypatch,
@@ -2052,13 +2059,15 @@ def test_a_loader_worker_ignores_ctrl_c_and_is_killed_with_its_trainer():
     assert result.stdout.split() == ["True", "True"], result.stderr[-3000:]
 
 
-def test_a_packs_lines_on_an_unwritable_stdout_cost_the_lines_not_the_pack(tmp_path):
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_packs_lines_on_an_unwritable_stdout_cost_the_lines_not_the_pack(tmp_path, skip):
     """The packer's skip lines were print()s: on a stdout that takes no more (a log on a full disk, a
-    closed ssh session's) the first skipped file failed the whole pack, its shards removed."""
+    closed ssh session's) the first skipped file failed the whole pack, its shards removed. Without a
+    skip the summary is the first line: printed, it failed at exit (status 120)."""
     images = tmp_path / "captioned"
     images.mkdir()
     for i in range(2):
-        (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)) if i else b"no image")
+        (images / f"{i}.png").write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)) if i or not skip else b"no image")
         (images / f"{i}.txt").write_text(f"caption {i}")
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, "-m", "pixelflow_jax.data.pack_captions", f"--folder={images}",
