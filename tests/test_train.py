@@ -511,6 +511,35 @@ def test_stage_batches_refuse_a_batch_the_stages_do_not_divide():
         stage_batches(np.zeros((3, 8, 8, 1), np.uint8), {"class_labels": np.zeros(3, np.int32)}, draws, tables)
 
 
+def test_stage_batches_keep_each_stages_images_in_batch_order_with_their_own_labels():
+    """Within a stage the images keep their batch order (the release's collate does): on the golden
+    test's 8 images an unstable sort happened to keep it too; on 4096 it reorders them."""
+    n = 4096
+    stage_of_image = np.random.default_rng(0).permutation(np.arange(n, dtype=np.int32) % 2)
+    draws = Draws(stage_of_image, np.zeros(n, np.int32), (np.zeros((n // 2, 2, 2, 1)), np.zeros((n // 2, 4, 4, 1))))
+    stages = stage_batches(np.zeros((n, 4, 4, 1), np.uint8), {"class_labels": np.arange(n, dtype=np.int32)},
+                           draws, StageTables.from_scheduler(PixelFlowScheduler(num_stages=2)))
+    for s, stage in enumerate(stages):
+        labels = np.asarray(stage.conditioning["class_labels"])
+        np.testing.assert_array_equal(labels, np.flatnonzero(stage_of_image == s))  # this stage's, in order
+        assert stage.x_t.shape == (n // 2, 2 * (s + 1), 2 * (s + 1), 1)
+
+
+def test_stage_batches_are_float32_under_jax_enable_x64():
+    """JAX_ENABLE_X64=1 in a cluster's environment: the scheduler's tables came to the device as
+    float64, and so did every stage's inputs, targets and timesteps (the model then ran in float64)."""
+    tables = lambda: StageTables.from_scheduler(PixelFlowScheduler(num_stages=2))
+    images, labels = np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3), np.arange(4, dtype=np.int32)
+    draws = flow.draw(jax.random.key(5), 4, 8, 3, 2, 1000)
+    plain = stage_batches(images, {"class_labels": labels}, draws, tables())
+    with jax.enable_x64(True):
+        with_x64 = stage_batches(images, {"class_labels": labels}, draws, tables())
+    for a, b in zip(plain, with_x64):
+        for name in ("x_t", "target", "timesteps"):
+            assert getattr(b, name).dtype == np.float32, name
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
 def test_clipping_adamw_and_ema_follow_a_float64_reference_over_three_updates():
     """make_optimizer + apply_gradients against torch's recipe written in float64 numpy: clip_grad_norm_
     (scale min(1, max_norm / (norm + 1e-6)), so a gradient under the limit is left alone), decoupled
