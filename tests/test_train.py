@@ -660,6 +660,29 @@ def test_the_stage_losses_are_reported_in_stage_order_and_the_loss_is_their_samp
     np.testing.assert_allclose(loss, np.mean(np.concatenate(per_sample)), rtol=1e-6)
 
 
+def test_the_steps_stage_loss_metrics_are_named_by_their_stage(monkeypatch):
+    """loss_stage{s} is stage s's loss (stage 0 the smallest): the step's metrics came from the
+    stage losses unchecked (each stage's loss is tested in _loss_and_stage_losses alone). Stage
+    losses numbered by their stage stand in for the model here, so the step compiles no model."""
+    from pixelflow_jax import ModelConfig, PixelFlow
+    from pixelflow_jax.training import train_step
+
+    def numbered_by_stage(graphdef, params, stages):
+        zero = sum(leaf.sum() for leaf in jax.tree.leaves(params)) * 0  # (a gradient for every parameter)
+        return zero, jax.numpy.arange(len(stages), dtype=np.float32) + zero
+
+    monkeypatch.setattr(train_step, "_loss_and_stage_losses", numbered_by_stage)
+    model_cfg = ModelConfig(num_attention_heads=2, attention_head_dim=8, depth=1, patch_size=2, num_classes=10)
+    model, step_cfg = PixelFlow(model_cfg, rngs=nnx.Rngs(0)), StepConfig()
+    tx, mesh = make_optimizer(step_cfg), mesh_of(jax.devices()[:1], 1)
+    state = host_state(model, tx)
+    shardings = state_shardings(state, mesh)
+    step = make_train_step(model_cfg, nnx.graphdef(model), StageTables.from_scheduler(PixelFlowScheduler(num_stages=3)),
+                           tx, step_cfg, 16, 1000, mesh, shardings)
+    _, metrics = step(jax.device_put(state, shardings), np.zeros((3, 16, 16, 3), np.uint8), np.zeros(3, np.int32))
+    assert [float(metrics[f"loss_stage{s}"]) for s in range(3)] == [0.0, 1.0, 2.0]
+
+
 @pytest.mark.slow  # ~30 s: the step and the halves' gradients compiled
 def test_gradient_accumulation_averages_the_micro_batches():
     """grad_accum_steps=2: the loss, stage losses and gradients are the means over the two halves
