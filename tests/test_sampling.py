@@ -82,6 +82,18 @@ def test_each_image_draws_its_own_noise_at_every_stage():
         np.testing.assert_array_equal(noise[1], np.asarray([alone, *alone_blocks][stage])[0])
 
 
+def test_each_stage_draws_its_block_noise_from_a_key_of_its_own():
+    """With one key for every stage, a smaller stage's block noise is a copy of the larger one's
+    first values (jax's partitionable random bits): each of its values recurs in the next stage's."""
+    from pixelflow_jax.sampling.cascade import draw_noise_jit
+    from pixelflow_jax.scheduler import DEFAULT_GAMMA
+
+    initial, blocks = draw_noise_jit(jax.random.key(3), jax.numpy.array([0]), 64, 4, 3, DEFAULT_GAMMA)
+    stages = [np.asarray(noise)[0].ravel() for noise in (initial, *blocks)]
+    for stage, (smaller, larger) in enumerate(zip(stages, stages[1:])):
+        assert np.isin(smaller, larger).mean() < 0.01, stage
+
+
 def test_text_guidance_pairs_each_image_with_the_negative_prompts_states_and_mask():
     from pixelflow_jax.sampling.cascade import text_conditioning
 
@@ -310,6 +322,16 @@ def test_a_non_finite_sample_names_its_first_ten_image_ids_and_says_when_there_a
     with pytest.raises(ValueError, match=re.escape("image ids [101, 111]: ")):
         check_finite(np.arange(12) % 10 != 1, ids)
     check_finite(np.ones(12, bool), ids)
+
+
+def test_an_image_with_an_infinite_value_is_not_finite():
+    """An inf latent is clipped to a white pixel, silently, as a NaN became a black one: each image
+    with a NaN, an inf or a -inf anywhere is flagged; finite ones far outside [-1, 1] are not."""
+    from pixelflow_jax.sampling.cascade import finite_images
+
+    latents = np.zeros((5, 4, 4, 3), np.float32)
+    latents[1, 3, 2, 1], latents[2, 0, 0, 0], latents[3, 1, 1, 2], latents[4] = np.nan, np.inf, -np.inf, 3e38
+    np.testing.assert_array_equal(np.asarray(finite_images(latents)), [True, False, False, False, True])
 
 
 def test_a_non_finite_sample_is_an_error_not_a_black_image(tiny, tmp_path):
