@@ -562,6 +562,22 @@ def test_a_dropped_sigterm_delivered_again_as_the_page_closes_never_reaches_the_
         real_signal(signal.SIGTERM, before)
     assert heard == []
 
+def test_a_page_stopped_by_a_signal_passed_on_as_sigterm_forgets_it_with_the_stop(monkeypatch):
+    """A page stopped by SLURM's SIGUSR1 (passed on as a SIGTERM) left that record behind: the notebook's
+    next SIGTERM was named 'SIGUSR1, handled as SIGTERM' with exit 138, and its next SIGUSR1, taken for
+    one already passed on, was never passed on again."""
+    import signal
+
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_passed_on", [None])
+    monkeypatch.setattr(command_line, "_stop_signal", [None])
+    with pytest.raises(command_line.Terminated):
+        with command_line.sigterm_stops():
+            command_line._pass_on_as_sigterm(signal.SIGUSR1)
+            sum(range(1000))  # bytecodes for the handler to run between
+    assert command_line._passed_on == [None] and command_line.termination_signal() == ("SIGTERM", 143)
+
 
 def test_the_demo_compiles_per_euler_step_counts_not_dopri5_ones():
     """The page said "Compiling..." whenever a step slider moved under dopri5, which uses none."""

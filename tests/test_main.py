@@ -1399,6 +1399,25 @@ def test_slurms_warning_signals_stop_a_job_as_sigterm_does(tmp_path, mode, sched
     assert result.stderr.rstrip().splitlines()[-1] == (
         f"stopped: terminated ({scheduler_signal}, handled as SIGTERM); {rest}"), result.stderr[-3000:]
 
+def test_slurms_warning_signals_leave_an_ignored_one_and_a_programs_own_handler_as_they_are(monkeypatch):
+    """Only Python's default (which ends the job at once) is replaced: a SIGUSR1 ignored by the job's
+    launcher, or a SIGUSR2 handler of a program that runs the job, stays."""
+    from pixelflow_jax import command_line
+
+    def own(*_):
+        pass
+
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN), signal.signal(signal.SIGUSR2, own)
+    try:
+        command_line.stop_on_scheduler_signals()
+        assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGUSR2)) == (signal.SIG_IGN, own)
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        command_line.stop_on_scheduler_signals()
+        assert signal.getsignal(signal.SIGUSR2) is command_line._pass_on_as_sigterm
+    finally:
+        signal.signal(signal.SIGUSR1, before[0])
+        signal.signal(signal.SIGUSR2, before[1])
+
 
 def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_hang_up(monkeypatch):
     """As a dropped SIGTERM (below): the job's next batch raises it again, as the hang-up it was

@@ -457,6 +457,16 @@ def test_a_distributed_jobs_hang_up_stops_every_process_at_one_batch_and_this_on
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGHUP, before[1])
 
+def test_a_distributed_jobs_sigusr1_passed_on_stops_it_as_terminated_with_its_own_status(monkeypatch):
+    """Only a hang-up passed on makes the sync point's stop a HungUp: SLURM's SIGUSR1 (or USR2) passed on
+    to jax's service stops every process as SIGTERM does, this one with 128 + its number, not as hung up."""
+    from pixelflow_jax import command_line
+
+    monkeypatch.setattr(command_line, "_passed_on", [signal.SIGUSR1])
+    stop = command_line.preemption_stop()
+    assert type(stop) is command_line.Terminated
+    assert command_line.stop_cause(stop) == ("terminated (SIGUSR1, handled as SIGTERM)", 138)
+
 
 A_HANG_UP_IN_A_DISTRIBUTED_JOB = """
 import os, signal, sys, time

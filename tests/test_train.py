@@ -1765,6 +1765,54 @@ def test_the_watch_takes_hang_ups_over_from_the_runs_start_up_on_one_process_or_
         signal.signal(signal.SIGHUP, before[0])
         signal.signal(signal.SIGTERM, before[1])
 
+def test_a_hang_up_during_a_distributed_runs_loop_is_the_watchs_and_stops_the_run_as_hung_up(monkeypatch):
+    """With several processes main.py passes a SIGHUP on to jax's service (stop_on_hang_up(distributed=True))
+    until the watch starts: the watch takes that handler over, so that a hang-up in the loop stops the run
+    as hung up (its message, 129), not as 'preempted (SIGHUP, handled as SIGTERM)'; the handler comes back."""
+    from pixelflow_jax import command_line
+    from pixelflow_jax.training.preemption import PreemptionWatch
+
+    monkeypatch.setattr(command_line, "_passed_on", [None])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    caught = []  # jax's preemption service, which holds SIGTERM in a job of several processes
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum)), \
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        command_line.stop_on_hang_up(distributed=True)
+        watch = PreemptionWatch()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert caught == [signal.SIGTERM] and watch.hung_up and watch.cause.startswith("hung up (SIGHUP")
+        finally:
+            watch.close()
+        assert signal.getsignal(signal.SIGHUP) is command_line._pass_on_as_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGHUP, before[1])
+
+
+def test_a_ctrl_c_after_a_hang_up_leaves_the_run_stopped_as_hung_up_in_its_message_and_status():
+    """The stop's message and its exit status name the same stop: a Ctrl-C (a kill -INT) after a hang-up
+    is still the hang-up's, 129, as its message says (the status checked Ctrl-C first and gave 130)."""
+    from pixelflow_jax.training.preemption import PreemptionWatch
+    from pixelflow_jax.training.train import preempted_at
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGINT), \
+        signal.getsignal(signal.SIGTERM)
+    try:
+        watch = PreemptionWatch()
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert watch.reached() and watch.hung_up and watch.interrupted
+            stop = preempted_at(watch, 7, 10, False)
+        finally:
+            watch.close()
+    finally:
+        for signum, handler in zip((signal.SIGHUP, signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(signum, handler)
+    assert stop.exit_status == 129 and str(stop).startswith("hung up (SIGHUP")
+
 
 def test_training_in_a_thread_runs_without_signal_handlers(caplog):
     """train() in a notebook's background thread failed at its first step with signal.signal's
