@@ -532,6 +532,31 @@ def test_a_second_sampling_job_on_a_workdir_in_use_is_refused_before_it_writes_a
     sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2, labels=(1, 2))
     assert "sample.lock" not in os.listdir(workdir) and pngs(workdir) == ["000000.png", "000001.png"]
 
+def test_the_sampling_lock_beats_every_12_s_and_a_stop_the_moment_it_is_taken_still_releases_it(tmp_path,
+                                                                                               monkeypatch):
+    """WORKDIR/sample.lock is taken over from another host once 120 s silent, so its heartbeat is
+    refreshed every 12 s (README); it is taken inside the job's `try`: a SIGTERM raised the moment
+    after the lock was created, before acquire returned, left it behind, and a requeued job on another
+    host was refused for 120 s."""
+    from pixelflow_jax.command_line import Terminated
+    from pixelflow_jax.sampling import sample_run
+    from pixelflow_jax.training.workdir_lock import WorkdirLock
+
+    with sample_run.one_sampling_job(str(tmp_path)):
+        record = json.loads((tmp_path / "sample.lock").read_text())
+    assert record["heartbeat_period_s"] == 12.0 and not (tmp_path / "sample.lock").exists()
+    acquire = WorkdirLock.acquire
+
+    def stopped_once_created(lock):
+        acquire(lock)
+        raise Terminated
+
+    monkeypatch.setattr(WorkdirLock, "acquire", stopped_once_created)
+    with pytest.raises(Terminated):
+        with sample_run.one_sampling_job(str(tmp_path)):
+            pass
+    assert os.listdir(tmp_path) == []
+
 
 def test_an_image_lost_after_every_pass_stops_the_job_after_three_passes(tmp_path, converted, monkeypatch, caplog):
     """An image gone when samples.npz is written is sampled again, twice at most: a store that keeps

@@ -500,6 +500,23 @@ def test_each_dopri5_stage_gets_its_timestep_range_and_the_asked_tolerances(tiny
         assert solver == "dopri5"
         np.testing.assert_allclose(schedule, np.float32([table[0], table[-1], 2e-4, 3e-7]), rtol=1e-6)
 
+def test_a_dopri5_solve_cut_short_by_its_step_limit_comes_out_nan_not_where_it_stopped(monkeypatch):
+    """diffrax (throw=False) returns a solve that ran out of steps as the finite state where it stopped,
+    short of the stage's end: an image unfinished, written as if whole. It comes out NaN, which the job's
+    check names. The same solve with the step limit in place reaches the end."""
+    import jax.numpy as jnp
+
+    from pixelflow_jax.sampling import cascade
+
+    def velocity(x, timestep):  # x(t) = exp(-sin(50 t)) over the stage, t in [0, 1]
+        return -50.0 * x * jnp.cos(timestep / 20.0)
+
+    x = jnp.ones((1, 2, 2, 3), jnp.float32)
+    whole = cascade._dopri5(velocity, x, np.float32(0.0), np.float32(1000.0), 1e-6, 1e-6)
+    np.testing.assert_allclose(np.asarray(whole), np.exp(-np.sin(50.0)), rtol=1e-3)
+    monkeypatch.setattr(cascade, "DOPRI5_MAX_STEPS", 2)
+    assert np.isnan(np.asarray(cascade._dopri5(velocity, x, np.float32(0.0), np.float32(1000.0), 1e-6, 1e-6))).all()
+
 
 def test_a_text_conditional_model_is_guided_by_cfg_at_every_stage(converted, monkeypatch):
     """Text-conditional: g_s = cfg at every stage (the class schedule, g_0 = 1, is class models' only)."""
