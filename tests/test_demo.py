@@ -141,10 +141,11 @@ def test_text_page_guides_away_from_the_configured_negative_prompt(converted, tm
     config = t2i.get_config("tiny")
     config.sample.checkpoint, config.sample.text_encoder = converted["t2i_tiny"], encoder
     config.sample.max_text_tokens, config.sample.negative_prompt = 16, "the moon"
+    config.sample.cfg_scale = 5.0  # the CFG slider's first value, which the PNGs' names leave out
     demo = DemoSampler(config, str(tmp_path / "page"))
     request = dict(num_images=1, solver="euler", cfg=4.0, shift=1.0, steps=[1, 1, 1, 1], seed=0)
     path = demo.generate("a red cat", **request)[0]
-    assert os.path.basename(path) == "pixelflow_seed0_0.png"
+    assert os.path.basename(path) == "pixelflow_seed0_cfg4_0.png" and demo.request_name(None, 0, 5.0) == "seed0"
     page = np.asarray(Image.open(path))
     umask = os.umask(0)
     os.umask(umask)  # the request's folder as a plain makedirs makes it: mkdtemp's 0700 hid the images from others

@@ -1204,6 +1204,27 @@ def test_a_job_started_by_srun_as_several_tasks_without_distributed_is_warned(mo
         "repeated): add --distributed to share the job out over them, or start one task (srun --ntasks=1)"]
         if warned else [])
 
+def test_a_distributed_job_started_by_srun_as_several_tasks_is_not_warned(monkeypatch, caplog):
+    """--distributed is the fix the warning names: its tasks, one process each of one job, hear nothing."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax import host_memory, multihost
+    from pixelflow_jax.cli import platforms
+
+    sys.path.insert(0, REPO)
+    import main
+
+    monkeypatch.setattr(platforms, "platform_error", lambda: None)
+    monkeypatch.setattr(multihost, "start_distributed", lambda *args: None)
+    monkeypatch.setattr(multihost, "check_same_job", lambda command: None)
+    monkeypatch.setattr(host_memory, "reuse_freed_buffers_on_cpu", lambda: False)
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(distributed=True, coordinator_address="h:1", num_processes=4,
+                                                       process_id=1, compilation_cache="off", mode="eval"))
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert multihost.lone_task_of_srun() is not None  # what a job without --distributed is told
+    main.start_job(None)
+    assert [r.getMessage() for r in caplog.records if "SLURM" in r.getMessage()] == []
+
 
 A_JOB_THAT_COMPILES_TWO_PROGRAMS = """
 import resource, sys
@@ -1264,6 +1285,32 @@ def test_a_jax_without_its_private_decompression_leaves_cache_entries_and_jaxs_w
     show = compilation_cache.removing_damaged_entries(str(tmp_path), lambda *args: shown.append(args[0]))
     show("Error reading persistent compilation cache entry for 'jit_f': ...", UserWarning, "compiler.py", 1)
     assert entry.exists() and shown == ["Error reading persistent compilation cache entry for 'jit_f': ..."]
+
+def test_only_the_warned_programs_entries_that_read_whole_and_fail_to_decompress_are_removed(tmp_path, monkeypatch):
+    """A warning for 'jit_f' removes jit_f's damaged entries alone: not jit_f_g's (another program, which
+    another job may be writing right now), and not one that could not be read at all (unreadable, or gone
+    meanwhile: not this job's to judge)."""
+    from pixelflow_jax.cli import compilation_cache
+
+    own, other = tmp_path / "jit_f-0123-cache", tmp_path / "jit_f_g-4567-cache"
+    for entry in (own, other):
+        entry.write_bytes(b"cut short")
+    assert compilation_cache.remove_damaged_entries(str(tmp_path), "jit_f") == [str(own)]
+    assert not own.exists() and other.exists()
+    own.write_bytes(b"cut short")
+
+    def unreadable(path, mode="r"):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(compilation_cache, "open", unreadable, raising=False)
+    assert compilation_cache.remove_damaged_entries(str(tmp_path), "jit_f") == [] and own.exists()
+    monkeypatch.undo()
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(compilation_cache.os, "remove", refused)  # a cache folder of another user's
+    assert compilation_cache.remove_damaged_entries(str(tmp_path), "jit_f") == [] and own.exists()
 
 
 def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkeypatch):

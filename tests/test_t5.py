@@ -122,6 +122,12 @@ def test_a_long_prompt_with_unknown_text_is_logged_once_and_shortened_visibly(t5
                       "max_text_tokens / max_length), and holds text the tokenizer does not know, read as <unk> (the "
                       "model learns nothing from it)"], logged
 
+def test_a_logged_prompt_is_shortened_only_past_200_characters_and_then_says_so():
+    from pixelflow_jax.text.prompts import shortened
+
+    assert shortened("a" * 200) == repr("a" * 200)
+    assert shortened("a" * 201) == repr("a" * 200 + "...")
+
 
 def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
     """The release encodes with autocast off; bfloat16 compute would move flan-t5-xl's embeddings by 2e-2."""
