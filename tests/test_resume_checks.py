@@ -70,6 +70,30 @@ def test_init_from_weights_other_than_a_fine_tune_started_from_is_a_warning_at_i
     assert caplog.text == ""
 
 
+def test_a_resume_of_a_run_from_before_recorded_settings_says_which_version_wrote_it(tmp_path, caplog):
+    """A run of 2026-11-26 (run_config.json without num_train_timesteps, no train_settings.json)
+    resumed here trained other batches than its own version would have (a tiny demo run resumed at
+    step 4: loss 0.153 at step 5, 0.145 by the version that wrote it), and was told only that its
+    settings went unchecked, as a copy that missed the file is."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    old_run = {"architecture": {"num_attention_heads": 2, "attention_head_dim": 16, "depth": 2, "patch_size": 4,
+                                "in_channels": 3, "out_channels": 3, "num_classes": 10, "attention_bias": True,
+                                "cross_attention_dim": 0}, "num_stages": 4, "resolution": 64}
+    (tmp_path / "run_config.json").write_text(json.dumps(old_run))
+    with caplog.at_level("WARNING"):
+        check_resume(str(tmp_path), c2i_config(), step=4, num_records=100)
+    assert "written by a version of 2026-11-26" in caplog.text
+    assert "the steps from here are not those it would have trained" in caplog.text
+    assert "resume it with the version that wrote it" in caplog.text
+    caplog.clear()
+    (tmp_path / "train_settings.json").unlink()  # a copy of a later run that missed the file: no such claim
+    (tmp_path / "run_config.json").write_text(json.dumps({**old_run, "num_train_timesteps": 1000}))
+    with caplog.at_level("WARNING"):
+        check_resume(str(tmp_path), c2i_config(), step=4, num_records=100)
+    assert "cannot be checked" in caplog.text and "2026-11-26" not in caplog.text
+
+
 def test_a_resume_without_its_recorded_settings_says_it_goes_unchecked(tmp_path, caplog):
     """A run copied without train_settings.json resumed with any learning rate or batch size and
     said nothing: the check that refuses such changes had nothing to compare with."""

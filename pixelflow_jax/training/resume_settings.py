@@ -28,6 +28,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.kernels.attention import resolve_backend
 from pixelflow_jax.training.metrics_log import WRITE_FIX
+from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG
 from pixelflow_jax.training.run_config import write_run_record
 from pixelflow_jax.training.train_step import counts_updates
 
@@ -158,6 +159,19 @@ def check_optimiser_state(workdir: str, config, step: int) -> None:
                          f"--config.train.init_from={workdir} instead")
 
 
+def who_wrote_a_run_without_settings(workdir: str) -> str:
+    """Why a run at a step has no train_settings.json. A run_config.json without num_train_timesteps
+    was written on 2026-11-26, before that file; that version drew the demo set (redrawn on 11-27)
+    and its batches otherwise (measured: a tiny demo run resumed at step 4 trained other batches)."""
+    path = storage.join(workdir, RUN_CONFIG)
+    if storage.exists(path) and "num_train_timesteps" not in storage.read_json(path):
+        return (": it was written by a version of 2026-11-26, before that file, which drew the demo data and the "
+                "training batches otherwise, so the steps from here are not those it would have trained (the "
+                "weights, optimiser state and EMA go on; to continue the run as it was, resume it with the version "
+                "that wrote it, a checkout of 2026-11-26). And")
+    return " (a run of a version before that file, or a copy that missed it):"
+
+
 def check_resume(workdir: str, config, step: int, num_records: int, record: bool = True,
                  listing: str | None = None, num_classes: int | None = None, init_checkpoint: str = "",
                  init_weights: str | None = None, updates_done: int | None = None) -> None:
@@ -171,9 +185,9 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     path, current = storage.join(workdir, SETTINGS_FILE), resume_settings(config, num_records, listing, num_classes)
     if step == 0 or not storage.exists(path):  # a new run, or one started before this file existed
         if step and record:  # or a copy of the run without it: nothing to compare with
-            logging.warning("%s resumes at step %d without its %s (a run of a version before that file, or a copy "
-                            "that missed it): this command's settings cannot be checked against those the run "
-                            "trained with; they are recorded as the run's from now on", workdir, step, SETTINGS_FILE)
+            logging.warning("%s resumes at step %d without its %s%s this command's settings cannot be checked "
+                            "against those the run trained with; they are recorded as the run's from now on",
+                            workdir, step, SETTINGS_FILE, who_wrote_a_run_without_settings(workdir))
         if record and jax.process_index() == 0:
             if step == 0:  # (a run that records its settings only at a resume cannot know its start)
                 current[STARTED_FROM] = storage.resolved(config.train.init_from) if config.train.init_from else ""
