@@ -1396,3 +1396,24 @@ def test_a_platform_jax_cannot_start_stops_the_converter_in_one_line_before_it_r
     output = str(tmp_path / "converted")
     result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={output}")
     assert_failed_cleanly(result, output, "error: JAX_PLATFORMS=cuda asks jax for a platform it cannot start here")
+
+
+def test_a_class_checkpoints_config_names_only_fields_a_version_of_2026_11_26_reads():
+    """Every conversion wrote model.pooled_text, false for every release architecture, and versions
+    of 2026-11-26 refuse a config with a key they do not know ('unknown model config keys
+    ['pooled_text']'): no checkpoint converted here could be sampled there. Named only when on, as
+    run_config.json's architecture names it; a pooled model is still refused there, as it must be."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
+    from pixelflow_jax.config import ModelConfig
+
+    known_on_2026_11_26 = {"num_attention_heads", "attention_head_dim", "depth", "patch_size", "in_channels",
+                           "out_channels", "num_classes", "attention_bias", "cross_attention_dim", "dtype",
+                           "param_dtype", "attention", "remat"}
+    shape = dict(num_attention_heads=2, attention_head_dim=16, depth=2, patch_size=4)
+    for model in (ModelConfig(**shape, num_classes=10), ModelConfig(**shape, num_classes=0, cross_attention_dim=8)):
+        written = CheckpointConfig(model=model, num_train_timesteps=1000, num_stages=4, resolution=64).to_json()
+        assert set(written["model"]) == known_on_2026_11_26
+        assert CheckpointConfig.from_json(written).model == model
+    pooled = ModelConfig(**shape, num_classes=0, cross_attention_dim=8, pooled_text=True)
+    written = CheckpointConfig(model=pooled, num_train_timesteps=1000, num_stages=4, resolution=64).to_json()
+    assert written["model"]["pooled_text"] is True and CheckpointConfig.from_json(written).model == pooled
