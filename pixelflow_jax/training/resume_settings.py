@@ -26,9 +26,9 @@ import jax
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG
 from pixelflow_jax.kernels.attention import resolve_backend
 from pixelflow_jax.training.metrics_log import WRITE_FIX
-from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG
 from pixelflow_jax.training.run_config import write_run_record
 from pixelflow_jax.training.train_step import counts_updates
 
