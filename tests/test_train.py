@@ -784,6 +784,24 @@ class StandInLoop:
         config.train.update(batch_size=16, keep_checkpoints=5, **train_settings)  # 2 stages x the 8 test devices
         return config
 
+    def signal_after_step(self, monkeypatch, step_number: int, signum: int) -> None:
+        """The stand-in step sends `signum` to this process once step `step_number` has run (after
+        checking that a handler catches it: the default's exit would end the test's process)."""
+        stand_in = self.train.make_train_step
+
+        def make_train_step(*args, **kwargs):
+            step = stand_in(*args, **kwargs)
+
+            def signalling(state, *batch):
+                counted = step(state, *batch)
+                if self.calls[-1][0] == step_number:
+                    assert callable(signal.getsignal(signum)), f"{signal.Signals(signum).name} would end the process"
+                    os.kill(os.getpid(), signum)
+                return counted
+            return signalling
+
+        monkeypatch.setattr(self.train, "make_train_step", make_train_step)
+
     def run(self, config, workdir):
         self.calls.clear()
         self.previews.clear()
@@ -1129,19 +1147,7 @@ def test_a_stop_during_a_preview_step_saves_it_and_skips_its_preview(tmp_path, m
     from pixelflow_jax.training import preemption
 
     loop = StandInLoop(monkeypatch)
-    stand_in = loop.train.make_train_step
-
-    def make_train_step(*args, **kwargs):
-        step = stand_in(*args, **kwargs)
-
-        def signalled_at_step_4(state, *batch):
-            counted = step(state, *batch)
-            if loop.calls[-1][0] == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return counted
-        return signalled_at_step_4
-
-    monkeypatch.setattr(loop.train, "make_train_step", make_train_step)
+    loop.signal_after_step(monkeypatch, 4, signal.SIGTERM)
     if signal_seen_by == "the preview's check":
         monkeypatch.setattr(preemption.PreemptionWatch, "reached", lambda self: False)
     config = loop.config(num_steps=8, log_every=100, checkpoint_every=100, preview_every=2)
@@ -1162,21 +1168,7 @@ def test_slurms_sigusr1_or_sigusr2_saves_the_step_as_sigterm_does(tmp_path, monk
 
     signum = getattr(signal, scheduler_signal)
     loop = StandInLoop(monkeypatch)
-    stand_in = loop.train.make_train_step
-
-    def make_train_step(*args, **kwargs):
-        step = stand_in(*args, **kwargs)
-
-        def signalled_at_step_3(state, *batch):
-            counted = step(state, *batch)
-            if loop.calls[-1][0] == 3:
-                # (the default's exit would end this test's process)
-                assert callable(signal.getsignal(signum)), f"{scheduler_signal} would end the process"
-                os.kill(os.getpid(), signum)
-            return counted
-        return signalled_at_step_3
-
-    monkeypatch.setattr(loop.train, "make_train_step", make_train_step)
+    loop.signal_after_step(monkeypatch, 3, signum)
     monkeypatch.setattr(command_line, "_passed_on", [None])
     before = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGUSR1, signal.SIGUSR2)}
     try:
