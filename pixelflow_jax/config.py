@@ -161,11 +161,16 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict[str, Any]:
-        arch = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
-        if self.pooled_text:  # named only when on, so the release's architectures read as before
-            arch["pooled_text"] = True
-        return arch
+        return without_options_off({name: getattr(self, name) for name in (*ARCHITECTURE_FIELDS,
+                                                                            *ARCHITECTURE_OPTIONS_OFF)})
 
 
-# The options architecture() names only when on: a record without one has it off.
+# The options a record names only when on (a record without one has it off): the release's architectures
+# read as before, and versions of 2026-11-26, which refuse a key they do not know, read a model without them.
 ARCHITECTURE_OPTIONS_OFF = {"pooled_text": False}
+
+
+def without_options_off(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` less the ARCHITECTURE_OPTIONS_OFF at their off value."""
+    return {name: value for name, value in values.items()
+            if not (name in ARCHITECTURE_OPTIONS_OFF and value == ARCHITECTURE_OPTIONS_OFF[name])}

@@ -24,7 +24,7 @@ from flax import nnx
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.convert import Params, param_shapes
 from pixelflow_jax.command_line import late_restore_callbacks_dropped
-from pixelflow_jax.config import ARCHITECTURE_OPTIONS_OFF, ModelConfig, fields_missing_from_architecture
+from pixelflow_jax.config import ModelConfig, fields_missing_from_architecture, without_options_off
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.validation import (LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES,
                                       too_many_stages)
@@ -87,11 +87,7 @@ class CheckpointConfig:
                              f"= {factor} so that every stage has a whole patch grid")
 
     def to_json(self) -> dict[str, Any]:
-        # An option off is left out, as architecture() does: versions of 2026-11-26 refuse a key they do
-        # not know, so a checkpoint without the option stays readable there.
-        model = {name: value for name, value in self.model.to_dict().items()
-                 if not (name in ARCHITECTURE_OPTIONS_OFF and value == ARCHITECTURE_OPTIONS_OFF[name])}
-        return {"format_version": FORMAT_VERSION, "model": model,
+        return {"format_version": FORMAT_VERSION, "model": without_options_off(self.model.to_dict()),
                 "scheduler": {"num_train_timesteps": self.num_train_timesteps, "num_stages": self.num_stages},
                 "resolution": self.resolution, **self.text_training()}
 
