@@ -73,9 +73,11 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
 
 def lone_task_of_srun() -> str | None:
     """For a job without --distributed: a warning where srun started this command as one of several
-    tasks (SLURM_STEP_NUM_TASKS), each of which then runs the whole job alone; None otherwise. The
-    other SLURM variables (SLURM_NTASKS, SLURM_PROCID) are also set in a batch script's own process,
-    where one process is a choice, and nothing here reads them."""
+    tasks (SLURM_STEP_NUM_TASKS), each of which then runs the whole job alone; None otherwise. Slurm
+    sets SLURM_STEP_NUM_TASKS only for the tasks of a step srun launches (its env_array_for_step; the
+    batch script's own environment, env_array_for_batch_job, has none). The other SLURM variables
+    (SLURM_NTASKS, SLURM_PROCID) are also set in a batch script's own process, where one process is
+    a choice, and nothing here reads them."""
     tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
     if not tasks.isdigit() or int(tasks) < 2:
         return None
