@@ -349,6 +349,43 @@ def test_a_lock_whose_folder_is_gone_is_a_copy_and_another_hosts_lock_is_judged_
     lock.release()
 
 
+@pytest.mark.parametrize("holder_job, holder_restart, my_restart, taken", [
+    ("4242", 0, "1", True),  # the run before the requeue, on a node that failed
+    ("4242", 1, "3", True),
+    ("4242", 0, None, False),  # another srun step of this job's own run, working on one workdir
+    ("4242", 1, "1", False),
+    ("4242", 2, "1", False),
+    ("4243", 0, "1", False),  # another job
+    (None, None, "1", False),  # a run outside Slurm
+])
+def test_a_requeued_slurm_jobs_earlier_run_leaves_a_lock_taken_over_at_once_on_any_host(
+        tmp_path, monkeypatch, caplog, holder_job, holder_restart, my_restart, taken):
+    """Slurm requeues a job (its node failed, or a preemption) only once its earlier run has ended:
+    that run's lock, fresh as its heartbeat may be on another host, is stale. Any other holder waits
+    out its heartbeat as before."""
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    holder = {**WorkdirLock(str(tmp_path), stale_after_s=600).record, "host": "node-a", "pid": 1}
+    if holder_job is not None:
+        holder.update(slurm_job=holder_job, slurm_restart=holder_restart)
+    (tmp_path / LOCK_FILE).write_text(json.dumps(holder))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    if my_restart is not None:
+        monkeypatch.setenv("SLURM_RESTART_COUNT", my_restart)
+    lock = WorkdirLock(str(tmp_path), stale_after_s=600)
+    if not taken:
+        with pytest.raises(WorkdirBusy, match="host node-a"):
+            lock.acquire()
+        return
+    with caplog.at_level(logging.WARNING):
+        lock.acquire()
+    assert lock.held and json.loads((tmp_path / LOCK_FILE).read_text())["slurm_restart"] == int(my_restart)
+    assert f"from this Slurm job's run before its requeue (job 4242, restart {holder_restart}; host node-a" in caplog.text
+    lock.release()
+
+
 def test_a_busy_message_asks_about_a_copy_only_for_another_hosts_lock_naming_another_folder(tmp_path):
     """This host's live run in this folder under another of its names (a bind mount) is no copy;
     another host's run recorded under this folder's own path is not 'in another folder'."""

@@ -8,8 +8,10 @@ stale, and is taken over, when its holder is gone: on this host, no process with
 time exists (a restarted container reuses pids, its own included); from another PID namespace of
 this host (another container, or this one restarted), its heartbeat missed two of the holder's
 refreshes; from another host, its heartbeat is older than train.lock_stale_after_s (and than two
-of the holder's refreshes, whatever this run's setting). A lock that cannot be read (a start killed
-while writing it) is stale after UNREADABLE_STALE_S.
+of the holder's refreshes, whatever this run's setting). A lock of this very Slurm job before a
+requeue (same SLURM_JOB_ID, a lower SLURM_RESTART_COUNT) is stale at once, on any host: Slurm starts
+a requeued job only once its earlier run has ended (a node that failed under it included). A lock
+that cannot be read (a start killed while writing it) is stale after UNREADABLE_STALE_S.
 
 Creating the lock is atomic: a complete temporary file hard-linked into place on a local disk, an
 `ifGenerationMatch=0` upload (create only) in a bucket. Process 0 of a job holds it for the job;
@@ -67,6 +69,16 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+def slurm_run() -> dict:
+    """Which run of which Slurm job this is (none outside Slurm): SLURM_RESTART_COUNT is set, from 1,
+    once a job has been requeued."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not job:
+        return {}
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"slurm_job": job, "slurm_restart": int(restart) if restart.isdigit() else 0}
+
+
 def copied_from_another_host(holder: dict, lock: WorkdirLock) -> str:
     """For a busy message: the folder another host's holder works in, when it is not this one's
     path, and what to do if this folder is a copy of it (a run copied off a cluster brings its
@@ -93,7 +105,7 @@ class WorkdirLock:
                        "heartbeat_period_s": heartbeat_period(stale_after_s),
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "token": uuid.uuid4().hex,  # this lock's own: two in one process and second differ
-                       "heartbeat": time.time()}
+                       "heartbeat": time.time(), **slurm_run()}
         self.held = False
         self.lost_to: dict | None = None  # the run that took the lock over, once one has
         self._guard = threading.Lock()  # the heartbeat thread and release() both rewrite the lock
@@ -138,7 +150,11 @@ class WorkdirLock:
             if not self._stale(holder):
                 return self._busy_message(holder)
             if self._read() == holder:  # still the stale one (a run taking it over at this instant: keep theirs)
-                if self._copied(holder):
+                if self._before_requeue(holder):
+                    logging.warning("taking over %s from this Slurm job's run before its requeue (job %s, restart %d; "
+                                    "host %s, pid %s)", self.path, holder["slurm_job"], holder["slurm_restart"],
+                                    holder.get("host"), holder.get("pid"))
+                elif self._copied(holder):
                     logging.warning("taking over %s: a copy of the lock of %s (host %s, pid %s), copied with the "
                                     "workdir", self.path, holder["workdir"], holder.get("host"), holder.get("pid"))
                 else:
@@ -190,8 +206,14 @@ class WorkdirLock:
             return refreshes
         return None
 
+    def _before_requeue(self, holder: dict) -> bool:
+        """The lock of this Slurm job's earlier run, which Slurm ended before requeueing the job."""
+        mine = self.record.get("slurm_job")
+        return mine is not None and holder.get("slurm_job") == mine and isinstance(holder.get("slurm_restart"), int) \
+            and holder["slurm_restart"] < self.record["slurm_restart"]
+
     def _stale(self, holder: dict) -> bool:
-        if self._copied(holder):
+        if self._before_requeue(holder) or self._copied(holder):
             return True
         if (limit := self._silence_limit_s(holder)) is not None:
             return time.time() - float(holder.get("heartbeat", 0)) > limit
