@@ -104,3 +104,29 @@ def test_one_training_timestep_is_refused():
     """One timestep gives a stage window of one time, t_end == t_start: set_timesteps' slope 0 / 0."""
     with pytest.raises(ValueError, match="num_train_timesteps must be at least 2, got 1"):
         PixelFlowScheduler(1, num_stages=1)
+
+
+def test_a_gamma_of_the_callers_own_rectifies_and_renoises_with_it():
+    """Every table and coefficient follows the gamma given, not the release's -1/3 (the only one the
+    golden tables hold): alpha = 1 / (sqrt(1 - 1/gamma) (1 - t0) + t0), beta = alpha (1 - t0) / sqrt(-gamma)."""
+    gamma = -1.0
+    scheduler = PixelFlowScheduler(1000, 4, gamma=gamma)
+    for stage in range(1, 4):
+        t0 = scheduler.original_start_t[stage]
+        alpha = 1.0 / (2 ** 0.5 * (1.0 - t0) + t0)
+        assert renoise_coefficients(t0, gamma) == pytest.approx((alpha, alpha * (1.0 - t0)), rel=1e-15)
+        assert scheduler.start_t[stage] == pytest.approx(t0 * alpha, rel=1e-15)
+
+
+def test_set_timesteps_refuses_no_steps_and_reads_any_scalar_shift():
+    """0 steps gave an empty grid (a stage sampled by no step at all); a shift held in a 0-d numpy or
+    jax array is the number it holds."""
+    import jax.numpy as jnp
+
+    scheduler = PixelFlowScheduler(1000, 4)
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+        scheduler.set_timesteps(0, 0)
+    expected = scheduler.set_timesteps(3, 1, 2.0)
+    for shift in (np.array(2.0), jnp.float32(2.0)):
+        for actual, wanted in zip(scheduler.set_timesteps(3, 1, shift), expected):
+            np.testing.assert_array_equal(actual, wanted)
