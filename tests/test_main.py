@@ -282,6 +282,44 @@ def test_a_list_of_strings_without_a_comma_between_two_is_refused_not_joined(tmp
                                  '--config.sample.negative_prompt="blurry" "dark"'], config) is None
 
 
+def test_strings_side_by_side_are_found_first_in_a_value_holding_an_equals_sign_or_across_a_comment():
+    """Values the list test above does not hold: one that starts with the strings (no bracket before
+    them), one whose text holds '=' (split off as a field's), one with a comment between its lines."""
+    from configs import t2i
+    from pixelflow_jax.cli.config_overrides import joined_strings_error
+
+    config = t2i.get_config("tiny")
+    for value, pair in (('"a red disk" "a blue ring", "a cat"', "'a red disk' and 'a blue ring'"),
+                        ('("x=1" "y")', "'x=1' and 'y'"),
+                        ('("a red disk"  # the first\n "a blue ring")', "'a red disk' and 'a blue ring'")):
+        error = joined_strings_error(["main.py", f"--config.sample.prompts={value}"], config)
+        assert error and f"gives the strings {pair} side by side" in error, (value, error)
+
+
+def test_a_training_run_is_not_told_that_the_sampling_settings_its_previews_read_go_unused():
+    from pixelflow_jax.cli.config_overrides import overrides_of_other_modes
+
+    argv = ["main.py", "--config.sample.cfg_scale=4", "--config.sample.shift=2", "--config.sample.negative_prompt=dark",
+            "--config.sample.prompts=('a',)", "--config.sample.prompts_file=prompts.txt", "--config.sample.seed=3"]
+    assert overrides_of_other_modes(argv, "train") == {("sample", "demo", "inspect"): ["sample.seed"]}
+
+
+def test_the_warning_of_settings_the_checkpoint_decides_says_what_decides_them_instead(monkeypatch):
+    """A sampling job's images take their seed from sample.seed; an inspection of a checkpoint is told
+    how to inspect the config's own model instead."""
+    from pixelflow_jax.cli import config_overrides
+
+    warned = []
+    monkeypatch.setattr(config_overrides.logging, "warning", lambda text, *args: warned.append(text % args))
+    config_overrides.warn_of_overrides_without_effect(["main.py", "--config.seed=3"], "sample", False, "euler")
+    config_overrides.warn_of_overrides_without_effect(["main.py", "--config.model.depth=3"], "inspect", True, "euler")
+    assert warned == ["--config.seed: --mode=sample does not use it; the checkpoint decides the model, its stages and "
+                      "resolution (the seed of the images is sample.seed)",
+                      "--config.model.depth: --mode=inspect does not use it; the checkpoint decides the model, its "
+                      "stages and resolution (the config's own model is inspected with an empty "
+                      "--config.sample.checkpoint, in a --workdir that is not a training run)"]
+
+
 def test_a_boolean_flag_given_another_word_is_named_with_the_values_it_takes():
     """--config.train.allow_resume_changes=yes said "('Non-boolean argument to boolean flag', 'yes')"."""
     from absl import flags
