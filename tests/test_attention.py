@@ -176,6 +176,7 @@ def test_attention_split_gives_each_mesh_axis_to_batch_heads_or_neither():
     assert attention_split(mesh, 4, 16) == (("data",), ("fsdp",))
     assert attention_split(mesh, 2, 16) == (("fsdp",), ("data",))
     assert attention_split(mesh, 3, 3) == ((), ())
+    assert attention_split(mesh, 1, 4) == ((), ("data",))  # 4 heads over 'data' leave 1: 'fsdp' splits neither
 
 
 def abstract_h100_mesh() -> jax.sharding.AbstractMesh:

@@ -440,6 +440,7 @@ def test_a_job_pads_its_batches_as_little_as_one_static_shape_allows():
     assert batch_for(50, 16, 8) == 16  # a multiple of the devices
     assert batch_for(4, 10**6, 8) == 8  # few images: no batch of 10**6 (it ran out of memory)
     assert batch_for(64, 16, 8) == 16
+    assert batch_for(10, 4, 8) == 8  # a batch below the device count: one image per device
 
 
 def recorded_stages(sampler, monkeypatch, options, cond, uncond, batch=2):

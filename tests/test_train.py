@@ -262,6 +262,42 @@ def test_fsdp_is_the_mesh_axis_asked_for_and_never_splits_stacked_layers():
     assert specs["top"] == jax.sharding.PartitionSpec("fsdp", None)  # not stacked: its first axis splits
 
 
+def test_an_fsdp_that_does_not_divide_the_devices_is_refused_with_the_counts_that_do():
+    from pixelflow_jax.sharding import make_mesh
+
+    for fsdp in (0, 3):  # 0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match=re.escape(f"--config.mesh.fsdp ({fsdp}) must divide the device count (8): "
+                                                       "one of 1, 2, 4, 8")):
+            make_mesh(fsdp)
+
+
+def test_fsdp_splits_the_largest_axis_it_divides_and_names_the_largest_array_it_cannot(caplog):
+    """Of two axes fsdp divides, the larger is split; of the arrays left whole, the warning's example is
+    the largest; with fsdp = 1 nothing is split, and nothing is said of it."""
+    from jax.sharding import PartitionSpec as P
+
+    from pixelflow_jax.sharding import fsdp_spec, param_shardings
+
+    assert fsdp_spec((16, 1152), 8, stacked=False) == P(None, "fsdp")
+    assert fsdp_spec((1152, 16), 8, stacked=False) == P("fsdp", None)
+    shapes = {"embedding": jax.ShapeDtypeStruct((1025, 1025), np.float32),  # the first in the tree's order
+              "kernel": jax.ShapeDtypeStruct((3, 1025, 1025), np.float32)}
+    with caplog.at_level(logging.WARNING):
+        param_shardings(shapes, mesh_of(jax.devices(), 1))
+        assert not caplog.records, caplog.text
+        param_shardings(shapes, mesh_of(jax.devices(), 8))
+    assert "2 large arrays (0.02 GB;" in caplog.text and "(e.g. ['kernel'] (3, 1025, 1025))" in caplog.text, caplog.text
+
+
+def test_a_helpers_rows_are_split_over_this_processs_devices_and_its_parameters_held_whole_by_each():
+    """The text encoder's and the Inception's batches: each local device runs its own rows."""
+    from pixelflow_jax.sharding import replicate_on_local_devices
+
+    params, rows = replicate_on_local_devices({"w": np.ones((3, 2), np.float32)})
+    assert [shard.data.shape for shard in params["w"].addressable_shards] == [(3, 2)] * 8
+    assert [shard.data.shape for shard in jax.device_put(np.arange(16), rows).addressable_shards] == [(2,)] * 8
+
+
 def test_no_training_step_reuses_a_key_that_initialised_the_parameters():
     seed, draws = 3, 200  # an XL model draws a few hundred initialiser keys
     init_keys = nnx.Rngs(seed)
