@@ -860,6 +860,74 @@ def test_high_bit_depth_grey_images_are_scaled_to_8_bits_not_clipped():
     np.testing.assert_array_equal(rgb(encoded(cyan, "CMYK", "TIFF"))[0, 0], [0, 255, 255])
 
 
+def test_high_bit_depth_grey_is_rounded_to_the_nearest_8_bit_value_not_truncated():
+    """65535 / 255 = 257 exactly, so the multiples of 257 above scale alike either way; 129 / 257
+    (0.502) is 1 and 0.003 x 255 (0.765) is 1 too."""
+    rgb = lambda image: np.asarray(decoding.to_rgb(image))[..., 0]
+    np.testing.assert_array_equal(rgb(encoded(np.array([[128, 129]], np.uint16))), [[0, 1]])
+    np.testing.assert_array_equal(rgb(encoded(np.array([[0.001, 0.003]], np.float32), "F", "TIFF")), [[0, 1]])
+
+
+def test_a_pixel_array_of_one_channel_decodes_as_grey():
+    """A source's (H, W, 1) array (a grey TFDS dataset's images), which PIL cannot take as it is."""
+    grey = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
+    np.testing.assert_array_equal(np.asarray(decoding.to_rgb(grey)), np.repeat(grey, 3, axis=2))
+
+
+def test_an_8_bit_grey_pngs_transparent_grey_value_is_a_transparent_pixel_only_where_a_pixel_has_it():
+    grey = np.array([[0, 100], [200, 255]], np.uint8)
+    for transparent_value, transparent in ((100, True), (101, False)):
+        file = io.BytesIO()
+        Image.fromarray(grey).save(file, "PNG", transparency=transparent_value)
+        pil = decoding.opened(file.getvalue())
+        assert pil.mode == "L" and decoding.has_transparent_pixels(pil) is transparent
+
+
+def test_the_shorter_side_is_resized_to_the_rounded_expand_ratio_times_the_resolution():
+    """round(8 x 1.1) = 9 (README, Augmentation), not int's 8."""
+    class OneImage:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return {"image": encoded(np.zeros((20, 30, 3), np.uint8)), "label": 0}
+
+    assert decoding.DecodedSource(OneImage(), 8, expand_ratio=1.1)[0]["image"].shape == (9, 13, 3)
+
+
+def test_an_image_with_transparent_pixels_is_named_by_its_records_own_name(caplog):
+    """A source's record names itself (a caption folder's image path, the Python API's "name"), where
+    the source itself would say only "record 0"."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+
+    class Logo:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return {"image": encoded(rgba), "label": 0, "name": "logos/cat.png"}
+
+    with caplog.at_level(logging.WARNING):
+        decoding.DecodedSource(Logo(), 8)[0]
+    assert "logos/cat.png has transparent pixels" in caplog.text, caplog.text
+
+
+def test_a_draw_gives_up_after_as_many_unusable_records_as_its_error_says():
+    class Empty:
+        drawn = 0
+
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, index):
+            Empty.drawn += 1
+            return {"image": b"", "label": 0}
+
+    with pytest.raises(DataError, match=rf"^{decoding.MAX_UNREADABLE_IN_A_ROW} records drawn in a row"):
+        decoding.DecodedSource(Empty(), 8)[0]
+    assert Empty.drawn == decoding.MAX_UNREADABLE_IN_A_ROW == 64
+
+
 def test_image_folder_reads_class_folders_at_any_depth_and_leaves_out_hidden_names(tmp_path):
     image = encoded(np.zeros((8, 8, 3), np.uint8))
     for path in ("b/2.jpg", "b/sub/deeper/4.png", "b/sub/3.jpg", "b/1.jpg", "a/1.JPG",
@@ -1996,12 +2064,12 @@ def test_the_centre_crop_is_adms_box_halving_bicubic_resize_and_centred_window()
 def test_random_crops_reach_every_offset_and_a_centre_cropped_image_is_kept_whole():
     from pixelflow_jax.data.decoding import RandomCropFlip
 
-    image = np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3)
+    image = np.arange(10 * 12 * 3, dtype=np.int32).reshape(10, 12, 3)  # wider than high: each side its own range
     offsets = set()
     for seed in range(200):
         crop = RandomCropFlip(8, flip=False)({"image": image}, np.random.default_rng(seed))["image"]
-        offsets.add((int(crop[0, 0, 0]) // 30, int(crop[0, 0, 0]) % 30 // 3))  # (top, left) of the window
-    assert offsets == {(top, left) for top in range(3) for left in range(3)}
+        offsets.add((int(crop[0, 0, 0]) // 36, int(crop[0, 0, 0]) % 36 // 3))  # (top, left) of the window
+    assert offsets == {(top, left) for top in range(3) for left in range(5)}
     exact = RandomCropFlip(8, flip=False)({"image": image[:8, :8]}, np.random.default_rng(0))["image"]
     np.testing.assert_array_equal(exact, image[:8, :8])
 
