@@ -320,6 +320,20 @@ def test_the_warning_of_settings_the_checkpoint_decides_says_what_decides_them_i
                       "--config.sample.checkpoint, in a --workdir that is not a training run)"]
 
 
+def test_each_setting_a_notice_points_to_is_one_the_mode_told_reads_in_place_of_one_it_does_not():
+    """COUNTERPARTS: '(for F, --mode=M reads --config.G)' is shown only where M does not read F, and G
+    must be a setting of the configs that M reads."""
+    from configs import c2i, t2i
+    from pixelflow_jax.cli.config_overrides import COUNTERPARTS, readers_of
+
+    fields = {f"{section}.{name}" for config in (c2i.get_config("tiny"), t2i.get_config("tiny"))
+              for section, values in config.items() if hasattr(values, "keys") for name in values}
+    for field, (counterpart, modes) in COUNTERPARTS.items():
+        assert {field, counterpart} <= fields, (field, counterpart)
+        for mode in modes:
+            assert mode not in readers_of(field) and mode in readers_of(counterpart), (field, mode)
+
+
 def test_a_boolean_flag_given_another_word_is_named_with_the_values_it_takes():
     """--config.train.allow_resume_changes=yes said "('Non-boolean argument to boolean flag', 'yes')"."""
     from absl import flags

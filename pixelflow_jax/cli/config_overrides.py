@@ -110,7 +110,7 @@ TRAINING_COUNTERPARTS = {
     "sample.weights": ("train.init_from_weights", ("train",)),
     "sample.text_encoder": ("train.text_encoder", ("train",)),
     "sample.text_encoder_param_dtype": ("train.text_encoder_dtype", ("train",)),
-    "sample.max_text_tokens": ("train.max_text_tokens", ("train", "inspect")),
+    "sample.max_text_tokens": ("train.max_text_tokens", ("train",)),
     "sample.num_images": ("train.preview_num_images", ("train",)),
     "sample.steps_per_stage": ("train.preview_steps_per_stage", ("train",)),
 }
