@@ -32,6 +32,16 @@ def test_a_c_library_without_mallopt_is_a_no_op(monkeypatch):
     assert host_memory.reuse_freed_buffers_on_cpu() is False
 
 
+def test_a_c_library_that_cannot_be_found_or_lacks_mallopt_is_a_no_op(monkeypatch):
+    """musl without ldconfig finds no "c"; macOS's libc has no mallopt: the setting is left off, and
+    main.py runs on (an AttributeError or a lookup in the program itself would not)."""
+    monkeypatch.setattr(host_memory.ctypes.util, "find_library", lambda name: None)
+    assert host_memory.reuse_freed_buffers_on_cpu() is False
+    monkeypatch.setattr(host_memory.ctypes.util, "find_library", lambda name: "libc.dylib")
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: object())  # a library without mallopt
+    assert host_memory.reuse_freed_buffers_on_cpu() is False
+
+
 class _MallInfo2(ctypes.Structure):
     """glibc's struct mallinfo2 (malloc.h, glibc 2.33+): what malloc holds, in bytes."""
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
