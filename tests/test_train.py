@@ -230,6 +230,9 @@ def test_a_mesh_over_several_slices_keeps_each_fsdp_group_in_one_slice(monkeypat
         assert {d.slice_index for d in grid[:, 0]} == {0, 1}  # 'data' spans both
     grid = multi_slice_grid(1, 8, devices)  # an fsdp group larger than a node: in slice order
     assert [d.id for d in grid.flat] == list(range(8))
+    uneven = [SimpleNamespace(**{**vars(d), "slice_index": int(d.id >= 2)}) for d in reversed(devices)]
+    grid = multi_slice_grid(2, 4, uneven)  # nodes of 2 and 6 GPUs: no hybrid mesh, the devices in slice order
+    assert [[d.id for d in group] for group in grid] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_fsdp_names_the_large_arrays_it_cannot_split(caplog):
