@@ -868,6 +868,11 @@ def test_high_bit_depth_grey_is_rounded_to_the_nearest_8_bit_value_not_truncated
     np.testing.assert_array_equal(rgb(encoded(np.array([[0.001, 0.003]], np.float32), "F", "TIFF")), [[0, 1]])
 
 
+def test_encoded_bytes_in_a_bytearray_decode_as_bytes_do():
+    png = encoded(np.full((4, 4, 3), 90, np.uint8))
+    assert (np.asarray(decoding.to_rgb(bytearray(png))) == 90).all()  # not read as a 1-D pixel array
+
+
 def test_a_pixel_array_of_one_channel_decodes_as_grey():
     """A source's (H, W, 1) array (a grey TFDS dataset's images), which PIL cannot take as it is."""
     grey = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
