@@ -873,6 +873,36 @@ def test_encoded_bytes_in_a_bytearray_decode_as_bytes_do():
     assert (np.asarray(decoding.to_rgb(bytearray(png))) == 90).all()  # not read as a 1-D pixel array
 
 
+def test_an_image_file_gone_since_the_listing_is_skipped_naming_its_path(tmp_path, caplog):
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / "a" / f"{i}.png")
+    source = ImageFolderSource(str(tmp_path))
+    os.remove(tmp_path / "a" / "0.png")  # the record itself cannot be read: no name of its own to give
+    with caplog.at_level(logging.WARNING):
+        assert decoding.DecodedSource(source, 8)[0]["skipped"] >= 1
+    assert f"skipping unreadable record {tmp_path / 'a' / '0.png'}: " in caplog.text, caplog.text
+
+
+def test_a_captions_truncation_and_unknown_text_are_flagged_in_its_element():
+    class Flagging:  # a caption cut to one token that holds text the vocabulary lacks
+        def tokenize(self, captions):
+            return np.ones((1, 1), np.int32), np.ones((1, 1), np.int32), np.ones(1, np.int32)
+
+        def has_unknown_text(self, tokens):
+            return np.ones(1, bool)
+
+    class Captioned:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return {"image": encoded(np.zeros((8, 8, 3), np.uint8)), "caption": b"a red disk"}
+
+    element = decoding.DecodedSource(Captioned(), 8, tokenizer=Flagging())[0]
+    assert (int(element["truncated"]), int(element["unknown_text"])) == (1, 1)
+
+
 def test_a_pixel_array_of_one_channel_decodes_as_grey():
     """A source's (H, W, 1) array (a grey TFDS dataset's images), which PIL cannot take as it is."""
     grey = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
