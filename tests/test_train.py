@@ -1,6 +1,7 @@
 """Training: the release's batch construction and loss, the sharded step, NaN handling, a falling
 loss on the demo set, and resuming after kill -9."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -1131,7 +1132,7 @@ def new_state(seed=0, **train_settings):
 
 def test_a_new_run_of_the_same_settings_builds_its_state_with_the_last_runs_program():
     """A notebook's second new run compiled the state's initialisation again (seconds at tiny, more at
-    XL); another seed or optimiser, which the program is traced from, compiles its own."""
+    XL); another seed, or a rate that becomes a schedule (its state holds a count), compiles its own."""
     from test_sampling import counting_lowerings
 
     first = new_state()
@@ -1147,6 +1148,40 @@ def test_a_new_run_of_the_same_settings_builds_its_state_with_the_last_runs_prog
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(leaves(first["params"])[0], leaves(seeded["params"])[0])
     assert jax.tree.structure(with_schedule["opt_state"]) != jax.tree.structure(first["opt_state"])  # a count
+
+
+def test_a_new_run_of_another_learning_rate_builds_its_state_with_the_last_runs_program():
+    """The optimiser's state (AdamW's moments and count, a schedule's update count) reads none of its
+    hyper-parameters: a notebook's new run at another rate compiled the state's initialisation again."""
+    from test_sampling import counting_lowerings
+
+    first = new_state()
+    with counting_lowerings() as compiled:
+        other = new_state(lr=3e-4, weight_decay=0.01, grad_clip=2.0, ema_decay=0.999)
+    assert compiled == [], compiled
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_initialisations_key_tells_apart_every_optimiser_setting_its_state_reads():
+    """optimizer_init_key against make_optimizer itself: for each StepConfig field changed, the
+    optimiser state of a small parameter tree is equal exactly when the key is (a field added to
+    StepConfig, or read by the optimiser's init, fails here until it has a changed value below)."""
+    from pixelflow_jax.training.train import optimizer_init_key
+
+    changed = dict(lr=3e-4, lr_schedule="cosine", warmup_steps=5, decay_steps=20, b1=0.8, b2=0.99, eps=1e-6,
+                   weight_decay=0.01, grad_clip=2.0, ema_decay=0.999, label_dropout=0.2, caption_dropout=0.2,
+                   grad_accum_steps=2)
+    assert set(changed) == {f.name for f in dataclasses.fields(StepConfig)}
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, jax.numpy.bfloat16)}
+    base = StepConfig(decay_steps=10)
+    state_of = lambda cfg: jax.tree.map(lambda a: (a.dtype, a.shape, np.asarray(a).tobytes()),
+                                        make_optimizer(cfg).init(params))
+    for name, value in changed.items():
+        other = dataclasses.replace(base, **{name: value})
+        same_key = optimizer_init_key(other) == optimizer_init_key(base)
+        assert same_key == (state_of(other) == state_of(base)), name
+    assert optimizer_init_key(dataclasses.replace(base, lr_schedule="cosine")) != optimizer_init_key(base)
 
 
 def test_a_train_step_is_built_again_only_from_other_inputs():

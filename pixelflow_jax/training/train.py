@@ -51,8 +51,9 @@ from pixelflow_jax.training.metrics_log import WRITE_FIX, MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume, note_init_from_at_resume
 from pixelflow_jax.training.run_config import check_run_config, differences
-from pixelflow_jax.training.train_step import (StepConfig, init_state, learning_rate, make_optimizer, make_train_step,
-                                               state_from_params, state_shardings, train_flops_per_image)
+from pixelflow_jax.training.train_step import (StepConfig, counts_updates, init_state, learning_rate, make_optimizer,
+                                               make_train_step, state_from_params, state_shardings,
+                                               train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
 PREVIEWS = "previews"
@@ -183,7 +184,7 @@ def initial_state(config, model_cfg: ModelConfig, step_cfg: StepConfig, mesh, in
     only to be replaced would double the device memory at the restore."""
     tx = make_optimizer(step_cfg)
     # What the programs are traced from (the seed is a constant in them); a fine-tune's weights are an argument.
-    settings = (model_cfg, optimizer_key(step_cfg), config.seed, mesh)
+    settings = (model_cfg, optimizer_init_key(step_cfg), config.seed, mesh)
     if init_model is not None:
         # The parameters from a host copy: every process holds them whole on one of its devices, and
         # jax places such arrays on this process's devices only, not on a mesh spanning processes.
@@ -457,6 +458,13 @@ def optimizer_key(step_cfg: StepConfig) -> StepConfig:
     """step_cfg as a compiled program's key: decay_steps (num_steps) shapes only a cosine rate, so a
     constant-rate run trained on further keeps its programs."""
     return step_cfg if step_cfg.lr_schedule == "cosine" else dataclasses.replace(step_cfg, decay_steps=0)
+
+
+def optimizer_init_key(step_cfg: StepConfig) -> bool:
+    """What the optimiser's init reads of step_cfg, as the state initialisation's key: AdamW's moments
+    and count and the clip's empty state read no hyper-parameter; a scheduled rate adds its update
+    count. So a new run at another rate, decay or clip builds its state with the last run's program."""
+    return counts_updates(step_cfg.lr_schedule, step_cfg.warmup_steps)
 
 
 def tree_key(tree) -> tuple:
