@@ -648,6 +648,43 @@ def hidden_from_this_process(monkeypatch, cache, looks=None):
         monkeypatch.setattr(storage, name, hiding(getattr(storage, name)))
 
 
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_the_feature_cache_keeps_one_entry_per_images_file(tiny_inception, tmp_path, request, where):
+    """The features of samples sampled again at the same path were cached beside the old samples'
+    for good (~1 GB at 50k images each): an entry written for a file's current content now removes
+    that file's earlier ones, and leaves the reference's and another folder's file of the same name."""
+    from pixelflow_jax import storage
+
+    root = request.getfixturevalue("bucket") if where == "bucket" else str(tmp_path)
+    cache_dir, extract = storage.join(root, "run", "eval_features"), inception_features.FeatureExtractor(tiny_inception, 8)
+
+    def placed(name, seed):
+        local = images_npz(tmp_path / f"seed{seed}.npz", seed)
+        path = storage.join(root, name)
+        if where == "local":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(local, path)
+        else:
+            storage.upload_file_atomically(local, path)
+        return path
+
+    samples, reference, namesake = placed("samples.npz", 1), placed("reference.npz", 2), placed("other/samples.npz", 3)
+    for path in (samples, reference, namesake):
+        inception_features.cached_features(extract, path, cache_dir)
+    before = set(storage.list_files(cache_dir))
+    assert len(before) == 3
+    if where == "local":
+        os.utime(samples, ns=(0, 10**9))  # old samples' time, so that the new ones' differs on any clock
+    placed("samples.npz", 4)  # the same size, new images
+    features = inception_features.cached_features(extract, samples, cache_dir)
+    after = set(storage.list_files(cache_dir))
+    assert len(after) == 3 and len(after - before) == 1 and len(before - after) == 1, (before, after)
+    (new_entry,) = after - before
+    with storage.open_file(storage.join(cache_dir, new_entry)) as file, np.load(file) as cached:
+        np.testing.assert_array_equal(cached["pool"], features["pool"])
+    np.testing.assert_array_equal(features["pool"], extract(samples)["pool"])
+
+
 def test_every_process_of_a_distributed_evaluation_follows_what_process_0_found_in_the_feature_cache(
         tiny_inception, tmp_path, monkeypatch):
     """Each process looked in the cache for itself: one that did not see the file yet (NFS caches

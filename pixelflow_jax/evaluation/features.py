@@ -2,7 +2,7 @@
 process's devices and the images over the processes of a --distributed job, which gather them;
 cached in WORKDIR/eval_features/, keyed by the path, size, modification time and CRC of the images
 and by the Inception weights, so that a second evaluation of the same files reads them (a damaged
-cache file is computed again)."""
+cache file is computed again); one entry per images file, the features of what it holds now."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 import functools
 import io
 import json
+import re
 
 import jax
 import numpy as np
@@ -147,7 +148,28 @@ def feature_cache_key(extract: FeatureExtractor, path: str) -> np.ndarray:
 
 
 def cache_file(cache_dir: str, path: str, key: np.ndarray) -> str:
-    return storage.join(cache_dir, f"{storage.basename(path)}.{np.asarray(key, np.int32).tobytes().hex()}.npz")
+    """NAME.PATH.KEY.npz: PATH (8 hex digits) is shared by the entries of one images file, whatever it held."""
+    return storage.join(cache_dir, f"{cache_entry_prefix(path)}{np.asarray(key, np.int32).tobytes().hex()}.npz")
+
+
+def cache_entry_prefix(path: str) -> str:
+    return f"{storage.basename(path)}.{hashed(storage.absolute(path), 1).tobytes().hex()}."
+
+
+def remove_earlier_entries(cache: str, path: str) -> None:
+    """Removes the cache entries of `path` other than `cache`, just written for what it holds now:
+    those of what it held before (samples sampled again), or of other weights, never read again and
+    ~1 GB each at 50k images. Complete entries only (a writer's temporary has another name); an
+    evaluation reading one as it goes reads on locally (its file stays open) or computes again."""
+    folder, prefix = storage.dirname(cache), cache_entry_prefix(path)
+    entry = re.compile(re.escape(prefix) + r"[0-9a-f]{16}\.npz")
+    for name in storage.list_files(folder):
+        if entry.fullmatch(name) and name != storage.basename(cache):
+            try:
+                storage.remove(storage.join(folder, name))
+            except OSError as e:  # only a cache: the evaluation goes on
+                logging.warning("could not remove %s, the cached features of what %s held before (%s)",
+                                storage.join(folder, name), path, described(e))
 
 
 def cache_as_process_0_finds_it(extract: FeatureExtractor, path: str,
@@ -236,4 +258,6 @@ def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dic
         except OSError as e:  # only a cache: a full disk must not throw away the Inception pass just made
             logging.warning("could not cache the features of %s in %s (%s): the evaluation goes on; the next one "
                             "computes them again", path, cache, described(e))
+        else:
+            remove_earlier_entries(cache, path)
     return features
