@@ -238,6 +238,39 @@ def test_a_16_bit_grey_pngs_transparent_grey_value_is_a_transparent_pixel_only_w
         assert decoding.has_transparent_pixels(pil) is transparent
 
 
+def png_16_bit_rgb(samples: np.ndarray, transparent_colour) -> bytes:
+    """A 16-bit RGB PNG with a tRNS chunk, which PIL cannot write: one IHDR, tRNS and IDAT chunk,
+    every row with PNG's Sub filter (each byte less the one 6 bytes, a pixel, before it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = samples.shape
+    rows = samples.astype(">u2").view(np.uint8).reshape(height, width * 6)
+    filtered = np.concatenate([rows[:, :6], rows[:, 6:] - rows[:, :-6]], axis=1)  # uint8: modulo 256
+    scanlines = b"".join(b"\x01" + row.tobytes() for row in filtered)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">HHH", *transparent_colour)) + chunk(b"IDAT", zlib.compress(scanlines))
+            + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_rgb_pngs_transparent_colour_is_a_transparent_pixel_only_where_a_pixel_has_it():
+    """PIL opens a 16-bit RGB PNG as 8-bit RGB (each sample's high byte) and compares those with the
+    16-bit tRNS colour: a pixel of that colour stayed opaque (the image trained without a word), and
+    for a colour below 256 the pixels whose high bytes equal it came out transparent instead."""
+    samples = np.array([[[0x1234, 0x5678, 0x9ABC], [0x1234, 0x5678, 0x9ABD], [65535, 0, 0]],
+                        [[0x0012, 0x0056, 0x009A], [0x1212, 0x5656, 0x9A9A], [0, 0, 0]]], np.uint16)
+    for colour, transparent_at in (((0x1234, 0x5678, 0x9ABC), [(0, 0)]), ((0x0012, 0x0056, 0x009A), [(1, 0)]),
+                                   ((0x1234, 0x5678, 0x9ABE), [])):
+        pil = decoding.opened(png_16_bit_rgb(samples, colour))
+        assert decoding.has_transparent_pixels(pil) is bool(transparent_at), colour
+        alpha = np.asarray(pil.getchannel("A")) if "A" in pil.getbands() else np.full(samples.shape[:2], 255)
+        assert list(zip(*np.nonzero(alpha < 255))) == transparent_at, colour
+        np.testing.assert_array_equal(np.asarray(decoding.rgb_of(pil)), samples >> 8)  # 8 bits, as PIL reads it
+
+
 def test_every_image_extension_the_readme_lists_is_read_and_decoded(tmp_path):
     """Each extension the README names, saved in the format Pillow gives it, reads as the image it holds."""
     import re

@@ -31,19 +31,40 @@ def to_rgb(image: Any) -> Image.Image:
 
 def opened(image: Any) -> Image.Image:
     """Encoded bytes (decoded now, so that a truncated file fails here) or a pixel array as a PIL
-    image; a palette image with a transparent colour as RGBA, as PIL recommends."""
+    image; a palette image, or a 16-bit RGB PNG, with a transparent colour as RGBA (the palette's
+    as PIL recommends; the PNG's, which PIL misreads, by with_transparent_colour_as_alpha)."""
     if isinstance(image, (bytes, bytearray)):
         try:
             pil = Image.open(io.BytesIO(image))
         except UnidentifiedImageError:  # its message names a BytesIO object's address: say what it means
             raise UnidentifiedImageError("not an image (its header is no format PIL reads)") from None
         pil.load()
+        if is_16_bit_rgb_png(image) and "transparency" in pil.info:
+            pil = with_transparent_colour_as_alpha(pil, image)
     else:
         array = np.asarray(image)
         pil = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
     if pil.mode == "P" and "transparency" in pil.info:
         pil = pil.convert("RGBA")
     return pil
+
+
+def is_16_bit_rgb_png(data: bytes) -> bool:
+    """From the IHDR chunk, which a PNG holds first: bit depth 16, colour type 2 (RGB, no alpha)."""
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:26] == bytes([16, 2])
+
+
+def with_transparent_colour_as_alpha(pil: Image.Image, data: bytes) -> Image.Image:
+    """A 16-bit RGB PNG (`pil`, decoded from `data`) with its transparent colour (tRNS) as alpha.
+    PIL keeps each sample's high byte and compares those with the 16-bit colour: a pixel of that
+    colour stayed opaque, and for a colour below 256 others became transparent. Decoded again
+    with the little-endian unpacker, which reads the low byte of these big-endian samples."""
+    low = Image.open(io.BytesIO(data))
+    low.tile = [(*tile[:3], "RGB;16L") for tile in low.tile]
+    low.load()
+    samples = np.asarray(pil, np.uint16) << 8 | np.asarray(low, np.uint16)
+    transparent = np.all(samples == np.asarray(pil.info["transparency"], np.uint16), axis=-1)
+    return Image.merge("RGBA", (*pil.split(), Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8))))
 
 
 def rgb_of(pil: Image.Image) -> Image.Image:
