@@ -616,15 +616,22 @@ class RecordedExtractor:
 
 
 def as_process_of_2(monkeypatch, index, sent_by_process_0=None, failed_elsewhere=0):
-    """This process is `index` of 2: process 0's broadcast gives `sent_by_process_0` (on process 0
-    its own value, recorded in the list returned), and the other process reports `failed_elsewhere`."""
+    """This process is `index` of 2: process 0's broadcast of an array gives `sent_by_process_0` (on
+    process 0 its own value, recorded in the list returned), that of one flag (a file replaced while
+    read) 0, and the other process reports `failed_elsewhere`."""
     from jax.experimental import multihost_utils
 
     sent = []
+
+    def broadcast(value):
+        if np.ndim(value) == 0:
+            return value if index == 0 else np.zeros_like(value)
+        sent.append(np.asarray(value))
+        return value if index == 0 else sent_by_process_0
+
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: index)
-    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
-                        lambda value: sent.append(np.asarray(value)) or (value if index == 0 else sent_by_process_0))
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda flag: np.roll(np.array([flag, failed_elsewhere], np.int32), index))
     return sent
@@ -683,6 +690,40 @@ def test_the_feature_cache_keeps_one_entry_per_images_file(tiny_inception, tmp_p
     with storage.open_file(storage.join(cache_dir, new_entry)) as file, np.load(file) as cached:
         np.testing.assert_array_equal(cached["pool"], features["pool"])
     np.testing.assert_array_equal(features["pool"], extract(samples)["pool"])
+
+
+class ReplacedOnRead:
+    """A FeatureExtractor whose file a sampling job replaces (moves `replacement` onto it) as its read begins."""
+
+    def __init__(self, extract, replacement):
+        self.extract, self.replacement = extract, replacement
+        self.weights_id, self.widths = extract.weights_id, extract.widths
+
+    def __call__(self, path):
+        os.replace(self.replacement, path)
+        return self.extract(path)
+
+
+@pytest.mark.parametrize("replacement", ["whole", "damaged"])
+def test_samples_replaced_while_their_features_are_computed_are_neither_used_nor_cached(
+        tiny_inception, tmp_path, replacement):
+    """A sampling job moved a new samples.npz into place while an evaluation read the old one: the
+    evaluation scored the new file's images (or, read from a bucket by several processes, a mix of
+    both) and cached them under the old file's key; or, where the read came out damaged (a bucket's
+    file read to its end), said to write the file again. Now it says what happened and caches nothing."""
+    samples, cache_dir = images_npz(tmp_path / "samples.npz", 1), str(tmp_path / "run" / "eval_features")
+    new = images_npz(tmp_path / "new.npz", 2)
+    if replacement == "damaged":
+        data = bytearray(open(new, "rb").read())
+        data[300] ^= 0xFF  # the CRC check at the member's end fails
+        open(new, "wb").write(bytes(data))
+    os.utime(samples, ns=(0, 10**9))  # the old file's time, so that the new one's differs on any clock
+    extract = ReplacedOnRead(inception_features.FeatureExtractor(tiny_inception, 8), new)
+    with pytest.raises(ValueError, match=rf"^{re.escape(samples)} was replaced while its images were read \(by a "
+                                         r"sampling job\?\): its features are neither used nor cached; evaluate it "
+                                         r"again once it stays as it is$"):
+        inception_features.cached_features(extract, samples, cache_dir)
+    assert not os.path.exists(cache_dir) or os.listdir(cache_dir) == []
 
 
 def test_every_process_of_a_distributed_evaluation_follows_what_process_0_found_in_the_feature_cache(

@@ -2,7 +2,8 @@
 process's devices and the images over the processes of a --distributed job, which gather them;
 cached in WORKDIR/eval_features/, keyed by the path, size, modification time and CRC of the images
 and by the Inception weights, so that a second evaluation of the same files reads them (a damaged
-cache file is computed again); one entry per images file, the features of what it holds now."""
+cache file is computed again); one entry per images file, the features of what it holds now. A
+file replaced while it is read is refused, its features neither used nor cached."""
 
 from __future__ import annotations
 
@@ -234,6 +235,40 @@ def cache_problem(features: dict[str, np.ndarray], count: int, widths: dict[str,
     return None
 
 
+def features_of_a_file_left_in_place(extract: FeatureExtractor, path: str, cache_dir: str,
+                                     cache: str) -> dict[str, np.ndarray]:
+    """extract(path), where `path` is still the file `cache` is named for once every process has read
+    it; else ValueError. A file moved into its place meanwhile (a sampling job's new samples.npz) gave
+    the new file's features under the old one's key, or, from a bucket, whose reads are ranges of
+    whatever object the name holds, a mix of the two: unnoticed in a block not read to its end, and
+    "damaged" in one that is."""
+    try:
+        features = extract(path)  # its ValueErrors (damage) are raised on every process together
+    except ValueError:
+        if replaced_while_read(extract, path, cache_dir, cache):
+            raise ValueError(replaced_words(path)) from None
+        raise
+    if replaced_while_read(extract, path, cache_dir, cache):
+        raise ValueError(replaced_words(path))
+    return features
+
+
+def replaced_while_read(extract: FeatureExtractor, path: str, cache_dir: str, cache: str) -> bool:
+    """Whether `path` is no longer the file `cache` is named for, as process 0 finds it, on every process."""
+    replaced = False
+    if jax.process_index() == 0:
+        try:
+            replaced = cache_file(cache_dir, path, feature_cache_key(extract, path)) != cache
+        except (OSError, ValueError):  # gone, or no longer an .npz of images
+            replaced = True
+    return bool(from_process_0(np.int32(replaced)))
+
+
+def replaced_words(path: str) -> str:
+    return (f"{path} was replaced while its images were read (by a sampling job?): its features are neither used "
+            "nor cached; evaluate it again once it stays as it is")
+
+
 def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dict[str, np.ndarray]:
     """The features of `path`'s images: from the cache, or computed (and cached by process 0).
     Process 0 looks in the cache for the job and every process follows it: each looking for itself, a
@@ -246,7 +281,7 @@ def cached_features(extract: FeatureExtractor, path: str, cache_dir: str) -> dic
     if found == CACHED and (features := read_on_every_process(cache, path, extract.widths, features)) is not None:
         logging.info("features of %s from %s", path, cache)
         return features
-    features = extract(path)
+    features = features_of_a_file_left_in_place(extract, path, cache_dir, cache)
     if not all(np.isfinite(value).all() for value in features.values()):  # never cached
         raise ValueError(f"the Inception features of {path} hold NaN or inf: check the Inception weights "
                          f"{extract.weights_id[0]} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, intact?)")
