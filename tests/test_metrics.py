@@ -663,7 +663,8 @@ def test_the_feature_cache_keeps_one_entry_per_images_file(tiny_inception, tmp_p
     from pixelflow_jax import storage
 
     root = request.getfixturevalue("bucket") if where == "bucket" else str(tmp_path)
-    cache_dir, extract = storage.join(root, "run", "eval_features"), inception_features.FeatureExtractor(tiny_inception, 8)
+    cache_dir = storage.join(root, "run", "eval_features")
+    extract = inception_features.FeatureExtractor(tiny_inception, 8)
 
     def placed(name, seed):
         local = images_npz(tmp_path / f"seed{seed}.npz", seed)
