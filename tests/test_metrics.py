@@ -727,6 +727,30 @@ def test_samples_replaced_while_their_features_are_computed_are_neither_used_nor
     assert not os.path.exists(cache_dir) or os.listdir(cache_dir) == []
 
 
+def test_samples_replaced_after_their_features_were_read_are_not_scored(tiny_inception, tmp_path, monkeypatch):
+    """A sampling job moved its new samples.npz into place while the reference's features were
+    computed: the metrics of the earlier images went into eval.json under the file's name, after
+    the job had removed the eval.json it outdated."""
+    import ml_collections
+
+    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    new = images_npz(tmp_path / "new.npz", 3)
+    features_of = inception_features.cached_features
+
+    def replaced_before_the_reference(extract, path, cache_dir):
+        if path == reference:
+            os.replace(new, samples)
+        return features_of(extract, path, cache_dir)
+
+    monkeypatch.setattr(evaluate, "cached_features", replaced_before_the_reference)
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=samples, reference=reference,
+                                                      inception_weights=tiny_inception, batch_size=8)))
+    with pytest.raises(ValueError, match=rf"^{re.escape(samples)} was replaced while it was evaluated \(by a sampling "
+                                         r"job\?\): its metrics are not recorded; evaluate it again$"):
+        evaluate.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+
 def test_every_process_of_a_distributed_evaluation_follows_what_process_0_found_in_the_feature_cache(
         tiny_inception, tmp_path, monkeypatch):
     """Each process looked in the cache for itself: one that did not see the file yet (NFS caches

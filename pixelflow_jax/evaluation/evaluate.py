@@ -26,7 +26,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.evaluation import metrics
 from pixelflow_jax.evaluation.features import FEATURES_VERSION, FeatureExtractor, cached_features
 from pixelflow_jax.evaluation.npz_images import (DAMAGED_MEMBER, check_pixel_values, npz_contents, npz_for_folder,
-                                                 npz_image_count, open_images, opened_archive)
+                                                 npz_image_count, npz_images_crc, open_images, opened_archive)
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
                                      from_process_0, seen_within_the_wait, stop_if_preempted_at_the_next_pass)
 from pixelflow_jax.progress import say
@@ -227,7 +227,23 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
     not_finite = [name for name in METRICS if not np.isfinite(results[name])]
     if not_finite:  # the checks above should make this impossible; eval.json must never hold NaN
         raise ValueError(f"{', '.join(not_finite)} came out NaN or inf for {samples} against {reference}")
+    check_samples_left_in_place(samples, sample_crc)
     return results
+
+
+def check_samples_left_in_place(samples: str, crc_at_start: int) -> None:
+    """ValueError on every process where process 0 finds other images in `samples` than when the
+    evaluation began: a sampling job's new samples.npz moved into place meanwhile had the earlier
+    images' metrics recorded under its name, after the job had removed the eval.json it outdated."""
+    replaced = False
+    if jax.process_index() == 0:
+        try:
+            replaced = npz_images_crc(samples) != crc_at_start
+        except (OSError, ValueError):  # gone, or no longer an .npz of images
+            replaced = True
+    if from_process_0(np.int32(replaced)):
+        raise ValueError(f"{samples} was replaced while it was evaluated (by a sampling job?): its metrics are not "
+                         "recorded; evaluate it again")
 
 
 def statistics_stored_in(path: str) -> list[str]:
