@@ -1172,7 +1172,7 @@ def test_the_initialisations_key_tells_apart_every_optimiser_setting_its_state_r
     changed = dict(lr=3e-4, lr_schedule="cosine", warmup_steps=5, decay_steps=20, b1=0.8, b2=0.99, eps=1e-6,
                    weight_decay=0.01, grad_clip=2.0, ema_decay=0.999, label_dropout=0.2, caption_dropout=0.2,
                    grad_accum_steps=2)
-    assert set(changed) == {f.name for f in dataclasses.fields(StepConfig)}
+    assert set(changed) == {f.name for f in dataclasses.fields(StepConfig)}, "a changed value for every field"
     params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, jax.numpy.bfloat16)}
     base = StepConfig(decay_steps=10)
     state_of = lambda cfg: jax.tree.map(lambda a: (a.dtype, a.shape, np.asarray(a).tobytes()),
