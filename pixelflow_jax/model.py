@@ -21,7 +21,7 @@ from flax import nnx
 from pixelflow_jax.config import ModelConfig, numpy_broadcasting
 from pixelflow_jax.kernels.attention import ATTENTION_FORWARD_PRIMITIVES, dot_product_attention
 from pixelflow_jax.rope import apply_rope, rope_tables
-from pixelflow_jax.sharding import keep_batch_split
+from pixelflow_jax.sharding import check_auto_axes_only, keep_batch_split
 from pixelflow_jax.validation import class_ids
 
 NORM_EPS = 1e-6
@@ -319,6 +319,9 @@ class PixelFlow(nnx.Module):
                  encoder_attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         images = images if isinstance(images, (jax.Array, np.ndarray)) else np.asarray(images)
+        check_auto_axes_only({"images": images, "timesteps": timesteps, "class_labels": class_labels,
+                              "encoder_hidden_states": encoder_hidden_states,
+                              "encoder_attention_mask": encoder_attention_mask, **self._named_parameters()})
         if not jnp.issubdtype(images.dtype, jnp.floating):  # uint8 pixels would pass as values 0-255
             raise ValueError(f"images must be floats in [-1, 1] (the model's pixel scale), got dtype {images.dtype}; "
                              "scale 0-255 pixels with x / 127.5 - 1")
@@ -413,6 +416,11 @@ class PixelFlow(nnx.Module):
         x = modulate(layer_norm(x), shift, scale).astype(x.dtype)
         out = self.proj_out_2(x).astype(jnp.float32)
         return unpatchify(out, grid, p)
+
+    def _named_parameters(self) -> dict[str, jax.Array]:
+        """{'parameter transformer_blocks.attn1.q_proj.kernel': its array, ...}, for errors to name."""
+        return {"parameter " + ".".join(map(str, path)): variable[...]
+                for path, variable in nnx.to_flat_state(nnx.state(self))}
 
     def _conditioning(self, timesteps: jax.Array, grid: int, class_labels: jax.Array | None) -> jax.Array:
         """c = timestep embedding + class embedding + latent-size embedding, (B, C) float32."""

@@ -116,6 +116,29 @@ def keep_batch_split(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_axes)))
 
 
+AUTO_AXES_FIX = ("build the mesh with axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names) (jax.make_mesh's "
+                 "default is Explicit), as pixelflow_jax.sharding.make_mesh does")
+
+
+def check_auto_axes_only(arrays: dict) -> None:
+    """Refuses an Explicit axis in the context mesh or in the type of any of `arrays` ({name:
+    array}). The model splits its batch over Auto axes (keep_batch_split); under Explicit ones,
+    jax.make_mesh's default, its reshapes and gathers failed deep inside jax (a ShardingTypeError
+    naming a reshape, a scan whose carry changed type), and an input placed whole on such a mesh
+    moved nnx.jit's copy of the parameters there, failing the next call under an Auto mesh."""
+    if explicit := explicit_axes(jax.sharding.get_abstract_mesh()):
+        raise ValueError(f"the mesh in context has Explicit axes {explicit}, and the model splits its batch over Auto "
+                         f"axes only: {AUTO_AXES_FIX}")
+    for name, value in arrays.items():
+        if isinstance(value, jax.Array) and (explicit := explicit_axes(jax.typeof(value).sharding.mesh)):
+            raise ValueError(f"{name} lies on a mesh with Explicit axes {explicit}, and the model splits its batch "
+                             f"over Auto axes only: place it on a mesh of Auto axes; {AUTO_AXES_FIX}")
+
+
+def explicit_axes(mesh) -> list[str]:
+    return [name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == jax.sharding.AxisType.Explicit]
+
+
 def map_attention_over_mesh(kernel, q, k, v, key_mask):
     """kernel(q, k, v, key_mask) on each device's share of the batch and heads of the context mesh
     (`jax.set_mesh`), or once on everything without one. q, k, v: (B, L, H, D); key_mask: (B, Lk)

@@ -658,6 +658,46 @@ def test_a_fresh_model_names_a_config_or_rngs_of_the_wrong_type():
         PixelFlow(ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=1, num_classes=10), rngs=0)
 
 
+def test_a_mesh_of_explicit_axes_is_named_with_its_fix():
+    """jax.make_mesh's axes are Explicit unless told otherwise. Under such a mesh, or with an input or
+    a parameter placed on one, the model failed deep inside jax (a ShardingTypeError naming a
+    reshape, a scan carry of another type); images placed whole on it moved nnx.jit's parameters
+    there, and the next call under an Auto mesh failed. A mesh of Auto axes splits the batch."""
+    from flax import nnx
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from pixelflow_jax import PixelFlow
+
+    model = PixelFlow(ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=1, num_classes=10),
+                      rngs=nnx.Rngs(0))
+    images, times, labels = np.ones((8, 16, 16, 3), np.float32), np.full((8,), 300.0, np.float32), np.arange(8)
+    forward = nnx.jit(lambda model, images, times, labels: model(images, times, class_labels=labels))
+    expected = forward(model, images, times, labels)
+    explicit = jax.make_mesh((8,), ("data",))
+    assert explicit.axis_types == (AxisType.Explicit,)  # jax's default, as a user's mesh has it
+    on_explicit = lambda value, spec=P("data"): jax.device_put(value, NamedSharding(explicit, spec))
+    fix = re.escape("build the mesh with axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names)")
+    with jax.set_mesh(explicit):
+        for call in (lambda: forward(model, images, times, labels), lambda: model(images, times, class_labels=labels)):
+            with pytest.raises(ValueError, match=rf"^the mesh in context has Explicit axes \['data'\].*{fix}"):
+                call()
+    for name, arguments in (("images", (on_explicit(images), times, labels)),
+                            ("images", (on_explicit(images, P()), times, labels)),  # whole on every device
+                            ("timesteps", (images, on_explicit(times), labels)),
+                            ("class_labels", (images, times, on_explicit(labels)))):
+        with pytest.raises(ValueError, match=rf"^{name} lies on a mesh with Explicit axes \['data'\].*{fix}"):
+            forward(model, *arguments)
+    split_kernel = nnx.clone(model)
+    split_kernel.patch_embed.proj.kernel.set_value(on_explicit(model.patch_embed.proj.kernel[...], P(None, "data")))
+    with pytest.raises(ValueError, match=r"^parameter patch_embed.proj.kernel lies on a mesh with Explicit axes"):
+        forward(split_kernel, images, times, labels)
+    auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(auto):
+        split_batch = forward(model, jax.device_put(images, NamedSharding(auto, P("data"))), times, labels)
+    assert split_batch.sharding.spec == P("data")
+    np.testing.assert_allclose(split_batch, expected, atol=1e-6)
+
+
 def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_written(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
