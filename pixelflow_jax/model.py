@@ -275,6 +275,24 @@ REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch
                 "dots_attention": keep_matmul_and_attention_outputs}
 
 
+def checked_text_mask(mask, text_shape: tuple[int, int]) -> jax.Array | np.ndarray:
+    """encoder_attention_mask as an array of text_shape; outside jit, of 1s (tokens) and 0s
+    (padding) only. A list failed inside the attention kernel, and an additive mask (0 and -10000
+    or -inf, which some pipelines pass on) or a NaN gave other velocities without a word."""
+    mask = mask if isinstance(mask, (jax.Array, np.ndarray)) else np.asarray(mask)
+    if mask.shape != text_shape:
+        raise ValueError(f"encoder_attention_mask must be (B, L_text) = {text_shape}, like encoder_hidden_states, got "
+                         f"shape {mask.shape}")
+    if isinstance(mask, jax.core.Tracer):  # under jit the values are not known
+        return mask
+    values = np.asarray(mask)
+    if not np.isin(values, (0, 1)).all():
+        raise ValueError(f"encoder_attention_mask must hold 1 for a caption's tokens and 0 for its padding (the "
+                         f"tokenizer's attention_mask), got {np.unique(values[~np.isin(values, (0, 1))])[:5].tolist()}: "
+                         "the model makes the additive bias itself")
+    return mask
+
+
 class PixelFlow(nnx.Module):
     """The cascade transformer. One call predicts the velocity for a batch at one stage:
 
@@ -372,9 +390,8 @@ class PixelFlow(nnx.Module):
             if text_shape[0] != batch:
                 raise ValueError(f"encoder_hidden_states holds {text_shape[0]} captions for {batch} images: pass one "
                                  "per image")
-            if encoder_attention_mask is not None and np.shape(encoder_attention_mask) != text_shape:
-                raise ValueError(f"encoder_attention_mask must be (B, L_text) = {text_shape}, like "
-                                 f"encoder_hidden_states, got shape {np.shape(encoder_attention_mask)}")
+            if encoder_attention_mask is not None:
+                encoder_attention_mask = checked_text_mask(encoder_attention_mask, text_shape)
             encoder_hidden_states = encoder_hidden_states.astype(cfg.compute_dtype)
         elif encoder_hidden_states is not None:
             raise ValueError("this model has no cross-attention (model.cross_attention_dim = 0); "

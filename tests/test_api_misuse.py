@@ -71,6 +71,27 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
         jitted(model, jnp.array([1.7, 5.0]))
 
 
+def test_a_text_mask_is_taken_as_ones_and_zeros_in_an_array_or_a_list(models):
+    """A list failed inside the attention kernel ('list' object has no attribute 'shape'); an
+    additive mask (0 and -10000 or -inf), 2s or a NaN ran, giving other velocities without a word."""
+    model, _ = models["t2i_tiny"]
+    rng = np.random.default_rng(0)
+    images, times = rng.standard_normal((2, 16, 16, 3)).astype(np.float32), np.array([300.0, 700.0], np.float32)
+    states = rng.standard_normal((2, 6, model.config.cross_attention_dim)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], np.float32)
+    call = lambda mask: model(images, times, encoder_hidden_states=states, encoder_attention_mask=mask)
+    expected = call(mask)
+    assert np.abs(expected - model(images, times, encoder_hidden_states=states)).max() > 1e-2  # the mask matters
+    for same in (mask.tolist(), mask.astype(bool), mask.astype(np.int64), jnp.asarray(mask, jnp.bfloat16)):
+        np.testing.assert_array_equal(call(same), expected)
+    for wrong, shown in (((1 - mask) * -10000, "[-10000.0]"), (np.where(mask > 0, 0, -np.inf), "[-inf]"),
+                         (mask * 2, "[2.0]"), (np.where(mask > 0, 1, np.nan), "[nan]")):
+        with pytest.raises(ValueError, match=re.escape("encoder_attention_mask must hold 1 for a caption's tokens and "
+                                                       "0 for its padding (the tokenizer's attention_mask), got "
+                                                       f"{shown}: the model makes the additive bias itself")):
+            call(wrong)
+
+
 def test_the_models_run_in_a_notebook_that_refuses_rank_promotion(models, encoder_folder):
     """jax_numpy_rank_promotion='raise' (a notebook's own strictness) refused the transformer's and
     T5's first multiply of a (C,) scale with (B, L, C) activations."""
