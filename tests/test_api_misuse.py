@@ -132,6 +132,7 @@ def test_help_on_the_python_api_describes_every_argument():
 
 
 def test_the_sampler_names_the_misuse(models):
+    import pixelflow_jax
     from pixelflow_jax.sampling.cascade import CascadeSampler
 
     sampler = CascadeSampler(*models["c2i_tiny"])
@@ -165,9 +166,13 @@ def test_the_sampler_names_the_misuse(models):
     with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
         CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
     model, config = models["c2i_tiny"]
-    with pytest.raises(ValueError,
-                       match="config must be the checkpoint config load_model returns .* got a ModelConfig"):
+    # A user's own model, PixelFlow(ModelConfig(...)), has no load_model config: the error named none other.
+    with pytest.raises(ValueError, match=re.escape("got a ModelConfig; for a model of your own, pixelflow_jax."
+                                                   "CheckpointConfig(model=model.config, resolution=..., num_stages=..., "
+                                                   "num_train_timesteps=...) as it was trained")):
         CascadeSampler(model, model.config)
+    own = pixelflow_jax.CheckpointConfig(model=model.config, resolution=32, num_stages=3, num_train_timesteps=500)
+    assert CascadeSampler(model, own).generate([1], steps_per_stage=1).shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="config is another model's"):
         CascadeSampler(model, models["t2i_tiny"][1])
     with pytest.raises(ValueError, match=re.escape("model must be the PixelFlow load_model returns (model, config = "

@@ -204,8 +204,11 @@ class CascadeSampler:
             raise ValueError(f"model must be the PixelFlow load_model returns (model, config = load_model(path)), got "
                              f"a {type(model).__name__}")
         if not all(hasattr(config, name) for name in ("model", "resolution", "num_stages", "num_train_timesteps")):
+            # A model built with PixelFlow(ModelConfig(...)) has no load_model config: the fix names how to make one.
             raise ValueError(f"config must be the checkpoint config load_model returns with the model (model, config "
-                             f"= load_model(path)), got a {type(config).__name__}")
+                             f"= load_model(path)), got a {type(config).__name__}; for a model of your own, "
+                             "pixelflow_jax.CheckpointConfig(model=model.config, resolution=..., num_stages=..., "
+                             "num_train_timesteps=...) as it was trained")
         if config.model.architecture() != model.config.architecture():
             raise ValueError("config is another model's: pass the config load_model returned with this model")
         check_conditional(model.config)
