@@ -269,6 +269,10 @@ def keep_matmul_and_attention_outputs(prim, *args, **params) -> bool:
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
+# jax's error for jax.jvp (jacfwd, hessian) meeting a custom_vjp function, as gelu and apply_rope are.
+JAX_REFUSES_FORWARD_MODE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+
+
 # What jax.checkpoint keeps of a block for the backward pass, per model.remat other than 'none'
 # ('full': only the block's input).
 REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -427,7 +431,15 @@ class PixelFlow(nnx.Module):
             # the backward loop, a copy of every row instead (bench/RESULTS.md). Same values and
             # gradients bit for bit (3-layer models, CPU).
             one_block = jax.checkpoint(one_block, policy=REMAT_POLICY[cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(one_block, x, layer_xs)
+        try:
+            x, _ = jax.lax.scan(one_block, x, layer_xs)
+        except TypeError as error:  # jax's own words name neither the model nor what to use instead
+            if JAX_REFUSES_FORWARD_MODE not in str(error):
+                raise
+            raise ValueError("the model's GELU and RoPE have custom backward passes (jax.custom_vjp: less memory, one "
+                             "rounding), which jax cannot differentiate in forward mode: use reverse mode (jax.grad, "
+                             "jax.vjp, jax.jacrev; jax.jacrev(jax.jacrev(f)) for a Hessian) in place of jax.jvp, "
+                             "jax.jacfwd or jax.hessian") from None
 
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :], 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(x.dtype)

@@ -92,6 +92,23 @@ def test_a_text_mask_is_taken_as_ones_and_zeros_in_an_array_or_a_list(models):
             call(wrong)
 
 
+def test_forward_mode_differentiation_is_refused_naming_reverse_mode(models):
+    """jax.jvp, jax.jacfwd and jax.hessian of the model failed with jax's "can't apply forward-mode
+    autodiff (jvp) to a custom_vjp function", naming neither the model nor what to use instead;
+    reverse mode, to second order too, runs."""
+    model, _ = models["c2i_tiny"]
+    images, labels = jnp.ones((1, 8, 8, 3)), jnp.array([3])
+    velocity = lambda images: model(images, 300.0, class_labels=labels)
+    for transform in (lambda: jax.jvp(velocity, (images,), (images,)), lambda: jax.jacfwd(velocity)(images),
+                      lambda: jax.hessian(lambda images: velocity(images).sum())(images)):
+        with pytest.raises(ValueError, match=re.escape("jax cannot differentiate in forward mode: use reverse mode "
+                                                       "(jax.grad, jax.vjp, jax.jacrev; jax.jacrev(jax.jacrev(f)) for "
+                                                       "a Hessian)")):
+            transform()
+    hessian = jax.jacrev(jax.jacrev(lambda images: velocity(images).sum()))(images)
+    assert hessian.shape == (1, 8, 8, 3) * 2 and np.isfinite(hessian).all()
+
+
 def test_the_models_run_in_a_notebook_that_refuses_rank_promotion(models, encoder_folder):
     """jax_numpy_rank_promotion='raise' (a notebook's own strictness) refused the transformer's and
     T5's first multiply of a (C,) scale with (B, L, C) activations."""
