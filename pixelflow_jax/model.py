@@ -357,8 +357,11 @@ class PixelFlow(nnx.Module):
         batch, height, width, channels = images.shape
         p = cfg.patch_size
         if height != width or height % p or channels != cfg.in_channels:
+            # PyTorch's NCHW: a channel count where the height belongs
+            channels_first = (" (channels last: images.transpose(0, 2, 3, 1) for an NCHW batch)"
+                              if height == cfg.in_channels and width == channels else "")
             raise ValueError(f"images must be (B, H, H, {cfg.in_channels}) with H a multiple of patch size {p}, "
-                             f"got {images.shape}")
+                             f"got {images.shape}{channels_first}")
         grid = height // p
         if batch == 0:
             raise ValueError("images is an empty batch (B = 0): pass at least one image")

@@ -35,6 +35,9 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     assert model(x, t, class_labels=np.array([1000, 999])).shape == x.shape  # the null class is an id
     with pytest.raises(ValueError, match=r"images must be a batch \(B, H, H, 3\).*images\[None\]"):
         model(x[0], t[:1], class_labels=np.array([1]))
+    with pytest.raises(ValueError, match=re.escape("got (2, 3, 16, 16) (channels last: images.transpose(0, 2, 3, 1) "
+                                                   "for an NCHW batch)")):  # a PyTorch user's layout
+        model(x.transpose(0, 3, 1, 2), t, class_labels=np.array([1, 2]))
     text_model, _ = models["t2i_tiny"]
     wrong_width = np.zeros((2, 6, text_model.config.cross_attention_dim + 1), np.float32)
     with pytest.raises(ValueError, match="encoder_hidden_states must be .* the text encoder the model was trained"):
