@@ -279,6 +279,15 @@ REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch
                 "dots_attention": keep_matmul_and_attention_outputs}
 
 
+def traced_list_as_array(value):
+    """A list or tuple holding tracers (a list argument under jit is a pytree of traced scalars,
+    which numpy cannot read: a TracerArrayConversionError) as one traced array; anything else as
+    given, so that a concrete list keeps its own checks (a bool among class ids)."""
+    if isinstance(value, (list, tuple)) and any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
+        return jnp.asarray(value)
+    return value
+
+
 def checked_text_mask(mask, text_shape: tuple[int, int]) -> jax.Array | np.ndarray:
     """encoder_attention_mask as an array of text_shape; outside jit, of 1s (tokens) and 0s
     (padding) only. A list failed inside the attention kernel, and an additive mask (0 and -10000
@@ -340,6 +349,8 @@ class PixelFlow(nnx.Module):
                  encoder_hidden_states: jax.Array | None = None,
                  encoder_attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
+        images, timesteps, class_labels, encoder_hidden_states, encoder_attention_mask = map(
+            traced_list_as_array, (images, timesteps, class_labels, encoder_hidden_states, encoder_attention_mask))
         images = images if isinstance(images, (jax.Array, np.ndarray)) else np.asarray(images)
         check_auto_axes_only({"images": images, "timesteps": timesteps, "class_labels": class_labels,
                               "encoder_hidden_states": encoder_hidden_states,

@@ -72,6 +72,17 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     jitted = nnx.jit(lambda model, labels: model(x, t, class_labels=labels))
     with pytest.raises(ValueError, match="class_labels must be integer ids, got dtype float32 under jit"):
         jitted(model, jnp.array([1.7, 5.0]))
+    # Lists under jit are lists of traced scalars, which numpy cannot read (a TracerArrayConversionError).
+    with pytest.raises(ValueError, match="class_labels must be integer ids, got dtype float32 under jit"):
+        jitted(model, [1.7, 5.0])
+    listed = nnx.jit(lambda model, images, times, labels: model(images, times, class_labels=labels))
+    np.testing.assert_allclose(listed(model, list(x), [500.0, 500.0], [1, 2]),
+                               model(x, t, class_labels=np.array([1, 2])), atol=1e-5)
+    listed_text = nnx.jit(lambda model, states, mask: model(x, t, encoder_hidden_states=states,
+                                                             encoder_attention_mask=mask))
+    states, mask = np.ones((2, 6, width), np.float32), np.ones((2, 6), np.float32)
+    np.testing.assert_allclose(listed_text(text_model, list(states), list(mask)),
+                               text_model(x, t, encoder_hidden_states=states, encoder_attention_mask=mask), atol=1e-5)
 
 
 def test_a_text_mask_is_taken_as_ones_and_zeros_in_an_array_or_a_list(models):
