@@ -87,7 +87,8 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
 
 def test_a_text_mask_is_taken_as_ones_and_zeros_in_an_array_or_a_list(models):
     """A list failed inside the attention kernel ('list' object has no attribute 'shape'); an
-    additive mask (0 and -10000 or -inf), 2s or a NaN ran, giving other velocities without a word."""
+    additive mask (0 and -10000 or -inf), 2s or a NaN ran, giving other velocities without a word,
+    in the model and in the sampler's sample."""
     model, _ = models["t2i_tiny"]
     rng = np.random.default_rng(0)
     images, times = rng.standard_normal((2, 16, 16, 3)).astype(np.float32), np.array([300.0, 700.0], np.float32)
@@ -104,6 +105,15 @@ def test_a_text_mask_is_taken_as_ones_and_zeros_in_an_array_or_a_list(models):
                                                        "0 for its padding (the tokenizer's attention_mask), got "
                                                        f"{shown}: the model makes the additive bias itself")):
             call(wrong)
+    from pixelflow_jax.sampling.cascade import CascadeSampler, SamplingOptions
+
+    noise = [jnp.zeros((2, side, side, 3)) for side in (8, 16, 32, 64)]
+    uncond = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+    with pytest.raises(ValueError, match=re.escape("encoder_attention_mask must hold 1 for a caption's tokens and 0 "
+                                                   "for its padding (the tokenizer's attention_mask), got [-inf]")):
+        CascadeSampler(*models["t2i_tiny"]).sample(  # its stages run under jit, where values are not known
+            noise[0], noise[1:], {**uncond, "encoder_attention_mask": np.where(mask > 0, 0, -np.inf)}, uncond,
+            SamplingOptions.create(4, 1))
 
 
 def test_forward_mode_differentiation_is_refused_naming_reverse_mode(models):

@@ -33,7 +33,7 @@ from flax import nnx
 from pixelflow_jax import validation
 from pixelflow_jax.config import matmul_precision
 from pixelflow_jax.kernels.attention import tracing_modes
-from pixelflow_jax.model import PixelFlow
+from pixelflow_jax.model import PixelFlow, checked_text_mask
 from pixelflow_jax.pyramid import upsample_2x
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
 
@@ -194,6 +194,13 @@ def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: C
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
+def readable_here(value) -> bool:
+    """Whether a conditioning value's entries can be checked on this host: not traced, nor spread
+    over several processes (the sampling job checks those), nor absent."""
+    return value is not None and not isinstance(value, jax.core.Tracer) and getattr(value, "is_fully_addressable",
+                                                                                    True)
+
+
 class CascadeSampler:
     """Runs the cascade for one model. Each stage compiles once per batch shape, step count, solver
     and whether it is guided (a CFG scale of 1 is not); other scales and shifts reuse the program."""
@@ -304,13 +311,12 @@ class CascadeSampler:
                 if np.ndim(value) == 0 or np.shape(value)[0] != np.shape(initial_noise)[0]:
                     raise ValueError(f"{name}[{key!r}] must hold one row per image of initial_noise "
                                      f"({np.shape(initial_noise)[0]}), got shape {np.shape(value)}")
-            labels = conditioning.get("class_labels")
-            # Traced labels, or labels spread over several processes (checked by the sampling job), are not
-            # readable here.
-            if labels is not None and not isinstance(labels, jax.core.Tracer) and getattr(
-                    labels, "is_fully_addressable", True):
+            labels, mask = conditioning.get("class_labels"), conditioning.get("encoder_attention_mask")
+            if readable_here(labels):
                 validation.class_ids(f"{name}['class_labels']", conditioning["class_labels"],
                                      self.model_config.num_classes, allow_null=True)
+            if readable_here(mask) and "encoder_hidden_states" in conditioning:  # an additive mask ran unseen
+                checked_text_mask(mask, tuple(np.shape(conditioning["encoder_hidden_states"])[:2]))
         guidance = stage_guidance(options.cfg_scale, num_stages, self.class_conditional)
         x = jnp.asarray(initial_noise, jnp.float32)
         for stage in range(num_stages):
