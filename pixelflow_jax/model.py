@@ -314,7 +314,9 @@ class PixelFlow(nnx.Module):
 
     images (B, H, W, in_channels) with H == W a multiple of patch_size; the stage's latent size
     (H / patch_size) and its RoPE grid follow from the shape. timesteps (B,) in the release's
-    [0, num_train_timesteps) units. Returns float32 (B, H, W, out_channels).
+    [0, num_train_timesteps) units. encoder_attention_mask (B, L_text): 1 for a caption's tokens,
+    0 for padding. Returns float32 (B, H, W, out_channels). On several devices, a mesh of Auto axes
+    splits the batch. Differentiable in reverse mode (jax.grad, jax.vjp), not forward (jax.jvp).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
