@@ -288,6 +288,13 @@ def traced_list_as_array(value):
     return value
 
 
+def readable_here(value) -> bool:
+    """Whether an input's entries can be checked on this host: not traced, nor spread over several
+    processes (a sampling job checks those), nor absent."""
+    return value is not None and not isinstance(value, jax.core.Tracer) and getattr(value, "is_fully_addressable",
+                                                                                    True)
+
+
 def checked_text_mask(mask, text_shape: tuple[int, int]) -> jax.Array | np.ndarray:
     """encoder_attention_mask as an array of text_shape; outside jit, of 1s (tokens) and 0s
     (padding) only. A list failed inside the attention kernel, and an additive mask (0 and -10000
@@ -296,7 +303,7 @@ def checked_text_mask(mask, text_shape: tuple[int, int]) -> jax.Array | np.ndarr
     if mask.shape != text_shape:
         raise ValueError(f"encoder_attention_mask must be (B, L_text) = {text_shape}, like encoder_hidden_states, got "
                          f"shape {mask.shape}")
-    if isinstance(mask, jax.core.Tracer):  # under jit the values are not known
+    if not readable_here(mask):  # under jit the values are not known
         return mask
     values = np.asarray(mask)
     if not np.isin(values, (0, 1)).all():

@@ -33,7 +33,7 @@ from flax import nnx
 from pixelflow_jax import validation
 from pixelflow_jax.config import matmul_precision
 from pixelflow_jax.kernels.attention import tracing_modes
-from pixelflow_jax.model import PixelFlow, checked_text_mask
+from pixelflow_jax.model import PixelFlow, checked_text_mask, readable_here
 from pixelflow_jax.pyramid import upsample_2x
 from pixelflow_jax.scheduler import PixelFlowScheduler, renoise_coefficients, stage_resolutions
 
@@ -192,13 +192,6 @@ def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: C
     v = model(pair(x, x), pair(timesteps, timesteps), **both).reshape(x.shape[0], 2, *x.shape[1:])
     v_uncond, v_cond = v[:, 0], v[:, 1]
     return v_uncond + guidance * (v_cond - v_uncond)
-
-
-def readable_here(value) -> bool:
-    """Whether a conditioning value's entries can be checked on this host: not traced, nor spread
-    over several processes (the sampling job checks those), nor absent."""
-    return value is not None and not isinstance(value, jax.core.Tracer) and getattr(value, "is_fully_addressable",
-                                                                                    True)
 
 
 class CascadeSampler:
