@@ -177,6 +177,20 @@ def check_finite(finite: np.ndarray, image_ids) -> None:
                          f"of a stage within {DOPRI5_MAX_STEPS} steps; nothing was written for them")
 
 
+def check_pairable(cond: Conditioning, uncond: Conditioning) -> None:
+    """guided_velocity runs each image's cond and uncond rows as one batch: they must hold the same
+    arguments of one shape. Else jax.tree.map failed on the structure (a mask in one only) or
+    jnp.stack on the shapes (captions padded to other lengths), naming neither dict."""
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond must hold the same arguments (a guided step runs them as one batch), got "
+                         f"{sorted(cond)} and {sorted(uncond)}")
+    for key in cond:
+        if np.shape(cond[key]) != np.shape(uncond[key]):
+            raise ValueError(f"uncond[{key!r}] must have cond's shape {np.shape(cond[key])} (a guided step runs them "
+                             f"as one batch), got {np.shape(uncond[key])}: pad both to one length, the mask marking "
+                             "the padding")
+
+
 def guided_velocity(model: PixelFlow, x: jax.Array, timestep: jax.Array, cond: Conditioning,
                     uncond: Conditioning, guidance) -> jax.Array:
     """v_u + g (v_c - v_u), with the two halves in one batch; only v_c when guidance is None (no
@@ -311,6 +325,8 @@ class CascadeSampler:
             if readable_here(mask) and "encoder_hidden_states" in conditioning:  # an additive mask ran unseen
                 checked_text_mask(mask, tuple(np.shape(conditioning["encoder_hidden_states"])[:2]))
         guidance = stage_guidance(options.cfg_scale, num_stages, self.class_conditional)
+        if any(scale != 1.0 for scale in guidance):
+            check_pairable(cond, uncond)
         x = jnp.asarray(initial_noise, jnp.float32)
         for stage in range(num_stages):
             noise = None if stage == 0 else jnp.asarray(block_noises[stage - 1], jnp.float32)
