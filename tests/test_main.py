@@ -1207,19 +1207,24 @@ def test_a_platform_jax_cannot_start_is_named_with_jax_platforms_in_one_line(mon
 def test_a_failing_jax_plugin_without_jax_platforms_is_named_with_its_fix_in_one_line(monkeypatch):
     """JAX_PLATFORMS unset and a plugin that fails to start (a jax[cuda12] on a machine whose driver
     is too old): the line asks for JAX_PLATFORMS=cpu or the plugin's removal, and names no setting
-    the user never made; jax's own advice is cut from its message."""
+    the user never made; jax's own advice is cut from its message, and so is all past its first line."""
     import jax
 
     from pixelflow_jax.cli.platforms import platform_error
 
     before = jax.config.jax_platforms
     jax.config.update("jax_platforms", None)
-    error = RuntimeError("Unable to initialize backend 'cuda': driver too old (you may need to uninstall the failing "
-                         "plugin package, or set JAX_PLATFORMS=cpu to skip this backend.)")
-    monkeypatch.setattr(jax, "devices", lambda: (_ for _ in ()).throw(error))
+    errors = {  # jax's message -> the cause the line gives: its first line, without jax's advice
+        "Unable to initialize backend 'cuda': driver too old (you may need to uninstall the failing plugin package, "
+        "or set JAX_PLATFORMS=cpu to skip this backend.)": "Unable to initialize backend 'cuda': driver too old",
+        "Unable to initialize backend 'tpu': TPU initialization failed: open(/dev/vfio/0): Device or resource busy\n"
+        "The TPU is already in use by process with pid 1234.":
+            "Unable to initialize backend 'tpu': TPU initialization failed: open(/dev/vfio/0): Device or resource busy"}
     try:
-        assert platform_error() == ("jax cannot start its backends (Unable to initialize backend 'cuda': driver too "
-                                    "old): set JAX_PLATFORMS=cpu to run on the CPU, or uninstall the failing jax plugin")
+        for message, cause in errors.items():
+            monkeypatch.setattr(jax, "devices", lambda message=message: (_ for _ in ()).throw(RuntimeError(message)))
+            assert platform_error() == (f"jax cannot start its backends ({cause}): set JAX_PLATFORMS=cpu to run on the "
+                                        "CPU, or uninstall the failing jax plugin")
     finally:
         jax.config.update("jax_platforms", before)
 
