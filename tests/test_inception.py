@@ -233,6 +233,26 @@ def test_bad_weights_are_refused_with_the_reason(random_state_dict, tmp_path):
         load_inception(str(tmp_path / "reference.npz"))
 
 
+def test_a_refusal_at_five_of_a_kind_names_them_all_and_no_more(random_state_dict):
+    """Five missing or misshapen tensors, the most a refusal names of each, are named without a
+    '...' or a '0 more of other shapes' after them; of four unexpected tensors the first three."""
+    from pixelflow_jax.evaluation.inception_convert import inception_params
+
+    weights = {k: v.numpy() for k, v in random_state_dict.items() if not k.startswith("Mixed_7c.branch_pool.")}
+    missing = {k for k in random_state_dict if k.startswith("Mixed_7c.branch_pool.") and "num_batches" not in k}
+    misshapen = sorted(k for k in weights if k.startswith("Mixed_5b.") and k.endswith("running_var"))[:5]
+    weights.update({k: np.zeros(5) for k in misshapen})
+    weights.update({f"extra.{i}": np.zeros(1) for i in range(4)})
+    with pytest.raises(CheckpointError) as error:
+        inception_params(weights)
+    lines = str(error.value).splitlines()
+    assert len(missing) == 5 and len(lines) == 8, lines
+    named_missing = re.fullmatch(r"  5 of its \d+ tensors missing: (.*)", lines[1]).group(1)
+    assert set(named_missing.split(", ")) == missing, lines[1]
+    assert sorted(line.split(":")[0].strip() for line in lines[2:7]) == misshapen, lines
+    assert lines[7] == "  4 tensors the FID Inception does not have, e.g. ['extra.0', 'extra.1', 'extra.2']"
+
+
 # ------------------------------------------------------------------------------ --mode=eval
 
 
