@@ -140,6 +140,7 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
                                             text_encoder_param_dtype="bfloat16"))
     encoder = prompt_encoder_for(sample, cross_attention_dim=32)  # for a bfloat16 model, as sampling and the demo
     assert encoder.tokenizer.max_length == 24  # sample.max_text_tokens
+    assert {leaf.dtype for leaf in jax.tree.leaves(encoder._params)} == {jnp.dtype(jnp.bfloat16)}  # the weights as asked
     embeddings, _ = encoder.encode(["a cat"])
     assert embeddings.dtype == np.float32
     # ... with float32 matmuls (GPUs default to TF32, TPUs to bfloat16 passes; a CPU shows it in the HLO)
@@ -443,6 +444,8 @@ def test_prompts_and_encoder_settings_are_refused_before_any_file_is_read():
 
     with pytest.raises(ValueError, match="^prompts must be strings, got 3 at index 1, None at index 2$"):
         prompt_list(["a cat", 3, None])
+    with pytest.raises(ValueError, match=r"the single string b'a cat': pass \[prompt\]"):  # not 5 prompts 97, 32, ...
+        prompt_list(b"a cat")
     # A notebook's prompts column with one missing caption (pandas reads it as NaN): which one, of how many.
     with pytest.raises(ValueError, match=r"^prompts must be strings, got nan at index 5000 \(1 of 10000 entries\)$"):
         prompt_list(["a cat"] * 5000 + [float("nan")] + ["a dog"] * 4999)
