@@ -193,12 +193,16 @@ def test_converter_is_strict_and_names_the_problem(t5_folder, tmp_path):
     with open(broken / "config.json") as f:
         config = json.load(f)
     os.remove(broken / "config.json")
-    expected = {"num_layers": r"missing encoder\.block\.2\.layer\.0\.layer_norm\.weight",
-                "d_ff": r"blocks\.wi_0\.kernel: checkpoint shape \(2, 32, 48\), config.json says \(2, 32, 64\)"}
-    for key, value in (("num_layers", 3), ("d_ff", 64)):
+    for key, value, expected in (
+            ("num_layers", 3, r"missing encoder\.block\.2\.layer\.0\.layer_norm\.weight"),
+            ("num_layers", 1, r"\n  9 encoder tensors this architecture does not use, e\.g\. \['encoder\.block\.1\."),
+            ("d_ff", 64, r"blocks\.wi_0\.kernel: checkpoint shape \(2, 32, 48\), config.json says \(2, 32, 64\)")):
         (broken / "config.json").write_text(json.dumps({**config, key: value}))
-        with pytest.raises(CheckpointError, match=expected[key]):
+        with pytest.raises(CheckpointError, match=expected):
             load_t5_encoder(str(broken))
+    # a config.json without model_type (written before transformers recorded it) is a T5's
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    assert load_t5_encoder(str(broken)).config == load_t5_encoder(t5_folder).config
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_t5_encoder(str(tmp_path))
 
@@ -221,6 +225,33 @@ def test_pytorch_model_bin_folder_loads_the_same_encoder(t5_folder, tmp_path):
     got = nnx.to_pure_dict(nnx.state(load_t5_encoder(str(folder)), nnx.Param))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_untied_lm_head_and_the_decoder_are_skipped_in_either_weight_format(t5_folder, tmp_path):
+    """flan-t5-xl's lm_head is not tied to its embedding, so its weights hold lm_head.weight (the
+    fixture's tied one is not saved); like the decoder's tensors, it is not the encoder's, in
+    model.safetensors as in pytorch_model.bin."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from pixelflow_jax.text.t5_convert import encoder_state_dict, load_t5_encoder
+
+    seq2seq = load_file(os.path.join(t5_folder, "model.safetensors"))
+    assert any(key.startswith("decoder.") for key in seq2seq)
+    seq2seq["lm_head.weight"] = seq2seq["shared.weight"] + 1
+    expected = encoder_state_dict(load_t5_encoder(t5_folder))
+    writers = {"model.safetensors": lambda path: save_file(seq2seq, path),
+               "pytorch_model.bin": lambda path: torch.save({k: torch.from_numpy(v) for k, v in seq2seq.items()}, path)}
+    for name, write in writers.items():
+        folder = tmp_path / name.split(".")[-1]
+        shutil.copytree(t5_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        write(str(folder / name))
+        got = encoder_state_dict(load_t5_encoder(str(folder)))
+        assert got.keys() == expected.keys(), name
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
 
 
 def linked_copy(source: str, folder) -> str:
@@ -270,6 +301,8 @@ def test_a_diffusers_pipelines_text_encoder_is_told_where_its_tokenizer_is(t5_fo
     clip = pipeline / "text_encoder"
     clip.mkdir()
     (clip / "config.json").write_text('{"model_type": "clip_text_model"}')
+    (pipeline / "text_encoder_2").mkdir()
+    (pipeline / "text_encoder_2" / "config.json").write_text("[]")  # no model's config: passed over, no traceback
     with pytest.raises(CheckpointError, match=re.escape(
             f"{clip / 'config.json'} describes a 'clip_text_model' model, not T5: the T5 encoder of the diffusers "
             f"pipeline {pipeline} is in text_encoder_3")):
@@ -498,6 +531,24 @@ def test_the_fingerprint_samples_the_whole_weight_file(t5_folder, tmp_path):
     weights[len(weights) * 3 // 4 + 1] ^= 0xFF
     replaced(folder, "model.safetensors", bytes(weights))
     assert folder_fingerprint(folder, samples=4, sample_bytes=16) != before
+
+
+def test_the_fingerprint_follows_the_architecture_and_the_tokenizer_not_the_config_files_bytes(t5_folder, tmp_path):
+    """A sampling job's record of its encoder: config.json written again by another transformers
+    (its version) is the same encoder; another layer norm epsilon or another tokenizer is not."""
+    from pixelflow_jax.text.t5_convert import folder_fingerprint
+
+    folder = linked_copy(t5_folder, tmp_path / "t5")
+    before = folder_fingerprint(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    replaced(folder, "config.json", json.dumps({**config, "transformers_version": "9.9.9"}, indent=4).encode())
+    assert folder_fingerprint(folder) == before
+    replaced(folder, "config.json", json.dumps({**config, "layer_norm_epsilon": 1e-5}).encode())
+    other_epsilon = folder_fingerprint(folder)
+    assert other_epsilon != before
+    replaced(folder, "spiece.model", b"another tokenizer")
+    assert folder_fingerprint(folder) != other_epsilon
 
 
 def test_a_prompt_that_is_not_unicode_text_is_named_before_the_tokenizer_sees_it():
