@@ -347,9 +347,10 @@ def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder,
         "model.safetensors": (weights[:len(weights) // 2], r"model\.safetensors is not a readable safetensors file"),
     }
     configs = {"[1, 2]": "holds a JSON list, not a model config",
+               "caf\xe9": r"config\.json is not valid JSON \(.*download the T5 folder again",  # not UTF-8
                json.dumps({**json.loads(config), "num_layers": "2"}): "num_layers must be a positive integer, got '2'"}
     cases = [(name, content, message) for name, (content, message) in damages.items()]
-    cases += [("config.json", content.encode(), message) for content, message in configs.items()]
+    cases += [("config.json", content.encode("latin-1"), message) for content, message in configs.items()]
     cases += [("spiece.model", bigger_vocabulary.getvalue(),
                f"spiece.model has {VOCAB + 4} pieces but config.json's vocab_size is {VOCAB}: the tokenizer and "
                "the weights are of different models")]
@@ -366,6 +367,10 @@ def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder,
     with pytest.raises(CheckpointError, match=r"index\.json lists .*model-00001-of-00002\.safetensors, which does "
                                               "not exist"):
         PromptEncoder(sharded, max_length=8)
+    for index in ([], {"weight_map": ["model-00001-of-00002.safetensors"]}):  # JSON of other shapes
+        replaced(sharded, "model.safetensors.index.json", json.dumps(index).encode())
+        with pytest.raises(CheckpointError, match=r"^a T5 weight index \(\*\.index\.json\) without a weight_map"):
+            PromptEncoder(sharded, max_length=8)
     with pytest.raises(CheckpointError, match="config.json is a file: pass the folder that holds"):
         PromptEncoder(os.path.join(t5_folder, "config.json"), max_length=8)
 
