@@ -1121,14 +1121,15 @@ def test_an_error_exits_at_once_a_success_and_a_stop_every_process_made_do_not_a
 
 def test_an_error_exit_keeps_the_lines_a_job_printed_to_a_file_before_it():
     """os._exit skips the interpreter's flush: printed to a file or a pipe (a SLURM log), the
-    job's last lines before its error would be lost."""
-    job = ("from pixelflow_jax.cli.job_exit import exit_now_after_an_error\n"
-           "print('step 7 of 10 saved')\n"
-           "exit_now_after_an_error(SystemExit('error: disk full'))")
+    job's last lines before its error would be lost. An exit status alone adds no line."""
     buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
-    result = subprocess.run([sys.executable, "-c", job], cwd=REPO, env=buffered, capture_output=True, text=True,
-                            timeout=120)
-    assert (result.returncode, result.stdout, result.stderr) == (1, "step 7 of 10 saved\n", "error: disk full\n")
+    for stop, status, error_line in (("'error: disk full'", 1, "error: disk full\n"), ("143", 143, "")):
+        job = ("from pixelflow_jax.cli.job_exit import exit_now_after_an_error\n"
+               "print('step 7 of 10 saved')\n"
+               f"exit_now_after_an_error(SystemExit({stop}))")
+        result = subprocess.run([sys.executable, "-c", job], cwd=REPO, env=buffered, capture_output=True, text=True,
+                                timeout=120)
+        assert (result.returncode, result.stdout, result.stderr) == (status, "step 7 of 10 saved\n", error_line)
 
 
 def test_a_workdir_of_a_scheme_this_project_cannot_write_names_the_flag(tmp_path):
