@@ -140,7 +140,7 @@ def test_jobs_encode_prompts_in_float32_whatever_the_model_dtype(t5_folder):
                                             text_encoder_param_dtype="bfloat16"))
     encoder = prompt_encoder_for(sample, cross_attention_dim=32)  # for a bfloat16 model, as sampling and the demo
     assert encoder.tokenizer.max_length == 24  # sample.max_text_tokens
-    assert {leaf.dtype for leaf in jax.tree.leaves(encoder._params)} == {jnp.dtype(jnp.bfloat16)}  # the weights as asked
+    assert {leaf.dtype for leaf in jax.tree.leaves(encoder._params)} == {jnp.dtype(jnp.bfloat16)}  # as asked
     embeddings, _ = encoder.encode(["a cat"])
     assert embeddings.dtype == np.float32
     # ... with float32 matmuls (GPUs default to TF32, TPUs to bfloat16 passes; a CPU shows it in the HLO)

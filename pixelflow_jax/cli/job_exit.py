@@ -18,7 +18,8 @@ EXIT_GRACE_S = 3  # process 0 hosts jax's coordination service: its exit stops e
 # How a collective fails once another process of the job is gone (killed, or stopped by its own
 # error): gloo's broken connection on CPU (XLA names the collective: 'Gloo all-reduce failed', 'Gloo
 # collective permute failed'), the coordination service's missed heartbeats elsewhere.
-PEER_GONE = re.compile(r"Gloo [\w -]+ failed|Connection reset by peer|stopped sending heartbeats|unhealthy|another task")
+PEER_GONE = re.compile(r"Gloo [\w -]+ failed|Connection reset by peer|stopped sending heartbeats|unhealthy|"
+                       r"another task")
 
 
 def another_process_gone(error: Exception) -> str | None:
