@@ -525,6 +525,25 @@ def test_save_t5_folder_reads_back_as_the_same_encoder(t5_folder, tmp_path):
         np.testing.assert_array_equal(reread[key], expected[key])
 
 
+def test_a_t5_folder_whose_weights_failed_to_save_has_no_config_json(t5_folder, tmp_path, monkeypatch):
+    """The demo builds its encoder once and takes a folder with config.json for a finished one: a
+    save that stopped at the weights (a full disk, a kill) must not leave that file."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.text.t5_convert import load_t5_encoder, save_t5_folder
+
+    write_atomically = storage.write_atomically
+
+    def disk_full_at_the_weights(path, content):
+        if path.endswith(".safetensors"):
+            raise OSError(28, "No space left on device")
+        write_atomically(path, content)
+
+    monkeypatch.setattr(storage, "write_atomically", disk_full_at_the_weights)
+    with pytest.raises(OSError, match="No space left"):
+        save_t5_folder(str(tmp_path), load_t5_encoder(t5_folder), b"a tokenizer")
+    assert not os.path.exists(tmp_path / "config.json")
+
+
 def test_the_fingerprint_samples_the_whole_weight_file(t5_folder, tmp_path):
     """Bytes changed in a weight file's last quarter (a fine-tune of later layers) make another
     fingerprint, also with fewer samples than the file has bytes."""
