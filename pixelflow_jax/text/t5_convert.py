@@ -71,7 +71,7 @@ def encoder_of_run_hint(folder: str) -> str:
         return ""
     try:
         recorded = read_run_config(folder).get("text_encoder")
-    except (CheckpointError, AttributeError):  # unreadable, or JSON of another shape: no hint to give
+    except CheckpointError:  # unreadable or damaged (read_run_config refuses JSON that is no object): no hint
         return ""
     if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
         return ""
