@@ -2,6 +2,7 @@
 evaluator computes them (scipy sqrtm, softmax KL, brute-force k-NN); and --mode=eval's checks of
 its inputs and outputs, on a stand-in Inception that compiles in a moment."""
 
+import functools
 import json
 import os
 import re
@@ -655,6 +656,19 @@ def hidden_from_this_process(monkeypatch, cache, looks=None):
         monkeypatch.setattr(storage, name, hiding(getattr(storage, name)))
 
 
+def images_placed(root, tmp_path, name, seed):
+    """The path under `root` (a folder or a gs:// prefix) of an .npz of images moved there whole (images_npz)."""
+    from pixelflow_jax import storage
+
+    local, path = images_npz(tmp_path / f"seed{seed}.npz", seed), storage.join(root, name)
+    if storage.is_url(path):
+        storage.upload_file_atomically(local, path)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(local, path)
+    return path
+
+
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_the_feature_cache_keeps_one_entry_per_images_file(tiny_inception, tmp_path, request, where):
     """The features of samples sampled again at the same path were cached beside the old samples'
@@ -665,17 +679,7 @@ def test_the_feature_cache_keeps_one_entry_per_images_file(tiny_inception, tmp_p
     root = request.getfixturevalue("bucket") if where == "bucket" else str(tmp_path)
     cache_dir = storage.join(root, "run", "eval_features")
     extract = inception_features.FeatureExtractor(tiny_inception, 8)
-
-    def placed(name, seed):
-        local = images_npz(tmp_path / f"seed{seed}.npz", seed)
-        path = storage.join(root, name)
-        if where == "local":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(local, path)
-        else:
-            storage.upload_file_atomically(local, path)
-        return path
-
+    placed = functools.partial(images_placed, root, tmp_path)
     samples, reference, namesake = placed("samples.npz", 1), placed("reference.npz", 2), placed("other/samples.npz", 3)
     for path in (samples, reference, namesake):
         inception_features.cached_features(extract, path, cache_dir)
@@ -691,6 +695,34 @@ def test_the_feature_cache_keeps_one_entry_per_images_file(tiny_inception, tmp_p
     with storage.open_file(storage.join(cache_dir, new_entry)) as file, np.load(file) as cached:
         np.testing.assert_array_equal(cached["pool"], features["pool"])
     np.testing.assert_array_equal(features["pool"], extract(samples)["pool"])
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_cache_entries_an_earlier_version_named_go_with_the_next_entry_of_their_name(tiny_inception, tmp_path,
+                                                                                  request, where):
+    """Entries named NAME.KEY.npz (versions before 2026-12-02), which this version never reads,
+    stayed for good (~1 GB at 50k images each): writing an entry of a file now removes those of its
+    name, and leaves another name's, a writer's temporary and files of other patterns; an images
+    file named as another's entries begin (NAME.PATH) removes none of them."""
+    from pixelflow_jax import storage
+
+    root = request.getfixturevalue("bucket") if where == "bucket" else str(tmp_path)
+    cache_dir = storage.join(root, "run", "eval_features")
+    extract = inception_features.FeatureExtractor(tiny_inception, 8)
+    samples = images_placed(root, tmp_path, "samples.npz", 1)
+    earlier = ["samples.npz.0123456789abcdef.npz", "samples.npz.fedcba9876543210.npz"]
+    kept = ["reference.npz.0123456789abcdef.npz", ".samples.npz.0123456789abcdef.npz.tmp-host-12-3f2a",
+            "samples.npz.0123456789ABCDEF.npz", "samples.npz.0123abcd.npz", "samples.npz.0123456789abcdef.npz.1",
+            "xsamples.npz.0123456789abcdef.npz"]
+    for name in earlier + kept:
+        storage.write_atomically(storage.join(cache_dir, name), b"features")
+    inception_features.cached_features(extract, samples, cache_dir)
+    entry = storage.basename(inception_features.cache_file(cache_dir, samples,
+                                                           inception_features.feature_cache_key(extract, samples)))
+    assert set(storage.list_files(cache_dir)) == {entry, *kept}
+    lookalike = images_placed(root, tmp_path, inception_features.cache_entry_prefix(samples).removesuffix("."), 2)
+    inception_features.cached_features(extract, lookalike, cache_dir)
+    assert entry in storage.list_files(cache_dir)
 
 
 class ReplacedOnRead:

@@ -159,18 +159,31 @@ def cache_entry_prefix(path: str) -> str:
 
 def remove_earlier_entries(cache: str, path: str) -> None:
     """Removes the cache entries of `path` other than `cache`, just written for what it holds now:
-    those of what it held before (samples sampled again), or of other weights, never read again and
-    ~1 GB each at 50k images. Complete entries only (a writer's temporary has another name); an
-    evaluation reading one as it goes reads on locally (its file stays open) or computes again."""
-    folder, prefix = storage.dirname(cache), cache_entry_prefix(path)
-    entry = re.compile(re.escape(prefix) + r"[0-9a-f]{16}\.npz")
+    those of what it held before (samples sampled again), of other weights, or named by an earlier
+    version (is_entry_of), never read again and ~1 GB each at 50k images. Complete entries only (a
+    writer's temporary has another name); an evaluation reading one as it goes reads on locally (its
+    file stays open) or computes again."""
+    folder = storage.dirname(cache)
     for name in storage.list_files(folder):
-        if entry.fullmatch(name) and name != storage.basename(cache):
+        if name != storage.basename(cache) and is_entry_of(name, path):
             try:
                 storage.remove(storage.join(folder, name))
             except OSError as e:  # only a cache: the evaluation goes on
-                logging.warning("could not remove %s, the cached features of what %s held before (%s)",
+                logging.warning("could not remove %s, earlier cached features of %s (%s)",
                                 storage.join(folder, name), path, described(e))
+
+
+CACHE_KEY_FILE = r"[0-9a-f]{16}\.npz"
+
+
+def is_entry_of(name: str, path: str) -> bool:
+    """Whether `name` is an entry of `path`'s features: NAME.PATH.KEY.npz, or NAME.KEY.npz as versions
+    before 2026-12-02 named them (never read since). The latter is not claimed where it is also some
+    file's NAME.PATH.KEY.npz: that of a file named as NAME begins, when NAME ends in 8 hex digits."""
+    if re.fullmatch(re.escape(cache_entry_prefix(path)) + CACHE_KEY_FILE, name):
+        return True
+    return bool(re.fullmatch(re.escape(f"{storage.basename(path)}.") + CACHE_KEY_FILE, name)
+                and not re.fullmatch(r".+\.[0-9a-f]{8}\." + CACHE_KEY_FILE, name))
 
 
 def cache_as_process_0_finds_it(extract: FeatureExtractor, path: str,
