@@ -759,26 +759,30 @@ def test_samples_replaced_while_their_features_are_computed_are_neither_used_nor
     assert not os.path.exists(cache_dir) or os.listdir(cache_dir) == []
 
 
-def test_samples_replaced_after_their_features_were_read_are_not_scored(tiny_inception, tmp_path, monkeypatch):
+@pytest.mark.parametrize("replaced", ["samples", "reference"])
+def test_a_file_replaced_after_its_features_were_read_is_not_scored(tiny_inception, tmp_path, monkeypatch, replaced):
     """A sampling job moved its new samples.npz into place while the reference's features were
     computed: the metrics of the earlier images went into eval.json under the file's name, after
-    the job had removed the eval.json it outdated."""
+    the job had removed the eval.json it outdated. So did a reference's replaced once its features
+    were read (another run's samples sampled again, a download over it), whose stored statistics
+    (FID's) are read after them: FID could come from the new file, precision and recall from the old."""
     import ml_collections
 
-    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    files = {"samples": images_npz(tmp_path / "samples.npz", 1), "reference": images_npz(tmp_path / "reference.npz", 2)}
     new = images_npz(tmp_path / "new.npz", 3)
     features_of = inception_features.cached_features
 
-    def replaced_before_the_reference(extract, path, cache_dir):
-        if path == reference:
-            os.replace(new, samples)
-        return features_of(extract, path, cache_dir)
+    def replaced_once_its_features_were_read(extract, path, cache_dir):
+        features = features_of(extract, path, cache_dir)
+        if path == files[replaced]:
+            os.replace(new, path)
+        return features
 
-    monkeypatch.setattr(evaluate, "cached_features", replaced_before_the_reference)
-    config = ml_collections.ConfigDict(dict(eval=dict(samples=samples, reference=reference,
+    monkeypatch.setattr(evaluate, "cached_features", replaced_once_its_features_were_read)
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=files["samples"], reference=files["reference"],
                                                       inception_weights=tiny_inception, batch_size=8)))
-    with pytest.raises(ValueError, match=rf"^{re.escape(samples)} was replaced while it was evaluated \(by a sampling "
-                                         r"job\?\): its metrics are not recorded; evaluate it again$"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(files[replaced])} was replaced while it was evaluated \(by a "
+                                         r"sampling job\?\): the metrics are not recorded; evaluate it again$"):
         evaluate.run(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "eval.json").exists()
 

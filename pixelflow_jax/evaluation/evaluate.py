@@ -227,22 +227,25 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
     not_finite = [name for name in METRICS if not np.isfinite(results[name])]
     if not_finite:  # the checks above should make this impossible; eval.json must never hold NaN
         raise ValueError(f"{', '.join(not_finite)} came out NaN or inf for {samples} against {reference}")
-    check_samples_left_in_place(samples, sample_crc)
+    check_left_in_place(samples, sample_crc)
+    check_left_in_place(reference, reference_crc)
     return results
 
 
-def check_samples_left_in_place(samples: str, crc_at_start: int) -> None:
-    """ValueError on every process where process 0 finds other images in `samples` than when the
-    evaluation began: a sampling job's new samples.npz moved into place meanwhile had the earlier
-    images' metrics recorded under its name, after the job had removed the eval.json it outdated."""
+def check_left_in_place(path: str, crc_at_start: int) -> None:
+    """ValueError on every process where process 0 finds other images in `path` than when the
+    evaluation began. A sampling job's new samples.npz moved into place meanwhile had the earlier
+    images' metrics recorded under its name, after the job had removed the eval.json it outdated; a
+    reference replaced once its features were read had its stored statistics (FID's) read from the
+    new file, and precision and recall from the old one's features."""
     replaced = False
     if jax.process_index() == 0:
         try:
-            replaced = npz_images_crc(samples) != crc_at_start
+            replaced = npz_images_crc(path) != crc_at_start
         except (OSError, ValueError):  # gone, or no longer an .npz of images
             replaced = True
     if from_process_0(np.int32(replaced)):
-        raise ValueError(f"{samples} was replaced while it was evaluated (by a sampling job?): its metrics are not "
+        raise ValueError(f"{path} was replaced while it was evaluated (by a sampling job?): the metrics are not "
                          "recorded; evaluate it again")
 
 
