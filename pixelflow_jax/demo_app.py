@@ -7,7 +7,8 @@ solver, CFG, noise shift, steps per stage, seed and number of images, a gallery 
 download. Each new combination of batch size, Euler steps and solver compiles once (the page says
 so), as does CFG 1 (unguided); other CFG values, shifts and seeds reuse the compiled sampler
 (the programs of COMPILED_SETTINGS_KEPT settings are kept).
-Bad input is reported on the page; the server keeps running. Binds to 127.0.0.1 unless
+Bad input is reported on the page; the server keeps running. Requests are sampled one at a time;
+Gradio's queue shows the waiting pages their place. Binds to 127.0.0.1 unless
 config.demo.share_on_network.
 """
 
@@ -326,8 +327,11 @@ def build_page(demo: DemoSampler, config):
         # preprocess=False: the values reach run() as sent, and check() answers on the page. Gradio's
         # own checks answered an API client's string or out-of-range number with its generic error
         # (a 1000-value list for a class), and a traceback on the server's terminal.
+        # concurrency_limit=1, whatever GRADIO_DEFAULT_CONCURRENCY_LIMIT says: one request samples (its
+        # batch holds the accelerator, and demo.compiled is the page's one record); the others wait in
+        # Gradio's queue, whose place each page shows.
         button.click(run, [condition, solver, cfg, shift, seed, num_images, *steps], [status, gallery, files],
-                     api_name="generate", preprocess=False)
+                     api_name="generate", preprocess=False, concurrency_limit=1)
     name_the_values_of_miscounted_requests(page)
     return page
 

@@ -118,6 +118,74 @@ def test_an_api_request_with_too_few_or_too_many_values_is_told_the_values_the_p
     assert "Traceback" not in open(tmp_path / "demo.log").read()
 
 
+def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_place_in_the_queue(monkeypatch):
+    """Gradio runs one request of an event at a time unless GRADIO_DEFAULT_CONCURRENCY_LIMIT says
+    more: set for another app, it had this page sample several requests at once (the sampler's
+    compiled-settings record shared, twice the accelerator memory for two batches). Now one samples;
+    the others wait in Gradio's queue, each page showing its place, and a page closed leaves it."""
+    import threading
+    import types
+    import urllib.error
+
+    from playwright.sync_api import sync_playwright
+
+    from pixelflow_jax import demo_app
+
+    monkeypatch.setenv("GRADIO_DEFAULT_CONCURRENCY_LIMIT", "3")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    release, reached, sampling, started = threading.Event(), threading.Event(), [], []
+
+    def generate(*request):  # the first request holds the sampler until released
+        started.append(request)
+        sampling.append(request)
+        reached.set()
+        release.wait(120)
+        sampling.remove(request)
+        return []
+
+    demo = bare_demo(ckpt=types.SimpleNamespace(num_stages=4, resolution=64), trained_classes=None,
+                     source=types.SimpleNamespace(label="ckpt", run_step=None), generate=generate)
+    page, port = demo_app.build_page(demo, c2i_config()), free_port()
+    server = threading.Thread(target=demo_app.serve, args=(page, "127.0.0.1", port, None), daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except (urllib.error.URLError, OSError):
+                assert time.time() < deadline, "the page did not start"
+                time.sleep(0.2)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            tabs = [browser.new_page() for _ in range(3)]
+            for tab in tabs:
+                tab.goto(url)
+            tabs[0].get_by_role("button", name="Generate").click()
+            assert reached.wait(30), "the first request never reached the sampler"
+            for tab, shown in zip(tabs[1:], ["queue: 1/1", "queue: 2/2"]):  # (the queue's size as each joined)
+                tab.get_by_role("button", name="Generate").click()
+                tab.wait_for_function(f"document.body.innerText.includes({shown!r})", timeout=30_000)
+            assert len(sampling) == 1
+            tabs.pop().close()  # a visitor leaves while waiting: the request goes with them
+            deadline = time.time() + 30
+            while len(page._queue) > 1:  # (Gradio's queue: the requests waiting)
+                assert time.time() < deadline, "the closed page's request stayed in the queue"
+                time.sleep(0.1)
+            release.set()
+            for tab in tabs:
+                tab.wait_for_function("document.querySelector('#status').innerText.includes('for class 0')",
+                                      timeout=30_000)
+            browser.close()
+        assert len(started) == 2
+    finally:
+        release.set()
+        page.close()
+        server.join(timeout=30)
+
+
 def test_the_request_count_check_leaves_another_gradios_page_as_it_is():
     """Page.validate_inputs is not documented Gradio API: where a version lacks it, the page still builds."""
     from pixelflow_jax.demo_app import name_the_values_of_miscounted_requests
