@@ -117,6 +117,12 @@ def readme_text() -> str:
         return f.read()
 
 
+def readme_words() -> str:
+    """README.md's text with every run of spaces and line breaks as one space: a phrase reads the
+    same wherever the paragraph wraps."""
+    return " ".join(readme_text().split())
+
+
 # Fields the README names as mistakes on purpose (the override refused with the field meant).
 MISSPELT_ON_PURPOSE = {"trian.lr"}
 
@@ -358,10 +364,126 @@ def marked_tests(marker: str) -> int:
 def test_the_readmes_counts_of_slow_and_timed_tests_are_the_suites():
     """The Tests section says how many tests `-m "not slow"` skips and how many `timed` tests run one
     after another: a test marked or unmarked since updates the sentence."""
-    text = " ".join(readme_text().split())
+    text = readme_words()
     sentences = {"slow": r"skips the ([\w-]+) tests over ~30 s", "timed": r"keeps the ([\w-]+) `timed` tests"}
     for marker, pattern in sentences.items():
         said = re.search(pattern, text)
         assert said, f"the README's sentence on the {marker} tests changed: update this test's pattern"
         assert NUMBER_WORDS.get(said.group(1)) == marked_tests(marker), (
             f"README.md says {said.group(0)!r}; tests/ has {marked_tests(marker)} tests marked {marker}")
+
+
+def readme_numbers() -> dict[str, list[float]]:
+    """{phrase of the README (a regex of one group): the numbers the code gives there}, for limits,
+    defaults and intervals that no other test reads from the README."""
+    import inspect
+    import math
+    import signal
+
+    import PIL.Image
+
+    from configs import c2i, t2i
+    from pixelflow_jax import host_memory, multihost, validation
+    from pixelflow_jax.checkpoints import torch_io
+    from pixelflow_jax.cli import compilation_cache, job_exit
+    from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED
+    from pixelflow_jax.data import caption_shards, decoding, loader, sources
+    from pixelflow_jax.progress import Progress
+    from pixelflow_jax.sampling import cascade, sample_run
+    from pixelflow_jax.sharding import batch_for
+    from pixelflow_jax.storage import reads
+    from pixelflow_jax.text import t5_convert
+    from pixelflow_jax.training import metrics_log, workdir_lock
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    demo, text_demo, xl = c2i.get_config("demo"), t2i.get_config("demo"), c2i.get_config("")
+    kept = range(demo.train.num_steps - (demo.train.keep_checkpoints - 1) * demo.train.checkpoint_every,
+                 demo.train.num_steps + 1, demo.train.checkpoint_every)
+    release, release_text = torch_io.RELEASE_DEFAULTS, torch_io.RELEASE_T2I_DEFAULTS
+    converter_defaults = [release["resolution"], release_text["resolution"], release["num_stages"],
+                          release["num_train_timesteps"]]
+    sampled_batch = batch_for(50, 16, 1)
+    return {
+        # Checkpoint paths
+        r"the demo keeps its last three: ([\d, ]+)\)": list(kept),
+        r"a log line at most every (\d+) s \(the converter": [default(Progress, "log_every_s")],
+        # Converting the released weights
+        r"set what no config.yaml gives \(defaults: ([^)]+)\)": converter_defaults,
+        r"One without `data.resolution` or the scheduler's values gets the release's \(([^)]+)\)": converter_defaults,
+        # Sampling
+        r"so 50 images at 16 run as (\d+ x \d+)": [math.ceil(50 / sampled_batch), sampled_batch],
+        r"`cfg_scale` \(2.4; from 1, no guidance, to ([\d,]+)\)": [validation.MAX_CFG_SCALE],
+        r"`steps_per_stage` \(int or one per stage, at most ([\d,]+);": [validation.MAX_STEPS_PER_STAGE],
+        r"adaptive at (rtol \S+ / atol \S+) as the release": [cascade.DOPRI5_RTOL, cascade.DOPRI5_ATOL],
+        r"a stage it does not finish within ([\d,]+) steps": [cascade.DOPRI5_MAX_STEPS],
+        r"`WORKDIR/grid.png` \(the first (\d+ images, at most \d+ x \d+)\)":
+            [sample_run.GRID_IMAGES, *[math.ceil(math.sqrt(sample_run.GRID_IMAGES))] * 2],
+        r"its heartbeat refreshed every (\d+) s\)":
+            [workdir_lock.heartbeat_period(sample_run.SAMPLE_LOCK_STALE_S)],
+        r"and from another host once (\d+) s old": [sample_run.SAMPLE_LOCK_STALE_S],
+        r"\((\d+ reads in flight, at most \d+) images held\)": [reads.READ_THREADS, reads.READ_AHEAD],
+        r"a seed outside \[0, (2\^\d+)\)": [2, math.log2(validation.MAX_SEED + 1)],
+        r"Ctrl-C stops with exit status (\d+), a SIGTERM": [EXIT_INTERRUPTED],
+        # Training
+        r"mmap and trim thresholds of (\d+ and ~\d+) GiB": [host_memory.MMAP_THRESHOLD / 2**30,
+                                                               round(host_memory.TRIM_THRESHOLD / 2**30)],
+        r"an LRU of (\d+ GiB, programs that took over \S+) s to compile":
+            [compilation_cache.COMPILATION_CACHE_BYTES / 2**30, compilation_cache.COMPILATION_CACHE_MIN_COMPILE_S],
+        r"waits up to (\d+) minutes for all of them to join": [multihost.CONNECT_WAIT_S / 60],
+        r"every other process must see within (\d+) s\)": [multihost.SHARED_CHECK_WAIT_S],
+        r"every `lock_stale_after_s / (\d+)` seconds, at most (\d+),":
+            [300 / workdir_lock.heartbeat_period(300), workdir_lock.heartbeat_period(math.inf)],
+        r"older than `train.lock_stale_after_s` \((\d+) min": [xl.train.lock_stale_after_s / 60],
+        r"at least (\d+) s, as hosts' clocks differ": [validation.MIN_LOCK_STALE_S],
+        r"over about 1 / \(1 - `ema_decay`\) steps \(([\d,]+ at the default [\d.]+)\)":
+            [round(1 / (1 - xl.train.ema_decay)), xl.train.ema_decay],
+        r"lower `ema_decay` \(the demo trains with ([\d.]+)\)": [demo.train.ema_decay],
+        r"(\d+) preempted \(SIGTERM\), (\d+) interrupted \(Ctrl-C\), (\d+) a training run":
+            [EXIT_TERMINATED, EXIT_INTERRUPTED, EXIT_HUNG_UP],
+        r"(\d+ or \d+) a job warned by SLURM's": [128 + signal.SIGUSR1, 128 + signal.SIGUSR2],
+        r"builds a small one, with (\d+) tokens per prompt": [text_demo.train.max_text_tokens],
+        r"`max_text_tokens` \((\d+), the release's;": [t2i.get_config("").train.max_text_tokens],
+        r"with probability `train.caption_dropout` \(([\d.]+): our default": [t2i.get_config("").train.caption_dropout],
+        r"each weight file's size and (\d+ evenly spaced \d+) KiB slices":
+            [default(t5_convert.folder_fingerprint, "samples"),
+             default(t5_convert.folder_fingerprint, "sample_bytes") / 1024],
+        # Training data
+        r"`demo_num_images` \(([\d,]+)\) images, `demo_num_classes` \((\d+)\) hues":
+            [xl.data.demo_num_images, xl.data.demo_num_classes],
+        r"\[--records_per_shard=(\d+)\]": [default(caption_shards.pack, "records_per_shard")],
+        r"\(the first (\d+) skips of each kind are named": [caption_shards.SHOWN_SKIPS],
+        r"An image longer than (\d+):1": [decoding.MAX_ASPECT_RATIO],
+        r"\((\d+) unusable draws in a row stop the run": [decoding.MAX_UNREADABLE_IN_A_ROW],
+        r"`PIL.Image.MAX_IMAGE_PIXELS` x (\d+), about (\d+) Mpx\)": [2, round(2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6)],
+        r"once (\d+) images per class have been drawn": [loader.DRAWS_PER_CLASS_BEFORE_CHECK],
+        r"would read up to \d+ ahead; each at most (\d+)\)":  # num_workers and prefetch_batches both
+            sorted({validation.MAX_DATA_WORKERS, validation.MAX_PREFETCH_BATCHES}),
+        # Runs in a bucket, Cloud TPU pods and GPU clusters
+        r"they go at most every (\d+) s \(`metrics_log.BUCKET_UPLOAD_INTERVAL_S`":
+            [metrics_log.BUCKET_UPLOAD_INTERVAL_S],
+        r"\(array-record >= (\d+)\.(\d+)\.(\d+);": list(sources.ARRAY_RECORD_READS_GCS_FROM),
+        r"Process 0, which hosts that service, waits (\d+) s first": [job_exit.EXIT_GRACE_S],
+    }
+
+
+# A number as the README writes it: 10,000, 0.9999, 1e-3, 2^32.
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?(?:e-?\d+)?")
+
+
+def test_the_readmes_limits_defaults_and_intervals_are_the_codes():
+    """Each phrase of readme_numbers() occurs once in the README, and the numbers in its groups are
+    the code's: a constant changed since (or a sentence that never said it right) fails here."""
+    text = readme_words()
+    wrong = []
+    for phrase, expected in readme_numbers().items():
+        found = re.findall(phrase, text)
+        assert len(found) == 1, (f"README.md holds {len(found)} matches of {phrase!r}, not one: its sentence changed; "
+                                 f"update readme_numbers()")
+        groups = found[0] if isinstance(found[0], tuple) else (found[0],)
+        said = [float(number.replace(",", "")) for group in groups for number in NUMBER.findall(group)]
+        if said != pytest.approx([float(value) for value in expected], rel=1e-6):
+            code = ", ".join(f"{value:g}" for value in expected)
+            wrong.append(f"{' '.join(groups)!r} in {phrase!r} (the code: {code})")
+    assert not wrong, f"README.md's numbers that the code does not give: {'; '.join(wrong)}"
