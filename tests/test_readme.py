@@ -487,3 +487,15 @@ def test_the_readmes_limits_defaults_and_intervals_are_the_codes():
             code = ", ".join(f"{value:g}" for value in expected)
             wrong.append(f"{' '.join(groups)!r} in {phrase!r} (the code: {code})")
     assert not wrong, f"README.md's numbers that the code does not give: {'; '.join(wrong)}"
+
+
+def test_the_readme_names_every_sampling_setting_a_training_override_is_named_with():
+    """'Using a trained run' lists, for a training setting given to --mode=sample, the sampling setting
+    the warning names beside it: each pair of config_overrides.SAMPLING_COUNTERPARTS, none other."""
+    from pixelflow_jax.cli.config_overrides import SAMPLING_COUNTERPARTS
+
+    listed = re.search(r"that mode reads where one has the same intent \((.*?)\), and the job runs", readme_words())
+    assert listed, "the README's sentence on the settings of the same intent changed: update this test's pattern"
+    pairs = dict(re.findall(r"`(train\.\w+)`: `(sample\.\w+)`", listed.group(1)))
+    assert pairs == {field: counterpart for field, (counterpart, _) in SAMPLING_COUNTERPARTS.items()}, (
+        f"README.md pairs {pairs}; the warning names {SAMPLING_COUNTERPARTS}")
