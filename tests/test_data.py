@@ -23,7 +23,8 @@ from pixelflow_jax.data import loader as loader_module
 from pixelflow_jax.data.caption_data import CaptionRecordSource
 from pixelflow_jax.data.demo_data import SHAPES, DemoSource, classify, demo_image
 from pixelflow_jax.data.loader import ImageLoader, ProcessRows, build_dataset, to_global_batch
-from pixelflow_jax.data.sources import DataError, ImageFolderSource, TfdsSource, make_source, record_class_index
+from pixelflow_jax.data.sources import (IMAGE_EXTENSIONS, DataError, ImageFolderSource, TfdsSource, make_source,
+                                        record_class_index)
 
 R = 32
 
@@ -277,7 +278,7 @@ def test_every_image_extension_the_readme_lists_is_read_and_decoded(tmp_path):
 
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     extensions = re.search(r"Files ending in `([^`]+)`", readme).group(1).split()
-    assert len(extensions) == 12
+    assert tuple(extensions) == IMAGE_EXTENSIONS, "README.md's list is not the loader's IMAGE_EXTENSIONS"
     (tmp_path / "a").mkdir()
     for extension in extensions:
         image = Image.new("L", (8, 8), 90) if extension == ".pgm" else Image.new("RGB", (8, 8), (90, 90, 90))

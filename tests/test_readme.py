@@ -380,23 +380,33 @@ def readme_numbers() -> dict[str, list[float]]:
     import math
     import signal
 
+    import jax
     import PIL.Image
+
+    import grain
+    from flax import nnx
 
     from configs import c2i, t2i
     from pixelflow_jax import host_memory, multihost, validation
     from pixelflow_jax.checkpoints import torch_io
     from pixelflow_jax.cli import compilation_cache, job_exit
     from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED
-    from pixelflow_jax.data import caption_shards, decoding, loader, sources
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.data import caption_shards, decoding, demo_data, loader, sources
+    from pixelflow_jax.model import PixelFlow
     from pixelflow_jax.progress import Progress
     from pixelflow_jax.sampling import cascade, sample_run
     from pixelflow_jax.sharding import batch_for
     from pixelflow_jax.storage import reads
-    from pixelflow_jax.text import t5_convert
+    from pixelflow_jax.text import demo_text_encoder, t5_convert
     from pixelflow_jax.training import metrics_log, workdir_lock
 
     def default(function, name):
         return inspect.signature(function).parameters[name].default
+
+    def millions_of_parameters(config):
+        model = nnx.eval_shape(lambda: PixelFlow(ModelConfig.from_mapping(config.model), rngs=nnx.Rngs(0)))
+        return round(sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e6, 1)
 
     demo, text_demo, xl = c2i.get_config("demo"), t2i.get_config("demo"), c2i.get_config("")
     kept = range(demo.train.num_steps - (demo.train.keep_checkpoints - 1) * demo.train.checkpoint_every,
@@ -412,6 +422,7 @@ def readme_numbers() -> dict[str, list[float]]:
         # Converting the released weights
         r"set what no config.yaml gives \(defaults: ([^)]+)\)": converter_defaults,
         r"One without `data.resolution` or the scheduler's values gets the release's \(([^)]+)\)": converter_defaults,
+        r"the architecture inferred from tensor shapes plus `--attention_head_dim=(\d+)`": [xl.model.attention_head_dim],
         # Sampling
         r"so 50 images at 16 run as (\d+ x \d+)": [math.ceil(50 / sampled_batch), sampled_batch],
         r"`cfg_scale` \(2.4; from 1, no guidance, to ([\d,]+)\)": [validation.MAX_CFG_SCALE],
@@ -427,6 +438,17 @@ def readme_numbers() -> dict[str, list[float]]:
         r"a seed outside \[0, (2\^\d+)\)": [2, math.log2(validation.MAX_SEED + 1)],
         r"Ctrl-C stops with exit status (\d+), a SIGTERM": [EXIT_INTERRUPTED],
         # Training
+        r"release's recipe \(AdamW (\S+), clip (\S+), EMA (\S+), label # dropout (\S+),":
+            [xl.train.lr, xl.train.grad_clip, xl.train.ema_decay, xl.train.label_dropout],
+        r"the paper's length, ~(\S+)M steps at batch (\d+),": [xl.train.num_steps / 1e6, xl.train.batch_size],
+        r"([\d,]+) steps of batch (\d+) in 6 min 37 s": [text_demo.train.num_steps, text_demo.train.batch_size],
+        r"\(a (\S+)M-parameter model with (\d+)-wide cross-attention":
+            [millions_of_parameters(text_demo), text_demo.model.cross_attention_dim],
+        r"its (\d+) previews ask for every colour/shape pair once": [text_demo.train.preview_num_images],
+        r"constant cfg (\d+), (\d+) Euler steps per stage\)":
+            [text_demo.sample.cfg_scale, text_demo.train.preview_steps_per_stage],
+        r"shows in 50/50 at steps ([\d,]+ and [\d,]+),": [text_demo.train.preview_every, text_demo.train.num_steps],
+        r"its residual branches start (\d+)x smaller than usual": [1 / demo_text_encoder.RESIDUAL_SCALE],
         r"mmap and trim thresholds of (\d+ and ~\d+) GiB": [host_memory.MMAP_THRESHOLD / 2**30,
                                                                round(host_memory.TRIM_THRESHOLD / 2**30)],
         r"an LRU of (\d+ GiB, programs that took over \S+) s to compile":
@@ -450,6 +472,10 @@ def readme_numbers() -> dict[str, list[float]]:
             [default(t5_convert.folder_fingerprint, "samples"),
              default(t5_convert.folder_fingerprint, "sample_bytes") / 1024],
         # Training data
+        r"10 classes, class c a saturated shape in hue c x (\d+) degrees and outline c mod (\d+)":
+            [360 / xl.data.demo_num_classes, len(demo_data.SHAPES)],
+        r"shorter side to round\(`expand_ratio` x R\) \(([\d.]+)\)": [xl.data.expand_ratio],
+        r"where grain's default would read up to (\d+) ahead": [grain.ReadOptions().prefetch_buffer_size],
         r"`demo_num_images` \(([\d,]+)\) images, `demo_num_classes` \((\d+)\) hues":
             [xl.data.demo_num_images, xl.data.demo_num_classes],
         r"\[--records_per_shard=(\d+)\]": [default(caption_shards.pack, "records_per_shard")],
@@ -463,6 +489,7 @@ def readme_numbers() -> dict[str, list[float]]:
         # Runs in a bucket, Cloud TPU pods and GPU clusters
         r"they go at most every (\d+) s \(`metrics_log.BUCKET_UPLOAD_INTERVAL_S`":
             [metrics_log.BUCKET_UPLOAD_INTERVAL_S],
+        r"builds `data.prefetch_batches` batches at once in threads \((\d+) by default\)": [xl.data.prefetch_batches],
         r"\(array-record >= (\d+)\.(\d+)\.(\d+);": list(sources.ARRAY_RECORD_READS_GCS_FROM),
         r"Process 0, which hosts that service, waits (\d+) s first": [job_exit.EXIT_GRACE_S],
     }
