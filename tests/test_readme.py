@@ -404,6 +404,18 @@ def readme_numbers() -> dict[str, list[float]]:
     def default(function, name):
         return inspect.signature(function).parameters[name].default
 
+    def least_resolution(patch_size, num_stages):
+        """The least data.resolution that validation accepts for a model of this patch and stages."""
+        for resolution in range(1, 1025):
+            config = c2i.get_config("tiny")
+            config.model.patch_size, config.scheduler.num_stages, config.data.resolution = (patch_size, num_stages,
+                                                                                             resolution)
+            try:
+                validation.check_architecture(config)
+                return resolution
+            except validation.ConfigError:
+                continue
+
     def millions_of_parameters(config):
         model = nnx.eval_shape(lambda: PixelFlow(ModelConfig.from_mapping(config.model), rngs=nnx.Rngs(0)))
         return round(sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e6, 1)
@@ -492,6 +504,8 @@ def readme_numbers() -> dict[str, list[float]]:
         r"builds `data.prefetch_batches` batches at once in threads \((\d+) by default\)": [xl.data.prefetch_batches],
         r"\(array-record >= (\d+)\.(\d+)\.(\d+);": list(sources.ARRAY_RECORD_READS_GCS_FROM),
         r"Process 0, which hosts that service, waits (\d+) s first": [job_exit.EXIT_GRACE_S],
+        # Configs
+        r"with patch 3 and 4 stages: a multiple of (\d+)\)": [least_resolution(3, 4)],
     }
 
 
