@@ -461,6 +461,9 @@ def readme_numbers() -> dict[str, list[float]]:
             [text_demo.sample.cfg_scale, text_demo.train.preview_steps_per_stage],
         r"shows in 50/50 at steps ([\d,]+ and [\d,]+),": [text_demo.train.preview_every, text_demo.train.num_steps],
         r"its residual branches start (\d+)x smaller than usual": [1 / demo_text_encoder.RESIDUAL_SCALE],
+        r"s per text step \(batch (\d+)\), [\d.]+ instead of [\d.]+ s per class step \(batch (\d+)\)":
+            [text_demo.train.batch_size, demo.train.batch_size],
+        r"XL/4 with flan-t5-xl cross-attention \((\d+) wide\)": [t2i.get_config("").model.cross_attention_dim],
         r"mmap and trim thresholds of (\d+ and ~\d+) GiB": [host_memory.MMAP_THRESHOLD / 2**30,
                                                                round(host_memory.TRIM_THRESHOLD / 2**30)],
         r"an LRU of (\d+ GiB, programs that took over \S+) s to compile":
