@@ -542,7 +542,7 @@ def test_a_grad_accum_steps_change_says_what_it_changes_and_how_to_keep_the_run(
     'train.grad_accum_steps: 1 -> 2' and 'a batch size, seed or data change also loses exact resume',
     none of which says why a memory setting is refused (each micro-batch draws its own noise,
     timesteps, stages and dropout from its own key: other numbers every step, not float rounding)."""
-    from pixelflow_jax.training.resume_settings import check_resume
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, check_resume
 
     check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
     with pytest.raises(ValueError) as error:
@@ -554,6 +554,11 @@ def test_a_grad_accum_steps_change_says_what_it_changes_and_how_to_keep_the_run(
             "trains on other draws than the run would; for exact resume keep --config.train.grad_accum_steps=1, and "
             "save memory with model.remat or mesh.fsdp, which change float rounding only)") in message
     assert "--config.train.allow_resume_changes=True" in message
+    # Accepted as any setting is, where the command allows it (README), and recorded.
+    check_resume(str(tmp_path), c2i_config(**{"train.grad_accum_steps": 2, "train.allow_resume_changes": True}),
+                 step=40, num_records=100)
+    with open(tmp_path / CHANGES_FILE) as f:
+        assert json.loads(f.read())["changes"] == {"train.grad_accum_steps": {"from": 1, "to": 2}}
 
 
 def test_a_warmup_change_is_allowed_where_both_warmups_ended_before_the_resumed_update(tmp_path, caplog):
