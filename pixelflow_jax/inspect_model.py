@@ -104,6 +104,12 @@ def text_length(config, source) -> int:
 
 def run(config, workdir: str) -> dict:
     config, workdir = validation.job_config(config, "inspect"), validation.job_workdir(workdir)
+    with storage.removed_if_left_empty(workdir):  # an inspection refused at its start leaves no empty folder
+        return inspect_in(config, workdir)
+
+
+def inspect_in(config, workdir: str) -> dict:
+    """run's work once the config and workdir are checked: the report, printed and written to WORKDIR/inspect.json."""
     storage.check_writable(workdir)  # fail now, not after the timing work
     report_path = storage.join(workdir, "inspect.json")
     for path in (report_path, storage.history_path(report_path)):

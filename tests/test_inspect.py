@@ -97,6 +97,19 @@ def test_a_report_path_taken_by_a_folder_fails_before_the_work(tmp_path):
             inspect_model.run(tiny_config("c2i"), str(workdir))
 
 
+def test_an_inspection_refused_at_its_start_leaves_no_empty_workdir(tmp_path):
+    """A checkpoint not found: the workdir the inspection made to check it could write there was
+    left behind, empty (sampling, evaluation and training remove theirs)."""
+    from pixelflow_jax import inspect_model
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    config, workdir = tiny_config("c2i"), tmp_path / "new"
+    config.sample.checkpoint = str(tmp_path / "no_such_run")
+    with pytest.raises(CheckpointError, match="no_such_run"):
+        inspect_model.run(config, str(workdir))
+    assert not workdir.exists()
+
+
 def test_a_full_disk_prints_the_report_and_says_what_to_do_in_one_error(tmp_path, monkeypatch, capsys):
     """inspect.json on a full disk: an OSError traceback, and the report, timed stage by stage, was
     lost (it was printed only after the write)."""
