@@ -197,6 +197,24 @@ def test_a_bare_state_dict_says_which_schedule_it_is_given(tmp_path, caplog):
     assert config.num_stages == 3 and not caplog.text, caplog.text
 
 
+def test_a_flag_that_a_config_yaml_decides_is_refused_unless_it_agrees():
+    """--resolution / --num_stages / --num_train_timesteps fill what a config.yaml leaves out; where
+    it gives them, it describes the weights, so another value is a mistake named with both values
+    (the config's value winning without a word, or a flag of the same value refused, would pass)."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml, release_config
+
+    path = os.path.join(fixture_dir("c2i_tiny"), "config.yaml")  # data.resolution 64, 4 stages, 1000 timesteps
+    params, extras = config_from_release_yaml(path)
+    with pytest.raises(CheckpointError, match=re.escape(f"--resolution=128 (64 in {path}), --num_stages=3 (4 in "
+                                                        f"{path}): the config.yaml decides these; drop the flags")):
+        release_config(params, extras, {"resolution": 128, "num_stages": 3, "num_train_timesteps": 1000}, "w.pt",
+                       path)
+    agreeing = release_config(params, extras, {"resolution": 64, "num_stages": 4, "num_train_timesteps": None},
+                              "w.pt", path)
+    assert (agreeing.resolution, agreeing.num_stages, agreeing.num_train_timesteps) == (64, 4, 1000)
+
+
 def test_a_damaged_tensor_that_the_architecture_is_read_from_is_named():
     """A 2-D patch embedding was an IndexError traceback, and a proj_out_2 of 5 rows was blamed on
     'model.out_channels must be positive', a setting the user never gave (5 // 16 = 0)."""
@@ -1004,7 +1022,7 @@ def test_a_release_config_yaml_that_is_cut_short_or_holds_other_values_is_named(
 def test_a_release_config_yaml_of_another_model_or_with_dropout_is_refused_and_its_defaults_read(tmp_path):
     """model.params as the release reads them: dropout 0 (as released) read and dropped, another
     value refused; another target refused; cross_attention_dim null read as no text; true for a
-    number refused (bool is an int in Python)."""
+    number refused (bool is an int in Python); no target is the release's model."""
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml
 
@@ -1018,6 +1036,7 @@ def test_a_release_config_yaml_of_another_model_or_with_dropout_is_refused_and_i
 
     assert read(lambda v: v["model"]["params"].update(dropout=0.0, cross_attention_dim=None)) == {
         **release["model"]["params"], "cross_attention_dim": None}
+    assert read(lambda v: v["model"].pop("target")) == release["model"]["params"]  # the release's model is meant
     for edit, message in ((lambda v: v["model"]["params"].update(dropout=0.1), "sets model dropout"),
                           (lambda v: v["model"].update(target="pixelflow.model.Other"),
                            "describes pixelflow.model.Other, not pixelflow.model.PixelFlowModel"),
@@ -1251,6 +1270,20 @@ def test_the_converter_never_replaces_its_input_or_a_foreign_folder(tmp_path, co
         result = run_converter("--to_torch", f"--jax_checkpoint={converted['c2i_tiny']}", f"--output={export}",
                                "--overwrite")
         assert result.returncode == 0, result.stderr
+
+
+def test_an_export_into_a_bucket_reads_back_from_there_as_the_release_folder_it_was_given(bucket):
+    """torch.save writes local files only: an export into gs:// saves model.pt here and uploads it
+    (untested, torch.save given the gs:// path passed the suite)."""
+    from pixelflow_jax.checkpoints.torch_io import is_export, read_release_checkpoint, write_release_checkpoint
+
+    config, state_dict = read_release_checkpoint(fixture_dir("c2i_tiny"))
+    export = f"{bucket}/export"
+    write_release_checkpoint(export, state_dict, config)
+    assert is_export(export)
+    read_back, weights = read_release_checkpoint(export)
+    assert read_back == config and list(weights) == list(state_dict)
+    assert all(np.array_equal(weights[key], value) for key, value in state_dict.items())
 
 
 def test_a_converted_folder_is_marked_complete_by_its_config_written_after_its_params(tmp_path, monkeypatch):
