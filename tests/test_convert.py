@@ -454,6 +454,24 @@ def test_a_text_models_weights_under_a_class_config_and_the_other_way_round_say_
             torch_to_params(state_dict, ModelConfig.from_mapping(params))
 
 
+def test_a_long_list_of_mismatches_shows_twenty_and_counts_the_rest():
+    """Weights of another width mismatch in nearly every tensor: the refusal gives their count, the
+    first 20 of them, and how many more (the count of those left out was not checked)."""
+    from pixelflow_jax.checkpoints.convert import ConversionError, torch_to_params
+    from pixelflow_jax.checkpoints.torch_io import config_from_release_yaml
+    from pixelflow_jax.config import ModelConfig
+
+    state_dict = {k: v.numpy() for k, v in release_state_dict().items()}
+    params, _ = config_from_release_yaml(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"))
+    with pytest.raises(ConversionError) as error:
+        torch_to_params(state_dict, ModelConfig.from_mapping({**params, "num_attention_heads": 4}))
+    header, *listing = str(error.value).split("shape mismatches ")[1].splitlines()
+    count = int(re.fullmatch(r"\(key: checkpoint shape vs architecture shape\) \((\d+)\):", header)[1])
+    assert count > 21 and len(listing) == 21, str(error.value)
+    assert all(re.fullmatch(r"    [\w.]+: \([\d, ]+\) vs \([\d, ]+\)", line) for line in listing[:20]), listing
+    assert listing[-1] == f"    ... and {count - 20} more"
+
+
 @pytest.mark.parametrize("content", ["truncated", "text", "numpy"])
 def test_unreadable_file_gets_one_line_error(tmp_path, content):
     path = tmp_path / "model.pt"
