@@ -881,6 +881,19 @@ def test_load_model_names_a_non_checkpoint_folder(tmp_path):
         load_model(str(converted))
 
 
+def test_a_converted_folder_without_its_params_folder_is_named_an_unfinished_conversion(tmp_path, converted):
+    """Its pixelflow_config.json alone (params/ deleted, or not yet copied): orbax's failure to
+    restore blamed damage or another architecture."""
+    from pixelflow_jax import CheckpointError
+
+    folder = tmp_path / "no_params"
+    shutil.copytree(converted["c2i_tiny"], folder)
+    shutil.rmtree(folder / "params")
+    with pytest.raises(CheckpointError, match=rf"^{folder} has no params/ folder; the conversion did not finish, "
+                                              "convert again$"):
+        load_model(str(folder))
+
+
 def test_a_converted_config_missing_architecture_fields_names_them_not_xls_defaults(tmp_path, converted):
     """A pixelflow_config.json whose model lost fields (an edit) was read with XL's defaults in their
     place, and the weights refused as 'not the architecture {... 'depth': 28 ...}'."""
