@@ -297,6 +297,14 @@ def test_what_killed_runs_left_is_cleaned_up_on_the_next_run(tmp_path):
             pass
     assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "model.pt").read_bytes() == b"old"
 
+    # Killed after the swap, before the old copy was removed: the output in place is the newer one.
+    (tmp_path / f".out.old-{dead}-ghi" / "previous").mkdir(parents=True)
+    (tmp_path / f".out.old-{dead}-ghi" / "previous" / "model.pt").write_bytes(b"older")
+    with pytest.raises(CheckpointError, match="already exists"):
+        with atomic_output_dir(str(tmp_path / "out")):
+            pass
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "model.pt").read_bytes() == b"old"
+
     # On a disk shared by hosts: another host's writer may be alive, so its temporary is kept for a day.
     (tmp_path / ".out.tmp-other-host.example-7-abc").mkdir()
     with atomic_output_dir(str(tmp_path / "out"), overwrite=True):
