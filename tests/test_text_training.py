@@ -1088,6 +1088,23 @@ def test_sampling_a_text_run_with_another_encoder_than_it_trained_with_is_named(
     assert sample.text_encoder_param_dtype == "float32"
 
 
+def test_sampling_a_text_run_whose_encoder_is_in_a_bucket_or_on_the_hub_is_not_looked_for_on_this_disk(tmp_path):
+    """Only a local folder can be told moved here; a gs:// or hf:// encoder is fetched where it loads
+    (a gs:// one refused as 'does not exist (moved?)' passed: every recorded encoder tested was local)."""
+    from configs import t2i
+    from pixelflow_jax.api import CheckpointSource, fill_text_encoder
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+
+    run = tmp_path / "run"
+    run.mkdir()
+    source = CheckpointSource(str(run / "checkpoints" / "4"), "the run", RunStep(str(run), 4))
+    for recorded in ("gs://bucket/t5", "hf://google/flan-t5-xl"):
+        (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": recorded, "max_text_tokens": 8}}))
+        sample = t2i.get_config("tiny").sample
+        fill_text_encoder(sample, source)
+        assert (sample.text_encoder, sample.max_text_tokens) == (recorded, 8)
+
+
 def test_sampling_a_text_run_with_another_encoder_of_the_same_width_warns_unlike_with_a_copy(tmp_path, encoder_folder,
                                                                                            caplog, monkeypatch):
     """A run that recorded its encoder's fingerprint: a copy of that encoder at another path samples
