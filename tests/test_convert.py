@@ -556,6 +556,8 @@ def test_release_defaults_fill_a_config_yaml_and_what_is_not_weights_is_refused(
     # --torch_config given the release folder, or its model.pt: a traceback (IsADirectoryError, UnicodeDecodeError).
     with pytest.raises(CheckpointError, match=r"config file .* is a folder: pass the release's config.yaml itself"):
         config_from_release_yaml(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"^config file .*/typo.yaml does not exist$"):  # --torch_config's typo
+        config_from_release_yaml(str(tmp_path / "typo.yaml"))
     (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\x02\xff")
     with pytest.raises(CheckpointError, match=r"model.pt is not a text file, so not a release config.yaml"):
         config_from_release_yaml(str(tmp_path / "model.pt"))
