@@ -853,6 +853,18 @@ def test_an_empty_folder_made_for_the_output_is_taken_in_both_directions(tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["jax", "torch"]
 
 
+def test_an_output_inside_folders_not_made_yet_is_written_with_them(tmp_path):
+    """--output=new/folders/out makes the folders above it (left out, a FileNotFoundError, passed:
+    every output tested was in a folder that existed)."""
+    from pixelflow_jax.checkpoints.checkpoint import atomic_output_dir
+
+    output = tmp_path / "new" / "folders" / "out"
+    with atomic_output_dir(str(output)) as folder:
+        with open(os.path.join(folder, "model.pt"), "wb") as f:
+            f.write(b"new")
+    assert (output / "model.pt").read_bytes() == b"new" and os.listdir(output.parent) == ["out"]
+
+
 def test_load_model_names_a_non_checkpoint_folder(tmp_path):
     from pixelflow_jax import CheckpointError
 
