@@ -908,6 +908,15 @@ def test_a_converted_folder_without_its_params_folder_is_named_an_unfinished_con
         load_model(str(folder))
 
 
+def test_a_converted_folder_named_by_a_relative_path_loads(tmp_path, converted, monkeypatch):
+    """orbax restores from an absolute path only ('Checkpoint path should be absolute'): its params/
+    given relative passed, every converted folder loaded was named by its absolute path."""
+    shutil.copytree(converted["c2i_tiny"], tmp_path / "converted")
+    monkeypatch.chdir(tmp_path)
+    model, config = load_model("converted")
+    assert config.resolution == 64 and model.config == config.model
+
+
 def test_a_converted_config_missing_architecture_fields_names_them_not_xls_defaults(tmp_path, converted):
     """A pixelflow_config.json whose model lost fields (an edit) was read with XL's defaults in their
     place, and the weights refused as 'not the architecture {... 'depth': 28 ...}'."""
