@@ -624,6 +624,21 @@ def test_a_torch_file_that_is_missing_or_a_folder_is_named_so(tmp_path):
             load_torch_file(str(path))
 
 
+def test_a_t5_or_inception_torch_file_of_no_dict_of_tensors_is_named_so(tmp_path):
+    """load_tensor_dict (a T5's pytorch_model.bin, pytorch-fid's weights): a list, or a dict with a
+    step count beside its tensors, is refused by name (the check left out passed: the list's
+    .items() and the int's .detach() were an AttributeError traceback)."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import load_tensor_dict
+
+    for name, content in (("list.bin", [torch.zeros(2)]), ("step.bin", {"weight": torch.zeros(2), "step": 4})):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / name} holds no dict of tensors \(a state dict\)$"):
+            load_tensor_dict(str(tmp_path / name))
+    torch.save({"weight": torch.ones(2)}, tmp_path / "good.bin")
+    assert load_tensor_dict(str(tmp_path / "good.bin"))["weight"].tolist() == [1.0, 1.0]
+
+
 def test_a_state_dict_in_torchs_legacy_format_is_read_whole(tmp_path):
     """PyTorch before 1.6 saved no zip archive, which torch.load cannot memory-map: such a file is
     read whole (with mmap it was 'mmap can only be used with files saved with ...')."""
