@@ -310,8 +310,9 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     recorded = read_run_config(source.run_step.run).get("text_encoder") if source.run_step else None
     if recorded and not s.text_encoder:
         s.text_encoder = encoder_folder_of(source.run_step.run, recorded["path"])
-        if not storage.is_url(s.text_encoder) and not hub.is_hub_path(s.text_encoder) and not os.path.isdir(
-                s.text_encoder):  # else the error would name a folder the user never typed
+        # (a gs:// or hf:// encoder is looked for where it is; a local one missing would fail later naming a
+        # folder the user never typed)
+        if not storage.is_url(s.text_encoder) and not os.path.isdir(s.text_encoder):
             raise CheckpointError(f"{storage.join(source.run_step.run, 'run_config.json')} names the text encoder the "
                                   f"run trained with, {s.text_encoder}, which does not exist (moved?): set "
                                   "--config.sample.text_encoder to where that T5 folder is now")
