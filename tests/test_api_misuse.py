@@ -38,6 +38,14 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     with pytest.raises(ValueError, match=re.escape("got (2, 3, 16, 16) (channels last: images.transpose(0, 2, 3, 1) "
                                                    "for an NCHW batch)")):  # a PyTorch user's layout
         model(x.transpose(0, 3, 1, 2), t, class_labels=np.array([1, 2]))
+    # A wide batch (its patches no square grid); one 3 pixels high, no NCHW batch to transpose.
+    for images, shape in ((x[:, :, :8], "(2, 16, 8, 3)"), (np.zeros((2, 3, 16, 3), np.float32), "(2, 3, 16, 3)")):
+        with pytest.raises(ValueError, match=re.escape("images must be (B, H, H, 3) with H a multiple of patch size "
+                                                       f"4, got {shape}") + "$"):
+            model(images, t, class_labels=np.array([1, 2]))
+    with pytest.raises(ValueError, match=re.escape("timesteps must be one value or one per image (2), got shape "
+                                                   "(2, 1)")):  # a column of times is not (B,)
+        model(x, t[:, None], class_labels=np.array([1, 2]))
     text_model, _ = models["t2i_tiny"]
     wrong_width = np.zeros((2, 6, text_model.config.cross_attention_dim + 1), np.float32)
     with pytest.raises(ValueError, match="encoder_hidden_states must be .* the text encoder the model was trained"):
@@ -62,6 +70,9 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     with pytest.raises(ValueError, match=r"encoder_attention_mask must be \(B, L_text\) = \(2, 6\)"):
         text_model(x, t, encoder_hidden_states=np.zeros((2, 6, width), np.float32),
                    encoder_attention_mask=np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match=re.escape("this model has no cross-attention (model.cross_attention_dim = 0); "
+                                                   "do not pass encoder_hidden_states")):  # not ignored without a word
+        model(x, t, class_labels=np.array([1, 2]), encoder_hidden_states=np.zeros((2, 6, width), np.float32))
     states = np.random.default_rng(0).standard_normal((2, 6, width)).astype(np.float32)
     np.testing.assert_array_equal(text_model(x, t, encoder_hidden_states=states.tolist()),  # a list: an AttributeError
                                   text_model(x, t, encoder_hidden_states=states))
@@ -77,6 +88,8 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
         jitted(model, [1.7, 5.0])
     listed = nnx.jit(lambda model, images, times, labels: model(images, times, class_labels=labels))
     np.testing.assert_allclose(listed(model, list(x), [500.0, 500.0], [1, 2]),
+                               model(x, t, class_labels=np.array([1, 2])), atol=1e-5)
+    np.testing.assert_allclose(listed(model, x, (500.0, 500.0), (1, 2)),  # tuples as lists
                                model(x, t, class_labels=np.array([1, 2])), atol=1e-5)
     listed_text = nnx.jit(lambda model, states, mask: model(x, t, encoder_hidden_states=states,
                                                              encoder_attention_mask=mask))
@@ -144,6 +157,15 @@ def test_forward_mode_differentiation_is_refused_naming_reverse_mode(models):
             transform()
     hessian = jax.jacrev(jax.jacrev(lambda images: velocity(images).sum()))(images)
     assert hessian.shape == (1, 8, 8, 3) * 2 and np.isfinite(hessian).all()
+    from pixelflow_jax.model import TransformerBlock
+
+    def failing_block(*_, **__):
+        raise TypeError("a block's own TypeError")
+
+    with pytest.MonkeyPatch.context() as patch:  # any other TypeError from the blocks is jax's or the user's to read
+        patch.setattr(TransformerBlock, "__call__", failing_block)
+        with pytest.raises(TypeError, match="^a block's own TypeError"):
+            velocity(images)
 
 
 def test_the_models_run_in_a_notebook_that_refuses_rank_promotion(models, encoder_folder):
@@ -776,6 +798,30 @@ def test_a_mesh_of_explicit_axes_is_named_with_its_fix():
         split_batch = forward(model, jax.device_put(images, NamedSharding(auto, P("data"))), times, labels)
     assert split_batch.sharding.spec == P("data")
     np.testing.assert_allclose(split_batch, expected, atol=1e-6)
+    # Inside jax.shard_map each device runs the model on its own images, under Manual axes: neither Explicit.
+    graphdef, state = nnx.split(model)
+    per_device = lambda state, images, times, labels: nnx.merge(graphdef, state)(images, times, class_labels=labels)
+    with jax.set_mesh(auto):
+        mapped = jax.jit(jax.shard_map(per_device, mesh=auto, in_specs=(P(), P("data"), P("data"), P("data")),
+                                       out_specs=P("data")))(state, images, times, labels)
+    np.testing.assert_allclose(mapped, expected, atol=1e-6)
+
+
+def test_inputs_spread_over_several_processes_are_left_to_the_job_that_holds_them(models, monkeypatch):
+    """A text mask or class labels split over several processes cannot be read on one (np.asarray
+    fails there), so the model and CascadeSampler.sample leave their values unchecked. Faked here:
+    every jax array is marked not fully addressable, and holds values the checks would refuse."""
+    from pixelflow_jax.model import checked_text_mask, readable_here
+    from pixelflow_jax.sampling.cascade import CascadeSampler, SamplingOptions
+    from test_sampling import recorded_stages
+
+    mask, labels = jnp.full((2, 6), -jnp.inf), jnp.array([5000, 5000])
+    assert readable_here(mask) and readable_here(np.ones(3)) and not readable_here(None)
+    monkeypatch.setattr(type(mask), "is_fully_addressable", property(lambda self: False))
+    assert not readable_here(mask) and checked_text_mask(mask, (2, 6)) is mask
+    cond, uncond = {"class_labels": np.array([1, 2])}, {"class_labels": labels}
+    sampler = CascadeSampler(*models["c2i_tiny"])
+    assert len(recorded_stages(sampler, monkeypatch, SamplingOptions.create(4, 1), cond, uncond)) == 4  # labels unread
 
 
 def test_an_attention_kernel_the_platform_lacks_is_refused_before_anything_is_written(tmp_path):
