@@ -383,6 +383,20 @@ def test_hardware_kernels_are_refused_on_cpu_with_the_alternatives():
     assert resolve_backend("auto", jnp.bfloat16) == "xla"
 
 
+def test_interpret_kernels_and_compiling_for_end_with_their_block_even_when_it_raises():
+    """A notebook cell that failed inside one kept its mode: a GPU then ran Pallas kernels interpreted
+    (orders of magnitude slower), or a CPU host kept choosing and tracing for another platform."""
+    from pixelflow_jax.kernels.attention import check_platform, compiling_for, tracing_modes
+
+    for mode in (interpret_kernels, lambda: compiling_for("gpu")):
+        with pytest.raises(RuntimeError, match="the cell failed"), mode():
+            check_platform("pallas_gpu")  # allowed inside
+            raise RuntimeError("the cell failed")
+        assert tracing_modes() == (False, None)
+    with pytest.raises(ValueError, match="'pallas_gpu' runs on gpu, and this run's platform is cpu"):
+        check_platform("pallas_gpu")
+
+
 def test_each_kernel_is_refused_on_the_other_accelerator(monkeypatch):
     from pixelflow_jax.kernels.attention import check_platform
 
