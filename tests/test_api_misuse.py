@@ -122,11 +122,12 @@ def test_a_text_mask_is_taken_as_ones_and_zeros_in_an_array_or_a_list(models):
 
     noise = [jnp.zeros((2, side, side, 3)) for side in (8, 16, 32, 64)]
     uncond = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
-    with pytest.raises(ValueError, match=re.escape("encoder_attention_mask must hold 1 for a caption's tokens and 0 "
-                                                   "for its padding (the tokenizer's attention_mask), got [-inf]")):
-        CascadeSampler(*models["t2i_tiny"]).sample(  # its stages run under jit, where values are not known
-            noise[0], noise[1:], {**uncond, "encoder_attention_mask": np.where(mask > 0, 0, -np.inf)}, uncond,
-            SamplingOptions.create(4, 1))
+    additive = {**uncond, "encoder_attention_mask": np.where(mask > 0, 0, -np.inf)}
+    for cond_and_uncond in ((additive, uncond), (uncond, additive)):  # the negative prompt's mask too
+        with pytest.raises(ValueError, match=re.escape("encoder_attention_mask must hold 1 for a caption's tokens and "
+                                                       "0 for its padding (the tokenizer's attention_mask), got [-inf]")):
+            CascadeSampler(*models["t2i_tiny"]).sample(  # its stages run under jit, where values are not known
+                noise[0], noise[1:], *cond_and_uncond, SamplingOptions.create(4, 1))
     # A guided step runs cond and uncond as one batch: a mask in one only failed in jax.tree.map, a
     # negative caption of another length in jnp.stack.
     sampler, cond = CascadeSampler(*models["t2i_tiny"]), {"encoder_hidden_states": states}
