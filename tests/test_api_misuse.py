@@ -790,6 +790,15 @@ def test_a_mesh_of_explicit_axes_is_named_with_its_fix():
                             ("class_labels", (images, times, on_explicit(labels)))):
         with pytest.raises(ValueError, match=rf"^{name} lies on a mesh with Explicit axes \['data'\].*{fix}"):
             forward(model, *arguments)
+    text_model = PixelFlow(ModelConfig(num_attention_heads=2, attention_head_dim=16, depth=1, num_classes=0,
+                                       cross_attention_dim=8), rngs=nnx.Rngs(0))
+    states, mask = np.ones((8, 6, 8), np.float32), np.ones((8, 6), np.float32)
+    text_forward = nnx.jit(lambda model, states, mask: model(images, times, encoder_hidden_states=states,
+                                                              encoder_attention_mask=mask))
+    for name, arguments in (("encoder_hidden_states", (on_explicit(states), mask)),
+                            ("encoder_attention_mask", (states, on_explicit(mask)))):
+        with pytest.raises(ValueError, match=rf"^{name} lies on a mesh with Explicit axes \['data'\].*{fix}"):
+            text_forward(text_model, *arguments)
     split_kernel = nnx.clone(model)
     split_kernel.patch_embed.proj.kernel.set_value(on_explicit(model.patch_embed.proj.kernel[...], P(None, "data")))
     with pytest.raises(ValueError, match=r"^parameter patch_embed.proj.kernel lies on a mesh with Explicit axes"):
