@@ -388,7 +388,7 @@ class PixelFlow(nnx.Module):
         if np.ndim(timesteps) > 1 or np.size(timesteps) not in (1, batch):
             raise ValueError(f"timesteps must be one value or one per image ({batch}), got shape "
                              f"{np.shape(timesteps)}")
-        if not isinstance(timesteps, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(timesteps))):
+        if readable_here(timesteps) and not np.all(np.isfinite(np.asarray(timesteps))):
             raise ValueError(f"timesteps must be finite, got {np.asarray(timesteps).tolist()}")  # NaN: NaN images
         if class_labels is not None and np.shape(class_labels) != (batch,):
             raise ValueError(f"class_labels must be one per image, shape ({batch},), got shape "
@@ -482,9 +482,9 @@ class PixelFlow(nnx.Module):
             if class_labels is None:
                 raise ValueError(f"this model is class-conditional: pass class_labels (B,) in [0, {cfg.num_classes}] "
                                  f"({cfg.num_classes} = unconditional)")
-            if not isinstance(class_labels, jax.core.Tracer):  # concrete input: check it here, outside jit
+            if readable_here(class_labels):  # values at hand (outside jit, on this process): check them
                 class_ids("class_labels", class_labels, cfg.num_classes, allow_null=True)
-            elif not jnp.issubdtype(class_labels.dtype, jnp.integer):  # under jit only the dtype is known
+            elif not jnp.issubdtype(class_labels.dtype, jnp.integer):  # traced or spread: only the dtype is known
                 raise ValueError(f"class_labels must be integer ids, got dtype {class_labels.dtype} under jit, where "
                                  "a fraction would be cut to an integer unseen: pass int32 ids")
             c = c + self.class_embedder(jnp.asarray(class_labels, jnp.int32)).astype(jnp.float32)

@@ -818,9 +818,10 @@ def test_a_mesh_of_explicit_axes_is_named_with_its_fix():
 
 
 def test_inputs_spread_over_several_processes_are_left_to_the_job_that_holds_them(models, monkeypatch):
-    """A text mask or class labels split over several processes cannot be read on one (np.asarray
-    fails there), so the model and CascadeSampler.sample leave their values unchecked. Faked here:
-    every jax array is marked not fully addressable, and holds values the checks would refuse."""
+    """A text mask, class labels or timesteps split over several processes cannot be read on one
+    (np.asarray fails there), so the model and CascadeSampler.sample leave their values unchecked: the
+    model called eagerly on such timesteps or labels failed in that read. Faked here: every jax array
+    is marked not fully addressable, and holds values the checks would refuse."""
     from pixelflow_jax.model import checked_text_mask, readable_here
     from pixelflow_jax.sampling.cascade import CascadeSampler, SamplingOptions
     from test_sampling import recorded_stages
@@ -829,6 +830,8 @@ def test_inputs_spread_over_several_processes_are_left_to_the_job_that_holds_the
     assert readable_here(mask) and readable_here(np.ones(3)) and not readable_here(None)
     monkeypatch.setattr(type(mask), "is_fully_addressable", property(lambda self: False))
     assert not readable_here(mask) and checked_text_mask(mask, (2, 6)) is mask
+    model, _ = models["c2i_tiny"]  # called eagerly: its timesteps and labels unread too
+    assert model(np.zeros((2, 8, 8, 3), np.float32), jnp.full((2,), jnp.nan), class_labels=labels).shape == (2, 8, 8, 3)
     cond, uncond = {"class_labels": np.array([1, 2])}, {"class_labels": labels}
     sampler = CascadeSampler(*models["c2i_tiny"])
     assert len(recorded_stages(sampler, monkeypatch, SamplingOptions.create(4, 1), cond, uncond)) == 4  # labels unread
