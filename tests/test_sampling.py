@@ -350,6 +350,8 @@ def test_a_non_finite_sample_is_an_error_not_a_black_image(tiny, tmp_path):
     for solver in ("euler", "dopri5"):
         with pytest.raises(ValueError, match=r"sampling gave NaN or inf for image ids \[0, 1\]"):
             sampler.generate([3, 4], steps_per_stage=1, cfg_scale=2.0, solver=solver)
+    with pytest.raises(ValueError, match=r"sampling gave NaN or inf for image ids \[7, 9\]"):  # the ids asked for
+        sampler.generate([3, 4], steps_per_stage=1, cfg_scale=2.0, image_ids=[7, 9])
 
     images = jnp.zeros((3, 8, 8, 3), jnp.uint8)
     with pytest.raises(ValueError, match=r"NaN or inf for image ids \[11\]"):
