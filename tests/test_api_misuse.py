@@ -38,8 +38,9 @@ def test_the_model_checks_concrete_inputs_outside_jit(models):
     with pytest.raises(ValueError, match=re.escape("got (2, 3, 16, 16) (channels last: images.transpose(0, 2, 3, 1) "
                                                    "for an NCHW batch)")):  # a PyTorch user's layout
         model(x.transpose(0, 3, 1, 2), t, class_labels=np.array([1, 2]))
-    # A wide batch (its patches no square grid); one 3 pixels high, no NCHW batch to transpose.
-    for images, shape in ((x[:, :, :8], "(2, 16, 8, 3)"), (np.zeros((2, 3, 16, 3), np.float32), "(2, 3, 16, 3)")):
+    # A wide batch (its patches no square grid); one 3 pixels high, no NCHW batch to transpose; RGBA.
+    for images, shape in ((x[:, :, :8], "(2, 16, 8, 3)"), (np.zeros((2, 3, 16, 3), np.float32), "(2, 3, 16, 3)"),
+                          (np.zeros((2, 16, 16, 4), np.float32), "(2, 16, 16, 4)")):
         with pytest.raises(ValueError, match=re.escape("images must be (B, H, H, 3) with H a multiple of patch size "
                                                        f"4, got {shape}") + "$"):
             model(images, t, class_labels=np.array([1, 2]))
