@@ -245,6 +245,16 @@ def test_only_a_step_folder_or_its_temporary_is_removed_as_a_killed_save_not_one
     assert sorted(os.listdir(run / "checkpoints")) == ["040", "12.old", "2", "9_backup"]
 
 
+def test_a_first_save_killed_before_any_step_completed_is_removed(tmp_path):
+    """With no complete step, every step folder left is a killed save: the run's first one."""
+    from pixelflow_jax.training.checkpointing import remove_unfinished_saves
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2.orbax-checkpoint-tmp-1764580000" / "state").mkdir(parents=True)
+    assert remove_unfinished_saves(str(run)) == [2]
+    assert os.listdir(run / "checkpoints") == []
+
+
 def test_partial_checkpoints_that_cannot_be_removed_are_a_warning_not_a_failed_start(bucket, monkeypatch, caplog):
     """The removal is best effort, before the run saves anything: a bucket that refuses a deletion
     (a retention policy, a role without delete) leaves the partial step and the run starts."""

@@ -1931,6 +1931,22 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
     keeping_one = checkpointing.checkpoint_manager(str(tmp_path / "keeping_one"), keep=1)  # none to keep fewer of
     assert checkpointing.save_fix(keeping_one, "No space left on device") == (
         "free space: a save needs room for one checkpoint beside the one kept")
+    # A disk mounted read-only and a bucket's 401 are refusals too: more room would not help.
+    assert checkpointing.save_fix(stand_in, "[Errno 30] Read-only file system: 'x'") == "write access to the folder"
+    assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "401 Unauthorized") == \
+        f"write access: {storage.CHECK_ACCESS}"
+
+
+def test_a_run_in_a_relative_workdir_saves_its_checkpoints_there(tmp_path, monkeypatch):
+    """orbax takes only an absolute folder: --workdir=run (the usual way to type it) must save too."""
+    from pixelflow_jax.training import checkpointing
+
+    monkeypatch.chdir(tmp_path)
+    manager = checkpointing.checkpoint_manager("run", keep=3)
+    checkpointing.save(manager, 2, {"w": jax.numpy.zeros(2)})
+    checkpointing.wait_for_saves(manager)
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
+    manager.close()
 
 
 def test_a_run_keeps_its_newest_checkpoints_and_a_failed_save_names_the_newest_as_the_resume_point(tmp_path):
@@ -2090,6 +2106,12 @@ def test_only_orbaxs_records_of_an_error_lose_their_traceback():
     other = record("/usr/lib/python3/site-packages/grain/_src/loader.py")
     assert ORBAX_TRACEBACKS_IN_ONE_LINE.filter(other) and other.getMessage() == "save 4 failed"
     assert isinstance(other.exc_info[1], OSError)
+    try:  # a stop (Ctrl-C) that orbax logs is no error: its traceback stays
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        stop = logging.LogRecord("absl", logging.ERROR, orbax.pathname, 1, "interrupted", None, sys.exc_info())
+    assert ORBAX_TRACEBACKS_IN_ONE_LINE.filter(stop) and stop.getMessage() == "interrupted"
+    assert isinstance(stop.exc_info[1], KeyboardInterrupt)
 
 
 def test_a_batch_the_devices_cannot_split_names_the_device_counts_that_keep_it():
