@@ -594,3 +594,47 @@ def test_a_platform_jax_cannot_start_stops_a_process_as_it_joins_in_one_line(mon
     with pytest.raises(ValueError, match=r"^JAX_PLATFORMS=.* asks jax for a platform it cannot start here|"
                                          r"^jax cannot start its backends"):
         multihost.start_distributed("localhost:1234", 2, 1)
+
+
+def test_processes_that_list_the_same_latest_step_but_other_earlier_ones_are_found(monkeypatch):
+    """A lagging listing may miss an older step alone: compared by the latest step only, it passed."""
+    calls_of_the_other_process(monkeypatch, multihost.check_same_checkpoints, [20], "/runs/xl/checkpoints")
+    with pytest.raises(storage.StorageError, match=r"process 1 of 2 sees other steps than process 0 \(latest step "
+                                                   r"seen: process 0: 20, process 1: 20\)"):
+        multihost.check_same_checkpoints([10, 20], "/runs/xl/checkpoints")
+
+
+def test_only_the_inputs_that_differ_are_named_and_a_count_only_where_the_input_has_one(monkeypatch):
+    inputs = lambda prompts: [multihost.InputRead("--labels=a.npz", "same"),
+                              multihost.InputRead("--prompts_file=p.txt", prompts),
+                              multihost.InputRead("--weights=w", "same", 7, "")]
+    calls_of_the_other_process(monkeypatch, multihost.check_same_inputs, inputs("old"))
+    monkeypatch.setattr(multihost, "host_names", lambda: ["h0", "h1"])
+    with pytest.raises(ValueError, match=r"process 1 of 2 \(on h1\) reads other content than process 0 \(on h0\) in "
+                                         r"--prompts_file=p\.txt\. Each host"):
+        multihost.check_same_inputs(inputs("new"))
+
+
+def test_a_process_that_failed_in_failing_together_raises_its_own_error():
+    """The others name it; its own error says why."""
+    with pytest.raises(KeyError, match="the cause"):
+        with multihost.failing_together((KeyError,), "checking the inputs"):
+            raise KeyError("the cause")
+
+
+def test_srun_of_one_task_is_no_lone_task(monkeypatch):
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert multihost.lone_task_of_srun() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert "as 2 tasks" in multihost.lone_task_of_srun()
+
+
+def test_a_loop_after_another_asks_the_sync_point_from_the_pass_after_the_last_one_asked(monkeypatch):
+    asked = []
+    monkeypatch.setattr(multihost, "_last_pass_asked", [0])  # this process's own count left as it was
+    monkeypatch.setattr(multihost.jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda passes: asked.append(passes) or False)
+    for passes in (1, 2, 3):
+        multihost.stop_if_preempted(passes)
+    multihost.stop_if_preempted_at_the_next_pass()
+    assert asked == [1, 2, 3, 4]
