@@ -637,3 +637,61 @@ def test_a_warmup_of_another_type_is_refused_as_a_change_not_compared(tmp_path):
     check_resume(str(tmp_path), c2i_config(**{"train.warmup_steps": 10}), step=0, num_records=100)
     with pytest.raises(ValueError, match=r"train.warmup_steps: 10 -> '20' \(the learning rate"):
         check_resume(str(tmp_path), c2i_config(**{"train.warmup_steps": "20"}), step=50, num_records=100)
+
+
+def test_a_new_run_leaves_changes_already_discarded_as_they_were_and_says_nothing(tmp_path, caplog):
+    """Their reason (why no step they trained was kept) is their history: a later new run in the
+    workdir neither rewrites it nor warns of changes it marked already."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, check_resume
+
+    record = {"step": 40, "changes": {"train.lr": {"from": 0.0001, "to": 0.001}},
+              "discarded": "no step trained with it was kept: the run resumed at step 40"}
+    (tmp_path / CHANGES_FILE).write_text(json.dumps(record) + "\n")
+    with caplog.at_level(logging.WARNING):
+        check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    assert [json.loads(line) for line in open(tmp_path / CHANGES_FILE)] == [record]
+    assert "marked discarded" not in caplog.text
+    later = {"step": 60, "changes": {"train.lr": {"from": 0.0001, "to": 0.01}}}  # one the new run discards
+    (tmp_path / CHANGES_FILE).write_text(json.dumps(record) + "\n" + json.dumps(later) + "\n")
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    assert [json.loads(line) for line in open(tmp_path / CHANGES_FILE)] == [
+        record, {**later, "discarded": "no step trained with it was kept: a new run started in this workdir"}]
+
+
+def test_a_refused_resume_leaves_the_changes_it_would_discard_unmarked(tmp_path):
+    """A refusal writes nothing: the changes a resume at their step would mark discarded stay as they
+    were until a resume goes on."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    workdir = str(tmp_path)
+    check_resume(workdir, c2i_config(), step=0, num_records=100)
+    check_resume(workdir, c2i_config(**{"train.lr": 1e-3, "train.allow_resume_changes": True}), step=40,
+                 num_records=100)
+    before = [(tmp_path / name).read_text() for name in (CHANGES_FILE, SETTINGS_FILE)]
+    with pytest.raises(ValueError, match="train.batch_size: 8 -> 16"):
+        check_resume(workdir, c2i_config(**{"train.batch_size": 16}), step=40, num_records=100)
+    assert [(tmp_path / name).read_text() for name in (CHANGES_FILE, SETTINGS_FILE)] == before
+
+
+def test_a_setting_a_discarded_change_added_is_dropped_from_the_record_not_kept_as_null(tmp_path):
+    """Turning center_crop off added data.expand_ratio (the random crop reads it); resumed before that
+    change trained a step, the run's record is the one before it, without that setting."""
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, check_resume
+
+    workdir, cropped = str(tmp_path), {"data.center_crop": True}
+    check_resume(workdir, c2i_config(**cropped), step=0, num_records=100)
+    check_resume(workdir, c2i_config(**{"train.allow_resume_changes": True}), step=40, num_records=100)
+    assert "data.expand_ratio" in json.loads((tmp_path / SETTINGS_FILE).read_text())
+    check_resume(workdir, c2i_config(**cropped), step=40, num_records=100)
+    assert "data.expand_ratio" not in json.loads((tmp_path / SETTINGS_FILE).read_text())
+
+
+def test_a_refused_change_of_the_datas_files_asks_for_them_as_they_were_and_a_scratch_run_records_no_init_read(
+        tmp_path):
+    from pixelflow_jax.training.resume_settings import SETTINGS_FILE, STARTED_FROM_READ, check_resume
+
+    workdir = str(tmp_path)
+    check_resume(workdir, c2i_config(), step=0, num_records=100, listing="a")
+    assert not set(STARTED_FROM_READ) & set(json.loads((tmp_path / SETTINGS_FILE).read_text()))
+    with pytest.raises(ValueError, match=r"\(and the data's files as they were\)"):
+        check_resume(workdir, c2i_config(), step=40, num_records=100, listing="b")
