@@ -695,3 +695,17 @@ def test_a_refused_change_of_the_datas_files_asks_for_them_as_they_were_and_a_sc
     assert not set(STARTED_FROM_READ) & set(json.loads((tmp_path / SETTINGS_FILE).read_text()))
     with pytest.raises(ValueError, match=r"\(and the data's files as they were\)"):
         check_resume(workdir, c2i_config(), step=40, num_records=100, listing="b")
+
+
+def test_a_change_of_data_source_undone_before_it_trained_a_step_resumes_with_the_first_sources_command(tmp_path):
+    """A demo run resumed on a folder (allowed) and stopped before it saved a step: the demo command
+    resumed at the same step was refused as 'data.demo_num_images: None -> 20000' (the folder's record
+    dropped the demo's fields, and undoing the change could not give them back)."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, check_resume
+
+    workdir, folder = str(tmp_path / "run"), {"data.source": "folder", "data.root": str(tmp_path / "images")}
+    check_resume(workdir, c2i_config(), step=0, num_records=100)
+    check_resume(workdir, c2i_config(**folder, **{"train.allow_resume_changes": True}), step=40, num_records=100)
+    check_resume(workdir, c2i_config(), step=40, num_records=100)
+    [record] = map(json.loads, open(tmp_path / "run" / CHANGES_FILE))
+    assert set(record["changes"]) == {"data.source", "data.root"} and record["discarded"]

@@ -1,7 +1,8 @@
 """What a resumed run keeps: the settings that decide its data order and its optimisation.
 
     WORKDIR/train_settings.json     those settings, as the run started (or was last changed)
-    WORKDIR/settings_changes.jsonl  every change accepted (allow_resume_changes, NUMERICS_ONLY), by step
+    WORKDIR/settings_changes.jsonl  every change accepted (allow_resume_changes, NUMERICS_ONLY), by step, with
+                                    the settings it left unread ("dropped")
 
 A resume with another batch size, seed or data (another root, the same root with records added,
 removed, renamed or moved to another class: the shuffle is a permutation of the record count, and
@@ -238,8 +239,12 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
                         "goes on, so no remaining step's learning rate changes (recorded in %s)", workdir, step,
                         WARMUP, warmup["from"], warmup["to"], updates, CHANGES_FILE)
     if jax.process_index() == 0:
-        write_changes(workdir, [*changes, {"step": step, "changes": every_change}])
         kept = {key: trained[key] for key in (STARTED_FROM, *STARTED_FROM_READ) if key in trained}
+        # Settings this command no longer reads (a demo's, once the data is a folder) leave the record:
+        # kept with the change, for settings_trained_to to give them back where it undoes the change.
+        dropped = {key: value for key, value in trained.items() if key not in current and key not in kept}
+        change = {"step": step, "changes": every_change, **({"dropped": dropped} if dropped else {})}
+        write_changes(workdir, [*changes, change])
         write_run_record(path, {**current, **kept})
 
 
@@ -348,4 +353,5 @@ def settings_trained_to(workdir: str, step: int) -> tuple[dict, list[dict], list
                 settings.pop(key, None)
             else:
                 settings[key] = change["from"]
+        settings.update(changes[index].get("dropped", {}))
     return settings, changes, untrained
