@@ -1919,6 +1919,9 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
                                               r"rerun the same command: it resumes from step 2$"):
         with checkpointing.save_errors(stand_in):
             raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
+    with pytest.raises(CheckpointError, match=r"failed: (x{300})\. Fix the cause"):  # a cause cut to one short line
+        with checkpointing.save_errors(stand_in):
+            raise ValueError("x" * 1000)
     with pytest.raises(CheckpointError, match=r"Permission denied: 'x'\. Fix the cause \(write access to the folder\)"):
         with checkpointing.save_errors(stand_in):  # a refusal is not a full disk
             raise PermissionError(13, "Permission denied", "x")
@@ -2038,7 +2041,22 @@ def test_a_save_that_failed_on_another_process_stops_this_one_at_the_same_check(
                                               r"same command once the cause is fixed$"):
         checkpointing.check_saves(manager)
     assert told == [False]  # this process's own saves went well
+    monkeypatch.setattr(checkpointing, "processes_where", lambda flag: [1, 3])
+    with pytest.raises(CheckpointError, match=r"^a checkpoint save failed on process 1 \("):  # the first named
+        checkpointing.check_saves(manager)
     manager.close()
+
+
+def test_a_save_in_progress_is_not_waited_for_at_a_logged_step(monkeypatch):
+    """check_saves runs at every logged step: waiting there for a save under way (minutes on XL) would
+    stall training that orbax's background save lets go on."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax.training import checkpointing
+
+    saving = SimpleNamespace(is_saving_in_progress=lambda: True,
+                             wait_until_finished=lambda: pytest.fail("waited for a save in progress"))
+    checkpointing.check_saves(saving)
 
 
 def test_orbax_logs_a_failed_save_in_one_line_each_time_not_its_traceback(tmp_path, monkeypatch, caplog):
