@@ -1842,6 +1842,14 @@ def test_a_windows_1252_caption_is_quoted_around_its_first_foreign_byte_and_bina
     assert decode_caption(bytearray(b" a red disk\n")) == "a red disk"
 
 
+def test_a_windows_1252_caption_with_windows_line_ends_is_named_so():
+    """Notepad of old saved Windows-1252 with \\r\\n line ends: a carriage return is no sign of binary."""
+    from pixelflow_jax.data.caption_data import CaptionError, decode_caption
+
+    with pytest.raises(CaptionError, match=re.escape("it reads as Windows-1252 text ('a caf\xe9\\r\\n')")):
+        decode_caption("a caf\xe9\r\n".encode("cp1252"))
+
+
 def test_records_that_fail_for_their_captions_say_so():
     class Blank:
         def __init__(self, size):
@@ -1976,6 +1984,20 @@ def test_a_shard_record_that_cannot_be_read_is_named_with_its_shard(tmp_path, ca
         assert decoding.DecodedSource(source, 8, center_crop=True, tokenizer=OneToken())[2]["skipped"] >= 1
     assert (f"skipping unreadable record {tmp_path}/shards:2 (record 0 of {tmp_path}/shards/captions-00002-of-00003"
             ".array_record): Corrupted Riegeli/records file") in caplog.text
+
+
+def test_a_shard_record_of_an_earlier_version_without_a_name_is_named_by_its_place_alone(tmp_path):
+    """Shards packed before records kept their file's name hold only the image and caption: their
+    records are named ROOT:INDEX, not ROOT:INDEX (None)."""
+    import msgpack
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    (tmp_path / "shards").mkdir()
+    writer = ArrayRecordWriter(str(tmp_path / "shards" / "captions-00000-of-00001.array_record"), "group_size:1")
+    writer.write(msgpack.packb({"image": encoded(np.zeros((8, 8, 3), np.uint8)), "caption": "a red disk"},
+                               use_bin_type=True))
+    writer.close()
+    assert CaptionRecordSource(str(tmp_path / "shards"))[0]["name"] == f"{tmp_path}/shards:0"
 
 
 def test_random_flip_off_keeps_every_image_the_right_way_round_and_the_same_crops():
