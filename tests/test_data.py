@@ -837,6 +837,24 @@ def test_make_loader_reads_with_the_runs_seed_crop_and_flip_settings_from_its_st
     np.testing.assert_array_equal(labels, expected_labels)
 
 
+
+def test_make_loader_flips_for_a_config_of_a_version_without_random_flip():
+    """A run's config.json from before data.random_flip resumes flipping, as it trained."""
+    import configs.c2i as c2i
+    from pixelflow_jax.data.loader import make_loader
+    from pixelflow_jax.data.sources import open_source
+    from pixelflow_jax.sharding import batch_sharding, make_mesh
+
+    config = c2i.get_config("tiny")
+    config.data.update(demo_num_images=24, resolution=32)
+    del config.data["random_flip"]
+    images, _ = next(make_loader(config, batch_size=8, sharding=batch_sharding(make_mesh())))
+    flipped, kept = (next(ImageLoader(build_dataset(open_source(config), batch_size=8, resolution=32, seed=config.seed,
+                                                    expand_ratio=config.data.expand_ratio, random_flip=flip)))[0]
+                     for flip in (True, False))
+    assert not np.array_equal(flipped, kept)  # (the check can fail)
+    np.testing.assert_array_equal(images, flipped)
+
 # ------------------------------------------------------------------- bad input a hostile user brings
 
 
@@ -2103,6 +2121,20 @@ def test_a_class_whose_every_image_is_unreadable_is_named_once_enough_images_are
     assert caplog.text.count("1 of 3 classes never came in the 60 images drawn so far: 2 (panorama)") == 1
     assert caplog.text.count("never came") == 1  # checked once: not again at each batch after
     loader.close()
+
+
+@pytest.mark.parametrize("missing", [10, 11])
+def test_the_classes_the_loader_never_drew_are_named_up_to_ten_with_dots_past_ten(caplog, missing):
+    """As a folder's classes without images are: ten in full, and '...' only where more follow."""
+    classes, draws = 1 + missing, loader_module.DRAWS_PER_CLASS_BEFORE_CHECK  # class 0 drawn alone
+    batch = {"image": np.zeros((1, 1, 1, 3), np.uint8), "label": np.zeros(draws * classes, np.int32),
+             "skipped": np.zeros(1, np.int32), "transparent": np.zeros(1, np.int32)}
+    loader = ImageLoader([batch], classes)
+    with caplog.at_level("WARNING"):
+        next(loader)
+    named = ", ".join(map(str, range(1, 11)))
+    assert f"classes never came in the {draws * classes} images drawn so far: {named}{', ...' * (missing > 10)}. " \
+        in caplog.text
 
 
 def test_a_training_runs_loader_names_a_class_folder_whose_every_image_is_unreadable(tmp_path, caplog):
