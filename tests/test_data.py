@@ -541,8 +541,8 @@ def test_an_output_counts_as_inside_a_folder_source_only_where_the_source_reads(
 
 
 def test_an_image_folders_listing_follows_its_files_and_labels_not_where_the_folder_lies(tmp_path):
-    """A resume compares the listing with the run's: the same folder copied elsewhere is the same
-    data, but an image moved to another class is another labelling."""
+    """A resume compares the listing with the run's: the same folder copied elsewhere, or named with
+    a trailing slash, is the same data, but an image moved to another class is another labelling."""
     image = encoded(np.zeros((8, 8, 3), np.uint8))
     for path in ("a/1.png", "b/2.png", "b/3.png"):
         os.makedirs(tmp_path / "first" / os.path.dirname(path), exist_ok=True)
@@ -550,6 +550,7 @@ def test_an_image_folders_listing_follows_its_files_and_labels_not_where_the_fol
     shutil.copytree(tmp_path / "first", tmp_path / "elsewhere" / "copy")
     listing = ImageFolderSource(str(tmp_path / "first")).listing
     assert ImageFolderSource(str(tmp_path / "elsewhere" / "copy")).listing == listing
+    assert ImageFolderSource(f"{tmp_path}/first/").listing == listing
     os.rename(tmp_path / "first" / "b" / "3.png", tmp_path / "first" / "a" / "3.png")
     assert ImageFolderSource(str(tmp_path / "first")).listing != listing
 
