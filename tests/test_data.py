@@ -65,6 +65,19 @@ def test_folder_with_awkward_images(awkward_folder):
     assert 1 <= loader.skipped.count <= 36  # the truncated JPEG was met, skipped and counted each time
 
 
+def test_only_process_0_writes_the_class_index(awkward_folder, tmp_path, monkeypatch):
+    """Every process of a --distributed run opens the folder: one writes class_index.json (every
+    process rewriting one shared file at once could leave it cut short for a resume to refuse)."""
+    config = type("C", (), {"source": "folder", "root": awkward_folder})
+    source = make_source(config, class_index_dir=str(tmp_path))
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    record_class_index(config, source, str(tmp_path), ids_learned=False)
+    assert not (tmp_path / "class_index.json").exists()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    record_class_index(config, source, str(tmp_path), ids_learned=False)
+    assert (tmp_path / "class_index.json").exists()
+
+
 def test_folder_class_index_is_written_and_reused(awkward_folder, tmp_path):
     config = type("C", (), {"source": "folder", "root": awkward_folder})
     record_class_index(config, make_source(config, class_index_dir=str(tmp_path)), str(tmp_path), ids_learned=True)
