@@ -137,6 +137,22 @@ def json_edited(path):
     path.write_text(json.dumps(values))
 
 
+@contextlib.contextmanager
+def stop_handlers_kept():
+    """SIGHUP at its default disposition within the block, as a job started outside nohup has it (a
+    suite run under nohup passes its SIG_IGN on), and SIGHUP's, SIGINT's and SIGTERM's handlers put
+    back after it, whatever the block installed."""
+    import signal
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def host_memory_as_main_sets_it():
     """In-process steps run as main.py runs them: freed host buffers kept for reuse (host_memory.py)."""

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cpu_devices
+from conftest import REPO, cpu_devices, stop_handlers_kept
 
 
 def test_inspect_mode_runs_every_stage(tmp_path):
@@ -1553,8 +1553,7 @@ def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_h
     delivered_again = []
     monkeypatch.setattr(command_line, "deliver_again_later", delivered_again.append)
     monkeypatch.setattr(command_line, "_stop_signal", [None])
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
+    with stop_handlers_kept():
         command_line.stop_on_hang_up()
         with pytest.raises(command_line.HungUp) as stop:
             os.kill(os.getpid(), signal.SIGHUP)
@@ -1581,8 +1580,6 @@ def test_a_sighup_dropped_where_python_ignores_exceptions_is_raised_again_as_a_h
         signal.signal(signal.SIGHUP, own)
         command_line.stop_on_hang_up()
         assert signal.getsignal(signal.SIGHUP) is own
-    finally:
-        signal.signal(signal.SIGHUP, before)
 
 
 @pytest.mark.parametrize("first, then", [("SIGHUP", "SIGTERM"), ("SIGTERM", "SIGHUP")])
@@ -1592,8 +1589,7 @@ def test_a_hang_up_and_a_sigterm_both_received_stop_the_job_as_a_hang_up(monkeyp
     from pixelflow_jax import command_line
 
     monkeypatch.setattr(command_line, "_stop_signal", [None])
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
-    try:
+    with stop_handlers_kept():
         command_line.stop_on_sigterm()
         command_line.stop_on_hang_up()
         for signum in (first, then):
@@ -1603,6 +1599,3 @@ def test_a_hang_up_and_a_sigterm_both_received_stop_the_job_as_a_hang_up(monkeyp
         with pytest.raises(command_line.HungUp):
             command_line.stop_if_terminated()
         assert command_line.stop_cause(command_line.stop_received())[1] == 129
-    finally:
-        signal.signal(signal.SIGHUP, before[0])
-        signal.signal(signal.SIGTERM, before[1])

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import REPO, cpu_devices, free_port
+from conftest import REPO, cpu_devices, free_port, stop_handlers_kept
 from pixelflow_jax import PixelFlowScheduler, load_model
 from pixelflow_jax.command_line import EXIT_TERMINATED
 from pixelflow_jax.data.demo_data import demo_image
@@ -1737,8 +1737,7 @@ def test_a_hang_up_saves_the_step_like_a_preemption_and_nohups_ignored_one_stays
     from pixelflow_jax.training.preemption import PreemptionWatch
     from pixelflow_jax.training.train import preempted_at
 
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
-    try:
+    with stop_handlers_kept():
         watch = PreemptionWatch()
         try:
             assert not watch.reached()
@@ -1759,9 +1758,6 @@ def test_a_hang_up_saves_the_step_like_a_preemption_and_nohups_ignored_one_stays
         finally:
             watch.close()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGHUP, before[0])
-        signal.signal(signal.SIGTERM, before[1])
 
 
 def test_a_hang_up_after_a_ctrl_c_leaves_it_a_ctrl_c_and_a_hosts_own_hang_up_handler_stays():
@@ -1769,9 +1765,7 @@ def test_a_hang_up_after_a_ctrl_c_leaves_it_a_ctrl_c_and_a_hosts_own_hang_up_han
     status 130). A program that runs training with a SIGHUP handler of its own keeps it."""
     from pixelflow_jax.training.preemption import PreemptionWatch
 
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGINT), \
-        signal.getsignal(signal.SIGTERM)
-    try:
+    with stop_handlers_kept():
         watch = PreemptionWatch()
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -1787,9 +1781,6 @@ def test_a_hang_up_after_a_ctrl_c_leaves_it_a_ctrl_c_and_a_hosts_own_hang_up_han
             assert not watch.reached() and hosts_own == ["SIGHUP"]
         finally:
             watch.close()
-    finally:
-        for signum, handler in zip((signal.SIGHUP, signal.SIGINT, signal.SIGTERM), before):
-            signal.signal(signum, handler)
 
 
 def test_the_watch_takes_hang_ups_over_from_the_runs_start_up_on_one_process_or_several(monkeypatch):
@@ -1801,8 +1792,7 @@ def test_the_watch_takes_hang_ups_over_from_the_runs_start_up_on_one_process_or_
     from pixelflow_jax.training.preemption import PreemptionWatch
 
     monkeypatch.setattr(command_line, "_passed_on", [None])
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
-    try:
+    with stop_handlers_kept():
         command_line.stop_on_sigterm()
         command_line.stop_on_hang_up()  # main.py's, for a run of one process
         start_up = signal.getsignal(signal.SIGHUP)
@@ -1827,9 +1817,7 @@ def test_the_watch_takes_hang_ups_over_from_the_runs_start_up_on_one_process_or_
             assert watch.hung_up and watch.cause.startswith("hung up (SIGHUP")
         finally:
             watch.close()
-    finally:
-        signal.signal(signal.SIGHUP, before[0])
-        signal.signal(signal.SIGTERM, before[1])
+
 
 def test_a_hang_up_during_a_distributed_runs_loop_is_the_watchs_and_stops_the_run_as_hung_up(monkeypatch):
     """With several processes main.py passes a SIGHUP on to jax's service (stop_on_hang_up(distributed=True))
@@ -1841,9 +1829,8 @@ def test_a_hang_up_during_a_distributed_runs_loop_is_the_watchs_and_stops_the_ru
     monkeypatch.setattr(command_line, "_passed_on", [None])
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     caught = []  # jax's preemption service, which holds SIGTERM in a job of several processes
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum)), \
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
+    with stop_handlers_kept():
+        signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
         command_line.stop_on_hang_up(distributed=True)
         watch = PreemptionWatch()
         try:
@@ -1852,9 +1839,6 @@ def test_a_hang_up_during_a_distributed_runs_loop_is_the_watchs_and_stops_the_ru
         finally:
             watch.close()
         assert signal.getsignal(signal.SIGHUP) is command_line._pass_on_as_sigterm
-    finally:
-        signal.signal(signal.SIGTERM, before[0])
-        signal.signal(signal.SIGHUP, before[1])
 
 
 def test_a_ctrl_c_after_a_hang_up_leaves_the_run_stopped_as_hung_up_in_its_message_and_status():
@@ -1863,9 +1847,7 @@ def test_a_ctrl_c_after_a_hang_up_leaves_the_run_stopped_as_hung_up_in_its_messa
     from pixelflow_jax.training.preemption import PreemptionWatch
     from pixelflow_jax.training.train import preempted_at
 
-    before = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGINT), \
-        signal.getsignal(signal.SIGTERM)
-    try:
+    with stop_handlers_kept():
         watch = PreemptionWatch()
         try:
             os.kill(os.getpid(), signal.SIGHUP)
@@ -1874,9 +1856,6 @@ def test_a_ctrl_c_after_a_hang_up_leaves_the_run_stopped_as_hung_up_in_its_messa
             stop = preempted_at(watch, 7, 10, False)
         finally:
             watch.close()
-    finally:
-        for signum, handler in zip((signal.SIGHUP, signal.SIGINT, signal.SIGTERM), before):
-            signal.signal(signum, handler)
     assert stop.exit_status == 129 and str(stop).startswith("hung up (SIGHUP")
 
 
