@@ -24,7 +24,8 @@ from absl import logging
 from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.evaluation import metrics
-from pixelflow_jax.evaluation.features import FEATURES_VERSION, FeatureExtractor, cached_features
+from pixelflow_jax.evaluation.features import (FEATURES_VERSION, FeatureExtractor, cached_features,
+                                              replaced_as_process_0_finds)
 from pixelflow_jax.evaluation.npz_images import (DAMAGED_MEMBER, check_pixel_values, npz_contents, npz_for_folder,
                                                  npz_image_count, npz_images_crc, open_images, opened_archive)
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
@@ -238,13 +239,7 @@ def check_left_in_place(path: str, crc_at_start: int) -> None:
     images' metrics recorded under its name, after the job had removed the eval.json it outdated; a
     reference replaced once its features were read had its stored statistics (FID's) read from the
     new file, and precision and recall from the old one's features."""
-    replaced = False
-    if jax.process_index() == 0:
-        try:
-            replaced = npz_images_crc(path) != crc_at_start
-        except (OSError, ValueError):  # gone, or no longer an .npz of images
-            replaced = True
-    if from_process_0(np.int32(replaced)):
+    if replaced_as_process_0_finds(lambda: npz_images_crc(path) == crc_at_start):
         raise ValueError(f"{path} was replaced while it was evaluated (by a sampling job?): the metrics are not "
                          "recorded; evaluate it again")
 

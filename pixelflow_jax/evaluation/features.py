@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import re
+from typing import Callable
 
 import jax
 import numpy as np
@@ -268,11 +269,17 @@ def features_of_a_file_left_in_place(extract: FeatureExtractor, path: str, cache
 
 def replaced_while_read(extract: FeatureExtractor, path: str, cache_dir: str, cache: str) -> bool:
     """Whether `path` is no longer the file `cache` is named for, as process 0 finds it, on every process."""
+    return replaced_as_process_0_finds(lambda: cache_file(cache_dir, path, feature_cache_key(extract, path)) == cache)
+
+
+def replaced_as_process_0_finds(still_in_place: Callable[[], bool]) -> bool:
+    """not still_in_place(), asked on process 0 and told to every process; a file gone, or no longer an
+    .npz of images (OSError, ValueError), is replaced."""
     replaced = False
     if jax.process_index() == 0:
         try:
-            replaced = cache_file(cache_dir, path, feature_cache_key(extract, path)) != cache
-        except (OSError, ValueError):  # gone, or no longer an .npz of images
+            replaced = not still_in_place()
+        except (OSError, ValueError):
             replaced = True
     return bool(from_process_0(np.int32(replaced)))
 
