@@ -11,6 +11,7 @@ is float32 too, where the release's in-place add rounds it to bf16 (README, Nume
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from pixelflow_jax.config import ModelConfig, numpy_broadcasting
-from pixelflow_jax.kernels.attention import ATTENTION_FORWARD_PRIMITIVES, dot_product_attention
+from pixelflow_jax.kernels.attention import ATTENTION_FORWARD_PRIMITIVES, dot_product_attention, resolve_backend
 from pixelflow_jax.rope import apply_rope, rope_tables
 from pixelflow_jax.sharding import check_auto_axes_only, keep_batch_split
 from pixelflow_jax.validation import class_ids
@@ -72,7 +73,7 @@ def _square_jvp(primals, tangents):
 GELU_CUBIC = 0.044715  # the tanh approximation: gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def gelu(x: jax.Array) -> jax.Array:
     """GELU (tanh approximation), jax.nn.gelu's values, whose backward pass keeps only x.
 
@@ -80,25 +81,30 @@ def gelu(x: jax.Array) -> jax.Array:
     its input and output (x**2, tanh(...), ...). Recomputed under jax.checkpoint instead, on a GPU
     XLA wrote the tanh out in a kernel of its own for the gradient's kernel to read back (two
     hidden-sized passes a layer, bench/RESULTS.md); the derivative written as one expression of x
-    is one kernel."""
+    is one kernel. A jvp rule (not a custom_vjp) so that jax.jvp runs too: reverse mode transposes
+    it into that kernel."""
     return jax.nn.gelu(x, approximate=True)
 
 
-def _gelu_forward(x: jax.Array):
-    return gelu(x), x
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (tangent,) = primals, tangents
+    return gelu(x), _times_gelu_derivative(x, tangent)
 
 
-def _gelu_backward(x: jax.Array, cotangent: jax.Array):
-    """The derivative in one float32 pass, rounded to x's dtype once:
-    (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(sqrt(2/pi) (x + 0.044715 x^3))."""
+# Nothing saveable: reverse mode keeps x and recomputes the derivative in the backward pass, rather
+# than keep it, a float32 array of the hidden layer's size. prevent_cse=False: no optimization
+# barrier (the backward pass has nothing of the forward's to merge with it).
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+def _times_gelu_derivative(x: jax.Array, tangent: jax.Array) -> jax.Array:
+    """tangent x gelu'(x) in one float32 pass, rounded to x's dtype once; linear in the tangent,
+    so its transpose, the backward pass, is cotangent x gelu'(x), rounded once too:
+    gelu'(x) = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(sqrt(2/pi) (x + 0.044715 x^3))."""
     xf = x.astype(jnp.float32)
     slope_of_inner = math.sqrt(2 / math.pi) * (1 + 3 * GELU_CUBIC * xf * xf)
     t = jnp.tanh(math.sqrt(2 / math.pi) * (xf + GELU_CUBIC * xf * xf * xf))
     derivative = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * slope_of_inner
-    return ((cotangent.astype(jnp.float32) * derivative).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_forward, _gelu_backward)
+    return (tangent.astype(jnp.float32) * derivative).astype(x.dtype)
 
 
 def _linear(cfg: ModelConfig, in_features: int, out_features: int, rngs: nnx.Rngs, *,
@@ -269,8 +275,20 @@ def keep_matmul_and_attention_outputs(prim, *args, **params) -> bool:
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
-# jax's error for jax.jvp (jacfwd, hessian) meeting a custom_vjp function, as gelu and apply_rope are.
+# jax's error for jax.jvp (jacfwd, hessian) meeting a custom_vjp function, as the fused attention
+# kernels are (cuDNN's, our Pallas flash attention, splash).
 JAX_REFUSES_FORWARD_MODE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+
+
+def forward_mode_refusal(cfg: ModelConfig) -> str:
+    """Why jax.jvp failed in the blocks, for a model whose attention kernel has a custom backward pass."""
+    backend = repr(cfg.attention)
+    if cfg.attention == "auto":  # cuDNN on a GPU, splash on a TPU
+        backend += f" ({resolve_backend('auto', cfg.compute_dtype)} here)"
+    return (f"attention backend {backend} has a custom backward pass (jax.custom_vjp), which jax cannot differentiate "
+            "in forward mode (jax.jvp, jax.jacfwd, jax.hessian): load the model with attention='xla' "
+            "(load_model(path, attention='xla'), or ModelConfig(..., attention='xla')), or use reverse mode "
+            "(jax.grad, jax.vjp, jax.jacrev)")
 
 
 # What jax.checkpoint keeps of a block for the backward pass, per model.remat other than 'none'
@@ -323,7 +341,8 @@ class PixelFlow(nnx.Module):
     (H / patch_size) and its RoPE grid follow from the shape. timesteps (B,) in the release's
     [0, num_train_timesteps) units. encoder_attention_mask (B, L_text): 1 for a caption's tokens,
     0 for padding. Returns float32 (B, H, W, out_channels). On several devices, a mesh of Auto axes
-    splits the batch. Differentiable in reverse mode (jax.grad, jax.vjp), not forward (jax.jvp).
+    splits the batch. Differentiable in reverse mode (jax.grad, jax.vjp) and, with attention 'xla',
+    forward mode (jax.jvp, jax.jacfwd): the fused attention kernels have custom backward passes.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -459,10 +478,7 @@ class PixelFlow(nnx.Module):
         except TypeError as error:  # jax's own words name neither the model nor what to use instead
             if JAX_REFUSES_FORWARD_MODE not in str(error):
                 raise
-            raise ValueError("the model's GELU and RoPE have custom backward passes (jax.custom_vjp: less memory, one "
-                             "rounding), which jax cannot differentiate in forward mode: use reverse mode (jax.grad, "
-                             "jax.vjp, jax.jacrev; jax.jacrev(jax.jacrev(f)) for a Hessian) in place of jax.jvp, "
-                             "jax.jacfwd or jax.hessian") from None
+            raise ValueError(forward_mode_refusal(cfg)) from None
 
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :], 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(x.dtype)

@@ -3,6 +3,7 @@
 The release's tables are checked in test_model_parity.py; here the rotation itself."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,3 +136,29 @@ def test_rope_tables_are_the_releases_float32_math_on_a_large_grid():
     cos, sin = rope_tables(grid, HEAD_DIM)
     np.testing.assert_allclose(cos, angle.cos().numpy(), rtol=0, atol=5e-6)
     np.testing.assert_allclose(sin, angle.sin().numpy(), rtol=0, atol=5e-6)
+
+
+def rounded_to_bfloat16_from(jaxpr) -> set[str]:
+    """The primitives whose outputs a jaxpr (and every jaxpr inside it) converts to bf16."""
+    producers, found = {}, set()
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            producers[var] = eqn.primitive.name
+        if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == jnp.bfloat16:
+            found.add(producers.get(eqn.invars[0], "input"))
+        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+            found |= rounded_to_bfloat16_from(inner)
+    return found
+
+
+def test_ropes_gradient_is_rounded_to_bfloat16_from_a_sum_in_xs_shape():
+    """The backward pass (the tangent's transpose) sums the rotated cotangent in x's (..., H, D)
+    shape before its rounding to bf16. Summed in the flat channels and reshaped to x's shape, the
+    next layer's reshape back to the flat channels cancelled it, and XLA dropped the rounding as
+    excess precision: on an H200, q's and k's gradients passed on in float32, +1.5 GB a training
+    step of batch 8 (bench/gpu_compile.py)."""
+    cos, sin = rope_tables(GRID, HEAD_DIM)
+    x = jnp.zeros((2, GRID * GRID, HEADS, HEAD_DIM), jnp.bfloat16)
+    with compiling_for("gpu"):
+        jaxpr = jax.make_jaxpr(lambda x, g: jax.vjp(lambda x: apply_rope(x, cos, sin), x)[1](g))(x, x)
+    assert rounded_to_bfloat16_from(jaxpr.jaxpr) == {"add", "add_any"}

@@ -1,0 +1,212 @@
+"""Forward-mode differentiation (jax.jvp) of the model, and reverse mode as it was.
+
+GELU and RoPE have jvp rules (jax.custom_jvp); reverse mode transposes them. Until 2026-12-02 they
+were jax.custom_vjp functions, which jax.jvp refuses: their backward passes are kept below
+(CUSTOM_VJP) as the reference reverse mode must still equal bit for bit, and keep no more for."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pixelflow_jax import model as model_module
+from pixelflow_jax.config import ModelConfig
+from pixelflow_jax.kernels import attention as attention_module
+from pixelflow_jax.kernels.attention import compiling_for, interpret_kernels
+from pixelflow_jax.model import PixelFlow, gelu
+from pixelflow_jax.rope import _rotate, apply_rope, rope_tables
+
+BATCH, SIDE, TEXT_TOKENS, TEXT_WIDTH = 2, 16, 5, 8
+
+
+@jax.custom_vjp
+def gelu_with_custom_vjp(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_backward(x, cotangent):
+    xf = x.astype(jnp.float32)
+    slope_of_inner = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * xf * xf)
+    t = jnp.tanh(math.sqrt(2 / math.pi) * (xf + 0.044715 * xf * xf * xf))
+    derivative = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * slope_of_inner
+    return ((cotangent.astype(jnp.float32) * derivative).astype(x.dtype),)
+
+
+gelu_with_custom_vjp.defvjp(lambda x: (gelu_with_custom_vjp(x), x), _gelu_backward)
+
+
+@jax.custom_vjp
+def apply_rope_with_custom_vjp(x, cos, sin):
+    return _rotate(x, cos, sin)
+
+
+apply_rope_with_custom_vjp.defvjp(lambda x, cos, sin: (_rotate(x, cos, sin), (cos, sin)),
+                                  lambda tables, cotangent: (_rotate(cotangent, tables[0], -tables[1]), None, None))
+
+CUSTOM_VJP = {"gelu": gelu_with_custom_vjp, "apply_rope": apply_rope_with_custom_vjp}
+
+
+def tiny_model(text: bool, **overrides):
+    """(graphdef, params, inputs) of a 2-layer model with every parameter random (the release's zero
+    initialisations of adaLN and the output layer would hide the blocks from the gradients)."""
+    cfg = ModelConfig(num_attention_heads=2, attention_head_dim=8, depth=2, num_classes=0 if text else 10,
+                      cross_attention_dim=TEXT_WIDTH if text else 0, **{"attention": "xla", **overrides})
+    graphdef, params = nnx.split(PixelFlow(cfg, rngs=nnx.Rngs(0)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [0.3 * jax.random.normal(key, leaf.shape, leaf.dtype)
+                                       for key, leaf in zip(keys, leaves)])
+    rng = np.random.default_rng(2)
+    inputs = {"images": jnp.asarray(rng.standard_normal((BATCH, SIDE, SIDE, 3)), jnp.float32)}
+    if text:
+        inputs["encoder_hidden_states"] = jnp.asarray(rng.standard_normal((BATCH, TEXT_TOKENS, TEXT_WIDTH)),
+                                                      jnp.float32)
+    return graphdef, params, inputs
+
+
+def velocity_of(graphdef, text: bool):
+    """(params, inputs) -> the model's velocity at fixed timesteps (and class labels)."""
+    conditions = {} if text else {"class_labels": jnp.array([3, 10])}
+    return lambda params, inputs: nnx.merge(graphdef, params)(timesteps=jnp.array([10.0, 900.0]),
+                                                               **inputs, **conditions)
+
+
+def gradients(graphdef, params, inputs, text: bool):
+    velocity = velocity_of(graphdef, text)
+    loss = lambda params, inputs: jnp.mean(jnp.square(velocity(params, inputs)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, inputs)
+
+
+def residuals(graphdef, params, inputs, text: bool) -> list[tuple]:
+    """The shapes and dtypes of what jax.vjp of the velocity keeps for the backward pass (traced only)."""
+    velocity = velocity_of(graphdef, text)
+    kept = jax.eval_shape(lambda *args: jax.tree.leaves(jax.vjp(velocity, *args)[1]), params, inputs)
+    return sorted((r.shape, str(r.dtype)) for r in kept)
+
+
+# Each pair of (model, compute dtype, remat) values in one case or another
+@pytest.mark.parametrize("text, dtype, remat", [(False, "float32", "none"), (False, "bfloat16", "dots"),
+                                                (True, "float32", "dots_attention"), (True, "bfloat16", "none")])
+def test_reverse_mode_is_the_custom_vjps_bit_for_bit_and_keeps_the_same_residuals(text, dtype, remat):
+    """Parameter and input gradients equal (==) those of the custom_vjp GELU and RoPE, and the
+    backward pass keeps arrays of the same shapes and dtypes (no float32 derivative of the MLP's
+    hidden layer, no per-term bf16 rounding of RoPE's)."""
+    graphdef, params, inputs = tiny_model(text, dtype=dtype, remat=remat)
+    ours = gradients(graphdef, params, inputs, text)
+    kept = residuals(graphdef, params, inputs, text)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, reference in CUSTOM_VJP.items():
+            patch.setattr(model_module, name, reference)
+        reference = gradients(graphdef, params, inputs, text)
+        assert residuals(graphdef, params, inputs, text) == kept
+    for path, our_gradient, reference_gradient in zip(jax.tree_util.tree_leaves_with_path(ours),
+                                                      jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        assert np.asarray(our_gradient).dtype == np.asarray(reference_gradient).dtype
+        assert np.array_equal(our_gradient, reference_gradient), jax.tree_util.keystr(path[0])
+        assert np.any(our_gradient != 0), jax.tree_util.keystr(path[0])  # every part reaches the loss
+
+
+def gelu_derivative_float64(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    t = np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x**2)
+
+
+def test_gelus_tangent_is_the_float64_derivative_times_the_tangent_rounded_once():
+    """float32: within 1e-5 per unit of tangent of the float64 product (the formula's 1 - t^2 and
+    1 + t cancel for large |x|, so the error scales with the tangent, as the gradient's does in
+    test_remat). bf16: that float32 product rounded once (2^-8 relative at most)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(3 * rng.standard_normal(4096), jnp.float32)
+    tangent = jnp.asarray(rng.standard_normal(4096), jnp.float32)
+    values, tangents = jax.jit(lambda x, t: jax.jvp(gelu, (x,), (t,)))(x, tangent)
+    np.testing.assert_array_equal(values, jax.jit(gelu)(x))
+    expected = np.asarray(tangent, np.float64) * gelu_derivative_float64(x)
+    assert np.all(np.abs(tangents - expected) <= 1e-5 * np.abs(np.asarray(tangent, np.float64)))
+    x, tangent = x.astype(jnp.bfloat16), tangent.astype(jnp.bfloat16)
+    _, tangents = jax.jit(lambda x, t: jax.jvp(gelu, (x,), (t,)))(x, tangent)
+    assert tangents.dtype == jnp.bfloat16
+    expected = np.asarray(tangent, np.float64) * gelu_derivative_float64(np.asarray(x, np.float32))
+    error = np.abs(np.asarray(tangents, np.float64) - expected)
+    assert np.all(error <= 2.0**-8 * np.abs(expected) + 1e-5 * np.abs(np.asarray(tangent, np.float64)))
+
+
+def rotated_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """The rotation in float64, pairs made explicit: (a, b) -> (a cos - b sin, b cos + a sin)."""
+    x = x.astype(np.float64)
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * c - b * s, b * c + a * s
+    return out
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])  # rope._rotate's two views of the channels
+def test_ropes_tangent_is_the_float64_rotation_rounded_once(platform):
+    """The tangent of a bf16 input is rotated in float32 and rounded once: the float64 rotation
+    rounded to float32, then to bf16, bit for bit (shifted in bf16 and then summed in float32 it
+    would be too, a rotation being exact per term; it is its transpose, the backward pass, that
+    the float32 shifts keep rounded once, tested above)."""
+    cos, sin = rope_tables(4, 8)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 16, 3, 8)), jnp.bfloat16)
+    tangent = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+    with compiling_for(platform):
+        values, tangents = jax.jit(lambda x, t: jax.jvp(lambda x: apply_rope(x, cos, sin), (x,), (t,)))(x, tangent)
+    np.testing.assert_array_equal(values, _rotate(x, cos, sin))
+    assert tangents.dtype == jnp.bfloat16
+    expected = rotated_pairs(np.asarray(tangent, np.float32), cos, sin).astype(np.float32).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(tangents, expected)
+
+
+def test_forward_mode_runs_through_the_model_and_agrees_with_reverse_mode_and_differences():
+    """jax.jvp of the velocity in the images and timesteps (as MeanFlow or sCM training takes it)
+    against reverse mode's Jacobian (float32 sums in another order: within 1e-5 of the largest
+    entry, 1e-6 seen) and a central difference of step 0.01 (within 5e-3 of the largest entry, 4.5:
+    the float32 difference's rounding and its step-squared error put it 1e-3 away, where a RoPE
+    tangent rotating the wrong way is 0.11 off and a GELU one with a wrong sign 3.3); jax.jacfwd;
+    a Hessian-vector product forward over reverse against reverse over reverse."""
+    graphdef, params, inputs = tiny_model(text=False)
+    model, labels = nnx.merge(graphdef, params), jnp.array([3, 10])
+    images, timesteps = inputs["images"][:, :8, :8], jnp.array([10.0, 900.0])
+    direction = jnp.asarray(np.random.default_rng(5).standard_normal(images.shape), jnp.float32)
+    velocity = jax.jit(lambda images, timesteps: model(images, timesteps, class_labels=labels))
+    _, tangent = jax.jit(jax.jvp, static_argnums=0)(velocity, (images, timesteps), (direction, jnp.ones(2)))
+    by_images, by_timesteps = jax.jit(jax.jacrev(velocity, argnums=(0, 1)))(images, timesteps)
+    largest = np.abs(tangent).max()
+    by_reverse_mode = jnp.tensordot(by_images, direction, axes=4) + by_timesteps.sum(-1)
+    np.testing.assert_allclose(tangent, by_reverse_mode, rtol=0, atol=1e-5 * largest)
+    step = 0.01
+    difference = (velocity(images + step * direction, timesteps + step)
+                  - velocity(images - step * direction, timesteps - step)) / (2 * step)
+    np.testing.assert_allclose(tangent, difference, rtol=0, atol=5e-3 * largest)
+
+    forward_jacobian = jax.jit(jax.jacfwd(velocity))(images, timesteps)
+    np.testing.assert_allclose(forward_jacobian, by_images, rtol=0, atol=1e-5 * np.abs(by_images).max())
+    loss = lambda images: jnp.mean(jnp.square(velocity(images, timesteps)))
+    forward_over_reverse = jax.jit(lambda v: jax.jvp(jax.grad(loss), (images,), (v,))[1])(direction)
+    reverse_over_reverse = jax.jit(jax.grad(lambda images: jnp.vdot(jax.grad(loss)(images), direction)))(images)
+    np.testing.assert_allclose(forward_over_reverse, reverse_over_reverse, rtol=0,
+                               atol=1e-5 * np.abs(reverse_over_reverse).max())
+
+
+@pytest.mark.parametrize("attention, named", [("pallas_gpu", "'pallas_gpu'"), ("auto", "'auto' (pallas_gpu here)")])
+def test_forward_mode_with_a_fused_attention_kernel_is_refused_naming_xla(attention, named, monkeypatch):
+    """The fused attention kernels (cuDNN's, pallas_gpu, splash) are jax.custom_vjp functions, which
+    jax.jvp refuses in jax's words ("can't apply forward-mode autodiff (jvp) to a custom_vjp
+    function"), naming neither the model nor the fix."""
+    if attention == "auto":  # as 'auto' picks cuDNN on a GPU
+        monkeypatch.setitem(attention_module.AUTO, "cpu", "pallas_gpu")
+    graphdef, params, inputs = tiny_model(text=False, attention=attention)
+    velocity = velocity_of(graphdef, text=False)
+    with interpret_kernels():  # 16 tokens: the Pallas kernel runs (interpreted on the CPU)
+        with pytest.raises(ValueError, match=re.escape(
+                f"attention backend {named} has a custom backward pass (jax.custom_vjp), which jax cannot "
+                "differentiate in forward mode (jax.jvp, jax.jacfwd, jax.hessian): load the model with "
+                "attention='xla' (load_model(path, attention='xla'), or ModelConfig(..., attention='xla')), or use "
+                "reverse mode (jax.grad, jax.vjp, jax.jacrev)")):
+            jax.jvp(lambda params: velocity(params, inputs), (params,), (params,))
