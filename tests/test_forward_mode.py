@@ -210,3 +210,35 @@ def test_forward_mode_with_a_fused_attention_kernel_is_refused_naming_xla(attent
                 "attention='xla' (load_model(path, attention='xla'), or ModelConfig(..., attention='xla')), or use "
                 "reverse mode (jax.grad, jax.vjp, jax.jacrev)")):
             jax.jvp(lambda params: velocity(params, inputs), (params,), (params,))
+
+
+def test_a_loss_holding_a_jvp_has_the_gradient_of_the_same_loss_in_reverse_mode_only():
+    """MeanFlow's and sCM's losses hold the velocity's jvp along (dx/dt, 1) and train through it:
+    reverse over forward. Its parameter gradient against the same loss with the jvp computed in
+    reverse mode only (the transpose of a vjp) through the custom_vjp GELU and RoPE, which share
+    no jvp rule with ours, within 1e-4 of the largest entry (float32 sums in another order)."""
+    graphdef, params, inputs = tiny_model(text=False)
+    labels, timesteps = jnp.array([3, 10]), jnp.array([10.0, 900.0])
+    images = inputs["images"][:, :8, :8]
+    direction = jnp.asarray(np.random.default_rng(6).standard_normal(images.shape), jnp.float32)
+
+    def loss(params, derivative_along):
+        velocity = lambda images, timesteps: nnx.merge(graphdef, params)(images, timesteps, class_labels=labels)
+        value, along = derivative_along(velocity, (images, timesteps), (direction, jnp.ones(2)))
+        return jnp.mean(jnp.square(value + 0.1 * along))
+
+    def along_by_reverse_mode(f, primals, tangents):
+        value, pullback = jax.vjp(f, *primals)  # pullback is linear: its transpose is f's jvp
+        return value, jax.vjp(pullback, jnp.zeros_like(value))[1](tangents)[0]
+
+    ours = jax.jit(jax.grad(lambda params: loss(params, jax.jvp)))(params)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, reference in CUSTOM_VJP.items():
+            patch.setattr(model_module, name, reference)
+        reference = jax.jit(jax.grad(lambda params: loss(params, along_by_reverse_mode)))(params)
+    for path, our_gradient, reference_gradient in zip(jax.tree_util.tree_leaves_with_path(ours),
+                                                      jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        largest = np.abs(reference_gradient).max()
+        assert largest > 0, jax.tree_util.keystr(path[0])
+        np.testing.assert_allclose(our_gradient, reference_gradient, rtol=0, atol=1e-4 * largest,
+                                   err_msg=jax.tree_util.keystr(path[0]))
