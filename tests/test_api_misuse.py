@@ -299,6 +299,37 @@ def test_generate_from_prompts_names_an_encoder_of_another_width(models):
         sampler.generate_from_prompts(PooledEncoder(20), ["a red disk"], steps_per_stage=1)
 
 
+
+def test_generate_from_prompts_names_a_prompt_encoded_past_the_length_the_model_trained_with(models, caplog):
+    """A run records the length its captions were cut to (load_model's config.max_text_tokens); a
+    PromptEncoder left at the release's 512 gave a longer prompt all its tokens without a word, a
+    text the model never read in training. A prompt within that length encodes alike either way."""
+    import dataclasses
+
+    from pixelflow_jax.sampling.cascade import CascadeSampler
+
+    class Encoder:  # a mask of one token per word, and </s>, as T5 encodes them
+        def encode(self, prompts):
+            mask = np.zeros((len(prompts), 16), np.float32)
+            for row, prompt in enumerate(prompts):
+                mask[row, :len(prompt.split()) + 1] = 1
+            return np.zeros((len(prompts), 16, 20), np.float32), mask
+
+    model, config = models["t2i_tiny"]
+    sampler = CascadeSampler(model, dataclasses.replace(config, max_text_tokens=4))
+    sampler.generate_from_prompts(Encoder(), ["a red disk"], steps_per_stage=1)  # 4 tokens: as in training
+    assert "trained with" not in caplog.text
+    long = "a red disk on a grey ground"
+    sampler.generate_from_prompts(Encoder(), [long, "a red disk"], steps_per_stage=1)
+    assert caplog.text.count("trained with") == 1
+    assert (f"prompt {long!r} is encoded as 8 tokens, past the 4 this model trained with (its captions were cut "
+            "there), so it reads text it never learned from: encode prompts with PromptEncoder(folder, "
+            "max_length=4), as training did") in caplog.text
+    sampler.generate_from_prompts(Encoder(), [long], steps_per_stage=1)
+    assert caplog.text.count("trained with") == 1  # once per prompt, as the encoder warns
+    CascadeSampler(*models["t2i_tiny"]).generate_from_prompts(Encoder(), [long], steps_per_stage=1)
+    assert caplog.text.count("trained with") == 1  # a release checkpoint records no length
+
 def test_a_config_of_the_other_kind_is_named(models):
     from configs import t2i
     from pixelflow_jax.sampling.sample_conditioning import conditioning_for

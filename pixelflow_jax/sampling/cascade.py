@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from pixelflow_jax import validation
@@ -231,6 +232,9 @@ class CascadeSampler:
         self.resolution = config.resolution
         self.scheduler = PixelFlowScheduler(config.num_train_timesteps, config.num_stages)
         self.class_conditional = model.config.num_classes > 0
+        # The length a text run cut its captions to, where its config records it (None: the release's 512).
+        self.trained_text_tokens = getattr(config, "max_text_tokens", None)
+        self._warned_longer: set[str] = set()  # prompts named as longer than that, once each
 
     def generate(self, labels, *, steps_per_stage: int | Sequence[int] = 30, cfg_scale: float = 2.4,
                  solver: str = "euler", shift: float = 1.0, seed: int = 0, image_ids=None) -> np.ndarray:
@@ -279,8 +283,26 @@ class CascadeSampler:
             raise ValueError(f"prompt_encoder gives embeddings of shape {np.shape(encoded[0])} for {len(prompts)} "
                              f"prompts; this model's cross-attention takes (prompts, tokens, {width}): use the text "
                              "encoder the model was trained with (google/flan-t5-xl for the release's)")
+        self.warn_of_prompts_past_the_trained_length(prompts, encoded[1])
         cond, uncond = text_conditioning(*encoded, negative)
         return self._generate(cond, uncond, len(prompts), steps_per_stage, cfg_scale, solver, shift, seed, image_ids)
+
+    def warn_of_prompts_past_the_trained_length(self, prompts: list[str], mask) -> None:
+        """Names each prompt (once) that its encoder gave more tokens than the model's captions had in
+        training: an encoder longer than that (PromptEncoder's default 512 for a run of 128) reads the
+        cross-attention text it never learned from. A prompt within it encodes alike at any length."""
+        from pixelflow_jax.text.prompts import shortened
+
+        trained = self.trained_text_tokens
+        if not trained:
+            return
+        for prompt, tokens in zip(prompts, np.asarray(mask).sum(axis=1).astype(int)):
+            if tokens > trained and prompt not in self._warned_longer:
+                self._warned_longer.add(prompt)
+                logging.warning("prompt %s is encoded as %d tokens, past the %d this model trained with (its captions "
+                                "were cut there), so it reads text it never learned from: encode prompts with "
+                                "PromptEncoder(folder, max_length=%d), as training did", shortened(prompt), tokens,
+                                trained, trained)
 
     def _generate(self, cond, uncond, count, steps_per_stage, cfg_scale, solver, shift, seed, image_ids):
         if count == 0:
