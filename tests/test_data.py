@@ -240,6 +240,16 @@ def test_a_nearly_opaque_pixel_and_a_one_bit_pngs_transparent_colour_are_transpa
     assert pil.mode == "1" and decoding.has_transparent_pixels(pil)
 
 
+def test_a_cielab_tiffs_a_channel_is_a_colour_not_transparency():
+    """A scan saved in CIELAB (mode LAB) has bands L, A, B, whose A is the green-red axis: read as
+    alpha, every such image was named and counted as having transparent pixels."""
+    lab = io.BytesIO()
+    Image.fromarray(np.full((2, 2, 3), (200, 30, 30), np.uint8)).convert("LAB").save(lab, "TIFF")
+    pil = decoding.opened(lab.getvalue())
+    assert pil.mode == "LAB" and not decoding.has_transparent_pixels(pil)
+    assert decoding.rgb_of(pil).mode == "RGB"
+
+
 def test_a_16_bit_grey_pngs_transparent_grey_value_is_a_transparent_pixel_only_where_a_pixel_has_it():
     """PIL opens a 16-bit grey PNG as mode I;16 with its tRNS value in info, and its convert() to
     RGBA leaves every pixel opaque: such an image was never counted as transparent."""

@@ -72,10 +72,14 @@ def rgb_of(pil: Image.Image) -> Image.Image:
     return grey_to_8_bit(pil).convert("RGB")
 
 
+# The modes PIL opens images with an alpha channel in (not every mode with a band named A: LAB's is a colour axis).
+ALPHA_MODES = ("RGBA", "LA", "PA")
+
+
 def has_transparent_pixels(pil: Image.Image) -> bool:
     """Whether an opened image has pixels that are not opaque: an alpha channel below 255 somewhere,
     or an RGB or grey image's transparent colour (PNG's tRNS). rgb_of drops that transparency."""
-    if "A" in pil.getbands():
+    if pil.mode in ALPHA_MODES:
         return pil.getchannel("A").getextrema()[0] < 255
     colour = pil.info.get("transparency")
     if colour is None:
