@@ -314,16 +314,29 @@ def test_the_loaders_counts_are_logged_when_they_start_and_each_time_they_double
     assert count.count == 9
     assert [r.getMessage() for r in caplog.records] == [
         f"so far, {n} captions drawn were truncated (logged again at {2 * n})" for n in (1, 2, 4, 8)]
+    caplog.clear()
+    share = RunningCount("were truncated", among="captions drawn")  # of every caption drawn
+    for n, drawn in ((0, 4), (1, 4), (3, 4)):
+        share.add(n, drawn)
+    assert [r.getMessage() for r in caplog.records] == [
+        "so far, 1 of the 8 captions drawn (12%) were truncated (logged again at 2)",
+        "so far, 4 of the 12 captions drawn (33%) were truncated (logged again at 8)"]
 
 
-def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(captioned_folder, encoder_folder):
+def test_loader_tokenizes_captions_and_counts_skipped_and_truncated_ones(captioned_folder, encoder_folder, caplog):
+    """The counts of captions cut or read in part say what share of the captions drawn they are, and
+    the length cut to: a run on one's own captions with the demo's 8 tokens cut nearly all of them,
+    and the log only counted up."""
     root, captions = captioned_folder
     tokenizer = T5Tokenizer(encoder_folder, TOKENS)
     source = CaptionedFolderSource(root, missing_captions="skip")
     # One epoch in one batch of 11: records 2 (not UTF-8) and 5 (empty) are replaced by random usable ones.
     loader = ImageLoader(build_dataset(source, batch_size=11, resolution=R, seed=0, tokenizer=tokenizer, num_workers=2))
-    images, (tokens, mask) = next(loader)
+    with caplog.at_level(logging.WARNING):
+        images, (tokens, mask) = next(loader)
     loader.close()
+    assert (f"so far, 1 of the 11 captions drawn (9%) were longer than train.max_text_tokens ({TOKENS} tokens) and "
+            "were truncated (logged again at 2)") in caplog.text
     assert images.shape == (11, R, R, 3) and tokens.shape == mask.shape == (11, TOKENS)
     assert loader.skipped.count == 2 and loader.truncated.count == 1
     usable = [c.decode() for c in captions.values() if c.strip() and not c.startswith(b"\xff")]

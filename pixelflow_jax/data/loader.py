@@ -169,15 +169,20 @@ def init_worker(trainer_pid: int, *_) -> None:
 
 class RunningCount:
     """A count of something the loader met, logged when it first happens and again each time it
-    doubles: a few lines over a run, not one per batch."""
+    doubles: a few lines over a run, not one per batch. Given `among` (the things drawn, of which
+    those counted are some: 'captions drawn'), the log says what share of them it is: a count alone
+    did not tell a problem of a few captions from one of every caption."""
 
-    def __init__(self, what: str):
-        self.what, self.count, self.next_log = what, 0, 1
+    def __init__(self, what: str, among: str = ""):
+        self.what, self.among, self.count, self.drawn, self.next_log = what, among, 0, 0, 1
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, drawn: int = 0) -> None:
         self.count += n
+        self.drawn += drawn
         if n and self.count >= self.next_log:
-            logging.warning("so far, %d %s (logged again at %d)", self.count, self.what, 2 * self.count)
+            counted = (f"{self.count} of the {self.drawn} {self.among} ({self.count / self.drawn:.0%})" if self.among
+                       else str(self.count))
+            logging.warning("so far, %s %s (logged again at %d)", counted, self.what, 2 * self.count)
             self.next_log = 2 * self.count
 
 
@@ -200,9 +205,9 @@ class ImageLoader:
         self.labels_drawn = np.zeros(num_classes, bool)
         self.images_drawn, self.classes_checked = 0, not num_classes
         self.skipped = RunningCount("draws of unusable records skipped (each replaced by a random other record)")
-        self.truncated = RunningCount("captions drawn were longer than train.max_text_tokens and were truncated")
-        self.unknown_text = RunningCount("captions drawn held text the tokenizer does not know (read as <unk>: "
-                                         "emoji, or a script outside its vocabulary)")
+        self.truncated = None  # of captions: made at the first batch, which gives their token length
+        self.unknown_text = RunningCount("held text the tokenizer does not know (read as <unk>: emoji, or a script "
+                                         "outside its vocabulary)", among="captions drawn")
         self.transparent = RunningCount("images drawn had transparent pixels (trained as the colour under them, "
                                         "the alpha channel dropped)")
 
@@ -217,8 +222,11 @@ class ImageLoader:
             if not self.classes_checked:
                 self.note_classes(batch["label"])
             return batch["image"], batch["label"].astype(np.int32)
-        self.truncated.add(int(batch["truncated"].sum()))
-        self.unknown_text.add(int(batch["unknown_text"].sum()))
+        if self.truncated is None:
+            self.truncated = RunningCount(f"were longer than train.max_text_tokens ({batch['tokens'].shape[1]} tokens) "
+                                          "and were truncated", among="captions drawn")
+        self.truncated.add(int(batch["truncated"].sum()), len(batch["tokens"]))
+        self.unknown_text.add(int(batch["unknown_text"].sum()), len(batch["tokens"]))
         return batch["image"], (batch["tokens"], batch["token_mask"])
 
     def note_classes(self, labels: np.ndarray) -> None:
