@@ -1001,9 +1001,11 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
     from pixelflow_jax.text.train_text import fill_encoder_of_runs
 
     init_run, resumed, failed_start = tmp_path / "init", tmp_path / "resumed", tmp_path / "failed_start"
-    for run, path in ((init_run, "text_encoder"), (resumed, "/encoders/t5"),  # the demo's own; another folder
-                      (failed_start, "/encoders/t5")):
+    t5 = str(tmp_path / "encoders" / "t5")
+    for run, path in ((init_run, "text_encoder"), (resumed, t5),  # the demo's own; another folder
+                      (failed_start, t5)):
         run.mkdir()
+        (run / path).mkdir(parents=True, exist_ok=True)  # (t5, absolute, is made where it says)
         (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": path, "max_text_tokens": 8}}))
     (resumed / "checkpoints" / "10").mkdir(parents=True)  # a saved step: the encoder it records was trained with
     source = SimpleNamespace(run_step=SimpleNamespace(run=str(init_run)))
@@ -1026,13 +1028,39 @@ def test_a_fine_tune_or_a_resume_trains_with_the_encoder_its_run_trained_with(tm
         fill_encoder_of_runs(config, str(tmp_path / "new"), release_format)
     config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(resumed))
-    assert config.train.text_encoder == "/encoders/t5"
+    assert config.train.text_encoder == t5
     config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(failed_start))  # no step saved: its record steers no corrected command
     assert config.train.text_encoder == ""
     config = t2i.get_config("tiny")
     fill_encoder_of_runs(config, str(init_run))  # the demo's encoder inside its run: found as before
     assert config.train.text_encoder == ""
+
+
+def test_a_resume_or_fine_tune_whose_recorded_encoder_is_gone_names_the_record_and_the_flag(tmp_path):
+    """The encoder a run records, moved away since, was refused by the T5 load as "T5 folder PATH does not
+    exist: pass a Hugging Face T5 folder ...", a folder the user never passed, without the flag that
+    gives its new place. One in a bucket or on the Hub is not looked for on this disk."""
+    from types import SimpleNamespace
+
+    from configs import t2i
+    from pixelflow_jax.text.train_text import fill_encoder_of_runs
+
+    run, gone = tmp_path / "run", str(tmp_path / "moved_away")
+    (run / "checkpoints" / "10").mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": gone, "max_text_tokens": 8}}))
+    fix = "(moved?): set --config.train.text_encoder to where that T5 folder is now"
+    with pytest.raises(ValueError, match=re.escape(f"{run / 'run_config.json'} names the text encoder this run trains "
+                                                   f"with, {gone}, which does not exist {fix}")):
+        fill_encoder_of_runs(t2i.get_config("tiny"), str(run))
+    source = SimpleNamespace(run_step=SimpleNamespace(run=str(run)))
+    with pytest.raises(ValueError, match=re.escape(f"--config.train.init_from {run}: its run_config.json names the "
+                                                   f"text encoder it trained with, {gone}, which does not exist {fix}")):
+        fill_encoder_of_runs(t2i.get_config("tiny"), str(tmp_path / "new"), source)
+    (run / "run_config.json").write_text(json.dumps({"text_encoder": {"path": "gs://b/t5", "max_text_tokens": 8}}))
+    config = t2i.get_config("tiny")
+    fill_encoder_of_runs(config, str(tmp_path / "new"), source)
+    assert config.train.text_encoder == "gs://b/t5"
 
 
 def test_a_fine_tune_takes_its_init_runs_encoder_found_elsewhere_by_its_fingerprint_only(tmp_path, encoder_folder):

@@ -17,13 +17,14 @@ so --mode=sample and --mode=demo on the run find it without a flag.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
 from flax import nnx
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, has_trained, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG, encoder_folder_of, has_trained, read_run_config
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.sharding import global_array, global_arrays, param_shardings, replicated
 from pixelflow_jax.text import demo_text_encoder
@@ -81,6 +82,8 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     if not config.train.text_encoder and recorded.get("path", demo_text_encoder.FOLDER_NAME) != \
             demo_text_encoder.FOLDER_NAME:
         config.train.text_encoder = recorded["path"]
+        check_recorded_encoder_is_here(recorded["path"], f"{storage.join(workdir, RUN_CONFIG)} names the text encoder "
+                                                         "this run trains with")
     if init_source is None:
         return
     if not init_source.run_step:
@@ -96,11 +99,22 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
     inherited = encoder_folder_of(run, initial["path"])
     if not config.train.text_encoder:
         config.train.text_encoder = inherited
+        check_recorded_encoder_is_here(inherited, f"--config.train.init_from {run}: its {RUN_CONFIG} names the text "
+                                                  "encoder it trained with")
     elif encoder_path(config) != inherited and not (  # the same folder elsewhere is the same encoder
             initial.get("fingerprint") and initial["fingerprint"] == fingerprint_of(config.train.text_encoder)):
         raise ValueError(f"--config.train.init_from {run} trained with the text encoder {inherited}, and "
                          f"--config.train.text_encoder {config.train.text_encoder} would feed its cross-attention "
                          "other embeddings: drop --config.train.text_encoder (the run's encoder is used)")
+
+
+def check_recorded_encoder_is_here(path: str, recorded: str) -> None:
+    """A local T5 folder that a run's record names (`recorded`, in words) must exist: the T5 load's
+    refusal asked the user to pass a folder they never passed, and not with which flag. One in a
+    bucket or on the Hub is looked for where it is, by the load."""
+    if not storage.is_url(path) and not os.path.isdir(path):
+        raise ValueError(f"{recorded}, {path}, which does not exist (moved?): set --config.train.text_encoder to "
+                         "where that T5 folder is now")
 
 
 def fingerprint_of(path: str) -> str:
