@@ -257,6 +257,25 @@ def test_webdataset_tar_shards_are_named_with_how_to_read_them(tmp_path):
         record_shards(str(root))
 
 
+def test_a_hugging_face_datasets_tables_are_named_as_not_read(tmp_path):
+    """A dataset downloaded from the Hub (Parquet shards of images and captions under data/) or saved
+    by datasets' save_to_disk (Arrow files) was only 'no captioned images', naming none of its files."""
+    for shard in ("train-00000-of-00002", "train-00001-of-00002"):
+        (tmp_path / "hub" / "data").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "hub" / "data" / f"{shard}.parquet").write_bytes(b"PAR1")
+    (tmp_path / "hub" / "README.md").write_text("---\ndataset_info: ...")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "data-00000-of-00001.arrow").write_bytes(b"")
+    for folder, named in (("hub", "data/train-00000-of-00002.parquet and 1 more such file are"),
+                          ("saved", "data-00000-of-00001.arrow is")):
+        with pytest.raises(DataError, match=re.escape(
+                f"no captioned images under {tmp_path / folder} (expected NAME.ext + NAME.txt with ext one of .jpg, "
+                f".jpeg, .jpe, .jfif, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .gif); {tmp_path / folder}/{named} "
+                "not read (a Hugging Face dataset's tables, which hold its images and captions): write each row's "
+                "image into a file, NAME.jpg, and its caption into NAME.txt beside it") + "$"):
+            CaptionedFolderSource(str(tmp_path / folder))
+
+
 def test_archives_are_extracted_where_they_lie_with_their_own_tool_and_in_a_bucket_from_a_local_copy():
     """The command's loop names the archives' own folder (img2dataset's shards may lie below the
     folder given) and each kind's extractor; a shell loop over a bucket's path would find nothing."""

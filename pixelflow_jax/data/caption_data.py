@@ -199,9 +199,10 @@ class CaptionedFolderSource:
             shards = [path for path in files if path.endswith(RECORD_EXTENSION)]
             packed = (f"; it holds {len(shards)} ArrayRecord shards (e.g. {shards[0]}), which train with "
                       "--config.data.source=array_record" if shards else "")
-            archives = archives_hint(root, files)
+            # (img2dataset's webdataset output has a Parquet table beside each archive: of URLs, not images)
+            other_format = archives_hint(root, files) or dataset_tables_hint(files)
             raise DataError(f"no captioned images under {root} (expected NAME.ext + NAME{CAPTION_EXTENSION} with ext "
-                            f"one of {', '.join(IMAGE_EXTENSIONS)}){packed}{f'; {archives}' if archives else ''}")
+                            f"one of {', '.join(IMAGE_EXTENSIONS)}){packed}{f'; {other_format}' if other_format else ''}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -288,6 +289,22 @@ def archives_hint(root: str, files: list[str]) -> str:
                f"${{f%{extension}}}; done" if not storage.is_url(root) else "on a local copy of them")
     return (f"{named} not read (webdataset shards, as img2dataset's webdataset output writes, hold the images and "
             f"captions): extract them into folders, e.g. {command}")
+
+
+# A Hugging Face dataset as the Hub serves it (Parquet shards) or as datasets' save_to_disk writes it (Arrow files).
+DATASET_TABLE_EXTENSIONS = (".parquet", ".arrow")
+
+
+def dataset_tables_hint(files: list[str]) -> str:
+    """Where a folder holds no captioned images: its dataset tables among `files`, named as not
+    read, with the layout to write their rows in; '' where there are none."""
+    tables = [path for path in files if path.lower().endswith(DATASET_TABLE_EXTENSIONS)]
+    if not tables:
+        return ""
+    more = len(tables) - 1
+    named = f"{tables[0]} and {more} more such file{'s' if more > 1 else ''} are" if more else f"{tables[0]} is"
+    return (f"{named} not read (a Hugging Face dataset's tables, which hold its images and captions): write each "
+            f"row's image into a file, NAME.jpg, and its caption into NAME{CAPTION_EXTENSION} beside it")
 
 
 def encode_record(image: bytes, caption: str, name: str = "") -> bytes:
