@@ -147,6 +147,23 @@ def test_file_and_folder_names_that_are_not_utf8_train_and_pack(tmp_path):
     assert CaptionRecordSource(str(tmp_path / "shards"))[0]["name"].endswith("(" + str(captioned) + "/caf\\xe9.png)")
 
 
+def test_captions_in_a_class_folder_are_named_with_the_config_that_reads_them(tmp_path, caplog):
+    """A captioned folder (NAME.jpg + NAME.txt, img2dataset's 00000/ folders) given to a class config
+    trained one class of all its images, the captions counted only as files that are not images."""
+    root = tmp_path / "captioned"
+    (root / "00000").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(root / "00000" / f"{name}.jpg")
+        (root / "00000" / f"{name}.txt").write_text("a red disk")
+    (root / "00000" / "notes.txt").write_text("no image of this name")
+    with caplog.at_level(logging.WARNING):
+        ImageFolderSource(str(root))
+    assert (f"3 files in the class folders of {root} are not read (their names do not end in an image extension: "
+            f"{' '.join(IMAGE_EXTENSIONS)}), e.g. {root / '00000' / 'a.txt'}; 2 of them are captions beside their "
+            f"images (NAME.txt beside NAME.jpg), which a class-conditional model does not read: a text-to-image model "
+            "trains on them, --config=configs/t2i.py") in caplog.text
+
+
 def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_named(tmp_path, caplog):
     """Images beside the class folders, files without an image extension and links to nothing were
     left out without a word; a class folder renamed only from NFC to NFD (a macOS copy) read as two other classes."""

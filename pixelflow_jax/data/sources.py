@@ -141,6 +141,21 @@ def require_folder(root: str, message: str) -> None:
         raise DataError(f"{root} is a file, not a folder: {message.split('; ', 1)[-1]}")
 
 
+def captions_hint(not_images: list[str], images: list[str]) -> str:
+    """Where files an image folder does not read are captions beside their images (NAME.txt beside
+    NAME.jpg, a captioned folder given to a class config): the config that reads them; else ''."""
+    from pixelflow_jax.data.caption_data import CAPTION_EXTENSION
+
+    stems = {os.path.splitext(path)[0] for path in images}
+    captions = [path for path in not_images if os.path.splitext(path)[1].lower() == CAPTION_EXTENSION
+                and os.path.splitext(path)[0] in stems]
+    if not captions:
+        return ""
+    return (f"; {len(captions)} of them are captions beside their images (NAME{CAPTION_EXTENSION} beside NAME.jpg), "
+            "which a class-conditional model does not read: a text-to-image model trains on them, "
+            "--config=configs/t2i.py")
+
+
 def refuse_class_links_to_nothing(root: str, others: list[str]) -> None:
     """A link to nothing among the class folders (one to a disk not mounted) is an error: left out,
     every class after it would train under the id one lower."""
@@ -192,7 +207,8 @@ class ImageFolderSource:
         warn_unlisted(root, unlisted)
         if not_images:
             logging.warning("%d files in the class folders of %s are not read (their names do not end in an image "
-                            "extension: %s), e.g. %s", len(not_images), root, " ".join(IMAGE_EXTENSIONS), not_images[0])
+                            "extension: %s), e.g. %s%s", len(not_images), root, " ".join(IMAGE_EXTENSIONS),
+                            not_images[0], captions_hint(not_images, [path for path, _ in self.records]))
         if loose and self.records:
             logging.warning("%d images in %s itself are not read (e.g. %s): a class's images go in %s/<class>/",
                             len(loose), root, loose[0], root)
