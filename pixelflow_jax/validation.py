@@ -67,7 +67,8 @@ MAX_SAMPLE_IMAGES = 10**7
 # More is a typo (the release samples with 10 to 30): the sampler builds each stage's time grid in
 # host memory, and 10**9 exhausted a 24 GB host instead of failing.
 MAX_STEPS_PER_STAGE = 10_000
-DATA_SOURCES = ("tfds", "folder", "demo", "array_record")  # array_record: captioned shards (text models)
+CLASS_DATA_SOURCES = ("tfds", "folder", "demo")
+TEXT_DATA_SOURCES = ("folder", "array_record", "demo")  # array_record: captioned shards
 MIN_LOCK_STALE_S = 30.0
 MAX_BATCH = 2**20  # images in a global batch (the release trains with 1,024)
 MAX_PREVIEW_IMAGES = 1024  # drawn as one batch
@@ -293,7 +294,11 @@ def too_many_stages(num_stages: int, resolution: int, patch_size: int, least_res
 
 def check_data(config) -> None:
     d = config.data
-    choice("data.source", d.source, DATA_SOURCES)
+    # A text config's data section has missing_captions. The other kind's sources are refused later
+    # with their own reasons (tfds has no captions, array_record no class labels); a typo lists only
+    # those the model trains on.
+    if d.source not in CLASS_DATA_SOURCES + TEXT_DATA_SOURCES:
+        choice("data.source", d.source, TEXT_DATA_SOURCES if "missing_captions" in d else CLASS_DATA_SOURCES)
     number("data.expand_ratio", d.expand_ratio, minimum=1, maximum=MAX_EXPAND_RATIO)
     integer("data.num_workers", d.num_workers, minimum=0, maximum=MAX_DATA_WORKERS)
     integer("data.prefetch_batches", d.prefetch_batches, minimum=1, maximum=MAX_PREFETCH_BATCHES)

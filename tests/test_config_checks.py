@@ -25,7 +25,7 @@ from pixelflow_jax.validation import ConfigError, check
                                          "'float64'"),
     ("sample", "model.param_dtype", "int8", "--config.model.param_dtype must be one of 'float32', 'bfloat16', "),
     ("train", "train.lr", float("nan"), "--config.train.lr must be a finite number, got nan"),
-    ("train", "data.source", "imagefolder", "--config.data.source must be one of 'tfds', 'folder', 'demo', "),
+    ("train", "data.source", "imagefolder", "--config.data.source must be one of 'tfds', 'folder', 'demo', got "),
     ("train", "train.lr", float("inf"), "--config.train.lr must be a finite number"),
     ("train", "train.ema_decay", 1.5, "--config.train.ema_decay must be < 1"),
     ("train", "train.lr_schedule", "linear", "--config.train.lr_schedule must be one of 'constant', 'cosine'"),
@@ -353,6 +353,13 @@ def test_each_bound_of_a_text_setting_accepts_its_last_value_and_refuses_the_nex
     run_check(t2i_config(**{field: accepted}))
     with pytest.raises(ConfigError, match=re.escape(f"--config.{field} must ")):
         run_check(t2i_config(**{field: refused}))
+
+
+def test_a_text_configs_unknown_data_source_lists_the_sources_with_captions():
+    """tfds has no captions (a text model refuses it); a typo's error listed it among the choices."""
+    with pytest.raises(ConfigError, match=re.escape("--config.data.source must be one of 'folder', 'array_record', "
+                                                    "'demo', got 'webdataset'")):
+        check(t2i_config(**{"data.source": "webdataset"}), "train")
 
 
 @pytest.mark.parametrize("mode,value", [("sample", "(a red disk, a blue square)"), ("train", "[a fox, a car]"),
