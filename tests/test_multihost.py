@@ -511,9 +511,11 @@ def test_jaxs_preemption_service_takes_a_hang_up_passed_on_and_the_sync_point_st
     ("node-0:0", r"^--coordinator_address=node-0:0 is not HOST:PORT"),
     ("node-0:65536", r"^--coordinator_address=node-0:65536 is not HOST:PORT"),
     ("::1:8476", r"^--coordinator_address=::1:8476 is not HOST:PORT \(.*, e\.g\. 10\.0\.0\.2:8476\)$"),
+    ("root@node-0:8476", r"^--coordinator_address=root@node-0:8476 is not HOST:PORT \(.*, e\.g\. 10\.0\.0\.2:8476\)$"),
 ])
 def test_a_coordinator_address_is_refused_with_an_example_made_from_its_own_host(address, message):
-    """Ports 0 and 65536 are past the ends; an IPv6 address takes brackets (as gRPC reads it)."""
+    """Ports 0 and 65536 are past the ends; an IPv6 address takes brackets (as gRPC reads it); an ssh
+    login's user@ is no part of a host name (gRPC would look up 'root@node-0', and wait)."""
     with pytest.raises(ValueError, match=message):
         multihost.coordinator_port(address)
 
@@ -627,6 +629,8 @@ def test_srun_of_one_task_is_no_lone_task(monkeypatch):
     assert multihost.lone_task_of_srun() is None
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     assert "as 2 tasks" in multihost.lone_task_of_srun()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "two")  # set by hand: no srun's count, and no crash in int()
+    assert multihost.lone_task_of_srun() is None
 
 
 def test_a_loop_after_another_asks_the_sync_point_from_the_pass_after_the_last_one_asked(monkeypatch):
@@ -638,3 +642,90 @@ def test_a_loop_after_another_asks_the_sync_point_from_the_pass_after_the_last_o
         multihost.stop_if_preempted(passes)
     multihost.stop_if_preempted_at_the_next_pass()
     assert asked == [1, 2, 3, 4]
+
+
+def test_a_cluster_jax_detects_is_joined_without_the_flags_and_one_it_cannot_detect_names_them(monkeypatch):
+    """On Cloud TPU or under SLURM the three flags are left out (None): nothing of theirs is checked,
+    and jax detects the cluster. Where it detects none, its ValueError names its own arguments: the
+    error names the flags that replace detection."""
+    joined = []
+    monkeypatch.setattr(multihost.jax.config, "update", lambda *args: None)  # this session's collectives stay
+    monkeypatch.setattr(multihost.jax.distributed, "initialize", lambda *args, **kwargs: joined.append(args))
+    multihost.start_distributed(None, None, None)
+    assert joined == [(None, None, None)]
+
+    def no_cluster_detected(*args, **kwargs):
+        raise ValueError("coordinator_address should be defined.")  # jax 0.10's words
+
+    monkeypatch.setattr(multihost.jax.distributed, "initialize", no_cluster_detected)
+    with pytest.raises(ValueError, match=re.escape(
+            "--distributed: coordinator_address should be defined. Where jax cannot detect the cluster (Cloud TPU, "
+            "SLURM, Open MPI), pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every "
+            "process")):
+        multihost.start_distributed(None, None, None)
+
+
+def test_a_process_of_a_detected_cluster_whose_peers_never_join_ends_with_one_line(monkeypatch):
+    """Without the flags there is no process id or count to name: the timer's end of the wait
+    (stop_waiting) says what to start, and ends the process with status 1 (a TypeError in the timer's
+    thread left it waiting for jax's C++ abort)."""
+    from pixelflow_jax import command_line
+
+    def exit_without_teardown(message, status):
+        raise SystemExit(message, status)
+
+    monkeypatch.setattr(command_line, "exit_without_teardown", exit_without_teardown)
+    with pytest.raises(SystemExit) as ended:
+        multihost.stop_waiting("", None, None)
+    assert ended.value.args == (
+        f"error: --distributed: not every process of this job joined within {multihost.CONNECT_WAIT_S} s: start the "
+        "same command on every host of the cluster (a process that stopped says why in its log)", 1)
+
+
+def test_a_coordinator_port_a_stopped_job_served_just_now_is_free_for_the_next_job(monkeypatch):
+    """A job stopped and started again at once: its closed connections linger in TIME_WAIT on the
+    coordinator's port, which gRPC binds through (SO_REUSEADDR); the probe must too, or the
+    restart is refused as 'in use' for a minute."""
+    import socket
+
+    with socket.socket() as coordinator:
+        coordinator.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        coordinator.bind(("127.0.0.1", 0))
+        coordinator.listen()
+        port = coordinator.getsockname()[1]
+        process_1 = socket.create_connection(("127.0.0.1", port))
+        served, _ = coordinator.accept()
+        served.close()  # the coordinator closes first: TIME_WAIT on its side, on the port
+        process_1.close()
+    multihost.check_port_free(f"localhost:{port}", port)
+
+
+def test_a_host_without_ipv6_probes_the_coordinator_port_over_ipv4(monkeypatch):
+    """Where the kernel has no IPv6, the dual-stack probe cannot be made: an IPv4 one finds a port
+    taken all the same (the probe's own OSError was a traceback)."""
+    import socket
+
+    real_socket = socket.socket
+
+    def without_ipv6(family=socket.AF_INET, *args):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real_socket(family, *args)
+
+    monkeypatch.setattr(multihost.socket, "socket", without_ipv6)
+    with real_socket(socket.AF_INET) as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^--coordinator_address=localhost:{port}: port {port} is in use on "
+                                             "this host"):
+            multihost.check_port_free(f"localhost:{port}", port)
+
+
+def test_rows_gathered_from_several_processes_keep_their_dtype(monkeypatch):
+    """The padding took numpy's float64: the evaluation's float32 features came back float64 from a
+    job of several processes, and as they were from one."""
+    as_process(monkeypatch, 0)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: np.stack([value, value]))
+    for rows in (np.ones((2, 3), np.float32), np.ones((2,), np.int32)):
+        assert multihost.gather_rows(rows, 3).dtype == rows.dtype
