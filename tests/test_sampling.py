@@ -94,6 +94,31 @@ def test_each_stage_draws_its_block_noise_from_a_key_of_its_own():
         assert np.isin(smaller, larger).mean() < 0.01, stage
 
 
+def test_an_images_noise_is_the_one_its_seed_and_id_name_and_the_cascade_samples_from_it(tiny):
+    """Image i of seed s: fold_in(key(s), i) split into one key per stage, the first drawing stage 0's
+    N(0, I) and key k stage k's block noise (README, Resuming), recomputed here for one image. Any
+    other key (another key of the split, or another split) keeps every image's noise its own and
+    independent of its batch, which the tests above check, but resumes and replays no earlier job."""
+    from pixelflow_jax.sampling.cascade import draw_noise_jit, to_uint8
+    from pixelflow_jax.scheduler import stage_resolutions
+
+    model, config, sampler = tiny
+    seed, image_id, stages, gamma = 3, 5, config.num_stages, sampler.scheduler.gamma
+    sizes = stage_resolutions(config.resolution, stages)
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), image_id), stages)
+    initial = jax.random.normal(keys[0], (1, sizes[0], sizes[0], 3))
+    blocks = [block_noise(keys[s], (sizes[s], sizes[s], 3), gamma)[None] for s in range(1, stages)]
+    drawn = draw_noise_jit(jax.random.key(seed), jax.numpy.array([image_id]), config.resolution, stages, 3, gamma)
+    for stage, (mine, theirs) in enumerate(zip([initial, *blocks], [drawn[0], *drawn[1]])):
+        np.testing.assert_allclose(np.asarray(theirs), np.asarray(mine), rtol=1e-6, atol=1e-6, err_msg=f"stage {stage}")
+
+    kwargs = dict(steps_per_stage=2, cfg_scale=2.0)  # as test_generate_is_deterministic_per_image's batch of 1
+    cond, uncond = class_conditioning([4], 1000)
+    replayed = to_uint8(sampler.sample(initial, blocks, cond, uncond, SamplingOptions.create(stages, 2, cfg_scale=2.0)))
+    generated = sampler.generate([4], seed=seed, image_ids=[image_id], **kwargs)
+    assert np.abs(generated.astype(int) - np.asarray(replayed).astype(int)).max() <= 1
+
+
 def test_text_guidance_pairs_each_image_with_the_negative_prompts_states_and_mask():
     from pixelflow_jax.sampling.cascade import text_conditioning
 
