@@ -120,3 +120,20 @@ def test_a_stdout_of_no_file_descriptor_that_cannot_be_written_is_replaced_once(
     warnings = [r.getMessage() for r in caplog.records if "stdout cannot be written" in r.getMessage()]
     assert len(warnings) == 1 and sys.stdout.name == os.devnull, warnings
     sys.stdout.close()
+
+
+def test_a_terminal_gets_the_bar_and_a_log_file_the_log_lines_unless_told_otherwise(caplog):
+    """Left unset, `interactive` is whether the stream is a terminal, and the lines off one go to the
+    job's log (absl's): a batch job's log showed a bar's carriage returns, or nothing at all."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, log_file = Terminal(), io.StringIO()
+    with caplog.at_level("INFO"):
+        for stream in (terminal, log_file):
+            with Progress(2, "sampling", "img", stream=stream) as progress:
+                progress.update(2)
+    assert "2/2" in terminal.getvalue() and log_file.getvalue() == ""
+    assert [r.getMessage().split(",")[0] for r in caplog.records if "sampling" in r.getMessage()] == [
+        "sampling: 2/2 img (100%)"]
