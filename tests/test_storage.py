@@ -340,22 +340,27 @@ def test_gcsfs_giving_up_logs_one_line_not_its_traceback(caplog):
     assert other.exc_info is not None  # other tracebacks are left alone
 
 
-def tensorboard_events(folder) -> list:
-    """(tag, step, kind) of every summary value in the event files directly in `folder` (local or
-    gs://), read from their TFRecord framing."""
+def recorded_events(folder) -> list:
+    """Every event of the event files directly in `folder` (local or gs://), read from their
+    TFRecord framing, file by file in name order."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
 
-    found = []
-    for name in sorted(storage.list_files(folder)):
-        data, offset = storage.read_bytes(storage.join(folder, name)), 0
+    events = []
+    for name in sorted(storage.list_files(str(folder))):
+        data, offset = storage.read_bytes(storage.join(str(folder), name)) if name.startswith("events") else b"", 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            events.append(Event.FromString(data[offset + 12:offset + 12 + length]))
             offset += 12 + length + 4
-            found += [(v.tag, event.step, v.WhichOneof("value")) for v in event.summary.value]
-    return found
+    return events
+
+
+def tensorboard_events(folder) -> list:
+    """(tag, step, kind) of every summary value in the event files directly in `folder`."""
+    return [(value.tag, event.step, value.WhichOneof("value"))
+            for event in recorded_events(folder) for value in event.summary.value]
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
@@ -428,6 +433,30 @@ def test_each_logged_step_and_preview_is_in_the_event_files_at_once(where, tmp_p
     assert ("loss", 1, "simple_value") in scalars and previews == [("preview", 1, "image")], (scalars, previews)
 
 
+def test_an_event_file_holds_each_value_and_preview_as_given_at_its_time_and_lets_go_of_its_file(tmp_path):
+    """TensorBoard draws what the records hold: a scalar's value, a preview's pixels the right way up
+    (height, width, channels) and the wall time each was logged at; a closed file is no longer held
+    open (a notebook's runs, one after another, each kept one)."""
+    import io
+
+    from PIL import Image
+
+    from pixelflow_jax.training.event_file import EventFile
+
+    preview = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10  # 2 high, 3 wide
+    open_files = len(os.listdir("/proc/self/fd"))
+    before = time.time()
+    events = EventFile(str(tmp_path), purge_step=1)
+    events.add_scalar("loss", 0.25, 1)
+    events.add_image("preview", preview, 1)
+    events.close()
+    assert len(os.listdir("/proc/self/fd")) == open_files
+    scalar, image = [(event, value) for event in recorded_events(tmp_path) for value in event.summary.value]
+    assert scalar[1].simple_value == 0.25
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image[1].image.encoded_image_string))), preview)
+    assert before <= scalar[0].wall_time <= image[0].wall_time <= time.time()
+
+
 def test_tensorboard_is_imported_without_torch_and_leaves_torch_importable():
     """tensorboardX imports torch when it is installed, seconds at every start of a training run
     that needs none; a torch imported already stays the one imported."""
@@ -477,20 +506,8 @@ def test_a_run_stopped_before_its_first_log_leaves_its_restart_in_the_event_file
 def restart_steps(folder) -> list:
     """The steps of the restarts recorded in the event files of `folder` (local or gs://; TensorBoard
     drops what was logged from there on)."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event
-
-    restarts = []
-    for name in sorted(storage.list_files(str(folder))):
-        data, offset = storage.read_bytes(storage.join(str(folder), name)) if name.startswith("events") else b"", 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
-            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-                restarts.append(event.step)
-    return restarts
+    return [event.step for event in recorded_events(folder)
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START]
 
 
 def test_a_local_write_replaces_the_old_file_only_whole(tmp_path):
