@@ -165,18 +165,20 @@ def test_a_checkpoint_is_inspected_when_named_or_when_the_workdir_is_a_run_with_
 
 def test_a_run_without_a_complete_step_is_said_to_be_inspected_with_random_weights(tmp_path, caplog):
     """A run killed during its first save: inspect in its workdir timed the config's own model,
-    with random weights, and said nothing, where sampling it is an error naming the step."""
+    with random weights, and said nothing, where sampling it is an error naming the step (the
+    latest of those left unfinished)."""
     from pixelflow_jax import inspect_model
 
     config = tiny_config("c2i")
     run = a_training_run(tmp_path / "run")
-    (tmp_path / "run" / "checkpoints" / "4.orbax-checkpoint-tmp-1795755085").mkdir(parents=True)
+    for partial in ("4.orbax-checkpoint-tmp-1795755085", "8.orbax-checkpoint-tmp-1795755999"):  # 4 killed, 8 saving
+        (tmp_path / "run" / "checkpoints" / partial).mkdir(parents=True)
     with caplog.at_level("WARNING"):
         inspect_model.fill_checkpoint_of_run(config, str(tmp_path))  # no run: nothing to say
         assert caplog.text == ""
         inspect_model.fill_checkpoint_of_run(config, run)
     assert config.sample.checkpoint == ""
-    assert f"{run} is a training run with no complete step yet (step 4 is still being written, or was killed " \
+    assert f"{run} is a training run with no complete step yet (step 8 is still being written, or was killed " \
            "mid-save): inspecting the config's own model with random weights, not the run's" in caplog.text
 
 
@@ -223,9 +225,10 @@ def test_parameters_are_counted_per_top_level_module_and_a_non_finite_forward_is
                                                  r"inf: check its weights \(a diverged run\?\)$"):
         inspect_model.run(config, str(tmp_path))
     assert not (tmp_path / "inspect.json").exists()
-    config.model.dtype = "bfloat16"
-    with pytest.raises(FloatingPointError, match=r", or bfloat16 overflowed \(try --config.model.dtype=float32\)$"):
-        inspect_model.run(config, str(tmp_path))
+    for dtype in ("bfloat16", "float16"):  # either 16-bit compute may overflow
+        config.model.dtype = dtype
+        with pytest.raises(FloatingPointError, match=rf", or {dtype} overflowed \(try --config.model.dtype=float32\)$"):
+            inspect_model.run(config, str(tmp_path))
     # a checkpoint's: which of its two sets (the EMA or the raw weights) diverged
     from pixelflow_jax.api import CheckpointSource
 
