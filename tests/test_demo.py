@@ -383,6 +383,7 @@ def test_a_demo_request_of_non_numbers_through_the_api_is_answered_on_the_page()
     demo.text = True
     assert demo.check(**{**good, "condition": "a red fox"}) is None
     assert demo.check(**{**good, "condition": " "}) == "Type a prompt."
+    assert demo.check(**{**good, "condition": None}) == "Type a prompt."  # an API client's null
     assert demo.check(**{**good, "condition": ["a red fox"]}) == "The prompt must be text, got ['a red fox']."
 
 
@@ -678,6 +679,20 @@ def test_a_demo_port_in_use_names_the_flag():
             check_port_free("127.0.0.1", busy.getsockname()[1])
 
 
+def test_a_demo_port_this_user_may_not_bind_is_named_as_not_open_not_as_in_use(monkeypatch):
+    """Ports below 1024 need root: 'in use' would send the user looking for a program that holds it."""
+    import errno
+
+    from pixelflow_jax.demo_app import check_port_free
+    from test_multihost import RefusedProbe
+
+    monkeypatch.setattr(socket, "socket", RefusedProbe)
+    monkeypatch.setattr(RefusedProbe, "errno", errno.EACCES)
+    with pytest.raises(ValueError, match=r"^port 80 on 127.0.0.1 is not open to this process \(Permission denied\): "
+                                         r"choose another with --config.demo.port=PORT$"):
+        check_port_free("127.0.0.1", 80)
+
+
 def test_a_port_a_stopped_page_served_just_now_is_free_for_the_restarted_page():
     """A page stopped with Ctrl-C and started again at once was refused ('port ... is in use'), for
     about a minute: its closed connections to the students' browsers linger in TIME_WAIT on that
@@ -735,3 +750,30 @@ def test_a_request_whose_sampling_failed_is_not_recorded_as_compiled(tmp_path):
     with pytest.raises(RuntimeError, match="out of memory"):
         demo.generate(3, 2, "euler", 4.0, 1.0, [2, 2, 2, 2], 0)
     assert demo.compiled == set() and os.listdir(tmp_path) == []
+
+
+def test_a_page_started_in_a_workdir_removes_the_image_folders_of_stopped_pages_and_keeps_the_rest(tmp_path):
+    """Each page keeps its images in WORKDIR/demo_outputs/page-HOST-PID-...: a page started there
+    removes those of pages stopped or killed, never a page's still serving nor the user's own."""
+    from pixelflow_jax.demo_app import demo_output_dir
+
+    outputs, here = tmp_path / "demo_outputs", socket.gethostname()
+    stopped, serving, mine = (outputs / name for name in (f"page-{here}-999999999-x", f"page-{here}-{os.getppid()}-y",
+                                                          "my_picks"))
+    for folder in (stopped, serving, mine):
+        (folder / "request").mkdir(parents=True)
+    page = os.path.basename(demo_output_dir(str(tmp_path)))
+    assert page.startswith(f"page-{here}-{os.getpid()}-")
+    assert sorted(os.listdir(outputs)) == sorted([serving.name, mine.name, page])
+
+
+def test_a_demo_of_a_mistyped_workdir_is_refused_as_one_and_makes_no_folder(tmp_path):
+    """Without --config.sample.checkpoint the workdir names the run to sample: one that does not exist
+    is refused before the workdir is made for the page's images (else it was made, then called 'not
+    a training run', and left behind)."""
+    from pixelflow_jax import demo_app
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"/typo does not exist \(a typo\?\)"):
+        demo_app.run(c2i_config(**{"demo.port": free_port()}), str(tmp_path / "typo"))
+    assert os.listdir(tmp_path) == []
