@@ -777,3 +777,13 @@ def test_a_demo_of_a_mistyped_workdir_is_refused_as_one_and_makes_no_folder(tmp_
     with pytest.raises(CheckpointError, match=r"/typo does not exist \(a typo\?\)"):
         demo_app.run(c2i_config(**{"demo.port": free_port()}), str(tmp_path / "typo"))
     assert os.listdir(tmp_path) == []
+
+
+def test_the_temporary_image_folder_of_a_page_without_a_workdir_is_removed_when_python_exits(tmp_path):
+    """A DemoSampler made in a notebook (no serve(), which removes it when the page stops) with no
+    workdir or a bucket's: its folder in /tmp goes when the interpreter does."""
+    code = "from pixelflow_jax.demo_app import demo_output_dir; print(demo_output_dir(''))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.startswith(str(tmp_path / "pixelflow_demo-")), result.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
