@@ -63,6 +63,9 @@ def test_block_noise_covariance_and_layout():
     sigma = (1 - gamma) * np.eye(4) + gamma * np.ones((4, 4)) + 1e-6 * np.eye(4)
     np.testing.assert_allclose(np.cov(blocks, rowvar=False), sigma, atol=0.02)
     np.testing.assert_allclose(blocks.mean(0), 0, atol=0.01)
+    # The factor itself, to float32's precision: the release's Sigma, its 1e-6 jitter included (a sample's spread
+    # above cannot tell 1e-3 from it).
+    np.testing.assert_allclose(block_noise_factor(gamma) @ block_noise_factor(gamma).T, sigma, atol=1e-6)
     # Entry (p, q) of block (h, w) sits at pixel (2h + p, 2w + q): check one block against L z.
     z = np.asarray(jax.random.normal(key, (256, 256, 2, 4)))
     expected = block_noise_factor(gamma) @ z[5, 7, 1]
