@@ -468,6 +468,18 @@ def test_a_demo_request_samples_what_was_asked_and_keeps_one_png_per_image_named
     assert demo.request_name(3, 7, 4.000000000000001) == "class3_seed7"
 
 
+
+def test_a_request_after_the_pages_folder_was_removed_writes_its_images_into_a_new_one(tmp_path):
+    """A page idle for a day on one host of a shared workdir is taken for gone by a page started on
+    another, which removes its folder: the next request there failed (FileNotFoundError on the page)."""
+    class Sampler:
+        def generate(self, labels, **options):
+            return [np.zeros((4, 4, 3), np.uint8)] * len(labels)
+
+    demo = bare_demo(sampler=Sampler(), output_dir=str(tmp_path / "demo_outputs" / "page-removed"))
+    paths = demo.generate(3, 1, "euler", 4.0, 1.0, [1] * 4, 7)
+    assert [os.path.basename(path) for path in paths] == ["pixelflow_class3_seed7_0.png"] and os.path.isfile(paths[0])
+
 def test_a_text_page_request_samples_its_prompt_once_per_image_and_names_the_pngs_by_the_whole_seed(tmp_path):
     """On a text page generate() gives the prompt encoder the prompt once per image, with the
     configured negative prompt, and names the PNGs by the seed as a whole number (JSON may send 7.0)."""
