@@ -19,6 +19,7 @@ from pixelflow_jax.kernels import attention as attention_module
 from pixelflow_jax.kernels.attention import compiling_for, interpret_kernels
 from pixelflow_jax.model import PixelFlow, gelu
 from pixelflow_jax.rope import _rotate, apply_rope, rope_tables
+from test_rope import rotated_pairs
 
 BATCH, SIDE, TEXT_TOKENS, TEXT_WIDTH = 2, 16, 5, 8
 
@@ -133,16 +134,6 @@ def test_gelus_tangent_is_the_float64_derivative_times_the_tangent_rounded_once(
     expected = np.asarray(tangent, np.float64) * gelu_derivative_float64(np.asarray(x, np.float32))
     error = np.abs(np.asarray(tangents, np.float64) - expected)
     assert np.all(error <= 2.0**-8 * np.abs(expected) + 1e-5 * np.abs(np.asarray(tangent, np.float64)))
-
-
-def rotated_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """The rotation in float64, pairs made explicit: (a, b) -> (a cos - b sin, b cos + a sin)."""
-    x = x.astype(np.float64)
-    a, b = x[..., 0::2], x[..., 1::2]
-    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
-    out = np.empty_like(x)
-    out[..., 0::2], out[..., 1::2] = a * c - b * s, b * c + a * s
-    return out
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])  # rope._rotate's two views of the channels
