@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.interpreters import ad
 
 from pixelflow_jax.config import ModelConfig, numpy_broadcasting
-from pixelflow_jax.kernels.attention import ATTENTION_FORWARD_PRIMITIVES, dot_product_attention, resolve_backend
+from pixelflow_jax.kernels.attention import (ATTENTION_FORWARD_PRIMITIVES, dot_product_attention,
+                                              fused_kernels_refused, resolve_backend)
 from pixelflow_jax.rope import apply_rope, rope_tables
 from pixelflow_jax.sharding import check_auto_axes_only, keep_batch_split
 from pixelflow_jax.validation import class_ids
@@ -291,6 +293,20 @@ def forward_mode_refusal(cfg: ModelConfig) -> str:
             "(jax.grad, jax.vjp, jax.jacrev)")
 
 
+def in_forward_mode(value) -> bool:
+    """Whether jax differentiates value in forward mode: it is jax.jvp's tracer (jacfwd's, hessian's),
+    jax.linearize's, or wraps one (inside jax.grad of a loss holding a jvp, or jax.vmap). jax.grad's
+    and jax.vjp's own tracers are reverse mode (is_vjp); with jax_use_direct_linearize off, jax.grad
+    runs on jvp tracers too, so none is told apart (jax's own error then, caught below when eager)."""
+    if not getattr(jax.config, "jax_use_direct_linearize", True):
+        return False
+    while isinstance(value, jax.core.Tracer):
+        if isinstance(value, ad.JVPTracer) or getattr(value._trace, "is_vjp", True) is False:
+            return True
+        value = getattr(value, "primal", getattr(value, "val", None))  # what a linearize or vmap tracer wraps
+    return False
+
+
 # What jax.checkpoint keeps of a block for the backward pass, per model.remat other than 'none'
 # ('full': only the block's input).
 REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -380,9 +396,10 @@ class PixelFlow(nnx.Module):
         images, timesteps, class_labels, encoder_hidden_states, encoder_attention_mask = map(
             traced_list_as_array, (images, timesteps, class_labels, encoder_hidden_states, encoder_attention_mask))
         images = images if isinstance(images, (jax.Array, np.ndarray)) else np.asarray(images)
-        check_auto_axes_only({"images": images, "timesteps": timesteps, "class_labels": class_labels,
-                              "encoder_hidden_states": encoder_hidden_states,
-                              "encoder_attention_mask": encoder_attention_mask, **self._named_parameters()})
+        inputs_and_parameters = {"images": images, "timesteps": timesteps, "class_labels": class_labels,
+                                 "encoder_hidden_states": encoder_hidden_states,
+                                 "encoder_attention_mask": encoder_attention_mask, **self._named_parameters()}
+        check_auto_axes_only(inputs_and_parameters)
         if not jnp.issubdtype(images.dtype, jnp.floating):  # uint8 pixels would pass as values 0-255
             raise ValueError(f"images must be floats in [-1, 1] (the model's pixel scale), got dtype {images.dtype}; "
                              "scale 0-255 pixels with x / 127.5 - 1")
@@ -473,8 +490,10 @@ class PixelFlow(nnx.Module):
             # the backward loop, a copy of every row instead (bench/RESULTS.md). Same values and
             # gradients bit for bit (3-layer models, CPU).
             one_block = jax.checkpoint(one_block, policy=REMAT_POLICY[cfg.remat], prevent_cse=False)
+        forward_mode = any(map(in_forward_mode, jax.tree.leaves(inputs_and_parameters)))
         try:
-            x, _ = jax.lax.scan(one_block, x, layer_xs)
+            with fused_kernels_refused(forward_mode_refusal(cfg) if forward_mode else None):
+                x, _ = jax.lax.scan(one_block, x, layer_xs)
         except TypeError as error:  # jax's own words name neither the model nor what to use instead
             if JAX_REFUSES_FORWARD_MODE not in str(error):
                 raise

@@ -185,8 +185,32 @@ def test_forward_mode_runs_through_the_model_and_agrees_with_reverse_mode_and_di
                                atol=1e-5 * np.abs(reverse_over_reverse).max())
 
 
+def jvp_in_the_images(velocity, params, inputs):
+    images = inputs["images"]
+    return jax.jvp(lambda images: velocity(params, {**inputs, "images": images}), (images,), (images,))[1]
+
+
+# How a researcher reaches forward mode. Under jit, jax stages the kernel's tangent and refuses it
+# only when XLA lowers the program, outside the model; linearize's tangent is refused when
+# evaluated; and a loss holding the jvp, differentiated (MeanFlow's training step), failed in
+# reverse mode's words ("Linearization failed to produce known values", "Differentiation rule
+# for 'custom_lin' not implemented").
+FORWARD_MODE_USES = {
+    "jax.jvp": jvp_in_the_images,
+    "jax.jvp under jax.jit": lambda velocity, params, inputs: jax.jit(jvp_in_the_images, static_argnums=0)(
+        velocity, params, inputs),
+    "jax.vmap of jax.jvp": lambda velocity, params, inputs: jax.vmap(jvp_in_the_images, in_axes=(None, None, 0))(
+        velocity, params, jax.tree.map(lambda leaf: leaf[None], inputs)),
+    "jax.grad of a loss holding jax.jvp, jitted": lambda velocity, params, inputs: jax.jit(jax.grad(
+        lambda params: jnp.sum(jvp_in_the_images(velocity, params, inputs))))(params),
+    "jax.linearize": lambda velocity, params, inputs: jax.linearize(lambda images: velocity(
+        params, {**inputs, "images": images}), inputs["images"])[1](inputs["images"]),
+}
+
+
+@pytest.mark.parametrize("use", FORWARD_MODE_USES)
 @pytest.mark.parametrize("attention, named", [("pallas_gpu", "'pallas_gpu'"), ("auto", "'auto' (pallas_gpu here)")])
-def test_forward_mode_with_a_fused_attention_kernel_is_refused_naming_xla(attention, named, monkeypatch):
+def test_forward_mode_with_a_fused_attention_kernel_is_refused_naming_xla(attention, named, use, monkeypatch):
     """The fused attention kernels (cuDNN's, pallas_gpu, splash) are jax.custom_vjp functions, which
     jax.jvp refuses in jax's words ("can't apply forward-mode autodiff (jvp) to a custom_vjp
     function"), naming neither the model nor the fix."""
@@ -200,7 +224,7 @@ def test_forward_mode_with_a_fused_attention_kernel_is_refused_naming_xla(attent
                 "differentiate in forward mode (jax.jvp, jax.jacfwd, jax.hessian): load the model with "
                 "attention='xla' (load_model(path, attention='xla'), or ModelConfig(..., attention='xla')), or use "
                 "reverse mode (jax.grad, jax.vjp, jax.jacrev)")):
-            jax.jvp(lambda params: velocity(params, inputs), (params,), (params,))
+            FORWARD_MODE_USES[use](velocity, params, inputs)
 
 
 def test_a_loss_holding_a_jvp_has_the_gradient_of_the_same_loss_in_reverse_mode_only():

@@ -72,6 +72,7 @@ def _cudnn_attention(q, k, v, key_mask):
     if problem:
         raise ValueError(f"attention backend 'cudnn' cannot run this attention: {problem}; use attention 'auto' "
                          "(which runs XLA there) or 'xla'")
+    check_not_forward_mode()
     # The release's -10000 bias, not a boolean mask (which cuDNN turns into a far larger negative
     # bias): the two differ only when every key of a row is padding. cuDNN takes a bias of shape
     # (B, 1, Lq, Lk) only, so the mask's is spelled out per query.
@@ -96,6 +97,7 @@ def _pallas_kernel(supports, kernel, q, k, v, key_mask):
 
     if not supports(q.shape[1], k.shape[1]):
         return _xla_attention(q, k, v, key_mask)
+    check_not_forward_mode()
     local = lambda q, k, v, key_mask: kernel(q, k, v, key_mask, interpret=_interpret[0])
     return map_attention_over_mesh(local, q, k, v, key_mask)
 
@@ -134,6 +136,24 @@ PALLAS_BACKENDS = ("pallas_gpu", "splash")
 AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
 _interpret = [False]
 _compiling_for: list[str | None] = [None]
+_forward_mode_refusal: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def fused_kernels_refused(refusal: str | None):
+    """While a model traces its layers for forward mode (jax.jvp): a fused kernel, a jax.custom_vjp
+    function, raises ValueError(refusal) where it would run. Under jit jax itself refuses it only
+    when XLA lowers the program, outside the model, in words that name neither it nor the fix."""
+    _forward_mode_refusal[0] = refusal
+    try:
+        yield
+    finally:
+        _forward_mode_refusal[0] = None
+
+
+def check_not_forward_mode() -> None:
+    if _forward_mode_refusal[0]:
+        raise ValueError(_forward_mode_refusal[0])
 
 
 @contextlib.contextmanager
