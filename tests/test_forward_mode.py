@@ -203,6 +203,9 @@ FORWARD_MODE_USES = {
         velocity, params, jax.tree.map(lambda leaf: leaf[None], inputs)),
     "jax.grad of a loss holding jax.jvp, jitted": lambda velocity, params, inputs: jax.jit(jax.grad(
         lambda params: jnp.sum(jvp_in_the_images(velocity, params, inputs))))(params),
+    "jax.jvp of jax.grad (forward over reverse)": lambda velocity, params, inputs: jax.jvp(jax.grad(
+        lambda images: jnp.sum(velocity(params, {**inputs, "images": images}))), (inputs["images"],),
+        (inputs["images"],)),
     "jax.linearize": lambda velocity, params, inputs: jax.linearize(lambda images: velocity(
         params, {**inputs, "images": images}), inputs["images"])[1](inputs["images"]),
 }
@@ -225,6 +228,22 @@ def test_forward_mode_with_a_fused_attention_kernel_is_refused_naming_xla(attent
                 "attention='xla' (load_model(path, attention='xla'), or ModelConfig(..., attention='xla')), or use "
                 "reverse mode (jax.grad, jax.vjp, jax.jacrev)")):
             FORWARD_MODE_USES[use](velocity, params, inputs)
+
+
+def test_a_fused_kernel_refuses_neither_reverse_mode_nor_a_jvp_at_lengths_it_leaves_to_xla():
+    """jax.grad and jax.vjp run through the Pallas kernel (16 tokens: their tracers, jax.linearize's
+    kind, are marked reverse mode), and a jvp of 8 x 8 images (4 tokens, off the kernel's grid of
+    16) runs the xla attention the kernel falls back to: the xla model's numbers."""
+    graphdef, params, inputs = tiny_model(text=False, attention="pallas_gpu")
+    velocity = velocity_of(graphdef, text=False)
+    with interpret_kernels():
+        gradient = jax.jit(jax.grad(lambda params: jnp.sum(velocity(params, inputs))))(params)
+        jax.vjp(lambda images: velocity(params, {"images": images}), inputs["images"])
+        small = {"images": inputs["images"][:, :8, :8]}
+        tangent = jvp_in_the_images(velocity, params, small)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(gradient))
+    xla_graphdef, _, _ = tiny_model(text=False)
+    np.testing.assert_array_equal(tangent, jvp_in_the_images(velocity_of(xla_graphdef, text=False), params, small))
 
 
 def test_a_loss_holding_a_jvp_has_the_gradient_of_the_same_loss_in_reverse_mode_only():

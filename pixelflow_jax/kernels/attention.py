@@ -142,8 +142,8 @@ _forward_mode_refusal: list[str | None] = [None]
 @contextlib.contextmanager
 def fused_kernels_refused(refusal: str | None):
     """While a model traces its layers for forward mode (jax.jvp): a fused kernel, a jax.custom_vjp
-    function, raises ValueError(refusal) where it would run. Under jit jax itself refuses it only
-    when XLA lowers the program, outside the model, in words that name neither it nor the fix."""
+    function, which jax cannot differentiate forward, raises ValueError(refusal) where it would run
+    (lengths it leaves to xla differentiate as xla's)."""
     _forward_mode_refusal[0] = refusal
     try:
         yield
