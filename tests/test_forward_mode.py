@@ -4,6 +4,7 @@ GELU and RoPE have jvp rules (jax.custom_jvp); reverse mode transposes them. Unt
 were jax.custom_vjp functions, which jax.jvp refuses: their backward passes are kept below
 (CUSTOM_VJP) as the reference reverse mode must still equal bit for bit, and keep no more for."""
 
+import contextlib
 import math
 import re
 
@@ -212,16 +213,19 @@ FORWARD_MODE_USES = {
 
 
 @pytest.mark.parametrize("use", FORWARD_MODE_USES)
-@pytest.mark.parametrize("attention, named", [("pallas_gpu", "'pallas_gpu'"), ("auto", "'auto' (pallas_gpu here)")])
+@pytest.mark.parametrize("attention, named", [("pallas_gpu", "'pallas_gpu'"), ("auto", "'auto' (pallas_gpu here)"),
+                                              ("cudnn", "'cudnn'")])
 def test_forward_mode_with_a_fused_attention_kernel_is_refused_naming_xla(attention, named, use, monkeypatch):
     """The fused attention kernels (cuDNN's, pallas_gpu, splash) are jax.custom_vjp functions, which
     jax.jvp refuses in jax's words ("can't apply forward-mode autodiff (jvp) to a custom_vjp
     function"), naming neither the model nor the fix."""
     if attention == "auto":  # as 'auto' picks cuDNN on a GPU
         monkeypatch.setitem(attention_module.AUTO, "cpu", "pallas_gpu")
-    graphdef, params, inputs = tiny_model(text=False, attention=attention)
+    cudnn = attention == "cudnn"  # traced for a GPU, refused before it would run; it takes no float32
+    graphdef, params, inputs = tiny_model(text=False, attention=attention, **({"dtype": "bfloat16"} if cudnn else {}))
     velocity = velocity_of(graphdef, text=False)
-    with interpret_kernels():  # 16 tokens: the Pallas kernel runs (interpreted on the CPU)
+    # 16 tokens: the Pallas kernel runs (interpreted on the CPU)
+    with interpret_kernels(), compiling_for("gpu") if cudnn else contextlib.nullcontext():
         with pytest.raises(ValueError, match=re.escape(
                 f"attention backend {named} has a custom backward pass (jax.custom_vjp), which jax cannot "
                 "differentiate in forward mode (jax.jvp, jax.jacfwd, jax.hessian): load the model with "
