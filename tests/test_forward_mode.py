@@ -280,3 +280,37 @@ def test_a_loss_holding_a_jvp_has_the_gradient_of_the_same_loss_in_reverse_mode_
         assert largest > 0, jax.tree_util.keystr(path[0])
         np.testing.assert_allclose(our_gradient, reference_gradient, rtol=0, atol=1e-4 * largest,
                                    err_msg=jax.tree_util.keystr(path[0]))
+
+
+def test_a_model_traced_for_forward_mode_in_one_thread_refuses_no_other_threads_kernels():
+    """The refusal is set while one model traces its layers for jax.jvp; another thread tracing a
+    training step meanwhile (reverse mode through cuDNN) must not be refused, nor may it lift the
+    first thread's refusal when its own trace ends."""
+    import threading
+
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def forward_mode_trace():
+        with attention_module.fused_kernels_refused("refused"):
+            inside.set()
+            done.wait(10)
+            with pytest.raises(ValueError, match="refused"):
+                attention_module.check_not_forward_mode()
+            seen["still refused"] = True
+
+    def reverse_mode_trace():
+        inside.wait(10)
+        with attention_module.fused_kernels_refused(None):
+            attention_module.check_not_forward_mode()
+        attention_module.check_not_forward_mode()
+        seen["not refused"] = True
+        done.set()
+
+    threads = [threading.Thread(target=forward_mode_trace), threading.Thread(target=reverse_mode_trace)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"still refused": True, "not refused": True}
+    attention_module.check_not_forward_mode()  # nothing left set in this thread

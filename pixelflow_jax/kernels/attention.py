@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Callable
 
 import jax
@@ -136,7 +137,8 @@ PALLAS_BACKENDS = ("pallas_gpu", "splash")
 AUTO = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
 _interpret = [False]
 _compiling_for: list[str | None] = [None]
-_forward_mode_refusal: list[str | None] = [None]
+# Per thread: a model traced for jax.jvp in one thread does not refuse another thread's reverse-mode trace.
+_forward_mode = threading.local()
 
 
 @contextlib.contextmanager
@@ -144,16 +146,16 @@ def fused_kernels_refused(refusal: str | None):
     """While a model traces its layers for forward mode (jax.jvp): a fused kernel, a jax.custom_vjp
     function, which jax cannot differentiate forward, raises ValueError(refusal) where it would run
     (lengths it leaves to xla differentiate as xla's)."""
-    _forward_mode_refusal[0] = refusal
+    before, _forward_mode.refusal = getattr(_forward_mode, "refusal", None), refusal
     try:
         yield
     finally:
-        _forward_mode_refusal[0] = None
+        _forward_mode.refusal = before
 
 
 def check_not_forward_mode() -> None:
-    if _forward_mode_refusal[0]:
-        raise ValueError(_forward_mode_refusal[0])
+    if refusal := getattr(_forward_mode, "refusal", None):
+        raise ValueError(refusal)
 
 
 @contextlib.contextmanager
