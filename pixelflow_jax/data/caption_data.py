@@ -263,10 +263,17 @@ def other_tools_captions_hint(root: str, files: list[str], none_captioned: bool)
                   path.lower().endswith(TABLE_EXTENSIONS)]
     if not found:
         return ""
-    more = len(found) - 1
-    others = f" and {more} more such file{'s' if more > 1 else ''}" if more else ""
-    return (f"; {found[0]}{others} (another tool's captions) {'are' if more else 'is'} not read: write each image's "
-            f"caption into NAME{CAPTION_EXTENSION} beside it")
+    named, verb = first_and_more(found, "such file")
+    return (f"; {named} (another tool's captions) {verb} not read: write each image's caption into "
+            f"NAME{CAPTION_EXTENSION} beside it")
+
+
+def first_and_more(paths: list[str], noun: str) -> tuple[str, str]:
+    """How a hint names the files it found, with its verb: ('a.tar and 3 more archives', 'are'), ('a.tar', 'is')."""
+    more = len(paths) - 1
+    if not more:
+        return paths[0], "is"
+    return f"{paths[0]} and {more} more {noun}{'s' if more > 1 else ''}", "are"
 
 
 # Archives of a captioned set (webdataset's .tar shards, as img2dataset's webdataset output writes), not read.
@@ -282,13 +289,12 @@ def archives_hint(root: str, files: list[str]) -> str:
         return ""
     kind = next(e for e in ARCHIVE_EXTENSIONS if archives[0].lower().endswith(e))
     extension = archives[0][-len(kind):]  # as spelled: the shell's *.zip finds no 00000.ZIP
-    more = len(archives) - 1
-    named = f"{archives[0]} and {more} more archive{'s' if more > 1 else ''} are" if more else f"{archives[0]} is"
+    named, verb = first_and_more(archives, "archive")
     where = storage.dirname(archives[0])
     command = (f"for f in {where}/*{extension}; do mkdir ${{f%{extension}}}; {ARCHIVE_EXTENSIONS[kind]} "
                f"${{f%{extension}}}; done" if not storage.is_url(root) else "on a local copy of them")
-    return (f"{named} not read (webdataset shards, as img2dataset's webdataset output writes, hold the images and "
-            f"captions): extract them into folders, e.g. {command}")
+    return (f"{named} {verb} not read (webdataset shards, as img2dataset's webdataset output writes, hold the images "
+            f"and captions): extract them into folders, e.g. {command}")
 
 
 # A Hugging Face dataset as the Hub serves it (Parquet shards) or as datasets' save_to_disk writes it (Arrow files).
@@ -301,10 +307,9 @@ def dataset_tables_hint(files: list[str]) -> str:
     tables = [path for path in files if path.lower().endswith(DATASET_TABLE_EXTENSIONS)]
     if not tables:
         return ""
-    more = len(tables) - 1
-    named = f"{tables[0]} and {more} more such file{'s' if more > 1 else ''} are" if more else f"{tables[0]} is"
-    return (f"{named} not read (a Hugging Face dataset's tables, which hold its images and captions): write each "
-            f"row's image into a file, NAME.jpg, and its caption into NAME{CAPTION_EXTENSION} beside it")
+    named, verb = first_and_more(tables, "such file")
+    return (f"{named} {verb} not read (a Hugging Face dataset's tables, which hold its images and captions): write "
+            f"each row's image into a file, NAME.jpg, and its caption into NAME{CAPTION_EXTENSION} beside it")
 
 
 def encode_record(image: bytes, caption: str, name: str = "") -> bytes:
