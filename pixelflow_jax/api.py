@@ -301,7 +301,7 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     an empty sample.text_encoder_param_dtype, so a text run samples with the encoder it trained
     with and no flag; the token length and dtype its export records fill them too; otherwise 0
     means the release's 512, and '' float32."""
-    from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, read_run_config
+    from pixelflow_jax.checkpoints.run_checkpoint import encoder_folder_of, read_run_config, recorded_encoder_gone
     from pixelflow_jax.text.prompts import MAX_LENGTH
 
     s = sample_config
@@ -310,12 +310,9 @@ def fill_text_encoder(sample_config, source: CheckpointSource) -> None:
     recorded = read_run_config(source.run_step.run).get("text_encoder") if source.run_step else None
     if recorded and not s.text_encoder:
         s.text_encoder = encoder_folder_of(source.run_step.run, recorded["path"])
-        # (a gs:// or hf:// encoder is looked for where it is; a local one missing would fail later naming a
-        # folder the user never typed)
-        if not storage.is_url(s.text_encoder) and not os.path.isdir(s.text_encoder):
-            raise CheckpointError(f"{storage.join(source.run_step.run, 'run_config.json')} names the text encoder the "
-                                  f"run trained with, {s.text_encoder}, which does not exist (moved?): set "
-                                  "--config.sample.text_encoder to where that T5 folder is now")
+        if gone := recorded_encoder_gone(s.text_encoder, f"{storage.join(source.run_step.run, 'run_config.json')} "
+                                         "names the text encoder the run trained with", "--config.sample.text_encoder"):
+            raise CheckpointError(gone)
     trained = trained_text_encoding(source)
     trained_tokens = trained.get("max_text_tokens")
     if not s.max_text_tokens:

@@ -177,6 +177,15 @@ def encoder_folder_of(run: str, recorded_path: str) -> str:
     return storage.join(storage.absolute(run), recorded_path)
 
 
+def recorded_encoder_gone(path: str, recorded: str, flag: str) -> str:
+    """The error for a local T5 folder that a run's record names (`recorded`, in words) and that is
+    not there, naming `flag` to give where it is now; '' where it is there, or in a bucket or on the
+    Hub (looked for there by the load). The load's own refusal named a folder the user never typed."""
+    if storage.is_url(path) or os.path.isdir(path):
+        return ""
+    return f"{recorded}, {path}, which does not exist (moved?): set {flag} to where that T5 folder is now"
+
+
 def run_checkpoint_config(run: str) -> CheckpointConfig:
     values, text = read_run_config(run), run_text_encoding(run)
     architecture = values.get("architecture")

@@ -17,14 +17,14 @@ so --mode=sample and --mode=demo on the run find it without a flag.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 from flax import nnx
 
 from pixelflow_jax import storage
-from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG, encoder_folder_of, has_trained, read_run_config
+from pixelflow_jax.checkpoints.run_checkpoint import (RUN_CONFIG, encoder_folder_of, has_trained, read_run_config,
+                                                      recorded_encoder_gone)
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.sharding import global_array, global_arrays, param_shardings, replicated
 from pixelflow_jax.text import demo_text_encoder
@@ -109,12 +109,9 @@ def fill_encoder_of_runs(config, workdir: str, init_source=None) -> None:
 
 
 def check_recorded_encoder_is_here(path: str, recorded: str) -> None:
-    """A local T5 folder that a run's record names (`recorded`, in words) must exist: the T5 load's
-    refusal asked the user to pass a folder they never passed, and not with which flag. One in a
-    bucket or on the Hub is looked for where it is, by the load."""
-    if not storage.is_url(path) and not os.path.isdir(path):
-        raise ValueError(f"{recorded}, {path}, which does not exist (moved?): set --config.train.text_encoder to "
-                         "where that T5 folder is now")
+    """A local T5 folder that a run's record names (`recorded`, in words) must exist."""
+    if gone := recorded_encoder_gone(path, recorded, "--config.train.text_encoder"):
+        raise ValueError(gone)
 
 
 def fingerprint_of(path: str) -> str:
