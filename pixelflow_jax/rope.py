@@ -47,17 +47,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return _rotate(x, cos, sin)
 
 
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, *, traced_mask: bool = False) -> jax.Array:
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, *, traced_mask: bool = False,
+            platform: str | None = None) -> jax.Array:
     """apply_rope's values. Each channel's partner is read by shifting the heads' channels, all
     H x D side by side as the projection wrote them, one place either way, with the sine zero where
     the shift brings in another pair's (or head's) channel; not by pairing the channels in a
     trailing axis of 2. The shifts move x in its own dtype (half the bytes of float32 for bf16).
     The same products and sums as the paired form, in either view of the tables below.
     traced_mask: the mask of each pair's first channel made by jax, not numpy, as inside a
-    jax.checkpoint, where reverse mode would keep a numpy array as a residual of its own."""
+    jax.checkpoint, where reverse mode would keep a numpy array as a residual of its own.
+    platform: the one traced for (default: target_platform())."""
     batch, tokens, heads, head_dim = x.shape
     flat = x.reshape(batch, tokens, heads * head_dim)
-    if target_platform() == "tpu":
+    if (platform or target_platform()) == "tpu":
         # A TPU lays an array's last axis out over 128 lanes: a (..., H, 72) view of q and k is a
         # relayout copy each way (bench/RESULTS.md), so the tables are tiled to all H x D channels.
         in_view = flat
@@ -93,11 +95,15 @@ def _apply_rope_jvp(primals, tangents):
     angle, rounded once (shifted in x's dtype, its transpose rounded each of the three terms to
     bf16 before their sum). The tables are constants (rope_tables): no tangent flows to them."""
     x, cos, sin = primals
-    return _rotate(x, cos, sin), _rotate_in_float32(tangents[0], cos, sin)
+    return _rotate(x, cos, sin), _rotate_in_float32(tangents[0], cos, sin, target_platform())
 
 
 # Nothing saveable: reverse mode keeps the tables as they are, not the three per-channel tables
 # derived from them (tiled over the heads on a TPU). prevent_cse=False: no optimization barrier.
-@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-def _rotate_in_float32(tangent: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    return _rotate(tangent.astype(jnp.float32), cos, sin, traced_mask=True).astype(tangent.dtype)
+# The platform is a static argument, not read inside: jax.checkpoint keeps one trace per argument
+# types, and a process tracing for a TPU, then a GPU (the tests, bench/gpu_compile.py) reused the
+# TPU's channel layout in the GPU's backward pass.
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False,
+                   static_argnums=(3,))
+def _rotate_in_float32(tangent: jax.Array, cos: jax.Array, sin: jax.Array, platform: str) -> jax.Array:
+    return _rotate(tangent.astype(jnp.float32), cos, sin, traced_mask=True, platform=platform).astype(tangent.dtype)

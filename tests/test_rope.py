@@ -162,3 +162,19 @@ def test_ropes_gradient_is_rounded_to_bfloat16_from_a_sum_in_xs_shape():
     with compiling_for("gpu"):
         jaxpr = jax.make_jaxpr(lambda x, g: jax.vjp(lambda x: apply_rope(x, cos, sin), x)[1](g))(x, x)
     assert rounded_to_bfloat16_from(jaxpr.jaxpr) == {"add", "add_any"}
+
+
+def test_a_backward_pass_traced_for_one_platform_is_not_reused_for_another():
+    """jax.checkpoint keeps a trace per argument types: with the platform read inside the
+    checkpointed tangent, a process tracing for a TPU and then a GPU (this suite, bench/gpu_compile.py)
+    got the TPU's flat channel layout in the GPU's backward pass, and the other way round. Shapes of
+    this test's own, so that no other test's trace is in jax's cache first."""
+    cos, sin = rope_tables(4, 8)
+    x = jnp.zeros((1, 16, 5, 8), jnp.bfloat16)
+    backward = {}
+    for platform in ("tpu", "gpu", "tpu"):
+        with compiling_for(platform):
+            jaxpr = jax.make_jaxpr(lambda x, g: jax.vjp(lambda x: apply_rope(x, cos, sin), x)[1](g))(x, x)
+        backward.setdefault(platform, []).append(rounded_to_bfloat16_from(jaxpr.jaxpr))
+    assert backward["gpu"] == [{"add", "add_any"}]  # as traced for a GPU alone (the test above)
+    assert backward["tpu"][0] == backward["tpu"][1] != backward["gpu"][0]
