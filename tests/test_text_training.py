@@ -318,8 +318,25 @@ def test_images_that_would_share_a_caption_file_are_refused_and_a_doubled_captio
     source = CaptionedFolderSource(str(tmp_path))
     assert {os.path.basename(source[i]["name"]): source[i]["caption"] for i in range(len(source))} == {
         "cat.jpg": b"a black square", "cat_2.png": b"a white square", "dog.png": b"a red square"}
-    assert "1 images have two caption files differing only in the extension's case; the one ending in .txt" \
-        in caplog.text
+    assert ("1 images have more than one caption file, differing only in the extension's case, e.g. "
+            f"{tmp_path / 'dog.txt'} is read, not {tmp_path / 'dog.TXT'}") in caplog.text, caplog.text
+
+
+def test_caption_files_differing_in_case_without_a_txt_are_named_as_found(tmp_path, caplog):
+    """NAME.Txt beside NAME.TXT: the warning said the one ending in .txt is read, a file that does
+    not exist; it names the files found and the one read."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "dog.png")
+    (tmp_path / "dog.TXT").write_text("a red square")
+    (tmp_path / "dog.Txt").write_text("a pink square")
+    source = CaptionedFolderSource(str(tmp_path))
+    assert source[0]["caption"] == b"a red square"  # the first in sorted order, as listed
+    assert ("1 images have more than one caption file, differing only in the extension's case, e.g. "
+            f"{tmp_path / 'dog.TXT'} is read, not {tmp_path / 'dog.Txt'}") in caplog.text, caplog.text
+    caplog.clear()
+    (tmp_path / "dog.txt").write_text("a dark red square")
+    assert CaptionedFolderSource(str(tmp_path))[0]["caption"] == b"a dark red square"
+    assert (f"e.g. {tmp_path / 'dog.txt'} is read, not {tmp_path / 'dog.TXT'}, {tmp_path / 'dog.Txt'}"
+            in caplog.text), caplog.text
 
 
 def test_the_loaders_counts_are_logged_when_they_start_and_each_time_they_double(caplog):

@@ -152,17 +152,7 @@ class CaptionedFolderSource:
         unlisted: list[str] = []
         files = walk_files(root, unlisted=unlisted)
         warn_unlisted(root, unlisted)
-        captions, both_cases = {}, []  # NAME -> its caption file; NAME.txt rather than NAME.TXT where both exist
-        for path in files:
-            name, extension = os.path.splitext(path)
-            if extension.lower() == CAPTION_EXTENSION:
-                if name in captions:
-                    both_cases.append(name)
-                if name not in captions or extension == CAPTION_EXTENSION:
-                    captions[name] = path
-        if both_cases:
-            logging.warning("%s: %d images have two caption files differing only in the extension's case; the one "
-                            "ending in %s is read, e.g. %s", root, len(both_cases), CAPTION_EXTENSION, both_cases[:3])
+        captions = caption_files(root, files)
         images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
         by_name = collections.defaultdict(list)
         for path in images:
@@ -210,6 +200,24 @@ class CaptionedFolderSource:
     def __getitem__(self, index: int) -> dict:
         image, caption = self.records[index]
         return {"image": storage.read_bytes(image), "caption": storage.read_bytes(caption), "name": image}
+
+
+def caption_files(root: str, files: list[str]) -> dict[str, str]:
+    """{NAME: its caption file} of `files`: NAME.txt, or NAME.TXT (any case) without one; where a
+    name has several, one warning names the files and the one read (NAME.txt, else the first listed)."""
+    found = collections.defaultdict(list)
+    for path in files:
+        name, extension = os.path.splitext(path)
+        if extension.lower() == CAPTION_EXTENSION:
+            found[name].append(path)
+    read = {name: next((path for path in paths if path.endswith(CAPTION_EXTENSION)), paths[0])
+            for name, paths in found.items()}
+    if doubled := [name for name, paths in found.items() if len(paths) > 1]:
+        examples = "; ".join(f"{read[name]} is read, not {', '.join(p for p in found[name] if p != read[name])}"
+                             for name in doubled[:3])
+        logging.warning("%s: %d images have more than one caption file, differing only in the extension's case, "
+                        "e.g. %s", root, len(doubled), examples)
+    return read
 
 
 def other_case_hint(missing: list[str], captions: dict[str, str]) -> str:
