@@ -286,8 +286,9 @@ SCRIPTS = {r"main\.py": "main.py", r"convert_torch_ckpt\.py": "convert_torch_ckp
            r"(?:bench/)?(\w+)\.py": "bench/{}.py"}
 ABSL_FLAGS = {"flagfile", "helpshort", "helpfull", "help"}
 # Other programs' flags the README names in prose, with their program.
-OTHER_PROGRAMS_FLAGS = {"data_dir": "tfds build", "dist": "pytest", "index-url": "pip", "logdir": "tensorboard",
-                        "network": "docker", "nodes": "srun", "ntasks-per-node": "srun", "requeue": "sbatch", "signal": "srun",
+OTHER_PROGRAMS_FLAGS = {"caption_col": "img2dataset", "data_dir": "tfds build", "dist": "pytest", "index-url": "pip",
+                        "logdir": "tensorboard", "network": "docker", "nodes": "srun", "ntasks-per-node": "srun",
+                        "requeue": "sbatch", "signal": "srun",
                         "xla_cpu_enable_concurrency_optimized_scheduler": "XLA_FLAGS",
                         "xla_backend_optimization_level": "XLA_FLAGS"}
 

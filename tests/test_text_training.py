@@ -208,6 +208,30 @@ def test_another_tools_captions_are_named_where_some_images_have_their_caption_f
         CaptionedFolderSource(str(tmp_path))
 
 
+def test_json_sidecars_of_images_without_a_caption_are_named_as_not_read(tmp_path):
+    """img2dataset's `files` output given no --caption_col: ROOT/00000/NAME.jpg + NAME.json (its
+    metadata) and no NAME.txt. Below the folder's top no JSON file was named: every image was only
+    said to lack a caption file. A NAME.json beside an image that has its caption is not named."""
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    for name in ("000000000", "000000001", "000000002"):
+        write_image(shard / f"{name}.jpg", 0)
+        (shard / f"{name}.json").write_text('{"url": "https://example.com/a.jpg", "key": "0", "status": "success"}')
+    (shard / "000000000.txt").write_text("a red disk")
+    sidecars = re.escape(f"; {shard / '000000001.json'} and 1 more such file (per-image metadata, as img2dataset "
+                         "writes beside each image, with the caption in NAME.txt only when given --caption_col) are "
+                         "not read: write each image's caption into NAME.txt beside it; add the")
+    with pytest.raises(DataError, match=r"2 of 3 images .*" + sidecars):
+        CaptionedFolderSource(str(tmp_path))
+    (shard / "000000000.txt").unlink()
+    with pytest.raises(DataError, match=re.escape(f"{shard / '000000000.json'} and 2 more such files (per-image")):
+        CaptionedFolderSource(str(tmp_path))
+    # At the folder's top, where a table of captions is named too: named once, as an image's metadata
+    with pytest.raises(DataError) as refusal:
+        CaptionedFolderSource(str(shard))
+    assert str(refusal.value).count("000000000.json") == 1 and "another tool's captions" not in str(refusal.value)
+
+
 def test_a_table_of_captions_under_any_name_is_named_as_not_read_where_no_image_has_a_caption(tmp_path):
     """captions.csv or train.jsonl at the folder's top got no word (only metadata.* did): every
     image was said to lack a caption file. A table beside images that have theirs is not named."""

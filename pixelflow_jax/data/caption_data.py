@@ -172,7 +172,11 @@ class CaptionedFolderSource:
         whole_name_hint = (f"; {len(whole_name)} of them have a caption file named after the image's whole file "
                            f"name, e.g. {whole_name[0]}: name those NAME{CAPTION_EXTENSION}" if whole_name else "")
         hints = whole_name_hint + other_case_hint(missing, captions)
-        hints += other_tools_captions_hint(root, files, none_captioned=not self.records) if missing else ""
+        if missing:
+            sidecars = set(json_sidecars(missing, files))  # named as such, not as tables of captions
+            hints += other_tools_captions_hint(root, [path for path in files if path not in sidecars],
+                                               none_captioned=not self.records)
+            hints += json_sidecars_hint([path for path in files if path in sidecars])
         if missing and missing_captions == "error":
             raise DataError(f"{len(missing)} of {len(images)} images under {root} have no caption file "
                             f"(NAME{CAPTION_EXTENSION} beside NAME.jpg), e.g. {missing[:3]}{hints}; add the "
@@ -273,6 +277,27 @@ def other_tools_captions_hint(root: str, files: list[str], none_captioned: bool)
         return ""
     named, verb = first_and_more(found, "such file")
     return (f"; {named} (another tool's captions) {verb} not read: write each image's caption into "
+            f"NAME{CAPTION_EXTENSION} beside it")
+
+
+JSON_SIDECAR_EXTENSION = ".json"
+
+
+def json_sidecars(missing: list[str], files: list[str]) -> list[str]:
+    """The NAME.json files among `files` of the images `missing` their captions (img2dataset writes
+    one beside every image, the caption in it and in NAME.txt only given a caption column)."""
+    names = {os.path.splitext(path)[0] for path in missing}
+    return [path for path in files if os.path.splitext(path)[1].lower() == JSON_SIDECAR_EXTENSION and
+            os.path.splitext(path)[0] in names]
+
+
+def json_sidecars_hint(sidecars: list[str]) -> str:
+    """Images' NAME.json files (json_sidecars), named as not read; '' where there are none."""
+    if not sidecars:
+        return ""
+    named, verb = first_and_more(sidecars, "such file")
+    return (f"; {named} (per-image metadata, as img2dataset writes beside each image, with the caption in "
+            f"NAME{CAPTION_EXTENSION} only when given --caption_col) {verb} not read: write each image's caption into "
             f"NAME{CAPTION_EXTENSION} beside it")
 
 
