@@ -1393,6 +1393,37 @@ def test_init_from_across_class_and_text_models_names_the_kinds(converted, monke
             load_init_from(config, ModelConfig(**config.model.to_dict()))
 
 
+def test_a_fine_tune_at_another_caption_length_than_its_run_trained_with_is_warned(tmp_path, caplog):
+    """A text run trained with max_text_tokens=8 fine-tuned under a config of 16 (or the reverse) went on
+    without a word. No weight is shaped by the length (the fine-tune runs), but the captions it now reads
+    are longer, or cut shorter, than those it learned from."""
+    from configs import t2i
+    from pixelflow_jax.training import train
+    from pixelflow_jax.training.run_config import check_run_config
+
+    config = t2i.get_config("tiny")
+    model_cfg = ModelConfig.from_mapping(config.model)
+    run = tmp_path / "run"
+    check_run_config(str(run), model_cfg, config, {"path": "gs://b/t5", "max_text_tokens": 8})
+    (run / "checkpoints" / "10").mkdir(parents=True)
+    config.train.init_from = str(run)
+    keep = "set --config.train.max_text_tokens=8 to keep its length"
+    for tokens, read in ((16, "captions up to 16 tokens, longer than the 8 it learned from"),
+                         (4, "captions cut to 4 tokens, shorter than the 8 it learned from")):
+        config.train.max_text_tokens = tokens
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train.check_init_from(config, model_cfg)
+        assert (f"train.init_from {run / 'checkpoints' / '10'} trained with train.max_text_tokens 8 and this run trains with {tokens}: "
+                "no weight of the model is shaped by the caption length") in caplog.text, caplog.text
+        assert f"so it fine-tunes on {read}; {keep}" in caplog.text, caplog.text
+    config.train.max_text_tokens = 8
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train.check_init_from(config, model_cfg)
+    assert not caplog.text
+
+
 def test_a_fine_tune_missing_its_text_encoder_is_refused_before_the_weights_are_read(converted, tmp_path,
                                                                                     monkeypatch):
     from configs import t2i

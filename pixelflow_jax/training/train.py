@@ -158,7 +158,26 @@ def check_init_from(config, model_cfg: ModelConfig):
                         "starts far from what it read; set --config.scheduler.num_train_timesteps=%d to keep them",
                         source.label, ckpt.num_train_timesteps, config.scheduler.num_train_timesteps,
                         ckpt.num_train_timesteps)
+    if model_cfg.cross_attention_dim:
+        warn_of_another_caption_length(source, int(t.max_text_tokens))
     return source
+
+
+def warn_of_another_caption_length(source, tokens: int) -> None:
+    """A fine-tune at another train.max_text_tokens than its checkpoint recorded runs (no weight is
+    shaped by it: cross-attention reads any number of T5 states, which T5 places relative to each
+    other), but reads captions longer, or cut shorter, than those the model learned from: warned."""
+    from pixelflow_jax.api import trained_text_encoding
+
+    trained = trained_text_encoding(source).get("max_text_tokens")
+    if not trained or trained == tokens:  # (a release checkpoint records none)
+        return
+    read = (f"captions up to {tokens} tokens, longer than the {trained} it learned from" if tokens > trained else
+            f"captions cut to {tokens} tokens, shorter than the {trained} it learned from")
+    logging.warning("train.init_from %s trained with train.max_text_tokens %d and this run trains with %d: no weight "
+                    "of the model is shaped by the caption length (cross-attention reads any number of T5 states), so "
+                    "it fine-tunes on %s; set --config.train.max_text_tokens=%d to keep its length", source.label,
+                    trained, tokens, read, trained)
 
 
 def load_init_from(config, model_cfg: ModelConfig, source=None):
