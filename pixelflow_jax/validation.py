@@ -562,6 +562,11 @@ def job_config(config, mode: str):
     # A FrozenConfigDict's copy thawed: the checks write the paths they expand, jobs what they fill in.
     config = config.as_configdict() if hasattr(config, "as_configdict") else copy.deepcopy(config)
     check(config, mode)
+    if mode == "train" and config.data.num_workers > 0:  # refused before the workdir is made, in the job's words
+        from pixelflow_jax.data.loader import check_workers_can_start
+
+        check_workers_can_start(f"a train job with data.num_workers={config.data.num_workers} was started",
+                                "set config.data.num_workers=0")
     return config
 
 

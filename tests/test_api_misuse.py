@@ -954,6 +954,32 @@ def test_a_job_called_again_by_a_data_worker_importing_an_unguarded_script_names
     assert os.listdir(tmp_path) == []
 
 
+def test_a_training_job_with_loader_workers_from_a_script_without_a_main_guard_is_refused_before_it_starts(tmp_path):
+    """The worker's own refusal (above) reached the user inside grain's tracebacks, after the parent
+    had made its workdir, and the parent's last line was grain's 'Worker process was terminated
+    unexpectedly'. The parent now refuses at once, naming the line, the guard and the setting."""
+    script = tmp_path / "train_demo.py"
+    script.write_text(f"""
+from configs import c2i
+from pixelflow_jax.training import train
+
+config = c2i.get_config("tiny")
+config.data.num_workers = 2
+config.train.num_steps = 1
+train.train(config, {str(tmp_path / "run")!r})
+""")
+    one_device = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}  # batch 8 divides
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**one_device, "PYTHONPATH": REPO})
+    assert result.returncode == 1 and "Worker process" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pixelflow_jax.data.sources.DataError: a train job with data.num_workers=2 was started from the top-level "
+        f"code of {script} (line 8), outside `if __name__ == \"__main__\":`: each loader worker process starts by "
+        "running that script again (Python's spawn start method), which would run that code again in it; put the "
+        "script's top-level code under that guard, or set config.data.num_workers=0"), result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["train_demo.py"]
+
+
 def test_a_users_own_configs_package_beside_a_notebook_is_not_taken_for_this_checkouts(tmp_path, monkeypatch):
     """A notebook's folder with a configs/ package of its own (its c2i.py copied from this one's, as
     the README advises, and no t2i.py) shadowed this checkout's: each job failed on "cannot import

@@ -721,6 +721,34 @@ if __name__ == "__main__":
     assert result.returncode == 0 and "leaked shared_memory" not in result.stderr, result.stderr[-3000:]
 
 
+def test_loader_workers_from_a_script_without_a_main_guard_are_refused_in_one_line_naming_the_fixes(tmp_path):
+    """grain's workers are spawned: each runs the main script again, which built a loader of its
+    own and failed starting its workers; the script ended in ~100 lines of tracebacks, grain's last
+    line 'Worker process was terminated unexpectedly'. The same call under the guard, reached
+    through a function, starts as before."""
+    body = """
+from pixelflow_jax.data.demo_data import DemoSource
+from pixelflow_jax.data.loader import build_dataset
+
+def first_batch():
+    return next(iter(build_dataset(DemoSource(8), batch_size=4, resolution=16, seed=0, num_workers=1)))
+
+"""
+    run = lambda script: subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                                        timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    (tmp_path / "unguarded.py").write_text(body + "print(first_batch()['image'].shape)\n")
+    result = run(tmp_path / "unguarded.py")
+    assert result.returncode == 1 and "Worker process" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pixelflow_jax.data.sources.DataError: build_dataset(num_workers=1) was called from the top-level code of "
+        f"{tmp_path / 'unguarded.py'} (line 8), outside `if __name__ == \"__main__\":`: each loader worker process "
+        "starts by running that script again (Python's spawn start method), which would run that code again in it; "
+        "put the script's top-level code under that guard, or pass num_workers=0"), result.stderr[-3000:]
+    (tmp_path / "guarded.py").write_text(body + "if __name__ == '__main__':\n    print(first_batch()['image'].shape)\n")
+    result = run(tmp_path / "guarded.py")
+    assert result.returncode == 0 and result.stdout.strip() == "(4, 16, 16, 3)", result.stderr[-3000:]
+
+
 def parent_of(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:

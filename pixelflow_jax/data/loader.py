@@ -29,6 +29,7 @@ grain and TFDS are imported lazily: the model, sampler and train step do not nee
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import gc
@@ -36,6 +37,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from typing import Any, Iterator
 
 import jax
@@ -130,6 +132,7 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
     if num_workers > 0:
         from absl import flags
 
+        check_workers_can_start(f"build_dataset(num_workers={num_workers}) was called", "pass num_workers=0")
         if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside main.py use defaults
             flags.FLAGS.mark_as_parsed()
         quiet_shared_memory_cleanup()
@@ -137,6 +140,51 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
                                                                    per_worker_buffer_size=prefetch_batches),
                                       worker_init_fn=functools.partial(init_worker, os.getpid()))
     return dataset
+
+
+def check_workers_can_start(started: str, fix: str) -> None:
+    """grain spawns its workers, and each runs the main script again first: a script that builds
+    its loader outside `if __name__ == "__main__":` would build one in every worker, which fails
+    starting workers of its own, and the trainer heard only that a worker died, in ~100 lines of
+    tracebacks. Refused here, before any worker starts: `started` says what was (a call, a job),
+    `fix` the other way out than the guard."""
+    if where := unguarded_main_code():
+        raise DataError(f"{started} from the top-level code of {where}, outside `if __name__ == \"__main__\":`: each "
+                        "loader worker process starts by running that script again (Python's spawn start method), "
+                        f"which would run that code again in it; put the script's top-level code under that guard, "
+                        f"or {fix}")
+
+
+def unguarded_main_code() -> str | None:
+    """'SCRIPT (line N)' where the main script's top-level code, which a spawned process runs
+    again, is running this call at line N outside a top-level `if` on __name__; None where the
+    call comes from under one, or the main module is not run again (interactive, python -c)."""
+    main = sys.modules.get("__main__")
+    if not runs_again_in_spawned_processes(main):
+        return None
+    frame = next((f for f, _ in traceback.walk_stack(None)
+                  if f.f_globals is vars(main) and f.f_code.co_name == "<module>"), None)
+    if frame is None:  # called once the script's top-level code has run (a thread, atexit)
+        return None
+    try:
+        with open(frame.f_code.co_filename, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):  # no source at hand: give the benefit of the doubt
+        return None
+    guards = [node for node in tree.body if isinstance(node, ast.If) and
+              any(isinstance(n, ast.Name) and n.id == "__name__" for n in ast.walk(node.test))]
+    if any(guard.lineno <= frame.f_lineno <= guard.end_lineno for guard in guards):
+        return None
+    return f"{frame.f_code.co_filename} (line {frame.f_lineno})"
+
+
+def runs_again_in_spawned_processes(main) -> bool:
+    """Whether a spawned process runs the main module again, as multiprocessing decides: python -m
+    MODULE by its name (but not a package's __main__), python SCRIPT by its path."""
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return not name.endswith("__main__")
+    return bool(getattr(main, "__file__", None))
 
 
 def quiet_shared_memory_cleanup() -> None:
