@@ -22,7 +22,7 @@ from jax.interpreters import ad
 
 from pixelflow_jax.config import ModelConfig, numpy_broadcasting
 from pixelflow_jax.kernels.attention import (ATTENTION_FORWARD_PRIMITIVES, dot_product_attention,
-                                              fused_kernels_refused, resolve_backend)
+                                              fused_kernels_refused, resolve_backend, tracing_modes)
 from pixelflow_jax.rope import apply_rope, rope_tables
 from pixelflow_jax.sharding import check_auto_axes_only, keep_batch_split
 from pixelflow_jax.validation import class_ids
@@ -339,6 +339,49 @@ def checked_text_mask(mask, text_shape: tuple[int, int]) -> jax.Array | np.ndarr
     return mask
 
 
+def run_blocks(x: jax.Array, layer_xs, context, *, block_graph, scale_tree, scale_splits: tuple[int, ...],
+               remat: str, refusal: str | None) -> jax.Array:
+    """x through the stacked blocks: one lax.scan over the layers. layer_xs: (each layer's parameters
+    but its RMSNorm scales, the scales concatenated along their last axis, split at scale_splits into
+    the leaves of scale_tree); context: (conditioning, rope, text, text mask), what every block reads;
+    refusal: fused_kernels_refused's while the layers are traced."""
+    conditioning, rope, text, text_mask = context
+
+    def one_block(h, layer):
+        layer_params, layer_scales = layer
+        layer_scales = jax.tree.unflatten(scale_tree, jnp.split(layer_scales, scale_splits, axis=-1))
+        block = nnx.merge(block_graph, layer_scales, layer_params)
+        h = block(keep_batch_split(h), conditioning, rope, text, text_mask)
+        return keep_batch_split(h), None
+
+    if remat != "none":
+        # prevent_cse=False (jax's advice for scans: forward and recomputation are separate loops,
+        # nothing to merge): the default's optimization barrier over the block's inputs kept XLA
+        # from fusing each layer's slice of the saved residuals and weights into its consumers in
+        # the backward loop, a copy of every row instead (bench/RESULTS.md). Same values and
+        # gradients bit for bit (3-layer models, CPU).
+        one_block = jax.checkpoint(one_block, policy=REMAT_POLICY[remat], prevent_cse=False)
+    with fused_kernels_refused(refusal):
+        return jax.lax.scan(one_block, x, layer_xs)[0]
+
+
+# A call outside any jax transformation runs the blocks through this jit, which keeps their program:
+# lax.scan keeps a trace per body function, and run_blocks' body is a new closure each call, so the
+# scan was traced and compiled again at every eager call (the full-size model 5.8 s a call at 32 x 32,
+# 4.6 s of it compiling). jit's key holds the arguments' shapes, dtypes and placement, the mesh in
+# context and jax's settings; the static arguments hold the rest that the trace reads: the blocks'
+# structure, the forward-mode refusal, and the kernels' modes (tracing_modes(): interpret_kernels, and
+# compiling_for, which chooses 'auto's backend and RoPE's layout), which the trace reads from module
+# state, so they are given for the key alone.
+@functools.partial(jax.jit, static_argnames=("block_graph", "scale_tree", "scale_splits", "remat", "refusal",
+                                             "kernel_modes"))
+def run_blocks_eagerly(x: jax.Array, layer_xs, context, *, block_graph, scale_tree, scale_splits: tuple[int, ...],
+                       remat: str, refusal: str | None, kernel_modes: tuple[bool, str | None]) -> jax.Array:
+    del kernel_modes  # in the key only
+    return run_blocks(x, layer_xs, context, block_graph=block_graph, scale_tree=scale_tree,
+                      scale_splits=scale_splits, remat=remat, refusal=refusal)
+
+
 class PixelFlow(nnx.Module):
     """The cascade transformer. One call predicts the velocity for a batch at one stage:
 
@@ -465,28 +508,18 @@ class PixelFlow(nnx.Module):
         # they are one slice per layer; concatenating and splitting are exact.
         block_graph, norm_scales, block_params = nnx.split(self.transformer_blocks, _is_norm_scale, ...)
         scale_leaves, scale_tree = jax.tree.flatten(norm_scales)
-        scale_splits = np.cumsum([leaf.shape[-1] for leaf in scale_leaves])[:-1]
+        scale_splits = tuple(np.cumsum([leaf.shape[-1] for leaf in scale_leaves])[:-1].tolist())
         layer_xs = (block_params, jnp.concatenate(scale_leaves, axis=-1))
-
-        def one_block(h, layer):
-            layer_params, layer_scales = layer
-            layer_scales = jax.tree.unflatten(scale_tree, jnp.split(layer_scales, scale_splits, axis=-1))
-            block = nnx.merge(block_graph, layer_scales, layer_params)
-            h = block(keep_batch_split(h), conditioning, rope, encoder_hidden_states, encoder_attention_mask)
-            return keep_batch_split(h), None
-
-        if cfg.remat != "none":
-            # prevent_cse=False (jax's advice for scans: forward and recomputation are separate loops,
-            # nothing to merge): the default's optimization barrier over the block's inputs kept XLA
-            # from fusing each layer's slice of the saved residuals and weights into its consumers in
-            # the backward loop, a copy of every row instead (bench/RESULTS.md). Same values and
-            # gradients bit for bit (3-layer models, CPU).
-            one_block = jax.checkpoint(one_block, policy=REMAT_POLICY[cfg.remat], prevent_cse=False)
+        context = (conditioning, rope, encoder_hidden_states, encoder_attention_mask)
         # jax refuses a custom_vjp kernel's tangent only where it is computed, or under jit when XLA
         # lowers the program, outside this call, in words naming neither the model nor the fix
         forward_mode = any(map(in_forward_mode, jax.tree.leaves(inputs_and_parameters)))
-        with fused_kernels_refused(forward_mode_refusal(cfg) if forward_mode else None):
-            x, _ = jax.lax.scan(one_block, x, layer_xs)
+        blocks = dict(block_graph=block_graph, scale_tree=scale_tree, scale_splits=scale_splits, remat=cfg.remat,
+                      refusal=forward_mode_refusal(cfg) if forward_mode else None)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((x, layer_xs, context))):
+            x = run_blocks(x, layer_xs, context, **blocks)  # part of the program jax is tracing
+        else:
+            x = run_blocks_eagerly(x, layer_xs, context, kernel_modes=tracing_modes(), **blocks)
 
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(conditioning)).astype(jnp.float32)[:, None, :], 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(x.dtype)
