@@ -729,3 +729,41 @@ def test_rows_gathered_from_several_processes_keep_their_dtype(monkeypatch):
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: np.stack([value, value]))
     for rows in (np.ones((2, 3), np.float32), np.ones((2,), np.int32)):
         assert multihost.gather_rows(rows, 3).dtype == rows.dtype
+
+
+def test_what_processes_compare_is_hashed_as_its_bytes_a_name_that_is_not_utf8_as_its_own():
+    """The first words of the SHA-256 of the text's UTF-8 bytes. A file name that is not UTF-8 (read
+    with os.fsdecode's surrogate escapes: a workdir, a features file's path) hashes as its bytes on
+    disk: two such names stay apart, and neither stops the job."""
+    import hashlib
+
+    for raw in ("café".encode(), b"caf\xe9", b"caf\xe8"):
+        assert multihost.hashed(os.fsdecode(raw), 2).tobytes() == hashlib.sha256(raw).digest()[:8]
+    assert multihost.hashed("café", 1).tobytes() == hashlib.sha256("café".encode()).digest()[:4]
+
+
+def test_inputs_two_of_three_processes_read_otherwise_are_named_with_each_processes_host(monkeypatch):
+    """Each host's name is gathered as its first 64 bytes (a longer one cut, in a character if need
+    be); the processes at fault are listed, each with its host, and every input any of them read
+    otherwise (the checkpoint: process 2 alone), with each one's prompt count."""
+    def host_row(name: bytes):
+        return np.frombuffer(name.ljust(multihost.HOST_NAME_BYTES, b"\0"), np.int32)
+
+    def read_rows(weights: str, prompts: str, count: int):
+        return np.array([[*multihost.hashed(weights, 2), 0], [*multihost.hashed(prompts, 2), count]], np.int32)
+
+    others = {(multihost.HOST_NAME_BYTES // 4,): [host_row(b"gpu-1"), host_row(b"gpu-2")],
+              (2, 3): [read_rows("weights", '["a fox", "a cat"]', 2),
+                       read_rows("other weights", '["a fox", "a dog", "a cow"]', 3)]}
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda value: np.stack([value, *others[np.shape(value)]]))
+    monkeypatch.setattr(multihost.socket, "gethostname", lambda: "node-" + "é" * 40)  # 85 bytes
+    as_process(monkeypatch, 0, count=3)
+    cut = "node-" + "é" * 29 + "\ufffd"  # 63 bytes, then the first of the next é's two
+    with pytest.raises(ValueError, match=re.escape(
+            f"processes 1, 2 of 3 (on gpu-1, gpu-2) read other content than process 0 (on {cut}) in "
+            "--config.sample.checkpoint /run; --config.sample.prompts_file p.txt (prompts: process 0: 1, process 1: "
+            "2, process 2: 3). Each host")):
+        multihost.check_same_inputs([multihost.InputRead("--config.sample.checkpoint /run", "weights"),
+                                     multihost.InputRead("--config.sample.prompts_file p.txt", '["a fox"]', 1,
+                                                         "prompts")])
