@@ -240,6 +240,29 @@ def test_parameters_are_counted_per_top_level_module_and_a_non_finite_forward_is
         inspect_model.run(config, str(tmp_path))
 
 
+def test_each_stage_reports_its_first_call_and_a_compiled_forward_each_timed_until_its_result_is_ready(tmp_path,
+                                                                                                        monkeypatch):
+    """first_call_s: the stage's first forward, its compilation included (to 1 ms); forward_s: one more
+    forward of the compiled program (to 0.1 ms). jax returns before the device has computed: each is
+    timed until its result is ready, here by a clock that moves only while a result is awaited."""
+    import types
+
+    from pixelflow_jax import inspect_model
+
+    clock, waits, ready = [100.0], iter([2.5, 0.00012, 1.25, 0.25]), jax.block_until_ready
+
+    def awaited(value):
+        clock[0] += next(waits)
+        return ready(value)
+
+    monkeypatch.setattr(inspect_model, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(inspect_model.jax, "block_until_ready", awaited)
+    config = tiny_config("c2i")
+    config.scheduler.num_stages, config.data.resolution = 2, 16  # two quick compiles
+    stages = inspect_model.run(config, str(tmp_path))["stages"]
+    assert [(stage["first_call_s"], stage["forward_s"]) for stage in stages] == [(2.5, 0.0001), (1.25, 0.25)]
+
+
 def test_the_workdirs_run_is_the_checkpoint_inspected(tmp_path, monkeypatch):
     """inspect_model.run itself reads an empty sample.checkpoint in a run's workdir as that run."""
     from pixelflow_jax import inspect_model
