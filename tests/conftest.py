@@ -84,13 +84,13 @@ def c2i_config(**changes):
 
 
 def t2i_config(**changes):
-    """configs/t2i.py:tiny with {"section.field": value} changes."""
+    """configs/t2i.py:tiny with {"section.field" or "field": value} changes."""
     from configs import t2i
 
     config = t2i.get_config("tiny")
     for dotted, value in changes.items():
-        section, field = dotted.split(".")
-        config[section][field] = value
+        section, field = dotted.split(".") if "." in dotted else (None, dotted)
+        (config[section] if section else config)[field] = value
     return config
 
 
