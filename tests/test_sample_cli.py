@@ -445,6 +445,64 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
             job(num_images=7, labels=more, **{"seed": 7, name: value})
 
 
+def test_each_image_is_its_seed_and_ids_own_noise_whatever_its_batch_and_the_devices_it_was_split_over(
+        tmp_path, converted, monkeypatch):
+    """README: an image depends only on the seed, its id and its label, not on the batch size, the
+    device count or what else was in its batch. Stages that give back the last stage's block noise
+    make each PNG that noise: it must be what draw_noise_jit draws for the image's id alone on one
+    device (the scheduler's gamma, key(seed)), after a first job, a resume of two images and an
+    extension, each image in another batch over the 8 devices."""
+    import jax.numpy as jnp
+
+    from configs import c2i
+    from pixelflow_jax.sampling import cascade, sample_run
+    from pixelflow_jax.scheduler import DEFAULT_GAMMA
+
+    def stage_program(graphdef, renoise, alpha, beta, solver):
+        return lambda state, x, noise, *rest: noise if renoise else x
+
+    monkeypatch.setattr(cascade, "_stage_program", stage_program)
+    workdir = tmp_path / "run"
+
+    def job(num_images, batch_size):
+        config = c2i.get_config("tiny")
+        config.sample.update(checkpoint=converted["c2i_tiny"], steps_per_stage=1, seed=5, num_images=num_images,
+                             batch_size=batch_size)
+        sample_run.run(config, str(workdir))
+
+    def alone(image_id):
+        _, blocks = cascade.draw_noise_jit(jax.random.key(5), jnp.array([image_id]), 64, 4, 3, DEFAULT_GAMMA)
+        return np.asarray(cascade.to_uint8(blocks[-1]))[0]
+
+    job(6, 8)
+    for i in (1, 4):
+        os.remove(workdir / "samples" / f"{i:06d}.png")
+    job(6, 16)
+    job(20, 8)  # 14 more, in two batches
+    images = np.load(workdir / "samples.npz")["arr_0"]
+    for i in range(20):
+        np.testing.assert_array_equal(images[i], alone(i), err_msg=f"image {i}")
+
+
+def test_a_stop_while_a_batchs_pngs_are_written_ends_the_job_without_writing_that_batch_again(tmp_path, converted,
+                                                                                               monkeypatch):
+    """A batch's PNGs are written while the next batch computes. A Ctrl-C (or a failed write) among
+    them ended the job only after the way out wrote that batch again, each PNG a second time (a
+    bucket's uploads; the progress counting them twice)."""
+    from pixelflow_jax.sampling import sample_run
+
+    written = []
+
+    def write_then_stop(folder, images, finite, ids, num_valid):
+        written.append(ids[:num_valid].tolist())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_run, "write_local_images", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sample_in_process(tmp_path / "run", converted["c2i_tiny"], monkeypatch, num_images=16, batch_size=8)
+    assert written == [list(range(8))]
+
+
 def test_a_jobs_batches_are_split_over_every_device_and_its_weights_and_finite_flags_held_by_each(tmp_path, converted,
                                                                                                  monkeypatch, caplog):
     """What the images alone do not show: each batch's ids and labels split over the 8 devices, the

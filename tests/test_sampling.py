@@ -382,9 +382,10 @@ def test_a_non_finite_sample_is_an_error_not_a_black_image(tiny, tmp_path):
         sampler.generate([3, 4], steps_per_stage=1, cfg_scale=2.0, image_ids=[7, 9])
 
     images = jnp.zeros((3, 8, 8, 3), jnp.uint8)
-    with pytest.raises(ValueError, match=r"NaN or inf for image ids \[11\]"):
-        write_local_images(str(tmp_path), images, jnp.array([True, False, False]), np.array([10, 11, 11]), 2)
-    assert not list(tmp_path.iterdir())  # not even the finite image of that batch
+    for finite, bad in (([True, False, False], 11), ([False, True, True], 10)):  # the batch's first image too
+        with pytest.raises(ValueError, match=rf"NaN or inf for image ids \[{bad}\]"):
+            write_local_images(str(tmp_path), images, jnp.array(finite), np.array([10, 11, 11]), 2)
+        assert not list(tmp_path.iterdir())  # not even the finite image of that batch
     write_local_images(str(tmp_path), images, jnp.array([True, True, False]), np.array([10, 11, 11]), 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000010.png", "000011.png"]  # the padding row is no image
 
