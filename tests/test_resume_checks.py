@@ -15,7 +15,7 @@ from pixelflow_jax import CheckpointError
 from conftest import c2i_config, t2i_config
 
 
-def test_init_from_given_to_a_run_that_trains_warns_unless_it_is_where_the_run_started(tmp_path, caplog):
+def test_init_from_given_to_a_run_that_trains_warns_unless_it_is_where_the_run_started(tmp_path, caplog, monkeypatch):
     """A resume reads no init_from. The same command rerun after a preemption passes quietly; an
     init_from the run did not start from (a fine-tune typed into an existing workdir) is a warning
     naming both, even after an allowed settings change rewrote the record."""
@@ -34,6 +34,9 @@ def test_init_from_given_to_a_run_that_trains_warns_unless_it_is_where_the_run_s
         return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
     assert warnings_of(tuned, started + "/") == []  # as typed again, a trailing slash aside
+    monkeypatch.chdir(tmp_path)  # a relative path, typed again where the run was started
+    check_resume(str(tmp_path / "relative"), c2i_config(**{"train.init_from": "base_run"}), step=0, num_records=100)
+    assert warnings_of(str(tmp_path / "relative"), "base_run") == []
     [warning] = warnings_of(tuned, other)
     assert f"this run started from {started}, not from {other}. To train a new run from {other}, use a new " \
            "--workdir" in warning
