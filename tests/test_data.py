@@ -1417,6 +1417,11 @@ def test_a_pack_into_a_folder_of_other_files_keeps_them_and_only_shards_there_ar
     assert sorted(os.listdir(tmp_path / "shards")) == sorted(["README.txt", *map(os.path.basename, shards)])
     with pytest.raises(ValueError, match="already holds 2 shards"):
         pack(str(tmp_path / "captioned"), str(tmp_path / "shards"))
+    (tmp_path / "theirs").mkdir()  # another tool's shards, by other names, would mix as much
+    for i in range(2):
+        (tmp_path / "theirs" / f"train-0000{i}-of-00002.array_record").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"theirs already holds 2 shards \(e.g. train-0000"):
+        pack(str(tmp_path / "captioned"), str(tmp_path / "theirs"))
 
 
 def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):
