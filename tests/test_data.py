@@ -1422,6 +1422,9 @@ def test_a_pack_into_a_folder_of_other_files_keeps_them_and_only_shards_there_ar
         (tmp_path / "theirs" / f"train-0000{i}-of-00002.array_record").write_bytes(b"")
     with pytest.raises(ValueError, match=r"theirs already holds 2 shards \(e.g. train-0000"):
         pack(str(tmp_path / "captioned"), str(tmp_path / "theirs"))
+    os.remove(tmp_path / "theirs" / "train-00001-of-00002.array_record")
+    with pytest.raises(ValueError, match=r"theirs already holds 1 shard \(e.g. train-00000"):  # it said '1 shards'
+        pack(str(tmp_path / "captioned"), str(tmp_path / "theirs"))
 
 
 def test_array_record_shard_sets_must_be_whole_and_readable(tmp_path):

@@ -35,9 +35,9 @@ def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captio
         raise ValueError(f"--output {output} is a file; name a folder for the shards")
     existing = [name for name in storage.list_files(output) if name.endswith(RECORD_EXTENSION)]
     if existing:
-        raise ValueError(f"{output} already holds {len(existing)} shards (e.g. {existing[0]}; a pack killed "
-                         "with SIGKILL part-way leaves the shards it finished); pack into an empty folder, or delete "
-                         "the old shards first")
+        raise ValueError(f"{output} already holds {counted(len(existing), 'shard', 'shards')} (e.g. {existing[0]}; a "
+                         "pack killed with SIGKILL part-way leaves the shards it finished); pack into an empty folder, "
+                         "or delete the old shards first")
     source = CaptionedFolderSource(folder, missing_captions, root_flag="--folder", missing_flag="--missing_captions")
     records, skipped = [], 0
     # Captions first: a bad one is known before any shard.
