@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, cpu_devices
+from conftest import REPO, cpu_devices, stop_handlers_kept
 
 EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": cpu_devices(8)}
 
@@ -315,11 +315,12 @@ def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, conv
     from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_TERMINATED, HUNG_UP
 
     workdir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
-                                "--mode=sample", f"--config.sample.checkpoint={converted['c2i_tiny']}",
-                                "--config.sample.num_images=100000", "--config.sample.batch_size=8",
-                                "--config.sample.steps_per_stage=(1,1,1,1)"],
-                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    with stop_handlers_kept():  # the job hears a hang-up, also in a suite run under nohup (SIG_IGN inherited)
+        process = subprocess.Popen([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}",
+                                    "--mode=sample", f"--config.sample.checkpoint={converted['c2i_tiny']}",
+                                    "--config.sample.num_images=100000", "--config.sample.batch_size=8",
+                                    "--config.sample.steps_per_stage=(1,1,1,1)"],
+                                   cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (workdir / "samples" / "000001.png").exists() and process.poll() is None:
         time.sleep(0.2)
