@@ -470,6 +470,37 @@ def test_a_failed_restore_in_a_python_session_drops_its_late_reads_errors_and_a_
     assert shown == [ZeroDivisionError, KeyError]
 
 
+def test_a_failed_restore_under_asyncio_run_drops_the_shutdown_reports_of_orbaxs_reads(caplog):
+    """orbax 0.12.4 restores in asyncio.run, whose shutdown cancels the reads a failure left running
+    and logs the error of each that fails as it is cancelled: a damaged step's sampling job and
+    export printed 2,300-11,000 lines of them above the one-line error, in 5 runs of 10 (0.12.8
+    restores in a loop of its own, whose late reads the hook above drops). Another coroutine's report
+    is still shown."""
+    import asyncio
+
+    from pixelflow_jax.command_line import late_restore_callbacks_dropped
+
+    orbaxs, mine = {"asyncio": asyncio}, {"asyncio": asyncio}
+    source = ("async def read():\n"
+              "    try:\n"
+              "        await asyncio.sleep(60)\n"
+              "    except asyncio.CancelledError:\n"
+              "        raise Exception('Encountered error while reading array index')\n")
+    exec(compile(source, "/venv/lib/site-packages/orbax/checkpoint/serialization.py", "exec"), orbaxs)
+    exec(compile(source, "/home/me/my_reads.py", "exec"), mine)
+
+    async def failing_restore(read):
+        asyncio.ensure_future(read())
+        await asyncio.sleep(0)  # the read starts
+        raise OSError("a damaged step")
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        for read in (orbaxs["read"], mine["read"]):
+            with pytest.raises(OSError), late_restore_callbacks_dropped():
+                asyncio.run(failing_restore(read))
+    assert ["my_reads.py" in record.getMessage() for record in caplog.records] == [True]
+
+
 def test_a_hook_a_session_installs_during_a_restore_stays_after_the_restore_succeeds(monkeypatch):
     """The hook in place before the restore comes back only if the restore's own is still there: a
     notebook's hook installed meanwhile (a debugger's, IPython's) is not replaced by an older one."""
