@@ -659,7 +659,10 @@ def test_a_non_finite_step_changes_only_its_counters_and_the_next_good_step_rese
     skipped = state
     state, metrics = step(state, *float_demo_batch(0))
     # The step donates the state it returned (an XL model's weights, EMA and moments do not fit twice).
-    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(skipped))
+    # Not the counters read by int() above: jax 0.11.2 copies a scalar that int() read instead of
+    # donating it (0.10.2 donated it).
+    donated = [leaf for key in ("params", "ema", "opt_state", "rng") for leaf in jax.tree.leaves(skipped[key])]
+    assert all(leaf.is_deleted() for leaf in donated)
     assert int(metrics["bad_steps_in_a_row"]) == 0
     assert (int(state["step"]), int(state["skipped_steps"]), int(state["bad_steps_in_a_row"])) == (5, 1, 0)
     stage_losses = [float(metrics[f"loss_stage{s}"]) for s in range(NUM_STAGES)]
