@@ -117,7 +117,8 @@ def run_mode(argv):
     logging.set_verbosity(logging.INFO)
     keep_library_info_out_of_the_log()
     command, checkpoint_inspected = check_job()
-    warn_of_overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected, FLAGS.config.sample.solver)
+    warn_of_overrides_without_effect(sys.argv, FLAGS.mode, checkpoint_inspected, FLAGS.config.sample.solver,
+                                     evaluates=bool(FLAGS.config.eval.reference))
     start_job(command)
     MODES[FLAGS.mode]()
 

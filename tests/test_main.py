@@ -172,7 +172,7 @@ def test_the_notice_of_overrides_another_mode_reads_names_the_modes_in_words(mon
     monkeypatch.setattr(config_overrides.logging, "warning", lambda text, *args: warned.append(text % args))
     config_overrides.warn_of_overrides_without_effect(
         ["main.py", "--config.sample.checkpoint=x", "--config.model.depth=3", "--config.eval.batch_size=5"], "eval",
-        False, "euler")
+        False, "euler", evaluates=False)
     assert warned == ["--config.sample.checkpoint: only --mode=sample, demo and inspect use it, so --mode=eval runs as "
                       "if it was not given",
                       "--config.model.depth: only --mode=train, sample, demo and inspect use it, so --mode=eval runs "
@@ -189,7 +189,7 @@ def test_a_sampling_checkpoint_given_to_training_is_named_with_the_setting_train
     config_overrides.warn_of_overrides_without_effect(
         ["main.py", "--config.sample.checkpoint=hf://me/model", "--config.sample.cfg_scale=4",
          "--config.sample.prompts=('a',)", "--config.sample.weights=model", "--config.sample.seed=3"], "train", False,
-        "euler")
+        "euler", evaluates=False)
     assert warned == ["--config.sample.checkpoint, --config.sample.weights, --config.sample.seed: only --mode=sample, "
                       "demo and inspect use them, so --mode=train runs as if they were not given (for "
                       "sample.checkpoint, --mode=train reads --config.train.init_from; for sample.weights, "
@@ -214,6 +214,34 @@ def test_euler_step_overrides_given_with_dopri5_are_named(tmp_path):
     argv += ["--config.sample.steps_per_stage=5", "--config.model.depth=2", "--config.model.depth=3"]
     assert step_overrides_dopri5_ignores(argv, "sample", "dopri5") == ["sample.steps_per_stage", "sample.shift"]
     assert overrides_without_effect(argv, "sample") == ["model.depth"]
+
+
+def test_eval_overrides_a_sampling_job_does_not_read_are_named(tmp_path, monkeypatch):
+    """A sampling job given the Inception weights without eval.reference sampled its 50k images and
+    ended without an evaluation, without a word; one given eval.samples evaluates its own samples.npz."""
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={tmp_path}",
+                             "--mode=sample", f"--config.sample.checkpoint={tmp_path / 'missing'}",
+                             "--config.eval.inception_weights=pt_inception.pth"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1 and "does not exist" in result.stderr  # the warning comes before any work
+    assert ("--config.eval.inception_weights: a sampling job ends with an evaluation only where "
+            "--config.eval.reference is set, so this one will not evaluate its images; set it too, or evaluate them "
+            "later with --mode=eval") in result.stderr, result.stderr
+    from pixelflow_jax.cli.config_overrides import eval_overrides_sampling_ignores
+
+    argv = ["main.py", "--config.eval.samples=other.npz", "--config.eval.batch_size=50",
+            "--config.eval.reference=ref.npz", "--config.sample.num_images=8"]
+    assert eval_overrides_sampling_ignores(argv, "sample", evaluates=False) == (
+        ["eval.batch_size"], ["eval.samples"])  # the reference itself is what is missing
+    assert eval_overrides_sampling_ignores(argv, "sample", evaluates=True) == ([], ["eval.samples"])
+    assert eval_overrides_sampling_ignores(argv, "eval", evaluates=False) == ([], [])
+    from pixelflow_jax.cli import config_overrides
+
+    warned = []
+    monkeypatch.setattr(config_overrides.logging, "warning", lambda text, *args: warned.append(text % args))
+    config_overrides.warn_of_overrides_without_effect(argv, "sample", False, "euler", evaluates=True)
+    assert warned == ["--config.eval.samples: a sampling job evaluates the samples.npz it writes in its workdir; "
+                      "--mode=eval reads --config.eval.samples"]
 
 
 def test_overrides_in_a_flag_file_or_with_one_dash_are_warned_of_too(tmp_path):
@@ -247,7 +275,8 @@ def test_the_warnings_of_overrides_without_effect_count_them_in_their_words(monk
     for fields in (["--config.seed=3", "--config.sample.shift=2"],
                    ["--config.seed=3", "--config.model.depth=2", "--config.sample.shift=2",
                     "--config.sample.steps_per_stage=9"]):
-        config_overrides.warn_of_overrides_without_effect(["main.py", *fields], "sample", False, "dopri5")
+        config_overrides.warn_of_overrides_without_effect(["main.py", *fields], "sample", False, "dopri5",
+                                                          evaluates=False)
     assert [line.split(";")[0].split(" only with")[0] for line in warned] == [
         "--config.seed: --mode=sample does not use it",
         "--config.sample.shift: the dopri5 solver chooses its own steps (to a tolerance) and uses this",
@@ -311,8 +340,10 @@ def test_the_warning_of_settings_the_checkpoint_decides_says_what_decides_them_i
 
     warned = []
     monkeypatch.setattr(config_overrides.logging, "warning", lambda text, *args: warned.append(text % args))
-    config_overrides.warn_of_overrides_without_effect(["main.py", "--config.seed=3"], "sample", False, "euler")
-    config_overrides.warn_of_overrides_without_effect(["main.py", "--config.model.depth=3"], "inspect", True, "euler")
+    config_overrides.warn_of_overrides_without_effect(["main.py", "--config.seed=3"], "sample", False, "euler",
+                                                      evaluates=False)
+    config_overrides.warn_of_overrides_without_effect(["main.py", "--config.model.depth=3"], "inspect", True, "euler",
+                                                      evaluates=False)
     assert warned == ["--config.seed: --mode=sample does not use it; the checkpoint decides the model, its stages and "
                       "resolution (the seed of the images is sample.seed)",
                       "--config.model.depth: --mode=inspect does not use it; the checkpoint decides the model, its "

@@ -1,7 +1,8 @@
 """The --config.FIELD overrides of main.py's command line that a mode does not use, named in a
 warning: a sampling job's (or an inspection's of a checkpoint) model, stages and resolution come
 from the checkpoint, some settings are read by other modes alone (train.* by --mode=train; all but
-eval.* by any mode but eval), and the dopri5 solver chooses its own steps. The overrides are read from the
+eval.* by any mode but eval), the dopri5 solver chooses its own steps, and a sampling job reads eval.* only
+to end with an evaluation, where eval.reference is set (never eval.samples). The overrides are read from the
 command line as given (argv, and its flag files), not from the parsed config, which does not tell an override from
 the config file's own value. So are lists whose strings lack a comma between them, which Python joins into one."""
 
@@ -161,8 +162,23 @@ def step_overrides_dopri5_ignores(argv: list[str], mode: str, solver: str) -> li
     return [f for f in override_fields(argv) if f in ("sample.steps_per_stage", "sample.shift")]
 
 
-def warn_of_overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool, solver: str) -> None:
-    """A warning line for each kind of override above that `argv` holds (the job runs on)."""
+def eval_overrides_sampling_ignores(argv: list[str], mode: str, evaluates: bool) -> tuple[list[str], list[str]]:
+    """(the eval.* overrides a sampling job reads only to end with an evaluation, where it ends with none for want
+    of eval.reference; eval.samples, which it never reads: it evaluates the samples.npz it writes). A job given
+    the Inception weights alone sampled every image and ended without the metrics, without a word."""
+    if mode != "sample":
+        return [], []
+    fields = override_fields(argv)
+    # eval.reference is the one missing; eval.samples has a warning of its own
+    unused = [] if evaluates else [f for f in fields if f.startswith("eval.") and f not in ("eval.reference",
+                                                                                            "eval.samples")]
+    return unused, [f for f in fields if f == "eval.samples"]
+
+
+def warn_of_overrides_without_effect(argv: list[str], mode: str, inspects_checkpoint: bool, solver: str, *,
+                                      evaluates: bool) -> None:
+    """A warning line for each kind of override above that `argv` holds (the job runs on); `evaluates`: a
+    sampling job ends with an evaluation (eval.reference is set)."""
     if ignored := overrides_without_effect(argv, mode, inspects_checkpoint):
         logging.warning("%s: --mode=%s does not use %s; the checkpoint decides the model, its stages and resolution%s",
                         ", ".join(f"--config.{f}" for f in ignored), mode, "them" if len(ignored) > 1 else "it",
@@ -178,3 +194,11 @@ def warn_of_overrides_without_effect(argv: list[str], mode: str, inspects_checkp
         logging.warning("%s: the dopri5 solver chooses its own steps (to a tolerance) and uses %s only with "
                         "--config.sample.solver=euler", ", ".join(f"--config.{f}" for f in ignored),
                         "these" if len(ignored) > 1 else "this")
+    unused, samples = eval_overrides_sampling_ignores(argv, mode, evaluates)
+    if unused:
+        logging.warning("%s: a sampling job ends with an evaluation only where --config.eval.reference is set, so this "
+                        "one will not evaluate its images; set it too, or evaluate them later with --mode=eval",
+                        ", ".join(f"--config.{f}" for f in unused))
+    if samples:
+        logging.warning("--config.eval.samples: a sampling job evaluates the samples.npz it writes in its workdir; "
+                        "--mode=eval reads --config.eval.samples")
