@@ -57,7 +57,7 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
 
     result = run_sample(workdir, converted["c2i_tiny"], *args)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("2 of 12 images to sample (10 already on disk), batch 8 over 8 devices") == 2
+    assert result.stderr.count("2 of 12 images to sample (10 already on disk), batch 16 over 8 devices") == 2
     assert "000007.png does not decode (damaged?): removed, sampling it again" in result.stderr
     assert "000005.png is a RGB 32x32 image, not RGB 64px: removed, sampling it again" in result.stderr
     assert sorted(os.listdir(samples)) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]  # no leftovers
@@ -568,6 +568,22 @@ def test_a_rerun_clears_the_half_written_files_of_a_killed_job_and_pads_what_is_
         (workdir / "samples" / leftover).write_bytes(b"\x89PNG partial")
     assert job() == [[1] * 8]
     assert sorted(os.listdir(workdir / "samples")) == ["000000.png", "000001.png", "settings.json"]
+
+
+def test_a_resumed_job_samples_in_the_batch_shape_of_the_uninterrupted_job(tmp_path, converted, monkeypatch):
+    """In bfloat16 (the XL config's) a batch of another shape rounds the model's matmuls otherwise: the
+    3 images a killed job had left came out of a batch of 8 rows, a few levels from those of the job's
+    batch of 16, with programs compiled for that shape (minutes at XL). A rerun that extends the job
+    takes the larger job's shape."""
+    workdir = tmp_path / "run"
+    job = lambda count: [len(rows) for rows in sample_in_process(workdir, converted["c2i_tiny"], monkeypatch,
+                                                                 num_images=count, batch_size=16)[1]]
+    assert job(32) == [16, 16]
+    for i in (3, 17, 30):
+        os.remove(workdir / "samples" / f"{i:06d}.png")
+    os.remove(workdir / "samples.npz")
+    assert job(32) == [16]
+    assert job(50) == [16, 16]  # 50 at 16: 4 batches of 13, rounded up to the 8 devices
 
 
 def test_a_second_sampling_job_on_a_workdir_in_use_is_refused_before_it_writes_anything(tmp_path, converted,

@@ -162,9 +162,11 @@ def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: Samplin
         storage.clear_leftovers_of_killed_writers(folder, workdir)
     multihost_utils.sync_global_devices("sample settings checked")
 
+    # The whole job's batch shape, however few images a rerun has left: in bfloat16 another shape rounds the
+    # model's matmuls otherwise (images a few levels apart), and it would be compiled again.
+    batch_size = batch_for(num_images, int(s.batch_size), num_devices)
     for _ in range(MAX_PASSES):
         missing = images_to_sample(folder, num_images)
-        batch_size = batch_for(len(missing), int(s.batch_size), num_devices)
         if len(missing):
             logging.info("sampling %s: %d of %d images to sample (%d already on disk), batch %d "
                          "over %d devices", weights_of(source, s.weights), len(missing), num_images,
