@@ -1140,6 +1140,32 @@ def test_a_samples_npz_past_its_jobs_count_is_unfinished_and_a_record_without_a_
         assert evaluate.samples_to_evaluate("", str(tmp_path)) == str(tmp_path / "samples.npz")
 
 
+def test_another_workdirs_unfinished_samples_npz_is_evaluated_with_a_warning_as_this_ones(tmp_path, caplog):
+    """The samples.npz of a sampling job extended and stopped part-way, named from another workdir (an
+    evaluation of its own, one per reference), scored the earlier, smaller set without a word: the
+    job's own workdir warned of it."""
+    job = tmp_path / "fid_run"
+    (job / "samples").mkdir(parents=True)
+    samples = images_npz(job / "samples.npz", 1, count=6)
+    elsewhere = str(tmp_path / "eval_run")
+    for asked, warned in ((6, False), (12, True)):
+        (job / "samples" / "settings.json").write_text(json.dumps({"num_images": asked}))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert evaluate.samples_to_evaluate(samples, elsewhere) == samples
+        assert (f"samples.npz holds 6 images, but the sampling job of {job} asks for 12" in caplog.text) == warned
+        assert ("evaluated anyway, as --config.eval.samples names it" in caplog.text) == warned
+    renamed = images_npz(job / "more.npz", 1, count=6)  # no sampling job writes another name
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "samples").write_text("a file, in a folder no sampling job worked in")
+    beside_a_file = images_npz(tmp_path / "notes" / "samples.npz", 1, count=6)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert evaluate.samples_to_evaluate(renamed, elsewhere) == renamed
+        assert evaluate.samples_to_evaluate(beside_a_file, elsewhere) == beside_a_file
+    assert not caplog.text
+
+
 def test_stored_reference_statistics_are_used_and_missing_ones_computed(tmp_path, monkeypatch):
     """A reference .npz with mu / sigma gives FID its own statistics, not those of its images'
     features; without mu_s / sigma_s the sFID statistics come from the spatial features."""

@@ -266,7 +266,7 @@ def own_job_image_count(workdir: str) -> int | None:
     """How many images the workdir's sampling job asks for; None where no job's readable record is."""
     try:
         return int(storage.read_json(settings_path(workdir))["num_images"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # no job's record (or damaged): nothing to compare
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):  # none, damaged, or no folder
         return None
 
 
@@ -279,23 +279,32 @@ def check_own_samples_written(npz: str, workdir: str) -> None:
                          "it, or set --config.eval.samples to evaluate another .npz")
 
 
-def check_own_samples_finished(npz: str, workdir: str) -> None:
+def check_own_samples_finished(npz: str, workdir: str, job: str = "this workdir's sampling job") -> None:
     """The workdir's samples.npz is its sampling job's whole output once that job has finished; a
     job extended to more images and stopped part-way left the smaller earlier file, which scored
-    the earlier images without a word."""
+    the earlier images without a word. `job`: that job, in the error's words."""
     if (asked := own_job_image_count(workdir)) is None:
         return
     settings = settings_path(workdir)
     held = npz_image_count(npz)
     if held != asked:
-        raise ValueError(f"{npz} holds {held} images, but this workdir's sampling job asks for {asked} ({settings}): "
+        raise ValueError(f"{npz} holds {held} images, but {job} asks for {asked} ({settings}): "
                          "it has not finished. Rerun its --mode=sample command to finish it (samples.npz is "
                          f"rewritten then), or set --config.eval.samples={npz} to evaluate the {held} anyway")
 
 
+def warn_if_unfinished(npz: str, job_workdir: str, job: str) -> None:
+    """check_own_samples_finished as a warning, for samples named on purpose: evaluated anyway."""
+    try:
+        check_own_samples_finished(npz, job_workdir, job)
+    except ValueError as unfinished:
+        logging.warning("%s (evaluated anyway, as --config.eval.samples names it)", unfinished)
+
+
 def samples_to_evaluate(samples: str, workdir: str) -> str:
     """`samples`, or where that is unset the workdir's own samples.npz; ValueError where that is a
-    sampling job's unfinished output."""
+    sampling job's unfinished output, a warning where a named samples.npz (this workdir's or
+    another's) is."""
     own = storage.join(workdir, SAMPLES_NPZ)
     names_own = not samples or storage.resolved(samples) == storage.resolved(own)
     if names_own and not storage.isfile(own):  # (no job here: evaluate's checks name what is missing)
@@ -304,11 +313,11 @@ def samples_to_evaluate(samples: str, workdir: str) -> str:
         check_own_samples_finished(own, workdir)
         logging.info("evaluating %s, this workdir's samples (--config.eval.samples names others)", own)
         return own
-    elif names_own:
-        try:  # named on purpose (this README's eval command names it): evaluated, but never without a word
-            check_own_samples_finished(own, workdir)
-        except ValueError as unfinished:
-            logging.warning("%s (evaluated anyway, as --config.eval.samples names it)", unfinished)
+    elif names_own:  # named on purpose (this README's eval command names it): evaluated, but never without a word
+        warn_if_unfinished(own, workdir, "this workdir's sampling job")
+    elif storage.basename(samples) == SAMPLES_NPZ:  # another sampling job's, evaluated in a workdir of its own
+        job_workdir = storage.dirname(samples)
+        warn_if_unfinished(samples, job_workdir, f"the sampling job of {job_workdir}")
     return samples
 
 
