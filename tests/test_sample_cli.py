@@ -586,6 +586,23 @@ def test_a_resumed_job_samples_in_the_batch_shape_of_the_uninterrupted_job(tmp_p
     assert job(50) == [16, 16]  # 50 at 16: 4 batches of 13, rounded up to the 8 devices
 
 
+def test_a_rerun_that_writes_samples_npz_again_unchanged_keeps_its_time_and_so_its_cached_features(
+        tmp_path, converted, monkeypatch):
+    """A finished job run again (its evaluation stopped, a sampling command with the eval flags run
+    again to finish it) writes samples.npz again from its PNGs: the same bytes at a new time, which
+    the feature cache's key holds, so the samples' whole Inception pass ran again."""
+    workdir = tmp_path / "run"
+    job = lambda: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=8, batch_size=8)
+    job()
+    npz = workdir / "samples.npz"
+    os.utime(npz, ns=(0, 10**18))  # a time no rewrite would give
+    job()
+    assert os.stat(npz).st_mtime_ns == 10**18
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(workdir / "samples" / "000003.png")  # another image: another file
+    job()
+    assert os.stat(npz).st_mtime_ns != 10**18 and (np.load(npz)["arr_0"][3] == 9).all()
+
+
 def test_a_second_sampling_job_on_a_workdir_in_use_is_refused_before_it_writes_anything(tmp_path, converted,
                                                                                        monkeypatch):
     """Two jobs on one workdir at once (a SLURM array's tasks given one --workdir) each sampled every
