@@ -38,6 +38,7 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, load_sampling_model, run_trained_classes,
                                sampling_runtime, sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.evaluation.evaluate import INPUT_ERRORS
+from pixelflow_jax.evaluation.npz_images import npz_images_crc
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
                                      from_process_0, stop_if_preempted)
 from pixelflow_jax.progress import Progress
@@ -345,10 +346,9 @@ def local_npz_identity(path: str) -> tuple[int, int, int] | None:
     if storage.is_url(path):
         return None
     try:
-        with zipfile.ZipFile(path) as archive:
-            crc = archive.getinfo("arr_0.npy").CRC
+        crc = npz_images_crc(path)
         status = os.stat(path)
-    except (OSError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     return crc, status.st_size, status.st_mtime_ns
 
