@@ -276,8 +276,22 @@ def test_a_batch_larger_than_the_file_is_cut_to_its_images(weights_file, tmp_pat
         return [np.zeros((images.shape[0], 2))] * len(inception_features.FEATURES)
 
     monkeypatch.setattr(inception_features, "_inception", inception)
+    named = []
+    progress = inception_features.Progress
+    monkeypatch.setattr(inception_features, "Progress", lambda total, what, unit: named.append(what) or
+                        progress(total, what, unit, interactive=False))
     features = inception_features.FeatureExtractor(weights_file, 100_000)(samples)
     assert batches == [16] and features["pool"].shape == (12, 2)  # a multiple of the 8 devices
+    # With its folder: an evaluation against another job's samples.npz reads two files of that name.
+    assert named == [f"Inception features of {tmp_path.name}/samples.npz"]
+
+
+def test_the_progress_line_names_an_images_file_with_its_folder():
+    from pixelflow_jax.evaluation.features import progress_name
+
+    assert progress_name("runs/a/samples.npz") == "a/samples.npz"
+    assert progress_name("gs://bucket/job/samples.npz") == "job/samples.npz"
+    assert progress_name("samples.npz") == "samples.npz"
 
 
 @pytest.mark.slow  # ~75 s on 2 cores: several evaluations, each with its Inception compile

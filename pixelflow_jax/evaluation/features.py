@@ -92,7 +92,7 @@ class FeatureExtractor:
                 parts[name].append(np.asarray(value)[:count])
             progress.update(count)
 
-        with Progress(stop - first, f"Inception features of {storage.basename(path)}", "img") as progress:
+        with Progress(stop - first, f"Inception features of {progress_name(path)}", "img") as progress:
             for images in rounds_of_batches(path, batch_size, first, stop, rounds):
                 if images is None:  # this block's images are all dispatched
                     continue
@@ -140,6 +140,13 @@ FEATURES_VERSION = 2  # 2: float32 resize coordinates, as TensorFlow
 
 # What process 0 found where the features of a file are cached; every process takes the path it says.
 ABSENT, CACHED, FOLDER_IN_THE_WAY = 0, 1, 2
+
+
+def progress_name(path: str) -> str:
+    """The images file as a progress line names it: with its folder, since an evaluation of a sampling
+    job against another job's samples.npz reads two files of one name."""
+    folder = storage.basename(storage.dirname(path))
+    return f"{folder}/{storage.basename(path)}" if folder else storage.basename(path)
 
 
 def feature_cache_key(extract: FeatureExtractor, path: str) -> np.ndarray:
