@@ -20,8 +20,8 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints import hub
 from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, CheckpointConfig, CheckpointError,
-                                                 build_model, check_weights_choice, listed, read_config,
-                                                 restore_params)
+                                                 build_model, check_weights_choice, listed, read_config, read_record,
+                                                 restore_params, weights_fingerprint)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RunStep, checkpoint_around,
                                                      checkpoint_folder_kind, find_run_step, restore_run_weights,
@@ -48,12 +48,19 @@ class CheckpointSource:
         return "converted" if storage.isfile(storage.join(self.folder, CONFIG_FILE)) else "release"
 
     def fingerprint(self) -> str:
-        """storage.fingerprint of the files the weights are read from: a path written again with
-        other weights (a re-conversion, a retrained run) is not the checkpoint it was."""
+        """What identifies the weights: a path written again with other weights (a re-conversion
+        of other weights, a retrained run) is not the checkpoint it was. For a converted folder, its
+        config and the digest of its weights its conversion recorded (the same weights converted
+        again are the same checkpoint); for others, and folders converted before the digest was
+        recorded, storage.fingerprint of the files the weights are read from."""
         if self.run_step:
             return storage.fingerprint(self.folder)
-        entries = (CONFIG_FILE, PARAMS_DIR) if self.kind == "converted" else ("config.yaml", "model.pt")
-        return storage.fingerprint(self.folder, entries)
+        if self.kind == "release":
+            return storage.fingerprint(self.folder, ("config.yaml", "model.pt"))
+        config, digest = read_record(self.folder)
+        if digest:
+            return weights_fingerprint(config, digest)
+        return storage.fingerprint(self.folder, (CONFIG_FILE, PARAMS_DIR))
 
 
 def resolve_checkpoint(path: str) -> CheckpointSource:

@@ -1519,3 +1519,101 @@ def test_a_class_checkpoints_config_names_only_fields_a_version_of_2026_11_26_re
     pooled = ModelConfig(**shape, num_classes=0, cross_attention_dim=8, pooled_text=True)
     written = CheckpointConfig(model=pooled, num_train_timesteps=1000, num_stages=4, resolution=64).to_json()
     assert written["model"]["pooled_text"] is True and CheckpointConfig.from_json(written).model == pooled
+
+
+def test_the_same_weights_converted_again_here_or_elsewhere_keep_their_fingerprint(tmp_path, converted):
+    """orbax names its data files afresh at each save: the fingerprint of a converted folder's files
+    changed at every conversion, and a sampling job was refused as of 'other weights' after the same
+    release weights were converted again into its checkpoint's folder."""
+    from pixelflow_jax.api import resolve_checkpoint
+
+    fingerprint = lambda folder: resolve_checkpoint(str(folder)).fingerprint()
+    again = tmp_path / "again"
+    for overwrite in ((), ("--overwrite",)):
+        result = run_converter(f"--torch_checkpoint={fixture_dir('c2i_tiny')}", f"--output={again}", *overwrite)
+        assert result.returncode == 0, result.stderr
+        assert fingerprint(again) == fingerprint(converted["c2i_tiny"])
+    assert fingerprint(again) != fingerprint(converted["t2i_tiny"])
+
+
+def test_the_weights_digest_follows_each_parameters_name_dtype_shape_and_bytes_alone():
+    """The digest a conversion records identifies the weights on any host and jax version: pinned,
+    so that a change to how it is computed (which would make every recorded sampling job's checkpoint
+    read as other weights) fails here."""
+    import ml_dtypes
+
+    from pixelflow_jax.checkpoints.checkpoint import weights_digest
+
+    kernel = np.arange(6, dtype=np.float32).reshape(2, 3)
+    scale = np.array([0.5, -2.0], dtype=ml_dtypes.bfloat16)
+    params = {"block": {"kernel": kernel, "scale": scale}}
+    digest = weights_digest(params)
+    assert digest == "34adfff9cb0b0dbd8c94c4fc8fe78c6bf3271b286e39acb94247166f9fc33108"
+    # Another order of the names, another byte order, arrays on a device: the same weights.
+    assert weights_digest({"block": {"scale": jnp.asarray(scale), "kernel": kernel.astype(">f4")}}) == digest
+    nudged = kernel.copy()
+    nudged[1, 2] = np.nextafter(nudged[1, 2], np.float32(np.inf))
+    others = [{"block": {"kernel": nudged, "scale": scale}},  # one value by one ulp
+              {"block": {"kernel": kernel, "scale": scale.astype(np.float32)}},  # a dtype, same values
+              {"block": {"kernel": kernel.view(np.int32), "scale": scale}},  # a dtype, same bytes
+              {"block": {"kernel": kernel.reshape(3, 2), "scale": scale}},  # a shape, same bytes
+              {"block": {"kernel_": kernel, "scale": scale}},  # a name, same bytes
+              {"block": {"kernel": kernel}, "scale": scale}]  # a place in the tree
+    assert len({digest, *map(weights_digest, others)}) == 1 + len(others)
+
+
+def test_a_converted_folder_whose_params_were_replaced_is_refused_at_load_and_its_config_is_fingerprinted(
+        tmp_path, converted):
+    """The fingerprint reads the digest a conversion recorded, not the weights: a folder's params/
+    replaced by another conversion's would be sampled under the recorded weights' name, so a load
+    checks them. An edit of the config is another checkpoint; a folder converted before digests were
+    recorded keeps the fingerprint of its files, which the sampling jobs that read it recorded."""
+    from pixelflow_jax import CheckpointError, storage
+    from pixelflow_jax.api import resolve_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import read_config, restore_params, save_checkpoint
+
+    fingerprint = lambda folder: resolve_checkpoint(str(folder)).fingerprint()
+    original = converted["c2i_tiny"]
+    config = read_config(original)
+    other = tmp_path / "other"
+    # Given as float64, they are saved, and hashed, as the config's float32 that a load reads.
+    save_checkpoint(str(other), jax.tree.map(lambda p: np.asarray(p + 1e-3, np.float64),
+                                             restore_params(original, config)), config)
+    load_model(str(other))
+    replaced = tmp_path / "replaced"
+    shutil.copytree(original, replaced)
+    shutil.rmtree(replaced / "params")
+    shutil.copytree(other / "params", replaced / "params")
+    assert fingerprint(replaced) == fingerprint(original)  # what the record says
+    with pytest.raises(CheckpointError, match=rf"^{replaced}/params holds other weights than {replaced}/"
+                                              r"pixelflow_config.json records \(its params/ replaced by another "
+                                              r"conversion's, or files damaged .*\): convert again$"):
+        load_model(str(replaced))
+
+    edited = tmp_path / "edited"
+    shutil.copytree(original, edited)
+    with json_edited(edited / "pixelflow_config.json") as values:
+        values["scheduler"]["num_train_timesteps"] = 999
+    assert fingerprint(edited) != fingerprint(original)
+    with json_edited(edited / "pixelflow_config.json") as values:
+        values["scheduler"]["num_train_timesteps"] = 1000
+        values["weights_sha256"] = "0" * 63
+    with pytest.raises(CheckpointError, match=r"weights_sha256 must be the 64 hex digits of a sha256, got '0{63}' "
+                                              r"\(convert the checkpoint again"):
+        load_model(str(edited))
+    with json_edited(edited / "pixelflow_config.json") as values:
+        del values["weights_sha256"]  # as converted before 2026-12-03
+    assert fingerprint(edited) == storage.fingerprint(str(edited), ("pixelflow_config.json", "params"))
+    assert fingerprint(edited) != fingerprint(original)
+    load_model(str(edited))
+
+
+def test_the_same_weights_converted_into_a_bucket_have_the_fingerprint_they_have_here(converted, bucket):
+    from pixelflow_jax.api import resolve_checkpoint
+    from pixelflow_jax.checkpoints.checkpoint import read_config, restore_params, save_checkpoint
+
+    original, copy = converted["c2i_tiny"], f"{bucket}/c2i_tiny"
+    config = read_config(original)
+    save_checkpoint(copy, restore_params(original, config), config)
+    assert resolve_checkpoint(copy).fingerprint() == resolve_checkpoint(original).fingerprint()
+    load_model(copy)  # its digest checked as it is read from there

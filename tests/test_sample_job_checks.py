@@ -14,14 +14,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, as_process_0_of_2_after_process_1, c2i_config, fixture_dir, t2i_config
+from conftest import REPO, as_process_0_of_2_after_process_1, c2i_config, fixture_dir, json_edited, t2i_config
 from pixelflow_jax import CheckpointError, load_model, storage
 from pixelflow_jax.validation import ConfigError, check
 
 
 def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
     """A checkpoint path written again with other weights, or images no settings.json describes,
-    would mix into samples.npz: both are refused."""
+    would mix into samples.npz: both are refused. The same weights written again are the same
+    checkpoint (a job was refused after its folder was converted again from the same release)."""
     from pixelflow_jax.api import resolve_checkpoint
     from pixelflow_jax.checkpoints.checkpoint import read_config, restore_params, save_checkpoint
     from pixelflow_jax.sampling.job_settings import check_settings
@@ -38,6 +39,10 @@ def test_a_sample_job_never_adopts_images_of_other_weights(tmp_path, converted):
 
     config = read_config(copy)
     params = restore_params(copy, config)
+    # The same weights converted again into the folder (orbax names its files afresh): the same job.
+    save_checkpoint(copy, params, config, overwrite=True)
+    assert resolve_checkpoint(copy).fingerprint() == before
+    check_settings(samples, str(tmp_path), {"checkpoint": copy, "checkpoint_fingerprint": before})
     save_checkpoint(copy, jax.tree.map(lambda p: p + 1e-3, params), config, overwrite=True)
     after = resolve_checkpoint(copy).fingerprint()
     assert after != before
@@ -374,29 +379,43 @@ def test_an_euler_job_refuses_other_steps_or_shift_that_dopri5_ignores(tmp_path)
 
 
 def test_a_checkpoint_folders_fingerprint_follows_its_config_and_weights_only(tmp_path, converted):
-    """A release folder is config.yaml + model.pt, a converted one its config and params/: any of
-    them written again makes another checkpoint (its images are not added to a job's), a file
-    beside them (notes) does not. model.pt was left out, so release weights replaced in place
+    """A release folder is config.yaml + model.pt, a converted one its config and params/ (by the
+    weights' digest its config records; by its files where converted before 2026-12-03): any of them
+    written again with other content makes another checkpoint (its images are not added to a job's),
+    a file beside them (notes) does not. model.pt was left out, so release weights replaced in place
     passed as the same checkpoint."""
     from pixelflow_jax.api import resolve_checkpoint
-    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR, WEIGHTS_DIGEST
 
     release = tmp_path / "release"
     release.mkdir()
     for name in ("config.yaml", "model.pt"):
         shutil.copy(os.path.join(fixture_dir("c2i_tiny"), name), release / name)
     conversion = shutil.copytree(converted["c2i_tiny"], tmp_path / "converted")
-    params_file = next(os.path.join(folder, files[0]) for folder, _, files in os.walk(conversion / PARAMS_DIR) if files)
-    for folder, written in ((release, ["model.pt", "config.yaml"]), (conversion, [params_file, CONFIG_FILE])):
-        fingerprint = lambda: resolve_checkpoint(str(folder)).fingerprint()
-        before = fingerprint()
+    earlier = shutil.copytree(converted["c2i_tiny"], tmp_path / "converted_earlier")
+    with json_edited(earlier / CONFIG_FILE) as values:
+        del values[WEIGHTS_DIGEST]
+    in_params = lambda folder: next(os.path.join(parent, files[0])
+                                    for parent, _, files in os.walk(folder / PARAMS_DIR) if files)
+    fingerprint = lambda folder: resolve_checkpoint(str(folder)).fingerprint()
+    for folder, written in ((release, ["model.pt", "config.yaml"]), (earlier, [in_params(earlier), CONFIG_FILE])):
+        before = fingerprint(folder)
         (folder / "notes.txt").write_text("sampled for the paper")
-        assert fingerprint() == before
+        assert fingerprint(folder) == before
         for name in written:
             with open(folder / name, "ab") as f:
                 f.write(b"\n")
-            assert fingerprint() != before, name
-            before = fingerprint()
+            assert fingerprint(folder) != before, name
+            before = fingerprint(folder)
+
+    before = fingerprint(conversion)
+    (conversion / "notes.txt").write_text("sampled for the paper")
+    with open(in_params(conversion), "ab") as f:  # not fingerprinted: a load checks the weights (test_convert)
+        f.write(b"\n")
+    assert fingerprint(conversion) == before
+    with json_edited(conversion / CONFIG_FILE) as values:
+        values["resolution"] = 128
+    assert fingerprint(conversion) != before
 
 
 def test_a_relative_checkpoint_path_is_recorded_as_an_absolute_one(monkeypatch):
