@@ -85,6 +85,30 @@ def tensor_progress(label: str):
     return report
 
 
+# Endings of files, never of folders: an --output so named (the release's model.pt, say) was taken
+# as the folder to create, and the release's code loading OUT/model.pt met a folder.
+FILE_ENDINGS = (".pt", ".pth", ".bin", ".safetensors", ".yaml", ".yml", ".json")
+
+
+def check_output_names_a_folder(output: str, to_torch: bool) -> None:
+    """--output is the folder to create: one named like a file is refused, naming the folder to give."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError
+
+    name = storage.basename(output.rstrip("/"))
+    ending = next((ending for ending in FILE_ENDINGS if name.lower().endswith(ending)), None)
+    if ending is None or name.lower() == ending:
+        return
+    holds = "config.yaml + model.pt, as the release's code loads them" if to_torch else f"{CONFIG_FILE} + {PARAMS_DIR}/"
+    parent = storage.dirname(output.rstrip("/"))
+    if name in ("model.pt", "config.yaml") and to_torch and parent:  # the file itself named: its folder was meant
+        instead = f"--output={parent} (which then holds {storage.join(parent, 'model.pt')})"
+    else:
+        instead = f"--output={output.rstrip('/')[:-len(ending)]}"
+    raise CheckpointError(f"--output {output} is named like a file ({ending}), but the output is a folder holding "
+                          f"{holds}: name the folder to create, e.g. {instead}")
+
+
 def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> None:
     """The output never touches the input, and --overwrite replaces only an earlier output of
     this tool holding nothing else: a converted folder (pixelflow_config.json + params/) or an
@@ -94,6 +118,7 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
     from pixelflow_jax.checkpoints.run_checkpoint import check_outside_checkpoints
     from pixelflow_jax.checkpoints.torch_io import is_export
 
+    check_output_names_a_folder(output, to_torch)
     out, src = storage.resolved(output), storage.resolved(source)
     if not source.startswith("hf://"):
         if storage.basename(src) == "model.pt" and storage.isfile(storage.join(storage.dirname(src), "config.yaml")):

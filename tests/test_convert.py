@@ -818,6 +818,30 @@ def test_an_output_of_links_that_lead_to_each_other_is_refused_before_the_conver
     convert_torch_ckpt.check_output(str(tmp_path / "to_missing"), fixture_dir("c2i_tiny"), False, False)
 
 
+def test_an_output_named_like_a_file_is_refused_naming_the_folder_to_give(tmp_path):
+    """--output=EXPORT/model.pt made a folder model.pt holding config.yaml + model.pt, which the
+    release's code, loading EXPORT/model.pt, met as a folder."""
+    import convert_torch_ckpt
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    output = tmp_path / "export" / "model.pt"
+    result = run_converter("--to_torch", f"--jax_checkpoint={fixture_dir('c2i_tiny')}", f"--output={output}")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: --output {output} is named like a file (.pt), but the output is a folder holding config.yaml + "
+        f"model.pt, as the release's code loads them: name the folder to create, e.g. --output={output.parent} "
+        f"(which then holds {output})"), result.stderr
+    assert not (tmp_path / "export").exists()
+    for name, to_torch, instead in [("config.yaml", True, "--output=DIR (which"),
+                                    ("weights.Safetensors", True, "--output=DIR/weights\n"),
+                                    ("model.pt", False, "--output=DIR/model\n"),  # a conversion: no model.pt in it
+                                    ("xl.json", False, "--output=DIR/xl\n")]:
+        with pytest.raises(CheckpointError, match="holding " + ("config.yaml" if to_torch else "pixelflow_config")) as e:
+            convert_torch_ckpt.check_output(str(tmp_path / name), fixture_dir("c2i_tiny"), to_torch, False)
+        assert instead in str(e.value).replace(str(tmp_path), "DIR") + "\n", e.value
+    for name in ("pixelflow_xl.ckpt", "run.pt_export", ".pt"):  # folders' names
+        convert_torch_ckpt.check_output(str(tmp_path / name), fixture_dir("c2i_tiny"), True, False)
+
+
 def test_an_output_that_cannot_be_written_is_told_to_choose_another_output(tmp_path, monkeypatch):
     """The export of a read-only run into a folder it could not write was told that a run in a
     read-only folder "can still be sampled or exported into another", as if it were not that export."""
