@@ -195,10 +195,24 @@ def jax_to_torch() -> str:
     config, params = read_checkpoint(source, FLAGS.weights)
     state_dict = params_to_torch(params, config.model)
     raise_dropped_stops()  # asked to stop meanwhile: nothing is written
-    write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite)
+    write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite,
+                             weights_from=run_weights_exported(source, FLAGS.weights))
     return (f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from "
             f"{weights_of(source, FLAGS.weights)}"
             f"{text_encoder_note(source, config.model)}{text_training_note(config)}")
+
+
+def run_weights_exported(source, weights: str) -> str | None:
+    """Which of a training run's two sets of weights, and of which step, the export holds, for its
+    config.yaml: the folder handed on said neither (raw weights exported for the EMA went unseen).
+    The run by its folder's name alone: the file is shipped, the path is this machine's."""
+    from pixelflow_jax import storage
+
+    if not source.run_step:
+        return None  # a converted or release folder holds one set of weights, and no step
+    which = "the EMA (--weights=ema)" if weights == "ema" else "the raw weights, not their EMA (--weights=model),"
+    return (f"weights: {which} of step {source.run_step.step} of the training run in the folder "
+            f"{storage.basename(storage.resolved(source.run_step.run).rstrip('/'))}")
 
 
 def text_training_note(config) -> str:

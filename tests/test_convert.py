@@ -1317,6 +1317,11 @@ def test_a_training_runs_export_converted_back_holds_the_runs_weights_bit_for_bi
         export, back = tmp_path / f"export_{chosen}", tmp_path / f"back_{chosen}"
         result = run_converter("--to_torch", f"--jax_checkpoint={source}", f"--weights={chosen}", f"--output={export}")
         assert result.returncode == 0, result.stderr
+        which = "the EMA (--weights=ema)" if chosen == "ema" else "the raw weights, not their EMA (--weights=model),"
+        step = 2 if chosen == "ema" else 4  # (the folder handed on said neither which weights nor which step)
+        assert (export / "config.yaml").read_text().splitlines()[:2] == [
+            "# written by pixelflow-jax: convert_torch_ckpt.py --to_torch",
+            f"# weights: {which} of step {step} of the training run in the folder run"]
         result = run_converter(f"--torch_checkpoint={export}", f"--output={back}")
         assert result.returncode == 0, result.stderr
         model, config = load_model(str(back))

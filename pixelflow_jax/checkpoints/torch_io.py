@@ -517,13 +517,15 @@ def recorded_text_training(torch_config: str | None, described_by: str | None) -
 
 
 def write_release_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], config: CheckpointConfig,
-                             overwrite: bool = False) -> None:
-    """A release folder (config.yaml + model.pt) that the release loads with strict=True."""
+                             overwrite: bool = False, weights_from: str | None = None) -> None:
+    """A release folder (config.yaml + model.pt) that the release loads with strict=True;
+    `weights_from`, which weights they are, becomes a comment under the mark (yaml ignores it)."""
     torch = _import_torch()
     text = yaml.safe_dump(release_yaml(config), sort_keys=False)
+    header = f"{EXPORT_MARK}\n" + (f"# {weights_from}\n" if weights_from else "")
     with atomic_output_dir(path, overwrite) as tmp:
         # model.pt last: in an object store, a folder without it is an unfinished export.
-        storage.write_atomically(storage.join(tmp, "config.yaml"), f"{EXPORT_MARK}\n{text}")
+        storage.write_atomically(storage.join(tmp, "config.yaml"), f"{header}{text}")
         tensors = {k: torch.from_numpy(np.array(v, dtype=v.dtype, copy=True)) for k, v in state_dict.items()}
         if storage.is_url(tmp):
             with tempfile.TemporaryDirectory(prefix="pixelflow_export_") as local:
