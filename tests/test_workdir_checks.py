@@ -96,6 +96,31 @@ def test_a_new_local_name_with_a_space_at_its_edge_is_refused_and_an_existing_on
         storage.user_path("old run /new ")
 
 
+def test_a_new_local_name_holding_an_unexpanded_variable_is_refused_and_an_existing_one_is_used(tmp_path,
+                                                                                                monkeypatch):
+    """A container's exec-form command (["python", "main.py", "--workdir=$HOME/runs/a"]) runs no
+    shell: the workdir made a folder named "$HOME" in the current one, and load_model("$HOME/run")
+    in a service said only that the checkpoint does not exist."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("R35C_RUNS", "/data/runs")
+    monkeypatch.delenv("R35C_UNSET", raising=False)
+    for given, variable, fix in (("$R35C_RUNS/a", "$R35C_RUNS", "write the path it stands for, as in '/data/runs/a'"),
+                                 ("runs/${R35C_RUNS}", "${R35C_RUNS}", "as in 'runs//data/runs'"),
+                                 ("x_$R35C_UNSET/a", "$R35C_UNSET", "$R35C_UNSET is not set here either: write the "
+                                                                    "path itself")):
+        with pytest.raises(storage.StorageError, match=re.escape(f"{given!r}: {variable} is not expanded here (a shell "
+                                                                 "expands it; a container's exec-form command, a "
+                                                                 "config file and Python do not)") + ".*"
+                                                       + re.escape(fix)):
+            storage.user_path(given)
+    with pytest.raises(CheckpointError, match=re.escape("'$R35C_RUNS/demo': $R35C_RUNS is not expanded here")):
+        load_model("$R35C_RUNS/demo")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "price$5").mkdir()  # a name that exists is kept as it is, made on purpose or by an earlier slip
+    assert storage.user_path("price$5/out") == "price$5/out"
+    assert storage.user_path("costs_in_$") == "costs_in_$"  # a "$" before no name
+
+
 def test_a_workdir_that_would_be_lost_or_misread_is_refused_before_any_work(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "4").mkdir(parents=True)

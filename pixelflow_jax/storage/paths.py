@@ -103,6 +103,7 @@ def user_path(path: str) -> str:
         return path
     path = spelled_as_on_disk(physical_parent_steps(os.path.expanduser(path)))
     check_spaced_names(path)
+    check_unexpanded_variables(path)
     return path
 
 
@@ -160,6 +161,26 @@ def check_spaced_names(path: str) -> None:
             fixed = os.sep.join(names[:index] + [part.strip() for part in names[index:]])
             raise StorageError(f"{path!r}: the name {name!r} {edges} with {blank} and does not exist (a quoting "
                                f"slip?): remove the {fix}" + (f", as in {fixed!r}" if fixed.strip(os.sep) else ""))
+
+
+# $NAME or ${NAME}: an environment variable as a shell writes it.
+_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def check_unexpanded_variables(path: str) -> None:
+    """Refuses a local path in which a name that does not exist holds an environment variable
+    unexpanded: a shell expands $HOME, but a container's exec-form command, a config file or a
+    Python string does not, and --workdir=$HOME/runs/a so given made a folder named "$HOME" in the
+    current one. A name that exists is kept as it is (made on purpose, or by such a slip before)."""
+    names = path.split(os.sep)
+    for index, name in enumerate(names):
+        if (variable := _VARIABLE.search(name)) and not os.path.lexists(os.sep.join(names[:index + 1])):
+            expanded = os.path.expandvars(path)
+            fix = (f"write the path it stands for, as in {expanded!r}" if expanded != path else
+                   f"{variable[0]} is not set here either: write the path itself")
+            raise StorageError(f"{path!r}: {variable[0]} is not expanded here (a shell expands it; a container's "
+                               f"exec-form command, a config file and Python do not), and no name {name!r} exists: "
+                               + fix)
 
 
 def file_url_path(rest: str) -> str:
