@@ -216,7 +216,8 @@ def test_the_sampler_names_the_misuse(models):
     from pixelflow_jax.sampling.cascade import CascadeSampler
 
     sampler = CascadeSampler(*models["c2i_tiny"])
-    for labels, message in (([], "nothing to generate"), (["goldfish"], "labels must be whole class ids"),
+    for labels, message in (([], "nothing to generate"), (["goldfish"], "generate takes class ids in .*, not text such as 'goldfish'"),
+                            ([1.5], "labels must be whole class ids"), (["3"], "labels must be whole class ids"),
                             ([3, 1000], r"labels must be class ids in \[0, 999\]"),
                             ((c for c in [1, 2]), r"labels must be a 1-D list of class ids, got generator <gen.*: pass "
                                                   "a list or a 1-D array"),
@@ -245,6 +246,13 @@ def test_the_sampler_names_the_misuse(models):
                                   sampler.generate([1], steps_per_stage=1, cfg_scale=2.0, seed=3))
     with pytest.raises(ValueError, match="this model is text-conditional: use generate_from_prompts"):
         CascadeSampler(*models["t2i_tiny"]).generate([1], steps_per_stage=1)
+    for prompts in (["a red disk"], "a red disk", np.array(["a red disk", "a ring"]), [3, "a red disk"]):
+        # (was 'labels must be whole class ids, got 'a red disk' at index 0', as if an id was mistyped)
+        with pytest.raises(ValueError, match=re.escape("this model is class-conditional: generate takes class ids in "
+                                                       "[0, 1000), not text such as 'a red disk' (prompts are for a "
+                                                       "text-conditional model's generate_from_prompts(prompt_encoder, "
+                                                       "prompts))")):
+            sampler.generate(prompts, steps_per_stage=1)
     model, config = models["c2i_tiny"]
     # A user's own model, PixelFlow(ModelConfig(...)), has no load_model config: the error named none other.
     with pytest.raises(ValueError, match=re.escape("got a ModelConfig; for a model of your own, pixelflow_jax."

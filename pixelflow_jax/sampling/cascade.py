@@ -23,6 +23,7 @@ import functools
 import math
 import numbers
 import os
+import reprlib
 from typing import Any, Sequence
 
 import jax
@@ -452,10 +453,25 @@ def check_conditional(model_config) -> None:
                          "models only")
 
 
+def prompts_among(labels) -> list[str]:
+    """The entries of `labels` that are text other than a number's digits: prompts."""
+    if isinstance(labels, str):
+        entries = [labels]
+    elif isinstance(labels, (list, tuple, np.ndarray)):
+        entries = np.asarray(labels, dtype=object).ravel().tolist() if isinstance(labels, np.ndarray) else labels
+    else:
+        return []
+    return [entry for entry in entries if isinstance(entry, str) and not entry.strip().isdecimal()]
+
+
 def class_conditioning(labels, num_classes: int) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) model kwargs for class labels; the unconditional id is num_classes."""
     if not num_classes:
         raise ValueError("this model is text-conditional: use generate_from_prompts(prompt_encoder, prompts)")
+    if prompts := prompts_among(labels):  # a class name or a prompt: 'must be whole class ids' named neither
+        raise ValueError(f"this model is class-conditional: generate takes class ids in [0, {num_classes}), not text "
+                         f"such as {reprlib.repr(prompts[0])} (prompts are for a text-conditional model's "
+                         "generate_from_prompts(prompt_encoder, prompts))")
     # Host arrays: an eager jnp op here would queue behind the batch sampling before it, and reading
     # it back would stall the sampling job's loop until that batch finished.
     labels = np.asarray(validation.class_ids("labels", labels, num_classes), np.int32)
