@@ -4,6 +4,7 @@ whole; a bucket that cannot be written stops a run before its first step, with t
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +44,38 @@ def test_urls_are_never_made_local():
     with pytest.raises(storage.StorageError, match=r'runs/gs://b/x holds "://" inside a path: a URL starts with its '
                                                    r"scheme \(write gs://b/x\)"):
         storage.user_path("runs/gs://b/x")  # was "unsupported URL scheme runs/gs://"
+
+
+@pytest.mark.parametrize("address, url", [
+    ("https://console.cloud.google.com/storage/browser/b/runs/a;tab=objects?project=p", "gs://b/runs/a"),
+    ("https://console.cloud.google.com/storage/browser/_details/b/runs/x.pt;tab=live_object", "gs://b/runs/x.pt"),
+    ("https://storage.googleapis.com/b/runs/a/", "gs://b/runs/a"),
+    ("https://storage.cloud.google.com/b/runs/my%20run", "gs://b/runs/my run"),
+    ("https://console.cloud.google.com/storage/browser/b", "gs://b"),
+])
+def test_a_buckets_web_address_is_refused_naming_its_gs_url(address, url):
+    """Addresses copied from the Cloud console were refused as downloads ("download it first (wget
+    ...)", for a workdir), or, with the console's ?project=, for holding '?'."""
+    with pytest.raises(storage.StorageError, match=f"^{re.escape(address)} is the web address of {re.escape(url)}; "
+                                                   f"buckets are read by their gs:// URLs: write {re.escape(url)}$"):
+        storage.user_path(address)
+
+
+@pytest.mark.parametrize("typed, fixed", [("gs://gs://b/run", "gs://b/run"), ("gs://gs:/b/run", "gs://b/run"),
+                                          ("gs://gcs://b/run", "gs://b/run")])
+def test_a_url_with_its_scheme_twice_names_the_url_meant(typed, fixed):
+    """--workdir=gs://$BUCKET/run with BUCKET=gs://b: the fix offered was gs://gs:/b/run."""
+    with pytest.raises(storage.StorageError, match=f"^{re.escape(typed)} starts with two schemes .*: "
+                                                   f"write {re.escape(fixed)}$"):
+        storage.user_path(typed)
+
+
+def test_a_url_without_its_bucket_keeps_its_path_in_the_fix():
+    """gs://$BUCKET/runs/a with BUCKET empty was told to write gs://BUCKET/..., losing runs/a."""
+    with pytest.raises(storage.StorageError, match=r"^gs:///runs/a names no bucket: write gs://BUCKET/runs/a$"):
+        storage.user_path("gs:///runs/a")
+    with pytest.raises(storage.StorageError, match=r"^gs:// names no bucket: write gs://BUCKET/\.\.\.$"):
+        storage.user_path("gs://")
 
 
 def test_a_path_is_inside_a_folder_by_whole_names_through_links_and_trailing_slashes(tmp_path):

@@ -73,11 +73,21 @@ def user_path(path: str) -> str:
                            + (f" (write {url[0]})" if url else "")
                            + ', and a local path holding "://" is refused, so that a mistyped URL never becomes a '
                              'local folder')
+    if is_url(path) and (bucket_url := gcs_url_of_web_address(path)):
+        raise StorageError(f"{path} is the web address of {bucket_url}; buckets are read by their gs:// URLs: "
+                           f"write {bucket_url}")
+    if is_url(path) and (inner := re.match(rf"{_KNOWN_SCHEMES}:/+", path.split("://", 1)[1], re.I)):
+        # --workdir=gs://$BUCKET/run with BUCKET=gs://name: mended by collapsing "//", it named gs://gs:/name/run
+        fixed = f"{meant_scheme(inner[0].rstrip(':/'))}://{path.split('://', 1)[1][inner.end():]}"
+        raise StorageError(f"{path} starts with two schemes (a variable that already holds one, after another?): "
+                           f"write {fixed}")
     if is_url(path) and scheme(path).lower() == "file":
         raise StorageError(f"{path}: write the local path itself ({file_url_path(path.split('://', 1)[1])}), "
                            "not a file:// URL")
     if is_url(path) and scheme(path) in SUPPORTED_SCHEMES and not path.split("://", 1)[1].split("/", 1)[0]:
-        raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/...")
+        # gs:///run, most likely gs://$BUCKET/run with BUCKET empty: the path after it is kept
+        named = path.split("://", 1)[1].lstrip("/") or "..."
+        raise StorageError(f"{path} names no bucket: write {scheme(path)}://BUCKET/{named}")
     if is_url(path) and path != path.strip():
         raise StorageError(f"{path!r} starts or ends with a space, which an object name keeps: write {path.strip()!r}")
     if is_url(path) and (spaced := [name for name in path.split("://", 1)[1].split("/") if name != name.strip()]):
@@ -105,6 +115,25 @@ def user_path(path: str) -> str:
     check_spaced_names(path)
     check_unexpanded_variables(path)
     return path
+
+
+# Addresses of a bucket's objects on the web, as the Cloud console's pages and buttons give them
+# (a folder's page, an object's details page, its "public URL" and "authenticated URL").
+_WEB_ADDRESS_OF_OBJECTS = re.compile(
+    r"https?://(?:(?:storage\.googleapis\.com|storage\.cloud\.google\.com)/"
+    r"|console\.cloud\.google\.com/storage/browser/(?:_details/)?)([^/?#;]+)/?([^?#;]*)", re.I)
+
+
+def gcs_url_of_web_address(path: str) -> str | None:
+    """The gs:// URL of a bucket folder or object given by its web address, e.g.
+    https://console.cloud.google.com/storage/browser/b/runs/a;tab=objects?project=p is gs://b/runs/a;
+    None for any other path. Taken as a download address, such a workdir was refused with a wget to run."""
+    from urllib.parse import unquote
+
+    if not (address := _WEB_ADDRESS_OF_OBJECTS.match(str(path))):
+        return None
+    bucket, objects = unquote(address[1]), unquote(address[2]).rstrip("/")
+    return f"gs://{bucket}/{objects}" if objects else f"gs://{bucket}"
 
 
 def spelled_as_on_disk(path: str) -> str:
