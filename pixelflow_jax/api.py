@@ -85,8 +85,8 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         folder = storage.absolute(run_step.folder)
         return CheckpointSource(folder, folder, run_step)
     if not storage.exists(path):  # (a new name with a space at its edge: user_path refused it as a slip)
-        broken_link = storage.broken_link_words(path)
-        raise CheckpointError(f"checkpoint {path} {broken_link or 'does not exist' + hub.missing_path_hint(path)}")
+        missing = storage.missing_path_words(path)
+        raise CheckpointError(f"checkpoint {path} {missing or 'does not exist' + hub.missing_path_hint(path)}")
     if storage.isfile(path):
         from pixelflow_jax.checkpoints.torch_io import folder_config_yaml
 
@@ -282,7 +282,7 @@ def sampling_checkpoint(sample_config, workdir: str) -> str:
     if workdir and not hub.is_hub_path(workdir) and is_run(workdir):
         return workdir
     what = ("is not a training run" if workdir and storage.exists(workdir) else
-            workdir and storage.broken_link_words(workdir) or "does not exist (a typo?)")
+            workdir and storage.missing_path_words(workdir) or "does not exist (a typo?)")
     if sampled := sampling_job_of(workdir):
         raise CheckpointError(f"{workdir} {what} but {sampled}: set --config.sample.checkpoint to that checkpoint "
                               "to sample, serve or inspect it")

@@ -207,8 +207,24 @@ def test_unsupported_workdir_scheme_names_the_schemes_that_work(tmp_path):
 def test_a_bucket_that_cannot_be_written_stops_training_before_its_first_step(gcs_emulator):
     result = run_main("gs://no-such-bucket/run")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "cannot write to gs://no-such-bucket/run" in result.stderr and "bucket exists" in result.stderr
+    assert ("cannot write to gs://no-such-bucket/run: it is in the bucket gs://no-such-bucket, which does not exist "
+            "(a typo?" in result.stderr), result.stderr[-3000:]  # was the upload's URL, a FileNotFoundError
     assert "step 1" not in result.stdout and not os.path.exists(os.path.join(REPO, "gs:"))
+
+
+def test_a_checkpoint_or_run_in_a_bucket_that_does_not_exist_names_the_bucket(gcs_emulator):
+    """A typo in the bucket's name read as the run missing inside it ("does not exist")."""
+    from configs import c2i
+    from pixelflow_jax import CheckpointError
+    from pixelflow_jax.api import resolve_checkpoint, sampling_checkpoint
+
+    missing = "is in the bucket gs://no-such-bucket, which does not exist (a typo?"
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint gs://no-such-bucket/run {missing}")):
+        resolve_checkpoint("gs://no-such-bucket/run")
+    with pytest.raises(CheckpointError, match=re.escape(f"gs://no-such-bucket/run {missing}")):
+        sampling_checkpoint(c2i.get_config("tiny").sample, "gs://no-such-bucket/run")
+    assert storage.missing_path_words("gs://no-such-bucket/").startswith("is a bucket that does not exist (a typo?")
+    assert storage.missing_path_words("gs://pixelflow-test/no-such-run") is None  # the bucket is there
 
 
 def test_the_workdir_lock_works_in_a_bucket(bucket):

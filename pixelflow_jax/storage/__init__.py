@@ -21,7 +21,8 @@ from pixelflow_jax.storage.paths import (StorageError, absolute, basename, check
                                          is_url, join, resolved, user_path)
 from pixelflow_jax.storage.reads import (broken_link_words, exists, file_fingerprint, file_sizes, fingerprint, isdir,
                                            isfile, list_entries, list_files, list_folders, listdir, local_file,
-                                           open_file, read_bytes, read_in_order, read_json, read_text, size_and_mtime)
+                                           missing_bucket_words, missing_path_words, open_file, read_bytes,
+                                           read_in_order, read_json, read_text, size_and_mtime)
 from pixelflow_jax.storage.remote import CHECK_ACCESS
 from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed_writers, folders_of_gone_writers,
                                                make_folder, process_alive, remove_abandoned_dirs, remove_temporaries,
@@ -37,7 +38,8 @@ __all__ = [
     "check_supported", "check_writable", "clear_leftovers_of_killed_writers", "create_file", "create_json", "dirname",
     "exists", "file_fingerprint", "file_in_the_way", "file_sizes", "fingerprint", "folders_of_gone_writers",
     "history_path", "is_inside", "is_url", "isdir", "isfile", "join", "list_entries", "list_files", "list_folders",
-    "listdir", "local_file", "make_folder", "makedirs", "move", "move_file_once", "open_file", "process_alive",
+    "listdir", "local_file", "make_folder", "makedirs", "missing_bucket_words", "missing_path_words", "move",
+    "move_file_once", "open_file", "process_alive",
     "read_bytes", "read_in_order", "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries",
     "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "temporary_dir", "upload_file_atomically",
     "upload_file_once", "user_path", "write_atomically", "write_json_atomically", "write_json_keeping_history",

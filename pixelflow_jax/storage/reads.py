@@ -154,6 +154,36 @@ def broken_link_words(path: str) -> str | None:
     return None
 
 
+def missing_bucket_words(path: str) -> str | None:
+    """For a URL whose bucket does not exist (a typo in its name), what to say of the path instead
+    of "does not exist", which sent users looking for the run inside a bucket that is not there;
+    None for a local path or a bucket that exists."""
+    if not is_url(path):
+        return None
+    bucket = path.split("://", 1)[1].split("/", 1)[0]
+
+    def bucket_kind(_):
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs(path)
+        try:
+            return fs.info(bucket)["type"]
+        except FileNotFoundError:
+            return None
+
+    if on_remote(path, bucket_kind) is not None:
+        return None
+    where = ("is a bucket that" if not path.split("://", 1)[1].strip("/").count("/")
+             else f"is in the bucket {path.split('://', 1)[0]}://{bucket}, which")
+    return f"{where} does not exist (a typo? `gcloud storage ls` lists the buckets these credentials can see)"
+
+
+def missing_path_words(path: str) -> str | None:
+    """What to say of a path that does not exist where more is known than that: a local link whose
+    target is gone, or a URL whose bucket does not exist; None otherwise."""
+    return broken_link_words(path) or missing_bucket_words(path)
+
+
 def open_file(path: str, mode: str = "rb"):
     if is_url(path):
         return on_remote(path, lambda p: p.open(mode))

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from pixelflow_jax.error_text import described
 from pixelflow_jax.storage.paths import StorageError, is_url, join
-from pixelflow_jax.storage.reads import broken_link_words, exists, read_text
+from pixelflow_jax.storage.reads import broken_link_words, exists, missing_bucket_words, read_text
 from pixelflow_jax.storage.remote import CHECK_ACCESS, on_remote
 from pixelflow_jax.storage.temporaries import umask, writer_tag
 
@@ -336,5 +336,7 @@ def check_writable(folder: str, fix: str = READ_ONLY_RUN_FIX) -> None:
     except StorageError:
         raise
     except Exception as e:  # gcsfs / google-auth / OS errors: one message with the cause
+        if isinstance(e, FileNotFoundError) and (missing := missing_bucket_words(folder)):
+            raise StorageError(f"cannot write to {folder}: it {missing}") from None
         hint = f" ({CHECK_ACCESS}, and that they may write there)" if is_url(folder) else f": {fix}"
         raise StorageError(f"cannot write to {folder}: {described(e)}{hint}") from None
