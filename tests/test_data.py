@@ -555,6 +555,19 @@ def test_an_array_record_that_cannot_read_a_bucket_is_named_with_the_fix(monkeyp
     sources.check_array_record_reads("/local/shards")  # local files: any version reads them
 
 
+def test_data_in_a_bucket_that_does_not_exist_names_the_bucket(gcs_emulator):
+    """A typo in the bucket's name read as the folder missing inside it."""
+    missing = "is in the bucket gs://no-such-bucket, which does not exist (a typo?"
+    for open_source, fix in ((lambda: sources.ImageFolderSource("gs://no-such-bucket/images"),
+                              "; set --config.data.root to a folder of class subfolders"),
+                             (lambda: CaptionRecordSource("gs://no-such-bucket/shards"),
+                              "; set --config.data.root to the folder that"),
+                             (lambda: TfdsSource("imagenet2012", "train", "gs://no-such-bucket/tfds"),
+                              "; build the dataset there with")):
+        with pytest.raises(DataError, match=re.escape(missing) + ".*" + re.escape(fix)):
+            open_source()
+
+
 def test_array_record_from_0_8_3_on_reads_a_bucket_comparing_versions_as_numbers(monkeypatch):
     """0.8.3 is the first version that opens gs:// itself, so it must not be refused; versions
     compare number by number (0.10 is after 0.8), not as text."""

@@ -440,6 +440,18 @@ def test_an_npz_named_without_the_ending_numpy_savez_added_is_named_with_it(tmp_
             evaluate.check_inputs(str(samples), str(reference), str(tmp_path / "weights.pth"), str(tmp_path))
 
 
+def test_eval_files_in_a_bucket_that_does_not_exist_name_the_bucket(gcs_emulator, tmp_path):
+    """A typo in the bucket's name read as the file missing inside it ("is not found")."""
+    from pixelflow_jax.evaluation import evaluate
+
+    np.savez(tmp_path / "a.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    missing = "is in the bucket gs://no-such-bucket, which does not exist (a typo?"
+    with pytest.raises(ValueError, match=re.escape(f"--config.eval.reference gs://no-such-bucket/ref.npz {missing}")):
+        evaluate.check_input_files(str(tmp_path / "a.npz"), "gs://no-such-bucket/ref.npz", "unused.pth")
+    with pytest.raises(CheckpointError, match=re.escape(f"Inception weights gs://no-such-bucket/w.pth {missing}")):
+        evaluate.check_input_files(str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "gs://no-such-bucket/w.pth")
+
+
 @pytest.mark.slow
 def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file, bucket, tmp_path):
     """Everything in a bucket (a local GCS emulator): the release checkpoint converted into it,

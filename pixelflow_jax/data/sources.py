@@ -136,6 +136,8 @@ def require_folder(root: str, message: str) -> None:
     """Raises DataError(message) unless root is a folder. storage.isdir answers False for a bucket
     it cannot reach (gcsfs swallows the error), so exists() asks first: it raises that StorageError."""
     if not storage.exists(root):
+        if missing_bucket := storage.missing_bucket_words(root):  # a typo in the bucket's name, not the folder's
+            raise DataError(f"{root} {missing_bucket}; {message.split('; ', 1)[-1]}")
         raise DataError(message)
     if not storage.isdir(root):
         raise DataError(f"{root} is a file, not a folder: {message.split('; ', 1)[-1]}")
@@ -246,7 +248,8 @@ class TfdsSource:
         build = (f"`tfds build {name} --manual_dir=DIR --data_dir={data_dir or '~/tensorflow_datasets'} "
                  "--file_format=array_record` (see README, Training data)")
         if data_dir and not storage.exists(data_dir):  # (a bucket it cannot reach raises the cause)
-            raise DataError(f"TFDS data dir {data_dir} does not exist; build the dataset there with {build}")
+            missing = storage.missing_bucket_words(data_dir) or "does not exist"
+            raise DataError(f"TFDS data dir {data_dir} {missing}; build the dataset there with {build}")
         builder = tfds_builder(name, data_dir, where, build)
         if not builder.is_prepared():  # tfds.data_source would download and build it into data_dir
             raise DataError(f"TFDS dataset {name!r} is not built under {where}: "

@@ -145,7 +145,8 @@ def check_input_files(samples: str | None, reference: str, inception_weights: st
                          "README)")
     for name, path in files.items():
         if not storage.isfile(path):
-            kind = "a folder, not an .npz file" if storage.isdir(path) else "not found"
+            kind = ("is a folder, not an .npz file" if storage.isdir(path) else
+                    storage.missing_bucket_words(path) or "is not found")
             fix = (f": ADM's ImageNet 256 reference batch is {IMAGENET_256_REFERENCE_URL}; any .npz of uint8 images "
                    "(arr_0: N x H x W x 3) of the data you trained on serves" if name == "eval.reference" else "")
             if storage.isdir(path):
@@ -154,12 +155,12 @@ def check_input_files(samples: str | None, reference: str, inception_weights: st
                 fix = f" (numpy.savez added .npz to the name it was given: pass {path}.npz)"
             elif hint := slash_after_a_file(path):  # a shell's completion of a folder's name
                 fix = hint
-            raise ValueError(f"--config.{name} {path} is {kind}{fix}")
+            raise ValueError(f"--config.{name} {path} {kind}{fix}")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
 
         found = ("is a folder, not the weights file" if storage.isdir(inception_weights) else
-                 f"not found{slash_after_a_file(inception_weights)}")
+                 storage.missing_bucket_words(inception_weights) or f"not found{slash_after_a_file(inception_weights)}")
         raise CheckpointError(f"Inception weights {inception_weights} {found}: download {WEIGHTS_URL} and pass its "
                               "path as --config.eval.inception_weights")
     for path in files.values():
