@@ -24,8 +24,8 @@ from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, Check
                                                  restore_params, weights_fingerprint)
 from pixelflow_jax.checkpoints.convert import Params
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RunStep, checkpoint_around,
-                                                     checkpoint_folder_kind, find_run_step, restore_run_weights,
-                                                     run_checkpoint_config)
+                                                     checkpoint_folder_kind, deleted_while_read, find_run_step,
+                                                     restore_run_weights, rotated_away, run_checkpoint_config)
 from pixelflow_jax.kernels.attention import check_platform, resolve_backend
 from pixelflow_jax.model import PixelFlow
 
@@ -54,7 +54,12 @@ class CheckpointSource:
         again are the same checkpoint); for others, and folders converted before the digest was
         recorded, storage.fingerprint of the files the weights are read from."""
         if self.run_step:
-            return storage.fingerprint(self.folder)
+            try:
+                return storage.fingerprint(self.folder)
+            except FileNotFoundError:  # listed, then gone: a run still training rotated the step away
+                if deleted_while_read(self.run_step.folder):
+                    raise rotated_away(self.run_step) from None
+                raise
         if self.kind == "release":
             return storage.fingerprint(self.folder, ("config.yaml", "model.pt"))
         config, digest = read_record(self.folder)

@@ -332,6 +332,29 @@ def test_a_step_a_training_run_rotates_away_while_it_is_read_is_not_called_damag
         load_model(workdir)
 
 
+def test_a_step_rotated_away_while_a_sampling_job_fingerprints_it_is_named_so(run, tmp_path, monkeypatch):
+    """A job sampling a run that trains on (keep_checkpoints=1, a save every few steps, in a bucket)
+    lists the step's files to record its fingerprint; the rotation removed one before it was read,
+    and the job ended in gcsfs's FileNotFoundError traceback, naming an object's download URL."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.api import resolve_checkpoint
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run[0], workdir)
+    source = resolve_checkpoint(workdir)
+    real_file_sizes = storage.reads.file_sizes
+
+    def listed_then_rotated_away(folder):
+        sizes = real_file_sizes(folder)
+        shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+        return sizes
+
+    monkeypatch.setattr(storage.reads, "file_sizes", listed_then_rotated_away)
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 was deleted while it was read: its run is still "
+                                              r"training, and its checkpoint rotation"):
+        source.fingerprint()
+
+
 def test_a_step_whose_rotation_is_still_removing_it_when_the_read_fails_is_not_called_damaged(run, tmp_path,
                                                                                                 monkeypatch):
     """Sampling a tiny run that saved every step with keep_checkpoints=1: the rotation (a file at a

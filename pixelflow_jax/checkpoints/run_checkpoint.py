@@ -318,10 +318,7 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                 partial_restore=True))
     except Exception as e:  # orbax raises many types; all mean the same thing to the user
         if deleted_while_read(run_step.folder):  # not damage: a run still training rotated it away
-            raise CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and "
-                                  "its checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read "
-                                  f"the run's latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}"
-                                  ) from None
+            raise rotated_away(run_step) from None
         if unlike := shapes_unlike_run_config(path, key, target[key]):  # every step would fail alike
             raise CheckpointError(f"{run_step.folder} holds weights of another architecture than "
                                   f"{storage.join(run_step.run, RUN_CONFIG)} describes ({listed(unlike, 3)}): was "
@@ -333,6 +330,13 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
                          lambda: f"load another step{other_steps(run_step) or ' (the run has no other complete step)'}")
     logging.info("restored the %s weights of %s", weights, run_step.folder)
     return restored[key]
+
+
+def rotated_away(run_step: RunStep) -> CheckpointError:
+    """The error for a step that its run, still training, deleted while it was read."""
+    return CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and its "
+                           "checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read the run's "
+                           f"latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}")
 
 
 def deleted_while_read(folder: str, watch_s: float = 1.0) -> bool:
