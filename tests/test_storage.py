@@ -78,6 +78,21 @@ def test_a_url_without_its_bucket_keeps_its_path_in_the_fix():
         storage.user_path("gs://")
 
 
+def test_a_bucket_name_gcs_cannot_hold_is_refused_naming_the_rule():
+    """gs://BUCKET/... pasted from the README, or a name with capitals: the emulator answered that
+    the bucket does not exist, GCS a 400 'Invalid bucket name' through the bucket client's retries."""
+    rule = "which holds only lower case letters, digits, '-', '_' and '.', and starts and ends with a letter or digit"
+    with pytest.raises(storage.StorageError, match=re.escape(f"gs://BUCKET/runs/xl: 'BUCKET' cannot be a bucket's "
+                                                             f"name, {rule} (BUCKET in the README's commands stands "
+                                                             "for your bucket's name)")):
+        storage.user_path("gs://BUCKET/runs/xl")
+    with pytest.raises(storage.StorageError, match=re.escape(f"{rule}: write gs://my-bucket/runs/a")):
+        storage.user_path("gs://My-Bucket/runs/a")
+    with pytest.raises(storage.StorageError, match=re.escape(rule) + "$"):
+        storage.user_path("gs://bucket-/run")
+    assert storage.user_path("gs://my_bucket.example.com/run") == "gs://my_bucket.example.com/run"
+
+
 def test_a_path_is_inside_a_folder_by_whole_names_through_links_and_trailing_slashes(tmp_path):
     """One rule for "is A inside folder B", which four places spelled inline."""
     assert storage.is_inside("gs://b/x/y", "gs://b/x")

@@ -96,6 +96,8 @@ def user_path(path: str) -> str:
         fixed = f"{scheme(path)}://" + "/".join(name.strip() for name in path.split("://", 1)[1].split("/"))
         raise StorageError(f"{path!r}: the folder name {spaced[0]!r} starts or ends with whitespace, which an object "
                            f"name keeps (a quoting slip?): write {fixed!r}")
+    if is_url(path) and scheme(path) == "gs" and (refusal := bucket_name_refusal(path)):
+        raise StorageError(refusal)
     if is_url(path) and scheme(path) != "hf" and (odd := sorted(set(_NOT_IN_OBJECT_PATHS) & set(path))):
         raise StorageError(f"{path}: {' and '.join(repr(c) for c in odd)} cannot be part of an object path here "
                            "(the checkpoint library reads '?' and '#' as the start of a URL query, the bucket "
@@ -115,6 +117,24 @@ def user_path(path: str) -> str:
     check_spaced_names(path)
     check_unexpanded_variables(path)
     return path
+
+
+# GCS's rule for bucket names (lower case letters, digits, "-", "_" and "."; starting and ending with a letter or digit)
+_BUCKET_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+
+
+def bucket_name_refusal(url: str) -> str | None:
+    """Why a gs:// URL's bucket cannot exist, or None. The emulator and GCS answer such a name in
+    other ways (a missing bucket, a 400), so it is named here: most often BUCKET, the README's
+    placeholder, pasted as it is, or a name typed with capitals."""
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if _BUCKET_NAME.fullmatch(bucket):
+        return None
+    placeholder = " (BUCKET in the README's commands stands for your bucket's name)" if bucket == "BUCKET" else ""
+    lowered = url.replace(f"://{bucket}", f"://{bucket.lower()}", 1)
+    fix = f": write {lowered}" if _BUCKET_NAME.fullmatch(bucket.lower()) and not placeholder else ""
+    return (f"{url}: {bucket!r} cannot be a bucket's name, which holds only lower case letters, digits, '-', '_' "
+            f"and '.', and starts and ends with a letter or digit{placeholder}{fix}")
 
 
 # Addresses of a bucket's objects on the web, as the Cloud console's pages and buttons give them
