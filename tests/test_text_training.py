@@ -553,6 +553,20 @@ def test_a_t5_folder_in_a_bucket_without_weights_is_named_as_such(encoder_folder
         local_t5_folder(remote)
 
 
+def test_a_t5_folder_in_a_bucket_that_does_not_exist_is_named_as_such(bucket):
+    """A missing folder, or one in a bucket that does not exist, was said to be a T5 folder without
+    weights: each of its files was missing in turn, the weights last."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.text.prompts import local_t5_folder
+
+    with pytest.raises(CheckpointError, match=re.escape(f"T5 folder {bucket}/no_t5 does not exist: pass a Hugging "
+                                                        "Face T5 folder")):
+        local_t5_folder(f"{bucket}/no_t5")
+    with pytest.raises(CheckpointError, match=re.escape("T5 folder gs://no-such-bucket/t5 is in the bucket "
+                                                        "gs://no-such-bucket, which does not exist (a typo?")):
+        local_t5_folder("gs://no-such-bucket/t5")
+
+
 def test_demo_captions_name_what_the_image_shows_with_independent_colour_and_shape():
     drawn = [captioned_demo_image(i, seed=2) for i in range(500)]
     assert len({(d.colour, d.shape) for d in drawn}) == 50  # every combination occurs

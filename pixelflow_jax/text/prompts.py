@@ -207,6 +207,10 @@ def shortened(prompt: str) -> str:
     return repr(prompt[:LOGGED_PROMPT_CHARS] + "...")
 
 
+PASS_A_T5_FOLDER = ("pass a Hugging Face T5 folder (config.json, spiece.model, the weights), a gs:// copy of one, or "
+                    "hf://google/flan-t5-xl")
+
+
 def local_t5_folder(path: str) -> str:
     """A T5 folder on this machine: hf://OWNER/NAME[@REVISION][/SUBFOLDER] is fetched into the Hub
     cache, a gs:// folder (the encoder's files only) into this project's cache, storage.cache_dir:
@@ -223,8 +227,7 @@ def local_t5_folder(path: str) -> str:
     except storage.StorageError as e:
         raise CheckpointError(f"T5 folder: {e}") from None
     if not path.strip():
-        raise CheckpointError("no T5 folder given: pass a Hugging Face T5 folder (config.json, spiece.model, the "
-                              "weights), a gs:// copy of one, or hf://google/flan-t5-xl")
+        raise CheckpointError(f"no T5 folder given: {PASS_A_T5_FOLDER}")
     if hub.is_hub_path(path):
         return hub.t5_folder(path)
     if not storage.is_url(path):
@@ -233,10 +236,11 @@ def local_t5_folder(path: str) -> str:
                                   "spiece.model and the weights")
         if not os.path.isdir(path):  # a Hub id (google/t5-v1_1-xxl) reaches here made absolute by a run's load
             hint = hub.missing_path_hint(os.path.relpath(path)).removeprefix(": ").strip(" ()")
-            raise CheckpointError(f"T5 folder {path} does not exist: " + (hint or (
-                "pass a Hugging Face T5 folder (config.json, spiece.model, the weights), a gs:// copy of one, or "
-                "hf://google/flan-t5-xl")))
+            raise CheckpointError(f"T5 folder {path} does not exist: " + (hint or PASS_A_T5_FOLDER))
         return path
+    if not storage.exists(path):  # else each file would be missing in turn, and the folder said to lack weights
+        raise CheckpointError(f"T5 folder {path} {storage.missing_bucket_words(path) or 'does not exist'}: "
+                              f"{PASS_A_T5_FOLDER}")
     local = storage.cache_dir("t5", hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
 
     def fetch(names: list[str]) -> str:
