@@ -61,6 +61,19 @@ def test_a_buckets_web_address_is_refused_naming_its_gs_url(address, url):
         storage.user_path(address)
 
 
+def test_a_buckets_web_address_without_its_scheme_is_no_new_local_folder(tmp_path, monkeypatch):
+    """storage.googleapis.com/b/run (the https:// lost in a copy) was taken for a local path: a
+    training run made a folder storage.googleapis.com/ and trained there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(storage.StorageError, match=re.escape("storage.googleapis.com/b/run is the web address of "
+                                                             "gs://b/run without its https://; buckets are read by "
+                                                             "their gs:// URLs: write gs://b/run (or ./")):
+        storage.user_path("storage.googleapis.com/b/run")
+    (tmp_path / "storage.googleapis.com").mkdir()  # a folder of that name, made on purpose: used as named
+    assert storage.user_path("storage.googleapis.com/b/run") == "storage.googleapis.com/b/run"
+    assert storage.user_path("./storage.googleapis.com/b/run") == "./storage.googleapis.com/b/run"
+
+
 @pytest.mark.parametrize("typed, fixed", [("gs://gs://b/run", "gs://b/run"), ("gs://gs:/b/run", "gs://b/run"),
                                           ("gs://gcs://b/run", "gs://b/run")])
 def test_a_url_with_its_scheme_twice_names_the_url_meant(typed, fixed):

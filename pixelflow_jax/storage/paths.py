@@ -113,6 +113,10 @@ def user_path(path: str) -> str:
                            f"write {fixed}")
     if is_url(path):
         return path
+    if (bucket_url := gcs_url_of_web_address(f"https://{path}")) and not os.path.lexists(path.split(os.sep)[0]):
+        # storage.googleapis.com/b/run, its scheme lost in a copy: a new local folder of that name otherwise
+        raise StorageError(f"{path} is the web address of {bucket_url} without its https://; buckets are read by "
+                           f"their gs:// URLs: write {bucket_url} (or ./{path} for a local folder of that name)")
     path = spelled_as_on_disk(physical_parent_steps(os.path.expanduser(path)))
     check_spaced_names(path)
     check_unexpanded_variables(path)
