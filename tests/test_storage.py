@@ -255,6 +255,22 @@ def test_a_checkpoint_or_run_in_a_bucket_that_does_not_exist_names_the_bucket(gc
     assert storage.missing_path_words("gs://pixelflow-test/no-such-run") is None  # the bucket is there
 
 
+def test_a_bucket_these_credentials_may_not_describe_is_not_called_missing(monkeypatch):
+    """objectAdmin credentials lack storage.buckets.get: GCS answers the bucket's GET with a 403,
+    and fs.info(bucket) then lists it, so an empty bucket was called one that does not exist."""
+    import fsspec
+
+    class ForbiddenBucket:
+        def call(self, method, path, *args, **kwargs):
+            raise OSError("Forbidden: b/empty-bucket")
+
+        def info(self, path):  # what gcsfs's info does after the 403: an empty listing
+            raise FileNotFoundError(path)
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda path, **kwargs: (ForbiddenBucket(), path))
+    assert storage.missing_path_words("gs://empty-bucket/run") is None
+
+
 def test_the_workdir_lock_works_in_a_bucket(bucket):
     """Sequential contention only: the emulator ignores the create-only precondition that closes
     the race on real GCS."""

@@ -162,16 +162,22 @@ def missing_bucket_words(path: str) -> str | None:
         return None
     bucket = path.split("://", 1)[1].split("/", 1)[0]
 
-    def bucket_kind(_):
+    def bucket_missing(_) -> bool:
         import fsspec
 
         fs, _ = fsspec.core.url_to_fs(path)
+        # GCS's bucket GET alone: 404 for a bucket that does not exist, 403 for one these credentials
+        # may not describe (objectAdmin lacks storage.buckets.get). fs.info(bucket) takes a 403 to
+        # a listing, and an empty bucket so listed would have been called missing.
         try:
-            return fs.info(bucket)["type"]
+            fs.call("GET", "b/{}", bucket, json_out=True)
         except FileNotFoundError:
-            return None
+            return True
+        except Exception:  # forbidden or unreachable: not known to be missing
+            return False
+        return False
 
-    if on_remote(path, bucket_kind) is not None:
+    if not on_remote(path, bucket_missing):
         return None
     where = ("is a bucket that" if not path.split("://", 1)[1].strip("/").count("/")
              else f"is in the bucket {path.split('://', 1)[0]}://{bucket}, which")
