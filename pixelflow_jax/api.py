@@ -91,7 +91,8 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         return CheckpointSource(folder, folder, run_step)
     if not storage.exists(path):  # (a new name with a space at its edge: user_path refused it as a slip)
         missing = storage.missing_path_words(path)
-        raise CheckpointError(f"checkpoint {path} {missing or 'does not exist' + hub.missing_path_hint(path)}")
+        hint = storage.slash_after_a_file(path) or hub.missing_path_hint(path)  # (a shell's completion: model.pt/)
+        raise CheckpointError(f"checkpoint {path} {missing or 'does not exist' + hint}")
     if storage.isfile(path):
         from pixelflow_jax.checkpoints.torch_io import folder_config_yaml
 

@@ -641,6 +641,11 @@ def test_load_model_reports_a_checkpoint_it_cannot_reach_as_a_checkpoint_error(m
 def test_load_model_of_a_model_pt_reads_its_release_folder(tmp_path):
     _, config = load_model(os.path.join(fixture_dir("c2i_tiny"), "model.pt"))
     assert config.resolution == 64
+    file_as_folder = os.path.join(fixture_dir("c2i_tiny"), "model.pt/")  # a shell's completion
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {file_as_folder} does not exist (the / at its "
+                                                        f"end names a folder, and {file_as_folder[:-1]} is a file: "
+                                                        "drop the /)")):
+        load_model(file_as_folder)
     (tmp_path / "weights.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a file; checkpoints are folders"):
         load_model(str(tmp_path / "weights.pt"))

@@ -99,14 +99,6 @@ def reference_statistics(path: str, features: dict) -> tuple[tuple, tuple]:
     return pool, spatial
 
 
-def slash_after_a_file(path: str) -> str:
-    """The hint for a file's name given with a / after it (a shell's completion of a folder's name),
-    or ''."""
-    if path.endswith("/") and storage.isfile(path.rstrip("/")):
-        return f" (the / at its end names a folder, and {path.rstrip('/')} is a file: drop the /)"
-    return ""
-
-
 def check_inputs(samples: str | None, reference: str, inception_weights: str, workdir: str) -> None:
     """What an evaluation needs, checked before any work: the files' headers and stored statistics
     are read (for --mode=sample before sampling, when the samples do not exist yet: samples=None;
@@ -153,14 +145,15 @@ def check_input_files(samples: str | None, reference: str, inception_weights: st
                 fix += npz_for_folder(path)
             elif storage.isfile(f"{path}.npz"):  # np.savez(path, ...) adds the ending the name lacks
                 fix = f" (numpy.savez added .npz to the name it was given: pass {path}.npz)"
-            elif hint := slash_after_a_file(path):  # a shell's completion of a folder's name
+            elif hint := storage.slash_after_a_file(path):  # a shell's completion of a folder's name
                 fix = hint
             raise ValueError(f"--config.{name} {path} {kind}{fix}")
     if not storage.isfile(inception_weights):
         from pixelflow_jax.evaluation.inception_convert import WEIGHTS_URL
 
         found = ("is a folder, not the weights file" if storage.isdir(inception_weights) else
-                 storage.missing_bucket_words(inception_weights) or f"not found{slash_after_a_file(inception_weights)}")
+                 storage.missing_bucket_words(inception_weights)
+                 or f"not found{storage.slash_after_a_file(inception_weights)}")
         raise CheckpointError(f"Inception weights {inception_weights} {found}: download {WEIGHTS_URL} and pass its "
                               "path as --config.eval.inception_weights")
     for path in files.values():

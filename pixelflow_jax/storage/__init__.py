@@ -22,7 +22,8 @@ from pixelflow_jax.storage.paths import (StorageError, absolute, basename, check
 from pixelflow_jax.storage.reads import (broken_link_words, exists, file_fingerprint, file_sizes, fingerprint, isdir,
                                            isfile, list_entries, list_files, list_folders, listdir, local_file,
                                            missing_bucket_words, missing_path_words, open_file, read_bytes,
-                                           read_in_order, read_json, read_text, size_and_mtime)
+                                           read_in_order, read_json, read_text, size_and_mtime,
+                                           slash_after_a_file)
 from pixelflow_jax.storage.remote import CHECK_ACCESS
 from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed_writers, folders_of_gone_writers,
                                                make_folder, process_alive, remove_abandoned_dirs, remove_temporaries,
@@ -41,7 +42,8 @@ __all__ = [
     "listdir", "local_file", "make_folder", "makedirs", "missing_bucket_words", "missing_path_words", "move",
     "move_file_once", "open_file", "process_alive",
     "read_bytes", "read_in_order", "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries",
-    "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "temporary_dir", "upload_file_atomically",
+    "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "slash_after_a_file", "temporary_dir",
+    "upload_file_atomically",
     "upload_file_once", "user_path", "write_atomically", "write_json_atomically", "write_json_keeping_history",
     "write_streamed_atomically", "writer_gone", "writer_tag", "writing",
 ]

@@ -154,6 +154,14 @@ def broken_link_words(path: str) -> str | None:
     return None
 
 
+def slash_after_a_file(path: str) -> str:
+    """The hint for a file's name given with a / after it (a shell's completion of a folder's name),
+    or ''."""
+    if str(path).endswith("/") and isfile(str(path).rstrip("/")):
+        return f" (the / at its end names a folder, and {str(path).rstrip('/')} is a file: drop the /)"
+    return ""
+
+
 def missing_bucket_words(path: str) -> str | None:
     """For a URL whose bucket does not exist (a typo in its name), what to say of the path instead
     of "does not exist", which sent users looking for the run inside a bucket that is not there;
