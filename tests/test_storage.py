@@ -91,7 +91,7 @@ def test_a_url_without_its_bucket_keeps_its_path_in_the_fix():
         storage.user_path("gs://")
 
 
-def test_a_bucket_name_gcs_cannot_hold_is_refused_naming_the_rule():
+def test_a_bucket_name_gcs_cannot_hold_is_refused_naming_the_rule(monkeypatch):
     """gs://BUCKET/... pasted from the README, or a name with capitals: the emulator answered that
     the bucket does not exist, GCS a 400 'Invalid bucket name' through the bucket client's retries."""
     rule = "which holds only lower case letters, digits, '-', '_' and '.', and starts and ends with a letter or digit"
@@ -104,6 +104,15 @@ def test_a_bucket_name_gcs_cannot_hold_is_refused_naming_the_rule():
     with pytest.raises(storage.StorageError, match=re.escape(rule) + "$"):
         storage.user_path("gs://bucket-/run")
     assert storage.user_path("gs://my_bucket.example.com/run") == "gs://my_bucket.example.com/run"
+    monkeypatch.setenv("BUCKET_OF_RUNS", "my-bucket")
+    monkeypatch.delenv("UNSET_BUCKET", raising=False)
+    with pytest.raises(storage.StorageError, match=re.escape(f"{rule} ($BUCKET_OF_RUNS is not expanded here, as a "
+                                                             "shell would: write gs://my-bucket/run)")):
+        storage.user_path("gs://$BUCKET_OF_RUNS/run")  # a container's exec-form command: no shell
+    with pytest.raises(storage.StorageError, match=re.escape(f"{rule} (${{UNSET_BUCKET}} is not expanded here, as a "
+                                                             "shell would: write the bucket's name; ${UNSET_BUCKET} "
+                                                             "is not set here either)")):
+        storage.user_path("gs://${UNSET_BUCKET}/run")
 
 
 def test_a_path_is_inside_a_folder_by_whole_names_through_links_and_trailing_slashes(tmp_path):

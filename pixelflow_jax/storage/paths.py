@@ -135,6 +135,10 @@ def bucket_name_refusal(url: str) -> str | None:
     if _BUCKET_NAME.fullmatch(bucket):
         return None
     placeholder = " (BUCKET in the README's commands stands for your bucket's name)" if bucket == "BUCKET" else ""
+    if variable := _VARIABLE.search(bucket):  # gs://$BUCKET/run from a container's exec-form command, a config file
+        expanded = os.path.expandvars(url)
+        meant = expanded if expanded != url else f"the bucket's name; {variable[0]} is not set here either"
+        placeholder = f" ({variable[0]} is not expanded here, as a shell would: write {meant})"
     lowered = url.replace(f"://{bucket}", f"://{bucket.lower()}", 1)
     fix = f": write {lowered}" if _BUCKET_NAME.fullmatch(bucket.lower()) and not placeholder else ""
     return (f"{url}: {bucket!r} cannot be a bucket's name, which holds only lower case letters, digits, '-', '_' "
