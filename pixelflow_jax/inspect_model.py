@@ -28,6 +28,7 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.api import CheckpointSource, load_for_sampling, trained_text_encoding, weights_chosen, weights_of
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import is_run, listed_steps
+from pixelflow_jax.checkpoints.torch_io import export_note
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import say
@@ -122,6 +123,8 @@ def inspect_in(config, workdir: str) -> dict:
     # Which of a run's (or a train.py checkpoint's) two sets is timed: the EMA and the raw weights
     # of one checkpoint were two reports alike in inspect_history.jsonl.
     weights = weights_chosen(source, config.sample.weights)
+    # An export records which weights of which run it holds, for a model card: read from there.
+    exported = export_note(source.folder) if source and source.kind == "release" else None
     model_cfg = model.config
     counts = parameter_counts(model)
     logging.info("parameters: %s", counts)
@@ -162,7 +165,8 @@ def inspect_in(config, workdir: str) -> dict:
         logging.info("stage %d: %dpx, %d tokens, first call %.2fs, forward %.4fs", stage, size,
                      stages[-1]["tokens"], compile_and_run, run_time)
 
-    report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, weights=weights, parameters=counts, batch=2,
+    report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, weights=weights, exported_weights=exported,
+                  parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
     say(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
     with storage.writing(report_path, "the report is printed above; free space or make the workdir writable, and "

@@ -1,6 +1,7 @@
 """--mode=inspect on text models, on a checkpoint, and into a workdir it cannot write."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -51,9 +52,26 @@ def test_sample_checkpoint_is_inspected_with_its_architecture_and_weights(tmp_pa
 
     report = inspect_model.run(config, str(tmp_path))
     assert report["checkpoint"] == source.label == fixture_dir("t2i_tiny")
+    assert report["exported_weights"] is None  # the release's own folder
     assert (report["model"]["num_classes"], report["model"]["cross_attention_dim"]) == (0, 20)  # config: 10, 0
     assert report["parameters"]["total"] == sum(np.size(leaf) for leaf in jax.tree.leaves(params))
     assert report["text_tokens"] == 512  # a class config has no sample.max_text_tokens: the release's length
+
+
+def test_an_exports_note_of_the_weights_it_holds_is_reported_for_a_model_card(tmp_path):
+    """An export's config.yaml says which weights of which run it holds; the report said null."""
+    from pixelflow_jax import inspect_model
+    from pixelflow_jax.checkpoints.torch_io import EXPORT_MARK, export_note
+
+    export = tmp_path / "export"
+    shutil.copytree(fixture_dir("c2i_tiny"), export)
+    note = "weights: the raw weights, not their EMA (--weights=model), of step 7 of the training run in the folder a"
+    (export / "config.yaml").write_text(f"{EXPORT_MARK}\n# {note}\n" + (export / "config.yaml").read_text())
+    config = tiny_config("c2i")
+    config.sample.checkpoint = str(export / "model.pt")  # the file of the folder: the folder is read
+    assert inspect_model.run(config, str(tmp_path / "inspect"))["exported_weights"] == note
+    (export / "config.yaml").write_text((export / "config.yaml").read_text().replace(f"# {note}\n", ""))
+    assert export_note(str(export)) is None  # an export of a converted folder: nothing to say
 
 
 def test_a_text_run_inspected_under_a_class_config_gets_the_length_it_trained_with(tmp_path):

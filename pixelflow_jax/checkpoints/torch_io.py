@@ -461,6 +461,15 @@ def is_export(folder: str) -> bool:
     return storage.isfile(path) and storage.read_text(path).startswith(EXPORT_MARK + "\n")
 
 
+def export_note(folder: str) -> str | None:
+    """What an export's config.yaml says, under the mark, of the weights it holds (a training run's
+    EMA or raw weights, and the step; write_release_checkpoint's weights_from), or None."""
+    if not is_export(folder):
+        return None
+    second = (storage.read_text(storage.join(folder, "config.yaml")).split("\n", 2)[1:2] or [""])[0]
+    return second[2:] if second.startswith("# ") else None
+
+
 def release_yaml(config: CheckpointConfig) -> dict[str, Any]:
     """The model, scheduler and resolution of the release's config.yaml: what sample_ddp.py and
     the release's pipeline read to build a model (not train.py's training settings). A text run's
