@@ -193,6 +193,22 @@ def test_an_extended_jobs_new_npz_removes_the_eval_json_of_the_earlier_images(tm
     assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
 
 
+def test_a_shrunk_jobs_new_npz_removes_the_eval_json_of_the_larger_set(tmp_path):
+    """A shrink refused for its larger samples.npz goes on once that file is moved away (as the refusal
+    says): the eval.json that scored its 4 images stood beside the new 3-image samples.npz as its result."""
+    from pixelflow_jax import storage
+    from pixelflow_jax.sampling import sample_run
+
+    folder, workdir = tmp_path / "samples", tmp_path
+    folder.mkdir()
+    for i in range(3):
+        sample_run.save_png_atomically(sample_run.image_path(str(folder), i), np.zeros((8, 8, 3), np.uint8))
+    npz = storage.absolute(str(workdir / "samples.npz"))
+    storage.write_json_atomically(str(workdir / "eval.json"), {"samples": npz, "num_samples": 4})
+    assert sample_run.finish(str(folder), str(workdir), num_images=3, resolution=8) == 0
+    assert not (workdir / "eval.json").exists()
+
+
 def test_a_grid_of_a_count_that_is_no_square_fills_rows_as_wide_as_its_root_rounded_up():
     from pixelflow_jax.sampling import sample_run
 
