@@ -292,6 +292,29 @@ def test_an_image_of_another_mode_or_shape_is_sampled_again_not_written_into_sam
     np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], images)
 
 
+def test_a_png_whose_chunk_pil_cannot_parse_is_sampled_again_not_a_traceback(tmp_path, caplog):
+    """A damaged length of a PNG's pixel chunk makes PIL raise SyntaxError, not OSError: it is one
+    more damaged image, removed and sampled again, not an error that stops the job after sampling."""
+    from pixelflow_jax.sampling import sample_run
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        sample_run.save_png_atomically(sample_run.image_path(str(folder), i), image)
+    damaged = folder / sample_run.image_name(1)
+    png = bytearray(damaged.read_bytes())
+    png[png.index(b"IDAT") - 1] ^= 0x55  # the low byte of the chunk's length
+    damaged.write_bytes(bytes(png))
+    with pytest.raises(SyntaxError):  # what PIL makes of it
+        with Image.open(damaged) as image:
+            image.load()
+    with caplog.at_level("WARNING"):
+        assert sample_run.finish(str(folder), str(tmp_path), num_images=2, resolution=8) == 1
+    assert "000001.png does not decode (damaged?): removed, sampling it again" in caplog.text
+    assert not damaged.exists() and not (tmp_path / "samples.npz").exists()
+
+
 def test_a_sampling_job_builds_its_model_with_the_configs_dtypes_and_attention(converted):
     """param_dtype=bfloat16 is what the training error recommends for sampling: it was ignored.
     config.model's dtype and attention backend apply too (README), not the converted folder's."""
