@@ -1046,6 +1046,7 @@ def test_settings_that_cannot_be_recorded_stop_the_job_with_one_error_on_every_p
                                                    r"\[Errno 30\] Read-only file system\); free space or make the "
                                                    "workdir writable"):
         sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2)
+    assert not workdir.exists()  # the job that recorded nothing left nothing, not an empty samples/ either
 
 
 def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_still_there(tmp_path, monkeypatch):
