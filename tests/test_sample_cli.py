@@ -919,6 +919,9 @@ def test_a_job_of_every_class_is_not_resumed_with_the_default_labels_of_a_runs_c
         check_settings(str(samples), str(tmp_path), settings([i % 10 for i in range(30)]))
     with pytest.raises(ValueError, match=r"other settings \(differing: \['labels'\]\); use a new --workdir"):
         check_settings(str(samples), str(tmp_path), settings([3] * 30))  # labels given: no default involved
+    # 40 images of every class with another seed: labels 0 to 39 look like i mod 40, but no image is relabelled
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['labels', 'num_images', 'seed'\]\); use"):
+        check_settings(str(samples), str(tmp_path), {**settings(list(range(40))), "seed": 1})
     check_settings(str(samples), str(tmp_path), settings(list(range(40))))  # a larger job of every class extends
     (samples / "settings.json").write_text(json.dumps(settings([3] * 30)))  # labels the user gave, then the default
     with pytest.raises(ValueError, match=r"other settings \(differing: \['labels'\]\); use a new --workdir"):

@@ -205,6 +205,9 @@ def default_cycles_of(recorded: dict, settings: dict) -> tuple[int, int] | None:
     before, after = recorded.get("labels"), settings.get("labels")
     if not (isinstance(before, list) and isinstance(after, list) and after):
         return None
+    shared = min(len(before), len(after))
+    if before[:shared] == after[:shared]:  # no recorded image labelled otherwise: some other setting changed
+        return None
     num_classes, k = settings["architecture"]["num_classes"], max(after) + 1
     if k < num_classes and before == cycle(len(before), num_classes) and after == cycle(len(after), k):
         return num_classes, k
