@@ -130,6 +130,7 @@ def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_pla
     from playwright.sync_api import sync_playwright
 
     from pixelflow_jax import demo_app
+    from pixelflow_jax.api import CheckpointSource
 
     monkeypatch.setenv("GRADIO_DEFAULT_CONCURRENCY_LIMIT", "3")
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
@@ -144,7 +145,7 @@ def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_pla
         return []
 
     demo = bare_demo(ckpt=types.SimpleNamespace(num_stages=4, resolution=64), trained_classes=None,
-                     source=types.SimpleNamespace(label="ckpt", run_step=None), generate=generate)
+                     source=CheckpointSource("a-folder-here", "ckpt"), generate=generate)
     page, port = demo_app.build_page(demo, c2i_config()), free_port()
     server = threading.Thread(target=demo_app.serve, args=(page, "127.0.0.1", port, None), daemon=True)
     server.start()
