@@ -382,22 +382,6 @@ def test_the_demo_page_names_the_raw_weights_of_a_train_checkpoint_in_a_release_
     assert page_heading(DemoSampler(config, str(tmp_path / "page")), "model").endswith(f"`{release}` (model weights)")
 
 
-def test_the_demo_page_of_a_runs_export_quotes_the_weights_its_config_yaml_says_it_holds(tmp_path):
-    """The export of a run's raw weights was served as a bare folder: a visitor could not tell it
-    from the EMA's."""
-    from configs import c2i
-    from pixelflow_jax.checkpoints.torch_io import EXPORT_MARK
-    from pixelflow_jax.demo_app import DemoSampler, page_heading
-
-    export = tmp_path / "export"
-    shutil.copytree(fixture_dir("c2i_tiny"), export)
-    note = "weights: the raw weights, not their EMA (--weights=model), of step 7 of the training run in the folder a"
-    (export / "config.yaml").write_text(f"{EXPORT_MARK}\n# {note}\n" + (export / "config.yaml").read_text())
-    config = c2i.get_config("tiny")
-    config.sample.checkpoint = str(export)
-    assert page_heading(DemoSampler(config, str(tmp_path / "page")), "ema").endswith(f"`{export}`; {note}")
-
-
 def test_the_export_of_a_train_checkpoint_for_model_names_the_weights_it_wrote(tmp_path):
     """A release folder's train.py checkpoint holds two sets, as a run does: its export for 'model'
     says so, as sampling and the demo page do (it named the folder alone)."""

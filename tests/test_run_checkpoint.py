@@ -705,7 +705,8 @@ def test_demo_page_in_a_training_workdir_serves_its_run(run):
 
 def test_the_demo_page_names_the_weights_it_serves_only_where_the_checkpoint_holds_two_sets(run, tmp_path):
     """The page called an export of a run's raw weights 'ema weights': a converted or exported
-    folder holds one set, whichever it was written from; a run holds both, and says which it serves."""
+    folder holds one set, whichever it was written from; a run holds both, and says which it serves;
+    an export of a run quotes what its config.yaml says of its set."""
     from configs import c2i
     from pixelflow_jax.demo_app import DemoSampler, page_heading
 
@@ -723,8 +724,10 @@ def test_the_demo_page_names_the_weights_it_serves_only_where_the_checkpoint_hol
     config.sample.checkpoint = str(exported)
     demo = DemoSampler(config, str(tmp_path / "page"))
     assert_params_equal(nnx.merge(demo.sampler.graphdef, demo.sampler.state), run[1][4]["params"])
+    # The export's config.yaml says which of the run's sets it holds: the page quotes it (it said nothing).
     assert page_heading(demo, "ema") == ("# PixelFlow in JAX\n64 px, 4 stages, class-conditional checkpoint "
-                                         f"`{exported}`")
+                                         f"`{exported}`; weights: the raw weights, not their EMA (--weights=model), "
+                                         "of step 4 of the training run in the folder run")
 
 
 def test_the_demo_page_names_a_folder_runs_classes_by_its_class_folders(run, tmp_path):
