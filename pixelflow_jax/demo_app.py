@@ -272,7 +272,7 @@ def page_heading(demo: DemoSampler, weights: str) -> str:
     written from, which an export of a run's raw weights made the page call 'ema weights'. An
     export of a run says which of the run's sets it holds, in its config.yaml: quoted from there."""
     chosen = f" ({named} weights)" if (named := weights_chosen(demo.source, weights)) else ""
-    if not chosen and demo.source.kind == "release" and (note := export_note(demo.source.folder)):
+    if not chosen and (note := export_note(demo.source.folder)):
         chosen = f"; {note}"
     return (f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {demo.ckpt.num_stages} stages, "
             f"{'text' if demo.text else 'class'}-conditional checkpoint `{demo.source.label}`{chosen}")

@@ -124,7 +124,7 @@ def inspect_in(config, workdir: str) -> dict:
     # of one checkpoint were two reports alike in inspect_history.jsonl.
     weights = weights_chosen(source, config.sample.weights)
     # An export records which weights of which run it holds, for a model card: read from there.
-    exported = export_note(source.folder) if source and source.kind == "release" else None
+    exported = export_note(source.folder) if source else None
     model_cfg = model.config
     counts = parameter_counts(model)
     logging.info("parameters: %s", counts)

@@ -456,17 +456,25 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
 EXPORT_MARK = "# written by pixelflow-jax: convert_torch_ckpt.py --to_torch"
 
 
-def is_export(folder: str) -> bool:
+def export_header(folder: str) -> list[str] | None:
+    """The first two lines of an export's config.yaml (the mark, then what follows it); None for
+    a folder that is no export of this tool."""
     path = storage.join(folder, "config.yaml")
-    return storage.isfile(path) and storage.read_text(path).startswith(EXPORT_MARK + "\n")
+    if not storage.isfile(path):
+        return None
+    lines = storage.read_text(path).split("\n", 2)
+    return lines[:2] if len(lines) > 1 and lines[0] == EXPORT_MARK else None
+
+
+def is_export(folder: str) -> bool:
+    return export_header(folder) is not None
 
 
 def export_note(folder: str) -> str | None:
     """What an export's config.yaml says, under the mark, of the weights it holds (a training run's
-    EMA or raw weights, and the step; write_release_checkpoint's weights_from), or None."""
-    if not is_export(folder):
-        return None
-    second = (storage.read_text(storage.join(folder, "config.yaml")).split("\n", 2)[1:2] or [""])[0]
+    EMA or raw weights, and the step; write_release_checkpoint's weights_from), or None: also for
+    a converted folder or a run's step, which hold no config.yaml."""
+    second = (export_header(folder) or ["", ""])[1]
     return second[2:] if second.startswith("# ") else None
 
 
