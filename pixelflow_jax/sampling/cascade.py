@@ -457,8 +457,10 @@ def prompts_among(labels) -> list[str]:
     """The entries of `labels` that are text other than a number's digits: prompts."""
     if isinstance(labels, str):
         entries = [labels]
-    elif isinstance(labels, (list, tuple, np.ndarray)):
-        entries = np.asarray(labels, dtype=object).ravel().tolist() if isinstance(labels, np.ndarray) else labels
+    elif isinstance(labels, np.ndarray):
+        entries = labels.ravel().tolist()
+    elif isinstance(labels, (list, tuple)):
+        entries = labels
     else:
         return []
     return [entry for entry in entries if isinstance(entry, str) and not entry.strip().isdecimal()]
