@@ -206,7 +206,8 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     not architecture (dtype, param_dtype, attention)."""
     check_weights_of(source, weights)
     fetch_weights(source)
-    config, params = checkpoint_config(source), None  # a release folder's config.yaml: checked before model.pt
+    record = read_record(source.folder) if source.kind == "converted" else None  # its config and weights' digest
+    config, params = (record[0] if record else checkpoint_config(source)), None  # a release's config.yaml: before model.pt
     if source.kind == "release":
         from pixelflow_jax.checkpoints.convert import torch_to_params
         from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
@@ -218,7 +219,7 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     if source.run_step:
         params = restore_run_weights(source.run_step, config, weights)
     elif params is None:
-        params = restore_params(source.folder, config)
+        params = restore_params(source.folder, config, record)
     return config, params
 
 

@@ -1646,3 +1646,14 @@ def test_the_same_weights_converted_into_a_bucket_have_the_fingerprint_they_have
     save_checkpoint(copy, restore_params(original, config), config)
     assert resolve_checkpoint(copy).fingerprint() == resolve_checkpoint(original).fingerprint()
     load_model(copy)  # its digest checked as it is read from there
+
+
+def test_loading_a_converted_folder_reads_its_config_once(converted, monkeypatch):
+    """Each read of pixelflow_config.json is a request in a bucket: restore_params read it again for
+    the weights' digest, which read_checkpoint had read with the config."""
+    from pixelflow_jax import storage
+
+    reads, read_json = [], storage.read_json
+    monkeypatch.setattr(storage, "read_json", lambda path, *a, **k: reads.append(path) or read_json(path, *a, **k))
+    load_model(converted["c2i_tiny"])
+    assert [os.path.basename(path) for path in reads].count("pixelflow_config.json") == 1, reads

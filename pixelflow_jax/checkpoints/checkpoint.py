@@ -313,15 +313,18 @@ def abstract_params(model: ModelConfig, sharding) -> dict:
     return target
 
 
-def restore_params(path: str, config: CheckpointConfig) -> Params:
+def restore_params(path: str, config: CheckpointConfig,
+                   record: tuple[CheckpointConfig, str | None] | None = None) -> Params:
     """Reads the parameter tree of a converted folder, checked against the config's architecture
-    and, when read in the dtype they were saved in, against the digest its conversion recorded."""
+    and, when read in the dtype they were saved in, against the digest its conversion recorded.
+    `record` is the folder's read_record where the caller has read it already (in a bucket, each
+    read is a request)."""
     import orbax.checkpoint as ocp
 
     params_path = storage.join(storage.absolute(path), PARAMS_DIR)
     if not storage.isdir(params_path):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder; the conversion did not finish, convert again")
-    saved, digest = read_record(path)
+    saved, digest = record or read_record(path)
     target = abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     try:
         with late_restore_callbacks_dropped(), ocp.StandardCheckpointer() as checkpointer:
