@@ -164,7 +164,8 @@ def check_output(output: str, source: str, to_torch: bool, overwrite: bool) -> N
 def torch_to_jax() -> str:
     from pixelflow_jax.checkpoints.checkpoint import save_checkpoint
     from pixelflow_jax.checkpoints.convert import torch_to_params
-    from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint
+    from pixelflow_jax import storage
+    from pixelflow_jax.checkpoints.torch_io import export_note, read_release_checkpoint
 
     overrides = {"resolution": FLAGS.resolution, "num_stages": FLAGS.num_stages,
                  "num_train_timesteps": FLAGS.num_train_timesteps}
@@ -179,14 +180,16 @@ def torch_to_jax() -> str:
                                                  overrides=overrides)
     params = torch_to_params(state_dict, config.model, progress=tensor_progress("converting"))
     raise_dropped_stops()  # asked to stop meanwhile: nothing is written
-    save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite)
+    # An export of a training run says which of its weights it holds: kept through the round trip.
+    save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite,
+                    weights_note=export_note(path if storage.isdir(path) else storage.dirname(path)))
     count = sum(v.size for v in state_dict.values())
     return (f"wrote {FLAGS.output}: {len(state_dict)} tensors, {count / 1e6:.1f}M parameters, "
             f"architecture {config.model.architecture()}, resolution {config.resolution}, {config.num_stages} stages")
 
 
 def jax_to_torch() -> str:
-    from pixelflow_jax.api import checkpoint_config, read_checkpoint, resolve_checkpoint, weights_of
+    from pixelflow_jax.api import checkpoint_config, read_checkpoint, resolve_checkpoint, weights_note, weights_of
     from pixelflow_jax.checkpoints.convert import check_exportable, params_to_torch
     from pixelflow_jax.checkpoints.torch_io import write_release_checkpoint
 
@@ -196,7 +199,7 @@ def jax_to_torch() -> str:
     state_dict = params_to_torch(params, config.model)
     raise_dropped_stops()  # asked to stop meanwhile: nothing is written
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite,
-                             weights_from=run_weights_exported(source, FLAGS.weights))
+                             weights_from=run_weights_exported(source, FLAGS.weights) or weights_note(source))
     return (f"wrote {FLAGS.output}: config.yaml + model.pt with {len(state_dict)} tensors from "
             f"{weights_of(source, FLAGS.weights)}"
             f"{text_encoder_note(source, config.model)}{text_training_note(config)}")

@@ -62,7 +62,7 @@ class CheckpointSource:
                 raise
         if self.kind == "release":
             return storage.fingerprint(self.folder, ("config.yaml", "model.pt"))
-        config, digest = read_record(self.folder)
+        config, digest, _ = read_record(self.folder)
         if digest:
             return weights_fingerprint(config, digest)
         return storage.fingerprint(self.folder, (CONFIG_FILE, PARAMS_DIR))
@@ -193,6 +193,19 @@ def weights_of(source: CheckpointSource, weights: str) -> str:
     return f"the {chosen} weights of {source.label}" if chosen else source.label
 
 
+def weights_note(source: CheckpointSource) -> str | None:
+    """What a checkpoint written from a training run's export says of the run and step its weights
+    come from ("weights: the EMA (--weights=ema) of step N of ..."): the export's config.yaml
+    comment, or a conversion of the export's record of it; None for others (a run's step says so itself)."""
+    if source.run_step:
+        return None
+    if source.kind == "converted":
+        return read_record(source.folder).weights_note
+    from pixelflow_jax.checkpoints.torch_io import export_note
+
+    return export_note(source.folder)
+
+
 def fetch_weights(source: CheckpointSource) -> None:
     """A Hub checkpoint's weights into the Hub cache (resolve_checkpoint fetched its config only);
     other checkpoints are read where they are."""
@@ -207,7 +220,7 @@ def read_checkpoint(source: CheckpointSource, weights: str = "ema",
     check_weights_of(source, weights)
     fetch_weights(source)
     record = read_record(source.folder) if source.kind == "converted" else None  # its config and weights' digest
-    config, params = (record[0] if record else checkpoint_config(source)), None  # a release's config.yaml: before model.pt
+    config, params = (record.config if record else checkpoint_config(source)), None  # a release's config.yaml: before model.pt
     if source.kind == "release":
         from pixelflow_jax.checkpoints.convert import torch_to_params
         from pixelflow_jax.checkpoints.torch_io import read_release_checkpoint

@@ -33,8 +33,7 @@ from pixelflow_jax.command_line import sigterm_stops
 from pixelflow_jax.validation import (DEMO_CFG_RANGE, DEMO_MAX_STEPS, DEMO_SHIFT_RANGE, MAX_SEED, ConfigError,
                                       is_whole, job_config, job_workdir, unicode_text)
 from pixelflow_jax.api import (check_steps_for_stages, load_sampling_model, run_trained_classes, sampling_checkpoint,
-                               sampling_source, weights_chosen)
-from pixelflow_jax.checkpoints.torch_io import export_note
+                               sampling_source, weights_chosen, weights_note)
 from pixelflow_jax.sampling.cascade import SOLVERS, CascadeSampler
 from pixelflow_jax.sampling.sample_conditioning import TrainedClasses, check_config_kind
 
@@ -270,9 +269,10 @@ def page_heading(demo: DemoSampler, weights: str) -> str:
     """The page's title and what it samples. Which weights only where the checkpoint holds two sets
     to choose from (api.weights_chosen): a converted or exported folder holds the one set it was
     written from, which an export of a run's raw weights made the page call 'ema weights'. An
-    export of a run says which of the run's sets it holds, in its config.yaml: quoted from there."""
+    export of a run says which of the run's sets it holds, in its config.yaml (and a conversion of the
+    export keeps it): quoted from there."""
     chosen = f" ({named} weights)" if (named := weights_chosen(demo.source, weights)) else ""
-    if not chosen and (note := export_note(demo.source.folder)):
+    if not chosen and (note := weights_note(demo.source)):
         chosen = f"; {note}"
     return (f"# PixelFlow in JAX\n{demo.ckpt.resolution} px, {demo.ckpt.num_stages} stages, "
             f"{'text' if demo.text else 'class'}-conditional checkpoint `{demo.source.label}`{chosen}")

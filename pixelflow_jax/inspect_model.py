@@ -25,10 +25,10 @@ from absl import logging
 from flax import nnx
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.api import CheckpointSource, load_for_sampling, trained_text_encoding, weights_chosen, weights_of
+from pixelflow_jax.api import (CheckpointSource, load_for_sampling, trained_text_encoding, weights_chosen, weights_note,
+                               weights_of)
 from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import is_run, listed_steps
-from pixelflow_jax.checkpoints.torch_io import export_note
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import say
@@ -123,8 +123,9 @@ def inspect_in(config, workdir: str) -> dict:
     # Which of a run's (or a train.py checkpoint's) two sets is timed: the EMA and the raw weights
     # of one checkpoint were two reports alike in inspect_history.jsonl.
     weights = weights_chosen(source, config.sample.weights)
-    # An export records which weights of which run it holds, for a model card: read from there.
-    exported = export_note(source.folder) if source else None
+    # An export records which weights of which run it holds, for a model card: read from there
+    # (or from the record of its conversion here).
+    exported = weights_note(source) if source else None
     model_cfg = model.config
     counts = parameter_counts(model)
     logging.info("parameters: %s", counts)

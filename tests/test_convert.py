@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -1657,3 +1658,26 @@ def test_loading_a_converted_folder_reads_its_config_once(converted, monkeypatch
     monkeypatch.setattr(storage, "read_json", lambda path, *a, **k: reads.append(path) or read_json(path, *a, **k))
     load_model(converted["c2i_tiny"])
     assert [os.path.basename(path) for path in reads].count("pixelflow_config.json") == 1, reads
+
+
+def test_what_an_export_says_of_its_weights_is_kept_through_a_conversion_and_an_export_again(tmp_path, converted):
+    """An export of a run names the run, step and set of weights it holds in its config.yaml; its
+    conversion here, and that conversion's export, said nothing of them, so a colleague handed the
+    round trip's folder could no longer tell the EMA from the raw weights."""
+    from pixelflow_jax.api import resolve_checkpoint, weights_note
+    from pixelflow_jax.checkpoints.checkpoint import read_record
+    from pixelflow_jax.checkpoints.torch_io import EXPORT_MARK, export_note
+
+    export = tmp_path / "export"
+    shutil.copytree(fixture_dir("c2i_tiny"), export)
+    note = "weights: the raw weights, not their EMA (--weights=model), of step 7 of the training run in the folder a"
+    (export / "config.yaml").write_text(f"{EXPORT_MARK}\n# {note}\n" + (export / "config.yaml").read_text())
+    round_trip, again = tmp_path / "round_trip", tmp_path / "again"
+    result = run_converter(f"--torch_checkpoint={export / 'model.pt'}", f"--output={round_trip}")
+    assert result.returncode == 0, result.stderr
+    assert read_record(str(round_trip)).weights_note == weights_note(resolve_checkpoint(str(round_trip))) == note
+    result = run_converter("--to_torch", f"--jax_checkpoint={round_trip}", f"--output={again}")
+    assert result.returncode == 0, result.stderr
+    assert export_note(str(again)) == note
+    assert read_record(converted["c2i_tiny"]).weights_note is None  # the release's own folder says nothing
+    assert "weights_note" not in (pathlib.Path(converted["c2i_tiny"]) / "pixelflow_config.json").read_text()

@@ -2,7 +2,8 @@
 
 Layout of a converted folder:
     DIR/pixelflow_config.json   architecture, scheduler, resolution, a text run's prompt encoding (CheckpointConfig),
-                                and weights_sha256, the digest of the parameters (weights_digest)
+                                and weights_sha256, the digest of the parameters (weights_digest); weights_note,
+                                what an export converted here said of its weights (which run and step)
     DIR/params/                 orbax checkpoint of the nested NNX parameter dict
 """
 
@@ -18,7 +19,7 @@ import re
 import shutil
 import tempfile
 from concurrent import futures
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -35,6 +36,7 @@ from pixelflow_jax.validation import (LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_T
 CONFIG_FILE = "pixelflow_config.json"
 PARAMS_DIR = "params"
 WEIGHTS_DIGEST = "weights_sha256"  # in CONFIG_FILE; absent from folders converted before 2026-12-03
+WEIGHTS_NOTE = "weights_note"  # in CONFIG_FILE, of an export's conversion: "weights: the EMA ... of step N ..."
 FORMAT_VERSION = 1
 WEIGHT_CHOICES = ("ema", "model")  # of a training run or a release train.py checkpoint: the EMA or the raw weights
 
@@ -220,14 +222,18 @@ def _object_store_output_dir(path: str, overwrite: bool) -> Iterator[str]:
         raise
 
 
-def save_checkpoint(path: str, params: Params, config: CheckpointConfig, overwrite: bool = False) -> None:
+def save_checkpoint(path: str, params: Params, config: CheckpointConfig, overwrite: bool = False,
+                    weights_note: str | None = None) -> None:
     """Writes a converted folder atomically (see atomic_output_dir), its config recording the
-    weights' digest. The weights are stored in the config's param_dtype, as a restore reads them."""
+    weights' digest and `weights_note`, what the export it was converted from said of them. The
+    weights are stored in the config's param_dtype, as a restore reads them."""
     import orbax.checkpoint as ocp
 
     dtype = np.dtype(config.model.parameter_dtype)
     host_arrays = jax.tree.map(lambda a: np.asarray(a, dtype), params)
     record = {**config.to_json(), WEIGHTS_DIGEST: weights_digest(host_arrays)}
+    if weights_note:
+        record[WEIGHTS_NOTE] = weights_note
     with atomic_output_dir(path, overwrite) as tmp:
         arrays = jax.tree.map(jax.device_put, host_arrays)
         checkpointer = ocp.StandardCheckpointer()
@@ -272,17 +278,23 @@ def weights_fingerprint(config: CheckpointConfig, digest: str) -> str:
     return hashlib.sha256(record.encode()).hexdigest()[:16]
 
 
+class ConvertedRecord(NamedTuple):
+    """What a converted folder's pixelflow_config.json holds."""
+
+    config: CheckpointConfig
+    digest: str | None  # of the weights; None in folders converted before 2026-12-03
+    weights_note: str | None  # what the export it was converted from said of its weights; else None
+
+
 def read_config(path: str) -> CheckpointConfig:
-    return read_record(path)[0]
+    return read_record(path).config
 
 
-def read_record(path: str) -> tuple[CheckpointConfig, str | None]:
-    """The config of a converted folder, and the weights' digest its conversion recorded (None in
-    folders converted before 2026-12-03)."""
+def read_record(path: str) -> ConvertedRecord:
     config_path = storage.join(path, CONFIG_FILE)
     try:
         values = storage.read_json(config_path)
-        return CheckpointConfig.from_json(values), recorded_digest(values)
+        return ConvertedRecord(CheckpointConfig.from_json(values), recorded_digest(values), recorded_note(values))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a converted pixelflow-jax checkpoint (no {CONFIG_FILE}); "
                               "convert a release checkpoint with convert_torch_ckpt.py first") from None
@@ -302,6 +314,15 @@ def recorded_digest(values: dict) -> str | None:
     return digest
 
 
+def recorded_note(values: dict) -> str | None:
+    """The weights_note a conversion of an export recorded, checked to be text."""
+    note = values.get(WEIGHTS_NOTE)
+    if note is not None and not isinstance(note, str):
+        raise ValueError(f"{WEIGHTS_NOTE} must be text, got {note!r} (convert the checkpoint again with "
+                         "convert_torch_ckpt.py)")
+    return note
+
+
 def abstract_params(model: ModelConfig, sharding) -> dict:
     """The nested parameter dict of an architecture as ShapeDtypeStructs (orbax restore targets)."""
     target = {}
@@ -313,8 +334,7 @@ def abstract_params(model: ModelConfig, sharding) -> dict:
     return target
 
 
-def restore_params(path: str, config: CheckpointConfig,
-                   record: tuple[CheckpointConfig, str | None] | None = None) -> Params:
+def restore_params(path: str, config: CheckpointConfig, record: ConvertedRecord | None = None) -> Params:
     """Reads the parameter tree of a converted folder, checked against the config's architecture
     and, when read in the dtype they were saved in, against the digest its conversion recorded.
     `record` is the folder's read_record where the caller has read it already (in a bucket, each
@@ -324,7 +344,7 @@ def restore_params(path: str, config: CheckpointConfig,
     params_path = storage.join(storage.absolute(path), PARAMS_DIR)
     if not storage.isdir(params_path):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder; the conversion did not finish, convert again")
-    saved, digest = record or read_record(path)
+    saved, digest, _ = record or read_record(path)
     target = abstract_params(config.model, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     try:
         with late_restore_callbacks_dropped(), ocp.StandardCheckpointer() as checkpointer:
