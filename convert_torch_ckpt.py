@@ -189,13 +189,16 @@ def torch_to_jax() -> str:
 
 
 def jax_to_torch() -> str:
-    from pixelflow_jax.api import checkpoint_config, read_checkpoint, resolve_checkpoint, weights_note, weights_of
+    from pixelflow_jax.api import (checkpoint_config, read_checkpoint, read_through_rotation, resolve_checkpoint,
+                                   weights_note, weights_of)
     from pixelflow_jax.checkpoints.convert import check_exportable, params_to_torch
     from pixelflow_jax.checkpoints.torch_io import write_release_checkpoint
 
     source = resolve_checkpoint(FLAGS.jax_checkpoint)
     check_exportable(checkpoint_config(source).model)  # refused before gigabytes of weights are read
-    config, params = read_checkpoint(source, FLAGS.weights)
+    # The export names the step read: a run named here may have rotated the step chosen away.
+    config, params, source = read_through_rotation(source, lambda source: (*read_checkpoint(source, FLAGS.weights),
+                                                                           source))
     state_dict = params_to_torch(params, config.model)
     raise_dropped_stops()  # asked to stop meanwhile: nothing is written
     write_release_checkpoint(FLAGS.output, state_dict, config, overwrite=FLAGS.overwrite,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 from absl import logging
@@ -23,11 +23,14 @@ from pixelflow_jax.checkpoints.checkpoint import (CONFIG_FILE, PARAMS_DIR, Check
                                                  build_model, check_weights_choice, listed, read_config, read_record,
                                                  restore_params, weights_fingerprint)
 from pixelflow_jax.checkpoints.convert import Params
-from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RunStep, checkpoint_around,
+from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, RunStep, StepRotatedAway, checkpoint_around,
                                                      checkpoint_folder_kind, deleted_while_read, find_run_step,
-                                                     restore_run_weights, rotated_away, run_checkpoint_config)
+                                                     latest_step, restore_run_weights, rotated_away,
+                                                     run_checkpoint_config)
 from pixelflow_jax.kernels.attention import check_platform, resolve_backend
 from pixelflow_jax.model import PixelFlow
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from pixelflow_jax.sampling.sample_conditioning import TrainedClasses
@@ -87,8 +90,7 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
         raise CheckpointError(str(e)) from None
     run_step = find_run_step(path)  # before the existence check: a missing step lists those that exist
     if run_step:
-        folder = storage.absolute(run_step.folder)
-        return CheckpointSource(folder, folder, run_step)
+        return run_step_source(run_step)
     if not storage.exists(path):  # (a new name with a space at its edge: user_path refused it as a slip)
         missing = storage.missing_path_words(path)
         hint = storage.slash_after_a_file(path) or hub.missing_path_hint(path)  # (a shell's completion: model.pt/)
@@ -111,6 +113,54 @@ def resolve_checkpoint(path: str) -> CheckpointSource:
                               f"its steps (RUN/checkpoints/STEP), a converted folder ({CONFIG_FILE}) or a release "
                               f"folder (config.yaml + model.pt){checkpoint_around(path) or weight_files_hint(path)}")
     return CheckpointSource(path, storage.absolute(path))
+
+
+def run_step_source(run_step: RunStep) -> CheckpointSource:
+    folder = storage.absolute(run_step.folder)
+    return CheckpointSource(folder, folder, run_step)
+
+
+ROTATION_READS = 5  # a run saving every few seconds can rotate a slow read's step away more than once
+
+
+def read_through_rotation(source: CheckpointSource, read: Callable[[CheckpointSource], T]) -> T:
+    """read(source); where the user named a training run (not one of its steps) and the run, still
+    training, rotated the step chosen as its latest away while it was read, read(...) again from the
+    run's new latest step, at most ROTATION_READS reads in all. `read` gets the source it reads, so
+    that what it records names the step read. A job of several processes does not read again: its
+    processes must read one step, and each would choose its own; they stop, saying to rerun."""
+    import jax
+
+    for reads in range(1, ROTATION_READS + 1):
+        try:
+            return read(source)
+        except StepRotatedAway:
+            newer = newer_latest_step(source.run_step)
+            if newer is None:
+                raise
+            if jax.process_count() > 1:
+                raise rotated_away(source.run_step, "the processes of a job must read one step, so they do not "
+                                   "each choose another: rerun to read the run's latest step") from None
+            if reads == ROTATION_READS:
+                raise rotated_away(source.run_step, f"each of the {reads} steps read in turn was rotated away while "
+                                   "it was read (the run saves faster than a step is read): rerun") from None
+            logging.warning("%s was rotated away by its run's training while it was read; reading the run's latest "
+                            "step, %d", source.run_step.folder, newer.step)
+            source = run_step_source(newer)
+    raise AssertionError("unreachable: the last read returns or raises")
+
+
+def newer_latest_step(run_step: RunStep | None) -> RunStep | None:
+    """The latest complete step of a run that was named (not one of its steps) if it is newer than
+    `run_step`, which the run rotated away; None otherwise: a step the user named is the one they
+    asked for, and a run whose newest step went without a newer one was not rotated but pruned."""
+    if not (run_step and run_step.latest):
+        return None
+    try:
+        latest = latest_step(run_step.run)
+    except CheckpointError:  # no complete step left
+        return None
+    return latest if latest.step > run_step.step else None
 
 
 def weight_files_hint(folder: str) -> str:
@@ -286,7 +336,7 @@ def load_model(path: str, *, dtype: str | None = None, attention: str | None = N
         if attention is not None:  # with the dtype it will compute in, before the weights are read
             compute_dtype = runtime.get("dtype") or checkpoint_config(source).model.dtype
             refused_here(lambda: resolve_backend(attention, compute_dtype))
-        config, params = read_checkpoint(source, weights, runtime)
+        config, params = read_through_rotation(source, lambda source: read_checkpoint(source, weights, runtime))
     except storage.StorageError as e:  # a bucket out of reach is a checkpoint that cannot be read, as documented
         raise CheckpointError(str(e)) from e
     return build_model(config, params), config
@@ -475,13 +525,20 @@ def sampling_runtime(config) -> dict:
                 attention=config.model.attention)
 
 
-def load_sampling_model(config, source: CheckpointSource) -> tuple[PixelFlow, CheckpointConfig]:
-    """The model of `source` with sampling_runtime(config) and sample.weights (ema or model)."""
+def load_sampling_model(config, source: CheckpointSource) -> tuple[PixelFlow, CheckpointConfig, CheckpointSource]:
+    """(model, config, the source read) of `source` with sampling_runtime(config) and sample.weights
+    (ema or model); the source read is another step of the run where its training rotated the step
+    of `source` away (read_through_rotation)."""
+    return read_through_rotation(source, lambda source: (*read_sampling_model(config, source), source))
+
+
+def read_sampling_model(config, source: CheckpointSource) -> tuple[PixelFlow, CheckpointConfig]:
+    """load_sampling_model's read of `source` itself, for a job that records its source first."""
     ckpt, params = read_checkpoint(source, config.sample.weights, sampling_runtime(config))
     return build_model(ckpt, params), ckpt
 
 
 def load_for_sampling(config, workdir: str):
-    """(model, config, source): sampling_source, then load_sampling_model."""
+    """(model, config, the source read): sampling_source, then load_sampling_model."""
     source, _ = sampling_source(config, workdir)
-    return *load_sampling_model(config, source), source
+    return load_sampling_model(config, source)

@@ -156,7 +156,7 @@ class DemoSampler:
             from pixelflow_jax.text.prompts import prompt_encoder_for
 
             self.prompt_encoder = prompt_encoder_for(s, ckpt.model.cross_attention_dim)
-        model, self.ckpt = load_sampling_model(config, self.source)
+        model, self.ckpt, self.source = load_sampling_model(config, self.source)  # the page names the step read
         self.sampler = CascadeSampler(model, self.ckpt)
         self.max_images = int(config.demo.max_images)
         self.default_cfg = float(s.cfg_scale)  # the CFG slider's first value

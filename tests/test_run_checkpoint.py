@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -353,6 +355,134 @@ def test_a_step_rotated_away_while_a_sampling_job_fingerprints_it_is_named_so(ru
     with pytest.raises(CheckpointError, match=r"checkpoints/4 was deleted while it was read: its run is still "
                                               r"training, and its checkpoint rotation"):
         source.fingerprint()
+
+
+class RunRotating:
+    """A run training on as it is read: at each of its next `left` restores, it saves a newer step
+    (two past its newest, holding step 2's weights) and its rotation deletes the step being read.
+    `rotated`: the steps rotated away, as they go."""
+
+    def __init__(self, workdir, monkeypatch, left: int):
+        import orbax.checkpoint as ocp
+
+        self.checkpoints, self.left, self.rotated = os.path.join(str(workdir), "checkpoints"), left, []
+        real_restore = ocp.PyTreeCheckpointer.restore
+
+        def restore_as_the_run_rotates(checkpointer, path, *args, **kwargs):
+            if self.left:
+                self.rotate(os.path.dirname(str(path)))  # STEP/state
+            return real_restore(checkpointer, path, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", restore_as_the_run_rotates)
+
+    def rotate(self, step_folder: str) -> None:
+        newest = max(int(name) for name in os.listdir(self.checkpoints) if name.isdigit())
+        shutil.copytree(os.path.join(self.checkpoints, "2"), os.path.join(self.checkpoints, str(newest + 2)))
+        shutil.rmtree(step_folder)
+        self.rotated.append(int(os.path.basename(step_folder)))
+        self.left -= 1
+
+
+def test_a_run_named_is_read_at_its_new_latest_step_when_its_rotation_deletes_the_one_chosen(run, tmp_path,
+                                                                                           monkeypatch, caplog):
+    """Sampling, inspecting, exporting or fine-tuning from a run while it trains (keep_checkpoints,
+    a save every few minutes): the step chosen as its latest was rotated away during the read (at
+    XL, minutes), and the job stopped, asking for a rerun. A run named is read again at its new latest
+    step, and what each job records or shows names that step, not the one first chosen."""
+    from configs import c2i
+    from pixelflow_jax.api import load_for_sampling, resolve_checkpoint
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.demo_app import DemoSampler
+    from pixelflow_jax.training.train import load_init_from
+
+    workdir, weights = shutil.copytree(run[0], tmp_path / "run"), run[1]
+    rotation = RunRotating(workdir, monkeypatch, left=1)
+    with caplog.at_level("WARNING"):
+        assert_params_equal(load_model(str(workdir))[0], weights[2]["ema"])  # step 6: a copy of step 2
+    assert rotation.rotated == [4] and sorted(os.listdir(workdir / "checkpoints")) == ["2", "6"]
+    assert (f"{workdir}/checkpoints/4 was rotated away by its run's training while it was read; reading the run's "
+            "latest step, 6") in caplog.text
+    config = c2i.get_config("tiny")
+    rotation.left = 1
+    source = load_for_sampling(config, str(workdir))[2]  # inspect's read
+    assert (source.run_step.step, source.label) == (8, str(workdir / "checkpoints" / "8"))
+    rotation.left = 1
+    assert DemoSampler(config, str(workdir)).source.run_step.step == 10
+    rotation.left = 1
+    source = load_init_from(config, ModelConfig.from_mapping(config.model), resolve_checkpoint(str(workdir)))[1]
+    assert source.label == str(workdir / "checkpoints" / "12")
+    assert rotation.rotated == [4, 6, 8, 10] and not rotation.left
+
+
+def test_a_sampling_job_and_an_export_of_a_run_record_the_step_they_read_through_its_rotation(run, tmp_path,
+                                                                                               monkeypatch):
+    """The job's settings.json (checkpoint and fingerprint) and the export's note name the step read."""
+    from pixelflow_jax import storage
+    from test_sample_cli import sample_in_process
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    RunRotating(workdir, monkeypatch, left=1)
+    sample_in_process(tmp_path / "sampled", str(workdir), monkeypatch, num_images=2)
+    settings = json.loads((tmp_path / "sampled" / "samples" / "settings.json").read_text())
+    assert settings["checkpoint"] == str(workdir / "checkpoints" / "6")
+    assert settings["checkpoint_fingerprint"] == storage.fingerprint(str(workdir / "checkpoints" / "6"))
+    # The converter as a user runs it, its restore rotated away once in its own process.
+    export = subprocess.run([sys.executable, "-c", ROTATING_EXPORT, str(workdir), str(tmp_path / "export")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert export.returncode == 0, export.stderr
+    assert "checkpoints/6 was rotated away" in export.stderr
+    assert "of step 10 of the training run in the folder run" in (tmp_path / "export" / "config.yaml").read_text()
+
+
+ROTATING_EXPORT = """
+import os, shutil, runpy, sys
+import orbax.checkpoint as ocp
+run, output = sys.argv[1:]
+checkpoints, real_restore = os.path.join(run, "checkpoints"), ocp.PyTreeCheckpointer.restore
+def restore_as_the_run_rotates(self, path, *args, **kwargs):
+    if not os.path.exists(os.path.join(checkpoints, "10")):
+        shutil.copytree(os.path.join(checkpoints, "2"), os.path.join(checkpoints, "10"))
+        shutil.rmtree(os.path.dirname(str(path)))
+    return real_restore(self, path, *args, **kwargs)
+ocp.PyTreeCheckpointer.restore = restore_as_the_run_rotates
+sys.argv = ["convert_torch_ckpt.py", "--to_torch", f"--jax_checkpoint={run}", f"--output={output}"]
+runpy.run_path("convert_torch_ckpt.py", run_name="__main__")
+"""
+
+
+def test_a_step_named_that_its_run_rotates_away_is_not_read_at_another_and_the_error_says_to_name_the_run(
+        run, tmp_path, monkeypatch):
+    from pixelflow_jax.checkpoints.run_checkpoint import StepRotatedAway
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    RunRotating(workdir, monkeypatch, left=1)
+    with pytest.raises(StepRotatedAway, match=rf"checkpoints/4 was deleted while it was read: its run is still "
+                                              rf"training, .* removed the step; pass the run \({re.escape(str(workdir))}"
+                                              r"\) instead of one of its steps, to read whichever step is its latest, "
+                                              r"or, to keep a step .*\(a run started with a larger "
+                                              r"train.keep_checkpoints keeps more steps\)$"):
+        load_model(str(workdir / "checkpoints" / "4"))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "6"]  # not read: another step than the one named
+
+
+def test_reads_through_a_runs_rotation_stop_after_five_and_a_job_of_several_processes_does_not_retry(
+        run, tmp_path, monkeypatch):
+    """Each process choosing its own step would sample with other weights than the others."""
+    from pixelflow_jax.checkpoints.run_checkpoint import StepRotatedAway
+
+    workdir = shutil.copytree(run[0], tmp_path / "run")
+    rotation = RunRotating(workdir, monkeypatch, left=100)
+    with pytest.raises(StepRotatedAway, match=r"checkpoints/12 was deleted while it was read: .*; each of the 5 steps "
+                                              r"read in turn was rotated away while it was read \(the run saves "
+                                              r"faster than a step is read\): rerun, or, to keep a step"):
+        load_model(str(workdir))
+    assert rotation.rotated == [4, 6, 8, 10, 12]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(StepRotatedAway, match=r"checkpoints/14 was deleted while it was read: .*; the processes of a "
+                                              r"job must read one step, so they do not each choose another: rerun to "
+                                              r"read the run's latest step, or"):
+        load_model(str(workdir))
+    assert rotation.rotated[5:] == [14]
 
 
 def test_a_step_whose_rotation_is_still_removing_it_when_the_read_fails_is_not_called_damaged(run, tmp_path,

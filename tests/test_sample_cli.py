@@ -583,7 +583,7 @@ def test_a_batch_the_devices_do_not_divide_or_steps_for_other_stages_are_refused
     from conftest import c2i_config
     from pixelflow_jax.sampling import sample_run
 
-    monkeypatch.setattr(sample_run, "load_sampling_model", lambda *args: pytest.fail("the weights were read"))
+    monkeypatch.setattr(sample_run, "read_sampling_model", lambda *args: pytest.fail("the weights were read"))
     for batch_size, advice in ((6, 8), (3, 8), (20, 16)):  # the largest multiple of 8 below it, at least 8
         config = c2i_config(**{"sample.checkpoint": str(tmp_path / "nowhere"), "sample.batch_size": batch_size})
         with pytest.raises(ValueError, match=rf"^sample.batch_size {batch_size} must be divisible by the number of "
@@ -781,7 +781,7 @@ def test_an_earlier_jobs_settings_are_checked_before_the_weights_are_read_and_re
     def restore(config, source):
         raise Restored
 
-    monkeypatch.setattr(sample_run, "load_sampling_model", restore)
+    monkeypatch.setattr(sample_run, "read_sampling_model", restore)
     with pytest.raises(ValueError, match=r"other settings \(differing: \['seed'\]\)"):
         job(workdir, num_images=2, labels=(1, 2), seed=8)
     settings = (workdir / "samples" / "settings.json").read_text()

@@ -676,7 +676,7 @@ def test_processes_reading_other_copies_of_the_prompts_file_stop_together_before
     def restore(*_):
         raise Restoring
 
-    monkeypatch.setattr(sample_run, "load_sampling_model", restore)
+    monkeypatch.setattr(sample_run, "read_sampling_model", restore)
     monkeypatch.setattr(sample_run, "check_shared_workdir", lambda workdir: None)  # it waits for process 0's file
     prompts = tmp_path / "prompts.txt"  # the same path on every host, each host's own copy
     config = t2i_config(**{"sample.checkpoint": converted["t2i_tiny"], "sample.text_encoder": encoder_folder,

@@ -237,6 +237,8 @@ def steps_in_progress(run: str) -> list[int]:
 class RunStep:
     run: str
     step: int
+    latest: bool = False  # chosen as the run's latest (the run was named), not a step the user named
+
 
     @property
     def folder(self) -> str:
@@ -266,7 +268,7 @@ def latest_step(run: str) -> RunStep:
     if newer:
         logging.warning("%s: step %d is incomplete (still being written, or killed mid-save); using step %d, "
                         "the latest complete one", run, newer[-1], steps[-1])
-    return RunStep(run, steps[-1])
+    return RunStep(run, steps[-1], latest=True)
 
 
 def find_run_step(path: str) -> RunStep | None:
@@ -332,11 +334,26 @@ def restore_run_weights(run_step: RunStep, config: CheckpointConfig, weights: st
     return restored[key]
 
 
-def rotated_away(run_step: RunStep) -> CheckpointError:
-    """The error for a step that its run, still training, deleted while it was read."""
-    return CheckpointError(f"{run_step.folder} was deleted while it was read: its run is still training, and its "
-                           "checkpoint rotation (train.keep_checkpoints) removed the step; rerun to read the run's "
-                           f"latest step, or, to keep a step while the run trains on, {KEEP_A_STEP}")
+class StepRotatedAway(CheckpointError):
+    """A training run's step that the run, still training, deleted while it was read (its
+    checkpoint rotation, train.keep_checkpoints): not damage, and where the run was named, its
+    newer step can be read instead (api.read_through_rotation)."""
+
+    def __init__(self, message: str, run_step: RunStep):
+        super().__init__(message)
+        self.run_step = run_step
+
+
+def rotated_away(run_step: RunStep, advice: str | None = None) -> StepRotatedAway:
+    """The error for a step that its run, still training, deleted while it was read; `advice` says
+    what to do instead of the default (rerun for a run named, the run rather than its step otherwise)."""
+    if advice is None:
+        advice = ("rerun to read the run's latest step" if run_step.latest else
+                  f"pass the run ({run_step.run}) instead of one of its steps, to read whichever step is its latest")
+    return StepRotatedAway(f"{run_step.folder} was deleted while it was read: its run is still training, and its "
+                           f"checkpoint rotation (train.keep_checkpoints) removed the step; {advice}, or, to keep a "
+                           f"step while the run trains on, {KEEP_A_STEP} (a run started with a larger "
+                           "train.keep_checkpoints keeps more steps)", run_step)
 
 
 def deleted_while_read(folder: str, watch_s: float = 1.0) -> bool:

@@ -35,8 +35,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from pixelflow_jax import storage, validation
-from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, load_sampling_model, run_trained_classes,
-                               sampling_runtime, sampling_source, weights_chosen, weights_of)
+from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, read_sampling_model, read_through_rotation,
+                               run_trained_classes, sampling_runtime, sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.evaluation.evaluate import INPUT_ERRORS
 from pixelflow_jax.evaluation.npz_images import npz_images_crc
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
@@ -147,17 +147,17 @@ def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: Samplin
     folder = storage.join(workdir, "samples")
     fetch_weights(source)  # the settings record the weights' files: fetched now, restored after
     num_images = conditioning.num_images
-    runtime = sampling_runtime(config)
-    settings = dict(checkpoint=source.label, weights=weights_chosen(source, s.weights),
-                    architecture=ckpt.model.architecture(),
-                    dtype=runtime["dtype"], param_dtype=runtime["param_dtype"],
-                    resolution=ckpt.resolution, num_stages=ckpt.num_stages,
-                    steps_per_stage=list(options.steps_per_stage),
-                    cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
-                    num_images=num_images, checkpoint_fingerprint=source.fingerprint(), **conditioning.settings())
-    check_same_inputs(inputs_read(s, settings))  # process 0 checks and records its own settings alone
-    check_settings(folder, workdir, settings, record=False)  # an earlier job's: before the restore (minutes at XL)
-    model, ckpt = load_sampling_model(config, source)
+
+    def checked_and_read(source):
+        """The job's settings of `source`, checked against an earlier job's before the restore
+        (minutes at XL), and the model read: again for the run's newer step where its training
+        rotated this one away (read_through_rotation), so that the settings name the step read."""
+        settings = job_settings(config, source, ckpt, options, conditioning)
+        check_same_inputs(inputs_read(s, settings))  # process 0 checks and records its own settings alone
+        check_settings(folder, workdir, settings, record=False)
+        return settings, *read_sampling_model(config, source), source
+
+    settings, model, ckpt, source = read_through_rotation(source, checked_and_read)
     check_settings(folder, workdir, settings)  # before samples/ is made: a refused job leaves nothing
     storage.makedirs(folder)
     if jax.process_index() == 0:  # before any process writes here
@@ -187,6 +187,19 @@ def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: Samplin
     # Every process gets here together (the count above is broadcast), so none waits for the others.
     raise storage.StorageError(f"images in {folder} were missing or unreadable after {MAX_PASSES} passes (see the "
                                "warnings): is the storage failing, or is another job deleting them?")
+
+
+def job_settings(config, source, ckpt, options: SamplingOptions, conditioning) -> dict:
+    """What samples/settings.json records of a job: what its images depend on."""
+    s, runtime = config.sample, sampling_runtime(config)
+    return dict(checkpoint=source.label, weights=weights_chosen(source, s.weights),
+                architecture=ckpt.model.architecture(),
+                dtype=runtime["dtype"], param_dtype=runtime["param_dtype"],
+                resolution=ckpt.resolution, num_stages=ckpt.num_stages,
+                steps_per_stage=list(options.steps_per_stage),
+                cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
+                num_images=conditioning.num_images, checkpoint_fingerprint=source.fingerprint(),
+                **conditioning.settings())
 
 
 def inputs_read(sample_config, settings: dict) -> list[InputRead]:

@@ -181,15 +181,17 @@ def warn_of_another_caption_length(source, tokens: int) -> None:
 
 
 def load_init_from(config, model_cfg: ModelConfig, source=None):
-    """(the model train.init_from names, its CheckpointSource): check_init_from's source (made
-    here if not given), its weights read."""
-    from pixelflow_jax.api import read_checkpoint
+    """(the model train.init_from names, the CheckpointSource read): check_init_from's source (made
+    here if not given), its weights read; the source read is the run's newer step where init_from
+    names a run whose training rotated the step chosen away (api.read_through_rotation)."""
+    from pixelflow_jax.api import read_checkpoint, read_through_rotation
     from pixelflow_jax.checkpoints.checkpoint import build_model
 
     t = config.train
-    source = source or check_init_from(config, model_cfg)
-    ckpt, params = read_checkpoint(source, t.init_from_weights, dict(dtype=model_cfg.dtype,
-                                                                     attention=model_cfg.attention))
+    runtime = dict(dtype=model_cfg.dtype, attention=model_cfg.attention)
+    ckpt, params, source = read_through_rotation(
+        source or check_init_from(config, model_cfg),
+        lambda source: (*read_checkpoint(source, t.init_from_weights, runtime), source))
     logging.info("a new run initialised from the %s weights of %s", t.init_from_weights, source.label)
     return build_model(ckpt, params), source
 
@@ -565,7 +567,8 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
     init_source = init_from_source(config, model_cfg, workdir, done)
     source, listing, trained_classes = open_checked_data(config, model_cfg, workdir, done)
     text_encoder, frozen = text_encoder_of_run(config, model_cfg, workdir, mesh, init_source, done)
-    init_model = load_init_from(config, model_cfg, init_source)[0] if init_source else None
+    # The run records the step it read: a run named as init_from may have rotated the one chosen away.
+    init_model, init_source = load_init_from(config, model_cfg, init_source) if init_source else (None, None)
     check_run_config(workdir, model_cfg, config, text_encoder and text_encoder.record())
     scheduler = PixelFlowScheduler(config.scheduler.num_train_timesteps, config.scheduler.num_stages)
     tables = flow.StageTables.from_scheduler(scheduler)
