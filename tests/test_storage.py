@@ -944,6 +944,32 @@ def test_a_bucket_listing_sees_what_another_machine_wrote_since_the_last_one(buc
     assert storage.file_sizes(f"{bucket}/run") == {"a/x": 1, "b.txt": 2}
 
 
+def listings_kept(monkeypatch):
+    """Turns on fsspec's listings cache for gs:// (gcsfs's default, or a user's fsspec config) for
+    the file systems made from here on; returns a second file system, another host's view of the bucket."""
+    import fsspec
+
+    storage.remote.configure_gcsfs()
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(fsspec.config.conf, protocol, {**fsspec.config.conf[protocol], "use_listings_cache": True})
+    return fsspec.filesystem("gs", skip_instance_cache=True)
+
+
+def test_what_a_path_is_in_a_bucket_is_asked_of_the_bucket_not_an_old_listing(bucket, monkeypatch):
+    """A run polling for the step another host saves, or a deleted checkpoint, was answered from
+    the listing fsspec kept of its folder: the new step not there, the deleted one still there."""
+    elsewhere = listings_kept(monkeypatch)
+    storage.write_atomically(f"{bucket}/run/old.txt", b"1")
+    assert storage.list_entries(f"{bucket}/run") == (["old.txt"], [])  # the folder's listing, kept
+    assert storage.isfile(f"{bucket}/run/old.txt") and not storage.exists(f"{bucket}/run/new")
+    elsewhere.rm(f"{bucket}/run/old.txt".removeprefix("gs://"))
+    elsewhere.pipe(f"{bucket}/run/new/step.txt".removeprefix("gs://"), b"2")
+    assert not storage.exists(f"{bucket}/run/old.txt") and not storage.isfile(f"{bucket}/run/old.txt")
+    assert storage.isdir(f"{bucket}/run/new") and storage.isfile(f"{bucket}/run/new/step.txt")
+    elsewhere.rm(f"{bucket}/run/new/step.txt".removeprefix("gs://"))
+    assert not storage.isdir(f"{bucket}/run/new") and not storage.exists(f"{bucket}/run")
+
+
 def test_a_fingerprint_reads_both_ends_of_a_large_file_its_size_and_all_of_one_just_small_enough(tmp_path):
     slice_size = storage.reads.FINGERPRINT_SLICE
     path = tmp_path / "data.bin"

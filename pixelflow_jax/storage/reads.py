@@ -16,17 +16,16 @@ from typing import Any, Callable, Iterator
 
 from pixelflow_jax.error_text import described
 from pixelflow_jax.storage.paths import StorageError, basename, is_url, join
-from pixelflow_jax.storage.remote import on_remote
+from pixelflow_jax.storage.remote import asked_of_the_bucket, on_remote
 
 
 def _remote_kind(path: str) -> str | None:
     """'file' or 'directory' for what a URL names, None where nothing is there. fsspec's own
     exists() and isdir() answer False for any error: a refused or failed request (403, 503) read as
-    "no checkpoints here" would start a trained run anew. Here only a missing object is None."""
+    "no checkpoints here" would start a trained run anew. Here only a missing object is None, and
+    the bucket is asked, not a listing kept from before (a step another host saved since)."""
     def kind(_):
-        import fsspec
-
-        fs, key = fsspec.core.url_to_fs(path)
+        fs, key = asked_of_the_bucket(path)
         try:
             return fs.info(key)["type"]
         except FileNotFoundError:
@@ -79,10 +78,7 @@ def list_entries(path: str, others: list[str] | None = None) -> tuple[list[str],
         return files, folders
 
     def listing(_):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        fs.invalidate_cache(root)
+        fs, root = asked_of_the_bucket(path)
         if _remote_kind(path) != "directory":
             return [], []
         entries = fs.ls(root, detail=True)
@@ -97,10 +93,7 @@ def file_sizes(folder: str) -> dict[str, int]:
     """{path relative to the folder: size} of every file below it (one listing on a store)."""
     if is_url(folder):
         def listing(_):
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(folder)
-            fs.invalidate_cache(root)
+            fs, root = asked_of_the_bucket(folder)
             root = root.rstrip("/") + "/"
             return {name[len(root):]: int(info["size"]) for name, info in fs.find(root, detail=True).items()}
 

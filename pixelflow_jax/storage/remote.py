@@ -43,6 +43,18 @@ def epath_of(path: str):
         raise StorageError(f"{path}: reading {scheme(path)}:// needs gcsfs: pip install gcsfs ({e})") from None
 
 
+def asked_of_the_bucket(url: str):
+    """(fsspec file system, key) of a URL, the listings that file system keeps of the key and its
+    folders dropped, so that its next answer comes from the bucket. Listings are kept where a
+    user's fsspec config (or gcsfs's default, for a file system made before configure_gcsfs) asks
+    for it, and they miss what other hosts and processes wrote or deleted since."""
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(key)
+    return fs, key
+
+
 CHECK_ACCESS = ("check the network, that the bucket exists, and the credentials: `gcloud auth application-default "
                 "login` or a service account")
 
