@@ -970,6 +970,28 @@ def test_what_a_path_is_in_a_bucket_is_asked_of_the_bucket_not_an_old_listing(bu
     assert not storage.isdir(f"{bucket}/run/new") and not storage.exists(f"{bucket}/run")
 
 
+def test_a_files_size_time_and_content_in_a_bucket_are_asked_of_the_bucket_not_an_old_listing(bucket, tmp_path,
+                                                                                                monkeypatch):
+    """A read was sized by the listing kept of its folder (orbax lists checkpoint folders through
+    epath's file system): a file another host rewrote longer read cut short, and a local copy
+    (cached_copy, by size and time) of a file changed since stayed as it was."""
+    from etils import epath
+    import fsspec
+
+    elsewhere = listings_kept(monkeypatch)
+    epaths = epath.backend.fsspec_backend  # its file system made under that config, as a user's would be
+    monkeypatch.setattr(epaths, "_get_filesystem", lambda name: fsspec.filesystem(name, finalize_on_close=True))
+    url, folder = f"{bucket}/t5/spiece.model", str(tmp_path / "cache")
+    storage.write_atomically(url, b"vocab-1")
+    assert storage.read_bytes(url) == b"vocab-1" and storage.cached_copy(url, folder)
+    assert [p.name for p in epath.Path(f"{bucket}/t5").iterdir()] == ["spiece.model"]  # the listings kept
+    assert storage.list_files(f"{bucket}/t5") == ["spiece.model"]
+    time.sleep(1)  # the emulator's modification times have whole seconds
+    elsewhere.pipe(url.removeprefix("gs://"), b"vocab-two")
+    assert storage.size_and_mtime(url)[0] == 9 and storage.read_bytes(url) == b"vocab-two"
+    assert open(storage.cached_copy(url, folder), "rb").read() == b"vocab-two"
+
+
 def test_a_fingerprint_reads_both_ends_of_a_large_file_its_size_and_all_of_one_just_small_enough(tmp_path):
     slice_size = storage.reads.FINGERPRINT_SLICE
     path = tmp_path / "data.bin"

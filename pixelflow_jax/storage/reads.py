@@ -192,9 +192,16 @@ def missing_path_words(path: str) -> str | None:
 
 
 def open_file(path: str, mode: str = "rb"):
-    if is_url(path):
-        return on_remote(path, lambda p: p.open(mode))
-    return open(path, mode)
+    if not is_url(path):
+        return open(path, mode)
+    if "r" in mode:  # a read is sized by the file's info: the bucket's, not a listing kept from before
+        return on_remote(path, lambda _: _opened_as_the_bucket_has_it(path, mode))
+    return on_remote(path, lambda p: p.open(mode))
+
+
+def _opened_as_the_bucket_has_it(url: str, mode: str):
+    fs, key = asked_of_the_bucket(url)
+    return fs.open(key, mode)
 
 
 def read_bytes(path: str) -> bytes:
@@ -233,8 +240,14 @@ def read_in_order(read: Callable[[Any], Any], items) -> Iterator:
 def size_and_mtime(path: str) -> tuple[int, float]:
     """(bytes, modification time in seconds since the epoch), local or in a bucket."""
     if is_url(path):
-        stat = on_remote(path, lambda p: p.stat())
-        return int(stat.length), float(stat.mtime or 0)
+        def ask(_):
+            fs, key = asked_of_the_bucket(path)
+            return fs.info(key)
+
+        info = on_remote(path, ask)
+        # Whole seconds, as epath's stat gave them: the records of local copies made so far stay valid.
+        mtime = int(info["mtime"].timestamp()) if info.get("mtime") else 0
+        return int(info["size"]), float(mtime)
     stat = os.stat(path)
     return stat.st_size, stat.st_mtime
 
