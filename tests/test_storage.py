@@ -946,12 +946,17 @@ def test_a_bucket_listing_sees_what_another_machine_wrote_since_the_last_one(buc
 
 def listings_kept(monkeypatch):
     """Turns on fsspec's listings cache for gs:// (gcsfs's default, or a user's fsspec config) for
-    the file systems made from here on; returns a second file system, another host's view of the bucket."""
+    the file systems made from here on, epath's included; returns a second file system, another
+    host's view of the bucket."""
+    from etils import epath
     import fsspec
 
     storage.remote.configure_gcsfs()
     for protocol in ("gs", "gcs"):
         monkeypatch.setitem(fsspec.config.conf, protocol, {**fsspec.config.conf[protocol], "use_listings_cache": True})
+    # epath makes its file system once per process: here one made under that config, as a user's would be
+    monkeypatch.setattr(epath.backend.fsspec_backend, "_get_filesystem",
+                        lambda name: fsspec.filesystem(name, finalize_on_close=True))
     return fsspec.filesystem("gs", skip_instance_cache=True)
 
 
@@ -976,11 +981,8 @@ def test_a_files_size_time_and_content_in_a_bucket_are_asked_of_the_bucket_not_a
     epath's file system): a file another host rewrote longer read cut short, and a local copy
     (cached_copy, by size and time) of a file changed since stayed as it was."""
     from etils import epath
-    import fsspec
 
     elsewhere = listings_kept(monkeypatch)
-    epaths = epath.backend.fsspec_backend  # its file system made under that config, as a user's would be
-    monkeypatch.setattr(epaths, "_get_filesystem", lambda name: fsspec.filesystem(name, finalize_on_close=True))
     url, folder = f"{bucket}/t5/spiece.model", str(tmp_path / "cache")
     storage.write_atomically(url, b"vocab-1")
     assert storage.read_bytes(url) == b"vocab-1" and storage.cached_copy(url, folder)
@@ -990,6 +992,24 @@ def test_a_files_size_time_and_content_in_a_bucket_are_asked_of_the_bucket_not_a
     elsewhere.pipe(url.removeprefix("gs://"), b"vocab-two")
     assert storage.size_and_mtime(url)[0] == 9 and storage.read_bytes(url) == b"vocab-two"
     assert open(storage.cached_copy(url, folder), "rb").read() == b"vocab-two"
+
+
+def test_a_file_another_host_deleted_can_be_created_again_and_a_folder_it_wrote_is_removed(bucket, monkeypatch):
+    """create_file (the workdir lock) asked a listing kept from before whether its file was there,
+    so a lock its holder had released read as held; rmtree asked one whether its folder was, and
+    left a folder another host wrote since."""
+    from etils import epath
+
+    elsewhere = listings_kept(monkeypatch)
+    lock = f"{bucket}/run/lock.json"
+    assert storage.create_json(lock, {"holder": 1}) and not storage.create_json(lock, {"holder": 2})
+    assert storage.list_files(f"{bucket}/run") == ["lock.json"]
+    assert [p.name for p in epath.Path(bucket).iterdir()] == ["run"]  # the listings kept
+    elsewhere.rm(lock.removeprefix("gs://"))  # released
+    elsewhere.pipe(f"{bucket}/samples/000000.png".removeprefix("gs://"), b"png")
+    assert storage.create_json(lock, {"holder": 2}) and storage.read_json(lock) == {"holder": 2}
+    storage.rmtree(f"{bucket}/samples")
+    assert not storage.exists(f"{bucket}/samples/000000.png")
 
 
 def test_a_fingerprint_reads_both_ends_of_a_large_file_its_size_and_all_of_one_just_small_enough(tmp_path):

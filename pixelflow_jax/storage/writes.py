@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 from pixelflow_jax.error_text import described
 from pixelflow_jax.storage.paths import StorageError, is_url, join
 from pixelflow_jax.storage.reads import broken_link_words, exists, missing_bucket_words, read_text
-from pixelflow_jax.storage.remote import CHECK_ACCESS, on_remote
+from pixelflow_jax.storage.remote import CHECK_ACCESS, asked_of_the_bucket, on_remote
 from pixelflow_jax.storage.temporaries import umask, writer_tag
 
 
@@ -167,9 +167,7 @@ def create_file(path: str, data: bytes) -> bool:
 def create_once(path: str, write: Callable[[BinaryIO], Any], upload: Callable[[Any, str], Any]) -> bool:
     """create_file's way of writing: write(file) locally, upload(fsspec file system, key) in a bucket."""
     if is_url(path):
-        import fsspec
-
-        fs, key = fsspec.core.url_to_fs(path)
+        fs, key = asked_of_the_bucket(path)  # a file released by another host since a listing is free
         if fs.exists(key):
             return False
         try:
@@ -246,7 +244,9 @@ def remove(path: str) -> None:
 
 def rmtree(path: str) -> None:
     if is_url(path):
-        on_remote(path, lambda p: p.rmtree() if p.exists() else None)
+        # reads.exists: epath's answers from a listing kept from before, and False for a refused request
+        if exists(path):
+            on_remote(path, lambda p: p.rmtree())
     else:
         shutil.rmtree(path, ignore_errors=True)
 
