@@ -857,6 +857,15 @@ def test_a_bucket_root_is_its_own_parent_and_joined_names_make_no_empty_folder()
         storage.user_path(None)  # (str(None) would be a folder named "None")
 
 
+def test_the_parents_of_an_object_whose_name_holds_a_scheme_mark_lead_to_its_bucket():
+    """An object listed in a bucket may be named a://c (user_path refuses such a name typed); its
+    folder is the one before its last "/", as for any object, not the object itself as a root."""
+    path, parents = "gs://b/run/a://c", []
+    while (parent := storage.dirname(path)) != path:
+        parents.append(path := parent)
+    assert parents[-2:] == ["gs://b/run", "gs://b"]
+
+
 def test_a_failed_bucket_request_names_the_path_and_what_to_check_once(bucket, monkeypatch):
     """A listing asks for the folder's kind inside its own request: its refusal is raised as it
     is, not wrapped in a second error that repeats the advice."""

@@ -309,5 +309,5 @@ def basename(path: str) -> str:
 def dirname(path: str) -> str:
     if is_url(path):
         head = str(path).rstrip("/").rsplit("/", 1)[0]
-        return head if "://" in head and not head.endswith(":/") else str(path)
+        return head if "://" in head else str(path)  # gs://b's "head" is gs:/: a bucket is its own parent
     return os.path.dirname(path)
