@@ -1021,6 +1021,58 @@ def test_a_file_another_host_deleted_can_be_created_again_and_a_folder_it_wrote_
     assert not storage.exists(f"{bucket}/samples/000000.png")
 
 
+def test_a_folder_named_for_a_url_in_a_bucket_is_never_made_locally_and_a_local_name_with_a_colon_stays_local(
+        bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage.makedirs(f"{bucket}/run")  # a store has no folders: os.makedirs would make ./gs:/...
+    storage.check_writable(f"{bucket}/run")
+    assert os.listdir(tmp_path) == []
+    local = str(tmp_path / "run:" / "x")  # a folder named "run:" holds no "://"
+    assert not storage.is_url(local) and storage.join(local, "y") == os.path.join(local, "y")
+
+
+def test_a_file_another_writer_created_just_after_the_check_is_kept_as_it_is(bucket, tmp_path, monkeypatch):
+    """create_file and upload_file_once check that nothing is there, then upload create-only: a
+    file that appeared between the two is the other writer's (False), not an error."""
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(bucket)  # fsspec's cached instance: the one storage uses
+    real_exists, checks = fs.exists, []
+
+    def missed_at_first(key, **kwargs):  # the other writer's upload lands just after the first check
+        checks.append(key)
+        return len(checks) > 1 and real_exists(key, **kwargs)
+
+    local = tmp_path / "mine.json"
+    local.write_text('{"holder": 2}')
+    for create in (lambda path: storage.create_json(path, {"holder": 2}),
+                   lambda path: storage.upload_file_once(str(local), path)):
+        path = f"{bucket}/run/{len(checks)}.json"
+        storage.write_json_atomically(path, {"holder": 1})
+        checks.clear()
+        monkeypatch.setattr(fs, "exists", missed_at_first)
+        assert create(path) is False and len(checks) == 2
+        monkeypatch.setattr(fs, "exists", real_exists)
+        assert storage.read_json(path) == {"holder": 1}
+
+
+def test_gcsfs_is_configured_once_to_keep_no_listings(monkeypatch):
+    """Configured before each request: one log filter, not one more per request; and file systems
+    made after it (epath's, which orbax lists checkpoints with) keep no listings that other hosts'
+    writes would make stale."""
+    import logging
+
+    import fsspec
+
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(fsspec.config.conf, protocol, {})  # no fsspec config of the user's
+    monkeypatch.setattr(logging.getLogger("gcsfs"), "filters", [])
+    storage.remote.configure_gcsfs()
+    storage.remote.configure_gcsfs()
+    assert len(logging.getLogger("gcsfs").filters) == 1
+    assert not fsspec.filesystem("gs", skip_instance_cache=True).dircache.use_listings_cache
+
+
 def test_a_fingerprint_reads_both_ends_of_a_large_file_its_size_and_all_of_one_just_small_enough(tmp_path):
     slice_size = storage.reads.FINGERPRINT_SLICE
     path = tmp_path / "data.bin"
