@@ -1292,6 +1292,43 @@ def test_a_download_is_written_under_the_name_the_next_download_clears(bucket, t
     assert downloading.startswith(f".spiece.model.download-{socket.gethostname()}-{os.getpid()}-")
 
 
+def test_a_local_copy_clears_only_this_hosts_downloads_whose_process_is_gone(bucket, tmp_path, monkeypatch):
+    """The cache folder may be shared by hosts: another host's download, and this host's live
+    one, are theirs; a name after the download mark that is no process id is no download's; a
+    leftover that another process removes first is no error."""
+    url, folder = f"{bucket}/t5/spiece.model", tmp_path / "cache"
+    storage.write_atomically(url, b"vocab")
+    host = socket.gethostname()
+    other_host = host[:-1] + ("x" if host[-1] != "x" else "y")  # as long as this host's name
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    mark = ".spiece.model.download"
+    names = {"dead": f"{mark}-{host}-{gone}-a", "removed_by_another": f"{mark}-{host}-1-b",
+             "live": f"{mark}-{host}-{os.getpid()}-c", "other_host": f"{mark}-{other_host}-{gone}-d",
+             "no_pid": f"{mark}-{host}-draft", "other_file": "spiece.model.notes"}
+    folder.mkdir()
+    for name in names.values():
+        (folder / name).write_bytes(b"x")
+    real_alive = storage.cache.process_alive
+
+    def alive(pid):
+        if pid == 1:  # another start clearing the same leftover just before this one
+            os.remove(folder / names["removed_by_another"])
+            return False
+        return real_alive(pid)
+
+    monkeypatch.setattr(storage.cache, "process_alive", alive)
+    storage.cached_copy(url, str(folder))
+    kept = {"live", "other_host", "no_pid", "other_file"}
+    assert sorted(os.listdir(folder)) == sorted([names[k] for k in kept] + ["spiece.model", "spiece.model.source.json"])
+
+
+def test_a_file_gone_from_the_bucket_during_its_download_is_missing_not_a_cache_error(bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage.cache, "size_and_mtime", lambda url: (5, 1.0))  # seen just before its deletion
+    with pytest.raises(FileNotFoundError):
+        storage.cached_copy(f"{bucket}/t5/spiece.model", str(tmp_path / "cache"))
+
+
 def test_the_cache_folder_is_the_projects_setting_else_the_users_cache(monkeypatch):
     monkeypatch.setenv("PIXELFLOW_CACHE_DIR", "/data/pf_cache")
     monkeypatch.setenv("XDG_CACHE_HOME", "/data/xdg")
