@@ -1031,12 +1031,19 @@ def test_a_folder_named_for_a_url_in_a_bucket_is_never_made_locally_and_a_local_
     assert not storage.is_url(local) and storage.join(local, "y") == os.path.join(local, "y")
 
 
+def storage_file_system(url: str):
+    """fsspec's cached file system for a URL, the one storage uses: made after storage configured
+    gcsfs, whose settings are part of the instance's key."""
+    import fsspec
+
+    storage.remote.configure_gcsfs()
+    return fsspec.core.url_to_fs(url)[0]
+
+
 def test_a_file_another_writer_created_just_after_the_check_is_kept_as_it_is(bucket, tmp_path, monkeypatch):
     """create_file and upload_file_once check that nothing is there, then upload create-only: a
     file that appeared between the two is the other writer's (False), not an error."""
-    import fsspec
-
-    fs, _ = fsspec.core.url_to_fs(bucket)  # fsspec's cached instance: the one storage uses
+    fs = storage_file_system(bucket)
     real_exists, checks = fs.exists, []
 
     def missed_at_first(key, **kwargs):  # the other writer's upload lands just after the first check
@@ -1054,6 +1061,20 @@ def test_a_file_another_writer_created_just_after_the_check_is_kept_as_it_is(buc
         assert create(path) is False and len(checks) == 2
         monkeypatch.setattr(fs, "exists", real_exists)
         assert storage.read_json(path) == {"holder": 1}
+
+
+def test_a_refused_create_only_upload_names_the_path_and_what_to_check(bucket, tmp_path, monkeypatch):
+    fs = storage_file_system(bucket)
+
+    def forbidden(*args, **kwargs):
+        raise OSError("Forbidden: 403")
+
+    monkeypatch.setattr(fs, "put_file", forbidden)
+    local = tmp_path / "samples.npz"
+    local.write_bytes(b"npz")
+    with pytest.raises(storage.StorageError) as refused:
+        storage.upload_file_once(str(local), f"{bucket}/run/samples.npz")
+    assert str(refused.value) == f"{bucket}/run/samples.npz: OSError: Forbidden: 403 ({storage.CHECK_ACCESS})"
 
 
 def test_gcsfs_is_configured_once_to_keep_no_listings(monkeypatch):
