@@ -1555,6 +1555,17 @@ def test_only_names_a_writer_of_this_project_gives_are_cleared_and_a_younger_one
         assert not storage.temporaries.writer_gone(re.fullmatch(storage.WRITER, writer), str(folder / "gone"))
 
 
+def test_a_temporary_under_this_processs_id_from_before_it_started_is_a_predecessors(tmp_path):
+    """A restarted container's processes take the ids of the last one's: a temporary under this
+    process's name written before it started was left by its predecessor, killed."""
+    name = f".notes.tmp-{storage.writer_tag()}-x"
+    (tmp_path / name).write_bytes(b"")
+    assert storage.remove_temporaries(str(tmp_path)) == 0  # written by this process
+    before = storage.temporaries._THIS_PROCESS_STARTED - 60
+    os.utime(tmp_path / name, (before, before))
+    assert storage.remove_temporaries(str(tmp_path)) == 1 and os.listdir(tmp_path) == []
+
+
 def test_a_killed_writers_folder_is_told_by_its_whole_name_and_a_link_named_like_one_is_left_alone(tmp_path,
                                                                                                    monkeypatch):
     import tempfile
