@@ -928,6 +928,13 @@ def test_a_folders_fingerprint_follows_names_sizes_and_each_part_of_a_large_file
     assert storage.fingerprint(str(folder)) != changed
 
 
+def test_the_hint_for_a_files_name_with_a_slash_after_it_is_given_only_with_that_slash(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert storage.slash_after_a_file(f"{tmp_path}/model.pt/") == (f" (the / at its end names a folder, and "
+                                                                   f"{tmp_path}/model.pt is a file: drop the /)")
+    assert storage.slash_after_a_file(f"{tmp_path}/model.pt") == "" == storage.slash_after_a_file(f"{tmp_path}/x/")
+
+
 def test_a_local_listing_of_nothing_is_empty_and_its_others_are_neither_files_nor_folders(tmp_path):
     others = []
     assert storage.list_entries(str(tmp_path / "missing"), others) == ([], []) and others == []
