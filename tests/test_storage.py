@@ -935,6 +935,14 @@ def test_the_hint_for_a_files_name_with_a_slash_after_it_is_given_only_with_that
     assert storage.slash_after_a_file(f"{tmp_path}/model.pt") == "" == storage.slash_after_a_file(f"{tmp_path}/x/")
 
 
+def test_a_link_is_called_broken_only_when_its_target_is_gone(tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"")
+    os.symlink(tmp_path / "weights.pt", tmp_path / "link")
+    assert storage.broken_link_words(str(tmp_path / "link")) is None
+    with pytest.raises(storage.StorageError, match=rf"^{tmp_path}/link is a file, not a folder"):
+        storage.check_writable(str(tmp_path / "link"))  # not "a link to ..., which does not exist"
+
+
 def test_a_local_listing_of_nothing_is_empty_and_its_others_are_neither_files_nor_folders(tmp_path):
     others = []
     assert storage.list_entries(str(tmp_path / "missing"), others) == ([], []) and others == []
