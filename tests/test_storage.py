@@ -115,6 +115,12 @@ def test_a_bucket_name_gcs_cannot_hold_is_refused_naming_the_rule(monkeypatch):
         storage.user_path("gs://${UNSET_BUCKET}/run")
 
 
+def test_a_new_local_name_ending_in_a_tab_is_said_to_end_with_whitespace(tmp_path):
+    with pytest.raises(storage.StorageError, match=r"the name 'out\\t' ends with whitespace and does not exist .*: "
+                                                   r"remove the whitespace"):
+        storage.user_path(f"{tmp_path}/out\t")  # a tab is no space (the repr shows which)
+
+
 def test_a_path_is_inside_a_folder_by_whole_names_through_links_and_trailing_slashes(tmp_path):
     """One rule for "is A inside folder B", which four places spelled inline."""
     assert storage.is_inside("gs://b/x/y", "gs://b/x")
