@@ -725,6 +725,33 @@ def test_cache_entries_an_earlier_version_named_go_with_the_next_entry_of_their_
     assert entry in storage.list_files(cache_dir)
 
 
+@pytest.mark.parametrize("failing", ["remove", "list_files"])
+def test_earlier_cache_entries_that_cannot_be_removed_do_not_stop_the_evaluation(tiny_inception, tmp_path,
+                                                                                  monkeypatch, caplog, failing):
+    """Removing the samples' earlier cache entry (or listing the cache to find it) fails after the
+    Inception passes: only a cache, so the metrics are still computed and recorded, with a warning."""
+    from pixelflow_jax import storage
+
+    samples, reference = images_npz(tmp_path / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    workdir = str(tmp_path / "run")
+    evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
+    images_npz(samples, 3)  # sampled again: a new entry, and the earlier one to remove
+    cache_dir = os.path.join(workdir, "eval_features")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    real = getattr(storage, failing)
+    with monkeypatch.context() as patched, caplog.at_level("WARNING"):
+        patched.setattr(storage, failing, lambda path, *a, **k: (denied if path.startswith(cache_dir) else real)(
+            path, *a, **k))
+        results = evaluate.evaluate(samples, reference, tiny_inception, workdir, batch_size=8)
+    assert results["fid"] == evaluate.evaluate(samples, reference, tiny_inception, str(tmp_path / "fresh"),
+                                               batch_size=8)["fid"]
+    assert "Permission denied" in caplog.text and "earlier cached features of" in caplog.text
+    assert len(os.listdir(cache_dir)) == 3  # the reference's entry and the samples' two
+
+
 class ReplacedOnRead:
     """A FeatureExtractor whose file a sampling job replaces (moves `replacement` onto it) as its read begins."""
 

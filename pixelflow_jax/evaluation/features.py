@@ -172,7 +172,13 @@ def remove_earlier_entries(cache: str, path: str) -> None:
     writer's temporary has another name); an evaluation reading one as it goes reads on locally (its
     file stays open) or computes again."""
     folder = storage.dirname(cache)
-    for name in storage.list_files(folder):
+    try:
+        names = storage.list_files(folder)
+    except OSError as e:  # only a cache: the evaluation goes on (a bucket's listing failed after its write)
+        logging.warning("could not list %s to remove the earlier cached features of %s (%s)", folder, path,
+                        described(e))
+        return
+    for name in names:
         if name != storage.basename(cache) and is_entry_of(name, path):
             try:
                 storage.remove(storage.join(folder, name))
