@@ -725,6 +725,21 @@ def test_cache_entries_an_earlier_version_named_go_with_the_next_entry_of_their_
     assert entry in storage.list_files(cache_dir)
 
 
+def test_features_cached_by_another_features_version_are_computed_again(tiny_inception, tmp_path, monkeypatch):
+    """FEATURES_VERSION is raised when the features' computation changes: an entry an earlier version
+    cached holds the old computation's features, and is neither served nor kept."""
+    samples, cache_dir = images_npz(tmp_path / "samples.npz", 1), str(tmp_path / "eval_features")
+    extract = RecordedExtractor(inception_features.FeatureExtractor(tiny_inception, 8), samples)
+    inception_features.cached_features(extract, samples, cache_dir)
+    inception_features.cached_features(extract, samples, cache_dir)
+    assert extract.runs == [samples]  # the second served from the cache
+    earlier_entry = os.listdir(cache_dir)
+    monkeypatch.setattr(inception_features, "FEATURES_VERSION", inception_features.FEATURES_VERSION + 1)
+    inception_features.cached_features(extract, samples, cache_dir)
+    assert extract.runs == [samples, samples]
+    assert len(os.listdir(cache_dir)) == 1 and os.listdir(cache_dir) != earlier_entry
+
+
 @pytest.mark.parametrize("failing", ["remove", "list_files"])
 def test_earlier_cache_entries_that_cannot_be_removed_do_not_stop_the_evaluation(tiny_inception, tmp_path,
                                                                                   monkeypatch, caplog, failing):
@@ -1048,6 +1063,27 @@ def test_every_evaluation_is_kept_in_the_history_and_other_images_of_the_same_si
     history = [json.loads(line) for line in open(os.path.join(workdir, "eval_history.jsonl"))]
     assert [h["fid"] for h in history] == [first["fid"], second["fid"]]
     assert json.load(open(os.path.join(workdir, "eval.json")))["fid"] == second["fid"]
+
+
+def test_eval_reports_the_image_counts_it_read_from_each_file(tiny_inception, tmp_path, caplog):
+    """num_samples and num_reference are the images read, each from its own file: here a sampling job
+    asks for 10 images and its samples.npz, named on purpose, holds the 7 sampled so far."""
+    import ml_collections
+
+    job = tmp_path / "run"
+    (job / "samples").mkdir(parents=True)
+    (job / "samples" / "settings.json").write_text(json.dumps({"num_images": 10}))
+    samples = images_npz(job / "samples.npz", 1, count=7)
+    reference = images_npz(tmp_path / "reference.npz", 2, count=9)
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=samples, reference=reference,
+                                                      inception_weights=tiny_inception, batch_size=8)))
+    with caplog.at_level("WARNING"):
+        results = evaluate.run(config, str(job))
+    assert "holds 7 images, but this workdir's sampling job asks for 10" in caplog.text
+    assert (results["num_samples"], results["num_reference"]) == (7, 9)
+    recorded = json.loads((job / "eval.json").read_text())
+    assert (recorded["num_samples"], recorded["num_reference"]) == (7, 9)
+    assert recorded["features_version"] == inception_features.FEATURES_VERSION
 
 
 def test_eval_reports_precision_as_the_samples_share_and_recall_as_the_references(tiny_inception, tmp_path):
