@@ -895,6 +895,9 @@ def test_a_cache_that_one_process_cannot_read_is_computed_again_by_every_process
     (dict(mu=np.array(["0"] * 2048), sigma=np.eye(2048)), "its stored mu holds <U1 values, not the floating-point"),
     (dict(mu=np.array([None] * 2048), sigma=np.eye(2048)), r"its stored mu cannot be read \(ValueError: Object"),
     (dict(mu=np.zeros(2048, complex), sigma=np.eye(2048)), "its stored mu holds complex128 values"),
+    # sFID's pair is checked as FID's is.
+    (dict(mu_s=np.zeros(2023)), "holds the statistic mu_s without sigma_s"),
+    (dict(mu_s=np.zeros(2023), sigma_s=-np.eye(2023)), "its stored sigma_s is not a covariance matrix"),
 ])
 def test_reference_statistics_that_are_not_finite_or_half_there_are_refused(tmp_path, stored, message):
     reference = images_npz(tmp_path / "reference.npz", 0, **stored)
@@ -1242,6 +1245,13 @@ def test_stored_reference_statistics_are_used_and_missing_ones_computed(tmp_path
     np.testing.assert_array_equal(got_sigma, sigma)
     np.testing.assert_allclose(mu_s, features["spatial"].mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma_s, np.cov(features["spatial"].T), rtol=1e-12)
+    # With mu_s / sigma_s stored too, sFID takes them, not the spatial features' statistics.
+    stored_s = dict(mu_s=rng.normal(size=2), sigma_s=np.diag([4.0, 5.0]))
+    reference = images_npz(tmp_path / "reference.npz", 0, mu=mu, sigma=sigma, **stored_s)
+    (got_mu, _), (mu_s, sigma_s) = evaluate.reference_statistics(reference, features)
+    np.testing.assert_array_equal(got_mu, mu)
+    np.testing.assert_array_equal(mu_s, stored_s["mu_s"])
+    np.testing.assert_array_equal(sigma_s, stored_s["sigma_s"])
 
 
 def test_statistics_stored_in_float16_or_float32_are_covariances_still(tmp_path, monkeypatch):
