@@ -755,6 +755,19 @@ def test_features_cached_by_another_features_version_are_computed_again(tiny_inc
     assert len(os.listdir(cache_dir)) == 1 and os.listdir(cache_dir) != earlier_entry
 
 
+def test_a_folder_in_the_place_of_a_feature_cache_entry_is_named_before_the_inception_pass(tiny_inception, tmp_path):
+    """A folder where a file's features are to be cached could not take them once computed: named at
+    once, the Inception not run."""
+    samples, cache_dir = images_npz(tmp_path / "samples.npz", 1), str(tmp_path / "eval_features")
+    extract = RecordedExtractor(inception_features.FeatureExtractor(tiny_inception, 8), samples)
+    entry = inception_features.cache_file(cache_dir, samples, inception_features.feature_cache_key(extract, samples))
+    os.makedirs(entry)
+    with pytest.raises(ValueError, match=re.escape(f"{entry} is a folder, where the evaluation caches the features of "
+                                                   f"{samples}: move it away")):
+        inception_features.cached_features(extract, samples, cache_dir)
+    assert extract.runs == []
+
+
 @pytest.mark.parametrize("failing", ["remove", "list_files"])
 def test_earlier_cache_entries_that_cannot_be_removed_do_not_stop_the_evaluation(tiny_inception, tmp_path,
                                                                                   monkeypatch, caplog, failing):
