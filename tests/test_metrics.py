@@ -194,6 +194,23 @@ def test_squared_distances_are_never_below_zero():
     assert float(metrics._squared_distances(features, features).min()) == 0.0
 
 
+def test_pairwise_distances_ask_for_full_float32_matmuls():
+    """On a GPU or TPU, jnp.dot's default precision multiplies in TF32 or bfloat16 (1e-3 relative),
+    which moves points across the k-NN balls' edges; the CPU computes float32 either way, so the
+    precision asked for is checked in the traced program."""
+    def products(jaxpr):  # the dot_generals of a program, inside the jit it is traced as too
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for inner in eqn.params.values():
+                if hasattr(inner, "jaxpr"):
+                    yield from products(inner.jaxpr)
+
+    rows = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    found = list(products(jax.make_jaxpr(metrics._squared_distances)(rows, rows).jaxpr))
+    assert found and all(eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for eqn in found)
+
+
 # ------------------------------------------------------------------ --mode=eval on a stand-in Inception
 
 
