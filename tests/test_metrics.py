@@ -1403,6 +1403,15 @@ def test_a_file_of_k_images_is_refused_before_any_work(tmp_path):
     assert npz_images.npz_image_count(images_npz(tmp_path / "four.npz", 0, count=4)) == 4
 
 
+def test_rgb_images_1_3_or_4_pixels_high_are_not_taken_for_channels_first():
+    """(N, 3, W, 3) is RGB images 3 pixels high as much as anything: only a last axis of other than 3
+    makes a channel count of 1, 3 or 4 on axis 1 channels first."""
+    for height in sorted(npz_images.CHANNELS_FIRST_FIXES):
+        npz_images.check_images("strips.npz", (5, height, 8, 3), False, np.dtype(np.uint8))
+        with pytest.raises(ValueError, match=rf"got channels first \(5, {height}, 8, 8\)"):
+            npz_images.check_images("planes.npz", (5, height, 8, 8), False, np.dtype(np.uint8))
+
+
 def test_images_in_0_1_converted_as_if_in_minus_1_1_get_a_warning(tiny_inception, tmp_path, caplog):
     """((x + 1) * 127.5) of images in [0, 1] leaves every pixel at 127 or above: washed-out images,
     scored without a word. A statistical sign, not a proof (a set of bright images may hold no
