@@ -1067,6 +1067,11 @@ def test_eval_refuses_what_is_not_uint8_images(tmp_path):
                                          r"the images \(N, H, W, 3\) are arr_1 \(6, 8, 8, 3\); an evaluation reads the "
                                          r"images as arr_0: write them first, np.savez\(path, images, labels\)"):
         npz_image_count(str(tmp_path / "labels_first.npz"))
+    # a pickled ragged list first is no labels, whatever lies beside it
+    ragged = np.array([np.zeros((8, 8, 3)), np.zeros((4, 4, 3))], dtype=object)
+    np.savez(tmp_path / "ragged_first.npz", ragged, np.zeros((6, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"ragged_first.npz: arr_0 holds Python objects \(saved with allow_pickle"):
+        npz_image_count(str(tmp_path / "ragged_first.npz"))
     for name, beside in (("labels_alone", {"scores": np.zeros(6)}),  # no images beside: as before
                          ("labels_and_masks", {"masks": np.zeros((6, 8, 8, 1), np.uint8)})):  # nor grey masks
         np.savez(tmp_path / f"{name}.npz", np.arange(6), **beside)
