@@ -3,6 +3,7 @@ evaluator computes them (scipy sqrtm, softmax KL, brute-force k-NN); and --mode=
 its inputs and outputs, on a stand-in Inception that compiles in a moment."""
 
 import functools
+import io
 import json
 import os
 import re
@@ -1345,6 +1346,22 @@ def test_npz_batches_from_a_middle_row_read_every_row_once_in_order(tmp_path):
         assert [len(b) for b in batches] == [3, 3, 2]
         np.testing.assert_array_equal(np.concatenate(batches), images[2:10])
         np.testing.assert_array_equal(np.concatenate(list(npz_images.npz_batches(path, 4))), images)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_an_arr_0_shorter_than_its_header_says_is_truncated_after_the_rows_it_holds_for_every_block(tmp_path,
+                                                                                                    compression):
+    """A header of 10 images over the data of 6, read as the blocks of a distributed job read it: a
+    block that begins past the data (its skip came up short) named the end at its own first row, and
+    a skip that stopped short could have looped for good."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10, 8, 8, 3)})
+    path = str(tmp_path / "short.npz")
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("arr_0.npy", header.getvalue() + np.full((6, 8, 8, 3), 9, np.uint8).tobytes())
+    for first, stop in ((0, 10), (4, 10), (8, 10), (8, 9)):
+        with pytest.raises(ValueError, match=r"short.npz is truncated: arr_0 ends after 6 of its 10 images"):
+            list(npz_images.npz_batches(path, 2, first, stop))
 
 
 def test_the_feature_batch_rounds_up_to_a_multiple_of_the_devices(tiny_inception, tmp_path):

@@ -242,6 +242,7 @@ def npz_batches(path: str, batch_size: int, first: int = 0, stop: int | None = N
     never all at once."""
     with open_images(path) as (member, shape, dtype, _):
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        data_start = member.tell()
         stop = shape[0] if stop is None else stop
         for start in range(first, stop, batch_size):
             count = min(batch_size, stop - start)
@@ -251,9 +252,10 @@ def npz_batches(path: str, batch_size: int, first: int = 0, stop: int | None = N
                 data = member.read(count * row_bytes)
             except DAMAGED_MEMBER as e:
                 raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}): write or download it again") from None
-            if len(data) != count * row_bytes:
-                raise ValueError(f"{path} is truncated: arr_0 ends after {start + len(data) // row_bytes} of its "
-                                 f"{shape[0]} images; write or download it again")
+            if len(data) != count * row_bytes:  # counted from where the data ended: a skip may have passed it
+                held = (member.tell() - data_start) // row_bytes
+                raise ValueError(f"{path} is truncated: arr_0 ends after {held} of its {shape[0]} images; write or "
+                                 "download it again")
             yield np.frombuffer(data, dtype).reshape(count, *shape[1:])
 
 
