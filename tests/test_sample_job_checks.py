@@ -221,6 +221,11 @@ def test_sample_settings_that_cannot_matter_or_cannot_be_read_are_named(tmp_path
     config.sample.num_images = 3
     with pytest.raises(ValueError, match=r"num_images=3 is too few to evaluate: precision and recall need more than 3"):
         check_sample_count(config.sample)
+    from configs import t2i
+
+    text = t2i.get_config()
+    text.sample.num_images = 3  # a text job's count is its prompts', known later: not refused by a setting it ignores
+    check_sample_count(text.sample)
 
 
 def test_a_sampling_job_may_grow_into_its_folder_and_shrink_back_while_no_image_lies_past(tmp_path, caplog):
