@@ -1159,6 +1159,10 @@ def test_streamed_writes_histories_and_removals_in_a_bucket(bucket):
     storage.write_json_keeping_history(f"{bucket}/run/eval.json", {"fid": 1.0})
     history = [json.loads(line)["fid"] for line in storage.read_text(f"{bucket}/run/eval_history.jsonl").splitlines()]
     assert history == [2.0, 1.0] and storage.read_json(f"{bucket}/run/eval.json") == {"fid": 1.0}
+    for job in (1, 2):  # a bucket has no append: read, and written back whole with the line
+        storage.append_json_line(f"{bucket}/run/samples/sampling_runs.jsonl", {"job": job})
+    jobs = storage.read_text(f"{bucket}/run/samples/sampling_runs.jsonl").splitlines()
+    assert [json.loads(line) for line in jobs] == [{"job": 1}, {"job": 2}]
     storage.remove(f"{bucket}/run/none.json")  # nothing there: nothing to do, as locally
     storage.rmtree(f"{bucket}/none")
     assert storage.list_files(f"{bucket}/run") == ["eval.json", "eval_history.jsonl", "samples.npz"]

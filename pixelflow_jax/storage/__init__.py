@@ -5,7 +5,8 @@ Object stores have no atomic rename and no append. What keeps the project's prom
   - `write_atomically` uploads one complete object; a store publishes an object only when its
     upload completes, so a reader sees the whole file or none (locally: a temporary file renamed);
   - checkpoints are orbax's, finalised by a commit marker on object stores (a rename locally);
-  - a file that grows (metrics.jsonl) is rewritten whole, not appended to;
+  - a file that grows (metrics.jsonl, a result's history, a log of jobs: `append_json_line`) is
+    rewritten whole, not appended to: one writer at a time;
   - folders do not exist on a store: `makedirs` does nothing there, and a "folder" exists once an
     object under it does.
 A URL is never passed to os.path.abspath or open(): `absolute` leaves it as it is.
@@ -28,14 +29,15 @@ from pixelflow_jax.storage.remote import CHECK_ACCESS
 from pixelflow_jax.storage.temporaries import (WRITER, clear_leftovers_of_killed_writers, folders_of_gone_writers,
                                                make_folder, process_alive, remove_abandoned_dirs, remove_temporaries,
                                                temporary_dir, writer_gone, writer_tag)
-from pixelflow_jax.storage.writes import (check_writable, create_file, create_json, file_in_the_way, history_path,
-                                           makedirs, move, move_file_once, remove, removed_if_left_empty, rmtree,
-                                           upload_file_atomically, upload_file_once, write_atomically,
-                                           write_json_atomically, write_json_keeping_history,
-                                           write_streamed_atomically, writing)
+from pixelflow_jax.storage.writes import (append_json_line, check_writable, create_file, create_json, file_in_the_way,
+                                           history_path, makedirs, move, move_file_once, remove,
+                                           removed_if_left_empty, rmtree, upload_file_atomically, upload_file_once,
+                                           utc_now, write_atomically, write_json_atomically,
+                                           write_json_keeping_history, write_streamed_atomically, writing)
 
 __all__ = [
-    "CHECK_ACCESS", "WRITER", "StorageError", "absolute", "basename", "broken_link_words", "cache_dir", "cached_copy",
+    "CHECK_ACCESS", "WRITER", "StorageError", "absolute", "append_json_line", "basename", "broken_link_words",
+    "cache_dir", "cached_copy",
     "check_supported", "check_writable", "clear_leftovers_of_killed_writers", "create_file", "create_json", "dirname",
     "exists", "file_fingerprint", "file_in_the_way", "file_sizes", "fingerprint", "folders_of_gone_writers",
     "history_path", "is_inside", "is_url", "isdir", "isfile", "join", "list_entries", "list_files", "list_folders",
@@ -44,6 +46,6 @@ __all__ = [
     "read_bytes", "read_in_order", "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries",
     "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "slash_after_a_file", "temporary_dir",
     "upload_file_atomically",
-    "upload_file_once", "user_path", "write_atomically", "write_json_atomically", "write_json_keeping_history",
-    "write_streamed_atomically", "writer_gone", "writer_tag", "writing",
+    "upload_file_once", "user_path", "utc_now", "write_atomically", "write_json_atomically",
+    "write_json_keeping_history", "write_streamed_atomically", "writer_gone", "writer_tag", "writing",
 ]

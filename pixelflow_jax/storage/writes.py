@@ -136,19 +136,32 @@ def write_json_keeping_history(path: str, value: dict) -> None:
     NAME_history.jsonl, so a result that the next run replaces is not lost. Locally the line is
     appended in one write, so two jobs finishing at once (evaluations against two references) both
     keep theirs; in a bucket, which has no append, the history is rewritten whole."""
-    history = history_path(path)
-    stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **value}
-    line = json.dumps(stamped) + "\n"
-    if is_url(history):
-        write_atomically(history, (read_text(history) if exists(history) else "") + line)
-    else:
-        make_local_parent(history)
-        descriptor = os.open(history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            os.write(descriptor, line.encode())
-        finally:
-            os.close(descriptor)
+    append_json_line(history_path(path), {"time": utc_now(), **value})
     write_json_atomically(path, value)
+
+
+def utc_now() -> str:
+    """The time now, as the project's records stamp it (UTC, ISO 8601, to the second)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def append_json_line(path: str, value: Any) -> None:
+    """Adds `value` as one JSON line at the end of `path` (made, with its folder, where it is not
+    there yet). Locally the line is appended in one write (O_APPEND), so the lines of writers
+    appending at once each stay whole. A bucket has no append: the file is read, and written back
+    whole with the line added, which is NOT safe for two writers at once (the later upload drops the
+    other's line), so one process of a job appends (process 0), and two jobs must not append to
+    one file at the same moment."""
+    line = json.dumps(value) + "\n"
+    if is_url(path):
+        write_atomically(path, (read_text(path) if exists(path) else "") + line)
+        return
+    make_local_parent(path)
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(descriptor, line.encode())
+    finally:
+        os.close(descriptor)
 
 
 # What os.link raises on a file system without hard links (gcsfuse, s3fs, blobfuse mounts).
