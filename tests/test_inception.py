@@ -488,12 +488,15 @@ def test_release_converts_into_a_bucket_samples_and_evaluates_there(weights_file
     assert set(results) >= {"fid", "sfid", "inception_score", "precision", "recall"} and "fid:" in result.stdout
     assert "fid:" not in result.stderr  # printed once, not logged again
     assert storage.list_files(f"{workdir}/samples") == ["000000.png", "000001.png", "000002.png", "000003.png",
-                                                        "settings.json"]
+                                                        "sampling_runs.jsonl", "settings.json"]
     first = np.load(io.BytesIO(storage.read_bytes(f"{workdir}/samples.npz")))["arr_0"]
 
     storage.remove(f"{workdir}/samples/000002.png")
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 of 4 images to sample (3 already on disk)" in result.stderr
+    # The bucket has no append: the jobs' log is rewritten whole, the first job's line kept.
+    jobs = [json.loads(line) for line in storage.read_text(f"{workdir}/samples/sampling_runs.jsonl").splitlines()]
+    assert [job["num_images"] for job in jobs] == [4, 4] and all(job["checkpoint"] == checkpoint for job in jobs)
     again = np.load(io.BytesIO(storage.read_bytes(f"{workdir}/samples.npz")))["arr_0"]
     assert np.abs(again.astype(int) - first.astype(int)).max() <= 1

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,12 @@ def pngs(workdir):
     return sorted(f for f in os.listdir(os.path.join(workdir, "samples")) if f.endswith(".png"))
 
 
+def sampling_jobs(workdir):
+    """The lines of the workdir's samples/sampling_runs.jsonl, one per job."""
+    with open(os.path.join(workdir, "samples", "sampling_runs.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
     workdir = str(tmp_path / "run")
     args = ("--config.sample.num_images=12", "--config.sample.batch_size=64",
@@ -40,6 +47,15 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
     np.testing.assert_array_equal(arr[5], np.asarray(Image.open(os.path.join(workdir, "samples", "000005.png"))))
     assert Image.open(os.path.join(workdir, "grid.png")).size == (4 * 64, 3 * 64)
     assert json.load(open(os.path.join(workdir, "samples", "settings.json")))["steps_per_stage"] == [1, 2, 1, 2]
+    # What made the images: the command, the batch and attention kernel actually used, the software and devices.
+    job, = sampling_jobs(workdir)
+    assert shlex.split(job["command"])[-4:] == [f"--config.sample.checkpoint={converted['c2i_tiny']}", *args]
+    assert (job["checkpoint"], job["checkpoint_step"]) == (converted["c2i_tiny"], None)  # not a training run
+    assert (job["batch_size"], job["batch_size_asked"], job["attention"], job["attention_backend"]) == (
+        16, 64, "auto", "xla")
+    assert job["environment"]["devices"] == {"backend": "cpu", "platform_version": "cpu", "device_kind": "cpu",
+                                             "device_count": 8, "local_device_count": 8, "process_count": 1}
+    assert job["environment"]["packages"]["jax"] == jax.__version__
 
     # Interrupt: images 3 and 10 never written (left as half-written temp files of a killed writer),
     # no .npz yet; and image 7 damaged after it was written (emptied).
@@ -60,7 +76,9 @@ def test_sample_writes_pngs_npz_and_grid_and_resumes(tmp_path, converted):
     assert result.stderr.count("2 of 12 images to sample (10 already on disk), batch 16 over 8 devices") == 2
     assert "000007.png does not decode (damaged?): removed, sampling it again" in result.stderr
     assert "000005.png is a RGB 32x32 image, not RGB 64px: removed, sampling it again" in result.stderr
-    assert sorted(os.listdir(samples)) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]  # no leftovers
+    assert sorted(os.listdir(samples)) == [f"{i:06d}.png" for i in range(12)] + ["sampling_runs.jsonl",
+                                                                                 "settings.json"]  # no leftovers
+    assert len(sampling_jobs(workdir)) == 2  # each job adds its line
     assert "draft.tmp" in os.listdir(workdir)
     umask = os.umask(0)
     os.umask(umask)
@@ -370,7 +388,8 @@ def test_sigterm_stops_sampling_as_ctrl_c_does_keeping_the_images(tmp_path, conv
     assert f"stopped: {cause}; the images written are kept: rerun the same command to go on" in stderr
     assert "Traceback" not in stderr
     names = os.listdir(workdir / "samples")
-    assert "000001.png" in names and all(n.endswith(".png") or n == "settings.json" for n in names)  # no leftovers
+    assert "000001.png" in names and all(n.endswith(".png") or n in ("settings.json", "sampling_runs.jsonl")
+                                         for n in names)  # no leftovers
 
 
 def test_a_second_identical_sampling_job_in_one_process_compiles_nothing(tmp_path, converted):
@@ -606,7 +625,8 @@ def test_a_rerun_clears_the_half_written_files_of_a_killed_job_and_pads_what_is_
     for leftover in ("000001.png.tmp", ".000001.png.tmp-999999999-x"):
         (workdir / "samples" / leftover).write_bytes(b"\x89PNG partial")
     assert job() == [[1] * 8]
-    assert sorted(os.listdir(workdir / "samples")) == ["000000.png", "000001.png", "settings.json"]
+    assert sorted(os.listdir(workdir / "samples")) == ["000000.png", "000001.png", "sampling_runs.jsonl",
+                                                       "settings.json"]
 
 
 def test_a_resumed_job_samples_in_the_batch_shape_of_the_uninterrupted_job(tmp_path, converted, monkeypatch):
@@ -1240,4 +1260,5 @@ def test_a_sigterm_to_any_process_of_a_distributed_job_stops_every_process_at_on
     with pytest.raises(Terminated):
         sample_in_process(tmp_path / "run", converted["c2i_tiny"], monkeypatch, num_images=24, batch_size=8)
     assert asked == [1, 2]
-    assert sorted(os.listdir(tmp_path / "run" / "samples")) == [f"{i:06d}.png" for i in range(8)] + ["settings.json"]
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == [f"{i:06d}.png" for i in range(8)] + [
+        "sampling_runs.jsonl", "settings.json"]

@@ -2,6 +2,7 @@
 
     WORKDIR/samples/000000.png ...   one PNG per image, named by image id
     WORKDIR/samples/settings.json    what the images were sampled with (job_settings.py)
+    WORKDIR/samples/sampling_runs.jsonl  a line per job that sampled here (job_records.py)
     WORKDIR/samples.npz              every image of the job, for evaluation
     WORKDIR/grid.png                 the first images, to look at
 """
@@ -15,6 +16,7 @@ from pixelflow_jax.multihost import failing_together
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
 
 GRID_PNG = "grid.png"
+SAMPLING_RUNS = "sampling_runs.jsonl"  # in the samples folder
 
 IMAGE_NAME = re.compile(r"\d{6,}\.png")
 # What a failed write of the job's files tells the user (a full disk, a folder made read-only).

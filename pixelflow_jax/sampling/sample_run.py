@@ -4,6 +4,8 @@ to PNGs, an ADM-format .npz and a grid.
     WORKDIR/samples/000000.png ...   one PNG per image, named by image id
     WORKDIR/samples/settings.json    what the images were sampled with (job_settings.py: a rerun must
                                      match, add images, or drop images not sampled yet)
+    WORKDIR/samples/sampling_runs.jsonl  a line per job started here: its command, checkpoint step, batch,
+                                     attention kernel, software and devices (job_records.py)
     WORKDIR/samples.npz              arr_0 = uint8 (N, H, W, 3), written once every image exists
     WORKDIR/grid.png                 the first (up to 64) images, to look at
     WORKDIR/sample.lock              the job working there (one at a time: training/workdir_lock.py)
@@ -39,14 +41,16 @@ from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, read_sampl
                                run_trained_classes, sampling_runtime, sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.evaluation.evaluate import INPUT_ERRORS
 from pixelflow_jax.evaluation.npz_images import npz_images_crc
+from pixelflow_jax.job_records import append_job_record
+from pixelflow_jax.kernels.attention import resolve_backend
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
                                      from_process_0, stop_if_preempted)
 from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
 from pixelflow_jax.sampling import demo_check
-from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, WRITE_FIX, check_outputs_have_room,
-                                              image_name, image_path, images_on_disk)
+from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, SAMPLING_RUNS, WRITE_FIX,
+                                              check_outputs_have_room, image_name, image_path, images_on_disk)
 from pixelflow_jax.sampling.job_settings import check_settings
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
 from pixelflow_jax.sharding import batch_for, batch_sharding, global_array, make_mesh, replicated
@@ -162,11 +166,13 @@ def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: Samplin
     storage.makedirs(folder)
     if jax.process_index() == 0:  # before any process writes here
         storage.clear_leftovers_of_killed_writers(folder, workdir)
-    multihost_utils.sync_global_devices("sample settings checked")
-
     # The whole job's batch shape, however few images a rerun has left: in bfloat16 another shape rounds the
     # model's matmuls otherwise (images a few levels apart), and it would be compiled again.
     batch_size = batch_for(num_images, int(s.batch_size), num_devices)
+    append_job_record(storage.join(folder, SAMPLING_RUNS), sampling_record(s, settings, source, ckpt, batch_size),
+                      WRITE_FIX)
+    multihost_utils.sync_global_devices("sample settings checked")
+
     for _ in range(MAX_PASSES):
         missing = images_to_sample(folder, num_images)
         if len(missing):
@@ -200,6 +206,21 @@ def job_settings(config, source, ckpt, options: SamplingOptions, conditioning) -
                 cfg_scale=options.cfg_scale, shift=options.shift, solver=options.solver, seed=int(s.seed),
                 num_images=conditioning.num_images, checkpoint_fingerprint=source.fingerprint(),
                 **conditioning.settings())
+
+
+def sampling_record(sample_config, settings: dict, source, ckpt, batch_size: int) -> dict:
+    """What this job's line of samples/sampling_runs.jsonl says besides job_records' own: the
+    weights read (of a training run, the step read: its new latest where its rotation deleted the
+    one first chosen), the batch and the attention kernel the images were computed with ('auto'
+    resolved for this platform; a call whose shapes the kernel refuses runs xla, as
+    kernels/attention.py says)."""
+    model = ckpt.model
+    return dict(checkpoint=settings["checkpoint"], checkpoint_step=source.run_step.step if source.run_step else None,
+                checkpoint_fingerprint=settings["checkpoint_fingerprint"], weights=settings["weights"],
+                num_images=settings["num_images"], batch_size=batch_size,
+                batch_size_asked=int(sample_config.batch_size),
+                dtype=model.dtype, param_dtype=model.param_dtype, attention=model.attention,
+                attention_backend=resolve_backend(model.attention, model.compute_dtype))
 
 
 def inputs_read(sample_config, settings: dict) -> list[InputRead]:
