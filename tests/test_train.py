@@ -1074,6 +1074,26 @@ def test_the_loop_logs_saves_and_previews_on_its_cadences_and_a_resume_takes_up_
     assert loop.train.complete_steps(str(tmp_path)) == [3, 6, 9]
 
 
+def test_each_started_job_of_a_run_adds_its_start_step_config_mesh_and_versions_to_training_runs_jsonl(
+        tmp_path, monkeypatch):
+    """A run's metrics and checkpoints did not say which command, config, mesh or versions of jax
+    trained which of their steps: a resume with other flags or on another machine left no trace."""
+    loop = StandInLoop(monkeypatch)
+    config = loop.config(num_steps=2)
+    loop.run(config, tmp_path)
+    config.train.num_steps = 3
+    loop.run(config, tmp_path)
+    loop.run(config, tmp_path)  # trained to num_steps already: no job started, no line
+    jobs = [json.loads(line) for line in (tmp_path / "training_runs.jsonl").read_text().splitlines()]
+    assert [(job["start_step"], job["num_steps"], job["config"]["train"]["num_steps"]) for job in jobs] == [
+        (0, 2, 2), (2, 3, 3)]
+    assert jobs[0]["config_fingerprint"] != jobs[1]["config_fingerprint"]  # num_steps changed
+    assert jobs[1]["mesh"] == {"data": 8, "fsdp": 1} and jobs[1]["attention_backend"] == "xla"
+    assert jobs[1]["environment"]["devices"]["device_count"] == 8
+    assert jobs[1]["environment"]["packages"]["optax"] == optax.__version__
+    assert jobs[1]["command"].startswith("python") and jobs[1]["cwd"] == os.getcwd()
+
+
 @pytest.mark.slow
 def test_a_resume_in_the_same_process_compiles_nothing(tmp_path, monkeypatch):
     """A notebook stops train() (Ctrl-C) and calls it again with the same config: the resumed run

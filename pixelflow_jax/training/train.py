@@ -9,6 +9,8 @@
     WORKDIR/train.lock             the run that owns the workdir (workdir_lock.py)
     WORKDIR/train_settings.json    what a resume may not change silently (resume_settings.py)
     WORKDIR/settings_changes.jsonl the changes a resume was allowed to make, by step
+    WORKDIR/training_runs.jsonl    a line per job started: its start step, command, config, mesh, software
+                                   and devices (job_records.py)
     WORKDIR/tensorboard/           the metrics as TensorBoard events
     WORKDIR/unreadable_checkpoints/ steps that did not restore, set aside at a resume
     WORKDIR/text_encoder/          the captioned demo's own small T5 (demo_text_encoder.py)
@@ -37,7 +39,8 @@ from pixelflow_jax import storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps, is_run
 from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, raise_dropped_stops, termination_signal
 from pixelflow_jax.config import ModelConfig
-from pixelflow_jax.kernels.attention import tracing_modes
+from pixelflow_jax.job_records import append_job_record, config_record
+from pixelflow_jax.kernels.attention import resolve_backend, tracing_modes
 from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.multihost import check_same_checkpoints, check_same_data, check_shared_workdir, from_process_0
 from pixelflow_jax.progress import Progress, say
@@ -57,6 +60,7 @@ from pixelflow_jax.training.train_step import (StepConfig, counts_updates, init_
 from pixelflow_jax.training.workdir_lock import WorkdirLock
 
 PREVIEWS = "previews"
+TRAINING_RUNS = "training_runs.jsonl"
 
 
 class TrainingStopped(RuntimeError):
@@ -550,6 +554,13 @@ def preempted_at(preemption: PreemptionWatch, step: int, num_steps: int, preview
     return TrainingPreempted(f"{preemption.cause}: saved step {step} on every process; {rest}", status)
 
 
+def training_record(config, start: int, mesh) -> dict:
+    """What this job's line of training_runs.jsonl says besides job_records' own: the step it
+    started from (0: a new run), its config, its mesh and the attention kernel ('auto' resolved)."""
+    return dict(start_step=start, num_steps=config.train.num_steps, mesh=dict(mesh.shape),
+                attention_backend=resolve_backend(config.model.attention, config.model.dtype), **config_record(config))
+
+
 def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
                            lock: WorkdirLock, prompts: list[str] | None) -> dict:
     """train() once `lock` is held: the run's data, text encoder and state (resumed or new), then its
@@ -584,6 +595,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                  num_classes=trained_classes, init_checkpoint=init_source.label if init_source else "",
                  init_weights=weights_chosen(init_source, t.init_from_weights),
                  updates_done=start - int(state["skipped_steps"]))  # a schedule counts applied updates
+    append_job_record(storage.join(workdir, TRAINING_RUNS), training_record(config, start, mesh), WRITE_FIX)
     raise_dropped_stops()  # a SIGTERM or Ctrl-C while starting that Python dropped (inside a gc callback)
     # One global batch per step: the data position is the step, whatever the number of processes.
     data_sharding = batch_sharding(mesh)
