@@ -1135,6 +1135,43 @@ def test_eval_reports_the_image_counts_it_read_from_each_file(tiny_inception, tm
     assert recorded["features_version"] == inception_features.FEATURES_VERSION
 
 
+def test_eval_json_records_the_digests_of_its_files_its_batch_the_cache_and_the_software(tiny_inception, tmp_path):
+    """eval.json named the files by path only: a samples.npz or reference written again since
+    left no way to tell which images a number came from, nor which batch and versions computed it."""
+    import zipfile
+    import zlib
+
+    import ml_collections
+
+    workdir = str(tmp_path / "run")
+    reference = images_npz(tmp_path / "reference.npz", 2)
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=samples, reference=reference,
+                                                      inception_weights=tiny_inception, batch_size=8)))
+    first = evaluate.run(config, workdir)
+    images_crc = lambda path: f"{zlib.crc32(zipfile.ZipFile(path).read('arr_0.npy')):08x}"
+    assert (first["samples_crc32"], first["reference_crc32"]) == (images_crc(samples), images_crc(reference))
+    assert first["reference_statistics_crc32"] == {}  # none stored: FID's came from its images
+    assert first["batch_size"] == 8 and first["features_from_cache"] == {"samples": False, "reference": False}
+    assert first["environment"]["packages"]["numpy"] == np.__version__
+    assert first["environment"]["devices"]["backend"] == "cpu" and first["command"]
+    second = evaluate.run(config, workdir)  # the same files: their features read from the cache
+    assert second["features_from_cache"] == {"samples": True, "reference": True}
+    history = [json.loads(line) for line in open(os.path.join(workdir, "eval_history.jsonl"))]
+    assert [line["features_from_cache"]["samples"] for line in history] == [False, True]
+    assert json.load(open(os.path.join(workdir, "eval.json")))["samples_crc32"] == images_crc(samples)
+
+
+def test_the_stored_statistics_of_a_reference_are_named_with_their_crc32(tmp_path):
+    import zipfile
+    import zlib
+
+    path = images_npz(tmp_path / "reference.npz", 0, mu=np.zeros(3), sigma=np.eye(3))
+    crc = lambda member: f"{zlib.crc32(zipfile.ZipFile(path).read(member)):08x}"
+    assert evaluate.stored_statistics_crc32(path) == {"mu": crc("mu.npy"), "sigma": crc("sigma.npy")}
+    assert evaluate.statistics_stored_in(path) == ["mu", "sigma"]
+
+
 def test_eval_reports_precision_as_the_samples_share_and_recall_as_the_references(tiny_inception, tmp_path):
     """Samples all near one reference image: every sample lies in the reference's manifold
     (precision 1), while the samples' tiny balls hold few reference images (recall low)."""

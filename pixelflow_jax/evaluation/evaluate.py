@@ -9,8 +9,9 @@ against a reference batch, the numbers ADM's evaluation suite prints, without Te
 Images are streamed from the .npz in batches (npz_images.py) and run through the Inception, whose
 features are cached next to the run (features.py): a second evaluation of the same files reads
 them. Results: printed, WORKDIR/eval.json (the latest) and a line of WORKDIR/eval_history.jsonl
-(every evaluation); NaN or inf anywhere (features, stored statistics, a metric) is an error, so
-they hold finite numbers only.
+(every evaluation), with what produced them (the files' CRC-32s, the batch, the software and
+devices: what_produced_the_metrics); NaN or inf anywhere (features, stored statistics, a metric)
+is an error, so they hold finite numbers only.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from pixelflow_jax.evaluation.features import (FEATURES_VERSION, FeatureExtracto
                                               replaced_as_process_0_finds)
 from pixelflow_jax.evaluation.npz_images import (DAMAGED_MEMBER, check_pixel_values, npz_contents, npz_for_folder,
                                                  npz_image_count, npz_images_crc, open_images, opened_archive)
+from pixelflow_jax.job_records import command_line
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
                                      from_process_0, seen_within_the_wait, stop_if_preempted_at_the_next_pass)
 from pixelflow_jax.progress import say
+from pixelflow_jax.software_versions import job_environment
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
 
 INPUT_ERRORS = (ValueError, CheckpointError, storage.StorageError)  # what check_inputs raises for bad input
@@ -218,6 +221,7 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
         num_samples=len(sample_features["pool"]), num_reference=len(reference_features["pool"]),
         samples=storage.absolute(samples), reference=storage.absolute(reference),
         inception_weights=extract.weights_id[0], features_version=FEATURES_VERSION,
+        **what_produced_the_metrics(extract, (samples, sample_crc), (reference, reference_crc)),
     )
     not_finite = [name for name in METRICS if not np.isfinite(results[name])]
     if not_finite:  # the checks above should make this impossible; eval.json must never hold NaN
@@ -225,6 +229,25 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
     check_left_in_place(samples, sample_crc)
     check_left_in_place(reference, reference_crc)
     return results
+
+
+def what_produced_the_metrics(extract: FeatureExtractor, samples: tuple[str, int], reference: tuple[str, int]) -> dict:
+    """What eval.json records beside the metrics so that they can be traced: the CRC-32 of each
+    file's images (arr_0, from the zip directory) and of the reference's stored statistics that FID
+    and sFID used ({} where the .npz holds none: they came from its images), the Inception batch,
+    which files' features came from the feature cache (computed by an earlier evaluation, with its
+    own batch and software: its line in eval_history.jsonl), the command and the software and devices."""
+    (samples_path, samples_crc), (reference_path, reference_crc) = samples, reference
+    return dict(samples_crc32=crc32_text(samples_crc), reference_crc32=crc32_text(reference_crc),
+                reference_statistics_crc32=stored_statistics_crc32(reference_path), batch_size=extract.batch_size,
+                features_from_cache={"samples": samples_path not in extract.computed,
+                                     "reference": reference_path not in extract.computed},
+                command=command_line(), environment=job_environment())
+
+
+def crc32_text(crc: int) -> str:
+    """A CRC-32 as the 8 hex digits `crc32` and `unzip -v` print."""
+    return f"{crc:08x}"
 
 
 def check_left_in_place(path: str, crc_at_start: int) -> None:
@@ -238,11 +261,19 @@ def check_left_in_place(path: str, crc_at_start: int) -> None:
                          "recorded; evaluate it again")
 
 
+def stored_statistics_crc32(path: str) -> dict[str, str]:
+    """ADM's statistics (mu, sigma, mu_s, sigma_s) an .npz holds beside its images, each with its
+    member's CRC-32 (crc32_text), from the zip directory (no array is read)."""
+    with contextlib.ExitStack() as opened:
+        archive = opened_archive(opened, path)
+        names = set(archive.namelist())
+        return {key: crc32_text(archive.getinfo(f"{key}.npy").CRC) for key in STATISTICS_SHAPES
+                if f"{key}.npy" in names}
+
+
 def statistics_stored_in(path: str) -> list[str]:
     """The names of ADM's statistics (mu, sigma, mu_s, sigma_s) an .npz holds beside its images."""
-    with contextlib.ExitStack() as opened:
-        names = opened_archive(opened, path).namelist()
-    return [key for key in STATISTICS_SHAPES if f"{key}.npy" in names]
+    return list(stored_statistics_crc32(path))
 
 
 def warn_if_swapped(samples: str, reference: str) -> None:
@@ -349,9 +380,11 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         say(f"{name}: {results[name]:.4f}")
-    if jax.process_index() == 0:
-        path = storage.join(workdir, EVAL_JSON)
-        with storage.writing(path, "the metrics are printed above; free space or make the workdir writable, and "
-                                   "rerun the same command to record them"):
-            storage.write_json_keeping_history(path, results)
+    path = storage.join(workdir, EVAL_JSON)
+    # Written by process 0; a failure there stops the others with it, not with a success of their own.
+    with failing_together((storage.StorageError,), f"writing {path}"):
+        if jax.process_index() == 0:
+            with storage.writing(path, "the metrics are printed above; free space or make the workdir writable, and "
+                                       "rerun the same command to record them"):
+                storage.write_json_keeping_history(path, results)
     return results

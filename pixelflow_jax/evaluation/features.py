@@ -55,6 +55,7 @@ class FeatureExtractor:
         self.params, self.rows = replicate_on_local_devices(params)
         devices = self.rows.mesh.size
         self.batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
+        self.computed: list[str] = []  # the files whose features it computed (the others' came from the cache)
 
     @functools.cached_property
     def widths(self) -> dict[str, int]:
@@ -67,6 +68,7 @@ class FeatureExtractor:
         """Every image's features, on every process: each computes its block of the images, then
         the processes gather them. Damage in one process's block (a truncated file) stops every
         process with an error, not only that one while the others wait in the gather."""
+        self.computed.append(path)
         total = npz_image_count(path)
         first, stop = rows_of_this_process(total)
         try:
