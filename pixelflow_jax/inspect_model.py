@@ -10,7 +10,9 @@ when config.sample.checkpoint is set (or empty in the workdir of a training run 
 as sampling reads it), that checkpoint's architecture, stages and resolution with its own weights
 (sample.weights of a training run, named in the report; null for a folder of one set), run in
 the config's model.dtype, param_dtype and attention as --mode=sample runs it. Writes
-WORKDIR/inspect.json (the latest) and adds it to WORKDIR/inspect_history.jsonl.
+WORKDIR/inspect.json (the latest) and adds it to WORKDIR/inspect_history.jsonl, with the
+checkpoint's fingerprint (the one sampling jobs record: api.CheckpointSource.fingerprint) and the
+software and devices that timed it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pixelflow_jax.model import PixelFlow
 from pixelflow_jax.progress import say
 from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
 from pixelflow_jax.scheduler import stage_resolutions
+from pixelflow_jax.software_versions import job_environment
 from pixelflow_jax.text.prompts import MAX_LENGTH
 
 
@@ -167,8 +170,8 @@ def inspect_in(config, workdir: str) -> dict:
                      stages[-1]["tokens"], compile_and_run, run_time)
 
     report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, weights=weights, exported_weights=exported,
-                  parameters=counts, batch=2,
-                  text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]))
+                  checkpoint_fingerprint=source.fingerprint() if source else None, parameters=counts, batch=2,
+                  text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]), environment=job_environment())
     say(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
     with storage.writing(report_path, "the report is printed above; free space or make the workdir writable, and "
                                       "rerun the same command to record it"):

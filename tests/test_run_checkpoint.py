@@ -1026,17 +1026,25 @@ def test_the_inspect_report_names_the_weights_of_the_run_it_timed(run, converted
     from configs import c2i
     from pixelflow_jax import inspect_model
 
+    from pixelflow_jax.api import resolve_checkpoint
+
     for weights in ("ema", "model"):
         config = c2i.get_config("tiny")
         config.sample.update(checkpoint=run[0], weights=weights)
         report = inspect_model.run(config, str(tmp_path))
         assert (report["checkpoint"], report["weights"]) == (os.path.join(run[0], "checkpoints", "4"), weights)
+        # the step's fingerprint, as a sampling job of it records: a run's step written again is another checkpoint
+        assert report["checkpoint_fingerprint"] == resolve_checkpoint(run[0]).fingerprint()
     history = [json.loads(line) for line in open(tmp_path / "inspect_history.jsonl")]
     assert [line["weights"] for line in history] == ["ema", "model"]
-    assert inspect_model.run(c2i.get_config("tiny"), str(tmp_path / "own"))["weights"] is None  # random weights
+    own = inspect_model.run(c2i.get_config("tiny"), str(tmp_path / "own"))
+    assert (own["weights"], own["checkpoint_fingerprint"]) == (None, None)  # random weights
+    assert own["environment"]["packages"]["flax"] and own["environment"]["devices"]["backend"] == "cpu"
     config = c2i.get_config("tiny")
     config.sample.checkpoint = converted["c2i_tiny"]  # one set of weights: no choice to name ('ema' before)
-    assert inspect_model.run(config, str(tmp_path / "converted"))["weights"] is None
+    report = inspect_model.run(config, str(tmp_path / "converted"))
+    assert report["weights"] is None
+    assert report["checkpoint_fingerprint"] == resolve_checkpoint(converted["c2i_tiny"]).fingerprint()
 
 
 def test_a_restore_error_keeps_tensorstores_first_line_without_the_spec_it_appends():
