@@ -1655,3 +1655,22 @@ def test_reading_the_umask_never_changes_it(monkeypatch):
         assert temporaries.umask() == 0o027 and changes == []
     finally:
         os.umask(previous)
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_leftovers_with_a_warning_and_the_job_goes_on(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """A cleanup of leftovers stopped the job with a traceback when its folder could not be listed
+    (no read permission, or removed between the check and the listing)."""
+    import logging
+
+    (tmp_path / "grid.png.tmp").write_bytes(b"")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(storage.temporaries.os, "listdir", unreadable)
+    with caplog.at_level(logging.WARNING):
+        storage.clear_leftovers_of_killed_writers(str(tmp_path))
+    assert f"could not look for the temporary files of an interrupted run in {tmp_path} (Permission denied)" in caplog.text
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["grid.png.tmp"]

@@ -105,8 +105,14 @@ def remove_temporaries(folder: str) -> int:
     object). Returns how many."""
     if is_url(folder) or not os.path.isdir(folder):
         return 0
+    try:
+        names = os.listdir(folder)
+    except OSError as error:  # unreadable, or removed since: the job's own writes there will say what is wrong
+        logging.warning("could not look for the temporary files of an interrupted run in %s (%s); any there are "
+                        "left in place", folder, error.strerror or type(error).__name__)
+        return 0
     stale = []
-    for name in os.listdir(folder):
+    for name in names:
         match = _TEMPORARY.fullmatch(name)
         if match and (match["pid"] is None or writer_gone(match, os.path.join(folder, name))):
             stale.append(name)
