@@ -331,3 +331,28 @@ def test_a_stdout_that_cannot_be_written_leaves_the_report_in_the_workdir(tmp_pa
     inspect_model.run(config, str(tmp_path))
     with open(tmp_path / "inspect.json") as f:
         assert [s["resolution"] for s in json.load(f)["stages"]] == [8, 16]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_process_0_of_a_job_alone_writes_the_report_and_a_failure_there_stops_the_others(tmp_path, monkeypatch, index):
+    """Every process of a pod's inspection wrote inspect.json and added its line to the history."""
+    from jax.experimental import multihost_utils
+
+    from pixelflow_jax import inspect_model
+
+    failed_on_process_0 = [index == 1]  # seen by process 1: process 0 could not write the report
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda flag: np.array([failed_on_process_0[0], 0] if index else [flag, 0], np.int32))
+    config = tiny_config("c2i")
+    config.scheduler.num_stages, config.data.resolution = 2, 16  # two quick compiles
+    workdir = tmp_path / "inspect"
+    if index == 0:
+        report = inspect_model.run(config, str(workdir))
+        assert json.load(open(workdir / "inspect.json"))["stages"] == report["stages"]
+        assert len(open(workdir / "inspect_history.jsonl").readlines()) == 1
+    else:
+        with pytest.raises(ValueError, match=r"process 0 of 2 stopped writing .*inspect.json \(its error says why\)"):
+            inspect_model.run(config, str(workdir))
+        assert not (workdir / "inspect.json").exists() and not (workdir / "inspect_history.jsonl").exists()
