@@ -164,7 +164,7 @@ def check_job() -> tuple[dict | None, bool]:
 def start_job(command: dict | None):
     """Joins the other processes (--distributed) or keeps compiled programs, and checks the attention
     kernel, all before any file is written."""
-    from pixelflow_jax import host_memory, multihost, storage
+    from pixelflow_jax import host_memory, multihost, software_versions, storage
     from pixelflow_jax.cli.platforms import platform_error
 
     if not FLAGS.distributed and (message := platform_error()):  # a --distributed job's are checked as it joins
@@ -175,6 +175,7 @@ def start_job(command: dict | None):
         try:
             multihost.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             multihost.check_same_job(command)
+            multihost.check_same_software(software_versions.version_fields())
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif FLAGS.compilation_cache != "off":

@@ -357,23 +357,45 @@ def check_same_job(fields: dict[str, str]) -> None:
     different image counts crashed in a collective. `fields`: job_fields of the command."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     differing, _ = compare_views("\n".join(fields), len(fields))
     if differing:
         raise ValueError(f"{named(differing)} of this job {'have' if len(differing) > 1 else 'has'} other config "
                          "fields than process 0 (another config file, or another version of this project): run the "
                          "same checkout and the same command on every host")
-    hashes = np.concatenate([hashed(value, 1) for value in fields.values()])
-    everyone = np.asarray(multihost_utils.process_allgather(hashes))
-    others = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
+    others, changed = values_differing(fields)
     if others:
-        changed = [name for j, name in enumerate(fields) if len(set(everyone[:, j].tolist())) > 1]
         here = ", ".join(f"{name}={fields[name] if name.startswith('--config.') else repr(fields[name])}"
                          for name in changed)
         raise ValueError(f"the processes of this job were started with different commands: {named(others)} "
                          f"{'differ' if len(others) > 1 else 'differs'} from process 0 in {', '.join(changed)} "
                          f"(this process, {jax.process_index()}: {here}). Run the same command on every host")
+
+
+def values_differing(values: dict[str, str]) -> tuple[list[int], list[str]]:
+    """(the processes whose `values` differ from process 0's, the names of the values that differ
+    somewhere), from one hash per value gathered from every process; every process has the same names."""
+    from jax.experimental import multihost_utils
+
+    hashes = np.concatenate([hashed(value, 1) for value in values.values()])
+    everyone = np.asarray(multihost_utils.process_allgather(hashes))
+    others = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
+    return others, [name for j, name in enumerate(values) if len(set(everyone[:, j].tolist())) > 1]
+
+
+def check_same_software(versions: dict[str, str]) -> None:
+    """Every process runs the same Python and library versions (software_versions.version_fields).
+    Hosts installed at other times got other jax, jaxlib or flax releases: their processes compiled
+    other programs, computed other numbers than process 0 recorded, or waited in collectives the
+    others never joined."""
+    if jax.process_count() == 1:
+        return
+    others, changed = values_differing(versions)
+    if others:
+        here = ", ".join(f"{name} {versions[name]}" for name in changed)
+        raise ValueError(f"the processes of this job run different software: {named(others)} "
+                         f"{'differ' if len(others) > 1 else 'differs'} from process 0 in {', '.join(changed)} "
+                         f"(this process, {jax.process_index()}: {here}). Install the same versions on every host "
+                         "(the same pip install command, from one checkout's requirements.txt, on each)")
 
 
 def check_same_data(num_records: int, listing: str | None, where: str) -> None:

@@ -33,6 +33,13 @@ def software_versions() -> dict:
     return {"python": platform.python_version(), "packages": packages}
 
 
+def version_fields() -> dict[str, str]:
+    """Python's and every package's version (of PACKAGES and ACCELERATOR_PACKAGES, "not installed"
+    where absent), by name, the same names on every host: what the processes of a job must agree on."""
+    versions = {name: package_version(name) or "not installed" for name in (*PACKAGES, *ACCELERATOR_PACKAGES)}
+    return {"python": platform.python_version(), **versions}
+
+
 def devices_used() -> dict:
     """The backend (cpu, gpu, tpu), its runtime's version (a CUDA or TPU runtime names its own), the
     kind of device, and how many devices and processes the job has (local: this process's)."""

@@ -1456,6 +1456,8 @@ def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkey
     must come first), so main.py leaves a --distributed process's check to multihost's join."""
     from types import SimpleNamespace
 
+    import jax
+
     from pixelflow_jax import host_memory, multihost
     from pixelflow_jax.cli import platforms
 
@@ -1465,12 +1467,14 @@ def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkey
     calls = []
     monkeypatch.setattr(platforms, "platform_error", lambda: calls.append("platform check") or None)
     monkeypatch.setattr(multihost, "start_distributed", lambda *args: calls.append("join"))
-    monkeypatch.setattr(multihost, "check_same_job", lambda command: None)
+    monkeypatch.setattr(multihost, "check_same_job", lambda command: calls.append("same command"))
+    monkeypatch.setattr(multihost, "check_same_software", lambda versions: calls.append(f"same jax {versions['jax']}"))
     monkeypatch.setattr(host_memory, "reuse_freed_buffers_on_cpu", lambda: False)
     monkeypatch.setattr(main, "FLAGS", SimpleNamespace(distributed=True, coordinator_address="h:1", num_processes=2,
                                                        process_id=1, compilation_cache="off", mode="eval"))
     main.start_job(None)
-    assert calls == ["join"]  # the stand-in join checks nothing; multihost's own checks once joined
+    # the stand-in join checks nothing; multihost's own checks once joined, then the command and the software
+    assert calls == ["join", "same command", f"same jax {jax.__version__}"]
 
 
 def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_platform_here(tmp_path):

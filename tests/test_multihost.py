@@ -145,6 +145,24 @@ def test_processes_started_with_other_overrides_stop_naming_the_fields(monkeypat
         multihost.check_same_job(multihost.job_fields("train", "gs://b/run", config))
 
 
+def test_processes_running_other_library_versions_stop_naming_the_package_and_this_hosts_version(monkeypatch):
+    """Hosts installed at other times ran other jax or flax releases side by side without a word:
+    other programs, other numbers than process 0 recorded, or collectives the others never joined."""
+    from pixelflow_jax import software_versions
+
+    versions = software_versions.version_fields()
+    assert {"python", "jax", "jaxlib", "flax", "jax-cuda12-plugin", "libtpu"} <= set(versions)
+    calls_of_the_other_process(monkeypatch, multihost.check_same_software, versions)
+    multihost.check_same_software(versions)  # the same software everywhere
+    other = {**versions, "jaxlib": "0.0.1", "libtpu": "0.0.2"}
+    calls_of_the_other_process(monkeypatch, multihost.check_same_software, other)
+    with pytest.raises(ValueError, match=rf"the processes of this job run different software: process 1 of 2 differs "
+                                         rf"from process 0 in jaxlib, libtpu \(this process, 0: jaxlib "
+                                         rf"{re.escape(versions['jaxlib'])}, libtpu {versions['libtpu']}\)\. Install "
+                                         rf"the same versions on every host"):
+        multihost.check_same_software(versions)
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
 def test_rows_shared_out_in_blocks_gather_back_to_every_row_in_order(monkeypatch, count):
     """Each process's block, padded, gathered and cut: the whole array again, for totals that
