@@ -1052,6 +1052,21 @@ def test_a_folder_named_for_a_url_in_a_bucket_is_never_made_locally_and_a_local_
     assert not storage.is_url(local) and storage.join(local, "y") == os.path.join(local, "y")
 
 
+def test_a_bucket_that_refuses_the_probe_names_the_cause_and_what_to_check_for_a_bucket(bucket, monkeypatch):
+    """A bucket this account may read but not write to: gcsfs's 403 was the error, with no word of
+    the credentials to check; a local folder's advice (make it writable) does not apply there."""
+    def forbidden(path, data):
+        raise PermissionError(f"Forbidden: {path}: does not have storage.objects.create access")
+
+    monkeypatch.setattr(storage.writes, "write_atomically", forbidden)
+    with pytest.raises(storage.StorageError) as refused:
+        storage.check_writable(f"{bucket}/run")
+    assert str(refused.value) == (
+        f"cannot write to {bucket}/run: PermissionError: Forbidden: {bucket}/run/.write_check.tmp-"
+        f"{storage.writer_tag()}-probe: does not have storage.objects.create access ({storage.CHECK_ACCESS}, and "
+        "that they may write there)")
+
+
 def storage_file_system(url: str):
     """fsspec's cached file system for a URL, the one storage uses: made after storage configured
     gcsfs, whose settings are part of the instance's key."""
