@@ -1339,6 +1339,27 @@ def test_a_local_copy_of_a_bucket_file_is_fetched_again_when_cut_short_or_change
     assert open(storage.cached_copy(url, folder), "rb").read() == b"vocab-2" and len(downloads) == 3
 
 
+def test_a_bucket_file_rewritten_within_the_second_at_the_same_size_is_fetched_again(bucket, tmp_path, monkeypatch):
+    """The record of a local copy held the size and the whole-second time: a rewrite within that
+    second at the same size (a tokenizer fixed and uploaded again at once) kept the stale copy."""
+    url, folder, downloads = f"{bucket}/t5/spiece.model", str(tmp_path / "cache"), []
+    real_open = storage.cache.open_file
+    monkeypatch.setattr(storage.cache, "open_file", lambda path, mode: downloads.append(path) or real_open(path, mode))
+    time.sleep(1.05 - time.time() % 1)  # just after a second begins: both writes within it
+    storage.write_atomically(url, b"vocab-1")
+    local = storage.cached_copy(url, folder)
+    first = storage.size_and_mtime(url)
+    storage.write_atomically(url, b"vocab-2")
+    assert storage.size_and_mtime(url) == first  # what the record held before: the same
+    assert open(storage.cached_copy(url, folder), "rb").read() == b"vocab-2" and len(downloads) == 2
+    # A record written before generations were kept is good for the generation there now, once.
+    record = json.load(open(local + ".source.json"))
+    generation = record.pop("generation")
+    json.dump(record, open(local + ".source.json", "w"))
+    assert storage.cached_copy(url, folder) == local and len(downloads) == 2
+    assert json.load(open(local + ".source.json"))["generation"] == generation
+
+
 def test_a_download_is_written_under_the_name_the_next_download_clears(bucket, tmp_path, monkeypatch):
     """cached_copy clears .NAME.download-HOST-PID-* of dead processes: a download killed -9 (a T5
     model's gigabytes) is left under that name. Under another writer's temporary name it stayed for
@@ -1385,7 +1406,7 @@ def test_a_local_copy_clears_only_this_hosts_downloads_whose_process_is_gone(buc
 
 
 def test_a_file_gone_from_the_bucket_during_its_download_is_missing_not_a_cache_error(bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage.cache, "size_and_mtime", lambda url: (5, 1.0))  # seen just before its deletion
+    monkeypatch.setattr(storage.cache, "file_version", lambda url: {"size": 5, "mtime": 1.0})  # seen just before its deletion
     with pytest.raises(FileNotFoundError):
         storage.cached_copy(f"{bucket}/t5/spiece.model", str(tmp_path / "cache"))
 

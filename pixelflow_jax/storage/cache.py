@@ -11,7 +11,7 @@ from typing import Iterator
 
 from pixelflow_jax.error_text import described
 from pixelflow_jax.storage.paths import StorageError, basename, is_url
-from pixelflow_jax.storage.reads import open_file, size_and_mtime
+from pixelflow_jax.storage.reads import file_version, open_file
 from pixelflow_jax.storage.writes import write_json_atomically, write_local_atomically
 from pixelflow_jax.storage.temporaries import process_alive
 
@@ -48,19 +48,24 @@ def unknown_home_folder() -> str | None:
 
 
 def cached_copy(url: str, folder: str) -> str:
-    """folder/NAME, a local copy of the file at `url`: downloaded again only when the remote's size
-    or modification time differs from what NAME.source.json recorded. The copy appears whole
+    """folder/NAME, a local copy of the file at `url`: downloaded again only when the remote's size,
+    modification time or generation differs from what NAME.source.json recorded. The copy appears whole
     (downloaded beside it, then renamed), so a killed download is never read as the file; its
     leftovers are deleted by the next download on the same host (the folder may be on a file
     system that other hosts share, where their downloads are theirs to clear)."""
     local = os.path.join(folder, basename(url))
     record_path = local + ".source.json"
-    size, mtime = size_and_mtime(url)
-    record = {"url": url, "size": size, "mtime": mtime}
+    record = {"url": url, **file_version(url)}
+    # A record of an earlier version holds no generation: its copy is taken as the generation there now
+    # (as before; not downloaded again), and its record gains it.
+    of_earlier_versions = {key: value for key, value in record.items() if key != "generation"}
     with contextlib.suppress(OSError, ValueError):
         with open(record_path) as f:
-            if json.load(f) == record and os.path.getsize(local) == size:
-                return local
+            recorded = json.load(f)
+        if recorded in (record, of_earlier_versions) and os.path.getsize(local) == record["size"]:
+            if recorded != record:
+                write_json_atomically(record_path, record)
+            return local
     with cache_errors(url, folder):
         os.makedirs(folder, exist_ok=True)
         partial = f".{basename(url)}.download-{socket.gethostname()}-"

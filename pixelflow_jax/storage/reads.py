@@ -239,6 +239,14 @@ def read_in_order(read: Callable[[Any], Any], items) -> Iterator:
 
 def size_and_mtime(path: str) -> tuple[int, float]:
     """(bytes, modification time in seconds since the epoch), local or in a bucket."""
+    version = file_version(path)
+    return version["size"], version["mtime"]
+
+
+def file_version(path: str) -> dict:
+    """{"size": bytes, "mtime": seconds since the epoch}, and for an object of a bucket that numbers
+    its versions (GCS) its "generation": a rewrite within the second that keeps the size changes
+    only that."""
     if is_url(path):
         def ask(_):
             fs, key = asked_of_the_bucket(path)
@@ -247,9 +255,10 @@ def size_and_mtime(path: str) -> tuple[int, float]:
         info = on_remote(path, ask)
         # Whole seconds, as epath's stat gave them: the records of local copies made so far stay valid.
         mtime = int(info["mtime"].timestamp()) if info.get("mtime") else 0
-        return int(info["size"]), float(mtime)
+        generation = {"generation": str(info["generation"])} if info.get("generation") else {}
+        return {"size": int(info["size"]), "mtime": float(mtime), **generation}
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime
+    return {"size": stat.st_size, "mtime": stat.st_mtime}
 
 
 @contextlib.contextmanager
