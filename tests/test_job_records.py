@@ -62,3 +62,67 @@ def test_two_configs_of_the_same_fields_have_one_fingerprint_and_any_change_anot
     assert record == config_record(c2i.get_config("tiny")) and record["config"]["train"]["lr"] == config.train.lr
     config.train.lr *= 2
     assert config_record(config)["config_fingerprint"] != record["config_fingerprint"]
+
+
+def test_the_command_names_the_program_and_quotes_each_argument_so_a_shell_splits_it_back(monkeypatch):
+    """A recorded command is run again by pasting it: an argument holding a space or a quote must
+    come back as one argument, and the interpreter that ran it is named first."""
+    import os
+    import shlex
+    import sys
+
+    from pixelflow_jax.job_records import command_line
+
+    argv = ["main.py", "--workdir=/runs/my run", "--config.sample.prompts_file=it's.txt", "--config.x=(1,2)"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert shlex.split(command_line()) == [os.path.basename(sys.executable), *argv]
+
+
+def test_the_time_of_a_record_is_utc_to_the_second():
+    import datetime
+    import re
+
+    stamp = storage.utc_now()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", stamp), stamp
+    assert abs(datetime.datetime.fromisoformat(stamp) - datetime.datetime.now(datetime.timezone.utc)).total_seconds() < 5
+
+
+def test_every_package_a_result_depends_on_is_named_and_a_plug_in_only_where_installed(monkeypatch):
+    """A CPU host lists no CUDA or TPU plug-in (not even as None); a host with one names its version."""
+    import importlib.metadata
+
+    from pixelflow_jax import software_versions
+
+    packages = software_versions.software_versions()["packages"]
+    assert packages == {name: importlib.metadata.version(name) for name in software_versions.PACKAGES}
+    assert {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"} == set(software_versions.PACKAGES)
+    real_version = software_versions.package_version
+    monkeypatch.setattr(software_versions, "package_version",
+                        lambda name: "0.1.2" if name == "libtpu" else real_version(name))
+    assert software_versions.software_versions()["packages"]["libtpu"] == "0.1.2"
+    assert "jax-cuda12-plugin" not in software_versions.software_versions()["packages"]
+    assert software_versions.package_version("no-such-distribution-here") is None
+
+
+def test_the_devices_record_each_count_in_its_own_field(monkeypatch):
+    """On one CPU process the counts coincide; a pod's process has 4 local of 16 devices, 4 processes."""
+    from pixelflow_jax.software_versions import devices_used
+
+    monkeypatch.setattr(jax, "device_count", lambda: 16)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    devices = devices_used()
+    assert (devices["device_count"], devices["local_device_count"], devices["process_count"]) == (16, 4, 4)
+    assert (devices["backend"], devices["device_kind"]) == (jax.default_backend(), jax.devices()[0].device_kind)
+    assert devices["platform_version"] == jax.devices()[0].client.platform_version
+
+
+def test_a_config_fingerprint_is_16_hex_digits_of_the_fields_whatever_their_order():
+    import re
+
+    import ml_collections
+
+    first = config_record(ml_collections.ConfigDict({"a": 1, "b": {"c": (2, 3)}}))
+    second = config_record(ml_collections.ConfigDict({"b": {"c": (2, 3)}, "a": 1}))
+    assert first == second and re.fullmatch(r"[0-9a-f]{16}", first["config_fingerprint"])
+    assert first["config"] == {"a": 1, "b": {"c": [2, 3]}}
