@@ -426,6 +426,8 @@ def test_a_sampling_job_and_an_export_of_a_run_record_the_step_they_read_through
     settings = json.loads((tmp_path / "sampled" / "samples" / "settings.json").read_text())
     assert settings["checkpoint"] == str(workdir / "checkpoints" / "6")
     assert settings["checkpoint_fingerprint"] == storage.fingerprint(str(workdir / "checkpoints" / "6"))
+    job, = [json.loads(line) for line in open(tmp_path / "sampled" / "samples" / "sampling_runs.jsonl")]
+    assert (job["checkpoint"], job["checkpoint_step"]) == (settings["checkpoint"], 6)  # the step read, not 4
     # The converter as a user runs it, its restore rotated away once in its own process.
     export = subprocess.run([sys.executable, "-c", ROTATING_EXPORT, str(workdir), str(tmp_path / "export")],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -448,6 +450,23 @@ ocp.PyTreeCheckpointer.restore = restore_as_the_run_rotates
 sys.argv = ["convert_torch_ckpt.py", "--to_torch", f"--jax_checkpoint={run}", f"--output={output}"]
 runpy.run_path("convert_torch_ckpt.py", run_name="__main__")
 """
+
+
+def test_only_a_run_named_whose_latest_step_is_newer_than_the_one_rotated_away_is_read_again(run, tmp_path):
+    """A read is taken again from a newer step only: where the step that failed is still the run's
+    newest (its rotation still removing it, as listed), reading it again would fail as before, and
+    where no complete step is left the error is the rotation's, not 'no checkpoint yet'."""
+    from pixelflow_jax.api import newer_latest_step
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+
+    workdir = str(shutil.copytree(run[0], tmp_path / "run"))  # steps 2 and 4
+    assert newer_latest_step(RunStep(workdir, 2, latest=True)) == RunStep(workdir, 4, latest=True)
+    assert newer_latest_step(RunStep(workdir, 4, latest=True)) is None  # still listed as the newest
+    assert newer_latest_step(RunStep(workdir, 2)) is None  # a step the user named
+    assert newer_latest_step(None) is None  # not a training run
+    for step in ("2", "4"):
+        shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+    assert newer_latest_step(RunStep(workdir, 4, latest=True)) is None
 
 
 def test_a_step_named_that_its_run_rotates_away_is_not_read_at_another_and_the_error_says_to_name_the_run(
