@@ -917,3 +917,29 @@ def test_two_sample_jobs_starting_together_in_one_folder_cannot_both_record_thei
         check_settings(str(samples), str(tmp_path), {"seed": 1})
     assert json.loads((samples / "settings.json").read_text()) == {"seed": 0}
     assert os.listdir(samples) == ["settings.json"]  # no temporary left
+
+
+def test_a_jobs_line_in_sampling_runs_names_the_step_read_its_batches_dtypes_and_resolved_kernel():
+    """Each field from its own source: the step of the source read (None for a folder that is no
+    training run), the batch run beside the one asked, the compute and weight dtypes apart, and the
+    kernel 'auto' resolved to on this platform."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+    from pixelflow_jax.kernels.attention import resolve_backend
+    from pixelflow_jax.sampling.sample_run import sampling_record
+
+    model = SimpleNamespace(dtype="bfloat16", param_dtype="float32", attention="auto", compute_dtype=jnp.bfloat16)
+    settings = dict(checkpoint="/runs/a/checkpoints/6", checkpoint_fingerprint="f1f2", weights="model", num_images=12)
+    source = SimpleNamespace(run_step=RunStep("/runs/a", 6, latest=True))
+    record = sampling_record(SimpleNamespace(batch_size=64), settings, source, SimpleNamespace(model=model), 16)
+    assert record == dict(checkpoint="/runs/a/checkpoints/6", checkpoint_step=6, checkpoint_fingerprint="f1f2",
+                          weights="model", num_images=12, batch_size=16, batch_size_asked=64, dtype="bfloat16",
+                          param_dtype="float32", attention="auto",
+                          attention_backend=resolve_backend("auto", jnp.bfloat16))
+    assert record["attention_backend"] != "auto"
+    converted = SimpleNamespace(run_step=None)
+    assert sampling_record(SimpleNamespace(batch_size=64), settings, converted, SimpleNamespace(model=model),
+                           16)["checkpoint_step"] is None
