@@ -1162,6 +1162,23 @@ def test_eval_json_records_the_digests_of_its_files_its_batch_the_cache_and_the_
     assert json.load(open(os.path.join(workdir, "eval.json")))["samples_crc32"] == images_crc(samples)
 
 
+def test_eval_json_says_of_each_file_alone_whether_its_features_were_cached_and_names_the_references_statistics(
+        tmp_path):
+    """The samples' features computed and the reference's read from the cache (a new samples.npz
+    against the reference of an earlier evaluation), and statistics stored in the reference only:
+    each field follows its own file, which two runs over the same pair could not tell apart."""
+    from types import SimpleNamespace
+
+    samples = images_npz(tmp_path / "samples.npz", 1)
+    reference = images_npz(tmp_path / "reference.npz", 2, mu=np.zeros(3), sigma=np.eye(3))
+    extract = SimpleNamespace(batch_size=16, computed={samples})
+    record = evaluate.what_produced_the_metrics(extract, (samples, 0xAB), (reference, 0x12345678))
+    assert record["features_from_cache"] == {"samples": False, "reference": True}
+    assert (record["samples_crc32"], record["reference_crc32"]) == ("000000ab", "12345678")
+    assert record["reference_statistics_crc32"] == evaluate.stored_statistics_crc32(reference)
+    assert set(record["reference_statistics_crc32"]) == {"mu", "sigma"} and record["batch_size"] == 16
+
+
 def test_the_stored_statistics_of_a_reference_are_named_with_their_crc32(tmp_path):
     import zipfile
     import zlib
