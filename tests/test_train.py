@@ -872,6 +872,24 @@ def test_a_fine_tune_records_the_step_and_the_weights_it_started_from(tmp_path, 
     assert {key: settings().get(key) for key in started} == started
 
 
+def test_a_fine_tune_records_the_step_it_read_where_the_source_runs_rotation_deleted_the_one_chosen(
+        tmp_path, monkeypatch, converted):
+    """init_from names a run still training: its step 4, chosen as the latest, was rotated away
+    while it was read, and step 6 was read instead; the fine-tune's record names step 6."""
+    from test_run_checkpoint import RunRotating, write_run
+
+    source = str(tmp_path / "source")
+    write_run(converted["c2i_tiny"], source)  # steps 2 and 4 of a 1000-class run
+    loop = StandInLoop(monkeypatch)
+    rotation = RunRotating(source, monkeypatch, left=1)
+    config = loop.config(num_steps=1, init_from=source, init_from_weights="model")
+    config.model.num_classes = config.data.demo_num_classes = 1000
+    loop.run(config, tmp_path / "tune")
+    assert rotation.rotated == [4]
+    settings = json.loads((tmp_path / "tune" / "train_settings.json").read_text())
+    assert settings["train.init_from_checkpoint"] == f"{source}/checkpoints/6"
+
+
 def test_previews_of_a_run_on_class_folders_cycle_over_its_folders(tmp_path, monkeypatch):
     """A fine-tune of a 1000-class model on 3 class folders trains ids 0-2: its previews drew ids
     0-15, mostly classes it never trained. Other data cycles over every class."""
