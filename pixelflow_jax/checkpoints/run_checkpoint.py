@@ -339,10 +339,6 @@ class StepRotatedAway(CheckpointError):
     checkpoint rotation, train.keep_checkpoints): not damage, and where the run was named, its
     newer step can be read instead (api.read_through_rotation)."""
 
-    def __init__(self, message: str, run_step: RunStep):
-        super().__init__(message)
-        self.run_step = run_step
-
 
 def rotated_away(run_step: RunStep, advice: str | None = None) -> StepRotatedAway:
     """The error for a step that its run, still training, deleted while it was read; `advice` says
@@ -353,7 +349,7 @@ def rotated_away(run_step: RunStep, advice: str | None = None) -> StepRotatedAwa
     return StepRotatedAway(f"{run_step.folder} was deleted while it was read: its run is still training, and its "
                            f"checkpoint rotation (train.keep_checkpoints) removed the step; {advice}, or, to keep a "
                            f"step while the run trains on, {KEEP_A_STEP} (a run started with a larger "
-                           "train.keep_checkpoints keeps more steps)", run_step)
+                           "train.keep_checkpoints keeps more steps)")
 
 
 def deleted_while_read(folder: str, watch_s: float = 1.0) -> bool:
