@@ -1115,3 +1115,90 @@ def test_the_steps_of_a_run_with_none_are_listed_without_importing_orbax(tmp_pat
             f"print(complete_steps({str(tmp_path)!r}), 'orbax.checkpoint' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["[]", "False"], result.stderr[-2000:]
+
+
+def rotated_each_read(run_dir: str, newest: list[int]):
+    """A stand-in for api's latest_step, of a run whose latest step is newest[0], and a `read` that
+    finds the step it reads rotated away, saving a newer one (newest[0] + 2) as it goes: no restore,
+    no compile. Returns (latest_step, read, the steps read)."""
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep, rotated_away
+
+    steps_read = []
+
+    def latest_step(run):
+        assert run == run_dir
+        return RunStep(run, newest[0], latest=True)
+
+    def read(source):
+        steps_read.append(source.run_step.step)
+        newest[0] += 2
+        raise rotated_away(source.run_step)
+
+    return latest_step, read, steps_read
+
+
+def test_read_through_rotation_reads_each_new_latest_step_as_the_source_of_its_folder(tmp_path, monkeypatch):
+    """The source read after a rotation is the new step's absolute folder, with its RunStep (what
+    the jobs record), and five reads in all; a read that succeeds ends the retries with its value."""
+    from pixelflow_jax import api
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep, StepRotatedAway
+
+    run_dir = str(tmp_path / "run")
+    latest_step, read, steps_read = rotated_each_read(run_dir, [4])
+    monkeypatch.setattr(api, "latest_step", latest_step)
+    first = api.run_step_source(RunStep(run_dir, 4, latest=True))
+    with pytest.raises(StepRotatedAway, match=r"checkpoints/12 was deleted while it was read: .*each of the 5 steps"):
+        api.read_through_rotation(first, read)
+    assert steps_read == [4, 6, 8, 10, 12]
+
+    sources = []
+
+    def read_on_the_second_try(source):
+        sources.append(source)
+        if len(sources) == 1:
+            raise api.rotated_away(source.run_step)
+        return "weights"
+
+    assert api.read_through_rotation(first, read_on_the_second_try) == "weights"
+    folder = os.path.join(run_dir, "checkpoints", "14")  # the latest after the five reads above
+    assert sources[1] == api.CheckpointSource(folder, folder, RunStep(run_dir, 14, latest=True))
+
+
+def test_a_step_named_is_not_read_again_and_its_error_says_to_name_the_run_in_a_job_of_any_size(tmp_path,
+                                                                                               monkeypatch):
+    """A step the user named is the one they asked for: its rotation is the read's error as raised,
+    whether the job has one process or several (whose own advice is for a run named)."""
+    from pixelflow_jax import api
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep, StepRotatedAway
+
+    run_dir = str(tmp_path / "run")
+    latest_step, read, steps_read = rotated_each_read(run_dir, [4])
+    monkeypatch.setattr(api, "latest_step", latest_step)
+    named = api.run_step_source(RunStep(run_dir, 2))
+    for processes in (1, 2):
+        monkeypatch.setattr(jax, "process_count", lambda: processes)
+        with pytest.raises(StepRotatedAway, match=rf"; pass the run \({re.escape(run_dir)}\) instead of one of its "
+                                                  "steps"):
+            api.read_through_rotation(named, read)
+    assert steps_read == [2, 2]
+
+
+def test_no_newer_step_is_read_where_the_runs_latest_is_the_step_read_or_older_or_none(tmp_path, monkeypatch):
+    """A run whose step read went without a newer one was pruned, not rotated (its latest is that
+    step still listed, or an older one), and a run with no complete step left has none to read."""
+    from pixelflow_jax import api
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+
+    run_dir = str(tmp_path / "run")
+    read = RunStep(run_dir, 6, latest=True)
+    for latest in (4, 6, 8):
+        monkeypatch.setattr(api, "latest_step", lambda run: RunStep(run, latest, latest=True))
+        assert api.newer_latest_step(read) == (RunStep(run_dir, 8, latest=True) if latest == 8 else None)
+    assert api.newer_latest_step(RunStep(run_dir, 6)) is None  # a step named
+    assert api.newer_latest_step(None) is None  # not a training run
+
+    def no_complete_step(run):
+        raise CheckpointError(f"training run {run} has no complete checkpoint yet")
+
+    monkeypatch.setattr(api, "latest_step", no_complete_step)
+    assert api.newer_latest_step(read) is None
