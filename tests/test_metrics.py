@@ -1556,3 +1556,24 @@ def test_an_evaluation_whose_stdout_cannot_be_written_keeps_its_eval_json(tmp_pa
     evaluate.run(c2i_config(**paths, **{"eval.inception_weights": str(tmp_path / "w.pth")}), str(tmp_path / "job"))
     assert json.loads((tmp_path / "job" / evaluate.EVAL_JSON).read_text()) == results
     assert any("stdout cannot be written" in r.getMessage() for r in caplog.records)
+
+
+def test_the_other_processes_stop_with_process_0_when_it_cannot_write_eval_json(tmp_path, monkeypatch):
+    """Process 1 of 2, whose process 0 failed to write eval.json (a full disk): it stops with that
+    failure, not with a success of its own while the job's record is missing."""
+    import ml_collections
+    from jax.experimental import multihost_utils
+
+    metrics_computed = {name: 1.0 for name in evaluate.METRICS}
+    monkeypatch.setattr(evaluate, "samples_chosen_by_process_0", lambda samples, workdir: samples)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args: metrics_computed)  # the Inception's part: tested above
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda flag: np.array([1, flag], np.int32))
+    config = ml_collections.ConfigDict(dict(eval=dict(samples=str(tmp_path / "samples.npz"),
+                                                      reference=str(tmp_path / "reference.npz"),
+                                                      inception_weights=str(tmp_path / "inception.npz"), batch_size=8)))
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^process 0 of 2 stopped writing .*/run/eval.json \(its error says why\)$"):
+        evaluate.run(config, str(workdir))
+    assert not (workdir / "eval.json").exists()
