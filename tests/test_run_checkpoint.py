@@ -1182,23 +1182,3 @@ def test_a_step_named_is_not_read_again_and_its_error_says_to_name_the_run_in_a_
             api.read_through_rotation(named, read)
     assert steps_read == [2, 2]
 
-
-def test_no_newer_step_is_read_where_the_runs_latest_is_the_step_read_or_older_or_none(tmp_path, monkeypatch):
-    """A run whose step read went without a newer one was pruned, not rotated (its latest is that
-    step still listed, or an older one), and a run with no complete step left has none to read."""
-    from pixelflow_jax import api
-    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
-
-    run_dir = str(tmp_path / "run")
-    read = RunStep(run_dir, 6, latest=True)
-    for latest in (4, 6, 8):
-        monkeypatch.setattr(api, "latest_step", lambda run: RunStep(run, latest, latest=True))
-        assert api.newer_latest_step(read) == (RunStep(run_dir, 8, latest=True) if latest == 8 else None)
-    assert api.newer_latest_step(RunStep(run_dir, 6)) is None  # a step named
-    assert api.newer_latest_step(None) is None  # not a training run
-
-    def no_complete_step(run):
-        raise CheckpointError(f"training run {run} has no complete checkpoint yet")
-
-    monkeypatch.setattr(api, "latest_step", no_complete_step)
-    assert api.newer_latest_step(read) is None
