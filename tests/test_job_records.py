@@ -2,6 +2,7 @@
 each started job appends to its workdir's log of jobs."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -126,3 +127,16 @@ def test_a_config_fingerprint_is_16_hex_digits_of_the_fields_whatever_their_orde
     second = config_record(ml_collections.ConfigDict({"b": {"c": (2, 3)}, "a": 1}))
     assert first == second and re.fullmatch(r"[0-9a-f]{16}", first["config_fingerprint"])
     assert first["config"] == {"a": 1, "b": {"c": [2, 3]}}
+
+
+def test_a_jobs_log_is_made_as_open_makes_a_file_readable_by_whom_the_umask_allows(tmp_path):
+    """Another user of the machine (a colleague evaluating the run) reads the log as any other file there."""
+    umask = os.umask(0o022)
+    try:
+        append_job_record(str(tmp_path / "jobs.jsonl"), {}, "free space")
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+    finally:
+        os.umask(umask)
+    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777
+    assert mode("jobs.jsonl") == mode("plain.txt") == 0o644
