@@ -699,6 +699,31 @@ def test_a_fine_tune_with_another_timestep_count_is_warned(run, caplog):
     assert "set --config.scheduler.num_train_timesteps=1000 to keep them" in caplog.text
 
 
+def test_a_fine_tune_with_another_stage_count_is_warned(run, caplog):
+    """init_from into 2 stages from a 4-stage run was only an info line ("trained at 64 px with 4
+    stages"): the scheduler gives each stage its own share of the timesteps, so the same timestep
+    value meant another stage and noise level, as with another num_train_timesteps. Another
+    resolution alone keeps every stage's timesteps and stays a note."""
+    import logging
+
+    from configs import c2i
+    from pixelflow_jax.config import ModelConfig
+    from pixelflow_jax.training import train
+
+    config = c2i.get_config("tiny")
+    config.model.num_classes = 1000  # the run's
+    config.train.init_from = run[0]
+    config.data.resolution = 128
+    with caplog.at_level(logging.WARNING):
+        train.check_init_from(config, ModelConfig.from_mapping(config.model))
+    assert not caplog.text
+    config.data.resolution, config.scheduler.num_stages = 64, 2
+    with caplog.at_level(logging.WARNING):
+        train.check_init_from(config, ModelConfig.from_mapping(config.model))
+    assert "trained with scheduler.num_stages 4 and this run trains with 2" in caplog.text
+    assert "set --config.scheduler.num_stages=4 to keep them" in caplog.text
+
+
 def test_a_refused_fine_tune_on_an_image_folder_leaves_no_workdir(run, tmp_path):
     """The folder's class_index.json was written before init_from was checked."""
     from configs import c2i

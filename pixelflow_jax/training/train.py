@@ -155,6 +155,13 @@ def check_init_from(config, model_cfg: ModelConfig):
         logging.info("train.init_from %s was trained at %d px with %d stages; this run trains at %d px with %d",
                      source.label, ckpt.resolution, ckpt.num_stages, config.data.resolution,
                      config.scheduler.num_stages)
+    if ckpt.num_stages != config.scheduler.num_stages:
+        # Each stage owns a share of the timesteps: the same value is another stage and noise level.
+        logging.warning("train.init_from %s was trained with scheduler.num_stages %d and this run trains with %d: the "
+                        "scheduler splits the timesteps among the stages, so its timestep embedding learned other "
+                        "stages and noise levels for the same values and the fine-tune starts far from what it read; "
+                        "set --config.scheduler.num_stages=%d to keep them", source.label, ckpt.num_stages,
+                        config.scheduler.num_stages, ckpt.num_stages)
     if ckpt.num_train_timesteps != config.scheduler.num_train_timesteps:
         # The model takes timesteps in the scheduler's units: the same value is another noise level.
         logging.warning("train.init_from %s was trained with scheduler.num_train_timesteps %d and this run trains with "
