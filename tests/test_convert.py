@@ -216,6 +216,33 @@ def test_a_flag_that_a_config_yaml_decides_is_refused_unless_it_agrees():
     assert (agreeing.resolution, agreeing.num_stages, agreeing.num_train_timesteps) == (64, 4, 1000)
 
 
+def test_a_resolution_without_whole_patch_grids_names_where_it_came_from_and_a_fitting_value(tmp_path):
+    """A bare state dict of patch 3 converted with --attention_head_dim alone stopped on "resolution 256
+    must be a multiple of patch_size x 2^(num_stages-1) = 24": a value the user never gave (the
+    release's default, assumed) and no flag or value that fits; a --resolution of the wrong multiple
+    named no flag either. A config.yaml's own value is its file's to correct."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import release_config
+
+    params = dict(num_attention_heads=3, attention_head_dim=4, depth=1, patch_size=3, in_channels=3, out_channels=3,
+                  num_classes=3)
+    with pytest.raises(CheckpointError) as error:
+        release_config(params, {}, {}, "w.pt", None)
+    assert ("the release's 256 px, assumed as no config.yaml gives data.resolution, must be a multiple of patch_size "
+            "3 x 2^(num_stages 4 - 1) = 24 so that every stage has a whole patch grid: pass --resolution=240 or "
+            "--resolution=264 (the resolution the weights were trained at), or --num_stages") in str(error.value), str(error.value)
+    with pytest.raises(CheckpointError) as error:
+        release_config(params, {}, {"resolution": 10, "num_stages": 2}, "w.pt", None)
+    assert "--resolution=10 must be a multiple of patch_size 3 x 2^(num_stages 2 - 1) = 6" in str(error.value)
+    assert "pass --resolution=6 or --resolution=12" in str(error.value), str(error.value)
+    with pytest.raises(CheckpointError) as error:
+        release_config(params, {"resolution": 10, "num_stages": 2}, {}, "w.pt", "conf/config.yaml")
+    assert ("data.resolution 10 in conf/config.yaml must be a multiple of patch_size 3 x 2^(num_stages 2 - 1) = 6 "
+            "so that every stage has a whole patch grid: that config.yaml does not describe these weights; correct "
+            "its data.resolution or scheduler.num_stages") in str(error.value), str(error.value)
+    assert release_config(params, {}, {"resolution": 12, "num_stages": 2}, "w.pt", None).resolution == 12
+
+
 def test_a_damaged_tensor_that_the_architecture_is_read_from_is_named():
     """A 2-D patch embedding was an IndexError traceback, and a proj_out_2 of 5 rows was blamed on
     'model.out_channels must be positive', a setting the user never gave (5 // 16 = 0)."""

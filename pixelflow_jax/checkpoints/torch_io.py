@@ -25,7 +25,7 @@ from pixelflow_jax.checkpoints.checkpoint import (CheckpointConfig, CheckpointEr
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ARCHITECTURE_FIELDS, ModelConfig
 from pixelflow_jax.error_text import first_line
-from pixelflow_jax.validation import MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES
+from pixelflow_jax.validation import LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES
 
 RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
 # The PixelFlowModel arguments without a default; the others default to attention_bias True,
@@ -417,6 +417,36 @@ def release_folder_config(folder: str) -> CheckpointConfig:
     return release_config(*config_from_release_yaml(torch_config), None, folder, torch_config)
 
 
+def resolution_source(given: Mapping[str, int], extras: Mapping[str, int]) -> str:
+    """Where release_config's resolution came from: the flag, the config.yaml, or the release's default."""
+    if "resolution" in extras:
+        return "config.yaml"
+    return "flag" if "resolution" in given else "assumed"
+
+
+def check_whole_patch_grids(patch_size: int, settings: Mapping[str, int], source: str,
+                            torch_config: str | None) -> None:
+    """A resolution that leaves some stage without a whole patch grid, named as the user gave it
+    (--resolution, the config.yaml's data.resolution, or the release's default assumed) with the fix:
+    CheckpointConfig's own message named a value the user may never have given, and no flag."""
+    resolution, num_stages = settings["resolution"], settings["num_stages"]
+    if num_stages < 1 or resolution < 1 or patch_size * 2 ** (num_stages - 1) > LARGEST_IMAGE_SIDE:
+        return  # no stages, no resolution or far too many stages: CheckpointConfig names them
+    factor = patch_size * 2 ** (num_stages - 1)
+    if resolution % factor == 0:
+        return
+    named = {"flag": f"--resolution={resolution}", "config.yaml": f"data.resolution {resolution} in {torch_config}",
+             "assumed": f"the release's {resolution} px, assumed as no config.yaml gives data.resolution,"}[source]
+    problem = (f"{named} must be a multiple of patch_size {patch_size} x 2^(num_stages {num_stages} - 1) = {factor} "
+               "so that every stage has a whole patch grid")
+    if source == "config.yaml":
+        raise ValueError(f"{problem}: that config.yaml does not describe these weights; correct its data.resolution "
+                         "or scheduler.num_stages")
+    below, above = resolution // factor * factor, (resolution // factor + 1) * factor
+    fitting = f"--resolution={below} or --resolution={above}" if below else f"--resolution={above}"
+    raise ValueError(f"{problem}: pass {fitting} (the resolution the weights were trained at), or --num_stages")
+
+
 def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Mapping[str, int] | None,
                    path: str, torch_config: str | None, described_by: str | None = None) -> CheckpointConfig:
     """The architecture `params`, with resolution / num_stages / num_train_timesteps from the
@@ -440,8 +470,9 @@ def release_config(params: dict[str, Any], extras: dict[str, int], overrides: Ma
                         " / ".join(assumed), ", ".join(f"{k} {settings[k]}" for k in assumed),
                         " / ".join(f"--{k}" for k in assumed), "them" if len(assumed) > 1 else "it")
     try:
-        config = CheckpointConfig(model=ModelConfig.from_mapping(params), **settings,
-                                  **recorded_text_training(torch_config, described_by))
+        model = ModelConfig.from_mapping(params)
+        check_whole_patch_grids(model.patch_size, settings, resolution_source(given, extras), torch_config)
+        config = CheckpointConfig(model=model, **settings, **recorded_text_training(torch_config, described_by))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"invalid architecture for {path}: {e}") from None
     if not config.model.num_classes and not config.model.cross_attention_dim:
