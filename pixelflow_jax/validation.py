@@ -219,11 +219,11 @@ def check_train(config) -> None:
                           "(--config.model.dtype=bfloat16, the c2i and t2i default). param_dtype=bfloat16 is for "
                           "sampling.")
     if config.model.dtype == "float16":
-        # Without loss scaling the backward pass's float16 cotangents underflow: each pixel's share of
-        # the mean loss's gradient is ~1e-9 at batch 256 and 256 px, below float16's smallest (6e-8).
+        # Without loss scaling the backward pass's float16 cotangents underflow: each pixel's share of the
+        # mean loss's gradient, ~1e-8 at batch 256 and 256 px, is below half of float16's smallest number (6e-8).
         raise ConfigError("--config.model.dtype=float16 cannot train: this trainer does no loss scaling, and the "
                           "gradients flowing back through float16 activations (each pixel's share of the mean loss, "
-                          "~1e-9 at batch 256 and 256 px) round to zero. Compute in bfloat16 (--config.model.dtype="
+                          "~1e-8 at batch 256 and 256 px) round to zero. Compute in bfloat16 (--config.model.dtype="
                           "bfloat16, as fast on GPUs since Ampere and on TPUs) or float32; float16 is for sampling.")
     from pixelflow_jax.scheduler import PixelFlowScheduler
 

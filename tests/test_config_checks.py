@@ -20,7 +20,7 @@ from pixelflow_jax.validation import ConfigError, check
 @pytest.mark.parametrize("mode,field,value,message", [
     ("train", "model.param_dtype", "bfloat16", "param_dtype=bfloat16 cannot train: optimiser steps and the EMA"),
     ("train", "model.param_dtype", "float16", "param_dtype=float16 cannot train"),  # any 16-bit weight, not only bf16
-    # no loss scaling: the float16 backward pass's cotangents (~1e-9 per pixel at scale) round to zero
+    # no loss scaling: the float16 backward pass's cotangents (~1e-8 per pixel at scale) round to zero
     ("train", "model.dtype", "float16", "--config.model.dtype=float16 cannot train: this trainer does no loss scaling"),
     # sampling builds the checkpoint's model with these: refused before its weights are read
     ("sample", "model.dtype", "float64", "--config.model.dtype must be one of 'float32', 'bfloat16', 'float16', got "
