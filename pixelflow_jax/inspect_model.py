@@ -33,7 +33,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointConfig
 from pixelflow_jax.checkpoints.run_checkpoint import is_run, listed_steps
 from pixelflow_jax.config import ModelConfig
 from pixelflow_jax.model import PixelFlow
-from pixelflow_jax.multihost import failing_together
+from pixelflow_jax.multihost import write_on_process_0
 from pixelflow_jax.progress import say
 from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
 from pixelflow_jax.scheduler import stage_resolutions
@@ -175,11 +175,8 @@ def inspect_in(config, workdir: str) -> dict:
                   checkpoint_fingerprint=source.fingerprint() if source else None, parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]), environment=job_environment())
     say(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
-    # Written by process 0 (every process of a pod's job wrote it, and added its line to the history);
-    # a failure there stops the others with it.
-    with failing_together((storage.StorageError,), f"writing {report_path}"):
-        if jax.process_index() == 0:
-            with storage.writing(report_path, "the report is printed above; free space or make the workdir writable, "
-                                              "and rerun the same command to record it"):
-                storage.write_json_keeping_history(report_path, report)
+    # Written by process 0 (every process of a pod's job wrote it, and added its line to the history).
+    write_on_process_0(report_path, "the report is printed above; free space or make the workdir writable, and "
+                                    "rerun the same command to record it",
+                       lambda path: storage.write_json_keeping_history(path, report))
     return report

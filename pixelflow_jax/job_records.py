@@ -12,10 +12,8 @@ import os
 import shlex
 import sys
 
-import jax
-
 from pixelflow_jax import storage
-from pixelflow_jax.multihost import failing_together
+from pixelflow_jax.multihost import write_on_process_0
 from pixelflow_jax.software_versions import job_environment
 
 
@@ -44,7 +42,5 @@ def append_job_record(path: str, fields: dict, fix: str) -> None:
     """Appends job_record(fields) to `path` on process 0. A write that fails (a full disk, a folder
     in its place) is a StorageError naming `path` and `fix` there, and stops every other process
     with it: one process stopping alone left the others waiting in their next collective."""
-    with failing_together((storage.StorageError,), f"recording the job in {path}"):
-        if jax.process_index() == 0:
-            with storage.writing(path, fix):
-                storage.append_json_line(path, job_record(fields))
+    write_on_process_0(path, fix, lambda path: storage.append_json_line(path, job_record(fields)),
+                       doing="recording the job in")

@@ -31,7 +31,8 @@ from pixelflow_jax.evaluation.npz_images import (DAMAGED_MEMBER, check_pixel_val
                                                  npz_image_count, npz_images_crc, open_images, opened_archive)
 from pixelflow_jax.job_records import command_line
 from pixelflow_jax.multihost import (InputRead, check_same_inputs, check_shared_workdir, failing_together,
-                                     from_process_0, seen_within_the_wait, stop_if_preempted_at_the_next_pass)
+                                     from_process_0, seen_within_the_wait, stop_if_preempted_at_the_next_pass,
+                                     write_on_process_0)
 from pixelflow_jax.progress import say
 from pixelflow_jax.software_versions import job_environment
 from pixelflow_jax.workdir_files import EVAL_JSON, SAMPLES_NPZ, settings_path
@@ -382,9 +383,6 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
         say(f"{name}: {results[name]:.4f}")
     path = storage.join(workdir, EVAL_JSON)
     # Written by process 0; a failure there stops the others with it, not with a success of their own.
-    with failing_together((storage.StorageError,), f"writing {path}"):
-        if jax.process_index() == 0:
-            with storage.writing(path, "the metrics are printed above; free space or make the workdir writable, and "
-                                       "rerun the same command to record them"):
-                storage.write_json_keeping_history(path, results)
+    write_on_process_0(path, "the metrics are printed above; free space or make the workdir writable, and rerun the "
+                             "same command to record them", lambda path: storage.write_json_keeping_history(path, results))
     return results
