@@ -267,13 +267,18 @@ def check_architecture(config) -> None:
     grid, halving = model.patch_size * 2 ** (num_stages - 1), 2 ** num_stages
     factor = math.lcm(grid, halving)  # they differ for odd patch sizes only
     if resolution % factor:
-        below, above = resolution // factor * factor, (resolution // factor + 1) * factor
         why = f"model.patch_size x 2^(scheduler.num_stages - 1) = {grid}, so that every stage has a whole patch grid"
         if factor != grid:
             why += (f", and of 2^scheduler.num_stages = {halving}, so that the first stage's image halves evenly "
                     "(training starts that stage from its 2x-downsampled image)")
         raise ConfigError(f"--config.data.resolution ({resolution}) must be a multiple of {why}: "
-                          f"try {below or above}" + (f" or {above}" if below else ""))
+                          f"try {' or '.join(map(str, nearest_multiples(resolution, factor)))}")
+
+
+def nearest_multiples(value: int, factor: int) -> list[int]:
+    """The multiples of `factor` next below and next above `value`, 0 left out: the values to suggest."""
+    below = value // factor * factor
+    return [multiple for multiple in (below, below + factor) if multiple]
 
 
 # Image side (px) far past any model's (the release's text-to-image model samples at 1024). A stage

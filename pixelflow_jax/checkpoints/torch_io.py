@@ -25,7 +25,8 @@ from pixelflow_jax.checkpoints.checkpoint import (CheckpointConfig, CheckpointEr
 from pixelflow_jax.checkpoints.convert import infer_architecture
 from pixelflow_jax.config import ARCHITECTURE_FIELDS, ModelConfig
 from pixelflow_jax.error_text import first_line
-from pixelflow_jax.validation import LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES
+from pixelflow_jax.validation import (LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_TEXT_TOKENS, TEXT_ENCODER_DTYPES,
+                                      nearest_multiples)
 
 RELEASE_MODEL_TARGET = "pixelflow.model.PixelFlowModel"
 # The PixelFlowModel arguments without a default; the others default to attention_bias True,
@@ -430,11 +431,11 @@ def check_whole_patch_grids(patch_size: int, settings: Mapping[str, int], source
     (--resolution, the config.yaml's data.resolution, or the release's default assumed) with the fix:
     CheckpointConfig's own message named a value the user may never have given, and no flag."""
     resolution, num_stages = settings["resolution"], settings["num_stages"]
-    if num_stages < 1 or resolution < 1 or patch_size * 2 ** (num_stages - 1) > LARGEST_IMAGE_SIDE:
-        return  # no stages, no resolution or far too many stages: CheckpointConfig names them
+    if num_stages < 1 or resolution < 1:
+        return  # no stages or no resolution: CheckpointConfig names them
     factor = patch_size * 2 ** (num_stages - 1)
-    if resolution % factor == 0:
-        return
+    if factor > LARGEST_IMAGE_SIDE or resolution % factor == 0:
+        return  # far too many stages: CheckpointConfig names them
     named = {"flag": f"--resolution={resolution}", "config.yaml": f"data.resolution {resolution} in {torch_config}",
              "assumed": f"the release's {resolution} px, assumed as no config.yaml gives data.resolution,"}[source]
     problem = (f"{named} must be a multiple of patch_size {patch_size} x 2^(num_stages {num_stages} - 1) = {factor} "
@@ -442,8 +443,7 @@ def check_whole_patch_grids(patch_size: int, settings: Mapping[str, int], source
     if source == "config.yaml":
         raise ValueError(f"{problem}: that config.yaml does not describe these weights; correct its data.resolution "
                          "or scheduler.num_stages")
-    below, above = resolution // factor * factor, (resolution // factor + 1) * factor
-    fitting = f"--resolution={below} or --resolution={above}" if below else f"--resolution={above}"
+    fitting = " or ".join(f"--resolution={multiple}" for multiple in nearest_multiples(resolution, factor))
     raise ValueError(f"{problem}: pass {fitting} (the resolution the weights were trained at), or --num_stages")
 
 
