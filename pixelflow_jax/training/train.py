@@ -151,10 +151,9 @@ def check_init_from(config, model_cfg: ModelConfig):
         raise ValueError(f"--config.train.init_from {t.init_from} is another model: "
                          f"{'; '.join(differences(ckpt.model.architecture(), model_cfg.architecture()))}; set "
                          f"--config.model.* to the checkpoint's values{classes}")
-    if (ckpt.resolution, ckpt.num_stages) != (config.data.resolution, config.scheduler.num_stages):
-        logging.info("train.init_from %s was trained at %d px with %d stages; this run trains at %d px with %d",
-                     source.label, ckpt.resolution, ckpt.num_stages, config.data.resolution,
-                     config.scheduler.num_stages)
+    if ckpt.resolution != config.data.resolution:  # (another stage count is the warning below)
+        logging.info("train.init_from %s was trained at %d px; this run trains at %d px", source.label, ckpt.resolution,
+                     config.data.resolution)
     if ckpt.num_stages != config.scheduler.num_stages:
         # Each stage owns a share of the timesteps: the same value is another stage and noise level.
         logging.warning("train.init_from %s was trained with scheduler.num_stages %d and this run trains with %d: the "
