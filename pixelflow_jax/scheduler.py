@@ -109,6 +109,14 @@ class PixelFlowScheduler:
         model trained so could not tell that stage's times apart (training refuses such a count)."""
         return [s for s, timesteps in enumerate(self.timesteps_per_stage) if timesteps.min() == timesteps.max()]
 
+    def smallest_count_above_that_trains(self) -> int:
+        """The smallest num_train_timesteps above this one that gives each of these stages timesteps of
+        its own (2 x num_stages up to 8 stages; irregular beyond: 22 serves 9 stages, 23 and 24 do not)."""
+        count = self.num_train_timesteps + 1
+        while PixelFlowScheduler(count, self.num_stages, self.gamma).stages_with_one_timestep():
+            count += 1
+        return count
+
     def stage_timestep_range(self, stage: int) -> tuple[float, float]:
         """First and last model timestep of a stage (the dopri5 sampler maps t in [0, 1] onto it)."""
         table = self.timesteps_per_stage[stage]

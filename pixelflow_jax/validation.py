@@ -232,7 +232,9 @@ def check_train(config) -> None:
         raise ConfigError(f"--config.scheduler.num_train_timesteps must be larger: {scheduler.num_train_timesteps} "
                           f"timesteps feed stage {stage} of {scheduler.num_stages} the one timestep "
                           f"{scheduler.timesteps_per_stage[stage][0]:g} at every training index, so the model could "
-                          "not tell that stage's times apart (the release: 1000)")
+                          f"not tell that stage's times apart. The smallest larger count that gives every stage "
+                          f"timesteps of its own: {scheduler.smallest_count_above_that_trains()} (the release: "
+                          "1000)")
     if t.preview_every:
         check_guidance(config)
         if "prompts" in config.sample:  # text previews draw sample.prompts, guided by the negative prompt

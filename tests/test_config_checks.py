@@ -188,11 +188,13 @@ def test_each_bound_accepts_its_last_value_and_refuses_the_first_past_it(mode, f
 
 def test_a_training_timestep_count_that_feeds_a_stage_one_timestep_names_the_stage_and_its_timestep():
     """The bound test holds the refusal's start only; its words say which stage and which timestep."""
-    for timesteps, stages in ((7, 4), (3, 2)):
+    for timesteps, stages, works in ((7, 4, 8), (3, 2, 4), (23, 9, 25)):
         with pytest.raises(ConfigError) as error:
-            check(c2i_config(**{"scheduler.num_train_timesteps": timesteps, "scheduler.num_stages": stages}), "train")
+            check(c2i_config(**{"scheduler.num_train_timesteps": timesteps, "scheduler.num_stages": stages,
+                                "data.resolution": 2 ** (stages + 1)}), "train")
         assert (f"{timesteps} timesteps feed stage 0 of {stages} the one timestep 0 at every training index"
                 in str(error.value))
+        assert f"The smallest larger count that gives every stage timesteps of its own: {works} " in str(error.value)
 
 
 def test_a_bool_is_neither_a_number_nor_a_count():
