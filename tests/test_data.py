@@ -244,6 +244,31 @@ def test_images_with_transparent_pixels_are_counted_and_the_first_named(tmp_path
             "dropped)") in caplog.text
 
 
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_images_smaller_than_the_resolution_are_counted_and_the_first_named(tmp_path, caplog, center_crop):
+    """An image whose shorter side is below data.resolution is upscaled to it (as the release
+    does), so a folder of 32 px images trained at 64 px trains on blurred pixels: a resolution
+    set above every image's size happened without a word in the log."""
+    (tmp_path / "a").mkdir()
+    for name, size in (("0_large.png", (20, 12)), ("1_small.png", (9, 30)), ("2_also_small.png", (7, 7))):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / "a" / name)
+    source = ImageFolderSource(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        decoded = decoding.DecodedSource(source, 10, center_crop=center_crop)
+        assert [int(decoded[i]["upscaled"]) for i in range(len(source))] == [0, 1, 1]
+    named = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert named == [f"{tmp_path / 'a' / '1_small.png'} (9 x 30 px) is smaller than data.resolution (10 px) and is "
+                     "upscaled to it, which trains the model on blurred pixels: where many images are, set "
+                     "--config.data.resolution to their size (further ones are counted, not named)"], named
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        [_], loader = batches(source, 1, batch_size=6, resolution=10, center_crop=center_crop)
+        loader.close()
+    assert loader.upscaled.count == 4
+    assert ("so far, 4 of the 6 images drawn (67%) were smaller than data.resolution (10 px) and upscaled"
+            in caplog.text), caplog.text
+
+
 def test_a_nearly_opaque_pixel_and_a_one_bit_pngs_transparent_colour_are_transparent_pixels():
     """An alpha of 254 is not opaque either, and a 1-bit PNG keeps a transparent colour (tRNS) as
     grey and RGB ones do."""
@@ -2218,7 +2243,8 @@ def test_the_classes_the_loader_never_drew_are_named_up_to_ten_with_dots_past_te
     """As a folder's classes without images are: ten in full, and '...' only where more follow."""
     classes, draws = 1 + missing, loader_module.DRAWS_PER_CLASS_BEFORE_CHECK  # class 0 drawn alone
     batch = {"image": np.zeros((1, 1, 1, 3), np.uint8), "label": np.zeros(draws * classes, np.int32),
-             "skipped": np.zeros(1, np.int32), "transparent": np.zeros(1, np.int32)}
+             "skipped": np.zeros(1, np.int32), "transparent": np.zeros(1, np.int32),
+             "upscaled": np.zeros(1, np.int32)}
     loader = ImageLoader([batch], classes)
     with caplog.at_level("WARNING"):
         next(loader)

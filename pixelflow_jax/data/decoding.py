@@ -1,7 +1,7 @@
 """Records to training pixels: decode to RGB (16-bit and float grey scaled to 8 bits; an image
 longer than 16:1 cut to its centred 16:1 window), resize the shorter side (Lanczos) or the ADM
 centre crop, tokenize a caption; an unreadable record is replaced by a random other one and
-counted. Then the random crop and flip.
+counted, and so is an image smaller than the resolution (upscaled). Then the random crop and flip.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ class DecodedSource:
         self.tokenizer = tokenizer  # text.T5Tokenizer for captioned sources
         self.reported: set[int] = set()  # unreadable records this process has named (once each)
         self.named_transparent = False  # whether this process named an image with transparent pixels
+        self.named_upscaled = False  # whether this process named an image smaller than the resolution
 
     def __len__(self) -> int:
         return len(self.source)
@@ -194,6 +195,7 @@ class DecodedSource:
                     logging.warning("skipping unreadable record %s: %s", name, e)
                 last_error = f"{name}: {e}"  # names the caption when it is the cause
                 continue
+            upscaled = min(image.size) < self.resolution
             if self.center_crop:
                 pixels = adm_center_crop(image, self.resolution)
             else:
@@ -204,8 +206,14 @@ class DecodedSource:
                                 "black), as the alpha channel is dropped: flatten such images onto a background first "
                                 "where that matters (further ones are counted, not named)",
                                 record.get("name") or self._name(record_index))
+            if upscaled and not self.named_upscaled:  # once per process, as above: the count follows in the log
+                self.named_upscaled = True
+                logging.warning("%s (%d x %d px) is smaller than data.resolution (%d px) and is upscaled to it, which "
+                                "trains the model on blurred pixels: where many images are, set "
+                                "--config.data.resolution to their size (further ones are counted, not named)",
+                                record.get("name") or self._name(record_index), *image.size, self.resolution)
             return {"image": pixels, **conditioning, "skipped": np.int32(attempt),
-                    "transparent": np.int32(transparent)}
+                    "transparent": np.int32(transparent), "upscaled": np.int32(upscaled)}
         raise DataError(f"{MAX_UNREADABLE_IN_A_ROW} records drawn in a row (from {self._name(index)} on, each "
                         f"replacing the last) are unusable (the last, {last_error}); is the dataset corrupt?")
 
