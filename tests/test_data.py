@@ -188,6 +188,27 @@ def test_files_an_image_folder_does_not_read_are_counted_and_respelled_classes_n
         ImageFolderSource(str(root), classes=source.classes)
 
 
+def test_a_datasets_top_folder_of_split_folders_given_as_the_image_folder_is_refused_naming_the_train_split(tmp_path):
+    """data.root=mydata, which holds train/<class>/ and val/<class>/, trained a two-class model on
+    "train" vs "val" (class folders are read at any depth), the validation images among them: with
+    model.num_classes=2 not a word in the log."""
+    root = tmp_path / "mydata"
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / name / "0.png")
+    with pytest.raises(DataError, match=re.escape(
+            f"{root}'s class folders ['train', 'val'] are named like a dataset's splits and hold folders, not images: "
+            f"{root} looks like the dataset's top folder, with the class folders a level down. Set "
+            f"--config.data.root={root / 'train'} (its class folders: cat, dog)") + r"\Z"):
+        ImageFolderSource(str(root))
+    assert ImageFolderSource(str(root / "train")).classes == ["cat", "dog"]
+    # Classes that happen to have such names hold their images: they train
+    for split in ("train", "val"):
+        Image.new("RGB", (8, 8)).save(root / split / "1.png")
+    assert ImageFolderSource(str(root)).classes == ["train", "val"]
+
+
 def test_a_class_folder_that_is_a_link_to_nothing_is_an_error_naming_it(tmp_path):
     """A class folder linked to a disk not mounted (root/b -> /mnt/disk2/b) was left out without a
     word: the run trained one class fewer, every later class under the id one lower, and wrote that

@@ -169,6 +169,29 @@ def refuse_class_links_to_nothing(root: str, others: list[str]) -> None:
                         f"leads to) or remove it{f' ({len(links)} such links in {root})' if len(links) > 1 else ''}")
 
 
+# Folder names a dataset's splits go by: a root whose only "classes" these are is the dataset's top folder.
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval")
+
+
+def refuse_split_folders(root: str, classes: list[str]) -> None:
+    """A dataset's top folder (ROOT/train/<class>/, ROOT/val/<class>/) given as the image folder
+    is an error naming ROOT/train: class folders are read at any depth, so it would train a model
+    of classes "train" and "val", the validation images among them. Class folders that only bear
+    such names hold images themselves, and train."""
+    if not classes or not all(name.lower() in SPLIT_NAMES for name in classes):
+        return
+    listings = {name: storage.list_entries(storage.join(root, name)) for name in classes}
+    if any(any(file.lower().endswith(IMAGE_EXTENSIONS) for file in files) or not folders
+           for files, folders in listings.values()):
+        return
+    split = next((name for name in classes if name.lower() in ("train", "training")), classes[0])
+    inner = [folder for folder in listings[split][1] if not ignored_name(folder)]
+    raise DataError(f"{root}'s class folders {classes} are named like a dataset's splits and hold folders, not "
+                    f"images: {root} looks like the dataset's top folder, with the class folders a level down. Set "
+                    f"--config.data.root={storage.join(root, split)} (its class folders: {', '.join(inner[:10])}"
+                    f"{', ...' if len(inner) > 10 else ''})")
+
+
 class ImageFolderSource:
     """root/<class name>/**/<image>, like torchvision's ImageFolder: class ids from sorted folder
     names, each class folder read at any depth; hidden names and lost+found are left out."""
@@ -185,6 +208,7 @@ class ImageFolderSource:
         # A link named like an image is a loose image (never read), not a class folder.
         refuse_class_links_to_nothing(root, [name for name in others if not ignored_name(name)
                                              and not name.lower().endswith(IMAGE_EXTENSIONS)])
+        refuse_split_folders(root, found)
         self.classes = classes if classes is not None else found
         added, gone = sorted(set(found) - set(self.classes)), sorted(set(self.classes) - set(found))
         if added or gone:
