@@ -89,10 +89,12 @@ from pixelflow_jax.validation import ConfigError, check
     ("train", "train.init_from", "http://host/ckpt", "--config.train.init_from: http://host/ckpt: unsupported URL"),
     # the download addresses the README gives, passed as they are: the fix is to download them
     ("eval", "eval.inception_weights", "https://host/pt_inception.pth", "--config.eval.inception_weights: "
-     "https://host/pt_inception.pth: unsupported URL scheme https://: nothing is downloaded at run time; download it "
-     "first (wget https://host/pt_inception.pth) and pass the file's path; paths are local or gs://"),
+     "https://host/pt_inception.pth: unsupported URL scheme https://: nothing is downloaded or uploaded at run time "
+     "(an input: download it first, wget https://host/pt_inception.pth, and pass the file's path); paths are local or "
+     "gs://"),
     ("eval", "eval.reference", "http://host/ref.npz", "--config.eval.reference: http://host/ref.npz: unsupported URL "
-     "scheme http://: nothing is downloaded at run time; download it first (wget http://host/ref.npz)"),
+     "scheme http://: nothing is downloaded or uploaded at run time (an input: download it first, wget "
+     "http://host/ref.npz,"),
     ("eval", "eval.reference", "hf://org/ref.npz", "--config.eval.reference: hf://org/ref.npz: hf:// (the Hugging Face "
                                                    "Hub) is read here for checkpoints"),
     # a quoting slip: a folder named "a " would be made, or an input not found without saying why

@@ -37,6 +37,11 @@ def test_urls_are_never_made_local():
     with pytest.raises(storage.StorageError, match=r"hf://me/out: hf:// \(the Hugging Face Hub\) is read here for "
                                                    r"checkpoints and T5 folders only"):
         storage.check_supported("hf://me/out")  # said "write hf://me/out: schemes are lower case"
+    # a web address given as an output (--workdir, the packer's --output) was told to download it first
+    with pytest.raises(storage.StorageError, match=re.escape(
+            "https://host/runs/x: unsupported URL scheme https://: nothing is downloaded or uploaded at run time (an "
+            "input: download it first, wget https://host/runs/x, and pass the file's path); paths are local or gs://")):
+        storage.check_supported("https://host/runs/x")
     assert storage.user_path("gs://b/run/") == "gs://b/run/"  # a trailing slash is fine
     with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write '
                                                    r'gs://b/run/x'):

@@ -388,7 +388,7 @@ def test_a_damaged_t5_folder_is_one_error_naming_the_file_and_the_fix(t5_folder,
                                               r"hf://google/flan-t5-xl \("):
         PromptEncoder("https://huggingface.co/google/flan-t5-xl", max_length=8)
     with pytest.raises(CheckpointError, match=r"^T5 folder: https://example.com/t5: unsupported URL scheme https://: "
-                                              r"nothing is downloaded at run time"):
+                                              r"nothing is downloaded or uploaded at run time"):
         PromptEncoder("https://example.com/t5", max_length=8)
 
 

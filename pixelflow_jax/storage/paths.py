@@ -270,8 +270,9 @@ def check_supported(path: str) -> None:
             raise StorageError(f"{path}: hf:// (the Hugging Face Hub) is read here for checkpoints and T5 folders "
                                f"only: outputs and other files are local or {schemes}")
         hint = ""
-        if scheme(path).lower() in ("http", "https"):  # a download address, as the README gives them
-            hint = f": nothing is downloaded at run time; download it first (wget {path}) and pass the file's path"
+        if scheme(path).lower() in ("http", "https"):  # a download address (as the README gives them), or an output
+            hint = (": nothing is downloaded or uploaded at run time (an input: download it first, wget "
+                    f"{path}, and pass the file's path)")
         elif meant in (*SUPPORTED_SCHEMES, "hf"):
             why = ": schemes are lower case" if meant == scheme(path).lower() else ""
             hint = f" (write {meant}://{path.split('://', 1)[1]}{why})"
