@@ -325,6 +325,30 @@ def test_caption_files_without_an_image_are_counted(captioned_folder, caplog):
     assert "3 caption files have no image beside them" in caplog.text and "lost_a.txt" in caplog.text
 
 
+def test_a_captioned_folder_of_split_folders_is_read_whole_with_a_warning_naming_the_train_split(tmp_path, caplog):
+    """ROOT/train/ and ROOT/val/ (a dataset's top folder, as many are laid out) trained on both
+    splits, the validation images among them, without a word: a captioned folder is read at any
+    depth. Training on every split can be meant, so it trains, and the log names ROOT/train."""
+    root = tmp_path / "captioned"
+    for index, split in enumerate(("train", "val")):
+        (root / split).mkdir(parents=True)
+        write_image(root / split / "0.png", index)
+        (root / split / "0.txt").write_text("a red disk")
+    with caplog.at_level(logging.WARNING):
+        assert len(CaptionedFolderSource(str(root))) == 2
+    assert (f"{root} holds only the split folders train, val, and every one is read (a captioned folder is read at any "
+            "depth), the validation or test images among them: to train on one split, set "
+            f"--config.data.root={root / 'train'}") in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        CaptionedFolderSource(str(root / "train"))
+        (root / "extra").mkdir()  # a folder of another name beside them: not a dataset's splits alone
+        write_image(root / "extra" / "0.png", 2)
+        (root / "extra" / "0.txt").write_text("a red disk")
+        CaptionedFolderSource(str(root))
+    assert "split folders" not in caplog.text
+
+
 def test_images_that_would_share_a_caption_file_are_refused_and_a_doubled_caption_file_named(tmp_path, caplog):
     for name, colour in (("cat.jpg", "black"), ("cat.png", "white"), ("dog.png", "red")):
         Image.new("RGB", (8, 8), colour).save(tmp_path / name)

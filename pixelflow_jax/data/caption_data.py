@@ -33,8 +33,9 @@ from absl import logging
 
 from pixelflow_jax import storage
 from pixelflow_jax.error_text import first_line
-from pixelflow_jax.data.sources import (IMAGE_EXTENSIONS, DataError, check_array_record_reads, ignored_name,
-                                        listing_fingerprint, require_folder, walk_files, warn_unlisted)
+from pixelflow_jax.data.sources import (IMAGE_EXTENSIONS, SPLIT_NAMES, DataError, check_array_record_reads,
+                                        ignored_name, listing_fingerprint, require_folder, training_split, walk_files,
+                                        warn_unlisted)
 
 CAPTION_EXTENSION = ".txt"
 RECORD_EXTENSION = ".array_record"
@@ -149,6 +150,7 @@ class CaptionedFolderSource:
                             "(NAME.jpg + NAME.txt, as img2dataset writes)")
         require_folder(root, f"captioned image folder {root} does not exist; set {root_flag} to a folder of images "
                              "with a caption file each (NAME.jpg + NAME.txt, as img2dataset writes)")
+        warn_of_split_folders(root, root_flag)
         unlisted: list[str] = []
         files = walk_files(root, unlisted=unlisted)
         warn_unlisted(root, unlisted)
@@ -204,6 +206,20 @@ class CaptionedFolderSource:
     def __getitem__(self, index: int) -> dict:
         image, caption = self.records[index]
         return {"image": storage.read_bytes(image), "caption": storage.read_bytes(caption), "name": image}
+
+
+def warn_of_split_folders(root: str, root_flag: str) -> None:
+    """A dataset's top folder (ROOT/train/, ROOT/val/: only split folders) is read whole, every
+    split trained on, which can be meant (a final model on all the data) but mostly is not: the log
+    names the split to give instead."""
+    files, folders = storage.list_entries(root)
+    folders = [name for name in folders if not ignored_name(name)]
+    splits = [name for name in folders if name.lower() in SPLIT_NAMES]
+    if len(splits) < 2 or len(splits) < len(folders) or any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
+        return
+    logging.warning("%s holds only the split folders %s, and every one is read (a captioned folder is read at any "
+                    "depth), the validation or test images among them: to train on one split, set %s=%s", root,
+                    ", ".join(splits), root_flag, storage.join(root, training_split(splits)))
 
 
 def caption_files(root: str, files: list[str]) -> dict[str, str]:

@@ -173,6 +173,11 @@ def refuse_class_links_to_nothing(root: str, others: list[str]) -> None:
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval")
 
 
+def training_split(splits: list[str]) -> str:
+    """Of a dataset's split folders, the one to train on: train (or training), else the first."""
+    return next((name for name in splits if name.lower() in ("train", "training")), splits[0])
+
+
 def refuse_split_folders(root: str, classes: list[str]) -> None:
     """A dataset's top folder (ROOT/train/<class>/, ROOT/val/<class>/) given as the image folder
     is an error naming ROOT/train: class folders are read at any depth, so it would train a model
@@ -184,7 +189,7 @@ def refuse_split_folders(root: str, classes: list[str]) -> None:
     if any(any(file.lower().endswith(IMAGE_EXTENSIONS) for file in files) or not folders
            for files, folders in listings.values()):
         return
-    split = next((name for name in classes if name.lower() in ("train", "training")), classes[0])
+    split = training_split(classes)
     inner = [folder for folder in listings[split][1] if not ignored_name(folder)]
     raise DataError(f"{root}'s class folders {classes} are named like a dataset's splits and hold folders, not "
                     f"images: {root} looks like the dataset's top folder, with the class folders a level down. Set "
