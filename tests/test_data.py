@@ -278,8 +278,8 @@ def test_images_smaller_than_the_resolution_are_counted_and_the_first_named(tmp_
         decoded = decoding.DecodedSource(source, 10, center_crop=center_crop)
         assert [int(decoded[i]["upscaled"]) for i in range(len(source))] == [0, 1, 1]
     named = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
-    assert named == [f"{tmp_path / 'a' / '1_small.png'} (9 x 30 px) is smaller than data.resolution (10 px) and is "
-                     "upscaled to it, which trains the model on blurred pixels: where many images are, set "
+    assert named == [f"{tmp_path / 'a' / '1_small.png'} is 9 x 30 px, below data.resolution (10 px) on its shorter "
+                     "side: it is upscaled, which trains the model on blurred pixels; where many images are, set "
                      "--config.data.resolution to their size (further ones are counted, not named)"], named
     caplog.clear()
     with caplog.at_level(logging.WARNING):

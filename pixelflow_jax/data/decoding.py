@@ -208,8 +208,8 @@ class DecodedSource:
                                 record.get("name") or self._name(record_index))
             if upscaled and not self.named_upscaled:  # once per process, as above: the count follows in the log
                 self.named_upscaled = True
-                logging.warning("%s (%d x %d px) is smaller than data.resolution (%d px) and is upscaled to it, which "
-                                "trains the model on blurred pixels: where many images are, set "
+                logging.warning("%s is %d x %d px, below data.resolution (%d px) on its shorter side: it is upscaled, "
+                                "which trains the model on blurred pixels; where many images are, set "
                                 "--config.data.resolution to their size (further ones are counted, not named)",
                                 record.get("name") or self._name(record_index), *image.size, self.resolution)
             return {"image": pixels, **conditioning, "skipped": np.int32(attempt),
