@@ -463,6 +463,39 @@ def test_a_data_folder_whose_files_were_renamed_or_moved_between_classes_does_no
     check_resume(workdir, config, step=40, num_records=3)  # a source without files (tfds, demo): nothing to compare
 
 
+def test_the_same_files_at_another_path_resume_with_a_warning_and_a_record(tmp_path, caplog):
+    """A cluster job that copies its data to the node's local disk (/scratch/$JOB/images) gives
+    every resume another data.root: each was refused as a data change, though the listing, which
+    decides the order and the labels, was the same: each job needed allow_resume_changes, which
+    would let any other change of that command through as well."""
+    from PIL import Image
+
+    from pixelflow_jax.data.sources import ImageFolderSource
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    root = tmp_path / "images"
+    for name in ("cat/a.png", "dog/b.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / name)
+    copy = tmp_path / "scratch" / "job2" / "images"
+    shutil.copytree(root, copy)
+    workdir = str(tmp_path / "run")
+    folder = lambda path: c2i_config(**{"data.source": "folder", "data.root": str(path)})
+    check_resume(workdir, folder(root), step=0, num_records=2, listing=ImageFolderSource(str(root)).listing)
+    with caplog.at_level(logging.WARNING):
+        check_resume(workdir, folder(copy), step=40, num_records=2, listing=ImageFolderSource(str(copy)).listing)
+    assert (f"resuming {workdir} at step 40 with its data at another path (data.root: {str(root)!r} -> {str(copy)!r}): "
+            "the same file names, in the same classes, so the same data order and labels; the files' contents are "
+            f"not compared (a resized copy lists the same names) (recorded in {CHANGES_FILE})") in caplog.text
+    assert json.loads((tmp_path / "run" / CHANGES_FILE).read_text())["changes"] == {
+        "data.root": {"from": str(root), "to": str(copy)}}
+    assert json.loads((tmp_path / "run" / SETTINGS_FILE).read_text())["data.root"] == str(copy)
+    os.rename(copy / "cat" / "a.png", copy / "cat" / "z.png")  # other files there: refused, naming both
+    with pytest.raises(ValueError, match=r"class\): '[0-9a-f]{16}' -> '[0-9a-f]{16}', " + re.escape(
+            f"data.root: {str(copy)!r} -> {str(root)!r}); resuming")):
+        check_resume(workdir, folder(root), step=80, num_records=2, listing=ImageFolderSource(str(copy)).listing)
+
+
 def test_a_run_records_its_datas_class_count_and_a_resume_on_another_count_is_refused_unless_allowed(tmp_path):
     """Sampling a run cycles its default labels over the classes its data held (a fine-tune of 1000
     classes on a 10-class TFDS dataset trains ids 0-9): the count is recorded, and a resume on

@@ -4,7 +4,7 @@
     WORKDIR/settings_changes.jsonl  every change accepted (allow_resume_changes, NUMERICS_ONLY), by step, with
                                     the settings it left unread ("dropped")
 
-A resume with another batch size, seed or data (another root, the same root with records added,
+A resume with another batch size, seed or data (another root of other files, the same root with records added,
 removed, renamed or moved to another class: the shuffle is a permutation of the record count, and
 a record's position is its place in the sorted listing; or labels of another class count) silently
 loses exact resume (the data position counts in steps of the new batch); another learning rate
@@ -13,9 +13,10 @@ train.allow_resume_changes is set; then it is recorded. Where the steps run (dev
 attention backend) may change with a warning and a record: the numbers then agree with an
 uninterrupted run to float rounding (NUMERICS_ONLY); the attention backend is recorded as the
 kernel that ran ('auto' resolved), so 'auto' and the kernel it picks are no change, and a version
-whose 'auto' picks another kernel is one. The class count of a class-conditional run's data
-(data.num_classes) is recorded too: sampling the run cycles its default labels over those classes
-(api.run_trained_classes).
+whose 'auto' picks another kernel is one. Another data.root holding the same files (the run's
+listing and record count: a copy on a cluster node's local disk) resumes with a warning and a
+record too. The class count of a class-conditional run's data (data.num_classes) is recorded too:
+sampling the run cycles its default labels over those classes (api.run_trained_classes).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 NUMERICS_ONLY = ("run.devices", "run.platform", "mesh.fsdp", "model.remat", "model.attention")
 # May change at a resume past both warmups of a constant rate (warmup_change_keeps_the_rate).
 WARMUP = "train.warmup_steps"
+# May change where the data's listing and record count are the same (data_moved): the same files elsewhere.
+DATA_ROOT = "data.root"
 # What a run recorded before a setting existed meant: its default.
 DEFAULTS = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_decay_steps": 0,
             "data.random_flip": True}
@@ -205,7 +208,9 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
                     if previous.get(k) != v and (k in previous or k not in ADDED_LATER)}
     updates = step if updates_done is None else updates_done
     warmup_ended = warmup_change_keeps_the_rate(previous, current, updates)
-    changed = {k: c for k, c in every_change.items() if k not in NUMERICS_ONLY and not (k == WARMUP and warmup_ended)}
+    moved = data_moved(previous, current)
+    changed = {k: c for k, c in every_change.items() if k not in NUMERICS_ONLY and not (k == WARMUP and warmup_ended)
+               and not (k == DATA_ROOT and moved)}
     if untrained and record and jax.process_index() == 0:
         if not changed or config.train.allow_resume_changes:  # the resume goes on (a refusal writes nothing)
             for index in untrained:
@@ -233,6 +238,12 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         logging.warning("resuming %s at step %d on other devices or with another memory setting (%s): the steps "
                         "compute in another order, so the run agrees with an uninterrupted one to float rounding, "
                         "not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
+    if moved and DATA_ROOT in every_change:
+        root = every_change[DATA_ROOT]
+        logging.warning("resuming %s at step %d with its data at another path (%s: %r -> %r): the same file names, in "
+                        "the same classes, so the same data order and labels; the files' contents are not compared (a "
+                        "resized copy lists the same names) (recorded in %s)", workdir, step, DATA_ROOT, root["from"],
+                        root["to"], CHANGES_FILE)
     if warmup_ended and WARMUP in every_change:
         warmup = every_change[WARMUP]
         logging.warning("resuming %s at step %d with %s: %r -> %r: both warmups end by update %d, where this resume "
@@ -258,6 +269,14 @@ def warmup_change_keeps_the_rate(previous: dict, current: dict, updates_done: in
     constant = previous.get("train.lr_schedule") == current.get("train.lr_schedule") == "constant"
     counted = all(isinstance(w, int) and w > 0 for w in (old, new))
     return constant and counted and updates_done >= max(old, new)
+
+
+def data_moved(previous: dict, current: dict) -> bool:
+    """Whether the data is the same files as the run recorded, wherever they now are: its listing (file
+    names relative to the root, and classes) and record count decide the data order and the labels,
+    and both are unchanged (a copy on a cluster node's local disk, a moved folder)."""
+    return (previous.get("data.listing") is not None and previous.get("data.listing") == current.get("data.listing")
+            and previous.get("data.num_records") == current.get("data.num_records"))
 
 
 def discard_changes_of_an_earlier_run(workdir: str) -> None:
