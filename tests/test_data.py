@@ -290,6 +290,37 @@ def test_images_smaller_than_the_resolution_are_counted_and_the_first_named(tmp_
             in caplog.text), caplog.text
 
 
+def test_images_whose_exif_orientation_is_not_applied_are_counted_and_the_first_named(tmp_path, caplog):
+    """The EXIF orientation is not applied (as in the release), so a phone's photos, stored
+    sideways with a tag that says to turn them, trained sideways without a word in the log."""
+    (tmp_path / "a").mkdir()
+    for name, orientation in (("0_upright.jpg", 1), ("1_phone.jpg", 6), ("2_mirrored.jpg", 2), ("3_no_tag.jpg", None),
+                              ("4_bad_tag.jpg", 0)):
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        Image.new("RGB", (16, 12), (90, 90, 200)).save(tmp_path / "a" / name, exif=exif.tobytes())
+    # a damaged EXIF block spoils no image: it trains, not counted
+    Image.new("RGB", (16, 12)).save(tmp_path / "a" / "5_damaged_exif.jpg", exif=b"Exif\x00\x00damaged")
+    source = ImageFolderSource(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        decoded = decoding.DecodedSource(source, 8)
+        assert [int(decoded[i]["exif_oriented"]) for i in range(len(source))] == [0, 1, 1, 0, 0, 0]
+        assert [int(decoded[i]["skipped"]) for i in range(len(source))] == [0] * 6
+    named = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
+    assert named == [f"{tmp_path / 'a' / '1_phone.jpg'} has an EXIF orientation (6: turn 90 degrees clockwise to "
+                     "show) that is not applied, as in the release: it trains as stored, sideways or mirrored; turn "
+                     "such images upright first where that matters, e.g. with PIL.ImageOps.exif_transpose (further "
+                     "ones are counted, not named)"], named
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        [_], loader = batches(source, 1, batch_size=6, resolution=8)
+        loader.close()
+    assert loader.exif_oriented.count == 2
+    assert ("so far, 2 images drawn had an EXIF orientation that was not applied (trained as stored, sideways or "
+            "mirrored)") in caplog.text, caplog.text
+
+
 def test_a_nearly_opaque_pixel_and_a_one_bit_pngs_transparent_colour_are_transparent_pixels():
     """An alpha of 254 is not opaque either, and a 1-bit PNG keeps a transparent colour (tRNS) as
     grey and RGB ones do."""
@@ -2265,7 +2296,7 @@ def test_the_classes_the_loader_never_drew_are_named_up_to_ten_with_dots_past_te
     classes, draws = 1 + missing, loader_module.DRAWS_PER_CLASS_BEFORE_CHECK  # class 0 drawn alone
     batch = {"image": np.zeros((1, 1, 1, 3), np.uint8), "label": np.zeros(draws * classes, np.int32),
              "skipped": np.zeros(1, np.int32), "transparent": np.zeros(1, np.int32),
-             "upscaled": np.zeros(1, np.int32)}
+             "upscaled": np.zeros(1, np.int32), "exif_oriented": np.zeros(1, np.int32)}
     loader = ImageLoader([batch], classes)
     with caplog.at_level("WARNING"):
         next(loader)

@@ -1,7 +1,8 @@
 """Records to training pixels: decode to RGB (16-bit and float grey scaled to 8 bits; an image
 longer than 16:1 cut to its centred 16:1 window), resize the shorter side (Lanczos) or the ADM
 centre crop, tokenize a caption; an unreadable record is replaced by a random other one and
-counted, and so is an image smaller than the resolution (upscaled). Then the random crop and flip.
+counted, and so are images smaller than the resolution (upscaled) and images whose EXIF orientation
+(not applied, as in the release) asks for a turn. Then the random crop and flip.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ MAX_UNREADABLE_IN_A_ROW = 64  # draws, each replacing the last: more says the da
 # a large scan): such an image decodes and trains, so the warning says nothing to act on. Larger
 # ones raise, and are skipped and counted as unreadable.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# PIL warns of "Corrupt EXIF data" when exif_orientation reads a damaged EXIF block: the image trains
+# as it would without one, so the warning says nothing to act on.
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 
 def to_rgb(image: Any) -> Image.Image:
@@ -107,6 +111,25 @@ def grey_to_8_bit(pil: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values * (255 / top)).astype(np.uint8), "L")
 
 
+EXIF_ORIENTATION_TAG = 0x0112
+# What each EXIF orientation asks a viewer to do to the stored pixels (1, upright, asks nothing).
+ORIENTATION_WORDS = {2: "mirror left to right to show", 3: "turn 180 degrees to show", 4: "mirror top to bottom to show",
+                     5: "mirror along the diagonal from the top left to show", 6: "turn 90 degrees clockwise to show",
+                     7: "mirror along the diagonal from the top right to show",
+                     8: "turn 90 degrees anticlockwise to show"}
+
+
+def exif_orientation(pil: Image.Image) -> int:
+    """The image's EXIF orientation where it asks for a turn or a mirror (2-8; rgb_of does not apply
+    it, as the release does not); 1 for an upright image, one without the tag, or with a value
+    outside 1-8."""
+    try:
+        value = pil.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block (struct.error, SyntaxError, ...) spoils no image: it is not applied
+        return 1
+    return value if value in ORIENTATION_WORDS else 1
+
+
 # An image longer than this ratio of its sides (a 1 x 3000 spacer GIF, a banner) is cut to its
 # centred window of this ratio before the resize: resized whole, the shorter side to 288 px made a
 # 1 x 3000 image 288 x 864,000 pixels (2.5 GB and ~4 s per draw, measured), of which the crop keeps
@@ -163,6 +186,7 @@ class DecodedSource:
         self.reported: set[int] = set()  # unreadable records this process has named (once each)
         self.named_transparent = False  # whether this process named an image with transparent pixels
         self.named_upscaled = False  # whether this process named an image smaller than the resolution
+        self.named_exif_oriented = False  # whether this process named an image with an EXIF orientation
 
     def __len__(self) -> int:
         return len(self.source)
@@ -182,6 +206,7 @@ class DecodedSource:
                 conditioning = self._conditioning(record)
                 pil = opened(record["image"])
                 transparent = has_transparent_pixels(pil)
+                orientation = exif_orientation(pil)
                 image = cut_to_aspect_ratio(rgb_of(pil))
             except MemoryError:  # the settings' fault (a resolution too large), not a bad file's
                 raise
@@ -212,8 +237,16 @@ class DecodedSource:
                                 "which trains the model on blurred pixels; where many images are, set "
                                 "--config.data.resolution to their size (further ones are counted, not named)",
                                 record.get("name") or self._name(record_index), *image.size, self.resolution)
+            if orientation != 1 and not self.named_exif_oriented:  # once per process, as above
+                self.named_exif_oriented = True
+                logging.warning("%s has an EXIF orientation (%d: %s) that is not applied, as in the release: it "
+                                "trains as stored, sideways or mirrored; turn such images upright first where that "
+                                "matters, e.g. with PIL.ImageOps.exif_transpose (further ones are counted, not named)",
+                                record.get("name") or self._name(record_index), orientation,
+                                ORIENTATION_WORDS[orientation])
             return {"image": pixels, **conditioning, "skipped": np.int32(attempt),
-                    "transparent": np.int32(transparent), "upscaled": np.int32(upscaled)}
+                    "transparent": np.int32(transparent), "upscaled": np.int32(upscaled),
+                    "exif_oriented": np.int32(orientation != 1)}
         raise DataError(f"{MAX_UNREADABLE_IN_A_ROW} records drawn in a row (from {self._name(index)} on, each "
                         f"replacing the last) are unusable (the last, {last_error}); is the dataset corrupt?")
 

@@ -20,8 +20,9 @@ loader only decodes and augments. The data path, top to bottom:
      device order), from global batch `start_batch` on (a resumed run starts at its step)
   -> worker processes + prefetch
   -> ImageLoader: numpy batches (images, labels | (tokens, mask)); running counts of records
-     skipped, of images with transparent pixels (their alpha dropped) or smaller than R (upscaled),
-     and of captions truncated or holding text the tokenizer does not know
+     skipped, of images with transparent pixels (their alpha dropped), smaller than R (upscaled) or
+     with an EXIF orientation (not applied), and of captions truncated or holding text the tokenizer
+     does not know
   -> to_global_batch: jax.Arrays sharded over the mesh's batch axes
 
 grain and TFDS are imported lazily: the model, sampler and train step do not need them.
@@ -102,7 +103,7 @@ def build_dataset(source, *, batch_size: int, resolution: int, seed: int, expand
                   start_batch: int = 0, num_workers: int = 0, prefetch_batches: int = 2, tokenizer=None):
     """The grain IterDataset of this process's rows (`rows`; default: all) of each global batch of
     `batch_size` images: {'image': uint8 (b, R, R, 3), 'label': int32 (b,), 'skipped': int32 (b,),
-    'transparent': int32 (b,), 'upscaled': int32 (b,)}
+    'transparent': int32 (b,), 'upscaled': int32 (b,), 'exif_oriented': int32 (b,)}
     with b = this process's rows of a batch; with a tokenizer, 'tokens' and 'token_mask' int32 (b, L),
     'truncated' and 'unknown_text' int32 (b,) replace 'label'. Infinite, reshuffled every epoch,
     deterministic for a seed.
@@ -242,8 +243,9 @@ DRAWS_PER_CLASS_BEFORE_CHECK = 20
 class ImageLoader:
     """Iterates per-process numpy batches (images uint8 (B, R, R, 3), conditioning: labels int32
     (B,), or (tokens, mask) int32 (B, L) for captions) and logs the running counts of skipped
-    records, of images with transparent pixels or smaller than R (upscaled), and of captions
-    truncated or holding text the tokenizer does not know (counted each time a batch holds one). Given `num_classes`, it names once the classes that never came in
+    records, of images with transparent pixels, smaller than R (upscaled) or with an EXIF orientation
+    (not applied), and of captions truncated or holding text the tokenizer does not know (counted
+    each time a batch holds one). Given `num_classes`, it names once the classes that never came in
     DRAWS_PER_CLASS_BEFORE_CHECK x num_classes images: each draw of an unreadable image is
     replaced by another record, so a class whose every image is unreadable would never train."""
 
@@ -259,6 +261,8 @@ class ImageLoader:
         self.transparent = RunningCount("images drawn had transparent pixels (trained as the colour under them, "
                                         "the alpha channel dropped)")
         self.upscaled = None  # made at the first batch, which gives the resolution
+        self.exif_oriented = RunningCount("images drawn had an EXIF orientation that was not applied (trained as "
+                                          "stored, sideways or mirrored)")
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
         return self
@@ -271,6 +275,7 @@ class ImageLoader:
             self.upscaled = RunningCount(f"were smaller than data.resolution ({batch['image'].shape[1]} px) and "
                                          "upscaled", among="images drawn")
         self.upscaled.add(int(batch["upscaled"].sum()), len(batch["upscaled"]))
+        self.exif_oriented.add(int(batch["exif_oriented"].sum()))
         if "tokens" not in batch:
             if not self.classes_checked:
                 self.note_classes(batch["label"])
