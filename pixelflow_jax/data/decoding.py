@@ -113,9 +113,9 @@ def grey_to_8_bit(pil: Image.Image) -> Image.Image:
 
 EXIF_ORIENTATION_TAG = 0x0112
 # What each EXIF orientation asks a viewer to do to the stored pixels (1, upright, asks nothing).
-ORIENTATION_WORDS = {2: "mirror left to right to show", 3: "turn 180 degrees to show", 4: "mirror top to bottom to show",
-                     5: "mirror along the diagonal from the top left to show", 6: "turn 90 degrees clockwise to show",
-                     7: "mirror along the diagonal from the top right to show",
+ORIENTATION_WORDS = {2: "mirror left to right to show", 3: "turn 180 degrees to show",
+                     4: "mirror top to bottom to show", 5: "mirror along the diagonal from the top left to show",
+                     6: "turn 90 degrees clockwise to show", 7: "mirror along the diagonal from the top right to show",
                      8: "turn 90 degrees anticlockwise to show"}
 
 
