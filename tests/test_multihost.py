@@ -152,14 +152,32 @@ def test_processes_running_other_library_versions_stop_naming_the_package_and_th
 
     versions = software_versions.version_fields()
     assert {"python", "jax", "jaxlib", "flax", "jax-cuda12-plugin", "libtpu"} <= set(versions)
+    # A package absent here is named so (no machine has both the CUDA plug-ins and the TPU runtime).
+    absent = [name for name in software_versions.ACCELERATOR_PACKAGES if not software_versions.package_version(name)]
+    assert absent and all(versions[name] == "not installed" for name in absent)
     calls_of_the_other_process(monkeypatch, multihost.check_same_software, versions)
     multihost.check_same_software(versions)  # the same software everywhere
     other = {**versions, "jaxlib": "0.0.1", "libtpu": "0.0.2"}
     calls_of_the_other_process(monkeypatch, multihost.check_same_software, other)
-    with pytest.raises(ValueError, match=rf"the processes of this job run different software: process 1 of 2 differs "
-                                         rf"from process 0 in jaxlib, libtpu \(this process, 0: jaxlib "
-                                         rf"{re.escape(versions['jaxlib'])}, libtpu {versions['libtpu']}\)\. Install "
-                                         rf"the same versions on every host"):
+    fix = ("Install the same versions on every host (the same pip install command, from one checkout's "
+           "requirements.txt, on each)")
+    with pytest.raises(ValueError, match=re.escape(
+            "the processes of this job run different software: process 1 of 2 differs from process 0 in jaxlib, libtpu "
+            f"(this process, 0: jaxlib {versions['jaxlib']}, libtpu {versions['libtpu']}). {fix}")):
+        multihost.check_same_software(versions)
+    # Process 1 names its own versions.
+    calls_of_the_other_process(monkeypatch, multihost.check_same_software, versions, other=0)
+    with pytest.raises(ValueError, match=re.escape("differs from process 0 in jaxlib, libtpu (this process, 1: jaxlib "
+                                                   "0.0.1, libtpu 0.0.2)")):
+        multihost.check_same_software(other)
+    # Processes 1 and 2 of three, both with the other versions.
+    given = []
+    as_process(monkeypatch, 1, count=3)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: given.append(value) or np.stack([value] * 3))
+    multihost.check_same_software(other)
+    as_process(monkeypatch, 0, count=3)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: np.stack([value, given[0], given[0]]))
+    with pytest.raises(ValueError, match=re.escape("processes 1, 2 of 3 differ from process 0 in jaxlib, libtpu")):
         multihost.check_same_software(versions)
 
 
@@ -188,15 +206,15 @@ def test_rows_shared_out_in_blocks_gather_back_to_every_row_in_order(monkeypatch
         np.testing.assert_array_equal(multihost.gather_rows(blocks[-1], total), rows)
 
 
-def calls_of_the_other_process(monkeypatch, check, *args):
-    """What process 1 gives each process_allgather while it runs check(*args) with its own values
-    (the fake answers that everyone agrees): replayed to process 0, it plays that process."""
+def calls_of_the_other_process(monkeypatch, check, *args, other=1):
+    """What process `other` (1, or 0) gives each process_allgather while it runs check(*args) with its
+    own values (the fake answers that everyone agrees): replayed to the other process, it plays that process."""
     given = []
-    as_process(monkeypatch, 1)
+    as_process(monkeypatch, other)
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda value: given.append(np.asarray(value)) or np.stack([value, value]))
     check(*args)
-    as_process(monkeypatch, 0)
+    as_process(monkeypatch, 1 - other)
     answers = iter(given)
     other_process_answers(monkeypatch, lambda value: next(answers))
 
