@@ -356,3 +356,4 @@ def test_process_0_of_a_job_alone_writes_the_report_and_a_failure_there_stops_th
         with pytest.raises(ValueError, match=r"process 0 of 2 stopped writing .*inspect.json \(its error says why\)"):
             inspect_model.run(config, str(workdir))
         assert not (workdir / "inspect.json").exists() and not (workdir / "inspect_history.jsonl").exists()
+        assert workdir.is_dir()  # process 0's to remove if left empty: process 1 removed it under process 0's writes
