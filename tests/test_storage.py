@@ -1365,6 +1365,30 @@ def test_a_bucket_file_rewritten_within_the_second_at_the_same_size_is_fetched_a
     assert json.load(open(local + ".source.json"))["generation"] == generation
 
 
+def test_a_record_made_before_generations_that_cannot_be_rewritten_still_serves_its_copy(bucket, tmp_path,
+                                                                                          monkeypatch):
+    """Adding the generation to an earlier record is no reason to download: on a full disk (or a cache
+    folder made read-only) that rewrite failed, the copy was downloaded again, and its write stopped
+    the job, where the copy had served before."""
+    import errno
+
+    url, folder, downloads = f"{bucket}/t5/spiece.model", str(tmp_path / "cache"), []
+    storage.write_atomically(url, b"vocab")
+    local = storage.cached_copy(url, folder)
+    record = json.load(open(local + ".source.json"))
+    del record["generation"]
+    json.dump(record, open(local + ".source.json", "w"))
+    real_open = storage.cache.open_file
+    monkeypatch.setattr(storage.cache, "open_file", lambda path, mode: downloads.append(path) or real_open(path, mode))
+
+    def disk_full(path, value):
+        raise storage.StorageError(f"cannot write {path} (OSError: [Errno {errno.ENOSPC}] No space left on device)")
+
+    monkeypatch.setattr(storage.cache, "write_json_atomically", disk_full)
+    assert storage.cached_copy(url, folder) == local and downloads == []
+    assert json.load(open(local + ".source.json")) == record  # as it was: the next read adds the generation
+
+
 def test_a_download_is_written_under_the_name_the_next_download_clears(bucket, tmp_path, monkeypatch):
     """cached_copy clears .NAME.download-HOST-PID-* of dead processes: a download killed -9 (a T5
     model's gigabytes) is left under that name. Under another writer's temporary name it stayed for

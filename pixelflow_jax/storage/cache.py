@@ -64,7 +64,9 @@ def cached_copy(url: str, folder: str) -> str:
             recorded = json.load(f)
         if recorded in (record, of_earlier_versions) and os.path.getsize(local) == record["size"]:
             if recorded != record:
-                write_json_atomically(record_path, record)
+                # Only adds the generation: on a full disk the copy still serves, and a later read adds it.
+                with contextlib.suppress(OSError):
+                    write_json_atomically(record_path, record)
             return local
     with cache_errors(url, folder):
         os.makedirs(folder, exist_ok=True)
