@@ -1722,20 +1722,24 @@ def test_reading_the_umask_never_changes_it(monkeypatch):
         os.umask(previous)
 
 
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"),
+                                   FileNotFoundError(2, "No such file or directory")])  # removed since the check
 def test_a_folder_that_cannot_be_listed_keeps_its_leftovers_with_a_warning_and_the_job_goes_on(tmp_path, monkeypatch,
-                                                                                              caplog):
+                                                                                              caplog, error):
     """A cleanup of leftovers stopped the job with a traceback when its folder could not be listed
     (no read permission, or removed between the check and the listing)."""
     import logging
 
     (tmp_path / "grid.png.tmp").write_bytes(b"")
 
-    def unreadable(path):
-        raise PermissionError(13, "Permission denied", path)
+    def unlistable(path):
+        raise error
 
-    monkeypatch.setattr(storage.temporaries.os, "listdir", unreadable)
-    with caplog.at_level(logging.WARNING):
+    monkeypatch.setattr(storage.temporaries.os, "listdir", unlistable)
+    with caplog.at_level(logging.INFO):
         storage.clear_leftovers_of_killed_writers(str(tmp_path))
-    assert f"could not look for the temporary files of an interrupted run in {tmp_path} (Permission denied)" in caplog.text
+    assert (f"could not look for the temporary files of an interrupted run in {tmp_path} ({error.strerror}); any "
+            "there are left in place") in caplog.text
+    assert "removed the temporary files" not in caplog.text  # none were
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["grid.png.tmp"]
