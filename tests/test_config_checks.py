@@ -22,6 +22,8 @@ from pixelflow_jax.validation import ConfigError, check
     ("train", "model.param_dtype", "float16", "param_dtype=float16 cannot train"),  # any 16-bit weight, not only bf16
     # no loss scaling: the float16 backward pass's cotangents (~1e-8 per pixel at scale) round to zero
     ("train", "model.dtype", "float16", "--config.model.dtype=float16 cannot train: this trainer does no loss scaling"),
+    ("train", "model.dtype", "float16", "round to zero. Compute in bfloat16 (--config.model.dtype=bfloat16, as fast on "
+                                        "GPUs since Ampere and on TPUs) or float32; float16 is for sampling."),
     # sampling builds the checkpoint's model with these: refused before its weights are read
     ("sample", "model.dtype", "float64", "--config.model.dtype must be one of 'float32', 'bfloat16', 'float16', got "
                                          "'float64'"),
@@ -473,6 +475,15 @@ def test_only_the_cosine_schedule_needs_its_warmup_to_end_before_the_last_step()
     """The constant schedule's warmup is a ramp a run may stop inside; cosine decays from its end."""
     check(c2i_config(**{"train.lr_schedule": "constant", "train.warmup_steps": 8, "train.num_steps": 4}), "train")
     check(c2i_config(**{"train.lr_schedule": "cosine", "train.warmup_steps": 3, "train.num_steps": 4}), "train")
+
+
+def test_float16_compute_is_refused_by_training_alone():
+    """Training refuses float16 (no loss scaling), not bfloat16, which has float32's range; sampling
+    and inspection compute in float16 as asked."""
+    for dtype in ("float32", "bfloat16"):
+        check(c2i_config(**{"model.dtype": dtype}), "train")
+    for mode in ("sample", "inspect"):
+        check(c2i_config(**{"model.dtype": "float16"}), mode)
 
 
 def test_a_config_without_model_param_dtype_is_checked_as_float32_weights():
