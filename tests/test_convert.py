@@ -240,6 +240,20 @@ def test_a_resolution_without_whole_patch_grids_names_where_it_came_from_and_a_f
     assert ("data.resolution 10 in conf/config.yaml must be a multiple of patch_size 3 x 2^(num_stages 2 - 1) = 6 "
             "so that every stage has a whole patch grid: that config.yaml does not describe these weights; correct "
             "its data.resolution or scheduler.num_stages") in str(error.value), str(error.value)
+    # A flag that agrees with the config.yaml: the file decides it (a --resolution offered would conflict with it).
+    with pytest.raises(CheckpointError, match="data.resolution 10 in conf/config.yaml must be a multiple of .*: that "
+                                              "config.yaml does not describe these weights"):
+        release_config(params, {"resolution": 10, "num_stages": 2}, {"resolution": 10}, "w.pt", "conf/config.yaml")
+    # The largest grid there is (LARGEST_IMAGE_SIDE, 4 x 2^14) is a resolution to offer, not too many stages.
+    with pytest.raises(CheckpointError, match=re.escape("--resolution=256 must be a multiple of patch_size 4 x 2^("
+                                                        "num_stages 15 - 1) = 65536 so that every stage has a whole "
+                                                        "patch grid: pass --resolution=65536 ")):
+        release_config({**params, "patch_size": 4}, {}, {"resolution": 256, "num_stages": 15}, "w.pt", None)
+    # No stages or no resolution (off any grid): named by CheckpointConfig alone, as without patches of 3.
+    for overrides, refusal in (({"resolution": -10, "num_stages": 2}, "resolution must be positive, got -10"),
+                               ({"resolution": 10, "num_stages": 0}, "num_stages must be positive, got 0")):
+        with pytest.raises(CheckpointError, match=f"^invalid architecture for w.pt: {refusal}$"):
+            release_config(params, {}, overrides, "w.pt", None)
     assert release_config(params, {}, {"resolution": 12, "num_stages": 2}, "w.pt", None).resolution == 12
 
 
