@@ -713,15 +713,20 @@ def test_a_fine_tune_with_another_stage_count_is_warned(run, caplog):
     config = c2i.get_config("tiny")
     config.model.num_classes = 1000  # the run's
     config.train.init_from = run[0]
+    def notes_of_the_fine_tune():  # (level, message) of each line that compares the run with the checkpoint
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            train.check_init_from(config, ModelConfig.from_mapping(config.model))
+        return [(r.levelno, r.getMessage()) for r in caplog.records if " was trained " in r.getMessage()]
+
     config.data.resolution = 128
-    with caplog.at_level(logging.WARNING):
-        train.check_init_from(config, ModelConfig.from_mapping(config.model))
-    assert not caplog.text
+    [(level, note)] = notes_of_the_fine_tune()
+    assert level == logging.INFO and note.endswith(" was trained at 64 px; this run trains at 128 px"), note
     config.data.resolution, config.scheduler.num_stages = 64, 2
-    with caplog.at_level(logging.WARNING):
-        train.check_init_from(config, ModelConfig.from_mapping(config.model))
-    assert "trained with scheduler.num_stages 4 and this run trains with 2" in caplog.text
-    assert "set --config.scheduler.num_stages=4 to keep them" in caplog.text
+    [(level, note)] = notes_of_the_fine_tune()  # the warning alone: no info line on the stages besides
+    assert level == logging.WARNING
+    assert "trained with scheduler.num_stages 4 and this run trains with 2" in note
+    assert "set --config.scheduler.num_stages=4 to keep them" in note
 
 
 def test_a_refused_fine_tune_on_an_image_folder_leaves_no_workdir(run, tmp_path):
