@@ -58,6 +58,8 @@ def test_bad_arguments_are_rejected():
     # the count a refusal suggests: the next that trains, past the gap of 9 stages (22 trains, 23 and 24 do not)
     for n, stages, works in ((4, 4, 8), (7, 4, 8), (21, 9, 22), (23, 9, 25), (2, 1, 3)):
         assert PixelFlowScheduler(n, num_stages=stages).smallest_count_above_that_trains() == works
+    # the stages' shares follow gamma's rectification: a scheduler of another gamma is asked with its own
+    assert PixelFlowScheduler(9, num_stages=9, gamma=-0.9).smallest_count_above_that_trains() == 18
     assert PixelFlowScheduler(4, num_stages=4).set_timesteps(3, 3)[0].tolist() == [2.0, 2.5, 3.0]
     with pytest.raises(ValueError, match="stage must be in"):
         PixelFlowScheduler(1000, 4).set_timesteps(3, 4)
