@@ -111,7 +111,8 @@ class PixelFlowScheduler:
 
     def smallest_count_above_that_trains(self) -> int:
         """The smallest num_train_timesteps above this one that gives each of these stages timesteps of
-        its own (2 x num_stages up to 8 stages; irregular beyond: 22 serves 9 stages, 23 and 24 do not)."""
+        its own (at the release's gamma: 2 x num_stages up to 8 stages; irregular beyond: 22 serves 9 stages, 23
+        and 24 do not)."""
         count = self.num_train_timesteps + 1
         while PixelFlowScheduler(count, self.num_stages, self.gamma).stages_with_one_timestep():
             count += 1
