@@ -1,6 +1,7 @@
 """The demo page (`main.py --mode=demo`): driven by headless Chromium (pick a class, generate, see the
 images), and what it does with odd requests, stops, ports and its output folders."""
 
+import contextlib
 import json
 import os
 import re
@@ -185,6 +186,53 @@ def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_pla
         release.set()
         page.close()
         server.join(timeout=30)
+
+
+@contextlib.contextmanager
+def bare_page_served():
+    """The page of a DemoSampler without a model, served on 127.0.0.1 in a thread: its URL."""
+    import threading
+    import types
+
+    from pixelflow_jax import demo_app
+    from pixelflow_jax.api import CheckpointSource
+
+    demo = bare_demo(ckpt=types.SimpleNamespace(num_stages=4, resolution=64), trained_classes=None,
+                     source=CheckpointSource("a-folder-here", "ckpt"))
+    page, port = demo_app.build_page(demo, c2i_config()), free_port()
+    server = threading.Thread(target=demo_app.serve, args=(page, "127.0.0.1", port, None), daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the page did not start"
+                time.sleep(0.2)
+        yield url
+    finally:
+        page.close()
+        server.join(timeout=30)
+
+
+def test_the_page_takes_no_uploads_so_a_visitor_cannot_fill_the_servers_disk(monkeypatch):
+    """The page has no file input, but Gradio's upload route is open on every page, without a size
+    limit unless one is set: a visitor's POST stored a file of any size in the server's temporary
+    folder (a security review filled /tmp with it). Now anything but an empty file is refused."""
+    import urllib.error
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    body = (b'--XX\r\nContent-Disposition: form-data; name="files"; filename="big.bin"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 1024 + b"\r\n--XX--\r\n")
+    with bare_page_served() as url:
+        upload = urllib.request.Request(url + "gradio_api/upload", data=body,
+                                        headers={"Content-Type": "multipart/form-data; boundary=XX"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(upload, timeout=30)
+    assert refused.value.code == 413
 
 
 def test_the_request_count_check_leaves_another_gradios_page_as_it_is():
