@@ -97,6 +97,20 @@ def test_bad_hub_paths_are_refused_with_the_format(path):
         HubPath.parse(path)
 
 
+@pytest.mark.parametrize("path,problem", [
+    ("hf://./b", "'./b' is not a Hub repository id"), ("hf://../b", "'../b' is not a Hub repository id"),
+    ("hf://me/.", "'me/.' is not a Hub repository id"), ("hf://me/-x-", "'me/-x-' is not a Hub repository id"),
+    ("hf://me/a--b", "'me/a--b' is not a Hub repository id"),
+    ("hf://me/runs@..", "'..' is not a Hub revision"), ("hf://me/runs@./xl", "'.' is not a Hub revision"),
+])
+def test_a_hub_path_of_dots_for_its_owner_name_or_revision_is_refused_before_the_hub_is_asked(path, problem):
+    """hf://./b and hf://../b passed the parse (the owner's pattern takes dots): huggingface_hub's
+    HFValidationError then came out of a sampling job as a traceback. A revision of '..' was sent
+    to the Hub, where a URL's '..' climbs out of the revision, and into the cache's refs/ folder."""
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: {problem}")):
+        HubPath.parse(path)
+
+
 @pytest.mark.parametrize("path", ["hf://me/runs@refs/pr/draft", "hf://me/runs@refs/pr/3x/xl",
                                   "hf://me/runs@refs/heads", "hf://me/runs@refs/convert"])
 def test_a_mistyped_hub_ref_is_refused_with_the_refs_read(path):

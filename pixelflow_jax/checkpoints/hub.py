@@ -107,7 +107,12 @@ class HubPath:
                                   "then /SUBFOLDER if any")
         if ".." in subfolder.split("/"):
             raise CheckpointError(f"{path}: '..' is not allowed in a Hub subfolder")
-        return cls(f"{match['owner']}/{match['name']}", match["revision"], subfolder)
+        repo_id = f"{match['owner']}/{match['name']}"
+        check_repo_id(path, repo_id)
+        if match["revision"] in (".", ".."):  # sent to the Hub, a URL's '..' climbs out of the revision
+            raise CheckpointError(f"{path}: {match['revision']!r} is not a Hub revision: write a branch, tag or "
+                                  "commit, refs/pr/N or refs/convert/NAME after the '@'")
+        return cls(repo_id, match["revision"], subfolder)
 
     def pinned(self, commit: str) -> str:
         """This path at an exact commit: what a run records, so a rerun reads the same files."""
@@ -116,6 +121,19 @@ class HubPath:
     def __str__(self) -> str:
         return (f"{PREFIX}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
                 + (f"/{self.subfolder}" if self.subfolder else ""))
+
+
+def check_repo_id(path: str, repo_id: str) -> None:
+    """Refuses, naming `path`, an OWNER/NAME that huggingface_hub refuses (hf://../b, hf://me/a--b):
+    its own error came out of a job as a traceback."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:  # its words give the rule (letters, digits, '-', '_', '.'; ends; length)
+        raise CheckpointError(f"{path}: {repo_id!r} is not a Hub repository id ({first_line(e).rstrip('.')}): write "
+                              "hf://OWNER/NAME as the repository's page names it") from None
 
 
 def offline() -> bool:
