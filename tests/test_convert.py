@@ -976,6 +976,23 @@ def test_load_model_names_a_non_checkpoint_folder(tmp_path):
         load_model(str(converted))
 
 
+@pytest.mark.parametrize("kind,name", [("release", "config.yaml"), ("converted", "pixelflow_config.json"),
+                                       ("run", "run_config.json")])
+def test_a_checkpoints_config_nested_deeper_than_python_reads_is_named_damaged_not_a_traceback(tmp_path, kind, name):
+    """A crafted config of 100,000 nested lists came out of load_model as a RecursionError traceback
+    (a security review's file): each reader names the file and its nesting instead."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+
+    folder = {"release": tmp_path, "converted": tmp_path / "params", "run": tmp_path / "checkpoints" / "3" / "state"}
+    folder[kind].mkdir(parents=True, exist_ok=True)
+    if kind == "release":
+        shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "model.pt"), tmp_path)
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / name).write_text(f"model: {deep}" if name.endswith(".yaml") else deep)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path / name))} .*nested more than \d+ levels deep"):
+        load_model(str(tmp_path))
+
+
 def test_a_converted_folder_without_its_params_folder_is_named_an_unfinished_conversion(tmp_path, converted):
     """Its pixelflow_config.json alone (params/ deleted, or not yet copied): orbax's failure to
     restore blamed damage or another architecture."""

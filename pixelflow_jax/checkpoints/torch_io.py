@@ -240,11 +240,20 @@ def config_from_release_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]
     return params, extras
 
 
+def parsed_yaml(text: str) -> Any:
+    """yaml.safe_load (no Python objects built), with nesting deeper than Python reads a YAMLError, as
+    other damage is (a crafted config.yaml's RecursionError came out of load_model as a traceback)."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise yaml.YAMLError(storage.too_deeply_nested()) from None
+
+
 def release_yaml_values(path: str) -> dict[str, Any]:
     """The settings of a config.yaml, a mapping whose sections are mappings; else a one-line error
     that names what the file holds instead."""
     try:
-        values = yaml.safe_load(storage.read_text(path))
+        values = parsed_yaml(storage.read_text(path))
     except FileNotFoundError:
         raise CheckpointError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -403,7 +412,7 @@ def is_release_yaml(path: str) -> bool:
     """Whether a YAML file is shaped as the release's configs (model.params); one that is, but wrong,
     is named by config_from_release_yaml."""
     try:
-        values = yaml.safe_load(storage.read_text(path))
+        values = parsed_yaml(storage.read_text(path))
     except (yaml.YAMLError, UnicodeDecodeError):
         values = None
     shaped = isinstance(values, dict) and isinstance(values.get("model"), dict) and "params" in values["model"]

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from concurrent import futures
 from typing import Any, Callable, Iterator
@@ -214,7 +215,21 @@ def read_text(path: str) -> str:
 
 
 def read_json(path: str) -> Any:
-    return json.loads(read_text(path))
+    return parse_json(read_text(path))
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, with nesting deeper than Python reads a ValueError, as other damage is (a crafted
+    file's RecursionError came out of the checkpoint readers as a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(too_deeply_nested()) from None
+
+
+def too_deeply_nested() -> str:
+    """Why a file of nested lists or mappings was not read (JSON's and YAML's parsers recurse)."""
+    return f"nested more than {sys.getrecursionlimit()} levels deep, past what Python reads"
 
 
 # From a bucket each file is a request: one after another, a job over a million files waits out a

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 from flax import nnx, traverse_util
 
+from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.checkpoint import CheckpointError, module_with_params
 from pixelflow_jax.text.t5 import T5Config, T5Encoder
 
@@ -129,7 +130,7 @@ def is_t5_config(path: str) -> bool:
     """Whether `path` is a readable config.json of a T5 model (a pipeline's CLIP encoders are not)."""
     try:
         with open(path) as f:
-            return json.load(f).get("model_type") == "t5"
+            return storage.parse_json(f.read()).get("model_type") == "t5"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -137,8 +138,8 @@ def is_t5_config(path: str) -> bool:
 def _read_json(path: str):
     try:
         with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return storage.parse_json(f.read())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, nesting past what Python reads
         raise CheckpointError(f"{path} is not valid JSON ({e}): download the T5 folder again") from None
 
 
@@ -298,8 +299,6 @@ def save_t5_folder(folder: str, encoder: T5Encoder, tokenizer_model: bytes) -> N
     """A Hugging Face-layout T5 encoder folder (local or gs://): spiece.model, model.safetensors,
     then config.json, written last, so a folder with config.json is complete."""
     from safetensors.numpy import save as safetensors_bytes
-
-    from pixelflow_jax import storage
 
     cfg = encoder.config
     hf_config = {"model_type": "t5", "architectures": ["T5EncoderModel"], "vocab_size": cfg.vocab_size,
