@@ -240,6 +240,22 @@ def test_results_written_at_once_by_several_jobs_each_keep_their_history_line(tm
     assert sorted((line["writer"], line["result"]) for line in history) == [(k, i) for k in range(8) for i in range(20)]
 
 
+def test_a_log_a_job_appends_to_is_not_written_through_a_link_planted_in_its_place(tmp_path):
+    """A link planted as a workdir's sampling_runs.jsonl had each job append its line to the file it
+    points at, outside the workdir (a security review's ~/.bashrc), where every whole-file write
+    replaces a link with the file. Now the append is refused, naming the link and the fix, and the
+    other file is left as it was."""
+    other = tmp_path / "bashrc"
+    other.write_text("export PATH=$PATH\n")
+    log = tmp_path / "workdir" / "sampling_runs.jsonl"
+    log.parent.mkdir()
+    log.symlink_to(other)
+    with pytest.raises(storage.StorageError, match=re.escape(f"{log} is a link (to {other}); a log that jobs "
+                                                             "append to is not written through one")):
+        storage.append_json_line(str(log), {"job": 1})
+    assert other.read_text() == "export PATH=$PATH\n"
+
+
 def run_main(workdir, *overrides):
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", *overrides]
     env = {**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False)}

@@ -157,7 +157,15 @@ def append_json_line(path: str, value: Any) -> None:
         write_atomically(path, (read_text(path) if exists(path) else "") + line)
         return
     make_local_parent(path)
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    # O_NOFOLLOW (POSIX): as a whole-file write replaces a link, an append never writes the file it points at
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP and os.path.islink(path):
+            raise StorageError(f"{path} is a link (to {os.readlink(path)}); a log that jobs append to is not written "
+                               "through one (its lines would go into another file): remove the link, or put the "
+                               "file itself in its place") from None
+        raise
     try:
         os.write(descriptor, line.encode())
     finally:
