@@ -186,11 +186,14 @@ def not_plain_prompts(text: str, prompts: list[str], path: str) -> str | None:
     their raw text (brackets, keys, quotes, the other columns, the header as a prompt): a JSON
     document, lines of JSON objects, as GenEval's metadata.jsonl holds, or a table with a header
     row; None for plain prompts."""
-    if isinstance(document := parsed_json(text), (list, dict)):
+    try:
+        document, records = parsed_json(text), [parsed_json(line) for line in prompts]
+    except RecursionError:  # brackets past Python's reach: a JSON document all the same, never a prompt
+        return f"it is JSON {storage.too_deeply_nested()}; write each prompt alone on a line"
+    if isinstance(document, (list, dict)):
         entries = f"{len(document)} {'entry' if len(document) == 1 else 'entries'}"
         return (f"it is a JSON {'list' if isinstance(document, list) else 'object'} of {entries}; write each prompt "
                 "alone on a line")
-    records = [parsed_json(line) for line in prompts]
     if all(isinstance(record, dict) for record in records):
         key = next((k for k in records[0] if k.lower() in PROMPT_COLUMNS), None)
         fix = f", e.g. jq -r .{key} {path} > prompts.txt," if key else ""
