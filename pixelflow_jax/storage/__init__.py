@@ -44,8 +44,8 @@ __all__ = [
     "listdir", "local_file", "make_folder", "makedirs", "missing_bucket_words", "missing_path_words", "move",
     "move_file_once", "open_file", "parse_json", "process_alive",
     "read_bytes", "read_in_order", "read_json", "read_text", "remove", "remove_abandoned_dirs", "remove_temporaries",
-    "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "slash_after_a_file", "temporary_dir", "too_deeply_nested",
-    "upload_file_atomically",
+    "removed_if_left_empty", "resolved", "rmtree", "size_and_mtime", "slash_after_a_file", "temporary_dir",
+    "too_deeply_nested", "upload_file_atomically",
     "upload_file_once", "user_path", "utc_now", "write_atomically", "write_json_atomically",
     "write_json_keeping_history", "write_streamed_atomically", "writer_gone", "writer_tag", "writing",
 ]
