@@ -125,13 +125,8 @@ def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_pla
     compiled-settings record shared, twice the accelerator memory for two batches). Now one samples;
     the others wait in Gradio's queue, each page showing its place, and a page closed leaves it."""
     import threading
-    import types
-    import urllib.error
 
     from playwright.sync_api import sync_playwright
-
-    from pixelflow_jax import demo_app
-    from pixelflow_jax.api import CheckpointSource
 
     monkeypatch.setenv("GRADIO_DEFAULT_CONCURRENCY_LIMIT", "3")
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
@@ -145,21 +140,8 @@ def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_pla
         sampling.remove(request)
         return []
 
-    demo = bare_demo(ckpt=types.SimpleNamespace(num_stages=4, resolution=64), trained_classes=None,
-                     source=CheckpointSource("a-folder-here", "ckpt"), generate=generate)
-    page, port = demo_app.build_page(demo, c2i_config()), free_port()
-    server = threading.Thread(target=demo_app.serve, args=(page, "127.0.0.1", port, None), daemon=True)
-    server.start()
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                assert time.time() < deadline, "the page did not start"
-                time.sleep(0.2)
+    with bare_page_served(generate=generate) as (page, url), contextlib.ExitStack() as releasing:
+        releasing.callback(release.set)  # before the page closes: a held request would hold its close
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
             tabs = [browser.new_page() for _ in range(3)]
@@ -182,15 +164,12 @@ def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_pla
                                       timeout=30_000)
             browser.close()
         assert len(started) == 2
-    finally:
-        release.set()
-        page.close()
-        server.join(timeout=30)
 
 
 @contextlib.contextmanager
-def bare_page_served():
-    """The page of a DemoSampler without a model, served on 127.0.0.1 in a thread: its URL."""
+def bare_page_served(**demo_fields):
+    """The page of a DemoSampler without a model (`demo_fields` set on it, e.g. generate), served on
+    127.0.0.1 in a thread: (the page, its URL)."""
     import threading
     import types
 
@@ -198,7 +177,7 @@ def bare_page_served():
     from pixelflow_jax.api import CheckpointSource
 
     demo = bare_demo(ckpt=types.SimpleNamespace(num_stages=4, resolution=64), trained_classes=None,
-                     source=CheckpointSource("a-folder-here", "ckpt"))
+                     source=CheckpointSource("a-folder-here", "ckpt"), **demo_fields)
     page, port = demo_app.build_page(demo, c2i_config()), free_port()
     server = threading.Thread(target=demo_app.serve, args=(page, "127.0.0.1", port, None), daemon=True)
     server.start()
@@ -209,10 +188,10 @@ def bare_page_served():
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
-            except OSError:
+            except OSError:  # (urllib's URLError is one)
                 assert time.time() < deadline, "the page did not start"
                 time.sleep(0.2)
-        yield url
+        yield page, url
     finally:
         page.close()
         server.join(timeout=30)
@@ -227,7 +206,7 @@ def test_the_page_takes_no_uploads_so_a_visitor_cannot_fill_the_servers_disk(mon
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     body = (b'--XX\r\nContent-Disposition: form-data; name="files"; filename="big.bin"\r\n'
             b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 1024 + b"\r\n--XX--\r\n")
-    with bare_page_served() as url:
+    with bare_page_served() as (_, url):
         upload = urllib.request.Request(url + "gradio_api/upload", data=body,
                                         headers={"Content-Type": "multipart/form-data; boundary=XX"})
         with pytest.raises(urllib.error.HTTPError) as refused:
