@@ -184,9 +184,9 @@ class DecodedSource:
         self.resize_to = round(resolution * expand_ratio)
         self.tokenizer = tokenizer  # text.T5Tokenizer for captioned sources
         self.reported: set[int] = set()  # unreadable records this process has named (once each)
-        self.named_transparent = False  # whether this process named an image with transparent pixels
-        self.named_upscaled = False  # whether this process named an image smaller than the resolution
-        self.named_exif_oriented = False  # whether this process named an image with an EXIF orientation
+        # What this process named an image for ('transparent', 'upscaled', 'exif_oriented'): once each, as a
+        # logo set has thousands of transparent images; the loader's counts follow in the log.
+        self.named: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -225,30 +225,34 @@ class DecodedSource:
                 pixels = adm_center_crop(image, self.resolution)
             else:
                 pixels = np.asarray(resize_shorter_side(image, self.resize_to))
-            if transparent and not self.named_transparent:  # once per process: a logo set has thousands
-                self.named_transparent = True
-                logging.warning("%s has transparent pixels, which train as the colour stored under them (often "
-                                "black), as the alpha channel is dropped: flatten such images onto a background first "
-                                "where that matters (further ones are counted, not named)",
-                                record.get("name") or self._name(record_index))
-            if upscaled and not self.named_upscaled:  # once per process, as above: the count follows in the log
-                self.named_upscaled = True
-                logging.warning("%s is %d x %d px, below data.resolution (%d px) on its shorter side: it is upscaled, "
-                                "which trains the model on blurred pixels; where many images are, set "
-                                "--config.data.resolution to their size (further ones are counted, not named)",
-                                record.get("name") or self._name(record_index), *image.size, self.resolution)
-            if orientation != 1 and not self.named_exif_oriented:  # once per process, as above
-                self.named_exif_oriented = True
-                logging.warning("%s has an EXIF orientation (%d: %s) that is not applied, as in the release: it "
-                                "trains as stored, sideways or mirrored; turn such images upright first where that "
-                                "matters, e.g. with PIL.ImageOps.exif_transpose (further ones are counted, not named)",
-                                record.get("name") or self._name(record_index), orientation,
+            named = record.get("name") or record_index  # the record's name, made only for a message
+            if transparent:
+                self._name_once("transparent", named, "has transparent pixels, which train as the colour stored under "
+                                "them (often black), as the alpha channel is dropped: flatten such images onto a "
+                                "background first where that matters")
+            if upscaled:
+                self._name_once("upscaled", named, "is %d x %d px, below data.resolution (%d px) on its shorter side: "
+                                "it is upscaled, which trains the model on blurred pixels; where many images are, set "
+                                "--config.data.resolution to their size", *image.size, self.resolution)
+            if orientation != 1:
+                self._name_once("exif_oriented", named, "has an EXIF orientation (%d: %s) that is not applied, as in "
+                                "the release: it trains as stored, sideways or mirrored; turn such images upright "
+                                "first where that matters, e.g. with PIL.ImageOps.exif_transpose", orientation,
                                 ORIENTATION_WORDS[orientation])
             return {"image": pixels, **conditioning, "skipped": np.int32(attempt),
                     "transparent": np.int32(transparent), "upscaled": np.int32(upscaled),
                     "exif_oriented": np.int32(orientation != 1)}
         raise DataError(f"{MAX_UNREADABLE_IN_A_ROW} records drawn in a row (from {self._name(index)} on, each "
                         f"replacing the last) are unusable (the last, {last_error}); is the dataset corrupt?")
+
+    def _name_once(self, kind: str, named: str | int, problem: str, *args) -> None:
+        """Logs 'NAME PROBLEM (further ones are counted, not named)' for the first image of `kind` this
+        process draws; `named` is the record's name, or its index to name it by."""
+        if kind in self.named:
+            return
+        self.named.add(kind)
+        logging.warning("%s " + problem + " (further ones are counted, not named)",
+                        named if isinstance(named, str) else self._name(named), *args)
 
     def _conditioning(self, record: dict) -> dict:
         if self.tokenizer is None:
