@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from pixelflow_jax import validation
+from pixelflow_jax import random_numbers, validation
 from pixelflow_jax.config import matmul_precision
 from pixelflow_jax.kernels.attention import tracing_modes
 from pixelflow_jax.model import PixelFlow, checked_text_mask, readable_here
@@ -146,7 +146,15 @@ def draw_noise(key: jax.Array, image_ids: jax.Array, resolution: int, num_stages
     return jax.vmap(for_one_image)(image_ids)
 
 
-draw_noise_jit = jax.jit(draw_noise, static_argnums=(2, 3, 4, 5))
+_draw_noise_compiled = jax.jit(draw_noise, static_argnums=(2, 3, 4, 5))
+
+
+def draw_noise_jit(key: jax.Array, image_ids: jax.Array, resolution: int, num_stages: int, channels: int,
+                   gamma: float) -> tuple[jax.Array, list[jax.Array]]:
+    """draw_noise compiled, under jax's random-number settings pinned (random_numbers.py): a seed's
+    images are not another's for a JAX_THREEFRY_PARTITIONABLE=0 in the environment."""
+    with random_numbers.pinned():
+        return _draw_noise_compiled(key, image_ids, resolution, num_stages, channels, gamma)
 
 
 def to_uint8(latents: jax.Array) -> jax.Array:
@@ -314,7 +322,7 @@ class CascadeSampler:
         if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) or np.size(seed) != 1:
             raise ValueError(f"seed must be an int in [0, {validation.MAX_SEED}] (each image's noise is drawn from "
                              f"it and the image's id), got {seed!r}")
-        key = jax.random.key(validation.seed("seed", np.asarray(seed).item(), where=""))
+        key = random_numbers.key(validation.seed("seed", np.asarray(seed).item(), where=""))
         initial, blocks = draw_noise_jit(key, ids, self.resolution, num_stages,
                                          self.model_config.in_channels, self.scheduler.gamma)
         finish = finished_images_jit if jax.sharding.get_abstract_mesh().empty else finished_images_everywhere_jit

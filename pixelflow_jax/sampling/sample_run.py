@@ -36,7 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from pixelflow_jax import storage, validation
+from pixelflow_jax import random_numbers, storage, validation
 from pixelflow_jax.api import (check_steps_for_stages, fetch_weights, read_sampling_model, read_through_rotation,
                                run_trained_classes, sampling_runtime, sampling_source, weights_chosen, weights_of)
 from pixelflow_jax.evaluation.evaluate import INPUT_ERRORS
@@ -262,7 +262,7 @@ def sample_batches(model, ckpt, options, conditioning, missing, folder, batch_si
     sampler = CascadeSampler(model, ckpt)
     # The finite flags replicated, so that every process stops alike on a bad image.
     finish_batch = jax.jit(finished_images, out_shardings=(batch, everywhere))
-    key = jax.random.key(seed)
+    key = random_numbers.key(seed)
     total = conditioning.num_images
     progress = Progress(total, "sampling", "img", initial=total - len(missing))
     written = None  # the batch dispatched last: its PNGs are written while the next one computes
