@@ -3,9 +3,11 @@
 Two of jax's settings decide which numbers a key gives: the generator (`jax_default_prng_impl`,
 JAX_DEFAULT_PRNG_IMPL) and threefry's partitionable form (`jax_threefry_partitionable`,
 JAX_THREEFRY_PARTITIONABLE; jax's default since 0.5, whose changelog advises turning it off to keep
-the numbers of earlier versions). Under another value of either, every seed drew other noise and
-nothing recorded with the images said so: a job rerun there mixed two sets of noise in one
-samples.npz. A sampling job's keys are made, and its noise drawn, under jax's defaults pinned."""
+the numbers of earlier versions). Under another value of either, every seed drew other noise, other
+initial weights and other training draws, and nothing recorded with a job said so: a sampling job
+rerun there mixed two sets of noise in one samples.npz, and a run resumed there left its
+uninterrupted losses. A sampling job's keys are made, and its noise drawn, and a training run runs,
+under jax's defaults pinned."""
 
 from __future__ import annotations
 

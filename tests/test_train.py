@@ -1140,6 +1140,27 @@ def test_a_resume_in_the_same_process_compiles_nothing(tmp_path, monkeypatch):
     assert compiled == [] and metrics["step"] == 4
 
 
+@pytest.mark.slow
+def test_a_run_trains_the_same_steps_whatever_jaxs_random_number_settings(tmp_path):
+    """JAX_THREEFRY_PARTITIONABLE=0 or JAX_DEFAULT_PRNG_IMPL=rbg in a user's environment drew other
+    initial weights and other noise, timesteps and dropout for a seed, and nothing recorded with the
+    run said so: a run resumed there left its uninterrupted losses. A 2-step run started under both
+    ends at the weights and loss of one under jax's defaults."""
+    from configs import c2i
+    from pixelflow_jax.training import train
+
+    config = c2i.get_config("tiny")
+    config.scheduler.num_stages, config.data.resolution = 2, 16
+    config.train.update(num_steps=2, batch_size=16, label_dropout=0.5)  # 2 stages x the 8 test devices
+    expected = train.train(config, str(tmp_path / "defaults"))
+    with jax.threefry_partitionable(False), jax.default_prng_impl("rbg"):
+        other = train.train(config, str(tmp_path / "other_settings"))
+    assert other["loss"] == expected["loss"]
+    weights = [load_model(str(tmp_path / run), weights="model")[0] for run in ("defaults", "other_settings")]
+    for a, b in zip(*(jax.tree.leaves(nnx.state(model, nnx.Param)) for model in weights), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def train_step_of(**train_settings):
     """train_step_of_run's step for configs/c2i.py:tiny with `train_settings` (batch 32: 8 devices x 4 stages)."""
     from configs import c2i

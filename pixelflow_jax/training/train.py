@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 from flax import nnx
 
-from pixelflow_jax import storage, validation
+from pixelflow_jax import random_numbers, storage, validation
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, complete_steps, is_run
 from pixelflow_jax.command_line import EXIT_HUNG_UP, EXIT_INTERRUPTED, raise_dropped_stops, termination_signal
 from pixelflow_jax.config import ModelConfig
@@ -390,7 +390,7 @@ def train(config, workdir: str) -> dict:
         lock = WorkdirLock(workdir, config.train.lock_stale_after_s)
         try:  # acquired inside: a SIGTERM the moment after the lock is written still releases it
             lock.acquire()  # a second run on this workdir stops here, naming the first
-            with orbax_errors_in_one_line():
+            with orbax_errors_in_one_line(), random_numbers.pinned():  # a seed's draws whatever jax's settings
                 return train_in_owned_workdir(config, workdir, model_cfg, mesh, step_cfg, lock, preview_prompts)
         finally:
             lock.release()  # only a lock of its own
