@@ -7,6 +7,7 @@ rounds the metrics' linear algebra otherwise, and a GPU's kernels are not a CPU'
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 
 import jax
@@ -49,6 +50,14 @@ def devices_used() -> dict:
             "local_device_count": jax.local_device_count(), "process_count": jax.process_count()}
 
 
+def settings_outside_the_config() -> dict:
+    """jax's matmul precision (JAX_DEFAULT_MATMUL_PRECISION, jax.default_matmul_precision: a bfloat16
+    model's matmuls and training's on GPUs and TPUs; a float32 model samples at "highest" whatever it
+    says) and XLA_FLAGS, as the process has them; None where unset (the platform's defaults)."""
+    return {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS")}
+
+
 def job_environment() -> dict:
-    """software_versions and devices_used, as one record's "environment"."""
-    return {**software_versions(), "devices": devices_used()}
+    """software_versions, devices_used and settings_outside_the_config, as one record's "environment"."""
+    return {**software_versions(), "devices": devices_used(), "settings": settings_outside_the_config()}

@@ -24,6 +24,18 @@ def test_the_environment_names_the_installed_versions_and_the_devices():
     assert devices["local_device_count"] == jax.local_device_count() and devices["device_kind"]
 
 
+def test_the_environment_names_the_settings_outside_the_config_that_change_a_jobs_numbers(monkeypatch):
+    """jax's matmul precision (JAX_DEFAULT_MATMUL_PRECISION: a bfloat16 model's and training's matmuls
+    on GPUs and TPUs) and XLA_FLAGS (fast math, GPU determinism) change a job's numbers, and no record
+    named them: two workdirs of the same versions and devices could not say why their numbers differed."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    with jax.default_matmul_precision("bfloat16"):
+        assert job_environment()["settings"] == {"jax_default_matmul_precision": "bfloat16",
+                                                 "XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}
+    monkeypatch.delenv("XLA_FLAGS")
+    assert job_environment()["settings"] == {"jax_default_matmul_precision": None, "XLA_FLAGS": None}
+
+
 def test_each_job_appends_its_line_and_keeps_the_earlier_ones(tmp_path):
     path = str(tmp_path / "new_workdir" / "jobs.jsonl")  # its folder made
     append_job_record(path, {"start_step": 0}, "free space")
