@@ -415,6 +415,21 @@ def test_a_resume_on_other_devices_or_with_another_memory_setting_is_warned_and_
     assert not caplog.text
 
 
+def test_a_resume_under_another_matmul_precision_is_warned_and_recorded(tmp_path, caplog):
+    """JAX_DEFAULT_MATMUL_PRECISION (or jax.default_matmul_precision around train()) decides the
+    precision of training's matmuls on GPUs and TPUs (TF32, or one bfloat16 pass, by default): a run
+    resumed under another one trained its remaining steps in other arithmetic, and nothing said so."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["run.matmul_precision"] is None
+    with caplog.at_level(logging.WARNING), jax.default_matmul_precision("highest"):
+        check_resume(str(tmp_path), c2i_config(), step=40, num_records=100)
+    assert "(run.matmul_precision: None -> 'highest'): the steps compute in another order" in caplog.text
+    assert json.loads((tmp_path / CHANGES_FILE).read_text()) == {
+        "step": 40, "changes": {"run.matmul_precision": {"from": None, "to": "highest"}}}
+
+
 def test_attention_auto_and_the_kernel_it_picks_are_one_setting_at_a_resume(tmp_path, caplog):
     """'auto' is XLA on a CPU: a resume with --config.model.attention=xla was warned that it agrees
     with an uninterrupted run to float rounding only, though the losses were equal to every digit.

@@ -10,7 +10,7 @@ a record's position is its place in the sorted listing; or labels of another cla
 loses exact resume (the data position counts in steps of the new batch); another learning rate
 silently changes the run. So a change is refused, naming each setting, unless
 train.allow_resume_changes is set; then it is recorded. Where the steps run (devices, remat, fsdp,
-attention backend) may change with a warning and a record: the numbers then agree with an
+attention backend, jax's matmul precision) may change with a warning and a record: the numbers then agree with an
 uninterrupted run to float rounding (NUMERICS_ONLY); the attention backend is recorded as the
 kernel that ran ('auto' resolved), so 'auto' and the kernel it picks are no change, and a version
 whose 'auto' picks another kernel is one. Another data.root holding the same files (the run's
@@ -43,7 +43,9 @@ MODEL_FIELDS = ("dtype",)  # the compute dtype changes every step's arithmetic
 # Where and how the steps run: a resume may change these (they fit a run to memory or to the machines
 # it gets), but each changes the order of float operations, so the run then agrees with an
 # uninterrupted one to float rounding, not bit for bit: a warning, and a record, not a refusal.
-NUMERICS_ONLY = ("run.devices", "run.platform", "mesh.fsdp", "model.remat", "model.attention")
+# run.matmul_precision: jax's (JAX_DEFAULT_MATMUL_PRECISION; None: the platform's, TF32 or one bfloat16 pass on
+# GPUs and TPUs), which training's matmuls take.
+NUMERICS_ONLY = ("run.devices", "run.platform", "run.matmul_precision", "mesh.fsdp", "model.remat", "model.attention")
 # May change at a resume past both warmups of a constant rate (warmup_change_keeps_the_rate).
 WARMUP = "train.warmup_steps"
 # May change where the data's listing and record count are the same (data_moved): the same files elsewhere.
@@ -88,7 +90,7 @@ def resume_settings(config, num_records: int, listing: str | None = None, num_cl
     values.update({f"data.{name}": config.data[name] for name in data_fields if name in config.data})
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
     values.update({"run.devices": jax.device_count(), "run.platform": jax.default_backend(),
-                   "mesh.fsdp": config.mesh.fsdp, "model.remat": config.model.remat,
+                   "run.matmul_precision": jax.config.jax_default_matmul_precision, "mesh.fsdp": config.mesh.fsdp, "model.remat": config.model.remat,
                    "model.attention": resolve_backend(config.model.attention, config.model.dtype)})
     values = {key: same_folder_spelled_once(key, value) for key, value in values.items()}
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
@@ -235,9 +237,9 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     if changed:
         logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
     if numerics := {k: c for k, c in every_change.items() if k in NUMERICS_ONLY}:
-        logging.warning("resuming %s at step %d on other devices or with another memory setting (%s): the steps "
-                        "compute in another order, so the run agrees with an uninterrupted one to float rounding, "
-                        "not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
+        logging.warning("resuming %s at step %d on other devices or with another memory or precision setting (%s): "
+                        "the steps compute in another order, so the run agrees with an uninterrupted one to float "
+                        "rounding, not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
     if moved and DATA_ROOT in every_change:
         root = every_change[DATA_ROOT]
         logging.warning("resuming %s at step %d with its data at another path (%s: %r -> %r): the same file names, in "
