@@ -10,8 +10,8 @@ a record's position is its place in the sorted listing; or labels of another cla
 loses exact resume (the data position counts in steps of the new batch); another learning rate
 silently changes the run. So a change is refused, naming each setting, unless
 train.allow_resume_changes is set; then it is recorded. Where the steps run (devices, remat, fsdp,
-attention backend, jax's matmul precision) may change with a warning and a record: the numbers then agree with an
-uninterrupted run to float rounding (NUMERICS_ONLY); the attention backend is recorded as the
+attention backend, jax's matmul precision) may change with a warning and a record: the numbers then
+agree with an uninterrupted run to float rounding (NUMERICS_ONLY); the attention backend is recorded as the
 kernel that ran ('auto' resolved), so 'auto' and the kernel it picks are no change, and a version
 whose 'auto' picks another kernel is one. Another data.root holding the same files (the run's
 listing and record count: a copy on a cluster node's local disk) resumes with a warning and a
@@ -90,7 +90,8 @@ def resume_settings(config, num_records: int, listing: str | None = None, num_cl
     values.update({f"data.{name}": config.data[name] for name in data_fields if name in config.data})
     values.update({f"model.{name}": config.model[name] for name in MODEL_FIELDS if name in config.model})
     values.update({"run.devices": jax.device_count(), "run.platform": jax.default_backend(),
-                   "run.matmul_precision": jax.config.jax_default_matmul_precision, "mesh.fsdp": config.mesh.fsdp, "model.remat": config.model.remat,
+                   "run.matmul_precision": jax.config.jax_default_matmul_precision, "mesh.fsdp": config.mesh.fsdp,
+                   "model.remat": config.model.remat,
                    "model.attention": resolve_backend(config.model.attention, config.model.dtype)})
     values = {key: same_folder_spelled_once(key, value) for key, value in values.items()}
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
@@ -239,7 +240,8 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
     if numerics := {k: c for k, c in every_change.items() if k in NUMERICS_ONLY}:
         logging.warning("resuming %s at step %d on other devices or with another memory or precision setting (%s): "
                         "the steps compute in another order, so the run agrees with an uninterrupted one to float "
-                        "rounding, not bit for bit (recorded in %s)", workdir, step, named_changes(numerics), CHANGES_FILE)
+                        "rounding, not bit for bit (recorded in %s)", workdir, step, named_changes(numerics),
+                        CHANGES_FILE)
     if moved and DATA_ROOT in every_change:
         root = every_change[DATA_ROOT]
         logging.warning("resuming %s at step %d with its data at another path (%s: %r -> %r): the same file names, in "
