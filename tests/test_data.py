@@ -283,10 +283,10 @@ def test_images_smaller_than_the_resolution_are_counted_and_the_first_named(tmp_
                      "--config.data.resolution to their size (further ones are counted, not named)"], named
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        [_], loader = batches(source, 1, batch_size=6, resolution=10, center_crop=center_crop)
+        [_, _], loader = batches(source, 2, batch_size=6, resolution=10, center_crop=center_crop)
         loader.close()
-    assert loader.upscaled.count == 4
-    assert ("so far, 4 of the 6 images drawn (67%) were smaller than data.resolution (10 px) and upscaled"
+    assert loader.upscaled.count == 8  # counted over both batches: the count is made once
+    assert ("so far, 8 of the 12 images drawn (67%) were smaller than data.resolution (10 px) and upscaled"
             in caplog.text), caplog.text
 
 
@@ -302,11 +302,14 @@ def test_images_whose_exif_orientation_is_not_applied_are_counted_and_the_first_
         Image.new("RGB", (16, 12), (90, 90, 200)).save(tmp_path / "a" / name, exif=exif.tobytes())
     # a damaged EXIF block spoils no image: it trains, not counted
     Image.new("RGB", (16, 12)).save(tmp_path / "a" / "5_damaged_exif.jpg", exif=b"Exif\x00\x00damaged")
+    Image.new("RGB", (16, 12)).save(tmp_path / "a" / "6_cut_short_exif.jpg",  # PIL warns "Corrupt EXIF data"
+                                    exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff")
+    Image.new("RGB", (16, 12)).save(tmp_path / "a" / "7_not_tiff_exif.png", exif=b"Exif\x00\x00M")  # getexif raises
     source = ImageFolderSource(str(tmp_path))
     with caplog.at_level(logging.WARNING):
         decoded = decoding.DecodedSource(source, 8)
-        assert [int(decoded[i]["exif_oriented"]) for i in range(len(source))] == [0, 1, 1, 0, 0, 0]
-        assert [int(decoded[i]["skipped"]) for i in range(len(source))] == [0] * 6
+        assert [int(decoded[i]["exif_oriented"]) for i in range(len(source))] == [0, 1, 1, 0, 0, 0, 0, 0]
+        assert [int(decoded[i]["skipped"]) for i in range(len(source))] == [0] * 8
     named = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
     assert named == [f"{tmp_path / 'a' / '1_phone.jpg'} has an EXIF orientation (6: turn 90 degrees clockwise to "
                      "show) that is not applied, as in the release: it trains as stored, sideways or mirrored; turn "
@@ -319,6 +322,59 @@ def test_images_whose_exif_orientation_is_not_applied_are_counted_and_the_first_
     assert loader.exif_oriented.count == 2
     assert ("so far, 2 images drawn had an EXIF orientation that was not applied (trained as stored, sideways or "
             "mirrored)") in caplog.text, caplog.text
+
+
+def test_pils_warning_of_a_damaged_exif_block_is_not_printed():
+    """PIL warns "Corrupt EXIF data" as exif_orientation reads such a block, which spoils no image:
+    decoding filters the warning out at import. pytest resets the filters for each test, so a
+    fresh process reads an image of a block cut short."""
+    cut_short = r"b'Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff'"
+    script = ("import io\nfrom PIL import Image\nfrom pixelflow_jax.data import decoding\nbuffer = io.BytesIO()\n"
+              f"Image.new('RGB', (16, 12)).save(buffer, 'JPEG', exif={cut_short})\n"
+              "assert decoding.exif_orientation(decoding.opened(buffer.getvalue())) == 1\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "EXIF" not in result.stderr, result.stderr
+
+
+def test_the_exif_orientation_words_name_what_pil_does_to_show_the_stored_pixels():
+    """Each orientation's words in the warning are checked against PIL's exif_transpose: a word
+    swapped (clockwise for anticlockwise, one diagonal for the other) would tell a user to turn
+    the images the wrong way, and no test read the words of orientations other than 6."""
+    from PIL import ImageOps
+
+    stored = np.arange(6, dtype=np.uint8).reshape(2, 3)  # no symmetry: each operation gives other pixels
+    operations = {"mirror left to right": np.fliplr, "turn 180 degrees": lambda a: np.rot90(a, 2),
+                  "mirror top to bottom": np.flipud, "mirror along the diagonal from the top left": np.transpose,
+                  "mirror along the diagonal from the top right": lambda a: np.rot90(a, 2).T,
+                  "turn 90 degrees clockwise": lambda a: np.rot90(a, -1), "turn 90 degrees anticlockwise": np.rot90}
+    assert sorted(decoding.ORIENTATION_WORDS) == [2, 3, 4, 5, 6, 7, 8]
+    for orientation, words in decoding.ORIENTATION_WORDS.items():
+        exif = Image.Exif()
+        exif[decoding.EXIF_ORIENTATION_TAG] = orientation
+        buffer = io.BytesIO()
+        Image.fromarray(stored).save(buffer, "PNG", exif=exif.tobytes())
+        shown = np.asarray(ImageOps.exif_transpose(decoding.opened(buffer.getvalue())))
+        assert np.array_equal(shown, operations[words.removesuffix(" to show")](stored)), (orientation, words)
+
+
+def test_an_image_of_every_problem_is_named_for_each_and_a_record_without_a_name_by_its_index(caplog):
+    """The three warnings are once per process each, not once among them: a small, transparent,
+    turned image is named three times. A record without a name of its own (a list of records, as
+    TFDS gives) is named by its index, as an unreadable one is."""
+    rgba = np.zeros((6, 6, 4), np.uint8)  # every pixel transparent, below the resolution
+    exif = Image.Exif()
+    exif[decoding.EXIF_ORIENTATION_TAG] = 8
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).save(buffer, "PNG", exif=exif.tobytes())
+    source = [{"image": buffer.getvalue(), "label": 0}]
+    with caplog.at_level(logging.WARNING):
+        decoded = decoding.DecodedSource(source, 8)[0]
+    assert [int(decoded[kind]) for kind in ("transparent", "upscaled", "exif_oriented")] == [1, 1, 1]
+    named = [r.getMessage() for r in caplog.records]
+    assert [m.split(" ", 3)[:3] for m in named] == [["record", "0", "has"], ["record", "0", "is"],
+                                                     ["record", "0", "has"]], named
+    assert "transparent pixels" in named[0] and "upscaled" in named[1] and "EXIF orientation (8: turn 90 degrees " \
+        "anticlockwise to show)" in named[2], named
 
 
 def test_a_nearly_opaque_pixel_and_a_one_bit_pngs_transparent_colour_are_transparent_pixels():
