@@ -209,6 +209,51 @@ def test_a_datasets_top_folder_of_split_folders_given_as_the_image_folder_is_ref
     assert ImageFolderSource(str(root)).classes == ["train", "val"]
 
 
+def split_layout(root, splits: dict) -> None:
+    """root/<split>/<folder>/0.png for each split's folders, and root/<split>/<file> for its loose files."""
+    for split, entries in splits.items():
+        for entry in entries:
+            if "." in entry.lstrip("."):
+                (root / split).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8)).save(root / split / entry, "PNG")
+            else:
+                (root / split / entry).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8)).save(root / split / entry / "0.png")
+
+
+@pytest.mark.parametrize("splits,named", [
+    (("training", "validation"), "training"), (("test", "train", "valid"), "train"), (("dev", "train"), "train"),
+    (("eval", "train"), "train"), (("testing", "training"), "training"), (("Train", "Val"), "Train"),
+    (("test", "val"), "test"),  # no training split: the first
+])
+def test_every_layout_of_split_folders_is_refused_naming_its_training_split(tmp_path, splits, named):
+    """The split names datasets use (any case), each: the refusal names the one to train on."""
+    split_layout(tmp_path, {split: ["cat", "dog"] for split in splits})
+    with pytest.raises(DataError, match=re.escape(f"Set --config.data.root={tmp_path / named} (its class folders: "
+                                                  "cat, dog)")):
+        ImageFolderSource(str(tmp_path))
+
+
+def test_split_folders_name_ten_class_folders_and_leave_hidden_ones_out(tmp_path):
+    classes = [f"class_{i:02d}" for i in range(11)]
+    split_layout(tmp_path / "ten", {"train": [".cache", *classes[:10]], "val": ["x"]})
+    with pytest.raises(DataError, match=re.escape(f"(its class folders: {', '.join(classes[:10])})") + r"\Z"):
+        ImageFolderSource(str(tmp_path / "ten"))
+    split_layout(tmp_path / "eleven", {"train": classes, "val": ["x"]})
+    with pytest.raises(DataError, match=re.escape(f"(its class folders: {', '.join(classes[:10])}, ...)") + r"\Z"):
+        ImageFolderSource(str(tmp_path / "eleven"))
+
+
+@pytest.mark.parametrize("layout", [
+    {"train": ["cat"], "photos": ["cat"]},  # one class of another name: no dataset's splits
+    {"train": ["cat", "1.png"], "val": ["cat"]},  # one split holds images: it is a class
+    {"train": ["cat", "1.PNG"], "val": ["cat", "1.PNG"]},  # an image's extension in capitals
+])
+def test_class_folders_that_are_not_all_splits_of_folders_train(tmp_path, layout):
+    split_layout(tmp_path, layout)
+    assert ImageFolderSource(str(tmp_path)).classes == sorted(layout)
+
+
 def test_a_class_folder_that_is_a_link_to_nothing_is_an_error_naming_it(tmp_path):
     """A class folder linked to a disk not mounted (root/b -> /mnt/disk2/b) was left out without a
     word: the run trained one class fewer, every later class under the id one lower, and wrote that

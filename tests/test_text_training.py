@@ -349,6 +349,27 @@ def test_a_captioned_folder_of_split_folders_is_read_whole_with_a_warning_naming
     assert "split folders" not in caplog.text
 
 
+@pytest.mark.parametrize("entries,named", [
+    (("Train", "Val"), "Train"), (("test", "train"), "train"),  # any case; the training split, not the first
+    ((".ipynb_checkpoints", "train", "val"), "train"),  # a hidden folder beside them is no folder of images
+    (("train",), None),  # one split alone is all there is: reading it whole is reading that split
+    (("COVER.JPG", "train", "val"), None),  # images of ROOT itself: no dataset's top folder of splits
+])
+def test_which_captioned_folders_of_split_folders_are_warned_of(tmp_path, caplog, entries, named):
+    for index, entry in enumerate(entries):
+        folder = tmp_path if "." in entry.lstrip(".") else tmp_path / entry
+        folder.mkdir(exist_ok=True)
+        write_image(folder / (entry if folder == tmp_path else "0.png"), index)
+        (folder / f"{entry.split('.')[0] if folder == tmp_path else '0'}.txt").write_text("a red disk")
+    with caplog.at_level(logging.WARNING):
+        CaptionedFolderSource(str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if "split folders" in r.getMessage()]
+    if named:
+        assert len(warned) == 1 and warned[0].endswith(f"set --config.data.root={tmp_path / named}"), warned
+    else:
+        assert warned == [], warned
+
+
 def test_images_that_would_share_a_caption_file_are_refused_and_a_doubled_caption_file_named(tmp_path, caplog):
     for name, colour in (("cat.jpg", "black"), ("cat.png", "white"), ("dog.png", "red")):
         Image.new("RGB", (8, 8), colour).save(tmp_path / name)
