@@ -511,6 +511,24 @@ def test_the_same_files_at_another_path_resume_with_a_warning_and_a_record(tmp_p
         check_resume(workdir, folder(root), step=80, num_records=2, listing=ImageFolderSource(str(copy)).listing)
 
 
+def test_a_moved_root_resumes_only_with_the_same_record_count_and_a_change_at_the_same_root_names_no_move(tmp_path,
+                                                                                                       caplog):
+    """The listing names the files; records inside them (array_record shards rewritten under the
+    same names) are counted apart: another count at another root is a data change. A resume at the
+    same root with another change names no move (and does not look one up)."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    workdir, listing = str(tmp_path / "run"), "0123456789abcdef"
+    folder = lambda root, **more: c2i_config(**{"data.source": "folder", "data.root": root, **more})
+    check_resume(workdir, folder("/data/shards"), step=0, num_records=2, listing=listing)
+    with pytest.raises(ValueError, match=r"data\.num_records: 2 -> 3, data\.root: '/data/shards' -> '/scratch/shards'"):
+        check_resume(workdir, folder("/scratch/shards"), step=40, num_records=3, listing=listing)
+    with caplog.at_level(logging.WARNING):
+        check_resume(workdir, folder("/data/shards", **{"seed": 1, "train.allow_resume_changes": True}), step=40,
+                     num_records=2, listing=listing)
+    assert "changed settings (allowed): seed" in caplog.text and "another path" not in caplog.text, caplog.text
+
+
 def test_a_run_records_its_datas_class_count_and_a_resume_on_another_count_is_refused_unless_allowed(tmp_path):
     """Sampling a run cycles its default labels over the classes its data held (a fine-tune of 1000
     classes on a 10-class TFDS dataset trains ids 0-9): the count is recorded, and a resume on
