@@ -991,6 +991,10 @@ def test_a_checkpoints_config_nested_deeper_than_python_reads_is_named_damaged_n
     (tmp_path / name).write_text(f"model: {deep}" if name.endswith(".yaml") else deep)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path / name))} .*nested more than \d+ levels deep"):
         load_model(str(tmp_path))
+    if kind == "release":  # a model.pt named alone: its config.yaml is asked whether it is the release's
+        from pixelflow_jax.checkpoints.torch_io import is_release_yaml
+
+        assert not is_release_yaml(str(tmp_path / name))
 
 
 def test_a_converted_folder_without_its_params_folder_is_named_an_unfinished_conversion(tmp_path, converted):

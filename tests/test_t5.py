@@ -594,3 +594,16 @@ def test_a_prompt_that_is_not_unicode_text_is_named_before_the_tokenizer_sees_it
                         ("\ud800", "U+D800, half of a UTF-16 surrogate pair")):
         with pytest.raises(ValueError, match=re.escape(f"prompts holds {named}, after ''")):
             prompt_list([text])
+
+
+def test_a_t5_config_nested_deeper_than_python_reads_is_named_not_valid_json(tmp_path):
+    """json's RecursionError is no ValueError: a T5 folder's crafted config.json came out as a
+    traceback, and a pipeline's text encoder folder holding one stopped the search for its T5."""
+    from pixelflow_jax.text.t5_convert import is_t5_config, read_t5_config
+
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert not is_t5_config(str(tmp_path / "config.json"))
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'config.json'} is not valid JSON (nested more "
+                                                        "than") + r" \d+ levels deep, past what Python reads\): "
+                                                                  r"download the T5 folder again"):
+        read_t5_config(str(tmp_path))
