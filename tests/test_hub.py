@@ -107,8 +107,14 @@ def test_a_hub_path_of_dots_for_its_owner_name_or_revision_is_refused_before_the
     """hf://./b and hf://../b passed the parse (the owner's pattern takes dots): huggingface_hub's
     HFValidationError then came out of a sampling job as a traceback. A revision of '..' was sent
     to the Hub, where a URL's '..' climbs out of the revision, and into the cache's refs/ folder."""
-    with pytest.raises(CheckpointError, match=re.escape(f"{path}: {problem}")):
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: {problem}")) as refused:
         HubPath.parse(path)
+    if "revision" in problem:  # each names its fix
+        assert str(refused.value).endswith("write a branch, tag or commit, refs/pr/N or refs/convert/NAME after the "
+                                           "'@'"), refused.value
+    else:  # with huggingface_hub's rule in its own words
+        assert re.search(r"Hub repository id \(.*[a-z].*\): write hf://OWNER/NAME as the repository's page names "
+                         r"it\Z", str(refused.value)), refused.value
 
 
 @pytest.mark.parametrize("path", ["hf://me/runs@refs/pr/draft", "hf://me/runs@refs/pr/3x/xl",

@@ -789,7 +789,9 @@ def test_a_benchmarks_prompts_as_json_or_a_table_are_refused_rather_than_sampled
             "its first line, 'Prompt," + ",".join(f"column_{i:02d}" for i in range(1, 12)) + ",col', is a table's "
             "header, and each line a row of 13 columns; write the 'Prompt' column alone, without the header",
         # nested past what Python's json reads: its RecursionError came out of the sampling job as a traceback
-        "[" * 100_000 + "]" * 100_000 + "\n": f"it is JSON nested more than {sys.getrecursionlimit()} levels deep",
+        "[" * 100_000 + "]" * 100_000 + "\n":
+            f"it is JSON nested more than {sys.getrecursionlimit()} levels deep, past what Python reads; write each "
+            "prompt alone on a line",
         "a red fox\n" + "[" * 100_000 + "]" * 100_000 + "\n": "it is JSON nested more than",
     }
     for text, problem in refused.items():

@@ -42,6 +42,9 @@ def test_urls_are_never_made_local():
             "https://host/runs/x: unsupported URL scheme https://: nothing is downloaded or uploaded at run time (an "
             "input: download it first, wget https://host/runs/x, and pass the file's path); paths are local or gs://")):
         storage.check_supported("https://host/runs/x")
+    for address in ("http://host/model.pt", "HTTPS://host/model.pt"):  # http too, and a scheme in capitals
+        with pytest.raises(storage.StorageError, match=re.escape(f"(an input: download it first, wget {address}, ")):
+            storage.check_supported(address)
     assert storage.user_path("gs://b/run/") == "gs://b/run/"  # a trailing slash is fine
     with pytest.raises(storage.StorageError, match=r'gs://b//run/x has an empty folder name \("//"\).*write '
                                                    r'gs://b/run/x'):
@@ -250,8 +253,9 @@ def test_a_log_a_job_appends_to_is_not_written_through_a_link_planted_in_its_pla
     log = tmp_path / "workdir" / "sampling_runs.jsonl"
     log.parent.mkdir()
     log.symlink_to(other)
-    with pytest.raises(storage.StorageError, match=re.escape(f"{log} is a link (to {other}); a log that jobs "
-                                                             "append to is not written through one")):
+    with pytest.raises(storage.StorageError, match=re.escape(
+            f"{log} is a link (to {other}); a log that jobs append to is not written through one (its lines would go "
+            "into another file): remove the link, or put the file itself in its place") + r"\Z"):
         storage.append_json_line(str(log), {"job": 1})
     assert other.read_text() == "export PATH=$PATH\n"
 
