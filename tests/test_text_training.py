@@ -363,9 +363,11 @@ def test_which_captioned_folders_of_split_folders_are_warned_of(tmp_path, caplog
         (folder / f"{entry.split('.')[0] if folder == tmp_path else '0'}.txt").write_text("a red disk")
     with caplog.at_level(logging.WARNING):
         CaptionedFolderSource(str(tmp_path))
+        CaptionedFolderSource(str(tmp_path), root_flag="--folder")  # as the packer reads it: its own flag named
     warned = [r.getMessage() for r in caplog.records if "split folders" in r.getMessage()]
     if named:
-        assert len(warned) == 1 and warned[0].endswith(f"set --config.data.root={tmp_path / named}"), warned
+        assert [message.rsplit(" set ", 1)[1] for message in warned] == [
+            f"--config.data.root={tmp_path / named}", f"--folder={tmp_path / named}"], warned
     else:
         assert warned == [], warned
 
