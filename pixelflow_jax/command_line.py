@@ -338,10 +338,11 @@ def quiet_library_info(record) -> bool:
 
 def keep_library_info_out_of_the_log() -> None:
     """orbax's INFO lines (through absl), those of fsspec's read caches (one per file opened in a
-    bucket: several per logged step) and jax's "Unable to initialize backend 'tpu'" on every machine
-    without one (read as a failure); their warnings and errors stay (jax's about a GPU it cannot use)."""
+    bucket: several per logged step), jax's "Unable to initialize backend 'tpu'" on every machine
+    without one (read as a failure) and httpx's "HTTP Request: ..." (the demo page's start-up asks
+    its own address twice); their warnings and errors stay (jax's about a GPU it cannot use)."""
     logging.getLogger("absl").addFilter(quiet_library_info)
-    for library in ("fsspec.caching", "jax._src.xla_bridge"):
+    for library in ("fsspec.caching", "jax._src.xla_bridge", "httpx"):
         logging.getLogger(library).setLevel(logging.WARNING)
 
 

@@ -74,7 +74,7 @@ def test_a_failed_run_exits_at_once_with_its_error_last(tmp_path):
     assert result.stderr.rstrip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nowhere'} does not exist"
 
 
-def test_orbax_and_fsspec_info_lines_are_kept_out_of_the_log_and_their_warnings_are_not():
+def test_orbax_fsspec_and_httpx_info_lines_are_kept_out_of_the_log_and_their_warnings_are_not():
     import logging
 
     from pixelflow_jax.command_line import keep_library_info_out_of_the_log, quiet_library_info
@@ -90,7 +90,8 @@ def test_orbax_and_fsspec_info_lines_are_kept_out_of_the_log_and_their_warnings_
     logging.root.setLevel(logging.INFO)  # as absl's app.run sets it in main.py (WARNING would pass any library)
     try:
         keep_library_info_out_of_the_log()  # fsspec's read caches: an INFO line per file opened in a bucket;
-        for library in ("fsspec.caching", "jax._src.xla_bridge"):  # jax: "Unable to initialize backend 'tpu'"
+        # jax: "Unable to initialize backend 'tpu'"; httpx: the demo page's requests to itself as it starts
+        for library in ("fsspec.caching", "jax._src.xla_bridge", "httpx"):
             logger = logging.getLogger(library)
             assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
     finally:
