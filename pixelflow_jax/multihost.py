@@ -47,7 +47,7 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     at = f" at {coordinator_address}" if coordinator_address else ""
     who = f"process {process_id} of {num_processes}" if None not in (num_processes, process_id) else \
-        "a process of the cluster jax detects"
+        "this process (the cluster left to jax to detect: Cloud TPU, SLURM, Open MPI)"
     logging.info("%s: joining the job's processes%s (waiting up to %d s for all of them)", who, at, CONNECT_WAIT_S)
     # jax's own end of the wait is a C++ abort that blames "another task died", with a stack dump:
     # this process stops first, in one line.

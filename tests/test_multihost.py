@@ -2,6 +2,7 @@
 process played by fakes of jax's collectives. The two-process runs in test_train run them for real."""
 
 import errno
+import logging
 import os
 import re
 import signal
@@ -680,10 +681,12 @@ def test_a_loop_after_another_asks_the_sync_point_from_the_pass_after_the_last_o
     assert asked == [1, 2, 3, 4]
 
 
-def test_a_cluster_jax_detects_is_joined_without_the_flags_and_one_it_cannot_detect_names_them(monkeypatch):
+def test_a_cluster_jax_detects_is_joined_without_the_flags_and_one_it_cannot_detect_names_them(monkeypatch, caplog):
     """On Cloud TPU or under SLURM the three flags are left out (None): nothing of theirs is checked,
     and jax detects the cluster. Where it detects none, its ValueError names its own arguments: the
-    error names the flags that replace detection."""
+    error names the flags that replace detection. The line logged before the wait does not say a
+    cluster was detected (it came before jax's error on a machine with none)."""
+    caplog.set_level(logging.INFO)
     joined = []
     monkeypatch.setattr(multihost.jax.config, "update", lambda *args: None)  # this session's collectives stay
     monkeypatch.setattr(multihost.jax.distributed, "initialize", lambda *args, **kwargs: joined.append(args))
@@ -699,6 +702,8 @@ def test_a_cluster_jax_detects_is_joined_without_the_flags_and_one_it_cannot_det
             "SLURM, Open MPI), pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every "
             "process")):
         multihost.start_distributed(None, None, None)
+    assert "this process (the cluster left to jax to detect: Cloud TPU, SLURM, Open MPI): joining the job's " \
+           "processes (waiting up to" in caplog.text
 
 
 def test_a_process_of_a_detected_cluster_whose_peers_never_join_ends_with_one_line(monkeypatch):
