@@ -323,16 +323,17 @@ def test_images_with_transparent_pixels_are_counted_and_the_first_named(tmp_path
 def test_images_smaller_than_the_resolution_are_counted_and_the_first_named(tmp_path, caplog, center_crop):
     """An image whose shorter side is below data.resolution is upscaled to it (as the release
     does), so a folder of 32 px images trained at 64 px trains on blurred pixels: a resolution
-    set above every image's size happened without a word in the log."""
+    set above every image's size happened without a word in the log. The size named is the file's
+    (1_small.png, longer than 16:1, is cut to 9 x 144 before it is resized)."""
     (tmp_path / "a").mkdir()
-    for name, size in (("0_large.png", (20, 12)), ("1_small.png", (9, 30)), ("2_also_small.png", (7, 7))):
+    for name, size in (("0_large.png", (20, 12)), ("1_small.png", (9, 200)), ("2_also_small.png", (7, 7))):
         Image.new("RGB", size, (200, 30, 30)).save(tmp_path / "a" / name)
     source = ImageFolderSource(str(tmp_path))
     with caplog.at_level(logging.WARNING):
         decoded = decoding.DecodedSource(source, 10, center_crop=center_crop)
         assert [int(decoded[i]["upscaled"]) for i in range(len(source))] == [0, 1, 1]
     named = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
-    assert named == [f"{tmp_path / 'a' / '1_small.png'} is 9 x 30 px, below data.resolution (10 px) on its shorter "
+    assert named == [f"{tmp_path / 'a' / '1_small.png'} is 9 x 200 px, below data.resolution (10 px) on its shorter "
                      "side: it is upscaled, which trains the model on blurred pixels; where many images are, set "
                      "--config.data.resolution to their size (further ones are counted, not named)"], named
     caplog.clear()

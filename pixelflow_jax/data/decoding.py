@@ -233,7 +233,7 @@ class DecodedSource:
             if upscaled:
                 self._name_once("upscaled", named, "is %d x %d px, below data.resolution (%d px) on its shorter side: "
                                 "it is upscaled, which trains the model on blurred pixels; where many images are, set "
-                                "--config.data.resolution to their size", *image.size, self.resolution)
+                                "--config.data.resolution to their size", *pil.size, self.resolution)  # the file's size
             if orientation != 1:
                 self._name_once("exif_oriented", named, "has an EXIF orientation (%d: %s) that is not applied, as in "
                                 "the release: it trains as stored, sideways or mirrored; turn such images upright "
