@@ -176,6 +176,7 @@ def start_job(command: dict | None):
             multihost.start_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             multihost.check_same_job(command)
             multihost.check_same_software(software_versions.version_fields())
+            multihost.check_same_matmul_precision()
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif FLAGS.compilation_cache != "off":

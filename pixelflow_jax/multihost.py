@@ -407,6 +407,22 @@ def check_same_software(versions: dict[str, str]) -> None:
                          "(the same pip install command, from one checkout's requirements.txt, on each)")
 
 
+def check_same_matmul_precision() -> None:
+    """Every process computes its matmuls at the same precision (jax_default_matmul_precision, which
+    JAX_DEFAULT_MATMUL_PRECISION sets): a host whose environment set it computed its share of every
+    step at another precision than the others, unrecorded (process 0 writes the job's records).
+    XLA_FLAGS are not compared: a host may set its own (a dump folder of its own, say)."""
+    if jax.process_count() == 1:
+        return
+    precision = str(jax.config.jax_default_matmul_precision)  # None: the platform's default
+    others, _ = values_differing({"jax_default_matmul_precision": precision})
+    if others:
+        raise ValueError(f"the processes of this job compute at different matmul precisions: {named(others)} "
+                         f"{'differ' if len(others) > 1 else 'differs'} from process 0 in jax_default_matmul_precision "
+                         f"(this process, {jax.process_index()}: {precision}). Set JAX_DEFAULT_MATMUL_PRECISION alike "
+                         "on every host, or on none")
+
+
 def check_same_data(num_records: int, listing: str | None, where: str) -> None:
     """Every process reads the same data: the same number of records, and the same file listing
     where the data is files. Each process lists the data itself, and the data order is drawn from

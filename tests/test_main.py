@@ -1468,13 +1468,14 @@ def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkey
     monkeypatch.setattr(multihost, "start_distributed", lambda *args: calls.append("join"))
     monkeypatch.setattr(multihost, "check_same_job", lambda command: calls.append("same command"))
     monkeypatch.setattr(multihost, "check_same_software", lambda versions: calls.append(versions))
+    monkeypatch.setattr(multihost, "check_same_matmul_precision", lambda: calls.append("same precision"))
     monkeypatch.setattr(host_memory, "reuse_freed_buffers_on_cpu", lambda: False)
     monkeypatch.setattr(main, "FLAGS", SimpleNamespace(distributed=True, coordinator_address="h:1", num_processes=2,
                                                        process_id=1, compilation_cache="off", mode="eval"))
     main.start_job(None)
-    # the stand-in join checks nothing; multihost's own checks once joined, then the command and the software
-    # (every package named on every host, so that the processes compare the same names)
-    assert calls == ["join", "same command", software_versions.version_fields()]
+    # the stand-in join checks nothing; multihost's own checks once joined, then the command, the software
+    # (every package named on every host, so that the processes compare the same names) and the matmul precision
+    assert calls == ["join", "same command", software_versions.version_fields(), "same precision"]
 
 
 def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_platform_here(tmp_path):

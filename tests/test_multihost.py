@@ -7,6 +7,7 @@ import os
 import re
 import signal
 
+import jax
 import numpy as np
 import pytest
 from jax.experimental import multihost_utils
@@ -205,6 +206,20 @@ def test_rows_shared_out_in_blocks_gather_back_to_every_row_in_order(monkeypatch
         if count > 1:
             monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: np.stack(padded))
         np.testing.assert_array_equal(multihost.gather_rows(blocks[-1], total), rows)
+
+
+def test_processes_computing_at_another_matmul_precision_stop_naming_the_setting(monkeypatch):
+    """JAX_DEFAULT_MATMUL_PRECISION set in one host's environment made its share of every step
+    compute at another precision than the other processes', and process 0's records said nothing."""
+    calls_of_the_other_process(monkeypatch, multihost.check_same_matmul_precision)
+    multihost.check_same_matmul_precision()  # the same (unset) everywhere
+    with jax.default_matmul_precision("highest"):
+        calls_of_the_other_process(monkeypatch, multihost.check_same_matmul_precision)
+    with pytest.raises(ValueError, match=re.escape(
+            "the processes of this job compute at different matmul precisions: process 1 of 2 differs from process 0 "
+            "in jax_default_matmul_precision (this process, 0: None). Set JAX_DEFAULT_MATMUL_PRECISION alike on every "
+            "host, or on none")):
+        multihost.check_same_matmul_precision()
 
 
 def calls_of_the_other_process(monkeypatch, check, *args, other=1):
