@@ -186,7 +186,7 @@ class DecodedSource:
         self.reported: set[int] = set()  # unreadable records this process has named (once each)
         # What this process named an image for ('transparent', 'upscaled', 'exif_oriented'): once each, as a
         # logo set has thousands of transparent images; the loader's counts follow in the log.
-        self.named: set[str] = set()
+        self.kinds_named: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -248,9 +248,9 @@ class DecodedSource:
     def _name_once(self, kind: str, named: str | int, problem: str, *args) -> None:
         """Logs 'NAME PROBLEM (further ones are counted, not named)' for the first image of `kind` this
         process draws; `named` is the record's name, or its index to name it by."""
-        if kind in self.named:
+        if kind in self.kinds_named:
             return
-        self.named.add(kind)
+        self.kinds_named.add(kind)
         logging.warning("%s " + problem + " (further ones are counted, not named)",
                         named if isinstance(named, str) else self._name(named), *args)
 
