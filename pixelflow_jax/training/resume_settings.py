@@ -239,9 +239,9 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
         logging.warning("resuming %s at step %d with changed settings (allowed): %s", workdir, step, listed)
     if numerics := {k: c for k, c in every_change.items() if k in NUMERICS_ONLY}:
         logging.warning("resuming %s at step %d on other devices or with another memory or precision setting (%s): "
-                        "the steps compute in another order, so the run agrees with an uninterrupted one to float "
-                        "rounding, not bit for bit (recorded in %s)", workdir, step, named_changes(numerics),
-                        CHANGES_FILE)
+                        "the steps compute in another order or precision, so the run agrees with an uninterrupted "
+                        "one to float rounding, not bit for bit (recorded in %s)", workdir, step,
+                        named_changes(numerics), CHANGES_FILE)
     if moved and DATA_ROOT in every_change:
         root = every_change[DATA_ROOT]
         logging.warning("resuming %s at step %d with its data at another path (%s: %r -> %r): the same file names, in "
