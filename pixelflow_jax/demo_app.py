@@ -404,7 +404,9 @@ def serve(page, host: str, port: int, temporary_outputs: str | None) -> None:
         try:  # quiet: Gradio's banner suggests share=True (a public gradio.live tunnel), which this demo never opens
             # max_file_size=0: the page takes no files, but Gradio's upload route is open on every page
             # and stored a visitor's file of any size in the temporary folder (a disk filled remotely); now 413.
-            page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
+            # api_open=False: Gradio's direct route (POST /gradio_api/run/generate, open off Hugging Face
+            # Spaces) ran a request beside the one sampling, past the queue and its one-at-a-time limit.
+            page.queue(api_open=False).launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
                                 prevent_thread_lock=True, max_file_size=0)
         except OSError:  # Gradio's words name its environment variable, not the flag
             check_port_free(host, port)  # taken since run() checked it, while the model loaded (another page?)

@@ -166,6 +166,41 @@ def test_requests_are_sampled_one_at_a_time_and_a_waiting_visitor_sees_their_pla
         assert len(started) == 2
 
 
+def test_a_request_posted_past_the_queue_is_refused_so_requests_still_sample_one_at_a_time(monkeypatch):
+    """Gradio keeps a direct route beside the queue (POST /gradio_api/run/generate), open wherever the
+    page is not on Hugging Face Spaces: a visitor's script sampled there while the queue's request
+    sampled, past the one-at-a-time limit (twice the accelerator memory; the compiled-settings record
+    shared). Now that route is closed; requests join the queue (the page, gradio_client, /call/)."""
+    import threading
+    import urllib.error
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    release, reached, sampling, most_at_once = threading.Event(), threading.Event(), [], [0]
+
+    def generate(*request):  # the first request holds the sampler until released
+        sampling.append(request)
+        most_at_once[0] = max(most_at_once[0], len(sampling))
+        reached.set()
+        release.wait(60)
+        sampling.remove(request)
+        return []
+
+    values = json.dumps({"data": [0, "euler", 4.0, 1.0, 7, 1, 1, 1, 1, 1]}).encode()
+    with bare_page_served(generate=generate) as (_, url), contextlib.ExitStack() as releasing:
+        releasing.callback(release.set)  # before the page closes: a held request would hold its close
+        queued = threading.Thread(target=api_call, args=(url, json.loads(values)["data"]), daemon=True)
+        queued.start()
+        assert reached.wait(30), "the queued request never reached the sampler"
+        direct = urllib.request.Request(url + "gradio_api/run/generate", data=values,
+                                        headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(direct, timeout=30)
+        release.set()
+        queued.join(timeout=30)
+    assert refused.value.code == 404 and "join the queue" in refused.value.read().decode()
+    assert most_at_once[0] == 1
+
+
 @contextlib.contextmanager
 def bare_page_served(**demo_fields):
     """The page of a DemoSampler without a model (`demo_fields` set on it, e.g. generate), served on
@@ -593,7 +628,7 @@ def test_a_demo_page_stopped_by_sigterm_leaves_a_notebook_as_it_was(monkeypatch,
     from pixelflow_jax import command_line, demo_app
 
     class Page:
-        def queue(self):
+        def queue(self, **_):
             return self
 
         def launch(self, **_):
