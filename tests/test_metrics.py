@@ -1577,3 +1577,34 @@ def test_the_other_processes_stop_with_process_0_when_it_cannot_write_eval_json(
     with pytest.raises(ValueError, match=r"^process 0 of 2 stopped writing .*/run/eval.json \(its error says why\)$"):
         evaluate.run(config, str(workdir))
     assert not (workdir / "eval.json").exists()
+
+
+def test_eval_json_names_the_sampling_job_whose_samples_it_scored(tiny_inception, tmp_path, caplog):
+    """A teacher's eval.json of each student's samples named their CRC, not the checkpoint (its
+    step), weights and seed they were sampled with; the job's settings.json said so, beside them only.
+    A file of no sampling job records null; a settings.json of an older version, its missing fields null."""
+    from conftest import c2i_config
+
+    job = tmp_path / "grade_a"
+    (job / "samples").mkdir(parents=True)
+    samples, reference = images_npz(job / "samples.npz", 1), images_npz(tmp_path / "reference.npz", 2)
+    settings = dict(checkpoint="/runs/student_a/checkpoints/2", checkpoint_fingerprint="5c2f4bb039bbf24b",
+                    weights="ema", seed=0, num_images=6, solver="euler", steps_per_stage=[3, 3], cfg_scale=2.4,
+                    labels=list(range(6)))
+    (job / "samples" / "settings.json").write_text(json.dumps(settings))
+    evaluate.run(c2i_config(**{"eval.reference": reference, "eval.inception_weights": tiny_inception,
+                               "eval.batch_size": 8}), str(job))
+    recorded = json.loads((job / "eval.json").read_text())["sampling_job"]
+    assert recorded == dict(settings=str(job / "samples" / "settings.json"),
+                            **{key: settings[key] for key in evaluate.SAMPLING_JOB_FIELDS})
+
+    other = evaluate.evaluate(images_npz(tmp_path / "mine.npz", 3), reference, tiny_inception, str(tmp_path / "b"), 8)
+    assert other["sampling_job"] is None
+    del settings["checkpoint_fingerprint"]
+    (job / "samples" / "settings.json").write_text(json.dumps(settings))
+    assert evaluate.evaluate(samples, reference, tiny_inception, str(job), 8)["sampling_job"]["checkpoint_fingerprint"] \
+        is None
+    (job / "samples" / "settings.json").write_text("[1")
+    with caplog.at_level("WARNING"):
+        damaged = evaluate.evaluate(samples, reference, tiny_inception, str(job), 8)["sampling_job"]
+    assert set(damaged) == {"settings", "unreadable"} and "cannot be read as a sampling job's settings" in caplog.text

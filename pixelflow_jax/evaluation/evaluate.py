@@ -41,6 +41,9 @@ INPUT_ERRORS = (ValueError, CheckpointError, storage.StorageError)  # what check
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 IMAGENET_256_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                               "VIRTUAL_imagenet256_labeled.npz")
+# What eval.json's sampling_job copies from the settings.json of the job that sampled the images.
+SAMPLING_JOB_FIELDS = ("checkpoint", "checkpoint_fingerprint", "weights", "seed", "num_images", "solver",
+                       "steps_per_stage", "cfg_scale")
 # The shapes of ADM's stored reference statistics: pool_3 (2048) and mixed_6/conv's first 7 channels (7 x 17 x 17).
 STATISTICS_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 
@@ -222,6 +225,7 @@ def _evaluate(samples: str, reference: str, inception_weights: str, workdir: str
         num_samples=len(sample_features["pool"]), num_reference=len(reference_features["pool"]),
         samples=storage.absolute(samples), reference=storage.absolute(reference),
         inception_weights=extract.weights_id[0], features_version=FEATURES_VERSION,
+        sampling_job=sampling_job_of(samples),
         **what_produced_the_metrics(extract, (samples, sample_crc), (reference, reference_crc)),
     )
     not_finite = [name for name in METRICS if not np.isfinite(results[name])]
@@ -244,6 +248,26 @@ def what_produced_the_metrics(extract: FeatureExtractor, samples: tuple[str, int
                 features_from_cache={"samples": samples_path not in extract.computed,
                                      "reference": reference_path not in extract.computed},
                 command=command_line(), environment=job_environment())
+
+
+def sampling_job_of(samples: str) -> dict | None:
+    """What the sampling job that wrote `samples` (a samples.npz beside its samples/settings.json)
+    sampled, for eval.json: a grader's eval.json named only the images' CRC, not the checkpoint, step
+    (its path), weights and seed behind them. None where the file is no sampling job's. Read as
+    recorded, not checked against the images: a job's folder is trusted (README: Evaluation); a field an
+    older version did not record is null."""
+    if storage.basename(samples) != SAMPLES_NPZ:
+        return None
+    path = storage.absolute(settings_path(storage.dirname(samples)))
+    if not storage.exists(path):
+        return None
+    try:
+        settings = storage.read_json(path)
+        return dict(settings=path, **{key: settings.get(key) for key in SAMPLING_JOB_FIELDS})
+    except (OSError, ValueError, AttributeError) as e:  # damaged, a folder, or no mapping
+        logging.warning("%s cannot be read as a sampling job's settings (%s: %s): eval.json records no sampling job "
+                        "for %s", path, type(e).__name__, e, samples)
+        return dict(settings=path, unreadable=f"{type(e).__name__}: {e}")
 
 
 def crc32_text(crc: int) -> str:
