@@ -264,10 +264,12 @@ def sample_or_eval_mode():
             if e.reference:  # a typo found now, not after hours of sampling
                 evaluate.check_inputs(None, e.reference, e.inception_weights, FLAGS.workdir)
                 evaluate.check_sample_count(FLAGS.config.sample)
-            sample_run.run(FLAGS.config, FLAGS.workdir)
+            sampled = sample_run.run(FLAGS.config, FLAGS.workdir)
         if FLAGS.mode == "eval" or FLAGS.config.eval.reference:
-            samples = storage.join(FLAGS.workdir, job_files.SAMPLES_NPZ) if FLAGS.mode == "sample" else None
-            evaluate.run(FLAGS.config, FLAGS.workdir, samples)
+            if FLAGS.mode == "sample":
+                evaluate.run(FLAGS.config, FLAGS.workdir, storage.join(FLAGS.workdir, job_files.SAMPLES_NPZ), sampled)
+            else:
+                evaluate.run(FLAGS.config, FLAGS.workdir)
     except (CheckpointError, ValueError, storage.StorageError) as e:
         fail(e)
     except (KeyboardInterrupt, Terminated) as stop:  # finished batches are on disk (sample_run writes each whole)

@@ -1666,3 +1666,27 @@ def test_a_hang_up_and_a_sigterm_both_received_stop_the_job_as_a_hang_up(monkeyp
         with pytest.raises(command_line.HungUp):
             command_line.stop_if_terminated()
         assert command_line.stop_cause(command_line.stop_received())[1] == 129
+
+
+def test_a_sampling_job_hands_its_evaluation_the_count_of_images_it_sampled(tmp_path, monkeypatch):
+    """eval.json's images_sampled_by_this_job comes from the sampling job's own count, not null."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, REPO)
+    import main
+    from configs import c2i
+    from pixelflow_jax.evaluation import evaluate
+    from pixelflow_jax.sampling import sample_run
+
+    config = c2i.get_config("tiny")
+    config.eval.reference = "ref.npz"
+    evaluated = []
+    monkeypatch.setattr(evaluate, "check_inputs", lambda *args: None)
+    monkeypatch.setattr(sample_run, "run", lambda config, workdir: 5)
+    monkeypatch.setattr(evaluate, "run", lambda *args: evaluated.append(args))
+    for mode in ("sample", "eval"):
+        monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode=mode, config=config, workdir=str(tmp_path),
+                                                           distributed=False))
+        with stop_handlers_kept():
+            main.sample_or_eval_mode()
+    assert evaluated == [(config, str(tmp_path), str(tmp_path / "samples.npz"), 5), (config, str(tmp_path))]

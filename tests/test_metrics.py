@@ -1608,3 +1608,17 @@ def test_eval_json_names_the_sampling_job_whose_samples_it_scored(tiny_inception
     with caplog.at_level("WARNING"):
         damaged = evaluate.evaluate(samples, reference, tiny_inception, str(job), 8)["sampling_job"]
     assert set(damaged) == {"settings", "unreadable"} and "cannot be read as a sampling job's settings" in caplog.text
+
+
+def test_eval_json_records_how_many_images_the_sampling_job_before_it_sampled_itself(tiny_inception, tmp_path):
+    """Images found on disk by a sampling job were scored as if it had sampled them (a student's
+    forged PNGs in a folder the teacher sampled in place); --mode=eval samples nothing: null."""
+    from conftest import c2i_config
+
+    reference = images_npz(tmp_path / "reference.npz", 2)
+    config = c2i_config(**{"eval.samples": images_npz(tmp_path / "samples.npz", 1), "eval.reference": reference,
+                           "eval.inception_weights": tiny_inception, "eval.batch_size": 8})
+    assert evaluate.run(config, str(tmp_path / "a"), images_sampled_by_this_job=2)["images_sampled_by_this_job"] == 2
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["images_sampled_by_this_job"] == 2
+    evaluate.run(config, str(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["images_sampled_by_this_job"] is None

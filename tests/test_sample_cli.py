@@ -1262,3 +1262,19 @@ def test_a_sigterm_to_any_process_of_a_distributed_job_stops_every_process_at_on
     assert asked == [1, 2]
     assert sorted(os.listdir(tmp_path / "run" / "samples")) == [f"{i:06d}.png" for i in range(8)] + [
         "sampling_runs.jsonl", "settings.json"]
+
+
+def test_a_job_counts_the_images_it_sampled_itself_not_those_it_found_on_disk(tmp_path, converted, monkeypatch):
+    """A student's folder sampled by the teacher in place held forged PNGs under a genuine
+    settings.json: the job found every image on disk and its evaluation scored them as sampled."""
+    from pixelflow_jax.sampling import sample_run
+
+    counts, run = [], sample_run.run
+    monkeypatch.setattr(sample_run, "run", lambda *args: counts.append(run(*args)) or counts[-1])
+    workdir = tmp_path / "run"
+    job = lambda: sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=3)
+    job()
+    os.remove(workdir / "samples" / "000001.png")
+    job()
+    job()
+    assert counts == [3, 1, 0]

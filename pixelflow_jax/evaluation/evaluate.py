@@ -392,9 +392,11 @@ def samples_chosen_by_process_0(samples: str, workdir: str) -> str:
     return chosen
 
 
-def run(config, workdir: str, samples: str | None = None) -> dict:
+def run(config, workdir: str, samples: str | None = None, images_sampled_by_this_job: int | None = None) -> dict:
     """Evaluates config.eval.samples (or `samples`; neither: the workdir's own samples.npz, that of
-    a sampling job there) and writes WORKDIR/eval.json (process 0)."""
+    a sampling job there) and writes WORKDIR/eval.json (process 0). images_sampled_by_this_job: at
+    the end of a sampling job, how many of the images it sampled itself (sample_run.run), recorded so
+    that a grader can tell images it sampled from images found in the folder; None for --mode=eval."""
     config, workdir = validation.job_config(config, "eval"), validation.job_workdir(workdir)
     e = config.eval
     # As the config's paths are: `~` expanded; a bytes path, an array of images or a URL of another scheme a
@@ -403,6 +405,7 @@ def run(config, workdir: str, samples: str | None = None) -> dict:
         samples = validation.setting_path("samples", samples)
     samples = samples_chosen_by_process_0(samples or e.get("samples", ""), workdir)
     results = evaluate(samples, e.reference, e.inception_weights, workdir, int(e.batch_size))
+    results["images_sampled_by_this_job"] = images_sampled_by_this_job
     for name in METRICS:  # on stdout, once (eval.json keeps them)
         say(f"{name}: {results[name]:.4f}")
     path = storage.join(workdir, EVAL_JSON)

@@ -98,13 +98,14 @@ def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: n
                     save_png_atomically(path, image)
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str) -> int:
+    """Samples the job; returns how many of its images it sampled itself (sample_in_owned_workdir)."""
     config, workdir = validation.job_config(config, "sample"), validation.job_workdir(workdir)
     with storage.removed_if_left_empty(workdir, remover=jax.process_index() == 0):  # a job refused at its start
-        _sample(config, workdir)
+        return _sample(config, workdir)
 
 
-def _sample(config, workdir: str) -> None:
+def _sample(config, workdir: str) -> int:
     s = config.sample
     num_devices = jax.device_count()
     if s.batch_size % num_devices:  # before any download or restore
@@ -122,7 +123,7 @@ def _sample(config, workdir: str) -> None:
     check_shared_workdir(workdir)  # a workdir this job cannot write: known before the restore (minutes at XL)
     check_outputs_have_room(workdir)
     with one_sampling_job(workdir):
-        sample_in_owned_workdir(config, workdir, source, ckpt, options, conditioning)
+        return sample_in_owned_workdir(config, workdir, source, ckpt, options, conditioning)
 
 
 @contextlib.contextmanager
@@ -143,9 +144,11 @@ def one_sampling_job(workdir: str) -> Iterator[None]:
         lock.release()
 
 
-def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: SamplingOptions, conditioning) -> None:
+def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: SamplingOptions, conditioning) -> int:
     """_sample once the job holds the workdir's sampling lock: its settings checked against an earlier
-    job's and recorded, the weights restored, then every image not on disk sampled and the .npz written."""
+    job's and recorded, the weights restored, then every image not on disk sampled and the .npz written.
+    Returns how many images this job sampled: the others were on disk, as an earlier job (or anyone
+    with the folder) left them, and an evaluation that follows records the count (eval.json)."""
     s = config.sample
     num_devices = jax.device_count()
     folder = storage.join(workdir, "samples")
@@ -173,8 +176,10 @@ def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: Samplin
                       WRITE_FIX)
     multihost_utils.sync_global_devices("sample settings checked")
 
+    sampled_ids = set()
     for _ in range(MAX_PASSES):
         missing = images_to_sample(folder, num_images)
+        sampled_ids.update(missing.tolist())
         if len(missing):
             logging.info("sampling %s: %d of %d images to sample (%d already on disk), batch %d "
                          "over %d devices", weights_of(source, s.weights), len(missing), num_images,
@@ -189,7 +194,7 @@ def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: Samplin
             if jax.process_index() == 0:
                 demo_check.print_for(source.run_step and source.run_step.run, conditioning,
                                      storage.join(workdir, SAMPLES_NPZ))
-            return  # samples.npz is written: an evaluation may read it next
+            return len(sampled_ids)  # samples.npz is written: an evaluation may read it next
     # Every process gets here together (the count above is broadcast), so none waits for the others.
     raise storage.StorageError(f"images in {folder} were missing or unreadable after {MAX_PASSES} passes (see the "
                                "warnings): is the storage failing, or is another job deleting them?")
