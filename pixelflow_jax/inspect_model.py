@@ -11,8 +11,8 @@ as sampling reads it), that checkpoint's architecture, stages and resolution wit
 (sample.weights of a training run, named in the report; null for a folder of one set), run in
 the config's model.dtype, param_dtype and attention as --mode=sample runs it. Writes
 WORKDIR/inspect.json (the latest) and adds it to WORKDIR/inspect_history.jsonl, with the
-checkpoint's fingerprint (the one sampling jobs record: api.CheckpointSource.fingerprint) and the
-software and devices that timed it.
+checkpoint's fingerprint (the one sampling jobs record: api.CheckpointSource.fingerprint), what a
+training run's records say trained its step (training_of), and the software and devices that timed it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pixelflow_jax.sampling.job_files import sampled_checkpoint, settings_path
 from pixelflow_jax.scheduler import stage_resolutions
 from pixelflow_jax.software_versions import job_environment
 from pixelflow_jax.text.prompts import MAX_LENGTH
+from pixelflow_jax.workdir_files import TRAINING_RUNS
 
 
 def parameter_counts(model: PixelFlow) -> dict[str, int]:
@@ -85,6 +86,50 @@ def warn_of_a_sampling_job(workdir: str) -> None:
     logging.warning("%s is a sampling job's workdir (of %s, %s): inspecting the config's own model with random "
                     "weights, not the sampled one; set --config.sample.checkpoint=%s to inspect that", workdir,
                     sampled, settings, sampled)
+
+
+def training_of(source: CheckpointSource | None) -> dict | None:
+    """What the records of a training run say trained the inspected step, for a grader's summary:
+    the step, and the chain of training jobs (training_runs.jsonl) that led to it, each with its
+    steps, batch, data and config fingerprint, and the images they showed the model on the way.
+    None for other checkpoints. A step no chain of recorded jobs reached (a checkpoint copied in from
+    another run, or records missing) is named in a warning and has no jobs."""
+    if source is None or source.run_step is None:
+        return None
+    run, step = source.run_step.run, source.run_step.step
+    path = storage.join(run, TRAINING_RUNS)
+    try:
+        jobs = [storage.parse_json(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        chain = jobs_behind(jobs, step)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # none (an older run), damaged
+        logging.warning("%s: no readable record of the jobs that trained step %d (%s: %s): inspect.json's training "
+                        "names no jobs", path, step, type(e).__name__, e)
+        return dict(checkpoint_step=step, training_runs=storage.absolute(path), jobs=None, images_seen=None)
+    if not chain:
+        logging.warning("no chain of the training jobs that %s records leads from step 0 to step %d of %s (each job "
+                        "from its start_step up to its num_steps): was the step copied in from another run, or "
+                        "the records cut?", path, step, run)
+    return dict(checkpoint_step=step, training_runs=storage.absolute(path), jobs=chain or None,
+                images_seen=sum(job["images"] for job in chain) if chain else None)
+
+
+def jobs_behind(jobs: list[dict], step: int) -> list[dict]:
+    """The training jobs, earliest first, whose steps led to `step`: walking back from the last job that
+    started before it and could reach it, each earlier one up to where the next resumed. [] where none could."""
+    chain, end = [], step
+    for job in reversed(jobs):
+        start, num_steps = int(job["start_step"]), int(job["num_steps"])
+        if start < end <= num_steps or (chain and start < end):
+            config = job["config"]
+            batch = int(config["train"]["batch_size"])
+            chain.append(dict(time=job["time"], start_step=start, end_step=end, batch_size=batch,
+                              data=config["data"]["source"], init_from=config["train"]["init_from"] or None,
+                              config_fingerprint=job["config_fingerprint"],
+                              images=(end - start) * batch))
+            end = start
+        if end == 0:
+            break
+    return chain[::-1] if end == 0 else []
 
 
 def model_to_inspect(config) -> tuple[PixelFlow, CheckpointConfig, CheckpointSource | None]:
@@ -172,7 +217,8 @@ def inspect_in(config, workdir: str) -> dict:
                      stages[-1]["tokens"], compile_and_run, run_time)
 
     report = dict(model=model_cfg.to_dict(), checkpoint=checkpoint, weights=weights, exported_weights=exported,
-                  checkpoint_fingerprint=source.fingerprint() if source else None, parameters=counts, batch=2,
+                  checkpoint_fingerprint=source.fingerprint() if source else None, training=training_of(source),
+                  parameters=counts, batch=2,
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]), environment=job_environment())
     say(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
     # Written by process 0 (every process of a pod's job wrote it, and added its line to the history).

@@ -357,3 +357,48 @@ def test_process_0_of_a_job_alone_writes_the_report_and_a_failure_there_stops_th
             inspect_model.run(config, str(workdir))
         assert not (workdir / "inspect.json").exists() and not (workdir / "inspect_history.jsonl").exists()
         assert workdir.is_dir()  # process 0's to remove if left empty: process 1 removed it under process 0's writes
+
+
+def training_job(start_step, num_steps, batch_size, source="demo", init_from=""):
+    """A line of training_runs.jsonl, with the fields inspect reads."""
+    config = {"train": {"batch_size": batch_size, "init_from": init_from}, "data": {"source": source}}
+    return json.dumps({"time": f"t{start_step}", "start_step": start_step, "num_steps": num_steps,
+                       "config_fingerprint": f"f{batch_size}", "config": config})
+
+
+def test_a_runs_step_is_reported_with_the_training_jobs_that_led_to_it_and_the_images_they_showed(tmp_path, caplog):
+    """A teacher's inspect.json of a student's run said nothing of what was trained (step, batch, data,
+    images seen); a step copied in from another run, or a run without records, passed without a word."""
+    from pixelflow_jax import inspect_model
+    from pixelflow_jax.api import CheckpointSource
+    from pixelflow_jax.checkpoints.run_checkpoint import RunStep
+
+    run = tmp_path / "student"
+    run.mkdir()
+    of_step = lambda step: inspect_model.training_of(CheckpointSource("label", "folder", RunStep(str(run), step)))
+    assert inspect_model.training_of(CheckpointSource("converted", "converted")) is None
+    with caplog.at_level("WARNING"):
+        assert of_step(4)["jobs"] is None and of_step(4)["images_seen"] is None  # no records (an older run)
+    assert "no readable record of the jobs that trained step 4" in caplog.text
+
+    # Killed after step 3 and resumed from its step 2 with a larger batch up to 6; then fine-tuned on.
+    (run / "training_runs.jsonl").write_text("\n".join([training_job(0, 4, 8), training_job(2, 6, 16)]) + "\n")
+    six = of_step(6)
+    assert [(j["start_step"], j["end_step"], j["batch_size"], j["images"]) for j in six["jobs"]] == [(0, 2, 8, 16),
+                                                                                                      (2, 6, 16, 64)]
+    assert (six["checkpoint_step"], six["images_seen"], six["jobs"][0]["data"]) == (6, 80, "demo")
+    assert six["training_runs"] == str(run / "training_runs.jsonl")
+    assert [(j["start_step"], j["end_step"]) for j in of_step(2)["jobs"]] == [(0, 2)]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        copied = of_step(10)  # past every job: another run's step
+    assert (copied["jobs"], copied["images_seen"]) == (None, None)
+    assert "no chain of the training jobs" in caplog.text and "copied in from another run" in caplog.text
+
+
+def test_the_report_holds_what_trained_the_checkpoint(tmp_path, monkeypatch):
+    from pixelflow_jax import inspect_model
+
+    monkeypatch.setattr(inspect_model, "training_of", lambda source: {"of": source})
+    assert inspect_model.run(tiny_config("c2i"), str(tmp_path))["training"] == {"of": None}
+    assert json.loads((tmp_path / "inspect.json").read_text())["training"] == {"of": None}

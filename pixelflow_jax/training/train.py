@@ -58,9 +58,9 @@ from pixelflow_jax.training.train_step import (StepConfig, counts_updates, init_
                                                make_train_step, state_from_params, state_shardings,
                                                train_flops_per_image)
 from pixelflow_jax.training.workdir_lock import WorkdirLock
+from pixelflow_jax.workdir_files import TRAINING_RUNS
 
 PREVIEWS = "previews"
-TRAINING_RUNS = "training_runs.jsonl"
 
 
 class TrainingStopped(RuntimeError):
