@@ -220,6 +220,22 @@ def test_processes_computing_at_another_matmul_precision_stop_naming_the_setting
             "in jax_default_matmul_precision (this process, 0: None). Set JAX_DEFAULT_MATMUL_PRECISION alike on every "
             "host, or on none")):
         multihost.check_same_matmul_precision()
+    # Process 1 names its own precision.
+    calls_of_the_other_process(monkeypatch, multihost.check_same_matmul_precision, other=0)
+    with jax.default_matmul_precision("highest"), pytest.raises(ValueError, match=re.escape(
+            "process 1 of 2 differs from process 0 in jax_default_matmul_precision (this process, 1: highest)")):
+        multihost.check_same_matmul_precision()
+    # Processes 1 and 2 of three, both at another precision: each named.
+    given = []
+    as_process(monkeypatch, 1, count=3)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: given.append(value) or np.stack([value] * 3))
+    with jax.default_matmul_precision("highest"):
+        multihost.check_same_matmul_precision()
+    as_process(monkeypatch, 0, count=3)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda value: np.stack([value, given[0], given[0]]))
+    with pytest.raises(ValueError, match=re.escape(
+            "processes 1, 2 of 3 differ from process 0 in jax_default_matmul_precision (this process, 0: None)")):
+        multihost.check_same_matmul_precision()
 
 
 def calls_of_the_other_process(monkeypatch, check, *args, other=1):
