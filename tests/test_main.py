@@ -1478,6 +1478,28 @@ def test_a_distributed_process_checks_its_platform_once_joined_not_before(monkey
     assert calls == ["join", "same command", software_versions.version_fields(), "same precision"]
 
 
+def test_a_distributed_process_at_another_matmul_precision_stops_in_one_error_line(monkeypatch):
+    """multihost's refusal of a host at another matmul precision is a line 'error: ...' as the
+    other checks at the join are, not a traceback."""
+    from types import SimpleNamespace
+
+    from pixelflow_jax import multihost
+
+    sys.path.insert(0, REPO)
+    import main
+
+    def another_precision():
+        raise ValueError("the processes of this job compute at different matmul precisions")
+
+    for check in ("start_distributed", "check_same_job", "check_same_software"):
+        monkeypatch.setattr(multihost, check, lambda *args: None)
+    monkeypatch.setattr(multihost, "check_same_matmul_precision", another_precision)
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(distributed=True, coordinator_address="h:1", num_processes=2,
+                                                       process_id=1, compilation_cache="off", mode="eval"))
+    with pytest.raises(SystemExit, match="^error: the processes of this job compute at different matmul precisions$"):
+        main.start_job(None)
+
+
 def test_main_stops_in_one_line_before_any_file_where_jax_platforms_names_no_platform_here(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--config=configs/c2i.py:tiny",
                              f"--workdir={tmp_path / 'run'}", "--mode=inspect"], capture_output=True, text=True,
