@@ -425,9 +425,40 @@ def test_a_resume_under_another_matmul_precision_is_warned_and_recorded(tmp_path
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["run.matmul_precision"] is None
     with caplog.at_level(logging.WARNING), jax.default_matmul_precision("highest"):
         check_resume(str(tmp_path), c2i_config(), step=40, num_records=100)
-    assert "(run.matmul_precision: None -> 'highest'): the steps compute in another order or precision" in caplog.text
+    assert caplog.messages == [
+        f"resuming {tmp_path} at step 40 on other devices or with another memory or precision setting "
+        "(run.matmul_precision: None -> 'highest'): the steps compute in another order or precision, so the run "
+        f"agrees with an uninterrupted one to float rounding, not bit for bit (recorded in {CHANGES_FILE})"]
     assert json.loads((tmp_path / CHANGES_FILE).read_text()) == {
         "step": 40, "changes": {"run.matmul_precision": {"from": None, "to": "highest"}}}
+
+
+def test_a_precision_change_beside_an_allowed_change_is_warned_of_alone_as_numerics(tmp_path, caplog):
+    """The numerics warning names the changes that only round otherwise: an allowed learning-rate
+    change beside it is the other warning's, not one that agrees 'to float rounding'."""
+    from pixelflow_jax.training.resume_settings import check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    changed = c2i_config(**{"train.lr": 1e-3, "train.allow_resume_changes": True})
+    with caplog.at_level(logging.WARNING), jax.default_matmul_precision("highest"):
+        check_resume(str(tmp_path), changed, step=40, num_records=100)
+    [allowed, numerics] = caplog.messages
+    assert "train.lr: 0.0001 -> 0.001" in allowed and "run.matmul_precision" not in allowed
+    assert "(run.matmul_precision: None -> 'highest'): the steps" in numerics and "train.lr" not in numerics
+
+
+def test_a_run_recorded_before_the_matmul_precision_resumes_under_any_without_a_change(tmp_path, caplog):
+    """Runs recorded before 2026-12-04 have no run.matmul_precision: what they trained under is not
+    known, so a resume under any precision is no change (and the record gains it)."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    record = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    del record["run.matmul_precision"]
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING), jax.default_matmul_precision("highest"):
+        check_resume(str(tmp_path), c2i_config(), step=40, num_records=100)
+    assert not caplog.text and not (tmp_path / CHANGES_FILE).exists()
 
 
 def test_attention_auto_and_the_kernel_it_picks_are_one_setting_at_a_resume(tmp_path, caplog):
