@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from pixelflow_jax import storage
+from pixelflow_jax.software_versions import matmul_precision_named_once
 
 SHARED_CHECK_WAIT_S = 3  # a file one host wrote may take a moment to appear on another's NFS mount
 CONNECT_WAIT_S = 300  # for every process to join (jax's own wait): a pod's hosts may start minutes apart
@@ -414,8 +415,8 @@ def check_same_matmul_precision() -> None:
     XLA_FLAGS are not compared: a host may set its own (a dump folder of its own, say)."""
     if jax.process_count() == 1:
         return
-    precision = str(jax.config.jax_default_matmul_precision)  # None: the platform's default
-    others, _ = values_differing({"jax_default_matmul_precision": precision})
+    precision = jax.config.jax_default_matmul_precision  # None: the platform's default
+    others, _ = values_differing({"jax_default_matmul_precision": str(matmul_precision_named_once(precision))})
     if others:
         raise ValueError(f"the processes of this job compute at different matmul precisions: {named(others)} "
                          f"{'differ' if len(others) > 1 else 'differs'} from process 0 in jax_default_matmul_precision "

@@ -50,6 +50,16 @@ def devices_used() -> dict:
             "local_device_count": jax.local_device_count(), "process_count": jax.process_count()}
 
 
+# jax takes two names for each of three precisions (lax.Precision's): compared under one, a host or a
+# resume that spelled the same arithmetic the other way was refused or warned of another precision.
+MATMUL_PRECISION_SYNONYMS = {"bfloat16": "default", "tensorfloat32": "high", "float32": "highest"}
+
+
+def matmul_precision_named_once(precision: str | None) -> str | None:
+    """A jax_default_matmul_precision value under one name for each precision (None: unset stays)."""
+    return MATMUL_PRECISION_SYNONYMS.get(precision, precision)
+
+
 def settings_outside_the_config() -> dict:
     """jax's matmul precision (JAX_DEFAULT_MATMUL_PRECISION, jax.default_matmul_precision: a bfloat16
     model's matmuls and training's on GPUs and TPUs; a float32 model samples at "highest" whatever it

@@ -238,6 +238,15 @@ def test_processes_computing_at_another_matmul_precision_stop_naming_the_setting
         multihost.check_same_matmul_precision()
 
 
+def test_processes_at_one_matmul_precision_under_its_two_names_go_on(monkeypatch):
+    """JAX_DEFAULT_MATMUL_PRECISION=float32 on one host and =highest on another is one precision
+    (jax's two names for it): the job was refused as computing at different precisions."""
+    with jax.default_matmul_precision("float32"):
+        calls_of_the_other_process(monkeypatch, multihost.check_same_matmul_precision)
+    with jax.default_matmul_precision("highest"):
+        multihost.check_same_matmul_precision()
+
+
 def calls_of_the_other_process(monkeypatch, check, *args, other=1):
     """What process `other` (1, or 0) gives each process_allgather while it runs check(*args) with its
     own values (the fake answers that everyone agrees): replayed to the other process, it plays that process."""

@@ -447,6 +447,22 @@ def test_a_precision_change_beside_an_allowed_change_is_warned_of_alone_as_numer
     assert "(run.matmul_precision: None -> 'highest'): the steps" in numerics and "train.lr" not in numerics
 
 
+def test_a_matmul_precision_under_its_other_name_is_no_change_at_a_resume(tmp_path, caplog):
+    """jax takes 'float32' for 'highest' (and 'tensorfloat32' for 'high', 'bfloat16' for 'default'):
+    a run started under one and resumed under the other was warned of another precision, and the
+    same arithmetic recorded as a numerics change."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, SETTINGS_FILE, check_resume
+
+    with jax.default_matmul_precision("float32"):
+        check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["run.matmul_precision"] == "highest"
+    record = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**record, "run.matmul_precision": "tensorfloat32"}))  # 12-04's
+    with caplog.at_level(logging.WARNING), jax.default_matmul_precision("high"):
+        check_resume(str(tmp_path), c2i_config(), step=40, num_records=100)
+    assert not caplog.text and not (tmp_path / CHANGES_FILE).exists()
+
+
 def test_a_run_recorded_before_the_matmul_precision_resumes_under_any_without_a_change(tmp_path, caplog):
     """Runs recorded before 2026-12-04 have no run.matmul_precision: what they trained under is not
     known, so a resume under any precision is no change (and the record gains it)."""

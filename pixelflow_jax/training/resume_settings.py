@@ -30,6 +30,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG
 from pixelflow_jax.kernels.attention import resolve_backend
+from pixelflow_jax.software_versions import matmul_precision_named_once
 from pixelflow_jax.training.metrics_log import WRITE_FIX
 from pixelflow_jax.training.run_config import write_run_record
 from pixelflow_jax.training.train_step import counts_updates
@@ -93,18 +94,23 @@ def resume_settings(config, num_records: int, listing: str | None = None, num_cl
                    "run.matmul_precision": jax.config.jax_default_matmul_precision, "mesh.fsdp": config.mesh.fsdp,
                    "model.remat": config.model.remat,
                    "model.attention": resolve_backend(config.model.attention, config.model.dtype)})
-    values = {key: same_folder_spelled_once(key, value) for key, value in values.items()}
+    values = {key: spelled_once(key, value) for key, value in values.items()}
     if config.train.get("lr_schedule", "constant") != "constant":  # its rate depends on where it ends
         values["train.lr_decay_steps"] = config.train.num_steps
     return json.loads(json.dumps(values))  # as JSON gives them back (tuples as lists)
 
 
-def same_folder_spelled_once(key: str, value):
+def spelled_once(key: str, value):
     """data.root as an absolute path without a trailing slash and its symbolic links resolved:
     `data/x`, `./data/x/`, `/home/me/data/x` and a link to it name one folder (a relative path as
-    seen from where the run starts). Both sides of a comparison are resolved, so an earlier
+    seen from where the run starts); run.matmul_precision under one of jax's two names for each
+    precision ('float32' is 'highest'). Both sides of a comparison are spelled so, so an earlier
     version's record, as typed, compares too."""
-    return storage.resolved(value).rstrip("/") if key == "data.root" and value else value
+    if key == "data.root" and value:
+        return storage.resolved(value).rstrip("/")
+    if key == "run.matmul_precision":
+        return matmul_precision_named_once(value)
+    return value
 
 
 def recorded_settings(workdir: str) -> dict:
@@ -204,7 +210,7 @@ def check_resume(workdir: str, config, step: int, num_records: int, record: bool
             write_run_record(path, current)
         return
     trained, changes, untrained = settings_trained_to(workdir, step)
-    previous = {key: same_folder_spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
+    previous = {key: spelled_once(key, value) for key, value in {**DEFAULTS, **trained}.items()}
     if previous.get("model.attention") == "auto":  # as runs before 2026-12-01 recorded it: the kernel it ran
         previous["model.attention"] = resolve_backend("auto", previous.get("model.dtype", config.model.dtype))
     every_change = {k: {"from": previous.get(k), "to": v} for k, v in current.items()
