@@ -152,3 +152,18 @@ def test_a_jobs_log_is_made_as_open_makes_a_file_readable_by_whom_the_umask_allo
         os.umask(umask)
     mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777
     assert mode("jobs.jsonl") == mode("plain.txt") == 0o644
+
+
+def test_jaxs_names_of_one_matmul_precision_are_named_once():
+    """Checked against lax.Precision, which reads each name jax takes for a precision: two names of
+    one precision named apart made a resume warn of another precision, and hosts refused."""
+    from jax import lax
+
+    from pixelflow_jax.software_versions import matmul_precision_named_once
+
+    names = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+    for a in names:
+        for b in names:
+            same = lax.Precision(a) == lax.Precision(b)
+            assert (matmul_precision_named_once(a) == matmul_precision_named_once(b)) == same, (a, b)
+    assert matmul_precision_named_once(None) is None and matmul_precision_named_once("F32_F32_F32") == "F32_F32_F32"
