@@ -2223,6 +2223,28 @@ def test_a_large_image_decodes_without_pils_decompression_bomb_warning():
     assert "DecompressionBombWarning" not in result.stderr, result.stderr
 
 
+PACKED_LARGE_IMAGE = """
+import io
+import numpy as np
+from PIL import Image
+from pixelflow_jax.data.caption_shards import not_an_image
+
+Image.MAX_IMAGE_PIXELS = 50  # an 8 x 8 image is then "large", as a 100 Mpx scan is
+encoded = io.BytesIO()
+Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(encoded, format="PNG")
+print(not_an_image(encoded.getvalue()))
+"""
+
+
+def test_the_caption_packer_checks_a_large_image_without_pils_decompression_bomb_warning():
+    """pack_captions never imports the loader's decoding, where PIL's warning was silenced: packing a
+    folder of 100 Mpx scans printed "could be decompression bomb DOS attack" for each (r48a)."""
+    result = subprocess.run([sys.executable, "-c", PACKED_LARGE_IMAGE], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "None", result.stderr
+    assert "DecompressionBombWarning" not in result.stderr, result.stderr
+
+
 def test_an_unreadable_record_is_replaced_by_a_random_other_and_named_once(tmp_path, caplog):
     """Class a: 10 images, then 5 empty files; class b: 10 images. Each draw of an empty file was
     replaced by the next record in order: a's last image trained 6 times an epoch, class a got 15

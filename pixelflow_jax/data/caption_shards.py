@@ -13,8 +13,11 @@ from PIL import Image
 from pixelflow_jax import storage, validation
 from pixelflow_jax.data.caption_data import (RECORD_EXTENSION, CaptionedFolderSource, CaptionError, decode_caption,
                                              encode_record)
+from pixelflow_jax.data.pil_warnings import silence_pil_warnings_without_a_fix
 from pixelflow_jax.data.sources import DataError, read_with_folder
 from pixelflow_jax.progress import Progress, say
+
+silence_pil_warnings_without_a_fix()  # its header check opens every image the loader will
 
 
 def pack(folder: str, output: str, records_per_shard: int = 5000, missing_captions: str = "error") -> dict:

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import warnings
 from typing import Any
 
 import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from pixelflow_jax.data.pil_warnings import silence_pil_warnings_without_a_fix
 from pixelflow_jax.data.sources import DataError
 
 MAX_UNREADABLE_IN_A_ROW = 64  # draws, each replacing the last: more says the dataset is corrupt
-# PIL warns of a "decompression bomb DOS attack" for an image of 1-2x Image.MAX_IMAGE_PIXELS (89 Mpx,
-# a large scan): such an image decodes and trains, so the warning says nothing to act on. Larger
-# ones raise, and are skipped and counted as unreadable.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-# PIL warns of "Corrupt EXIF data" when exif_orientation reads a damaged EXIF block: the image trains
-# as it would without one, so the warning says nothing to act on.
-warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
+silence_pil_warnings_without_a_fix()  # an image too large to decode is skipped and counted as unreadable
 
 
 def to_rgb(image: Any) -> Image.Image:
