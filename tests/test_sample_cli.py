@@ -504,6 +504,16 @@ def test_a_job_draws_each_image_for_its_seed_id_and_label_and_a_rerun_samples_on
             job(num_images=7, labels=more, **{"seed": 7, name: value})
 
 
+def test_a_jobs_noise_is_drawn_from_its_seeds_threefry_key_whatever_jaxs_default_generator(tmp_path, converted,
+                                                                                           monkeypatch):
+    """JAX_DEFAULT_PRNG_IMPL=rbg in a user's environment: a key made by jax's default would be rbg's,
+    and every image of the job another than its seed's (draw_noise_jit draws under jax's defaults
+    pinned, but from the key it is given). The key is threefry's for the seed, as without it."""
+    with jax.default_prng_impl("rbg"):
+        keys, _ = sample_in_process(tmp_path / "run", converted["c2i_tiny"], monkeypatch, num_images=1, seed=7)
+    assert keys == [[0, 7]]  # jax.random.key(7, impl="threefry2x32")'s data
+
+
 def test_each_image_is_its_seed_and_ids_own_noise_whatever_its_batch_and_the_devices_it_was_split_over(
         tmp_path, converted, monkeypatch):
     """README: an image depends only on the seed, its id and its label, not on the batch size, the
