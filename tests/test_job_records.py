@@ -43,6 +43,7 @@ def test_each_job_appends_its_line_and_keeps_the_earlier_ones(tmp_path):
     jobs = [json.loads(line) for line in open(path)]
     assert [job["start_step"] for job in jobs] == [0, 5]
     assert all({"time", "command", "cwd", "environment"} <= set(job) for job in jobs)
+    assert jobs[-1]["environment"]["settings"] == job_environment()["settings"]  # each training and sampling job's
 
 
 def test_a_record_that_cannot_be_written_is_an_error_naming_it_and_the_fix(tmp_path):

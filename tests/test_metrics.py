@@ -18,6 +18,7 @@ from scipy import linalg
 
 from pixelflow_jax.evaluation import evaluate, metrics, npz_images
 from pixelflow_jax.evaluation import features as inception_features
+from pixelflow_jax.software_versions import job_environment
 
 
 def adm_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -1155,6 +1156,7 @@ def test_eval_json_records_the_digests_of_its_files_its_batch_the_cache_and_the_
     assert first["batch_size"] == 8 and first["features_from_cache"] == {"samples": False, "reference": False}
     assert first["environment"]["packages"]["numpy"] == np.__version__
     assert first["environment"]["devices"]["backend"] == "cpu" and first["command"]
+    assert first["environment"]["settings"] == job_environment()["settings"]
     second = evaluate.run(config, workdir)  # the same files: their features read from the cache
     assert second["features_from_cache"] == {"samples": True, "reference": True}
     history = [json.loads(line) for line in open(os.path.join(workdir, "eval_history.jsonl"))]

@@ -19,6 +19,7 @@ from conftest import REPO, c2i_config, cpu_devices, fixture_dir, json_edited, ru
 from pixelflow_jax import CheckpointError, load_model
 from pixelflow_jax.checkpoints.convert import params_to_torch
 from pixelflow_jax.checkpoints.run_checkpoint import find_run_step
+from pixelflow_jax.software_versions import job_environment
 from pixelflow_jax.training.run_config import check_run_config
 
 STAGE_RESOLUTIONS = (8, 16, 32, 64)  # the c2i_tiny fixture: 64 px, 4 stages
@@ -1089,6 +1090,7 @@ def test_the_inspect_report_names_the_weights_of_the_run_it_timed(run, converted
     own = inspect_model.run(c2i.get_config("tiny"), str(tmp_path / "own"))
     assert (own["weights"], own["checkpoint_fingerprint"]) == (None, None)  # random weights
     assert own["environment"]["packages"]["flax"] and own["environment"]["devices"]["backend"] == "cpu"
+    assert own["environment"]["settings"] == job_environment()["settings"]
     config = c2i.get_config("tiny")
     config.sample.checkpoint = converted["c2i_tiny"]  # one set of weights: no choice to name ('ema' before)
     report = inspect_model.run(config, str(tmp_path / "converted"))
