@@ -50,13 +50,15 @@ def devices_used() -> dict:
             "local_device_count": jax.local_device_count(), "process_count": jax.process_count()}
 
 
-# jax takes two names for each of three precisions (lax.Precision's): compared under one, a host or a
-# resume that spelled the same arithmetic the other way was refused or warned of another precision.
-MATMUL_PRECISION_SYNONYMS = {"bfloat16": "default", "tensorfloat32": "high", "float32": "highest"}
+# jax takes two names for each of three precisions (lax.Precision's), and unset compiles as the first,
+# DEFAULT: compared under one name, a host or a resume that spelled the same arithmetic another way was
+# refused or warned of another precision.
+MATMUL_PRECISION_SYNONYMS = {"bfloat16": None, "default": None, "tensorfloat32": "high", "float32": "highest"}
 
 
 def matmul_precision_named_once(precision: str | None) -> str | None:
-    """A jax_default_matmul_precision value under one name for each precision (None: unset stays)."""
+    """A jax_default_matmul_precision value under one name for each precision (None: unset, and the
+    names of the precision it compiles)."""
     return MATMUL_PRECISION_SYNONYMS.get(precision, precision)
 
 

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -168,3 +169,16 @@ def test_jaxs_names_of_one_matmul_precision_are_named_once():
             same = lax.Precision(a) == lax.Precision(b)
             assert (matmul_precision_named_once(a) == matmul_precision_named_once(b)) == same, (a, b)
     assert matmul_precision_named_once(None) is None and matmul_precision_named_once("F32_F32_F32") == "F32_F32_F32"
+
+
+def test_a_matmul_precision_named_as_unset_compiles_as_unset():
+    """Names taken for no setting compile jax's matmuls as no setting does (XLA's DEFAULT precision),
+    and the others do not: compared as unset, they are no change at a resume or between hosts."""
+    from pixelflow_jax.software_versions import matmul_precision_named_once
+
+    def lowered(precision):
+        with jax.default_matmul_precision(precision):
+            return jax.jit(jnp.matmul).lower(jnp.ones((2, 2)), jnp.ones((2, 2))).as_text()
+
+    for name in ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
+        assert (lowered(name) == lowered(None)) == (matmul_precision_named_once(name) is None), name

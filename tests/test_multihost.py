@@ -247,6 +247,15 @@ def test_processes_at_one_matmul_precision_under_its_two_names_go_on(monkeypatch
         multihost.check_same_matmul_precision()
 
 
+def test_a_host_that_set_the_default_matmul_precision_goes_on_with_hosts_that_set_none(monkeypatch):
+    """JAX_DEFAULT_MATMUL_PRECISION=bfloat16 (or =default) names the precision a host without it
+    compiles (XLA's DEFAULT): the job was refused as computing at different precisions."""
+    for name in ("bfloat16", "default"):
+        with jax.default_matmul_precision(name):
+            calls_of_the_other_process(monkeypatch, multihost.check_same_matmul_precision)
+        multihost.check_same_matmul_precision()
+
+
 def calls_of_the_other_process(monkeypatch, check, *args, other=1):
     """What process `other` (1, or 0) gives each process_allgather while it runs check(*args) with its
     own values (the fake answers that everyone agrees): replayed to the other process, it plays that process."""

@@ -463,6 +463,17 @@ def test_a_matmul_precision_under_its_other_name_is_no_change_at_a_resume(tmp_pa
     assert not caplog.text and not (tmp_path / CHANGES_FILE).exists()
 
 
+def test_a_run_started_without_a_matmul_precision_resumes_under_its_default_name_without_a_change(tmp_path, caplog):
+    """Unset, jax compiles its matmuls at XLA's DEFAULT precision, the one 'bfloat16' and 'default'
+    name: a resume under JAX_DEFAULT_MATMUL_PRECISION=bfloat16 was warned of another precision."""
+    from pixelflow_jax.training.resume_settings import CHANGES_FILE, check_resume
+
+    check_resume(str(tmp_path), c2i_config(), step=0, num_records=100)
+    with caplog.at_level(logging.WARNING), jax.default_matmul_precision("bfloat16"):
+        check_resume(str(tmp_path), c2i_config(), step=40, num_records=100)
+    assert not caplog.text and not (tmp_path / CHANGES_FILE).exists(), caplog.text
+
+
 def test_a_run_recorded_before_the_matmul_precision_resumes_under_any_without_a_change(tmp_path, caplog):
     """Runs recorded before 2026-12-04 have no run.matmul_precision: what they trained under is not
     known, so a resume under any precision is no change (and the record gains it)."""
