@@ -1140,22 +1140,33 @@ def test_a_resume_in_the_same_process_compiles_nothing(tmp_path, monkeypatch):
     assert compiled == [] and metrics["step"] == 4
 
 
+TWO_STEPS_OF_THE_TINY_RUN = """
+import json, sys
+from configs import c2i
+from pixelflow_jax.training import train
+
+config = c2i.get_config("tiny")
+config.scheduler.num_stages, config.data.resolution = 2, 16
+config.train.update(num_steps=2, batch_size=16, label_dropout=0.5)  # 2 stages x the 8 test devices
+print(json.dumps(float(train.train(config, sys.argv[1])["loss"])))
+"""
+
+
 @pytest.mark.slow
 def test_a_run_trains_the_same_steps_whatever_jaxs_random_number_settings(tmp_path):
     """JAX_THREEFRY_PARTITIONABLE=0 or JAX_DEFAULT_PRNG_IMPL=rbg in a user's environment drew other
     initial weights and other noise, timesteps and dropout for a seed, and nothing recorded with the
     run said so: a run resumed there left its uninterrupted losses. A 2-step run started under both
-    ends at the weights and loss of one under jax's defaults."""
-    from configs import c2i
-    from pixelflow_jax.training import train
-
-    config = c2i.get_config("tiny")
-    config.scheduler.num_stages, config.data.resolution = 2, 16
-    config.train.update(num_steps=2, batch_size=16, label_dropout=0.5)  # 2 stages x the 8 test devices
-    expected = train.train(config, str(tmp_path / "defaults"))
-    with jax.threefry_partitionable(False), jax.default_prng_impl("rbg"):
-        other = train.train(config, str(tmp_path / "other_settings"))
-    assert other["loss"] == expected["loss"]
+    ends at the weights and loss of one under jax's defaults. The run under them is a process of its
+    own, as a user's is: in this one, the second run reuses the first's program of its initial state
+    (train.reused), traced under the first's settings."""
+    train_in_a_process = lambda folder, **variables: subprocess.run(
+        [sys.executable, "-c", TWO_STEPS_OF_THE_TINY_RUN, str(tmp_path / folder)], cwd=REPO, capture_output=True,
+        text=True, timeout=600, env={**os.environ, **variables})
+    expected = train_in_a_process("defaults")
+    other = train_in_a_process("other_settings", JAX_THREEFRY_PARTITIONABLE="0", JAX_DEFAULT_PRNG_IMPL="rbg")
+    assert expected.returncode == other.returncode == 0, expected.stderr + other.stderr
+    assert json.loads(other.stdout.splitlines()[-1]) == json.loads(expected.stdout.splitlines()[-1])
     weights = [load_model(str(tmp_path / run), weights="model")[0] for run in ("defaults", "other_settings")]
     for a, b in zip(*(jax.tree.leaves(nnx.state(model, nnx.Param)) for model in weights), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
