@@ -260,6 +260,22 @@ def test_a_log_a_job_appends_to_is_not_written_through_a_link_planted_in_its_pla
     assert other.read_text() == "export PATH=$PATH\n"
 
 
+def test_a_line_a_full_disk_lets_in_part_of_is_taken_back_and_the_cause_raised(tmp_path):
+    """A disk that fills up, a quota or `ulimit -f` lets a write in part, without an error: a job's
+    record was left cut short in its log (training_runs.jsonl), silently, and the next job's line
+    joined to it, so that neither read as JSON. Here the kernel's own file size limit cuts the line."""
+    log = str(tmp_path / "training_runs.jsonl")
+    cut_by_a_size_limit = (f"import resource; from pixelflow_jax import storage; "
+                           f"storage.append_json_line({log!r}, {{'job': 1, 'pad': 'x' * 1000}}); "
+                           "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500)); "
+                           f"storage.append_json_line({log!r}, {{'job': 2, 'pad': 'y' * 1000}})")
+    result = subprocess.run([sys.executable, "-c", cut_by_a_size_limit], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stderr.strip().endswith("OSError: [Errno 27] File too large"), result.stderr
+    storage.append_json_line(log, {"job": 3})
+    assert [json.loads(line)["job"] for line in open(log)] == [1, 3]
+
+
 def run_main(workdir, *overrides):
     command = [sys.executable, "main.py", "--config=configs/c2i.py:tiny", f"--workdir={workdir}", *overrides]
     env = {**os.environ, "XLA_FLAGS": cpu_devices(1, one_process=False)}

@@ -167,9 +167,26 @@ def append_json_line(path: str, value: Any) -> None:
                                "file itself in its place") from None
         raise
     try:
-        os.write(descriptor, line.encode())
+        append_whole(descriptor, line.encode())
     finally:
         os.close(descriptor)
+
+
+def append_whole(descriptor: int, data: bytes) -> None:
+    """Writes `data` at the end of an O_APPEND file, all of it or none. A disk that fills up, a quota or
+    a file size limit (`ulimit -f`) lets a write in part, without an error: the line was left cut
+    short, and the next job's line joined to it, so neither read as JSON. The rest is written again,
+    which raises the cause; the part written is then taken back (where no other writer appended
+    after it) and the cause raised."""
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(descriptor, data[written:])
+    except OSError:
+        end = os.lseek(descriptor, 0, os.SEEK_CUR)  # just past this line's part
+        if written and os.fstat(descriptor).st_size == end:
+            os.ftruncate(descriptor, end - written)
+        raise
 
 
 # What os.link raises on a file system without hard links (gcsfuse, s3fs, blobfuse mounts).
