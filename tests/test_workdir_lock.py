@@ -98,6 +98,45 @@ def test_an_unreadable_lock_is_stale_after_a_minute_and_a_lock_is_never_written_
     assert not lock_file.exists()  # only a temporary, named as storage.remove_temporaries clears them
 
 
+@pytest.mark.parametrize("left", ["by a gone run", "unreadable"])
+def test_a_left_lock_this_user_may_not_delete_is_refused_naming_its_owner(tmp_path, monkeypatch, caplog, left):
+    """A shared folder with the sticky bit (chmod 1777, as group scratch folders often are): another
+    user's lock left there by a killed run cannot be deleted by this user. The run stopped with a bare
+    'PermissionError: [Errno 1] Operation not permitted' after warning that it was taking the lock over."""
+    import errno
+    import pwd
+
+    from pixelflow_jax.training.workdir_lock import LOCK_FILE, UNREADABLE_STALE_S, WorkdirBusy, WorkdirLock
+
+    lock_file = tmp_path / LOCK_FILE
+    if left == "by a gone run":
+        lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": 999999999}))
+        left_by = f"a training run that is gone (host {socket.gethostname()}, pid 999999999)"
+    else:
+        lock_file.write_bytes(b"")
+        old = time.time() - UNREADABLE_STALE_S - 5
+        os.utime(lock_file, (old, old))
+        left_by = "a start killed while writing it"
+    os.chmod(tmp_path, 0o1777)
+    real_remove = os.remove
+
+    def owners_only(path, *args, **kwargs):  # what the sticky bit does to a user who does not own the lock
+        if os.fspath(path) == str(lock_file):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.fspath(path))
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "remove", owners_only)
+    owner = f"{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+    with caplog.at_level(logging.WARNING), pytest.raises(WorkdirBusy) as refused:
+        WorkdirLock(str(tmp_path), stale_after_s=600).acquire()
+    assert str(refused.value) == (
+        f"{lock_file} was left by {left_by}, but this user cannot delete it (Operation not permitted): it belongs to "
+        f"{owner}, and {tmp_path} has the sticky bit: only a file's owner (or the folder's) may delete it. Ask them "
+        f"to delete it, or use another --workdir")
+    assert "taking over" not in caplog.text and "removed" not in caplog.text  # nothing was taken over
+    assert lock_file.exists()
+
+
 def test_a_stop_the_moment_after_the_lock_is_written_still_releases_it(tmp_path, monkeypatch):
     """A SIGTERM that landed between the lock's link into place and the run's note that it held it
     left train.lock behind (seen as 1 failure in ~50 runs of test_main's SIGTERM-while-a-training-

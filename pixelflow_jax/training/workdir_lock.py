@@ -27,7 +27,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pwd
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -91,6 +93,27 @@ def copied_from_another_host(holder: dict, lock: WorkdirLock) -> str:
             f"along), delete {lock.path} and rerun")
 
 
+def file_owner(path: str) -> str:
+    """The user owning a local file, by name where this host knows it ('alice (uid 1001)')."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:  # a uid without a passwd entry (a container's user, another host's)
+        return f"uid {uid}"
+
+
+def sticky_words(folder: str) -> str:
+    """Why a user who may write in `folder` still cannot delete another's file there, where that is why."""
+    try:
+        sticky = bool(os.stat(folder).st_mode & stat.S_ISVTX)
+    except OSError:
+        return ""
+    return f", and {folder} has the sticky bit: only a file's owner (or the folder's) may delete it" if sticky else ""
+
+
 class WorkdirBusy(RuntimeError):
     """Another live run owns the workdir; the message names it."""
 
@@ -143,13 +166,17 @@ class WorkdirLock:
                     return self._busy_message(None)
                 if age is not None and self._read() is None and (self._age_s() or 0) > UNREADABLE_STALE_S:
                     # (read again: a run that took it over meanwhile has written a readable lock)
-                    logging.warning("removing %s: unreadable for %.0f s (a start killed while writing it)",
+                    if problem := self._remove_left_lock("a start killed while writing it"):
+                        return problem
+                    logging.warning("removed %s: unreadable for %.0f s (a start killed while writing it)",
                                     self.path, age)
-                    storage.remove(self.path)
                 continue
             if not self._stale(holder):
                 return self._busy_message(holder)
             if self._read() == holder:  # still the stale one (a run taking it over at this instant: keep theirs)
+                if problem := self._remove_left_lock(f"a {self.job} that is gone (host {holder.get('host')}, pid "
+                                                     f"{holder.get('pid')})"):
+                    return problem
                 if self._before_requeue(holder):
                     logging.warning("taking over %s from this Slurm job's run before its requeue (job %s, restart %d; "
                                     "host %s, pid %s)", self.path, holder["slurm_job"], holder["slurm_restart"],
@@ -161,8 +188,18 @@ class WorkdirLock:
                     logging.warning("taking over %s from a run that is gone: host %s, pid %s, heartbeat %.0f s ago",
                                     self.path, holder.get("host"), holder.get("pid"),
                                     time.time() - float(holder.get("heartbeat", 0)))
-                storage.remove(self.path)
         return self._busy_message(self._read())
+
+    def _remove_left_lock(self, left_by: str) -> str:
+        """Deletes a lock that `left_by` left behind; the problem, naming its owner, where this user may not
+        (another user's lock in a folder with the sticky bit, as shared folders have: only its owner deletes it)."""
+        try:
+            storage.remove(self.path)
+        except PermissionError as e:
+            return (f"{self.path} was left by {left_by}, but this user cannot delete it ({e.strerror}): it belongs "
+                    f"to {file_owner(self.path)}{sticky_words(storage.dirname(self.path))}. Ask them to delete it, "
+                    f"or use another --workdir")
+        return ""
 
     def _read(self) -> dict | None:
         try:
