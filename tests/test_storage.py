@@ -798,14 +798,19 @@ def test_move_file_once_in_a_bucket_raises_a_refused_check_of_the_target_and_mov
 
 
 def test_a_local_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
+    """Each mode's way to read a read-only folder from a workdir of its own: the evaluation of a
+    read-only sampling folder was told only how to sample or export a training run."""
     def refused(path, data):
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(storage.writes, "write_atomically", refused)  # (tests run as root, whom modes do not stop)
     with pytest.raises(storage.StorageError, match=r"cannot write to .*run: PermissionError: .*: name a folder this "
-                                                   r"user can write to \(a training run in a read-only folder can "
-                                                   r"still be sampled"):
+                                                   r"user can write to \(") as refusal:
         storage.check_writable(str(tmp_path / "run"))
+    for route in ("--config.sample.checkpoint=RUN samples, inspects or serves a training run",
+                  "--config.eval.samples=FOLDER/samples.npz evaluates a sampling job's images",
+                  "convert_torch_ckpt.py --jax_checkpoint=RUN exports a run"):
+        assert route in str(refusal.value)
 
 
 def test_a_local_write_replaces_the_file_a_reader_holds_open_and_others_may_read_it(tmp_path):

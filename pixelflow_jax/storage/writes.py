@@ -351,9 +351,12 @@ def removed_if_left_empty(folder: str, remover: bool = True) -> Iterator[None]:
                 os.rmdir(folder)
 
 
-# A job's workdir: the usual cause is a run copied read-only (a shared disk), which needs no write to use.
-READ_ONLY_RUN_FIX = ("name a folder this user can write to (a training run in a read-only folder can still be sampled "
-                     "or exported into another: --config.sample.checkpoint=RUN, --jax_checkpoint=RUN)")
+# A job's workdir: the usual cause is a run or a sampling job's folder copied read-only (a shared disk), which
+# every mode can still read from a workdir of its own.
+READ_ONLY_RUN_FIX = ("name a folder this user can write to (what a read-only folder holds is still read from another "
+                     "workdir: --config.sample.checkpoint=RUN samples, inspects or serves a training run, "
+                     "--config.eval.samples=FOLDER/samples.npz evaluates a sampling job's images, and "
+                     "convert_torch_ckpt.py --jax_checkpoint=RUN exports a run)")
 
 
 def check_writable(folder: str, fix: str = READ_ONLY_RUN_FIX) -> None:
