@@ -1971,6 +1971,22 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
                                               r"rerun the same command: it resumes from step 2$"):
         with checkpointing.save_errors(stand_in):
             raise ValueError("RESOURCE_EXHAUSTED: Error writing local file ...: No space left on device [28]")
+    # The shell's file size limit (`ulimit -f`) and a quota: tensorstore names them past the 300 characters
+    # kept of its message, whose cut hid them ("...ocdbt.process_0/oc. Fix the cause (free space: ...)").
+    tensorstore_words = ('OUT_OF_RANGE: Error writing "ema.latent_size_embedder.linear_2.kernel/0.0" in OCDBT database '
+                         'at local file "' + str(tmp_path) + '/checkpoints/4.orbax-checkpoint-tmp/state.orbax-checkpoint'
+                         '-tmp/ocdbt.process_0/": Failed writing: "' + str(tmp_path) + '/checkpoints/4.orbax-checkpoint'
+                         '-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/aeacf4bdf6f8e428b7f4829cf0f18fd4": Failed '
+                         'to write 221393 bytes to file 17: ')
+    with pytest.raises(CheckpointError, match=r"failed: a file grew past the largest this process may write \(the file "
+                                              r"size limit, ulimit -f\)\. Fix the cause \(a file size limit of at least "
+                                              r"a checkpoint's largest array: `ulimit -f unlimited` .*resumes from step 2$"):
+        with checkpointing.save_errors(stand_in):
+            raise ValueError(tensorstore_words + "File too large [os_error_code='27']")
+    with pytest.raises(CheckpointError, match=r"failed: this user's disk quota is used up\. Fix the cause \(room in "
+                                              r"this user's quota: a save needs room for one checkpoint beside the ones kept"):
+        with checkpointing.save_errors(stand_in):
+            raise ValueError(tensorstore_words + "Disk quota exceeded [os_error_code='122']")
     with pytest.raises(CheckpointError, match=r"failed: (x{300})\. Fix the cause"):  # a cause cut to one short line
         with checkpointing.save_errors(stand_in):
             raise ValueError("x" * 1000)

@@ -8,7 +8,9 @@ the resume point, the latest step that restores (damaged ones set aside).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging as python_logging
+import os
 import re
 import time
 
@@ -146,11 +148,27 @@ def save_errors(manager):
         yield
     except Exception as e:  # orbax and tensorstore raise many types for the same few causes
         cause = first_line(e)
-        cause = "no space left on the device" if "No space left on device" in cause else cause[:300]
+        limit = disk_limit(cause)  # named before the cut: tensorstore's message names it after 300 characters
         complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
         resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
-        raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: {cause}. Fix the cause "
+        raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: "
+                              f"{DISK_LIMITS[limit] if limit else cause[:300]}. Fix the cause "
                               f"({save_fix(manager, cause)}) and rerun the same command: it {resume}") from None
+
+
+# The limits of a machine that stop a save on its disk, by errno: a full disk, a user's quota, the
+# shell's file size limit (`ulimit -f`; Python ignores its SIGXFSZ, so a write past it fails).
+DISK_LIMITS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "this user's disk quota is used up",
+               errno.EFBIG: "a file grew past the largest this process may write (the file size limit, ulimit -f)"}
+
+
+def disk_limit(cause: str) -> int | None:
+    """The errno of DISK_LIMITS that a save's error names (Python's `[Errno N]`, tensorstore's
+    `[os_error_code='N']`, or the C library's English words), or None."""
+    for code in DISK_LIMITS:
+        if re.search(rf"\[Errno {code}\]|os_error_code='{code}'", cause) or os.strerror(code) in cause:
+            return code
+    return None
 
 
 def save_fix(manager, cause: str) -> str:
@@ -163,11 +181,15 @@ def save_fix(manager, cause: str) -> str:
     if in_bucket:
         return ("the bucket's reachability: a network or storage-service error, or a quota; a bucket does "
                 "not fill up")
+    limit = disk_limit(cause)
+    if limit == errno.EFBIG:  # more room would not help
+        return ("a file size limit of at least a checkpoint's largest array: `ulimit -f unlimited` in the job's shell, "
+                "up to what `ulimit -Hf` allows, or ask the machine's administrators")
     keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
     room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
             f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "
             "--config.train.keep_checkpoints lowers how many")
-    return f"free space: {room}"
+    return f"room in this user's quota: {room}" if limit == errno.EDQUOT else f"free space: {room}"
 
 
 def restore(manager, step: int, state, shardings):
