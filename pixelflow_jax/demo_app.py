@@ -22,6 +22,7 @@ import os
 import re
 import reprlib
 import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -380,12 +381,31 @@ def check_port_free(host: str, port: int) -> None:
                              "--config.demo.port=PORT") from None
 
 
+def gradio_folder() -> str:
+    """Where Gradio keeps its files (its copies of the page's images): GRADIO_TEMP_DIR, else gradio/
+    in the temporary folder, as Gradio chooses it."""
+    return os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
+
+
+def check_gradio_folder() -> None:
+    """Gradio's folder, writable, before the model loads. Unset, it is one folder for every user of the
+    machine, owned by the first to serve any Gradio page: another user's page stopped as it was built,
+    with a traceback of Gradio's PermissionError."""
+    folder = gradio_folder()
+    setting = ("GRADIO_TEMP_DIR" if os.environ.get("GRADIO_TEMP_DIR") else
+               "Gradio's default, which every user of this machine shares unless GRADIO_TEMP_DIR is set")
+    storage.check_writable(folder, fix=f"Gradio keeps the page's files there ({setting}): set GRADIO_TEMP_DIR to a "
+                                       "folder of your own (GRADIO_TEMP_DIR=$HOME/gradio_files, say) and start the "
+                                       "page again")
+
+
 def run(config, workdir: str = "") -> None:
     # Checked before the port is probed or a folder made (no workdir: the page's images go to a temporary folder).
     config, workdir = job_config(config, "demo"), job_workdir(workdir) if workdir else workdir
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     host = "0.0.0.0" if config.demo.share_on_network else "127.0.0.1"
     check_port_free(host, int(config.demo.port))
+    check_gradio_folder()
     if not config.sample.checkpoint:  # a typo'd workdir is named as one, before it is made below
         sampling_checkpoint(config.sample, workdir)
     if not outputs_are_temporary(workdir):  # its demo_outputs/: known before the model loads

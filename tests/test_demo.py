@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO, c2i_config, free_port
+from conftest import REPO, c2i_config, fixture_dir, free_port
 from pixelflow_jax.command_line import EXIT_INTERRUPTED
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (.ci/run installs it)
@@ -852,6 +852,37 @@ def test_a_demo_of_a_mistyped_workdir_is_refused_as_one_and_makes_no_folder(tmp_
     with pytest.raises(CheckpointError, match=r"/typo does not exist \(a typo\?\)"):
         demo_app.run(c2i_config(**{"demo.port": free_port()}), str(tmp_path / "typo"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_gradio_folder_this_user_cannot_write_is_named_with_its_variable_before_the_model_loads(tmp_path,
+                                                                                                  monkeypatch):
+    """On a shared machine the first user to serve any Gradio page owns Gradio's default folder
+    (/tmp/gradio): another user's page stopped as Gradio built it, after the model had loaded, with a
+    traceback of Gradio's PermissionError."""
+    import tempfile
+
+    from pixelflow_jax import demo_app, storage
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    another_users = str(tmp_path / "gradio")
+    write = storage.writes.write_atomically
+
+    def refused_there(path, data):  # (tests run as root, whom modes do not stop)
+        if path.startswith(another_users + os.sep):
+            raise PermissionError(13, "Permission denied", path)
+        write(path, data)
+
+    monkeypatch.setattr(storage.writes, "write_atomically", refused_there)
+    monkeypatch.setattr(demo_app, "DemoSampler", lambda *_: pytest.fail("the model was loaded"))
+    config = c2i_config(**{"demo.port": free_port(), "sample.checkpoint": fixture_dir("c2i_tiny")})
+    with pytest.raises(storage.StorageError, match=re.escape(f"cannot write to {another_users}: PermissionError: ") +
+                       r".*: Gradio keeps the page's files there \(Gradio's default, which every user of this machine "
+                       r"shares unless GRADIO_TEMP_DIR is set\): set GRADIO_TEMP_DIR to a folder of your own"):
+        demo_app.run(config, str(tmp_path / "run"))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "mine"))
+    demo_app.check_gradio_folder()  # the fix it names
+    assert os.listdir(tmp_path / "mine") == []
 
 
 def test_the_temporary_image_folder_of_a_page_without_a_workdir_is_removed_when_python_exits(tmp_path):
