@@ -1505,6 +1505,9 @@ def test_without_a_known_home_folder_the_cache_is_refused_not_made_in_the_curren
     monkeypatch.setenv("HOME", "home")
     with pytest.raises(storage.StorageError, match="HOME='home' is no absolute path"):
         storage.cache_dir("xla")
+    monkeypatch.setenv("HOME", "")  # (a cron job's): expanduser("~") is "/", and the cache was /.cache/pixelflow_jax
+    with pytest.raises(storage.StorageError, match="HOME is empty, which Python reads as the root folder /"):
+        storage.cache_dir("xla")
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG rule says
     monkeypatch.setenv("HOME", "/home/u")
     assert storage.cache_dir("xla") == "/home/u/.cache/pixelflow_jax/xla"

@@ -39,10 +39,12 @@ def home_folder() -> str:
 
 def unknown_home_folder() -> str | None:
     """Why the user's home folder is unknown (HOME unset and a uid without a passwd entry, as in
-    some containers; HOME a relative path), or None where it is known."""
-    if os.path.isabs(os.path.expanduser("~")):
+    some containers; HOME a relative path or empty), or None where it is known."""
+    empty = os.environ.get("HOME") == ""  # (a cron job's or a container's): Python reads it as "/", so /.cache
+    if os.path.isabs(os.path.expanduser("~")) and not empty:
         return None
-    why = (f"HOME={os.environ['HOME']!r} is no absolute path" if "HOME" in os.environ else
+    why = ("HOME is empty, which Python reads as the root folder /" if empty else
+           f"HOME={os.environ['HOME']!r} is no absolute path" if "HOME" in os.environ else
            f"HOME is unset and uid {os.getuid()} has no passwd entry")
     return f"this user's home folder is unknown ({why})"
 
