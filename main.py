@@ -21,6 +21,7 @@ Settings live in the config file and can be overridden with --config.<field>=<va
 Modes: train, sample, inspect, eval, demo.
 """
 
+import errno
 import os
 import sys
 import traceback
@@ -104,6 +105,9 @@ def main(argv):
     except Exception as e:  # jax's error type for it has moved between versions: matched by its status
         from pixelflow_jax.error_text import first_line
 
+        if (open_files := too_many_open_files(e)) is not None:
+            sys.exit(f"error: --mode={FLAGS.mode} reached this process's limit of open files ({open_files}): "
+                     f"{open_files_fix(FLAGS.mode)}")
         cause = first_line(e)
         memory = isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in cause or "Out of memory" in cause
         if not memory or "No space left" in cause or "quota" in cause.lower():  # disks say it too
@@ -282,6 +286,35 @@ def sample_or_eval_mode():
 
 MODES = {"train": train_mode, "inspect": inspect_mode, "demo": demo_mode, "sample": sample_or_eval_mode,
          "eval": sample_or_eval_mode}
+
+
+def too_many_open_files(error: BaseException) -> str | None:
+    """The OSError for a process's open-files limit (`ulimit -n`) that `error` was raised from or while
+    handling, its words, or None. A library's cleanup after it may raise another error in its place (a
+    grain worker that could not start failed to be joined: an AssertionError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+            return str(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def open_files_fix(mode: str) -> str:
+    """What to do about a job stopped by the open-files limit: raise it, or, in training, start fewer
+    processes (each grain worker adds pipes and shared memory)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= soft:  # only an administrator raises a hard limit
+        fix = (f"this process may open {soft} files, as many as its hard limit (`ulimit -Hn`) allows: ask the "
+               "machine's administrators for more")
+    else:
+        most = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        fix = (f"raise it in the job's shell, `ulimit -n {4096 if most == 'unlimited' else min(4096, hard)}` (this "
+               f"process may open {soft} files; its hard limit, `ulimit -Hn`, allows {most})")
+    return fix + (", or lower --config.data.num_workers (0 decodes in the main process)" if mode == "train" else "")
 
 
 def out_of_memory_fix(mode: str, config) -> str:

@@ -423,6 +423,40 @@ def test_running_out_of_memory_names_the_setting_to_lower(monkeypatch):
             main.main(["main.py"])
 
 
+def test_the_open_files_limit_is_one_error_line_naming_the_limit_and_the_fix(monkeypatch):
+    """A shared machine's low `ulimit -n` (16): the demo's grain worker could not start ("Too many open
+    files"), and the loader's close then failed to join it, so the job ended on two tracebacks, the last
+    an AssertionError ("can only join a started process") that did not name the cause."""
+    import errno
+    import resource
+    from types import SimpleNamespace
+
+    sys.path.insert(0, REPO)
+    import main
+
+    def worker_not_started(argv):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        finally:
+            assert False, "can only join a started process"  # grain's close of that worker
+
+    monkeypatch.setattr(main, "run_mode", worker_not_started)
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="train", config=None))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (16, 65536))
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["main.py"])
+    assert str(stopped.value) == (
+        "error: --mode=train reached this process's limit of open files ([Errno 24] Too many open files): raise it "
+        "in the job's shell, `ulimit -n 4096` (this process may open 16 files; its hard limit, `ulimit -Hn`, allows "
+        "65536), or lower --config.data.num_workers (0 decodes in the main process)")
+    # `ulimit -n 16` in bash sets the hard limit too: only an administrator raises it again.
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (16, 16))
+    monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="sample", config=None))  # no grain workers to lower
+    with pytest.raises(SystemExit, match=r"\): this process may open 16 files, as many as its hard limit "
+                                         r"\(`ulimit -Hn`\) allows: ask the machine's administrators for more$"):
+        main.main(["main.py"])
+
+
 def test_only_the_callbacks_of_reads_that_outlived_their_event_loop_are_kept_quiet(monkeypatch):
     """A damaged checkpoint printed 30-130 'Event loop is closed' tracebacks above its error line;
     a dropped stop is delivered again instead of printed."""
