@@ -107,7 +107,7 @@ def main(argv):
 
         if (open_files := too_many_open_files(e)) is not None:
             sys.exit(f"error: --mode={FLAGS.mode} reached this process's limit of open files ({open_files}): "
-                     f"{open_files_fix(FLAGS.mode)}")
+                     f"{open_files_fix()}")
         cause = first_line(e)
         memory = isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in cause or "Out of memory" in cause
         if not memory or "No space left" in cause or "quota" in cause.lower():  # disks say it too
@@ -301,20 +301,18 @@ def too_many_open_files(error: BaseException) -> str | None:
     return None
 
 
-def open_files_fix(mode: str) -> str:
-    """What to do about a job stopped by the open-files limit: raise it, or, in training, start fewer
-    processes (each grain worker adds pipes and shared memory)."""
+def open_files_fix() -> str:
+    """What to do about a job stopped by the open-files limit: raise it (fewer grain workers alone did not
+    help at `ulimit -n 16`: the checkpoint save then met the limit)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= soft:  # only an administrator raises a hard limit
-        fix = (f"this process may open {soft} files, as many as its hard limit (`ulimit -Hn`) allows: ask the "
-               "machine's administrators for more")
-    else:
-        most = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
-        fix = (f"raise it in the job's shell, `ulimit -n {4096 if most == 'unlimited' else min(4096, hard)}` (this "
-               f"process may open {soft} files; its hard limit, `ulimit -Hn`, allows {most})")
-    return fix + (", or lower --config.data.num_workers (0 decodes in the main process)" if mode == "train" else "")
+        return (f"this process may open {soft} files, as many as its hard limit (`ulimit -Hn`) allows: ask the "
+                "machine's administrators for more")
+    most = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    return (f"raise it in the job's shell, `ulimit -n {4096 if most == 'unlimited' else min(4096, hard)}` (this "
+            f"process may open {soft} files; its hard limit, `ulimit -Hn`, allows {most})")
 
 
 def out_of_memory_fix(mode: str, config) -> str:
