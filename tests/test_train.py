@@ -1983,6 +1983,12 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
                                               r"a checkpoint's largest array: `ulimit -f unlimited` .*resumes from step 2$"):
         with checkpointing.save_errors(stand_in):
             raise ValueError(tensorstore_words + "File too large [os_error_code='27']")
+    # The open-files limit (ulimit -n 16, with the data read in the main process) was told to free space.
+    with pytest.raises(CheckpointError, match=r"failed: this process has as many files open as it may \(the open-files "
+                                              r"limit, ulimit -n\)\. Fix the cause \(a higher limit of open files: "
+                                              r"`ulimit -n 4096` in the job's shell"):
+        with checkpointing.save_errors(stand_in):
+            raise OSError(24, "Too many open files")
     with pytest.raises(CheckpointError, match=r"failed: this user's disk quota is used up\. Fix the cause \(room in "
                                               r"this user's quota: a save needs room for one checkpoint beside the ones kept"):
         with checkpointing.save_errors(stand_in):

@@ -157,9 +157,11 @@ def save_errors(manager):
 
 
 # The limits of a machine that stop a save on its disk, by errno: a full disk, a user's quota, the
-# shell's file size limit (`ulimit -f`; Python ignores its SIGXFSZ, so a write past it fails).
+# shell's file size limit (`ulimit -f`; Python ignores its SIGXFSZ, so a write past it fails), the
+# process's limit of open files (`ulimit -n`).
 DISK_LIMITS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "this user's disk quota is used up",
-               errno.EFBIG: "a file grew past the largest this process may write (the file size limit, ulimit -f)"}
+               errno.EFBIG: "a file grew past the largest this process may write (the file size limit, ulimit -f)",
+               errno.EMFILE: "this process has as many files open as it may (the open-files limit, ulimit -n)"}
 
 
 def disk_limit(cause: str) -> int | None:
@@ -185,6 +187,9 @@ def save_fix(manager, cause: str) -> str:
     if limit == errno.EFBIG:  # more room would not help
         return ("a file size limit of at least a checkpoint's largest array: `ulimit -f unlimited` in the job's shell, "
                 "up to what `ulimit -Hf` allows, or ask the machine's administrators")
+    if limit == errno.EMFILE:
+        return ("a higher limit of open files: `ulimit -n 4096` in the job's shell, up to what `ulimit -Hn` allows, or "
+                "ask the machine's administrators")
     keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
     room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
             f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "
