@@ -426,8 +426,8 @@ def serve(page, host: str, port: int, temporary_outputs: str | None) -> None:
             # and stored a visitor's file of any size in the temporary folder (a disk filled remotely); now 413.
             # api_open=False: Gradio's direct route (POST /gradio_api/run/generate, open off Hugging Face
             # Spaces) ran a request beside the one sampling, past the queue and its one-at-a-time limit.
-            page.queue(api_open=False).launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True,
-                                prevent_thread_lock=True, max_file_size=0)
+            page.queue(api_open=False).launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                                              quiet=True, prevent_thread_lock=True, max_file_size=0)
         except OSError:  # Gradio's words name its environment variable, not the flag
             check_port_free(host, port)  # taken since run() checked it, while the model loaded (another page?)
             raise
