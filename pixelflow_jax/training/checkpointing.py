@@ -148,26 +148,26 @@ def save_errors(manager):
         yield
     except Exception as e:  # orbax and tensorstore raise many types for the same few causes
         cause = first_line(e)
-        limit = disk_limit(cause)  # named before the cut: tensorstore's message names it after 300 characters
+        limit = machine_limit(cause)  # named before the cut: tensorstore's message names it after 300 characters
         complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
         resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
         raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: "
-                              f"{DISK_LIMITS[limit] if limit else cause[:300]}. Fix the cause "
+                              f"{MACHINE_LIMITS[limit] if limit else cause[:300]}. Fix the cause "
                               f"({save_fix(manager, cause)}) and rerun the same command: it {resume}") from None
 
 
-# The limits of a machine that stop a save on its disk, by errno: a full disk, a user's quota, the
+# The limits of a machine that stop a save, by errno: a full disk, a user's quota, the
 # shell's file size limit (`ulimit -f`; Python ignores its SIGXFSZ, so a write past it fails), the
 # process's limit of open files (`ulimit -n`).
-DISK_LIMITS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "this user's disk quota is used up",
-               errno.EFBIG: "a file grew past the largest this process may write (the file size limit, ulimit -f)",
-               errno.EMFILE: "this process has as many files open as it may (the open-files limit, ulimit -n)"}
+MACHINE_LIMITS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "this user's disk quota is used up",
+                  errno.EFBIG: "a file grew past the largest this process may write (the file size limit, ulimit -f)",
+                  errno.EMFILE: "this process has as many files open as it may (the open-files limit, ulimit -n)"}
 
 
-def disk_limit(cause: str) -> int | None:
-    """The errno of DISK_LIMITS that a save's error names (Python's `[Errno N]`, tensorstore's
+def machine_limit(cause: str) -> int | None:
+    """The errno of MACHINE_LIMITS that a save's error names (Python's `[Errno N]`, tensorstore's
     `[os_error_code='N']`, or the C library's English words), or None."""
-    for code in DISK_LIMITS:
+    for code in MACHINE_LIMITS:
         if re.search(rf"\[Errno {code}\]|os_error_code='{code}'", cause) or os.strerror(code) in cause:
             return code
     return None
@@ -183,7 +183,7 @@ def save_fix(manager, cause: str) -> str:
     if in_bucket:
         return ("the bucket's reachability: a network or storage-service error, or a quota; a bucket does "
                 "not fill up")
-    limit = disk_limit(cause)
+    limit = machine_limit(cause)
     if limit == errno.EFBIG:  # more room would not help
         return ("a file size limit of at least a checkpoint's largest array: `ulimit -f unlimited` in the job's shell, "
                 "up to what `ulimit -Hf` allows, or ask the machine's administrators")
