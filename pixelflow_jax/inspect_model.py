@@ -99,7 +99,7 @@ def training_of(source: CheckpointSource | None) -> dict | None:
     run, step = source.run_step.run, source.run_step.step
     path = storage.join(run, TRAINING_RUNS)
     try:
-        jobs = [storage.parse_json(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        jobs = storage.read_json_lines(path)
         chain = jobs_behind(jobs, step)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # none (an older run), damaged
         logging.warning("%s: no readable record of the jobs that trained step %d (%s: %s): inspect.json's training "

@@ -218,6 +218,11 @@ def read_json(path: str) -> Any:
     return parse_json(read_text(path))
 
 
+def read_json_lines(path: str) -> list:
+    """A JSON Lines file's values, in order (blank lines skipped), each read as parse_json reads."""
+    return [parse_json(line) for line in read_text(path).splitlines() if line.strip()]
+
+
 def parse_json(text: str) -> Any:
     """json.loads, with nesting deeper than Python reads a ValueError, as other damage is (a crafted
     file's RecursionError came out of the checkpoint readers as a traceback)."""

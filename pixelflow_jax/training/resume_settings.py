@@ -352,7 +352,7 @@ def read_changes(workdir: str) -> list[dict]:
     if not storage.exists(path):
         return []
     try:
-        changes = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+        changes = storage.read_json_lines(path)
         if not all(isinstance(c, dict) and isinstance(c.get("step"), int) and isinstance(c.get("changes"), dict)
                    for c in changes):
             raise ValueError("a line is not a change record ({'step': N, 'changes': {...}})")
