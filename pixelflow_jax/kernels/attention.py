@@ -120,12 +120,12 @@ BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla_attention, "cudnn":
 PLATFORMS = {"cudnn": ("gpu",), "pallas_gpu": ("gpu",), "splash": ("tpu",)}  # need hardware (Pallas: or interpret)
 PALLAS_BACKENDS = ("pallas_gpu", "splash")
 
-# 'auto': per platform, the fastest backend measured there (16 heads x 72, bf16, forward+backward
-# TFLOP/s at B8x4096 / B32x1024 / B128x256 tokens):
-#   gpu (H200, the release's attention benchmark): cuDNN 300 / 223 / 110 against XLA 93 / 80 / 56 and the bundled
-#       Pallas mha 75 / 62 / 48 -> cudnn for bf16/fp16 inputs at every length (64 tokens not
-#       measured: the same choice), XLA for float32 (cuDNN takes no float32). pallas_gpu is not
-#       measured yet (bench/attention_speed.py; bench/RESULTS.md).
+# 'auto': per platform, the fastest backend measured there (16 heads x 72, bf16, forward / forward+backward
+# TFLOP/s at B8x4096, B32x1024, B128x256 tokens):
+#   gpu (one H200, jax 0.11.2, 2026-12-04, bench/RESULTS.md): cuDNN 278/298, 246/241, 119/119; our pallas_gpu
+#       278/224, 207/189, 105/104; XLA 82/72, 62/63, 45/52 -> cudnn for bf16/fp16 inputs at every length
+#       (64 tokens not measured: the same choice), XLA for float32 (cuDNN takes no float32). Key-masked text
+#       attention at B4x256 runs a fraction of a millisecond on any backend (XLA the fastest forward): XLA.
 #   tpu: splash at lengths that are multiples of 128 (XLA below, e.g. the 64-token stage), as
 #       MaxText defaults to: XLA's einsum keeps the L^2 float32 logits of every head (1 GiB per
 #       image at 4096 tokens, 275 GB at the 65536 tokens of 1024 px text-to-image). Not yet timed on

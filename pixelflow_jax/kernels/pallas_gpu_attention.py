@@ -34,10 +34,10 @@ from pixelflow_jax.kernels.attention import MASKED_KEY_BIAS
 LOG2_E = math.log2(math.e)
 MIN_TILE = 16  # the smallest matmul dimension Triton's tensor-core dot takes
 
-# Tile sizes and launch parameters. Chosen from the usual flash-attention settings for 64-128-wide
-# heads; not yet tuned on a GPU (bench/attention_speed.py is the tool for that). For an H200 they
-# compile without spilling: forward 236 registers/thread, 80 KiB shared memory, 2 blocks per SM
-# (bench/gpu_compile.py, bench/RESULTS.md).
+# Tile sizes and launch parameters: the fastest of the ten settings timed on an H200 (2026-12-04,
+# bench/RESULTS.md; fwd+bwd 224 TFLOP/s at B8x4096, 189 at B32x1024). Every alternative was slower, the
+# backward with 8 warps by 25-47%. They compile without spilling: forward 236 registers/thread, 80 KiB
+# shared memory, 2 blocks per SM (bench/gpu_compile.py).
 FORWARD_BLOCKS = (128, 64)  # (queries, keys) per program
 BACKWARD_BLOCKS = (64, 64)
 FORWARD_PARAMS = dict(num_warps=4, num_stages=3)
