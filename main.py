@@ -103,7 +103,7 @@ def main(argv):
     try:
         run_mode(argv)
     except Exception as e:  # jax's error type for it has moved between versions: matched by its status
-        from pixelflow_jax.error_text import first_line
+        from pixelflow_jax.error_text import first_line, open_files_fix
 
         if (open_files := too_many_open_files(e)) is not None:
             sys.exit(f"error: --mode={FLAGS.mode} reached this process's limit of open files ({open_files}): "
@@ -299,20 +299,6 @@ def too_many_open_files(error: BaseException) -> str | None:
             return str(error)
         error = error.__cause__ or error.__context__
     return None
-
-
-def open_files_fix() -> str:
-    """What to do about a job stopped by the open-files limit: raise it (fewer grain workers alone did not
-    help at `ulimit -n 16`: the checkpoint save then met the limit)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard <= soft:  # only an administrator raises a hard limit
-        return (f"this process may open {soft} files, as many as its hard limit (`ulimit -Hn`) allows: ask the "
-                "machine's administrators for more")
-    most = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
-    return (f"raise it in the job's shell, `ulimit -n {4096 if most == 'unlimited' else min(4096, hard)}` (this "
-            f"process may open {soft} files; its hard limit, `ulimit -Hn`, allows {most})")
 
 
 def out_of_memory_fix(mode: str, config) -> str:

@@ -1955,7 +1955,7 @@ def test_training_in_a_thread_runs_without_signal_handlers(caplog):
     assert "training outside the main thread, where Python cannot catch signals" in caplog.text
 
 
-def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resumes_from(tmp_path):
+def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resumes_from(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from pixelflow_jax import storage
@@ -1983,12 +1983,19 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
                                               r"a checkpoint's largest array: `ulimit -f unlimited` .*resumes from step 2$"):
         with checkpointing.save_errors(stand_in):
             raise ValueError(tensorstore_words + "File too large [os_error_code='27']")
-    # The open-files limit (ulimit -n 16, with the data read in the main process) was told to free space.
-    with pytest.raises(CheckpointError, match=r"failed: this process has as many files open as it may \(the open-files "
-                                              r"limit, ulimit -n\)\. Fix the cause \(a higher limit of open files: "
-                                              r"`ulimit -n 4096` in the job's shell"):
-        with checkpointing.save_errors(stand_in):
-            raise OSError(24, "Too many open files")
+    # The open-files limit (ulimit -n 16, with the data read in the main process) was told to free space; the
+    # advice is main.py's for a job stopped by that limit, with this process's limits.
+    import resource
+
+    with monkeypatch.context() as limits:
+        limits.setattr(resource, "getrlimit", lambda which: (16, 65536))
+        with pytest.raises(CheckpointError, match=r"failed: this process has as many files open as it may \(the "
+                                                  r"open-files limit, ulimit -n\)\. Fix the cause \(a higher limit of "
+                                                  r"open files: raise it in the job's shell, `ulimit -n 4096` \(this "
+                                                  r"process may open 16 files; its hard limit, `ulimit -Hn`, allows "
+                                                  r"65536\)\) and rerun"):
+            with checkpointing.save_errors(stand_in):
+                raise OSError(24, "Too many open files")
     with pytest.raises(CheckpointError, match=r"failed: this user's disk quota is used up\. Fix the cause \(room in "
                                               r"this user's quota: a save needs room for one checkpoint beside the ones kept"):
         with checkpointing.save_errors(stand_in):

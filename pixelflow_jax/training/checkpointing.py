@@ -23,7 +23,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, UNREADABLE_CHECKPOINTS,
                                                       complete_steps, restore_error)
 from pixelflow_jax.command_line import INSTALLED_ORBAX, late_restore_callbacks_dropped
-from pixelflow_jax.error_text import first_line
+from pixelflow_jax.error_text import first_line, open_files_fix
 from pixelflow_jax.multihost import processes_where
 
 
@@ -188,8 +188,7 @@ def save_fix(manager, cause: str) -> str:
         return ("a file size limit of at least a checkpoint's largest array: `ulimit -f unlimited` in the job's shell, "
                 "up to what `ulimit -Hf` allows, or ask the machine's administrators")
     if limit == errno.EMFILE:
-        return ("a higher limit of open files: `ulimit -n 4096` in the job's shell, up to what `ulimit -Hn` allows, or "
-                "ask the machine's administrators")
+        return f"a higher limit of open files: {open_files_fix()}"
     keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
     room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
             f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "
