@@ -115,11 +115,12 @@ def training_of(source: CheckpointSource | None) -> dict | None:
 
 def jobs_behind(jobs: list[dict], step: int) -> list[dict]:
     """The training jobs, earliest first, whose steps led to `step`: walking back from the last job that
-    started before it and could reach it, each earlier one up to where the next resumed. [] where none could."""
+    started before it and could reach it, each earlier one that could reach where the next resumed (its
+    num_steps). [] where no such chain goes back to step 0."""
     chain, end = [], step
     for job in reversed(jobs):
         start, num_steps = int(job["start_step"]), int(job["num_steps"])
-        if start < end <= num_steps or (chain and start < end):
+        if start < end <= num_steps:  # a job that stopped short of where the next resumed is no link
             config = job["config"]
             batch = int(config["train"]["batch_size"])
             chain.append(dict(time=job["time"], start_step=start, end_step=end, batch_size=batch,

@@ -394,6 +394,12 @@ def test_a_runs_step_is_reported_with_the_training_jobs_that_led_to_it_and_the_i
         copied = of_step(10)  # past every job: another run's step
     assert (copied["jobs"], copied["images_seen"]) == (None, None)
     assert "no chain of the training jobs" in caplog.text and "copied in from another run" in caplog.text
+    # A job resumed at step 6 after one that could train only to step 4: steps 4-6 came from elsewhere.
+    (run / "training_runs.jsonl").write_text("\n".join([training_job(0, 4, 8), training_job(6, 10, 8)]) + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert of_step(10)["jobs"] is None
+    assert "no chain of the training jobs" in caplog.text
 
 
 def test_the_report_holds_what_trained_the_checkpoint(tmp_path, monkeypatch):
