@@ -16,7 +16,9 @@ first minutes learning:
            plan, and from XLA's thunk list what one call (one denoising step in a stage's solve)
            runs: kernels by kind, and host dispatches (a run of kernels XLA puts into a command
            buffer, a CUDA graph, is one), whether the step loop stays on the card (a loop of known
-           trip count needs no host sync per step) and any callback to the host (GPU only).
+           trip count needs no host sync per step) and any callback to the host (GPU only). Its
+           programs take the sampler's compiler options (for a GPU, matmuls on cuBLAS; XLA_FLAGS=
+           --xla_gpu_enable_triton_gemm=true compiles XLA's Triton GEMMs instead).
 
 train and sample also report each program's HBM traffic by kernel kind (bench/hlo_traffic.py: the
 bytes its kernels read and write, from the optimized HLO) and the time it takes at the card's full
@@ -544,7 +546,8 @@ def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: 
             except FileNotFoundError as error:  # another jax's dump: the plan still counts
                 return {**result, "report_error": f"{type(error).__name__}: {error}"}
 
-    forward = forward_program(sampler.graphdef)
+    with compiling_for(platform(card)):  # the programs take their compiler options for the card, as on it
+        forward = forward_program(sampler.graphdef)
     for stage, size in enumerate(sizes):
         args = (state, spec((2 * batch, size, size, channels)), spec((2 * batch,)), spec((2 * batch,), jnp.int32))
         yield compiled("forward", forward, args, stage=stage, model_batch=2 * batch)
@@ -556,7 +559,8 @@ def compile_sampling(card: str, preset: str, batch: int, steps: int, cfg_scale: 
     x = spec((batch, sizes[0], sizes[0], channels))
     for stage, size in enumerate(sizes):
         noise = None if stage == 0 else spec((batch, size, size, channels))
-        program, args = sampler.stage_call(stage, x, noise, cond, uncond, guidance[stage], options)
+        with compiling_for(platform(card)):
+            program, args = sampler.stage_call(stage, x, noise, cond, uncond, guidance[stage], options)
         # guidance 1 (stage 0 of the release's schedule) runs the model on the conditional half only
         yield compiled("stage", program, (state, *abstract(args[1:])), stage=stage, steps=steps,
                        model_batch=batch if guidance[stage] == 1.0 else 2 * batch)

@@ -29,7 +29,7 @@ from flax import nnx  # noqa: E402
 from harness import median_seconds, positive_int  # noqa: E402
 from pixelflow_jax import CheckpointConfig, ModelConfig, PixelFlow  # noqa: E402
 from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES  # noqa: E402
-from pixelflow_jax.sampling.cascade import CascadeSampler  # noqa: E402
+from pixelflow_jax.sampling.cascade import CascadeSampler, sampling_compiler_options  # noqa: E402
 from pixelflow_jax.scheduler import stage_resolutions  # noqa: E402
 from profile_ops import print_profiles  # noqa: E402
 
@@ -54,8 +54,10 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> PixelFlow:
 
 
 def forward_program(graphdef):
-    """The model's forward of a class-conditional batch, jitted: what each stage's time is of."""
-    return jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, class_labels=y))
+    """The model's forward of a class-conditional batch, jitted with the sampler's compiler options (on a
+    GPU its matmuls on cuBLAS, as in the stages' programs): what each stage's time is of."""
+    return jax.jit(lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, class_labels=y),
+                   compiler_options=dict(sampling_compiler_options()))
 
 
 def main():
@@ -114,8 +116,8 @@ def main():
 
     print(json.dumps(dict(
         preset=args.preset, dtype=args.dtype, attention=args.attention, batch=args.batch, steps_per_stage=args.steps,
-        cfg=args.cfg, bf16_vs_f32_check=check, stages=stages, first_call_s=first_call,
-        seconds_per_batch=seconds, seconds_per_image=seconds / args.batch,
+        cfg=args.cfg, compiler_options=dict(sampling_compiler_options()), bf16_vs_f32_check=check, stages=stages,
+        first_call_s=first_call, seconds_per_batch=seconds, seconds_per_image=seconds / args.batch,
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, flax=flax.__version__,
     )), flush=True)
     if args.profile:  # in generate, idle_share is the sampler's host overhead between device ops
