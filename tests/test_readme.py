@@ -290,6 +290,7 @@ OTHER_PROGRAMS_FLAGS = {"caption_col": "img2dataset", "data_dir": "tfds build", 
                         "logdir": "tensorboard", "network": "docker", "nodes": "srun", "ntasks-per-node": "srun",
                         "requeue": "sbatch", "signal": "srun",
                         "xla_cpu_enable_concurrency_optimized_scheduler": "XLA_FLAGS",
+                        "xla_gpu_enable_triton_gemm": "XLA_FLAGS",
                         "xla_backend_optimization_level": "XLA_FLAGS"}
 
 
