@@ -1,18 +1,20 @@
 """Attention kernels at PixelFlow's shapes: forward and forward+backward TFLOP/s per backend.
 
-    python bench/attention_speed.py                      # GPU: xla, cudnn, pallas_gpu, bundled mha
+    python bench/attention_speed.py                      # GPU: xla, cudnn, pallas_gpu, padded cudnn
     python bench/attention_speed.py --sweep              # + pallas_gpu tile/launch settings
     python bench/attention_speed.py --interpret --shapes=2x256 --heads=2 --iters=2   # CPU dry run
 
 Shapes are BxL self-attention with 16 heads x 72 (XL/4's stages: B8x4096, B32x1024, B128x256).
 FLOPs are counted on the real 72 columns: forward 4*B*H*L^2*D, forward+backward 3.5x that (the
-backward does 5 of the 7 matmuls). `mha` is the bundled jax.experimental.pallas.ops.gpu.attention.mha,
-the baseline the pallas_gpu kernel must beat. Every backend is first checked against xla (relative
-error of the output and of dq, dk, dv) and only timed if it agrees. Needs only jax and numpy, so it
-runs on the bare GPU machine.
+backward does 5 of the 7 matmuls). `cudnn_padN` runs cuDNN on q, k, v zero-padded to head_dim N
+(bench only: is cuDNN faster at another width than 72?). `mha` is the bundled
+jax.experimental.pallas.ops.gpu.attention.mha, no longer timed by default. Every backend is first
+checked against xla (relative error of the output and of dq, dk, dv) and only timed if it agrees.
+Needs only jax and numpy, so it runs on the bare GPU machine.
 
-Other kernels timed on an H200 on 2026-11-26 (forward / forward+backward TFLOP/s at B8x4096, B32x1024, B128x256):
-cuDNN 312/300, 141/223, 122/110; bundled mha 183/75, 133/62, 85/48; XLA 83/93, 63/80, 45/56.
+Other kernels timed on an H200 (forward / forward+backward TFLOP/s at B8x4096, B32x1024, B128x256):
+2026-11-26 cuDNN 312/300, 141/223, 122/110; bundled mha 183/75, 133/62, 85/48; XLA 83/93, 63/80, 45/56.
+2026-12-04 (jax 0.11.2) bundled mha 185/75, 135/67, 83/50.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,11 +65,43 @@ class PallasSettings:
             m.FORWARD_BLOCKS, m.FORWARD_PARAMS, m.BACKWARD_BLOCKS, m.BACKWARD_PARAMS = saved
 
 
-# A small sweep around the defaults: forward and backward settings vary together.
-SWEEP = [PallasSettings()] + [
-    PallasSettings(forward_blocks=fb, forward_warps=fw, backward_blocks=bb, backward_warps=bw)
-    for (fb, fw), (bb, bw) in itertools.product([((128, 64), 8), ((64, 64), 4), ((128, 128), 8)],
-                                               [((64, 64), 8), ((128, 64), 8), ((32, 64), 4)])]
+DEFAULTS = PallasSettings()
+# Around the defaults, the backward first, each setting changing the forward or the backward, not
+# both: on an H200 (2026-12-04) the defaults beat a sweep that changed both (8 backward warps:
+# fwd+bwd 122-167 TFLOP/s at B8x4096, the defaults 224, cuDNN 298). Left out as measured there:
+# backward (32, 64) on 4 warps (twice the defaults' backward time), forward (64, 64) on 4 warps (234-244
+# TFLOP/s against 278). Left out as spilling registers compiled for an H200 (bench/gpu_compile.py,
+# jax 0.10.2): backward (128, 64) or (64, 128) on 4 warps, (64, 128) or (128, 128) on 8, (64, 64) on
+# 2 warps; forward (128, 128) on 4 warps.
+SWEEP = [DEFAULTS] + [dataclasses.replace(DEFAULTS, **change) for change in (
+    dict(backward_blocks=(128, 32)), dict(backward_stages=3), dict(backward_blocks=(64, 32)),
+    dict(backward_stages=1), dict(backward_blocks=(128, 32), backward_warps=8), dict(backward_blocks=(32, 32)),
+    dict(forward_blocks=(128, 32)), dict(forward_stages=4), dict(forward_stages=2),
+    dict(forward_blocks=(256, 64), forward_warps=8), dict(forward_blocks=(64, 128)))]
+
+PADDED_CUDNN = re.compile(r"cudnn_pad(\d+)")  # e.g. cudnn_pad96: cuDNN at head_dim 96
+
+
+def changed_settings(settings: PallasSettings) -> dict:
+    """What a sweep setting changes from the defaults (its row is read by that)."""
+    defaults = dataclasses.asdict(DEFAULTS)
+    return {name: value for name, value in dataclasses.asdict(settings).items() if value != defaults[name]}
+
+
+def padded_attention(width: int, implementation: str):
+    """jax.nn.dot_product_attention on q, k, v zero-padded from head_dim D to `width` columns, cut
+    back to D after: zero columns change neither q.k nor the first D output columns. The softmax
+    scale is passed as 1/sqrt(D), or it would follow the padded width."""
+    def attend(q, k, v):
+        head_dim = q.shape[-1]
+        if width < head_dim:
+            raise ValueError(f"cannot pad head_dim {head_dim} to {width}")
+        pad = [(0, 0)] * (q.ndim - 1) + [(0, width - head_dim)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(head_dim), implementation=implementation)
+        return out[..., :head_dim]
+
+    return attend
 
 
 def attention_fn(backend: str, interpret: bool, key_mask=None):
@@ -76,6 +111,11 @@ def attention_fn(backend: str, interpret: bool, key_mask=None):
         from jax.experimental.pallas.ops.gpu.attention import mha
 
         return lambda q, k, v: mha(q, k, v, None, sm_scale=1.0 / math.sqrt(q.shape[-1]), interpret=interpret)
+    padded = PADDED_CUDNN.fullmatch(backend)
+    if padded:
+        if key_mask is not None:
+            raise ValueError(f"{backend} times unmasked attention only")
+        return padded_attention(int(padded.group(1)), "cudnn")
     return lambda q, k, v: dot_product_attention(q, k, v, key_mask=key_mask, backend=backend)
 
 
@@ -123,6 +163,7 @@ def measure(backend, batch, length, args, settings: PallasSettings | None = None
                dtype=args.dtype, key_mask=args.key_mask)
     if settings is not None:
         row["settings"] = dataclasses.asdict(settings)
+        row["changed"] = changed_settings(settings)
     with (settings.applied() if settings else contextlib.nullcontext()):
         try:
             forward, forward_backward = programs(attention_fn(backend, args.interpret, key_mask))
@@ -143,7 +184,8 @@ def measure(backend, batch, length, args, settings: PallasSettings | None = None
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="xla,cudnn,pallas_gpu,mha")
+    parser.add_argument("--backends", default="xla,cudnn,pallas_gpu,cudnn_pad80,cudnn_pad96,cudnn_pad128",
+                        help="comma-separated; also mha (the bundled Pallas kernel); cudnn_padN: cuDNN at head_dim N")
     parser.add_argument("--shapes", default="8x4096,32x1024,128x256", help="comma-separated BxL")
     parser.add_argument("--heads", type=positive_int, default=16)
     parser.add_argument("--head_dim", type=positive_int, default=72)

@@ -697,6 +697,37 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
         assert result in log, result
 
 
+def test_padded_cudnn_backends_attend_as_the_72_columns_do():
+    """bench/attention_speed.py's cudnn_padN runs attention on q, k, v zero-padded to N columns and
+    cuts the output back: the same output and gradients as attention at 72 (checked through XLA's
+    implementation on the CPU), the softmax scale kept at 1/sqrt(72)."""
+    from attention_speed import PADDED_CUDNN, attention_fn, padded_attention
+
+    assert PADDED_CUDNN.fullmatch("cudnn_pad96") and not PADDED_CUDNN.fullmatch("cudnn")
+    with pytest.raises(ValueError, match="unmasked attention only"):
+        attention_fn("cudnn_pad96", False, key_mask=jnp.ones((1, 16)))
+    q, k, v, cotangent = (jax.random.normal(key, (1, 16, 2, 72)) for key in jax.random.split(jax.random.key(0), 4))
+    want = attention_fn("xla", False)
+    for width in (80, 96, 128):
+        got = padded_attention(width, "xla")
+        for a, b in zip(jax.vjp(got, q, k, v)[1](cotangent), jax.vjp(want, q, k, v)[1](cotangent)):
+            assert jnp.allclose(a, b, atol=1e-5)
+        assert jnp.allclose(got(q, k, v), want(q, k, v), atol=1e-5)
+
+
+def test_the_tile_sweep_changes_the_forward_or_the_backward_of_the_defaults():
+    """The sweep after the first GPU session explores around pallas_gpu's defaults, each setting
+    changing the forward's settings or the backward's, not both (the 2026-12-04 sweep changed both
+    and all lost), the backward's first; each row says what it changed."""
+    from attention_speed import DEFAULTS, SWEEP, changed_settings
+
+    assert SWEEP[0] == DEFAULTS and len(set(SWEEP)) == len(SWEEP)
+    sides = [{name.split("_")[0] for name in changed_settings(settings)} for settings in SWEEP[1:]]
+    assert all(side in ({"backward"}, {"forward"}) for side in sides), sides
+    assert sides == sorted(sides, key=lambda side: side == {"forward"}) and {"forward"} in sides, sides
+    assert changed_settings(SWEEP[1]) == dict(backward_blocks=(128, 32))
+
+
 def test_hlo_traffic_leaves_out_a_cublas_calls_workspace():
     """cuBLASLt's matmul returns its workspace beside its output as an s8 array (cuDNN's is u8):
     scratch, not traffic (it was counted written, 4 MiB a call: with XLA's GEMMs on cuBLAS, 77 GB
