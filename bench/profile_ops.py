@@ -43,13 +43,15 @@ def profile_top_ops(fn, calls: int = 2, top: int = 30) -> dict:
 
 def print_profiles(**programs) -> None:
     """Prints one JSON line per `name=(fn, calls)`: call it after the timings are printed, so that
-    a profiler that fails (no CUPTI, say) or runs out of time costs only the profile."""
+    a profiler that fails (no CUPTI, say) or runs out of time costs only the profile. Each line
+    names the XLA_FLAGS it ran under: with XLA's command buffers on (a GPU's default) most of the
+    time is in ops named command_buffer_N, the kernels they ran hidden."""
     for name, (fn, calls) in programs.items():
         try:
             report = profile_top_ops(fn, calls=calls)
         except Exception as error:  # the timings are already out: report and go on
             report = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"}
-        print(json.dumps({"profile": name, **report}), flush=True)
+        print(json.dumps({"profile": name, "xla_flags": os.environ.get("XLA_FLAGS", ""), **report}), flush=True)
 
 
 def _op_events(data: ProfileData):

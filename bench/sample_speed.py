@@ -3,6 +3,7 @@ CFG batch, for PixelFlow-XL/4 with random (non-zero) weights.
 
     python bench/sample_speed.py                       # XL/4, batch 16, 4 x 30 Euler steps, bf16
     python bench/sample_speed.py --preset=tiny         # a CPU dry run of the script itself
+    python bench/sample_speed.py --profile_only        # only the top device ops of the last stage's forward
 
 Compare (the release on an H200, 2026-11-26): 6.35 s/image end to end, 2.32 s of it on the GPU;
 per-stage forward of the CFG batch (32) 35 / 64 / 204 / 936 ms. Needs only jax, flax, numpy (no
@@ -60,6 +61,27 @@ def forward_program(graphdef):
                    compiler_options=dict(sampling_compiler_options()))
 
 
+def stage_inputs(rng, cfg: ModelConfig, cfg_batch: int, size: int):
+    """A stage's forward arguments: a CFG batch of noisy images of size x size pixels, t, labels."""
+    x = jnp.asarray(rng.standard_normal((cfg_batch, size, size, 3)), jnp.float32)
+    t = jnp.full((cfg_batch,), 500.0)
+    y = jnp.asarray(rng.integers(0, cfg.num_classes, cfg_batch))
+    return x, t, y
+
+
+def profile_last_stage(forward, state, ckpt: CheckpointConfig, args) -> None:
+    """Compiles the last stage's forward and prints its top device ops, nothing timed before it: a
+    process of its own (run with XLA's command buffers off, the profile names the kernels that a
+    command buffer's one entry hides), short enough for a GPU session."""
+    size = stage_resolutions(ckpt.resolution, ckpt.num_stages)[-1]
+    x, t, y = stage_inputs(np.random.default_rng(0), ckpt.model, 2 * args.batch, size)
+    jax.block_until_ready(forward(state, x, t, y))
+    print(json.dumps(dict(preset=args.preset, dtype=args.dtype, attention=args.attention, cfg_batch=2 * args.batch,
+                          pixels=size, compiler_options=dict(sampling_compiler_options()),
+                          device=str(jax.devices()[0].device_kind), jax=jax.__version__)), flush=True)
+    print_profiles(last_stage_forward=(lambda: forward(state, x, t, y), 2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="xl")
@@ -72,6 +94,8 @@ def main():
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="add the top device ops of the last stage's forward and of one whole generate")
+    parser.add_argument("--profile_only", action="store_true",
+                        help="only the top device ops of the last stage's forward: no timings, no generate")
     args = parser.parse_args()
     if not args.cfg >= 1:
         parser.error(f"argument --cfg: must be >= 1 (1: no guidance), got {args.cfg}")
@@ -82,6 +106,9 @@ def main():
     model = random_model(cfg)
     graphdef, state = nnx.split(model)
     forward = forward_program(graphdef)
+    if args.profile_only:
+        profile_last_stage(forward, state, ckpt, args)
+        return
 
     # Sanity before timing: the compute dtype's forward agrees with float32 on the smallest stage.
     # (xla attention: cudnn takes only bf16/fp16 inputs)
@@ -97,9 +124,7 @@ def main():
     stages = []
     cfg_batch = 2 * args.batch
     for stage, size in enumerate(stage_resolutions(resolution, ckpt.num_stages)):
-        x = jnp.asarray(rng.standard_normal((cfg_batch, size, size, 3)), jnp.float32)
-        t = jnp.full((cfg_batch,), 500.0)
-        y = jnp.asarray(rng.integers(0, cfg.num_classes, cfg_batch))
+        x, t, y = stage_inputs(rng, cfg, cfg_batch, size)
         jax.block_until_ready(forward(state, x, t, y))
         seconds = median_seconds(lambda: forward(state, x, t, y), args.repeats)
         tokens = (size // cfg.patch_size) ** 2
