@@ -682,19 +682,31 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
                    capture_output=True)
     summary = (out / "summary.txt").read_text().splitlines()
     steps = {line.split()[0]: line for line in summary}
-    assert set(steps) == {"env", "attention", "train_fast", "sample", "release", "train_pallas",
-                          "sample_cublas", "attention_masked", "sweep"}, summary
+    assert set(steps) == {"env", "attention", "train_fast", "sample", "release", "train_pallas", "train_profile",
+                          "sample_profile", "sweep"}, summary
+    assert steps["train_fast"].startswith("train_fast skipped: a dry run")  # train_profile times it
     assert steps["train_pallas"].startswith("train_pallas skipped: the same backend as train_fast")  # on a CPU
-    assert steps["sample_cublas"].startswith("sample_cublas skipped: a dry run")
-    failed = [line for name, line in steps.items()
-              if name not in ("release", "train_pallas", "sample_cublas") and " rc=0 " not in line]
+    skipped = ("release", "train_fast", "train_pallas")
+    failed = [line for name, line in steps.items() if name not in skipped and " rc=0 " not in line]
     assert not failed, (out / "log.txt").read_text()[-5000:]
     assert sorted(os.listdir(out)) == ["log.txt", "summary.txt"]  # the tool returns at most 8 files
     log = (out / "log.txt").read_text()
     assert f"\n{jax.__version__} {flax.__version__} [CpuDevice(id=0)]\n" in log, log[:2000]  # the env step
-    for result in ('"images_per_s"', '"seconds_per_image"', '"forward_backward_tflops"', '"top_ops"',
-                   '"last_stage_forward"', '"settings"', '"key_mask": true'):
-        assert result in log, result
+    outputs = dict(re.findall(r"^===== (\w+) \(limit \d+s\): [^\n]*\n(.*?)(?=^===== |\Z)", log, re.M | re.S))
+    for name, results in (("attention", ('"forward_backward_tflops"', '"backend": "cudnn_pad96"')),
+                          ("sample", ('"seconds_per_image"',)),
+                          ("train_profile", ('"images_per_s"', '"profile": "train_step"', '"top_ops"')),
+                          ("sample_profile", ('"profile": "last_stage_forward"', '"top_ops"')),
+                          ("sweep", ('"settings"', '"changed"'))):
+        for result in results:
+            assert result in outputs[name], (name, result, outputs[name][-2000:])
+    # Sampling is timed without a profile; the profiles run with XLA's command buffers off, and
+    # nothing is timed before the stage-3 forward's.
+    assert '"profile"' not in outputs["sample"]
+    profiles = [json.loads(line) for name in ("train_profile", "sample_profile")
+                for line in outputs[name].splitlines() if line.startswith('{"profile"')]
+    assert len(profiles) == 2 and all(p["xla_flags"].endswith(" --xla_gpu_enable_command_buffer=") for p in profiles)
+    assert '"seconds_per_image"' not in outputs["sample_profile"] and '"generate"' not in outputs["sample_profile"]
 
 
 def test_padded_cudnn_backends_attend_as_the_72_columns_do():
