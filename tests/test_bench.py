@@ -682,11 +682,10 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
                    capture_output=True)
     summary = (out / "summary.txt").read_text().splitlines()
     steps = {line.split()[0]: line for line in summary}
-    assert set(steps) == {"env", "attention", "train_fast", "sample", "release", "train_pallas", "train_profile",
+    assert set(steps) == {"env", "attention", "train_fast", "sample", "release", "resume_exactness", "train_profile",
                           "sample_profile", "sweep"}, summary
     assert steps["train_fast"].startswith("train_fast skipped: a dry run")  # train_profile times it
-    assert steps["train_pallas"].startswith("train_pallas skipped: the same backend as train_fast")  # on a CPU
-    skipped = ("release", "train_fast", "train_pallas")
+    skipped = ("release", "train_fast")
     failed = [line for name, line in steps.items() if name not in skipped and " rc=0 " not in line]
     assert not failed, (out / "log.txt").read_text()[-5000:]
     assert sorted(os.listdir(out)) == ["log.txt", "summary.txt"]  # the tool returns at most 8 files
@@ -695,6 +694,7 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     outputs = dict(re.findall(r"^===== (\w+) \(limit \d+s\): [^\n]*\n(.*?)(?=^===== |\Z)", log, re.M | re.S))
     for name, results in (("attention", ('"forward_backward_tflops"', '"backend": "cudnn_pad96"')),
                           ("sample", ('"seconds_per_image"',)),
+                          ("resume_exactness", ('"resumed_losses_equal": true', '"resumed_state_equal": true')),
                           ("train_profile", ('"images_per_s"', '"profile": "train_step"', '"top_ops"')),
                           ("sample_profile", ('"profile": "last_stage_forward"', '"top_ops"')),
                           ("sweep", ('"settings"', '"changed"'))):
