@@ -653,13 +653,18 @@ def test_a_config_file_or_variant_that_does_not_exist_is_one_line(tmp_path, conf
                                        ["--workdir=WORKDIR", "--nodistributed", "configs/c2i.py:demo"]])
 def test_a_config_file_given_without_its_flag_is_named_with_it(tmp_path, arguments):
     """As the release's scripts take a config: absl said only 'Flag --config must have a value other
-    than None'. A .py word that is another flag's value (--workdir x.py) is that flag's."""
+    than None'."""
     command = [sys.executable, "main.py", *(a.replace("WORKDIR", str(tmp_path / "run")) for a in arguments)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stderr.startswith(
         "error: configs/c2i.py:demo is given without its flag: a config file is --config=configs/c2i.py:demo\n"), \
         result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_py_word_that_is_a_flags_value_or_beside_a_config_is_no_config_file_given_without_its_flag(tmp_path):
+    """A .py word that is another flag's value (--workdir x.py) is that flag's. Apart from the test
+    above: its five argument lists ran these same two commands five times (~4 s a start of main.py)."""
     taken = subprocess.run([sys.executable, "main.py", "--workdir", str(tmp_path / "run.py")], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert "Flag --config must have a value other than None" in taken.stderr, taken.stderr
