@@ -25,6 +25,16 @@ UNOPTIMISED_MACHINE_CODE = "--xla_backend_optimization_level=0"
 # Eight fake CPU devices for the sharding tests; must be set before jax is first imported.
 os.environ.setdefault("XLA_FLAGS", cpu_devices(8))
 
+# BLAS and OpenMP pools of one thread. The suite's two workers and the runs they start share two cores,
+# and OpenBLAS's (numpy's) and OpenMP's (torch's) threads spin while they wait for each other there:
+# on a busy 2-core machine a second thread made numpy's 2048 x 2048 eigh and eigvalsh (the FID) take
+# 42 s instead of 7 s, and the two evaluations of test_inception.py 90 s instead of 27 s; torch's
+# float64 Inception reference took 39 s instead of 7 s (2026-12-04; JAX's own programs run as fast).
+# The process that reads this file imported numpy already (a pytest plugin does) and keeps its pools:
+# pytest-xdist's workers and the subprocesses start with these, as XLA_FLAGS above.
+for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(variable, "1")
+
 import atexit
 import contextlib
 import shutil
