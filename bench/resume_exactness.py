@@ -32,17 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from pixelflow_jax import PixelFlowScheduler  # noqa: E402
 from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES, REMAT_POLICIES, ModelConfig  # noqa: E402
-from pixelflow_jax.sharding import make_mesh  # noqa: E402
 from pixelflow_jax.training import checkpointing  # noqa: E402
-from pixelflow_jax.training.flow import StageTables  # noqa: E402
-from pixelflow_jax.training.train_step import (StepConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
-                                               state_shardings)
 from harness import positive_int  # noqa: E402
-from sample_speed import PRESETS, random_model  # noqa: E402
+from sample_speed import PRESETS  # noqa: E402
+from train_speed import training_program  # noqa: E402
 
 # XL/4's blocks at XL/4's resolution, 4 of its 28: the same kernels (the blocks run as one scan), a
 # compile of seconds.
@@ -66,18 +61,10 @@ def parse_args(argv=None):
 
 
 def training(args):
-    """(initial state, its shardings, the jitted step, resolution, number of classes)."""
+    """(initial state, its shardings, the jitted step, resolution, number of classes) on one device."""
     base, resolution = RESUME_PRESETS[args.preset]
     cfg = dataclasses.replace(base, dtype=args.dtype, remat=args.remat, attention=args.attention)
-    scheduler = PixelFlowScheduler()
-    model = random_model(cfg)
-    tx = make_optimizer(StepConfig())
-    mesh = make_mesh(1)
-    state = init_state(model, tx, seed=0)
-    shardings = state_shardings(state, mesh)
-    step = make_train_step(cfg, nnx.graphdef(model), StageTables.from_scheduler(scheduler), tx, StepConfig(),
-                           resolution, scheduler.num_train_timesteps, mesh, shardings)
-    return jax.device_put(state, shardings), shardings, step, resolution, cfg.num_classes
+    return *training_program(cfg, resolution, fsdp=1), resolution, cfg.num_classes
 
 
 def batch_of_step(step: int, batch: int, resolution: int, num_classes: int):

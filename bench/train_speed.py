@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pixelflow_jax import PixelFlowScheduler  # noqa: E402
-from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES, REMAT_POLICIES  # noqa: E402
+from pixelflow_jax.config import ATTENTION_BACKENDS, COMPUTE_DTYPES, REMAT_POLICIES, ModelConfig  # noqa: E402
 from pixelflow_jax.sharding import make_mesh  # noqa: E402
 from pixelflow_jax.training.flow import StageTables  # noqa: E402
 from pixelflow_jax.training.metrics_log import peak_flops  # noqa: E402
@@ -36,6 +36,20 @@ from pixelflow_jax.training.train_step import (StepConfig, init_state, make_opti
 from harness import positive_int  # noqa: E402
 from profile_ops import print_profiles  # noqa: E402
 from sample_speed import PRESETS, random_model  # noqa: E402
+
+
+def training_program(cfg: ModelConfig, resolution: int, fsdp: int):
+    """(initial train state of a random model, placed; its shardings; the jitted step) on all devices."""
+    scheduler = PixelFlowScheduler()
+    model = random_model(cfg)
+    step_cfg = StepConfig()
+    tx = make_optimizer(step_cfg)
+    mesh = make_mesh(fsdp)
+    state = init_state(model, tx, seed=0)
+    shardings = state_shardings(state, mesh)
+    step = make_train_step(cfg, nnx.graphdef(model), StageTables.from_scheduler(scheduler), tx, step_cfg, resolution,
+                           scheduler.num_train_timesteps, mesh, shardings)
+    return jax.device_put(state, shardings), shardings, step
 
 
 def main():
@@ -53,17 +67,7 @@ def main():
     base, resolution = PRESETS[args.preset]
     cfg = dataclasses.replace(base, dtype=args.dtype, remat=args.remat, attention=args.attention)
     scheduler = PixelFlowScheduler()
-    model = random_model(cfg)
-    graphdef = nnx.graphdef(model)
-    step_cfg = StepConfig()
-    tx = make_optimizer(step_cfg)
-    mesh = make_mesh(args.fsdp)
-    state = init_state(model, tx, seed=0)
-    del model
-    shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-    step = make_train_step(cfg, graphdef, StageTables.from_scheduler(scheduler), tx, step_cfg, resolution,
-                           scheduler.num_train_timesteps, mesh, shardings)
+    state, _, step = training_program(cfg, resolution, args.fsdp)
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, resolution, resolution, 3), dtype=np.uint8)
