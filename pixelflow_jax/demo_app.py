@@ -174,7 +174,7 @@ class DemoSampler:
             if not (condition or "").strip():
                 return "Type a prompt."
             try:  # half a surrogate pair (an API client's JSON escape): sentencepiece would fail the request
-                unicode_text("prompt", condition, where="the ")
+                unicode_text("prompt", condition, where="the ", decoded_by_the_locale=False)
             except ConfigError as e:
                 return f"{str(e)[0].upper()}{str(e)[1:]}."
             if not has_visible_text(condition):  # it would sample as the empty prompt, as --mode=sample refuses

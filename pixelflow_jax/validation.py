@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import reprlib
+import sys
 
 import numpy as np
 
@@ -375,6 +376,8 @@ def prompts(name: str, value) -> None:
     """A prompt, or a list of prompts (strings); empty where a prompts file gives them."""
     if not (isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value))):
         raise ConfigError(f"--config.{name} must be a prompt or a list of prompts (strings), got {value!r}")
+    if isinstance(value, str):  # before the list check: a list holding such a byte stayed one string
+        unicode_text(name, value)
     if isinstance(value, str) and looks_like_an_unquoted_list(value):
         # The command line keeps a list whose prompts are not quoted as one string: all of it one prompt.
         raise ConfigError(f"--config.{name} is the one string {value[:200]!r}, which would be a single prompt: a "
@@ -411,25 +414,48 @@ def looks_like_an_unquoted_list(text: str) -> bool:
     return False
 
 
-def unicode_text(name: str, value: str, where: str = "--config.") -> None:
+def unicode_text(name: str, value: str, where: str = "--config.", decoded_by_the_locale: bool = True) -> None:
     """Text a tokenizer can read. A byte that is not UTF-8 on the command line (typed in a terminal
     or written by a script in Latin-1, say) reaches Python as a lone surrogate: sentencepiece
-    refuses it, and only when the text is first encoded (a training run's first preview)."""
+    refuses it, and only when the text is first encoded (a training run's first preview).
+    decoded_by_the_locale: False for text that came another way (a web request's JSON), which this
+    Python's locale did not decode."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         code = ord(value[e.start])
         # Python keeps an undecodable argument byte b as the code point U+DC00 + b (surrogateescape).
-        if 0xDC80 <= code <= 0xDCFF:
+        if 0xDC80 <= code <= 0xDCFF and decoded_by_the_locale and read_in_an_ascii_locale(value):
+            what = f"the byte 0x{code - 0xDC00:02x}, which Python did not read as UTF-8"
+            cause = (f"the text is UTF-8 ({utf8_of_escaped_bytes(value)[:200]!r}), but this Python reads the command "
+                     f"line as {sys.getfilesystemencoding()} (a C or POSIX locale with PYTHONUTF8=0)")
+            fix = "run it with LC_ALL=C.UTF-8 or PYTHONUTF8=1"
+        elif 0xDC80 <= code <= 0xDCFF:
             what = f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8"
             cause = "the terminal or script that wrote it uses another encoding (such as Latin-1)"
+            fix = "give it as UTF-8 text"
         else:
             what = f"U+{code:04X}, half of a UTF-16 surrogate pair"
             cause = "text cut inside a character such as an emoji, or one escape of a pair decoded alone"
+            fix = "give it as UTF-8 text"
         prompts_file = ", or put the prompts in a UTF-8 file for --config.sample.prompts_file" if (
             f"{where}{name}" == "--config.sample.prompts") else ""
         raise ConfigError(f"{where}{name} holds {what}, after {value[:e.start][-40:]!r} in {value[:200]!r}: {cause}; "
-                          f"give it as UTF-8 text{prompts_file}") from None
+                          f"{fix}{prompts_file}") from None
+
+
+def utf8_of_escaped_bytes(text: str) -> str | None:
+    """The text an argument's escaped bytes spell as UTF-8, or None where they are not UTF-8."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+def read_in_an_ascii_locale(text: str) -> bool:
+    """Whether text's undecodable bytes are UTF-8 that this Python read in a locale that is not: under
+    LC_ALL=C with PYTHONUTF8=0 a typed 'é' reaches sys.argv as two escaped bytes, not as a wrong byte."""
+    return sys.getfilesystemencoding().lower().replace("-", "") != "utf8" and utf8_of_escaped_bytes(text) is not None
 
 
 def check_sample(config) -> None:

@@ -431,6 +431,41 @@ def test_a_prompt_holding_bytes_that_are_not_utf8_is_refused_before_any_work(mod
                         tuple(p.replace("\udce9", "\u00e9") for p in value)}), mode)  # the same text as UTF-8
 
 
+def test_a_utf8_prompt_read_in_an_ascii_locale_is_refused_naming_the_locale_not_the_quoting(tmp_path):
+    """Under LC_ALL=C with PYTHONUTF8=0 a typed 'é' reaches sys.argv as the escaped bytes 0xc3 0xa9: the
+    list of prompts stayed one string (the override's parser refuses the escapes) and was refused as an
+    unquoted list, and a prompt alone was blamed on a Latin-1 terminal. Nothing is written."""
+    workdir = tmp_path / "run"
+    for prompts in ('("un café noir",)', "un café noir"):
+        command = [sys.executable, "main.py", "--config=configs/t2i.py:tiny", f"--workdir={workdir}", "--mode=sample",
+                   f"--config.sample.prompts={prompts}"]
+        # bytes, as a C locale's shell passes them; the child prints its error in ASCII with escapes
+        refused = subprocess.run([os.fsencode(word) for word in command], cwd=REPO, capture_output=True, timeout=300,
+                                 env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"})
+        error = refused.stderr.decode("ascii", "replace")
+        assert refused.returncode != 0
+        assert "holds the byte 0xc3, which Python did not read as UTF-8" in error, error
+        assert "(a C or POSIX locale with PYTHONUTF8=0); run it with LC_ALL=C.UTF-8 or PYTHONUTF8=1" in error, error
+        assert "caf\\xe9 noir" in error, error  # the text as UTF-8 reads it
+        assert "a list needs each prompt quoted" not in error and "Latin-1" not in error
+        assert not workdir.exists()
+
+
+def test_escaped_bytes_are_blamed_on_the_locale_only_where_they_spell_utf8_and_the_locale_decoded_them(monkeypatch):
+    from pixelflow_jax.validation import unicode_text
+
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")
+    with pytest.raises(ConfigError, match=re.escape("run it with LC_ALL=C.UTF-8 or PYTHONUTF8=1")):
+        unicode_text("x", "caf\udcc3\udca9")  # 'é' in UTF-8
+    for text, decoded_by_the_locale in (("caf\udce9", True),  # Latin-1 'é': no UTF-8
+                                        ("caf\udcc3\udca9", False)):  # a web request's escapes
+        with pytest.raises(ConfigError, match=re.escape("which is not UTF-8")):
+            unicode_text("x", text, decoded_by_the_locale=decoded_by_the_locale)
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "utf-8")
+    with pytest.raises(ConfigError, match=re.escape("uses another encoding (such as Latin-1); give it as UTF-8 text")):
+        unicode_text("x", "caf\udcc3\udca9")  # this Python reads UTF-8: the bytes were escaped elsewhere
+
+
 def test_a_lone_surrogate_is_named_as_the_byte_it_stands_for_or_as_half_a_pair():
     """Python keeps an undecodable byte 0x80-0xff of an argument as U+DC80-U+DCFF: those are named
     as the byte, any other lone surrogate as half of a pair; the first of a run of them is named, after
