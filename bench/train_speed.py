@@ -97,6 +97,8 @@ def main():
         mfu=images_per_s * flops / (peak * jax.device_count()) if peak else None,
         peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9 or None, last_loss=float(metrics["loss"]),
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, flax=flax.__version__,
+        # What the step was compiled with: --xla_gpu_enable_triton_gemm=false puts XLA's matmuls on cuBLAS.
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
     )), flush=True)
     if args.profile:
         def one_step():

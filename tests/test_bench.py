@@ -706,6 +706,9 @@ def test_gpu_session_script_runs_every_step_in_a_cpu_dry_run(tmp_path):
     profiles = [json.loads(line) for name in ("train_profile", "sample_profile")
                 for line in outputs[name].splitlines() if line.startswith('{"profile"')]
     assert len(profiles) == 2 and all(p["xla_flags"].endswith(" --xla_gpu_enable_command_buffer=") for p in profiles)
+    # A training row names the XLA_FLAGS its step was compiled under (train_cublas's GEMMs on cuBLAS).
+    timing = json.loads(next(line for line in outputs["train_profile"].splitlines() if '"images_per_s"' in line))
+    assert timing["xla_flags"] == profiles[0]["xla_flags"], timing
     assert '"seconds_per_image"' not in outputs["sample_profile"] and '"generate"' not in outputs["sample_profile"]
 
 
