@@ -8,15 +8,18 @@
 #   bash bench/gpu_session.sh                    # on the GPU machine, from the repository root
 #   DRY_RUN=1 OUT=/tmp/dry bash bench/gpu_session.sh   # on a CPU: tiny sizes, checks the script
 #
-# The plan after that session: the timings again with no profile in the same process (a profile
-# is a step of its own), the profiles with XLA's command buffers off (on, 54% of a training step
-# and 98% of a stage-3 forward were one command_buffer_N op each, the kernels inside unnamed), cuDNN
-# on heads zero-padded to 80, 96 and 128 columns (its forward bounds sampling: 278 TFLOP/s at
-# B8x4096 against FA2's 384), and a tile sweep around our kernel's defaults, which beat all nine
-# settings of the first sweep. No longer run: the bundled Pallas mha (75 TFLOP/s forward+backward
-# at B8x4096), the masked 4x256 text attention, sampling with XLA's GEMMs on cuBLAS as a step of
-# its own (the sampler's GPU default since: the sample step times it), and the training step with
-# pallas_gpu (until a sweep changes the kernel's settings; a resume-exactness check runs instead).
+# The plan after that session: the timings again with no profile in the same process (a profile is a
+# step of its own), the training step again with XLA's matmuls on cuBLAS (train_cublas: the
+# sampler's GPU default since it ran 5.5% faster so; the product's training keeps XLA's default
+# until this step's number says otherwise), the profiles with XLA's command buffers off (on, 54% of
+# a training step and 98% of a stage-3 forward were one command_buffer_N op each, the kernels inside
+# unnamed), cuDNN on heads zero-padded to 80, 96 and 128 columns (its forward bounds sampling: 278
+# TFLOP/s at B8x4096 against FA2's 384), and a tile sweep around our kernel's defaults, which beat
+# all nine settings of the first sweep. No longer run: the bundled Pallas mha (75 TFLOP/s
+# forward+backward at B8x4096), the masked 4x256 text attention, sampling with XLA's GEMMs on cuBLAS
+# as a step of its own (the sampler's GPU default since: the sample step times it), and the training
+# step with pallas_gpu (until a sweep changes the kernel's settings; a resume-exactness check runs
+# instead).
 #
 # The release's own timing script is not part of this repository. To time it in the same run, put
 # its folder (code, diffusers wheel, release_speed.py) into the checkout as .release_bench/ (listed
@@ -86,10 +89,17 @@ step env 20 bash -c "nvidia-smi; $PY -c 'import jax, flax; print(jax.__version__
 step attention 110 $PY bench/attention_speed.py --backends=$BACKENDS --shapes=$SHAPES "${ATTENTION[@]}"
 # 2. Training throughput (target >= 70 img/s on an H200 within 80 GB; 2026-12-04: 58.1 img/s).
 #    A dry run times its step in step 6 (a CPU compiles it for ~50 s, the same program twice).
+#    train_cublas: the same step with XLA's matmuls on cuBLAS, not its Triton GEMMs (sampling ran 5.5% faster
+#    so; by FLOP counts the step's matmuls ran ~353 TFLOP/s, a lone 8192^3 bf16 matmul 517 in jax, 775 in torch).
+#    A dry run skips both: on a CPU the flag changes nothing, and train_profile times the same tiny step.
 if [ "$DRY_RUN" != 1 ]; then
   step train_fast 85 $PY bench/train_speed.py --attention=$FAST "${TRAIN[@]}"
+  step train_cublas 85 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+    $PY bench/train_speed.py --attention=$FAST "${TRAIN[@]}"
 else
-  echo "train_fast skipped: a dry run (train_profile times the same step, and profiles it)" >>"$OUT/summary.txt"
+  for name in train_fast train_cublas; do
+    echo "$name skipped: a dry run (train_profile times the same step, and profiles it)" >>"$OUT/summary.txt"
+  done
 fi
 # 3. Sampling (target <= 0.8 s/image; 2026-12-04: 0.98 on cuBLAS GEMMs, 85 s without a profile).
 step sample 110 $PY bench/sample_speed.py --attention=$FAST "${SAMPLE[@]}"
