@@ -446,9 +446,9 @@ def test_the_open_files_limit_is_one_error_line_naming_the_limit_and_the_fix(mon
     with pytest.raises(SystemExit) as stopped:
         main.main(["main.py"])
     assert str(stopped.value) == (
-        "error: --mode=train reached this process's limit of open files ([Errno 24] Too many open files): raise it "
-        "in the job's shell, `ulimit -n 4096` (this process may open 16 files; its hard limit, `ulimit -Hn`, allows "
-        "65536)")
+        "error: --mode=train reached this process's limit of open files ([Errno 24] Too many open files): raise the "
+        "open-files limit in the job's shell, `ulimit -n 4096` (this process may open 16 files; its hard limit, "
+        "`ulimit -Hn`, allows 65536)")
     # `ulimit -n 16` in bash sets the hard limit too: only an administrator raises it again.
     monkeypatch.setattr(resource, "getrlimit", lambda which: (16, 16))
     monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="sample", config=None))

@@ -1979,8 +1979,9 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
                          '-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/d/aeacf4bdf6f8e428b7f4829cf0f18fd4": Failed '
                          'to write 221393 bytes to file 17: ')
     with pytest.raises(CheckpointError, match=r"failed: a file grew past the largest this process may write \(the file "
-                                              r"size limit, ulimit -f\)\. Fix the cause \(a file size limit of at least "
-                                              r"a checkpoint's largest array: `ulimit -f unlimited` .*resumes from step 2$"):
+                                              r"size limit, ulimit -f\)\. Fix the cause \(raise the file size limit in "
+                                              r"the job's shell, `ulimit -f unlimited` .*: the limit must allow a "
+                                              r"checkpoint's largest array\) and .*resumes from step 2$"):
         with checkpointing.save_errors(stand_in):
             raise ValueError(tensorstore_words + "File too large [os_error_code='27']")
     # The open-files limit (ulimit -n 16, with the data read in the main process) was told to free space; the
@@ -1990,14 +1991,15 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
     with monkeypatch.context() as limits:
         limits.setattr(resource, "getrlimit", lambda which: (16, 65536))
         with pytest.raises(CheckpointError, match=r"failed: this process has as many files open as it may \(the "
-                                                  r"open-files limit, ulimit -n\)\. Fix the cause \(a higher limit of "
-                                                  r"open files: raise it in the job's shell, `ulimit -n 4096` \(this "
+                                                  r"open-files limit, ulimit -n\)\. Fix the cause \(raise the "
+                                                  r"open-files limit in the job's shell, `ulimit -n 4096` \(this "
                                                   r"process may open 16 files; its hard limit, `ulimit -Hn`, allows "
                                                   r"65536\)\) and rerun"):
             with checkpointing.save_errors(stand_in):
                 raise OSError(24, "Too many open files")
-    with pytest.raises(CheckpointError, match=r"failed: this user's disk quota is used up\. Fix the cause \(room in "
-                                              r"this user's quota: a save needs room for one checkpoint beside the ones kept"):
+    with pytest.raises(CheckpointError, match=r"failed: this user's disk quota is used up\. Fix the cause \(make room "
+                                              r"in this user's disk quota: a save needs room for one checkpoint beside "
+                                              r"the ones kept"):
         with checkpointing.save_errors(stand_in):
             raise ValueError(tensorstore_words + "Disk quota exceeded [os_error_code='122']")
     with pytest.raises(CheckpointError, match=r"failed: (x{300})\. Fix the cause"):  # a cause cut to one short line
@@ -2006,18 +2008,22 @@ def test_a_failed_save_is_one_error_naming_the_cause_and_the_step_a_rerun_resume
     with pytest.raises(CheckpointError, match=r"Permission denied: 'x'\. Fix the cause \(write access to the folder\)"):
         with checkpointing.save_errors(stand_in):  # a refusal is not a full disk
             raise PermissionError(13, "Permission denied", "x")
-    assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "Forbidden: b/b/o") == \
+
+    def fix_for(manager, cause):  # as save_errors asks it: with the limit the cause names
+        return checkpointing.save_fix(manager, cause, checkpointing.machine_limit(cause))
+
+    assert fix_for(SimpleNamespace(directory="gs://b/run/checkpoints"), "Forbidden: b/b/o") == \
         f"write access: {storage.CHECK_ACCESS}"
-    assert checkpointing.save_fix(stand_in, "checkpoints/4030.orbax-checkpoint-tmp: Input/output error").startswith(
+    assert fix_for(stand_in, "checkpoints/4030.orbax-checkpoint-tmp: Input/output error").startswith(
         "free space")  # a step number is no HTTP status
-    assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "503 Service Unavailable") \
+    assert fix_for(SimpleNamespace(directory="gs://b/run/checkpoints"), "503 Service Unavailable") \
         .startswith("the bucket's reachability")  # not "free space": a bucket does not fill up
     keeping_one = checkpointing.checkpoint_manager(str(tmp_path / "keeping_one"), keep=1)  # none to keep fewer of
-    assert checkpointing.save_fix(keeping_one, "No space left on device") == (
+    assert fix_for(keeping_one, "No space left on device") == (
         "free space: a save needs room for one checkpoint beside the one kept")
     # A disk mounted read-only and a bucket's 401 are refusals too: more room would not help.
-    assert checkpointing.save_fix(stand_in, "[Errno 30] Read-only file system: 'x'") == "write access to the folder"
-    assert checkpointing.save_fix(SimpleNamespace(directory="gs://b/run/checkpoints"), "401 Unauthorized") == \
+    assert fix_for(stand_in, "[Errno 30] Read-only file system: 'x'") == "write access to the folder"
+    assert fix_for(SimpleNamespace(directory="gs://b/run/checkpoints"), "401 Unauthorized") == \
         f"write access: {storage.CHECK_ACCESS}"
 
 

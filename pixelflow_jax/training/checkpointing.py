@@ -23,7 +23,7 @@ from pixelflow_jax.checkpoints.checkpoint import CheckpointError
 from pixelflow_jax.checkpoints.run_checkpoint import (CHECKPOINTS, STATE_ITEM, STEP_NAME, UNREADABLE_CHECKPOINTS,
                                                       complete_steps, restore_error)
 from pixelflow_jax.command_line import INSTALLED_ORBAX, late_restore_callbacks_dropped
-from pixelflow_jax.error_text import first_line, open_files_fix
+from pixelflow_jax.error_text import MACHINE_LIMITS, first_line
 from pixelflow_jax.multihost import processes_where
 
 
@@ -152,16 +152,8 @@ def save_errors(manager):
         complete = complete_steps(storage.dirname(str(manager.directory)))  # finalised on disk
         resume = f"resumes from step {max(complete)}" if complete else "starts from the beginning"
         raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: "
-                              f"{MACHINE_LIMITS[limit] if limit else cause[:300]}. Fix the cause "
-                              f"({save_fix(manager, cause)}) and rerun the same command: it {resume}") from None
-
-
-# The limits of a machine that stop a save, by errno: a full disk, a user's quota, the
-# shell's file size limit (`ulimit -f`; Python ignores its SIGXFSZ, so a write past it fails), the
-# process's limit of open files (`ulimit -n`).
-MACHINE_LIMITS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "this user's disk quota is used up",
-                  errno.EFBIG: "a file grew past the largest this process may write (the file size limit, ulimit -f)",
-                  errno.EMFILE: "this process has as many files open as it may (the open-files limit, ulimit -n)"}
+                              f"{MACHINE_LIMITS[limit][0] if limit else cause[:300]}. Fix the cause "
+                              f"({save_fix(manager, cause, limit)}) and rerun the same command: it {resume}") from None
 
 
 def machine_limit(cause: str) -> int | None:
@@ -173,9 +165,10 @@ def machine_limit(cause: str) -> int | None:
     return None
 
 
-def save_fix(manager, cause: str) -> str:
-    """What to do about a failed save: access for a refusal; in a bucket, which does not fill up,
-    its reachability; else room (the usual cause on a disk)."""
+def save_fix(manager, cause: str, limit: int | None) -> str:
+    """What to do about a failed save whose error says `cause` (`limit`: the machine's limit it names, or
+    None): access for a refusal; in a bucket, which does not fill up, its reachability; else what lifts
+    the limit, room by default (the usual cause on a disk)."""
     in_bucket = storage.is_url(str(manager.directory))
     if any(word in cause for word in ("Forbidden", "Permission denied", "PERMISSION_DENIED", "Unauthorized",
                                       "Read-only file system")):  # words, not codes: 403 may be a step
@@ -183,17 +176,16 @@ def save_fix(manager, cause: str) -> str:
     if in_bucket:
         return ("the bucket's reachability: a network or storage-service error, or a quota; a bucket does "
                 "not fill up")
-    limit = machine_limit(cause)
+    lift = MACHINE_LIMITS[limit][1]() if limit else "free space"
     if limit == errno.EFBIG:  # more room would not help
-        return ("a file size limit of at least a checkpoint's largest array: `ulimit -f unlimited` in the job's shell, "
-                "up to what `ulimit -Hf` allows, or ask the machine's administrators")
+        return f"{lift}: the limit must allow a checkpoint's largest array"
     if limit == errno.EMFILE:
-        return f"a higher limit of open files: {open_files_fix()}"
+        return lift
     keep = getattr(getattr(manager, "_options", None), "max_to_keep", None)  # orbax's, for the advice only
     room = ("a save needs room for one checkpoint beside the one kept" if keep == 1 else
             f"a save needs room for one checkpoint beside the {keep or 'ones'} kept; "
             "--config.train.keep_checkpoints lowers how many")
-    return f"room in this user's quota: {room}" if limit == errno.EDQUOT else f"free space: {room}"
+    return f"{lift}: {room}"
 
 
 def restore(manager, step: int, state, shardings):
