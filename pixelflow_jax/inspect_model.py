@@ -223,7 +223,6 @@ def inspect_in(config, workdir: str) -> dict:
                   text_tokens=text_tokens, stages=stages, device=str(jax.devices()[0]), environment=job_environment())
     say(json.dumps(report, indent=2))  # first: a report that cannot be written is not lost
     # Written by process 0 (every process of a pod's job wrote it, and added its line to the history).
-    write_on_process_0(report_path, "the report is printed above; free space or make the workdir writable, and "
-                                    "rerun the same command to record it",
+    write_on_process_0(report_path, "rerun the same command to record it (the report is printed above)",
                        lambda path: storage.write_json_keeping_history(path, report))
     return report

@@ -38,9 +38,10 @@ def job_record(fields: dict) -> dict:
             "environment": job_environment()}
 
 
-def append_job_record(path: str, fields: dict, fix: str) -> None:
+def append_job_record(path: str, fields: dict, rerun: str) -> None:
     """Appends job_record(fields) to `path` on process 0. A write that fails (a full disk, a folder
-    in its place) is a StorageError naming `path` and `fix` there, and stops every other process
-    with it: one process stopping alone left the others waiting in their next collective."""
-    write_on_process_0(path, fix, lambda path: storage.append_json_line(path, job_record(fields)),
+    in its place) is a StorageError naming `path`, the fix and `rerun` (what a rerun then does), and
+    stops every other process with it: one process stopping alone left the others waiting in their
+    next collective."""
+    write_on_process_0(path, rerun, lambda path: storage.append_json_line(path, job_record(fields)),
                        doing="recording the job in")

@@ -259,12 +259,12 @@ def failing_together(errors: tuple[type[Exception], ...], failed_at: str):
         raise ValueError(f"{named(failed)} stopped {failed_at} (its error says why)")
 
 
-def write_on_process_0(path: str, fix: str, write, doing: str = "writing") -> None:
-    """write(path) on process 0, where storage.writing names `path` and `fix` for a failure; that
-    failure stops every other process with it (as failing_together: "DOING PATH")."""
+def write_on_process_0(path: str, rerun: str, write, doing: str = "writing") -> None:
+    """write(path) on process 0, where storage.writing names `path`, the fix and `rerun` for a failure;
+    that failure stops every other process with it (as failing_together: "DOING PATH")."""
     with failing_together((storage.StorageError,), f"{doing} {path}"):
         if jax.process_index() == 0:
-            with storage.writing(path, fix):
+            with storage.writing(path, rerun):
                 write(path)
 
 

@@ -136,6 +136,17 @@ def run_converter(*args: str, stdout=subprocess.PIPE) -> subprocess.CompletedPro
                           stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
 
 
+def error_under_a_file_size_limit(code: str, limit_bytes: int) -> str:
+    """The last line of the error of a fresh Python process that runs `code` under a file size limit
+    (`ulimit -f`, whose SIGXFSZ Python ignores: a write past it fails with EFBIG). A process of its
+    own: the limit would cut this one's writes too."""
+    program = ("import resource\n"
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, resource.RLIM_INFINITY))\n{code}")
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout
+    return result.stderr.strip().splitlines()[-1]
+
+
 @contextlib.contextmanager
 def json_edited(path):
     """Yields the JSON object in `path` to change in place, and writes it back: a user's edit of a

@@ -401,8 +401,8 @@ def test_a_full_disk_loses_neither_the_inception_passes_nor_the_metrics(weights_
     monkeypatch.setattr(writes, "write_local_atomically", disk_full)
     workdir = tmp_path / "run"
     with caplog.at_level("WARNING"), pytest.raises(storage.StorageError, match=(
-            rf"^cannot write {workdir}/eval.json \(OSError: \[Errno 28\] No space left on device\); the metrics are "
-            "printed above; free space or make the workdir writable, and rerun the same command to record them$")):
+            rf"^cannot write {workdir}/eval.json \(OSError: \[Errno 28\] No space left on device\); free space, and "
+            r"rerun the same command to record them \(the metrics are printed above\)$")):
         evaluate.run(config, str(workdir))
     assert "fid: " in capsys.readouterr().out
     assert caplog.text.count("could not cache the features of") == 2, caplog.text

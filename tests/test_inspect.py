@@ -147,8 +147,8 @@ def test_a_full_disk_prints_the_report_and_says_what_to_do_in_one_error(tmp_path
 
     monkeypatch.setattr(writes, "write_local_atomically", disk_full)
     with pytest.raises(storage.StorageError, match=(
-            rf"^cannot write {tmp_path}/inspect.json \(OSError: \[Errno 28\] No space left on device\); the report "
-            "is printed above; free space or make the workdir writable, and rerun the same command to record it$")):
+            rf"^cannot write {tmp_path}/inspect.json \(OSError: \[Errno 28\] No space left on device\); free space, "
+            r"and rerun the same command to record it \(the report is printed above\)$")):
         inspect_model.run(config, str(tmp_path))
     assert [s["resolution"] for s in json.loads(capsys.readouterr().out)["stages"]] == [8, 16]
 

@@ -39,8 +39,8 @@ def test_the_environment_names_the_settings_outside_the_config_that_change_a_job
 
 def test_each_job_appends_its_line_and_keeps_the_earlier_ones(tmp_path):
     path = str(tmp_path / "new_workdir" / "jobs.jsonl")  # its folder made
-    append_job_record(path, {"start_step": 0}, "free space")
-    append_job_record(path, {"start_step": 5}, "free space")
+    append_job_record(path, {"start_step": 0}, "rerun the job")
+    append_job_record(path, {"start_step": 5}, "rerun the job")
     jobs = [json.loads(line) for line in open(path)]
     assert [job["start_step"] for job in jobs] == [0, 5]
     assert all({"time", "command", "cwd", "environment"} <= set(job) for job in jobs)
@@ -50,8 +50,8 @@ def test_each_job_appends_its_line_and_keeps_the_earlier_ones(tmp_path):
 def test_a_record_that_cannot_be_written_is_an_error_naming_it_and_the_fix(tmp_path):
     (tmp_path / "jobs.jsonl").mkdir()  # a folder in its place
     with pytest.raises(storage.StorageError, match=rf"^cannot write {tmp_path}/jobs.jsonl \(IsADirectoryError: .*\); "
-                                                   "free space or make the workdir writable$"):
-        append_job_record(str(tmp_path / "jobs.jsonl"), {}, "free space or make the workdir writable")
+                                                   "free space or make the workdir writable, and rerun the job$"):
+        append_job_record(str(tmp_path / "jobs.jsonl"), {}, "rerun the job")
 
 
 def test_the_other_processes_stop_with_process_0_when_its_record_fails_and_write_nothing(tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_the_other_processes_stop_with_process_0_when_its_record_fails_and_write
     path = str(tmp_path / "jobs.jsonl")
     with pytest.raises(ValueError, match=rf"^process 0 of 2 stopped recording the job in {path} \(its error says "
                                          r"why\)$"):
-        append_job_record(path, {"start_step": 0}, "free space")
+        append_job_record(path, {"start_step": 0}, "rerun the job")
     assert not (tmp_path / "jobs.jsonl").exists()
 
 
@@ -147,7 +147,7 @@ def test_a_jobs_log_is_made_as_open_makes_a_file_readable_by_whom_the_umask_allo
     """Another user of the machine (a colleague evaluating the run) reads the log as any other file there."""
     umask = os.umask(0o022)
     try:
-        append_job_record(str(tmp_path / "jobs.jsonl"), {}, "free space")
+        append_job_record(str(tmp_path / "jobs.jsonl"), {}, "rerun the job")
         with open(tmp_path / "plain.txt", "w"):
             pass
     finally:

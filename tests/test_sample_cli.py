@@ -1034,7 +1034,7 @@ def test_a_disk_that_fills_up_stops_the_job_with_one_error_and_a_rerun_keeps_the
         disk.setattr(writes, "write_local_atomically",
                      disk_full_for(lambda name: name[:6].isdigit() and int(name[:6]) >= 8))
         with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/samples/000008.png \(OSError: "
-                                                       r"\[Errno 28\] No space left on device\); free space .* rerun "
+                                                       r"\[Errno 28\] No space left on device\); free space, and rerun "
                                                        "the same command: the images already written are kept"):
             job()
     assert pngs(workdir) == [f"{i:06d}.png" for i in range(8)]
@@ -1046,7 +1046,7 @@ def test_a_disk_that_fills_up_stops_the_job_with_one_error_and_a_rerun_keeps_the
     with monkeypatch.context() as disk:  # room for the .npz, none for the grid written after it
         disk.setattr(writes, "write_local_atomically", disk_full_for(lambda name: name == "grid.png"))
         with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/grid.png \(OSError: \[Errno 28\] "
-                                                       r"No space left on device\); free space .* the images already "
+                                                       r"No space left on device\); free space, and .* the images already "
                                                        "written are kept"):
             job()
     assert len(pngs(workdir)) == 12 and not (workdir / "grid.png").exists()
@@ -1076,10 +1076,25 @@ def test_settings_that_cannot_be_recorded_stop_the_job_with_one_error_on_every_p
     monkeypatch.setattr(writes, "write_local_atomically", read_only)
     workdir = tmp_path / "run"
     with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/samples/settings.json \(OSError: "
-                                                   r"\[Errno 30\] Read-only file system\); free space or make the "
-                                                   "workdir writable"):
+                                                   r"\[Errno 30\] Read-only file system\); make the workdir writable, "
+                                                   "and rerun the same command: the images already written"):
         sample_in_process(workdir, converted["c2i_tiny"], monkeypatch, num_images=2)
     assert not workdir.exists()  # the job that recorded nothing left nothing, not an empty samples/ either
+
+
+def test_settings_stopped_by_the_file_size_limit_are_told_to_raise_it(tmp_path):
+    """A sampling job whose settings.json a file size limit (`ulimit -f`) stopped was told to "free space
+    or make the workdir writable", which would not have helped."""
+    from conftest import error_under_a_file_size_limit
+
+    folder, settings = tmp_path / "samples", {"num_images": 500, "labels": list(range(500))}
+    said = error_under_a_file_size_limit("from pixelflow_jax.sampling.job_settings import check_settings\n"
+                                         f"check_settings({str(folder)!r}, {str(tmp_path)!r}, {settings!r})", 1000)
+    assert said.endswith(f"cannot write {folder}/settings.json (OSError: [Errno 27] File too large); raise the file "
+                         "size limit in the job's shell, `ulimit -f unlimited` (up to what `ulimit -Hf` allows), or "
+                         "ask the machine's administrators, and rerun the same command: the images already written "
+                         "are kept and the job goes on from them"), said
+    assert not (folder / "settings.json").exists()
 
 
 def test_a_job_of_a_run_that_trained_on_is_told_how_to_finish_while_its_step_is_still_there(tmp_path, monkeypatch):
@@ -1247,8 +1262,8 @@ def test_settings_that_cannot_be_rewritten_for_a_larger_or_smaller_job_are_one_s
     for settings in ({"num_images": 8, "labels": list(range(8))}, {"num_images": 2, "labels": [0, 1]}):
         shared.clear()
         with pytest.raises(storage.StorageError, match=rf"^cannot write {folder}/settings.json \(OSError: \[Errno 30\] "
-                                                       r"Read-only file system\); free space or make the workdir "
-                                                       "writable"):
+                                                       r"Read-only file system\); make the workdir writable, and "
+                                                       "rerun"):
             job_settings.check_settings(str(folder), str(tmp_path), settings)
         assert shared == [1]  # the failure told to the other processes
         assert json.loads((folder / "settings.json").read_text()) == recorded

@@ -1635,12 +1635,41 @@ def test_local_removals_moves_and_write_errors(tmp_path, monkeypatch):
         os.makedirs(tmp_path / "run")
     assert os.path.isdir(tmp_path / "run")
     with pytest.raises(storage.StorageError, match=rf"^cannot write {tmp_path}/run/metrics.jsonl \(OSError: "
-                                                   r"No space left\); free some space$"):
-        with storage.writing(str(tmp_path / "run" / "metrics.jsonl"), "free some space"):
+                                                   r"No space left\); free space or make the workdir writable, and "
+                                                   "rerun it$"):  # no errno: either cause
+        with storage.writing(str(tmp_path / "run" / "metrics.jsonl"), "rerun it"):
             raise OSError("No space left")
     with pytest.raises(storage.StorageError, match=r"^gs://b/x: 403$"):  # already says its path and cause
-        with storage.writing(str(tmp_path / "run" / "metrics.jsonl"), "free some space"):
+        with storage.writing(str(tmp_path / "run" / "metrics.jsonl"), "rerun it"):
             raise storage.StorageError("gs://b/x: 403")
+
+
+def test_a_write_stopped_by_a_limit_of_the_machine_is_told_what_lifts_that_limit(tmp_path):
+    """A job's write (metrics.jsonl, a sampling job's images, eval.json) stopped by the shell's file
+    size limit, a quota or the open-files limit was told to "free space or make the workdir
+    writable", which helps with none of them. Here under the kernel's own file size limit."""
+    from conftest import error_under_a_file_size_limit
+
+    path = str(tmp_path / "metrics.jsonl")
+    said = error_under_a_file_size_limit(f"from pixelflow_jax import storage\nwith storage.writing({path!r}, 'rerun "
+                                         f"it'):\n    storage.write_atomically({path!r}, 'x' * 5000)", 1000)
+    assert re.fullmatch(rf"\S*StorageError: cannot write {path} \(OSError: \[Errno 27\] File too large\); raise the "
+                        r"file size limit in the job's shell, `ulimit -f unlimited` \(up to what `ulimit -Hf` allows\), "
+                        "or ask the machine's administrators, and rerun it", said), said
+    assert not os.path.exists(path)
+
+    def advice_for(code):
+        with pytest.raises(storage.StorageError) as stopped:
+            with storage.writing(path, "rerun it"):
+                raise OSError(code, os.strerror(code))
+        return str(stopped.value).split("; ", 1)[1]
+
+    assert advice_for(errno.ENOSPC) == "free space, and rerun it"
+    assert advice_for(errno.EDQUOT) == "make room in this user's disk quota, and rerun it"
+    assert advice_for(errno.EMFILE).startswith(("raise the open-files limit in the job's shell, `ulimit -n ",
+                                                "this process may open "))  # this process's limits
+    for refused in (errno.EACCES, errno.EPERM, errno.EROFS):  # more room would not help
+        assert advice_for(refused) == "make the workdir writable, and rerun it"
 
 
 def test_a_killed_writers_temporary_folder_is_kept_while_anything_in_it_is_recent(tmp_path, monkeypatch):

@@ -987,8 +987,8 @@ def test_a_full_disk_under_a_runs_records_is_one_error_naming_the_file(tmp_path,
         config.train.update(num_steps=4, lr=2e-4, allow_resume_changes=True)
     disk_full_under(monkeypatch, name)
     with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/{name} \(OSError: \[Errno 28\] No space "
-                                                   r"left on device\); make the workdir writable \(or free space\) and "
-                                                   "rerun the same command"):
+                                                   r"left on device\); free space, and rerun the same command: it "
+                                                   "resumes from its latest checkpoint$"):
         loop.run(config, workdir)
     assert not (workdir / "train.lock").exists()
 
@@ -1020,7 +1020,7 @@ def test_a_full_disk_under_a_rewrite_of_a_runs_record_is_the_same_error(tmp_path
     name = "train_settings.json" if rewrite == "untrained_change_discarded" else "run_config.json"
     disk_full_under(monkeypatch, name)
     with pytest.raises(storage.StorageError, match=rf"^cannot write {workdir}/{name} \(OSError: \[Errno 28\] No "
-                                                   r"space left on device\); make the workdir writable"):
+                                                   r"space left on device\); free space, and rerun"):
         if rewrite == "untrained_change_discarded":
             check_resume(workdir, config, step=2, num_records=100)
         else:

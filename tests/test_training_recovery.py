@@ -32,6 +32,23 @@ def test_a_half_written_metrics_line_is_dropped_with_a_warning(tmp_path, caplog)
     assert caplog.text.count("metrics.jsonl: dropping an unreadable line") == 3  # not for the blank line
 
 
+def test_a_resumes_metrics_rewrite_stopped_by_the_file_size_limit_is_told_to_raise_it(tmp_path):
+    """A resume rewrites metrics.jsonl without the lines past its checkpoint; under a file size limit
+    (`ulimit -f`) below the file's size the run was told to "make the workdir writable (or free space)",
+    which would not have helped."""
+    from conftest import error_under_a_file_size_limit
+
+    path = tmp_path / "metrics.jsonl"
+    logged = "".join(json.dumps({"step": step, "loss": 0.5, "note": "x" * 100}) + "\n" for step in range(1, 30))
+    path.write_text(logged)
+    said = error_under_a_file_size_limit("from pixelflow_jax.training.metrics_log import MetricsLog\n"
+                                         f"MetricsLog({str(tmp_path)!r}, resumed_step=20)", 1000)
+    assert said.endswith(f"cannot write {path} (OSError: [Errno 27] File too large); raise the file size limit in the "
+                         "job's shell, `ulimit -f unlimited` (up to what `ulimit -Hf` allows), or ask the machine's "
+                         "administrators, and rerun the same command: it resumes from its latest checkpoint"), said
+    assert path.read_text() == logged  # a rewrite whole or none
+
+
 def test_only_process_0_logs(tmp_path, monkeypatch):
     from pixelflow_jax.training.metrics_log import MetricsLog
 

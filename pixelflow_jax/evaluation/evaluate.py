@@ -410,7 +410,6 @@ def run(config, workdir: str, samples: str | None = None, images_sampled_by_this
         say(f"{name}: {results[name]:.4f}")
     path = storage.join(workdir, EVAL_JSON)
     # Written by process 0; a failure there stops the others with it, not with a success of their own.
-    write_on_process_0(path, "the metrics are printed above; free space or make the workdir writable, and rerun the "
-                             "same command to record them",
+    write_on_process_0(path, "rerun the same command to record them (the metrics are printed above)",
                        lambda path: storage.write_json_keeping_history(path, results))
     return results

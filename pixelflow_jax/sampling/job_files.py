@@ -19,9 +19,9 @@ GRID_PNG = "grid.png"
 SAMPLING_RUNS = "sampling_runs.jsonl"  # in the samples folder
 
 IMAGE_NAME = re.compile(r"\d{6,}\.png")
-# What a failed write of the job's files tells the user (a full disk, a folder made read-only).
-WRITE_FIX = ("free space or make the workdir writable, and rerun the same command: the images already written are "
-             "kept and the job goes on from them")
+# What a rerun does after a failed write of the job's files, once its cause is fixed (a full disk, a folder made
+# read-only).
+WRITE_RERUN = "rerun the same command: the images already written are kept and the job goes on from them"
 
 
 def image_name(image_id: int) -> str:

@@ -17,7 +17,7 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.evaluation.npz_images import npz_row_count
 from pixelflow_jax.multihost import from_process_0
-from pixelflow_jax.sampling.job_files import SAMPLES_NPZ, WRITE_FIX, earlier_outputs, image_id, sampled_images
+from pixelflow_jax.sampling.job_files import SAMPLES_NPZ, WRITE_RERUN, earlier_outputs, image_id, sampled_images
 from pixelflow_jax.workdir_files import SETTINGS_JSON
 
 # Settings that jobs started by earlier versions did not record: their absence is no change.
@@ -74,7 +74,7 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
                          "so this job would overwrite them with other images: use a new --workdir, or move them away")
     if not record:
         return
-    with storage.writing(path, WRITE_FIX):
+    with storage.writing(path, WRITE_RERUN):
         created = storage.create_json(path, settings)
     if created:
         return
@@ -86,7 +86,7 @@ def check_and_record_settings(folder: str, workdir: str, settings: dict, record:
 def record_settings(path: str, settings: dict) -> None:
     """settings.json written whole; a failure (a full disk, a read-only folder) is a StorageError
     naming it, which check_settings shares with every process."""
-    with storage.writing(path, WRITE_FIX):
+    with storage.writing(path, WRITE_RERUN):
         storage.write_json_atomically(path, settings)
 
 

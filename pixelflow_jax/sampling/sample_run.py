@@ -49,7 +49,7 @@ from pixelflow_jax.progress import Progress
 from pixelflow_jax.sampling.cascade import (CascadeSampler, SamplingOptions, check_finite, draw_noise_jit,
                                             finished_images)
 from pixelflow_jax.sampling import demo_check
-from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, SAMPLING_RUNS, WRITE_FIX,
+from pixelflow_jax.sampling.job_files import (GRID_PNG, SAMPLES_NPZ, SAMPLING_RUNS, WRITE_RERUN,
                                               check_outputs_have_room, image_name, image_path, images_on_disk)
 from pixelflow_jax.sampling.job_settings import check_settings
 from pixelflow_jax.sampling.sample_conditioning import conditioning_for
@@ -94,7 +94,7 @@ def write_local_images(folder: str, images: jax.Array, finite: jax.Array, ids: n
         for row, image in zip(rows, np.asarray(shard.data)):
             if row < num_valid:
                 path = image_path(folder, int(ids[row]))
-                with storage.writing(path, WRITE_FIX):
+                with storage.writing(path, WRITE_RERUN):
                     save_png_atomically(path, image)
 
 
@@ -173,7 +173,7 @@ def sample_in_owned_workdir(config, workdir: str, source, ckpt, options: Samplin
     # model's matmuls otherwise (images a few levels apart), and it would be compiled again.
     batch_size = batch_for(num_images, int(s.batch_size), num_devices)
     append_job_record(storage.join(folder, SAMPLING_RUNS), sampling_record(s, settings, source, ckpt, batch_size),
-                      WRITE_FIX)
+                      WRITE_RERUN)
     multihost_utils.sync_global_devices("sample settings checked")
 
     sampled_ids = set()
@@ -365,14 +365,14 @@ def finish(folder: str, workdir: str, num_images: int, resolution: int) -> int:
     npz_path = storage.join(workdir, SAMPLES_NPZ)
     earlier = local_npz_identity(npz_path)
     try:
-        with storage.writing(npz_path, WRITE_FIX):
+        with storage.writing(npz_path, WRITE_RERUN):
             storage.write_streamed_atomically(npz_path, lambda f: write_images_npz(f, readable_images(), num_images,
                                                                                    resolution))
     except UnreadableSamples as e:
         return e.count
     keep_the_time_of_an_unchanged_npz(npz_path, earlier)
     grid_path = storage.join(workdir, GRID_PNG)
-    with storage.writing(grid_path, WRITE_FIX):
+    with storage.writing(grid_path, WRITE_RERUN):
         save_png_atomically(grid_path, image_grid(np.stack(grid)))
     logging.info("wrote %s (arr_0: %s uint8) and %s", npz_path, (num_images, resolution, resolution, 3), grid_path)
     remove_outdated_evaluation(workdir, npz_path, num_images)

@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from typing import Any, BinaryIO, Callable, Iterator
 
-from pixelflow_jax.error_text import described
+from pixelflow_jax.error_text import MACHINE_LIMITS, described
 from pixelflow_jax.storage.paths import StorageError, is_url, join
 from pixelflow_jax.storage.reads import broken_link_words, exists, missing_bucket_words, read_text
 from pixelflow_jax.storage.remote import CHECK_ACCESS, asked_of_the_bucket, on_remote
@@ -112,14 +112,29 @@ def write_local_atomically(path: str, write: Callable[[BinaryIO], Any], temporar
 
 
 @contextlib.contextmanager
-def writing(path: str, fix: str) -> Iterator[None]:
-    """An OSError of the writes inside as one StorageError naming `path`, the cause and `fix`."""
+def writing(path: str, rerun: str) -> Iterator[None]:
+    """An OSError of the writes inside as one StorageError naming `path`, the cause, its fix and
+    `rerun`: what rerunning the command does once the cause is fixed."""
     try:
         yield
     except StorageError:
         raise
     except OSError as e:
-        raise StorageError(f"cannot write {path} ({type(e).__name__}: {e}); {fix}") from None
+        raise StorageError(f"cannot write {path} ({type(e).__name__}: {e}); {write_fix(e)}, and {rerun}") from None
+
+
+# What a write that this user may not make raises: no write access to the folder or the file, a disk mounted read-only.
+REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_fix(error: OSError) -> str:
+    """What gets a failed write through: what lifts the limit of the machine it met (`ulimit -f` or a quota: more
+    free space would not help), or write access; either, where the error does not say which."""
+    if error.errno in MACHINE_LIMITS:
+        return MACHINE_LIMITS[error.errno][1]()
+    if error.errno in REFUSALS:
+        return "make the workdir writable"
+    return "free space or make the workdir writable"
 
 
 def write_json_atomically(path: str, value: Any) -> None:

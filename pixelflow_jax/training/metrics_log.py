@@ -36,9 +36,8 @@ LOCAL_EVENTS_PREFIX = "pixelflow_events"  # the local copies of a bucket run's e
 # upload of a growing file costs its whole size, so a run logging every step would be throttled.
 BUCKET_UPLOAD_INTERVAL_S = 30.0
 
-# What a failed log write tells the user (the checkpoints are unaffected).
-WRITE_FIX = ("make the workdir writable (or free space) and rerun the same command: it resumes from its latest "
-             "checkpoint")
+# What a rerun does after a failed log write, once its cause is fixed (the checkpoints are unaffected).
+WRITE_RERUN = "rerun the same command: it resumes from its latest checkpoint"
 
 
 def json_values(record: dict) -> dict:
@@ -62,7 +61,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.lines = []
-        with storage.writing(self.path, WRITE_FIX):
+        with storage.writing(self.path, WRITE_RERUN):
             if storage.exists(self.path):  # drop what a crashed run logged past its checkpoint
                 steps = [(line, self._step_of(line)) for line in storage.read_text(self.path).splitlines()]
                 self.lines = [line + "\n" for line, step in steps if step is not None and step <= resumed_step]
@@ -100,7 +99,7 @@ class MetricsLog:
 
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         if self.enabled:
-            with storage.writing(self.events, WRITE_FIX):
+            with storage.writing(self.events, WRITE_RERUN):
                 self.event_file(IMAGES).add_image(name, image, step)
                 self.event_file(IMAGES).flush()
                 self._publish_events(IMAGES)
@@ -115,7 +114,7 @@ class MetricsLog:
             if self.remote_events:
                 if upload_metrics:
                     self._upload_metrics()
-                with storage.writing(self.events, WRITE_FIX):
+                with storage.writing(self.events, WRITE_RERUN):
                     for folder in self.event_files:
                         self._publish_events(folder)
                 shutil.rmtree(self.local_events, ignore_errors=True)
@@ -125,12 +124,12 @@ class MetricsLog:
         where each record is appended at once)."""
         if self.enabled and self.remote_events:
             self._upload_metrics()
-            with storage.writing(self.events, WRITE_FIX):
+            with storage.writing(self.events, WRITE_RERUN):
                 self._publish_events(SCALARS)
             self.uploaded_at = time.monotonic()
 
     def _upload_metrics(self) -> None:
-        with storage.writing(self.path, WRITE_FIX):
+        with storage.writing(self.path, WRITE_RERUN):
             storage.write_atomically(self.path, "".join(self.lines))
 
     def _publish_events(self, folder: str) -> None:
@@ -151,12 +150,12 @@ class MetricsLog:
             return
         self.lines[at[-1]] = json.dumps(json_values({**json.loads(self.lines[at[-1]]), **values}),
                                         allow_nan=False) + "\n"
-        with storage.writing(self.path, WRITE_FIX):
+        with storage.writing(self.path, WRITE_RERUN):
             storage.write_atomically(self.path, "".join(self.lines))
         self._add_scalars(values, step)
 
     def _add_scalars(self, values: dict, step: int) -> None:
-        with storage.writing(self.events, WRITE_FIX):
+        with storage.writing(self.events, WRITE_RERUN):
             for name, value in values.items():
                 self.event_file(SCALARS).add_scalar(name, value, step)
             self.event_file(SCALARS).flush()
@@ -168,7 +167,7 @@ class MetricsLog:
         line = json.dumps(json_values(record), allow_nan=False) + "\n"
         self.lines.append(line)
         if not self.remote_events:
-            with storage.writing(self.path, WRITE_FIX):
+            with storage.writing(self.path, WRITE_RERUN):
                 with open(self.path, "a") as f:
                     f.write(line)
         self._add_scalars({k: v for k, v in record.items() if k != "step"}, record["step"])

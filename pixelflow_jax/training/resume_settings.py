@@ -31,7 +31,7 @@ from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.run_checkpoint import RUN_CONFIG
 from pixelflow_jax.kernels.attention import resolve_backend
 from pixelflow_jax.software_versions import matmul_precision_named_once
-from pixelflow_jax.training.metrics_log import WRITE_FIX
+from pixelflow_jax.training.metrics_log import WRITE_RERUN
 from pixelflow_jax.training.run_config import write_run_record
 from pixelflow_jax.training.train_step import counts_updates
 
@@ -364,7 +364,7 @@ def read_changes(workdir: str) -> list[dict]:
 
 def write_changes(workdir: str, changes: list[dict]) -> None:
     path = storage.join(workdir, CHANGES_FILE)
-    with storage.writing(path, WRITE_FIX):
+    with storage.writing(path, WRITE_RERUN):
         storage.write_atomically(path, "".join(json.dumps(c) + "\n" for c in changes))
 
 

@@ -12,13 +12,13 @@ from absl import logging
 from pixelflow_jax import storage
 from pixelflow_jax.checkpoints.run_checkpoint import CHECKPOINTS, RUN_CONFIG, complete_steps, read_run_config
 from pixelflow_jax.config import ARCHITECTURE_OPTIONS_OFF, ModelConfig
-from pixelflow_jax.training.metrics_log import WRITE_FIX
+from pixelflow_jax.training.metrics_log import WRITE_RERUN
 
 
 def write_run_record(path: str, value) -> None:
     """One of the run's small JSON records (process 0), written whole; a failure (a full disk, a
     folder made read-only) is one error naming the file and the fix."""
-    with storage.writing(path, WRITE_FIX):
+    with storage.writing(path, WRITE_RERUN):
         storage.write_json_atomically(path, value)
 
 

@@ -50,7 +50,7 @@ from pixelflow_jax.sharding import batch_sharding, global_arrays, make_mesh
 from pixelflow_jax.training import flow
 from pixelflow_jax.training.checkpointing import (check_saves, checkpoint_manager, orbax_errors_in_one_line,
                                                   remove_unfinished_saves, resume_point, save, wait_for_saves)
-from pixelflow_jax.training.metrics_log import WRITE_FIX, MetricsLog, peak_flops
+from pixelflow_jax.training.metrics_log import WRITE_RERUN, MetricsLog, peak_flops
 from pixelflow_jax.training.preemption import PreemptionWatch
 from pixelflow_jax.training.resume_settings import check_optimiser_state, check_resume, note_init_from_at_resume
 from pixelflow_jax.training.run_config import check_run_config, differences
@@ -302,7 +302,7 @@ def write_preview(config, model_cfg, graphdef, ema, workdir: str, step: int, log
     if jax.process_index() == 0:
         grid = image_grid(images)
         path = preview_path(workdir, step)
-        with storage.writing(path, WRITE_FIX):
+        with storage.writing(path, WRITE_RERUN):
             save_png_atomically(path, grid)
         log.image("preview", grid, step)
     if not demo:
@@ -444,7 +444,7 @@ def open_checked_data(config, model_cfg: ModelConfig, workdir: str, done: int):
                  num_classes=trained_classes)
     # Only now: a resume refused for its data (a run of the demo set pointed at image folders) left
     # its workdir a class_index.json naming folders it never trained on.
-    with storage.writing(storage.join(workdir, CLASS_INDEX_FILE), WRITE_FIX):
+    with storage.writing(storage.join(workdir, CLASS_INDEX_FILE), WRITE_RERUN):
         record_class_index(config.data, source, workdir, ids_learned=bool(done))
     return source, listing, trained_classes
 
@@ -601,7 +601,7 @@ def train_in_owned_workdir(config, workdir: str, model_cfg: ModelConfig, mesh, s
                  num_classes=trained_classes, init_checkpoint=init_source.label if init_source else "",
                  init_weights=weights_chosen(init_source, t.init_from_weights),
                  updates_done=start - int(state["skipped_steps"]))  # a schedule counts applied updates
-    append_job_record(storage.join(workdir, TRAINING_RUNS), training_record(config, start, mesh), WRITE_FIX)
+    append_job_record(storage.join(workdir, TRAINING_RUNS), training_record(config, start, mesh), WRITE_RERUN)
     raise_dropped_stops()  # a SIGTERM or Ctrl-C while starting that Python dropped (inside a gc callback)
     # One global batch per step: the data position is the step, whatever the number of processes.
     data_sharding = batch_sharding(mesh)
