@@ -1672,6 +1672,64 @@ def test_a_write_stopped_by_a_limit_of_the_machine_is_told_what_lifts_that_limit
         assert advice_for(refused) == "make the workdir writable, and rerun it"
 
 
+def said_by_a_process_of(uid: int, action) -> str:
+    """The message of what action() raises ('' for none) in a forked child that runs as user `uid`:
+    root passes the refusals of the sticky bit and of file modes. The child needs no file to read,
+    the modules it runs being loaded already."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        said = ""
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            action()
+        except BaseException as e:
+            said = str(e)
+        os.write(write_end, said.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as said:
+        message = said.read()
+    os.waitpid(child, 0)
+    return message
+
+
+@pytest.mark.filterwarnings("ignore:.*fork:RuntimeWarning", "ignore:.*fork:DeprecationWarning")  # no JAX in the child
+def test_a_write_that_another_users_file_in_a_sticky_folder_refuses_names_that_user():
+    """Resuming another user's run in a shared folder with the sticky bit (chmod 1777): the rewrite of
+    its metrics.jsonl, which only its owner may replace there, was told to "make the workdir writable
+    (or free space)", in a folder this user could write to. Here for real: the file of another uid,
+    written to by a process of a third."""
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("making another user's file and writing as another user take root")
+    shared = tempfile.mkdtemp(prefix="pixelflow_shared_", dir="/tmp")  # one that user reaches (not tmp_path's)
+    try:
+        os.chmod(shared, 0o1777)
+        path = os.path.join(shared, "metrics.jsonl")
+        with open(path, "w") as f:
+            f.write('{"step": 1}\n')
+        os.chmod(path, 0o666)  # writable to all: the sticky bit alone refuses its replacement
+        os.chown(path, 4242, 4242)
+
+        def rewrite():
+            with storage.writing(path, "rerun the same command: it resumes from its latest checkpoint"):
+                storage.write_atomically(path, '{"step": 1}\n{"step": 2}\n')
+
+        said = said_by_a_process_of(65534, rewrite)
+        assert re.fullmatch(
+            rf"cannot write {path} \(PermissionError: \[Errno 1\] Operation not permitted: .* -> '{path}'\); it "
+            rf"belongs to uid 4242, and {shared} has the sticky bit: only a file's owner \(or the folder's\) may "
+            r"delete it\. Ask them to run the command, or copy the workdir into a folder of this user's own \(`cp "
+            r"-r`\) and rerun it there", said), said
+        assert open(path).read() == '{"step": 1}\n' and os.listdir(shared) == ["metrics.jsonl"]  # no temporary left
+    finally:
+        shutil.rmtree(shared)
+
+
 def test_a_killed_writers_temporary_folder_is_kept_while_anything_in_it_is_recent(tmp_path, monkeypatch):
     """Containers that share /tmp and the hostname see each other's folders, not processes."""
     import re

@@ -9,7 +9,9 @@ import errno
 import hashlib
 import json
 import os
+import pwd
 import shutil
+import stat
 import sys
 import tempfile
 from concurrent import futures
@@ -301,3 +303,24 @@ def local_file(path: str) -> Iterator[str]:
                                f"copy failed ({described(e)}): free space there, or point TMPDIR at a folder with "
                                "room for the file") from None
         yield local
+
+
+def file_owner(path: str) -> str:
+    """The user owning a local file, by name where this host knows it ('alice (uid 1001)')."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:  # a uid without a passwd entry (a container's user, another host's)
+        return f"uid {uid}"
+
+
+def sticky_words(folder: str) -> str:
+    """Why a user who may write in `folder` still cannot delete another's file there, where that is why."""
+    try:
+        sticky = bool(os.stat(folder).st_mode & stat.S_ISVTX)
+    except OSError:
+        return ""
+    return f", and {folder} has the sticky bit: only a file's owner (or the folder's) may delete it" if sticky else ""

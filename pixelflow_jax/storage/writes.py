@@ -15,7 +15,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from pixelflow_jax.error_text import MACHINE_LIMITS, described
 from pixelflow_jax.storage.paths import StorageError, is_url, join
-from pixelflow_jax.storage.reads import broken_link_words, exists, missing_bucket_words, read_text
+from pixelflow_jax.storage.reads import (broken_link_words, exists, file_owner, missing_bucket_words, read_text,
+                                           sticky_words)
 from pixelflow_jax.storage.remote import CHECK_ACCESS, asked_of_the_bucket, on_remote
 from pixelflow_jax.storage.temporaries import umask, writer_tag
 
@@ -120,7 +121,26 @@ def writing(path: str, rerun: str) -> Iterator[None]:
     except StorageError:
         raise
     except OSError as e:
-        raise StorageError(f"cannot write {path} ({type(e).__name__}: {e}); {write_fix(e)}, and {rerun}") from None
+        cause = f"cannot write {path} ({type(e).__name__}: {e})"
+        if theirs := file_of_another_user(e, path):  # no rerun of this user's goes through until they act
+            raise StorageError(f"{cause}; {'it' if theirs == path else theirs} belongs to {file_owner(theirs)}"
+                               f"{sticky_words(os.path.dirname(theirs))}. Ask them to run the command, or copy the "
+                               "workdir into a folder of this user's own (`cp -r`) and rerun it there") from None
+        raise StorageError(f"{cause}; {write_fix(e)}, and {rerun}") from None
+
+
+def file_of_another_user(error: OSError, path: str) -> str | None:
+    """The local file that another user owns, of those a refused write names (a rename's target, the
+    file opened) and `path`: in a shared folder with the sticky bit only they may replace it, and it may
+    not be writable to this user either. 'Make the workdir writable' is no fix: the folder often is."""
+    if error.errno not in (errno.EACCES, errno.EPERM):
+        return None
+    for name in (error.filename2, error.filename, path):
+        if isinstance(name, str) and not is_url(name):
+            with contextlib.suppress(OSError):
+                if os.stat(name).st_uid != os.geteuid():
+                    return name
+    return None
 
 
 # What a write that this user may not make raises: no write access to the folder or the file, a disk mounted read-only.

@@ -27,9 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import pwd
 import socket
-import stat
 import threading
 import time
 import uuid
@@ -91,27 +89,6 @@ def copied_from_another_host(holder: dict, lock: WorkdirLock) -> str:
         return ""
     return (f". That run works in {recorded} on its host: if this folder is a copy of that one (its lock came "
             f"along), delete {lock.path} and rerun")
-
-
-def file_owner(path: str) -> str:
-    """The user owning a local file, by name where this host knows it ('alice (uid 1001)')."""
-    try:
-        uid = os.stat(path).st_uid
-    except OSError:
-        return "another user"
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:  # a uid without a passwd entry (a container's user, another host's)
-        return f"uid {uid}"
-
-
-def sticky_words(folder: str) -> str:
-    """Why a user who may write in `folder` still cannot delete another's file there, where that is why."""
-    try:
-        sticky = bool(os.stat(folder).st_mode & stat.S_ISVTX)
-    except OSError:
-        return ""
-    return f", and {folder} has the sticky bit: only a file's owner (or the folder's) may delete it" if sticky else ""
 
 
 class WorkdirBusy(RuntimeError):
@@ -196,9 +173,9 @@ class WorkdirLock:
         try:
             storage.remove(self.path)
         except PermissionError as e:
+            owner, sticky = storage.file_owner(self.path), storage.sticky_words(storage.dirname(self.path))
             return (f"{self.path} was left by {left_by}, but this user cannot delete it ({e.strerror}): it belongs "
-                    f"to {file_owner(self.path)}{sticky_words(storage.dirname(self.path))}. Ask them to delete it, "
-                    f"or use another --workdir")
+                    f"to {owner}{sticky}. Ask them to delete it, or use another --workdir")
         return ""
 
     def _read(self) -> dict | None:
