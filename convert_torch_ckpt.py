@@ -165,7 +165,7 @@ def torch_to_jax() -> str:
     from pixelflow_jax.checkpoints.checkpoint import save_checkpoint
     from pixelflow_jax.checkpoints.convert import torch_to_params
     from pixelflow_jax import storage
-    from pixelflow_jax.checkpoints.torch_io import export_note, read_release_checkpoint
+    from pixelflow_jax.checkpoints.torch_io import export_note, read_release_weights
 
     overrides = {"resolution": FLAGS.resolution, "num_stages": FLAGS.num_stages,
                  "num_train_timesteps": FLAGS.num_train_timesteps}
@@ -175,17 +175,19 @@ def torch_to_jax() -> str:
     if hub.is_hub_path(path):
         path, pinned = hub.checkpoint_folder(path)
         hub.download_weights(pinned)
-    config, state_dict = read_release_checkpoint(path, torch_config=FLAGS.torch_config,
-                                                 weights=FLAGS.weights, attention_head_dim=FLAGS.attention_head_dim,
-                                                 overrides=overrides)
+    release = read_release_weights(path, torch_config=FLAGS.torch_config, weights=FLAGS.weights,
+                                   attention_head_dim=FLAGS.attention_head_dim, overrides=overrides)
+    config, state_dict = release.config, release.state_dict
     params = torch_to_params(state_dict, config.model, progress=tensor_progress("converting"))
     raise_dropped_stops()  # asked to stop meanwhile: nothing is written
-    # An export of a training run says which of its weights it holds: kept through the round trip.
-    save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite,
-                    weights_note=export_note(path if storage.isdir(path) else storage.dirname(path)))
+    # An export of a training run says which of its weights it holds: kept through the round trip;
+    # of a train.py checkpoint's two sets, the one converted is recorded and said.
+    note = export_note(path if storage.isdir(path) else storage.dirname(path)) or release.note
+    save_checkpoint(FLAGS.output, params, config, overwrite=FLAGS.overwrite, weights_note=note)
     count = sum(v.size for v in state_dict.values())
     return (f"wrote {FLAGS.output}: {len(state_dict)} tensors, {count / 1e6:.1f}M parameters, "
-            f"architecture {config.model.architecture()}, resolution {config.resolution}, {config.num_stages} stages")
+            f"architecture {config.model.architecture()}, resolution {config.resolution}, {config.num_stages} stages"
+            + (f"; {release.note}" if release.note else ""))
 
 
 def jax_to_torch() -> str:

@@ -246,7 +246,8 @@ def weights_of(source: CheckpointSource, weights: str) -> str:
 def weights_note(source: CheckpointSource) -> str | None:
     """What a checkpoint written from a training run's export says of the run and step its weights
     come from ("weights: the EMA (--weights=ema) of step N of ..."): the export's config.yaml
-    comment, or a conversion of the export's record of it; None for others (a run's step says so itself)."""
+    comment, or a conversion of the export's record of it (a train.py checkpoint's conversion records
+    which of its sets it holds, in the same words); None for others (a run's step says so itself)."""
     if source.run_step:
         return None
     if source.kind == "converted":

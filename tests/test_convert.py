@@ -334,6 +334,10 @@ def test_text_to_image_folder_without_config_yaml(tmp_path, golden):
 
 
 def test_train_checkpoint_takes_ema_by_default(tmp_path, golden):
+    """Which of the two sets is converted is said and recorded (the two folders were told apart by
+    nothing), in the words of an export's note, which inspect and the demo page show."""
+    from pixelflow_jax.checkpoints.checkpoint import read_record
+
     model_weights = release_state_dict()
     ema_weights = {k: v.clone() for k, v in model_weights.items()}
     model_weights = {k: v * 0.5 for k, v in model_weights.items()}
@@ -347,6 +351,11 @@ def test_train_checkpoint_takes_ema_by_default(tmp_path, golden):
         result = run_converter(f"--torch_checkpoint={checkpoint}", f"--torch_config={config}",
                                f"--weights={weights}", f"--output={outputs[weights]}")
         assert result.returncode == 0, result.stderr
+        which = ("the EMA (--weights=ema)" if weights == "ema" else
+                 "the raw weights, not their EMA (--weights=model),")
+        note = f"weights: {which} of the train.py checkpoint model_1000.pt"
+        assert result.stdout.rstrip().endswith(f"4 stages; {note}"), result.stdout
+        assert read_record(str(outputs[weights])).weights_note == note
     g = golden["c2i_tiny"]
     assert relative_error(forward(load_model(str(outputs["ema"]))[0], g, 1), g["fwd_1_out"]) <= PARITY_RTOL
     assert relative_error(forward(load_model(str(outputs["model"]))[0], g, 1), g["fwd_1_out"]) > 1e-2

@@ -3,7 +3,8 @@
 Layout of a converted folder:
     DIR/pixelflow_config.json   architecture, scheduler, resolution, a text run's prompt encoding (CheckpointConfig),
                                 and weights_sha256, the digest of the parameters (weights_digest); weights_note,
-                                what an export converted here said of its weights (which run and step)
+                                what an export converted here said of its weights (which run and step), or which
+                                set of a train.py checkpoint was converted
     DIR/params/                 orbax checkpoint of the nested NNX parameter dict
 """
 
@@ -36,7 +37,7 @@ from pixelflow_jax.validation import (LARGEST_IMAGE_SIDE, MAX_TEXT_TOKENS, MIN_T
 CONFIG_FILE = "pixelflow_config.json"
 PARAMS_DIR = "params"
 WEIGHTS_DIGEST = "weights_sha256"  # in CONFIG_FILE; absent from folders converted before 2026-12-03
-WEIGHTS_NOTE = "weights_note"  # in CONFIG_FILE, of an export's conversion: "weights: the EMA ... of step N ..."
+WEIGHTS_NOTE = "weights_note"  # in CONFIG_FILE, of an export's or a train.py checkpoint's conversion: "weights: ..."
 FORMAT_VERSION = 1
 WEIGHT_CHOICES = ("ema", "model")  # of a training run or a release train.py checkpoint: the EMA or the raw weights
 
@@ -225,8 +226,9 @@ def _object_store_output_dir(path: str, overwrite: bool) -> Iterator[str]:
 def save_checkpoint(path: str, params: Params, config: CheckpointConfig, overwrite: bool = False,
                     weights_note: str | None = None) -> None:
     """Writes a converted folder atomically (see atomic_output_dir), its config recording the
-    weights' digest and `weights_note`, what the export it was converted from said of them. The
-    weights are stored in the config's param_dtype, as a restore reads them."""
+    weights' digest and `weights_note`, what the export it was converted from said of them (or which set
+    of a train.py checkpoint they are). The weights are stored in the config's param_dtype, as a
+    restore reads them."""
     import orbax.checkpoint as ocp
 
     dtype = np.dtype(config.model.parameter_dtype)
@@ -283,7 +285,8 @@ class ConvertedRecord(NamedTuple):
 
     config: CheckpointConfig
     digest: str | None  # of the weights; None in folders converted before 2026-12-03
-    weights_note: str | None  # what the export it was converted from said of its weights; else None
+    weights_note: str | None  # what the export it was converted from said of its weights, or which set of a
+    # train.py checkpoint it holds; else None
 
 
 def read_config(path: str) -> CheckpointConfig:

@@ -9,6 +9,7 @@ Accepted inputs:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -327,11 +328,31 @@ def settings_file_message(path: str, folder: str) -> str:
             "model.pt")
 
 
-def read_release_checkpoint(path: str, *, torch_config: str | None = None, weights: str = "ema",
-                            attention_head_dim: int | None = None,
-                            overrides: Mapping[str, int] | None = None
-                            ) -> tuple[CheckpointConfig, dict[str, np.ndarray]]:
-    """(config, numpy state dict) of a release folder, bare state dict or train.py checkpoint.
+@dataclasses.dataclass(frozen=True)
+class ReleaseWeights:
+    config: CheckpointConfig
+    state_dict: dict[str, np.ndarray]
+    note: str | None  # which of a train.py checkpoint's two sets these are (training_set_note); else None
+
+
+def training_set_note(weights_path: str, weights: str) -> str:
+    """Which set of a train.py checkpoint was read, in the words of an export's note: its conversion
+    recorded nothing, so the folders of its EMA and of its raw weights could not be told apart. The
+    file by its name alone: the folder is handed on, the path is this machine's."""
+    which = "the EMA (--weights=ema)" if weights == "ema" else "the raw weights, not their EMA (--weights=model),"
+    return f"weights: {which} of the train.py checkpoint {storage.basename(weights_path)}"
+
+
+def read_release_checkpoint(path: str, **options) -> tuple[CheckpointConfig, dict[str, np.ndarray]]:
+    """(config, numpy state dict) of read_release_weights."""
+    release = read_release_weights(path, **options)
+    return release.config, release.state_dict
+
+
+def read_release_weights(path: str, *, torch_config: str | None = None, weights: str = "ema",
+                         attention_head_dim: int | None = None,
+                         overrides: Mapping[str, int] | None = None) -> ReleaseWeights:
+    """The config and numpy state dict of a release folder, bare state dict or train.py checkpoint.
 
     The architecture comes from `torch_config` (or the folder's config.yaml), else from tensor
     shapes plus `attention_head_dim`. `overrides` sets resolution / num_stages /
@@ -357,6 +378,7 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
         loaded = load_torch_file(weights_path)
         described_by = config_beside(path, loaded)
     torch_config = torch_config or described_by
+    note = training_set_note(weights_path, weights) if is_training_checkpoint(loaded) else None
     state_dict = extract_state_dict(loaded, weights_path, weights)
 
     extras: dict[str, int] = {}
@@ -367,7 +389,7 @@ def read_release_checkpoint(path: str, *, torch_config: str | None = None, weigh
                                   f"(attention_head_dim: {params.get('attention_head_dim')})")
     else:
         params = infer_architecture(state_dict, attention_head_dim)
-    return release_config(params, extras, overrides, path, torch_config, described_by), state_dict
+    return ReleaseWeights(release_config(params, extras, overrides, path, torch_config, described_by), state_dict, note)
 
 
 def folder_config_yaml(folder: str) -> str | None:
