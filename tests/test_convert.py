@@ -753,19 +753,26 @@ def test_a_state_dict_nested_or_under_a_name_of_its_own_says_where_the_weights_a
 
 def test_a_wrappers_prefix_is_removed_only_from_keys_that_all_carry_it_and_as_often_as_it_nests():
     """torch.compile of a DistributedDataParallel model saves '_orig_mod.module.' before every key
-    (each removed); a prefix on some keys only, a state dict of several roots or keys without a
-    module are left as they are, for the conversion to name what does not fit; keys that are not
-    names are refused (an AttributeError traceback)."""
+    (each removed), an AveragedModel 'module.' and its step count 'n_averaged'; a prefix on some keys only,
+    a state dict of several roots or keys without a module are left as they are, for the conversion to
+    name what does not fit; keys that are not names are refused (an AttributeError traceback)."""
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError
     from pixelflow_jax.checkpoints.torch_io import extract_state_dict
 
     weights = release_state_dict()
     nested = {f"_orig_mod.module.{k}": v for k, v in weights.items()}
     assert list(extract_state_dict(nested, "w.pt")) == list(weights)
+    # torch.optim.swa_utils.AveragedModel, torch's EMA: its step count was refused as an integer tensor
+    averaged = torch.optim.swa_utils.AveragedModel(torch.nn.Linear(2, 2)).state_dict()
+    averaged = {"n_averaged": averaged["n_averaged"], **{f"module.{k}": v for k, v in weights.items()}}
+    assert list(extract_state_dict(averaged, "w.pt")) == list(weights)
+    assert list(extract_state_dict({"model": weights, "ema": averaged}, "w.pt")) == list(weights)
     one = torch.zeros(2)
     for kept in ({"module.x": one, "patch_embed.proj.bias": one}, {"encoder.x": one, "decoder.y": one},
-                 {"weight": one}):
+                 {"weight": one}, {"n_averaged": one, "module.x": one}):
         assert list(extract_state_dict(kept, "w.pt")) == list(kept)
+    with pytest.raises(CheckpointError, match=r"w.pt: n_averaged hold torch.int64 values, not weights"):
+        extract_state_dict({"n_averaged": torch.tensor(3), "patch_embed.proj.bias": one}, "w.pt")  # no AveragedModel
     with pytest.raises(CheckpointError, match=r"w.pt holds no PixelFlow state dict"):
         extract_state_dict({0: one}, "w.pt")
 

@@ -36,6 +36,8 @@ RELEASE_REQUIRED_PARAMS = ("in_channels", "out_channels", "num_attention_heads",
                            "patch_size")
 # What torch wrappers put before every key of a state dict: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# torch.optim.swa_utils.AveragedModel (torch's own EMA) saves this step count beside the model's weights.
+AVERAGING_COUNT = "n_averaged"
 # Files a folder may hold its weights in under another name than the release's model.pt.
 WEIGHT_FILE_ENDINGS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # The first part of the release's state dict keys (PixelFlowModel's modules).
@@ -152,6 +154,7 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise CheckpointError(f"{path} holds no PixelFlow state dict (expected a dict of tensors, "
                               f"or a train.py checkpoint with 'model'/'ema'){what_it_holds(loaded, torch)}")
+    loaded = without_averaging_count(loaded, path)
     wrapped = True
     while wrapped:  # wrappers nest: torch.compile of a DistributedDataParallel model, say
         wrapped = next((w for w in WRAPPER_PREFIXES if all(k.startswith(w) for k in loaded)), None)
@@ -172,6 +175,20 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
         raise CheckpointError(f"{path}: {listed(not_finite)} hold NaN or inf values (a diverged run?); "
                               "the model would sample NaN images from them")
     return state_dict
+
+
+def without_averaging_count(state_dict: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    """An AveragedModel's state dict (a count of averaged steps, the weights under 'module.') without
+    the count, so that it reads as a wrapped model's: the count was refused as an integer tensor that
+    is no weight, the fix left to the user. Anything else is returned as it is."""
+    count = state_dict.get(AVERAGING_COUNT)
+    weights = {k: v for k, v in state_dict.items() if k != AVERAGING_COUNT}
+    if count is None or count.is_floating_point() or count.numel() != 1 or not weights or not all(
+            k.startswith("module.") for k in weights):
+        return state_dict
+    logging.info("%s: an AveragedModel's state dict (its %s, %d, is no weight); reading the weights", path,
+                 AVERAGING_COUNT, int(count))
+    return weights
 
 
 def float32_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
