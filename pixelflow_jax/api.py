@@ -165,9 +165,12 @@ def newer_latest_step(run_step: RunStep | None) -> RunStep | None:
 
 def weight_files_hint(folder: str) -> str:
     """For a folder of PyTorch weight files (the release's train.py output: config.yaml and
-    model_STEP.pt), the conversion they need, of the newest step; '' for any other folder."""
-    from pixelflow_jax.checkpoints.torch_io import weight_files
+    model_STEP.pt), the conversion they need, of the newest step; for shards, how to join them; '' for any
+    other folder."""
+    from pixelflow_jax.checkpoints.torch_io import shards_hint, weight_files
 
+    if shards := shards_hint(folder):
+        return shards
     names = weight_files(folder)
     if not names:
         return ""

@@ -674,6 +674,13 @@ def test_a_weights_file_given_as_a_checkpoint_is_sent_to_the_converter_unless_it
     assert str(refused.value).endswith(f"; it holds model_2000.pt, model_9000.pt, model_10000.pt: convert one with "
                                        f"convert_torch_ckpt.py --torch_checkpoint={exp}/model_10000.pt --output=DIR "
                                        "and pass DIR"), refused.value
+    shards = tmp_path / "shards"  # the last one was offered as the newest step: half the weights
+    shards.mkdir()
+    for n in (1, 2):
+        (shards / f"model-0000{n}-of-00002.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"it holds model-00001-of-00002.bin, model-00002-of-00002.bin, shards "
+                                              r"of one state dict, each only part of the weights: join them"):
+        resolve_checkpoint(str(shards))
     release = tmp_path / "release"  # a file of a checkpoint names that checkpoint
     shutil.copytree(fixture_dir("c2i_tiny"), release)
     conversion = shutil.copytree(converted["c2i_tiny"], tmp_path / "conversion")

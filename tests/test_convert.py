@@ -796,6 +796,17 @@ def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, convert
                                               rf"torch_ckpt.py --torch_checkpoint={folder}/model.safetensors\)$"):
         read_release_checkpoint(str(folder))
     (folder / "model.safetensors").unlink()
+    shards = [folder / f"model-0000{n}-of-00002.safetensors" for n in (1, 2)]
+    for shard in shards:
+        shard.write_bytes(b"")
+    # the last shard was offered, as if the newest of train.py's steps: half the weights
+    with pytest.raises(CheckpointError, match=r"model.pt; it holds model-00001-of-00002.safetensors, model-00002-of-"
+                                              r"00002.safetensors, shards of one state dict, each only part of the "
+                                              r"weights: join them into one model.pt in this folder .* and convert "
+                                              r"it$"):
+        read_release_checkpoint(str(folder))
+    for shard in shards:
+        shard.unlink()
     for name in ("notes.txt", "model_10000.pt", "model_9000.pt"):  # train.py's steps: the newest is offered
         (folder / name).write_bytes(b"")
     shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), folder)

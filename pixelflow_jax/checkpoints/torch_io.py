@@ -40,6 +40,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 AVERAGING_COUNT = "n_averaged"
 # Files a folder may hold its weights in under another name than the release's model.pt.
 WEIGHT_FILE_ENDINGS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# A shard's name as Hugging Face's and accelerate's save_pretrained/save_model write them: model-00001-of-00002.*
+SHARD_NAME = r"-\d{5}-of-\d{5}\."
 # The first part of the release's state dict keys (PixelFlowModel's modules).
 RELEASE_KEY_ROOTS = {"class_embedder", "latent_size_embedder", "patch_embed", "proj_out_1", "proj_out_2",
                      "timestep_embedder", "transformer_blocks"}
@@ -314,6 +316,16 @@ def weight_files(folder: str) -> list[str]:
     return sorted((name for name in storage.list_files(folder) if name.endswith(WEIGHT_FILE_ENDINGS)), key=by_number)
 
 
+def shards_hint(folder: str) -> str:
+    """For a folder of the shards of one state dict, what to do with them, as words to add; else ''.
+    Offered as the newest of train.py's files, the last shard was converted as half the weights."""
+    shards = [name for name in weight_files(folder) if re.search(SHARD_NAME, name)]
+    if not shards:
+        return ""
+    return (f"; it holds {listed(shards)}, shards of one state dict, each only part of the weights: join them into "
+            "one model.pt in this folder (torch.save of the union of their state dicts) and convert it")
+
+
 def what_the_folder_holds(path: str) -> str:
     """What a folder without model.pt is instead: a JAX checkpoint, or weights under another name."""
     from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE
@@ -322,6 +334,8 @@ def what_the_folder_holds(path: str) -> str:
     if storage.isfile(storage.join(path, CONFIG_FILE)) or is_run(path) or find_run_step(path):
         return (f"; it is a JAX checkpoint (a training run or a converted folder): export it with --to_torch "
                 f"--jax_checkpoint={path}")
+    if shards := shards_hint(path):
+        return shards
     if others := weight_files(path):
         newest = others[-1]
         # torch.load tells a safetensors file by its name's ending: renamed model.pt, it no longer reads
