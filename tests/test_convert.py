@@ -640,8 +640,8 @@ def test_a_file_with_python_objects_is_not_unpickled_and_says_so(tmp_path):
     from pixelflow_jax.checkpoints.torch_io import load_torch_file
 
     torch.save({**release_state_dict(), "step": argparse.ArgumentParser}, tmp_path / "model.pt")  # not data
-    with pytest.raises(CheckpointError, match=r"holds Python objects besides tensors, which are not read \(loading "
-                                              r"them could run code\)") as error:
+    with pytest.raises(CheckpointError, match=r"holds Python objects besides tensors \(argparse.ArgumentParser\), "
+                                              r"which are not read \(loading them could run code\)") as error:
         load_torch_file(str(tmp_path / "model.pt"))
     assert "\x1b" not in str(error.value)
     # torch.load refuses it with advice to load it with weights_only=False, which would run its code.

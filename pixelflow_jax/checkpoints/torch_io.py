@@ -82,9 +82,11 @@ def load_torch_file(path: str) -> Any:
     except Exception as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its messages
         if reason.startswith("Weights only load failed") and "Unsupported global" in reason:  # not damage
-            raise CheckpointError(f"{path} holds Python objects besides tensors, which are not read (loading them "
-                                  "could run code): save the state dict alone (torch.save(model.state_dict(), "
-                                  "path))") from None
+            # named, the object tells where it is (a config or a pathlib.Path saved beside the weights)
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+            raise CheckpointError(f"{path} holds Python objects besides tensors{f' ({found[1]})' if found else ''}, "
+                                  "which are not read (loading them could run code): save the state dict alone "
+                                  "(torch.save(model.state_dict(), path))") from None
         if reason.startswith("Weights only load failed"):  # torch's own advice (weights_only=False) runs code
             detail = [line.strip() for line in reason.splitlines()[1:] if line.strip()]
             reason = f"not a file of tensors ({detail[1] if len(detail) > 1 else 'the safe unpickler refused it'})"
