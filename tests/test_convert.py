@@ -665,6 +665,17 @@ def test_a_config_yaml_of_another_project_with_a_model_section_beside_model_pt_i
     assert config.model.depth == 2 and "config.yaml is not a release config.yaml (no model.params): not used" in \
         caplog.text
 
+def test_an_empty_torch_file_is_named_empty(tmp_path):
+    """A download or save cut at its start: it was 'truncated or not a checkpoint?: EOFError'."""
+    from pixelflow_jax.checkpoints.checkpoint import CheckpointError
+    from pixelflow_jax.checkpoints.torch_io import load_torch_file
+
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model.pt is empty \(0 bytes\): a download or a save that did not "
+                                              r"finish\? Fetch or save it again$"):
+        load_torch_file(str(tmp_path / "model.pt"))
+
+
 def test_a_torch_file_that_is_missing_or_a_folder_is_named_so(tmp_path):
     """Not 'cannot read ... (truncated or not a checkpoint?)', which sends the user looking for damage."""
     from pixelflow_jax.checkpoints.checkpoint import CheckpointError

@@ -73,6 +73,9 @@ def load_torch_file(path: str) -> Any:
     try:
         # train.py pickles its argparse.Namespace next to the weights; allow exactly that class.
         with torch.serialization.safe_globals([argparse.Namespace]), storage.local_file(path) as local:
+            if not os.path.getsize(local):  # torch's refusal was an EOFError, a word of its unpickler
+                raise CheckpointError(f"{path} is empty (0 bytes): a download or a save that did not finish? Fetch or "
+                                      f"save it again{hub_cache_hint(path)}")
             if is_torchscript(local):  # torch.load's refusal advises weights_only=False, which runs its code
                 raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), which is read by running "
                                       "its code: save the weights alone (torch.save(model.state_dict(), path))")
