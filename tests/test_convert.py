@@ -828,6 +828,12 @@ def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, convert
     with pytest.raises(CheckpointError, match=rf"it is a JAX checkpoint .*: export it with --to_torch "
                                               rf"--jax_checkpoint={converted['c2i_tiny']}$"):
         read_release_checkpoint(converted["c2i_tiny"])
+    # its config file named instead: "cannot read ... as a PyTorch checkpoint (truncated or not a checkpoint?)"
+    with pytest.raises(CheckpointError, match=rf"pixelflow_config.json is not PyTorch weights but a file of the "
+                                              rf"folder {converted['c2i_tiny']}; it is a JAX checkpoint .*: export it "
+                                              rf"with --to_torch "
+                                              rf"--jax_checkpoint={converted['c2i_tiny']}$"):
+        read_release_checkpoint(os.path.join(converted["c2i_tiny"], "pixelflow_config.json"))
 
 
 def test_a_release_folders_config_yaml_named_as_the_weights_says_to_pass_the_folder_or_its_model_pt(tmp_path):

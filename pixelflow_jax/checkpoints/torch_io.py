@@ -331,14 +331,22 @@ def shards_hint(folder: str) -> str:
             "one model.pt in this folder (torch.save of the union of their state dicts) and convert it")
 
 
-def what_the_folder_holds(path: str) -> str:
-    """What a folder without model.pt is instead: a JAX checkpoint, or weights under another name."""
+def jax_checkpoint_hint(folder: str) -> str:
+    """For a JAX checkpoint (a training run, one of its steps or a converted folder), how to export
+    it, as words to add; else ''."""
     from pixelflow_jax.checkpoints.checkpoint import CONFIG_FILE
     from pixelflow_jax.checkpoints.run_checkpoint import find_run_step, is_run
 
-    if storage.isfile(storage.join(path, CONFIG_FILE)) or is_run(path) or find_run_step(path):
+    if storage.isfile(storage.join(folder, CONFIG_FILE)) or is_run(folder) or find_run_step(folder):
         return (f"; it is a JAX checkpoint (a training run or a converted folder): export it with --to_torch "
-                f"--jax_checkpoint={path}")
+                f"--jax_checkpoint={folder}")
+    return ""
+
+
+def what_the_folder_holds(path: str) -> str:
+    """What a folder without model.pt is instead: a JAX checkpoint, or weights under another name."""
+    if jax_hint := jax_checkpoint_hint(path):
+        return jax_hint
     if shards := shards_hint(path):
         return shards
     if others := weight_files(path):
@@ -411,6 +419,9 @@ def read_release_weights(path: str, *, torch_config: str | None = None, weights:
         folder = storage.dirname(path) or "."
         if path.endswith((".yaml", ".yml")) and storage.isfile(path):  # torch read it as "Unsupported operand"
             raise CheckpointError(settings_file_message(path, folder))
+        # a converted folder's pixelflow_config.json, say: torch's refusal read as a damaged file
+        if not path.endswith(WEIGHT_FILE_ENDINGS) and (jax_hint := jax_checkpoint_hint(folder)):
+            raise CheckpointError(f"{path} is not PyTorch weights but a file of the folder {folder}{jax_hint}")
         loaded = load_torch_file(weights_path)
         described_by = config_beside(path, loaded)
     torch_config = torch_config or described_by
