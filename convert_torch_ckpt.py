@@ -288,8 +288,10 @@ def main(argv):
             if FLAGS[flag].value:  # hf:// inputs are read (hub.py); nothing is written there
                 FLAGS[flag].value = user_path(f"--{flag}", FLAGS[flag].value, hub_allowed=flag != "output")
         source = FLAGS.torch_checkpoint or FLAGS.jax_checkpoint
-        check_output(FLAGS.output, source, FLAGS.to_torch, FLAGS.overwrite)
-        message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
+        # check_output makes the folders above --output (its write check): a failed conversion removes them
+        with storage.removed_if_left_empty(storage.dirname(storage.resolved(FLAGS.output))):
+            check_output(FLAGS.output, source, FLAGS.to_torch, FLAGS.overwrite)
+            message = jax_to_torch() if FLAGS.to_torch else torch_to_jax()
     except (CheckpointError, ConversionError, storage.StorageError) as e:
         exit_without_teardown(f"error: {e}", 1)
     except (KeyboardInterrupt, Terminated, Exception) as error:

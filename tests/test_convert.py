@@ -990,6 +990,15 @@ def test_an_output_inside_folders_not_made_yet_is_written_with_them(tmp_path):
     assert (output / "model.pt").read_bytes() == b"new" and os.listdir(output.parent) == ["out"]
 
 
+def test_a_failed_conversion_removes_the_folders_it_made_above_its_output(tmp_path):
+    """The write check makes them before the conversion: a failure left new/folders/ behind."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for args in ((f"--torch_checkpoint={tmp_path / 'empty.pt'}",), ("--to_torch", f"--jax_checkpoint={tmp_path}")):
+        result = run_converter(*args, f"--output={tmp_path / 'new' / 'folders' / 'out'}")
+        assert result.returncode == 1 and "error:" in result.stderr, result.stderr
+        assert os.listdir(tmp_path) == ["empty.pt"]
+
+
 def test_load_model_names_a_non_checkpoint_folder(tmp_path):
     from pixelflow_jax import CheckpointError
 

@@ -875,6 +875,11 @@ def test_only_a_folder_a_failed_job_made_is_removed_and_the_write_check_leaves_n
                     (folder / "samples.npz").write_bytes(b"")
                 raise ValueError("refused")
     assert sorted(os.listdir(tmp_path)) == ["mine", "written"]
+    with pytest.raises(ValueError):  # the folders made above it too: new/deeper/run left new/deeper/
+        with storage.removed_if_left_empty(str(mine / "new" / "deeper" / "run")):
+            os.makedirs(mine / "new" / "deeper" / "run")
+            raise ValueError("refused")
+    assert os.listdir(mine) == []
     storage.check_writable(str(tmp_path / "run"))
     assert os.listdir(tmp_path / "run") == []
 

@@ -372,18 +372,28 @@ def move_file_once(source: str, target: str) -> bool:
     return True
 
 
+def missing_folders(folder: str) -> list[str]:
+    """A local `folder` and the folders above it that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 @contextlib.contextmanager
 def removed_if_left_empty(folder: str, remover: bool = True) -> Iterator[None]:
     """A local folder that did not exist before the block is removed after it if nothing was
-    written there (a job that failed at its start leaves no empty folder). `remover`: whether this
-    process is the one that removes it (process 0 of a job)."""
-    made_here = remover and not is_url(folder) and not os.path.exists(folder)
+    written there (a job that failed at its start leaves no empty folder), and so are the folders
+    above it made with it (new/deeper/run left new/). `remover`: whether this process is the one that
+    removes them (process 0 of a job)."""
+    made_here = missing_folders(folder) if remover and not is_url(folder) else []
     try:
         yield
     finally:
-        if made_here:
+        for path in made_here:
             with contextlib.suppress(OSError):  # rmdir removes only an empty folder
-                os.rmdir(folder)
+                os.rmdir(path)
 
 
 # A job's workdir: the usual cause is a run or a sampling job's folder copied read-only (a shared disk), which
