@@ -474,10 +474,18 @@ def test_state_dict_problems_are_named(tmp_path, case):
     assert_failed_cleanly(result, output, *phrases)
 
 
-@pytest.mark.parametrize("change,phrases", [
-    ({"depth": 3}, ["missing keys", "transformer_blocks.2.norm1.linear.weight"]),
-    ({"num_attention_heads": 4}, ["shape mismatches", "patch_embed.proj.weight: (32, 3, 4, 4) vs (64, 3, 4, 4)"]),
-    ({"num_classes": 10}, ["class_embedder.embedding_table.weight: (1001, 32) vs (11, 32)"]),
+SHAPES_FIX = "describe them with the config.yaml they came with, or correct these values in it"
+
+
+@pytest.mark.parametrize("change,phrases", [  # the values the weights' shapes give, with the fix
+    ({"depth": 3}, ["missing keys", "transformer_blocks.2.norm1.linear.weight",
+                    f"the weights' shapes give depth 2 where the architecture has depth 3: {SHAPES_FIX}"]),
+    ({"num_attention_heads": 4}, ["shape mismatches", "patch_embed.proj.weight: (32, 3, 4, 4) vs (64, 3, 4, 4)",
+                                 "give num_attention_heads 2 where the architecture has num_attention_heads 4"]),
+    ({"num_classes": 10}, ["class_embedder.embedding_table.weight: (1001, 32) vs (11, 32)",
+                           "give num_classes 1000 where the architecture has num_classes 10"]),
+    ({"patch_size": 2, "attention_bias": False},
+     ["give patch_size 4, attention_bias True where the architecture has patch_size 2, attention_bias False"]),
 ])
 def test_config_that_disagrees_with_weights(tmp_path, change, phrases):
     folder = tmp_path / "release"
@@ -516,11 +524,12 @@ def test_a_long_list_of_mismatches_shows_twenty_and_counts_the_rest():
     params, _ = config_from_release_yaml(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"))
     with pytest.raises(ConversionError) as error:
         torch_to_params(state_dict, ModelConfig.from_mapping({**params, "num_attention_heads": 4}))
-    header, *listing = str(error.value).split("shape mismatches ")[1].splitlines()
+    header, *listing, shapes_give = str(error.value).split("shape mismatches ")[1].splitlines()
     count = int(re.fullmatch(r"\(key: checkpoint shape vs architecture shape\) \((\d+)\):", header)[1])
     assert count > 21 and len(listing) == 21, str(error.value)
     assert all(re.fullmatch(r"    [\w.]+: \([\d, ]+\) vs \([\d, ]+\)", line) for line in listing[:20]), listing
     assert listing[-1] == f"    ... and {count - 20} more"
+    assert shapes_give.startswith("  the weights' shapes give num_attention_heads 2 where"), shapes_give
 
 
 @pytest.mark.parametrize("content", ["truncated", "text", "numpy"])

@@ -110,7 +110,7 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig,
     if missing or unexpected or mismatched:
         raise ConversionError("the checkpoint does not match the architecture "
                               f"{cfg.architecture()}:\n{_format_problems(missing, unexpected, mismatched)}"
-                              f"{_other_kind(state_dict, cfg)}")
+                              f"{_other_kind(state_dict, cfg) or _what_the_shapes_give(state_dict, cfg)}")
     return traverse_util.unflatten_dict(flat)
 
 
@@ -124,6 +124,22 @@ def _other_kind(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> str:
                        else ("no cross-attention (attn2: not a text-to-image model)", "it (cross_attention_dim)"))
     return (f"\n  the weights have {weights} and the architecture has {config}: describe them with their own "
             "config.yaml, or with none (the architecture read from tensor shapes, with --attention_head_dim)")
+
+
+def _what_the_shapes_give(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> str:
+    """The architecture values that the weights' shapes give and the architecture does not, with the
+    fix: a config.yaml of another preset was told by its keys alone, not by which of its values is wrong."""
+    try:
+        inferred = infer_architecture(state_dict, cfg.attention_head_dim)
+    except ConversionError:  # too little of a PixelFlow state dict to tell
+        return ""
+    given = cfg.architecture()
+    differing = [name for name, value in inferred.items() if value != given[name]]
+    if not differing:
+        return ""
+    values = lambda architecture: ", ".join(f"{name} {architecture[name]}" for name in differing)
+    return (f"\n  the weights' shapes give {values(inferred)} where the architecture has {values(given)}: describe "
+            "them with the config.yaml they came with, or correct these values in it")
 
 
 def check_exportable(cfg: ModelConfig) -> None:
