@@ -410,6 +410,13 @@ def test_a_train_checkpoint_without_the_weights_asked_for_or_a_head_dim_against_
     with pytest.raises(CheckpointError, match=r"w.pt is a training checkpoint without 'ema' weights; it has "
                                               r"\['model', 'opt'\]: pass --weights=model"):
         extract_state_dict({"model": weights, "opt": {}}, "w.pt")
+    # saved empty by a run without an EMA: it was "no PixelFlow state dict ...; it holds NoneType"
+    for empty, words in ((None, "None"), ({}, "no tensors")):
+        with pytest.raises(CheckpointError, match=rf"^w.pt is a training checkpoint whose 'ema' weights are empty "
+                                                  rf"\({words}\): pass --weights=model$"):
+            extract_state_dict({"model": weights, "ema": empty}, "w.pt")
+    with pytest.raises(CheckpointError, match=r"whose 'model' weights are empty \(no tensors\): pass --weights=ema$"):
+        extract_state_dict({"model": {}, "ema": weights}, "w.pt", "model")
     one = {"model": torch.zeros(2)}  # a tensor named model, not train.py's dict of weights
     assert list(extract_state_dict(one, "w.pt")) == ["model"]
     with pytest.raises(CheckpointError, match=r"--attention_head_dim=8 disagrees with .*config.yaml "

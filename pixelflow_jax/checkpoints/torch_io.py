@@ -150,10 +150,15 @@ def extract_state_dict(loaded: Any, path: str, weights: str = "ema") -> dict[str
     torch = _import_torch()
     check_weights_choice(weights, "--weights")
     if is_training_checkpoint(loaded):
+        other = "model" if weights == "ema" else "ema"
         if weights not in loaded:
             raise CheckpointError(f"{path} is a training checkpoint without {weights!r} weights; "
-                                  f"it has {sorted(loaded)}: pass --weights=model")
-        loaded = loaded[weights]
+                                  f"it has {sorted(loaded)}: pass --weights={other}")
+        held = loaded[weights]
+        if held is None or (isinstance(held, Mapping) and not held):  # a run without an EMA saved one so
+            raise CheckpointError(f"{path} is a training checkpoint whose {weights!r} weights are empty "
+                                  f"({'None' if held is None else 'no tensors'}): pass --weights={other}")
+        loaded = held
     elif weights == "model":  # the default 'ema' reads a file's one set of weights; asking for 'model' means a mix-up
         raise CheckpointError(f"{path} holds one set of weights, not a train.py checkpoint's 'model' and 'ema': "
                               f"{ONE_SET_OF_WEIGHTS}")
