@@ -832,8 +832,15 @@ def test_a_folder_without_model_pt_names_what_it_holds_instead(tmp_path, convert
                                               r"weights: join them into one model.pt in this folder .* and convert "
                                               r"it$"):
         read_release_checkpoint(str(folder))
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors is one shard of a state dict, only "
+                                              r"part of the weights: join the shards into one model.pt"):
+        read_release_checkpoint(str(shards[1]))  # named alone: the others' keys were listed as missing
     for shard in shards:
         shard.unlink()
+    (folder / "model-00001-of-00001.safetensors").write_bytes(b"")  # one shard is the whole: offered
+    with pytest.raises(CheckpointError, match=r"it holds model-00001-of-00001.safetensors: convert that file"):
+        read_release_checkpoint(str(folder))
+    (folder / "model-00001-of-00001.safetensors").unlink()
     for name in ("notes.txt", "model_10000.pt", "model_9000.pt"):  # train.py's steps: the newest is offered
         (folder / name).write_bytes(b"")
     shutil.copy(os.path.join(fixture_dir("c2i_tiny"), "config.yaml"), folder)

@@ -41,7 +41,7 @@ AVERAGING_COUNT = "n_averaged"
 # Files a folder may hold its weights in under another name than the release's model.pt.
 WEIGHT_FILE_ENDINGS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # A shard's name as Hugging Face's and accelerate's save_pretrained/save_model write them: model-00001-of-00002.*
-SHARD_NAME = r"-\d{5}-of-\d{5}\."
+SHARD_NAME = r"-\d{5}-of-(\d{5})\."
 # The first part of the release's state dict keys (PixelFlowModel's modules).
 RELEASE_KEY_ROOTS = {"class_embedder", "latent_size_embedder", "patch_embed", "proj_out_1", "proj_out_2",
                      "timestep_embedder", "transformer_blocks"}
@@ -329,11 +329,17 @@ def weight_files(folder: str) -> list[str]:
 def shards_hint(folder: str) -> str:
     """For a folder of the shards of one state dict, what to do with them, as words to add; else ''.
     Offered as the newest of train.py's files, the last shard was converted as half the weights."""
-    shards = [name for name in weight_files(folder) if re.search(SHARD_NAME, name)]
+    shards = [name for name in weight_files(folder) if is_part_of_the_weights(name)]
     if not shards:
         return ""
     return (f"; it holds {listed(shards)}, shards of one state dict, each only part of the weights: join them into "
             "one model.pt in this folder (torch.save of the union of their state dicts) and convert it")
+
+
+def is_part_of_the_weights(name: str) -> bool:
+    """Whether a file is one of several shards of a state dict (model-00001-of-00001.* is all of it)."""
+    found = re.search(SHARD_NAME, name)
+    return bool(found) and int(found[1]) > 1
 
 
 def jax_checkpoint_hint(folder: str) -> str:
@@ -424,6 +430,9 @@ def read_release_weights(path: str, *, torch_config: str | None = None, weights:
         folder = storage.dirname(path) or "."
         if path.endswith((".yaml", ".yml")) and storage.isfile(path):  # torch read it as "Unsupported operand"
             raise CheckpointError(settings_file_message(path, folder))
+        if is_part_of_the_weights(storage.basename(path)):  # converted, it listed the others' keys as missing
+            raise CheckpointError(f"{path} is one shard of a state dict, only part of the weights: join the shards "
+                                  "into one model.pt (torch.save of the union of their state dicts) and convert it")
         # a converted folder's pixelflow_config.json, say: torch's refusal read as a damaged file
         if not path.endswith(WEIGHT_FILE_ENDINGS) and (jax_hint := jax_checkpoint_hint(folder)):
             raise CheckpointError(f"{path} is not PyTorch weights but a file of the folder {folder}{jax_hint}")
