@@ -1735,6 +1735,35 @@ def test_a_write_that_another_users_file_in_a_sticky_folder_refuses_names_that_u
         shutil.rmtree(shared)
 
 
+def test_the_refused_file_of_another_user_is_named_first_by_its_error_and_only_for_a_refusal(tmp_path, monkeypatch):
+    """A refused rename names its target (filename2) apart from the file written (the temporary) and
+    from the path the caller gave: the target is the file another user owns, with its own folder's
+    sticky bit. A full disk is no refusal, another user's file or not: it is told to free space. Here
+    every existing file is another user's: this process claims a uid that owns none."""
+    shared, run = tmp_path / "shared", tmp_path / "run"
+    shared.mkdir()
+    run.mkdir()
+    os.chmod(shared, 0o1777)
+    theirs, written = shared / "metrics.jsonl", run / "metrics.jsonl"
+    theirs.write_text("{}\n")
+    written.write_text("{}\n")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)
+
+    def said(error):
+        with pytest.raises(storage.StorageError) as stopped:
+            with storage.writing(str(written), "rerun it"):
+                raise error
+        return str(stopped.value).split("; ", 1)[1]
+
+    # (errno, strerror, filename, winerror, filename2), as os.rename raises it: the temporary, then the target
+    refused_rename = PermissionError(errno.EPERM, "Operation not permitted", str(run / "gone.tmp"), None, str(theirs))
+    assert said(refused_rename) == (
+        f"{theirs} belongs to {storage.file_owner(str(theirs))}, and {shared} has the sticky bit: only a file's "
+        "owner (or the folder's) may delete it. Ask them to run the command, or copy the workdir into a folder of "
+        "this user's own (`cp -r`) and rerun it there")
+    assert said(OSError(errno.ENOSPC, "No space left on device", str(written))) == "free space, and rerun it"
+
+
 def test_a_killed_writers_temporary_folder_is_kept_while_anything_in_it_is_recent(tmp_path, monkeypatch):
     """Containers that share /tmp and the hostname see each other's folders, not processes."""
     import re
