@@ -343,6 +343,18 @@ def test_a_prompt_of_only_invisible_characters_is_refused_on_the_page_as_the_sam
         "a character such as an emoji, or one escape of a pair decoded alone; give it as UTF-8 text.")
 
 
+def test_a_pages_prompt_of_escaped_bytes_is_not_blamed_on_the_locale_of_the_server(monkeypatch):
+    """A request's JSON escapes (\\udcc3\\udca9, the UTF-8 of 'e acute' as a command line's escaped bytes)
+    were never decoded by this Python's locale: a server in a C locale must not tell the page's user to
+    run it with LC_ALL=C.UTF-8."""
+    demo = bare_class_demo()
+    demo.text = True
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")  # a server started under LC_ALL=C
+    said = demo.check(condition="caf\udcc3\udca9", solver="euler", num_images=2, cfg=4.0, shift=1.0,
+                      steps=[2, 2, 2, 2], seed=0)
+    assert said.startswith("The prompt holds the byte 0xc3, which is not UTF-8") and "LC_ALL" not in said, said
+
+
 def test_a_port_taken_while_the_model_loaded_is_named_with_the_flag_and_no_address_is_printed(monkeypatch, capsys):
     """Two pages started together on one port both pass the start's port check; the second found it
     taken once its model had loaded: it printed 'demo page: http://127.0.0.1:PORT/' (the first
