@@ -1764,6 +1764,14 @@ def test_the_refused_file_of_another_user_is_named_first_by_its_error_and_only_f
     assert said(OSError(errno.ENOSPC, "No space left on device", str(written))) == "free space, and rerun it"
 
 
+def test_a_file_or_folder_gone_before_its_owner_is_asked_is_named_plainly():
+    """The left lock or the refused file that another process removed the moment after: its owner is
+    "another user", and nothing is said of its folder's sticky bit: the message is made, not an OSError."""
+    gone = "/nonexistent_pixelflow_folder/train.lock"
+    assert storage.file_owner(gone) == "another user"
+    assert storage.sticky_words(os.path.dirname(gone)) == ""
+
+
 def test_a_killed_writers_temporary_folder_is_kept_while_anything_in_it_is_recent(tmp_path, monkeypatch):
     """Containers that share /tmp and the hostname see each other's folders, not processes."""
     import re
