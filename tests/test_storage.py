@@ -1659,8 +1659,8 @@ def test_a_write_stopped_by_a_limit_of_the_machine_is_told_what_lifts_that_limit
     said = error_under_a_file_size_limit(f"from pixelflow_jax import storage\nwith storage.writing({path!r}, 'rerun "
                                          f"it'):\n    storage.write_atomically({path!r}, 'x' * 5000)", 1000)
     assert re.fullmatch(rf"\S*StorageError: cannot write {path} \(OSError: \[Errno 27\] File too large\); raise the "
-                        r"file size limit in the job's shell, `ulimit -f unlimited` \(up to what `ulimit -Hf` allows\), "
-                        "or ask the machine's administrators, and rerun it", said), said
+                        r"file size limit in the job's shell, `ulimit -f unlimited` \(up to what `ulimit -Hf` "
+                        r"allows\), or ask the machine's administrators, and rerun it", said), said
     assert not os.path.exists(path)
 
     def advice_for(code):
