@@ -449,6 +449,11 @@ def test_the_open_files_limit_is_one_error_line_naming_the_limit_and_the_fix(mon
         "error: --mode=train reached this process's limit of open files ([Errno 24] Too many open files): raise the "
         "open-files limit in the job's shell, `ulimit -n 4096` (this process may open 16 files; its hard limit, "
         "`ulimit -Hn`, allows 65536)")
+    # A hard limit under 4096: the command asked for goes no higher, where a shell would refuse it.
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (16, 1024))
+    with pytest.raises(SystemExit, match=r"`ulimit -n 1024` \(this process may open 16 files; its hard limit, "
+                                         r"`ulimit -Hn`, allows 1024\)$"):
+        main.main(["main.py"])
     # `ulimit -n 16` in bash sets the hard limit too: only an administrator raises it again.
     monkeypatch.setattr(resource, "getrlimit", lambda which: (16, 16))
     monkeypatch.setattr(main, "FLAGS", SimpleNamespace(mode="sample", config=None))
