@@ -376,15 +376,15 @@ def prompts(name: str, value) -> None:
     """A prompt, or a list of prompts (strings); empty where a prompts file gives them."""
     if not (isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value))):
         raise ConfigError(f"--config.{name} must be a prompt or a list of prompts (strings), got {value!r}")
-    if isinstance(value, str):  # before the list check: a list holding such a byte stayed one string
-        unicode_text(name, value)
+    given = [value] if isinstance(value, str) else value
+    for prompt in given:  # first: a list holding such a byte stayed one string, which the list check would blame
+        unicode_text(name, prompt)
     if isinstance(value, str) and looks_like_an_unquoted_list(value):
         # The command line keeps a list whose prompts are not quoted as one string: all of it one prompt.
         raise ConfigError(f"--config.{name} is the one string {value[:200]!r}, which would be a single prompt: a "
                           f"list needs each prompt quoted, --config.{name}='(\"a red fox\", \"a blue car\")'; one "
                           f"prompt written in brackets is a list of one, --config.{name}='(\"(a, b)\",)'")
-    for prompt in [value] if isinstance(value, str) else value:
-        unicode_text(name, prompt)
+    for prompt in given:
         if names_a_prompts_file(prompt):  # it would be sampled as the words of its name
             raise ConfigError(f"--config.{name} is the prompt {prompt!r}, which names a file: prompts read from a text "
                               f"file, one per line, are --config.sample.prompts_file={prompt}")
@@ -425,9 +425,10 @@ def unicode_text(name: str, value: str, where: str = "--config.", decoded_by_the
     except UnicodeEncodeError as e:
         code = ord(value[e.start])
         # Python keeps an undecodable argument byte b as the code point U+DC00 + b (surrogateescape).
-        if 0xDC80 <= code <= 0xDCFF and decoded_by_the_locale and read_in_an_ascii_locale(value):
+        as_utf8 = utf8_read_in_another_locale(value) if decoded_by_the_locale else None
+        if 0xDC80 <= code <= 0xDCFF and as_utf8 is not None:
             what = f"the byte 0x{code - 0xDC00:02x}, which Python did not read as UTF-8"
-            cause = (f"the text is UTF-8 ({utf8_of_escaped_bytes(value)[:200]!r}), but this Python reads the command "
+            cause = (f"the text is UTF-8 ({as_utf8[:200]!r}), but this Python reads the command "
                      f"line as {sys.getfilesystemencoding()} (a C or POSIX locale with PYTHONUTF8=0)")
             fix = "run it with LC_ALL=C.UTF-8 or PYTHONUTF8=1"
         elif 0xDC80 <= code <= 0xDCFF:
@@ -444,18 +445,16 @@ def unicode_text(name: str, value: str, where: str = "--config.", decoded_by_the
                           f"{fix}{prompts_file}") from None
 
 
-def utf8_of_escaped_bytes(text: str) -> str | None:
-    """The text an argument's escaped bytes spell as UTF-8, or None where they are not UTF-8."""
+def utf8_read_in_another_locale(text: str) -> str | None:
+    """The text that text's escaped bytes spell where they are UTF-8 which this Python read in a locale
+    that is not (under LC_ALL=C with PYTHONUTF8=0 a typed 'é' reaches sys.argv as two escaped bytes, not
+    as a wrong byte); else None."""
+    if sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return None
     try:
         return text.encode("utf-8", "surrogateescape").decode("utf-8")
     except UnicodeError:
         return None
-
-
-def read_in_an_ascii_locale(text: str) -> bool:
-    """Whether text's undecodable bytes are UTF-8 that this Python read in a locale that is not: under
-    LC_ALL=C with PYTHONUTF8=0 a typed 'é' reaches sys.argv as two escaped bytes, not as a wrong byte."""
-    return sys.getfilesystemencoding().lower().replace("-", "") != "utf8" and utf8_of_escaped_bytes(text) is not None
 
 
 def check_sample(config) -> None:
