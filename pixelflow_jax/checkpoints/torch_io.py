@@ -42,6 +42,8 @@ AVERAGING_COUNT = "n_averaged"
 WEIGHT_FILE_ENDINGS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # A shard's name as Hugging Face's and accelerate's save_pretrained/save_model write them: model-00001-of-00002.*
 SHARD_NAME = r"-\d{5}-of-(\d{5})\."
+# How shards become the one file this tool reads, after "join them into one model.pt".
+SHARDS_JOINED = "(torch.save of the union of their state dicts) and convert it"
 # The first part of the release's state dict keys (PixelFlowModel's modules).
 RELEASE_KEY_ROOTS = {"class_embedder", "latent_size_embedder", "patch_embed", "proj_out_1", "proj_out_2",
                      "timestep_embedder", "transformer_blocks"}
@@ -333,7 +335,7 @@ def shards_hint(folder: str) -> str:
     if not shards:
         return ""
     return (f"; it holds {listed(shards)}, shards of one state dict, each only part of the weights: join them into "
-            "one model.pt in this folder (torch.save of the union of their state dicts) and convert it")
+            f"one model.pt in this folder {SHARDS_JOINED}")
 
 
 def is_part_of_the_weights(name: str) -> bool:
@@ -432,7 +434,7 @@ def read_release_weights(path: str, *, torch_config: str | None = None, weights:
             raise CheckpointError(settings_file_message(path, folder))
         if is_part_of_the_weights(storage.basename(path)):  # converted, it listed the others' keys as missing
             raise CheckpointError(f"{path} is one shard of a state dict, only part of the weights: join the shards "
-                                  "into one model.pt (torch.save of the union of their state dicts) and convert it")
+                                  f"into one model.pt {SHARDS_JOINED}")
         # a converted folder's pixelflow_config.json, say: torch's refusal read as a damaged file
         if not path.endswith(WEIGHT_FILE_ENDINGS) and (jax_hint := jax_checkpoint_hint(folder)):
             raise CheckpointError(f"{path} is not PyTorch weights but a file of the folder {folder}{jax_hint}")
